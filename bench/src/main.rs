@@ -1,0 +1,302 @@
+//! `cargo run --release -p prodsys-bench -- [all|raw|submit|latency|status|catalog] [--smoke] [--write]`
+//!
+//! Measures, in one run on this machine, the raw limits of RabbitMQ and
+//! PostgreSQL (same client libraries and message size as prodsys) and what
+//! prodsys does on top of them (all five services in this process, on a fresh
+//! database and AMQP prefix), prints a table of the figures, their ratio to the
+//! raw limit each depends on and the targets of issue 5, and writes
+//! BENCHMARKS.md (unless `--smoke`, or with `--write`).
+
+// Messages of prodsys_proto are built with `..Default::default()` even when
+// every field is named, so fields added to the protocol later do not break
+// the bench.
+#![allow(clippy::needless_update)]
+
+mod amqp;
+mod raw;
+mod report;
+mod stack;
+mod sys;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, ValueEnum};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Scenario {
+    /// Everything below, in one run.
+    All,
+    /// Only the raw limits of RabbitMQ and PostgreSQL.
+    Raw,
+    /// Sustained requests/s from SubmitRequest to ACCEPTED.
+    Submit,
+    /// p50/p99 SubmitRequest → ACCEPTED at a fixed offered load.
+    Latency,
+    /// Job status transitions/s into the status service.
+    Status,
+    /// Output files/s into the catalog.
+    Catalog,
+}
+
+#[derive(Debug, Parser)]
+#[command(about = "Benchmarks of prodsys beside the raw limits of its broker and database")]
+pub struct Args {
+    #[arg(value_enum, default_value = "all")]
+    pub scenario: Scenario,
+    /// Tiny sizes (under a minute), for CI; writes nothing unless --write.
+    #[arg(long)]
+    pub smoke: bool,
+    /// Write BENCHMARKS.md even for a smoke run.
+    #[arg(long)]
+    pub write: bool,
+    /// Where to write the results (default: BENCHMARKS.md at the repository root).
+    #[arg(long)]
+    pub output: Option<PathBuf>,
+    /// Seconds of sustained submission (default 60, smoke 5).
+    #[arg(long)]
+    pub submit_secs: Option<u64>,
+    /// Concurrent submitting clients (default 128, smoke 32).
+    #[arg(long)]
+    pub clients: Option<usize>,
+    /// Offered load of the latency measurement, requests/s (default 200, smoke 50).
+    #[arg(long)]
+    pub rate: Option<f64>,
+    /// Seconds of the latency measurement (default 30, smoke 5).
+    #[arg(long)]
+    pub latency_secs: Option<u64>,
+}
+
+/// The value at quantile `q` of sorted `values`, in milliseconds.
+pub fn percentile_ms(sorted: &[Duration], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let index = ((sorted.len() - 1) as f64 * q).round() as usize;
+    sorted[index.min(sorted.len() - 1)].as_secs_f64() * 1000.0
+}
+
+/// Everything one run measured.
+#[derive(Debug, Default)]
+pub struct Results {
+    pub smoke: bool,
+    pub command: String,
+    pub started: String,
+    pub wall_seconds: f64,
+    pub machine: sys::Machine,
+    pub raw_plan: Option<raw::RawPlan>,
+    pub stack_plan: Option<stack::StackPlan>,
+    pub pool_size: usize,
+    pub prefetch: u16,
+    pub batch_size: usize,
+    pub broker: Option<raw::BrokerResult>,
+    pub db: Option<raw::DbResult>,
+    pub rss_before_start: Option<u64>,
+    pub rss_idle: Option<u64>,
+    pub latency: Option<stack::LatencyResult>,
+    pub submit: Option<stack::SubmitResult>,
+    pub status: Option<stack::StatusResult>,
+    pub catalog: Option<stack::CatalogResult>,
+    pub errors: Vec<String>,
+}
+
+impl Results {
+    /// Largest RSS seen while the stack was under load, and in which phase.
+    pub fn loaded_rss(&self) -> Option<(u64, &'static str)> {
+        let phases = [
+            ("latency", self.latency.as_ref().map(|r| r.load.max_rss)),
+            ("submit", self.submit.as_ref().map(|r| r.load.max_rss)),
+            ("status", self.status.as_ref().map(|r| r.load.max_rss)),
+            ("catalog", self.catalog.as_ref().map(|r| r.load.max_rss)),
+        ];
+        phases
+            .into_iter()
+            .filter_map(|(name, rss)| rss.map(|r| (r, name)))
+            .max_by_key(|(r, _)| *r)
+    }
+}
+
+fn plans(args: &Args) -> (raw::RawPlan, stack::StackPlan) {
+    let smoke = args.smoke;
+    let raw = raw::RawPlan {
+        duration: Duration::from_secs(if smoke { 2 } else { 10 }),
+        publish_window: 512,
+        prefetch: 256,
+        connections: 8,
+        batch_rows: 1000,
+    };
+    let stack = stack::StackPlan {
+        submit_duration: Duration::from_secs(args.submit_secs.unwrap_or(if smoke {
+            5
+        } else {
+            60
+        })),
+        submit_clients: args.clients.unwrap_or(if smoke { 32 } else { 128 }),
+        latency_rate: args.rate.unwrap_or(if smoke { 50.0 } else { 200.0 }),
+        latency_duration: Duration::from_secs(args.latency_secs.unwrap_or(if smoke {
+            5
+        } else {
+            30
+        })),
+        latency_warmup: Duration::from_secs(if smoke { 1 } else { 3 }),
+        status_jobs: if smoke { 10_000 } else { 200_000 },
+        transitions_per_message: 500,
+        catalog_files: if smoke { 10_000 } else { 200_000 },
+        files_per_message: 200,
+    };
+    (raw, stack)
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    prodsys_telemetry::init("warn");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let results = runtime.block_on(run(&args))?;
+    let table = report::text(&results);
+    println!("\n{table}");
+    let write = args.write || (!args.smoke && args.scenario == Scenario::All);
+    if write {
+        let path = args.output.clone().unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("..")
+                .join("BENCHMARKS.md")
+        });
+        std::fs::write(&path, report::markdown(&results))?;
+        println!("wrote {}", path.display());
+    }
+    // Jobs started by the services are killed when the runtime goes.
+    runtime.shutdown_timeout(Duration::from_secs(5));
+    if !results.errors.is_empty() {
+        anyhow::bail!("{} measurement(s) failed", results.errors.len());
+    }
+    Ok(())
+}
+
+async fn run(args: &Args) -> anyhow::Result<Results> {
+    let began = Instant::now();
+    let (raw_plan, stack_plan) = plans(args);
+    let mut results = Results {
+        smoke: args.smoke,
+        command: std::env::args().collect::<Vec<_>>().join(" "),
+        started: chrono::Utc::now().format("%Y-%m-%d %H:%M UTC").to_string(),
+        machine: sys::describe(),
+        raw_plan: Some(raw_plan),
+        ..Results::default()
+    };
+    results.machine.rabbitmq = sys::rabbitmq_version().await;
+    let scenario = args.scenario;
+    let wants = |s: Scenario| scenario == Scenario::All || scenario == s;
+
+    // Raw limits first, on their own database and prefix, nothing else running.
+    eprintln!("raw: RabbitMQ round trip ({:?}) …", raw_plan.duration);
+    let raw_env = prodsys_testkit::TestEnv::new().await?;
+    sys::own_database(&raw_env.database);
+    match raw::broker(&prodsys_testkit::amqp_url(), &raw_env.prefix, raw_plan).await {
+        Ok(r) => {
+            eprintln!("  {:.0} msgs/s", r.round_trip_per_s);
+            results.broker = Some(r);
+        }
+        Err(e) => results.errors.push(format!("raw RabbitMQ: {e:#}")),
+    }
+    eprintln!("raw: PostgreSQL single-row commits and batched inserts …");
+    match raw::database(&raw_env, raw_plan).await {
+        Ok(r) => {
+            eprintln!(
+                "  {:.0} commits/s, {:.0} rows/s batched",
+                r.single_per_s, r.batch_rows_per_s
+            );
+            results.machine.postgres = r.server_version.clone();
+            results.machine.postgres_settings = r.settings.clone();
+            results.db = Some(r);
+        }
+        Err(e) => results.errors.push(format!("raw PostgreSQL: {e:#}")),
+    }
+    raw_env.cleanup().await;
+
+    if scenario != Scenario::Raw {
+        results.stack_plan = Some(stack_plan);
+        eprintln!("prodsys: starting the five services …");
+        let bench = stack::Bench::start().await?;
+        results.pool_size = bench.env.settings.database.pool_size;
+        results.prefetch = bench.env.settings.amqp.prefetch;
+        results.batch_size = bench.env.settings.amqp.batch_size;
+        results.rss_before_start = Some(bench.rss_before_start);
+        results.rss_idle = Some(bench.rss_idle);
+        eprintln!(
+            "  idle RSS {:.1} MiB (bench alone before start {:.1} MiB)",
+            sys::mib(bench.rss_idle),
+            sys::mib(bench.rss_before_start)
+        );
+        let settle = Duration::from_secs(300);
+        if wants(Scenario::Latency) {
+            eprintln!(
+                "prodsys: latency at {} req/s for {:?} …",
+                stack_plan.latency_rate, stack_plan.latency_duration
+            );
+            match bench.latency(&stack_plan).await {
+                Ok(r) => {
+                    eprintln!("  p50 {:.1} ms, p99 {:.1} ms", r.p50_ms, r.p99_ms);
+                    results.latency = Some(r);
+                }
+                Err(e) => results.errors.push(format!("latency: {e:#}")),
+            }
+            if let Err(e) = bench.quiesce(settle).await {
+                results.errors.push(format!("after latency: {e:#}"));
+            }
+        }
+        if wants(Scenario::Submit) {
+            eprintln!(
+                "prodsys: submit → ACCEPTED, {} clients for {:?} …",
+                stack_plan.submit_clients, stack_plan.submit_duration
+            );
+            match bench.submit(&stack_plan).await {
+                Ok(r) => {
+                    eprintln!("  {:.0} req/s accepted", r.accepted_per_s);
+                    results.submit = Some(r);
+                }
+                Err(e) => results.errors.push(format!("submit: {e:#}")),
+            }
+            if let Err(e) = bench.quiesce(settle).await {
+                results.errors.push(format!("after submit: {e:#}"));
+            }
+        }
+        if wants(Scenario::Status) {
+            eprintln!(
+                "prodsys: {} job transitions into status …",
+                stack_plan.status_jobs * 3
+            );
+            match bench.status(&stack_plan).await {
+                Ok(r) => {
+                    eprintln!("  {:.0} transitions/s", r.transitions_per_s);
+                    results.status = Some(r);
+                }
+                Err(e) => results.errors.push(format!("status: {e:#}")),
+            }
+            if let Err(e) = bench.quiesce(settle).await {
+                results.errors.push(format!("after status: {e:#}"));
+            }
+        }
+        if wants(Scenario::Catalog) {
+            eprintln!(
+                "prodsys: {} files into the catalog …",
+                stack_plan.catalog_files
+            );
+            match bench.catalog(&stack_plan).await {
+                Ok(r) => {
+                    eprintln!("  {:.0} files/s", r.files_per_s);
+                    results.catalog = Some(r);
+                }
+                Err(e) => results.errors.push(format!("catalog: {e:#}")),
+            }
+        }
+        eprintln!("prodsys: stopping and cleaning up …");
+        bench.stop().await;
+    }
+    results.wall_seconds = began.elapsed().as_secs_f64();
+    for error in &results.errors {
+        eprintln!("FAILED: {error}");
+    }
+    Ok(results)
+}

@@ -1,0 +1,1029 @@
+//! prodsys measured whole: the five services in this process on a fresh
+//! database and AMQP prefix, driven over gRPC and the broker as clients and
+//! other services drive it.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use futures::StreamExt;
+use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
+use prodsys::{Service, Stack};
+use prodsys_core::events::{
+    JOB_OUTPUT, JOB_STATUS, PRODUCTION_DISPATCHED, REQUEST_ACCEPTED, REQUEST_RECEIVED,
+    REQUEST_REJECTED,
+};
+use prodsys_proto as pb;
+use prodsys_testkit::TestEnv;
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+use crate::{amqp, percentile_ms, sys};
+
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+const VERDICT_TIMEOUT: Duration = Duration::from_secs(60);
+const PUBLISH_WINDOW: usize = 64;
+/// gRPC connections the clients share (HTTP/2 multiplexes the rest).
+const GRPC_CONNECTIONS: usize = 4;
+
+#[derive(Clone, Copy)]
+struct Verdict {
+    at: Instant,
+    accepted: bool,
+}
+
+enum Slot {
+    Waiting(oneshot::Sender<Verdict>),
+    Arrived(Verdict),
+}
+
+/// Verdicts seen on the bench's own queue, matched to waiting submitters.
+#[derive(Default)]
+struct Verdicts {
+    slots: Mutex<HashMap<String, Slot>>,
+    /// When each request's request.received event reached the bench's queue.
+    received: Mutex<HashMap<String, Instant>>,
+}
+
+impl Verdicts {
+    fn received(&self, request_id: String, at: Instant) {
+        self.received
+            .lock()
+            .expect("received lock")
+            .insert(request_id, at);
+    }
+
+    fn take_received(&self, request_id: &str) -> Option<Instant> {
+        self.received
+            .lock()
+            .expect("received lock")
+            .remove(request_id)
+    }
+
+    fn arrived(&self, request_id: String, verdict: Verdict) {
+        let mut slots = self.slots.lock().expect("verdicts lock");
+        match slots.remove(&request_id) {
+            Some(Slot::Waiting(tx)) => {
+                let _ = tx.send(verdict);
+            }
+            _ => {
+                slots.insert(request_id, Slot::Arrived(verdict));
+            }
+        }
+    }
+
+    fn wait(&self, request_id: String) -> Result<Verdict, oneshot::Receiver<Verdict>> {
+        let mut slots = self.slots.lock().expect("verdicts lock");
+        match slots.remove(&request_id) {
+            Some(Slot::Arrived(v)) => Ok(v),
+            _ => {
+                let (tx, rx) = oneshot::channel();
+                slots.insert(request_id, Slot::Waiting(tx));
+                Err(rx)
+            }
+        }
+    }
+
+    fn forget(&self, request_id: &str) {
+        self.slots.lock().expect("verdicts lock").remove(request_id);
+        self.take_received(request_id);
+    }
+}
+
+/// Sizes of the prodsys measurements.
+#[derive(Debug, Clone, Copy)]
+pub struct StackPlan {
+    pub submit_duration: Duration,
+    pub submit_clients: usize,
+    pub latency_rate: f64,
+    pub latency_duration: Duration,
+    pub latency_warmup: Duration,
+    pub status_jobs: u64,
+    pub transitions_per_message: u64,
+    pub catalog_files: u64,
+    pub files_per_message: u64,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct PhaseLoad {
+    pub cpu: sys::CpuUse,
+    pub max_rss: u64,
+    /// Most ready messages seen in each service's queue.
+    pub max_depth: BTreeMap<String, u32>,
+    /// CPU of the PostgreSQL backends serving each service (by application_name), in cores.
+    pub pg_cpu: BTreeMap<String, f64>,
+    /// Transactions committed in the run's database (pg_stat_database; a
+    /// backend reports at least once a second while busy).
+    pub commits: i64,
+}
+
+async fn xact_commits(db: &tokio_postgres::Client) -> i64 {
+    db.query_one(
+        "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()",
+        &[],
+    )
+    .await
+    .map(|row| row.get(0))
+    .unwrap_or(0)
+}
+
+type Backends = HashMap<i32, (String, u64)>;
+
+/// The database's backends for this run, by pid: the service they serve and their CPU ticks.
+async fn pg_backends(db: &tokio_postgres::Client) -> Backends {
+    let rows = db
+        .query(
+            "SELECT pid, application_name FROM pg_stat_activity WHERE datname = current_database()",
+            &[],
+        )
+        .await
+        .unwrap_or_default();
+    rows.iter()
+        .filter_map(|row| {
+            let pid: i32 = row.get(0);
+            let app: String = row.get(1);
+            let name = match app.strip_prefix("prodsys-") {
+                Some(service) => service.to_string(),
+                None => "bench".to_string(),
+            };
+            sys::pid_ticks(pid).map(|t| (pid, (name, t)))
+        })
+        .collect()
+}
+
+fn pg_cpu(start: &Backends, end: &Backends, seconds: f64) -> BTreeMap<String, f64> {
+    let mut out: BTreeMap<String, f64> = BTreeMap::new();
+    for (pid, (name, ticks)) in end {
+        let before = start.get(pid).map_or(0, |(_, t)| *t);
+        *out.entry(name.clone()).or_default() +=
+            ticks.saturating_sub(before) as f64 / 100.0 / seconds.max(1e-3);
+    }
+    out
+}
+
+/// Where the time of submit → ACCEPTED went: until request.received was
+/// published (intake's commit and outbox relay), and from there to
+/// request.accepted (the checker's consume, commit and relay).
+#[derive(Debug, Clone, Default)]
+pub struct Stages {
+    pub intake_p50_ms: f64,
+    pub intake_p99_ms: f64,
+    pub checker_p50_ms: f64,
+    pub checker_p99_ms: f64,
+}
+
+fn stages(done: &[&Done]) -> Stages {
+    let mut intake: Vec<Duration> = Vec::new();
+    let mut checker: Vec<Duration> = Vec::new();
+    for d in done {
+        if let Some(received) = d.received {
+            intake.push(received.saturating_duration_since(d.scheduled));
+            checker.push(d.at.saturating_duration_since(received));
+        }
+    }
+    intake.sort_unstable();
+    checker.sort_unstable();
+    Stages {
+        intake_p50_ms: percentile_ms(&intake, 0.5),
+        intake_p99_ms: percentile_ms(&intake, 0.99),
+        checker_p50_ms: percentile_ms(&checker, 0.5),
+        checker_p99_ms: percentile_ms(&checker, 0.99),
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct SubmitResult {
+    pub stages: Stages,
+    pub clients: usize,
+    pub seconds: f64,
+    pub submitted: u64,
+    pub accepted_in_window: u64,
+    pub accepted_per_s: f64,
+    pub rejected: u64,
+    pub failed: u64,
+    pub grpc_p50_ms: f64,
+    pub grpc_p99_ms: f64,
+    pub accept_p50_ms: f64,
+    pub accept_p99_ms: f64,
+    /// Accepted per second, in ten equal slices of the run.
+    pub slices: Vec<f64>,
+    pub load: PhaseLoad,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct LatencyResult {
+    pub stages: Stages,
+    pub offered_per_s: f64,
+    pub seconds: f64,
+    pub samples: u64,
+    pub failed: u64,
+    pub p50_ms: f64,
+    pub p90_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+    pub load: PhaseLoad,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct StatusResult {
+    pub jobs: u64,
+    pub transitions: u64,
+    pub messages: u64,
+    pub per_message: u64,
+    pub publish_seconds: f64,
+    pub seconds: f64,
+    pub transitions_per_s: f64,
+    pub load: PhaseLoad,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct CatalogResult {
+    pub files: u64,
+    pub messages: u64,
+    pub per_message: u64,
+    pub publish_seconds: f64,
+    pub seconds: f64,
+    pub files_per_s: f64,
+    pub load: PhaseLoad,
+}
+
+pub struct Bench {
+    pub env: TestEnv,
+    stack: Option<Stack>,
+    shutdown: CancellationToken,
+    intake: Vec<pb::request_service_client::RequestServiceClient<Channel>>,
+    status: pb::status_service_client::StatusServiceClient<Channel>,
+    amqp: lapin::Connection,
+    publish: lapin::Channel,
+    /// The bench's own connection to the run's database.
+    db: tokio_postgres::Client,
+    verdicts: Arc<Verdicts>,
+    listener_stop: CancellationToken,
+    base_parameters: serde_json::Value,
+    tag: String,
+    seq: Arc<AtomicU64>,
+    pub rss_before_start: u64,
+    pub rss_idle: u64,
+}
+
+async fn grpc_channel(addr: std::net::SocketAddr) -> anyhow::Result<Channel> {
+    Channel::from_shared(format!("http://{addr}"))?
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .context("connecting to a service")
+}
+
+impl Bench {
+    /// Starts the five services on a fresh database and prefix, with a queue
+    /// of the bench's own bound to request.accepted and request.rejected.
+    pub async fn start() -> anyhow::Result<Self> {
+        let rss_before_start = sys::rss_bytes();
+        let mut env = TestEnv::new().await?;
+        sys::own_database(&env.database);
+        // Requests here plan one job each; those jobs must not compete with
+        // the services for the two cores, so the one local slot holds a job
+        // that only sleeps (bounded) and every other job waits as CREATED.
+        let tools = env.work_dir.join("tools");
+        std::fs::create_dir_all(&tools)?;
+        let sleeper = tools.join("prodsys-toysim");
+        std::fs::write(&sleeper, "#!/bin/sh\nexec sleep 600\n")?;
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&sleeper, std::fs::Permissions::from_mode(0o755))?;
+        }
+        env.settings.dispatcher.tools_dir = tools;
+        env.settings.dispatcher.max_concurrent_jobs = 1;
+        let shutdown = CancellationToken::new();
+        let stack = match prodsys::start(&Service::ALL, &env.settings, shutdown.clone()).await {
+            Ok(stack) => stack,
+            Err(error) => {
+                shutdown.cancel();
+                env.cleanup().await;
+                return Err(error.context("starting the prodsys stack"));
+            }
+        };
+        match Self::connect(env, stack, shutdown, rss_before_start).await {
+            Ok(bench) => Ok(bench),
+            Err((error, env, stack, shutdown)) => {
+                shutdown.cancel();
+                let _ = tokio::time::timeout(Duration::from_secs(15), stack.wait()).await;
+                env.cleanup().await;
+                Err(error)
+            }
+        }
+    }
+
+    #[allow(clippy::type_complexity)]
+    async fn connect(
+        env: TestEnv,
+        stack: Stack,
+        shutdown: CancellationToken,
+        rss_before_start: u64,
+    ) -> Result<Self, (anyhow::Error, TestEnv, Stack, CancellationToken)> {
+        let parts = async {
+            let addr = |s: Service| stack.addr(s).context("service address");
+            let mut intake = Vec::new();
+            for _ in 0..GRPC_CONNECTIONS {
+                intake.push(pb::request_service_client::RequestServiceClient::new(
+                    grpc_channel(addr(Service::Intake)?).await?,
+                ));
+            }
+            let status = pb::status_service_client::StatusServiceClient::new(
+                grpc_channel(addr(Service::Status)?).await?,
+            )
+            .max_decoding_message_size(64 * 1024 * 1024);
+            let url = prodsys_testkit::amqp_url();
+            let connection = amqp::connect(&url, "prodsys-bench").await?;
+            let publish = amqp::confirm_channel(&connection).await?;
+            let verdicts = Arc::new(Verdicts::default());
+            let listener_stop = CancellationToken::new();
+            start_listener(
+                &connection,
+                &env.prefix,
+                verdicts.clone(),
+                listener_stop.clone(),
+            )
+            .await?;
+            let example = prodsys_testkit::repo_root().join("examples/cta-irf-mc.json");
+            let file: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(example)?)?;
+            let mut base_parameters = file["parameters"].clone();
+            base_parameters["n_showers"] = 1.into();
+            base_parameters["showers_per_job"] = 1.into();
+            base_parameters["nsb_levels"] = serde_json::json!([1]);
+            let db = env.db().await?;
+            anyhow::Ok((
+                intake,
+                status,
+                connection,
+                publish,
+                verdicts,
+                listener_stop,
+                base_parameters,
+                db,
+            ))
+        }
+        .await;
+        let (intake, status, connection, publish, verdicts, listener_stop, base_parameters, db) =
+            match parts {
+                Ok(parts) => parts,
+                Err(error) => return Err((error, env, stack, shutdown)),
+            };
+        let tag: String = env
+            .prefix
+            .split('.')
+            .nth(1)
+            .unwrap_or("bench")
+            .chars()
+            .take(8)
+            .collect();
+        let mut bench = Self {
+            env,
+            stack: Some(stack),
+            shutdown,
+            intake,
+            status,
+            amqp: connection,
+            publish,
+            db,
+            verdicts,
+            listener_stop,
+            base_parameters,
+            tag,
+            seq: Arc::new(AtomicU64::new(0)),
+            rss_before_start,
+            rss_idle: 0,
+        };
+        // Idle: started, migrated, consumers and relays waiting.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        bench.rss_idle = sys::rss_bytes();
+        Ok(bench)
+    }
+
+    pub async fn stop(mut self) {
+        self.listener_stop.cancel();
+        self.shutdown.cancel();
+        if let Some(stack) = self.stack.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(15), stack.wait()).await;
+        }
+        let _ = self.amqp.close(200, "bench done".into()).await;
+        self.env.cleanup().await;
+    }
+
+    fn service_queues(&self) -> Vec<(String, String)> {
+        prodsys_testkit::SERVICES
+            .iter()
+            .map(|s| (s.to_string(), format!("{}prodsys.{s}", self.env.prefix)))
+            .collect()
+    }
+
+    /// Samples RSS and queue depths until the returned token is cancelled.
+    async fn sample(&self) -> anyhow::Result<Sampler> {
+        let channel = self.amqp.create_channel().await?;
+        let queues = self.service_queues();
+        let stop = CancellationToken::new();
+        let token = stop.clone();
+        let pg_start = pg_backends(&self.db).await;
+        let commits_start = xact_commits(&self.db).await;
+        let meter = sys::CpuMeter::start();
+        let started = Instant::now();
+        let task = tokio::spawn(async move {
+            let mut load = PhaseLoad::default();
+            loop {
+                load.max_rss = load.max_rss.max(sys::rss_bytes());
+                for (service, queue) in &queues {
+                    if let Ok(n) = amqp::depth(&channel, queue).await {
+                        let max = load.max_depth.entry(service.clone()).or_default();
+                        *max = (*max).max(n);
+                    }
+                }
+                tokio::select! {
+                    _ = token.cancelled() => break,
+                    _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                }
+            }
+            load.max_rss = load.max_rss.max(sys::rss_bytes());
+            let _ = channel.close(200, "done".into()).await;
+            load
+        });
+        Ok(Sampler {
+            stop,
+            task,
+            meter,
+            pg_start,
+            commits_start,
+            started,
+        })
+    }
+
+    /// Waits until no service queue holds ready messages (three looks in a row).
+    pub async fn quiesce(&self, limit: Duration) -> anyhow::Result<()> {
+        let channel = self.amqp.create_channel().await?;
+        let deadline = Instant::now() + limit;
+        let mut calm = 0;
+        while calm < 3 {
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "the services did not drain their queues within {limit:?}"
+            );
+            let mut total = 0;
+            for (_, queue) in self.service_queues() {
+                total += amqp::depth(&channel, &queue).await?;
+            }
+            calm = if total == 0 { calm + 1 } else { 0 };
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let _ = channel.close(200, "done".into()).await;
+        Ok(())
+    }
+
+    fn client(&self) -> Submitter {
+        Submitter {
+            intake: self.intake.clone(),
+            verdicts: self.verdicts.clone(),
+            base: self.base_parameters.clone(),
+            tag: self.tag.clone(),
+            seq: self.seq.clone(),
+        }
+    }
+
+    /// Open loop: `rate` submissions a second for `duration` (after a
+    /// discarded warm-up), each timed from its scheduled start to ACCEPTED.
+    pub async fn latency(&self, plan: &StackPlan) -> anyhow::Result<LatencyResult> {
+        let interval = Duration::from_secs_f64(1.0 / plan.latency_rate);
+        let warmup = (plan.latency_warmup.as_secs_f64() * plan.latency_rate) as u64;
+        let measured = (plan.latency_duration.as_secs_f64() * plan.latency_rate) as u64;
+        let mut sampler = None;
+        let mut handles = Vec::with_capacity(measured as usize);
+        let start = Instant::now() + Duration::from_millis(50);
+        let mut measure_start = start;
+        for i in 0..warmup + measured {
+            let at = start + interval.mul_f64(i as f64);
+            tokio::time::sleep_until(at.into()).await;
+            if i == warmup {
+                sampler = Some(self.sample().await?);
+                measure_start = at;
+            }
+            let client = self.client();
+            let handle = tokio::spawn(async move { client.submit_and_wait(at).await });
+            if i >= warmup {
+                handles.push(handle);
+            }
+        }
+        let issued_seconds = measure_start.elapsed().as_secs_f64();
+        let mut latencies = Vec::with_capacity(handles.len());
+        let mut accepted = Vec::with_capacity(handles.len());
+        let mut failed = 0;
+        for handle in handles {
+            match handle.await {
+                Ok(Ok(done)) if done.accepted => {
+                    latencies.push(done.at - done.scheduled);
+                    accepted.push(done);
+                }
+                _ => failed += 1,
+            }
+        }
+        let load = match sampler {
+            Some(s) => s.finish(&self.db).await,
+            None => PhaseLoad::default(),
+        };
+        latencies.sort_unstable();
+        Ok(LatencyResult {
+            stages: stages(&accepted.iter().collect::<Vec<_>>()),
+            offered_per_s: plan.latency_rate,
+            seconds: issued_seconds,
+            samples: latencies.len() as u64,
+            failed,
+            p50_ms: percentile_ms(&latencies, 0.50),
+            p90_ms: percentile_ms(&latencies, 0.90),
+            p99_ms: percentile_ms(&latencies, 0.99),
+            max_ms: percentile_ms(&latencies, 1.0),
+            load,
+        })
+    }
+
+    /// Closed loop: `clients` tasks each submit, wait for ACCEPTED, and submit
+    /// again, for `duration`; the rate is the ACCEPTED events inside it.
+    pub async fn submit(&self, plan: &StackPlan) -> anyhow::Result<SubmitResult> {
+        let sampler = self.sample().await?;
+        let start = Instant::now();
+        let end = start + plan.submit_duration;
+        let mut tasks = Vec::new();
+        for _ in 0..plan.submit_clients {
+            let client = self.client();
+            tasks.push(tokio::spawn(async move {
+                let mut done = Vec::new();
+                let mut failures = 0u64;
+                while Instant::now() < end {
+                    match client.submit_and_wait(Instant::now()).await {
+                        Ok(d) => done.push(d),
+                        Err(error) => {
+                            failures += 1;
+                            if failures <= 3 {
+                                eprintln!("submit failed: {error:#}");
+                            }
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                    }
+                }
+                (done, failures)
+            }));
+        }
+        let mut all = Vec::new();
+        let mut failed = 0;
+        for task in tasks {
+            let (done, failures) = task.await.context("submit client")?;
+            all.extend(done);
+            failed += failures;
+        }
+        let load = sampler.finish(&self.db).await;
+        let seconds = plan.submit_duration.as_secs_f64();
+        let accepted: Vec<&Done> = all.iter().filter(|d| d.accepted).collect();
+        let in_window: Vec<Instant> = accepted
+            .iter()
+            .map(|d| d.at)
+            .filter(|at| *at <= end)
+            .collect();
+        let mut slices = [0u64; 10];
+        for at in &in_window {
+            let f = at.duration_since(start).as_secs_f64() / seconds;
+            slices[((f * 10.0) as usize).min(9)] += 1;
+        }
+        let mut grpc: Vec<Duration> = all.iter().map(|d| d.grpc).collect();
+        grpc.sort_unstable();
+        let mut accept: Vec<Duration> = accepted.iter().map(|d| d.at - d.scheduled).collect();
+        accept.sort_unstable();
+        Ok(SubmitResult {
+            stages: stages(&accepted),
+            clients: plan.submit_clients,
+            seconds,
+            submitted: all.len() as u64,
+            accepted_in_window: in_window.len() as u64,
+            accepted_per_s: in_window.len() as f64 / seconds,
+            rejected: all.iter().filter(|d| !d.accepted).count() as u64,
+            failed,
+            grpc_p50_ms: percentile_ms(&grpc, 0.5),
+            grpc_p99_ms: percentile_ms(&grpc, 0.99),
+            accept_p50_ms: percentile_ms(&accept, 0.5),
+            accept_p99_ms: percentile_ms(&accept, 0.99),
+            slices: slices
+                .iter()
+                .map(|n| *n as f64 / (seconds / 10.0))
+                .collect(),
+            load,
+        })
+    }
+
+    /// Job transitions into the status service: a production it knows (from a
+    /// production.dispatched), then job.status batches moving every job
+    /// SUBMITTED → RUNNING → DONE; timed until GetProduction counts all DONE.
+    pub async fn status(&self, plan: &StackPlan) -> anyhow::Result<StatusResult> {
+        let exchange = format!("{}prodsys.events", self.env.prefix);
+        let production = format!("BENCH-S{}", self.tag);
+        let dispatched = pb::ProductionDispatched {
+            production_id: production.clone(),
+            job_total: plan.status_jobs,
+            backend: "local".into(),
+            ..Default::default()
+        };
+        amqp::publish_all(
+            &self.publish,
+            [amqp::event(
+                &exchange,
+                PRODUCTION_DISPATCHED,
+                &production,
+                prost::Message::encode_to_vec(&dispatched),
+            )],
+            1,
+        )
+        .await?;
+        let mut status = self.status.clone();
+        let request = pb::GetProductionRequest {
+            production_id: production.clone(),
+            ..Default::default()
+        };
+        prodsys_testkit::wait_for(
+            "the bench production in the status service",
+            Duration::from_secs(30),
+            || {
+                let mut status = status.clone();
+                let request = request.clone();
+                async move {
+                    let p = status.get_production(request).await.ok()?.into_inner();
+                    (p.job_total == plan.status_jobs).then_some(())
+                }
+            },
+        )
+        .await?;
+        // Built as they are published, so the bench holds no pile of them.
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        let (jobs, per) = (plan.status_jobs, plan.transitions_per_message);
+        let chunks = jobs.div_ceil(per);
+        let messages = {
+            let production = production.clone();
+            [
+                (pb::JobState::Submitted, "Submitted"),
+                (pb::JobState::Running, "Running"),
+                (pb::JobState::Done, "Done"),
+            ]
+            .into_iter()
+            .flat_map(move |phase| (0..chunks).map(move |chunk| (phase, chunk)))
+            .map(move |((state, raw), chunk)| {
+                let first = chunk * per;
+                let batch = pb::JobStatusBatch {
+                    transitions: (first..(first + per).min(jobs))
+                        .map(|job_index| pb::JobTransition {
+                            production_id: production.clone(),
+                            job_index,
+                            attempt: 1,
+                            state: state as i32,
+                            raw_status: raw.into(),
+                            at_unix_ms: now_ms,
+                            ..Default::default()
+                        })
+                        .collect(),
+                    ..Default::default()
+                };
+                amqp::event(
+                    &exchange,
+                    JOB_STATUS,
+                    &production,
+                    prost::Message::encode_to_vec(&batch),
+                )
+            })
+        };
+        let count = chunks * 3;
+        let sampler = self.sample().await?;
+        let start = Instant::now();
+        let published = self.publish_in_background(messages);
+        let deadline = start + Duration::from_secs(600);
+        loop {
+            let p = tokio::time::timeout(CALL_TIMEOUT, status.get_production(request.clone()))
+                .await
+                .context("GetProduction timed out")??
+                .into_inner();
+            if p.counts.unwrap_or_default().done >= plan.status_jobs {
+                break;
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "status did not absorb the transitions in time: {p:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let seconds = start.elapsed().as_secs_f64();
+        let publish_seconds = published.await.context("publisher task")??;
+        let load = sampler.finish(&self.db).await;
+        let transitions = plan.status_jobs * 3;
+        Ok(StatusResult {
+            jobs: plan.status_jobs,
+            transitions,
+            messages: count,
+            per_message: plan.transitions_per_message,
+            publish_seconds,
+            seconds,
+            transitions_per_s: transitions as f64 / seconds,
+            load,
+        })
+    }
+
+    /// Files into the catalog: job.output events of many files each, timed
+    /// until `catalog.files` holds every one.
+    pub async fn catalog(&self, plan: &StackPlan) -> anyhow::Result<CatalogResult> {
+        let exchange = format!("{}prodsys.events", self.env.prefix);
+        let production = format!("BENCH-C{}", self.tag);
+        let jobs = plan.catalog_files.div_ceil(plan.files_per_message);
+        // Built as they are published, so the bench holds no pile of them.
+        let (total, per) = (plan.catalog_files, plan.files_per_message);
+        let messages = {
+            let production = production.clone();
+            (0..jobs).map(move |job_index| {
+                let first = job_index * per;
+                let files = (first..(first + per).min(total))
+                    .map(|n| catalog_file(&production, job_index, n))
+                    .collect();
+                let output = pb::JobOutput {
+                    production_id: production.clone(),
+                    job_index,
+                    attempt: 1,
+                    files,
+                    ..Default::default()
+                };
+                amqp::event(
+                    &exchange,
+                    JOB_OUTPUT,
+                    &production,
+                    prost::Message::encode_to_vec(&output),
+                )
+            })
+        };
+        let last = catalog_lfn(&production, plan.catalog_files - 1);
+        let db = &self.db;
+        let exists = db
+            .prepare("SELECT EXISTS (SELECT 1 FROM catalog.files WHERE lfn = $1)")
+            .await?;
+        let count = db
+            .prepare("SELECT count(*) FROM catalog.files WHERE production_id = $1")
+            .await?;
+        let sampler = self.sample().await?;
+        let start = Instant::now();
+        let published = self.publish_in_background(messages);
+        let deadline = start + Duration::from_secs(600);
+        loop {
+            let seen: bool = db.query_one(&exists, &[&last]).await?.get(0);
+            if seen {
+                let n: i64 = db.query_one(&count, &[&production]).await?.get(0);
+                if n as u64 >= plan.catalog_files {
+                    break;
+                }
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "the catalog did not register the files in time"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let seconds = start.elapsed().as_secs_f64();
+        let publish_seconds = published.await.context("publisher task")??;
+        let load = sampler.finish(&self.db).await;
+        Ok(CatalogResult {
+            files: plan.catalog_files,
+            messages: jobs,
+            per_message: plan.files_per_message,
+            publish_seconds,
+            seconds,
+            files_per_s: plan.catalog_files as f64 / seconds,
+            load,
+        })
+    }
+
+    fn publish_in_background(
+        &self,
+        messages: impl Iterator<Item = amqp::Message> + Send + 'static,
+    ) -> tokio::task::JoinHandle<anyhow::Result<f64>> {
+        let channel = self.publish.clone();
+        tokio::spawn(async move {
+            let start = Instant::now();
+            amqp::publish_all(&channel, messages, PUBLISH_WINDOW).await?;
+            Ok(start.elapsed().as_secs_f64())
+        })
+    }
+}
+
+fn catalog_lfn(production: &str, n: u64) -> String {
+    format!(
+        "/vo.cta.in2p3.fr/MC/BENCH/LaPalma/gamma/sim_telarray/{production}/Data/{:03}xxx/run{:06}___cta-prod6-lapalma_nsb{}.simtel.zst",
+        n / 1000,
+        n,
+        n % 3
+    )
+}
+
+/// File `n` of the catalog measurement, as a job of the CTA profile describes its outputs.
+fn catalog_file(production: &str, job_index: u64, n: u64) -> pb::OutputFile {
+    let metadata: HashMap<String, String> = [
+        ("array_layout", "Prod6-Hyperarray".to_string()),
+        ("site", "LaPalma".into()),
+        ("particle", "gamma".into()),
+        ("phiP", "180".into()),
+        ("thetaP", "20".into()),
+        ("tel_sim_prog", "sim_telarray".into()),
+        ("tel_sim_prog_version", "2024-02-05".into()),
+        ("data_level", "DL0".into()),
+        ("MCCampaign", "BENCH".into()),
+        ("run_number", n.to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    pb::OutputFile {
+        lfn: catalog_lfn(production, n),
+        size: 1_000_000 + n,
+        adler32: format!("{:08x}", (n as u32).wrapping_mul(2_654_435_761)),
+        url: format!("file:///var/bench/{production}/{n}.simtel.zst"),
+        metadata,
+        production_id: production.to_string(),
+        job_index,
+        ..Default::default()
+    }
+}
+
+struct Sampler {
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<PhaseLoad>,
+    meter: sys::CpuMeter,
+    pg_start: Backends,
+    commits_start: i64,
+    started: Instant,
+}
+
+impl Sampler {
+    async fn finish(self, db: &tokio_postgres::Client) -> PhaseLoad {
+        let cpu = self.meter.stop();
+        let seconds = self.started.elapsed().as_secs_f64();
+        let pg_end = pg_backends(db).await;
+        self.stop.cancel();
+        let mut load = self.task.await.unwrap_or_default();
+        load.cpu = cpu;
+        load.pg_cpu = pg_cpu(&self.pg_start, &pg_end, seconds);
+        load.commits = xact_commits(db).await - self.commits_start;
+        load
+    }
+}
+
+/// One submission's journey.
+#[derive(Debug, Clone, Copy)]
+struct Done {
+    scheduled: Instant,
+    grpc: Duration,
+    /// When its request.received event was seen.
+    received: Option<Instant>,
+    at: Instant,
+    accepted: bool,
+}
+
+#[derive(Clone)]
+struct Submitter {
+    intake: Vec<pb::request_service_client::RequestServiceClient<Channel>>,
+    verdicts: Arc<Verdicts>,
+    base: serde_json::Value,
+    tag: String,
+    seq: Arc<AtomicU64>,
+}
+
+impl Submitter {
+    /// A request no earlier one duplicates or overlaps: its own array layout
+    /// (free text in the profile) and a fractional zenith angle in 0..70.
+    fn request(&self) -> (u64, pb::SubmitRequestRequest) {
+        let n = self.seq.fetch_add(1, Ordering::Relaxed);
+        let mut parameters = self.base.clone();
+        parameters["array_layout"] = format!("bench-{}-{n}", self.tag).into();
+        let zenith = ((n as f64) * 0.0137).rem_euclid(70.0);
+        parameters["zenith_deg"] = ((zenith * 10_000.0).round() / 10_000.0).into();
+        (
+            n,
+            pb::SubmitRequestRequest {
+                profile: "cta-irf-mc".into(),
+                vo: "vo.cta.in2p3.fr".into(),
+                parameters_json: parameters.to_string(),
+                backend: String::new(),
+                submitter: "bench".into(),
+                // No idempotency key, no extension: the defaults.
+                ..Default::default()
+            },
+        )
+    }
+
+    async fn submit_and_wait(&self, scheduled: Instant) -> anyhow::Result<Done> {
+        let (n, request) = self.request();
+        let mut intake = self.intake[n as usize % self.intake.len()].clone();
+        let answer = tokio::time::timeout(CALL_TIMEOUT, intake.submit_request(request))
+            .await
+            .context("SubmitRequest timed out")?
+            .context("SubmitRequest")?
+            .into_inner();
+        let grpc = scheduled.elapsed();
+        let verdict = match self.verdicts.wait(answer.request_id.clone()) {
+            Ok(v) => v,
+            Err(rx) => match tokio::time::timeout(VERDICT_TIMEOUT, rx).await {
+                Ok(Ok(v)) => v,
+                _ => {
+                    self.verdicts.forget(&answer.request_id);
+                    anyhow::bail!(
+                        "no verdict for {} within {VERDICT_TIMEOUT:?}",
+                        answer.request_id
+                    )
+                }
+            },
+        };
+        Ok(Done {
+            scheduled,
+            grpc,
+            received: self.verdicts.take_received(&answer.request_id),
+            at: verdict.at,
+            accepted: verdict.accepted,
+        })
+    }
+}
+
+/// The bench's own queue on `prodsys.events`: exclusive (gone with the
+/// connection), bound to request.accepted and request.rejected.
+async fn start_listener(
+    connection: &lapin::Connection,
+    prefix: &str,
+    verdicts: Arc<Verdicts>,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    let channel = connection.create_channel().await?;
+    let queue = format!("{prefix}bench.verdicts");
+    channel
+        .queue_declare(
+            queue.as_str().into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    let exchange = format!("{prefix}prodsys.events");
+    for key in [REQUEST_RECEIVED, REQUEST_ACCEPTED, REQUEST_REJECTED] {
+        channel
+            .queue_bind(
+                queue.as_str().into(),
+                exchange.as_str().into(),
+                key.into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+    }
+    let mut consumer = channel
+        .basic_consume(
+            queue.as_str().into(),
+            "bench-verdicts".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    tokio::spawn(async move {
+        loop {
+            let delivery = tokio::select! {
+                _ = stop.cancelled() => break,
+                next = consumer.next() => next,
+            };
+            let Some(Ok(delivery)) = delivery else {
+                eprintln!("the bench's verdict consumer stopped");
+                break;
+            };
+            let at = Instant::now();
+            let body = delivery.data.as_slice();
+            let parsed = match delivery.routing_key.as_str() {
+                REQUEST_ACCEPTED => <pb::RequestAccepted as prost::Message>::decode(body)
+                    .map(|m| (m.request_id, true)),
+                REQUEST_REJECTED => <pb::RequestRejected as prost::Message>::decode(body)
+                    .map(|m| (m.request_id, false)),
+                REQUEST_RECEIVED => {
+                    if let Ok(m) = <pb::RequestReceived as prost::Message>::decode(body) {
+                        verdicts.received(m.request_id, at);
+                    }
+                    continue;
+                }
+                _ => continue,
+            };
+            if let Ok((request_id, accepted)) = parsed {
+                verdicts.arrived(request_id, Verdict { at, accepted });
+            }
+        }
+        let _ = channel.close(200, "done".into()).await;
+    });
+    Ok(())
+}

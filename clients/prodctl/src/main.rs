@@ -1,0 +1,522 @@
+//! prodctl — talk to a prodsys deployment from a terminal.
+//!
+//! `prodctl submit FILE [--watch]`, `prodctl request ID`, `prodctl status ID`,
+//! `prodctl files ID`, `prodctl health`. Exit code 0 on success; 1 when the
+//! request is refused or the production does not complete; 2 on usage errors.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use prodsys_proto as pb;
+use serde::Deserialize;
+use tonic::transport::Channel;
+use tonic_types::StatusExt;
+
+#[derive(Parser)]
+#[command(
+    name = "prodctl",
+    version,
+    about = "Client of the prodsys production request system"
+)]
+struct Cli {
+    #[arg(
+        long,
+        env = "PRODSYS_INTAKE_URL",
+        default_value = "http://127.0.0.1:50051",
+        global = true
+    )]
+    intake: String,
+    #[arg(
+        long,
+        env = "PRODSYS_STATUS_URL",
+        default_value = "http://127.0.0.1:50052",
+        global = true
+    )]
+    status: String,
+    #[arg(
+        long,
+        env = "PRODSYS_CATALOG_URL",
+        default_value = "http://127.0.0.1:50053",
+        global = true
+    )]
+    catalog: String,
+    #[arg(
+        long,
+        env = "PRODSYS_CHECKER_URL",
+        default_value = "http://127.0.0.1:50054",
+        global = true
+    )]
+    checker: String,
+    #[arg(
+        long,
+        env = "PRODSYS_DISPATCHER_URL",
+        default_value = "http://127.0.0.1:50055",
+        global = true
+    )]
+    dispatcher: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Submit a request file (JSON: profile, vo, backend, submitter, parameters).
+    Submit {
+        file: PathBuf,
+        /// Follow the request to its production's end, then list its files.
+        #[arg(long)]
+        watch: bool,
+        /// Resubmitting with the same key returns the same request.
+        #[arg(long)]
+        idempotency_key: Option<String>,
+        /// Accept as an extension of an overlapping production (new run numbers).
+        #[arg(long)]
+        extend: bool,
+        /// How long --watch waits in all, in seconds.
+        #[arg(long, default_value_t = 3600)]
+        timeout: u64,
+    },
+    /// Dry run: violations, fingerprint, duplicates and overlaps, job plan, resource estimate.
+    Validate {
+        file: PathBuf,
+        #[arg(long)]
+        extend: bool,
+    },
+    /// List the production profiles the deployment accepts.
+    Profiles,
+    /// Show where a request stands.
+    Request { request_id: String },
+    /// Show a production's state and job counts.
+    Status { production_id: String },
+    /// Stop a production: its jobs are killed and it ends CANCELLED.
+    Cancel {
+        production_id: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// List the files a production wrote.
+    Files { production_id: String },
+    /// Exit 0 when every service answers SERVING.
+    Health,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RequestFile {
+    profile: String,
+    vo: String,
+    #[serde(default)]
+    backend: String,
+    #[serde(default)]
+    submitter: String,
+    #[serde(default)]
+    idempotency_key: String,
+    #[serde(default)]
+    extend: bool,
+    #[serde(default)]
+    reuse_existing: bool,
+    parameters: serde_json::Value,
+}
+
+impl RequestFile {
+    fn load(file: &PathBuf) -> anyhow::Result<pb::SubmitRequestRequest> {
+        let text =
+            std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+        let r: RequestFile = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not a request file", file.display()))?;
+        Ok(pb::SubmitRequestRequest {
+            profile: r.profile,
+            vo: r.vo,
+            parameters_json: r.parameters.to_string(),
+            backend: r.backend,
+            idempotency_key: r.idempotency_key,
+            submitter: r.submitter,
+            extend: r.extend,
+            reuse_existing: r.reuse_existing,
+        })
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("prodctl: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn connect(url: &str) -> anyhow::Result<Channel> {
+    Channel::from_shared(url.to_string())
+        .with_context(|| format!("invalid URL {url}"))?
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .with_context(|| format!("cannot reach {url}"))
+}
+
+/// A gRPC error as a person reads it, with each field violation on its own line.
+fn explain(status: &tonic::Status) -> String {
+    let mut text = format!("{:?}: {}", status.code(), status.message());
+    if let Some(bad) = status.get_details_bad_request() {
+        text = format!("{:?}: the request was refused", status.code());
+        for v in bad.field_violations {
+            text.push_str(&format!("\n  {}: {}", v.field, v.description));
+        }
+    }
+    text
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Submit {
+            ref file,
+            watch,
+            ref idempotency_key,
+            extend,
+            timeout,
+        } => {
+            let mut request = RequestFile::load(file)?;
+            if let Some(key) = idempotency_key {
+                request.idempotency_key = key.clone();
+            }
+            request.extend |= extend;
+            submit(&cli, request, watch, Duration::from_secs(timeout)).await
+        }
+        Command::Validate { ref file, extend } => {
+            let mut request = RequestFile::load(file)?;
+            request.extend |= extend;
+            let mut intake =
+                pb::request_service_client::RequestServiceClient::new(connect(&cli.intake).await?);
+            let v = intake
+                .validate_request(request)
+                .await
+                .map_err(|s| anyhow::anyhow!(explain(&s)))?
+                .into_inner();
+            print_validation(&v);
+            Ok(if v.acceptable {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        Command::Request { ref request_id } => {
+            let mut intake =
+                pb::request_service_client::RequestServiceClient::new(connect(&cli.intake).await?);
+            let request = intake
+                .get_request(pb::GetRequestRequest {
+                    request_id: request_id.clone(),
+                })
+                .await
+                .map_err(|s| anyhow::anyhow!(explain(&s)))?
+                .into_inner();
+            print_request(&request);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status { ref production_id } => {
+            let mut status =
+                pb::status_service_client::StatusServiceClient::new(connect(&cli.status).await?);
+            let production = status
+                .get_production(pb::GetProductionRequest {
+                    production_id: production_id.clone(),
+                })
+                .await
+                .map_err(|s| anyhow::anyhow!(explain(&s)))?
+                .into_inner();
+            println!("{}", progress_line(&production));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Files { ref production_id } => {
+            let count = print_files(&cli.catalog, production_id).await?;
+            eprintln!("{count} file(s)");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Health => health(&cli).await,
+        Command::Cancel {
+            ref production_id,
+            ref reason,
+        } => {
+            let mut intake =
+                pb::request_service_client::RequestServiceClient::new(connect(&cli.intake).await?);
+            intake
+                .cancel_production(pb::CancelProductionRequest {
+                    production_id: production_id.clone(),
+                    reason: reason.clone(),
+                })
+                .await
+                .map_err(|s| anyhow::anyhow!(explain(&s)))?;
+            println!(
+                "cancellation of {production_id} requested; follow it with: prodctl status {production_id}"
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Profiles => {
+            let mut intake =
+                pb::request_service_client::RequestServiceClient::new(connect(&cli.intake).await?);
+            let list = intake
+                .list_profiles(pb::ListProfilesRequest {})
+                .await
+                .map_err(|s| anyhow::anyhow!(explain(&s)))?
+                .into_inner();
+            for p in &list.profiles {
+                let vos = if p.vos.is_empty() {
+                    "any VO".to_string()
+                } else {
+                    p.vos.join(", ")
+                };
+                println!("{}  ({}, IDs {}-NNNNNN)", p.name, vos, p.id_prefix);
+                println!("    {}", p.description);
+                println!("    identity: {}", p.identity.join(", "));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+async fn health(cli: &Cli) -> anyhow::Result<ExitCode> {
+    let mut all = true;
+    for (name, url) in [
+        ("intake", &cli.intake),
+        ("checker", &cli.checker),
+        ("dispatcher", &cli.dispatcher),
+        ("status", &cli.status),
+        ("catalog", &cli.catalog),
+    ] {
+        let verdict = match connect(url).await {
+            Ok(channel) => {
+                let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
+                match client
+                    .check(tonic_health::pb::HealthCheckRequest {
+                        service: String::new(),
+                    })
+                    .await
+                {
+                    Ok(r) => match r.into_inner().status() {
+                        tonic_health::pb::health_check_response::ServingStatus::Serving => {
+                            "SERVING".to_string()
+                        }
+                        other => format!("{other:?}"),
+                    },
+                    Err(status) => explain(&status),
+                }
+            }
+            Err(error) => format!("{error:#}"),
+        };
+        all &= verdict == "SERVING";
+        println!("{name:<10} {url:<28} {verdict}");
+    }
+    Ok(if all {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn print_validation(v: &pb::Validation) {
+    println!("acceptable   {}", if v.acceptable { "yes" } else { "no" });
+    if !v.fingerprint.is_empty() {
+        println!("fingerprint  {}", v.fingerprint);
+    }
+    if !v.existing_production_id.is_empty() {
+        println!("duplicate of {}", v.existing_production_id);
+    }
+    for o in &v.overlaps {
+        println!("overlaps     {}: {}", o.production_id, o.description);
+    }
+    if let Some(p) = &v.plan {
+        println!(
+            "plan         {} job(s) of {} unit(s), {} in all, runs {}..{}",
+            p.jobs, p.units_per_job, p.total_units, p.first_run, p.last_run
+        );
+    }
+    if let Some(e) = &v.estimate {
+        println!(
+            "estimate     {:.0} CPU s, {:.1} MB disk, {} MB memory per job; {:.2} CPU h, {:.3} GB in all",
+            e.cpu_seconds_per_job,
+            e.disk_mb_per_job,
+            e.memory_mb,
+            e.cpu_hours_total,
+            e.disk_gb_total
+        );
+    }
+    for violation in &v.violations {
+        println!("  {}: {}", violation.field, violation.description);
+    }
+}
+
+async fn submit(
+    cli: &Cli,
+    request: pb::SubmitRequestRequest,
+    watch: bool,
+    timeout: Duration,
+) -> anyhow::Result<ExitCode> {
+    let mut intake =
+        pb::request_service_client::RequestServiceClient::new(connect(&cli.intake).await?);
+    let answer = intake.submit_request(request).await;
+    let answer = match answer {
+        Ok(a) => a.into_inner(),
+        Err(status) => {
+            eprintln!("{}", explain(&status));
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    println!(
+        "request {}{}",
+        answer.request_id,
+        if answer.replayed {
+            " (already submitted with this key)"
+        } else {
+            ""
+        }
+    );
+    if !watch {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let deadline = Instant::now() + timeout;
+    let request = loop {
+        let request = intake
+            .get_request(pb::GetRequestRequest {
+                request_id: answer.request_id.clone(),
+            })
+            .await
+            .map_err(|s| anyhow::anyhow!(explain(&s)))?
+            .into_inner();
+        if request.state() != pb::RequestState::Received {
+            break request;
+        }
+        if Instant::now() > deadline {
+            bail!("request {} was not checked in time", answer.request_id);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    print_request(&request);
+    if request.state() == pb::RequestState::Rejected {
+        return Ok(ExitCode::FAILURE);
+    }
+    let final_state = watch_production(cli, &request.production_id, deadline).await?;
+    // The catalog may be a moment behind the status service: wait for its record.
+    let mut catalog =
+        pb::catalog_service_client::CatalogServiceClient::new(connect(&cli.catalog).await?);
+    loop {
+        let record = catalog
+            .get_production_record(pb::GetProductionRecordRequest {
+                production_id: request.production_id.clone(),
+            })
+            .await;
+        match record {
+            Ok(_) => break,
+            Err(s) if s.code() == tonic::Code::NotFound && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(s) => bail!(explain(&s)),
+        }
+    }
+    let count = print_files(&cli.catalog, &request.production_id).await?;
+    println!("{count} file(s) catalogued for {}", request.production_id);
+    Ok(if final_state == pb::ProductionState::Completed {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn print_request(request: &pb::Request) {
+    println!("request {} {:?}", request.request_id, request.state());
+    if !request.production_id.is_empty() {
+        println!("production {}", request.production_id);
+    }
+    if !request.existing_production_id.is_empty() {
+        println!("duplicate of production {}", request.existing_production_id);
+    }
+    for v in &request.violations {
+        println!("  {}: {}", v.field, v.description);
+    }
+}
+
+fn progress_line(p: &pb::Production) -> String {
+    let c = p.counts.unwrap_or_default();
+    format!(
+        "{} {:?} jobs {}: created {} submitted {} queued {} running {} done {} failed {} exhausted {} cancelled {}",
+        p.production_id,
+        p.state(),
+        p.job_total,
+        c.created,
+        c.submitted,
+        c.queued,
+        c.running,
+        c.done,
+        c.failed,
+        c.exhausted,
+        c.cancelled
+    )
+}
+
+async fn watch_production(
+    cli: &Cli,
+    production_id: &str,
+    deadline: Instant,
+) -> anyhow::Result<pb::ProductionState> {
+    let mut status =
+        pb::status_service_client::StatusServiceClient::new(connect(&cli.status).await?);
+    // The status service may not have seen the acceptance yet.
+    let mut stream = loop {
+        match status
+            .watch_production(pb::GetProductionRequest {
+                production_id: production_id.to_string(),
+            })
+            .await
+        {
+            Ok(stream) => break stream.into_inner(),
+            Err(s) if s.code() == tonic::Code::NotFound && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(s) => bail!(explain(&s)),
+        }
+    };
+    let mut last = pb::ProductionState::Unspecified;
+    loop {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(remaining, stream.message()).await {
+            Err(_) => bail!("production {production_id} did not finish in time"),
+            Ok(Err(s)) => bail!(explain(&s)),
+            Ok(Ok(None)) => return Ok(last),
+            Ok(Ok(Some(snapshot))) => {
+                println!("{}", progress_line(&snapshot));
+                last = snapshot.state();
+            }
+        }
+    }
+}
+
+async fn print_files(catalog_url: &str, production_id: &str) -> anyhow::Result<usize> {
+    let mut catalog =
+        pb::catalog_service_client::CatalogServiceClient::new(connect(catalog_url).await?);
+    let mut token = String::new();
+    let mut count = 0;
+    loop {
+        let page = catalog
+            .find_files(pb::FindFilesRequest {
+                production_id: production_id.to_string(),
+                metadata: Default::default(),
+                page_size: 1000,
+                page_token: token,
+            })
+            .await
+            .map_err(|s| anyhow::anyhow!(explain(&s)))?
+            .into_inner();
+        for f in &page.files {
+            println!("{}  {:>12}  adler32:{}", f.lfn, f.size, f.adler32);
+        }
+        count += page.files.len();
+        if page.next_page_token.is_empty() {
+            return Ok(count);
+        }
+        token = page.next_page_token;
+    }
+}

@@ -1,0 +1,382 @@
+//! Catalog: every file a production wrote, with its LFN, size, adler32,
+//! storage URL and metadata, registered from `job.output` events (an LFN is
+//! registered once, however often the event arrives), and a record per
+//! finished production. `FindFiles` answers by production and metadata.
+
+use std::collections::HashMap;
+
+use anyhow::Context;
+use prodsys_core::ProductionState;
+use prodsys_core::Violation;
+use prodsys_core::events::{JOB_OUTPUT, PRODUCTION_COMPLETED};
+use prodsys_db::deadpool_postgres::Transaction;
+use prodsys_db::{Db, Migration};
+use prodsys_messaging::{BatchHandler, Incoming, Outcome};
+use prodsys_proto as pb;
+use prodsys_server::{Foundation, Running, ServiceError, decode_event};
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+use uuid::Uuid;
+
+pub const SERVICE: &str = "catalog";
+
+const MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    name: "files and production records",
+    sql: r#"
+        CREATE TABLE files (
+            lfn           text PRIMARY KEY,
+            production_id text NOT NULL,
+            job_index     bigint NOT NULL,
+            attempt       integer NOT NULL,
+            size          bigint NOT NULL,
+            adler32       text NOT NULL,
+            url           text NOT NULL,
+            metadata      jsonb NOT NULL DEFAULT '{}',
+            created_at    timestamptz NOT NULL DEFAULT now()
+        );
+        CREATE INDEX files_production ON files (production_id, lfn);
+        CREATE INDEX files_metadata ON files USING gin (metadata jsonb_path_ops);
+        CREATE TABLE productions (
+            production_id text PRIMARY KEY,
+            state         text NOT NULL,
+            file_count    bigint NOT NULL,
+            total_bytes   bigint NOT NULL,
+            completed_at  timestamptz NOT NULL DEFAULT now()
+        );
+    "#,
+}];
+
+pub async fn start(
+    settings: &prodsys_config::Settings,
+    shutdown: CancellationToken,
+) -> anyhow::Result<Running> {
+    let foundation = Foundation::start(
+        settings,
+        SERVICE,
+        MIGRATIONS,
+        &[JOB_OUTPUT, PRODUCTION_COMPLETED],
+        &[],
+        &shutdown,
+    )
+    .await?;
+    foundation.consume(
+        settings,
+        Registrar {
+            db: foundation.db.clone(),
+        },
+        &shutdown,
+    );
+    let max = settings.grpc.max_message_bytes;
+    let (routes, reporter) = prodsys_server::base_routes()?;
+    let routes = routes.add_service(
+        pb::catalog_service_server::CatalogServiceServer::new(CatalogApi {
+            db: foundation.db.clone(),
+        })
+        .max_decoding_message_size(max)
+        .max_encoding_message_size(max),
+    );
+    foundation
+        .serve_grpc(
+            &settings.grpc.host,
+            settings.catalog.port,
+            routes,
+            reporter,
+            &["prodsys.v1.CatalogService"],
+            &shutdown,
+        )
+        .await
+}
+
+struct Registrar {
+    db: Db,
+}
+
+enum Record {
+    Output(pb::JobOutput),
+    Completed(pb::ProductionCompleted),
+}
+
+impl BatchHandler for Registrar {
+    async fn handle(&self, batch: &[Incoming]) -> anyhow::Result<Vec<Outcome>> {
+        let mut outcomes = Vec::with_capacity(batch.len());
+        let mut records = Vec::new();
+        for incoming in batch {
+            let decoded = match incoming.routing_key.as_str() {
+                JOB_OUTPUT => decode_event(incoming).map(|(id, m)| (id, Record::Output(m))),
+                PRODUCTION_COMPLETED => {
+                    decode_event(incoming).map(|(id, m)| (id, Record::Completed(m)))
+                }
+                other => Err(format!("catalog does not handle {other:?}")),
+            };
+            match decoded {
+                Ok(r) => {
+                    records.push(r);
+                    outcomes.push(Outcome::Ack);
+                }
+                Err(reason) => outcomes.push(Outcome::DeadLetter(reason)),
+            }
+        }
+        let mut client = self.db.client().await?;
+        let tx = client.transaction().await?;
+        let ids: Vec<Uuid> = records.iter().map(|(id, _)| *id).collect();
+        let fresh = prodsys_db::claim(&tx, &ids).await?;
+        let mut files = Vec::new();
+        let mut completed = Vec::new();
+        for (id, record) in records {
+            if !fresh.contains(&id) {
+                continue;
+            }
+            match record {
+                Record::Output(output) => {
+                    files.extend(output.files.into_iter().map(|f| (output.attempt, f)))
+                }
+                Record::Completed(c) => completed.push(c),
+            }
+        }
+        register_files(&tx, &files).await?;
+        for c in completed {
+            let state =
+                ProductionState::from_proto(c.state).map_or("UNKNOWN", ProductionState::as_str);
+            tx.execute(
+                "INSERT INTO productions (production_id, state, file_count, total_bytes)
+                 SELECT $1, $2, count(*), COALESCE(sum(size), 0)::bigint FROM files WHERE production_id = $1
+                 ON CONFLICT (production_id) DO NOTHING",
+                &[&c.production_id, &state],
+            )
+            .await?;
+            tracing::info!(production_id = %c.production_id, %state, "production record written");
+        }
+        tx.commit().await?;
+        Ok(outcomes)
+    }
+}
+
+/// Registers `files` (with the attempt that wrote them); returns how many were new.
+async fn register_files(
+    tx: &Transaction<'_>,
+    files: &[(u32, pb::OutputFile)],
+) -> anyhow::Result<u64> {
+    if files.is_empty() {
+        return Ok(0);
+    }
+    let lfns: Vec<&str> = files.iter().map(|(_, f)| f.lfn.as_str()).collect();
+    let productions: Vec<&str> = files
+        .iter()
+        .map(|(_, f)| f.production_id.as_str())
+        .collect();
+    let jobs: Vec<i64> = files.iter().map(|(_, f)| f.job_index as i64).collect();
+    let attempts: Vec<i32> = files.iter().map(|(a, _)| *a as i32).collect();
+    let sizes: Vec<i64> = files.iter().map(|(_, f)| f.size as i64).collect();
+    let sums: Vec<&str> = files.iter().map(|(_, f)| f.adler32.as_str()).collect();
+    let urls: Vec<&str> = files.iter().map(|(_, f)| f.url.as_str()).collect();
+    let metadata: Vec<serde_json::Value> = files
+        .iter()
+        .map(|(_, f)| serde_json::to_value(&f.metadata))
+        .collect::<Result<_, _>>()?;
+    let stmt = tx
+        .prepare_cached(
+            "INSERT INTO files (lfn, production_id, job_index, attempt, size, adler32, url, metadata)
+             SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::int[], $5::bigint[],
+                                  $6::text[], $7::text[], $8::jsonb[])
+             ON CONFLICT (lfn) DO NOTHING",
+        )
+        .await?;
+    let added = tx
+        .execute(
+            &stmt,
+            &[
+                &lfns,
+                &productions,
+                &jobs,
+                &attempts,
+                &sizes,
+                &sums,
+                &urls,
+                &metadata,
+            ],
+        )
+        .await
+        .context("registering files")?;
+    tracing::debug!(files = files.len(), added, "files registered");
+    Ok(added)
+}
+
+struct CatalogApi {
+    db: Db,
+}
+
+/// Why a file from elsewhere cannot be registered, by field.
+fn check_file(index: usize, f: &pb::OutputFile) -> Vec<Violation> {
+    let field = |name: &str| format!("files[{index}].{name}");
+    let mut violations = Vec::new();
+    if !f.lfn.starts_with('/') || f.lfn.len() > 1024 {
+        violations.push(Violation::new(
+            field("lfn"),
+            "must be an absolute path of at most 1024 characters",
+        ));
+    }
+    if f.adler32.len() != 8
+        || !f
+            .adler32
+            .chars()
+            .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
+    {
+        violations.push(Violation::new(
+            field("adler32"),
+            "must be 8 lowercase hex digits",
+        ));
+    }
+    if f.url.is_empty() {
+        violations.push(Violation::new(field("url"), "is required"));
+    }
+    violations
+}
+
+#[tonic::async_trait]
+impl pb::catalog_service_server::CatalogService for CatalogApi {
+    #[tracing::instrument(skip_all, fields(production_id = %request.get_ref().production_id))]
+    async fn find_files(
+        &self,
+        request: Request<pb::FindFilesRequest>,
+    ) -> Result<Response<pb::FindFilesResponse>, Status> {
+        let r = request.into_inner();
+        if r.production_id.is_empty() && r.metadata.is_empty() {
+            return Err(ServiceError::Validation(vec![Violation::new(
+                "production_id",
+                "give a production ID or at least one metadata pair",
+            )])
+            .into());
+        }
+        let page_size = match r.page_size {
+            0 => 1000,
+            n => n.min(10_000),
+        } as i64;
+        let filter =
+            serde_json::to_value(&r.metadata).map_err(|e| ServiceError::Unexpected(e.into()))?;
+        let client = self.db.client().await.map_err(ServiceError::from)?;
+        let rows = client
+            .query(
+                "SELECT lfn, size, adler32, url, metadata, production_id, job_index FROM files
+                 WHERE ($1 = '' OR production_id = $1) AND metadata @> $2 AND lfn > $3
+                 ORDER BY lfn LIMIT $4",
+                &[&r.production_id, &filter, &r.page_token, &(page_size + 1)],
+            )
+            .await
+            .map_err(|e| ServiceError::Unexpected(e.into()))?;
+        let more = rows.len() as i64 > page_size;
+        let files: Vec<pb::OutputFile> = rows
+            .iter()
+            .take(page_size as usize)
+            .map(|row| pb::OutputFile {
+                lfn: row.get(0),
+                size: row.get::<_, i64>(1) as u64,
+                adler32: row.get(2),
+                url: row.get(3),
+                metadata: serde_json::from_value::<HashMap<String, String>>(row.get(4))
+                    .unwrap_or_default(),
+                production_id: row.get(5),
+                job_index: row.get::<_, i64>(6) as u64,
+            })
+            .collect();
+        let next_page_token = if more {
+            files.last().map(|f| f.lfn.clone()).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(pb::FindFilesResponse {
+            files,
+            next_page_token,
+        }))
+    }
+
+    async fn find_existing(
+        &self,
+        request: Request<pb::FindExistingRequest>,
+    ) -> Result<Response<pb::FindExistingResponse>, Status> {
+        let r = request.into_inner();
+        if r.metadata.is_empty() {
+            return Err(ServiceError::Validation(vec![Violation::new(
+                "metadata",
+                "give at least one pair",
+            )])
+            .into());
+        }
+        let filter =
+            serde_json::to_value(&r.metadata).map_err(|e| ServiceError::Unexpected(e.into()))?;
+        let client = self.db.client().await.map_err(ServiceError::from)?;
+        let summary = client
+            .query_one(
+                "SELECT count(*), COALESCE(sum(size), 0)::bigint,
+                        COALESCE(array_agg(DISTINCT production_id), '{}'),
+                        (SELECT COALESCE(array_agg(lfn), '{}') FROM
+                            (SELECT lfn FROM files WHERE metadata @> $1 ORDER BY lfn LIMIT 3) AS e)
+                 FROM files WHERE metadata @> $1",
+                &[&filter],
+            )
+            .await
+            .map_err(|e| ServiceError::Unexpected(e.into()))?;
+        Ok(Response::new(pb::FindExistingResponse {
+            file_count: summary.get::<_, i64>(0) as u64,
+            total_bytes: summary.get::<_, i64>(1) as u64,
+            production_ids: summary.get(2),
+            example_lfns: summary.get(3),
+        }))
+    }
+
+    async fn register_files(
+        &self,
+        request: Request<pb::RegisterFilesRequest>,
+    ) -> Result<Response<pb::RegisterFilesResponse>, Status> {
+        let files = request.into_inner().files;
+        let violations: Vec<Violation> = files
+            .iter()
+            .enumerate()
+            .flat_map(|(i, f)| check_file(i, f))
+            .collect();
+        if !violations.is_empty() {
+            return Err(ServiceError::Validation(violations).into());
+        }
+        let mut client = self.db.client().await.map_err(ServiceError::from)?;
+        let tx = client
+            .transaction()
+            .await
+            .map_err(|e| ServiceError::Unexpected(e.into()))?;
+        let with_attempt: Vec<(u32, pb::OutputFile)> = files.into_iter().map(|f| (0, f)).collect();
+        let registered = register_files(&tx, &with_attempt)
+            .await
+            .map_err(ServiceError::from)?;
+        tx.commit()
+            .await
+            .map_err(|e| ServiceError::Unexpected(e.into()))?;
+        Ok(Response::new(pb::RegisterFilesResponse { registered }))
+    }
+
+    async fn get_production_record(
+        &self,
+        request: Request<pb::GetProductionRecordRequest>,
+    ) -> Result<Response<pb::ProductionRecord>, Status> {
+        let production_id = request.into_inner().production_id;
+        let client = self.db.client().await.map_err(ServiceError::from)?;
+        let row = client
+            .query_opt(
+                "SELECT state, file_count, total_bytes, completed_at FROM productions WHERE production_id = $1",
+                &[&production_id],
+            )
+            .await
+            .map_err(|e| ServiceError::Unexpected(e.into()))?
+            .ok_or_else(|| ServiceError::NotFound(format!("no finished production {production_id} in the catalog")))?;
+        let state = row
+            .get::<_, &str>(0)
+            .parse::<ProductionState>()
+            .map_or(pb::ProductionState::Unspecified, ProductionState::to_proto);
+        let completed: chrono::DateTime<chrono::Utc> = row.get(3);
+        Ok(Response::new(pb::ProductionRecord {
+            production_id,
+            state: state as i32,
+            file_count: row.get::<_, i64>(1) as u64,
+            total_bytes: row.get::<_, i64>(2) as u64,
+            completed_unix_ms: completed.timestamp_millis(),
+        }))
+    }
+}

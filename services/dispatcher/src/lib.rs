@@ -1,0 +1,358 @@
+//! Dispatcher: turns an accepted production into jobs and follows every job
+//! to its end. The plan streams into PostgreSQL in batches (a production is
+//! never held in memory whole); the scheduler reserves ready jobs, submits
+//! them to the backend, polls the backend in bulk, retries failed attempts up
+//! to the profile's limit, registers outputs, and closes the production by
+//! the stated rule (all done → COMPLETED, some → PARTIALLY_COMPLETED, none → FAILED).
+
+pub mod backend;
+mod scheduler;
+pub mod slurm;
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use prodsys_config::BackendSettings;
+use prodsys_core::events::{PRODUCTION_CANCEL, PRODUCTION_DISPATCHED, REQUEST_ACCEPTED};
+use prodsys_core::{ProductionState, ProfileSet};
+use prodsys_db::{Db, Migration};
+use prodsys_messaging::{BatchHandler, Incoming, Outcome};
+use prodsys_proto as pb;
+use prodsys_server::{Foundation, Running, decode_event, outbox_event};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+pub const SERVICE: &str = "dispatcher";
+/// Jobs written per INSERT while a plan streams into the database.
+const PLAN_BATCH: u64 = 10_000;
+
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "productions and jobs",
+        sql: r#"
+        CREATE TABLE productions (
+            production_id     text PRIMARY KEY,
+            request_id        uuid NOT NULL,
+            profile           text NOT NULL,
+            vo                text NOT NULL,
+            parameters        jsonb NOT NULL,
+            fingerprint       text NOT NULL,
+            backend           text NOT NULL,
+            run_number_offset bigint NOT NULL,
+            state             text NOT NULL,
+            job_total         bigint NOT NULL,
+            created_at        timestamptz NOT NULL DEFAULT now(),
+            updated_at        timestamptz NOT NULL DEFAULT now()
+        );
+        CREATE TABLE jobs (
+            production_id  text NOT NULL REFERENCES productions,
+            job_index      bigint NOT NULL,
+            run_number     bigint NOT NULL,
+            seed           bigint NOT NULL,
+            units          bigint NOT NULL,
+            state          text NOT NULL DEFAULT 'CREATED',
+            attempt        integer NOT NULL DEFAULT 1,
+            backend_job_id text,
+            raw_status     text,
+            exit_code      integer,
+            workdir        text,
+            updated_at     timestamptz NOT NULL DEFAULT now(),
+            PRIMARY KEY (production_id, job_index)
+        );
+        CREATE INDEX jobs_ready ON jobs (production_id, job_index) WHERE state = 'CREATED';
+        CREATE INDEX jobs_in_flight ON jobs (backend_job_id) WHERE state IN ('SUBMITTED', 'QUEUED', 'RUNNING');
+    "#,
+    },
+    Migration {
+        version: 2,
+        name: "unfinished jobs index",
+        sql: "CREATE INDEX jobs_unfinished ON jobs (production_id)
+          WHERE state IN ('CREATED', 'SUBMITTED', 'QUEUED', 'RUNNING', 'FAILED');",
+    },
+    Migration {
+        version: 3,
+        name: "deployment tag",
+        // Production IDs repeat across deployments; backend job names must not,
+        // or one deployment would adopt another's jobs on a shared cluster.
+        sql: "CREATE TABLE deployment (tag text NOT NULL);
+              INSERT INTO deployment SELECT 'p' || substr(md5(random()::text || clock_timestamp()::text), 1, 8);",
+    },
+];
+
+pub async fn start(
+    settings: &prodsys_config::Settings,
+    shutdown: CancellationToken,
+) -> anyhow::Result<Running> {
+    let profiles = Arc::new(
+        ProfileSet::load_dir(&settings.profiles_dir).context("loading production profiles")?,
+    );
+    let foundation = Foundation::start(
+        settings,
+        SERVICE,
+        MIGRATIONS,
+        &[REQUEST_ACCEPTED, PRODUCTION_CANCEL],
+        &[],
+        &shutdown,
+    )
+    .await?;
+    let work_dir = std::path::absolute(&settings.dispatcher.work_dir)
+        .context("resolving the dispatcher work directory")?;
+    let tools_dir = (!settings.dispatcher.tools_dir.as_os_str().is_empty())
+        .then(|| std::path::absolute(&settings.dispatcher.tools_dir))
+        .transpose()?;
+    let deployment: String = foundation
+        .db
+        .client()
+        .await?
+        .query_one("SELECT tag FROM deployment", &[])
+        .await
+        .context("reading the deployment tag")?
+        .get(0);
+    let mut wakes = Vec::new();
+    for (name, installation) in settings.dispatcher.installations() {
+        let backend: Arc<dyn backend::Backend> = match installation {
+            BackendSettings::Local { max_running } => Arc::new(backend::LocalExecutor::new(
+                &name,
+                max_running,
+                tools_dir.clone(),
+            )),
+            BackendSettings::Slurm {
+                partition,
+                max_in_flight,
+                sbatch_args,
+            } => Arc::new(slurm::Slurm::new(
+                &name,
+                &partition,
+                max_in_flight,
+                sbatch_args,
+                tools_dir.clone(),
+            )),
+        };
+        let wake = Arc::new(Notify::new());
+        wakes.push(wake.clone());
+        let scheduler = scheduler::Scheduler {
+            db: foundation.db.clone(),
+            profiles: profiles.clone(),
+            backend,
+            work_dir: work_dir.clone(),
+            deployment: deployment.clone(),
+            wake,
+            poll_interval: std::time::Duration::from_millis(settings.dispatcher.poll_interval_ms),
+        };
+        tokio::spawn(scheduler.run(shutdown.clone()));
+    }
+    foundation.consume(
+        settings,
+        Planner {
+            db: foundation.db.clone(),
+            profiles,
+            wakes,
+        },
+        &shutdown,
+    );
+    let (routes, reporter) = prodsys_server::base_routes()?;
+    foundation
+        .serve_grpc(
+            &settings.grpc.host,
+            settings.dispatcher.port,
+            routes,
+            reporter,
+            &[],
+            &shutdown,
+        )
+        .await
+}
+
+/// Plans accepted productions into jobs.
+struct Planner {
+    db: Db,
+    profiles: Arc<ProfileSet>,
+    /// One per installation's scheduler.
+    wakes: Vec<Arc<Notify>>,
+}
+
+/// What planning needs, checked before anything is written.
+struct Prepared<'a> {
+    plan: prodsys_core::JobPlan,
+    estimate: pb::ResourceEstimate,
+    parameters: serde_json::Value,
+    request_id: Uuid,
+    accepted: &'a pb::RequestAccepted,
+}
+
+impl Planner {
+    /// Marks the production CANCELLING; its installation's scheduler kills and closes it.
+    async fn cancel(
+        &self,
+        tx: &prodsys_db::deadpool_postgres::Transaction<'_>,
+        cancel: &pb::ProductionCancel,
+    ) -> anyhow::Result<()> {
+        let from = ProductionState::Running;
+        let updated = tx
+            .execute(
+                "UPDATE productions SET state = $2, updated_at = now() WHERE production_id = $1 AND state = $3",
+                &[
+                    &cancel.production_id,
+                    &from.transition(ProductionState::Cancelling)?.as_str(),
+                    &from.as_str(),
+                ],
+            )
+            .await?;
+        tracing::info!(production_id = %cancel.production_id, reason = %cancel.reason,
+            running = updated == 1, "cancel requested");
+        Ok(())
+    }
+
+    fn prepare<'a>(&self, accepted: &'a pb::RequestAccepted) -> Result<Prepared<'a>, String> {
+        let profile = self
+            .profiles
+            .get(&accepted.profile)
+            .ok_or_else(|| format!("unknown profile {:?}", accepted.profile))?;
+        let parameters: serde_json::Value = serde_json::from_str(&accepted.parameters_json)
+            .map_err(|e| format!("parameters are not JSON: {e}"))?;
+        let plan = profile
+            .plan(
+                &parameters,
+                &accepted.fingerprint,
+                accepted.run_number_offset,
+            )
+            .ok_or("parameters give no job plan")?;
+        let request_id =
+            Uuid::parse_str(&accepted.request_id).map_err(|e| format!("request_id: {e}"))?;
+        Ok(Prepared {
+            estimate: profile.resource_estimate(&plan),
+            plan,
+            parameters,
+            request_id,
+            accepted,
+        })
+    }
+
+    async fn plan(
+        &self,
+        tx: &prodsys_db::deadpool_postgres::Transaction<'_>,
+        prepared: &Prepared<'_>,
+    ) -> anyhow::Result<()> {
+        let Prepared {
+            plan,
+            parameters,
+            request_id,
+            accepted,
+            ..
+        } = prepared;
+        let inserted = tx
+            .execute(
+                "INSERT INTO productions (production_id, request_id, profile, vo, parameters, fingerprint,
+                                          backend, run_number_offset, state, job_total)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+                 ON CONFLICT (production_id) DO NOTHING",
+                &[
+                    &accepted.production_id,
+                    request_id,
+                    &accepted.profile,
+                    &accepted.vo,
+                    parameters,
+                    &accepted.fingerprint,
+                    &accepted.backend,
+                    &(accepted.run_number_offset as i64),
+                    &ProductionState::Running.as_str(),
+                    &(plan.job_count as i64),
+                ],
+            )
+            .await?;
+        if inserted == 0 {
+            return Ok(());
+        }
+        let insert = tx
+            .prepare_cached(
+                "INSERT INTO jobs (production_id, job_index, run_number, seed, units)
+                 SELECT $1, * FROM unnest($2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[])",
+            )
+            .await?;
+        let mut start = 0;
+        while start < plan.job_count {
+            let end = (start + PLAN_BATCH).min(plan.job_count);
+            let jobs: Vec<_> = (start..end).map(|i| plan.job(i)).collect();
+            let column = |f: fn(&prodsys_core::PlannedJob) -> u64| -> Vec<i64> {
+                jobs.iter().map(|j| f(j) as i64).collect()
+            };
+            tx.execute(
+                &insert,
+                &[
+                    &accepted.production_id,
+                    &column(|j| j.index),
+                    &column(|j| j.run_number),
+                    &column(|j| j.seed),
+                    &column(|j| j.units),
+                ],
+            )
+            .await?;
+            start = end;
+        }
+        let event = pb::ProductionDispatched {
+            production_id: accepted.production_id.clone(),
+            job_total: plan.job_count,
+            backend: accepted.backend.clone(),
+            estimate: Some(prepared.estimate),
+        };
+        prodsys_db::enqueue(
+            tx,
+            &self.db.outbox_channel(),
+            &[outbox_event(
+                PRODUCTION_DISPATCHED,
+                &accepted.production_id,
+                &event,
+            )],
+        )
+        .await?;
+        tracing::info!(production_id = %accepted.production_id, jobs = plan.job_count, "production planned");
+        Ok(())
+    }
+}
+
+impl BatchHandler for Planner {
+    async fn handle(&self, batch: &[Incoming]) -> anyhow::Result<Vec<Outcome>> {
+        let mut client = self.db.client().await?;
+        let tx = client.transaction().await?;
+        let mut outcomes = Vec::with_capacity(batch.len());
+        for incoming in batch {
+            if incoming.routing_key == PRODUCTION_CANCEL {
+                outcomes.push(match decode_event::<pb::ProductionCancel>(incoming) {
+                    Ok((id, cancel)) => {
+                        if !prodsys_db::claim(&tx, &[id]).await?.is_empty() {
+                            self.cancel(&tx, &cancel).await?;
+                        }
+                        Outcome::Ack
+                    }
+                    Err(reason) => Outcome::DeadLetter(reason),
+                });
+                continue;
+            }
+            let (id, accepted) = match decode_event::<pb::RequestAccepted>(incoming) {
+                Ok(decoded) => decoded,
+                Err(reason) => {
+                    outcomes.push(Outcome::DeadLetter(reason));
+                    continue;
+                }
+            };
+            let prepared = match self.prepare(&accepted) {
+                Ok(prepared) => prepared,
+                Err(reason) => {
+                    outcomes.push(Outcome::DeadLetter(reason));
+                    continue;
+                }
+            };
+            if !prodsys_db::claim(&tx, &[id]).await?.is_empty() {
+                self.plan(&tx, &prepared).await?;
+            }
+            outcomes.push(Outcome::Ack);
+        }
+        tx.commit().await?;
+        for wake in &self.wakes {
+            wake.notify_one();
+        }
+        Ok(outcomes)
+    }
+}

@@ -1,0 +1,15 @@
+//! Runs the dispatcher service alone: `prodsys-dispatcher [CONFIG.toml]`.
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    prodsys_telemetry::init("info");
+    let config = std::env::args_os().nth(1).map(std::path::PathBuf::from);
+    let settings = prodsys_config::Settings::load(config.as_deref())?;
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let running = prodsys_dispatcher::start(&settings, shutdown.clone()).await?;
+    tokio::spawn(async move {
+        let _ = tokio::signal::ctrl_c().await;
+        shutdown.cancel();
+    });
+    running.wait().await
+}

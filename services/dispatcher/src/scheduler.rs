@@ -1,0 +1,759 @@
+//! The scheduler of one backend installation: submits ready jobs while the
+//! installation has room, polls its in-flight jobs in bulk, retries failed
+//! attempts, registers outputs, cancels, and closes finished productions.
+//! Every change commits with its events (`job.status` batches, `job.output`,
+//! `production.completed`) in one transaction; status changes not yet
+//! committed are kept and applied again.
+//!
+//! Submission is reserve-then-submit: a job is first committed as SUBMITTED
+//! without a backend ID, then submitted under its attempt's stable tag, then
+//! its backend ID is committed. A job found reserved without an ID (the
+//! dispatcher died in between) is looked up on the backend by its tag before
+//! anything is submitted again, so an attempt is never submitted twice.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use prodsys_core::events::{JOB_OUTPUT, JOB_STATUS, PRODUCTION_COMPLETED};
+use prodsys_core::profile::render;
+use prodsys_core::state::count_job;
+use prodsys_core::{JobState, PlannedJob, ProductionState, Profile, ProfileSet};
+use prodsys_db::deadpool_postgres::Transaction;
+use prodsys_db::{Db, OutboxEvent};
+use prodsys_proto as pb;
+use prodsys_server::outbox_event;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::backend::{Backend, BackendStatus, JobSpec};
+
+pub(crate) struct Scheduler {
+    pub db: Db,
+    pub profiles: Arc<ProfileSet>,
+    pub backend: Arc<dyn Backend>,
+    pub work_dir: PathBuf,
+    /// Prefix of every backend job name, unique to this deployment.
+    pub deployment: String,
+    pub wake: Arc<Notify>,
+    pub poll_interval: Duration,
+}
+
+/// A job row with what its templates need.
+struct JobRow {
+    production_id: String,
+    job_index: i64,
+    run_number: i64,
+    seed: i64,
+    units: i64,
+    attempt: i32,
+    state: JobState,
+    workdir: Option<String>,
+    profile: String,
+    vo: String,
+    parameters: serde_json::Value,
+}
+
+const JOB_COLUMNS: &str =
+    "j.production_id, j.job_index, j.run_number, j.seed, j.units, j.attempt, j.state,
+                           j.workdir, p.profile, p.vo, p.parameters";
+
+impl JobRow {
+    fn from_row(row: &prodsys_db::tokio_postgres::Row) -> anyhow::Result<Self> {
+        Ok(Self {
+            production_id: row.get(0),
+            job_index: row.get(1),
+            run_number: row.get(2),
+            seed: row.get(3),
+            units: row.get(4),
+            attempt: row.get(5),
+            state: row.get::<_, &str>(6).parse()?,
+            workdir: row.get(7),
+            profile: row.get(8),
+            vo: row.get(9),
+            parameters: row.get(10),
+        })
+    }
+
+    fn planned(&self) -> PlannedJob {
+        PlannedJob {
+            index: self.job_index as u64,
+            run_number: self.run_number as u64,
+            seed: self.seed as u64,
+            units: self.units as u64,
+        }
+    }
+
+    /// The attempt's name on the backend: unique per deployment and attempt, stable across restarts.
+    fn tag(&self, deployment: &str) -> String {
+        format!(
+            "{deployment}.{}.{:06}.a{}",
+            self.production_id, self.job_index, self.attempt
+        )
+    }
+}
+
+/// The events one transaction will publish.
+#[derive(Default)]
+struct Changes {
+    transitions: Vec<pb::JobTransition>,
+    outputs: Vec<OutboxEvent>,
+    touched: BTreeSet<String>,
+}
+
+impl Changes {
+    fn transition(&mut self, job: &JobRow, attempt: i32, state: JobState, raw: &str) {
+        self.touched.insert(job.production_id.clone());
+        self.transitions.push(pb::JobTransition {
+            production_id: job.production_id.clone(),
+            job_index: job.job_index as u64,
+            attempt: attempt as u32,
+            state: state.to_proto() as i32,
+            raw_status: raw.to_string(),
+            at_unix_ms: chrono::Utc::now().timestamp_millis(),
+        });
+    }
+}
+
+/// Most in-flight jobs polled in one round.
+const POLL_BATCH: i64 = 10_000;
+
+impl Scheduler {
+    pub async fn run(self, shutdown: CancellationToken) {
+        let changed = self.backend.changed();
+        let backend = self.backend.name().to_string();
+        // Statuses polled but not yet committed survive a failed transaction here.
+        let mut pending: Vec<BackendStatus> = Vec::new();
+        while !shutdown.is_cancelled() {
+            if let Err(error) = self.reconcile().await {
+                tracing::warn!(%backend, error = format!("{error:#}"), "reconciling reserved jobs failed");
+            }
+            if let Err(error) = self.cancel_requested().await {
+                tracing::warn!(%backend, error = format!("{error:#}"), "cancelling failed; retrying");
+            }
+            let in_flight = match self.in_flight().await {
+                Ok(ids) => ids,
+                Err(error) => {
+                    tracing::warn!(%backend, error = format!("{error:#}"), "reading in-flight jobs failed");
+                    Vec::new()
+                }
+            };
+            if !in_flight.is_empty() {
+                match self.backend.poll(&in_flight).await {
+                    Ok(statuses) => pending.extend(statuses),
+                    Err(error) => {
+                        tracing::warn!(%backend, error = format!("{error:#}"), "polling the backend failed")
+                    }
+                }
+            }
+            if !pending.is_empty() {
+                match self.follow(&pending).await {
+                    Ok(()) => pending.clear(),
+                    Err(error) => tracing::warn!(
+                        %backend,
+                        error = format!("{error:#}"),
+                        "applying job statuses failed; retrying"
+                    ),
+                }
+            }
+            // What just ended frees room: count again after applying it.
+            let in_flight = if in_flight.is_empty() {
+                0
+            } else {
+                self.in_flight()
+                    .await
+                    .map_or(in_flight.len(), |ids| ids.len())
+            };
+            let free = self.backend.capacity().saturating_sub(in_flight);
+            let submitted = match self.submit_ready(free).await {
+                Ok(n) => n,
+                Err(error) => {
+                    tracing::warn!(%backend, error = format!("{error:#}"), "submitting jobs failed");
+                    0
+                }
+            };
+            if submitted > 0 && submitted < free {
+                continue;
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = self.wake.notified() => {}
+                _ = changed.notified() => {}
+                _ = tokio::time::sleep(self.poll_interval) => {}
+            }
+        }
+    }
+
+    /// Backend IDs of this installation's jobs that are queued or running.
+    async fn in_flight(&self) -> anyhow::Result<Vec<String>> {
+        let client = self.db.client().await?;
+        let rows = client
+            .query(
+                // In-flight jobs first, through their small partial index, whatever
+                // the size of the productions they belong to.
+                "WITH flying AS MATERIALIZED (
+                     SELECT production_id, backend_job_id FROM jobs
+                     WHERE state IN ('SUBMITTED', 'QUEUED', 'RUNNING') AND backend_job_id IS NOT NULL)
+                 SELECT f.backend_job_id FROM flying f JOIN productions p USING (production_id)
+                 WHERE p.backend = $1 LIMIT $2",
+                &[&self.backend.name(), &POLL_BATCH],
+            )
+            .await?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    /// Jobs reserved but without a backend ID: found on the backend by their
+    /// tag, or submitted now if the backend never saw them.
+    async fn reconcile(&self) -> anyhow::Result<()> {
+        let client = self.db.client().await?;
+        let rows = client
+            .query(
+                &format!(
+                    "WITH reserved AS MATERIALIZED (
+                         SELECT production_id, job_index FROM jobs
+                         WHERE state = 'SUBMITTED' AND backend_job_id IS NULL)
+                     SELECT {JOB_COLUMNS} FROM reserved r
+                     JOIN jobs j USING (production_id, job_index)
+                     JOIN productions p ON p.production_id = j.production_id
+                     WHERE p.backend = $1
+                     ORDER BY j.production_id, j.job_index LIMIT 1000"
+                ),
+                &[&self.backend.name()],
+            )
+            .await?;
+        drop(client);
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let jobs: Vec<JobRow> = rows
+            .iter()
+            .map(JobRow::from_row)
+            .collect::<anyhow::Result<_>>()?;
+        tracing::info!(
+            backend = self.backend.name(),
+            jobs = jobs.len(),
+            "reconciling jobs reserved before a restart"
+        );
+        self.submit_reserved(jobs).await
+    }
+
+    /// Reserves up to `free` ready jobs, oldest production first, then submits them.
+    async fn submit_ready(&self, free: usize) -> anyhow::Result<usize> {
+        if free == 0 {
+            return Ok(0);
+        }
+        let mut client = self.db.client().await?;
+        let tx = client.transaction().await?;
+        // Oldest production first; within one, by job index through the
+        // partial index of ready jobs, so a million waiting jobs cost nothing here.
+        let productions: Vec<String> = tx
+            .query(
+                "SELECT production_id FROM productions WHERE backend = $1 AND state = 'RUNNING'
+                 ORDER BY created_at, production_id",
+                &[&self.backend.name()],
+            )
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let mut rows = Vec::new();
+        for production_id in &productions {
+            let wanted = (free - rows.len()) as i64;
+            if wanted == 0 {
+                break;
+            }
+            rows.extend(
+                tx.query(
+                    &format!(
+                        "SELECT {JOB_COLUMNS} FROM jobs j JOIN productions p USING (production_id)
+                         WHERE j.production_id = $1 AND j.state = 'CREATED'
+                         ORDER BY j.job_index LIMIT $2
+                         FOR UPDATE OF j SKIP LOCKED"
+                    ),
+                    &[production_id, &wanted],
+                )
+                .await?,
+            );
+        }
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        let mut changes = Changes::default();
+        let mut jobs = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let job = JobRow::from_row(row)?;
+            let workdir = self.workdir(&job);
+            tx.execute(
+                "UPDATE jobs SET state = 'SUBMITTED', backend_job_id = NULL, workdir = $3,
+                                 raw_status = 'reserved', updated_at = now()
+                 WHERE production_id = $1 AND job_index = $2",
+                &[
+                    &job.production_id,
+                    &job.job_index,
+                    &workdir.to_string_lossy().as_ref(),
+                ],
+            )
+            .await?;
+            changes.transition(&job, job.attempt, JobState::Submitted, "reserved");
+            jobs.push(JobRow {
+                state: JobState::Submitted,
+                workdir: Some(workdir.to_string_lossy().into_owned()),
+                ..job
+            });
+        }
+        self.commit(tx, changes).await?;
+        let count = jobs.len();
+        self.submit_reserved(jobs).await?;
+        Ok(count)
+    }
+
+    /// Submits reserved jobs (unless the backend already has them) and commits their backend IDs.
+    async fn submit_reserved(&self, jobs: Vec<JobRow>) -> anyhow::Result<()> {
+        let mut submitted = Vec::with_capacity(jobs.len());
+        let mut failure = None;
+        for job in jobs {
+            let Some(profile) = self.profiles.get(&job.profile) else {
+                failure = Some(anyhow::anyhow!(
+                    "profile {} is no longer loaded",
+                    job.profile
+                ));
+                continue;
+            };
+            let spec = self.spec(profile, &job);
+            let status = match self.backend.find(&spec.tag).await {
+                Ok(Some(id)) => Ok(BackendStatus {
+                    backend_job_id: id,
+                    state: JobState::Submitted,
+                    raw: "found on the backend after a restart".into(),
+                    exit_code: None,
+                }),
+                Ok(None) => self.backend.submit(&spec).await,
+                Err(error) => Err(error),
+            };
+            match status {
+                Ok(status) => submitted.push((job, status)),
+                // The job stays reserved; the next round looks for it again.
+                Err(error) => {
+                    failure = Some(error);
+                    break;
+                }
+            }
+        }
+        if !submitted.is_empty() {
+            let mut client = self.db.client().await?;
+            let tx = client.transaction().await?;
+            let mut changes = Changes::default();
+            for (job, status) in &submitted {
+                tx.execute(
+                    "UPDATE jobs SET backend_job_id = $3, raw_status = $4, updated_at = now()
+                     WHERE production_id = $1 AND job_index = $2",
+                    &[
+                        &job.production_id,
+                        &job.job_index,
+                        &status.backend_job_id,
+                        &status.raw,
+                    ],
+                )
+                .await?;
+                if let Some(profile) = self.profiles.get(&job.profile) {
+                    self.apply(&tx, profile, job, status, &mut changes).await?;
+                }
+            }
+            self.commit(tx, changes).await?;
+        }
+        match failure {
+            Some(error) => Err(error.context("submitting to the backend")),
+            None => Ok(()),
+        }
+    }
+
+    /// Productions asked to stop: kill their in-flight jobs, cancel the rest, close them CANCELLED.
+    async fn cancel_requested(&self) -> anyhow::Result<()> {
+        let mut client = self.db.client().await?;
+        let tx = client.transaction().await?;
+        let productions: Vec<String> = tx
+            .query(
+                "SELECT production_id FROM productions WHERE state = 'CANCELLING' AND backend = $1
+                 FOR UPDATE SKIP LOCKED",
+                &[&self.backend.name()],
+            )
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        if productions.is_empty() {
+            return Ok(());
+        }
+        let rows = tx
+            .query(
+                &format!(
+                    "SELECT {JOB_COLUMNS}, j.backend_job_id FROM jobs j JOIN productions p USING (production_id)
+                     WHERE j.production_id = ANY($1)
+                       AND j.state IN ('CREATED', 'SUBMITTED', 'QUEUED', 'RUNNING', 'FAILED')
+                     FOR UPDATE OF j"
+                ),
+                &[&productions],
+            )
+            .await?;
+        let ids: Vec<String> = rows
+            .iter()
+            .filter_map(|r| r.get::<_, Option<String>>(11))
+            .collect();
+        if !ids.is_empty() {
+            self.backend.cancel(&ids).await?;
+        }
+        let mut changes = Changes::default();
+        for row in &rows {
+            let job = JobRow::from_row(row)?;
+            tx.execute(
+                "UPDATE jobs SET state = 'CANCELLED', raw_status = 'cancelled', updated_at = now()
+                 WHERE production_id = $1 AND job_index = $2",
+                &[&job.production_id, &job.job_index],
+            )
+            .await?;
+            changes.transition(&job, job.attempt, JobState::Cancelled, "cancelled");
+        }
+        let mut events = Vec::new();
+        for production_id in &productions {
+            tracing::info!(%production_id, jobs_killed = ids.len(), "production cancelled");
+            changes.touched.remove(production_id);
+            events.push(close(&tx, production_id, ProductionState::Cancelled, "CANCELLING").await?);
+        }
+        let mut all = changes.into_events();
+        all.extend(events.into_iter().flatten());
+        prodsys_db::enqueue(&tx, &self.db.outbox_channel(), &all).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    fn workdir(&self, job: &JobRow) -> PathBuf {
+        self.work_dir
+            .join(&job.production_id)
+            .join(format!("{:06}.a{}", job.job_index, job.attempt))
+    }
+
+    fn spec(&self, profile: &Profile, job: &JobRow) -> JobSpec {
+        let workdir = self.workdir(job);
+        let output_dir = workdir.join(&profile.outputs().dir);
+        let vars = profile.job_variables(
+            &job.parameters,
+            &job.production_id,
+            &job.vo,
+            &job.planned(),
+            job.attempt as u32,
+            &output_dir.to_string_lossy(),
+        );
+        let mut command = profile
+            .job_template()
+            .command
+            .iter()
+            .map(|t| render(t, &vars));
+        let program = command.next().unwrap_or_default();
+        let estimate = profile.estimate(job.units as u64);
+        JobSpec {
+            tag: job.tag(&self.deployment),
+            program,
+            args: command.collect(),
+            env: profile
+                .job_template()
+                .env
+                .iter()
+                .map(|(k, v)| (k.clone(), render(v, &vars)))
+                .collect(),
+            workdir,
+            cpu_seconds: estimate.cpu_seconds,
+            memory_mb: estimate.memory_mb,
+            disk_mb: estimate.disk_mb,
+        }
+    }
+
+    async fn follow(&self, statuses: &[BackendStatus]) -> anyhow::Result<()> {
+        let ids: Vec<&str> = statuses.iter().map(|s| s.backend_job_id.as_str()).collect();
+        let mut client = self.db.client().await?;
+        let tx = client.transaction().await?;
+        let rows = tx
+            .query(
+                &format!(
+                    "SELECT {JOB_COLUMNS}, j.backend_job_id FROM jobs j JOIN productions p USING (production_id)
+                     WHERE j.backend_job_id = ANY($1) AND j.state IN ('SUBMITTED', 'QUEUED', 'RUNNING')
+                     FOR UPDATE OF j"
+                ),
+                &[&ids],
+            )
+            .await?;
+        let mut jobs: HashMap<String, JobRow> = HashMap::new();
+        for row in &rows {
+            jobs.insert(row.get(11), JobRow::from_row(row)?);
+        }
+        let mut changes = Changes::default();
+        for status in statuses {
+            let Some(job) = jobs.get(&status.backend_job_id) else {
+                continue;
+            };
+            let Some(profile) = self.profiles.get(&job.profile) else {
+                continue;
+            };
+            self.apply(&tx, profile, job, status, &mut changes).await?;
+        }
+        self.commit(tx, changes).await
+    }
+
+    /// Applies one backend status to one job, retrying a failed attempt while the profile allows.
+    async fn apply(
+        &self,
+        tx: &Transaction<'_>,
+        profile: &Profile,
+        job: &JobRow,
+        status: &BackendStatus,
+        changes: &mut Changes,
+    ) -> anyhow::Result<()> {
+        if status.state == job.state {
+            return Ok(());
+        }
+        if !job.state.can_become(status.state) {
+            tracing::warn!(job = %job.tag(&self.deployment), from = %job.state, to = %status.state, "ignoring an illegal job transition");
+            return Ok(());
+        }
+        match status.state {
+            JobState::Failed => {
+                changes.transition(job, job.attempt, JobState::Failed, &status.raw);
+                let (next, attempt) = if (job.attempt as u32) < profile.max_attempts() {
+                    (JobState::Created, job.attempt + 1)
+                } else {
+                    (JobState::Exhausted, job.attempt)
+                };
+                set_job(tx, job, next, attempt, status).await?;
+                changes.transition(job, attempt, next, &status.raw);
+                tracing::info!(job = %job.tag(&self.deployment), raw = %status.raw, next = %next, "job attempt failed");
+            }
+            JobState::Done => {
+                let files = self.collect_outputs(profile, job).await?;
+                set_job(tx, job, JobState::Done, job.attempt, status).await?;
+                changes.transition(job, job.attempt, JobState::Done, &status.raw);
+                let output = pb::JobOutput {
+                    production_id: job.production_id.clone(),
+                    job_index: job.job_index as u64,
+                    attempt: job.attempt as u32,
+                    files,
+                };
+                changes
+                    .outputs
+                    .push(outbox_event(JOB_OUTPUT, &job.production_id, &output));
+            }
+            other => {
+                set_job(tx, job, other, job.attempt, status).await?;
+                changes.transition(job, job.attempt, other, &status.raw);
+            }
+        }
+        Ok(())
+    }
+
+    /// Size, adler32, LFN and metadata of every file the job left in its output directory.
+    async fn collect_outputs(
+        &self,
+        profile: &Profile,
+        job: &JobRow,
+    ) -> anyhow::Result<Vec<pb::OutputFile>> {
+        let workdir = PathBuf::from(
+            job.workdir
+                .as_deref()
+                .context("job has no working directory")?,
+        );
+        let output_dir = workdir.join(&profile.outputs().dir);
+        let mut vars = profile.job_variables(
+            &job.parameters,
+            &job.production_id,
+            &job.vo,
+            &job.planned(),
+            job.attempt as u32,
+            &output_dir.to_string_lossy(),
+        );
+        let scanned = tokio::task::spawn_blocking(move || scan_outputs(&output_dir)).await??;
+        let mut files = Vec::with_capacity(scanned.len());
+        for (path, size, adler32) in scanned {
+            let name = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default()
+                .to_string();
+            vars.insert("file_name".into(), name);
+            files.push(pb::OutputFile {
+                lfn: render(&profile.outputs().lfn, &vars),
+                size,
+                adler32,
+                url: format!("file://{}", path.display()),
+                metadata: profile
+                    .outputs()
+                    .metadata
+                    .iter()
+                    .map(|(k, v)| (k.clone(), render(v, &vars)))
+                    .collect(),
+                production_id: job.production_id.clone(),
+                job_index: job.job_index as u64,
+            });
+        }
+        Ok(files)
+    }
+
+    /// Closes the productions whose jobs all ended, then commits with every event.
+    async fn commit(&self, tx: Transaction<'_>, changes: Changes) -> anyhow::Result<()> {
+        let touched: Vec<String> = changes.touched.iter().cloned().collect();
+        let mut events = changes.into_events();
+        for production_id in &touched {
+            if let Some(event) = close_if_finished(&tx, production_id).await? {
+                events.push(event);
+            }
+        }
+        prodsys_db::enqueue(&tx, &self.db.outbox_channel(), &events).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+}
+
+impl Changes {
+    /// The batched `job.status` event, then the outputs.
+    fn into_events(self) -> Vec<OutboxEvent> {
+        let mut events = Vec::new();
+        if !self.transitions.is_empty() {
+            let subject = self.touched.iter().next().cloned().unwrap_or_default();
+            let batch = pb::JobStatusBatch {
+                transitions: self.transitions,
+            };
+            events.push(outbox_event(JOB_STATUS, &subject, &batch));
+        }
+        events.extend(self.outputs);
+        events
+    }
+}
+
+async fn set_job(
+    tx: &Transaction<'_>,
+    job: &JobRow,
+    state: JobState,
+    attempt: i32,
+    status: &BackendStatus,
+) -> anyhow::Result<()> {
+    let update = tx
+        .prepare_cached(
+            "UPDATE jobs SET state = $3, attempt = $4, raw_status = $5, exit_code = $6, updated_at = now()
+             WHERE production_id = $1 AND job_index = $2",
+        )
+        .await?;
+    tx.execute(
+        &update,
+        &[
+            &job.production_id,
+            &job.job_index,
+            &state.as_str(),
+            &attempt,
+            &status.raw,
+            &status.exit_code,
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+/// The production's final state, if none of its jobs can still change.
+async fn close_if_finished(
+    tx: &Transaction<'_>,
+    production_id: &str,
+) -> anyhow::Result<Option<OutboxEvent>> {
+    // Through the partial index of unfinished jobs: cheap however large the production.
+    let unfinished = tx
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM jobs WHERE production_id = $1
+                            AND state IN ('CREATED', 'SUBMITTED', 'QUEUED', 'RUNNING', 'FAILED'))",
+            &[&production_id],
+        )
+        .await?
+        .get::<_, bool>(0);
+    if unfinished {
+        return Ok(None);
+    }
+    let (done, total): (i64, i64) = {
+        let row = tx
+            .query_one(
+                "SELECT count(*) FILTER (WHERE state = 'DONE'), count(*) FROM jobs WHERE production_id = $1",
+                &[&production_id],
+            )
+            .await?;
+        (row.get(0), row.get(1))
+    };
+    close(
+        tx,
+        production_id,
+        ProductionState::outcome(done as u64, total as u64),
+        "RUNNING",
+    )
+    .await
+}
+
+/// Moves the production from `from` to its final `state` and returns the
+/// `production.completed` event, with job counts; `None` if it was not in `from`.
+async fn close(
+    tx: &Transaction<'_>,
+    production_id: &str,
+    state: ProductionState,
+    from: &str,
+) -> anyhow::Result<Option<OutboxEvent>> {
+    let updated = tx
+        .execute(
+            "UPDATE productions SET state = $2, updated_at = now() WHERE production_id = $1 AND state = $3",
+            &[&production_id, &state.as_str(), &from],
+        )
+        .await?;
+    if updated == 0 {
+        return Ok(None);
+    }
+    let mut counts = pb::JobCounts::default();
+    for row in tx
+        .query(
+            "SELECT state, count(*) FROM jobs WHERE production_id = $1 GROUP BY state",
+            &[&production_id],
+        )
+        .await?
+    {
+        count_job(
+            &mut counts,
+            row.get::<_, &str>(0).parse()?,
+            row.get::<_, i64>(1) as u64,
+        );
+    }
+    tracing::info!(%production_id, %state, done = counts.done, "production finished");
+    let event = pb::ProductionCompleted {
+        production_id: production_id.to_string(),
+        state: state.to_proto() as i32,
+        counts: Some(counts),
+    };
+    Ok(Some(outbox_event(
+        PRODUCTION_COMPLETED,
+        production_id,
+        &event,
+    )))
+}
+
+/// Every regular file under `dir`, sorted, with size and adler32.
+fn scan_outputs(dir: &Path) -> anyhow::Result<Vec<(PathBuf, u64, String)>> {
+    let mut paths = Vec::new();
+    if dir.is_dir() {
+        for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+            let path = entry?.path();
+            if path.is_file() {
+                paths.push(path);
+            }
+        }
+    }
+    paths.sort();
+    paths
+        .into_iter()
+        .map(|path| {
+            let file = std::fs::File::open(&path)
+                .with_context(|| format!("opening {}", path.display()))?;
+            let (size, sum) = prodsys_core::checksum::adler32_hex(std::io::BufReader::new(file))?;
+            Ok((path, size, sum))
+        })
+        .collect()
+}

@@ -1,0 +1,368 @@
+//! Slurm through its commands: `sbatch --parsable` to submit (one batch script
+//! per attempt, named by the attempt's tag), `squeue --json` to follow jobs in
+//! bulk, `sacct` for jobs squeue has forgotten, `scancel` to kill. The job's
+//! working directory is on a filesystem the nodes share with the dispatcher,
+//! so outputs are collected the way the local executor's are.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use prodsys_core::JobState;
+use serde_json::Value;
+use tokio::sync::Notify;
+
+use crate::backend::{Backend, BackendStatus, BoxFuture, JobSpec};
+
+pub struct Slurm {
+    name: String,
+    partition: String,
+    max_in_flight: usize,
+    sbatch_args: Vec<String>,
+    tools_dir: Option<PathBuf>,
+    changed: Arc<Notify>,
+}
+
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Our state for a Slurm job state (`PENDING`, `COMPLETED`, …). A job
+/// cancelled behind our back failed as far as the production goes: it is retried.
+pub fn map_state(raw: &str) -> JobState {
+    match raw {
+        "PENDING" | "CONFIGURING" | "REQUEUED" | "REQUEUE_HOLD" | "REQUEUE_FED" | "RESIZING"
+        | "SUSPENDED" => JobState::Queued,
+        "RUNNING" | "COMPLETING" | "STAGE_OUT" | "SIGNALING" => JobState::Running,
+        "COMPLETED" => JobState::Done,
+        _ => JobState::Failed,
+    }
+}
+
+/// `'it''s'` quoting for a bash script.
+fn quote(arg: &str) -> String {
+    format!("'{}'", arg.replace('\'', r"'\''"))
+}
+
+async fn run(program: &str, args: &[String]) -> anyhow::Result<String> {
+    let output = tokio::time::timeout(
+        COMMAND_TIMEOUT,
+        tokio::process::Command::new(program)
+            .args(args)
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .with_context(|| format!("{program} did not answer within {COMMAND_TIMEOUT:?}"))?
+    .with_context(|| format!("running {program}"))?;
+    if !output.status.success() {
+        bail!(
+            "{program} {} failed ({}): {}",
+            args.join(" "),
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// The state string of a job in `squeue --json` (a string in Slurm 22.05, a list later).
+fn job_state(job: &Value) -> Option<String> {
+    match job.get("job_state")? {
+        Value::String(s) => Some(s.clone()),
+        Value::Array(items) => items.first().and_then(Value::as_str).map(str::to_string),
+        _ => None,
+    }
+}
+
+/// The exit code of a job in `squeue --json`, in whichever form this Slurm writes it.
+fn exit_code(job: &Value) -> Option<i32> {
+    match job.get("exit_code")? {
+        // Slurm 22.05 writes the raw wait status: the exit code is its second byte.
+        Value::Number(n) => n.as_i64().map(|n| ((n >> 8) & 0xff) as i32),
+        Value::Object(o) => o
+            .get("return_code")
+            .and_then(|r| {
+                r.as_i64()
+                    .or_else(|| r.get("number").and_then(Value::as_i64))
+            })
+            .map(|n| n as i32),
+        _ => None,
+    }
+}
+
+fn job_id(job: &Value) -> Option<String> {
+    job.get("job_id")
+        .and_then(Value::as_u64)
+        .map(|id| id.to_string())
+}
+
+impl Slurm {
+    pub fn new(
+        name: &str,
+        partition: &str,
+        max_in_flight: usize,
+        sbatch_args: Vec<String>,
+        tools_dir: Option<PathBuf>,
+    ) -> Self {
+        Self {
+            name: name.to_string(),
+            partition: partition.to_string(),
+            max_in_flight: max_in_flight.max(1),
+            sbatch_args,
+            tools_dir,
+            changed: Arc::new(Notify::new()),
+        }
+    }
+
+    /// The batch script of one attempt: environment, then the job's command.
+    fn script(&self, spec: &JobSpec) -> String {
+        let mut script = String::from("#!/bin/bash\n# written by prodsys for ");
+        script.push_str(&spec.tag);
+        script.push('\n');
+        if let Some(dir) = &self.tools_dir {
+            script.push_str(&format!(
+                "export PATH={}:\"$PATH\"\n",
+                quote(&dir.to_string_lossy())
+            ));
+        }
+        for (key, value) in &spec.env {
+            if key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                script.push_str(&format!("export {key}={}\n", quote(value)));
+            }
+        }
+        script.push_str(&format!(
+            "cd {} || exit 1\n",
+            quote(&spec.workdir.to_string_lossy())
+        ));
+        script.push_str("exec");
+        for arg in std::iter::once(&spec.program).chain(&spec.args) {
+            script.push(' ');
+            script.push_str(&quote(arg));
+        }
+        script.push('\n');
+        script
+    }
+
+    async fn sbatch(&self, spec: &JobSpec) -> anyhow::Result<BackendStatus> {
+        tokio::fs::create_dir_all(&spec.workdir)
+            .await
+            .with_context(|| format!("creating {}", spec.workdir.display()))?;
+        let script = spec.workdir.join("job.sh");
+        tokio::fs::write(&script, self.script(spec)).await?;
+        let dir = spec.workdir.to_string_lossy();
+        // Twice the estimate, and never under ten minutes: an estimate is a guess.
+        let minutes = ((spec.cpu_seconds * 2.0 / 60.0).ceil() as u64).max(10);
+        let mut args = vec![
+            "--parsable".to_string(),
+            format!("--job-name={}", spec.tag),
+            format!("--chdir={dir}"),
+            format!("--output={dir}/stdout.log"),
+            format!("--error={dir}/stderr.log"),
+            format!("--time={minutes}"),
+            format!("--mem={}M", spec.memory_mb.max(1)),
+        ];
+        if !self.partition.is_empty() {
+            args.push(format!("--partition={}", self.partition));
+        }
+        args.extend(self.sbatch_args.iter().cloned());
+        args.push(script.to_string_lossy().into_owned());
+        let out = run("sbatch", &args).await?;
+        // `--parsable` prints `id` or `id;cluster`.
+        let id = out.trim().split(';').next().unwrap_or_default().to_string();
+        if id.is_empty() || !id.chars().all(|c| c.is_ascii_digit()) {
+            bail!("sbatch printed no job id: {out:?}");
+        }
+        Ok(BackendStatus {
+            backend_job_id: id,
+            state: JobState::Queued,
+            raw: "PENDING".into(),
+            exit_code: None,
+        })
+    }
+
+    /// `squeue --json` as job id → job; all of this user's jobs squeue still lists.
+    async fn squeue(&self, extra: &[String]) -> anyhow::Result<HashMap<String, Value>> {
+        let mut args = vec!["--json".to_string()];
+        args.extend(extra.iter().cloned());
+        let out = run("squeue", &args).await?;
+        let doc: Value = serde_json::from_str(&out).context("squeue --json printed no JSON")?;
+        Ok(doc
+            .get("jobs")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(|job| Some((job_id(job)?, job.clone())))
+            .collect())
+    }
+
+    /// States of jobs squeue no longer lists, from accounting (or the job
+    /// completion log where no accounting database runs).
+    async fn sacct(&self, ids: &[String]) -> anyhow::Result<Vec<BackendStatus>> {
+        let mut args = vec![
+            "-P".to_string(),
+            "-X".to_string(),
+            "-n".to_string(),
+            "-o".to_string(),
+            "JobID,State,ExitCode".to_string(),
+            "-j".to_string(),
+            ids.join(","),
+        ];
+        let parse = |out: &str| -> Vec<BackendStatus> {
+            out.lines()
+                .filter_map(|line| {
+                    let mut fields = line.split('|');
+                    let id = fields.next()?.to_string();
+                    // "CANCELLED by 0" → CANCELLED
+                    let raw = fields.next()?.split_whitespace().next()?.to_string();
+                    let exit = fields
+                        .next()
+                        .and_then(|e| e.split(':').next()?.parse().ok());
+                    ids.contains(&id).then(|| BackendStatus {
+                        backend_job_id: id,
+                        state: map_state(&raw),
+                        raw,
+                        exit_code: exit,
+                    })
+                })
+                .collect()
+        };
+        // Accounting first; where none runs, sacct answers from the job completion log (-c).
+        if let Ok(out) = run("sacct", &args).await {
+            let found = parse(&out);
+            if !found.is_empty() {
+                return Ok(found);
+            }
+        }
+        args.insert(0, "-c".to_string());
+        Ok(parse(&run("sacct", &args).await?))
+    }
+}
+
+impl Backend for Slurm {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn capacity(&self) -> usize {
+        self.max_in_flight
+    }
+
+    fn submit<'a>(&'a self, spec: &'a JobSpec) -> BoxFuture<'a, anyhow::Result<BackendStatus>> {
+        Box::pin(self.sbatch(spec))
+    }
+
+    fn poll<'a>(
+        &'a self,
+        in_flight: &'a [String],
+    ) -> BoxFuture<'a, anyhow::Result<Vec<BackendStatus>>> {
+        Box::pin(async move {
+            let listed = self.squeue(&[]).await?;
+            let mut statuses = Vec::with_capacity(in_flight.len());
+            let mut forgotten = Vec::new();
+            for id in in_flight {
+                match listed
+                    .get(id)
+                    .and_then(|job| Some((job_state(job)?, exit_code(job))))
+                {
+                    Some((raw, exit)) => statuses.push(BackendStatus {
+                        backend_job_id: id.clone(),
+                        state: map_state(&raw),
+                        exit_code: exit,
+                        raw,
+                    }),
+                    None => forgotten.push(id.clone()),
+                }
+            }
+            if !forgotten.is_empty() {
+                statuses.extend(self.sacct(&forgotten).await?);
+            }
+            Ok(statuses)
+        })
+    }
+
+    fn cancel<'a>(&'a self, ids: &'a [String]) -> BoxFuture<'a, anyhow::Result<()>> {
+        Box::pin(async move {
+            for chunk in ids.chunks(500) {
+                run("scancel", chunk).await?;
+            }
+            self.changed.notify_one();
+            Ok(())
+        })
+    }
+
+    fn find<'a>(&'a self, tag: &'a str) -> BoxFuture<'a, anyhow::Result<Option<String>>> {
+        Box::pin(async move {
+            let jobs = self.squeue(&[format!("--name={tag}")]).await?;
+            Ok(jobs
+                .into_iter()
+                .find(|(_, job)| job.get("name").and_then(Value::as_str) == Some(tag))
+                .map(|(id, _)| id))
+        })
+    }
+
+    fn changed(&self) -> Arc<Notify> {
+        self.changed.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slurm_states_map_to_ours() {
+        assert_eq!(map_state("PENDING"), JobState::Queued);
+        assert_eq!(map_state("RUNNING"), JobState::Running);
+        assert_eq!(map_state("COMPLETED"), JobState::Done);
+        for failed in [
+            "FAILED",
+            "TIMEOUT",
+            "NODE_FAIL",
+            "OUT_OF_MEMORY",
+            "CANCELLED",
+            "BOOT_FAIL",
+            "DEADLINE",
+            "PREEMPTED",
+        ] {
+            assert_eq!(map_state(failed), JobState::Failed, "{failed}");
+        }
+    }
+
+    #[test]
+    fn squeue_json_of_22_05_and_later_both_read() {
+        let old: Value = serde_json::json!({"job_id": 7, "job_state": "FAILED", "exit_code": 768});
+        let new: Value = serde_json::json!({"job_id": 7, "job_state": ["FAILED"],
+            "exit_code": {"status": ["EXITED"], "return_code": {"set": true, "number": 3}}});
+        assert_eq!(job_state(&old).as_deref(), Some("FAILED"));
+        assert_eq!(exit_code(&old), Some(3));
+        assert_eq!(job_state(&new).as_deref(), Some("FAILED"));
+        assert_eq!(exit_code(&new), Some(3));
+        assert_eq!(job_id(&old).as_deref(), Some("7"));
+    }
+
+    #[test]
+    fn scripts_quote_every_argument() {
+        let slurm = Slurm::new("s", "", 1, vec![], Some(PathBuf::from("/opt/tools")));
+        let spec = JobSpec {
+            tag: "CTA-000001.000001.a1".into(),
+            program: "prodsys-toysim".into(),
+            args: vec!["--layout".into(), "it's".into()],
+            env: vec![("PRODSYS_PRODUCTION_ID".into(), "CTA-000001".into())],
+            workdir: PathBuf::from("/w/x"),
+            cpu_seconds: 1.0,
+            memory_mb: 1,
+            disk_mb: 1.0,
+        };
+        let script = slurm.script(&spec);
+        assert!(
+            script.contains("export PATH='/opt/tools':\"$PATH\""),
+            "{script}"
+        );
+        assert!(
+            script.contains("exec 'prodsys-toysim' '--layout' 'it'\\''s'"),
+            "{script}"
+        );
+        assert!(script.contains("cd '/w/x' || exit 1"), "{script}");
+    }
+}

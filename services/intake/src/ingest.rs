@@ -1,0 +1,150 @@
+//! Requests from other ESFRI systems, as CloudEvents on `prodsys.ingest`:
+//! structured mode (`application/cloudevents+json`, the whole event in the
+//! body) or binary mode (attributes in `cloudEvents_*` / `cloudEvents:*`
+//! headers, the JSON data as body). Type `org.prodsys.request.submit.v1`.
+//!
+//! The event's `source` + `id` is the idempotency key. An event that cannot
+//! be a request at all (bad JSON, missing attributes, unknown type or profile,
+//! oversized) is dead-lettered with the reason; a request whose parameters are
+//! wrong is stored as REJECTED and answered. Answers go to the event's AMQP
+//! `reply_to` queue as JSON CloudEvents, and the usual `request.accepted` /
+//! `request.rejected` events carry the original event id as correlation.
+
+use prodsys_core::{ProfileSet, Violation};
+use prodsys_messaging::Incoming;
+use prodsys_messaging::envelope::header_text;
+use serde::Deserialize;
+use serde_json::Value;
+
+pub const SUBMIT_TYPE: &str = "org.prodsys.request.submit.v1";
+/// The largest event accepted; production parameters are small.
+pub const MAX_EVENT_BYTES: usize = 1024 * 1024;
+pub const CONTENT_TYPE_STRUCTURED: &str = "application/cloudevents+json";
+
+/// The `data` of a submit event.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubmitData {
+    pub profile: String,
+    pub vo: String,
+    pub parameters: Value,
+    #[serde(default)]
+    pub backend: String,
+    #[serde(default)]
+    pub submitter: String,
+    #[serde(default)]
+    pub extend: bool,
+    /// Answer an exact duplicate with the existing production instead of refusing it.
+    #[serde(default)]
+    pub reuse_existing: bool,
+}
+
+/// A submit event that is a request (though its parameters may still be wrong).
+#[derive(Debug)]
+pub struct Submission {
+    pub event_id: String,
+    pub source: String,
+    pub data: SubmitData,
+    pub reply_to: Option<String>,
+    /// What is wrong with the parameters, if anything.
+    pub violations: Vec<Violation>,
+}
+
+impl Submission {
+    pub fn idempotency_key(&self) -> String {
+        format!("ce:{}:{}", self.source, self.event_id)
+    }
+}
+
+/// Reads a submit event; `Err` is the dead-letter reason.
+pub fn parse(incoming: &Incoming, profiles: &ProfileSet) -> Result<Submission, String> {
+    if incoming.body.len() > MAX_EVENT_BYTES {
+        return Err(format!(
+            "event of {} bytes exceeds the limit of {MAX_EVENT_BYTES} bytes",
+            incoming.body.len()
+        ));
+    }
+    let text =
+        std::str::from_utf8(&incoming.body).map_err(|e| format!("body is not UTF-8: {e}"))?;
+    let structured = incoming
+        .content_type
+        .as_deref()
+        .is_some_and(|c| c.starts_with(CONTENT_TYPE_STRUCTURED));
+    let (attributes, data) = if structured {
+        let event: Value =
+            serde_json::from_str(text).map_err(|e| format!("body is not JSON: {e}"))?;
+        let object = event
+            .as_object()
+            .ok_or("a structured CloudEvent must be a JSON object")?;
+        let attribute = |name: &str| object.get(name).and_then(Value::as_str).map(str::to_string);
+        let data = object
+            .get("data")
+            .cloned()
+            .ok_or("missing CloudEvents data")?;
+        (
+            [
+                attribute("id"),
+                attribute("source"),
+                attribute("specversion"),
+                attribute("type"),
+            ],
+            data,
+        )
+    } else {
+        let attribute = |name: &str| header_text(&incoming.headers, name);
+        let data: Value =
+            serde_json::from_str(text).map_err(|e| format!("body is not JSON: {e}"))?;
+        (
+            [
+                attribute("id"),
+                attribute("source"),
+                attribute("specversion"),
+                attribute("type"),
+            ],
+            data,
+        )
+    };
+    let [id, source, specversion, event_type] = attributes;
+    let required = |value: Option<String>, name: &str| {
+        value
+            .filter(|v| !v.is_empty())
+            .ok_or_else(|| format!("missing CloudEvents attribute {name:?}"))
+    };
+    let id = required(id, "id")?;
+    let source = required(source, "source")?;
+    let specversion = required(specversion, "specversion")?;
+    let event_type = required(event_type, "type")?;
+    if specversion != "1.0" {
+        return Err(format!(
+            "unsupported CloudEvents specversion {specversion:?}"
+        ));
+    }
+    if event_type != SUBMIT_TYPE {
+        return Err(format!(
+            "unknown event type {event_type:?}; expected {SUBMIT_TYPE}"
+        ));
+    }
+    if id.len() > 256 || source.len() > 512 {
+        return Err("CloudEvents id or source is too long".into());
+    }
+    let data: SubmitData = serde_json::from_value(data)
+        .map_err(|e| format!("data is not a production request: {e}"))?;
+    let Some(profile) = profiles.get(&data.profile) else {
+        let known: Vec<&str> = profiles.iter().map(|p| p.name()).collect();
+        return Err(format!(
+            "unknown profile {:?}; known profiles: {}",
+            data.profile,
+            known.join(", ")
+        ));
+    };
+    let mut violations = profile.validate(&data.vo, &data.parameters);
+    crate::check_name("backend", &data.backend, &mut violations);
+    crate::check_name("submitter", &data.submitter, &mut violations);
+    Ok(Submission {
+        event_id: id,
+        source,
+        reply_to: incoming.reply_to.clone().filter(|r| !r.is_empty()),
+        data,
+        violations,
+    })
+}

@@ -1,0 +1,681 @@
+//! Intake: the front door. It checks a request against its profile (so a
+//! scientist hears about a bad field at once), stores it under a request ID,
+//! answers a repeated idempotency key with the first request, and announces
+//! `request.received`. It follows `request.accepted` / `request.rejected` so
+//! `GetRequest` tells where a request stands.
+
+pub mod ingest;
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use prodsys_core::events::{
+    PRODUCTION_CANCEL, REQUEST_ACCEPTED, REQUEST_RECEIVED, REQUEST_REJECTED, REQUEST_REUSED,
+};
+use prodsys_core::{ProfileSet, Violation};
+use prodsys_db::deadpool_postgres::Transaction;
+use prodsys_db::{Db, Migration};
+use prodsys_messaging::{BatchHandler, Incoming, Outcome};
+use prodsys_proto as pb;
+use prodsys_server::{Foundation, Running, ServiceError, decode_event, outbox_event};
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+use uuid::Uuid;
+
+pub const SERVICE: &str = "intake";
+
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "requests",
+        sql: r#"
+        CREATE TABLE requests (
+            request_id             uuid PRIMARY KEY,
+            idempotency_key        text UNIQUE,
+            profile                text NOT NULL,
+            vo                     text NOT NULL,
+            parameters             jsonb NOT NULL,
+            backend                text NOT NULL,
+            submitter              text NOT NULL,
+            state                  text NOT NULL DEFAULT 'RECEIVED',
+            production_id          text,
+            violations             jsonb NOT NULL DEFAULT '[]',
+            existing_production_id text,
+            created_at             timestamptz NOT NULL DEFAULT now(),
+            updated_at             timestamptz NOT NULL DEFAULT now()
+        );
+    "#,
+    },
+    Migration {
+        version: 2,
+        name: "extension requests",
+        sql: "ALTER TABLE requests ADD COLUMN extend boolean NOT NULL DEFAULT false;",
+    },
+    Migration {
+        version: 3,
+        name: "requests from events",
+        sql: "ALTER TABLE requests ADD COLUMN correlation_id text, ADD COLUMN reply_to text;",
+    },
+    Migration {
+        version: 4,
+        name: "reuse of existing productions",
+        sql: "ALTER TABLE requests ADD COLUMN reuse_existing boolean NOT NULL DEFAULT false;",
+    },
+];
+
+/// Starts intake: schema, broker, relay, consumer and gRPC server.
+pub async fn start(
+    settings: &prodsys_config::Settings,
+    shutdown: CancellationToken,
+) -> anyhow::Result<Running> {
+    let profiles = Arc::new(
+        ProfileSet::load_dir(&settings.profiles_dir).context("loading production profiles")?,
+    );
+    let foundation = Foundation::start(
+        settings,
+        SERVICE,
+        MIGRATIONS,
+        &[REQUEST_ACCEPTED, REQUEST_REJECTED, REQUEST_REUSED],
+        &["#"],
+        &shutdown,
+    )
+    .await?;
+    foundation.consume(
+        settings,
+        IntakeConsumer {
+            db: foundation.db.clone(),
+            profiles: profiles.clone(),
+            ingest_exchange: foundation.names.ingest(),
+        },
+        &shutdown,
+    );
+    let checker = tonic::transport::Endpoint::from_shared(settings.intake.checker_url.clone())
+        .context("intake.checker_url")?
+        .connect_timeout(std::time::Duration::from_secs(5))
+        .connect_lazy();
+    let api = RequestApi {
+        db: foundation.db.clone(),
+        profiles,
+        checker: pb::checker_service_client::CheckerServiceClient::new(checker),
+    };
+    let max = settings.grpc.max_message_bytes;
+    let (routes, reporter) = prodsys_server::base_routes()?;
+    let routes = routes.add_service(
+        pb::request_service_server::RequestServiceServer::new(api)
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max),
+    );
+    foundation
+        .serve_grpc(
+            &settings.grpc.host,
+            settings.intake.port,
+            routes,
+            reporter,
+            &["prodsys.v1.RequestService"],
+            &shutdown,
+        )
+        .await
+}
+
+#[derive(Clone)]
+struct RequestApi {
+    db: Db,
+    profiles: Arc<ProfileSet>,
+    checker: pb::checker_service_client::CheckerServiceClient<tonic::transport::Channel>,
+}
+
+const MAX_NAME: usize = 128;
+
+pub(crate) fn check_name(field: &str, value: &str, violations: &mut Vec<Violation>) {
+    if value.len() > MAX_NAME {
+        violations.push(Violation::new(
+            field,
+            format!("is longer than {MAX_NAME} characters"),
+        ));
+    } else if !value
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || "-_.:/@".contains(c))
+    {
+        violations.push(Violation::new(
+            field,
+            "may hold only letters, digits and - _ . : / @",
+        ));
+    }
+}
+
+impl RequestApi {
+    async fn submit(
+        &self,
+        request: pb::SubmitRequestRequest,
+    ) -> Result<pb::SubmitRequestResponse, ServiceError> {
+        let checked =
+            self.profiles
+                .validate_request(&request.profile, &request.vo, &request.parameters_json);
+        let mut violations = Vec::new();
+        check_name("backend", &request.backend, &mut violations);
+        check_name("submitter", &request.submitter, &mut violations);
+        if request.idempotency_key.len() > MAX_NAME {
+            violations.push(Violation::new(
+                "idempotency_key",
+                format!("is longer than {MAX_NAME} characters"),
+            ));
+        }
+        let parameters = match checked {
+            Ok((_, parameters)) if violations.is_empty() => parameters,
+            Ok(_) => return Err(ServiceError::Validation(violations)),
+            Err(mut found) => {
+                found.extend(violations);
+                return Err(ServiceError::Validation(found));
+            }
+        };
+        let backend = if request.backend.is_empty() {
+            "local".to_string()
+        } else {
+            request.backend.clone()
+        };
+        let key = (!request.idempotency_key.is_empty()).then_some(request.idempotency_key.as_str());
+        let mut client = self.db.client().await?;
+        let tx = client.transaction().await.context("begin")?;
+        let new = NewRequest {
+            request_id: Uuid::now_v7(),
+            idempotency_key: key,
+            profile: &request.profile,
+            vo: &request.vo,
+            parameters: &parameters,
+            backend: &backend,
+            submitter: &request.submitter,
+            extend: request.extend,
+            reuse_existing: request.reuse_existing,
+            correlation_id: None,
+            reply_to: None,
+            violations: &[],
+        };
+        let inserted = store_request(&tx, &new).await?;
+        if !inserted {
+            let row = tx
+                .query_one(
+                    "SELECT request_id, profile, parameters FROM requests WHERE idempotency_key = $1",
+                    &[&key],
+                )
+                .await
+                .context("reading the earlier request")?;
+            let (earlier_profile, earlier_parameters): (String, serde_json::Value) =
+                (row.get(1), row.get(2));
+            if earlier_profile != request.profile || earlier_parameters != parameters {
+                return Err(ServiceError::Conflict(format!(
+                    "idempotency key {:?} was used for a different request ({})",
+                    request.idempotency_key,
+                    row.get::<_, Uuid>(0)
+                )));
+            }
+            return Ok(pb::SubmitRequestResponse {
+                request_id: row.get::<_, Uuid>(0).to_string(),
+                replayed: true,
+            });
+        }
+        prodsys_db::enqueue(&tx, &self.db.outbox_channel(), &[received_event(&new)]).await?;
+        tx.commit().await.context("commit")?;
+        tracing::info!(request_id = %new.request_id, profile = %request.profile, vo = %request.vo, "request received");
+        Ok(pb::SubmitRequestResponse {
+            request_id: new.request_id.to_string(),
+            replayed: false,
+        })
+    }
+
+    async fn get(&self, request_id: &str) -> Result<pb::Request, ServiceError> {
+        let id = Uuid::parse_str(request_id).map_err(|e| {
+            ServiceError::Validation(vec![Violation::new(
+                "request_id",
+                format!("is not a UUID: {e}"),
+            )])
+        })?;
+        let client = self.db.client().await?;
+        let row = client
+            .query_opt(
+                "SELECT profile, vo, parameters, backend, state, production_id, violations,
+                        existing_production_id, created_at
+                 FROM requests WHERE request_id = $1",
+                &[&id],
+            )
+            .await
+            .context("reading the request")?
+            .ok_or_else(|| ServiceError::NotFound(format!("no request {request_id}")))?;
+        let state = match row.get::<_, &str>(4) {
+            "ACCEPTED" => pb::RequestState::Accepted,
+            "REJECTED" => pb::RequestState::Rejected,
+            _ => pb::RequestState::Received,
+        };
+        let violations: Vec<Violation> = serde_json::from_value(row.get(6)).unwrap_or_default();
+        let created: chrono::DateTime<chrono::Utc> = row.get(8);
+        Ok(pb::Request {
+            request_id: request_id.to_string(),
+            state: state as i32,
+            profile: row.get(0),
+            vo: row.get(1),
+            parameters_json: row.get::<_, serde_json::Value>(2).to_string(),
+            backend: row.get(3),
+            production_id: row.get::<_, Option<String>>(5).unwrap_or_default(),
+            violations: violations.into_iter().map(Into::into).collect(),
+            existing_production_id: row.get::<_, Option<String>>(7).unwrap_or_default(),
+            created_unix_ms: created.timestamp_millis(),
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl pb::request_service_server::RequestService for RequestApi {
+    #[tracing::instrument(skip_all, fields(profile = %request.get_ref().profile))]
+    async fn submit_request(
+        &self,
+        request: Request<pb::SubmitRequestRequest>,
+    ) -> Result<Response<pb::SubmitRequestResponse>, Status> {
+        Ok(Response::new(self.submit(request.into_inner()).await?))
+    }
+
+    #[tracing::instrument(skip_all, fields(profile = %request.get_ref().profile))]
+    async fn validate_request(
+        &self,
+        request: Request<pb::SubmitRequestRequest>,
+    ) -> Result<Response<pb::Validation>, Status> {
+        let mut checker = self.checker.clone();
+        checker
+            .evaluate(request.into_inner())
+            .await
+            .map_err(|status| match status.code() {
+                tonic::Code::Unavailable | tonic::Code::Unknown => Status::unavailable(format!(
+                    "the checker cannot be reached: {}",
+                    status.message()
+                )),
+                _ => status,
+            })
+    }
+
+    #[tracing::instrument(skip_all, fields(production_id = %request.get_ref().production_id))]
+    async fn cancel_production(
+        &self,
+        request: Request<pb::CancelProductionRequest>,
+    ) -> Result<Response<pb::CancelProductionResponse>, Status> {
+        let r = request.into_inner();
+        let valid = r
+            .production_id
+            .split_once('-')
+            .is_some_and(|(prefix, number)| {
+                !prefix.is_empty()
+                    && prefix.chars().all(|c| c.is_ascii_uppercase())
+                    && number.len() >= 6
+                    && number.chars().all(|c| c.is_ascii_digit())
+            });
+        if !valid {
+            return Err(ServiceError::Validation(vec![Violation::new(
+                "production_id",
+                format!(
+                    "{:?} is not a production ID (like CTA-000042)",
+                    r.production_id
+                ),
+            )])
+            .into());
+        }
+        let event = pb::ProductionCancel {
+            production_id: r.production_id.clone(),
+            reason: r.reason,
+        };
+        let mut client = self.db.client().await.map_err(ServiceError::from)?;
+        let tx = client
+            .transaction()
+            .await
+            .map_err(|e| ServiceError::Unexpected(e.into()))?;
+        prodsys_db::enqueue(
+            &tx,
+            &self.db.outbox_channel(),
+            &[outbox_event(PRODUCTION_CANCEL, &r.production_id, &event)],
+        )
+        .await
+        .map_err(ServiceError::from)?;
+        tx.commit()
+            .await
+            .map_err(|e| ServiceError::Unexpected(e.into()))?;
+        tracing::info!(production_id = %r.production_id, "cancellation requested");
+        Ok(Response::new(pb::CancelProductionResponse {
+            accepted: true,
+        }))
+    }
+
+    async fn list_profiles(
+        &self,
+        _request: Request<pb::ListProfilesRequest>,
+    ) -> Result<Response<pb::ListProfilesResponse>, Status> {
+        let profiles = self
+            .profiles
+            .iter()
+            .map(|p| pb::ProfileInfo {
+                name: p.name().to_string(),
+                description: p.description().to_string(),
+                vos: p.vos().to_vec(),
+                id_prefix: p.id_prefix().to_string(),
+                parameters_schema_json: p.parameters_schema().to_string(),
+                identity: p.identity().to_vec(),
+            })
+            .collect();
+        Ok(Response::new(pb::ListProfilesResponse { profiles }))
+    }
+
+    #[tracing::instrument(skip_all, fields(request_id = %request.get_ref().request_id))]
+    async fn get_request(
+        &self,
+        request: Request<pb::GetRequestRequest>,
+    ) -> Result<Response<pb::Request>, Status> {
+        Ok(Response::new(
+            self.get(&request.get_ref().request_id).await?,
+        ))
+    }
+}
+
+/// A request to store, from gRPC or from an event.
+struct NewRequest<'a> {
+    request_id: Uuid,
+    idempotency_key: Option<&'a str>,
+    profile: &'a str,
+    vo: &'a str,
+    parameters: &'a serde_json::Value,
+    backend: &'a str,
+    submitter: &'a str,
+    extend: bool,
+    reuse_existing: bool,
+    correlation_id: Option<&'a str>,
+    reply_to: Option<&'a str>,
+    /// Refused at the door: stored as REJECTED with these reasons.
+    violations: &'a [Violation],
+}
+
+/// Stores `r` unless its idempotency key is known; false when it was.
+async fn store_request(tx: &Transaction<'_>, r: &NewRequest<'_>) -> anyhow::Result<bool> {
+    let state = if r.violations.is_empty() {
+        "RECEIVED"
+    } else {
+        "REJECTED"
+    };
+    let inserted = tx
+        .query_opt(
+            "INSERT INTO requests (request_id, idempotency_key, profile, vo, parameters, backend, submitter,
+                                   extend, correlation_id, reply_to, state, violations, reuse_existing)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+             ON CONFLICT (idempotency_key) DO NOTHING RETURNING request_id",
+            &[
+                &r.request_id,
+                &r.idempotency_key,
+                &r.profile,
+                &r.vo,
+                r.parameters,
+                &r.backend,
+                &r.submitter,
+                &r.extend,
+                &r.correlation_id,
+                &r.reply_to,
+                &state,
+                &serde_json::to_value(r.violations)?,
+                &r.reuse_existing,
+            ],
+        )
+        .await
+        .context("storing the request")?;
+    Ok(inserted.is_some())
+}
+
+/// The event announcing a stored request.
+fn received_event(r: &NewRequest<'_>) -> prodsys_db::OutboxEvent {
+    let event = pb::RequestReceived {
+        request_id: r.request_id.to_string(),
+        profile: r.profile.to_string(),
+        vo: r.vo.to_string(),
+        parameters_json: r.parameters.to_string(),
+        backend: r.backend.to_string(),
+        submitter: r.submitter.to_string(),
+        correlation_id: r.correlation_id.unwrap_or_default().to_string(),
+        extend: r.extend,
+        reuse_existing: r.reuse_existing,
+    };
+    outbox_event(REQUEST_RECEIVED, &r.request_id.to_string(), &event)
+}
+
+/// A JSON answer to the queue an event publisher named in `reply_to`.
+fn reply(
+    reply_to: &str,
+    request_id: Uuid,
+    correlation_id: &str,
+    outcome: &str,
+    production_id: &str,
+    existing_production_id: &str,
+    violations: &[Violation],
+) -> anyhow::Result<prodsys_db::OutboxEvent> {
+    let body = serde_json::json!({
+        "request_id": request_id.to_string(),
+        "correlation_id": correlation_id,
+        "outcome": outcome,
+        "production_id": production_id,
+        "existing_production_id": existing_production_id,
+        "violations": violations,
+    });
+    Ok(prodsys_db::OutboxEvent {
+        event_id: Uuid::now_v7(),
+        event_type: format!("request.{outcome}"),
+        subject: request_id.to_string(),
+        payload: serde_json::to_vec(&body)?,
+        reply_to: Some(reply_to.to_string()),
+        content_type: "application/json".into(),
+    })
+}
+
+/// Consumes the checker's verdicts and the requests other systems publish.
+struct IntakeConsumer {
+    db: Db,
+    profiles: Arc<ProfileSet>,
+    ingest_exchange: String,
+}
+
+enum Work {
+    Accepted(Uuid, pb::RequestAccepted),
+    Reused(Uuid, pb::RequestAccepted),
+    Rejected(Uuid, pb::RequestRejected),
+    Submit(Box<ingest::Submission>),
+}
+
+impl IntakeConsumer {
+    fn classify(&self, incoming: &Incoming) -> Result<Work, String> {
+        if incoming.exchange == self.ingest_exchange {
+            return ingest::parse(incoming, &self.profiles).map(|s| Work::Submit(Box::new(s)));
+        }
+        match incoming.routing_key.as_str() {
+            REQUEST_ACCEPTED => decode_event(incoming).map(|(id, m)| Work::Accepted(id, m)),
+            REQUEST_REUSED => decode_event(incoming).map(|(id, m)| Work::Reused(id, m)),
+            REQUEST_REJECTED => decode_event(incoming).map(|(id, m)| Work::Rejected(id, m)),
+            other => Err(format!("intake does not handle {other:?}")),
+        }
+    }
+
+    /// Records a verdict; answers the publisher if the request came as an event with `reply_to`.
+    async fn record_verdict(
+        &self,
+        tx: &Transaction<'_>,
+        request_id: &str,
+        outcome: &str,
+        production_id: &str,
+        existing: &str,
+        violations: &[Violation],
+    ) -> anyhow::Result<Vec<prodsys_db::OutboxEvent>> {
+        let request_id = Uuid::parse_str(request_id).context("request_id")?;
+        let state = if outcome == "accepted" {
+            "ACCEPTED"
+        } else {
+            "REJECTED"
+        };
+        let row = tx
+            .query_opt(
+                "UPDATE requests SET state = $2, production_id = NULLIF($3, ''), violations = $4,
+                        existing_production_id = NULLIF($5, ''), updated_at = now()
+                 WHERE request_id = $1 AND state = 'RECEIVED'
+                 RETURNING reply_to, correlation_id",
+                &[
+                    &request_id,
+                    &state,
+                    &production_id,
+                    &serde_json::to_value(violations)?,
+                    &existing,
+                ],
+            )
+            .await?;
+        let Some(row) = row else {
+            return Ok(Vec::new());
+        };
+        let (reply_to, correlation): (Option<String>, Option<String>) = (row.get(0), row.get(1));
+        match reply_to {
+            Some(queue) => Ok(vec![reply(
+                &queue,
+                request_id,
+                &correlation.unwrap_or_default(),
+                outcome,
+                production_id,
+                existing,
+                violations,
+            )?]),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    async fn submit(
+        &self,
+        tx: &Transaction<'_>,
+        s: &ingest::Submission,
+    ) -> anyhow::Result<Vec<prodsys_db::OutboxEvent>> {
+        let key = s.idempotency_key();
+        let backend = if s.data.backend.is_empty() {
+            "local"
+        } else {
+            s.data.backend.as_str()
+        };
+        let request = NewRequest {
+            request_id: Uuid::now_v7(),
+            idempotency_key: Some(&key),
+            profile: &s.data.profile,
+            vo: &s.data.vo,
+            parameters: &s.data.parameters,
+            backend,
+            submitter: &s.data.submitter,
+            extend: s.data.extend,
+            reuse_existing: s.data.reuse_existing,
+            correlation_id: Some(&s.event_id),
+            reply_to: s.reply_to.as_deref(),
+            violations: &s.violations,
+        };
+        if !store_request(tx, &request).await? {
+            tracing::info!(key, "event already received");
+            return Ok(Vec::new());
+        }
+        tracing::info!(request_id = %request.request_id, source = %s.source, event_id = %s.event_id,
+            violations = s.violations.len(), "request received from an event");
+        if s.violations.is_empty() {
+            return Ok(vec![received_event(&request)]);
+        }
+        let rejected = pb::RequestRejected {
+            request_id: request.request_id.to_string(),
+            violations: s.violations.iter().cloned().map(Into::into).collect(),
+            existing_production_id: String::new(),
+            correlation_id: s.event_id.clone(),
+        };
+        let mut events = vec![outbox_event(
+            REQUEST_REJECTED,
+            &request.request_id.to_string(),
+            &rejected,
+        )];
+        if let Some(queue) = &s.reply_to {
+            events.push(reply(
+                queue,
+                request.request_id,
+                &s.event_id,
+                "rejected",
+                "",
+                "",
+                &s.violations,
+            )?);
+        }
+        Ok(events)
+    }
+}
+
+impl BatchHandler for IntakeConsumer {
+    async fn handle(&self, batch: &[Incoming]) -> anyhow::Result<Vec<Outcome>> {
+        let mut outcomes = Vec::with_capacity(batch.len());
+        let mut work = Vec::new();
+        for incoming in batch {
+            match self.classify(incoming) {
+                Ok(w) => {
+                    work.push(w);
+                    outcomes.push(Outcome::Ack);
+                }
+                Err(reason) => outcomes.push(Outcome::DeadLetter(reason)),
+            }
+        }
+        let mut client = self.db.client().await?;
+        let tx = client.transaction().await?;
+        let event_ids: Vec<Uuid> = work
+            .iter()
+            .filter_map(|w| match w {
+                Work::Accepted(id, _) | Work::Reused(id, _) | Work::Rejected(id, _) => Some(*id),
+                Work::Submit(_) => None,
+            })
+            .collect();
+        let fresh = prodsys_db::claim(&tx, &event_ids).await?;
+        let mut events = Vec::new();
+        for w in &work {
+            match w {
+                Work::Accepted(id, m) if fresh.contains(id) => {
+                    events.extend(
+                        self.record_verdict(
+                            &tx,
+                            &m.request_id,
+                            "accepted",
+                            &m.production_id,
+                            "",
+                            &[],
+                        )
+                        .await?,
+                    );
+                }
+                // Answered with the production that already is this simulation.
+                Work::Reused(id, m) if fresh.contains(id) => {
+                    events.extend(
+                        self.record_verdict(
+                            &tx,
+                            &m.request_id,
+                            "accepted",
+                            &m.production_id,
+                            &m.production_id,
+                            &[],
+                        )
+                        .await?,
+                    );
+                }
+                Work::Rejected(id, m) if fresh.contains(id) => {
+                    let violations: Vec<Violation> =
+                        m.violations.iter().cloned().map(Into::into).collect();
+                    events.extend(
+                        self.record_verdict(
+                            &tx,
+                            &m.request_id,
+                            "rejected",
+                            "",
+                            &m.existing_production_id,
+                            &violations,
+                        )
+                        .await?,
+                    );
+                }
+                // Events from outside are deduplicated by their own source and id.
+                Work::Submit(s) => events.extend(self.submit(&tx, s).await?),
+                _ => {}
+            }
+        }
+        prodsys_db::enqueue(&tx, &self.db.outbox_channel(), &events).await?;
+        tx.commit().await?;
+        Ok(outcomes)
+    }
+}

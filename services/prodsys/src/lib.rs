@@ -1,0 +1,118 @@
+//! Starting prodsys services by name, alone or all five in one process.
+//! Services started together still talk only over AMQP and gRPC.
+
+use std::fmt;
+use std::str::FromStr;
+
+use prodsys_config::Settings;
+use prodsys_server::Running;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Service {
+    Intake,
+    Checker,
+    Dispatcher,
+    Status,
+    Catalog,
+}
+
+impl Service {
+    /// Consumers of events first, so their queues exist before anything is published.
+    pub const ALL: [Service; 5] = [
+        Service::Status,
+        Service::Catalog,
+        Service::Dispatcher,
+        Service::Checker,
+        Service::Intake,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Service::Intake => "intake",
+            Service::Checker => "checker",
+            Service::Dispatcher => "dispatcher",
+            Service::Status => "status",
+            Service::Catalog => "catalog",
+        }
+    }
+
+    pub async fn start(
+        self,
+        settings: &Settings,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<Running> {
+        match self {
+            Service::Intake => prodsys_intake::start(settings, shutdown).await,
+            Service::Checker => prodsys_checker::start(settings, shutdown).await,
+            Service::Dispatcher => prodsys_dispatcher::start(settings, shutdown).await,
+            Service::Status => prodsys_status::start(settings, shutdown).await,
+            Service::Catalog => prodsys_catalog::start(settings, shutdown).await,
+        }
+    }
+}
+
+impl fmt::Display for Service {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Service {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Service::ALL
+            .into_iter()
+            .find(|svc| svc.name() == s)
+            .ok_or_else(|| format!("unknown service {s:?}: choose all, intake, checker, dispatcher, status or catalog"))
+    }
+}
+
+/// The five services of a running stack.
+#[derive(Debug)]
+pub struct Stack {
+    pub services: Vec<Running>,
+}
+
+impl Stack {
+    /// The gRPC address of `service`, if it runs here.
+    pub fn addr(&self, service: Service) -> Option<std::net::SocketAddr> {
+        self.services
+            .iter()
+            .find(|r| r.service == service.name())
+            .map(|r| r.addr)
+    }
+
+    /// Waits until every service has stopped; the first failure is returned.
+    pub async fn wait(self) -> anyhow::Result<()> {
+        let results = futures::future::join_all(self.services.into_iter().map(Running::wait)).await;
+        results.into_iter().collect()
+    }
+}
+
+/// Starts `services` in dependency order.
+pub async fn start(
+    services: &[Service],
+    settings: &Settings,
+    shutdown: CancellationToken,
+) -> anyhow::Result<Stack> {
+    let mut running: Vec<Running> = Vec::new();
+    let mut settings = settings.clone();
+    for service in Service::ALL.into_iter().filter(|s| services.contains(s)) {
+        // Services started together find each other where they really listen.
+        for r in &running {
+            let url = format!("http://{}", r.addr);
+            match r.service {
+                "checker" => settings.intake.checker_url = url,
+                "catalog" => settings.checker.catalog_url = url,
+                _ => {}
+            }
+        }
+        let started = service
+            .start(&settings, shutdown.clone())
+            .await
+            .map_err(|e| e.context(format!("starting {service}")))?;
+        running.push(started);
+    }
+    Ok(Stack { services: running })
+}

@@ -1,0 +1,609 @@
+//! Status: the read model of every production, built only from events. It
+//! keeps each production's state and each job's latest state, answers
+//! `GetProduction` / `ListProductions` with job counts that always sum to the
+//! job total, and streams `WatchProduction` snapshots as changes commit
+//! (PostgreSQL NOTIFY carries the change, so any replica can serve a watcher).
+
+use std::collections::{BTreeSet, HashMap};
+use std::pin::Pin;
+use std::str::FromStr;
+use std::time::Duration;
+
+use anyhow::Context;
+use futures::Stream;
+use prodsys_core::events::{
+    JOB_STATUS, PRODUCTION_COMPLETED, PRODUCTION_DISPATCHED, REQUEST_ACCEPTED,
+};
+use prodsys_core::state::count_job;
+use prodsys_core::{JobState, ProductionState, Violation};
+use prodsys_db::deadpool_postgres::Transaction;
+use prodsys_db::{Db, Migration};
+use prodsys_messaging::{BatchHandler, Incoming, Outcome};
+use prodsys_proto as pb;
+use prodsys_server::{Foundation, Running, ServiceError, decode_event};
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+use uuid::Uuid;
+
+pub const SERVICE: &str = "status";
+const CHANGES_CHANNEL: &str = "status_changes";
+
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "production and job read models",
+        sql: r#"
+        CREATE TABLE productions (
+            production_id text PRIMARY KEY,
+            request_id    uuid,
+            profile       text NOT NULL DEFAULT '',
+            vo            text NOT NULL DEFAULT '',
+            backend       text NOT NULL DEFAULT '',
+            state         text NOT NULL,
+            state_rank    integer NOT NULL,
+            job_total     bigint NOT NULL DEFAULT 0,
+            created_at    timestamptz NOT NULL DEFAULT now(),
+            updated_at    timestamptz NOT NULL DEFAULT now()
+        );
+        CREATE INDEX productions_vo_state ON productions (vo, state);
+        CREATE TABLE jobs (
+            production_id text NOT NULL,
+            job_index     bigint NOT NULL,
+            attempt       integer NOT NULL,
+            state         text NOT NULL,
+            state_rank    integer NOT NULL,
+            raw_status    text NOT NULL DEFAULT '',
+            updated_at    timestamptz NOT NULL DEFAULT now(),
+            PRIMARY KEY (production_id, job_index)
+        );
+    "#,
+    },
+    Migration {
+        version: 2,
+        name: "job counters",
+        sql: r#"
+            CREATE TABLE job_counts (
+                production_id text NOT NULL,
+                state         text NOT NULL,
+                n             bigint NOT NULL,
+                PRIMARY KEY (production_id, state)
+            );
+            INSERT INTO job_counts SELECT production_id, state, count(*) FROM jobs GROUP BY 1, 2;
+        "#,
+    },
+    Migration {
+        version: 3,
+        name: "resource estimates",
+        sql: "ALTER TABLE productions ADD COLUMN estimate bytea;",
+    },
+];
+
+pub async fn start(
+    settings: &prodsys_config::Settings,
+    shutdown: CancellationToken,
+) -> anyhow::Result<Running> {
+    let foundation = Foundation::start(
+        settings,
+        SERVICE,
+        MIGRATIONS,
+        &[
+            REQUEST_ACCEPTED,
+            PRODUCTION_DISPATCHED,
+            JOB_STATUS,
+            PRODUCTION_COMPLETED,
+        ],
+        &[],
+        &shutdown,
+    )
+    .await?;
+    foundation.consume(
+        settings,
+        Projector {
+            db: foundation.db.clone(),
+        },
+        &shutdown,
+    );
+    let (changes, _) = broadcast::channel(1024);
+    tokio::spawn(forward_changes(
+        foundation.db.clone(),
+        changes.clone(),
+        shutdown.clone(),
+    ));
+    let api = StatusApi {
+        db: foundation.db.clone(),
+        changes,
+    };
+    let max = settings.grpc.max_message_bytes;
+    let (routes, reporter) = prodsys_server::base_routes()?;
+    let routes = routes.add_service(
+        pb::status_service_server::StatusServiceServer::new(api)
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max),
+    );
+    foundation
+        .serve_grpc(
+            &settings.grpc.host,
+            settings.status.port,
+            routes,
+            reporter,
+            &["prodsys.v1.StatusService"],
+            &shutdown,
+        )
+        .await
+}
+
+/// Feeds committed changes (production IDs) from NOTIFY into the watchers' channel.
+async fn forward_changes(db: Db, changes: broadcast::Sender<String>, shutdown: CancellationToken) {
+    while !shutdown.is_cancelled() {
+        match db.listen(CHANGES_CHANNEL).await {
+            Ok(mut listener) => {
+                // Changes made while not listening were missed: every watcher looks again.
+                let _ = changes.send(String::new());
+                loop {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        note = listener.notifications.recv() => match note {
+                            Some(id) => { let _ = changes.send(id); }
+                            None => break,
+                        }
+                    }
+                }
+            }
+            Err(error) => tracing::warn!(
+                error = format!("{error:#}"),
+                "cannot LISTEN for status changes"
+            ),
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// Builds the read model from events.
+struct Projector {
+    db: Db,
+}
+
+enum Update {
+    Accepted(pb::RequestAccepted),
+    Dispatched(pb::ProductionDispatched),
+    Jobs(pb::JobStatusBatch),
+    Completed(pb::ProductionCompleted),
+}
+
+fn decode(incoming: &Incoming) -> Result<(Uuid, Update), String> {
+    match incoming.routing_key.as_str() {
+        REQUEST_ACCEPTED => decode_event(incoming).map(|(id, m)| (id, Update::Accepted(m))),
+        PRODUCTION_DISPATCHED => decode_event(incoming).map(|(id, m)| (id, Update::Dispatched(m))),
+        JOB_STATUS => decode_event(incoming).map(|(id, m)| (id, Update::Jobs(m))),
+        PRODUCTION_COMPLETED => decode_event(incoming).map(|(id, m)| (id, Update::Completed(m))),
+        other => Err(format!("status does not handle {other:?}")),
+    }
+}
+
+impl BatchHandler for Projector {
+    async fn handle(&self, batch: &[Incoming]) -> anyhow::Result<Vec<Outcome>> {
+        let mut outcomes = Vec::with_capacity(batch.len());
+        let mut updates = Vec::new();
+        for incoming in batch {
+            match decode(incoming) {
+                Ok(u) => {
+                    updates.push(u);
+                    outcomes.push(Outcome::Ack);
+                }
+                Err(reason) => outcomes.push(Outcome::DeadLetter(reason)),
+            }
+        }
+        let mut client = self.db.client().await?;
+        let tx = client.transaction().await?;
+        let ids: Vec<Uuid> = updates.iter().map(|(id, _)| *id).collect();
+        let fresh = prodsys_db::claim(&tx, &ids).await?;
+        let mut touched = BTreeSet::new();
+        // Latest transition per job across the batch: one row can change once per statement.
+        let mut latest: HashMap<(String, u64), pb::JobTransition> = HashMap::new();
+        for (id, update) in updates {
+            if !fresh.contains(&id) {
+                continue;
+            }
+            match update {
+                Update::Accepted(m) => {
+                    let request_id = Uuid::parse_str(&m.request_id).ok();
+                    set_production(&tx, &m.production_id, ProductionState::Accepted, None).await?;
+                    tx.execute(
+                        "UPDATE productions SET request_id = $2, profile = $3, vo = $4, backend = $5
+                         WHERE production_id = $1",
+                        &[&m.production_id, &request_id, &m.profile, &m.vo, &m.backend],
+                    )
+                    .await?;
+                    touched.insert(m.production_id);
+                }
+                Update::Dispatched(m) => {
+                    set_production(
+                        &tx,
+                        &m.production_id,
+                        ProductionState::Running,
+                        Some(m.job_total),
+                    )
+                    .await?;
+                    if let Some(estimate) = &m.estimate {
+                        tx.execute(
+                            "UPDATE productions SET estimate = $2 WHERE production_id = $1",
+                            &[&m.production_id, &prost::Message::encode_to_vec(estimate)],
+                        )
+                        .await?;
+                    }
+                    touched.insert(m.production_id);
+                }
+                Update::Completed(m) => {
+                    let state = ProductionState::from_proto(m.state)
+                        .context("production.completed without a state")?;
+                    set_production(&tx, &m.production_id, state, None).await?;
+                    touched.insert(m.production_id);
+                }
+                Update::Jobs(m) => {
+                    for t in m.transitions {
+                        let key = (t.production_id.clone(), t.job_index);
+                        let newer = match latest.get(&key) {
+                            Some(old) => job_order(&t) > job_order(old),
+                            None => true,
+                        };
+                        if newer {
+                            latest.insert(key, t);
+                        }
+                    }
+                }
+            }
+        }
+        if !latest.is_empty() {
+            let transitions: Vec<pb::JobTransition> = latest.into_values().collect();
+            for t in &transitions {
+                touched.insert(t.production_id.clone());
+            }
+            upsert_jobs(&tx, &transitions).await?;
+        }
+        for production_id in &touched {
+            tx.execute(
+                "SELECT pg_notify($1, $2)",
+                &[&CHANGES_CHANNEL, production_id],
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(outcomes)
+    }
+}
+
+fn job_order(t: &pb::JobTransition) -> (u32, u8) {
+    let rank = JobState::from_proto(t.state).map_or(0, JobState::rank);
+    (t.attempt, rank)
+}
+
+/// Moves a production forward (never backwards: events may arrive late).
+async fn set_production(
+    tx: &Transaction<'_>,
+    production_id: &str,
+    state: ProductionState,
+    job_total: Option<u64>,
+) -> anyhow::Result<()> {
+    let total = job_total.map(|t| t as i64);
+    tx.execute(
+        "INSERT INTO productions (production_id, state, state_rank, job_total)
+         VALUES ($1, $2, $3, COALESCE($4::bigint, 0))
+         ON CONFLICT (production_id) DO UPDATE SET
+             state      = CASE WHEN EXCLUDED.state_rank > productions.state_rank
+                               THEN EXCLUDED.state ELSE productions.state END,
+             state_rank = GREATEST(EXCLUDED.state_rank, productions.state_rank),
+             job_total  = COALESCE($4::bigint, productions.job_total),
+             updated_at = now()",
+        &[
+            &production_id,
+            &state.as_str(),
+            &i32::from(state.rank()),
+            &total,
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Records each job's latest transition and keeps the per-state job counts
+/// in step, so a snapshot reads a handful of counters however large the
+/// production. `transitions` holds at most one per job.
+async fn upsert_jobs(
+    tx: &Transaction<'_>,
+    transitions: &[pb::JobTransition],
+) -> anyhow::Result<()> {
+    // One projector at a time per production keeps the counters exact across replicas.
+    let mut touched: Vec<&str> = transitions
+        .iter()
+        .map(|t| t.production_id.as_str())
+        .collect();
+    touched.sort_unstable();
+    touched.dedup();
+    tx.execute(
+        "SELECT pg_advisory_xact_lock(hashtext('prodsys.status.' || p)) FROM unnest($1::text[]) AS p",
+        &[&touched],
+    )
+    .await?;
+    let keys_production: Vec<&str> = transitions
+        .iter()
+        .map(|t| t.production_id.as_str())
+        .collect();
+    let keys_index: Vec<i64> = transitions.iter().map(|t| t.job_index as i64).collect();
+    let current = tx
+        .prepare_cached(
+            "SELECT j.production_id, j.job_index, j.attempt, j.state_rank, j.state FROM jobs j
+             JOIN unnest($1::text[], $2::bigint[]) AS k(production_id, job_index)
+               ON j.production_id = k.production_id AND j.job_index = k.job_index
+             FOR UPDATE OF j",
+        )
+        .await?;
+    let mut known: HashMap<(String, i64), ((i32, i32), String)> = HashMap::new();
+    for row in tx.query(&current, &[&keys_production, &keys_index]).await? {
+        known.insert(
+            (row.get(0), row.get(1)),
+            ((row.get(2), row.get(3)), row.get(4)),
+        );
+    }
+    let mut productions = Vec::with_capacity(transitions.len());
+    let mut indexes = Vec::with_capacity(transitions.len());
+    let mut attempts = Vec::with_capacity(transitions.len());
+    let mut states = Vec::with_capacity(transitions.len());
+    let mut ranks = Vec::with_capacity(transitions.len());
+    let mut raws = Vec::with_capacity(transitions.len());
+    let mut deltas: HashMap<(&str, &str), i64> = HashMap::new();
+    for t in transitions {
+        let Some(state) = JobState::from_proto(t.state) else {
+            continue;
+        };
+        let order = (t.attempt as i32, i32::from(state.rank()));
+        match known.get(&(t.production_id.clone(), t.job_index as i64)) {
+            // A late, older transition: the read model never moves backwards.
+            Some((seen, _)) if *seen >= order => continue,
+            Some((_, old)) => {
+                let old = JobState::from_str(old)?.as_str();
+                *deltas.entry((t.production_id.as_str(), old)).or_default() -= 1;
+            }
+            None => {}
+        }
+        *deltas
+            .entry((t.production_id.as_str(), state.as_str()))
+            .or_default() += 1;
+        productions.push(t.production_id.as_str());
+        indexes.push(t.job_index as i64);
+        attempts.push(order.0);
+        states.push(state.as_str());
+        ranks.push(order.1);
+        raws.push(t.raw_status.as_str());
+    }
+    let upsert = tx
+        .prepare_cached(
+            "INSERT INTO jobs (production_id, job_index, attempt, state, state_rank, raw_status)
+             SELECT * FROM unnest($1::text[], $2::bigint[], $3::int[], $4::text[], $5::int[], $6::text[])
+             ON CONFLICT (production_id, job_index) DO UPDATE SET
+                 attempt = EXCLUDED.attempt, state = EXCLUDED.state, state_rank = EXCLUDED.state_rank,
+                 raw_status = EXCLUDED.raw_status, updated_at = now()",
+        )
+        .await?;
+    tx.execute(
+        &upsert,
+        &[&productions, &indexes, &attempts, &states, &ranks, &raws],
+    )
+    .await?;
+    let (count_productions, count_states, count_deltas): (Vec<&str>, Vec<&str>, Vec<i64>) = deltas
+        .into_iter()
+        .filter(|(_, d)| *d != 0)
+        .map(|((p, s), d)| (p, s, d))
+        .collect();
+    let counts = tx
+        .prepare_cached(
+            "INSERT INTO job_counts (production_id, state, n)
+             SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[])
+             ON CONFLICT (production_id, state) DO UPDATE SET n = job_counts.n + EXCLUDED.n",
+        )
+        .await?;
+    tx.execute(&counts, &[&count_productions, &count_states, &count_deltas])
+        .await?;
+    Ok(())
+}
+
+#[derive(Clone)]
+struct StatusApi {
+    db: Db,
+    changes: broadcast::Sender<String>,
+}
+
+impl StatusApi {
+    async fn snapshot(&self, production_id: &str) -> Result<pb::Production, ServiceError> {
+        if production_id.is_empty() {
+            return Err(ServiceError::Validation(vec![Violation::new(
+                "production_id",
+                "is required",
+            )]));
+        }
+        let client = self.db.client().await?;
+        let row = client
+            .query_opt(
+                "SELECT request_id, profile, vo, backend, state, job_total, updated_at, estimate
+                 FROM productions WHERE production_id = $1",
+                &[&production_id],
+            )
+            .await
+            .context("reading the production")?
+            .ok_or_else(|| ServiceError::NotFound(format!("no production {production_id}")))?;
+        let counts = client
+            .query(
+                "SELECT state, n FROM job_counts WHERE production_id = $1",
+                &[&production_id],
+            )
+            .await
+            .context("counting jobs")?;
+        Ok(production_from_row(production_id, &row, &counts))
+    }
+}
+
+fn production_from_row(
+    production_id: &str,
+    row: &prodsys_db::tokio_postgres::Row,
+    counts: &[prodsys_db::tokio_postgres::Row],
+) -> pb::Production {
+    let job_total = row.get::<_, i64>(5) as u64;
+    let mut tally = pb::JobCounts::default();
+    let mut seen = 0;
+    for c in counts {
+        if let Ok(state) = c.get::<_, &str>(0).parse::<JobState>() {
+            let n = c.get::<_, i64>(1) as u64;
+            count_job(&mut tally, state, n);
+            seen += n;
+        }
+    }
+    // Jobs no event has mentioned yet are still CREATED.
+    tally.created += job_total.saturating_sub(seen);
+    let state = row
+        .get::<_, &str>(4)
+        .parse::<ProductionState>()
+        .map_or(pb::ProductionState::Unspecified, ProductionState::to_proto);
+    let updated: chrono::DateTime<chrono::Utc> = row.get(6);
+    pb::Production {
+        production_id: production_id.to_string(),
+        request_id: row
+            .get::<_, Option<Uuid>>(0)
+            .map(|u| u.to_string())
+            .unwrap_or_default(),
+        profile: row.get(1),
+        vo: row.get(2),
+        state: state as i32,
+        job_total,
+        counts: Some(tally),
+        backend: row.get(3),
+        updated_unix_ms: updated.timestamp_millis(),
+        estimate: row.get::<_, Option<Vec<u8>>>(7).and_then(|bytes| {
+            <pb::ResourceEstimate as prost::Message>::decode(bytes.as_slice()).ok()
+        }),
+    }
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::Production, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::status_service_server::StatusService for StatusApi {
+    #[tracing::instrument(skip_all, fields(production_id = %request.get_ref().production_id))]
+    async fn get_production(
+        &self,
+        request: Request<pb::GetProductionRequest>,
+    ) -> Result<Response<pb::Production>, Status> {
+        Ok(Response::new(
+            self.snapshot(&request.get_ref().production_id).await?,
+        ))
+    }
+
+    async fn list_productions(
+        &self,
+        request: Request<pb::ListProductionsRequest>,
+    ) -> Result<Response<pb::ListProductionsResponse>, Status> {
+        let r = request.into_inner();
+        let page_size = match r.page_size {
+            0 => 100,
+            n => n.min(1000),
+        } as i64;
+        let state = ProductionState::from_proto(r.state).map(|s| s.as_str());
+        let client = self.db.client().await.map_err(ServiceError::from)?;
+        let rows = client
+            .query(
+                "SELECT request_id, profile, vo, backend, state, job_total, updated_at, estimate, production_id
+                 FROM productions
+                 WHERE ($1 = '' OR vo = $1) AND ($2::text IS NULL OR state = $2) AND ($3 = '' OR profile = $3)
+                   AND production_id > $4
+                 ORDER BY production_id LIMIT $5",
+                &[&r.vo, &state, &r.profile, &r.page_token, &(page_size + 1)],
+            )
+            .await
+            .map_err(|e| ServiceError::Unexpected(e.into()))?;
+        let more = rows.len() as i64 > page_size;
+        let mut productions = Vec::new();
+        for row in rows.iter().take(page_size as usize) {
+            let id: String = row.get(8);
+            let counts = client
+                .query(
+                    "SELECT state, n FROM job_counts WHERE production_id = $1",
+                    &[&id],
+                )
+                .await
+                .map_err(|e| ServiceError::Unexpected(e.into()))?;
+            productions.push(production_from_row(&id, row, &counts));
+        }
+        let next_page_token = if more {
+            productions
+                .last()
+                .map(|p| p.production_id.clone())
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(pb::ListProductionsResponse {
+            productions,
+            next_page_token,
+        }))
+    }
+
+    type WatchProductionStream = WatchStream;
+
+    async fn watch_production(
+        &self,
+        request: Request<pb::GetProductionRequest>,
+    ) -> Result<Response<Self::WatchProductionStream>, Status> {
+        let production_id = request.into_inner().production_id;
+        // Subscribe before the first snapshot so no change falls between them.
+        let mut changes = self.changes.subscribe();
+        let first = self.snapshot(&production_id).await?;
+        let api = self.clone();
+        let stream = async_stream(move |tx| async move {
+            let mut last = first;
+            if tx.send(Ok(last.clone())).await.is_err() {
+                return;
+            }
+            loop {
+                if is_terminal(&last) {
+                    return;
+                }
+                let changed = tokio::time::timeout(Duration::from_secs(5), changes.recv()).await;
+                match changed {
+                    // An empty id means "anything may have changed".
+                    Ok(Ok(id)) if !id.is_empty() && id != production_id => continue,
+                    Ok(Err(broadcast::error::RecvError::Closed)) => return,
+                    _ => {}
+                }
+                match api.snapshot(&production_id).await {
+                    Ok(snapshot) => {
+                        if snapshot != last {
+                            last = snapshot;
+                            if tx.send(Ok(last.clone())).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    Err(error) => {
+                        let _ = tx.send(Err(error.into())).await;
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(stream))
+    }
+}
+
+fn is_terminal(p: &pb::Production) -> bool {
+    ProductionState::from_proto(p.state).is_some_and(ProductionState::is_terminal)
+}
+
+/// A stream fed by a task through a bounded channel.
+fn async_stream<F, Fut>(body: F) -> WatchStream
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<Result<pb::Production, Status>>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(body(tx));
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+}

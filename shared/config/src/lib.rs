@@ -1,0 +1,325 @@
+//! Settings of every prodsys process. Defaults work on a developer machine
+//! (PostgreSQL and RabbitMQ on 127.0.0.1); a TOML file and then environment
+//! variables (`PRODSYS__DATABASE__URL`, `PRODSYS__AMQP__PREFIX`, …) override
+//! them. URLs that may hold passwords are secrets and never print.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct Settings {
+    pub profiles_dir: PathBuf,
+    pub database: DatabaseSettings,
+    pub amqp: AmqpSettings,
+    pub grpc: GrpcSettings,
+    pub intake: IntakeSettings,
+    pub checker: CheckerSettings,
+    pub dispatcher: DispatcherSettings,
+    pub status: ServerSettings,
+    pub catalog: ServerSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct DatabaseSettings {
+    pub url: SecretString,
+    pub pool_size: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct AmqpSettings {
+    pub url: SecretString,
+    /// Prefix of every exchange and queue name, so several deployments (or
+    /// tests) share one broker without meeting.
+    pub prefix: String,
+    /// Deliveries a consumer may hold unacknowledged.
+    pub prefetch: u16,
+    /// Most deliveries handled in one database transaction.
+    pub batch_size: usize,
+    /// Deliveries of one message before it is dead-lettered.
+    pub delivery_limit: u32,
+    pub confirm_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct GrpcSettings {
+    pub host: String,
+    pub max_message_bytes: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct IntakeSettings {
+    pub port: u16,
+    /// Where the checker answers `Evaluate` (for `ValidateRequest`).
+    pub checker_url: String,
+}
+
+impl Default for IntakeSettings {
+    fn default() -> Self {
+        Self {
+            port: 50051,
+            checker_url: "http://127.0.0.1:50054".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct CheckerSettings {
+    pub port: u16,
+    /// Where the catalog answers `FindExisting`.
+    pub catalog_url: String,
+}
+
+impl Default for CheckerSettings {
+    fn default() -> Self {
+        Self {
+            port: 50054,
+            catalog_url: "http://127.0.0.1:50053".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct ServerSettings {
+    /// gRPC port; 0 picks a free one.
+    pub port: u16,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct DispatcherSettings {
+    pub port: u16,
+    /// Root of the jobs' working directories.
+    pub work_dir: PathBuf,
+    /// Directory put first on PATH for job commands (where prodsys-toysim lives).
+    pub tools_dir: PathBuf,
+    /// Jobs the local executor runs at once.
+    pub max_concurrent_jobs: usize,
+    /// Longest wait between two polls of a backend.
+    pub poll_interval_ms: u64,
+    /// Named WMS installations besides `local` (which always exists, with
+    /// `max_concurrent_jobs`); a request chooses one by name.
+    pub backends: BTreeMap<String, BackendSettings>,
+}
+
+/// One WMS installation.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum BackendSettings {
+    /// Jobs as processes on the dispatcher's machine.
+    Local {
+        #[serde(default = "default_local_slots")]
+        max_running: usize,
+    },
+    /// A Slurm cluster through its commands (sbatch, squeue, scancel).
+    Slurm {
+        /// Partition to submit to; the cluster's default when empty.
+        #[serde(default)]
+        partition: String,
+        /// Most jobs queued or running at once.
+        #[serde(default = "default_in_flight")]
+        max_in_flight: usize,
+        /// Extra sbatch arguments (account, QOS, …).
+        #[serde(default)]
+        sbatch_args: Vec<String>,
+    },
+}
+
+fn default_local_slots() -> usize {
+    2
+}
+
+fn default_in_flight() -> usize {
+    1000
+}
+
+impl DispatcherSettings {
+    /// Every installation by name, `local` included.
+    pub fn installations(&self) -> BTreeMap<String, BackendSettings> {
+        let mut all = self.backends.clone();
+        all.entry("local".into()).or_insert(BackendSettings::Local {
+            max_running: self.max_concurrent_jobs,
+        });
+        all
+    }
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            profiles_dir: PathBuf::from("profiles"),
+            database: DatabaseSettings::default(),
+            amqp: AmqpSettings::default(),
+            grpc: GrpcSettings::default(),
+            intake: IntakeSettings::default(),
+            status: ServerSettings { port: 50052 },
+            catalog: ServerSettings { port: 50053 },
+            checker: CheckerSettings::default(),
+            dispatcher: DispatcherSettings::default(),
+        }
+    }
+}
+
+impl Default for DatabaseSettings {
+    fn default() -> Self {
+        Self {
+            url: SecretString::from("postgres://postgres@127.0.0.1:5432/prodsys"),
+            pool_size: 16,
+        }
+    }
+}
+
+impl Default for AmqpSettings {
+    fn default() -> Self {
+        Self {
+            url: SecretString::from("amqp://guest:guest@127.0.0.1:5672/%2f"),
+            prefix: String::new(),
+            prefetch: 256,
+            batch_size: 128,
+            delivery_limit: 5,
+            confirm_timeout_ms: 10_000,
+        }
+    }
+}
+
+impl Default for GrpcSettings {
+    fn default() -> Self {
+        Self {
+            host: "127.0.0.1".into(),
+            max_message_bytes: 16 * 1024 * 1024,
+        }
+    }
+}
+
+impl Default for DispatcherSettings {
+    fn default() -> Self {
+        Self {
+            port: 50055,
+            work_dir: PathBuf::from("var/work"),
+            tools_dir: PathBuf::new(),
+            max_concurrent_jobs: 2,
+            poll_interval_ms: 1000,
+            backends: BTreeMap::new(),
+        }
+    }
+}
+
+impl DatabaseSettings {
+    pub fn url(&self) -> &str {
+        self.url.expose_secret()
+    }
+}
+
+impl AmqpSettings {
+    pub fn url(&self) -> &str {
+        self.url.expose_secret()
+    }
+}
+
+#[derive(Debug)]
+pub struct ConfigError(pub String);
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "invalid configuration: {}", self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl Settings {
+    /// Defaults, then `file` if given, then `PRODSYS__*` environment variables.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut builder = config::Config::builder();
+        if let Some(path) = file {
+            builder = builder.add_source(config::File::from(path).required(true));
+        }
+        builder
+            .add_source(
+                config::Environment::with_prefix("PRODSYS")
+                    .prefix_separator("__")
+                    .separator("__")
+                    .try_parsing(true),
+            )
+            .build()
+            .and_then(|c| c.try_deserialize())
+            .map_err(|e| ConfigError(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_point_at_a_local_machine() {
+        let s = Settings::default();
+        assert_eq!(s.intake.port, 50051);
+        assert!(s.database.url().starts_with("postgres://"));
+    }
+
+    #[test]
+    fn secrets_do_not_print() {
+        let mut s = Settings::default();
+        s.database.url = SecretString::from("postgres://u:hunter2@db/x");
+        assert!(!format!("{s:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn file_values_override_defaults() {
+        let dir = std::env::temp_dir().join(format!("prodsys-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("p.toml");
+        std::fs::write(
+            &path,
+            "[amqp]\nprefix = \"x.\"\n[dispatcher]\nmax_concurrent_jobs = 7\n",
+        )
+        .unwrap();
+        let s = Settings::load(Some(&path)).unwrap();
+        assert_eq!(s.amqp.prefix, "x.");
+        assert_eq!(s.dispatcher.max_concurrent_jobs, 7);
+        assert_eq!(s.amqp.prefetch, 256);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn installations_come_from_the_file_and_local_always_exists() {
+        let dir = std::env::temp_dir().join(format!("prodsys-config-b-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("p.toml");
+        std::fs::write(
+            &path,
+            "[dispatcher.backends.slurm-local]\nkind = \"slurm\"\npartition = \"debug\"\n",
+        )
+        .unwrap();
+        let s = Settings::load(Some(&path)).unwrap();
+        let all = s.dispatcher.installations();
+        assert_eq!(all.keys().collect::<Vec<_>>(), ["local", "slurm-local"]);
+        assert!(
+            matches!(&all["slurm-local"], BackendSettings::Slurm { partition, max_in_flight: 1000, .. } if partition == "debug")
+        );
+        std::fs::write(&path, "[dispatcher.backends.x]\nkind = \"pbs\"\n").unwrap();
+        assert!(
+            Settings::load(Some(&path))
+                .unwrap_err()
+                .to_string()
+                .contains("pbs")
+        );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_missing_file_is_an_error_naming_it() {
+        let err = Settings::load(Some(Path::new("/nonexistent/prodsys.toml"))).unwrap_err();
+        assert!(err.to_string().contains("prodsys.toml"), "{err}");
+    }
+}

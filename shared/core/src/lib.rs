@@ -1,0 +1,13 @@
+//! The domain of prodsys, free of I/O: the production and job state machines,
+//! production profiles (validation, fingerprint, job plan, templates), the
+//! names of the events the services exchange, and file checksums.
+
+pub mod checksum;
+pub mod events;
+pub mod profile;
+pub mod state;
+pub mod violation;
+
+pub use profile::{JobPlan, PlannedJob, Profile, ProfileSet};
+pub use state::{JobState, ProductionState};
+pub use violation::Violation;

@@ -1,0 +1,1026 @@
+//! Production profiles: one data file per kind of production. A profile says
+//! which parameters a request takes (a JSON Schema plus cross-field rules),
+//! which of them make two requests "the same simulation" (the fingerprint),
+//! how the production splits into jobs, what a job costs, which command a job
+//! runs and how its outputs are named. A new observatory adds a file, not code.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+
+use crate::Violation;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProfileError {
+    #[error("profile file {path}: {reason}")]
+    Invalid { path: PathBuf, reason: String },
+    #[error("cannot read profiles from {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("no profiles found in {0}")]
+    Empty(PathBuf),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ProfileFile {
+    name: String,
+    description: String,
+    /// Prefix of production IDs (`CTA` → `CTA-000042`).
+    id_prefix: String,
+    /// Virtual organisations allowed to use the profile; empty means any.
+    #[serde(default)]
+    vos: Vec<String>,
+    /// JSON Schema of the request parameters.
+    parameters: Value,
+    #[serde(default)]
+    rules: Vec<Rule>,
+    /// Parameters that together define "the same simulation".
+    identity: Vec<String>,
+    /// Identity parameters that only set how much is simulated (`n_showers`):
+    /// differing only in these is an overlap, not a new simulation.
+    #[serde(default)]
+    statistics: Vec<String>,
+    /// Identity ranges (`energy_min_tev`..`energy_max_tev`): intersecting
+    /// ranges overlap, disjoint ones are a different simulation.
+    #[serde(default)]
+    ranges: Vec<Range>,
+    #[serde(default)]
+    derived: BTreeMap<String, Derived>,
+    /// Metadata (templates over the parameters) that outputs of the same
+    /// simulation carry in a catalog, produced by prodsys or not.
+    #[serde(default)]
+    catalog_identity: BTreeMap<String, String>,
+    split: Split,
+    resources: Resources,
+    #[serde(default = "default_max_attempts")]
+    max_attempts: u32,
+    job: JobTemplate,
+    outputs: OutputTemplate,
+}
+
+fn default_max_attempts() -> u32 {
+    3
+}
+
+/// A cross-field rule a JSON Schema cannot say.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Rule {
+    /// `left` < `right`.
+    LessThan { left: String, right: String },
+    /// `left` ≤ `right`.
+    AtMost { left: String, right: String },
+    /// `field` > 0 whenever parameter `when` is one of `values`.
+    PositiveWhen {
+        field: String,
+        when: String,
+        values: Vec<Value>,
+    },
+}
+
+/// A pair of identity parameters bounding a range.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Range {
+    pub min: String,
+    pub max: String,
+}
+
+/// A value computed from a parameter by a lookup table (pointing North → azimuth 180).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Derived {
+    pub from: String,
+    pub map: BTreeMap<String, Value>,
+    /// A parameter that, when given, replaces the looked-up value (a derived
+    /// container template overriding its image, say).
+    #[serde(default)]
+    pub unless: Option<String>,
+}
+
+/// How a production splits into jobs: `total` units in jobs of `per_job`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Split {
+    pub total: String,
+    pub per_job: String,
+}
+
+/// Cost of one job as a function of its units (showers, events).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Resources {
+    #[serde(default)]
+    pub cpu_seconds_base: f64,
+    pub cpu_seconds_per_unit: f64,
+    pub memory_mb: u64,
+    #[serde(default)]
+    pub disk_mb_base: f64,
+    pub disk_mb_per_unit: f64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobTemplate {
+    /// Program and arguments; `{name}` placeholders are filled per job.
+    pub command: Vec<String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutputTemplate {
+    /// Directory, relative to the job's working directory, whose files are the outputs.
+    pub dir: String,
+    /// Logical file name template.
+    pub lfn: String,
+    /// Metadata attached to every output file (values are templates).
+    #[serde(default)]
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// Variables every job template may use besides the parameters.
+pub const JOB_VARIABLES: &[&str] = &[
+    "production_id",
+    "vo",
+    "job_index",
+    "run_number",
+    "seed",
+    "job_units",
+    "attempt",
+    "output_dir",
+];
+/// Variables the LFN and metadata templates may use besides the job variables.
+pub const OUTPUT_VARIABLES: &[&str] = &["file_name", "run_group"];
+
+/// A loaded, checked profile.
+#[derive(Debug)]
+pub struct Profile {
+    file: ProfileFile,
+    validator: jsonschema::Validator,
+}
+
+/// One job of a plan.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlannedJob {
+    pub index: u64,
+    pub run_number: u64,
+    pub seed: u64,
+    pub units: u64,
+}
+
+/// The split of a production into jobs, computed on demand so a million-job
+/// plan never sits in memory.
+#[derive(Debug, Clone)]
+pub struct JobPlan {
+    pub total_units: u64,
+    pub per_job: u64,
+    pub job_count: u64,
+    pub run_number_offset: u64,
+    fingerprint: String,
+}
+
+/// What one job is expected to need.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ResourceEstimate {
+    pub cpu_seconds: f64,
+    pub memory_mb: u64,
+    pub disk_mb: f64,
+}
+
+impl JobPlan {
+    pub fn job(&self, index: u64) -> PlannedJob {
+        let start = index * self.per_job;
+        let units = self.per_job.min(self.total_units - start);
+        let run_number = self.run_number_offset + index + 1;
+        PlannedJob {
+            index,
+            run_number,
+            seed: seed_for(&self.fingerprint, run_number),
+            units,
+        }
+    }
+
+    pub fn jobs(&self) -> impl Iterator<Item = PlannedJob> + '_ {
+        (0..self.job_count).map(|i| self.job(i))
+    }
+}
+
+/// A reproducible seed per run: different for every run of an identity, the
+/// same whenever the same run is simulated again. Kept below CORSIKA's limit.
+fn seed_for(fingerprint: &str, run_number: u64) -> u64 {
+    let digest = Sha256::digest(format!("{fingerprint}:{run_number}").as_bytes());
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    u64::from_be_bytes(first) % 900_000_000 + 1
+}
+
+impl Profile {
+    /// Parses and checks a profile; `path` only names it in errors.
+    pub fn from_json(path: &Path, text: &str) -> Result<Self, ProfileError> {
+        let invalid = |reason: String| ProfileError::Invalid {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let file: ProfileFile = serde_json::from_str(text).map_err(|e| invalid(e.to_string()))?;
+        let validator = jsonschema::validator_for(&file.parameters)
+            .map_err(|e| invalid(format!("parameters is not a valid JSON Schema: {e}")))?;
+        let properties: BTreeSet<String> = file
+            .parameters
+            .get("properties")
+            .and_then(Value::as_object)
+            .map(|p| p.keys().cloned().collect())
+            .unwrap_or_default();
+        let known = |name: &str| properties.contains(name);
+        for key in &file.identity {
+            if !known(key) {
+                return Err(invalid(format!("identity key {key:?} is not a parameter")));
+            }
+        }
+        let in_identity = |name: &String| file.identity.contains(name);
+        for key in file
+            .statistics
+            .iter()
+            .chain(file.ranges.iter().flat_map(|r| [&r.min, &r.max]))
+        {
+            if !in_identity(key) {
+                return Err(invalid(format!(
+                    "statistics/range field {key:?} is not an identity key"
+                )));
+            }
+        }
+        for key in [&file.split.total, &file.split.per_job] {
+            if !known(key) {
+                return Err(invalid(format!("split field {key:?} is not a parameter")));
+            }
+        }
+        for rule in &file.rules {
+            let fields: Vec<&String> = match rule {
+                Rule::LessThan { left, right } | Rule::AtMost { left, right } => {
+                    vec![left, right]
+                }
+                Rule::PositiveWhen { field, when, .. } => vec![field, when],
+            };
+            if let Some(f) = fields.into_iter().find(|f| !known(f)) {
+                return Err(invalid(format!("rule names unknown parameter {f:?}")));
+            }
+        }
+        for (name, derived) in &file.derived {
+            let overriding = derived
+                .unless
+                .as_deref()
+                .map(|u| u.split('.').next().unwrap_or(u));
+            if let Some(key) = overriding.filter(|k| !known(k)) {
+                return Err(invalid(format!(
+                    "derived {name:?} is overridden by unknown parameter {key:?}"
+                )));
+            }
+            if !known(&derived.from) {
+                return Err(invalid(format!(
+                    "derived {name:?} is computed from unknown parameter {:?}",
+                    derived.from
+                )));
+            }
+        }
+        if file.job.command.is_empty() {
+            return Err(invalid("job.command is empty".into()));
+        }
+        if !file.id_prefix.chars().all(|c| c.is_ascii_uppercase()) || file.id_prefix.is_empty() {
+            return Err(invalid(format!(
+                "id_prefix {:?} must be upper-case letters",
+                file.id_prefix
+            )));
+        }
+        if file.max_attempts == 0 {
+            return Err(invalid("max_attempts must be at least 1".into()));
+        }
+        let job_vars: BTreeSet<&str> = properties
+            .iter()
+            .map(String::as_str)
+            .chain(file.derived.keys().map(String::as_str))
+            .chain(JOB_VARIABLES.iter().copied())
+            .collect();
+        let output_vars: BTreeSet<&str> = job_vars
+            .iter()
+            .copied()
+            .chain(OUTPUT_VARIABLES.iter().copied())
+            .collect();
+        let parameter_vars: BTreeSet<&str> = properties
+            .iter()
+            .map(String::as_str)
+            .chain(file.derived.keys().map(String::as_str))
+            .collect();
+        for template in file.catalog_identity.values() {
+            check_template(template, &parameter_vars)
+                .map_err(|e| invalid(format!("catalog_identity: {e}")))?;
+        }
+        let job_templates = file.job.command.iter().chain(file.job.env.values());
+        for template in job_templates {
+            check_template(template, &job_vars).map_err(|e| invalid(format!("job: {e}")))?;
+        }
+        let output_templates =
+            std::iter::once(&file.outputs.lfn).chain(file.outputs.metadata.values());
+        for template in output_templates {
+            check_template(template, &output_vars).map_err(|e| invalid(format!("outputs: {e}")))?;
+        }
+        Ok(Self { file, validator })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.file.name
+    }
+
+    pub fn description(&self) -> &str {
+        &self.file.description
+    }
+
+    pub fn id_prefix(&self) -> &str {
+        &self.file.id_prefix
+    }
+
+    pub fn vos(&self) -> &[String] {
+        &self.file.vos
+    }
+
+    pub fn identity(&self) -> &[String] {
+        &self.file.identity
+    }
+
+    /// The JSON Schema of the parameters.
+    pub fn parameters_schema(&self) -> &Value {
+        &self.file.parameters
+    }
+
+    pub fn max_attempts(&self) -> u32 {
+        self.file.max_attempts
+    }
+
+    pub fn job_template(&self) -> &JobTemplate {
+        &self.file.job
+    }
+
+    pub fn outputs(&self) -> &OutputTemplate {
+        &self.file.outputs
+    }
+
+    /// Every reason `parameters` cannot be accepted by this profile for `vo`.
+    pub fn validate(&self, vo: &str, parameters: &Value) -> Vec<Violation> {
+        let mut violations = Vec::new();
+        if !self.file.vos.is_empty() && !self.file.vos.iter().any(|v| v == vo) {
+            violations.push(Violation::new(
+                "vo",
+                format!(
+                    "profile {} is for {}, not {vo:?}",
+                    self.file.name,
+                    self.file.vos.join(", ")
+                ),
+            ));
+        }
+        if !parameters.is_object() {
+            violations.push(Violation::new("parameters", "must be a JSON object"));
+            return violations;
+        }
+        for error in self.validator.iter_errors(parameters) {
+            let pointer = error.instance_path().to_string();
+            let mut field = pointer_to_field(&pointer);
+            let description = match error.kind() {
+                jsonschema::error::ValidationErrorKind::Required { property } => {
+                    let name = property.as_str().unwrap_or_default();
+                    field = format!("{field}.{name}");
+                    "is required".to_string()
+                }
+                jsonschema::error::ValidationErrorKind::AdditionalProperties { unexpected } => {
+                    for name in unexpected {
+                        violations.push(Violation::new(
+                            format!("{field}.{name}"),
+                            format!("is not a parameter of profile {}", self.file.name),
+                        ));
+                    }
+                    continue;
+                }
+                _ => error.to_string(),
+            };
+            violations.push(Violation::new(field, description));
+        }
+        for rule in &self.file.rules {
+            if let Some(v) = check_rule(rule, parameters) {
+                violations.push(v);
+            }
+        }
+        violations
+    }
+
+    /// SHA-256 (hex) of the canonical JSON of the profile name and the identity parameters.
+    pub fn fingerprint(&self, parameters: &Value) -> String {
+        let mut identity = Map::new();
+        for key in &self.file.identity {
+            identity.insert(
+                key.clone(),
+                canonical(parameters.get(key).unwrap_or(&Value::Null)),
+            );
+        }
+        let doc = serde_json::json!({ "profile": self.file.name, "identity": identity });
+        hex::encode(Sha256::digest(doc.to_string().as_bytes()))
+    }
+
+    /// Fingerprint of the identity without its statistics and ranges: equal
+    /// for productions that differ only in how much or which range they simulate.
+    pub fn base_fingerprint(&self, parameters: &Value) -> String {
+        let varying: BTreeSet<&str> = self
+            .file
+            .statistics
+            .iter()
+            .chain(self.file.ranges.iter().flat_map(|r| [&r.min, &r.max]))
+            .map(String::as_str)
+            .collect();
+        let mut identity = Map::new();
+        for key in self
+            .file
+            .identity
+            .iter()
+            .filter(|k| !varying.contains(k.as_str()))
+        {
+            identity.insert(
+                key.clone(),
+                canonical(parameters.get(key).unwrap_or(&Value::Null)),
+            );
+        }
+        let doc = serde_json::json!({ "profile": self.file.name, "base": identity });
+        hex::encode(Sha256::digest(doc.to_string().as_bytes()))
+    }
+
+    /// How `mine` overlaps `theirs`, two requests with the same base
+    /// fingerprint; `None` when a range is disjoint (a different simulation).
+    pub fn overlap(&self, mine: &Value, theirs: &Value) -> Option<String> {
+        let num = |v: &Value, k: &str| v.get(k).and_then(Value::as_f64);
+        let mut parts = Vec::new();
+        for range in &self.file.ranges {
+            let (a0, a1) = (num(mine, &range.min)?, num(mine, &range.max)?);
+            let (b0, b1) = (num(theirs, &range.min)?, num(theirs, &range.max)?);
+            if a0 >= b1 || b0 >= a1 {
+                return None;
+            }
+            if (a0, a1) != (b0, b1) {
+                parts.push(format!(
+                    "{}..{} {a0}..{a1} intersects {b0}..{b1}",
+                    range.min, range.max
+                ));
+            }
+        }
+        for key in &self.file.statistics {
+            let (a, b) = (mine.get(key), theirs.get(key));
+            if a != b {
+                let show = |v: Option<&Value>| v.map(render_value).unwrap_or_default();
+                parts.push(format!("{key} {} (existing {})", show(a), show(b)));
+            }
+        }
+        if parts.is_empty() {
+            parts.push("same identity".into());
+        }
+        Some(parts.join("; "))
+    }
+
+    /// The job plan of a validated request; `None` if the split fields are not positive integers.
+    pub fn plan(
+        &self,
+        parameters: &Value,
+        fingerprint: &str,
+        run_number_offset: u64,
+    ) -> Option<JobPlan> {
+        let total_units = parameters.get(&self.file.split.total)?.as_u64()?;
+        let per_job = parameters.get(&self.file.split.per_job)?.as_u64()?;
+        if total_units == 0 || per_job == 0 {
+            return None;
+        }
+        Some(JobPlan {
+            total_units,
+            per_job,
+            job_count: total_units.div_ceil(per_job),
+            run_number_offset,
+            fingerprint: fingerprint.to_string(),
+        })
+    }
+
+    pub fn estimate(&self, units: u64) -> ResourceEstimate {
+        let r = &self.file.resources;
+        ResourceEstimate {
+            cpu_seconds: r.cpu_seconds_base + r.cpu_seconds_per_unit * units as f64,
+            memory_mb: r.memory_mb,
+            disk_mb: r.disk_mb_base + r.disk_mb_per_unit * units as f64,
+        }
+    }
+
+    /// The metadata a catalog's files of this simulation carry; empty when
+    /// the profile names none.
+    pub fn catalog_identity(&self, parameters: &Value) -> BTreeMap<String, String> {
+        let vars = self.parameter_variables(parameters);
+        self.file
+            .catalog_identity
+            .iter()
+            .map(|(k, v)| (k.clone(), render(v, &vars)))
+            .collect()
+    }
+
+    /// Template variables from the parameters and the derived values alone.
+    fn parameter_variables(&self, parameters: &Value) -> BTreeMap<String, String> {
+        let mut vars = BTreeMap::new();
+        if let Some(object) = parameters.as_object() {
+            for (key, value) in object {
+                if let Some(inner) = value.as_object() {
+                    for (sub, v) in inner {
+                        vars.insert(format!("{key}.{sub}"), render_value(v));
+                    }
+                }
+                vars.insert(key.clone(), render_value(value));
+            }
+        }
+        for (name, derived) in &self.file.derived {
+            let source = parameters
+                .get(&derived.from)
+                .map(render_value)
+                .unwrap_or_default();
+            let chosen = derived
+                .unless
+                .as_ref()
+                .and_then(|key| parameters.pointer(&format!("/{}", key.replace('.', "/"))))
+                .or_else(|| derived.map.get(&source));
+            if let Some(value) = chosen {
+                vars.insert(name.clone(), render_value(value));
+            }
+        }
+        vars
+    }
+
+    /// What the whole plan needs: the sum over its jobs.
+    pub fn estimate_plan(&self, plan: &JobPlan) -> ResourceEstimate {
+        let r = &self.file.resources;
+        let jobs = plan.job_count as f64;
+        let units = plan.total_units as f64;
+        ResourceEstimate {
+            cpu_seconds: r.cpu_seconds_base * jobs + r.cpu_seconds_per_unit * units,
+            memory_mb: r.memory_mb,
+            disk_mb: r.disk_mb_base * jobs + r.disk_mb_per_unit * units,
+        }
+    }
+
+    /// The estimate of a plan as the API shows it: per job and in all.
+    pub fn resource_estimate(&self, plan: &JobPlan) -> prodsys_proto::ResourceEstimate {
+        let per_job = self.estimate(plan.per_job);
+        let total = self.estimate_plan(plan);
+        prodsys_proto::ResourceEstimate {
+            cpu_seconds_per_job: per_job.cpu_seconds,
+            cpu_hours_total: total.cpu_seconds / 3600.0,
+            memory_mb: per_job.memory_mb,
+            disk_mb_per_job: per_job.disk_mb,
+            disk_gb_total: total.disk_mb / 1024.0,
+        }
+    }
+
+    /// Template variables of one job: the parameters, the derived values and the job's own.
+    pub fn job_variables(
+        &self,
+        parameters: &Value,
+        production_id: &str,
+        vo: &str,
+        job: &PlannedJob,
+        attempt: u32,
+        output_dir: &str,
+    ) -> BTreeMap<String, String> {
+        let mut vars = self.parameter_variables(parameters);
+        vars.insert("production_id".into(), production_id.into());
+        vars.insert("vo".into(), vo.into());
+        vars.insert("job_index".into(), job.index.to_string());
+        vars.insert("run_number".into(), job.run_number.to_string());
+        vars.insert("seed".into(), job.seed.to_string());
+        vars.insert("job_units".into(), job.units.to_string());
+        vars.insert("attempt".into(), attempt.to_string());
+        vars.insert("output_dir".into(), output_dir.into());
+        vars.insert(
+            "run_group".into(),
+            format!("{:03}xxx", job.run_number / 1000),
+        );
+        vars
+    }
+}
+
+/// Fills `{name}` placeholders from `vars`; an unknown name is left as is (profiles are checked at load).
+pub fn render(template: &str, vars: &BTreeMap<String, String>) -> String {
+    let mut out = String::with_capacity(template.len());
+    let mut rest = template;
+    while let Some(start) = rest.find('{') {
+        out.push_str(&rest[..start]);
+        match rest[start..].find('}') {
+            Some(end) => {
+                let name = &rest[start + 1..start + end];
+                match vars.get(name) {
+                    Some(value) => out.push_str(value),
+                    None => out.push_str(&rest[start..=start + end]),
+                }
+                rest = &rest[start + end + 1..];
+            }
+            None => {
+                out.push_str(&rest[start..]);
+                rest = "";
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+fn check_template(template: &str, known: &BTreeSet<&str>) -> Result<(), String> {
+    let mut rest = template;
+    while let Some(start) = rest.find('{') {
+        let Some(end) = rest[start..].find('}') else {
+            return Err(format!("unclosed placeholder in {template:?}"));
+        };
+        let name = &rest[start + 1..start + end];
+        // `{software.corsika}` names a member of an object parameter.
+        let head = name.split('.').next().unwrap_or(name);
+        if !known.contains(name) && !known.contains(head) {
+            return Err(format!("unknown placeholder {{{name}}} in {template:?}"));
+        }
+        rest = &rest[start + end + 1..];
+    }
+    Ok(())
+}
+
+/// A parameter as it appears in a command line or a name: arrays comma-joined,
+/// integral numbers without a fraction.
+fn render_value(value: &Value) -> String {
+    match canonical(value) {
+        Value::String(s) => s,
+        Value::Array(items) => items.iter().map(render_value).collect::<Vec<_>>().join(","),
+        Value::Null => String::new(),
+        other => other.to_string(),
+    }
+}
+
+/// JSON with integral floats written as integers, so `20` and `20.0` fingerprint alike.
+/// (Object keys are already sorted: serde_json's map is ordered.)
+fn canonical(value: &Value) -> Value {
+    match value {
+        Value::Number(n) => match n.as_f64() {
+            Some(f) if n.is_f64() && f.fract() == 0.0 && f.abs() < 9.0e15 => Value::from(f as i64),
+            _ => value.clone(),
+        },
+        Value::Array(items) => Value::Array(items.iter().map(canonical).collect()),
+        Value::Object(map) => {
+            Value::Object(map.iter().map(|(k, v)| (k.clone(), canonical(v))).collect())
+        }
+        other => other.clone(),
+    }
+}
+
+/// `/energy/0` → `parameters.energy.0`.
+fn pointer_to_field(pointer: &str) -> String {
+    let mut field = String::from("parameters");
+    for part in pointer.split('/').skip(1) {
+        field.push('.');
+        field.push_str(&part.replace("~1", "/").replace("~0", "~"));
+    }
+    field
+}
+
+fn check_rule(rule: &Rule, params: &Value) -> Option<Violation> {
+    let num = |name: &str| params.get(name).and_then(Value::as_f64);
+    match rule {
+        Rule::LessThan { left, right } => {
+            let (l, r) = (num(left)?, num(right)?);
+            (l >= r).then(|| {
+                Violation::new(
+                    format!("parameters.{left}"),
+                    format!("must be less than {right} ({l} >= {r})"),
+                )
+            })
+        }
+        Rule::AtMost { left, right } => {
+            let (l, r) = (num(left)?, num(right)?);
+            (l > r).then(|| {
+                Violation::new(
+                    format!("parameters.{left}"),
+                    format!("must be at most {right} ({l} > {r})"),
+                )
+            })
+        }
+        Rule::PositiveWhen {
+            field,
+            when,
+            values,
+        } => {
+            let selector = params.get(when)?;
+            if !values.contains(selector) {
+                return None;
+            }
+            let value = num(field)?;
+            (value <= 0.0).then(|| {
+                Violation::new(
+                    format!("parameters.{field}"),
+                    format!("must be greater than 0 when {when} is {selector}"),
+                )
+            })
+        }
+    }
+}
+
+/// The largest parameter document a request may carry.
+pub const MAX_PARAMETERS_BYTES: usize = 1024 * 1024;
+
+/// Every profile of a deployment, by name.
+#[derive(Debug, Default)]
+pub struct ProfileSet {
+    profiles: BTreeMap<String, Profile>,
+}
+
+impl ProfileSet {
+    /// Loads every `*.json` in `dir`; any broken file is an error naming it.
+    pub fn load_dir(dir: &Path) -> Result<Self, ProfileError> {
+        let io = |source| ProfileError::Io {
+            path: dir.to_path_buf(),
+            source,
+        };
+        let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map_err(io)?
+            .filter_map(|entry| entry.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|e| e == "json"))
+            .collect();
+        paths.sort();
+        let mut set = ProfileSet::default();
+        for path in paths {
+            let text = std::fs::read_to_string(&path).map_err(|source| ProfileError::Io {
+                path: path.clone(),
+                source,
+            })?;
+            let profile = Profile::from_json(&path, &text)?;
+            let stem = path
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .unwrap_or_default();
+            if stem != profile.name() {
+                return Err(ProfileError::Invalid {
+                    path,
+                    reason: format!("name {:?} differs from the file name", profile.name()),
+                });
+            }
+            set.profiles.insert(profile.name().to_string(), profile);
+        }
+        if set.profiles.is_empty() {
+            return Err(ProfileError::Empty(dir.to_path_buf()));
+        }
+        Ok(set)
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Profile> {
+        self.profiles.get(name)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Profile> {
+        self.profiles.values()
+    }
+
+    /// The violations of a whole request: the profile must exist and the parameters fit it.
+    pub fn validate_request(
+        &self,
+        profile: &str,
+        vo: &str,
+        parameters_json: &str,
+    ) -> Result<(&Profile, Value), Vec<Violation>> {
+        let mut violations = Vec::new();
+        if vo.trim().is_empty() {
+            violations.push(Violation::new("vo", "is required"));
+        }
+        let profile = match self.get(profile) {
+            Some(p) => Some(p),
+            None => {
+                let known: Vec<&str> = self.profiles.keys().map(String::as_str).collect();
+                let reason = if profile.is_empty() {
+                    "is required".to_string()
+                } else {
+                    format!("unknown profile {profile:?}")
+                };
+                violations.push(Violation::new(
+                    "profile",
+                    format!("{reason}; known profiles: {}", known.join(", ")),
+                ));
+                None
+            }
+        };
+        let parameters = if parameters_json.trim().is_empty() {
+            violations.push(Violation::new("parameters", "is required"));
+            None
+        } else if parameters_json.len() > MAX_PARAMETERS_BYTES {
+            violations.push(Violation::new(
+                "parameters",
+                format!(
+                    "is {} bytes, more than the limit of {MAX_PARAMETERS_BYTES}",
+                    parameters_json.len()
+                ),
+            ));
+            None
+        } else {
+            match serde_json::from_str::<Value>(parameters_json) {
+                Ok(v) => Some(v),
+                Err(e) => {
+                    violations.push(Violation::new(
+                        "parameters",
+                        format!("is not valid JSON: {e}"),
+                    ));
+                    None
+                }
+            }
+        };
+        if let (Some(profile), Some(parameters)) = (profile, parameters) {
+            violations.extend(profile.validate(vo, &parameters));
+            if violations.is_empty() {
+                return Ok((profile, parameters));
+            }
+        }
+        Err(violations)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn profiles() -> ProfileSet {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../profiles");
+        ProfileSet::load_dir(&dir).expect("shipped profiles load")
+    }
+
+    fn cta_example() -> Value {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/cta-irf-mc.json");
+        let request: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        request["parameters"].clone()
+    }
+
+    #[test]
+    fn shipped_example_is_valid_for_its_profile() {
+        let set = profiles();
+        let p = set.get("cta-irf-mc").unwrap();
+        assert_eq!(p.validate("vo.cta.in2p3.fr", &cta_example()), vec![]);
+    }
+
+    #[test]
+    fn violations_name_each_field() {
+        let set = profiles();
+        let p = set.get("cta-irf-mc").unwrap();
+        let mut params = cta_example();
+        let obj = params.as_object_mut().unwrap();
+        obj.remove("site");
+        obj.insert("zenith_deg".into(), json!("twenty"));
+        obj.insert("n_showers".into(), json!(-5));
+        obj.insert("colour".into(), json!("blue"));
+        let fields: BTreeSet<String> = p
+            .validate("vo.cta.in2p3.fr", &params)
+            .into_iter()
+            .map(|v| v.field)
+            .collect();
+        for expected in [
+            "parameters.site",
+            "parameters.zenith_deg",
+            "parameters.n_showers",
+            "parameters.colour",
+        ] {
+            assert!(
+                fields.contains(expected),
+                "{expected} missing from {fields:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn cross_field_rules_are_checked() {
+        let set = profiles();
+        let p = set.get("cta-irf-mc").unwrap();
+        let mut params = cta_example();
+        params["energy_min_tev"] = json!(500.0);
+        params["energy_max_tev"] = json!(330.0);
+        let v = p.validate("vo.cta.in2p3.fr", &params);
+        assert_eq!(v.len(), 1, "{v:?}");
+        assert_eq!(v[0].field, "parameters.energy_min_tev");
+    }
+
+    #[test]
+    fn fingerprint_ignores_number_spelling_and_non_identity_fields() {
+        let set = profiles();
+        let p = set.get("cta-irf-mc").unwrap();
+        let a = cta_example();
+        let mut b = a.clone();
+        b["zenith_deg"] = json!(20.0);
+        assert_eq!(p.fingerprint(&a), p.fingerprint(&b));
+        b["zenith_deg"] = json!(40);
+        assert_ne!(p.fingerprint(&a), p.fingerprint(&b));
+    }
+
+    #[test]
+    fn plan_covers_every_unit_with_unique_runs_and_seeds() {
+        let set = profiles();
+        let p = set.get("cta-irf-mc").unwrap();
+        let mut params = cta_example();
+        params["n_showers"] = json!(1050);
+        params["showers_per_job"] = json!(100);
+        let plan = p.plan(&params, "fp", 1000).unwrap();
+        assert_eq!(plan.job_count, 11);
+        let jobs: Vec<PlannedJob> = plan.jobs().collect();
+        assert_eq!(jobs.iter().map(|j| j.units).sum::<u64>(), 1050);
+        assert_eq!(jobs.last().unwrap().units, 50);
+        assert_eq!(jobs[0].run_number, 1001);
+        let seeds: BTreeSet<u64> = jobs.iter().map(|j| j.seed).collect();
+        assert_eq!(seeds.len(), jobs.len());
+    }
+
+    #[test]
+    fn statistics_and_intersecting_ranges_overlap_disjoint_ranges_do_not() {
+        let set = profiles();
+        let p = set.get("cta-irf-mc").unwrap();
+        let base = cta_example();
+        let mut more = base.clone();
+        more["n_showers"] = json!(8000);
+        assert_eq!(p.base_fingerprint(&base), p.base_fingerprint(&more));
+        assert_ne!(p.fingerprint(&base), p.fingerprint(&more));
+        let why = p.overlap(&more, &base).unwrap();
+        assert_eq!(why, "n_showers 8000 (existing 4000)");
+        let mut wider = base.clone();
+        wider["energy_min_tev"] = json!(1);
+        wider["energy_max_tev"] = json!(500);
+        let why = p.overlap(&wider, &base).unwrap();
+        assert!(why.contains("1..500 intersects 0.003..330"), "{why}");
+        let mut disjoint = base.clone();
+        disjoint["energy_min_tev"] = json!(330);
+        disjoint["energy_max_tev"] = json!(600);
+        assert_eq!(p.overlap(&disjoint, &base), None);
+        let mut other_site = base.clone();
+        other_site["site"] = json!("Paranal");
+        assert_ne!(p.base_fingerprint(&base), p.base_fingerprint(&other_site));
+    }
+
+    #[test]
+    fn km3net_example_validates_and_a_derived_image_replaces_the_template_image() {
+        let set = profiles();
+        let p = set.get("km3net-container-sim").unwrap();
+        let path =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/km3net-container-sim.json");
+        let request: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let mut params = request["parameters"].clone();
+        assert_eq!(p.validate("km3net.org", &params), vec![]);
+        assert_eq!(p.validate("vo.cta.in2p3.fr", &params)[0].field, "vo");
+        let plan = p.plan(&params, "fp", 0).unwrap();
+        assert_eq!(plan.job_count, 4);
+        let vars = p.job_variables(
+            &params,
+            "KM-000001",
+            "km3net.org",
+            &plan.job(0),
+            1,
+            "/w/output",
+        );
+        assert_eq!(vars["image"], "docker://km3net/gseagen:7.4.2-rc1");
+        params.as_object_mut().unwrap().remove("derived_template");
+        let vars = p.job_variables(
+            &params,
+            "KM-000001",
+            "km3net.org",
+            &plan.job(0),
+            1,
+            "/w/output",
+        );
+        assert_eq!(vars["image"], "docker://km3net/gseagen:7.4.1");
+        params["derived_template"] = json!({"image": "http://evil"});
+        let v = p.validate("km3net.org", &params);
+        assert_eq!(v[0].field, "parameters.derived_template.image", "{v:?}");
+    }
+
+    #[test]
+    fn templates_render_parameters_and_job_variables() {
+        let mut vars = BTreeMap::new();
+        vars.insert("run_number".to_string(), "42".to_string());
+        assert_eq!(render("--run {run_number} {x}", &vars), "--run 42 {x}");
+        assert_eq!(render_value(&json!([1, 5])), "1,5");
+        assert_eq!(render_value(&json!(20.0)), "20");
+    }
+
+    #[test]
+    fn broken_profiles_are_refused_with_the_reason() {
+        let err = Profile::from_json(Path::new("x.json"), "{").unwrap_err();
+        assert!(err.to_string().starts_with("profile file x.json:"), "{err}");
+        let text = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../profiles/cta-irf-mc.json"),
+        )
+        .unwrap();
+        let broken = text.replacen("{run_number}", "{run_numbr}", 1);
+        let err = Profile::from_json(Path::new("x.json"), &broken).unwrap_err();
+        assert!(
+            err.to_string().contains("unknown placeholder {run_numbr}"),
+            "{err}"
+        );
+    }
+}

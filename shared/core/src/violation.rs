@@ -1,0 +1,38 @@
+//! A field-level reason for refusing a request.
+
+use serde::{Deserialize, Serialize};
+
+/// One thing wrong with a request: which field, and why, in words a scientist reads.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Violation {
+    /// Dotted path of the field (`parameters.energy_min_tev`), or a top-level field (`profile`).
+    pub field: String,
+    pub description: String,
+}
+
+impl Violation {
+    pub fn new(field: impl Into<String>, description: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            description: description.into(),
+        }
+    }
+}
+
+impl From<Violation> for prodsys_proto::FieldViolation {
+    fn from(v: Violation) -> Self {
+        Self {
+            field: v.field,
+            description: v.description,
+        }
+    }
+}
+
+impl From<prodsys_proto::FieldViolation> for Violation {
+    fn from(v: prodsys_proto::FieldViolation) -> Self {
+        Self {
+            field: v.field,
+            description: v.description,
+        }
+    }
+}

@@ -1,0 +1,358 @@
+//! PostgreSQL for one service: a pool whose connections live in the service's
+//! own schema, embedded migrations applied under an advisory lock (replicas may
+//! start together), the transactional outbox (an event row commits with the
+//! business row and a NOTIFY wakes the relay) and the inbox (an event's effect
+//! happens once, however often it is delivered).
+
+use std::collections::HashSet;
+use std::str::FromStr;
+use std::time::Duration;
+
+use anyhow::Context;
+use deadpool_postgres::Transaction;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use futures::StreamExt;
+use tokio::sync::mpsc;
+use tokio_postgres::{AsyncMessage, NoTls};
+use uuid::Uuid;
+
+pub use deadpool_postgres;
+pub use tokio_postgres;
+
+/// One embedded schema change.
+#[derive(Debug, Clone, Copy)]
+pub struct Migration {
+    pub version: i32,
+    pub name: &'static str,
+    pub sql: &'static str,
+}
+
+/// Tables every service has: its outbox and its inbox.
+const BASE: Migration = Migration {
+    version: 0,
+    name: "outbox and inbox",
+    sql: r#"
+        CREATE TABLE outbox (
+            id         bigserial PRIMARY KEY,
+            event_id   uuid NOT NULL UNIQUE,
+            event_type text NOT NULL,
+            subject    text NOT NULL,
+            payload    bytea NOT NULL,
+            -- Where to: NULL is the events exchange; a reply names its queue.
+            reply_to   text,
+            content_type text NOT NULL DEFAULT 'application/protobuf',
+            created_at timestamptz NOT NULL DEFAULT now()
+        );
+        CREATE TABLE inbox (
+            event_id    uuid PRIMARY KEY,
+            received_at timestamptz NOT NULL DEFAULT now()
+        );
+    "#,
+};
+
+/// A service's database: a pool whose `search_path` is the service's schema.
+#[derive(Clone)]
+pub struct Db {
+    pool: Pool,
+    schema: String,
+    url: String,
+}
+
+impl std::fmt::Debug for Db {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Db")
+            .field("schema", &self.schema)
+            .finish_non_exhaustive()
+    }
+}
+
+/// An event waiting in the outbox.
+#[derive(Debug, Clone)]
+pub struct OutboxEvent {
+    pub event_id: Uuid,
+    /// Short type, also the routing key (`request.received`).
+    pub event_type: String,
+    /// CloudEvents subject: the production ID, or the request ID before there is one.
+    pub subject: String,
+    pub payload: Vec<u8>,
+    /// A queue to send this to directly (an AMQP reply), instead of the events exchange.
+    pub reply_to: Option<String>,
+    pub content_type: String,
+}
+
+/// An outbox row read back by the relay.
+#[derive(Debug, Clone)]
+pub struct PendingEvent {
+    pub id: i64,
+    pub event: OutboxEvent,
+    pub created_at: chrono::DateTime<chrono::Utc>,
+}
+
+fn config_for(url: &str, schema: &str) -> anyhow::Result<tokio_postgres::Config> {
+    let mut config = tokio_postgres::Config::from_str(url).context("invalid database URL")?;
+    config.options(format!("-c search_path={schema}"));
+    config.application_name(format!("prodsys-{schema}"));
+    config.connect_timeout(Duration::from_secs(5));
+    Ok(config)
+}
+
+impl Db {
+    /// Builds the pool; no connection is made until one is needed.
+    pub fn new(url: &str, schema: &str, pool_size: usize) -> anyhow::Result<Self> {
+        anyhow::ensure!(
+            schema.chars().all(|c| c.is_ascii_lowercase() || c == '_') && !schema.is_empty(),
+            "schema name {schema:?} must be lower-case letters and underscores"
+        );
+        let manager = Manager::from_config(
+            config_for(url, schema)?,
+            NoTls,
+            ManagerConfig {
+                // A pooled connection the server has closed (restart, failover, admin kill)
+                // is found out at checkout, not by the request that uses it.
+                recycling_method: RecyclingMethod::Verified,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(pool_size.max(2))
+            .wait_timeout(Some(Duration::from_secs(30)))
+            .create_timeout(Some(Duration::from_secs(10)))
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .build()
+            .context("building the database pool")?;
+        Ok(Self {
+            pool,
+            schema: schema.to_string(),
+            url: url.to_string(),
+        })
+    }
+
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    pub fn schema(&self) -> &str {
+        &self.schema
+    }
+
+    pub async fn client(&self) -> anyhow::Result<deadpool_postgres::Object> {
+        self.pool.get().await.context("no database connection")
+    }
+
+    /// True when a trivial query answers.
+    pub async fn ping(&self) -> bool {
+        match self.pool.get().await {
+            Ok(client) => client.simple_query("SELECT 1").await.is_ok(),
+            Err(_) => false,
+        }
+    }
+
+    /// Creates the schema and applies `migrations` (after the outbox/inbox base)
+    /// that are not applied yet, all under an advisory lock held for the run.
+    #[tracing::instrument(skip(self, migrations), fields(schema = %self.schema))]
+    pub async fn migrate(&self, migrations: &[Migration]) -> anyhow::Result<()> {
+        let mut client = self.client().await?;
+        let key = advisory_key(&self.schema);
+        client
+            .execute("SELECT pg_advisory_lock($1)", &[&key])
+            .await
+            .context("taking the migration lock")?;
+        let result = self.apply(&mut client, migrations).await;
+        client
+            .execute("SELECT pg_advisory_unlock($1)", &[&key])
+            .await
+            .context("releasing the migration lock")?;
+        result
+    }
+
+    async fn apply(
+        &self,
+        client: &mut deadpool_postgres::Object,
+        migrations: &[Migration],
+    ) -> anyhow::Result<()> {
+        let schema = &self.schema;
+        client
+            .batch_execute(&format!(
+                "CREATE SCHEMA IF NOT EXISTS {schema};
+                 CREATE TABLE IF NOT EXISTS {schema}._migrations (
+                     version    integer PRIMARY KEY,
+                     name       text NOT NULL,
+                     applied_at timestamptz NOT NULL DEFAULT now()
+                 );"
+            ))
+            .await
+            .context("creating the schema")?;
+        let applied: HashSet<i32> = client
+            .query(&format!("SELECT version FROM {schema}._migrations"), &[])
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        for migration in std::iter::once(&BASE).chain(migrations) {
+            if applied.contains(&migration.version) {
+                continue;
+            }
+            let tx = client.transaction().await?;
+            tx.batch_execute(&format!("SET LOCAL search_path TO {schema}"))
+                .await?;
+            tx.batch_execute(migration.sql).await.with_context(|| {
+                format!(
+                    "migration {} ({}) of schema {schema}",
+                    migration.version, migration.name
+                )
+            })?;
+            tx.execute(
+                &format!("INSERT INTO {schema}._migrations (version, name) VALUES ($1, $2)"),
+                &[&migration.version, &migration.name],
+            )
+            .await?;
+            tx.commit().await?;
+            tracing::info!(
+                version = migration.version,
+                name = migration.name,
+                "migration applied"
+            );
+        }
+        Ok(())
+    }
+
+    /// The NOTIFY channel that wakes this service's outbox relay.
+    pub fn outbox_channel(&self) -> String {
+        format!("{}_outbox", self.schema)
+    }
+
+    /// Opens a dedicated connection that LISTENs on `channel`. Every
+    /// notification arrives on `Listener::notifications`, which closes when
+    /// the connection is lost.
+    pub async fn listen(&self, channel: &str) -> anyhow::Result<Listener> {
+        let (client, mut connection) = config_for(&self.url, &self.schema)?
+            .connect(NoTls)
+            .await
+            .context("opening the LISTEN connection")?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+            while let Some(message) = messages.next().await {
+                match message {
+                    Ok(AsyncMessage::Notification(n)) => {
+                        if tx.send(n.payload().to_string()).is_err() {
+                            break;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(error) => {
+                        tracing::warn!(%error, "LISTEN connection lost");
+                        break;
+                    }
+                }
+            }
+        });
+        client
+            .batch_execute(&format!("LISTEN \"{}\"", channel.replace('"', "\"\"")))
+            .await
+            .context("LISTEN")?;
+        Ok(Listener {
+            _client: client,
+            notifications: rx,
+        })
+    }
+}
+
+/// A LISTEN connection; dropping it closes the connection.
+pub struct Listener {
+    _client: tokio_postgres::Client,
+    pub notifications: mpsc::UnboundedReceiver<String>,
+}
+
+/// Stable lock key per schema (FNV-1a), so every replica of a service takes the same lock.
+fn advisory_key(schema: &str) -> i64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in format!("prodsys.migrate.{schema}").bytes() {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    hash as i64
+}
+
+/// Adds `events` to the outbox inside the caller's transaction, and wakes the
+/// relay when (and only if) that transaction commits.
+pub async fn enqueue(
+    tx: &Transaction<'_>,
+    channel: &str,
+    events: &[OutboxEvent],
+) -> anyhow::Result<()> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<Uuid> = events.iter().map(|e| e.event_id).collect();
+    let types: Vec<&str> = events.iter().map(|e| e.event_type.as_str()).collect();
+    let subjects: Vec<&str> = events.iter().map(|e| e.subject.as_str()).collect();
+    let payloads: Vec<&[u8]> = events.iter().map(|e| e.payload.as_slice()).collect();
+    let replies: Vec<Option<&str>> = events.iter().map(|e| e.reply_to.as_deref()).collect();
+    let content_types: Vec<&str> = events.iter().map(|e| e.content_type.as_str()).collect();
+    let insert = tx
+        .prepare_cached(
+            "INSERT INTO outbox (event_id, event_type, subject, payload, reply_to, content_type)
+             SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::bytea[], $5::text[], $6::text[])",
+        )
+        .await?;
+    tx.execute(
+        &insert,
+        &[&ids, &types, &subjects, &payloads, &replies, &content_types],
+    )
+    .await
+    .context("writing the outbox")?;
+    tx.execute("SELECT pg_notify($1, '')", &[&channel]).await?;
+    Ok(())
+}
+
+/// Records `event_ids` as handled inside the caller's transaction and returns
+/// the ones seen for the first time: only those may take effect.
+pub async fn claim(tx: &Transaction<'_>, event_ids: &[Uuid]) -> anyhow::Result<HashSet<Uuid>> {
+    let stmt = tx
+        .prepare_cached(
+            "INSERT INTO inbox (event_id) SELECT unnest($1::uuid[])
+             ON CONFLICT DO NOTHING RETURNING event_id",
+        )
+        .await?;
+    let rows = tx
+        .query(&stmt, &[&event_ids])
+        .await
+        .context("writing the inbox")?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+/// Locks and returns up to `limit` unsent outbox rows, oldest first; rows
+/// another relay holds are skipped.
+pub async fn pending(tx: &Transaction<'_>, limit: i64) -> anyhow::Result<Vec<PendingEvent>> {
+    let stmt = tx
+        .prepare_cached(
+            "SELECT id, event_id, event_type, subject, payload, created_at, reply_to, content_type FROM outbox
+             ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+        )
+        .await?;
+    let rows = tx.query(&stmt, &[&limit]).await?;
+    Ok(rows
+        .iter()
+        .map(|r| PendingEvent {
+            id: r.get(0),
+            event: OutboxEvent {
+                event_id: r.get(1),
+                event_type: r.get(2),
+                subject: r.get(3),
+                payload: r.get(4),
+                reply_to: r.get(6),
+                content_type: r.get(7),
+            },
+            created_at: r.get(5),
+        })
+        .collect())
+}
+
+/// Removes rows the broker has confirmed.
+pub async fn mark_sent(tx: &Transaction<'_>, ids: &[i64]) -> anyhow::Result<()> {
+    let stmt = tx
+        .prepare_cached("DELETE FROM outbox WHERE id = ANY($1)")
+        .await?;
+    tx.execute(&stmt, &[&ids]).await?;
+    Ok(())
+}

@@ -1,0 +1,145 @@
+//! The outbox relay: publishes committed outbox rows in order and deletes
+//! them only after the broker confirmed them. Woken by LISTEN/NOTIFY when a
+//! transaction commits an event; a slow timer is only the safety net for a
+//! lost LISTEN connection. Several replicas may run: rows are locked with
+//! SKIP LOCKED, so each is published by one relay.
+
+use std::time::Duration;
+
+use prodsys_core::events::cloudevent_type;
+use prodsys_db::{Db, Listener};
+use tokio_util::sync::CancellationToken;
+
+use crate::envelope::SPEC_VERSION;
+use crate::{CloudEvent, Names, Outgoing, Publisher};
+
+pub const CONTENT_TYPE_PROTOBUF: &str = "application/protobuf";
+const BATCH: i64 = 500;
+const SAFETY_NET: Duration = Duration::from_secs(5);
+
+/// Runs until `shutdown`. `source` is the CloudEvents source (`/prodsys/intake`).
+pub async fn run_relay(
+    db: Db,
+    publisher: Publisher,
+    names: Names,
+    source: String,
+    shutdown: CancellationToken,
+) {
+    let channel = db.outbox_channel();
+    let mut listener: Option<Listener> = None;
+    let mut backoff = Duration::from_millis(100);
+    while !shutdown.is_cancelled() {
+        if listener.is_none() {
+            match db.listen(&channel).await {
+                Ok(l) => listener = Some(l),
+                Err(error) => tracing::warn!(
+                    error = format!("{error:#}"),
+                    "outbox relay cannot LISTEN; polling"
+                ),
+            }
+        }
+        // Drain everything committed so far.
+        let mut failed = false;
+        loop {
+            match publish_batch(&db, &publisher, &names, &source).await {
+                Ok(0) => break,
+                Ok(n) => tracing::debug!(events = n, "outbox batch published"),
+                Err(error) => {
+                    tracing::warn!(
+                        error = format!("{error:#}"),
+                        retry_in_ms = backoff.as_millis() as u64,
+                        "outbox relay failed"
+                    );
+                    failed = true;
+                    break;
+                }
+            }
+        }
+        let wait = if failed {
+            let pause = backoff;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+            pause
+        } else {
+            backoff = Duration::from_millis(100);
+            SAFETY_NET
+        };
+        let notified = async {
+            match listener.as_mut() {
+                Some(l) => l.notifications.recv().await.is_some(),
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            alive = notified => {
+                if alive {
+                    if let Some(l) = listener.as_mut() {
+                        while l.notifications.try_recv().is_ok() {}
+                    }
+                    if failed {
+                        tokio::time::sleep(wait).await;
+                    }
+                } else {
+                    listener = None;
+                }
+            }
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
+/// Publishes one batch of pending rows; returns how many were sent.
+pub async fn publish_batch(
+    db: &Db,
+    publisher: &Publisher,
+    names: &Names,
+    source: &str,
+) -> anyhow::Result<usize> {
+    let mut client = db.client().await?;
+    let tx = client.transaction().await?;
+    let rows = prodsys_db::pending(&tx, BATCH).await?;
+    if rows.is_empty() {
+        return Ok(0);
+    }
+    let messages: Vec<Outgoing> = rows
+        .iter()
+        .map(|row| {
+            let event = CloudEvent {
+                id: row.event.event_id.to_string(),
+                event_type: cloudevent_type(&row.event.event_type),
+                source: source.to_string(),
+                specversion: SPEC_VERSION.to_string(),
+                time: Some(
+                    row.created_at
+                        .to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+                ),
+                subject: Some(row.event.subject.clone()),
+            };
+            match &row.event.reply_to {
+                // A reply goes straight to the caller's queue through the default exchange.
+                Some(queue) => Outgoing {
+                    mandatory: false,
+                    ..Outgoing::event(
+                        String::new(),
+                        queue,
+                        &event,
+                        &row.event.content_type,
+                        row.event.payload.clone(),
+                    )
+                },
+                None => Outgoing::event(
+                    names.events(),
+                    &row.event.event_type,
+                    &event,
+                    &row.event.content_type,
+                    row.event.payload.clone(),
+                ),
+            }
+        })
+        .collect();
+    publisher.publish(&messages).await?;
+    let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
+    prodsys_db::mark_sent(&tx, &ids).await?;
+    tx.commit().await?;
+    Ok(rows.len())
+}

@@ -1,0 +1,165 @@
+//! The outbox relay against real PostgreSQL and RabbitMQ: what a rolled-back
+//! transaction wrote is never published; what a committed one wrote is
+//! published exactly once, promptly (woken by NOTIFY, not by its timer).
+
+use std::time::{Duration, Instant};
+
+use lapin::options::{BasicGetOptions, QueueDeleteOptions};
+use prodsys_db::{Db, OutboxEvent};
+use prodsys_messaging::envelope::header_text;
+use prodsys_messaging::{Broker, Names, Publisher, Topology};
+use prodsys_testkit::{TestEnv, wait_for};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+const SERVICE: &str = "relaytest";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rolled_back_events_never_leave_and_committed_ones_leave_exactly_once() {
+    let env = TestEnv::new().await.unwrap();
+    let settings = &env.settings;
+    let db = Db::new(settings.database.url(), SERVICE, 4).unwrap();
+    db.migrate(&[]).await.unwrap();
+    let names = Names::new(&env.prefix);
+    let topology = Topology {
+        names: names.clone(),
+        service: SERVICE.into(),
+        bindings: vec!["test.committed".into(), "test.rolled_back".into()],
+        ingest_bindings: vec![],
+        delivery_limit: 3,
+    };
+    let shutdown = CancellationToken::new();
+    let broker = Broker::start(settings.amqp.url(), topology, shutdown.clone())
+        .await
+        .unwrap();
+    let publisher = Publisher::new(broker.clone(), Duration::from_secs(5));
+    tokio::spawn(prodsys_messaging::relay::run_relay(
+        db.clone(),
+        publisher,
+        names.clone(),
+        "/tests/relay".into(),
+        shutdown.clone(),
+    ));
+    // Let the relay drain its (empty) outbox and go to sleep on LISTEN.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let event = |kind: &str| OutboxEvent {
+        event_id: Uuid::now_v7(),
+        event_type: kind.into(),
+        subject: "CTA-000007".into(),
+        payload: vec![1, 2, 3],
+        reply_to: None,
+        content_type: "application/protobuf".into(),
+    };
+    let rolled_back = event("test.rolled_back");
+    let committed = event("test.committed");
+    // Nobody is bound for this one: it must not block those behind it.
+    let unroutable = event("test.nobody");
+    let mut client = db.client().await.unwrap();
+    {
+        let tx = client.transaction().await.unwrap();
+        prodsys_db::enqueue(
+            &tx,
+            &db.outbox_channel(),
+            std::slice::from_ref(&rolled_back),
+        )
+        .await
+        .unwrap();
+        tx.rollback().await.unwrap();
+    }
+    let committed_at = Instant::now();
+    {
+        let tx = client.transaction().await.unwrap();
+        prodsys_db::enqueue(
+            &tx,
+            &db.outbox_channel(),
+            &[unroutable.clone(), committed.clone()],
+        )
+        .await
+        .unwrap();
+        tx.commit().await.unwrap();
+    }
+
+    let (connection, channel) = env.amqp().await.unwrap();
+    let queue = names.queue(SERVICE);
+    let get = || {
+        let channel = channel.clone();
+        let queue = queue.clone();
+        async move {
+            channel
+                .basic_get(queue.as_str().into(), BasicGetOptions { no_ack: true })
+                .await
+                .unwrap()
+        }
+    };
+    let first = wait_for("the committed event", Duration::from_secs(10), get)
+        .await
+        .unwrap();
+    assert!(
+        committed_at.elapsed() < Duration::from_millis(2500),
+        "the relay was not woken by NOTIFY: {:?}",
+        committed_at.elapsed()
+    );
+    let properties = &first.delivery.properties;
+    assert_eq!(
+        properties
+            .message_id()
+            .as_ref()
+            .map(|m| m.as_str().to_string()),
+        Some(committed.event_id.to_string())
+    );
+    let headers = properties.headers().clone().unwrap();
+    assert_eq!(
+        header_text(&headers, "type").as_deref(),
+        Some("org.prodsys.test.committed.v1")
+    );
+    assert_eq!(
+        header_text(&headers, "subject").as_deref(),
+        Some("CTA-000007")
+    );
+    assert_eq!(
+        header_text(&headers, "source").as_deref(),
+        Some("/tests/relay")
+    );
+    assert_eq!(first.delivery.data, vec![1, 2, 3]);
+
+    // Nothing else arrives: neither the rolled-back event nor a second copy.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(get().await.is_none(), "an extra message was published");
+    let kept = channel
+        .basic_get(
+            names.unroutable().as_str().into(),
+            BasicGetOptions { no_ack: true },
+        )
+        .await
+        .unwrap()
+        .expect("the unroutable event is kept for an operator");
+    assert_eq!(
+        kept.delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .map(|m| m.as_str().to_string()),
+        Some(unroutable.event_id.to_string())
+    );
+    let left: i64 = client
+        .query_one("SELECT count(*) FROM outbox", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0, "a confirmed event stays in the outbox");
+
+    shutdown.cancel();
+    for name in [
+        queue.clone(),
+        names.dead_letter_queue(SERVICE),
+        names.unroutable(),
+    ] {
+        let _ = channel
+            .queue_delete(name.as_str().into(), QueueDeleteOptions::default())
+            .await;
+    }
+    let _ = connection.close(200, "done".into()).await;
+    drop(client);
+    env.cleanup().await;
+}

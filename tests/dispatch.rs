@@ -1,0 +1,161 @@
+//! Jobs on the way to their end: retries, exhaustion, cancellation,
+//! backpressure, and choosing the WMS installation.
+
+mod support;
+
+use std::time::Duration;
+
+use prodsys_proto as pb;
+use prodsys_testkit::wait_for;
+use support::{cta_example, sleep_request, spawn_app_with, use_test_profiles};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn failed_attempts_are_retried_up_to_the_limit_then_exhausted() {
+    let app = spawn_app_with(|env| {
+        use_test_profiles(env);
+        env.settings.dispatcher.max_concurrent_jobs = 4;
+    })
+    .await;
+
+    // Job 1 always fails: two attempts (the profile's limit), then EXHAUSTED.
+    let partial = app.accepted(sleep_request(3, 0.0, 1, "partial", "")).await;
+    let last = app.watch(&partial).await.pop().unwrap();
+    assert_eq!(
+        last.state(),
+        pb::ProductionState::PartiallyCompleted,
+        "{last:?}"
+    );
+    let counts = last.counts.unwrap();
+    assert_eq!(
+        (counts.done, counts.exhausted, counts.failed),
+        (2, 1, 0),
+        "{counts:?}"
+    );
+    let db = app.env.db().await.unwrap();
+    let row = db
+        .query_one(
+            "SELECT attempt, state, raw_status FROM dispatcher.jobs WHERE production_id = $1 AND job_index = 1",
+            &[&partial],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, i32>(0), 2);
+    assert_eq!(row.get::<_, &str>(1), "EXHAUSTED");
+    assert_eq!(row.get::<_, &str>(2), "exited 1");
+    // Each attempt had its own working directory.
+    let attempts = std::fs::read_dir(app.env.settings.dispatcher.work_dir.join(&partial))
+        .unwrap()
+        .count();
+    assert_eq!(attempts, 4, "3 first attempts and 1 retry");
+
+    // Every job failing: FAILED.
+    let failed = app.accepted(sleep_request(1, 0.0, 0, "failed", "")).await;
+    let last = app.watch(&failed).await.pop().unwrap();
+    assert_eq!(last.state(), pb::ProductionState::Failed);
+    assert_eq!(last.counts.unwrap().exhausted, 1);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cancel_kills_running_jobs_and_never_starts_the_rest() {
+    let app = spawn_app_with(|env| {
+        use_test_profiles(env);
+        env.settings.dispatcher.max_concurrent_jobs = 2;
+    })
+    .await;
+    // An odd duration, to find the job's own processes afterwards.
+    let production = app
+        .accepted(sleep_request(5, 61.737, -1, "cancel", ""))
+        .await;
+    let mut status = app.status.clone();
+    let running = wait_for("two running jobs", Duration::from_secs(30), || {
+        let mut status = status.clone();
+        let production_id = production.clone();
+        async move {
+            let p = status
+                .get_production(pb::GetProductionRequest { production_id })
+                .await
+                .ok()?
+                .into_inner();
+            let c = p.counts.unwrap_or_default();
+            (c.running == 2).then_some(c)
+        }
+    })
+    .await
+    .unwrap();
+    // Backpressure: the installation runs two at once; the others wait.
+    assert_eq!(running.created, 3, "{running:?}");
+
+    let started = std::time::Instant::now();
+    let answer = app
+        .intake
+        .clone()
+        .cancel_production(pb::CancelProductionRequest {
+            production_id: production.clone(),
+            reason: "wrong energy range".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(answer.accepted);
+    let snapshots = app.watch(&production).await;
+    let last = snapshots.last().unwrap();
+    assert_eq!(last.state(), pb::ProductionState::Cancelled, "{last:?}");
+    assert_eq!(last.counts.unwrap().cancelled, 5);
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "jobs were killed, not waited for"
+    );
+    for s in &snapshots {
+        assert!(s.counts.unwrap_or_default().running <= 2, "{s:?}");
+    }
+    // Nothing the jobs started survives them.
+    wait_for(
+        "the jobs' processes to end",
+        Duration::from_secs(10),
+        || async {
+            let out = std::process::Command::new("pgrep")
+                .args(["-f", "sleep 61.737"])
+                .output()
+                .ok()?;
+            out.stdout.is_empty().then_some(())
+        },
+    )
+    .await
+    .unwrap();
+    let bad = app
+        .intake
+        .clone()
+        .cancel_production(pb::CancelProductionRequest {
+            production_id: "not an id".into(),
+            reason: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), tonic::Code::InvalidArgument);
+    let _ = status
+        .get_production(pb::GetProductionRequest {
+            production_id: production,
+        })
+        .await;
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_unknown_installation_is_refused_by_name() {
+    let app = spawn_app_with(|_| {}).await;
+    let request = pb::SubmitRequestRequest {
+        backend: "dirac-nowhere".into(),
+        ..cta_example()
+    };
+    let refused = app
+        .decided(&app.submit(request).await.unwrap().request_id)
+        .await;
+    assert_eq!(refused.state(), pb::RequestState::Rejected);
+    let violation = &refused.violations[0];
+    assert_eq!(violation.field, "backend");
+    assert!(
+        violation.description.contains("dirac-nowhere") && violation.description.contains("local")
+    );
+    app.stop().await;
+}

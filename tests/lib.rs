@@ -1,0 +1,1 @@
+//! The end-to-end suite lives in the test targets beside this file; see `support/`.

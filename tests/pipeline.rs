@@ -1,0 +1,643 @@
+//! A production's whole journey through the five services, and the ways a
+//! request or an event can be wrong.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use lapin::options::BasicPublishOptions;
+use lapin::types::{AMQPValue, FieldTable};
+use prodsys_proto as pb;
+use prodsys_testkit::wait_for;
+use support::{cta_example, spawn_app};
+use tonic_types::StatusExt;
+
+/// adler32 written out here, independent of the code under test.
+fn adler32(data: &[u8]) -> String {
+    let (mut a, mut b) = (1u32, 0u32);
+    for &byte in data {
+        a = (a + u32::from(byte)) % 65521;
+        b = (b + a) % 65521;
+    }
+    format!("{:08x}", (b << 16) | a)
+}
+
+fn counts_sum(p: &pb::Production) -> u64 {
+    let c = p.counts.unwrap_or_default();
+    c.created + c.submitted + c.queued + c.running + c.done + c.failed + c.cancelled + c.exhausted
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cta_example_runs_to_completed_and_every_file_is_catalogued() {
+    let app = spawn_app().await;
+    let answer = app
+        .submit(cta_example())
+        .await
+        .expect("submission accepted for checking");
+    assert!(!answer.replayed);
+    let request = app.decided(&answer.request_id).await;
+    assert_eq!(request.state(), pb::RequestState::Accepted, "{request:?}");
+    let production_id = request.production_id.clone();
+    assert_eq!(production_id, "CTA-000001");
+
+    let snapshots = app.watch(&production_id).await;
+    let last = snapshots.last().expect("at least one snapshot");
+    assert_eq!(last.state(), pb::ProductionState::Completed, "{last:?}");
+    // 4000 showers in jobs of 1000.
+    assert_eq!(last.job_total, 4);
+    assert_eq!(last.counts.unwrap().done, 4);
+    for snapshot in &snapshots {
+        if snapshot.job_total > 0 {
+            assert_eq!(counts_sum(snapshot), snapshot.job_total, "{snapshot:?}");
+        }
+    }
+    assert_eq!(last.request_id, answer.request_id);
+    let estimate = last.estimate.expect("the production's resource estimate");
+    // 60 s + 0.05 s per shower, per job of 1000 showers.
+    assert!(
+        (estimate.cpu_seconds_per_job - 110.0).abs() < 1e-9,
+        "{estimate:?}"
+    );
+    assert_eq!(estimate.memory_mb, 2000);
+    assert_eq!(last.vo, "vo.cta.in2p3.fr");
+
+    // The catalog may lag the status service by an event; once it holds the
+    // production's record, every file of it is registered.
+    let mut catalog = app.catalog.clone();
+    let record = wait_for(
+        "the catalog's production record",
+        Duration::from_secs(30),
+        || {
+            let mut catalog = catalog.clone();
+            let production_id = production_id.clone();
+            async move {
+                catalog
+                    .get_production_record(pb::GetProductionRecordRequest { production_id })
+                    .await
+                    .ok()
+                    .map(|r| r.into_inner())
+            }
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(record.state(), pb::ProductionState::Completed);
+    let files = app.files(&production_id).await;
+    // Two NSB levels per job.
+    assert_eq!(files.len(), 8);
+    assert_eq!(record.file_count, 8);
+    assert_eq!(
+        record.total_bytes,
+        files.iter().map(|f| f.size).sum::<u64>()
+    );
+    let missing = catalog
+        .get_production_record(pb::GetProductionRecordRequest {
+            production_id: "CTA-999999".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), tonic::Code::NotFound);
+    let mut runs = BTreeSet::new();
+    for file in &files {
+        let path = file.url.strip_prefix("file://").expect("a local file URL");
+        let bytes = std::fs::read(path).unwrap();
+        assert_eq!(file.size, bytes.len() as u64, "{}", file.lfn);
+        assert_eq!(file.adler32, adler32(&bytes), "{}", file.lfn);
+        assert!(
+            file.size > 1000 * 64,
+            "a run of 1000 showers: {}",
+            file.size
+        );
+        assert!(
+            file.lfn.starts_with(
+                "/vo.cta.in2p3.fr/MC/PROD6/LaPalma/gamma/sim_telarray/CTA-000001/Data/000xxx/"
+            ),
+            "{}",
+            file.lfn
+        );
+        assert_eq!(file.metadata["phiP"], "180");
+        assert_eq!(file.metadata["thetaP"], "20");
+        assert_eq!(file.metadata["site"], "LaPalma");
+        assert_eq!(file.production_id, production_id);
+        runs.insert(file.metadata["run_number"].clone());
+    }
+    assert_eq!(runs.len(), 4, "one run number per job: {runs:?}");
+    let lfns: BTreeSet<&str> = files.iter().map(|f| f.lfn.as_str()).collect();
+    assert_eq!(lfns.len(), 8);
+
+    // Filtering by metadata finds the subset.
+    let nsb_dark = app
+        .catalog
+        .clone()
+        .find_files(pb::FindFilesRequest {
+            production_id: production_id.clone(),
+            metadata: [("run_number".to_string(), "2".to_string())].into(),
+            page_size: 0,
+            page_token: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(nsb_dark.files.len(), 2);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_same_simulation_twice_is_one_production() {
+    let app = spawn_app().await;
+    let first = app.submit(cta_example()).await.unwrap();
+    let first = app.decided(&first.request_id).await;
+    assert_eq!(first.state(), pb::RequestState::Accepted);
+
+    // The same physics written differently (20.0 for 20) is still the same.
+    let mut again = cta_example();
+    again.parameters_json = again
+        .parameters_json
+        .replace("\"zenith_deg\":20", "\"zenith_deg\":20.0");
+    assert!(again.parameters_json.contains("20.0"));
+    let second = app.submit(again).await.unwrap();
+    let second = app.decided(&second.request_id).await;
+    assert_eq!(second.state(), pb::RequestState::Rejected);
+    assert_eq!(second.existing_production_id, first.production_id);
+    assert!(
+        second
+            .violations
+            .iter()
+            .any(|v| v.description.contains(&first.production_id)),
+        "{:?}",
+        second.violations
+    );
+
+    // Asked for, the existing production is the answer instead of a refusal.
+    let reuse = pb::SubmitRequestRequest {
+        reuse_existing: true,
+        ..cta_example()
+    };
+    let reused = app
+        .decided(&app.submit(reuse).await.unwrap().request_id)
+        .await;
+    assert_eq!(reused.state(), pb::RequestState::Accepted, "{reused:?}");
+    assert_eq!(reused.production_id, first.production_id);
+    assert_eq!(reused.existing_production_id, first.production_id);
+
+    // A repeated idempotency key answers with the first request.
+    let mut keyed = cta_example();
+    keyed.idempotency_key = "notebook-42".into();
+    let a = app.submit(keyed.clone()).await.unwrap();
+    let b = app.submit(keyed.clone()).await.unwrap();
+    assert_eq!(a.request_id, b.request_id);
+    assert!(!a.replayed && b.replayed);
+    // ... and refuses a different request under the same key.
+    keyed.parameters_json = keyed
+        .parameters_json
+        .replace("\"n_showers\":4000", "\"n_showers\":8000");
+    let conflict = app.submit(keyed).await.unwrap_err();
+    assert_eq!(conflict.code(), tonic::Code::AlreadyExists);
+
+    // Identical requests racing each other: exactly one production.
+    let mut racing = cta_example();
+    racing.parameters_json = racing
+        .parameters_json
+        .replace("\"zenith_deg\":20", "\"zenith_deg\":40");
+    let submissions = (0..6).map(|_| app.submit(racing.clone()));
+    let answers = futures::future::join_all(submissions).await;
+    let mut accepted = Vec::new();
+    let mut rejected = Vec::new();
+    for answer in answers {
+        let request = app.decided(&answer.unwrap().request_id).await;
+        match request.state() {
+            pb::RequestState::Accepted => accepted.push(request.production_id),
+            _ => rejected.push(request.existing_production_id),
+        }
+    }
+    assert_eq!(accepted.len(), 1, "accepted {accepted:?}");
+    assert!(rejected.iter().all(|p| *p == accepted[0]), "{rejected:?}");
+    assert_eq!(
+        accepted[0], "CTA-000002",
+        "IDs are sequential and never reused"
+    );
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_malformed_request_gets_a_violation_per_field_and_is_not_stored() {
+    let app = spawn_app().await;
+    let mut request = cta_example();
+    let mut parameters: serde_json::Value = serde_json::from_str(&request.parameters_json).unwrap();
+    let object = parameters.as_object_mut().unwrap();
+    object.remove("site");
+    object.insert("zenith_deg".into(), serde_json::json!("twenty"));
+    object.insert("n_showers".into(), serde_json::json!(0));
+    object.insert("energy_min_tev".into(), serde_json::json!(400));
+    object.insert("colour".into(), serde_json::json!("blue"));
+    request.parameters_json = parameters.to_string();
+    let status = app.submit(request).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    let details = status
+        .get_details_bad_request()
+        .expect("google.rpc.BadRequest details");
+    let fields: BTreeSet<String> = details
+        .field_violations
+        .iter()
+        .map(|v| v.field.clone())
+        .collect();
+    for expected in [
+        "parameters.site",
+        "parameters.zenith_deg",
+        "parameters.n_showers",
+        "parameters.energy_min_tev",
+        "parameters.colour",
+    ] {
+        assert!(fields.contains(expected), "{expected} not in {fields:?}");
+    }
+
+    let unknown = pb::SubmitRequestRequest {
+        profile: "no-such-profile".into(),
+        ..cta_example()
+    };
+    let status = app.submit(unknown).await.unwrap_err();
+    let details = status.get_details_bad_request().unwrap();
+    assert_eq!(details.field_violations[0].field, "profile");
+    assert!(
+        details.field_violations[0]
+            .description
+            .contains("cta-irf-mc")
+    );
+
+    let not_json = pb::SubmitRequestRequest {
+        parameters_json: "{\"site\": ".into(),
+        ..cta_example()
+    };
+    let status = app.submit(not_json).await.unwrap_err();
+    assert_eq!(
+        status.get_details_bad_request().unwrap().field_violations[0].field,
+        "parameters"
+    );
+
+    let stored = app.stored_requests().await;
+    assert_eq!(stored, 0, "refused requests are not stored");
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn poison_messages_are_dead_lettered_with_a_reason_and_the_consumer_goes_on() {
+    let app = spawn_app().await;
+    let (connection, channel) = app.env.amqp().await.unwrap();
+    let events = format!("{}prodsys.events", app.env.prefix);
+    let text = |s: &str| AMQPValue::LongString(s.into());
+
+    // Valid CloudEvents attributes, a body that is not a RequestReceived.
+    let mut headers = FieldTable::default();
+    for (k, v) in [
+        ("cloudEvents_id", "0192f2c4-0000-7000-8000-000000000001"),
+        ("cloudEvents_type", "org.prodsys.request.received.v1"),
+        ("cloudEvents_source", "/tests"),
+        ("cloudEvents_specversion", "1.0"),
+    ] {
+        headers.insert(k.into(), text(v));
+    }
+    let properties = lapin::BasicProperties::default().with_headers(headers);
+    channel
+        .basic_publish(
+            events.as_str().into(),
+            "request.received".into(),
+            BasicPublishOptions::default(),
+            b"\xff\xfe garbage",
+            properties,
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    // No CloudEvents attributes at all.
+    channel
+        .basic_publish(
+            events.as_str().into(),
+            "request.received".into(),
+            BasicPublishOptions::default(),
+            b"{}",
+            Default::default(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+
+    let mut reasons = Vec::new();
+    for (reason, headers) in app.dead_letters("checker", 2).await {
+        let key = headers
+            .inner()
+            .get("x-prodsys-original-routing-key")
+            .cloned();
+        assert_eq!(key, Some(text("request.received")));
+        reasons.push(reason);
+    }
+    reasons.sort();
+    assert!(
+        reasons[0].contains("missing CloudEvents attribute \"id\""),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons[1].contains("payload does not decode"),
+        "{reasons:?}"
+    );
+
+    // The checker still decides real requests.
+    let answer = app.submit(cta_example()).await.unwrap();
+    assert_eq!(
+        app.decided(&answer.request_id).await.state(),
+        pb::RequestState::Accepted
+    );
+    let _ = connection.close(200, "done".into()).await;
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn validation_is_a_dry_run_and_overlaps_need_the_extension_flag() {
+    let app = spawn_app().await;
+    let mut intake = app.intake.clone();
+
+    // Before anything exists: acceptable, with a plan and an estimate, and nothing stored.
+    let dry = intake
+        .validate_request(cta_example())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(dry.acceptable, "{dry:?}");
+    assert_eq!(dry.fingerprint.len(), 64);
+    let plan = dry.plan.unwrap();
+    assert_eq!(
+        (plan.jobs, plan.units_per_job, plan.first_run, plan.last_run),
+        (4, 1000, 1, 4)
+    );
+    let estimate = dry.estimate.unwrap();
+    // 60 s + 0.05 s per shower, from the profile's resource model.
+    assert!(
+        (estimate.cpu_seconds_per_job - 110.0).abs() < 1e-9,
+        "{estimate:?}"
+    );
+    assert!(
+        (estimate.cpu_hours_total - 440.0 / 3600.0).abs() < 1e-9,
+        "{estimate:?}"
+    );
+    let stored = app.stored_requests().await;
+    assert_eq!(stored, 0);
+
+    let first = app.submit(cta_example()).await.unwrap();
+    let first = app.decided(&first.request_id).await;
+    assert_eq!(first.state(), pb::RequestState::Accepted);
+
+    // The same request now: a duplicate, named.
+    let dry = intake
+        .validate_request(cta_example())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!dry.acceptable);
+    assert_eq!(dry.existing_production_id, first.production_id);
+
+    // More showers of the same simulation: an overlap, refused without the flag...
+    let mut more = cta_example();
+    more.parameters_json = more
+        .parameters_json
+        .replace("\"n_showers\":4000", "\"n_showers\":6000");
+    let dry = intake
+        .validate_request(more.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!dry.acceptable);
+    assert_eq!(dry.overlaps.len(), 1);
+    assert_eq!(dry.overlaps[0].production_id, first.production_id);
+    assert!(
+        dry.overlaps[0]
+            .description
+            .contains("n_showers 6000 (existing 4000)"),
+        "{:?}",
+        dry.overlaps
+    );
+    let refused = app
+        .decided(&app.submit(more.clone()).await.unwrap().request_id)
+        .await;
+    assert_eq!(refused.state(), pb::RequestState::Rejected);
+    assert!(
+        refused
+            .violations
+            .iter()
+            .any(|v| v.field == "extend" && v.description.contains(&first.production_id))
+    );
+
+    // ... and accepted as an extension, with run numbers after the first production's.
+    more.extend = true;
+    let dry = intake
+        .validate_request(more.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(dry.acceptable, "{dry:?}");
+    let plan = dry.plan.unwrap();
+    assert_eq!((plan.first_run, plan.last_run), (5, 10));
+    let extension = app
+        .decided(&app.submit(more).await.unwrap().request_id)
+        .await;
+    assert_eq!(
+        extension.state(),
+        pb::RequestState::Accepted,
+        "{extension:?}"
+    );
+    let last = app.watch(&extension.production_id).await.pop().unwrap();
+    assert_eq!(last.state(), pb::ProductionState::Completed);
+    let files = wait_for("the extension's files", Duration::from_secs(30), || async {
+        let files = app.files(&extension.production_id).await;
+        (files.len() == 12).then_some(files)
+    })
+    .await
+    .unwrap();
+    let runs: BTreeSet<u64> = files
+        .iter()
+        .map(|f| f.metadata["run_number"].parse().unwrap())
+        .collect();
+    assert_eq!(runs, (5..=10).collect());
+
+    // A disjoint energy range is a different simulation: no overlap, no flag needed.
+    let mut higher = cta_example();
+    higher.parameters_json = higher
+        .parameters_json
+        .replace("\"energy_min_tev\":0.003", "\"energy_min_tev\":330")
+        .replace("\"energy_max_tev\":330", "\"energy_max_tev\":600");
+    let dry = intake.validate_request(higher).await.unwrap().into_inner();
+    assert!(dry.acceptable && dry.overlaps.is_empty(), "{dry:?}");
+    assert_eq!(
+        dry.plan.unwrap().first_run,
+        11,
+        "run numbers never collide within an identity"
+    );
+    app.stop().await;
+}
+
+/// A SubmitRequest whose parameters travel as raw bytes, to send what a
+/// careless client could: bytes that are not UTF-8.
+#[derive(Clone, PartialEq, prost::Message)]
+struct RawSubmit {
+    #[prost(string, tag = "1")]
+    profile: String,
+    #[prost(string, tag = "2")]
+    vo: String,
+    #[prost(bytes = "vec", tag = "3")]
+    parameters_json: Vec<u8>,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn empty_huge_and_undecodable_requests_are_refused_by_field() {
+    let app = spawn_app().await;
+    let fields = |status: &tonic::Status| -> BTreeSet<String> {
+        status
+            .get_details_bad_request()
+            .map(|d| d.field_violations.into_iter().map(|v| v.field).collect())
+            .unwrap_or_default()
+    };
+
+    let empty = app
+        .submit(pb::SubmitRequestRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(empty.code(), tonic::Code::InvalidArgument);
+    assert_eq!(
+        fields(&empty),
+        ["parameters", "profile", "vo"].map(String::from).into()
+    );
+
+    let huge = pb::SubmitRequestRequest {
+        parameters_json: format!("{{\"x\":\"{}\"}}", "a".repeat(10 * 1024 * 1024)),
+        ..cta_example()
+    };
+    let status = app.submit(huge).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    let details = status.get_details_bad_request().unwrap();
+    assert_eq!(details.field_violations[0].field, "parameters");
+    assert!(
+        details.field_violations[0]
+            .description
+            .contains("more than the limit")
+    );
+
+    let addr = app.stack.addr(prodsys::Service::Intake).unwrap();
+    let mut grpc = tonic::client::Grpc::new(support::channel(addr).await);
+    grpc.ready().await.unwrap();
+    let raw = RawSubmit {
+        profile: "cta-irf-mc".into(),
+        vo: "vo.cta.in2p3.fr".into(),
+        parameters_json: vec![b'{', 0xff, 0xfe, b'}'],
+    };
+    let answer: Result<tonic::Response<pb::SubmitRequestResponse>, tonic::Status> = grpc
+        .unary(
+            tonic::Request::new(raw),
+            http::uri::PathAndQuery::from_static("/prodsys.v1.RequestService/SubmitRequest"),
+            tonic_prost::ProstCodec::default(),
+        )
+        .await;
+    let status = answer.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert!(
+        status.message().contains("parameters_json"),
+        "{}",
+        status.message()
+    );
+    assert!(status.message().contains("UTF-8"), "{}", status.message());
+
+    let stored = app.stored_requests().await;
+    assert_eq!(stored, 0);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn outputs_registered_from_elsewhere_count_as_existing() {
+    let app = spawn_app().await;
+    let mut catalog = app.catalog.clone();
+    let metadata: std::collections::HashMap<String, String> = [
+        ("array_layout", "Prod6-Hyperarray"),
+        ("site", "LaPalma"),
+        ("particle", "gamma"),
+        ("phiP", "180"),
+        ("thetaP", "20"),
+        ("MCCampaign", "PROD6"),
+        ("data_level", "DL0"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    let file = |n: u32| pb::OutputFile {
+        lfn: format!(
+            "/vo.cta.in2p3.fr/MC/PROD6/LaPalma/gamma/sim_telarray/2021/Data/000xxx/run{n}.simtel.zst"
+        ),
+        size: 1000 + u64::from(n),
+        adler32: "0a0b0c0d".into(),
+        url: format!("root://eos.example.org//eos/cta/run{n}.simtel.zst"),
+        metadata: metadata.clone(),
+        production_id: String::new(),
+        job_index: 0,
+    };
+
+    // Bad files are refused by field, good ones registered once.
+    let bad = pb::OutputFile {
+        adler32: "XYZ".into(),
+        ..file(9)
+    };
+    let status = catalog
+        .register_files(pb::RegisterFilesRequest {
+            files: vec![file(1), bad],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        status.get_details_bad_request().unwrap().field_violations[0].field,
+        "files[1].adler32"
+    );
+    let added = catalog
+        .register_files(pb::RegisterFilesRequest {
+            files: vec![file(1), file(2)],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(added.registered, 2);
+    let again = catalog
+        .register_files(pb::RegisterFilesRequest {
+            files: vec![file(1)],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.registered, 0);
+
+    let dry = app
+        .intake
+        .clone()
+        .validate_request(cta_example())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!dry.acceptable);
+    let reason = &dry.violations[0].description;
+    assert!(
+        reason.contains("already exist in the catalog: 2 file(s)"),
+        "{reason}"
+    );
+    assert!(reason.contains("registered from elsewhere"), "{reason}");
+    let refused = app
+        .decided(&app.submit(cta_example()).await.unwrap().request_id)
+        .await;
+    assert_eq!(refused.state(), pb::RequestState::Rejected);
+
+    // Asked for explicitly, more of the same simulation is fine.
+    let extended = pb::SubmitRequestRequest {
+        extend: true,
+        ..cta_example()
+    };
+    let accepted = app
+        .decided(&app.submit(extended).await.unwrap().request_id)
+        .await;
+    assert_eq!(accepted.state(), pb::RequestState::Accepted, "{accepted:?}");
+    app.stop().await;
+}

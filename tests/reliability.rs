@@ -1,0 +1,100 @@
+//! Things break; productions still finish. These tests cut the services'
+//! connections to the broker and to PostgreSQL in the middle of a run.
+
+mod support;
+
+use std::process::Command;
+use std::time::Duration;
+
+use prodsys_proto as pb;
+use prodsys_testkit::wait_for;
+use support::{App, cta_example, spawn_app};
+
+/// The broker-side ids of this test's connections.
+fn connections(prefix: &str) -> Vec<String> {
+    let output = Command::new("rabbitmqctl")
+        .args(["list_connections", "pid", "client_properties", "-q"])
+        .output()
+        .expect("rabbitmqctl runs");
+    let marker = format!("@{prefix}\"");
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter(|line| line.contains(&marker))
+        .filter_map(|line| line.split('\t').next().map(str::to_string))
+        .collect()
+}
+
+/// A request for a simulation nobody submitted before in this test.
+fn fresh_request(zenith: u32) -> pb::SubmitRequestRequest {
+    let mut request = cta_example();
+    request.parameters_json = request
+        .parameters_json
+        .replace("\"zenith_deg\":20", &format!("\"zenith_deg\":{zenith}"));
+    request
+}
+
+async fn run_to_completion(app: &App, request: pb::SubmitRequestRequest) -> String {
+    let answer = app.submit(request).await.unwrap();
+    let request = app.decided(&answer.request_id).await;
+    assert_eq!(request.state(), pb::RequestState::Accepted, "{request:?}");
+    let last = app.watch(&request.production_id).await.pop().unwrap();
+    assert_eq!(last.state(), pb::ProductionState::Completed, "{last:?}");
+    let production_id = request.production_id;
+    wait_for(
+        "the production's files",
+        Duration::from_secs(30),
+        || async { (app.files(&production_id).await.len() == 8).then_some(()) },
+    )
+    .await
+    .unwrap();
+    production_id
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn services_reconnect_to_the_broker_and_finish_new_productions() {
+    let app = spawn_app().await;
+    run_to_completion(&app, fresh_request(20)).await;
+    let before = connections(&app.env.prefix);
+    assert_eq!(before.len(), 5, "one connection per service: {before:?}");
+    for pid in &before {
+        let status = Command::new("rabbitmqctl")
+            .args(["close_connection", pid, "test: broker connection lost"])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+    let after = wait_for("five new connections", Duration::from_secs(30), || async {
+        let now = connections(&app.env.prefix);
+        (now.len() == 5 && now.iter().all(|pid| !before.contains(pid))).then_some(now)
+    })
+    .await
+    .unwrap();
+    assert_eq!(after.len(), 5);
+    // Consumers, relays and publishers all came back.
+    run_to_completion(&app, fresh_request(40)).await;
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn services_survive_losing_their_database_connections() {
+    let app = spawn_app().await;
+    run_to_completion(&app, fresh_request(20)).await;
+    let admin = app.env.db().await.unwrap();
+    let killed: i64 = admin
+        .query_one(
+            "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+             WHERE datname = current_database() AND pid <> pg_backend_pid()) AS t",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        killed >= 5,
+        "pooled and LISTEN connections were terminated: {killed}"
+    );
+    // Pools replace broken connections, relays re-LISTEN, and work goes on.
+    run_to_completion(&app, fresh_request(40)).await;
+    drop(admin);
+    app.stop().await;
+}

@@ -1,0 +1,209 @@
+//! The Slurm backend against a real one-host Slurm cluster (slurmctld,
+//! slurmd and munge, installed and started by tests/servers/slurm/start).
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::process::Command;
+use std::time::Duration;
+
+use prodsys_config::BackendSettings;
+use prodsys_proto as pb;
+use prodsys_testkit::{TestEnv, wait_for};
+use support::{cta_example, sleep_request, spawn_app_with, use_test_profiles};
+
+const SLURM: &str = "slurm-test";
+
+fn start_slurm() {
+    let script = prodsys_testkit::repo_root().join("tests/servers/slurm/start");
+    let status = Command::new(script)
+        .status()
+        .expect("running tests/servers/slurm/start");
+    assert!(status.success(), "the Slurm test cluster did not start");
+}
+
+fn on_slurm(env: &mut TestEnv) {
+    start_slurm();
+    use_test_profiles(env);
+    env.settings.dispatcher.poll_interval_ms = 300;
+    env.settings.dispatcher.backends = BTreeMap::from([(
+        SLURM.to_string(),
+        BackendSettings::Slurm {
+            partition: "debug".into(),
+            max_in_flight: 3,
+            sbatch_args: vec![],
+        },
+    )]);
+}
+
+/// Slurm jobs whose name holds `part` (squeue keeps finished ones a while).
+fn slurm_jobs(part: &str) -> Vec<(String, String)> {
+    let out = Command::new("squeue").args(["--json"]).output().unwrap();
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    doc["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|j| j["name"].as_str().unwrap_or_default().contains(part))
+        .map(|j| {
+            let state = match &j["job_state"] {
+                serde_json::Value::Array(a) => a[0].as_str().unwrap().to_string(),
+                s => s.as_str().unwrap().to_string(),
+            };
+            (j["name"].as_str().unwrap().to_string(), state)
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_cta_example_runs_on_slurm_and_failures_are_retried() {
+    let app = spawn_app_with(on_slurm).await;
+    let production = app
+        .accepted(pb::SubmitRequestRequest {
+            backend: SLURM.into(),
+            ..cta_example()
+        })
+        .await;
+    let last = app.watch(&production).await.pop().unwrap();
+    assert_eq!(last.state(), pb::ProductionState::Completed, "{last:?}");
+    assert_eq!(last.backend, SLURM);
+    let files = wait_for("8 files", Duration::from_secs(30), || async {
+        let files = app.files(&production).await;
+        (files.len() == 8).then_some(files)
+    })
+    .await
+    .unwrap();
+    for file in &files {
+        let bytes = std::fs::read(file.url.strip_prefix("file://").unwrap()).unwrap();
+        assert_eq!(file.size, bytes.len() as u64);
+    }
+    let db = app.env.db().await.unwrap();
+    let rows = db
+        .query(
+            "SELECT backend_job_id, raw_status FROM dispatcher.jobs WHERE production_id = $1",
+            &[&production],
+        )
+        .await
+        .unwrap();
+    for row in &rows {
+        let id: String = row.get(0);
+        assert!(
+            id.chars().all(|c| c.is_ascii_digit()),
+            "a Slurm job id: {id}"
+        );
+        assert_eq!(row.get::<_, &str>(1), "COMPLETED");
+    }
+
+    // Job 1 fails on Slurm too: retried once, then exhausted.
+    let partial = app
+        .accepted(sleep_request(2, 0.0, 1, "slurm-retry", SLURM))
+        .await;
+    let last = app.watch(&partial).await.pop().unwrap();
+    assert_eq!(
+        last.state(),
+        pb::ProductionState::PartiallyCompleted,
+        "{last:?}"
+    );
+    let row = db
+        .query_one(
+            "SELECT attempt, state, raw_status, exit_code FROM dispatcher.jobs WHERE production_id = $1 AND job_index = 1",
+            &[&partial],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, i32>(0), 2);
+    assert_eq!(row.get::<_, &str>(1), "EXHAUSTED");
+    assert_eq!(row.get::<_, &str>(2), "FAILED");
+    assert_eq!(row.get::<_, Option<i32>>(3), Some(1));
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cancel_scancels_and_a_restart_never_submits_an_attempt_twice() {
+    let app = spawn_app_with(on_slurm).await;
+    let production = app
+        .accepted(sleep_request(4, 120.0, -1, "slurm-cancel", SLURM))
+        .await;
+    let db = app.env.db().await.unwrap();
+    let deployment: String = db
+        .query_one("SELECT tag FROM dispatcher.deployment", &[])
+        .await
+        .unwrap()
+        .get(0);
+    // This deployment's jobs of this production: other runs reuse production IDs.
+    let ours = format!("{deployment}.{production}.");
+    wait_for(
+        "three jobs running on Slurm",
+        Duration::from_secs(60),
+        || async {
+            let running = slurm_jobs(&ours)
+                .into_iter()
+                .filter(|(_, s)| s == "RUNNING")
+                .count();
+            (running == 3).then_some(())
+        },
+    )
+    .await
+    .unwrap();
+    // The installation's cap holds: three in flight, one waiting.
+    assert_eq!(slurm_jobs(&ours).len(), 3);
+
+    // A crash between sbatch and the commit of its job id: the dispatcher
+    // stops, and the job is left reserved without a backend id.
+    let app = {
+        let mut app = app;
+        app.shutdown.cancel();
+        let stack = std::mem::replace(&mut app.stack, prodsys::Stack { services: vec![] });
+        let _ = tokio::time::timeout(Duration::from_secs(10), stack.wait()).await;
+        db.execute(
+            "UPDATE dispatcher.jobs SET backend_job_id = NULL, state = 'SUBMITTED'
+             WHERE production_id = $1 AND job_index = 0",
+            &[&production],
+        )
+        .await
+        .unwrap();
+        app.restart().await
+    };
+    let recovered = wait_for("the job found again by its tag", Duration::from_secs(30), || async {
+        let row = db
+            .query_one(
+                "SELECT backend_job_id, raw_status FROM dispatcher.jobs WHERE production_id = $1 AND job_index = 0",
+                &[&production],
+            )
+            .await
+            .ok()?;
+        row.get::<_, Option<String>>(0).map(|id| (id, row.get::<_, String>(1)))
+    })
+    .await
+    .unwrap();
+    assert!(
+        recovered.0.chars().all(|c| c.is_ascii_digit()),
+        "{recovered:?}"
+    );
+    let tag = format!("{ours}000000.a1");
+    let named: Vec<_> = slurm_jobs(&tag);
+    assert_eq!(named.len(), 1, "the attempt was submitted once: {named:?}");
+
+    app.intake
+        .clone()
+        .cancel_production(pb::CancelProductionRequest {
+            production_id: production.clone(),
+            reason: "test".into(),
+        })
+        .await
+        .unwrap();
+    let last = app.watch(&production).await.pop().unwrap();
+    assert_eq!(last.state(), pb::ProductionState::Cancelled, "{last:?}");
+    assert_eq!(last.counts.unwrap().cancelled, 4);
+    wait_for(
+        "Slurm to cancel the jobs",
+        Duration::from_secs(30),
+        || async {
+            let jobs = slurm_jobs(&ours);
+            jobs.iter().all(|(_, s)| s == "CANCELLED").then_some(())
+        },
+    )
+    .await
+    .unwrap();
+    app.stop().await;
+}

@@ -1,0 +1,279 @@
+//! A whole prodsys stack per test, on a fresh database and AMQP prefix, with gRPC clients.
+
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use prodsys::{Service, Stack};
+use prodsys_proto as pb;
+use prodsys_testkit::{TestEnv, wait_for};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+pub struct App {
+    pub env: TestEnv,
+    pub stack: Stack,
+    pub shutdown: CancellationToken,
+    pub intake: pb::request_service_client::RequestServiceClient<Channel>,
+    pub status: pb::status_service_client::StatusServiceClient<Channel>,
+    pub catalog: pb::catalog_service_client::CatalogServiceClient<Channel>,
+}
+
+pub async fn channel(addr: std::net::SocketAddr) -> Channel {
+    Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .expect("connecting to the service")
+}
+
+pub async fn spawn_app() -> App {
+    spawn_app_with(|_| {}).await
+}
+
+/// The shipped profiles plus the test ones (tests/profiles), in the test's own directory.
+pub fn use_test_profiles(env: &mut TestEnv) {
+    let dir = env.work_dir.join("profiles");
+    std::fs::create_dir_all(&dir).unwrap();
+    let root = prodsys_testkit::repo_root();
+    for source in [root.join("profiles"), root.join("tests/profiles")] {
+        for entry in std::fs::read_dir(source).unwrap() {
+            let path = entry.unwrap().path();
+            std::fs::copy(&path, dir.join(path.file_name().unwrap())).unwrap();
+        }
+    }
+    env.settings.profiles_dir = dir;
+}
+
+/// A stack whose settings `adjust` changed first.
+pub async fn spawn_app_with(adjust: impl FnOnce(&mut TestEnv)) -> App {
+    // Shown by the test runner when a test fails.
+    prodsys_telemetry::init("warn");
+    let mut env = TestEnv::new().await.expect("test environment");
+    adjust(&mut env);
+    start_stack(env).await
+}
+
+async fn start_stack(env: TestEnv) -> App {
+    let shutdown = CancellationToken::new();
+    let stack = prodsys::start(&Service::ALL, &env.settings, shutdown.clone())
+        .await
+        .expect("starting the stack");
+    let intake = pb::request_service_client::RequestServiceClient::new(
+        channel(stack.addr(Service::Intake).unwrap()).await,
+    );
+    let status = pb::status_service_client::StatusServiceClient::new(
+        channel(stack.addr(Service::Status).unwrap()).await,
+    );
+    let catalog = pb::catalog_service_client::CatalogServiceClient::new(
+        channel(stack.addr(Service::Catalog).unwrap()).await,
+    );
+    App {
+        env,
+        stack,
+        shutdown,
+        intake,
+        status,
+        catalog,
+    }
+}
+
+/// The shipped CTA example as a gRPC request.
+pub fn cta_example() -> pb::SubmitRequestRequest {
+    let path = prodsys_testkit::repo_root().join("examples/cta-irf-mc.json");
+    let file: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    pb::SubmitRequestRequest {
+        profile: file["profile"].as_str().unwrap().into(),
+        vo: file["vo"].as_str().unwrap().into(),
+        parameters_json: file["parameters"].to_string(),
+        backend: file["backend"].as_str().unwrap_or_default().into(),
+        idempotency_key: String::new(),
+        submitter: "tests".into(),
+        extend: false,
+        reuse_existing: false,
+    }
+}
+
+/// A request of the test-sleep profile (tests/profiles): `jobs` jobs that sleep
+/// `seconds`, the one at `fail_job` always failing; on installation `backend`.
+pub fn sleep_request(
+    jobs: u64,
+    seconds: f64,
+    fail_job: i64,
+    tag: &str,
+    backend: &str,
+) -> pb::SubmitRequestRequest {
+    pb::SubmitRequestRequest {
+        profile: "test-sleep".into(),
+        vo: "test".into(),
+        parameters_json: serde_json::json!({
+            "jobs": jobs, "per_job": 1, "seconds": seconds, "fail_job": fail_job, "tag": tag
+        })
+        .to_string(),
+        backend: backend.into(),
+        ..cta_example()
+    }
+}
+
+impl App {
+    /// Submits `request`, which must be accepted; returns its production ID.
+    pub async fn accepted(&self, request: pb::SubmitRequestRequest) -> String {
+        let request = self
+            .decided(&self.submit(request).await.unwrap().request_id)
+            .await;
+        assert_eq!(request.state(), pb::RequestState::Accepted, "{request:?}");
+        request.production_id
+    }
+
+    pub async fn submit(
+        &self,
+        request: pb::SubmitRequestRequest,
+    ) -> Result<pb::SubmitRequestResponse, tonic::Status> {
+        self.intake
+            .clone()
+            .submit_request(request)
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    /// Waits until the checker has decided the request.
+    pub async fn decided(&self, request_id: &str) -> pb::Request {
+        let intake = self.intake.clone();
+        wait_for("the checker's verdict", Duration::from_secs(30), || {
+            let mut intake = intake.clone();
+            let request_id = request_id.to_string();
+            async move {
+                let r = intake
+                    .get_request(pb::GetRequestRequest { request_id })
+                    .await
+                    .ok()?
+                    .into_inner();
+                (r.state() != pb::RequestState::Received).then_some(r)
+            }
+        })
+        .await
+        .unwrap()
+    }
+
+    /// Follows WatchProduction to its end, returning every snapshot.
+    pub async fn watch(&self, production_id: &str) -> Vec<pb::Production> {
+        let status = self.status.clone();
+        let mut stream = wait_for(
+            "the production in the status service",
+            Duration::from_secs(30),
+            || {
+                let mut status = status.clone();
+                let production_id = production_id.to_string();
+                async move {
+                    status
+                        .watch_production(pb::GetProductionRequest { production_id })
+                        .await
+                        .ok()
+                        .map(|s| s.into_inner())
+                }
+            },
+        )
+        .await
+        .unwrap();
+        let mut snapshots = Vec::new();
+        loop {
+            match tokio::time::timeout(Duration::from_secs(60), stream.message()).await {
+                Ok(Ok(Some(snapshot))) => snapshots.push(snapshot),
+                Ok(Ok(None)) => return snapshots,
+                Ok(Err(status)) => panic!("watch failed: {status}"),
+                Err(_) => panic!("no update for 60 s; last: {:?}", snapshots.last()),
+            }
+        }
+    }
+
+    pub async fn files(&self, production_id: &str) -> Vec<pb::OutputFile> {
+        let mut files = Vec::new();
+        let mut token = String::new();
+        loop {
+            let page = self
+                .catalog
+                .clone()
+                .find_files(pb::FindFilesRequest {
+                    production_id: production_id.into(),
+                    metadata: Default::default(),
+                    page_size: 3,
+                    page_token: token,
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            files.extend(page.files);
+            if page.next_page_token.is_empty() {
+                return files;
+            }
+            token = page.next_page_token;
+        }
+    }
+
+    /// How many requests intake has stored, whatever their state.
+    pub async fn stored_requests(&self) -> i64 {
+        let db = self.env.db().await.unwrap();
+        db.query_one("SELECT count(*) FROM intake.requests", &[])
+            .await
+            .unwrap()
+            .get(0)
+    }
+
+    /// The next `n` dead letters of `service`, with the reason each carries.
+    pub async fn dead_letters(
+        &self,
+        service: &str,
+        n: usize,
+    ) -> Vec<(String, lapin::types::FieldTable)> {
+        let (connection, channel) = self.env.amqp().await.unwrap();
+        let dlq = format!("{}prodsys.{service}.dlq", self.env.prefix);
+        let mut letters = Vec::new();
+        for _ in 0..n {
+            let letter = wait_for("a dead letter", Duration::from_secs(20), || {
+                let channel = channel.clone();
+                let dlq = dlq.clone();
+                async move {
+                    channel
+                        .basic_get(
+                            dlq.as_str().into(),
+                            lapin::options::BasicGetOptions { no_ack: true },
+                        )
+                        .await
+                        .ok()
+                        .flatten()
+                }
+            })
+            .await
+            .unwrap();
+            let headers = letter
+                .delivery
+                .properties
+                .headers()
+                .clone()
+                .unwrap_or_default();
+            let reason = match headers.inner().get("x-prodsys-dead-letter-reason") {
+                Some(lapin::types::AMQPValue::LongString(s)) => {
+                    String::from_utf8_lossy(s.as_bytes()).into_owned()
+                }
+                other => panic!("a dead letter without a reason: {other:?}"),
+            };
+            letters.push((reason, headers));
+        }
+        let _ = connection.close(200, "done".into()).await;
+        letters
+    }
+
+    /// Stops every service and starts them again on the same database and broker.
+    pub async fn restart(self) -> App {
+        self.shutdown.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.stack.wait()).await;
+        start_stack(self.env).await
+    }
+
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.stack.wait()).await;
+        self.env.cleanup().await;
+    }
+}
