@@ -22,6 +22,7 @@ pub struct JobSpec {
     /// Unique per attempt and stable (`CTA-000001.000042.a1`), so a backend
     /// can be searched for it after a crash.
     pub tag: String,
+    pub production_id: String,
     pub program: String,
     pub args: Vec<String>,
     pub env: Vec<(String, String)>,
@@ -50,6 +51,29 @@ pub trait Backend: Send + Sync + 'static {
     fn capacity(&self) -> usize;
     /// Submits one attempt; returns the backend's ID and the state right after.
     fn submit<'a>(&'a self, spec: &'a JobSpec) -> BoxFuture<'a, anyhow::Result<BackendStatus>>;
+    /// Submits several attempts, answering for each in order; a backend with a
+    /// bulk call overrides this. By default one by one, stopping at the first error.
+    fn submit_many<'a>(
+        &'a self,
+        specs: &'a [JobSpec],
+    ) -> BoxFuture<'a, Vec<anyhow::Result<BackendStatus>>> {
+        Box::pin(async move {
+            let mut results = Vec::with_capacity(specs.len());
+            let mut failed = false;
+            for spec in specs {
+                if failed {
+                    results.push(Err(anyhow::anyhow!(
+                        "not submitted: an earlier submission failed"
+                    )));
+                    continue;
+                }
+                let result = self.submit(spec).await;
+                failed = result.is_err();
+                results.push(result);
+            }
+            results
+        })
+    }
     /// The state of these in-flight jobs, in bulk; a job not mentioned is unchanged.
     fn poll<'a>(
         &'a self,

@@ -6,6 +6,7 @@
 //! the stated rule (all done → COMPLETED, some → PARTIALLY_COMPLETED, none → FAILED).
 
 pub mod backend;
+pub mod dirac;
 mod scheduler;
 pub mod slurm;
 
@@ -129,6 +130,10 @@ pub async fn start(
                 sbatch_args,
                 tools_dir.clone(),
             )),
+            BackendSettings::Dirac(dirac) => Arc::new(
+                dirac::Dirac::new(&name, &dirac)
+                    .with_context(|| format!("setting up installation {name}"))?,
+            ),
         };
         let wake = Arc::new(Notify::new());
         wakes.push(wake.clone());

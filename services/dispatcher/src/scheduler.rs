@@ -126,11 +126,18 @@ impl Scheduler {
         let backend = self.backend.name().to_string();
         // Statuses polled but not yet committed survive a failed transaction here.
         let mut pending: Vec<BackendStatus> = Vec::new();
+        // Consecutive rounds in which the backend failed: the wait between
+        // rounds doubles with each, up to a minute, so a backend that is down
+        // is not hammered; one good round resets it.
+        let mut failing: u32 = 0;
         while !shutdown.is_cancelled() {
+            let mut backend_failed = false;
             if let Err(error) = self.reconcile().await {
+                backend_failed = true;
                 tracing::warn!(%backend, error = format!("{error:#}"), "reconciling reserved jobs failed");
             }
             if let Err(error) = self.cancel_requested().await {
+                backend_failed = true;
                 tracing::warn!(%backend, error = format!("{error:#}"), "cancelling failed; retrying");
             }
             let in_flight = match self.in_flight().await {
@@ -144,6 +151,7 @@ impl Scheduler {
                 match self.backend.poll(&in_flight).await {
                     Ok(statuses) => pending.extend(statuses),
                     Err(error) => {
+                        backend_failed = true;
                         tracing::warn!(%backend, error = format!("{error:#}"), "polling the backend failed")
                     }
                 }
@@ -170,10 +178,22 @@ impl Scheduler {
             let submitted = match self.submit_ready(free).await {
                 Ok(n) => n,
                 Err(error) => {
+                    backend_failed = true;
                     tracing::warn!(%backend, error = format!("{error:#}"), "submitting jobs failed");
                     0
                 }
             };
+            if backend_failed {
+                failing = failing.saturating_add(1);
+                let wait = backoff(self.poll_interval, failing);
+                tracing::info!(%backend, failing, wait_ms = wait.as_millis() as u64, "backend failing; waiting before the next round");
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(wait) => {}
+                }
+                continue;
+            }
+            failing = 0;
             if submitted > 0 && submitted < free {
                 continue;
             }
@@ -236,7 +256,7 @@ impl Scheduler {
             jobs = jobs.len(),
             "reconciling jobs reserved before a restart"
         );
-        self.submit_reserved(jobs).await
+        self.submit_reserved(jobs, true).await
     }
 
     /// Reserves up to `free` ready jobs, oldest production first, then submits them.
@@ -305,14 +325,17 @@ impl Scheduler {
         }
         self.commit(tx, changes).await?;
         let count = jobs.len();
-        self.submit_reserved(jobs).await?;
+        self.submit_reserved(jobs, false).await?;
         Ok(count)
     }
 
-    /// Submits reserved jobs (unless the backend already has them) and commits their backend IDs.
-    async fn submit_reserved(&self, jobs: Vec<JobRow>) -> anyhow::Result<()> {
+    /// Submits reserved jobs and commits their backend IDs. Jobs reserved in
+    /// an earlier round (`look_first`) may have reached the backend before a
+    /// crash lost their commit: those are looked up by tag first.
+    async fn submit_reserved(&self, jobs: Vec<JobRow>, look_first: bool) -> anyhow::Result<()> {
         let mut submitted = Vec::with_capacity(jobs.len());
         let mut failure = None;
+        let mut to_submit = Vec::with_capacity(jobs.len());
         for job in jobs {
             let Some(profile) = self.profiles.get(&job.profile) else {
                 failure = Some(anyhow::anyhow!(
@@ -322,22 +345,42 @@ impl Scheduler {
                 continue;
             };
             let spec = self.spec(profile, &job);
-            let status = match self.backend.find(&spec.tag).await {
-                Ok(Some(id)) => Ok(BackendStatus {
-                    backend_job_id: id,
-                    state: JobState::Submitted,
-                    raw: "found on the backend after a restart".into(),
-                    exit_code: None,
-                }),
-                Ok(None) => self.backend.submit(&spec).await,
-                Err(error) => Err(error),
-            };
-            match status {
+            if look_first {
+                match self.backend.find(&spec.tag).await {
+                    Ok(Some(id)) => {
+                        submitted.push((
+                            job,
+                            BackendStatus {
+                                backend_job_id: id,
+                                state: JobState::Submitted,
+                                raw: "found on the backend after a restart".into(),
+                                exit_code: None,
+                            },
+                        ));
+                        continue;
+                    }
+                    Ok(None) => {}
+                    // It stays reserved; the next round looks for it again.
+                    Err(error) => {
+                        failure = Some(error);
+                        break;
+                    }
+                }
+            }
+            to_submit.push((job, spec));
+        }
+        let specs: Vec<JobSpec> = to_submit.iter().map(|(_, spec)| spec.clone()).collect();
+        let results = if specs.is_empty() {
+            Vec::new()
+        } else {
+            self.backend.submit_many(&specs).await
+        };
+        for ((job, _), result) in to_submit.into_iter().zip(results) {
+            match result {
                 Ok(status) => submitted.push((job, status)),
-                // The job stays reserved; the next round looks for it again.
+                // The job stays reserved; the next round looks for it, then submits it.
                 Err(error) => {
-                    failure = Some(error);
-                    break;
+                    failure.get_or_insert(error);
                 }
             }
         }
@@ -454,6 +497,7 @@ impl Scheduler {
         let estimate = profile.estimate(job.units as u64);
         JobSpec {
             tag: job.tag(&self.deployment),
+            production_id: job.production_id.clone(),
             program,
             args: command.collect(),
             env: profile
@@ -736,6 +780,16 @@ async fn close(
 }
 
 /// Every regular file under `dir`, sorted, with size and adler32.
+/// The wait after `failing` consecutive failed rounds: the poll interval doubled
+/// for each, at most a minute.
+fn backoff(poll_interval: Duration, failing: u32) -> Duration {
+    let factor = 1u32 << failing.min(10);
+    poll_interval
+        .saturating_mul(factor)
+        .min(Duration::from_secs(60))
+        .max(poll_interval)
+}
+
 fn scan_outputs(dir: &Path) -> anyhow::Result<Vec<(PathBuf, u64, String)>> {
     let mut paths = Vec::new();
     if dir.is_dir() {
@@ -756,4 +810,21 @@ fn scan_outputs(dir: &Path) -> anyhow::Result<Vec<(PathBuf, u64, String)>> {
             Ok((path, size, sum))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failing_backend_is_waited_for_longer_each_round_up_to_a_minute() {
+        let poll = Duration::from_millis(500);
+        assert_eq!(backoff(poll, 1), Duration::from_secs(1));
+        assert_eq!(backoff(poll, 2), Duration::from_secs(2));
+        assert_eq!(backoff(poll, 6), Duration::from_secs(32));
+        assert_eq!(backoff(poll, 7), Duration::from_secs(60));
+        assert_eq!(backoff(poll, u32::MAX), Duration::from_secs(60));
+        // A poll interval above a minute is never shortened.
+        assert_eq!(backoff(Duration::from_secs(90), 3), Duration::from_secs(90));
+    }
 }

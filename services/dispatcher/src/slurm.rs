@@ -346,6 +346,7 @@ mod tests {
         let slurm = Slurm::new("s", "", 1, vec![], Some(PathBuf::from("/opt/tools")));
         let spec = JobSpec {
             tag: "CTA-000001.000001.a1".into(),
+            production_id: "CTA-000001".into(),
             program: "prodsys-toysim".into(),
             args: vec!["--layout".into(), "it's".into()],
             env: vec![("PRODSYS_PRODUCTION_ID".into(), "CTA-000001".into())],

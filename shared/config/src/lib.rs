@@ -132,6 +132,50 @@ pub enum BackendSettings {
         #[serde(default)]
         sbatch_args: Vec<String>,
     },
+    /// A DIRAC installation through the DiracX REST API.
+    Dirac(DiracSettings),
+}
+
+/// A DiracX server and how prodsys authenticates to it. Exactly one token
+/// source: `token`, `token_file` or `token_command`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiracSettings {
+    /// Base URL of the DiracX server (`https://diracx.example.org`).
+    pub url: String,
+    /// A fixed access token (never refreshed: for short tests only).
+    #[serde(default)]
+    pub token: Option<SecretString>,
+    /// A file holding the access token, rewritten by something else (an
+    /// oidc-agent or a cron job); read again when the token nears expiry.
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    /// A command that prints a fresh access token on stdout; run again when
+    /// the token nears expiry or the server refuses it.
+    #[serde(default)]
+    pub token_command: Vec<String>,
+    /// A token is renewed this many seconds before its `exp` claim.
+    #[serde(default = "default_token_refresh_margin")]
+    pub token_refresh_margin_s: u64,
+    /// PEM file of extra CA certificates to trust (a grid CA bundle).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// Most jobs queued or running at once.
+    #[serde(default = "default_in_flight")]
+    pub max_in_flight: usize,
+    /// Sites the jobs may run at (JDL `Site`); any when empty.
+    #[serde(default)]
+    pub sites: Vec<String>,
+    /// Storage element for the jobs' output data (JDL `OutputSE`).
+    #[serde(default)]
+    pub output_se: Option<String>,
+    /// Extra JDL attributes, written as given (`Priority = "5"`, `Tags = "{\"GPU\"}"`).
+    #[serde(default)]
+    pub jdl: BTreeMap<String, String>,
+}
+
+fn default_token_refresh_margin() -> u64 {
+    300
 }
 
 fn default_local_slots() -> usize {
@@ -298,12 +342,27 @@ mod tests {
         let path = dir.join("p.toml");
         std::fs::write(
             &path,
-            "[dispatcher.backends.slurm-local]\nkind = \"slurm\"\npartition = \"debug\"\n",
+            "[dispatcher.backends.slurm-local]\nkind = \"slurm\"\npartition = \"debug\"\n\
+             [dispatcher.backends.dirac-cta]\nkind = \"dirac\"\nurl = \"https://diracx.example.org\"\n\
+             token_command = [\"get-token\", \"cta\"]\njdl = { Priority = \"5\" }\n",
         )
         .unwrap();
         let s = Settings::load(Some(&path)).unwrap();
         let all = s.dispatcher.installations();
-        assert_eq!(all.keys().collect::<Vec<_>>(), ["local", "slurm-local"]);
+        assert_eq!(
+            all.keys().collect::<Vec<_>>(),
+            ["dirac-cta", "local", "slurm-local"]
+        );
+        match &all["dirac-cta"] {
+            BackendSettings::Dirac(d) => {
+                assert_eq!(d.url, "https://diracx.example.org");
+                assert_eq!(d.token_command, ["get-token", "cta"]);
+                assert_eq!(d.token_refresh_margin_s, 300);
+                assert_eq!(d.max_in_flight, 1000);
+                assert_eq!(d.jdl["Priority"], "5");
+            }
+            other => panic!("{other:?}"),
+        }
         assert!(
             matches!(&all["slurm-local"], BackendSettings::Slurm { partition, max_in_flight: 1000, .. } if partition == "debug")
         );

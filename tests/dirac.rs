@@ -1,0 +1,380 @@
+//! The DIRAC backend against a real DiracX server (tests/servers/diracx/start:
+//! DiracX 0.7 from PyPI). No pilots run here, so the test plays the site: it
+//! moves the jobs prodsys submitted through DiracX's own status API, the way
+//! a pilot's job wrapper reports them, and checks that prodsys follows.
+
+mod support;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use prodsys_config::{BackendSettings, DiracSettings};
+use prodsys_proto as pb;
+use prodsys_testkit::{TestEnv, wait_for};
+use serde_json::{Value, json};
+use support::{App, sleep_request, spawn_app_with, use_test_profiles};
+
+const DIRAC: &str = "dirac-test";
+
+struct DiracX {
+    url: String,
+    http: reqwest::Client,
+}
+
+/// Starts (or finds) the test DiracX; returns its URL.
+fn start_diracx() -> String {
+    let root = prodsys_testkit::repo_root();
+    let status = Command::new(root.join("tests/servers/diracx/start"))
+        .status()
+        .expect("running tests/servers/diracx/start");
+    assert!(status.success(), "the DiracX test server did not start");
+    let env = std::fs::read_to_string(root.join("var/servers/diracx/env")).unwrap();
+    env.lines()
+        .find_map(|l| l.strip_prefix("export PRODSYS_DIRACX_URL="))
+        .expect("PRODSYS_DIRACX_URL in the env file")
+        .to_string()
+}
+
+/// A token command that counts its runs in `count`, then asks the server for a token.
+fn counting_token_command(dir: &Path) -> (PathBuf, PathBuf) {
+    let count = dir.join("token-runs");
+    let script = dir.join("token");
+    let token = prodsys_testkit::repo_root().join("tests/servers/diracx/token");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\necho run >> '{}'\nexec '{}' cta_prod\n",
+            count.display(),
+            token.display()
+        ),
+    )
+    .unwrap();
+    Command::new("chmod")
+        .args(["+x", &script.to_string_lossy()])
+        .status()
+        .unwrap();
+    (script, count)
+}
+
+fn on_dirac(env: &mut TestEnv, url: &str, token_command: &Path) {
+    use_test_profiles(env);
+    env.settings.dispatcher.poll_interval_ms = 300;
+    env.settings.dispatcher.backends = BTreeMap::from([(
+        DIRAC.to_string(),
+        BackendSettings::Dirac(DiracSettings {
+            url: url.to_string(),
+            token: None,
+            token_file: None,
+            token_command: vec![token_command.to_string_lossy().into_owned()],
+            // DiracX's tokens live 20 minutes: renewed after about 2 s here.
+            token_refresh_margin_s: 1198,
+            ca_file: None,
+            max_in_flight: 100,
+            sites: vec![],
+            output_se: None,
+            jdl: BTreeMap::new(),
+        }),
+    )]);
+}
+
+impl DiracX {
+    fn new(url: &str) -> Self {
+        Self {
+            url: url.to_string(),
+            http: reqwest::Client::new(),
+        }
+    }
+
+    fn token() -> String {
+        let out = Command::new(prodsys_testkit::repo_root().join("tests/servers/diracx/token"))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    }
+
+    /// Jobs whose name starts with `prefix`: id → (name, status, minor status).
+    async fn jobs(&self, prefix: &str) -> HashMap<u64, (String, String, String)> {
+        let answer: Value = self
+            .http
+            .post(format!("{}/api/jobs/search?page=1&per_page=10000", self.url))
+            .bearer_auth(Self::token())
+            .json(&json!({
+                "parameters": ["JobID", "JobName", "Status", "MinorStatus"],
+                "search": [{"parameter": "JobName", "operator": "like", "value": format!("{prefix}%")}],
+            }))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        answer
+            .as_array()
+            .unwrap_or_else(|| panic!("search answered {answer}"))
+            .iter()
+            .map(|j| {
+                (
+                    j["JobID"].as_u64().unwrap(),
+                    (
+                        j["JobName"].as_str().unwrap().to_string(),
+                        j["Status"].as_str().unwrap().to_string(),
+                        j["MinorStatus"].as_str().unwrap_or_default().to_string(),
+                    ),
+                )
+            })
+            .collect()
+    }
+
+    /// What a pilot's job wrapper reports: these jobs move to `status`.
+    async fn report(&self, ids: &[u64], status: &str, minor: &str) {
+        // Updates dated before a job's last record are ignored: keep time moving.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let at = chrono_now();
+        let body: serde_json::Map<String, Value> = ids
+            .iter()
+            .map(|id| {
+                (
+                    id.to_string(),
+                    json!({ &at: {"Status": status, "MinorStatus": minor, "Source": "JobWrapper"}}),
+                )
+            })
+            .collect();
+        let answer: Value = self
+            .http
+            .patch(format!("{}/api/jobs/status", self.url))
+            .bearer_auth(Self::token())
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let failed = answer["failed"].as_object().map_or(0, |f| f.len());
+        assert_eq!(failed, 0, "status update refused: {answer}");
+    }
+
+    /// A pilot's walk from the task queue to running.
+    async fn run(&self, ids: &[u64]) {
+        for (status, minor) in [
+            ("Checking", "JobSanity"),
+            ("Waiting", "Pilot Agent Submission"),
+            ("Matched", "Assigned"),
+            ("Running", "Application"),
+        ] {
+            self.report(ids, status, minor).await;
+        }
+    }
+}
+
+fn chrono_now() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+}
+
+/// This deployment's prefix of the DIRAC job names of `production`.
+async fn job_prefix(app: &App, production: &str) -> String {
+    let db = app.env.db().await.unwrap();
+    let deployment: String = db
+        .query_one("SELECT tag FROM dispatcher.deployment", &[])
+        .await
+        .unwrap()
+        .get(0);
+    format!("{deployment}.{production}.")
+}
+
+async fn counts(app: &App, production: &str) -> pb::JobCounts {
+    app.status
+        .clone()
+        .get_production(pb::GetProductionRequest {
+            production_id: production.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .counts
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn jobs_go_to_diracx_in_calls_of_twenty_and_prodsys_follows_the_site() {
+    let url = start_diracx();
+    let dir = std::env::temp_dir().join(format!("prodsys-dirac-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (token_command, token_runs) = counting_token_command(&dir);
+    let app = spawn_app_with(|env| on_dirac(env, &url, &token_command)).await;
+    let diracx = DiracX::new(&url);
+
+    // 25 jobs: one call of 20 and one of 5.
+    let production = app
+        .accepted(sleep_request(25, 0.0, -1, "dirac", DIRAC))
+        .await;
+    let prefix = job_prefix(&app, &production).await;
+    let jobs = wait_for("25 jobs in DiracX", Duration::from_secs(60), || async {
+        let jobs = diracx.jobs(&prefix).await;
+        (jobs.len() == 25).then_some(jobs)
+    })
+    .await
+    .unwrap();
+    assert!(jobs.values().all(|(_, s, _)| s == "Received"), "{jobs:?}");
+    let mut ids: Vec<u64> = jobs.keys().copied().collect();
+    ids.sort();
+    let db = app.env.db().await.unwrap();
+    // Every DiracX job is one attempt of one job, named by its tag.
+    for (id, (name, _, _)) in &jobs {
+        let row = db
+            .query_one(
+                "SELECT job_index, attempt FROM dispatcher.jobs
+                 WHERE production_id = $1 AND backend_job_id = $2",
+                &[&production, &id.to_string()],
+            )
+            .await
+            .unwrap();
+        let tag = format!(
+            "{prefix}{:06}.a{}",
+            row.get::<_, i64>(0),
+            row.get::<_, i32>(1)
+        );
+        assert_eq!(name, &tag);
+    }
+
+    // The site runs them all: prodsys sees them running.
+    diracx.run(&ids).await;
+    wait_for("25 running", Duration::from_secs(30), || async {
+        (counts(&app, &production).await.running == 25).then_some(())
+    })
+    .await
+    .unwrap();
+
+    // 24 end well; one fails and comes back as a second attempt, a new DIRAC job.
+    let failing = ids[3];
+    let (done, failed): (Vec<u64>, Vec<u64>) = ids.iter().partition(|id| **id != failing);
+    diracx
+        .report(&done, "Completing", "Uploading Output Data")
+        .await;
+    diracx.report(&done, "Done", "Execution Complete").await;
+    diracx
+        .report(&failed, "Failed", "Application Finished With Errors")
+        .await;
+    let retry = wait_for(
+        "the failed job's second attempt",
+        Duration::from_secs(30),
+        || async {
+            let jobs = diracx.jobs(&prefix).await;
+            jobs.into_iter()
+                .find(|(_, (name, _, _))| name.ends_with(".a2"))
+        },
+    )
+    .await
+    .unwrap();
+    let (index, raw): (i64, String) = {
+        let row = db
+            .query_one(
+                "SELECT job_index, raw_status FROM dispatcher.jobs WHERE production_id = $1 AND attempt = 2",
+                &[&production],
+            )
+            .await
+            .unwrap();
+        (row.get(0), row.get(1))
+    };
+    assert_eq!(retry.1.0, format!("{prefix}{index:06}.a2"));
+    assert!(raw.starts_with("Received"), "{raw}");
+    // While the retry is in flight the dispatcher polls every 300 ms: its
+    // token nears expiry (by the margin) and is fetched again before it expires.
+    wait_for(
+        "the token fetched again",
+        Duration::from_secs(30),
+        || async {
+            let runs = std::fs::read_to_string(&token_runs).unwrap_or_default();
+            (runs.lines().count() >= 2).then_some(())
+        },
+    )
+    .await
+    .unwrap();
+    diracx.run(&[retry.0]).await;
+    diracx
+        .report(&[retry.0], "Done", "Execution Complete")
+        .await;
+    let last = app.watch(&production).await.pop().unwrap();
+    assert_eq!(last.state(), pb::ProductionState::Completed, "{last:?}");
+    assert_eq!(last.counts.unwrap().done, 25);
+    let rows = db
+        .query(
+            "SELECT raw_status FROM dispatcher.jobs WHERE production_id = $1",
+            &[&production],
+        )
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 25);
+    for row in rows {
+        // DIRAC's own word is kept beside ours.
+        assert_eq!(row.get::<_, &str>(0), "Done: Execution Complete");
+    }
+    // 26 DIRAC jobs for 25 jobs and one retry: no attempt was submitted twice.
+    assert_eq!(diracx.jobs(&prefix).await.len(), 26);
+    app.stop().await;
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cancel_kills_queued_and_running_jobs_through_the_status_call() {
+    let url = start_diracx();
+    let dir = std::env::temp_dir().join(format!("prodsys-dirac-cancel-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (token_command, _) = counting_token_command(&dir);
+    let app = spawn_app_with(|env| on_dirac(env, &url, &token_command)).await;
+    let diracx = DiracX::new(&url);
+
+    let production = app
+        .accepted(sleep_request(4, 0.0, -1, "dirac-cancel", DIRAC))
+        .await;
+    let prefix = job_prefix(&app, &production).await;
+    let jobs = wait_for("4 jobs in DiracX", Duration::from_secs(60), || async {
+        let jobs = diracx.jobs(&prefix).await;
+        (jobs.len() == 4).then_some(jobs)
+    })
+    .await
+    .unwrap();
+    let mut ids: Vec<u64> = jobs.keys().copied().collect();
+    ids.sort();
+    // Two run at the site, two still wait in the task queue.
+    diracx.run(&ids[..2]).await;
+    wait_for("2 running", Duration::from_secs(30), || async {
+        (counts(&app, &production).await.running == 2).then_some(())
+    })
+    .await
+    .unwrap();
+
+    app.intake
+        .clone()
+        .cancel_production(pb::CancelProductionRequest {
+            production_id: production.clone(),
+            reason: "test".into(),
+        })
+        .await
+        .unwrap();
+    let last = app.watch(&production).await.pop().unwrap();
+    assert_eq!(last.state(), pb::ProductionState::Cancelled, "{last:?}");
+    assert_eq!(last.counts.unwrap().cancelled, 4);
+    let killed = wait_for(
+        "DiracX to mark them Killed",
+        Duration::from_secs(30),
+        || async {
+            let jobs = diracx.jobs(&prefix).await;
+            jobs.values().all(|(_, s, _)| s == "Killed").then_some(jobs)
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(killed.len(), 4);
+    assert!(
+        killed
+            .values()
+            .all(|(_, _, minor)| minor.contains("prodsys")),
+        "{killed:?}"
+    );
+    app.stop().await;
+    std::fs::remove_dir_all(dir).ok();
+}
