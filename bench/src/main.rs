@@ -1,4 +1,4 @@
-//! `cargo run --release -p prodsys-bench -- [all|raw|submit|latency|status|catalog] [--smoke] [--write]`
+//! `cargo run --release -p prodsys-bench -- [all|raw|submit|latency|status|catalog|plan] [--smoke] [--write]`
 //!
 //! Measures, in one run on this machine, the raw limits of RabbitMQ and
 //! PostgreSQL (same client libraries and message size as prodsys) and what
@@ -37,6 +37,8 @@ pub enum Scenario {
     Status,
     /// Output files/s into the catalog.
     Catalog,
+    /// One production of a million jobs planned and persisted.
+    Plan,
 }
 
 #[derive(Debug, Parser)]
@@ -65,6 +67,9 @@ pub struct Args {
     /// Seconds of the latency measurement (default 30, smoke 5).
     #[arg(long)]
     pub latency_secs: Option<u64>,
+    /// Jobs of the production the plan scenario plans (default 1,000,000, smoke 20,000).
+    #[arg(long)]
+    pub plan_jobs: Option<u64>,
 }
 
 /// The value at quantile `q` of sorted `values`, in milliseconds.
@@ -97,6 +102,7 @@ pub struct Results {
     pub submit: Option<stack::SubmitResult>,
     pub status: Option<stack::StatusResult>,
     pub catalog: Option<stack::CatalogResult>,
+    pub plan: Option<stack::PlanResult>,
     pub errors: Vec<String>,
 }
 
@@ -108,6 +114,7 @@ impl Results {
             ("submit", self.submit.as_ref().map(|r| r.load.max_rss)),
             ("status", self.status.as_ref().map(|r| r.load.max_rss)),
             ("catalog", self.catalog.as_ref().map(|r| r.load.max_rss)),
+            ("plan", self.plan.as_ref().map(|r| r.load.max_rss)),
         ];
         phases
             .into_iter()
@@ -143,6 +150,9 @@ fn plans(args: &Args) -> (raw::RawPlan, stack::StackPlan) {
         transitions_per_message: 500,
         catalog_files: if smoke { 10_000 } else { 200_000 },
         files_per_message: 200,
+        plan_jobs: args
+            .plan_jobs
+            .unwrap_or(if smoke { 20_000 } else { 1_000_000 }),
     };
     (raw, stack)
 }
@@ -289,6 +299,34 @@ async fn run(args: &Args) -> anyhow::Result<Results> {
                     results.catalog = Some(r);
                 }
                 Err(e) => results.errors.push(format!("catalog: {e:#}")),
+            }
+        }
+        // Last: its jobs stay waiting behind the one local slot.
+        if wants(Scenario::Plan) {
+            if let Err(e) = bench.quiesce(settle).await {
+                results.errors.push(format!("before plan: {e:#}"));
+            }
+            eprintln!(
+                "prodsys: planning one production of {} jobs …",
+                stack_plan.plan_jobs
+            );
+            match bench.plan(&stack_plan).await {
+                Ok(r) => {
+                    eprintln!(
+                        "  {:.1} s ({:.0} jobs/s), RSS at most {:.1} MiB",
+                        r.seconds,
+                        r.jobs_per_s,
+                        sys::mib(r.load.max_rss)
+                    );
+                    if r.rows != r.jobs as i64 {
+                        results.errors.push(format!(
+                            "plan: {} rows in dispatcher.jobs for {} jobs",
+                            r.rows, r.jobs
+                        ));
+                    }
+                    results.plan = Some(r);
+                }
+                Err(e) => results.errors.push(format!("plan: {e:#}")),
             }
         }
         eprintln!("prodsys: stopping and cleaning up …");

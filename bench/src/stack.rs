@@ -106,6 +106,7 @@ pub struct StackPlan {
     pub transitions_per_message: u64,
     pub catalog_files: u64,
     pub files_per_message: u64,
+    pub plan_jobs: u64,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -248,6 +249,20 @@ pub struct CatalogResult {
     pub publish_seconds: f64,
     pub seconds: f64,
     pub files_per_s: f64,
+    pub load: PhaseLoad,
+}
+
+/// One production of many jobs planned and persisted by the dispatcher.
+#[derive(Debug, Clone)]
+pub struct PlanResult {
+    pub jobs: u64,
+    /// From request.accepted (the dispatcher's input) until the status
+    /// service counts the production's jobs (after production.dispatched,
+    /// which the dispatcher publishes once the whole plan is committed).
+    pub seconds: f64,
+    pub jobs_per_s: f64,
+    /// Rows in dispatcher.jobs afterwards (must equal `jobs`).
+    pub rows: i64,
     pub load: PhaseLoad,
 }
 
@@ -727,6 +742,93 @@ impl Bench {
             publish_seconds,
             seconds,
             transitions_per_s: transitions as f64 / seconds,
+            load,
+        })
+    }
+
+    /// One production of `plan.plan_jobs` jobs: timed from its request.accepted
+    /// until GetProduction shows the whole plan; RSS sampled throughout.
+    pub async fn plan(&self, plan: &StackPlan) -> anyhow::Result<PlanResult> {
+        let client = self.client();
+        let (n, mut request) = client.request();
+        let mut parameters: serde_json::Value = serde_json::from_str(&request.parameters_json)?;
+        parameters["n_showers"] = plan.plan_jobs.into();
+        parameters["showers_per_job"] = 1.into();
+        request.parameters_json = parameters.to_string();
+        let sampler = self.sample().await?;
+        let mut intake = self.intake[n as usize % self.intake.len()].clone();
+        let request_id = tokio::time::timeout(CALL_TIMEOUT, intake.submit_request(request))
+            .await
+            .context("SubmitRequest timed out")??
+            .into_inner()
+            .request_id;
+        let accepted = match self.verdicts.wait(request_id.clone()) {
+            Ok(v) => v,
+            Err(rx) => tokio::time::timeout(VERDICT_TIMEOUT, rx)
+                .await
+                .context("no verdict for the big request")?
+                .context("verdict channel")?,
+        };
+        anyhow::ensure!(accepted.accepted, "the big request was rejected");
+        // The bench's queue may see request.accepted before intake records
+        // the production ID from the same event.
+        let deadline = Instant::now() + VERDICT_TIMEOUT;
+        let production_id = loop {
+            let id = intake
+                .get_request(pb::GetRequestRequest {
+                    request_id: request_id.clone(),
+                    ..Default::default()
+                })
+                .await?
+                .into_inner()
+                .production_id;
+            if !id.is_empty() {
+                break id;
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "intake never recorded the production ID of {request_id}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let mut status = self.status.clone();
+        let deadline = Instant::now() + Duration::from_secs(600);
+        let planned_at = loop {
+            let p = tokio::time::timeout(
+                CALL_TIMEOUT,
+                status.get_production(pb::GetProductionRequest {
+                    production_id: production_id.clone(),
+                    ..Default::default()
+                }),
+            )
+            .await
+            .context("GetProduction timed out")?;
+            if let Ok(p) = p
+                && p.into_inner().job_total == plan.plan_jobs
+            {
+                break Instant::now();
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "{production_id} was not planned within 600 s"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let load = sampler.finish(&self.db).await;
+        let rows: i64 = self
+            .db
+            .query_one(
+                "SELECT count(*) FROM dispatcher.jobs WHERE production_id = $1",
+                &[&production_id],
+            )
+            .await?
+            .get(0);
+        let seconds = planned_at.duration_since(accepted.at).as_secs_f64();
+        Ok(PlanResult {
+            jobs: plan.plan_jobs,
+            seconds,
+            jobs_per_s: plan.plan_jobs as f64 / seconds,
+            rows,
             load,
         })
     }
