@@ -9,6 +9,7 @@ use anyhow::Context;
 use prodsys_core::ProductionState;
 use prodsys_core::Violation;
 use prodsys_core::events::{JOB_OUTPUT, PRODUCTION_COMPLETED};
+use prodsys_db::Cached;
 use prodsys_db::deadpool_postgres::Transaction;
 use prodsys_db::{Db, Migration};
 use prodsys_messaging::{BatchHandler, Incoming, Outcome};
@@ -138,7 +139,7 @@ impl BatchHandler for Registrar {
         for c in completed {
             let state =
                 ProductionState::from_proto(c.state).map_or("UNKNOWN", ProductionState::as_str);
-            tx.execute(
+            tx.execute_cached(
                 "INSERT INTO productions (production_id, state, file_count, total_bytes)
                  SELECT $1, $2, count(*), COALESCE(sum(size), 0)::bigint FROM files WHERE production_id = $1
                  ON CONFLICT (production_id) DO NOTHING",
@@ -256,7 +257,7 @@ impl pb::catalog_service_server::CatalogService for CatalogApi {
             serde_json::to_value(&r.metadata).map_err(|e| ServiceError::Unexpected(e.into()))?;
         let client = self.db.client().await.map_err(ServiceError::from)?;
         let rows = client
-            .query(
+            .query_cached(
                 "SELECT lfn, size, adler32, url, metadata, production_id, job_index FROM files
                  WHERE ($1 = '' OR production_id = $1) AND metadata @> $2 AND lfn > $3
                  ORDER BY lfn LIMIT $4",
@@ -306,7 +307,7 @@ impl pb::catalog_service_server::CatalogService for CatalogApi {
             serde_json::to_value(&r.metadata).map_err(|e| ServiceError::Unexpected(e.into()))?;
         let client = self.db.client().await.map_err(ServiceError::from)?;
         let summary = client
-            .query_one(
+            .query_one_cached(
                 "SELECT count(*), COALESCE(sum(size), 0)::bigint,
                         COALESCE(array_agg(DISTINCT production_id), '{}'),
                         (SELECT COALESCE(array_agg(lfn), '{}') FROM
@@ -359,7 +360,7 @@ impl pb::catalog_service_server::CatalogService for CatalogApi {
         let production_id = request.into_inner().production_id;
         let client = self.db.client().await.map_err(ServiceError::from)?;
         let row = client
-            .query_opt(
+            .query_opt_cached(
                 "SELECT state, file_count, total_bytes, completed_at FROM productions WHERE production_id = $1",
                 &[&production_id],
             )

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use prodsys_core::events::{REQUEST_ACCEPTED, REQUEST_RECEIVED, REQUEST_REJECTED, REQUEST_REUSED};
 use prodsys_core::{Profile, ProfileSet, Violation};
+use prodsys_db::Cached;
 use prodsys_db::deadpool_postgres::Transaction;
 use prodsys_db::{Db, Migration, OutboxEvent};
 use prodsys_messaging::{BatchHandler, Incoming, Outcome};
@@ -184,7 +185,7 @@ impl Checker {
         let mut violations: Vec<Violation> =
             validation.violations.drain(..).map(Into::into).collect();
         if let Some(row) = tx
-            .query_opt(
+            .query_opt_cached(
                 "SELECT production_id FROM productions WHERE fingerprint = $1",
                 &[&fingerprint],
             )
@@ -201,7 +202,7 @@ impl Checker {
             validation.existing_production_id = existing;
         }
         let relatives = tx
-            .query(
+            .query_cached(
                 "SELECT production_id, parameters, last_run FROM productions
                  WHERE base_fingerprint = $1 AND fingerprint <> $2 ORDER BY production_id",
                 &[&base_fingerprint, &fingerprint],
@@ -369,7 +370,7 @@ impl Checker {
             return Ok(outbox_event(REQUEST_REJECTED, &request.request_id, &event));
         };
         let number: i64 = tx
-            .query_one(
+            .query_one_cached(
                 "INSERT INTO id_sequences (vo, last) VALUES ($1, 1)
                  ON CONFLICT (vo) DO UPDATE SET last = id_sequences.last + 1
                  RETURNING last",
@@ -378,7 +379,7 @@ impl Checker {
             .await?
             .get(0);
         let production_id = production_id(accepted.profile.id_prefix(), number);
-        tx.execute(
+        tx.execute_cached(
             "INSERT INTO productions
                  (production_id, fingerprint, request_id, profile, vo, parameters, backend,
                   run_number_offset, base_fingerprint, last_run)
@@ -432,7 +433,7 @@ impl BatchHandler for Checker {
         let tx = client.transaction().await?;
         // Decisions see each other's productions; one checker at a time decides,
         // so identical requests racing through replicas cannot both pass.
-        tx.execute(
+        tx.execute_cached(
             "SELECT pg_advisory_xact_lock(hashtext('prodsys.checker.decide'))",
             &[],
         )

@@ -16,6 +16,7 @@ use anyhow::Context;
 use prodsys_config::BackendSettings;
 use prodsys_core::events::{PRODUCTION_CANCEL, PRODUCTION_DISPATCHED, REQUEST_ACCEPTED};
 use prodsys_core::{ProductionState, ProfileSet};
+use prodsys_db::Cached;
 use prodsys_db::{Db, Migration};
 use prodsys_messaging::{BatchHandler, Incoming, Outcome};
 use prodsys_proto as pb;
@@ -80,6 +81,13 @@ const MIGRATIONS: &[Migration] = &[
         sql: "CREATE TABLE deployment (tag text NOT NULL);
               INSERT INTO deployment SELECT 'p' || substr(md5(random()::text || clock_timestamp()::text), 1, 8);",
     },
+    Migration {
+        version: 4,
+        name: "productions by installation and state",
+        // The scheduler's every tick asks for one installation's RUNNING (or
+        // CANCELLING) productions; without it that is a scan of all of them.
+        sql: "CREATE INDEX productions_backend_state ON productions (backend, state, created_at);",
+    },
 ];
 
 pub async fn start(
@@ -107,7 +115,7 @@ pub async fn start(
         .db
         .client()
         .await?
-        .query_one("SELECT tag FROM deployment", &[])
+        .query_one_cached("SELECT tag FROM deployment", &[])
         .await
         .context("reading the deployment tag")?
         .get(0);
@@ -196,7 +204,7 @@ impl Planner {
     ) -> anyhow::Result<()> {
         let from = ProductionState::Running;
         let updated = tx
-            .execute(
+            .execute_cached(
                 "UPDATE productions SET state = $2, updated_at = now() WHERE production_id = $1 AND state = $3",
                 &[
                     &cancel.production_id,
@@ -248,7 +256,7 @@ impl Planner {
             ..
         } = prepared;
         let inserted = tx
-            .execute(
+            .execute_cached(
                 "INSERT INTO productions (production_id, request_id, profile, vo, parameters, fingerprint,
                                           backend, run_number_offset, state, job_total)
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)

@@ -21,6 +21,7 @@ use prodsys_core::events::{JOB_OUTPUT, JOB_STATUS, PRODUCTION_COMPLETED};
 use prodsys_core::profile::render;
 use prodsys_core::state::count_job;
 use prodsys_core::{JobState, PlannedJob, ProductionState, Profile, ProfileSet};
+use prodsys_db::Cached;
 use prodsys_db::deadpool_postgres::Transaction;
 use prodsys_db::{Db, OutboxEvent};
 use prodsys_proto as pb;
@@ -229,7 +230,7 @@ impl Scheduler {
     async fn reconcile(&self) -> anyhow::Result<()> {
         let client = self.db.client().await?;
         let rows = client
-            .query(
+            .query_cached(
                 &format!(
                     "WITH reserved AS MATERIALIZED (
                          SELECT production_id, job_index FROM jobs
@@ -269,7 +270,7 @@ impl Scheduler {
         // Oldest production first; within one, by job index through the
         // partial index of ready jobs, so a million waiting jobs cost nothing here.
         let productions: Vec<String> = tx
-            .query(
+            .query_cached(
                 "SELECT production_id FROM productions WHERE backend = $1 AND state = 'RUNNING'
                  ORDER BY created_at, production_id",
                 &[&self.backend.name()],
@@ -285,7 +286,7 @@ impl Scheduler {
                 break;
             }
             rows.extend(
-                tx.query(
+                tx.query_cached(
                     &format!(
                         "SELECT {JOB_COLUMNS} FROM jobs j JOIN productions p USING (production_id)
                          WHERE j.production_id = $1 AND j.state = 'CREATED'
@@ -305,7 +306,7 @@ impl Scheduler {
         for row in &rows {
             let job = JobRow::from_row(row)?;
             let workdir = self.workdir(&job);
-            tx.execute(
+            tx.execute_cached(
                 "UPDATE jobs SET state = 'SUBMITTED', backend_job_id = NULL, workdir = $3,
                                  raw_status = 'reserved', updated_at = now()
                  WHERE production_id = $1 AND job_index = $2",
@@ -389,7 +390,7 @@ impl Scheduler {
             let tx = client.transaction().await?;
             let mut changes = Changes::default();
             for (job, status) in &submitted {
-                tx.execute(
+                tx.execute_cached(
                     "UPDATE jobs SET backend_job_id = $3, raw_status = $4, updated_at = now()
                      WHERE production_id = $1 AND job_index = $2",
                     &[
@@ -417,7 +418,7 @@ impl Scheduler {
         let mut client = self.db.client().await?;
         let tx = client.transaction().await?;
         let productions: Vec<String> = tx
-            .query(
+            .query_cached(
                 "SELECT production_id FROM productions WHERE state = 'CANCELLING' AND backend = $1
                  FOR UPDATE SKIP LOCKED",
                 &[&self.backend.name()],
@@ -430,7 +431,7 @@ impl Scheduler {
             return Ok(());
         }
         let rows = tx
-            .query(
+            .query_cached(
                 &format!(
                     "SELECT {JOB_COLUMNS}, j.backend_job_id FROM jobs j JOIN productions p USING (production_id)
                      WHERE j.production_id = ANY($1)
@@ -450,7 +451,7 @@ impl Scheduler {
         let mut changes = Changes::default();
         for row in &rows {
             let job = JobRow::from_row(row)?;
-            tx.execute(
+            tx.execute_cached(
                 "UPDATE jobs SET state = 'CANCELLED', raw_status = 'cancelled', updated_at = now()
                  WHERE production_id = $1 AND job_index = $2",
                 &[&job.production_id, &job.job_index],
@@ -518,7 +519,7 @@ impl Scheduler {
         let mut client = self.db.client().await?;
         let tx = client.transaction().await?;
         let rows = tx
-            .query(
+            .query_cached(
                 &format!(
                     "SELECT {JOB_COLUMNS}, j.backend_job_id FROM jobs j JOIN productions p USING (production_id)
                      WHERE j.backend_job_id = ANY($1) AND j.state IN ('SUBMITTED', 'QUEUED', 'RUNNING')
@@ -707,7 +708,7 @@ async fn close_if_finished(
 ) -> anyhow::Result<Option<OutboxEvent>> {
     // Through the partial index of unfinished jobs: cheap however large the production.
     let unfinished = tx
-        .query_one(
+        .query_one_cached(
             "SELECT EXISTS (SELECT 1 FROM jobs WHERE production_id = $1
                             AND state IN ('CREATED', 'SUBMITTED', 'QUEUED', 'RUNNING', 'FAILED'))",
             &[&production_id],
@@ -719,7 +720,7 @@ async fn close_if_finished(
     }
     let (done, total): (i64, i64) = {
         let row = tx
-            .query_one(
+            .query_one_cached(
                 "SELECT count(*) FILTER (WHERE state = 'DONE'), count(*) FROM jobs WHERE production_id = $1",
                 &[&production_id],
             )
@@ -744,7 +745,7 @@ async fn close(
     from: &str,
 ) -> anyhow::Result<Option<OutboxEvent>> {
     let updated = tx
-        .execute(
+        .execute_cached(
             "UPDATE productions SET state = $2, updated_at = now() WHERE production_id = $1 AND state = $3",
             &[&production_id, &state.as_str(), &from],
         )
@@ -754,7 +755,7 @@ async fn close(
     }
     let mut counts = pb::JobCounts::default();
     for row in tx
-        .query(
+        .query_cached(
             "SELECT state, count(*) FROM jobs WHERE production_id = $1 GROUP BY state",
             &[&production_id],
         )

@@ -13,6 +13,7 @@ use prodsys_core::events::{
     PRODUCTION_CANCEL, REQUEST_ACCEPTED, REQUEST_RECEIVED, REQUEST_REJECTED, REQUEST_REUSED,
 };
 use prodsys_core::{ProfileSet, Violation};
+use prodsys_db::Cached;
 use prodsys_db::deadpool_postgres::Transaction;
 use prodsys_db::{Db, Migration};
 use prodsys_messaging::{BatchHandler, Incoming, Outcome};
@@ -193,7 +194,7 @@ impl RequestApi {
         let inserted = store_request(&tx, &new).await?;
         if !inserted {
             let row = tx
-                .query_one(
+                .query_one_cached(
                     "SELECT request_id, profile, parameters FROM requests WHERE idempotency_key = $1",
                     &[&key],
                 )
@@ -231,7 +232,7 @@ impl RequestApi {
         })?;
         let client = self.db.client().await?;
         let row = client
-            .query_opt(
+            .query_opt_cached(
                 "SELECT profile, vo, parameters, backend, state, production_id, violations,
                         existing_production_id, created_at
                  FROM requests WHERE request_id = $1",
@@ -395,7 +396,7 @@ async fn store_request(tx: &Transaction<'_>, r: &NewRequest<'_>) -> anyhow::Resu
         "REJECTED"
     };
     let inserted = tx
-        .query_opt(
+        .query_opt_cached(
             "INSERT INTO requests (request_id, idempotency_key, profile, vo, parameters, backend, submitter,
                                    extend, correlation_id, reply_to, state, violations, reuse_existing)
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
@@ -509,7 +510,7 @@ impl IntakeConsumer {
             "REJECTED"
         };
         let row = tx
-            .query_opt(
+            .query_opt_cached(
                 "UPDATE requests SET state = $2, production_id = NULLIF($3, ''), violations = $4,
                         existing_production_id = NULLIF($5, ''), updated_at = now()
                  WHERE request_id = $1 AND state = 'RECEIVED'

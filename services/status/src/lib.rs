@@ -4,7 +4,7 @@
 //! job total, and streams `WatchProduction` snapshots as changes commit
 //! (PostgreSQL NOTIFY carries the change, so any replica can serve a watcher).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::pin::Pin;
 use std::str::FromStr;
 use std::time::Duration;
@@ -16,6 +16,7 @@ use prodsys_core::events::{
 };
 use prodsys_core::state::count_job;
 use prodsys_core::{JobState, ProductionState, Violation};
+use prodsys_db::Cached;
 use prodsys_db::deadpool_postgres::Transaction;
 use prodsys_db::{Db, Migration};
 use prodsys_messaging::{BatchHandler, Incoming, Outcome};
@@ -76,6 +77,16 @@ const MIGRATIONS: &[Migration] = &[
         version: 3,
         name: "resource estimates",
         sql: "ALTER TABLE productions ADD COLUMN estimate bytea;",
+    },
+    Migration {
+        version: 4,
+        name: "batched production upserts; room for in-place job updates",
+        // NULL job_total: not known yet (a batch that only says ACCEPTED must not
+        // overwrite the total a production.dispatched set). Free space in each
+        // page lets a job's row be rewritten in place (HOT), its key unchanged.
+        sql: "ALTER TABLE productions ALTER COLUMN job_total DROP NOT NULL,
+                                      ALTER COLUMN job_total DROP DEFAULT;
+              ALTER TABLE jobs SET (fillfactor = 70);",
     },
 ];
 
@@ -198,7 +209,9 @@ impl BatchHandler for Projector {
         let tx = client.transaction().await?;
         let ids: Vec<Uuid> = updates.iter().map(|(id, _)| *id).collect();
         let fresh = prodsys_db::claim(&tx, &ids).await?;
-        let mut touched = BTreeSet::new();
+        // Everything the batch says about each production, merged first: one
+        // statement then writes them all (a row may change once per statement).
+        let mut productions: BTreeMap<String, ProductionUpdate> = BTreeMap::new();
         // Latest transition per job across the batch: one row can change once per statement.
         let mut latest: HashMap<(String, u64), pb::JobTransition> = HashMap::new();
         for (id, update) in updates {
@@ -207,38 +220,28 @@ impl BatchHandler for Projector {
             }
             match update {
                 Update::Accepted(m) => {
-                    let request_id = Uuid::parse_str(&m.request_id).ok();
-                    set_production(&tx, &m.production_id, ProductionState::Accepted, None).await?;
-                    tx.execute(
-                        "UPDATE productions SET request_id = $2, profile = $3, vo = $4, backend = $5
-                         WHERE production_id = $1",
-                        &[&m.production_id, &request_id, &m.profile, &m.vo, &m.backend],
-                    )
-                    .await?;
-                    touched.insert(m.production_id);
+                    let p = productions.entry(m.production_id).or_default();
+                    p.advance(ProductionState::Accepted);
+                    p.request_id = Uuid::parse_str(&m.request_id).ok();
+                    p.profile = Some(m.profile);
+                    p.vo = Some(m.vo);
+                    p.backend = Some(m.backend);
                 }
                 Update::Dispatched(m) => {
-                    set_production(
-                        &tx,
-                        &m.production_id,
-                        ProductionState::Running,
-                        Some(m.job_total),
-                    )
-                    .await?;
+                    let p = productions.entry(m.production_id).or_default();
+                    p.advance(ProductionState::Running);
+                    p.job_total = Some(m.job_total as i64);
                     if let Some(estimate) = &m.estimate {
-                        tx.execute(
-                            "UPDATE productions SET estimate = $2 WHERE production_id = $1",
-                            &[&m.production_id, &prost::Message::encode_to_vec(estimate)],
-                        )
-                        .await?;
+                        p.estimate = Some(prost::Message::encode_to_vec(estimate));
                     }
-                    touched.insert(m.production_id);
                 }
                 Update::Completed(m) => {
                     let state = ProductionState::from_proto(m.state)
                         .context("production.completed without a state")?;
-                    set_production(&tx, &m.production_id, state, None).await?;
-                    touched.insert(m.production_id);
+                    productions
+                        .entry(m.production_id)
+                        .or_default()
+                        .advance(state);
                 }
                 Update::Jobs(m) => {
                     for t in m.transitions {
@@ -254,6 +257,8 @@ impl BatchHandler for Projector {
                 }
             }
         }
+        let mut touched: BTreeSet<String> = productions.keys().cloned().collect();
+        upsert_productions(&tx, productions).await?;
         if !latest.is_empty() {
             let transitions: Vec<pb::JobTransition> = latest.into_values().collect();
             for t in &transitions {
@@ -261,10 +266,11 @@ impl BatchHandler for Projector {
             }
             upsert_jobs(&tx, &transitions).await?;
         }
-        for production_id in &touched {
-            tx.execute(
-                "SELECT pg_notify($1, $2)",
-                &[&CHANGES_CHANNEL, production_id],
+        if !touched.is_empty() {
+            let touched: Vec<String> = touched.into_iter().collect();
+            tx.execute_cached(
+                "SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p",
+                &[&CHANGES_CHANNEL, &touched],
             )
             .await?;
         }
@@ -273,37 +279,96 @@ impl BatchHandler for Projector {
     }
 }
 
-fn job_order(t: &pb::JobTransition) -> (u32, u8) {
-    let rank = JobState::from_proto(t.state).map_or(0, JobState::rank);
-    (t.attempt, rank)
+/// What one batch says about one production.
+#[derive(Default)]
+struct ProductionUpdate {
+    state: Option<ProductionState>,
+    job_total: Option<i64>,
+    request_id: Option<Uuid>,
+    profile: Option<String>,
+    vo: Option<String>,
+    backend: Option<String>,
+    estimate: Option<Vec<u8>>,
 }
 
-/// Moves a production forward (never backwards: events may arrive late).
-async fn set_production(
+impl ProductionUpdate {
+    /// Keeps the furthest state (events may arrive late or out of order).
+    fn advance(&mut self, state: ProductionState) {
+        if self.state.is_none_or(|s| state.rank() > s.rank()) {
+            self.state = Some(state);
+        }
+    }
+}
+
+/// Moves productions forward (never backwards: events may arrive late) and
+/// fills in what the batch learned about them, in one statement.
+async fn upsert_productions(
     tx: &Transaction<'_>,
-    production_id: &str,
-    state: ProductionState,
-    job_total: Option<u64>,
+    updates: BTreeMap<String, ProductionUpdate>,
 ) -> anyhow::Result<()> {
-    let total = job_total.map(|t| t as i64);
-    tx.execute(
-        "INSERT INTO productions (production_id, state, state_rank, job_total)
-         VALUES ($1, $2, $3, COALESCE($4::bigint, 0))
+    if updates.is_empty() {
+        return Ok(());
+    }
+    let n = updates.len();
+    let mut ids = Vec::with_capacity(n);
+    let mut states = Vec::with_capacity(n);
+    let mut ranks = Vec::with_capacity(n);
+    let mut totals = Vec::with_capacity(n);
+    let mut request_ids = Vec::with_capacity(n);
+    let mut profiles = Vec::with_capacity(n);
+    let mut vos = Vec::with_capacity(n);
+    let mut backends = Vec::with_capacity(n);
+    let mut estimates = Vec::with_capacity(n);
+    for (id, u) in updates {
+        let state = u.state.unwrap_or(ProductionState::Accepted);
+        ids.push(id);
+        states.push(state.as_str());
+        ranks.push(i32::from(state.rank()));
+        totals.push(u.job_total);
+        request_ids.push(u.request_id);
+        profiles.push(u.profile);
+        vos.push(u.vo);
+        backends.push(u.backend);
+        estimates.push(u.estimate);
+    }
+    tx.execute_cached(
+        "INSERT INTO productions AS p (production_id, state, state_rank, job_total, request_id,
+                                       profile, vo, backend, estimate)
+         SELECT u.id, u.state, u.rank, u.total, u.request_id,
+                COALESCE(u.profile, ''), COALESCE(u.vo, ''), COALESCE(u.backend, ''), u.estimate
+         FROM unnest($1::text[], $2::text[], $3::int[], $4::bigint[], $5::uuid[], $6::text[],
+                     $7::text[], $8::text[], $9::bytea[])
+              AS u(id, state, rank, total, request_id, profile, vo, backend, estimate)
          ON CONFLICT (production_id) DO UPDATE SET
-             state      = CASE WHEN EXCLUDED.state_rank > productions.state_rank
-                               THEN EXCLUDED.state ELSE productions.state END,
-             state_rank = GREATEST(EXCLUDED.state_rank, productions.state_rank),
-             job_total  = COALESCE($4::bigint, productions.job_total),
+             state      = CASE WHEN EXCLUDED.state_rank > p.state_rank
+                               THEN EXCLUDED.state ELSE p.state END,
+             state_rank = GREATEST(EXCLUDED.state_rank, p.state_rank),
+             job_total  = COALESCE(EXCLUDED.job_total, p.job_total),
+             request_id = COALESCE(EXCLUDED.request_id, p.request_id),
+             profile    = CASE WHEN EXCLUDED.profile = '' THEN p.profile ELSE EXCLUDED.profile END,
+             vo         = CASE WHEN EXCLUDED.vo = '' THEN p.vo ELSE EXCLUDED.vo END,
+             backend    = CASE WHEN EXCLUDED.backend = '' THEN p.backend ELSE EXCLUDED.backend END,
+             estimate   = COALESCE(EXCLUDED.estimate, p.estimate),
              updated_at = now()",
         &[
-            &production_id,
-            &state.as_str(),
-            &i32::from(state.rank()),
-            &total,
+            &ids,
+            &states,
+            &ranks,
+            &totals,
+            &request_ids,
+            &profiles,
+            &vos,
+            &backends,
+            &estimates,
         ],
     )
     .await?;
     Ok(())
+}
+
+fn job_order(t: &pb::JobTransition) -> (u32, u8) {
+    let rank = JobState::from_proto(t.state).map_or(0, JobState::rank);
+    (t.attempt, rank)
 }
 
 /// Records each job's latest transition and keeps the per-state job counts
@@ -320,7 +385,7 @@ async fn upsert_jobs(
         .collect();
     touched.sort_unstable();
     touched.dedup();
-    tx.execute(
+    tx.execute_cached(
         "SELECT pg_advisory_xact_lock(hashtext('prodsys.status.' || p)) FROM unnest($1::text[]) AS p",
         &[&touched],
     )
@@ -423,8 +488,8 @@ impl StatusApi {
         }
         let client = self.db.client().await?;
         let row = client
-            .query_opt(
-                "SELECT request_id, profile, vo, backend, state, job_total, updated_at, estimate
+            .query_opt_cached(
+                "SELECT request_id, profile, vo, backend, state, COALESCE(job_total, 0), updated_at, estimate
                  FROM productions WHERE production_id = $1",
                 &[&production_id],
             )
@@ -432,7 +497,7 @@ impl StatusApi {
             .context("reading the production")?
             .ok_or_else(|| ServiceError::NotFound(format!("no production {production_id}")))?;
         let counts = client
-            .query(
+            .query_cached(
                 "SELECT state, n FROM job_counts WHERE production_id = $1",
                 &[&production_id],
             )
@@ -509,8 +574,8 @@ impl pb::status_service_server::StatusService for StatusApi {
         let state = ProductionState::from_proto(r.state).map(|s| s.as_str());
         let client = self.db.client().await.map_err(ServiceError::from)?;
         let rows = client
-            .query(
-                "SELECT request_id, profile, vo, backend, state, job_total, updated_at, estimate, production_id
+            .query_cached(
+                "SELECT request_id, profile, vo, backend, state, COALESCE(job_total, 0), updated_at, estimate, production_id
                  FROM productions
                  WHERE ($1 = '' OR vo = $1) AND ($2::text IS NULL OR state = $2) AND ($3 = '' OR profile = $3)
                    AND production_id > $4
@@ -524,7 +589,7 @@ impl pb::status_service_server::StatusService for StatusApi {
         for row in rows.iter().take(page_size as usize) {
             let id: String = row.get(8);
             let counts = client
-                .query(
+                .query_cached(
                     "SELECT state, n FROM job_counts WHERE production_id = $1",
                     &[&id],
                 )

@@ -301,7 +301,8 @@ pub async fn enqueue(
     )
     .await
     .context("writing the outbox")?;
-    tx.execute("SELECT pg_notify($1, '')", &[&channel]).await?;
+    tx.execute_cached("SELECT pg_notify($1, '')", &[&channel])
+        .await?;
     Ok(())
 }
 
@@ -356,3 +357,61 @@ pub async fn mark_sent(tx: &Transaction<'_>, ids: &[i64]) -> anyhow::Result<()> 
     tx.execute(&stmt, &[&ids]).await?;
     Ok(())
 }
+
+/// Statements through the connection's statement cache: parsed and planned
+/// once per connection instead of on every call (an unprepared statement
+/// costs the server a Parse/Describe round trip each time). For SQL whose
+/// text is one of a bounded set; never for text that embeds values.
+pub trait Cached: deadpool_postgres::GenericClient {
+    fn query_cached<'a>(
+        &'a self,
+        sql: &'a str,
+        params: &'a [&'a (dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> impl std::future::Future<Output = Result<Vec<tokio_postgres::Row>, tokio_postgres::Error>>
+    + Send
+    + 'a {
+        async move {
+            let statement = self.prepare_cached(sql).await?;
+            self.query(&statement, params).await
+        }
+    }
+
+    fn query_one_cached<'a>(
+        &'a self,
+        sql: &'a str,
+        params: &'a [&'a (dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> impl std::future::Future<Output = Result<tokio_postgres::Row, tokio_postgres::Error>> + Send + 'a
+    {
+        async move {
+            let statement = self.prepare_cached(sql).await?;
+            self.query_one(&statement, params).await
+        }
+    }
+
+    fn query_opt_cached<'a>(
+        &'a self,
+        sql: &'a str,
+        params: &'a [&'a (dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> impl std::future::Future<
+        Output = Result<Option<tokio_postgres::Row>, tokio_postgres::Error>,
+    > + Send
+    + 'a {
+        async move {
+            let statement = self.prepare_cached(sql).await?;
+            self.query_opt(&statement, params).await
+        }
+    }
+
+    fn execute_cached<'a>(
+        &'a self,
+        sql: &'a str,
+        params: &'a [&'a (dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> impl std::future::Future<Output = Result<u64, tokio_postgres::Error>> + Send + 'a {
+        async move {
+            let statement = self.prepare_cached(sql).await?;
+            self.execute(&statement, params).await
+        }
+    }
+}
+
+impl<C: deadpool_postgres::GenericClient> Cached for C {}
