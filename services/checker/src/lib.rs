@@ -8,6 +8,7 @@
 //! sequence that never reuses a number. `Evaluate` answers the same question
 //! without storing anything (intake's `ValidateRequest`).
 
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -144,13 +145,94 @@ struct Accepted<'p> {
     last_run: i64,
 }
 
-impl Checker {
-    /// Everything the checker knows about `candidate`, read inside `tx`.
-    async fn evaluate(
-        &self,
+/// A production the checker knows of, as far as a decision needs it.
+struct Known {
+    production_id: String,
+    fingerprint: String,
+    parameters: serde_json::Value,
+    last_run: i64,
+}
+
+/// The productions that share a fingerprint or a base fingerprint with the
+/// candidates of one batch, read with one query each, and kept up to date
+/// as the batch's own decisions accept more: a request sees every decision
+/// taken before it, in the same batch or an earlier one.
+#[derive(Default)]
+struct Neighbourhood {
+    by_fingerprint: HashMap<String, String>,
+    by_base: HashMap<String, Vec<Known>>,
+}
+
+impl Neighbourhood {
+    async fn load(
         tx: &Transaction<'_>,
-        candidate: &Candidate<'_>,
-    ) -> anyhow::Result<Evaluation<'_>> {
+        fingerprints: &[String],
+        bases: &[String],
+    ) -> anyhow::Result<Self> {
+        let mut known = Neighbourhood::default();
+        if fingerprints.is_empty() && bases.is_empty() {
+            return Ok(known);
+        }
+        for row in tx
+            .query_cached(
+                "SELECT production_id, fingerprint, base_fingerprint, parameters, last_run
+                 FROM productions WHERE fingerprint = ANY($1) OR base_fingerprint = ANY($2)
+                 ORDER BY production_id",
+                &[&fingerprints, &bases],
+            )
+            .await?
+        {
+            known.add(
+                row.get(2),
+                Known {
+                    production_id: row.get(0),
+                    fingerprint: row.get(1),
+                    parameters: row.get(3),
+                    last_run: row.get(4),
+                },
+            );
+        }
+        Ok(known)
+    }
+
+    fn add(&mut self, base: String, production: Known) {
+        self.by_fingerprint.insert(
+            production.fingerprint.clone(),
+            production.production_id.clone(),
+        );
+        self.by_base.entry(base).or_default().push(production);
+    }
+
+    fn existing(&self, fingerprint: &str) -> Option<&str> {
+        self.by_fingerprint.get(fingerprint).map(String::as_str)
+    }
+
+    /// Same identity except statistics or ranges, by production ID.
+    fn relatives<'a>(&'a self, base: &str, fingerprint: &'a str) -> Vec<&'a Known> {
+        let mut relatives: Vec<&Known> = self
+            .by_base
+            .get(base)
+            .map(|all| {
+                all.iter()
+                    .filter(|k| k.fingerprint != fingerprint)
+                    .collect()
+            })
+            .unwrap_or_default();
+        relatives.sort_by(|a, b| a.production_id.cmp(&b.production_id));
+        relatives
+    }
+}
+
+/// A candidate after the checks that need no database: its profile, its
+/// parameters as the profile completed them and its fingerprints.
+struct Prepared<'p> {
+    validation: pb::Validation,
+    checked: Option<(&'p Profile, serde_json::Value, String)>,
+}
+
+impl Checker {
+    /// The checks that need nothing stored: installation, schema, rules.
+    fn prepare(&self, candidate: &Candidate<'_>) -> Prepared<'_> {
         let mut validation = pb::Validation::default();
         if !self.installations.iter().any(|i| i == candidate.backend) {
             validation.violations.push(
@@ -165,33 +247,51 @@ impl Checker {
                 .into(),
             );
         }
-        let (profile, parameters) = match self.profiles.validate_request(
+        match self.profiles.validate_request(
             candidate.profile,
             candidate.vo,
             candidate.parameters_json,
         ) {
-            Ok(checked) => checked,
+            Ok((profile, parameters)) => {
+                validation.fingerprint = profile.fingerprint(&parameters);
+                let base = profile.base_fingerprint(&parameters);
+                Prepared {
+                    validation,
+                    checked: Some((profile, parameters, base)),
+                }
+            }
             Err(violations) => {
                 validation.violations = violations.into_iter().map(Into::into).collect();
-                return Ok(Evaluation {
+                Prepared {
                     validation,
-                    accepted: None,
-                });
+                    checked: None,
+                }
             }
+        }
+    }
+
+    /// Everything the checker knows about a prepared candidate, given the
+    /// productions in its neighbourhood.
+    async fn evaluate<'p>(
+        &self,
+        prepared: Prepared<'p>,
+        candidate: &Candidate<'_>,
+        known: &Neighbourhood,
+    ) -> anyhow::Result<Evaluation<'p>> {
+        let Prepared {
+            mut validation,
+            checked,
+        } = prepared;
+        let Some((profile, parameters, base_fingerprint)) = checked else {
+            return Ok(Evaluation {
+                validation,
+                accepted: None,
+            });
         };
-        let fingerprint = profile.fingerprint(&parameters);
-        let base_fingerprint = profile.base_fingerprint(&parameters);
-        validation.fingerprint = fingerprint.clone();
+        let fingerprint = validation.fingerprint.clone();
         let mut violations: Vec<Violation> =
             validation.violations.drain(..).map(Into::into).collect();
-        if let Some(row) = tx
-            .query_opt_cached(
-                "SELECT production_id FROM productions WHERE fingerprint = $1",
-                &[&fingerprint],
-            )
-            .await?
-        {
-            let existing: String = row.get(0);
+        if let Some(existing) = known.existing(&fingerprint) {
             // Asked for, the existing production is the answer rather than a refusal.
             if !candidate.reuse_existing {
                 violations.push(Violation::new(
@@ -199,30 +299,23 @@ impl Checker {
                     format!("the same simulation already exists as production {existing}"),
                 ));
             }
-            validation.existing_production_id = existing;
+            validation.existing_production_id = existing.to_string();
         }
-        let relatives = tx
-            .query_cached(
-                "SELECT production_id, parameters, last_run FROM productions
-                 WHERE base_fingerprint = $1 AND fingerprint <> $2 ORDER BY production_id",
-                &[&base_fingerprint, &fingerprint],
-            )
-            .await?;
+        let relatives = known.relatives(&base_fingerprint, &fingerprint);
         let mut run_number_offset = 0i64;
-        for row in &relatives {
-            run_number_offset = run_number_offset.max(row.get(2));
-            let theirs: serde_json::Value = row.get(1);
-            if let Some(description) = profile.overlap(&parameters, &theirs) {
+        for relative in &relatives {
+            run_number_offset = run_number_offset.max(relative.last_run);
+            if let Some(description) = profile.overlap(&parameters, &relative.parameters) {
                 validation.overlaps.push(pb::Overlap {
-                    production_id: row.get(0),
+                    production_id: relative.production_id.clone(),
                     description,
                 });
             }
         }
         if validation.existing_production_id.is_empty() {
-            let known: Vec<String> = relatives.iter().map(|r| r.get(0)).collect();
+            let ids: Vec<String> = relatives.iter().map(|r| r.production_id.clone()).collect();
             if let Some(v) = self
-                .existing_outputs(profile, &parameters, &known, candidate.extend)
+                .existing_outputs(profile, &parameters, &ids, candidate.extend)
                 .await?
             {
                 violations.push(v);
@@ -322,97 +415,242 @@ impl Checker {
         )))
     }
 
-    /// Decides one request inside `tx`; returns the event announcing the verdict.
+    /// Decides a batch of requests inside `tx`, in order, each seeing the
+    /// decisions before it; returns the events announcing the verdicts. The
+    /// database work is a fixed number of statements however large the batch:
+    /// one read of the neighbourhood, one sequence update per VO, one insert.
     async fn decide(
         &self,
         tx: &Transaction<'_>,
-        request: &pb::RequestReceived,
-    ) -> anyhow::Result<OutboxEvent> {
-        let request_id =
-            Uuid::parse_str(&request.request_id).context("request_id is not a UUID")?;
-        let candidate = Candidate {
-            profile: &request.profile,
-            backend: &request.backend,
-            vo: &request.vo,
-            parameters_json: &request.parameters_json,
-            extend: request.extend,
-            reuse_existing: request.reuse_existing,
-        };
-        let Evaluation {
-            validation,
-            accepted,
-        } = self.evaluate(tx, &candidate).await?;
-        if validation.acceptable && !validation.existing_production_id.is_empty() {
-            let existing = validation.existing_production_id;
-            tracing::info!(request_id = %request.request_id, %existing, "request answered with the existing production");
+        requests: &[&pb::RequestReceived],
+    ) -> anyhow::Result<Vec<OutboxEvent>> {
+        let candidates: Vec<Candidate<'_>> = requests
+            .iter()
+            .map(|r| Candidate {
+                profile: &r.profile,
+                backend: &r.backend,
+                vo: &r.vo,
+                parameters_json: &r.parameters_json,
+                extend: r.extend,
+                reuse_existing: r.reuse_existing,
+            })
+            .collect();
+        let prepared: Vec<Prepared<'_>> = candidates.iter().map(|c| self.prepare(c)).collect();
+        let fingerprints: Vec<String> = prepared
+            .iter()
+            .filter(|p| p.checked.is_some())
+            .map(|p| p.validation.fingerprint.clone())
+            .collect();
+        let bases: Vec<String> = prepared
+            .iter()
+            .filter_map(|p| p.checked.as_ref().map(|(_, _, base)| base.clone()))
+            .collect();
+        let mut known = Neighbourhood::load(tx, &fingerprints, &bases).await?;
+        // Verdicts first (IDs need the count per VO), then one write for all.
+        let mut verdicts = Vec::with_capacity(requests.len());
+        for ((request, candidate), prepared) in requests.iter().zip(&candidates).zip(prepared) {
+            let evaluation = self.evaluate(prepared, candidate, &known).await?;
+            if let Some(accepted) = &evaluation.accepted
+                && evaluation.validation.existing_production_id.is_empty()
+            {
+                // Placeholder ID until the sequence is read; unique within the batch.
+                known.add(
+                    accepted.base_fingerprint.clone(),
+                    Known {
+                        production_id: placeholder(&request.request_id),
+                        fingerprint: evaluation.validation.fingerprint.clone(),
+                        parameters: accepted.parameters.clone(),
+                        last_run: accepted.last_run,
+                    },
+                );
+            }
+            verdicts.push(evaluation);
+        }
+        let mut wanted: BTreeMap<&str, i64> = BTreeMap::new();
+        for (request, e) in requests.iter().zip(&verdicts) {
+            if e.accepted.is_some() && e.validation.existing_production_id.is_empty() {
+                *wanted.entry(request.vo.as_str()).or_default() += 1;
+            }
+        }
+        let mut next: HashMap<String, i64> = HashMap::new();
+        if !wanted.is_empty() {
+            let (vos, counts): (Vec<&str>, Vec<i64>) = wanted.into_iter().unzip();
+            for row in tx
+                .query_cached(
+                    "INSERT INTO id_sequences (vo, last) SELECT * FROM unnest($1::text[], $2::bigint[])
+                     ON CONFLICT (vo) DO UPDATE SET last = id_sequences.last + EXCLUDED.last
+                     RETURNING vo, last",
+                    &[&vos, &counts],
+                )
+                .await?
+            {
+                let vo: String = row.get(0);
+                let last: i64 = row.get(1);
+                let count = counts[vos.iter().position(|v| *v == vo).expect("asked for")];
+                next.insert(vo, last - count + 1);
+            }
+        }
+        // Placeholder → real production ID, for overlaps named inside the batch.
+        let mut renamed: HashMap<String, String> = HashMap::new();
+        let mut rows = NewProductions::default();
+        let mut events = Vec::with_capacity(requests.len());
+        for (request, evaluation) in requests.iter().zip(verdicts) {
+            let Evaluation {
+                mut validation,
+                accepted,
+            } = evaluation;
+            name_placeholders(&mut validation, &renamed);
+            if validation.acceptable && !validation.existing_production_id.is_empty() {
+                let existing = validation.existing_production_id;
+                tracing::info!(request_id = %request.request_id, %existing, "request answered with the existing production");
+                let event = pb::RequestAccepted {
+                    request_id: request.request_id.clone(),
+                    production_id: existing.clone(),
+                    profile: request.profile.clone(),
+                    vo: request.vo.clone(),
+                    fingerprint: validation.fingerprint,
+                    parameters_json: request.parameters_json.clone(),
+                    backend: request.backend.clone(),
+                    run_number_offset: 0,
+                    correlation_id: request.correlation_id.clone(),
+                };
+                events.push(outbox_event(REQUEST_REUSED, &existing, &event));
+                continue;
+            }
+            let Some(accepted) = accepted else {
+                tracing::info!(request_id = %request.request_id, violations = validation.violations.len(),
+                    existing = %validation.existing_production_id, "request rejected");
+                let event = pb::RequestRejected {
+                    request_id: request.request_id.clone(),
+                    violations: validation.violations,
+                    existing_production_id: validation.existing_production_id,
+                    correlation_id: request.correlation_id.clone(),
+                };
+                events.push(outbox_event(REQUEST_REJECTED, &request.request_id, &event));
+                continue;
+            };
+            let request_id =
+                Uuid::parse_str(&request.request_id).context("request_id is not a UUID")?;
+            let number = next.get_mut(&request.vo).expect("a number for every VO");
+            let production_id = production_id(accepted.profile.id_prefix(), *number);
+            *number += 1;
+            renamed.insert(placeholder(&request.request_id), production_id.clone());
+            tracing::info!(request_id = %request.request_id, %production_id,
+                extends = validation.overlaps.len(), "request accepted");
+            let parameters_json = accepted.parameters.to_string();
+            let run_number_offset = accepted.run_number_offset as u64;
+            rows.push(
+                &production_id,
+                &validation.fingerprint,
+                request_id,
+                request,
+                accepted,
+            );
             let event = pb::RequestAccepted {
                 request_id: request.request_id.clone(),
-                production_id: existing.clone(),
+                production_id: production_id.clone(),
                 profile: request.profile.clone(),
                 vo: request.vo.clone(),
                 fingerprint: validation.fingerprint,
-                parameters_json: request.parameters_json.clone(),
+                parameters_json,
                 backend: request.backend.clone(),
-                run_number_offset: 0,
+                run_number_offset,
                 correlation_id: request.correlation_id.clone(),
             };
-            return Ok(outbox_event(REQUEST_REUSED, &existing, &event));
+            events.push(outbox_event(REQUEST_ACCEPTED, &production_id, &event));
         }
-        let Some(accepted) = accepted else {
-            tracing::info!(request_id = %request.request_id, violations = validation.violations.len(),
-                existing = %validation.existing_production_id, "request rejected");
-            let event = pb::RequestRejected {
-                request_id: request.request_id.clone(),
-                violations: validation.violations,
-                existing_production_id: validation.existing_production_id,
-                correlation_id: request.correlation_id.clone(),
-            };
-            return Ok(outbox_event(REQUEST_REJECTED, &request.request_id, &event));
-        };
-        let number: i64 = tx
-            .query_one_cached(
-                "INSERT INTO id_sequences (vo, last) VALUES ($1, 1)
-                 ON CONFLICT (vo) DO UPDATE SET last = id_sequences.last + 1
-                 RETURNING last",
-                &[&request.vo],
-            )
-            .await?
-            .get(0);
-        let production_id = production_id(accepted.profile.id_prefix(), number);
+        rows.insert(tx).await?;
+        Ok(events)
+    }
+}
+
+/// The ID a production accepted earlier in the same batch is known by until
+/// the sequence is read.
+fn placeholder(request_id: &str) -> String {
+    format!("\u{0}{request_id}")
+}
+
+/// Replaces placeholders with the production IDs assigned since: a request
+/// that duplicates or overlaps one accepted earlier in its batch names it.
+fn name_placeholders(validation: &mut pb::Validation, renamed: &HashMap<String, String>) {
+    let rename = |text: &mut String| {
+        if text.contains('\u{0}') {
+            for (placeholder, real) in renamed {
+                *text = text.replace(placeholder.as_str(), real);
+            }
+        }
+    };
+    rename(&mut validation.existing_production_id);
+    for o in &mut validation.overlaps {
+        rename(&mut o.production_id);
+    }
+    for v in &mut validation.violations {
+        rename(&mut v.description);
+    }
+}
+
+/// Accepted productions of one batch, column by column for one insert.
+#[derive(Default)]
+struct NewProductions {
+    ids: Vec<String>,
+    fingerprints: Vec<String>,
+    request_ids: Vec<Uuid>,
+    profiles: Vec<String>,
+    vos: Vec<String>,
+    parameters: Vec<serde_json::Value>,
+    backends: Vec<String>,
+    offsets: Vec<i64>,
+    bases: Vec<String>,
+    last_runs: Vec<i64>,
+}
+
+impl NewProductions {
+    fn push(
+        &mut self,
+        production_id: &str,
+        fingerprint: &str,
+        request_id: Uuid,
+        request: &pb::RequestReceived,
+        accepted: Accepted<'_>,
+    ) {
+        self.ids.push(production_id.to_string());
+        self.fingerprints.push(fingerprint.to_string());
+        self.request_ids.push(request_id);
+        self.profiles.push(request.profile.clone());
+        self.vos.push(request.vo.clone());
+        self.backends.push(request.backend.clone());
+        self.offsets.push(accepted.run_number_offset);
+        self.bases.push(accepted.base_fingerprint);
+        self.last_runs.push(accepted.last_run);
+        self.parameters.push(accepted.parameters);
+    }
+
+    async fn insert(self, tx: &Transaction<'_>) -> anyhow::Result<()> {
+        if self.ids.is_empty() {
+            return Ok(());
+        }
         tx.execute_cached(
             "INSERT INTO productions
                  (production_id, fingerprint, request_id, profile, vo, parameters, backend,
                   run_number_offset, base_fingerprint, last_run)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+             SELECT * FROM unnest($1::text[], $2::text[], $3::uuid[], $4::text[], $5::text[],
+                                  $6::jsonb[], $7::text[], $8::bigint[], $9::text[], $10::bigint[])",
             &[
-                &production_id,
-                &validation.fingerprint,
-                &request_id,
-                &request.profile,
-                &request.vo,
-                &accepted.parameters,
-                &request.backend,
-                &accepted.run_number_offset,
-                &accepted.base_fingerprint,
-                &accepted.last_run,
+                &self.ids,
+                &self.fingerprints,
+                &self.request_ids,
+                &self.profiles,
+                &self.vos,
+                &self.parameters,
+                &self.backends,
+                &self.offsets,
+                &self.bases,
+                &self.last_runs,
             ],
         )
         .await
-        .context("storing the production")?;
-        tracing::info!(request_id = %request.request_id, %production_id,
-            extends = validation.overlaps.len(), "request accepted");
-        let event = pb::RequestAccepted {
-            request_id: request.request_id.clone(),
-            production_id: production_id.clone(),
-            profile: request.profile.clone(),
-            vo: request.vo.clone(),
-            fingerprint: validation.fingerprint,
-            parameters_json: accepted.parameters.to_string(),
-            backend: request.backend.clone(),
-            run_number_offset: accepted.run_number_offset as u64,
-            correlation_id: request.correlation_id.clone(),
-        };
-        Ok(outbox_event(REQUEST_ACCEPTED, &production_id, &event))
+        .context("storing the productions")?;
+        Ok(())
     }
 }
 
@@ -440,12 +678,14 @@ impl BatchHandler for Checker {
         .await?;
         let ids: Vec<Uuid> = requests.iter().map(|(id, _)| *id).collect();
         let fresh = prodsys_db::claim(&tx, &ids).await?;
-        let mut events = Vec::new();
-        for (id, request) in &requests {
-            if fresh.contains(id) {
-                events.push(self.decide(&tx, request).await?);
-            }
-        }
+        let mut seen = HashSet::new();
+        // A request delivered twice in one batch is decided once.
+        let fresh: Vec<&pb::RequestReceived> = requests
+            .iter()
+            .filter(|(id, _)| fresh.contains(id) && seen.insert(*id))
+            .map(|(_, request)| request)
+            .collect();
+        let events = self.decide(&tx, &fresh).await?;
         prodsys_db::enqueue(&tx, &self.db.outbox_channel(), &events).await?;
         tx.commit().await?;
         Ok(outcomes)
@@ -472,6 +712,7 @@ impl pb::checker_service_server::CheckerService for Checker {
             extend: r.extend,
             reuse_existing: r.reuse_existing,
         };
+        let prepared = self.prepare(&candidate);
         let mut client = self.db.client().await.map_err(ServiceError::from)?;
         let tx = client
             .build_transaction()
@@ -479,8 +720,18 @@ impl pb::checker_service_server::CheckerService for Checker {
             .start()
             .await
             .map_err(|e| ServiceError::Unexpected(e.into()))?;
+        let known = match &prepared.checked {
+            Some((_, _, base)) => Neighbourhood::load(
+                &tx,
+                std::slice::from_ref(&prepared.validation.fingerprint),
+                std::slice::from_ref(base),
+            )
+            .await
+            .map_err(ServiceError::from)?,
+            None => Neighbourhood::default(),
+        };
         let evaluation = self
-            .evaluate(&tx, &candidate)
+            .evaluate(prepared, &candidate, &known)
             .await
             .map_err(ServiceError::from)?;
         Ok(Response::new(evaluation.validation))

@@ -10,6 +10,7 @@ pub mod dirac;
 mod scheduler;
 pub mod slurm;
 
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -243,124 +244,194 @@ impl Planner {
         })
     }
 
+    /// Plans a batch of accepted productions in one transaction: one insert
+    /// for the productions, job rows streamed in inserts of `PLAN_BATCH`
+    /// (a million-job production never sits in memory whole; a hundred
+    /// one-job productions share one statement), one outbox write.
     async fn plan(
         &self,
         tx: &prodsys_db::deadpool_postgres::Transaction<'_>,
-        prepared: &Prepared<'_>,
+        prepared: &[Prepared<'_>],
     ) -> anyhow::Result<()> {
-        let Prepared {
-            plan,
-            parameters,
-            request_id,
-            accepted,
-            ..
-        } = prepared;
-        let inserted = tx
-            .execute_cached(
-                "INSERT INTO productions (production_id, request_id, profile, vo, parameters, fingerprint,
-                                          backend, run_number_offset, state, job_total)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
-                 ON CONFLICT (production_id) DO NOTHING",
-                &[
-                    &accepted.production_id,
-                    request_id,
-                    &accepted.profile,
-                    &accepted.vo,
-                    parameters,
-                    &accepted.fingerprint,
-                    &accepted.backend,
-                    &(accepted.run_number_offset as i64),
-                    &ProductionState::Running.as_str(),
-                    &(plan.job_count as i64),
-                ],
-            )
-            .await?;
-        if inserted == 0 {
+        if prepared.is_empty() {
             return Ok(());
         }
-        let insert = tx
-            .prepare_cached(
-                "INSERT INTO jobs (production_id, job_index, run_number, seed, units)
-                 SELECT $1, * FROM unnest($2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[])",
-            )
-            .await?;
-        let mut start = 0;
-        while start < plan.job_count {
-            let end = (start + PLAN_BATCH).min(plan.job_count);
-            let jobs: Vec<_> = (start..end).map(|i| plan.job(i)).collect();
-            let column = |f: fn(&prodsys_core::PlannedJob) -> u64| -> Vec<i64> {
-                jobs.iter().map(|j| f(j) as i64).collect()
-            };
-            tx.execute(
-                &insert,
+        let n = prepared.len();
+        let mut ids = Vec::with_capacity(n);
+        let mut request_ids = Vec::with_capacity(n);
+        let mut profiles = Vec::with_capacity(n);
+        let mut vos = Vec::with_capacity(n);
+        let mut parameters = Vec::with_capacity(n);
+        let mut fingerprints = Vec::with_capacity(n);
+        let mut backends = Vec::with_capacity(n);
+        let mut offsets = Vec::with_capacity(n);
+        let mut totals = Vec::with_capacity(n);
+        for p in prepared {
+            ids.push(p.accepted.production_id.as_str());
+            request_ids.push(p.request_id);
+            profiles.push(p.accepted.profile.as_str());
+            vos.push(p.accepted.vo.as_str());
+            parameters.push(&p.parameters);
+            fingerprints.push(p.accepted.fingerprint.as_str());
+            backends.push(p.accepted.backend.as_str());
+            offsets.push(p.accepted.run_number_offset as i64);
+            totals.push(p.plan.job_count as i64);
+        }
+        let inserted: HashSet<String> = tx
+            .query_cached(
+                "INSERT INTO productions (production_id, request_id, profile, vo, parameters, fingerprint,
+                                          backend, run_number_offset, job_total, state)
+                 SELECT *, 'RUNNING' FROM unnest($1::text[], $2::uuid[], $3::text[], $4::text[], $5::jsonb[],
+                                                 $6::text[], $7::text[], $8::bigint[], $9::bigint[])
+                 ON CONFLICT (production_id) DO NOTHING RETURNING production_id",
                 &[
-                    &accepted.production_id,
-                    &column(|j| j.index),
-                    &column(|j| j.run_number),
-                    &column(|j| j.seed),
-                    &column(|j| j.units),
+                    &ids,
+                    &request_ids,
+                    &profiles,
+                    &vos,
+                    &parameters,
+                    &fingerprints,
+                    &backends,
+                    &offsets,
+                    &totals,
                 ],
             )
-            .await?;
-            start = end;
-        }
-        let event = pb::ProductionDispatched {
-            production_id: accepted.production_id.clone(),
-            job_total: plan.job_count,
-            backend: accepted.backend.clone(),
-            estimate: Some(prepared.estimate),
-        };
-        prodsys_db::enqueue(
-            tx,
-            &self.db.outbox_channel(),
-            &[outbox_event(
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let mut jobs = JobRows::default();
+        let mut events = Vec::new();
+        for p in prepared {
+            let accepted = p.accepted;
+            // Planned before (a replayed event under another ID): nothing to add.
+            if !inserted.contains(&accepted.production_id) {
+                continue;
+            }
+            for i in 0..p.plan.job_count {
+                jobs.push(&accepted.production_id, &p.plan.job(i));
+                if jobs.len() >= PLAN_BATCH as usize {
+                    jobs.flush(tx).await?;
+                }
+            }
+            let event = pb::ProductionDispatched {
+                production_id: accepted.production_id.clone(),
+                job_total: p.plan.job_count,
+                backend: accepted.backend.clone(),
+                estimate: Some(p.estimate),
+            };
+            events.push(outbox_event(
                 PRODUCTION_DISPATCHED,
                 &accepted.production_id,
                 &event,
-            )],
+            ));
+            tracing::info!(production_id = %accepted.production_id, jobs = p.plan.job_count, "production planned");
+        }
+        jobs.flush(tx).await?;
+        prodsys_db::enqueue(tx, &self.db.outbox_channel(), &events).await?;
+        Ok(())
+    }
+}
+
+/// Job rows waiting for one insert, column by column.
+#[derive(Default)]
+struct JobRows {
+    productions: Vec<String>,
+    indexes: Vec<i64>,
+    run_numbers: Vec<i64>,
+    seeds: Vec<i64>,
+    units: Vec<i64>,
+}
+
+impl JobRows {
+    fn len(&self) -> usize {
+        self.indexes.len()
+    }
+
+    fn push(&mut self, production_id: &str, job: &prodsys_core::PlannedJob) {
+        self.productions.push(production_id.to_string());
+        self.indexes.push(job.index as i64);
+        self.run_numbers.push(job.run_number as i64);
+        self.seeds.push(job.seed as i64);
+        self.units.push(job.units as i64);
+    }
+
+    async fn flush(
+        &mut self,
+        tx: &prodsys_db::deadpool_postgres::Transaction<'_>,
+    ) -> anyhow::Result<()> {
+        if self.indexes.is_empty() {
+            return Ok(());
+        }
+        tx.execute_cached(
+            "INSERT INTO jobs (production_id, job_index, run_number, seed, units)
+             SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[])",
+            &[
+                &self.productions,
+                &self.indexes,
+                &self.run_numbers,
+                &self.seeds,
+                &self.units,
+            ],
         )
         .await?;
-        tracing::info!(production_id = %accepted.production_id, jobs = plan.job_count, "production planned");
+        *self = JobRows::default();
         Ok(())
     }
 }
 
 impl BatchHandler for Planner {
     async fn handle(&self, batch: &[Incoming]) -> anyhow::Result<Vec<Outcome>> {
-        let mut client = self.db.client().await?;
-        let tx = client.transaction().await?;
         let mut outcomes = Vec::with_capacity(batch.len());
-        for incoming in batch {
+        // (slot in the batch, event ID, event) of each production to plan.
+        let mut accepted = Vec::new();
+        let mut cancels = Vec::new();
+        for (slot, incoming) in batch.iter().enumerate() {
             if incoming.routing_key == PRODUCTION_CANCEL {
                 outcomes.push(match decode_event::<pb::ProductionCancel>(incoming) {
-                    Ok((id, cancel)) => {
-                        if !prodsys_db::claim(&tx, &[id]).await?.is_empty() {
-                            self.cancel(&tx, &cancel).await?;
-                        }
+                    Ok(decoded) => {
+                        cancels.push(decoded);
                         Outcome::Ack
                     }
                     Err(reason) => Outcome::DeadLetter(reason),
                 });
                 continue;
             }
-            let (id, accepted) = match decode_event::<pb::RequestAccepted>(incoming) {
-                Ok(decoded) => decoded,
-                Err(reason) => {
-                    outcomes.push(Outcome::DeadLetter(reason));
-                    continue;
+            outcomes.push(match decode_event::<pb::RequestAccepted>(incoming) {
+                Ok((id, event)) => {
+                    accepted.push((slot, id, event));
+                    Outcome::Ack
                 }
-            };
-            let prepared = match self.prepare(&accepted) {
-                Ok(prepared) => prepared,
-                Err(reason) => {
-                    outcomes.push(Outcome::DeadLetter(reason));
-                    continue;
+                Err(reason) => Outcome::DeadLetter(reason),
+            });
+        }
+        let mut prepared = Vec::with_capacity(accepted.len());
+        let mut ids = Vec::with_capacity(accepted.len());
+        for (slot, id, event) in &accepted {
+            match self.prepare(event) {
+                Ok(p) => {
+                    prepared.push(p);
+                    ids.push(*id);
                 }
-            };
-            if !prodsys_db::claim(&tx, &[id]).await?.is_empty() {
-                self.plan(&tx, &prepared).await?;
+                Err(reason) => outcomes[*slot] = Outcome::DeadLetter(reason),
             }
-            outcomes.push(Outcome::Ack);
+        }
+        let mut client = self.db.client().await?;
+        let tx = client.transaction().await?;
+        let fresh = prodsys_db::claim(&tx, &ids).await?;
+        let mut seen = HashSet::new();
+        let prepared: Vec<Prepared<'_>> = prepared
+            .into_iter()
+            .zip(&ids)
+            .filter(|(_, id)| fresh.contains(*id) && seen.insert(**id))
+            .map(|(p, _)| p)
+            .collect();
+        self.plan(&tx, &prepared).await?;
+        // After the plans: a cancel in the same batch finds its production.
+        for (id, cancel) in &cancels {
+            if !prodsys_db::claim(&tx, &[*id]).await?.is_empty() {
+                self.cancel(&tx, cancel).await?;
+            }
         }
         tx.commit().await?;
         for wake in &self.wakes {

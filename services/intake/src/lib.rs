@@ -19,6 +19,7 @@ use prodsys_db::{Db, Migration};
 use prodsys_messaging::{BatchHandler, Incoming, Outcome};
 use prodsys_proto as pb;
 use prodsys_server::{Foundation, Running, ServiceError, decode_event, outbox_event};
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
@@ -96,6 +97,7 @@ pub async fn start(
         .connect_lazy();
     let api = RequestApi {
         db: foundation.db.clone(),
+        committer: GroupCommit::start(foundation.db.clone(), &shutdown),
         profiles,
         checker: pb::checker_service_client::CheckerServiceClient::new(checker),
     };
@@ -122,6 +124,7 @@ pub async fn start(
 struct RequestApi {
     db: Db,
     profiles: Arc<ProfileSet>,
+    committer: GroupCommit,
     checker: pb::checker_service_client::CheckerServiceClient<tonic::transport::Channel>,
 }
 
@@ -174,53 +177,13 @@ impl RequestApi {
         } else {
             request.backend.clone()
         };
-        let key = (!request.idempotency_key.is_empty()).then_some(request.idempotency_key.as_str());
-        let mut client = self.db.client().await?;
-        let tx = client.transaction().await.context("begin")?;
-        let new = NewRequest {
-            request_id: Uuid::now_v7(),
-            idempotency_key: key,
-            profile: &request.profile,
-            vo: &request.vo,
-            parameters: &parameters,
-            backend: &backend,
-            submitter: &request.submitter,
-            extend: request.extend,
-            reuse_existing: request.reuse_existing,
-            correlation_id: None,
-            reply_to: None,
-            violations: &[],
-        };
-        let inserted = store_request(&tx, &new).await?;
-        if !inserted {
-            let row = tx
-                .query_one_cached(
-                    "SELECT request_id, profile, parameters FROM requests WHERE idempotency_key = $1",
-                    &[&key],
-                )
-                .await
-                .context("reading the earlier request")?;
-            let (earlier_profile, earlier_parameters): (String, serde_json::Value) =
-                (row.get(1), row.get(2));
-            if earlier_profile != request.profile || earlier_parameters != parameters {
-                return Err(ServiceError::Conflict(format!(
-                    "idempotency key {:?} was used for a different request ({})",
-                    request.idempotency_key,
-                    row.get::<_, Uuid>(0)
-                )));
-            }
-            return Ok(pb::SubmitRequestResponse {
-                request_id: row.get::<_, Uuid>(0).to_string(),
-                replayed: true,
-            });
-        }
-        prodsys_db::enqueue(&tx, &self.db.outbox_channel(), &[received_event(&new)]).await?;
-        tx.commit().await.context("commit")?;
-        tracing::info!(request_id = %new.request_id, profile = %request.profile, vo = %request.vo, "request received");
-        Ok(pb::SubmitRequestResponse {
-            request_id: new.request_id.to_string(),
-            replayed: false,
-        })
+        self.committer
+            .submit(Submission {
+                request,
+                parameters,
+                backend,
+            })
+            .await
     }
 
     async fn get(&self, request_id: &str) -> Result<pb::Request, ServiceError> {
@@ -372,6 +335,164 @@ impl pb::request_service_server::RequestService for RequestApi {
 }
 
 /// A request to store, from gRPC or from an event.
+/// A checked SubmitRequest waiting for the next group commit.
+struct Submission {
+    request: pb::SubmitRequestRequest,
+    parameters: serde_json::Value,
+    backend: String,
+}
+
+type Answer = Result<pb::SubmitRequestResponse, ServiceError>;
+
+/// Group commit of SubmitRequests: concurrent calls share one transaction
+/// (one outbox insert, one NOTIFY, one WAL flush) instead of paying for one
+/// each. A call waits only for the commit already in progress; each is
+/// answered once its row is durable, exactly as with a transaction of its own.
+#[derive(Clone)]
+struct GroupCommit {
+    queue: mpsc::Sender<(Submission, oneshot::Sender<Answer>)>,
+}
+
+/// Most submissions in one transaction.
+const GROUP_MAX: usize = 256;
+/// Writers: while one commits, the next gathers and writes its group.
+const GROUP_WRITERS: usize = 2;
+
+impl GroupCommit {
+    fn start(db: Db, shutdown: &CancellationToken) -> Self {
+        let (queue, receiver) = mpsc::channel(GROUP_MAX * GROUP_WRITERS);
+        let receiver = Arc::new(tokio::sync::Mutex::new(receiver));
+        for _ in 0..GROUP_WRITERS {
+            let db = db.clone();
+            let receiver = receiver.clone();
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move {
+                loop {
+                    let group = {
+                        let mut receiver = receiver.lock().await;
+                        let first = tokio::select! {
+                            first = receiver.recv() => first,
+                            () = shutdown.cancelled() => None,
+                        };
+                        let Some(first) = first else { return };
+                        let mut group = vec![first];
+                        while group.len() < GROUP_MAX {
+                            match receiver.try_recv() {
+                                Ok(next) => group.push(next),
+                                Err(_) => break,
+                            }
+                        }
+                        group
+                    };
+                    write_group(&db, group).await;
+                }
+            });
+        }
+        Self { queue }
+    }
+
+    async fn submit(&self, submission: Submission) -> Answer {
+        let (reply, answer) = oneshot::channel();
+        self.queue
+            .send((submission, reply))
+            .await
+            .map_err(|_| anyhow::anyhow!("intake is shutting down"))?;
+        answer
+            .await
+            .map_err(|_| anyhow::anyhow!("intake is shutting down"))?
+    }
+}
+
+/// Stores a group in one transaction and answers each caller after the commit.
+async fn write_group(db: &Db, group: Vec<(Submission, oneshot::Sender<Answer>)>) {
+    let (submissions, replies): (Vec<Submission>, Vec<oneshot::Sender<Answer>>) =
+        group.into_iter().unzip();
+    match store_group(db, &submissions).await {
+        Ok(answers) => {
+            for (reply, answer) in replies.into_iter().zip(answers) {
+                let _ = reply.send(answer);
+            }
+        }
+        Err(error) => {
+            tracing::warn!(
+                error = format!("{error:#}"),
+                requests = submissions.len(),
+                "storing submitted requests failed"
+            );
+            for reply in replies {
+                let _ = reply.send(Err(ServiceError::Unexpected(anyhow::anyhow!(
+                    "storing the request failed: {error:#}"
+                ))));
+            }
+        }
+    }
+}
+
+async fn store_group(db: &Db, submissions: &[Submission]) -> anyhow::Result<Vec<Answer>> {
+    let mut client = db.client().await?;
+    let tx = client.transaction().await.context("begin")?;
+    let mut answers = Vec::with_capacity(submissions.len());
+    let mut events = Vec::new();
+    for Submission {
+        request,
+        parameters,
+        backend,
+    } in submissions
+    {
+        let key = (!request.idempotency_key.is_empty()).then_some(request.idempotency_key.as_str());
+        let new = NewRequest {
+            request_id: Uuid::now_v7(),
+            idempotency_key: key,
+            profile: &request.profile,
+            vo: &request.vo,
+            parameters,
+            backend,
+            submitter: &request.submitter,
+            extend: request.extend,
+            reuse_existing: request.reuse_existing,
+            correlation_id: None,
+            reply_to: None,
+            violations: &[],
+        };
+        // A key used earlier in this group is found too: the transaction sees its own rows.
+        if !store_request(&tx, &new).await? {
+            let row = tx
+                .query_one_cached(
+                    "SELECT request_id, profile, parameters FROM requests WHERE idempotency_key = $1",
+                    &[&key],
+                )
+                .await
+                .context("reading the earlier request")?;
+            let (earlier_profile, earlier_parameters): (String, serde_json::Value) =
+                (row.get(1), row.get(2));
+            answers.push(
+                if earlier_profile != request.profile || earlier_parameters != *parameters {
+                    Err(ServiceError::Conflict(format!(
+                        "idempotency key {:?} was used for a different request ({})",
+                        request.idempotency_key,
+                        row.get::<_, Uuid>(0)
+                    )))
+                } else {
+                    Ok(pb::SubmitRequestResponse {
+                        request_id: row.get::<_, Uuid>(0).to_string(),
+                        replayed: true,
+                    })
+                },
+            );
+            continue;
+        }
+        events.push(received_event(&new));
+        tracing::info!(request_id = %new.request_id, profile = %request.profile, vo = %request.vo, "request received");
+        answers.push(Ok(pb::SubmitRequestResponse {
+            request_id: new.request_id.to_string(),
+            replayed: false,
+        }));
+    }
+    prodsys_db::enqueue(&tx, &db.outbox_channel(), &events).await?;
+    tx.commit().await.context("commit")?;
+    Ok(answers)
+}
+
 struct NewRequest<'a> {
     request_id: Uuid,
     idempotency_key: Option<&'a str>,
