@@ -159,3 +159,79 @@ async fn an_unknown_installation_is_refused_by_name() {
     );
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn waiting_productions_start_in_order_of_priority() {
+    let app = spawn_app_with(|env| {
+        use_test_profiles(env);
+        env.settings.dispatcher.max_concurrent_jobs = 1;
+    })
+    .await;
+    let counts = |production_id: String| {
+        let mut status = app.status.clone();
+        async move {
+            status
+                .get_production(pb::GetProductionRequest { production_id })
+                .await
+                .ok()?
+                .into_inner()
+                .counts
+        }
+    };
+    // The installation's one slot is taken ...
+    let blocker = app.accepted(sleep_request(1, 2.0, -1, "blocker", "")).await;
+    wait_for("the blocker to run", Duration::from_secs(30), || {
+        let c = counts(blocker.clone());
+        async move { c.await.filter(|c| c.running == 1) }
+    })
+    .await
+    .unwrap();
+    // ... while an older production of default priority and a newer urgent one wait.
+    let ordinary = app
+        .accepted(sleep_request(1, 2.0, -1, "ordinary", ""))
+        .await;
+    let urgent = app
+        .accepted(pb::SubmitRequestRequest {
+            priority: 10,
+            ..sleep_request(1, 2.0, -1, "urgent", "")
+        })
+        .await;
+    wait_for(
+        "the urgent production to start",
+        Duration::from_secs(30),
+        || {
+            let c = counts(urgent.clone());
+            async move { c.await.filter(|c| c.running + c.done == 1) }
+        },
+    )
+    .await
+    .unwrap();
+    let waiting = counts(ordinary.clone()).await.unwrap();
+    assert_eq!(
+        waiting.created, 1,
+        "the older, ordinary one still waits: {waiting:?}"
+    );
+    for production in [&blocker, &urgent, &ordinary] {
+        let last = app.watch(production).await.pop().unwrap();
+        assert_eq!(last.state(), pb::ProductionState::Completed, "{last:?}");
+    }
+
+    // A priority out of range is refused by name.
+    let bad = app
+        .submit(pb::SubmitRequestRequest {
+            priority: 5000,
+            ..sleep_request(1, 0.1, -1, "bad", "")
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), tonic::Code::InvalidArgument);
+    let details = tonic_types::StatusExt::get_details_bad_request(&bad).unwrap();
+    assert!(
+        details
+            .field_violations
+            .iter()
+            .any(|v| v.field == "priority"),
+        "{details:?}"
+    );
+    app.stop().await;
+}

@@ -92,6 +92,7 @@ pub fn cta_example() -> pb::SubmitRequestRequest {
         submitter: "tests".into(),
         extend: false,
         reuse_existing: false,
+        priority: 0,
     }
 }
 

@@ -118,6 +118,9 @@ struct RequestFile {
     extend: bool,
     #[serde(default)]
     reuse_existing: bool,
+    /// Dispatch priority among productions waiting for the same installation (higher first).
+    #[serde(default)]
+    priority: i32,
     parameters: serde_json::Value,
 }
 
@@ -136,6 +139,7 @@ impl RequestFile {
             submitter: r.submitter,
             extend: r.extend,
             reuse_existing: r.reuse_existing,
+            priority: r.priority,
         })
     }
 }

@@ -513,6 +513,7 @@ impl Checker {
                     backend: request.backend.clone(),
                     run_number_offset: 0,
                     correlation_id: request.correlation_id.clone(),
+                    priority: request.priority,
                 };
                 events.push(outbox_event(REQUEST_REUSED, &existing, &event));
                 continue;
@@ -556,6 +557,7 @@ impl Checker {
                 backend: request.backend.clone(),
                 run_number_offset,
                 correlation_id: request.correlation_id.clone(),
+                priority: request.priority,
             };
             events.push(outbox_event(REQUEST_ACCEPTED, &production_id, &event));
         }

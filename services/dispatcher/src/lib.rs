@@ -89,6 +89,13 @@ const MIGRATIONS: &[Migration] = &[
         // CANCELLING) productions; without it that is a scan of all of them.
         sql: "CREATE INDEX productions_backend_state ON productions (backend, state, created_at);",
     },
+    Migration {
+        version: 5,
+        name: "dispatch priority",
+        sql: "ALTER TABLE productions ADD COLUMN priority integer NOT NULL DEFAULT 0;
+              DROP INDEX productions_backend_state;
+              CREATE INDEX productions_waiting ON productions (backend, state, priority DESC, created_at);",
+    },
 ];
 
 pub async fn start(
@@ -266,6 +273,7 @@ impl Planner {
         let mut backends = Vec::with_capacity(n);
         let mut offsets = Vec::with_capacity(n);
         let mut totals = Vec::with_capacity(n);
+        let mut priorities = Vec::with_capacity(n);
         for p in prepared {
             ids.push(p.accepted.production_id.as_str());
             request_ids.push(p.request_id);
@@ -276,13 +284,14 @@ impl Planner {
             backends.push(p.accepted.backend.as_str());
             offsets.push(p.accepted.run_number_offset as i64);
             totals.push(p.plan.job_count as i64);
+            priorities.push(p.accepted.priority);
         }
         let inserted: HashSet<String> = tx
             .query_cached(
                 "INSERT INTO productions (production_id, request_id, profile, vo, parameters, fingerprint,
-                                          backend, run_number_offset, job_total, state)
+                                          backend, run_number_offset, job_total, priority, state)
                  SELECT *, 'RUNNING' FROM unnest($1::text[], $2::uuid[], $3::text[], $4::text[], $5::jsonb[],
-                                                 $6::text[], $7::text[], $8::bigint[], $9::bigint[])
+                                                 $6::text[], $7::text[], $8::bigint[], $9::bigint[], $10::int[])
                  ON CONFLICT (production_id) DO NOTHING RETURNING production_id",
                 &[
                     &ids,
@@ -294,6 +303,7 @@ impl Planner {
                     &backends,
                     &offsets,
                     &totals,
+                    &priorities,
                 ],
             )
             .await?

@@ -267,12 +267,13 @@ impl Scheduler {
         }
         let mut client = self.db.client().await?;
         let tx = client.transaction().await?;
-        // Oldest production first; within one, by job index through the
-        // partial index of ready jobs, so a million waiting jobs cost nothing here.
+        // Highest priority first, then the oldest production; within one, by
+        // job index through the partial index of ready jobs, so a million
+        // waiting jobs cost nothing here.
         let productions: Vec<String> = tx
             .query_cached(
                 "SELECT production_id FROM productions WHERE backend = $1 AND state = 'RUNNING'
-                 ORDER BY created_at, production_id",
+                 ORDER BY priority DESC, created_at, production_id",
                 &[&self.backend.name()],
             )
             .await?

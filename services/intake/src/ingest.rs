@@ -37,6 +37,9 @@ pub struct SubmitData {
     /// Answer an exact duplicate with the existing production instead of refusing it.
     #[serde(default)]
     pub reuse_existing: bool,
+    /// Dispatch priority (higher first), -1000..1000.
+    #[serde(default)]
+    pub priority: i32,
 }
 
 /// A submit event that is a request (though its parameters may still be wrong).
@@ -140,6 +143,7 @@ pub fn parse(incoming: &Incoming, profiles: &ProfileSet) -> Result<Submission, S
     let mut violations = profile.validate(&data.vo, &data.parameters);
     crate::check_name("backend", &data.backend, &mut violations);
     crate::check_name("submitter", &data.submitter, &mut violations);
+    crate::check_priority(data.priority, &mut violations);
     Ok(Submission {
         event_id: id,
         source,

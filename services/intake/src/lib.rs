@@ -63,6 +63,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "reuse of existing productions",
         sql: "ALTER TABLE requests ADD COLUMN reuse_existing boolean NOT NULL DEFAULT false;",
     },
+    Migration {
+        version: 5,
+        name: "dispatch priority",
+        sql: "ALTER TABLE requests ADD COLUMN priority integer NOT NULL DEFAULT 0;",
+    },
 ];
 
 /// Starts intake: schema, broker, relay, consumer and gRPC server.
@@ -130,6 +135,22 @@ struct RequestApi {
 
 const MAX_NAME: usize = 128;
 
+/// Dispatch priorities a request may ask for.
+pub const PRIORITY_RANGE: std::ops::RangeInclusive<i32> = -1000..=1000;
+
+pub(crate) fn check_priority(priority: i32, violations: &mut Vec<Violation>) {
+    if !PRIORITY_RANGE.contains(&priority) {
+        violations.push(Violation::new(
+            "priority",
+            format!(
+                "{priority} is outside {}..{}",
+                PRIORITY_RANGE.start(),
+                PRIORITY_RANGE.end()
+            ),
+        ));
+    }
+}
+
 pub(crate) fn check_name(field: &str, value: &str, violations: &mut Vec<Violation>) {
     if value.len() > MAX_NAME {
         violations.push(Violation::new(
@@ -158,6 +179,7 @@ impl RequestApi {
         let mut violations = Vec::new();
         check_name("backend", &request.backend, &mut violations);
         check_name("submitter", &request.submitter, &mut violations);
+        check_priority(request.priority, &mut violations);
         if request.idempotency_key.len() > MAX_NAME {
             violations.push(Violation::new(
                 "idempotency_key",
@@ -450,6 +472,7 @@ async fn store_group(db: &Db, submissions: &[Submission]) -> anyhow::Result<Vec<
             submitter: &request.submitter,
             extend: request.extend,
             reuse_existing: request.reuse_existing,
+            priority: request.priority,
             correlation_id: None,
             reply_to: None,
             violations: &[],
@@ -503,6 +526,7 @@ struct NewRequest<'a> {
     submitter: &'a str,
     extend: bool,
     reuse_existing: bool,
+    priority: i32,
     correlation_id: Option<&'a str>,
     reply_to: Option<&'a str>,
     /// Refused at the door: stored as REJECTED with these reasons.
@@ -519,8 +543,9 @@ async fn store_request(tx: &Transaction<'_>, r: &NewRequest<'_>) -> anyhow::Resu
     let inserted = tx
         .query_opt_cached(
             "INSERT INTO requests (request_id, idempotency_key, profile, vo, parameters, backend, submitter,
-                                   extend, correlation_id, reply_to, state, violations, reuse_existing)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+                                   extend, correlation_id, reply_to, state, violations, reuse_existing,
+                                   priority)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
              ON CONFLICT (idempotency_key) DO NOTHING RETURNING request_id",
             &[
                 &r.request_id,
@@ -536,6 +561,7 @@ async fn store_request(tx: &Transaction<'_>, r: &NewRequest<'_>) -> anyhow::Resu
                 &state,
                 &serde_json::to_value(r.violations)?,
                 &r.reuse_existing,
+                &r.priority,
             ],
         )
         .await
@@ -555,6 +581,7 @@ fn received_event(r: &NewRequest<'_>) -> prodsys_db::OutboxEvent {
         correlation_id: r.correlation_id.unwrap_or_default().to_string(),
         extend: r.extend,
         reuse_existing: r.reuse_existing,
+        priority: r.priority,
     };
     outbox_event(REQUEST_RECEIVED, &r.request_id.to_string(), &event)
 }
@@ -684,6 +711,7 @@ impl IntakeConsumer {
             submitter: &s.data.submitter,
             extend: s.data.extend,
             reuse_existing: s.data.reuse_existing,
+            priority: s.data.priority,
             correlation_id: Some(&s.event_id),
             reply_to: s.reply_to.as_deref(),
             violations: &s.violations,
