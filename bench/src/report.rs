@@ -731,7 +731,7 @@ pub fn markdown(results: &Results) -> String {
         }
         let _ = writeln!(out);
     }
-    let _ = writeln!(out, "## What moves each figure\n");
+    let _ = writeln!(out, "## What this run shows\n");
     let _ = writeln!(
         out,
         "What this run's measurements show (no figure here is estimated):\n"
@@ -745,6 +745,8 @@ pub fn markdown(results: &Results) -> String {
             let _ = writeln!(out, "- {error}");
         }
     }
+    // The history of optimisations is kept by hand beside the harness.
+    let _ = write!(out, "\n{}", include_str!("../HISTORY.md"));
     out
 }
 

@@ -173,15 +173,23 @@ impl Neighbourhood {
         if fingerprints.is_empty() && bases.is_empty() {
             return Ok(known);
         }
+        // Two index scans, not one OR: a generic plan for an OR of two
+        // ANY(array) conditions scans the whole table once it has grown.
+        let mut seen = HashSet::new();
         for row in tx
             .query_cached(
                 "SELECT production_id, fingerprint, base_fingerprint, parameters, last_run
-                 FROM productions WHERE fingerprint = ANY($1) OR base_fingerprint = ANY($2)
-                 ORDER BY production_id",
+                 FROM productions WHERE fingerprint = ANY($1)
+                 UNION ALL
+                 SELECT production_id, fingerprint, base_fingerprint, parameters, last_run
+                 FROM productions WHERE base_fingerprint = ANY($2)",
                 &[&fingerprints, &bases],
             )
             .await?
         {
+            if !seen.insert(row.get::<_, String>(0)) {
+                continue;
+            }
             known.add(
                 row.get(2),
                 Known {

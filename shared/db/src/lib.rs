@@ -90,7 +90,12 @@ pub struct PendingEvent {
 
 fn config_for(url: &str, schema: &str) -> anyhow::Result<tokio_postgres::Config> {
     let mut config = tokio_postgres::Config::from_str(url).context("invalid database URL")?;
-    config.options(format!("-c search_path={schema}"));
+    // Statements are prepared once per connection (see `Cached`) but planned
+    // on every execution: a generic plan made while a table was small (a
+    // sequential scan) would otherwise be kept as the table grows to millions.
+    config.options(format!(
+        "-c search_path={schema} -c plan_cache_mode=force_custom_plan"
+    ));
     config.application_name(format!("prodsys-{schema}"));
     config.connect_timeout(Duration::from_secs(5));
     Ok(config)
