@@ -651,3 +651,132 @@ async fn outputs_registered_from_elsewhere_count_as_existing() {
     assert_eq!(accepted.state(), pb::RequestState::Accepted, "{accepted:?}");
     app.stop().await;
 }
+
+/// Publishes `message` on the events exchange as a service would: CloudEvents
+/// headers with `id`, persistent, confirmed.
+async fn publish_event(
+    channel: &lapin::Channel,
+    exchange: &str,
+    routing_key: &str,
+    id: uuid::Uuid,
+    message: &impl prost::Message,
+) {
+    let event = prodsys_messaging::CloudEvent {
+        id: id.to_string(),
+        event_type: format!("org.prodsys.{routing_key}.v1"),
+        source: "/tests".into(),
+        specversion: "1.0".into(),
+        time: None,
+        subject: None,
+    };
+    let properties = lapin::BasicProperties::default()
+        .with_headers(event.to_headers())
+        .with_delivery_mode(2);
+    channel
+        .basic_publish(
+            exchange.into(),
+            routing_key.into(),
+            BasicPublishOptions::default(),
+            &message.encode_to_vec(),
+            properties,
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_status_read_model_ignores_late_and_repeated_transitions() {
+    let app = spawn_app().await;
+    let (_connection, channel) = app.env.amqp().await.unwrap();
+    let events = format!("{}prodsys.events", app.env.prefix);
+    let production_id = "TEST-000077".to_string();
+    publish_event(
+        &channel,
+        &events,
+        "production.dispatched",
+        uuid::Uuid::now_v7(),
+        &pb::ProductionDispatched {
+            production_id: production_id.clone(),
+            job_total: 3,
+            backend: "local".into(),
+            estimate: None,
+        },
+    )
+    .await;
+    let transition = |job_index: u64, attempt: u32, state: pb::JobState| pb::JobTransition {
+        production_id: production_id.clone(),
+        job_index,
+        attempt,
+        state: state as i32,
+        raw_status: format!("{state:?}"),
+        at_unix_ms: 0,
+    };
+    use pb::JobState::{Done, Failed, Running, Submitted};
+    // In separate messages (separate batches or not): job 0 runs, then a late
+    // SUBMITTED for it arrives; job 1 finishes; job 0's first attempt fails
+    // and its second finishes; a late RUNNING of attempt 1 arrives after.
+    let batches = [
+        vec![transition(0, 1, Running)],
+        vec![transition(0, 1, Submitted), transition(1, 1, Done)],
+        vec![transition(0, 1, Failed)],
+        vec![transition(0, 2, Done)],
+        vec![transition(0, 1, Running)],
+    ];
+    let repeated = uuid::Uuid::now_v7();
+    for (i, transitions) in batches.into_iter().enumerate() {
+        let id = if i == 1 {
+            repeated
+        } else {
+            uuid::Uuid::now_v7()
+        };
+        let batch = pb::JobStatusBatch { transitions };
+        publish_event(&channel, &events, "job.status", id, &batch).await;
+    }
+    // A redelivered message (same CloudEvents id) takes no second effect,
+    // even though job 2 is in it now.
+    publish_event(
+        &channel,
+        &events,
+        "job.status",
+        repeated,
+        &pb::JobStatusBatch {
+            transitions: vec![transition(2, 1, Running)],
+        },
+    )
+    .await;
+    let mut status = app.status.clone();
+    let counts = wait_for("jobs 0 and 1 done", Duration::from_secs(30), || {
+        let mut status = status.clone();
+        let production_id = production_id.clone();
+        async move {
+            let p = status
+                .get_production(pb::GetProductionRequest { production_id })
+                .await
+                .ok()?
+                .into_inner();
+            let c = p.counts?;
+            (c.done == 2).then_some((p.job_total, c))
+        }
+    })
+    .await
+    .unwrap();
+    // Give a wrongly applied late event the time to show.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let p = status
+        .get_production(pb::GetProductionRequest {
+            production_id: production_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let c = p.counts.unwrap();
+    assert_eq!(counts.0, 3);
+    assert_eq!(
+        (c.created, c.submitted, c.running, c.failed, c.done),
+        (1, 0, 0, 0, 2),
+        "{c:?}"
+    );
+    app.stop().await;
+}

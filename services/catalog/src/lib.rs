@@ -121,11 +121,12 @@ impl BatchHandler for Registrar {
         let mut client = self.db.client().await?;
         let tx = client.transaction().await?;
         let ids: Vec<Uuid> = records.iter().map(|(id, _)| *id).collect();
-        let fresh = prodsys_db::claim(&tx, &ids).await?;
+        let mut fresh = prodsys_db::claim(&tx, &ids).await?;
         let mut files = Vec::new();
         let mut completed = Vec::new();
         for (id, record) in records {
-            if !fresh.contains(&id) {
+            // Taken once: the same event twice in one batch takes effect once.
+            if !fresh.remove(&id) {
                 continue;
             }
             match record {

@@ -773,11 +773,12 @@ impl BatchHandler for IntakeConsumer {
                 Work::Submit(_) => None,
             })
             .collect();
-        let fresh = prodsys_db::claim(&tx, &event_ids).await?;
+        // Taken once: the same event twice in one batch takes effect once.
+        let mut fresh = prodsys_db::claim(&tx, &event_ids).await?;
         let mut events = Vec::new();
         for w in &work {
             match w {
-                Work::Accepted(id, m) if fresh.contains(id) => {
+                Work::Accepted(id, m) if fresh.remove(id) => {
                     events.extend(
                         self.record_verdict(
                             &tx,
@@ -791,7 +792,7 @@ impl BatchHandler for IntakeConsumer {
                     );
                 }
                 // Answered with the production that already is this simulation.
-                Work::Reused(id, m) if fresh.contains(id) => {
+                Work::Reused(id, m) if fresh.remove(id) => {
                     events.extend(
                         self.record_verdict(
                             &tx,
@@ -804,7 +805,7 @@ impl BatchHandler for IntakeConsumer {
                         .await?,
                     );
                 }
-                Work::Rejected(id, m) if fresh.contains(id) => {
+                Work::Rejected(id, m) if fresh.remove(id) => {
                     let violations: Vec<Violation> =
                         m.violations.iter().cloned().map(Into::into).collect();
                     events.extend(

@@ -208,14 +208,15 @@ impl BatchHandler for Projector {
         let mut client = self.db.client().await?;
         let tx = client.transaction().await?;
         let ids: Vec<Uuid> = updates.iter().map(|(id, _)| *id).collect();
-        let fresh = prodsys_db::claim(&tx, &ids).await?;
+        let mut fresh = prodsys_db::claim(&tx, &ids).await?;
         // Everything the batch says about each production, merged first: one
         // statement then writes them all (a row may change once per statement).
         let mut productions: BTreeMap<String, ProductionUpdate> = BTreeMap::new();
         // Latest transition per job across the batch: one row can change once per statement.
         let mut latest: HashMap<(String, u64), pb::JobTransition> = HashMap::new();
         for (id, update) in updates {
-            if !fresh.contains(&id) {
+            // Taken once: the same event twice in one batch takes effect once.
+            if !fresh.remove(&id) {
                 continue;
             }
             match update {
@@ -395,12 +396,14 @@ async fn upsert_jobs(
         .map(|t| t.production_id.as_str())
         .collect();
     let keys_index: Vec<i64> = transitions.iter().map(|t| t.job_index as i64).collect();
+    // No FOR UPDATE: the advisory locks above already make this transaction
+    // the only writer of these productions' jobs, and a row lock would cost
+    // one more heap write and WAL record per job.
     let current = tx
         .prepare_cached(
             "SELECT j.production_id, j.job_index, j.attempt, j.state_rank, j.state FROM jobs j
              JOIN unnest($1::text[], $2::bigint[]) AS k(production_id, job_index)
-               ON j.production_id = k.production_id AND j.job_index = k.job_index
-             FOR UPDATE OF j",
+               ON j.production_id = k.production_id AND j.job_index = k.job_index",
         )
         .await?;
     let mut known: HashMap<(String, i64), ((i32, i32), String)> = HashMap::new();
@@ -410,51 +413,50 @@ async fn upsert_jobs(
             ((row.get(2), row.get(3)), row.get(4)),
         );
     }
-    let mut productions = Vec::with_capacity(transitions.len());
-    let mut indexes = Vec::with_capacity(transitions.len());
-    let mut attempts = Vec::with_capacity(transitions.len());
-    let mut states = Vec::with_capacity(transitions.len());
-    let mut ranks = Vec::with_capacity(transitions.len());
-    let mut raws = Vec::with_capacity(transitions.len());
+    // Known jobs are updated, new ones inserted: both cheaper than an upsert,
+    // which tries the insert first.
+    let mut updates = JobColumns::default();
+    let mut inserts = JobColumns::default();
     let mut deltas: HashMap<(&str, &str), i64> = HashMap::new();
     for t in transitions {
         let Some(state) = JobState::from_proto(t.state) else {
             continue;
         };
         let order = (t.attempt as i32, i32::from(state.rank()));
-        match known.get(&(t.production_id.clone(), t.job_index as i64)) {
+        let columns = match known.get(&(t.production_id.clone(), t.job_index as i64)) {
             // A late, older transition: the read model never moves backwards.
             Some((seen, _)) if *seen >= order => continue,
             Some((_, old)) => {
                 let old = JobState::from_str(old)?.as_str();
                 *deltas.entry((t.production_id.as_str(), old)).or_default() -= 1;
+                &mut updates
             }
-            None => {}
-        }
+            None => &mut inserts,
+        };
         *deltas
             .entry((t.production_id.as_str(), state.as_str()))
             .or_default() += 1;
-        productions.push(t.production_id.as_str());
-        indexes.push(t.job_index as i64);
-        attempts.push(order.0);
-        states.push(state.as_str());
-        ranks.push(order.1);
-        raws.push(t.raw_status.as_str());
+        columns.push(t, order, state);
     }
-    let upsert = tx
-        .prepare_cached(
+    if !inserts.is_empty() {
+        tx.execute_cached(
             "INSERT INTO jobs (production_id, job_index, attempt, state, state_rank, raw_status)
-             SELECT * FROM unnest($1::text[], $2::bigint[], $3::int[], $4::text[], $5::int[], $6::text[])
-             ON CONFLICT (production_id, job_index) DO UPDATE SET
-                 attempt = EXCLUDED.attempt, state = EXCLUDED.state, state_rank = EXCLUDED.state_rank,
-                 raw_status = EXCLUDED.raw_status, updated_at = now()",
+             SELECT * FROM unnest($1::text[], $2::bigint[], $3::int[], $4::text[], $5::int[], $6::text[])",
+            &inserts.params(),
         )
         .await?;
-    tx.execute(
-        &upsert,
-        &[&productions, &indexes, &attempts, &states, &ranks, &raws],
-    )
-    .await?;
+    }
+    if !updates.is_empty() {
+        tx.execute_cached(
+            "UPDATE jobs j SET attempt = u.attempt, state = u.state, state_rank = u.state_rank,
+                               raw_status = u.raw_status, updated_at = now()
+             FROM unnest($1::text[], $2::bigint[], $3::int[], $4::text[], $5::int[], $6::text[])
+                  AS u(production_id, job_index, attempt, state, state_rank, raw_status)
+             WHERE j.production_id = u.production_id AND j.job_index = u.job_index",
+            &updates.params(),
+        )
+        .await?;
+    }
     let (count_productions, count_states, count_deltas): (Vec<&str>, Vec<&str>, Vec<i64>) = deltas
         .into_iter()
         .filter(|(_, d)| *d != 0)
@@ -470,6 +472,43 @@ async fn upsert_jobs(
     tx.execute(&counts, &[&count_productions, &count_states, &count_deltas])
         .await?;
     Ok(())
+}
+
+/// Job rows for one statement, column by column.
+#[derive(Default)]
+struct JobColumns<'a> {
+    productions: Vec<&'a str>,
+    indexes: Vec<i64>,
+    attempts: Vec<i32>,
+    states: Vec<&'static str>,
+    ranks: Vec<i32>,
+    raws: Vec<&'a str>,
+}
+
+impl<'a> JobColumns<'a> {
+    fn push(&mut self, t: &'a pb::JobTransition, order: (i32, i32), state: JobState) {
+        self.productions.push(t.production_id.as_str());
+        self.indexes.push(t.job_index as i64);
+        self.attempts.push(order.0);
+        self.states.push(state.as_str());
+        self.ranks.push(order.1);
+        self.raws.push(t.raw_status.as_str());
+    }
+
+    fn is_empty(&self) -> bool {
+        self.indexes.is_empty()
+    }
+
+    fn params(&self) -> [&(dyn prodsys_db::tokio_postgres::types::ToSql + Sync); 6] {
+        [
+            &self.productions,
+            &self.indexes,
+            &self.attempts,
+            &self.states,
+            &self.ranks,
+            &self.raws,
+        ]
+    }
 }
 
 #[derive(Clone)]
