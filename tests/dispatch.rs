@@ -235,3 +235,80 @@ async fn waiting_productions_start_in_order_of_priority() {
     );
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failing_installation_holds_its_productions_and_says_why() {
+    // A DIRAC installation whose server does not answer (nothing listens on
+    // port 1), beside the local one.
+    let app = spawn_app_with(|env| {
+        use_test_profiles(env);
+        env.settings.dispatcher.poll_interval_ms = 200;
+        env.settings.dispatcher.backends.insert(
+            "dirac-down".into(),
+            prodsys_config::BackendSettings::Dirac(prodsys_config::DiracSettings {
+                url: "http://127.0.0.1:1".into(),
+                token: Some("not-used".to_string().into()),
+                token_file: None,
+                token_command: vec![],
+                token_refresh_margin_s: 300,
+                ca_file: None,
+                max_in_flight: 10,
+                sites: vec![],
+                output_se: None,
+                jdl: Default::default(),
+            }),
+        );
+    })
+    .await;
+    let held = app
+        .accepted(sleep_request(2, 0.1, -1, "held", "dirac-down"))
+        .await;
+    let status = app.status.clone();
+    let production = wait_for(
+        "the production to show as held",
+        Duration::from_secs(30),
+        || {
+            let mut status = status.clone();
+            let production_id = held.clone();
+            async move {
+                let p = status
+                    .get_production(pb::GetProductionRequest { production_id })
+                    .await
+                    .ok()?
+                    .into_inner();
+                (!p.held_reason.is_empty()).then_some(p)
+            }
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(production.state(), pb::ProductionState::Running);
+    assert!(
+        production.held_reason.contains("dirac-down"),
+        "{}",
+        production.held_reason
+    );
+    // Reserved (committed as submitted before the backend call) or waiting; none ran.
+    let c = production.counts.unwrap();
+    assert_eq!(c.created + c.submitted, 2, "{production:?}");
+    // Nothing crashed: the local installation still runs productions to the end.
+    let local = app
+        .accepted(sleep_request(1, 0.1, -1, "local-still-works", ""))
+        .await;
+    let last = app.watch(&local).await.pop().unwrap();
+    assert_eq!(last.state(), pb::ProductionState::Completed, "{last:?}");
+    assert!(last.held_reason.is_empty(), "{}", last.held_reason);
+    // The held production can still be cancelled.
+    let answer = app
+        .intake
+        .clone()
+        .cancel_production(pb::CancelProductionRequest {
+            production_id: held.clone(),
+            reason: "installation down".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(answer.accepted);
+    app.stop().await;
+}

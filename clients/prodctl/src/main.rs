@@ -445,8 +445,13 @@ fn print_request(request: &pb::Request) {
 
 fn progress_line(p: &pb::Production) -> String {
     let c = p.counts.unwrap_or_default();
+    let held = if p.held_reason.is_empty() {
+        String::new()
+    } else {
+        format!(" — {}", p.held_reason)
+    };
     format!(
-        "{} {:?} jobs {}: created {} submitted {} queued {} running {} done {} failed {} exhausted {} cancelled {}",
+        "{} {:?} jobs {}: created {} submitted {} queued {} running {} done {} failed {} exhausted {} cancelled {}{held}",
         p.production_id,
         p.state(),
         p.job_total,

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use prodsys_core::events::{JOB_OUTPUT, JOB_STATUS, PRODUCTION_COMPLETED};
+use prodsys_core::events::{INSTALLATION_HEALTH, JOB_OUTPUT, JOB_STATUS, PRODUCTION_COMPLETED};
 use prodsys_core::profile::render;
 use prodsys_core::state::count_job;
 use prodsys_core::{JobState, PlannedJob, ProductionState, Profile, ProfileSet};
@@ -131,13 +131,19 @@ impl Scheduler {
         // rounds doubles with each, up to a minute, so a backend that is down
         // is not hammered; one good round resets it.
         let mut failing: u32 = 0;
+        // What status was last told about this installation: None until told
+        // once (so a restart announces the installation healthy again).
+        let mut announced: Option<bool> = None;
         while !shutdown.is_cancelled() {
             let mut backend_failed = false;
+            let mut last_error = String::new();
             if let Err(error) = self.reconcile().await {
+                last_error = format!("{error:#}");
                 backend_failed = true;
                 tracing::warn!(%backend, error = format!("{error:#}"), "reconciling reserved jobs failed");
             }
             if let Err(error) = self.cancel_requested().await {
+                last_error = format!("{error:#}");
                 backend_failed = true;
                 tracing::warn!(%backend, error = format!("{error:#}"), "cancelling failed; retrying");
             }
@@ -152,6 +158,7 @@ impl Scheduler {
                 match self.backend.poll(&in_flight).await {
                     Ok(statuses) => pending.extend(statuses),
                     Err(error) => {
+                        last_error = format!("{error:#}");
                         backend_failed = true;
                         tracing::warn!(%backend, error = format!("{error:#}"), "polling the backend failed")
                     }
@@ -179,11 +186,21 @@ impl Scheduler {
             let submitted = match self.submit_ready(free).await {
                 Ok(n) => n,
                 Err(error) => {
+                    last_error = format!("{error:#}");
                     backend_failed = true;
                     tracing::warn!(%backend, error = format!("{error:#}"), "submitting jobs failed");
                     0
                 }
             };
+            let healthy = !backend_failed;
+            if announced != Some(healthy) {
+                match self.announce(healthy, &last_error).await {
+                    Ok(()) => announced = Some(healthy),
+                    Err(error) => {
+                        tracing::warn!(%backend, error = format!("{error:#}"), "announcing the installation's health failed")
+                    }
+                }
+            }
             if backend_failed {
                 failing = failing.saturating_add(1);
                 let wait = backoff(self.poll_interval, failing);
@@ -412,6 +429,37 @@ impl Scheduler {
             Some(error) => Err(error.context("submitting to the backend")),
             None => Ok(()),
         }
+    }
+
+    /// Tells status (through the outbox) that this installation started
+    /// failing, with the error, or answers again.
+    async fn announce(&self, healthy: bool, reason: &str) -> anyhow::Result<()> {
+        let installation = self.backend.name().to_string();
+        let event = pb::InstallationHealth {
+            installation: installation.clone(),
+            healthy,
+            reason: if healthy {
+                String::new()
+            } else {
+                reason.to_string()
+            },
+            since_unix_ms: chrono::Utc::now().timestamp_millis(),
+        };
+        let mut client = self.db.client().await?;
+        let tx = client.transaction().await?;
+        prodsys_db::enqueue(
+            &tx,
+            &self.db.outbox_channel(),
+            &[outbox_event(INSTALLATION_HEALTH, &installation, &event)],
+        )
+        .await?;
+        tx.commit().await?;
+        if healthy {
+            tracing::info!(%installation, "installation answers");
+        } else {
+            tracing::warn!(%installation, %reason, "installation failing; its jobs wait");
+        }
+        Ok(())
     }
 
     /// Productions asked to stop: kill their in-flight jobs, cancel the rest, close them CANCELLED.

@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::Context;
 use futures::Stream;
 use prodsys_core::events::{
-    JOB_STATUS, PRODUCTION_COMPLETED, PRODUCTION_DISPATCHED, REQUEST_ACCEPTED,
+    INSTALLATION_HEALTH, JOB_STATUS, PRODUCTION_COMPLETED, PRODUCTION_DISPATCHED, REQUEST_ACCEPTED,
 };
 use prodsys_core::state::count_job;
 use prodsys_core::{JobState, ProductionState, Violation};
@@ -88,6 +88,16 @@ const MIGRATIONS: &[Migration] = &[
                                       ALTER COLUMN job_total DROP DEFAULT;
               ALTER TABLE jobs SET (fillfactor = 70);",
     },
+    Migration {
+        version: 5,
+        name: "installation health",
+        sql: "CREATE TABLE installations (
+                  name     text PRIMARY KEY,
+                  healthy  boolean NOT NULL,
+                  reason   text NOT NULL,
+                  since_ms bigint NOT NULL
+              );",
+    },
 ];
 
 pub async fn start(
@@ -103,6 +113,7 @@ pub async fn start(
             PRODUCTION_DISPATCHED,
             JOB_STATUS,
             PRODUCTION_COMPLETED,
+            INSTALLATION_HEALTH,
         ],
         &[],
         &shutdown,
@@ -180,6 +191,7 @@ enum Update {
     Dispatched(pb::ProductionDispatched),
     Jobs(pb::JobStatusBatch),
     Completed(pb::ProductionCompleted),
+    Health(pb::InstallationHealth),
 }
 
 fn decode(incoming: &Incoming) -> Result<(Uuid, Update), String> {
@@ -188,6 +200,7 @@ fn decode(incoming: &Incoming) -> Result<(Uuid, Update), String> {
         PRODUCTION_DISPATCHED => decode_event(incoming).map(|(id, m)| (id, Update::Dispatched(m))),
         JOB_STATUS => decode_event(incoming).map(|(id, m)| (id, Update::Jobs(m))),
         PRODUCTION_COMPLETED => decode_event(incoming).map(|(id, m)| (id, Update::Completed(m))),
+        INSTALLATION_HEALTH => decode_event(incoming).map(|(id, m)| (id, Update::Health(m))),
         other => Err(format!("status does not handle {other:?}")),
     }
 }
@@ -235,6 +248,17 @@ impl BatchHandler for Projector {
                     if let Some(estimate) = &m.estimate {
                         p.estimate = Some(prost::Message::encode_to_vec(estimate));
                     }
+                }
+                Update::Health(m) => {
+                    // Rare: one statement each. An older report never overrides a newer one.
+                    tx.execute_cached(
+                        "INSERT INTO installations (name, healthy, reason, since_ms) VALUES ($1, $2, $3, $4)
+                         ON CONFLICT (name) DO UPDATE SET healthy = EXCLUDED.healthy,
+                             reason = EXCLUDED.reason, since_ms = EXCLUDED.since_ms
+                         WHERE installations.since_ms <= EXCLUDED.since_ms",
+                        &[&m.installation, &m.healthy, &m.reason, &m.since_unix_ms],
+                    )
+                    .await?;
                 }
                 Update::Completed(m) => {
                     let state = ProductionState::from_proto(m.state)
@@ -528,8 +552,10 @@ impl StatusApi {
         let client = self.db.client().await?;
         let row = client
             .query_opt_cached(
-                "SELECT request_id, profile, vo, backend, state, COALESCE(job_total, 0), updated_at, estimate
-                 FROM productions WHERE production_id = $1",
+                "SELECT p.request_id, p.profile, p.vo, p.backend, p.state, COALESCE(p.job_total, 0),
+                        p.updated_at, p.estimate, p.production_id, i.reason, i.since_ms
+                 FROM productions p LEFT JOIN installations i ON i.name = p.backend AND NOT i.healthy
+                 WHERE p.production_id = $1",
                 &[&production_id],
             )
             .await
@@ -584,6 +610,40 @@ fn production_from_row(
         estimate: row.get::<_, Option<Vec<u8>>>(7).and_then(|bytes| {
             <pb::ResourceEstimate as prost::Message>::decode(bytes.as_slice()).ok()
         }),
+        held_reason: held_reason(
+            state,
+            row.get(3),
+            row.get::<_, Option<&str>>(9),
+            row.get::<_, Option<i64>>(10),
+        ),
+    }
+}
+
+/// Why a production's jobs are not moving: its installation is failing.
+fn held_reason(
+    state: pb::ProductionState,
+    installation: &str,
+    reason: Option<&str>,
+    since_ms: Option<i64>,
+) -> String {
+    let waiting = matches!(
+        state,
+        pb::ProductionState::Accepted
+            | pb::ProductionState::Dispatching
+            | pb::ProductionState::Running
+            | pb::ProductionState::Cancelling
+    );
+    match (waiting, reason, since_ms) {
+        (true, Some(reason), Some(since)) => {
+            let since = chrono::DateTime::from_timestamp_millis(since)
+                .map_or_else(String::new, |t| {
+                    format!(" since {}", t.format("%Y-%m-%d %H:%M:%S UTC"))
+                });
+            format!(
+                "held: WMS installation {installation} is failing{since} ({reason}); its jobs wait until it answers"
+            )
+        }
+        _ => String::new(),
     }
 }
 
@@ -614,11 +674,12 @@ impl pb::status_service_server::StatusService for StatusApi {
         let client = self.db.client().await.map_err(ServiceError::from)?;
         let rows = client
             .query_cached(
-                "SELECT request_id, profile, vo, backend, state, COALESCE(job_total, 0), updated_at, estimate, production_id
-                 FROM productions
-                 WHERE ($1 = '' OR vo = $1) AND ($2::text IS NULL OR state = $2) AND ($3 = '' OR profile = $3)
-                   AND production_id > $4
-                 ORDER BY production_id LIMIT $5",
+                "SELECT p.request_id, p.profile, p.vo, p.backend, p.state, COALESCE(p.job_total, 0),
+                        p.updated_at, p.estimate, p.production_id, i.reason, i.since_ms
+                 FROM productions p LEFT JOIN installations i ON i.name = p.backend AND NOT i.healthy
+                 WHERE ($1 = '' OR p.vo = $1) AND ($2::text IS NULL OR p.state = $2)
+                   AND ($3 = '' OR p.profile = $3) AND p.production_id > $4
+                 ORDER BY p.production_id LIMIT $5",
                 &[&r.vo, &state, &r.profile, &r.page_token, &(page_size + 1)],
             )
             .await

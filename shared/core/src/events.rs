@@ -11,6 +11,8 @@ pub const JOB_STATUS: &str = "job.status";
 pub const JOB_OUTPUT: &str = "job.output";
 pub const PRODUCTION_COMPLETED: &str = "production.completed";
 pub const PRODUCTION_CANCEL: &str = "production.cancel";
+/// A WMS installation started failing or answers again.
+pub const INSTALLATION_HEALTH: &str = "installation.health";
 
 /// CloudEvents `type` of a short event type: `request.received` → `org.prodsys.request.received.v1`.
 pub fn cloudevent_type(short: &str) -> String {
