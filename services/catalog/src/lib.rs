@@ -21,7 +21,8 @@ use uuid::Uuid;
 
 pub const SERVICE: &str = "catalog";
 
-const MIGRATIONS: &[Migration] = &[Migration {
+const MIGRATIONS: &[Migration] = &[
+    Migration {
     version: 1,
     name: "files and production records",
     sql: r#"
@@ -46,7 +47,25 @@ const MIGRATIONS: &[Migration] = &[Migration {
             completed_at  timestamptz NOT NULL DEFAULT now()
         );
     "#,
-}];
+    },
+    Migration {
+        version: 2,
+        name: "running totals per production",
+        // Kept with every registration, so a production's record reads one
+        // row however many files it has, and is right whichever of several
+        // consumers commits last.
+        sql: "CREATE TABLE totals (
+                  production_id text PRIMARY KEY,
+                  file_count    bigint NOT NULL,
+                  total_bytes   bigint NOT NULL
+              );
+              INSERT INTO totals SELECT production_id, count(*), sum(size) FROM files GROUP BY 1;",
+    },
+];
+
+/// Consumers of the catalog's queue: registrations commute (running totals,
+/// files by unique LFN), so two batches may be written at once.
+const CONSUMERS: usize = 2;
 
 pub async fn start(
     settings: &prodsys_config::Settings,
@@ -61,11 +80,12 @@ pub async fn start(
         &shutdown,
     )
     .await?;
-    foundation.consume(
+    foundation.consume_concurrently(
         settings,
         Registrar {
             db: foundation.db.clone(),
         },
+        CONSUMERS,
         &shutdown,
     );
     let max = settings.grpc.max_message_bytes;
@@ -142,7 +162,8 @@ impl BatchHandler for Registrar {
                 ProductionState::from_proto(c.state).map_or("UNKNOWN", ProductionState::as_str);
             tx.execute_cached(
                 "INSERT INTO productions (production_id, state, file_count, total_bytes)
-                 SELECT $1, $2, count(*), COALESCE(sum(size), 0)::bigint FROM files WHERE production_id = $1
+                 SELECT $1, $2, COALESCE(t.file_count, 0), COALESCE(t.total_bytes, 0)
+                 FROM (SELECT) AS one LEFT JOIN totals t ON t.production_id = $1
                  ON CONFLICT (production_id) DO NOTHING",
                 &[&c.production_id, &state],
             )
@@ -178,14 +199,25 @@ async fn register_files(
         .collect::<Result<_, _>>()?;
     let stmt = tx
         .prepare_cached(
-            "INSERT INTO files (lfn, production_id, job_index, attempt, size, adler32, url, metadata)
-             SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::int[], $5::bigint[],
-                                  $6::text[], $7::text[], $8::jsonb[])
-             ON CONFLICT (lfn) DO NOTHING",
+            "WITH added AS (
+                 INSERT INTO files (lfn, production_id, job_index, attempt, size, adler32, url, metadata)
+                 SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::int[], $5::bigint[],
+                                      $6::text[], $7::text[], $8::jsonb[])
+                 ON CONFLICT (lfn) DO NOTHING
+                 RETURNING production_id, size),
+             -- In production order: concurrent batches lock totals rows alike.
+             counted AS (
+                 INSERT INTO totals (production_id, file_count, total_bytes)
+                 SELECT production_id, count(*), sum(size) FROM added GROUP BY production_id
+                 ORDER BY production_id
+                 ON CONFLICT (production_id) DO UPDATE SET
+                     file_count = totals.file_count + EXCLUDED.file_count,
+                     total_bytes = totals.total_bytes + EXCLUDED.total_bytes)
+             SELECT count(*) FROM added",
         )
         .await?;
-    let added = tx
-        .execute(
+    let added: i64 = tx
+        .query_one(
             &stmt,
             &[
                 &lfns,
@@ -199,9 +231,10 @@ async fn register_files(
             ],
         )
         .await
-        .context("registering files")?;
+        .context("registering files")?
+        .get(0);
     tracing::debug!(files = files.len(), added, "files registered");
-    Ok(added)
+    Ok(added as u64)
 }
 
 struct CatalogApi {
@@ -362,7 +395,11 @@ impl pb::catalog_service_server::CatalogService for CatalogApi {
         let client = self.db.client().await.map_err(ServiceError::from)?;
         let row = client
             .query_opt_cached(
-                "SELECT state, file_count, total_bytes, completed_at FROM productions WHERE production_id = $1",
+                // The running totals, not the snapshot taken at completion: a
+                // file registered after (a late batch, RegisterFiles) counts.
+                "SELECT p.state, COALESCE(t.file_count, 0), COALESCE(t.total_bytes, 0), p.completed_at
+                 FROM productions p LEFT JOIN totals t USING (production_id)
+                 WHERE p.production_id = $1",
                 &[&production_id],
             )
             .await

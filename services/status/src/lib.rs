@@ -119,6 +119,9 @@ pub async fn start(
         &shutdown,
     )
     .await?;
+    // One consumer: a production's job.status events reach the read model
+    // before its production.completed, so the snapshot that says COMPLETED
+    // has the final counts (the dispatcher publishes them in that order).
     foundation.consume(
         settings,
         Projector {
@@ -282,13 +285,22 @@ impl BatchHandler for Projector {
                 }
             }
         }
+        let transitions: Vec<pb::JobTransition> = latest.into_values().collect();
         let mut touched: BTreeSet<String> = productions.keys().cloned().collect();
+        touched.extend(transitions.iter().map(|t| t.production_id.clone()));
+        // One projector at a time per production (across consumers and
+        // replicas) keeps the counters exact; taken in one order by all.
+        if !touched.is_empty() {
+            let names: Vec<&str> = touched.iter().map(String::as_str).collect();
+            tx.execute_cached(
+                "SELECT pg_advisory_xact_lock(hashtext('prodsys.status.' || p))
+                 FROM unnest($1::text[]) WITH ORDINALITY AS u(p, n) ORDER BY n",
+                &[&names],
+            )
+            .await?;
+        }
         upsert_productions(&tx, productions).await?;
-        if !latest.is_empty() {
-            let transitions: Vec<pb::JobTransition> = latest.into_values().collect();
-            for t in &transitions {
-                touched.insert(t.production_id.clone());
-            }
+        if !transitions.is_empty() {
             upsert_jobs(&tx, &transitions).await?;
         }
         if !touched.is_empty() {
@@ -403,24 +415,12 @@ async fn upsert_jobs(
     tx: &Transaction<'_>,
     transitions: &[pb::JobTransition],
 ) -> anyhow::Result<()> {
-    // One projector at a time per production keeps the counters exact across replicas.
-    let mut touched: Vec<&str> = transitions
-        .iter()
-        .map(|t| t.production_id.as_str())
-        .collect();
-    touched.sort_unstable();
-    touched.dedup();
-    tx.execute_cached(
-        "SELECT pg_advisory_xact_lock(hashtext('prodsys.status.' || p)) FROM unnest($1::text[]) AS p",
-        &[&touched],
-    )
-    .await?;
     let keys_production: Vec<&str> = transitions
         .iter()
         .map(|t| t.production_id.as_str())
         .collect();
     let keys_index: Vec<i64> = transitions.iter().map(|t| t.job_index as i64).collect();
-    // No FOR UPDATE: the advisory locks above already make this transaction
+    // No FOR UPDATE: the caller's advisory locks already make this transaction
     // the only writer of these productions' jobs, and a row lock would cost
     // one more heap write and WAL record per job.
     let current = tx

@@ -90,6 +90,16 @@ pub trait BatchHandler: Send + Sync + 'static {
     ) -> impl Future<Output = anyhow::Result<Vec<Outcome>>> + Send;
 }
 
+/// One handler shared by several consumers of the same queue.
+impl<H: BatchHandler> BatchHandler for std::sync::Arc<H> {
+    fn handle(
+        &self,
+        batch: &[Incoming],
+    ) -> impl Future<Output = anyhow::Result<Vec<Outcome>>> + Send {
+        H::handle(self, batch)
+    }
+}
+
 /// Settings of one consumer.
 #[derive(Debug, Clone)]
 pub struct ConsumerSettings {

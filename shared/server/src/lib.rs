@@ -266,6 +266,22 @@ impl Foundation {
         ))
     }
 
+    /// Consumes the service's queue with `consumers` consumers (each its own
+    /// channel and prefetch) sharing `handler`: batches are then handled
+    /// concurrently, so only for handlers whose effects commute.
+    pub fn consume_concurrently<H: prodsys_messaging::BatchHandler>(
+        &self,
+        settings: &prodsys_config::Settings,
+        handler: H,
+        consumers: usize,
+        shutdown: &CancellationToken,
+    ) -> Vec<JoinHandle<()>> {
+        let handler = std::sync::Arc::new(handler);
+        (0..consumers.max(1))
+            .map(|_| self.consume(settings, handler.clone(), shutdown))
+            .collect()
+    }
+
     /// Binds, then serves `routes` with health tracking; returns the address.
     pub async fn serve_grpc(
         &self,
