@@ -6,7 +6,6 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::pin::Pin;
-use std::str::FromStr;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -97,6 +96,13 @@ const MIGRATIONS: &[Migration] = &[
                   reason   text NOT NULL,
                   since_ms bigint NOT NULL
               );",
+    },
+    Migration {
+        version: 6,
+        name: "previous job state",
+        // Set by the same UPDATE that changes a job's state, so the statement
+        // can return what it replaced and move the counters itself.
+        sql: "ALTER TABLE jobs ADD COLUMN prev_state text;",
     },
 ];
 
@@ -410,91 +416,55 @@ fn job_order(t: &pb::JobTransition) -> (u32, u8) {
 
 /// Records each job's latest transition and keeps the per-state job counts
 /// in step, so a snapshot reads a handful of counters however large the
-/// production. `transitions` holds at most one per job.
+/// production. `transitions` holds at most one per job. One statement: known
+/// jobs are updated only by a newer transition (the read model never moves
+/// backwards), new ones inserted, and the counters moved by what changed —
+/// no row travels back to the service.
 async fn upsert_jobs(
     tx: &Transaction<'_>,
     transitions: &[pb::JobTransition],
 ) -> anyhow::Result<()> {
-    let keys_production: Vec<&str> = transitions
-        .iter()
-        .map(|t| t.production_id.as_str())
-        .collect();
-    let keys_index: Vec<i64> = transitions.iter().map(|t| t.job_index as i64).collect();
-    // No FOR UPDATE: the caller's advisory locks already make this transaction
-    // the only writer of these productions' jobs, and a row lock would cost
-    // one more heap write and WAL record per job.
-    let current = tx
-        .prepare_cached(
-            "SELECT j.production_id, j.job_index, j.attempt, j.state_rank, j.state FROM jobs j
-             JOIN unnest($1::text[], $2::bigint[]) AS k(production_id, job_index)
-               ON j.production_id = k.production_id AND j.job_index = k.job_index",
-        )
-        .await?;
-    let mut known: HashMap<(String, i64), ((i32, i32), String)> = HashMap::new();
-    for row in tx.query(&current, &[&keys_production, &keys_index]).await? {
-        known.insert(
-            (row.get(0), row.get(1)),
-            ((row.get(2), row.get(3)), row.get(4)),
-        );
-    }
-    // Known jobs are updated, new ones inserted: both cheaper than an upsert,
-    // which tries the insert first.
-    let mut updates = JobColumns::default();
-    let mut inserts = JobColumns::default();
-    let mut deltas: HashMap<(&str, &str), i64> = HashMap::new();
+    let mut columns = JobColumns::default();
     for t in transitions {
-        let Some(state) = JobState::from_proto(t.state) else {
-            continue;
-        };
-        let order = (t.attempt as i32, i32::from(state.rank()));
-        let columns = match known.get(&(t.production_id.clone(), t.job_index as i64)) {
-            // A late, older transition: the read model never moves backwards.
-            Some((seen, _)) if *seen >= order => continue,
-            Some((_, old)) => {
-                let old = JobState::from_str(old)?.as_str();
-                *deltas.entry((t.production_id.as_str(), old)).or_default() -= 1;
-                &mut updates
-            }
-            None => &mut inserts,
-        };
-        *deltas
-            .entry((t.production_id.as_str(), state.as_str()))
-            .or_default() += 1;
-        columns.push(t, order, state);
+        if let Some(state) = JobState::from_proto(t.state) {
+            columns.push(t, (t.attempt as i32, i32::from(state.rank())), state);
+        }
     }
-    if !inserts.is_empty() {
-        tx.execute_cached(
-            "INSERT INTO jobs (production_id, job_index, attempt, state, state_rank, raw_status)
-             SELECT * FROM unnest($1::text[], $2::bigint[], $3::int[], $4::text[], $5::int[], $6::text[])",
-            &inserts.params(),
-        )
-        .await?;
+    if columns.is_empty() {
+        return Ok(());
     }
-    if !updates.is_empty() {
-        tx.execute_cached(
-            "UPDATE jobs j SET attempt = u.attempt, state = u.state, state_rank = u.state_rank,
-                               raw_status = u.raw_status, updated_at = now()
-             FROM unnest($1::text[], $2::bigint[], $3::int[], $4::text[], $5::int[], $6::text[])
-                  AS u(production_id, job_index, attempt, state, state_rank, raw_status)
-             WHERE j.production_id = u.production_id AND j.job_index = u.job_index",
-            &updates.params(),
-        )
-        .await?;
-    }
-    let (count_productions, count_states, count_deltas): (Vec<&str>, Vec<&str>, Vec<i64>) = deltas
-        .into_iter()
-        .filter(|(_, d)| *d != 0)
-        .map(|((p, s), d)| (p, s, d))
-        .collect();
-    let counts = tx
-        .prepare_cached(
-            "INSERT INTO job_counts (production_id, state, n)
-             SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[])
-             ON CONFLICT (production_id, state) DO UPDATE SET n = job_counts.n + EXCLUDED.n",
-        )
-        .await?;
-    tx.execute(&counts, &[&count_productions, &count_states, &count_deltas])
-        .await?;
+    // The caller's advisory locks make this transaction the only writer of
+    // these productions' jobs: the statement's snapshot stays true throughout.
+    tx.execute_cached(
+        "WITH u AS (
+             SELECT * FROM unnest($1::text[], $2::bigint[], $3::int[], $4::text[], $5::int[], $6::text[])
+                 AS u(production_id, job_index, attempt, state, state_rank, raw_status)),
+         updated AS (
+             UPDATE jobs j SET prev_state = j.state, attempt = u.attempt, state = u.state,
+                               state_rank = u.state_rank, raw_status = u.raw_status, updated_at = now()
+             FROM u
+             WHERE j.production_id = u.production_id AND j.job_index = u.job_index
+               AND (j.attempt, j.state_rank) < (u.attempt, u.state_rank)
+             RETURNING j.production_id, j.prev_state, j.state),
+         inserted AS (
+             INSERT INTO jobs (production_id, job_index, attempt, state, state_rank, raw_status)
+             SELECT u.production_id, u.job_index, u.attempt, u.state, u.state_rank, u.raw_status FROM u
+             WHERE NOT EXISTS (SELECT 1 FROM jobs j
+                               WHERE j.production_id = u.production_id AND j.job_index = u.job_index)
+             RETURNING production_id, state),
+         deltas AS (
+             SELECT production_id, state, 1 AS d FROM updated
+             UNION ALL SELECT production_id, prev_state, -1 FROM updated
+             UNION ALL SELECT production_id, state, 1 FROM inserted)
+         INSERT INTO job_counts (production_id, state, n)
+         SELECT production_id, state, sum(d) FROM deltas
+         GROUP BY production_id, state HAVING sum(d) <> 0
+         ORDER BY production_id, state
+         ON CONFLICT (production_id, state) DO UPDATE SET n = job_counts.n + EXCLUDED.n",
+        &columns.params(),
+    )
+    .await
+    .context("recording job transitions")?;
     Ok(())
 }
 
