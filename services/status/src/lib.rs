@@ -4,6 +4,8 @@
 //! job total, and streams `WatchProduction` snapshots as changes commit
 //! (PostgreSQL NOTIFY carries the change, so any replica can serve a watcher).
 
+mod http;
+
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::pin::Pin;
 use std::time::Duration;
@@ -148,10 +150,12 @@ pub async fn start(
     let max = settings.grpc.max_message_bytes;
     let (routes, reporter) = prodsys_server::base_routes()?;
     let routes = routes.add_service(
-        pb::status_service_server::StatusServiceServer::new(api)
+        pb::status_service_server::StatusServiceServer::new(api.clone())
             .max_decoding_message_size(max)
             .max_encoding_message_size(max),
     );
+    // The dashboard, JSON and /metrics share the gRPC port (HTTP/1.1 and 2).
+    let routes = tonic::service::Routes::from(routes.into_axum_router().merge(http::router(api)));
     foundation
         .serve_grpc(
             &settings.grpc.host,

@@ -113,6 +113,9 @@ pub fn serve(
 ) -> JoinHandle<anyhow::Result<()>> {
     tokio::spawn(async move {
         tonic::transport::Server::builder()
+            // HTTP/1.1 too: the status service's dashboard and /metrics are
+            // read by browsers and scrapers on the same port.
+            .accept_http1(true)
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .layer(tower::util::MapResponseLayer::new(
                 undecodable_is_invalid_argument,
