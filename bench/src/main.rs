@@ -2,10 +2,14 @@
 //!
 //! Measures, in one run on this machine, the raw limits of RabbitMQ and
 //! PostgreSQL (same client libraries and message size as prodsys) and what
-//! prodsys does on top of them (all five services in this process, on a fresh
-//! database and AMQP prefix), prints a table of the figures, their ratio to the
-//! raw limit each depends on and the targets of issue 5, and writes
-//! BENCHMARKS.md (unless `--smoke`, or with `--write`).
+//! prodsys does on top of them (each of the five services in its own process,
+//! on a fresh database and AMQP prefix), prints a table of the figures, their
+//! ratio to the raw limit each depends on and the targets of issue 5 (per
+//! service for memory), and writes BENCHMARKS.md (unless `--smoke`, or with
+//! `--write`).
+//!
+//! The service processes are this binary started again with the hidden
+//! options `--serve <service> --config <file>`.
 
 // Messages of prodsys_proto are built with `..Default::default()` even when
 // every field is named, so fields added to the protocol later do not break
@@ -15,9 +19,11 @@
 mod amqp;
 mod raw;
 mod report;
+mod services;
 mod stack;
 mod sys;
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -70,6 +76,12 @@ pub struct Args {
     /// Jobs of the production the plan scenario plans (default 1,000,000, smoke 20,000).
     #[arg(long)]
     pub plan_jobs: Option<u64>,
+    /// Internal: run this one service (the bench starts each service so).
+    #[arg(long, hide = true, requires = "config")]
+    pub serve: Option<String>,
+    /// Internal: the settings file of `--serve`.
+    #[arg(long, hide = true, requires = "serve")]
+    pub config: Option<PathBuf>,
 }
 
 /// The value at quantile `q` of sorted `values`, in milliseconds.
@@ -96,8 +108,13 @@ pub struct Results {
     pub batch_size: usize,
     pub broker: Option<raw::BrokerResult>,
     pub db: Option<raw::DbResult>,
+    /// The bench's own process before the services started, and with them idle.
     pub rss_before_start: Option<u64>,
     pub rss_idle: Option<u64>,
+    /// Each service process 3 s after all five were ready, by service.
+    pub service_rss_idle: BTreeMap<String, u64>,
+    /// Each service process's peak RSS (VmHWM) over the whole run, by service.
+    pub service_rss_peak: BTreeMap<String, u64>,
     pub latency: Option<stack::LatencyResult>,
     pub submit: Option<stack::SubmitResult>,
     pub status: Option<stack::StatusResult>,
@@ -107,18 +124,37 @@ pub struct Results {
 }
 
 impl Results {
-    /// Largest RSS seen while the stack was under load, and in which phase.
-    pub fn loaded_rss(&self) -> Option<(u64, &'static str)> {
-        let phases = [
-            ("latency", self.latency.as_ref().map(|r| r.load.max_rss)),
-            ("submit", self.submit.as_ref().map(|r| r.load.max_rss)),
-            ("status", self.status.as_ref().map(|r| r.load.max_rss)),
-            ("catalog", self.catalog.as_ref().map(|r| r.load.max_rss)),
-            ("plan", self.plan.as_ref().map(|r| r.load.max_rss)),
-        ];
-        phases
+    /// The load of each measurement of the services that ran, in run order.
+    pub fn phases(&self) -> Vec<(&'static str, &stack::PhaseLoad)> {
+        [
+            ("latency", self.latency.as_ref().map(|r| &r.load)),
+            ("submit", self.submit.as_ref().map(|r| &r.load)),
+            ("status", self.status.as_ref().map(|r| &r.load)),
+            ("catalog", self.catalog.as_ref().map(|r| &r.load)),
+            ("plan", self.plan.as_ref().map(|r| &r.load)),
+        ]
+        .into_iter()
+        .filter_map(|(name, load)| load.map(|l| (name, l)))
+        .collect()
+    }
+
+    /// Largest RSS of `service`'s process seen while under load, and in
+    /// which measurement (the first to reach it).
+    pub fn loaded_rss(&self, service: &str) -> Option<(u64, &'static str)> {
+        self.phases()
             .into_iter()
-            .filter_map(|(name, rss)| rss.map(|r| (r, name)))
+            .rev()
+            .filter_map(|(name, load)| load.max_rss.get(service).map(|r| (*r, name)))
+            .max_by_key(|(r, _)| *r)
+    }
+
+    /// Largest RSS of the bench's own process seen under load, and in which
+    /// measurement (the first to reach it).
+    pub fn bench_loaded_rss(&self) -> Option<(u64, &'static str)> {
+        self.phases()
+            .into_iter()
+            .rev()
+            .map(|(name, load)| (load.bench_max_rss, name))
             .max_by_key(|(r, _)| *r)
     }
 }
@@ -159,6 +195,9 @@ fn plans(args: &Args) -> (raw::RawPlan, stack::StackPlan) {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if let (Some(service), Some(config)) = (&args.serve, &args.config) {
+        return services::serve(service, config);
+    }
     prodsys_telemetry::init("warn");
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -176,7 +215,7 @@ fn main() -> anyhow::Result<()> {
         std::fs::write(&path, report::markdown(&results))?;
         println!("wrote {}", path.display());
     }
-    // Jobs started by the services are killed when the runtime goes.
+    // The service processes (and the jobs they started) are gone by now.
     runtime.shutdown_timeout(Duration::from_secs(5));
     if !results.errors.is_empty() {
         anyhow::bail!("{} measurement(s) failed", results.errors.len());
@@ -227,20 +266,31 @@ async fn run(args: &Args) -> anyhow::Result<Results> {
 
     if scenario != Scenario::Raw {
         results.stack_plan = Some(stack_plan);
-        eprintln!("prodsys: starting the five services …");
+        eprintln!("prodsys: starting the five services, each in its own process …");
         let bench = stack::Bench::start().await?;
         results.pool_size = bench.env.settings.database.pool_size;
         results.prefetch = bench.env.settings.amqp.prefetch;
         results.batch_size = bench.env.settings.amqp.batch_size;
         results.rss_before_start = Some(bench.rss_before_start);
         results.rss_idle = Some(bench.rss_idle);
+        results.service_rss_idle = bench.service_rss_idle.clone();
         eprintln!(
-            "  idle RSS {:.1} MiB (bench alone before start {:.1} MiB)",
+            "  idle RSS: {}; bench clients {:.1} MiB (bench alone before start {:.1} MiB)",
+            rss_list(&bench.service_rss_idle),
             sys::mib(bench.rss_idle),
             sys::mib(bench.rss_before_start)
         );
         let settle = Duration::from_secs(300);
-        if wants(Scenario::Latency) {
+        // A service process that ended makes every later measurement moot.
+        let mut down = false;
+        let mut check = |results: &mut Results| {
+            for ended in bench.exited_services() {
+                results.errors.push(ended);
+                down = true;
+            }
+            !down
+        };
+        if wants(Scenario::Latency) && check(&mut results) {
             eprintln!(
                 "prodsys: latency at {} req/s for {:?} …",
                 stack_plan.latency_rate, stack_plan.latency_duration
@@ -256,7 +306,7 @@ async fn run(args: &Args) -> anyhow::Result<Results> {
                 results.errors.push(format!("after latency: {e:#}"));
             }
         }
-        if wants(Scenario::Submit) {
+        if wants(Scenario::Submit) && check(&mut results) {
             eprintln!(
                 "prodsys: submit → ACCEPTED, {} clients for {:?} …",
                 stack_plan.submit_clients, stack_plan.submit_duration
@@ -272,7 +322,7 @@ async fn run(args: &Args) -> anyhow::Result<Results> {
                 results.errors.push(format!("after submit: {e:#}"));
             }
         }
-        if wants(Scenario::Status) {
+        if wants(Scenario::Status) && check(&mut results) {
             eprintln!(
                 "prodsys: {} job transitions into status …",
                 stack_plan.status_jobs * 3
@@ -288,7 +338,7 @@ async fn run(args: &Args) -> anyhow::Result<Results> {
                 results.errors.push(format!("after status: {e:#}"));
             }
         }
-        if wants(Scenario::Catalog) {
+        if wants(Scenario::Catalog) && check(&mut results) {
             eprintln!(
                 "prodsys: {} files into the catalog …",
                 stack_plan.catalog_files
@@ -302,7 +352,7 @@ async fn run(args: &Args) -> anyhow::Result<Results> {
             }
         }
         // Last: its jobs stay waiting behind the one local slot.
-        if wants(Scenario::Plan) {
+        if wants(Scenario::Plan) && check(&mut results) {
             if let Err(e) = bench.quiesce(settle).await {
                 results.errors.push(format!("before plan: {e:#}"));
             }
@@ -313,10 +363,10 @@ async fn run(args: &Args) -> anyhow::Result<Results> {
             match bench.plan(&stack_plan).await {
                 Ok(r) => {
                     eprintln!(
-                        "  {:.1} s ({:.0} jobs/s), RSS at most {:.1} MiB",
+                        "  {:.1} s ({:.0} jobs/s), dispatcher RSS at most {:.1} MiB",
                         r.seconds,
                         r.jobs_per_s,
-                        sys::mib(r.load.max_rss)
+                        sys::mib(r.load.max_rss.get("dispatcher").copied().unwrap_or(0))
                     );
                     if r.rows != r.jobs as i64 {
                         results.errors.push(format!(
@@ -329,12 +379,25 @@ async fn run(args: &Args) -> anyhow::Result<Results> {
                 Err(e) => results.errors.push(format!("plan: {e:#}")),
             }
         }
+        check(&mut results);
         eprintln!("prodsys: stopping and cleaning up …");
-        bench.stop().await;
+        results.service_rss_peak = bench.stop().await;
     }
     results.wall_seconds = began.elapsed().as_secs_f64();
     for error in &results.errors {
         eprintln!("FAILED: {error}");
     }
     Ok(results)
+}
+
+/// "intake 12.3 MiB, checker …" in pipeline order.
+pub fn rss_list(rss: &BTreeMap<String, u64>) -> String {
+    services::ORDER
+        .iter()
+        .filter_map(|s| {
+            rss.get(s.name())
+                .map(|r| format!("{s} {:.1} MiB", sys::mib(*r)))
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }

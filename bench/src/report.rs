@@ -1,13 +1,18 @@
 //! The table of figures (terminal and BENCHMARKS.md), the targets of issue 5
-//! beside them, and what the measurements show about each figure.
+//! beside them (memory per service process), and what the measurements show
+//! about each figure.
 
 use std::fmt::Write as _;
 
-use crate::Results;
+use crate::services::ORDER;
 use crate::stack::PhaseLoad;
 use crate::sys::{self, mib};
+use crate::{Results, rss_list};
 
 const MIB: u64 = 1024 * 1024;
+/// Targets of issue 5 for each service process.
+const IDLE_RSS_MIB: u64 = 50;
+const LOADED_RSS_MIB: u64 = 256;
 
 /// 12345.6 → "12,346".
 pub fn thousands(value: f64) -> String {
@@ -92,21 +97,6 @@ fn consumer_limit(results: &Results, per_message: u64) -> (f64, String) {
         (Some(b), None) => (b, format!("broker × {per_message} = {}/s", thousands(b))),
         (None, Some(d)) => (d, format!("batched insert {} rows/s", thousands(d))),
         (None, None) => (f64::NAN, "—".into()),
-    }
-}
-
-fn rss_verdict(total: u64, share: u64, per_service_mib: u64) -> String {
-    let bound = per_service_mib * MIB;
-    if total <= bound {
-        "pass".into()
-    } else if share > 5 * bound {
-        "miss".into()
-    } else {
-        format!(
-            "cannot tell: one process; {:.0} MiB over five is {:.0} MiB each on average",
-            mib(share),
-            mib(share) / 5.0
-        )
     }
 }
 
@@ -239,16 +229,17 @@ fn rows(results: &Results) -> Vec<Row> {
     }
     if let Some(p) = &results.plan {
         let batch = results.db.as_ref().map_or(f64::NAN, |d| d.batch_rows_per_s);
+        let dispatcher = p.load.max_rss.get("dispatcher").copied();
         rows.push(Row {
             figure: format!(
                 "prodsys: one production of {} jobs planned and persisted (request.accepted → plan committed)",
                 thousands(p.jobs as f64)
             ),
             measured: format!(
-                "{:.1} s ({} jobs/s), RSS ≤ {:.1} MiB",
+                "{:.1} s ({} jobs/s), dispatcher process RSS ≤ {}",
                 p.seconds,
                 thousands(p.jobs_per_s),
-                mib(p.load.max_rss)
+                dispatcher.map_or("—".into(), |r| format!("{:.1} MiB", mib(r)))
             ),
             raw: format!("batched INSERT {} rows/s", thousands(batch)),
             ratio: ratio(p.jobs_per_s, batch),
@@ -259,47 +250,44 @@ fn rows(results: &Results) -> Vec<Row> {
                     thousands(p.jobs as f64)
                 )
             } else {
-                // The whole process holds all five services: it bounds the dispatcher's RSS.
-                smoke_mark(
-                    results,
-                    pass(p.seconds < 20.0 && p.load.max_rss < 256 * MIB),
-                )
+                match dispatcher {
+                    Some(rss) => smoke_mark(results, pass(p.seconds < 20.0 && rss < 256 * MIB)),
+                    None => "cannot tell: the dispatcher's RSS was not sampled".into(),
+                }
             },
         });
     }
-    let before = results.rss_before_start.unwrap_or(0);
-    if let Some(idle) = results.rss_idle {
-        let share = idle.saturating_sub(before);
-        rows.push(Row {
-            figure:
-                "prodsys: RSS idle — all five services in one process, with the bench's clients"
-                    .into(),
-            measured: format!(
-                "{:.1} MiB ({:.1} MiB more than the bench alone)",
-                mib(idle),
-                mib(share)
-            ),
-            raw: "—".into(),
-            ratio: "—".into(),
-            target: "each service ≤ 50 MiB idle".into(),
-            verdict: rss_verdict(idle, share, 50),
-        });
-    }
-    if let Some((loaded, phase)) = results.loaded_rss() {
-        let share = loaded.saturating_sub(before);
+    // Memory, per service: each runs in a process of its own.
+    for service in ORDER.map(|s| s.name()) {
+        let idle = results.service_rss_idle.get(service).copied();
+        let loaded = results.loaded_rss(service);
+        if idle.is_none() && loaded.is_none() {
+            continue;
+        }
+        let mut measured = Vec::new();
+        let mut verdicts = Vec::new();
+        if let Some(idle) = idle {
+            measured.push(format!("idle {:.1} MiB", mib(idle)));
+            verdicts.push(format!("idle {}", pass(idle <= IDLE_RSS_MIB * MIB)));
+        }
+        if let Some((rss, phase)) = loaded {
+            measured.push(format!("under load {:.1} MiB (during {phase})", mib(rss)));
+            verdicts.push(format!(
+                "under load {}",
+                smoke_mark(results, pass(rss <= LOADED_RSS_MIB * MIB))
+            ));
+        }
         rows.push(Row {
             figure: format!(
-                "prodsys: RSS under load (largest, during {phase}) — all five in one process, with the bench's clients"
+                "prodsys: RSS of the {service} service, in its own process (idle, and largest under load)"
             ),
-            measured: format!(
-                "{:.1} MiB ({:.1} MiB more than the bench alone)",
-                mib(loaded),
-                mib(share)
-            ),
+            measured: measured.join("; "),
             raw: "—".into(),
             ratio: "—".into(),
-            target: "each service ≤ 256 MiB under load".into(),
-            verdict: smoke_mark(results, &rss_verdict(loaded, share, 256)),
+            target: format!(
+                "each service ≤ {IDLE_RSS_MIB} MiB idle, ≤ {LOADED_RSS_MIB} MiB under load"
+            ),
+            verdict: verdicts.join("; "),
         });
     }
     rows
@@ -334,7 +322,7 @@ pub fn text(results: &Results) -> String {
         "\n  where the CPU went (cores, of {}):",
         results.machine.cpus
     );
-    for (phase, load) in phases(results) {
+    for (phase, load) in results.phases() {
         let _ = writeln!(out, "      {phase:<8} {}", load.cpu);
         let _ = writeln!(
             out,
@@ -342,11 +330,7 @@ pub fn text(results: &Results) -> String {
             pg_split(load)
         );
         let _ = writeln!(out, "               max ready messages: {}", depths(load));
-        let _ = writeln!(
-            out,
-            "               largest RSS: {:.1} MiB",
-            mib(load.max_rss)
-        );
+        let _ = writeln!(out, "               largest RSS: {}", largest_rss(load));
     }
     for line in findings(results) {
         let _ = writeln!(out, "\n  - {line}");
@@ -358,24 +342,13 @@ pub fn text(results: &Results) -> String {
     out
 }
 
-fn phases(results: &Results) -> Vec<(&'static str, &PhaseLoad)> {
-    let mut out = Vec::new();
-    if let Some(r) = &results.latency {
-        out.push(("latency", &r.load));
-    }
-    if let Some(r) = &results.submit {
-        out.push(("submit", &r.load));
-    }
-    if let Some(r) = &results.status {
-        out.push(("status", &r.load));
-    }
-    if let Some(r) = &results.catalog {
-        out.push(("catalog", &r.load));
-    }
-    if let Some(r) = &results.plan {
-        out.push(("plan", &r.load));
-    }
-    out
+/// Largest RSS of each process in one measurement.
+fn largest_rss(load: &PhaseLoad) -> String {
+    format!(
+        "{}; bench clients {:.1} MiB",
+        rss_list(&load.max_rss),
+        mib(load.bench_max_rss)
+    )
 }
 
 fn depths(load: &PhaseLoad) -> String {
@@ -426,9 +399,16 @@ fn deepest(load: &PhaseLoad) -> Option<(&str, u32)> {
 /// CPU milliseconds per item, in each place.
 fn cost(cpu: &sys::CpuUse, seconds: f64, items: f64, per: f64) -> String {
     let each = |cores: f64| cores * seconds * 1000.0 / items * per;
+    let services: Vec<String> = cpu
+        .services
+        .iter()
+        .map(|(service, cores)| format!("{service} {:.2}", each(*cores)))
+        .collect();
     format!(
-        "prodsys + bench clients {:.2} ms, PostgreSQL {:.2} ms, RabbitMQ {:.2} ms",
-        each(cpu.this_process),
+        "the five service processes {:.2} ms ({}), bench clients {:.2} ms, PostgreSQL {:.2} ms, RabbitMQ {:.2} ms",
+        each(cpu.services_total()),
+        services.join(", "),
+        each(cpu.bench),
         each(cpu.postgres),
         each(cpu.rabbitmq)
     )
@@ -594,7 +574,8 @@ pub fn findings(results: &Results) -> Vec<String> {
         raw_other.push(("raw single-row commits", d.single_cpu.other));
         raw_other.push(("raw batched inserts", d.batch_cpu.other));
     }
-    for (phase, other) in phases(results)
+    for (phase, other) in results
+        .phases()
         .into_iter()
         .map(|(p, l)| (p, l.cpu.other))
         .chain(raw_other)
@@ -606,7 +587,7 @@ pub fn findings(results: &Results) -> Vec<String> {
     if let Some((phase, other)) = busiest {
         if other >= 0.25 {
             out.push(format!(
-                "Other work on the machine (not the bench, its PostgreSQL backends or the broker) used up to {other:.2} cores (during {phase}); the measurements it overlapped had that much less CPU than this machine has (see \"other\" above)."
+                "Other work on the machine (not the bench, the service processes, this run's PostgreSQL processes or the broker) used up to {other:.2} cores (during {phase}); the measurements it overlapped had that much less CPU than this machine has (see \"other\" above)."
             ));
         } else {
             out.push(format!(
@@ -614,13 +595,57 @@ pub fn findings(results: &Results) -> Vec<String> {
             ));
         }
     }
-    if let (Some(idle), Some(before)) = (results.rss_idle, results.rss_before_start) {
-        out.push(format!(
-            "Memory: the bench process held {:.1} MiB before the services started and {:.1} MiB with all five idle; the services share one process, so the figure is for the five together (plus the bench's own gRPC and AMQP clients), not per service. Peak RSS of the whole run (VmHWM): {:.1} MiB.",
-            mib(before),
-            mib(idle),
-            mib(sys::peak_rss_bytes())
-        ));
+    if !results.service_rss_idle.is_empty() {
+        let mut line = format!(
+            "Memory: each service ran in a process of its own (this harness started again for one service). 3 s after all five answered gRPC health they held {}.",
+            rss_list(&results.service_rss_idle)
+        );
+        let loaded: Vec<String> = ORDER
+            .iter()
+            .filter_map(|s| {
+                results
+                    .loaded_rss(s.name())
+                    .map(|(rss, phase)| format!("{s} {:.1} MiB (during {phase})", mib(rss)))
+            })
+            .collect();
+        if !loaded.is_empty() {
+            let _ = write!(
+                line,
+                " Largest under load (samples every 250 ms): {}.",
+                loaded.join(", ")
+            );
+        }
+        if !results.service_rss_peak.is_empty() {
+            let _ = write!(
+                line,
+                " Peak of each process over the whole run (VmHWM, the kernel's high-water mark, between samples too): {}.",
+                rss_list(&results.service_rss_peak)
+            );
+        }
+        if let (Some(before), Some(idle)) = (results.rss_before_start, results.rss_idle) {
+            let _ = write!(
+                line,
+                " The bench's own process (its gRPC and AMQP clients only) held {:.1} MiB before the services started and {:.1} MiB with them idle",
+                mib(before),
+                mib(idle)
+            );
+            match results.bench_loaded_rss() {
+                Some((rss, phase)) => {
+                    let _ = write!(
+                        line,
+                        ", at most {:.1} MiB under load (during {phase}).",
+                        mib(rss)
+                    );
+                }
+                None => line.push('.'),
+            }
+            let _ = write!(
+                line,
+                " Its peak over the whole run (VmHWM, the raw limits included): {:.1} MiB.",
+                mib(sys::peak_rss_bytes())
+            );
+        }
+        out.push(line);
     }
     out
 }
@@ -647,7 +672,7 @@ pub fn markdown(results: &Results) -> String {
     let _ = writeln!(out, "- RabbitMQ {}", m.rabbitmq);
     let _ = writeln!(
         out,
-        "- Broker, database and the bench (with all five services in its process) share these CPUs; anything else running at the time shows as \"other\" below.\n"
+        "- Broker, database, the five service processes and the bench's own process (its clients) share these CPUs; anything else running at the time shows as \"other\" below.\n"
     );
     let _ = writeln!(out, "## How it measures\n");
     if let Some(p) = &results.raw_plan {
@@ -666,7 +691,7 @@ pub fn markdown(results: &Results) -> String {
     if let Some(p) = &results.stack_plan {
         let _ = writeln!(
             out,
-            "- **prodsys**: `prodsys::start` of all five services in the bench's process on a fresh database and prefix (`TestEnv`), settings as the tests use them (database pool {} per service, prefetch {}, batch {}). Requests are the shipped CTA example with a unique `array_layout` and a fractional `zenith_deg`, so none duplicates or overlaps another; each plans one job on the local backend, whose single slot holds a job that only sleeps, so no job competes for the CPUs. ACCEPTED is seen on the bench's own exclusive queue bound to `request.accepted` and `request.rejected` on `prodsys.events`.",
+            "- **prodsys**: each of the five services in a process of its own (the bench binary started again for one service: `prodsys::start` of that service, as `prodsys serve <service>` runs it, stopped with SIGTERM), started in the order `prodsys::start` uses, each once the one before answered gRPC health, on a fresh database and prefix (`TestEnv`), settings as the tests use them (database pool {} per service, prefetch {}, batch {}) handed to every process in one settings file, gRPC on free ports, intake and checker pointed at the checker's and catalog's. Requests are the shipped CTA example with a unique `array_layout` and a fractional `zenith_deg`, so none duplicates or overlaps another; each plans one job on the local backend, whose single slot holds a job that only sleeps, so no job competes for the CPUs. ACCEPTED is seen on the bench's own exclusive queue bound to `request.accepted` and `request.rejected` on `prodsys.events`.",
             results.pool_size, results.prefetch, results.batch_size
         );
         let _ = writeln!(
@@ -690,7 +715,7 @@ pub fn markdown(results: &Results) -> String {
         );
         let _ = writeln!(
             out,
-            "- **RSS** is this process's VmRSS: idle is 3 s after the five started; under load is the largest of samples every 250 ms during the measurements. Queue depths are ready messages in each service's queue, sampled with the same period.\n"
+            "- **RSS** is each service process's VmRSS: idle is 3 s after all five answered gRPC health; under load is the largest of samples every 250 ms during the measurements; the peak over the whole run is each process's VmHWM. **CPU** is per process (user + system time): each service's process, the bench's own (its clients), PostgreSQL's processes for this run, the broker's. Queue depths are ready messages in each service's queue, sampled with the same period.\n"
         );
     }
     let _ = writeln!(out, "## Results\n");
@@ -707,26 +732,41 @@ pub fn markdown(results: &Results) -> String {
         );
     }
     let _ = writeln!(out);
-    if !phases(results).is_empty() {
+    if !results.phases().is_empty() {
         let _ = writeln!(out, "### Where the CPU went (cores busy, of {})\n", m.cpus);
+        let services = ORDER.map(|s| s.name());
         let _ = writeln!(
             out,
-            "| measurement | machine | bench process (prodsys + clients) | PostgreSQL for this run | PostgreSQL by service served | RabbitMQ (whole broker) | other | most ready messages per service queue | largest RSS |"
+            "| measurement | machine | {} | bench clients | PostgreSQL for this run | PostgreSQL by service served | RabbitMQ (whole broker) | other | most ready messages per service queue | largest RSS per process |",
+            services
+                .iter()
+                .map(|s| format!("{s} process"))
+                .collect::<Vec<_>>()
+                .join(" | ")
         );
-        let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|");
-        for (phase, load) in phases(results) {
+        let _ = writeln!(
+            out,
+            "|---|---|{}---|---|---|---|---|---|---|",
+            "---|".repeat(services.len())
+        );
+        for (phase, load) in results.phases() {
             let c = &load.cpu;
+            let per_service: Vec<String> = services
+                .iter()
+                .map(|s| format!("{:.2}", c.service(s)))
+                .collect();
             let _ = writeln!(
                 out,
-                "| {phase} | {:.2} | {:.2} | {:.2} | {} | {:.2} | {:.2} | {} | {:.0} MiB |",
+                "| {phase} | {:.2} | {} | {:.2} | {:.2} | {} | {:.2} | {:.2} | {} | {} |",
                 c.machine,
-                c.this_process,
+                per_service.join(" | "),
+                c.bench,
                 c.postgres,
                 pg_split(load),
                 c.rabbitmq,
                 c.other,
                 depths(load),
-                mib(load.max_rss)
+                largest_rss(load)
             );
         }
         let _ = writeln!(out);
@@ -760,4 +800,49 @@ fn command_line(results: &Results) -> String {
             args.join(" ")
         }
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stack::{PhaseLoad, PlanResult};
+
+    /// Every row of every markdown table has as many cells as its header.
+    #[test]
+    fn markdown_tables_are_rectangular() {
+        let mut load = PhaseLoad::default();
+        for service in ORDER {
+            load.max_rss.insert(service.name().into(), 30 * MIB);
+            load.cpu.services.push((service.name().into(), 0.1));
+        }
+        let results = Results {
+            service_rss_idle: ORDER
+                .iter()
+                .map(|s| (s.name().to_string(), 20 * MIB))
+                .collect(),
+            rss_before_start: Some(10 * MIB),
+            rss_idle: Some(20 * MIB),
+            plan: Some(PlanResult {
+                jobs: 1_000_000,
+                seconds: 10.0,
+                jobs_per_s: 100_000.0,
+                rows: 1_000_000,
+                load,
+            }),
+            ..Results::default()
+        };
+        let text = markdown(&results);
+        let mut cells = None;
+        for line in text.lines() {
+            if !line.starts_with('|') {
+                cells = None;
+                continue;
+            }
+            let n = line.matches('|').count();
+            assert_eq!(*cells.get_or_insert(n), n, "{line}");
+        }
+        assert!(text.contains("RSS of the dispatcher service"));
+        assert!(text.contains("dispatcher process RSS ≤ 30.0 MiB"));
+        assert!(!text.contains("cannot tell"));
+    }
 }

@@ -1,6 +1,6 @@
-//! prodsys measured whole: the five services in this process on a fresh
-//! database and AMQP prefix, driven over gRPC and the broker as clients and
-//! other services drive it.
+//! prodsys measured whole: the five services, each in its own process, on a
+//! fresh database and AMQP prefix, driven over gRPC and the broker as clients
+//! and other services drive it.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -11,7 +11,7 @@ use anyhow::Context;
 use futures::StreamExt;
 use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
-use prodsys::{Service, Stack};
+use prodsys::Service;
 use prodsys_core::events::{
     JOB_OUTPUT, JOB_STATUS, PRODUCTION_DISPATCHED, REQUEST_ACCEPTED, REQUEST_RECEIVED,
     REQUEST_REJECTED,
@@ -22,6 +22,7 @@ use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
+use crate::services::Services;
 use crate::{amqp, percentile_ms, sys};
 
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
@@ -112,7 +113,10 @@ pub struct StackPlan {
 #[derive(Debug, Clone, Default)]
 pub struct PhaseLoad {
     pub cpu: sys::CpuUse,
-    pub max_rss: u64,
+    /// Largest RSS seen of each service's process, by service.
+    pub max_rss: BTreeMap<String, u64>,
+    /// Largest RSS seen of the bench's own process (its clients).
+    pub bench_max_rss: u64,
     /// Most ready messages seen in each service's queue.
     pub max_depth: BTreeMap<String, u32>,
     /// CPU of the PostgreSQL backends serving each service (by application_name), in cores.
@@ -268,8 +272,10 @@ pub struct PlanResult {
 
 pub struct Bench {
     pub env: TestEnv,
-    stack: Option<Stack>,
-    shutdown: CancellationToken,
+    /// The service processes (a lock only to look whether one has exited).
+    services: Mutex<Services>,
+    /// Name and pid of each service's process, in pipeline order.
+    pids: Vec<(&'static str, u32)>,
     intake: Vec<pb::request_service_client::RequestServiceClient<Channel>>,
     status: pb::status_service_client::StatusServiceClient<Channel>,
     amqp: lapin::Connection,
@@ -281,8 +287,11 @@ pub struct Bench {
     base_parameters: serde_json::Value,
     tag: String,
     seq: Arc<AtomicU64>,
+    /// The bench's own RSS before the services started, and when all were idle.
     pub rss_before_start: u64,
     pub rss_idle: u64,
+    /// Each service process's RSS when all were idle, by service.
+    pub service_rss_idle: BTreeMap<String, u64>,
 }
 
 async fn grpc_channel(addr: std::net::SocketAddr) -> anyhow::Result<Channel> {
@@ -294,12 +303,70 @@ async fn grpc_channel(addr: std::net::SocketAddr) -> anyhow::Result<Channel> {
 }
 
 impl Bench {
-    /// Starts the five services on a fresh database and prefix, with a queue
-    /// of the bench's own bound to request.accepted and request.rejected.
+    /// Starts the five services, each in its own process, on a fresh database
+    /// and prefix, with a queue of the bench's own bound to request.accepted
+    /// and request.rejected.
     pub async fn start() -> anyhow::Result<Self> {
         let rss_before_start = sys::rss_bytes();
         let mut env = TestEnv::new().await?;
         sys::own_database(&env.database);
+        let services = match Self::launch(&mut env).await {
+            Ok(services) => services,
+            Err(error) => {
+                env.cleanup().await;
+                return Err(error.context("starting the prodsys services"));
+            }
+        };
+        let parts = Self::connect(&env, &services).await;
+        let (intake, status, connection, publish, verdicts, listener_stop, base_parameters, db) =
+            match parts {
+                Ok(parts) => parts,
+                Err(error) => {
+                    services.stop().await;
+                    env.cleanup().await;
+                    return Err(error);
+                }
+            };
+        let tag: String = env
+            .prefix
+            .split('.')
+            .nth(1)
+            .unwrap_or("bench")
+            .chars()
+            .take(8)
+            .collect();
+        let pids = services.pids();
+        let mut bench = Self {
+            env,
+            services: Mutex::new(services),
+            pids,
+            intake,
+            status,
+            amqp: connection,
+            publish,
+            db,
+            verdicts,
+            listener_stop,
+            base_parameters,
+            tag,
+            seq: Arc::new(AtomicU64::new(0)),
+            rss_before_start,
+            rss_idle: 0,
+            service_rss_idle: BTreeMap::new(),
+        };
+        // Idle: started, migrated, consumers and relays waiting.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        bench.rss_idle = sys::rss_bytes();
+        bench.service_rss_idle = bench
+            .pids
+            .iter()
+            .map(|(name, pid)| (name.to_string(), sys::pid_rss_bytes(*pid)))
+            .collect();
+        Ok(bench)
+    }
+
+    /// The bench's settings for the services, then the five processes.
+    async fn launch(env: &mut TestEnv) -> anyhow::Result<Services> {
         // Requests here plan one job each; those jobs must not compete with
         // the services for the two cores, so the one local slot holds a job
         // that only sleeps (bounded) and every other job waits as CREATED.
@@ -313,120 +380,94 @@ impl Bench {
         }
         env.settings.dispatcher.tools_dir = tools;
         env.settings.dispatcher.max_concurrent_jobs = 1;
-        let shutdown = CancellationToken::new();
-        let stack = match prodsys::start(&Service::ALL, &env.settings, shutdown.clone()).await {
-            Ok(stack) => stack,
-            Err(error) => {
-                shutdown.cancel();
-                env.cleanup().await;
-                return Err(error.context("starting the prodsys stack"));
-            }
-        };
-        match Self::connect(env, stack, shutdown, rss_before_start).await {
-            Ok(bench) => Ok(bench),
-            Err((error, env, stack, shutdown)) => {
-                shutdown.cancel();
-                let _ = tokio::time::timeout(Duration::from_secs(15), stack.wait()).await;
-                env.cleanup().await;
-                Err(error)
-            }
-        }
+        Services::start(&env.settings, &env.work_dir.join("services")).await
     }
 
     #[allow(clippy::type_complexity)]
     async fn connect(
-        env: TestEnv,
-        stack: Stack,
-        shutdown: CancellationToken,
-        rss_before_start: u64,
-    ) -> Result<Self, (anyhow::Error, TestEnv, Stack, CancellationToken)> {
-        let parts = async {
-            let addr = |s: Service| stack.addr(s).context("service address");
-            let mut intake = Vec::new();
-            for _ in 0..GRPC_CONNECTIONS {
-                intake.push(pb::request_service_client::RequestServiceClient::new(
-                    grpc_channel(addr(Service::Intake)?).await?,
-                ));
-            }
-            let status = pb::status_service_client::StatusServiceClient::new(
-                grpc_channel(addr(Service::Status)?).await?,
-            )
-            .max_decoding_message_size(64 * 1024 * 1024);
-            let url = prodsys_testkit::amqp_url();
-            let connection = amqp::connect(&url, "prodsys-bench").await?;
-            let publish = amqp::confirm_channel(&connection).await?;
-            let verdicts = Arc::new(Verdicts::default());
-            let listener_stop = CancellationToken::new();
-            start_listener(
-                &connection,
-                &env.prefix,
-                verdicts.clone(),
-                listener_stop.clone(),
-            )
-            .await?;
-            let example = prodsys_testkit::repo_root().join("examples/cta-irf-mc.json");
-            let file: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(example)?)?;
-            let mut base_parameters = file["parameters"].clone();
-            base_parameters["n_showers"] = 1.into();
-            base_parameters["showers_per_job"] = 1.into();
-            base_parameters["nsb_levels"] = serde_json::json!([1]);
-            let db = env.db().await?;
-            anyhow::Ok((
-                intake,
-                status,
-                connection,
-                publish,
-                verdicts,
-                listener_stop,
-                base_parameters,
-                db,
-            ))
+        env: &TestEnv,
+        services: &Services,
+    ) -> anyhow::Result<(
+        Vec<pb::request_service_client::RequestServiceClient<Channel>>,
+        pb::status_service_client::StatusServiceClient<Channel>,
+        lapin::Connection,
+        lapin::Channel,
+        Arc<Verdicts>,
+        CancellationToken,
+        serde_json::Value,
+        tokio_postgres::Client,
+    )> {
+        let mut intake = Vec::new();
+        for _ in 0..GRPC_CONNECTIONS {
+            intake.push(pb::request_service_client::RequestServiceClient::new(
+                grpc_channel(services.addr(Service::Intake)?).await?,
+            ));
         }
-        .await;
-        let (intake, status, connection, publish, verdicts, listener_stop, base_parameters, db) =
-            match parts {
-                Ok(parts) => parts,
-                Err(error) => return Err((error, env, stack, shutdown)),
-            };
-        let tag: String = env
-            .prefix
-            .split('.')
-            .nth(1)
-            .unwrap_or("bench")
-            .chars()
-            .take(8)
-            .collect();
-        let mut bench = Self {
-            env,
-            stack: Some(stack),
-            shutdown,
+        let status = pb::status_service_client::StatusServiceClient::new(
+            grpc_channel(services.addr(Service::Status)?).await?,
+        )
+        .max_decoding_message_size(64 * 1024 * 1024);
+        let url = prodsys_testkit::amqp_url();
+        let connection = amqp::connect(&url, "prodsys-bench").await?;
+        let publish = amqp::confirm_channel(&connection).await?;
+        let verdicts = Arc::new(Verdicts::default());
+        let listener_stop = CancellationToken::new();
+        start_listener(
+            &connection,
+            &env.prefix,
+            verdicts.clone(),
+            listener_stop.clone(),
+        )
+        .await?;
+        let example = prodsys_testkit::repo_root().join("examples/cta-irf-mc.json");
+        let file: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(example)?)?;
+        let mut base_parameters = file["parameters"].clone();
+        base_parameters["n_showers"] = 1.into();
+        base_parameters["showers_per_job"] = 1.into();
+        base_parameters["nsb_levels"] = serde_json::json!([1]);
+        let db = env.db().await?;
+        Ok((
             intake,
             status,
-            amqp: connection,
+            connection,
             publish,
-            db,
             verdicts,
             listener_stop,
             base_parameters,
-            tag,
-            seq: Arc::new(AtomicU64::new(0)),
-            rss_before_start,
-            rss_idle: 0,
-        };
-        // Idle: started, migrated, consumers and relays waiting.
-        tokio::time::sleep(Duration::from_secs(3)).await;
-        bench.rss_idle = sys::rss_bytes();
-        Ok(bench)
+            db,
+        ))
     }
 
-    pub async fn stop(mut self) {
-        self.listener_stop.cancel();
-        self.shutdown.cancel();
-        if let Some(stack) = self.stack.take() {
-            let _ = tokio::time::timeout(Duration::from_secs(15), stack.wait()).await;
+    /// Service processes that have exited since the last look, each with
+    /// how it ended and the end of its log.
+    pub fn exited_services(&self) -> Vec<String> {
+        self.services
+            .lock()
+            .map(|mut s| s.newly_exited())
+            .unwrap_or_default()
+    }
+
+    /// An error if a service process has exited (every later wait would only time out).
+    fn ensure_services_run(&self) -> anyhow::Result<()> {
+        let exited = self.services.lock().ok().and_then(|mut s| s.first_exited());
+        match exited {
+            Some(service) => anyhow::bail!("the {service} process has exited"),
+            None => Ok(()),
         }
+    }
+
+    /// Stops the services and cleans up; returns the peak RSS (VmHWM) of
+    /// each service's process over the run, read just before it stopped.
+    pub async fn stop(self) -> BTreeMap<String, u64> {
+        self.listener_stop.cancel();
+        let services = self
+            .services
+            .into_inner()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let peaks = services.stop().await;
         let _ = self.amqp.close(200, "bench done".into()).await;
         self.env.cleanup().await;
+        peaks
     }
 
     fn service_queues(&self) -> Vec<(String, String)> {
@@ -436,7 +477,8 @@ impl Bench {
             .collect()
     }
 
-    /// Samples RSS and queue depths until the returned token is cancelled.
+    /// Samples the RSS of each service process and of the bench, and queue
+    /// depths, every 250 ms until the returned sampler finishes.
     async fn sample(&self) -> anyhow::Result<Sampler> {
         let channel = self.amqp.create_channel().await?;
         let queues = self.service_queues();
@@ -444,12 +486,20 @@ impl Bench {
         let token = stop.clone();
         let pg_start = pg_backends(&self.db).await;
         let commits_start = xact_commits(&self.db).await;
-        let meter = sys::CpuMeter::start();
+        let pids = self.pids.clone();
+        let meter = sys::CpuMeter::start_with(&pids);
         let started = Instant::now();
         let task = tokio::spawn(async move {
             let mut load = PhaseLoad::default();
+            let rss = |load: &mut PhaseLoad| {
+                for (service, pid) in &pids {
+                    let max = load.max_rss.entry(service.to_string()).or_default();
+                    *max = (*max).max(sys::pid_rss_bytes(*pid));
+                }
+                load.bench_max_rss = load.bench_max_rss.max(sys::rss_bytes());
+            };
             loop {
-                load.max_rss = load.max_rss.max(sys::rss_bytes());
+                rss(&mut load);
                 for (service, queue) in &queues {
                     if let Ok(n) = amqp::depth(&channel, queue).await {
                         let max = load.max_depth.entry(service.clone()).or_default();
@@ -461,7 +511,7 @@ impl Bench {
                     _ = tokio::time::sleep(Duration::from_millis(250)) => {}
                 }
             }
-            load.max_rss = load.max_rss.max(sys::rss_bytes());
+            rss(&mut load);
             let _ = channel.close(200, "done".into()).await;
             load
         });
@@ -481,6 +531,7 @@ impl Bench {
         let deadline = Instant::now() + limit;
         let mut calm = 0;
         while calm < 3 {
+            self.ensure_services_run()?;
             anyhow::ensure!(
                 Instant::now() < deadline,
                 "the services did not drain their queues within {limit:?}"
@@ -724,6 +775,7 @@ impl Bench {
             if p.counts.unwrap_or_default().done >= plan.status_jobs {
                 break;
             }
+            self.ensure_services_run()?;
             anyhow::ensure!(
                 Instant::now() < deadline,
                 "status did not absorb the transitions in time: {p:?}"
@@ -808,6 +860,7 @@ impl Bench {
             {
                 break Instant::now();
             }
+            self.ensure_services_run()?;
             anyhow::ensure!(
                 Instant::now() < deadline,
                 "{production_id} was not planned within 600 s"
@@ -883,6 +936,7 @@ impl Bench {
                     break;
                 }
             }
+            self.ensure_services_run()?;
             anyhow::ensure!(
                 Instant::now() < deadline,
                 "the catalog did not register the files in time"

@@ -1,6 +1,7 @@
 //! What the machine is, and what the processes on it use: resident memory of
-//! this process, and CPU time of this process, PostgreSQL and RabbitMQ
-//! (read from /proc), so each figure says where the two cores went.
+//! this process and of each service process, and CPU time of those, of
+//! PostgreSQL and of RabbitMQ (read from /proc), so each figure says where the
+//! two cores went.
 
 use std::time::{Duration, Instant};
 
@@ -14,8 +15,22 @@ pub fn peak_rss_bytes() -> u64 {
     status_kib("VmHWM:") * 1024
 }
 
+/// Resident set size of process `pid` in bytes (VmRSS; 0 once it is gone).
+pub fn pid_rss_bytes(pid: u32) -> u64 {
+    proc_status_kib(&format!("/proc/{pid}/status"), "VmRSS:") * 1024
+}
+
+/// Peak resident set size of process `pid` in bytes (VmHWM; 0 once it is gone).
+pub fn pid_peak_rss_bytes(pid: u32) -> u64 {
+    proc_status_kib(&format!("/proc/{pid}/status"), "VmHWM:") * 1024
+}
+
 fn status_kib(field: &str) -> u64 {
-    std::fs::read_to_string("/proc/self/status")
+    proc_status_kib("/proc/self/status", field)
+}
+
+fn proc_status_kib(path: &str, field: &str) -> u64 {
+    std::fs::read_to_string(path)
         .ok()
         .and_then(|s| {
             s.lines()
@@ -203,23 +218,54 @@ pub fn cpu_ticks() -> CpuTicks {
 }
 
 /// CPU use over an interval, in cores (1.0 = one core busy the whole time).
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct CpuUse {
     pub machine: f64,
-    pub this_process: f64,
+    /// The bench's own process: its clients while the services run (each in
+    /// a process of its own), everything it measures with for the raw limits.
+    pub bench: f64,
+    /// Each service's process, by service, in pipeline order (none for the raw limits).
+    pub services: Vec<(String, f64)>,
     pub postgres: f64,
     pub rabbitmq: f64,
     pub other: f64,
 }
 
+impl CpuUse {
+    /// The service processes together.
+    pub fn services_total(&self) -> f64 {
+        self.services.iter().map(|(_, c)| c).sum()
+    }
+
+    /// The process of `service` (0 if it was not measured).
+    pub fn service(&self, service: &str) -> f64 {
+        self.services
+            .iter()
+            .find(|(s, _)| s == service)
+            .map_or(0.0, |(_, c)| *c)
+    }
+}
+
 pub struct CpuMeter {
     start: CpuTicks,
+    /// Processes measured by name: (name, pid, ticks at the start).
+    processes: Vec<(&'static str, u32, u64)>,
     at: Instant,
 }
 
 impl CpuMeter {
+    /// The machine, this process, PostgreSQL and RabbitMQ.
     pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// Those, and each of `processes` (name, pid) on its own.
+    pub fn start_with(processes: &[(&'static str, u32)]) -> Self {
         Self {
+            processes: processes
+                .iter()
+                .map(|(name, pid)| (*name, *pid, pid_ticks(*pid as i32).unwrap_or(0)))
+                .collect(),
             start: cpu_ticks(),
             at: Instant::now(),
         }
@@ -230,6 +276,15 @@ impl CpuMeter {
         let wall = self.at.elapsed().as_secs_f64().max(1e-3);
         let hz = 100.0; // USER_HZ on Linux
         let cores = |a: u64, b: u64| b.saturating_sub(a) as f64 / hz / wall;
+        let services: Vec<(String, f64)> = self
+            .processes
+            .iter()
+            .map(|(name, pid, start)| {
+                // A process gone since the start counts for nothing (not for its whole life).
+                let end = pid_ticks(*pid as i32).unwrap_or(*start);
+                (name.to_string(), cores(*start, end))
+            })
+            .collect();
         let machine_cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
         let total_ticks = end.machine_total.saturating_sub(self.start.machine_total) as f64;
         let busy_ticks = end.machine_busy.saturating_sub(self.start.machine_busy) as f64;
@@ -238,25 +293,36 @@ impl CpuMeter {
         } else {
             0.0
         };
-        let this_process = cores(self.start.this_process, end.this_process);
+        let bench = cores(self.start.this_process, end.this_process);
         let postgres = used(&self.start.postgres, &end.postgres) as f64 / hz / wall;
         let rabbitmq = used(&self.start.rabbitmq, &end.rabbitmq) as f64 / hz / wall;
+        let services_total: f64 = services.iter().map(|(_, c)| c).sum();
         CpuUse {
             machine,
-            this_process,
+            bench,
+            services,
             postgres,
             rabbitmq,
-            other: (machine - this_process - postgres - rabbitmq).max(0.0),
+            other: (machine - bench - services_total - postgres - rabbitmq).max(0.0),
         }
     }
 }
 
 impl std::fmt::Display for CpuUse {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "machine {:.2} cores: ", self.machine)?;
+        if self.services.is_empty() {
+            write!(f, "bench process {:.2}", self.bench)?;
+        } else {
+            for (service, cores) in &self.services {
+                write!(f, "{service} {cores:.2}, ")?;
+            }
+            write!(f, "bench clients {:.2}", self.bench)?;
+        }
         write!(
             f,
-            "machine {:.2} cores: bench process (prodsys + clients) {:.2}, PostgreSQL for this run {:.2}, RabbitMQ {:.2}, other {:.2}",
-            self.machine, self.this_process, self.postgres, self.rabbitmq, self.other
+            ", PostgreSQL for this run {:.2}, RabbitMQ {:.2}, other {:.2}",
+            self.postgres, self.rabbitmq, self.other
         )
     }
 }

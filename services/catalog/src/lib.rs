@@ -23,9 +23,9 @@ pub const SERVICE: &str = "catalog";
 
 const MIGRATIONS: &[Migration] = &[
     Migration {
-    version: 1,
-    name: "files and production records",
-    sql: r#"
+        version: 1,
+        name: "files and production records",
+        sql: r#"
         CREATE TABLE files (
             lfn           text PRIMARY KEY,
             production_id text NOT NULL,
@@ -80,8 +80,14 @@ pub async fn start(
         &shutdown,
     )
     .await?;
+    // A job.output carries many files (a CTA job writes one per NSB level,
+    // a bulk registration hundreds): a quarter of the usual prefetch and batch
+    // keeps a batch's files, decoded and encoded, to a few megabytes.
+    let mut consuming = settings.clone();
+    consuming.amqp.prefetch = (settings.amqp.prefetch / 4).max(1);
+    consuming.amqp.batch_size = (settings.amqp.batch_size / 4).max(1);
     foundation.consume_concurrently(
-        settings,
+        &consuming,
         Registrar {
             db: foundation.db.clone(),
         },
@@ -193,16 +199,20 @@ async fn register_files(
     let sizes: Vec<i64> = files.iter().map(|(_, f)| f.size as i64).collect();
     let sums: Vec<&str> = files.iter().map(|(_, f)| f.adler32.as_str()).collect();
     let urls: Vec<&str> = files.iter().map(|(_, f)| f.url.as_str()).collect();
-    let metadata: Vec<serde_json::Value> = files
+    // As JSON text, cast by the server: one string per file instead of a
+    // tree of values (a batch holds tens of thousands of files).
+    let metadata: Vec<String> = files
         .iter()
-        .map(|(_, f)| serde_json::to_value(&f.metadata))
+        .map(|(_, f)| serde_json::to_string(&f.metadata))
         .collect::<Result<_, _>>()?;
     let stmt = tx
         .prepare_cached(
             "WITH added AS (
                  INSERT INTO files (lfn, production_id, job_index, attempt, size, adler32, url, metadata)
-                 SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::int[], $5::bigint[],
-                                      $6::text[], $7::text[], $8::jsonb[])
+                 SELECT lfn, production_id, job_index, attempt, size, adler32, url, metadata::jsonb
+                 FROM unnest($1::text[], $2::text[], $3::bigint[], $4::int[], $5::bigint[],
+                             $6::text[], $7::text[], $8::text[])
+                      AS f(lfn, production_id, job_index, attempt, size, adler32, url, metadata)
                  ON CONFLICT (lfn) DO NOTHING
                  RETURNING production_id, size),
              -- In production order: concurrent batches lock totals rows alike.

@@ -1,15 +1,17 @@
 //! Settings of every prodsys process. Defaults work on a developer machine
 //! (PostgreSQL and RabbitMQ on 127.0.0.1); a TOML file and then environment
 //! variables (`PRODSYS__DATABASE__URL`, `PRODSYS__AMQP__PREFIX`, …) override
-//! them. URLs that may hold passwords are secrets and never print.
+//! them. URLs that may hold passwords are secrets and never print; they are
+//! written out only when whole settings are serialised on purpose (a settings
+//! file handed to a child process).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use secrecy::{ExposeSecret, SecretString};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize, Serializer};
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default)]
 pub struct Settings {
     pub profiles_dir: PathBuf,
@@ -23,16 +25,18 @@ pub struct Settings {
     pub catalog: ServerSettings,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default)]
 pub struct DatabaseSettings {
+    #[serde(serialize_with = "expose")]
     pub url: SecretString,
     pub pool_size: usize,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default)]
 pub struct AmqpSettings {
+    #[serde(serialize_with = "expose")]
     pub url: SecretString,
     /// Prefix of every exchange and queue name, so several deployments (or
     /// tests) share one broker without meeting.
@@ -46,14 +50,14 @@ pub struct AmqpSettings {
     pub confirm_timeout_ms: u64,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default)]
 pub struct GrpcSettings {
     pub host: String,
     pub max_message_bytes: usize,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default)]
 pub struct IntakeSettings {
     pub port: u16,
@@ -70,7 +74,7 @@ impl Default for IntakeSettings {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default)]
 pub struct CheckerSettings {
     pub port: u16,
@@ -87,14 +91,14 @@ impl Default for CheckerSettings {
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(default)]
 pub struct ServerSettings {
     /// gRPC port; 0 picks a free one.
     pub port: u16,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default)]
 pub struct DispatcherSettings {
     pub port: u16,
@@ -112,7 +116,7 @@ pub struct DispatcherSettings {
 }
 
 /// One WMS installation.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
 pub enum BackendSettings {
     /// Jobs as processes on the dispatcher's machine.
@@ -138,17 +142,21 @@ pub enum BackendSettings {
 
 /// A DiracX server and how prodsys authenticates to it. Exactly one token
 /// source: `token`, `token_file` or `token_command`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct DiracSettings {
     /// Base URL of the DiracX server (`https://diracx.example.org`).
     pub url: String,
     /// A fixed access token (never refreshed: for short tests only).
-    #[serde(default)]
+    #[serde(
+        default,
+        serialize_with = "expose_optional",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub token: Option<SecretString>,
     /// A file holding the access token, rewritten by something else (an
     /// oidc-agent or a cron job); read again when the token nears expiry.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_file: Option<PathBuf>,
     /// A command that prints a fresh access token on stdout; run again when
     /// the token nears expiry or the server refuses it.
@@ -158,7 +166,7 @@ pub struct DiracSettings {
     #[serde(default = "default_token_refresh_margin")]
     pub token_refresh_margin_s: u64,
     /// PEM file of extra CA certificates to trust (a grid CA bundle).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_file: Option<PathBuf>,
     /// Most jobs queued or running at once.
     #[serde(default = "default_in_flight")]
@@ -167,11 +175,26 @@ pub struct DiracSettings {
     #[serde(default)]
     pub sites: Vec<String>,
     /// Storage element for the jobs' output data (JDL `OutputSE`).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output_se: Option<String>,
     /// Extra JDL attributes, written as given (`Priority = "5"`, `Tags = "{\"GPU\"}"`).
     #[serde(default)]
     pub jdl: BTreeMap<String, String>,
+}
+
+/// A secret as its plain text, for a settings file written on purpose.
+fn expose<S: Serializer>(secret: &SecretString, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(secret.expose_secret())
+}
+
+fn expose_optional<S: Serializer>(
+    secret: &Option<SecretString>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    match secret {
+        Some(secret) => serializer.serialize_some(secret.expose_secret()),
+        None => serializer.serialize_none(),
+    }
 }
 
 fn default_token_refresh_margin() -> u64 {
