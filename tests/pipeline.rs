@@ -780,3 +780,83 @@ async fn the_status_read_model_ignores_late_and_repeated_transitions() {
     );
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_projection_of_overlapping_transitions_converges() {
+    let app = spawn_app().await;
+    let (_connection, channel) = app.env.amqp().await.unwrap();
+    let events = format!("{}prodsys.events", app.env.prefix);
+    let production_id = "TEST-000088".to_string();
+    let jobs = 300u64;
+    publish_event(
+        &channel,
+        &events,
+        "production.dispatched",
+        uuid::Uuid::now_v7(),
+        &pb::ProductionDispatched {
+            production_id: production_id.clone(),
+            job_total: jobs,
+            backend: "local".into(),
+            estimate: None,
+        },
+    )
+    .await;
+    // Every job goes SUBMITTED → RUNNING → DONE, in messages of overlapping
+    // ranges published newest state first, so the consumers see them late,
+    // early and at once.
+    use pb::JobState::{Done, Running, Submitted};
+    let mut messages = Vec::new();
+    for state in [Done, Running, Submitted] {
+        for start in (0..jobs).step_by(50) {
+            let transitions = (start..(start + 100).min(jobs))
+                .map(|job_index| pb::JobTransition {
+                    production_id: production_id.clone(),
+                    job_index,
+                    attempt: 1,
+                    state: state as i32,
+                    raw_status: format!("{state:?}"),
+                    at_unix_ms: 0,
+                })
+                .collect();
+            messages.push(pb::JobStatusBatch { transitions });
+        }
+    }
+    for batch in &messages {
+        publish_event(&channel, &events, "job.status", uuid::Uuid::now_v7(), batch).await;
+    }
+    let status = app.status.clone();
+    let counts = wait_for("every job done", Duration::from_secs(30), || {
+        let mut status = status.clone();
+        let production_id = production_id.clone();
+        async move {
+            let c = status
+                .get_production(pb::GetProductionRequest { production_id })
+                .await
+                .ok()?
+                .into_inner()
+                .counts?;
+            (c.done == jobs).then_some(c)
+        }
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let c = app
+        .status
+        .clone()
+        .get_production(pb::GetProductionRequest {
+            production_id: production_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .counts
+        .unwrap();
+    assert_eq!(c, counts);
+    assert_eq!(
+        (c.created, c.submitted, c.running, c.done),
+        (0, 0, 0, jobs),
+        "{c:?}"
+    );
+    app.stop().await;
+}

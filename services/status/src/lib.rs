@@ -30,6 +30,9 @@ use uuid::Uuid;
 
 pub const SERVICE: &str = "status";
 const CHANGES_CHANNEL: &str = "status_changes";
+/// Consumers of the status queue, each its own transaction: the database
+/// projects two batches at once (see `Projector::handle` for why that is safe).
+const CONSUMERS: usize = 2;
 
 const MIGRATIONS: &[Migration] = &[
     Migration {
@@ -127,14 +130,12 @@ pub async fn start(
         &shutdown,
     )
     .await?;
-    // One consumer: a production's job.status events reach the read model
-    // before its production.completed, so the snapshot that says COMPLETED
-    // has the final counts (the dispatcher publishes them in that order).
-    foundation.consume(
+    foundation.consume_concurrently(
         settings,
         Projector {
             db: foundation.db.clone(),
         },
+        CONSUMERS,
         &shutdown,
     );
     let (changes, _) = broadcast::channel(1024);
@@ -298,17 +299,11 @@ impl BatchHandler for Projector {
         let transitions: Vec<pb::JobTransition> = latest.into_values().collect();
         let mut touched: BTreeSet<String> = productions.keys().cloned().collect();
         touched.extend(transitions.iter().map(|t| t.production_id.clone()));
-        // One projector at a time per production (across consumers and
-        // replicas) keeps the counters exact; taken in one order by all.
-        if !touched.is_empty() {
-            let names: Vec<&str> = touched.iter().map(String::as_str).collect();
-            tx.execute_cached(
-                "SELECT pg_advisory_xact_lock(hashtext('prodsys.status.' || p))
-                 FROM unnest($1::text[]) WITH ORDINALITY AS u(p, n) ORDER BY n",
-                &[&names],
-            )
-            .await?;
-        }
+        // No lock per production: consumers project concurrently. A job row
+        // is changed under its row lock and re-checked against the newest
+        // version (so a late transition still never moves it backwards);
+        // two first transitions of one job racing make one batch fail on the
+        // key and be retried message by message, when the row exists.
         upsert_productions(&tx, productions).await?;
         if !transitions.is_empty() {
             upsert_jobs(&tx, &transitions).await?;
@@ -437,8 +432,6 @@ async fn upsert_jobs(
     if columns.is_empty() {
         return Ok(());
     }
-    // The caller's advisory locks make this transaction the only writer of
-    // these productions' jobs: the statement's snapshot stays true throughout.
     tx.execute_cached(
         "WITH u AS (
              SELECT * FROM unnest($1::text[], $2::bigint[], $3::int[], $4::text[], $5::int[], $6::text[])
@@ -701,9 +694,13 @@ impl pb::status_service_server::StatusService for StatusApi {
             if tx.send(Ok(last.clone())).await.is_err() {
                 return;
             }
+            let mut ended_at: Option<std::time::Instant> = None;
             loop {
                 if is_terminal(&last) {
-                    return;
+                    let ended = *ended_at.get_or_insert_with(std::time::Instant::now);
+                    if is_settled(&last) || ended.elapsed() >= SETTLE_WAIT {
+                        return;
+                    }
                 }
                 let changed = tokio::time::timeout(Duration::from_secs(5), changes.recv()).await;
                 match changed {
@@ -735,6 +732,17 @@ impl pb::status_service_server::StatusService for StatusApi {
 fn is_terminal(p: &pb::Production) -> bool {
     ProductionState::from_proto(p.state).is_some_and(ProductionState::is_terminal)
 }
+
+/// Every job of the production counted in a final state. Consumers project
+/// concurrently, so a production's end may be recorded a moment before the
+/// last transitions of its jobs; a watch ends once both are in.
+fn is_settled(p: &pb::Production) -> bool {
+    let c = p.counts.unwrap_or_default();
+    c.created + c.submitted + c.queued + c.running + c.failed == 0
+}
+
+/// How long a watch waits for a finished production's counts to settle.
+const SETTLE_WAIT: Duration = Duration::from_secs(30);
 
 /// A stream fed by a task through a bounded channel.
 fn async_stream<F, Fut>(body: F) -> WatchStream
