@@ -13,6 +13,18 @@ use prodsys_testkit::wait_for;
 use serde_json::{Value, json};
 use support::{cta_example, spawn_app};
 
+/// POSTs `body` to a WebDriver endpoint; returns the JSON answer.
+async fn post_json(http: &reqwest::Client, url: &str, body: &Value) -> Value {
+    http.post(url)
+        .json(body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 /// A chromedriver process and one headless Chromium session.
 struct Browser {
     driver: tokio::process::Child,
@@ -49,9 +61,10 @@ impl Browser {
         })
         .await
         .unwrap();
-        let answer: Value = http
-            .post(format!("{base}/session"))
-            .json(&json!({
+        let answer = post_json(
+            &http,
+            &format!("{base}/session"),
+            &json!({
                 "capabilities": { "alwaysMatch": {
                     "browserName": "chrome",
                     "goog:chromeOptions": {
@@ -60,13 +73,9 @@ impl Browser {
                                  "--disable-dev-shm-usage"]
                     }
                 }}
-            }))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+            }),
+        )
+        .await;
         let session = answer["value"]["sessionId"]
             .as_str()
             .unwrap_or_else(|| panic!("no browser session: {answer}"))
@@ -80,17 +89,8 @@ impl Browser {
     }
 
     async fn command(&self, path: &str, body: Value) -> Value {
-        let answer: Value = self
-            .http
-            .post(format!("{}/session/{}/{path}", self.base, self.session))
-            .json(&body)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        answer["value"].clone()
+        let url = format!("{}/session/{}/{path}", self.base, self.session);
+        post_json(&self.http, &url, &body).await["value"].take()
     }
 
     async fn open(&self, url: &str) {

@@ -186,14 +186,9 @@ async fn job_prefix(app: &App, production: &str) -> String {
 }
 
 async fn counts(app: &App, production: &str) -> pb::JobCounts {
-    app.status
-        .clone()
-        .get_production(pb::GetProductionRequest {
-            production_id: production.into(),
-        })
+    app.production(production)
         .await
-        .unwrap()
-        .into_inner()
+        .expect("the production in the status service")
         .counts
         .unwrap_or_default()
 }
@@ -347,14 +342,7 @@ async fn cancel_kills_queued_and_running_jobs_through_the_status_call() {
     .await
     .unwrap();
 
-    app.intake
-        .clone()
-        .cancel_production(pb::CancelProductionRequest {
-            production_id: production.clone(),
-            reason: "test".into(),
-        })
-        .await
-        .unwrap();
+    app.cancel(&production, "test").await.unwrap();
     let last = app.watch(&production).await.pop().unwrap();
     assert_eq!(last.state(), pb::ProductionState::Cancelled, "{last:?}");
     assert_eq!(last.counts.unwrap().cancelled, 4);

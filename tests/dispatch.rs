@@ -67,36 +67,21 @@ async fn cancel_kills_running_jobs_and_never_starts_the_rest() {
     let production = app
         .accepted(sleep_request(5, 61.737, -1, "cancel", ""))
         .await;
-    let mut status = app.status.clone();
-    let running = wait_for("two running jobs", Duration::from_secs(30), || {
-        let mut status = status.clone();
-        let production_id = production.clone();
-        async move {
-            let p = status
-                .get_production(pb::GetProductionRequest { production_id })
-                .await
-                .ok()?
-                .into_inner();
-            let c = p.counts.unwrap_or_default();
-            (c.running == 2).then_some(c)
-        }
-    })
-    .await
-    .unwrap();
+    let running = app
+        .production_when(
+            "two running jobs",
+            Duration::from_secs(30),
+            &production,
+            |p| p.counts.unwrap_or_default().running == 2,
+        )
+        .await
+        .counts
+        .unwrap_or_default();
     // Backpressure: the installation runs two at once; the others wait.
     assert_eq!(running.created, 3, "{running:?}");
 
     let started = std::time::Instant::now();
-    let answer = app
-        .intake
-        .clone()
-        .cancel_production(pb::CancelProductionRequest {
-            production_id: production.clone(),
-            reason: "wrong energy range".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let answer = app.cancel(&production, "wrong energy range").await.unwrap();
     assert!(answer.accepted);
     let snapshots = app.watch(&production).await;
     let last = snapshots.last().unwrap();
@@ -123,21 +108,8 @@ async fn cancel_kills_running_jobs_and_never_starts_the_rest() {
     )
     .await
     .unwrap();
-    let bad = app
-        .intake
-        .clone()
-        .cancel_production(pb::CancelProductionRequest {
-            production_id: "not an id".into(),
-            reason: String::new(),
-        })
-        .await
-        .unwrap_err();
+    let bad = app.cancel("not an id", "").await.unwrap_err();
     assert_eq!(bad.code(), tonic::Code::InvalidArgument);
-    let _ = status
-        .get_production(pb::GetProductionRequest {
-            production_id: production,
-        })
-        .await;
     app.stop().await;
 }
 
@@ -167,25 +139,15 @@ async fn waiting_productions_start_in_order_of_priority() {
         env.settings.dispatcher.max_concurrent_jobs = 1;
     })
     .await;
-    let counts = |production_id: String| {
-        let mut status = app.status.clone();
-        async move {
-            status
-                .get_production(pb::GetProductionRequest { production_id })
-                .await
-                .ok()?
-                .into_inner()
-                .counts
-        }
-    };
     // The installation's one slot is taken ...
     let blocker = app.accepted(sleep_request(1, 2.0, -1, "blocker", "")).await;
-    wait_for("the blocker to run", Duration::from_secs(30), || {
-        let c = counts(blocker.clone());
-        async move { c.await.filter(|c| c.running == 1) }
-    })
-    .await
-    .unwrap();
+    app.production_when(
+        "the blocker to run",
+        Duration::from_secs(30),
+        &blocker,
+        |p| p.counts.unwrap_or_default().running == 1,
+    )
+    .await;
     // ... while an older production of default priority and a newer urgent one wait.
     let ordinary = app
         .accepted(sleep_request(1, 2.0, -1, "ordinary", ""))
@@ -196,17 +158,17 @@ async fn waiting_productions_start_in_order_of_priority() {
             ..sleep_request(1, 2.0, -1, "urgent", "")
         })
         .await;
-    wait_for(
+    app.production_when(
         "the urgent production to start",
         Duration::from_secs(30),
-        || {
-            let c = counts(urgent.clone());
-            async move { c.await.filter(|c| c.running + c.done == 1) }
+        &urgent,
+        |p| {
+            let c = p.counts.unwrap_or_default();
+            c.running + c.done == 1
         },
     )
-    .await
-    .unwrap();
-    let waiting = counts(ordinary.clone()).await.unwrap();
+    .await;
+    let waiting = app.production(&ordinary).await.unwrap().counts.unwrap();
     assert_eq!(
         waiting.created, 1,
         "the older, ordinary one still waits: {waiting:?}"
@@ -263,25 +225,14 @@ async fn a_failing_installation_holds_its_productions_and_says_why() {
     let held = app
         .accepted(sleep_request(2, 0.1, -1, "held", "dirac-down"))
         .await;
-    let status = app.status.clone();
-    let production = wait_for(
-        "the production to show as held",
-        Duration::from_secs(30),
-        || {
-            let mut status = status.clone();
-            let production_id = held.clone();
-            async move {
-                let p = status
-                    .get_production(pb::GetProductionRequest { production_id })
-                    .await
-                    .ok()?
-                    .into_inner();
-                (!p.held_reason.is_empty()).then_some(p)
-            }
-        },
-    )
-    .await
-    .unwrap();
+    let production = app
+        .production_when(
+            "the production to show as held",
+            Duration::from_secs(30),
+            &held,
+            |p| !p.held_reason.is_empty(),
+        )
+        .await;
     assert_eq!(production.state(), pb::ProductionState::Running);
     assert!(
         production.held_reason.contains("dirac-down"),
@@ -299,16 +250,7 @@ async fn a_failing_installation_holds_its_productions_and_says_why() {
     assert_eq!(last.state(), pb::ProductionState::Completed, "{last:?}");
     assert!(last.held_reason.is_empty(), "{}", last.held_reason);
     // The held production can still be cancelled.
-    let answer = app
-        .intake
-        .clone()
-        .cancel_production(pb::CancelProductionRequest {
-            production_id: held.clone(),
-            reason: "installation down".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let answer = app.cancel(&held, "installation down").await.unwrap();
     assert!(answer.accepted);
     app.stop().await;
 }

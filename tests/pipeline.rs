@@ -746,33 +746,23 @@ async fn the_status_read_model_ignores_late_and_repeated_transitions() {
         },
     )
     .await;
-    let mut status = app.status.clone();
-    let counts = wait_for("jobs 0 and 1 done", Duration::from_secs(30), || {
-        let mut status = status.clone();
-        let production_id = production_id.clone();
-        async move {
-            let p = status
-                .get_production(pb::GetProductionRequest { production_id })
-                .await
-                .ok()?
-                .into_inner();
-            let c = p.counts?;
-            (c.done == 2).then_some((p.job_total, c))
-        }
-    })
-    .await
-    .unwrap();
+    let first = app
+        .production_when(
+            "jobs 0 and 1 done",
+            Duration::from_secs(30),
+            &production_id,
+            |p| p.counts.is_some_and(|c| c.done == 2),
+        )
+        .await;
     // Give a wrongly applied late event the time to show.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let p = status
-        .get_production(pb::GetProductionRequest {
-            production_id: production_id.clone(),
-        })
+    let c = app
+        .production(&production_id)
         .await
         .unwrap()
-        .into_inner();
-    let c = p.counts.unwrap();
-    assert_eq!(counts.0, 3);
+        .counts
+        .unwrap();
+    assert_eq!(first.job_total, 3);
     assert_eq!(
         (c.created, c.submitted, c.running, c.failed, c.done),
         (1, 0, 0, 0, 2),
@@ -824,35 +814,23 @@ async fn concurrent_projection_of_overlapping_transitions_converges() {
     for batch in &messages {
         publish_event(&channel, &events, "job.status", uuid::Uuid::now_v7(), batch).await;
     }
-    let status = app.status.clone();
-    let counts = wait_for("every job done", Duration::from_secs(30), || {
-        let mut status = status.clone();
-        let production_id = production_id.clone();
-        async move {
-            let c = status
-                .get_production(pb::GetProductionRequest { production_id })
-                .await
-                .ok()?
-                .into_inner()
-                .counts?;
-            (c.done == jobs).then_some(c)
-        }
-    })
-    .await
-    .unwrap();
+    let counts = app
+        .production_when(
+            "every job done",
+            Duration::from_secs(30),
+            &production_id,
+            |p| p.counts.is_some_and(|c| c.done == jobs),
+        )
+        .await
+        .counts;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let c = app
-        .status
-        .clone()
-        .get_production(pb::GetProductionRequest {
-            production_id: production_id.clone(),
-        })
+        .production(&production_id)
         .await
         .unwrap()
-        .into_inner()
         .counts
         .unwrap();
-    assert_eq!(c, counts);
+    assert_eq!(Some(c), counts);
     assert_eq!(
         (c.created, c.submitted, c.running, c.done),
         (0, 0, 0, jobs),

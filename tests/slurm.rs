@@ -184,14 +184,7 @@ async fn cancel_scancels_and_a_restart_never_submits_an_attempt_twice() {
     let named: Vec<_> = slurm_jobs(&tag);
     assert_eq!(named.len(), 1, "the attempt was submitted once: {named:?}");
 
-    app.intake
-        .clone()
-        .cancel_production(pb::CancelProductionRequest {
-            production_id: production.clone(),
-            reason: "test".into(),
-        })
-        .await
-        .unwrap();
+    app.cancel(&production, "test").await.unwrap();
     let last = app.watch(&production).await.pop().unwrap();
     assert_eq!(last.state(), pb::ProductionState::Cancelled, "{last:?}");
     assert_eq!(last.counts.unwrap().cancelled, 4);

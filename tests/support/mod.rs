@@ -118,6 +118,50 @@ pub fn sleep_request(
 }
 
 impl App {
+    /// The production as status shows it now, if status knows it.
+    pub async fn production(&self, production_id: &str) -> Option<pb::Production> {
+        self.status
+            .clone()
+            .get_production(pb::GetProductionRequest {
+                production_id: production_id.to_string(),
+            })
+            .await
+            .ok()
+            .map(|r| r.into_inner())
+    }
+
+    /// Waits up to `timeout` for the production to satisfy `done`; returns
+    /// that snapshot, or fails naming `what`.
+    pub async fn production_when(
+        &self,
+        what: &str,
+        timeout: Duration,
+        production_id: &str,
+        done: impl Fn(&pb::Production) -> bool,
+    ) -> pb::Production {
+        wait_for(what, timeout, || async {
+            self.production(production_id).await.filter(|p| done(p))
+        })
+        .await
+        .unwrap()
+    }
+
+    /// Asks intake to cancel `production_id`.
+    pub async fn cancel(
+        &self,
+        production_id: &str,
+        reason: &str,
+    ) -> Result<pb::CancelProductionResponse, tonic::Status> {
+        self.intake
+            .clone()
+            .cancel_production(pb::CancelProductionRequest {
+                production_id: production_id.to_string(),
+                reason: reason.to_string(),
+            })
+            .await
+            .map(|r| r.into_inner())
+    }
+
     /// Submits `request`, which must be accepted; returns its production ID.
     pub async fn accepted(&self, request: pb::SubmitRequestRequest) -> String {
         let request = self

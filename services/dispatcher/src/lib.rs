@@ -290,7 +290,7 @@ impl Planner {
             .query_cached(
                 "INSERT INTO productions (production_id, request_id, profile, vo, parameters, fingerprint,
                                           backend, run_number_offset, job_total, priority, state)
-                 SELECT *, 'RUNNING' FROM unnest($1::text[], $2::uuid[], $3::text[], $4::text[], $5::jsonb[],
+                 SELECT *, $11::text FROM unnest($1::text[], $2::uuid[], $3::text[], $4::text[], $5::jsonb[],
                                                  $6::text[], $7::text[], $8::bigint[], $9::bigint[], $10::int[])
                  ON CONFLICT (production_id) DO NOTHING RETURNING production_id",
                 &[
@@ -304,6 +304,7 @@ impl Planner {
                     &offsets,
                     &totals,
                     &priorities,
+                    &ProductionState::Running.as_str(),
                 ],
             )
             .await?

@@ -356,7 +356,6 @@ impl pb::request_service_server::RequestService for RequestApi {
     }
 }
 
-/// A request to store, from gRPC or from an event.
 /// A checked SubmitRequest waiting for the next group commit.
 struct Submission {
     request: pb::SubmitRequestRequest,
@@ -516,6 +515,7 @@ async fn store_group(db: &Db, submissions: &[Submission]) -> anyhow::Result<Vec<
     Ok(answers)
 }
 
+/// A request to store, from gRPC or from an event.
 struct NewRequest<'a> {
     request_id: Uuid,
     idempotency_key: Option<&'a str>,

@@ -12,6 +12,7 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{Html, IntoResponse, Json, Response};
 use axum::routing::get;
 use futures::Stream;
+use prodsys_core::ProductionState;
 use prodsys_db::Cached;
 use prodsys_proto as pb;
 use prodsys_proto::status_service_server::StatusService;
@@ -67,10 +68,8 @@ struct CountsView {
 impl From<pb::Production> for ProductionView {
     fn from(p: pb::Production) -> Self {
         let c = p.counts.unwrap_or_default();
-        let state = p
-            .state()
-            .as_str_name()
-            .trim_start_matches("PRODUCTION_STATE_")
+        let state = ProductionState::from_proto(p.state)
+            .map_or("UNSPECIFIED", ProductionState::as_str)
             .to_string();
         Self {
             production_id: p.production_id,
@@ -127,17 +126,10 @@ async fn list(State(api): State<StatusApi>, Query(q): Query<ListQuery>) -> Respo
     let state = if q.state.is_empty() {
         pb::ProductionState::Unspecified
     } else {
-        let name = format!("PRODUCTION_STATE_{}", q.state.to_ascii_uppercase());
-        match pb::ProductionState::from_str_name(&name) {
-            Some(state) => state,
-            None => {
-                return (
-                    StatusCode::BAD_REQUEST,
-                    Json(serde_json::json!({
-                        "error": format!("state: unknown production state {:?}", q.state)
-                    })),
-                )
-                    .into_response();
+        match q.state.to_ascii_uppercase().parse::<ProductionState>() {
+            Ok(state) => state.to_proto(),
+            Err(error) => {
+                return problem(tonic::Status::invalid_argument(format!("state: {error}")));
             }
         }
     };
