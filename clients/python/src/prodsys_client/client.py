@@ -1,0 +1,292 @@
+"""A connection to a prodsys deployment: intake, status and catalog over gRPC."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any, Union
+
+import grpc
+
+from .errors import NotFound, Timeout, from_rpc_error
+from .models import (
+    OutputFile,
+    Production,
+    ProductionRecord,
+    Profile,
+    Request,
+    Submission,
+    Validation,
+)
+from .v1 import (
+    catalog_pb2,
+    catalog_pb2_grpc,
+    common_pb2,
+    request_pb2,
+    request_pb2_grpc,
+    status_pb2,
+    status_pb2_grpc,
+)
+
+# The local stack's ports (deploy/prodsys.toml); PRODSYS_*_URL override them, as for prodctl.
+DEFAULT_INTAKE = "127.0.0.1:50051"
+DEFAULT_STATUS = "127.0.0.1:50052"
+DEFAULT_CATALOG = "127.0.0.1:50053"
+
+# The keys of a request file, as prodctl reads it.
+REQUEST_KEYS = frozenset(
+    {
+        "profile",
+        "vo",
+        "backend",
+        "submitter",
+        "idempotency_key",
+        "extend",
+        "reuse_existing",
+        "priority",
+        "parameters",
+    }
+)
+
+RequestLike = Union[Mapping[str, Any], str, os.PathLike]
+
+# Between two looks while waiting for something that has not happened yet.
+POLL_SECONDS = 0.2
+
+
+def request_message(request: RequestLike, **overrides: Any) -> request_pb2.SubmitRequestRequest:
+    """A SubmitRequestRequest from a request dict or JSON file (prodctl's format:
+    profile, vo, parameters, and optionally backend, submitter, idempotency_key,
+    extend, reuse_existing, priority); `overrides` replace top-level keys."""
+    if isinstance(request, (str, os.PathLike)):
+        path = Path(request)
+        try:
+            request = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} is not a request file: {error}") from None
+    if not isinstance(request, Mapping):
+        raise TypeError(f"a request is a dict or a JSON file, not {type(request).__name__}")
+    fields = {**request, **{k: v for k, v in overrides.items() if v is not None}}
+    unknown = sorted(fields.keys() - REQUEST_KEYS)
+    if unknown:
+        raise ValueError(f"unknown request key(s) {unknown}; expected {sorted(REQUEST_KEYS)}")
+    missing = sorted({"profile", "vo", "parameters"} - fields.keys())
+    if missing:
+        raise ValueError(f"the request lacks {missing}")
+    parameters = fields.pop("parameters")
+    return request_pb2.SubmitRequestRequest(parameters_json=json.dumps(parameters), **fields)
+
+
+def _channel(address: str) -> grpc.Channel:
+    """A channel to `host:port`, `http://host:port` or (TLS) `https://host:port`."""
+    if address.startswith("https://"):
+        target = address.removeprefix("https://").rstrip("/")
+        return grpc.secure_channel(target, grpc.ssl_channel_credentials())
+    return grpc.insecure_channel(address.removeprefix("http://").rstrip("/"))
+
+
+class Client:
+    """The intake (RequestService), status (StatusService) and catalog
+    (CatalogService) of one deployment.
+
+    Addresses are ``host:port`` (or ``http://``/``https://`` URLs); each
+    defaults to ``$PRODSYS_INTAKE_URL``, ``$PRODSYS_STATUS_URL``,
+    ``$PRODSYS_CATALOG_URL``, else the local stack's ports. `timeout` bounds
+    each call, in seconds. Failed calls raise ``ProdsysError`` or a subclass:
+    ``InvalidRequest`` (with ``.violations``), ``NotFound``, ``Conflict``,
+    ``Timeout``.
+    """
+
+    def __init__(
+        self,
+        intake: str | None = None,
+        status: str | None = None,
+        catalog: str | None = None,
+        *,
+        timeout: float = 30.0,
+    ):
+        self.intake_address = intake or os.environ.get("PRODSYS_INTAKE_URL") or DEFAULT_INTAKE
+        self.status_address = status or os.environ.get("PRODSYS_STATUS_URL") or DEFAULT_STATUS
+        self.catalog_address = catalog or os.environ.get("PRODSYS_CATALOG_URL") or DEFAULT_CATALOG
+        self.timeout = timeout
+        self._channels = [
+            _channel(a) for a in (self.intake_address, self.status_address, self.catalog_address)
+        ]
+        self._intake = request_pb2_grpc.RequestServiceStub(self._channels[0])
+        self._status = status_pb2_grpc.StatusServiceStub(self._channels[1])
+        self._catalog = catalog_pb2_grpc.CatalogServiceStub(self._channels[2])
+
+    def close(self) -> None:
+        for channel in self._channels:
+            channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"Client(intake={self.intake_address!r}, status={self.status_address!r}, "
+            f"catalog={self.catalog_address!r})"
+        )
+
+    def _call(self, method, message, timeout: float | None = None):
+        try:
+            return method(message, timeout=self.timeout if timeout is None else timeout)
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+
+    # Requests (intake)
+
+    def submit(self, request: RequestLike, **overrides: Any) -> Submission:
+        """Submits a request (a dict or a JSON file in prodctl's format); keyword
+        arguments replace its top-level keys (``idempotency_key="nb-1"``,
+        ``extend=True``, ``priority=10``, …). The checker decides it
+        asynchronously: follow it with ``wait_for_decision``. A request with bad
+        fields raises ``InvalidRequest`` at once."""
+        answer = self._call(self._intake.SubmitRequest, request_message(request, **overrides))
+        return Submission(answer.request_id, answer.replayed)
+
+    def validate(self, request: RequestLike, **overrides: Any) -> Validation:
+        """Dry run: violations, fingerprint, duplicate, overlaps, job plan and
+        resource estimate. Nothing is stored."""
+        return Validation.from_pb(
+            self._call(self._intake.ValidateRequest, request_message(request, **overrides))
+        )
+
+    def request(self, request_id: str) -> Request:
+        """Where a request stands now: RECEIVED, ACCEPTED or REJECTED."""
+        message = request_pb2.GetRequestRequest(request_id=request_id)
+        return Request.from_pb(self._call(self._intake.GetRequest, message))
+
+    def wait_for_decision(self, request_id: str, timeout: float = 60.0) -> Request:
+        """Waits until the checker has accepted or rejected the request."""
+        deadline = time.monotonic() + timeout
+        while True:
+            request = self.request(request_id)
+            if request.decided:
+                return request
+            if time.monotonic() > deadline:
+                raise Timeout(f"request {request_id} was not decided within {timeout} s")
+            time.sleep(POLL_SECONDS)
+
+    def cancel(self, production_id: str, reason: str = "") -> bool:
+        """Stops a production: its jobs are killed and it ends CANCELLED (follow it
+        with ``watch``). True when the cancellation is on its way."""
+        message = request_pb2.CancelProductionRequest(production_id=production_id, reason=reason)
+        return self._call(self._intake.CancelProduction, message).accepted
+
+    def profiles(self) -> list[Profile]:
+        """The kinds of production this deployment accepts."""
+        answer = self._call(self._intake.ListProfiles, request_pb2.ListProfilesRequest())
+        return [Profile.from_pb(p) for p in answer.profiles]
+
+    # Productions (status)
+
+    def production(self, production_id: str) -> Production:
+        """A production's state and job counts now."""
+        message = status_pb2.GetProductionRequest(production_id=production_id)
+        return Production.from_pb(self._call(self._status.GetProduction, message))
+
+    def productions(
+        self,
+        vo: str | None = None,
+        state: str | None = None,
+        profile: str | None = None,
+        page_size: int = 500,
+    ) -> list[Production]:
+        """Every production matching the filters (all pages); `state` is a name
+        such as ``"RUNNING"``."""
+        state_value = 0
+        if state:
+            try:
+                state_value = common_pb2.ProductionState.Value(f"PRODUCTION_STATE_{state.upper()}")
+            except ValueError:
+                raise ValueError(f"no production state {state!r}") from None
+        productions, token = [], ""
+        while True:
+            message = status_pb2.ListProductionsRequest(
+                vo=vo or "",
+                state=state_value,
+                profile=profile or "",
+                page_size=page_size,
+                page_token=token,
+            )
+            page = self._call(self._status.ListProductions, message)
+            productions += [Production.from_pb(p) for p in page.productions]
+            if not page.next_page_token:
+                return productions
+            token = page.next_page_token
+
+    def watch(self, production_id: str, timeout: float = 3600.0) -> Iterator[Production]:
+        """Snapshots of a production, now and after every change, ending after a
+        terminal state (COMPLETED, PARTIALLY_COMPLETED, FAILED, CANCELLED).
+        A production just accepted that the status service does not know yet
+        is waited for. Raises ``Timeout`` when it has not finished in `timeout`
+        seconds."""
+        deadline = time.monotonic() + timeout
+        message = status_pb2.GetProductionRequest(production_id=production_id)
+        while True:
+            stream = self._status.WatchProduction(
+                message, timeout=max(deadline - time.monotonic(), 0.001)
+            )
+            seen = False
+            try:
+                for snapshot in stream:
+                    seen = True
+                    yield Production.from_pb(snapshot)
+                return
+            except grpc.RpcError as error:
+                unknown_yet = error.code() == grpc.StatusCode.NOT_FOUND and not seen
+                if not unknown_yet or time.monotonic() > deadline:
+                    raise from_rpc_error(error) from None
+            finally:
+                # Also when the caller stops iterating early.
+                stream.cancel()
+            time.sleep(POLL_SECONDS)
+
+    # Outputs (catalog)
+
+    def files(
+        self,
+        production_id: str = "",
+        metadata: Mapping[str, str] | None = None,
+        page_size: int = 1000,
+    ) -> list[OutputFile]:
+        """Every catalogued file of a production (all pages), optionally only
+        those whose metadata has every given pair (``{"run_number": "2"}``)."""
+        files, token = [], ""
+        while True:
+            message = catalog_pb2.FindFilesRequest(
+                production_id=production_id,
+                metadata={k: str(v) for k, v in (metadata or {}).items()},
+                page_size=page_size,
+                page_token=token,
+            )
+            page = self._call(self._catalog.FindFiles, message)
+            files += [OutputFile.from_pb(f) for f in page.files]
+            if not page.next_page_token:
+                return files
+            token = page.next_page_token
+
+    def production_record(self, production_id: str, wait: float = 0.0) -> ProductionRecord:
+        """The catalog's record of a finished production, written once every file
+        it reported is registered. Raises ``NotFound`` before that; `wait` seconds
+        waits for it (the catalog may be a moment behind the status service)."""
+        deadline = time.monotonic() + wait
+        message = catalog_pb2.GetProductionRecordRequest(production_id=production_id)
+        while True:
+            try:
+                return ProductionRecord.from_pb(
+                    self._call(self._catalog.GetProductionRecord, message)
+                )
+            except NotFound:
+                if time.monotonic() > deadline:
+                    raise
+            time.sleep(POLL_SECONDS)
+

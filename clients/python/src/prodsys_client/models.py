@@ -1,0 +1,280 @@
+"""What the services answer, as plain dataclasses.
+
+States are the plain names (``"ACCEPTED"``, ``"RUNNING"``, ``"COMPLETED"``),
+times are timezone-aware ``datetime``s, and an ID that is not set yet is
+``None``. ``dataclasses.asdict`` turns any of them into a dict, and pandas takes
+a list of them as it is: ``pandas.DataFrame(client.files("CTA-000001"))``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from .errors import Violation
+from .v1 import catalog_pb2, common_pb2, request_pb2, status_pb2
+
+# Productions in these states never change again.
+TERMINAL_STATES = frozenset(
+    {"REJECTED", "COMPLETED", "PARTIALLY_COMPLETED", "FAILED", "CANCELLED"}
+)
+
+
+def _state(enum, value: int, prefix: str) -> str:
+    return enum.Name(value).removeprefix(prefix)
+
+
+def production_state(value: int) -> str:
+    return _state(common_pb2.ProductionState, value, "PRODUCTION_STATE_")
+
+
+def _time(unix_ms: int) -> datetime | None:
+    return datetime.fromtimestamp(unix_ms / 1000, tz=timezone.utc) if unix_ms else None
+
+
+def _violations(message) -> list[Violation]:
+    return [Violation(v.field, v.description) for v in message.violations]
+
+
+@dataclass(frozen=True)
+class Submission:
+    """Intake's answer to a submission: the request is stored and being checked."""
+
+    request_id: str
+    # True when the idempotency key had been seen: this is the earlier request.
+    replayed: bool
+
+
+@dataclass(frozen=True)
+class Request:
+    """Where a request stands: RECEIVED (being checked), ACCEPTED or REJECTED."""
+
+    request_id: str
+    state: str
+    profile: str
+    vo: str
+    backend: str
+    parameters: dict[str, Any]
+    # Set once accepted.
+    production_id: str | None
+    # Set when rejected as a duplicate of this production (or, with
+    # reuse_existing, accepted as it).
+    existing_production_id: str | None
+    # Why it was rejected.
+    violations: list[Violation]
+    created: datetime | None
+
+    @property
+    def decided(self) -> bool:
+        return self.state in ("ACCEPTED", "REJECTED")
+
+    @property
+    def accepted(self) -> bool:
+        return self.state == "ACCEPTED"
+
+    @classmethod
+    def from_pb(cls, r: request_pb2.Request) -> Request:
+        return cls(
+            request_id=r.request_id,
+            state=_state(request_pb2.RequestState, r.state, "REQUEST_STATE_"),
+            profile=r.profile,
+            vo=r.vo,
+            backend=r.backend,
+            parameters=json.loads(r.parameters_json or "{}"),
+            production_id=r.production_id or None,
+            existing_production_id=r.existing_production_id or None,
+            violations=_violations(r),
+            created=_time(r.created_unix_ms),
+        )
+
+
+@dataclass(frozen=True)
+class Overlap:
+    production_id: str
+    description: str
+
+
+@dataclass(frozen=True)
+class JobPlan:
+    jobs: int
+    units_per_job: int
+    total_units: int
+    first_run: int
+    last_run: int
+
+    @classmethod
+    def from_pb(cls, p: request_pb2.JobPlan) -> JobPlan:
+        return cls(p.jobs, p.units_per_job, p.total_units, p.first_run, p.last_run)
+
+
+@dataclass(frozen=True)
+class ResourceEstimate:
+    """What the jobs are expected to need, from the profile's resource model."""
+
+    cpu_seconds_per_job: float
+    cpu_hours_total: float
+    memory_mb: int
+    disk_mb_per_job: float
+    disk_gb_total: float
+
+    @classmethod
+    def from_pb(cls, e: request_pb2.ResourceEstimate) -> ResourceEstimate:
+        return cls(
+            e.cpu_seconds_per_job,
+            e.cpu_hours_total,
+            e.memory_mb,
+            e.disk_mb_per_job,
+            e.disk_gb_total,
+        )
+
+
+@dataclass(frozen=True)
+class Validation:
+    """A dry run: what the checker would decide now. Nothing is stored."""
+
+    acceptable: bool
+    violations: list[Violation]
+    # SHA-256 of the canonical identity parameters.
+    fingerprint: str
+    # The production this request duplicates exactly, if any.
+    existing_production_id: str | None
+    overlaps: list[Overlap]
+    plan: JobPlan | None
+    estimate: ResourceEstimate | None
+
+    @classmethod
+    def from_pb(cls, v: request_pb2.Validation) -> Validation:
+        return cls(
+            acceptable=v.acceptable,
+            violations=_violations(v),
+            fingerprint=v.fingerprint,
+            existing_production_id=v.existing_production_id or None,
+            overlaps=[Overlap(o.production_id, o.description) for o in v.overlaps],
+            plan=JobPlan.from_pb(v.plan) if v.HasField("plan") else None,
+            estimate=ResourceEstimate.from_pb(v.estimate) if v.HasField("estimate") else None,
+        )
+
+
+@dataclass(frozen=True)
+class JobCounts:
+    """Jobs in each state; they always sum to the production's job total."""
+
+    created: int = 0
+    submitted: int = 0
+    queued: int = 0
+    running: int = 0
+    done: int = 0
+    failed: int = 0
+    cancelled: int = 0
+    exhausted: int = 0
+
+    @classmethod
+    def from_pb(cls, c: common_pb2.JobCounts) -> JobCounts:
+        return cls(
+            c.created, c.submitted, c.queued, c.running, c.done, c.failed, c.cancelled, c.exhausted
+        )
+
+
+@dataclass(frozen=True)
+class Production:
+    """A production as the status service sees it."""
+
+    production_id: str
+    request_id: str
+    profile: str
+    vo: str
+    backend: str
+    state: str
+    job_total: int
+    counts: JobCounts
+    estimate: ResourceEstimate | None
+    # Why its jobs are not moving, while its WMS installation is failing.
+    held_reason: str | None
+    updated: datetime | None
+
+    @property
+    def finished(self) -> bool:
+        return self.state in TERMINAL_STATES
+
+    @classmethod
+    def from_pb(cls, p: status_pb2.Production) -> Production:
+        return cls(
+            production_id=p.production_id,
+            request_id=p.request_id,
+            profile=p.profile,
+            vo=p.vo,
+            backend=p.backend,
+            state=production_state(p.state),
+            job_total=p.job_total,
+            counts=JobCounts.from_pb(p.counts),
+            estimate=ResourceEstimate.from_pb(p.estimate) if p.HasField("estimate") else None,
+            held_reason=p.held_reason or None,
+            updated=_time(p.updated_unix_ms),
+        )
+
+
+@dataclass(frozen=True)
+class OutputFile:
+    """An output file as catalogued."""
+
+    lfn: str
+    size: int
+    # adler32 as 8 lowercase hex digits, as DIRAC and Rucio write it.
+    adler32: str
+    url: str
+    production_id: str
+    job_index: int
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_pb(cls, f: common_pb2.OutputFile) -> OutputFile:
+        return cls(f.lfn, f.size, f.adler32, f.url, f.production_id, f.job_index, dict(f.metadata))
+
+
+@dataclass(frozen=True)
+class ProductionRecord:
+    """The catalog's record of a finished production, once all its files are registered."""
+
+    production_id: str
+    state: str
+    file_count: int
+    total_bytes: int
+    completed: datetime | None
+
+    @classmethod
+    def from_pb(cls, r: catalog_pb2.ProductionRecord) -> ProductionRecord:
+        return cls(
+            production_id=r.production_id,
+            state=production_state(r.state),
+            file_count=r.file_count,
+            total_bytes=r.total_bytes,
+            completed=_time(r.completed_unix_ms),
+        )
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A kind of production the deployment accepts."""
+
+    name: str
+    description: str
+    # Virtual organisations allowed to use it; empty means any.
+    vos: list[str]
+    id_prefix: str
+    # The parameters that define "the same simulation".
+    identity: list[str]
+    # The JSON Schema of the parameters.
+    parameters_schema: dict[str, Any]
+
+    @classmethod
+    def from_pb(cls, p: request_pb2.ProfileInfo) -> Profile:
+        return cls(
+            name=p.name,
+            description=p.description,
+            vos=list(p.vos),
+            id_prefix=p.id_prefix,
+            identity=list(p.identity),
+            parameters_schema=json.loads(p.parameters_schema_json or "{}"),
+        )

@@ -1,0 +1,189 @@
+//! The Python client package (clients/python) as a notebook uses it, against
+//! a whole stack; and its committed gRPC stubs against the protos.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::process::Output;
+use std::time::Duration;
+
+use prodsys::Service;
+use prodsys_proto as pb;
+use support::{spawn_app_with, use_test_profiles};
+
+/// Runs `python3 ARGS` with this tree's client package first on the path, so
+/// the code under test is the checkout's whatever copy is installed.
+async fn python(args: &[String], timeout: Duration) -> Output {
+    let root = prodsys_testkit::repo_root();
+    let mut path = vec![root.join("clients/python/src")];
+    if let Some(existing) = std::env::var_os("PYTHONPATH") {
+        path.extend(std::env::split_paths(&existing));
+    }
+    let mut command = tokio::process::Command::new("python3");
+    command
+        .args(args)
+        .current_dir(&root)
+        .env("PYTHONPATH", std::env::join_paths(path).unwrap())
+        .kill_on_drop(true);
+    tokio::time::timeout(timeout, command.output())
+        .await
+        .unwrap_or_else(|_| panic!("python3 {args:?} still running after {timeout:?}"))
+        .expect("python3 runs (deploy/local/test installs clients/python/requirements-dev.txt)")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_notebook_submits_follows_and_finds_files_with_the_python_client() {
+    let app = spawn_app_with(use_test_profiles).await;
+    let root = prodsys_testkit::repo_root();
+    let addr = |service| app.stack.addr(service).unwrap().to_string();
+    let args = vec![
+        root.join("clients/python/tests/against_stack.py")
+            .display()
+            .to_string(),
+        addr(Service::Intake),
+        addr(Service::Status),
+        addr(Service::Catalog),
+        root.join("examples/cta-irf-mc.json").display().to_string(),
+    ];
+    let output = python(&args, Duration::from_secs(300)).await;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "the Python session failed: {stderr}"
+    );
+    let seen: serde_json::Value = serde_json::from_slice(&output.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&output.stdout)));
+
+    // Accepted, with the first ID of the profile.
+    let production_id = seen["production_id"].as_str().unwrap();
+    assert_eq!(production_id, "CTA-000001");
+
+    // The second identical submission is stored and rejected as a duplicate,
+    // as intake itself reports it.
+    let duplicate = &seen["duplicate"];
+    assert_eq!(duplicate["state"], "REJECTED");
+    assert_eq!(duplicate["existing_production_id"], production_id);
+    let stored = app
+        .intake
+        .clone()
+        .get_request(pb::GetRequestRequest {
+            request_id: duplicate["request_id"].as_str().unwrap().into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(stored.state(), pb::RequestState::Rejected);
+    assert_eq!(stored.existing_production_id, production_id);
+    let reasons: Vec<String> = stored
+        .violations
+        .into_iter()
+        .map(|v| v.description)
+        .collect();
+    assert_eq!(duplicate["violations"][0][1], reasons[0].as_str());
+
+    // Bad parameters: an exception with each field and its reason.
+    let violations: Vec<(String, String)> = seen["violations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| (v[0].as_str().unwrap().into(), v[1].as_str().unwrap().into()))
+        .collect();
+    for (field, reason) in [
+        ("parameters.site", "required"),
+        (
+            "parameters.zenith_deg",
+            "\"twenty\" is not of type \"number\"",
+        ),
+        ("parameters.energy_min_tev", "less than energy_max_tev"),
+    ] {
+        assert!(
+            violations
+                .iter()
+                .any(|(f, r)| f == field && r.contains(reason)),
+            "({field}, {reason}) not in {violations:?}"
+        );
+    }
+    assert!(
+        seen["refusal"]
+            .as_str()
+            .unwrap()
+            .contains("parameters.site: "),
+        "{}",
+        seen["refusal"]
+    );
+    assert_eq!(seen["cancel_violations"][0][0], "production_id");
+    // Only the example, its duplicate, the keyed request and the one to
+    // cancel were stored: refusals never are.
+    assert_eq!(app.stored_requests().await, 4);
+
+    // Watched to COMPLETED: 4000 showers in jobs of 1000.
+    assert_eq!(seen["last"]["state"], "COMPLETED", "{}", seen["states"]);
+    assert_eq!(seen["last"]["job_total"], 4);
+    assert_eq!(seen["last"]["done"], 4);
+    assert_eq!(
+        app.production(production_id).await.unwrap().state(),
+        pb::ProductionState::Completed
+    );
+
+    // The catalog's files, as the client listed them: the same as the catalog holds.
+    let listed: BTreeSet<(String, u64, String)> = seen["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| {
+            (
+                f["lfn"].as_str().unwrap().into(),
+                f["size"].as_u64().unwrap(),
+                f["adler32"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    let catalogued: BTreeSet<(String, u64, String)> = app
+        .files(production_id)
+        .await
+        .into_iter()
+        .map(|f| (f.lfn, f.size, f.adler32))
+        .collect();
+    assert_eq!(listed.len(), 8, "two NSB levels per job: {listed:?}");
+    assert_eq!(listed, catalogued);
+    for (lfn, size, _) in &listed {
+        assert!(
+            lfn.starts_with(
+                "/vo.cta.in2p3.fr/MC/PROD6/LaPalma/gamma/sim_telarray/CTA-000001/Data/"
+            ),
+            "{lfn}"
+        );
+        assert!(*size > 0, "{lfn}");
+    }
+    assert_eq!(seen["record"]["state"], "COMPLETED");
+    assert_eq!(seen["record"]["file_count"], 8);
+
+    // Cancelled while running.
+    let cancelled = &seen["cancelled"];
+    let states = cancelled["states"].as_array().unwrap();
+    assert!(states.iter().any(|s| s == "RUNNING"), "{states:?}");
+    assert_eq!(states.last().unwrap(), "CANCELLED", "{states:?}");
+    assert_eq!(cancelled["counts"]["cancelled"], 2);
+    let sleeper = cancelled["production_id"].as_str().unwrap();
+    assert_eq!(
+        app.production(sleeper).await.unwrap().state(),
+        pb::ProductionState::Cancelled
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn the_python_clients_stubs_are_generated_from_the_current_protos() {
+    let script = prodsys_testkit::repo_root().join("clients/python/generate.py");
+    let output = python(
+        &[script.display().to_string(), "--check".into()],
+        Duration::from_secs(120),
+    )
+    .await;
+    assert!(
+        output.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
