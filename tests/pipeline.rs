@@ -621,6 +621,45 @@ async fn outputs_registered_from_elsewhere_count_as_existing() {
         .into_inner();
     assert_eq!(again.registered, 0);
 
+    // Many identities in one call (how the checker asks for a batch): the
+    // answers come in the order asked, and an empty one is refused by index.
+    let other: std::collections::HashMap<String, String> =
+        [("particle".to_string(), "proton".to_string())].into();
+    let many = catalog
+        .find_existing_many(pb::FindExistingManyRequest {
+            queries: vec![
+                pb::FindExistingRequest {
+                    metadata: other.clone(),
+                },
+                pb::FindExistingRequest {
+                    metadata: metadata.clone(),
+                },
+            ],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    assert_eq!(many.len(), 2);
+    assert_eq!(many[0].file_count, 0);
+    assert_eq!(many[1].file_count, 2);
+    assert_eq!(many[1].total_bytes, 1001 + 1002);
+    assert_eq!(many[1].production_ids, vec![String::new()]);
+    assert_eq!(many[1].example_lfns, vec![file(1).lfn, file(2).lfn]);
+    let status = catalog
+        .find_existing_many(pb::FindExistingManyRequest {
+            queries: vec![
+                pb::FindExistingRequest { metadata: other },
+                pb::FindExistingRequest::default(),
+            ],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        status.get_details_bad_request().unwrap().field_violations[0].field,
+        "queries[1].metadata"
+    );
+
     let dry = app
         .intake
         .clone()

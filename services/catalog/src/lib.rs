@@ -278,6 +278,52 @@ fn check_file(index: usize, f: &pb::OutputFile) -> Vec<Violation> {
     violations
 }
 
+/// Most identities one FindExistingMany call may ask about.
+const MAX_EXISTING_QUERIES: usize = 1000;
+
+impl CatalogApi {
+    /// What the catalog holds for each identity, in the order asked: one
+    /// statement for all of them.
+    async fn existing(
+        &self,
+        queries: &[pb::FindExistingRequest],
+    ) -> Result<Vec<pb::FindExistingResponse>, Status> {
+        if queries.is_empty() {
+            return Ok(Vec::new());
+        }
+        let filters = queries
+            .iter()
+            .map(|q| serde_json::to_string(&q.metadata))
+            .collect::<Result<Vec<String>, _>>()
+            .map_err(|e| ServiceError::Unexpected(e.into()))?;
+        let client = self.db.client().await.map_err(ServiceError::from)?;
+        let rows = client
+            .query_cached(
+                "SELECT q.n, s.* FROM unnest($1::text[]) WITH ORDINALITY AS q (filter, n)
+                 CROSS JOIN LATERAL (
+                     SELECT count(*), COALESCE(sum(size), 0)::bigint,
+                            COALESCE(array_agg(DISTINCT production_id), '{}'),
+                            (SELECT COALESCE(array_agg(lfn), '{}') FROM
+                                (SELECT lfn FROM files WHERE metadata @> q.filter::jsonb
+                                 ORDER BY lfn LIMIT 3) AS e)
+                     FROM files WHERE metadata @> q.filter::jsonb) AS s
+                 ORDER BY q.n",
+                &[&filters],
+            )
+            .await
+            .map_err(|e| ServiceError::Unexpected(e.into()))?;
+        Ok(rows
+            .iter()
+            .map(|row| pb::FindExistingResponse {
+                file_count: row.get::<_, i64>(1) as u64,
+                total_bytes: row.get::<_, i64>(2) as u64,
+                production_ids: row.get(3),
+                example_lfns: row.get(4),
+            })
+            .collect())
+    }
+}
+
 #[tonic::async_trait]
 impl pb::catalog_service_server::CatalogService for CatalogApi {
     #[tracing::instrument(skip_all, fields(production_id = %request.get_ref().production_id))]
@@ -347,26 +393,35 @@ impl pb::catalog_service_server::CatalogService for CatalogApi {
             )])
             .into());
         }
-        let filter =
-            serde_json::to_value(&r.metadata).map_err(|e| ServiceError::Unexpected(e.into()))?;
-        let client = self.db.client().await.map_err(ServiceError::from)?;
-        let summary = client
-            .query_one_cached(
-                "SELECT count(*), COALESCE(sum(size), 0)::bigint,
-                        COALESCE(array_agg(DISTINCT production_id), '{}'),
-                        (SELECT COALESCE(array_agg(lfn), '{}') FROM
-                            (SELECT lfn FROM files WHERE metadata @> $1 ORDER BY lfn LIMIT 3) AS e)
-                 FROM files WHERE metadata @> $1",
-                &[&filter],
-            )
-            .await
-            .map_err(|e| ServiceError::Unexpected(e.into()))?;
-        Ok(Response::new(pb::FindExistingResponse {
-            file_count: summary.get::<_, i64>(0) as u64,
-            total_bytes: summary.get::<_, i64>(1) as u64,
-            production_ids: summary.get(2),
-            example_lfns: summary.get(3),
-        }))
+        let mut found = self.existing(&[r]).await?;
+        Ok(Response::new(found.pop().unwrap_or_default()))
+    }
+
+    async fn find_existing_many(
+        &self,
+        request: Request<pb::FindExistingManyRequest>,
+    ) -> Result<Response<pb::FindExistingManyResponse>, Status> {
+        let queries = request.into_inner().queries;
+        let mut violations: Vec<Violation> = queries
+            .iter()
+            .enumerate()
+            .filter(|(_, q)| q.metadata.is_empty())
+            .map(|(i, _)| Violation::new(format!("queries[{i}].metadata"), "give at least one pair"))
+            .collect();
+        if queries.len() > MAX_EXISTING_QUERIES {
+            violations.push(Violation::new(
+                "queries",
+                format!(
+                    "{} queries; at most {MAX_EXISTING_QUERIES} in one call",
+                    queries.len()
+                ),
+            ));
+        }
+        if !violations.is_empty() {
+            return Err(ServiceError::Validation(violations).into());
+        }
+        let results = self.existing(&queries).await?;
+        Ok(Response::new(pb::FindExistingManyResponse { results }))
     }
 
     async fn register_files(

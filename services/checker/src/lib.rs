@@ -116,6 +116,9 @@ struct Checker {
     catalog: pb::catalog_service_client::CatalogServiceClient<tonic::transport::Channel>,
 }
 
+/// Most identities asked of the catalog in one call (its limit).
+const CATALOG_QUERIES_PER_CALL: usize = 1000;
+
 /// A production ID: the profile's prefix and a six-digit (or longer) number.
 pub fn production_id(prefix: &str, number: i64) -> String {
     format!("{prefix}-{number:06}")
@@ -280,21 +283,22 @@ impl Checker {
 
     /// Everything the checker knows about a prepared candidate, given the
     /// productions in its neighbourhood.
-    async fn evaluate<'p>(
+    fn evaluate<'p>(
         &self,
         prepared: Prepared<'p>,
         candidate: &Candidate<'_>,
         known: &Neighbourhood,
-    ) -> anyhow::Result<Evaluation<'p>> {
+        catalog: Option<&pb::FindExistingResponse>,
+    ) -> Evaluation<'p> {
         let Prepared {
             mut validation,
             checked,
         } = prepared;
         let Some((profile, parameters, base_fingerprint)) = checked else {
-            return Ok(Evaluation {
+            return Evaluation {
                 validation,
                 accepted: None,
-            });
+            };
         };
         let fingerprint = validation.fingerprint.clone();
         let mut violations: Vec<Violation> =
@@ -320,12 +324,11 @@ impl Checker {
                 });
             }
         }
-        if validation.existing_production_id.is_empty() {
-            let ids: Vec<String> = relatives.iter().map(|r| r.production_id.clone()).collect();
-            if let Some(v) = self
-                .existing_outputs(profile, &parameters, &ids, candidate.extend)
-                .await?
-            {
+        if validation.existing_production_id.is_empty()
+            && let Some(found) = catalog
+        {
+            let ids: Vec<&str> = relatives.iter().map(|r| r.production_id.as_str()).collect();
+            if let Some(v) = foreign_outputs(found, &ids) {
                 violations.push(v);
             }
         }
@@ -368,59 +371,61 @@ impl Checker {
             }),
             _ => None,
         };
-        Ok(Evaluation {
+        Evaluation {
             validation,
             accepted,
-        })
+        }
     }
 
-    /// Outputs of this simulation the catalog holds that no production of
-    /// this identity known here wrote: data made before prodsys or elsewhere.
-    async fn existing_outputs(
+    /// What the catalog holds of each prepared candidate's simulation, for
+    /// those that need asking (checked, not extending, with a catalog
+    /// identity): one call for the whole batch, made before the decisions
+    /// take the checker's lock.
+    async fn ask_catalog(
         &self,
-        profile: &Profile,
-        parameters: &serde_json::Value,
-        known: &[String],
-        extend: bool,
-    ) -> anyhow::Result<Option<Violation>> {
-        let metadata = profile.catalog_identity(parameters);
-        if metadata.is_empty() || extend {
-            return Ok(None);
-        }
-        let found = self
-            .catalog
-            .clone()
-            .find_existing(pb::FindExistingRequest {
+        prepared: &[Prepared<'_>],
+        candidates: &[Candidate<'_>],
+    ) -> anyhow::Result<Vec<Option<pb::FindExistingResponse>>> {
+        let mut asked = Vec::new();
+        let mut queries = Vec::new();
+        for (i, (p, c)) in prepared.iter().zip(candidates).enumerate() {
+            let Some((profile, parameters, _)) = &p.checked else {
+                continue;
+            };
+            let metadata = profile.catalog_identity(parameters);
+            if metadata.is_empty() || c.extend {
+                continue;
+            }
+            asked.push(i);
+            queries.push(pb::FindExistingRequest {
                 metadata: metadata.into_iter().collect(),
-            })
-            .await
-            .context("asking the catalog for existing outputs")?
-            .into_inner();
-        let foreign: Vec<&str> = found
-            .production_ids
-            .iter()
-            .filter(|p| !known.contains(p))
-            .map(|p| {
-                if p.is_empty() {
-                    "registered from elsewhere"
-                } else {
-                    p.as_str()
-                }
-            })
-            .collect();
-        if found.file_count == 0 || foreign.is_empty() {
-            return Ok(None);
+            });
         }
-        Ok(Some(Violation::new(
-            "parameters",
-            format!(
-                "outputs of this simulation already exist in the catalog: {} file(s), {} bytes ({}), e.g. {}; submit with extend to produce more",
-                found.file_count,
-                found.total_bytes,
-                foreign.join(", "),
-                found.example_lfns.join(", ")
-            ),
-        )))
+        let mut found: Vec<Option<pb::FindExistingResponse>> = vec![None; prepared.len()];
+        let mut answers = Vec::with_capacity(queries.len());
+        while !queries.is_empty() {
+            let rest = queries.split_off(queries.len().min(CATALOG_QUERIES_PER_CALL));
+            let chunk = std::mem::replace(&mut queries, rest);
+            let expected = chunk.len();
+            let results = self
+                .catalog
+                .clone()
+                .find_existing_many(pb::FindExistingManyRequest { queries: chunk })
+                .await
+                .context("asking the catalog for existing outputs")?
+                .into_inner()
+                .results;
+            anyhow::ensure!(
+                results.len() == expected,
+                "the catalog answered {} of {expected} queries",
+                results.len()
+            );
+            answers.extend(results);
+        }
+        for (i, answer) in asked.into_iter().zip(answers) {
+            found[i] = Some(answer);
+        }
+        Ok(found)
     }
 
     /// Decides a batch of requests inside `tx`, in order, each seeing the
@@ -431,19 +436,10 @@ impl Checker {
         &self,
         tx: &Transaction<'_>,
         requests: &[&pb::RequestReceived],
+        prepared: Vec<Prepared<'_>>,
+        catalog: Vec<Option<pb::FindExistingResponse>>,
     ) -> anyhow::Result<Vec<OutboxEvent>> {
-        let candidates: Vec<Candidate<'_>> = requests
-            .iter()
-            .map(|r| Candidate {
-                profile: &r.profile,
-                backend: &r.backend,
-                vo: &r.vo,
-                parameters_json: &r.parameters_json,
-                extend: r.extend,
-                reuse_existing: r.reuse_existing,
-            })
-            .collect();
-        let prepared: Vec<Prepared<'_>> = candidates.iter().map(|c| self.prepare(c)).collect();
+        let candidates: Vec<Candidate<'_>> = requests.iter().map(|r| candidate(r)).collect();
         let fingerprints: Vec<String> = prepared
             .iter()
             .filter(|p| p.checked.is_some())
@@ -456,8 +452,13 @@ impl Checker {
         let mut known = Neighbourhood::load(tx, &fingerprints, &bases).await?;
         // Verdicts first (IDs need the count per VO), then one write for all.
         let mut verdicts = Vec::with_capacity(requests.len());
-        for ((request, candidate), prepared) in requests.iter().zip(&candidates).zip(prepared) {
-            let evaluation = self.evaluate(prepared, candidate, &known).await?;
+        for (((request, candidate), prepared), catalog) in requests
+            .iter()
+            .zip(&candidates)
+            .zip(prepared)
+            .zip(&catalog)
+        {
+            let evaluation = self.evaluate(prepared, candidate, &known, catalog.as_ref());
             if let Some(accepted) = &evaluation.accepted
                 && evaluation.validation.existing_production_id.is_empty()
             {
@@ -574,6 +575,37 @@ impl Checker {
     }
 }
 
+/// A violation when the catalog holds outputs of this simulation that no
+/// production of this identity known here wrote: data made before prodsys
+/// or elsewhere.
+fn foreign_outputs(found: &pb::FindExistingResponse, known: &[&str]) -> Option<Violation> {
+        let foreign: Vec<&str> = found
+            .production_ids
+            .iter()
+            .filter(|p| !known.contains(&p.as_str()))
+            .map(|p| {
+                if p.is_empty() {
+                    "registered from elsewhere"
+                } else {
+                    p.as_str()
+                }
+            })
+            .collect();
+        if found.file_count == 0 || foreign.is_empty() {
+            return None;
+        }
+        Some(Violation::new(
+            "parameters",
+            format!(
+                "outputs of this simulation already exist in the catalog: {} file(s), {} bytes ({}), e.g. {}; submit with extend to produce more",
+                found.file_count,
+                found.total_bytes,
+                foreign.join(", "),
+                found.example_lfns.join(", ")
+            ),
+        ))
+}
+
 /// The ID a production accepted earlier in the same batch is known by until
 /// the sequence is read.
 fn placeholder(request_id: &str) -> String {
@@ -677,6 +709,13 @@ impl BatchHandler for Checker {
                 Err(reason) => outcomes.push(Outcome::DeadLetter(reason)),
             }
         }
+        // The checks that need nothing stored and the catalog's answers come
+        // before the transaction: the decisions hold the checker's lock for
+        // database work only. (A request delivered again is checked in vain.)
+        let candidates: Vec<Candidate<'_>> = requests.iter().map(|(_, r)| candidate(r)).collect();
+        let prepared: Vec<Prepared<'_>> = candidates.iter().map(|c| self.prepare(c)).collect();
+        let mut catalog = self.ask_catalog(&prepared, &candidates).await?;
+        let mut prepared: Vec<Option<Prepared<'_>>> = prepared.into_iter().map(Some).collect();
         let mut client = self.db.client().await?;
         let tx = client.transaction().await?;
         // Decisions see each other's productions; one checker at a time decides,
@@ -690,15 +729,34 @@ impl BatchHandler for Checker {
         let fresh = prodsys_db::claim(&tx, &ids).await?;
         let mut seen = HashSet::new();
         // A request delivered twice in one batch is decided once.
-        let fresh: Vec<&pb::RequestReceived> = requests
-            .iter()
-            .filter(|(id, _)| fresh.contains(id) && seen.insert(*id))
-            .map(|(_, request)| request)
-            .collect();
-        let events = self.decide(&tx, &fresh).await?;
+        let mut decided = Vec::new();
+        let mut decided_prepared = Vec::new();
+        let mut decided_catalog = Vec::new();
+        for (i, (id, request)) in requests.iter().enumerate() {
+            if fresh.contains(id) && seen.insert(*id) {
+                decided.push(request);
+                decided_prepared.push(prepared[i].take().expect("prepared once"));
+                decided_catalog.push(catalog[i].take());
+            }
+        }
+        let events = self
+            .decide(&tx, &decided, decided_prepared, decided_catalog)
+            .await?;
         prodsys_db::enqueue(&tx, &self.db.outbox_channel(), &events).await?;
         tx.commit().await?;
         Ok(outcomes)
+    }
+}
+
+/// What a request event asks the checker to decide.
+fn candidate(r: &pb::RequestReceived) -> Candidate<'_> {
+    Candidate {
+        profile: &r.profile,
+        backend: &r.backend,
+        vo: &r.vo,
+        parameters_json: &r.parameters_json,
+        extend: r.extend,
+        reuse_existing: r.reuse_existing,
     }
 }
 
@@ -723,6 +781,10 @@ impl pb::checker_service_server::CheckerService for Checker {
             reuse_existing: r.reuse_existing,
         };
         let prepared = self.prepare(&candidate);
+        let mut catalog = self
+            .ask_catalog(std::slice::from_ref(&prepared), std::slice::from_ref(&candidate))
+            .await
+            .map_err(ServiceError::from)?;
         let mut client = self.db.client().await.map_err(ServiceError::from)?;
         let tx = client
             .build_transaction()
@@ -740,10 +802,7 @@ impl pb::checker_service_server::CheckerService for Checker {
             .map_err(ServiceError::from)?,
             None => Neighbourhood::default(),
         };
-        let evaluation = self
-            .evaluate(prepared, &candidate, &known)
-            .await
-            .map_err(ServiceError::from)?;
+        let evaluation = self.evaluate(prepared, &candidate, &known, catalog[0].take().as_ref());
         Ok(Response::new(evaluation.validation))
     }
 }

@@ -118,6 +118,9 @@ impl Changes {
     }
 }
 
+/// The shortest time between the starts of two rounds of one scheduler.
+const MIN_ROUND_GAP: Duration = Duration::from_millis(50);
+
 /// Most in-flight jobs polled in one round.
 const POLL_BATCH: i64 = 10_000;
 
@@ -135,6 +138,7 @@ impl Scheduler {
         // once (so a restart announces the installation healthy again).
         let mut announced: Option<bool> = None;
         while !shutdown.is_cancelled() {
+            let round_started = tokio::time::Instant::now();
             let mut backend_failed = false;
             let mut last_error = String::new();
             if let Err(error) = self.reconcile().await {
@@ -221,6 +225,13 @@ impl Scheduler {
                 _ = changed.notified() => {}
                 _ = tokio::time::sleep(self.poll_interval) => {}
             }
+            // Rounds start at most every MIN_ROUND_GAP: while productions
+            // arrive in a stream, each wakes the scheduler, and one round
+            // takes in everything that arrived during the gap.
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tokio::time::sleep_until(round_started + MIN_ROUND_GAP) => {}
+            }
         }
     }
 
@@ -228,14 +239,20 @@ impl Scheduler {
     async fn in_flight(&self) -> anyhow::Result<Vec<String>> {
         let client = self.db.client().await?;
         let rows = client
-            .query(
+            .query_cached(
                 // In-flight jobs first, through their small partial index, whatever
-                // the size of the productions they belong to.
+                // the size of the productions they belong to; then each one's
+                // production by its key. A plain join lets the planner, before
+                // the tables are analysed, read every production of the
+                // installation to hash them (3 ms a round with a few thousand).
                 "WITH flying AS MATERIALIZED (
                      SELECT production_id, backend_job_id FROM jobs
                      WHERE state IN ('SUBMITTED', 'QUEUED', 'RUNNING') AND backend_job_id IS NOT NULL)
-                 SELECT f.backend_job_id FROM flying f JOIN productions p USING (production_id)
-                 WHERE p.backend = $1 LIMIT $2",
+                 SELECT f.backend_job_id FROM flying f
+                 CROSS JOIN LATERAL (
+                     SELECT 1 FROM productions p
+                     WHERE p.production_id = f.production_id AND p.backend = $1 LIMIT 1) p
+                 LIMIT $2",
                 &[&self.backend.name(), &POLL_BATCH],
             )
             .await?;

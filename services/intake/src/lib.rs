@@ -452,15 +452,56 @@ async fn write_group(db: &Db, group: Vec<(Submission, oneshot::Sender<Answer>)>)
 async fn store_group(db: &Db, submissions: &[Submission]) -> anyhow::Result<Vec<Answer>> {
     let mut client = db.client().await?;
     let tx = client.transaction().await.context("begin")?;
-    let mut answers = Vec::with_capacity(submissions.len());
+    let mut answers: Vec<Option<Answer>> = Vec::with_capacity(submissions.len());
     let mut events = Vec::new();
+    // Requests without an idempotency key cannot meet an earlier one: all of
+    // them go in with one statement. Those with a key, one by one below.
+    let mut keyless = KeylessRequests::default();
     for Submission {
         request,
         parameters,
         backend,
     } in submissions
     {
-        let key = (!request.idempotency_key.is_empty()).then_some(request.idempotency_key.as_str());
+        if !request.idempotency_key.is_empty() {
+            answers.push(None);
+            continue;
+        }
+        let request_id = Uuid::now_v7();
+        let new = NewRequest {
+            request_id,
+            idempotency_key: None,
+            profile: &request.profile,
+            vo: &request.vo,
+            parameters,
+            backend,
+            submitter: &request.submitter,
+            extend: request.extend,
+            reuse_existing: request.reuse_existing,
+            priority: request.priority,
+            correlation_id: None,
+            reply_to: None,
+            violations: &[],
+        };
+        events.push(received_event(&new));
+        keyless.push(&new);
+        tracing::info!(%request_id, profile = %request.profile, vo = %request.vo, "request received");
+        answers.push(Some(Ok(pb::SubmitRequestResponse {
+            request_id: request_id.to_string(),
+            replayed: false,
+        })));
+    }
+    keyless.insert(&tx).await?;
+    for (Submission {
+        request,
+        parameters,
+        backend,
+    }, answer) in submissions.iter().zip(answers.iter_mut())
+    {
+        if answer.is_some() {
+            continue;
+        }
+        let key = Some(request.idempotency_key.as_str());
         let new = NewRequest {
             request_id: Uuid::now_v7(),
             idempotency_key: key,
@@ -487,7 +528,7 @@ async fn store_group(db: &Db, submissions: &[Submission]) -> anyhow::Result<Vec<
                 .context("reading the earlier request")?;
             let (earlier_profile, earlier_parameters): (String, serde_json::Value) =
                 (row.get(1), row.get(2));
-            answers.push(
+            *answer = Some(
                 if earlier_profile != request.profile || earlier_parameters != *parameters {
                     Err(ServiceError::Conflict(format!(
                         "idempotency key {:?} was used for a different request ({})",
@@ -505,14 +546,72 @@ async fn store_group(db: &Db, submissions: &[Submission]) -> anyhow::Result<Vec<
         }
         events.push(received_event(&new));
         tracing::info!(request_id = %new.request_id, profile = %request.profile, vo = %request.vo, "request received");
-        answers.push(Ok(pb::SubmitRequestResponse {
+        *answer = Some(Ok(pb::SubmitRequestResponse {
             request_id: new.request_id.to_string(),
             replayed: false,
         }));
     }
     prodsys_db::enqueue(&tx, &db.outbox_channel(), &events).await?;
     tx.commit().await.context("commit")?;
-    Ok(answers)
+    Ok(answers
+        .into_iter()
+        .map(|a| a.expect("every submission answered"))
+        .collect())
+}
+
+/// Requests without an idempotency key, column by column for one insert.
+#[derive(Default)]
+struct KeylessRequests<'a> {
+    ids: Vec<Uuid>,
+    profiles: Vec<&'a str>,
+    vos: Vec<&'a str>,
+    parameters: Vec<&'a serde_json::Value>,
+    backends: Vec<&'a str>,
+    submitters: Vec<&'a str>,
+    extend: Vec<bool>,
+    reuse_existing: Vec<bool>,
+    priorities: Vec<i32>,
+}
+
+impl<'a> KeylessRequests<'a> {
+    fn push(&mut self, r: &NewRequest<'a>) {
+        self.ids.push(r.request_id);
+        self.profiles.push(r.profile);
+        self.vos.push(r.vo);
+        self.parameters.push(r.parameters);
+        self.backends.push(r.backend);
+        self.submitters.push(r.submitter);
+        self.extend.push(r.extend);
+        self.reuse_existing.push(r.reuse_existing);
+        self.priorities.push(r.priority);
+    }
+
+    async fn insert(&self, tx: &Transaction<'_>) -> anyhow::Result<()> {
+        if self.ids.is_empty() {
+            return Ok(());
+        }
+        tx.execute_cached(
+            "INSERT INTO requests (request_id, profile, vo, parameters, backend, submitter,
+                                   extend, reuse_existing, priority, state)
+             SELECT *, 'RECEIVED' FROM unnest($1::uuid[], $2::text[], $3::text[], $4::jsonb[],
+                                              $5::text[], $6::text[], $7::bool[], $8::bool[],
+                                              $9::int4[])",
+            &[
+                &self.ids,
+                &self.profiles,
+                &self.vos,
+                &self.parameters,
+                &self.backends,
+                &self.submitters,
+                &self.extend,
+                &self.reuse_existing,
+                &self.priorities,
+            ],
+        )
+        .await
+        .context("storing the requests")?;
+        Ok(())
+    }
 }
 
 /// A request to store, from gRPC or from an event.
@@ -614,6 +713,94 @@ fn reply(
     })
 }
 
+/// The checker's verdicts in one batch, column by column for one update.
+#[derive(Default)]
+struct Verdicts<'a> {
+    request_ids: Vec<Uuid>,
+    states: Vec<&'static str>,
+    production_ids: Vec<&'a str>,
+    existing: Vec<&'a str>,
+    violations: Vec<serde_json::Value>,
+    outcomes: Vec<&'static str>,
+    violation_lists: Vec<Vec<Violation>>,
+}
+
+impl<'a> Verdicts<'a> {
+    fn push(
+        &mut self,
+        request_id: &str,
+        outcome: &'static str,
+        production_id: &'a str,
+        existing: &'a str,
+        violations: Vec<Violation>,
+    ) -> anyhow::Result<()> {
+        self.request_ids
+            .push(Uuid::parse_str(request_id).context("request_id")?);
+        self.states.push(if outcome == "accepted" {
+            "ACCEPTED"
+        } else {
+            "REJECTED"
+        });
+        self.outcomes.push(outcome);
+        self.production_ids.push(production_id);
+        self.existing.push(existing);
+        self.violations.push(serde_json::to_value(&violations)?);
+        self.violation_lists.push(violations);
+        Ok(())
+    }
+
+    /// Records every verdict on a request still waiting for one, with one
+    /// statement; returns the answers owed to publishers that named a
+    /// `reply_to` queue.
+    async fn record(self, tx: &Transaction<'_>) -> anyhow::Result<Vec<prodsys_db::OutboxEvent>> {
+        if self.request_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows = tx
+            .query_cached(
+                "UPDATE requests r SET state = v.state, production_id = NULLIF(v.production_id, ''),
+                        violations = v.violations, existing_production_id = NULLIF(v.existing, ''),
+                        updated_at = now()
+                 FROM unnest($1::uuid[], $2::text[], $3::text[], $4::jsonb[], $5::text[])
+                      AS v (request_id, state, production_id, violations, existing)
+                 WHERE r.request_id = v.request_id AND r.state = 'RECEIVED'
+                 RETURNING r.request_id, r.reply_to, r.correlation_id",
+                &[
+                    &self.request_ids,
+                    &self.states,
+                    &self.production_ids,
+                    &self.violations,
+                    &self.existing,
+                ],
+            )
+            .await
+            .context("recording verdicts")?;
+        let mut replies = Vec::new();
+        for row in rows {
+            let (request_id, reply_to, correlation): (Uuid, Option<String>, Option<String>) =
+                (row.get(0), row.get(1), row.get(2));
+            let Some(queue) = reply_to else {
+                continue;
+            };
+            let i = self
+                .request_ids
+                .iter()
+                .position(|id| *id == request_id)
+                .expect("a row for a verdict asked for");
+            replies.push(reply(
+                &queue,
+                request_id,
+                &correlation.unwrap_or_default(),
+                self.outcomes[i],
+                self.production_ids[i],
+                self.existing[i],
+                &self.violation_lists[i],
+            )?);
+        }
+        Ok(replies)
+    }
+}
+
 /// Consumes the checker's verdicts and the requests other systems publish.
 struct IntakeConsumer {
     db: Db,
@@ -638,55 +825,6 @@ impl IntakeConsumer {
             REQUEST_REUSED => decode_event(incoming).map(|(id, m)| Work::Reused(id, m)),
             REQUEST_REJECTED => decode_event(incoming).map(|(id, m)| Work::Rejected(id, m)),
             other => Err(format!("intake does not handle {other:?}")),
-        }
-    }
-
-    /// Records a verdict; answers the publisher if the request came as an event with `reply_to`.
-    async fn record_verdict(
-        &self,
-        tx: &Transaction<'_>,
-        request_id: &str,
-        outcome: &str,
-        production_id: &str,
-        existing: &str,
-        violations: &[Violation],
-    ) -> anyhow::Result<Vec<prodsys_db::OutboxEvent>> {
-        let request_id = Uuid::parse_str(request_id).context("request_id")?;
-        let state = if outcome == "accepted" {
-            "ACCEPTED"
-        } else {
-            "REJECTED"
-        };
-        let row = tx
-            .query_opt_cached(
-                "UPDATE requests SET state = $2, production_id = NULLIF($3, ''), violations = $4,
-                        existing_production_id = NULLIF($5, ''), updated_at = now()
-                 WHERE request_id = $1 AND state = 'RECEIVED'
-                 RETURNING reply_to, correlation_id",
-                &[
-                    &request_id,
-                    &state,
-                    &production_id,
-                    &serde_json::to_value(violations)?,
-                    &existing,
-                ],
-            )
-            .await?;
-        let Some(row) = row else {
-            return Ok(Vec::new());
-        };
-        let (reply_to, correlation): (Option<String>, Option<String>) = (row.get(0), row.get(1));
-        match reply_to {
-            Some(queue) => Ok(vec![reply(
-                &queue,
-                request_id,
-                &correlation.unwrap_or_default(),
-                outcome,
-                production_id,
-                existing,
-                violations,
-            )?]),
-            None => Ok(Vec::new()),
         }
     }
 
@@ -776,55 +914,37 @@ impl BatchHandler for IntakeConsumer {
         // Taken once: the same event twice in one batch takes effect once.
         let mut fresh = prodsys_db::claim(&tx, &event_ids).await?;
         let mut events = Vec::new();
+        let mut verdicts = Verdicts::default();
         for w in &work {
             match w {
                 Work::Accepted(id, m) if fresh.remove(id) => {
-                    events.extend(
-                        self.record_verdict(
-                            &tx,
-                            &m.request_id,
-                            "accepted",
-                            &m.production_id,
-                            "",
-                            &[],
-                        )
-                        .await?,
-                    );
+                    verdicts.push(&m.request_id, "accepted", &m.production_id, "", Vec::new())?;
                 }
                 // Answered with the production that already is this simulation.
                 Work::Reused(id, m) if fresh.remove(id) => {
-                    events.extend(
-                        self.record_verdict(
-                            &tx,
-                            &m.request_id,
-                            "accepted",
-                            &m.production_id,
-                            &m.production_id,
-                            &[],
-                        )
-                        .await?,
-                    );
+                    verdicts.push(
+                        &m.request_id,
+                        "accepted",
+                        &m.production_id,
+                        &m.production_id,
+                        Vec::new(),
+                    )?;
                 }
                 Work::Rejected(id, m) if fresh.remove(id) => {
-                    let violations: Vec<Violation> =
-                        m.violations.iter().cloned().map(Into::into).collect();
-                    events.extend(
-                        self.record_verdict(
-                            &tx,
-                            &m.request_id,
-                            "rejected",
-                            "",
-                            &m.existing_production_id,
-                            &violations,
-                        )
-                        .await?,
-                    );
+                    verdicts.push(
+                        &m.request_id,
+                        "rejected",
+                        "",
+                        &m.existing_production_id,
+                        m.violations.iter().cloned().map(Into::into).collect(),
+                    )?;
                 }
                 // Events from outside are deduplicated by their own source and id.
                 Work::Submit(s) => events.extend(self.submit(&tx, s).await?),
                 _ => {}
             }
         }
+        events.extend(verdicts.record(&tx).await?);
         prodsys_db::enqueue(&tx, &self.db.outbox_channel(), &events).await?;
         tx.commit().await?;
         Ok(outcomes)

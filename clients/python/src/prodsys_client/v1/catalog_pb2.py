@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from prodsys_client.v1 import common_pb2 as prodsys_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18prodsys/v1/catalog.proto\x12\nprodsys.v1\x1a\x17prodsys/v1/common.proto\"\x87\x01\n\x13\x46indExistingRequest\x12?\n\x08metadata\x18\x01 \x03(\x0b\x32-.prodsys.v1.FindExistingRequest.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"m\n\x14\x46indExistingResponse\x12\x12\n\nfile_count\x18\x01 \x01(\x04\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x04\x12\x16\n\x0eproduction_ids\x18\x03 \x03(\t\x12\x14\n\x0c\x65xample_lfns\x18\x04 \x03(\t\"=\n\x14RegisterFilesRequest\x12%\n\x05\x66iles\x18\x01 \x03(\x0b\x32\x16.prodsys.v1.OutputFile\"+\n\x15RegisterFilesResponse\x12\x12\n\nregistered\x18\x01 \x01(\x04\"\xbf\x01\n\x10\x46indFilesRequest\x12\x15\n\rproduction_id\x18\x01 \x01(\t\x12<\n\x08metadata\x18\x02 \x03(\x0b\x32*.prodsys.v1.FindFilesRequest.MetadataEntry\x12\x11\n\tpage_size\x18\x03 \x01(\r\x12\x12\n\npage_token\x18\x04 \x01(\t\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"S\n\x11\x46indFilesResponse\x12%\n\x05\x66iles\x18\x01 \x03(\x0b\x32\x16.prodsys.v1.OutputFile\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"3\n\x1aGetProductionRecordRequest\x12\x15\n\rproduction_id\x18\x01 \x01(\t\"\x99\x01\n\x10ProductionRecord\x12\x15\n\rproduction_id\x18\x01 \x01(\t\x12*\n\x05state\x18\x02 \x01(\x0e\x32\x1b.prodsys.v1.ProductionState\x12\x12\n\nfile_count\x18\x03 \x01(\x04\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x04\x12\x19\n\x11\x63ompleted_unix_ms\x18\x05 \x01(\x03\x32\xe0\x02\n\x0e\x43\x61talogService\x12H\n\tFindFiles\x12\x1c.prodsys.v1.FindFilesRequest\x1a\x1d.prodsys.v1.FindFilesResponse\x12Q\n\x0c\x46indExisting\x12\x1f.prodsys.v1.FindExistingRequest\x1a .prodsys.v1.FindExistingResponse\x12[\n\x13GetProductionRecord\x12&.prodsys.v1.GetProductionRecordRequest\x1a\x1c.prodsys.v1.ProductionRecord\x12T\n\rRegisterFiles\x12 .prodsys.v1.RegisterFilesRequest\x1a!.prodsys.v1.RegisterFilesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18prodsys/v1/catalog.proto\x12\nprodsys.v1\x1a\x17prodsys/v1/common.proto\"\x87\x01\n\x13\x46indExistingRequest\x12?\n\x08metadata\x18\x01 \x03(\x0b\x32-.prodsys.v1.FindExistingRequest.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"m\n\x14\x46indExistingResponse\x12\x12\n\nfile_count\x18\x01 \x01(\x04\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x04\x12\x16\n\x0eproduction_ids\x18\x03 \x03(\t\x12\x14\n\x0c\x65xample_lfns\x18\x04 \x03(\t\"K\n\x17\x46indExistingManyRequest\x12\x30\n\x07queries\x18\x01 \x03(\x0b\x32\x1f.prodsys.v1.FindExistingRequest\"M\n\x18\x46indExistingManyResponse\x12\x31\n\x07results\x18\x01 \x03(\x0b\x32 .prodsys.v1.FindExistingResponse\"=\n\x14RegisterFilesRequest\x12%\n\x05\x66iles\x18\x01 \x03(\x0b\x32\x16.prodsys.v1.OutputFile\"+\n\x15RegisterFilesResponse\x12\x12\n\nregistered\x18\x01 \x01(\x04\"\xbf\x01\n\x10\x46indFilesRequest\x12\x15\n\rproduction_id\x18\x01 \x01(\t\x12<\n\x08metadata\x18\x02 \x03(\x0b\x32*.prodsys.v1.FindFilesRequest.MetadataEntry\x12\x11\n\tpage_size\x18\x03 \x01(\r\x12\x12\n\npage_token\x18\x04 \x01(\t\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"S\n\x11\x46indFilesResponse\x12%\n\x05\x66iles\x18\x01 \x03(\x0b\x32\x16.prodsys.v1.OutputFile\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"3\n\x1aGetProductionRecordRequest\x12\x15\n\rproduction_id\x18\x01 \x01(\t\"\x99\x01\n\x10ProductionRecord\x12\x15\n\rproduction_id\x18\x01 \x01(\t\x12*\n\x05state\x18\x02 \x01(\x0e\x32\x1b.prodsys.v1.ProductionState\x12\x12\n\nfile_count\x18\x03 \x01(\x04\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x04\x12\x19\n\x11\x63ompleted_unix_ms\x18\x05 \x01(\x03\x32\xbf\x03\n\x0e\x43\x61talogService\x12H\n\tFindFiles\x12\x1c.prodsys.v1.FindFilesRequest\x1a\x1d.prodsys.v1.FindFilesResponse\x12Q\n\x0c\x46indExisting\x12\x1f.prodsys.v1.FindExistingRequest\x1a .prodsys.v1.FindExistingResponse\x12]\n\x10\x46indExistingMany\x12#.prodsys.v1.FindExistingManyRequest\x1a$.prodsys.v1.FindExistingManyResponse\x12[\n\x13GetProductionRecord\x12&.prodsys.v1.GetProductionRecordRequest\x1a\x1c.prodsys.v1.ProductionRecord\x12T\n\rRegisterFiles\x12 .prodsys.v1.RegisterFilesRequest\x1a!.prodsys.v1.RegisterFilesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,20 +42,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FINDEXISTINGREQUEST_METADATAENTRY']._serialized_end=201
   _globals['_FINDEXISTINGRESPONSE']._serialized_start=203
   _globals['_FINDEXISTINGRESPONSE']._serialized_end=312
-  _globals['_REGISTERFILESREQUEST']._serialized_start=314
-  _globals['_REGISTERFILESREQUEST']._serialized_end=375
-  _globals['_REGISTERFILESRESPONSE']._serialized_start=377
-  _globals['_REGISTERFILESRESPONSE']._serialized_end=420
-  _globals['_FINDFILESREQUEST']._serialized_start=423
-  _globals['_FINDFILESREQUEST']._serialized_end=614
+  _globals['_FINDEXISTINGMANYREQUEST']._serialized_start=314
+  _globals['_FINDEXISTINGMANYREQUEST']._serialized_end=389
+  _globals['_FINDEXISTINGMANYRESPONSE']._serialized_start=391
+  _globals['_FINDEXISTINGMANYRESPONSE']._serialized_end=468
+  _globals['_REGISTERFILESREQUEST']._serialized_start=470
+  _globals['_REGISTERFILESREQUEST']._serialized_end=531
+  _globals['_REGISTERFILESRESPONSE']._serialized_start=533
+  _globals['_REGISTERFILESRESPONSE']._serialized_end=576
+  _globals['_FINDFILESREQUEST']._serialized_start=579
+  _globals['_FINDFILESREQUEST']._serialized_end=770
   _globals['_FINDFILESREQUEST_METADATAENTRY']._serialized_start=154
   _globals['_FINDFILESREQUEST_METADATAENTRY']._serialized_end=201
-  _globals['_FINDFILESRESPONSE']._serialized_start=616
-  _globals['_FINDFILESRESPONSE']._serialized_end=699
-  _globals['_GETPRODUCTIONRECORDREQUEST']._serialized_start=701
-  _globals['_GETPRODUCTIONRECORDREQUEST']._serialized_end=752
-  _globals['_PRODUCTIONRECORD']._serialized_start=755
-  _globals['_PRODUCTIONRECORD']._serialized_end=908
-  _globals['_CATALOGSERVICE']._serialized_start=911
-  _globals['_CATALOGSERVICE']._serialized_end=1263
+  _globals['_FINDFILESRESPONSE']._serialized_start=772
+  _globals['_FINDFILESRESPONSE']._serialized_end=855
+  _globals['_GETPRODUCTIONRECORDREQUEST']._serialized_start=857
+  _globals['_GETPRODUCTIONRECORDREQUEST']._serialized_end=908
+  _globals['_PRODUCTIONRECORD']._serialized_start=911
+  _globals['_PRODUCTIONRECORD']._serialized_end=1064
+  _globals['_CATALOGSERVICE']._serialized_start=1067
+  _globals['_CATALOGSERVICE']._serialized_end=1514
 # @@protoc_insertion_point(module_scope)

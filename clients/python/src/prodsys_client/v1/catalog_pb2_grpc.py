@@ -45,6 +45,11 @@ class CatalogServiceStub:
                 request_serializer=prodsys_dot_v1_dot_catalog__pb2.FindExistingRequest.SerializeToString,
                 response_deserializer=prodsys_dot_v1_dot_catalog__pb2.FindExistingResponse.FromString,
                 _registered_method=True)
+        self.FindExistingMany = channel.unary_unary(
+                '/prodsys.v1.CatalogService/FindExistingMany',
+                request_serializer=prodsys_dot_v1_dot_catalog__pb2.FindExistingManyRequest.SerializeToString,
+                response_deserializer=prodsys_dot_v1_dot_catalog__pb2.FindExistingManyResponse.FromString,
+                _registered_method=True)
         self.GetProductionRecord = channel.unary_unary(
                 '/prodsys.v1.CatalogService/GetProductionRecord',
                 request_serializer=prodsys_dot_v1_dot_catalog__pb2.GetProductionRecordRequest.SerializeToString,
@@ -70,6 +75,14 @@ class CatalogServiceServicer:
     def FindExisting(self, request, context):
         """Whether outputs matching a physics identity (as metadata) exist, from
         prodsys productions or registered from elsewhere.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FindExistingMany(self, request, context):
+        """FindExisting for many identities in one call (a checker deciding a
+        batch of requests), answered in the order asked; at most 1000.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -102,6 +115,11 @@ def add_CatalogServiceServicer_to_server(servicer, server):
                     servicer.FindExisting,
                     request_deserializer=prodsys_dot_v1_dot_catalog__pb2.FindExistingRequest.FromString,
                     response_serializer=prodsys_dot_v1_dot_catalog__pb2.FindExistingResponse.SerializeToString,
+            ),
+            'FindExistingMany': grpc.unary_unary_rpc_method_handler(
+                    servicer.FindExistingMany,
+                    request_deserializer=prodsys_dot_v1_dot_catalog__pb2.FindExistingManyRequest.FromString,
+                    response_serializer=prodsys_dot_v1_dot_catalog__pb2.FindExistingManyResponse.SerializeToString,
             ),
             'GetProductionRecord': grpc.unary_unary_rpc_method_handler(
                     servicer.GetProductionRecord,
@@ -169,6 +187,33 @@ class CatalogService:
             '/prodsys.v1.CatalogService/FindExisting',
             prodsys_dot_v1_dot_catalog__pb2.FindExistingRequest.SerializeToString,
             prodsys_dot_v1_dot_catalog__pb2.FindExistingResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FindExistingMany(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/prodsys.v1.CatalogService/FindExistingMany',
+            prodsys_dot_v1_dot_catalog__pb2.FindExistingManyRequest.SerializeToString,
+            prodsys_dot_v1_dot_catalog__pb2.FindExistingManyResponse.FromString,
             options,
             channel_credentials,
             insecure,
