@@ -64,7 +64,7 @@ pub struct Args {
     /// Seconds of sustained submission (default 60, smoke 5).
     #[arg(long)]
     pub submit_secs: Option<u64>,
-    /// Concurrent submitting clients (default 128, smoke 32).
+    /// Concurrent submitting clients of the sustained run (default 512, smoke 32).
     #[arg(long)]
     pub clients: Option<usize>,
     /// Offered load of the latency measurement, requests/s (default 200, smoke 50).
@@ -117,6 +117,8 @@ pub struct Results {
     pub service_rss_peak: BTreeMap<String, u64>,
     pub latency: Option<stack::LatencyResult>,
     pub submit: Option<stack::SubmitResult>,
+    /// Short closed-loop runs at growing numbers of requests in flight.
+    pub sweep: Vec<stack::SubmitResult>,
     pub status: Option<stack::StatusResult>,
     pub catalog: Option<stack::CatalogResult>,
     pub plan: Option<stack::PlanResult>,
@@ -174,7 +176,13 @@ fn plans(args: &Args) -> (raw::RawPlan, stack::StackPlan) {
         } else {
             60
         })),
-        submit_clients: args.clients.unwrap_or(if smoke { 32 } else { 128 }),
+        submit_clients: args.clients.unwrap_or(if smoke { 32 } else { 512 }),
+        sweep_clients: if smoke {
+            [2, 4, 8, 16, 32]
+        } else {
+            [64, 128, 256, 512, 1024]
+        },
+        sweep_duration: Duration::from_secs(if smoke { 1 } else { 10 }),
         latency_rate: args.rate.unwrap_or(if smoke { 50.0 } else { 200.0 }),
         latency_duration: Duration::from_secs(args.latency_secs.unwrap_or(if smoke {
             5
@@ -306,12 +314,39 @@ async fn run(args: &Args) -> anyhow::Result<Results> {
                 results.errors.push(format!("after latency: {e:#}"));
             }
         }
+        if wants(Scenario::Submit) {
+            for clients in stack_plan.sweep_clients {
+                if !check(&mut results) {
+                    break;
+                }
+                eprintln!(
+                    "prodsys: submit → ACCEPTED, {clients} requests in flight for {:?} …",
+                    stack_plan.sweep_duration
+                );
+                match bench.submit(clients, stack_plan.sweep_duration).await {
+                    Ok(r) => {
+                        eprintln!(
+                            "  {:.0} req/s accepted, p50 {:.0} ms",
+                            r.accepted_per_s, r.accept_p50_ms
+                        );
+                        results.sweep.push(r);
+                    }
+                    Err(e) => results.errors.push(format!("submit sweep: {e:#}")),
+                }
+                if let Err(e) = bench.quiesce(settle).await {
+                    results.errors.push(format!("after the submit sweep: {e:#}"));
+                }
+            }
+        }
         if wants(Scenario::Submit) && check(&mut results) {
             eprintln!(
                 "prodsys: submit → ACCEPTED, {} clients for {:?} …",
                 stack_plan.submit_clients, stack_plan.submit_duration
             );
-            match bench.submit(&stack_plan).await {
+            match bench
+                .submit(stack_plan.submit_clients, stack_plan.submit_duration)
+                .await
+            {
                 Ok(r) => {
                     eprintln!("  {:.0} req/s accepted", r.accepted_per_s);
                     results.submit = Some(r);

@@ -317,6 +317,22 @@ pub fn text(results: &Results) -> String {
             let _ = writeln!(out, "      target   : {}   → {}", row.target, row.verdict);
         }
     }
+    if !results.sweep.is_empty() {
+        let _ = writeln!(
+            out,
+            "\n  submit → ACCEPTED by requests in flight (short closed-loop runs):"
+        );
+        for r in &results.sweep {
+            let _ = writeln!(
+                out,
+                "      {:>5} in flight: {} req/s, p50 {}, p99 {}",
+                r.clients,
+                thousands(r.accepted_per_s),
+                ms(r.accept_p50_ms),
+                ms(r.accept_p99_ms)
+            );
+        }
+    }
     let _ = writeln!(
         out,
         "\n  where the CPU went (cores, of {}):",
@@ -411,6 +427,28 @@ fn cost(cpu: &sys::CpuUse, seconds: f64, items: f64, per: f64) -> String {
         each(cpu.bench),
         each(cpu.postgres),
         each(cpu.rabbitmq)
+    )
+}
+
+/// One line of the table of submit runs by requests in flight.
+fn sweep_row(r: &crate::stack::SubmitResult) -> String {
+    let accepted = r.accepted_in_window.max(1) as f64;
+    let each = |cores: f64| cores * r.seconds * 1000.0 / accepted;
+    let c = &r.load.cpu;
+    format!(
+        "| {} | {:.0} | {} | {} | {} | {:.2} | {:.2} ms (services {:.2}, bench clients {:.2}, PostgreSQL {:.2}, RabbitMQ {:.2}) | {:.1} |",
+        r.clients,
+        r.seconds,
+        thousands(r.accepted_per_s),
+        ms(r.accept_p50_ms),
+        ms(r.accept_p99_ms),
+        c.machine,
+        each(c.services_total() + c.bench + c.postgres + c.rabbitmq),
+        each(c.services_total()),
+        each(c.bench),
+        each(c.postgres),
+        each(c.rabbitmq),
+        r.load.commits as f64 / accepted
     )
 }
 
@@ -696,7 +734,13 @@ pub fn markdown(results: &Results) -> String {
         );
         let _ = writeln!(
             out,
-            "- **Submit → ACCEPTED**: {} client tasks over {} gRPC connections, each submitting and waiting for its ACCEPTED before the next, for {} s; the rate counts ACCEPTED events inside those seconds. **Latency**: open loop at {} req/s for {} s after {} s of warm-up, timed from each request's scheduled start (so a stall is not hidden) to its ACCEPTED event.",
+            "- **Submit → ACCEPTED**: first short runs of {} s at {} requests in flight, then the sustained run: {} client tasks over {} gRPC connections, each submitting and waiting for its ACCEPTED before the next, for {} s; the rate counts ACCEPTED events inside those seconds. **Latency**: open loop at {} req/s for {} s after {} s of warm-up, timed from each request's scheduled start (so a stall is not hidden) to its ACCEPTED event.",
+            p.sweep_duration.as_secs(),
+            p.sweep_clients
+                .iter()
+                .map(|c| c.to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
             p.submit_clients,
             4,
             p.submit_duration.as_secs(),
@@ -732,6 +776,22 @@ pub fn markdown(results: &Results) -> String {
         );
     }
     let _ = writeln!(out);
+    if !results.sweep.is_empty() {
+        let _ = writeln!(out, "### Submit → ACCEPTED by requests in flight\n");
+        let _ = writeln!(
+            out,
+            "Short closed-loop runs before the sustained one. Each stage takes what waits for it in one transaction, so more requests in flight make larger batches: less CPU per request, more throughput, longer waits.\n"
+        );
+        let _ = writeln!(
+            out,
+            "| requests in flight | seconds | accepted/s | ACCEPTED p50 | ACCEPTED p99 | cores busy | CPU per accepted request | transactions per request |"
+        );
+        let _ = writeln!(out, "|---|---|---|---|---|---|---|---|");
+        for r in &results.sweep {
+            let _ = writeln!(out, "{}", sweep_row(r));
+        }
+        let _ = writeln!(out);
+    }
     if !results.phases().is_empty() {
         let _ = writeln!(out, "### Where the CPU went (cores busy, of {})\n", m.cpus);
         let services = ORDER.map(|s| s.name());

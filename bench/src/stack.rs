@@ -100,6 +100,9 @@ impl Verdicts {
 pub struct StackPlan {
     pub submit_duration: Duration,
     pub submit_clients: usize,
+    /// Requests in flight of each short closed-loop run before the sustained one.
+    pub sweep_clients: [usize; 5],
+    pub sweep_duration: Duration,
     pub latency_rate: f64,
     pub latency_duration: Duration,
     pub latency_warmup: Duration,
@@ -614,12 +617,12 @@ impl Bench {
 
     /// Closed loop: `clients` tasks each submit, wait for ACCEPTED, and submit
     /// again, for `duration`; the rate is the ACCEPTED events inside it.
-    pub async fn submit(&self, plan: &StackPlan) -> anyhow::Result<SubmitResult> {
+    pub async fn submit(&self, clients: usize, duration: Duration) -> anyhow::Result<SubmitResult> {
         let sampler = self.sample().await?;
         let start = Instant::now();
-        let end = start + plan.submit_duration;
+        let end = start + duration;
         let mut tasks = Vec::new();
-        for _ in 0..plan.submit_clients {
+        for _ in 0..clients {
             let client = self.client();
             tasks.push(tokio::spawn(async move {
                 let mut done = Vec::new();
@@ -647,7 +650,7 @@ impl Bench {
             failed += failures;
         }
         let load = sampler.finish(&self.db).await;
-        let seconds = plan.submit_duration.as_secs_f64();
+        let seconds = duration.as_secs_f64();
         let accepted: Vec<&Done> = all.iter().filter(|d| d.accepted).collect();
         let in_window: Vec<Instant> = accepted
             .iter()
@@ -665,7 +668,7 @@ impl Bench {
         accept.sort_unstable();
         Ok(SubmitResult {
             stages: stages(&accepted),
-            clients: plan.submit_clients,
+            clients,
             seconds,
             submitted: all.len() as u64,
             accepted_in_window: in_window.len() as u64,

@@ -58,6 +58,17 @@ const MIGRATIONS: &[Migration] = &[
             CREATE INDEX productions_base ON productions (base_fingerprint);
         "#,
     },
+    Migration {
+        version: 3,
+        name: "fingerprints compared as bytes",
+        // Hex digests: byte order is their only order, and comparing bytes
+        // is cheaper than the database's collation in every index probe.
+        sql: r#"
+            ALTER TABLE productions
+                ALTER COLUMN fingerprint TYPE text COLLATE "C",
+                ALTER COLUMN base_fingerprint TYPE text COLLATE "C";
+        "#,
+    },
 ];
 
 pub async fn start(
