@@ -67,6 +67,10 @@ pub struct Args {
     /// Concurrent submitting clients of the sustained run (default 512, smoke 32).
     #[arg(long)]
     pub clients: Option<usize>,
+    /// Seconds of each short run at growing requests in flight before the
+    /// sustained one (default 10, smoke 1; 0 skips them).
+    #[arg(long)]
+    pub sweep_secs: Option<u64>,
     /// Offered load of the latency measurement, requests/s (default 200, smoke 50).
     #[arg(long)]
     pub rate: Option<f64>,
@@ -182,7 +186,7 @@ fn plans(args: &Args) -> (raw::RawPlan, stack::StackPlan) {
         } else {
             [64, 128, 256, 512, 1024]
         },
-        sweep_duration: Duration::from_secs(if smoke { 1 } else { 10 }),
+        sweep_duration: Duration::from_secs(args.sweep_secs.unwrap_or(if smoke { 1 } else { 10 })),
         latency_rate: args.rate.unwrap_or(if smoke { 50.0 } else { 200.0 }),
         latency_duration: Duration::from_secs(args.latency_secs.unwrap_or(if smoke {
             5
@@ -314,7 +318,7 @@ async fn run(args: &Args) -> anyhow::Result<Results> {
                 results.errors.push(format!("after latency: {e:#}"));
             }
         }
-        if wants(Scenario::Submit) {
+        if wants(Scenario::Submit) && !stack_plan.sweep_duration.is_zero() {
             for clients in stack_plan.sweep_clients {
                 if !check(&mut results) {
                     break;
@@ -343,10 +347,16 @@ async fn run(args: &Args) -> anyhow::Result<Results> {
                 "prodsys: submit → ACCEPTED, {} clients for {:?} …",
                 stack_plan.submit_clients, stack_plan.submit_duration
             );
-            match bench
+            if let Err(e) = bench.follow_received(false).await {
+                results.errors.push(format!("unbinding request.received: {e:#}"));
+            }
+            let sustained = bench
                 .submit(stack_plan.submit_clients, stack_plan.submit_duration)
-                .await
-            {
+                .await;
+            if let Err(e) = bench.follow_received(true).await {
+                results.errors.push(format!("binding request.received: {e:#}"));
+            }
+            match sustained {
                 Ok(r) => {
                     eprintln!("  {:.0} req/s accepted", r.accepted_per_s);
                     results.submit = Some(r);

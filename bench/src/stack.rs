@@ -441,6 +441,36 @@ impl Bench {
         ))
     }
 
+    /// Whether the bench's queue also takes `request.received` (to split the
+    /// time to ACCEPTED into stages). A client waiting for its verdict takes
+    /// only the verdicts; the sustained run does the same, so the broker
+    /// carries no delivery for the bench's own instruments.
+    pub async fn follow_received(&self, on: bool) -> anyhow::Result<()> {
+        let queue = format!("{}bench.verdicts", self.env.prefix);
+        let exchange = format!("{}prodsys.events", self.env.prefix);
+        if on {
+            self.publish
+                .queue_bind(
+                    queue.as_str().into(),
+                    exchange.as_str().into(),
+                    REQUEST_RECEIVED.into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+        } else {
+            self.publish
+                .queue_unbind(
+                    queue.as_str().into(),
+                    exchange.as_str().into(),
+                    REQUEST_RECEIVED.into(),
+                    FieldTable::default(),
+                )
+                .await?;
+        }
+        Ok(())
+    }
+
     /// Service processes that have exited since the last look, each with
     /// how it ended and the end of its log.
     pub fn exited_services(&self) -> Vec<String> {
