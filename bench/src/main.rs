@@ -338,7 +338,9 @@ async fn run(args: &Args) -> anyhow::Result<Results> {
                     Err(e) => results.errors.push(format!("submit sweep: {e:#}")),
                 }
                 if let Err(e) = bench.quiesce(settle).await {
-                    results.errors.push(format!("after the submit sweep: {e:#}"));
+                    results
+                        .errors
+                        .push(format!("after the submit sweep: {e:#}"));
                 }
             }
         }
@@ -348,13 +350,17 @@ async fn run(args: &Args) -> anyhow::Result<Results> {
                 stack_plan.submit_clients, stack_plan.submit_duration
             );
             if let Err(e) = bench.follow_received(false).await {
-                results.errors.push(format!("unbinding request.received: {e:#}"));
+                results
+                    .errors
+                    .push(format!("unbinding request.received: {e:#}"));
             }
             let sustained = bench
                 .submit(stack_plan.submit_clients, stack_plan.submit_duration)
                 .await;
             if let Err(e) = bench.follow_received(true).await {
-                results.errors.push(format!("binding request.received: {e:#}"));
+                results
+                    .errors
+                    .push(format!("binding request.received: {e:#}"));
             }
             match sustained {
                 Ok(r) => {

@@ -406,7 +406,9 @@ impl pb::catalog_service_server::CatalogService for CatalogApi {
             .iter()
             .enumerate()
             .filter(|(_, q)| q.metadata.is_empty())
-            .map(|(i, _)| Violation::new(format!("queries[{i}].metadata"), "give at least one pair"))
+            .map(|(i, _)| {
+                Violation::new(format!("queries[{i}].metadata"), "give at least one pair")
+            })
             .collect();
         if queries.len() > MAX_EXISTING_QUERIES {
             violations.push(Violation::new(

@@ -469,11 +469,8 @@ impl Checker {
         let mut known = Neighbourhood::load(tx, &fingerprints, &bases).await?;
         // Verdicts first (IDs need the count per VO), then one write for all.
         let mut verdicts = Vec::with_capacity(requests.len());
-        for (((request, candidate), prepared), catalog) in requests
-            .iter()
-            .zip(&candidates)
-            .zip(prepared)
-            .zip(&catalog)
+        for (((request, candidate), prepared), catalog) in
+            requests.iter().zip(&candidates).zip(prepared).zip(&catalog)
         {
             let evaluation = self.evaluate(prepared, candidate, &known, catalog.as_ref());
             if let Some(accepted) = &evaluation.accepted
@@ -596,31 +593,31 @@ impl Checker {
 /// production of this identity known here wrote: data made before prodsys
 /// or elsewhere.
 fn foreign_outputs(found: &pb::FindExistingResponse, known: &[&str]) -> Option<Violation> {
-        let foreign: Vec<&str> = found
-            .production_ids
-            .iter()
-            .filter(|p| !known.contains(&p.as_str()))
-            .map(|p| {
-                if p.is_empty() {
-                    "registered from elsewhere"
-                } else {
-                    p.as_str()
-                }
-            })
-            .collect();
-        if found.file_count == 0 || foreign.is_empty() {
-            return None;
-        }
-        Some(Violation::new(
-            "parameters",
-            format!(
-                "outputs of this simulation already exist in the catalog: {} file(s), {} bytes ({}), e.g. {}; submit with extend to produce more",
-                found.file_count,
-                found.total_bytes,
-                foreign.join(", "),
-                found.example_lfns.join(", ")
-            ),
-        ))
+    let foreign: Vec<&str> = found
+        .production_ids
+        .iter()
+        .filter(|p| !known.contains(&p.as_str()))
+        .map(|p| {
+            if p.is_empty() {
+                "registered from elsewhere"
+            } else {
+                p.as_str()
+            }
+        })
+        .collect();
+    if found.file_count == 0 || foreign.is_empty() {
+        return None;
+    }
+    Some(Violation::new(
+        "parameters",
+        format!(
+            "outputs of this simulation already exist in the catalog: {} file(s), {} bytes ({}), e.g. {}; submit with extend to produce more",
+            found.file_count,
+            found.total_bytes,
+            foreign.join(", "),
+            found.example_lfns.join(", ")
+        ),
+    ))
 }
 
 /// The ID a production accepted earlier in the same batch is known by until
@@ -799,7 +796,10 @@ impl pb::checker_service_server::CheckerService for Checker {
         };
         let prepared = self.prepare(&candidate);
         let mut catalog = self
-            .ask_catalog(std::slice::from_ref(&prepared), std::slice::from_ref(&candidate))
+            .ask_catalog(
+                std::slice::from_ref(&prepared),
+                std::slice::from_ref(&candidate),
+            )
             .await
             .map_err(ServiceError::from)?;
         let mut client = self.db.client().await.map_err(ServiceError::from)?;

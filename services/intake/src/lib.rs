@@ -499,11 +499,14 @@ async fn store_group(db: &Db, submissions: &[Submission]) -> anyhow::Result<Vec<
         })));
     }
     keyless.insert(&tx).await?;
-    for (Submission {
-        request,
-        parameters,
-        backend,
-    }, answer) in submissions.iter().zip(answers.iter_mut())
+    for (
+        Submission {
+            request,
+            parameters,
+            backend,
+        },
+        answer,
+    ) in submissions.iter().zip(answers.iter_mut())
     {
         if answer.is_some() {
             continue;
