@@ -42,9 +42,8 @@ pub fn serve(service: &str, config: &Path) -> anyhow::Result<()> {
     prodsys_telemetry::init("warn");
     let service: Service = service.parse().map_err(anyhow::Error::msg)?;
     let settings = Settings::load(Some(config))?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    // As `prodsys serve <service>` runs it.
+    let runtime = prodsys_server::runtime(1)?;
     let result = runtime.block_on(async {
         let shutdown = CancellationToken::new();
         tokio::spawn(stop_when_told(shutdown.clone()));

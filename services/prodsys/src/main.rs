@@ -28,8 +28,7 @@ enum Command {
     },
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     prodsys_telemetry::init("info");
     let Cli {
         command: Command::Serve { service, config },
@@ -40,6 +39,10 @@ async fn main() -> anyhow::Result<()> {
         vec![service.parse().map_err(anyhow::Error::msg)?]
     };
     let settings = prodsys_config::Settings::load(config.as_deref())?;
+    prodsys_server::runtime(services.len())?.block_on(serve(services, settings))
+}
+
+async fn serve(services: Vec<Service>, settings: prodsys_config::Settings) -> anyhow::Result<()> {
     let shutdown = tokio_util::sync::CancellationToken::new();
     let stop = shutdown.clone();
     tokio::spawn(async move {
