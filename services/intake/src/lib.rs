@@ -474,22 +474,8 @@ async fn store_group(db: &Db, submissions: &[Submission]) -> anyhow::Result<Vec<
             answers.push(None);
             continue;
         }
-        let request_id = Uuid::now_v7();
-        let new = NewRequest {
-            request_id,
-            idempotency_key: None,
-            profile: &request.profile,
-            vo: &request.vo,
-            parameters,
-            backend,
-            submitter: &request.submitter,
-            extend: request.extend,
-            reuse_existing: request.reuse_existing,
-            priority: request.priority,
-            correlation_id: None,
-            reply_to: None,
-            violations: &[],
-        };
+        let new = NewRequest::from_grpc(request, parameters, backend);
+        let request_id = new.request_id;
         events.push(received_event(&new));
         keyless.push(&new);
         tracing::info!(%request_id, profile = %request.profile, vo = %request.vo, "request received");
@@ -511,22 +497,8 @@ async fn store_group(db: &Db, submissions: &[Submission]) -> anyhow::Result<Vec<
         if answer.is_some() {
             continue;
         }
-        let key = Some(request.idempotency_key.as_str());
-        let new = NewRequest {
-            request_id: Uuid::now_v7(),
-            idempotency_key: key,
-            profile: &request.profile,
-            vo: &request.vo,
-            parameters,
-            backend,
-            submitter: &request.submitter,
-            extend: request.extend,
-            reuse_existing: request.reuse_existing,
-            priority: request.priority,
-            correlation_id: None,
-            reply_to: None,
-            violations: &[],
-        };
+        let new = NewRequest::from_grpc(request, parameters, backend);
+        let key = new.idempotency_key;
         // A key used earlier in this group is found too: the transaction sees its own rows.
         if !store_request(&tx, &new).await? {
             let row = tx
@@ -640,6 +612,32 @@ struct NewRequest<'a> {
     reply_to: Option<&'a str>,
     /// Refused at the door: stored as REJECTED with these reasons.
     violations: &'a [Violation],
+}
+
+impl<'a> NewRequest<'a> {
+    /// A checked SubmitRequest, with a new request ID.
+    fn from_grpc(
+        request: &'a pb::SubmitRequestRequest,
+        parameters: &'a serde_json::Value,
+        backend: &'a str,
+    ) -> Self {
+        Self {
+            request_id: Uuid::now_v7(),
+            idempotency_key: (!request.idempotency_key.is_empty())
+                .then_some(request.idempotency_key.as_str()),
+            profile: &request.profile,
+            vo: &request.vo,
+            parameters,
+            backend,
+            submitter: &request.submitter,
+            extend: request.extend,
+            reuse_existing: request.reuse_existing,
+            priority: request.priority,
+            correlation_id: None,
+            reply_to: None,
+            violations: &[],
+        }
+    }
 }
 
 /// Stores `r` unless its idempotency key is known; false when it was.
