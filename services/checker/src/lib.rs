@@ -58,17 +58,6 @@ const MIGRATIONS: &[Migration] = &[
             CREATE INDEX productions_base ON productions (base_fingerprint);
         "#,
     },
-    Migration {
-        version: 3,
-        name: "fingerprints compared as bytes",
-        // Hex digests: byte order is their only order, and comparing bytes
-        // is cheaper than the database's collation in every index probe.
-        sql: r#"
-            ALTER TABLE productions
-                ALTER COLUMN fingerprint TYPE text COLLATE "C",
-                ALTER COLUMN base_fingerprint TYPE text COLLATE "C";
-        "#,
-    },
 ];
 
 pub async fn start(
@@ -205,7 +194,7 @@ impl Neighbourhood {
                 &[&fingerprints, &bases],
             )
             .await?;
-        tx.batch_execute("SET LOCAL enable_seqscan = on").await?;
+        tx.batch_execute("RESET enable_seqscan").await?;
         for row in rows {
             if !seen.insert(row.get::<_, String>(0)) {
                 continue;
@@ -424,14 +413,36 @@ impl Checker {
             let rest = queries.split_off(queries.len().min(CATALOG_QUERIES_PER_CALL));
             let chunk = std::mem::replace(&mut queries, rest);
             let expected = chunk.len();
-            let results = self
+            let results = match self
                 .catalog
                 .clone()
-                .find_existing_many(pb::FindExistingManyRequest { queries: chunk })
+                .find_existing_many(pb::FindExistingManyRequest {
+                    queries: chunk.clone(),
+                })
                 .await
-                .context("asking the catalog for existing outputs")?
-                .into_inner()
-                .results;
+            {
+                Ok(answer) => answer.into_inner().results,
+                // A catalog older than FindExistingMany (during an upgrade):
+                // one call per request, as before it.
+                Err(status) if status.code() == tonic::Code::Unimplemented => {
+                    let mut results = Vec::with_capacity(chunk.len());
+                    for query in chunk {
+                        results.push(
+                            self.catalog
+                                .clone()
+                                .find_existing(query)
+                                .await
+                                .context("asking the catalog for existing outputs")?
+                                .into_inner(),
+                        );
+                    }
+                    results
+                }
+                Err(status) => {
+                    return Err(anyhow::Error::new(status)
+                        .context("asking the catalog for existing outputs"));
+                }
+            };
             anyhow::ensure!(
                 results.len() == expected,
                 "the catalog answered {} of {expected} queries",

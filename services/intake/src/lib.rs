@@ -742,8 +742,13 @@ impl<'a> Verdicts<'a> {
         existing: &'a str,
         violations: Vec<Violation>,
     ) -> anyhow::Result<()> {
-        self.request_ids
-            .push(Uuid::parse_str(request_id).context("request_id")?);
+        let request_id = Uuid::parse_str(request_id).context("request_id")?;
+        // One verdict per request: a second one in the same batch would be
+        // ignored by the database anyway (the request is no longer RECEIVED).
+        if self.request_ids.contains(&request_id) {
+            return Ok(());
+        }
+        self.request_ids.push(request_id);
         self.states.push(if outcome == "accepted" {
             "ACCEPTED"
         } else {
