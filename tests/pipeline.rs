@@ -877,3 +877,111 @@ async fn concurrent_projection_of_overlapping_transitions_converges() {
     );
     app.stop().await;
 }
+
+/// A catalog from before `FindExistingMany`: it answers `FindExisting` only,
+/// saying outputs of every identity were registered from elsewhere.
+struct OlderCatalog;
+
+#[tonic::async_trait]
+impl pb::catalog_service_server::CatalogService for OlderCatalog {
+    async fn find_files(
+        &self,
+        _: tonic::Request<pb::FindFilesRequest>,
+    ) -> Result<tonic::Response<pb::FindFilesResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("FindFiles"))
+    }
+
+    async fn find_existing(
+        &self,
+        _: tonic::Request<pb::FindExistingRequest>,
+    ) -> Result<tonic::Response<pb::FindExistingResponse>, tonic::Status> {
+        Ok(tonic::Response::new(pb::FindExistingResponse {
+            file_count: 3,
+            total_bytes: 3000,
+            production_ids: vec![String::new()],
+            example_lfns: vec!["/vo.cta.in2p3.fr/MC/elsewhere/run1.simtel".into()],
+        }))
+    }
+
+    async fn find_existing_many(
+        &self,
+        _: tonic::Request<pb::FindExistingManyRequest>,
+    ) -> Result<tonic::Response<pb::FindExistingManyResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("FindExistingMany"))
+    }
+
+    async fn get_production_record(
+        &self,
+        _: tonic::Request<pb::GetProductionRecordRequest>,
+    ) -> Result<tonic::Response<pb::ProductionRecord>, tonic::Status> {
+        Err(tonic::Status::unimplemented("GetProductionRecord"))
+    }
+
+    async fn register_files(
+        &self,
+        _: tonic::Request<pb::RegisterFilesRequest>,
+    ) -> Result<tonic::Response<pb::RegisterFilesResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("RegisterFiles"))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_checker_newer_than_its_catalog_asks_one_request_at_a_time() {
+    use prodsys::Service;
+    // Services upgraded in any order: the checker meets a catalog without
+    // FindExistingMany and still refuses what the catalog already holds.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let catalog_addr = listener.local_addr().unwrap();
+    let older = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(pb::catalog_service_server::CatalogServiceServer::new(
+                OlderCatalog,
+            ))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    prodsys_telemetry::init("warn");
+    let mut env = prodsys_testkit::TestEnv::new().await.unwrap();
+    env.settings.checker.catalog_url = format!("http://{catalog_addr}");
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let stack = prodsys::start(
+        &[Service::Intake, Service::Checker],
+        &env.settings,
+        shutdown.clone(),
+    )
+    .await
+    .unwrap();
+    let mut intake = pb::request_service_client::RequestServiceClient::new(
+        support::channel(stack.addr(Service::Intake).unwrap()).await,
+    );
+    let submitted = intake
+        .submit_request(cta_example())
+        .await
+        .unwrap()
+        .into_inner();
+    let decided = wait_for("the checker's verdict", Duration::from_secs(30), || {
+        let mut intake = intake.clone();
+        let request_id = submitted.request_id.clone();
+        async move {
+            let r = intake
+                .get_request(pb::GetRequestRequest { request_id })
+                .await
+                .ok()?
+                .into_inner();
+            (r.state() != pb::RequestState::Received).then_some(r)
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(decided.state(), pb::RequestState::Rejected, "{decided:?}");
+    let reason = &decided.violations[0].description;
+    assert!(
+        reason.contains(
+            "already exist in the catalog: 3 file(s), 3000 bytes (registered from elsewhere)"
+        ),
+        "{reason}"
+    );
+    shutdown.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(10), stack.wait()).await;
+    older.abort();
+    env.cleanup().await;
+}
