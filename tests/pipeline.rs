@@ -958,20 +958,7 @@ async fn a_checker_newer_than_its_catalog_asks_one_request_at_a_time() {
         .await
         .unwrap()
         .into_inner();
-    let decided = wait_for("the checker's verdict", Duration::from_secs(30), || {
-        let mut intake = intake.clone();
-        let request_id = submitted.request_id.clone();
-        async move {
-            let r = intake
-                .get_request(pb::GetRequestRequest { request_id })
-                .await
-                .ok()?
-                .into_inner();
-            (r.state() != pb::RequestState::Received).then_some(r)
-        }
-    })
-    .await
-    .unwrap();
+    let decided = support::decided(&intake, &submitted.request_id).await;
     assert_eq!(decided.state(), pb::RequestState::Rejected, "{decided:?}");
     let reason = &decided.violations[0].description;
     assert!(

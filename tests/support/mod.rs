@@ -27,6 +27,27 @@ pub async fn channel(addr: std::net::SocketAddr) -> Channel {
         .expect("connecting to the service")
 }
 
+/// The request once the checker has decided it, read from intake.
+pub async fn decided(
+    intake: &pb::request_service_client::RequestServiceClient<Channel>,
+    request_id: &str,
+) -> pb::Request {
+    wait_for("the checker's verdict", Duration::from_secs(30), || {
+        let mut intake = intake.clone();
+        let request_id = request_id.to_string();
+        async move {
+            let r = intake
+                .get_request(pb::GetRequestRequest { request_id })
+                .await
+                .ok()?
+                .into_inner();
+            (r.state() != pb::RequestState::Received).then_some(r)
+        }
+    })
+    .await
+    .unwrap()
+}
+
 pub async fn spawn_app() -> App {
     spawn_app_with(|_| {}).await
 }
@@ -184,21 +205,7 @@ impl App {
 
     /// Waits until the checker has decided the request.
     pub async fn decided(&self, request_id: &str) -> pb::Request {
-        let intake = self.intake.clone();
-        wait_for("the checker's verdict", Duration::from_secs(30), || {
-            let mut intake = intake.clone();
-            let request_id = request_id.to_string();
-            async move {
-                let r = intake
-                    .get_request(pb::GetRequestRequest { request_id })
-                    .await
-                    .ok()?
-                    .into_inner();
-                (r.state() != pb::RequestState::Received).then_some(r)
-            }
-        })
-        .await
-        .unwrap()
+        decided(&self.intake, request_id).await
     }
 
     /// Follows WatchProduction to its end, returning every snapshot.
