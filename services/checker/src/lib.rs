@@ -240,6 +240,15 @@ impl Neighbourhood {
     }
 }
 
+/// A request of a batch on its way to a decision: what it asks, the checks
+/// that need nothing stored, and what the catalog holds of its simulation.
+struct Pending<'r, 'p> {
+    request: &'r pb::RequestReceived,
+    candidate: Candidate<'r>,
+    prepared: Prepared<'p>,
+    catalog: Option<pb::FindExistingResponse>,
+}
+
 /// A candidate after the checks that need no database: its profile, its
 /// parameters as the profile completed them and its fingerprints.
 struct Prepared<'p> {
@@ -463,27 +472,29 @@ impl Checker {
     async fn decide(
         &self,
         tx: &Transaction<'_>,
-        requests: &[&pb::RequestReceived],
-        prepared: Vec<Prepared<'_>>,
-        catalog: Vec<Option<pb::FindExistingResponse>>,
+        pending: Vec<Pending<'_, '_>>,
     ) -> anyhow::Result<Vec<OutboxEvent>> {
-        let candidates: Vec<Candidate<'_>> = requests.iter().map(|r| candidate(r)).collect();
-        let fingerprints: Vec<String> = prepared
+        let requests: Vec<&pb::RequestReceived> = pending.iter().map(|p| p.request).collect();
+        let fingerprints: Vec<String> = pending
             .iter()
-            .filter(|p| p.checked.is_some())
-            .map(|p| p.validation.fingerprint.clone())
+            .filter(|p| p.prepared.checked.is_some())
+            .map(|p| p.prepared.validation.fingerprint.clone())
             .collect();
-        let bases: Vec<String> = prepared
+        let bases: Vec<String> = pending
             .iter()
-            .filter_map(|p| p.checked.as_ref().map(|(_, _, base)| base.clone()))
+            .filter_map(|p| p.prepared.checked.as_ref().map(|(_, _, base)| base.clone()))
             .collect();
         let mut known = Neighbourhood::load(tx, &fingerprints, &bases).await?;
         // Verdicts first (IDs need the count per VO), then one write for all.
         let mut verdicts = Vec::with_capacity(requests.len());
-        for (((request, candidate), prepared), catalog) in
-            requests.iter().zip(&candidates).zip(prepared).zip(&catalog)
+        for Pending {
+            request,
+            candidate,
+            prepared,
+            catalog,
+        } in pending
         {
-            let evaluation = self.evaluate(prepared, candidate, &known, catalog.as_ref());
+            let evaluation = self.evaluate(prepared, &candidate, &known, catalog.as_ref());
             if let Some(accepted) = &evaluation.accepted
                 && evaluation.validation.existing_production_id.is_empty()
             {
@@ -739,8 +750,22 @@ impl BatchHandler for Checker {
         // database work only. (A request delivered again is checked in vain.)
         let candidates: Vec<Candidate<'_>> = requests.iter().map(|(_, r)| candidate(r)).collect();
         let prepared: Vec<Prepared<'_>> = candidates.iter().map(|c| self.prepare(c)).collect();
-        let mut catalog = self.ask_catalog(&prepared, &candidates).await?;
-        let mut prepared: Vec<Option<Prepared<'_>>> = prepared.into_iter().map(Some).collect();
+        let catalog = self.ask_catalog(&prepared, &candidates).await?;
+        let pending: Vec<(Uuid, Pending<'_, '_>)> = requests
+            .iter()
+            .zip(candidates)
+            .zip(prepared)
+            .zip(catalog)
+            .map(|((((id, request), candidate), prepared), catalog)| {
+                let pending = Pending {
+                    request,
+                    candidate,
+                    prepared,
+                    catalog,
+                };
+                (*id, pending)
+            })
+            .collect();
         let mut client = self.db.client().await?;
         let tx = client.transaction().await?;
         // Decisions see each other's productions; one checker at a time decides,
@@ -754,19 +779,12 @@ impl BatchHandler for Checker {
         let fresh = prodsys_db::claim(&tx, &ids).await?;
         let mut seen = HashSet::new();
         // A request delivered twice in one batch is decided once.
-        let mut decided = Vec::new();
-        let mut decided_prepared = Vec::new();
-        let mut decided_catalog = Vec::new();
-        for (i, (id, request)) in requests.iter().enumerate() {
-            if fresh.contains(id) && seen.insert(*id) {
-                decided.push(request);
-                decided_prepared.push(prepared[i].take().expect("prepared once"));
-                decided_catalog.push(catalog[i].take());
-            }
-        }
-        let events = self
-            .decide(&tx, &decided, decided_prepared, decided_catalog)
-            .await?;
+        let pending: Vec<Pending<'_, '_>> = pending
+            .into_iter()
+            .filter(|(id, _)| fresh.contains(id) && seen.insert(*id))
+            .map(|(_, p)| p)
+            .collect();
+        let events = self.decide(&tx, pending).await?;
         prodsys_db::enqueue(&tx, &self.db.outbox_channel(), &events).await?;
         tx.commit().await?;
         Ok(outcomes)
@@ -806,13 +824,15 @@ impl pb::checker_service_server::CheckerService for Checker {
             reuse_existing: r.reuse_existing,
         };
         let prepared = self.prepare(&candidate);
-        let mut catalog = self
+        let catalog = self
             .ask_catalog(
                 std::slice::from_ref(&prepared),
                 std::slice::from_ref(&candidate),
             )
             .await
-            .map_err(ServiceError::from)?;
+            .map_err(ServiceError::from)?
+            .pop()
+            .flatten();
         let mut client = self.db.client().await.map_err(ServiceError::from)?;
         let tx = client
             .build_transaction()
@@ -830,7 +850,7 @@ impl pb::checker_service_server::CheckerService for Checker {
             .map_err(ServiceError::from)?,
             None => Neighbourhood::default(),
         };
-        let evaluation = self.evaluate(prepared, &candidate, &known, catalog[0].take().as_ref());
+        let evaluation = self.evaluate(prepared, &candidate, &known, catalog.as_ref());
         Ok(Response::new(evaluation.validation))
     }
 }

@@ -725,12 +725,10 @@ fn reply(
 #[derive(Default)]
 struct Verdicts<'a> {
     request_ids: Vec<Uuid>,
-    states: Vec<&'static str>,
+    outcomes: Vec<&'static str>,
     production_ids: Vec<&'a str>,
     existing: Vec<&'a str>,
-    violations: Vec<serde_json::Value>,
-    outcomes: Vec<&'static str>,
-    violation_lists: Vec<Vec<Violation>>,
+    violations: Vec<Vec<Violation>>,
 }
 
 impl<'a> Verdicts<'a> {
@@ -749,16 +747,10 @@ impl<'a> Verdicts<'a> {
             return Ok(());
         }
         self.request_ids.push(request_id);
-        self.states.push(if outcome == "accepted" {
-            "ACCEPTED"
-        } else {
-            "REJECTED"
-        });
         self.outcomes.push(outcome);
         self.production_ids.push(production_id);
         self.existing.push(existing);
-        self.violations.push(serde_json::to_value(&violations)?);
-        self.violation_lists.push(violations);
+        self.violations.push(violations);
         Ok(())
     }
 
@@ -769,6 +761,22 @@ impl<'a> Verdicts<'a> {
         if self.request_ids.is_empty() {
             return Ok(Vec::new());
         }
+        let states: Vec<&str> = self
+            .outcomes
+            .iter()
+            .map(|o| {
+                if *o == "accepted" {
+                    "ACCEPTED"
+                } else {
+                    "REJECTED"
+                }
+            })
+            .collect();
+        let violations = self
+            .violations
+            .iter()
+            .map(serde_json::to_value)
+            .collect::<Result<Vec<_>, _>>()?;
         let rows = tx
             .query_cached(
                 "UPDATE requests r SET state = v.state, production_id = NULLIF(v.production_id, ''),
@@ -780,9 +788,9 @@ impl<'a> Verdicts<'a> {
                  RETURNING r.request_id, r.reply_to, r.correlation_id",
                 &[
                     &self.request_ids,
-                    &self.states,
+                    &states,
                     &self.production_ids,
-                    &self.violations,
+                    &violations,
                     &self.existing,
                 ],
             )
@@ -807,7 +815,7 @@ impl<'a> Verdicts<'a> {
                 self.outcomes[i],
                 self.production_ids[i],
                 self.existing[i],
-                &self.violation_lists[i],
+                &self.violations[i],
             )?);
         }
         Ok(replies)
