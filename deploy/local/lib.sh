@@ -280,17 +280,20 @@ ensure_rabbitmq() {
 # Messages left by an earlier demo would otherwise reach the services of the
 # next one, whose database starts empty. Tests use their own prefix
 # (test.<tag>.prodsys.*), which this leaves alone.
+# An argument narrows it to queues under another prefix (default: prodsys.).
 reset_demo_queues() {
-    local queues q n=0
+    local prefix="${1:-prodsys.}" queues q n=0
     queues="$(as_root rabbitmqctl -q -s list_queues -p / name)" \
         || die "cannot list RabbitMQ queues (rabbitmqctl list_queues)"
     while IFS= read -r q; do
-        [[ "$q" == prodsys.* ]] || continue
-        as_root rabbitmqctl -q delete_queue -p / "$q" >/dev/null \
+        [[ "$q" == "$prefix"* ]] || continue
+        # </dev/null: rabbitmqctl reads standard input, which here is the
+        # loop's list of queues; without it only the first queue is deleted.
+        as_root rabbitmqctl -q delete_queue -p / "$q" </dev/null >/dev/null \
             || die "cannot delete RabbitMQ queue '$q'"
         n=$((n + 1))
     done <<<"$queues"
-    log "deleted $n RabbitMQ queue(s) of the previous demo (prodsys.*)"
+    log "deleted $n RabbitMQ queue(s) of the previous demo (${prefix}*)"
 }
 
 # ---------------------------------------------------------------------------
