@@ -111,16 +111,40 @@ pub async fn bind(host: &str, port: u16) -> anyhow::Result<(TcpListener, SocketA
     Ok((listener, addr))
 }
 
-/// Health (NOT_SERVING until [`track_health`] says otherwise) and reflection,
-/// to which a service adds its own gRPC services.
+/// Health (NOT_SERVING until [`track_health`] says otherwise), to which a
+/// service adds its own gRPC services; [`Foundation::serve_grpc`] adds
+/// reflection of exactly those.
 pub fn base_routes() -> anyhow::Result<(Routes, HealthReporter)> {
     let (reporter, health) = tonic_health::server::health_reporter();
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(prodsys_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .context("building server reflection")?;
-    Ok((Routes::new(health).add_service(reflection), reporter))
+    Ok((Routes::new(health), reporter))
+}
+
+/// Server reflection advertising `services` (and health), as
+/// `grpc.reflection.v1` and as the older `v1alpha` that many tools still
+/// speak only (Python's grpcio-reflection, older grpcurl, Postman, Kreya).
+pub fn with_reflection(routes: Routes, services: &[&str]) -> anyhow::Result<Routes> {
+    let builder = || {
+        let mut builder = tonic_reflection::server::Builder::configure()
+            .include_reflection_service(false)
+            .register_encoded_file_descriptor_set(prodsys_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(
+                tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+            )
+            .with_service_name("grpc.health.v1.Health")
+            .with_service_name("grpc.reflection.v1.ServerReflection")
+            .with_service_name("grpc.reflection.v1alpha.ServerReflection");
+        for service in services {
+            builder = builder.with_service_name(*service);
+        }
+        builder
+    };
+    let v1 = builder().build_v1().context("building server reflection")?;
+    let v1alpha = builder()
+        .build_v1alpha()
+        .context("building server reflection (v1alpha)")?;
+    Ok(routes.add_service(v1).add_service(v1alpha))
 }
 
 /// Serves `routes` on `listener` until `shutdown`.
@@ -313,6 +337,7 @@ impl Foundation {
         services: &[&'static str],
         shutdown: &CancellationToken,
     ) -> anyhow::Result<Running> {
+        let routes = with_reflection(routes, services)?;
         let (listener, addr) = bind(host, port).await?;
         track_health(
             reporter,
