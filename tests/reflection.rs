@@ -8,6 +8,7 @@ use std::process::Command;
 
 use prodsys::Service;
 use support::spawn_app;
+use tonic_reflection::pb::v1;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_reflection_clients_list_every_servers_services() {
@@ -71,5 +72,36 @@ async fn python_reflection_clients_list_every_servers_services() {
             );
         }
     }
+    // grpc.reflection.v1 (grpcurl, current tools) answers the same list.
+    let channel = support::channel(app.stack.addr(Service::Status).unwrap()).await;
+    let mut client = v1::server_reflection_client::ServerReflectionClient::new(channel);
+    let request = v1::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(v1::server_reflection_request::MessageRequest::ListServices(
+            String::new(),
+        )),
+    };
+    let mut answers = client
+        .server_reflection_info(futures::stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let answer = answers.message().await.unwrap().unwrap();
+    let Some(v1::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
+        answer.message_response
+    else {
+        panic!("a list of services: {answer:?}");
+    };
+    let mut names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "grpc.health.v1.Health",
+            "grpc.reflection.v1.ServerReflection",
+            "grpc.reflection.v1alpha.ServerReflection",
+            "prodsys.v1.StatusService"
+        ]
+    );
     app.stop().await;
 }
