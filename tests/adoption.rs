@@ -138,6 +138,23 @@ impl Dispatcher {
     }
 }
 
+/// Kills, when dropped (a test that failed half-way), the process group of
+/// every job still running under `0` (a work directory): jobs outlive dispatchers.
+struct KillJobsOnDrop(PathBuf);
+
+impl Drop for KillJobsOnDrop {
+    fn drop(&mut self) {
+        for (attempt, ended) in attempts(&self.0) {
+            let pid = std::fs::read_to_string(attempt.join("prodsys.pid")).unwrap_or_default();
+            if let (false, Some(pid)) = (ended, pid.split_whitespace().next()) {
+                let _ = std::process::Command::new("kill")
+                    .args(["-KILL", "--", &format!("-{pid}")])
+                    .status();
+            }
+        }
+    }
+}
+
 /// A test-count production: `jobs` jobs, job i sleeping `seconds` × (i mod 3).
 fn count_request(jobs: u64, seconds: u64, tag: &str) -> prodsys_proto::SubmitRequestRequest {
     prodsys_proto::SubmitRequestRequest {
@@ -315,6 +332,7 @@ fn attempts(work: &Path) -> Vec<(PathBuf, bool)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_dispatcher_killed_while_jobs_run_is_replaced_and_nothing_runs_twice() {
     let env = environment(6).await;
+    let _jobs = KillJobsOnDrop(env.settings.dispatcher.work_dir.clone());
     let mut first = Dispatcher::start(&env, "dispatcher-1").await;
     let app = spawn_services(
         env,
@@ -397,6 +415,7 @@ async fn a_dispatcher_killed_while_jobs_run_is_replaced_and_nothing_runs_twice()
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_dispatcher_replicas_share_the_work_and_one_takes_over_when_the_other_dies() {
     let env = environment(8).await;
+    let _jobs = KillJobsOnDrop(env.settings.dispatcher.work_dir.clone());
     let mut replicas = vec![
         Dispatcher::start(&env, "replica-1").await,
         Dispatcher::start(&env, "replica-2").await,
@@ -502,4 +521,98 @@ async fn an_installation_lease_has_one_holder_and_passes_on_only_when_it_expires
     assert_eq!(a.acquire().await.unwrap(), Some(None));
     drop(client);
     env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_new_dispatcher_cancels_the_jobs_it_adopted() {
+    let env = environment(4).await;
+    let _jobs = KillJobsOnDrop(env.settings.dispatcher.work_dir.clone());
+    let mut first = Dispatcher::start(&env, "dispatcher-1").await;
+    let app = spawn_services(
+        env,
+        &[
+            Service::Status,
+            Service::Catalog,
+            Service::Checker,
+            Service::Intake,
+        ],
+    )
+    .await;
+    let db = app.env.db().await.unwrap();
+    let work = app.env.settings.dispatcher.work_dir.clone();
+    // Jobs 1 and 2 sleep 1777 and 3554 s (odd numbers, to find their processes).
+    let production = app.accepted(count_request(3, 1777, "cancel-adopted")).await;
+    wait_for("two jobs running", Duration::from_secs(60), || async {
+        let states = job_states(&db).await;
+        (states.get("RUNNING") == Some(&2) && states.get("DONE") == Some(&1)).then_some(())
+    })
+    .await
+    .unwrap();
+    first.kill().await;
+    let sleeping = || {
+        let out = std::process::Command::new("pgrep")
+            .args(["-f", "^sleep (1777|3554)$"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).lines().count()
+    };
+    assert_eq!(sleeping(), 2, "the jobs outlive the dispatcher");
+
+    let second = Dispatcher::start(&app.env, "dispatcher-2").await;
+    wait_for(
+        "the new dispatcher to take the installation over",
+        Duration::from_secs(20),
+        || async {
+            owner(&db)
+                .await
+                .filter(|o| o.contains(&format!(":{}:", second.pid)))
+        },
+    )
+    .await
+    .unwrap();
+    assert!(
+        app.cancel(&production, "wrong energy range")
+            .await
+            .unwrap()
+            .accepted
+    );
+    wait_for(
+        "the production cancelled",
+        Duration::from_secs(30),
+        || async {
+            let state: String = db
+                .query_one(
+                    "SELECT state FROM dispatcher.productions WHERE production_id = $1",
+                    &[&production],
+                )
+                .await
+                .ok()?
+                .get(0);
+            (state == "CANCELLED").then_some(())
+        },
+    )
+    .await
+    .unwrap();
+    wait_for(
+        "the adopted jobs' processes to end",
+        Duration::from_secs(10),
+        || async { (sleeping() == 0).then_some(()) },
+    )
+    .await
+    .unwrap();
+    // Their supervisors stayed to record the signal.
+    for index in [1, 2] {
+        let exit = work
+            .join(&production)
+            .join(format!("{index:06}.a1/prodsys.exit"));
+        let text = wait_for("the exit file", Duration::from_secs(10), || async {
+            std::fs::read_to_string(&exit).ok()
+        })
+        .await
+        .unwrap();
+        assert!(text.starts_with("exit 143\n"), "job {index}: {text}");
+    }
+    second.stop().await;
+    drop(db);
+    app.stop().await;
 }

@@ -260,9 +260,8 @@ fn look(
         )));
     }
     let ours = lock(children)?.contains_key(id);
-    Ok(match supervisor::observe(dir, now) {
+    let change = match supervisor::observe(dir, now) {
         Observed::Ended(exit) => {
-            lock(adopted)?.remove(id);
             tracing::debug!(
                 job = id,
                 status = exit.status,
@@ -278,18 +277,24 @@ fn look(
         )),
         // Started by this process and not reaped yet: its waiter wakes us.
         _ if ours => None,
-        Observed::Running(_) => lock(adopted)?
-            .insert(id.to_string())
-            .then(|| BackendStatus {
-                backend_job_id: id.to_string(),
-                state: JobState::Running,
-                raw: "running (adopted)".into(),
-                exit_code: None,
-            }),
+        Observed::Running(_) => {
+            return Ok(lock(adopted)?
+                .insert(id.to_string())
+                .then(|| BackendStatus {
+                    backend_job_id: id.to_string(),
+                    state: JobState::Running,
+                    raw: "running (adopted)".into(),
+                    exit_code: None,
+                }));
+        }
         Observed::Starting => None,
         Observed::Gone => Some(failed(id, "lost: the job's supervisor is gone".into())),
         Observed::Unknown => Some(failed(id, "lost: the job never started".into())),
-    })
+    };
+    if change.is_some() {
+        lock(adopted)?.remove(id);
+    }
+    Ok(change)
 }
 
 /// Records an end for an attempt whose supervisor could not start.
