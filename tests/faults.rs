@@ -1,6 +1,6 @@
 //! The fault suite: each service is its own `prodsys serve <service>`
 //! process, on a fresh database and AMQP prefix, running productions of
-//! jobs that record every run they make (`tests/profiles/test-count.json`).
+//! jobs that record every run they make (`tests/profiles/test-runs.json`).
 //! Each test strikes once while the productions run, then checks what an
 //! operator would: every request has a verdict, every production ends
 //! COMPLETED with counts that add up, no job's final attempt ran twice and no
@@ -410,7 +410,7 @@ impl Drop for Process {
 /// A request of the counting profile: `JOBS` jobs under `tag`.
 fn counting_request(tag: &str) -> pb::SubmitRequestRequest {
     pb::SubmitRequestRequest {
-        profile: "test-count".into(),
+        profile: "test-runs".into(),
         vo: "test".into(),
         parameters_json: serde_json::json!({
             "jobs": JOBS, "per_job": 1, "seconds": JOB_SECONDS, "tag": tag

@@ -329,3 +329,30 @@ impl App {
         self.env.cleanup().await;
     }
 }
+
+/// A stack of only `services`, on `env` (the others run elsewhere: in
+/// processes a test starts itself, on the same database and prefix).
+pub async fn spawn_services(env: TestEnv, services: &[Service]) -> App {
+    prodsys_telemetry::init("warn");
+    let shutdown = CancellationToken::new();
+    let stack = prodsys::start(services, &env.settings, shutdown.clone())
+        .await
+        .expect("starting the services");
+    let intake = pb::request_service_client::RequestServiceClient::new(
+        channel(stack.addr(Service::Intake).unwrap()).await,
+    );
+    let status = pb::status_service_client::StatusServiceClient::new(
+        channel(stack.addr(Service::Status).unwrap()).await,
+    );
+    let catalog = pb::catalog_service_client::CatalogServiceClient::new(
+        channel(stack.addr(Service::Catalog).unwrap()).await,
+    );
+    App {
+        env,
+        stack,
+        shutdown,
+        intake,
+        status,
+        catalog,
+    }
+}

@@ -4,17 +4,24 @@
 //!
 //! `local` runs each job as a process on this machine: bounded concurrency,
 //! a working directory per attempt, stdout and stderr kept beside the outputs.
+//! Each attempt runs under a supervisor ([`crate::supervisor`]) that outlives
+//! the dispatcher; the attempt's directory is its backend ID, so any
+//! dispatcher (after a restart, or another replica on the same work
+//! directory) finds how it is from its files and never starts it again.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::SystemTime;
 
 use anyhow::Context;
 use prodsys_core::JobState;
 use tokio::sync::Notify;
+
+use crate::supervisor::{self, Observed};
 
 /// Everything a backend needs to run one attempt of a job.
 #[derive(Debug, Clone)]
@@ -81,22 +88,24 @@ pub trait Backend: Send + Sync + 'static {
     ) -> BoxFuture<'a, anyhow::Result<Vec<BackendStatus>>>;
     /// Kills these jobs.
     fn cancel<'a>(&'a self, ids: &'a [String]) -> BoxFuture<'a, anyhow::Result<()>>;
-    /// The backend ID of the job submitted under `tag`, if the backend has one:
-    /// how a submission whose commit a crash lost is found again.
-    fn find<'a>(&'a self, tag: &'a str) -> BoxFuture<'a, anyhow::Result<Option<String>>>;
+    /// The backend ID of the attempt `spec` describes (by its tag, or for the
+    /// local executor its directory), if the backend has it: how a submission
+    /// whose commit a crash lost is found again instead of being repeated.
+    fn find<'a>(&'a self, spec: &'a JobSpec) -> BoxFuture<'a, anyhow::Result<Option<String>>>;
     /// Woken when something changed, so the scheduler need not wait a whole poll interval.
     fn changed(&self) -> Arc<Notify>;
 }
 
-/// Runs jobs as local processes.
+/// Runs jobs as local processes, each under its supervisor.
 pub struct LocalExecutor {
     name: String,
     max_running: usize,
     tools_dir: Option<PathBuf>,
-    /// Jobs started by this process, by tag: `None` while running, then how it ended.
-    jobs: Arc<Mutex<HashMap<String, Option<BackendStatus>>>>,
-    /// Process ids of running jobs, for cancel.
-    pids: Arc<Mutex<HashMap<String, u32>>>,
+    /// Supervisors this process started and has not yet reaped, by attempt
+    /// directory, with their pids (for a cancel before the pid file exists).
+    children: Arc<Mutex<HashMap<String, u32>>>,
+    /// Attempts this process found running that it did not start, told once as RUNNING.
+    adopted: Arc<Mutex<HashSet<String>>>,
     changed: Arc<Notify>,
 }
 
@@ -106,14 +115,38 @@ fn lock<T>(mutex: &Mutex<T>) -> anyhow::Result<MutexGuard<'_, T>> {
         .map_err(|_| anyhow::anyhow!("executor state poisoned"))
 }
 
+/// The status an attempt's recorded end means.
+fn ended(id: &str, exit: &supervisor::Exit) -> BackendStatus {
+    let (state, raw, exit_code) = match (exit.status, exit.signal()) {
+        (0, _) => (JobState::Done, "exited 0".to_string(), Some(0)),
+        (_, Some(signal)) => (JobState::Failed, format!("killed by signal {signal}"), None),
+        (code, None) => (JobState::Failed, format!("exited {code}"), Some(code)),
+    };
+    BackendStatus {
+        backend_job_id: id.to_string(),
+        state,
+        raw,
+        exit_code,
+    }
+}
+
+fn failed(id: &str, raw: String) -> BackendStatus {
+    BackendStatus {
+        backend_job_id: id.to_string(),
+        state: JobState::Failed,
+        raw,
+        exit_code: None,
+    }
+}
+
 impl LocalExecutor {
     pub fn new(name: &str, max_running: usize, tools_dir: Option<PathBuf>) -> Self {
         Self {
             name: name.to_string(),
             max_running: max_running.max(1),
             tools_dir,
-            jobs: Arc::default(),
-            pids: Arc::default(),
+            children: Arc::default(),
+            adopted: Arc::default(),
             changed: Arc::new(Notify::new()),
         }
     }
@@ -126,13 +159,41 @@ impl LocalExecutor {
     }
 
     async fn start(&self, spec: &JobSpec) -> anyhow::Result<BackendStatus> {
+        let id = spec.workdir.to_string_lossy().into_owned();
         tokio::fs::create_dir_all(&spec.workdir)
             .await
             .with_context(|| format!("creating {}", spec.workdir.display()))?;
+        // At most one start per attempt directory, whoever tries.
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(spec.workdir.join(supervisor::STARTED_FILE))
+        {
+            Ok(mut marker) => {
+                use std::io::Write;
+                writeln!(marker, "{}", spec.tag)?;
+            }
+            Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => {
+                tracing::info!(job = %spec.tag, "attempt already started; following it");
+                return Ok(BackendStatus {
+                    backend_job_id: id,
+                    state: JobState::Submitted,
+                    raw: "already started".into(),
+                    exit_code: None,
+                });
+            }
+            Err(error) => {
+                return Err(error).with_context(|| format!("starting {}", spec.tag));
+            }
+        }
         let stdout = std::fs::File::create(spec.workdir.join("stdout.log"))?;
         let stderr = std::fs::File::create(spec.workdir.join("stderr.log"))?;
-        let mut command = tokio::process::Command::new(self.resolve(&spec.program));
+        let mut command = tokio::process::Command::new("/bin/sh");
         command
+            .arg("-c")
+            .arg(supervisor::SCRIPT)
+            .arg("prodsys-supervisor")
+            .arg(self.resolve(&spec.program))
             .args(&spec.args)
             .current_dir(&spec.workdir)
             .stdin(Stdio::null())
@@ -140,7 +201,8 @@ impl LocalExecutor {
             .stderr(stderr)
             // Its own process group, so cancel reaches whatever the job started.
             .process_group(0)
-            .kill_on_drop(true);
+            // The job outlives this process: the next dispatcher adopts it.
+            .kill_on_drop(false);
         if let Some(dir) = &self.tools_dir {
             let path = std::env::var_os("PATH").unwrap_or_default();
             let joined = std::env::join_paths(
@@ -151,59 +213,96 @@ impl LocalExecutor {
         for (key, value) in &spec.env {
             command.env(key, value);
         }
-        let tag = spec.tag.clone();
         let mut child = match command.spawn() {
             Ok(child) => child,
             Err(error) => {
-                // A command that cannot start is a failed attempt, not a dispatcher error.
+                // A supervisor that cannot start is a failed attempt, not a dispatcher error.
                 let message = format!("cannot start {}: {error}", spec.program);
                 std::fs::write(spec.workdir.join("stderr.log"), &message)?;
-                return Ok(BackendStatus {
-                    backend_job_id: tag,
-                    state: JobState::Failed,
-                    raw: message,
-                    exit_code: None,
-                });
+                write_exit(&spec.workdir, 127)?;
+                return Ok(failed(&id, message));
             }
         };
-        lock(&self.jobs)?.insert(tag.clone(), None);
-        if let Some(pid) = child.id() {
-            lock(&self.pids)?.insert(tag.clone(), pid);
-        }
-        let jobs = self.jobs.clone();
-        let pids = self.pids.clone();
+        lock(&self.children)?.insert(id.clone(), child.id().unwrap_or_default());
+        let children = self.children.clone();
         let changed = self.changed.clone();
-        let id = tag.clone();
+        let key = id.clone();
+        // Reaps the supervisor; its files say how the job ended.
         tokio::spawn(async move {
-            let ended = |state, raw: String, exit_code| BackendStatus {
-                backend_job_id: id.clone(),
-                state,
-                raw,
-                exit_code,
-            };
-            let status = match child.wait().await {
-                Ok(exit) if exit.success() => ended(JobState::Done, "exited 0".into(), Some(0)),
-                Ok(exit) => match exit.code() {
-                    Some(code) => ended(JobState::Failed, format!("exited {code}"), Some(code)),
-                    None => ended(JobState::Failed, "killed by a signal".into(), None),
-                },
-                Err(error) => ended(JobState::Failed, format!("lost: {error}"), None),
-            };
-            if let Ok(mut map) = pids.lock() {
-                map.remove(&id);
-            }
-            if let Ok(mut map) = jobs.lock() {
-                map.insert(id, Some(status));
+            let _ = child.wait().await;
+            if let Ok(mut map) = children.lock() {
+                map.remove(&key);
             }
             changed.notify_one();
         });
         Ok(BackendStatus {
-            backend_job_id: tag,
+            backend_job_id: id,
             state: JobState::Running,
             raw: "process started".into(),
             exit_code: None,
         })
     }
+}
+
+/// The change, if any, an attempt directory shows for the job `id`.
+fn look(
+    children: &Mutex<HashMap<String, u32>>,
+    adopted: &Mutex<HashSet<String>>,
+    id: &str,
+    now: SystemTime,
+) -> anyhow::Result<Option<BackendStatus>> {
+    let dir = Path::new(id);
+    if !dir.is_absolute() {
+        // An ID of a version that kept jobs only in memory.
+        return Ok(Some(failed(
+            id,
+            "lost: the dispatcher restarted while the job ran".into(),
+        )));
+    }
+    let ours = lock(children)?.contains_key(id);
+    let change = match supervisor::observe(dir, now) {
+        Observed::Ended(exit) => {
+            tracing::debug!(
+                job = id,
+                status = exit.status,
+                user_s = exit.user_s,
+                sys_s = exit.sys_s,
+                "attempt ended"
+            );
+            Some(ended(id, &exit))
+        }
+        Observed::Unreadable(error) => Some(failed(
+            id,
+            format!("the job's exit file cannot be read: {error}"),
+        )),
+        // Started by this process and not reaped yet: its waiter wakes us.
+        _ if ours => None,
+        Observed::Running(_) => {
+            return Ok(lock(adopted)?
+                .insert(id.to_string())
+                .then(|| BackendStatus {
+                    backend_job_id: id.to_string(),
+                    state: JobState::Running,
+                    raw: "running (adopted)".into(),
+                    exit_code: None,
+                }));
+        }
+        Observed::Starting => None,
+        Observed::Gone => Some(failed(id, "lost: the job's supervisor is gone".into())),
+        Observed::Unknown => Some(failed(id, "lost: the job never started".into())),
+    };
+    if change.is_some() {
+        lock(adopted)?.remove(id);
+    }
+    Ok(change)
+}
+
+/// Records an end for an attempt whose supervisor could not start.
+fn write_exit(dir: &Path, status: i32) -> anyhow::Result<()> {
+    let tmp = dir.join(format!("{}.tmp", supervisor::EXIT_FILE));
+    std::fs::write(&tmp, format!("exit {status}\n"))?;
+    std::fs::rename(&tmp, dir.join(supervisor::EXIT_FILE))?;
+    Ok(())
 }
 
 impl Backend for LocalExecutor {
@@ -224,39 +323,44 @@ impl Backend for LocalExecutor {
         in_flight: &'a [String],
     ) -> BoxFuture<'a, anyhow::Result<Vec<BackendStatus>>> {
         Box::pin(async move {
-            let mut jobs = lock(&self.jobs)?;
-            let mut ended = Vec::new();
-            for id in in_flight {
-                match jobs.get(id) {
-                    Some(Some(status)) => {
-                        ended.push(status.clone());
-                        jobs.remove(id);
+            let now = SystemTime::now();
+            let (children, adopted) = (self.children.clone(), self.adopted.clone());
+            let ids = in_flight.to_vec();
+            // File reads, many of them: off the async workers.
+            tokio::task::spawn_blocking(move || {
+                let mut changes = Vec::new();
+                for id in &ids {
+                    if let Some(status) = look(&children, &adopted, id, now)? {
+                        changes.push(status);
                     }
-                    Some(None) => {}
-                    // Not started by this process: it died with an earlier one.
-                    None => ended.push(BackendStatus {
-                        backend_job_id: id.clone(),
-                        state: JobState::Failed,
-                        raw: "lost: the dispatcher restarted while the job ran".into(),
-                        exit_code: None,
-                    }),
                 }
-            }
-            Ok(ended)
+                Ok(changes)
+            })
+            .await?
         })
     }
 
     fn cancel<'a>(&'a self, ids: &'a [String]) -> BoxFuture<'a, anyhow::Result<()>> {
         Box::pin(async move {
-            let pids: Vec<u32> = {
-                let map = lock(&self.pids)?;
-                ids.iter().filter_map(|id| map.get(id).copied()).collect()
-            };
+            let mut pids = Vec::with_capacity(ids.len());
+            for id in ids {
+                let own = lock(&self.children)?.get(id).copied().filter(|p| *p != 0);
+                let pid =
+                    own.or_else(
+                        || match supervisor::observe(Path::new(id), SystemTime::now()) {
+                            Observed::Running(pid) => Some(pid),
+                            _ => None,
+                        },
+                    );
+                pids.extend(pid);
+            }
             for pid in pids {
                 // SIGTERM to the job's whole process group, so the job may
-                // clean up and nothing it started lingers; its waiter records the end.
+                // clean up and nothing it started lingers; the supervisor records the end.
                 let _ = tokio::process::Command::new("kill")
                     .args(["-TERM", "--", &format!("-{pid}")])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
                     .status()
                     .await;
             }
@@ -264,8 +368,13 @@ impl Backend for LocalExecutor {
         })
     }
 
-    fn find<'a>(&'a self, tag: &'a str) -> BoxFuture<'a, anyhow::Result<Option<String>>> {
-        Box::pin(async move { Ok(lock(&self.jobs)?.contains_key(tag).then(|| tag.to_string())) })
+    fn find<'a>(&'a self, spec: &'a JobSpec) -> BoxFuture<'a, anyhow::Result<Option<String>>> {
+        Box::pin(async move {
+            let started = spec.workdir.join(supervisor::STARTED_FILE);
+            Ok(tokio::fs::try_exists(&started)
+                .await?
+                .then(|| spec.workdir.to_string_lossy().into_owned()))
+        })
     }
 
     fn changed(&self) -> Arc<Notify> {

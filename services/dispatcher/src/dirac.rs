@@ -539,8 +539,11 @@ impl Backend for Dirac {
         })
     }
 
-    fn find<'a>(&'a self, tag: &'a str) -> BoxFuture<'a, anyhow::Result<Option<String>>> {
+    fn find<'a>(&'a self, spec: &'a JobSpec) -> BoxFuture<'a, anyhow::Result<Option<String>>> {
         Box::pin(async move {
+            // By JobName, whatever the job's status: one that finished while
+            // no dispatcher watched is found too, and followed by its ID.
+            let tag = spec.tag.as_str();
             let jobs = self
                 .search(json!([{"parameter": "JobName", "operator": "eq", "value": tag}]))
                 .await?;

@@ -7,8 +7,10 @@
 
 pub mod backend;
 pub mod dirac;
+pub mod lease;
 mod scheduler;
 pub mod slurm;
+pub mod supervisor;
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -96,6 +98,20 @@ const MIGRATIONS: &[Migration] = &[
               DROP INDEX productions_backend_state;
               CREATE INDEX productions_waiting ON productions (backend, state, priority DESC, created_at);",
     },
+    Migration {
+        version: 6,
+        name: "installation leases",
+        // One scheduler per installation among all replicas: the owner runs
+        // its rounds until expires_at, renewing it; another takes it over only
+        // after it expired (lease.rs).
+        sql: "CREATE TABLE installation_leases (
+                  installation text PRIMARY KEY,
+                  owner        text NOT NULL,
+                  expires_at   timestamptz NOT NULL,
+                  acquired_at  timestamptz NOT NULL DEFAULT now(),
+                  renewed_at   timestamptz NOT NULL DEFAULT now()
+              );",
+    },
 ];
 
 pub async fn start(
@@ -127,7 +143,19 @@ pub async fn start(
         .await
         .context("reading the deployment tag")?
         .get(0);
+    // This dispatcher's name in installation_leases: host, pid, and a
+    // random part (two dispatchers may run in one process).
+    let owner = format!(
+        "{}:{}:{}",
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| "localhost".into()),
+        std::process::id(),
+        &Uuid::new_v4().simple().to_string()[..8]
+    );
+    let lease_ttl = std::time::Duration::from_millis(settings.dispatcher.lease_ttl_ms);
     let mut wakes = Vec::new();
+    let mut schedulers = Vec::new();
     for (name, installation) in settings.dispatcher.installations() {
         let backend: Arc<dyn backend::Backend> = match installation {
             BackendSettings::Local { max_running } => Arc::new(backend::LocalExecutor::new(
@@ -161,8 +189,29 @@ pub async fn start(
             deployment: deployment.clone(),
             wake,
             poll_interval: std::time::Duration::from_millis(settings.dispatcher.poll_interval_ms),
+            lease: Arc::new(lease::Lease::new(
+                foundation.db.clone(),
+                &name,
+                &owner,
+                lease_ttl,
+            )),
         };
-        tokio::spawn(scheduler.run(shutdown.clone()));
+        schedulers.push(tokio::spawn(scheduler.run(shutdown.clone())));
+    }
+    // The gRPC server (what `Running::wait` waits for) stops only once the
+    // schedulers gave their leases up, so a successor takes over at once.
+    let served = CancellationToken::new();
+    {
+        let (shutdown, served) = (shutdown.clone(), served.clone());
+        tokio::spawn(async move {
+            shutdown.cancelled().await;
+            let _ = tokio::time::timeout(
+                std::time::Duration::from_secs(5),
+                futures::future::join_all(schedulers),
+            )
+            .await;
+            served.cancel();
+        });
     }
     foundation.consume(
         settings,
@@ -181,7 +230,7 @@ pub async fn start(
             routes,
             reporter,
             &[],
-            &shutdown,
+            &served,
         )
         .await
 }

@@ -30,6 +30,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::backend::{Backend, BackendStatus, JobSpec};
+use crate::lease::Lease;
 
 pub(crate) struct Scheduler {
     pub db: Db,
@@ -40,6 +41,8 @@ pub(crate) struct Scheduler {
     pub deployment: String,
     pub wake: Arc<Notify>,
     pub poll_interval: Duration,
+    /// This replica's lease on the installation: rounds run only while it is held.
+    pub lease: Arc<Lease>,
 }
 
 /// A job row with what its templates need.
@@ -125,7 +128,50 @@ const MIN_ROUND_GAP: Duration = Duration::from_millis(50);
 const POLL_BATCH: i64 = 10_000;
 
 impl Scheduler {
+    /// Stands by until this replica holds the installation's lease, runs
+    /// rounds while it does, and gives it up on shutdown.
     pub async fn run(self, shutdown: CancellationToken) {
+        let backend = self.backend.name().to_string();
+        let retry = (self.lease.ttl() / 3).max(Duration::from_millis(10));
+        let mut standing_by = false;
+        while !shutdown.is_cancelled() {
+            let taken_at = std::time::Instant::now();
+            match self.lease.acquire().await {
+                Ok(Some(previous)) => {
+                    tracing::info!(%backend, owner = self.lease.owner(), previous = previous.as_deref().unwrap_or(""),
+                        "holding the installation's lease; scheduling its jobs");
+                    standing_by = false;
+                    let held = self.lease.hold(&shutdown);
+                    let heartbeat = self.lease.heartbeat(held.clone(), taken_at);
+                    tokio::join!(heartbeat, async {
+                        self.rounds(&held).await;
+                        held.cancel();
+                    });
+                    continue;
+                }
+                Ok(None) => {
+                    if !standing_by {
+                        tracing::info!(%backend, "another dispatcher holds the installation's lease; standing by");
+                        standing_by = true;
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(%backend, error = format!("{error:#}"), "taking the installation's lease failed")
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => {}
+                _ = tokio::time::sleep(retry) => {}
+            }
+        }
+        // Graceful: a successor takes over at once; the jobs run on and are adopted.
+        if let Err(error) = self.lease.release().await {
+            tracing::warn!(%backend, error = format!("{error:#}"), "releasing the installation's lease failed");
+        }
+    }
+
+    /// Scheduling rounds until `held` is cancelled (shutdown, or the lease lost).
+    async fn rounds(&self, held: &CancellationToken) {
         let changed = self.backend.changed();
         let backend = self.backend.name().to_string();
         // Statuses polled but not yet committed survive a failed transaction here.
@@ -137,7 +183,7 @@ impl Scheduler {
         // What status was last told about this installation: None until told
         // once (so a restart announces the installation healthy again).
         let mut announced: Option<bool> = None;
-        while !shutdown.is_cancelled() {
+        while !held.is_cancelled() {
             let round_started = tokio::time::Instant::now();
             let mut backend_failed = false;
             let mut last_error = String::new();
@@ -196,6 +242,10 @@ impl Scheduler {
                     0
                 }
             };
+            if held.is_cancelled() {
+                // The lease was lost in the round: what failed is not the installation's fault.
+                return;
+            }
             let healthy = !backend_failed;
             if announced != Some(healthy) {
                 match self.announce(healthy, &last_error).await {
@@ -210,7 +260,7 @@ impl Scheduler {
                 let wait = backoff(self.poll_interval, failing);
                 tracing::info!(%backend, failing, wait_ms = wait.as_millis() as u64, "backend failing; waiting before the next round");
                 tokio::select! {
-                    _ = shutdown.cancelled() => break,
+                    _ = held.cancelled() => break,
                     _ = tokio::time::sleep(wait) => {}
                 }
                 continue;
@@ -220,7 +270,7 @@ impl Scheduler {
                 continue;
             }
             tokio::select! {
-                _ = shutdown.cancelled() => break,
+                _ = held.cancelled() => break,
                 _ = self.wake.notified() => {}
                 _ = changed.notified() => {}
                 _ = tokio::time::sleep(self.poll_interval) => {}
@@ -229,7 +279,7 @@ impl Scheduler {
             // arrive in a stream, each wakes the scheduler, and one round
             // takes in everything that arrived during the gap.
             tokio::select! {
-                _ = shutdown.cancelled() => break,
+                _ = held.cancelled() => break,
                 _ = tokio::time::sleep_until(round_started + MIN_ROUND_GAP) => {}
             }
         }
@@ -301,6 +351,7 @@ impl Scheduler {
         }
         let mut client = self.db.client().await?;
         let tx = client.transaction().await?;
+        self.lease.fence(&tx).await?;
         // Highest priority first, then the oldest production; within one, by
         // job index through the partial index of ready jobs, so a million
         // waiting jobs cost nothing here.
@@ -381,8 +432,13 @@ impl Scheduler {
                 continue;
             };
             let spec = self.spec(profile, &job);
+            if self.lease.lost() {
+                // Another replica may hold the installation now: it submits.
+                failure = Some(anyhow::anyhow!("the installation's lease was lost"));
+                break;
+            }
             if look_first {
-                match self.backend.find(&spec.tag).await {
+                match self.backend.find(&spec).await {
                     Ok(Some(id)) => {
                         submitted.push((
                             job,
@@ -423,6 +479,7 @@ impl Scheduler {
         if !submitted.is_empty() {
             let mut client = self.db.client().await?;
             let tx = client.transaction().await?;
+            self.lease.fence(&tx).await?;
             let mut changes = Changes::default();
             for (job, status) in &submitted {
                 tx.execute_cached(
@@ -436,8 +493,13 @@ impl Scheduler {
                     ],
                 )
                 .await?;
-                if let Some(profile) = self.profiles.get(&job.profile) {
-                    self.apply(&tx, profile, job, status, &mut changes).await?;
+                // An attempt that ended already is collected when polled
+                // (its outputs are scanned outside any transaction).
+                if let Some(profile) = self.profiles.get(&job.profile)
+                    && status.state != JobState::Done
+                {
+                    self.apply(&tx, profile, job, status, None, &mut changes)
+                        .await?;
                 }
             }
             self.commit(tx, changes).await?;
@@ -483,6 +545,7 @@ impl Scheduler {
     async fn cancel_requested(&self) -> anyhow::Result<()> {
         let mut client = self.db.client().await?;
         let tx = client.transaction().await?;
+        self.lease.fence(&tx).await?;
         let productions: Vec<String> = tx
             .query_cached(
                 "SELECT production_id FROM productions WHERE state = 'CANCELLING' AND backend = $1
@@ -581,9 +644,13 @@ impl Scheduler {
     }
 
     async fn follow(&self, statuses: &[BackendStatus]) -> anyhow::Result<()> {
+        // Outputs of the attempts that ended DONE, scanned and checksummed
+        // before any row is locked.
+        let scanned = self.scan_done(statuses).await?;
         let ids: Vec<&str> = statuses.iter().map(|s| s.backend_job_id.as_str()).collect();
         let mut client = self.db.client().await?;
         let tx = client.transaction().await?;
+        self.lease.fence(&tx).await?;
         let rows = tx
             .query_cached(
                 &format!(
@@ -606,18 +673,70 @@ impl Scheduler {
             let Some(profile) = self.profiles.get(&job.profile) else {
                 continue;
             };
-            self.apply(&tx, profile, job, status, &mut changes).await?;
+            let outputs = scanned
+                .get(&status.backend_job_id)
+                .filter(|(attempt, _)| *attempt == job.attempt)
+                .map(|(_, outputs)| outputs);
+            self.apply(&tx, profile, job, status, outputs, &mut changes)
+                .await?;
         }
         self.commit(tx, changes).await
     }
 
+    /// The output files of each attempt in `statuses` that ended DONE, by
+    /// backend ID, with the attempt they belong to; or why they cannot be
+    /// taken (the attempt then fails). Reads rows without locking them.
+    async fn scan_done(
+        &self,
+        statuses: &[BackendStatus],
+    ) -> anyhow::Result<HashMap<String, (i32, Result<Vec<Scanned>, String>)>> {
+        let ids: Vec<&str> = statuses
+            .iter()
+            .filter(|s| s.state == JobState::Done)
+            .map(|s| s.backend_job_id.as_str())
+            .collect();
+        let mut scanned = HashMap::new();
+        if ids.is_empty() {
+            return Ok(scanned);
+        }
+        let client = self.db.client().await?;
+        let rows = client
+            .query_cached(
+                &format!(
+                    "SELECT {JOB_COLUMNS}, j.backend_job_id FROM jobs j JOIN productions p USING (production_id)
+                     WHERE j.backend_job_id = ANY($1) AND j.state IN ('SUBMITTED', 'QUEUED', 'RUNNING')"
+                ),
+                &[&ids],
+            )
+            .await?;
+        drop(client);
+        for row in &rows {
+            let job = JobRow::from_row(row)?;
+            let Some(profile) = self.profiles.get(&job.profile) else {
+                continue;
+            };
+            let workdir = PathBuf::from(
+                job.workdir
+                    .as_deref()
+                    .context("job has no working directory")?,
+            );
+            let output_dir = workdir.join(&profile.outputs().dir);
+            let outputs = tokio::task::spawn_blocking(move || scan_outputs(&output_dir)).await??;
+            scanned.insert(row.get::<_, String>(11), (job.attempt, outputs));
+        }
+        Ok(scanned)
+    }
+
     /// Applies one backend status to one job, retrying a failed attempt while the profile allows.
+    /// A DONE attempt needs its scanned `outputs`; without them it stays as
+    /// it is until polled again.
     async fn apply(
         &self,
         tx: &Transaction<'_>,
         profile: &Profile,
         job: &JobRow,
         status: &BackendStatus,
+        outputs: Option<&Result<Vec<Scanned>, String>>,
         changes: &mut Changes,
     ) -> anyhow::Result<()> {
         if status.state == job.state {
@@ -628,19 +747,21 @@ impl Scheduler {
             return Ok(());
         }
         match status.state {
-            JobState::Failed => {
-                changes.transition(job, job.attempt, JobState::Failed, &status.raw);
-                let (next, attempt) = if (job.attempt as u32) < profile.max_attempts() {
-                    (JobState::Created, job.attempt + 1)
-                } else {
-                    (JobState::Exhausted, job.attempt)
-                };
-                set_job(tx, job, next, attempt, status).await?;
-                changes.transition(job, attempt, next, &status.raw);
-                tracing::info!(job = %job.tag(&self.deployment), raw = %status.raw, next = %next, "job attempt failed");
-            }
+            JobState::Failed => self.fail(tx, profile, job, status, changes).await?,
             JobState::Done => {
-                let files = self.collect_outputs(profile, job).await?;
+                let files = match outputs {
+                    None => return Ok(()),
+                    Some(Err(reason)) => {
+                        // Its outputs cannot be taken as they are: the attempt failed.
+                        let failed = BackendStatus {
+                            state: JobState::Failed,
+                            raw: reason.clone(),
+                            ..status.clone()
+                        };
+                        return self.fail(tx, profile, job, &failed, changes).await;
+                    }
+                    Some(Ok(scanned)) => self.describe_outputs(profile, job, scanned),
+                };
                 set_job(tx, job, JobState::Done, job.attempt, status).await?;
                 changes.transition(job, job.attempt, JobState::Done, &status.raw);
                 let output = pb::JobOutput {
@@ -661,18 +782,36 @@ impl Scheduler {
         Ok(())
     }
 
-    /// Size, adler32, LFN and metadata of every file the job left in its output directory.
-    async fn collect_outputs(
+    /// A failed attempt: retried while the profile allows, else EXHAUSTED.
+    async fn fail(
+        &self,
+        tx: &Transaction<'_>,
+        profile: &Profile,
+        job: &JobRow,
+        status: &BackendStatus,
+        changes: &mut Changes,
+    ) -> anyhow::Result<()> {
+        changes.transition(job, job.attempt, JobState::Failed, &status.raw);
+        let (next, attempt) = if (job.attempt as u32) < profile.max_attempts() {
+            (JobState::Created, job.attempt + 1)
+        } else {
+            (JobState::Exhausted, job.attempt)
+        };
+        set_job(tx, job, next, attempt, status).await?;
+        changes.transition(job, attempt, next, &status.raw);
+        tracing::info!(job = %job.tag(&self.deployment), raw = %status.raw, next = %next, "job attempt failed");
+        Ok(())
+    }
+
+    /// LFN, URL and metadata of each file the attempt left in its output directory.
+    fn describe_outputs(
         &self,
         profile: &Profile,
         job: &JobRow,
-    ) -> anyhow::Result<Vec<pb::OutputFile>> {
-        let workdir = PathBuf::from(
-            job.workdir
-                .as_deref()
-                .context("job has no working directory")?,
-        );
-        let output_dir = workdir.join(&profile.outputs().dir);
+        scanned: &[Scanned],
+    ) -> Vec<pb::OutputFile> {
+        let output_dir =
+            PathBuf::from(job.workdir.as_deref().unwrap_or_default()).join(&profile.outputs().dir);
         let mut vars = profile.job_variables(
             &job.parameters,
             &job.production_id,
@@ -681,20 +820,14 @@ impl Scheduler {
             job.attempt as u32,
             &output_dir.to_string_lossy(),
         );
-        let scanned = tokio::task::spawn_blocking(move || scan_outputs(&output_dir)).await??;
         let mut files = Vec::with_capacity(scanned.len());
-        for (path, size, adler32) in scanned {
-            let name = path
-                .file_name()
-                .and_then(|n| n.to_str())
-                .unwrap_or_default()
-                .to_string();
-            vars.insert("file_name".into(), name);
+        for file in scanned {
+            vars.insert("file_name".into(), file.name.clone());
             files.push(pb::OutputFile {
                 lfn: render(&profile.outputs().lfn, &vars),
-                size,
-                adler32,
-                url: format!("file://{}", path.display()),
+                size: file.size,
+                adler32: file.adler32.clone(),
+                url: format!("file://{}", file.path.display()),
                 metadata: profile
                     .outputs()
                     .metadata
@@ -705,7 +838,7 @@ impl Scheduler {
                 job_index: job.job_index as u64,
             });
         }
-        Ok(files)
+        files
     }
 
     /// Closes the productions whose jobs all ended, then commits with every event.
@@ -846,7 +979,6 @@ async fn close(
     )))
 }
 
-/// Every regular file under `dir`, sorted, with size and adler32.
 /// The wait after `failing` consecutive failed rounds: the poll interval doubled
 /// for each, at most a minute.
 fn backoff(poll_interval: Duration, failing: u32) -> Duration {
@@ -857,26 +989,61 @@ fn backoff(poll_interval: Duration, failing: u32) -> Duration {
         .max(poll_interval)
 }
 
-fn scan_outputs(dir: &Path) -> anyhow::Result<Vec<(PathBuf, u64, String)>> {
-    let mut paths = Vec::new();
-    if dir.is_dir() {
-        for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
-            let path = entry?.path();
-            if path.is_file() {
-                paths.push(path);
-            }
-        }
+/// One output file, checksummed.
+#[derive(Debug, Clone, PartialEq)]
+struct Scanned {
+    path: PathBuf,
+    name: String,
+    size: u64,
+    adler32: String,
+}
+
+/// Suffixes of files still being written: never collected.
+const TEMPORARY_SUFFIXES: [&str; 2] = [".part", ".tmp"];
+
+/// Every complete regular file directly under `dir`, sorted, with size and
+/// adler32. `Ok(Err(reason))` when the attempt's outputs cannot be taken: a
+/// symbolic link (it could point anywhere) or a name that is not UTF-8 (no
+/// LFN can hold it). Files with a temporary suffix are left out.
+fn scan_outputs(dir: &Path) -> anyhow::Result<Result<Vec<Scanned>, String>> {
+    let mut found = Vec::new();
+    if !dir.is_dir() {
+        return Ok(Ok(Vec::new()));
     }
-    paths.sort();
-    paths
-        .into_iter()
-        .map(|path| {
-            let file = std::fs::File::open(&path)
-                .with_context(|| format!("opening {}", path.display()))?;
-            let (size, sum) = prodsys_core::checksum::adler32_hex(std::io::BufReader::new(file))?;
-            Ok((path, size, sum))
-        })
-        .collect()
+    for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let entry = entry?;
+        let path = entry.path();
+        let kind = entry.file_type()?;
+        let Some(name) = entry.file_name().to_str().map(str::to_string) else {
+            return Ok(Err(format!(
+                "output file name is not UTF-8: {}",
+                path.display()
+            )));
+        };
+        if kind.is_symlink() {
+            return Ok(Err(format!(
+                "output {name} is a symbolic link; outputs must be regular files"
+            )));
+        }
+        if !kind.is_file() || TEMPORARY_SUFFIXES.iter().any(|s| name.ends_with(s)) {
+            continue;
+        }
+        found.push((path, name));
+    }
+    found.sort();
+    let mut files = Vec::with_capacity(found.len());
+    for (path, name) in found {
+        let file =
+            std::fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?;
+        let (size, adler32) = prodsys_core::checksum::adler32_hex(std::io::BufReader::new(file))?;
+        files.push(Scanned {
+            path,
+            name,
+            size,
+            adler32,
+        });
+    }
+    Ok(Ok(files))
 }
 
 #[cfg(test)]
@@ -893,5 +1060,38 @@ mod tests {
         assert_eq!(backoff(poll, u32::MAX), Duration::from_secs(60));
         // A poll interval above a minute is never shortened.
         assert_eq!(backoff(Duration::from_secs(90), 3), Duration::from_secs(90));
+    }
+
+    #[test]
+    fn only_complete_regular_files_with_utf8_names_are_collected() {
+        use std::os::unix::ffi::OsStrExt;
+        let dir = std::env::temp_dir().join(format!("prodsys-outputs-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(dir.join("sub")).unwrap();
+        std::fs::write(dir.join("b.simtel"), "bb").unwrap();
+        std::fs::write(dir.join("a.simtel"), "a").unwrap();
+        std::fs::write(dir.join("c.simtel.part"), "still writing").unwrap();
+        std::fs::write(dir.join("d.tmp"), "scratch").unwrap();
+        let files = scan_outputs(&dir).unwrap().unwrap();
+        let names: Vec<&str> = files.iter().map(|f| f.name.as_str()).collect();
+        assert_eq!(names, ["a.simtel", "b.simtel"]);
+        assert_eq!(files[1].size, 2);
+        assert_eq!(files[0].adler32, "00620062");
+
+        std::os::unix::fs::symlink("/etc/passwd", dir.join("e.simtel")).unwrap();
+        let refused = scan_outputs(&dir).unwrap().unwrap_err();
+        assert!(
+            refused.contains("e.simtel") && refused.contains("symbolic link"),
+            "{refused}"
+        );
+        std::fs::remove_file(dir.join("e.simtel")).unwrap();
+
+        let odd = std::ffi::OsStr::from_bytes(b"f\xff.simtel");
+        std::fs::write(dir.join(odd), "x").unwrap();
+        let refused = scan_outputs(&dir).unwrap().unwrap_err();
+        assert!(refused.contains("not UTF-8"), "{refused}");
+        std::fs::remove_dir_all(&dir).unwrap();
+
+        // No output directory: no files, no error.
+        assert_eq!(scan_outputs(&dir).unwrap().unwrap(), vec![]);
     }
 }

@@ -239,6 +239,48 @@ impl Slurm {
     }
 }
 
+/// The ID of the job named `tag` in `sacct -P -o JobID,JobName` output (the newest if several).
+fn named(out: &str, tag: &str) -> Option<String> {
+    out.lines()
+        .filter_map(|line| {
+            let (id, name) = line.split_once('|')?;
+            let name = name.split('|').next()?;
+            (name == tag && !id.is_empty() && id.chars().all(|c| c.is_ascii_digit()))
+                .then(|| id.to_string())
+        })
+        .max_by_key(|id| id.parse::<u64>().unwrap_or(0))
+}
+
+impl Slurm {
+    /// A finished job found by its name in accounting, or in the job
+    /// completion log (`sacct -c`) where no accounting database runs.
+    async fn sacct_named(&self, tag: &str) -> anyhow::Result<Option<String>> {
+        let mut args = vec![
+            "-P".to_string(),
+            "-X".to_string(),
+            "-n".to_string(),
+            "-o".to_string(),
+            "JobID,JobName".to_string(),
+            "-S".to_string(),
+            "now-30days".to_string(),
+            format!("--name={tag}"),
+        ];
+        let accounting = run("sacct", &args).await;
+        if let Ok(out) = &accounting
+            && let Some(id) = named(out, tag)
+        {
+            return Ok(Some(id));
+        }
+        args.insert(0, "-c".to_string());
+        match run("sacct", &args).await {
+            Ok(out) => Ok(named(&out, tag)),
+            // Accounting answered (without the job) and there is no completion log.
+            Err(_) if accounting.is_ok() => Ok(None),
+            Err(error) => Err(error.context("looking for a finished job by name")),
+        }
+    }
+}
+
 impl Backend for Slurm {
     fn name(&self) -> &str {
         &self.name
@@ -291,13 +333,21 @@ impl Backend for Slurm {
         })
     }
 
-    fn find<'a>(&'a self, tag: &'a str) -> BoxFuture<'a, anyhow::Result<Option<String>>> {
+    fn find<'a>(&'a self, spec: &'a JobSpec) -> BoxFuture<'a, anyhow::Result<Option<String>>> {
         Box::pin(async move {
+            let tag = spec.tag.as_str();
             let jobs = self.squeue(&[format!("--name={tag}")]).await?;
-            Ok(jobs
+            if let Some(id) = jobs
                 .into_iter()
                 .find(|(_, job)| job.get("name").and_then(Value::as_str) == Some(tag))
-                .map(|(id, _)| id))
+                .map(|(id, _)| id)
+            {
+                return Ok(Some(id));
+            }
+            // Not queued any more: it may have run to its end while no
+            // dispatcher watched. Accounting (or the completion log)
+            // remembers it; then it is followed, through sacct, not run again.
+            self.sacct_named(tag).await
         })
     }
 
@@ -339,6 +389,19 @@ mod tests {
         assert_eq!(job_state(&new).as_deref(), Some("FAILED"));
         assert_eq!(exit_code(&new), Some(3));
         assert_eq!(job_id(&old).as_deref(), Some("7"));
+    }
+
+    #[test]
+    fn a_finished_job_is_found_by_its_exact_name_in_sacct_output() {
+        let out =
+            "17|p1.CTA-000001.000001.a1\n18|p1.CTA-000001.000001.a10\n21|p1.CTA-000001.000001.a1\n";
+        assert_eq!(named(out, "p1.CTA-000001.000001.a1").as_deref(), Some("21"));
+        assert_eq!(
+            named(out, "p1.CTA-000001.000001.a10").as_deref(),
+            Some("18")
+        );
+        assert_eq!(named(out, "p1.CTA-000001.000002.a1"), None);
+        assert_eq!(named("", "x"), None);
     }
 
     #[test]

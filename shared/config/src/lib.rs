@@ -110,6 +110,10 @@ pub struct DispatcherSettings {
     pub max_concurrent_jobs: usize,
     /// Longest wait between two polls of a backend.
     pub poll_interval_ms: u64,
+    /// Time to live of a dispatcher replica's lease on an installation: it
+    /// renews it every third of this; another replica takes the installation
+    /// over this long after the holder stopped renewing.
+    pub lease_ttl_ms: u64,
     /// Named WMS installations besides `local` (which always exists, with
     /// `max_concurrent_jobs`); a request chooses one by name.
     pub backends: BTreeMap<String, BackendSettings>,
@@ -275,6 +279,7 @@ impl Default for DispatcherSettings {
             tools_dir: PathBuf::new(),
             max_concurrent_jobs: 2,
             poll_interval_ms: 1000,
+            lease_ttl_ms: 10_000,
             backends: BTreeMap::new(),
         }
     }
