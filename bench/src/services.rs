@@ -60,7 +60,8 @@ pub fn serve(service: &str, config: &Path) -> anyhow::Result<()> {
             }
         }
     });
-    // Jobs the dispatcher started are killed as the runtime drops them.
+    // Jobs the dispatcher started outlive it (a restarted dispatcher adopts
+    // them); the bench ends them with its environment (TestEnv::cleanup).
     runtime.shutdown_timeout(Duration::from_secs(5));
     result
 }
@@ -319,8 +320,8 @@ impl Services {
 }
 
 /// On a path that skipped [`Services::stop`] (a panic, say): SIGTERM to every
-/// process still running and a few seconds to stop (the dispatcher's jobs go
-/// with it), then `kill_on_drop` kills what is left.
+/// process still running and a few seconds to stop, then `kill_on_drop`
+/// kills what is left (the dispatcher's jobs outlive it, by design).
 impl Drop for Services {
     fn drop(&mut self) {
         let mut running: Vec<&mut Process> = self.processes.iter_mut().collect();

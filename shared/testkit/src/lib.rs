@@ -8,7 +8,7 @@
 //! (default `amqp://guest:guest@127.0.0.1:5672/%2f`) say where the servers are.
 
 use std::future::Future;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -154,7 +154,39 @@ impl TestEnv {
                 ))
                 .await;
         }
+        end_jobs(&self.work_dir);
         let _ = std::fs::remove_dir_all(&self.work_dir);
+    }
+}
+
+/// Kills the process group of every local job under `dir`: jobs outlive the
+/// dispatcher that started them (a restarted one adopts them), so a test's
+/// jobs end with its environment, not with its services. Each attempt's
+/// supervisor leads its job's process group and names itself in `prodsys.pid`.
+pub fn end_jobs(dir: &Path) {
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                pending.push(path);
+            } else if entry.file_name() == "prodsys.pid"
+                // An attempt that recorded its end has no process left (and
+                // its pid may belong to someone else by now).
+                && !dir.join("prodsys.exit").exists()
+                && let Some(pid) = std::fs::read_to_string(&path)
+                    .ok()
+                    .and_then(|t| t.split_whitespace().next()?.parse::<u32>().ok())
+            {
+                let _ = std::process::Command::new("kill")
+                    .args(["-KILL", "--", &format!("-{pid}")])
+                    .stderr(std::process::Stdio::null())
+                    .status();
+            }
+        }
     }
 }
 
