@@ -251,6 +251,7 @@ impl App {
                     metadata: Default::default(),
                     page_size: 3,
                     page_token: token,
+                    ..Default::default()
                 })
                 .await
                 .unwrap()

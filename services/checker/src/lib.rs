@@ -246,8 +246,12 @@ struct Pending<'r, 'p> {
     request: &'r pb::RequestReceived,
     candidate: Candidate<'r>,
     prepared: Prepared<'p>,
-    catalog: Option<pb::FindExistingResponse>,
+    catalog: Option<CatalogAnswer>,
 }
+
+/// What the catalog holds of each identity of a request's files (one per
+/// NSB level, say), labelled by the per-file values it stands for.
+type CatalogAnswer = Vec<(String, pb::FindExistingResponse)>;
 
 /// A candidate after the checks that need no database: its profile, its
 /// parameters as the profile completed them and its fingerprints.
@@ -303,7 +307,7 @@ impl Checker {
         prepared: Prepared<'p>,
         candidate: &Candidate<'_>,
         known: &Neighbourhood,
-        catalog: Option<&pb::FindExistingResponse>,
+        catalog: Option<&CatalogAnswer>,
     ) -> Evaluation<'p> {
         let Prepared {
             mut validation,
@@ -339,17 +343,27 @@ impl Checker {
                 });
             }
         }
-        if validation.existing_production_id.is_empty()
-            && let Some(found) = catalog
-        {
+        // Overlaps with productions known here; the catalog's come after.
+        let known_overlaps = validation.overlaps.len();
+        if let Some(answers) = catalog {
             let ids: Vec<&str> = relatives.iter().map(|r| r.production_id.as_str()).collect();
-            if let Some(v) = foreign_outputs(found, &ids) {
-                violations.push(v);
+            let held = compare_with_catalog(answers, &ids, &mut validation);
+            // An extension's runs follow every run of its identity the catalog holds.
+            for (_, found) in answers {
+                run_number_offset = run_number_offset.max(found.last_run as i64);
+            }
+            if !held.is_empty() && !candidate.extend {
+                violations.push(Violation::new(
+                    "parameters",
+                    format!(
+                        "outputs of this simulation already exist in the catalog: {}; submit with extend to produce more",
+                        held.join("; ")
+                    ),
+                ));
             }
         }
-        if !validation.overlaps.is_empty() && !candidate.extend {
-            let names: Vec<String> = validation
-                .overlaps
+        if known_overlaps > 0 && !candidate.extend {
+            let names: Vec<String> = validation.overlaps[..known_overlaps]
                 .iter()
                 .map(|o| format!("{} ({})", o.production_id, o.description))
                 .collect();
@@ -392,31 +406,28 @@ impl Checker {
         }
     }
 
-    /// What the catalog holds of each prepared candidate's simulation, for
-    /// those that need asking (checked, not extending, with a catalog
-    /// identity): one call for the whole batch, made before the decisions
-    /// take the checker's lock.
+    /// What the catalog holds of each prepared candidate's simulation, per
+    /// identity of its files, for those that need asking (checked, with a
+    /// catalog identity): one call for the whole batch, made before the
+    /// decisions take the checker's lock.
     async fn ask_catalog(
         &self,
         prepared: &[Prepared<'_>],
         candidates: &[Candidate<'_>],
-    ) -> anyhow::Result<Vec<Option<pb::FindExistingResponse>>> {
+    ) -> anyhow::Result<Vec<Option<CatalogAnswer>>> {
         let mut asked = Vec::new();
         let mut queries = Vec::new();
-        for (i, (p, c)) in prepared.iter().zip(candidates).enumerate() {
+        // Extensions too: their runs must follow those the catalog holds.
+        for (i, (p, _)) in prepared.iter().zip(candidates).enumerate() {
             let Some((profile, parameters, _)) = &p.checked else {
                 continue;
             };
-            let metadata = profile.catalog_identity(parameters);
-            if metadata.is_empty() || c.extend {
-                continue;
+            for identity in profile.file_identities(parameters) {
+                asked.push((i, identity.label));
+                queries.push(identity.query);
             }
-            asked.push(i);
-            queries.push(pb::FindExistingRequest {
-                metadata: metadata.into_iter().collect(),
-            });
         }
-        let mut found: Vec<Option<pb::FindExistingResponse>> = vec![None; prepared.len()];
+        let mut found: Vec<Option<CatalogAnswer>> = vec![None; prepared.len()];
         let mut answers = Vec::with_capacity(queries.len());
         while !queries.is_empty() {
             let rest = queries.split_off(queries.len().min(CATALOG_QUERIES_PER_CALL));
@@ -459,8 +470,8 @@ impl Checker {
             );
             answers.extend(results);
         }
-        for (i, answer) in asked.into_iter().zip(answers) {
-            found[i] = Some(answer);
+        for ((i, label), answer) in asked.into_iter().zip(answers) {
+            found[i].get_or_insert_with(Vec::new).push((label, answer));
         }
         Ok(found)
     }
@@ -611,35 +622,107 @@ impl Checker {
     }
 }
 
-/// A violation when the catalog holds outputs of this simulation that no
-/// production of this identity known here wrote: data made before prodsys
-/// or elsewhere.
-fn foreign_outputs(found: &pb::FindExistingResponse, known: &[&str]) -> Option<Violation> {
-    let foreign: Vec<&str> = found
-        .production_ids
-        .iter()
-        .filter(|p| !known.contains(&p.as_str()))
-        .map(|p| {
-            if p.is_empty() {
-                "registered from elsewhere"
-            } else {
-                p.as_str()
+/// Compares what the catalog holds of each identity of a request's files
+/// with the request: explains each in `validation.explanations`, names the
+/// productions this checker does not already report (`known`) as overlaps,
+/// and returns, per identity with such outputs, what it holds in words
+/// (empty when nothing stands in the way).
+fn compare_with_catalog(
+    answers: &CatalogAnswer,
+    known: &[&str],
+    validation: &mut pb::Validation,
+) -> Vec<String> {
+    let duplicate = !validation.existing_production_id.is_empty();
+    let mut held = Vec::new();
+    // Per production, the identities (NSB levels) it holds.
+    let mut overlapping: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for (label, found) in answers {
+        let name = |ids: &[String]| -> String {
+            ids.iter()
+                .map(|p| {
+                    if p.is_empty() {
+                        "registered from elsewhere"
+                    } else {
+                        p.as_str()
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let of = if label.is_empty() {
+            "the outputs".to_string()
+        } else {
+            label.clone()
+        };
+        let mut words = if found.file_count == 0 {
+            format!("{of}: no file of this identity in the catalog")
+        } else {
+            let mut w = format!(
+                "{of}: {} file(s) of this identity in the catalog ({}), e.g. {}",
+                found.file_count,
+                name(&found.production_ids),
+                found.example_lfns.join(", ")
+            );
+            if !found.missing_keys.is_empty() {
+                w.push_str(&format!(
+                    "; some do not carry {}, so cannot be told apart by them",
+                    found.missing_keys.join(", ")
+                ));
             }
-        })
-        .collect();
-    if found.file_count == 0 || foreign.is_empty() {
-        return None;
-    }
-    Some(Violation::new(
-        "parameters",
-        format!(
-            "outputs of this simulation already exist in the catalog: {} file(s), {} bytes ({}), e.g. {}; submit with extend to produce more",
+            w
+        };
+        if !found.differing_keys.is_empty() {
+            words.push_str(&format!(
+                "; files of the same kind ({}) differ in {}",
+                name(&found.differing_production_ids),
+                found.differing_keys.join(", ")
+            ));
+        }
+        validation.explanations.push(words);
+        if found.file_count == 0 || duplicate {
+            continue;
+        }
+        let foreign: Vec<&String> = found
+            .production_ids
+            .iter()
+            .filter(|p| !known.contains(&p.as_str()))
+            .collect();
+        if foreign.is_empty() {
+            continue;
+        }
+        for p in foreign.iter().filter(|p| !p.is_empty()) {
+            overlapping.entry(p.as_str()).or_default().push(label);
+        }
+        let foreign: Vec<String> = foreign.into_iter().cloned().collect();
+        let which = if label.is_empty() {
+            String::new()
+        } else {
+            format!(" for {label}")
+        };
+        held.push(format!(
+            "{} file(s), {} bytes ({}){which}, e.g. {}",
             found.file_count,
             found.total_bytes,
-            foreign.join(", "),
+            name(&foreign),
             found.example_lfns.join(", ")
-        ),
-    ))
+        ));
+    }
+    for (production_id, labels) in overlapping {
+        let labels: Vec<&str> = labels.into_iter().filter(|l| !l.is_empty()).collect();
+        let description = if labels.is_empty() {
+            "its outputs in the catalog have the same identity".to_string()
+        } else {
+            format!(
+                "{}: its outputs in the catalog have the same identity",
+                labels.join(", ")
+            )
+        };
+        validation.overlaps.push(pb::Overlap {
+            production_id: production_id.to_string(),
+            description,
+        });
+    }
+    held
 }
 
 /// The ID a production accepted earlier in the same batch is known by until

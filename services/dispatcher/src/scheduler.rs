@@ -695,12 +695,7 @@ impl Scheduler {
                 size,
                 adler32,
                 url: format!("file://{}", path.display()),
-                metadata: profile
-                    .outputs()
-                    .metadata
-                    .iter()
-                    .map(|(k, v)| (k.clone(), render(v, &vars)))
-                    .collect(),
+                metadata: profile.output_metadata(&vars),
                 production_id: job.production_id.clone(),
                 job_index: job.job_index as u64,
             });
