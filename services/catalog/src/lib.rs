@@ -1,7 +1,11 @@
 //! Catalog: every file a production wrote, with its LFN, size, adler32,
 //! storage URL and metadata, registered from `job.output` events (an LFN is
 //! registered once, however often the event arrives), and a record per
-//! finished production. `FindFiles` answers by production and metadata.
+//! finished production. Metadata values are stored as the types the profiles
+//! declare for their keys (numbers as JSON numbers), so they compare as
+//! numbers. `FindFiles`/`StreamFiles` answer typed conditions, an LFN prefix,
+//! a production and a dataset; `FindExisting(Many)` tells the checker what is
+//! held of an identity, which keys files lack or differ in, and the last run.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
