@@ -41,17 +41,17 @@ async fn new_simulations_are_accepted_and_an_overlap_is_named_per_nsb_level() {
     assert!(!dry.acceptable, "{dry:?}");
     assert_eq!(dry.overlaps.len(), 1, "{:?}", dry.overlaps);
     assert_eq!(dry.overlaps[0].production_id, first);
-    assert_eq!(
-        dry.overlaps[0].description,
-        "nsb 1: its outputs in the catalog have the same identity"
-    );
+    assert_eq!(dry.overlaps[0].description, "nsb 1 (existing nsb 1, 5)");
     let reason = &dry
         .violations
         .iter()
-        .find(|v| v.field == "parameters")
-        .expect("a refusal of the parameters")
+        .find(|v| v.field == "extend")
+        .expect("an extension asked for")
         .description;
-    assert!(reason.contains(&format!("({first}) for nsb 1")), "{reason}");
+    assert!(
+        reason.contains(&format!("{first} (nsb 1 (existing nsb 1, 5))")),
+        "{reason}"
+    );
     assert!(!reason.contains("nsb 19"), "{reason}");
     assert!(
         dry.explanations.iter().any(|e| e.starts_with(&format!(
@@ -104,6 +104,24 @@ async fn new_simulations_are_accepted_and_an_overlap_is_named_per_nsb_level() {
     );
     let nsb19 = app.accepted(dark_moon).await;
     assert_ne!(nsb19, first);
+    // Known before any of its files is catalogued: NSB 5 and 19 overlap
+    // both productions, each on its own level.
+    let dry = app
+        .validate(cta_with(|p| p["nsb_levels"] = json!([5, 19])))
+        .await;
+    assert!(!dry.acceptable, "{dry:?}");
+    let overlaps: Vec<(&str, &str)> = dry
+        .overlaps
+        .iter()
+        .map(|o| (o.production_id.as_str(), o.description.as_str()))
+        .collect();
+    assert_eq!(
+        overlaps,
+        [
+            (first.as_str(), "nsb 5 (existing nsb 1, 5)"),
+            (nsb19.as_str(), "nsb 19 (existing nsb 19)")
+        ]
+    );
 
     // Another sim_telarray version: a new simulation, and the answer says
     // which key tells it apart.

@@ -58,6 +58,17 @@ const MIGRATIONS: &[Migration] = &[
             CREATE INDEX productions_base ON productions (base_fingerprint);
         "#,
     },
+    Migration {
+        version: 20,
+        name: "file-base fingerprints",
+        // Productions whose files may share an identity though their base
+        // fingerprints differ (NSB 1+5 and NSB 1+19); '' where the profile
+        // has no per-file key, and for productions accepted before.
+        sql: r#"
+            ALTER TABLE productions ADD COLUMN file_base text NOT NULL DEFAULT '';
+            CREATE INDEX productions_file_base ON productions (file_base);
+        "#,
+    },
 ];
 
 pub async fn start(
@@ -144,11 +155,13 @@ struct Accepted<'p> {
     profile: &'p Profile,
     parameters: serde_json::Value,
     base_fingerprint: String,
+    file_base: Option<String>,
     run_number_offset: i64,
     last_run: i64,
 }
 
 /// A production the checker knows of, as far as a decision needs it.
+#[derive(Clone)]
 struct Known {
     production_id: String,
     fingerprint: String,
@@ -164,6 +177,8 @@ struct Known {
 struct Neighbourhood {
     by_fingerprint: HashMap<String, String>,
     by_base: HashMap<String, Vec<Known>>,
+    /// By file-base fingerprint, with each one's base fingerprint.
+    by_file_base: HashMap<String, Vec<(String, Known)>>,
 }
 
 impl Neighbourhood {
@@ -171,6 +186,7 @@ impl Neighbourhood {
         tx: &Transaction<'_>,
         fingerprints: &[String],
         bases: &[String],
+        file_bases: &[String],
     ) -> anyhow::Result<Self> {
         let mut known = Neighbourhood::default();
         if fingerprints.is_empty() && bases.is_empty() {
@@ -186,12 +202,15 @@ impl Neighbourhood {
         let mut seen = HashSet::new();
         let rows = tx
             .query_cached(
-                "SELECT production_id, fingerprint, base_fingerprint, parameters, last_run
+                "SELECT production_id, fingerprint, base_fingerprint, parameters, last_run, file_base
                  FROM productions WHERE fingerprint = ANY($1)
                  UNION ALL
-                 SELECT production_id, fingerprint, base_fingerprint, parameters, last_run
-                 FROM productions WHERE base_fingerprint = ANY($2)",
-                &[&fingerprints, &bases],
+                 SELECT production_id, fingerprint, base_fingerprint, parameters, last_run, file_base
+                 FROM productions WHERE base_fingerprint = ANY($2)
+                 UNION ALL
+                 SELECT production_id, fingerprint, base_fingerprint, parameters, last_run, file_base
+                 FROM productions WHERE file_base = ANY($3)",
+                &[&fingerprints, &bases, &file_bases],
             )
             .await?;
         tx.batch_execute("RESET enable_seqscan").await?;
@@ -199,8 +218,10 @@ impl Neighbourhood {
             if !seen.insert(row.get::<_, String>(0)) {
                 continue;
             }
+            let file_base: String = row.get(5);
             known.add(
                 row.get(2),
+                (!file_base.is_empty()).then_some(file_base),
                 Known {
                     production_id: row.get(0),
                     fingerprint: row.get(1),
@@ -212,12 +233,35 @@ impl Neighbourhood {
         Ok(known)
     }
 
-    fn add(&mut self, base: String, production: Known) {
+    fn add(&mut self, base: String, file_base: Option<String>, production: Known) {
         self.by_fingerprint.insert(
             production.fingerprint.clone(),
             production.production_id.clone(),
         );
+        if let Some(file_base) = file_base {
+            self.by_file_base
+                .entry(file_base)
+                .or_default()
+                .push((base.clone(), production.clone()));
+        }
         self.by_base.entry(base).or_default().push(production);
+    }
+
+    /// Productions whose files may share an identity with the candidate's
+    /// (same file-base fingerprint) though their base differs, by production ID.
+    fn file_relatives<'a>(&'a self, file_base: &str, base: &str) -> Vec<&'a Known> {
+        let mut relatives: Vec<&Known> = self
+            .by_file_base
+            .get(file_base)
+            .map(|all| {
+                all.iter()
+                    .filter(|(b, _)| b != base)
+                    .map(|(_, k)| k)
+                    .collect()
+            })
+            .unwrap_or_default();
+        relatives.sort_by(|a, b| a.production_id.cmp(&b.production_id));
+        relatives
     }
 
     fn existing(&self, fingerprint: &str) -> Option<&str> {
@@ -343,10 +387,27 @@ impl Checker {
                 });
             }
         }
+        // Productions whose files share an identity with some of this one's
+        // (NSB 1 of NSB 1+5, for NSB 1+19).
+        let file_base = profile.file_base_fingerprint(&parameters);
+        let file_relatives = file_base
+            .as_deref()
+            .map(|fb| known.file_relatives(fb, &base_fingerprint))
+            .unwrap_or_default();
+        let mut ids: Vec<&str> = relatives.iter().map(|r| r.production_id.as_str()).collect();
+        for relative in file_relatives {
+            if let Some(description) = profile.per_file_overlap(&parameters, &relative.parameters) {
+                run_number_offset = run_number_offset.max(relative.last_run);
+                ids.push(&relative.production_id);
+                validation.overlaps.push(pb::Overlap {
+                    production_id: relative.production_id.clone(),
+                    description,
+                });
+            }
+        }
         // Overlaps with productions known here; the catalog's come after.
         let known_overlaps = validation.overlaps.len();
         if let Some(answers) = catalog {
-            let ids: Vec<&str> = relatives.iter().map(|r| r.production_id.as_str()).collect();
             let held = compare_with_catalog(answers, &ids, &mut validation);
             // An extension's runs follow every run of its identity the catalog holds.
             for (_, found) in answers {
@@ -395,6 +456,7 @@ impl Checker {
                 profile,
                 parameters,
                 base_fingerprint,
+                file_base,
                 run_number_offset,
                 last_run: (plan.run_number_offset + plan.job_count) as i64,
             }),
@@ -495,7 +557,14 @@ impl Checker {
             .iter()
             .filter_map(|p| p.prepared.checked.as_ref().map(|(_, _, base)| base.clone()))
             .collect();
-        let mut known = Neighbourhood::load(tx, &fingerprints, &bases).await?;
+        let file_bases: Vec<String> = pending
+            .iter()
+            .filter_map(|p| {
+                let (profile, parameters, _) = p.prepared.checked.as_ref()?;
+                profile.file_base_fingerprint(parameters)
+            })
+            .collect();
+        let mut known = Neighbourhood::load(tx, &fingerprints, &bases, &file_bases).await?;
         // Verdicts first (IDs need the count per VO), then one write for all.
         let mut verdicts = Vec::with_capacity(requests.len());
         for Pending {
@@ -512,6 +581,7 @@ impl Checker {
                 // Placeholder ID until the sequence is read; unique within the batch.
                 known.add(
                     accepted.base_fingerprint.clone(),
+                    accepted.file_base.clone(),
                     Known {
                         production_id: placeholder(&request.request_id),
                         fingerprint: evaluation.validation.fingerprint.clone(),
@@ -763,6 +833,7 @@ struct NewProductions {
     offsets: Vec<i64>,
     bases: Vec<String>,
     last_runs: Vec<i64>,
+    file_bases: Vec<String>,
 }
 
 impl NewProductions {
@@ -782,6 +853,7 @@ impl NewProductions {
         self.backends.push(request.backend.clone());
         self.offsets.push(accepted.run_number_offset);
         self.bases.push(accepted.base_fingerprint);
+        self.file_bases.push(accepted.file_base.unwrap_or_default());
         self.last_runs.push(accepted.last_run);
         self.parameters.push(accepted.parameters);
     }
@@ -793,9 +865,10 @@ impl NewProductions {
         tx.execute_cached(
             "INSERT INTO productions
                  (production_id, fingerprint, request_id, profile, vo, parameters, backend,
-                  run_number_offset, base_fingerprint, last_run)
+                  run_number_offset, base_fingerprint, last_run, file_base)
              SELECT * FROM unnest($1::text[], $2::text[], $3::uuid[], $4::text[], $5::text[],
-                                  $6::jsonb[], $7::text[], $8::bigint[], $9::text[], $10::bigint[])",
+                                  $6::jsonb[], $7::text[], $8::bigint[], $9::text[], $10::bigint[],
+                                  $11::text[])",
             &[
                 &self.ids,
                 &self.fingerprints,
@@ -807,6 +880,7 @@ impl NewProductions {
                 &self.offsets,
                 &self.bases,
                 &self.last_runs,
+                &self.file_bases,
             ],
         )
         .await
@@ -924,10 +998,11 @@ impl pb::checker_service_server::CheckerService for Checker {
             .await
             .map_err(|e| ServiceError::Unexpected(e.into()))?;
         let known = match &prepared.checked {
-            Some((_, _, base)) => Neighbourhood::load(
+            Some((profile, parameters, base)) => Neighbourhood::load(
                 &tx,
                 std::slice::from_ref(&prepared.validation.fingerprint),
                 std::slice::from_ref(base),
+                &Vec::from_iter(profile.file_base_fingerprint(parameters)),
             )
             .await
             .map_err(ServiceError::from)?,

@@ -1139,6 +1139,82 @@ impl Profile {
     }
 }
 
+impl Profile {
+    /// Fingerprint of the identity without its statistics, ranges and the
+    /// list parameters of per-file keys (`nsb_levels`): equal for productions
+    /// whose files may share an identity (NSB 1+5 and NSB 1+19). `None` when
+    /// the profile has no per-file key (the base fingerprint says it all).
+    pub fn file_base_fingerprint(&self, parameters: &Value) -> Option<String> {
+        let catalog = self.file.catalog.as_ref()?;
+        if catalog.per_file.is_empty() {
+            return None;
+        }
+        let varying: BTreeSet<&str> = self
+            .file
+            .statistics
+            .iter()
+            .chain(self.file.ranges.iter().flat_map(|r| [&r.min, &r.max]))
+            .chain(catalog.per_file.values().map(|p| &p.values))
+            .map(String::as_str)
+            .collect();
+        let mut identity = Map::new();
+        for key in self
+            .file
+            .identity
+            .iter()
+            .filter(|k| !varying.contains(k.as_str()))
+        {
+            identity.insert(
+                key.clone(),
+                canonical(parameters.get(key).unwrap_or(&Value::Null)),
+            );
+        }
+        let doc = serde_json::json!({ "profile": self.file.name, "file_base": identity });
+        Some(hex::encode(Sha256::digest(doc.to_string().as_bytes())))
+    }
+
+    /// How the files of `mine` overlap those of `theirs`, two requests with
+    /// the same file-base fingerprint: the per-file values they share
+    /// (`nsb 1 (existing nsb 1, 5)`); `None` when they share none or a range
+    /// is disjoint.
+    pub fn per_file_overlap(&self, mine: &Value, theirs: &Value) -> Option<String> {
+        let catalog = self.file.catalog.as_ref()?;
+        let num = |v: &Value, k: &str| v.get(k).and_then(Value::as_f64);
+        for range in &self.file.ranges {
+            let (a0, a1) = (num(mine, &range.min)?, num(mine, &range.max)?);
+            let (b0, b1) = (num(theirs, &range.min)?, num(theirs, &range.max)?);
+            if a0 >= b1 || b0 >= a1 {
+                return None;
+            }
+        }
+        let values = |v: &Value, name: &str| -> Vec<String> {
+            match v.get(name) {
+                Some(Value::Array(items)) => items.iter().map(render_value).collect(),
+                Some(other) => vec![render_value(other)],
+                None => Vec::new(),
+            }
+        };
+        let mut parts = Vec::new();
+        for (key, per_file) in &catalog.per_file {
+            let (a, b) = (
+                values(mine, &per_file.values),
+                values(theirs, &per_file.values),
+            );
+            let common: Vec<&String> = a.iter().filter(|v| b.contains(v)).collect();
+            if common.is_empty() {
+                return None;
+            }
+            let list = |v: Vec<&String>| v.into_iter().cloned().collect::<Vec<_>>().join(", ");
+            parts.push(format!(
+                "{key} {} (existing {key} {})",
+                list(common),
+                list(b.iter().collect())
+            ));
+        }
+        (!parts.is_empty()).then(|| parts.join("; "))
+    }
+}
+
 impl ProfileSet {
     /// The type of every metadata key any profile declares; a key declared
     /// with two types is an error naming it.
@@ -1426,5 +1502,36 @@ mod tests {
         let broken = text.replacen("\"nsb\": \"integer\",", "", 1);
         let err = Profile::from_json(Path::new("x.json"), &broken).unwrap_err();
         assert!(err.to_string().contains("\"nsb\""), "{err}");
+    }
+
+    #[test]
+    fn nsb_levels_in_common_overlap_disjoint_ones_do_not() {
+        let set = profiles();
+        let p = set.get("cta-irf-mc").unwrap();
+        let base = cta_example();
+        let mut other = base.clone();
+        other["nsb_levels"] = json!([19, 1]);
+        assert_ne!(p.base_fingerprint(&base), p.base_fingerprint(&other));
+        assert_eq!(
+            p.file_base_fingerprint(&base),
+            p.file_base_fingerprint(&other)
+        );
+        assert_eq!(
+            p.per_file_overlap(&other, &base).as_deref(),
+            Some("nsb 1 (existing nsb 1, 5)")
+        );
+        other["nsb_levels"] = json!([19]);
+        assert_eq!(p.per_file_overlap(&other, &base), None);
+        other["nsb_levels"] = json!([1]);
+        other["energy_min_tev"] = json!(330);
+        other["energy_max_tev"] = json!(600);
+        assert_eq!(p.per_file_overlap(&other, &base), None);
+        other["software"]["sim_telarray"] = json!("2025-06-01");
+        assert_ne!(
+            p.file_base_fingerprint(&base),
+            p.file_base_fingerprint(&other)
+        );
+        let km3net = set.get("km3net-container-sim").unwrap();
+        assert_eq!(km3net.file_base_fingerprint(&json!({})), None);
     }
 }
