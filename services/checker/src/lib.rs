@@ -3,8 +3,11 @@
 //! profile (requests also come from event publishers), computes the physics
 //! fingerprint, refuses an exact duplicate by naming the production that has
 //! that identity, reports overlaps (same identity but other statistics or an
-//! intersecting range) and accepts them only as explicit extensions with new
-//! run numbers, and assigns a human-readable production ID from a per-VO
+//! intersecting range, or output files of the same identity: NSB levels in
+//! common) and accepts them only as explicit extensions with new run numbers.
+//! It compares each identity of a request's files with what the catalog holds
+//! (from prodsys or registered elsewhere) and explains what matched and which
+//! keys differ. It assigns a human-readable production ID from a per-VO
 //! sequence that never reuses a number. `Evaluate` answers the same question
 //! without storing anything (intake's `ValidateRequest`).
 
