@@ -135,6 +135,7 @@ async fn cta_example_runs_to_completed_and_every_file_is_catalogued() {
             metadata: [("run_number".to_string(), "2".to_string())].into(),
             page_size: 0,
             page_token: String::new(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -630,9 +631,11 @@ async fn outputs_registered_from_elsewhere_count_as_existing() {
             queries: vec![
                 pb::FindExistingRequest {
                     metadata: other.clone(),
+                    ..Default::default()
                 },
                 pb::FindExistingRequest {
                     metadata: metadata.clone(),
+                    ..Default::default()
                 },
             ],
         })
@@ -649,7 +652,10 @@ async fn outputs_registered_from_elsewhere_count_as_existing() {
     let status = catalog
         .find_existing_many(pb::FindExistingManyRequest {
             queries: vec![
-                pb::FindExistingRequest { metadata: other },
+                pb::FindExistingRequest {
+                    metadata: other,
+                    ..Default::default()
+                },
                 pb::FindExistingRequest::default(),
             ],
         })
@@ -891,6 +897,15 @@ impl pb::catalog_service_server::CatalogService for OlderCatalog {
         Err(tonic::Status::unimplemented("FindFiles"))
     }
 
+    type StreamFilesStream = tokio_stream::Empty<Result<pb::FindFilesResponse, tonic::Status>>;
+
+    async fn stream_files(
+        &self,
+        _: tonic::Request<pb::FindFilesRequest>,
+    ) -> Result<tonic::Response<Self::StreamFilesStream>, tonic::Status> {
+        Err(tonic::Status::unimplemented("StreamFiles"))
+    }
+
     async fn find_existing(
         &self,
         _: tonic::Request<pb::FindExistingRequest>,
@@ -900,6 +915,7 @@ impl pb::catalog_service_server::CatalogService for OlderCatalog {
             total_bytes: 3000,
             production_ids: vec![String::new()],
             example_lfns: vec!["/vo.cta.in2p3.fr/MC/elsewhere/run1.simtel".into()],
+            ..Default::default()
         }))
     }
 

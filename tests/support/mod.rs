@@ -251,6 +251,7 @@ impl App {
                     metadata: Default::default(),
                     page_size: 3,
                     page_token: token,
+                    ..Default::default()
                 })
                 .await
                 .unwrap()
@@ -354,5 +355,112 @@ pub async fn spawn_services(env: TestEnv, services: &[Service]) -> App {
         intake,
         status,
         catalog,
+    }
+}
+
+/// The shipped CTA example with its parameters changed by `change`.
+pub fn cta_with(change: impl FnOnce(&mut serde_json::Value)) -> pb::SubmitRequestRequest {
+    let mut request = cta_example();
+    let mut parameters: serde_json::Value = serde_json::from_str(&request.parameters_json).unwrap();
+    change(&mut parameters);
+    request.parameters_json = parameters.to_string();
+    request
+}
+
+/// The shipped KM3NeT example with its parameters changed by `change`.
+pub fn km3net_with(change: impl FnOnce(&mut serde_json::Value)) -> pb::SubmitRequestRequest {
+    let path = prodsys_testkit::repo_root().join("examples/km3net-container-sim.json");
+    let file: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let mut parameters = file["parameters"].clone();
+    change(&mut parameters);
+    pb::SubmitRequestRequest {
+        profile: file["profile"].as_str().unwrap().into(),
+        vo: file["vo"].as_str().unwrap().into(),
+        parameters_json: parameters.to_string(),
+        backend: file["backend"].as_str().unwrap_or_default().into(),
+        submitter: "tests".into(),
+        ..Default::default()
+    }
+}
+
+/// A metadata condition for FindFiles.
+pub fn condition(
+    key: &str,
+    operator: pb::ConditionOperator,
+    values: &[&str],
+) -> pb::MetadataCondition {
+    pb::MetadataCondition {
+        key: key.into(),
+        operator: operator as i32,
+        values: values.iter().map(|v| v.to_string()).collect(),
+    }
+}
+
+/// The field violations of a refusal.
+pub fn violated_fields(status: &tonic::Status) -> Vec<String> {
+    use tonic_types::StatusExt;
+    status
+        .get_details_bad_request()
+        .map(|d| d.field_violations.into_iter().map(|v| v.field).collect())
+        .unwrap_or_default()
+}
+
+impl App {
+    /// Every file `query` finds, page by page (`page_size` as the query says).
+    pub async fn find_all(
+        &self,
+        mut query: pb::FindFilesRequest,
+    ) -> Result<Vec<pb::OutputFile>, tonic::Status> {
+        let mut files = Vec::new();
+        loop {
+            let page = self
+                .catalog
+                .clone()
+                .find_files(query.clone())
+                .await?
+                .into_inner();
+            files.extend(page.files);
+            if page.next_page_token.is_empty() {
+                return Ok(files);
+            }
+            query.page_token = page.next_page_token;
+        }
+    }
+
+    /// Runs `request` to its end and waits until the catalog holds its record
+    /// (every file it reported registered); returns its production ID.
+    pub async fn run_and_catalogue(&self, request: pb::SubmitRequestRequest) -> String {
+        let production_id = self.accepted(request).await;
+        let last = self.watch(&production_id).await.pop().unwrap();
+        assert_eq!(last.state(), pb::ProductionState::Completed, "{last:?}");
+        let catalog = self.catalog.clone();
+        wait_for(
+            "the catalog's production record",
+            Duration::from_secs(30),
+            || {
+                let mut catalog = catalog.clone();
+                let production_id = production_id.clone();
+                async move {
+                    catalog
+                        .get_production_record(pb::GetProductionRecordRequest { production_id })
+                        .await
+                        .ok()
+                }
+            },
+        )
+        .await
+        .unwrap();
+        production_id
+    }
+
+    /// What ValidateRequest answers for `request`.
+    pub async fn validate(&self, request: pb::SubmitRequestRequest) -> pb::Validation {
+        self.intake
+            .clone()
+            .validate_request(request)
+            .await
+            .unwrap()
+            .into_inner()
     }
 }

@@ -1,7 +1,7 @@
 //! prodctl — talk to a prodsys deployment from a terminal.
 //!
 //! `prodctl submit FILE [--watch]`, `prodctl request ID`, `prodctl status ID`,
-//! `prodctl files ID`, `prodctl health`. Exit code 0 on success; 1 when the
+//! `prodctl files [ID] [--where 'nsb=5' ...]`, `prodctl health`. Exit code 0 on success; 1 when the
 //! request is refused or the production does not complete; 2 on usage errors.
 
 use std::path::PathBuf;
@@ -97,8 +97,26 @@ enum Command {
         #[arg(long, default_value = "")]
         reason: String,
     },
-    /// List the files a production wrote.
-    Files { production_id: String },
+    /// List catalogued files: of a production, a dataset, under an LFN
+    /// prefix, and/or matching metadata conditions.
+    Files {
+        /// The production whose files to list.
+        production_id: Option<String>,
+        /// A metadata condition, compared as the key's type: `key=value`,
+        /// `key!=value`, `key<value`, `key<=value`, `key>value`,
+        /// `key>=value` or `key in v1,v2`. Repeat for several (all must hold).
+        #[arg(long = "where", value_name = "CONDITION")]
+        conditions: Vec<String>,
+        /// Only files whose LFN starts with this.
+        #[arg(long)]
+        prefix: Option<String>,
+        /// Only files of this dataset.
+        #[arg(long)]
+        dataset: Option<String>,
+        /// Print each file's metadata too.
+        #[arg(long)]
+        metadata: bool,
+    },
     /// Exit 0 when every service answers SERVING.
     Health,
 }
@@ -236,8 +254,32 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("{}", progress_line(&production));
             Ok(ExitCode::SUCCESS)
         }
-        Command::Files { ref production_id } => {
-            let count = print_files(&cli.catalog, production_id).await?;
+        Command::Files {
+            ref production_id,
+            ref conditions,
+            ref prefix,
+            ref dataset,
+            metadata,
+        } => {
+            let conditions = match conditions
+                .iter()
+                .map(|c| parse_condition(c))
+                .collect::<Result<Vec<_>, _>>()
+            {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("prodctl files: {e}");
+                    return Ok(ExitCode::from(2));
+                }
+            };
+            let query = pb::FindFilesRequest {
+                production_id: production_id.clone().unwrap_or_default(),
+                conditions,
+                lfn_prefix: prefix.clone().unwrap_or_default(),
+                dataset: dataset.clone().unwrap_or_default(),
+                ..Default::default()
+            };
+            let count = stream_files(&cli.catalog, query, metadata).await?;
             eprintln!("{count} file(s)");
             Ok(ExitCode::SUCCESS)
         }
@@ -503,6 +545,93 @@ async fn watch_production(
     }
 }
 
+/// `key=value`, `key!=value`, `key<value`, `key<=value`, `key>value`,
+/// `key>=value` or `key in v1,v2` as a condition.
+fn parse_condition(text: &str) -> Result<pb::MetadataCondition, String> {
+    use pb::ConditionOperator as Op;
+    let text = text.trim();
+    let condition = |key: &str, operator: Op, values: Vec<String>| {
+        let key = key.trim();
+        if key.is_empty() {
+            return Err(format!("{text:?} names no metadata key"));
+        }
+        Ok(pb::MetadataCondition {
+            key: key.to_string(),
+            operator: operator as i32,
+            values,
+        })
+    };
+    if let Some((key, values)) = text.split_once(" in ") {
+        let values: Vec<String> = values
+            .split(',')
+            .map(|v| v.trim().to_string())
+            .filter(|v| !v.is_empty())
+            .collect();
+        if values.is_empty() {
+            return Err(format!("{text:?} lists no values after `in`"));
+        }
+        return condition(key, Op::In, values);
+    }
+    let Some(at) = text.find(['=', '!', '<', '>']) else {
+        return Err(format!(
+            "{text:?} is not a condition: write key=value, key!=value, key<value, key<=value, key>value, key>=value or 'key in v1,v2'"
+        ));
+    };
+    let (key, rest) = text.split_at(at);
+    let (operator, value) = [
+        ("!=", Op::Ne),
+        ("<=", Op::Le),
+        (">=", Op::Ge),
+        ("=", Op::Eq),
+        ("<", Op::Lt),
+        (">", Op::Gt),
+    ]
+    .into_iter()
+    .find_map(|(symbol, op)| rest.strip_prefix(symbol).map(|v| (op, v)))
+    .ok_or_else(|| format!("{text:?}: unknown operator"))?;
+    condition(key, operator, vec![value.trim().to_string()])
+}
+
+/// Prints every file `query` finds, from the catalog's stream; returns how many.
+async fn stream_files(
+    catalog_url: &str,
+    query: pb::FindFilesRequest,
+    with_metadata: bool,
+) -> anyhow::Result<usize> {
+    let mut catalog =
+        pb::catalog_service_client::CatalogServiceClient::new(connect(catalog_url).await?);
+    let mut stream = catalog
+        .stream_files(query)
+        .await
+        .map_err(|s| anyhow::anyhow!(explain(&s)))?
+        .into_inner();
+    let mut count = 0;
+    while let Some(page) = stream
+        .message()
+        .await
+        .map_err(|s| anyhow::anyhow!(explain(&s)))?
+    {
+        for f in &page.files {
+            if with_metadata {
+                let mut pairs: Vec<String> =
+                    f.metadata.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                pairs.sort();
+                println!(
+                    "{}  {:>12}  adler32:{}  {}",
+                    f.lfn,
+                    f.size,
+                    f.adler32,
+                    pairs.join(" ")
+                );
+            } else {
+                println!("{}  {:>12}  adler32:{}", f.lfn, f.size, f.adler32);
+            }
+        }
+        count += page.files.len();
+    }
+    Ok(count)
+}
+
 async fn print_files(catalog_url: &str, production_id: &str) -> anyhow::Result<usize> {
     let mut catalog =
         pb::catalog_service_client::CatalogServiceClient::new(connect(catalog_url).await?);
@@ -512,9 +641,9 @@ async fn print_files(catalog_url: &str, production_id: &str) -> anyhow::Result<u
         let page = catalog
             .find_files(pb::FindFilesRequest {
                 production_id: production_id.to_string(),
-                metadata: Default::default(),
                 page_size: 1000,
                 page_token: token,
+                ..Default::default()
             })
             .await
             .map_err(|s| anyhow::anyhow!(explain(&s)))?
@@ -527,5 +656,39 @@ async fn print_files(catalog_url: &str, production_id: &str) -> anyhow::Result<u
             return Ok(count);
         }
         token = page.next_page_token;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn conditions_parse_with_each_operator() {
+        use pb::ConditionOperator as Op;
+        let parsed = |text: &str| {
+            let c = parse_condition(text).unwrap();
+            (c.key, Op::try_from(c.operator).unwrap(), c.values)
+        };
+        assert_eq!(parsed("nsb=5"), ("nsb".into(), Op::Eq, vec!["5".into()]));
+        assert_eq!(
+            parsed("thetaP>=20"),
+            ("thetaP".into(), Op::Ge, vec!["20".into()])
+        );
+        assert_eq!(parsed("thetaP > 20").1, Op::Gt);
+        assert_eq!(parsed("thetaP<20").1, Op::Lt);
+        assert_eq!(parsed("thetaP<=20").1, Op::Le);
+        assert_eq!(parsed("site!=Paranal").1, Op::Ne);
+        assert_eq!(
+            parsed("particle in gamma, proton"),
+            (
+                "particle".into(),
+                Op::In,
+                vec!["gamma".into(), "proton".into()]
+            )
+        );
+        assert!(parse_condition("nsb").is_err());
+        assert!(parse_condition("=5").is_err());
+        assert!(parse_condition("nsb in ").is_err());
     }
 }

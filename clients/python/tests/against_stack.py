@@ -134,6 +134,25 @@ def main():
         runs = sorted({f.metadata["run_number"] for f in files})
         one_run = client.files(production_id, metadata={"run_number": runs[0]})
         expect(0 < len(one_run) < len(files), f"run {runs[0]}: {one_run}")
+        # Typed conditions: numbers compare as numbers; pages and the stream agree.
+        nsb5 = client.files(production_id, where=["nsb=5", "thetaP>=20"], page_size=3)
+        expect(0 < len(nsb5) < len(files), f"nsb 5: {nsb5}")
+        expect(all(f.metadata["nsb"] == "5" for f in nsb5), nsb5)
+        streamed = list(client.iter_files(where=[("nsb", "in", [5]), "thetaP<20.5"], page_size=2))
+        expect([f.lfn for f in streamed] == [f.lfn for f in nsb5], f"{streamed} != {nsb5}")
+        expect(client.files(where=["thetaP>20"]) == [], "nothing beyond 20 degrees")
+        try:
+            client.files(where=["nsb=five"])
+            raise AssertionError("a wrong-typed value was accepted")
+        except InvalidRequest as refused:
+            fields = [v.field for v in refused.violations]
+            expect(fields == ["conditions[0].values"], fields)
+        try:
+            list(client.iter_files(where=["colour=blue"]))
+            raise AssertionError("an unknown key was accepted")
+        except InvalidRequest as refused:
+            fields = [v.field for v in refused.violations]
+            expect(fields == ["conditions[0].key"], fields)
         seen["record"] = {
             "state": record.state,
             "file_count": record.file_count,

@@ -3,8 +3,11 @@
 //! profile (requests also come from event publishers), computes the physics
 //! fingerprint, refuses an exact duplicate by naming the production that has
 //! that identity, reports overlaps (same identity but other statistics or an
-//! intersecting range) and accepts them only as explicit extensions with new
-//! run numbers, and assigns a human-readable production ID from a per-VO
+//! intersecting range, or output files of the same identity: NSB levels in
+//! common) and accepts them only as explicit extensions with new run numbers.
+//! It compares each identity of a request's files with what the catalog holds
+//! (from prodsys or registered elsewhere) and explains what matched and which
+//! keys differ. It assigns a human-readable production ID from a per-VO
 //! sequence that never reuses a number. `Evaluate` answers the same question
 //! without storing anything (intake's `ValidateRequest`).
 
@@ -56,6 +59,17 @@ const MIGRATIONS: &[Migration] = &[
                 ADD COLUMN base_fingerprint text NOT NULL DEFAULT '',
                 ADD COLUMN last_run bigint NOT NULL DEFAULT 0;
             CREATE INDEX productions_base ON productions (base_fingerprint);
+        "#,
+    },
+    Migration {
+        version: 20,
+        name: "file-base fingerprints",
+        // Productions whose files may share an identity though their base
+        // fingerprints differ (NSB 1+5 and NSB 1+19); '' where the profile
+        // has no per-file key, and for productions accepted before.
+        sql: r#"
+            ALTER TABLE productions ADD COLUMN file_base text NOT NULL DEFAULT '';
+            CREATE INDEX productions_file_base ON productions (file_base);
         "#,
     },
 ];
@@ -144,11 +158,13 @@ struct Accepted<'p> {
     profile: &'p Profile,
     parameters: serde_json::Value,
     base_fingerprint: String,
+    file_base: Option<String>,
     run_number_offset: i64,
     last_run: i64,
 }
 
 /// A production the checker knows of, as far as a decision needs it.
+#[derive(Clone)]
 struct Known {
     production_id: String,
     fingerprint: String,
@@ -164,6 +180,8 @@ struct Known {
 struct Neighbourhood {
     by_fingerprint: HashMap<String, String>,
     by_base: HashMap<String, Vec<Known>>,
+    /// By file-base fingerprint, with each one's base fingerprint.
+    by_file_base: HashMap<String, Vec<(String, Known)>>,
 }
 
 impl Neighbourhood {
@@ -171,6 +189,7 @@ impl Neighbourhood {
         tx: &Transaction<'_>,
         fingerprints: &[String],
         bases: &[String],
+        file_bases: &[String],
     ) -> anyhow::Result<Self> {
         let mut known = Neighbourhood::default();
         if fingerprints.is_empty() && bases.is_empty() {
@@ -186,12 +205,15 @@ impl Neighbourhood {
         let mut seen = HashSet::new();
         let rows = tx
             .query_cached(
-                "SELECT production_id, fingerprint, base_fingerprint, parameters, last_run
+                "SELECT production_id, fingerprint, base_fingerprint, parameters, last_run, file_base
                  FROM productions WHERE fingerprint = ANY($1)
                  UNION ALL
-                 SELECT production_id, fingerprint, base_fingerprint, parameters, last_run
-                 FROM productions WHERE base_fingerprint = ANY($2)",
-                &[&fingerprints, &bases],
+                 SELECT production_id, fingerprint, base_fingerprint, parameters, last_run, file_base
+                 FROM productions WHERE base_fingerprint = ANY($2)
+                 UNION ALL
+                 SELECT production_id, fingerprint, base_fingerprint, parameters, last_run, file_base
+                 FROM productions WHERE file_base = ANY($3)",
+                &[&fingerprints, &bases, &file_bases],
             )
             .await?;
         tx.batch_execute("RESET enable_seqscan").await?;
@@ -199,8 +221,10 @@ impl Neighbourhood {
             if !seen.insert(row.get::<_, String>(0)) {
                 continue;
             }
+            let file_base: String = row.get(5);
             known.add(
                 row.get(2),
+                (!file_base.is_empty()).then_some(file_base),
                 Known {
                     production_id: row.get(0),
                     fingerprint: row.get(1),
@@ -212,12 +236,35 @@ impl Neighbourhood {
         Ok(known)
     }
 
-    fn add(&mut self, base: String, production: Known) {
+    fn add(&mut self, base: String, file_base: Option<String>, production: Known) {
         self.by_fingerprint.insert(
             production.fingerprint.clone(),
             production.production_id.clone(),
         );
+        if let Some(file_base) = file_base {
+            self.by_file_base
+                .entry(file_base)
+                .or_default()
+                .push((base.clone(), production.clone()));
+        }
         self.by_base.entry(base).or_default().push(production);
+    }
+
+    /// Productions whose files may share an identity with the candidate's
+    /// (same file-base fingerprint) though their base differs, by production ID.
+    fn file_relatives<'a>(&'a self, file_base: &str, base: &str) -> Vec<&'a Known> {
+        let mut relatives: Vec<&Known> = self
+            .by_file_base
+            .get(file_base)
+            .map(|all| {
+                all.iter()
+                    .filter(|(b, _)| b != base)
+                    .map(|(_, k)| k)
+                    .collect()
+            })
+            .unwrap_or_default();
+        relatives.sort_by(|a, b| a.production_id.cmp(&b.production_id));
+        relatives
     }
 
     fn existing(&self, fingerprint: &str) -> Option<&str> {
@@ -246,8 +293,12 @@ struct Pending<'r, 'p> {
     request: &'r pb::RequestReceived,
     candidate: Candidate<'r>,
     prepared: Prepared<'p>,
-    catalog: Option<pb::FindExistingResponse>,
+    catalog: Option<CatalogAnswer>,
 }
+
+/// What the catalog holds of each identity of a request's files (one per
+/// NSB level, say), labelled by the per-file values it stands for.
+type CatalogAnswer = Vec<(String, pb::FindExistingResponse)>;
 
 /// A candidate after the checks that need no database: its profile, its
 /// parameters as the profile completed them and its fingerprints.
@@ -303,7 +354,7 @@ impl Checker {
         prepared: Prepared<'p>,
         candidate: &Candidate<'_>,
         known: &Neighbourhood,
-        catalog: Option<&pb::FindExistingResponse>,
+        catalog: Option<&CatalogAnswer>,
     ) -> Evaluation<'p> {
         let Prepared {
             mut validation,
@@ -339,17 +390,44 @@ impl Checker {
                 });
             }
         }
-        if validation.existing_production_id.is_empty()
-            && let Some(found) = catalog
-        {
-            let ids: Vec<&str> = relatives.iter().map(|r| r.production_id.as_str()).collect();
-            if let Some(v) = foreign_outputs(found, &ids) {
-                violations.push(v);
+        // Productions whose files share an identity with some of this one's
+        // (NSB 1 of NSB 1+5, for NSB 1+19).
+        let file_base = profile.file_base_fingerprint(&parameters);
+        let file_relatives = file_base
+            .as_deref()
+            .map(|fb| known.file_relatives(fb, &base_fingerprint))
+            .unwrap_or_default();
+        let mut ids: Vec<&str> = relatives.iter().map(|r| r.production_id.as_str()).collect();
+        for relative in file_relatives {
+            if let Some(description) = profile.per_file_overlap(&parameters, &relative.parameters) {
+                run_number_offset = run_number_offset.max(relative.last_run);
+                ids.push(&relative.production_id);
+                validation.overlaps.push(pb::Overlap {
+                    production_id: relative.production_id.clone(),
+                    description,
+                });
             }
         }
-        if !validation.overlaps.is_empty() && !candidate.extend {
-            let names: Vec<String> = validation
-                .overlaps
+        // Overlaps with productions known here; the catalog's come after.
+        let known_overlaps = validation.overlaps.len();
+        if let Some(answers) = catalog {
+            let held = compare_with_catalog(answers, &ids, &mut validation);
+            // An extension's runs follow every run of its identity the catalog holds.
+            for (_, found) in answers {
+                run_number_offset = run_number_offset.max(found.last_run as i64);
+            }
+            if !held.is_empty() && !candidate.extend {
+                violations.push(Violation::new(
+                    "parameters",
+                    format!(
+                        "outputs of this simulation already exist in the catalog: {}; submit with extend to produce more",
+                        held.join("; ")
+                    ),
+                ));
+            }
+        }
+        if known_overlaps > 0 && !candidate.extend {
+            let names: Vec<String> = validation.overlaps[..known_overlaps]
                 .iter()
                 .map(|o| format!("{} ({})", o.production_id, o.description))
                 .collect();
@@ -381,6 +459,7 @@ impl Checker {
                 profile,
                 parameters,
                 base_fingerprint,
+                file_base,
                 run_number_offset,
                 last_run: (plan.run_number_offset + plan.job_count) as i64,
             }),
@@ -392,31 +471,28 @@ impl Checker {
         }
     }
 
-    /// What the catalog holds of each prepared candidate's simulation, for
-    /// those that need asking (checked, not extending, with a catalog
-    /// identity): one call for the whole batch, made before the decisions
-    /// take the checker's lock.
+    /// What the catalog holds of each prepared candidate's simulation, per
+    /// identity of its files, for those that need asking (checked, with a
+    /// catalog identity): one call for the whole batch, made before the
+    /// decisions take the checker's lock.
     async fn ask_catalog(
         &self,
         prepared: &[Prepared<'_>],
         candidates: &[Candidate<'_>],
-    ) -> anyhow::Result<Vec<Option<pb::FindExistingResponse>>> {
+    ) -> anyhow::Result<Vec<Option<CatalogAnswer>>> {
         let mut asked = Vec::new();
         let mut queries = Vec::new();
-        for (i, (p, c)) in prepared.iter().zip(candidates).enumerate() {
+        // Extensions too: their runs must follow those the catalog holds.
+        for (i, (p, _)) in prepared.iter().zip(candidates).enumerate() {
             let Some((profile, parameters, _)) = &p.checked else {
                 continue;
             };
-            let metadata = profile.catalog_identity(parameters);
-            if metadata.is_empty() || c.extend {
-                continue;
+            for identity in profile.file_identities(parameters) {
+                asked.push((i, identity.label));
+                queries.push(identity.query);
             }
-            asked.push(i);
-            queries.push(pb::FindExistingRequest {
-                metadata: metadata.into_iter().collect(),
-            });
         }
-        let mut found: Vec<Option<pb::FindExistingResponse>> = vec![None; prepared.len()];
+        let mut found: Vec<Option<CatalogAnswer>> = vec![None; prepared.len()];
         let mut answers = Vec::with_capacity(queries.len());
         while !queries.is_empty() {
             let rest = queries.split_off(queries.len().min(CATALOG_QUERIES_PER_CALL));
@@ -459,8 +535,8 @@ impl Checker {
             );
             answers.extend(results);
         }
-        for (i, answer) in asked.into_iter().zip(answers) {
-            found[i] = Some(answer);
+        for ((i, label), answer) in asked.into_iter().zip(answers) {
+            found[i].get_or_insert_with(Vec::new).push((label, answer));
         }
         Ok(found)
     }
@@ -484,7 +560,14 @@ impl Checker {
             .iter()
             .filter_map(|p| p.prepared.checked.as_ref().map(|(_, _, base)| base.clone()))
             .collect();
-        let mut known = Neighbourhood::load(tx, &fingerprints, &bases).await?;
+        let file_bases: Vec<String> = pending
+            .iter()
+            .filter_map(|p| {
+                let (profile, parameters, _) = p.prepared.checked.as_ref()?;
+                profile.file_base_fingerprint(parameters)
+            })
+            .collect();
+        let mut known = Neighbourhood::load(tx, &fingerprints, &bases, &file_bases).await?;
         // Verdicts first (IDs need the count per VO), then one write for all.
         let mut verdicts = Vec::with_capacity(requests.len());
         for Pending {
@@ -501,6 +584,7 @@ impl Checker {
                 // Placeholder ID until the sequence is read; unique within the batch.
                 known.add(
                     accepted.base_fingerprint.clone(),
+                    accepted.file_base.clone(),
                     Known {
                         production_id: placeholder(&request.request_id),
                         fingerprint: evaluation.validation.fingerprint.clone(),
@@ -611,35 +695,107 @@ impl Checker {
     }
 }
 
-/// A violation when the catalog holds outputs of this simulation that no
-/// production of this identity known here wrote: data made before prodsys
-/// or elsewhere.
-fn foreign_outputs(found: &pb::FindExistingResponse, known: &[&str]) -> Option<Violation> {
-    let foreign: Vec<&str> = found
-        .production_ids
-        .iter()
-        .filter(|p| !known.contains(&p.as_str()))
-        .map(|p| {
-            if p.is_empty() {
-                "registered from elsewhere"
-            } else {
-                p.as_str()
+/// Compares what the catalog holds of each identity of a request's files
+/// with the request: explains each in `validation.explanations`, names the
+/// productions this checker does not already report (`known`) as overlaps,
+/// and returns, per identity with such outputs, what it holds in words
+/// (empty when nothing stands in the way).
+fn compare_with_catalog(
+    answers: &CatalogAnswer,
+    known: &[&str],
+    validation: &mut pb::Validation,
+) -> Vec<String> {
+    let duplicate = !validation.existing_production_id.is_empty();
+    let mut held = Vec::new();
+    // Per production, the identities (NSB levels) it holds.
+    let mut overlapping: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for (label, found) in answers {
+        let name = |ids: &[String]| -> String {
+            ids.iter()
+                .map(|p| {
+                    if p.is_empty() {
+                        "registered from elsewhere"
+                    } else {
+                        p.as_str()
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let of = if label.is_empty() {
+            "the outputs".to_string()
+        } else {
+            label.clone()
+        };
+        let mut words = if found.file_count == 0 {
+            format!("{of}: no file of this identity in the catalog")
+        } else {
+            let mut w = format!(
+                "{of}: {} file(s) of this identity in the catalog ({}), e.g. {}",
+                found.file_count,
+                name(&found.production_ids),
+                found.example_lfns.join(", ")
+            );
+            if !found.missing_keys.is_empty() {
+                w.push_str(&format!(
+                    "; some do not carry {}, so cannot be told apart by them",
+                    found.missing_keys.join(", ")
+                ));
             }
-        })
-        .collect();
-    if found.file_count == 0 || foreign.is_empty() {
-        return None;
-    }
-    Some(Violation::new(
-        "parameters",
-        format!(
-            "outputs of this simulation already exist in the catalog: {} file(s), {} bytes ({}), e.g. {}; submit with extend to produce more",
+            w
+        };
+        if !found.differing_keys.is_empty() {
+            words.push_str(&format!(
+                "; files of the same kind ({}) differ in {}",
+                name(&found.differing_production_ids),
+                found.differing_keys.join(", ")
+            ));
+        }
+        validation.explanations.push(words);
+        if found.file_count == 0 || duplicate {
+            continue;
+        }
+        let foreign: Vec<&String> = found
+            .production_ids
+            .iter()
+            .filter(|p| !known.contains(&p.as_str()))
+            .collect();
+        if foreign.is_empty() {
+            continue;
+        }
+        for p in foreign.iter().filter(|p| !p.is_empty()) {
+            overlapping.entry(p.as_str()).or_default().push(label);
+        }
+        let foreign: Vec<String> = foreign.into_iter().cloned().collect();
+        let which = if label.is_empty() {
+            String::new()
+        } else {
+            format!(" for {label}")
+        };
+        held.push(format!(
+            "{} file(s), {} bytes ({}){which}, e.g. {}",
             found.file_count,
             found.total_bytes,
-            foreign.join(", "),
+            name(&foreign),
             found.example_lfns.join(", ")
-        ),
-    ))
+        ));
+    }
+    for (production_id, labels) in overlapping {
+        let labels: Vec<&str> = labels.into_iter().filter(|l| !l.is_empty()).collect();
+        let description = if labels.is_empty() {
+            "its outputs in the catalog have the same identity".to_string()
+        } else {
+            format!(
+                "{}: its outputs in the catalog have the same identity",
+                labels.join(", ")
+            )
+        };
+        validation.overlaps.push(pb::Overlap {
+            production_id: production_id.to_string(),
+            description,
+        });
+    }
+    held
 }
 
 /// The ID a production accepted earlier in the same batch is known by until
@@ -680,6 +836,7 @@ struct NewProductions {
     offsets: Vec<i64>,
     bases: Vec<String>,
     last_runs: Vec<i64>,
+    file_bases: Vec<String>,
 }
 
 impl NewProductions {
@@ -699,6 +856,7 @@ impl NewProductions {
         self.backends.push(request.backend.clone());
         self.offsets.push(accepted.run_number_offset);
         self.bases.push(accepted.base_fingerprint);
+        self.file_bases.push(accepted.file_base.unwrap_or_default());
         self.last_runs.push(accepted.last_run);
         self.parameters.push(accepted.parameters);
     }
@@ -710,9 +868,10 @@ impl NewProductions {
         tx.execute_cached(
             "INSERT INTO productions
                  (production_id, fingerprint, request_id, profile, vo, parameters, backend,
-                  run_number_offset, base_fingerprint, last_run)
+                  run_number_offset, base_fingerprint, last_run, file_base)
              SELECT * FROM unnest($1::text[], $2::text[], $3::uuid[], $4::text[], $5::text[],
-                                  $6::jsonb[], $7::text[], $8::bigint[], $9::text[], $10::bigint[])",
+                                  $6::jsonb[], $7::text[], $8::bigint[], $9::text[], $10::bigint[],
+                                  $11::text[])",
             &[
                 &self.ids,
                 &self.fingerprints,
@@ -724,6 +883,7 @@ impl NewProductions {
                 &self.offsets,
                 &self.bases,
                 &self.last_runs,
+                &self.file_bases,
             ],
         )
         .await
@@ -841,10 +1001,11 @@ impl pb::checker_service_server::CheckerService for Checker {
             .await
             .map_err(|e| ServiceError::Unexpected(e.into()))?;
         let known = match &prepared.checked {
-            Some((_, _, base)) => Neighbourhood::load(
+            Some((profile, parameters, base)) => Neighbourhood::load(
                 &tx,
                 std::slice::from_ref(&prepared.validation.fingerprint),
                 std::slice::from_ref(base),
+                &Vec::from_iter(profile.file_base_fingerprint(parameters)),
             )
             .await
             .map_err(ServiceError::from)?,

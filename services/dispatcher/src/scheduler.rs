@@ -828,12 +828,7 @@ impl Scheduler {
                 size: file.size,
                 adler32: file.adler32.clone(),
                 url: format!("file://{}", file.path.display()),
-                metadata: profile
-                    .outputs()
-                    .metadata
-                    .iter()
-                    .map(|(k, v)| (k.clone(), render(v, &vars)))
-                    .collect(),
+                metadata: profile.output_metadata(&vars),
                 production_id: job.production_id.clone(),
                 job_index: job.job_index as u64,
             });

@@ -52,10 +52,10 @@ struct ProfileFile {
     ranges: Vec<Range>,
     #[serde(default)]
     derived: BTreeMap<String, Derived>,
-    /// Metadata (templates over the parameters) that outputs of the same
-    /// simulation carry in a catalog, produced by prodsys or not.
+    /// How outputs are catalogued: the type of every output metadata key and
+    /// which keys make a file's simulation identity.
     #[serde(default)]
-    catalog_identity: BTreeMap<String, String>,
+    catalog: Option<CatalogSpec>,
     split: Split,
     resources: Resources,
     #[serde(default = "default_max_attempts")]
@@ -317,10 +317,16 @@ impl Profile {
             .map(String::as_str)
             .chain(file.derived.keys().map(String::as_str))
             .collect();
-        for template in file.catalog_identity.values() {
-            check_template(template, &parameter_vars)
-                .map_err(|e| invalid(format!("catalog_identity: {e}")))?;
+        let per_file: Vec<&str> = file
+            .catalog
+            .iter()
+            .flat_map(|c| c.per_file.keys().map(String::as_str))
+            .collect();
+        if let Some(catalog) = &file.catalog {
+            check_catalog(catalog, &file.outputs, &properties, &parameter_vars)
+                .map_err(|e| invalid(format!("catalog: {e}")))?;
         }
+        let output_vars: BTreeSet<&str> = output_vars.into_iter().chain(per_file).collect();
         let job_templates = file.job.command.iter().chain(file.job.env.values());
         for template in job_templates {
             check_template(template, &job_vars).map_err(|e| invalid(format!("job: {e}")))?;
@@ -515,17 +521,6 @@ impl Profile {
             memory_mb: r.memory_mb,
             disk_mb: r.disk_mb_base + r.disk_mb_per_unit * units as f64,
         }
-    }
-
-    /// The metadata a catalog's files of this simulation carry; empty when
-    /// the profile names none.
-    pub fn catalog_identity(&self, parameters: &Value) -> BTreeMap<String, String> {
-        let vars = self.parameter_variables(parameters);
-        self.file
-            .catalog_identity
-            .iter()
-            .map(|(k, v)| (k.clone(), render(v, &vars)))
-            .collect()
     }
 
     /// Template variables from the parameters and the derived values alone.
@@ -846,6 +841,409 @@ impl ProfileSet {
     }
 }
 
+// ---------------------------------------------------------------------------
+// Catalogue metadata: the type of each output metadata key, and which keys
+// make the identity of a simulation's files (the existence check).
+// ---------------------------------------------------------------------------
+
+/// The type of a metadata value: numbers are stored and compared as numbers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MetadataType {
+    String,
+    Integer,
+    Float,
+}
+
+impl MetadataType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MetadataType::String => "string",
+            MetadataType::Integer => "integer",
+            MetadataType::Float => "float",
+        }
+    }
+
+    pub fn is_numeric(self) -> bool {
+        !matches!(self, MetadataType::String)
+    }
+
+    /// `text` as a JSON value of this type; integral floats are written as
+    /// integers, so `20` and `20.0` are one value.
+    pub fn parse(self, text: &str) -> Result<Value, String> {
+        match self {
+            MetadataType::String => Ok(Value::String(text.to_string())),
+            MetadataType::Integer => text
+                .trim()
+                .parse::<i64>()
+                .map(Value::from)
+                .map_err(|_| format!("{text:?} is not an integer")),
+            MetadataType::Float => match text.trim().parse::<f64>() {
+                Ok(f) if f.is_finite() => Ok(float_value(f)),
+                _ => Err(format!("{text:?} is not a number")),
+            },
+        }
+    }
+}
+
+/// A finite float as JSON, integral values as integers.
+pub fn float_value(f: f64) -> Value {
+    if f.fract() == 0.0 && f.abs() < 9.0e15 {
+        Value::from(f as i64)
+    } else {
+        Value::from(f)
+    }
+}
+
+/// The `catalog` section of a profile.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CatalogSpec {
+    /// The type of every key of `outputs.metadata`.
+    pub keys: BTreeMap<String, MetadataType>,
+    /// Identity keys every file of the simulation carries (the catalog
+    /// narrows its search by them).
+    #[serde(default)]
+    pub required: Vec<String>,
+    /// Identity keys compared when a file carries them: a file without one
+    /// (catalogued elsewhere with less metadata) cannot be told apart.
+    #[serde(default)]
+    pub compared: Vec<String>,
+    /// Numeric ranges of the identity (energy_min..energy_max): files
+    /// overlap when the ranges intersect.
+    #[serde(default)]
+    pub ranges: Vec<Range>,
+    /// The integer key numbering runs: an extension starts after the highest
+    /// run the catalog holds of the same identity.
+    #[serde(default)]
+    pub run: Option<String>,
+    /// Keys with one value per output file, from a list parameter (one file
+    /// per NSB level): the existence check asks about each value alone.
+    #[serde(default)]
+    pub per_file: BTreeMap<String, PerFile>,
+}
+
+/// A key with one value per file: which list parameter gives the values a
+/// request asks for, and where a file's name says its value.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PerFile {
+    /// The parameter (a list or a single value) of the request.
+    pub values: String,
+    /// The value is the text of the file name after the last `after` ...
+    pub after: String,
+    /// ... up to the first `before` that follows.
+    pub before: String,
+}
+
+impl PerFile {
+    /// The value `file_name` carries, if it has one.
+    pub fn value_in(&self, file_name: &str) -> Option<String> {
+        let start = file_name.rfind(&self.after)? + self.after.len();
+        let rest = &file_name[start..];
+        let end = if self.before.is_empty() {
+            rest.len()
+        } else {
+            rest.find(&self.before)?
+        };
+        (end > 0).then(|| rest[..end].to_string())
+    }
+}
+
+/// One identity of a request's output files, as the catalog is asked about it.
+#[derive(Debug, Clone)]
+pub struct FileIdentity {
+    /// The per-file values it stands for (`nsb 1`); empty when the request's
+    /// files all share one identity.
+    pub label: String,
+    pub query: prodsys_proto::FindExistingRequest,
+}
+
+/// `template` rendered, or `None` when a placeholder has no value (an
+/// optional parameter left out).
+fn render_known(template: &str, vars: &BTreeMap<String, String>) -> Option<String> {
+    let mut rest = template;
+    while let Some(start) = rest.find('{') {
+        let end = rest[start..].find('}')?;
+        if !vars.contains_key(&rest[start + 1..start + end]) {
+            return None;
+        }
+        rest = &rest[start + end + 1..];
+    }
+    Some(render(template, vars))
+}
+
+fn check_catalog(
+    catalog: &CatalogSpec,
+    outputs: &OutputTemplate,
+    properties: &BTreeSet<String>,
+    parameter_vars: &BTreeSet<&str>,
+) -> Result<(), String> {
+    for key in outputs.metadata.keys() {
+        if !catalog.keys.contains_key(key) {
+            return Err(format!("output metadata key {key:?} has no type in keys"));
+        }
+    }
+    for key in catalog.keys.keys() {
+        if !outputs.metadata.contains_key(key) {
+            return Err(format!("key {key:?} is not in outputs.metadata"));
+        }
+    }
+    let typed = |key: &str| catalog.keys.get(key).copied();
+    let identity_vars: BTreeSet<&str> = parameter_vars
+        .iter()
+        .copied()
+        .chain(catalog.per_file.keys().map(String::as_str))
+        .collect();
+    let range_keys = catalog.ranges.iter().flat_map(|r| [&r.min, &r.max]);
+    for key in catalog
+        .required
+        .iter()
+        .chain(&catalog.compared)
+        .chain(range_keys.clone())
+    {
+        if typed(key).is_none() {
+            return Err(format!("identity key {key:?} is not in keys"));
+        }
+        check_template(&outputs.metadata[key], &identity_vars)
+            .map_err(|e| format!("identity key {key:?} must depend on the parameters only: {e}"))?;
+    }
+    for key in range_keys {
+        if !typed(key).is_some_and(MetadataType::is_numeric) {
+            return Err(format!("range key {key:?} must be an integer or a float"));
+        }
+    }
+    if let Some(run) = &catalog.run
+        && typed(run) != Some(MetadataType::Integer)
+    {
+        return Err(format!("run key {run:?} must be an integer key"));
+    }
+    for (key, per_file) in &catalog.per_file {
+        if typed(key).is_none() {
+            return Err(format!("per_file key {key:?} is not in keys"));
+        }
+        if !properties.contains(&per_file.values) {
+            return Err(format!(
+                "per_file {key:?} takes its values from unknown parameter {:?}",
+                per_file.values
+            ));
+        }
+        if per_file.after.is_empty() {
+            return Err(format!("per_file {key:?}: after must not be empty"));
+        }
+    }
+    Ok(())
+}
+
+impl Profile {
+    /// The `catalog` section, if the profile has one.
+    pub fn catalog(&self) -> Option<&CatalogSpec> {
+        self.file.catalog.as_ref()
+    }
+
+    /// The metadata of one output file: `vars` are the job's variables with
+    /// `file_name`; per-file keys take their value from the file name.
+    pub fn output_metadata(
+        &self,
+        vars: &BTreeMap<String, String>,
+    ) -> std::collections::HashMap<String, String> {
+        let mut extra = BTreeMap::new();
+        if let (Some(catalog), Some(name)) = (&self.file.catalog, vars.get("file_name")) {
+            for (key, per_file) in &catalog.per_file {
+                if let Some(value) = per_file.value_in(name) {
+                    extra.insert(key.clone(), value);
+                }
+            }
+        }
+        let with_file;
+        let vars = if extra.is_empty() {
+            vars
+        } else {
+            with_file = vars.clone().into_iter().chain(extra).collect();
+            &with_file
+        };
+        self.file
+            .outputs
+            .metadata
+            .iter()
+            .filter_map(|(k, v)| Some((k.clone(), render_known(v, vars)?)))
+            .collect()
+    }
+
+    /// The identities of the files a request would write, one per
+    /// combination of per-file values (one per NSB level), each as the
+    /// catalog is asked about it; empty when the profile names no required
+    /// identity keys.
+    pub fn file_identities(&self, parameters: &Value) -> Vec<FileIdentity> {
+        let Some(catalog) = &self.file.catalog else {
+            return Vec::new();
+        };
+        if catalog.required.is_empty() {
+            return Vec::new();
+        }
+        let base = self.parameter_variables(parameters);
+        // Every combination of per-file values.
+        let mut combinations: Vec<Vec<(String, String)>> = vec![Vec::new()];
+        for (key, per_file) in &catalog.per_file {
+            let values: Vec<String> = match parameters.get(&per_file.values) {
+                Some(Value::Array(items)) => items.iter().map(render_value).collect(),
+                Some(v) => vec![render_value(v)],
+                None => Vec::new(),
+            };
+            combinations = combinations
+                .into_iter()
+                .flat_map(|c| {
+                    values.iter().map(move |v| {
+                        let mut c = c.clone();
+                        c.push((key.clone(), v.clone()));
+                        c
+                    })
+                })
+                .collect();
+        }
+        let metadata = &self.file.outputs.metadata;
+        combinations
+            .into_iter()
+            .map(|combination| {
+                let mut vars = base.clone();
+                vars.extend(combination.iter().cloned());
+                // A key over an optional parameter the request leaves out is not compared.
+                let value =
+                    |key: &String| Some((key.clone(), render_known(&metadata[key], &vars)?));
+                let number = |key: &String| value(key)?.1.trim().parse::<f64>().ok();
+                let query = prodsys_proto::FindExistingRequest {
+                    metadata: catalog.required.iter().filter_map(value).collect(),
+                    if_present: catalog.compared.iter().filter_map(value).collect(),
+                    ranges: catalog
+                        .ranges
+                        .iter()
+                        .filter_map(|r| {
+                            Some(prodsys_proto::MetadataRange {
+                                min_key: r.min.clone(),
+                                max_key: r.max.clone(),
+                                min: number(&r.min)?,
+                                max: number(&r.max)?,
+                            })
+                        })
+                        .collect(),
+                    run_key: catalog.run.clone().unwrap_or_default(),
+                };
+                let label = combination
+                    .iter()
+                    .map(|(k, v)| format!("{k} {v}"))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                FileIdentity { label, query }
+            })
+            .collect()
+    }
+}
+
+impl Profile {
+    /// Fingerprint of the identity without its statistics, ranges and the
+    /// list parameters of per-file keys (`nsb_levels`): equal for productions
+    /// whose files may share an identity (NSB 1+5 and NSB 1+19). `None` when
+    /// the profile has no per-file key (the base fingerprint says it all).
+    pub fn file_base_fingerprint(&self, parameters: &Value) -> Option<String> {
+        let catalog = self.file.catalog.as_ref()?;
+        if catalog.per_file.is_empty() {
+            return None;
+        }
+        let varying: BTreeSet<&str> = self
+            .file
+            .statistics
+            .iter()
+            .chain(self.file.ranges.iter().flat_map(|r| [&r.min, &r.max]))
+            .chain(catalog.per_file.values().map(|p| &p.values))
+            .map(String::as_str)
+            .collect();
+        let mut identity = Map::new();
+        for key in self
+            .file
+            .identity
+            .iter()
+            .filter(|k| !varying.contains(k.as_str()))
+        {
+            identity.insert(
+                key.clone(),
+                canonical(parameters.get(key).unwrap_or(&Value::Null)),
+            );
+        }
+        let doc = serde_json::json!({ "profile": self.file.name, "file_base": identity });
+        Some(hex::encode(Sha256::digest(doc.to_string().as_bytes())))
+    }
+
+    /// How the files of `mine` overlap those of `theirs`, two requests with
+    /// the same file-base fingerprint: the per-file values they share
+    /// (`nsb 1 (existing nsb 1, 5)`); `None` when they share none or a range
+    /// is disjoint.
+    pub fn per_file_overlap(&self, mine: &Value, theirs: &Value) -> Option<String> {
+        let catalog = self.file.catalog.as_ref()?;
+        let num = |v: &Value, k: &str| v.get(k).and_then(Value::as_f64);
+        for range in &self.file.ranges {
+            let (a0, a1) = (num(mine, &range.min)?, num(mine, &range.max)?);
+            let (b0, b1) = (num(theirs, &range.min)?, num(theirs, &range.max)?);
+            if a0 >= b1 || b0 >= a1 {
+                return None;
+            }
+        }
+        let values = |v: &Value, name: &str| -> Vec<String> {
+            match v.get(name) {
+                Some(Value::Array(items)) => items.iter().map(render_value).collect(),
+                Some(other) => vec![render_value(other)],
+                None => Vec::new(),
+            }
+        };
+        let mut parts = Vec::new();
+        for (key, per_file) in &catalog.per_file {
+            let (a, b) = (
+                values(mine, &per_file.values),
+                values(theirs, &per_file.values),
+            );
+            let common: Vec<&String> = a.iter().filter(|v| b.contains(v)).collect();
+            if common.is_empty() {
+                return None;
+            }
+            let list = |v: Vec<&String>| v.into_iter().cloned().collect::<Vec<_>>().join(", ");
+            parts.push(format!(
+                "{key} {} (existing {key} {})",
+                list(common),
+                list(b.iter().collect())
+            ));
+        }
+        (!parts.is_empty()).then(|| parts.join("; "))
+    }
+}
+
+impl ProfileSet {
+    /// The type of every metadata key any profile declares; a key declared
+    /// with two types is an error naming it.
+    pub fn metadata_types(&self) -> Result<BTreeMap<String, MetadataType>, String> {
+        let mut types: BTreeMap<String, (MetadataType, &str)> = BTreeMap::new();
+        for profile in self.iter() {
+            let Some(catalog) = profile.catalog() else {
+                continue;
+            };
+            for (key, ty) in &catalog.keys {
+                match types.get(key) {
+                    Some((other, by)) if other != ty => {
+                        return Err(format!(
+                            "metadata key {key:?} is {} in profile {by} but {} in profile {}",
+                            other.as_str(),
+                            ty.as_str(),
+                            profile.name()
+                        ));
+                    }
+                    _ => {
+                        types.insert(key.clone(), (*ty, profile.name()));
+                    }
+                }
+            }
+        }
+        Ok(types.into_iter().map(|(k, (t, _))| (k, t)).collect())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1022,5 +1420,118 @@ mod tests {
             err.to_string().contains("unknown placeholder {run_numbr}"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_cta_request_has_one_file_identity_per_nsb_level() {
+        let set = profiles();
+        let p = set.get("cta-irf-mc").unwrap();
+        let mut params = cta_example();
+        params.as_object_mut().unwrap().remove("core_scatter_m");
+        let ids = p.file_identities(&params);
+        let labels: Vec<&str> = ids.iter().map(|i| i.label.as_str()).collect();
+        assert_eq!(labels, ["nsb 1", "nsb 5"]);
+        let q = &ids[1].query;
+        assert_eq!(q.metadata["phiP"], "180");
+        assert_eq!(q.metadata["site"], "LaPalma");
+        assert_eq!(q.if_present["nsb"], "5");
+        assert_eq!(q.if_present["tel_sim_prog_version"], "2024-02-05");
+        // An optional parameter left out is not compared.
+        assert!(!q.if_present.contains_key("core_scatter"), "{q:?}");
+        assert_eq!(q.ranges.len(), 1);
+        assert_eq!((q.ranges[0].min, q.ranges[0].max), (0.003, 330.0));
+        assert_eq!(q.run_key, "run_number");
+    }
+
+    #[test]
+    fn output_metadata_takes_per_file_values_from_the_file_name() {
+        let set = profiles();
+        let p = set.get("cta-irf-mc").unwrap();
+        let params = cta_example();
+        let plan = p.plan(&params, "fp", 0).unwrap();
+        let mut vars = p.job_variables(
+            &params,
+            "CTA-000001",
+            "vo.cta.in2p3.fr",
+            &plan.job(1),
+            1,
+            "/w/output",
+        );
+        vars.insert(
+            "file_name".into(),
+            "gamma_20deg_180deg_run000002___Prod6-Hyperarray_nsb19.simtel".into(),
+        );
+        let m = p.output_metadata(&vars);
+        assert_eq!(m["nsb"], "19");
+        assert_eq!(m["run_number"], "2");
+        assert_eq!(m["corsika_version"], "7.7550");
+        assert_eq!(m["production_id"], "CTA-000001");
+        assert_eq!(m["core_scatter"], "1500");
+        let types = set.metadata_types().unwrap();
+        for (key, value) in &m {
+            assert!(types[key].parse(value).is_ok(), "{key}={value}");
+        }
+        assert_eq!(MetadataType::Float.parse("20.0").unwrap(), json!(20));
+        assert!(MetadataType::Integer.parse("1.5").is_err());
+    }
+
+    #[test]
+    fn km3net_identities_tell_interactions_apart() {
+        let set = profiles();
+        let p = set.get("km3net-container-sim").unwrap();
+        let path =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/km3net-container-sim.json");
+        let request: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let params = request["parameters"].clone();
+        let ids = p.file_identities(&params);
+        assert_eq!(ids.len(), 1);
+        assert_eq!(ids[0].label, "");
+        assert_eq!(ids[0].query.if_present["interaction"], "CC");
+        assert_eq!(
+            ids[0].query.if_present["container_image"],
+            "docker://km3net/gseagen:7.4.2-rc1"
+        );
+    }
+
+    #[test]
+    fn a_metadata_key_must_have_a_type() {
+        let text = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../profiles/cta-irf-mc.json"),
+        )
+        .unwrap();
+        let broken = text.replacen("\"nsb\": \"integer\",", "", 1);
+        let err = Profile::from_json(Path::new("x.json"), &broken).unwrap_err();
+        assert!(err.to_string().contains("\"nsb\""), "{err}");
+    }
+
+    #[test]
+    fn nsb_levels_in_common_overlap_disjoint_ones_do_not() {
+        let set = profiles();
+        let p = set.get("cta-irf-mc").unwrap();
+        let base = cta_example();
+        let mut other = base.clone();
+        other["nsb_levels"] = json!([19, 1]);
+        assert_ne!(p.base_fingerprint(&base), p.base_fingerprint(&other));
+        assert_eq!(
+            p.file_base_fingerprint(&base),
+            p.file_base_fingerprint(&other)
+        );
+        assert_eq!(
+            p.per_file_overlap(&other, &base).as_deref(),
+            Some("nsb 1 (existing nsb 1, 5)")
+        );
+        other["nsb_levels"] = json!([19]);
+        assert_eq!(p.per_file_overlap(&other, &base), None);
+        other["nsb_levels"] = json!([1]);
+        other["energy_min_tev"] = json!(330);
+        other["energy_max_tev"] = json!(600);
+        assert_eq!(p.per_file_overlap(&other, &base), None);
+        other["software"]["sim_telarray"] = json!("2025-06-01");
+        assert_ne!(
+            p.file_base_fingerprint(&base),
+            p.file_base_fingerprint(&other)
+        );
+        let km3net = set.get("km3net-container-sim").unwrap();
+        assert_eq!(km3net.file_base_fingerprint(&json!({})), None);
     }
 }

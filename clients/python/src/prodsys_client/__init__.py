@@ -11,7 +11,14 @@ science platforms.
     files = client.files(request.production_id)
 """
 
-from .client import DEFAULT_CATALOG, DEFAULT_INTAKE, DEFAULT_STATUS, Client, request_message
+from .client import (
+    DEFAULT_CATALOG,
+    DEFAULT_INTAKE,
+    DEFAULT_STATUS,
+    Client,
+    condition,
+    request_message,
+)
 from .errors import Conflict, InvalidRequest, NotFound, ProdsysError, Timeout, Violation
 from .models import (
     TERMINAL_STATES,
@@ -34,6 +41,7 @@ __all__ = [
     "DEFAULT_STATUS",
     "TERMINAL_STATES",
     "Client",
+    "condition",
     "Conflict",
     "InvalidRequest",
     "JobCounts",

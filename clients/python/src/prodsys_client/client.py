@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Union
 
@@ -55,6 +56,59 @@ RequestLike = Union[Mapping[str, Any], str, os.PathLike]
 
 # Between two looks while waiting for something that has not happened yet.
 POLL_SECONDS = 0.2
+
+
+# A metadata condition: ``"thetaP>=20"``, ``"particle in gamma,proton"`` or
+# ``("thetaP", ">=", 20)``.
+ConditionLike = Union[str, tuple]
+
+_OPERATORS = {
+    "=": catalog_pb2.CONDITION_OPERATOR_EQ,
+    "==": catalog_pb2.CONDITION_OPERATOR_EQ,
+    "!=": catalog_pb2.CONDITION_OPERATOR_NE,
+    "in": catalog_pb2.CONDITION_OPERATOR_IN,
+    "<": catalog_pb2.CONDITION_OPERATOR_LT,
+    "<=": catalog_pb2.CONDITION_OPERATOR_LE,
+    ">": catalog_pb2.CONDITION_OPERATOR_GT,
+    ">=": catalog_pb2.CONDITION_OPERATOR_GE,
+}
+_CONDITION = re.compile(r"^\s*([^=!<>\s]+)\s*(!=|<=|>=|==|=|<|>)\s*(.*?)\s*$")
+_IN = re.compile(r"^\s*([^=!<>\s]+)\s+in\s+(.+?)\s*$")
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
+def condition(spec: ConditionLike) -> catalog_pb2.MetadataCondition:
+    """A metadata condition for ``Client.files``, as prodctl's ``--where``
+    takes it: ``key=value``, ``key!=value``, ``key<value``, ``key<=value``,
+    ``key>value``, ``key>=value``, ``key in v1,v2``; or a ``(key, operator,
+    value)`` tuple, the value a list for ``in``."""
+    if isinstance(spec, tuple):
+        if len(spec) != 3 or spec[1] not in _OPERATORS:
+            raise ValueError(f"{spec!r}: give (key, operator, value) with one of {sorted(_OPERATORS)}")
+        key, op, value = spec
+        values = list(value) if op == "in" and not isinstance(value, str) else [value]
+        return catalog_pb2.MetadataCondition(
+            key=key, operator=_OPERATORS[op], values=[_text(v) for v in values]
+        )
+    found = _IN.match(spec)
+    if found:
+        values = [v.strip() for v in found.group(2).split(",") if v.strip()]
+        return catalog_pb2.MetadataCondition(
+            key=found.group(1), operator=catalog_pb2.CONDITION_OPERATOR_IN, values=values
+        )
+    found = _CONDITION.match(spec)
+    if not found:
+        raise ValueError(
+            f"{spec!r} is not a condition: write key=value, key!=value, key<value, "
+            "key<=value, key>value, key>=value or 'key in v1,v2'"
+        )
+    key, op, value = found.groups()
+    return catalog_pb2.MetadataCondition(key=key, operator=_OPERATORS[op], values=[value])
 
 
 def request_message(request: RequestLike, **overrides: Any) -> request_pb2.SubmitRequestRequest:
@@ -255,24 +309,58 @@ class Client:
     def files(
         self,
         production_id: str = "",
-        metadata: Mapping[str, str] | None = None,
+        metadata: Mapping[str, Any] | None = None,
         page_size: int = 1000,
+        where: Iterable[ConditionLike] = (),
+        prefix: str = "",
+        dataset: str = "",
     ) -> list[OutputFile]:
-        """Every catalogued file of a production (all pages), optionally only
-        those whose metadata has every given pair (``{"run_number": "2"}``)."""
+        """Every catalogued file (all pages) of a production, a dataset, under an
+        LFN prefix, and/or matching metadata: ``metadata`` pairs must be equal
+        (``{"run_number": 2}``) and every ``where`` condition hold
+        (``["nsb=5", "thetaP>=20", "particle in gamma,proton"]``, or
+        ``("thetaP", ">=", 20)`` tuples). Values compare as the type the
+        profiles declare for the key, numbers as numbers; an unknown key or a
+        value of the wrong type raises ``InvalidRequest``."""
         files, token = [], ""
         while True:
-            message = catalog_pb2.FindFilesRequest(
-                production_id=production_id,
-                metadata={k: str(v) for k, v in (metadata or {}).items()},
-                page_size=page_size,
-                page_token=token,
-            )
+            message = self._find_files(production_id, metadata, page_size, where, prefix, dataset)
+            message.page_token = token
             page = self._call(self._catalog.FindFiles, message)
             files += [OutputFile.from_pb(f) for f in page.files]
             if not page.next_page_token:
                 return files
             token = page.next_page_token
+
+    def iter_files(
+        self,
+        production_id: str = "",
+        metadata: Mapping[str, Any] | None = None,
+        where: Iterable[ConditionLike] = (),
+        prefix: str = "",
+        dataset: str = "",
+        page_size: int = 5000,
+    ) -> Iterator[OutputFile]:
+        """``files`` as a generator over the catalog's stream (StreamFiles), for
+        answers of millions of files: memory stays at one message's files."""
+        message = self._find_files(production_id, metadata, page_size, where, prefix, dataset)
+        try:
+            for page in self._catalog.StreamFiles(message, timeout=None):
+                for f in page.files:
+                    yield OutputFile.from_pb(f)
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+
+    @staticmethod
+    def _find_files(production_id, metadata, page_size, where, prefix, dataset):
+        return catalog_pb2.FindFilesRequest(
+            production_id=production_id,
+            metadata={k: _text(v) for k, v in (metadata or {}).items()},
+            page_size=page_size,
+            conditions=[condition(c) for c in ([where] if isinstance(where, str) else where)],
+            lfn_prefix=prefix,
+            dataset=dataset,
+        )
 
     def production_record(self, production_id: str, wait: float = 0.0) -> ProductionRecord:
         """The catalog's record of a finished production, written once every file

@@ -143,6 +143,10 @@ class Validation:
     overlaps: list[Overlap]
     plan: JobPlan | None
     estimate: ResourceEstimate | None
+    # The existence check in words, per identity of the request's files (one
+    # per NSB level): what the catalog holds that matches, which productions
+    # or files, which keys differ.
+    explanations: list[str] = field(default_factory=list)
 
     @classmethod
     def from_pb(cls, v: request_pb2.Validation) -> Validation:
@@ -154,6 +158,7 @@ class Validation:
             overlaps=[Overlap(o.production_id, o.description) for o in v.overlaps],
             plan=JobPlan.from_pb(v.plan) if v.HasField("plan") else None,
             estimate=ResourceEstimate.from_pb(v.estimate) if v.HasField("estimate") else None,
+            explanations=list(v.explanations),
         )
 
 

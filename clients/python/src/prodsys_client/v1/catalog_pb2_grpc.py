@@ -40,6 +40,11 @@ class CatalogServiceStub:
                 request_serializer=prodsys_dot_v1_dot_catalog__pb2.FindFilesRequest.SerializeToString,
                 response_deserializer=prodsys_dot_v1_dot_catalog__pb2.FindFilesResponse.FromString,
                 _registered_method=True)
+        self.StreamFiles = channel.unary_stream(
+                '/prodsys.v1.CatalogService/StreamFiles',
+                request_serializer=prodsys_dot_v1_dot_catalog__pb2.FindFilesRequest.SerializeToString,
+                response_deserializer=prodsys_dot_v1_dot_catalog__pb2.FindFilesResponse.FromString,
+                _registered_method=True)
         self.FindExisting = channel.unary_unary(
                 '/prodsys.v1.CatalogService/FindExisting',
                 request_serializer=prodsys_dot_v1_dot_catalog__pb2.FindExistingRequest.SerializeToString,
@@ -67,7 +72,18 @@ class CatalogServiceServicer:
     """
 
     def FindFiles(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Files by production, dataset, LFN prefix and typed metadata conditions,
+        a page at a time (in LFN order).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StreamFiles(self, request, context):
+        """The whole answer of a FindFiles query as a stream of pages, for answers
+        of millions of files (page_token and page_size set where it starts and
+        how many files a message carries).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -108,6 +124,11 @@ def add_CatalogServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'FindFiles': grpc.unary_unary_rpc_method_handler(
                     servicer.FindFiles,
+                    request_deserializer=prodsys_dot_v1_dot_catalog__pb2.FindFilesRequest.FromString,
+                    response_serializer=prodsys_dot_v1_dot_catalog__pb2.FindFilesResponse.SerializeToString,
+            ),
+            'StreamFiles': grpc.unary_stream_rpc_method_handler(
+                    servicer.StreamFiles,
                     request_deserializer=prodsys_dot_v1_dot_catalog__pb2.FindFilesRequest.FromString,
                     response_serializer=prodsys_dot_v1_dot_catalog__pb2.FindFilesResponse.SerializeToString,
             ),
@@ -158,6 +179,33 @@ class CatalogService:
             request,
             target,
             '/prodsys.v1.CatalogService/FindFiles',
+            prodsys_dot_v1_dot_catalog__pb2.FindFilesRequest.SerializeToString,
+            prodsys_dot_v1_dot_catalog__pb2.FindFilesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamFiles(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/prodsys.v1.CatalogService/StreamFiles',
             prodsys_dot_v1_dot_catalog__pb2.FindFilesRequest.SerializeToString,
             prodsys_dot_v1_dot_catalog__pb2.FindFilesResponse.FromString,
             options,
