@@ -10,9 +10,7 @@ use std::time::{Duration, Instant};
 use prodsys::Service;
 use prodsys_proto as pb;
 use prodsys_testkit::{TestEnv, wait_for};
-use support::{
-    App, built_binary, cta_example, dlq_depth, health, publish_raw, spawn_app,
-};
+use support::{App, built_binary, cta_example, dlq_depth, health, publish_raw, spawn_app};
 use tokio::io::AsyncBufReadExt;
 use tokio_util::sync::CancellationToken;
 
@@ -228,8 +226,16 @@ async fn a_poison_message_is_dead_lettered_alone_while_valid_ones_are_processed(
             .inner()
             .get("cloudEvents_id")
             .and_then(prodsys_messaging::envelope::value_text);
-        assert_eq!(id.as_ref(), Some(poison), "{service} dead-lettered the poison");
-        assert_eq!(dlq_depth(&app.env, service).await, 0, "{service}: only the poison");
+        assert_eq!(
+            id.as_ref(),
+            Some(poison),
+            "{service} dead-lettered the poison"
+        );
+        assert_eq!(
+            dlq_depth(&app.env, service).await,
+            0,
+            "{service}: only the poison"
+        );
     }
     app.stop().await;
 }
@@ -282,17 +288,24 @@ async fn prodctl_lists_shows_replays_and_drops_dead_letters() {
             .unwrap();
     }
     let production = app.accepted(cta_example()).await;
-    let received = wait_for("the tapped request.received", Duration::from_secs(10), || {
-        let channel = channel.clone();
-        let tap = tap.clone();
-        async move {
-            let m = channel
-                .basic_get(tap.as_str().into(), lapin::options::BasicGetOptions { no_ack: true })
-                .await
-                .ok()??;
-            (m.delivery.routing_key.as_str() == "request.received").then_some(m.delivery)
-        }
-    })
+    let received = wait_for(
+        "the tapped request.received",
+        Duration::from_secs(10),
+        || {
+            let channel = channel.clone();
+            let tap = tap.clone();
+            async move {
+                let m = channel
+                    .basic_get(
+                        tap.as_str().into(),
+                        lapin::options::BasicGetOptions { no_ack: true },
+                    )
+                    .await
+                    .ok()??;
+                (m.delivery.routing_key.as_str() == "request.received").then_some(m.delivery)
+            }
+        },
+    )
     .await
     .unwrap();
     let valid_id = received
@@ -308,7 +321,10 @@ async fn prodctl_lists_shows_replays_and_drops_dead_letters() {
         "x-prodsys-dead-letter-reason".into(),
         text("test: dead-lettered by hand"),
     );
-    headers.insert("x-prodsys-original-routing-key".into(), text("request.received"));
+    headers.insert(
+        "x-prodsys-original-routing-key".into(),
+        text("request.received"),
+    );
     headers.insert(
         "x-prodsys-original-exchange".into(),
         text(&format!("{prefix}prodsys.events")),
@@ -346,17 +362,26 @@ async fn prodctl_lists_shows_replays_and_drops_dead_letters() {
     let lines: Vec<&str> = list.lines().collect();
     assert_eq!(lines.len(), 2, "{list}");
     let line = |id: &str| lines.iter().find(|l| l.starts_with(id)).copied().unwrap();
-    assert!(line(&valid_id).contains("test: dead-lettered by hand"), "{list}");
+    assert!(
+        line(&valid_id).contains("test: dead-lettered by hand"),
+        "{list}"
+    );
     assert!(line(&valid_id).contains("request.received"), "{list}");
     assert!(line(&poison_id).contains("does not decode"), "{list}");
-    assert!(line(&poison_id).contains("org.prodsys.request.received.v1"), "{list}");
+    assert!(
+        line(&poison_id).contains("org.prodsys.request.received.v1"),
+        "{list}"
+    );
     // Listing gave everything back.
     assert_eq!(dlq_depth(&app.env, "checker").await, 2);
 
     let (ok, show, err) = prodctl(&app, &["show", "checker", &poison_id]).await;
     assert!(ok, "{err}");
     assert!(show.contains("does not decode"), "{show}");
-    assert!(show.contains("cloudEvents_type = org.prodsys.request.received.v1"), "{show}");
+    assert!(
+        show.contains("cloudEvents_type = org.prodsys.request.received.v1"),
+        "{show}"
+    );
     assert!(show.contains("ff fe 20 6e 6f 74"), "hex body: {show}");
     let (ok, _, _) = prodctl(&app, &["show", "checker", "no-such-id"]).await;
     assert!(!ok, "an unknown message ID fails");
@@ -383,7 +408,10 @@ async fn prodctl_lists_shows_replays_and_drops_dead_letters() {
     // Both verdicts reached the tap before intake could record them.
     let mut accepted = 0;
     while let Some(m) = channel
-        .basic_get(tap.as_str().into(), lapin::options::BasicGetOptions { no_ack: true })
+        .basic_get(
+            tap.as_str().into(),
+            lapin::options::BasicGetOptions { no_ack: true },
+        )
         .await
         .unwrap()
     {
@@ -392,7 +420,11 @@ async fn prodctl_lists_shows_replays_and_drops_dead_letters() {
     assert_eq!(accepted, 2, "no verdict announced again");
     let first = app.decided(&valid_request_id(&received)).await;
     assert_eq!(first.production_id, production);
-    assert_eq!(dlq_depth(&app.env, "checker").await, 1, "not dead-lettered again");
+    assert_eq!(
+        dlq_depth(&app.env, "checker").await,
+        1,
+        "not dead-lettered again"
+    );
 
     let (ok, out, err) = prodctl(&app, &["drop", "checker", "--all"]).await;
     assert!(ok, "{err}");
@@ -443,7 +475,11 @@ async fn sigterm_stops_serve_all_within_the_grace_period_with_the_outbox_flushed
     let mut log = Vec::new();
     tokio::time::timeout(Duration::from_secs(60), async {
         while ready < 5 {
-            let line = lines.next_line().await.unwrap().expect("prodsys exited early");
+            let line = lines
+                .next_line()
+                .await
+                .unwrap()
+                .expect("prodsys exited early");
             let Ok(entry) = serde_json::from_str::<serde_json::Value>(&line) else {
                 continue;
             };
