@@ -539,3 +539,49 @@ async fn sigterm_stops_serve_all_within_the_grace_period_with_the_outbox_flushed
     }
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn inboxes_forget_event_ids_older_than_the_retention() {
+    let app = support::spawn_app_with(|env| env.settings.database.inbox_retention_s = 2).await;
+    let production = app.accepted(cta_example()).await;
+    let db = app.env.db().await.unwrap();
+    let inboxes = || async {
+        let mut total = 0i64;
+        for schema in ["intake", "checker", "status"] {
+            let n: i64 = db
+                .query_one(&format!("SELECT count(*) FROM {schema}.inbox"), &[])
+                .await
+                .unwrap()
+                .get(0);
+            total += n;
+        }
+        total
+    };
+    wait_for(
+        "events recorded in the inboxes",
+        Duration::from_secs(20),
+        || async { (inboxes().await >= 3).then_some(()) },
+    )
+    .await
+    .unwrap();
+    app.production_when(
+        "the production's end",
+        Duration::from_secs(60),
+        &production,
+        |p| p.state() == pb::ProductionState::Completed,
+    )
+    .await;
+    // Nothing new arrives now; after the retention the background task empties them.
+    wait_for("pruned inboxes", Duration::from_secs(20), || async {
+        (inboxes().await == 0).then_some(())
+    })
+    .await
+    .unwrap();
+    let r = app.production(&production).await.unwrap();
+    assert_eq!(
+        r.state(),
+        pb::ProductionState::Completed,
+        "the read model stays"
+    );
+    app.stop().await;
+}
