@@ -10,8 +10,9 @@
 //!   `consumer_timeout`) the held messages are republished to the queue as
 //!   fresh copies (with confirms) and the originals acknowledged; the inbox
 //!   makes a copy of something that took effect harmless.
-//! - **permanent** (the handler answers [`Outcome::DeadLetter`]): dead-lettered
-//!   at once, with the reason in a header.
+//! - **permanent** (the handler answers [`Outcome::DeadLetter`] for the
+//!   message, or fails with [`HandlerError::Permanent`]; a batch failing so is
+//!   split to find the message): dead-lettered at once, with the reason in a header.
 //! - **anything else**: a batch that fails as a whole is retried one message
 //!   at a time, so one poison message cannot hold back the others; a single
 //!   message that still fails is requeued, and the queue's delivery limit
@@ -36,7 +37,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
 use crate::envelope::{self, DEAD_LETTER_REASON, ORIGINAL_EXCHANGE, ORIGINAL_ROUTING_KEY};
-use crate::error::is_transient;
+use crate::error::{HandlerError, is_transient};
 use crate::{Broker, CloudEvent, Outgoing, Publisher};
 
 /// A delivery as business code sees it.
@@ -410,7 +411,7 @@ impl<H: BatchHandler> Runner<'_, H> {
             other => other,
         };
         if batch.len() == 1 {
-            return Some(vec![self.requeue_after_pause(error).await]);
+            return Some(vec![self.failed_alone(error).await]);
         }
         if let Some(error) = &error {
             tracing::warn!(
@@ -426,22 +427,31 @@ impl<H: BatchHandler> Runner<'_, H> {
                     self.flag.set(false);
                     Verdict::from(single.remove(0))
                 }
-                Ok(_) => self.requeue_after_pause(None).await,
+                Ok(_) => self.failed_alone(None).await,
                 Err(error) if is_transient(&error) => match self.hold(channel, one, error).await {
                     Held::Done(mut single) if single.len() == 1 => Verdict::from(single.remove(0)),
-                    Held::Done(_) => self.requeue_after_pause(None).await,
+                    Held::Done(_) => self.failed_alone(None).await,
                     Held::Republish => Verdict::Republish,
                     Held::Lost => return None,
-                    Held::Failed(error) => self.requeue_after_pause(Some(error)).await,
+                    Held::Failed(error) => self.failed_alone(Some(error)).await,
                 },
-                Err(error) => self.requeue_after_pause(Some(error)).await,
+                Err(error) => self.failed_alone(Some(error)).await,
             };
             verdicts.push(verdict);
         }
         Some(verdicts)
     }
 
-    async fn requeue_after_pause(&self, error: Option<anyhow::Error>) -> Verdict {
+    /// The verdict on one message whose handling failed (not transiently):
+    /// dead-lettered when the handler says it can never succeed
+    /// ([`HandlerError::Permanent`]), otherwise requeued after a pause.
+    async fn failed_alone(&self, error: Option<anyhow::Error>) -> Verdict {
+        if let Some(HandlerError::Permanent(reason)) = error
+            .as_ref()
+            .and_then(|e| e.downcast_ref::<HandlerError>())
+        {
+            return Verdict::DeadLetter(reason.clone());
+        }
         let reason = match error {
             Some(error) => format!("{error:#}"),
             None => "handler answered the wrong number of outcomes".into(),

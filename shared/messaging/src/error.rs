@@ -24,7 +24,11 @@ impl Transient {
     }
 }
 
-/// How a failure at a service's consumer boundary is handled.
+/// A failure at a service's consumer boundary, mapped once onto what
+/// happens to the message: `Transient` holds the batch and retries it,
+/// `Permanent` dead-letters the message (a batch failing so is split first to
+/// find it), `Unexpected` requeues it under the delivery limit. A handler
+/// returns it inside its `anyhow::Error`.
 #[derive(Debug, thiserror::Error)]
 pub enum HandlerError {
     /// A dependency is unreachable or timing out: hold and retry.

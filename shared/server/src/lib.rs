@@ -215,6 +215,8 @@ pub struct Foundation {
     /// Consumers holding a batch through a dependency's outage (health reads it).
     pub holding: Holding,
     consumers: Arc<Mutex<Vec<JoinHandle<()>>>>,
+    /// Cancelled when the gRPC server has stopped (calls in flight done).
+    served: CancellationToken,
     stopped: Arc<Mutex<Option<JoinHandle<()>>>>,
     consumer_settings: prodsys_messaging::consumer::ConsumerSettings,
 }
@@ -273,10 +275,12 @@ impl Foundation {
             shutdown.clone(),
         ));
         let consumers = Arc::new(Mutex::new(Vec::new()));
+        let served = CancellationToken::new();
         let stopped = tokio::spawn(stop_in_order(
             service,
             Duration::from_millis(settings.shutdown_grace_ms),
             consumers.clone(),
+            served.clone(),
             (relay, relay_stop),
             closing,
             shutdown.clone(),
@@ -296,6 +300,7 @@ impl Foundation {
             names,
             holding: Holding::new(),
             consumers,
+            served,
             stopped: Arc::new(Mutex::new(Some(stopped))),
             consumer_settings,
         })
@@ -357,6 +362,12 @@ impl Foundation {
             shutdown.clone(),
         );
         let server = serve(listener, routes, shutdown.clone());
+        let served = self.served.clone();
+        let server = tokio::spawn(async move {
+            let result = server.await.context("gRPC server task").and_then(|r| r);
+            served.cancel();
+            result
+        });
         tracing::info!(service = self.service, %addr, "serving gRPC");
         let stopped = self
             .stopped
@@ -372,40 +383,51 @@ impl Foundation {
     }
 }
 
-/// After `shutdown`: waits for the consumers to finish what they hold, then
-/// lets the relay flush the outbox, then closes the broker connection; what
-/// has not finished after `grace` is abandoned.
+/// After `shutdown`: waits for the consumers to finish what they hold and
+/// the gRPC server its calls in flight, then lets the relay flush the
+/// outbox, then closes the broker connection; what has not finished after
+/// `grace` is abandoned.
 async fn stop_in_order(
     service: &'static str,
     grace: Duration,
     consumers: Arc<Mutex<Vec<JoinHandle<()>>>>,
+    served: CancellationToken,
     (relay, relay_stop): (JoinHandle<()>, CancellationToken),
     closing: CancellationToken,
     shutdown: CancellationToken,
 ) {
     shutdown.cancelled().await;
-    let started = std::time::Instant::now();
-    // Keep a little of the grace period for the process to exit.
-    let deadline = tokio::time::Instant::now() + grace.mul_f64(0.9);
+    let started = tokio::time::Instant::now();
+    // Each step has until its share of the grace period, so a step that
+    // hangs still leaves the next its turn (and the process time to exit).
+    let until = |share: f64| started + grace.mul_f64(share);
     let consumers: Vec<JoinHandle<()>> =
         std::mem::take(&mut *consumers.lock().unwrap_or_else(|e| e.into_inner()));
     let aborts: Vec<_> = consumers.iter().map(|c| c.abort_handle()).collect();
-    if tokio::time::timeout_at(deadline, futures_join(consumers))
+    if tokio::time::timeout_at(until(0.6), join_all(consumers))
         .await
         .is_err()
     {
         tracing::warn!(
             service,
-            "consumers did not finish within the grace period; their deliveries return to the queue"
+            "consumers did not finish in time; their deliveries return to the queue"
         );
         aborts.iter().for_each(|a| a.abort());
     }
+    // Calls in flight may still commit events; a stream a client keeps open
+    // (WatchProduction) must not keep the outbox from being flushed.
+    if tokio::time::timeout_at(until(0.7), served.cancelled())
+        .await
+        .is_err()
+    {
+        tracing::warn!(service, "gRPC calls still open; flushing the outbox anyway");
+    }
     relay_stop.cancel();
     let relay_abort = relay.abort_handle();
-    if tokio::time::timeout_at(deadline, relay).await.is_err() {
+    if tokio::time::timeout_at(until(0.9), relay).await.is_err() {
         tracing::warn!(
             service,
-            "the outbox relay did not flush within the grace period"
+            "the outbox relay did not flush in time; the rest goes at the next start"
         );
         relay_abort.abort();
     }
@@ -417,7 +439,7 @@ async fn stop_in_order(
     );
 }
 
-async fn futures_join(handles: Vec<JoinHandle<()>>) {
+async fn join_all(handles: Vec<JoinHandle<()>>) {
     for handle in handles {
         let _ = handle.await;
     }

@@ -1,0 +1,181 @@
+//! The consumer against real RabbitMQ: a batch failing transiently is held
+//! (and republished after the hold limit) without spending the delivery
+//! limit, and resumes when the failure passes; a message that can never
+//! succeed is found in its batch and dead-lettered alone.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use lapin::options::{BasicPublishOptions, QueueDeclareOptions, QueueDeleteOptions};
+use lapin::types::FieldTable;
+use prodsys_messaging::consumer::ConsumerSettings;
+use prodsys_messaging::{
+    BatchHandler, Broker, HandlerError, Holding, Incoming, Names, Outcome, Topology, Transient,
+};
+use prodsys_testkit::{TestEnv, wait_for};
+use tokio_util::sync::CancellationToken;
+
+const SERVICE: &str = "consumertest";
+
+/// Down (transiently) until `up_at`; then handles each body once, and
+/// refuses any batch holding "poison" without saying which message it is.
+struct Flaky {
+    up_at: Instant,
+    handled: Arc<Mutex<BTreeMap<String, String>>>,
+    tries: Arc<Mutex<u32>>,
+}
+
+impl BatchHandler for Flaky {
+    async fn handle(&self, batch: &[Incoming]) -> anyhow::Result<Vec<Outcome>> {
+        *self.tries.lock().unwrap() += 1;
+        if Instant::now() < self.up_at {
+            return Err(Transient::wrap(anyhow::anyhow!("the dependency is down")));
+        }
+        if batch.iter().any(|i| i.body == b"poison") {
+            return Err(HandlerError::Permanent("poison is not work".into()).into());
+        }
+        let mut handled = self.handled.lock().unwrap();
+        for incoming in batch {
+            handled.insert(
+                String::from_utf8_lossy(&incoming.body).into_owned(),
+                incoming.routing_key.clone(),
+            );
+        }
+        Ok(vec![Outcome::Ack; batch.len()])
+    }
+}
+
+async fn depth(channel: &lapin::Channel, queue: &str) -> u32 {
+    channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap()
+        .message_count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transient_failures_are_held_without_spending_the_delivery_limit() {
+    let env = TestEnv::new().await.unwrap();
+    let names = Names::new(&env.prefix);
+    let topology = Topology {
+        names: names.clone(),
+        service: SERVICE.into(),
+        bindings: vec!["test.work".into()],
+        ingest_bindings: vec![],
+        // Two deliveries: requeueing would dead-letter everything at once.
+        delivery_limit: 2,
+    };
+    let shutdown = CancellationToken::new();
+    let broker = Broker::start(env.settings.amqp.url(), topology, shutdown.clone())
+        .await
+        .unwrap();
+    let (connection, channel) = env.amqp().await.unwrap();
+    channel.confirm_select(Default::default()).await.unwrap();
+    let mut bodies: Vec<String> = (0..10).map(|i| format!("work {i}")).collect();
+    bodies.insert(4, "poison".into());
+    for body in &bodies {
+        channel
+            .basic_publish(
+                names.events().as_str().into(),
+                "test.work".into(),
+                BasicPublishOptions::default(),
+                body.as_bytes(),
+                lapin::BasicProperties::default().with_message_id(body.as_str().into()),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    let handled = Arc::new(Mutex::new(BTreeMap::new()));
+    let tries = Arc::new(Mutex::new(0));
+    let flaky = Flaky {
+        up_at: Instant::now() + Duration::from_secs(4),
+        handled: handled.clone(),
+        tries: tries.clone(),
+    };
+    let mut settings = ConsumerSettings::new(names.queue(SERVICE), 16, 16, Duration::from_secs(5));
+    // Held longer than a second: republished, three times or so in the outage.
+    settings.hold_limit = Duration::from_secs(1);
+    settings.retry_max = Duration::from_millis(300);
+    let holding = Holding::new();
+    let consumer = tokio::spawn(prodsys_messaging::run_consumer(
+        broker.clone(),
+        settings,
+        flaky,
+        holding.clone(),
+        shutdown.clone(),
+    ));
+    wait_for("the consumer to hold", Duration::from_secs(5), || async {
+        (holding.count() == 1).then_some(())
+    })
+    .await
+    .unwrap();
+    wait_for(
+        "the ten messages handled",
+        Duration::from_secs(20),
+        || async { (handled.lock().unwrap().len() == 10).then_some(()) },
+    )
+    .await
+    .unwrap();
+    assert!(*tries.lock().unwrap() > 5, "retried while down");
+    for (body, routing_key) in handled.lock().unwrap().iter() {
+        assert!(body.starts_with("work "), "{body}");
+        assert_eq!(
+            routing_key, "test.work",
+            "republished copies keep their routing key"
+        );
+    }
+    let dlq = names.dead_letter_queue(SERVICE);
+    wait_for(
+        "the poison dead-lettered",
+        Duration::from_secs(10),
+        || async { (depth(&channel, &dlq).await == 1).then_some(()) },
+    )
+    .await
+    .unwrap();
+    let letter = channel
+        .basic_get(
+            dlq.as_str().into(),
+            lapin::options::BasicGetOptions { no_ack: true },
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(letter.delivery.data, b"poison");
+    let reason = letter
+        .delivery
+        .properties
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get("x-prodsys-dead-letter-reason").cloned());
+    assert_eq!(
+        reason
+            .as_ref()
+            .and_then(prodsys_messaging::envelope::value_text),
+        Some("poison is not work".into())
+    );
+    assert_eq!(holding.count(), 0, "serving again");
+    assert_eq!(depth(&channel, &names.queue(SERVICE)).await, 0);
+
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(10), consumer)
+        .await
+        .expect("the consumer stops")
+        .unwrap();
+    for queue in [names.queue(SERVICE), dlq] {
+        let _ = channel
+            .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+            .await;
+    }
+    let _ = connection.close(200, "done".into()).await;
+    env.cleanup().await;
+}
