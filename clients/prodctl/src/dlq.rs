@@ -24,7 +24,8 @@ use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{Channel, Confirmation, Connection, ConnectionProperties};
 use prodsys_messaging::Names;
 use prodsys_messaging::envelope::{
-    DEAD_LETTER_REASON, ORIGINAL_EXCHANGE, ORIGINAL_ROUTING_KEY, header_text, value_text,
+    DEAD_LETTER_REASON, ORIGINAL_EXCHANGE, ORIGINAL_ROUTING_KEY, dead_letter_reason, header_text,
+    original_destination, value_text,
 };
 
 pub const SERVICES: [&str; 5] = ["intake", "checker", "dispatcher", "status", "catalog"];
@@ -274,10 +275,6 @@ fn headers(delivery: &Delivery) -> FieldTable {
     delivery.properties.headers().clone().unwrap_or_default()
 }
 
-fn raw_header(delivery: &Delivery, name: &str) -> Option<String> {
-    headers(delivery).inner().get(name).and_then(value_text)
-}
-
 /// A CloudEvents attribute.
 fn header(delivery: &Delivery, name: &str) -> Option<String> {
     header_text(&headers(delivery), name)
@@ -293,57 +290,17 @@ fn message_id(delivery: &Delivery) -> String {
         .unwrap_or_else(|| "-".into())
 }
 
-/// Why the message was dead-lettered: the service's reason, or the broker's
-/// (`delivery_limit`, `rejected`, …).
+/// Why the message was dead-lettered (the service's reason, or the broker's).
 fn reason(delivery: &Delivery) -> String {
-    raw_header(delivery, DEAD_LETTER_REASON)
-        .or_else(|| raw_header(delivery, "x-first-death-reason"))
-        .or_else(|| first_death(delivery, "reason"))
+    dead_letter_reason(&headers(delivery))
         .unwrap_or_else(|| "-".into())
         .replace(['\n', '\t'], " ")
 }
 
 /// The exchange and routing key the message was first published to.
 fn origin(delivery: &Delivery) -> (String, String) {
-    if let Some(key) = raw_header(delivery, ORIGINAL_ROUTING_KEY) {
-        let exchange = raw_header(delivery, ORIGINAL_EXCHANGE).unwrap_or_default();
-        return (exchange, key);
-    }
-    // Dead-lettered by the broker (delivery limit): its x-death record.
-    let exchange = raw_header(delivery, "x-first-death-exchange")
-        .or_else(|| first_death(delivery, "exchange"))
-        .unwrap_or_default();
-    let key = death_routing_key(delivery).unwrap_or_else(|| delivery.routing_key.to_string());
-    (exchange, key)
-}
-
-fn deaths(delivery: &Delivery) -> Vec<FieldTable> {
-    match headers(delivery).inner().get("x-death") {
-        Some(AMQPValue::FieldArray(array)) => array
-            .as_slice()
-            .iter()
-            .filter_map(|v| match v {
-                AMQPValue::FieldTable(t) => Some(t.clone()),
-                _ => None,
-            })
-            .collect(),
-        _ => Vec::new(),
-    }
-}
-
-/// A field of the oldest x-death record (the first death is the last entry).
-fn first_death(delivery: &Delivery, field: &str) -> Option<String> {
-    deaths(delivery)
-        .last()
-        .and_then(|t| t.inner().get(field).and_then(value_text))
-}
-
-fn death_routing_key(delivery: &Delivery) -> Option<String> {
-    let deaths = deaths(delivery);
-    match deaths.last()?.inner().get("routing-keys")? {
-        AMQPValue::FieldArray(keys) => keys.as_slice().first().and_then(value_text),
-        _ => None,
-    }
+    original_destination(&headers(delivery))
+        .unwrap_or_else(|| (String::new(), delivery.routing_key.to_string()))
 }
 
 fn time(delivery: &Delivery) -> String {

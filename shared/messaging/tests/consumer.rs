@@ -1,7 +1,8 @@
 //! The consumer against real RabbitMQ: a batch failing transiently is held
 //! (and republished after the hold limit) without spending the delivery
 //! limit, and resumes when the failure passes; a message that can never
-//! succeed is found in its batch and dead-lettered alone.
+//! succeed is found in its batch and dead-lettered alone; one failing for an
+//! unexpected reason is retried until the delivery limit dead-letters it.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -10,6 +11,7 @@ use std::time::{Duration, Instant};
 use lapin::options::{BasicPublishOptions, QueueDeclareOptions, QueueDeleteOptions};
 use lapin::types::FieldTable;
 use prodsys_messaging::consumer::ConsumerSettings;
+use prodsys_messaging::envelope::{dead_letter_reason, original_destination};
 use prodsys_messaging::{
     BatchHandler, Broker, HandlerError, Holding, Incoming, Names, Outcome, Topology, Transient,
 };
@@ -31,6 +33,9 @@ impl BatchHandler for Flaky {
         *self.tries.lock().unwrap() += 1;
         if Instant::now() < self.up_at {
             return Err(Transient::wrap(anyhow::anyhow!("the dependency is down")));
+        }
+        if batch.iter().any(|i| i.body == b"bug") {
+            anyhow::bail!("a bug nobody classified");
         }
         if batch.iter().any(|i| i.body == b"poison") {
             return Err(HandlerError::Permanent("poison is not work".into()).into());
@@ -81,6 +86,7 @@ async fn transient_failures_are_held_without_spending_the_delivery_limit() {
     channel.confirm_select(Default::default()).await.unwrap();
     let mut bodies: Vec<String> = (0..10).map(|i| format!("work {i}")).collect();
     bodies.insert(4, "poison".into());
+    bodies.insert(7, "bug".into());
     for body in &bodies {
         channel
             .basic_publish(
