@@ -140,35 +140,46 @@ async fn transient_failures_are_held_without_spending_the_delivery_limit() {
             "republished copies keep their routing key"
         );
     }
+    // The poison at once, by the consumer; the bug after the delivery limit, by the broker.
     let dlq = names.dead_letter_queue(SERVICE);
-    wait_for(
-        "the poison dead-lettered",
-        Duration::from_secs(10),
-        || async { (depth(&channel, &dlq).await == 1).then_some(()) },
-    )
+    wait_for("two dead letters", Duration::from_secs(20), || async {
+        (depth(&channel, &dlq).await == 2).then_some(())
+    })
     .await
     .unwrap();
-    let letter = channel
+    let mut letters = BTreeMap::new();
+    while let Some(letter) = channel
         .basic_get(
             dlq.as_str().into(),
             lapin::options::BasicGetOptions { no_ack: true },
         )
         .await
         .unwrap()
-        .unwrap();
-    assert_eq!(letter.delivery.data, b"poison");
-    let reason = letter
-        .delivery
-        .properties
-        .headers()
-        .as_ref()
-        .and_then(|h| h.inner().get("x-prodsys-dead-letter-reason").cloned());
+    {
+        let headers = letter
+            .delivery
+            .properties
+            .headers()
+            .clone()
+            .unwrap_or_default();
+        letters.insert(
+            String::from_utf8_lossy(&letter.delivery.data).into_owned(),
+            (
+                dead_letter_reason(&headers).unwrap(),
+                original_destination(&headers).unwrap(),
+            ),
+        );
+    }
+    let origin = (names.events(), "test.work".to_string());
     assert_eq!(
-        reason
-            .as_ref()
-            .and_then(prodsys_messaging::envelope::value_text),
-        Some("poison is not work".into())
+        letters.get("poison"),
+        Some(&("poison is not work".to_string(), origin.clone()))
     );
+    assert_eq!(
+        letters.get("bug"),
+        Some(&("delivery_limit".to_string(), origin))
+    );
+    assert_eq!(letters.len(), 2, "{letters:?}");
     assert_eq!(holding.count(), 0, "serving again");
     assert_eq!(depth(&channel, &names.queue(SERVICE)).await, 0);
 
