@@ -250,7 +250,11 @@ impl Foundation {
         // The connection outlives `shutdown`: consumers still settle and the
         // relay still flushes after it; `stop_in_order` closes it last.
         let closing = CancellationToken::new();
-        let broker = match Broker::start(settings.amqp.url(), topology, closing.clone()).await {
+        let broker = tokio::select! {
+            broker = Broker::start(settings.amqp.url(), topology, closing.clone()) => broker,
+            _ = shutdown.cancelled() => Err(anyhow::anyhow!("shut down before the broker was reached")),
+        };
+        let broker = match broker {
             Ok(broker) => broker,
             Err(error) => {
                 closing.cancel();
