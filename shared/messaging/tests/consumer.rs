@@ -196,3 +196,115 @@ async fn transient_failures_are_held_without_spending_the_delivery_limit() {
     let _ = connection.close(200, "done".into()).await;
     env.cleanup().await;
 }
+
+/// Always down.
+struct Down;
+
+impl BatchHandler for Down {
+    async fn handle(&self, _batch: &[Incoming]) -> anyhow::Result<Vec<Outcome>> {
+        Err(Transient::wrap(anyhow::anyhow!("the dependency is down")))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_held_at_shutdown_goes_back_to_the_queue_unspent() {
+    let env = TestEnv::new().await.unwrap();
+    let names = Names::new(&env.prefix);
+    let service = "heldtest";
+    let topology = Topology {
+        names: names.clone(),
+        service: service.into(),
+        bindings: vec!["test.held".into()],
+        ingest_bindings: vec![],
+        delivery_limit: 1,
+    };
+    let closing = CancellationToken::new();
+    let broker = Broker::start(env.settings.amqp.url(), topology, closing.clone())
+        .await
+        .unwrap();
+    let (connection, channel) = env.amqp().await.unwrap();
+    channel.confirm_select(Default::default()).await.unwrap();
+    for i in 0..5 {
+        let body = format!("held {i}");
+        channel
+            .basic_publish(
+                names.events().as_str().into(),
+                "test.held".into(),
+                BasicPublishOptions::default(),
+                body.as_bytes(),
+                lapin::BasicProperties::default().with_message_id(body.as_str().into()),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    let holding = Holding::new();
+    let shutdown = CancellationToken::new();
+    let consumer = tokio::spawn(prodsys_messaging::run_consumer(
+        broker.clone(),
+        ConsumerSettings::new(names.queue(service), 16, 16, Duration::from_secs(5)),
+        Down,
+        holding.clone(),
+        shutdown.clone(),
+    ));
+    wait_for("the consumer to hold", Duration::from_secs(5), || async {
+        (holding.count() == 1).then_some(())
+    })
+    .await
+    .unwrap();
+    let queue = names.queue(service);
+    assert_eq!(depth(&channel, &queue).await, 0, "all five held");
+    let stopping = Instant::now();
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(5), consumer)
+        .await
+        .expect("a holding consumer stops at once")
+        .unwrap();
+    println!("held batch released in {:?}", stopping.elapsed());
+    assert_eq!(holding.count(), 0);
+    // Republished as fresh copies: with a delivery limit of one, a requeue
+    // would have dead-lettered them.
+    wait_for(
+        "the five back in the queue",
+        Duration::from_secs(5),
+        || async { (depth(&channel, &queue).await == 5).then_some(()) },
+    )
+    .await
+    .unwrap();
+    assert_eq!(depth(&channel, &names.dead_letter_queue(service)).await, 0);
+    let copy = channel
+        .basic_get(
+            queue.as_str().into(),
+            lapin::options::BasicGetOptions { no_ack: true },
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    let headers = copy
+        .delivery
+        .properties
+        .headers()
+        .clone()
+        .unwrap_or_default();
+    // The broker's count of returned deliveries starts over on a copy.
+    let count = match headers.inner().get("x-delivery-count") {
+        None => 0,
+        Some(lapin::types::AMQPValue::LongLongInt(n)) => *n,
+        Some(lapin::types::AMQPValue::LongInt(n)) => i64::from(*n),
+        Some(other) => panic!("x-delivery-count {other:?}"),
+    };
+    assert_eq!(count, 0, "{headers:?}");
+    assert_eq!(
+        original_destination(&headers),
+        Some((names.events(), "test.held".to_string()))
+    );
+    closing.cancel();
+    for queue in [names.queue(service), names.dead_letter_queue(service)] {
+        let _ = channel
+            .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+            .await;
+    }
+    let _ = connection.close(200, "done".into()).await;
+    env.cleanup().await;
+}
