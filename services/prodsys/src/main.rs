@@ -60,6 +60,10 @@ async fn serve(services: Vec<Service>, settings: prodsys_config::Settings) -> an
         wait_for_signal().await;
         tracing::info!(grace_ms = grace.as_millis() as u64, "shutting down");
         stop.cancel();
+        // An operator who signals again does not want to wait.
+        wait_for_signal().await;
+        tracing::warn!("second signal: exiting without waiting");
+        std::process::exit(1);
     });
     let stack = prodsys::start(&services, &settings, shutdown.clone()).await?;
     for running in &stack.services {
