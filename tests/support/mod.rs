@@ -464,3 +464,103 @@ impl App {
             .into_inner()
     }
 }
+
+/// How many messages wait in `queue` (ready, not counting unacknowledged ones).
+pub async fn queue_depth(env: &TestEnv, queue: &str) -> u32 {
+    let (connection, channel) = env.amqp().await.unwrap();
+    let depth = channel
+        .queue_declare(
+            queue.into(),
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .map(|q| q.message_count())
+        .unwrap_or_else(|e| panic!("queue {queue}: {e}"));
+    let _ = connection.close(200, "done".into()).await;
+    depth
+}
+
+/// How many dead letters `service`'s dead-letter queue holds.
+pub async fn dlq_depth(env: &TestEnv, service: &str) -> u32 {
+    queue_depth(env, &format!("{}prodsys.{service}.dlq", env.prefix)).await
+}
+
+/// Publishes one message with the CloudEvents headers of `event_type`
+/// (binary mode) to `exchange` under `routing_key`; returns its ID.
+pub async fn publish_raw(
+    env: &TestEnv,
+    exchange: &str,
+    routing_key: &str,
+    event_type: &str,
+    body: &[u8],
+) -> String {
+    let id = uuid::Uuid::now_v7().to_string();
+    let event = prodsys_messaging::CloudEvent {
+        id: id.clone(),
+        event_type: event_type.to_string(),
+        source: "/tests".into(),
+        specversion: "1.0".into(),
+        time: None,
+        subject: Some("test".into()),
+    };
+    let (connection, channel) = env.amqp().await.unwrap();
+    channel.confirm_select(Default::default()).await.unwrap();
+    let properties = lapin::BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_message_id(id.as_str().into())
+        .with_content_type("application/protobuf".into())
+        .with_headers(event.to_headers());
+    let confirm = channel
+        .basic_publish(
+            exchange.into(),
+            routing_key.into(),
+            lapin::options::BasicPublishOptions {
+                mandatory: true,
+                ..Default::default()
+            },
+            body,
+            properties,
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert!(
+        matches!(confirm, lapin::Confirmation::Ack(None)),
+        "published to {exchange} {routing_key}: {confirm:?}"
+    );
+    let _ = connection.close(200, "done".into()).await;
+    id
+}
+
+/// The path of a binary of this workspace, built (once per test process) if needed.
+pub fn built_binary(package: &str, bin: &str) -> std::path::PathBuf {
+    static BUILT: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
+    if !built.iter().any(|b| b == bin) {
+        let status = std::process::Command::new(env!("CARGO"))
+            .args(["build", "-q", "-p", package, "--bin", bin])
+            .current_dir(prodsys_testkit::repo_root())
+            .status()
+            .expect("running cargo build");
+        assert!(status.success(), "building {bin}");
+        built.push(bin.to_string());
+    }
+    prodsys_testkit::bin_dir().join(bin)
+}
+
+/// The overall health status a service reports.
+pub async fn health(addr: std::net::SocketAddr) -> Option<i32> {
+    let mut client = tonic_health::pb::health_client::HealthClient::new(channel(addr).await);
+    client
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .ok()
+        .map(|r| r.into_inner().status)
+}

@@ -1,8 +1,11 @@
 //! prodctl — talk to a prodsys deployment from a terminal.
 //!
 //! `prodctl submit FILE [--watch]`, `prodctl request ID`, `prodctl status ID`,
-//! `prodctl files [ID] [--where 'nsb=5' ...]`, `prodctl health`. Exit code 0 on success; 1 when the
+//! `prodctl files [ID] [--where 'nsb=5' ...]`, `prodctl health`, `prodctl dlq
+//! list|show|replay|drop SERVICE` (dead letters, over AMQP). Exit code 0 on success; 1 when the
 //! request is refused or the production does not complete; 2 on usage errors.
+
+mod dlq;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -119,6 +122,58 @@ enum Command {
     },
     /// Exit 0 when every service answers SERVING.
     Health,
+    /// Dead letters of a service: list, show, replay or drop them (over AMQP).
+    Dlq {
+        /// The broker, as the services reach it.
+        #[arg(
+            long,
+            env = "PRODSYS_AMQP_URL",
+            default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+        )]
+        amqp_url: String,
+        /// The deployment's prefix of exchange and queue names (`amqp.prefix`).
+        #[arg(long, env = "PRODSYS__AMQP__PREFIX", default_value = "")]
+        prefix: String,
+        /// Most dead letters read at once.
+        #[arg(long, default_value_t = 10_000)]
+        limit: usize,
+        #[command(subcommand)]
+        action: DlqCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum DlqCommand {
+    /// One line per dead letter: message ID, event type, original routing key, reason, time.
+    List { service: String },
+    /// Properties, headers and body of a dead letter.
+    Show { service: String, message_id: String },
+    /// Publish again to the service's queue (without the dead-letter headers),
+    /// then remove the dead letter. Idempotent: an event that already took
+    /// effect changes nothing.
+    Replay {
+        service: String,
+        message_id: Option<String>,
+        /// Every dead letter of the service.
+        #[arg(long, conflicts_with = "message_id")]
+        all: bool,
+    },
+    /// Remove dead letters for good.
+    Drop {
+        service: String,
+        message_id: Option<String>,
+        #[arg(long, conflicts_with = "message_id")]
+        all: bool,
+    },
+}
+
+/// The message a command names, or all of them with `--all`; one of the two is required.
+fn selection(message_id: Option<String>, all: bool) -> anyhow::Result<Option<String>> {
+    match (message_id, all) {
+        (Some(id), false) => Ok(Some(id)),
+        (None, true) => Ok(None),
+        _ => bail!("name a message ID, or give --all"),
+    }
 }
 
 #[derive(Deserialize)]
@@ -284,6 +339,37 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Health => health(&cli).await,
+        Command::Dlq {
+            ref amqp_url,
+            ref prefix,
+            limit,
+            ref action,
+        } => {
+            let (service, action) = match action {
+                DlqCommand::List { service } => (service, dlq::Action::List),
+                DlqCommand::Show {
+                    service,
+                    message_id,
+                } => (service, dlq::Action::Show(message_id.clone())),
+                DlqCommand::Replay {
+                    service,
+                    message_id,
+                    all,
+                } => (
+                    service,
+                    dlq::Action::Replay(selection(message_id.clone(), *all)?),
+                ),
+                DlqCommand::Drop {
+                    service,
+                    message_id,
+                    all,
+                } => (
+                    service,
+                    dlq::Action::Drop(selection(message_id.clone(), *all)?),
+                ),
+            };
+            dlq::run(amqp_url, prefix, service, action, limit).await
+        }
         Command::Cancel {
             ref production_id,
             ref reason,

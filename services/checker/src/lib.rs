@@ -524,8 +524,15 @@ impl Checker {
                     results
                 }
                 Err(status) => {
-                    return Err(anyhow::Error::new(status)
-                        .context("asking the catalog for existing outputs"));
+                    // The catalog down or slow is waited out (the consumer
+                    // holds the batch), never a verdict on the requests.
+                    let transient = prodsys_messaging::error::status_is_transient(&status);
+                    let error = anyhow::Error::new(status)
+                        .context("asking the catalog for existing outputs");
+                    return Err(match transient {
+                        true => prodsys_messaging::Transient::wrap(error),
+                        false => error,
+                    });
                 }
             };
             anyhow::ensure!(

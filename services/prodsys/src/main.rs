@@ -1,6 +1,7 @@
 //! `prodsys serve all|intake|checker|dispatcher|status|catalog [--config FILE]`
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use prodsys::Service;
@@ -39,22 +40,49 @@ fn main() -> anyhow::Result<()> {
         vec![service.parse().map_err(anyhow::Error::msg)?]
     };
     let settings = prodsys_config::Settings::load(config.as_deref())?;
-    prodsys_server::runtime(services.len())?.block_on(serve(services, settings))
+    let runtime = prodsys_server::runtime(services.len())?;
+    let result = runtime.block_on(serve(services, settings));
+    // Whatever is still running (a blocking call, a job's output copy) does
+    // not keep the process: the grace period is over.
+    runtime.shutdown_timeout(Duration::from_millis(200));
+    result
 }
 
+/// Runs `services` until SIGTERM or Ctrl-C, then stops them gracefully:
+/// consumers stop taking deliveries and finish (or give back) what they
+/// hold, outboxes are flushed, connections closed — within
+/// `shutdown_grace_ms`, or the process gives up and exits with an error.
 async fn serve(services: Vec<Service>, settings: prodsys_config::Settings) -> anyhow::Result<()> {
     let shutdown = tokio_util::sync::CancellationToken::new();
+    let grace = Duration::from_millis(settings.shutdown_grace_ms);
     let stop = shutdown.clone();
     tokio::spawn(async move {
         wait_for_signal().await;
-        tracing::info!("shutting down");
+        tracing::info!(grace_ms = grace.as_millis() as u64, "shutting down");
         stop.cancel();
+        // An operator who signals again does not want to wait.
+        wait_for_signal().await;
+        tracing::warn!("second signal: exiting without waiting");
+        std::process::exit(1);
     });
     let stack = prodsys::start(&services, &settings, shutdown.clone()).await?;
     for running in &stack.services {
         tracing::info!(service = running.service, addr = %running.addr, "ready");
     }
-    stack.wait().await
+    let mut stopped = Box::pin(stack.wait());
+    tokio::select! {
+        result = &mut stopped => return result,
+        _ = shutdown.cancelled() => {}
+    }
+    match tokio::time::timeout(grace, stopped).await {
+        Ok(result) => {
+            tracing::info!("stopped");
+            result
+        }
+        Err(_) => {
+            anyhow::bail!("services did not stop within the shutdown grace period ({grace:?})")
+        }
+    }
 }
 
 async fn wait_for_signal() {

@@ -302,8 +302,9 @@ impl BatchHandler for Projector {
         // No lock per production: consumers project concurrently. A job row
         // is changed under its row lock and re-checked against the newest
         // version (so a late transition still never moves it backwards);
-        // two first transitions of one job racing make one batch fail on the
-        // key and be retried message by message, when the row exists.
+        // when two consumers insert the first transition of one job at once,
+        // the second insert becomes that same guarded update (ON CONFLICT),
+        // so a race costs no retry.
         upsert_productions(&tx, productions).await?;
         if !transitions.is_empty() {
             upsert_jobs(&tx, &transitions).await?;
@@ -417,7 +418,8 @@ fn job_order(t: &pb::JobTransition) -> (u32, u8) {
 /// in step, so a snapshot reads a handful of counters however large the
 /// production. `transitions` holds at most one per job. One statement: known
 /// jobs are updated only by a newer transition (the read model never moves
-/// backwards), new ones inserted, and the counters moved by what changed —
+/// backwards), new ones inserted (or, when another consumer inserted the
+/// job meanwhile, updated as a known one), and the counters moved by what changed —
 /// no row travels back to the service.
 async fn upsert_jobs(
     tx: &Transaction<'_>,
@@ -444,15 +446,22 @@ async fn upsert_jobs(
                AND (j.attempt, j.state_rank) < (u.attempt, u.state_rank)
              RETURNING j.production_id, j.prev_state, j.state),
          inserted AS (
-             INSERT INTO jobs (production_id, job_index, attempt, state, state_rank, raw_status)
+             INSERT INTO jobs AS j (production_id, job_index, attempt, state, state_rank, raw_status)
              SELECT u.production_id, u.job_index, u.attempt, u.state, u.state_rank, u.raw_status FROM u
              WHERE NOT EXISTS (SELECT 1 FROM jobs j
                                WHERE j.production_id = u.production_id AND j.job_index = u.job_index)
-             RETURNING production_id, state),
+             ON CONFLICT (production_id, job_index) DO UPDATE
+                 SET prev_state = j.state, attempt = EXCLUDED.attempt, state = EXCLUDED.state,
+                     state_rank = EXCLUDED.state_rank, raw_status = EXCLUDED.raw_status,
+                     updated_at = now()
+                 WHERE (j.attempt, j.state_rank) < (EXCLUDED.attempt, EXCLUDED.state_rank)
+             RETURNING j.production_id, j.prev_state, j.state),
          deltas AS (
              SELECT production_id, state, 1 AS d FROM updated
              UNION ALL SELECT production_id, prev_state, -1 FROM updated
-             UNION ALL SELECT production_id, state, 1 FROM inserted)
+             UNION ALL SELECT production_id, state, 1 FROM inserted
+             UNION ALL SELECT production_id, prev_state, -1 FROM inserted
+                 WHERE prev_state IS NOT NULL)
          INSERT INTO job_counts (production_id, state, n)
          SELECT production_id, state, sum(d) FROM deltas
          GROUP BY production_id, state HAVING sum(d) <> 0

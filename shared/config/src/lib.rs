@@ -23,6 +23,9 @@ pub struct Settings {
     pub dispatcher: DispatcherSettings,
     pub status: ServerSettings,
     pub catalog: ServerSettings,
+    /// How long a stopping service (SIGTERM, Ctrl-C) may take to finish
+    /// what it holds and flush its outbox before the process exits.
+    pub shutdown_grace_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -31,6 +34,9 @@ pub struct DatabaseSettings {
     #[serde(serialize_with = "expose")]
     pub url: SecretString,
     pub pool_size: usize,
+    /// How long an event's ID is kept in a service's inbox (to recognise a
+    /// redelivery); older IDs are deleted in the background.
+    pub inbox_retention_s: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -48,6 +54,12 @@ pub struct AmqpSettings {
     /// Deliveries of one message before it is dead-lettered.
     pub delivery_limit: u32,
     pub confirm_timeout_ms: u64,
+    /// Longest a consumer holds a batch through a transient failure (a
+    /// dependency down) before republishing its messages as fresh copies;
+    /// keep it well under the broker's `consumer_timeout` (30 min).
+    pub hold_limit_ms: u64,
+    /// Longest pause between two tries of a held batch (backoff with jitter).
+    pub hold_retry_max_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -236,6 +248,7 @@ impl Default for Settings {
             catalog: ServerSettings { port: 50053 },
             checker: CheckerSettings::default(),
             dispatcher: DispatcherSettings::default(),
+            shutdown_grace_ms: 10_000,
         }
     }
 }
@@ -245,6 +258,7 @@ impl Default for DatabaseSettings {
         Self {
             url: SecretString::from("postgres://postgres@127.0.0.1:5432/prodsys"),
             pool_size: 16,
+            inbox_retention_s: 7 * 24 * 3600,
         }
     }
 }
@@ -258,6 +272,8 @@ impl Default for AmqpSettings {
             batch_size: 128,
             delivery_limit: 5,
             confirm_timeout_ms: 10_000,
+            hold_limit_ms: 300_000,
+            hold_retry_max_ms: 5_000,
         }
     }
 }

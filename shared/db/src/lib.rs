@@ -50,6 +50,13 @@ const BASE: Migration = Migration {
     "#,
 };
 
+/// The index the inbox's pruning reads by age (every service's schema).
+const INBOX_AGE: Migration = Migration {
+    version: 30,
+    name: "inbox by age",
+    sql: "CREATE INDEX IF NOT EXISTS inbox_received_at ON inbox (received_at);",
+};
+
 /// A service's database: a pool whose `search_path` is the service's schema.
 #[derive(Clone)]
 pub struct Db {
@@ -192,7 +199,7 @@ impl Db {
             .iter()
             .map(|r| r.get(0))
             .collect();
-        for migration in std::iter::once(&BASE).chain(migrations) {
+        for migration in [&BASE, &INBOX_AGE].into_iter().chain(migrations) {
             if applied.contains(&migration.version) {
                 continue;
             }
@@ -325,6 +332,34 @@ pub async fn claim(tx: &Transaction<'_>, event_ids: &[Uuid]) -> anyhow::Result<H
         .await
         .context("writing the inbox")?;
     Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+/// Deletes inbox rows older than `retention`, `batch` rows per statement
+/// (each its own short transaction, so pruning never holds many locks);
+/// returns how many went. A redelivery older than `retention` would then
+/// take effect again, so keep it longer than any message can wait in a queue.
+pub async fn prune_inbox(db: &Db, retention: Duration, batch: i64) -> anyhow::Result<u64> {
+    let client = db.client().await?;
+    let seconds = retention.as_secs_f64();
+    let mut total = 0;
+    loop {
+        let deleted = client
+            .execute_cached(
+                "DELETE FROM inbox WHERE event_id IN (
+                     SELECT event_id FROM inbox
+                     WHERE received_at < now() - make_interval(secs => $1)
+                     ORDER BY received_at LIMIT $2)",
+                &[&seconds, &batch],
+            )
+            .await
+            .context("pruning the inbox")?;
+        total += deleted;
+        if deleted < batch as u64 {
+            return Ok(total);
+        }
+        // Leave room to the service's own transactions between batches.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// Locks and returns up to `limit` unsent outbox rows, oldest first; rows

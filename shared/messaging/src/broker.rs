@@ -13,7 +13,7 @@ use lapin::{Channel, Connection, ConnectionProperties};
 use tokio::sync::{Mutex, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::Topology;
+use crate::{Backoff, Topology};
 
 #[derive(Clone)]
 pub struct Broker {
@@ -104,7 +104,7 @@ impl Broker {
     }
 
     async fn supervise(self, shutdown: CancellationToken) {
-        let mut backoff = BACKOFF_START;
+        let mut backoff = Backoff::new(BACKOFF_START, BACKOFF_MAX);
         let service = self.inner.topology.service.clone();
         loop {
             let attempt = tokio::select! {
@@ -113,7 +113,7 @@ impl Broker {
             };
             match attempt {
                 Ok(connection) => {
-                    backoff = BACKOFF_START;
+                    backoff.reset();
                     let mut events = connection.events_listener();
                     *self.inner.connection.lock().await = Some(connection);
                     self.inner.generation.send_modify(|g| *g += 1);
@@ -156,12 +156,12 @@ impl Broker {
                     tracing::warn!(%service, "broker connection lost; reconnecting");
                 }
                 Err(error) => {
-                    tracing::warn!(%service, error = format!("{error:#}"), retry_in_ms = backoff.as_millis() as u64, "broker unreachable");
+                    let wait = backoff.next_wait();
+                    tracing::warn!(%service, error = format!("{error:#}"), retry_in_ms = wait.as_millis() as u64, "broker unreachable");
                     tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {}
+                        _ = tokio::time::sleep(wait) => {}
                         _ = shutdown.cancelled() => break,
                     }
-                    backoff = (backoff * 2).min(BACKOFF_MAX);
                 }
             }
         }

@@ -1,18 +1,43 @@
 //! The consumer runner. Business code sees batches of [`Incoming`] messages
 //! and answers with an [`Outcome`] each; only this module acks, nacks and
-//! dead-letters. A batch that fails as a whole is retried one message at a
-//! time, so one poison message cannot hold back the others.
+//! dead-letters. What a failure does to a message depends on its kind:
+//!
+//! - **transient** (see [`crate::error::is_transient`]: a dependency down or
+//!   timing out): the batch is *held* — kept unacknowledged, retried in
+//!   process with backoff, the service reported NOT_SERVING through
+//!   [`Holding`] — until it succeeds. A hold never spends the queue's delivery
+//!   limit. After `hold_limit` (to stay well under the broker's
+//!   `consumer_timeout`) the held messages are republished to the queue as
+//!   fresh copies (with confirms) and the originals acknowledged; the inbox
+//!   makes a copy of something that took effect harmless.
+//! - **permanent** (the handler answers [`Outcome::DeadLetter`] for the
+//!   message, or fails with [`HandlerError::Permanent`]; a batch failing so is
+//!   split to find the message): dead-lettered at once, with the reason in a header.
+//! - **anything else**: a batch that fails as a whole is retried one message
+//!   at a time, so one poison message cannot hold back the others; a single
+//!   message that still fails is requeued, and the queue's delivery limit
+//!   dead-letters it in the end.
+//!
+//! On shutdown a consumer cancels its subscription, finishes the deliveries
+//! it already holds (a held batch is republished instead of waited out) and
+//! closes its channel.
 
 use std::future::Future;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use futures::{FutureExt, StreamExt};
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+};
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{Channel, message::Delivery};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::backoff::Backoff;
 use crate::envelope::{self, DEAD_LETTER_REASON, ORIGINAL_EXCHANGE, ORIGINAL_ROUTING_KEY};
+use crate::error::{HandlerError, is_transient};
 use crate::{Broker, CloudEvent, Outgoing, Publisher};
 
 /// A delivery as business code sees it.
@@ -35,10 +60,22 @@ pub struct Incoming {
 impl Incoming {
     fn from_delivery(delivery: Delivery) -> Self {
         let event = CloudEvent::from_properties(&delivery.properties);
+        let headers = delivery.properties.headers().clone().unwrap_or_default();
+        let mut exchange = delivery.exchange.as_str().to_string();
+        let mut routing_key = delivery.routing_key.as_str().to_string();
+        // A copy republished straight to the queue (after a hold, or a
+        // replayed dead letter) names where it was first published.
+        if exchange.is_empty() {
+            let original = |name: &str| headers.inner().get(name).and_then(envelope::value_text);
+            if let Some(key) = original(ORIGINAL_ROUTING_KEY) {
+                routing_key = key;
+                exchange = original(ORIGINAL_EXCHANGE).unwrap_or_default();
+            }
+        }
         Self {
             delivery_tag: delivery.delivery_tag,
-            exchange: delivery.exchange.as_str().to_string(),
-            routing_key: delivery.routing_key.as_str().to_string(),
+            exchange,
+            routing_key,
             redelivered: delivery.redelivered,
             message_id: delivery
                 .properties
@@ -55,7 +92,7 @@ impl Incoming {
                 .reply_to()
                 .as_ref()
                 .map(|s| s.as_str().to_string()),
-            headers: delivery.properties.headers().clone().unwrap_or_default(),
+            headers,
             body: delivery.data,
             event,
         }
@@ -77,13 +114,18 @@ pub enum Outcome {
     Ack,
     /// It can never succeed: move it to the dead-letter queue with the reason.
     DeadLetter(String),
-    /// It failed for a reason that may pass: requeue (the delivery limit bounds retries).
+    /// It failed for an unexpected reason: requeue (the delivery limit bounds
+    /// retries). A failure known to pass is an error the classifier
+    /// recognises, which holds the batch instead.
     Retry(String),
 }
 
 pub trait BatchHandler: Send + Sync + 'static {
     /// Handles `batch`, typically in one transaction; returns one outcome per
-    /// delivery, in order. An error retries the deliveries one by one.
+    /// delivery, in order. A transient error (a dependency down: see
+    /// [`crate::error::is_transient`], or mark it with [`crate::Transient`])
+    /// holds the batch and retries it; any other error retries the
+    /// deliveries one by one.
     fn handle(
         &self,
         batch: &[Incoming],
@@ -100,6 +142,58 @@ impl<H: BatchHandler> BatchHandler for std::sync::Arc<H> {
     }
 }
 
+/// How many consumers of a process hold a batch through a transient
+/// failure right now. Health reports NOT_SERVING while any does.
+#[derive(Clone, Debug)]
+pub struct Holding(Arc<watch::Sender<usize>>);
+
+impl Default for Holding {
+    fn default() -> Self {
+        Self(Arc::new(watch::channel(0).0))
+    }
+}
+
+impl Holding {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// How many consumers hold now.
+    pub fn count(&self) -> usize {
+        *self.0.borrow()
+    }
+
+    /// Follows the count.
+    pub fn subscribe(&self) -> watch::Receiver<usize> {
+        self.0.subscribe()
+    }
+}
+
+/// One consumer's part in [`Holding`]: on from the first transient failure
+/// until a batch succeeds again (not between two held batches, so health
+/// does not flap while a dependency stays down).
+struct HoldFlag {
+    holding: Holding,
+    on: bool,
+}
+
+impl HoldFlag {
+    fn set(&mut self, on: bool) {
+        if on != self.on {
+            self.on = on;
+            self.holding
+                .0
+                .send_modify(|n| *n = if on { *n + 1 } else { n.saturating_sub(1) });
+        }
+    }
+}
+
+impl Drop for HoldFlag {
+    fn drop(&mut self) {
+        self.set(false);
+    }
+}
+
 /// Settings of one consumer.
 #[derive(Debug, Clone)]
 pub struct ConsumerSettings {
@@ -107,38 +201,130 @@ pub struct ConsumerSettings {
     pub prefetch: u16,
     pub batch_size: usize,
     pub confirm_timeout: Duration,
+    /// Longest a batch is held through a transient failure before its
+    /// messages are republished as fresh copies (keep it well under the
+    /// broker's `consumer_timeout`, 30 min by default).
+    pub hold_limit: Duration,
+    /// First and longest pause between two tries of a held batch.
+    pub retry_start: Duration,
+    pub retry_max: Duration,
+}
+
+impl ConsumerSettings {
+    pub fn new(queue: String, prefetch: u16, batch_size: usize, confirm_timeout: Duration) -> Self {
+        Self {
+            queue,
+            prefetch,
+            batch_size,
+            confirm_timeout,
+            hold_limit: Duration::from_secs(300),
+            retry_start: Duration::from_millis(200),
+            retry_max: Duration::from_secs(5),
+        }
+    }
+}
+
+/// What is done with one delivery once decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Verdict {
+    Ack,
+    DeadLetter(String),
+    Requeue,
+    /// Held too long (or held at shutdown): publish a fresh copy to the
+    /// queue, then acknowledge this delivery.
+    Republish,
+}
+
+impl From<Outcome> for Verdict {
+    fn from(outcome: Outcome) -> Self {
+        match outcome {
+            Outcome::Ack => Verdict::Ack,
+            Outcome::DeadLetter(reason) => Verdict::DeadLetter(reason),
+            Outcome::Retry(_) => Verdict::Requeue,
+        }
+    }
+}
+
+/// How a held batch ended.
+enum Held {
+    Done(Vec<Outcome>),
+    Republish,
+    /// A non-transient error after all: the caller's ordinary path decides.
+    Failed(anyhow::Error),
+    /// The channel went away: the broker has requeued the deliveries.
+    Lost,
+}
+
+/// One consumer's state.
+struct Runner<'a, H> {
+    broker: &'a Broker,
+    settings: &'a ConsumerSettings,
+    handler: &'a H,
+    publisher: Publisher,
+    service: String,
+    flag: HoldFlag,
+    shutdown: &'a CancellationToken,
 }
 
 /// Consumes `settings.queue` until `shutdown`, surviving broker restarts.
+/// `holding` learns when this consumer holds a batch through an outage.
 pub async fn run_consumer<H: BatchHandler>(
     broker: Broker,
     settings: ConsumerSettings,
     handler: H,
+    holding: Holding,
     shutdown: CancellationToken,
 ) {
-    let dead_letters = Publisher::new(broker.clone(), settings.confirm_timeout);
-    let service = broker.topology().service.clone();
-    let mut backoff = Duration::from_millis(100);
+    let mut runner = Runner {
+        broker: &broker,
+        settings: &settings,
+        handler: &handler,
+        publisher: Publisher::new(broker.clone(), settings.confirm_timeout),
+        service: broker.topology().service.clone(),
+        flag: HoldFlag { holding, on: false },
+        shutdown: &shutdown,
+    };
+    let mut reconnect = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     while !shutdown.is_cancelled() {
-        let channel = match open(&broker, &settings).await {
+        let (channel, mut consumer) = match open(&broker, &settings).await {
             Ok(pair) => pair,
             Err(error) => {
-                tracing::warn!(queue = %settings.queue, error = format!("{error:#}"), "cannot consume; retrying");
+                let wait = reconnect.next_wait();
+                tracing::warn!(queue = %settings.queue, error = format!("{error:#}"), retry_in_ms = wait.as_millis() as u64, "cannot consume; retrying");
                 tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
+                    _ = tokio::time::sleep(wait) => {}
                     _ = shutdown.cancelled() => return,
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
                 continue;
             }
         };
-        backoff = Duration::from_millis(100);
-        let (channel, mut consumer) = channel;
+        reconnect.reset();
         tracing::info!(queue = %settings.queue, "consuming");
+        let mut stopping = false;
         loop {
-            let first = tokio::select! {
-                _ = shutdown.cancelled() => break,
-                next = consumer.next() => next,
+            let first = if stopping {
+                // Everything sent before the cancel-ok has arrived by now.
+                match consumer.next().now_or_never() {
+                    Some(Some(next)) => Some(next),
+                    _ => break,
+                }
+            } else {
+                tokio::select! {
+                    _ = shutdown.cancelled() => {
+                        // Stop the broker sending more; finish what has arrived.
+                        stopping = true;
+                        let tag = consumer.tag();
+                        if let Err(error) = channel
+                            .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+                            .await
+                        {
+                            tracing::warn!(queue = %settings.queue, %error, "cancelling the subscription failed");
+                            break;
+                        }
+                        continue;
+                    }
+                    next = consumer.next() => next,
+                }
             };
             let first = match first {
                 Some(Ok(delivery)) => delivery,
@@ -147,7 +333,9 @@ pub async fn run_consumer<H: BatchHandler>(
                     break;
                 }
                 None => {
-                    tracing::warn!(queue = %settings.queue, "consumer cancelled; reconnecting");
+                    if !stopping {
+                        tracing::warn!(queue = %settings.queue, "consumer cancelled; reconnecting");
+                    }
                     break;
                 }
             };
@@ -159,16 +347,18 @@ pub async fn run_consumer<H: BatchHandler>(
                     _ => break,
                 }
             }
-            let outcomes = decide(&handler, &batch).await;
-            if let Err(error) =
-                settle(&channel, &dead_letters, &broker, &service, &batch, outcomes).await
-            {
+            let Some(verdicts) = runner.decide(&channel, &batch).await else {
+                tracing::warn!(queue = %settings.queue, "channel lost while holding; reconnecting");
+                break;
+            };
+            if let Err(error) = runner.settle(&channel, &batch, verdicts).await {
                 tracing::warn!(queue = %settings.queue, error = format!("{error:#}"), "settling deliveries failed; they will be redelivered");
                 break;
             }
         }
-        let _ = channel.close(200, "consumer restarting".into()).await;
+        let _ = channel.close(200, "consumer stopping".into()).await;
     }
+    tracing::info!(queue = %settings.queue, "consumer stopped");
 }
 
 async fn open(
@@ -190,100 +380,236 @@ async fn open(
     Ok((channel, consumer))
 }
 
-async fn decide<H: BatchHandler>(handler: &H, batch: &[Incoming]) -> Vec<Outcome> {
-    match handler.handle(batch).await {
-        Ok(outcomes) if outcomes.len() == batch.len() => return outcomes,
-        Ok(outcomes) => tracing::error!(
-            expected = batch.len(),
-            got = outcomes.len(),
-            "handler answered the wrong number of outcomes"
-        ),
-        Err(error) if batch.len() > 1 => {
+impl<H: BatchHandler> Runner<'_, H> {
+    /// The verdict on every delivery of `batch`; `None` when the channel was
+    /// lost while holding (the broker then has them back).
+    async fn decide(&mut self, channel: &Channel, batch: &[Incoming]) -> Option<Vec<Verdict>> {
+        let error = match self.handler.handle(batch).await {
+            Ok(outcomes) if outcomes.len() == batch.len() => {
+                self.flag.set(false);
+                return Some(outcomes.into_iter().map(Verdict::from).collect());
+            }
+            Ok(outcomes) => {
+                tracing::error!(
+                    expected = batch.len(),
+                    got = outcomes.len(),
+                    "handler answered the wrong number of outcomes"
+                );
+                None
+            }
+            Err(error) => Some(error),
+        };
+        let error = match error {
+            Some(error) if is_transient(&error) => match self.hold(channel, batch, error).await {
+                Held::Done(outcomes) => {
+                    return Some(outcomes.into_iter().map(Verdict::from).collect());
+                }
+                Held::Republish => return Some(vec![Verdict::Republish; batch.len()]),
+                Held::Lost => return None,
+                Held::Failed(error) => Some(error),
+            },
+            other => other,
+        };
+        if batch.len() == 1 {
+            return Some(vec![self.failed_alone(error).await]);
+        }
+        if let Some(error) = &error {
             tracing::warn!(
                 error = format!("{error:#}"),
                 size = batch.len(),
                 "batch failed; retrying one by one"
-            )
-        }
-        Err(error) => {
-            tracing::warn!(
-                error = format!("{error:#}"),
-                "delivery failed; requeueing after a pause"
             );
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            return vec![Outcome::Retry(format!("{error:#}"))];
+        }
+        let mut verdicts = Vec::with_capacity(batch.len());
+        for one in batch.chunks(1) {
+            let verdict = match self.handler.handle(one).await {
+                Ok(mut single) if single.len() == 1 => {
+                    self.flag.set(false);
+                    Verdict::from(single.remove(0))
+                }
+                Ok(_) => self.failed_alone(None).await,
+                Err(error) if is_transient(&error) => match self.hold(channel, one, error).await {
+                    Held::Done(mut single) if single.len() == 1 => Verdict::from(single.remove(0)),
+                    Held::Done(_) => self.failed_alone(None).await,
+                    Held::Republish => Verdict::Republish,
+                    Held::Lost => return None,
+                    Held::Failed(error) => self.failed_alone(Some(error)).await,
+                },
+                Err(error) => self.failed_alone(Some(error)).await,
+            };
+            verdicts.push(verdict);
+        }
+        Some(verdicts)
+    }
+
+    /// The verdict on one message whose handling failed (not transiently):
+    /// dead-lettered when the handler says it can never succeed
+    /// ([`HandlerError::Permanent`]), otherwise requeued after a pause.
+    async fn failed_alone(&self, error: Option<anyhow::Error>) -> Verdict {
+        if let Some(HandlerError::Permanent(reason)) = error
+            .as_ref()
+            .and_then(|e| e.downcast_ref::<HandlerError>())
+        {
+            return Verdict::DeadLetter(reason.clone());
+        }
+        let reason = match error {
+            Some(error) => format!("{error:#}"),
+            None => "handler answered the wrong number of outcomes".into(),
+        };
+        tracing::warn!(error = %reason, "delivery failed; requeueing after a pause");
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            _ = self.shutdown.cancelled() => {}
+        }
+        Verdict::Requeue
+    }
+
+    /// Holds `batch` after a transient failure: retries it with backoff
+    /// until it succeeds, fails otherwise, the hold limit passes, the
+    /// service shuts down or the channel is lost.
+    async fn hold(&mut self, channel: &Channel, batch: &[Incoming], error: anyhow::Error) -> Held {
+        self.flag.set(true);
+        let started = Instant::now();
+        let mut backoff = Backoff::new(self.settings.retry_start, self.settings.retry_max);
+        let mut tries = 1u32;
+        tracing::warn!(queue = %self.settings.queue, size = batch.len(), error = format!("{error:#}"),
+            "transient failure; holding the batch and retrying (NOT_SERVING meanwhile)");
+        loop {
+            let wait = backoff.next_wait();
+            if started.elapsed() + wait > self.settings.hold_limit {
+                tracing::warn!(queue = %self.settings.queue, size = batch.len(), tries,
+                    "held for the hold limit; republishing the batch");
+                return Held::Republish;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = self.shutdown.cancelled() => return Held::Republish,
+            }
+            if !channel.status().connected() {
+                return Held::Lost;
+            }
+            tries += 1;
+            match self.handler.handle(batch).await {
+                Ok(outcomes) if outcomes.len() == batch.len() => {
+                    self.flag.set(false);
+                    tracing::info!(queue = %self.settings.queue, tries,
+                        held_ms = started.elapsed().as_millis() as u64, "held batch handled; resuming");
+                    return Held::Done(outcomes);
+                }
+                Ok(_) => {
+                    return Held::Failed(anyhow::anyhow!(
+                        "handler answered the wrong number of outcomes"
+                    ));
+                }
+                Err(error) if is_transient(&error) => {
+                    tracing::debug!(queue = %self.settings.queue, tries, error = format!("{error:#}"), "still failing; holding");
+                }
+                Err(error) => return Held::Failed(error),
+            }
         }
     }
-    let mut outcomes = Vec::with_capacity(batch.len());
-    for one in batch.chunks(1) {
-        let outcome = match handler.handle(one).await {
-            Ok(mut single) if single.len() == 1 => single.remove(0),
-            Ok(_) => Outcome::Retry("handler answered the wrong number of outcomes".into()),
+
+    async fn settle(
+        &self,
+        channel: &Channel,
+        batch: &[Incoming],
+        verdicts: Vec<Verdict>,
+    ) -> anyhow::Result<()> {
+        let copies: Vec<Outgoing> = batch
+            .iter()
+            .zip(&verdicts)
+            .filter(|(_, v)| **v == Verdict::Republish)
+            .map(|(incoming, _)| republished(&self.settings.queue, incoming))
+            .collect();
+        let republished = match self.publisher.publish(&copies).await {
+            Ok(()) => true,
             Err(error) => {
+                // Leave them to the broker (closing the channel requeues them).
                 tracing::warn!(
                     error = format!("{error:#}"),
-                    "delivery failed; requeueing after a pause"
+                    "republishing held messages failed"
                 );
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                Outcome::Retry(format!("{error:#}"))
+                false
             }
         };
-        outcomes.push(outcome);
-    }
-    outcomes
-}
-
-async fn settle(
-    channel: &Channel,
-    dead_letters: &Publisher,
-    broker: &Broker,
-    service: &str,
-    batch: &[Incoming],
-    outcomes: Vec<Outcome>,
-) -> anyhow::Result<()> {
-    let mut settled = Vec::with_capacity(batch.len());
-    for (incoming, outcome) in batch.iter().zip(outcomes) {
-        let outcome = match outcome {
-            Outcome::DeadLetter(reason) => {
-                tracing::warn!(routing_key = %incoming.routing_key, %reason, "dead-lettering");
-                let letter = dead_letter(broker, service, incoming, &reason);
-                match dead_letters.publish(std::slice::from_ref(&letter)).await {
-                    Ok(()) => Outcome::Ack,
-                    Err(error) => Outcome::Retry(format!("dead-lettering failed: {error:#}")),
+        let mut settled = Vec::with_capacity(batch.len());
+        for (incoming, verdict) in batch.iter().zip(verdicts) {
+            let verdict = match verdict {
+                Verdict::DeadLetter(reason) => {
+                    tracing::warn!(routing_key = %incoming.routing_key, %reason, "dead-lettering");
+                    let letter = dead_letter(self.broker, &self.service, incoming, &reason);
+                    match self.publisher.publish(std::slice::from_ref(&letter)).await {
+                        Ok(()) => Verdict::Ack,
+                        Err(error) => {
+                            tracing::warn!(
+                                error = format!("{error:#}"),
+                                "dead-lettering failed; requeueing"
+                            );
+                            Verdict::Requeue
+                        }
+                    }
+                }
+                Verdict::Republish if republished => Verdict::Ack,
+                Verdict::Republish => anyhow::bail!("held messages could not be republished"),
+                other => other,
+            };
+            settled.push(verdict);
+        }
+        if settled.iter().all(|v| *v == Verdict::Ack) {
+            let last = batch.last().map(|i| i.delivery_tag).unwrap_or_default();
+            channel
+                .basic_ack(last, BasicAckOptions { multiple: true })
+                .await?;
+            return Ok(());
+        }
+        for (incoming, verdict) in batch.iter().zip(settled) {
+            match verdict {
+                Verdict::Ack => {
+                    channel
+                        .basic_ack(incoming.delivery_tag, BasicAckOptions::default())
+                        .await?
+                }
+                _ => {
+                    channel
+                        .basic_nack(
+                            incoming.delivery_tag,
+                            BasicNackOptions {
+                                multiple: false,
+                                requeue: true,
+                            },
+                        )
+                        .await?
                 }
             }
-            other => other,
-        };
-        settled.push(outcome);
-    }
-    if settled.iter().all(|o| *o == Outcome::Ack) {
-        let last = batch.last().map(|i| i.delivery_tag).unwrap_or_default();
-        channel
-            .basic_ack(last, BasicAckOptions { multiple: true })
-            .await?;
-        return Ok(());
-    }
-    for (incoming, outcome) in batch.iter().zip(settled) {
-        match outcome {
-            Outcome::Ack => {
-                channel
-                    .basic_ack(incoming.delivery_tag, BasicAckOptions::default())
-                    .await?
-            }
-            _ => {
-                channel
-                    .basic_nack(
-                        incoming.delivery_tag,
-                        BasicNackOptions {
-                            multiple: false,
-                            requeue: true,
-                        },
-                    )
-                    .await?
-            }
         }
+        Ok(())
     }
-    Ok(())
+}
+
+/// A fresh copy of a held message, straight to `queue` (the default
+/// exchange), naming where it was first published so the handler sees the
+/// same routing key. A new message starts with a fresh delivery count.
+fn republished(queue: &str, incoming: &Incoming) -> Outgoing {
+    let text = |s: &str| AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()));
+    let mut headers = incoming.headers.clone();
+    headers.insert(ORIGINAL_ROUTING_KEY.into(), text(&incoming.routing_key));
+    headers.insert(ORIGINAL_EXCHANGE.into(), text(&incoming.exchange));
+    // The broker's own count of the original; the copy starts over.
+    let mut inner = headers.inner().clone();
+    inner.remove("x-delivery-count");
+    Outgoing {
+        exchange: String::new(),
+        routing_key: queue.to_string(),
+        message_id: incoming.message_id.clone().unwrap_or_default(),
+        content_type: incoming
+            .content_type
+            .clone()
+            .unwrap_or_else(|| "application/octet-stream".into()),
+        headers: FieldTable::from(inner),
+        body: incoming.body.clone(),
+        mandatory: true,
+        reply_to: incoming.reply_to.clone(),
+    }
 }
 
 fn dead_letter(broker: &Broker, service: &str, incoming: &Incoming, reason: &str) -> Outgoing {
@@ -303,5 +629,6 @@ fn dead_letter(broker: &Broker, service: &str, incoming: &Incoming, reason: &str
         headers,
         body: incoming.body.clone(),
         mandatory: true,
+        reply_to: incoming.reply_to.clone(),
     }
 }

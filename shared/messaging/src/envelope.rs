@@ -91,9 +91,91 @@ pub fn value_text(value: &AMQPValue) -> Option<String> {
     }
 }
 
+/// Why a dead letter was dead-lettered: the service's reason, or the
+/// broker's (`delivery_limit`, `rejected`, …) from `x-first-death-reason` or
+/// its `x-death` record.
+pub fn dead_letter_reason(headers: &FieldTable) -> Option<String> {
+    let raw = |name: &str| headers.inner().get(name).and_then(value_text);
+    raw(DEAD_LETTER_REASON)
+        .or_else(|| raw("x-first-death-reason"))
+        .or_else(|| first_death(headers, "reason"))
+}
+
+/// The exchange and routing key a dead letter was first published to: the
+/// service's `x-prodsys-original-*` headers, or the broker's x-death record.
+pub fn original_destination(headers: &FieldTable) -> Option<(String, String)> {
+    let raw = |name: &str| headers.inner().get(name).and_then(value_text);
+    if let Some(key) = raw(ORIGINAL_ROUTING_KEY) {
+        return Some((raw(ORIGINAL_EXCHANGE).unwrap_or_default(), key));
+    }
+    let death = oldest_death(headers)?;
+    let exchange = raw("x-first-death-exchange")
+        .or_else(|| death.inner().get("exchange").and_then(value_text))
+        .unwrap_or_default();
+    let key = match death.inner().get("routing-keys")? {
+        AMQPValue::FieldArray(keys) => keys.as_slice().first().and_then(value_text)?,
+        _ => return None,
+    };
+    Some((exchange, key))
+}
+
+/// The first time the message died: the last entry of `x-death`.
+fn oldest_death(headers: &FieldTable) -> Option<FieldTable> {
+    match headers.inner().get("x-death")? {
+        AMQPValue::FieldArray(deaths) => deaths.as_slice().iter().rev().find_map(|d| match d {
+            AMQPValue::FieldTable(t) => Some(t.clone()),
+            _ => None,
+        }),
+        _ => None,
+    }
+}
+
+fn first_death(headers: &FieldTable, field: &str) -> Option<String> {
+    oldest_death(headers).and_then(|t| t.inner().get(field).and_then(value_text))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dead_letters_name_their_reason_and_origin() {
+        let text = |s: &str| AMQPValue::LongString(s.into());
+        let mut ours = FieldTable::default();
+        ours.insert(DEAD_LETTER_REASON.into(), text("does not decode"));
+        ours.insert(ORIGINAL_ROUTING_KEY.into(), text("request.received"));
+        ours.insert(ORIGINAL_EXCHANGE.into(), text("prodsys.events"));
+        assert_eq!(
+            dead_letter_reason(&ours).as_deref(),
+            Some("does not decode")
+        );
+        assert_eq!(
+            original_destination(&ours),
+            Some(("prodsys.events".into(), "request.received".into()))
+        );
+        // Dead-lettered by the broker after the delivery limit.
+        let mut death = FieldTable::default();
+        death.insert("reason".into(), text("delivery_limit"));
+        death.insert("exchange".into(), text("prodsys.events"));
+        death.insert(
+            "routing-keys".into(),
+            AMQPValue::FieldArray(vec![text("job.status")].into()),
+        );
+        let mut broker = FieldTable::default();
+        broker.insert(
+            "x-death".into(),
+            AMQPValue::FieldArray(vec![AMQPValue::FieldTable(death)].into()),
+        );
+        assert_eq!(
+            dead_letter_reason(&broker).as_deref(),
+            Some("delivery_limit")
+        );
+        assert_eq!(
+            original_destination(&broker),
+            Some(("prodsys.events".into(), "job.status".into()))
+        );
+        assert_eq!(original_destination(&FieldTable::default()), None);
+    }
 
     fn event() -> CloudEvent {
         CloudEvent {

@@ -9,16 +9,20 @@
 //!   service's dead-letter queue with the reason in a header.
 //! - [`relay`] moves committed outbox rows to the broker.
 
+pub mod backoff;
 pub mod broker;
 pub mod consumer;
 pub mod envelope;
+pub mod error;
 pub mod publisher;
 pub mod relay;
 pub mod topology;
 
+pub use backoff::Backoff;
 pub use broker::Broker;
-pub use consumer::{BatchHandler, Incoming, Outcome, run_consumer};
+pub use consumer::{BatchHandler, Holding, Incoming, Outcome, run_consumer};
 pub use envelope::CloudEvent;
+pub use error::{HandlerError, Transient, is_transient};
 pub use publisher::{Outgoing, Publisher};
 pub use topology::{Names, Topology};
 

@@ -25,6 +25,9 @@ pub struct Outgoing {
     /// Refuse the publish when no queue takes it. Events are mandatory;
     /// replies to a caller's queue are not (the caller may have gone).
     pub mandatory: bool,
+    /// The queue an answer should go to (AMQP `reply_to`), kept when a
+    /// message is republished or dead-lettered.
+    pub reply_to: Option<String>,
 }
 
 impl Outgoing {
@@ -44,6 +47,7 @@ impl Outgoing {
             headers: event.to_headers(),
             body,
             mandatory: true,
+            reply_to: None,
         }
     }
 }
@@ -103,12 +107,15 @@ impl Publisher {
         let channel = slot.as_ref().context("no channel")?;
         let mut confirms = Vec::with_capacity(messages.len());
         for message in messages {
-            let properties = BasicProperties::default()
+            let mut properties = BasicProperties::default()
                 .with_delivery_mode(2)
                 .with_content_type(message.content_type.as_str().into())
                 .with_message_id(message.message_id.as_str().into())
                 .with_timestamp(chrono::Utc::now().timestamp() as u64)
                 .with_headers(message.headers.clone());
+            if let Some(reply_to) = &message.reply_to {
+                properties = properties.with_reply_to(reply_to.as_str().into());
+            }
             let confirm = channel
                 .basic_publish(
                     message.exchange.as_str().into(),

@@ -11,13 +11,15 @@ use prodsys_db::{Db, Listener};
 use tokio_util::sync::CancellationToken;
 
 use crate::envelope::SPEC_VERSION;
-use crate::{CloudEvent, Names, Outgoing, Publisher};
+use crate::{Backoff, CloudEvent, Names, Outgoing, Publisher};
 
 pub const CONTENT_TYPE_PROTOBUF: &str = "application/protobuf";
 const BATCH: i64 = 500;
 const SAFETY_NET: Duration = Duration::from_secs(5);
 
-/// Runs until `shutdown`. `source` is the CloudEvents source (`/prodsys/intake`).
+/// Runs until `shutdown`, then publishes what is still committed (a last
+/// drain, so a service stopping gracefully leaves no unsent outbox rows) and
+/// returns. `source` is the CloudEvents source (`/prodsys/intake`).
 pub async fn run_relay(
     db: Db,
     publisher: Publisher,
@@ -27,7 +29,7 @@ pub async fn run_relay(
 ) {
     let channel = db.outbox_channel();
     let mut listener: Option<Listener> = None;
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     while !shutdown.is_cancelled() {
         if listener.is_none() {
             match db.listen(&channel).await {
@@ -45,22 +47,16 @@ pub async fn run_relay(
                 Ok(0) => break,
                 Ok(n) => tracing::debug!(events = n, "outbox batch published"),
                 Err(error) => {
-                    tracing::warn!(
-                        error = format!("{error:#}"),
-                        retry_in_ms = backoff.as_millis() as u64,
-                        "outbox relay failed"
-                    );
+                    tracing::warn!(error = format!("{error:#}"), "outbox relay failed");
                     failed = true;
                     break;
                 }
             }
         }
         let wait = if failed {
-            let pause = backoff;
-            backoff = (backoff * 2).min(Duration::from_secs(5));
-            pause
+            backoff.next_wait()
         } else {
-            backoff = Duration::from_millis(100);
+            backoff.reset();
             SAFETY_NET
         };
         let notified = async {
@@ -86,6 +82,22 @@ pub async fn run_relay(
             _ = tokio::time::sleep(wait) => {}
         }
     }
+    // Stopping: what the service committed until now still goes out.
+    let mut sent = 0;
+    loop {
+        match publish_batch(&db, &publisher, &names, &source).await {
+            Ok(0) => break,
+            Ok(n) => sent += n,
+            Err(error) => {
+                tracing::warn!(
+                    error = format!("{error:#}"),
+                    "outbox relay could not flush before stopping; the rows stay for the next start"
+                );
+                break;
+            }
+        }
+    }
+    tracing::info!(events = sent, "outbox relay flushed and stopped");
 }
 
 /// Publishes one batch of pending rows; returns how many were sent.

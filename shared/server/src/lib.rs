@@ -4,12 +4,13 @@
 //! answer, and the one mapping from the boundary error to `tonic::Status`.
 
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
 use prodsys_core::Violation;
 use prodsys_db::Db;
-use prodsys_messaging::Broker;
+use prodsys_messaging::{Broker, Holding};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -53,9 +54,9 @@ impl From<ServiceError> for tonic::Status {
             }
             ServiceError::NotFound(what) => tonic::Status::not_found(what),
             ServiceError::Conflict(what) => tonic::Status::already_exists(what),
-            ServiceError::Unexpected(error) if connection_lost(&error) => {
-                tracing::warn!(error = format!("{error:#}"), "database connection lost");
-                tonic::Status::unavailable(format!("database connection lost, retry: {error:#}"))
+            ServiceError::Unexpected(error) if prodsys_messaging::is_transient(&error) => {
+                tracing::warn!(error = format!("{error:#}"), "a dependency is unavailable");
+                tonic::Status::unavailable(format!("unavailable, retry later: {error:#}"))
             }
             ServiceError::Unexpected(error) => {
                 tracing::error!(error = format!("{error:#}"), "internal error");
@@ -63,25 +64,6 @@ impl From<ServiceError> for tonic::Status {
             }
         }
     }
-}
-
-/// Whether `error` is a lost database connection (worth a retry), not a bug.
-fn connection_lost(error: &anyhow::Error) -> bool {
-    error.chain().any(|cause| {
-        cause
-            .downcast_ref::<prodsys_db::tokio_postgres::Error>()
-            .is_some_and(|e| {
-                e.is_closed()
-                    || e.code().is_some_and(|c| {
-                        let code = c.code();
-                        // 08: connection exception; 57P01..57P03: shutdown, crash, cannot connect now.
-                        code.starts_with("08") || code.starts_with("57P")
-                    })
-            })
-            || cause
-                .downcast_ref::<prodsys_db::deadpool_postgres::PoolError>()
-                .is_some()
-    })
 }
 
 /// The tokio runtime of a prodsys process running `services` services.
@@ -192,12 +174,14 @@ fn undecodable_is_invalid_argument<B>(mut response: http::Response<B>) -> http::
 }
 
 /// Keeps the overall status ("") and each of `services` SERVING exactly while
-/// the database answers and the broker is connected.
+/// the database answers, the broker is connected and no consumer holds a
+/// batch because a dependency fails (see [`Holding`]).
 pub fn track_health(
     reporter: HealthReporter,
     services: &[&'static str],
     db: Db,
     broker: Broker,
+    holding: Holding,
     shutdown: CancellationToken,
 ) -> JoinHandle<()> {
     let services: Vec<&'static str> = std::iter::once("")
@@ -205,9 +189,11 @@ pub fn track_health(
         .collect();
     tokio::spawn(async move {
         let mut broker_state = broker.connected();
+        let mut held = holding.subscribe();
         let mut last = None;
         loop {
-            let healthy = broker.is_connected() && db.ping().await;
+            let holding = *held.borrow_and_update();
+            let healthy = holding == 0 && broker.is_connected() && db.ping().await;
             if last != Some(healthy) {
                 let status = if healthy {
                     ServingStatus::Serving
@@ -217,12 +203,13 @@ pub fn track_health(
                 for name in &services {
                     reporter.set_service_status(*name, status).await;
                 }
-                tracing::info!(healthy, "health changed");
+                tracing::info!(healthy, holding, "health changed");
                 last = Some(healthy);
             }
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = broker_state.changed() => {}
+                _ = held.changed() => {}
                 _ = tokio::time::sleep(Duration::from_secs(2)) => {}
             }
         }
@@ -235,19 +222,33 @@ pub fn track_health(
 }
 
 /// The parts every service starts the same way: its migrated schema, its
-/// supervised broker connection with its topology, and its outbox relay.
+/// supervised broker connection with its topology, its outbox relay, the
+/// pruning of its inbox, and the order in which it stops.
+///
+/// Stopping (the `shutdown` token): consumers cancel their subscriptions and
+/// finish what they hold, then the relay publishes what they committed, then
+/// the broker connection closes — all within `shutdown_grace_ms`, after which
+/// whatever is left is abandoned (unacknowledged deliveries go back to the
+/// queue; unsent outbox rows wait for the next start).
 #[derive(Clone, Debug)]
 pub struct Foundation {
     pub service: &'static str,
     pub db: Db,
     pub broker: Broker,
     pub names: prodsys_messaging::Names,
+    /// Consumers holding a batch through a dependency's outage (health reads it).
+    pub holding: Holding,
+    consumers: Arc<Mutex<Vec<JoinHandle<()>>>>,
+    /// Cancelled when the gRPC server has stopped (calls in flight done).
+    served: CancellationToken,
+    stopped: Arc<Mutex<Option<JoinHandle<()>>>>,
+    consumer_settings: prodsys_messaging::consumer::ConsumerSettings,
 }
 
 impl Foundation {
     /// Migrates the service's schema, connects to the broker (declaring the
     /// queue bound to `bindings` on `prodsys.events` and `ingest_bindings` on
-    /// `prodsys.ingest`) and starts the outbox relay.
+    /// `prodsys.ingest`) and starts the outbox relay and the inbox pruning.
     pub async fn start(
         settings: &prodsys_config::Settings,
         service: &'static str,
@@ -270,45 +271,87 @@ impl Foundation {
             ingest_bindings: ingest_bindings.iter().map(|b| b.to_string()).collect(),
             delivery_limit: settings.amqp.delivery_limit,
         };
-        let broker = Broker::start(settings.amqp.url(), topology, shutdown.clone()).await?;
+        // The connection outlives `shutdown`: consumers still settle and the
+        // relay still flushes after it; `stop_in_order` closes it last.
+        let closing = CancellationToken::new();
+        let broker = tokio::select! {
+            broker = Broker::start(settings.amqp.url(), topology, closing.clone()) => broker,
+            _ = shutdown.cancelled() => Err(anyhow::anyhow!("shut down before the broker was reached")),
+        };
+        let broker = match broker {
+            Ok(broker) => broker,
+            Err(error) => {
+                closing.cancel();
+                return Err(error);
+            }
+        };
         let publisher = prodsys_messaging::Publisher::new(
             broker.clone(),
             Duration::from_millis(settings.amqp.confirm_timeout_ms),
         );
-        tokio::spawn(prodsys_messaging::relay::run_relay(
+        let relay_stop = CancellationToken::new();
+        let relay = tokio::spawn(prodsys_messaging::relay::run_relay(
             db.clone(),
             publisher,
             names.clone(),
             format!("/prodsys/{service}"),
+            relay_stop.clone(),
+        ));
+        tokio::spawn(prune_inbox(
+            db.clone(),
+            Duration::from_secs(settings.database.inbox_retention_s),
             shutdown.clone(),
         ));
+        let consumers = Arc::new(Mutex::new(Vec::new()));
+        let served = CancellationToken::new();
+        let stopped = tokio::spawn(stop_in_order(
+            service,
+            Duration::from_millis(settings.shutdown_grace_ms),
+            consumers.clone(),
+            served.clone(),
+            (relay, relay_stop),
+            closing,
+            shutdown.clone(),
+        ));
+        let mut consumer_settings = prodsys_messaging::consumer::ConsumerSettings::new(
+            names.queue(service),
+            settings.amqp.prefetch,
+            settings.amqp.batch_size,
+            Duration::from_millis(settings.amqp.confirm_timeout_ms),
+        );
+        consumer_settings.hold_limit = Duration::from_millis(settings.amqp.hold_limit_ms);
+        consumer_settings.retry_max = Duration::from_millis(settings.amqp.hold_retry_max_ms);
         Ok(Self {
             service,
             db,
             broker,
             names,
+            holding: Holding::new(),
+            consumers,
+            served,
+            stopped: Arc::new(Mutex::new(Some(stopped))),
+            consumer_settings,
         })
     }
 
     /// Consumes the service's queue with `handler` until `shutdown`.
     pub fn consume<H: prodsys_messaging::BatchHandler>(
         &self,
-        settings: &prodsys_config::Settings,
+        _settings: &prodsys_config::Settings,
         handler: H,
         shutdown: &CancellationToken,
-    ) -> JoinHandle<()> {
-        let consumer = prodsys_messaging::consumer::ConsumerSettings {
-            queue: self.names.queue(self.service),
-            prefetch: settings.amqp.prefetch,
-            batch_size: settings.amqp.batch_size,
-            confirm_timeout: Duration::from_millis(settings.amqp.confirm_timeout_ms),
-        };
-        tokio::spawn(prodsys_messaging::run_consumer(
+    ) {
+        let consumer = tokio::spawn(prodsys_messaging::run_consumer(
             self.broker.clone(),
-            consumer,
+            self.consumer_settings.clone(),
             handler,
+            self.holding.clone(),
             shutdown.clone(),
-        ))
+        ));
+        self.consumers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(consumer);
     }
 
     /// Consumes the service's queue with `consumers` consumers (each its own
@@ -320,11 +363,11 @@ impl Foundation {
         handler: H,
         consumers: usize,
         shutdown: &CancellationToken,
-    ) -> Vec<JoinHandle<()>> {
+    ) {
         let handler = std::sync::Arc::new(handler);
-        (0..consumers.max(1))
-            .map(|_| self.consume(settings, handler.clone(), shutdown))
-            .collect()
+        for _ in 0..consumers.max(1) {
+            self.consume(settings, handler.clone(), shutdown);
+        }
     }
 
     /// Binds, then serves `routes` with health tracking; returns the address.
@@ -344,15 +387,109 @@ impl Foundation {
             services,
             self.db.clone(),
             self.broker.clone(),
+            self.holding.clone(),
             shutdown.clone(),
         );
         let server = serve(listener, routes, shutdown.clone());
+        let served = self.served.clone();
+        let server = tokio::spawn(async move {
+            let result = server.await.context("gRPC server task").and_then(|r| r);
+            served.cancel();
+            result
+        });
         tracing::info!(service = self.service, %addr, "serving gRPC");
+        let stopped = self
+            .stopped
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
         Ok(Running {
             service: self.service,
             addr,
             server,
+            stopped,
         })
+    }
+}
+
+/// After `shutdown`: waits for the consumers to finish what they hold and
+/// the gRPC server its calls in flight, then lets the relay flush the
+/// outbox, then closes the broker connection; what has not finished after
+/// `grace` is abandoned.
+async fn stop_in_order(
+    service: &'static str,
+    grace: Duration,
+    consumers: Arc<Mutex<Vec<JoinHandle<()>>>>,
+    served: CancellationToken,
+    (relay, relay_stop): (JoinHandle<()>, CancellationToken),
+    closing: CancellationToken,
+    shutdown: CancellationToken,
+) {
+    shutdown.cancelled().await;
+    let started = tokio::time::Instant::now();
+    // Each step has until its share of the grace period, so a step that
+    // hangs still leaves the next its turn (and the process time to exit).
+    let until = |share: f64| started + grace.mul_f64(share);
+    let consumers: Vec<JoinHandle<()>> =
+        std::mem::take(&mut *consumers.lock().unwrap_or_else(|e| e.into_inner()));
+    let aborts: Vec<_> = consumers.iter().map(|c| c.abort_handle()).collect();
+    if tokio::time::timeout_at(until(0.6), join_all(consumers))
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            service,
+            "consumers did not finish in time; their deliveries return to the queue"
+        );
+        aborts.iter().for_each(|a| a.abort());
+    }
+    // Calls in flight may still commit events; a stream a client keeps open
+    // (WatchProduction) must not keep the outbox from being flushed.
+    if tokio::time::timeout_at(until(0.7), served.cancelled())
+        .await
+        .is_err()
+    {
+        tracing::warn!(service, "gRPC calls still open; flushing the outbox anyway");
+    }
+    relay_stop.cancel();
+    let relay_abort = relay.abort_handle();
+    if tokio::time::timeout_at(until(0.9), relay).await.is_err() {
+        tracing::warn!(
+            service,
+            "the outbox relay did not flush in time; the rest goes at the next start"
+        );
+        relay_abort.abort();
+    }
+    closing.cancel();
+    tracing::info!(
+        service,
+        took_ms = started.elapsed().as_millis() as u64,
+        "stopped"
+    );
+}
+
+async fn join_all(handles: Vec<JoinHandle<()>>) {
+    for handle in handles {
+        let _ = handle.await;
+    }
+}
+
+/// Deletes inbox rows older than `retention` now and then, until `shutdown`.
+async fn prune_inbox(db: Db, retention: Duration, shutdown: CancellationToken) {
+    // Often enough that a day's rows go in small batches, rarely enough to cost nothing.
+    let every = (retention / 24).clamp(Duration::from_secs(1), Duration::from_secs(3600));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        match prodsys_db::prune_inbox(&db, retention, 1000).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(schema = db.schema(), deleted = n, "inbox pruned"),
+            Err(error) => {
+                tracing::warn!(error = format!("{error:#}"), "pruning the inbox failed")
+            }
+        }
     }
 }
 
@@ -363,12 +500,23 @@ pub struct Running {
     /// Where its gRPC server listens.
     pub addr: SocketAddr,
     server: JoinHandle<anyhow::Result<()>>,
+    stopped: Option<JoinHandle<()>>,
 }
 
 impl Running {
-    /// Waits until the gRPC server stops (after shutdown, or on failure).
+    /// Waits until the gRPC server stops (after shutdown, or on failure) and,
+    /// after shutdown, until the service has finished what it held, flushed
+    /// its outbox and closed its broker connection.
     pub async fn wait(self) -> anyhow::Result<()> {
-        self.server.await.context("gRPC server task")?
+        let served = self.server.await.context("gRPC server task")?;
+        if let Some(stopped) = self.stopped {
+            if served.is_err() {
+                stopped.abort();
+            } else {
+                let _ = stopped.await;
+            }
+        }
+        served
     }
 }
 
