@@ -110,6 +110,11 @@ pub struct DispatcherSettings {
     pub max_concurrent_jobs: usize,
     /// Longest wait between two polls of a backend.
     pub poll_interval_ms: u64,
+    /// Ceiling on the jobs of one production, over every profile's own
+    /// `max_jobs`: a request whose plan exceeds the smaller is refused.
+    pub max_jobs_per_production: u64,
+    /// Jobs created per planning transaction.
+    pub plan_chunk_jobs: u64,
     /// Named WMS installations besides `local` (which always exists, with
     /// `max_concurrent_jobs`); a request chooses one by name.
     pub backends: BTreeMap<String, BackendSettings>,
@@ -275,6 +280,8 @@ impl Default for DispatcherSettings {
             tools_dir: PathBuf::new(),
             max_concurrent_jobs: 2,
             poll_interval_ms: 1000,
+            max_jobs_per_production: 1_000_000,
+            plan_chunk_jobs: 10_000,
             backends: BTreeMap::new(),
         }
     }
