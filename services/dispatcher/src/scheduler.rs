@@ -121,6 +121,9 @@ impl Changes {
 /// The shortest time between the starts of two rounds of one scheduler.
 const MIN_ROUND_GAP: Duration = Duration::from_millis(50);
 
+/// Transitions per `job.status` event of a cancel (about 60 bytes each).
+const CANCEL_TRANSITIONS_PER_EVENT: usize = 10_000;
+
 /// Most in-flight jobs polled in one round.
 const POLL_BATCH: i64 = 10_000;
 
@@ -554,11 +557,12 @@ impl Scheduler {
                 &[&productions],
             )
             .await?;
-        let mut changes = Changes::default();
+        let killed: std::collections::HashSet<&str> = flying.iter().map(String::as_str).collect();
         let now = chrono::Utc::now().timestamp_millis();
+        let mut transitions = Vec::with_capacity(stopped.len());
         let mut late = Vec::new();
         for row in &stopped {
-            changes.transitions.push(pb::JobTransition {
+            transitions.push(pb::JobTransition {
                 production_id: row.get(0),
                 job_index: row.get::<_, i64>(1) as u64,
                 attempt: row.get::<_, i32>(2) as u32,
@@ -566,15 +570,24 @@ impl Scheduler {
                 raw_status: "cancelled".into(),
                 at_unix_ms: now,
             });
-            if let Some(id) = row.get::<_, Option<String>>(3)
-                && !flying.contains(&id)
+            if let Some(id) = row.get::<_, Option<&str>>(3)
+                && !killed.contains(id)
             {
-                late.push(id);
+                late.push(id.to_string());
             }
         }
-        let mut events = Vec::new();
+        // However many were in flight, no message grows past a bounded size.
+        let mut all: Vec<OutboxEvent> = transitions
+            .chunks(CANCEL_TRANSITIONS_PER_EVENT)
+            .map(|chunk| {
+                let batch = pb::JobStatusBatch {
+                    transitions: chunk.to_vec(),
+                };
+                outbox_event(JOB_STATUS, &chunk[0].production_id, &batch)
+            })
+            .collect();
         for production_id in &productions {
-            events.push(close(&tx, production_id, ProductionState::Cancelled, "CANCELLING").await?);
+            all.extend(close(&tx, production_id, ProductionState::Cancelled, "CANCELLING").await?);
         }
         tracing::info!(
             ?productions,
@@ -583,8 +596,6 @@ impl Scheduler {
             retrying,
             "productions cancelled"
         );
-        let mut all = changes.into_events();
-        all.extend(events.into_iter().flatten());
         prodsys_db::enqueue(&tx, &self.db.outbox_channel(), &all).await?;
         tx.commit().await?;
         // Submitted after the first look (another replica's round): killed now.
