@@ -160,19 +160,127 @@ async fn a_production_cancelled_while_planning_stops_planning_and_ends_cancelled
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_cancel_that_arrives_before_its_production_is_applied_when_it_arrives() {
+    use lapin::options::{BasicGetOptions, BasicPublishOptions};
+    use prodsys::Service;
     let app = spawn_app_with(|env| {
         use_test_profiles(env);
         env.settings.dispatcher.max_concurrent_jobs = 2;
     })
     .await;
     let db = app.env.db().await.unwrap();
-    // Production IDs are numbered in order: learn the next one.
+    // The dispatcher is down while the production is accepted.
+    let others: Vec<Service> = Service::ALL
+        .into_iter()
+        .filter(|s| *s != Service::Dispatcher)
+        .collect();
+    let app = app.restart_only(&others).await;
+    let production = app
+        .accepted(sleep_request(3, 30.0, -1, "reordered", ""))
+        .await;
+    // Its request.accepted is held back (as a requeue after a failure would)
+    // while the cancel, asked for afterwards, reaches the dispatcher first.
+    let (connection, channel) = app.env.amqp().await.unwrap();
+    let queue = format!("{}prodsys.dispatcher", app.env.prefix);
+    let held = wait_for(
+        "the request.accepted event",
+        Duration::from_secs(30),
+        || {
+            let channel = channel.clone();
+            let queue = queue.clone();
+            async move {
+                channel
+                    .basic_get(queue.as_str().into(), BasicGetOptions { no_ack: true })
+                    .await
+                    .ok()
+                    .flatten()
+            }
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(held.delivery.routing_key.as_str(), "request.accepted");
+    assert!(
+        app.cancel(&production, "wrong site")
+            .await
+            .unwrap()
+            .accepted
+    );
+    let dispatcher_stop = tokio_util::sync::CancellationToken::new();
+    let dispatcher = prodsys::start(
+        &[Service::Dispatcher],
+        &app.env.settings,
+        dispatcher_stop.clone(),
+    )
+    .await
+    .unwrap();
+    wait_for(
+        "the dispatcher to remember the cancel",
+        Duration::from_secs(30),
+        || async {
+            db.query_opt(
+                "SELECT 1 FROM dispatcher.pending_cancels WHERE production_id = $1",
+                &[&production],
+            )
+            .await
+            .unwrap()
+            .map(|_| ())
+        },
+    )
+    .await
+    .unwrap();
+    channel
+        .basic_publish(
+            format!("{}prodsys.events", app.env.prefix).as_str().into(),
+            "request.accepted".into(),
+            BasicPublishOptions::default(),
+            &held.delivery.data,
+            held.delivery.properties.clone(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let _ = connection.close(200, "done".into()).await;
+
+    let last = app.watch(&production).await.pop().unwrap();
+    assert_eq!(last.state(), pb::ProductionState::Cancelled, "{last:?}");
+    let counts = last.counts.unwrap();
+    assert_eq!((counts.cancelled, sum(&counts)), (3, 3), "{counts:?}");
+    assert!(
+        !app.env
+            .settings
+            .dispatcher
+            .work_dir
+            .join(&production)
+            .exists(),
+        "no job of a cancelled production runs"
+    );
+    let remembered: i64 = db
+        .query_one("SELECT count(*) FROM dispatcher.pending_cancels", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(remembered, 0, "an applied cancel is forgotten");
+    dispatcher_stop.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(10), dispatcher.wait()).await;
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cancel_of_an_id_not_given_yet_does_not_cancel_the_production_that_gets_it() {
+    let app = spawn_app_with(|env| {
+        use_test_profiles(env);
+        env.settings.dispatcher.max_concurrent_jobs = 2;
+    })
+    .await;
+    let db = app.env.db().await.unwrap();
+    // Production IDs are numbered in order: the next one is known.
     let first = app.accepted(sleep_request(1, 0.0, -1, "first", "")).await;
     let (prefix, number) = first.split_once('-').unwrap();
     let next = format!("{prefix}-{:06}", number.parse::<u64>().unwrap() + 1);
-
-    // The cancel comes first: the dispatcher remembers it.
-    assert!(app.cancel(&next, "changed my mind").await.unwrap().accepted);
+    // A mistyped ID that no production has yet: remembered, in case its
+    // production is only late ...
+    assert!(app.cancel(&next, "typo").await.unwrap().accepted);
     wait_for(
         "the dispatcher to remember the cancel",
         Duration::from_secs(30),
@@ -188,28 +296,17 @@ async fn a_cancel_that_arrives_before_its_production_is_applied_when_it_arrives(
     )
     .await
     .unwrap();
-
-    let production = app.accepted(sleep_request(3, 30.0, -1, "second", "")).await;
+    // ... but the production accepted afterwards under that ID runs.
+    let production = app.accepted(sleep_request(2, 0.0, -1, "second", "")).await;
     assert_eq!(production, next);
     let last = app.watch(&production).await.pop().unwrap();
-    assert_eq!(last.state(), pb::ProductionState::Cancelled, "{last:?}");
-    let counts = last.counts.unwrap();
-    assert_eq!((counts.cancelled, sum(&counts)), (3, 3), "{counts:?}");
-    // No job of it ever started.
-    assert!(
-        !app.env
-            .settings
-            .dispatcher
-            .work_dir
-            .join(&production)
-            .exists()
-    );
+    assert_eq!(last.state(), pb::ProductionState::Completed, "{last:?}");
     let remembered: i64 = db
         .query_one("SELECT count(*) FROM dispatcher.pending_cancels", &[])
         .await
         .unwrap()
         .get(0);
-    assert_eq!(remembered, 0, "an applied cancel is forgotten");
+    assert_eq!(remembered, 0, "the stale cancel is forgotten");
     app.stop().await;
 }
 

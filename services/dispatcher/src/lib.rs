@@ -15,7 +15,7 @@ mod planning;
 mod scheduler;
 pub mod slurm;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -103,17 +103,22 @@ const MIGRATIONS: &[Migration] = &[
         version: 10,
         name: "incremental planning",
         // Productions recorded before this were planned whole.
-        sql: "ALTER TABLE productions ADD COLUMN planned_jobs bigint NOT NULL DEFAULT 0;
-              UPDATE productions SET planned_jobs = job_total;
+        sql: "ALTER TABLE productions ADD COLUMN planned_jobs bigint NOT NULL DEFAULT 0,
+                                      ADD COLUMN accepted_at timestamptz NOT NULL DEFAULT now();
+              UPDATE productions SET planned_jobs = job_total, accepted_at = created_at;
               CREATE INDEX productions_planning ON productions (priority DESC, created_at)
                   WHERE planned_jobs < job_total;",
     },
     Migration {
         version: 11,
         name: "cancels received before their production",
+        // requested_at: when intake was asked (the event's UUIDv7 time). A
+        // cancel applies only to a production accepted before it was asked
+        // for, never to one that later gets the same ID (a mistyped ID).
         sql: "CREATE TABLE pending_cancels (
                   production_id text PRIMARY KEY,
                   reason        text NOT NULL,
+                  requested_at  timestamptz NOT NULL,
                   received_at   timestamptz NOT NULL DEFAULT now()
               );",
     },
@@ -224,6 +229,18 @@ pub async fn start(
         .await
 }
 
+/// When an event was made: the time in its UUIDv7 ID (every prodsys event's),
+/// else now.
+fn event_time(event_id: Uuid) -> chrono::DateTime<chrono::Utc> {
+    event_id
+        .get_timestamp()
+        .and_then(|t| {
+            let (seconds, nanos) = t.to_unix();
+            chrono::DateTime::from_timestamp(seconds as i64, nanos)
+        })
+        .unwrap_or_else(chrono::Utc::now)
+}
+
 /// Plans accepted productions into jobs.
 struct Planner {
     db: Db,
@@ -242,6 +259,8 @@ struct Planner {
 /// What planning needs, checked before anything is written.
 struct Prepared<'a> {
     plan: prodsys_core::JobPlan,
+    /// When the checker accepted it (the event's UUIDv7 time).
+    accepted_at: chrono::DateTime<chrono::Utc>,
     estimate: pb::ResourceEstimate,
     parameters: serde_json::Value,
     request_id: Uuid,
@@ -255,6 +274,7 @@ impl Planner {
     async fn cancel(
         &self,
         tx: &prodsys_db::deadpool_postgres::Transaction<'_>,
+        event_id: Uuid,
         cancel: &pb::ProductionCancel,
     ) -> anyhow::Result<()> {
         let from = ProductionState::Running;
@@ -270,10 +290,10 @@ impl Planner {
             .await?;
         let remembered = if updated == 0 {
             tx.execute_cached(
-                "INSERT INTO pending_cancels (production_id, reason)
-                 SELECT $1, $2 WHERE NOT EXISTS (SELECT 1 FROM productions WHERE production_id = $1)
+                "INSERT INTO pending_cancels (production_id, reason, requested_at)
+                 SELECT $1, $2, $3 WHERE NOT EXISTS (SELECT 1 FROM productions WHERE production_id = $1)
                  ON CONFLICT (production_id) DO NOTHING",
-                &[&cancel.production_id, &cancel.reason],
+                &[&cancel.production_id, &cancel.reason, &event_time(event_id)],
             )
             .await?
                 == 1
@@ -285,7 +305,11 @@ impl Planner {
         Ok(())
     }
 
-    fn prepare<'a>(&self, accepted: &'a pb::RequestAccepted) -> Result<Prepared<'a>, String> {
+    fn prepare<'a>(
+        &self,
+        event_id: Uuid,
+        accepted: &'a pb::RequestAccepted,
+    ) -> Result<Prepared<'a>, String> {
         let profile = self
             .profiles
             .get(&accepted.profile)
@@ -307,6 +331,7 @@ impl Planner {
         let request_id =
             Uuid::parse_str(&accepted.request_id).map_err(|e| format!("request_id: {e}"))?;
         Ok(Prepared {
+            accepted_at: event_time(event_id),
             estimate: profile.resource_estimate(&plan),
             plan,
             parameters,
@@ -333,14 +358,26 @@ impl Planner {
         for p in prepared {
             ids.push(p.accepted.production_id.as_str());
         }
-        let cancelled: HashSet<String> = tx
+        // Cancels that came first, with when each was asked for.
+        let pending: HashMap<String, chrono::DateTime<chrono::Utc>> = tx
             .query_cached(
-                "SELECT production_id FROM pending_cancels WHERE production_id = ANY($1)",
+                "SELECT production_id, requested_at FROM pending_cancels WHERE production_id = ANY($1)",
                 &[&ids],
             )
             .await?
             .iter()
-            .map(|r| r.get(0))
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        // A cancel asked for before the production was accepted named an ID
+        // not given yet: it is dropped, not applied to whoever got the ID.
+        let cancelled: HashSet<String> = prepared
+            .iter()
+            .filter(|p| {
+                pending
+                    .get(&p.accepted.production_id)
+                    .is_some_and(|asked| *asked >= p.accepted_at)
+            })
+            .map(|p| p.accepted.production_id.clone())
             .collect();
         let mut request_ids = Vec::with_capacity(n);
         let mut profiles = Vec::with_capacity(n);
@@ -351,6 +388,7 @@ impl Planner {
         let mut offsets = Vec::with_capacity(n);
         let mut totals = Vec::with_capacity(n);
         let mut priorities = Vec::with_capacity(n);
+        let mut accepted_ats = Vec::with_capacity(n);
         let mut states = Vec::with_capacity(n);
         let mut planned = Vec::with_capacity(n);
         let mut budget = self.inline_jobs;
@@ -366,6 +404,7 @@ impl Planner {
             offsets.push(p.accepted.run_number_offset as i64);
             totals.push(p.plan.job_count as i64);
             priorities.push(p.accepted.priority);
+            accepted_ats.push(p.accepted_at);
             let jobs = p.plan.job_count;
             if cancelled.contains(&p.accepted.production_id) {
                 states.push(cancelling.as_str());
@@ -382,10 +421,11 @@ impl Planner {
         let inserted: HashSet<String> = tx
             .query_cached(
                 "INSERT INTO productions (production_id, request_id, profile, vo, parameters, fingerprint,
-                                          backend, run_number_offset, job_total, priority, state, planned_jobs)
+                                          backend, run_number_offset, job_total, priority, state, planned_jobs,
+                                          accepted_at)
                  SELECT * FROM unnest($1::text[], $2::uuid[], $3::text[], $4::text[], $5::jsonb[],
                                       $6::text[], $7::text[], $8::bigint[], $9::bigint[], $10::int[],
-                                      $11::text[], $12::bigint[])
+                                      $11::text[], $12::bigint[], $13::timestamptz[])
                  ON CONFLICT (production_id) DO NOTHING RETURNING production_id",
                 &[
                     &ids,
@@ -400,14 +440,16 @@ impl Planner {
                     &priorities,
                     &states,
                     &planned,
+                    &accepted_ats,
                 ],
             )
             .await?
             .iter()
             .map(|r| r.get(0))
             .collect();
-        let applied: Vec<&str> = cancelled
-            .iter()
+        // Applied or dropped, a remembered cancel is done with once its production is recorded.
+        let applied: Vec<&str> = pending
+            .keys()
             .filter(|id| inserted.contains(*id))
             .map(String::as_str)
             .collect();
@@ -440,8 +482,10 @@ impl Planner {
                 &accepted.production_id,
                 &event,
             ));
-            tracing::info!(production_id = %accepted.production_id, jobs = p.plan.job_count,
-                planned_now = *planned, cancelled = cancelled.contains(&accepted.production_id),
+            let id = &accepted.production_id;
+            tracing::info!(production_id = %id, jobs = p.plan.job_count,
+                planned_now = *planned, cancelled = cancelled.contains(id),
+                ignored_cancel = pending.contains_key(id) && !cancelled.contains(id),
                 "production recorded");
         }
         jobs.flush(tx).await?;
@@ -478,7 +522,7 @@ impl BatchHandler for Planner {
         let mut prepared = Vec::with_capacity(accepted.len());
         let mut ids = Vec::with_capacity(accepted.len());
         for (slot, id, event) in &accepted {
-            match self.prepare(event) {
+            match self.prepare(*id, event) {
                 Ok(p) => {
                     prepared.push(p);
                     ids.push(*id);
@@ -500,7 +544,7 @@ impl BatchHandler for Planner {
         // After the plans: a cancel in the same batch finds its production.
         for (id, cancel) in &cancels {
             if !prodsys_db::claim(&tx, &[*id]).await?.is_empty() {
-                self.cancel(&tx, cancel).await?;
+                self.cancel(&tx, *id, cancel).await?;
             }
         }
         tx.commit().await?;

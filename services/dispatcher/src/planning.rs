@@ -150,8 +150,10 @@ impl PlanningTask {
 }
 
 /// Applies the remembered cancels whose production now exists (all of them,
-/// or those of `only`): a RUNNING production becomes CANCELLING, and the
-/// remembered cancel is dropped whatever the production's state.
+/// or those of `only`): a RUNNING production accepted before the cancel was
+/// asked for becomes CANCELLING; the remembered cancel is dropped whatever
+/// the production's state (one asked for before its ID was given named
+/// another production).
 pub(crate) async fn apply_pending_cancels<C: GenericClient + Sync>(
     client: &C,
     only: Option<&[String]>,
@@ -164,9 +166,9 @@ pub(crate) async fn apply_pending_cancels<C: GenericClient + Sync>(
                  DELETE FROM pending_cancels c USING productions p
                  WHERE p.production_id = c.production_id
                    AND ($1::text[] IS NULL OR c.production_id = ANY($1))
-                 RETURNING c.production_id, c.reason)
+                 RETURNING c.production_id, c.reason, c.requested_at >= p.accepted_at AS applies)
              UPDATE productions p SET state = $2, updated_at = now()
-             FROM found WHERE p.production_id = found.production_id AND p.state = $3
+             FROM found WHERE p.production_id = found.production_id AND found.applies AND p.state = $3
              RETURNING p.production_id, found.reason",
             &[&only, &to.as_str(), &from.as_str()],
         )
