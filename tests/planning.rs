@@ -92,7 +92,7 @@ async fn a_production_cancelled_while_planning_stops_planning_and_ends_cancelled
     .await;
     let db = app.env.db().await.unwrap();
     let production = app
-        .accepted(sleep_request(TOTAL, 30.0, -1, "huge", ""))
+        .accepted(sleep_request(TOTAL, 600.0, -1, "huge", ""))
         .await;
     // Planning has begun and the first jobs run before the last are planned.
     let started = wait_for("planning to begin", Duration::from_secs(60), || async {
@@ -370,7 +370,7 @@ async fn cancelling_two_hundred_thousand_queued_jobs_takes_seconds_and_counts_ev
     let db = app.env.db().await.unwrap();
     let accepted = Instant::now();
     let production = app
-        .accepted(sleep_request(TOTAL, 30.0, -1, "queued", ""))
+        .accepted(sleep_request(TOTAL, 600.0, -1, "queued", ""))
         .await;
     wait_for("every job planned", Duration::from_secs(120), || async {
         planned(&db, &production)
