@@ -107,7 +107,7 @@ const MIGRATIONS: &[Migration] = &[
                                       ADD COLUMN accepted_at timestamptz NOT NULL DEFAULT now();
               UPDATE productions SET planned_jobs = job_total, accepted_at = created_at;
               CREATE INDEX productions_planning ON productions (priority DESC, created_at)
-                  WHERE planned_jobs < job_total;",
+                  WHERE planned_jobs < job_total AND state = 'RUNNING';",
     },
     Migration {
         version: 11,

@@ -93,10 +93,10 @@ impl PlanningTask {
             .query_cached(
                 "SELECT production_id, profile, parameters, fingerprint, run_number_offset,
                         planned_jobs, job_total
-                 FROM productions WHERE state = $1 AND planned_jobs < job_total
+                 FROM productions WHERE planned_jobs < job_total AND state = 'RUNNING'
                  ORDER BY priority DESC, job_total - planned_jobs, created_at, production_id
-                 LIMIT $2 FOR UPDATE SKIP LOCKED",
-                &[&ProductionState::Running.as_str(), &PICK],
+                 LIMIT $1 FOR UPDATE SKIP LOCKED",
+                &[&PICK],
             )
             .await?;
         let mut budget = self.chunk.max(1);
