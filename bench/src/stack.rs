@@ -832,7 +832,8 @@ impl Bench {
     }
 
     /// One production of `plan.plan_jobs` jobs: timed from its request.accepted
-    /// until GetProduction shows the whole plan; RSS sampled throughout.
+    /// until GetProduction shows its total and the dispatcher created every
+    /// job (planning runs in chunks); RSS sampled throughout.
     pub async fn plan(&self, plan: &StackPlan) -> anyhow::Result<PlanResult> {
         let client = self.client();
         let (n, mut request) = client.request();
@@ -888,8 +889,18 @@ impl Bench {
             )
             .await
             .context("GetProduction timed out")?;
+            // Planned: status knows the total and the dispatcher created every job.
             if let Ok(p) = p
                 && p.into_inner().job_total == plan.plan_jobs
+                && self
+                    .db
+                    .query_opt(
+                        "SELECT 1 FROM dispatcher.productions
+                         WHERE production_id = $1 AND planned_jobs >= job_total",
+                        &[&production_id],
+                    )
+                    .await?
+                    .is_some()
             {
                 break Instant::now();
             }

@@ -335,18 +335,22 @@ impl App {
 /// processes a test starts itself, on the same database and prefix).
 pub async fn spawn_services(env: TestEnv, services: &[Service]) -> App {
     prodsys_telemetry::init("warn");
+    start_services(env, services).await
+}
+
+/// A stack of only `services`, on `env`; clients for intake, status and catalog.
+async fn start_services(env: TestEnv, services: &[Service]) -> App {
     let shutdown = CancellationToken::new();
     let stack = prodsys::start(services, &env.settings, shutdown.clone())
         .await
         .expect("starting the services");
-    let intake = pb::request_service_client::RequestServiceClient::new(
-        channel(stack.addr(Service::Intake).unwrap()).await,
-    );
-    let status = pb::status_service_client::StatusServiceClient::new(
-        channel(stack.addr(Service::Status).unwrap()).await,
-    );
+    let addr = |service| stack.addr(service).expect("intake, status and catalog run");
+    let intake =
+        pb::request_service_client::RequestServiceClient::new(channel(addr(Service::Intake)).await);
+    let status =
+        pb::status_service_client::StatusServiceClient::new(channel(addr(Service::Status)).await);
     let catalog = pb::catalog_service_client::CatalogServiceClient::new(
-        channel(stack.addr(Service::Catalog).unwrap()).await,
+        channel(addr(Service::Catalog)).await,
     );
     App {
         env,
@@ -563,4 +567,14 @@ pub async fn health(addr: std::net::SocketAddr) -> Option<i32> {
         .await
         .ok()
         .map(|r| r.into_inner().status)
+}
+
+impl App {
+    /// Stops every service and starts again only `services` (intake, status
+    /// and catalog among them) on the same database and broker.
+    pub async fn restart_only(self, services: &[Service]) -> App {
+        self.shutdown.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.stack.wait()).await;
+        start_services(self.env, services).await
+    }
 }

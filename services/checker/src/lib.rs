@@ -99,6 +99,7 @@ pub async fn start(
         db: foundation.db.clone(),
         profiles,
         installations: settings.dispatcher.installations().into_keys().collect(),
+        max_jobs: settings.dispatcher.max_jobs_per_production,
         catalog: pb::catalog_service_client::CatalogServiceClient::new(catalog),
     };
     foundation.consume(settings, checker.clone(), &shutdown);
@@ -127,6 +128,8 @@ struct Checker {
     profiles: Arc<ProfileSet>,
     /// The WMS installations a request may choose.
     installations: Vec<String>,
+    /// The deployment's ceiling on one production's jobs.
+    max_jobs: u64,
     catalog: pb::catalog_service_client::CatalogServiceClient<tonic::transport::Channel>,
 }
 
@@ -449,6 +452,7 @@ impl Checker {
                 last_run: plan.run_number_offset + plan.job_count,
             });
             validation.estimate = Some(profile.resource_estimate(plan));
+            violations.extend(profile.check_job_count(plan, self.max_jobs));
         } else {
             violations.push(Violation::new("parameters", "give no job plan"));
         }

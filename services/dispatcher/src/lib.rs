@@ -1,18 +1,23 @@
 //! Dispatcher: turns an accepted production into jobs and follows every job
-//! to its end. The plan streams into PostgreSQL in batches (a production is
-//! never held in memory whole); the scheduler reserves ready jobs, submits
-//! them to the backend, polls the backend in bulk, retries failed attempts up
-//! to the profile's limit, registers outputs, and closes the production by
-//! the stated rule (all done → COMPLETED, some → PARTIALLY_COMPLETED, none → FAILED).
+//! to its end. The consumer records each production with its plan inputs;
+//! its jobs are created in bounded chunks (in the consumer's transaction when
+//! small, else by the planning task, see `planning`), so a production is
+//! never held in memory or in one transaction whole; the scheduler reserves
+//! ready jobs, submits them to the backend, polls the backend in bulk,
+//! retries failed attempts up to the profile's limit, registers outputs, and
+//! closes the production by the stated rule (all done → COMPLETED, some →
+//! PARTIALLY_COMPLETED, none → FAILED). A cancel is remembered if its
+//! production has not arrived yet.
 
 pub mod backend;
 pub mod dirac;
 pub mod lease;
+mod planning;
 mod scheduler;
 pub mod slurm;
 pub mod supervisor;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -29,8 +34,6 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 pub const SERVICE: &str = "dispatcher";
-/// Jobs written per INSERT while a plan streams into the database.
-const PLAN_BATCH: u64 = 10_000;
 
 const MIGRATIONS: &[Migration] = &[
     Migration {
@@ -112,6 +115,29 @@ const MIGRATIONS: &[Migration] = &[
                   renewed_at   timestamptz NOT NULL DEFAULT now()
               );",
     },
+    Migration {
+        version: 10,
+        name: "incremental planning",
+        // Productions recorded before this were planned whole.
+        sql: "ALTER TABLE productions ADD COLUMN planned_jobs bigint NOT NULL DEFAULT 0,
+                                      ADD COLUMN accepted_at timestamptz NOT NULL DEFAULT now();
+              UPDATE productions SET planned_jobs = job_total, accepted_at = created_at;
+              CREATE INDEX productions_planning ON productions (priority DESC, created_at)
+                  WHERE planned_jobs < job_total AND state = 'RUNNING';",
+    },
+    Migration {
+        version: 11,
+        name: "cancels received before their production",
+        // requested_at: when intake was asked (the event's UUIDv7 time). A
+        // cancel applies only to a production accepted before it was asked
+        // for, never to one that later gets the same ID (a mistyped ID).
+        sql: "CREATE TABLE pending_cancels (
+                  production_id text PRIMARY KEY,
+                  reason        text NOT NULL,
+                  requested_at  timestamptz NOT NULL,
+                  received_at   timestamptz NOT NULL DEFAULT now()
+              );",
+    },
 ];
 
 pub async fn start(
@@ -156,6 +182,7 @@ pub async fn start(
     let lease_ttl = std::time::Duration::from_millis(settings.dispatcher.lease_ttl_ms);
     let mut wakes = Vec::new();
     let mut schedulers = Vec::new();
+    let poll_interval = std::time::Duration::from_millis(settings.dispatcher.poll_interval_ms);
     for (name, installation) in settings.dispatcher.installations() {
         let backend: Arc<dyn backend::Backend> = match installation {
             BackendSettings::Local { max_running } => Arc::new(backend::LocalExecutor::new(
@@ -188,7 +215,7 @@ pub async fn start(
             work_dir: work_dir.clone(),
             deployment: deployment.clone(),
             wake,
-            poll_interval: std::time::Duration::from_millis(settings.dispatcher.poll_interval_ms),
+            poll_interval,
             lease: Arc::new(lease::Lease::new(
                 foundation.db.clone(),
                 &name,
@@ -213,12 +240,28 @@ pub async fn start(
             served.cancel();
         });
     }
+    let planning = Arc::new(Notify::new());
+    let chunk = settings.dispatcher.plan_chunk_jobs.max(1);
+    tokio::spawn(
+        planning::PlanningTask {
+            db: foundation.db.clone(),
+            profiles: profiles.clone(),
+            chunk,
+            wake: planning.clone(),
+            schedulers: wakes.clone(),
+            idle: poll_interval,
+        }
+        .run(shutdown.clone()),
+    );
     foundation.consume(
         settings,
         Planner {
             db: foundation.db.clone(),
             profiles,
             wakes,
+            planning,
+            inline_jobs: chunk,
+            max_jobs: settings.dispatcher.max_jobs_per_production,
         },
         &shutdown,
     );
@@ -235,17 +278,38 @@ pub async fn start(
         .await
 }
 
+/// When an event was made: the time in its UUIDv7 ID (every prodsys event's),
+/// else now.
+fn event_time(event_id: Uuid) -> chrono::DateTime<chrono::Utc> {
+    event_id
+        .get_timestamp()
+        .and_then(|t| {
+            let (seconds, nanos) = t.to_unix();
+            chrono::DateTime::from_timestamp(seconds as i64, nanos)
+        })
+        .unwrap_or_else(chrono::Utc::now)
+}
+
 /// Plans accepted productions into jobs.
 struct Planner {
     db: Db,
     profiles: Arc<ProfileSet>,
     /// One per installation's scheduler.
     wakes: Vec<Arc<Notify>>,
+    /// The planning task's.
+    planning: Arc<Notify>,
+    /// Most jobs one batch plans in the consumer's own transaction; larger
+    /// productions are left to the planning task.
+    inline_jobs: u64,
+    /// The deployment's ceiling on one production's jobs.
+    max_jobs: u64,
 }
 
 /// What planning needs, checked before anything is written.
 struct Prepared<'a> {
     plan: prodsys_core::JobPlan,
+    /// When the checker accepted it (the event's UUIDv7 time).
+    accepted_at: chrono::DateTime<chrono::Utc>,
     estimate: pb::ResourceEstimate,
     parameters: serde_json::Value,
     request_id: Uuid,
@@ -253,10 +317,13 @@ struct Prepared<'a> {
 }
 
 impl Planner {
-    /// Marks the production CANCELLING; its installation's scheduler kills and closes it.
+    /// Marks the production CANCELLING; its installation's scheduler kills
+    /// and closes it. A production not seen yet has its cancel remembered,
+    /// applied when it arrives.
     async fn cancel(
         &self,
         tx: &prodsys_db::deadpool_postgres::Transaction<'_>,
+        event_id: Uuid,
         cancel: &pb::ProductionCancel,
     ) -> anyhow::Result<()> {
         let from = ProductionState::Running;
@@ -270,12 +337,28 @@ impl Planner {
                 ],
             )
             .await?;
+        let remembered = if updated == 0 {
+            tx.execute_cached(
+                "INSERT INTO pending_cancels (production_id, reason, requested_at)
+                 SELECT $1, $2, $3 WHERE NOT EXISTS (SELECT 1 FROM productions WHERE production_id = $1)
+                 ON CONFLICT (production_id) DO NOTHING",
+                &[&cancel.production_id, &cancel.reason, &event_time(event_id)],
+            )
+            .await?
+                == 1
+        } else {
+            false
+        };
         tracing::info!(production_id = %cancel.production_id, reason = %cancel.reason,
-            running = updated == 1, "cancel requested");
+            running = updated == 1, remembered, "cancel requested");
         Ok(())
     }
 
-    fn prepare<'a>(&self, accepted: &'a pb::RequestAccepted) -> Result<Prepared<'a>, String> {
+    fn prepare<'a>(
+        &self,
+        event_id: Uuid,
+        accepted: &'a pb::RequestAccepted,
+    ) -> Result<Prepared<'a>, String> {
         let profile = self
             .profiles
             .get(&accepted.profile)
@@ -289,9 +372,15 @@ impl Planner {
                 accepted.run_number_offset,
             )
             .ok_or("parameters give no job plan")?;
+        // Refused at submit time; a request accepted before a lower limit
+        // was set is not planned either.
+        if let Some(violation) = profile.check_job_count(&plan, self.max_jobs) {
+            return Err(format!("{}: {}", violation.field, violation.description));
+        }
         let request_id =
             Uuid::parse_str(&accepted.request_id).map_err(|e| format!("request_id: {e}"))?;
         Ok(Prepared {
+            accepted_at: event_time(event_id),
             estimate: profile.resource_estimate(&plan),
             plan,
             parameters,
@@ -300,10 +389,11 @@ impl Planner {
         })
     }
 
-    /// Plans a batch of accepted productions in one transaction: one insert
-    /// for the productions, job rows streamed in inserts of `PLAN_BATCH`
-    /// (a million-job production never sits in memory whole; a hundred
-    /// one-job productions share one statement), one outbox write.
+    /// Records a batch of accepted productions in one transaction: one
+    /// insert for the productions, one outbox write. Productions whose jobs
+    /// fit together in `inline_jobs` are planned here whole; the others are
+    /// left to the planning task (`planned_jobs` 0). A production whose
+    /// cancel came first is recorded CANCELLING, with no jobs.
     async fn plan(
         &self,
         tx: &prodsys_db::deadpool_postgres::Transaction<'_>,
@@ -314,6 +404,30 @@ impl Planner {
         }
         let n = prepared.len();
         let mut ids = Vec::with_capacity(n);
+        for p in prepared {
+            ids.push(p.accepted.production_id.as_str());
+        }
+        // Cancels that came first, with when each was asked for.
+        let pending: HashMap<String, chrono::DateTime<chrono::Utc>> = tx
+            .query_cached(
+                "SELECT production_id, requested_at FROM pending_cancels WHERE production_id = ANY($1)",
+                &[&ids],
+            )
+            .await?
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        // A cancel asked for before the production was accepted named an ID
+        // not given yet: it is dropped, not applied to whoever got the ID.
+        let cancelled: HashSet<String> = prepared
+            .iter()
+            .filter(|p| {
+                pending
+                    .get(&p.accepted.production_id)
+                    .is_some_and(|asked| *asked >= p.accepted_at)
+            })
+            .map(|p| p.accepted.production_id.clone())
+            .collect();
         let mut request_ids = Vec::with_capacity(n);
         let mut profiles = Vec::with_capacity(n);
         let mut vos = Vec::with_capacity(n);
@@ -323,8 +437,13 @@ impl Planner {
         let mut offsets = Vec::with_capacity(n);
         let mut totals = Vec::with_capacity(n);
         let mut priorities = Vec::with_capacity(n);
+        let mut accepted_ats = Vec::with_capacity(n);
+        let mut states = Vec::with_capacity(n);
+        let mut planned = Vec::with_capacity(n);
+        let mut budget = self.inline_jobs;
+        let running = ProductionState::Running;
+        let cancelling = running.transition(ProductionState::Cancelling)?;
         for p in prepared {
-            ids.push(p.accepted.production_id.as_str());
             request_ids.push(p.request_id);
             profiles.push(p.accepted.profile.as_str());
             vos.push(p.accepted.vo.as_str());
@@ -334,13 +453,28 @@ impl Planner {
             offsets.push(p.accepted.run_number_offset as i64);
             totals.push(p.plan.job_count as i64);
             priorities.push(p.accepted.priority);
+            accepted_ats.push(p.accepted_at);
+            let jobs = p.plan.job_count;
+            if cancelled.contains(&p.accepted.production_id) {
+                states.push(cancelling.as_str());
+                planned.push(0i64);
+            } else if jobs <= budget {
+                budget -= jobs;
+                states.push(running.as_str());
+                planned.push(jobs as i64);
+            } else {
+                states.push(running.as_str());
+                planned.push(0i64);
+            }
         }
         let inserted: HashSet<String> = tx
             .query_cached(
                 "INSERT INTO productions (production_id, request_id, profile, vo, parameters, fingerprint,
-                                          backend, run_number_offset, job_total, priority, state)
-                 SELECT *, $11::text FROM unnest($1::text[], $2::uuid[], $3::text[], $4::text[], $5::jsonb[],
-                                                 $6::text[], $7::text[], $8::bigint[], $9::bigint[], $10::int[])
+                                          backend, run_number_offset, job_total, priority, state, planned_jobs,
+                                          accepted_at)
+                 SELECT * FROM unnest($1::text[], $2::uuid[], $3::text[], $4::text[], $5::jsonb[],
+                                      $6::text[], $7::text[], $8::bigint[], $9::bigint[], $10::int[],
+                                      $11::text[], $12::bigint[], $13::timestamptz[])
                  ON CONFLICT (production_id) DO NOTHING RETURNING production_id",
                 &[
                     &ids,
@@ -353,26 +487,38 @@ impl Planner {
                     &offsets,
                     &totals,
                     &priorities,
-                    &ProductionState::Running.as_str(),
+                    &states,
+                    &planned,
+                    &accepted_ats,
                 ],
             )
             .await?
             .iter()
             .map(|r| r.get(0))
             .collect();
-        let mut jobs = JobRows::default();
+        // Applied or dropped, a remembered cancel is done with once its production is recorded.
+        let applied: Vec<&str> = pending
+            .keys()
+            .filter(|id| inserted.contains(*id))
+            .map(String::as_str)
+            .collect();
+        if !applied.is_empty() {
+            tx.execute_cached(
+                "DELETE FROM pending_cancels WHERE production_id = ANY($1)",
+                &[&applied],
+            )
+            .await?;
+        }
+        let mut jobs = planning::JobRows::default();
         let mut events = Vec::new();
-        for p in prepared {
+        for (p, planned) in prepared.iter().zip(&planned) {
             let accepted = p.accepted;
             // Planned before (a replayed event under another ID): nothing to add.
             if !inserted.contains(&accepted.production_id) {
                 continue;
             }
-            for i in 0..p.plan.job_count {
+            for i in 0..*planned as u64 {
                 jobs.push(&accepted.production_id, &p.plan.job(i));
-                if jobs.len() >= PLAN_BATCH as usize {
-                    jobs.flush(tx).await?;
-                }
             }
             let event = pb::ProductionDispatched {
                 production_id: accepted.production_id.clone(),
@@ -385,57 +531,14 @@ impl Planner {
                 &accepted.production_id,
                 &event,
             ));
-            tracing::info!(production_id = %accepted.production_id, jobs = p.plan.job_count, "production planned");
+            let id = &accepted.production_id;
+            tracing::info!(production_id = %id, jobs = p.plan.job_count,
+                planned_now = *planned, cancelled = cancelled.contains(id),
+                ignored_cancel = pending.contains_key(id) && !cancelled.contains(id),
+                "production recorded");
         }
         jobs.flush(tx).await?;
         prodsys_db::enqueue(tx, &self.db.outbox_channel(), &events).await?;
-        Ok(())
-    }
-}
-
-/// Job rows waiting for one insert, column by column.
-#[derive(Default)]
-struct JobRows {
-    productions: Vec<String>,
-    indexes: Vec<i64>,
-    run_numbers: Vec<i64>,
-    seeds: Vec<i64>,
-    units: Vec<i64>,
-}
-
-impl JobRows {
-    fn len(&self) -> usize {
-        self.indexes.len()
-    }
-
-    fn push(&mut self, production_id: &str, job: &prodsys_core::PlannedJob) {
-        self.productions.push(production_id.to_string());
-        self.indexes.push(job.index as i64);
-        self.run_numbers.push(job.run_number as i64);
-        self.seeds.push(job.seed as i64);
-        self.units.push(job.units as i64);
-    }
-
-    async fn flush(
-        &mut self,
-        tx: &prodsys_db::deadpool_postgres::Transaction<'_>,
-    ) -> anyhow::Result<()> {
-        if self.indexes.is_empty() {
-            return Ok(());
-        }
-        tx.execute_cached(
-            "INSERT INTO jobs (production_id, job_index, run_number, seed, units)
-             SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[])",
-            &[
-                &self.productions,
-                &self.indexes,
-                &self.run_numbers,
-                &self.seeds,
-                &self.units,
-            ],
-        )
-        .await?;
-        *self = JobRows::default();
         Ok(())
     }
 }
@@ -468,7 +571,7 @@ impl BatchHandler for Planner {
         let mut prepared = Vec::with_capacity(accepted.len());
         let mut ids = Vec::with_capacity(accepted.len());
         for (slot, id, event) in &accepted {
-            match self.prepare(event) {
+            match self.prepare(*id, event) {
                 Ok(p) => {
                     prepared.push(p);
                     ids.push(*id);
@@ -490,10 +593,11 @@ impl BatchHandler for Planner {
         // After the plans: a cancel in the same batch finds its production.
         for (id, cancel) in &cancels {
             if !prodsys_db::claim(&tx, &[*id]).await?.is_empty() {
-                self.cancel(&tx, cancel).await?;
+                self.cancel(&tx, *id, cancel).await?;
             }
         }
         tx.commit().await?;
+        self.planning.notify_one();
         for wake in &self.wakes {
             wake.notify_one();
         }

@@ -124,6 +124,9 @@ impl Changes {
 /// The shortest time between the starts of two rounds of one scheduler.
 const MIN_ROUND_GAP: Duration = Duration::from_millis(50);
 
+/// Transitions per `job.status` event of a cancel (about 60 bytes each).
+const CANCEL_TRANSITIONS_PER_EVENT: usize = 10_000;
+
 /// Most in-flight jobs polled in one round.
 const POLL_BATCH: i64 = 10_000;
 
@@ -542,14 +545,18 @@ impl Scheduler {
     }
 
     /// Productions asked to stop: kill their in-flight jobs, cancel the rest, close them CANCELLED.
+    /// Set-based however large the production: the backend is asked to kill
+    /// only the jobs in flight, outside any transaction; then one statement
+    /// cancels those (each a transition for status), one removes the jobs
+    /// that never started (a delete costs a fraction of an update: a million
+    /// in seconds) and one cancels the few that wait for a retry.
+    /// `production.completed` counts every job without a row as cancelled, so
+    /// no message holds a transition per job.
     async fn cancel_requested(&self) -> anyhow::Result<()> {
-        let mut client = self.db.client().await?;
-        let tx = client.transaction().await?;
-        self.lease.fence(&tx).await?;
-        let productions: Vec<String> = tx
+        let client = self.db.client().await?;
+        let productions: Vec<String> = client
             .query_cached(
-                "SELECT production_id FROM productions WHERE state = 'CANCELLING' AND backend = $1
-                 FOR UPDATE SKIP LOCKED",
+                "SELECT production_id FROM productions WHERE state = 'CANCELLING' AND backend = $1",
                 &[&self.backend.name()],
             )
             .await?
@@ -559,45 +566,111 @@ impl Scheduler {
         if productions.is_empty() {
             return Ok(());
         }
-        let rows = tx
+        let flying: Vec<String> = client
             .query_cached(
-                &format!(
-                    "SELECT {JOB_COLUMNS}, j.backend_job_id FROM jobs j JOIN productions p USING (production_id)
-                     WHERE j.production_id = ANY($1)
-                       AND j.state IN ('CREATED', 'SUBMITTED', 'QUEUED', 'RUNNING', 'FAILED')
-                     FOR UPDATE OF j"
-                ),
+                "SELECT backend_job_id FROM jobs
+                 WHERE production_id = ANY($1) AND state IN ('SUBMITTED', 'QUEUED', 'RUNNING')
+                   AND backend_job_id IS NOT NULL",
+                &[&productions],
+            )
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        drop(client);
+        if !flying.is_empty() {
+            self.backend.cancel(&flying).await?;
+        }
+        let mut client = self.db.client().await?;
+        let tx = client.transaction().await?;
+        self.lease.fence(&tx).await?;
+        // Another replica may be closing some of them: those are its own.
+        let productions: Vec<String> = tx
+            .query_cached(
+                "SELECT production_id FROM productions
+                 WHERE production_id = ANY($1) AND state = 'CANCELLING'
+                 FOR UPDATE SKIP LOCKED",
+                &[&productions],
+            )
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        if productions.is_empty() {
+            return Ok(());
+        }
+        let stopped = tx
+            .query_cached(
+                "UPDATE jobs SET state = 'CANCELLED', raw_status = 'cancelled', updated_at = now()
+                 WHERE production_id = ANY($1) AND state IN ('SUBMITTED', 'QUEUED', 'RUNNING')
+                 RETURNING production_id, job_index, attempt, backend_job_id",
                 &[&productions],
             )
             .await?;
-        let ids: Vec<String> = rows
-            .iter()
-            .filter_map(|r| r.get::<_, Option<String>>(11))
-            .collect();
-        if !ids.is_empty() {
-            self.backend.cancel(&ids).await?;
-        }
-        let mut changes = Changes::default();
-        for row in &rows {
-            let job = JobRow::from_row(row)?;
-            tx.execute_cached(
-                "UPDATE jobs SET state = 'CANCELLED', raw_status = 'cancelled', updated_at = now()
-                 WHERE production_id = $1 AND job_index = $2",
-                &[&job.production_id, &job.job_index],
+        let never_started = tx
+            .execute_cached(
+                "DELETE FROM jobs WHERE production_id = ANY($1) AND state = 'CREATED' AND attempt = 1",
+                &[&productions],
             )
             .await?;
-            changes.transition(&job, job.attempt, JobState::Cancelled, "cancelled");
+        let retrying = tx
+            .execute_cached(
+                "UPDATE jobs SET state = 'CANCELLED', raw_status = 'cancelled', updated_at = now()
+                 WHERE production_id = ANY($1) AND state IN ('CREATED', 'FAILED')",
+                &[&productions],
+            )
+            .await?;
+        let killed: std::collections::HashSet<&str> = flying.iter().map(String::as_str).collect();
+        let now = chrono::Utc::now().timestamp_millis();
+        let mut transitions = Vec::with_capacity(stopped.len());
+        let mut late = Vec::new();
+        for row in &stopped {
+            transitions.push(pb::JobTransition {
+                production_id: row.get(0),
+                job_index: row.get::<_, i64>(1) as u64,
+                attempt: row.get::<_, i32>(2) as u32,
+                state: JobState::Cancelled.to_proto() as i32,
+                raw_status: "cancelled".into(),
+                at_unix_ms: now,
+            });
+            if let Some(id) = row.get::<_, Option<&str>>(3)
+                && !killed.contains(id)
+            {
+                late.push(id.to_string());
+            }
         }
-        let mut events = Vec::new();
+        // However many were in flight, no message grows past a bounded size.
+        let mut all: Vec<OutboxEvent> = transitions
+            .chunks(CANCEL_TRANSITIONS_PER_EVENT)
+            .map(|chunk| {
+                let batch = pb::JobStatusBatch {
+                    transitions: chunk.to_vec(),
+                };
+                outbox_event(JOB_STATUS, &chunk[0].production_id, &batch)
+            })
+            .collect();
         for production_id in &productions {
-            tracing::info!(%production_id, jobs_killed = ids.len(), "production cancelled");
-            changes.touched.remove(production_id);
-            events.push(close(&tx, production_id, ProductionState::Cancelled, "CANCELLING").await?);
+            all.extend(close(&tx, production_id, ProductionState::Cancelled, "CANCELLING").await?);
         }
-        let mut all = changes.into_events();
-        all.extend(events.into_iter().flatten());
+        tracing::info!(
+            ?productions,
+            jobs_killed = stopped.len(),
+            never_started,
+            retrying,
+            "productions cancelled"
+        );
         prodsys_db::enqueue(&tx, &self.db.outbox_channel(), &all).await?;
         tx.commit().await?;
+        // Submitted after the first look (another replica's round): killed now.
+        if !late.is_empty()
+            && let Err(error) = self.backend.cancel(&late).await
+        {
+            tracing::warn!(
+                error = format!("{error:#}"),
+                jobs = late.len(),
+                "killing late jobs of a cancelled production failed"
+            );
+        }
         Ok(())
     }
 
@@ -900,11 +973,14 @@ async fn close_if_finished(
     tx: &Transaction<'_>,
     production_id: &str,
 ) -> anyhow::Result<Option<OutboxEvent>> {
-    // Through the partial index of unfinished jobs: cheap however large the production.
+    // Through the partial index of unfinished jobs: cheap however large the
+    // production. One still being planned has jobs to come.
     let unfinished = tx
         .query_one_cached(
             "SELECT EXISTS (SELECT 1 FROM jobs WHERE production_id = $1
-                            AND state IN ('CREATED', 'SUBMITTED', 'QUEUED', 'RUNNING', 'FAILED'))",
+                            AND state IN ('CREATED', 'SUBMITTED', 'QUEUED', 'RUNNING', 'FAILED'))
+                 OR EXISTS (SELECT 1 FROM productions WHERE production_id = $1
+                            AND planned_jobs < job_total)",
             &[&production_id],
         )
         .await?
@@ -932,21 +1008,24 @@ async fn close_if_finished(
 
 /// Moves the production from `from` to its final `state` and returns the
 /// `production.completed` event, with job counts; `None` if it was not in `from`.
+/// Jobs without a row (never planned, or removed unstarted by a cancel) count as cancelled.
 async fn close(
     tx: &Transaction<'_>,
     production_id: &str,
     state: ProductionState,
     from: &str,
 ) -> anyhow::Result<Option<OutboxEvent>> {
-    let updated = tx
-        .execute_cached(
-            "UPDATE productions SET state = $2, updated_at = now() WHERE production_id = $1 AND state = $3",
+    let Some(closed) = tx
+        .query_opt_cached(
+            "UPDATE productions SET state = $2, updated_at = now() WHERE production_id = $1 AND state = $3
+             RETURNING job_total",
             &[&production_id, &state.as_str(), &from],
         )
-        .await?;
-    if updated == 0 {
+        .await?
+    else {
         return Ok(None);
-    }
+    };
+    let job_total = closed.get::<_, i64>(0) as u64;
     let mut counts = pb::JobCounts::default();
     for row in tx
         .query_cached(
@@ -961,6 +1040,8 @@ async fn close(
             row.get::<_, i64>(1) as u64,
         );
     }
+    let rows = prodsys_core::state::counts_total(&counts);
+    counts.cancelled += job_total.saturating_sub(rows);
     tracing::info!(%production_id, %state, done = counts.done, "production finished");
     let event = pb::ProductionCompleted {
         production_id: production_id.to_string(),

@@ -222,6 +222,12 @@ fn label(value: &str) -> String {
         .replace('\n', "\\n")
 }
 
+/// Every production's job counts: final ones where a production ended, else projected.
+const COUNTED: &str = "(SELECT state, n FROM final_counts
+     UNION ALL
+     SELECT state, n FROM job_counts j
+     WHERE NOT EXISTS (SELECT 1 FROM final_counts f WHERE f.production_id = j.production_id)) AS c";
+
 async fn render_metrics(api: &StatusApi) -> anyhow::Result<String> {
     use std::fmt::Write as _;
     let client = api.db.client().await?;
@@ -246,8 +252,10 @@ async fn render_metrics(api: &StatusApi) -> anyhow::Result<String> {
     out.push_str("# TYPE prodsys_jobs gauge\n");
     let row = client
         .query_one_cached(
-            "SELECT COALESCE(sum(job_total), 0)::bigint - (SELECT COALESCE(sum(n), 0)::bigint FROM job_counts)
-             FROM productions",
+            &format!(
+                "SELECT COALESCE(sum(job_total), 0)::bigint - (SELECT COALESCE(sum(n), 0)::bigint FROM {COUNTED})
+                 FROM productions"
+            ),
             &[],
         )
         .await?;
@@ -256,7 +264,7 @@ async fn render_metrics(api: &StatusApi) -> anyhow::Result<String> {
     let mut lines = Vec::new();
     for row in client
         .query_cached(
-            "SELECT state, sum(n)::bigint FROM job_counts GROUP BY state ORDER BY state",
+            &format!("SELECT state, sum(n)::bigint FROM {COUNTED} GROUP BY state ORDER BY state"),
             &[],
         )
         .await?

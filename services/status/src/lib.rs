@@ -109,7 +109,26 @@ const MIGRATIONS: &[Migration] = &[
         // can return what it replaced and move the counters itself.
         sql: "ALTER TABLE jobs ADD COLUMN prev_state text;",
     },
+    Migration {
+        version: 40,
+        name: "final job counts",
+        // The counts a production.completed carries: they cover jobs no
+        // transition ever mentioned (a million cancelled before they started).
+        sql: "CREATE TABLE final_counts (
+                  production_id text NOT NULL,
+                  state         text NOT NULL,
+                  n             bigint NOT NULL,
+                  PRIMARY KEY (production_id, state)
+              );",
+    },
 ];
+
+/// A production's job counts by state: the final ones once its
+/// `production.completed` arrived, else those its jobs' transitions made.
+const COUNTS_SQL: &str = "SELECT state, n FROM final_counts WHERE production_id = $1
+     UNION ALL
+     SELECT state, n FROM job_counts WHERE production_id = $1
+       AND NOT EXISTS (SELECT 1 FROM final_counts WHERE production_id = $1)";
 
 pub async fn start(
     settings: &prodsys_config::Settings,
@@ -241,6 +260,7 @@ impl BatchHandler for Projector {
         let mut productions: BTreeMap<String, ProductionUpdate> = BTreeMap::new();
         // Latest transition per job across the batch: one row can change once per statement.
         let mut latest: HashMap<(String, u64), pb::JobTransition> = HashMap::new();
+        let mut finals = FinalCounts::default();
         for (id, update) in updates {
             // Taken once: the same event twice in one batch takes effect once.
             if !fresh.remove(&id) {
@@ -277,6 +297,9 @@ impl BatchHandler for Projector {
                 Update::Completed(m) => {
                     let state = ProductionState::from_proto(m.state)
                         .context("production.completed without a state")?;
+                    if let Some(counts) = &m.counts {
+                        finals.push(&m.production_id, counts);
+                    }
                     productions
                         .entry(m.production_id)
                         .or_default()
@@ -306,6 +329,7 @@ impl BatchHandler for Projector {
         // the second insert becomes that same guarded update (ON CONFLICT),
         // so a race costs no retry.
         upsert_productions(&tx, productions).await?;
+        finals.write(&tx).await?;
         if !transitions.is_empty() {
             upsert_jobs(&tx, &transitions).await?;
         }
@@ -319,6 +343,50 @@ impl BatchHandler for Projector {
         }
         tx.commit().await?;
         Ok(outcomes)
+    }
+}
+
+/// The final job counts of the productions a batch saw end, one row per state.
+#[derive(Default)]
+struct FinalCounts {
+    productions: Vec<String>,
+    states: Vec<&'static str>,
+    counts: Vec<i64>,
+}
+
+impl FinalCounts {
+    fn push(&mut self, production_id: &str, c: &pb::JobCounts) {
+        for (state, n) in [
+            (JobState::Created, c.created),
+            (JobState::Submitted, c.submitted),
+            (JobState::Queued, c.queued),
+            (JobState::Running, c.running),
+            (JobState::Done, c.done),
+            (JobState::Failed, c.failed),
+            (JobState::Cancelled, c.cancelled),
+            (JobState::Exhausted, c.exhausted),
+        ] {
+            if n > 0 {
+                self.productions.push(production_id.to_string());
+                self.states.push(state.as_str());
+                self.counts.push(n as i64);
+            }
+        }
+    }
+
+    async fn write(&self, tx: &Transaction<'_>) -> anyhow::Result<()> {
+        if self.productions.is_empty() {
+            return Ok(());
+        }
+        tx.execute_cached(
+            "INSERT INTO final_counts (production_id, state, n)
+             SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[])
+             ON CONFLICT (production_id, state) DO UPDATE SET n = EXCLUDED.n",
+            &[&self.productions, &self.states, &self.counts],
+        )
+        .await
+        .context("recording final job counts")?;
+        Ok(())
     }
 }
 
@@ -538,10 +606,7 @@ impl StatusApi {
             .context("reading the production")?
             .ok_or_else(|| ServiceError::NotFound(format!("no production {production_id}")))?;
         let counts = client
-            .query_cached(
-                "SELECT state, n FROM job_counts WHERE production_id = $1",
-                &[&production_id],
-            )
+            .query_cached(COUNTS_SQL, &[&production_id])
             .await
             .context("counting jobs")?;
         Ok(production_from_row(production_id, &row, &counts))
@@ -665,10 +730,7 @@ impl pb::status_service_server::StatusService for StatusApi {
         for row in rows.iter().take(page_size as usize) {
             let id: String = row.get(8);
             let counts = client
-                .query_cached(
-                    "SELECT state, n FROM job_counts WHERE production_id = $1",
-                    &[&id],
-                )
+                .query_cached(COUNTS_SQL, &[&id])
                 .await
                 .map_err(|e| ServiceError::Unexpected(e.into()))?;
             productions.push(production_from_row(&id, row, &counts));

@@ -126,6 +126,11 @@ pub struct DispatcherSettings {
     /// renews it every third of this; another replica takes the installation
     /// over this long after the holder stopped renewing.
     pub lease_ttl_ms: u64,
+    /// Ceiling on the jobs of one production, over every profile's own
+    /// `max_jobs`: a request whose plan exceeds the smaller is refused.
+    pub max_jobs_per_production: u64,
+    /// Jobs created per planning transaction.
+    pub plan_chunk_jobs: u64,
     /// Named WMS installations besides `local` (which always exists, with
     /// `max_concurrent_jobs`); a request chooses one by name.
     pub backends: BTreeMap<String, BackendSettings>,
@@ -296,6 +301,8 @@ impl Default for DispatcherSettings {
             max_concurrent_jobs: 2,
             poll_interval_ms: 1000,
             lease_ttl_ms: 10_000,
+            max_jobs_per_production: 1_000_000,
+            plan_chunk_jobs: 10_000,
             backends: BTreeMap::new(),
         }
     }

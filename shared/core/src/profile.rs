@@ -60,12 +60,22 @@ struct ProfileFile {
     resources: Resources,
     #[serde(default = "default_max_attempts")]
     max_attempts: u32,
+    /// Most jobs one production of this profile may have.
+    #[serde(default = "default_max_jobs")]
+    max_jobs: u64,
     job: JobTemplate,
     outputs: OutputTemplate,
 }
 
 fn default_max_attempts() -> u32 {
     3
+}
+
+/// A profile's `max_jobs` when its file does not say.
+pub const DEFAULT_MAX_JOBS: u64 = 1_000_000;
+
+fn default_max_jobs() -> u64 {
+    DEFAULT_MAX_JOBS
 }
 
 /// A cross-field rule a JSON Schema cannot say.
@@ -301,6 +311,9 @@ impl Profile {
         if file.max_attempts == 0 {
             return Err(invalid("max_attempts must be at least 1".into()));
         }
+        if file.max_jobs == 0 {
+            return Err(invalid("max_jobs must be at least 1".into()));
+        }
         let job_vars: BTreeSet<&str> = properties
             .iter()
             .map(String::as_str)
@@ -366,6 +379,34 @@ impl Profile {
 
     pub fn max_attempts(&self) -> u32 {
         self.file.max_attempts
+    }
+
+    /// Most jobs one production of this profile may have.
+    pub fn max_jobs(&self) -> u64 {
+        self.file.max_jobs
+    }
+
+    /// The violation of a plan with more jobs than allowed: the smaller of the
+    /// profile's `max_jobs` and the deployment's `ceiling`, named on the
+    /// split's total parameter.
+    pub fn check_job_count(&self, plan: &JobPlan, ceiling: u64) -> Option<Violation> {
+        let (limit, whose) = if ceiling < self.file.max_jobs {
+            (
+                ceiling,
+                "this deployment allows (dispatcher.max_jobs_per_production)",
+            )
+        } else {
+            (self.file.max_jobs, "this profile allows (max_jobs)")
+        };
+        (plan.job_count > limit).then(|| {
+            Violation::new(
+                format!("parameters.{}", self.file.split.total),
+                format!(
+                    "gives {} jobs, more than the {limit} {whose}",
+                    plan.job_count
+                ),
+            )
+        })
     }
 
     pub fn job_template(&self) -> &JobTemplate {
@@ -1334,6 +1375,33 @@ mod tests {
         assert_eq!(jobs[0].run_number, 1001);
         let seeds: BTreeSet<u64> = jobs.iter().map(|j| j.seed).collect();
         assert_eq!(seeds.len(), jobs.len());
+    }
+
+    #[test]
+    fn a_plan_over_the_smaller_of_the_profile_and_deployment_limits_is_named() {
+        let set = profiles();
+        let p = set.get("cta-irf-mc").unwrap();
+        assert_eq!(p.max_jobs(), 1_000_000);
+        let mut params = cta_example();
+        params["n_showers"] = json!(100_000_000_000u64);
+        params["showers_per_job"] = json!(1);
+        let plan = p.plan(&params, "fp", 0).unwrap();
+        let v = p.check_job_count(&plan, 1_000_000_000).unwrap();
+        assert_eq!(v.field, "parameters.n_showers");
+        assert_eq!(
+            v.description,
+            "gives 100000000000 jobs, more than the 1000000 this profile allows (max_jobs)"
+        );
+        params["n_showers"] = json!(1_000_000);
+        let plan = p.plan(&params, "fp", 0).unwrap();
+        assert_eq!(p.check_job_count(&plan, 1_000_000), None);
+        let v = p.check_job_count(&plan, 999).unwrap();
+        assert!(
+            v.description.ends_with(
+                "more than the 999 this deployment allows (dispatcher.max_jobs_per_production)"
+            ),
+            "{v:?}"
+        );
     }
 
     #[test]
