@@ -773,17 +773,29 @@ async fn fault_poison_and_unknown_messages_in_every_queue() {
         let (connection, channel) = cluster.env.amqp().await.unwrap();
         channel.confirm_select(Default::default()).await.unwrap();
         let mut poison = BTreeMap::new();
-        for service in prodsys_testkit::SERVICES {
+        let events = format!("{}prodsys.events", cluster.env.prefix);
+        for (service, event_type) in [
+            ("intake", "request.accepted"),
+            ("checker", "request.received"),
+            ("dispatcher", "request.accepted"),
+            ("status", "job.status"),
+            ("catalog", "job.output"),
+        ] {
             let queue = format!("{}prodsys.{service}", cluster.env.prefix);
-            // A known type whose body is not its protobuf message (wire type 7
-            // does not exist), and a type no service knows.
-            for (event_type, body) in [
-                ("org.prodsys.job.status.v1", vec![0xff, 0xff, 0xff, 0xff]),
-                ("org.example.unknown.v1", vec![0xff, 0xff]),
-            ] {
-                publish_raw(&channel, &queue, event_type, body).await;
-                *poison.entry(service.to_string()).or_insert(0) += 1;
-            }
+            // A type the service takes, whose body is not its protobuf
+            // message (wire type 7 does not exist), put into the queue as a
+            // replayed event is; and a type no service knows, with a body
+            // (empty) that any message decodes from.
+            publish_raw(
+                &channel,
+                &queue,
+                Some((&events, event_type)),
+                event_type,
+                vec![0xff; 4],
+            )
+            .await;
+            publish_raw(&channel, &queue, None, "example.unknown", Vec::new()).await;
+            poison.insert(service.to_string(), 2);
         }
         let _ = connection.close(200, "done".into()).await;
         (cluster, submitted, poison, Instant::now())
@@ -791,16 +803,29 @@ async fn fault_poison_and_unknown_messages_in_every_queue() {
     .await;
 }
 
-async fn publish_raw(channel: &lapin::Channel, queue: &str, event_type: &str, body: Vec<u8>) {
+async fn publish_raw(
+    channel: &lapin::Channel,
+    queue: &str,
+    original: Option<(&str, &str)>,
+    event_type: &str,
+    body: Vec<u8>,
+) {
     let text = |s: &str| AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()));
     let mut headers = FieldTable::default();
     headers.insert(
         "cloudEvents_id".into(),
         text(&uuid::Uuid::new_v4().to_string()),
     );
-    headers.insert("cloudEvents_type".into(), text(event_type));
+    headers.insert(
+        "cloudEvents_type".into(),
+        text(&prodsys_core::events::cloudevent_type(event_type)),
+    );
     headers.insert("cloudEvents_source".into(), text("/tests/faults"));
     headers.insert("cloudEvents_specversion".into(), text("1.0"));
+    if let Some((exchange, routing_key)) = original {
+        headers.insert("x-prodsys-original-exchange".into(), text(exchange));
+        headers.insert("x-prodsys-original-routing-key".into(), text(routing_key));
+    }
     channel
         .basic_publish(
             "".into(),

@@ -208,6 +208,41 @@ pub struct ConsumerSettings {
     /// First and longest pause between two tries of a held batch.
     pub retry_start: Duration,
     pub retry_max: Duration,
+    /// What the queue is bound to receive: anything else (a message put
+    /// straight into the queue under another type, say) is dead-lettered
+    /// before the handler sees it. `None` takes everything.
+    pub accepts: Option<Accepts>,
+}
+
+/// The deliveries a queue is meant to receive: events of `event_types` from
+/// `events_exchange`, and anything from `other_exchanges` (ingest, whose
+/// handler checks the CloudEvents type itself).
+#[derive(Debug, Clone, Default)]
+pub struct Accepts {
+    pub events_exchange: String,
+    pub event_types: Vec<String>,
+    pub other_exchanges: Vec<String>,
+}
+
+impl Accepts {
+    /// Why `incoming` is not for this queue, if it is not.
+    pub fn refusal(&self, incoming: &Incoming) -> Option<String> {
+        if self.other_exchanges.contains(&incoming.exchange) {
+            return None;
+        }
+        if incoming.exchange == self.events_exchange
+            && self.event_types.contains(&incoming.routing_key)
+        {
+            return None;
+        }
+        Some(format!(
+            "this queue takes {} events from {:?}, not {:?} from {:?}",
+            self.event_types.join(", "),
+            self.events_exchange,
+            incoming.routing_key,
+            incoming.exchange
+        ))
+    }
 }
 
 impl ConsumerSettings {
@@ -220,6 +255,7 @@ impl ConsumerSettings {
             hold_limit: Duration::from_secs(300),
             retry_start: Duration::from_millis(200),
             retry_max: Duration::from_secs(5),
+            accepts: None,
         }
     }
 }
@@ -347,7 +383,7 @@ pub async fn run_consumer<H: BatchHandler>(
                     _ => break,
                 }
             }
-            let Some(verdicts) = runner.decide(&channel, &batch).await else {
+            let Some(verdicts) = runner.decide_accepted(&channel, &batch).await else {
                 tracing::warn!(queue = %settings.queue, "channel lost while holding; reconnecting");
                 break;
             };
@@ -381,6 +417,43 @@ async fn open(
 }
 
 impl<H: BatchHandler> Runner<'_, H> {
+    /// As [`Runner::decide`], after dead-lettering what the queue is not
+    /// meant to receive: the handler sees only the rest.
+    async fn decide_accepted(
+        &mut self,
+        channel: &Channel,
+        batch: &[Incoming],
+    ) -> Option<Vec<Verdict>> {
+        let Some(accepts) = self.settings.accepts.as_ref() else {
+            return self.decide(channel, batch).await;
+        };
+        let refusals: Vec<Option<String>> = batch.iter().map(|i| accepts.refusal(i)).collect();
+        if refusals.iter().all(Option::is_none) {
+            return self.decide(channel, batch).await;
+        }
+        let taken: Vec<Incoming> = batch
+            .iter()
+            .zip(&refusals)
+            .filter(|(_, r)| r.is_none())
+            .map(|(i, _)| i.clone())
+            .collect();
+        let mut decided = if taken.is_empty() {
+            Vec::new()
+        } else {
+            self.decide(channel, &taken).await?
+        }
+        .into_iter();
+        Some(
+            refusals
+                .into_iter()
+                .map(|refusal| match refusal {
+                    Some(reason) => Verdict::DeadLetter(reason),
+                    None => decided.next().unwrap_or(Verdict::Requeue),
+                })
+                .collect(),
+        )
+    }
+
     /// The verdict on every delivery of `batch`; `None` when the channel was
     /// lost while holding (the broker then has them back).
     async fn decide(&mut self, channel: &Channel, batch: &[Incoming]) -> Option<Vec<Verdict>> {
@@ -630,5 +703,59 @@ fn dead_letter(broker: &Broker, service: &str, incoming: &Incoming, reason: &str
         body: incoming.body.clone(),
         mandatory: true,
         reply_to: incoming.reply_to.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn incoming(exchange: &str, routing_key: &str) -> Incoming {
+        Incoming {
+            delivery_tag: 1,
+            exchange: exchange.into(),
+            routing_key: routing_key.into(),
+            redelivered: false,
+            message_id: None,
+            content_type: None,
+            reply_to: None,
+            headers: FieldTable::default(),
+            body: Vec::new(),
+            event: Err("none".into()),
+        }
+    }
+
+    #[test]
+    fn a_queue_takes_only_what_it_is_bound_to() {
+        let accepts = Accepts {
+            events_exchange: "p.prodsys.events".into(),
+            event_types: vec!["request.received".into()],
+            other_exchanges: vec!["p.prodsys.ingest".into()],
+        };
+        assert_eq!(
+            accepts.refusal(&incoming("p.prodsys.events", "request.received")),
+            None
+        );
+        // Ingest carries any routing key; its handler checks the type.
+        assert_eq!(
+            accepts.refusal(&incoming("p.prodsys.ingest", "anything")),
+            None
+        );
+        // Another event type, another prefix's exchange, or a message put
+        // straight into the queue (default exchange) are refused by name.
+        let refused = accepts
+            .refusal(&incoming("p.prodsys.events", "job.status"))
+            .unwrap();
+        assert!(refused.contains("\"job.status\""), "{refused}");
+        assert!(
+            accepts
+                .refusal(&incoming("q.prodsys.events", "request.received"))
+                .is_some()
+        );
+        assert!(
+            accepts
+                .refusal(&incoming("", "p.prodsys.checker"))
+                .is_some()
+        );
     }
 }

@@ -321,6 +321,16 @@ impl Foundation {
         );
         consumer_settings.hold_limit = Duration::from_millis(settings.amqp.hold_limit_ms);
         consumer_settings.retry_max = Duration::from_millis(settings.amqp.hold_retry_max_ms);
+        // What the queue is bound to: anything else put into it is dead-lettered unread.
+        consumer_settings.accepts = Some(prodsys_messaging::consumer::Accepts {
+            events_exchange: names.events(),
+            event_types: bindings.iter().map(|b| b.to_string()).collect(),
+            other_exchanges: if ingest_bindings.is_empty() {
+                Vec::new()
+            } else {
+                vec![names.ingest()]
+            },
+        });
         Ok(Self {
             service,
             db,
