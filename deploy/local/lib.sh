@@ -251,7 +251,9 @@ ensure_rabbitmq() {
         apt_install rabbitmq-server
     fi
 
-    if as_root rabbitmqctl -q status >/dev/null 2>&1; then
+    # A ping, with a time limit: `rabbitmqctl status` can hang on a node
+    # that still serves AMQP (seen after a full disk).
+    if as_root timeout 30 rabbitmq-diagnostics -q ping >/dev/null 2>&1; then
         log "RabbitMQ is running"
     else
         log "starting RabbitMQ (rabbitmq-server -detached)"
