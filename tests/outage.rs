@@ -25,7 +25,12 @@ fn write_outage_profile(env: &TestEnv) {
         serde_json::from_str(&std::fs::read_to_string(source).unwrap()).unwrap();
     profile["name"] = "test-outage".into();
     profile["id_prefix"] = "OUT".into();
-    profile["catalog_identity"] = serde_json::json!({ "tag": "{tag}" });
+    // The checker asks the catalog about every request of this profile.
+    profile["outputs"]["metadata"]["tag"] = "{tag}".into();
+    profile["catalog"] = serde_json::json!({
+        "keys": { "run_number": "integer", "tag": "string" },
+        "required": ["tag"]
+    });
     std::fs::write(
         env.settings.profiles_dir.join("test-outage.json"),
         profile.to_string(),
