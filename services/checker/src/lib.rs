@@ -29,49 +29,10 @@ use uuid::Uuid;
 
 pub const SERVICE: &str = "checker";
 
-const MIGRATIONS: &[Migration] = &[
-    Migration {
-        version: 1,
-        name: "productions and ID sequences",
-        sql: r#"
-            CREATE TABLE productions (
-                production_id     text PRIMARY KEY,
-                fingerprint       text NOT NULL UNIQUE,
-                request_id        uuid NOT NULL UNIQUE,
-                profile           text NOT NULL,
-                vo                text NOT NULL,
-                parameters        jsonb NOT NULL,
-                backend           text NOT NULL,
-                run_number_offset bigint NOT NULL,
-                created_at        timestamptz NOT NULL DEFAULT now()
-            );
-            CREATE TABLE id_sequences (
-                vo   text PRIMARY KEY,
-                last bigint NOT NULL
-            );
-        "#,
-    },
-    Migration {
-        version: 2,
-        name: "overlaps and run ranges",
-        sql: r#"
-            ALTER TABLE productions
-                ADD COLUMN base_fingerprint text NOT NULL DEFAULT '',
-                ADD COLUMN last_run bigint NOT NULL DEFAULT 0;
-            CREATE INDEX productions_base ON productions (base_fingerprint);
-        "#,
-    },
-    Migration {
-        version: 20,
-        name: "file-base fingerprints",
-        // Productions whose files may share an identity though their base
-        // fingerprints differ (NSB 1+5 and NSB 1+19); '' where the profile
-        // has no per-file key, and for productions accepted before.
-        sql: r#"
-            ALTER TABLE productions ADD COLUMN file_base text NOT NULL DEFAULT '';
-            CREATE INDEX productions_file_base ON productions (file_base);
-        "#,
-    },
+const MIGRATIONS: &[Migration] = prodsys_db::migrations![
+    "0001_productions_and_id_sequences.sql",
+    "0002_overlaps_and_run_ranges.sql",
+    "0020_file_base_fingerprints.sql",
 ];
 
 pub async fn start(

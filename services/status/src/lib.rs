@@ -34,93 +34,14 @@ const CHANGES_CHANNEL: &str = "status_changes";
 /// projects two batches at once (see `Projector::handle` for why that is safe).
 const CONSUMERS: usize = 2;
 
-const MIGRATIONS: &[Migration] = &[
-    Migration {
-        version: 1,
-        name: "production and job read models",
-        sql: r#"
-        CREATE TABLE productions (
-            production_id text PRIMARY KEY,
-            request_id    uuid,
-            profile       text NOT NULL DEFAULT '',
-            vo            text NOT NULL DEFAULT '',
-            backend       text NOT NULL DEFAULT '',
-            state         text NOT NULL,
-            state_rank    integer NOT NULL,
-            job_total     bigint NOT NULL DEFAULT 0,
-            created_at    timestamptz NOT NULL DEFAULT now(),
-            updated_at    timestamptz NOT NULL DEFAULT now()
-        );
-        CREATE INDEX productions_vo_state ON productions (vo, state);
-        CREATE TABLE jobs (
-            production_id text NOT NULL,
-            job_index     bigint NOT NULL,
-            attempt       integer NOT NULL,
-            state         text NOT NULL,
-            state_rank    integer NOT NULL,
-            raw_status    text NOT NULL DEFAULT '',
-            updated_at    timestamptz NOT NULL DEFAULT now(),
-            PRIMARY KEY (production_id, job_index)
-        );
-    "#,
-    },
-    Migration {
-        version: 2,
-        name: "job counters",
-        sql: r#"
-            CREATE TABLE job_counts (
-                production_id text NOT NULL,
-                state         text NOT NULL,
-                n             bigint NOT NULL,
-                PRIMARY KEY (production_id, state)
-            );
-            INSERT INTO job_counts SELECT production_id, state, count(*) FROM jobs GROUP BY 1, 2;
-        "#,
-    },
-    Migration {
-        version: 3,
-        name: "resource estimates",
-        sql: "ALTER TABLE productions ADD COLUMN estimate bytea;",
-    },
-    Migration {
-        version: 4,
-        name: "batched production upserts; room for in-place job updates",
-        // NULL job_total: not known yet (a batch that only says ACCEPTED must not
-        // overwrite the total a production.dispatched set). Free space in each
-        // page lets a job's row be rewritten in place (HOT), its key unchanged.
-        sql: "ALTER TABLE productions ALTER COLUMN job_total DROP NOT NULL,
-                                      ALTER COLUMN job_total DROP DEFAULT;
-              ALTER TABLE jobs SET (fillfactor = 70);",
-    },
-    Migration {
-        version: 5,
-        name: "installation health",
-        sql: "CREATE TABLE installations (
-                  name     text PRIMARY KEY,
-                  healthy  boolean NOT NULL,
-                  reason   text NOT NULL,
-                  since_ms bigint NOT NULL
-              );",
-    },
-    Migration {
-        version: 6,
-        name: "previous job state",
-        // Set by the same UPDATE that changes a job's state, so the statement
-        // can return what it replaced and move the counters itself.
-        sql: "ALTER TABLE jobs ADD COLUMN prev_state text;",
-    },
-    Migration {
-        version: 40,
-        name: "final job counts",
-        // The counts a production.completed carries: they cover jobs no
-        // transition ever mentioned (a million cancelled before they started).
-        sql: "CREATE TABLE final_counts (
-                  production_id text NOT NULL,
-                  state         text NOT NULL,
-                  n             bigint NOT NULL,
-                  PRIMARY KEY (production_id, state)
-              );",
-    },
+const MIGRATIONS: &[Migration] = prodsys_db::migrations![
+    "0001_production_and_job_read_models.sql",
+    "0002_job_counters.sql",
+    "0003_resource_estimates.sql",
+    "0004_batched_upserts_in_place_job_updates.sql",
+    "0005_installation_health.sql",
+    "0006_previous_job_state.sql",
+    "0040_final_job_counts.sql",
 ];
 
 /// A production's job counts by state: the final ones once its
