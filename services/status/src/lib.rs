@@ -530,21 +530,27 @@ impl StatusApi {
             .query_cached(COUNTS_SQL, &[&production_id])
             .await
             .context("counting jobs")?;
-        Ok(production_from_row(production_id, &row, &counts))
+        Ok(production_from_row(
+            production_id,
+            &row,
+            counts
+                .iter()
+                .map(|c| (c.get::<_, &str>(0), c.get::<_, i64>(1))),
+        ))
     }
 }
 
-fn production_from_row(
+fn production_from_row<'a>(
     production_id: &str,
     row: &prodsys_db::tokio_postgres::Row,
-    counts: &[prodsys_db::tokio_postgres::Row],
+    counts: impl IntoIterator<Item = (&'a str, i64)>,
 ) -> pb::Production {
     let job_total = row.get::<_, i64>(5) as u64;
     let mut tally = pb::JobCounts::default();
     let mut seen = 0;
-    for c in counts {
-        if let Ok(state) = c.get::<_, &str>(0).parse::<JobState>() {
-            let n = c.get::<_, i64>(1) as u64;
+    for (state, n) in counts {
+        if let Ok(state) = state.parse::<JobState>() {
+            let n = n as u64;
             count_job(&mut tally, state, n);
             seen += n;
         }
@@ -637,8 +643,17 @@ impl pb::status_service_server::StatusService for StatusApi {
         let rows = client
             .query_cached(
                 "SELECT p.request_id, p.profile, p.vo, p.backend, p.state, COALESCE(p.job_total, 0),
-                        p.updated_at, p.estimate, p.production_id, i.reason, i.since_ms
+                        p.updated_at, p.estimate, p.production_id, i.reason, i.since_ms,
+                        c.states, c.ns
                  FROM productions p LEFT JOIN installations i ON i.name = p.backend AND NOT i.healthy
+                 LEFT JOIN LATERAL (
+                     SELECT array_agg(state) AS states, array_agg(n) AS ns FROM (
+                         SELECT state, n FROM final_counts f WHERE f.production_id = p.production_id
+                         UNION ALL
+                         SELECT state, n FROM job_counts j WHERE j.production_id = p.production_id
+                           AND NOT EXISTS (SELECT 1 FROM final_counts f
+                                           WHERE f.production_id = p.production_id)) counts
+                 ) c ON true
                  WHERE ($1 = '' OR p.vo = $1) AND ($2::text IS NULL OR p.state = $2)
                    AND ($3 = '' OR p.profile = $3) AND p.production_id > $4
                  ORDER BY p.production_id LIMIT $5",
@@ -647,15 +662,17 @@ impl pb::status_service_server::StatusService for StatusApi {
             .await
             .map_err(|e| ServiceError::Unexpected(e.into()))?;
         let more = rows.len() as i64 > page_size;
-        let mut productions = Vec::new();
-        for row in rows.iter().take(page_size as usize) {
-            let id: String = row.get(8);
-            let counts = client
-                .query_cached(COUNTS_SQL, &[&id])
-                .await
-                .map_err(|e| ServiceError::Unexpected(e.into()))?;
-            productions.push(production_from_row(&id, row, &counts));
-        }
+        // The page and its job counts in one statement, not one more per production.
+        let productions: Vec<pb::Production> = rows
+            .iter()
+            .take(page_size as usize)
+            .map(|row| {
+                let id: String = row.get(8);
+                let states: Vec<String> = row.get::<_, Option<_>>(11).unwrap_or_default();
+                let ns: Vec<i64> = row.get::<_, Option<_>>(12).unwrap_or_default();
+                production_from_row(&id, row, states.iter().map(String::as_str).zip(ns))
+            })
+            .collect();
         let next_page_token = if more {
             productions
                 .last()
