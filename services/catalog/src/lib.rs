@@ -29,7 +29,7 @@ use uuid::Uuid;
 
 pub const SERVICE: &str = "catalog";
 
-const MIGRATIONS: &[Migration] = prodsys_db::migrations![
+pub const MIGRATIONS: &[Migration] = prodsys_db::migrations![
     "0001_files_and_production_records.sql",
     "0002_running_totals_per_production.sql",
     "0020_numeric_metadata_as_numbers.sql",

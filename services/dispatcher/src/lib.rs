@@ -35,7 +35,7 @@ use uuid::Uuid;
 
 pub const SERVICE: &str = "dispatcher";
 
-const MIGRATIONS: &[Migration] = prodsys_db::migrations![
+pub const MIGRATIONS: &[Migration] = prodsys_db::migrations![
     "0001_productions_and_jobs.sql",
     "0002_unfinished_jobs_index.sql",
     "0003_deployment_tag.sql",

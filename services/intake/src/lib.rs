@@ -26,7 +26,7 @@ use uuid::Uuid;
 
 pub const SERVICE: &str = "intake";
 
-const MIGRATIONS: &[Migration] = prodsys_db::migrations![
+pub const MIGRATIONS: &[Migration] = prodsys_db::migrations![
     "0001_requests.sql",
     "0002_extension_requests.sql",
     "0003_requests_from_events.sql",

@@ -34,7 +34,7 @@ const CHANGES_CHANNEL: &str = "status_changes";
 /// projects two batches at once (see `Projector::handle` for why that is safe).
 const CONSUMERS: usize = 2;
 
-const MIGRATIONS: &[Migration] = prodsys_db::migrations![
+pub const MIGRATIONS: &[Migration] = prodsys_db::migrations![
     "0001_production_and_job_read_models.sql",
     "0002_job_counters.sql",
     "0003_resource_estimates.sql",
