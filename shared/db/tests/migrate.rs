@@ -2,9 +2,60 @@
 //! migration, a database migrated before there were checksums upgrades in
 //! place, and a changed applied file stops the service before anything runs.
 
+use prodsys_db::tokio_postgres::{self, NoTls};
 use prodsys_db::{Db, Migration};
-use prodsys_testkit::TestEnv;
-use secrecy::ExposeSecret;
+
+/// A database of its own on the test server (`PRODSYS_TEST_DATABASE_URL`,
+/// an admin connection), dropped by `cleanup`.
+struct TestEnv {
+    admin: String,
+    database: String,
+    url: String,
+}
+
+impl TestEnv {
+    async fn new() -> anyhow::Result<Self> {
+        let admin = std::env::var("PRODSYS_TEST_DATABASE_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+        let database = format!(
+            "prodsys_test_{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..16]
+        );
+        let (client, connection) = tokio_postgres::connect(&admin, NoTls).await?;
+        tokio::spawn(connection);
+        client
+            .batch_execute(&format!("CREATE DATABASE {database}"))
+            .await?;
+        let Some((server, rest)) = admin.rsplit_once('/') else {
+            anyhow::bail!("PRODSYS_TEST_DATABASE_URL must be a URL naming a database");
+        };
+        let query = rest.split_once('?').map_or("", |(_, q)| q);
+        let url = format!("{server}/{database}?{query}");
+        Ok(Self {
+            admin,
+            database,
+            url,
+        })
+    }
+
+    async fn db(&self) -> anyhow::Result<tokio_postgres::Client> {
+        let (client, connection) = tokio_postgres::connect(&self.url, NoTls).await?;
+        tokio::spawn(connection);
+        Ok(client)
+    }
+
+    async fn cleanup(self) {
+        if let Ok((client, connection)) = tokio_postgres::connect(&self.admin, NoTls).await {
+            tokio::spawn(connection);
+            let _ = client
+                .batch_execute(&format!(
+                    "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                    self.database
+                ))
+                .await;
+        }
+    }
+}
 
 const THINGS: Migration = Migration {
     file: "0001_things.sql",
@@ -20,7 +71,7 @@ const COLOURS: Migration = Migration {
 };
 
 fn db(env: &TestEnv) -> Db {
-    Db::new(env.settings.database.url.expose_secret(), "svc", 2).unwrap()
+    Db::new(&env.url, "svc", 2).unwrap()
 }
 
 /// (version, name, checksum) of every applied migration, by version.
