@@ -29,71 +29,10 @@ use uuid::Uuid;
 
 pub const SERVICE: &str = "catalog";
 
-const MIGRATIONS: &[Migration] = &[
-    Migration {
-        version: 1,
-        name: "files and production records",
-        sql: r#"
-        CREATE TABLE files (
-            lfn           text PRIMARY KEY,
-            production_id text NOT NULL,
-            job_index     bigint NOT NULL,
-            attempt       integer NOT NULL,
-            size          bigint NOT NULL,
-            adler32       text NOT NULL,
-            url           text NOT NULL,
-            metadata      jsonb NOT NULL DEFAULT '{}',
-            created_at    timestamptz NOT NULL DEFAULT now()
-        );
-        CREATE INDEX files_production ON files (production_id, lfn);
-        CREATE INDEX files_metadata ON files USING gin (metadata jsonb_path_ops);
-        CREATE TABLE productions (
-            production_id text PRIMARY KEY,
-            state         text NOT NULL,
-            file_count    bigint NOT NULL,
-            total_bytes   bigint NOT NULL,
-            completed_at  timestamptz NOT NULL DEFAULT now()
-        );
-    "#,
-    },
-    Migration {
-        version: 2,
-        name: "running totals per production",
-        // Kept with every registration, so a production's record reads one
-        // row however many files it has, and is right whichever of several
-        // consumers commits last.
-        sql: "CREATE TABLE totals (
-                  production_id text PRIMARY KEY,
-                  file_count    bigint NOT NULL,
-                  total_bytes   bigint NOT NULL
-              );
-              INSERT INTO totals SELECT production_id, count(*), sum(size) FROM files GROUP BY 1;",
-    },
-    Migration {
-        version: 20,
-        name: "numeric metadata as numbers",
-        // Files registered before metadata had types carry every value as a
-        // string: the numeric keys of the shipped profiles become numbers,
-        // so they compare as numbers (registration types them from now on).
-        sql: r#"
-        UPDATE files SET metadata = (
-            SELECT jsonb_object_agg(key,
-                       CASE WHEN key = ANY (ARRAY['phiP', 'thetaP', 'nsb', 'energy_min', 'energy_max',
-                                                  'spectral_index', 'viewcone', 'core_scatter',
-                                                  'run_number', 'energy_min_gev', 'energy_max_gev'])
-                                 AND jsonb_typeof(value) = 'string'
-                                 AND value #>> '{}' ~ '^-?[0-9]+(\.[0-9]+)?([eE][-+]?[0-9]+)?$'
-                            THEN to_jsonb((value #>> '{}')::numeric)
-                            ELSE value END)
-            FROM jsonb_each(metadata))
-        WHERE metadata <> '{}'
-          AND EXISTS (SELECT FROM jsonb_each(metadata) e
-                      WHERE jsonb_typeof(e.value) = 'string'
-                        AND e.key = ANY (ARRAY['phiP', 'thetaP', 'nsb', 'energy_min', 'energy_max',
-                                               'spectral_index', 'viewcone', 'core_scatter',
-                                               'run_number', 'energy_min_gev', 'energy_max_gev']));
-    "#,
-    },
+pub const MIGRATIONS: &[Migration] = prodsys_db::migrations![
+    "0001_files_and_production_records.sql",
+    "0002_running_totals_per_production.sql",
+    "0020_numeric_metadata_as_numbers.sql",
 ];
 
 /// Consumers of the catalog's queue: registrations commute (running totals,

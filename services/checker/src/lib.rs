@@ -29,49 +29,11 @@ use uuid::Uuid;
 
 pub const SERVICE: &str = "checker";
 
-const MIGRATIONS: &[Migration] = &[
-    Migration {
-        version: 1,
-        name: "productions and ID sequences",
-        sql: r#"
-            CREATE TABLE productions (
-                production_id     text PRIMARY KEY,
-                fingerprint       text NOT NULL UNIQUE,
-                request_id        uuid NOT NULL UNIQUE,
-                profile           text NOT NULL,
-                vo                text NOT NULL,
-                parameters        jsonb NOT NULL,
-                backend           text NOT NULL,
-                run_number_offset bigint NOT NULL,
-                created_at        timestamptz NOT NULL DEFAULT now()
-            );
-            CREATE TABLE id_sequences (
-                vo   text PRIMARY KEY,
-                last bigint NOT NULL
-            );
-        "#,
-    },
-    Migration {
-        version: 2,
-        name: "overlaps and run ranges",
-        sql: r#"
-            ALTER TABLE productions
-                ADD COLUMN base_fingerprint text NOT NULL DEFAULT '',
-                ADD COLUMN last_run bigint NOT NULL DEFAULT 0;
-            CREATE INDEX productions_base ON productions (base_fingerprint);
-        "#,
-    },
-    Migration {
-        version: 20,
-        name: "file-base fingerprints",
-        // Productions whose files may share an identity though their base
-        // fingerprints differ (NSB 1+5 and NSB 1+19); '' where the profile
-        // has no per-file key, and for productions accepted before.
-        sql: r#"
-            ALTER TABLE productions ADD COLUMN file_base text NOT NULL DEFAULT '';
-            CREATE INDEX productions_file_base ON productions (file_base);
-        "#,
-    },
+pub const MIGRATIONS: &[Migration] = prodsys_db::migrations![
+    "0001_productions_and_id_sequences.sql",
+    "0002_overlaps_and_run_ranges.sql",
+    "0020_file_base_fingerprints.sql",
+    "0050_id_sequences_by_prefix.sql",
 ];
 
 pub async fn start(
@@ -555,7 +517,7 @@ impl Checker {
     /// Decides a batch of requests inside `tx`, in order, each seeing the
     /// decisions before it; returns the events announcing the verdicts. The
     /// database work is a fixed number of statements however large the batch:
-    /// one read of the neighbourhood, one sequence update per VO, one insert.
+    /// one read of the neighbourhood, one sequence update, one insert.
     async fn decide(
         &self,
         tx: &Transaction<'_>,
@@ -579,7 +541,7 @@ impl Checker {
             })
             .collect();
         let mut known = Neighbourhood::load(tx, &fingerprints, &bases, &file_bases).await?;
-        // Verdicts first (IDs need the count per VO), then one write for all.
+        // Verdicts first (IDs need the count per prefix), then one write for all.
         let mut verdicts = Vec::with_capacity(requests.len());
         for Pending {
             request,
@@ -606,28 +568,33 @@ impl Checker {
             }
             verdicts.push(evaluation);
         }
+        // An ID is the profile's prefix and a number: one sequence per prefix.
         let mut wanted: BTreeMap<&str, i64> = BTreeMap::new();
-        for (request, e) in requests.iter().zip(&verdicts) {
-            if e.accepted.is_some() && e.validation.existing_production_id.is_empty() {
-                *wanted.entry(request.vo.as_str()).or_default() += 1;
+        for e in &verdicts {
+            if let Some(accepted) = &e.accepted
+                && e.validation.existing_production_id.is_empty()
+            {
+                *wanted.entry(accepted.profile.id_prefix()).or_default() += 1;
             }
         }
         let mut next: HashMap<String, i64> = HashMap::new();
         if !wanted.is_empty() {
-            let (vos, counts): (Vec<&str>, Vec<i64>) = wanted.into_iter().unzip();
+            let (prefixes, counts): (Vec<&str>, Vec<i64>) = wanted.into_iter().unzip();
             for row in tx
                 .query_cached(
-                    "INSERT INTO id_sequences (vo, last) SELECT * FROM unnest($1::text[], $2::bigint[])
-                     ON CONFLICT (vo) DO UPDATE SET last = id_sequences.last + EXCLUDED.last
-                     RETURNING vo, last",
-                    &[&vos, &counts],
+                    "INSERT INTO id_prefix_sequences (id_prefix, last)
+                     SELECT * FROM unnest($1::text[], $2::bigint[])
+                     ON CONFLICT (id_prefix) DO UPDATE SET last = id_prefix_sequences.last + EXCLUDED.last
+                     RETURNING id_prefix, last",
+                    &[&prefixes, &counts],
                 )
                 .await?
             {
-                let vo: String = row.get(0);
+                let prefix: String = row.get(0);
                 let last: i64 = row.get(1);
-                let count = counts[vos.iter().position(|v| *v == vo).expect("asked for")];
-                next.insert(vo, last - count + 1);
+                let count =
+                    counts[prefixes.iter().position(|p| *p == prefix).expect("asked for")];
+                next.insert(prefix, last - count + 1);
             }
         }
         // Placeholder → real production ID, for overlaps named inside the batch.
@@ -672,7 +639,9 @@ impl Checker {
             };
             let request_id =
                 Uuid::parse_str(&request.request_id).context("request_id is not a UUID")?;
-            let number = next.get_mut(&request.vo).expect("a number for every VO");
+            let number = next
+                .get_mut(accepted.profile.id_prefix())
+                .expect("a number for every prefix");
             let production_id = production_id(accepted.profile.id_prefix(), *number);
             *number += 1;
             renamed.insert(placeholder(&request.request_id), production_id.clone());
@@ -937,15 +906,28 @@ impl BatchHandler for Checker {
                 (*id, pending)
             })
             .collect();
+        // Decisions see each other's productions: one checker at a time
+        // decides for a prefix, so identical requests racing through replicas
+        // cannot both pass. A production's neighbourhood (its fingerprints)
+        // never leaves its profile, nor its ID its prefix's sequence, so
+        // replicas deciding for other prefixes need not wait. The locks are
+        // taken in one order, so two batches cannot each hold what the other wants.
+        let mut keys: Vec<i64> = pending
+            .iter()
+            .filter_map(|(_, p)| p.prepared.checked.as_ref())
+            .map(|(profile, _, _)| decide_lock_key(profile.id_prefix()))
+            .collect();
+        keys.sort_unstable();
+        keys.dedup();
         let mut client = self.db.client().await?;
         let tx = client.transaction().await?;
-        // Decisions see each other's productions; one checker at a time decides,
-        // so identical requests racing through replicas cannot both pass.
-        tx.execute_cached(
-            "SELECT pg_advisory_xact_lock(hashtext('prodsys.checker.decide'))",
-            &[],
-        )
-        .await?;
+        if !keys.is_empty() {
+            tx.execute_cached(
+                "SELECT pg_advisory_xact_lock(k) FROM unnest($1::bigint[]) AS k",
+                &[&keys],
+            )
+            .await?;
+        }
         let ids: Vec<Uuid> = requests.iter().map(|(id, _)| *id).collect();
         let fresh = prodsys_db::claim(&tx, &ids).await?;
         let mut seen = HashSet::new();
@@ -960,6 +942,17 @@ impl BatchHandler for Checker {
         tx.commit().await?;
         Ok(outcomes)
     }
+}
+
+/// The advisory lock under which decisions for productions whose IDs start
+/// with `id_prefix` are taken (FNV-1a, stable across builds and replicas).
+pub fn decide_lock_key(id_prefix: &str) -> i64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in format!("prodsys.checker.decide.{id_prefix}").bytes() {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    hash as i64
 }
 
 /// What a request event asks the checker to decide.

@@ -35,109 +35,15 @@ use uuid::Uuid;
 
 pub const SERVICE: &str = "dispatcher";
 
-const MIGRATIONS: &[Migration] = &[
-    Migration {
-        version: 1,
-        name: "productions and jobs",
-        sql: r#"
-        CREATE TABLE productions (
-            production_id     text PRIMARY KEY,
-            request_id        uuid NOT NULL,
-            profile           text NOT NULL,
-            vo                text NOT NULL,
-            parameters        jsonb NOT NULL,
-            fingerprint       text NOT NULL,
-            backend           text NOT NULL,
-            run_number_offset bigint NOT NULL,
-            state             text NOT NULL,
-            job_total         bigint NOT NULL,
-            created_at        timestamptz NOT NULL DEFAULT now(),
-            updated_at        timestamptz NOT NULL DEFAULT now()
-        );
-        CREATE TABLE jobs (
-            production_id  text NOT NULL REFERENCES productions,
-            job_index      bigint NOT NULL,
-            run_number     bigint NOT NULL,
-            seed           bigint NOT NULL,
-            units          bigint NOT NULL,
-            state          text NOT NULL DEFAULT 'CREATED',
-            attempt        integer NOT NULL DEFAULT 1,
-            backend_job_id text,
-            raw_status     text,
-            exit_code      integer,
-            workdir        text,
-            updated_at     timestamptz NOT NULL DEFAULT now(),
-            PRIMARY KEY (production_id, job_index)
-        );
-        CREATE INDEX jobs_ready ON jobs (production_id, job_index) WHERE state = 'CREATED';
-        CREATE INDEX jobs_in_flight ON jobs (backend_job_id) WHERE state IN ('SUBMITTED', 'QUEUED', 'RUNNING');
-    "#,
-    },
-    Migration {
-        version: 2,
-        name: "unfinished jobs index",
-        sql: "CREATE INDEX jobs_unfinished ON jobs (production_id)
-          WHERE state IN ('CREATED', 'SUBMITTED', 'QUEUED', 'RUNNING', 'FAILED');",
-    },
-    Migration {
-        version: 3,
-        name: "deployment tag",
-        // Production IDs repeat across deployments; backend job names must not,
-        // or one deployment would adopt another's jobs on a shared cluster.
-        sql: "CREATE TABLE deployment (tag text NOT NULL);
-              INSERT INTO deployment SELECT 'p' || substr(md5(random()::text || clock_timestamp()::text), 1, 8);",
-    },
-    Migration {
-        version: 4,
-        name: "productions by installation and state",
-        // The scheduler's every tick asks for one installation's RUNNING (or
-        // CANCELLING) productions; without it that is a scan of all of them.
-        sql: "CREATE INDEX productions_backend_state ON productions (backend, state, created_at);",
-    },
-    Migration {
-        version: 5,
-        name: "dispatch priority",
-        sql: "ALTER TABLE productions ADD COLUMN priority integer NOT NULL DEFAULT 0;
-              DROP INDEX productions_backend_state;
-              CREATE INDEX productions_waiting ON productions (backend, state, priority DESC, created_at);",
-    },
-    Migration {
-        version: 6,
-        name: "installation leases",
-        // One scheduler per installation among all replicas: the owner runs
-        // its rounds until expires_at, renewing it; another takes it over only
-        // after it expired (lease.rs).
-        sql: "CREATE TABLE installation_leases (
-                  installation text PRIMARY KEY,
-                  owner        text NOT NULL,
-                  expires_at   timestamptz NOT NULL,
-                  acquired_at  timestamptz NOT NULL DEFAULT now(),
-                  renewed_at   timestamptz NOT NULL DEFAULT now()
-              );",
-    },
-    Migration {
-        version: 10,
-        name: "incremental planning",
-        // Productions recorded before this were planned whole.
-        sql: "ALTER TABLE productions ADD COLUMN planned_jobs bigint NOT NULL DEFAULT 0,
-                                      ADD COLUMN accepted_at timestamptz NOT NULL DEFAULT now();
-              UPDATE productions SET planned_jobs = job_total, accepted_at = created_at;
-              CREATE INDEX productions_planning ON productions (priority DESC, created_at)
-                  WHERE planned_jobs < job_total AND state = 'RUNNING';",
-    },
-    Migration {
-        version: 11,
-        name: "cancels received before their production",
-        // requested_at: when intake was asked (the event's UUIDv7 time). A
-        // cancel applies only to a production accepted before it was asked
-        // for, never to one that later gets the same ID (a mistyped ID).
-        sql: "CREATE TABLE pending_cancels (
-                  production_id text PRIMARY KEY,
-                  reason        text NOT NULL,
-                  requested_at  timestamptz NOT NULL,
-                  received_at   timestamptz NOT NULL DEFAULT now()
-              );",
-    },
+pub const MIGRATIONS: &[Migration] = prodsys_db::migrations![
+    "0001_productions_and_jobs.sql",
+    "0002_unfinished_jobs_index.sql",
+    "0003_deployment_tag.sql",
+    "0004_productions_by_installation_and_state.sql",
+    "0005_dispatch_priority.sql",
+    "0006_installation_leases.sql",
+    "0010_incremental_planning.sql",
+    "0011_cancels_received_before_their_production.sql",
 ];
 
 pub async fn start(

@@ -26,55 +26,13 @@ use uuid::Uuid;
 
 pub const SERVICE: &str = "intake";
 
-const MIGRATIONS: &[Migration] = &[
-    Migration {
-        version: 1,
-        name: "requests",
-        sql: r#"
-        CREATE TABLE requests (
-            request_id             uuid PRIMARY KEY,
-            idempotency_key        text UNIQUE,
-            profile                text NOT NULL,
-            vo                     text NOT NULL,
-            parameters             jsonb NOT NULL,
-            backend                text NOT NULL,
-            submitter              text NOT NULL,
-            state                  text NOT NULL DEFAULT 'RECEIVED',
-            production_id          text,
-            violations             jsonb NOT NULL DEFAULT '[]',
-            existing_production_id text,
-            created_at             timestamptz NOT NULL DEFAULT now(),
-            updated_at             timestamptz NOT NULL DEFAULT now()
-        );
-    "#,
-    },
-    Migration {
-        version: 2,
-        name: "extension requests",
-        sql: "ALTER TABLE requests ADD COLUMN extend boolean NOT NULL DEFAULT false;",
-    },
-    Migration {
-        version: 3,
-        name: "requests from events",
-        sql: "ALTER TABLE requests ADD COLUMN correlation_id text, ADD COLUMN reply_to text;",
-    },
-    Migration {
-        version: 4,
-        name: "reuse of existing productions",
-        sql: "ALTER TABLE requests ADD COLUMN reuse_existing boolean NOT NULL DEFAULT false;",
-    },
-    Migration {
-        version: 5,
-        name: "dispatch priority",
-        sql: "ALTER TABLE requests ADD COLUMN priority integer NOT NULL DEFAULT 0;",
-    },
-    Migration {
-        version: 6,
-        name: "room for the verdict in the request's page",
-        // A verdict rewrites the request's row once; with room left in its
-        // page the new version stays there (a HOT update) and no index changes.
-        sql: "ALTER TABLE requests SET (fillfactor = 80);",
-    },
+pub const MIGRATIONS: &[Migration] = prodsys_db::migrations![
+    "0001_requests.sql",
+    "0002_extension_requests.sql",
+    "0003_requests_from_events.sql",
+    "0004_reuse_of_existing_productions.sql",
+    "0005_dispatch_priority.sql",
+    "0006_room_for_the_verdict.sql",
 ];
 
 /// Starts intake: schema, broker, relay, consumer and gRPC server.

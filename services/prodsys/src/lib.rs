@@ -37,6 +37,17 @@ impl Service {
         }
     }
 
+    /// The service's schema migrations (its `migrations/` files, embedded).
+    pub fn migrations(self) -> &'static [prodsys_db::Migration] {
+        match self {
+            Service::Intake => prodsys_intake::MIGRATIONS,
+            Service::Checker => prodsys_checker::MIGRATIONS,
+            Service::Dispatcher => prodsys_dispatcher::MIGRATIONS,
+            Service::Status => prodsys_status::MIGRATIONS,
+            Service::Catalog => prodsys_catalog::MIGRATIONS,
+        }
+    }
+
     pub async fn start(
         self,
         settings: &Settings,
@@ -115,4 +126,52 @@ pub async fn start(
         running.push(started);
     }
     Ok(Stack { services: running })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The `.sql` files of `dir`, by name.
+    fn files(dir: &std::path::Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+            .map(|entry| entry.unwrap().file_name().into_string().unwrap())
+            .filter(|name| name.ends_with(".sql"))
+            .collect();
+        names.sort();
+        names
+    }
+
+    fn listed(migrations: &[prodsys_db::Migration]) -> Vec<String> {
+        let mut names: Vec<String> = migrations.iter().map(|m| m.file.to_string()).collect();
+        names.sort();
+        names
+    }
+
+    /// A migration file nobody listed would never run: every file of each
+    /// `migrations/` directory is embedded, and each names its version.
+    #[test]
+    fn every_migration_file_is_embedded() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        for service in Service::ALL {
+            let dir = root
+                .join("services")
+                .join(service.name())
+                .join("migrations");
+            assert_eq!(listed(service.migrations()), files(&dir), "{service}");
+            for migration in service.migrations() {
+                let version = migration.version().unwrap();
+                assert!(
+                    prodsys_db::migrate::BASE
+                        .iter()
+                        .all(|base| base.version().unwrap() != version),
+                    "{service}: {} takes a version of the shared base",
+                    migration.file
+                );
+            }
+        }
+        let base = root.join("shared/db/migrations");
+        assert_eq!(listed(prodsys_db::migrate::BASE), files(&base));
+    }
 }

@@ -34,93 +34,14 @@ const CHANGES_CHANNEL: &str = "status_changes";
 /// projects two batches at once (see `Projector::handle` for why that is safe).
 const CONSUMERS: usize = 2;
 
-const MIGRATIONS: &[Migration] = &[
-    Migration {
-        version: 1,
-        name: "production and job read models",
-        sql: r#"
-        CREATE TABLE productions (
-            production_id text PRIMARY KEY,
-            request_id    uuid,
-            profile       text NOT NULL DEFAULT '',
-            vo            text NOT NULL DEFAULT '',
-            backend       text NOT NULL DEFAULT '',
-            state         text NOT NULL,
-            state_rank    integer NOT NULL,
-            job_total     bigint NOT NULL DEFAULT 0,
-            created_at    timestamptz NOT NULL DEFAULT now(),
-            updated_at    timestamptz NOT NULL DEFAULT now()
-        );
-        CREATE INDEX productions_vo_state ON productions (vo, state);
-        CREATE TABLE jobs (
-            production_id text NOT NULL,
-            job_index     bigint NOT NULL,
-            attempt       integer NOT NULL,
-            state         text NOT NULL,
-            state_rank    integer NOT NULL,
-            raw_status    text NOT NULL DEFAULT '',
-            updated_at    timestamptz NOT NULL DEFAULT now(),
-            PRIMARY KEY (production_id, job_index)
-        );
-    "#,
-    },
-    Migration {
-        version: 2,
-        name: "job counters",
-        sql: r#"
-            CREATE TABLE job_counts (
-                production_id text NOT NULL,
-                state         text NOT NULL,
-                n             bigint NOT NULL,
-                PRIMARY KEY (production_id, state)
-            );
-            INSERT INTO job_counts SELECT production_id, state, count(*) FROM jobs GROUP BY 1, 2;
-        "#,
-    },
-    Migration {
-        version: 3,
-        name: "resource estimates",
-        sql: "ALTER TABLE productions ADD COLUMN estimate bytea;",
-    },
-    Migration {
-        version: 4,
-        name: "batched production upserts; room for in-place job updates",
-        // NULL job_total: not known yet (a batch that only says ACCEPTED must not
-        // overwrite the total a production.dispatched set). Free space in each
-        // page lets a job's row be rewritten in place (HOT), its key unchanged.
-        sql: "ALTER TABLE productions ALTER COLUMN job_total DROP NOT NULL,
-                                      ALTER COLUMN job_total DROP DEFAULT;
-              ALTER TABLE jobs SET (fillfactor = 70);",
-    },
-    Migration {
-        version: 5,
-        name: "installation health",
-        sql: "CREATE TABLE installations (
-                  name     text PRIMARY KEY,
-                  healthy  boolean NOT NULL,
-                  reason   text NOT NULL,
-                  since_ms bigint NOT NULL
-              );",
-    },
-    Migration {
-        version: 6,
-        name: "previous job state",
-        // Set by the same UPDATE that changes a job's state, so the statement
-        // can return what it replaced and move the counters itself.
-        sql: "ALTER TABLE jobs ADD COLUMN prev_state text;",
-    },
-    Migration {
-        version: 40,
-        name: "final job counts",
-        // The counts a production.completed carries: they cover jobs no
-        // transition ever mentioned (a million cancelled before they started).
-        sql: "CREATE TABLE final_counts (
-                  production_id text NOT NULL,
-                  state         text NOT NULL,
-                  n             bigint NOT NULL,
-                  PRIMARY KEY (production_id, state)
-              );",
-    },
+pub const MIGRATIONS: &[Migration] = prodsys_db::migrations![
+    "0001_production_and_job_read_models.sql",
+    "0002_job_counters.sql",
+    "0003_resource_estimates.sql",
+    "0004_batched_upserts_in_place_job_updates.sql",
+    "0005_installation_health.sql",
+    "0006_previous_job_state.sql",
+    "0040_final_job_counts.sql",
 ];
 
 /// A production's job counts by state: the final ones once its
@@ -609,21 +530,27 @@ impl StatusApi {
             .query_cached(COUNTS_SQL, &[&production_id])
             .await
             .context("counting jobs")?;
-        Ok(production_from_row(production_id, &row, &counts))
+        Ok(production_from_row(
+            production_id,
+            &row,
+            counts
+                .iter()
+                .map(|c| (c.get::<_, &str>(0), c.get::<_, i64>(1))),
+        ))
     }
 }
 
-fn production_from_row(
+fn production_from_row<'a>(
     production_id: &str,
     row: &prodsys_db::tokio_postgres::Row,
-    counts: &[prodsys_db::tokio_postgres::Row],
+    counts: impl IntoIterator<Item = (&'a str, i64)>,
 ) -> pb::Production {
     let job_total = row.get::<_, i64>(5) as u64;
     let mut tally = pb::JobCounts::default();
     let mut seen = 0;
-    for c in counts {
-        if let Ok(state) = c.get::<_, &str>(0).parse::<JobState>() {
-            let n = c.get::<_, i64>(1) as u64;
+    for (state, n) in counts {
+        if let Ok(state) = state.parse::<JobState>() {
+            let n = n as u64;
             count_job(&mut tally, state, n);
             seen += n;
         }
@@ -716,8 +643,17 @@ impl pb::status_service_server::StatusService for StatusApi {
         let rows = client
             .query_cached(
                 "SELECT p.request_id, p.profile, p.vo, p.backend, p.state, COALESCE(p.job_total, 0),
-                        p.updated_at, p.estimate, p.production_id, i.reason, i.since_ms
+                        p.updated_at, p.estimate, p.production_id, i.reason, i.since_ms,
+                        c.states, c.ns
                  FROM productions p LEFT JOIN installations i ON i.name = p.backend AND NOT i.healthy
+                 LEFT JOIN LATERAL (
+                     SELECT array_agg(state) AS states, array_agg(n) AS ns FROM (
+                         SELECT state, n FROM final_counts f WHERE f.production_id = p.production_id
+                         UNION ALL
+                         SELECT state, n FROM job_counts j WHERE j.production_id = p.production_id
+                           AND NOT EXISTS (SELECT 1 FROM final_counts f
+                                           WHERE f.production_id = p.production_id)) counts
+                 ) c ON true
                  WHERE ($1 = '' OR p.vo = $1) AND ($2::text IS NULL OR p.state = $2)
                    AND ($3 = '' OR p.profile = $3) AND p.production_id > $4
                  ORDER BY p.production_id LIMIT $5",
@@ -726,15 +662,17 @@ impl pb::status_service_server::StatusService for StatusApi {
             .await
             .map_err(|e| ServiceError::Unexpected(e.into()))?;
         let more = rows.len() as i64 > page_size;
-        let mut productions = Vec::new();
-        for row in rows.iter().take(page_size as usize) {
-            let id: String = row.get(8);
-            let counts = client
-                .query_cached(COUNTS_SQL, &[&id])
-                .await
-                .map_err(|e| ServiceError::Unexpected(e.into()))?;
-            productions.push(production_from_row(&id, row, &counts));
-        }
+        // The page and its job counts in one statement, not one more per production.
+        let productions: Vec<pb::Production> = rows
+            .iter()
+            .take(page_size as usize)
+            .map(|row| {
+                let id: String = row.get(8);
+                let states: Vec<String> = row.get::<_, Option<_>>(11).unwrap_or_default();
+                let ns: Vec<i64> = row.get::<_, Option<_>>(12).unwrap_or_default();
+                production_from_row(&id, row, states.iter().map(String::as_str).zip(ns))
+            })
+            .collect();
         let next_page_token = if more {
             productions
                 .last()

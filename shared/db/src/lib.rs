@@ -19,43 +19,8 @@ use uuid::Uuid;
 pub use deadpool_postgres;
 pub use tokio_postgres;
 
-/// One embedded schema change.
-#[derive(Debug, Clone, Copy)]
-pub struct Migration {
-    pub version: i32,
-    pub name: &'static str,
-    pub sql: &'static str,
-}
-
-/// Tables every service has: its outbox and its inbox.
-const BASE: Migration = Migration {
-    version: 0,
-    name: "outbox and inbox",
-    sql: r#"
-        CREATE TABLE outbox (
-            id         bigserial PRIMARY KEY,
-            event_id   uuid NOT NULL UNIQUE,
-            event_type text NOT NULL,
-            subject    text NOT NULL,
-            payload    bytea NOT NULL,
-            -- Where to: NULL is the events exchange; a reply names its queue.
-            reply_to   text,
-            content_type text NOT NULL DEFAULT 'application/protobuf',
-            created_at timestamptz NOT NULL DEFAULT now()
-        );
-        CREATE TABLE inbox (
-            event_id    uuid PRIMARY KEY,
-            received_at timestamptz NOT NULL DEFAULT now()
-        );
-    "#,
-};
-
-/// The index the inbox's pruning reads by age (every service's schema).
-const INBOX_AGE: Migration = Migration {
-    version: 30,
-    name: "inbox by age",
-    sql: "CREATE INDEX IF NOT EXISTS inbox_received_at ON inbox (received_at);",
-};
+pub mod migrate;
+pub use migrate::Migration;
 
 /// A service's database: a pool whose `search_path` is the service's schema.
 #[derive(Clone)]
@@ -158,8 +123,9 @@ impl Db {
         }
     }
 
-    /// Creates the schema and applies `migrations` (after the outbox/inbox base)
-    /// that are not applied yet, all under an advisory lock held for the run.
+    /// Creates the schema and applies the base migrations and `migrations`
+    /// not applied yet, all under an advisory lock held for the run; refuses
+    /// (before applying anything) when an applied migration's file changed.
     #[tracing::instrument(skip(self, migrations), fields(schema = %self.schema))]
     pub async fn migrate(&self, migrations: &[Migration]) -> anyhow::Result<()> {
         let mut client = self.client().await?;
@@ -168,63 +134,12 @@ impl Db {
             .execute("SELECT pg_advisory_lock($1)", &[&key])
             .await
             .context("taking the migration lock")?;
-        let result = self.apply(&mut client, migrations).await;
+        let result = migrate::run(&mut client, &self.schema, migrations).await;
         client
             .execute("SELECT pg_advisory_unlock($1)", &[&key])
             .await
             .context("releasing the migration lock")?;
         result
-    }
-
-    async fn apply(
-        &self,
-        client: &mut deadpool_postgres::Object,
-        migrations: &[Migration],
-    ) -> anyhow::Result<()> {
-        let schema = &self.schema;
-        client
-            .batch_execute(&format!(
-                "CREATE SCHEMA IF NOT EXISTS {schema};
-                 CREATE TABLE IF NOT EXISTS {schema}._migrations (
-                     version    integer PRIMARY KEY,
-                     name       text NOT NULL,
-                     applied_at timestamptz NOT NULL DEFAULT now()
-                 );"
-            ))
-            .await
-            .context("creating the schema")?;
-        let applied: HashSet<i32> = client
-            .query(&format!("SELECT version FROM {schema}._migrations"), &[])
-            .await?
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
-        for migration in [&BASE, &INBOX_AGE].into_iter().chain(migrations) {
-            if applied.contains(&migration.version) {
-                continue;
-            }
-            let tx = client.transaction().await?;
-            tx.batch_execute(&format!("SET LOCAL search_path TO {schema}"))
-                .await?;
-            tx.batch_execute(migration.sql).await.with_context(|| {
-                format!(
-                    "migration {} ({}) of schema {schema}",
-                    migration.version, migration.name
-                )
-            })?;
-            tx.execute(
-                &format!("INSERT INTO {schema}._migrations (version, name) VALUES ($1, $2)"),
-                &[&migration.version, &migration.name],
-            )
-            .await?;
-            tx.commit().await?;
-            tracing::info!(
-                version = migration.version,
-                name = migration.name,
-                "migration applied"
-            );
-        }
-        Ok(())
     }
 
     /// The NOTIFY channel that wakes this service's outbox relay.

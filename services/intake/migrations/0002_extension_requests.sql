@@ -1,0 +1,2 @@
+-- Extension requests.
+ALTER TABLE requests ADD COLUMN extend boolean NOT NULL DEFAULT false;

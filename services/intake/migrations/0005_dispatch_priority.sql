@@ -1,0 +1,2 @@
+-- Dispatch priority.
+ALTER TABLE requests ADD COLUMN priority integer NOT NULL DEFAULT 0;

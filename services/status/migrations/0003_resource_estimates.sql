@@ -1,0 +1,2 @@
+-- Resource estimates.
+ALTER TABLE productions ADD COLUMN estimate bytea;
