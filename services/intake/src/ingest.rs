@@ -141,9 +141,9 @@ pub fn parse(incoming: &Incoming, profiles: &ProfileSet) -> Result<Submission, S
         ));
     };
     let mut violations = profile.validate(&data.vo, &data.parameters);
-    crate::check_name("backend", &data.backend, &mut violations);
-    crate::check_name("submitter", &data.submitter, &mut violations);
-    crate::check_priority(data.priority, &mut violations);
+    crate::domain::check_name("backend", &data.backend, &mut violations);
+    crate::domain::check_name("submitter", &data.submitter, &mut violations);
+    crate::domain::check_priority(data.priority, &mut violations);
     Ok(Submission {
         event_id: id,
         source,

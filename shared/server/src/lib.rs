@@ -3,6 +3,8 @@
 //! reflection, keeping health true to whether PostgreSQL and the broker
 //! answer, and the one mapping from the boundary error to `tonic::Status`.
 
+pub mod batch;
+
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

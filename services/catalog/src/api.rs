@@ -1,0 +1,257 @@
+//! The catalog's gRPC `CatalogService`: decode, call the domain, answer.
+
+use std::sync::Arc;
+
+use prodsys_core::{ProductionState, Violation};
+use prodsys_db::Db;
+use prodsys_proto as pb;
+use tonic::{Request, Response, Status};
+
+use crate::domain::{self, Condition, FileFilter, FileQuery, Identity, KeyTypes, Operator, Range};
+use crate::error::{CatalogError, Result};
+use crate::store;
+
+#[derive(Clone)]
+pub struct CatalogApi {
+    pub db: Db,
+    pub types: Arc<KeyTypes>,
+}
+
+fn operator(operator: i32) -> Option<Operator> {
+    match pb::ConditionOperator::try_from(operator).unwrap_or(pb::ConditionOperator::Unspecified) {
+        pb::ConditionOperator::Unspecified => None,
+        pb::ConditionOperator::Eq => Some(Operator::Eq),
+        pb::ConditionOperator::In => Some(Operator::In),
+        pb::ConditionOperator::Ne => Some(Operator::Ne),
+        pb::ConditionOperator::Lt => Some(Operator::Lt),
+        pb::ConditionOperator::Le => Some(Operator::Le),
+        pb::ConditionOperator::Gt => Some(Operator::Gt),
+        pb::ConditionOperator::Ge => Some(Operator::Ge),
+    }
+}
+
+fn identity(q: &pb::FindExistingRequest) -> Identity<'_> {
+    Identity {
+        metadata: &q.metadata,
+        if_present: &q.if_present,
+        ranges: q
+            .ranges
+            .iter()
+            .map(|r| Range {
+                min_key: &r.min_key,
+                max_key: &r.max_key,
+                min: r.min,
+                max: r.max,
+            })
+            .collect(),
+        run_key: &q.run_key,
+    }
+}
+
+impl CatalogApi {
+    /// A FindFiles request as a query, or every reason it cannot be answered.
+    fn file_query(&self, r: &pb::FindFilesRequest) -> Result<FileQuery> {
+        let filter = FileFilter {
+            production_id: &r.production_id,
+            dataset: &r.dataset,
+            lfn_prefix: &r.lfn_prefix,
+            metadata: &r.metadata,
+            conditions: r
+                .conditions
+                .iter()
+                .map(|c| Condition {
+                    key: &c.key,
+                    operator: operator(c.operator),
+                    values: &c.values,
+                })
+                .collect(),
+        };
+        domain::file_query(&self.types, &filter).map_err(CatalogError::Invalid)
+    }
+
+    /// One page of `query`'s files after LFN `after`.
+    async fn page(
+        &self,
+        query: &FileQuery,
+        after: &str,
+        page_size: u32,
+    ) -> Result<pb::FindFilesResponse> {
+        let (files, more) = store::files_page(&self.db, query, after, page_size).await?;
+        let next_page_token = if more {
+            files.last().map(|f| f.lfn.clone()).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(pb::FindFilesResponse {
+            files,
+            next_page_token,
+        })
+    }
+
+    /// What the catalog holds for each identity, in the order asked.
+    async fn existing(
+        &self,
+        queries: &[pb::FindExistingRequest],
+    ) -> Result<Vec<pb::FindExistingResponse>> {
+        if queries.is_empty() {
+            return Ok(Vec::new());
+        }
+        let identities: Vec<Identity<'_>> = queries.iter().map(identity).collect();
+        let columns =
+            domain::existing_columns(&self.types, &identities).map_err(CatalogError::Invalid)?;
+        Ok(store::existing(&self.db, &columns).await?)
+    }
+
+    async fn register(&self, files: Vec<pb::OutputFile>) -> Result<u64> {
+        let mut violations: Vec<Violation> = files
+            .iter()
+            .enumerate()
+            .flat_map(|(i, f)| domain::check_file(i, &f.lfn, &f.adler32, &f.url))
+            .collect();
+        // The same keys, typed the same way, as the files of productions.
+        for (i, f) in files.iter().enumerate() {
+            self.types.strict(
+                &format!("files[{i}].metadata"),
+                &f.metadata,
+                &mut violations,
+            );
+        }
+        if !violations.is_empty() {
+            return Err(CatalogError::Invalid(violations));
+        }
+        let mut client = self.db.client().await?;
+        let tx = client.transaction().await?;
+        let with_attempt: Vec<(u32, pb::OutputFile)> = files.into_iter().map(|f| (0, f)).collect();
+        let registered = store::register_files(&tx, &self.types, &with_attempt).await?;
+        tx.commit().await?;
+        Ok(registered)
+    }
+
+    async fn record(&self, production_id: String) -> Result<pb::ProductionRecord> {
+        let record = store::production_record(&self.db, &production_id)
+            .await?
+            .ok_or_else(|| {
+                CatalogError::NotFound(format!(
+                    "no finished production {production_id} in the catalog"
+                ))
+            })?;
+        let state = record
+            .state
+            .parse::<ProductionState>()
+            .map_or(pb::ProductionState::Unspecified, ProductionState::to_proto);
+        Ok(pb::ProductionRecord {
+            production_id,
+            state: state as i32,
+            file_count: record.file_count as u64,
+            total_bytes: record.total_bytes as u64,
+            completed_unix_ms: record.completed.timestamp_millis(),
+        })
+    }
+}
+
+type FileStream = std::pin::Pin<
+    Box<dyn tokio_stream::Stream<Item = Result<pb::FindFilesResponse, Status>> + Send>,
+>;
+
+#[tonic::async_trait]
+impl pb::catalog_service_server::CatalogService for CatalogApi {
+    #[tracing::instrument(skip_all, fields(production_id = %request.get_ref().production_id))]
+    async fn find_files(
+        &self,
+        request: Request<pb::FindFilesRequest>,
+    ) -> Result<Response<pb::FindFilesResponse>, Status> {
+        let r = request.into_inner();
+        let query = self.file_query(&r)?;
+        let page_size = domain::page_size(r.page_size, 1000);
+        Ok(Response::new(
+            self.page(&query, &r.page_token, page_size).await?,
+        ))
+    }
+
+    type StreamFilesStream = FileStream;
+
+    #[tracing::instrument(skip_all, fields(production_id = %request.get_ref().production_id))]
+    async fn stream_files(
+        &self,
+        request: Request<pb::FindFilesRequest>,
+    ) -> Result<Response<Self::StreamFilesStream>, Status> {
+        let r = request.into_inner();
+        let query = self.file_query(&r)?;
+        let page_size = domain::page_size(r.page_size, 5000);
+        let (tx, rx) = tokio::sync::mpsc::channel(2);
+        let api = self.clone();
+        tokio::spawn(async move {
+            let mut after = r.page_token;
+            loop {
+                let page = api
+                    .page(&query, &after, page_size)
+                    .await
+                    .map_err(Status::from);
+                let last = match &page {
+                    Ok(p) if !p.next_page_token.is_empty() => Some(p.next_page_token.clone()),
+                    _ => None,
+                };
+                // A client that went away ends the stream.
+                if tx.send(page).await.is_err() {
+                    return;
+                }
+                match last {
+                    Some(lfn) => after = lfn,
+                    None => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    async fn find_existing(
+        &self,
+        request: Request<pb::FindExistingRequest>,
+    ) -> Result<Response<pb::FindExistingResponse>, Status> {
+        let r = request.into_inner();
+        if r.metadata.is_empty() {
+            return Err(CatalogError::Invalid(vec![Violation::new(
+                "metadata",
+                "give at least one pair",
+            )])
+            .into());
+        }
+        let mut found = self.existing(&[r]).await?;
+        Ok(Response::new(found.pop().unwrap_or_default()))
+    }
+
+    async fn find_existing_many(
+        &self,
+        request: Request<pb::FindExistingManyRequest>,
+    ) -> Result<Response<pb::FindExistingManyResponse>, Status> {
+        let queries = request.into_inner().queries;
+        let violations = domain::check_existing_many(
+            queries.iter().map(|q| q.metadata.is_empty()),
+            queries.len(),
+        );
+        if !violations.is_empty() {
+            return Err(CatalogError::Invalid(violations).into());
+        }
+        let results = self.existing(&queries).await?;
+        Ok(Response::new(pb::FindExistingManyResponse { results }))
+    }
+
+    async fn register_files(
+        &self,
+        request: Request<pb::RegisterFilesRequest>,
+    ) -> Result<Response<pb::RegisterFilesResponse>, Status> {
+        let registered = self.register(request.into_inner().files).await?;
+        Ok(Response::new(pb::RegisterFilesResponse { registered }))
+    }
+
+    async fn get_production_record(
+        &self,
+        request: Request<pb::GetProductionRecordRequest>,
+    ) -> Result<Response<pb::ProductionRecord>, Status> {
+        Ok(Response::new(
+            self.record(request.into_inner().production_id).await?,
+        ))
+    }
+}

@@ -1,0 +1,589 @@
+//! The catalog's decisions over plain types: how metadata is typed, what a
+//! file from elsewhere must look like, and how file and identity queries
+//! become SQL parameters (containment for equalities, SQL/JSON paths for the
+//! rest). No SQL execution, no broker, no gRPC.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use prodsys_core::Violation;
+use prodsys_core::profile::{MetadataType, float_value};
+use serde_json::{Map, Value};
+
+/// Most identities one FindExistingMany call may ask about.
+pub const MAX_EXISTING_QUERIES: usize = 1000;
+
+/// Most files in one page (and one streamed message).
+pub const MAX_PAGE: u32 = 10_000;
+
+/// The page size to answer with: `requested`, at most [`MAX_PAGE`], or
+/// `default` when none was asked for.
+pub fn page_size(requested: u32, default: u32) -> u32 {
+    match requested {
+        0 => default,
+        n => n.min(MAX_PAGE),
+    }
+}
+
+/// The type of every metadata key the profiles declare.
+pub struct KeyTypes(pub BTreeMap<String, MetadataType>);
+
+impl KeyTypes {
+    /// `value` of `key` as its declared type; `Ok(None)` for a key no
+    /// profile declares.
+    fn typed(&self, key: &str, value: &str) -> Result<Option<Value>, String> {
+        match self.0.get(key) {
+            Some(t) => t.parse(value).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Metadata as stored: declared keys typed, a value that is not of its
+    /// key's type (or a key no profile declares) kept as a string.
+    pub fn lenient(&self, metadata: &HashMap<String, String>) -> Map<String, Value> {
+        metadata
+            .iter()
+            .map(|(k, v)| {
+                let value = self
+                    .typed(k, v)
+                    .ok()
+                    .flatten()
+                    .unwrap_or_else(|| Value::String(v.clone()));
+                (k.clone(), value)
+            })
+            .collect()
+    }
+
+    /// Metadata typed strictly: a violation per value not of its key's type.
+    pub fn strict(
+        &self,
+        field: &str,
+        metadata: &HashMap<String, String>,
+        violations: &mut Vec<Violation>,
+    ) -> Map<String, Value> {
+        let mut typed = Map::new();
+        for (k, v) in metadata {
+            match self.typed(k, v) {
+                Ok(value) => {
+                    typed.insert(k.clone(), value.unwrap_or_else(|| Value::String(v.clone())));
+                }
+                Err(e) => violations.push(Violation::new(
+                    format!("{field}.{k}"),
+                    format!("{e}; {k} is a {} key", self.0[k].as_str()),
+                )),
+            }
+        }
+        typed
+    }
+
+    /// A query's value: the key must be declared and the value of its type.
+    pub fn condition_value(&self, field: &str, key: &str, value: &str) -> Result<Value, Violation> {
+        match self.0.get(key) {
+            None => Err(Violation::new(
+                field,
+                format!(
+                    "no profile declares metadata key {key:?}; known keys: {}",
+                    self.0.keys().cloned().collect::<Vec<_>>().join(", ")
+                ),
+            )),
+            Some(t) => t
+                .parse(value)
+                .map_err(|e| Violation::new(field, format!("{e}; {key} is a {} key", t.as_str()))),
+        }
+    }
+}
+
+/// Why a file from elsewhere cannot be registered, by field.
+pub fn check_file(index: usize, lfn: &str, adler32: &str, url: &str) -> Vec<Violation> {
+    let field = |name: &str| format!("files[{index}].{name}");
+    let mut violations = Vec::new();
+    if !lfn.starts_with('/') || lfn.len() > 1024 {
+        violations.push(Violation::new(
+            field("lfn"),
+            "must be an absolute path of at most 1024 characters",
+        ));
+    }
+    if adler32.len() != 8
+        || !adler32
+            .chars()
+            .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
+    {
+        violations.push(Violation::new(
+            field("adler32"),
+            "must be 8 lowercase hex digits",
+        ));
+    }
+    if url.is_empty() {
+        violations.push(Violation::new(field("url"), "is required"));
+    }
+    violations
+}
+
+/// A SQL/JSON path literal for `key`'s value: `$."key"`.
+pub fn path_key(key: &str) -> String {
+    format!("$.{}", Value::String(key.to_string()))
+}
+
+/// A condition's operator; `None` is one the caller left out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Operator {
+    Eq,
+    Ne,
+    In,
+    Lt,
+    Le,
+    Gt,
+    Ge,
+}
+
+/// One condition of a file query, as asked.
+pub struct Condition<'a> {
+    pub key: &'a str,
+    pub operator: Option<Operator>,
+    pub values: &'a [String],
+}
+
+/// What a FindFiles call asks for.
+pub struct FileFilter<'a> {
+    pub production_id: &'a str,
+    pub dataset: &'a str,
+    pub lfn_prefix: &'a str,
+    pub metadata: &'a HashMap<String, String>,
+    pub conditions: Vec<Condition<'a>>,
+}
+
+/// A file query as SQL parameters: containment for equalities (the GIN
+/// index), a SQL/JSON path predicate for everything else.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FileQuery {
+    pub production_id: String,
+    pub equal: Value,
+    pub path: Option<String>,
+    pub lfn_prefix: String,
+}
+
+/// Checks a file filter and turns it into a query, or every reason it
+/// cannot be answered, by field.
+pub fn file_query(types: &KeyTypes, r: &FileFilter<'_>) -> Result<FileQuery, Vec<Violation>> {
+    let mut violations = Vec::new();
+    let mut equal = Map::new();
+    let mut path = Vec::new();
+    for (key, value) in r.metadata {
+        match types.condition_value(&format!("metadata.{key}"), key, value) {
+            Ok(v) => {
+                equal.insert(key.clone(), v);
+            }
+            Err(v) => violations.push(v),
+        }
+    }
+    if !r.dataset.is_empty() {
+        match types.condition_value("dataset", "dataset", r.dataset) {
+            Ok(v) => {
+                equal.insert("dataset".into(), v);
+            }
+            Err(v) => violations.push(v),
+        }
+    }
+    for (i, c) in r.conditions.iter().enumerate() {
+        let field = |name: &str| format!("conditions[{i}].{name}");
+        let Some(operator) = c.operator else {
+            violations.push(Violation::new(
+                field("operator"),
+                "give one of =, !=, in, <, <=, >, >=",
+            ));
+            continue;
+        };
+        let symbol = match operator {
+            Operator::Eq | Operator::In => "==",
+            Operator::Ne => "!=",
+            Operator::Lt => "<",
+            Operator::Le => "<=",
+            Operator::Gt => ">",
+            Operator::Ge => ">=",
+        };
+        let several = operator == Operator::In;
+        if c.values.is_empty() || (!several && c.values.len() != 1) {
+            violations.push(Violation::new(
+                field("values"),
+                if several {
+                    "give at least one value".to_string()
+                } else {
+                    format!("give exactly one value, not {}", c.values.len())
+                },
+            ));
+            continue;
+        }
+        let mut terms = Vec::new();
+        for (j, text) in c.values.iter().enumerate() {
+            let which = if several {
+                format!("conditions[{i}].values[{j}]")
+            } else {
+                field("values")
+            };
+            let which = if types.0.contains_key(c.key) {
+                which
+            } else {
+                field("key")
+            };
+            match types.condition_value(&which, c.key, text) {
+                Ok(v) => terms.push(format!("{} {symbol} {v}", path_key(c.key))),
+                Err(v) => {
+                    violations.push(v);
+                    break;
+                }
+            }
+        }
+        if terms.len() == c.values.len() {
+            path.push(format!("({})", terms.join(" || ")));
+        }
+    }
+    if r.production_id.is_empty()
+        && r.lfn_prefix.is_empty()
+        && equal.is_empty()
+        && path.is_empty()
+        && violations.is_empty()
+    {
+        violations.push(Violation::new(
+            "production_id",
+            "give a production ID, a dataset, an LFN prefix or at least one metadata condition",
+        ));
+    }
+    if !violations.is_empty() {
+        return Err(violations);
+    }
+    Ok(FileQuery {
+        production_id: r.production_id.to_string(),
+        equal: Value::Object(equal),
+        path: (!path.is_empty()).then(|| path.join(" && ")),
+        lfn_prefix: r.lfn_prefix.to_string(),
+    })
+}
+
+/// A range an identity's files must overlap (when they carry both keys).
+pub struct Range<'a> {
+    pub min_key: &'a str,
+    pub max_key: &'a str,
+    pub min: f64,
+    pub max: f64,
+}
+
+/// One identity FindExisting asks about.
+pub struct Identity<'a> {
+    pub metadata: &'a HashMap<String, String>,
+    pub if_present: &'a HashMap<String, String>,
+    pub ranges: Vec<Range<'a>>,
+    pub run_key: &'a str,
+}
+
+/// Identities as the columns of the one existence statement: required
+/// metadata, path predicate, keys to report as missing, optional keys,
+/// ranges and run key, each as text, one row per identity.
+pub type ExistingColumns = [Vec<String>; 6];
+
+/// Checks the identities and turns them into [`ExistingColumns`], or every
+/// reason they cannot be answered, by field.
+pub fn existing_columns(
+    types: &KeyTypes,
+    queries: &[Identity<'_>],
+) -> Result<ExistingColumns, Vec<Violation>> {
+    let mut violations = Vec::new();
+    let mut columns: ExistingColumns = Default::default();
+    for (i, q) in queries.iter().enumerate() {
+        let required = types.strict(
+            &format!("queries[{i}].metadata"),
+            q.metadata,
+            &mut violations,
+        );
+        let if_present = types.strict(
+            &format!("queries[{i}].if_present"),
+            q.if_present,
+            &mut violations,
+        );
+        let mut path = Vec::new();
+        let mut keys: Vec<&str> = Vec::new();
+        for (key, value) in &if_present {
+            let k = path_key(key);
+            path.push(format!("(!(exists({k})) || {k} == {value})"));
+            keys.push(key);
+        }
+        let mut ranges = Vec::new();
+        for (j, r) in q.ranges.iter().enumerate() {
+            if !(r.min.is_finite() && r.max.is_finite()) {
+                violations.push(Violation::new(
+                    format!("queries[{i}].ranges[{j}]"),
+                    "min and max must be numbers",
+                ));
+                continue;
+            }
+            let (lo, hi) = (path_key(r.min_key), path_key(r.max_key));
+            let (min, max) = (float_value(r.min), float_value(r.max));
+            path.push(format!(
+                "(!(exists({lo})) || !(exists({hi})) || ({lo} < {max} && {hi} > {min}))"
+            ));
+            keys.extend([r.min_key, r.max_key]);
+            ranges.push(serde_json::json!({
+                "min_key": r.min_key, "max_key": r.max_key, "min": min, "max": max,
+                "label": format!("{}..{}", r.min_key, r.max_key),
+            }));
+        }
+        if path.is_empty() {
+            path.push("true".into());
+        }
+        let [c_required, c_path, c_keys, c_if_present, c_ranges, c_run] = &mut columns;
+        c_required.push(Value::Object(required).to_string());
+        c_path.push(path.join(" && "));
+        c_keys.push(serde_json::to_string(&keys).unwrap_or_default());
+        c_if_present.push(Value::Object(if_present).to_string());
+        c_ranges.push(Value::Array(ranges).to_string());
+        c_run.push(q.run_key.to_string());
+    }
+    if !violations.is_empty() {
+        return Err(violations);
+    }
+    Ok(columns)
+}
+
+/// Why a FindExistingMany call cannot be answered: identities without
+/// metadata (by index, from `metadata_empty`) and too many of them.
+pub fn check_existing_many(
+    metadata_empty: impl Iterator<Item = bool>,
+    count: usize,
+) -> Vec<Violation> {
+    let mut violations: Vec<Violation> = metadata_empty
+        .enumerate()
+        .filter(|(_, empty)| *empty)
+        .map(|(i, _)| Violation::new(format!("queries[{i}].metadata"), "give at least one pair"))
+        .collect();
+    if count > MAX_EXISTING_QUERIES {
+        violations.push(Violation::new(
+            "queries",
+            format!("{count} queries; at most {MAX_EXISTING_QUERIES} in one call"),
+        ));
+    }
+    violations
+}
+
+/// Comma-separated key lists as one sorted list without duplicates.
+pub fn merge_key_lists(lists: Vec<String>) -> Vec<String> {
+    let set: BTreeSet<String> = lists
+        .iter()
+        .flat_map(|l| l.split(','))
+        .filter(|k| !k.is_empty())
+        .map(String::from)
+        .collect();
+    set.into_iter().collect()
+}
+
+/// Stored metadata as the API shows it: every value as text.
+pub fn as_text(metadata: Value) -> HashMap<String, String> {
+    match metadata {
+        Value::Object(map) => map
+            .into_iter()
+            .map(|(k, v)| {
+                let text = match v {
+                    Value::String(s) => s,
+                    other => other.to_string(),
+                };
+                (k, text)
+            })
+            .collect(),
+        _ => HashMap::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn types() -> KeyTypes {
+        KeyTypes(BTreeMap::from([
+            ("run_number".to_string(), MetadataType::Integer),
+            ("thetaP".to_string(), MetadataType::Float),
+            ("site".to_string(), MetadataType::String),
+            ("dataset".to_string(), MetadataType::String),
+        ]))
+    }
+
+    fn map(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn metadata_is_typed_leniently_for_storage_and_strictly_for_queries() {
+        let t = types();
+        let stored = t.lenient(&map(&[
+            ("run_number", "7"),
+            ("thetaP", "x"),
+            ("other", "1"),
+        ]));
+        assert_eq!(stored["run_number"], serde_json::json!(7));
+        assert_eq!(stored["thetaP"], serde_json::json!("x"));
+        assert_eq!(stored["other"], serde_json::json!("1"));
+        let mut violations = Vec::new();
+        let strict = t.strict(
+            "m",
+            &map(&[("run_number", "seven"), ("site", "Paranal")]),
+            &mut violations,
+        );
+        assert_eq!(strict.len(), 1);
+        assert_eq!(violations[0].field, "m.run_number");
+        assert!(
+            violations[0]
+                .description
+                .contains("run_number is a integer key")
+        );
+        assert!(t.condition_value("f", "nope", "1").is_err());
+    }
+
+    #[test]
+    fn files_from_elsewhere_need_an_absolute_lfn_a_checksum_and_a_url() {
+        assert!(check_file(0, "/a/b", "0123abcd", "file:///a/b").is_empty());
+        let fields: Vec<String> = check_file(3, "a/b", "0123ABCD", "")
+            .into_iter()
+            .map(|v| v.field)
+            .collect();
+        assert_eq!(fields, ["files[3].lfn", "files[3].adler32", "files[3].url"]);
+    }
+
+    #[test]
+    fn a_file_filter_becomes_containment_and_a_path() {
+        let t = types();
+        let metadata = map(&[("site", "Paranal")]);
+        let values = vec!["1".to_string(), "2".to_string()];
+        let below = vec!["30".to_string()];
+        let q = file_query(
+            &t,
+            &FileFilter {
+                production_id: "",
+                dataset: "",
+                lfn_prefix: "",
+                metadata: &metadata,
+                conditions: vec![
+                    Condition {
+                        key: "run_number",
+                        operator: Some(Operator::In),
+                        values: &values,
+                    },
+                    Condition {
+                        key: "thetaP",
+                        operator: Some(Operator::Lt),
+                        values: &below,
+                    },
+                ],
+            },
+        )
+        .expect("a valid filter");
+        assert_eq!(q.equal, serde_json::json!({"site": "Paranal"}));
+        assert_eq!(
+            q.path.as_deref(),
+            Some(r#"($."run_number" == 1 || $."run_number" == 2) && ($."thetaP" < 30)"#)
+        );
+
+        let empty = HashMap::new();
+        let bad = file_query(
+            &t,
+            &FileFilter {
+                production_id: "",
+                dataset: "",
+                lfn_prefix: "",
+                metadata: &empty,
+                conditions: vec![
+                    Condition {
+                        key: "thetaP",
+                        operator: Some(Operator::Lt),
+                        values: &values,
+                    },
+                    Condition {
+                        key: "x",
+                        operator: None,
+                        values: &below,
+                    },
+                    Condition {
+                        key: "nope",
+                        operator: Some(Operator::Eq),
+                        values: &below,
+                    },
+                ],
+            },
+        )
+        .expect_err("three bad conditions");
+        let fields: Vec<&str> = bad.iter().map(|v| v.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "conditions[0].values",
+                "conditions[1].operator",
+                "conditions[2].key"
+            ]
+        );
+        let nothing = file_query(
+            &t,
+            &FileFilter {
+                production_id: "",
+                dataset: "",
+                lfn_prefix: "",
+                metadata: &empty,
+                conditions: Vec::new(),
+            },
+        )
+        .expect_err("no condition at all");
+        assert_eq!(nothing[0].field, "production_id");
+    }
+
+    #[test]
+    fn identities_become_columns_and_results_merge_keys() {
+        let t = types();
+        let metadata = map(&[("site", "Paranal")]);
+        let if_present = map(&[("thetaP", "20")]);
+        let columns = existing_columns(
+            &t,
+            &[Identity {
+                metadata: &metadata,
+                if_present: &if_present,
+                ranges: vec![Range {
+                    min_key: "emin",
+                    max_key: "emax",
+                    min: 0.1,
+                    max: 10.0,
+                }],
+                run_key: "run_number",
+            }],
+        )
+        .expect("valid identities");
+        assert_eq!(columns[0], [r#"{"site":"Paranal"}"#]);
+        assert!(columns[1][0].starts_with(r#"(!(exists($."thetaP")) || $."thetaP" == 20) && "#));
+        assert_eq!(columns[2], [r#"["thetaP","emin","emax"]"#]);
+        assert_eq!(columns[5], ["run_number"]);
+        let infinite = existing_columns(
+            &t,
+            &[Identity {
+                metadata: &metadata,
+                if_present: &HashMap::new(),
+                ranges: vec![Range {
+                    min_key: "a",
+                    max_key: "b",
+                    min: f64::NAN,
+                    max: 1.0,
+                }],
+                run_key: "",
+            }],
+        )
+        .expect_err("NaN is no bound");
+        assert_eq!(infinite[0].field, "queries[0].ranges[0]");
+        assert_eq!(
+            merge_key_lists(vec!["b,a".into(), "".into(), "a,c".into()]),
+            ["a", "b", "c"]
+        );
+        let too_many = check_existing_many([false, true].into_iter(), MAX_EXISTING_QUERIES + 1);
+        let fields: Vec<&str> = too_many.iter().map(|v| v.field.as_str()).collect();
+        assert_eq!(fields, ["queries[1].metadata", "queries"]);
+        assert_eq!(page_size(0, 1000), 1000);
+        assert_eq!(page_size(20_000, 1000), MAX_PAGE);
+        assert_eq!(
+            as_text(serde_json::json!({"n": 1.5, "s": "x"})),
+            map(&[("n", "1.5"), ("s", "x")])
+        );
+    }
+}

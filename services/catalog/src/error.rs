@@ -1,0 +1,110 @@
+//! The catalog's one error type, mapped once onto gRPC codes and onto what
+//! the consumer does with a message.
+
+use prodsys_core::Violation;
+use prodsys_messaging::HandlerError;
+use prodsys_server::ServiceError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    /// The call breaks the API's rules or the metadata types.
+    #[error("invalid request: {}", summary(.0))]
+    Invalid(Vec<Violation>),
+    #[error("{0}")]
+    NotFound(String),
+    /// Undecodable or against the contract: can never succeed.
+    #[error("{0}")]
+    Permanent(String),
+    /// A dependency (PostgreSQL) unreachable or timing out: may pass.
+    #[error("transient: {0:#}")]
+    Transient(anyhow::Error),
+    /// Anything else.
+    #[error(transparent)]
+    Unexpected(anyhow::Error),
+}
+
+pub type Result<T, E = CatalogError> = std::result::Result<T, E>;
+
+fn summary(violations: &[Violation]) -> String {
+    violations
+        .iter()
+        .map(|v| format!("{}: {}", v.field, v.description))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+impl From<anyhow::Error> for CatalogError {
+    /// Transient when the classifier of `prodsys-messaging` says the failure may pass.
+    fn from(error: anyhow::Error) -> Self {
+        match HandlerError::classify(error) {
+            HandlerError::Transient(error) => Self::Transient(error),
+            HandlerError::Permanent(reason) => Self::Permanent(reason),
+            HandlerError::Unexpected(error) => Self::Unexpected(error),
+        }
+    }
+}
+
+impl From<prodsys_db::tokio_postgres::Error> for CatalogError {
+    fn from(error: prodsys_db::tokio_postgres::Error) -> Self {
+        anyhow::Error::from(error).into()
+    }
+}
+
+impl From<CatalogError> for tonic::Status {
+    fn from(error: CatalogError) -> Self {
+        let error = match error {
+            CatalogError::Invalid(violations) => ServiceError::Validation(violations),
+            CatalogError::NotFound(what) => ServiceError::NotFound(what),
+            CatalogError::Permanent(reason) => return tonic::Status::invalid_argument(reason),
+            CatalogError::Transient(error) => {
+                tracing::warn!(error = format!("{error:#}"), "a dependency is unavailable");
+                return tonic::Status::unavailable(format!("unavailable, retry later: {error:#}"));
+            }
+            CatalogError::Unexpected(error) => ServiceError::Unexpected(error),
+        };
+        error.into()
+    }
+}
+
+impl From<CatalogError> for HandlerError {
+    fn from(error: CatalogError) -> Self {
+        match error {
+            CatalogError::Transient(error) => HandlerError::Transient(error),
+            CatalogError::Unexpected(error) => HandlerError::Unexpected(error),
+            other @ (CatalogError::Invalid(_)
+            | CatalogError::NotFound(_)
+            | CatalogError::Permanent(_)) => HandlerError::Permanent(other.to_string()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_kind_maps_onto_one_code_and_one_consumer_outcome() {
+        let invalid = CatalogError::Invalid(vec![Violation::new("lfn", "relative")]);
+        assert_eq!(
+            tonic::Status::from(invalid).code(),
+            tonic::Code::InvalidArgument
+        );
+        let lost = CatalogError::from(prodsys_messaging::Transient::wrap(anyhow::anyhow!("down")));
+        assert!(matches!(lost, CatalogError::Transient(_)));
+        assert_eq!(tonic::Status::from(lost).code(), tonic::Code::Unavailable);
+        let bug = CatalogError::from(anyhow::anyhow!("a bug"));
+        assert!(matches!(bug, CatalogError::Unexpected(_)));
+        assert!(matches!(
+            HandlerError::from(bug),
+            HandlerError::Unexpected(_)
+        ));
+        assert!(matches!(
+            HandlerError::from(CatalogError::Permanent("bad".into())),
+            HandlerError::Permanent(reason) if reason == "bad"
+        ));
+        assert_eq!(
+            tonic::Status::from(CatalogError::NotFound("none".into())).code(),
+            tonic::Code::NotFound
+        );
+    }
+}

@@ -1,0 +1,178 @@
+//! Intake's gRPC `RequestService`: decode, call the domain, answer.
+
+use std::sync::Arc;
+
+use prodsys_core::{ProfileSet, Violation};
+use prodsys_db::Db;
+use prodsys_proto as pb;
+use prodsys_server::batch::GroupCommit;
+use tonic::{Request, Response, Status};
+use uuid::Uuid;
+
+use crate::domain::{self, Proposal, Stored, Submission};
+use crate::error::{IntakeError, Result};
+use crate::store::{self, Answer};
+
+/// The group commit of SubmitRequests: concurrent calls share one
+/// transaction (one outbox insert, one NOTIFY, one WAL flush) instead of
+/// paying for one each; each is answered once its row is durable.
+pub type Committer = GroupCommit<Submission, Answer>;
+
+#[derive(Clone)]
+pub struct RequestApi {
+    pub db: Db,
+    pub profiles: Arc<ProfileSet>,
+    pub committer: Committer,
+    pub checker: pb::checker_service_client::CheckerServiceClient<tonic::transport::Channel>,
+}
+
+impl RequestApi {
+    async fn submit(&self, request: pb::SubmitRequestRequest) -> Result<pb::SubmitRequestResponse> {
+        let parameters = domain::check_proposal(
+            &self.profiles,
+            &Proposal {
+                profile: &request.profile,
+                vo: &request.vo,
+                parameters_json: &request.parameters_json,
+                backend: &request.backend,
+                submitter: &request.submitter,
+                priority: request.priority,
+                idempotency_key: &request.idempotency_key,
+            },
+        )
+        .map_err(IntakeError::Invalid)?;
+        let backend = domain::backend_or_default(&request.backend).to_string();
+        let submission = Submission {
+            idempotency_key: request.idempotency_key,
+            profile: request.profile,
+            vo: request.vo,
+            parameters,
+            backend,
+            submitter: request.submitter,
+            extend: request.extend,
+            reuse_existing: request.reuse_existing,
+            priority: request.priority,
+        };
+        let Stored {
+            request_id,
+            replayed,
+        } =
+            self.committer.submit(submission).await.map_err(|_| {
+                IntakeError::Unexpected(anyhow::anyhow!("intake is shutting down"))
+            })??;
+        Ok(pb::SubmitRequestResponse {
+            request_id: request_id.to_string(),
+            replayed,
+        })
+    }
+
+    async fn get(&self, request_id: &str) -> Result<pb::Request> {
+        let id = Uuid::parse_str(request_id).map_err(|e| {
+            IntakeError::Invalid(vec![Violation::new(
+                "request_id",
+                format!("is not a UUID: {e}"),
+            )])
+        })?;
+        let row = store::request(&self.db, id)
+            .await?
+            .ok_or_else(|| IntakeError::NotFound(format!("no request {request_id}")))?;
+        let state = match row.state.as_str() {
+            "ACCEPTED" => pb::RequestState::Accepted,
+            "REJECTED" => pb::RequestState::Rejected,
+            _ => pb::RequestState::Received,
+        };
+        Ok(pb::Request {
+            request_id: request_id.to_string(),
+            state: state as i32,
+            profile: row.profile,
+            vo: row.vo,
+            parameters_json: row.parameters.to_string(),
+            backend: row.backend,
+            production_id: row.production_id.unwrap_or_default(),
+            violations: row.violations.into_iter().map(Into::into).collect(),
+            existing_production_id: row.existing_production_id.unwrap_or_default(),
+            created_unix_ms: row.created.timestamp_millis(),
+        })
+    }
+
+    async fn cancel(&self, r: pb::CancelProductionRequest) -> Result<pb::CancelProductionResponse> {
+        if !domain::is_production_id(&r.production_id) {
+            return Err(IntakeError::Invalid(vec![Violation::new(
+                "production_id",
+                format!(
+                    "{:?} is not a production ID (like CTA-000042)",
+                    r.production_id
+                ),
+            )]));
+        }
+        store::request_cancel(&self.db, &r.production_id, r.reason).await?;
+        tracing::info!(production_id = %r.production_id, "cancellation requested");
+        Ok(pb::CancelProductionResponse { accepted: true })
+    }
+}
+
+#[tonic::async_trait]
+impl pb::request_service_server::RequestService for RequestApi {
+    #[tracing::instrument(skip_all, fields(profile = %request.get_ref().profile))]
+    async fn submit_request(
+        &self,
+        request: Request<pb::SubmitRequestRequest>,
+    ) -> Result<Response<pb::SubmitRequestResponse>, Status> {
+        Ok(Response::new(self.submit(request.into_inner()).await?))
+    }
+
+    #[tracing::instrument(skip_all, fields(profile = %request.get_ref().profile))]
+    async fn validate_request(
+        &self,
+        request: Request<pb::SubmitRequestRequest>,
+    ) -> Result<Response<pb::Validation>, Status> {
+        let mut checker = self.checker.clone();
+        checker
+            .evaluate(request.into_inner())
+            .await
+            .map_err(|status| match status.code() {
+                tonic::Code::Unavailable | tonic::Code::Unknown => Status::unavailable(format!(
+                    "the checker cannot be reached: {}",
+                    status.message()
+                )),
+                _ => status,
+            })
+    }
+
+    #[tracing::instrument(skip_all, fields(production_id = %request.get_ref().production_id))]
+    async fn cancel_production(
+        &self,
+        request: Request<pb::CancelProductionRequest>,
+    ) -> Result<Response<pb::CancelProductionResponse>, Status> {
+        Ok(Response::new(self.cancel(request.into_inner()).await?))
+    }
+
+    async fn list_profiles(
+        &self,
+        _request: Request<pb::ListProfilesRequest>,
+    ) -> Result<Response<pb::ListProfilesResponse>, Status> {
+        let profiles = self
+            .profiles
+            .iter()
+            .map(|p| pb::ProfileInfo {
+                name: p.name().to_string(),
+                description: p.description().to_string(),
+                vos: p.vos().to_vec(),
+                id_prefix: p.id_prefix().to_string(),
+                parameters_schema_json: p.parameters_schema().to_string(),
+                identity: p.identity().to_vec(),
+            })
+            .collect();
+        Ok(Response::new(pb::ListProfilesResponse { profiles }))
+    }
+
+    #[tracing::instrument(skip_all, fields(request_id = %request.get_ref().request_id))]
+    async fn get_request(
+        &self,
+        request: Request<pb::GetRequestRequest>,
+    ) -> Result<Response<pb::Request>, Status> {
+        Ok(Response::new(
+            self.get(&request.get_ref().request_id).await?,
+        ))
+    }
+}

@@ -1,0 +1,195 @@
+//! Intake's AMQP consumer: the checker's verdicts (`request.accepted`,
+//! `request.reused`, `request.rejected`) and requests other systems publish
+//! on the ingest exchange.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use prodsys_core::ProfileSet;
+use prodsys_core::events::{REQUEST_ACCEPTED, REQUEST_REJECTED, REQUEST_REUSED};
+use prodsys_db::deadpool_postgres::Transaction;
+use prodsys_db::{Db, OutboxEvent};
+use prodsys_messaging::{BatchHandler, HandlerError, Incoming, Outcome};
+use prodsys_proto as pb;
+use prodsys_server::{decode_event, outbox_event};
+use uuid::Uuid;
+
+use crate::domain::{self, NewRequest, Verdicts};
+use crate::error::Result;
+use crate::{ingest, store};
+
+pub struct IntakeConsumer {
+    pub db: Db,
+    pub profiles: Arc<ProfileSet>,
+    pub ingest_exchange: String,
+}
+
+enum Work {
+    Accepted(Uuid, pb::RequestAccepted),
+    Reused(Uuid, pb::RequestAccepted),
+    Rejected(Uuid, pb::RequestRejected),
+    Submit(Box<ingest::Submission>),
+}
+
+impl IntakeConsumer {
+    /// What a delivery asks for; `Err` is why it can never be handled.
+    fn classify(&self, incoming: &Incoming) -> Result<Work, String> {
+        if incoming.exchange == self.ingest_exchange {
+            return ingest::parse(incoming, &self.profiles).map(|s| Work::Submit(Box::new(s)));
+        }
+        match incoming.routing_key.as_str() {
+            REQUEST_ACCEPTED => decode_event(incoming).map(|(id, m)| Work::Accepted(id, m)),
+            REQUEST_REUSED => decode_event(incoming).map(|(id, m)| Work::Reused(id, m)),
+            REQUEST_REJECTED => decode_event(incoming).map(|(id, m)| Work::Rejected(id, m)),
+            other => Err(format!("intake does not handle {other:?}")),
+        }
+    }
+
+    /// Stores a request published as an event; the events it owes.
+    async fn submit(
+        &self,
+        tx: &Transaction<'_>,
+        s: &ingest::Submission,
+    ) -> Result<Vec<OutboxEvent>> {
+        let key = s.idempotency_key();
+        let request = NewRequest {
+            request_id: Uuid::now_v7(),
+            idempotency_key: Some(&key),
+            profile: &s.data.profile,
+            vo: &s.data.vo,
+            parameters: &s.data.parameters,
+            backend: domain::backend_or_default(&s.data.backend),
+            submitter: &s.data.submitter,
+            extend: s.data.extend,
+            reuse_existing: s.data.reuse_existing,
+            priority: s.data.priority,
+            correlation_id: Some(&s.event_id),
+            reply_to: s.reply_to.as_deref(),
+            violations: &s.violations,
+        };
+        if !store::insert_request(tx, &request).await? {
+            tracing::info!(key, "event already received");
+            return Ok(Vec::new());
+        }
+        tracing::info!(request_id = %request.request_id, source = %s.source, event_id = %s.event_id,
+            violations = s.violations.len(), "request received from an event");
+        if s.violations.is_empty() {
+            return Ok(vec![store::received_event(&request)]);
+        }
+        let rejected = pb::RequestRejected {
+            request_id: request.request_id.to_string(),
+            violations: s.violations.iter().cloned().map(Into::into).collect(),
+            existing_production_id: String::new(),
+            correlation_id: s.event_id.clone(),
+        };
+        let mut events = vec![outbox_event(
+            REQUEST_REJECTED,
+            &request.request_id.to_string(),
+            &rejected,
+        )];
+        if let Some(queue) = &s.reply_to {
+            events.push(store::reply(
+                queue,
+                request.request_id,
+                &s.event_id,
+                "rejected",
+                "",
+                "",
+                &s.violations,
+            )?);
+        }
+        Ok(events)
+    }
+
+    async fn handle_batch(&self, batch: &[Incoming]) -> Result<Vec<Outcome>> {
+        let mut outcomes = Vec::with_capacity(batch.len());
+        let mut work = Vec::new();
+        for incoming in batch {
+            match self.classify(incoming) {
+                Ok(w) => {
+                    work.push(w);
+                    outcomes.push(Outcome::Ack);
+                }
+                Err(reason) => outcomes.push(Outcome::DeadLetter(reason)),
+            }
+        }
+        let mut client = self.db.client().await?;
+        let tx = client.transaction().await.map_err(anyhow::Error::from)?;
+        let event_ids: Vec<Uuid> = work
+            .iter()
+            .filter_map(|w| match w {
+                Work::Accepted(id, _) | Work::Reused(id, _) | Work::Rejected(id, _) => Some(*id),
+                Work::Submit(_) => None,
+            })
+            .collect();
+        // Taken once: the same event twice in one batch takes effect once.
+        let mut fresh = prodsys_db::claim(&tx, &event_ids).await?;
+        let mut events = Vec::new();
+        let mut verdicts = Verdicts::default();
+        let request_id =
+            |id: &str| -> Result<Uuid> { Ok(Uuid::parse_str(id).context("request_id")?) };
+        for w in &work {
+            match w {
+                Work::Accepted(id, m) if fresh.remove(id) => {
+                    verdicts.push(
+                        request_id(&m.request_id)?,
+                        "accepted",
+                        &m.production_id,
+                        "",
+                        Vec::new(),
+                    );
+                }
+                // Answered with the production that already is this simulation.
+                Work::Reused(id, m) if fresh.remove(id) => {
+                    verdicts.push(
+                        request_id(&m.request_id)?,
+                        "accepted",
+                        &m.production_id,
+                        &m.production_id,
+                        Vec::new(),
+                    );
+                }
+                Work::Rejected(id, m) if fresh.remove(id) => {
+                    verdicts.push(
+                        request_id(&m.request_id)?,
+                        "rejected",
+                        "",
+                        &m.existing_production_id,
+                        m.violations.iter().cloned().map(Into::into).collect(),
+                    );
+                }
+                // Events from outside are deduplicated by their own source and id.
+                Work::Submit(s) => events.extend(self.submit(&tx, s).await?),
+                _ => {}
+            }
+        }
+        for recorded in store::record_verdicts(&tx, &verdicts).await? {
+            let Some(queue) = recorded.reply_to else {
+                continue;
+            };
+            let i = verdicts
+                .position(recorded.request_id)
+                .expect("a row for a verdict asked for");
+            events.push(store::reply(
+                &queue,
+                recorded.request_id,
+                &recorded.correlation_id.unwrap_or_default(),
+                verdicts.outcomes[i],
+                verdicts.production_ids[i],
+                verdicts.existing[i],
+                &verdicts.violations[i],
+            )?);
+        }
+        prodsys_db::enqueue(&tx, &self.db.outbox_channel(), &events).await?;
+        tx.commit().await.map_err(anyhow::Error::from)?;
+        Ok(outcomes)
+    }
+}
+
+impl BatchHandler for IntakeConsumer {
+    async fn handle(&self, batch: &[Incoming]) -> anyhow::Result<Vec<Outcome>> {
+        self.handle_batch(batch)
+            .await
+            .map_err(|e| HandlerError::from(e).into())
+    }
+}

@@ -1,0 +1,410 @@
+//! Intake's decisions over plain types: what makes a request acceptable at
+//! the door, what a stored request looks like, how a repeated idempotency key
+//! is answered and how the checker's verdicts are gathered. No SQL, no
+//! broker, no gRPC; IDs and times are passed in.
+
+use prodsys_core::{ProfileSet, Violation};
+use serde_json::Value;
+use uuid::Uuid;
+
+/// Longest backend, submitter or idempotency key.
+pub const MAX_NAME: usize = 128;
+
+/// Dispatch priorities a request may ask for.
+pub const PRIORITY_RANGE: std::ops::RangeInclusive<i32> = -1000..=1000;
+
+/// The backend a request that names none runs on.
+pub const DEFAULT_BACKEND: &str = "local";
+
+pub fn check_priority(priority: i32, violations: &mut Vec<Violation>) {
+    if !PRIORITY_RANGE.contains(&priority) {
+        violations.push(Violation::new(
+            "priority",
+            format!(
+                "{priority} is outside {}..{}",
+                PRIORITY_RANGE.start(),
+                PRIORITY_RANGE.end()
+            ),
+        ));
+    }
+}
+
+pub fn check_name(field: &str, value: &str, violations: &mut Vec<Violation>) {
+    if value.len() > MAX_NAME {
+        violations.push(Violation::new(
+            field,
+            format!("is longer than {MAX_NAME} characters"),
+        ));
+    } else if !value
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || "-_.:/@".contains(c))
+    {
+        violations.push(Violation::new(
+            field,
+            "may hold only letters, digits and - _ . : / @",
+        ));
+    }
+}
+
+/// `backend`, or the default when it names none.
+pub fn backend_or_default(backend: &str) -> &str {
+    if backend.is_empty() {
+        DEFAULT_BACKEND
+    } else {
+        backend
+    }
+}
+
+/// A SubmitRequest as it arrives, before it is checked.
+pub struct Proposal<'a> {
+    pub profile: &'a str,
+    pub vo: &'a str,
+    pub parameters_json: &'a str,
+    pub backend: &'a str,
+    pub submitter: &'a str,
+    pub priority: i32,
+    pub idempotency_key: &'a str,
+}
+
+/// Checks a submitted request against its profile and the API's rules;
+/// its parameters as JSON when it passes, every violation otherwise.
+pub fn check_proposal(profiles: &ProfileSet, p: &Proposal<'_>) -> Result<Value, Vec<Violation>> {
+    let checked = profiles.validate_request(p.profile, p.vo, p.parameters_json);
+    let mut violations = Vec::new();
+    check_name("backend", p.backend, &mut violations);
+    check_name("submitter", p.submitter, &mut violations);
+    check_priority(p.priority, &mut violations);
+    if p.idempotency_key.len() > MAX_NAME {
+        violations.push(Violation::new(
+            "idempotency_key",
+            format!("is longer than {MAX_NAME} characters"),
+        ));
+    }
+    match checked {
+        Ok((_, parameters)) if violations.is_empty() => Ok(parameters),
+        Ok(_) => Err(violations),
+        Err(mut found) => {
+            found.extend(violations);
+            Err(found)
+        }
+    }
+}
+
+/// Whether `id` looks like a production ID (like CTA-000042).
+pub fn is_production_id(id: &str) -> bool {
+    id.split_once('-').is_some_and(|(prefix, number)| {
+        !prefix.is_empty()
+            && prefix.chars().all(|c| c.is_ascii_uppercase())
+            && number.len() >= 6
+            && number.chars().all(|c| c.is_ascii_digit())
+    })
+}
+
+/// A checked SubmitRequest waiting for the next group commit.
+pub struct Submission {
+    /// Empty when the caller gave none.
+    pub idempotency_key: String,
+    pub profile: String,
+    pub vo: String,
+    pub parameters: Value,
+    /// Never empty: [`backend_or_default`] was applied.
+    pub backend: String,
+    pub submitter: String,
+    pub extend: bool,
+    pub reuse_existing: bool,
+    pub priority: i32,
+}
+
+/// What a stored (or replayed) submission is answered with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stored {
+    pub request_id: Uuid,
+    /// The idempotency key was known: this is the earlier request.
+    pub replayed: bool,
+}
+
+/// A request to store, from gRPC or from an event.
+pub struct NewRequest<'a> {
+    pub request_id: Uuid,
+    pub idempotency_key: Option<&'a str>,
+    pub profile: &'a str,
+    pub vo: &'a str,
+    pub parameters: &'a Value,
+    pub backend: &'a str,
+    pub submitter: &'a str,
+    pub extend: bool,
+    pub reuse_existing: bool,
+    pub priority: i32,
+    pub correlation_id: Option<&'a str>,
+    pub reply_to: Option<&'a str>,
+    /// Refused at the door: stored as REJECTED with these reasons.
+    pub violations: &'a [Violation],
+}
+
+impl<'a> NewRequest<'a> {
+    /// A checked submission, stored under `request_id`.
+    pub fn from_submission(s: &'a Submission, request_id: Uuid) -> Self {
+        Self {
+            request_id,
+            idempotency_key: (!s.idempotency_key.is_empty()).then_some(s.idempotency_key.as_str()),
+            profile: &s.profile,
+            vo: &s.vo,
+            parameters: &s.parameters,
+            backend: &s.backend,
+            submitter: &s.submitter,
+            extend: s.extend,
+            reuse_existing: s.reuse_existing,
+            priority: s.priority,
+            correlation_id: None,
+            reply_to: None,
+            violations: &[],
+        }
+    }
+
+    /// The state it is stored in.
+    pub fn state(&self) -> &'static str {
+        if self.violations.is_empty() {
+            "RECEIVED"
+        } else {
+            "REJECTED"
+        }
+    }
+}
+
+/// The request stored earlier under a submission's idempotency key.
+pub struct Earlier {
+    pub request_id: Uuid,
+    pub profile: String,
+    pub parameters: Value,
+}
+
+/// The answer to a submission whose idempotency key was used before: the
+/// earlier request when it is the same one, a conflict otherwise.
+pub fn replay(s: &Submission, earlier: &Earlier) -> Result<Stored, String> {
+    if earlier.profile != s.profile || earlier.parameters != s.parameters {
+        Err(format!(
+            "idempotency key {:?} was used for a different request ({})",
+            s.idempotency_key, earlier.request_id
+        ))
+    } else {
+        Ok(Stored {
+            request_id: earlier.request_id,
+            replayed: true,
+        })
+    }
+}
+
+/// The checker's verdicts in one batch, column by column for one update.
+#[derive(Default)]
+pub struct Verdicts<'a> {
+    pub request_ids: Vec<Uuid>,
+    pub outcomes: Vec<&'static str>,
+    pub production_ids: Vec<&'a str>,
+    pub existing: Vec<&'a str>,
+    pub violations: Vec<Vec<Violation>>,
+}
+
+impl<'a> Verdicts<'a> {
+    /// Adds a verdict (`outcome` "accepted" or "rejected"); a second one
+    /// for the same request is ignored, as the database would (the request
+    /// is no longer RECEIVED).
+    pub fn push(
+        &mut self,
+        request_id: Uuid,
+        outcome: &'static str,
+        production_id: &'a str,
+        existing: &'a str,
+        violations: Vec<Violation>,
+    ) {
+        if self.request_ids.contains(&request_id) {
+            return;
+        }
+        self.request_ids.push(request_id);
+        self.outcomes.push(outcome);
+        self.production_ids.push(production_id);
+        self.existing.push(existing);
+        self.violations.push(violations);
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.request_ids.is_empty()
+    }
+
+    /// The state each verdict leaves its request in.
+    pub fn states(&self) -> Vec<&'static str> {
+        self.outcomes.iter().map(|o| verdict_state(o)).collect()
+    }
+
+    /// Where the verdict on `request_id` is.
+    pub fn position(&self, request_id: Uuid) -> Option<usize> {
+        self.request_ids.iter().position(|id| *id == request_id)
+    }
+}
+
+/// The state a verdict's outcome leaves a request in.
+pub fn verdict_state(outcome: &str) -> &'static str {
+    if outcome == "accepted" {
+        "ACCEPTED"
+    } else {
+        "REJECTED"
+    }
+}
+
+/// The JSON answer to a publisher that named a `reply_to` queue.
+pub fn reply_body(
+    request_id: Uuid,
+    correlation_id: &str,
+    outcome: &str,
+    production_id: &str,
+    existing_production_id: &str,
+    violations: &[Violation],
+) -> Value {
+    serde_json::json!({
+        "request_id": request_id.to_string(),
+        "correlation_id": correlation_id,
+        "outcome": outcome,
+        "production_id": production_id,
+        "existing_production_id": existing_production_id,
+        "violations": violations,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fields(violations: &[Violation]) -> Vec<&str> {
+        violations.iter().map(|v| v.field.as_str()).collect()
+    }
+
+    #[test]
+    fn names_priorities_and_keys_are_checked() {
+        let mut v = Vec::new();
+        check_name("backend", "slurm-cluster_1.a:b/c@d", &mut v);
+        check_priority(1000, &mut v);
+        check_priority(-1000, &mut v);
+        assert!(v.is_empty(), "{v:?}");
+        check_name("backend", "has space", &mut v);
+        check_name("submitter", &"x".repeat(MAX_NAME + 1), &mut v);
+        check_priority(1001, &mut v);
+        assert_eq!(fields(&v), ["backend", "submitter", "priority"]);
+        assert!(v[2].description.contains("1001 is outside -1000..1000"));
+
+        let profiles = ProfileSet::default();
+        let p = Proposal {
+            profile: "none",
+            vo: "vo",
+            parameters_json: "{}",
+            backend: "bad backend",
+            submitter: "",
+            priority: 0,
+            idempotency_key: &"k".repeat(MAX_NAME + 1),
+        };
+        let found = check_proposal(&profiles, &p).expect_err("unknown profile");
+        let found = fields(&found);
+        assert!(found.contains(&"backend") && found.contains(&"idempotency_key"));
+        assert!(found.len() >= 3, "{found:?}: the profile is unknown too");
+    }
+
+    #[test]
+    fn backend_defaults_and_production_ids() {
+        assert_eq!(backend_or_default(""), "local");
+        assert_eq!(backend_or_default("slurm"), "slurm");
+        assert!(is_production_id("CTA-000042"));
+        assert!(is_production_id("LST-1234567"));
+        for bad in [
+            "cta-000042",
+            "CTA-42",
+            "-000042",
+            "CTA000042",
+            "CTA-00004x",
+            "",
+        ] {
+            assert!(!is_production_id(bad), "{bad}");
+        }
+    }
+
+    fn submission(profile: &str, parameters: Value) -> Submission {
+        Submission {
+            idempotency_key: "key-1".into(),
+            profile: profile.into(),
+            vo: "vo".into(),
+            parameters,
+            backend: "local".into(),
+            submitter: String::new(),
+            extend: false,
+            reuse_existing: false,
+            priority: 0,
+        }
+    }
+
+    #[test]
+    fn a_known_key_replays_the_same_request_and_refuses_another() {
+        let earlier = Earlier {
+            request_id: Uuid::from_u128(7),
+            profile: "cta".into(),
+            parameters: serde_json::json!({"a": 1}),
+        };
+        let same = submission("cta", serde_json::json!({"a": 1}));
+        assert_eq!(
+            replay(&same, &earlier),
+            Ok(Stored {
+                request_id: Uuid::from_u128(7),
+                replayed: true
+            })
+        );
+        let other = submission("cta", serde_json::json!({"a": 2}));
+        let conflict = replay(&other, &earlier).expect_err("different parameters");
+        assert!(conflict.contains("\"key-1\" was used for a different request"));
+        assert!(replay(&submission("lst", serde_json::json!({"a": 1})), &earlier).is_err());
+    }
+
+    #[test]
+    fn a_new_request_is_received_unless_refused_at_the_door() {
+        let s = submission("cta", serde_json::json!({}));
+        let mut new = NewRequest::from_submission(&s, Uuid::from_u128(1));
+        assert_eq!(new.idempotency_key, Some("key-1"));
+        assert_eq!(new.state(), "RECEIVED");
+        let refused = [Violation::new("energy", "too high")];
+        new.violations = &refused;
+        assert_eq!(new.state(), "REJECTED");
+        let keyless = Submission {
+            idempotency_key: String::new(),
+            ..submission("cta", serde_json::json!({}))
+        };
+        assert_eq!(
+            NewRequest::from_submission(&keyless, Uuid::from_u128(2)).idempotency_key,
+            None
+        );
+    }
+
+    #[test]
+    fn one_verdict_per_request_in_a_batch() {
+        let mut verdicts = Verdicts::default();
+        assert!(verdicts.is_empty());
+        verdicts.push(Uuid::from_u128(1), "accepted", "CTA-000001", "", Vec::new());
+        verdicts.push(Uuid::from_u128(1), "rejected", "", "", Vec::new());
+        verdicts.push(
+            Uuid::from_u128(2),
+            "rejected",
+            "",
+            "CTA-000001",
+            vec![Violation::new("x", "y")],
+        );
+        assert_eq!(verdicts.request_ids.len(), 2);
+        assert_eq!(verdicts.states(), ["ACCEPTED", "REJECTED"]);
+        assert_eq!(verdicts.position(Uuid::from_u128(2)), Some(1));
+        assert_eq!(verdicts.position(Uuid::from_u128(3)), None);
+        let body = reply_body(
+            Uuid::from_u128(2),
+            "c-1",
+            "rejected",
+            "",
+            "CTA-000001",
+            &verdicts.violations[1],
+        );
+        assert_eq!(body["outcome"], "rejected");
+        assert_eq!(body["existing_production_id"], "CTA-000001");
+        assert_eq!(body["violations"][0]["field"], "x");
+    }
+}
