@@ -56,9 +56,9 @@ impl From<CatalogError> for tonic::Status {
             CatalogError::Invalid(violations) => ServiceError::Validation(violations),
             CatalogError::NotFound(what) => ServiceError::NotFound(what),
             CatalogError::Permanent(reason) => return tonic::Status::invalid_argument(reason),
+            // UNAVAILABLE, as the shared mapping answers every transient failure.
             CatalogError::Transient(error) => {
-                tracing::warn!(error = format!("{error:#}"), "a dependency is unavailable");
-                return tonic::Status::unavailable(format!("unavailable, retry later: {error:#}"));
+                ServiceError::Unexpected(prodsys_messaging::Transient::wrap(error))
             }
             CatalogError::Unexpected(error) => ServiceError::Unexpected(error),
         };

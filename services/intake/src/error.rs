@@ -54,9 +54,9 @@ impl From<IntakeError> for tonic::Status {
             IntakeError::NotFound(what) => ServiceError::NotFound(what),
             IntakeError::Conflict(what) => ServiceError::Conflict(what),
             IntakeError::Permanent(reason) => return tonic::Status::invalid_argument(reason),
+            // UNAVAILABLE, as the shared mapping answers every transient failure.
             IntakeError::Transient(error) => {
-                tracing::warn!(error = format!("{error:#}"), "a dependency is unavailable");
-                return tonic::Status::unavailable(format!("unavailable, retry later: {error:#}"));
+                ServiceError::Unexpected(prodsys_messaging::Transient::wrap(error))
             }
             IntakeError::Unexpected(error) => ServiceError::Unexpected(error),
         };
