@@ -67,6 +67,36 @@ async fn new_simulations_are_accepted_and_an_overlap_is_named_per_nsb_level() {
         "{:?}",
         dry.explanations
     );
+    // prodctl validate prints the same explanations.
+    let file = app.env.work_dir.join("both.json");
+    std::fs::create_dir_all(&app.env.work_dir).unwrap();
+    std::fs::write(
+        &file,
+        json!({
+            "profile": both.profile,
+            "vo": both.vo,
+            "parameters": serde_json::from_str::<serde_json::Value>(&both.parameters_json).unwrap(),
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let printed = std::process::Command::new(support::built_binary("prodctl", "prodctl"))
+        .arg("--intake")
+        .arg(format!(
+            "http://{}",
+            app.stack.addr(prodsys::Service::Intake).unwrap()
+        ))
+        .arg("validate")
+        .arg(&file)
+        .output()
+        .unwrap();
+    let printed = String::from_utf8_lossy(&printed.stdout);
+    assert!(
+        printed
+            .lines()
+            .any(|l| l.starts_with("why          nsb 19: no file of this identity in the catalog")),
+        "{printed}"
+    );
     let refused = app
         .decided(&app.submit(both.clone()).await.unwrap().request_id)
         .await;

@@ -461,6 +461,10 @@ fn print_validation(v: &pb::Validation) {
     for o in &v.overlaps {
         println!("overlaps     {}: {}", o.production_id, o.description);
     }
+    // Why: per identity, what the existence check found and which keys differ.
+    for explanation in &v.explanations {
+        println!("why          {explanation}");
+    }
     if let Some(p) = &v.plan {
         println!(
             "plan         {} job(s) of {} unit(s), {} in all, runs {}..{}",
