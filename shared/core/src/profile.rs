@@ -466,15 +466,33 @@ impl Profile {
 
     /// SHA-256 (hex) of the canonical JSON of the profile name and the identity parameters.
     pub fn fingerprint(&self, parameters: &Value) -> String {
+        self.identity_digest("identity", &BTreeSet::new(), parameters)
+    }
+
+    /// SHA-256 (hex) of `{"profile": name, <label>: identity}`, the identity
+    /// parameters but `left_out` in canonical JSON: every fingerprint's form.
+    fn identity_digest(
+        &self,
+        label: &str,
+        left_out: &BTreeSet<&str>,
+        parameters: &Value,
+    ) -> String {
         let mut identity = Map::new();
-        for key in &self.file.identity {
+        for key in self
+            .file
+            .identity
+            .iter()
+            .filter(|k| !left_out.contains(k.as_str()))
+        {
             identity.insert(
                 key.clone(),
                 canonical(parameters.get(key).unwrap_or(&Value::Null)),
             );
         }
-        let doc = serde_json::json!({ "profile": self.file.name, "identity": identity });
-        hex::encode(Sha256::digest(doc.to_string().as_bytes()))
+        let mut doc = Map::new();
+        doc.insert("profile".into(), Value::String(self.file.name.clone()));
+        doc.insert(label.into(), Value::Object(identity));
+        hex::encode(Sha256::digest(Value::Object(doc).to_string().as_bytes()))
     }
 
     /// Fingerprint of the identity without its statistics and ranges: equal
@@ -487,20 +505,7 @@ impl Profile {
             .chain(self.file.ranges.iter().flat_map(|r| [&r.min, &r.max]))
             .map(String::as_str)
             .collect();
-        let mut identity = Map::new();
-        for key in self
-            .file
-            .identity
-            .iter()
-            .filter(|k| !varying.contains(k.as_str()))
-        {
-            identity.insert(
-                key.clone(),
-                canonical(parameters.get(key).unwrap_or(&Value::Null)),
-            );
-        }
-        let doc = serde_json::json!({ "profile": self.file.name, "base": identity });
-        hex::encode(Sha256::digest(doc.to_string().as_bytes()))
+        self.identity_digest("base", &varying, parameters)
     }
 
     /// How `mine` overlaps `theirs`, two requests with the same base
@@ -1198,20 +1203,7 @@ impl Profile {
             .chain(catalog.per_file.values().map(|p| &p.values))
             .map(String::as_str)
             .collect();
-        let mut identity = Map::new();
-        for key in self
-            .file
-            .identity
-            .iter()
-            .filter(|k| !varying.contains(k.as_str()))
-        {
-            identity.insert(
-                key.clone(),
-                canonical(parameters.get(key).unwrap_or(&Value::Null)),
-            );
-        }
-        let doc = serde_json::json!({ "profile": self.file.name, "file_base": identity });
-        Some(hex::encode(Sha256::digest(doc.to_string().as_bytes())))
+        Some(self.identity_digest("file_base", &varying, parameters))
     }
 
     /// How the files of `mine` overlap those of `theirs`, two requests with
