@@ -848,16 +848,7 @@ async fn publish_raw(
 
 /// Closes every broker connection whose client name carries `prefix`.
 fn close_connections(prefix: &str) {
-    let output = Command::new("rabbitmqctl")
-        .args(["list_connections", "pid", "client_properties", "-q"])
-        .output()
-        .expect("rabbitmqctl runs");
-    let marker = format!("@{prefix}\"");
-    let pids: Vec<String> = String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .filter(|line| line.contains(&marker))
-        .filter_map(|line| line.split('\t').next().map(str::to_string))
-        .collect();
+    let pids = support::broker_connections(prefix);
     assert!(!pids.is_empty(), "the cluster's connections are listed");
     for pid in pids {
         let _ = Command::new("rabbitmqctl")

@@ -8,21 +8,7 @@ use std::time::Duration;
 
 use prodsys_proto as pb;
 use prodsys_testkit::wait_for;
-use support::{App, cta_example, spawn_app};
-
-/// The broker-side ids of this test's connections.
-fn connections(prefix: &str) -> Vec<String> {
-    let output = Command::new("rabbitmqctl")
-        .args(["list_connections", "pid", "client_properties", "-q"])
-        .output()
-        .expect("rabbitmqctl runs");
-    let marker = format!("@{prefix}\"");
-    String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .filter(|line| line.contains(&marker))
-        .filter_map(|line| line.split('\t').next().map(str::to_string))
-        .collect()
-}
+use support::{App, broker_connections, cta_example, spawn_app};
 
 /// A request for a simulation nobody submitted before in this test.
 fn fresh_request(zenith: u32) -> pb::SubmitRequestRequest {
@@ -54,7 +40,7 @@ async fn run_to_completion(app: &App, request: pb::SubmitRequestRequest) -> Stri
 async fn services_reconnect_to_the_broker_and_finish_new_productions() {
     let app = spawn_app().await;
     run_to_completion(&app, fresh_request(20)).await;
-    let before = connections(&app.env.prefix);
+    let before = broker_connections(&app.env.prefix);
     assert_eq!(before.len(), 5, "one connection per service: {before:?}");
     for pid in &before {
         let status = Command::new("rabbitmqctl")
@@ -64,7 +50,7 @@ async fn services_reconnect_to_the_broker_and_finish_new_productions() {
         assert!(status.success());
     }
     let after = wait_for("five new connections", Duration::from_secs(30), || async {
-        let now = connections(&app.env.prefix);
+        let now = broker_connections(&app.env.prefix);
         (now.len() == 5 && now.iter().all(|pid| !before.contains(pid))).then_some(now)
     })
     .await

@@ -578,3 +578,18 @@ impl App {
         start_services(self.env, services).await
     }
 }
+
+/// The broker-side ids of the connections whose client name carries `prefix`
+/// (every service names its connection `prodsys-<service>@<prefix>`).
+pub fn broker_connections(prefix: &str) -> Vec<String> {
+    let output = std::process::Command::new("rabbitmqctl")
+        .args(["list_connections", "pid", "client_properties", "-q"])
+        .output()
+        .expect("rabbitmqctl runs");
+    let marker = format!("@{prefix}\"");
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter(|line| line.contains(&marker))
+        .filter_map(|line| line.split('\t').next().map(str::to_string))
+        .collect()
+}
