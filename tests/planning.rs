@@ -213,21 +213,7 @@ async fn a_cancel_that_arrives_before_its_production_is_applied_when_it_arrives(
     )
     .await
     .unwrap();
-    wait_for(
-        "the dispatcher to remember the cancel",
-        Duration::from_secs(30),
-        || async {
-            db.query_opt(
-                "SELECT 1 FROM dispatcher.pending_cancels WHERE production_id = $1",
-                &[&production],
-            )
-            .await
-            .unwrap()
-            .map(|_| ())
-        },
-    )
-    .await
-    .unwrap();
+    cancel_remembered(&db, &production).await;
     channel
         .basic_publish(
             format!("{}prodsys.events", app.env.prefix).as_str().into(),
@@ -281,21 +267,7 @@ async fn a_cancel_of_an_id_not_given_yet_does_not_cancel_the_production_that_get
     // A mistyped ID that no production has yet: remembered, in case its
     // production is only late ...
     assert!(app.cancel(&next, "typo").await.unwrap().accepted);
-    wait_for(
-        "the dispatcher to remember the cancel",
-        Duration::from_secs(30),
-        || async {
-            db.query_opt(
-                "SELECT 1 FROM dispatcher.pending_cancels WHERE production_id = $1",
-                &[&next],
-            )
-            .await
-            .unwrap()
-            .map(|_| ())
-        },
-    )
-    .await
-    .unwrap();
+    cancel_remembered(&db, &next).await;
     // ... but the production accepted afterwards under that ID runs.
     let production = app.accepted(sleep_request(2, 0.0, -1, "second", "")).await;
     assert_eq!(production, next);
@@ -424,4 +396,24 @@ async fn cancelling_two_hundred_thousand_queued_jobs_takes_seconds_and_counts_ev
         .get(0);
     assert_eq!(unfinished, 0);
     app.stop().await;
+}
+
+/// Waits until the dispatcher has stored a cancel of `production_id` that
+/// arrived before the production.
+async fn cancel_remembered(db: &tokio_postgres::Client, production_id: &str) {
+    wait_for(
+        "the dispatcher to remember the cancel",
+        Duration::from_secs(30),
+        || async {
+            db.query_opt(
+                "SELECT 1 FROM dispatcher.pending_cancels WHERE production_id = $1",
+                &[&production_id],
+            )
+            .await
+            .unwrap()
+            .map(|_| ())
+        },
+    )
+    .await
+    .unwrap();
 }
