@@ -15,6 +15,9 @@ use serde::{Deserialize, Serialize, Serializer};
 #[serde(default)]
 pub struct Settings {
     pub profiles_dir: PathBuf,
+    /// Directory of container templates (one JSON file per profile whose
+    /// jobs run in containers); one that does not exist holds none.
+    pub templates_dir: PathBuf,
     pub database: DatabaseSettings,
     pub amqp: AmqpSettings,
     pub grpc: GrpcSettings,
@@ -245,6 +248,7 @@ impl Default for Settings {
     fn default() -> Self {
         Self {
             profiles_dir: PathBuf::from("profiles"),
+            templates_dir: PathBuf::from("var/templates"),
             database: DatabaseSettings::default(),
             amqp: AmqpSettings::default(),
             grpc: GrpcSettings::default(),

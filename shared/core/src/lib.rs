@@ -3,6 +3,7 @@
 //! names of the events the services exchange, and file checksums.
 
 pub mod checksum;
+pub mod container;
 pub mod events;
 pub mod profile;
 pub mod state;

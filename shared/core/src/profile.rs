@@ -12,6 +12,9 @@ use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
 use crate::Violation;
+use crate::container::{
+    ContainerPolicy, Containers, RecordedTemplates, ResolvedTemplate, TEMPLATE_KEY, TemplateError,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProfileError {
@@ -63,6 +66,10 @@ struct ProfileFile {
     /// Most jobs one production of this profile may have.
     #[serde(default = "default_max_jobs")]
     max_jobs: u64,
+    /// How jobs run in containers, when they do: the runtimes' command lines
+    /// and the images each VO may run.
+    #[serde(default)]
+    containers: Option<ContainerPolicy>,
     job: JobTemplate,
     outputs: OutputTemplate,
 }
@@ -138,8 +145,13 @@ pub struct Resources {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct JobTemplate {
-    /// Program and arguments; `{name}` placeholders are filled per job.
+    /// Program and arguments; `{name}` placeholders are filled per job. In a
+    /// container job, the arguments after the template's entrypoint.
     pub command: Vec<String>,
+    /// The job runs the request's container template (the profile's
+    /// `containers` section says how).
+    #[serde(default)]
+    pub container: bool,
     #[serde(default)]
     pub env: BTreeMap<String, String>,
 }
@@ -166,6 +178,7 @@ pub const JOB_VARIABLES: &[&str] = &[
     "job_units",
     "attempt",
     "output_dir",
+    "memory_mb",
 ];
 /// Variables the LFN and metadata templates may use besides the job variables.
 pub const OUTPUT_VARIABLES: &[&str] = &["file_name", "run_group"];
@@ -175,6 +188,7 @@ pub const OUTPUT_VARIABLES: &[&str] = &["file_name", "run_group"];
 pub struct Profile {
     file: ProfileFile,
     validator: jsonschema::Validator,
+    containers: Option<Containers>,
 }
 
 /// One job of a plan.
@@ -242,15 +256,20 @@ impl Profile {
         let file: ProfileFile = serde_json::from_str(text).map_err(|e| invalid(e.to_string()))?;
         let validator = jsonschema::validator_for(&file.parameters)
             .map_err(|e| invalid(format!("parameters is not a valid JSON Schema: {e}")))?;
-        let properties: BTreeSet<String> = file
+        let mut properties: BTreeSet<String> = file
             .parameters
             .get("properties")
             .and_then(Value::as_object)
             .map(|p| p.keys().cloned().collect())
             .unwrap_or_default();
+        if file.containers.is_some() {
+            // The resolved template travels with the parameters.
+            properties.insert(TEMPLATE_KEY.to_string());
+        }
         let known = |name: &str| properties.contains(name);
         for key in &file.identity {
-            if !known(key) {
+            // `template.version` names a member of an object parameter.
+            if !known(key.split('.').next().unwrap_or(key)) {
                 return Err(invalid(format!("identity key {key:?} is not a parameter")));
             }
         }
@@ -299,8 +318,13 @@ impl Profile {
                 )));
             }
         }
-        if file.job.command.is_empty() {
+        if file.job.command.is_empty() && !file.job.container {
             return Err(invalid("job.command is empty".into()));
+        }
+        if file.job.container && file.containers.is_none() {
+            return Err(invalid(
+                "job.container needs a containers section (runtimes, allowed_images)".into(),
+            ));
         }
         if !file.id_prefix.chars().all(|c| c.is_ascii_uppercase()) || file.id_prefix.is_empty() {
             return Err(invalid(format!(
@@ -340,7 +364,16 @@ impl Profile {
                 .map_err(|e| invalid(format!("catalog: {e}")))?;
         }
         let output_vars: BTreeSet<&str> = output_vars.into_iter().chain(per_file).collect();
-        let job_templates = file.job.command.iter().chain(file.job.env.values());
+        let runtime_templates = file
+            .containers
+            .iter()
+            .flat_map(|c| c.runtimes.values().flatten());
+        let job_templates = file
+            .job
+            .command
+            .iter()
+            .chain(file.job.env.values())
+            .chain(runtime_templates);
         for template in job_templates {
             check_template(template, &job_vars).map_err(|e| invalid(format!("job: {e}")))?;
         }
@@ -349,7 +382,83 @@ impl Profile {
         for template in output_templates {
             check_template(template, &output_vars).map_err(|e| invalid(format!("outputs: {e}")))?;
         }
-        Ok(Self { file, validator })
+        let containers = file.containers.clone().map(|policy| Containers {
+            policy,
+            templates: BTreeMap::new(),
+        });
+        Ok(Self {
+            file,
+            validator,
+            containers,
+        })
+    }
+
+    /// The container templates of this profile, when its jobs run in containers.
+    pub fn containers(&self) -> Option<&Containers> {
+        self.containers.as_ref()
+    }
+
+    /// The request's template resolved (shipped, recorded or derived now), or
+    /// the violations that refuse it; `Ok(None)` for a profile without
+    /// containers. See [`Containers::resolve`] for `recorded`.
+    pub fn resolve_template(
+        &self,
+        vo: &str,
+        parameters: &Value,
+        recorded: Option<&dyn RecordedTemplates>,
+    ) -> Result<Option<ResolvedTemplate>, Vec<Violation>> {
+        match &self.containers {
+            Some(containers) => containers.resolve(vo, parameters, recorded),
+            None => Ok(None),
+        }
+    }
+
+    /// The parameters with the resolved template, as the production carries them.
+    pub fn with_template(&self, mut parameters: Value, template: &ResolvedTemplate) -> Value {
+        if let Some(object) = parameters.as_object_mut() {
+            object.insert(
+                TEMPLATE_KEY.to_string(),
+                serde_json::to_value(template).unwrap_or_default(),
+            );
+        }
+        parameters
+    }
+
+    /// Program, arguments and environment of one job, from its variables
+    /// (see [`Profile::job_variables`]) and its production's parameters.
+    pub fn job_command(
+        &self,
+        parameters: &Value,
+        vars: &BTreeMap<String, String>,
+    ) -> Result<(String, Vec<String>, Vec<(String, String)>), String> {
+        let job = &self.file.job;
+        let args: Vec<String> = job.command.iter().map(|t| render(t, vars)).collect();
+        let env: Vec<(String, String)> = job
+            .env
+            .iter()
+            .map(|(k, v)| (k.clone(), render(v, vars)))
+            .collect();
+        let mut command = if job.container {
+            let containers = self
+                .containers
+                .as_ref()
+                .ok_or("the profile has no containers section")?;
+            let template: ResolvedTemplate = parameters
+                .get(TEMPLATE_KEY)
+                .cloned()
+                .map(serde_json::from_value)
+                .transpose()
+                .map_err(|e| format!("the production's template cannot be read: {e}"))?
+                .ok_or("the production carries no resolved container template")?;
+            containers.command(&template, vars, &env, args)?
+        } else {
+            args
+        }
+        .into_iter();
+        let program = command.next().unwrap_or_default();
+        // A container's environment is passed on its command line.
+        let env = if job.container { Vec::new() } else { env };
+        Ok((program, command.collect(), env))
     }
 
     pub fn name(&self) -> &str {
@@ -461,6 +570,11 @@ impl Profile {
                 violations.push(v);
             }
         }
+        if violations.is_empty()
+            && let Err(refused) = self.resolve_template(vo, parameters, None)
+        {
+            violations.extend(refused);
+        }
         violations
     }
 
@@ -484,10 +598,12 @@ impl Profile {
             .iter()
             .filter(|k| !left_out.contains(k.as_str()))
         {
-            identity.insert(
-                key.clone(),
-                canonical(parameters.get(key).unwrap_or(&Value::Null)),
-            );
+            let value = parameters.get(key).or_else(|| {
+                key.contains('.')
+                    .then(|| parameters.pointer(&format!("/{}", key.replace('.', "/"))))
+                    .flatten()
+            });
+            identity.insert(key.clone(), canonical(value.unwrap_or(&Value::Null)));
         }
         let mut doc = Map::new();
         doc.insert("profile".into(), Value::String(self.file.name.clone()));
@@ -643,6 +759,10 @@ impl Profile {
         vars.insert("job_units".into(), job.units.to_string());
         vars.insert("attempt".into(), attempt.to_string());
         vars.insert("output_dir".into(), output_dir.into());
+        vars.insert(
+            "memory_mb".into(),
+            self.file.resources.memory_mb.to_string(),
+        );
         vars.insert(
             "run_group".into(),
             format!("{:03}xxx", job.run_number / 1000),
@@ -820,6 +940,42 @@ impl ProfileSet {
 
     pub fn get(&self, name: &str) -> Option<&Profile> {
         self.profiles.get(name)
+    }
+
+    /// Adds the container templates of `dir` (one file per profile; a
+    /// directory that does not exist holds none) to their profiles.
+    pub fn with_templates(mut self, dir: &Path) -> Result<Self, TemplateError> {
+        for (path, profile, templates) in crate::container::load_templates_dir(dir)? {
+            let invalid = |reason: String| TemplateError::Invalid {
+                path: path.clone(),
+                reason,
+            };
+            let containers = self
+                .profiles
+                .get_mut(&profile)
+                .ok_or_else(|| invalid(format!("unknown profile {profile:?}")))?
+                .containers
+                .as_mut()
+                .ok_or_else(|| invalid(format!("profile {profile} runs no containers")))?;
+            for template in templates {
+                if !containers.policy.runtimes.contains_key(&template.runtime) {
+                    return Err(invalid(format!(
+                        "template {}: runtime {:?} is not one of profile {profile}'s ({})",
+                        template.name,
+                        template.runtime,
+                        containers
+                            .policy
+                            .runtimes
+                            .keys()
+                            .cloned()
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )));
+                }
+                containers.templates.insert(template.name.clone(), template);
+            }
+        }
+        Ok(self)
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &Profile> {
@@ -1421,40 +1577,195 @@ mod tests {
         assert_ne!(p.base_fingerprint(&base), p.base_fingerprint(&other_site));
     }
 
-    #[test]
-    fn km3net_example_validates_and_a_derived_image_replaces_the_template_image() {
-        let set = profiles();
-        let p = set.get("km3net-container-sim").unwrap();
+    /// The shipped profiles with the KM3NeT templates, their image pinned to `digest`.
+    fn profiles_with_templates(digest: &str) -> ProfileSet {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let source = std::fs::read_to_string(
+            root.join("deploy/local/images/km3net-toysim/templates.json.in"),
+        )
+        .unwrap();
+        let dir = std::env::temp_dir().join(format!(
+            "prodsys-templates-{}-{}",
+            std::process::id(),
+            &digest[..8]
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("km3net.json"),
+            source.replace("@IMAGE@", &format!("localhost/km3net/toysim@sha256:{digest}")),
+        )
+        .unwrap();
+        let set = profiles().with_templates(&dir).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        set
+    }
+
+    fn km3net_example() -> Value {
         let path =
             Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/km3net-container-sim.json");
         let request: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-        let mut params = request["parameters"].clone();
+        request["parameters"].clone()
+    }
+
+    #[test]
+    fn km3net_example_derives_a_template_whose_parameters_reach_the_container() {
+        let digest = "ab".repeat(32);
+        let set = profiles_with_templates(&digest);
+        let p = set.get("km3net-container-sim").unwrap();
+        let params = km3net_example();
         assert_eq!(p.validate("km3net.org", &params), vec![]);
         assert_eq!(p.validate("vo.cta.in2p3.fr", &params)[0].field, "vo");
-        let plan = p.plan(&params, "fp", 0).unwrap();
+        let recorded: BTreeMap<String, ResolvedTemplate> = BTreeMap::new();
+        let t = p
+            .resolve_template("km3net.org", &params, Some(&recorded))
+            .unwrap()
+            .unwrap();
+        assert_eq!(t.name, "gseagen-7.4.1-seawater-v2");
+        assert_eq!(t.from, "gseagen-7.4.1");
+        assert_eq!(t.digest, format!("sha256:{digest}"));
+        assert!(t.version.starts_with("gseagen-7.4.1+abababababab+"), "{}", t.version);
+        assert_eq!(t.parameters["seawater_model"], "v2");
+        assert_eq!(t.parameters["photocathode"], "R12199");
+        let with = p.with_template(params.clone(), &t);
+        let plan = p.plan(&with, "fp", 0).unwrap();
         assert_eq!(plan.job_count, 4);
-        let vars = p.job_variables(
-            &params,
-            "KM-000001",
-            "km3net.org",
-            &plan.job(0),
-            1,
-            "/w/output",
+        let vars = p.job_variables(&with, "KM-000001", "km3net.org", &plan.job(0), 1, "/w/output");
+        let (program, args, env) = p.job_command(&with, &vars).unwrap();
+        assert_eq!(program, "podman");
+        assert!(env.is_empty(), "a container gets its environment on its command line");
+        let line = args.join(" ");
+        for part in [
+            "--runtime runc run --rm --network none",
+            "--ulimit nofile=1024:1024 --ulimit nproc=1024:1024",
+            "--memory 1024m --memory-swap 1024m -v /w/output:/output",
+            "--env PRODSYS_PARAM_SEAWATER_MODEL=v2",
+            "--env PRODSYS_PARAM_LIGHT_YIELD=0.95",
+            "--env KM3NET_OUTPUT_STORAGE=KM3NeT-TMP-DISK",
+            &format!("localhost/km3net/toysim@sha256:{digest} /usr/local/bin/prodsys-toysim km3net --generator gSeaGen"),
+            "--events 5000 --run 1 --seed",
+        ] {
+            assert!(line.contains(part), "{part:?} not in {line}");
+        }
+        let metadata = p.output_metadata(&vars);
+        assert_eq!(metadata["template"], "gseagen-7.4.1-seawater-v2");
+        assert_eq!(metadata["template_version"], t.version);
+        assert_eq!(metadata["image_digest"], t.digest);
+        // Reused by name later: the same template, the same fingerprint.
+        let mut recorded = BTreeMap::new();
+        recorded.insert(t.name.clone(), t.clone());
+        let mut again = params.clone();
+        again.as_object_mut().unwrap().remove("derived_template");
+        again["container_template"] = json!("gseagen-7.4.1-seawater-v2");
+        let reused = p
+            .resolve_template("km3net.org", &again, Some(&recorded))
+            .unwrap()
+            .unwrap();
+        assert_eq!(reused, t);
+        assert_eq!(
+            p.fingerprint(&p.with_template(again, &reused)),
+            p.fingerprint(&with)
         );
-        assert_eq!(vars["image"], "docker://km3net/gseagen:7.4.2-rc1");
-        params.as_object_mut().unwrap().remove("derived_template");
-        let vars = p.job_variables(
-            &params,
-            "KM-000001",
-            "km3net.org",
-            &plan.job(0),
-            1,
-            "/w/output",
+        // The shipped template itself is another simulation.
+        let mut plain = params.clone();
+        plain.as_object_mut().unwrap().remove("derived_template");
+        let shipped = p
+            .resolve_template("km3net.org", &plain, Some(&recorded))
+            .unwrap()
+            .unwrap();
+        assert!(!shipped.is_derived());
+        assert_ne!(
+            p.fingerprint(&p.with_template(plain, &shipped)),
+            p.fingerprint(&with)
         );
-        assert_eq!(vars["image"], "docker://km3net/gseagen:7.4.1");
-        params["derived_template"] = json!({"image": "http://evil"});
-        let v = p.validate("km3net.org", &params);
+    }
+
+    #[test]
+    fn km3net_refusals_name_the_field() {
+        let set = profiles_with_templates(&"cd".repeat(32));
+        let p = set.get("km3net-container-sim").unwrap();
+        let recorded: BTreeMap<String, ResolvedTemplate> = BTreeMap::new();
+        let refused = |params: &Value| -> Vec<Violation> {
+            let mut v = p.validate("km3net.org", params);
+            if v.is_empty() {
+                v = p
+                    .resolve_template("km3net.org", params, Some(&recorded))
+                    .unwrap_err();
+            }
+            v
+        };
+        let mut outside = km3net_example();
+        outside["derived_template"]["image"] =
+            json!(format!("docker.io/evil/miner@sha256:{}", "ef".repeat(32)));
+        let v = refused(&outside);
         assert_eq!(v[0].field, "parameters.derived_template.image", "{v:?}");
+        assert!(v[0].description.contains("not an image km3net.org may run"), "{v:?}");
+        let mut unpinned = km3net_example();
+        unpinned["derived_template"]["image"] = json!("localhost/km3net/toysim:latest");
+        assert_eq!(refused(&unpinned)[0].field, "parameters.derived_template.image");
+        let mut unknown = km3net_example();
+        unknown["container_template"] = json!("nosuch-1.0");
+        // Intake cannot see recorded derivations: only the checker refuses it.
+        assert_eq!(p.validate("km3net.org", &unknown), vec![]);
+        let v = refused(&unknown);
+        assert_eq!(v[0].field, "parameters.container_template", "{v:?}");
+        let mut disallowed = km3net_example();
+        disallowed["derived_template"]["parameters"]["photocathode"] = json!("other");
+        let v = p.validate("km3net.org", &disallowed);
+        assert_eq!(
+            v[0].field,
+            "parameters.derived_template.parameters.photocathode",
+            "{v:?}"
+        );
+        assert!(v[0].description.contains("does not allow overriding"), "{v:?}");
+        let mut bad_value = km3net_example();
+        bad_value["derived_template"]["parameters"]["seawater_model"] = json!("v9");
+        let v = p.validate("km3net.org", &bad_value);
+        assert_eq!(
+            v[0].field,
+            "parameters.derived_template.parameters.seawater_model",
+            "{v:?}"
+        );
+        let mut taken = km3net_example();
+        taken["derived_template"]["name"] = json!("mupage-4.3");
+        assert_eq!(
+            p.validate("km3net.org", &taken)[0].field,
+            "parameters.derived_template.name"
+        );
+        // A name recorded for another derivation is not reused silently.
+        let mut recorded = BTreeMap::new();
+        let mut other = km3net_example();
+        other["derived_template"]["parameters"]["seawater_model"] = json!("v1");
+        let t = p
+            .resolve_template("km3net.org", &other, Some(&BTreeMap::new()))
+            .unwrap()
+            .unwrap();
+        recorded.insert(t.name.clone(), t);
+        let v = p
+            .resolve_template("km3net.org", &km3net_example(), Some(&recorded))
+            .unwrap_err();
+        assert_eq!(v[0].field, "parameters.derived_template.name", "{v:?}");
+    }
+
+    #[test]
+    fn an_apptainer_template_renders_apptainer_exec() {
+        let set = profiles_with_templates(&"01".repeat(32));
+        let p = set.get("km3net-container-sim").unwrap();
+        let params = km3net_example();
+        let mut t = p
+            .resolve_template("km3net.org", &params, None)
+            .unwrap()
+            .unwrap();
+        t.runtime = "apptainer".into();
+        t.image = "docker://km3net/gseagen@sha256:".to_string() + &"01".repeat(32);
+        let with = p.with_template(params, &t);
+        let plan = p.plan(&with, "fp", 0).unwrap();
+        let vars = p.job_variables(&with, "KM-000001", "km3net.org", &plan.job(0), 1, "/w/output");
+        let (program, args, _) = p.job_command(&with, &vars).unwrap();
+        assert_eq!(program, "apptainer");
+        assert_eq!(
+            args[..6],
+            ["exec", "--containall", "--no-home", "--bind", "/w/output:/output", "--env"]
+        );
     }
 
     #[test]
@@ -1536,21 +1847,20 @@ mod tests {
     }
 
     #[test]
-    fn km3net_identities_tell_interactions_apart() {
-        let set = profiles();
+    fn km3net_identities_tell_interactions_and_templates_apart() {
+        let set = profiles_with_templates(&"ab".repeat(32));
         let p = set.get("km3net-container-sim").unwrap();
-        let path =
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/km3net-container-sim.json");
-        let request: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-        let params = request["parameters"].clone();
-        let ids = p.file_identities(&params);
+        let params = km3net_example();
+        let t = p
+            .resolve_template("km3net.org", &params, None)
+            .unwrap()
+            .unwrap();
+        let ids = p.file_identities(&p.with_template(params, &t));
         assert_eq!(ids.len(), 1);
         assert_eq!(ids[0].label, "");
         assert_eq!(ids[0].query.if_present["interaction"], "CC");
-        assert_eq!(
-            ids[0].query.if_present["container_image"],
-            "docker://km3net/gseagen:7.4.2-rc1"
-        );
+        assert_eq!(ids[0].query.if_present["template_version"], t.version);
+        assert_eq!(ids[0].query.if_present["image_digest"], t.digest);
     }
 
     #[test]
