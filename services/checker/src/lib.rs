@@ -16,6 +16,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use prodsys_core::events::{REQUEST_ACCEPTED, REQUEST_RECEIVED, REQUEST_REJECTED, REQUEST_REUSED};
+use prodsys_core::container::ResolvedTemplate;
 use prodsys_core::{Profile, ProfileSet, Violation};
 use prodsys_db::Cached;
 use prodsys_db::deadpool_postgres::Transaction;
@@ -34,6 +35,7 @@ pub const MIGRATIONS: &[Migration] = prodsys_db::migrations![
     "0002_overlaps_and_run_ranges.sql",
     "0020_file_base_fingerprints.sql",
     "0050_id_sequences_by_prefix.sql",
+    "0150_derived_templates.sql",
 ];
 
 pub async fn start(
@@ -41,7 +43,10 @@ pub async fn start(
     shutdown: CancellationToken,
 ) -> anyhow::Result<Running> {
     let profiles = Arc::new(
-        ProfileSet::load_dir(&settings.profiles_dir).context("loading production profiles")?,
+        ProfileSet::load_dir(&settings.profiles_dir)
+            .context("loading production profiles")?
+            .with_templates(&settings.templates_dir)
+            .context("loading container templates")?,
     );
     let foundation = Foundation::start(
         settings,
@@ -273,8 +278,9 @@ struct Prepared<'p> {
 }
 
 impl Checker {
-    /// The checks that need nothing stored: installation, schema, rules.
-    fn prepare(&self, candidate: &Candidate<'_>) -> Prepared<'_> {
+    /// The checks that need nothing stored but the derived templates a
+    /// candidate may name (`recorded`): installation, schema, rules, template.
+    fn prepare(&self, candidate: &Candidate<'_>, recorded: &Recorded) -> Prepared<'_> {
         let mut validation = pb::Validation::default();
         if !self.installations.iter().any(|i| i == candidate.backend) {
             validation.violations.push(
@@ -295,6 +301,19 @@ impl Checker {
             candidate.parameters_json,
         ) {
             Ok((profile, parameters)) => {
+                let parameters =
+                    match profile.resolve_template(candidate.vo, &parameters, Some(recorded)) {
+                        Ok(Some(template)) => profile.with_template(parameters, &template),
+                        Ok(None) => parameters,
+                        Err(violations) => {
+                            validation.violations =
+                                violations.into_iter().map(Into::into).collect();
+                            return Prepared {
+                                validation,
+                                checked: None,
+                            };
+                        }
+                    };
                 validation.fingerprint = profile.fingerprint(&parameters);
                 let base = profile.base_fingerprint(&parameters);
                 Prepared {
@@ -600,6 +619,7 @@ impl Checker {
         // Placeholder → real production ID, for overlaps named inside the batch.
         let mut renamed: HashMap<String, String> = HashMap::new();
         let mut rows = NewProductions::default();
+        let mut derivations = Vec::new();
         let mut events = Vec::with_capacity(requests.len());
         for (request, evaluation) in requests.iter().zip(verdicts) {
             let Evaluation {
@@ -649,6 +669,9 @@ impl Checker {
                 extends = validation.overlaps.len(), "request accepted");
             let parameters_json = accepted.parameters.to_string();
             let run_number_offset = accepted.run_number_offset as u64;
+            if let Some(template) = derived_template(&accepted.parameters) {
+                derivations.push((template, accepted.profile.name(), production_id.clone()));
+            }
             rows.push(
                 &production_id,
                 &validation.fingerprint,
@@ -671,6 +694,7 @@ impl Checker {
             events.push(outbox_event(REQUEST_ACCEPTED, &production_id, &event));
         }
         rows.insert(tx).await?;
+        record_derivations(tx, &derivations).await?;
         Ok(events)
     }
 }
@@ -889,7 +913,11 @@ impl BatchHandler for Checker {
         // before the transaction: the decisions hold the checker's lock for
         // database work only. (A request delivered again is checked in vain.)
         let candidates: Vec<Candidate<'_>> = requests.iter().map(|(_, r)| candidate(r)).collect();
-        let prepared: Vec<Prepared<'_>> = candidates.iter().map(|c| self.prepare(c)).collect();
+        let recorded = recorded_templates(&self.db, &candidates).await?;
+        let prepared: Vec<Prepared<'_>> = candidates
+            .iter()
+            .map(|c| self.prepare(c, &recorded))
+            .collect();
         let catalog = self.ask_catalog(&prepared, &candidates).await?;
         let pending: Vec<(Uuid, Pending<'_, '_>)> = requests
             .iter()
@@ -987,7 +1015,10 @@ impl pb::checker_service_server::CheckerService for Checker {
             extend: r.extend,
             reuse_existing: r.reuse_existing,
         };
-        let prepared = self.prepare(&candidate);
+        let recorded = recorded_templates(&self.db, std::slice::from_ref(&candidate))
+            .await
+            .map_err(ServiceError::from)?;
+        let prepared = self.prepare(&candidate, &recorded);
         let catalog = self
             .ask_catalog(
                 std::slice::from_ref(&prepared),
@@ -1017,5 +1048,151 @@ impl pb::checker_service_server::CheckerService for Checker {
         };
         let evaluation = self.evaluate(prepared, &candidate, &known, catalog.as_ref());
         Ok(Response::new(evaluation.validation))
+    }
+
+    async fn list_templates(
+        &self,
+        request: Request<pb::ListTemplatesRequest>,
+    ) -> Result<Response<pb::ListTemplatesResponse>, Status> {
+        let answer = self
+            .templates(&request.get_ref().profile)
+            .await
+            .map_err(ServiceError::from)?;
+        Ok(Response::new(answer))
+    }
+}
+
+/// Derived templates recorded earlier, by name.
+type Recorded = BTreeMap<String, ResolvedTemplate>;
+
+/// The recorded derivations the candidates name as their `container_template`.
+async fn recorded_templates(db: &Db, candidates: &[Candidate<'_>]) -> anyhow::Result<Recorded> {
+    let names: Vec<String> = candidates
+        .iter()
+        .filter_map(|c| {
+            let parameters: serde_json::Value = serde_json::from_str(c.parameters_json).ok()?;
+            Some(parameters.get("container_template")?.as_str()?.to_string())
+        })
+        .collect();
+    if names.is_empty() {
+        return Ok(Recorded::new());
+    }
+    let client = db.client().await?;
+    let rows = client
+        .query_cached(
+            "SELECT name, definition FROM derived_templates WHERE name = ANY($1)",
+            &[&names],
+        )
+        .await?;
+    let mut recorded = Recorded::new();
+    for row in rows {
+        let name: String = row.get(0);
+        let definition: serde_json::Value = row.get(1);
+        match serde_json::from_value(definition) {
+            Ok(template) => {
+                recorded.insert(name, template);
+            }
+            Err(error) => tracing::warn!(%name, %error, "a recorded template cannot be read"),
+        }
+    }
+    Ok(recorded)
+}
+
+/// The template of an accepted production, when a request derived it.
+fn derived_template(parameters: &serde_json::Value) -> Option<ResolvedTemplate> {
+    let template: ResolvedTemplate =
+        serde_json::from_value(parameters.get(prodsys_core::container::TEMPLATE_KEY)?.clone())
+            .ok()?;
+    template.is_derived().then_some(template)
+}
+
+/// Records derivations under their names; a name recorded already keeps its
+/// first definition (a request naming it with another one was refused).
+async fn record_derivations(
+    tx: &Transaction<'_>,
+    derivations: &[(ResolvedTemplate, &str, String)],
+) -> anyhow::Result<()> {
+    for (template, profile, production_id) in derivations {
+        tx.execute_cached(
+            "INSERT INTO derived_templates (name, profile, version, definition, recorded_by)
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (name) DO NOTHING",
+            &[
+                &template.name,
+                profile,
+                &template.version,
+                &serde_json::to_value(template)?,
+                production_id,
+            ],
+        )
+        .await
+        .context("recording a derived template")?;
+    }
+    Ok(())
+}
+
+impl Checker {
+    /// Shipped templates from the templates directory, then the recorded derivations.
+    async fn templates(&self, profile: &str) -> anyhow::Result<pb::ListTemplatesResponse> {
+        let mut templates = Vec::new();
+        let mut overridable: HashMap<(String, String), String> = HashMap::new();
+        for p in self.profiles.iter() {
+            if !profile.is_empty() && p.name() != profile {
+                continue;
+            }
+            let Some(containers) = p.containers() else {
+                continue;
+            };
+            for t in containers.templates.values() {
+                let resolved = t.resolved();
+                let schemas = serde_json::to_string(&t.overridable)?;
+                overridable.insert((p.name().to_string(), t.name.clone()), schemas.clone());
+                templates.push(info(p.name(), &t.description, &resolved, schemas, 0));
+            }
+        }
+        let client = self.db.client().await?;
+        let rows = client
+            .query_cached(
+                "SELECT profile, definition, recorded_at FROM derived_templates
+                 WHERE $1 = '' OR profile = $1 ORDER BY name",
+                &[&profile],
+            )
+            .await?;
+        for row in rows {
+            let profile: String = row.get(0);
+            let Ok(t) = serde_json::from_value::<ResolvedTemplate>(row.get(1)) else {
+                continue;
+            };
+            let at: chrono::DateTime<chrono::Utc> = row.get(2);
+            let schemas = overridable
+                .get(&(profile.clone(), t.from.clone()))
+                .cloned()
+                .unwrap_or_else(|| "{}".into());
+            let description = format!("derived from {}", t.from);
+            templates.push(info(&profile, &description, &t, schemas, at.timestamp_millis()));
+        }
+        Ok(pb::ListTemplatesResponse { templates })
+    }
+}
+
+fn info(
+    profile: &str,
+    description: &str,
+    t: &ResolvedTemplate,
+    overridable_json: String,
+    recorded_unix_ms: i64,
+) -> pb::TemplateInfo {
+    pb::TemplateInfo {
+        name: t.name.clone(),
+        profile: profile.to_string(),
+        description: description.to_string(),
+        image: t.image.clone(),
+        digest: t.digest.clone(),
+        runtime: t.runtime.clone(),
+        entrypoint: t.entrypoint.clone(),
+        parameters_json: serde_json::Value::Object(t.parameters.clone()).to_string(),
+        overridable_json,
+        derived_from: t.from.clone(),
+        version: t.version.clone(),
+        recorded_unix_ms,
     }
 }

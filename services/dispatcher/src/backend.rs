@@ -34,6 +34,9 @@ pub struct JobSpec {
     pub args: Vec<String>,
     pub env: Vec<(String, String)>,
     pub workdir: PathBuf,
+    /// Where the job writes its outputs; created before it starts (a
+    /// container job binds it, and a bind needs an existing directory).
+    pub output_dir: PathBuf,
     pub cpu_seconds: f64,
     pub memory_mb: u64,
     pub disk_mb: f64,
@@ -119,6 +122,13 @@ fn lock<T>(mutex: &Mutex<T>) -> anyhow::Result<MutexGuard<'_, T>> {
 fn ended(id: &str, exit: &supervisor::Exit) -> BackendStatus {
     let (state, raw, exit_code) = match (exit.status, exit.signal()) {
         (0, _) => (JobState::Done, "exited 0".to_string(), Some(0)),
+        // 137 is also how a container runtime reports a container the kernel
+        // killed for exceeding its memory limit.
+        (137, _) => (
+            JobState::Failed,
+            "exited 137: killed by SIGKILL (over its memory limit, or killed)".to_string(),
+            Some(137),
+        ),
         (_, Some(signal)) => (JobState::Failed, format!("killed by signal {signal}"), None),
         (code, None) => (JobState::Failed, format!("exited {code}"), Some(code)),
     };
@@ -160,9 +170,9 @@ impl LocalExecutor {
 
     async fn start(&self, spec: &JobSpec) -> anyhow::Result<BackendStatus> {
         let id = spec.workdir.to_string_lossy().into_owned();
-        tokio::fs::create_dir_all(&spec.workdir)
+        tokio::fs::create_dir_all(&spec.output_dir)
             .await
-            .with_context(|| format!("creating {}", spec.workdir.display()))?;
+            .with_context(|| format!("creating {}", spec.output_dir.display()))?;
         // At most one start per attempt directory, whoever tries.
         match std::fs::OpenOptions::new()
             .write(true)

@@ -587,6 +587,7 @@ mod tests {
             args: vec!["--layout".into(), "it's \"quoted\"".into()],
             env: vec![("PRODSYS_RUN".into(), "42".into())],
             workdir: PathBuf::from("/w"),
+            output_dir: PathBuf::from("/w/output"),
             cpu_seconds: 1000.0,
             memory_mb: 2048,
             disk_mb: 10.0,

@@ -691,25 +691,28 @@ impl Scheduler {
             job.attempt as u32,
             &output_dir.to_string_lossy(),
         );
-        let mut command = profile
-            .job_template()
-            .command
-            .iter()
-            .map(|t| render(t, &vars));
-        let program = command.next().unwrap_or_default();
+        let (program, args, env) =
+            profile
+                .job_command(&job.parameters, &vars)
+                .unwrap_or_else(|reason| {
+                    // Only a production accepted without its template gets here:
+                    // the attempt fails, saying why.
+                    let script = "echo \"$1\" >&2; exit 127";
+                    (
+                        "/bin/sh".into(),
+                        vec!["-c".into(), script.into(), "prodsys".into(), reason],
+                        Vec::new(),
+                    )
+                });
         let estimate = profile.estimate(job.units as u64);
         JobSpec {
             tag: job.tag(&self.deployment),
             production_id: job.production_id.clone(),
             program,
-            args: command.collect(),
-            env: profile
-                .job_template()
-                .env
-                .iter()
-                .map(|(k, v)| (k.clone(), render(v, &vars)))
-                .collect(),
+            args,
+            env,
             workdir,
+            output_dir,
             cpu_seconds: estimate.cpu_seconds,
             memory_mb: estimate.memory_mb,
             disk_mb: estimate.disk_mb,

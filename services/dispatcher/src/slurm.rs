@@ -132,7 +132,8 @@ impl Slurm {
             }
         }
         script.push_str(&format!(
-            "cd {} || exit 1\n",
+            "mkdir -p {} && cd {} || exit 1\n",
+            quote(&spec.output_dir.to_string_lossy()),
             quote(&spec.workdir.to_string_lossy())
         ));
         script.push_str("exec");
@@ -414,6 +415,7 @@ mod tests {
             args: vec!["--layout".into(), "it's".into()],
             env: vec![("PRODSYS_PRODUCTION_ID".into(), "CTA-000001".into())],
             workdir: PathBuf::from("/w/x"),
+            output_dir: PathBuf::from("/w/x/output"),
             cpu_seconds: 1.0,
             memory_mb: 1,
             disk_mb: 1.0,

@@ -139,6 +139,24 @@ impl pb::request_service_server::RequestService for RequestApi {
             })
     }
 
+    async fn list_templates(
+        &self,
+        request: Request<pb::ListTemplatesRequest>,
+    ) -> Result<Response<pb::ListTemplatesResponse>, Status> {
+        // The checker records derived templates: it answers for both kinds.
+        let mut checker = self.checker.clone();
+        checker
+            .list_templates(request.into_inner())
+            .await
+            .map_err(|status| match status.code() {
+                tonic::Code::Unavailable | tonic::Code::Unknown => Status::unavailable(format!(
+                    "the checker cannot be reached: {}",
+                    status.message()
+                )),
+                _ => status,
+            })
+    }
+
     #[tracing::instrument(skip_all, fields(production_id = %request.get_ref().production_id))]
     async fn cancel_production(
         &self,

@@ -52,7 +52,10 @@ pub async fn start(
     shutdown: CancellationToken,
 ) -> anyhow::Result<Running> {
     let profiles = Arc::new(
-        ProfileSet::load_dir(&settings.profiles_dir).context("loading production profiles")?,
+        ProfileSet::load_dir(&settings.profiles_dir)
+            .context("loading production profiles")?
+            .with_templates(&settings.templates_dir)
+            .context("loading container templates")?,
     );
     let foundation = Foundation::start(
         settings,
