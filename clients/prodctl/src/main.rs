@@ -90,6 +90,12 @@ enum Command {
     },
     /// List the production profiles the deployment accepts.
     Profiles,
+    /// List the container templates requests may name: shipped and derived.
+    Templates {
+        /// Only this profile's templates.
+        #[arg(long, default_value = "")]
+        profile: String,
+    },
     /// Show where a request stands.
     Request { request_id: String },
     /// Show a production's state and job counts.
@@ -405,6 +411,36 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 println!("{}  ({}, IDs {}-NNNNNN)", p.name, vos, p.id_prefix);
                 println!("    {}", p.description);
                 println!("    identity: {}", p.identity.join(", "));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Templates { profile } => {
+            let mut intake =
+                pb::request_service_client::RequestServiceClient::new(connect(&cli.intake).await?);
+            let list = intake
+                .list_templates(pb::ListTemplatesRequest { profile })
+                .await
+                .map_err(|s| anyhow::anyhow!(explain(&s)))?
+                .into_inner();
+            if list.templates.is_empty() {
+                println!("no container templates");
+            }
+            for t in &list.templates {
+                let kind = if t.derived_from == t.name {
+                    "shipped".to_string()
+                } else {
+                    format!("derived from {}", t.derived_from)
+                };
+                println!("{}  ({}, {kind})", t.name, t.profile);
+                if !t.description.is_empty() && t.derived_from == t.name {
+                    println!("    {}", t.description);
+                }
+                println!("    version:     {}", t.version);
+                println!("    image:       {}", t.image);
+                println!("    runtime:     {}", t.runtime);
+                println!("    entrypoint:  {}", t.entrypoint.join(" "));
+                println!("    parameters:  {}", t.parameters_json);
+                println!("    overridable: {}", t.overridable_json);
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -8,6 +8,8 @@
 //!
 //! The crate is std-only on purpose: it must build in seconds.
 
+pub mod km3net;
+
 use std::collections::HashSet;
 use std::ffi::{OsStr, OsString};
 use std::fmt;

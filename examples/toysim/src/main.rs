@@ -1,11 +1,18 @@
 //! `prodsys-toysim`: thin command-line wrapper around [`prodsys_toysim`].
 //!
+//! `prodsys-toysim km3net ...` writes a KM3NeT-like event file instead (see
+//! [`prodsys_toysim::km3net`]).
+//!
 //! Exit codes: 0 success, 1 I/O error, 2 bad arguments, 3 simulated failure (`--fail`).
 
 use std::io::Write;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    let mut argv = std::env::args_os().skip(1).peekable();
+    if argv.peek().is_some_and(|a| a == "km3net") {
+        return km3net(argv.skip(1));
+    }
     let args = match prodsys_toysim::parse_args(std::env::args_os().skip(1)) {
         Ok(args) => args,
         Err(err) => {
@@ -18,6 +25,29 @@ fn main() -> ExitCode {
     let mut out = stdout.lock();
     let result = prodsys_toysim::simulate(&args, &mut out);
     // Progress output is informational only; a closed stdout must not turn a good run into a failure.
+    let _ = out.flush();
+    match result {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("{err}");
+            ExitCode::from(err.exit_code())
+        }
+    }
+}
+
+fn km3net(args: impl Iterator<Item = std::ffi::OsString>) -> ExitCode {
+    use prodsys_toysim::km3net;
+    let args = match km3net::parse_args(args) {
+        Ok(args) => args,
+        Err(err) => {
+            eprintln!("prodsys-toysim km3net: {err}");
+            eprintln!("{}", km3net::USAGE);
+            return ExitCode::from(prodsys_toysim::EXIT_BAD_ARGS);
+        }
+    };
+    let environment: Vec<(String, String)> = std::env::vars().collect();
+    let mut out = std::io::stdout().lock();
+    let result = km3net::simulate(&args, &environment, &mut out);
     let _ = out.flush();
     match result {
         Ok(_) => ExitCode::SUCCESS,
