@@ -122,6 +122,21 @@ ensure_toolchain() {
 }
 
 # ---------------------------------------------------------------------------
+# Containers
+# ---------------------------------------------------------------------------
+
+# ensure_podman: podman and runc, from apt when missing. Container jobs run
+# `podman --runtime runc` (crun cannot set up cgroups in hybrid mode).
+ensure_podman() {
+    local missing=()
+    command -v podman >/dev/null 2>&1 || missing+=(podman)
+    command -v runc >/dev/null 2>&1 || missing+=(runc)
+    if ((${#missing[@]})); then
+        apt_install "${missing[@]}"
+    fi
+}
+
+# ---------------------------------------------------------------------------
 # PostgreSQL
 # ---------------------------------------------------------------------------
 
