@@ -8,7 +8,10 @@ use std::collections::{BTreeSet, HashMap};
 use pb::ConditionOperator as Op;
 use prodsys_proto as pb;
 use serde_json::json;
-use support::{condition, cta_example, cta_with, km3net_with, spawn_app, violated_fields};
+use support::{
+    condition, cta_example, cta_with, km3net_with, spawn_app, spawn_app_with, use_km3net_templates,
+    violated_fields,
+};
 
 fn metadata(pairs: &[(&str, &str)]) -> HashMap<String, String> {
     pairs
@@ -183,7 +186,10 @@ async fn new_simulations_are_accepted_and_an_overlap_is_named_per_nsb_level() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn files_registered_from_elsewhere_are_compared_with_the_same_keys() {
-    let app = spawn_app().await;
+    let app = spawn_app_with(|env| {
+        use_km3net_templates(env);
+    })
+    .await;
     let mut catalog = app.catalog.clone();
 
     // KM3NeT: CC then NC of the same flavour are two productions.

@@ -66,6 +66,36 @@ pub fn use_test_profiles(env: &mut TestEnv) {
     env.settings.profiles_dir = dir;
 }
 
+/// Builds the KM3NeT example's image (deploy/local/build-images) and writes
+/// its templates, pinned to the digest podman reports, into `dir`; returns
+/// the pinned image reference.
+pub fn build_km3net_templates(dir: &std::path::Path) -> String {
+    let toysim = built_binary("prodsys-toysim", "prodsys-toysim");
+    let out =
+        std::process::Command::new(prodsys_testkit::repo_root().join("deploy/local/build-images"))
+            .arg("--templates-dir")
+            .arg(dir)
+            .arg("--toysim")
+            .arg(&toysim)
+            .output()
+            .expect("running deploy/local/build-images");
+    assert!(
+        out.status.success(),
+        "deploy/local/build-images failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// The KM3NeT templates, with their image built here, in the test's own
+/// templates directory; returns the pinned image reference.
+pub fn use_km3net_templates(env: &mut TestEnv) -> String {
+    let dir = env.work_dir.join("templates");
+    let image = build_km3net_templates(&dir);
+    env.settings.templates_dir = dir;
+    image
+}
+
 /// A stack whose settings `adjust` changed first.
 pub async fn spawn_app_with(adjust: impl FnOnce(&mut TestEnv)) -> App {
     // Shown by the test runner when a test fails.

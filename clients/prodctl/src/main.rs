@@ -92,6 +92,9 @@ enum Command {
     Profiles,
     /// List the container templates requests may name: shipped and derived.
     Templates {
+        /// Only the template of this name.
+        #[arg(default_value = "")]
+        name: String,
         /// Only this profile's templates.
         #[arg(long, default_value = "")]
         profile: String,
@@ -414,11 +417,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Templates { profile } => {
+        Command::Templates { name, profile } => {
             let mut intake =
                 pb::request_service_client::RequestServiceClient::new(connect(&cli.intake).await?);
             let list = intake
-                .list_templates(pb::ListTemplatesRequest { profile })
+                .list_templates(pb::ListTemplatesRequest { profile, name })
                 .await
                 .map_err(|s| anyhow::anyhow!(explain(&s)))?
                 .into_inner();

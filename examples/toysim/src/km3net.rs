@@ -320,7 +320,10 @@ mod tests {
         );
         assert!(matches!(
             parse_args(["--energy", "5"]).unwrap_err(),
-            ArgError::Invalid { arg: "--energy", .. }
+            ArgError::Invalid {
+                arg: "--energy",
+                ..
+            }
         ));
     }
 }

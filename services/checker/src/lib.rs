@@ -15,8 +15,8 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use anyhow::Context;
-use prodsys_core::events::{REQUEST_ACCEPTED, REQUEST_RECEIVED, REQUEST_REJECTED, REQUEST_REUSED};
 use prodsys_core::container::ResolvedTemplate;
+use prodsys_core::events::{REQUEST_ACCEPTED, REQUEST_RECEIVED, REQUEST_REJECTED, REQUEST_REUSED};
 use prodsys_core::{Profile, ProfileSet, Violation};
 use prodsys_db::Cached;
 use prodsys_db::deadpool_postgres::Transaction;
@@ -1054,8 +1054,9 @@ impl pb::checker_service_server::CheckerService for Checker {
         &self,
         request: Request<pb::ListTemplatesRequest>,
     ) -> Result<Response<pb::ListTemplatesResponse>, Status> {
+        let r = request.get_ref();
         let answer = self
-            .templates(&request.get_ref().profile)
+            .templates(&r.profile, &r.name)
             .await
             .map_err(ServiceError::from)?;
         Ok(Response::new(answer))
@@ -1065,14 +1066,18 @@ impl pb::checker_service_server::CheckerService for Checker {
 /// Derived templates recorded earlier, by name.
 type Recorded = BTreeMap<String, ResolvedTemplate>;
 
-/// The recorded derivations the candidates name as their `container_template`.
+/// The recorded derivations the candidates name: as their
+/// `container_template`, or as the name of a derivation (which must not
+/// already name another).
 async fn recorded_templates(db: &Db, candidates: &[Candidate<'_>]) -> anyhow::Result<Recorded> {
     let names: Vec<String> = candidates
         .iter()
-        .filter_map(|c| {
-            let parameters: serde_json::Value = serde_json::from_str(c.parameters_json).ok()?;
-            Some(parameters.get("container_template")?.as_str()?.to_string())
+        .filter_map(|c| serde_json::from_str::<serde_json::Value>(c.parameters_json).ok())
+        .flat_map(|parameters| {
+            let name = |pointer: &str| Some(parameters.pointer(pointer)?.as_str()?.to_string());
+            [name("/container_template"), name("/derived_template/name")]
         })
+        .flatten()
         .collect();
     if names.is_empty() {
         return Ok(Recorded::new());
@@ -1100,9 +1105,12 @@ async fn recorded_templates(db: &Db, candidates: &[Candidate<'_>]) -> anyhow::Re
 
 /// The template of an accepted production, when a request derived it.
 fn derived_template(parameters: &serde_json::Value) -> Option<ResolvedTemplate> {
-    let template: ResolvedTemplate =
-        serde_json::from_value(parameters.get(prodsys_core::container::TEMPLATE_KEY)?.clone())
-            .ok()?;
+    let template: ResolvedTemplate = serde_json::from_value(
+        parameters
+            .get(prodsys_core::container::TEMPLATE_KEY)?
+            .clone(),
+    )
+    .ok()?;
     template.is_derived().then_some(template)
 }
 
@@ -1132,7 +1140,11 @@ async fn record_derivations(
 
 impl Checker {
     /// Shipped templates from the templates directory, then the recorded derivations.
-    async fn templates(&self, profile: &str) -> anyhow::Result<pb::ListTemplatesResponse> {
+    async fn templates(
+        &self,
+        profile: &str,
+        name: &str,
+    ) -> anyhow::Result<pb::ListTemplatesResponse> {
         let mut templates = Vec::new();
         let mut overridable: HashMap<(String, String), String> = HashMap::new();
         for p in self.profiles.iter() {
@@ -1142,7 +1154,11 @@ impl Checker {
             let Some(containers) = p.containers() else {
                 continue;
             };
-            for t in containers.templates.values() {
+            for t in containers
+                .templates
+                .values()
+                .filter(|t| name.is_empty() || t.name == name)
+            {
                 let resolved = t.resolved();
                 let schemas = serde_json::to_string(&t.overridable)?;
                 overridable.insert((p.name().to_string(), t.name.clone()), schemas.clone());
@@ -1153,8 +1169,8 @@ impl Checker {
         let rows = client
             .query_cached(
                 "SELECT profile, definition, recorded_at FROM derived_templates
-                 WHERE $1 = '' OR profile = $1 ORDER BY name",
-                &[&profile],
+                 WHERE ($1 = '' OR profile = $1) AND ($2 = '' OR name = $2) ORDER BY name",
+                &[&profile, &name],
             )
             .await?;
         for row in rows {
@@ -1168,7 +1184,13 @@ impl Checker {
                 .cloned()
                 .unwrap_or_else(|| "{}".into());
             let description = format!("derived from {}", t.from);
-            templates.push(info(&profile, &description, &t, schemas, at.timestamp_millis()));
+            templates.push(info(
+                &profile,
+                &description,
+                &t,
+                schemas,
+                at.timestamp_millis(),
+            ));
         }
         Ok(pb::ListTemplatesResponse { templates })
     }

@@ -41,6 +41,8 @@ impl RequestApi {
             },
         )
         .map_err(IntakeError::Invalid)?;
+        self.check_template_known(&request.profile, &parameters)
+            .await?;
         let backend = domain::backend_or_default(&request.backend).to_string();
         let submission = Submission {
             idempotency_key: request.idempotency_key,
@@ -64,6 +66,54 @@ impl RequestApi {
             request_id: request_id.to_string(),
             replayed,
         })
+    }
+
+    /// A container template that is not shipped may be one an earlier
+    /// request derived: the checker, which records them, is asked, so an
+    /// unknown one is refused now rather than stored and rejected later.
+    async fn check_template_known(
+        &self,
+        profile: &str,
+        parameters: &serde_json::Value,
+    ) -> Result<()> {
+        let Some(containers) = self.profiles.get(profile).and_then(|p| p.containers()) else {
+            return Ok(());
+        };
+        let Some(name) = parameters
+            .get("container_template")
+            .and_then(serde_json::Value::as_str)
+        else {
+            return Ok(());
+        };
+        if containers.templates.contains_key(name) {
+            return Ok(());
+        }
+        let found = self
+            .checker
+            .clone()
+            .list_templates(pb::ListTemplatesRequest {
+                profile: profile.to_string(),
+                name: name.to_string(),
+            })
+            .await
+            .map_err(|status| {
+                IntakeError::Transient(anyhow::anyhow!(
+                    "the checker cannot be reached to look up template {name:?}: {}",
+                    status.message()
+                ))
+            })?
+            .into_inner();
+        if found.templates.is_empty() {
+            let shipped: Vec<&str> = containers.templates.keys().map(String::as_str).collect();
+            return Err(IntakeError::Invalid(vec![Violation::new(
+                "parameters.container_template",
+                format!(
+                    "unknown template {name:?}; shipped templates: {} (or a template derived earlier)",
+                    shipped.join(", ")
+                ),
+            )]));
+        }
+        Ok(())
     }
 
     async fn get(&self, request_id: &str) -> Result<pb::Request> {

@@ -88,8 +88,11 @@ fn glob(pattern: &str, text: &str) -> bool {
 /// The `sha256:<64 hex>` an image reference is pinned to, if it is.
 pub fn image_digest(image: &str) -> Option<String> {
     let hex = image.rsplit_once("@sha256:")?.1;
-    (hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
-        .then(|| format!("sha256:{hex}"))
+    (hex.len() == 64
+        && hex
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
+    .then(|| format!("sha256:{hex}"))
 }
 
 /// A template as its file gives it.
@@ -189,8 +192,9 @@ impl ResolvedTemplate {
         parameters: Map<String, Value>,
     ) -> Self {
         let digest = image_digest(image).unwrap_or_default();
-        let parameters_hash =
-            hex::encode(Sha256::digest(Value::Object(parameters.clone()).to_string()));
+        let parameters_hash = hex::encode(Sha256::digest(
+            Value::Object(parameters.clone()).to_string(),
+        ));
         let short = digest.trim_start_matches("sha256:");
         let version = format!(
             "{from}+{}+{}",
@@ -397,10 +401,7 @@ impl Containers {
                 },
             },
         };
-        if let Some(image) = derived
-            .and_then(|d| d.get("image"))
-            .and_then(Value::as_str)
-        {
+        if let Some(image) = derived.and_then(|d| d.get("image")).and_then(Value::as_str) {
             if image_digest(image).is_none() {
                 violations.push(Violation::new(
                     "parameters.derived_template.image",
@@ -419,9 +420,7 @@ impl Containers {
                 ));
             }
         }
-        let derived_name = derived
-            .and_then(|d| d.get("name"))
-            .and_then(Value::as_str);
+        let derived_name = derived.and_then(|d| d.get("name")).and_then(Value::as_str);
         if let Some(new_name) = derived_name
             && self.templates.contains_key(new_name)
         {
@@ -513,7 +512,10 @@ impl Containers {
                 template.name, template.runtime
             )
         })?;
-        let mut command: Vec<String> = runtime.iter().map(|t| crate::profile::render(t, vars)).collect();
+        let mut command: Vec<String> = runtime
+            .iter()
+            .map(|t| crate::profile::render(t, vars))
+            .collect();
         for (key, value) in env.iter().cloned().chain(template.env()) {
             command.push("--env".into());
             command.push(format!("{key}={value}"));

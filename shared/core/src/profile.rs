@@ -1592,7 +1592,10 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(
             dir.join("km3net.json"),
-            source.replace("@IMAGE@", &format!("localhost/km3net/toysim@sha256:{digest}")),
+            source.replace(
+                "@IMAGE@",
+                &format!("localhost/km3net/toysim@sha256:{digest}"),
+            ),
         )
         .unwrap();
         let set = profiles().with_templates(&dir).unwrap();
@@ -1623,16 +1626,30 @@ mod tests {
         assert_eq!(t.name, "gseagen-7.4.1-seawater-v2");
         assert_eq!(t.from, "gseagen-7.4.1");
         assert_eq!(t.digest, format!("sha256:{digest}"));
-        assert!(t.version.starts_with("gseagen-7.4.1+abababababab+"), "{}", t.version);
+        assert!(
+            t.version.starts_with("gseagen-7.4.1+abababababab+"),
+            "{}",
+            t.version
+        );
         assert_eq!(t.parameters["seawater_model"], "v2");
         assert_eq!(t.parameters["photocathode"], "R12199");
         let with = p.with_template(params.clone(), &t);
         let plan = p.plan(&with, "fp", 0).unwrap();
         assert_eq!(plan.job_count, 4);
-        let vars = p.job_variables(&with, "KM-000001", "km3net.org", &plan.job(0), 1, "/w/output");
+        let vars = p.job_variables(
+            &with,
+            "KM-000001",
+            "km3net.org",
+            &plan.job(0),
+            1,
+            "/w/output",
+        );
         let (program, args, env) = p.job_command(&with, &vars).unwrap();
         assert_eq!(program, "podman");
-        assert!(env.is_empty(), "a container gets its environment on its command line");
+        assert!(
+            env.is_empty(),
+            "a container gets its environment on its command line"
+        );
         let line = args.join(" ");
         for part in [
             "--runtime runc run --rm --network none",
@@ -1641,7 +1658,9 @@ mod tests {
             "--env PRODSYS_PARAM_SEAWATER_MODEL=v2",
             "--env PRODSYS_PARAM_LIGHT_YIELD=0.95",
             "--env KM3NET_OUTPUT_STORAGE=KM3NeT-TMP-DISK",
-            &format!("localhost/km3net/toysim@sha256:{digest} /usr/local/bin/prodsys-toysim km3net --generator gSeaGen"),
+            &format!(
+                "localhost/km3net/toysim@sha256:{digest} /usr/local/bin/prodsys-toysim km3net --generator gSeaGen"
+            ),
             "--events 5000 --run 1 --seed",
         ] {
             assert!(line.contains(part), "{part:?} not in {line}");
@@ -1698,10 +1717,16 @@ mod tests {
             json!(format!("docker.io/evil/miner@sha256:{}", "ef".repeat(32)));
         let v = refused(&outside);
         assert_eq!(v[0].field, "parameters.derived_template.image", "{v:?}");
-        assert!(v[0].description.contains("not an image km3net.org may run"), "{v:?}");
+        assert!(
+            v[0].description.contains("not an image km3net.org may run"),
+            "{v:?}"
+        );
         let mut unpinned = km3net_example();
         unpinned["derived_template"]["image"] = json!("localhost/km3net/toysim:latest");
-        assert_eq!(refused(&unpinned)[0].field, "parameters.derived_template.image");
+        assert_eq!(
+            refused(&unpinned)[0].field,
+            "parameters.derived_template.image"
+        );
         let mut unknown = km3net_example();
         unknown["container_template"] = json!("nosuch-1.0");
         // Intake cannot see recorded derivations: only the checker refuses it.
@@ -1712,17 +1737,18 @@ mod tests {
         disallowed["derived_template"]["parameters"]["photocathode"] = json!("other");
         let v = p.validate("km3net.org", &disallowed);
         assert_eq!(
-            v[0].field,
-            "parameters.derived_template.parameters.photocathode",
+            v[0].field, "parameters.derived_template.parameters.photocathode",
             "{v:?}"
         );
-        assert!(v[0].description.contains("does not allow overriding"), "{v:?}");
+        assert!(
+            v[0].description.contains("does not allow overriding"),
+            "{v:?}"
+        );
         let mut bad_value = km3net_example();
         bad_value["derived_template"]["parameters"]["seawater_model"] = json!("v9");
         let v = p.validate("km3net.org", &bad_value);
         assert_eq!(
-            v[0].field,
-            "parameters.derived_template.parameters.seawater_model",
+            v[0].field, "parameters.derived_template.parameters.seawater_model",
             "{v:?}"
         );
         let mut taken = km3net_example();
@@ -1759,12 +1785,26 @@ mod tests {
         t.image = "docker://km3net/gseagen@sha256:".to_string() + &"01".repeat(32);
         let with = p.with_template(params, &t);
         let plan = p.plan(&with, "fp", 0).unwrap();
-        let vars = p.job_variables(&with, "KM-000001", "km3net.org", &plan.job(0), 1, "/w/output");
+        let vars = p.job_variables(
+            &with,
+            "KM-000001",
+            "km3net.org",
+            &plan.job(0),
+            1,
+            "/w/output",
+        );
         let (program, args, _) = p.job_command(&with, &vars).unwrap();
         assert_eq!(program, "apptainer");
         assert_eq!(
             args[..6],
-            ["exec", "--containall", "--no-home", "--bind", "/w/output:/output", "--env"]
+            [
+                "exec",
+                "--containall",
+                "--no-home",
+                "--bind",
+                "/w/output:/output",
+                "--env"
+            ]
         );
     }
 
