@@ -691,19 +691,18 @@ impl Scheduler {
             job.attempt as u32,
             &output_dir.to_string_lossy(),
         );
-        let (program, args, env) =
-            profile
-                .job_command(&job.parameters, &vars)
-                .unwrap_or_else(|reason| {
-                    // Only a production accepted without its template gets here:
-                    // the attempt fails, saying why.
-                    let script = "echo \"$1\" >&2; exit 127";
-                    (
-                        "/bin/sh".into(),
-                        vec!["-c".into(), script.into(), "prodsys".into(), reason],
-                        Vec::new(),
-                    )
-                });
+        let prodsys_core::profile::JobCommand { program, args, env } = profile
+            .job_command(&job.parameters, &vars)
+            .unwrap_or_else(|reason| {
+                // Only a production accepted without its template gets here:
+                // the attempt fails, saying why.
+                let script = "echo \"$1\" >&2; exit 127";
+                prodsys_core::profile::JobCommand {
+                    program: "/bin/sh".into(),
+                    args: vec!["-c".into(), script.into(), "prodsys".into(), reason],
+                    env: Vec::new(),
+                }
+            });
         let estimate = profile.estimate(job.units as u64);
         JobSpec {
             tag: job.tag(&self.deployment),

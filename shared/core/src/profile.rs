@@ -191,6 +191,14 @@ pub struct Profile {
     containers: Option<Containers>,
 }
 
+/// What one job runs: program, arguments and environment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobCommand {
+    pub program: String,
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
+}
+
 /// One job of a plan.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PlannedJob {
@@ -430,7 +438,7 @@ impl Profile {
         &self,
         parameters: &Value,
         vars: &BTreeMap<String, String>,
-    ) -> Result<(String, Vec<String>, Vec<(String, String)>), String> {
+    ) -> Result<JobCommand, String> {
         let job = &self.file.job;
         let args: Vec<String> = job.command.iter().map(|t| render(t, vars)).collect();
         let env: Vec<(String, String)> = job
@@ -458,7 +466,11 @@ impl Profile {
         let program = command.next().unwrap_or_default();
         // A container's environment is passed on its command line.
         let env = if job.container { Vec::new() } else { env };
-        Ok((program, command.collect(), env))
+        Ok(JobCommand {
+            program,
+            args: command.collect(),
+            env,
+        })
     }
 
     pub fn name(&self) -> &str {
@@ -1644,7 +1656,7 @@ mod tests {
             1,
             "/w/output",
         );
-        let (program, args, env) = p.job_command(&with, &vars).unwrap();
+        let JobCommand { program, args, env } = p.job_command(&with, &vars).unwrap();
         assert_eq!(program, "podman");
         assert!(
             env.is_empty(),
@@ -1793,7 +1805,7 @@ mod tests {
             1,
             "/w/output",
         );
-        let (program, args, _) = p.job_command(&with, &vars).unwrap();
+        let JobCommand { program, args, .. } = p.job_command(&with, &vars).unwrap();
         assert_eq!(program, "apptainer");
         assert_eq!(
             args[..6],
