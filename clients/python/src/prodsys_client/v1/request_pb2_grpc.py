@@ -60,6 +60,11 @@ class RequestServiceStub:
                 request_serializer=prodsys_dot_v1_dot_request__pb2.ListProfilesRequest.SerializeToString,
                 response_deserializer=prodsys_dot_v1_dot_request__pb2.ListProfilesResponse.FromString,
                 _registered_method=True)
+        self.ListTemplates = channel.unary_unary(
+                '/prodsys.v1.RequestService/ListTemplates',
+                request_serializer=prodsys_dot_v1_dot_request__pb2.ListTemplatesRequest.SerializeToString,
+                response_deserializer=prodsys_dot_v1_dot_request__pb2.ListTemplatesResponse.FromString,
+                _registered_method=True)
 
 
 class RequestServiceServicer:
@@ -105,6 +110,14 @@ class RequestServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListTemplates(self, request, context):
+        """The container templates requests may name: those the deployment ships
+        and those derived (and recorded) by earlier requests.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RequestServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -132,6 +145,11 @@ def add_RequestServiceServicer_to_server(servicer, server):
                     servicer.ListProfiles,
                     request_deserializer=prodsys_dot_v1_dot_request__pb2.ListProfilesRequest.FromString,
                     response_serializer=prodsys_dot_v1_dot_request__pb2.ListProfilesResponse.SerializeToString,
+            ),
+            'ListTemplates': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTemplates,
+                    request_deserializer=prodsys_dot_v1_dot_request__pb2.ListTemplatesRequest.FromString,
+                    response_serializer=prodsys_dot_v1_dot_request__pb2.ListTemplatesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -280,6 +298,33 @@ class RequestService:
             metadata,
             _registered_method=True)
 
+    @staticmethod
+    def ListTemplates(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/prodsys.v1.RequestService/ListTemplates',
+            prodsys_dot_v1_dot_request__pb2.ListTemplatesRequest.SerializeToString,
+            prodsys_dot_v1_dot_request__pb2.ListTemplatesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
 
 class CheckerServiceStub:
     """Internal: the checker evaluates a request for intake's ValidateRequest.
@@ -296,6 +341,11 @@ class CheckerServiceStub:
                 request_serializer=prodsys_dot_v1_dot_request__pb2.SubmitRequestRequest.SerializeToString,
                 response_deserializer=prodsys_dot_v1_dot_request__pb2.Validation.FromString,
                 _registered_method=True)
+        self.ListTemplates = channel.unary_unary(
+                '/prodsys.v1.CheckerService/ListTemplates',
+                request_serializer=prodsys_dot_v1_dot_request__pb2.ListTemplatesRequest.SerializeToString,
+                response_deserializer=prodsys_dot_v1_dot_request__pb2.ListTemplatesResponse.FromString,
+                _registered_method=True)
 
 
 class CheckerServiceServicer:
@@ -308,6 +358,13 @@ class CheckerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListTemplates(self, request, context):
+        """The templates shipped and recorded, for intake's ListTemplates.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CheckerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -315,6 +372,11 @@ def add_CheckerServiceServicer_to_server(servicer, server):
                     servicer.Evaluate,
                     request_deserializer=prodsys_dot_v1_dot_request__pb2.SubmitRequestRequest.FromString,
                     response_serializer=prodsys_dot_v1_dot_request__pb2.Validation.SerializeToString,
+            ),
+            'ListTemplates': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTemplates,
+                    request_deserializer=prodsys_dot_v1_dot_request__pb2.ListTemplatesRequest.FromString,
+                    response_serializer=prodsys_dot_v1_dot_request__pb2.ListTemplatesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -345,6 +407,33 @@ class CheckerService:
             '/prodsys.v1.CheckerService/Evaluate',
             prodsys_dot_v1_dot_request__pb2.SubmitRequestRequest.SerializeToString,
             prodsys_dot_v1_dot_request__pb2.Validation.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTemplates(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/prodsys.v1.CheckerService/ListTemplates',
+            prodsys_dot_v1_dot_request__pb2.ListTemplatesRequest.SerializeToString,
+            prodsys_dot_v1_dot_request__pb2.ListTemplatesResponse.FromString,
             options,
             channel_credentials,
             insecure,
