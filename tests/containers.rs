@@ -329,3 +329,74 @@ async fn containers_that_fail_or_exceed_their_memory_are_retried_then_exhausted(
     .unwrap();
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_km3net_example_runs_in_podman_on_slurm() {
+    const SLURM: &str = "slurm-test";
+    let status =
+        std::process::Command::new(prodsys_testkit::repo_root().join("tests/servers/slurm/start"))
+            .status()
+            .expect("running tests/servers/slurm/start");
+    assert!(status.success(), "the Slurm test cluster did not start");
+    let mut image = String::new();
+    let app = spawn_app_with(|env| {
+        image = use_km3net_templates(env);
+        env.settings.dispatcher.poll_interval_ms = 300;
+        env.settings.dispatcher.backends = std::collections::BTreeMap::from([(
+            SLURM.to_string(),
+            prodsys_config::BackendSettings::Slurm {
+                partition: "debug".into(),
+                max_in_flight: 4,
+                sbatch_args: vec![],
+            },
+        )]);
+    })
+    .await;
+    let production = app
+        .run_and_catalogue(pb::SubmitRequestRequest {
+            backend: SLURM.into(),
+            ..km3net_with(|p| {
+                p["n_events"] = json!(1000);
+                p["events_per_job"] = json!(500);
+            })
+        })
+        .await;
+    let derived = templates(&app, DERIVED).await.pop().unwrap();
+    let files = app.files(&production).await;
+    assert_eq!(files.len(), 2, "{files:?}");
+    for file in &files {
+        assert_eq!(file.metadata["template_version"], derived.version);
+        assert_eq!(file.metadata["container_image"], image);
+        let path = file.url.strip_prefix("file://").unwrap();
+        let (size, adler32) =
+            prodsys_core::checksum::adler32_hex(std::fs::File::open(path).unwrap()).unwrap();
+        assert_eq!((size, adler32.as_str()), (file.size, file.adler32.as_str()));
+        assert!(header(&file.url).contains(&"parameter: seawater_model=v2".to_string()));
+    }
+    // The batch script ran the same container command the local executor runs.
+    let db = app.env.db().await.unwrap();
+    let rows = db
+        .query(
+            "SELECT backend_job_id, workdir FROM dispatcher.jobs WHERE production_id = $1",
+            &[&production],
+        )
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 2);
+    for row in &rows {
+        let id: String = row.get(0);
+        assert!(
+            id.chars().all(|c| c.is_ascii_digit()),
+            "a Slurm job id: {id}"
+        );
+        let workdir: String = row.get(1);
+        let script = std::fs::read_to_string(std::path::Path::new(&workdir).join("job.sh"))
+            .expect("the batch script in the attempt's directory");
+        assert!(
+            script.contains("exec 'podman' '--runtime' 'runc' 'run' '--rm' '--network' 'none'"),
+            "{script}"
+        );
+        assert!(script.contains(&format!("'{image}'")), "{script}");
+    }
+    app.stop().await;
+}
