@@ -400,3 +400,44 @@ async fn the_km3net_example_runs_in_podman_on_slurm() {
     }
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn derivations_racing_for_one_name_get_it_once() {
+    let app = spawn_app_with(|env| {
+        use_km3net_templates(env);
+    })
+    .await;
+    // Submitted together, so most share the checker's batches.
+    let racers = (1..=8).map(|i| {
+        app.submit(km3net_with(move |p| {
+            p["derived_template"]["name"] = json!("contested");
+            p["derived_template"]["parameters"]["light_yield"] = json!(i as f64 / 10.0);
+            p["n_events"] = json!(10);
+            p["events_per_job"] = json!(10);
+        }))
+    });
+    let mut verdicts = Vec::new();
+    for submitted in futures::future::join_all(racers).await {
+        verdicts.push(app.decided(&submitted.unwrap().request_id).await);
+    }
+    let (won, lost): (Vec<_>, Vec<_>) = verdicts
+        .into_iter()
+        .partition(|r| r.state() == pb::RequestState::Accepted);
+    assert_eq!(won.len(), 1, "{won:?}");
+    for request in &lost {
+        assert_eq!(request.state(), pb::RequestState::Rejected, "{request:?}");
+        assert_eq!(
+            request.violations[0].field,
+            "parameters.derived_template.name"
+        );
+    }
+    let recorded = templates(&app, "contested").await;
+    assert_eq!(recorded.len(), 1);
+    let winner: serde_json::Value = serde_json::from_str(&won[0].parameters_json).unwrap();
+    let parameters: serde_json::Value = serde_json::from_str(&recorded[0].parameters_json).unwrap();
+    assert_eq!(
+        parameters["light_yield"],
+        winner["derived_template"]["parameters"]["light_yield"]
+    );
+    app.stop().await;
+}

@@ -540,8 +540,9 @@ impl Checker {
     async fn decide(
         &self,
         tx: &Transaction<'_>,
-        pending: Vec<Pending<'_, '_>>,
+        mut pending: Vec<Pending<'_, '_>>,
     ) -> anyhow::Result<Vec<OutboxEvent>> {
+        refuse_taken_template_names(tx, &mut pending).await?;
         let requests: Vec<&pb::RequestReceived> = pending.iter().map(|p| p.request).collect();
         let fingerprints: Vec<String> = pending
             .iter()
@@ -1217,4 +1218,52 @@ fn info(
         version: t.version.clone(),
         recorded_unix_ms,
     }
+}
+
+/// A derivation's name was checked before the decision lock was taken: a
+/// replica (or a request earlier in the batch) may have given it to another
+/// derivation since. Checked again under the lock, so a name never names two.
+async fn refuse_taken_template_names(
+    tx: &Transaction<'_>,
+    pending: &mut [Pending<'_, '_>],
+) -> anyhow::Result<()> {
+    let derived: Vec<Option<ResolvedTemplate>> = pending
+        .iter()
+        .map(|p| derived_template(&p.prepared.checked.as_ref()?.1))
+        .collect();
+    let names: Vec<&str> = derived.iter().flatten().map(|t| t.name.as_str()).collect();
+    if names.is_empty() {
+        return Ok(());
+    }
+    let mut taken: HashMap<String, String> = tx
+        .query_cached(
+            "SELECT name, version FROM derived_templates WHERE name = ANY($1)",
+            &[&names],
+        )
+        .await?
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
+    for (p, template) in pending.iter_mut().zip(derived) {
+        let Some(template) = template else { continue };
+        match taken.get(&template.name) {
+            Some(version) if *version != template.version => {
+                p.prepared.validation.violations.push(
+                    Violation::new(
+                        "parameters.derived_template.name",
+                        format!(
+                            "{:?} already names another derivation (version {version}); choose another name or use it as container_template",
+                            template.name
+                        ),
+                    )
+                    .into(),
+                );
+                p.prepared.checked = None;
+            }
+            _ => {
+                taken.insert(template.name, template.version);
+            }
+        }
+    }
+    Ok(())
 }
