@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use prodsys::Service;
 use prodsys_proto as pb;
-use support::{spawn_app_with, use_test_profiles};
+use support::{spawn_app_with, use_km3net_templates, use_test_profiles};
 
 /// Runs `python3 ARGS` with this tree's client package first on the path, so
 /// the code under test is the checkout's whatever copy is installed.
@@ -33,7 +33,12 @@ async fn python(args: &[String], timeout: Duration) -> Output {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_notebook_submits_follows_and_finds_files_with_the_python_client() {
-    let app = spawn_app_with(use_test_profiles).await;
+    let mut image = String::new();
+    let app = spawn_app_with(|env| {
+        use_test_profiles(env);
+        image = use_km3net_templates(env);
+    })
+    .await;
     let root = prodsys_testkit::repo_root();
     let addr = |service| app.stack.addr(service).unwrap().to_string();
     let args = vec![
@@ -53,6 +58,15 @@ async fn a_notebook_submits_follows_and_finds_files_with_the_python_client() {
     );
     let seen: serde_json::Value = serde_json::from_slice(&output.stdout)
         .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&output.stdout)));
+
+    // The shipped container templates, as the services list them.
+    let templates = seen["templates"].as_array().unwrap();
+    let names: Vec<&str> = templates.iter().map(|t| t[0].as_str().unwrap()).collect();
+    assert_eq!(names, ["gseagen-7.4.1", "mupage-4.3"], "{templates:?}");
+    assert!(
+        templates.iter().all(|t| t[1] == image.as_str()),
+        "{templates:?}"
+    );
 
     // Accepted, with the first ID of the profile.
     let production_id = seen["production_id"].as_str().unwrap();

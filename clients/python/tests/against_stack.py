@@ -39,6 +39,9 @@ def main():
     with Client(intake, status, catalog) as client:
         names = [p.name for p in client.profiles()]
         expect("cta-irf-mc" in names, f"profiles {names}")
+        templates = client.templates(profile="km3net-container-sim")
+        seen["templates"] = [[t.name, t.image, t.version] for t in templates]
+        expect(all(not t.derived for t in templates), f"templates {templates}")
 
         # Dry run first: acceptable, 4 jobs of 1000 showers, nothing stored.
         dry = client.validate(request_file)

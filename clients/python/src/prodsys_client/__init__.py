@@ -32,6 +32,7 @@ from .models import (
     Request,
     ResourceEstimate,
     Submission,
+    Template,
     Validation,
 )
 
@@ -56,6 +57,7 @@ __all__ = [
     "Request",
     "ResourceEstimate",
     "Submission",
+    "Template",
     "Timeout",
     "Validation",
     "Violation",

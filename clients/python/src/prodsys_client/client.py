@@ -20,6 +20,7 @@ from .models import (
     Profile,
     Request,
     Submission,
+    Template,
     Validation,
 )
 from .v1 import (
@@ -239,6 +240,14 @@ class Client:
         """The kinds of production this deployment accepts."""
         answer = self._call(self._intake.ListProfiles, request_pb2.ListProfilesRequest())
         return [Profile.from_pb(p) for p in answer.profiles]
+
+    def templates(self, profile: str = "", name: str = "") -> list[Template]:
+        """The container templates requests may name: those the deployment
+        ships and those derived by earlier requests (``profile`` and ``name``
+        narrow the list)."""
+        message = request_pb2.ListTemplatesRequest(profile=profile, name=name)
+        answer = self._call(self._intake.ListTemplates, message)
+        return [Template.from_pb(t) for t in answer.templates]
 
     # Productions (status)
 

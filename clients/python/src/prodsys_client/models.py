@@ -260,6 +260,51 @@ class ProductionRecord:
 
 
 @dataclass(frozen=True)
+class Template:
+    """A container template requests may name: shipped, or derived by an
+    earlier request (then ``derived_from`` names the shipped one)."""
+
+    name: str
+    profile: str
+    description: str
+    # The image, pinned by digest, and that digest ("sha256:...").
+    image: str
+    digest: str
+    # podman, docker or apptainer.
+    runtime: str
+    entrypoint: list[str]
+    # Default parameters, and the JSON Schema of each one a request may override.
+    parameters: dict[str, Any]
+    overridable: dict[str, Any]
+    derived_from: str
+    # "<shipped template>+<image digest>+<parameters hash>".
+    version: str
+    # When a derived template was recorded; None for a shipped one.
+    recorded: datetime | None
+
+    @property
+    def derived(self) -> bool:
+        return self.derived_from != self.name
+
+    @classmethod
+    def from_pb(cls, t: request_pb2.TemplateInfo) -> Template:
+        return cls(
+            name=t.name,
+            profile=t.profile,
+            description=t.description,
+            image=t.image,
+            digest=t.digest,
+            runtime=t.runtime,
+            entrypoint=list(t.entrypoint),
+            parameters=json.loads(t.parameters_json or "{}"),
+            overridable=json.loads(t.overridable_json or "{}"),
+            derived_from=t.derived_from,
+            version=t.version,
+            recorded=_time(t.recorded_unix_ms),
+        )
+
+
+@dataclass(frozen=True)
 class Profile:
     """A kind of production the deployment accepts."""
 
