@@ -1692,6 +1692,18 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(reused, t);
+        // A derivation of a derivation keeps what it derived from.
+        let mut chained = again.clone();
+        chained["derived_template"] =
+            json!({"name": "chained", "parameters": {"light_yield": 1.5}});
+        let c = p
+            .resolve_template("km3net.org", &chained, Some(&recorded))
+            .unwrap()
+            .unwrap();
+        assert_eq!(c.from, "gseagen-7.4.1");
+        assert_eq!(c.parameters["seawater_model"], "v2");
+        assert_eq!(c.parameters["light_yield"], 1.5);
+        assert_ne!(c.version, t.version);
         assert_eq!(
             p.fingerprint(&p.with_template(again, &reused)),
             p.fingerprint(&with)
