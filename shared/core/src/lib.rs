@@ -9,5 +9,5 @@ pub mod state;
 pub mod violation;
 
 pub use profile::{JobPlan, PlannedJob, Profile, ProfileSet};
-pub use state::{JobState, ProductionState};
+pub use state::{JobCounts, JobState, ProductionState};
 pub use violation::Violation;
