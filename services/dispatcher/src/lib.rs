@@ -287,7 +287,7 @@ impl Planner {
             Uuid::parse_str(&accepted.request_id).map_err(|e| format!("request_id: {e}"))?;
         Ok(Prepared {
             accepted_at: event_time(event_id),
-            estimate: profile.resource_estimate(&plan),
+            estimate: profile.resource_estimate(&plan).into(),
             plan,
             parameters,
             request_id,
