@@ -229,7 +229,7 @@ pub fn prepare<'a>(
         Uuid::parse_str(&accepted.request_id).map_err(|e| format!("request_id: {e}"))?;
     Ok(Prepared {
         accepted_at,
-        estimate: profile.resource_estimate(&plan),
+        estimate: profile.resource_estimate(&plan).into(),
         plan,
         parameters,
         request_id,
