@@ -283,6 +283,46 @@ async fn a_cancel_of_an_id_not_given_yet_does_not_cancel_the_production_that_get
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_remembered_cancel_whose_production_never_comes_is_forgotten_after_its_time_to_live() {
+    let app = spawn_app_with(|env| {
+        use_test_profiles(env);
+        env.settings.dispatcher.pending_cancel_ttl_s = 2;
+    })
+    .await;
+    let db = app.env.db().await.unwrap();
+    let never = "CTA-987654";
+    assert!(
+        app.cancel(never, "no such production")
+            .await
+            .unwrap()
+            .accepted
+    );
+    cancel_remembered(&db, never).await;
+    let remembered_at = Instant::now();
+    wait_for(
+        "the dispatcher to forget the cancel",
+        Duration::from_secs(30),
+        || async {
+            db.query_opt(
+                "SELECT 1 FROM dispatcher.pending_cancels WHERE production_id = $1",
+                &[&never],
+            )
+            .await
+            .unwrap()
+            .is_none()
+            .then_some(())
+        },
+    )
+    .await
+    .unwrap();
+    assert!(
+        remembered_at.elapsed() >= Duration::from_millis(500),
+        "kept until its time to live passed, not dropped at once"
+    );
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_cancel_while_the_dispatcher_is_down_is_applied_when_it_starts() {
     use prodsys::Service;
     let app = spawn_app_with(|env| {

@@ -36,10 +36,17 @@ pub(crate) struct PlanningTask {
     pub schedulers: Vec<Arc<Notify>>,
     /// Longest wait between two looks for work (another replica's productions).
     pub idle: Duration,
+    /// How long a cancel whose production has not come is remembered.
+    pub pending_cancel_ttl: Duration,
 }
+
+/// Most time between two sweeps of expired remembered cancels (less when
+/// the time to live is shorter).
+const EXPIRY_SWEEP: Duration = Duration::from_secs(60);
 
 impl PlanningTask {
     pub async fn run(self, shutdown: CancellationToken) {
+        let mut last_sweep: Option<tokio::time::Instant> = None;
         while !shutdown.is_cancelled() {
             match self.db.client().await {
                 Ok(client) => {
@@ -48,6 +55,12 @@ impl PlanningTask {
                             error = format!("{error:#}"),
                             "applying pending cancels failed"
                         );
+                    }
+                    if last_sweep
+                        .is_none_or(|at| at.elapsed() >= EXPIRY_SWEEP.min(self.pending_cancel_ttl))
+                    {
+                        last_sweep = Some(tokio::time::Instant::now());
+                        self.expire_pending_cancels(&client).await;
                     }
                 }
                 Err(error) => {
@@ -79,6 +92,28 @@ impl PlanningTask {
                 _ = self.wake.notified() => {}
                 _ = tokio::time::sleep(self.idle) => {}
             }
+        }
+    }
+
+    /// Forgets remembered cancels older than the time to live: their
+    /// production never came.
+    async fn expire_pending_cancels<C: GenericClient + Sync>(&self, client: &C) {
+        let ttl =
+            chrono::Duration::from_std(self.pending_cancel_ttl).unwrap_or(chrono::Duration::MAX);
+        let older_than = chrono::Utc::now()
+            .checked_sub_signed(ttl)
+            .unwrap_or(chrono::DateTime::<chrono::Utc>::MIN_UTC);
+        match crate::store::expire_pending_cancels(client, older_than).await {
+            Ok(0) => {}
+            Ok(dropped) => tracing::info!(
+                dropped,
+                ttl_s = self.pending_cancel_ttl.as_secs(),
+                "forgot cancels whose production never came"
+            ),
+            Err(error) => tracing::warn!(
+                error = format!("{error:#}"),
+                "forgetting expired pending cancels failed"
+            ),
         }
     }
 

@@ -13,14 +13,14 @@ use axum::response::{Html, IntoResponse, Json, Response};
 use axum::routing::get;
 use futures::Stream;
 use prodsys_core::ProductionState;
-use prodsys_db::Cached;
 use prodsys_proto as pb;
 use prodsys_proto::status_service_server::StatusService;
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 use tonic::Request;
 
-use crate::StatusApi;
+use crate::api::StatusApi;
+use crate::store;
 
 const DASHBOARD: &str = include_str!("dashboard.html");
 
@@ -196,17 +196,23 @@ async fn events(
     Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
 }
 
-/// Prometheus text exposition of the read model.
+/// OpenMetrics exposition of the read model's gauges, then the process's
+/// own figures (consumer, relay, backlog: `prodsys_telemetry::metrics`).
 async fn metrics(State(api): State<StatusApi>) -> Response {
     match render_metrics(&api).await {
-        Ok(text) => (
-            [(
-                header::CONTENT_TYPE,
-                "text/plain; version=0.0.4; charset=utf-8",
-            )],
-            text,
-        )
-            .into_response(),
+        Ok(mut text) => {
+            let process = prodsys_telemetry::metrics::metrics();
+            let _ = process.encode_families(&mut text);
+            let _ = prodsys_telemetry::metrics::finish(&mut text);
+            (
+                [(
+                    header::CONTENT_TYPE,
+                    prodsys_telemetry::metrics::CONTENT_TYPE,
+                )],
+                text,
+            )
+                .into_response()
+        }
         Err(error) => (
             StatusCode::SERVICE_UNAVAILABLE,
             format!("# metrics unavailable: {error:#}\n"),
@@ -222,57 +228,22 @@ fn label(value: &str) -> String {
         .replace('\n', "\\n")
 }
 
-/// Every production's job counts: final ones where a production ended, else projected.
-const COUNTED: &str = "(SELECT state, n FROM final_counts
-     UNION ALL
-     SELECT state, n FROM job_counts j
-     WHERE NOT EXISTS (SELECT 1 FROM final_counts f WHERE f.production_id = j.production_id)) AS c";
-
 async fn render_metrics(api: &StatusApi) -> anyhow::Result<String> {
     use std::fmt::Write as _;
-    let client = api.db.client().await?;
+    let figures = store::figures(&api.db).await?;
     let mut out = String::new();
     out.push_str("# HELP prodsys_productions Productions in the status read model, by state.\n");
     out.push_str("# TYPE prodsys_productions gauge\n");
-    for row in client
-        .query_cached(
-            "SELECT state, count(*) FROM productions GROUP BY state ORDER BY state",
-            &[],
-        )
-        .await?
-    {
-        let _ = writeln!(
-            out,
-            "prodsys_productions{{state=\"{}\"}} {}",
-            label(row.get(0)),
-            row.get::<_, i64>(1)
-        );
+    for (state, n) in &figures.productions {
+        let _ = writeln!(out, "prodsys_productions{{state=\"{}\"}} {n}", label(state));
     }
     out.push_str("# HELP prodsys_jobs Jobs of all productions, by state (CREATED: not yet mentioned by any event).\n");
     out.push_str("# TYPE prodsys_jobs gauge\n");
-    let row = client
-        .query_one_cached(
-            &format!(
-                "SELECT COALESCE(sum(job_total), 0)::bigint - (SELECT COALESCE(sum(n), 0)::bigint FROM {COUNTED})
-                 FROM productions"
-            ),
-            &[],
-        )
-        .await?;
-    let unmentioned: i64 = row.get(0);
     let mut created_seen = 0;
     let mut lines = Vec::new();
-    for row in client
-        .query_cached(
-            &format!("SELECT state, sum(n)::bigint FROM {COUNTED} GROUP BY state ORDER BY state"),
-            &[],
-        )
-        .await?
-    {
-        let state: &str = row.get(0);
-        let n: i64 = row.get(1);
+    for (state, n) in &figures.jobs {
         if state == "CREATED" {
-            created_seen = n;
+            created_seen = *n;
             continue;
         }
         lines.push(format!("prodsys_jobs{{state=\"{}\"}} {n}", label(state)));
@@ -280,7 +251,7 @@ async fn render_metrics(api: &StatusApi) -> anyhow::Result<String> {
     let _ = writeln!(
         out,
         "prodsys_jobs{{state=\"CREATED\"}} {}",
-        created_seen + unmentioned.max(0)
+        created_seen + figures.unmentioned.max(0)
     );
     for line in lines {
         let _ = writeln!(out, "{line}");
@@ -289,15 +260,12 @@ async fn render_metrics(api: &StatusApi) -> anyhow::Result<String> {
         "# HELP prodsys_installation_up 1 when the WMS installation answers, 0 while it fails.\n",
     );
     out.push_str("# TYPE prodsys_installation_up gauge\n");
-    for row in client
-        .query_cached("SELECT name, healthy FROM installations ORDER BY name", &[])
-        .await?
-    {
+    for (name, healthy) in &figures.installations {
         let _ = writeln!(
             out,
             "prodsys_installation_up{{installation=\"{}\"}} {}",
-            label(row.get(0)),
-            u8::from(row.get::<_, bool>(1))
+            label(name),
+            u8::from(*healthy)
         );
     }
     Ok(out)

@@ -134,6 +134,10 @@ pub struct DispatcherSettings {
     pub max_jobs_per_production: u64,
     /// Jobs created per planning transaction.
     pub plan_chunk_jobs: u64,
+    /// How long a cancel that arrived before its production is remembered
+    /// (seconds): one whose production never comes (an ID never issued, a
+    /// request refused after all) is forgotten after this.
+    pub pending_cancel_ttl_s: u64,
     /// Named WMS installations besides `local` (which always exists, with
     /// `max_concurrent_jobs`); a request chooses one by name.
     pub backends: BTreeMap<String, BackendSettings>,
@@ -307,6 +311,7 @@ impl Default for DispatcherSettings {
             lease_ttl_ms: 10_000,
             max_jobs_per_production: 1_000_000,
             plan_chunk_jobs: 10_000,
+            pending_cancel_ttl_s: 7 * 24 * 3600,
             backends: BTreeMap::new(),
         }
     }

@@ -9,6 +9,6 @@ pub mod profile;
 pub mod state;
 pub mod violation;
 
-pub use profile::{JobPlan, PlannedJob, Profile, ProfileSet};
-pub use state::{JobState, ProductionState};
+pub use profile::{JobPlan, PlanEstimate, PlannedJob, Profile, ProfileSet};
+pub use state::{JobCounts, JobState, ProductionState};
 pub use violation::Violation;

@@ -227,6 +227,28 @@ pub struct ResourceEstimate {
     pub disk_mb: f64,
 }
 
+/// A plan's resource estimate as the API shows it: per job and in all.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PlanEstimate {
+    pub cpu_seconds_per_job: f64,
+    pub cpu_hours_total: f64,
+    pub memory_mb: u64,
+    pub disk_mb_per_job: f64,
+    pub disk_gb_total: f64,
+}
+
+impl From<PlanEstimate> for prodsys_proto::ResourceEstimate {
+    fn from(e: PlanEstimate) -> Self {
+        Self {
+            cpu_seconds_per_job: e.cpu_seconds_per_job,
+            cpu_hours_total: e.cpu_hours_total,
+            memory_mb: e.memory_mb,
+            disk_mb_per_job: e.disk_mb_per_job,
+            disk_gb_total: e.disk_gb_total,
+        }
+    }
+}
+
 impl JobPlan {
     pub fn job(&self, index: u64) -> PlannedJob {
         let start = index * self.per_job;
@@ -740,10 +762,10 @@ impl Profile {
     }
 
     /// The estimate of a plan as the API shows it: per job and in all.
-    pub fn resource_estimate(&self, plan: &JobPlan) -> prodsys_proto::ResourceEstimate {
+    pub fn resource_estimate(&self, plan: &JobPlan) -> PlanEstimate {
         let per_job = self.estimate(plan.per_job);
         let total = self.estimate_plan(plan);
-        prodsys_proto::ResourceEstimate {
+        PlanEstimate {
             cpu_seconds_per_job: per_job.cpu_seconds,
             cpu_hours_total: total.cpu_seconds / 3600.0,
             memory_mb: per_job.memory_mb,

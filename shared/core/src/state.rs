@@ -205,6 +205,92 @@ impl JobState {
     }
 }
 
+/// A production's jobs counted by state.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct JobCounts {
+    pub created: u64,
+    pub submitted: u64,
+    pub queued: u64,
+    pub running: u64,
+    pub done: u64,
+    pub failed: u64,
+    pub cancelled: u64,
+    pub exhausted: u64,
+}
+
+impl JobCounts {
+    /// Counts `n` more jobs in `state`.
+    pub fn add(&mut self, state: JobState, n: u64) {
+        let slot = match state {
+            JobState::Created => &mut self.created,
+            JobState::Submitted => &mut self.submitted,
+            JobState::Queued => &mut self.queued,
+            JobState::Running => &mut self.running,
+            JobState::Done => &mut self.done,
+            JobState::Failed => &mut self.failed,
+            JobState::Cancelled => &mut self.cancelled,
+            JobState::Exhausted => &mut self.exhausted,
+        };
+        *slot += n;
+    }
+
+    /// Jobs in every state.
+    pub fn total(&self) -> u64 {
+        self.created
+            + self.submitted
+            + self.queued
+            + self.running
+            + self.done
+            + self.failed
+            + self.cancelled
+            + self.exhausted
+    }
+
+    /// The count of each state, in the states' order.
+    pub fn by_state(&self) -> [(JobState, u64); 8] {
+        [
+            (JobState::Created, self.created),
+            (JobState::Submitted, self.submitted),
+            (JobState::Queued, self.queued),
+            (JobState::Running, self.running),
+            (JobState::Done, self.done),
+            (JobState::Failed, self.failed),
+            (JobState::Cancelled, self.cancelled),
+            (JobState::Exhausted, self.exhausted),
+        ]
+    }
+}
+
+impl From<JobCounts> for pb::JobCounts {
+    fn from(c: JobCounts) -> Self {
+        Self {
+            created: c.created,
+            submitted: c.submitted,
+            queued: c.queued,
+            running: c.running,
+            done: c.done,
+            failed: c.failed,
+            cancelled: c.cancelled,
+            exhausted: c.exhausted,
+        }
+    }
+}
+
+impl From<pb::JobCounts> for JobCounts {
+    fn from(c: pb::JobCounts) -> Self {
+        Self {
+            created: c.created,
+            submitted: c.submitted,
+            queued: c.queued,
+            running: c.running,
+            done: c.done,
+            failed: c.failed,
+            cancelled: c.cancelled,
+            exhausted: c.exhausted,
+        }
+    }
+}
+
 /// Adds one job in `state` to `counts`.
 pub fn count_job(counts: &mut pb::JobCounts, state: JobState, n: u64) {
     let slot = match state {

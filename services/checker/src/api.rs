@@ -1,0 +1,162 @@
+//! The checker's gRPC `CheckerService`: `ListTemplates` lists the templates
+//! shipped and derived; `Evaluate` answers what a request's
+//! verdict would be, without storing anything (intake's `ValidateRequest`).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use prodsys_db::Db;
+use prodsys_proto as pb;
+use tonic::{Request, Response, Status};
+
+use crate::catalog::Catalog;
+use prodsys_core::container::ResolvedTemplate;
+
+use crate::domain::{self, Candidate, Lookups, Rules, Validation};
+use crate::error::CheckerError;
+use crate::store;
+
+#[derive(Clone)]
+pub struct CheckerApi {
+    pub db: Db,
+    pub rules: Arc<Rules>,
+    pub catalog: Catalog,
+}
+
+/// A verdict as the API shows it.
+pub fn validation(v: Validation) -> pb::Validation {
+    pb::Validation {
+        acceptable: v.acceptable,
+        violations: v.violations.into_iter().map(Into::into).collect(),
+        fingerprint: v.fingerprint,
+        existing_production_id: v.existing_production_id,
+        overlaps: v
+            .overlaps
+            .into_iter()
+            .map(|o| pb::Overlap {
+                production_id: o.production_id,
+                description: o.description,
+            })
+            .collect(),
+        plan: v.plan.map(|p| pb::JobPlan {
+            jobs: p.jobs,
+            units_per_job: p.units_per_job,
+            total_units: p.total_units,
+            first_run: p.first_run,
+            last_run: p.last_run,
+        }),
+        estimate: v.estimate.map(Into::into),
+        explanations: v.explanations,
+    }
+}
+
+impl CheckerApi {
+    /// Shipped templates from the templates directory, then the recorded derivations.
+    async fn templates(
+        &self,
+        profile: &str,
+        name: &str,
+    ) -> Result<pb::ListTemplatesResponse, CheckerError> {
+        let mut templates = Vec::new();
+        // A derivation's overridable parameters are its root's.
+        let mut overridable: HashMap<(String, String), String> = HashMap::new();
+        for p in self.rules.profiles.iter() {
+            let Some(containers) = p.containers() else {
+                continue;
+            };
+            for t in containers.templates.values() {
+                let schemas = serde_json::to_string(&t.overridable).map_err(anyhow::Error::from)?;
+                overridable.insert((p.name().to_string(), t.name.clone()), schemas.clone());
+                if (profile.is_empty() || p.name() == profile)
+                    && (name.is_empty() || t.name == name)
+                {
+                    templates.push(info(p.name(), &t.description, &t.resolved(), schemas, 0));
+                }
+            }
+        }
+        for (profile, t, recorded) in store::derived_templates(&self.db, profile, name).await? {
+            let schemas = overridable
+                .get(&(profile.clone(), t.from.clone()))
+                .cloned()
+                .unwrap_or_else(|| "{}".into());
+            let description = format!("derived from {}", t.from);
+            templates.push(info(&profile, &description, &t, schemas, recorded));
+        }
+        Ok(pb::ListTemplatesResponse { templates })
+    }
+
+    async fn evaluate(&self, r: &pb::SubmitRequestRequest) -> Result<Validation, CheckerError> {
+        let candidate = Candidate {
+            request_id: "",
+            profile: &r.profile,
+            backend: if r.backend.is_empty() {
+                "local"
+            } else {
+                &r.backend
+            },
+            vo: &r.vo,
+            parameters_json: &r.parameters_json,
+            extend: r.extend,
+            reuse_existing: r.reuse_existing,
+        };
+        let names = domain::template_names([r.parameters_json.as_str()]);
+        let recorded = store::recorded_templates(&self.db, &names).await?;
+        let prepared = self.rules.prepare(&candidate, &recorded);
+        let catalog = self
+            .catalog
+            .ask(std::slice::from_ref(&prepared))
+            .await?
+            .pop()
+            .flatten();
+        let mut client = self.db.client().await?;
+        let tx = client.build_transaction().read_only(true).start().await?;
+        let known = store::neighbourhood(&tx, &Lookups::of([&prepared])).await?;
+        let evaluation = self
+            .rules
+            .evaluate(prepared, &candidate, &known, catalog.as_ref());
+        Ok(evaluation.validation)
+    }
+}
+
+#[tonic::async_trait]
+impl pb::checker_service_server::CheckerService for CheckerApi {
+    #[tracing::instrument(skip_all, fields(profile = %request.get_ref().profile))]
+    async fn evaluate(
+        &self,
+        request: Request<pb::SubmitRequestRequest>,
+    ) -> Result<Response<pb::Validation>, Status> {
+        let verdict = CheckerApi::evaluate(self, request.get_ref()).await?;
+        Ok(Response::new(validation(verdict)))
+    }
+
+    async fn list_templates(
+        &self,
+        request: Request<pb::ListTemplatesRequest>,
+    ) -> Result<Response<pb::ListTemplatesResponse>, Status> {
+        let r = request.get_ref();
+        Ok(Response::new(self.templates(&r.profile, &r.name).await?))
+    }
+}
+
+fn info(
+    profile: &str,
+    description: &str,
+    t: &ResolvedTemplate,
+    overridable_json: String,
+    recorded_unix_ms: i64,
+) -> pb::TemplateInfo {
+    pb::TemplateInfo {
+        name: t.name.clone(),
+        profile: profile.to_string(),
+        description: description.to_string(),
+        image: t.image.clone(),
+        digest: t.digest.clone(),
+        runtime: t.runtime.clone(),
+        entrypoint: t.entrypoint.clone(),
+        parameters_json: serde_json::Value::Object(t.parameters.clone()).to_string(),
+        overridable_json,
+        derived_from: t.from.clone(),
+        version: t.version.clone(),
+        recorded_unix_ms,
+    }
+}

@@ -1,0 +1,989 @@
+//! The checker's decisions over plain types: a request checked against its
+//! profile and the deployment's WMS installations, compared with the
+//! productions of its neighbourhood (same fingerprint, same identity but
+//! other statistics, files of the same identity) and with what the catalog
+//! holds, and a batch of such decisions given production IDs (each request
+//! seeing the decisions before it). No SQL, no broker, no gRPC.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use prodsys_core::container::{ResolvedTemplate, TEMPLATE_KEY};
+use prodsys_core::{PlanEstimate, Profile, ProfileSet, Violation};
+
+/// A production ID: the profile's prefix and a six-digit (or longer) number.
+pub fn production_id(prefix: &str, number: i64) -> String {
+    format!("{prefix}-{number:06}")
+}
+
+/// The advisory lock under which decisions for productions whose IDs start
+/// with `id_prefix` are taken (FNV-1a, stable across builds and replicas).
+pub fn decide_lock_key(id_prefix: &str) -> i64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in format!("prodsys.checker.decide.{id_prefix}").bytes() {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    hash as i64
+}
+
+/// What a request asks for, from gRPC or from an event.
+#[derive(Debug, Clone, Copy)]
+pub struct Candidate<'a> {
+    pub request_id: &'a str,
+    pub profile: &'a str,
+    pub backend: &'a str,
+    pub vo: &'a str,
+    pub parameters_json: &'a str,
+    pub extend: bool,
+    pub reuse_existing: bool,
+}
+
+/// An overlap with another production.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Overlap {
+    pub production_id: String,
+    pub description: String,
+}
+
+/// The job plan a request would get, as the API shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PlanSummary {
+    pub jobs: u64,
+    pub units_per_job: u64,
+    pub total_units: u64,
+    pub first_run: u64,
+    pub last_run: u64,
+}
+
+/// The checker's verdict on a request, in full.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Validation {
+    pub acceptable: bool,
+    pub violations: Vec<Violation>,
+    pub fingerprint: String,
+    pub existing_production_id: String,
+    pub overlaps: Vec<Overlap>,
+    pub plan: Option<PlanSummary>,
+    pub estimate: Option<PlanEstimate>,
+    /// Per identity of the request's files, what the catalog holds of it.
+    pub explanations: Vec<String>,
+}
+
+/// What the catalog holds of one identity of a request's files.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Held {
+    pub file_count: u64,
+    pub total_bytes: u64,
+    /// The productions that wrote them; empty for files registered from elsewhere.
+    pub production_ids: Vec<String>,
+    pub example_lfns: Vec<String>,
+    /// Identity keys some of the files do not carry.
+    pub missing_keys: Vec<String>,
+    pub last_run: u64,
+    /// Files of the same kind that differ in some keys, and those keys.
+    pub differing_production_ids: Vec<String>,
+    pub differing_keys: Vec<String>,
+}
+
+/// What the catalog holds of each identity of a request's files (one per
+/// NSB level, say), labelled by the per-file values it stands for.
+pub type CatalogAnswer = Vec<(String, Held)>;
+
+/// A candidate after the checks that need nothing stored: its profile, its
+/// parameters as the profile completed them and its base fingerprint.
+pub struct Prepared<'p> {
+    pub validation: Validation,
+    pub checked: Option<(&'p Profile, serde_json::Value, String)>,
+}
+
+/// The checker's answer, before anything is written.
+pub struct Evaluation<'p> {
+    pub validation: Validation,
+    pub accepted: Option<Accepted<'p>>,
+}
+
+pub struct Accepted<'p> {
+    pub profile: &'p Profile,
+    pub parameters: serde_json::Value,
+    pub base_fingerprint: String,
+    pub file_base: Option<String>,
+    pub run_number_offset: i64,
+    pub last_run: i64,
+}
+
+/// A production the checker knows of, as far as a decision needs it.
+#[derive(Debug, Clone)]
+pub struct Known {
+    pub production_id: String,
+    pub fingerprint: String,
+    pub parameters: serde_json::Value,
+    pub last_run: i64,
+}
+
+/// The productions that share a fingerprint or a base fingerprint with the
+/// candidates of one batch, kept up to date as the batch's own decisions
+/// accept more: a request sees every decision taken before it, in the same
+/// batch or an earlier one.
+#[derive(Default)]
+pub struct Neighbourhood {
+    by_fingerprint: HashMap<String, String>,
+    by_base: HashMap<String, Vec<Known>>,
+    /// By file-base fingerprint, with each one's base fingerprint.
+    by_file_base: HashMap<String, Vec<(String, Known)>>,
+}
+
+impl Neighbourhood {
+    pub fn add(&mut self, base: String, file_base: Option<String>, production: Known) {
+        self.by_fingerprint.insert(
+            production.fingerprint.clone(),
+            production.production_id.clone(),
+        );
+        if let Some(file_base) = file_base {
+            self.by_file_base
+                .entry(file_base)
+                .or_default()
+                .push((base.clone(), production.clone()));
+        }
+        self.by_base.entry(base).or_default().push(production);
+    }
+
+    /// Productions whose files may share an identity with the candidate's
+    /// (same file-base fingerprint) though their base differs, by production ID.
+    fn file_relatives<'a>(&'a self, file_base: &str, base: &str) -> Vec<&'a Known> {
+        let mut relatives: Vec<&Known> = self
+            .by_file_base
+            .get(file_base)
+            .map(|all| {
+                all.iter()
+                    .filter(|(b, _)| b != base)
+                    .map(|(_, k)| k)
+                    .collect()
+            })
+            .unwrap_or_default();
+        relatives.sort_by(|a, b| a.production_id.cmp(&b.production_id));
+        relatives
+    }
+
+    fn existing(&self, fingerprint: &str) -> Option<&str> {
+        self.by_fingerprint.get(fingerprint).map(String::as_str)
+    }
+
+    /// Same identity except statistics or ranges, by production ID.
+    fn relatives<'a>(&'a self, base: &str, fingerprint: &'a str) -> Vec<&'a Known> {
+        let mut relatives: Vec<&Known> = self
+            .by_base
+            .get(base)
+            .map(|all| {
+                all.iter()
+                    .filter(|k| k.fingerprint != fingerprint)
+                    .collect()
+            })
+            .unwrap_or_default();
+        relatives.sort_by(|a, b| a.production_id.cmp(&b.production_id));
+        relatives
+    }
+}
+
+/// The fingerprints, base fingerprints and file-base fingerprints whose
+/// productions make the neighbourhood of `prepared`.
+pub struct Lookups {
+    pub fingerprints: Vec<String>,
+    pub bases: Vec<String>,
+    pub file_bases: Vec<String>,
+}
+
+impl Lookups {
+    pub fn of<'a, 'p: 'a>(prepared: impl IntoIterator<Item = &'a Prepared<'p>>) -> Self {
+        let mut lookups = Lookups {
+            fingerprints: Vec::new(),
+            bases: Vec::new(),
+            file_bases: Vec::new(),
+        };
+        for p in prepared {
+            let Some((profile, parameters, base)) = &p.checked else {
+                continue;
+            };
+            lookups.fingerprints.push(p.validation.fingerprint.clone());
+            lookups.bases.push(base.clone());
+            lookups
+                .file_bases
+                .extend(profile.file_base_fingerprint(parameters));
+        }
+        lookups
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.fingerprints.is_empty() && self.bases.is_empty()
+    }
+}
+
+/// What a deployment accepts: its profiles, its WMS installations and its
+/// ceiling on one production's jobs.
+pub struct Rules {
+    pub profiles: Arc<ProfileSet>,
+    /// The WMS installations a request may choose.
+    pub installations: Vec<String>,
+    /// The deployment's ceiling on one production's jobs.
+    pub max_jobs: u64,
+}
+
+impl Rules {
+    /// The checks that need nothing stored but the derived templates a
+    /// candidate may name (`recorded`): installation, schema, rules, template.
+    pub fn prepare(&self, candidate: &Candidate<'_>, recorded: &Recorded) -> Prepared<'_> {
+        let mut validation = Validation::default();
+        if !self.installations.iter().any(|i| i == candidate.backend) {
+            validation.violations.push(Violation::new(
+                "backend",
+                format!(
+                    "unknown WMS installation {:?}; this deployment has {}",
+                    candidate.backend,
+                    self.installations.join(", ")
+                ),
+            ));
+        }
+        match self.profiles.validate_request(
+            candidate.profile,
+            candidate.vo,
+            candidate.parameters_json,
+        ) {
+            Ok((profile, parameters)) => {
+                let parameters =
+                    match profile.resolve_template(candidate.vo, &parameters, Some(recorded)) {
+                        Ok(Some(template)) => profile.with_template(parameters, &template),
+                        Ok(None) => parameters,
+                        Err(violations) => {
+                            validation.violations.extend(violations);
+                            return Prepared {
+                                validation,
+                                checked: None,
+                            };
+                        }
+                    };
+                validation.fingerprint = profile.fingerprint(&parameters);
+                let base = profile.base_fingerprint(&parameters);
+                Prepared {
+                    validation,
+                    checked: Some((profile, parameters, base)),
+                }
+            }
+            Err(violations) => {
+                validation.violations = violations;
+                Prepared {
+                    validation,
+                    checked: None,
+                }
+            }
+        }
+    }
+
+    /// Everything the checker knows about a prepared candidate, given the
+    /// productions in its neighbourhood and what the catalog holds.
+    pub fn evaluate<'p>(
+        &self,
+        prepared: Prepared<'p>,
+        candidate: &Candidate<'_>,
+        known: &Neighbourhood,
+        catalog: Option<&CatalogAnswer>,
+    ) -> Evaluation<'p> {
+        let Prepared {
+            mut validation,
+            checked,
+        } = prepared;
+        let Some((profile, parameters, base_fingerprint)) = checked else {
+            return Evaluation {
+                validation,
+                accepted: None,
+            };
+        };
+        let fingerprint = validation.fingerprint.clone();
+        let mut violations = std::mem::take(&mut validation.violations);
+        if let Some(existing) = known.existing(&fingerprint) {
+            // Asked for, the existing production is the answer rather than a refusal.
+            if !candidate.reuse_existing {
+                violations.push(Violation::new(
+                    "parameters",
+                    format!("the same simulation already exists as production {existing}"),
+                ));
+            }
+            validation.existing_production_id = existing.to_string();
+        }
+        let relatives = known.relatives(&base_fingerprint, &fingerprint);
+        let mut run_number_offset = 0i64;
+        for relative in &relatives {
+            run_number_offset = run_number_offset.max(relative.last_run);
+            if let Some(description) = profile.overlap(&parameters, &relative.parameters) {
+                validation.overlaps.push(Overlap {
+                    production_id: relative.production_id.clone(),
+                    description,
+                });
+            }
+        }
+        // Productions whose files share an identity with some of this one's
+        // (NSB 1 of NSB 1+5, for NSB 1+19).
+        let file_base = profile.file_base_fingerprint(&parameters);
+        let file_relatives = file_base
+            .as_deref()
+            .map(|fb| known.file_relatives(fb, &base_fingerprint))
+            .unwrap_or_default();
+        let mut ids: Vec<&str> = relatives.iter().map(|r| r.production_id.as_str()).collect();
+        for relative in file_relatives {
+            if let Some(description) = profile.per_file_overlap(&parameters, &relative.parameters) {
+                run_number_offset = run_number_offset.max(relative.last_run);
+                ids.push(&relative.production_id);
+                validation.overlaps.push(Overlap {
+                    production_id: relative.production_id.clone(),
+                    description,
+                });
+            }
+        }
+        // Overlaps with productions known here; the catalog's come after.
+        let known_overlaps = validation.overlaps.len();
+        if let Some(answers) = catalog {
+            let held = compare_with_catalog(answers, &ids, &mut validation);
+            // An extension's runs follow every run of its identity the catalog holds.
+            for (_, found) in answers {
+                run_number_offset = run_number_offset.max(found.last_run as i64);
+            }
+            if !held.is_empty() && !candidate.extend {
+                violations.push(Violation::new(
+                    "parameters",
+                    format!(
+                        "outputs of this simulation already exist in the catalog: {}; submit with extend to produce more",
+                        held.join("; ")
+                    ),
+                ));
+            }
+        }
+        if known_overlaps > 0 && !candidate.extend {
+            let names: Vec<String> = validation.overlaps[..known_overlaps]
+                .iter()
+                .map(|o| format!("{} ({})", o.production_id, o.description))
+                .collect();
+            violations.push(Violation::new(
+                "extend",
+                format!(
+                    "overlaps {}; submit with extend to add new runs to the same simulation",
+                    names.join(", ")
+                ),
+            ));
+        }
+        let plan = profile.plan(&parameters, &fingerprint, run_number_offset as u64);
+        if let Some(plan) = &plan {
+            validation.plan = Some(PlanSummary {
+                jobs: plan.job_count,
+                units_per_job: plan.per_job,
+                total_units: plan.total_units,
+                first_run: plan.run_number_offset + 1,
+                last_run: plan.run_number_offset + plan.job_count,
+            });
+            validation.estimate = Some(profile.resource_estimate(plan));
+            violations.extend(profile.check_job_count(plan, self.max_jobs));
+        } else {
+            violations.push(Violation::new("parameters", "give no job plan"));
+        }
+        validation.violations = violations;
+        validation.acceptable = validation.violations.is_empty();
+        let accepted = match (validation.acceptable, plan) {
+            (true, Some(plan)) => Some(Accepted {
+                profile,
+                parameters,
+                base_fingerprint,
+                file_base,
+                run_number_offset,
+                last_run: (plan.run_number_offset + plan.job_count) as i64,
+            }),
+            _ => None,
+        };
+        Evaluation {
+            validation,
+            accepted,
+        }
+    }
+
+    /// Evaluates a batch's candidates in order, each seeing the decisions
+    /// before it: a candidate accepted as a new production joins `known`
+    /// under a placeholder ID until the sequence gives it its own.
+    pub fn evaluate_batch<'p>(
+        &self,
+        pending: Vec<(Candidate<'_>, Prepared<'p>, Option<CatalogAnswer>)>,
+        known: &mut Neighbourhood,
+    ) -> Vec<Evaluation<'p>> {
+        let mut evaluations = Vec::with_capacity(pending.len());
+        for (candidate, prepared, catalog) in pending {
+            let evaluation = self.evaluate(prepared, &candidate, known, catalog.as_ref());
+            if let Some(accepted) = &evaluation.accepted
+                && evaluation.validation.existing_production_id.is_empty()
+            {
+                // Placeholder ID until the sequence is read; unique within the batch.
+                known.add(
+                    accepted.base_fingerprint.clone(),
+                    accepted.file_base.clone(),
+                    Known {
+                        production_id: placeholder(candidate.request_id),
+                        fingerprint: evaluation.validation.fingerprint.clone(),
+                        parameters: accepted.parameters.clone(),
+                        last_run: accepted.last_run,
+                    },
+                );
+            }
+            evaluations.push(evaluation);
+        }
+        evaluations
+    }
+}
+
+/// How many new production IDs a batch's evaluations need, per ID prefix.
+pub fn numbers_wanted<'p>(evaluations: &[Evaluation<'p>]) -> BTreeMap<&'p str, i64> {
+    let mut wanted: BTreeMap<&str, i64> = BTreeMap::new();
+    for e in evaluations {
+        if let Some(accepted) = &e.accepted
+            && e.validation.existing_production_id.is_empty()
+        {
+            *wanted.entry(accepted.profile.id_prefix()).or_default() += 1;
+        }
+    }
+    wanted
+}
+
+/// The verdict on one request of a batch.
+pub enum Verdict<'p> {
+    /// The same simulation exists and the request asked to reuse it.
+    Reused {
+        validation: Validation,
+    },
+    Rejected {
+        validation: Validation,
+    },
+    /// A new production, with its ID.
+    Accepted {
+        production_id: String,
+        validation: Validation,
+        accepted: Accepted<'p>,
+    },
+}
+
+/// The batch's verdicts, in order: `next` holds the first unused number of
+/// each ID prefix the batch needs (see [`numbers_wanted`]). A request that
+/// duplicates or overlaps one accepted earlier in its batch names it by
+/// its new ID.
+pub fn verdicts<'p>(
+    request_ids: &[&str],
+    evaluations: Vec<Evaluation<'p>>,
+    next: &mut HashMap<String, i64>,
+) -> Vec<Verdict<'p>> {
+    // Placeholder → real production ID, for overlaps named inside the batch.
+    let mut renamed: HashMap<String, String> = HashMap::new();
+    let mut verdicts = Vec::with_capacity(evaluations.len());
+    for (request_id, evaluation) in request_ids.iter().zip(evaluations) {
+        let Evaluation {
+            mut validation,
+            accepted,
+        } = evaluation;
+        name_placeholders(&mut validation, &renamed);
+        if validation.acceptable && !validation.existing_production_id.is_empty() {
+            verdicts.push(Verdict::Reused { validation });
+            continue;
+        }
+        let Some(accepted) = accepted else {
+            verdicts.push(Verdict::Rejected { validation });
+            continue;
+        };
+        let number = next
+            .get_mut(accepted.profile.id_prefix())
+            .expect("a number for every prefix");
+        let production_id = production_id(accepted.profile.id_prefix(), *number);
+        *number += 1;
+        renamed.insert(placeholder(request_id), production_id.clone());
+        verdicts.push(Verdict::Accepted {
+            production_id,
+            validation,
+            accepted,
+        });
+    }
+    verdicts
+}
+
+/// Compares what the catalog holds of each identity of a request's files
+/// with the request: explains each in `validation.explanations`, names the
+/// productions this checker does not already report (`known`) as overlaps,
+/// and returns, per identity with such outputs, what it holds in words
+/// (empty when nothing stands in the way).
+fn compare_with_catalog(
+    answers: &CatalogAnswer,
+    known: &[&str],
+    validation: &mut Validation,
+) -> Vec<String> {
+    let duplicate = !validation.existing_production_id.is_empty();
+    let mut held = Vec::new();
+    // Per production, the identities (NSB levels) it holds.
+    let mut overlapping: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for (label, found) in answers {
+        let name = |ids: &[String]| -> String {
+            ids.iter()
+                .map(|p| {
+                    if p.is_empty() {
+                        "registered from elsewhere"
+                    } else {
+                        p.as_str()
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let of = if label.is_empty() {
+            "the outputs".to_string()
+        } else {
+            label.clone()
+        };
+        let mut words = if found.file_count == 0 {
+            format!("{of}: no file of this identity in the catalog")
+        } else {
+            let mut w = format!(
+                "{of}: {} file(s) of this identity in the catalog ({}), e.g. {}",
+                found.file_count,
+                name(&found.production_ids),
+                found.example_lfns.join(", ")
+            );
+            if !found.missing_keys.is_empty() {
+                w.push_str(&format!(
+                    "; some do not carry {}, so cannot be told apart by them",
+                    found.missing_keys.join(", ")
+                ));
+            }
+            w
+        };
+        if !found.differing_keys.is_empty() {
+            words.push_str(&format!(
+                "; files of the same kind ({}) differ in {}",
+                name(&found.differing_production_ids),
+                found.differing_keys.join(", ")
+            ));
+        }
+        validation.explanations.push(words);
+        if found.file_count == 0 || duplicate {
+            continue;
+        }
+        let foreign: Vec<&String> = found
+            .production_ids
+            .iter()
+            .filter(|p| !known.contains(&p.as_str()))
+            .collect();
+        if foreign.is_empty() {
+            continue;
+        }
+        for p in foreign.iter().filter(|p| !p.is_empty()) {
+            overlapping.entry(p.as_str()).or_default().push(label);
+        }
+        let foreign: Vec<String> = foreign.into_iter().cloned().collect();
+        let which = if label.is_empty() {
+            String::new()
+        } else {
+            format!(" for {label}")
+        };
+        held.push(format!(
+            "{} file(s), {} bytes ({}){which}, e.g. {}",
+            found.file_count,
+            found.total_bytes,
+            name(&foreign),
+            found.example_lfns.join(", ")
+        ));
+    }
+    for (production_id, labels) in overlapping {
+        let labels: Vec<&str> = labels.into_iter().filter(|l| !l.is_empty()).collect();
+        let description = if labels.is_empty() {
+            "its outputs in the catalog have the same identity".to_string()
+        } else {
+            format!(
+                "{}: its outputs in the catalog have the same identity",
+                labels.join(", ")
+            )
+        };
+        validation.overlaps.push(Overlap {
+            production_id: production_id.to_string(),
+            description,
+        });
+    }
+    held
+}
+
+/// The ID a production accepted earlier in the same batch is known by until
+/// the sequence is read.
+fn placeholder(request_id: &str) -> String {
+    format!("\u{0}{request_id}")
+}
+
+/// Replaces placeholders with the production IDs assigned since: a request
+/// that duplicates or overlaps one accepted earlier in its batch names it.
+fn name_placeholders(validation: &mut Validation, renamed: &HashMap<String, String>) {
+    let rename = |text: &mut String| {
+        if text.contains('\u{0}') {
+            for (placeholder, real) in renamed {
+                *text = text.replace(placeholder.as_str(), real);
+            }
+        }
+    };
+    rename(&mut validation.existing_production_id);
+    for o in &mut validation.overlaps {
+        rename(&mut o.production_id);
+    }
+    for v in &mut validation.violations {
+        rename(&mut v.description);
+    }
+}
+
+/// Derived templates recorded earlier, by name.
+pub type Recorded = BTreeMap<String, ResolvedTemplate>;
+
+/// The template names requests may look up among the recorded derivations:
+/// as their `container_template`, or as the name of a derivation (which must
+/// not already name another).
+pub fn template_names<'a>(parameters_json: impl IntoIterator<Item = &'a str>) -> Vec<String> {
+    parameters_json
+        .into_iter()
+        .filter_map(|json| serde_json::from_str::<serde_json::Value>(json).ok())
+        .flat_map(|parameters| {
+            let name = |pointer: &str| Some(parameters.pointer(pointer)?.as_str()?.to_string());
+            [name("/container_template"), name("/derived_template/name")]
+        })
+        .flatten()
+        .collect()
+}
+
+/// The template of a production's parameters, when a request derived it.
+pub fn derived_template(parameters: &serde_json::Value) -> Option<ResolvedTemplate> {
+    let template: ResolvedTemplate =
+        serde_json::from_value(parameters.get(TEMPLATE_KEY)?.clone()).ok()?;
+    template.is_derived().then_some(template)
+}
+
+/// The derivations the prepared candidates would record, by position.
+pub fn derivations(prepared: &[&Prepared<'_>]) -> Vec<Option<ResolvedTemplate>> {
+    prepared
+        .iter()
+        .map(|p| derived_template(&p.checked.as_ref()?.1))
+        .collect()
+}
+
+/// Refuses each candidate whose derivation's name `taken` (name → version,
+/// as recorded) or an earlier candidate gives to another derivation: a name
+/// checked before the decision lock may have been given away since.
+pub fn refuse_taken_names(prepared: &mut [&mut Prepared<'_>], mut taken: HashMap<String, String>) {
+    for p in prepared.iter_mut() {
+        let Some(template) = p.checked.as_ref().and_then(|c| derived_template(&c.1)) else {
+            continue;
+        };
+        match taken.get(&template.name) {
+            Some(version) if *version != template.version => {
+                p.validation.violations.push(Violation::new(
+                    "parameters.derived_template.name",
+                    format!(
+                        "{:?} already names another derivation (version {version}); choose another name or use it as container_template",
+                        template.name
+                    ),
+                ));
+                p.checked = None;
+            }
+            _ => {
+                taken.insert(template.name, template.version);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    fn rules() -> Rules {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../profiles");
+        Rules {
+            profiles: Arc::new(ProfileSet::load_dir(&dir).expect("the shipped profiles")),
+            installations: vec!["local".into(), "slurm-local".into()],
+            max_jobs: 1_000_000,
+        }
+    }
+
+    /// The CTA example's parameters with `n_showers` showers at NSB `nsb_levels`.
+    fn parameters(n_showers: u64, nsb_levels: &[u32]) -> String {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/cta-irf-mc.json");
+        let example: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let mut parameters = example["parameters"].clone();
+        parameters["n_showers"] = n_showers.into();
+        parameters["nsb_levels"] = serde_json::json!(nsb_levels);
+        parameters.to_string()
+    }
+
+    fn candidate<'a>(request_id: &'a str, parameters_json: &'a str) -> Candidate<'a> {
+        Candidate {
+            request_id,
+            profile: "cta-irf-mc",
+            backend: "local",
+            vo: "vo.cta.in2p3.fr",
+            parameters_json,
+            extend: false,
+            reuse_existing: false,
+        }
+    }
+
+    /// Decides `candidates` as one batch over `known`, numbering from 1.
+    fn decide<'p>(
+        rules: &'p Rules,
+        candidates: &[Candidate<'_>],
+        catalog: Vec<Option<CatalogAnswer>>,
+        known: &mut Neighbourhood,
+    ) -> Vec<Verdict<'p>> {
+        let pending = candidates
+            .iter()
+            .zip(catalog)
+            .map(|(c, answer)| (*c, rules.prepare(c, &Recorded::new()), answer))
+            .collect();
+        let evaluations = rules.evaluate_batch(pending, known);
+        let mut next: HashMap<String, i64> = numbers_wanted(&evaluations)
+            .into_keys()
+            .map(|prefix| (prefix.to_string(), 1))
+            .collect();
+        let ids: Vec<&str> = candidates.iter().map(|c| c.request_id).collect();
+        verdicts(&ids, evaluations, &mut next)
+    }
+
+    fn rejected<'v>(verdict: &'v Verdict<'_>) -> &'v Validation {
+        match verdict {
+            Verdict::Rejected { validation } => validation,
+            _ => panic!("expected a rejection"),
+        }
+    }
+
+    fn accepted<'v>(verdict: &'v Verdict<'_>) -> (&'v str, &'v Validation) {
+        match verdict {
+            Verdict::Accepted {
+                production_id,
+                validation,
+                ..
+            } => (production_id, validation),
+            _ => panic!("expected an acceptance"),
+        }
+    }
+
+    #[test]
+    fn production_ids_and_lock_keys() {
+        assert_eq!(production_id("CTA", 42), "CTA-000042");
+        assert_eq!(production_id("CTA", 1_234_567), "CTA-1234567");
+        assert_eq!(decide_lock_key("CTA"), decide_lock_key("CTA"));
+        assert_ne!(decide_lock_key("CTA"), decide_lock_key("KM3NET"));
+    }
+
+    #[test]
+    fn the_same_simulation_twice_in_one_batch_is_refused_naming_the_first() {
+        let rules = rules();
+        let p = parameters(4000, &[1, 5]);
+        let verdicts = decide(
+            &rules,
+            &[candidate("a", &p), candidate("b", &p)],
+            vec![None, None],
+            &mut Neighbourhood::default(),
+        );
+        let (first, validation) = accepted(&verdicts[0]);
+        assert!(first.starts_with("CTA-"), "{first}");
+        assert_eq!(
+            validation.plan.map(|p| (p.jobs, p.first_run, p.last_run)),
+            Some((4, 1, 4))
+        );
+        assert!(validation.estimate.is_some());
+        let second = rejected(&verdicts[1]);
+        assert_eq!(second.existing_production_id, first);
+        assert!(
+            second.violations[0]
+                .description
+                .contains(&format!("already exists as production {first}")),
+            "{:?}",
+            second.violations
+        );
+    }
+
+    #[test]
+    fn a_reuse_is_answered_with_the_existing_production() {
+        let rules = rules();
+        let p = parameters(4000, &[1, 5]);
+        let mut reuse = candidate("b", &p);
+        reuse.reuse_existing = true;
+        let verdicts = decide(
+            &rules,
+            &[candidate("a", &p), reuse],
+            vec![None, None],
+            &mut Neighbourhood::default(),
+        );
+        let (first, _) = accepted(&verdicts[0]);
+        match &verdicts[1] {
+            Verdict::Reused { validation } => {
+                assert_eq!(validation.existing_production_id, first)
+            }
+            _ => panic!("expected a reuse"),
+        }
+    }
+
+    #[test]
+    fn more_statistics_overlap_and_an_extension_runs_after_them() {
+        let rules = rules();
+        let mut known = Neighbourhood::default();
+        let first = parameters(4000, &[1, 5]);
+        let more = parameters(8000, &[1, 5]);
+        let verdicts = decide(
+            &rules,
+            &[candidate("a", &first), candidate("b", &more)],
+            vec![None, None],
+            &mut known,
+        );
+        let (first_id, _) = accepted(&verdicts[0]);
+        let refused = rejected(&verdicts[1]);
+        assert_eq!(refused.overlaps[0].production_id, first_id);
+        assert_eq!(refused.violations.last().unwrap().field, "extend");
+        // The first is known now (under its placeholder); an extension follows its runs.
+        let mut extension = candidate("c", &more);
+        extension.extend = true;
+        let prepared = rules.prepare(&extension, &Recorded::new());
+        let evaluation = rules.evaluate(prepared, &extension, &known, None);
+        assert!(
+            evaluation.validation.acceptable,
+            "{:?}",
+            evaluation.validation.violations
+        );
+        assert_eq!(evaluation.validation.plan.unwrap().first_run, 5);
+    }
+
+    #[test]
+    fn outputs_held_by_the_catalog_need_an_extension_and_are_explained() {
+        let rules = rules();
+        let p = parameters(4000, &[1]);
+        let held = Held {
+            file_count: 2,
+            total_bytes: 2048,
+            production_ids: vec![String::new()],
+            example_lfns: vec!["/vo.cta.in2p3.fr/MC/x_nsb1.h5".into()],
+            last_run: 10,
+            ..Held::default()
+        };
+        let answer = || Some(vec![("nsb 1".to_string(), held.clone())]);
+        let verdicts = decide(
+            &rules,
+            &[candidate("a", &p)],
+            vec![answer()],
+            &mut Neighbourhood::default(),
+        );
+        let refused = rejected(&verdicts[0]);
+        assert_eq!(
+            refused.explanations,
+            vec![
+                "nsb 1: 2 file(s) of this identity in the catalog (registered from elsewhere), \
+                 e.g. /vo.cta.in2p3.fr/MC/x_nsb1.h5"
+            ]
+        );
+        assert!(
+            refused.violations[0].description.starts_with(
+                "outputs of this simulation already exist in the catalog: 2 file(s), 2048 bytes"
+            ),
+            "{:?}",
+            refused.violations
+        );
+        let mut extension = candidate("b", &p);
+        extension.extend = true;
+        let verdicts = decide(
+            &rules,
+            &[extension],
+            vec![answer()],
+            &mut Neighbourhood::default(),
+        );
+        let (_, validation) = accepted(&verdicts[0]);
+        // Its runs follow the catalog's.
+        assert_eq!(validation.plan.unwrap().first_run, 11);
+    }
+
+    #[test]
+    fn an_unknown_installation_is_a_violation() {
+        let rules = rules();
+        let p = parameters(4000, &[1]);
+        let mut c = candidate("a", &p);
+        c.backend = "elsewhere";
+        let verdicts = decide(&rules, &[c], vec![None], &mut Neighbourhood::default());
+        let refused = rejected(&verdicts[0]);
+        assert_eq!(refused.violations[0].field, "backend");
+        assert!(
+            refused.violations[0]
+                .description
+                .contains("this deployment has local, slurm-local")
+        );
+    }
+
+    #[test]
+    fn a_derivation_name_given_away_since_or_earlier_in_the_batch_is_refused() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let dir = std::env::temp_dir().join(format!("checker-templates-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let source = std::fs::read_to_string(
+            root.join("deploy/local/images/km3net-toysim/templates.json.in"),
+        )
+        .unwrap();
+        let image = format!("localhost/km3net/toysim@sha256:{}", "ab".repeat(32));
+        std::fs::write(dir.join("km3net.json"), source.replace("@IMAGE@", &image)).unwrap();
+        let profiles = ProfileSet::load_dir(&root.join("profiles"))
+            .unwrap()
+            .with_templates(&dir)
+            .unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        let rules = Rules {
+            profiles: Arc::new(profiles),
+            installations: vec!["local".into()],
+            max_jobs: 1_000_000,
+        };
+        let example: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(root.join("examples/km3net-container-sim.json")).unwrap(),
+        )
+        .unwrap();
+        let with_yield = |light_yield: f64| {
+            let mut p = example["parameters"].clone();
+            p["derived_template"]["parameters"]["light_yield"] = light_yield.into();
+            p.to_string()
+        };
+        let (a, b, c) = (with_yield(0.5), with_yield(0.7), with_yield(0.5));
+        let candidate = |id, json| Candidate {
+            request_id: id,
+            profile: "km3net-container-sim",
+            backend: "local",
+            vo: "km3net.org",
+            parameters_json: json,
+            extend: false,
+            reuse_existing: false,
+        };
+        let recorded = Recorded::new();
+        let mut prepared: Vec<Prepared<'_>> = [("a", &a), ("b", &b), ("c", &c)]
+            .iter()
+            .map(|(id, json)| rules.prepare(&candidate(id, json), &recorded))
+            .collect();
+        assert!(prepared.iter().all(|p| p.checked.is_some()));
+        let names: Vec<String> = derivations(&prepared.iter().collect::<Vec<_>>())
+            .into_iter()
+            .flatten()
+            .map(|t| t.name)
+            .collect();
+        assert_eq!(names, ["gseagen-7.4.1-seawater-v2"; 3]);
+        refuse_taken_names(&mut prepared.iter_mut().collect::<Vec<_>>(), HashMap::new());
+        // The first takes the name; the second derives another version under
+        // it and is refused; the third is the first's derivation again.
+        assert!(prepared[0].checked.is_some());
+        assert!(prepared[1].checked.is_none());
+        assert_eq!(
+            prepared[1].validation.violations[0].field,
+            "parameters.derived_template.name"
+        );
+        assert!(prepared[2].checked.is_some());
+        // Given away by another replica since: refused too.
+        let mut again = [rules.prepare(&candidate("d", &a), &recorded)];
+        let taken = HashMap::from([("gseagen-7.4.1-seawater-v2".to_string(), "other".to_string())]);
+        refuse_taken_names(&mut again.iter_mut().collect::<Vec<_>>(), taken);
+        assert!(again[0].checked.is_none());
+    }
+}

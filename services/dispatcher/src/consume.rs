@@ -1,0 +1,198 @@
+//! The dispatcher's AMQP consumer: records accepted productions with their
+//! plan (planning the small ones at once) and takes cancels, remembering one
+//! whose production has not arrived yet.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use prodsys_core::events::{PRODUCTION_CANCEL, PRODUCTION_DISPATCHED};
+use prodsys_core::{ProductionState, ProfileSet};
+use prodsys_db::Db;
+use prodsys_db::deadpool_postgres::Transaction;
+use prodsys_messaging::{BatchHandler, HandlerError, Incoming, Outcome};
+use prodsys_proto as pb;
+use prodsys_server::{decode_event, outbox_event};
+use tokio::sync::Notify;
+use uuid::Uuid;
+
+use crate::domain::{self, Prepared};
+use crate::error::{DispatcherError, Result};
+use crate::planning::JobRows;
+use crate::store;
+
+/// Plans accepted productions into jobs.
+pub(crate) struct Planner {
+    pub db: Db,
+    pub profiles: Arc<ProfileSet>,
+    /// One per installation's scheduler.
+    pub wakes: Vec<Arc<Notify>>,
+    /// The planning task's.
+    pub planning: Arc<Notify>,
+    /// Most jobs one batch plans in the consumer's own transaction; larger
+    /// productions are left to the planning task.
+    pub inline_jobs: u64,
+    /// The deployment's ceiling on one production's jobs.
+    pub max_jobs: u64,
+}
+
+impl Planner {
+    /// Marks the production CANCELLING; its installation's scheduler kills
+    /// and closes it. A production not seen yet has its cancel remembered,
+    /// applied when it arrives.
+    async fn cancel(
+        &self,
+        tx: &Transaction<'_>,
+        event_id: Uuid,
+        cancel: &pb::ProductionCancel,
+    ) -> Result<()> {
+        let from = ProductionState::Running;
+        let to = from
+            .transition(ProductionState::Cancelling)
+            .map_err(|e| DispatcherError::Unexpected(e.into()))?;
+        let running = store::move_production(tx, &cancel.production_id, from, to).await?;
+        let remembered = !running
+            && store::remember_cancel(
+                tx,
+                &cancel.production_id,
+                &cancel.reason,
+                domain::event_time(event_id, chrono::Utc::now()),
+            )
+            .await?;
+        tracing::info!(production_id = %cancel.production_id, reason = %cancel.reason,
+            running, remembered, "cancel requested");
+        Ok(())
+    }
+
+    /// Records a batch of accepted productions in one transaction: one
+    /// insert for the productions, one outbox write. Productions whose jobs
+    /// fit together in `inline_jobs` are planned here whole; the others are
+    /// left to the planning task (`planned_jobs` 0). A production whose
+    /// cancel came first is recorded CANCELLING, with no jobs.
+    async fn plan(&self, tx: &Transaction<'_>, prepared: &[Prepared<'_>]) -> Result<()> {
+        if prepared.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<&str> = prepared
+            .iter()
+            .map(|p| p.accepted.production_id.as_str())
+            .collect();
+        // Cancels that came first, with when each was asked for.
+        let pending = store::pending_cancels(tx, &ids).await?;
+        let cancelled = domain::cancels_applying(
+            prepared
+                .iter()
+                .map(|p| (p.accepted.production_id.as_str(), p.accepted_at)),
+            &pending,
+        );
+        let rows = domain::new_productions(prepared, &cancelled, self.inline_jobs);
+        let inserted = store::insert_productions(tx, &rows).await?;
+        // Applied or dropped, a remembered cancel is done with once its production is recorded.
+        let done_with: Vec<&str> = pending
+            .keys()
+            .filter(|id| inserted.contains(*id))
+            .map(String::as_str)
+            .collect();
+        store::forget_cancels(tx, &done_with).await?;
+        let mut jobs = JobRows::default();
+        let mut events = Vec::new();
+        for (p, row) in prepared.iter().zip(&rows) {
+            let accepted = p.accepted;
+            // Planned before (a replayed event under another ID): nothing to add.
+            if !inserted.contains(&accepted.production_id) {
+                continue;
+            }
+            for i in 0..row.planned_jobs {
+                jobs.push(&accepted.production_id, &p.plan.job(i));
+            }
+            let event = pb::ProductionDispatched {
+                production_id: accepted.production_id.clone(),
+                job_total: p.plan.job_count,
+                backend: accepted.backend.clone(),
+                estimate: Some(p.estimate),
+            };
+            events.push(outbox_event(
+                PRODUCTION_DISPATCHED,
+                &accepted.production_id,
+                &event,
+            ));
+            let id = &accepted.production_id;
+            tracing::info!(production_id = %id, jobs = p.plan.job_count,
+                planned_now = row.planned_jobs, cancelled = cancelled.contains(id),
+                ignored_cancel = pending.contains_key(id) && !cancelled.contains(id),
+                "production recorded");
+        }
+        jobs.flush(tx).await?;
+        prodsys_db::enqueue(tx, &self.db.outbox_channel(), &events).await?;
+        Ok(())
+    }
+
+    async fn handle_batch(&self, batch: &[Incoming]) -> Result<Vec<Outcome>> {
+        let mut outcomes = Vec::with_capacity(batch.len());
+        // (slot in the batch, event ID, event) of each production to plan.
+        let mut accepted = Vec::new();
+        let mut cancels = Vec::new();
+        for (slot, incoming) in batch.iter().enumerate() {
+            if incoming.routing_key == PRODUCTION_CANCEL {
+                outcomes.push(match decode_event::<pb::ProductionCancel>(incoming) {
+                    Ok(decoded) => {
+                        cancels.push(decoded);
+                        Outcome::Ack
+                    }
+                    Err(reason) => Outcome::DeadLetter(reason),
+                });
+                continue;
+            }
+            outcomes.push(match decode_event::<pb::RequestAccepted>(incoming) {
+                Ok((id, event)) => {
+                    accepted.push((slot, id, event));
+                    Outcome::Ack
+                }
+                Err(reason) => Outcome::DeadLetter(reason),
+            });
+        }
+        let now = chrono::Utc::now();
+        let mut prepared = Vec::with_capacity(accepted.len());
+        let mut ids = Vec::with_capacity(accepted.len());
+        for (slot, id, event) in &accepted {
+            let accepted_at = domain::event_time(*id, now);
+            match domain::prepare(&self.profiles, self.max_jobs, accepted_at, event) {
+                Ok(p) => {
+                    prepared.push(p);
+                    ids.push(*id);
+                }
+                Err(reason) => outcomes[*slot] = Outcome::DeadLetter(reason),
+            }
+        }
+        let mut client = self.db.client().await?;
+        let tx = client.transaction().await?;
+        let fresh = prodsys_db::claim(&tx, &ids).await?;
+        let mut seen = HashSet::new();
+        let prepared: Vec<Prepared<'_>> = prepared
+            .into_iter()
+            .zip(&ids)
+            .filter(|(_, id)| fresh.contains(*id) && seen.insert(**id))
+            .map(|(p, _)| p)
+            .collect();
+        self.plan(&tx, &prepared).await?;
+        // After the plans: a cancel in the same batch finds its production.
+        for (id, cancel) in &cancels {
+            if !prodsys_db::claim(&tx, &[*id]).await?.is_empty() {
+                self.cancel(&tx, *id, cancel).await?;
+            }
+        }
+        tx.commit().await?;
+        self.planning.notify_one();
+        for wake in &self.wakes {
+            wake.notify_one();
+        }
+        Ok(outcomes)
+    }
+}
+
+impl BatchHandler for Planner {
+    async fn handle(&self, batch: &[Incoming]) -> anyhow::Result<Vec<Outcome>> {
+        self.handle_batch(batch)
+            .await
+            .map_err(|e| HandlerError::from(e).into())
+    }
+}

@@ -1,0 +1,509 @@
+//! Every SQL statement of the dispatcher's scheduler and consumer, typed in
+//! and out. (The installation lease keeps its three statements beside its
+//! fencing logic in `lease`, and incremental planning its chunk statements in
+//! `planning`.) Callers own the transactions: a function taking a
+//! [`Transaction`] runs inside one, a [`GenericClient`] may be either.
+
+use std::collections::{HashMap, HashSet};
+
+use prodsys_core::{JobState, ProductionState};
+use prodsys_db::Cached;
+use prodsys_db::deadpool_postgres::{GenericClient, Transaction};
+
+use crate::domain::{JobRow, NewProduction};
+
+/// Columns of a job with what its templates need, in [`job_row`]'s order.
+const JOB_COLUMNS: &str =
+    "j.production_id, j.job_index, j.run_number, j.seed, j.units, j.attempt, j.state,
+                           j.workdir, p.profile, p.vo, p.parameters";
+
+fn job_row(row: &prodsys_db::tokio_postgres::Row) -> anyhow::Result<JobRow> {
+    Ok(JobRow {
+        production_id: row.get(0),
+        job_index: row.get(1),
+        run_number: row.get(2),
+        seed: row.get(3),
+        units: row.get(4),
+        attempt: row.get(5),
+        state: row.get::<_, &str>(6).parse()?,
+        workdir: row.get(7),
+        profile: row.get(8),
+        vo: row.get(9),
+        parameters: row.get(10),
+    })
+}
+
+/// The deployment's tag, the prefix of every backend job name.
+pub async fn deployment_tag<C: GenericClient + Sync>(client: &C) -> anyhow::Result<String> {
+    Ok(client
+        .query_one_cached("SELECT tag FROM deployment", &[])
+        .await?
+        .get(0))
+}
+
+/// Backend IDs of an installation's jobs that are queued or running, at most `limit`.
+pub async fn in_flight<C: GenericClient + Sync>(
+    client: &C,
+    backend: &str,
+    limit: i64,
+) -> anyhow::Result<Vec<String>> {
+    let rows = client
+        .query_cached(
+            // In-flight jobs first, through their small partial index, whatever
+            // the size of the productions they belong to; then each one's
+            // production by its key. A plain join lets the planner, before
+            // the tables are analysed, read every production of the
+            // installation to hash them (3 ms a round with a few thousand).
+            "WITH flying AS MATERIALIZED (
+                 SELECT production_id, backend_job_id FROM jobs
+                 WHERE state IN ('SUBMITTED', 'QUEUED', 'RUNNING') AND backend_job_id IS NOT NULL)
+             SELECT f.backend_job_id FROM flying f
+             CROSS JOIN LATERAL (
+                 SELECT 1 FROM productions p
+                 WHERE p.production_id = f.production_id AND p.backend = $1 LIMIT 1) p
+             LIMIT $2",
+            &[&backend, &limit],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+/// Jobs of an installation reserved (SUBMITTED) without a backend ID: a
+/// submission whose outcome a crash lost. At most 1,000, in order.
+pub async fn reserved_without_id<C: GenericClient + Sync>(
+    client: &C,
+    backend: &str,
+) -> anyhow::Result<Vec<JobRow>> {
+    client
+        .query_cached(
+            &format!(
+                "WITH reserved AS MATERIALIZED (
+                     SELECT production_id, job_index FROM jobs
+                     WHERE state = 'SUBMITTED' AND backend_job_id IS NULL)
+                 SELECT {JOB_COLUMNS} FROM reserved r
+                 JOIN jobs j USING (production_id, job_index)
+                 JOIN productions p ON p.production_id = j.production_id
+                 WHERE p.backend = $1
+                 ORDER BY j.production_id, j.job_index LIMIT 1000"
+            ),
+            &[&backend],
+        )
+        .await?
+        .iter()
+        .map(job_row)
+        .collect()
+}
+
+/// The installation's RUNNING productions, highest priority first, then the oldest.
+pub async fn running_productions(
+    tx: &Transaction<'_>,
+    backend: &str,
+) -> anyhow::Result<Vec<String>> {
+    Ok(tx
+        .query_cached(
+            "SELECT production_id FROM productions WHERE backend = $1 AND state = 'RUNNING'
+             ORDER BY priority DESC, created_at, production_id",
+            &[&backend],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
+}
+
+/// Up to `wanted` of a production's jobs ready to run, by job index, locked
+/// (through the partial index of ready jobs, so a million waiting jobs cost
+/// nothing here); rows another replica holds are skipped.
+pub async fn lock_ready_jobs(
+    tx: &Transaction<'_>,
+    production_id: &str,
+    wanted: i64,
+) -> anyhow::Result<Vec<JobRow>> {
+    tx.query_cached(
+        &format!(
+            "SELECT {JOB_COLUMNS} FROM jobs j JOIN productions p USING (production_id)
+             WHERE j.production_id = $1 AND j.state = 'CREATED'
+             ORDER BY j.job_index LIMIT $2
+             FOR UPDATE OF j SKIP LOCKED"
+        ),
+        &[&production_id, &wanted],
+    )
+    .await?
+    .iter()
+    .map(job_row)
+    .collect()
+}
+
+/// Reserves a job: SUBMITTED without a backend ID, in its attempt's directory.
+pub async fn reserve(tx: &Transaction<'_>, job: &JobRow, workdir: &str) -> anyhow::Result<()> {
+    tx.execute_cached(
+        "UPDATE jobs SET state = 'SUBMITTED', backend_job_id = NULL, workdir = $3,
+                         raw_status = 'reserved', updated_at = now()
+         WHERE production_id = $1 AND job_index = $2",
+        &[&job.production_id, &job.job_index, &workdir],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Records the backend's ID of a reserved job.
+pub async fn set_backend_id(
+    tx: &Transaction<'_>,
+    job: &JobRow,
+    backend_job_id: &str,
+    raw: &str,
+) -> anyhow::Result<()> {
+    tx.execute_cached(
+        "UPDATE jobs SET backend_job_id = $3, raw_status = $4, updated_at = now()
+         WHERE production_id = $1 AND job_index = $2",
+        &[&job.production_id, &job.job_index, &backend_job_id, &raw],
+    )
+    .await?;
+    Ok(())
+}
+
+/// The in-flight jobs with these backend IDs, by backend ID; locked when `lock`.
+pub async fn in_flight_jobs<C: GenericClient + Sync>(
+    client: &C,
+    ids: &[&str],
+    lock: bool,
+) -> anyhow::Result<HashMap<String, JobRow>> {
+    let sql = format!(
+        "SELECT {JOB_COLUMNS}, j.backend_job_id FROM jobs j JOIN productions p USING (production_id)
+         WHERE j.backend_job_id = ANY($1) AND j.state IN ('SUBMITTED', 'QUEUED', 'RUNNING'){}",
+        if lock { " FOR UPDATE OF j" } else { "" }
+    );
+    let mut jobs = HashMap::new();
+    for row in client.query_cached(&sql, &[&ids]).await? {
+        jobs.insert(row.get(11), job_row(&row)?);
+    }
+    Ok(jobs)
+}
+
+/// Sets a job's state and attempt, with the backend's word and exit code.
+pub async fn set_job(
+    tx: &Transaction<'_>,
+    job: &JobRow,
+    state: JobState,
+    attempt: i32,
+    raw: &str,
+    exit_code: Option<i32>,
+) -> anyhow::Result<()> {
+    tx.execute_cached(
+        "UPDATE jobs SET state = $3, attempt = $4, raw_status = $5, exit_code = $6, updated_at = now()
+         WHERE production_id = $1 AND job_index = $2",
+        &[
+            &job.production_id,
+            &job.job_index,
+            &state.as_str(),
+            &attempt,
+            &raw,
+            &exit_code,
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+/// The installation's productions asked to stop.
+pub async fn cancelling_productions<C: GenericClient + Sync>(
+    client: &C,
+    backend: &str,
+) -> anyhow::Result<Vec<String>> {
+    Ok(client
+        .query_cached(
+            "SELECT production_id FROM productions WHERE state = 'CANCELLING' AND backend = $1",
+            &[&backend],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
+}
+
+/// Backend IDs of these productions' jobs in flight.
+pub async fn flying_ids<C: GenericClient + Sync>(
+    client: &C,
+    productions: &[String],
+) -> anyhow::Result<Vec<String>> {
+    Ok(client
+        .query_cached(
+            "SELECT backend_job_id FROM jobs
+             WHERE production_id = ANY($1) AND state IN ('SUBMITTED', 'QUEUED', 'RUNNING')
+               AND backend_job_id IS NOT NULL",
+            &[&productions],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
+}
+
+/// Those of `productions` still CANCELLING, locked; the ones another replica
+/// is closing are skipped.
+pub async fn lock_cancelling(
+    tx: &Transaction<'_>,
+    productions: &[String],
+) -> anyhow::Result<Vec<String>> {
+    Ok(tx
+        .query_cached(
+            "SELECT production_id FROM productions
+             WHERE production_id = ANY($1) AND state = 'CANCELLING'
+             FOR UPDATE SKIP LOCKED",
+            &[&productions],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
+}
+
+/// A job stopped by a cancel.
+pub struct Stopped {
+    pub production_id: String,
+    pub job_index: i64,
+    pub attempt: i32,
+    pub backend_job_id: Option<String>,
+}
+
+/// What a cancel did to its productions' jobs.
+pub struct Cancelled {
+    /// In flight, now CANCELLED (each a transition for status).
+    pub stopped: Vec<Stopped>,
+    /// Never started: removed (a delete costs a fraction of an update).
+    pub never_started: u64,
+    /// Waiting for a retry: CANCELLED.
+    pub retrying: u64,
+}
+
+/// Cancels every job of `productions` that has not ended, set-based.
+pub async fn cancel_jobs(
+    tx: &Transaction<'_>,
+    productions: &[String],
+) -> anyhow::Result<Cancelled> {
+    let stopped = tx
+        .query_cached(
+            "UPDATE jobs SET state = 'CANCELLED', raw_status = 'cancelled', updated_at = now()
+             WHERE production_id = ANY($1) AND state IN ('SUBMITTED', 'QUEUED', 'RUNNING')
+             RETURNING production_id, job_index, attempt, backend_job_id",
+            &[&productions],
+        )
+        .await?
+        .iter()
+        .map(|row| Stopped {
+            production_id: row.get(0),
+            job_index: row.get(1),
+            attempt: row.get(2),
+            backend_job_id: row.get(3),
+        })
+        .collect();
+    let never_started = tx
+        .execute_cached(
+            "DELETE FROM jobs WHERE production_id = ANY($1) AND state = 'CREATED' AND attempt = 1",
+            &[&productions],
+        )
+        .await?;
+    let retrying = tx
+        .execute_cached(
+            "UPDATE jobs SET state = 'CANCELLED', raw_status = 'cancelled', updated_at = now()
+             WHERE production_id = ANY($1) AND state IN ('CREATED', 'FAILED')",
+            &[&productions],
+        )
+        .await?;
+    Ok(Cancelled {
+        stopped,
+        never_started,
+        retrying,
+    })
+}
+
+/// Whether a production has jobs that can still change, or jobs still to be
+/// planned (through the partial index of unfinished jobs: cheap however large).
+pub async fn unfinished(tx: &Transaction<'_>, production_id: &str) -> anyhow::Result<bool> {
+    Ok(tx
+        .query_one_cached(
+            "SELECT EXISTS (SELECT 1 FROM jobs WHERE production_id = $1
+                            AND state IN ('CREATED', 'SUBMITTED', 'QUEUED', 'RUNNING', 'FAILED'))
+                 OR EXISTS (SELECT 1 FROM productions WHERE production_id = $1
+                            AND planned_jobs < job_total)",
+            &[&production_id],
+        )
+        .await?
+        .get(0))
+}
+
+/// A production's job rows per state.
+pub async fn job_states(
+    tx: &Transaction<'_>,
+    production_id: &str,
+) -> anyhow::Result<Vec<(JobState, u64)>> {
+    tx.query_cached(
+        "SELECT state, count(*) FROM jobs WHERE production_id = $1 GROUP BY state",
+        &[&production_id],
+    )
+    .await?
+    .iter()
+    .map(|row| Ok((row.get::<_, &str>(0).parse()?, row.get::<_, i64>(1) as u64)))
+    .collect()
+}
+
+/// Moves a production from `from` to `state`; its planned job total, or
+/// `None` if it was not in `from`.
+pub async fn close(
+    tx: &Transaction<'_>,
+    production_id: &str,
+    state: ProductionState,
+    from: &str,
+) -> anyhow::Result<Option<u64>> {
+    Ok(tx
+        .query_opt_cached(
+            "UPDATE productions SET state = $2, updated_at = now() WHERE production_id = $1 AND state = $3
+             RETURNING job_total",
+            &[&production_id, &state.as_str(), &from],
+        )
+        .await?
+        .map(|row| row.get::<_, i64>(0) as u64))
+}
+
+/// Moves a production from `from` to `to`; whether it was in `from`.
+pub async fn move_production(
+    tx: &Transaction<'_>,
+    production_id: &str,
+    from: ProductionState,
+    to: ProductionState,
+) -> anyhow::Result<bool> {
+    Ok(tx
+        .execute_cached(
+            "UPDATE productions SET state = $2, updated_at = now() WHERE production_id = $1 AND state = $3",
+            &[&production_id, &to.as_str(), &from.as_str()],
+        )
+        .await?
+        == 1)
+}
+
+/// Remembers a cancel for a production not recorded yet; whether it was new.
+pub async fn remember_cancel(
+    tx: &Transaction<'_>,
+    production_id: &str,
+    reason: &str,
+    requested_at: chrono::DateTime<chrono::Utc>,
+) -> anyhow::Result<bool> {
+    Ok(tx
+        .execute_cached(
+            "INSERT INTO pending_cancels (production_id, reason, requested_at)
+             SELECT $1, $2, $3 WHERE NOT EXISTS (SELECT 1 FROM productions WHERE production_id = $1)
+             ON CONFLICT (production_id) DO NOTHING",
+            &[&production_id, &reason, &requested_at],
+        )
+        .await?
+        == 1)
+}
+
+/// The remembered cancels of these productions, with when each was asked for.
+pub async fn pending_cancels(
+    tx: &Transaction<'_>,
+    ids: &[&str],
+) -> anyhow::Result<HashMap<String, chrono::DateTime<chrono::Utc>>> {
+    Ok(tx
+        .query_cached(
+            "SELECT production_id, requested_at FROM pending_cancels WHERE production_id = ANY($1)",
+            &[&ids],
+        )
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect())
+}
+
+/// Forgets the remembered cancels of these productions.
+pub async fn forget_cancels(tx: &Transaction<'_>, ids: &[&str]) -> anyhow::Result<()> {
+    if !ids.is_empty() {
+        tx.execute_cached(
+            "DELETE FROM pending_cancels WHERE production_id = ANY($1)",
+            &[&ids],
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// Forgets remembered cancels older than `older_than` whose production never
+/// came: a cancel of an ID never issued, or of a production rejected after
+/// all, is not kept forever. How many were dropped.
+pub async fn expire_pending_cancels<C: GenericClient + Sync>(
+    client: &C,
+    older_than: chrono::DateTime<chrono::Utc>,
+) -> anyhow::Result<u64> {
+    Ok(client
+        .execute_cached(
+            "DELETE FROM pending_cancels WHERE requested_at < $1",
+            &[&older_than],
+        )
+        .await?)
+}
+
+/// Records productions (one insert for the batch); the IDs inserted now (a
+/// production recorded before, by a replayed event under another ID, is not).
+pub async fn insert_productions(
+    tx: &Transaction<'_>,
+    productions: &[NewProduction<'_>],
+) -> anyhow::Result<HashSet<String>> {
+    let n = productions.len();
+    let mut ids = Vec::with_capacity(n);
+    let mut request_ids = Vec::with_capacity(n);
+    let mut profiles = Vec::with_capacity(n);
+    let mut vos = Vec::with_capacity(n);
+    let mut parameters = Vec::with_capacity(n);
+    let mut fingerprints = Vec::with_capacity(n);
+    let mut backends = Vec::with_capacity(n);
+    let mut offsets = Vec::with_capacity(n);
+    let mut totals = Vec::with_capacity(n);
+    let mut priorities = Vec::with_capacity(n);
+    let mut states = Vec::with_capacity(n);
+    let mut planned = Vec::with_capacity(n);
+    let mut accepted_ats = Vec::with_capacity(n);
+    for p in productions {
+        ids.push(p.production_id);
+        request_ids.push(p.request_id);
+        profiles.push(p.profile);
+        vos.push(p.vo);
+        parameters.push(p.parameters);
+        fingerprints.push(p.fingerprint);
+        backends.push(p.backend);
+        offsets.push(p.run_number_offset as i64);
+        totals.push(p.job_total as i64);
+        priorities.push(p.priority);
+        states.push(p.state.as_str());
+        planned.push(p.planned_jobs as i64);
+        accepted_ats.push(p.accepted_at);
+    }
+    Ok(tx
+        .query_cached(
+            "INSERT INTO productions (production_id, request_id, profile, vo, parameters, fingerprint,
+                                      backend, run_number_offset, job_total, priority, state, planned_jobs,
+                                      accepted_at)
+             SELECT * FROM unnest($1::text[], $2::uuid[], $3::text[], $4::text[], $5::jsonb[],
+                                  $6::text[], $7::text[], $8::bigint[], $9::bigint[], $10::int[],
+                                  $11::text[], $12::bigint[], $13::timestamptz[])
+             ON CONFLICT (production_id) DO NOTHING RETURNING production_id",
+            &[
+                &ids,
+                &request_ids,
+                &profiles,
+                &vos,
+                &parameters,
+                &fingerprints,
+                &backends,
+                &offsets,
+                &totals,
+                &priorities,
+                &states,
+                &planned,
+                &accepted_ats,
+            ],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
+}

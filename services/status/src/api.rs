@@ -1,0 +1,174 @@
+//! The status service's gRPC `StatusService`: a production's snapshot, a
+//! page of productions, and a stream of snapshots as a production changes.
+
+use std::pin::Pin;
+use std::time::Duration;
+
+use futures::Stream;
+use prodsys_core::{ProductionState, Violation};
+use prodsys_db::Db;
+use prodsys_proto as pb;
+use tokio::sync::broadcast;
+use tonic::{Request, Response, Status};
+
+use crate::domain::{self, Production};
+use crate::error::{Result, StatusError};
+use crate::store::{self, ListFilter};
+
+#[derive(Clone)]
+pub struct StatusApi {
+    pub db: Db,
+    /// Production IDs as their changes commit; empty when any may have changed.
+    pub changes: broadcast::Sender<String>,
+}
+
+/// How long a watch waits for a finished production's counts to settle.
+const SETTLE_WAIT: Duration = Duration::from_secs(30);
+
+/// A production as the API shows it.
+pub fn production(p: Production) -> pb::Production {
+    let state = p
+        .state
+        .map_or(pb::ProductionState::Unspecified, ProductionState::to_proto);
+    pb::Production {
+        production_id: p.production_id,
+        request_id: p.request_id.map(|u| u.to_string()).unwrap_or_default(),
+        profile: p.profile,
+        vo: p.vo,
+        state: state as i32,
+        job_total: p.job_total,
+        counts: Some(p.counts.into()),
+        backend: p.backend,
+        updated_unix_ms: p.updated_unix_ms,
+        estimate: p.estimate.and_then(|bytes| {
+            <pb::ResourceEstimate as prost::Message>::decode(bytes.as_slice()).ok()
+        }),
+        held_reason: p.held_reason,
+    }
+}
+
+impl StatusApi {
+    /// The production as the read model has it now.
+    pub async fn current(&self, production_id: &str) -> Result<Production> {
+        if production_id.is_empty() {
+            return Err(StatusError::Invalid(vec![Violation::new(
+                "production_id",
+                "is required",
+            )]));
+        }
+        store::production(&self.db, production_id)
+            .await?
+            .ok_or_else(|| StatusError::NotFound(format!("no production {production_id}")))
+    }
+
+    /// The production's snapshot as the API shows it.
+    pub async fn snapshot(&self, production_id: &str) -> Result<pb::Production> {
+        self.current(production_id).await.map(production)
+    }
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::Production, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::status_service_server::StatusService for StatusApi {
+    #[tracing::instrument(skip_all, fields(production_id = %request.get_ref().production_id))]
+    async fn get_production(
+        &self,
+        request: Request<pb::GetProductionRequest>,
+    ) -> Result<Response<pb::Production>, Status> {
+        Ok(Response::new(
+            self.snapshot(&request.get_ref().production_id).await?,
+        ))
+    }
+
+    async fn list_productions(
+        &self,
+        request: Request<pb::ListProductionsRequest>,
+    ) -> Result<Response<pb::ListProductionsResponse>, Status> {
+        let r = request.into_inner();
+        let filter = ListFilter {
+            vo: &r.vo,
+            state: ProductionState::from_proto(r.state),
+            profile: &r.profile,
+            after: &r.page_token,
+            page_size: domain::page_size(r.page_size),
+        };
+        let (page, more) = store::list_productions(&self.db, &filter)
+            .await
+            .map_err(StatusError::from)?;
+        let productions: Vec<pb::Production> = page.into_iter().map(production).collect();
+        let next_page_token = if more {
+            productions
+                .last()
+                .map(|p| p.production_id.clone())
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(pb::ListProductionsResponse {
+            productions,
+            next_page_token,
+        }))
+    }
+
+    type WatchProductionStream = WatchStream;
+
+    async fn watch_production(
+        &self,
+        request: Request<pb::GetProductionRequest>,
+    ) -> Result<Response<Self::WatchProductionStream>, Status> {
+        let production_id = request.into_inner().production_id;
+        // Subscribe before the first snapshot so no change falls between them.
+        let mut changes = self.changes.subscribe();
+        let first = self.current(&production_id).await?;
+        let api = self.clone();
+        let stream = async_stream(move |tx| async move {
+            let mut last = first;
+            if tx.send(Ok(production(last.clone()))).await.is_err() {
+                return;
+            }
+            let mut ended_at: Option<std::time::Instant> = None;
+            loop {
+                if last.state.is_some_and(ProductionState::is_terminal) {
+                    let ended = *ended_at.get_or_insert_with(std::time::Instant::now);
+                    if domain::is_settled(&last.counts) || ended.elapsed() >= SETTLE_WAIT {
+                        return;
+                    }
+                }
+                let changed = tokio::time::timeout(Duration::from_secs(5), changes.recv()).await;
+                match changed {
+                    // An empty id means "anything may have changed".
+                    Ok(Ok(id)) if !id.is_empty() && id != production_id => continue,
+                    Ok(Err(broadcast::error::RecvError::Closed)) => return,
+                    _ => {}
+                }
+                match api.current(&production_id).await {
+                    Ok(snapshot) => {
+                        if snapshot != last {
+                            last = snapshot;
+                            if tx.send(Ok(production(last.clone()))).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    Err(error) => {
+                        let _ = tx.send(Err(error.into())).await;
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(stream))
+    }
+}
+
+/// A stream fed by a task through a bounded channel.
+fn async_stream<F, Fut>(body: F) -> WatchStream
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<Result<pb::Production, Status>>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(body(tx));
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+}

@@ -1,0 +1,124 @@
+//! The status service's AMQP consumer: projects `request.accepted`,
+//! `production.dispatched`, `job.status`, `production.completed` and
+//! `installation.health` into the read model.
+
+use anyhow::Context;
+use prodsys_core::events::{
+    INSTALLATION_HEALTH, JOB_STATUS, PRODUCTION_COMPLETED, PRODUCTION_DISPATCHED, REQUEST_ACCEPTED,
+};
+use prodsys_core::{JobState, ProductionState};
+use prodsys_db::Db;
+use prodsys_messaging::{BatchHandler, HandlerError, Incoming, Outcome};
+use prodsys_proto as pb;
+use prodsys_server::decode_event;
+use uuid::Uuid;
+
+use crate::domain::{InstallationHealth, JobTransition, Projection};
+use crate::error::Result;
+use crate::store;
+
+/// Builds the read model from events.
+pub struct Projector {
+    pub db: Db,
+}
+
+enum Update {
+    Accepted(pb::RequestAccepted),
+    Dispatched(pb::ProductionDispatched),
+    Jobs(pb::JobStatusBatch),
+    Completed(pb::ProductionCompleted),
+    Health(pb::InstallationHealth),
+}
+
+fn decode(incoming: &Incoming) -> Result<(Uuid, Update), String> {
+    match incoming.routing_key.as_str() {
+        REQUEST_ACCEPTED => decode_event(incoming).map(|(id, m)| (id, Update::Accepted(m))),
+        PRODUCTION_DISPATCHED => decode_event(incoming).map(|(id, m)| (id, Update::Dispatched(m))),
+        JOB_STATUS => decode_event(incoming).map(|(id, m)| (id, Update::Jobs(m))),
+        PRODUCTION_COMPLETED => decode_event(incoming).map(|(id, m)| (id, Update::Completed(m))),
+        INSTALLATION_HEALTH => decode_event(incoming).map(|(id, m)| (id, Update::Health(m))),
+        other => Err(format!("status does not handle {other:?}")),
+    }
+}
+
+/// Folds one event into the batch's projection.
+fn apply(projection: &mut Projection, update: Update) -> Result<()> {
+    match update {
+        Update::Accepted(m) => projection.accepted(
+            m.production_id,
+            Uuid::parse_str(&m.request_id).ok(),
+            m.profile,
+            m.vo,
+            m.backend,
+        ),
+        Update::Dispatched(m) => projection.dispatched(
+            m.production_id,
+            m.job_total,
+            m.estimate.as_ref().map(prost::Message::encode_to_vec),
+        ),
+        Update::Health(m) => projection.health(InstallationHealth {
+            installation: m.installation,
+            healthy: m.healthy,
+            reason: m.reason,
+            since_unix_ms: m.since_unix_ms,
+        }),
+        Update::Completed(m) => {
+            let state = ProductionState::from_proto(m.state)
+                .context("production.completed without a state")?;
+            let counts = m.counts.map(prodsys_core::JobCounts::from);
+            projection.completed(m.production_id, state, counts.as_ref());
+        }
+        Update::Jobs(m) => {
+            for t in m.transitions {
+                projection.job(JobTransition {
+                    state: JobState::from_proto(t.state),
+                    production_id: t.production_id,
+                    job_index: t.job_index,
+                    attempt: t.attempt,
+                    raw_status: t.raw_status,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+impl Projector {
+    async fn handle_batch(&self, batch: &[Incoming]) -> Result<Vec<Outcome>> {
+        let mut outcomes = Vec::with_capacity(batch.len());
+        let mut updates = Vec::new();
+        for incoming in batch {
+            match decode(incoming) {
+                Ok(u) => {
+                    updates.push(u);
+                    outcomes.push(Outcome::Ack);
+                }
+                Err(reason) => outcomes.push(Outcome::DeadLetter(reason)),
+            }
+        }
+        let mut client = self.db.client().await?;
+        let tx = client.transaction().await?;
+        let ids: Vec<Uuid> = updates.iter().map(|(id, _)| *id).collect();
+        let mut fresh = prodsys_db::claim(&tx, &ids).await?;
+        // Everything the batch says, merged first: one statement then writes
+        // each kind (a row may change once per statement).
+        let mut projection = Projection::default();
+        for (id, update) in updates {
+            // Taken once: the same event twice in one batch takes effect once.
+            if fresh.remove(&id) {
+                apply(&mut projection, update)?;
+            }
+        }
+        store::project(&tx, projection.finish()).await?;
+        tx.commit().await?;
+        Ok(outcomes)
+    }
+}
+
+impl BatchHandler for Projector {
+    async fn handle(&self, batch: &[Incoming]) -> anyhow::Result<Vec<Outcome>> {
+        self.handle_batch(batch)
+            .await
+            .map_err(|e| HandlerError::from(e).into())
+    }
+}

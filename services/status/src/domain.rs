@@ -1,0 +1,425 @@
+//! The status service's decisions over plain types: how a batch of events
+//! folds into one change per production and per job (never backwards: events
+//! arrive late and out of order), how a production's job counts are tallied,
+//! and when a production is held or settled. No SQL, no broker, no gRPC.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use prodsys_core::{JobCounts, JobState, ProductionState};
+use uuid::Uuid;
+
+/// Productions in a page when none was asked for.
+pub const DEFAULT_PAGE: u32 = 100;
+/// Most productions in one page.
+pub const MAX_PAGE: u32 = 1000;
+
+/// The page size to answer with: `requested`, at most [`MAX_PAGE`], or
+/// [`DEFAULT_PAGE`] when none was asked for.
+pub fn page_size(requested: u32) -> u32 {
+    match requested {
+        0 => DEFAULT_PAGE,
+        n => n.min(MAX_PAGE),
+    }
+}
+
+/// One job's transition, as `job.status` reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobTransition {
+    pub production_id: String,
+    pub job_index: u64,
+    pub attempt: u32,
+    /// `None` for a state this version does not know: it orders first and is
+    /// not recorded.
+    pub state: Option<JobState>,
+    pub raw_status: String,
+}
+
+impl JobTransition {
+    /// Later attempts come after earlier ones; within an attempt, the
+    /// further state comes after.
+    pub fn order(&self) -> (u32, u8) {
+        (self.attempt, self.state.map_or(0, JobState::rank))
+    }
+}
+
+/// A WMS installation's health, as the dispatcher announces it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstallationHealth {
+    pub installation: String,
+    pub healthy: bool,
+    pub reason: String,
+    pub since_unix_ms: i64,
+}
+
+/// What one batch says about one production.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ProductionUpdate {
+    pub state: Option<ProductionState>,
+    pub job_total: Option<i64>,
+    pub request_id: Option<Uuid>,
+    pub profile: Option<String>,
+    pub vo: Option<String>,
+    pub backend: Option<String>,
+    /// The resource estimate, as encoded on the wire.
+    pub estimate: Option<Vec<u8>>,
+}
+
+impl ProductionUpdate {
+    /// Keeps the furthest state (events may arrive late or out of order).
+    pub fn advance(&mut self, state: ProductionState) {
+        if self.state.is_none_or(|s| state.rank() > s.rank()) {
+            self.state = Some(state);
+        }
+    }
+}
+
+/// The final job counts of the productions a batch saw end, one row per
+/// state with jobs, column by column.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct FinalCounts {
+    pub productions: Vec<String>,
+    pub states: Vec<&'static str>,
+    pub counts: Vec<i64>,
+}
+
+impl FinalCounts {
+    pub fn push(&mut self, production_id: &str, counts: &JobCounts) {
+        for (state, n) in counts.by_state() {
+            if n > 0 {
+                self.productions.push(production_id.to_string());
+                self.states.push(state.as_str());
+                self.counts.push(n as i64);
+            }
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.productions.is_empty()
+    }
+}
+
+/// Everything one batch of events changes in the read model, merged so
+/// that one statement writes each kind (a row may change once per statement).
+#[derive(Debug, Default)]
+pub struct Projection {
+    pub productions: BTreeMap<String, ProductionUpdate>,
+    /// Latest transition per job across the batch.
+    latest: HashMap<(String, u64), JobTransition>,
+    pub finals: FinalCounts,
+    /// In the order they arrived (rare: one statement each).
+    pub health: Vec<InstallationHealth>,
+}
+
+impl Projection {
+    pub fn accepted(
+        &mut self,
+        production_id: String,
+        request_id: Option<Uuid>,
+        profile: String,
+        vo: String,
+        backend: String,
+    ) {
+        let p = self.productions.entry(production_id).or_default();
+        p.advance(ProductionState::Accepted);
+        p.request_id = request_id;
+        p.profile = Some(profile);
+        p.vo = Some(vo);
+        p.backend = Some(backend);
+    }
+
+    pub fn dispatched(&mut self, production_id: String, job_total: u64, estimate: Option<Vec<u8>>) {
+        let p = self.productions.entry(production_id).or_default();
+        p.advance(ProductionState::Running);
+        p.job_total = Some(job_total as i64);
+        if estimate.is_some() {
+            p.estimate = estimate;
+        }
+    }
+
+    pub fn completed(
+        &mut self,
+        production_id: String,
+        state: ProductionState,
+        counts: Option<&JobCounts>,
+    ) {
+        if let Some(counts) = counts {
+            self.finals.push(&production_id, counts);
+        }
+        self.productions
+            .entry(production_id)
+            .or_default()
+            .advance(state);
+    }
+
+    /// Keeps `t` if it is the newest transition of its job in the batch.
+    pub fn job(&mut self, t: JobTransition) {
+        let key = (t.production_id.clone(), t.job_index);
+        let newer = match self.latest.get(&key) {
+            Some(old) => t.order() > old.order(),
+            None => true,
+        };
+        if newer {
+            self.latest.insert(key, t);
+        }
+    }
+
+    pub fn health(&mut self, report: InstallationHealth) {
+        self.health.push(report);
+    }
+
+    /// The batch's changes: production updates, final counts, installation
+    /// reports, the newest transition of each job, and every production
+    /// touched (whose watchers are told).
+    pub fn finish(self) -> Changes {
+        let transitions: Vec<JobTransition> = self.latest.into_values().collect();
+        let mut touched: BTreeSet<String> = self.productions.keys().cloned().collect();
+        touched.extend(transitions.iter().map(|t| t.production_id.clone()));
+        Changes {
+            productions: self.productions,
+            finals: self.finals,
+            health: self.health,
+            transitions,
+            touched: touched.into_iter().collect(),
+        }
+    }
+}
+
+/// What a batch writes, ready for the store.
+#[derive(Debug)]
+pub struct Changes {
+    pub productions: BTreeMap<String, ProductionUpdate>,
+    pub finals: FinalCounts,
+    pub health: Vec<InstallationHealth>,
+    /// At most one per job.
+    pub transitions: Vec<JobTransition>,
+    /// In production-ID order.
+    pub touched: Vec<String>,
+}
+
+/// A production as the read model holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Production {
+    pub production_id: String,
+    pub request_id: Option<Uuid>,
+    pub profile: String,
+    pub vo: String,
+    pub backend: String,
+    /// `None` for a state this version does not know.
+    pub state: Option<ProductionState>,
+    pub job_total: u64,
+    pub counts: JobCounts,
+    pub updated_unix_ms: i64,
+    /// The resource estimate, as encoded on the wire.
+    pub estimate: Option<Vec<u8>>,
+    pub held_reason: String,
+}
+
+/// A production's jobs by state: `counts` as stored (state name, jobs), and
+/// the jobs no event has mentioned yet as CREATED. Unknown state names are
+/// left out.
+pub fn tally<'a>(job_total: u64, counts: impl IntoIterator<Item = (&'a str, i64)>) -> JobCounts {
+    let mut tally = JobCounts::default();
+    let mut seen = 0;
+    for (state, n) in counts {
+        if let Ok(state) = state.parse::<JobState>() {
+            let n = n as u64;
+            tally.add(state, n);
+            seen += n;
+        }
+    }
+    tally.created += job_total.saturating_sub(seen);
+    tally
+}
+
+/// A failing installation, as the read model remembers it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failing<'a> {
+    pub reason: &'a str,
+    pub since_unix_ms: i64,
+}
+
+/// Why a production's jobs are not moving: its installation is failing
+/// (empty when they are not held).
+pub fn held_reason(
+    state: Option<ProductionState>,
+    installation: &str,
+    failing: Option<Failing<'_>>,
+) -> String {
+    let waiting = matches!(
+        state,
+        Some(
+            ProductionState::Accepted
+                | ProductionState::Dispatching
+                | ProductionState::Running
+                | ProductionState::Cancelling
+        )
+    );
+    match (waiting, failing) {
+        (
+            true,
+            Some(Failing {
+                reason,
+                since_unix_ms,
+            }),
+        ) => {
+            let since = chrono::DateTime::from_timestamp_millis(since_unix_ms)
+                .map_or_else(String::new, |t| {
+                    format!(" since {}", t.format("%Y-%m-%d %H:%M:%S UTC"))
+                });
+            format!(
+                "held: WMS installation {installation} is failing{since} ({reason}); its jobs wait until it answers"
+            )
+        }
+        _ => String::new(),
+    }
+}
+
+/// Every job of the production counted in a final state. Consumers project
+/// concurrently, so a production's end may be recorded a moment before the
+/// last transitions of its jobs; a watch ends once both are in.
+pub fn is_settled(counts: &JobCounts) -> bool {
+    counts.created + counts.submitted + counts.queued + counts.running + counts.failed == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn transition(job_index: u64, attempt: u32, state: Option<JobState>) -> JobTransition {
+        JobTransition {
+            production_id: "CTA-000001".into(),
+            job_index,
+            attempt,
+            state,
+            raw_status: String::new(),
+        }
+    }
+
+    #[test]
+    fn a_batch_keeps_the_furthest_state_of_each_production() {
+        let mut p = Projection::default();
+        p.completed("CTA-000001".into(), ProductionState::Completed, None);
+        // Late: accepted and dispatched after the end, in the same batch.
+        p.accepted(
+            "CTA-000001".into(),
+            None,
+            "cta-irf-mc".into(),
+            "vo.cta.in2p3.fr".into(),
+            "local".into(),
+        );
+        p.dispatched("CTA-000001".into(), 10, None);
+        let changes = p.finish();
+        let u = &changes.productions["CTA-000001"];
+        assert_eq!(u.state, Some(ProductionState::Completed));
+        assert_eq!(u.job_total, Some(10));
+        assert_eq!(u.profile.as_deref(), Some("cta-irf-mc"));
+        assert_eq!(changes.touched, vec!["CTA-000001".to_string()]);
+    }
+
+    #[test]
+    fn a_dispatch_without_an_estimate_keeps_an_earlier_one() {
+        let mut p = Projection::default();
+        p.dispatched("P-1".into(), 3, Some(vec![1, 2]));
+        p.dispatched("P-1".into(), 3, None);
+        assert_eq!(
+            p.finish().productions["P-1"].estimate.as_deref(),
+            Some(&[1u8, 2][..])
+        );
+    }
+
+    #[test]
+    fn each_job_keeps_its_newest_transition_of_the_batch() {
+        let mut p = Projection::default();
+        p.job(transition(0, 1, Some(JobState::Running)));
+        p.job(transition(0, 1, Some(JobState::Queued)));
+        p.job(transition(1, 1, Some(JobState::Failed)));
+        p.job(transition(1, 2, Some(JobState::Created)));
+        p.job(transition(2, 1, None));
+        let mut changes = p.finish();
+        changes.transitions.sort_by_key(|t| t.job_index);
+        let kept: Vec<(u64, u32, Option<JobState>)> = changes
+            .transitions
+            .iter()
+            .map(|t| (t.job_index, t.attempt, t.state))
+            .collect();
+        assert_eq!(
+            kept,
+            vec![
+                (0, 1, Some(JobState::Running)),
+                (1, 2, Some(JobState::Created)),
+                (2, 1, None),
+            ]
+        );
+        assert_eq!(changes.touched, vec!["CTA-000001".to_string()]);
+    }
+
+    #[test]
+    fn final_counts_have_a_row_per_state_with_jobs() {
+        let mut finals = FinalCounts::default();
+        let counts = JobCounts {
+            done: 7,
+            exhausted: 1,
+            ..JobCounts::default()
+        };
+        finals.push("P-1", &counts);
+        assert_eq!(finals.states, vec!["DONE", "EXHAUSTED"]);
+        assert_eq!(finals.counts, vec![7, 1]);
+        assert_eq!(finals.productions, vec!["P-1", "P-1"]);
+    }
+
+    #[test]
+    fn jobs_no_event_mentioned_are_created_and_unknown_states_are_left_out() {
+        let counts = tally(10, [("DONE", 4), ("RUNNING", 2), ("BOGUS", 3)]);
+        assert_eq!(counts.done, 4);
+        assert_eq!(counts.running, 2);
+        assert_eq!(counts.created, 4);
+        assert_eq!(counts.total(), 10);
+        // More counted than the total (a late total): nothing is invented.
+        assert_eq!(tally(1, [("DONE", 2)]).created, 0);
+    }
+
+    #[test]
+    fn a_production_is_held_only_while_it_waits_on_a_failing_installation() {
+        let failing = || {
+            Some(Failing {
+                reason: "sbatch: connection refused",
+                since_unix_ms: 0,
+            })
+        };
+        let held = held_reason(Some(ProductionState::Running), "slurm-local", failing());
+        assert_eq!(
+            held,
+            "held: WMS installation slurm-local is failing since 1970-01-01 00:00:00 UTC \
+             (sbatch: connection refused); its jobs wait until it answers"
+        );
+        assert_eq!(
+            held_reason(Some(ProductionState::Completed), "slurm-local", failing()),
+            ""
+        );
+        assert_eq!(held_reason(None, "slurm-local", failing()), "");
+        assert_eq!(
+            held_reason(Some(ProductionState::Running), "slurm-local", None),
+            ""
+        );
+    }
+
+    #[test]
+    fn settled_when_no_job_can_still_move() {
+        let mut counts = JobCounts {
+            done: 3,
+            cancelled: 1,
+            exhausted: 1,
+            ..JobCounts::default()
+        };
+        assert!(is_settled(&counts));
+        counts.failed = 1;
+        assert!(!is_settled(&counts));
+    }
+
+    #[test]
+    fn page_sizes_default_and_cap() {
+        assert_eq!(page_size(0), DEFAULT_PAGE);
+        assert_eq!(page_size(5), 5);
+        assert_eq!(page_size(5000), MAX_PAGE);
+    }
+}

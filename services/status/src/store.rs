@@ -1,0 +1,454 @@
+//! Every SQL statement of the status service, and the NOTIFY channel that
+//! tells watchers (on any replica) which production changed.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use prodsys_core::ProductionState;
+use prodsys_db::deadpool_postgres::Transaction;
+use prodsys_db::tokio_postgres::Row;
+use prodsys_db::{Cached, Db};
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+
+use crate::domain::{self, Changes, Failing, FinalCounts, InstallationHealth, JobTransition};
+use crate::domain::{Production, ProductionUpdate};
+
+/// The NOTIFY channel of committed changes: the payload is a production ID.
+pub const CHANGES_CHANNEL: &str = "status_changes";
+
+/// A production's job counts by state: the final ones once its
+/// `production.completed` arrived, else those its jobs' transitions made.
+const COUNTS_SQL: &str = "SELECT state, n FROM final_counts WHERE production_id = $1
+     UNION ALL
+     SELECT state, n FROM job_counts WHERE production_id = $1
+       AND NOT EXISTS (SELECT 1 FROM final_counts WHERE production_id = $1)";
+
+/// Writes one batch's changes and tells watchers which productions changed.
+pub async fn project(tx: &Transaction<'_>, changes: Changes) -> anyhow::Result<()> {
+    for report in &changes.health {
+        record_health(tx, report).await?;
+    }
+    // No lock per production: consumers project concurrently. A job row
+    // is changed under its row lock and re-checked against the newest
+    // version (so a late transition still never moves it backwards);
+    // when two consumers insert the first transition of one job at once,
+    // the second insert becomes that same guarded update (ON CONFLICT),
+    // so a race costs no retry.
+    upsert_productions(tx, changes.productions).await?;
+    write_final_counts(tx, &changes.finals).await?;
+    if !changes.transitions.is_empty() {
+        upsert_jobs(tx, &changes.transitions).await?;
+    }
+    if !changes.touched.is_empty() {
+        tx.execute_cached(
+            "SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p",
+            &[&CHANGES_CHANNEL, &changes.touched],
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// An installation's health; an older report never overrides a newer one.
+async fn record_health(tx: &Transaction<'_>, m: &InstallationHealth) -> anyhow::Result<()> {
+    tx.execute_cached(
+        "INSERT INTO installations (name, healthy, reason, since_ms) VALUES ($1, $2, $3, $4)
+         ON CONFLICT (name) DO UPDATE SET healthy = EXCLUDED.healthy,
+             reason = EXCLUDED.reason, since_ms = EXCLUDED.since_ms
+         WHERE installations.since_ms <= EXCLUDED.since_ms",
+        &[&m.installation, &m.healthy, &m.reason, &m.since_unix_ms],
+    )
+    .await?;
+    Ok(())
+}
+
+async fn write_final_counts(tx: &Transaction<'_>, finals: &FinalCounts) -> anyhow::Result<()> {
+    if finals.is_empty() {
+        return Ok(());
+    }
+    tx.execute_cached(
+        "INSERT INTO final_counts (production_id, state, n)
+         SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[])
+         ON CONFLICT (production_id, state) DO UPDATE SET n = EXCLUDED.n",
+        &[&finals.productions, &finals.states, &finals.counts],
+    )
+    .await
+    .context("recording final job counts")?;
+    Ok(())
+}
+
+/// Moves productions forward (never backwards: events may arrive late) and
+/// fills in what the batch learned about them, in one statement.
+async fn upsert_productions(
+    tx: &Transaction<'_>,
+    updates: std::collections::BTreeMap<String, ProductionUpdate>,
+) -> anyhow::Result<()> {
+    if updates.is_empty() {
+        return Ok(());
+    }
+    let n = updates.len();
+    let mut ids = Vec::with_capacity(n);
+    let mut states = Vec::with_capacity(n);
+    let mut ranks = Vec::with_capacity(n);
+    let mut totals = Vec::with_capacity(n);
+    let mut request_ids = Vec::with_capacity(n);
+    let mut profiles = Vec::with_capacity(n);
+    let mut vos = Vec::with_capacity(n);
+    let mut backends = Vec::with_capacity(n);
+    let mut estimates = Vec::with_capacity(n);
+    for (id, u) in updates {
+        let state = u.state.unwrap_or(ProductionState::Accepted);
+        ids.push(id);
+        states.push(state.as_str());
+        ranks.push(i32::from(state.rank()));
+        totals.push(u.job_total);
+        request_ids.push(u.request_id);
+        profiles.push(u.profile);
+        vos.push(u.vo);
+        backends.push(u.backend);
+        estimates.push(u.estimate);
+    }
+    tx.execute_cached(
+        "INSERT INTO productions AS p (production_id, state, state_rank, job_total, request_id,
+                                       profile, vo, backend, estimate)
+         SELECT u.id, u.state, u.rank, u.total, u.request_id,
+                COALESCE(u.profile, ''), COALESCE(u.vo, ''), COALESCE(u.backend, ''), u.estimate
+         FROM unnest($1::text[], $2::text[], $3::int[], $4::bigint[], $5::uuid[], $6::text[],
+                     $7::text[], $8::text[], $9::bytea[])
+              AS u(id, state, rank, total, request_id, profile, vo, backend, estimate)
+         ON CONFLICT (production_id) DO UPDATE SET
+             state      = CASE WHEN EXCLUDED.state_rank > p.state_rank
+                               THEN EXCLUDED.state ELSE p.state END,
+             state_rank = GREATEST(EXCLUDED.state_rank, p.state_rank),
+             job_total  = COALESCE(EXCLUDED.job_total, p.job_total),
+             request_id = COALESCE(EXCLUDED.request_id, p.request_id),
+             profile    = CASE WHEN EXCLUDED.profile = '' THEN p.profile ELSE EXCLUDED.profile END,
+             vo         = CASE WHEN EXCLUDED.vo = '' THEN p.vo ELSE EXCLUDED.vo END,
+             backend    = CASE WHEN EXCLUDED.backend = '' THEN p.backend ELSE EXCLUDED.backend END,
+             estimate   = COALESCE(EXCLUDED.estimate, p.estimate),
+             updated_at = now()",
+        &[
+            &ids,
+            &states,
+            &ranks,
+            &totals,
+            &request_ids,
+            &profiles,
+            &vos,
+            &backends,
+            &estimates,
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Records each job's latest transition and keeps the per-state job counts
+/// in step, so a snapshot reads a handful of counters however large the
+/// production. `transitions` holds at most one per job. One statement: known
+/// jobs are updated only by a newer transition (the read model never moves
+/// backwards), new ones inserted (or, when another consumer inserted the
+/// job meanwhile, updated as a known one), and the counters moved by what changed —
+/// no row travels back to the service.
+async fn upsert_jobs(tx: &Transaction<'_>, transitions: &[JobTransition]) -> anyhow::Result<()> {
+    let mut columns = JobColumns::default();
+    for t in transitions {
+        columns.push(t);
+    }
+    if columns.is_empty() {
+        return Ok(());
+    }
+    tx.execute_cached(
+        "WITH u AS (
+             SELECT * FROM unnest($1::text[], $2::bigint[], $3::int[], $4::text[], $5::int[], $6::text[])
+                 AS u(production_id, job_index, attempt, state, state_rank, raw_status)),
+         updated AS (
+             UPDATE jobs j SET prev_state = j.state, attempt = u.attempt, state = u.state,
+                               state_rank = u.state_rank, raw_status = u.raw_status, updated_at = now()
+             FROM u
+             WHERE j.production_id = u.production_id AND j.job_index = u.job_index
+               AND (j.attempt, j.state_rank) < (u.attempt, u.state_rank)
+             RETURNING j.production_id, j.prev_state, j.state),
+         inserted AS (
+             INSERT INTO jobs AS j (production_id, job_index, attempt, state, state_rank, raw_status)
+             SELECT u.production_id, u.job_index, u.attempt, u.state, u.state_rank, u.raw_status FROM u
+             WHERE NOT EXISTS (SELECT 1 FROM jobs j
+                               WHERE j.production_id = u.production_id AND j.job_index = u.job_index)
+             ON CONFLICT (production_id, job_index) DO UPDATE
+                 SET prev_state = j.state, attempt = EXCLUDED.attempt, state = EXCLUDED.state,
+                     state_rank = EXCLUDED.state_rank, raw_status = EXCLUDED.raw_status,
+                     updated_at = now()
+                 WHERE (j.attempt, j.state_rank) < (EXCLUDED.attempt, EXCLUDED.state_rank)
+             RETURNING j.production_id, j.prev_state, j.state),
+         deltas AS (
+             SELECT production_id, state, 1 AS d FROM updated
+             UNION ALL SELECT production_id, prev_state, -1 FROM updated
+             UNION ALL SELECT production_id, state, 1 FROM inserted
+             UNION ALL SELECT production_id, prev_state, -1 FROM inserted
+                 WHERE prev_state IS NOT NULL)
+         INSERT INTO job_counts (production_id, state, n)
+         SELECT production_id, state, sum(d) FROM deltas
+         GROUP BY production_id, state HAVING sum(d) <> 0
+         ORDER BY production_id, state
+         ON CONFLICT (production_id, state) DO UPDATE SET n = job_counts.n + EXCLUDED.n",
+        &columns.params(),
+    )
+    .await
+    .context("recording job transitions")?;
+    Ok(())
+}
+
+/// Job rows for one statement, column by column; transitions to a state
+/// this version does not know are left out.
+#[derive(Default)]
+struct JobColumns<'a> {
+    productions: Vec<&'a str>,
+    indexes: Vec<i64>,
+    attempts: Vec<i32>,
+    states: Vec<&'static str>,
+    ranks: Vec<i32>,
+    raws: Vec<&'a str>,
+}
+
+impl<'a> JobColumns<'a> {
+    fn push(&mut self, t: &'a JobTransition) {
+        let Some(state) = t.state else {
+            return;
+        };
+        self.productions.push(t.production_id.as_str());
+        self.indexes.push(t.job_index as i64);
+        self.attempts.push(t.attempt as i32);
+        self.states.push(state.as_str());
+        self.ranks.push(i32::from(state.rank()));
+        self.raws.push(t.raw_status.as_str());
+    }
+
+    fn is_empty(&self) -> bool {
+        self.indexes.is_empty()
+    }
+
+    fn params(&self) -> [&(dyn prodsys_db::tokio_postgres::types::ToSql + Sync); 6] {
+        [
+            &self.productions,
+            &self.indexes,
+            &self.attempts,
+            &self.states,
+            &self.ranks,
+            &self.raws,
+        ]
+    }
+}
+
+/// One production and its job counts; `None` when the read model has none.
+pub async fn production(db: &Db, production_id: &str) -> anyhow::Result<Option<Production>> {
+    let client = db.client().await?;
+    let Some(row) = client
+        .query_opt_cached(
+            "SELECT p.request_id, p.profile, p.vo, p.backend, p.state, COALESCE(p.job_total, 0),
+                    p.updated_at, p.estimate, p.production_id, i.reason, i.since_ms
+             FROM productions p LEFT JOIN installations i ON i.name = p.backend AND NOT i.healthy
+             WHERE p.production_id = $1",
+            &[&production_id],
+        )
+        .await
+        .context("reading the production")?
+    else {
+        return Ok(None);
+    };
+    let counts = client
+        .query_cached(COUNTS_SQL, &[&production_id])
+        .await
+        .context("counting jobs")?;
+    Ok(Some(production_from_row(
+        production_id,
+        &row,
+        counts
+            .iter()
+            .map(|c| (c.get::<_, &str>(0), c.get::<_, i64>(1))),
+    )))
+}
+
+/// Which productions a page lists.
+pub struct ListFilter<'a> {
+    /// Empty for any.
+    pub vo: &'a str,
+    pub state: Option<ProductionState>,
+    /// Empty for any.
+    pub profile: &'a str,
+    /// The page starts after this production ID.
+    pub after: &'a str,
+    pub page_size: u32,
+}
+
+/// One page of productions in ID order, with their job counts (one
+/// statement, not one more per production), and whether more follow.
+pub async fn list_productions(
+    db: &Db,
+    filter: &ListFilter<'_>,
+) -> anyhow::Result<(Vec<Production>, bool)> {
+    let client = db.client().await?;
+    let state = filter.state.map(ProductionState::as_str);
+    let page_size = i64::from(filter.page_size);
+    let rows = client
+        .query_cached(
+            "SELECT p.request_id, p.profile, p.vo, p.backend, p.state, COALESCE(p.job_total, 0),
+                    p.updated_at, p.estimate, p.production_id, i.reason, i.since_ms,
+                    c.states, c.ns
+             FROM productions p LEFT JOIN installations i ON i.name = p.backend AND NOT i.healthy
+             LEFT JOIN LATERAL (
+                 SELECT array_agg(state) AS states, array_agg(n) AS ns FROM (
+                     SELECT state, n FROM final_counts f WHERE f.production_id = p.production_id
+                     UNION ALL
+                     SELECT state, n FROM job_counts j WHERE j.production_id = p.production_id
+                       AND NOT EXISTS (SELECT 1 FROM final_counts f
+                                       WHERE f.production_id = p.production_id)) counts
+             ) c ON true
+             WHERE ($1 = '' OR p.vo = $1) AND ($2::text IS NULL OR p.state = $2)
+               AND ($3 = '' OR p.profile = $3) AND p.production_id > $4
+             ORDER BY p.production_id LIMIT $5",
+            &[
+                &filter.vo,
+                &state,
+                &filter.profile,
+                &filter.after,
+                &(page_size + 1),
+            ],
+        )
+        .await?;
+    let more = rows.len() as i64 > page_size;
+    let productions = rows
+        .iter()
+        .take(page_size as usize)
+        .map(|row| {
+            let id: String = row.get(8);
+            let states: Vec<String> = row.get::<_, Option<_>>(11).unwrap_or_default();
+            let ns: Vec<i64> = row.get::<_, Option<_>>(12).unwrap_or_default();
+            production_from_row(&id, row, states.iter().map(String::as_str).zip(ns))
+        })
+        .collect();
+    Ok((productions, more))
+}
+
+fn production_from_row<'a>(
+    production_id: &str,
+    row: &Row,
+    counts: impl IntoIterator<Item = (&'a str, i64)>,
+) -> Production {
+    let job_total = row.get::<_, i64>(5) as u64;
+    let state = row.get::<_, &str>(4).parse::<ProductionState>().ok();
+    let backend: String = row.get(3);
+    let failing = match (row.get::<_, Option<&str>>(9), row.get::<_, Option<i64>>(10)) {
+        (Some(reason), Some(since_unix_ms)) => Some(Failing {
+            reason,
+            since_unix_ms,
+        }),
+        _ => None,
+    };
+    let updated: chrono::DateTime<chrono::Utc> = row.get(6);
+    Production {
+        production_id: production_id.to_string(),
+        request_id: row.get(0),
+        profile: row.get(1),
+        vo: row.get(2),
+        held_reason: domain::held_reason(state, &backend, failing),
+        backend,
+        state,
+        job_total,
+        counts: domain::tally(job_total, counts),
+        updated_unix_ms: updated.timestamp_millis(),
+        estimate: row.get(7),
+    }
+}
+
+/// The read model's figures for `/metrics`.
+pub struct Figures {
+    /// Productions per state name.
+    pub productions: Vec<(String, i64)>,
+    /// Jobs per state name, as counted (CREATED only where an event mentioned it).
+    pub jobs: Vec<(String, i64)>,
+    /// Jobs of every production that no event has mentioned yet.
+    pub unmentioned: i64,
+    /// Each installation and whether it answers.
+    pub installations: Vec<(String, bool)>,
+}
+
+/// Every production's job counts: final ones where a production ended, else projected.
+const COUNTED: &str = "(SELECT state, n FROM final_counts
+     UNION ALL
+     SELECT state, n FROM job_counts j
+     WHERE NOT EXISTS (SELECT 1 FROM final_counts f WHERE f.production_id = j.production_id)) AS c";
+
+pub async fn figures(db: &Db) -> anyhow::Result<Figures> {
+    let client = db.client().await?;
+    let productions = client
+        .query_cached(
+            "SELECT state, count(*) FROM productions GROUP BY state ORDER BY state",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
+    let unmentioned = client
+        .query_one_cached(
+            &format!(
+                "SELECT COALESCE(sum(job_total), 0)::bigint - (SELECT COALESCE(sum(n), 0)::bigint FROM {COUNTED})
+                 FROM productions"
+            ),
+            &[],
+        )
+        .await?
+        .get(0);
+    let jobs = client
+        .query_cached(
+            &format!("SELECT state, sum(n)::bigint FROM {COUNTED} GROUP BY state ORDER BY state"),
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
+    let installations = client
+        .query_cached("SELECT name, healthy FROM installations ORDER BY name", &[])
+        .await?
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
+    Ok(Figures {
+        productions,
+        jobs,
+        unmentioned,
+        installations,
+    })
+}
+
+/// Feeds committed changes (production IDs) from NOTIFY into the watchers' channel.
+pub async fn forward_changes(
+    db: Db,
+    changes: broadcast::Sender<String>,
+    shutdown: CancellationToken,
+) {
+    while !shutdown.is_cancelled() {
+        match db.listen(CHANGES_CHANNEL).await {
+            Ok(mut listener) => {
+                // Changes made while not listening were missed: every watcher looks again.
+                let _ = changes.send(String::new());
+                loop {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        note = listener.notifications.recv() => match note {
+                            Some(id) => { let _ = changes.send(id); }
+                            None => break,
+                        }
+                    }
+                }
+            }
+            Err(error) => tracing::warn!(
+                error = format!("{error:#}"),
+                "cannot LISTEN for status changes"
+            ),
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
