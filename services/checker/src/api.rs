@@ -47,7 +47,8 @@ pub fn validation(v: Validation) -> pb::Validation {
 }
 
 impl CheckerApi {
-    async fn evaluate(&self, r: &pb::SubmitRequestRequest) -> Result<Validation, CheckerError> {
+    /// The verdict `r` would get now, nothing stored.
+    async fn verdict(&self, r: &pb::SubmitRequestRequest) -> Result<Validation, CheckerError> {
         let candidate = Candidate {
             request_id: "",
             profile: &r.profile,
@@ -85,7 +86,7 @@ impl pb::checker_service_server::CheckerService for CheckerApi {
         &self,
         request: Request<pb::SubmitRequestRequest>,
     ) -> Result<Response<pb::Validation>, Status> {
-        let verdict = CheckerApi::evaluate(self, request.get_ref()).await?;
+        let verdict = self.verdict(request.get_ref()).await?;
         Ok(Response::new(validation(verdict)))
     }
 }
