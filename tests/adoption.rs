@@ -5,7 +5,9 @@
 //! `dispatcher_process`) so that one can be killed with SIGKILL; the other
 //! services run in the test's process. Jobs of the test-count profile
 //! (tests/profiles) append a line to `runs.log` beside their attempt
-//! directories each time they run.
+//! directories each time they run. The same holds on the real Slurm of the
+//! suite (tests/servers/slurm): a job found again by its name is followed,
+//! not submitted again.
 
 mod support;
 
@@ -228,9 +230,14 @@ async fn all_completed(
 
 /// Who holds the local installation's lease.
 async fn owner(db: &prodsys_db::tokio_postgres::Client) -> Option<String> {
+    owner_of(db, "local").await
+}
+
+/// Who holds `installation`'s lease.
+async fn owner_of(db: &prodsys_db::tokio_postgres::Client, installation: &str) -> Option<String> {
     db.query_opt(
-        "SELECT owner FROM dispatcher.installation_leases WHERE installation = 'local'",
-        &[],
+        "SELECT owner FROM dispatcher.installation_leases WHERE installation = $1",
+        &[&installation],
     )
     .await
     .unwrap()
@@ -612,6 +619,176 @@ async fn a_new_dispatcher_cancels_the_jobs_it_adopted() {
         .unwrap();
         assert!(text.starts_with("exit 143\n"), "job {index}: {text}");
     }
+    second.stop().await;
+    drop(db);
+    app.stop().await;
+}
+
+/// Slurm job names (and states) of the real test cluster holding `part`:
+/// finished jobs stay listed for MinJobAge (300 s).
+fn slurm_job_names(part: &str) -> Vec<(String, String)> {
+    let out = std::process::Command::new("squeue")
+        .arg("--json")
+        .output()
+        .unwrap();
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    doc["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|j| j["name"].as_str().unwrap_or_default().contains(part))
+        .map(|j| {
+            let state = match &j["job_state"] {
+                serde_json::Value::Array(a) => a[0].as_str().unwrap_or_default().to_string(),
+                s => s.as_str().unwrap_or_default().to_string(),
+            };
+            (j["name"].as_str().unwrap().to_string(), state)
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_dispatcher_killed_while_slurm_jobs_run_is_replaced_and_nothing_runs_twice() {
+    const SLURM: &str = "slurm-adoption";
+    let started =
+        std::process::Command::new(prodsys_testkit::repo_root().join("tests/servers/slurm/start"))
+            .status()
+            .expect("running tests/servers/slurm/start");
+    assert!(started.success(), "the Slurm test cluster did not start");
+    let mut env = environment(2).await;
+    env.settings.dispatcher.backends = BTreeMap::from([(
+        SLURM.to_string(),
+        prodsys_config::BackendSettings::Slurm {
+            partition: "debug".into(),
+            max_in_flight: 4,
+            sbatch_args: vec![],
+        },
+    )]);
+    let mut first = Dispatcher::start(&env, "slurm-dispatcher-1").await;
+    let app = spawn_services(
+        env,
+        &[
+            Service::Status,
+            Service::Catalog,
+            Service::Checker,
+            Service::Intake,
+        ],
+    )
+    .await;
+    let db = app.env.db().await.unwrap();
+    let work = app.env.settings.dispatcher.work_dir.clone();
+    // 6 jobs, 4 at a time on Slurm: jobs take 0, 4 or 8 s.
+    let production = app
+        .accepted(prodsys_proto::SubmitRequestRequest {
+            backend: SLURM.into(),
+            ..count_request(6, 4, "slurm-crash")
+        })
+        .await;
+    let deployment: String = db
+        .query_one("SELECT tag FROM dispatcher.deployment", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let ours = format!("{deployment}.{production}.");
+    wait_for(
+        "some jobs done and others running on Slurm",
+        Duration::from_secs(90),
+        || async {
+            let states = job_states(&db).await;
+            (states.get("DONE").copied().unwrap_or(0) >= 1
+                && states.get("RUNNING").copied().unwrap_or(0) >= 2)
+                .then_some(())
+        },
+    )
+    .await
+    .unwrap();
+
+    first.kill().await;
+    // The cluster goes on without a dispatcher: wait until a job it ran ended meanwhile.
+    let running_at_kill: BTreeSet<String> = slurm_job_names(&ours)
+        .into_iter()
+        .filter(|(_, state)| state == "RUNNING")
+        .map(|(name, _)| name)
+        .collect();
+    assert!(!running_at_kill.is_empty());
+    wait_for(
+        "a Slurm job to end while no dispatcher runs",
+        Duration::from_secs(60),
+        || async {
+            slurm_job_names(&ours)
+                .iter()
+                .any(|(name, state)| running_at_kill.contains(name) && state == "COMPLETED")
+                .then_some(())
+        },
+    )
+    .await
+    .unwrap();
+    let second = Dispatcher::start(&app.env, "slurm-dispatcher-2").await;
+    wait_for(
+        "the new dispatcher to take the Slurm installation over",
+        Duration::from_secs(20),
+        || async {
+            owner_of(&db, SLURM)
+                .await
+                .filter(|o| o.contains(&format!(":{}:", second.pid)))
+        },
+    )
+    .await
+    .unwrap();
+    all_completed(
+        &db,
+        std::slice::from_ref(&production),
+        Duration::from_secs(120),
+    )
+    .await;
+
+    // Every job DONE in its first attempt ...
+    let rows = db
+        .query(
+            "SELECT job_index, state, attempt, raw_status FROM dispatcher.jobs
+             WHERE production_id = $1 ORDER BY job_index",
+            &[&production],
+        )
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 6);
+    for row in &rows {
+        let (index, state, attempt, raw): (i64, &str, i32, Option<&str>) =
+            (row.get(0), row.get(1), row.get(2), row.get(3));
+        assert_eq!((state, attempt), ("DONE", 1), "job {index}: {raw:?}");
+    }
+    // ... submitted to Slurm once (one job per attempt name) ...
+    let mut names: BTreeMap<String, u32> = BTreeMap::new();
+    for (name, _) in slurm_job_names(&ours) {
+        *names.entry(name).or_default() += 1;
+    }
+    let expected: BTreeMap<String, u32> = (0..6).map(|i| (format!("{ours}{i:06}.a1"), 1)).collect();
+    assert_eq!(names, expected, "one Slurm job per attempt");
+    // ... which ran once ...
+    let runs = std::fs::read_to_string(work.join(&production).join("runs.log")).unwrap();
+    let mut counted: BTreeMap<i64, u32> = BTreeMap::new();
+    for line in runs.lines() {
+        *counted
+            .entry(line.split_whitespace().next().unwrap().parse().unwrap())
+            .or_default() += 1;
+    }
+    assert_eq!(
+        counted,
+        (0..6).map(|i| (i, 1)).collect(),
+        "runs of each job"
+    );
+    // ... and its file catalogued once.
+    let files = wait_for(
+        "the production's files",
+        Duration::from_secs(30),
+        || async {
+            let files = app.files(&production).await;
+            (files.len() >= 6).then_some(files)
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(files.len(), 6, "{files:?}");
     second.stop().await;
     drop(db);
     app.stop().await;

@@ -77,6 +77,7 @@ pub async fn start(
     );
     let max = settings.grpc.max_message_bytes;
     let (routes, reporter) = prodsys_server::base_routes()?;
+    let routes = prodsys_server::with_metrics(routes);
     let routes = routes.add_service(
         pb::catalog_service_server::CatalogServiceServer::new(api::CatalogApi {
             db: foundation.db.clone(),

@@ -2,12 +2,10 @@
 //! broker, no backend calls, no clock read behind the caller's back. What a
 //! job's attempt is called and where it runs, the command it runs, what a
 //! failed attempt becomes, which productions a batch plans at once, whether a
-//! remembered cancel applies, a finished production's counts, and how long a
-//! failing installation is left alone.
+//! remembered cancel applies, and a finished production's counts.
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use prodsys_core::profile::render;
 use prodsys_core::{JobPlan, JobState, PlannedJob, ProductionState, Profile, ProfileSet};
@@ -137,16 +135,6 @@ pub fn after_failure(attempt: i32, max_attempts: u32) -> (JobState, i32) {
     } else {
         (JobState::Exhausted, attempt)
     }
-}
-
-/// The wait after `failing` consecutive failed rounds: the poll interval
-/// doubled for each, at most a minute (never shorter than the interval).
-pub fn round_backoff(poll_interval: Duration, failing: u32) -> Duration {
-    let factor = 1u32 << failing.min(10);
-    poll_interval
-        .saturating_mul(factor)
-        .min(Duration::from_secs(60))
-        .max(poll_interval)
 }
 
 /// A finished production's state from its job rows: all done → COMPLETED,
@@ -331,21 +319,6 @@ pub fn new_productions<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_failing_backend_is_waited_for_longer_each_round_up_to_a_minute() {
-        let poll = Duration::from_millis(500);
-        assert_eq!(round_backoff(poll, 1), Duration::from_secs(1));
-        assert_eq!(round_backoff(poll, 2), Duration::from_secs(2));
-        assert_eq!(round_backoff(poll, 6), Duration::from_secs(32));
-        assert_eq!(round_backoff(poll, 7), Duration::from_secs(60));
-        assert_eq!(round_backoff(poll, u32::MAX), Duration::from_secs(60));
-        // A poll interval above a minute is never shortened.
-        assert_eq!(
-            round_backoff(Duration::from_secs(90), 3),
-            Duration::from_secs(90)
-        );
-    }
 
     #[test]
     fn a_failed_attempt_is_retried_until_the_profile_s_limit_then_exhausted() {

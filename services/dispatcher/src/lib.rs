@@ -171,6 +171,7 @@ pub async fn start(
         &shutdown,
     );
     let (routes, reporter) = prodsys_server::base_routes()?;
+    let routes = prodsys_server::with_metrics(routes);
     foundation
         .serve_grpc(
             &settings.grpc.host,

@@ -74,6 +74,9 @@ const MIN_ROUND_GAP: Duration = Duration::from_millis(50);
 /// Transitions per `job.status` event of a cancel (about 60 bytes each).
 const CANCEL_TRANSITIONS_PER_EVENT: usize = 10_000;
 
+/// Longest wait between two rounds while the backend fails.
+const ROUND_BACKOFF_MAX: Duration = Duration::from_secs(60);
+
 /// Most in-flight jobs polled in one round.
 const POLL_BATCH: i64 = 10_000;
 
@@ -130,6 +133,10 @@ impl Scheduler {
         // rounds doubles with each, up to a minute, so a backend that is down
         // is not hammered; one good round resets it.
         let mut failing: u32 = 0;
+        let mut backoff = prodsys_messaging::Backoff::new(
+            self.poll_interval * 2,
+            ROUND_BACKOFF_MAX.max(self.poll_interval * 2),
+        );
         // What status was last told about this installation: None until told
         // once (so a restart announces the installation healthy again).
         let mut announced: Option<bool> = None;
@@ -207,7 +214,9 @@ impl Scheduler {
             }
             if backend_failed {
                 failing = failing.saturating_add(1);
-                let wait = domain::round_backoff(self.poll_interval, failing);
+                // The workspace's backoff (jittered, so replicas of other
+                // installations do not retry in step), never below the poll interval.
+                let wait = backoff.next_wait().max(self.poll_interval);
                 tracing::info!(%backend, failing, wait_ms = wait.as_millis() as u64, "backend failing; waiting before the next round");
                 tokio::select! {
                     _ = held.cancelled() => break,
@@ -216,6 +225,7 @@ impl Scheduler {
                 continue;
             }
             failing = 0;
+            backoff.reset();
             if submitted > 0 && submitted < free {
                 continue;
             }

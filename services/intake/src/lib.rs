@@ -89,6 +89,7 @@ pub async fn start(
     };
     let max = settings.grpc.max_message_bytes;
     let (routes, reporter) = prodsys_server::base_routes()?;
+    let routes = prodsys_server::with_metrics(routes);
     let routes = routes.add_service(
         pb::request_service_server::RequestServiceServer::new(api)
             .max_decoding_message_size(max)

@@ -197,17 +197,23 @@ async fn events(
     Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
 }
 
-/// Prometheus text exposition of the read model.
+/// OpenMetrics exposition of the read model's gauges, then the process's
+/// own figures (consumer, relay, backlog: `prodsys_telemetry::metrics`).
 async fn metrics(State(api): State<StatusApi>) -> Response {
     match render_metrics(&api).await {
-        Ok(text) => (
-            [(
-                header::CONTENT_TYPE,
-                "text/plain; version=0.0.4; charset=utf-8",
-            )],
-            text,
-        )
-            .into_response(),
+        Ok(mut text) => {
+            let process = prodsys_telemetry::metrics::metrics();
+            let _ = process.encode_families(&mut text);
+            let _ = prodsys_telemetry::metrics::finish(&mut text);
+            (
+                [(
+                    header::CONTENT_TYPE,
+                    prodsys_telemetry::metrics::CONTENT_TYPE,
+                )],
+                text,
+            )
+                .into_response()
+        }
         Err(error) => (
             StatusCode::SERVICE_UNAVAILABLE,
             format!("# metrics unavailable: {error:#}\n"),

@@ -457,7 +457,14 @@ impl<H: BatchHandler> Runner<'_, H> {
     /// The verdict on every delivery of `batch`; `None` when the channel was
     /// lost while holding (the broker then has them back).
     async fn decide(&mut self, channel: &Channel, batch: &[Incoming]) -> Option<Vec<Verdict>> {
-        let error = match self.handler.handle(batch).await {
+        let started = Instant::now();
+        let handled = self.handler.handle(batch).await;
+        prodsys_telemetry::metrics::metrics().batch_handled(
+            &self.service,
+            batch.len(),
+            started.elapsed().as_secs_f64(),
+        );
+        let error = match handled {
             Ok(outcomes) if outcomes.len() == batch.len() => {
                 self.flag.set(false);
                 return Some(outcomes.into_iter().map(Verdict::from).collect());
@@ -542,6 +549,7 @@ impl<H: BatchHandler> Runner<'_, H> {
     /// service shuts down or the channel is lost.
     async fn hold(&mut self, channel: &Channel, batch: &[Incoming], error: anyhow::Error) -> Held {
         self.flag.set(true);
+        prodsys_telemetry::metrics::metrics().batch_held(&self.service);
         let started = Instant::now();
         let mut backoff = Backoff::new(self.settings.retry_start, self.settings.retry_max);
         let mut tries = 1u32;
@@ -605,6 +613,16 @@ impl<H: BatchHandler> Runner<'_, H> {
                 false
             }
         };
+        // What was decided, before dead letters and copies become acks.
+        let decided: Vec<&'static str> = verdicts
+            .iter()
+            .map(|v| match v {
+                Verdict::Ack => "ack",
+                Verdict::DeadLetter(_) => "dead_letter",
+                Verdict::Requeue => "requeue",
+                Verdict::Republish => "republish",
+            })
+            .collect();
         let mut settled = Vec::with_capacity(batch.len());
         for (incoming, verdict) in batch.iter().zip(verdicts) {
             let verdict = match verdict {
@@ -627,6 +645,21 @@ impl<H: BatchHandler> Runner<'_, H> {
                 other => other,
             };
             settled.push(verdict);
+        }
+        // Each delivery under what was decided for it, or "requeue" where
+        // a dead letter or a copy could not be published.
+        let metrics = prodsys_telemetry::metrics::metrics();
+        let mut counts: std::collections::BTreeMap<&str, u64> = Default::default();
+        for (kind, verdict) in decided.iter().zip(&settled) {
+            let kind = if *verdict == Verdict::Ack {
+                kind
+            } else {
+                "requeue"
+            };
+            *counts.entry(kind).or_default() += 1;
+        }
+        for (kind, n) in counts {
+            metrics.settled(&self.service, kind, n);
         }
         if settled.iter().all(|v| *v == Verdict::Ack) {
             let last = batch.last().map(|i| i.delivery_tag).unwrap_or_default();

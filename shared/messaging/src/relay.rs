@@ -153,5 +153,15 @@ pub async fn publish_batch(
     let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
     prodsys_db::mark_sent(&tx, &ids).await?;
     tx.commit().await?;
+    let confirmed = chrono::Utc::now();
+    prodsys_telemetry::metrics::metrics().relayed(
+        source.rsplit('/').next().unwrap_or(source),
+        rows.iter().map(|row| {
+            (confirmed - row.created_at)
+                .to_std()
+                .unwrap_or_default()
+                .as_secs_f64()
+        }),
+    );
     Ok(rows.len())
 }

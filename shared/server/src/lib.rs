@@ -103,6 +103,27 @@ pub fn base_routes() -> anyhow::Result<(Routes, HealthReporter)> {
     Ok((Routes::new(health), reporter))
 }
 
+/// `routes` plus `GET /metrics`: the process's figures (see
+/// `prodsys_telemetry::metrics`) in the OpenMetrics text format, on the
+/// service's gRPC port over HTTP/1.1, as Prometheus scrapes them. (Status
+/// serves its own `/metrics`, which adds its read model's gauges.)
+pub fn with_metrics(routes: Routes) -> Routes {
+    async fn metrics() -> impl axum::response::IntoResponse {
+        (
+            [(
+                http::header::CONTENT_TYPE,
+                prodsys_telemetry::metrics::CONTENT_TYPE,
+            )],
+            prodsys_telemetry::metrics::metrics().encode(),
+        )
+    }
+    Routes::from(
+        routes
+            .into_axum_router()
+            .route("/metrics", axum::routing::get(metrics)),
+    )
+}
+
 /// Server reflection advertising `services` (and health), as
 /// `grpc.reflection.v1` and as the older `v1alpha` that many tools still
 /// speak only (Python's grpcio-reflection, older grpcurl, Postman, Kreya).
@@ -223,6 +244,56 @@ pub fn track_health(
     })
 }
 
+/// Every few seconds, what waits for the service: messages ready in its
+/// queue and consumers on it (as the broker counts them, every replica's),
+/// and events in its outbox not yet confirmed. A failed look leaves the last
+/// figures as they were.
+async fn sample_backlog(
+    service: &'static str,
+    db: Db,
+    broker: Broker,
+    queue: String,
+    shutdown: CancellationToken,
+) {
+    use prodsys_db::Cached;
+    const EVERY: Duration = Duration::from_secs(5);
+    let metrics = prodsys_telemetry::metrics::metrics();
+    use prodsys_messaging::lapin;
+    let mut channel: Option<lapin::Channel> = None;
+    while !shutdown.is_cancelled() {
+        if channel.as_ref().is_none_or(|c| !c.status().connected()) {
+            channel = broker.channel().await.ok();
+        }
+        if let Some(c) = &channel {
+            match c
+                .queue_declare(
+                    queue.as_str().into(),
+                    lapin::options::QueueDeclareOptions {
+                        passive: true,
+                        ..Default::default()
+                    },
+                    Default::default(),
+                )
+                .await
+            {
+                Ok(q) => metrics.queue(service, q.message_count(), q.consumer_count()),
+                Err(_) => channel = None,
+            }
+        }
+        if let Ok(client) = db.client().await
+            && let Ok(row) = client
+                .query_one_cached("SELECT count(*) FROM outbox", &[])
+                .await
+        {
+            metrics.outbox(service, row.get::<_, i64>(0));
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tokio::time::sleep(EVERY) => {}
+        }
+    }
+}
+
 /// The parts every service starts the same way: its migrated schema, its
 /// supervised broker connection with its topology, its outbox relay, the
 /// pruning of its inbox, and the order in which it stops.
@@ -302,6 +373,13 @@ impl Foundation {
         tokio::spawn(prune_inbox(
             db.clone(),
             Duration::from_secs(settings.database.inbox_retention_s),
+            shutdown.clone(),
+        ));
+        tokio::spawn(sample_backlog(
+            service,
+            db.clone(),
+            broker.clone(),
+            names.queue(service),
             shutdown.clone(),
         ));
         let consumers = Arc::new(Mutex::new(Vec::new()));

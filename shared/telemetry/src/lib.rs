@@ -1,5 +1,9 @@
+//! Logging, and the process's metrics ([`metrics`]).
+//!
 //! Logging: `tracing` with an env filter (`RUST_LOG`, default `info`), human
 //! text on a terminal, JSON lines when `PRODSYS_LOG_FORMAT=json`.
+
+pub mod metrics;
 
 use tracing_subscriber::EnvFilter;
 
