@@ -5,6 +5,7 @@ use std::sync::Arc;
 use prodsys_core::{ProductionState, Violation};
 use prodsys_db::Db;
 use prodsys_proto as pb;
+use prodsys_proto::StateProto;
 use tonic::{Request, Response, Status};
 
 use crate::domain::{self, Condition, FileFilter, FileQuery, Identity, KeyTypes, Operator, Range};

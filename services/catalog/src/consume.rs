@@ -8,6 +8,7 @@ use prodsys_core::events::{JOB_OUTPUT, PRODUCTION_COMPLETED};
 use prodsys_db::Db;
 use prodsys_messaging::{BatchHandler, HandlerError, Incoming, Outcome};
 use prodsys_proto as pb;
+use prodsys_proto::StateProto;
 use prodsys_server::decode_event;
 use uuid::Uuid;
 

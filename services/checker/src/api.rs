@@ -9,9 +9,9 @@ use prodsys_db::Db;
 use prodsys_proto as pb;
 use tonic::{Request, Response, Status};
 
-use crate::catalog::Catalog;
 use prodsys_core::container::ResolvedTemplate;
 
+use crate::catalog::Catalog;
 use crate::domain::{self, Candidate, Lookups, Rules, Validation};
 use crate::error::CheckerError;
 use crate::store;
@@ -85,7 +85,8 @@ impl CheckerApi {
         Ok(pb::ListTemplatesResponse { templates })
     }
 
-    async fn evaluate(&self, r: &pb::SubmitRequestRequest) -> Result<Validation, CheckerError> {
+    /// The verdict `r` would get now, nothing stored.
+    async fn verdict(&self, r: &pb::SubmitRequestRequest) -> Result<Validation, CheckerError> {
         let candidate = Candidate {
             request_id: "",
             profile: &r.profile,
@@ -125,7 +126,7 @@ impl pb::checker_service_server::CheckerService for CheckerApi {
         &self,
         request: Request<pb::SubmitRequestRequest>,
     ) -> Result<Response<pb::Validation>, Status> {
-        let verdict = CheckerApi::evaluate(self, request.get_ref()).await?;
+        let verdict = self.verdict(request.get_ref()).await?;
         Ok(Response::new(validation(verdict)))
     }
 

@@ -47,7 +47,7 @@ impl Catalog {
             };
             for identity in profile.file_identities(parameters) {
                 asked.push((i, identity.label));
-                queries.push(identity.query);
+                queries.push(identity.query.into());
             }
         }
         let mut found: Vec<Option<CatalogAnswer>> = vec![None; prepared.len()];

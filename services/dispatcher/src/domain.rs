@@ -8,7 +8,6 @@ use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use prodsys_core::profile::render;
-use prodsys_core::state::{count_job, counts_total};
 use prodsys_core::{JobPlan, JobState, PlannedJob, ProductionState, Profile, ProfileSet};
 use prodsys_proto as pb;
 use uuid::Uuid;
@@ -155,13 +154,12 @@ pub fn outcome(states: &[(JobState, u64)]) -> ProductionState {
 /// A closed production's job counts: its rows per state, and every job
 /// without a row (never planned, or removed unstarted by a cancel) as cancelled.
 pub fn final_counts(states: &[(JobState, u64)], job_total: u64) -> pb::JobCounts {
-    let mut counts = pb::JobCounts::default();
+    let mut counts = prodsys_core::JobCounts::default();
     for (state, n) in states {
-        count_job(&mut counts, *state, *n);
+        counts.add(*state, *n);
     }
-    let rows = counts_total(&counts);
-    counts.cancelled += job_total.saturating_sub(rows);
-    counts
+    counts.cancelled += job_total.saturating_sub(counts.total());
+    counts.into()
 }
 
 /// When an event was made: the time in its UUIDv7 ID (every prodsys event's), else `now`.
@@ -338,7 +336,7 @@ mod tests {
         let counts = final_counts(&states, 10);
         assert_eq!(counts.done, 3);
         assert_eq!(counts.cancelled, 6);
-        assert_eq!(counts_total(&counts), 10);
+        assert_eq!(prodsys_core::JobCounts::from(counts).total(), 10);
         assert_eq!(outcome(&states), ProductionState::PartiallyCompleted);
         assert_eq!(outcome(&[(JobState::Done, 2)]), ProductionState::Completed);
         assert_eq!(

@@ -22,6 +22,7 @@ use prodsys_core::{JobState, ProductionState, Profile, ProfileSet};
 use prodsys_db::deadpool_postgres::Transaction;
 use prodsys_db::{Db, OutboxEvent};
 use prodsys_proto as pb;
+use prodsys_proto::StateProto;
 use prodsys_server::outbox_event;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;

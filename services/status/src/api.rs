@@ -8,6 +8,7 @@ use futures::Stream;
 use prodsys_core::{ProductionState, Violation};
 use prodsys_db::Db;
 use prodsys_proto as pb;
+use prodsys_proto::StateProto;
 use tokio::sync::broadcast;
 use tonic::{Request, Response, Status};
 

@@ -10,6 +10,7 @@ use prodsys_core::{JobState, ProductionState};
 use prodsys_db::Db;
 use prodsys_messaging::{BatchHandler, HandlerError, Incoming, Outcome};
 use prodsys_proto as pb;
+use prodsys_proto::StateProto;
 use prodsys_server::decode_event;
 use uuid::Uuid;
 

@@ -14,6 +14,7 @@ use axum::routing::get;
 use futures::Stream;
 use prodsys_core::ProductionState;
 use prodsys_proto as pb;
+use prodsys_proto::StateProto;
 use prodsys_proto::status_service_server::StatusService;
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;

@@ -1,4 +1,5 @@
-//! The domain of prodsys, free of I/O: the production and job state machines,
+//! The domain of prodsys, free of I/O and of wire types (`prodsys-proto`
+//! converts them at the edges): the production and job state machines,
 //! production profiles (validation, fingerprint, job plan, templates), the
 //! names of the events the services exchange, and file checksums.
 

@@ -237,18 +237,6 @@ pub struct PlanEstimate {
     pub disk_gb_total: f64,
 }
 
-impl From<PlanEstimate> for prodsys_proto::ResourceEstimate {
-    fn from(e: PlanEstimate) -> Self {
-        Self {
-            cpu_seconds_per_job: e.cpu_seconds_per_job,
-            cpu_hours_total: e.cpu_hours_total,
-            memory_mb: e.memory_mb,
-            disk_mb_per_job: e.disk_mb_per_job,
-            disk_gb_total: e.disk_gb_total,
-        }
-    }
-}
-
 impl JobPlan {
     pub fn job(&self, index: u64) -> PlannedJob {
         let start = index * self.per_job;
@@ -1192,7 +1180,29 @@ pub struct FileIdentity {
     /// The per-file values it stands for (`nsb 1`); empty when the request's
     /// files all share one identity.
     pub label: String,
-    pub query: prodsys_proto::FindExistingRequest,
+    pub query: IdentityQuery,
+}
+
+/// An identity as the catalog is asked about it: files that match every
+/// `metadata` pair, and each `if_present` pair where they carry the key (a
+/// file without it cannot be told apart), whose ranges intersect `ranges`;
+/// `run_key` names the integer key whose highest value the answer reports.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct IdentityQuery {
+    pub metadata: std::collections::HashMap<String, String>,
+    pub if_present: std::collections::HashMap<String, String>,
+    pub ranges: Vec<MetadataRange>,
+    /// Empty when the profile names no run key.
+    pub run_key: String,
+}
+
+/// A range of values between two metadata keys (`energy_min`..`energy_max`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct MetadataRange {
+    pub min_key: String,
+    pub max_key: String,
+    pub min: f64,
+    pub max: f64,
 }
 
 /// `template` rendered, or `None` when a placeholder has no value (an
@@ -1347,14 +1357,14 @@ impl Profile {
                 let value =
                     |key: &String| Some((key.clone(), render_known(&metadata[key], &vars)?));
                 let number = |key: &String| value(key)?.1.trim().parse::<f64>().ok();
-                let query = prodsys_proto::FindExistingRequest {
+                let query = IdentityQuery {
                     metadata: catalog.required.iter().filter_map(value).collect(),
                     if_present: catalog.compared.iter().filter_map(value).collect(),
                     ranges: catalog
                         .ranges
                         .iter()
                         .filter_map(|r| {
-                            Some(prodsys_proto::MetadataRange {
+                            Some(MetadataRange {
                                 min_key: r.min.clone(),
                                 max_key: r.max.clone(),
                                 min: number(&r.min)?,

@@ -4,8 +4,6 @@
 use std::fmt;
 use std::str::FromStr;
 
-use prodsys_proto as pb;
-
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum StateError {
     #[error("illegal {entity} transition {from} -> {to}")]
@@ -19,7 +17,7 @@ pub enum StateError {
 }
 
 macro_rules! state_enum {
-    ($name:ident, $entity:literal, $pb:ty, $prefix:ident, { $($variant:ident => $text:literal),+ $(,)? }) => {
+    ($name:ident, $entity:literal, { $($variant:ident => $text:literal),+ $(,)? }) => {
         #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
         pub enum $name { $($variant),+ }
 
@@ -31,16 +29,6 @@ macro_rules! state_enum {
                 match self { $($name::$variant => $text),+ }
             }
 
-            pub fn to_proto(self) -> $pb {
-                match self { $($name::$variant => <$pb>::$variant),+ }
-            }
-
-            pub fn from_proto(value: i32) -> Option<Self> {
-                match <$pb>::try_from(value).ok()? {
-                    $(<$pb>::$variant => Some($name::$variant),)+
-                    _ => None,
-                }
-            }
         }
 
         impl fmt::Display for $name {
@@ -61,7 +49,7 @@ macro_rules! state_enum {
     };
 }
 
-state_enum!(ProductionState, "production", pb::ProductionState, ProductionState, {
+state_enum!(ProductionState, "production", {
     Received => "RECEIVED",
     Validating => "VALIDATING",
     Accepted => "ACCEPTED",
@@ -75,7 +63,7 @@ state_enum!(ProductionState, "production", pb::ProductionState, ProductionState,
     Cancelled => "CANCELLED",
 });
 
-state_enum!(JobState, "job", pb::JobState, JobState, {
+state_enum!(JobState, "job", {
     Created => "CREATED",
     Submitted => "SUBMITTED",
     Queued => "QUEUED",
@@ -261,56 +249,6 @@ impl JobCounts {
     }
 }
 
-impl From<JobCounts> for pb::JobCounts {
-    fn from(c: JobCounts) -> Self {
-        Self {
-            created: c.created,
-            submitted: c.submitted,
-            queued: c.queued,
-            running: c.running,
-            done: c.done,
-            failed: c.failed,
-            cancelled: c.cancelled,
-            exhausted: c.exhausted,
-        }
-    }
-}
-
-impl From<pb::JobCounts> for JobCounts {
-    fn from(c: pb::JobCounts) -> Self {
-        Self {
-            created: c.created,
-            submitted: c.submitted,
-            queued: c.queued,
-            running: c.running,
-            done: c.done,
-            failed: c.failed,
-            cancelled: c.cancelled,
-            exhausted: c.exhausted,
-        }
-    }
-}
-
-/// Adds one job in `state` to `counts`.
-pub fn count_job(counts: &mut pb::JobCounts, state: JobState, n: u64) {
-    let slot = match state {
-        JobState::Created => &mut counts.created,
-        JobState::Submitted => &mut counts.submitted,
-        JobState::Queued => &mut counts.queued,
-        JobState::Running => &mut counts.running,
-        JobState::Done => &mut counts.done,
-        JobState::Failed => &mut counts.failed,
-        JobState::Cancelled => &mut counts.cancelled,
-        JobState::Exhausted => &mut counts.exhausted,
-    };
-    *slot += n;
-}
-
-/// Sum of all states in `counts`.
-pub fn counts_total(c: &pb::JobCounts) -> u64 {
-    c.created + c.submitted + c.queued + c.running + c.done + c.failed + c.cancelled + c.exhausted
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -364,17 +302,25 @@ mod tests {
     }
 
     #[test]
-    fn names_round_trip_through_text_and_proto() {
+    fn names_round_trip_through_text() {
         for s in ProductionState::ALL {
             assert_eq!(s.as_str().parse::<ProductionState>().unwrap(), *s);
-            assert_eq!(ProductionState::from_proto(s.to_proto() as i32), Some(*s));
         }
         for s in JobState::ALL {
             assert_eq!(s.as_str().parse::<JobState>().unwrap(), *s);
-            assert_eq!(JobState::from_proto(s.to_proto() as i32), Some(*s));
         }
         assert!("BOGUS".parse::<JobState>().is_err());
-        assert_eq!(ProductionState::from_proto(0), None);
+    }
+
+    #[test]
+    fn job_counts_add_up() {
+        let mut counts = JobCounts::default();
+        counts.add(JobState::Done, 3);
+        counts.add(JobState::Exhausted, 1);
+        counts.add(JobState::Done, 2);
+        assert_eq!(counts.done, 5);
+        assert_eq!(counts.total(), 6);
+        assert_eq!(counts.by_state()[4], (JobState::Done, 5));
     }
 
     #[test]

@@ -18,21 +18,3 @@ impl Violation {
         }
     }
 }
-
-impl From<Violation> for prodsys_proto::FieldViolation {
-    fn from(v: Violation) -> Self {
-        Self {
-            field: v.field,
-            description: v.description,
-        }
-    }
-}
-
-impl From<prodsys_proto::FieldViolation> for Violation {
-    fn from(v: prodsys_proto::FieldViolation) -> Self {
-        Self {
-            field: v.field,
-            description: v.description,
-        }
-    }
-}

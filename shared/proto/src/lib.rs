@@ -1,7 +1,9 @@
-//! Generated protobuf messages and gRPC services of package `prodsys.v1`.
+//! Generated protobuf messages and gRPC services of package `prodsys.v1`,
+//! and their conversions to and from the domain's plain types (`convert`).
 
-#![allow(clippy::all, clippy::pedantic)]
+pub mod convert;
 
+#[allow(clippy::all, clippy::pedantic)]
 pub mod v1 {
     tonic::include_proto!("prodsys.v1");
 }
@@ -10,4 +12,5 @@ pub mod v1 {
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/prodsys_descriptor.bin"));
 
+pub use convert::StateProto;
 pub use v1::*;
