@@ -123,8 +123,10 @@ impl CatalogApi {
         let tx = client.transaction().await?;
         let with_attempt: Vec<(u32, pb::OutputFile)> = files.into_iter().map(|f| (0, f)).collect();
         let registered = store::register_files(&tx, &self.types, &with_attempt).await?;
+        let forwarding: Vec<&str> = registered.forwarding.iter().map(String::as_str).collect();
+        store::forwarding_changed(&tx, &forwarding).await?;
         tx.commit().await?;
-        Ok(registered)
+        Ok(registered.added)
     }
 
     async fn record(&self, production_id: String) -> Result<pb::ProductionRecord> {

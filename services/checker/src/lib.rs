@@ -61,6 +61,7 @@ pub async fn start(
         db: foundation.db.clone(),
         profiles,
         installations: settings.dispatcher.installations().into_keys().collect(),
+        destinations: settings.forwarding.destinations.keys().cloned().collect(),
         max_jobs: settings.dispatcher.max_jobs_per_production,
         catalog: pb::catalog_service_client::CatalogServiceClient::new(catalog),
     };
@@ -90,6 +91,8 @@ struct Checker {
     profiles: Arc<ProfileSet>,
     /// The WMS installations a request may choose.
     installations: Vec<String>,
+    /// The forwarding destinations a request may name (none: nothing is forwarded).
+    destinations: Vec<String>,
     /// The deployment's ceiling on one production's jobs.
     max_jobs: u64,
     catalog: pb::catalog_service_client::CatalogServiceClient<tonic::transport::Channel>,
@@ -111,6 +114,8 @@ struct Candidate<'a> {
     parameters_json: &'a str,
     extend: bool,
     reuse_existing: bool,
+    forward: &'a [String],
+    forward_replace: bool,
 }
 
 /// The checker's answer, before anything is written.
@@ -295,6 +300,16 @@ impl Checker {
             candidate.parameters_json,
         ) {
             Ok((profile, parameters)) => {
+                if let Err(unknown) = profile.destinations(
+                    &parameters,
+                    candidate.forward,
+                    candidate.forward_replace,
+                    &self.destinations,
+                ) {
+                    validation
+                        .violations
+                        .extend(unknown.into_iter().map(Into::into));
+                }
                 validation.fingerprint = profile.fingerprint(&parameters);
                 let base = profile.base_fingerprint(&parameters);
                 Prepared {
@@ -621,6 +636,7 @@ impl Checker {
                     run_number_offset: 0,
                     correlation_id: request.correlation_id.clone(),
                     priority: request.priority,
+                    forward: Vec::new(),
                 };
                 events.push(outbox_event(REQUEST_REUSED, &existing, &event));
                 continue;
@@ -649,6 +665,16 @@ impl Checker {
                 extends = validation.overlaps.len(), "request accepted");
             let parameters_json = accepted.parameters.to_string();
             let run_number_offset = accepted.run_number_offset as u64;
+            // Checked in `prepare`: an unknown destination refused the request.
+            let forward = accepted
+                .profile
+                .destinations(
+                    &accepted.parameters,
+                    &request.forward,
+                    request.forward_replace,
+                    &self.destinations,
+                )
+                .unwrap_or_default();
             rows.push(
                 &production_id,
                 &validation.fingerprint,
@@ -667,6 +693,7 @@ impl Checker {
                 run_number_offset,
                 correlation_id: request.correlation_id.clone(),
                 priority: request.priority,
+                forward,
             };
             events.push(outbox_event(REQUEST_ACCEPTED, &production_id, &event));
         }
@@ -964,6 +991,8 @@ fn candidate(r: &pb::RequestReceived) -> Candidate<'_> {
         parameters_json: &r.parameters_json,
         extend: r.extend,
         reuse_existing: r.reuse_existing,
+        forward: &r.forward,
+        forward_replace: r.forward_replace,
     }
 }
 
@@ -986,6 +1015,8 @@ impl pb::checker_service_server::CheckerService for Checker {
             parameters_json: &r.parameters_json,
             extend: r.extend,
             reuse_existing: r.reuse_existing,
+            forward: &r.forward,
+            forward_replace: r.forward_replace,
         };
         let prepared = self.prepare(&candidate);
         let catalog = self
