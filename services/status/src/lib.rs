@@ -4,6 +4,7 @@
 //! job total, and streams `WatchProduction` snapshots as changes commit
 //! (PostgreSQL NOTIFY carries the change, so any replica can serve a watcher).
 
+mod forwarding;
 mod http;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -13,7 +14,8 @@ use std::time::Duration;
 use anyhow::Context;
 use futures::Stream;
 use prodsys_core::events::{
-    INSTALLATION_HEALTH, JOB_STATUS, PRODUCTION_COMPLETED, PRODUCTION_DISPATCHED, REQUEST_ACCEPTED,
+    FORWARDING_PROGRESS, INSTALLATION_HEALTH, JOB_STATUS, PRODUCTION_COMPLETED,
+    PRODUCTION_DISPATCHED, PRODUCTION_FORWARDED, REQUEST_ACCEPTED,
 };
 use prodsys_core::state::count_job;
 use prodsys_core::{JobState, ProductionState, Violation};
@@ -42,6 +44,7 @@ pub const MIGRATIONS: &[Migration] = prodsys_db::migrations![
     "0005_installation_health.sql",
     "0006_previous_job_state.sql",
     "0040_final_job_counts.sql",
+    "0100_forwarding_progress.sql",
 ];
 
 /// A production's job counts by state: the final ones once its
@@ -65,6 +68,8 @@ pub async fn start(
             JOB_STATUS,
             PRODUCTION_COMPLETED,
             INSTALLATION_HEALTH,
+            FORWARDING_PROGRESS,
+            PRODUCTION_FORWARDED,
         ],
         &[],
         &shutdown,
@@ -146,6 +151,8 @@ enum Update {
     Jobs(pb::JobStatusBatch),
     Completed(pb::ProductionCompleted),
     Health(pb::InstallationHealth),
+    Progress(pb::ForwardingProgress),
+    Forwarded(pb::ProductionForwarded),
 }
 
 fn decode(incoming: &Incoming) -> Result<(Uuid, Update), String> {
@@ -155,6 +162,8 @@ fn decode(incoming: &Incoming) -> Result<(Uuid, Update), String> {
         JOB_STATUS => decode_event(incoming).map(|(id, m)| (id, Update::Jobs(m))),
         PRODUCTION_COMPLETED => decode_event(incoming).map(|(id, m)| (id, Update::Completed(m))),
         INSTALLATION_HEALTH => decode_event(incoming).map(|(id, m)| (id, Update::Health(m))),
+        FORWARDING_PROGRESS => decode_event(incoming).map(|(id, m)| (id, Update::Progress(m))),
+        PRODUCTION_FORWARDED => decode_event(incoming).map(|(id, m)| (id, Update::Forwarded(m))),
         other => Err(format!("status does not handle {other:?}")),
     }
 }
@@ -182,6 +191,7 @@ impl BatchHandler for Projector {
         // Latest transition per job across the batch: one row can change once per statement.
         let mut latest: HashMap<(String, u64), pb::JobTransition> = HashMap::new();
         let mut finals = FinalCounts::default();
+        let mut touched_by_forwarding = BTreeSet::new();
         for (id, update) in updates {
             // Taken once: the same event twice in one batch takes effect once.
             if !fresh.remove(&id) {
@@ -189,12 +199,21 @@ impl BatchHandler for Projector {
             }
             match update {
                 Update::Accepted(m) => {
+                    forwarding::plan(&tx, &m).await?;
                     let p = productions.entry(m.production_id).or_default();
                     p.advance(ProductionState::Accepted);
                     p.request_id = Uuid::parse_str(&m.request_id).ok();
                     p.profile = Some(m.profile);
                     p.vo = Some(m.vo);
                     p.backend = Some(m.backend);
+                }
+                Update::Progress(m) => {
+                    forwarding::progress(&tx, &m).await?;
+                    touched_by_forwarding.insert(m.production_id);
+                }
+                Update::Forwarded(m) => {
+                    forwarding::forwarded(&tx, &m).await?;
+                    touched_by_forwarding.insert(m.production_id);
                 }
                 Update::Dispatched(m) => {
                     let p = productions.entry(m.production_id).or_default();
@@ -243,6 +262,7 @@ impl BatchHandler for Projector {
         let transitions: Vec<pb::JobTransition> = latest.into_values().collect();
         let mut touched: BTreeSet<String> = productions.keys().cloned().collect();
         touched.extend(transitions.iter().map(|t| t.production_id.clone()));
+        touched.extend(touched_by_forwarding);
         // No lock per production: consumers project concurrently. A job row
         // is changed under its row lock and re-checked against the newest
         // version (so a late transition still never moves it backwards);
@@ -530,13 +550,15 @@ impl StatusApi {
             .query_cached(COUNTS_SQL, &[&production_id])
             .await
             .context("counting jobs")?;
-        Ok(production_from_row(
+        let mut production = production_from_row(
             production_id,
             &row,
             counts
                 .iter()
                 .map(|c| (c.get::<_, &str>(0), c.get::<_, i64>(1))),
-        ))
+        );
+        forwarding::attach(&client, std::slice::from_mut(&mut production)).await?;
+        Ok(production)
     }
 }
 
@@ -584,6 +606,9 @@ fn production_from_row<'a>(
             row.get::<_, Option<&str>>(9),
             row.get::<_, Option<i64>>(10),
         ),
+        // Filled by `forwarding::attach`.
+        forwarding: Vec::new(),
+        finished: false,
     }
 }
 
@@ -663,7 +688,7 @@ impl pb::status_service_server::StatusService for StatusApi {
             .map_err(|e| ServiceError::Unexpected(e.into()))?;
         let more = rows.len() as i64 > page_size;
         // The page and its job counts in one statement, not one more per production.
-        let productions: Vec<pb::Production> = rows
+        let mut productions: Vec<pb::Production> = rows
             .iter()
             .take(page_size as usize)
             .map(|row| {
@@ -673,6 +698,9 @@ impl pb::status_service_server::StatusService for StatusApi {
                 production_from_row(&id, row, states.iter().map(String::as_str).zip(ns))
             })
             .collect();
+        forwarding::attach(&client, &mut productions)
+            .await
+            .map_err(ServiceError::from)?;
         let next_page_token = if more {
             productions
                 .last()
@@ -705,7 +733,8 @@ impl pb::status_service_server::StatusService for StatusApi {
             }
             let mut ended_at: Option<std::time::Instant> = None;
             loop {
-                if is_terminal(&last) {
+                // Ended, and its outputs where it asked.
+                if last.finished {
                     let ended = *ended_at.get_or_insert_with(std::time::Instant::now);
                     if is_settled(&last) || ended.elapsed() >= SETTLE_WAIT {
                         return;
@@ -736,10 +765,6 @@ impl pb::status_service_server::StatusService for StatusApi {
         });
         Ok(Response::new(stream))
     }
-}
-
-fn is_terminal(p: &pb::Production) -> bool {
-    ProductionState::from_proto(p.state).is_some_and(ProductionState::is_terminal)
 }
 
 /// Every job of the production counted in a final state. Consumers project
