@@ -13,16 +13,11 @@ use anyhow::Context;
 use prodsys_proto as pb;
 
 /// Where a file can be read from, best first.
-pub fn sources(file: &pb::OutputFile) -> Vec<String> {
+pub fn sources(file: &pb::OutputFile, replicas: &[pb::Replica]) -> Vec<String> {
     let verified = |r: &&pb::Replica| r.state() == pb::ReplicaState::Verified && !r.url.is_empty();
     let mut local: Vec<String> = Vec::new();
     let mut remote: Vec<String> = Vec::new();
-    for url in std::iter::once(&file.url).chain(
-        file.replicas
-            .iter()
-            .filter(verified)
-            .map(|r| &r.url),
-    ) {
+    for url in std::iter::once(&file.url).chain(replicas.iter().filter(verified).map(|r| &r.url)) {
         if url.starts_with("file://") || url.starts_with('/') {
             local.push(url.clone());
         } else if url.starts_with("root://") || url.starts_with("xroot://") {
@@ -112,7 +107,12 @@ pub enum Fetched {
 }
 
 /// Downloads `file` under `to` unless it is already there and correct.
-pub async fn get_file(file: &pb::OutputFile, to: &Path, xrdcp: &str) -> anyhow::Result<Fetched> {
+pub async fn get_file(
+    file: &pb::OutputFile,
+    replicas: &[pb::Replica],
+    to: &Path,
+    xrdcp: &str,
+) -> anyhow::Result<Fetched> {
     let target = to.join(file.lfn.trim_start_matches('/'));
     let check = {
         let target = target.clone();
@@ -125,7 +125,7 @@ pub async fn get_file(file: &pb::OutputFile, to: &Path, xrdcp: &str) -> anyhow::
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let part = PathBuf::from(format!("{}.part", target.display()));
     let mut reasons = Vec::new();
-    for source in sources(file) {
+    for source in sources(file, replicas) {
         let _ = std::fs::remove_file(&part);
         if let Err(reason) = fetch(&source, &part, xrdcp).await {
             reasons.push(reason);
@@ -173,14 +173,18 @@ pub async fn run(
         .await
         .map_err(|s| anyhow::anyhow!(crate::explain(&s)))?
     {
-        files.extend(page.files);
+        // Replicas come beside the files, in the same order.
+        let mut replicas = page.replicas.into_iter().map(|r| r.replicas);
+        for file in page.files {
+            files.push((file, replicas.next().unwrap_or_default()));
+        }
     }
     let total = files.len();
-    let total_bytes: u64 = files.iter().map(|f| f.size).sum();
+    let total_bytes: u64 = files.iter().map(|(f, _)| f.size).sum();
     let started = Instant::now();
     let (mut present, mut downloaded, mut failed, mut bytes) = (0, 0, 0, 0u64);
-    for (i, file) in files.iter().enumerate() {
-        let line = match get_file(file, to, xrdcp).await? {
+    for (i, (file, replicas)) in files.iter().enumerate() {
+        let line = match get_file(file, replicas, to, xrdcp).await? {
             Fetched::Present => {
                 present += 1;
                 "present".to_string()
@@ -232,15 +236,15 @@ mod tests {
         let file = pb::OutputFile {
             lfn: "/vo/a.dat".into(),
             url: "file:///work/a.dat".into(),
-            replicas: vec![
-                replica("xrd", pb::ReplicaState::Verified, "root://h:1//s/vo/a.dat"),
-                replica("tmp", pb::ReplicaState::Verified, "file:///mnt/vo/a.dat"),
-                replica("bad", pb::ReplicaState::Failed, "root://h:2//s/vo/a.dat"),
-            ],
             ..Default::default()
         };
+        let replicas = [
+            replica("xrd", pb::ReplicaState::Verified, "root://h:1//s/vo/a.dat"),
+            replica("tmp", pb::ReplicaState::Verified, "file:///mnt/vo/a.dat"),
+            replica("bad", pb::ReplicaState::Failed, "root://h:2//s/vo/a.dat"),
+        ];
         assert_eq!(
-            sources(&file),
+            sources(&file, &replicas),
             [
                 "file:///work/a.dat",
                 "file:///mnt/vo/a.dat",
@@ -265,18 +269,18 @@ mod tests {
         };
         let to = dir.join("out");
         assert!(matches!(
-            get_file(&file, &to, "xrdcp").await.unwrap(),
+            get_file(&file, &[], &to, "xrdcp").await.unwrap(),
             Fetched::Downloaded { .. }
         ));
         assert_eq!(std::fs::read(to.join("vo/a.dat")).unwrap(), b"Wikipedia");
         assert!(matches!(
-            get_file(&file, &to, "xrdcp").await.unwrap(),
+            get_file(&file, &[], &to, "xrdcp").await.unwrap(),
             Fetched::Present
         ));
         // A source whose bytes disagree with the catalog is refused.
         file.lfn = "/vo/b.dat".into();
         file.adler32 = "00000001".into();
-        match get_file(&file, &to, "xrdcp").await.unwrap() {
+        match get_file(&file, &[], &to, "xrdcp").await.unwrap() {
             Fetched::Failed { reasons } => assert!(reasons[0].contains("adler32"), "{reasons:?}"),
             _ => panic!("a corrupt source was accepted"),
         }

@@ -468,14 +468,14 @@ pub async fn record_completed(
     Ok(())
 }
 
-/// Up to `page_size` files of `query` after LFN `after`, in LFN order, and
-/// whether more follow.
+/// Up to `page_size` files of `query` after LFN `after`, in LFN order, with
+/// their replicas, and whether more follow.
 pub async fn files_page(
     db: &Db,
     query: &FileQuery,
     after: &str,
     page_size: u32,
-) -> anyhow::Result<(Vec<pb::OutputFile>, bool)> {
+) -> anyhow::Result<(Vec<pb::OutputFile>, Vec<pb::FileReplicas>, bool)> {
     let limit = i64::from(page_size) + 1;
     let client = db.client().await?;
     // Each file's replicas as one JSON array: [destination, state, url, reason, attempts].
@@ -521,6 +521,14 @@ pub async fn files_page(
         }
     }?;
     let more = rows.len() as i64 > i64::from(page_size);
+    let replicas = rows
+        .iter()
+        .take(page_size as usize)
+        .map(|row| pb::FileReplicas {
+            lfn: row.get(0),
+            replicas: replicas_of(row.get(7)),
+        })
+        .collect();
     let files = rows
         .iter()
         .take(page_size as usize)
@@ -532,10 +540,9 @@ pub async fn files_page(
             metadata: domain::as_text(row.get(4)),
             production_id: row.get(5),
             job_index: row.get::<_, i64>(6) as u64,
-            replicas: replicas_of(row.get(7)),
         })
         .collect();
-    Ok((files, more))
+    Ok((files, replicas, more))
 }
 
 /// What the catalog holds for each identity, in the order asked: one
