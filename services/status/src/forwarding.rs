@@ -92,7 +92,7 @@ pub async fn attach(
             "SELECT p.production_id, d, COALESCE(f.forwarded, 0), COALESCE(f.total, 0),
                     COALESCE(f.failing, 0), COALESCE(f.held_reason, ''),
                     EXISTS (SELECT FROM forwarded x WHERE x.production_id = p.production_id)
-             FROM forward_plans p, unnest(p.destinations) WITH ORDINALITY AS u (d, n)
+             FROM forward_plans p CROSS JOIN LATERAL unnest(p.destinations) WITH ORDINALITY AS u (d, n)
              LEFT JOIN forwarding f ON f.production_id = p.production_id AND f.destination = u.d
              WHERE p.production_id = ANY($1)
              ORDER BY p.production_id, n",
