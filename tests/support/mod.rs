@@ -144,6 +144,8 @@ pub fn cta_example() -> pb::SubmitRequestRequest {
         extend: false,
         reuse_existing: false,
         priority: 0,
+        forward: Vec::new(),
+        forward_replace: false,
     }
 }
 

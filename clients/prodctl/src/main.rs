@@ -1,11 +1,13 @@
 //! prodctl — talk to a prodsys deployment from a terminal.
 //!
 //! `prodctl submit FILE [--watch]`, `prodctl request ID`, `prodctl status ID`,
-//! `prodctl files [ID] [--where 'nsb=5' ...]`, `prodctl health`, `prodctl dlq
+//! `prodctl files [ID] [--where 'nsb=5' ...]`, `prodctl get ID [--to DIR]
+//! [--metadata k=v ...]`, `prodctl health`, `prodctl dlq
 //! list|show|replay|drop SERVICE` (dead letters, over AMQP). Exit code 0 on success; 1 when the
 //! request is refused or the production does not complete; 2 on usage errors.
 
 mod dlq;
+mod get;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -129,6 +131,22 @@ enum Command {
         #[arg(long)]
         metadata: bool,
     },
+    /// Download a production's outputs from the best replica (a local file,
+    /// then root://), checking size and adler32; files already present and
+    /// correct are skipped, so running it again resumes.
+    Get {
+        production_id: String,
+        /// Where the files go, each at its LFN below it.
+        #[arg(long, default_value = ".")]
+        to: PathBuf,
+        /// Only files whose metadata matches: `key=value` (or any condition
+        /// `files --where` takes). Repeat for several (all must hold).
+        #[arg(long = "metadata", value_name = "CONDITION")]
+        conditions: Vec<String>,
+        /// The XRootD copy command for root:// replicas.
+        #[arg(long, env = "PRODSYS_XRDCP", default_value = "xrdcp")]
+        xrdcp: String,
+    },
     /// Exit 0 when every service answers SERVING.
     Health,
     /// Dead letters of a service: list, show, replay or drop them (over AMQP).
@@ -203,6 +221,12 @@ struct RequestFile {
     /// Dispatch priority among productions waiting for the same installation (higher first).
     #[serde(default)]
     priority: i32,
+    /// Forwarding destinations besides the profile's defaults.
+    #[serde(default)]
+    forward: Vec<String>,
+    /// `forward` replaces the profile's defaults.
+    #[serde(default)]
+    forward_replace: bool,
     parameters: serde_json::Value,
 }
 
@@ -222,6 +246,8 @@ impl RequestFile {
             extend: r.extend,
             reuse_existing: r.reuse_existing,
             priority: r.priority,
+            forward: r.forward,
+            forward_replace: r.forward_replace,
         })
     }
 }
@@ -238,7 +264,7 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn connect(url: &str) -> anyhow::Result<Channel> {
+pub(crate) async fn connect(url: &str) -> anyhow::Result<Channel> {
     Channel::from_shared(url.to_string())
         .with_context(|| format!("invalid URL {url}"))?
         .connect_timeout(Duration::from_secs(5))
@@ -248,7 +274,7 @@ async fn connect(url: &str) -> anyhow::Result<Channel> {
 }
 
 /// A gRPC error as a person reads it, with each field violation on its own line.
-fn explain(status: &tonic::Status) -> String {
+pub(crate) fn explain(status: &tonic::Status) -> String {
     let mut text = format!("{:?}: {}", status.code(), status.message());
     if let Some(bad) = status.get_details_bad_request() {
         text = format!("{:?}: the request was refused", status.code());
@@ -346,6 +372,30 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let count = stream_files(&cli.catalog, query, metadata).await?;
             eprintln!("{count} file(s)");
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Get {
+            ref production_id,
+            ref to,
+            ref conditions,
+            ref xrdcp,
+        } => {
+            let conditions = match conditions
+                .iter()
+                .map(|c| parse_condition(c))
+                .collect::<Result<Vec<_>, _>>()
+            {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("prodctl get: {e}");
+                    return Ok(ExitCode::from(2));
+                }
+            };
+            let query = pb::FindFilesRequest {
+                production_id: production_id.clone(),
+                conditions,
+                ..Default::default()
+            };
+            get::run(&cli.catalog, query, to, xrdcp).await
         }
         Command::Health => health(&cli).await,
         Command::Dlq {
@@ -621,8 +671,23 @@ fn progress_line(p: &pb::Production) -> String {
     } else {
         format!(" — {}", p.held_reason)
     };
+    let forwarding: String = p
+        .forwarding
+        .iter()
+        .map(|d| {
+            format!(
+                ", forwarded to {} {}/{}",
+                d.destination, d.forwarded, d.total
+            )
+        })
+        .collect();
+    let finished = if p.finished && !p.forwarding.is_empty() {
+        ", outputs in place"
+    } else {
+        ""
+    };
     format!(
-        "{} {:?} jobs {}: created {} submitted {} queued {} running {} done {} failed {} exhausted {} cancelled {}{held}",
+        "{} {:?} jobs {}: created {} submitted {} queued {} running {} done {} failed {} exhausted {} cancelled {}{forwarding}{finished}{held}",
         p.production_id,
         p.state(),
         p.job_total,

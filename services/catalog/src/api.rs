@@ -77,7 +77,7 @@ impl CatalogApi {
         after: &str,
         page_size: u32,
     ) -> Result<pb::FindFilesResponse> {
-        let (files, more) = store::files_page(&self.db, query, after, page_size).await?;
+        let (files, replicas, more) = store::files_page(&self.db, query, after, page_size).await?;
         let next_page_token = if more {
             files.last().map(|f| f.lfn.clone()).unwrap_or_default()
         } else {
@@ -86,6 +86,7 @@ impl CatalogApi {
         Ok(pb::FindFilesResponse {
             files,
             next_page_token,
+            replicas,
         })
     }
 
@@ -124,8 +125,10 @@ impl CatalogApi {
         let tx = client.transaction().await?;
         let with_attempt: Vec<(u32, pb::OutputFile)> = files.into_iter().map(|f| (0, f)).collect();
         let registered = store::register_files(&tx, &self.types, &with_attempt).await?;
+        let forwarding: Vec<&str> = registered.forwarding.iter().map(String::as_str).collect();
+        store::forwarding_changed(&tx, &forwarding).await?;
         tx.commit().await?;
-        Ok(registered)
+        Ok(registered.added)
     }
 
     async fn record(&self, production_id: String) -> Result<pb::ProductionRecord> {

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use prodsys_core::ProductionState;
-use prodsys_core::events::{JOB_OUTPUT, PRODUCTION_COMPLETED};
+use prodsys_core::events::{JOB_OUTPUT, PRODUCTION_COMPLETED, REQUEST_ACCEPTED};
 use prodsys_db::Db;
 use prodsys_messaging::{BatchHandler, HandlerError, Incoming, Outcome};
 use prodsys_proto as pb;
@@ -24,6 +24,7 @@ pub struct Registrar {
 enum Record {
     Output(pb::JobOutput),
     Completed(pb::ProductionCompleted),
+    Accepted(pb::RequestAccepted),
 }
 
 impl Registrar {
@@ -36,6 +37,7 @@ impl Registrar {
                 PRODUCTION_COMPLETED => {
                     decode_event(incoming).map(|(id, m)| (id, Record::Completed(m)))
                 }
+                REQUEST_ACCEPTED => decode_event(incoming).map(|(id, m)| (id, Record::Accepted(m))),
                 other => Err(format!("catalog does not handle {other:?}")),
             };
             match decoded {
@@ -52,6 +54,7 @@ impl Registrar {
         let mut fresh = prodsys_db::claim(&tx, &ids).await?;
         let mut files = Vec::new();
         let mut completed = Vec::new();
+        let mut plans = Vec::new();
         for (id, record) in records {
             // Taken once: the same event twice in one batch takes effect once.
             if !fresh.remove(&id) {
@@ -62,15 +65,34 @@ impl Registrar {
                     files.extend(output.files.into_iter().map(|f| (output.attempt, f)))
                 }
                 Record::Completed(c) => completed.push(c),
+                Record::Accepted(a) if !a.forward.is_empty() => plans.push(a),
+                Record::Accepted(_) => {}
             }
         }
-        store::register_files(&tx, &self.types, &files).await?;
-        for c in completed {
+        // The forwarding locks first, all at once and in order.
+        let registering: Vec<&str> = files
+            .iter()
+            .map(|(_, f)| f.production_id.as_str())
+            .collect();
+        let planning: Vec<&str> = plans.iter().map(|a| a.production_id.as_str()).collect();
+        store::lock_forwarding(&tx, &registering, &planning).await?;
+        for a in &plans {
+            store::plan_forwarding(&tx, &a.production_id, &a.forward).await?;
+            tracing::info!(production_id = %a.production_id, destinations = ?a.forward, "forwarding planned");
+        }
+        let registered = store::register_files(&tx, &self.types, &files).await?;
+        let mut changed: Vec<&str> = registered.forwarding.iter().map(String::as_str).collect();
+        for c in &completed {
             let state =
                 ProductionState::from_proto(c.state).map_or("UNKNOWN", ProductionState::as_str);
             store::record_completed(&tx, &c.production_id, state).await?;
             tracing::info!(production_id = %c.production_id, %state, "production record written");
+            // Its forwarding may now be finished.
+            changed.push(&c.production_id);
         }
+        changed.sort_unstable();
+        changed.dedup();
+        store::forwarding_changed(&tx, &changed).await?;
         tx.commit().await?;
         Ok(outcomes)
     }

@@ -390,9 +390,79 @@ pub fn as_text(metadata: Value) -> HashMap<String, String> {
     }
 }
 
+/// A replica state as stored, in the API's words.
+pub fn replica_state(state: &str) -> prodsys_proto::ReplicaState {
+    use prodsys_proto::ReplicaState as S;
+    match state {
+        "pending" => S::Pending,
+        "copying" => S::Copying,
+        "verified" => S::Verified,
+        "failed" => S::Failed,
+        _ => S::Unspecified,
+    }
+}
+
+/// The PostgreSQL advisory lock key that orders a production's forwarding
+/// plan and its registrations (FNV-1a, stable across processes).
+pub fn forwarding_lock_key(production_id: &str) -> i64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in format!("prodsys.catalog.forward.{production_id}").bytes() {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    hash as i64
+}
+
+/// How long a replica waits after its `attempts`-th failed copy: the
+/// workspace's backoff (doubling from `min` up to `max`, with jitter).
+pub fn retry_wait(
+    attempts: u32,
+    min: std::time::Duration,
+    max: std::time::Duration,
+) -> std::time::Duration {
+    let mut backoff = prodsys_messaging::Backoff::new(min, max);
+    let mut wait = backoff.next_wait();
+    for _ in 1..attempts.clamp(1, 32) {
+        wait = backoff.next_wait();
+    }
+    wait
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retries_wait_longer_each_time_up_to_the_cap() {
+        let min = std::time::Duration::from_millis(100);
+        let max = std::time::Duration::from_millis(1600);
+        let first = retry_wait(1, min, max);
+        assert!(first >= min / 2 && first <= min, "{first:?}");
+        let fourth = retry_wait(4, min, max);
+        assert!(fourth >= min * 4 && fourth <= min * 8, "{fourth:?}");
+        let late = retry_wait(1000, min, max);
+        assert!(late >= max / 2 && late <= max, "{late:?}");
+    }
+
+    #[test]
+    fn replica_states_and_lock_keys() {
+        assert_eq!(
+            replica_state("verified"),
+            prodsys_proto::ReplicaState::Verified
+        );
+        assert_eq!(
+            replica_state("nonsense"),
+            prodsys_proto::ReplicaState::Unspecified
+        );
+        assert_eq!(
+            forwarding_lock_key("CTA-000001"),
+            forwarding_lock_key("CTA-000001")
+        );
+        assert_ne!(
+            forwarding_lock_key("CTA-000001"),
+            forwarding_lock_key("CTA-000002")
+        );
+    }
 
     fn types() -> KeyTypes {
         KeyTypes(BTreeMap::from([

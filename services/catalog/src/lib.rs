@@ -7,22 +7,28 @@
 //! a production and a dataset; `FindExisting(Many)` tells the checker what is
 //! held of an identity, which keys files lack or differ in, and the last run.
 
+//! It forwards each production's files to the destinations it asked for
+//! (`forward`: copies verified by adler32 on the destination, replicas in
+//! FindFiles, `forwarding.progress` and `production.forwarded` events).
 //!
 //! `api` answers gRPC, `consume` handles the broker's deliveries, `domain`
 //! decides, `store` holds every SQL statement, `error` maps failures onto
-//! gRPC codes and consumer outcomes once.
+//! gRPC codes and consumer outcomes once; `forward` drives the copies and
+//! `destination` knows each kind of destination.
 
 pub mod api;
 pub mod consume;
+pub mod destination;
 pub mod domain;
 pub mod error;
+pub mod forward;
 pub mod store;
 
 use std::sync::Arc;
 
 use anyhow::Context;
 use prodsys_core::ProfileSet;
-use prodsys_core::events::{JOB_OUTPUT, PRODUCTION_COMPLETED};
+use prodsys_core::events::{JOB_OUTPUT, PRODUCTION_COMPLETED, REQUEST_ACCEPTED};
 use prodsys_db::Migration;
 use prodsys_proto as pb;
 use prodsys_server::{Foundation, Running};
@@ -36,6 +42,7 @@ pub const MIGRATIONS: &[Migration] = prodsys_db::migrations![
     "0001_files_and_production_records.sql",
     "0002_running_totals_per_production.sql",
     "0020_numeric_metadata_as_numbers.sql",
+    "0100_forwarding.sql",
 ];
 
 /// Consumers of the catalog's queue: registrations commute (running totals,
@@ -55,7 +62,7 @@ pub async fn start(
         settings,
         SERVICE,
         MIGRATIONS,
-        &[JOB_OUTPUT, PRODUCTION_COMPLETED],
+        &[JOB_OUTPUT, PRODUCTION_COMPLETED, REQUEST_ACCEPTED],
         &[],
         &shutdown,
     )
@@ -75,6 +82,13 @@ pub async fn start(
         CONSUMERS,
         &shutdown,
     );
+    if let Some(forwarder) = forward::Forwarder::new(foundation.db.clone(), &settings.forwarding)? {
+        tracing::info!(
+            destinations = ?settings.forwarding.destinations.keys().collect::<Vec<_>>(),
+            "forwarding outputs"
+        );
+        forwarder.spawn(shutdown.clone());
+    }
     let max = settings.grpc.max_message_bytes;
     let (routes, reporter) = prodsys_server::base_routes()?;
     let routes = prodsys_server::with_metrics(routes);

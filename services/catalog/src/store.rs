@@ -7,21 +7,378 @@ use prodsys_proto as pb;
 
 use crate::domain::{self, ExistingColumns, FileQuery, KeyTypes};
 
+/// The replicas of a file as `files_page` aggregates them.
+fn replicas_of(json: serde_json::Value) -> Vec<pb::Replica> {
+    let serde_json::Value::Array(rows) = json else {
+        return Vec::new();
+    };
+    rows.iter()
+        .map(|r| {
+            let text = |i: usize| r[i].as_str().unwrap_or_default().to_string();
+            pb::Replica {
+                destination: text(0),
+                state: domain::replica_state(&text(1)) as i32,
+                url: text(2),
+                reason: text(3),
+                attempts: r[4].as_u64().unwrap_or_default() as u32,
+            }
+        })
+        .collect()
+}
+
+/// Takes the per-production forwarding locks a transaction needs before
+/// it adds files or forwarding plans: shared for registrations (they
+/// commute), exclusive for a plan, in one order so no two transactions wait
+/// on each other. A plan and the files of its production are thus never
+/// written side by side unseen: whichever commits second sees the other's
+/// rows and adds their replicas.
+pub async fn lock_forwarding(
+    tx: &Transaction<'_>,
+    registering: &[&str],
+    planning: &[&str],
+) -> anyhow::Result<()> {
+    let mut keys: Vec<(i64, bool)> = planning
+        .iter()
+        .map(|p| (domain::forwarding_lock_key(p), true))
+        .chain(
+            registering
+                .iter()
+                .map(|p| (domain::forwarding_lock_key(p), false)),
+        )
+        .collect();
+    // Exclusive before shared for one key, then each key once.
+    keys.sort_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
+    keys.dedup_by_key(|k| k.0);
+    if keys.is_empty() {
+        return Ok(());
+    }
+    let exclusive: Vec<i64> = keys.iter().filter(|k| k.1).map(|k| k.0).collect();
+    let shared: Vec<i64> = keys.iter().filter(|k| !k.1).map(|k| k.0).collect();
+    tx.execute_cached(
+        "SELECT count(*) FROM (
+             SELECT CASE WHEN k = ANY($1) THEN pg_advisory_xact_lock(k)
+                         ELSE pg_advisory_xact_lock_shared(k) END
+             FROM (SELECT DISTINCT unnest($1::bigint[] || $2::bigint[]) AS k ORDER BY k) AS keys
+         ) AS locked",
+        &[&exclusive, &shared],
+    )
+    .await
+    .context("taking forwarding locks")?;
+    Ok(())
+}
+
+/// Records where a production's outputs go, and a pending replica on each
+/// destination for every file it already has; the forwarders are woken.
+pub async fn plan_forwarding(
+    tx: &Transaction<'_>,
+    production_id: &str,
+    destinations: &[String],
+) -> anyhow::Result<()> {
+    if destinations.is_empty() {
+        return Ok(());
+    }
+    tx.execute_cached(
+        "INSERT INTO forwarding (production_id, destinations) VALUES ($1, $2)
+         ON CONFLICT (production_id) DO NOTHING",
+        &[&production_id, &destinations],
+    )
+    .await
+    .context("recording the forwarding plan")?;
+    tx.execute_cached(
+        "INSERT INTO replicas (lfn, destination, production_id)
+         SELECT f.lfn, d, f.production_id FROM files f, unnest($2::text[]) AS d
+         WHERE f.production_id = $1
+         ON CONFLICT DO NOTHING",
+        &[&production_id, &destinations],
+    )
+    .await
+    .context("adding replicas of files registered before the plan")?;
+    wake_forwarders(tx).await
+}
+
+/// The NOTIFY channel that wakes forwarders when replicas are due.
+pub fn forward_channel(db: &Db) -> String {
+    format!("{}_forward", db.schema())
+}
+
+async fn wake_forwarders(tx: &Transaction<'_>) -> anyhow::Result<()> {
+    tx.execute_cached("SELECT pg_notify(current_schema() || '_forward', '')", &[])
+        .await?;
+    Ok(())
+}
+
+/// Marks the forwarding progress of `productions` as changed (it is
+/// announced, and its end checked, by the next sweep).
+pub async fn forwarding_changed(tx: &Transaction<'_>, productions: &[&str]) -> anyhow::Result<()> {
+    if productions.is_empty() {
+        return Ok(());
+    }
+    tx.execute_cached(
+        "UPDATE forwarding f SET progress_dirty = true
+         FROM (SELECT production_id FROM forwarding
+               WHERE production_id = ANY($1) AND finished_at IS NULL
+               ORDER BY production_id FOR UPDATE) AS o
+         WHERE f.production_id = o.production_id",
+        &[&productions],
+    )
+    .await
+    .context("marking forwarding progress")?;
+    Ok(())
+}
+
+/// A replica claimed for copying: the file and where it goes.
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    pub lfn: String,
+    pub destination: String,
+    pub production_id: String,
+    pub size: u64,
+    pub adler32: String,
+    pub source_url: String,
+    /// Copies tried before this one (a resumed or retried copy checks the
+    /// destination first).
+    pub attempts: u32,
+}
+
+/// Claims up to `limit` due replicas for `claimer` until `ttl` from now;
+/// other catalog processes skip them (and take them over only when the
+/// claim runs out unrenewed).
+pub async fn claim_replicas(
+    db: &Db,
+    claimer: uuid::Uuid,
+    limit: i64,
+    ttl: std::time::Duration,
+) -> anyhow::Result<Vec<Claimed>> {
+    let mut client = db.client().await?;
+    let tx = client.transaction().await?;
+    let ttl_ms = ttl.as_millis() as f64;
+    let rows = tx
+        .query_cached(
+            "WITH due AS (
+                 SELECT lfn, destination FROM replicas
+                 WHERE state <> 'verified' AND next_try_at <= now()
+                 ORDER BY next_try_at LIMIT $1 FOR UPDATE SKIP LOCKED)
+             UPDATE replicas r SET state = 'copying', claimed_by = $2,
+                    next_try_at = now() + $3 * interval '1 millisecond', updated_at = now()
+             FROM due, files f
+             WHERE r.lfn = due.lfn AND r.destination = due.destination AND f.lfn = r.lfn
+             RETURNING r.lfn, r.destination, r.production_id, f.size, f.adler32, f.url, r.attempts",
+            &[&limit, &claimer, &ttl_ms],
+        )
+        .await
+        .context("claiming replicas")?;
+    tx.commit().await?;
+    Ok(rows
+        .iter()
+        .map(|row| Claimed {
+            lfn: row.get(0),
+            destination: row.get(1),
+            production_id: row.get(2),
+            size: row.get::<_, i64>(3) as u64,
+            adler32: row.get(4),
+            source_url: row.get(5),
+            attempts: row.get::<_, i32>(6) as u32,
+        })
+        .collect())
+}
+
+/// Keeps `claimer`'s claims alive for another `ttl` while it copies.
+pub async fn renew_claims(
+    db: &Db,
+    claimer: uuid::Uuid,
+    ttl: std::time::Duration,
+) -> anyhow::Result<u64> {
+    let client = db.client().await?;
+    let ttl_ms = ttl.as_millis() as f64;
+    client
+        .execute_cached(
+            "UPDATE replicas SET next_try_at = now() + $2 * interval '1 millisecond'
+             WHERE claimed_by = $1 AND state = 'copying'",
+            &[&claimer, &ttl_ms],
+        )
+        .await
+        .context("renewing claims")
+}
+
+/// How a copy ended.
+#[derive(Debug, Clone)]
+pub enum CopyResult {
+    /// On the destination at `url` with the catalogued adler32.
+    Verified { url: String },
+    /// Tried again after `retry_in`.
+    Failed {
+        reason: String,
+        retry_in: std::time::Duration,
+    },
+}
+
+/// Records the copies `claimer` made, each only if its claim is still
+/// `claimer`'s (a copy another process took over is that one's to record);
+/// marks the productions' progress as changed. Returns how many were recorded.
+pub async fn record_copies(
+    db: &Db,
+    claimer: uuid::Uuid,
+    results: &[(Claimed, CopyResult)],
+) -> anyhow::Result<u64> {
+    if results.is_empty() {
+        return Ok(0);
+    }
+    let mut lfns = Vec::with_capacity(results.len());
+    let mut destinations = Vec::with_capacity(results.len());
+    let mut states = Vec::with_capacity(results.len());
+    let mut urls = Vec::with_capacity(results.len());
+    let mut reasons = Vec::with_capacity(results.len());
+    let mut retry_ms = Vec::with_capacity(results.len());
+    for (claimed, result) in results {
+        lfns.push(claimed.lfn.as_str());
+        destinations.push(claimed.destination.as_str());
+        match result {
+            CopyResult::Verified { url } => {
+                states.push("verified");
+                urls.push(url.as_str());
+                reasons.push("");
+                retry_ms.push(0f64);
+            }
+            CopyResult::Failed { reason, retry_in } => {
+                states.push("failed");
+                urls.push("");
+                reasons.push(reason.as_str());
+                retry_ms.push(retry_in.as_millis() as f64);
+            }
+        }
+    }
+    let mut client = db.client().await?;
+    let tx = client.transaction().await?;
+    let rows = tx
+        .query_cached(
+            "UPDATE replicas r SET state = v.state, url = v.url, reason = v.reason,
+                    attempts = r.attempts + 1, claimed_by = NULL, updated_at = now(),
+                    next_try_at = now() + v.retry_ms * interval '1 millisecond',
+                    verified_at = CASE WHEN v.state = 'verified' THEN now() END
+             FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::float8[])
+                  AS v (lfn, destination, state, url, reason, retry_ms)
+             WHERE r.lfn = v.lfn AND r.destination = v.destination
+               AND r.state = 'copying' AND r.claimed_by = $7
+             RETURNING r.production_id",
+            &[
+                &lfns,
+                &destinations,
+                &states,
+                &urls,
+                &reasons,
+                &retry_ms,
+                &claimer,
+            ],
+        )
+        .await
+        .context("recording copies")?;
+    let mut productions: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+    productions.sort();
+    productions.dedup();
+    let productions: Vec<&str> = productions.iter().map(String::as_str).collect();
+    forwarding_changed(&tx, &productions).await?;
+    tx.commit().await?;
+    Ok(rows.len() as u64)
+}
+
+/// Forwarding progress of one production, destination by destination.
+pub struct Progress {
+    pub production_id: String,
+    pub destinations: Vec<pb::DestinationProgress>,
+    /// Its production record exists and every file is verified everywhere:
+    /// announced once, then the row is closed.
+    pub finished: bool,
+}
+
+/// Takes up to `limit` productions whose forwarding progress changed,
+/// reads their counts, closes those that finished, and returns what to
+/// announce, inside `tx` (the caller writes the events and commits).
+pub async fn sweep_forwarding(tx: &Transaction<'_>, limit: i64) -> anyhow::Result<Vec<Progress>> {
+    let rows = tx
+        .query_cached(
+            "SELECT f.production_id, f.destinations,
+                    EXISTS (SELECT FROM productions p WHERE p.production_id = f.production_id)
+             FROM forwarding f WHERE finished_at IS NULL AND progress_dirty
+             ORDER BY production_id LIMIT $1 FOR UPDATE SKIP LOCKED",
+            &[&limit],
+        )
+        .await
+        .context("finding changed forwarding")?;
+    let mut out = Vec::with_capacity(rows.len());
+    for row in rows {
+        let production_id: String = row.get(0);
+        let destinations: Vec<String> = row.get(1);
+        let recorded: bool = row.get(2);
+        let counts = tx
+            .query_cached(
+                "SELECT d, count(r.lfn), count(r.lfn) FILTER (WHERE r.state = 'verified'),
+                        count(r.lfn) FILTER (WHERE r.state = 'failed'),
+                        COALESCE(max(r.reason) FILTER (WHERE r.state = 'failed'), '')
+                 FROM unnest($2::text[]) WITH ORDINALITY AS u (d, n)
+                 LEFT JOIN replicas r ON r.production_id = $1 AND r.destination = u.d
+                 GROUP BY d, n ORDER BY n",
+                &[&production_id, &destinations],
+            )
+            .await
+            .context("counting replicas")?;
+        let destinations: Vec<pb::DestinationProgress> = counts
+            .iter()
+            .map(|c| pb::DestinationProgress {
+                destination: c.get(0),
+                total: c.get::<_, i64>(1) as u64,
+                forwarded: c.get::<_, i64>(2) as u64,
+                failing: c.get::<_, i64>(3) as u64,
+                held_reason: c.get(4),
+            })
+            .collect();
+        let finished = recorded && destinations.iter().all(|d| d.forwarded == d.total);
+        tx.execute_cached(
+            "UPDATE forwarding SET progress_dirty = false,
+                    finished_at = CASE WHEN $2 THEN now() END
+             WHERE production_id = $1",
+            &[&production_id, &finished],
+        )
+        .await?;
+        out.push(Progress {
+            production_id,
+            destinations,
+            finished,
+        });
+    }
+    Ok(out)
+}
+
+/// What a registration added.
+#[derive(Debug, Default)]
+pub struct Registered {
+    /// Files new to the catalog.
+    pub added: u64,
+    /// Productions (in order) whose new files got replicas to forward: the
+    /// caller marks their progress changed once it has written everything
+    /// else ([`forwarding_changed`], one call, so row locks come in order).
+    pub forwarding: Vec<String>,
+}
+
 /// Registers `files` (with the attempt that wrote them), their metadata
-/// typed as the profiles declare; returns how many were new.
+/// typed as the profiles declare, and a pending replica of each new file on
+/// each destination its production goes to.
 pub async fn register_files(
     tx: &Transaction<'_>,
     types: &KeyTypes,
     files: &[(u32, pb::OutputFile)],
-) -> anyhow::Result<u64> {
+) -> anyhow::Result<Registered> {
     if files.is_empty() {
-        return Ok(0);
+        return Ok(Registered::default());
     }
     let lfns: Vec<&str> = files.iter().map(|(_, f)| f.lfn.as_str()).collect();
     let productions: Vec<&str> = files
         .iter()
         .map(|(_, f)| f.production_id.as_str())
         .collect();
+    let mut distinct = productions.clone();
+    distinct.sort_unstable();
+    distinct.dedup();
+    lock_forwarding(tx, &distinct, &[]).await?;
     let jobs: Vec<i64> = files.iter().map(|(_, f)| f.job_index as i64).collect();
     let attempts: Vec<i32> = files.iter().map(|(a, _)| *a as i32).collect();
     let sizes: Vec<i64> = files.iter().map(|(_, f)| f.size as i64).collect();
@@ -42,7 +399,14 @@ pub async fn register_files(
                              $6::text[], $7::text[], $8::text[])
                       AS f(lfn, production_id, job_index, attempt, size, adler32, url, metadata)
                  ON CONFLICT (lfn) DO NOTHING
-                 RETURNING production_id, size),
+                 RETURNING lfn, production_id, size),
+             -- A pending replica on each destination its production goes to.
+             forwarded AS (
+                 INSERT INTO replicas (lfn, destination, production_id)
+                 SELECT a.lfn, d, a.production_id
+                 FROM added a JOIN forwarding fw USING (production_id), unnest(fw.destinations) AS d
+                 ON CONFLICT DO NOTHING
+                 RETURNING production_id),
              -- In production order: concurrent batches lock totals rows alike.
              counted AS (
                  INSERT INTO totals (production_id, file_count, total_bytes)
@@ -51,10 +415,12 @@ pub async fn register_files(
                  ON CONFLICT (production_id) DO UPDATE SET
                      file_count = totals.file_count + EXCLUDED.file_count,
                      total_bytes = totals.total_bytes + EXCLUDED.total_bytes)
-             SELECT count(*) FROM added",
+             SELECT (SELECT count(*) FROM added),
+                    (SELECT COALESCE(array_agg(DISTINCT production_id ORDER BY production_id), '{}')
+                     FROM forwarded)",
         )
         .await?;
-    let added: i64 = tx
+    let row = tx
         .query_one(
             &stmt,
             &[
@@ -69,10 +435,17 @@ pub async fn register_files(
             ],
         )
         .await
-        .context("registering files")?
-        .get(0);
+        .context("registering files")?;
+    let added: i64 = row.get(0);
+    let forwarding: Vec<String> = row.get(1);
     tracing::debug!(files = files.len(), added, "files registered");
-    Ok(added as u64)
+    if !forwarding.is_empty() {
+        wake_forwarders(tx).await?;
+    }
+    Ok(Registered {
+        added: added as u64,
+        forwarding,
+    })
 }
 
 /// Writes the record of a finished production (once) with its running totals.
@@ -92,17 +465,23 @@ pub async fn record_completed(
     Ok(())
 }
 
-/// Up to `page_size` files of `query` after LFN `after`, in LFN order, and
-/// whether more follow.
+/// Up to `page_size` files of `query` after LFN `after`, in LFN order, with
+/// their replicas, and whether more follow.
 pub async fn files_page(
     db: &Db,
     query: &FileQuery,
     after: &str,
     page_size: u32,
-) -> anyhow::Result<(Vec<pb::OutputFile>, bool)> {
+) -> anyhow::Result<(Vec<pb::OutputFile>, Vec<pb::FileReplicas>, bool)> {
     let limit = i64::from(page_size) + 1;
     let client = db.client().await?;
-    let select = "SELECT lfn, size, adler32, url, metadata, production_id, job_index FROM files
+    // Each file's replicas as one JSON array: [destination, state, url, reason, attempts].
+    let select = "SELECT lfn, size, adler32, url, metadata, production_id, job_index,
+                         (SELECT COALESCE(jsonb_agg(jsonb_build_array(r.destination, r.state, r.url,
+                                                                      r.reason, r.attempts)
+                                                    ORDER BY r.destination), '[]')
+                          FROM replicas r WHERE r.lfn = files.lfn)
+                  FROM files
                   WHERE ($1 = '' OR production_id = $1) AND metadata @> $2
                     AND lfn >= $3 AND starts_with(lfn, $3) AND lfn > $4";
     let rows = match &query.path {
@@ -139,6 +518,14 @@ pub async fn files_page(
         }
     }?;
     let more = rows.len() as i64 > i64::from(page_size);
+    let replicas = rows
+        .iter()
+        .take(page_size as usize)
+        .map(|row| pb::FileReplicas {
+            lfn: row.get(0),
+            replicas: replicas_of(row.get(7)),
+        })
+        .collect();
     let files = rows
         .iter()
         .take(page_size as usize)
@@ -152,7 +539,7 @@ pub async fn files_page(
             job_index: row.get::<_, i64>(6) as u64,
         })
         .collect();
-    Ok((files, more))
+    Ok((files, replicas, more))
 }
 
 /// What the catalog holds for each identity, in the order asked: one

@@ -99,6 +99,8 @@ impl CheckerApi {
             parameters_json: &r.parameters_json,
             extend: r.extend,
             reuse_existing: r.reuse_existing,
+            forward: &r.forward,
+            forward_replace: r.forward_replace,
         };
         let names = domain::template_names([r.parameters_json.as_str()]);
         let recorded = store::recorded_templates(&self.db, &names).await?;

@@ -34,6 +34,8 @@ fn candidate(r: &pb::RequestReceived) -> Candidate<'_> {
         parameters_json: &r.parameters_json,
         extend: r.extend,
         reuse_existing: r.reuse_existing,
+        forward: &r.forward,
+        forward_replace: r.forward_replace,
     }
 }
 
@@ -172,6 +174,7 @@ impl Checker {
                         run_number_offset: 0,
                         correlation_id: request.correlation_id.clone(),
                         priority: request.priority,
+                        forward: Vec::new(),
                     };
                     events.push(outbox_event(REQUEST_REUSED, &existing, &event));
                 }
@@ -197,6 +200,16 @@ impl Checker {
                         extends = validation.overlaps.len(), "request accepted");
                     let parameters_json = accepted.parameters.to_string();
                     let run_number_offset = accepted.run_number_offset as u64;
+                    // Checked in `prepare`: an unknown destination refused the request.
+                    let forward = accepted
+                        .profile
+                        .destinations(
+                            &accepted.parameters,
+                            &request.forward,
+                            request.forward_replace,
+                            &self.rules.destinations,
+                        )
+                        .unwrap_or_default();
                     if let Some(template) = domain::derived_template(&accepted.parameters) {
                         derived.push((template, request.profile.clone(), production_id.clone()));
                     }
@@ -222,6 +235,7 @@ impl Checker {
                         run_number_offset,
                         correlation_id: request.correlation_id.clone(),
                         priority: request.priority,
+                        forward,
                     };
                     events.push(outbox_event(REQUEST_ACCEPTED, &production_id, &event));
                 }

@@ -37,6 +37,10 @@ pub struct Candidate<'a> {
     pub parameters_json: &'a str,
     pub extend: bool,
     pub reuse_existing: bool,
+    /// Forwarding destinations the request names, added to the profile's
+    /// defaults or (with `forward_replace`) instead of them.
+    pub forward: &'a [String],
+    pub forward_replace: bool,
 }
 
 /// An overlap with another production.
@@ -224,6 +228,8 @@ pub struct Rules {
     pub profiles: Arc<ProfileSet>,
     /// The WMS installations a request may choose.
     pub installations: Vec<String>,
+    /// The forwarding destinations a request may name (none: nothing is forwarded).
+    pub destinations: Vec<String>,
     /// The deployment's ceiling on one production's jobs.
     pub max_jobs: u64,
 }
@@ -261,6 +267,14 @@ impl Rules {
                             };
                         }
                     };
+                if let Err(unknown) = profile.destinations(
+                    &parameters,
+                    candidate.forward,
+                    candidate.forward_replace,
+                    &self.destinations,
+                ) {
+                    validation.violations.extend(unknown);
+                }
                 validation.fingerprint = profile.fingerprint(&parameters);
                 let base = profile.base_fingerprint(&parameters);
                 Prepared {
@@ -703,6 +717,7 @@ mod tests {
         Rules {
             profiles: Arc::new(ProfileSet::load_dir(&dir).expect("the shipped profiles")),
             installations: vec!["local".into(), "slurm-local".into()],
+            destinations: Vec::new(),
             max_jobs: 1_000_000,
         }
     }
@@ -727,6 +742,8 @@ mod tests {
             parameters_json,
             extend: false,
             reuse_existing: false,
+            forward: &[],
+            forward_replace: false,
         }
     }
 
@@ -937,6 +954,7 @@ mod tests {
         let rules = Rules {
             profiles: Arc::new(profiles),
             installations: vec!["local".into()],
+            destinations: Vec::new(),
             max_jobs: 1_000_000,
         };
         let example: serde_json::Value = serde_json::from_str(
@@ -957,6 +975,8 @@ mod tests {
             parameters_json: json,
             extend: false,
             reuse_existing: false,
+            forward: &[],
+            forward_replace: false,
         };
         let recorded = Recorded::new();
         let mut prepared: Vec<Prepared<'_>> = [("a", &a), ("b", &b), ("c", &c)]

@@ -75,6 +75,7 @@ pub async fn start(
     let rules = Arc::new(domain::Rules {
         profiles,
         installations: settings.dispatcher.installations().into_keys().collect(),
+        destinations: settings.forwarding.destinations.keys().cloned().collect(),
         max_jobs: settings.dispatcher.max_jobs_per_production,
     });
     foundation.consume(

@@ -38,6 +38,7 @@ impl RequestApi {
                 submitter: &request.submitter,
                 priority: request.priority,
                 idempotency_key: &request.idempotency_key,
+                forward: &request.forward,
             },
         )
         .map_err(IntakeError::Invalid)?;
@@ -54,6 +55,8 @@ impl RequestApi {
             extend: request.extend,
             reuse_existing: request.reuse_existing,
             priority: request.priority,
+            forward: request.forward,
+            forward_replace: request.forward_replace,
         };
         let Stored {
             request_id,

@@ -63,6 +63,8 @@ impl IntakeConsumer {
             extend: s.data.extend,
             reuse_existing: s.data.reuse_existing,
             priority: s.data.priority,
+            forward: &s.data.forward,
+            forward_replace: s.data.forward_replace,
             correlation_id: Some(&s.event_id),
             reply_to: s.reply_to.as_deref(),
             violations: &s.violations,

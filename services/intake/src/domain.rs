@@ -29,6 +29,28 @@ pub fn check_priority(priority: i32, violations: &mut Vec<Violation>) {
     }
 }
 
+/// Most destinations a request may name in `forward`.
+pub const MAX_FORWARD: usize = 16;
+
+pub fn check_forward(forward: &[String], violations: &mut Vec<Violation>) {
+    if forward.len() > MAX_FORWARD {
+        violations.push(Violation::new(
+            "forward",
+            format!(
+                "names {} destinations, more than {MAX_FORWARD}",
+                forward.len()
+            ),
+        ));
+    }
+    for (i, name) in forward.iter().enumerate() {
+        if name.is_empty() {
+            violations.push(Violation::new(format!("forward[{i}]"), "is empty"));
+        } else {
+            check_name(&format!("forward[{i}]"), name, violations);
+        }
+    }
+}
+
 pub fn check_name(field: &str, value: &str, violations: &mut Vec<Violation>) {
     if value.len() > MAX_NAME {
         violations.push(Violation::new(
@@ -64,6 +86,7 @@ pub struct Proposal<'a> {
     pub submitter: &'a str,
     pub priority: i32,
     pub idempotency_key: &'a str,
+    pub forward: &'a [String],
 }
 
 /// Checks a submitted request against its profile and the API's rules;
@@ -74,6 +97,7 @@ pub fn check_proposal(profiles: &ProfileSet, p: &Proposal<'_>) -> Result<Value, 
     check_name("backend", p.backend, &mut violations);
     check_name("submitter", p.submitter, &mut violations);
     check_priority(p.priority, &mut violations);
+    check_forward(p.forward, &mut violations);
     if p.idempotency_key.len() > MAX_NAME {
         violations.push(Violation::new(
             "idempotency_key",
@@ -113,6 +137,8 @@ pub struct Submission {
     pub extend: bool,
     pub reuse_existing: bool,
     pub priority: i32,
+    pub forward: Vec<String>,
+    pub forward_replace: bool,
 }
 
 /// What a stored (or replayed) submission is answered with.
@@ -135,6 +161,8 @@ pub struct NewRequest<'a> {
     pub extend: bool,
     pub reuse_existing: bool,
     pub priority: i32,
+    pub forward: &'a [String],
+    pub forward_replace: bool,
     pub correlation_id: Option<&'a str>,
     pub reply_to: Option<&'a str>,
     /// Refused at the door: stored as REJECTED with these reasons.
@@ -155,6 +183,8 @@ impl<'a> NewRequest<'a> {
             extend: s.extend,
             reuse_existing: s.reuse_existing,
             priority: s.priority,
+            forward: &s.forward,
+            forward_replace: s.forward_replace,
             correlation_id: None,
             reply_to: None,
             violations: &[],
@@ -299,10 +329,12 @@ mod tests {
             submitter: "",
             priority: 0,
             idempotency_key: &"k".repeat(MAX_NAME + 1),
+            forward: &["".into(), "a b".into()],
         };
         let found = check_proposal(&profiles, &p).expect_err("unknown profile");
         let found = fields(&found);
         assert!(found.contains(&"backend") && found.contains(&"idempotency_key"));
+        assert!(found.contains(&"forward[0]") && found.contains(&"forward[1]"));
         assert!(found.len() >= 3, "{found:?}: the profile is unknown too");
     }
 
@@ -335,6 +367,8 @@ mod tests {
             extend: false,
             reuse_existing: false,
             priority: 0,
+            forward: Vec::new(),
+            forward_replace: false,
         }
     }
 

@@ -40,6 +40,12 @@ pub struct SubmitData {
     /// Dispatch priority (higher first), -1000..1000.
     #[serde(default)]
     pub priority: i32,
+    /// Forwarding destinations besides (or, with `forward_replace`, instead
+    /// of) the profile's defaults.
+    #[serde(default)]
+    pub forward: Vec<String>,
+    #[serde(default)]
+    pub forward_replace: bool,
 }
 
 /// A submit event that is a request (though its parameters may still be wrong).
@@ -144,6 +150,7 @@ pub fn parse(incoming: &Incoming, profiles: &ProfileSet) -> Result<Submission, S
     crate::domain::check_name("backend", &data.backend, &mut violations);
     crate::domain::check_name("submitter", &data.submitter, &mut violations);
     crate::domain::check_priority(data.priority, &mut violations);
+    crate::domain::check_forward(&data.forward, &mut violations);
     Ok(Submission {
         event_id: id,
         source,

@@ -39,6 +39,7 @@ pub const MIGRATIONS: &[Migration] = prodsys_db::migrations![
     "0004_reuse_of_existing_productions.sql",
     "0005_dispatch_priority.sql",
     "0006_room_for_the_verdict.sql",
+    "0100_forwarding_destinations.sql",
 ];
 
 /// Most submissions in one group commit.

@@ -118,6 +118,8 @@ struct KeylessRequests<'a> {
     extend: Vec<bool>,
     reuse_existing: Vec<bool>,
     priorities: Vec<i32>,
+    forward: Vec<String>,
+    forward_replace: Vec<bool>,
 }
 
 impl<'a> KeylessRequests<'a> {
@@ -131,6 +133,10 @@ impl<'a> KeylessRequests<'a> {
         self.extend.push(r.extend);
         self.reuse_existing.push(r.reuse_existing);
         self.priorities.push(r.priority);
+        // As a text array literal: unnest cannot take an array of arrays of
+        // different lengths.
+        self.forward.push(text_array(r.forward));
+        self.forward_replace.push(r.forward_replace);
     }
 
     async fn insert(&self, tx: &Transaction<'_>) -> anyhow::Result<()> {
@@ -139,10 +145,12 @@ impl<'a> KeylessRequests<'a> {
         }
         tx.execute_cached(
             "INSERT INTO requests (request_id, profile, vo, parameters, backend, submitter,
-                                   extend, reuse_existing, priority, state)
-             SELECT *, 'RECEIVED' FROM unnest($1::uuid[], $2::text[], $3::text[], $4::jsonb[],
-                                              $5::text[], $6::text[], $7::bool[], $8::bool[],
-                                              $9::int4[])",
+                                   extend, reuse_existing, priority, forward, forward_replace,
+                                   state)
+             SELECT i, p, v, params, b, s, e, r, pr, f::text[], fr, 'RECEIVED'
+             FROM unnest($1::uuid[], $2::text[], $3::text[], $4::jsonb[], $5::text[], $6::text[],
+                         $7::bool[], $8::bool[], $9::int4[], $10::text[], $11::bool[])
+                  AS u (i, p, v, params, b, s, e, r, pr, f, fr)",
             &[
                 &self.ids,
                 &self.profiles,
@@ -153,6 +161,8 @@ impl<'a> KeylessRequests<'a> {
                 &self.extend,
                 &self.reuse_existing,
                 &self.priorities,
+                &self.forward,
+                &self.forward_replace,
             ],
         )
         .await
@@ -168,8 +178,8 @@ pub async fn insert_request(tx: &Transaction<'_>, r: &NewRequest<'_>) -> anyhow:
         .query_opt_cached(
             "INSERT INTO requests (request_id, idempotency_key, profile, vo, parameters, backend, submitter,
                                    extend, correlation_id, reply_to, state, violations, reuse_existing,
-                                   priority)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
+                                   priority, forward, forward_replace)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)
              ON CONFLICT (idempotency_key) DO NOTHING RETURNING request_id",
             &[
                 &r.request_id,
@@ -186,6 +196,8 @@ pub async fn insert_request(tx: &Transaction<'_>, r: &NewRequest<'_>) -> anyhow:
                 &serde_json::to_value(r.violations)?,
                 &r.reuse_existing,
                 &r.priority,
+                &r.forward,
+                &r.forward_replace,
             ],
         )
         .await
@@ -313,6 +325,8 @@ pub fn received_event(r: &NewRequest<'_>) -> OutboxEvent {
         extend: r.extend,
         reuse_existing: r.reuse_existing,
         priority: r.priority,
+        forward: r.forward.to_vec(),
+        forward_replace: r.forward_replace,
     };
     outbox_event(REQUEST_RECEIVED, &r.request_id.to_string(), &event)
 }
@@ -343,4 +357,13 @@ pub fn reply(
         reply_to: Some(reply_to.to_string()),
         content_type: "application/json".into(),
     })
+}
+
+/// `names` as a PostgreSQL array literal (`{"a","b"}`).
+fn text_array(names: &[String]) -> String {
+    let quoted: Vec<String> = names
+        .iter()
+        .map(|n| format!("\"{}\"", n.replace('\\', "\\\\").replace('"', "\\\"")))
+        .collect();
+    format!("{{{}}}", quoted.join(","))
 }

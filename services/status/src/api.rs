@@ -14,6 +14,7 @@ use tonic::{Request, Response, Status};
 
 use crate::domain::{self, Production};
 use crate::error::{Result, StatusError};
+use crate::forwarding;
 use crate::store::{self, ListFilter};
 
 #[derive(Clone)]
@@ -45,6 +46,9 @@ pub fn production(p: Production) -> pb::Production {
             <pb::ResourceEstimate as prost::Message>::decode(bytes.as_slice()).ok()
         }),
         held_reason: p.held_reason,
+        // Filled by `forwarding::attach`.
+        forwarding: Vec::new(),
+        finished: false,
     }
 }
 
@@ -62,9 +66,12 @@ impl StatusApi {
             .ok_or_else(|| StatusError::NotFound(format!("no production {production_id}")))
     }
 
-    /// The production's snapshot as the API shows it.
+    /// The production's snapshot as the API shows it, with its forwarding.
     pub async fn snapshot(&self, production_id: &str) -> Result<pb::Production> {
-        self.current(production_id).await.map(production)
+        let mut snapshot = production(self.current(production_id).await?);
+        let client = self.db.client().await?;
+        forwarding::attach(&client, std::slice::from_mut(&mut snapshot)).await?;
+        Ok(snapshot)
     }
 }
 
@@ -97,7 +104,11 @@ impl pb::status_service_server::StatusService for StatusApi {
         let (page, more) = store::list_productions(&self.db, &filter)
             .await
             .map_err(StatusError::from)?;
-        let productions: Vec<pb::Production> = page.into_iter().map(production).collect();
+        let mut productions: Vec<pb::Production> = page.into_iter().map(production).collect();
+        let client = self.db.client().await.map_err(StatusError::from)?;
+        forwarding::attach(&client, &mut productions)
+            .await
+            .map_err(StatusError::from)?;
         let next_page_token = if more {
             productions
                 .last()
@@ -121,18 +132,23 @@ impl pb::status_service_server::StatusService for StatusApi {
         let production_id = request.into_inner().production_id;
         // Subscribe before the first snapshot so no change falls between them.
         let mut changes = self.changes.subscribe();
-        let first = self.current(&production_id).await?;
+        let first = self.snapshot(&production_id).await?;
         let api = self.clone();
         let stream = async_stream(move |tx| async move {
             let mut last = first;
-            if tx.send(Ok(production(last.clone()))).await.is_err() {
+            if tx.send(Ok(last.clone())).await.is_err() {
                 return;
             }
             let mut ended_at: Option<std::time::Instant> = None;
             loop {
-                if last.state.is_some_and(ProductionState::is_terminal) {
+                // Ended, and its outputs where it asked.
+                if last.finished {
                     let ended = *ended_at.get_or_insert_with(std::time::Instant::now);
-                    if domain::is_settled(&last.counts) || ended.elapsed() >= SETTLE_WAIT {
+                    let counts = last
+                        .counts
+                        .map(prodsys_core::JobCounts::from)
+                        .unwrap_or_default();
+                    if domain::is_settled(&counts) || ended.elapsed() >= SETTLE_WAIT {
                         return;
                     }
                 }
@@ -143,11 +159,11 @@ impl pb::status_service_server::StatusService for StatusApi {
                     Ok(Err(broadcast::error::RecvError::Closed)) => return,
                     _ => {}
                 }
-                match api.current(&production_id).await {
+                match api.snapshot(&production_id).await {
                     Ok(snapshot) => {
                         if snapshot != last {
                             last = snapshot;
-                            if tx.send(Ok(production(last.clone()))).await.is_err() {
+                            if tx.send(Ok(last.clone())).await.is_err() {
                                 return;
                             }
                         }

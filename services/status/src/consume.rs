@@ -1,10 +1,12 @@
 //! The status service's AMQP consumer: projects `request.accepted`,
 //! `production.dispatched`, `job.status`, `production.completed` and
-//! `installation.health` into the read model.
+//! `installation.health` into the read model, with where each production's
+//! outputs are forwarded (`forwarding.progress`, `production.forwarded`).
 
 use anyhow::Context;
 use prodsys_core::events::{
-    INSTALLATION_HEALTH, JOB_STATUS, PRODUCTION_COMPLETED, PRODUCTION_DISPATCHED, REQUEST_ACCEPTED,
+    FORWARDING_PROGRESS, INSTALLATION_HEALTH, JOB_STATUS, PRODUCTION_COMPLETED,
+    PRODUCTION_DISPATCHED, PRODUCTION_FORWARDED, REQUEST_ACCEPTED,
 };
 use prodsys_core::{JobState, ProductionState};
 use prodsys_db::Db;
@@ -16,7 +18,7 @@ use uuid::Uuid;
 
 use crate::domain::{InstallationHealth, JobTransition, Projection};
 use crate::error::Result;
-use crate::store;
+use crate::{forwarding, store};
 
 /// Builds the read model from events.
 pub struct Projector {
@@ -29,6 +31,8 @@ enum Update {
     Jobs(pb::JobStatusBatch),
     Completed(pb::ProductionCompleted),
     Health(pb::InstallationHealth),
+    Progress(pb::ForwardingProgress),
+    Forwarded(pb::ProductionForwarded),
 }
 
 fn decode(incoming: &Incoming) -> Result<(Uuid, Update), String> {
@@ -38,6 +42,8 @@ fn decode(incoming: &Incoming) -> Result<(Uuid, Update), String> {
         JOB_STATUS => decode_event(incoming).map(|(id, m)| (id, Update::Jobs(m))),
         PRODUCTION_COMPLETED => decode_event(incoming).map(|(id, m)| (id, Update::Completed(m))),
         INSTALLATION_HEALTH => decode_event(incoming).map(|(id, m)| (id, Update::Health(m))),
+        FORWARDING_PROGRESS => decode_event(incoming).map(|(id, m)| (id, Update::Progress(m))),
+        PRODUCTION_FORWARDED => decode_event(incoming).map(|(id, m)| (id, Update::Forwarded(m))),
         other => Err(format!("status does not handle {other:?}")),
     }
 }
@@ -69,6 +75,8 @@ fn apply(projection: &mut Projection, update: Update) -> Result<()> {
             let counts = m.counts.map(prodsys_core::JobCounts::from);
             projection.completed(m.production_id, state, counts.as_ref());
         }
+        // Written by `forwarding` in the batch's transaction.
+        Update::Progress(_) | Update::Forwarded(_) => {}
         Update::Jobs(m) => {
             for t in m.transitions {
                 projection.job(JobTransition {
@@ -104,13 +112,34 @@ impl Projector {
         // Everything the batch says, merged first: one statement then writes
         // each kind (a row may change once per statement).
         let mut projection = Projection::default();
+        let mut touched_by_forwarding = Vec::new();
         for (id, update) in updates {
             // Taken once: the same event twice in one batch takes effect once.
-            if fresh.remove(&id) {
-                apply(&mut projection, update)?;
+            if !fresh.remove(&id) {
+                continue;
+            }
+            match &update {
+                Update::Accepted(m) => forwarding::plan(&tx, m).await?,
+                Update::Progress(m) => {
+                    forwarding::progress(&tx, m).await?;
+                    touched_by_forwarding.push(m.production_id.clone());
+                }
+                Update::Forwarded(m) => {
+                    forwarding::forwarded(&tx, m).await?;
+                    touched_by_forwarding.push(m.production_id.clone());
+                }
+                _ => {}
+            }
+            apply(&mut projection, update)?;
+        }
+        let mut changes = projection.finish();
+        // Watchers of a production whose forwarding moved are told too.
+        for id in touched_by_forwarding {
+            if !changes.touched.contains(&id) {
+                changes.touched.push(id);
             }
         }
-        store::project(&tx, projection.finish()).await?;
+        store::project(&tx, changes).await?;
         tx.commit().await?;
         Ok(outcomes)
     }

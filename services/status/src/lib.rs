@@ -13,11 +13,13 @@ pub mod api;
 pub mod consume;
 pub mod domain;
 pub mod error;
+pub mod forwarding;
 mod http;
 pub mod store;
 
 use prodsys_core::events::{
-    INSTALLATION_HEALTH, JOB_STATUS, PRODUCTION_COMPLETED, PRODUCTION_DISPATCHED, REQUEST_ACCEPTED,
+    FORWARDING_PROGRESS, INSTALLATION_HEALTH, JOB_STATUS, PRODUCTION_COMPLETED,
+    PRODUCTION_DISPATCHED, PRODUCTION_FORWARDED, REQUEST_ACCEPTED,
 };
 use prodsys_db::Migration;
 use prodsys_proto as pb;
@@ -41,6 +43,7 @@ pub const MIGRATIONS: &[Migration] = prodsys_db::migrations![
     "0005_installation_health.sql",
     "0006_previous_job_state.sql",
     "0040_final_job_counts.sql",
+    "0100_forwarding_progress.sql",
 ];
 
 pub async fn start(
@@ -57,6 +60,8 @@ pub async fn start(
             JOB_STATUS,
             PRODUCTION_COMPLETED,
             INSTALLATION_HEALTH,
+            FORWARDING_PROGRESS,
+            PRODUCTION_FORWARDED,
         ],
         &[],
         &shutdown,

@@ -26,6 +26,9 @@ pub struct Settings {
     pub dispatcher: DispatcherSettings,
     pub status: ServerSettings,
     pub catalog: ServerSettings,
+    /// Where the catalog forwards outputs; nothing is forwarded when no
+    /// destination is configured.
+    pub forwarding: ForwardingSettings,
     /// How long a stopping service (SIGTERM, Ctrl-C) may take to finish
     /// what it holds and flush its outbox before the process exits.
     pub shutdown_grace_ms: u64,
@@ -210,6 +213,69 @@ pub struct DiracSettings {
     pub jdl: BTreeMap<String, String>,
 }
 
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default)]
+pub struct ForwardingSettings {
+    /// Named destinations (`[forwarding.destinations.<name>]`); a profile
+    /// names its defaults, a request may add or replace them (`forward`).
+    pub destinations: BTreeMap<String, DestinationSettings>,
+    /// Copies one catalog process makes at once (over every destination).
+    pub max_concurrent_copies: usize,
+    /// Replicas a catalog process claims in one round.
+    pub claim_batch: usize,
+    /// How long a claimed copy is its claimer's; after that another catalog
+    /// process takes it over (the claimer died mid-copy).
+    pub claim_ttl_ms: u64,
+    /// First and longest wait before a failed copy is tried again (doubling).
+    pub retry_min_ms: u64,
+    pub retry_max_ms: u64,
+    /// Longest a single copy or checksum query may take.
+    pub copy_timeout_s: u64,
+}
+
+impl Default for ForwardingSettings {
+    fn default() -> Self {
+        Self {
+            destinations: BTreeMap::new(),
+            max_concurrent_copies: 8,
+            claim_batch: 64,
+            claim_ttl_ms: 120_000,
+            retry_min_ms: 1_000,
+            retry_max_ms: 60_000,
+            copy_timeout_s: 600,
+        }
+    }
+}
+
+/// One destination outputs are forwarded to, by kind. Another kind (a Rucio
+/// server) is another variant.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum DestinationSettings {
+    /// A mounted filesystem: files are copied under `path` at their LFN,
+    /// fsynced, and the adler32 of what landed is compared.
+    Posix { path: PathBuf },
+    /// An XRootD storage element (`root://host:port//path`): files are copied
+    /// with `xrdcp` and the storage's own adler32 (`xrdfs … query checksum`)
+    /// is compared.
+    Xroot {
+        url: String,
+        /// The XRootD client commands (found on PATH by default).
+        #[serde(default = "default_xrdcp")]
+        xrdcp: String,
+        #[serde(default = "default_xrdfs")]
+        xrdfs: String,
+    },
+}
+
+fn default_xrdcp() -> String {
+    "xrdcp".into()
+}
+
+fn default_xrdfs() -> String {
+    "xrdfs".into()
+}
+
 /// A secret as its plain text, for a settings file written on purpose.
 fn expose<S: Serializer>(secret: &SecretString, serializer: S) -> Result<S::Ok, S::Error> {
     serializer.serialize_str(secret.expose_secret())
@@ -261,6 +327,7 @@ impl Default for Settings {
             catalog: ServerSettings { port: 50053 },
             checker: CheckerSettings::default(),
             dispatcher: DispatcherSettings::default(),
+            forwarding: ForwardingSettings::default(),
             shutdown_grace_ms: 10_000,
         }
     }
@@ -433,6 +500,36 @@ mod tests {
                 .to_string()
                 .contains("pbs")
         );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn destinations_come_from_the_file_by_kind() {
+        let dir = std::env::temp_dir().join(format!("prodsys-config-d-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("p.toml");
+        std::fs::write(
+            &path,
+            "[forwarding.destinations.tmp-disk]\nkind = \"posix\"\npath = \"/data/tmp\"\n\
+             [forwarding.destinations.eos]\nkind = \"xroot\"\nurl = \"root://eos.example.org:1094//eos/cta\"\n",
+        )
+        .unwrap();
+        let s = Settings::load(Some(&path)).unwrap();
+        assert_eq!(
+            s.forwarding.destinations.keys().collect::<Vec<_>>(),
+            ["eos", "tmp-disk"]
+        );
+        assert!(
+            matches!(&s.forwarding.destinations["eos"], DestinationSettings::Xroot { url, xrdcp, .. } if url.starts_with("root://") && xrdcp == "xrdcp")
+        );
+        std::fs::write(&path, "[forwarding.destinations.x]\nkind = \"ftp\"\n").unwrap();
+        assert!(
+            Settings::load(Some(&path))
+                .unwrap_err()
+                .to_string()
+                .contains("ftp")
+        );
+        assert!(Settings::default().forwarding.destinations.is_empty());
         std::fs::remove_dir_all(dir).unwrap();
     }
 

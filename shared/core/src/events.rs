@@ -13,6 +13,10 @@ pub const PRODUCTION_COMPLETED: &str = "production.completed";
 pub const PRODUCTION_CANCEL: &str = "production.cancel";
 /// A WMS installation started failing or answers again.
 pub const INSTALLATION_HEALTH: &str = "installation.health";
+/// The catalog copied some of a production's files to its destinations: the counts.
+pub const FORWARDING_PROGRESS: &str = "forwarding.progress";
+/// A finished production's outputs are verified on every destination it asked for.
+pub const PRODUCTION_FORWARDED: &str = "production.forwarded";
 
 /// CloudEvents `type` of a short event type: `request.received` → `org.prodsys.request.received.v1`.
 pub fn cloudevent_type(short: &str) -> String {

@@ -72,6 +72,21 @@ struct ProfileFile {
     containers: Option<ContainerPolicy>,
     job: JobTemplate,
     outputs: OutputTemplate,
+    /// Where the outputs are forwarded by default.
+    #[serde(default)]
+    forward: Forward,
+}
+
+/// A profile's default forwarding destinations: fixed names, and/or the
+/// value of a parameter that names one (KM3NeT's `output_storage`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Forward {
+    #[serde(default)]
+    pub destinations: Vec<String>,
+    /// A string parameter whose value is a destination's name.
+    #[serde(default)]
+    pub parameter: Option<String>,
 }
 
 fn default_max_attempts() -> u32 {
@@ -285,6 +300,13 @@ impl Profile {
             properties.insert(TEMPLATE_KEY.to_string());
         }
         let known = |name: &str| properties.contains(name);
+        if let Some(parameter) = &file.forward.parameter
+            && !known(parameter)
+        {
+            return Err(invalid(format!(
+                "forward.parameter {parameter:?} is not a parameter"
+            )));
+        }
         for key in &file.identity {
             // `template.version` names a member of an object parameter.
             if !known(key.split('.').next().unwrap_or(key)) {
@@ -485,6 +507,70 @@ impl Profile {
 
     pub fn name(&self) -> &str {
         &self.file.name
+    }
+
+    /// Where a request's outputs go: the profile's defaults (unless
+    /// `replace`) and the request's `forward`, each once, in that order; a
+    /// name that is not among `configured` is a violation of the field that
+    /// named it. A deployment with no destination configured forwards
+    /// nothing and ignores the profile's defaults (outputs stay where the
+    /// jobs wrote them), but still refuses a request that asks for one.
+    pub fn destinations(
+        &self,
+        parameters: &Value,
+        forward: &[String],
+        replace: bool,
+        configured: &[String],
+    ) -> Result<Vec<String>, Vec<Violation>> {
+        let defaults = if replace || configured.is_empty() {
+            Vec::new()
+        } else {
+            self.default_destinations(parameters)
+        };
+        let asked = forward
+            .iter()
+            .enumerate()
+            .map(|(i, d)| (format!("forward[{i}]"), d.clone()));
+        let mut resolved: Vec<String> = Vec::new();
+        let mut violations = Vec::new();
+        for (field, name) in defaults.into_iter().chain(asked) {
+            if !configured.contains(&name) {
+                let known = if configured.is_empty() {
+                    "none is configured".to_string()
+                } else {
+                    format!("this deployment has {}", configured.join(", "))
+                };
+                violations.push(Violation::new(
+                    &field,
+                    format!("unknown forwarding destination {name:?}; {known}"),
+                ));
+            } else if !resolved.contains(&name) {
+                resolved.push(name);
+            }
+        }
+        if violations.is_empty() {
+            Ok(resolved)
+        } else {
+            Err(violations)
+        }
+    }
+
+    /// The destinations the profile forwards outputs to by default, each
+    /// with the request field that named it (`forward` for the profile's
+    /// fixed ones, `parameters.<name>` for one a parameter names).
+    pub fn default_destinations(&self, parameters: &Value) -> Vec<(String, String)> {
+        let forward = &self.file.forward;
+        let mut all: Vec<(String, String)> = forward
+            .destinations
+            .iter()
+            .map(|d| ("forward".to_string(), d.clone()))
+            .collect();
+        if let Some(parameter) = &forward.parameter
+            && let Some(name) = parameters.get(parameter).and_then(Value::as_str)
+        {
+            all.push((format!("parameters.{parameter}"), name.to_string()));
+        }
+        all
     }
 
     pub fn description(&self) -> &str {
@@ -1645,6 +1731,61 @@ mod tests {
         let set = profiles().with_templates(&dir).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
         set
+    }
+
+    #[test]
+    fn destinations_are_the_profile_defaults_and_the_request_s_each_known_once() {
+        let set = profiles();
+        let km3 = set.get("km3net-container-sim").unwrap();
+        let params = json!({ "output_storage": "km3-tmp" });
+        let configured = ["km3-tmp".to_string(), "eos".to_string()];
+        // KM3NeT's output_storage names its default destination.
+        assert_eq!(
+            km3.destinations(&params, &[], false, &configured).unwrap(),
+            ["km3-tmp"]
+        );
+        assert_eq!(
+            km3.destinations(
+                &params,
+                &["eos".into(), "km3-tmp".into()],
+                false,
+                &configured
+            )
+            .unwrap(),
+            ["km3-tmp", "eos"]
+        );
+        assert_eq!(
+            km3.destinations(&params, &["eos".into()], true, &configured)
+                .unwrap(),
+            ["eos"]
+        );
+        assert!(
+            km3.destinations(&params, &[], true, &configured)
+                .unwrap()
+                .is_empty()
+        );
+        // An unknown name is a violation of the field that named it.
+        let bad = json!({ "output_storage": "KM3NeT-TMP-DISK" });
+        let v = km3
+            .destinations(&bad, &["eos".into(), "nowhere".into()], false, &configured)
+            .unwrap_err();
+        let fields: Vec<&str> = v.iter().map(|v| v.field.as_str()).collect();
+        assert_eq!(fields, ["parameters.output_storage", "forward[1]"]);
+        assert!(
+            v[1].description.contains("eos, km3-tmp") || v[1].description.contains("km3-tmp, eos")
+        );
+        // With no destination configured the profile's defaults are ignored
+        // (outputs stay where they are), but asking for one is refused.
+        assert!(km3.destinations(&bad, &[], false, &[]).unwrap().is_empty());
+        let v = km3
+            .destinations(&bad, &["eos".into()], false, &[])
+            .unwrap_err();
+        assert_eq!(v[0].field, "forward[0]");
+        assert!(
+            v[0].description.contains("none is configured"),
+            "{}",
+            v[0].description
+        );
     }
 
     fn km3net_example() -> Value {

@@ -1,0 +1,331 @@
+//! Forwarding: copies each registered file to every destination its
+//! production asked for, driven from the catalog's tables so any number of
+//! catalog processes share the work and a killed one loses nothing.
+//!
+//! A process claims due replicas (`FOR UPDATE SKIP LOCKED`, a claim renewed
+//! while it copies), copies a bounded number at once, and records each
+//! result only while the claim is still its own: `verified` only once the
+//! destination answered the catalogued adler32, `failed` with the reason and
+//! a backoff before the next try otherwise. A claim that runs out (its
+//! process died) is taken over; a retried copy first asks the destination
+//! whether the file is already there and correct. A sweep announces the
+//! progress of every production whose replicas changed
+//! (`forwarding.progress`) and, once its record exists and every file is
+//! verified everywhere, `production.forwarded` — once.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use prodsys_config::ForwardingSettings;
+use prodsys_core::events::{FORWARDING_PROGRESS, PRODUCTION_FORWARDED};
+use prodsys_db::Db;
+use prodsys_proto as pb;
+use prodsys_server::outbox_event;
+use tokio::sync::{Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::destination::{CopyError, Destination};
+use crate::domain;
+use crate::store::{self, Claimed, CopyResult};
+
+/// Productions announced per sweep transaction.
+const SWEEP_BATCH: i64 = 100;
+
+/// The forwarding work of one catalog process.
+pub struct Forwarder {
+    db: Db,
+    destinations: HashMap<String, Destination>,
+    settings: ForwardingSettings,
+    /// This process's name on its claims.
+    claimer: Uuid,
+}
+
+impl Forwarder {
+    /// None when no destination is configured (nothing is ever forwarded).
+    pub fn new(db: Db, settings: &ForwardingSettings) -> anyhow::Result<Option<Self>> {
+        if settings.destinations.is_empty() {
+            return Ok(None);
+        }
+        let timeout = Duration::from_secs(settings.copy_timeout_s.max(1));
+        let destinations = settings
+            .destinations
+            .iter()
+            .map(|(name, d)| Ok((name.clone(), Destination::from_settings(name, d, timeout)?)))
+            .collect::<anyhow::Result<_>>()?;
+        Ok(Some(Self {
+            db,
+            destinations,
+            settings: settings.clone(),
+            claimer: Uuid::now_v7(),
+        }))
+    }
+
+    /// Copies, records and announces until `shutdown`.
+    pub fn spawn(self, shutdown: CancellationToken) {
+        let this = Arc::new(self);
+        tokio::spawn(this.clone().sweep(shutdown.clone()));
+        tokio::spawn(this.clone().renew(shutdown.clone()));
+        tokio::spawn(this.copy(shutdown));
+    }
+
+    fn ttl(&self) -> Duration {
+        Duration::from_millis(self.settings.claim_ttl_ms.max(1000))
+    }
+
+    /// Claims due replicas as copy slots free up, copies them, and hands the
+    /// results to the recorder.
+    async fn copy(self: Arc<Self>, shutdown: CancellationToken) {
+        let slots = Arc::new(Semaphore::new(self.settings.max_concurrent_copies.max(1)));
+        let (results, received) = mpsc::unbounded_channel();
+        let recorder = tokio::spawn(self.clone().record(received));
+        let mut wake = None;
+        let mut backoff = prodsys_messaging::Backoff::new(
+            Duration::from_millis(200),
+            Duration::from_millis(self.settings.retry_max_ms.max(200)),
+        );
+        loop {
+            if shutdown.is_cancelled() {
+                break;
+            }
+            if wake.is_none() {
+                match self.db.listen(&store::forward_channel(&self.db)).await {
+                    Ok(listener) => wake = Some(listener),
+                    Err(error) => tracing::warn!(%error, "forwarding: LISTEN failed; polling"),
+                }
+            }
+            // At least one free slot before claiming anything.
+            let first = tokio::select! {
+                permit = slots.clone().acquire_owned() => permit.expect("never closed"),
+                _ = shutdown.cancelled() => break,
+            };
+            let free = slots.available_permits() + 1;
+            let limit = free.min(self.settings.claim_batch.max(1)) as i64;
+            let claimed =
+                match store::claim_replicas(&self.db, self.claimer, limit, self.ttl()).await {
+                    Ok(claimed) => {
+                        backoff.reset();
+                        claimed
+                    }
+                    Err(error) => {
+                        drop(first);
+                        let wait = backoff.next_wait();
+                        tracing::warn!(%error, ?wait, "forwarding: claiming replicas failed");
+                        tokio::select! {
+                            _ = tokio::time::sleep(wait) => {}
+                            _ = shutdown.cancelled() => break,
+                        }
+                        continue;
+                    }
+                };
+            if claimed.is_empty() {
+                drop(first);
+                // Woken by new replicas, or soon for retries coming due.
+                let idle = Duration::from_millis(500);
+                match wake.as_mut() {
+                    Some(listener) => {
+                        let lost = tokio::select! {
+                            got = listener.notifications.recv() => {
+                                while listener.notifications.try_recv().is_ok() {}
+                                got.is_none()
+                            }
+                            _ = tokio::time::sleep(idle) => false,
+                            _ = shutdown.cancelled() => break,
+                        };
+                        if lost {
+                            wake = None;
+                        }
+                    }
+                    None => tokio::select! {
+                        _ = tokio::time::sleep(idle) => {}
+                        _ = shutdown.cancelled() => break,
+                    },
+                }
+                continue;
+            }
+            let mut permits = vec![first];
+            for _ in 1..claimed.len() {
+                permits.push(
+                    slots
+                        .clone()
+                        .try_acquire_owned()
+                        .expect("claimed no more than the free slots"),
+                );
+            }
+            for (claim, permit) in claimed.into_iter().zip(permits) {
+                let this = self.clone();
+                let results = results.clone();
+                tokio::spawn(async move {
+                    let result = this.copy_one(&claim).await;
+                    let _ = results.send((claim, result));
+                    drop(permit);
+                });
+            }
+        }
+        drop(results);
+        // Copies under way finish and are recorded (within the grace period);
+        // what is cut off is taken over once its claim runs out.
+        let _ = recorder.await;
+    }
+
+    /// One copy: already there and correct (a resumed or retried copy), or
+    /// copied and verified, or failed with the reason.
+    async fn copy_one(&self, claim: &Claimed) -> CopyResult {
+        let Some(destination) = self.destinations.get(&claim.destination) else {
+            return self.failed(
+                claim,
+                format!(
+                    "destination {:?} is not configured in this catalog",
+                    claim.destination
+                ),
+            );
+        };
+        let url = destination.url_of(&claim.lfn);
+        if claim.attempts > 0 {
+            match destination.checksum(&claim.lfn).await {
+                Ok(Some(sum)) if sum == claim.adler32 => return CopyResult::Verified { url },
+                Ok(_) => {}
+                Err(e) => return self.failed(claim, e.to_string()),
+            }
+        }
+        match destination
+            .put(&claim.source_url, &claim.lfn, &claim.adler32)
+            .await
+        {
+            Ok(()) => {
+                tracing::debug!(lfn = %claim.lfn, destination = %claim.destination, "copy verified");
+                CopyResult::Verified { url }
+            }
+            Err(e) => {
+                let level_reason = e.to_string();
+                match e {
+                    CopyError::Mismatch { .. } => {
+                        tracing::warn!(lfn = %claim.lfn, destination = %claim.destination,
+                            reason = %level_reason, "copy did not verify; copying again")
+                    }
+                    _ => {
+                        tracing::info!(lfn = %claim.lfn, destination = %claim.destination,
+                            reason = %level_reason, "copy failed")
+                    }
+                }
+                self.failed(claim, level_reason)
+            }
+        }
+    }
+
+    fn failed(&self, claim: &Claimed, reason: String) -> CopyResult {
+        CopyResult::Failed {
+            reason,
+            retry_in: domain::retry_wait(
+                claim.attempts + 1,
+                Duration::from_millis(self.settings.retry_min_ms),
+                Duration::from_millis(self.settings.retry_max_ms),
+            ),
+        }
+    }
+
+    /// Writes results in batches (one transaction for what has arrived).
+    async fn record(self: Arc<Self>, mut received: mpsc::UnboundedReceiver<(Claimed, CopyResult)>) {
+        let mut backoff =
+            prodsys_messaging::Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+        while let Some(first) = received.recv().await {
+            let mut batch = vec![first];
+            while batch.len() < 1000 {
+                match received.try_recv() {
+                    Ok(r) => batch.push(r),
+                    Err(_) => break,
+                }
+            }
+            loop {
+                match store::record_copies(&self.db, self.claimer, &batch).await {
+                    Ok(recorded) => {
+                        backoff.reset();
+                        if (recorded as usize) < batch.len() {
+                            tracing::info!(
+                                lost = batch.len() - recorded as usize,
+                                "copies whose claims another process took over were not recorded"
+                            );
+                        }
+                        break;
+                    }
+                    Err(error) => {
+                        // The database is away: keep the results and try
+                        // again (the claims are renewed meanwhile).
+                        let wait = backoff.next_wait();
+                        tracing::warn!(%error, ?wait, "forwarding: recording copies failed");
+                        tokio::time::sleep(wait).await;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Renews this process's claims every third of their time to live.
+    async fn renew(self: Arc<Self>, shutdown: CancellationToken) {
+        let every = self.ttl() / 3;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = shutdown.cancelled() => return,
+            }
+            if let Err(error) = store::renew_claims(&self.db, self.claimer, self.ttl()).await {
+                tracing::warn!(%error, "forwarding: renewing claims failed");
+            }
+        }
+    }
+
+    /// Announces changed progress, and the end of forwarding, every
+    /// quarter second while there is something to announce.
+    async fn sweep(self: Arc<Self>, shutdown: CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                _ = shutdown.cancelled() => return,
+            }
+            loop {
+                match self.sweep_once().await {
+                    Ok(n) if n as i64 == SWEEP_BATCH => continue,
+                    Ok(_) => break,
+                    Err(error) => {
+                        tracing::warn!(%error, "forwarding: announcing progress failed");
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn sweep_once(&self) -> anyhow::Result<usize> {
+        let mut client = self.db.client().await?;
+        let tx = client.transaction().await?;
+        let swept = store::sweep_forwarding(&tx, SWEEP_BATCH).await?;
+        let at_unix_ms = chrono::Utc::now().timestamp_millis();
+        let mut events = Vec::with_capacity(swept.len());
+        for p in &swept {
+            events.push(outbox_event(
+                FORWARDING_PROGRESS,
+                &p.production_id,
+                &pb::ForwardingProgress {
+                    production_id: p.production_id.clone(),
+                    destinations: p.destinations.clone(),
+                    at_unix_ms,
+                },
+            ));
+            if p.finished {
+                tracing::info!(production_id = %p.production_id, "outputs forwarded to every destination");
+                events.push(outbox_event(
+                    PRODUCTION_FORWARDED,
+                    &p.production_id,
+                    &pb::ProductionForwarded {
+                        production_id: p.production_id.clone(),
+                        destinations: p.destinations.clone(),
+                    },
+                ));
+            }
+        }
+        prodsys_db::enqueue(&tx, &self.db.outbox_channel(), &events).await?;
+        tx.commit().await?;
+        Ok(swept.len())
+    }
+}

@@ -1,0 +1,514 @@
+//! Forwarding outputs onward, against a real XRootD server (Debian's
+//! xrootd-server, started by tests/servers/xrootd/start bound to this
+//! machine) and a posix directory: every file lands with the catalog's
+//! adler32 (as the storage itself computes it), replicas show in FindFiles,
+//! a production is finished only once its outputs are where it asked,
+//! `prodctl get` downloads and resumes, an outage of the storage holds and
+//! then recovers by itself, and a copy that does not verify is made again.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use prodsys_config::DestinationSettings;
+use prodsys_proto as pb;
+use prodsys_testkit::{TestEnv, wait_for};
+use support::{App, built_binary, cta_example, spawn_app_with, violated_fields};
+
+/// The XRootD instance `name` (tests/servers/xrootd/start: idempotent, so
+/// the tests of this binary share one); its `root://127.0.0.1:PORT`.
+fn xrootd(name: &str) -> String {
+    let script = prodsys_testkit::repo_root().join("tests/servers/xrootd/start");
+    let output = std::process::Command::new(script)
+        .arg(name)
+        .output()
+        .expect("running tests/servers/xrootd/start");
+    assert!(
+        output.status.success(),
+        "xrootd {name} did not start: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap().trim().to_string()
+}
+
+fn stop_xrootd(name: &str) {
+    let script = prodsys_testkit::repo_root().join("tests/servers/xrootd/stop");
+    let status = std::process::Command::new(script)
+        .arg(name)
+        .status()
+        .expect("running tests/servers/xrootd/stop");
+    assert!(status.success());
+}
+
+/// Where instance `name` keeps the files it serves.
+fn xrootd_data(name: &str) -> PathBuf {
+    prodsys_testkit::repo_root().join(format!("var/servers/xrootd/{name}/data"))
+}
+
+/// What the storage answers for the adler32 of `path` (`xrdfs query checksum`).
+fn storage_adler32(server: &str, path: &str) -> Option<String> {
+    let output = std::process::Command::new("xrdfs")
+        .args([server, "query", "checksum", path])
+        .output()
+        .expect("running xrdfs");
+    let text = String::from_utf8_lossy(&output.stdout);
+    let mut words = text.split_whitespace();
+    match (output.status.success(), words.next(), words.next()) {
+        (true, Some("adler32"), Some(sum)) => Some(sum.to_string()),
+        _ => None,
+    }
+}
+
+fn adler32_of(path: &Path) -> String {
+    prodsys_core::checksum::adler32_hex(std::fs::File::open(path).unwrap())
+        .unwrap()
+        .1
+}
+
+/// Every file below `dir`, relative to it.
+fn files_below(dir: &Path) -> BTreeSet<String> {
+    fn walk(root: &Path, dir: &Path, out: &mut BTreeSet<String>) {
+        for entry in std::fs::read_dir(dir).into_iter().flatten() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                walk(root, &path, out);
+            } else {
+                out.insert(format!("/{}", path.strip_prefix(root).unwrap().display()));
+            }
+        }
+    }
+    let mut out = BTreeSet::new();
+    walk(dir, dir, &mut out);
+    out
+}
+
+/// Short retries, so outages and bad copies resolve within a test.
+fn forwarding_to(env: &mut TestEnv, name: &str, destination: DestinationSettings) {
+    let f = &mut env.settings.forwarding;
+    f.destinations.insert(name.to_string(), destination);
+    f.retry_min_ms = 200;
+    f.retry_max_ms = 1_000;
+    f.claim_ttl_ms = 5_000;
+    f.copy_timeout_s = 30;
+}
+
+fn xroot_destination(server: &str, base: &str) -> DestinationSettings {
+    DestinationSettings::Xroot {
+        url: format!("{server}/{base}"),
+        xrdcp: "xrdcp".into(),
+        xrdfs: "xrdfs".into(),
+    }
+}
+
+fn forwarded_to(destination: &str) -> pb::SubmitRequestRequest {
+    pb::SubmitRequestRequest {
+        forward: vec![destination.to_string()],
+        ..cta_example()
+    }
+}
+
+/// A unique base path on the shared server for one test.
+fn base_path() -> String {
+    format!("/prodsys-tests/{}", uuid::Uuid::now_v7().simple())
+}
+
+/// FindFiles' answer for `query`: each file with its replicas.
+async fn with_replicas(
+    app: &App,
+    mut query: pb::FindFilesRequest,
+) -> Vec<(pb::OutputFile, Vec<pb::Replica>)> {
+    let mut all = Vec::new();
+    loop {
+        let page = app
+            .catalog
+            .clone()
+            .find_files(query.clone())
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(page.files.len(), page.replicas.len());
+        for (file, replicas) in page.files.into_iter().zip(page.replicas) {
+            assert_eq!(file.lfn, replicas.lfn);
+            all.push((file, replicas.replicas));
+        }
+        if page.next_page_token.is_empty() {
+            return all;
+        }
+        query.page_token = page.next_page_token;
+    }
+}
+
+async fn files_of(app: &App, production_id: &str) -> Vec<(pb::OutputFile, Vec<pb::Replica>)> {
+    with_replicas(
+        app,
+        pb::FindFilesRequest {
+            production_id: production_id.into(),
+            page_size: 3,
+            ..Default::default()
+        },
+    )
+    .await
+}
+
+fn verified(replicas: &[pb::Replica], destination: &str) -> Option<pb::Replica> {
+    replicas
+        .iter()
+        .find(|r| r.destination == destination && r.state() == pb::ReplicaState::Verified)
+        .cloned()
+}
+
+#[tokio::test]
+async fn the_cta_example_is_forwarded_to_xrootd_and_downloaded_with_prodctl() {
+    let server = xrootd("forwarding");
+    let base = base_path();
+    let app = spawn_app_with(|env| {
+        forwarding_to(env, "xrd-test", xroot_destination(&server, &base));
+    })
+    .await;
+
+    // An unknown destination is refused at submit time, naming the field.
+    let refused = app
+        .decided(
+            &app.submit(pb::SubmitRequestRequest {
+                forward: vec!["xrd-test".into(), "nowhere".into()],
+                ..cta_example()
+            })
+            .await
+            .unwrap()
+            .request_id,
+        )
+        .await;
+    assert_eq!(refused.state(), pb::RequestState::Rejected);
+    assert_eq!(refused.violations[0].field, "forward[1]", "{refused:?}");
+    assert!(
+        refused.violations[0].description.contains("xrd-test"),
+        "the known destinations are named: {refused:?}"
+    );
+
+    let production_id = app.accepted(forwarded_to("xrd-test")).await;
+    // The watch ends only once the production is finished: its jobs done
+    // and its outputs on the storage.
+    let last = app.watch(&production_id).await.pop().unwrap();
+    assert_eq!(last.state(), pb::ProductionState::Completed, "{last:?}");
+    assert!(last.finished, "{last:?}");
+    let found = files_of(&app, &production_id).await;
+    assert_eq!(found.len(), 8, "4 jobs × 2 NSB levels");
+    assert_eq!(
+        last.forwarding,
+        [pb::DestinationProgress {
+            destination: "xrd-test".into(),
+            forwarded: 8,
+            total: 8,
+            failing: 0,
+            held_reason: String::new(),
+        }]
+    );
+    // At that moment every file is on the storage with the catalog's
+    // adler32, as the server computes it and as its bytes say.
+    for (file, replicas) in &found {
+        assert_eq!(replicas.len(), 1, "{replicas:?}");
+        let replica = verified(replicas, "xrd-test").unwrap_or_else(|| panic!("{file:?}"));
+        assert_eq!(replica.url, format!("{server}/{base}{}", file.lfn));
+        assert_eq!(
+            storage_adler32(&server, &format!("{base}{}", file.lfn)).as_deref(),
+            Some(file.adler32.as_str()),
+            "{}",
+            file.lfn
+        );
+        let on_disk = xrootd_data("forwarding").join(format!("{}{}", &base[1..], file.lfn));
+        assert_eq!(adler32_of(&on_disk), file.adler32);
+    }
+    let files: Vec<pb::OutputFile> = found.into_iter().map(|(f, _)| f).collect();
+    let stored = files_below(&xrootd_data("forwarding").join(&base[1..]));
+    let lfns: BTreeSet<String> = files.iter().map(|f| f.lfn.clone()).collect();
+    assert_eq!(stored, lfns, "each file once, nothing else");
+
+    // prodctl get, from another machine's point of view: the job's own
+    // copies are gone, so every file comes from root://.
+    for file in &files {
+        std::fs::remove_file(file.url.strip_prefix("file://").unwrap()).unwrap();
+    }
+    let to = app.env.work_dir.join("downloads");
+    let catalog = format!(
+        "http://{}",
+        app.stack.addr(prodsys::Service::Catalog).unwrap()
+    );
+    let prodctl = built_binary("prodctl", "prodctl");
+    // Asynchronously: the stack answers on this test's runtime.
+    let get = || {
+        tokio::process::Command::new(&prodctl)
+            .args(["--catalog", &catalog, "get", &production_id, "--to"])
+            .arg(&to)
+            .output()
+    };
+    let first = get().await.unwrap();
+    let stdout = String::from_utf8_lossy(&first.stdout);
+    assert!(
+        first.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    assert_eq!(
+        stdout.matches("downloaded from root://").count(),
+        8,
+        "{stdout}"
+    );
+    for file in &files {
+        let path = to.join(file.lfn.trim_start_matches('/'));
+        assert_eq!(adler32_of(&path), file.adler32, "{}", file.lfn);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), file.size);
+    }
+    // Again: everything is there and correct, nothing is fetched.
+    let second = get().await.unwrap();
+    let stdout = String::from_utf8_lossy(&second.stdout);
+    assert!(second.status.success(), "{stdout}");
+    assert_eq!(stdout.matches("present").count(), 8, "{stdout}");
+    assert!(!stdout.contains("downloaded"), "{stdout}");
+    // A file damaged locally is fetched again; one chosen by metadata only.
+    let damaged = files.iter().find(|f| f.metadata["nsb"] == "5").unwrap();
+    std::fs::write(to.join(damaged.lfn.trim_start_matches('/')), b"damaged").unwrap();
+    let third = tokio::process::Command::new(&prodctl)
+        .args([
+            "--catalog",
+            &catalog,
+            "get",
+            &production_id,
+            "--metadata",
+            "nsb=5",
+            "--to",
+        ])
+        .arg(&to)
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&third.stdout);
+    assert!(third.status.success(), "{stdout}");
+    assert_eq!(stdout.lines().count(), 4, "the NSB 5 files only: {stdout}");
+    assert_eq!(
+        stdout.matches("downloaded from root://").count(),
+        1,
+        "{stdout}"
+    );
+    assert_eq!(
+        adler32_of(&to.join(damaged.lfn.trim_start_matches('/'))),
+        damaged.adler32
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn an_xrootd_outage_holds_the_production_and_everything_arrives_once_it_is_back() {
+    const NAME: &str = "forwarding-outage";
+    let server = xrootd(NAME);
+    let base = base_path();
+    let app = spawn_app_with(|env| {
+        forwarding_to(env, "xrd-test", xroot_destination(&server, &base));
+    })
+    .await;
+    let production_id = app.accepted(forwarded_to("xrd-test")).await;
+    // The storage goes away while the jobs write their outputs.
+    stop_xrootd(NAME);
+    let held = app
+        .production_when(
+            "the production completed, held by its destination",
+            Duration::from_secs(120),
+            &production_id,
+            |p| {
+                p.state() == pb::ProductionState::Completed
+                    && p.forwarding
+                        .first()
+                        .is_some_and(|d| d.total == 8 && d.failing > 0)
+            },
+        )
+        .await;
+    assert!(!held.finished, "{held:?}");
+    assert!(
+        held.held_reason
+            .contains("forwarding to xrd-test is failing"),
+        "{held:?}"
+    );
+    let found = files_of(&app, &production_id).await;
+    assert!(found.iter().all(|(_, r)| verified(r, "xrd-test").is_none()));
+    // Each replica failed at least once, with the reason (some may be being
+    // tried again right now).
+    for (file, replicas) in &found {
+        let r = &replicas[0];
+        assert!(r.attempts >= 1 && !r.reason.is_empty(), "{file:?} {r:?}");
+        assert!(
+            matches!(
+                r.state(),
+                pb::ReplicaState::Failed | pb::ReplicaState::Copying
+            ),
+            "{r:?}"
+        );
+    }
+    // Still not finished a while later: retried, never given up on, never
+    // reported in place.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let still = app.production(&production_id).await.unwrap();
+    assert!(!still.finished, "{still:?}");
+
+    // Back on the same port: the retries find it by themselves.
+    assert_eq!(xrootd(NAME), server);
+    let done = app
+        .production_when(
+            "the production finished after the outage",
+            Duration::from_secs(60),
+            &production_id,
+            |p| p.finished,
+        )
+        .await;
+    assert_eq!(done.forwarding[0].forwarded, 8, "{done:?}");
+    assert!(done.held_reason.is_empty(), "{done:?}");
+    let found = files_of(&app, &production_id).await;
+    for (file, replicas) in &found {
+        assert!(verified(replicas, "xrd-test").is_some(), "{file:?}");
+        assert_eq!(
+            storage_adler32(&server, &format!("{base}{}", file.lfn)).as_deref(),
+            Some(file.adler32.as_str())
+        );
+    }
+    // Once: one replica per file, one copy per LFN on the storage, nothing
+    // half-written left behind.
+    let db = app.env.db().await.unwrap();
+    let replicas: i64 = db
+        .query_one("SELECT count(*) FROM catalog.replicas", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(replicas, 8);
+    let stored = files_below(&xrootd_data(NAME).join(&base[1..]));
+    let lfns: BTreeSet<String> = found.iter().map(|(f, _)| f.lfn.clone()).collect();
+    assert_eq!(stored, lfns);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_posix_copy_that_does_not_verify_is_removed_and_made_again() {
+    let mut disk = PathBuf::new();
+    let app = spawn_app_with(|env| {
+        disk = env.work_dir.join("disk");
+        forwarding_to(
+            env,
+            "disk",
+            DestinationSettings::Posix { path: disk.clone() },
+        );
+    })
+    .await;
+    let production_id = app.accepted(forwarded_to("disk")).await;
+    let last = app.watch(&production_id).await.pop().unwrap();
+    assert!(last.finished, "{last:?}");
+    for (file, replicas) in files_of(&app, &production_id).await {
+        let replica = verified(&replicas, "disk").unwrap();
+        let landed = disk.join(file.lfn.trim_start_matches('/'));
+        assert_eq!(replica.url, format!("file://{}", landed.display()));
+        assert_eq!(adler32_of(&landed), file.adler32);
+    }
+
+    // A late file of the production whose bytes were damaged after the
+    // catalog recorded their adler32: every copy of it fails to verify.
+    let source = app.env.work_dir.join("late.dat");
+    let good = b"the bytes the catalog knows".to_vec();
+    let sum = prodsys_core::checksum::adler32_hex(good.as_slice())
+        .unwrap()
+        .1;
+    std::fs::write(&source, b"the bytes the catalog does not know").unwrap();
+    let lfn = "/vo.cta.in2p3.fr/MC/late/late.dat";
+    app.catalog
+        .clone()
+        .register_files(pb::RegisterFilesRequest {
+            files: vec![pb::OutputFile {
+                lfn: lfn.into(),
+                size: good.len() as u64,
+                adler32: sum.clone(),
+                url: format!("file://{}", source.display()),
+                production_id: production_id.clone(),
+                ..Default::default()
+            }],
+        })
+        .await
+        .unwrap();
+    let late = || async {
+        with_replicas(
+            &app,
+            pb::FindFilesRequest {
+                lfn_prefix: lfn.into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .pop()
+        .unwrap()
+        .1
+    };
+    let failing = wait_for(
+        "the second failed copy",
+        Duration::from_secs(30),
+        || async {
+            let replica = late().await.first()?.clone();
+            assert_ne!(replica.state(), pb::ReplicaState::Verified, "{replica:?}");
+            (replica.state() == pb::ReplicaState::Failed && replica.attempts >= 2)
+                .then_some(replica)
+        },
+    )
+    .await
+    .unwrap();
+    assert!(
+        failing.reason.contains(&format!("the catalog has {sum}")),
+        "{failing:?}"
+    );
+    // The bad copy does not stay on the destination.
+    assert!(!disk.join(lfn.trim_start_matches('/')).exists());
+
+    // The source repaired, the next try verifies.
+    std::fs::write(&source, &good).unwrap();
+    let replica = wait_for("the copy made again", Duration::from_secs(30), || async {
+        verified(&late().await, "disk")
+    })
+    .await
+    .unwrap();
+    assert!(replica.attempts >= 3, "{replica:?}");
+    assert_eq!(
+        std::fs::read(disk.join(lfn.trim_start_matches('/'))).unwrap(),
+        good
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn without_destinations_outputs_stay_where_they_are_and_a_request_for_one_is_refused() {
+    let app = support::spawn_app().await;
+    let validation = app.validate(forwarded_to("xrd-test")).await;
+    assert!(!validation.acceptable);
+    assert_eq!(
+        validation
+            .violations
+            .iter()
+            .map(|v| v.field.as_str())
+            .collect::<Vec<_>>(),
+        ["forward[0]"]
+    );
+    assert!(
+        validation.violations[0]
+            .description
+            .contains("none is configured")
+    );
+    // Empty names are refused at the door.
+    let refused = app
+        .submit(pb::SubmitRequestRequest {
+            forward: vec![String::new()],
+            ..cta_example()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(violated_fields(&refused), ["forward[0]"]);
+    // As before: finished when the jobs are, no replicas.
+    let production_id = app.run_and_catalogue(cta_example()).await;
+    let last = app.production(&production_id).await.unwrap();
+    assert!(last.finished && last.forwarding.is_empty(), "{last:?}");
+    let found = files_of(&app, &production_id).await;
+    assert!(!found.is_empty() && found.iter().all(|(_, r)| r.is_empty()));
+    app.stop().await;
+}
