@@ -1,0 +1,104 @@
+//! Settings of a `rucio` forwarding destination: a Rucio server on which
+//! every forwarded file is registered as a replica on an RSE (its PFN on the
+//! storage destination the copy landed on), attached to its production's
+//! dataset, given its catalog metadata, and optionally ruled.
+
+use std::path::PathBuf;
+
+use secrecy::SecretString;
+use serde::{Deserialize, Serialize};
+
+use crate::{expose, expose_optional};
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RucioSettings {
+    /// Base URL of the Rucio server (`https://rucio.example.org`).
+    pub url: String,
+    /// The Rucio account prodsys acts as (`X-Rucio-Account`; rules are
+    /// owned by it).
+    pub account: String,
+    /// Multi-VO servers: the VO (`X-Rucio-VO`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vo: Option<String>,
+    pub auth: RucioAuth,
+    /// The scope of the files and datasets.
+    pub scope: String,
+    /// The RSE the replicas are registered on; its protocol must describe
+    /// the storage destination (scheme, host, port, prefix).
+    pub rse: String,
+    /// The `xroot` or `posix` destination the files are copied to first;
+    /// their URL there is the registered PFN.
+    pub storage: String,
+    /// The dataset name each production's files are attached to, in the
+    /// scope: `{production_id}` and any of the file's metadata keys
+    /// (`{MCCampaign}`) are replaced.
+    #[serde(default = "default_dataset")]
+    pub dataset: String,
+    /// A replication rule added on each dataset, when given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rule: Option<RucioRule>,
+    /// Files per bulk call (Rucio takes at most 1,000 per attachment).
+    #[serde(default = "default_batch")]
+    pub batch: usize,
+    /// Longest a single call to the server may take.
+    #[serde(default = "default_timeout")]
+    pub timeout_s: u64,
+}
+
+/// How prodsys authenticates to Rucio.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum RucioAuth {
+    /// `GET /auth/userpass` (`X-Rucio-Username`, `X-Rucio-Password`); the
+    /// token is asked for again before it expires.
+    Userpass {
+        username: String,
+        #[serde(serialize_with = "expose")]
+        password: SecretString,
+    },
+    /// A bearer token issued elsewhere (an OIDC agent, a cron job), sent as
+    /// `X-Rucio-Auth-Token`: read from `file` (again whenever the server
+    /// refuses it) or from the environment variable `env`.
+    Token {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        file: Option<PathBuf>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        env: Option<String>,
+        /// A fixed token (tests, short jobs).
+        #[serde(
+            default,
+            serialize_with = "expose_optional",
+            skip_serializing_if = "Option::is_none"
+        )]
+        token: Option<SecretString>,
+    },
+}
+
+/// A replication rule on every dataset the destination creates.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RucioRule {
+    pub rse_expression: String,
+    #[serde(default = "default_copies")]
+    pub copies: u32,
+    /// Seconds; the rule never expires when not given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lifetime_s: Option<u64>,
+}
+
+fn default_dataset() -> String {
+    "{production_id}".into()
+}
+
+fn default_batch() -> usize {
+    500
+}
+
+fn default_timeout() -> u64 {
+    60
+}
+
+fn default_copies() -> u32 {
+    1
+}
