@@ -225,7 +225,7 @@ fn rucio_destinations(
     );
     d.insert(
         "rucio-test".into(),
-        DestinationSettings::Rucio(RucioSettings {
+        DestinationSettings::Rucio(Box::new(RucioSettings {
             url: rucio.into(),
             account: ACCOUNT.into(),
             vo: None,
@@ -244,7 +244,7 @@ fn rucio_destinations(
             }),
             batch: 500,
             timeout_s: 10,
-        }),
+        })),
     );
 }
 

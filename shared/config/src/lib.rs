@@ -264,7 +264,7 @@ pub enum DestinationSettings {
     /// A Rucio server: each file, once copied to the `storage` destination,
     /// is registered there as a replica on an RSE and attached to its
     /// production's dataset.
-    Rucio(RucioSettings),
+    Rucio(Box<RucioSettings>),
 }
 
 fn default_xrdcp() -> String {
