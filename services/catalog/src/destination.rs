@@ -306,8 +306,7 @@ impl Xroot {
             let reason = stderr
                 .lines()
                 .map(str::trim)
-                .filter(|l| !l.is_empty())
-                .last()
+                .rfind(|l| !l.is_empty())
                 .unwrap_or("no message");
             Err(CopyError::Unavailable(format!(
                 "{program} {}: {reason}",

@@ -193,14 +193,14 @@ pub async fn renew_claims(
 ) -> anyhow::Result<u64> {
     let client = db.client().await?;
     let ttl_ms = ttl.as_millis() as f64;
-    Ok(client
+    client
         .execute_cached(
             "UPDATE replicas SET next_try_at = now() + $2 * interval '1 millisecond'
              WHERE claimed_by = $1 AND state = 'copying'",
             &[&claimer, &ttl_ms],
         )
         .await
-        .context("renewing claims")?)
+        .context("renewing claims")
 }
 
 /// How a copy ended.

@@ -102,3 +102,80 @@ fn default_timeout() -> u64 {
 fn default_copies() -> u32 {
     1
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::{DestinationSettings, Settings};
+
+    #[test]
+    fn a_rucio_destination_comes_from_the_file() {
+        let dir = std::env::temp_dir().join(format!("prodsys-config-r-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("p.toml");
+        std::fs::write(
+            &path,
+            r#"
+[forwarding.destinations.eos]
+kind = "xroot"
+url = "root://eos.example.org:1094//eos/cta"
+
+[forwarding.destinations.rucio-cta]
+kind = "rucio"
+url = "https://rucio.example.org"
+account = "prodsys"
+vo = "cta"
+scope = "cta"
+rse = "EOS-CTA"
+storage = "eos"
+auth = { kind = "userpass", username = "prodsys", password = "hunter2" }
+rule = { rse_expression = "tier=1", copies = 2, lifetime_s = 86400 }
+
+[forwarding.destinations.rucio-token]
+kind = "rucio"
+url = "https://rucio.example.org"
+account = "prodsys"
+scope = "cta"
+rse = "EOS-CTA"
+storage = "eos"
+dataset = "{MCCampaign}.{production_id}"
+auth = { kind = "token", file = "/run/secrets/rucio-token" }
+"#,
+        )
+        .unwrap();
+        let s = Settings::load(Some(&path)).unwrap();
+        let DestinationSettings::Rucio(r) = &s.forwarding.destinations["rucio-cta"] else {
+            panic!("not rucio");
+        };
+        assert_eq!((r.scope.as_str(), r.rse.as_str()), ("cta", "EOS-CTA"));
+        assert_eq!(r.dataset, "{production_id}", "the default dataset name");
+        assert_eq!(r.vo.as_deref(), Some("cta"));
+        let rule = r.rule.as_ref().unwrap();
+        assert_eq!((rule.copies, rule.lifetime_s), (2, Some(86400)));
+        assert!(
+            !format!("{s:?}").contains("hunter2"),
+            "the password never prints"
+        );
+        let DestinationSettings::Rucio(t) = &s.forwarding.destinations["rucio-token"] else {
+            panic!("not rucio");
+        };
+        assert!(matches!(
+            &t.auth,
+            super::RucioAuth::Token {
+                file: Some(_),
+                env: None,
+                token: None
+            }
+        ));
+        assert!(t.rule.is_none());
+        // An unknown key is refused, naming it.
+        std::fs::write(
+            &path,
+            "[forwarding.destinations.r]\nkind = \"rucio\"\nurl = \"https://r\"\naccount = \"a\"\n\
+             scope = \"s\"\nrse = \"R\"\nstorage = \"x\"\nauth = { kind = \"token\", env = \"T\" }\nrse_expr = \"x\"\n",
+        )
+        .unwrap();
+        let err = Settings::load(Some(&path)).unwrap_err().to_string();
+        assert!(err.contains("rse_expr"), "{err}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}
