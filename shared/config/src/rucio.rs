@@ -178,4 +178,29 @@ auth = { kind = "token", file = "/run/secrets/rucio-token" }
         assert!(err.contains("rse_expr"), "{err}");
         std::fs::remove_dir_all(dir).unwrap();
     }
+
+    #[test]
+    fn the_commented_destinations_of_the_example_file_load() {
+        let example = std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/prodsys.toml"),
+        )
+        .unwrap();
+        let start = example
+            .find("# [forwarding.destinations.")
+            .expect("deploy/prodsys.toml shows forwarding destinations");
+        let uncommented: String = example[start..]
+            .lines()
+            .map(|l| format!("{}\n", l.strip_prefix("# ").unwrap_or(l)))
+            .collect();
+        let path =
+            std::env::temp_dir().join(format!("prodsys-config-x-{}.toml", std::process::id()));
+        std::fs::write(&path, uncommented).unwrap();
+        let s = Settings::load(Some(&path)).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        assert!(matches!(
+            &s.forwarding.destinations["rucio-cta"],
+            DestinationSettings::Rucio(r) if r.storage == "eos-cta" && r.rule.is_some()
+        ));
+        assert!(s.forwarding.destinations.contains_key("eos-cta"));
+    }
 }
