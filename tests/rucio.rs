@@ -5,7 +5,8 @@
 //! catalog's adler32 and is listed by Rucio in its production's dataset
 //! with that adler32 and size, its PFN on the RSE, its metadata, under the
 //! dataset's rule; registering again changes nothing; Rucio down or an RSE
-//! it does not know holds the production, which recovers by itself.
+//! it does not know holds the production, which recovers by itself; a file
+//! Rucio knows with other bytes is a conflict, never registered over.
 
 mod support;
 
@@ -469,11 +470,16 @@ async fn rucio_down_during_registration_holds_the_production_until_it_is_back() 
             .iter()
             .all(|(_, r)| registered(r, "rucio-test").is_none())
     );
-    let failed = found
-        .iter()
-        .flat_map(|(_, r)| r)
-        .find(|r| r.destination == "rucio-test" && r.state() == pb::ReplicaState::Failed)
-        .expect("a failed registration");
+    // (A failed registration is retried meanwhile: catch it between tries.)
+    let failed = wait_for("a failed registration", Duration::from_secs(30), || async {
+        files_of(&app, &production_id)
+            .await
+            .into_iter()
+            .flat_map(|(_, r)| r)
+            .find(|r| r.destination == "rucio-test" && r.state() == pb::ReplicaState::Failed)
+    })
+    .await
+    .unwrap();
     assert!(
         failed.reason.contains("unreachable") && failed.attempts >= 1,
         "{failed:?}"
@@ -525,7 +531,7 @@ async fn rucio_down_during_registration_holds_the_production_until_it_is_back() 
 }
 
 #[tokio::test]
-async fn an_rse_rucio_does_not_know_holds_until_it_is_added() {
+async fn an_unknown_rse_holds_until_it_is_added_and_a_conflicting_file_is_never_registered() {
     let xrootd = server("xrootd", "rucio");
     let rucio_url = server("rucio", "rucio");
     let rucio = Rucio::login(&rucio_url).await;
@@ -554,28 +560,95 @@ async fn an_rse_rucio_does_not_know_holds_until_it_is_added() {
         )
         .await;
     assert!(!held.finished, "{held:?}");
-    let reasons: BTreeSet<String> = files_of(&app, &production_id)
-        .await
-        .into_iter()
-        .flat_map(|(_, r)| r)
-        .filter(|r| r.state() == pb::ReplicaState::Failed)
-        .map(|r| r.reason)
-        .collect();
-    assert!(
-        reasons
-            .iter()
-            .any(|r| r.contains("RSENotFound") && r.contains(&rse)),
-        "{reasons:?}"
-    );
-    // The operator adds the RSE: registration resumes by itself.
-    rucio.add_rse_on(&rse, &xrootd, &base).await;
-    app.production_when(
-        "the production finished once the RSE exists",
-        Duration::from_secs(90),
-        &production_id,
-        |p| p.finished,
+    // Held with Rucio's own reason (caught between two tries).
+    wait_for(
+        "a registration failed on RSENotFound",
+        Duration::from_secs(30),
+        || async {
+            files_of(&app, &production_id)
+                .await
+                .into_iter()
+                .flat_map(|(_, r)| r)
+                .find(|r| {
+                    r.state() == pb::ReplicaState::Failed
+                        && r.reason.contains("RSENotFound")
+                        && r.reason.contains(&rse)
+                })
+        },
     )
-    .await;
-    assert_eq!(rucio.dataset_files(&scope, &production_id).await.len(), 8);
+    .await
+    .unwrap();
+    // Meanwhile someone registered one of the files elsewhere with other
+    // bytes: a conflict, reported, never registered over.
+    let files = files_of(&app, &production_id).await;
+    let (clash, _) = &files[0];
+    let elsewhere = rucio.rse_on(&xrootd, "/elsewhere").await;
+    rucio
+        .post(
+            "/replicas",
+            json!({
+                "rse": elsewhere,
+                "files": [{
+                    "scope": scope,
+                    "name": clash.lfn,
+                    "bytes": clash.size + 1,
+                    "adler32": "00000001",
+                    "pfn": format!("{xrootd}//elsewhere{}", clash.lfn),
+                }],
+            }),
+        )
+        .await;
+    // The operator adds the RSE: registration resumes by itself, for every
+    // file but the conflicting one.
+    rucio.add_rse_on(&rse, &xrootd, &base).await;
+    let (registered_now, conflict) = wait_for(
+        "every file but the conflicting one registered",
+        Duration::from_secs(90),
+        || async {
+            let found = files_of(&app, &production_id).await;
+            let registered_now: BTreeSet<String> = found
+                .iter()
+                .filter(|(_, r)| registered(r, "rucio-test").is_some())
+                .map(|(f, _)| f.lfn.clone())
+                .collect();
+            let conflict = found
+                .iter()
+                .find(|(f, _)| f.lfn == clash.lfn)
+                .and_then(|(_, r)| r.iter().find(|r| r.reason.contains("conflict")).cloned());
+            (registered_now.len() == 7).then_some((registered_now, conflict?))
+        },
+    )
+    .await
+    .unwrap();
+    assert!(!registered_now.contains(&clash.lfn));
+    assert!(
+        conflict.reason.contains("00000001") && conflict.reason.contains(&clash.adler32),
+        "{conflict:?}"
+    );
+    let listed = rucio.dataset_files(&scope, &production_id).await;
+    assert_eq!(
+        listed.keys().cloned().collect::<BTreeSet<_>>(),
+        registered_now,
+        "the conflicting file is not attached"
+    );
+    let still = app
+        .production_when(
+            "the production held by the conflict",
+            Duration::from_secs(30),
+            &production_id,
+            |p| {
+                p.forwarding
+                    .first()
+                    .is_some_and(|d| d.forwarded == 7 && d.failing == 1)
+            },
+        )
+        .await;
+    assert!(!still.finished, "{still:?}");
+    assert!(
+        still
+            .held_reason
+            .contains("forwarding to rucio-test is failing"),
+        "{still:?}"
+    );
     app.stop().await;
 }

@@ -254,6 +254,34 @@ impl Registering {
                 }
             }
         }
+        // A file Rucio already knows with another checksum or size is a
+        // conflict: reported, never registered over.
+        let known: Vec<&Item> = items
+            .iter()
+            .zip(&datasets)
+            .filter(|(_, d)| d.is_some())
+            .map(|(item, _)| item)
+            .collect();
+        match self.conflicts(&known).await {
+            Ok(conflicts) => {
+                for ((item, dataset), outcome) in items
+                    .iter()
+                    .zip(datasets.iter_mut())
+                    .zip(outcomes.iter_mut())
+                {
+                    if let Some(reason) = conflicts.get(&item.lfn) {
+                        *dataset = None;
+                        *outcome = Err(reason.clone());
+                    }
+                }
+            }
+            Err(reason) => {
+                for outcome in outcomes.iter_mut().filter(|o| o.is_ok()) {
+                    *outcome = Err(reason.clone());
+                }
+                return outcomes;
+            }
+        }
         let files: Vec<Value> = items
             .iter()
             .zip(&datasets)
@@ -284,6 +312,57 @@ impl Registering {
             }
         }
         outcomes
+    }
+
+    /// The files of `items` Rucio knows with another adler32 or size, and
+    /// why each is a conflict.
+    async fn conflicts(&self, items: &[&Item]) -> Result<HashMap<String, String>, String> {
+        let scope = &self.settings.scope;
+        let mut conflicts = HashMap::new();
+        let ours: HashMap<&str, &Item> = items.iter().map(|i| (i.lfn.as_str(), *i)).collect();
+        for chunk in items.chunks(MAX_ATTACH) {
+            let dids: Vec<Value> = chunk
+                .iter()
+                .map(|i| json!({ "scope": scope, "name": i.lfn }))
+                .collect();
+            let text = self
+                .client
+                .call(
+                    Method::POST,
+                    "/dids/bulkmeta",
+                    Some(json!({ "dids": dids })),
+                    &[],
+                )
+                .await?;
+            for line in text.lines().filter(|l| !l.trim().is_empty()) {
+                let known: Value = serde_json::from_str(line).map_err(|e| {
+                    format!(
+                        "rucio {}: POST /dids/bulkmeta answered {line:?}: {e}",
+                        self.client.destination
+                    )
+                })?;
+                let Some(item) = known["name"].as_str().and_then(|n| ours.get(n)) else {
+                    continue;
+                };
+                let adler32 = known["adler32"].as_str().unwrap_or_default();
+                let bytes = known["bytes"].as_u64();
+                if adler32 != item.adler32 || bytes != Some(item.size) {
+                    conflicts.insert(
+                        item.lfn.clone(),
+                        format!(
+                            "conflict: rucio {} has {scope}:{} with adler32 {adler32} and {} bytes, \
+                             the catalog has adler32 {} and {} bytes",
+                            self.client.destination,
+                            item.lfn,
+                            bytes.map(|b| b.to_string()).unwrap_or_else(|| "no".into()),
+                            item.adler32,
+                            item.size
+                        ),
+                    );
+                }
+            }
+        }
+        Ok(conflicts)
     }
 
     async fn register_files(
@@ -505,7 +584,7 @@ impl Client {
         })
     }
 
-    /// Calls `path`; an answer of 2xx, or 409 with one of `fine_conflicts`
+    /// Calls `path`; its answer's body when it is 2xx, or 409 with one of `fine_conflicts`
     /// (the thing exists already), is success. A refused token is renewed
     /// and the call made once more.
     async fn call(
@@ -514,7 +593,7 @@ impl Client {
         path: &str,
         body: Option<Value>,
         fine_conflicts: &[&str],
-    ) -> Result<Value, String> {
+    ) -> Result<String, String> {
         let mut renewed = false;
         loop {
             let token = self.token(renewed).await?;
@@ -533,11 +612,11 @@ impl Client {
             let status = response.status();
             let text = response.text().await.unwrap_or_default();
             if status.is_success() {
-                return Ok(serde_json::from_str(&text).unwrap_or(Value::Null));
+                return Ok(text);
             }
             let (class, message) = rucio_error(&text);
             if status == StatusCode::CONFLICT && fine_conflicts.contains(&class.as_str()) {
-                return Ok(Value::Null);
+                return Ok(String::new());
             }
             if status == StatusCode::UNAUTHORIZED && !renewed {
                 renewed = true;
