@@ -652,3 +652,65 @@ async fn an_unknown_rse_holds_until_it_is_added_and_a_conflicting_file_is_never_
     );
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_refused_token_holds_until_the_token_file_holds_a_good_one() {
+    let xrootd = server("xrootd", "rucio");
+    let rucio_url = server("rucio", "rucio");
+    let rucio = Rucio::login(&rucio_url).await;
+    let base = base_path();
+    let scope = rucio.scope().await;
+    let rse = rucio.rse_on(&xrootd, &base).await;
+    let token_file = std::env::temp_dir().join(format!(
+        "prodsys-rucio-token-{}",
+        uuid::Uuid::now_v7().simple()
+    ));
+    std::fs::write(&token_file, "root-expired-token\n").unwrap();
+    let app = spawn_app_with(|env| {
+        rucio_destinations(env, &xrootd, &base, &rucio_url, &scope, &rse);
+        let Some(DestinationSettings::Rucio(r)) =
+            env.settings.forwarding.destinations.get_mut("rucio-test")
+        else {
+            unreachable!()
+        };
+        r.auth = RucioAuth::Token {
+            file: Some(token_file.clone()),
+            env: None,
+            token: None,
+        };
+    })
+    .await;
+    let production_id = app.accepted(forwarded_to(&["rucio-test"])).await;
+    // Rucio refuses the token: held with its answer.
+    wait_for(
+        "a registration refused with 401",
+        Duration::from_secs(120),
+        || async {
+            files_of(&app, &production_id)
+                .await
+                .into_iter()
+                .flat_map(|(_, r)| r)
+                .find(|r| {
+                    r.state() == pb::ReplicaState::Failed
+                        && r.reason.contains("401")
+                        && r.reason.contains("CannotAuthenticate")
+                })
+        },
+    )
+    .await
+    .unwrap();
+    let held = app.production(&production_id).await.unwrap();
+    assert!(!held.finished, "{held:?}");
+    // Whatever renews the token writes a good one: the next try reads it.
+    std::fs::write(&token_file, format!("{}\n", rucio.token)).unwrap();
+    app.production_when(
+        "the production finished with the new token",
+        Duration::from_secs(90),
+        &production_id,
+        |p| p.finished,
+    )
+    .await;
+    assert_eq!(rucio.dataset_files(&scope, &production_id).await.len(), 8);
+    std::fs::remove_file(&token_file).unwrap();
+    app.stop().await;
+}
