@@ -227,14 +227,14 @@ async fn the_cta_example_is_forwarded_to_xrootd_and_downloaded_with_prodctl() {
     let to = app.env.work_dir.join("downloads");
     let catalog = format!("http://{}", app.stack.addr(prodsys::Service::Catalog).unwrap());
     let prodctl = built_binary("prodctl", "prodctl");
+    // Asynchronously: the stack answers on this test's runtime.
     let get = || {
-        std::process::Command::new(&prodctl)
+        tokio::process::Command::new(&prodctl)
             .args(["--catalog", &catalog, "get", &production_id, "--to"])
             .arg(&to)
             .output()
-            .expect("running prodctl get")
     };
-    let first = get();
+    let first = get().await.unwrap();
     let stdout = String::from_utf8_lossy(&first.stdout);
     assert!(
         first.status.success(),
@@ -248,7 +248,7 @@ async fn the_cta_example_is_forwarded_to_xrootd_and_downloaded_with_prodctl() {
         assert_eq!(std::fs::metadata(&path).unwrap().len(), file.size);
     }
     // Again: everything is there and correct, nothing is fetched.
-    let second = get();
+    let second = get().await.unwrap();
     let stdout = String::from_utf8_lossy(&second.stdout);
     assert!(second.status.success(), "{stdout}");
     assert_eq!(stdout.matches("present").count(), 8, "{stdout}");
@@ -256,7 +256,7 @@ async fn the_cta_example_is_forwarded_to_xrootd_and_downloaded_with_prodctl() {
     // A file damaged locally is fetched again; one chosen by metadata only.
     let damaged = files.iter().find(|f| f.metadata["nsb"] == "5").unwrap();
     std::fs::write(to.join(damaged.lfn.trim_start_matches('/')), b"damaged").unwrap();
-    let third = std::process::Command::new(&prodctl)
+    let third = tokio::process::Command::new(&prodctl)
         .args([
             "--catalog",
             &catalog,
@@ -268,6 +268,7 @@ async fn the_cta_example_is_forwarded_to_xrootd_and_downloaded_with_prodctl() {
         ])
         .arg(&to)
         .output()
+        .await
         .unwrap();
     let stdout = String::from_utf8_lossy(&third.stdout);
     assert!(third.status.success(), "{stdout}");
@@ -310,12 +311,16 @@ async fn an_xrootd_outage_holds_the_production_and_everything_arrives_once_it_is
     );
     let found = files_of(&app, &production_id).await;
     assert!(found.iter().all(|(_, r)| verified(r, "xrd-test").is_none()));
-    let failed = found
-        .iter()
-        .flat_map(|(_, r)| r)
-        .find(|r| r.state() == pb::ReplicaState::Failed)
-        .expect("a failed replica");
-    assert!(failed.attempts >= 1 && !failed.reason.is_empty(), "{failed:?}");
+    // Each replica failed at least once, with the reason (some may be being
+    // tried again right now).
+    for (file, replicas) in &found {
+        let r = &replicas[0];
+        assert!(r.attempts >= 1 && !r.reason.is_empty(), "{file:?} {r:?}");
+        assert!(
+            matches!(r.state(), pb::ReplicaState::Failed | pb::ReplicaState::Copying),
+            "{r:?}"
+        );
+    }
     // Still not finished a while later: retried, never given up on, never
     // reported in place.
     tokio::time::sleep(Duration::from_secs(2)).await;

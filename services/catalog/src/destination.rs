@@ -284,6 +284,17 @@ impl Xroot {
     /// the reason it failed (its stderr).
     async fn run(&self, program: &str, args: &[&str]) -> Result<String, CopyError> {
         let mut command = Command::new(program);
+        // The forwarder retries with its own backoff: the client tries to
+        // connect once and gives up within seconds (its defaults keep trying
+        // for minutes), unless the deployment's environment says otherwise.
+        for (key, value) in [
+            ("XRD_CONNECTIONRETRY", "1"),
+            ("XRD_CONNECTIONWINDOW", "10"),
+        ] {
+            if std::env::var_os(key).is_none() {
+                command.env(key, value);
+            }
+        }
         command
             .args(args)
             .stdin(Stdio::null())
