@@ -121,7 +121,13 @@ async fn with_replicas(
 ) -> Vec<(pb::OutputFile, Vec<pb::Replica>)> {
     let mut all = Vec::new();
     loop {
-        let page = app.catalog.clone().find_files(query.clone()).await.unwrap().into_inner();
+        let page = app
+            .catalog
+            .clone()
+            .find_files(query.clone())
+            .await
+            .unwrap()
+            .into_inner();
         assert_eq!(page.files.len(), page.replicas.len());
         for (file, replicas) in page.files.into_iter().zip(page.replicas) {
             assert_eq!(file.lfn, replicas.lfn);
@@ -225,7 +231,10 @@ async fn the_cta_example_is_forwarded_to_xrootd_and_downloaded_with_prodctl() {
         std::fs::remove_file(file.url.strip_prefix("file://").unwrap()).unwrap();
     }
     let to = app.env.work_dir.join("downloads");
-    let catalog = format!("http://{}", app.stack.addr(prodsys::Service::Catalog).unwrap());
+    let catalog = format!(
+        "http://{}",
+        app.stack.addr(prodsys::Service::Catalog).unwrap()
+    );
     let prodctl = built_binary("prodctl", "prodctl");
     // Asynchronously: the stack answers on this test's runtime.
     let get = || {
@@ -241,7 +250,11 @@ async fn the_cta_example_is_forwarded_to_xrootd_and_downloaded_with_prodctl() {
         "{stdout}{}",
         String::from_utf8_lossy(&first.stderr)
     );
-    assert_eq!(stdout.matches("downloaded from root://").count(), 8, "{stdout}");
+    assert_eq!(
+        stdout.matches("downloaded from root://").count(),
+        8,
+        "{stdout}"
+    );
     for file in &files {
         let path = to.join(file.lfn.trim_start_matches('/'));
         assert_eq!(adler32_of(&path), file.adler32, "{}", file.lfn);
@@ -273,7 +286,11 @@ async fn the_cta_example_is_forwarded_to_xrootd_and_downloaded_with_prodctl() {
     let stdout = String::from_utf8_lossy(&third.stdout);
     assert!(third.status.success(), "{stdout}");
     assert_eq!(stdout.lines().count(), 4, "the NSB 5 files only: {stdout}");
-    assert_eq!(stdout.matches("downloaded from root://").count(), 1, "{stdout}");
+    assert_eq!(
+        stdout.matches("downloaded from root://").count(),
+        1,
+        "{stdout}"
+    );
     assert_eq!(
         adler32_of(&to.join(damaged.lfn.trim_start_matches('/'))),
         damaged.adler32
@@ -300,13 +317,16 @@ async fn an_xrootd_outage_holds_the_production_and_everything_arrives_once_it_is
             &production_id,
             |p| {
                 p.state() == pb::ProductionState::Completed
-                    && p.forwarding.first().is_some_and(|d| d.total == 8 && d.failing > 0)
+                    && p.forwarding
+                        .first()
+                        .is_some_and(|d| d.total == 8 && d.failing > 0)
             },
         )
         .await;
     assert!(!held.finished, "{held:?}");
     assert!(
-        held.held_reason.contains("forwarding to xrd-test is failing"),
+        held.held_reason
+            .contains("forwarding to xrd-test is failing"),
         "{held:?}"
     );
     let found = files_of(&app, &production_id).await;
@@ -317,7 +337,10 @@ async fn an_xrootd_outage_holds_the_production_and_everything_arrives_once_it_is
         let r = &replicas[0];
         assert!(r.attempts >= 1 && !r.reason.is_empty(), "{file:?} {r:?}");
         assert!(
-            matches!(r.state(), pb::ReplicaState::Failed | pb::ReplicaState::Copying),
+            matches!(
+                r.state(),
+                pb::ReplicaState::Failed | pb::ReplicaState::Copying
+            ),
             "{r:?}"
         );
     }
@@ -367,7 +390,11 @@ async fn a_posix_copy_that_does_not_verify_is_removed_and_made_again() {
     let mut disk = PathBuf::new();
     let app = spawn_app_with(|env| {
         disk = env.work_dir.join("disk");
-        forwarding_to(env, "disk", DestinationSettings::Posix { path: disk.clone() });
+        forwarding_to(
+            env,
+            "disk",
+            DestinationSettings::Posix { path: disk.clone() },
+        );
     })
     .await;
     let production_id = app.accepted(forwarded_to("disk")).await;
@@ -463,7 +490,11 @@ async fn without_destinations_outputs_stay_where_they_are_and_a_request_for_one_
             .collect::<Vec<_>>(),
         ["forward[0]"]
     );
-    assert!(validation.violations[0].description.contains("none is configured"));
+    assert!(
+        validation.violations[0]
+            .description
+            .contains("none is configured")
+    );
     // Empty names are refused at the door.
     let refused = app
         .submit(pb::SubmitRequestRequest {

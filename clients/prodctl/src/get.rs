@@ -107,8 +107,12 @@ async fn fetch(source: &str, part: &Path, xrdcp: &str) -> Result<(), String> {
 pub enum Fetched {
     /// Already there with the catalog's size and adler32.
     Present,
-    Downloaded { from: String },
-    Failed { reasons: Vec<String> },
+    Downloaded {
+        from: String,
+    },
+    Failed {
+        reasons: Vec<String>,
+    },
 }
 
 /// Downloads `file` under `to` unless it is already there and correct.

@@ -635,7 +635,12 @@ fn progress_line(p: &pb::Production) -> String {
     let forwarding: String = p
         .forwarding
         .iter()
-        .map(|d| format!(", forwarded to {} {}/{}", d.destination, d.forwarded, d.total))
+        .map(|d| {
+            format!(
+                ", forwarded to {} {}/{}",
+                d.destination, d.forwarded, d.total
+            )
+        })
         .collect();
     let finished = if p.finished && !p.forwarding.is_empty() {
         ", outputs in place"

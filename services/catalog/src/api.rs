@@ -76,8 +76,7 @@ impl CatalogApi {
         after: &str,
         page_size: u32,
     ) -> Result<pb::FindFilesResponse> {
-        let (files, replicas, more) =
-            store::files_page(&self.db, query, after, page_size).await?;
+        let (files, replicas, more) = store::files_page(&self.db, query, after, page_size).await?;
         let next_page_token = if more {
             files.last().map(|f| f.lfn.clone()).unwrap_or_default()
         } else {

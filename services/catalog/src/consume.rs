@@ -69,7 +69,10 @@ impl Registrar {
             }
         }
         // The forwarding locks first, all at once and in order.
-        let registering: Vec<&str> = files.iter().map(|(_, f)| f.production_id.as_str()).collect();
+        let registering: Vec<&str> = files
+            .iter()
+            .map(|(_, f)| f.production_id.as_str())
+            .collect();
         let planning: Vec<&str> = plans.iter().map(|a| a.production_id.as_str()).collect();
         store::lock_forwarding(&tx, &registering, &planning).await?;
         for a in &plans {

@@ -287,10 +287,7 @@ impl Xroot {
         // The forwarder retries with its own backoff: the client tries to
         // connect once and gives up within seconds (its defaults keep trying
         // for minutes), unless the deployment's environment says otherwise.
-        for (key, value) in [
-            ("XRD_CONNECTIONRETRY", "1"),
-            ("XRD_CONNECTIONWINDOW", "10"),
-        ] {
+        for (key, value) in [("XRD_CONNECTIONRETRY", "1"), ("XRD_CONNECTIONWINDOW", "10")] {
             if std::env::var_os(key).is_none() {
                 command.env(key, value);
             }

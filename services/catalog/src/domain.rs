@@ -447,10 +447,22 @@ mod tests {
 
     #[test]
     fn replica_states_and_lock_keys() {
-        assert_eq!(replica_state("verified"), prodsys_proto::ReplicaState::Verified);
-        assert_eq!(replica_state("nonsense"), prodsys_proto::ReplicaState::Unspecified);
-        assert_eq!(forwarding_lock_key("CTA-000001"), forwarding_lock_key("CTA-000001"));
-        assert_ne!(forwarding_lock_key("CTA-000001"), forwarding_lock_key("CTA-000002"));
+        assert_eq!(
+            replica_state("verified"),
+            prodsys_proto::ReplicaState::Verified
+        );
+        assert_eq!(
+            replica_state("nonsense"),
+            prodsys_proto::ReplicaState::Unspecified
+        );
+        assert_eq!(
+            forwarding_lock_key("CTA-000001"),
+            forwarding_lock_key("CTA-000001")
+        );
+        assert_ne!(
+            forwarding_lock_key("CTA-000001"),
+            forwarding_lock_key("CTA-000002")
+        );
     }
 
     fn types() -> KeyTypes {

@@ -122,24 +122,23 @@ impl Forwarder {
             };
             let free = slots.available_permits() + 1;
             let limit = free.min(self.settings.claim_batch.max(1)) as i64;
-            let claimed = match store::claim_replicas(&self.db, self.claimer, limit, self.ttl())
-                .await
-            {
-                Ok(claimed) => {
-                    backoff.reset();
-                    claimed
-                }
-                Err(error) => {
-                    drop(first);
-                    let wait = backoff.next_wait();
-                    tracing::warn!(%error, ?wait, "forwarding: claiming replicas failed");
-                    tokio::select! {
-                        _ = tokio::time::sleep(wait) => {}
-                        _ = shutdown.cancelled() => break,
+            let claimed =
+                match store::claim_replicas(&self.db, self.claimer, limit, self.ttl()).await {
+                    Ok(claimed) => {
+                        backoff.reset();
+                        claimed
                     }
-                    continue;
-                }
-            };
+                    Err(error) => {
+                        drop(first);
+                        let wait = backoff.next_wait();
+                        tracing::warn!(%error, ?wait, "forwarding: claiming replicas failed");
+                        tokio::select! {
+                            _ = tokio::time::sleep(wait) => {}
+                            _ = shutdown.cancelled() => break,
+                        }
+                        continue;
+                    }
+                };
             if claimed.is_empty() {
                 drop(first);
                 // Woken by new replicas, or soon for retries coming due.
@@ -262,10 +261,8 @@ impl Forwarder {
 
     /// Writes results in batches (one transaction for what has arrived).
     async fn record(self: Arc<Self>, mut received: mpsc::UnboundedReceiver<(Claimed, CopyResult)>) {
-        let mut backoff = prodsys_messaging::Backoff::new(
-            Duration::from_millis(200),
-            Duration::from_secs(5),
-        );
+        let mut backoff =
+            prodsys_messaging::Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
         while let Some(first) = received.recv().await {
             let mut batch = vec![first];
             while batch.len() < 1000 {

@@ -102,11 +102,8 @@ pub fn forward_channel(db: &Db) -> String {
 }
 
 async fn wake_forwarders(tx: &Transaction<'_>) -> anyhow::Result<()> {
-    tx.execute_cached(
-        "SELECT pg_notify(current_schema() || '_forward', '')",
-        &[],
-    )
-    .await?;
+    tx.execute_cached("SELECT pg_notify(current_schema() || '_forward', '')", &[])
+        .await?;
     Ok(())
 }
 

@@ -36,7 +36,10 @@ pub fn check_forward(forward: &[String], violations: &mut Vec<Violation>) {
     if forward.len() > MAX_FORWARD {
         violations.push(Violation::new(
             "forward",
-            format!("names {} destinations, more than {MAX_FORWARD}", forward.len()),
+            format!(
+                "names {} destinations, more than {MAX_FORWARD}",
+                forward.len()
+            ),
         ));
     }
     for (i, name) in forward.iter().enumerate() {

@@ -1519,8 +1519,13 @@ mod tests {
             ["km3-tmp"]
         );
         assert_eq!(
-            km3.destinations(&params, &["eos".into(), "km3-tmp".into()], false, &configured)
-                .unwrap(),
+            km3.destinations(
+                &params,
+                &["eos".into(), "km3-tmp".into()],
+                false,
+                &configured
+            )
+            .unwrap(),
             ["km3-tmp", "eos"]
         );
         assert_eq!(
@@ -1528,7 +1533,11 @@ mod tests {
                 .unwrap(),
             ["eos"]
         );
-        assert!(km3.destinations(&params, &[], true, &configured).unwrap().is_empty());
+        assert!(
+            km3.destinations(&params, &[], true, &configured)
+                .unwrap()
+                .is_empty()
+        );
         // An unknown name is a violation of the field that named it.
         let bad = json!({ "output_storage": "KM3NeT-TMP-DISK" });
         let v = km3
@@ -1536,13 +1545,21 @@ mod tests {
             .unwrap_err();
         let fields: Vec<&str> = v.iter().map(|v| v.field.as_str()).collect();
         assert_eq!(fields, ["parameters.output_storage", "forward[1]"]);
-        assert!(v[1].description.contains("eos, km3-tmp") || v[1].description.contains("km3-tmp, eos"));
+        assert!(
+            v[1].description.contains("eos, km3-tmp") || v[1].description.contains("km3-tmp, eos")
+        );
         // With no destination configured the profile's defaults are ignored
         // (outputs stay where they are), but asking for one is refused.
         assert!(km3.destinations(&bad, &[], false, &[]).unwrap().is_empty());
-        let v = km3.destinations(&bad, &["eos".into()], false, &[]).unwrap_err();
+        let v = km3
+            .destinations(&bad, &["eos".into()], false, &[])
+            .unwrap_err();
         assert_eq!(v[0].field, "forward[0]");
-        assert!(v[0].description.contains("none is configured"), "{}", v[0].description);
+        assert!(
+            v[0].description.contains("none is configured"),
+            "{}",
+            v[0].description
+        );
     }
 
     #[test]

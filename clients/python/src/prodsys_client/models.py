@@ -198,10 +198,14 @@ class Production:
     # Why its jobs are not moving, while its WMS installation is failing.
     held_reason: str | None
     updated: datetime | None
+    # Files forwarded / registered per destination the production asked for.
+    forwarding: dict[str, tuple[int, int]] = field(default_factory=dict)
+    # Ended, and its outputs on every destination it asked for.
+    outputs_in_place: bool = False
 
     @property
     def finished(self) -> bool:
-        return self.state in TERMINAL_STATES
+        return self.state in TERMINAL_STATES and (self.outputs_in_place or not self.forwarding)
 
     @classmethod
     def from_pb(cls, p: status_pb2.Production) -> Production:
@@ -217,6 +221,8 @@ class Production:
             estimate=ResourceEstimate.from_pb(p.estimate) if p.HasField("estimate") else None,
             held_reason=p.held_reason or None,
             updated=_time(p.updated_unix_ms),
+            forwarding={d.destination: (d.forwarded, d.total) for d in p.forwarding},
+            outputs_in_place=p.finished,
         )
 
 
