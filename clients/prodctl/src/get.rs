@@ -14,7 +14,12 @@ use prodsys_proto as pb;
 
 /// Where a file can be read from, best first.
 pub fn sources(file: &pb::OutputFile, replicas: &[pb::Replica]) -> Vec<String> {
-    let verified = |r: &&pb::Replica| r.state() == pb::ReplicaState::Verified && !r.url.is_empty();
+    let verified = |r: &&pb::Replica| {
+        matches!(
+            r.state(),
+            pb::ReplicaState::Verified | pb::ReplicaState::Registered
+        ) && !r.url.is_empty()
+    };
     let mut local: Vec<String> = Vec::new();
     let mut remote: Vec<String> = Vec::new();
     for url in std::iter::once(&file.url).chain(replicas.iter().filter(verified).map(|r| &r.url)) {

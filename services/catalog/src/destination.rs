@@ -76,6 +76,9 @@ impl Destination {
                     timeout,
                 }))
             }
+            DestinationSettings::Rucio(_) => anyhow::bail!(
+                "forwarding.destinations.{name}: a rucio destination registers copies; it is not copied to"
+            ),
         }
     }
 

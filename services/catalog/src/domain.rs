@@ -397,6 +397,7 @@ pub fn replica_state(state: &str) -> prodsys_proto::ReplicaState {
         "pending" => S::Pending,
         "copying" => S::Copying,
         "verified" => S::Verified,
+        "registered" => S::Registered,
         "failed" => S::Failed,
         _ => S::Unspecified,
     }

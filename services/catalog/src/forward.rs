@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use prodsys_config::ForwardingSettings;
+use prodsys_config::{DestinationSettings, ForwardingSettings};
 use prodsys_core::events::{FORWARDING_PROGRESS, PRODUCTION_FORWARDED};
 use prodsys_db::Db;
 use prodsys_proto as pb;
@@ -28,6 +28,7 @@ use uuid::Uuid;
 
 use crate::destination::{CopyError, Destination};
 use crate::domain;
+use crate::rucio::{RegisterError, Registrar};
 use crate::store::{self, Claimed, CopyResult};
 
 /// Productions announced per sweep transaction.
@@ -37,6 +38,9 @@ const SWEEP_BATCH: i64 = 100;
 pub struct Forwarder {
     db: Db,
     destinations: HashMap<String, Destination>,
+    /// The `rucio` destinations: each copies to one of `destinations` and
+    /// registers what landed there.
+    registrars: HashMap<String, Arc<Registrar>>,
     settings: ForwardingSettings,
     /// This process's name on its claims.
     claimer: Uuid,
@@ -49,14 +53,30 @@ impl Forwarder {
             return Ok(None);
         }
         let timeout = Duration::from_secs(settings.copy_timeout_s.max(1));
-        let destinations = settings
+        let destinations: HashMap<String, Destination> = settings
             .destinations
             .iter()
+            .filter(|(_, d)| !matches!(d, DestinationSettings::Rucio(_)))
             .map(|(name, d)| Ok((name.clone(), Destination::from_settings(name, d, timeout)?)))
+            .collect::<anyhow::Result<_>>()?;
+        let registrars = settings
+            .destinations
+            .iter()
+            .filter_map(|(name, d)| match d {
+                DestinationSettings::Rucio(rucio) => Some((name, rucio)),
+                _ => None,
+            })
+            .map(|(name, rucio)| {
+                Ok((
+                    name.clone(),
+                    Registrar::new(name, rucio, &destinations, db.clone())?,
+                ))
+            })
             .collect::<anyhow::Result<_>>()?;
         Ok(Some(Self {
             db,
             destinations,
+            registrars,
             settings: settings.clone(),
             claimer: Uuid::now_v7(),
         }))
@@ -172,6 +192,20 @@ impl Forwarder {
     /// One copy: already there and correct (a resumed or retried copy), or
     /// copied and verified, or failed with the reason.
     async fn copy_one(&self, claim: &Claimed) -> CopyResult {
+        if let Some(registrar) = self.registrars.get(&claim.destination) {
+            return match registrar.forward(claim).await {
+                Ok(url) => CopyResult::Registered { url },
+                Err(RegisterError::Waiting(reason)) => CopyResult::Waiting {
+                    reason,
+                    retry_in: Duration::from_millis(self.settings.retry_min_ms.max(100)),
+                },
+                Err(RegisterError::Failed(reason)) => {
+                    tracing::info!(lfn = %claim.lfn, destination = %claim.destination,
+                        %reason, "registration failed");
+                    self.failed(claim, reason)
+                }
+            };
+        }
         let Some(destination) = self.destinations.get(&claim.destination) else {
             return self.failed(
                 claim,

@@ -22,6 +22,7 @@ pub mod destination;
 pub mod domain;
 pub mod error;
 pub mod forward;
+pub mod rucio;
 pub mod store;
 
 use std::sync::Arc;
@@ -43,6 +44,7 @@ pub const MIGRATIONS: &[Migration] = prodsys_db::migrations![
     "0002_running_totals_per_production.sql",
     "0020_numeric_metadata_as_numbers.sql",
     "0100_forwarding.sql",
+    "0110_registered_replicas.sql",
 ];
 
 /// Consumers of the catalog's queue: registrations commute (running totals,

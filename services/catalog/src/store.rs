@@ -156,7 +156,7 @@ pub async fn claim_replicas(
         .query_cached(
             "WITH due AS (
                  SELECT lfn, destination FROM replicas
-                 WHERE state <> 'verified' AND next_try_at <= now()
+                 WHERE state NOT IN ('verified', 'registered') AND next_try_at <= now()
                  ORDER BY next_try_at LIMIT $1 FOR UPDATE SKIP LOCKED)
              UPDATE replicas r SET state = 'copying', claimed_by = $2,
                     next_try_at = now() + $3 * interval '1 millisecond', updated_at = now()
@@ -205,6 +205,16 @@ pub async fn renew_claims(
 pub enum CopyResult {
     /// On the destination at `url` with the catalogued adler32.
     Verified { url: String },
+    /// Registered on a Rucio destination, its PFN `url` verified on the
+    /// storage.
+    Registered { url: String },
+    /// Not tried yet for a reason outside this replica (the copy it
+    /// registers is still being made): due again after `retry_in`, no
+    /// attempt counted.
+    Waiting {
+        reason: String,
+        retry_in: std::time::Duration,
+    },
     /// Tried again after `retry_in`.
     Failed {
         reason: String,
@@ -239,6 +249,18 @@ pub async fn record_copies(
                 reasons.push("");
                 retry_ms.push(0f64);
             }
+            CopyResult::Registered { url } => {
+                states.push("registered");
+                urls.push(url.as_str());
+                reasons.push("");
+                retry_ms.push(0f64);
+            }
+            CopyResult::Waiting { reason, retry_in } => {
+                states.push("pending");
+                urls.push("");
+                reasons.push(reason.as_str());
+                retry_ms.push(retry_in.as_millis() as f64);
+            }
             CopyResult::Failed { reason, retry_in } => {
                 states.push("failed");
                 urls.push("");
@@ -252,9 +274,10 @@ pub async fn record_copies(
     let rows = tx
         .query_cached(
             "UPDATE replicas r SET state = v.state, url = v.url, reason = v.reason,
-                    attempts = r.attempts + 1, claimed_by = NULL, updated_at = now(),
+                    attempts = r.attempts + (v.state <> 'pending')::int, claimed_by = NULL,
+                    updated_at = now(),
                     next_try_at = now() + v.retry_ms * interval '1 millisecond',
-                    verified_at = CASE WHEN v.state = 'verified' THEN now() END
+                    verified_at = CASE WHEN v.state IN ('verified', 'registered') THEN now() END
              FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::float8[])
                   AS v (lfn, destination, state, url, reason, retry_ms)
              WHERE r.lfn = v.lfn AND r.destination = v.destination
@@ -311,7 +334,7 @@ pub async fn sweep_forwarding(tx: &Transaction<'_>, limit: i64) -> anyhow::Resul
         let recorded: bool = row.get(2);
         let counts = tx
             .query_cached(
-                "SELECT d, count(r.lfn), count(r.lfn) FILTER (WHERE r.state = 'verified'),
+                "SELECT d, count(r.lfn), count(r.lfn) FILTER (WHERE r.state IN ('verified', 'registered')),
                         count(r.lfn) FILTER (WHERE r.state = 'failed'),
                         COALESCE(max(r.reason) FILTER (WHERE r.state = 'failed'), '')
                  FROM unnest($2::text[]) WITH ORDINALITY AS u (d, n)

@@ -11,6 +11,9 @@ use std::path::{Path, PathBuf};
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize, Serializer};
 
+mod rucio;
+pub use rucio::{RucioAuth, RucioRule, RucioSettings};
+
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default)]
 pub struct Settings {
@@ -247,8 +250,7 @@ impl Default for ForwardingSettings {
     }
 }
 
-/// One destination outputs are forwarded to, by kind. Another kind (a Rucio
-/// server) is another variant.
+/// One destination outputs are forwarded to, by kind.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
 pub enum DestinationSettings {
@@ -266,6 +268,10 @@ pub enum DestinationSettings {
         #[serde(default = "default_xrdfs")]
         xrdfs: String,
     },
+    /// A Rucio server: each file, once copied to the `storage` destination,
+    /// is registered there as a replica on an RSE and attached to its
+    /// production's dataset.
+    Rucio(Box<RucioSettings>),
 }
 
 fn default_xrdcp() -> String {

@@ -446,9 +446,9 @@ def _fetch(f: common_pb2.OutputFile, replicas, target: Path, xrdcp: str) -> str:
     wanted = (f.size, f.adler32)
     if _size_and_adler32(target) == wanted:
         return "present"
-    verified = [
-        r.url for r in replicas if r.state == common_pb2.REPLICA_STATE_VERIFIED and r.url
-    ]
+    # A replica registered on a Rucio destination is verified on its storage too.
+    readable = (common_pb2.REPLICA_STATE_VERIFIED, common_pb2.REPLICA_STATE_REGISTERED)
+    verified = [r.url for r in replicas if r.state in readable and r.url]
     local = [u for u in [f.url, *verified] if u.startswith("file://") or u.startswith("/")]
     remote = [u for u in verified if u.startswith(("root://", "xroot://"))]
     target.parent.mkdir(parents=True, exist_ok=True)
