@@ -4,7 +4,9 @@
 //! answer, and the one mapping from the boundary error to `tonic::Status`.
 
 pub mod batch;
+pub mod failure;
 
+pub use failure::Failure;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
