@@ -21,7 +21,7 @@ pub const EXIT_CODES: &str = "\
 Exit codes:
   0  success
   1  usage error (bad arguments, unreadable request file) or any other failure
-  2  invalid request: refused with field violations (validate, submit, request)
+  2  invalid request: refused with field violations (validate, submit)
   3  not found (no such request, production or dead letter)
   4  unavailable: a service cannot be reached or is not SERVING (health)
   5  the watched production ended in a state other than COMPLETED, or not in time";
