@@ -124,6 +124,23 @@ async fn act(
 ) -> anyhow::Result<ExitCode> {
     match action {
         Action::List => {
+            if crate::output::json() {
+                let list: Vec<serde_json::Value> = letters
+                    .iter()
+                    .map(|letter| {
+                        let d = &letter.delivery;
+                        serde_json::json!({
+                            "message_id": message_id(d),
+                            "type": header(d, "type"),
+                            "routing_key": origin(d).1,
+                            "reason": reason(d),
+                            "time": time(d),
+                        })
+                    })
+                    .collect();
+                crate::output::print(&list.into());
+                return Ok(ExitCode::SUCCESS);
+            }
             if letters.is_empty() {
                 eprintln!("{} is empty", names.dead_letter_queue(service));
             }
@@ -152,7 +169,7 @@ async fn act(
                     "no dead letter {id} in {}",
                     names.dead_letter_queue(service)
                 );
-                return Ok(ExitCode::FAILURE);
+                return Ok(ExitCode::from(crate::output::NOT_FOUND));
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -211,7 +228,7 @@ fn finish(
                 "no dead letter {id} in {}",
                 names.dead_letter_queue(service)
             );
-            Ok(ExitCode::FAILURE)
+            Ok(ExitCode::from(crate::output::NOT_FOUND))
         }
         _ => Ok(ExitCode::SUCCESS),
     }

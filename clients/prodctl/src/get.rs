@@ -174,13 +174,13 @@ pub async fn run(
     let mut stream = catalog
         .stream_files(query)
         .await
-        .map_err(|s| anyhow::anyhow!(crate::explain(&s)))?
+        .map_err(crate::output::status)?
         .into_inner();
     let mut files = Vec::new();
     while let Some(page) = stream
         .message()
         .await
-        .map_err(|s| anyhow::anyhow!(crate::explain(&s)))?
+        .map_err(crate::output::status)?
     {
         // Replicas come beside the files, in the same order.
         let mut replicas = page.replicas.into_iter().map(|r| r.replicas);

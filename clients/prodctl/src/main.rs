@@ -1,32 +1,38 @@
 //! prodctl — talk to a prodsys deployment from a terminal.
 //!
-//! `prodctl submit FILE [--watch]`, `prodctl request ID`, `prodctl status ID`,
-//! `prodctl files [ID] [--where 'nsb=5' ...]`, `prodctl get ID [--to DIR]
-//! [--metadata k=v ...]`, `prodctl health`, `prodctl dlq
-//! list|show|replay|drop SERVICE` (dead letters, over AMQP). Exit code 0 on success; 1 when the
-//! request is refused or the production does not complete; 2 on usage errors.
+//! `prodctl submit FILE [--watch]`, `prodctl watch ID`, `prodctl request ID`,
+//! `prodctl status ID`, `prodctl files [ID] [--where 'nsb=5' ...]`, `prodctl get ID
+//! [--to DIR] [--metadata k=v ...]`, `prodctl health`, `prodctl dlq
+//! list|show|replay|drop SERVICE` (dead letters, over AMQP), `prodctl completions
+//! SHELL`. `--output json` for scripts; the exit codes are in [`output::EXIT_CODES`].
 
 mod dlq;
 mod get;
+mod output;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use output::Output;
 use prodsys_proto as pb;
 use serde::Deserialize;
 use tonic::transport::Channel;
-use tonic_types::StatusExt;
 
 #[derive(Parser)]
 #[command(
     name = "prodctl",
     version,
-    about = "Client of the prodsys production request system"
+    about = "Client of the prodsys production request system",
+    after_help = output::EXIT_CODES
 )]
 struct Cli {
+    /// Answer as text, or as JSON for scripts (JSON lines when following a production).
+    #[arg(short, long, value_enum, default_value_t, global = true)]
+    output: Output,
     #[arg(
         long,
         env = "PRODSYS_INTAKE_URL",
@@ -81,6 +87,13 @@ enum Command {
         #[arg(long)]
         extend: bool,
         /// How long --watch waits in all, in seconds.
+        #[arg(long, default_value_t = 3600)]
+        timeout: u64,
+    },
+    /// Follow a production to its end; exit 0 only when it COMPLETED.
+    Watch {
+        production_id: String,
+        /// How long to wait in all, in seconds.
         #[arg(long, default_value_t = 3600)]
         timeout: u64,
     },
@@ -167,6 +180,8 @@ enum Command {
         #[command(subcommand)]
         action: DlqCommand,
     },
+    /// Print a completion script: `prodctl completions bash > /etc/bash_completion.d/prodctl`.
+    Completions { shell: clap_complete::Shell },
 }
 
 #[derive(Subcommand)]
@@ -254,13 +269,22 @@ impl RequestFile {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(error) => {
+            let _ = error.print();
+            // --help and --version are answers; anything else is a usage error.
+            return ExitCode::from(if error.use_stderr() {
+                output::FAILURE
+            } else {
+                output::OK
+            });
+        }
+    };
+    output::set(cli.output);
     match run(cli).await {
         Ok(code) => code,
-        Err(error) => {
-            eprintln!("prodctl: {error:#}");
-            ExitCode::FAILURE
-        }
+        Err(error) => output::report(&error),
     }
 }
 
@@ -270,19 +294,14 @@ pub(crate) async fn connect(url: &str) -> anyhow::Result<Channel> {
         .connect_timeout(Duration::from_secs(5))
         .connect()
         .await
-        .with_context(|| format!("cannot reach {url}"))
-}
-
-/// A gRPC error as a person reads it, with each field violation on its own line.
-pub(crate) fn explain(status: &tonic::Status) -> String {
-    let mut text = format!("{:?}: {}", status.code(), status.message());
-    if let Some(bad) = status.get_details_bad_request() {
-        text = format!("{:?}: the request was refused", status.code());
-        for v in bad.field_violations {
-            text.push_str(&format!("\n  {}: {}", v.field, v.description));
-        }
-    }
-    text
+        .map_err(|error| {
+            output::Failure::new(
+                output::UNAVAILABLE,
+                "UNAVAILABLE",
+                format!("cannot reach {url}: {error}"),
+            )
+            .into()
+        })
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -301,6 +320,23 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             request.extend |= extend;
             submit(&cli, request, watch, Duration::from_secs(timeout)).await
         }
+        Command::Watch {
+            ref production_id,
+            timeout,
+        } => {
+            let deadline = Instant::now() + Duration::from_secs(timeout);
+            let state = watch_production(&cli, production_id, deadline).await?;
+            Ok(ended(state))
+        }
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "prodctl",
+                &mut std::io::stdout(),
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Validate { ref file, extend } => {
             let mut request = RequestFile::load(file)?;
             request.extend |= extend;
@@ -309,13 +345,17 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let v = intake
                 .validate_request(request)
                 .await
-                .map_err(|s| anyhow::anyhow!(explain(&s)))?
+                .map_err(output::status)?
                 .into_inner();
-            print_validation(&v);
+            if output::json() {
+                output::print(&output::validation(&v));
+            } else {
+                print_validation(&v);
+            }
             Ok(if v.acceptable {
                 ExitCode::SUCCESS
             } else {
-                ExitCode::FAILURE
+                ExitCode::from(output::INVALID)
             })
         }
         Command::Request { ref request_id } => {
@@ -326,9 +366,13 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     request_id: request_id.clone(),
                 })
                 .await
-                .map_err(|s| anyhow::anyhow!(explain(&s)))?
+                .map_err(output::status)?
                 .into_inner();
-            print_request(&request);
+            if output::json() {
+                output::print(&output::request(&request));
+            } else {
+                print_request(&request);
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Status { ref production_id } => {
@@ -339,9 +383,13 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     production_id: production_id.clone(),
                 })
                 .await
-                .map_err(|s| anyhow::anyhow!(explain(&s)))?
+                .map_err(output::status)?
                 .into_inner();
-            println!("{}", progress_line(&production));
+            if output::json() {
+                output::print(&output::production(&production));
+            } else {
+                println!("{}", progress_line(&production));
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Files {
@@ -358,8 +406,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             {
                 Ok(c) => c,
                 Err(e) => {
-                    eprintln!("prodctl files: {e}");
-                    return Ok(ExitCode::from(2));
+                    return Err(output::Failure::new(output::FAILURE, "INVALID_ARGUMENT", e).into());
                 }
             };
             let query = pb::FindFilesRequest {
@@ -370,7 +417,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ..Default::default()
             };
             let count = stream_files(&cli.catalog, query, metadata).await?;
-            eprintln!("{count} file(s)");
+            if !output::json() {
+                eprintln!("{count} file(s)");
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Get {
@@ -435,16 +484,24 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             let mut intake =
                 pb::request_service_client::RequestServiceClient::new(connect(&cli.intake).await?);
-            intake
+            let answer = intake
                 .cancel_production(pb::CancelProductionRequest {
                     production_id: production_id.clone(),
                     reason: reason.clone(),
                 })
                 .await
-                .map_err(|s| anyhow::anyhow!(explain(&s)))?;
-            println!(
-                "cancellation of {production_id} requested; follow it with: prodctl status {production_id}"
-            );
+                .map_err(output::status)?
+                .into_inner();
+            if output::json() {
+                output::print(&serde_json::json!({
+                    "production_id": production_id,
+                    "accepted": answer.accepted,
+                }));
+            } else {
+                println!(
+                    "cancellation of {production_id} requested; follow it with: prodctl status {production_id}"
+                );
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Profiles => {
@@ -453,8 +510,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let list = intake
                 .list_profiles(pb::ListProfilesRequest {})
                 .await
-                .map_err(|s| anyhow::anyhow!(explain(&s)))?
+                .map_err(output::status)?
                 .into_inner();
+            if output::json() {
+                output::print(&list.profiles.iter().map(output::profile).collect());
+                return Ok(ExitCode::SUCCESS);
+            }
             for p in &list.profiles {
                 let vos = if p.vos.is_empty() {
                     "any VO".to_string()
@@ -473,8 +534,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let list = intake
                 .list_templates(pb::ListTemplatesRequest { profile, name })
                 .await
-                .map_err(|s| anyhow::anyhow!(explain(&s)))?
+                .map_err(output::status)?
                 .into_inner();
+            if output::json() {
+                output::print(&list.templates.iter().map(output::template).collect());
+                return Ok(ExitCode::SUCCESS);
+            }
             if list.templates.is_empty() {
                 println!("no container templates");
             }
@@ -502,6 +567,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 
 async fn health(cli: &Cli) -> anyhow::Result<ExitCode> {
     let mut all = true;
+    let mut answers = Vec::new();
     for (name, url) in [
         ("intake", &cli.intake),
         ("checker", &cli.checker),
@@ -524,18 +590,25 @@ async fn health(cli: &Cli) -> anyhow::Result<ExitCode> {
                         }
                         other => format!("{other:?}"),
                     },
-                    Err(status) => explain(&status),
+                    Err(status) => output::status(status).to_string(),
                 }
             }
             Err(error) => format!("{error:#}"),
         };
         all &= verdict == "SERVING";
-        println!("{name:<10} {url:<28} {verdict}");
+        if output::json() {
+            answers.push(serde_json::json!({"service": name, "url": url, "status": verdict}));
+        } else {
+            println!("{name:<10} {url:<28} {verdict}");
+        }
+    }
+    if output::json() {
+        output::print(&answers.into());
     }
     Ok(if all {
         ExitCode::SUCCESS
     } else {
-        ExitCode::FAILURE
+        ExitCode::from(output::UNAVAILABLE)
     })
 }
 
@@ -584,22 +657,20 @@ async fn submit(
     let mut intake =
         pb::request_service_client::RequestServiceClient::new(connect(&cli.intake).await?);
     let answer = intake.submit_request(request).await;
-    let answer = match answer {
-        Ok(a) => a.into_inner(),
-        Err(status) => {
-            eprintln!("{}", explain(&status));
-            return Ok(ExitCode::FAILURE);
-        }
-    };
-    println!(
-        "request {}{}",
-        answer.request_id,
-        if answer.replayed {
-            " (already submitted with this key)"
-        } else {
-            ""
-        }
-    );
+    let answer = answer.map_err(output::status)?.into_inner();
+    if output::json() {
+        output::print(&serde_json::json!({"submitted": output::submitted(&answer)}));
+    } else {
+        println!(
+            "request {}{}",
+            answer.request_id,
+            if answer.replayed {
+                " (already submitted with this key)"
+            } else {
+                ""
+            }
+        );
+    }
     if !watch {
         return Ok(ExitCode::SUCCESS);
     }
@@ -610,7 +681,7 @@ async fn submit(
                 request_id: answer.request_id.clone(),
             })
             .await
-            .map_err(|s| anyhow::anyhow!(explain(&s)))?
+            .map_err(output::status)?
             .into_inner();
         if request.state() != pb::RequestState::Received {
             break request;
@@ -620,9 +691,13 @@ async fn submit(
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
-    print_request(&request);
+    if output::json() {
+        output::print(&serde_json::json!({"request": output::request(&request)}));
+    } else {
+        print_request(&request);
+    }
     if request.state() == pb::RequestState::Rejected {
-        return Ok(ExitCode::FAILURE);
+        return Ok(ExitCode::from(output::INVALID));
     }
     let final_state = watch_production(cli, &request.production_id, deadline).await?;
     // The catalog may be a moment behind the status service: wait for its record.
@@ -639,16 +714,23 @@ async fn submit(
             Err(s) if s.code() == tonic::Code::NotFound && Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
-            Err(s) => bail!(explain(&s)),
+            Err(s) => return Err(output::status(s)),
         }
     }
     let count = print_files(&cli.catalog, &request.production_id).await?;
-    println!("{count} file(s) catalogued for {}", request.production_id);
-    Ok(if final_state == pb::ProductionState::Completed {
+    if !output::json() {
+        println!("{count} file(s) catalogued for {}", request.production_id);
+    }
+    Ok(ended(final_state))
+}
+
+/// Exit 0 when the production COMPLETED, else the code for "ended otherwise".
+fn ended(state: pb::ProductionState) -> ExitCode {
+    if state == pb::ProductionState::Completed {
         ExitCode::SUCCESS
     } else {
-        ExitCode::FAILURE
-    })
+        ExitCode::from(output::NOT_COMPLETED)
+    }
 }
 
 fn print_request(request: &pb::Request) {
@@ -721,22 +803,77 @@ async fn watch_production(
             Err(s) if s.code() == tonic::Code::NotFound && Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
-            Err(s) => bail!(explain(&s)),
+            Err(s) => return Err(output::status(s)),
         }
     };
     let mut last = pb::ProductionState::Unspecified;
+    let bar = progress_bar();
     loop {
         let remaining = deadline.saturating_duration_since(Instant::now());
-        match tokio::time::timeout(remaining, stream.message()).await {
-            Err(_) => bail!("production {production_id} did not finish in time"),
-            Ok(Err(s)) => bail!(explain(&s)),
-            Ok(Ok(None)) => return Ok(last),
-            Ok(Ok(Some(snapshot))) => {
-                println!("{}", progress_line(&snapshot));
+        let message = match tokio::time::timeout(remaining, stream.message()).await {
+            Err(_) => {
+                bar.abandon();
+                return Err(output::Failure::new(
+                    output::NOT_COMPLETED,
+                    "DEADLINE_EXCEEDED",
+                    format!("production {production_id} did not finish in time"),
+                )
+                .into());
+            }
+            Ok(message) => message,
+        };
+        match message {
+            Ok(Some(snapshot)) => {
+                if output::json() {
+                    output::print(
+                        &serde_json::json!({"production": output::production(&snapshot)}),
+                    );
+                } else if bar.is_hidden() {
+                    println!("{}", progress_line(&snapshot));
+                } else {
+                    let c = snapshot.counts.unwrap_or_default();
+                    bar.set_length(snapshot.job_total);
+                    bar.set_position(c.done);
+                    bar.set_message(format!(
+                        "{} {:?}: {} running, {} failed",
+                        snapshot.production_id,
+                        snapshot.state(),
+                        c.running,
+                        c.failed + c.exhausted
+                    ));
+                    if snapshot.state() != last && last != pb::ProductionState::Unspecified {
+                        bar.println(progress_line(&snapshot));
+                    }
+                }
                 last = snapshot.state();
+            }
+            Ok(None) => {
+                bar.finish();
+                return Ok(last);
+            }
+            Err(s) => {
+                bar.abandon();
+                return Err(output::status(s));
             }
         }
     }
+}
+
+/// Jobs done of the total, with running and failed counts; hidden unless text
+/// goes to a terminal, so scripts see the plain lines.
+fn progress_bar() -> ProgressBar {
+    use std::io::IsTerminal;
+    if output::json() || !std::io::stdout().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(0);
+    if let Ok(style) =
+        ProgressStyle::with_template("[{elapsed_precise}] {wide_bar} {pos}/{len} jobs done  {msg}")
+    {
+        bar.set_style(style);
+    }
+    bar.enable_steady_tick(Duration::from_millis(200));
+    bar
 }
 
 /// `key=value`, `key!=value`, `key<value`, `key<=value`, `key>value`,
@@ -797,16 +934,15 @@ async fn stream_files(
     let mut stream = catalog
         .stream_files(query)
         .await
-        .map_err(|s| anyhow::anyhow!(explain(&s)))?
+        .map_err(output::status)?
         .into_inner();
     let mut count = 0;
-    while let Some(page) = stream
-        .message()
-        .await
-        .map_err(|s| anyhow::anyhow!(explain(&s)))?
-    {
+    let mut all = Vec::new();
+    while let Some(page) = stream.message().await.map_err(output::status)? {
         for f in &page.files {
-            if with_metadata {
+            if output::json() {
+                all.push(output::file(f));
+            } else if with_metadata {
                 let mut pairs: Vec<String> =
                     f.metadata.iter().map(|(k, v)| format!("{k}={v}")).collect();
                 pairs.sort();
@@ -823,6 +959,9 @@ async fn stream_files(
         }
         count += page.files.len();
     }
+    if output::json() {
+        output::print(&all.into());
+    }
     Ok(count)
 }
 
@@ -831,6 +970,7 @@ async fn print_files(catalog_url: &str, production_id: &str) -> anyhow::Result<u
         pb::catalog_service_client::CatalogServiceClient::new(connect(catalog_url).await?);
     let mut token = String::new();
     let mut count = 0;
+    let mut all = Vec::new();
     loop {
         let page = catalog
             .find_files(pb::FindFilesRequest {
@@ -840,13 +980,23 @@ async fn print_files(catalog_url: &str, production_id: &str) -> anyhow::Result<u
                 ..Default::default()
             })
             .await
-            .map_err(|s| anyhow::anyhow!(explain(&s)))?
+            .map_err(output::status)?
             .into_inner();
         for f in &page.files {
-            println!("{}  {:>12}  adler32:{}", f.lfn, f.size, f.adler32);
+            if output::json() {
+                all.push(output::file(f));
+            } else {
+                println!("{}  {:>12}  adler32:{}", f.lfn, f.size, f.adler32);
+            }
         }
         count += page.files.len();
         if page.next_page_token.is_empty() {
+            if output::json() {
+                output::print(&serde_json::json!({
+                    "production_id": production_id,
+                    "files": all,
+                }));
+            }
             return Ok(count);
         }
         token = page.next_page_token;
