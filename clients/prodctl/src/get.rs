@@ -177,11 +177,7 @@ pub async fn run(
         .map_err(crate::output::status)?
         .into_inner();
     let mut files = Vec::new();
-    while let Some(page) = stream
-        .message()
-        .await
-        .map_err(crate::output::status)?
-    {
+    while let Some(page) = stream.message().await.map_err(crate::output::status)? {
         // Replicas come beside the files, in the same order.
         let mut replicas = page.replicas.into_iter().map(|r| r.replicas);
         for file in page.files {
