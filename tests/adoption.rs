@@ -624,29 +624,6 @@ async fn a_new_dispatcher_cancels_the_jobs_it_adopted() {
     app.stop().await;
 }
 
-/// Slurm job names (and states) of the real test cluster holding `part`:
-/// finished jobs stay listed for MinJobAge (300 s).
-fn slurm_job_names(part: &str) -> Vec<(String, String)> {
-    let out = std::process::Command::new("squeue")
-        .arg("--json")
-        .output()
-        .unwrap();
-    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    doc["jobs"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|j| j["name"].as_str().unwrap_or_default().contains(part))
-        .map(|j| {
-            let state = match &j["job_state"] {
-                serde_json::Value::Array(a) => a[0].as_str().unwrap_or_default().to_string(),
-                s => s.as_str().unwrap_or_default().to_string(),
-            };
-            (j["name"].as_str().unwrap().to_string(), state)
-        })
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_dispatcher_killed_while_slurm_jobs_run_is_replaced_and_nothing_runs_twice() {
     const SLURM: &str = "slurm-adoption";
@@ -705,7 +682,7 @@ async fn a_dispatcher_killed_while_slurm_jobs_run_is_replaced_and_nothing_runs_t
 
     first.kill().await;
     // The cluster goes on without a dispatcher: wait until a job it ran ended meanwhile.
-    let running_at_kill: BTreeSet<String> = slurm_job_names(&ours)
+    let running_at_kill: BTreeSet<String> = support::slurm_jobs(&ours)
         .into_iter()
         .filter(|(_, state)| state == "RUNNING")
         .map(|(name, _)| name)
@@ -715,7 +692,7 @@ async fn a_dispatcher_killed_while_slurm_jobs_run_is_replaced_and_nothing_runs_t
         "a Slurm job to end while no dispatcher runs",
         Duration::from_secs(60),
         || async {
-            slurm_job_names(&ours)
+            support::slurm_jobs(&ours)
                 .iter()
                 .any(|(name, state)| running_at_kill.contains(name) && state == "COMPLETED")
                 .then_some(())
@@ -759,7 +736,7 @@ async fn a_dispatcher_killed_while_slurm_jobs_run_is_replaced_and_nothing_runs_t
     }
     // ... submitted to Slurm once (one job per attempt name) ...
     let mut names: BTreeMap<String, u32> = BTreeMap::new();
-    for (name, _) in slurm_job_names(&ours) {
+    for (name, _) in support::slurm_jobs(&ours) {
         *names.entry(name).or_default() += 1;
     }
     let expected: BTreeMap<String, u32> = (0..6).map(|i| (format!("{ours}{i:06}.a1"), 1)).collect();

@@ -4,23 +4,16 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::process::Command;
 use std::time::Duration;
 
 use prodsys_config::BackendSettings;
 use prodsys_proto as pb;
 use prodsys_testkit::{TestEnv, wait_for};
-use support::{cta_example, sleep_request, spawn_app_with, use_test_profiles};
+use support::{
+    cta_example, sleep_request, slurm_jobs, spawn_app_with, start_slurm, use_test_profiles,
+};
 
 const SLURM: &str = "slurm-test";
-
-fn start_slurm() {
-    let script = prodsys_testkit::repo_root().join("tests/servers/slurm/start");
-    let status = Command::new(script)
-        .status()
-        .expect("running tests/servers/slurm/start");
-    assert!(status.success(), "the Slurm test cluster did not start");
-}
 
 fn on_slurm(env: &mut TestEnv) {
     start_slurm();
@@ -34,25 +27,6 @@ fn on_slurm(env: &mut TestEnv) {
             sbatch_args: vec![],
         },
     )]);
-}
-
-/// Slurm jobs whose name holds `part` (squeue keeps finished ones a while).
-fn slurm_jobs(part: &str) -> Vec<(String, String)> {
-    let out = Command::new("squeue").args(["--json"]).output().unwrap();
-    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    doc["jobs"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|j| j["name"].as_str().unwrap_or_default().contains(part))
-        .map(|j| {
-            let state = match &j["job_state"] {
-                serde_json::Value::Array(a) => a[0].as_str().unwrap().to_string(),
-                s => s.as_str().unwrap().to_string(),
-            };
-            (j["name"].as_str().unwrap().to_string(), state)
-        })
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

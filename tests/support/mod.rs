@@ -625,3 +625,34 @@ pub fn broker_connections(prefix: &str) -> Vec<String> {
         .filter_map(|line| line.split('\t').next().map(str::to_string))
         .collect()
 }
+
+/// Starts (or finds running) the real one-host Slurm of the suite.
+pub fn start_slurm() {
+    let script = prodsys_testkit::repo_root().join("tests/servers/slurm/start");
+    let status = std::process::Command::new(script)
+        .status()
+        .expect("running tests/servers/slurm/start");
+    assert!(status.success(), "the Slurm test cluster did not start");
+}
+
+/// Slurm jobs whose name holds `part` (squeue keeps finished ones a while).
+pub fn slurm_jobs(part: &str) -> Vec<(String, String)> {
+    let out = std::process::Command::new("squeue")
+        .args(["--json"])
+        .output()
+        .unwrap();
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    doc["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|j| j["name"].as_str().unwrap_or_default().contains(part))
+        .map(|j| {
+            let state = match &j["job_state"] {
+                serde_json::Value::Array(a) => a[0].as_str().unwrap().to_string(),
+                s => s.as_str().unwrap().to_string(),
+            };
+            (j["name"].as_str().unwrap().to_string(), state)
+        })
+        .collect()
+}
