@@ -127,9 +127,17 @@ async fn a_page_of_productions_is_one_statement() {
         }
     };
     list().await; // prepares the statement on a pooled connection
-    let before = executed.load(Ordering::SeqCst);
-    let page = list().await;
-    let statements = executed.load(Ordering::SeqCst) - before;
+    // The service reads in the background too (its relay, its backlog
+    // sample); the fewest statements over a few pages is the page's own.
+    let mut statements = usize::MAX;
+    let mut page = None;
+    for _ in 0..5 {
+        let before = executed.load(Ordering::SeqCst);
+        let listed = list().await;
+        statements = statements.min(executed.load(Ordering::SeqCst) - before);
+        page = Some(listed);
+    }
+    let page = page.unwrap();
     assert_eq!(page.productions.len(), 50);
     assert_eq!(page.next_page_token, "LIST-000050");
     let running = &page.productions[0];
@@ -138,8 +146,7 @@ async fn a_page_of_productions_is_one_statement() {
     let done = &page.productions[4];
     let counts = done.counts.unwrap();
     assert_eq!((counts.done, counts.running), (10, 0), "{done:?}");
-    // One for the page; a little room for the service's own background reads.
-    assert!(statements <= 3, "a page of 50 took {statements} statements");
+    assert!(statements <= 1, "a page of 50 took {statements} statements");
     shutdown.cancel();
     let _ = tokio::time::timeout(std::time::Duration::from_secs(10), stack.wait()).await;
     env.cleanup().await;
