@@ -22,6 +22,8 @@ pub struct StatusApi {
     pub db: Db,
     /// Production IDs as their changes commit; empty when any may have changed.
     pub changes: broadcast::Sender<String>,
+    /// The checker, which answers `ListTemplates` for the dashboard.
+    pub checker: pb::checker_service_client::CheckerServiceClient<tonic::transport::Channel>,
 }
 
 /// How long a watch waits for a finished production's counts to settle.
