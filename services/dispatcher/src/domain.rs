@@ -190,6 +190,13 @@ pub struct Prepared<'a> {
 /// Checks an accepted production against the loaded profiles and the
 /// deployment's job ceiling, and plans it; why not, if it cannot be (the
 /// event is then dead-lettered with that reason).
+/// Whether `id` is `<prefix>-<digits>`, as the checker gives IDs.
+pub fn is_production_id_of(prefix: &str, id: &str) -> bool {
+    id.strip_prefix(prefix)
+        .and_then(|rest| rest.strip_prefix('-'))
+        .is_some_and(|n| !n.is_empty() && n.len() <= 18 && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
 pub fn prepare<'a>(
     profiles: &ProfileSet,
     max_jobs: u64,
@@ -199,8 +206,49 @@ pub fn prepare<'a>(
     let profile = profiles
         .get(&accepted.profile)
         .ok_or_else(|| format!("unknown profile {:?}", accepted.profile))?;
+    // The ID becomes a directory under the work directory, and the
+    // parameters a command line: neither is trusted because an event says so.
+    if !is_production_id_of(profile.id_prefix(), &accepted.production_id) {
+        return Err(format!(
+            "production_id {:?} is not an ID of profile {} ({}-NNNNNN)",
+            accepted.production_id,
+            profile.name(),
+            profile.id_prefix()
+        ));
+    }
     let parameters: serde_json::Value = serde_json::from_str(&accepted.parameters_json)
         .map_err(|e| format!("parameters are not JSON: {e}"))?;
+    // As the request was checked: without the resolved container template
+    // the checker adds (a container job's command is built from it).
+    let mut requested = parameters.clone();
+    if let Some(fields) = requested.as_object_mut() {
+        fields.remove(prodsys_core::container::TEMPLATE_KEY);
+    }
+    let mut violations = profile.validate(&accepted.vo, &requested);
+    // The template's image is the one thing of it that runs: it must be one
+    // the VO may run, whatever the event says.
+    if let (Some(containers), Some(template)) = (
+        profile.containers(),
+        parameters.get(prodsys_core::container::TEMPLATE_KEY),
+    ) {
+        let image = template.get("image").and_then(|i| i.as_str()).unwrap_or("");
+        if !containers.policy.allows(&accepted.vo, image) {
+            violations.push(prodsys_core::Violation::new(
+                "parameters.template.image",
+                format!("{image:?} is not an image {} may run", accepted.vo),
+            ));
+        }
+    }
+    if !violations.is_empty() {
+        let found: Vec<String> = violations
+            .iter()
+            .map(|v| format!("{}: {}", v.field, v.description))
+            .collect();
+        return Err(format!(
+            "the accepted request breaks its profile: {}",
+            found.join("; ")
+        ));
+    }
     let plan = profile
         .plan(
             &parameters,
@@ -321,6 +369,77 @@ pub fn new_productions<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_accepted_request_is_checked_again_before_it_becomes_paths_and_commands() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let profiles = ProfileSet::load_dir(&root.join("profiles")).unwrap();
+        let example: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(root.join("examples/cta-irf-mc.json")).unwrap(),
+        )
+        .unwrap();
+        let accepted =
+            |production_id: &str, vo: &str, parameters: &serde_json::Value| pb::RequestAccepted {
+                request_id: Uuid::now_v7().to_string(),
+                production_id: production_id.into(),
+                profile: "cta-irf-mc".into(),
+                vo: vo.into(),
+                fingerprint: "f".repeat(64),
+                parameters_json: parameters.to_string(),
+                backend: "local".into(),
+                ..Default::default()
+            };
+        let at = chrono::Utc::now();
+        let parameters = &example["parameters"];
+        let vo = example["vo"].as_str().unwrap();
+        let fine = accepted("CTA-000042", vo, parameters);
+        assert!(prepare(&profiles, 1_000_000, at, &fine).is_ok());
+        for id in [
+            "CTA-000001/../../etc",
+            "KM3-000001",
+            "CTA-",
+            "CTA-12a",
+            "../CTA-1",
+        ] {
+            let event = accepted(id, vo, parameters);
+            let reason = prepare(&profiles, 1_000_000, at, &event).err().unwrap();
+            assert!(
+                reason.contains("is not an ID of profile cta-irf-mc"),
+                "{reason}"
+            );
+        }
+        let other_vo = accepted("CTA-000043", "km3net.org", parameters);
+        let reason = prepare(&profiles, 1_000_000, at, &other_vo).err().unwrap();
+        assert!(reason.contains("vo:"), "{reason}");
+        let mut injected = parameters.clone();
+        injected["site"] = "LaPalma; rm -rf /".into();
+        let event = accepted("CTA-000044", vo, &injected);
+        let reason = prepare(&profiles, 1_000_000, at, &event).err().unwrap();
+        assert!(reason.contains("parameters.site"), "{reason}");
+
+        // A container production's resolved template: its image must be one
+        // the VO may run.
+        let km3net: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(root.join("examples/km3net-container-sim.json")).unwrap(),
+        )
+        .unwrap();
+        let with_image = |image: &str| {
+            let mut parameters = km3net["parameters"].clone();
+            parameters[prodsys_core::container::TEMPLATE_KEY] = serde_json::json!({
+                "name": "gseagen-7.4.1", "image": image, "runtime": "podman",
+            });
+            pb::RequestAccepted {
+                profile: "km3net-container-sim".into(),
+                ..accepted("KM-000001", "km3net.org", &parameters)
+            }
+        };
+        let digest = format!("sha256:{}", "ab".repeat(32));
+        let allowed = with_image(&format!("localhost/km3net/toysim@{digest}"));
+        assert!(prepare(&profiles, 1_000_000, at, &allowed).is_ok());
+        let forged = with_image(&format!("docker.io/evil/miner@{digest}"));
+        let reason = prepare(&profiles, 1_000_000, at, &forged).err().unwrap();
+        assert!(reason.contains("parameters.template.image"), "{reason}");
+    }
 
     #[test]
     fn a_failed_attempt_is_retried_until_the_profile_s_limit_then_exhausted() {
