@@ -248,6 +248,44 @@ async fn the_cta_example_is_forwarded_to_xrootd_and_downloaded_with_prodctl() {
             .arg(&to)
             .output()
     };
+    // The replicas as prodctl lists them: under each file, the destination,
+    // its state and where the copy is; in JSON beside each file.
+    let listed = tokio::process::Command::new(&prodctl)
+        .args(["--catalog", &catalog, "files", &production_id, "--replicas"])
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&listed.stdout);
+    assert!(listed.status.success(), "{stdout}");
+    for file in &files {
+        assert!(
+            stdout.contains(&format!(
+                "    xrd-test verified {server}/{base}{}\n",
+                file.lfn
+            )),
+            "{stdout}"
+        );
+    }
+    let listed = tokio::process::Command::new(&prodctl)
+        .args([
+            "--output",
+            "json",
+            "--catalog",
+            &catalog,
+            "files",
+            &production_id,
+        ])
+        .arg("--replicas")
+        .output()
+        .await
+        .unwrap();
+    let json: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+    let json = json.as_array().unwrap();
+    assert_eq!(json.len(), 8, "{json:?}");
+    for file in json {
+        assert_eq!(file["replicas"][0]["destination"], "xrd-test", "{file}");
+        assert_eq!(file["replicas"][0]["state"], "verified", "{file}");
+    }
     let first = get().await.unwrap();
     let stdout = String::from_utf8_lossy(&first.stdout);
     assert!(
