@@ -1,4 +1,4 @@
-//! `cargo run --release -p prodsys-bench -- [all|raw|submit|latency|status|catalog|plan] [--smoke] [--write]`
+//! `cargo run --release -p prodsys-bench -- [all|raw|submit|latency|status|catalog|plan|containers] [--smoke] [--write]`
 //!
 //! Measures, in one run on this machine, the raw limits of RabbitMQ and
 //! PostgreSQL (same client libraries and message size as prodsys) and what
@@ -17,6 +17,7 @@
 #![allow(clippy::needless_update)]
 
 mod amqp;
+mod containers;
 mod raw;
 mod report;
 mod services;
@@ -45,6 +46,8 @@ pub enum Scenario {
     Catalog,
     /// One production of a million jobs planned and persisted.
     Plan,
+    /// Container jobs through prodsys beside `podman run` of the same command.
+    Containers,
 }
 
 #[derive(Debug, Parser)]
@@ -80,6 +83,12 @@ pub struct Args {
     /// Jobs of the production the plan scenario plans (default 1,000,000, smoke 20,000).
     #[arg(long)]
     pub plan_jobs: Option<u64>,
+    /// Container jobs of the containers scenario (default 1,000, smoke 4).
+    #[arg(long)]
+    pub container_jobs: Option<u64>,
+    /// Container jobs at once, in prodsys and in the raw run (default 2).
+    #[arg(long)]
+    pub container_concurrency: Option<usize>,
     /// Internal: run this one service (the bench starts each service so).
     #[arg(long, hide = true, requires = "config")]
     pub serve: Option<String>,
@@ -137,6 +146,7 @@ pub struct Results {
     pub status: Option<stack::StatusResult>,
     pub catalog: Option<stack::CatalogResult>,
     pub plan: Option<stack::PlanResult>,
+    pub containers: Option<containers::ContainerResult>,
     pub errors: Vec<String>,
 }
 
@@ -295,7 +305,7 @@ async fn run(args: &Args) -> anyhow::Result<Results> {
         );
     }
 
-    if scenario != Scenario::Raw {
+    if !matches!(scenario, Scenario::Raw | Scenario::Containers) {
         results.stack_plan = Some(stack_plan);
         eprintln!("prodsys: starting the five services, each in its own process …");
         let bench = stack::Bench::start().await?;
@@ -452,6 +462,30 @@ async fn run(args: &Args) -> anyhow::Result<Results> {
         check(&mut results);
         eprintln!("prodsys: stopping and cleaning up …");
         results.service_rss_peak = bench.stop().await;
+    }
+    if wants(Scenario::Containers) && scenario != Scenario::Raw {
+        let plan = containers::ContainerPlan {
+            jobs: args
+                .container_jobs
+                .unwrap_or(if args.smoke { 4 } else { 1000 }),
+            concurrency: args.container_concurrency.unwrap_or(2),
+        };
+        eprintln!(
+            "containers: {} jobs, {} at once, through prodsys and with podman run …",
+            plan.jobs, plan.concurrency
+        );
+        match containers::run(plan).await {
+            Ok(r) => {
+                eprintln!(
+                    "  podman run {:.1} s, prodsys {:.1} s: {:.2}×",
+                    r.raw_seconds,
+                    r.prodsys_seconds,
+                    r.ratio()
+                );
+                results.containers = Some(r);
+            }
+            Err(e) => results.errors.push(format!("containers: {e:#}")),
+        }
     }
     results.wall_seconds = began.elapsed().as_secs_f64();
     for error in &results.errors {
