@@ -1,6 +1,7 @@
 //! The status dashboard in a real browser (Chromium, driven through
 //! chromedriver's W3C WebDriver API): it shows a production submitted after
-//! the page was opened and follows it live to COMPLETED without a reload;
+//! the page was opened and follows it live to COMPLETED, and its outputs
+//! to their destination (files forwarded / catalogued), without a reload;
 //! the JSON API and /metrics answer with the same read model.
 
 mod support;
@@ -8,14 +9,24 @@ mod support;
 use std::time::Duration;
 
 use prodsys::Service;
+use prodsys_config::DestinationSettings;
+use prodsys_proto as pb;
 use prodsys_testkit::wait_for;
 use serde_json::{Value, json};
 use support::browser::Browser;
-use support::{cta_example, spawn_app};
+use support::{cta_example, spawn_app_with};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_dashboard_follows_a_production_live_in_a_browser() {
-    let app = spawn_app().await;
+    // Its outputs go to a directory standing for a storage element.
+    let app = spawn_app_with(|env| {
+        let path = env.work_dir.join("disk");
+        env.settings
+            .forwarding
+            .destinations
+            .insert("disk".into(), DestinationSettings::Posix { path });
+    })
+    .await;
     let status = format!("http://{}", app.stack.addr(Service::Status).unwrap());
     let browser = Browser::start().await;
     // The page is open before the production exists ...
@@ -31,7 +42,12 @@ async fn the_dashboard_follows_a_production_live_in_a_browser() {
     })
     .await
     .unwrap();
-    let production = app.accepted(cta_example()).await;
+    let production = app
+        .accepted(pb::SubmitRequestRequest {
+            forward: vec!["disk".into()],
+            ..cta_example()
+        })
+        .await;
     // ... and shows it, then its end, from events alone (never reloaded).
     let shown = wait_for(
         "the production on the page",
@@ -80,6 +96,22 @@ async fn the_dashboard_follows_a_production_live_in_a_browser() {
             .as_deref(),
         Some("0")
     );
+    // Its 8 outputs forwarded, and the production finished, on the page.
+    wait_for("8 of 8 files forwarded on the page", Duration::from_secs(60), || {
+        let browser = &browser;
+        let production = production.clone();
+        async move {
+            let forwarded = browser.field(&format!("p-{production}"), "forwarding").await?;
+            let finished = browser
+                .eval(&format!(
+                    "return document.querySelector('#p-{production} [data-field=\"finished\"]') !== null"
+                ))
+                .await;
+            (forwarded == "disk 8/8" && finished == json!(true)).then_some(())
+        }
+    })
+    .await
+    .unwrap();
     let navigations = browser
         .eval("return performance.getEntriesByType('navigation').length")
         .await;
@@ -98,6 +130,12 @@ async fn the_dashboard_follows_a_production_live_in_a_browser() {
         .unwrap();
     assert_eq!(one["state"], "COMPLETED", "{one}");
     assert_eq!(one["counts"]["done"], 4, "{one}");
+    assert_eq!(
+        one["forwarding"],
+        json!([{ "destination": "disk", "forwarded": 8, "total": 8, "failing": 0 }]),
+        "{one}"
+    );
+    assert_eq!(one["finished"], true, "{one}");
     let missing = http
         .get(format!("{status}/api/productions/CTA-999999"))
         .send()
@@ -133,5 +171,12 @@ async fn the_dashboard_follows_a_production_live_in_a_browser() {
         metrics.contains("prodsys_installation_up{installation=\"local\"} 1"),
         "{metrics}"
     );
+    for line in [
+        "prodsys_forwarding_files{destination=\"disk\"} 8",
+        "prodsys_forwarded_files{destination=\"disk\"} 8",
+        "prodsys_forwarding_failing_files{destination=\"disk\"} 0",
+    ] {
+        assert!(metrics.contains(line), "{line}: {metrics}");
+    }
     app.stop().await;
 }

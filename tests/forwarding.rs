@@ -4,7 +4,9 @@
 //! adler32 (as the storage itself computes it), replicas show in FindFiles,
 //! a production is finished only once its outputs are where it asked,
 //! `prodctl get` downloads and resumes, an outage of the storage holds and
-//! then recovers by itself, and a copy that does not verify is made again.
+//! then recovers by itself, a copy that does not verify is made again, and
+//! a production whose `production.completed` overtakes its last
+//! `job.output` finishes forwarding only once those outputs are there too.
 
 mod support;
 
@@ -12,10 +14,13 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use prodsys::Service;
 use prodsys_config::DestinationSettings;
 use prodsys_proto as pb;
 use prodsys_testkit::{TestEnv, wait_for};
-use support::{App, built_binary, cta_example, spawn_app_with, violated_fields};
+use support::{
+    App, built_binary, cta_example, publish_raw, spawn_app_with, spawn_services, violated_fields,
+};
 
 /// The XRootD instance `name` (tests/servers/xrootd/start: idempotent, so
 /// the tests of this binary share one); its `root://127.0.0.1:PORT`.
@@ -243,6 +248,44 @@ async fn the_cta_example_is_forwarded_to_xrootd_and_downloaded_with_prodctl() {
             .arg(&to)
             .output()
     };
+    // The replicas as prodctl lists them: under each file, the destination,
+    // its state and where the copy is; in JSON beside each file.
+    let listed = tokio::process::Command::new(&prodctl)
+        .args(["--catalog", &catalog, "files", &production_id, "--replicas"])
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&listed.stdout);
+    assert!(listed.status.success(), "{stdout}");
+    for file in &files {
+        assert!(
+            stdout.contains(&format!(
+                "    xrd-test verified {server}/{base}{}\n",
+                file.lfn
+            )),
+            "{stdout}"
+        );
+    }
+    let listed = tokio::process::Command::new(&prodctl)
+        .args([
+            "--output",
+            "json",
+            "--catalog",
+            &catalog,
+            "files",
+            &production_id,
+        ])
+        .arg("--replicas")
+        .output()
+        .await
+        .unwrap();
+    let json: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+    let json = json.as_array().unwrap();
+    assert_eq!(json.len(), 8, "{json:?}");
+    for file in json {
+        assert_eq!(file["replicas"][0]["destination"], "xrd-test", "{file}");
+        assert_eq!(file["replicas"][0]["state"], "verified", "{file}");
+    }
     let first = get().await.unwrap();
     let stdout = String::from_utf8_lossy(&first.stdout);
     assert!(
@@ -510,5 +553,192 @@ async fn without_destinations_outputs_stay_where_they_are_and_a_request_for_one_
     assert!(last.finished && last.forwarding.is_empty(), "{last:?}");
     let found = files_of(&app, &production_id).await;
     assert!(!found.is_empty() && found.iter().all(|(_, r)| r.is_empty()));
+    app.stop().await;
+}
+
+/// Publishes `message` on the test's event exchange as the services would.
+async fn publish_event(app: &App, short_type: &str, message: &impl prost::Message) {
+    publish_raw(
+        &app.env,
+        &format!("{}prodsys.events", app.env.prefix),
+        short_type,
+        &format!("org.prodsys.{short_type}.v1"),
+        &message.encode_to_vec(),
+    )
+    .await;
+}
+
+/// The `job.output` of job `job_index` of `production_id`: two small files
+/// written under `dir`.
+fn job_output(dir: &Path, production_id: &str, job_index: u64) -> pb::JobOutput {
+    let files = (0..2)
+        .map(|n| {
+            let bytes = format!("job {job_index} file {n} of {production_id}").into_bytes();
+            let path = dir.join(format!("job{job_index}-{n}.dat"));
+            std::fs::create_dir_all(dir).unwrap();
+            std::fs::write(&path, &bytes).unwrap();
+            pb::OutputFile {
+                lfn: format!("/vo.cta.in2p3.fr/MC/race/{production_id}/job{job_index}-{n}.dat"),
+                size: bytes.len() as u64,
+                adler32: adler32_of(&path),
+                url: format!("file://{}", path.display()),
+                production_id: production_id.into(),
+                job_index,
+                ..Default::default()
+            }
+        })
+        .collect();
+    pb::JobOutput {
+        production_id: production_id.into(),
+        job_index,
+        attempt: 1,
+        files,
+    }
+}
+
+/// production.completed handled before the last job.output of its
+/// production (another consumer's batch, a redelivery): the catalog has
+/// every file it knows of forwarded, but the production is not reported
+/// forwarded, nor finished, until the outputs of every job the dispatcher
+/// counted DONE are catalogued and forwarded too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_completion_that_overtakes_the_last_outputs_waits_for_them() {
+    prodsys_telemetry::init("warn");
+    let mut env = TestEnv::new().await.expect("test environment");
+    let disk = env.work_dir.join("disk");
+    let written = env.work_dir.join("written");
+    forwarding_to(
+        &mut env,
+        "disk",
+        DestinationSettings::Posix { path: disk.clone() },
+    );
+    // No checker, no dispatcher: the test speaks for them, in the order
+    // that used to lose files.
+    let app = spawn_services(env, &[Service::Intake, Service::Status, Service::Catalog]).await;
+    let production_id = "CTA-990001";
+    publish_event(
+        &app,
+        "request.accepted",
+        &pb::RequestAccepted {
+            request_id: uuid::Uuid::now_v7().to_string(),
+            production_id: production_id.into(),
+            profile: "cta-irf-mc".into(),
+            vo: "vo.cta.in2p3.fr".into(),
+            backend: "local".into(),
+            forward: vec!["disk".into()],
+            ..Default::default()
+        },
+    )
+    .await;
+    publish_event(
+        &app,
+        "production.dispatched",
+        &pb::ProductionDispatched {
+            production_id: production_id.into(),
+            job_total: 2,
+            ..Default::default()
+        },
+    )
+    .await;
+    publish_event(&app, "job.output", &job_output(&written, production_id, 0)).await;
+    publish_event(
+        &app,
+        "production.completed",
+        &pb::ProductionCompleted {
+            production_id: production_id.into(),
+            state: pb::ProductionState::Completed as i32,
+            counts: Some(pb::JobCounts {
+                done: 2,
+                ..Default::default()
+            }),
+        },
+    )
+    .await;
+
+    // The catalog took both, forwarded the first job's files, and swept
+    // since (its progress is announced, nothing left to look at)...
+    let db = app.env.db().await.unwrap();
+    wait_for(
+        "the first job's files forwarded and their progress announced",
+        Duration::from_secs(30),
+        || async {
+            let row = db
+                .query_one(
+                    "SELECT (SELECT count(*) FROM catalog.replicas
+                             WHERE production_id = $1 AND state = 'verified'),
+                            EXISTS (SELECT FROM catalog.productions WHERE production_id = $1),
+                            (SELECT NOT progress_dirty FROM catalog.forwarding
+                             WHERE production_id = $1)",
+                    &[&production_id],
+                )
+                .await
+                .unwrap();
+            (row.get::<_, i64>(0) == 2
+                && row.get::<_, bool>(1)
+                && row.get::<_, Option<bool>>(2) == Some(true))
+            .then_some(())
+        },
+    )
+    .await
+    .unwrap();
+    // ... and still does not call it forwarded: a job's outputs are missing.
+    let finished_at: Option<chrono::DateTime<chrono::Utc>> = db
+        .query_one(
+            "SELECT finished_at FROM catalog.forwarding WHERE production_id = $1",
+            &[&production_id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(finished_at, None, "forwarded with a job's outputs missing");
+    let seen = app
+        .production_when(
+            "status shows the production completed, 2 of 2 known files forwarded",
+            Duration::from_secs(30),
+            production_id,
+            |p| {
+                p.state() == pb::ProductionState::Completed
+                    && p.forwarding.first().is_some_and(|d| d.forwarded == 2)
+            },
+        )
+        .await;
+    assert!(
+        !seen.finished,
+        "finished with a job's outputs missing: {seen:?}"
+    );
+
+    // The late outputs arrive: forwarded, then finished with all four.
+    publish_event(&app, "job.output", &job_output(&written, production_id, 1)).await;
+    let done = app
+        .production_when(
+            "the production finished",
+            Duration::from_secs(30),
+            production_id,
+            |p| p.finished,
+        )
+        .await;
+    assert_eq!(
+        done.forwarding,
+        [pb::DestinationProgress {
+            destination: "disk".into(),
+            forwarded: 4,
+            total: 4,
+            failing: 0,
+            held_reason: String::new(),
+        }],
+        "{done:?}"
+    );
+    let landed = files_below(&disk);
+    assert_eq!(landed.len(), 4, "{landed:?}");
+    let record = app
+        .catalog
+        .clone()
+        .get_production_record(pb::GetProductionRecordRequest {
+            production_id: production_id.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(record.file_count, 4, "{record:?}");
     app.stop().await;
 }

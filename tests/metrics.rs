@@ -2,7 +2,8 @@
 //! the OpenMetrics text format that Prometheus' own parser reads: what its
 //! consumer settled and how large its batches were, how long events waited
 //! in its outbox, how many messages wait in its queue and in its outbox.
-//! Status adds its read model's gauges to the same exposition.
+//! Status adds its read model's gauges to the same exposition, among them
+//! files forwarded / catalogued per destination.
 
 mod support;
 
@@ -12,8 +13,10 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use prodsys::Service;
+use prodsys_config::DestinationSettings;
+use prodsys_proto as pb;
 use prodsys_testkit::wait_for;
-use support::{cta_example, spawn_app};
+use support::{cta_example, spawn_app_with};
 
 #[derive(Debug, serde::Deserialize)]
 struct Sample {
@@ -65,9 +68,29 @@ fn value(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> Option<f64>
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_service_reports_its_consumer_relay_and_backlog_in_openmetrics() {
-    let app = spawn_app().await;
-    let production = app.run_and_catalogue(cta_example()).await;
-    assert!(!production.is_empty());
+    let app = spawn_app_with(|env| {
+        let path = env.work_dir.join("disk");
+        env.settings
+            .forwarding
+            .destinations
+            .insert("disk".into(), DestinationSettings::Posix { path });
+    })
+    .await;
+    let production = app
+        .accepted(pb::SubmitRequestRequest {
+            forward: vec!["disk".into()],
+            ..cta_example()
+        })
+        .await;
+    let finished = app
+        .production_when(
+            "the production finished, its outputs forwarded",
+            Duration::from_secs(120),
+            &production,
+            |p| p.finished,
+        )
+        .await;
+    assert_eq!(finished.forwarding[0].forwarded, 8, "{finished:?}");
     let http = reqwest::Client::new();
     // Which services consume, and which publish through their outbox, in
     // the CTA example's run.
@@ -152,6 +175,18 @@ async fn every_service_reports_its_consumer_relay_and_backlog_in_openmetrics() {
                 Some(1.0),
                 "status adds its read model's gauges"
             );
+            // Files forwarded / catalogued, per destination.
+            for (gauge, n) in [
+                ("prodsys_forwarding_files", 8.0),
+                ("prodsys_forwarded_files", 8.0),
+                ("prodsys_forwarding_failing_files", 0.0),
+            ] {
+                assert_eq!(
+                    value(&samples, gauge, &[("destination", "disk")]),
+                    Some(n),
+                    "{gauge}"
+                );
+            }
         }
     }
     app.stop().await;

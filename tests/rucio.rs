@@ -6,7 +6,10 @@
 //! with that adler32 and size, its PFN on the RSE, its metadata, under the
 //! dataset's rule; registering again changes nothing; Rucio down or an RSE
 //! it does not know holds the production, which recovers by itself; a file
-//! Rucio knows with other bytes is a conflict, never registered over.
+//! Rucio knows with other bytes is a conflict, never registered over; and
+//! a catalog process killed with SIGKILL while it copies and registers
+//! hundreds of files resumes with nothing registered twice, nothing
+//! recorded that is not on the storage, and nothing missing.
 
 mod support;
 
@@ -713,4 +716,508 @@ async fn a_refused_token_holds_until_the_token_file_holds_a_good_one() {
     assert_eq!(rucio.dataset_files(&scope, &production_id).await.len(), 8);
     std::fs::remove_file(&token_file).unwrap();
     app.stop().await;
+}
+
+/// One `prodsys serve catalog` process of the test's own, so it can be
+/// killed with SIGKILL (no shutdown, no cleanup) and started again.
+struct CatalogProcess {
+    config: std::path::PathBuf,
+    log: std::path::PathBuf,
+    port: u16,
+    child: Option<std::process::Child>,
+}
+
+impl CatalogProcess {
+    async fn start(env: &TestEnv) -> Self {
+        std::fs::create_dir_all(&env.work_dir).unwrap();
+        let config = env.work_dir.join("catalog.toml");
+        std::fs::write(&config, toml::to_string(&env.settings).unwrap()).unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .unwrap()
+            .port();
+        let mut process = Self {
+            config,
+            log: env.work_dir.join("catalog.log"),
+            port,
+            child: None,
+        };
+        process.spawn().await;
+        process
+    }
+
+    async fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = std::process::Command::new(support::built_binary("prodsys", "prodsys"))
+            .args(["serve", "catalog", "--config"])
+            .arg(&self.config)
+            .env("PRODSYS__CATALOG__PORT", self.port.to_string())
+            .env("RUST_LOG", "info")
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("starting prodsys serve catalog");
+        self.child = Some(child);
+        let addr: std::net::SocketAddr = ([127, 0, 0, 1], self.port).into();
+        wait_for(
+            "the catalog process serving",
+            Duration::from_secs(60),
+            || async move {
+                let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+                    .ok()?
+                    .connect()
+                    .await
+                    .ok()?;
+                let answer = tonic_health::pb::health_client::HealthClient::new(channel)
+                    .check(tonic_health::pb::HealthCheckRequest::default())
+                    .await
+                    .ok()?
+                    .into_inner();
+                (answer.status
+                    == tonic_health::pb::health_check_response::ServingStatus::Serving as i32)
+                    .then_some(())
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}; log:\n{}", self.log_tail()));
+    }
+
+    fn kill(&mut self) {
+        let mut child = self.child.take().expect("a running catalog");
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    async fn client(
+        &self,
+    ) -> pb::catalog_service_client::CatalogServiceClient<tonic::transport::Channel> {
+        pb::catalog_service_client::CatalogServiceClient::new(
+            support::channel(([127, 0, 0, 1], self.port).into()).await,
+        )
+    }
+}
+
+impl Drop for CatalogProcess {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Publishes `message` on the test's event exchange as a service would.
+async fn publish_event(env: &TestEnv, short_type: &str, message: &impl prost::Message) {
+    support::publish_raw(
+        env,
+        &format!("{}prodsys.events", env.prefix),
+        short_type,
+        &format!("org.prodsys.{short_type}.v1"),
+        &message.encode_to_vec(),
+    )
+    .await;
+}
+
+/// The adler32 of what the XRootD instance `name` holds at `path` (its
+/// bytes on the storage), if it holds it.
+fn stored_adler32(name: &str, path: &str) -> Option<String> {
+    let on_disk = prodsys_testkit::repo_root()
+        .join(format!("var/servers/xrootd/{name}/data"))
+        .join(path.trim_start_matches('/'));
+    let file = std::fs::File::open(on_disk).ok()?;
+    Some(prodsys_core::checksum::adler32_hex(file).unwrap().1)
+}
+
+/// Every file the XRootD instance `name` holds below `base`, relative to it.
+fn stored_below(name: &str, base: &str) -> BTreeSet<String> {
+    fn walk(root: &std::path::Path, dir: &std::path::Path, out: &mut BTreeSet<String>) {
+        for entry in std::fs::read_dir(dir).into_iter().flatten() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                walk(root, &path, out);
+            } else {
+                out.insert(format!("/{}", path.strip_prefix(root).unwrap().display()));
+            }
+        }
+    }
+    let root = prodsys_testkit::repo_root()
+        .join(format!("var/servers/xrootd/{name}/data"))
+        .join(base.trim_start_matches('/'));
+    let mut out = BTreeSet::new();
+    walk(&root, &root, &mut out);
+    out
+}
+
+/// The catalog process killed with SIGKILL while it copies hundreds of
+/// files to XRootD and registers them in Rucio, then started again: at the
+/// kill, every replica it had recorded is on the storage with the
+/// catalogued adler32 (and, registered, in Rucio); after the restart it
+/// takes over the dead process's claims, and in the end every file is on
+/// each destination once, with its checksum, registered in Rucio once,
+/// and the production announced forwarded once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_catalog_killed_mid_forwarding_resumes_with_nothing_twice_and_nothing_missing() {
+    const JOBS: u64 = 20;
+    const FILES_PER_JOB: u64 = 20;
+    const XROOTD: &str = "rucio";
+    let xrootd = server("xrootd", XROOTD);
+    let rucio_url = server("rucio", "rucio");
+    let rucio = Rucio::login(&rucio_url).await;
+    let base = base_path();
+    let scope = rucio.scope().await;
+    let rse = rucio.rse_on(&xrootd, &format!("{base}/rucio")).await;
+
+    prodsys_telemetry::init("warn");
+    let mut env = TestEnv::new().await.expect("test environment");
+    rucio_destinations(
+        &mut env,
+        &xrootd,
+        &format!("{base}/rucio"),
+        &rucio_url,
+        &scope,
+        &rse,
+    );
+    // A second, plain copy destination beside Rucio's storage.
+    env.settings.forwarding.destinations.insert(
+        "xrd-plain".into(),
+        DestinationSettings::Xroot {
+            url: format!("{xrootd}/{base}/plain"),
+            xrdcp: "xrdcp".into(),
+            xrdfs: "xrdfs".into(),
+        },
+    );
+    // Few copies at once: the kill lands mid-run.
+    env.settings.forwarding.max_concurrent_copies = 4;
+    env.settings.forwarding.claim_batch = 4;
+    env.settings.forwarding.claim_ttl_ms = 3_000;
+    // Status runs here (it reports the production finished); the catalog
+    // is the process the test kills.
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let status_stack = prodsys::start(&[prodsys::Service::Status], &env.settings, shutdown.clone())
+        .await
+        .expect("starting status");
+    let status = pb::status_service_client::StatusServiceClient::new(
+        support::channel(status_stack.addr(prodsys::Service::Status).unwrap()).await,
+    );
+    // Every production.forwarded the catalog announces, counted.
+    let (amqp, channel) = env.amqp().await.unwrap();
+    let announced = format!("{}test.forwarded", env.prefix);
+    channel
+        .queue_declare(
+            announced.as_str().into(),
+            Default::default(),
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    channel
+        .queue_bind(
+            announced.as_str().into(),
+            format!("{}prodsys.events", env.prefix).into(),
+            "production.forwarded".into(),
+            Default::default(),
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    let mut catalog = CatalogProcess::start(&env).await;
+
+    // The production, its jobs' outputs and its end, as the checker and
+    // the dispatcher announce them.
+    let production_id = "CTA-990002";
+    publish_event(
+        &env,
+        "request.accepted",
+        &pb::RequestAccepted {
+            request_id: uuid::Uuid::now_v7().to_string(),
+            production_id: production_id.into(),
+            profile: "cta-irf-mc".into(),
+            vo: "vo.cta.in2p3.fr".into(),
+            backend: "local".into(),
+            forward: vec!["xrd-plain".into(), "rucio-test".into()],
+            ..Default::default()
+        },
+    )
+    .await;
+    publish_event(
+        &env,
+        "production.dispatched",
+        &pb::ProductionDispatched {
+            production_id: production_id.into(),
+            job_total: JOBS,
+            ..Default::default()
+        },
+    )
+    .await;
+    let written = env.work_dir.join("written");
+    std::fs::create_dir_all(&written).unwrap();
+    let mut expected: BTreeMap<String, (u64, String)> = BTreeMap::new();
+    for job in 0..JOBS {
+        let files = (0..FILES_PER_JOB)
+            .map(|n| {
+                let bytes = format!("{production_id} job {job} file {n} ")
+                    .repeat(50 + n as usize)
+                    .into_bytes();
+                let path = written.join(format!("j{job}-f{n}.dat"));
+                std::fs::write(&path, &bytes).unwrap();
+                let adler32 = prodsys_core::checksum::adler32_hex(bytes.as_slice())
+                    .unwrap()
+                    .1;
+                let lfn = format!("/vo.cta.in2p3.fr/MC/kill/{production_id}/j{job}-f{n}.dat");
+                expected.insert(lfn.clone(), (bytes.len() as u64, adler32.clone()));
+                pb::OutputFile {
+                    lfn,
+                    size: bytes.len() as u64,
+                    adler32,
+                    url: format!("file://{}", path.display()),
+                    production_id: production_id.into(),
+                    job_index: job,
+                    ..Default::default()
+                }
+            })
+            .collect();
+        publish_event(
+            &env,
+            "job.output",
+            &pb::JobOutput {
+                production_id: production_id.into(),
+                job_index: job,
+                attempt: 1,
+                files,
+            },
+        )
+        .await;
+    }
+    publish_event(
+        &env,
+        "production.completed",
+        &pb::ProductionCompleted {
+            production_id: production_id.into(),
+            state: pb::ProductionState::Completed as i32,
+            counts: Some(pb::JobCounts {
+                done: JOBS,
+                ..Default::default()
+            }),
+        },
+    )
+    .await;
+    let total = (JOBS * FILES_PER_JOB) as i64;
+
+    // Killed once a tenth of the replicas is done.
+    let db = env.db().await.unwrap();
+    let done_count = || async {
+        db.query_one(
+            "SELECT count(*) FILTER (WHERE state IN ('verified', 'registered')),
+                    count(*) FILTER (WHERE state = 'copying')
+             FROM catalog.replicas WHERE production_id = $1",
+            &[&production_id],
+        )
+        .await
+        .unwrap()
+    };
+    wait_for(
+        "a tenth of the replicas done",
+        Duration::from_secs(60),
+        || async {
+            let row = done_count().await;
+            (row.get::<_, i64>(0) >= total * 2 / 10).then_some(())
+        },
+    )
+    .await
+    .unwrap();
+    catalog.kill();
+    let row = done_count().await;
+    let (done_at_kill, copying_at_kill): (i64, i64) = (row.get(0), row.get(1));
+    assert!(
+        done_at_kill < total * 2,
+        "the kill came after everything was done: nothing was cut off"
+    );
+
+    // At the kill: every replica recorded done is on the storage with the
+    // catalog's adler32, and every one recorded registered is in Rucio.
+    let recorded = db
+        .query(
+            "SELECT r.lfn, r.destination, r.state, r.url, f.adler32
+             FROM catalog.replicas r JOIN catalog.files f USING (lfn)
+             WHERE r.production_id = $1 AND r.state IN ('verified', 'registered')",
+            &[&production_id],
+        )
+        .await
+        .unwrap();
+    assert_eq!(recorded.len() as i64, done_at_kill);
+    let in_rucio = rucio.dataset_files(&scope, production_id).await;
+    for row in &recorded {
+        let (lfn, destination, state, url, adler32): (String, String, String, String, String) =
+            (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
+        let (sub, want_state) = match destination.as_str() {
+            "xrd-plain" => ("plain", "verified"),
+            "rucio-test" => ("rucio", "registered"),
+            other => panic!("a replica on {other}"),
+        };
+        assert_eq!(state, want_state, "{lfn}");
+        let path = format!("{base}/{sub}{lfn}");
+        assert_eq!(url, format!("{xrootd}/{path}"));
+        assert_eq!(
+            stored_adler32(XROOTD, &path).as_deref(),
+            Some(adler32.as_str()),
+            "{lfn} recorded {state} on {destination} at the kill but not so on the storage"
+        );
+        if destination == "rucio-test" {
+            assert_eq!(
+                in_rucio.get(&lfn).map(|(_, sum)| sum.as_str()),
+                Some(adler32.as_str()),
+                "{lfn} recorded registered at the kill but not in Rucio's dataset"
+            );
+        }
+    }
+
+    // Started again (copying more at once): it takes over what the dead
+    // process held.
+    env.settings.forwarding.max_concurrent_copies = 16;
+    env.settings.forwarding.claim_batch = 64;
+    std::fs::write(&catalog.config, toml::to_string(&env.settings).unwrap()).unwrap();
+    let restarted = std::time::Instant::now();
+    catalog.spawn().await;
+    let finished = wait_for(
+        "the production finished after the restart",
+        Duration::from_secs(180),
+        || {
+            let mut status = status.clone();
+            async move {
+                let p = status
+                    .get_production(pb::GetProductionRequest {
+                        production_id: production_id.into(),
+                    })
+                    .await
+                    .ok()?
+                    .into_inner();
+                p.finished.then_some(p)
+            }
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}; log:\n{}", catalog.log_tail()));
+    let recovered = restarted.elapsed();
+    let progress: Vec<(String, u64, u64)> = finished
+        .forwarding
+        .iter()
+        .map(|d| (d.destination.clone(), d.forwarded, d.total))
+        .collect();
+    let n = total as u64;
+    assert_eq!(
+        progress,
+        [
+            ("xrd-plain".to_string(), n, n),
+            ("rucio-test".to_string(), n, n)
+        ]
+    );
+
+    // Each file catalogued once, with both replicas, on the storage once
+    // with its adler32, and nothing else there.
+    let mut catalog_client = catalog.client().await;
+    let mut query = pb::FindFilesRequest {
+        production_id: production_id.into(),
+        page_size: 1000,
+        ..Default::default()
+    };
+    let mut found = Vec::new();
+    loop {
+        let page = catalog_client
+            .find_files(query.clone())
+            .await
+            .unwrap()
+            .into_inner();
+        found.extend(page.files.into_iter().zip(page.replicas));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        query.page_token = page.next_page_token;
+    }
+    let listed: BTreeMap<String, (u64, String)> = found
+        .iter()
+        .map(|(f, _)| (f.lfn.clone(), (f.size, f.adler32.clone())))
+        .collect();
+    assert_eq!(listed, expected);
+    for (file, replicas) in &found {
+        let states: BTreeSet<(String, pb::ReplicaState)> = replicas
+            .replicas
+            .iter()
+            .map(|r| (r.destination.clone(), r.state()))
+            .collect();
+        assert_eq!(
+            states,
+            BTreeSet::from([
+                ("rucio-test".to_string(), pb::ReplicaState::Registered),
+                ("xrd-plain".to_string(), pb::ReplicaState::Verified),
+            ]),
+            "{}",
+            file.lfn
+        );
+        for sub in ["plain", "rucio"] {
+            assert_eq!(
+                stored_adler32(XROOTD, &format!("{base}/{sub}{}", file.lfn)).as_deref(),
+                Some(file.adler32.as_str()),
+                "{}",
+                file.lfn
+            );
+        }
+    }
+    let lfns: BTreeSet<String> = expected.keys().cloned().collect();
+    assert_eq!(stored_below(XROOTD, &format!("{base}/plain")), lfns);
+    assert_eq!(stored_below(XROOTD, &format!("{base}/rucio")), lfns);
+    // Rucio: the dataset holds every file once with its size and adler32,
+    // each file one replica on the RSE, the dataset one rule.
+    assert_eq!(rucio.dataset_files(&scope, production_id).await, expected);
+    let replicas = rucio
+        .get(&format!("/replicas/{scope}/{production_id}"))
+        .await;
+    assert_eq!(replicas.len(), expected.len());
+    for r in &replicas {
+        let rses = r["rses"].as_object().unwrap();
+        assert_eq!(rses.keys().collect::<Vec<_>>(), [&rse], "{r}");
+        assert_eq!(rses[&rse].as_array().unwrap().len(), 1, "{r}");
+    }
+    let rules = rucio
+        .get(&format!("/dids/{scope}/{production_id}/rules"))
+        .await;
+    assert_eq!(rules.len(), 1, "{rules:?}");
+    // Announced forwarded once, after the restart as before it.
+    let forwarded_events = channel
+        .queue_declare(
+            announced.as_str().into(),
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            Default::default(),
+        )
+        .await
+        .unwrap()
+        .message_count();
+    assert_eq!(forwarded_events, 1);
+    println!(
+        "killed with {done_at_kill} of {} replicas done and {copying_at_kill} being copied; \
+         every one done once {:.1} s after the restart",
+        total * 2,
+        recovered.as_secs_f64()
+    );
+    let _ = channel
+        .queue_delete(announced.as_str().into(), Default::default())
+        .await;
+    let _ = amqp.close(200, "done".into()).await;
+    catalog.kill();
+    shutdown.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(10), status_stack.wait()).await;
+    env.cleanup().await;
 }

@@ -314,6 +314,36 @@ reset_demo_queues() {
 }
 
 # ---------------------------------------------------------------------------
+# The forwarding demo (deploy/local/up --forward)
+# ---------------------------------------------------------------------------
+
+# The XRootD instance (tests/servers/xrootd), the path the outputs go to on
+# it, the destination's name, and where the demo keeps its files.
+FORWARD_DEMO_XROOTD="demo"
+FORWARD_DEMO_PATH="prodsys-demo"
+FORWARD_DEMO_DESTINATION="local-xrootd"
+FORWARD_DEMO_DIR="$PRODSYS_VAR_DIR/forward-demo"
+
+# forward_demo_config URL: deploy/prodsys.toml with the destination
+# local-xrootd at URL (root://host:port) under /prodsys-demo, on stdout.
+forward_demo_config() {
+    local url="$1"
+    [[ "$url" =~ ^root://[^/]+$ ]] || die "forward_demo_config: '$url' is not root://host:port"
+    cat "$PRODSYS_CONFIG"
+    printf '\n# The forwarding demo (deploy/local/up --forward): a local XRootD.\n'
+    printf '[forwarding.destinations.%s]\nkind = "xroot"\nurl = "%s//%s"\n' \
+        "$FORWARD_DEMO_DESTINATION" "$url" "$FORWARD_DEMO_PATH"
+}
+
+# forward_demo_request FILE: the request FILE forwarded to local-xrootd, on
+# stdout (a "forward" key added after its opening brace).
+forward_demo_request() {
+    local file="$1"
+    [[ "$(head -c 1 "$file")" == "{" ]] || die "forward_demo_request: $file is not a JSON object"
+    sed '1s/^{/{\n  "forward": ["'"$FORWARD_DEMO_DESTINATION"'"],/' "$file"
+}
+
+# ---------------------------------------------------------------------------
 # The local stack (target/debug/prodsys serve all)
 # ---------------------------------------------------------------------------
 

@@ -143,6 +143,10 @@ enum Command {
         /// Print each file's metadata too.
         #[arg(long)]
         metadata: bool,
+        /// Print each file's replicas on forwarding destinations too
+        /// (destination, state, URL).
+        #[arg(long)]
+        replicas: bool,
     },
     /// Download a production's outputs from the best replica (a local file,
     /// then root://), checking size and adler32; files already present and
@@ -398,6 +402,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             ref prefix,
             ref dataset,
             metadata,
+            replicas,
         } => {
             let conditions = match conditions
                 .iter()
@@ -416,7 +421,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 dataset: dataset.clone().unwrap_or_default(),
                 ..Default::default()
             };
-            let count = stream_files(&cli.catalog, query, metadata).await?;
+            let count = stream_files(&cli.catalog, query, metadata, replicas).await?;
             if !output::json() {
                 eprintln!("{count} file(s)");
             }
@@ -928,6 +933,7 @@ async fn stream_files(
     catalog_url: &str,
     query: pb::FindFilesRequest,
     with_metadata: bool,
+    with_replicas: bool,
 ) -> anyhow::Result<usize> {
     let mut catalog =
         pb::catalog_service_client::CatalogServiceClient::new(connect(catalog_url).await?);
@@ -939,9 +945,16 @@ async fn stream_files(
     let mut count = 0;
     let mut all = Vec::new();
     while let Some(page) = stream.message().await.map_err(output::status)? {
+        // Replicas come beside the files, in the same order.
+        let mut replicas = page.replicas.iter().map(|r| r.replicas.as_slice());
         for f in &page.files {
+            let of_file = replicas.next().unwrap_or_default();
             if output::json() {
-                all.push(output::file(f));
+                let mut file = output::file(f);
+                if with_replicas {
+                    file["replicas"] = of_file.iter().map(output::replica).collect();
+                }
+                all.push(file);
             } else if with_metadata {
                 let mut pairs: Vec<String> =
                     f.metadata.iter().map(|(k, v)| format!("{k}={v}")).collect();
@@ -955,6 +968,16 @@ async fn stream_files(
                 );
             } else {
                 println!("{}  {:>12}  adler32:{}", f.lfn, f.size, f.adler32);
+            }
+            if with_replicas && !output::json() {
+                for r in of_file {
+                    println!(
+                        "    {} {} {}",
+                        r.destination,
+                        output::replica_state(r),
+                        r.url
+                    );
+                }
             }
         }
         count += page.files.len();

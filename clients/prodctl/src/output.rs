@@ -261,6 +261,24 @@ pub fn file(f: &pb::OutputFile) -> Value {
     })
 }
 
+/// A replica's state in lowercase words (`verified`, `failed`, …).
+pub fn replica_state(r: &pb::Replica) -> String {
+    r.state()
+        .as_str_name()
+        .trim_start_matches("REPLICA_STATE_")
+        .to_ascii_lowercase()
+}
+
+pub fn replica(r: &pb::Replica) -> Value {
+    json!({
+        "destination": r.destination,
+        "state": replica_state(r),
+        "url": r.url,
+        "attempts": r.attempts,
+        "reason": r.reason,
+    })
+}
+
 pub fn profile(p: &pb::ProfileInfo) -> Value {
     json!({
         "name": p.name,

@@ -53,6 +53,7 @@ impl Registrar {
         let ids: Vec<Uuid> = records.iter().map(|(id, _)| *id).collect();
         let mut fresh = prodsys_db::claim(&tx, &ids).await?;
         let mut files = Vec::new();
+        let mut jobs: Vec<(String, i64)> = Vec::new();
         let mut completed = Vec::new();
         let mut plans = Vec::new();
         for (id, record) in records {
@@ -62,6 +63,7 @@ impl Registrar {
             }
             match record {
                 Record::Output(output) => {
+                    jobs.push((output.production_id, output.job_index as i64));
                     files.extend(output.files.into_iter().map(|f| (output.attempt, f)))
                 }
                 Record::Completed(c) => completed.push(c),
@@ -73,6 +75,7 @@ impl Registrar {
         let registering: Vec<&str> = files
             .iter()
             .map(|(_, f)| f.production_id.as_str())
+            .chain(jobs.iter().map(|(p, _)| p.as_str()))
             .collect();
         let planning: Vec<&str> = plans.iter().map(|a| a.production_id.as_str()).collect();
         store::lock_forwarding(&tx, &registering, &planning).await?;
@@ -81,11 +84,23 @@ impl Registrar {
             tracing::info!(production_id = %a.production_id, destinations = ?a.forward, "forwarding planned");
         }
         let registered = store::register_files(&tx, &self.types, &files).await?;
-        let mut changed: Vec<&str> = registered.forwarding.iter().map(String::as_str).collect();
+        let taken: Vec<(&str, i64)> = jobs.iter().map(|(p, j)| (p.as_str(), *j)).collect();
+        store::record_job_outputs(&tx, &taken).await?;
+        // A job's outputs taken may be the last its production waited for,
+        // even when they added no replica (no files, or files known already).
+        let mut changed: Vec<&str> = registered
+            .forwarding
+            .iter()
+            .map(String::as_str)
+            .chain(taken.iter().map(|(p, _)| *p))
+            .collect();
         for c in &completed {
             let state =
                 ProductionState::from_proto(c.state).map_or("UNKNOWN", ProductionState::as_str);
-            store::record_completed(&tx, &c.production_id, state).await?;
+            // Every DONE job sent one job.output (in the same transaction as
+            // its DONE): their number is what forwarding waits for.
+            let jobs_done = c.counts.as_ref().map_or(0, |n| n.done) as i64;
+            store::record_completed(&tx, &c.production_id, state, jobs_done).await?;
             tracing::info!(production_id = %c.production_id, %state, "production record written");
             // Its forwarding may now be finished.
             changed.push(&c.production_id);

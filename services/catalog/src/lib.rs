@@ -45,6 +45,7 @@ pub const MIGRATIONS: &[Migration] = prodsys_db::migrations![
     "0020_numeric_metadata_as_numbers.sql",
     "0100_forwarding.sql",
     "0110_registered_replicas.sql",
+    "0120_outputs_awaited.sql",
 ];
 
 /// Consumers of the catalog's queue: registrations commute (running totals,

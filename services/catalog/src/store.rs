@@ -308,7 +308,8 @@ pub async fn record_copies(
 pub struct Progress {
     pub production_id: String,
     pub destinations: Vec<pb::DestinationProgress>,
-    /// Its production record exists and every file is verified everywhere:
+    /// Its production record exists, the outputs of every job it counts as
+    /// DONE are catalogued, and every file is verified everywhere:
     /// announced once, then the row is closed.
     pub finished: bool,
 }
@@ -319,10 +320,16 @@ pub struct Progress {
 pub async fn sweep_forwarding(tx: &Transaction<'_>, limit: i64) -> anyhow::Result<Vec<Progress>> {
     let rows = tx
         .query_cached(
+            // Ended, and every DONE job's outputs taken: production.completed
+            // may have come before the last job.output.
             "SELECT f.production_id, f.destinations,
-                    EXISTS (SELECT FROM productions p WHERE p.production_id = f.production_id)
+                    COALESCE((SELECT p.jobs_done IS NULL
+                                     OR p.jobs_done <= (SELECT count(*) FROM job_outputs j
+                                                        WHERE j.production_id = f.production_id)
+                              FROM productions p WHERE p.production_id = f.production_id),
+                             false)
              FROM forwarding f WHERE finished_at IS NULL AND progress_dirty
-             ORDER BY production_id LIMIT $1 FOR UPDATE SKIP LOCKED",
+             ORDER BY production_id LIMIT $1 FOR UPDATE OF f SKIP LOCKED",
             &[&limit],
         )
         .await
@@ -331,7 +338,7 @@ pub async fn sweep_forwarding(tx: &Transaction<'_>, limit: i64) -> anyhow::Resul
     for row in rows {
         let production_id: String = row.get(0);
         let destinations: Vec<String> = row.get(1);
-        let recorded: bool = row.get(2);
+        let all_taken: bool = row.get(2);
         let counts = tx
             .query_cached(
                 "SELECT d, count(r.lfn), count(r.lfn) FILTER (WHERE r.state IN ('verified', 'registered')),
@@ -354,7 +361,7 @@ pub async fn sweep_forwarding(tx: &Transaction<'_>, limit: i64) -> anyhow::Resul
                 held_reason: c.get(4),
             })
             .collect();
-        let finished = recorded && destinations.iter().all(|d| d.forwarded == d.total);
+        let finished = all_taken && destinations.iter().all(|d| d.forwarded == d.total);
         tx.execute_cached(
             "UPDATE forwarding SET progress_dirty = false,
                     finished_at = CASE WHEN $2 THEN now() END
@@ -471,20 +478,46 @@ pub async fn register_files(
     })
 }
 
-/// Writes the record of a finished production (once) with its running totals.
+/// Writes the record of a finished production (once) with its running
+/// totals and how many of its jobs ended DONE (`jobs_done`: each sent one
+/// `job.output`, which may not have been taken yet).
 pub async fn record_completed(
     tx: &Transaction<'_>,
     production_id: &str,
     state: &str,
+    jobs_done: i64,
 ) -> anyhow::Result<()> {
     tx.execute_cached(
-        "INSERT INTO productions (production_id, state, file_count, total_bytes)
-         SELECT $1, $2, COALESCE(t.file_count, 0), COALESCE(t.total_bytes, 0)
+        "INSERT INTO productions (production_id, state, file_count, total_bytes, jobs_done)
+         SELECT $1, $2, COALESCE(t.file_count, 0), COALESCE(t.total_bytes, 0), $3
          FROM (SELECT) AS one LEFT JOIN totals t ON t.production_id = $1
          ON CONFLICT (production_id) DO NOTHING",
-        &[&production_id, &state],
+        &[&production_id, &state, &jobs_done],
     )
     .await?;
+    Ok(())
+}
+
+/// Notes the jobs (production, job index) whose `job.output` was taken, so
+/// a production's forwarding waits for every one its record expects.
+pub async fn record_job_outputs(tx: &Transaction<'_>, jobs: &[(&str, i64)]) -> anyhow::Result<()> {
+    if jobs.is_empty() {
+        return Ok(());
+    }
+    let mut jobs = jobs.to_vec();
+    // In key order: concurrent batches take the index entries alike.
+    jobs.sort_unstable();
+    jobs.dedup();
+    let productions: Vec<&str> = jobs.iter().map(|j| j.0).collect();
+    let indexes: Vec<i64> = jobs.iter().map(|j| j.1).collect();
+    tx.execute_cached(
+        "INSERT INTO job_outputs (production_id, job_index)
+         SELECT * FROM unnest($1::text[], $2::bigint[])
+         ON CONFLICT DO NOTHING",
+        &[&productions, &indexes],
+    )
+    .await
+    .context("noting the jobs whose outputs were taken")?;
     Ok(())
 }
 

@@ -1,6 +1,7 @@
 //! The status service's HTTP face, served on its gRPC port (which also takes
 //! HTTP/1.1): a dashboard of productions that updates live as events arrive
-//! (server-sent events), the same read model as JSON, and Prometheus metrics.
+//! (server-sent events), the same read model as JSON, and Prometheus metrics
+//! (with files forwarded / catalogued per destination).
 
 use std::convert::Infallible;
 use std::time::Duration;
@@ -55,6 +56,18 @@ struct ProductionView {
     counts: CountsView,
     held_reason: String,
     updated_unix_ms: i64,
+    /// Per destination it asked for: files forwarded / catalogued so far.
+    forwarding: Vec<ForwardingView>,
+    /// Ended, and its outputs are everywhere it asked.
+    finished: bool,
+}
+
+#[derive(Debug, Serialize)]
+struct ForwardingView {
+    destination: String,
+    forwarded: u64,
+    total: u64,
+    failing: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -95,6 +108,17 @@ impl From<pb::Production> for ProductionView {
             },
             held_reason: p.held_reason,
             updated_unix_ms: p.updated_unix_ms,
+            forwarding: p
+                .forwarding
+                .into_iter()
+                .map(|d| ForwardingView {
+                    destination: d.destination,
+                    forwarded: d.forwarded,
+                    total: d.total,
+                    failing: d.failing,
+                })
+                .collect(),
+            finished: p.finished,
         }
     }
 }
@@ -232,6 +256,9 @@ fn label(value: &str) -> String {
         .replace('\n', "\\n")
 }
 
+/// One figure of a forwarding destination.
+type DestinationFigure = fn(&store::DestinationFigures) -> i64;
+
 async fn render_metrics(api: &StatusApi) -> anyhow::Result<String> {
     use std::fmt::Write as _;
     let figures = store::figures(&api.db).await?;
@@ -271,6 +298,35 @@ async fn render_metrics(api: &StatusApi) -> anyhow::Result<String> {
             label(name),
             u8::from(*healthy)
         );
+    }
+    let gauges: [(&str, &str, DestinationFigure); 3] = [
+        (
+            "prodsys_forwarding_files",
+            "Files of the productions forwarded to a destination, catalogued so far.",
+            |d| d.total,
+        ),
+        (
+            "prodsys_forwarded_files",
+            "Of those, files verified on the destination (registered, on a Rucio destination).",
+            |d| d.forwarded,
+        ),
+        (
+            "prodsys_forwarding_failing_files",
+            "Of those, files whose last copy to the destination failed (retried with backoff).",
+            |d| d.failing,
+        ),
+    ];
+    for (name, help, figure) in gauges {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} gauge");
+        for d in &figures.destinations {
+            let _ = writeln!(
+                out,
+                "{name}{{destination=\"{}\"}} {}",
+                label(&d.destination),
+                figure(d)
+            );
+        }
     }
     Ok(out)
 }

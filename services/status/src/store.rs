@@ -370,6 +370,17 @@ pub struct Figures {
     pub unmentioned: i64,
     /// Each installation and whether it answers.
     pub installations: Vec<(String, bool)>,
+    /// Each forwarding destination: files forwarded there, files of its
+    /// productions catalogued so far, files failing (over every production,
+    /// as the catalog last announced them).
+    pub destinations: Vec<DestinationFigures>,
+}
+
+pub struct DestinationFigures {
+    pub destination: String,
+    pub forwarded: i64,
+    pub total: i64,
+    pub failing: i64,
 }
 
 /// Every production's job counts: final ones where a production ended, else projected.
@@ -414,11 +425,27 @@ pub async fn figures(db: &Db) -> anyhow::Result<Figures> {
         .iter()
         .map(|row| (row.get(0), row.get(1)))
         .collect();
+    let destinations = client
+        .query_cached(
+            "SELECT destination, sum(forwarded)::bigint, sum(total)::bigint, sum(failing)::bigint
+             FROM forwarding GROUP BY destination ORDER BY destination",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|row| DestinationFigures {
+            destination: row.get(0),
+            forwarded: row.get(1),
+            total: row.get(2),
+            failing: row.get(3),
+        })
+        .collect();
     Ok(Figures {
         productions,
         jobs,
         unmentioned,
         installations,
+        destinations,
     })
 }
 
