@@ -868,8 +868,8 @@ fn stored_below(name: &str, base: &str) -> BTreeSet<String> {
 /// and the production announced forwarded once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_catalog_killed_mid_forwarding_resumes_with_nothing_twice_and_nothing_missing() {
-    const JOBS: u64 = 20;
-    const FILES_PER_JOB: u64 = 20;
+    const JOBS: u64 = 10;
+    const FILES_PER_JOB: u64 = 15;
     const XROOTD: &str = "rucio";
     let xrootd = server("xrootd", XROOTD);
     let rucio_url = server("rucio", "rucio");
@@ -1091,7 +1091,7 @@ async fn a_catalog_killed_mid_forwarding_resumes_with_nothing_twice_and_nothing_
     catalog.spawn().await;
     let finished = wait_for(
         "the production finished after the restart",
-        Duration::from_secs(180),
+        Duration::from_secs(300),
         || {
             let mut status = status.clone();
             async move {
