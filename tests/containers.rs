@@ -10,6 +10,7 @@ use std::time::Duration;
 use prodsys_proto as pb;
 use prodsys_testkit::wait_for;
 use serde_json::json;
+use support::browser::Browser;
 use support::{App, km3net_with, spawn_app_with, use_km3net_templates, use_test_profiles};
 
 const DERIVED: &str = "gseagen-7.4.1-seawater-v2";
@@ -439,5 +440,83 @@ async fn derivations_racing_for_one_name_get_it_once() {
         parameters["light_yield"],
         winner["derived_template"]["parameters"]["light_yield"]
     );
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_dashboard_lists_shipped_and_derived_templates() {
+    let mut image = String::new();
+    let app = spawn_app_with(|env| {
+        image = use_km3net_templates(env);
+    })
+    .await;
+    let status = format!(
+        "http://{}",
+        app.stack.addr(prodsys::Service::Status).unwrap()
+    );
+    // A request derives a template: it is recorded when the request is accepted.
+    app.accepted(km3net_with(|p| {
+        p["n_events"] = json!(10);
+        p["events_per_job"] = json!(10);
+    }))
+    .await;
+    let derived = templates(&app, DERIVED).await.remove(0);
+
+    let browser = Browser::start().await;
+    browser.open(&format!("{status}/")).await;
+    // From the productions page to the templates page by its link.
+    browser
+        .eval("document.querySelector('a[href=\"templates\"]').click(); return null")
+        .await;
+    let shown = wait_for(
+        "the derived template on the page",
+        Duration::from_secs(20),
+        || {
+            let browser = &browser;
+            async move { browser.field(&format!("t-{DERIVED}"), "derived_from").await }
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(shown, "gseagen-7.4.1");
+    let field = |row: String, field: &'static str| {
+        let browser = &browser;
+        async move { browser.field(&row, field).await.unwrap_or_default() }
+    };
+    assert_eq!(
+        field(format!("t-{DERIVED}"), "version").await,
+        derived.version
+    );
+    assert_eq!(field(format!("t-{DERIVED}"), "image").await, image);
+    let defaults: serde_json::Value =
+        serde_json::from_str(&field(format!("t-{DERIVED}"), "parameters").await).unwrap();
+    assert_eq!(defaults["seawater_model"], "v2");
+    for shipped in ["gseagen-7.4.1", "mupage-4.3"] {
+        assert_eq!(
+            field(format!("t-{shipped}"), "derived_from").await,
+            "(shipped)"
+        );
+        assert_eq!(field(format!("t-{shipped}"), "runtime").await, "podman");
+    }
+    let rows = browser
+        .eval("return document.querySelectorAll('#templates tr').length")
+        .await;
+    assert_eq!(rows, json!(3), "two shipped templates and one derived");
+    browser.close().await;
+
+    // The same as JSON, filtered as ListTemplates is.
+    let http = reqwest::Client::new();
+    let one: serde_json::Value = http
+        .get(format!("{status}/api/templates?name=mupage-4.3"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let listed = one["templates"].as_array().unwrap();
+    assert_eq!(listed.len(), 1, "{one}");
+    assert_eq!(listed[0]["profile"], "km3net-container-sim");
+    assert!(listed[0]["overridable"].is_object(), "{one}");
     app.stop().await;
 }

@@ -374,3 +374,117 @@ async fn cancel_kills_queued_and_running_jobs_through_the_status_call() {
     app.stop().await;
     std::fs::remove_dir_all(dir).ok();
 }
+
+/// The JDL DiracX holds for job `id`, as submitted (DiracX keeps it
+/// zlib-compressed, base64).
+fn stored_jdl(id: u64) -> String {
+    let db = prodsys_testkit::repo_root().join("var/servers/diracx/state/db/jobdb.db");
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(
+            "import base64, sqlite3, sys, zlib; c = sqlite3.connect(sys.argv[1]); \
+             jdl = c.execute('SELECT OriginalJDL FROM JobJDLs WHERE JobID = ?', (int(sys.argv[2]),)).fetchone()[0]; \
+             print(zlib.decompress(base64.b64decode(jdl)).decode())",
+        )
+        .arg(&db)
+        .arg(id.to_string())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The value of a JDL string attribute, its escapes undone.
+fn jdl_attribute(jdl: &str, name: &str) -> Option<String> {
+    let start = jdl.find(&format!("{name} = \""))? + name.len() + 4;
+    let mut value = String::new();
+    let mut chars = jdl[start..].chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => value.push(chars.next()?),
+            '"' => return Some(value),
+            c => value.push(c),
+        }
+    }
+    None
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_container_job_runs_from_its_jdl_on_a_worker_node() {
+    let url = start_diracx();
+    let dir = std::env::temp_dir().join(format!("prodsys-dirac-km3net-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (token_command, _) = counting_token_command(&dir);
+    let mut image = String::new();
+    let app = spawn_app_with(|env| {
+        on_dirac(env, &url, &token_command);
+        image = support::use_km3net_templates(env);
+    })
+    .await;
+    let diracx = DiracX::new(&url);
+    let mut request = support::km3net_with(|p| {
+        p["n_events"] = json!(20);
+        p["events_per_job"] = json!(10);
+    });
+    request.backend = DIRAC.into();
+    let production = app.accepted(request).await;
+    let prefix = job_prefix(&app, &production).await;
+    let jobs = wait_for("2 jobs in DiracX", Duration::from_secs(60), || async {
+        let jobs = diracx.jobs(&prefix).await;
+        (jobs.len() == 2).then_some(jobs)
+    })
+    .await
+    .unwrap();
+    let ids: Vec<u64> = jobs.keys().copied().collect();
+    diracx.run(&ids).await;
+    // The site: each job's JDL, run as a job wrapper runs it (`Executable
+    // Arguments` through a shell, in the job's own directory), with podman.
+    for id in &ids {
+        let jdl = stored_jdl(*id);
+        let executable = jdl_attribute(&jdl, "Executable").unwrap();
+        let arguments = jdl_attribute(&jdl, "Arguments").unwrap();
+        assert_eq!(executable, "/bin/sh", "{jdl}");
+        let site = dir.join(format!("job-{id}"));
+        std::fs::create_dir_all(&site).unwrap();
+        let ran = Command::new("/bin/sh")
+            .arg("-c")
+            .arg(format!("{executable} {arguments}"))
+            .current_dir(&site)
+            .output()
+            .unwrap();
+        assert!(ran.status.success(), "{jdl}\n{ran:?}");
+        // The script the job wrote and ran (returned in its output sandbox).
+        let script = std::fs::read_to_string(site.join("prodsys-job.sh")).unwrap();
+        assert!(script.contains(&image), "the pinned image: {script}");
+        assert!(
+            !script.contains(&*app.env.work_dir.to_string_lossy()),
+            "nothing of the dispatcher's filesystem: {script}"
+        );
+        assert!(
+            jdl.contains("prodsys-job.sh"),
+            "in the output sandbox: {jdl}"
+        );
+        let written: Vec<PathBuf> = std::fs::read_dir(site.join("output"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        assert_eq!(written.len(), 1, "one event file: {written:?}");
+        let bytes = std::fs::read(&written[0]).unwrap();
+        let text = String::from_utf8_lossy(&bytes[..bytes.len().min(4096)]).to_string();
+        // The derived template's parameters reached the container.
+        for line in [
+            "template: gseagen-7.4.1-seawater-v2",
+            "parameter: seawater_model=v2",
+            &format!("image: {image}"),
+            "detector: ORCA10",
+        ] {
+            assert!(text.contains(line), "{line:?} in {text}");
+        }
+    }
+    diracx.report(&ids, "Done", "Execution Complete").await;
+    let last = app.watch(&production).await.pop().unwrap();
+    assert_eq!(last.state(), pb::ProductionState::Completed, "{last:?}");
+    assert_eq!(last.counts.unwrap().done, 2);
+    app.stop().await;
+    std::fs::remove_dir_all(dir).ok();
+}

@@ -10,7 +10,8 @@ use lapin::options::BasicPublishOptions;
 use lapin::types::{AMQPValue, FieldTable};
 use prodsys_proto as pb;
 use prodsys_testkit::wait_for;
-use support::{cta_example, spawn_app};
+use serde_json::json;
+use support::{cta_example, cta_with, spawn_app, violated_fields};
 use tonic_types::StatusExt;
 
 /// adler32 written out here, independent of the code under test.
@@ -559,6 +560,29 @@ async fn empty_huge_and_undecodable_requests_are_refused_by_field() {
 
     let stored = app.stored_requests().await;
     assert_eq!(stored, 0);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nul_characters_are_field_violations_not_internal_errors() {
+    let app = spawn_app().await;
+    let keyed = pb::SubmitRequestRequest {
+        idempotency_key: "key\0with-nul".into(),
+        ..cta_example()
+    };
+    let status = app.submit(keyed).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert_eq!(violated_fields(&status), ["idempotency_key"]);
+
+    let parameters = cta_with(|p| {
+        p["observation_period"] = json!("2026\0winter");
+    });
+    let status = app.submit(parameters).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert_eq!(violated_fields(&status), ["parameters.observation_period"]);
+    assert!(status.message().contains("NUL"), "{}", status.message());
+
+    assert_eq!(app.stored_requests().await, 0);
     app.stop().await;
 }
 

@@ -1,4 +1,4 @@
-//! `cargo run --release -p prodsys-bench -- [all|raw|submit|latency|status|catalog|plan|history|faults] [--smoke] [--write]`
+//! `cargo run --release -p prodsys-bench -- [all|raw|submit|latency|status|catalog|plan|containers|history|faults] [--smoke] [--write]`
 //!
 //! Measures, in one run on this machine, the raw limits of RabbitMQ and
 //! PostgreSQL (same client libraries and message size as prodsys) and what
@@ -17,6 +17,7 @@
 #![allow(clippy::needless_update)]
 
 mod amqp;
+mod containers;
 mod faults;
 mod history;
 mod raw;
@@ -54,6 +55,8 @@ pub enum Scenario {
     /// jobs. Restarts RabbitMQ and PostgreSQL: not part of `all`; its
     /// results replace the fault section of BENCHMARKS.md and nothing else.
     Faults,
+    /// Container jobs through prodsys beside `podman run` of the same command.
+    Containers,
 }
 
 #[derive(Debug, Parser)]
@@ -98,6 +101,12 @@ pub struct Args {
     /// Jobs per production of the fault suite's large version (default 60, smoke 5).
     #[arg(long)]
     pub fault_jobs: Option<u64>,
+    /// Container jobs of the containers scenario (default 1,000, smoke 4).
+    #[arg(long)]
+    pub container_jobs: Option<u64>,
+    /// Container jobs at once, in prodsys and in the raw run (default 2).
+    #[arg(long)]
+    pub container_concurrency: Option<usize>,
     /// Internal: run this one service (the bench starts each service so).
     #[arg(long, hide = true, requires = "config")]
     pub serve: Option<String>,
@@ -158,6 +167,7 @@ pub struct Results {
     pub cancel: Option<stack::CancelResult>,
     pub history_plan: Option<history::HistoryPlan>,
     pub history: Option<history::HistoryResult>,
+    pub containers: Option<containers::ContainerResult>,
     pub errors: Vec<String>,
 }
 
@@ -364,7 +374,10 @@ async fn run(args: &Args) -> anyhow::Result<Results> {
         );
     }
 
-    if scenario != Scenario::Raw && scenario != Scenario::History {
+    if !matches!(
+        scenario,
+        Scenario::Raw | Scenario::Containers | Scenario::History
+    ) {
         results.stack_plan = Some(stack_plan);
         eprintln!("prodsys: starting the five services, each in its own process …");
         let bench = stack::Bench::start().await?;
@@ -542,6 +555,30 @@ async fn run(args: &Args) -> anyhow::Result<Results> {
         check(&mut results);
         eprintln!("prodsys: stopping and cleaning up …");
         results.service_rss_peak = bench.stop().await;
+    }
+    if wants(Scenario::Containers) && scenario != Scenario::Raw {
+        let plan = containers::ContainerPlan {
+            jobs: args
+                .container_jobs
+                .unwrap_or(if args.smoke { 4 } else { 1000 }),
+            concurrency: args.container_concurrency.unwrap_or(2),
+        };
+        eprintln!(
+            "containers: {} jobs, {} at once, through prodsys and with podman run …",
+            plan.jobs, plan.concurrency
+        );
+        match containers::run(plan).await {
+            Ok(r) => {
+                eprintln!(
+                    "  podman run {:.1} s, prodsys {:.1} s: {:.2}×",
+                    r.raw_seconds,
+                    r.prodsys_seconds,
+                    r.ratio()
+                );
+                results.containers = Some(r);
+            }
+            Err(e) => results.errors.push(format!("containers: {e:#}")),
+        }
     }
     if wants(Scenario::History) {
         let plan = history_plan(args);

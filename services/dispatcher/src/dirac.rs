@@ -83,9 +83,16 @@ pub fn jwt_expiry(token: &str) -> Option<SystemTime> {
     (exp > 0.0).then(|| UNIX_EPOCH + Duration::from_secs_f64(exp))
 }
 
-/// A JDL string value: `"…"` with backslashes and quotes escaped.
+/// The shell script a DIRAC job writes and runs when its command cannot be
+/// `Executable` and `Arguments` (see [`Dirac::jdl`]).
+const JOB_SCRIPT: &str = "prodsys-job.sh";
+
+/// A JDL string value, `"…"`. DIRAC's JDL parser knows no escapes: a value
+/// is taken as it is up to the next `"`, so what goes here never holds one
+/// (a command that would is sent as a script, see [`Dirac::jdl`]).
 fn jdl_string(value: &str) -> String {
-    format!("\"{}\"", value.replace('\\', "\\\\").replace('"', "\\\""))
+    debug_assert!(!value.contains('"'), "a JDL string with a quote: {value}");
+    format!("\"{}\"", value.replace('"', "'"))
 }
 
 fn jdl_list<'a>(values: impl IntoIterator<Item = &'a str>) -> String {
@@ -104,6 +111,24 @@ fn shell_quote(arg: &str) -> String {
     } else {
         format!("'{}'", arg.replace('\'', r"'\''"))
     }
+}
+
+/// `arg` quoted for the shell that runs a DIRAC job, with every occurrence of
+/// the dispatcher's `output_dir` replaced by the job's own `"$PWD"/output`.
+fn on_site(arg: &str, output_dir: &str) -> String {
+    if !arg.contains(output_dir) {
+        return shell_quote(arg);
+    }
+    arg.split(output_dir)
+        .map(|piece| {
+            if piece.is_empty() {
+                String::new()
+            } else {
+                shell_quote(piece)
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(r#""$PWD"/output"#)
 }
 
 /// An attribute name JDL accepts (letters, digits, underscore; a letter first).
@@ -177,15 +202,59 @@ impl Dirac {
     }
 
     /// The JDL of one attempt.
+    ///
+    /// DIRAC's JDL parser takes no `"` inside a string value, and a job runs
+    /// in its own directory on a worker node that does not share the
+    /// dispatcher's filesystem. A command that needs either (an argument or
+    /// environment value with a `"`, or the attempt's output directory, which
+    /// becomes `output` in the job's own directory, created before the
+    /// command starts since a container runtime binds it) goes as a small
+    /// shell script, base64 in `Arguments`, which the job writes to
+    /// `prodsys-job.sh` (returned in its output sandbox) and runs. Anything
+    /// else is `Executable` and `Arguments` as they are.
     pub fn jdl(&self, spec: &JobSpec) -> String {
         let mut lines: Vec<(String, String)> = vec![
             ("JobName".into(), jdl_string(&spec.tag)),
             ("JobGroup".into(), jdl_string(&spec.production_id)),
-            ("Executable".into(), jdl_string(&spec.program)),
         ];
-        if !spec.args.is_empty() {
-            let args: Vec<String> = spec.args.iter().map(|a| shell_quote(a)).collect();
-            lines.push(("Arguments".into(), jdl_string(&args.join(" "))));
+        let env: Vec<(&str, &str)> = spec
+            .env
+            .iter()
+            .filter(|(k, _)| k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        let output_dir = spec.output_dir.to_string_lossy();
+        let words = || std::iter::once(&spec.program).chain(&spec.args);
+        let names_output = !output_dir.is_empty() && words().any(|a| a.contains(&*output_dir));
+        let as_script = names_output
+            || words().any(|a| a.contains(['"', '\\']))
+            || env.iter().any(|(_, v)| v.contains(['"', '\\']));
+        let mut sandbox = vec!["stdout.log", "stderr.log"];
+        if as_script {
+            let mut script = String::from("#!/bin/sh\nset -e\n");
+            if names_output {
+                script.push_str("mkdir -p output\n");
+            }
+            for (key, value) in &env {
+                script.push_str(&format!("export {key}={}\n", shell_quote(value)));
+            }
+            let command: Vec<String> = words().map(|a| on_site(a, &output_dir)).collect();
+            script.push_str(&format!("exec {}\n", command.join(" ")));
+            let encoded = base64::engine::general_purpose::STANDARD.encode(script);
+            lines.push(("Executable".into(), jdl_string("/bin/sh")));
+            lines.push((
+                "Arguments".into(),
+                jdl_string(&format!(
+                    "-c 'echo {encoded} | base64 -d > {JOB_SCRIPT} && exec /bin/sh {JOB_SCRIPT}'"
+                )),
+            ));
+            sandbox.push(JOB_SCRIPT);
+        } else {
+            lines.push(("Executable".into(), jdl_string(&spec.program)));
+            if !spec.args.is_empty() {
+                let args: Vec<String> = spec.args.iter().map(|a| shell_quote(a)).collect();
+                lines.push(("Arguments".into(), jdl_string(&args.join(" "))));
+            }
         }
         // Twice the estimate, and never under ten minutes: an estimate is a guess.
         let cpu = ((spec.cpu_seconds * 2.0).ceil() as u64).max(600);
@@ -193,17 +262,9 @@ impl Dirac {
         lines.push(("MaxRAM".into(), spec.memory_mb.max(1).to_string()));
         lines.push(("StdOutput".into(), jdl_string("stdout.log")));
         lines.push(("StdError".into(), jdl_string("stderr.log")));
-        lines.push((
-            "OutputSandbox".into(),
-            jdl_list(["stdout.log", "stderr.log"]),
-        ));
-        let env: Vec<String> = spec
-            .env
-            .iter()
-            .filter(|(k, _)| k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect();
-        if !env.is_empty() {
+        lines.push(("OutputSandbox".into(), jdl_list(sandbox)));
+        if !as_script && !env.is_empty() {
+            let env: Vec<String> = env.iter().map(|(k, v)| format!("{k}={v}")).collect();
             lines.push((
                 "ExecutionEnvironment".into(),
                 jdl_list(env.iter().map(String::as_str)),
@@ -608,10 +669,25 @@ mod tests {
         }
     }
 
+    /// The script a JDL in script form carries, decoded.
+    fn script_of(jdl: &str) -> String {
+        let arguments = jdl
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("Arguments = \"-c 'echo "))
+            .unwrap_or_else(|| panic!("a script: {jdl}"));
+        let encoded = arguments.split_once(' ').unwrap().0;
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(encoded)
+            .unwrap();
+        String::from_utf8(bytes).unwrap()
+    }
+
     #[test]
     fn the_jdl_names_groups_limits_and_quotes_the_job() {
         let dirac = Dirac::new("dirac-cta", &settings()).unwrap();
-        let jdl = dirac.jdl(&spec());
+        let mut plain = spec();
+        plain.args = vec!["--layout".into(), "it's alpha".into()];
+        let jdl = dirac.jdl(&plain);
         assert!(
             jdl.contains(r#"JobName = "d1.CTA-000001.000003.a1";"#),
             "{jdl}"
@@ -619,7 +695,7 @@ mod tests {
         assert!(jdl.contains(r#"JobGroup = "CTA-000001";"#), "{jdl}");
         assert!(jdl.contains(r#"Executable = "prodsys-toysim";"#), "{jdl}");
         assert!(
-            jdl.contains(r#"Arguments = "--layout 'it'\\''s \"quoted\"'";"#),
+            jdl.contains(r#"Arguments = "--layout 'it'\''s alpha'";"#),
             "{jdl}"
         );
         assert!(jdl.contains("CPUTime = 2000;"), "{jdl}");
@@ -628,10 +704,73 @@ mod tests {
             jdl.contains(r#"ExecutionEnvironment = {"PRODSYS_RUN=42"};"#),
             "{jdl}"
         );
+        assert!(
+            jdl.contains(r#"OutputSandbox = {"stdout.log", "stderr.log"};"#),
+            "{jdl}"
+        );
         assert!(jdl.contains(r#"Site = {"LCG.CNAF.it"};"#), "{jdl}");
         assert!(jdl.contains(r#"OutputSE = "CNAF-Disk";"#), "{jdl}");
         assert!(jdl.contains("Priority = 5;"), "{jdl}");
         assert!(jdl.starts_with('[') && jdl.ends_with(']'));
+        // A double quote cannot be in a JDL string: the command goes as a script.
+        let jdl = dirac.jdl(&spec());
+        assert!(jdl.contains(r#"Executable = "/bin/sh";"#), "{jdl}");
+        assert_eq!(jdl.matches('"').count() % 2, 0);
+        assert!(!jdl.contains("ExecutionEnvironment"), "{jdl}");
+        assert!(jdl.contains(r#""prodsys-job.sh"}"#), "{jdl}");
+        assert_eq!(
+            script_of(&jdl),
+            "#!/bin/sh\nset -e\nexport PRODSYS_RUN=42\nexec prodsys-toysim --layout 'it'\\''s \"quoted\"'\n"
+        );
+    }
+
+    #[test]
+    fn a_command_naming_its_output_directory_writes_into_the_jobs_own() {
+        let dirac = Dirac::new("dirac-cta", &settings()).unwrap();
+        let mut container = spec();
+        container.program = "echo".into();
+        container.args = vec![
+            "run".into(),
+            "-v".into(),
+            "/w/output:/output".into(),
+            "--env".into(),
+            "X=$it's".into(),
+            "img@sha256:00".into(),
+        ];
+        let jdl = dirac.jdl(&container);
+        assert!(jdl.contains(r#"Executable = "/bin/sh";"#), "{jdl}");
+        let script = script_of(&jdl);
+        assert!(
+            script.contains(
+                r#"exec echo run -v "$PWD"/output:/output --env 'X=$it'\''s' img@sha256:00"#
+            ),
+            "{script}"
+        );
+        // As a worker node's shell runs it: the bind is the job's own directory.
+        let arguments = jdl
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("Arguments = \""))
+            .and_then(|l| l.strip_suffix("\";"))
+            .unwrap();
+        let site = std::env::temp_dir().join(format!("prodsys-jdl-{}", std::process::id()));
+        std::fs::create_dir_all(&site).unwrap();
+        let echoed = std::process::Command::new("/bin/sh")
+            .arg("-c")
+            .arg(format!("/bin/sh {arguments}"))
+            .current_dir(&site)
+            .output()
+            .unwrap();
+        let site = site.canonicalize().unwrap();
+        assert_eq!(
+            String::from_utf8(echoed.stdout).unwrap().trim(),
+            format!(
+                "run -v {}/output:/output --env X=$it's img@sha256:00",
+                site.display()
+            )
+        );
+        assert!(site.join("output").is_dir());
+        assert!(site.join("prodsys-job.sh").is_file());
+        std::fs::remove_dir_all(site).ok();
     }
 
     #[test]

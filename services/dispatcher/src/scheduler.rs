@@ -483,7 +483,15 @@ impl Scheduler {
             })
             .collect();
         for production_id in &productions {
-            all.extend(close(&tx, production_id, ProductionState::Cancelled, "CANCELLING").await?);
+            all.extend(
+                close(
+                    &tx,
+                    production_id,
+                    |_| ProductionState::Cancelled,
+                    "CANCELLING",
+                )
+                .await?,
+            );
         }
         tracing::info!(
             ?productions,
@@ -689,22 +697,24 @@ async fn close_if_finished(
     if store::unfinished(tx, production_id).await? {
         return Ok(None);
     }
-    let states = store::job_states(tx, production_id).await?;
-    close(tx, production_id, domain::outcome(&states), "RUNNING").await
+    close(tx, production_id, domain::outcome, "RUNNING").await
 }
 
-/// Moves the production from `from` to its final `state` and returns the
-/// `production.completed` event, with job counts; `None` if it was not in `from`.
+/// Moves the production from `from` to the final state `decide` makes of its
+/// jobs' states, and returns the `production.completed` event, with job
+/// counts; `None` if it was not in `from`.
 async fn close(
     tx: &Transaction<'_>,
     production_id: &str,
-    state: ProductionState,
+    decide: fn(&[(JobState, u64)]) -> ProductionState,
     from: &str,
 ) -> anyhow::Result<Option<OutboxEvent>> {
+    let states = store::job_states(tx, production_id).await?;
+    let state = decide(&states);
     let Some(job_total) = store::close(tx, production_id, state, from).await? else {
         return Ok(None);
     };
-    let counts = domain::final_counts(&store::job_states(tx, production_id).await?, job_total);
+    let counts = domain::final_counts(&states, job_total);
     tracing::info!(%production_id, %state, done = counts.done, "production finished");
     let event = pb::ProductionCompleted {
         production_id: production_id.to_string(),

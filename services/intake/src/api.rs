@@ -164,6 +164,18 @@ impl RequestApi {
     }
 }
 
+/// What the checker answered, as intake's own answer: a checker that cannot be
+/// reached is named as such, so the caller knows which service to wait for.
+fn from_checker(status: Status) -> Status {
+    match status.code() {
+        tonic::Code::Unavailable | tonic::Code::Unknown => Status::unavailable(format!(
+            "the checker cannot be reached: {}",
+            status.message()
+        )),
+        _ => status,
+    }
+}
+
 #[tonic::async_trait]
 impl pb::request_service_server::RequestService for RequestApi {
     #[tracing::instrument(skip_all, fields(profile = %request.get_ref().profile))]
@@ -183,13 +195,7 @@ impl pb::request_service_server::RequestService for RequestApi {
         checker
             .evaluate(request.into_inner())
             .await
-            .map_err(|status| match status.code() {
-                tonic::Code::Unavailable | tonic::Code::Unknown => Status::unavailable(format!(
-                    "the checker cannot be reached: {}",
-                    status.message()
-                )),
-                _ => status,
-            })
+            .map_err(from_checker)
     }
 
     async fn list_templates(
@@ -201,13 +207,7 @@ impl pb::request_service_server::RequestService for RequestApi {
         checker
             .list_templates(request.into_inner())
             .await
-            .map_err(|status| match status.code() {
-                tonic::Code::Unavailable | tonic::Code::Unknown => Status::unavailable(format!(
-                    "the checker cannot be reached: {}",
-                    status.message()
-                )),
-                _ => status,
-            })
+            .map_err(from_checker)
     }
 
     #[tracing::instrument(skip_all, fields(production_id = %request.get_ref().production_id))]

@@ -68,6 +68,36 @@ pub fn check_name(field: &str, value: &str, violations: &mut Vec<Violation>) {
     }
 }
 
+/// Every key and string of `value` can be stored: PostgreSQL's text and
+/// jsonb hold no NUL character (`\0`), so one is a violation naming
+/// where it is, not a database error.
+pub fn check_storable(path: &str, value: &Value, violations: &mut Vec<Violation>) {
+    const NUL: &str = "holds a NUL character (\\0), which cannot be stored";
+    match value {
+        Value::String(text) if text.contains('\0') => {
+            violations.push(Violation::new(path, NUL));
+        }
+        Value::Array(items) => {
+            for (i, item) in items.iter().enumerate() {
+                check_storable(&format!("{path}[{i}]"), item, violations);
+            }
+        }
+        Value::Object(fields) => {
+            for (key, item) in fields {
+                if key.contains('\0') {
+                    violations.push(Violation::new(
+                        format!("{path}.{}", key.escape_debug()),
+                        NUL,
+                    ));
+                } else {
+                    check_storable(&format!("{path}.{key}"), item, violations);
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
 /// `backend`, or the default when it names none.
 pub fn backend_or_default(backend: &str) -> &str {
     if backend.is_empty() {
@@ -103,6 +133,14 @@ pub fn check_proposal(profiles: &ProfileSet, p: &Proposal<'_>) -> Result<Value, 
             "idempotency_key",
             format!("is longer than {MAX_NAME} characters"),
         ));
+    } else if p.idempotency_key.chars().any(char::is_control) {
+        violations.push(Violation::new(
+            "idempotency_key",
+            "holds a control character (NUL, newline, …)",
+        ));
+    }
+    if let Ok((_, parameters)) = &checked {
+        check_storable("parameters", parameters, &mut violations);
     }
     match checked {
         Ok((_, parameters)) if violations.is_empty() => Ok(parameters),
@@ -305,6 +343,37 @@ mod tests {
 
     fn fields(violations: &[Violation]) -> Vec<&str> {
         violations.iter().map(|v| v.field.as_str()).collect()
+    }
+
+    #[test]
+    fn nul_characters_anywhere_in_the_parameters_are_named() {
+        let parameters = serde_json::json!({
+            "fine": "text",
+            "period": "2026\0winter",
+            "levels": [1, "a\0"],
+            "nested": { "k\0": 1, "ok": { "deep": "\0" } },
+        });
+        let mut v = Vec::new();
+        check_storable("parameters", &parameters, &mut v);
+        let mut found = fields(&v);
+        found.sort();
+        assert_eq!(
+            found,
+            [
+                "parameters.levels[1]",
+                "parameters.nested.k\\0",
+                "parameters.nested.ok.deep",
+                "parameters.period"
+            ]
+        );
+        assert!(v[0].description.contains("NUL"), "{v:?}");
+        let mut none = Vec::new();
+        check_storable(
+            "parameters",
+            &serde_json::json!({"a": ["b", 1, null]}),
+            &mut none,
+        );
+        assert!(none.is_empty());
     }
 
     #[test]

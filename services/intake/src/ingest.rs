@@ -136,8 +136,37 @@ pub fn parse(incoming: &Incoming, profiles: &ProfileSet) -> Result<Submission, S
     if id.len() > 256 || source.len() > 512 {
         return Err("CloudEvents id or source is too long".into());
     }
+    if id.chars().chain(source.chars()).any(char::is_control) {
+        return Err("CloudEvents id or source holds a control character".into());
+    }
     let data: SubmitData = serde_json::from_value(data)
         .map_err(|e| format!("data is not a production request: {e}"))?;
+    // Even a refused request is stored (its verdict is kept): what cannot be
+    // stored at all is refused here, by field, as the dead-letter reason.
+    let mut unstorable = Vec::new();
+    for (field, text) in [
+        ("profile", &data.profile),
+        ("vo", &data.vo),
+        ("backend", &data.backend),
+        ("submitter", &data.submitter),
+    ] {
+        crate::domain::check_storable(field, &Value::String(text.clone()), &mut unstorable);
+    }
+    for (i, name) in data.forward.iter().enumerate() {
+        crate::domain::check_storable(
+            &format!("forward[{i}]"),
+            &Value::String(name.clone()),
+            &mut unstorable,
+        );
+    }
+    crate::domain::check_storable("parameters", &data.parameters, &mut unstorable);
+    if !unstorable.is_empty() {
+        let fields: Vec<String> = unstorable
+            .iter()
+            .map(|v| format!("{}: {}", v.field, v.description))
+            .collect();
+        return Err(format!("data cannot be stored: {}", fields.join("; ")));
+    }
     let Some(profile) = profiles.get(&data.profile) else {
         let known: Vec<&str> = profiles.iter().map(|p| p.name()).collect();
         return Err(format!(
@@ -158,4 +187,59 @@ pub fn parse(incoming: &Incoming, profiles: &ProfileSet) -> Result<Submission, S
         data,
         violations,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn structured(event: Value) -> Incoming {
+        Incoming {
+            delivery_tag: 1,
+            exchange: String::new(),
+            routing_key: String::new(),
+            redelivered: false,
+            message_id: None,
+            content_type: Some(CONTENT_TYPE_STRUCTURED.into()),
+            reply_to: None,
+            headers: Default::default(),
+            body: event.to_string().into_bytes(),
+            event: Err("structured".into()),
+        }
+    }
+
+    fn shipped() -> ProfileSet {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../profiles");
+        ProfileSet::load_dir(&dir).unwrap()
+    }
+
+    fn example() -> Value {
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/cta-irf-mc.json");
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+    }
+
+    fn event(id: &str, data: Value) -> Value {
+        serde_json::json!({
+            "specversion": "1.0", "id": id, "source": "/esap", "type": SUBMIT_TYPE, "data": data,
+        })
+    }
+
+    #[test]
+    fn what_cannot_be_stored_is_refused_by_field() {
+        let profiles = shipped();
+        let fine = parse(&structured(event("e1", example())), &profiles).unwrap();
+        assert!(fine.violations.is_empty(), "{:?}", fine.violations);
+
+        let mut data = example();
+        data["parameters"]["observation_period"] = "a\0b".into();
+        data["submitter"] = "me\0".into();
+        let reason = parse(&structured(event("e2", data)), &profiles).unwrap_err();
+        assert!(reason.contains("parameters.observation_period"), "{reason}");
+        assert!(reason.contains("submitter"), "{reason}");
+        assert!(reason.contains("NUL"), "{reason}");
+
+        let reason = parse(&structured(event("e\0", example())), &profiles).unwrap_err();
+        assert!(reason.contains("control character"), "{reason}");
+    }
 }

@@ -19,11 +19,14 @@ pub enum Service {
 
 impl Service {
     /// Consumers of events first, so their queues exist before anything is published.
+    /// In the order they start together: each after those it asks (the
+    /// checker asks the catalog; status and intake ask the checker), and
+    /// status before the dispatcher and intake, whose events it projects.
     pub const ALL: [Service; 5] = [
-        Service::Status,
         Service::Catalog,
-        Service::Dispatcher,
         Service::Checker,
+        Service::Status,
+        Service::Dispatcher,
         Service::Intake,
     ];
 
@@ -114,7 +117,10 @@ pub async fn start(
         for r in &running {
             let url = format!("http://{}", r.addr);
             match r.service {
-                "checker" => settings.intake.checker_url = url,
+                "checker" => {
+                    settings.intake.checker_url = url.clone();
+                    settings.status.checker_url = url;
+                }
                 "catalog" => settings.checker.catalog_url = url,
                 _ => {}
             }

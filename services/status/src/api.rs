@@ -22,6 +22,8 @@ pub struct StatusApi {
     pub db: Db,
     /// Production IDs as their changes commit; empty when any may have changed.
     pub changes: broadcast::Sender<String>,
+    /// The checker, which answers `ListTemplates` for the dashboard.
+    pub checker: pb::checker_service_client::CheckerServiceClient<tonic::transport::Channel>,
 }
 
 /// How long a watch waits for a finished production's counts to settle.
@@ -101,11 +103,12 @@ impl pb::status_service_server::StatusService for StatusApi {
             after: &r.page_token,
             page_size: domain::page_size(r.page_size),
         };
-        let (page, more) = store::list_productions(&self.db, &filter)
+        // One connection for the page and its forwarding progress.
+        let client = self.db.client().await.map_err(StatusError::from)?;
+        let (page, more) = store::list_productions(&client, &filter)
             .await
             .map_err(StatusError::from)?;
         let mut productions: Vec<pb::Production> = page.into_iter().map(production).collect();
-        let client = self.db.client().await.map_err(StatusError::from)?;
         forwarding::attach(&client, &mut productions)
             .await
             .map_err(StatusError::from)?;

@@ -24,6 +24,7 @@ use crate::api::StatusApi;
 use crate::store;
 
 const DASHBOARD: &str = include_str!("dashboard.html");
+const TEMPLATES: &str = include_str!("templates.html");
 
 pub(crate) fn router(api: StatusApi) -> Router {
     Router::new()
@@ -32,6 +33,8 @@ pub(crate) fn router(api: StatusApi) -> Router {
         .route("/api/productions/{production_id}", get(one))
         .route("/api/events", get(events))
         .route("/metrics", get(metrics))
+        .route("/templates", get(templates_page))
+        .route("/api/templates", get(templates))
         .with_state(api)
 }
 
@@ -270,4 +273,84 @@ async fn render_metrics(api: &StatusApi) -> anyhow::Result<String> {
         );
     }
     Ok(out)
+}
+
+async fn templates_page() -> Html<&'static str> {
+    Html(TEMPLATES)
+}
+
+/// A container template as the dashboard shows it: parameters and their
+/// override schemas as JSON values rather than strings.
+#[derive(Debug, Serialize)]
+struct TemplateView {
+    name: String,
+    profile: String,
+    description: String,
+    image: String,
+    digest: String,
+    runtime: String,
+    entrypoint: Vec<String>,
+    parameters: serde_json::Value,
+    overridable: serde_json::Value,
+    derived_from: String,
+    version: String,
+    /// 0 for a shipped template.
+    recorded_unix_ms: i64,
+}
+
+impl From<pb::TemplateInfo> for TemplateView {
+    fn from(t: pb::TemplateInfo) -> Self {
+        let json = |text: &str| serde_json::from_str(text).unwrap_or(serde_json::Value::Null);
+        Self {
+            parameters: json(&t.parameters_json),
+            overridable: json(&t.overridable_json),
+            name: t.name,
+            profile: t.profile,
+            description: t.description,
+            image: t.image,
+            digest: t.digest,
+            runtime: t.runtime,
+            entrypoint: t.entrypoint,
+            derived_from: t.derived_from,
+            version: t.version,
+            recorded_unix_ms: t.recorded_unix_ms,
+        }
+    }
+}
+
+/// Filters of `GET /api/templates`, as `ListTemplates` has them.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct TemplatesQuery {
+    profile: String,
+    name: String,
+}
+
+/// The container templates, shipped and derived, as the checker (which
+/// records derivations) answers `ListTemplates`.
+async fn templates(State(api): State<StatusApi>, Query(q): Query<TemplatesQuery>) -> Response {
+    let mut checker = api.checker.clone();
+    let request = pb::ListTemplatesRequest {
+        profile: q.profile,
+        name: q.name,
+    };
+    match checker.list_templates(request).await {
+        Ok(answer) => Json(serde_json::json!({
+            "templates": answer
+                .into_inner()
+                .templates
+                .into_iter()
+                .map(TemplateView::from)
+                .collect::<Vec<_>>(),
+        }))
+        .into_response(),
+        Err(status) if status.code() == tonic::Code::InvalidArgument => problem(status),
+        Err(status) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({
+                "error": format!("the checker cannot be reached: {}", status.message())
+            })),
+        )
+            .into_response(),
+    }
 }

@@ -17,6 +17,7 @@ pub mod forwarding;
 mod http;
 pub mod store;
 
+use anyhow::Context;
 use prodsys_core::events::{
     FORWARDING_PROGRESS, INSTALLATION_HEALTH, JOB_STATUS, PRODUCTION_COMPLETED,
     PRODUCTION_DISPATCHED, PRODUCTION_FORWARDED, REQUEST_ACCEPTED,
@@ -81,9 +82,16 @@ pub async fn start(
         changes.clone(),
         shutdown.clone(),
     ));
+    // Connected when first asked: the checker may start after status.
+    let checker = tonic::transport::Endpoint::from_shared(settings.status.checker_url.clone())
+        .context("status.checker_url")?
+        .connect_timeout(std::time::Duration::from_secs(5))
+        .timeout(std::time::Duration::from_secs(10))
+        .connect_lazy();
     let api = api::StatusApi {
         db: foundation.db.clone(),
         changes,
+        checker: pb::checker_service_client::CheckerServiceClient::new(checker),
     };
     let max = settings.grpc.max_message_bytes;
     let (routes, reporter) = prodsys_server::base_routes()?;

@@ -284,10 +284,9 @@ pub struct ListFilter<'a> {
 /// One page of productions in ID order, with their job counts (one
 /// statement, not one more per production), and whether more follow.
 pub async fn list_productions(
-    db: &Db,
+    client: &prodsys_db::deadpool_postgres::Object,
     filter: &ListFilter<'_>,
 ) -> anyhow::Result<(Vec<Production>, bool)> {
-    let client = db.client().await?;
     let state = filter.state.map(ProductionState::as_str);
     let page_size = i64::from(filter.page_size);
     let rows = client

@@ -27,7 +27,7 @@ pub struct Settings {
     pub intake: IntakeSettings,
     pub checker: CheckerSettings,
     pub dispatcher: DispatcherSettings,
-    pub status: ServerSettings,
+    pub status: StatusSettings,
     pub catalog: ServerSettings,
     /// Where the catalog forwards outputs; nothing is forwarded when no
     /// destination is configured.
@@ -90,6 +90,24 @@ impl Default for IntakeSettings {
     fn default() -> Self {
         Self {
             port: 50051,
+            checker_url: "http://127.0.0.1:50054".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default)]
+pub struct StatusSettings {
+    /// gRPC port (which also serves the dashboard over HTTP); 0 picks a free one.
+    pub port: u16,
+    /// Where the checker answers `ListTemplates` (the dashboard's templates page).
+    pub checker_url: String,
+}
+
+impl Default for StatusSettings {
+    fn default() -> Self {
+        Self {
+            port: 50052,
             checker_url: "http://127.0.0.1:50054".into(),
         }
     }
@@ -329,7 +347,7 @@ impl Default for Settings {
             amqp: AmqpSettings::default(),
             grpc: GrpcSettings::default(),
             intake: IntakeSettings::default(),
-            status: ServerSettings { port: 50052 },
+            status: StatusSettings::default(),
             catalog: ServerSettings { port: 50053 },
             checker: CheckerSettings::default(),
             dispatcher: DispatcherSettings::default(),

@@ -15,6 +15,10 @@ pub enum Failure {
     Invalid(Vec<Violation>),
     #[error("{0}")]
     NotFound(String),
+    /// The call contradicts what is already recorded (an idempotency key
+    /// used for a different request).
+    #[error("{0}")]
+    Conflict(String),
     /// Undecodable or against the contract: can never succeed.
     #[error("{0}")]
     Permanent(String),
@@ -63,6 +67,7 @@ impl From<Failure> for tonic::Status {
         let error = match error {
             Failure::Invalid(violations) => ServiceError::Validation(violations),
             Failure::NotFound(what) => ServiceError::NotFound(what),
+            Failure::Conflict(what) => ServiceError::Conflict(what),
             Failure::Permanent(reason) => return tonic::Status::invalid_argument(reason),
             // UNAVAILABLE, as the shared mapping answers every transient failure.
             Failure::Transient(error) => {
@@ -79,9 +84,10 @@ impl From<Failure> for HandlerError {
         match error {
             Failure::Transient(error) => HandlerError::Transient(error),
             Failure::Unexpected(error) => HandlerError::Unexpected(error),
-            other @ (Failure::Invalid(_) | Failure::NotFound(_) | Failure::Permanent(_)) => {
-                HandlerError::Permanent(other.to_string())
-            }
+            other @ (Failure::Invalid(_)
+            | Failure::NotFound(_)
+            | Failure::Conflict(_)
+            | Failure::Permanent(_)) => HandlerError::Permanent(other.to_string()),
         }
     }
 }
@@ -123,6 +129,14 @@ mod tests {
             tonic::Status::from(Failure::NotFound("none".into())).code(),
             tonic::Code::NotFound
         );
+        assert_eq!(
+            tonic::Status::from(Failure::Conflict("used".into())).code(),
+            tonic::Code::AlreadyExists
+        );
+        assert!(matches!(
+            HandlerError::from(Failure::Conflict("used".into())),
+            HandlerError::Permanent(reason) if reason == "used"
+        ));
         assert_eq!(
             tonic::Status::from(Failure::Permanent("bad".into())).code(),
             tonic::Code::InvalidArgument

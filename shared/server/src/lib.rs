@@ -58,13 +58,21 @@ impl From<ServiceError> for tonic::Status {
             }
             ServiceError::NotFound(what) => tonic::Status::not_found(what),
             ServiceError::Conflict(what) => tonic::Status::already_exists(what),
+            // The details (SQL, hosts, paths) stay in the log; the caller
+            // gets an incident ID to quote, which the log line carries too.
             ServiceError::Unexpected(error) if prodsys_messaging::is_transient(&error) => {
-                tracing::warn!(error = format!("{error:#}"), "a dependency is unavailable");
-                tonic::Status::unavailable(format!("unavailable, retry later: {error:#}"))
+                let incident = uuid::Uuid::new_v4();
+                tracing::warn!(%incident, error = format!("{error:#}"), "a dependency is unavailable");
+                tonic::Status::unavailable(format!(
+                    "a service this call needs is unavailable; retry later (incident {incident})"
+                ))
             }
             ServiceError::Unexpected(error) => {
-                tracing::error!(error = format!("{error:#}"), "internal error");
-                tonic::Status::internal(format!("internal error: {error:#}"))
+                let incident = uuid::Uuid::new_v4();
+                tracing::error!(%incident, error = format!("{error:#}"), "internal error");
+                tonic::Status::internal(format!(
+                    "internal error (incident {incident}; the details are in the service's log)"
+                ))
             }
         }
     }
