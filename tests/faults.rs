@@ -9,6 +9,11 @@
 //! hold exactly the poison messages the test injected, each with a reason.
 //! Each prints one line: the fault, what was checked, time to recover.
 //!
+//! The size of the productions comes from the environment, so the benchmark
+//! harness runs the same faults at a larger size (`prodsys-bench -- faults`):
+//! `PRODSYS_FAULT_JOBS` jobs per production (default 5) sleeping
+//! `PRODSYS_FAULT_JOB_SECONDS` each (default 1.5).
+//!
 //! Faults of a whole server (the broker's `stop_app`, PostgreSQL restarted
 //! with `-m immediate`) hit every user of that server, so the test command
 //! runs this binary alone, after the rest of the suite.
@@ -30,11 +35,39 @@ use prodsys_proto as pb;
 use prodsys_testkit::{TestEnv, wait_for};
 use tonic::transport::Channel;
 
-/// Jobs a production of the suite has, and how long each sleeps.
-const JOBS: u64 = 5;
-const JOB_SECONDS: f64 = 1.5;
-/// How long a whole scenario may take to settle after its fault.
-const SETTLE: Duration = Duration::from_secs(240);
+/// Jobs a production of the suite has, and how long each sleeps (the CI
+/// size unless the environment names another).
+fn jobs() -> u64 {
+    static JOBS: OnceLock<u64> = OnceLock::new();
+    *JOBS.get_or_init(|| size_from_env("PRODSYS_FAULT_JOBS", 5.0) as u64)
+}
+
+fn job_seconds() -> f64 {
+    static SECONDS: OnceLock<f64> = OnceLock::new();
+    *SECONDS.get_or_init(|| size_from_env("PRODSYS_FAULT_JOB_SECONDS", 1.5))
+}
+
+fn size_from_env(name: &str, default: f64) -> f64 {
+    match std::env::var(name) {
+        Ok(text) => {
+            let value: f64 = text
+                .trim()
+                .parse()
+                .unwrap_or_else(|_| panic!("{name}={text:?} is not a number"));
+            assert!(value > 0.0, "{name} must be positive");
+            value
+        }
+        Err(_) => default,
+    }
+}
+
+/// How long a whole scenario may take to settle after its fault: four
+/// minutes at the CI size, more when its productions are larger.
+fn settle() -> Duration {
+    // Twelve productions' jobs on the cluster's four slots, three times over.
+    let work = 12.0 * jobs() as f64 * (job_seconds() + 0.5) / 4.0 * 3.0;
+    Duration::from_secs_f64(work.max(240.0))
+}
 
 /// The `prodsys` launcher of this build, built once per test process.
 fn prodsys_binary() -> &'static Path {
@@ -403,13 +436,13 @@ impl Drop for Process {
     }
 }
 
-/// A request of the counting profile: `JOBS` jobs under `tag`.
+/// A request of the counting profile: `jobs()` jobs under `tag`.
 fn counting_request(tag: &str) -> pb::SubmitRequestRequest {
     pb::SubmitRequestRequest {
         profile: "test-runs".into(),
         vo: "test".into(),
         parameters_json: serde_json::json!({
-            "jobs": JOBS, "per_job": 1, "seconds": JOB_SECONDS, "tag": tag
+            "jobs": jobs(), "per_job": 1, "seconds": job_seconds(), "tag": tag
         })
         .to_string(),
         backend: "local".into(),
@@ -441,7 +474,7 @@ async fn check_everything(
     // Every request has a verdict, and every one is accepted.
     let mut productions = Vec::new();
     for request_id in &submitted.request_ids {
-        let request = wait_for("a verdict", SETTLE, || async {
+        let request = wait_for("a verdict", settle(), || async {
             cluster
                 .request(request_id)
                 .await
@@ -458,7 +491,7 @@ async fn check_everything(
     }
     // Every production COMPLETED, counts adding up.
     for production_id in &productions {
-        let production = wait_for("the production to finish", SETTLE, || async {
+        let production = wait_for("the production to finish", settle(), || async {
             cluster.production(production_id).await.filter(|p| {
                 matches!(
                     p.state(),
@@ -477,8 +510,8 @@ async fn check_everything(
             "{production:?}"
         );
         let counts = production.counts.unwrap_or_default();
-        assert_eq!(production.job_total, JOBS, "{production:?}");
-        assert_eq!(counts.done, JOBS, "every job done: {production:?}");
+        assert_eq!(production.job_total, jobs(), "{production:?}");
+        assert_eq!(counts.done, jobs(), "every job done: {production:?}");
         let sum = counts.created
             + counts.submitted
             + counts.queued
@@ -507,7 +540,7 @@ async fn check_everything(
         }
     }
     for production_id in &productions {
-        for job in 0..JOBS {
+        for job in 0..jobs() {
             let key = (production_id.clone(), job.to_string());
             let started = starts.get(&key).cloned().unwrap_or_default();
             let ended = ends.get(&key).cloned().unwrap_or_default();
@@ -531,15 +564,15 @@ async fn check_everything(
     // Every file catalogued once, with the checksum of its bytes.
     let mut lfns = BTreeSet::new();
     for production_id in &productions {
-        let files = wait_for("every file catalogued", SETTLE, || async {
+        let files = wait_for("every file catalogued", settle(), || async {
             cluster
                 .files(production_id)
                 .await
-                .filter(|f| f.len() as u64 >= JOBS)
+                .filter(|f| f.len() as u64 >= jobs())
         })
         .await
         .unwrap();
-        assert_eq!(files.len() as u64, JOBS, "one file per job: {files:?}");
+        assert_eq!(files.len() as u64, jobs(), "one file per job: {files:?}");
         for file in &files {
             assert!(
                 lfns.insert(file.lfn.clone()),
@@ -607,7 +640,7 @@ async fn check_everything(
         "{} requests decided and accepted, {} productions COMPLETED with counts adding up, {} jobs each finished once, {} files catalogued once with matching adler32, outboxes empty, dead letters = injected ({})",
         submitted.request_ids.len(),
         productions.len(),
-        productions.len() as u64 * JOBS,
+        productions.len() as u64 * jobs(),
         lfns.len(),
         poison.values().sum::<u32>()
     )

@@ -1,4 +1,4 @@
-//! `cargo run --release -p prodsys-bench -- [all|raw|submit|latency|status|catalog|plan|containers] [--smoke] [--write]`
+//! `cargo run --release -p prodsys-bench -- [all|raw|submit|latency|status|catalog|plan|containers|history|faults] [--smoke] [--write]`
 //!
 //! Measures, in one run on this machine, the raw limits of RabbitMQ and
 //! PostgreSQL (same client libraries and message size as prodsys) and what
@@ -18,6 +18,8 @@
 
 mod amqp;
 mod containers;
+mod faults;
+mod history;
 mod raw;
 mod report;
 mod services;
@@ -44,8 +46,15 @@ pub enum Scenario {
     Status,
     /// Output files/s into the catalog.
     Catalog,
-    /// One production of a million jobs planned and persisted.
+    /// One production of a million jobs planned and persisted, then cancelled.
     Plan,
+    /// A catalog of 10,000,000 files of 100,000 productions: FindFiles,
+    /// StreamFiles, and submit with that history beside an empty catalog.
+    History,
+    /// The fault suite (`tests/faults.rs`) at productions of hundreds of
+    /// jobs. Restarts RabbitMQ and PostgreSQL: not part of `all`; its
+    /// results replace the fault section of BENCHMARKS.md and nothing else.
+    Faults,
     /// Container jobs through prodsys beside `podman run` of the same command.
     Containers,
 }
@@ -83,6 +92,15 @@ pub struct Args {
     /// Jobs of the production the plan scenario plans (default 1,000,000, smoke 20,000).
     #[arg(long)]
     pub plan_jobs: Option<u64>,
+    /// Files in the catalog of the history scenario (default 10,000,000, smoke 20,000).
+    #[arg(long)]
+    pub history_files: Option<u64>,
+    /// Productions they belong to (default 100,000, smoke 200).
+    #[arg(long)]
+    pub history_productions: Option<u64>,
+    /// Jobs per production of the fault suite's large version (default 60, smoke 5).
+    #[arg(long)]
+    pub fault_jobs: Option<u64>,
     /// Container jobs of the containers scenario (default 1,000, smoke 4).
     #[arg(long)]
     pub container_jobs: Option<u64>,
@@ -146,6 +164,9 @@ pub struct Results {
     pub status: Option<stack::StatusResult>,
     pub catalog: Option<stack::CatalogResult>,
     pub plan: Option<stack::PlanResult>,
+    pub cancel: Option<stack::CancelResult>,
+    pub history_plan: Option<history::HistoryPlan>,
+    pub history: Option<history::HistoryResult>,
     pub containers: Option<containers::ContainerResult>,
     pub errors: Vec<String>,
 }
@@ -159,6 +180,28 @@ impl Results {
             ("status", self.status.as_ref().map(|r| &r.load)),
             ("catalog", self.catalog.as_ref().map(|r| &r.load)),
             ("plan", self.plan.as_ref().map(|r| &r.load)),
+            ("cancel", self.cancel.as_ref().map(|r| &r.load)),
+            (
+                "submit, empty catalog",
+                self.history
+                    .as_ref()
+                    .and_then(|h| h.empty.as_ref())
+                    .map(|r| &r.load),
+            ),
+            (
+                "stream files",
+                self.history
+                    .as_ref()
+                    .and_then(|h| h.stream.as_ref())
+                    .map(|r| &r.load),
+            ),
+            (
+                "submit, with history",
+                self.history
+                    .as_ref()
+                    .and_then(|h| h.history.as_ref())
+                    .map(|r| &r.load),
+            ),
         ]
         .into_iter()
         .filter_map(|(name, load)| load.map(|l| (name, l)))
@@ -183,6 +226,21 @@ impl Results {
             .rev()
             .map(|(name, load)| (load.bench_max_rss, name))
             .max_by_key(|(r, _)| *r)
+    }
+}
+
+fn history_plan(args: &Args) -> history::HistoryPlan {
+    let smoke = args.smoke;
+    history::HistoryPlan {
+        files: args
+            .history_files
+            .unwrap_or(if smoke { 20_000 } else { 10_000_000 }),
+        productions: args
+            .history_productions
+            .unwrap_or(if smoke { 200 } else { 100_000 }),
+        find_queries: if smoke { 20 } else { 300 },
+        submit_duration: Duration::from_secs(if smoke { 3 } else { 20 }),
+        submit_clients: args.clients.unwrap_or(if smoke { 32 } else { 512 }),
     }
 }
 
@@ -231,6 +289,9 @@ fn main() -> anyhow::Result<()> {
     if let (Some(service), Some(config)) = (&args.serve, &args.config) {
         return services::serve(service, config);
     }
+    if args.scenario == Scenario::Faults {
+        return faults::run(&args);
+    }
     prodsys_telemetry::init("warn");
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -245,7 +306,15 @@ fn main() -> anyhow::Result<()> {
                 .join("..")
                 .join("BENCHMARKS.md")
         });
-        std::fs::write(&path, report::markdown(&results))?;
+        let mut text = report::markdown(&results);
+        // The fault suite's section is written by its own run; kept as it was.
+        if let Some(section) = std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|old| faults::existing_section(&old))
+        {
+            text = faults::replace_section(&text, &section);
+        }
+        std::fs::write(&path, text)?;
         println!("wrote {}", path.display());
     }
     // The service processes (and the jobs they started) are gone by now.
@@ -305,7 +374,10 @@ async fn run(args: &Args) -> anyhow::Result<Results> {
         );
     }
 
-    if !matches!(scenario, Scenario::Raw | Scenario::Containers) {
+    if !matches!(
+        scenario,
+        Scenario::Raw | Scenario::Containers | Scenario::History
+    ) {
         results.stack_plan = Some(stack_plan);
         eprintln!("prodsys: starting the five services, each in its own process …");
         let bench = stack::Bench::start().await?;
@@ -459,6 +531,27 @@ async fn run(args: &Args) -> anyhow::Result<Results> {
                 Err(e) => results.errors.push(format!("plan: {e:#}")),
             }
         }
+        if let Some(planned) = results.plan.clone()
+            && check(&mut results)
+        {
+            eprintln!(
+                "prodsys: cancelling the production of {} jobs …",
+                planned.jobs
+            );
+            match bench.cancel(&planned).await {
+                Ok(r) => {
+                    eprintln!("  {:.1} s", r.seconds);
+                    if r.unfinished != 0 {
+                        results.errors.push(format!(
+                            "cancel: {} jobs of {} not CANCELLED in the dispatcher",
+                            r.unfinished, planned.production_id
+                        ));
+                    }
+                    results.cancel = Some(r);
+                }
+                Err(e) => results.errors.push(format!("cancel: {e:#}")),
+            }
+        }
         check(&mut results);
         eprintln!("prodsys: stopping and cleaning up …");
         results.service_rss_peak = bench.stop().await;
@@ -487,11 +580,100 @@ async fn run(args: &Args) -> anyhow::Result<Results> {
             Err(e) => results.errors.push(format!("containers: {e:#}")),
         }
     }
+    if wants(Scenario::History) {
+        let plan = history_plan(args);
+        results.history_plan = Some(plan);
+        match history_run(&plan).await {
+            Ok(r) => results.history = Some(r),
+            Err((r, e)) => {
+                results.history = r;
+                results.errors.push(format!("history: {e:#}"));
+            }
+        }
+    }
     results.wall_seconds = began.elapsed().as_secs_f64();
     for error in &results.errors {
         eprintln!("FAILED: {error}");
     }
     Ok(results)
+}
+
+/// The history scenario on a stack of its own: submit on the empty catalog,
+/// the fill, first pages, the stream, submit with the history.
+async fn history_run(
+    plan: &history::HistoryPlan,
+) -> Result<history::HistoryResult, (Option<history::HistoryResult>, anyhow::Error)> {
+    eprintln!("prodsys: a fresh stack for the catalog with a history …");
+    let bench = stack::Bench::start().await.map_err(|e| (None, e))?;
+    let mut result = history::HistoryResult::default();
+    let outcome = history_steps(&bench, plan, &mut result).await;
+    bench.stop().await;
+    match outcome {
+        Ok(()) => Ok(result),
+        Err(e) => Err((Some(result), e)),
+    }
+}
+
+async fn history_steps(
+    bench: &stack::Bench,
+    plan: &history::HistoryPlan,
+    result: &mut history::HistoryResult,
+) -> anyhow::Result<()> {
+    let settle = Duration::from_secs(300);
+    eprintln!(
+        "prodsys: submit → verdict on the empty catalog, {} clients for {:?} …",
+        plan.submit_clients, plan.submit_duration
+    );
+    bench.follow_received(false).await?;
+    let empty = bench
+        .submit_with(plan.submit_clients, plan.submit_duration, None)
+        .await?;
+    eprintln!("  {:.0} req/s decided", empty.decided_per_s());
+    result.empty = Some(empty);
+    bench.quiesce(settle).await?;
+    eprintln!(
+        "prodsys: filling the checker and catalog with {} productions, about {} files …",
+        plan.productions, plan.files
+    );
+    history::fill(bench, plan, result).await?;
+    eprintln!(
+        "  {} files in {:.0} s (indexes {:.0} s, vacuum {:.0} s)",
+        result.files, result.fill_seconds, result.index_seconds, result.vacuum_seconds
+    );
+    if let Err(e) = checkpoint().await {
+        eprintln!("  no CHECKPOINT after the fill ({e:#})");
+    }
+    eprintln!(
+        "prodsys: FindFiles first pages, {} queries …",
+        plan.find_queries
+    );
+    let find = history::find(bench, plan).await?;
+    eprintln!("  p50 {:.1} ms, p99 {:.1} ms", find.p50_ms, find.p99_ms);
+    result.find = Some(find);
+    eprintln!("prodsys: StreamFiles …");
+    let stream = history::stream(bench).await?;
+    eprintln!(
+        "  {} files in {:.1} s ({:.0} files/s)",
+        stream.files, stream.seconds, stream.files_per_s
+    );
+    result.stream = Some(stream);
+    eprintln!("prodsys: submit → verdict with the history, one in ten a duplicate or an overlap …");
+    let history = bench
+        .submit_with(
+            plan.submit_clients,
+            plan.submit_duration,
+            Some(plan.productions),
+        )
+        .await?;
+    eprintln!(
+        "  {:.0} req/s decided ({} accepted, {} rejected)",
+        history.decided_per_s(),
+        history.accepted_in_window,
+        history.rejected
+    );
+    result.history = Some(history);
+    bench.quiesce(settle).await?;
+    Ok(())
 }
 
 /// "intake 12.3 MiB, checker …" in pipeline order.

@@ -211,6 +211,8 @@ pub struct SubmitResult {
     pub submitted: u64,
     pub accepted_in_window: u64,
     pub accepted_per_s: f64,
+    /// Verdicts (accepted or rejected) inside the run's seconds.
+    pub decided_in_window: u64,
     pub rejected: u64,
     pub failed: u64,
     pub grpc_p50_ms: f64,
@@ -259,9 +261,17 @@ pub struct CatalogResult {
     pub load: PhaseLoad,
 }
 
+impl SubmitResult {
+    /// Requests decided (accepted or rejected) per second of the run.
+    pub fn decided_per_s(&self) -> f64 {
+        self.decided_in_window as f64 / self.seconds
+    }
+}
+
 /// One production of many jobs planned and persisted by the dispatcher.
 #[derive(Debug, Clone)]
 pub struct PlanResult {
+    pub production_id: String,
     pub jobs: u64,
     /// From request.accepted (the dispatcher's input) until the status
     /// service counts the production's jobs (after production.dispatched,
@@ -273,6 +283,18 @@ pub struct PlanResult {
     pub load: PhaseLoad,
 }
 
+/// The planned production cancelled: every job, set-based.
+#[derive(Debug, Clone)]
+pub struct CancelResult {
+    pub jobs: u64,
+    /// From CancelProduction sent until the status service counts the
+    /// production CANCELLED with every job cancelled.
+    pub seconds: f64,
+    /// Jobs of the production in the dispatcher not CANCELLED afterwards (must be 0).
+    pub unfinished: i64,
+    pub load: PhaseLoad,
+}
+
 pub struct Bench {
     pub env: TestEnv,
     /// The service processes (a lock only to look whether one has exited).
@@ -281,10 +303,11 @@ pub struct Bench {
     pids: Vec<(&'static str, u32)>,
     intake: Vec<pb::request_service_client::RequestServiceClient<Channel>>,
     status: pb::status_service_client::StatusServiceClient<Channel>,
+    pub(crate) catalog: pb::catalog_service_client::CatalogServiceClient<Channel>,
     amqp: lapin::Connection,
     publish: lapin::Channel,
     /// The bench's own connection to the run's database.
-    db: tokio_postgres::Client,
+    pub(crate) db: tokio_postgres::Client,
     verdicts: Arc<Verdicts>,
     listener_stop: CancellationToken,
     base_parameters: serde_json::Value,
@@ -321,15 +344,24 @@ impl Bench {
             }
         };
         let parts = Self::connect(&env, &services).await;
-        let (intake, status, connection, publish, verdicts, listener_stop, base_parameters, db) =
-            match parts {
-                Ok(parts) => parts,
-                Err(error) => {
-                    services.stop().await;
-                    env.cleanup().await;
-                    return Err(error);
-                }
-            };
+        let (
+            intake,
+            status,
+            catalog,
+            connection,
+            publish,
+            verdicts,
+            listener_stop,
+            base_parameters,
+            db,
+        ) = match parts {
+            Ok(parts) => parts,
+            Err(error) => {
+                services.stop().await;
+                env.cleanup().await;
+                return Err(error);
+            }
+        };
         let tag: String = env
             .prefix
             .split('.')
@@ -345,6 +377,7 @@ impl Bench {
             pids,
             intake,
             status,
+            catalog,
             amqp: connection,
             publish,
             db,
@@ -393,6 +426,7 @@ impl Bench {
     ) -> anyhow::Result<(
         Vec<pb::request_service_client::RequestServiceClient<Channel>>,
         pb::status_service_client::StatusServiceClient<Channel>,
+        pb::catalog_service_client::CatalogServiceClient<Channel>,
         lapin::Connection,
         lapin::Channel,
         Arc<Verdicts>,
@@ -408,6 +442,10 @@ impl Bench {
         }
         let status = pb::status_service_client::StatusServiceClient::new(
             grpc_channel(services.addr(Service::Status)?).await?,
+        )
+        .max_decoding_message_size(64 * 1024 * 1024);
+        let catalog = pb::catalog_service_client::CatalogServiceClient::new(
+            grpc_channel(services.addr(Service::Catalog)?).await?,
         )
         .max_decoding_message_size(64 * 1024 * 1024);
         let url = prodsys_testkit::amqp_url();
@@ -432,6 +470,7 @@ impl Bench {
         Ok((
             intake,
             status,
+            catalog,
             connection,
             publish,
             verdicts,
@@ -512,7 +551,7 @@ impl Bench {
 
     /// Samples the RSS of each service process and of the bench, and queue
     /// depths, every 250 ms until the returned sampler finishes.
-    async fn sample(&self) -> anyhow::Result<Sampler> {
+    pub(crate) async fn sample(&self) -> anyhow::Result<Sampler> {
         let channel = self.amqp.create_channel().await?;
         let queues = self.service_queues();
         let stop = CancellationToken::new();
@@ -587,6 +626,7 @@ impl Bench {
             base: self.base_parameters.clone(),
             tag: self.tag.clone(),
             seq: self.seq.clone(),
+            history: None,
         }
     }
 
@@ -648,12 +688,24 @@ impl Bench {
     /// Closed loop: `clients` tasks each submit, wait for ACCEPTED, and submit
     /// again, for `duration`; the rate is the ACCEPTED events inside it.
     pub async fn submit(&self, clients: usize, duration: Duration) -> anyhow::Result<SubmitResult> {
+        self.submit_with(clients, duration, None).await
+    }
+
+    /// [`Bench::submit`] of requests against a history of `history`
+    /// productions ([`crate::history::history_request`]), or of new requests.
+    pub async fn submit_with(
+        &self,
+        clients: usize,
+        duration: Duration,
+        history: Option<u64>,
+    ) -> anyhow::Result<SubmitResult> {
         let sampler = self.sample().await?;
         let start = Instant::now();
         let end = start + duration;
         let mut tasks = Vec::new();
         for _ in 0..clients {
-            let client = self.client();
+            let mut client = self.client();
+            client.history = history;
             tasks.push(tokio::spawn(async move {
                 let mut done = Vec::new();
                 let mut failures = 0u64;
@@ -687,6 +739,7 @@ impl Bench {
             .map(|d| d.at)
             .filter(|at| *at <= end)
             .collect();
+        let decided_in_window = all.iter().filter(|d| d.at <= end).count() as u64;
         let mut slices = [0u64; 10];
         for at in &in_window {
             let f = at.duration_since(start).as_secs_f64() / seconds;
@@ -703,6 +756,7 @@ impl Bench {
             submitted: all.len() as u64,
             accepted_in_window: in_window.len() as u64,
             accepted_per_s: in_window.len() as f64 / seconds,
+            decided_in_window,
             rejected: all.iter().filter(|d| !d.accepted).count() as u64,
             failed,
             grpc_p50_ms: percentile_ms(&grpc, 0.5),
@@ -922,10 +976,78 @@ impl Bench {
             .get(0);
         let seconds = planned_at.duration_since(accepted.at).as_secs_f64();
         Ok(PlanResult {
+            production_id,
             jobs: plan.plan_jobs,
             seconds,
             jobs_per_s: plan.plan_jobs as f64 / seconds,
             rows,
+            load,
+        })
+    }
+
+    /// Cancels the production `plan` planned (its jobs waiting behind the one
+    /// local slot): timed from CancelProduction sent until the status service
+    /// counts it CANCELLED with every job cancelled.
+    pub async fn cancel(&self, plan: &PlanResult) -> anyhow::Result<CancelResult> {
+        let mut intake = self.intake[0].clone();
+        let mut status = self.status.clone();
+        let sampler = self.sample().await?;
+        let start = Instant::now();
+        let answer = tokio::time::timeout(
+            CALL_TIMEOUT,
+            intake.cancel_production(pb::CancelProductionRequest {
+                production_id: plan.production_id.clone(),
+                reason: "bench: cancel at scale".into(),
+                ..Default::default()
+            }),
+        )
+        .await
+        .context("CancelProduction timed out")??
+        .into_inner();
+        anyhow::ensure!(
+            answer.accepted,
+            "the cancel of {} was refused",
+            plan.production_id
+        );
+        let deadline = start + Duration::from_secs(600);
+        loop {
+            let p = tokio::time::timeout(
+                CALL_TIMEOUT,
+                status.get_production(pb::GetProductionRequest {
+                    production_id: plan.production_id.clone(),
+                    ..Default::default()
+                }),
+            )
+            .await
+            .context("GetProduction timed out")??
+            .into_inner();
+            if p.state() == pb::ProductionState::Cancelled
+                && p.counts.unwrap_or_default().cancelled >= plan.jobs
+            {
+                break;
+            }
+            self.ensure_services_run()?;
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "{} was not cancelled within 600 s: {p:?}",
+                plan.production_id
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let seconds = start.elapsed().as_secs_f64();
+        let load = sampler.finish(&self.db).await;
+        let unfinished: i64 = self
+            .db
+            .query_one(
+                "SELECT count(*) FROM dispatcher.jobs WHERE production_id = $1 AND state <> 'CANCELLED'",
+                &[&plan.production_id],
+            )
+            .await?
+            .get(0);
+        Ok(CancelResult {
+            jobs: plan.jobs,
+            seconds,
+            unfinished,
             load,
         })
     }
@@ -1052,7 +1174,7 @@ fn catalog_file(production: &str, job_index: u64, n: u64) -> pb::OutputFile {
     }
 }
 
-struct Sampler {
+pub(crate) struct Sampler {
     stop: CancellationToken,
     task: tokio::task::JoinHandle<PhaseLoad>,
     meter: sys::CpuMeter,
@@ -1062,7 +1184,7 @@ struct Sampler {
 }
 
 impl Sampler {
-    async fn finish(self, db: &tokio_postgres::Client) -> PhaseLoad {
+    pub(crate) async fn finish(self, db: &tokio_postgres::Client) -> PhaseLoad {
         let cpu = self.meter.stop();
         let seconds = self.started.elapsed().as_secs_f64();
         let pg_end = pg_backends(db).await;
@@ -1093,6 +1215,8 @@ struct Submitter {
     base: serde_json::Value,
     tag: String,
     seq: Arc<AtomicU64>,
+    /// Requests against a history of this many productions instead.
+    history: Option<u64>,
 }
 
 impl Submitter {
@@ -1100,10 +1224,16 @@ impl Submitter {
     /// (free text in the profile) and a fractional zenith angle in 0..70.
     fn request(&self) -> (u64, pb::SubmitRequestRequest) {
         let n = self.seq.fetch_add(1, Ordering::Relaxed);
-        let mut parameters = self.base.clone();
-        parameters["array_layout"] = format!("bench-{}-{n}", self.tag).into();
-        let zenith = ((n as f64) * 0.0137).rem_euclid(70.0);
-        parameters["zenith_deg"] = ((zenith * 10_000.0).round() / 10_000.0).into();
+        let parameters = match self.history {
+            Some(productions) => crate::history::history_request(n, productions, &self.tag),
+            None => {
+                let mut parameters = self.base.clone();
+                parameters["array_layout"] = format!("bench-{}-{n}", self.tag).into();
+                let zenith = ((n as f64) * 0.0137).rem_euclid(70.0);
+                parameters["zenith_deg"] = ((zenith * 10_000.0).round() / 10_000.0).into();
+                parameters
+            }
+        };
         (
             n,
             pb::SubmitRequestRequest {

@@ -16,6 +16,8 @@ use crate::store;
 pub struct CatalogApi {
     pub db: Db,
     pub types: Arc<KeyTypes>,
+    /// Keys with an index of their value and the LFN (`store::ordered_keys`).
+    pub ordered_keys: Arc<Vec<String>>,
 }
 
 fn operator(operator: i32) -> Option<Operator> {
@@ -67,7 +69,7 @@ impl CatalogApi {
                 })
                 .collect(),
         };
-        domain::file_query(&self.types, &filter).map_err(CatalogError::Invalid)
+        domain::file_query(&self.types, &filter, &self.ordered_keys).map_err(CatalogError::Invalid)
     }
 
     /// One page of `query`'s files after LFN `after`.

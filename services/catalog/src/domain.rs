@@ -123,6 +123,16 @@ pub fn path_key(key: &str) -> String {
     format!("$.{}", Value::String(key.to_string()))
 }
 
+/// The key of an index definition of the form
+/// `… USING btree (((metadata -> 'key'::text)), lfn)`, if it is one.
+pub fn ordered_key(indexdef: &str) -> Option<String> {
+    let columns = indexdef.split_once(" USING btree (")?.1.strip_suffix(')')?;
+    let key = columns
+        .strip_prefix("((metadata -> '")?
+        .strip_suffix("'::text)), lfn")?;
+    (!key.contains('\'')).then(|| key.to_string())
+}
+
 /// A condition's operator; `None` is one the caller left out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Operator {
@@ -152,21 +162,37 @@ pub struct FileFilter<'a> {
 }
 
 /// A file query as SQL parameters: containment for equalities (the GIN
-/// index), a SQL/JSON path predicate for everything else.
+/// index), a SQL/JSON path predicate for everything else, and one `=`
+/// condition on a key with an index of its value and the LFN (`ordered`:
+/// key and value), which a page reads in LFN order.
 #[derive(Debug, Clone, PartialEq)]
 pub struct FileQuery {
     pub production_id: String,
     pub equal: Value,
     pub path: Option<String>,
     pub lfn_prefix: String,
+    pub ordered: Option<(String, Value)>,
 }
 
 /// Checks a file filter and turns it into a query, or every reason it
 /// cannot be answered, by field.
-pub fn file_query(types: &KeyTypes, r: &FileFilter<'_>) -> Result<FileQuery, Vec<Violation>> {
+///
+/// `ordered_keys` are the keys with an index of their value and the LFN: the
+/// first `=` condition on one of them is left out of the path and asked as
+/// an expression that index answers in LFN order. (The LFNs group files by
+/// campaign, site and particle, so the files of one particle can lie behind
+/// millions of others in LFN order; and a condition asked twice, as an
+/// expression and in the path, would have the planner count its
+/// selectivity twice.)
+pub fn file_query(
+    types: &KeyTypes,
+    r: &FileFilter<'_>,
+    ordered_keys: &[String],
+) -> Result<FileQuery, Vec<Violation>> {
     let mut violations = Vec::new();
     let mut equal = Map::new();
     let mut path = Vec::new();
+    let mut ordered = None;
     for (key, value) in r.metadata {
         match types.condition_value(&format!("metadata.{key}"), key, value) {
             Ok(v) => {
@@ -213,6 +239,7 @@ pub fn file_query(types: &KeyTypes, r: &FileFilter<'_>) -> Result<FileQuery, Vec
             continue;
         }
         let mut terms = Vec::new();
+        let mut typed = None;
         for (j, text) in c.values.iter().enumerate() {
             let which = if several {
                 format!("conditions[{i}].values[{j}]")
@@ -225,7 +252,10 @@ pub fn file_query(types: &KeyTypes, r: &FileFilter<'_>) -> Result<FileQuery, Vec
                 field("key")
             };
             match types.condition_value(&which, c.key, text) {
-                Ok(v) => terms.push(format!("{} {symbol} {v}", path_key(c.key))),
+                Ok(v) => {
+                    terms.push(format!("{} {symbol} {v}", path_key(c.key)));
+                    typed = Some(v);
+                }
                 Err(v) => {
                     violations.push(v);
                     break;
@@ -233,13 +263,23 @@ pub fn file_query(types: &KeyTypes, r: &FileFilter<'_>) -> Result<FileQuery, Vec
             }
         }
         if terms.len() == c.values.len() {
-            path.push(format!("({})", terms.join(" || ")));
+            match typed {
+                Some(value)
+                    if operator == Operator::Eq
+                        && ordered.is_none()
+                        && ordered_keys.iter().any(|k| k == c.key) =>
+                {
+                    ordered = Some((c.key.to_string(), value));
+                }
+                _ => path.push(format!("({})", terms.join(" || "))),
+            }
         }
     }
     if r.production_id.is_empty()
         && r.lfn_prefix.is_empty()
         && equal.is_empty()
         && path.is_empty()
+        && ordered.is_none()
         && violations.is_empty()
     {
         violations.push(Violation::new(
@@ -255,6 +295,7 @@ pub fn file_query(types: &KeyTypes, r: &FileFilter<'_>) -> Result<FileQuery, Vec
         equal: Value::Object(equal),
         path: (!path.is_empty()).then(|| path.join(" && ")),
         lfn_prefix: r.lfn_prefix.to_string(),
+        ordered,
     })
 }
 
@@ -544,6 +585,7 @@ mod tests {
                     },
                 ],
             },
+            &[],
         )
         .expect("a valid filter");
         assert_eq!(q.equal, serde_json::json!({"site": "Paranal"}));
@@ -578,6 +620,7 @@ mod tests {
                     },
                 ],
             },
+            &[],
         )
         .expect_err("three bad conditions");
         let fields: Vec<&str> = bad.iter().map(|v| v.field.as_str()).collect();
@@ -598,9 +641,83 @@ mod tests {
                 metadata: &empty,
                 conditions: Vec::new(),
             },
+            &[],
         )
         .expect_err("no condition at all");
         assert_eq!(nothing[0].field, "production_id");
+    }
+
+    #[test]
+    fn ordered_keys_are_read_from_index_definitions() {
+        assert_eq!(
+            ordered_key(
+                "CREATE INDEX files_particle_lfn ON cat.files USING btree (((metadata -> 'particle'::text)), lfn)"
+            )
+            .as_deref(),
+            Some("particle")
+        );
+        assert_eq!(
+            ordered_key(
+                "CREATE INDEX files_production ON cat.files USING btree (production_id, lfn)"
+            ),
+            None
+        );
+        assert_eq!(
+            ordered_key(
+                "CREATE INDEX files_metadata ON cat.files USING gin (metadata jsonb_path_ops)"
+            ),
+            None
+        );
+    }
+
+    #[test]
+    fn an_equality_on_a_key_indexed_with_the_lfn_leaves_the_path() {
+        let t = types();
+        let empty = HashMap::new();
+        let site = vec!["Paranal".to_string()];
+        let below = vec!["30".to_string()];
+        let conditions = || {
+            vec![
+                Condition {
+                    key: "thetaP",
+                    operator: Some(Operator::Lt),
+                    values: &below,
+                },
+                Condition {
+                    key: "site",
+                    operator: Some(Operator::Eq),
+                    values: &site,
+                },
+            ]
+        };
+        let filter = |conditions| FileFilter {
+            production_id: "",
+            dataset: "",
+            lfn_prefix: "",
+            metadata: &empty,
+            conditions,
+        };
+        let q = file_query(&t, &filter(conditions()), &["site".to_string()]).unwrap();
+        assert_eq!(
+            q.ordered,
+            Some(("site".to_string(), serde_json::json!("Paranal")))
+        );
+        assert_eq!(q.path.as_deref(), Some(r#"($."thetaP" < 30)"#));
+        let plain = file_query(&t, &filter(conditions()), &[]).unwrap();
+        assert_eq!(plain.ordered, None);
+        assert_eq!(
+            plain.path.as_deref(),
+            Some(r#"($."thetaP" < 30) && ($."site" == "Paranal")"#)
+        );
+        // Alone, it is still a query.
+        let only = file_query(
+            &t,
+            &filter(conditions().split_off(1)),
+            &["site".to_string()],
+        )
+        .unwrap();
+        assert_eq!(only.path, None);
+        assert!(only.ordered.is_some());
     }
 
     #[test]

@@ -46,6 +46,8 @@ pub const MIGRATIONS: &[Migration] = prodsys_db::migrations![
     "0100_forwarding.sql",
     "0110_registered_replicas.sql",
     "0120_outputs_awaited.sql",
+    "0200_files_by_particle_in_lfn_order.sql",
+    "0201_files_by_cta_identity.sql",
 ];
 
 /// Consumers of the catalog's queue: registrations commute (running totals,
@@ -92,6 +94,11 @@ pub async fn start(
         );
         forwarder.spawn(shutdown.clone());
     }
+    let ordered_keys = Arc::new(
+        store::ordered_keys(&foundation.db)
+            .await
+            .context("reading the catalog's indexes")?,
+    );
     let max = settings.grpc.max_message_bytes;
     let (routes, reporter) = prodsys_server::base_routes()?;
     let routes = prodsys_server::with_metrics(routes);
@@ -99,6 +106,7 @@ pub async fn start(
         pb::catalog_service_server::CatalogServiceServer::new(api::CatalogApi {
             db: foundation.db.clone(),
             types,
+            ordered_keys,
         })
         .max_decoding_message_size(max)
         .max_encoding_message_size(max),
