@@ -53,7 +53,7 @@ struct ProductionView {
     backend: String,
     state: String,
     job_total: u64,
-    counts: CountsView,
+    counts: prodsys_core::JobCounts,
     held_reason: String,
     updated_unix_ms: i64,
     /// Per destination it asked for: files forwarded / catalogued so far.
@@ -70,18 +70,6 @@ struct ForwardingView {
     failing: u64,
 }
 
-#[derive(Debug, Serialize)]
-struct CountsView {
-    created: u64,
-    submitted: u64,
-    queued: u64,
-    running: u64,
-    done: u64,
-    failed: u64,
-    cancelled: u64,
-    exhausted: u64,
-}
-
 impl From<pb::Production> for ProductionView {
     fn from(p: pb::Production) -> Self {
         let c = p.counts.unwrap_or_default();
@@ -96,16 +84,7 @@ impl From<pb::Production> for ProductionView {
             backend: p.backend,
             state,
             job_total: p.job_total,
-            counts: CountsView {
-                created: c.created,
-                submitted: c.submitted,
-                queued: c.queued,
-                running: c.running,
-                done: c.done,
-                failed: c.failed,
-                cancelled: c.cancelled,
-                exhausted: c.exhausted,
-            },
+            counts: c.into(),
             held_reason: p.held_reason,
             updated_unix_ms: p.updated_unix_ms,
             forwarding: p

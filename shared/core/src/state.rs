@@ -193,8 +193,9 @@ impl JobState {
     }
 }
 
-/// A production's jobs counted by state.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// A production's jobs counted by state (serialised with these field names:
+/// the status service's JSON shows them so).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct JobCounts {
     pub created: u64,
     pub submitted: u64,
