@@ -994,20 +994,20 @@ pub fn markdown(results: &Results) -> String {
             p.files_per_message,
             thousands(p.catalog_files as f64)
         );
-        if let Some(c) = &results.containers {
-            let _ = writeln!(
-                out,
-                "- **Containers**: the KM3NeT example's image (`{}`, built here by `deploy/local/build-images`) run by podman (runc): {} jobs of one event each, on a database and prefix of their own with the five services in their own processes and {} local slots, timed from SubmitRequest to COMPLETED (checks, planning, each job's supervisor, collecting and checksumming its file); beside it, after one warm-up run, `podman run` of the same command line (the profile's runtime line, the template's image and entrypoint, the job's arguments) {} times, {} at once, on the same machine in the same run.",
-                c.image,
-                thousands(c.jobs as f64),
-                c.concurrency,
-                thousands(c.jobs as f64),
-                c.concurrency
-            );
-        }
         let _ = writeln!(
             out,
             "- **RSS** is each service process's VmRSS: idle is 3 s after all five answered gRPC health; under load is the largest of samples every 250 ms during the measurements; the peak over the whole run is each process's VmHWM. **CPU** is per process (user + system time): each service's process, the bench's own (its clients), PostgreSQL's processes for this run, the broker's. Queue depths are ready messages in each service's queue, sampled with the same period.\n"
+        );
+    }
+    if let Some(c) = &results.containers {
+        let _ = writeln!(
+            out,
+            "- **Containers**: the KM3NeT example's image (`{}`, built here by `deploy/local/build-images`) run by podman (runc): {} jobs of one event each, on a database and prefix of their own with the five services in their own processes and {} local slots, timed from SubmitRequest to COMPLETED (checks, planning, each job's supervisor, collecting and checksumming its file); beside it, after one warm-up run, `podman run` of the same command line (the profile's runtime line, the template's image and entrypoint, the job's arguments) {} times, {} at once, on the same machine in the same run.",
+            c.image,
+            thousands(c.jobs as f64),
+            c.concurrency,
+            thousands(c.jobs as f64),
+            c.concurrency
         );
     }
     if let (Some(p), Some(h)) = (&results.history_plan, &results.history) {
