@@ -277,13 +277,21 @@ async fn through_prodsys(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let seconds = began.elapsed().as_secs_f64();
-    // Every output catalogued (collected before the production completed).
-    let record = catalog
-        .get_production_record(pb::GetProductionRecordRequest {
-            production_id: production.clone(),
-        })
-        .await?
-        .into_inner();
+    // The record is there once every output is catalogued.
+    let record = loop {
+        match catalog
+            .get_production_record(pb::GetProductionRecordRequest {
+                production_id: production.clone(),
+            })
+            .await
+        {
+            Ok(record) => break record.into_inner(),
+            Err(s) if s.code() == tonic::Code::NotFound && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(s) => bail!("the production record: {s}"),
+        }
+    };
     Ok((seconds, record.file_count))
 }
 

@@ -719,9 +719,15 @@ pub async fn production_record(
         .query_opt_cached(
             // The running totals, not the snapshot taken at completion: a
             // file registered after (a late batch, RegisterFiles) counts.
+            // None until every DONE job's outputs are taken: the record is
+            // there once every file the production reported is registered
+            // (production.completed may overtake its last job.output).
             "SELECT p.state, COALESCE(t.file_count, 0), COALESCE(t.total_bytes, 0), p.completed_at
              FROM productions p LEFT JOIN totals t USING (production_id)
-             WHERE p.production_id = $1",
+             WHERE p.production_id = $1
+               AND (p.jobs_done IS NULL
+                    OR p.jobs_done <= (SELECT count(*) FROM job_outputs j
+                                       WHERE j.production_id = p.production_id))",
             &[&production_id],
         )
         .await?;
