@@ -538,7 +538,15 @@ impl Bench {
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         let peaks = services.stop().await;
         let _ = self.amqp.close(200, "bench done".into()).await;
-        self.env.cleanup().await;
+        // PRODSYS_BENCH_KEEP_DATABASE=1 leaves the database for inspection
+        // (query plans against what the run filled), and its queues.
+        if std::env::var_os("PRODSYS_BENCH_KEEP_DATABASE").is_some_and(|v| v == "1") {
+            eprintln!("kept database {}", self.env.database);
+            prodsys_testkit::end_jobs(&self.env.work_dir);
+            let _ = std::fs::remove_dir_all(&self.env.work_dir);
+        } else {
+            self.env.cleanup().await;
+        }
         peaks
     }
 

@@ -16,8 +16,9 @@ use crate::store;
 pub struct CatalogApi {
     pub db: Db,
     pub types: Arc<KeyTypes>,
-    /// Keys with an index of their value and the LFN (`store::ordered_keys`).
-    pub ordered_keys: Arc<Vec<String>>,
+    /// The keys of each index of metadata values and the LFN
+    /// (`store::ordered_keys`).
+    pub ordered_keys: Arc<Vec<Vec<String>>>,
 }
 
 fn operator(operator: i32) -> Option<Operator> {

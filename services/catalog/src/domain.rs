@@ -123,14 +123,20 @@ pub fn path_key(key: &str) -> String {
     format!("$.{}", Value::String(key.to_string()))
 }
 
-/// The key of an index definition of the form
-/// `… USING btree (((metadata -> 'key'::text)), lfn)`, if it is one.
-pub fn ordered_key(indexdef: &str) -> Option<String> {
+/// The keys of an index definition of the form
+/// `… USING btree (((metadata -> 'a'::text)), ((metadata -> 'b'::text)), lfn)`
+/// (one key or more, then the LFN), if it is one.
+pub fn ordered_key(indexdef: &str) -> Option<Vec<String>> {
     let columns = indexdef.split_once(" USING btree (")?.1.strip_suffix(')')?;
-    let key = columns
-        .strip_prefix("((metadata -> '")?
-        .strip_suffix("'::text)), lfn")?;
-    (!key.contains('\'')).then(|| key.to_string())
+    let keys = columns.strip_suffix(", lfn")?;
+    keys.split(", ")
+        .map(|column| {
+            let key = column
+                .strip_prefix("((metadata -> '")?
+                .strip_suffix("'::text))")?;
+            (!key.is_empty() && !key.contains('\'')).then(|| key.to_string())
+        })
+        .collect()
 }
 
 /// A condition's operator; `None` is one the caller left out.
@@ -162,24 +168,26 @@ pub struct FileFilter<'a> {
 }
 
 /// A file query as SQL parameters: containment for equalities (the GIN
-/// index), a SQL/JSON path predicate for everything else, and one `=`
-/// condition on a key with an index of its value and the LFN (`ordered`:
-/// key and value), which a page reads in LFN order.
+/// index), a SQL/JSON path predicate for everything else, and the `=`
+/// conditions on the keys of an index of their values and the LFN
+/// (`ordered`: keys and values, in the index's order), which a page reads
+/// in LFN order.
 #[derive(Debug, Clone, PartialEq)]
 pub struct FileQuery {
     pub production_id: String,
     pub equal: Value,
     pub path: Option<String>,
     pub lfn_prefix: String,
-    pub ordered: Option<(String, Value)>,
+    pub ordered: Vec<(String, Value)>,
 }
 
 /// Checks a file filter and turns it into a query, or every reason it
 /// cannot be answered, by field.
 ///
-/// `ordered_keys` are the keys with an index of their value and the LFN: the
-/// first `=` condition on one of them is left out of the path and asked as
-/// an expression that index answers in LFN order. (The LFNs group files by
+/// `ordered_keys` are the keys of the indexes of metadata values and the
+/// LFN: of those whose every key has an `=` condition, the one of most keys
+/// is chosen, and its conditions are left out of the path and asked as
+/// expressions that index answers in LFN order. (The LFNs group files by
 /// campaign, site and particle, so the files of one particle can lie behind
 /// millions of others in LFN order; and a condition asked twice, as an
 /// expression and in the path, would have the planner count its
@@ -187,12 +195,12 @@ pub struct FileQuery {
 pub fn file_query(
     types: &KeyTypes,
     r: &FileFilter<'_>,
-    ordered_keys: &[String],
+    ordered_keys: &[Vec<String>],
 ) -> Result<FileQuery, Vec<Violation>> {
     let mut violations = Vec::new();
     let mut equal = Map::new();
-    let mut path = Vec::new();
-    let mut ordered = None;
+    // Each term with the key and value of an `=` condition, if it is one.
+    let mut terms_of: Vec<(String, Option<(&str, Value)>)> = Vec::new();
     for (key, value) in r.metadata {
         match types.condition_value(&format!("metadata.{key}"), key, value) {
             Ok(v) => {
@@ -263,23 +271,44 @@ pub fn file_query(
             }
         }
         if terms.len() == c.values.len() {
+            let term = format!("({})", terms.join(" || "));
             match typed {
-                Some(value)
-                    if operator == Operator::Eq
-                        && ordered.is_none()
-                        && ordered_keys.iter().any(|k| k == c.key) =>
-                {
-                    ordered = Some((c.key.to_string(), value));
+                Some(value) if operator == Operator::Eq => {
+                    terms_of.push((term, Some((c.key, value))));
                 }
-                _ => path.push(format!("({})", terms.join(" || "))),
+                _ => terms_of.push((term, None)),
             }
         }
+    }
+    let equalities: Vec<&str> = terms_of
+        .iter()
+        .filter_map(|(_, eq)| eq.as_ref().map(|(k, _)| *k))
+        .collect();
+    let index = ordered_keys
+        .iter()
+        .filter(|keys| keys.iter().all(|k| equalities.contains(&k.as_str())))
+        .max_by_key(|keys| keys.len());
+    let mut ordered = Vec::new();
+    let mut path = Vec::new();
+    for (term, eq) in terms_of {
+        match eq {
+            Some((key, value))
+                if index.is_some_and(|keys| keys.iter().any(|k| k == key))
+                    && !ordered.iter().any(|(k, _): &(String, Value)| k == key) =>
+            {
+                ordered.push((key.to_string(), value));
+            }
+            _ => path.push(term),
+        }
+    }
+    if let Some(keys) = index {
+        ordered.sort_by_key(|(k, _)| keys.iter().position(|i| i == k));
     }
     if r.production_id.is_empty()
         && r.lfn_prefix.is_empty()
         && equal.is_empty()
         && path.is_empty()
-        && ordered.is_none()
+        && ordered.is_empty()
         && violations.is_empty()
     {
         violations.push(Violation::new(
@@ -653,8 +682,20 @@ mod tests {
             ordered_key(
                 "CREATE INDEX files_particle_lfn ON cat.files USING btree (((metadata -> 'particle'::text)), lfn)"
             )
-            .as_deref(),
-            Some("particle")
+            ,
+            Some(vec!["particle".to_string()])
+        );
+        assert_eq!(
+            ordered_key(
+                "CREATE INDEX files_particle_nsb_lfn ON cat.files USING btree (((metadata -> 'particle'::text)), ((metadata -> 'nsb'::text)), lfn)"
+            ),
+            Some(vec!["particle".to_string(), "nsb".to_string()])
+        );
+        assert_eq!(
+            ordered_key(
+                "CREATE INDEX files_cta_identity ON cat.files USING btree (((metadata -> 'site'::text)), ((metadata -> 'thetaP'::text)))"
+            ),
+            None
         );
         assert_eq!(
             ordered_key(
@@ -697,14 +738,14 @@ mod tests {
             metadata: &empty,
             conditions,
         };
-        let q = file_query(&t, &filter(conditions()), &["site".to_string()]).unwrap();
+        let q = file_query(&t, &filter(conditions()), &[vec!["site".to_string()]]).unwrap();
         assert_eq!(
             q.ordered,
-            Some(("site".to_string(), serde_json::json!("Paranal")))
+            vec![("site".to_string(), serde_json::json!("Paranal"))]
         );
         assert_eq!(q.path.as_deref(), Some(r#"($."thetaP" < 30)"#));
         let plain = file_query(&t, &filter(conditions()), &[]).unwrap();
-        assert_eq!(plain.ordered, None);
+        assert!(plain.ordered.is_empty());
         assert_eq!(
             plain.path.as_deref(),
             Some(r#"($."thetaP" < 30) && ($."site" == "Paranal")"#)
@@ -713,11 +754,62 @@ mod tests {
         let only = file_query(
             &t,
             &filter(conditions().split_off(1)),
-            &["site".to_string()],
+            &[vec!["site".to_string()]],
         )
         .unwrap();
         assert_eq!(only.path, None);
-        assert!(only.ordered.is_some());
+        assert!(!only.ordered.is_empty());
+    }
+
+    #[test]
+    fn the_index_of_most_keys_that_the_equalities_cover_is_chosen() {
+        let t = types();
+        let empty = HashMap::new();
+        let (site, nsb, below) = (
+            vec!["Paranal".to_string()],
+            vec!["5".to_string()],
+            vec!["30".to_string()],
+        );
+        let conditions = vec![
+            Condition {
+                key: "nsb",
+                operator: Some(Operator::Eq),
+                values: &nsb,
+            },
+            Condition {
+                key: "thetaP",
+                operator: Some(Operator::Lt),
+                values: &below,
+            },
+            Condition {
+                key: "site",
+                operator: Some(Operator::Eq),
+                values: &site,
+            },
+        ];
+        let filter = FileFilter {
+            production_id: "",
+            dataset: "",
+            lfn_prefix: "",
+            metadata: &empty,
+            conditions,
+        };
+        let indexes = [
+            vec!["site".to_string()],
+            vec!["site".to_string(), "nsb".to_string()],
+            // Not covered: no condition on particle.
+            vec!["site".to_string(), "nsb".to_string(), "particle".to_string()],
+        ];
+        let q = file_query(&t, &filter, &indexes).unwrap();
+        // In the index's order, whatever the order asked.
+        assert_eq!(
+            q.ordered,
+            vec![
+                ("site".to_string(), serde_json::json!("Paranal")),
+                ("nsb".to_string(), serde_json::json!(5)),
+            ]
+        );
+        assert_eq!(q.path.as_deref(), Some(r#"($."thetaP" < 30)"#));
     }
 
     #[test]

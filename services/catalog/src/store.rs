@@ -557,10 +557,10 @@ pub async fn files_page(
             params.len()
         ));
     }
-    let ordered_value = query.ordered.as_ref().map(|(_, v)| v.to_string());
-    if let (Some((key, _)), Some(value)) = (&query.ordered, &ordered_value) {
+    let ordered_values: Vec<String> = query.ordered.iter().map(|(_, v)| v.to_string()).collect();
+    for ((key, _), value) in query.ordered.iter().zip(&ordered_values) {
         params.push(value);
-        // As the index of the key's value and the LFN is written
+        // As the index of the keys' values and the LFN is written
         // (`ordered_keys`), so the planner can read it in LFN order.
         sql.push_str(&format!(
             " AND (metadata -> {}) = ${}::text::jsonb",
@@ -600,10 +600,11 @@ fn sql_literal(text: &str) -> String {
     format!("'{}'", text.replace('\'', "''"))
 }
 
-/// The metadata keys with an index of their value and the LFN, as
-/// `((metadata -> 'key'), lfn)` (a migration, or an operator, made it): a
-/// page with an `=` condition on one of them reads that index in LFN order.
-pub async fn ordered_keys(db: &Db) -> anyhow::Result<Vec<String>> {
+/// The metadata keys of each index of their values and the LFN, as
+/// `((metadata -> 'a'), (metadata -> 'b'), lfn)` (a migration, or an
+/// operator, made it): a page with an `=` condition on each of its keys
+/// reads that index in LFN order.
+pub async fn ordered_keys(db: &Db) -> anyhow::Result<Vec<Vec<String>>> {
     let client = db.client().await?;
     let rows = client
         .query(
@@ -612,7 +613,7 @@ pub async fn ordered_keys(db: &Db) -> anyhow::Result<Vec<String>> {
             &[],
         )
         .await?;
-    let mut keys: Vec<String> = rows
+    let mut keys: Vec<Vec<String>> = rows
         .iter()
         .filter_map(|row| domain::ordered_key(row.get(0)))
         .collect();

@@ -1,0 +1,11 @@
+-- Files by particle and NSB level in LFN order.
+-- Users select simulations by particle and night-sky background above all.
+-- Through the index of the particle alone, a page for one NSB level read
+-- every file of the particle's other levels before it in LFN order (the
+-- levels of a production interleave run by run, and whole productions of
+-- other levels lie between): 80 to 110 ms a first page with ten million
+-- files. With both keys ahead of the LFN the index holds exactly the
+-- files asked for, in page order; only conditions on other keys are read
+-- from the rows. The catalog uses any index of this form, of any keys,
+-- whenever a query has an `=` condition on each of them.
+CREATE INDEX files_particle_nsb_lfn ON files ((metadata -> 'particle'), (metadata -> 'nsb'), lfn);
