@@ -610,3 +610,110 @@ async fn a_completion_that_overtakes_the_last_outputs_waits_for_them() {
     assert_eq!(record.file_count, 4, "{record:?}");
     app.stop().await;
 }
+
+/// The same order for a production without destinations: it ends, but is
+/// not finished (nor announced forwarded) until the outputs of every job it
+/// counts as DONE are catalogued; then the catalog announces it, with no
+/// destination, and status calls it finished with every file findable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn without_destinations_a_production_is_finished_once_its_outputs_are_catalogued() {
+    prodsys_telemetry::init("warn");
+    let env = TestEnv::new().await.expect("test environment");
+    let written = env.work_dir.join("written");
+    let app = spawn_services(env, &[Service::Intake, Service::Status, Service::Catalog]).await;
+    let production_id = "CTA-990002";
+    publish_event(
+        &app.env,
+        "request.accepted",
+        &pb::RequestAccepted {
+            request_id: uuid::Uuid::now_v7().to_string(),
+            production_id: production_id.into(),
+            profile: "cta-irf-mc".into(),
+            vo: "vo.cta.in2p3.fr".into(),
+            backend: "local".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    publish_event(
+        &app.env,
+        "production.dispatched",
+        &pb::ProductionDispatched {
+            production_id: production_id.into(),
+            job_total: 2,
+            ..Default::default()
+        },
+    )
+    .await;
+    publish_event(
+        &app.env,
+        "job.output",
+        &job_output(&written, production_id, 0),
+    )
+    .await;
+    publish_event(
+        &app.env,
+        "production.completed",
+        &pb::ProductionCompleted {
+            production_id: production_id.into(),
+            state: pb::ProductionState::Completed as i32,
+            counts: Some(pb::JobCounts {
+                done: 2,
+                ..Default::default()
+            }),
+        },
+    )
+    .await;
+    // The catalog took both and looked at the production since...
+    let db = app.env.db().await.unwrap();
+    wait_for(
+        "the first job's files catalogued and the production looked at",
+        Duration::from_secs(30),
+        || async {
+            let row = db
+                .query_one(
+                    "SELECT (SELECT count(*) FROM catalog.files WHERE production_id = $1),
+                            (SELECT NOT progress_dirty FROM catalog.forwarding
+                             WHERE production_id = $1)",
+                    &[&production_id],
+                )
+                .await
+                .unwrap();
+            (row.get::<_, i64>(0) == 2 && row.get::<_, Option<bool>>(1) == Some(true))
+                .then_some(())
+        },
+    )
+    .await
+    .unwrap();
+    // ... and status shows it ended, not finished: a job's outputs are missing.
+    let seen = app
+        .production_when(
+            "status shows the production completed",
+            Duration::from_secs(30),
+            production_id,
+            |p| p.state() == pb::ProductionState::Completed,
+        )
+        .await;
+    assert!(
+        !seen.finished && seen.forwarding.is_empty(),
+        "finished with a job's outputs missing: {seen:?}"
+    );
+    publish_event(
+        &app.env,
+        "job.output",
+        &job_output(&written, production_id, 1),
+    )
+    .await;
+    let done = app
+        .production_when(
+            "the production finished",
+            Duration::from_secs(30),
+            production_id,
+            |p| p.finished,
+        )
+        .await;
+    assert!(done.forwarding.is_empty(), "{done:?}");
+    // Every file findable the moment it is finished.
+    assert_eq!(app.files(production_id).await.len(), 4);
+    app.stop().await;
+}

@@ -47,11 +47,9 @@ pub struct Forwarder {
 }
 
 impl Forwarder {
-    /// None when no destination is configured (nothing is ever forwarded).
-    pub fn new(db: Db, settings: &ForwardingSettings) -> anyhow::Result<Option<Self>> {
-        if settings.destinations.is_empty() {
-            return Ok(None);
-        }
+    /// With no destination configured it copies nothing, but still
+    /// announces each production whose outputs are all catalogued.
+    pub fn new(db: Db, settings: &ForwardingSettings) -> anyhow::Result<Self> {
         let timeout = Duration::from_secs(settings.copy_timeout_s.max(1));
         let destinations: HashMap<String, Destination> = settings
             .destinations
@@ -73,21 +71,23 @@ impl Forwarder {
                 ))
             })
             .collect::<anyhow::Result<_>>()?;
-        Ok(Some(Self {
+        Ok(Self {
             db,
             destinations,
             registrars,
             settings: settings.clone(),
             claimer: Uuid::now_v7(),
-        }))
+        })
     }
 
     /// Copies, records and announces until `shutdown`.
     pub fn spawn(self, shutdown: CancellationToken) {
         let this = Arc::new(self);
         tokio::spawn(this.clone().sweep(shutdown.clone()));
-        tokio::spawn(this.clone().renew(shutdown.clone()));
-        tokio::spawn(this.copy(shutdown));
+        if !this.destinations.is_empty() || !this.registrars.is_empty() {
+            tokio::spawn(this.clone().renew(shutdown.clone()));
+            tokio::spawn(this.copy(shutdown));
+        }
     }
 
     fn ttl(&self) -> Duration {

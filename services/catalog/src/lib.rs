@@ -89,13 +89,15 @@ pub async fn start(
         CONSUMERS,
         &shutdown,
     );
-    if let Some(forwarder) = forward::Forwarder::new(foundation.db.clone(), &settings.forwarding)? {
+    if !settings.forwarding.destinations.is_empty() {
         tracing::info!(
             destinations = ?settings.forwarding.destinations.keys().collect::<Vec<_>>(),
             "forwarding outputs"
         );
-        forwarder.spawn(shutdown.clone());
     }
+    // Without destinations it still announces productions whose outputs
+    // are all catalogued.
+    forward::Forwarder::new(foundation.db.clone(), &settings.forwarding)?.spawn(shutdown.clone());
     let ordered_keys = Arc::new(
         store::ordered_keys(&foundation.db)
             .await
