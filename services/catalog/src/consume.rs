@@ -48,6 +48,13 @@ impl Registrar {
                 Err(reason) => outcomes.push(Outcome::DeadLetter(reason)),
             }
         }
+        // Every accepted production is announced to the catalog, most with
+        // no destination: those change nothing here, so a batch of only
+        // them costs no transaction (taking one twice is as harmless).
+        records.retain(|(_, r)| !matches!(r, Record::Accepted(a) if a.forward.is_empty()));
+        if records.is_empty() {
+            return Ok(outcomes);
+        }
         let mut client = self.db.client().await?;
         let tx = client.transaction().await?;
         let ids: Vec<Uuid> = records.iter().map(|(id, _)| *id).collect();
@@ -67,8 +74,7 @@ impl Registrar {
                     files.extend(output.files.into_iter().map(|f| (output.attempt, f)))
                 }
                 Record::Completed(c) => completed.push(c),
-                Record::Accepted(a) if !a.forward.is_empty() => plans.push(a),
-                Record::Accepted(_) => {}
+                Record::Accepted(a) => plans.push(a),
             }
         }
         // The forwarding locks first, all at once and in order.
