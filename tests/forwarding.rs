@@ -679,8 +679,7 @@ async fn without_destinations_a_production_is_finished_once_its_outputs_are_cata
                 )
                 .await
                 .unwrap();
-            (row.get::<_, i64>(0) == 2 && row.get::<_, Option<bool>>(1) == Some(true))
-                .then_some(())
+            (row.get::<_, i64>(0) == 2 && row.get::<_, Option<bool>>(1) == Some(true)).then_some(())
         },
     )
     .await
