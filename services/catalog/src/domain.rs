@@ -9,6 +9,8 @@ use prodsys_core::Violation;
 use prodsys_core::profile::{MetadataType, float_value};
 use serde_json::{Map, Value};
 
+pub mod record;
+
 /// Most identities one FindExistingMany call may ask about.
 pub const MAX_EXISTING_QUERIES: usize = 1000;
 
@@ -681,8 +683,7 @@ mod tests {
         assert_eq!(
             ordered_key(
                 "CREATE INDEX files_particle_lfn ON cat.files USING btree (((metadata -> 'particle'::text)), lfn)"
-            )
-            ,
+            ),
             Some(vec!["particle".to_string()])
         );
         assert_eq!(
@@ -798,7 +799,11 @@ mod tests {
             vec!["site".to_string()],
             vec!["site".to_string(), "nsb".to_string()],
             // Not covered: no condition on particle.
-            vec!["site".to_string(), "nsb".to_string(), "particle".to_string()],
+            vec![
+                "site".to_string(),
+                "nsb".to_string(),
+                "particle".to_string(),
+            ],
         ];
         let q = file_query(&t, &filter, &indexes).unwrap();
         // In the index's order, whatever the order asked.
