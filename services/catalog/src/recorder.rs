@@ -78,6 +78,10 @@ impl Recorder {
         let mut client = self.db.client().await?;
         let tx = client.transaction().await?;
         let due = store::records_due(&tx, SWEEP_BATCH).await?;
+        // Registering beside a forwarding plan: the shared locks a
+        // registration takes, so a plan never misses the record's replicas.
+        let registering: Vec<&str> = due.iter().map(String::as_str).collect();
+        store::lock_forwarding(&tx, &registering, &[]).await?;
         for production_id in &due {
             let Some(mut found) = store::production_record(&tx, production_id).await? else {
                 continue;
