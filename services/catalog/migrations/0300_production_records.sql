@@ -40,3 +40,7 @@ ALTER TABLE productions ADD COLUMN counts jsonb,
                         ADD COLUMN first_run bigint,
                         ADD COLUMN last_run bigint,
                         ADD COLUMN record_lfn text;
+-- Productions that ended before records were kept have no record file ('').
+UPDATE productions SET record_lfn = '';
+-- The recorder's sweep reads only the records not written yet.
+CREATE INDEX productions_unrecorded ON productions (production_id) WHERE record_lfn IS NULL;
