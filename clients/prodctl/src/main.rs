@@ -815,10 +815,10 @@ fn progress_line(p: &pb::Production) -> String {
             )
         })
         .collect();
-    let finished = if p.finished && !p.forwarding.is_empty() {
-        ", outputs in place"
-    } else {
-        ""
+    let finished = match (p.finished, p.forwarding.is_empty()) {
+        (true, true) => ", outputs catalogued",
+        (true, false) => ", outputs in place",
+        (false, _) => "",
     };
     format!(
         "{} {:?} jobs {}: created {} submitted {} queued {} running {} done {} failed {} exhausted {} cancelled {}{forwarding}{finished}{held}",
