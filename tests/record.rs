@@ -209,6 +209,11 @@ async fn a_finished_production_s_record_agrees_with_the_catalog_and_status_and_i
             "/vo.cta.in2p3.fr/MC/PROD6/LaPalma/gamma/sim_telarray/{production_id}/record/ro-crate-metadata.json"
         )
     );
+    // It carries what the outputs share (their dataset), as a record.
+    assert_eq!(file.metadata["dataset"], record.datasets[0].name);
+    assert_eq!(file.metadata["site"], "LaPalma");
+    assert_eq!(file.metadata["data_level"], "record");
+    assert!(!file.metadata.contains_key("run_number"), "{file:?}");
     let path = PathBuf::from(file.url.strip_prefix("file://").unwrap());
     let bytes = std::fs::read(&path).unwrap();
     assert_eq!(file.size, bytes.len() as u64);

@@ -104,7 +104,10 @@ impl Recorder {
                 production_id: production_id.clone(),
                 job_index: 0,
             };
-            let metadata = serde_json::json!({ "production_id": production_id });
+            let metadata = serde_json::Value::Object(record::record_metadata(
+                store::common_metadata(&tx, production_id).await?,
+                production_id,
+            ));
             store::register_record_file(&tx, &file, &metadata).await?;
             tracing::info!(%production_id, %lfn, size, "production record catalogued");
         }

@@ -1089,6 +1089,32 @@ pub async fn first_output_lfn(
         .map(|r| r.get(0)))
 }
 
+/// The metadata every file of a production shares (each key all of them
+/// carry with one value): what its record file carries, so that, say, a
+/// Rucio destination files it in the same dataset as the outputs.
+pub async fn common_metadata(
+    tx: &Transaction<'_>,
+    production_id: &str,
+) -> anyhow::Result<serde_json::Map<String, serde_json::Value>> {
+    let row = tx
+        .query_one_cached(
+            "SELECT COALESCE(jsonb_object_agg(key, value), '{}')
+             FROM (SELECT e.key, min(e.value::text)::jsonb AS value
+                   FROM files f, jsonb_each(f.metadata) AS e
+                   WHERE f.production_id = $1
+                   GROUP BY e.key
+                   HAVING count(DISTINCT e.value) = 1
+                      AND count(*) = (SELECT count(*) FROM files WHERE production_id = $1)) AS common",
+            &[&production_id],
+        )
+        .await
+        .context("reading the metadata a production's files share")?;
+    Ok(match row.get::<_, serde_json::Value>(0) {
+        serde_json::Value::Object(map) => map,
+        _ => serde_json::Map::new(),
+    })
+}
+
 /// Registers a production's record file (outside its running totals, which
 /// count its outputs), with a pending replica on each destination the
 /// production forwards to, and notes it on the production's record.

@@ -203,6 +203,21 @@ pub fn record_lfn(production_id: &str, vo: &str, first_output_lfn: Option<&str>)
     format!("{directory}/record/{RO_CRATE_FILE}")
 }
 
+/// The metadata of a production's record file: what all its outputs share
+/// (so it lands beside them, in their dataset), its production, and, where
+/// the outputs name a data level, `record` (a query for their data level
+/// does not find it).
+pub fn record_metadata(
+    mut common: serde_json::Map<String, Value>,
+    production_id: &str,
+) -> serde_json::Map<String, Value> {
+    common.insert("production_id".into(), Value::String(production_id.into()));
+    if common.contains_key("data_level") {
+        common.insert("data_level".into(), Value::String("record".into()));
+    }
+    common
+}
+
 /// An instant as ISO 8601 (UTC as `+00:00`, milliseconds, as the Process
 /// Run Crate profile writes times), or `None` for 0.
 fn iso(unix_ms: i64) -> Option<String> {
@@ -782,6 +797,20 @@ mod tests {
             record_lfn("KM-000001", "", None),
             "/prodsys/prodsys/KM-000001/record/ro-crate-metadata.json"
         );
+    }
+
+    #[test]
+    fn the_record_file_carries_what_its_outputs_share() {
+        let common = json!({ "site": "LaPalma", "dataset": "PROD6_x", "data_level": "DL0" });
+        let Value::Object(common) = common else {
+            unreachable!()
+        };
+        let metadata = record_metadata(common, "CTA-000001");
+        assert_eq!(metadata["dataset"], "PROD6_x");
+        assert_eq!(metadata["data_level"], "record");
+        assert_eq!(metadata["production_id"], "CTA-000001");
+        let bare = record_metadata(serde_json::Map::new(), "KM-000001");
+        assert_eq!(Value::Object(bare), json!({ "production_id": "KM-000001" }));
     }
 
     #[test]
