@@ -64,7 +64,8 @@ fn rocrate_python() -> PathBuf {
 /// Validates the crate in `dir` against the Process Run Crate profile (its
 /// required checks); the validator's report when it fails.
 fn validate_crate(dir: &std::path::Path) -> Result<Value, String> {
-    let report = dir.join("report.json");
+    // Beside the crate, not in it.
+    let report = dir.with_extension("report.json");
     let out = std::process::Command::new(rocrate_python())
         .arg(prodsys_testkit::repo_root().join("tests/rocrate/validate.py"))
         .args([
