@@ -543,6 +543,7 @@ mod tests {
             ("thetaP".to_string(), MetadataType::Float),
             ("site".to_string(), MetadataType::String),
             ("dataset".to_string(), MetadataType::String),
+            ("nsb".to_string(), MetadataType::Integer),
         ]))
     }
 
