@@ -514,6 +514,7 @@ async fn a_completion_that_overtakes_the_last_outputs_waits_for_them() {
                 done: 2,
                 ..Default::default()
             }),
+            ..Default::default()
         },
     )
     .await;
@@ -603,6 +604,7 @@ async fn a_completion_that_overtakes_the_last_outputs_waits_for_them() {
         .clone()
         .get_production_record(pb::GetProductionRecordRequest {
             production_id: production_id.into(),
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -74,7 +74,10 @@ async fn cta_example_runs_to_completed_and_every_file_is_catalogued() {
             let production_id = production_id.clone();
             async move {
                 catalog
-                    .get_production_record(pb::GetProductionRecordRequest { production_id })
+                    .get_production_record(pb::GetProductionRecordRequest {
+                        production_id,
+                        ..Default::default()
+                    })
                     .await
                     .ok()
                     .map(|r| r.into_inner())
@@ -95,6 +98,7 @@ async fn cta_example_runs_to_completed_and_every_file_is_catalogued() {
     let missing = catalog
         .get_production_record(pb::GetProductionRecordRequest {
             production_id: "CTA-999999".into(),
+            ..Default::default()
         })
         .await
         .unwrap_err();

@@ -882,6 +882,7 @@ async fn a_catalog_killed_mid_forwarding_resumes_with_nothing_twice_and_nothing_
                 done: JOBS,
                 ..Default::default()
             }),
+            ..Default::default()
         },
     )
     .await;

@@ -282,6 +282,7 @@ async fn through_prodsys(
         match catalog
             .get_production_record(pb::GetProductionRecordRequest {
                 production_id: production.clone(),
+                ..Default::default()
             })
             .await
         {

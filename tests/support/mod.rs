@@ -482,7 +482,10 @@ impl App {
                 let production_id = production_id.clone();
                 async move {
                     catalog
-                        .get_production_record(pb::GetProductionRecordRequest { production_id })
+                        .get_production_record(pb::GetProductionRecordRequest {
+                            production_id,
+                            ..Default::default()
+                        })
                         .await
                         .ok()
                 }

@@ -72,6 +72,14 @@ struct Cli {
     command: Command,
 }
 
+/// How `prodctl record` renders a record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum RecordFormat {
+    Json,
+    Markdown,
+    RoCrate,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Submit a request file (JSON: profile, vo, backend, submitter, parameters).
@@ -163,6 +171,16 @@ enum Command {
         /// The XRootD copy command for root:// replicas.
         #[arg(long, env = "PRODSYS_XRDCP", default_value = "xrdcp")]
         xrdcp: String,
+    },
+    /// Show a finished production's record: who asked for it and with what,
+    /// how its jobs and attempts went, CPU time, timeline, what it wrote.
+    Record {
+        production_id: String,
+        /// markdown for people (the default; JSON with `-o json`), json, or
+        /// ro-crate: the record's Workflow Run RO-Crate
+        /// (ro-crate-metadata.json), as the catalog keeps it.
+        #[arg(long, value_enum)]
+        format: Option<RecordFormat>,
     },
     /// Exit 0 when every service answers SERVING.
     Health,
@@ -451,6 +469,34 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             get::run(&cli.catalog, query, to, xrdcp).await
         }
+        Command::Record {
+            ref production_id,
+            format,
+        } => {
+            let format = match format {
+                Some(RecordFormat::Json) => pb::RecordFormat::Json,
+                Some(RecordFormat::Markdown) => pb::RecordFormat::Markdown,
+                Some(RecordFormat::RoCrate) => pb::RecordFormat::RoCrate,
+                None if output::json() => pb::RecordFormat::Json,
+                None => pb::RecordFormat::Markdown,
+            };
+            let mut catalog =
+                pb::catalog_service_client::CatalogServiceClient::new(connect(&cli.catalog).await?);
+            let record = catalog
+                .get_production_record(pb::GetProductionRecordRequest {
+                    production_id: production_id.clone(),
+                    format: format as i32,
+                })
+                .await
+                .map_err(output::status)?
+                .into_inner();
+            let text = record.rendered;
+            print!("{text}");
+            if !text.ends_with('\n') {
+                println!();
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Health => health(&cli).await,
         Command::Dlq {
             ref amqp_url,
@@ -712,6 +758,7 @@ async fn submit(
         let record = catalog
             .get_production_record(pb::GetProductionRecordRequest {
                 production_id: request.production_id.clone(),
+                ..Default::default()
             })
             .await;
         match record {

@@ -134,25 +134,98 @@ impl CatalogApi {
         Ok(registered.added)
     }
 
-    async fn record(&self, production_id: String) -> Result<pb::ProductionRecord> {
-        let record = store::production_record(&self.db, &production_id)
+    async fn record(
+        &self,
+        request: pb::GetProductionRecordRequest,
+    ) -> Result<pb::ProductionRecord> {
+        let production_id = request.production_id;
+        let client = self.db.client().await?;
+        let record = store::production_record(&client, &production_id)
             .await?
             .ok_or_else(|| {
                 CatalogError::NotFound(format!(
                     "no finished production {production_id} in the catalog"
                 ))
             })?;
-        let state = record
-            .state
-            .parse::<ProductionState>()
-            .map_or(pb::ProductionState::Unspecified, ProductionState::to_proto);
-        Ok(pb::ProductionRecord {
-            production_id,
-            state: state as i32,
-            file_count: record.file_count as u64,
-            total_bytes: record.total_bytes as u64,
-            completed_unix_ms: record.completed.timestamp_millis(),
-        })
+        let format = pb::RecordFormat::try_from(request.format).unwrap_or_default();
+        Ok(record_proto(&record, format))
+    }
+}
+
+/// A record as the API answers it, rendered as `format` asks.
+fn record_proto(record: &domain::record::Record, format: pb::RecordFormat) -> pb::ProductionRecord {
+    let state = record
+        .state
+        .parse::<ProductionState>()
+        .map_or(pb::ProductionState::Unspecified, ProductionState::to_proto);
+    let rendered = match format {
+        pb::RecordFormat::Unspecified => String::new(),
+        pb::RecordFormat::Json => domain::record::to_json(record),
+        pb::RecordFormat::Markdown => domain::record::to_markdown(record),
+        pb::RecordFormat::RoCrate => domain::record::to_ro_crate(record),
+    };
+    pb::ProductionRecord {
+        production_id: record.production_id.clone(),
+        state: state as i32,
+        file_count: record.file_count,
+        total_bytes: record.total_bytes,
+        completed_unix_ms: record.completed_unix_ms,
+        request_id: record.request_id.clone(),
+        submitter: record.submitter.clone(),
+        vo: record.vo.clone(),
+        profile: record.profile.clone(),
+        profile_sha256: record.profile_sha256.clone(),
+        fingerprint: record.fingerprint.clone(),
+        parameters_json: if record.parameters.is_null() {
+            String::new()
+        } else {
+            record.parameters.to_string()
+        },
+        software: record.software.clone().into_iter().collect(),
+        installation: record.installation.clone(),
+        first_run: record.first_run,
+        last_run: record.last_run,
+        job_total: record.job_total,
+        counts: Some(record.counts.into()),
+        attempts: record.attempts,
+        retries: record.retries,
+        cpu_seconds_used: record.cpu_seconds_used,
+        cpu_measured_attempts: record.cpu_measured_attempts,
+        estimate: record.estimate.map(|e| pb::ResourceEstimate {
+            cpu_seconds_per_job: e.cpu_seconds_per_job,
+            cpu_hours_total: e.cpu_hours_total,
+            memory_mb: e.memory_mb,
+            disk_mb_per_job: e.disk_mb_per_job,
+            disk_gb_total: e.disk_gb_total,
+        }),
+        submitted_unix_ms: record.submitted_unix_ms,
+        accepted_unix_ms: record.accepted_unix_ms,
+        first_job_started_unix_ms: record.first_job_started_unix_ms,
+        last_job_ended_unix_ms: record.last_job_ended_unix_ms,
+        datasets: record
+            .datasets
+            .iter()
+            .map(|d| pb::RecordDataset {
+                name: d.name.clone(),
+                file_count: d.file_count,
+                total_bytes: d.total_bytes,
+            })
+            .collect(),
+        replicas: record
+            .replicas
+            .iter()
+            .map(|r| pb::DestinationProgress {
+                destination: r.destination.clone(),
+                forwarded: r.forwarded,
+                total: r.total,
+                failing: r.failing,
+                held_reason: String::new(),
+            })
+            .collect(),
+        parent_production_ids: record.parent_production_ids.clone(),
+        child_production_ids: record.child_production_ids.clone(),
+        record_lfn: record.record_lfn.clone(),
+        rendered,
     }
 }
 
@@ -262,8 +335,6 @@ impl pb::catalog_service_server::CatalogService for CatalogApi {
         &self,
         request: Request<pb::GetProductionRecordRequest>,
     ) -> Result<Response<pb::ProductionRecord>, Status> {
-        Ok(Response::new(
-            self.record(request.into_inner().production_id).await?,
-        ))
+        Ok(Response::new(self.record(request.into_inner()).await?))
     }
 }

@@ -1,10 +1,14 @@
-//! The catalog's AMQP consumer: registers the files of `job.output` events
-//! and writes a record per `production.completed`.
+//! The catalog's AMQP consumer: registers the files of `job.output` events,
+//! writes a record per `production.completed`, and keeps what
+//! `request.accepted` and `production.dispatched` tell of a production for
+//! that record.
 
 use std::sync::Arc;
 
 use prodsys_core::ProductionState;
-use prodsys_core::events::{JOB_OUTPUT, PRODUCTION_COMPLETED, REQUEST_ACCEPTED};
+use prodsys_core::events::{
+    JOB_OUTPUT, PRODUCTION_COMPLETED, PRODUCTION_DISPATCHED, REQUEST_ACCEPTED,
+};
 use prodsys_db::Db;
 use prodsys_messaging::{BatchHandler, HandlerError, Incoming, Outcome};
 use prodsys_proto as pb;
@@ -13,6 +17,7 @@ use prodsys_server::decode_event;
 use uuid::Uuid;
 
 use crate::domain::KeyTypes;
+use crate::domain::record::uuid_v7_unix_ms;
 use crate::error::Result;
 use crate::store;
 
@@ -25,6 +30,12 @@ enum Record {
     Output(pb::JobOutput),
     Completed(pb::ProductionCompleted),
     Accepted(pb::RequestAccepted),
+    Dispatched(pb::ProductionDispatched),
+}
+
+/// When a UUIDv7 was made, as a time.
+fn made_at(id: &Uuid) -> Option<chrono::DateTime<chrono::Utc>> {
+    uuid_v7_unix_ms(id).and_then(chrono::DateTime::from_timestamp_millis)
 }
 
 impl Registrar {
@@ -38,6 +49,9 @@ impl Registrar {
                     decode_event(incoming).map(|(id, m)| (id, Record::Completed(m)))
                 }
                 REQUEST_ACCEPTED => decode_event(incoming).map(|(id, m)| (id, Record::Accepted(m))),
+                PRODUCTION_DISPATCHED => {
+                    decode_event(incoming).map(|(id, m)| (id, Record::Dispatched(m)))
+                }
                 other => Err(format!("catalog does not handle {other:?}")),
             };
             match decoded {
@@ -48,13 +62,6 @@ impl Registrar {
                 Err(reason) => outcomes.push(Outcome::DeadLetter(reason)),
             }
         }
-        // Every accepted production is announced to the catalog, most with
-        // no destination: those change nothing here, so a batch of only
-        // them costs no transaction (taking one twice is as harmless).
-        records.retain(|(_, r)| !matches!(r, Record::Accepted(a) if a.forward.is_empty()));
-        if records.is_empty() {
-            return Ok(outcomes);
-        }
         let mut client = self.db.client().await?;
         let tx = client.transaction().await?;
         let ids: Vec<Uuid> = records.iter().map(|(id, _)| *id).collect();
@@ -63,6 +70,8 @@ impl Registrar {
         let mut jobs: Vec<(String, i64)> = Vec::new();
         let mut completed = Vec::new();
         let mut plans = Vec::new();
+        let mut accepted = Vec::new();
+        let mut dispatched = Vec::new();
         for (id, record) in records {
             // Taken once: the same event twice in one batch takes effect once.
             if !fresh.remove(&id) {
@@ -73,8 +82,14 @@ impl Registrar {
                     jobs.push((output.production_id, output.job_index as i64));
                     files.extend(output.files.into_iter().map(|f| (output.attempt, f)))
                 }
-                Record::Completed(c) => completed.push(c),
-                Record::Accepted(a) => plans.push(a),
+                Record::Completed(c) => completed.push((id, c)),
+                Record::Accepted(a) => accepted.push((id, a)),
+                Record::Dispatched(d) => dispatched.push(d),
+            }
+        }
+        for (_, a) in &accepted {
+            if !a.forward.is_empty() {
+                plans.push(a);
             }
         }
         // The forwarding locks first, all at once and in order.
@@ -100,13 +115,26 @@ impl Registrar {
             .map(String::as_str)
             .chain(taken.iter().map(|(p, _)| *p))
             .collect();
-        for c in &completed {
+        for (id, a) in &accepted {
+            // Parameters a publisher left out (or mangled) are kept as none.
+            let parameters = serde_json::from_str(&a.parameters_json)
+                .unwrap_or_else(|_| serde_json::Value::Object(Default::default()));
+            let submitted_at = Uuid::parse_str(&a.request_id)
+                .ok()
+                .and_then(|r| made_at(&r));
+            store::record_accepted(&tx, a, &parameters, submitted_at, made_at(id)).await?;
+        }
+        for d in &dispatched {
+            store::record_dispatched(&tx, d).await?;
+        }
+        for (id, c) in &completed {
             let state =
                 ProductionState::from_proto(c.state).map_or("UNKNOWN", ProductionState::as_str);
             // Every DONE job sent one job.output (in the same transaction as
-            // its DONE): their number is what forwarding waits for.
-            let jobs_done = c.counts.as_ref().map_or(0, |n| n.done) as i64;
-            store::record_completed(&tx, &c.production_id, state, jobs_done).await?;
+            // its DONE): their number is what forwarding waits for. When it
+            // ended is its event's time (the same however often it comes).
+            let completed_at = made_at(id).unwrap_or_else(chrono::Utc::now);
+            store::record_completed(&tx, c, state, completed_at).await?;
             tracing::info!(production_id = %c.production_id, %state, "production record written");
             // Its forwarding may now be finished.
             changed.push(&c.production_id);

@@ -9,6 +9,8 @@ use prodsys_core::Violation;
 use prodsys_core::profile::{MetadataType, float_value};
 use serde_json::{Map, Value};
 
+pub mod record;
+
 /// Most identities one FindExistingMany call may ask about.
 pub const MAX_EXISTING_QUERIES: usize = 1000;
 
@@ -541,6 +543,7 @@ mod tests {
             ("thetaP".to_string(), MetadataType::Float),
             ("site".to_string(), MetadataType::String),
             ("dataset".to_string(), MetadataType::String),
+            ("nsb".to_string(), MetadataType::Integer),
         ]))
     }
 

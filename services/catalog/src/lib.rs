@@ -6,6 +6,11 @@
 //! numbers. `FindFiles`/`StreamFiles` answer typed conditions, an LFN prefix,
 //! a production and a dataset; `FindExisting(Many)` tells the checker what is
 //! held of an identity, which keys files lack or differ in, and the last run.
+//!
+//! A finished production's record (`GetProductionRecord`) tells who asked
+//! for it and with what, how its jobs and attempts went and what it wrote,
+//! from the events the catalog consumes; `recorder` writes it as a Workflow
+//! Run RO-Crate and catalogues that file under the production.
 
 //! It forwards each production's files to the destinations it asked for
 //! (`forward`: copies verified by adler32 on the destination, replicas in
@@ -14,7 +19,7 @@
 //! `api` answers gRPC, `consume` handles the broker's deliveries, `domain`
 //! decides, `store` holds every SQL statement, `error` maps failures onto
 //! gRPC codes and consumer outcomes once; `forward` drives the copies and
-//! `destination` knows each kind of destination.
+//! `destination` knows each kind of destination; `recorder` writes records.
 
 pub mod api;
 pub mod consume;
@@ -22,6 +27,7 @@ pub mod destination;
 pub mod domain;
 pub mod error;
 pub mod forward;
+pub mod recorder;
 pub mod rucio;
 pub mod store;
 
@@ -29,7 +35,9 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use prodsys_core::ProfileSet;
-use prodsys_core::events::{JOB_OUTPUT, PRODUCTION_COMPLETED, REQUEST_ACCEPTED};
+use prodsys_core::events::{
+    JOB_OUTPUT, PRODUCTION_COMPLETED, PRODUCTION_DISPATCHED, REQUEST_ACCEPTED,
+};
 use prodsys_db::Migration;
 use prodsys_proto as pb;
 use prodsys_server::{Foundation, Running};
@@ -50,6 +58,7 @@ pub const MIGRATIONS: &[Migration] = prodsys_db::migrations![
     "0201_files_by_cta_identity.sql",
     "0202_files_by_particle_and_nsb_in_lfn_order.sql",
     "0203_every_production_followed_to_its_end.sql",
+    "0300_production_records.sql",
 ];
 
 /// Consumers of the catalog's queue: registrations commute (running totals,
@@ -69,7 +78,12 @@ pub async fn start(
         settings,
         SERVICE,
         MIGRATIONS,
-        &[JOB_OUTPUT, PRODUCTION_COMPLETED, REQUEST_ACCEPTED],
+        &[
+            JOB_OUTPUT,
+            PRODUCTION_COMPLETED,
+            REQUEST_ACCEPTED,
+            PRODUCTION_DISPATCHED,
+        ],
         &[],
         &shutdown,
     )
@@ -98,6 +112,10 @@ pub async fn start(
     // Without destinations it still announces productions whose outputs
     // are all catalogued.
     forward::Forwarder::new(foundation.db.clone(), &settings.forwarding)?.spawn(shutdown.clone());
+    if let Some(recorder) = recorder::Recorder::new(foundation.db.clone(), &settings.catalog)? {
+        tracing::info!(records_dir = %settings.catalog.records_dir.display(), "writing production records");
+        recorder.spawn(shutdown.clone());
+    }
     let ordered_keys = Arc::new(
         store::ordered_keys(&foundation.db)
             .await

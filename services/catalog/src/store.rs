@@ -483,20 +483,48 @@ pub async fn register_files(
 }
 
 /// Writes the record of a finished production (once) with its running
-/// totals and how many of its jobs ended DONE (`jobs_done`: each sent one
-/// `job.output`, which may not have been taken yet).
+/// totals, how many of its jobs ended DONE (`jobs_done`: each sent one
+/// `job.output`, which may not have been taken yet), and the job accounting
+/// the dispatcher sent; `completed_at` is when it ended (its event's time).
 pub async fn record_completed(
     tx: &Transaction<'_>,
-    production_id: &str,
+    completed: &pb::ProductionCompleted,
     state: &str,
-    jobs_done: i64,
+    completed_at: chrono::DateTime<chrono::Utc>,
 ) -> anyhow::Result<()> {
+    let counts = completed.counts.unwrap_or_default();
+    let jobs_done = counts.done as i64;
+    let counts = serde_json::to_value(prodsys_core::JobCounts::from(counts))?;
+    let at = |ms: i64| {
+        (ms > 0)
+            .then(|| chrono::DateTime::from_timestamp_millis(ms))
+            .flatten()
+    };
+    let big = |n: u64| n.min(i64::MAX as u64) as i64;
     tx.execute_cached(
-        "INSERT INTO productions (production_id, state, file_count, total_bytes, jobs_done)
-         SELECT $1, $2, COALESCE(t.file_count, 0), COALESCE(t.total_bytes, 0), $3
+        "INSERT INTO productions (production_id, state, file_count, total_bytes, jobs_done,
+                                  completed_at, counts, attempts, retries, cpu_seconds,
+                                  cpu_measured_attempts, first_job_started_at, last_job_ended_at,
+                                  first_run, last_run)
+         SELECT $1, $2, COALESCE(t.file_count, 0), COALESCE(t.total_bytes, 0), $3,
+                $4, $5, $6, $7, $8, $9, $10, $11, $12, $13
          FROM (SELECT) AS one LEFT JOIN totals t ON t.production_id = $1
          ON CONFLICT (production_id) DO NOTHING",
-        &[&production_id, &state, &jobs_done],
+        &[
+            &completed.production_id,
+            &state,
+            &jobs_done,
+            &completed_at,
+            &counts,
+            &big(completed.attempts),
+            &big(completed.retries),
+            &completed.cpu_seconds,
+            &big(completed.cpu_measured_attempts),
+            &at(completed.first_job_started_unix_ms),
+            &at(completed.last_job_ended_unix_ms),
+            &big(completed.first_run),
+            &big(completed.last_run),
+        ],
     )
     .await?;
     // A production without destinations is followed too: it is announced
@@ -504,10 +532,74 @@ pub async fn record_completed(
     tx.execute_cached(
         "INSERT INTO forwarding (production_id, destinations) VALUES ($1, '{}')
          ON CONFLICT (production_id) DO NOTHING",
-        &[&production_id],
+        &[&completed.production_id],
     )
     .await
     .context("following a production's outputs")?;
+    Ok(())
+}
+
+/// Keeps what a `request.accepted` tells of its production, for the record
+/// (once per production); `submitted_at` and `accepted_at` from the request's
+/// and the event's UUIDv7s.
+pub async fn record_accepted(
+    tx: &Transaction<'_>,
+    accepted: &pb::RequestAccepted,
+    parameters: &serde_json::Value,
+    submitted_at: Option<chrono::DateTime<chrono::Utc>>,
+    accepted_at: Option<chrono::DateTime<chrono::Utc>>,
+) -> anyhow::Result<()> {
+    tx.execute_cached(
+        "INSERT INTO accepted_requests (production_id, request_id, submitter, vo, profile,
+                                        profile_sha256, fingerprint, parameters, backend,
+                                        destinations, submitted_at, accepted_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
+         ON CONFLICT (production_id) DO NOTHING",
+        &[
+            &accepted.production_id,
+            &accepted.request_id,
+            &accepted.submitter,
+            &accepted.vo,
+            &accepted.profile,
+            &accepted.profile_sha256,
+            &accepted.fingerprint,
+            parameters,
+            &accepted.backend,
+            &accepted.forward,
+            &submitted_at,
+            &accepted_at,
+        ],
+    )
+    .await
+    .context("keeping the accepted request")?;
+    Ok(())
+}
+
+/// Keeps what a `production.dispatched` tells of its production (its plan's
+/// size, installation and resource estimate), once.
+pub async fn record_dispatched(
+    tx: &Transaction<'_>,
+    dispatched: &pb::ProductionDispatched,
+) -> anyhow::Result<()> {
+    let e = dispatched.estimate;
+    tx.execute_cached(
+        "INSERT INTO dispatches (production_id, job_total, backend, cpu_seconds_per_job,
+                                 cpu_hours_total, memory_mb, disk_mb_per_job, disk_gb_total)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+         ON CONFLICT (production_id) DO NOTHING",
+        &[
+            &dispatched.production_id,
+            &(dispatched.job_total.min(i64::MAX as u64) as i64),
+            &dispatched.backend,
+            &e.map(|e| e.cpu_seconds_per_job),
+            &e.map(|e| e.cpu_hours_total),
+            &e.map(|e| e.memory_mb.min(i64::MAX as u64) as i64),
+            &e.map(|e| e.disk_mb_per_job),
+            &e.map(|e| e.disk_gb_total),
+        ],
+    )
+    .await
+    .context("keeping the dispatched plan")?;
     Ok(())
 }
 
@@ -794,40 +886,276 @@ pub async fn existing(
         .collect())
 }
 
-/// A finished production's record.
-pub struct ProductionRecord {
-    pub state: String,
-    pub file_count: i64,
-    pub total_bytes: i64,
-    pub completed: chrono::DateTime<chrono::Utc>,
-}
+/// A finished production's record is there once every DONE job's outputs
+/// are taken (production.completed may overtake its last job.output), so
+/// that it counts every file the production reported.
+const RECORD_READY: &str = "(p.jobs_done IS NULL
+      OR p.jobs_done <= (SELECT count(*) FROM job_outputs j WHERE j.production_id = p.production_id))";
 
-/// The record of `production_id`, if it finished.
-pub async fn production_record(
-    db: &Db,
+/// The record of `production_id`, if it finished (and every file it
+/// reported is registered), with everything the catalog knows of it.
+pub async fn production_record<C: prodsys_db::deadpool_postgres::GenericClient + Sync>(
+    client: &C,
     production_id: &str,
-) -> anyhow::Result<Option<ProductionRecord>> {
-    let client = db.client().await?;
+) -> anyhow::Result<Option<domain::record::Record>> {
+    use domain::record::{Dataset, Estimate, Record, Replicas};
     let row = client
         .query_opt_cached(
             // The running totals, not the snapshot taken at completion: a
             // file registered after (a late batch, RegisterFiles) counts.
-            // None until every DONE job's outputs are taken: the record is
-            // there once every file the production reported is registered
-            // (production.completed may overtake its last job.output).
-            "SELECT p.state, COALESCE(t.file_count, 0), COALESCE(t.total_bytes, 0), p.completed_at
-             FROM productions p LEFT JOIN totals t USING (production_id)
-             WHERE p.production_id = $1
-               AND (p.jobs_done IS NULL
-                    OR p.jobs_done <= (SELECT count(*) FROM job_outputs j
-                                       WHERE j.production_id = p.production_id))",
+            &format!(
+                "SELECT p.state, COALESCE(t.file_count, 0), COALESCE(t.total_bytes, 0), p.completed_at,
+                        p.counts, COALESCE(p.attempts, 0), COALESCE(p.retries, 0),
+                        COALESCE(p.cpu_seconds, 0), COALESCE(p.cpu_measured_attempts, 0),
+                        p.first_job_started_at, p.last_job_ended_at,
+                        COALESCE(p.first_run, 0), COALESCE(p.last_run, 0), COALESCE(p.record_lfn, ''),
+                        a.request_id, a.submitter, a.vo, a.profile, a.profile_sha256, a.fingerprint,
+                        a.parameters, a.backend, a.destinations, a.submitted_at, a.accepted_at,
+                        d.job_total, d.backend, d.cpu_seconds_per_job, d.cpu_hours_total, d.memory_mb,
+                        d.disk_mb_per_job, d.disk_gb_total
+                 FROM productions p LEFT JOIN totals t USING (production_id)
+                 LEFT JOIN accepted_requests a USING (production_id)
+                 LEFT JOIN dispatches d USING (production_id)
+                 WHERE p.production_id = $1 AND {RECORD_READY}"
+            ),
             &[&production_id],
         )
         .await?;
-    Ok(row.map(|row| ProductionRecord {
+    let Some(row) = row else {
+        return Ok(None);
+    };
+    let ms = |i: usize| {
+        row.get::<_, Option<chrono::DateTime<chrono::Utc>>>(i)
+            .map_or(0, |t| t.timestamp_millis())
+    };
+    let count = |i: usize| row.get::<_, i64>(i).max(0) as u64;
+    let text = |i: usize| row.get::<_, Option<String>>(i).unwrap_or_default();
+    let counts: prodsys_core::JobCounts = row
+        .get::<_, Option<serde_json::Value>>(4)
+        .and_then(|v| serde_json::from_value::<CountsRow>(v).ok())
+        .map(Into::into)
+        .unwrap_or_default();
+    let record_lfn: String = row.get(13);
+    let dispatched_backend = text(26);
+    let estimate = row
+        .get::<_, Option<f64>>(27)
+        .map(|cpu_seconds_per_job| Estimate {
+            cpu_seconds_per_job,
+            cpu_hours_total: row.get::<_, Option<f64>>(28).unwrap_or_default(),
+            memory_mb: row.get::<_, Option<i64>>(29).unwrap_or_default().max(0) as u64,
+            disk_mb_per_job: row.get::<_, Option<f64>>(30).unwrap_or_default(),
+            disk_gb_total: row.get::<_, Option<f64>>(31).unwrap_or_default(),
+        });
+    let parameters: serde_json::Value = row
+        .get::<_, Option<serde_json::Value>>(20)
+        .unwrap_or(serde_json::Value::Null);
+    let datasets = client
+        .query_cached(
+            "SELECT COALESCE(metadata ->> 'dataset', ''), count(*), COALESCE(sum(size), 0)::bigint
+             FROM files WHERE production_id = $1 AND lfn <> $2
+             GROUP BY 1 ORDER BY 1",
+            &[&production_id, &record_lfn],
+        )
+        .await?
+        .iter()
+        .map(|r| Dataset {
+            name: r.get(0),
+            file_count: r.get::<_, i64>(1) as u64,
+            total_bytes: r.get::<_, i64>(2) as u64,
+        })
+        .collect();
+    let replicas = client
+        .query_cached(
+            "SELECT destination,
+                    count(*) FILTER (WHERE state IN ('verified', 'registered')),
+                    count(*) FILTER (WHERE state = 'failed'), count(*)
+             FROM replicas WHERE production_id = $1 GROUP BY destination ORDER BY destination",
+            &[&production_id],
+        )
+        .await?
+        .iter()
+        .map(|r| Replicas {
+            destination: r.get(0),
+            forwarded: r.get::<_, i64>(1) as u64,
+            failing: r.get::<_, i64>(2) as u64,
+            total: r.get::<_, i64>(3) as u64,
+        })
+        .collect();
+    let job_total = row
+        .get::<_, Option<i64>>(25)
+        .map_or_else(|| counts.total(), |n| n.max(0) as u64);
+    Ok(Some(Record {
+        production_id: production_id.to_string(),
         state: row.get(0),
-        file_count: row.get(1),
-        total_bytes: row.get(2),
-        completed: row.get(3),
+        file_count: count(1),
+        total_bytes: count(2),
+        completed_unix_ms: ms(3),
+        counts,
+        attempts: count(5),
+        retries: count(6),
+        cpu_seconds_used: row.get(7),
+        cpu_measured_attempts: count(8),
+        first_job_started_unix_ms: ms(9),
+        last_job_ended_unix_ms: ms(10),
+        first_run: count(11),
+        last_run: count(12),
+        record_lfn,
+        request_id: text(14),
+        submitter: text(15),
+        vo: text(16),
+        profile: text(17),
+        profile_sha256: text(18),
+        fingerprint: text(19),
+        software: domain::record::software_versions(&parameters),
+        parameters,
+        installation: if dispatched_backend.is_empty() {
+            text(21)
+        } else {
+            dispatched_backend
+        },
+        destinations: row.get::<_, Option<Vec<String>>>(22).unwrap_or_default(),
+        submitted_unix_ms: ms(23),
+        accepted_unix_ms: ms(24),
+        job_total,
+        estimate,
+        datasets,
+        replicas,
+        parent_production_ids: Vec::new(),
+        child_production_ids: Vec::new(),
     }))
+}
+
+/// Job counts as `productions.counts` holds them (core's JobCounts, serialised).
+#[derive(serde::Deserialize, Default)]
+#[serde(default)]
+struct CountsRow {
+    created: u64,
+    submitted: u64,
+    queued: u64,
+    running: u64,
+    done: u64,
+    failed: u64,
+    cancelled: u64,
+    exhausted: u64,
+}
+
+impl From<CountsRow> for prodsys_core::JobCounts {
+    fn from(c: CountsRow) -> Self {
+        Self {
+            created: c.created,
+            submitted: c.submitted,
+            queued: c.queued,
+            running: c.running,
+            done: c.done,
+            failed: c.failed,
+            cancelled: c.cancelled,
+            exhausted: c.exhausted,
+        }
+    }
+}
+
+/// Up to `limit` finished productions whose record is due as a file (ready,
+/// with the request known, not written yet), locked; others' are skipped.
+pub async fn records_due(tx: &Transaction<'_>, limit: i64) -> anyhow::Result<Vec<String>> {
+    Ok(tx
+        .query_cached(
+            &format!(
+                "SELECT p.production_id FROM productions p
+                 WHERE p.record_lfn IS NULL AND {RECORD_READY}
+                   AND EXISTS (SELECT 1 FROM accepted_requests a WHERE a.production_id = p.production_id)
+                 ORDER BY p.production_id LIMIT $1
+                 FOR UPDATE OF p SKIP LOCKED"
+            ),
+            &[&limit],
+        )
+        .await
+        .context("finding records due")?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
+}
+
+/// The first output LFN of a production (its record is catalogued beside it).
+pub async fn first_output_lfn(
+    tx: &Transaction<'_>,
+    production_id: &str,
+) -> anyhow::Result<Option<String>> {
+    Ok(tx
+        .query_opt_cached(
+            "SELECT lfn FROM files WHERE production_id = $1 ORDER BY lfn LIMIT 1",
+            &[&production_id],
+        )
+        .await?
+        .map(|r| r.get(0)))
+}
+
+/// The metadata every file of a production shares (each key all of them
+/// carry with one value): what its record file carries, so that, say, a
+/// Rucio destination files it in the same dataset as the outputs.
+pub async fn common_metadata(
+    tx: &Transaction<'_>,
+    production_id: &str,
+) -> anyhow::Result<serde_json::Map<String, serde_json::Value>> {
+    let row = tx
+        .query_one_cached(
+            "SELECT COALESCE(jsonb_object_agg(key, value), '{}')
+             FROM (SELECT e.key, min(e.value::text)::jsonb AS value
+                   FROM files f, jsonb_each(f.metadata) AS e
+                   WHERE f.production_id = $1
+                   GROUP BY e.key
+                   HAVING count(DISTINCT e.value) = 1
+                      AND count(*) = (SELECT count(*) FROM files WHERE production_id = $1)) AS common",
+            &[&production_id],
+        )
+        .await
+        .context("reading the metadata a production's files share")?;
+    Ok(match row.get::<_, serde_json::Value>(0) {
+        serde_json::Value::Object(map) => map,
+        _ => serde_json::Map::new(),
+    })
+}
+
+/// Registers a production's record file (outside its running totals, which
+/// count its outputs), with a pending replica on each destination the
+/// production forwards to, and notes it on the production's record.
+pub async fn register_record_file(
+    tx: &Transaction<'_>,
+    file: &pb::OutputFile,
+    metadata: &serde_json::Value,
+) -> anyhow::Result<()> {
+    let size = file.size.min(i64::MAX as u64) as i64;
+    tx.execute_cached(
+        "INSERT INTO files (lfn, production_id, job_index, attempt, size, adler32, url, metadata)
+         VALUES ($1, $2, 0, 0, $3, $4, $5, $6)
+         ON CONFLICT (lfn) DO NOTHING",
+        &[
+            &file.lfn,
+            &file.production_id,
+            &size,
+            &file.adler32,
+            &file.url,
+            metadata,
+        ],
+    )
+    .await
+    .context("registering the record's file")?;
+    let forwarded = tx
+        .execute_cached(
+            "INSERT INTO replicas (lfn, destination, production_id)
+             SELECT $1, d, fw.production_id FROM forwarding fw, unnest(fw.destinations) AS d
+             WHERE fw.production_id = $2
+             ON CONFLICT DO NOTHING",
+            &[&file.lfn, &file.production_id],
+        )
+        .await?;
+    tx.execute_cached(
+        "UPDATE productions SET record_lfn = $2 WHERE production_id = $1",
+        &[&file.production_id, &file.lfn],
+    )
+    .await?;
+    if forwarded > 0 {
+        wake_forwarders(tx).await?;
+        forwarding_changed(tx, &[file.production_id.as_str()]).await?;
+    }
+    Ok(())
 }

@@ -175,6 +175,8 @@ impl Checker {
                         correlation_id: request.correlation_id.clone(),
                         priority: request.priority,
                         forward: Vec::new(),
+                        submitter: request.submitter.clone(),
+                        profile_sha256: String::new(),
                     };
                     events.push(outbox_event(REQUEST_REUSED, &existing, &event));
                 }
@@ -210,6 +212,7 @@ impl Checker {
                             &self.rules.destinations,
                         )
                         .unwrap_or_default();
+                    let profile_sha256 = accepted.profile.content_sha256().to_string();
                     if let Some(template) = domain::derived_template(&accepted.parameters) {
                         derived.push((template, request.profile.clone(), production_id.clone()));
                     }
@@ -236,6 +239,8 @@ impl Checker {
                         correlation_id: request.correlation_id.clone(),
                         priority: request.priority,
                         forward,
+                        submitter: request.submitter.clone(),
+                        profile_sha256,
                     };
                     events.push(outbox_event(REQUEST_ACCEPTED, &production_id, &event));
                 }

@@ -49,6 +49,10 @@ pub struct BackendStatus {
     pub state: JobState,
     pub raw: String,
     pub exit_code: Option<i32>,
+    /// CPU time (user + system) of an ended attempt, in milliseconds, where
+    /// the WMS reports it: the local executor from its processes' rusage
+    /// (the supervisor's `times`); Slurm and DIRAC leave it unknown.
+    pub cpu_ms: Option<u64>,
 }
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -137,11 +141,13 @@ fn ended(id: &str, exit: &supervisor::Exit) -> BackendStatus {
         state,
         raw,
         exit_code,
+        cpu_ms: Some(((exit.user_s + exit.sys_s) * 1000.0).round().max(0.0) as u64),
     }
 }
 
 fn failed(id: &str, raw: String) -> BackendStatus {
     BackendStatus {
+        cpu_ms: None,
         backend_job_id: id.to_string(),
         state: JobState::Failed,
         raw,
@@ -186,6 +192,7 @@ impl LocalExecutor {
             Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => {
                 tracing::info!(job = %spec.tag, "attempt already started; following it");
                 return Ok(BackendStatus {
+                    cpu_ms: None,
                     backend_job_id: id,
                     state: JobState::Submitted,
                     raw: "already started".into(),
@@ -246,6 +253,7 @@ impl LocalExecutor {
             changed.notify_one();
         });
         Ok(BackendStatus {
+            cpu_ms: None,
             backend_job_id: id,
             state: JobState::Running,
             raw: "process started".into(),
@@ -291,6 +299,7 @@ fn look(
             return Ok(lock(adopted)?
                 .insert(id.to_string())
                 .then(|| BackendStatus {
+                    cpu_ms: None,
                     backend_job_id: id.to_string(),
                     state: JobState::Running,
                     raw: "running (adopted)".into(),

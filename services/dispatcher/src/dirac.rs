@@ -433,6 +433,7 @@ impl Dirac {
                     .and_then(Value::as_str)
                     .unwrap_or("Received");
                 Ok(BackendStatus {
+                    cpu_ms: None,
                     backend_job_id: id.to_string(),
                     state: JobState::Queued,
                     raw: raw.to_string(),
@@ -486,6 +487,7 @@ impl Dirac {
             .unwrap_or_default();
         // DIRAC reports no exit code; the minor status says why a job failed.
         Some(BackendStatus {
+            cpu_ms: None,
             backend_job_id: id.to_string(),
             state: map_status(&raw),
             raw: if minor.is_empty() {

@@ -45,6 +45,7 @@ pub const MIGRATIONS: &[Migration] = prodsys_db::migrations![
     "0006_installation_leases.sql",
     "0010_incremental_planning.sql",
     "0011_cancels_received_before_their_production.sql",
+    "0012_job_accounting.sql",
 ];
 
 pub async fn start(

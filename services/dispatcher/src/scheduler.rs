@@ -337,6 +337,7 @@ impl Scheduler {
                         submitted.push((
                             job,
                             BackendStatus {
+                                cpu_ms: None,
                                 backend_job_id: id,
                                 state: JobState::Submitted,
                                 raw: "found on the backend after a restart".into(),
@@ -619,6 +620,7 @@ impl Scheduler {
                     job.attempt,
                     &status.raw,
                     status.exit_code,
+                    status.cpu_ms,
                 )
                 .await?;
                 changes.transition(job, job.attempt, JobState::Done, &status.raw);
@@ -633,7 +635,16 @@ impl Scheduler {
                     .push(outbox_event(JOB_OUTPUT, &job.production_id, &output));
             }
             other => {
-                store::set_job(tx, job, other, job.attempt, &status.raw, status.exit_code).await?;
+                store::set_job(
+                    tx,
+                    job,
+                    other,
+                    job.attempt,
+                    &status.raw,
+                    status.exit_code,
+                    status.cpu_ms,
+                )
+                .await?;
                 changes.transition(job, job.attempt, other, &status.raw);
             }
         }
@@ -651,7 +662,16 @@ impl Scheduler {
     ) -> anyhow::Result<()> {
         changes.transition(job, job.attempt, JobState::Failed, &status.raw);
         let (next, attempt) = domain::after_failure(job.attempt, profile.max_attempts());
-        store::set_job(tx, job, next, attempt, &status.raw, status.exit_code).await?;
+        store::set_job(
+            tx,
+            job,
+            next,
+            attempt,
+            &status.raw,
+            status.exit_code,
+            status.cpu_ms,
+        )
+        .await?;
         changes.transition(job, attempt, next, &status.raw);
         tracing::info!(job = %job.tag(&self.deployment), raw = %status.raw, next = %next, "job attempt failed");
         Ok(())
@@ -715,11 +735,23 @@ async fn close(
         return Ok(None);
     };
     let counts = domain::final_counts(&states, job_total);
-    tracing::info!(%production_id, %state, done = counts.done, "production finished");
+    let accounting = store::accounting(tx, production_id).await?;
+    tracing::info!(%production_id, %state, done = counts.done, attempts = accounting.attempts, "production finished");
+    let at_ms = |at: Option<chrono::DateTime<chrono::Utc>>| at.map_or(0, |t| t.timestamp_millis());
     let event = pb::ProductionCompleted {
         production_id: production_id.to_string(),
         state: state.to_proto() as i32,
         counts: Some(counts),
+        attempts: accounting.attempts,
+        retries: accounting
+            .attempts
+            .saturating_sub(accounting.jobs_submitted),
+        cpu_seconds: accounting.cpu_ms as f64 / 1000.0,
+        cpu_measured_attempts: accounting.cpu_measured,
+        first_job_started_unix_ms: at_ms(accounting.first_started),
+        last_job_ended_unix_ms: at_ms(accounting.last_ended),
+        first_run: accounting.first_run,
+        last_run: accounting.last_run,
     };
     Ok(Some(outbox_event(
         PRODUCTION_COMPLETED,

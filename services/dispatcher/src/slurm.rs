@@ -175,6 +175,7 @@ impl Slurm {
             bail!("sbatch printed no job id: {out:?}");
         }
         Ok(BackendStatus {
+            cpu_ms: None,
             backend_job_id: id,
             state: JobState::Queued,
             raw: "PENDING".into(),
@@ -220,6 +221,7 @@ impl Slurm {
                         .next()
                         .and_then(|e| e.split(':').next()?.parse().ok());
                     ids.contains(&id).then(|| BackendStatus {
+                        cpu_ms: None,
                         backend_job_id: id,
                         state: map_state(&raw),
                         raw,
@@ -309,6 +311,7 @@ impl Backend for Slurm {
                     .and_then(|job| Some((job_state(job)?, exit_code(job))))
                 {
                     Some((raw, exit)) => statuses.push(BackendStatus {
+                        cpu_ms: None,
                         backend_job_id: id.clone(),
                         state: map_state(&raw),
                         exit_code: exit,

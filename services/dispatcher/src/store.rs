@@ -138,7 +138,8 @@ pub async fn lock_ready_jobs(
 pub async fn reserve(tx: &Transaction<'_>, job: &JobRow, workdir: &str) -> anyhow::Result<()> {
     tx.execute_cached(
         "UPDATE jobs SET state = 'SUBMITTED', backend_job_id = NULL, workdir = $3,
-                         raw_status = 'reserved', updated_at = now()
+                         raw_status = 'reserved', attempts_submitted = attempts_submitted + 1,
+                         updated_at = now()
          WHERE production_id = $1 AND job_index = $2",
         &[&job.production_id, &job.job_index, &workdir],
     )
@@ -180,7 +181,9 @@ pub async fn in_flight_jobs<C: GenericClient + Sync>(
     Ok(jobs)
 }
 
-/// Sets a job's state and attempt, with the backend's word and exit code.
+/// Sets a job's state and attempt, with the backend's word and exit code,
+/// and accounts for an ended attempt's CPU time where the WMS reported it
+/// (`cpu_ms`). The job started once it left the queue; it ended once final.
 pub async fn set_job(
     tx: &Transaction<'_>,
     job: &JobRow,
@@ -188,9 +191,18 @@ pub async fn set_job(
     attempt: i32,
     raw: &str,
     exit_code: Option<i32>,
+    cpu_ms: Option<u64>,
 ) -> anyhow::Result<()> {
+    let cpu_ms = cpu_ms.map(|ms| ms.min(i64::MAX as u64) as i64);
     tx.execute_cached(
-        "UPDATE jobs SET state = $3, attempt = $4, raw_status = $5, exit_code = $6, updated_at = now()
+        "UPDATE jobs SET state = $3, attempt = $4, raw_status = $5, exit_code = $6,
+                         cpu_ms = cpu_ms + COALESCE($7::bigint, 0),
+                         cpu_measured = cpu_measured + ($7::bigint IS NOT NULL)::int,
+                         started_at = CASE WHEN $3 IN ('SUBMITTED', 'QUEUED') THEN started_at
+                                           ELSE COALESCE(started_at, now()) END,
+                         ended_at = CASE WHEN $3 IN ('DONE', 'EXHAUSTED', 'CANCELLED') THEN now()
+                                         ELSE ended_at END,
+                         updated_at = now()
          WHERE production_id = $1 AND job_index = $2",
         &[
             &job.production_id,
@@ -199,6 +211,7 @@ pub async fn set_job(
             &attempt,
             &raw,
             &exit_code,
+            &cpu_ms,
         ],
     )
     .await?;
@@ -283,7 +296,8 @@ pub async fn cancel_jobs(
 ) -> anyhow::Result<Cancelled> {
     let stopped = tx
         .query_cached(
-            "UPDATE jobs SET state = 'CANCELLED', raw_status = 'cancelled', updated_at = now()
+            "UPDATE jobs SET state = 'CANCELLED', raw_status = 'cancelled', ended_at = now(),
+                             updated_at = now()
              WHERE production_id = ANY($1) AND state IN ('SUBMITTED', 'QUEUED', 'RUNNING')
              RETURNING production_id, job_index, attempt, backend_job_id",
             &[&productions],
@@ -345,6 +359,46 @@ pub async fn job_states(
     .iter()
     .map(|row| Ok((row.get::<_, &str>(0).parse()?, row.get::<_, i64>(1) as u64)))
     .collect()
+}
+
+/// What a finished production's jobs add up to, for its record.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Accounting {
+    pub attempts: u64,
+    /// Jobs submitted at least once (retries are the attempts beyond them).
+    pub jobs_submitted: u64,
+    pub cpu_ms: u64,
+    pub cpu_measured: u64,
+    pub first_started: Option<chrono::DateTime<chrono::Utc>>,
+    pub last_ended: Option<chrono::DateTime<chrono::Utc>>,
+    pub first_run: u64,
+    pub last_run: u64,
+}
+
+/// A production's job accounting, summed over its jobs.
+pub async fn accounting(tx: &Transaction<'_>, production_id: &str) -> anyhow::Result<Accounting> {
+    let row = tx
+        .query_one_cached(
+            "SELECT COALESCE(sum(attempts_submitted), 0)::bigint,
+                    count(*) FILTER (WHERE attempts_submitted > 0),
+                    COALESCE(sum(cpu_ms), 0)::bigint, COALESCE(sum(cpu_measured), 0)::bigint,
+                    min(started_at), max(ended_at),
+                    COALESCE(min(run_number), 0), COALESCE(max(run_number), 0)
+             FROM jobs WHERE production_id = $1",
+            &[&production_id],
+        )
+        .await?;
+    let count = |i: usize| row.get::<_, i64>(i).max(0) as u64;
+    Ok(Accounting {
+        attempts: count(0),
+        jobs_submitted: count(1),
+        cpu_ms: count(2),
+        cpu_measured: count(3),
+        first_started: row.get(4),
+        last_ended: row.get(5),
+        first_run: count(6),
+        last_run: count(7),
+    })
 }
 
 /// Moves a production from `from` to `state`; its planned job total, or

@@ -121,7 +121,10 @@ pub async fn start(
                     settings.intake.checker_url = url.clone();
                     settings.status.checker_url = url;
                 }
-                "catalog" => settings.checker.catalog_url = url,
+                "catalog" => {
+                    settings.checker.catalog_url = url.clone();
+                    settings.status.catalog_url = url;
+                }
                 _ => {}
             }
         }

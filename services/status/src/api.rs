@@ -24,6 +24,8 @@ pub struct StatusApi {
     pub changes: broadcast::Sender<String>,
     /// The checker, which answers `ListTemplates` for the dashboard.
     pub checker: pb::checker_service_client::CheckerServiceClient<tonic::transport::Channel>,
+    /// The catalog, which answers `GetProductionRecord` for the HTTP port.
+    pub catalog: pb::catalog_service_client::CatalogServiceClient<tonic::transport::Channel>,
 }
 
 /// How long a watch waits for a finished production's counts to settle.

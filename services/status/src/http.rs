@@ -1,7 +1,8 @@
 //! The status service's HTTP face, served on its gRPC port (which also takes
 //! HTTP/1.1): a dashboard of productions that updates live as events arrive
-//! (server-sent events), the same read model as JSON, and Prometheus metrics
-//! (with files forwarded / catalogued per destination).
+//! (server-sent events), the same read model as JSON, Prometheus metrics
+//! (with files forwarded / catalogued per destination), and a finished
+//! production's record as the catalog answers it (JSON, Markdown, RO-Crate).
 
 use std::convert::Infallible;
 use std::time::Duration;
@@ -32,6 +33,7 @@ pub(crate) fn router(api: StatusApi) -> Router {
         .route("/", get(dashboard))
         .route("/api/productions", get(list))
         .route("/api/productions/{production_id}", get(one))
+        .route("/api/productions/{production_id}/record", get(record))
         .route("/api/events", get(events))
         .route("/metrics", get(metrics))
         .route("/templates", get(templates_page))
@@ -384,6 +386,52 @@ async fn templates(State(api): State<StatusApi>, Query(q): Query<TemplatesQuery>
             StatusCode::SERVICE_UNAVAILABLE,
             Json(serde_json::json!({
                 "error": format!("the checker cannot be reached: {}", status.message())
+            })),
+        )
+            .into_response(),
+    }
+}
+
+/// `GET /api/productions/{id}/record?format=json|markdown|ro-crate`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct RecordQuery {
+    format: String,
+}
+
+/// A finished production's record, as the catalog renders it: JSON (the
+/// default), Markdown for people, or the RO-Crate it catalogues.
+async fn record(
+    State(api): State<StatusApi>,
+    Path(production_id): Path<String>,
+    Query(q): Query<RecordQuery>,
+) -> Response {
+    let (format, content_type) = match q.format.to_ascii_lowercase().as_str() {
+        "" | "json" => (pb::RecordFormat::Json, "application/json"),
+        "markdown" | "md" => (pb::RecordFormat::Markdown, "text/markdown; charset=utf-8"),
+        "ro-crate" | "rocrate" => (pb::RecordFormat::RoCrate, "application/ld+json"),
+        other => {
+            return problem(tonic::Status::invalid_argument(format!(
+                "format {other:?}: choose json, markdown or ro-crate"
+            )));
+        }
+    };
+    let mut catalog = api.catalog.clone();
+    let request = pb::GetProductionRecordRequest {
+        production_id,
+        format: format as i32,
+    };
+    match catalog.get_production_record(request).await {
+        Ok(answer) => (
+            [(header::CONTENT_TYPE, content_type)],
+            answer.into_inner().rendered,
+        )
+            .into_response(),
+        Err(status) if status.code() == tonic::Code::NotFound => problem(status),
+        Err(status) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({
+                "error": format!("the catalog cannot be reached: {}", status.message())
             })),
         )
             .into_response(),

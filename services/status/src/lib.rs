@@ -89,10 +89,18 @@ pub async fn start(
         .connect_timeout(std::time::Duration::from_secs(5))
         .timeout(std::time::Duration::from_secs(10))
         .connect_lazy();
+    // Likewise the catalog, for production records.
+    let catalog = tonic::transport::Endpoint::from_shared(settings.status.catalog_url.clone())
+        .context("status.catalog_url")?
+        .connect_timeout(std::time::Duration::from_secs(5))
+        .timeout(std::time::Duration::from_secs(30))
+        .connect_lazy();
     let api = api::StatusApi {
         db: foundation.db.clone(),
         changes,
         checker: pb::checker_service_client::CheckerServiceClient::new(checker),
+        catalog: pb::catalog_service_client::CatalogServiceClient::new(catalog)
+            .max_decoding_message_size(settings.grpc.max_message_bytes),
     };
     let max = settings.grpc.max_message_bytes;
     let (routes, reporter) = prodsys_server::base_routes()?;

@@ -28,7 +28,7 @@ pub struct Settings {
     pub checker: CheckerSettings,
     pub dispatcher: DispatcherSettings,
     pub status: StatusSettings,
-    pub catalog: ServerSettings,
+    pub catalog: CatalogSettings,
     /// Where the catalog forwards outputs; nothing is forwarded when no
     /// destination is configured.
     pub forwarding: ForwardingSettings,
@@ -102,6 +102,9 @@ pub struct StatusSettings {
     pub port: u16,
     /// Where the checker answers `ListTemplates` (the dashboard's templates page).
     pub checker_url: String,
+    /// Where the catalog answers `GetProductionRecord` (a production's record
+    /// on the HTTP port).
+    pub catalog_url: String,
 }
 
 impl Default for StatusSettings {
@@ -109,6 +112,7 @@ impl Default for StatusSettings {
         Self {
             port: 50052,
             checker_url: "http://127.0.0.1:50054".into(),
+            catalog_url: "http://127.0.0.1:50053".into(),
         }
     }
 }
@@ -130,11 +134,25 @@ impl Default for CheckerSettings {
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default)]
-pub struct ServerSettings {
+pub struct CatalogSettings {
     /// gRPC port; 0 picks a free one.
     pub port: u16,
+    /// Where the catalog writes each finished production's record
+    /// (`<records_dir>/<production>/ro-crate-metadata.json`) and registers
+    /// it as a file of the production, beside its outputs. Empty: records
+    /// are served but not written as files.
+    pub records_dir: PathBuf,
+}
+
+impl Default for CatalogSettings {
+    fn default() -> Self {
+        Self {
+            port: 50053,
+            records_dir: PathBuf::from("var/records"),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -348,7 +366,7 @@ impl Default for Settings {
             grpc: GrpcSettings::default(),
             intake: IntakeSettings::default(),
             status: StatusSettings::default(),
-            catalog: ServerSettings { port: 50053 },
+            catalog: CatalogSettings::default(),
             checker: CheckerSettings::default(),
             dispatcher: DispatcherSettings::default(),
             forwarding: ForwardingSettings::default(),

@@ -204,6 +204,9 @@ pub struct Profile {
     file: ProfileFile,
     validator: jsonschema::Validator,
     containers: Option<Containers>,
+    /// SHA-256 of the file's text, so a production's record names exactly
+    /// the profile it was checked against.
+    content_sha256: String,
 }
 
 /// What one job runs: program, arguments and environment.
@@ -430,7 +433,13 @@ impl Profile {
             file,
             validator,
             containers,
+            content_sha256: hex::encode(Sha256::digest(text.as_bytes())),
         })
+    }
+
+    /// SHA-256 of the profile file's text, as 64 lowercase hex digits.
+    pub fn content_sha256(&self) -> &str {
+        &self.content_sha256
     }
 
     /// The container templates of this profile, when its jobs run in containers.

@@ -91,6 +91,9 @@ impl TestEnv {
             *port = 0;
         }
         settings.dispatcher.work_dir = work_dir.join("work");
+        // Records are served, not written as files: a test's production has
+        // the files its jobs wrote (tests/record.rs turns them on).
+        settings.catalog.records_dir = PathBuf::new();
         settings.dispatcher.tools_dir = bin_dir();
         settings.dispatcher.poll_interval_ms = 200;
         Ok(Self {

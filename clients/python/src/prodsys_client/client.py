@@ -427,6 +427,32 @@ class Client:
                     raise
             time.sleep(POLL_SECONDS)
 
+    def production_record_text(
+        self, production_id: str, format: str = "markdown", wait: float = 0.0
+    ) -> str:
+        """A finished production's record rendered by the catalog: ``"markdown"``
+        for people, ``"json"``, or ``"ro-crate"`` (its Workflow Run RO-Crate,
+        ``ro-crate-metadata.json``, as the catalog keeps it beside the outputs).
+        Raises ``NotFound`` as ``production_record`` does; `wait` likewise."""
+        formats = {
+            "json": catalog_pb2.RECORD_FORMAT_JSON,
+            "markdown": catalog_pb2.RECORD_FORMAT_MARKDOWN,
+            "ro-crate": catalog_pb2.RECORD_FORMAT_RO_CRATE,
+        }
+        if format not in formats:
+            raise ValueError(f"format {format!r}: choose json, markdown or ro-crate")
+        deadline = time.monotonic() + wait
+        message = catalog_pb2.GetProductionRecordRequest(
+            production_id=production_id, format=formats[format]
+        )
+        while True:
+            try:
+                return self._call(self._catalog.GetProductionRecord, message).rendered
+            except NotFound:
+                if time.monotonic() > deadline:
+                    raise
+            time.sleep(POLL_SECONDS)
+
 
 
 def _size_and_adler32(path: Path) -> tuple[int, str] | None:

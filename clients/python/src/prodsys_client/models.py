@@ -246,13 +246,52 @@ class OutputFile:
 
 @dataclass(frozen=True)
 class ProductionRecord:
-    """The catalog's record of a finished production, once all its files are registered."""
+    """The catalog's record of a finished production, once all its files are
+    registered: who asked for it and with what, how its jobs and attempts
+    went, CPU time against the estimate, its timeline and what it wrote.
+    Fields the catalog does not know (a production older than records) are
+    empty, zero or ``None``."""
 
     production_id: str
     state: str
+    # Output files and bytes (the record's own file not counted).
     file_count: int
     total_bytes: int
     completed: datetime | None
+    request_id: str = ""
+    submitter: str = ""
+    vo: str = ""
+    profile: str = ""
+    profile_sha256: str = ""
+    fingerprint: str = ""
+    parameters: dict[str, Any] = field(default_factory=dict)
+    # Software and versions named in the parameters.
+    software: dict[str, str] = field(default_factory=dict)
+    installation: str = ""
+    first_run: int = 0
+    last_run: int = 0
+    job_total: int = 0
+    counts: JobCounts = field(default_factory=JobCounts)
+    attempts: int = 0
+    retries: int = 0
+    # CPU seconds the WMS reported, over `cpu_measured_attempts` attempts
+    # (all attempts: known; none: unknown, as on Slurm and DIRAC for now).
+    cpu_seconds_used: float = 0.0
+    cpu_measured_attempts: int = 0
+    estimate: ResourceEstimate | None = None
+    submitted: datetime | None = None
+    accepted: datetime | None = None
+    first_job_started: datetime | None = None
+    last_job_ended: datetime | None = None
+    # (name, file count, bytes) per dataset.
+    datasets: list[tuple[str, int, int]] = field(default_factory=list)
+    # Copies on each forwarding destination as they stand: destination ->
+    # (files forwarded, files failing, files in all).
+    replicas: dict[str, tuple[int, int, int]] = field(default_factory=dict)
+    parent_production_ids: list[str] = field(default_factory=list)
+    child_production_ids: list[str] = field(default_factory=list)
+    # The record's own file in the catalog (its RO-Crate), once written.
+    record_lfn: str | None = None
 
     @classmethod
     def from_pb(cls, r: catalog_pb2.ProductionRecord) -> ProductionRecord:
@@ -262,6 +301,33 @@ class ProductionRecord:
             file_count=r.file_count,
             total_bytes=r.total_bytes,
             completed=_time(r.completed_unix_ms),
+            request_id=r.request_id,
+            submitter=r.submitter,
+            vo=r.vo,
+            profile=r.profile,
+            profile_sha256=r.profile_sha256,
+            fingerprint=r.fingerprint,
+            parameters=json.loads(r.parameters_json) if r.parameters_json else {},
+            software=dict(sorted(r.software.items())),
+            installation=r.installation,
+            first_run=r.first_run,
+            last_run=r.last_run,
+            job_total=r.job_total,
+            counts=JobCounts.from_pb(r.counts),
+            attempts=r.attempts,
+            retries=r.retries,
+            cpu_seconds_used=r.cpu_seconds_used,
+            cpu_measured_attempts=r.cpu_measured_attempts,
+            estimate=ResourceEstimate.from_pb(r.estimate) if r.HasField("estimate") else None,
+            submitted=_time(r.submitted_unix_ms),
+            accepted=_time(r.accepted_unix_ms),
+            first_job_started=_time(r.first_job_started_unix_ms),
+            last_job_ended=_time(r.last_job_ended_unix_ms),
+            datasets=[(d.name, d.file_count, d.total_bytes) for d in r.datasets],
+            replicas={d.destination: (d.forwarded, d.failing, d.total) for d in r.replicas},
+            parent_production_ids=list(r.parent_production_ids),
+            child_production_ids=list(r.child_production_ids),
+            record_lfn=r.record_lfn or None,
         )
 
 

@@ -23,9 +23,10 @@ _sym_db = _symbol_database.Default()
 
 
 from prodsys_client.v1 import common_pb2 as prodsys_dot_v1_dot_common__pb2
+from prodsys_client.v1 import request_pb2 as prodsys_dot_v1_dot_request__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18prodsys/v1/catalog.proto\x12\nprodsys.v1\x1a\x17prodsys/v1/common.proto\"\xb9\x02\n\x13\x46indExistingRequest\x12?\n\x08metadata\x18\x01 \x03(\x0b\x32-.prodsys.v1.FindExistingRequest.MetadataEntry\x12\x42\n\nif_present\x18\x02 \x03(\x0b\x32..prodsys.v1.FindExistingRequest.IfPresentEntry\x12)\n\x06ranges\x18\x03 \x03(\x0b\x32\x19.prodsys.v1.MetadataRange\x12\x0f\n\x07run_key\x18\x04 \x01(\t\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x30\n\x0eIfPresentEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"K\n\rMetadataRange\x12\x0f\n\x07min_key\x18\x01 \x01(\t\x12\x0f\n\x07max_key\x18\x02 \x01(\t\x12\x0b\n\x03min\x18\x03 \x01(\x01\x12\x0b\n\x03max\x18\x04 \x01(\x01\"\xcf\x01\n\x14\x46indExistingResponse\x12\x12\n\nfile_count\x18\x01 \x01(\x04\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x04\x12\x16\n\x0eproduction_ids\x18\x03 \x03(\t\x12\x14\n\x0c\x65xample_lfns\x18\x04 \x03(\t\x12\x14\n\x0cmissing_keys\x18\x05 \x03(\t\x12\x10\n\x08last_run\x18\x06 \x01(\x04\x12 \n\x18\x64iffering_production_ids\x18\x07 \x03(\t\x12\x16\n\x0e\x64iffering_keys\x18\x08 \x03(\t\"K\n\x17\x46indExistingManyRequest\x12\x30\n\x07queries\x18\x01 \x03(\x0b\x32\x1f.prodsys.v1.FindExistingRequest\"M\n\x18\x46indExistingManyResponse\x12\x31\n\x07results\x18\x01 \x03(\x0b\x32 .prodsys.v1.FindExistingResponse\"=\n\x14RegisterFilesRequest\x12%\n\x05\x66iles\x18\x01 \x03(\x0b\x32\x16.prodsys.v1.OutputFile\"+\n\x15RegisterFilesResponse\x12\x12\n\nregistered\x18\x01 \x01(\x04\"\x97\x02\n\x10\x46indFilesRequest\x12\x15\n\rproduction_id\x18\x01 \x01(\t\x12<\n\x08metadata\x18\x02 \x03(\x0b\x32*.prodsys.v1.FindFilesRequest.MetadataEntry\x12\x11\n\tpage_size\x18\x03 \x01(\r\x12\x12\n\npage_token\x18\x04 \x01(\t\x12\x31\n\nconditions\x18\x05 \x03(\x0b\x32\x1d.prodsys.v1.MetadataCondition\x12\x12\n\nlfn_prefix\x18\x06 \x01(\t\x12\x0f\n\x07\x64\x61taset\x18\x07 \x01(\t\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"a\n\x11MetadataCondition\x12\x0b\n\x03key\x18\x01 \x01(\t\x12/\n\x08operator\x18\x02 \x01(\x0e\x32\x1d.prodsys.v1.ConditionOperator\x12\x0e\n\x06values\x18\x03 \x03(\t\"\x7f\n\x11\x46indFilesResponse\x12%\n\x05\x66iles\x18\x01 \x03(\x0b\x32\x16.prodsys.v1.OutputFile\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12*\n\x08replicas\x18\x03 \x03(\x0b\x32\x18.prodsys.v1.FileReplicas\"3\n\x1aGetProductionRecordRequest\x12\x15\n\rproduction_id\x18\x01 \x01(\t\"\x99\x01\n\x10ProductionRecord\x12\x15\n\rproduction_id\x18\x01 \x01(\t\x12*\n\x05state\x18\x02 \x01(\x0e\x32\x1b.prodsys.v1.ProductionState\x12\x12\n\nfile_count\x18\x03 \x01(\x04\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x04\x12\x19\n\x11\x63ompleted_unix_ms\x18\x05 \x01(\x03*\xf4\x01\n\x11\x43onditionOperator\x12\"\n\x1e\x43ONDITION_OPERATOR_UNSPECIFIED\x10\x00\x12\x19\n\x15\x43ONDITION_OPERATOR_EQ\x10\x01\x12\x19\n\x15\x43ONDITION_OPERATOR_NE\x10\x02\x12\x19\n\x15\x43ONDITION_OPERATOR_IN\x10\x03\x12\x19\n\x15\x43ONDITION_OPERATOR_LT\x10\x04\x12\x19\n\x15\x43ONDITION_OPERATOR_LE\x10\x05\x12\x19\n\x15\x43ONDITION_OPERATOR_GT\x10\x06\x12\x19\n\x15\x43ONDITION_OPERATOR_GE\x10\x07\x32\x8d\x04\n\x0e\x43\x61talogService\x12H\n\tFindFiles\x12\x1c.prodsys.v1.FindFilesRequest\x1a\x1d.prodsys.v1.FindFilesResponse\x12L\n\x0bStreamFiles\x12\x1c.prodsys.v1.FindFilesRequest\x1a\x1d.prodsys.v1.FindFilesResponse0\x01\x12Q\n\x0c\x46indExisting\x12\x1f.prodsys.v1.FindExistingRequest\x1a .prodsys.v1.FindExistingResponse\x12]\n\x10\x46indExistingMany\x12#.prodsys.v1.FindExistingManyRequest\x1a$.prodsys.v1.FindExistingManyResponse\x12[\n\x13GetProductionRecord\x12&.prodsys.v1.GetProductionRecordRequest\x1a\x1c.prodsys.v1.ProductionRecord\x12T\n\rRegisterFiles\x12 .prodsys.v1.RegisterFilesRequest\x1a!.prodsys.v1.RegisterFilesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18prodsys/v1/catalog.proto\x12\nprodsys.v1\x1a\x17prodsys/v1/common.proto\x1a\x18prodsys/v1/request.proto\"\xb9\x02\n\x13\x46indExistingRequest\x12?\n\x08metadata\x18\x01 \x03(\x0b\x32-.prodsys.v1.FindExistingRequest.MetadataEntry\x12\x42\n\nif_present\x18\x02 \x03(\x0b\x32..prodsys.v1.FindExistingRequest.IfPresentEntry\x12)\n\x06ranges\x18\x03 \x03(\x0b\x32\x19.prodsys.v1.MetadataRange\x12\x0f\n\x07run_key\x18\x04 \x01(\t\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x30\n\x0eIfPresentEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"K\n\rMetadataRange\x12\x0f\n\x07min_key\x18\x01 \x01(\t\x12\x0f\n\x07max_key\x18\x02 \x01(\t\x12\x0b\n\x03min\x18\x03 \x01(\x01\x12\x0b\n\x03max\x18\x04 \x01(\x01\"\xcf\x01\n\x14\x46indExistingResponse\x12\x12\n\nfile_count\x18\x01 \x01(\x04\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x04\x12\x16\n\x0eproduction_ids\x18\x03 \x03(\t\x12\x14\n\x0c\x65xample_lfns\x18\x04 \x03(\t\x12\x14\n\x0cmissing_keys\x18\x05 \x03(\t\x12\x10\n\x08last_run\x18\x06 \x01(\x04\x12 \n\x18\x64iffering_production_ids\x18\x07 \x03(\t\x12\x16\n\x0e\x64iffering_keys\x18\x08 \x03(\t\"K\n\x17\x46indExistingManyRequest\x12\x30\n\x07queries\x18\x01 \x03(\x0b\x32\x1f.prodsys.v1.FindExistingRequest\"M\n\x18\x46indExistingManyResponse\x12\x31\n\x07results\x18\x01 \x03(\x0b\x32 .prodsys.v1.FindExistingResponse\"=\n\x14RegisterFilesRequest\x12%\n\x05\x66iles\x18\x01 \x03(\x0b\x32\x16.prodsys.v1.OutputFile\"+\n\x15RegisterFilesResponse\x12\x12\n\nregistered\x18\x01 \x01(\x04\"\x97\x02\n\x10\x46indFilesRequest\x12\x15\n\rproduction_id\x18\x01 \x01(\t\x12<\n\x08metadata\x18\x02 \x03(\x0b\x32*.prodsys.v1.FindFilesRequest.MetadataEntry\x12\x11\n\tpage_size\x18\x03 \x01(\r\x12\x12\n\npage_token\x18\x04 \x01(\t\x12\x31\n\nconditions\x18\x05 \x03(\x0b\x32\x1d.prodsys.v1.MetadataCondition\x12\x12\n\nlfn_prefix\x18\x06 \x01(\t\x12\x0f\n\x07\x64\x61taset\x18\x07 \x01(\t\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"a\n\x11MetadataCondition\x12\x0b\n\x03key\x18\x01 \x01(\t\x12/\n\x08operator\x18\x02 \x01(\x0e\x32\x1d.prodsys.v1.ConditionOperator\x12\x0e\n\x06values\x18\x03 \x03(\t\"\x7f\n\x11\x46indFilesResponse\x12%\n\x05\x66iles\x18\x01 \x03(\x0b\x32\x16.prodsys.v1.OutputFile\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12*\n\x08replicas\x18\x03 \x03(\x0b\x32\x18.prodsys.v1.FileReplicas\"]\n\x1aGetProductionRecordRequest\x12\x15\n\rproduction_id\x18\x01 \x01(\t\x12(\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x18.prodsys.v1.RecordFormat\"F\n\rRecordDataset\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nfile_count\x18\x02 \x01(\x04\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x04\"\xce\x07\n\x10ProductionRecord\x12\x15\n\rproduction_id\x18\x01 \x01(\t\x12*\n\x05state\x18\x02 \x01(\x0e\x32\x1b.prodsys.v1.ProductionState\x12\x12\n\nfile_count\x18\x03 \x01(\x04\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x04\x12\x19\n\x11\x63ompleted_unix_ms\x18\x05 \x01(\x03\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x11\n\tsubmitter\x18\x07 \x01(\t\x12\n\n\x02vo\x18\x08 \x01(\t\x12\x0f\n\x07profile\x18\t \x01(\t\x12\x16\n\x0eprofile_sha256\x18\n \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x0b \x01(\t\x12\x17\n\x0fparameters_json\x18\x0c \x01(\t\x12<\n\x08software\x18\r \x03(\x0b\x32*.prodsys.v1.ProductionRecord.SoftwareEntry\x12\x14\n\x0cinstallation\x18\x0e \x01(\t\x12\x11\n\tfirst_run\x18\x0f \x01(\x04\x12\x10\n\x08last_run\x18\x10 \x01(\x04\x12\x11\n\tjob_total\x18\x11 \x01(\x04\x12%\n\x06\x63ounts\x18\x12 \x01(\x0b\x32\x15.prodsys.v1.JobCounts\x12\x10\n\x08\x61ttempts\x18\x13 \x01(\x04\x12\x0f\n\x07retries\x18\x14 \x01(\x04\x12\x18\n\x10\x63pu_seconds_used\x18\x15 \x01(\x01\x12\x1d\n\x15\x63pu_measured_attempts\x18\x16 \x01(\x04\x12.\n\x08\x65stimate\x18\x17 \x01(\x0b\x32\x1c.prodsys.v1.ResourceEstimate\x12\x19\n\x11submitted_unix_ms\x18\x18 \x01(\x03\x12\x18\n\x10\x61\x63\x63\x65pted_unix_ms\x18\x19 \x01(\x03\x12!\n\x19\x66irst_job_started_unix_ms\x18\x1a \x01(\x03\x12\x1e\n\x16last_job_ended_unix_ms\x18\x1b \x01(\x03\x12+\n\x08\x64\x61tasets\x18\x1c \x03(\x0b\x32\x19.prodsys.v1.RecordDataset\x12\x31\n\x08replicas\x18\x1d \x03(\x0b\x32\x1f.prodsys.v1.DestinationProgress\x12\x1d\n\x15parent_production_ids\x18\x1e \x03(\t\x12\x1c\n\x14\x63hild_production_ids\x18\x1f \x03(\t\x12\x12\n\nrecord_lfn\x18  \x01(\t\x12\x10\n\x08rendered\x18! \x01(\t\x1a/\n\rSoftwareEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*\xf4\x01\n\x11\x43onditionOperator\x12\"\n\x1e\x43ONDITION_OPERATOR_UNSPECIFIED\x10\x00\x12\x19\n\x15\x43ONDITION_OPERATOR_EQ\x10\x01\x12\x19\n\x15\x43ONDITION_OPERATOR_NE\x10\x02\x12\x19\n\x15\x43ONDITION_OPERATOR_IN\x10\x03\x12\x19\n\x15\x43ONDITION_OPERATOR_LT\x10\x04\x12\x19\n\x15\x43ONDITION_OPERATOR_LE\x10\x05\x12\x19\n\x15\x43ONDITION_OPERATOR_GT\x10\x06\x12\x19\n\x15\x43ONDITION_OPERATOR_GE\x10\x07*}\n\x0cRecordFormat\x12\x1d\n\x19RECORD_FORMAT_UNSPECIFIED\x10\x00\x12\x16\n\x12RECORD_FORMAT_JSON\x10\x01\x12\x1a\n\x16RECORD_FORMAT_MARKDOWN\x10\x02\x12\x1a\n\x16RECORD_FORMAT_RO_CRATE\x10\x03\x32\x8d\x04\n\x0e\x43\x61talogService\x12H\n\tFindFiles\x12\x1c.prodsys.v1.FindFilesRequest\x1a\x1d.prodsys.v1.FindFilesResponse\x12L\n\x0bStreamFiles\x12\x1c.prodsys.v1.FindFilesRequest\x1a\x1d.prodsys.v1.FindFilesResponse0\x01\x12Q\n\x0c\x46indExisting\x12\x1f.prodsys.v1.FindExistingRequest\x1a .prodsys.v1.FindExistingResponse\x12]\n\x10\x46indExistingMany\x12#.prodsys.v1.FindExistingManyRequest\x1a$.prodsys.v1.FindExistingManyResponse\x12[\n\x13GetProductionRecord\x12&.prodsys.v1.GetProductionRecordRequest\x1a\x1c.prodsys.v1.ProductionRecord\x12T\n\rRegisterFiles\x12 .prodsys.v1.RegisterFilesRequest\x1a!.prodsys.v1.RegisterFilesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,38 +39,46 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FINDEXISTINGREQUEST_IFPRESENTENTRY']._serialized_options = b'8\001'
   _globals['_FINDFILESREQUEST_METADATAENTRY']._loaded_options = None
   _globals['_FINDFILESREQUEST_METADATAENTRY']._serialized_options = b'8\001'
-  _globals['_CONDITIONOPERATOR']._serialized_start=1652
-  _globals['_CONDITIONOPERATOR']._serialized_end=1896
-  _globals['_FINDEXISTINGREQUEST']._serialized_start=66
-  _globals['_FINDEXISTINGREQUEST']._serialized_end=379
-  _globals['_FINDEXISTINGREQUEST_METADATAENTRY']._serialized_start=282
-  _globals['_FINDEXISTINGREQUEST_METADATAENTRY']._serialized_end=329
-  _globals['_FINDEXISTINGREQUEST_IFPRESENTENTRY']._serialized_start=331
-  _globals['_FINDEXISTINGREQUEST_IFPRESENTENTRY']._serialized_end=379
-  _globals['_METADATARANGE']._serialized_start=381
-  _globals['_METADATARANGE']._serialized_end=456
-  _globals['_FINDEXISTINGRESPONSE']._serialized_start=459
-  _globals['_FINDEXISTINGRESPONSE']._serialized_end=666
-  _globals['_FINDEXISTINGMANYREQUEST']._serialized_start=668
-  _globals['_FINDEXISTINGMANYREQUEST']._serialized_end=743
-  _globals['_FINDEXISTINGMANYRESPONSE']._serialized_start=745
-  _globals['_FINDEXISTINGMANYRESPONSE']._serialized_end=822
-  _globals['_REGISTERFILESREQUEST']._serialized_start=824
-  _globals['_REGISTERFILESREQUEST']._serialized_end=885
-  _globals['_REGISTERFILESRESPONSE']._serialized_start=887
-  _globals['_REGISTERFILESRESPONSE']._serialized_end=930
-  _globals['_FINDFILESREQUEST']._serialized_start=933
-  _globals['_FINDFILESREQUEST']._serialized_end=1212
-  _globals['_FINDFILESREQUEST_METADATAENTRY']._serialized_start=282
-  _globals['_FINDFILESREQUEST_METADATAENTRY']._serialized_end=329
-  _globals['_METADATACONDITION']._serialized_start=1214
-  _globals['_METADATACONDITION']._serialized_end=1311
-  _globals['_FINDFILESRESPONSE']._serialized_start=1313
-  _globals['_FINDFILESRESPONSE']._serialized_end=1440
-  _globals['_GETPRODUCTIONRECORDREQUEST']._serialized_start=1442
-  _globals['_GETPRODUCTIONRECORDREQUEST']._serialized_end=1493
-  _globals['_PRODUCTIONRECORD']._serialized_start=1496
-  _globals['_PRODUCTIONRECORD']._serialized_end=1649
-  _globals['_CATALOGSERVICE']._serialized_start=1899
-  _globals['_CATALOGSERVICE']._serialized_end=2424
+  _globals['_PRODUCTIONRECORD_SOFTWAREENTRY']._loaded_options = None
+  _globals['_PRODUCTIONRECORD_SOFTWAREENTRY']._serialized_options = b'8\001'
+  _globals['_CONDITIONOPERATOR']._serialized_start=2613
+  _globals['_CONDITIONOPERATOR']._serialized_end=2857
+  _globals['_RECORDFORMAT']._serialized_start=2859
+  _globals['_RECORDFORMAT']._serialized_end=2984
+  _globals['_FINDEXISTINGREQUEST']._serialized_start=92
+  _globals['_FINDEXISTINGREQUEST']._serialized_end=405
+  _globals['_FINDEXISTINGREQUEST_METADATAENTRY']._serialized_start=308
+  _globals['_FINDEXISTINGREQUEST_METADATAENTRY']._serialized_end=355
+  _globals['_FINDEXISTINGREQUEST_IFPRESENTENTRY']._serialized_start=357
+  _globals['_FINDEXISTINGREQUEST_IFPRESENTENTRY']._serialized_end=405
+  _globals['_METADATARANGE']._serialized_start=407
+  _globals['_METADATARANGE']._serialized_end=482
+  _globals['_FINDEXISTINGRESPONSE']._serialized_start=485
+  _globals['_FINDEXISTINGRESPONSE']._serialized_end=692
+  _globals['_FINDEXISTINGMANYREQUEST']._serialized_start=694
+  _globals['_FINDEXISTINGMANYREQUEST']._serialized_end=769
+  _globals['_FINDEXISTINGMANYRESPONSE']._serialized_start=771
+  _globals['_FINDEXISTINGMANYRESPONSE']._serialized_end=848
+  _globals['_REGISTERFILESREQUEST']._serialized_start=850
+  _globals['_REGISTERFILESREQUEST']._serialized_end=911
+  _globals['_REGISTERFILESRESPONSE']._serialized_start=913
+  _globals['_REGISTERFILESRESPONSE']._serialized_end=956
+  _globals['_FINDFILESREQUEST']._serialized_start=959
+  _globals['_FINDFILESREQUEST']._serialized_end=1238
+  _globals['_FINDFILESREQUEST_METADATAENTRY']._serialized_start=308
+  _globals['_FINDFILESREQUEST_METADATAENTRY']._serialized_end=355
+  _globals['_METADATACONDITION']._serialized_start=1240
+  _globals['_METADATACONDITION']._serialized_end=1337
+  _globals['_FINDFILESRESPONSE']._serialized_start=1339
+  _globals['_FINDFILESRESPONSE']._serialized_end=1466
+  _globals['_GETPRODUCTIONRECORDREQUEST']._serialized_start=1468
+  _globals['_GETPRODUCTIONRECORDREQUEST']._serialized_end=1561
+  _globals['_RECORDDATASET']._serialized_start=1563
+  _globals['_RECORDDATASET']._serialized_end=1633
+  _globals['_PRODUCTIONRECORD']._serialized_start=1636
+  _globals['_PRODUCTIONRECORD']._serialized_end=2610
+  _globals['_PRODUCTIONRECORD_SOFTWAREENTRY']._serialized_start=2563
+  _globals['_PRODUCTIONRECORD_SOFTWAREENTRY']._serialized_end=2610
+  _globals['_CATALOGSERVICE']._serialized_start=2987
+  _globals['_CATALOGSERVICE']._serialized_end=3512
 # @@protoc_insertion_point(module_scope)

@@ -106,7 +106,9 @@ class CatalogServiceServicer:
 
     def GetProductionRecord(self, request, context):
         """The record of a finished production: written once every file it reported
-        is registered (NOT_FOUND until then).
+        is registered (NOT_FOUND until then). Who asked for it and with what,
+        how its jobs and attempts went, what it wrote; also rendered as JSON,
+        Markdown or a Workflow Run RO-Crate when `format` asks.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
