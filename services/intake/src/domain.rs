@@ -122,7 +122,20 @@ pub struct Proposal<'a> {
 /// Checks a submitted request against its profile and the API's rules;
 /// its parameters as JSON when it passes, every violation otherwise.
 pub fn check_proposal(profiles: &ProfileSet, p: &Proposal<'_>) -> Result<Value, Vec<Violation>> {
-    let checked = profiles.validate_request(p.profile, p.vo, p.parameters_json);
+    // A request naming an observation period leaves to the period what it
+    // sets (site, layout, pointings...): it is checked once the period is
+    // applied, and stored as given.
+    let checked = if names_period(profiles, p) {
+        profiles
+            .expand_request(p.profile, p.vo, p.parameters_json)
+            .and_then(|(profile, _, _)| {
+                let parameters = serde_json::from_str(p.parameters_json)
+                    .map_err(|e| vec![Violation::new("parameters", e.to_string())])?;
+                Ok((profile, parameters))
+            })
+    } else {
+        profiles.validate_request(p.profile, p.vo, p.parameters_json)
+    };
     let mut violations = Vec::new();
     check_name("backend", p.backend, &mut violations);
     check_name("submitter", p.submitter, &mut violations);
@@ -150,6 +163,14 @@ pub fn check_proposal(profiles: &ProfileSet, p: &Proposal<'_>) -> Result<Value, 
             Err(found)
         }
     }
+}
+
+/// Whether the proposal names an observation period its profile takes.
+fn names_period(profiles: &ProfileSet, p: &Proposal<'_>) -> bool {
+    let Some(profile) = profiles.get(p.profile) else {
+        return false;
+    };
+    serde_json::from_str::<Value>(p.parameters_json).is_ok_and(|v| profile.names_period(&v))
 }
 
 /// Whether `id` looks like a production ID (like CTA-000042).
@@ -270,6 +291,23 @@ pub struct Verdicts<'a> {
     pub production_ids: Vec<&'a str>,
     pub existing: Vec<&'a str>,
     pub violations: Vec<Vec<Violation>>,
+    /// Per verdict, the pointings of a period's request and what became
+    /// of each (a JSON array; empty without a period).
+    pub productions: Vec<Value>,
+}
+
+/// What became of one pointing of a request that named an observation
+/// period, as the request keeps it.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct PointingOutcome {
+    pub pointing: String,
+    pub zenith_deg: f64,
+    pub azimuth_deg: f64,
+    pub production_id: String,
+    pub fingerprint: String,
+    pub existing_production_id: String,
+    pub violations: Vec<Violation>,
 }
 
 impl<'a> Verdicts<'a> {
@@ -284,6 +322,27 @@ impl<'a> Verdicts<'a> {
         existing: &'a str,
         violations: Vec<Violation>,
     ) {
+        self.push_grouped(
+            request_id,
+            outcome,
+            production_id,
+            existing,
+            violations,
+            Value::Array(Vec::new()),
+        );
+    }
+
+    /// [`Verdicts::push`] for a request that named an observation period,
+    /// with every pointing's outcome.
+    pub fn push_grouped(
+        &mut self,
+        request_id: Uuid,
+        outcome: &'static str,
+        production_id: &'a str,
+        existing: &'a str,
+        violations: Vec<Violation>,
+        productions: Value,
+    ) {
         if self.request_ids.contains(&request_id) {
             return;
         }
@@ -292,6 +351,7 @@ impl<'a> Verdicts<'a> {
         self.production_ids.push(production_id);
         self.existing.push(existing);
         self.violations.push(violations);
+        self.productions.push(productions);
     }
 
     pub fn is_empty(&self) -> bool {

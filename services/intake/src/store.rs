@@ -216,6 +216,8 @@ pub struct RequestRow {
     pub violations: Vec<Violation>,
     pub existing_production_id: Option<String>,
     pub created: chrono::DateTime<chrono::Utc>,
+    /// A period's request: what became of each of its pointings.
+    pub productions: Vec<domain::PointingOutcome>,
 }
 
 /// The request `id`, if there is one.
@@ -224,7 +226,7 @@ pub async fn request(db: &Db, id: Uuid) -> anyhow::Result<Option<RequestRow>> {
     let row = client
         .query_opt_cached(
             "SELECT profile, vo, parameters, backend, state, production_id, violations,
-                    existing_production_id, created_at
+                    existing_production_id, created_at, productions
              FROM requests WHERE request_id = $1",
             &[&id],
         )
@@ -240,6 +242,7 @@ pub async fn request(db: &Db, id: Uuid) -> anyhow::Result<Option<RequestRow>> {
         violations: serde_json::from_value(row.get(6)).unwrap_or_default(),
         existing_production_id: row.get(7),
         created: row.get(8),
+        productions: serde_json::from_value(row.get(9)).unwrap_or_default(),
     }))
 }
 
@@ -287,9 +290,9 @@ pub async fn record_verdicts(
         .query_cached(
             "UPDATE requests r SET state = v.state, production_id = NULLIF(v.production_id, ''),
                     violations = v.violations, existing_production_id = NULLIF(v.existing, ''),
-                    updated_at = now()
-             FROM unnest($1::uuid[], $2::text[], $3::text[], $4::jsonb[], $5::text[])
-                  AS v (request_id, state, production_id, violations, existing)
+                    productions = v.productions, updated_at = now()
+             FROM unnest($1::uuid[], $2::text[], $3::text[], $4::jsonb[], $5::text[], $6::jsonb[])
+                  AS v (request_id, state, production_id, violations, existing, productions)
              WHERE r.request_id = v.request_id AND r.state = 'RECEIVED'
              RETURNING r.request_id, r.reply_to, r.correlation_id",
             &[
@@ -298,6 +301,7 @@ pub async fn record_verdicts(
                 &verdicts.production_ids,
                 &violations,
                 &verdicts.existing,
+                &verdicts.productions,
             ],
         )
         .await
