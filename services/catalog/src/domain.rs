@@ -681,8 +681,7 @@ mod tests {
         assert_eq!(
             ordered_key(
                 "CREATE INDEX files_particle_lfn ON cat.files USING btree (((metadata -> 'particle'::text)), lfn)"
-            )
-            ,
+            ),
             Some(vec!["particle".to_string()])
         );
         assert_eq!(
@@ -798,7 +797,11 @@ mod tests {
             vec!["site".to_string()],
             vec!["site".to_string(), "nsb".to_string()],
             // Not covered: no condition on particle.
-            vec!["site".to_string(), "nsb".to_string(), "particle".to_string()],
+            vec![
+                "site".to_string(),
+                "nsb".to_string(),
+                "particle".to_string(),
+            ],
         ];
         let q = file_query(&t, &filter, &indexes).unwrap();
         // In the index's order, whatever the order asked.
