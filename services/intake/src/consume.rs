@@ -99,6 +99,7 @@ impl IntakeConsumer {
                 "",
                 "",
                 &s.violations,
+                &serde_json::Value::Null,
             )?);
         }
         Ok(events)
@@ -189,6 +190,7 @@ impl IntakeConsumer {
                 verdicts.production_ids[i],
                 verdicts.existing[i],
                 &verdicts.violations[i],
+                &verdicts.productions[i],
             )?);
         }
         prodsys_db::enqueue(&tx, &self.db.outbox_channel(), &events).await?;

@@ -386,15 +386,21 @@ pub fn reply_body(
     production_id: &str,
     existing_production_id: &str,
     violations: &[Violation],
+    productions: &Value,
 ) -> Value {
-    serde_json::json!({
+    let mut body = serde_json::json!({
         "request_id": request_id.to_string(),
         "correlation_id": correlation_id,
         "outcome": outcome,
         "production_id": production_id,
         "existing_production_id": existing_production_id,
         "violations": violations,
-    })
+    });
+    // A request that named an observation period: what became of each pointing.
+    if productions.as_array().is_some_and(|p| !p.is_empty()) {
+        body["productions"] = productions.clone();
+    }
+    body
 }
 
 #[cfg(test)]
@@ -565,9 +571,23 @@ mod tests {
             "",
             "CTA-000001",
             &verdicts.violations[1],
+            &verdicts.productions[1],
         );
         assert_eq!(body["outcome"], "rejected");
         assert_eq!(body["existing_production_id"], "CTA-000001");
         assert_eq!(body["violations"][0]["field"], "x");
+        // Only a period's request says what became of each pointing.
+        assert!(body.get("productions").is_none());
+        let pointings = serde_json::json!([{ "pointing": "zenith 20 deg, azimuth 180 deg" }]);
+        let body = reply_body(
+            Uuid::from_u128(3),
+            "c-2",
+            "accepted",
+            "CTA-000002",
+            "",
+            &[],
+            &pointings,
+        );
+        assert_eq!(body["productions"], pointings);
     }
 }

@@ -344,6 +344,7 @@ pub fn reply(
     production_id: &str,
     existing_production_id: &str,
     violations: &[Violation],
+    productions: &serde_json::Value,
 ) -> anyhow::Result<OutboxEvent> {
     let body = domain::reply_body(
         request_id,
@@ -352,6 +353,7 @@ pub fn reply(
         production_id,
         existing_production_id,
         violations,
+        productions,
     );
     Ok(OutboxEvent {
         event_id: Uuid::now_v7(),
