@@ -788,27 +788,44 @@ async fn submit(
     if request.state() == pb::RequestState::Rejected {
         return Ok(ExitCode::from(output::INVALID));
     }
-    let final_state = watch_production(cli, &request.production_id, deadline).await?;
-    // The catalog may be a moment behind the status service: wait for its record.
-    let mut catalog =
-        pb::catalog_service_client::CatalogServiceClient::new(connect(&cli.catalog).await?);
-    loop {
-        let record = catalog
-            .get_production_record(pb::GetProductionRecordRequest {
-                production_id: request.production_id.clone(),
-            })
-            .await;
-        match record {
-            Ok(_) => break,
-            Err(s) if s.code() == tonic::Code::NotFound && Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            Err(s) => return Err(output::status(s)),
-        }
+    // A request that named an observation period has a production per
+    // pointing: each is followed in turn.
+    let mut productions: Vec<String> = request
+        .productions
+        .iter()
+        .filter(|p| !p.production_id.is_empty())
+        .map(|p| p.production_id.clone())
+        .collect();
+    if productions.is_empty() {
+        productions.push(request.production_id.clone());
     }
-    let count = print_files(&cli.catalog, &request.production_id).await?;
-    if !output::json() {
-        println!("{count} file(s) catalogued for {}", request.production_id);
+    let mut final_state = pb::ProductionState::Completed;
+    for production_id in &productions {
+        let state = watch_production(cli, production_id, deadline).await?;
+        if state != pb::ProductionState::Completed {
+            final_state = state;
+        }
+        // The catalog may be a moment behind the status service: wait for its record.
+        let mut catalog =
+            pb::catalog_service_client::CatalogServiceClient::new(connect(&cli.catalog).await?);
+        loop {
+            let record = catalog
+                .get_production_record(pb::GetProductionRecordRequest {
+                    production_id: production_id.clone(),
+                })
+                .await;
+            match record {
+                Ok(_) => break,
+                Err(s) if s.code() == tonic::Code::NotFound && Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(s) => return Err(output::status(s)),
+            }
+        }
+        let count = print_files(&cli.catalog, production_id).await?;
+        if !output::json() {
+            println!("{count} file(s) catalogued for {production_id}");
+        }
     }
     Ok(ended(final_state))
 }
@@ -873,8 +890,13 @@ fn progress_line(p: &pb::Production) -> String {
     } else {
         ""
     };
+    let pointing = if p.period.is_empty() {
+        String::new()
+    } else {
+        format!(" ({}, {})", p.period, p.pointing)
+    };
     format!(
-        "{} {:?} jobs {}: created {} submitted {} queued {} running {} done {} failed {} exhausted {} cancelled {}{forwarding}{finished}{held}",
+        "{}{pointing} {:?} jobs {}: created {} submitted {} queued {} running {} done {} failed {} exhausted {} cancelled {}{forwarding}{finished}{held}",
         p.production_id,
         p.state(),
         p.job_total,

@@ -281,6 +281,8 @@ pub fn production(p: &pb::Production) -> Value {
         "backend": p.backend,
         "updated_unix_ms": p.updated_unix_ms,
         "held_reason": p.held_reason,
+        "period": p.period,
+        "pointing": p.pointing,
     })
 }
 

@@ -91,8 +91,7 @@ impl IntakeConsumer {
             &rejected,
         )];
         if let Some(queue) = &s.reply_to {
-            events.push(store::reply(
-                queue,
+            let body = domain::reply_body(
                 request.request_id,
                 &s.event_id,
                 "rejected",
@@ -100,7 +99,8 @@ impl IntakeConsumer {
                 "",
                 &s.violations,
                 &serde_json::Value::Null,
-            )?);
+            );
+            events.push(store::reply(queue, request.request_id, body)?);
         }
         Ok(events)
     }
@@ -182,8 +182,7 @@ impl IntakeConsumer {
             let i = verdicts
                 .position(recorded.request_id)
                 .expect("a row for a verdict asked for");
-            events.push(store::reply(
-                &queue,
+            let body = domain::reply_body(
                 recorded.request_id,
                 &recorded.correlation_id.unwrap_or_default(),
                 verdicts.outcomes[i],
@@ -191,7 +190,8 @@ impl IntakeConsumer {
                 verdicts.existing[i],
                 &verdicts.violations[i],
                 &verdicts.productions[i],
-            )?);
+            );
+            events.push(store::reply(&queue, recorded.request_id, body)?);
         }
         prodsys_db::enqueue(&tx, &self.db.outbox_channel(), &events).await?;
         tx.commit().await.map_err(anyhow::Error::from)?;

@@ -335,26 +335,14 @@ pub fn received_event(r: &NewRequest<'_>) -> OutboxEvent {
     outbox_event(REQUEST_RECEIVED, &r.request_id.to_string(), &event)
 }
 
-/// A JSON answer to the queue an event publisher named in `reply_to`.
+/// A JSON answer (see [`domain::reply_body`]) to the queue an event publisher
+/// named in `reply_to`.
 pub fn reply(
     reply_to: &str,
     request_id: Uuid,
-    correlation_id: &str,
-    outcome: &str,
-    production_id: &str,
-    existing_production_id: &str,
-    violations: &[Violation],
-    productions: &serde_json::Value,
+    body: serde_json::Value,
 ) -> anyhow::Result<OutboxEvent> {
-    let body = domain::reply_body(
-        request_id,
-        correlation_id,
-        outcome,
-        production_id,
-        existing_production_id,
-        violations,
-        productions,
-    );
+    let outcome = body["outcome"].as_str().unwrap_or_default().to_string();
     Ok(OutboxEvent {
         event_id: Uuid::now_v7(),
         event_type: format!("request.{outcome}"),
