@@ -217,12 +217,17 @@ impl Checker {
                 group.push((p, v));
             }
             let expanded = &expanded[index];
-            if !expanded.has_period() {
+            // Without a period, or refused by it before any pointing: one verdict.
+            if !expanded.has_period() || expanded.shares.is_empty() {
                 let (_, verdict) = group.pop().expect("one share");
+                let grouping = Grouping {
+                    period: expanded.period.clone(),
+                    ..Grouping::default()
+                };
                 self.announce(
                     request,
                     verdict,
-                    &Grouping::default(),
+                    &grouping,
                     &mut rows,
                     &mut derived,
                     &mut events,
