@@ -474,6 +474,50 @@ mod tests {
     }
 
     #[test]
+    fn a_period_request_is_checked_with_the_period_applied_and_stored_as_given() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let profiles = ProfileSet::load_dir(&root.join("profiles"))
+            .unwrap()
+            .with_periods(&root.join("periods"))
+            .unwrap();
+        let example: Value = serde_json::from_str(
+            &std::fs::read_to_string(root.join("examples/cta-irf-mc-period.json")).unwrap(),
+        )
+        .unwrap();
+        let proposal = |parameters: &Value| -> Result<Value, Vec<Violation>> {
+            let json = parameters.to_string();
+            check_proposal(
+                &profiles,
+                &Proposal {
+                    profile: "cta-irf-mc",
+                    vo: "vo.cta.in2p3.fr",
+                    parameters_json: &json,
+                    backend: "local",
+                    submitter: "",
+                    priority: 0,
+                    idempotency_key: "",
+                    forward: &[],
+                },
+            )
+        };
+        // No site, layout, zenith, pointing or NSB levels: the period has them.
+        let parameters = example["parameters"].clone();
+        assert_eq!(proposal(&parameters).unwrap(), parameters);
+        let mut off = parameters.clone();
+        off["zenith_deg"] = 45.into();
+        assert_eq!(
+            fields(&proposal(&off).unwrap_err()),
+            ["parameters.zenith_deg"]
+        );
+        let mut unknown = parameters.clone();
+        unknown["observation_period"] = "nowhere".into();
+        assert_eq!(
+            fields(&proposal(&unknown).unwrap_err()),
+            ["parameters.observation_period"]
+        );
+    }
+
+    #[test]
     fn backend_defaults_and_production_ids() {
         assert_eq!(backend_or_default(""), "local");
         assert_eq!(backend_or_default("slurm"), "slurm");
