@@ -9,7 +9,6 @@ mod support;
 use std::time::Duration;
 
 use prodsys::Service;
-use prodsys_config::DestinationSettings;
 use prodsys_proto as pb;
 use prodsys_testkit::wait_for;
 use serde_json::{Value, json};
@@ -20,11 +19,7 @@ use support::{cta_example, spawn_app_with};
 async fn the_dashboard_follows_a_production_live_in_a_browser() {
     // Its outputs go to a directory standing for a storage element.
     let app = spawn_app_with(|env| {
-        let path = env.work_dir.join("disk");
-        env.settings
-            .forwarding
-            .destinations
-            .insert("disk".into(), DestinationSettings::Posix { path });
+        support::storage::disk(env);
     })
     .await;
     let status = format!("http://{}", app.stack.addr(Service::Status).unwrap());

@@ -18,150 +18,20 @@ use prodsys::Service;
 use prodsys_config::DestinationSettings;
 use prodsys_proto as pb;
 use prodsys_testkit::{TestEnv, wait_for};
-use support::{
-    App, built_binary, cta_example, publish_raw, spawn_app_with, spawn_services, violated_fields,
+use support::storage::{
+    adler32_of, base_path, files_below, files_of, forwarded_to, forwarding_to, publish_event,
+    replica_in, server, stop_server, storage_adler32, with_replicas, xroot_destination,
+    xrootd_data,
 };
+use support::{built_binary, cta_example, spawn_app_with, spawn_services, violated_fields};
 
-/// The XRootD instance `name` (tests/servers/xrootd/start: idempotent, so
-/// the tests of this binary share one); its `root://127.0.0.1:PORT`.
+/// The XRootD instance `name`; its `root://127.0.0.1:PORT`.
 fn xrootd(name: &str) -> String {
-    let script = prodsys_testkit::repo_root().join("tests/servers/xrootd/start");
-    let output = std::process::Command::new(script)
-        .arg(name)
-        .output()
-        .expect("running tests/servers/xrootd/start");
-    assert!(
-        output.status.success(),
-        "xrootd {name} did not start: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout).unwrap().trim().to_string()
-}
-
-fn stop_xrootd(name: &str) {
-    let script = prodsys_testkit::repo_root().join("tests/servers/xrootd/stop");
-    let status = std::process::Command::new(script)
-        .arg(name)
-        .status()
-        .expect("running tests/servers/xrootd/stop");
-    assert!(status.success());
-}
-
-/// Where instance `name` keeps the files it serves.
-fn xrootd_data(name: &str) -> PathBuf {
-    prodsys_testkit::repo_root().join(format!("var/servers/xrootd/{name}/data"))
-}
-
-/// What the storage answers for the adler32 of `path` (`xrdfs query checksum`).
-fn storage_adler32(server: &str, path: &str) -> Option<String> {
-    let output = std::process::Command::new("xrdfs")
-        .args([server, "query", "checksum", path])
-        .output()
-        .expect("running xrdfs");
-    let text = String::from_utf8_lossy(&output.stdout);
-    let mut words = text.split_whitespace();
-    match (output.status.success(), words.next(), words.next()) {
-        (true, Some("adler32"), Some(sum)) => Some(sum.to_string()),
-        _ => None,
-    }
-}
-
-fn adler32_of(path: &Path) -> String {
-    prodsys_core::checksum::adler32_hex(std::fs::File::open(path).unwrap())
-        .unwrap()
-        .1
-}
-
-/// Every file below `dir`, relative to it.
-fn files_below(dir: &Path) -> BTreeSet<String> {
-    fn walk(root: &Path, dir: &Path, out: &mut BTreeSet<String>) {
-        for entry in std::fs::read_dir(dir).into_iter().flatten() {
-            let path = entry.unwrap().path();
-            if path.is_dir() {
-                walk(root, &path, out);
-            } else {
-                out.insert(format!("/{}", path.strip_prefix(root).unwrap().display()));
-            }
-        }
-    }
-    let mut out = BTreeSet::new();
-    walk(dir, dir, &mut out);
-    out
-}
-
-/// Short retries, so outages and bad copies resolve within a test.
-fn forwarding_to(env: &mut TestEnv, name: &str, destination: DestinationSettings) {
-    let f = &mut env.settings.forwarding;
-    f.destinations.insert(name.to_string(), destination);
-    f.retry_min_ms = 200;
-    f.retry_max_ms = 1_000;
-    f.claim_ttl_ms = 5_000;
-    f.copy_timeout_s = 30;
-}
-
-fn xroot_destination(server: &str, base: &str) -> DestinationSettings {
-    DestinationSettings::Xroot {
-        url: format!("{server}/{base}"),
-        xrdcp: "xrdcp".into(),
-        xrdfs: "xrdfs".into(),
-    }
-}
-
-fn forwarded_to(destination: &str) -> pb::SubmitRequestRequest {
-    pb::SubmitRequestRequest {
-        forward: vec![destination.to_string()],
-        ..cta_example()
-    }
-}
-
-/// A unique base path on the shared server for one test.
-fn base_path() -> String {
-    format!("/prodsys-tests/{}", uuid::Uuid::now_v7().simple())
-}
-
-/// FindFiles' answer for `query`: each file with its replicas.
-async fn with_replicas(
-    app: &App,
-    mut query: pb::FindFilesRequest,
-) -> Vec<(pb::OutputFile, Vec<pb::Replica>)> {
-    let mut all = Vec::new();
-    loop {
-        let page = app
-            .catalog
-            .clone()
-            .find_files(query.clone())
-            .await
-            .unwrap()
-            .into_inner();
-        assert_eq!(page.files.len(), page.replicas.len());
-        for (file, replicas) in page.files.into_iter().zip(page.replicas) {
-            assert_eq!(file.lfn, replicas.lfn);
-            all.push((file, replicas.replicas));
-        }
-        if page.next_page_token.is_empty() {
-            return all;
-        }
-        query.page_token = page.next_page_token;
-    }
-}
-
-async fn files_of(app: &App, production_id: &str) -> Vec<(pb::OutputFile, Vec<pb::Replica>)> {
-    with_replicas(
-        app,
-        pb::FindFilesRequest {
-            production_id: production_id.into(),
-            page_size: 3,
-            ..Default::default()
-        },
-    )
-    .await
+    server("xrootd", name)
 }
 
 fn verified(replicas: &[pb::Replica], destination: &str) -> Option<pb::Replica> {
-    replicas
-        .iter()
-        .find(|r| r.destination == destination && r.state() == pb::ReplicaState::Verified)
-        .cloned()
+    replica_in(replicas, destination, pb::ReplicaState::Verified)
 }
 
 #[tokio::test]
@@ -192,7 +62,7 @@ async fn the_cta_example_is_forwarded_to_xrootd_and_downloaded_with_prodctl() {
         "the known destinations are named: {refused:?}"
     );
 
-    let production_id = app.accepted(forwarded_to("xrd-test")).await;
+    let production_id = app.accepted(forwarded_to(&["xrd-test"])).await;
     // The watch ends only once the production is finished: its jobs done
     // and its outputs on the storage.
     let last = app.watch(&production_id).await.pop().unwrap();
@@ -350,9 +220,9 @@ async fn an_xrootd_outage_holds_the_production_and_everything_arrives_once_it_is
         forwarding_to(env, "xrd-test", xroot_destination(&server, &base));
     })
     .await;
-    let production_id = app.accepted(forwarded_to("xrd-test")).await;
+    let production_id = app.accepted(forwarded_to(&["xrd-test"])).await;
     // The storage goes away while the jobs write their outputs.
-    stop_xrootd(NAME);
+    stop_server("xrootd", NAME);
     let held = app
         .production_when(
             "the production completed, held by its destination",
@@ -440,7 +310,7 @@ async fn a_posix_copy_that_does_not_verify_is_removed_and_made_again() {
         );
     })
     .await;
-    let production_id = app.accepted(forwarded_to("disk")).await;
+    let production_id = app.accepted(forwarded_to(&["disk"])).await;
     let last = app.watch(&production_id).await.pop().unwrap();
     assert!(last.finished, "{last:?}");
     for (file, replicas) in files_of(&app, &production_id).await {
@@ -523,7 +393,7 @@ async fn a_posix_copy_that_does_not_verify_is_removed_and_made_again() {
 #[tokio::test]
 async fn without_destinations_outputs_stay_where_they_are_and_a_request_for_one_is_refused() {
     let app = support::spawn_app().await;
-    let validation = app.validate(forwarded_to("xrd-test")).await;
+    let validation = app.validate(forwarded_to(&["xrd-test"])).await;
     assert!(!validation.acceptable);
     assert_eq!(
         validation
@@ -554,18 +424,6 @@ async fn without_destinations_outputs_stay_where_they_are_and_a_request_for_one_
     let found = files_of(&app, &production_id).await;
     assert!(!found.is_empty() && found.iter().all(|(_, r)| r.is_empty()));
     app.stop().await;
-}
-
-/// Publishes `message` on the test's event exchange as the services would.
-async fn publish_event(app: &App, short_type: &str, message: &impl prost::Message) {
-    publish_raw(
-        &app.env,
-        &format!("{}prodsys.events", app.env.prefix),
-        short_type,
-        &format!("org.prodsys.{short_type}.v1"),
-        &message.encode_to_vec(),
-    )
-    .await;
 }
 
 /// The `job.output` of job `job_index` of `production_id`: two small files
@@ -617,7 +475,7 @@ async fn a_completion_that_overtakes_the_last_outputs_waits_for_them() {
     let app = spawn_services(env, &[Service::Intake, Service::Status, Service::Catalog]).await;
     let production_id = "CTA-990001";
     publish_event(
-        &app,
+        &app.env,
         "request.accepted",
         &pb::RequestAccepted {
             request_id: uuid::Uuid::now_v7().to_string(),
@@ -631,7 +489,7 @@ async fn a_completion_that_overtakes_the_last_outputs_waits_for_them() {
     )
     .await;
     publish_event(
-        &app,
+        &app.env,
         "production.dispatched",
         &pb::ProductionDispatched {
             production_id: production_id.into(),
@@ -640,9 +498,14 @@ async fn a_completion_that_overtakes_the_last_outputs_waits_for_them() {
         },
     )
     .await;
-    publish_event(&app, "job.output", &job_output(&written, production_id, 0)).await;
     publish_event(
-        &app,
+        &app.env,
+        "job.output",
+        &job_output(&written, production_id, 0),
+    )
+    .await;
+    publish_event(
+        &app.env,
         "production.completed",
         &pb::ProductionCompleted {
             production_id: production_id.into(),
@@ -708,7 +571,12 @@ async fn a_completion_that_overtakes_the_last_outputs_waits_for_them() {
     );
 
     // The late outputs arrive: forwarded, then finished with all four.
-    publish_event(&app, "job.output", &job_output(&written, production_id, 1)).await;
+    publish_event(
+        &app.env,
+        "job.output",
+        &job_output(&written, production_id, 1),
+    )
+    .await;
     let done = app
         .production_when(
             "the production finished",

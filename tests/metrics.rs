@@ -13,7 +13,6 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use prodsys::Service;
-use prodsys_config::DestinationSettings;
 use prodsys_proto as pb;
 use prodsys_testkit::wait_for;
 use support::{cta_example, spawn_app_with};
@@ -69,11 +68,7 @@ fn value(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> Option<f64>
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_service_reports_its_consumer_relay_and_backlog_in_openmetrics() {
     let app = spawn_app_with(|env| {
-        let path = env.work_dir.join("disk");
-        env.settings
-            .forwarding
-            .destinations
-            .insert("disk".into(), DestinationSettings::Posix { path });
+        support::storage::disk(env);
     })
     .await;
     let production = app

@@ -20,46 +20,11 @@ use prodsys_config::{DestinationSettings, RucioAuth, RucioRule, RucioSettings};
 use prodsys_proto as pb;
 use prodsys_testkit::{TestEnv, wait_for};
 use serde_json::{Value, json};
-use support::{App, cta_example, spawn_app_with};
-
-/// Starts (or finds running) instance `name` of a test server kind
-/// (`xrootd`, `rucio`); what it prints: its URL.
-fn server(kind: &str, name: &str) -> String {
-    let script = prodsys_testkit::repo_root().join(format!("tests/servers/{kind}/start"));
-    let output = std::process::Command::new(script)
-        .arg(name)
-        .output()
-        .unwrap_or_else(|e| panic!("running tests/servers/{kind}/start: {e}"));
-    assert!(
-        output.status.success(),
-        "{kind} {name} did not start: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout).unwrap().trim().to_string()
-}
-
-fn stop(kind: &str, name: &str) {
-    let script = prodsys_testkit::repo_root().join(format!("tests/servers/{kind}/stop"));
-    let status = std::process::Command::new(script)
-        .arg(name)
-        .status()
-        .unwrap_or_else(|e| panic!("running tests/servers/{kind}/stop: {e}"));
-    assert!(status.success());
-}
-
-/// What the storage answers for the adler32 of `path` (`xrdfs query checksum`).
-fn storage_adler32(server: &str, path: &str) -> Option<String> {
-    let output = std::process::Command::new("xrdfs")
-        .args([server, "query", "checksum", path])
-        .output()
-        .expect("running xrdfs");
-    let text = String::from_utf8_lossy(&output.stdout);
-    let mut words = text.split_whitespace();
-    match (output.status.success(), words.next(), words.next()) {
-        (true, Some("adler32"), Some(sum)) => Some(sum.to_string()),
-        _ => None,
-    }
-}
+use support::spawn_app_with;
+use support::storage::{
+    base_path, files_of, forwarded_to, publish_event, quick_retries, replica_in, server,
+    stop_server, storage_adler32, stored_adler32, stored_below,
+};
 
 /// The test server's root identity (tests/servers/rucio/start bootstraps it).
 const ACCOUNT: &str = "root";
@@ -198,15 +163,6 @@ impl Rucio {
     }
 }
 
-/// Short retries, so outages resolve within a test.
-fn quick_retries(env: &mut TestEnv) {
-    let f = &mut env.settings.forwarding;
-    f.retry_min_ms = 200;
-    f.retry_max_ms = 1_000;
-    f.claim_ttl_ms = 5_000;
-    f.copy_timeout_s = 30;
-}
-
 /// Destinations `xrd-store` (the XRootD server under `base`) and
 /// `rucio-test` registering there on `rse` in `scope`.
 fn rucio_destinations(
@@ -252,49 +208,8 @@ fn rucio_destinations(
     );
 }
 
-fn forwarded_to(destinations: &[&str]) -> pb::SubmitRequestRequest {
-    pb::SubmitRequestRequest {
-        forward: destinations.iter().map(|d| d.to_string()).collect(),
-        ..cta_example()
-    }
-}
-
-/// A unique base path on the shared XRootD server for one test.
-fn base_path() -> String {
-    format!("/prodsys-tests/{}", uuid::Uuid::now_v7().simple())
-}
-
-/// Every file of `production_id` with its replicas.
-async fn files_of(app: &App, production_id: &str) -> Vec<(pb::OutputFile, Vec<pb::Replica>)> {
-    let mut query = pb::FindFilesRequest {
-        production_id: production_id.into(),
-        page_size: 100,
-        ..Default::default()
-    };
-    let mut all = Vec::new();
-    loop {
-        let page = app
-            .catalog
-            .clone()
-            .find_files(query.clone())
-            .await
-            .unwrap()
-            .into_inner();
-        for (file, replicas) in page.files.into_iter().zip(page.replicas) {
-            all.push((file, replicas.replicas));
-        }
-        if page.next_page_token.is_empty() {
-            return all;
-        }
-        query.page_token = page.next_page_token;
-    }
-}
-
 fn registered(replicas: &[pb::Replica], destination: &str) -> Option<pb::Replica> {
-    replicas
-        .iter()
-        .find(|r| r.destination == destination && r.state() == pb::ReplicaState::Registered)
-        .cloned()
+    replica_in(replicas, destination, pb::ReplicaState::Registered)
 }
 
 /// What Rucio holds about `production_id`'s dataset, to compare before and
@@ -447,7 +362,7 @@ async fn rucio_down_during_registration_holds_the_production_until_it_is_back() 
     let production_id = app
         .accepted(forwarded_to(&["xrd-store", "rucio-test"]))
         .await;
-    stop("rucio", NAME);
+    stop_server("rucio", NAME);
     let held = app
         .production_when(
             "the production completed, held by Rucio",
@@ -815,48 +730,6 @@ impl Drop for CatalogProcess {
             let _ = child.wait();
         }
     }
-}
-
-/// Publishes `message` on the test's event exchange as a service would.
-async fn publish_event(env: &TestEnv, short_type: &str, message: &impl prost::Message) {
-    support::publish_raw(
-        env,
-        &format!("{}prodsys.events", env.prefix),
-        short_type,
-        &format!("org.prodsys.{short_type}.v1"),
-        &message.encode_to_vec(),
-    )
-    .await;
-}
-
-/// The adler32 of what the XRootD instance `name` holds at `path` (its
-/// bytes on the storage), if it holds it.
-fn stored_adler32(name: &str, path: &str) -> Option<String> {
-    let on_disk = prodsys_testkit::repo_root()
-        .join(format!("var/servers/xrootd/{name}/data"))
-        .join(path.trim_start_matches('/'));
-    let file = std::fs::File::open(on_disk).ok()?;
-    Some(prodsys_core::checksum::adler32_hex(file).unwrap().1)
-}
-
-/// Every file the XRootD instance `name` holds below `base`, relative to it.
-fn stored_below(name: &str, base: &str) -> BTreeSet<String> {
-    fn walk(root: &std::path::Path, dir: &std::path::Path, out: &mut BTreeSet<String>) {
-        for entry in std::fs::read_dir(dir).into_iter().flatten() {
-            let path = entry.unwrap().path();
-            if path.is_dir() {
-                walk(root, &path, out);
-            } else {
-                out.insert(format!("/{}", path.strip_prefix(root).unwrap().display()));
-            }
-        }
-    }
-    let root = prodsys_testkit::repo_root()
-        .join(format!("var/servers/xrootd/{name}/data"))
-        .join(base.trim_start_matches('/'));
-    let mut out = BTreeSet::new();
-    walk(&root, &root, &mut out);
-    out
 }
 
 /// The catalog process killed with SIGKILL while it copies hundreds of

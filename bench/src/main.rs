@@ -64,6 +64,10 @@ pub enum Scenario {
 pub struct Args {
     #[arg(value_enum, default_value = "all")]
     pub scenario: Scenario,
+    /// Leave this scenario out of `all` (repeatable), e.g. `--without history`
+    /// for a run without the ten-million-file catalog.
+    #[arg(long, value_enum)]
+    pub without: Vec<Scenario>,
     /// Tiny sizes (under a minute), for CI; writes nothing unless --write.
     #[arg(long)]
     pub smoke: bool,
@@ -338,7 +342,8 @@ async fn run(args: &Args) -> anyhow::Result<Results> {
     };
     results.machine.rabbitmq = sys::rabbitmq_version().await;
     let scenario = args.scenario;
-    let wants = |s: Scenario| scenario == Scenario::All || scenario == s;
+    let wants =
+        |s: Scenario| (scenario == Scenario::All && !args.without.contains(&s)) || scenario == s;
 
     // Raw limits first, on their own database and prefix, nothing else running.
     eprintln!("raw: RabbitMQ round trip ({:?}) …", raw_plan.duration);

@@ -885,10 +885,10 @@ fn progress_line(p: &pb::Production) -> String {
             )
         })
         .collect();
-    let finished = if p.finished && !p.forwarding.is_empty() {
-        ", outputs in place"
-    } else {
-        ""
+    let finished = match (p.finished, p.forwarding.is_empty()) {
+        (true, true) => ", outputs catalogued",
+        (true, false) => ", outputs in place",
+        (false, _) => "",
     };
     let pointing = if p.period.is_empty() {
         String::new()

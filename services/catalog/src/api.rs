@@ -186,26 +186,31 @@ impl pb::catalog_service_server::CatalogService for CatalogApi {
         let query = self.file_query(&r)?;
         let page_size = domain::page_size(r.page_size, 5000);
         let (tx, rx) = tokio::sync::mpsc::channel(2);
-        let api = self.clone();
+        let db = self.db.clone();
         tokio::spawn(async move {
-            let mut after = r.page_token;
-            loop {
-                let page = api
-                    .page(&query, &after, page_size)
-                    .await
-                    .map_err(Status::from);
-                let last = match &page {
-                    Ok(p) if !p.next_page_token.is_empty() => Some(p.next_page_token.clone()),
-                    _ => None,
-                };
-                // A client that went away ends the stream.
-                if tx.send(page).await.is_err() {
-                    return;
-                }
-                match last {
-                    Some(lfn) => after = lfn,
-                    None => return,
-                }
+            let sent = store::stream_files(
+                &db,
+                &query,
+                &r.page_token,
+                page_size,
+                |files, replicas, more| {
+                    let next_page_token = match (more, files.last()) {
+                        (true, Some(f)) => f.lfn.clone(),
+                        _ => String::new(),
+                    };
+                    let page = pb::FindFilesResponse {
+                        files,
+                        next_page_token,
+                        replicas,
+                    };
+                    let tx = tx.clone();
+                    // A client that went away ends the stream.
+                    async move { tx.send(Ok(page)).await.is_ok() }
+                },
+            )
+            .await;
+            if let Err(error) = sent {
+                let _ = tx.send(Err(Status::from(CatalogError::from(error)))).await;
             }
         });
         Ok(Response::new(Box::pin(

@@ -337,17 +337,25 @@ impl Forwarder {
         let at_unix_ms = chrono::Utc::now().timestamp_millis();
         let mut events = Vec::with_capacity(swept.len());
         for p in &swept {
-            events.push(outbox_event(
-                FORWARDING_PROGRESS,
-                &p.production_id,
-                &pb::ForwardingProgress {
-                    production_id: p.production_id.clone(),
-                    destinations: p.destinations.clone(),
-                    at_unix_ms,
-                },
-            ));
+            // A production without destinations has nothing to report on
+            // the way: only, at the end, that its outputs are all catalogued.
+            if !p.destinations.is_empty() {
+                events.push(outbox_event(
+                    FORWARDING_PROGRESS,
+                    &p.production_id,
+                    &pb::ForwardingProgress {
+                        production_id: p.production_id.clone(),
+                        destinations: p.destinations.clone(),
+                        at_unix_ms,
+                    },
+                ));
+            }
             if p.finished {
-                tracing::info!(production_id = %p.production_id, "outputs forwarded to every destination");
+                if p.destinations.is_empty() {
+                    tracing::info!(production_id = %p.production_id, "every output catalogued");
+                } else {
+                    tracing::info!(production_id = %p.production_id, "outputs forwarded to every destination");
+                }
                 events.push(outbox_event(
                     PRODUCTION_FORWARDED,
                     &p.production_id,

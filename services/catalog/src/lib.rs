@@ -49,6 +49,7 @@ pub const MIGRATIONS: &[Migration] = prodsys_db::migrations![
     "0200_files_by_particle_in_lfn_order.sql",
     "0201_files_by_cta_identity.sql",
     "0202_files_by_particle_and_nsb_in_lfn_order.sql",
+    "0203_every_production_followed_to_its_end.sql",
 ];
 
 /// Consumers of the catalog's queue: registrations commute (running totals,

@@ -78,8 +78,12 @@ pub async fn plan_forwarding(
         return Ok(());
     }
     tx.execute_cached(
+        // A plan handled after its production ended (its request.accepted
+        // redelivered late) replaces the empty one the end made.
         "INSERT INTO forwarding (production_id, destinations) VALUES ($1, $2)
-         ON CONFLICT (production_id) DO NOTHING",
+         ON CONFLICT (production_id) DO UPDATE
+             SET destinations = EXCLUDED.destinations, progress_dirty = true, finished_at = NULL
+             WHERE forwarding.destinations = '{}'",
         &[&production_id, &destinations],
     )
     .await
@@ -495,6 +499,15 @@ pub async fn record_completed(
         &[&production_id, &state, &jobs_done],
     )
     .await?;
+    // A production without destinations is followed too: it is announced
+    // forwarded (to none) once every DONE job's outputs are catalogued.
+    tx.execute_cached(
+        "INSERT INTO forwarding (production_id, destinations) VALUES ($1, '{}')
+         ON CONFLICT (production_id) DO NOTHING",
+        &[&production_id],
+    )
+    .await
+    .context("following a production's outputs")?;
     Ok(())
 }
 
@@ -521,59 +534,55 @@ pub async fn record_job_outputs(tx: &Transaction<'_>, jobs: &[(&str, i64)]) -> a
     Ok(())
 }
 
-/// Up to `page_size` files of `query` after LFN `after`, in LFN order, with
-/// their replicas, and whether more follow.
-pub async fn files_page(
-    db: &Db,
-    query: &FileQuery,
-    after: &str,
-    page_size: u32,
-) -> anyhow::Result<(Vec<pb::OutputFile>, Vec<pb::FileReplicas>, bool)> {
-    let limit = i64::from(page_size) + 1;
-    let client = db.client().await?;
+/// The statement of `query`'s files after LFN `$4`, in LFN order, with
+/// their replicas, and its parameters after the first five (production,
+/// equalities, LFN prefix, after, limit): a page and a stream read the same.
+fn files_statement(query: &FileQuery, limit: bool) -> (String, Vec<String>) {
     // Each file's replicas as one JSON array: [destination, state, url, reason, attempts].
-    let select = "SELECT lfn, size, adler32, url, metadata, production_id, job_index,
-                         (SELECT COALESCE(jsonb_agg(jsonb_build_array(r.destination, r.state, r.url,
-                                                                      r.reason, r.attempts)
-                                                    ORDER BY r.destination), '[]')
-                          FROM replicas r WHERE r.lfn = files.lfn)
-                  FROM files
-                  WHERE ($1 = '' OR production_id = $1) AND metadata @> $2
-                    AND lfn >= $3 AND starts_with(lfn, $3) AND lfn > $4";
+    let mut sql = "SELECT lfn, size, adler32, url, metadata, production_id, job_index,
+                          (SELECT COALESCE(jsonb_agg(jsonb_build_array(r.destination, r.state, r.url,
+                                                                       r.reason, r.attempts)
+                                                     ORDER BY r.destination), '[]')
+                           FROM replicas r WHERE r.lfn = files.lfn)
+                   FROM files
+                   WHERE ($1 = '' OR production_id = $1) AND metadata @> $2
+                     AND lfn >= $3 AND starts_with(lfn, $3) AND lfn > $4"
+        .to_string();
+    let mut extra = Vec::new();
+    let first = if limit { 6 } else { 5 };
     // One statement per shape: a path of `true` would lead the planner to a
     // scan of the whole index, so a query without a path has none.
-    let mut sql = select.to_string();
-    let mut params: Vec<&(dyn prodsys_db::deadpool_postgres::tokio_postgres::types::ToSql + Sync)> = vec![
-        &query.production_id,
-        &query.equal,
-        &query.lfn_prefix,
-        &after,
-        &limit,
-    ];
     if let Some(path) = &query.path {
-        params.push(path);
+        extra.push(path.clone());
         sql.push_str(&format!(
             " AND metadata @@ ${}::text::jsonpath",
-            params.len()
+            first + extra.len() - 1
         ));
     }
-    let ordered_values: Vec<String> = query.ordered.iter().map(|(_, v)| v.to_string()).collect();
-    for ((key, _), value) in query.ordered.iter().zip(&ordered_values) {
-        params.push(value);
+    for (key, value) in &query.ordered {
+        extra.push(value.to_string());
         // As the index of the keys' values and the LFN is written
         // (`ordered_keys`), so the planner can read it in LFN order.
         sql.push_str(&format!(
             " AND (metadata -> {}) = ${}::text::jsonb",
             sql_literal(key),
-            params.len()
+            first + extra.len() - 1
         ));
     }
-    sql.push_str(" ORDER BY lfn LIMIT $5");
-    let rows = client.query_cached(&sql, &params).await?;
-    let more = rows.len() as i64 > i64::from(page_size);
+    sql.push_str(" ORDER BY lfn");
+    if limit {
+        sql.push_str(" LIMIT $5");
+    }
+    (sql, extra)
+}
+
+/// Files and their replicas as the API gives them, from rows of
+/// [`files_statement`].
+fn files_of(
+    rows: &[prodsys_db::deadpool_postgres::tokio_postgres::Row],
+) -> (Vec<pb::OutputFile>, Vec<pb::FileReplicas>) {
     let replicas = rows
         .iter()
-        .take(page_size as usize)
         .map(|row| pb::FileReplicas {
             lfn: row.get(0),
             replicas: replicas_of(row.get(7)),
@@ -581,7 +590,6 @@ pub async fn files_page(
         .collect();
     let files = rows
         .iter()
-        .take(page_size as usize)
         .map(|row| pb::OutputFile {
             lfn: row.get(0),
             size: row.get::<_, i64>(1) as u64,
@@ -592,7 +600,91 @@ pub async fn files_page(
             job_index: row.get::<_, i64>(6) as u64,
         })
         .collect();
+    (files, replicas)
+}
+
+type Param<'a> = &'a (dyn prodsys_db::deadpool_postgres::tokio_postgres::types::ToSql + Sync);
+
+/// Up to `page_size` files of `query` after LFN `after`, in LFN order, with
+/// their replicas, and whether more follow.
+pub async fn files_page(
+    db: &Db,
+    query: &FileQuery,
+    after: &str,
+    page_size: u32,
+) -> anyhow::Result<(Vec<pb::OutputFile>, Vec<pb::FileReplicas>, bool)> {
+    let limit = i64::from(page_size) + 1;
+    let client = db.client().await?;
+    let (sql, extra) = files_statement(query, true);
+    let mut params: Vec<Param<'_>> = vec![
+        &query.production_id,
+        &query.equal,
+        &query.lfn_prefix,
+        &after,
+        &limit,
+    ];
+    params.extend(extra.iter().map(|e| e as Param<'_>));
+    let mut rows = client.query_cached(&sql, &params).await?;
+    let more = rows.len() as i64 > i64::from(page_size);
+    rows.truncate(page_size as usize);
+    let (files, replicas) = files_of(&rows);
     Ok((files, replicas, more))
+}
+
+/// Every file of `query` after LFN `after`, in LFN order, handed to `send`
+/// in pages of `page_size` (with whether more follow) until it answers
+/// false. One statement and one snapshot serve the whole answer, read page
+/// by page from a portal: the files are searched for once, not again from
+/// each page's last LFN, and the answer is consistent however long it runs.
+pub async fn stream_files<F, Fut>(
+    db: &Db,
+    query: &FileQuery,
+    after: &str,
+    page_size: u32,
+    mut send: F,
+) -> anyhow::Result<()>
+where
+    F: FnMut(Vec<pb::OutputFile>, Vec<pb::FileReplicas>, bool) -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let mut client = db.client().await?;
+    let tx = client
+        .build_transaction()
+        .isolation_level(
+            prodsys_db::deadpool_postgres::tokio_postgres::IsolationLevel::RepeatableRead,
+        )
+        .read_only(true)
+        .start()
+        .await?;
+    let (sql, extra) = files_statement(query, false);
+    let mut params: Vec<Param<'_>> = vec![
+        &query.production_id,
+        &query.equal,
+        &query.lfn_prefix,
+        &after,
+    ];
+    params.extend(extra.iter().map(|e| e as Param<'_>));
+    let statement = tx.prepare_cached(&sql).await?;
+    let portal = tx.bind(&statement, &params).await?;
+    // One row more than a page, kept for the next: whether more follow is
+    // known before a page goes out.
+    let mut held = tx.query_portal(&portal, page_size as i32).await?;
+    loop {
+        let next = if held.len() < page_size as usize {
+            Vec::new()
+        } else {
+            tx.query_portal(&portal, page_size as i32).await?
+        };
+        let more = !next.is_empty();
+        let (files, replicas) = files_of(&held);
+        if !send(files, replicas, more).await || !more {
+            break;
+        }
+        held = next;
+    }
+    drop(portal);
+    tx.commit().await?;
+    Ok(())
 }
 
 /// `text` as a SQL string literal.

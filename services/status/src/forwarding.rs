@@ -1,6 +1,6 @@
 //! The forwarding part of the read model: where each production's outputs
 //! go, how far the catalog got (per destination), and whether they are all
-//! there — a production is finished only then.
+//! catalogued and there — a production is finished only then.
 
 use anyhow::Context;
 use prodsys_core::ProductionState;
@@ -90,13 +90,16 @@ pub async fn attach(
         .collect();
     let rows = client
         .query_cached(
-            "SELECT p.production_id, d, COALESCE(f.forwarded, 0), COALESCE(f.total, 0),
+            // A row per destination of each production, or one with no
+            // destination for a production without any.
+            "SELECT i.id, u.d, COALESCE(f.forwarded, 0), COALESCE(f.total, 0),
                     COALESCE(f.failing, 0), COALESCE(f.held_reason, ''),
-                    EXISTS (SELECT FROM forwarded x WHERE x.production_id = p.production_id)
-             FROM forward_plans p CROSS JOIN LATERAL unnest(p.destinations) WITH ORDINALITY AS u (d, n)
-             LEFT JOIN forwarding f ON f.production_id = p.production_id AND f.destination = u.d
-             WHERE p.production_id = ANY($1)
-             ORDER BY p.production_id, n",
+                    EXISTS (SELECT FROM forwarded x WHERE x.production_id = i.id)
+             FROM unnest($1::text[]) AS i (id)
+             LEFT JOIN forward_plans p ON p.production_id = i.id
+             LEFT JOIN LATERAL unnest(p.destinations) WITH ORDINALITY AS u (d, n) ON true
+             LEFT JOIN forwarding f ON f.production_id = i.id AND f.destination = u.d
+             ORDER BY i.id, u.n",
             &[&ids],
         )
         .await
@@ -108,6 +111,7 @@ pub async fn attach(
             .collect();
         p.forwarding = mine
             .iter()
+            .filter(|r| r.get::<_, Option<&str>>(1).is_some())
             .map(|r| pb::DestinationProgress {
                 destination: r.get(1),
                 forwarded: r.get::<_, i64>(2) as u64,
@@ -116,7 +120,9 @@ pub async fn attach(
                 held_reason: r.get(5),
             })
             .collect();
-        let forwarded = mine.first().is_none_or(|r| r.get::<_, bool>(6));
+        // Announced by the catalog once every output is catalogued and on
+        // every destination (a production without any included).
+        let forwarded = mine.first().is_some_and(|r| r.get::<_, bool>(6));
         let ended = ProductionState::from_proto(p.state).is_some_and(ProductionState::is_terminal);
         p.finished = ended && forwarded;
         if p.held_reason.is_empty()

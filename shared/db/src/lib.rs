@@ -65,8 +65,12 @@ fn config_for(url: &str, schema: &str) -> anyhow::Result<tokio_postgres::Config>
     // Statements are prepared once per connection (see `Cached`) but planned
     // on every execution: a generic plan made while a table was small (a
     // sequential scan) would otherwise be kept as the table grows to millions.
+    // No JIT: every statement here is short, and a plan whose cost estimate
+    // is large only for a branch that never runs (the catalog's existence
+    // check has one) spent seconds compiling itself on every execution
+    // (3.2 s of a 4.5 s FindExisting call with ten million files).
     config.options(format!(
-        "-c search_path={schema} -c plan_cache_mode=force_custom_plan"
+        "-c search_path={schema} -c plan_cache_mode=force_custom_plan -c jit=off"
     ));
     config.application_name(format!("prodsys-{schema}"));
     config.connect_timeout(Duration::from_secs(5));

@@ -256,12 +256,12 @@ class Production:
     updated: datetime | None
     # Files forwarded / registered per destination the production asked for.
     forwarding: dict[str, tuple[int, int]] = field(default_factory=dict)
-    # Ended, and its outputs on every destination it asked for.
+    # Ended, every output catalogued, and on every destination it asked for.
     outputs_in_place: bool = False
 
     @property
     def finished(self) -> bool:
-        return self.state in TERMINAL_STATES and (self.outputs_in_place or not self.forwarding)
+        return self.state in TERMINAL_STATES and self.outputs_in_place
 
     @classmethod
     def from_pb(cls, p: status_pb2.Production) -> Production:
