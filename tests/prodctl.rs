@@ -144,6 +144,19 @@ async fn lists_parse_as_json_and_usage_errors_exit_1() {
     let (code, out, _) = prodctl(&app, &["-o", "json", "templates"]).await;
     assert_eq!(code, Some(0));
     assert!(serde_json::from_str::<Value>(&out).unwrap().is_array());
+    let (code, out, _) = prodctl(&app, &["-o", "json", "periods", "lapalma-2026-winter"]).await;
+    assert_eq!(code, Some(0), "{out}");
+    let periods: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(periods.as_array().unwrap().len(), 1, "{out}");
+    assert_eq!(periods[0]["site"], "LaPalma");
+    assert_eq!(
+        periods[0]["pointings"].as_array().unwrap().len(),
+        6,
+        "{out}"
+    );
+    let (code, out, _) = prodctl(&app, &["periods"]).await;
+    assert_eq!(code, Some(0));
+    assert!(out.contains("zenith 60 deg, azimuth 0 deg"), "{out}");
     let (code, out, _) = prodctl(&app, &["-o", "json", "health"]).await;
     assert_eq!(code, Some(0), "{out}");
     let health: Value = serde_json::from_str(&out).unwrap();

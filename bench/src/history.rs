@@ -135,7 +135,6 @@ pub fn parameters(p: u64) -> Value {
         "core_scatter_m": if particle == "gamma" { 1500 } else { 2000 },
         "n_showers": 50_000,
         "showers_per_job": 1000,
-        "observation_period": "2026-winter",
         "software": { "corsika": "7.7550", "sim_telarray": "2024-02-05" },
     })
 }

@@ -122,7 +122,16 @@ enum Command {
         #[arg(long, default_value = "")]
         profile: String,
     },
-    /// Show where a request stands.
+    /// List the observation periods requests may name (`observation_period`).
+    Periods {
+        /// Only the period of this name.
+        #[arg(default_value = "")]
+        name: String,
+        /// Only this profile's periods.
+        #[arg(long, default_value = "")]
+        profile: String,
+    },
+    /// Show where a request stands (for an observation period, every pointing's production).
     Request { request_id: String },
     /// Show a production's state and job counts.
     Status { production_id: String },
@@ -579,6 +588,41 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Periods { name, profile } => {
+            let mut intake =
+                pb::request_service_client::RequestServiceClient::new(connect(&cli.intake).await?);
+            let list = intake
+                .list_periods(pb::ListPeriodsRequest { profile, name })
+                .await
+                .map_err(output::status)?
+                .into_inner();
+            if output::json() {
+                output::print(&list.periods.iter().map(output::period).collect());
+                return Ok(ExitCode::SUCCESS);
+            }
+            if list.periods.is_empty() {
+                println!("no observation periods");
+            }
+            for p in &list.periods {
+                println!(
+                    "{}  ({}, {} to {})",
+                    p.name, p.profile, p.valid_from, p.valid_until
+                );
+                if !p.description.is_empty() {
+                    println!("    {}", p.description);
+                }
+                println!("    site:         {}", p.site);
+                println!("    array layout: {}", p.array_layout);
+                let nsb: Vec<String> = p.nsb_levels.iter().map(u32::to_string).collect();
+                println!("    NSB levels:   {}", nsb.join(", "));
+                println!("    atmosphere:   {}", p.atmosphere);
+                println!("    pointings:    {}", p.pointings.len());
+                for q in &p.pointings {
+                    println!("      {}", q.label);
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Templates { name, profile } => {
             let mut intake =
                 pb::request_service_client::RequestServiceClient::new(connect(&cli.intake).await?);
@@ -665,37 +709,77 @@ async fn health(cli: &Cli) -> anyhow::Result<ExitCode> {
 
 fn print_validation(v: &pb::Validation) {
     println!("acceptable   {}", if v.acceptable { "yes" } else { "no" });
+    if !v.period.is_empty() {
+        println!(
+            "period       {} ({} pointing(s), one production each)",
+            v.period,
+            v.pointings.len()
+        );
+    }
+    if !v.parameters_json.is_empty() {
+        println!("parameters   {}", v.parameters_json);
+    }
+    for p in &v.pointings {
+        println!(
+            "pointing     {}: {}",
+            p.pointing,
+            if p.acceptable {
+                "new production"
+            } else {
+                "not produced"
+            }
+        );
+        print_validation_details(p, "  ");
+    }
+    print_validation_details(v, "");
+}
+
+fn print_validation_details(v: &pb::Validation, indent: &str) {
+    if !indent.is_empty() {
+        if !v.parameters_json.is_empty() {
+            println!("{indent}parameters   {}", v.parameters_json);
+        }
+        for violation in &v.violations {
+            println!("{indent}  {}: {}", violation.field, violation.description);
+        }
+    }
+    let println = |line: String| println!("{indent}{line}");
     if !v.fingerprint.is_empty() {
-        println!("fingerprint  {}", v.fingerprint);
+        println(format!("fingerprint  {}", v.fingerprint));
     }
     if !v.existing_production_id.is_empty() {
-        println!("duplicate of {}", v.existing_production_id);
+        println(format!("duplicate of {}", v.existing_production_id));
     }
     for o in &v.overlaps {
-        println!("overlaps     {}: {}", o.production_id, o.description);
+        println(format!(
+            "overlaps     {}: {}",
+            o.production_id, o.description
+        ));
     }
     // Why: per identity, what the existence check found and which keys differ.
     for explanation in &v.explanations {
-        println!("why          {explanation}");
+        println(format!("why          {explanation}"));
     }
     if let Some(p) = &v.plan {
-        println!(
+        println(format!(
             "plan         {} job(s) of {} unit(s), {} in all, runs {}..{}",
             p.jobs, p.units_per_job, p.total_units, p.first_run, p.last_run
-        );
+        ));
     }
     if let Some(e) = &v.estimate {
-        println!(
+        println(format!(
             "estimate     {:.0} CPU s, {:.1} MB disk, {} MB memory per job; {:.2} CPU h, {:.3} GB in all",
             e.cpu_seconds_per_job,
             e.disk_mb_per_job,
             e.memory_mb,
             e.cpu_hours_total,
             e.disk_gb_total
-        );
+        ));
     }
-    for violation in &v.violations {
-        println!("  {}: {}", violation.field, violation.description);
+    if indent.is_empty() {
+        for violation in &v.violations {
+            println!("  {}: {}", violation.field, violation.description);
+        }
     }
 }
 
@@ -750,28 +834,45 @@ async fn submit(
     if request.state() == pb::RequestState::Rejected {
         return Ok(ExitCode::from(output::INVALID));
     }
-    let final_state = watch_production(cli, &request.production_id, deadline).await?;
-    // The catalog may be a moment behind the status service: wait for its record.
-    let mut catalog =
-        pb::catalog_service_client::CatalogServiceClient::new(connect(&cli.catalog).await?);
-    loop {
-        let record = catalog
-            .get_production_record(pb::GetProductionRecordRequest {
-                production_id: request.production_id.clone(),
-                ..Default::default()
-            })
-            .await;
-        match record {
-            Ok(_) => break,
-            Err(s) if s.code() == tonic::Code::NotFound && Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            Err(s) => return Err(output::status(s)),
-        }
+    // A request that named an observation period has a production per
+    // pointing: each is followed in turn.
+    let mut productions: Vec<String> = request
+        .productions
+        .iter()
+        .filter(|p| !p.production_id.is_empty())
+        .map(|p| p.production_id.clone())
+        .collect();
+    if productions.is_empty() {
+        productions.push(request.production_id.clone());
     }
-    let count = print_files(&cli.catalog, &request.production_id).await?;
-    if !output::json() {
-        println!("{count} file(s) catalogued for {}", request.production_id);
+    let mut final_state = pb::ProductionState::Completed;
+    for production_id in &productions {
+        let state = watch_production(cli, production_id, deadline).await?;
+        if state != pb::ProductionState::Completed {
+            final_state = state;
+        }
+        // The catalog may be a moment behind the status service: wait for its record.
+        let mut catalog =
+            pb::catalog_service_client::CatalogServiceClient::new(connect(&cli.catalog).await?);
+        loop {
+            let record = catalog
+                .get_production_record(pb::GetProductionRecordRequest {
+                    production_id: production_id.clone(),
+                    ..Default::default()
+                })
+                .await;
+            match record {
+                Ok(_) => break,
+                Err(s) if s.code() == tonic::Code::NotFound && Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(s) => return Err(output::status(s)),
+            }
+        }
+        let count = print_files(&cli.catalog, production_id).await?;
+        if !output::json() {
+            println!("{count} file(s) catalogued for {production_id}");
+        }
     }
     Ok(ended(final_state))
 }
@@ -792,6 +893,22 @@ fn print_request(request: &pb::Request) {
     }
     if !request.existing_production_id.is_empty() {
         println!("duplicate of production {}", request.existing_production_id);
+    }
+    if !request.period.is_empty() {
+        println!("observation period {}", request.period);
+    }
+    for p in &request.productions {
+        let outcome = if !p.production_id.is_empty() {
+            format!("production {}", p.production_id)
+        } else if p.violations.is_empty() && !p.existing_production_id.is_empty() {
+            format!("existing production {}", p.existing_production_id)
+        } else {
+            "not produced".to_string()
+        };
+        println!("  {}: {outcome}", p.pointing);
+        for v in &p.violations {
+            println!("      {}: {}", v.field, v.description);
+        }
     }
     for v in &request.violations {
         println!("  {}: {}", v.field, v.description);
@@ -820,8 +937,13 @@ fn progress_line(p: &pb::Production) -> String {
         (true, false) => ", outputs in place",
         (false, _) => "",
     };
+    let pointing = if p.period.is_empty() {
+        String::new()
+    } else {
+        format!(" ({}, {})", p.period, p.pointing)
+    };
     format!(
-        "{} {:?} jobs {}: created {} submitted {} queued {} running {} done {} failed {} exhausted {} cancelled {}{forwarding}{finished}{held}",
+        "{}{pointing} {:?} jobs {}: created {} submitted {} queued {} running {} done {} failed {} exhausted {} cancelled {}{forwarding}{finished}{held}",
         p.production_id,
         p.state(),
         p.job_total,

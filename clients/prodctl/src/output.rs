@@ -194,6 +194,37 @@ pub fn request(r: &pb::Request) -> Value {
         "violations": violations(&r.violations),
         "existing_production_id": r.existing_production_id,
         "created_unix_ms": r.created_unix_ms,
+        "period": r.period,
+        "productions": r.productions.iter().map(pointing_production).collect::<Vec<_>>(),
+    })
+}
+
+pub fn pointing_production(p: &pb::PointingProduction) -> Value {
+    json!({
+        "pointing": p.pointing,
+        "zenith_deg": p.zenith_deg,
+        "azimuth_deg": p.azimuth_deg,
+        "production_id": p.production_id,
+        "fingerprint": p.fingerprint,
+        "existing_production_id": p.existing_production_id,
+        "violations": violations(&p.violations),
+    })
+}
+
+pub fn period(p: &pb::PeriodInfo) -> Value {
+    json!({
+        "name": p.name,
+        "profile": p.profile,
+        "description": p.description,
+        "site": p.site,
+        "array_layout": p.array_layout,
+        "nsb_levels": p.nsb_levels,
+        "atmosphere": p.atmosphere,
+        "valid_from": p.valid_from,
+        "valid_until": p.valid_until,
+        "pointings": p.pointings.iter()
+            .map(|q| json!({"zenith_deg": q.zenith_deg, "azimuth_deg": q.azimuth_deg, "label": q.label}))
+            .collect::<Vec<_>>(),
     })
 }
 
@@ -221,6 +252,10 @@ pub fn validation(v: &pb::Validation) -> Value {
             "disk_gb_total": e.disk_gb_total,
         })),
         "explanations": v.explanations,
+        "parameters_json": v.parameters_json,
+        "period": v.period,
+        "pointing": v.pointing,
+        "pointings": v.pointings.iter().map(validation).collect::<Vec<_>>(),
     })
 }
 
@@ -246,6 +281,8 @@ pub fn production(p: &pb::Production) -> Value {
         "backend": p.backend,
         "updated_unix_ms": p.updated_unix_ms,
         "held_reason": p.held_reason,
+        "period": p.period,
+        "pointing": p.pointing,
     })
 }
 

@@ -42,6 +42,18 @@ def main():
         templates = client.templates(profile="km3net-container-sim")
         seen["templates"] = [[t.name, t.image, t.version] for t in templates]
         expect(all(not t.derived for t in templates), f"templates {templates}")
+        periods = {p.name: p for p in client.periods(profile="cta-irf-mc")}
+        winter = periods.get("lapalma-2026-winter")
+        expect(winter is not None and len(winter.pointings) == 6, f"periods {periods}")
+        # A period's dry run: one verdict per pointing, each with its parameters.
+        period_request = dict(example, parameters={
+            k: v for k, v in example["parameters"].items()
+            if k not in ("site", "array_layout", "zenith_deg", "pointing", "nsb_levels")
+        })
+        period_request["parameters"]["observation_period"] = "lapalma-2026-winter"
+        dry = client.validate(period_request)
+        expect(dry.period == "lapalma-2026-winter" and len(dry.pointings) == 6, f"period dry run {dry}")
+        expect(all(p.parameters["site"] == "LaPalma" for p in dry.pointings), f"pointings {dry.pointings}")
 
         # Dry run first: acceptable, 4 jobs of 1000 showers, nothing stored.
         dry = client.validate(request_file)

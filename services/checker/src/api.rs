@@ -1,5 +1,5 @@
 //! The checker's gRPC `CheckerService`: `ListTemplates` lists the templates
-//! shipped and derived; `Evaluate` answers what a request's
+//! shipped and derived, `ListPeriods` the observation periods; `Evaluate` answers what a request's
 //! verdict would be, without storing anything (intake's `ValidateRequest`).
 
 use std::collections::HashMap;
@@ -47,6 +47,10 @@ pub fn validation(v: Validation) -> pb::Validation {
         }),
         estimate: v.estimate.map(Into::into),
         explanations: v.explanations,
+        parameters_json: v.parameters_json,
+        period: v.period,
+        pointing: v.pointing,
+        pointings: v.pointings.into_iter().map(validation).collect(),
     }
 }
 
@@ -102,22 +106,45 @@ impl CheckerApi {
             forward: &r.forward,
             forward_replace: r.forward_replace,
         };
-        let names = domain::template_names([r.parameters_json.as_str()]);
+        // A request naming an observation period is one candidate per pointing.
+        let expanded = self.rules.expand(&candidate);
+        let names = domain::template_names(
+            expanded
+                .shares
+                .iter()
+                .map(|s| s.parameters_json.as_str())
+                .chain([r.parameters_json.as_str()]),
+        );
         let recorded = store::recorded_templates(&self.db, &names).await?;
-        let prepared = self.rules.prepare(&candidate, &recorded);
-        let catalog = self
-            .catalog
-            .ask(std::slice::from_ref(&prepared))
-            .await?
-            .pop()
-            .flatten();
+        let (candidates, prepared): (Vec<Candidate<'_>>, Vec<_>) = self
+            .rules
+            .prepare_shares(&candidate, &expanded, &recorded)
+            .into_iter()
+            .unzip();
+        let catalog = self.catalog.ask(&prepared).await?;
         let mut client = self.db.client().await?;
         let tx = client.build_transaction().read_only(true).start().await?;
-        let known = store::neighbourhood(&tx, &Lookups::of([&prepared])).await?;
-        let evaluation = self
-            .rules
-            .evaluate(prepared, &candidate, &known, catalog.as_ref());
-        Ok(evaluation.validation)
+        let known = store::neighbourhood(&tx, &Lookups::of(&prepared)).await?;
+        let mut validations: Vec<Validation> = candidates
+            .iter()
+            .zip(prepared)
+            .zip(catalog)
+            .map(|((c, p), answer)| {
+                self.rules
+                    .evaluate(p, c, &known, answer.as_ref())
+                    .validation
+            })
+            .collect();
+        if !expanded.has_period() {
+            return Ok(validations.pop().unwrap_or_default());
+        }
+        if expanded.shares.is_empty() {
+            let mut refused = validations.pop().unwrap_or_default();
+            refused.period = expanded.period;
+            return Ok(refused);
+        }
+        let pointings = expanded.shares.iter().map(|s| s.pointing).zip(validations);
+        Ok(domain::combine(&expanded.period, pointings.collect()))
     }
 }
 
@@ -130,6 +157,18 @@ impl pb::checker_service_server::CheckerService for CheckerApi {
     ) -> Result<Response<pb::Validation>, Status> {
         let verdict = self.verdict(request.get_ref()).await?;
         Ok(Response::new(validation(verdict)))
+    }
+
+    async fn list_periods(
+        &self,
+        request: Request<pb::ListPeriodsRequest>,
+    ) -> Result<Response<pb::ListPeriodsResponse>, Status> {
+        let r = request.get_ref();
+        Ok(Response::new(pb::convert::list_periods(
+            &self.rules.profiles,
+            &r.profile,
+            &r.name,
+        )))
     }
 
     async fn list_templates(

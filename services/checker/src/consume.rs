@@ -1,7 +1,7 @@
 //! The checker's AMQP consumer: decides each `request.received` and
 //! announces `request.accepted`, `request.reused` or `request.rejected`.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -14,7 +14,12 @@ use prodsys_server::{decode_event, outbox_event};
 use uuid::Uuid;
 
 use crate::catalog::Catalog;
-use crate::domain::{self, Candidate, CatalogAnswer, Lookups, Prepared, Rules, Verdict};
+use prodsys_core::Pointing;
+use prodsys_core::container::ResolvedTemplate;
+
+use crate::domain::{
+    self, Candidate, CatalogAnswer, Expanded, Lookups, PointingVerdict, Prepared, Rules, Verdict,
+};
 use crate::error::Result;
 use crate::store::{self, NewProduction, NewProductions};
 
@@ -39,10 +44,16 @@ fn candidate(r: &pb::RequestReceived) -> Candidate<'_> {
     }
 }
 
-/// A request of a batch on its way to a decision: what it asks, the checks
-/// that need nothing stored, and what the catalog holds of its simulation.
+/// One production a request of a batch may become (the request itself, or
+/// one pointing of the observation period it names) on its way to a
+/// decision: what it asks, the checks that need nothing stored, and what the
+/// catalog holds of its simulation.
 struct Pending<'r, 'p> {
+    /// The request's position in the batch.
+    index: usize,
     request: &'r pb::RequestReceived,
+    candidate: Candidate<'r>,
+    pointing: Option<Pointing>,
     prepared: Prepared<'p>,
     catalog: Option<CatalogAnswer>,
 }
@@ -60,29 +71,55 @@ impl Checker {
                 Err(reason) => outcomes.push(Outcome::DeadLetter(reason)),
             }
         }
+        // A request that names an observation period becomes one candidate
+        // per pointing; any other is one candidate, itself.
+        let expanded: Vec<Expanded> = requests
+            .iter()
+            .map(|(_, r)| self.rules.expand(&candidate(r)))
+            .collect();
         // The checks that need nothing stored and the catalog's answers come
         // before the transaction: the decisions hold the checker's lock for
         // database work only. (A request delivered again is checked in vain.)
-        let names =
-            domain::template_names(requests.iter().map(|(_, r)| r.parameters_json.as_str()));
+        let names = domain::template_names(
+            expanded
+                .iter()
+                .flat_map(|e| e.shares.iter().map(|s| s.parameters_json.as_str())),
+        );
         let recorded = store::recorded_templates(&self.db, &names).await?;
-        let prepared: Vec<Prepared<'_>> = requests
-            .iter()
-            .map(|(_, r)| self.rules.prepare(&candidate(r), &recorded))
-            .collect();
+        let mut shares = Vec::new();
+        for (index, ((_, request), expanded)) in requests.iter().zip(&expanded).enumerate() {
+            let pointings: Vec<Option<Pointing>> = match expanded.shares.is_empty() {
+                true => vec![None],
+                false => expanded.shares.iter().map(|s| s.pointing).collect(),
+            };
+            let prepared = self
+                .rules
+                .prepare_shares(&candidate(request), expanded, &recorded);
+            for ((candidate, prepared), pointing) in prepared.into_iter().zip(pointings) {
+                shares.push((index, request, candidate, pointing, prepared));
+            }
+        }
+        let (meta, prepared): (Vec<_>, Vec<Prepared<'_>>) = shares
+            .into_iter()
+            .map(|(index, request, candidate, pointing, p)| {
+                ((index, request, candidate, pointing), p)
+            })
+            .unzip();
         let catalog = self.catalog.ask(&prepared).await?;
-        let pending: Vec<(Uuid, Pending<'_, '_>)> = requests
-            .iter()
+        let pending: Vec<Pending<'_, '_>> = meta
+            .into_iter()
             .zip(prepared)
             .zip(catalog)
-            .map(|(((id, request), prepared), catalog)| {
-                let pending = Pending {
+            .map(
+                |(((index, request, candidate, pointing), prepared), catalog)| Pending {
+                    index,
                     request,
+                    candidate,
+                    pointing,
                     prepared,
                     catalog,
-                };
-                (*id, pending)
-            })
+                },
+            )
             .collect();
         // Decisions see each other's productions: one checker at a time
         // decides for a prefix, so identical requests racing through replicas
@@ -92,7 +129,7 @@ impl Checker {
         // taken in one order, so two batches cannot each hold what the other wants.
         let mut keys: Vec<i64> = pending
             .iter()
-            .filter_map(|(_, p)| p.prepared.checked.as_ref())
+            .filter_map(|p| p.prepared.checked.as_ref())
             .map(|(profile, _, _)| domain::decide_lock_key(profile.id_prefix()))
             .collect();
         keys.sort_unstable();
@@ -102,14 +139,20 @@ impl Checker {
         store::lock_prefixes(&tx, &keys).await?;
         let ids: Vec<Uuid> = requests.iter().map(|(id, _)| *id).collect();
         let fresh = prodsys_db::claim(&tx, &ids).await?;
-        let mut seen = HashSet::new();
-        // A request delivered twice in one batch is decided once.
+        // A request delivered twice in one batch is decided once: at its
+        // first position (all its pointings).
+        let mut first: HashMap<Uuid, usize> = HashMap::new();
+        for (index, id) in ids.iter().enumerate() {
+            first.entry(*id).or_insert(index);
+        }
         let pending: Vec<Pending<'_, '_>> = pending
             .into_iter()
-            .filter(|(id, _)| fresh.contains(id) && seen.insert(*id))
-            .map(|(_, p)| p)
+            .filter(|p| {
+                let id = ids[p.index];
+                fresh.contains(&id) && first[&id] == p.index
+            })
             .collect();
-        let events = self.decide(&tx, pending).await?;
+        let events = self.decide(&tx, pending, &expanded).await?;
         prodsys_db::enqueue(&tx, &self.db.outbox_channel(), &events).await?;
         tx.commit().await?;
         Ok(outcomes)
@@ -123,6 +166,7 @@ impl Checker {
         &self,
         tx: &Transaction<'_>,
         mut pending: Vec<Pending<'_, '_>>,
+        expanded: &[Expanded],
     ) -> Result<Vec<OutboxEvent>> {
         // A derivation's name, checked before the lock, may have been given away since.
         let derivations =
@@ -140,115 +184,262 @@ impl Checker {
                 .collect::<Vec<_>>(),
             taken,
         );
-        let requests: Vec<&pb::RequestReceived> = pending.iter().map(|p| p.request).collect();
+        let shares: Vec<(usize, &pb::RequestReceived, Option<Pointing>)> = pending
+            .iter()
+            .map(|p| (p.index, p.request, p.pointing))
+            .collect();
+        let share_ids: Vec<&str> = pending.iter().map(|p| p.candidate.request_id).collect();
         let lookups = Lookups::of(pending.iter().map(|p| &p.prepared));
         let mut known = store::neighbourhood(tx, &lookups).await?;
         // Verdicts first (IDs need the count per prefix), then one write for all.
         let evaluations = self.rules.evaluate_batch(
             pending
                 .into_iter()
-                .map(|p| (candidate(p.request), p.prepared, p.catalog))
+                .map(|p| (p.candidate, p.prepared, p.catalog))
                 .collect(),
             &mut known,
         );
         // An ID is the profile's prefix and a number: one sequence per prefix.
         let mut next = store::take_numbers(tx, domain::numbers_wanted(&evaluations)).await?;
-        let request_ids: Vec<&str> = requests.iter().map(|r| r.request_id.as_str()).collect();
-        let verdicts = domain::verdicts(&request_ids, evaluations, &mut next);
+        let verdicts = domain::verdicts(&share_ids, evaluations, &mut next);
         let mut rows = NewProductions::default();
         let mut derived = Vec::new();
-        let mut events = Vec::with_capacity(requests.len());
-        for (request, verdict) in requests.iter().zip(verdicts) {
-            match verdict {
-                Verdict::Reused { validation } => {
-                    let existing = validation.existing_production_id;
-                    tracing::info!(request_id = %request.request_id, %existing, "request answered with the existing production");
-                    let event = pb::RequestAccepted {
-                        request_id: request.request_id.clone(),
-                        production_id: existing.clone(),
-                        profile: request.profile.clone(),
-                        vo: request.vo.clone(),
-                        fingerprint: validation.fingerprint,
-                        parameters_json: request.parameters_json.clone(),
-                        backend: request.backend.clone(),
-                        run_number_offset: 0,
-                        correlation_id: request.correlation_id.clone(),
-                        priority: request.priority,
-                        forward: Vec::new(),
-                        submitter: request.submitter.clone(),
-                        profile_sha256: String::new(),
-                    };
-                    events.push(outbox_event(REQUEST_REUSED, &existing, &event));
-                }
-                Verdict::Rejected { validation } => {
-                    tracing::info!(request_id = %request.request_id, violations = validation.violations.len(),
-                        existing = %validation.existing_production_id, "request rejected");
-                    let event = pb::RequestRejected {
-                        request_id: request.request_id.clone(),
-                        violations: validation.violations.into_iter().map(Into::into).collect(),
-                        existing_production_id: validation.existing_production_id,
-                        correlation_id: request.correlation_id.clone(),
-                    };
-                    events.push(outbox_event(REQUEST_REJECTED, &request.request_id, &event));
-                }
-                Verdict::Accepted {
-                    production_id,
-                    validation,
-                    accepted,
-                } => {
-                    let request_id =
-                        Uuid::parse_str(&request.request_id).context("request_id is not a UUID")?;
-                    tracing::info!(request_id = %request.request_id, %production_id,
-                        extends = validation.overlaps.len(), "request accepted");
-                    let parameters_json = accepted.parameters.to_string();
-                    let run_number_offset = accepted.run_number_offset as u64;
-                    // Checked in `prepare`: an unknown destination refused the request.
-                    let forward = accepted
-                        .profile
-                        .destinations(
-                            &accepted.parameters,
-                            &request.forward,
-                            request.forward_replace,
-                            &self.rules.destinations,
-                        )
-                        .unwrap_or_default();
-                    let profile_sha256 = accepted.profile.content_sha256().to_string();
-                    if let Some(template) = domain::derived_template(&accepted.parameters) {
-                        derived.push((template, request.profile.clone(), production_id.clone()));
-                    }
-                    rows.push(
-                        NewProduction {
-                            production_id: &production_id,
-                            fingerprint: &validation.fingerprint,
-                            request_id,
-                            profile: &request.profile,
-                            vo: &request.vo,
-                            backend: &request.backend,
-                        },
-                        accepted,
-                    );
-                    let event = pb::RequestAccepted {
-                        request_id: request.request_id.clone(),
-                        production_id: production_id.clone(),
-                        profile: request.profile.clone(),
-                        vo: request.vo.clone(),
-                        fingerprint: validation.fingerprint,
-                        parameters_json,
-                        backend: request.backend.clone(),
-                        run_number_offset,
-                        correlation_id: request.correlation_id.clone(),
-                        priority: request.priority,
-                        forward,
-                        submitter: request.submitter.clone(),
-                        profile_sha256,
-                    };
-                    events.push(outbox_event(REQUEST_ACCEPTED, &production_id, &event));
-                }
+        let mut events = Vec::with_capacity(shares.len());
+        // The shares of one request are next to each other.
+        let mut verdicts = shares.into_iter().zip(verdicts).peekable();
+        while let Some(((index, request, pointing), verdict)) = verdicts.next() {
+            let mut group = vec![(pointing, verdict)];
+            while let Some(((i, _, p), _)) = verdicts.peek()
+                && *i == index
+            {
+                let p = *p;
+                let (_, v) = verdicts.next().expect("peeked");
+                group.push((p, v));
             }
+            let expanded = &expanded[index];
+            // Without a period, or refused by it before any pointing: one verdict.
+            if !expanded.has_period() || expanded.shares.is_empty() {
+                let (_, verdict) = group.pop().expect("one share");
+                let grouping = Grouping {
+                    period: expanded.period.clone(),
+                    ..Grouping::default()
+                };
+                self.announce(
+                    request,
+                    verdict,
+                    &grouping,
+                    &mut rows,
+                    &mut derived,
+                    &mut events,
+                )?;
+                continue;
+            }
+            self.announce_period(
+                request,
+                &expanded.period,
+                group,
+                &mut rows,
+                &mut derived,
+                &mut events,
+            )?;
         }
         rows.insert(tx).await?;
         store::record_derivations(tx, &derived).await?;
         Ok(events)
+    }
+
+    /// The events of a request that named an observation period: one
+    /// `request.accepted` per new production (one per pointing), one
+    /// `request.reused` per pointing answered with an existing production,
+    /// each listing every pointing's outcome; or, when no pointing became
+    /// or found a production, one `request.rejected` listing why not.
+    fn announce_period<'p>(
+        &self,
+        request: &pb::RequestReceived,
+        period: &str,
+        group: Vec<(Option<Pointing>, Verdict<'p>)>,
+        rows: &mut NewProductions,
+        derived: &mut Vec<(ResolvedTemplate, String, String)>,
+        events: &mut Vec<OutboxEvent>,
+    ) -> Result<()> {
+        let productions: Vec<pb::PointingProduction> = group
+            .iter()
+            .map(|(pointing, verdict)| pointing_production(PointingVerdict::of(*pointing, verdict)))
+            .collect();
+        let produced = group
+            .iter()
+            .any(|(_, v)| !matches!(v, Verdict::Rejected { .. }));
+        if !produced {
+            let validations = group
+                .into_iter()
+                .map(|(pointing, verdict)| match verdict {
+                    Verdict::Rejected { validation } | Verdict::Reused { validation } => {
+                        (pointing, validation)
+                    }
+                    Verdict::Accepted { validation, .. } => (pointing, validation),
+                })
+                .collect();
+            let whole = domain::combine(period, validations);
+            tracing::info!(request_id = %request.request_id, %period, violations = whole.violations.len(),
+                "request of an observation period rejected");
+            let event = pb::RequestRejected {
+                request_id: request.request_id.clone(),
+                violations: whole.violations.into_iter().map(Into::into).collect(),
+                existing_production_id: whole.existing_production_id,
+                correlation_id: request.correlation_id.clone(),
+                period: period.to_string(),
+                productions,
+            };
+            events.push(outbox_event(REQUEST_REJECTED, &request.request_id, &event));
+            return Ok(());
+        }
+        for (pointing, verdict) in group {
+            if let Verdict::Rejected { validation } = &verdict {
+                tracing::info!(request_id = %request.request_id, %period, pointing = %domain::pointing_label(pointing.as_ref()),
+                    existing = %validation.existing_production_id, "pointing not produced");
+                continue;
+            }
+            let grouping = Grouping {
+                period: period.to_string(),
+                pointing: domain::pointing_label(pointing.as_ref()),
+                productions: productions.clone(),
+            };
+            self.announce(request, verdict, &grouping, rows, derived, events)?;
+        }
+        Ok(())
+    }
+
+    /// The event announcing one verdict (and, accepted, the production's row).
+    fn announce<'p>(
+        &self,
+        request: &pb::RequestReceived,
+        verdict: Verdict<'p>,
+        grouping: &Grouping,
+        rows: &mut NewProductions,
+        derived: &mut Vec<(ResolvedTemplate, String, String)>,
+        events: &mut Vec<OutboxEvent>,
+    ) -> Result<()> {
+        match verdict {
+            Verdict::Reused { validation } => {
+                let existing = validation.existing_production_id;
+                tracing::info!(request_id = %request.request_id, %existing, "request answered with the existing production");
+                let event = pb::RequestAccepted {
+                    request_id: request.request_id.clone(),
+                    production_id: existing.clone(),
+                    profile: request.profile.clone(),
+                    vo: request.vo.clone(),
+                    fingerprint: validation.fingerprint,
+                    parameters_json: request.parameters_json.clone(),
+                    backend: request.backend.clone(),
+                    run_number_offset: 0,
+                    correlation_id: request.correlation_id.clone(),
+                    priority: request.priority,
+                    forward: Vec::new(),
+                    submitter: request.submitter.clone(),
+                    profile_sha256: String::new(),
+                    period: grouping.period.clone(),
+                    pointing: grouping.pointing.clone(),
+                    productions: grouping.productions.clone(),
+                };
+                events.push(outbox_event(REQUEST_REUSED, &existing, &event));
+            }
+            Verdict::Rejected { validation } => {
+                tracing::info!(request_id = %request.request_id, violations = validation.violations.len(),
+                    existing = %validation.existing_production_id, "request rejected");
+                let event = pb::RequestRejected {
+                    request_id: request.request_id.clone(),
+                    violations: validation.violations.into_iter().map(Into::into).collect(),
+                    existing_production_id: validation.existing_production_id,
+                    correlation_id: request.correlation_id.clone(),
+                    period: grouping.period.clone(),
+                    productions: grouping.productions.clone(),
+                };
+                events.push(outbox_event(REQUEST_REJECTED, &request.request_id, &event));
+            }
+            Verdict::Accepted {
+                production_id,
+                validation,
+                accepted,
+            } => {
+                let request_id =
+                    Uuid::parse_str(&request.request_id).context("request_id is not a UUID")?;
+                tracing::info!(request_id = %request.request_id, %production_id,
+                    extends = validation.overlaps.len(), period = %grouping.period,
+                    pointing = %grouping.pointing, "request accepted");
+                let parameters_json = accepted.parameters.to_string();
+                let run_number_offset = accepted.run_number_offset as u64;
+                // Checked in `prepare`: an unknown destination refused the request.
+                let forward = accepted
+                    .profile
+                    .destinations(
+                        &accepted.parameters,
+                        &request.forward,
+                        request.forward_replace,
+                        &self.rules.destinations,
+                    )
+                    .unwrap_or_default();
+                let profile_sha256 = accepted.profile.content_sha256().to_string();
+                if let Some(template) = domain::derived_template(&accepted.parameters) {
+                    derived.push((template, request.profile.clone(), production_id.clone()));
+                }
+                rows.push(
+                    NewProduction {
+                        production_id: &production_id,
+                        fingerprint: &validation.fingerprint,
+                        request_id,
+                        profile: &request.profile,
+                        vo: &request.vo,
+                        backend: &request.backend,
+                    },
+                    accepted,
+                );
+                let event = pb::RequestAccepted {
+                    request_id: request.request_id.clone(),
+                    production_id: production_id.clone(),
+                    profile: request.profile.clone(),
+                    vo: request.vo.clone(),
+                    fingerprint: validation.fingerprint,
+                    parameters_json,
+                    backend: request.backend.clone(),
+                    run_number_offset,
+                    correlation_id: request.correlation_id.clone(),
+                    priority: request.priority,
+                    forward,
+                    submitter: request.submitter.clone(),
+                    profile_sha256,
+                    period: grouping.period.clone(),
+                    pointing: grouping.pointing.clone(),
+                    productions: grouping.productions.clone(),
+                };
+                events.push(outbox_event(REQUEST_ACCEPTED, &production_id, &event));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Where a production stands in its request: the observation period and
+/// pointing it simulates, and every pointing's outcome (empty without a period).
+#[derive(Default)]
+struct Grouping {
+    period: String,
+    pointing: String,
+    productions: Vec<pb::PointingProduction>,
+}
+
+fn pointing_production(v: PointingVerdict) -> pb::PointingProduction {
+    let pointing = v.pointing.unwrap_or(Pointing {
+        zenith_deg: 0.0,
+        azimuth_deg: 0.0,
+    });
+    pb::PointingProduction {
+        pointing: domain::pointing_label(v.pointing.as_ref()),
+        zenith_deg: pointing.zenith_deg,
+        azimuth_deg: pointing.azimuth_deg,
+        production_id: v.production_id,
+        fingerprint: v.fingerprint,
+        existing_production_id: v.existing_production_id,
+        violations: v.violations.into_iter().map(Into::into).collect(),
     }
 }
 

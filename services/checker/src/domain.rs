@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use prodsys_core::container::{ResolvedTemplate, TEMPLATE_KEY};
-use prodsys_core::{PlanEstimate, Profile, ProfileSet, Violation};
+use prodsys_core::{PlanEstimate, Pointing, Profile, ProfileSet, Violation};
 
 /// A production ID: the profile's prefix and a six-digit (or longer) number.
 pub fn production_id(prefix: &str, number: i64) -> String {
@@ -72,6 +72,43 @@ pub struct Validation {
     pub estimate: Option<PlanEstimate>,
     /// Per identity of the request's files, what the catalog holds of it.
     pub explanations: Vec<String>,
+    /// The parameters as they would be produced (profile and period applied).
+    pub parameters_json: String,
+    /// The observation period the request names, if any.
+    pub period: String,
+    /// The pointing of one production of a period's request.
+    pub pointing: String,
+    /// A period's request: the verdict on each pointing it selects.
+    pub pointings: Vec<Validation>,
+}
+
+/// One production a request may become: the pointing of the observation
+/// period it simulates (none for a request without a period), its
+/// parameters, and the ID its decision goes by inside a batch.
+#[derive(Debug, Clone)]
+pub struct Share {
+    pub pointing: Option<Pointing>,
+    pub parameters_json: String,
+    pub id: String,
+}
+
+/// A request as the productions it may become.
+#[derive(Debug, Clone, Default)]
+pub struct Expanded {
+    /// The observation period it names; empty when none.
+    pub period: String,
+    /// One per pointing; the request itself when it names no period.
+    pub shares: Vec<Share>,
+    /// Why the period refuses it (unknown period, off-grid pointing,
+    /// contradicted condition, or the schema on its completed parameters).
+    pub refused: Vec<Violation>,
+}
+
+impl Expanded {
+    /// Whether the request named an observation period.
+    pub fn has_period(&self) -> bool {
+        !self.period.is_empty()
+    }
 }
 
 /// What the catalog holds of one identity of a request's files.
@@ -235,10 +272,68 @@ pub struct Rules {
 }
 
 impl Rules {
-    /// The checks that need nothing stored but the derived templates a
-    /// candidate may name (`recorded`): installation, schema, rules, template.
-    pub fn prepare(&self, candidate: &Candidate<'_>, recorded: &Recorded) -> Prepared<'_> {
+    /// The productions `candidate` may become: one per pointing of the
+    /// observation period it names (each with the period's conditions and
+    /// its pointing), or itself, unchanged, when it names none.
+    pub fn expand(&self, candidate: &Candidate<'_>) -> Expanded {
+        let itself = || Expanded {
+            period: String::new(),
+            shares: vec![Share {
+                pointing: None,
+                parameters_json: candidate.parameters_json.to_string(),
+                id: candidate.request_id.to_string(),
+            }],
+            refused: Vec::new(),
+        };
+        let Some(period) = self.named_period(candidate) else {
+            return itself();
+        };
+        match self.profiles.expand_request(
+            candidate.profile,
+            candidate.vo,
+            candidate.parameters_json,
+        ) {
+            Ok((_, None, _)) => itself(),
+            Ok((_, Some(_), expansions)) => Expanded {
+                period,
+                shares: expansions
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, e)| Share {
+                        pointing: e.pointing,
+                        parameters_json: e.parameters.to_string(),
+                        id: format!("{}#{i}", candidate.request_id),
+                    })
+                    .collect(),
+                refused: Vec::new(),
+            },
+            Err(refused) => Expanded {
+                period,
+                shares: Vec::new(),
+                refused,
+            },
+        }
+    }
+
+    /// The observation period a candidate names, when its profile takes periods.
+    fn named_period(&self, candidate: &Candidate<'_>) -> Option<String> {
+        let spec = self.profiles.get(candidate.profile)?.period_spec()?;
+        let parameters: serde_json::Value = serde_json::from_str(candidate.parameters_json).ok()?;
+        Some(parameters.get(&spec.parameter)?.as_str()?.to_string())
+    }
+
+    /// A candidate the period refused: its violations, and the installation's.
+    pub fn refuse(&self, candidate: &Candidate<'_>, refused: &[Violation]) -> Prepared<'_> {
         let mut validation = Validation::default();
+        self.check_installation(candidate, &mut validation);
+        validation.violations.extend(refused.iter().cloned());
+        Prepared {
+            validation,
+            checked: None,
+        }
+    }
+
+    fn check_installation(&self, candidate: &Candidate<'_>, validation: &mut Validation) {
         if !self.installations.iter().any(|i| i == candidate.backend) {
             validation.violations.push(Violation::new(
                 "backend",
@@ -249,6 +344,39 @@ impl Rules {
                 ),
             ));
         }
+    }
+
+    /// Each share of an expanded candidate prepared as a candidate of its
+    /// own (see [`Rules::prepare`]), or the refusal when the period refused it.
+    pub fn prepare_shares<'c>(
+        &self,
+        candidate: &Candidate<'c>,
+        expanded: &'c Expanded,
+        recorded: &Recorded,
+    ) -> Vec<(Candidate<'c>, Prepared<'_>)> {
+        if expanded.shares.is_empty() {
+            return vec![(*candidate, self.refuse(candidate, &expanded.refused))];
+        }
+        expanded
+            .shares
+            .iter()
+            .map(|share| {
+                let c = Candidate {
+                    request_id: &share.id,
+                    parameters_json: &share.parameters_json,
+                    ..*candidate
+                };
+                let prepared = self.prepare(&c, recorded);
+                (c, prepared)
+            })
+            .collect()
+    }
+
+    /// The checks that need nothing stored but the derived templates a
+    /// candidate may name (`recorded`): installation, schema, rules, template.
+    pub fn prepare(&self, candidate: &Candidate<'_>, recorded: &Recorded) -> Prepared<'_> {
+        let mut validation = Validation::default();
+        self.check_installation(candidate, &mut validation);
         match self.profiles.validate_request(
             candidate.profile,
             candidate.vo,
@@ -312,6 +440,7 @@ impl Rules {
             };
         };
         let fingerprint = validation.fingerprint.clone();
+        validation.parameters_json = parameters.to_string();
         let mut violations = std::mem::take(&mut validation.violations);
         if let Some(existing) = known.existing(&fingerprint) {
             // Asked for, the existing production is the answer rather than a refusal.
@@ -519,6 +648,84 @@ pub fn verdicts<'p>(
     verdicts
 }
 
+/// What became of one pointing of a period's request.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PointingVerdict {
+    pub pointing: Option<Pointing>,
+    /// The new production; empty when none was made.
+    pub production_id: String,
+    pub fingerprint: String,
+    /// The production that already has its simulation.
+    pub existing_production_id: String,
+    /// Why it was not produced.
+    pub violations: Vec<Violation>,
+}
+
+impl PointingVerdict {
+    pub fn of(pointing: Option<Pointing>, verdict: &Verdict<'_>) -> Self {
+        let (production_id, validation) = match verdict {
+            Verdict::Accepted {
+                production_id,
+                validation,
+                ..
+            } => (production_id.clone(), validation),
+            Verdict::Reused { validation } | Verdict::Rejected { validation } => {
+                (String::new(), validation)
+            }
+        };
+        PointingVerdict {
+            pointing,
+            production_id,
+            fingerprint: validation.fingerprint.clone(),
+            existing_production_id: validation.existing_production_id.clone(),
+            violations: match verdict {
+                Verdict::Rejected { validation } => validation.violations.clone(),
+                _ => Vec::new(),
+            },
+        }
+    }
+}
+
+/// The label of a share's pointing (`zenith 20 deg, azimuth 180 deg`); empty without one.
+pub fn pointing_label(pointing: Option<&Pointing>) -> String {
+    pointing.map(Pointing::label).unwrap_or_default()
+}
+
+/// A period's request judged as a whole from its pointings' verdicts: it
+/// is acceptable when any pointing is (the others are reported, not
+/// produced); refused, it carries every pointing's violations, each named by
+/// its pointing, once.
+pub fn combine(period: &str, pointings: Vec<(Option<Pointing>, Validation)>) -> Validation {
+    let mut whole = Validation {
+        period: period.to_string(),
+        ..Validation::default()
+    };
+    whole.acceptable = pointings.iter().any(|(_, v)| v.acceptable);
+    for (pointing, mut v) in pointings {
+        v.pointing = pointing_label(pointing.as_ref());
+        v.period = period.to_string();
+        if !whole.acceptable {
+            for violation in &v.violations {
+                let named = Violation::new(
+                    violation.field.clone(),
+                    match v.pointing.is_empty() {
+                        true => violation.description.clone(),
+                        false => format!("{}: {}", v.pointing, violation.description),
+                    },
+                );
+                if !whole.violations.contains(&named) {
+                    whole.violations.push(named);
+                }
+            }
+            if whole.existing_production_id.is_empty() {
+                whole.existing_production_id = v.existing_production_id.clone();
+            }
+        }
+        whole.pointings.push(v);
+    }
+    whole
+}
+
 /// Compares what the catalog holds of each identity of a request's files
 /// with the request: explains each in `validation.explanations`, names the
 /// productions this checker does not already report (`known`) as overlaps,
@@ -713,9 +920,13 @@ mod tests {
     use super::*;
 
     fn rules() -> Rules {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../profiles");
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let profiles = ProfileSet::load_dir(&root.join("profiles"))
+            .expect("the shipped profiles")
+            .with_periods(&root.join("periods"))
+            .expect("the shipped periods");
         Rules {
-            profiles: Arc::new(ProfileSet::load_dir(&dir).expect("the shipped profiles")),
+            profiles: Arc::new(profiles),
             installations: vec!["local".into(), "slurm-local".into()],
             destinations: Vec::new(),
             max_jobs: 1_000_000,
@@ -1005,5 +1216,171 @@ mod tests {
         let taken = HashMap::from([("gseagen-7.4.1-seawater-v2".to_string(), "other".to_string())]);
         refuse_taken_names(&mut again.iter_mut().collect::<Vec<_>>(), taken);
         assert!(again[0].checked.is_none());
+    }
+
+    /// The shipped period example's parameters changed by `change`.
+    fn period_parameters(change: impl FnOnce(&mut serde_json::Value)) -> String {
+        let path =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/cta-irf-mc-period.json");
+        let example: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let mut parameters = example["parameters"].clone();
+        change(&mut parameters);
+        parameters.to_string()
+    }
+
+    type PointingVerdicts<'p> = Vec<(Option<Pointing>, Verdict<'p>)>;
+
+    /// Decides the shares of `candidates` (expanded) as one batch.
+    fn decide_expanded<'p>(
+        rules: &'p Rules,
+        candidates: &[Candidate<'_>],
+        known: &mut Neighbourhood,
+    ) -> Vec<(Expanded, PointingVerdicts<'p>)> {
+        let expanded: Vec<Expanded> = candidates.iter().map(|c| rules.expand(c)).collect();
+        let mut shares = Vec::new();
+        for (i, (c, e)) in candidates.iter().zip(&expanded).enumerate() {
+            let pointings: Vec<Option<Pointing>> = match e.shares.is_empty() {
+                true => vec![None],
+                false => e.shares.iter().map(|s| s.pointing).collect(),
+            };
+            for ((c, p), pointing) in rules
+                .prepare_shares(c, e, &Recorded::new())
+                .into_iter()
+                .zip(pointings)
+            {
+                shares.push((i, c, p, pointing));
+            }
+        }
+        let ids: Vec<String> = shares.iter().map(|s| s.1.request_id.to_string()).collect();
+        let placement: Vec<(usize, Option<Pointing>)> = shares.iter().map(|s| (s.0, s.3)).collect();
+        let evaluations = rules.evaluate_batch(
+            shares.into_iter().map(|s| (s.1, s.2, None)).collect(),
+            known,
+        );
+        let mut next: HashMap<String, i64> = numbers_wanted(&evaluations)
+            .into_keys()
+            .map(|prefix| (prefix.to_string(), 1))
+            .collect();
+        let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+        let verdicts = verdicts(&ids, evaluations, &mut next);
+        let mut grouped: Vec<Vec<(Option<Pointing>, Verdict<'p>)>> =
+            candidates.iter().map(|_| Vec::new()).collect();
+        for ((i, pointing), verdict) in placement.into_iter().zip(verdicts) {
+            grouped[i].push((pointing, verdict));
+        }
+        expanded.into_iter().zip(grouped).collect()
+    }
+
+    #[test]
+    fn a_period_request_becomes_a_production_per_pointing_and_a_known_pointing_is_reported() {
+        let rules = rules();
+        let one = period_parameters(|p| {
+            p["zenith_deg"] = 40.into();
+            p["pointing"] = "South".into();
+        });
+        let all = period_parameters(|_| {});
+        let decided = decide_expanded(
+            &rules,
+            &[candidate("a", &one), candidate("b", &all)],
+            &mut Neighbourhood::default(),
+        );
+        // The single pointing first: one production.
+        let (expanded, verdicts) = &decided[0];
+        assert_eq!(expanded.period, "lapalma-2026-winter");
+        assert_eq!(verdicts.len(), 1);
+        let (first, _) = accepted(&verdicts[0].1);
+        // The whole period: six pointings, the one decided before reported.
+        let (expanded, verdicts) = &decided[1];
+        assert_eq!(expanded.shares.len(), 6);
+        let outcomes: Vec<PointingVerdict> = verdicts
+            .iter()
+            .map(|(pointing, v)| PointingVerdict::of(*pointing, v))
+            .collect();
+        let known: Vec<&PointingVerdict> = outcomes
+            .iter()
+            .filter(|o| o.production_id.is_empty())
+            .collect();
+        assert_eq!(known.len(), 1, "{outcomes:?}");
+        assert_eq!(known[0].existing_production_id, first);
+        assert_eq!(
+            known[0].pointing,
+            Some(Pointing {
+                zenith_deg: 40.0,
+                azimuth_deg: 0.0
+            })
+        );
+        let ids: std::collections::BTreeSet<&str> = outcomes
+            .iter()
+            .map(|o| o.production_id.as_str())
+            .filter(|id| !id.is_empty())
+            .collect();
+        assert_eq!(ids.len(), 5);
+        assert!(!ids.contains(first));
+        let fingerprints: std::collections::BTreeSet<&str> =
+            outcomes.iter().map(|o| o.fingerprint.as_str()).collect();
+        assert_eq!(fingerprints.len(), 6);
+    }
+
+    #[test]
+    fn a_period_that_refuses_a_request_names_the_field_and_a_request_without_one_is_itself() {
+        let rules = rules();
+        let unknown = period_parameters(|p| p["observation_period"] = "1999-summer".into());
+        let expanded = rules.expand(&candidate("a", &unknown));
+        assert!(expanded.has_period() && expanded.shares.is_empty());
+        assert_eq!(expanded.refused[0].field, "parameters.observation_period");
+        let off = period_parameters(|p| p["zenith_deg"] = 33.into());
+        let decided = decide_expanded(
+            &rules,
+            &[candidate("b", &off)],
+            &mut Neighbourhood::default(),
+        );
+        let refused = rejected(&decided[0].1[0].1);
+        assert_eq!(refused.violations[0].field, "parameters.zenith_deg");
+        let plain = parameters(4000, &[1, 5]);
+        let expanded = rules.expand(&candidate("c", &plain));
+        assert!(!expanded.has_period());
+        assert_eq!(expanded.shares.len(), 1);
+        assert_eq!(expanded.shares[0].parameters_json, plain);
+        assert_eq!(expanded.shares[0].id, "c");
+    }
+
+    #[test]
+    fn a_period_request_is_acceptable_when_any_pointing_is_and_refused_names_each_pointing() {
+        let at = |zenith: f64| {
+            Some(Pointing {
+                zenith_deg: zenith,
+                azimuth_deg: 180.0,
+            })
+        };
+        let fine = Validation {
+            acceptable: true,
+            ..Validation::default()
+        };
+        let exists = Validation {
+            violations: vec![Violation::new("parameters", "exists")],
+            existing_production_id: "CTA-000001".into(),
+            ..Validation::default()
+        };
+        let whole = combine("p", vec![(at(20.0), exists.clone()), (at(40.0), fine)]);
+        assert!(whole.acceptable && whole.violations.is_empty());
+        assert_eq!(
+            whole.pointings[0].pointing,
+            "zenith 20 deg, azimuth 180 deg"
+        );
+        let whole = combine("p", vec![(at(20.0), exists.clone()), (at(40.0), exists)]);
+        assert!(!whole.acceptable);
+        assert_eq!(
+            whole
+                .violations
+                .iter()
+                .map(|v| v.description.as_str())
+                .collect::<Vec<_>>(),
+            [
+                "zenith 20 deg, azimuth 180 deg: exists",
+                "zenith 40 deg, azimuth 180 deg: exists"
+            ]
+        );
+        assert_eq!(whole.existing_production_id, "CTA-000001");
     }
 }

@@ -53,7 +53,9 @@ pub async fn start(
         ProfileSet::load_dir(&settings.profiles_dir)
             .context("loading production profiles")?
             .with_templates(&settings.templates_dir)
-            .context("loading container templates")?,
+            .context("loading container templates")?
+            .with_periods(&settings.periods_dir)
+            .context("loading observation periods")?,
     );
     let foundation = Foundation::start(
         settings,

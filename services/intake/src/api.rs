@@ -129,6 +129,14 @@ impl RequestApi {
         let row = store::request(&self.db, id)
             .await?
             .ok_or_else(|| IntakeError::NotFound(format!("no request {request_id}")))?;
+        let period = self
+            .profiles
+            .get(&row.profile)
+            .and_then(|p| p.period_spec())
+            .and_then(|spec| row.parameters.get(&spec.parameter))
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or_default()
+            .to_string();
         let state = match row.state.as_str() {
             "ACCEPTED" => pb::RequestState::Accepted,
             "REJECTED" => pb::RequestState::Rejected,
@@ -145,6 +153,20 @@ impl RequestApi {
             violations: row.violations.into_iter().map(Into::into).collect(),
             existing_production_id: row.existing_production_id.unwrap_or_default(),
             created_unix_ms: row.created.timestamp_millis(),
+            period,
+            productions: row
+                .productions
+                .into_iter()
+                .map(|p| pb::PointingProduction {
+                    pointing: p.pointing,
+                    zenith_deg: p.zenith_deg,
+                    azimuth_deg: p.azimuth_deg,
+                    production_id: p.production_id,
+                    fingerprint: p.fingerprint,
+                    existing_production_id: p.existing_production_id,
+                    violations: p.violations.into_iter().map(Into::into).collect(),
+                })
+                .collect(),
         })
     }
 
@@ -216,6 +238,18 @@ impl pb::request_service_server::RequestService for RequestApi {
         request: Request<pb::CancelProductionRequest>,
     ) -> Result<Response<pb::CancelProductionResponse>, Status> {
         Ok(Response::new(self.cancel(request.into_inner()).await?))
+    }
+
+    async fn list_periods(
+        &self,
+        request: Request<pb::ListPeriodsRequest>,
+    ) -> Result<Response<pb::ListPeriodsResponse>, Status> {
+        let r = request.get_ref();
+        Ok(Response::new(pb::convert::list_periods(
+            &self.profiles,
+            &r.profile,
+            &r.name,
+        )))
     }
 
     async fn list_profiles(

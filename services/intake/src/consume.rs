@@ -14,7 +14,7 @@ use prodsys_proto as pb;
 use prodsys_server::{decode_event, outbox_event};
 use uuid::Uuid;
 
-use crate::domain::{self, NewRequest, Verdicts};
+use crate::domain::{self, NewRequest, PointingOutcome, Verdicts};
 use crate::error::Result;
 use crate::{ingest, store};
 
@@ -83,6 +83,7 @@ impl IntakeConsumer {
             violations: s.violations.iter().cloned().map(Into::into).collect(),
             existing_production_id: String::new(),
             correlation_id: s.event_id.clone(),
+            ..Default::default()
         };
         let mut events = vec![outbox_event(
             REQUEST_REJECTED,
@@ -90,15 +91,16 @@ impl IntakeConsumer {
             &rejected,
         )];
         if let Some(queue) = &s.reply_to {
-            events.push(store::reply(
-                queue,
+            let body = domain::reply_body(
                 request.request_id,
                 &s.event_id,
                 "rejected",
                 "",
                 "",
                 &s.violations,
-            )?);
+                &serde_json::Value::Null,
+            );
+            events.push(store::reply(queue, request.request_id, body)?);
         }
         Ok(events)
     }
@@ -133,31 +135,39 @@ impl IntakeConsumer {
         for w in &work {
             match w {
                 Work::Accepted(id, m) if fresh.remove(id) => {
-                    verdicts.push(
+                    verdicts.push_grouped(
                         request_id(&m.request_id)?,
                         "accepted",
-                        &m.production_id,
+                        known_by(&m.productions).unwrap_or(&m.production_id),
                         "",
                         Vec::new(),
+                        productions(&m.productions)?,
                     );
                 }
                 // Answered with the production that already is this simulation.
                 Work::Reused(id, m) if fresh.remove(id) => {
-                    verdicts.push(
+                    let production_id = known_by(&m.productions).unwrap_or(&m.production_id);
+                    let existing = match m.productions.is_empty() {
+                        true => m.production_id.as_str(),
+                        false => "",
+                    };
+                    verdicts.push_grouped(
                         request_id(&m.request_id)?,
                         "accepted",
-                        &m.production_id,
-                        &m.production_id,
+                        production_id,
+                        existing,
                         Vec::new(),
+                        productions(&m.productions)?,
                     );
                 }
                 Work::Rejected(id, m) if fresh.remove(id) => {
-                    verdicts.push(
+                    verdicts.push_grouped(
                         request_id(&m.request_id)?,
                         "rejected",
                         "",
                         &m.existing_production_id,
                         m.violations.iter().cloned().map(Into::into).collect(),
+                        productions(&m.productions)?,
                     );
                 }
                 // Events from outside are deduplicated by their own source and id.
@@ -172,20 +182,54 @@ impl IntakeConsumer {
             let i = verdicts
                 .position(recorded.request_id)
                 .expect("a row for a verdict asked for");
-            events.push(store::reply(
-                &queue,
+            let body = domain::reply_body(
                 recorded.request_id,
                 &recorded.correlation_id.unwrap_or_default(),
                 verdicts.outcomes[i],
                 verdicts.production_ids[i],
                 verdicts.existing[i],
                 &verdicts.violations[i],
-            )?);
+                &verdicts.productions[i],
+            );
+            events.push(store::reply(&queue, recorded.request_id, body)?);
         }
         prodsys_db::enqueue(&tx, &self.db.outbox_channel(), &events).await?;
         tx.commit().await.map_err(anyhow::Error::from)?;
         Ok(outcomes)
     }
+}
+
+/// The production a period's request is known by: its first new production,
+/// else the first existing one a pointing was answered with; `None` for a
+/// request without a period.
+fn known_by(productions: &[pb::PointingProduction]) -> Option<&str> {
+    productions
+        .iter()
+        .find(|p| !p.production_id.is_empty())
+        .map(|p| p.production_id.as_str())
+        .or_else(|| {
+            productions
+                .iter()
+                .find(|p| p.violations.is_empty() && !p.existing_production_id.is_empty())
+                .map(|p| p.existing_production_id.as_str())
+        })
+}
+
+/// Every pointing's outcome as the request keeps it (a JSON array).
+fn productions(productions: &[pb::PointingProduction]) -> Result<serde_json::Value> {
+    let outcomes: Vec<PointingOutcome> = productions
+        .iter()
+        .map(|p| PointingOutcome {
+            pointing: p.pointing.clone(),
+            zenith_deg: p.zenith_deg,
+            azimuth_deg: p.azimuth_deg,
+            production_id: p.production_id.clone(),
+            fingerprint: p.fingerprint.clone(),
+            existing_production_id: p.existing_production_id.clone(),
+            violations: p.violations.iter().cloned().map(Into::into).collect(),
+        })
+        .collect();
+    Ok(serde_json::to_value(outcomes).map_err(anyhow::Error::from)?)
 }
 
 impl BatchHandler for IntakeConsumer {

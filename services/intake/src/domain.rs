@@ -122,7 +122,20 @@ pub struct Proposal<'a> {
 /// Checks a submitted request against its profile and the API's rules;
 /// its parameters as JSON when it passes, every violation otherwise.
 pub fn check_proposal(profiles: &ProfileSet, p: &Proposal<'_>) -> Result<Value, Vec<Violation>> {
-    let checked = profiles.validate_request(p.profile, p.vo, p.parameters_json);
+    // A request naming an observation period leaves to the period what it
+    // sets (site, layout, pointings...): it is checked once the period is
+    // applied, and stored as given.
+    let checked = if names_period(profiles, p) {
+        profiles
+            .expand_request(p.profile, p.vo, p.parameters_json)
+            .and_then(|(profile, _, _)| {
+                let parameters = serde_json::from_str(p.parameters_json)
+                    .map_err(|e| vec![Violation::new("parameters", e.to_string())])?;
+                Ok((profile, parameters))
+            })
+    } else {
+        profiles.validate_request(p.profile, p.vo, p.parameters_json)
+    };
     let mut violations = Vec::new();
     check_name("backend", p.backend, &mut violations);
     check_name("submitter", p.submitter, &mut violations);
@@ -150,6 +163,14 @@ pub fn check_proposal(profiles: &ProfileSet, p: &Proposal<'_>) -> Result<Value, 
             Err(found)
         }
     }
+}
+
+/// Whether the proposal names an observation period its profile takes.
+fn names_period(profiles: &ProfileSet, p: &Proposal<'_>) -> bool {
+    let Some(profile) = profiles.get(p.profile) else {
+        return false;
+    };
+    serde_json::from_str::<Value>(p.parameters_json).is_ok_and(|v| profile.names_period(&v))
 }
 
 /// Whether `id` looks like a production ID (like CTA-000042).
@@ -270,6 +291,23 @@ pub struct Verdicts<'a> {
     pub production_ids: Vec<&'a str>,
     pub existing: Vec<&'a str>,
     pub violations: Vec<Vec<Violation>>,
+    /// Per verdict, the pointings of a period's request and what became
+    /// of each (a JSON array; empty without a period).
+    pub productions: Vec<Value>,
+}
+
+/// What became of one pointing of a request that named an observation
+/// period, as the request keeps it.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct PointingOutcome {
+    pub pointing: String,
+    pub zenith_deg: f64,
+    pub azimuth_deg: f64,
+    pub production_id: String,
+    pub fingerprint: String,
+    pub existing_production_id: String,
+    pub violations: Vec<Violation>,
 }
 
 impl<'a> Verdicts<'a> {
@@ -284,6 +322,27 @@ impl<'a> Verdicts<'a> {
         existing: &'a str,
         violations: Vec<Violation>,
     ) {
+        self.push_grouped(
+            request_id,
+            outcome,
+            production_id,
+            existing,
+            violations,
+            Value::Array(Vec::new()),
+        );
+    }
+
+    /// [`Verdicts::push`] for a request that named an observation period,
+    /// with every pointing's outcome.
+    pub fn push_grouped(
+        &mut self,
+        request_id: Uuid,
+        outcome: &'static str,
+        production_id: &'a str,
+        existing: &'a str,
+        violations: Vec<Violation>,
+        productions: Value,
+    ) {
         if self.request_ids.contains(&request_id) {
             return;
         }
@@ -292,6 +351,7 @@ impl<'a> Verdicts<'a> {
         self.production_ids.push(production_id);
         self.existing.push(existing);
         self.violations.push(violations);
+        self.productions.push(productions);
     }
 
     pub fn is_empty(&self) -> bool {
@@ -326,15 +386,21 @@ pub fn reply_body(
     production_id: &str,
     existing_production_id: &str,
     violations: &[Violation],
+    productions: &Value,
 ) -> Value {
-    serde_json::json!({
+    let mut body = serde_json::json!({
         "request_id": request_id.to_string(),
         "correlation_id": correlation_id,
         "outcome": outcome,
         "production_id": production_id,
         "existing_production_id": existing_production_id,
         "violations": violations,
-    })
+    });
+    // A request that named an observation period: what became of each pointing.
+    if productions.as_array().is_some_and(|p| !p.is_empty()) {
+        body["productions"] = productions.clone();
+    }
+    body
 }
 
 #[cfg(test)]
@@ -405,6 +471,50 @@ mod tests {
         assert!(found.contains(&"backend") && found.contains(&"idempotency_key"));
         assert!(found.contains(&"forward[0]") && found.contains(&"forward[1]"));
         assert!(found.len() >= 3, "{found:?}: the profile is unknown too");
+    }
+
+    #[test]
+    fn a_period_request_is_checked_with_the_period_applied_and_stored_as_given() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let profiles = ProfileSet::load_dir(&root.join("profiles"))
+            .unwrap()
+            .with_periods(&root.join("periods"))
+            .unwrap();
+        let example: Value = serde_json::from_str(
+            &std::fs::read_to_string(root.join("examples/cta-irf-mc-period.json")).unwrap(),
+        )
+        .unwrap();
+        let proposal = |parameters: &Value| -> Result<Value, Vec<Violation>> {
+            let json = parameters.to_string();
+            check_proposal(
+                &profiles,
+                &Proposal {
+                    profile: "cta-irf-mc",
+                    vo: "vo.cta.in2p3.fr",
+                    parameters_json: &json,
+                    backend: "local",
+                    submitter: "",
+                    priority: 0,
+                    idempotency_key: "",
+                    forward: &[],
+                },
+            )
+        };
+        // No site, layout, zenith, pointing or NSB levels: the period has them.
+        let parameters = example["parameters"].clone();
+        assert_eq!(proposal(&parameters).unwrap(), parameters);
+        let mut off = parameters.clone();
+        off["zenith_deg"] = 45.into();
+        assert_eq!(
+            fields(&proposal(&off).unwrap_err()),
+            ["parameters.zenith_deg"]
+        );
+        let mut unknown = parameters.clone();
+        unknown["observation_period"] = "nowhere".into();
+        assert_eq!(
+            fields(&proposal(&unknown).unwrap_err()),
+            ["parameters.observation_period"]
+        );
     }
 
     #[test]
@@ -505,9 +615,23 @@ mod tests {
             "",
             "CTA-000001",
             &verdicts.violations[1],
+            &verdicts.productions[1],
         );
         assert_eq!(body["outcome"], "rejected");
         assert_eq!(body["existing_production_id"], "CTA-000001");
         assert_eq!(body["violations"][0]["field"], "x");
+        // Only a period's request says what became of each pointing.
+        assert!(body.get("productions").is_none());
+        let pointings = serde_json::json!([{ "pointing": "zenith 20 deg, azimuth 180 deg" }]);
+        let body = reply_body(
+            Uuid::from_u128(3),
+            "c-2",
+            "accepted",
+            "CTA-000002",
+            "",
+            &[],
+            &pointings,
+        );
+        assert_eq!(body["productions"], pointings);
     }
 }

@@ -175,7 +175,14 @@ pub fn parse(incoming: &Incoming, profiles: &ProfileSet) -> Result<Submission, S
             known.join(", ")
         ));
     };
-    let mut violations = profile.validate(&data.vo, &data.parameters);
+    let mut violations = if profile.names_period(&data.parameters) {
+        profiles
+            .expand_request(&data.profile, &data.vo, &data.parameters.to_string())
+            .err()
+            .unwrap_or_default()
+    } else {
+        profile.validate(&data.vo, &data.parameters)
+    };
     crate::domain::check_name("backend", &data.backend, &mut violations);
     crate::domain::check_name("submitter", &data.submitter, &mut violations);
     crate::domain::check_priority(data.priority, &mut violations);

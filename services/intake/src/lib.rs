@@ -40,6 +40,7 @@ pub const MIGRATIONS: &[Migration] = prodsys_db::migrations![
     "0005_dispatch_priority.sql",
     "0006_room_for_the_verdict.sql",
     "0100_forwarding_destinations.sql",
+    "0200_pointing_productions.sql",
 ];
 
 /// Most submissions in one group commit.
@@ -56,7 +57,9 @@ pub async fn start(
         ProfileSet::load_dir(&settings.profiles_dir)
             .context("loading production profiles")?
             .with_templates(&settings.templates_dir)
-            .context("loading container templates")?,
+            .context("loading container templates")?
+            .with_periods(&settings.periods_dir)
+            .context("loading observation periods")?,
     );
     let foundation = Foundation::start(
         settings,

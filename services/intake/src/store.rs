@@ -216,6 +216,8 @@ pub struct RequestRow {
     pub violations: Vec<Violation>,
     pub existing_production_id: Option<String>,
     pub created: chrono::DateTime<chrono::Utc>,
+    /// A period's request: what became of each of its pointings.
+    pub productions: Vec<domain::PointingOutcome>,
 }
 
 /// The request `id`, if there is one.
@@ -224,7 +226,7 @@ pub async fn request(db: &Db, id: Uuid) -> anyhow::Result<Option<RequestRow>> {
     let row = client
         .query_opt_cached(
             "SELECT profile, vo, parameters, backend, state, production_id, violations,
-                    existing_production_id, created_at
+                    existing_production_id, created_at, productions
              FROM requests WHERE request_id = $1",
             &[&id],
         )
@@ -240,6 +242,7 @@ pub async fn request(db: &Db, id: Uuid) -> anyhow::Result<Option<RequestRow>> {
         violations: serde_json::from_value(row.get(6)).unwrap_or_default(),
         existing_production_id: row.get(7),
         created: row.get(8),
+        productions: serde_json::from_value(row.get(9)).unwrap_or_default(),
     }))
 }
 
@@ -287,9 +290,9 @@ pub async fn record_verdicts(
         .query_cached(
             "UPDATE requests r SET state = v.state, production_id = NULLIF(v.production_id, ''),
                     violations = v.violations, existing_production_id = NULLIF(v.existing, ''),
-                    updated_at = now()
-             FROM unnest($1::uuid[], $2::text[], $3::text[], $4::jsonb[], $5::text[])
-                  AS v (request_id, state, production_id, violations, existing)
+                    productions = v.productions, updated_at = now()
+             FROM unnest($1::uuid[], $2::text[], $3::text[], $4::jsonb[], $5::text[], $6::jsonb[])
+                  AS v (request_id, state, production_id, violations, existing, productions)
              WHERE r.request_id = v.request_id AND r.state = 'RECEIVED'
              RETURNING r.request_id, r.reply_to, r.correlation_id",
             &[
@@ -298,6 +301,7 @@ pub async fn record_verdicts(
                 &verdicts.production_ids,
                 &violations,
                 &verdicts.existing,
+                &verdicts.productions,
             ],
         )
         .await
@@ -331,24 +335,14 @@ pub fn received_event(r: &NewRequest<'_>) -> OutboxEvent {
     outbox_event(REQUEST_RECEIVED, &r.request_id.to_string(), &event)
 }
 
-/// A JSON answer to the queue an event publisher named in `reply_to`.
+/// A JSON answer (see [`domain::reply_body`]) to the queue an event publisher
+/// named in `reply_to`.
 pub fn reply(
     reply_to: &str,
     request_id: Uuid,
-    correlation_id: &str,
-    outcome: &str,
-    production_id: &str,
-    existing_production_id: &str,
-    violations: &[Violation],
+    body: serde_json::Value,
 ) -> anyhow::Result<OutboxEvent> {
-    let body = domain::reply_body(
-        request_id,
-        correlation_id,
-        outcome,
-        production_id,
-        existing_production_id,
-        violations,
-    );
+    let outcome = body["outcome"].as_str().unwrap_or_default().to_string();
     Ok(OutboxEvent {
         event_id: Uuid::now_v7(),
         event_type: format!("request.{outcome}"),

@@ -53,6 +53,8 @@ pub fn production(p: Production) -> pb::Production {
         // Filled by `forwarding::attach`.
         forwarding: Vec::new(),
         finished: false,
+        period: p.period,
+        pointing: p.pointing,
     }
 }
 
@@ -98,12 +100,22 @@ impl pb::status_service_server::StatusService for StatusApi {
         request: Request<pb::ListProductionsRequest>,
     ) -> Result<Response<pb::ListProductionsResponse>, Status> {
         let r = request.into_inner();
+        let request_id = match r.request_id.as_str() {
+            "" => None,
+            id => Some(uuid::Uuid::parse_str(id).map_err(|e| {
+                StatusError::Invalid(vec![Violation::new(
+                    "request_id",
+                    format!("is not a UUID: {e}"),
+                )])
+            })?),
+        };
         let filter = ListFilter {
             vo: &r.vo,
             state: ProductionState::from_proto(r.state),
             profile: &r.profile,
             after: &r.page_token,
             page_size: domain::page_size(r.page_size),
+            request_id,
         };
         // One connection for the page and its forwarding progress.
         let client = self.db.client().await.map_err(StatusError::from)?;

@@ -51,13 +51,16 @@ fn decode(incoming: &Incoming) -> Result<(Uuid, Update), String> {
 /// Folds one event into the batch's projection.
 fn apply(projection: &mut Projection, update: Update) -> Result<()> {
     match update {
-        Update::Accepted(m) => projection.accepted(
-            m.production_id,
-            Uuid::parse_str(&m.request_id).ok(),
-            m.profile,
-            m.vo,
-            m.backend,
-        ),
+        Update::Accepted(m) => {
+            projection.pointing(m.production_id.clone(), m.period, m.pointing);
+            projection.accepted(
+                m.production_id,
+                Uuid::parse_str(&m.request_id).ok(),
+                m.profile,
+                m.vo,
+                m.backend,
+            )
+        }
         Update::Dispatched(m) => projection.dispatched(
             m.production_id,
             m.job_total,

@@ -62,6 +62,9 @@ pub struct ProductionUpdate {
     pub backend: Option<String>,
     /// The resource estimate, as encoded on the wire.
     pub estimate: Option<Vec<u8>>,
+    /// The observation period and pointing of a period's production.
+    pub period: Option<String>,
+    pub pointing: Option<String>,
 }
 
 impl ProductionUpdate {
@@ -125,6 +128,17 @@ impl Projection {
         p.profile = Some(profile);
         p.vo = Some(vo);
         p.backend = Some(backend);
+    }
+
+    /// The observation period and pointing a production simulates, when
+    /// its request named a period.
+    pub fn pointing(&mut self, production_id: String, period: String, pointing: String) {
+        if period.is_empty() {
+            return;
+        }
+        let p = self.productions.entry(production_id).or_default();
+        p.period = Some(period);
+        p.pointing = Some(pointing);
     }
 
     pub fn dispatched(&mut self, production_id: String, job_total: u64, estimate: Option<Vec<u8>>) {
@@ -212,6 +226,9 @@ pub struct Production {
     /// The resource estimate, as encoded on the wire.
     pub estimate: Option<Vec<u8>>,
     pub held_reason: String,
+    /// Empty unless its request named an observation period.
+    pub period: String,
+    pub pointing: String,
 }
 
 /// A production's jobs by state: `counts` as stored (state name, jobs), and

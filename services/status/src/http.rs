@@ -38,6 +38,7 @@ pub(crate) fn router(api: StatusApi) -> Router {
         .route("/metrics", get(metrics))
         .route("/templates", get(templates_page))
         .route("/api/templates", get(templates))
+        .route("/api/periods", get(periods))
         .with_state(api)
 }
 
@@ -62,6 +63,9 @@ struct ProductionView {
     forwarding: Vec<ForwardingView>,
     /// Ended, and its outputs are everywhere it asked.
     finished: bool,
+    /// The observation period and pointing it simulates; empty without one.
+    period: String,
+    pointing: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -100,6 +104,8 @@ impl From<pb::Production> for ProductionView {
                 })
                 .collect(),
             finished: p.finished,
+            period: p.period,
+            pointing: p.pointing,
         }
     }
 }
@@ -120,6 +126,8 @@ struct ListQuery {
     state: String,
     page_size: u32,
     page_token: String,
+    /// Only this request's productions.
+    request_id: String,
 }
 
 fn problem(status: tonic::Status) -> Response {
@@ -148,6 +156,7 @@ async fn list(State(api): State<StatusApi>, Query(q): Query<ListQuery>) -> Respo
         profile: q.profile,
         page_size: q.page_size,
         page_token: q.page_token,
+        request_id: q.request_id,
     };
     match api.list_productions(Request::new(request)).await {
         Ok(r) => {
@@ -432,6 +441,75 @@ async fn record(
             StatusCode::SERVICE_UNAVAILABLE,
             Json(serde_json::json!({
                 "error": format!("the catalog cannot be reached: {}", status.message())
+            })),
+        )
+            .into_response(),
+    }
+}
+
+/// An observation period as `GET /api/periods` shows it.
+#[derive(Debug, Serialize)]
+struct PeriodView {
+    name: String,
+    profile: String,
+    description: String,
+    site: String,
+    array_layout: String,
+    nsb_levels: Vec<u32>,
+    atmosphere: String,
+    valid_from: String,
+    valid_until: String,
+    pointings: Vec<serde_json::Value>,
+}
+
+impl From<pb::PeriodInfo> for PeriodView {
+    fn from(p: pb::PeriodInfo) -> Self {
+        Self {
+            pointings: p
+                .pointings
+                .into_iter()
+                .map(|q| {
+                    serde_json::json!({
+                        "zenith_deg": q.zenith_deg, "azimuth_deg": q.azimuth_deg, "label": q.label,
+                    })
+                })
+                .collect(),
+            name: p.name,
+            profile: p.profile,
+            description: p.description,
+            site: p.site,
+            array_layout: p.array_layout,
+            nsb_levels: p.nsb_levels,
+            atmosphere: p.atmosphere,
+            valid_from: p.valid_from,
+            valid_until: p.valid_until,
+        }
+    }
+}
+
+/// The observation periods, as the checker (which decides by them) answers
+/// `ListPeriods`; filters `profile` and `name` as for templates.
+async fn periods(State(api): State<StatusApi>, Query(q): Query<TemplatesQuery>) -> Response {
+    let mut checker = api.checker.clone();
+    let request = pb::ListPeriodsRequest {
+        profile: q.profile,
+        name: q.name,
+    };
+    match checker.list_periods(request).await {
+        Ok(answer) => Json(serde_json::json!({
+            "periods": answer
+                .into_inner()
+                .periods
+                .into_iter()
+                .map(PeriodView::from)
+                .collect::<Vec<_>>(),
+        }))
+        .into_response(),
+        Err(status) if status.code() == tonic::Code::InvalidArgument => problem(status),
+        Err(status) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({
+                "error": format!("the checker cannot be reached: {}", status.message())
             })),
         )
             .into_response(),

@@ -46,6 +46,7 @@ pub const MIGRATIONS: &[Migration] = prodsys_db::migrations![
     "0040_final_job_counts.sql",
     "0100_forwarding_progress.sql",
     "0120_finished_once_catalogued.sql",
+    "0200_observation_periods.sql",
 ];
 
 pub async fn start(

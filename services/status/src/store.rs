@@ -97,6 +97,8 @@ async fn upsert_productions(
     let mut vos = Vec::with_capacity(n);
     let mut backends = Vec::with_capacity(n);
     let mut estimates = Vec::with_capacity(n);
+    let mut periods = Vec::with_capacity(n);
+    let mut pointings = Vec::with_capacity(n);
     for (id, u) in updates {
         let state = u.state.unwrap_or(ProductionState::Accepted);
         ids.push(id);
@@ -108,15 +110,19 @@ async fn upsert_productions(
         vos.push(u.vo);
         backends.push(u.backend);
         estimates.push(u.estimate);
+        periods.push(u.period);
+        pointings.push(u.pointing);
     }
     tx.execute_cached(
         "INSERT INTO productions AS p (production_id, state, state_rank, job_total, request_id,
-                                       profile, vo, backend, estimate)
+                                       profile, vo, backend, estimate, period, pointing)
          SELECT u.id, u.state, u.rank, u.total, u.request_id,
-                COALESCE(u.profile, ''), COALESCE(u.vo, ''), COALESCE(u.backend, ''), u.estimate
+                COALESCE(u.profile, ''), COALESCE(u.vo, ''), COALESCE(u.backend, ''), u.estimate,
+                COALESCE(u.period, ''), COALESCE(u.pointing, '')
          FROM unnest($1::text[], $2::text[], $3::int[], $4::bigint[], $5::uuid[], $6::text[],
-                     $7::text[], $8::text[], $9::bytea[])
-              AS u(id, state, rank, total, request_id, profile, vo, backend, estimate)
+                     $7::text[], $8::text[], $9::bytea[], $10::text[], $11::text[])
+              AS u(id, state, rank, total, request_id, profile, vo, backend, estimate, period,
+                   pointing)
          ON CONFLICT (production_id) DO UPDATE SET
              state      = CASE WHEN EXCLUDED.state_rank > p.state_rank
                                THEN EXCLUDED.state ELSE p.state END,
@@ -127,6 +133,8 @@ async fn upsert_productions(
              vo         = CASE WHEN EXCLUDED.vo = '' THEN p.vo ELSE EXCLUDED.vo END,
              backend    = CASE WHEN EXCLUDED.backend = '' THEN p.backend ELSE EXCLUDED.backend END,
              estimate   = COALESCE(EXCLUDED.estimate, p.estimate),
+             period     = CASE WHEN EXCLUDED.period = '' THEN p.period ELSE EXCLUDED.period END,
+             pointing   = CASE WHEN EXCLUDED.pointing = '' THEN p.pointing ELSE EXCLUDED.pointing END,
              updated_at = now()",
         &[
             &ids,
@@ -138,6 +146,8 @@ async fn upsert_productions(
             &vos,
             &backends,
             &estimates,
+            &periods,
+            &pointings,
         ],
     )
     .await?;
@@ -246,7 +256,8 @@ pub async fn production(db: &Db, production_id: &str) -> anyhow::Result<Option<P
     let Some(row) = client
         .query_opt_cached(
             "SELECT p.request_id, p.profile, p.vo, p.backend, p.state, COALESCE(p.job_total, 0),
-                    p.updated_at, p.estimate, p.production_id, i.reason, i.since_ms
+                    p.updated_at, p.estimate, p.production_id, i.reason, i.since_ms,
+                    p.period, p.pointing
              FROM productions p LEFT JOIN installations i ON i.name = p.backend AND NOT i.healthy
              WHERE p.production_id = $1",
             &[&production_id],
@@ -278,6 +289,8 @@ pub struct ListFilter<'a> {
     pub profile: &'a str,
     /// The page starts after this production ID.
     pub after: &'a str,
+    /// Only this request's productions.
+    pub request_id: Option<uuid::Uuid>,
     pub page_size: u32,
 }
 
@@ -293,7 +306,7 @@ pub async fn list_productions(
         .query_cached(
             "SELECT p.request_id, p.profile, p.vo, p.backend, p.state, COALESCE(p.job_total, 0),
                     p.updated_at, p.estimate, p.production_id, i.reason, i.since_ms,
-                    c.states, c.ns
+                    p.period, p.pointing, c.states, c.ns
              FROM productions p LEFT JOIN installations i ON i.name = p.backend AND NOT i.healthy
              LEFT JOIN LATERAL (
                  SELECT array_agg(state) AS states, array_agg(n) AS ns FROM (
@@ -305,6 +318,7 @@ pub async fn list_productions(
              ) c ON true
              WHERE ($1 = '' OR p.vo = $1) AND ($2::text IS NULL OR p.state = $2)
                AND ($3 = '' OR p.profile = $3) AND p.production_id > $4
+               AND ($6::uuid IS NULL OR p.request_id = $6)
              ORDER BY p.production_id LIMIT $5",
             &[
                 &filter.vo,
@@ -312,6 +326,7 @@ pub async fn list_productions(
                 &filter.profile,
                 &filter.after,
                 &(page_size + 1),
+                &filter.request_id,
             ],
         )
         .await?;
@@ -321,8 +336,8 @@ pub async fn list_productions(
         .take(page_size as usize)
         .map(|row| {
             let id: String = row.get(8);
-            let states: Vec<String> = row.get::<_, Option<_>>(11).unwrap_or_default();
-            let ns: Vec<i64> = row.get::<_, Option<_>>(12).unwrap_or_default();
+            let states: Vec<String> = row.get::<_, Option<_>>(13).unwrap_or_default();
+            let ns: Vec<i64> = row.get::<_, Option<_>>(14).unwrap_or_default();
             production_from_row(&id, row, states.iter().map(String::as_str).zip(ns))
         })
         .collect();
@@ -357,6 +372,8 @@ fn production_from_row<'a>(
         counts: domain::tally(job_total, counts),
         updated_unix_ms: updated.timestamp_millis(),
         estimate: row.get(7),
+        period: row.get(11),
+        pointing: row.get(12),
     }
 }
 

@@ -21,6 +21,9 @@ pub struct Settings {
     /// Directory of container templates (one JSON file per profile whose
     /// jobs run in containers); one that does not exist holds none.
     pub templates_dir: PathBuf,
+    /// Directory of observation periods (one TOML file per period); one
+    /// that does not exist holds none.
+    pub periods_dir: PathBuf,
     pub database: DatabaseSettings,
     pub amqp: AmqpSettings,
     pub grpc: GrpcSettings,
@@ -361,6 +364,7 @@ impl Default for Settings {
         Self {
             profiles_dir: PathBuf::from("profiles"),
             templates_dir: PathBuf::from("var/templates"),
+            periods_dir: PathBuf::from("periods"),
             database: DatabaseSettings::default(),
             amqp: AmqpSettings::default(),
             grpc: GrpcSettings::default(),

@@ -6,10 +6,12 @@
 pub mod checksum;
 pub mod container;
 pub mod events;
+pub mod period;
 pub mod profile;
 pub mod state;
 pub mod violation;
 
+pub use period::{Period, Pointing};
 pub use profile::{JobPlan, PlanEstimate, PlannedJob, Profile, ProfileSet};
 pub use state::{JobCounts, JobState, ProductionState};
 pub use violation::Violation;

@@ -15,6 +15,7 @@ use crate::Violation;
 use crate::container::{
     ContainerPolicy, Containers, RecordedTemplates, ResolvedTemplate, TEMPLATE_KEY, TemplateError,
 };
+use crate::period::{Directions, Expansion, Period, PeriodError, PeriodSpec};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProfileError {
@@ -75,6 +76,14 @@ struct ProfileFile {
     /// Where the outputs are forwarded by default.
     #[serde(default)]
     forward: Forward,
+    /// Identity parameters that count only when a request gives them (the
+    /// atmosphere model an observation period sets): a request without one
+    /// keeps the fingerprint it had before the key was added.
+    #[serde(default)]
+    identity_when_given: Vec<String>,
+    /// How requests name an observation period (see [`crate::period`]).
+    #[serde(default)]
+    periods: Option<PeriodSpec>,
 }
 
 /// A profile's default forwarding destinations: fixed names, and/or the
@@ -316,6 +325,39 @@ impl Profile {
                 return Err(invalid(format!("identity key {key:?} is not a parameter")));
             }
         }
+        for key in &file.identity_when_given {
+            if !known(key) || file.identity.contains(key) {
+                return Err(invalid(format!(
+                    "identity_when_given key {key:?} is not a parameter, or is in identity already"
+                )));
+            }
+        }
+        if let Some(periods) = &file.periods {
+            let needed = std::iter::once(periods.parameter.as_str())
+                .chain(crate::period::CONDITIONS.iter().copied())
+                .chain([periods.zenith.as_str()]);
+            if let Some(missing) = needed.into_iter().find(|k| !known(k)) {
+                return Err(invalid(format!("periods: {missing:?} is not a parameter")));
+            }
+            match file.derived.get(&periods.azimuth) {
+                Some(derived) if derived.map.values().all(Value::is_number) => {}
+                _ => {
+                    return Err(invalid(format!(
+                        "periods.azimuth {:?} must be a derived value mapping names to numbers",
+                        periods.azimuth
+                    )));
+                }
+            }
+            if let Some(o) = periods
+                .overridable
+                .iter()
+                .find(|o| !crate::period::CONDITIONS.contains(&o.as_str()))
+            {
+                return Err(invalid(format!(
+                    "periods.overridable {o:?} is not a condition a period sets"
+                )));
+            }
+        }
         let in_identity = |name: &String| file.identity.contains(name);
         for key in file
             .statistics
@@ -482,10 +524,12 @@ impl Profile {
     ) -> Result<JobCommand, String> {
         let job = &self.file.job;
         let args: Vec<String> = job.command.iter().map(|t| render(t, vars)).collect();
+        // A variable over an optional parameter the request leaves out
+        // (the observation period) is not set.
         let env: Vec<(String, String)> = job
             .env
             .iter()
-            .map(|(k, v)| (k.clone(), render(v, vars)))
+            .filter_map(|(k, v)| Some((k.clone(), render_known(v, vars)?)))
             .collect();
         let mut command = if job.container {
             let containers = self
@@ -709,10 +753,16 @@ impl Profile {
         parameters: &Value,
     ) -> String {
         let mut identity = Map::new();
+        let given = self
+            .file
+            .identity_when_given
+            .iter()
+            .filter(|k| parameters.get(k.as_str()).is_some_and(|v| !v.is_null()));
         for key in self
             .file
             .identity
             .iter()
+            .chain(given)
             .filter(|k| !left_out.contains(k.as_str()))
         {
             let value = parameters.get(key).or_else(|| {
@@ -1008,6 +1058,10 @@ fn check_rule(rule: &Rule, params: &Value) -> Option<Violation> {
     }
 }
 
+/// A request's profile, the observation period it names (if any) and the
+/// productions it becomes.
+pub type Expanded<'a> = (&'a Profile, Option<&'a Period>, Vec<Expansion>);
+
 /// The largest parameter document a request may carry.
 pub const MAX_PARAMETERS_BYTES: usize = 1024 * 1024;
 
@@ -1015,6 +1069,8 @@ pub const MAX_PARAMETERS_BYTES: usize = 1024 * 1024;
 #[derive(Debug, Default)]
 pub struct ProfileSet {
     profiles: BTreeMap<String, Profile>,
+    /// Observation periods by name.
+    periods: BTreeMap<String, Period>,
 }
 
 impl ProfileSet {
@@ -1106,6 +1162,25 @@ impl ProfileSet {
         vo: &str,
         parameters_json: &str,
     ) -> Result<(&Profile, Value), Vec<Violation>> {
+        let (profile, parameters, mut violations) =
+            self.parse_request(profile, vo, parameters_json);
+        if let (Some(profile), Some(parameters)) = (profile, parameters) {
+            violations.extend(profile.validate(vo, &parameters));
+            if violations.is_empty() {
+                return Ok((profile, parameters));
+            }
+        }
+        Err(violations)
+    }
+
+    /// The profile and the parameters of a request, as far as they can be
+    /// read, and the violations found on the way.
+    fn parse_request(
+        &self,
+        profile: &str,
+        vo: &str,
+        parameters_json: &str,
+    ) -> (Option<&Profile>, Option<Value>, Vec<Violation>) {
         let mut violations = Vec::new();
         if vo.trim().is_empty() {
             violations.push(Violation::new("vo", "is required"));
@@ -1150,13 +1225,183 @@ impl ProfileSet {
                 }
             }
         };
-        if let (Some(profile), Some(parameters)) = (profile, parameters) {
+        (profile, parameters, violations)
+    }
+
+    /// Adds the observation periods of `dir` (one TOML file each; a
+    /// directory that does not exist holds none) to their profiles.
+    pub fn with_periods(mut self, dir: &Path) -> Result<Self, PeriodError> {
+        for (path, period) in crate::period::load_dir(dir)? {
+            let invalid = |reason: String| PeriodError::Invalid {
+                path: path.clone(),
+                reason,
+            };
+            let profile = self
+                .profiles
+                .get(&period.profile)
+                .ok_or_else(|| invalid(format!("unknown profile {:?}", period.profile)))?;
+            let directions = profile.directions().ok_or_else(|| {
+                invalid(format!(
+                    "profile {} takes no observation periods",
+                    period.profile
+                ))
+            })?;
+            if let Some(p) = period
+                .pointings
+                .iter()
+                .find(|p| directions.name_of_azimuth(p.azimuth_deg).is_none())
+            {
+                return Err(invalid(format!(
+                    "pointing {}: profile {}'s {} has no direction of that azimuth",
+                    p.label(),
+                    period.profile,
+                    directions.parameter
+                )));
+            }
+            // Each condition must pass the profile's schema as a request would give it.
+            let sample: Value = serde_json::json!({
+                "site": period.site, "array_layout": period.array_layout,
+                "nsb_levels": period.nsb_levels, "atmosphere": period.atmosphere,
+            });
+            if let Some(v) = profile.validate("", &sample).into_iter().find(|v| {
+                crate::period::CONDITIONS
+                    .iter()
+                    .any(|c| v.field == format!("parameters.{c}"))
+            }) {
+                return Err(invalid(format!("{}: {}", v.field, v.description)));
+            }
+            if self.periods.contains_key(&period.name) {
+                return Err(invalid(format!(
+                    "period {:?} is defined twice",
+                    period.name
+                )));
+            }
+            self.periods.insert(period.name.clone(), period);
+        }
+        Ok(self)
+    }
+
+    /// Every observation period, by name.
+    pub fn periods(&self) -> impl Iterator<Item = &Period> {
+        self.periods.values()
+    }
+
+    pub fn period(&self, name: &str) -> Option<&Period> {
+        self.periods.get(name)
+    }
+
+    /// A request checked as [`ProfileSet::validate_request`] does, after a
+    /// period it names has set its conditions: the productions it becomes,
+    /// one per pointing of the period it selects, or one (its parameters as
+    /// given) when it names no period. Every violation otherwise.
+    pub fn expand_request(
+        &self,
+        profile: &str,
+        vo: &str,
+        parameters_json: &str,
+    ) -> Result<Expanded<'_>, Vec<Violation>> {
+        let (profile, parameters, mut violations) =
+            self.parse_request(profile, vo, parameters_json);
+        let (Some(profile), Some(parameters)) = (profile, parameters) else {
+            return Err(violations);
+        };
+        let named = profile.file.periods.as_ref().and_then(|spec| {
+            let name = parameters.get(&spec.parameter)?.as_str()?;
+            Some((spec, name))
+        });
+        let Some((spec, name)) = named else {
             violations.extend(profile.validate(vo, &parameters));
-            if violations.is_empty() {
-                return Ok((profile, parameters));
+            return match violations.is_empty() {
+                true => Ok((
+                    profile,
+                    None,
+                    vec![Expansion {
+                        pointing: None,
+                        parameters,
+                    }],
+                )),
+                false => Err(violations),
+            };
+        };
+        let Some(period) = self
+            .periods
+            .get(name)
+            .filter(|p| p.profile == profile.name())
+        else {
+            let known: Vec<&str> = self
+                .periods
+                .values()
+                .filter(|p| p.profile == profile.name())
+                .map(|p| p.name.as_str())
+                .collect();
+            violations.push(Violation::new(
+                format!("parameters.{}", spec.parameter),
+                format!(
+                    "unknown observation period {name:?}; this deployment has {}",
+                    if known.is_empty() {
+                        "none".to_string()
+                    } else {
+                        known.join(", ")
+                    }
+                ),
+            ));
+            return Err(violations);
+        };
+        let directions = profile
+            .directions()
+            .expect("checked when the profile loaded");
+        match crate::period::expand(spec, period, &directions, &parameters) {
+            Ok(expansions) => {
+                // The pointings differ only in zenith and direction: the
+                // schema's verdict on one stands for all, and is given once.
+                for e in &expansions {
+                    for v in profile.validate(vo, &e.parameters) {
+                        if !violations.contains(&v) {
+                            violations.push(v);
+                        }
+                    }
+                }
+                match violations.is_empty() {
+                    true => Ok((profile, Some(period), expansions)),
+                    false => Err(violations),
+                }
+            }
+            Err(found) => {
+                violations.extend(found);
+                Err(violations)
             }
         }
-        Err(violations)
+    }
+}
+
+impl Profile {
+    /// Whether `parameters` name an observation period (of this profile's kind).
+    pub fn names_period(&self, parameters: &Value) -> bool {
+        self.file.periods.as_ref().is_some_and(|spec| {
+            parameters
+                .get(&spec.parameter)
+                .is_some_and(Value::is_string)
+        })
+    }
+
+    /// How this profile's requests name an observation period, if they can.
+    pub fn period_spec(&self) -> Option<&PeriodSpec> {
+        self.file.periods.as_ref()
+    }
+
+    /// The pointing directions (`North` → 180) a period's azimuths are
+    /// named by, when the profile takes periods.
+    pub fn directions(&self) -> Option<Directions> {
+        let spec = self.file.periods.as_ref()?;
+        let derived = self.file.derived.get(&spec.azimuth)?;
+        Some(Directions {
+            parameter: derived.from.clone(),
+            by_name: derived
+                .map
+                .iter()
+                .filter_map(|(name, v)| Some((name.clone(), v.as_f64()?)))
+                .collect(),
+        })
     }
 }
 

@@ -2,7 +2,7 @@
 //! protobuf messages, at the edge where a service speaks gRPC or AMQP.
 
 use prodsys_core::profile::{IdentityQuery, MetadataRange};
-use prodsys_core::{JobCounts, JobState, PlanEstimate, ProductionState, Violation};
+use prodsys_core::{JobCounts, JobState, Period, PlanEstimate, ProductionState, Violation};
 
 use crate::v1 as pb;
 
@@ -140,6 +140,47 @@ impl From<MetadataRange> for pb::MetadataRange {
             min: r.min,
             max: r.max,
         }
+    }
+}
+
+impl From<&Period> for pb::PeriodInfo {
+    fn from(p: &Period) -> Self {
+        pb::PeriodInfo {
+            name: p.name.clone(),
+            profile: p.profile.clone(),
+            description: p.description.clone(),
+            site: p.site.clone(),
+            array_layout: p.array_layout.clone(),
+            nsb_levels: p.nsb_levels.clone(),
+            atmosphere: p.atmosphere.clone(),
+            valid_from: p.valid_from.clone(),
+            valid_until: p.valid_until.clone(),
+            pointings: p
+                .pointings
+                .iter()
+                .map(|q| pb::Pointing {
+                    zenith_deg: q.zenith_deg,
+                    azimuth_deg: q.azimuth_deg,
+                    label: q.label(),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// The periods of `profiles` of `profile` and named `name` (either empty: any).
+pub fn list_periods(
+    profiles: &prodsys_core::ProfileSet,
+    profile: &str,
+    name: &str,
+) -> pb::ListPeriodsResponse {
+    pb::ListPeriodsResponse {
+        periods: profiles
+            .periods()
+            .filter(|p| profile.is_empty() || p.profile == profile)
+            .filter(|p| name.is_empty() || p.name == name)
+            .map(Into::into)
+            .collect(),
     }
 }
 

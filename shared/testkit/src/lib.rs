@@ -81,6 +81,7 @@ impl TestEnv {
         settings.amqp.url = SecretString::from(amqp_url());
         settings.amqp.prefix = prefix.clone();
         settings.profiles_dir = repo_root().join("profiles");
+        settings.periods_dir = repo_root().join("periods");
         for port in [
             &mut settings.intake.port,
             &mut settings.checker.port,

@@ -18,6 +18,7 @@ import grpc
 from .errors import NotFound, Timeout, from_rpc_error
 from .models import (
     OutputFile,
+    Period,
     Production,
     ProductionRecord,
     Profile,
@@ -253,6 +254,13 @@ class Client:
         message = request_pb2.ListTemplatesRequest(profile=profile, name=name)
         answer = self._call(self._intake.ListTemplates, message)
         return [Template.from_pb(t) for t in answer.templates]
+
+    def periods(self, profile: str = "", name: str = "") -> list[Period]:
+        """The observation periods requests may name (``profile`` and
+        ``name`` narrow the list)."""
+        message = request_pb2.ListPeriodsRequest(profile=profile, name=name)
+        answer = self._call(self._intake.ListPeriods, message)
+        return [Period.from_pb(p) for p in answer.periods]
 
     # Productions (status)
 

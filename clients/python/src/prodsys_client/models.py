@@ -48,6 +48,36 @@ class Submission:
 
 
 @dataclass(frozen=True)
+class PointingProduction:
+    """One pointing of a request that named an observation period, and what
+    became of it: its own production, the existing one that has it, or why
+    it was not produced."""
+
+    # ``zenith 20 deg, azimuth 180 deg``.
+    pointing: str
+    zenith_deg: float
+    azimuth_deg: float
+    # The new production of this pointing.
+    production_id: str | None
+    fingerprint: str
+    # The production that already has this pointing's simulation.
+    existing_production_id: str | None
+    violations: list[Violation]
+
+    @classmethod
+    def from_pb(cls, p: common_pb2.PointingProduction) -> PointingProduction:
+        return cls(
+            pointing=p.pointing,
+            zenith_deg=p.zenith_deg,
+            azimuth_deg=p.azimuth_deg,
+            production_id=p.production_id or None,
+            fingerprint=p.fingerprint,
+            existing_production_id=p.existing_production_id or None,
+            violations=_violations(p),
+        )
+
+
+@dataclass(frozen=True)
 class Request:
     """Where a request stands: RECEIVED (being checked), ACCEPTED or REJECTED."""
 
@@ -65,6 +95,18 @@ class Request:
     # Why it was rejected.
     violations: list[Violation]
     created: datetime | None
+    # The observation period it named, if any.
+    period: str | None = None
+    # For a period's request, once decided: one entry per pointing, each its
+    # own production (``production_id`` is then the first new one).
+    productions: list[PointingProduction] = field(default_factory=list)
+
+    @property
+    def production_ids(self) -> list[str]:
+        """Every new production of the request (one per pointing of a period)."""
+        if self.productions:
+            return [p.production_id for p in self.productions if p.production_id]
+        return [self.production_id] if self.production_id else []
 
     @property
     def decided(self) -> bool:
@@ -87,6 +129,8 @@ class Request:
             existing_production_id=r.existing_production_id or None,
             violations=_violations(r),
             created=_time(r.created_unix_ms),
+            period=r.period or None,
+            productions=[PointingProduction.from_pb(p) for p in r.productions],
         )
 
 
@@ -147,6 +191,14 @@ class Validation:
     # per NSB level): what the catalog holds that matches, which productions
     # or files, which keys differ.
     explanations: list[str] = field(default_factory=list)
+    # The parameters as they would be produced (profile and period applied).
+    parameters: dict[str, Any] | None = None
+    # The observation period the request names, and for one of its
+    # pointings (in ``pointings``) which.
+    period: str | None = None
+    pointing: str | None = None
+    # A period's request: the verdict on each pointing, each its own production.
+    pointings: list[Validation] = field(default_factory=list)
 
     @classmethod
     def from_pb(cls, v: request_pb2.Validation) -> Validation:
@@ -159,6 +211,10 @@ class Validation:
             plan=JobPlan.from_pb(v.plan) if v.HasField("plan") else None,
             estimate=ResourceEstimate.from_pb(v.estimate) if v.HasField("estimate") else None,
             explanations=list(v.explanations),
+            parameters=json.loads(v.parameters_json) if v.parameters_json else None,
+            period=v.period or None,
+            pointing=v.pointing or None,
+            pointings=[Validation.from_pb(p) for p in v.pointings],
         )
 
 
@@ -399,4 +455,39 @@ class Profile:
             id_prefix=p.id_prefix,
             identity=list(p.identity),
             parameters_schema=json.loads(p.parameters_schema_json or "{}"),
+        )
+
+
+@dataclass(frozen=True)
+class Period:
+    """An observation period: the conditions an IRF production simulates.
+    A request naming it (``observation_period``) takes its site, layout, NSB
+    levels and atmosphere, and becomes one production per pointing."""
+
+    name: str
+    profile: str
+    description: str
+    site: str
+    array_layout: str
+    nsb_levels: list[int]
+    atmosphere: str
+    # ``YYYY-MM-DD``.
+    valid_from: str
+    valid_until: str
+    # (zenith_deg, azimuth_deg) pairs.
+    pointings: list[tuple[float, float]]
+
+    @classmethod
+    def from_pb(cls, p: request_pb2.PeriodInfo) -> Period:
+        return cls(
+            name=p.name,
+            profile=p.profile,
+            description=p.description,
+            site=p.site,
+            array_layout=p.array_layout,
+            nsb_levels=list(p.nsb_levels),
+            atmosphere=p.atmosphere,
+            valid_from=p.valid_from,
+            valid_until=p.valid_until,
+            pointings=[(q.zenith_deg, q.azimuth_deg) for q in p.pointings],
         )

@@ -26,7 +26,7 @@ from prodsys_client.v1 import common_pb2 as prodsys_dot_v1_dot_common__pb2
 from prodsys_client.v1 import request_pb2 as prodsys_dot_v1_dot_request__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17prodsys/v1/events.proto\x12\nprodsys.v1\x1a\x17prodsys/v1/common.proto\x1a\x18prodsys/v1/request.proto\"\xfb\x01\n\x0fRequestReceived\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07profile\x18\x02 \x01(\t\x12\n\n\x02vo\x18\x03 \x01(\t\x12\x17\n\x0fparameters_json\x18\x04 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x05 \x01(\t\x12\x11\n\tsubmitter\x18\x06 \x01(\t\x12\x16\n\x0e\x63orrelation_id\x18\x07 \x01(\t\x12\x0e\n\x06\x65xtend\x18\x08 \x01(\x08\x12\x16\n\x0ereuse_existing\x18\t \x01(\x08\x12\x10\n\x08priority\x18\n \x01(\x05\x12\x0f\n\x07\x66orward\x18\x0b \x03(\t\x12\x17\n\x0f\x66orward_replace\x18\x0c \x01(\x08\"\x99\x02\n\x0fRequestAccepted\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rproduction_id\x18\x02 \x01(\t\x12\x0f\n\x07profile\x18\x03 \x01(\t\x12\n\n\x02vo\x18\x04 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x05 \x01(\t\x12\x17\n\x0fparameters_json\x18\x06 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x07 \x01(\t\x12\x19\n\x11run_number_offset\x18\x08 \x01(\x04\x12\x16\n\x0e\x63orrelation_id\x18\t \x01(\t\x12\x10\n\x08priority\x18\n \x01(\x05\x12\x0f\n\x07\x66orward\x18\x0b \x03(\t\x12\x11\n\tsubmitter\x18\x0c \x01(\t\x12\x16\n\x0eprofile_sha256\x18\r \x01(\t\"\x8d\x01\n\x0fRequestRejected\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12.\n\nviolations\x18\x02 \x03(\x0b\x32\x1a.prodsys.v1.FieldViolation\x12\x1e\n\x16\x65xisting_production_id\x18\x03 \x01(\t\x12\x16\n\x0e\x63orrelation_id\x18\x04 \x01(\t\"\x81\x01\n\x14ProductionDispatched\x12\x15\n\rproduction_id\x18\x01 \x01(\t\x12\x11\n\tjob_total\x18\x02 \x01(\x04\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\x12.\n\x08\x65stimate\x18\x04 \x01(\x0b\x32\x1c.prodsys.v1.ResourceEstimate\"\x97\x01\n\rJobTransition\x12\x15\n\rproduction_id\x18\x01 \x01(\t\x12\x11\n\tjob_index\x18\x02 \x01(\x04\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\r\x12#\n\x05state\x18\x04 \x01(\x0e\x32\x14.prodsys.v1.JobState\x12\x12\n\nraw_status\x18\x05 \x01(\t\x12\x12\n\nat_unix_ms\x18\x06 \x01(\x03\"@\n\x0eJobStatusBatch\x12.\n\x0btransitions\x18\x01 \x03(\x0b\x32\x19.prodsys.v1.JobTransition\"m\n\tJobOutput\x12\x15\n\rproduction_id\x18\x01 \x01(\t\x12\x11\n\tjob_index\x18\x02 \x01(\x04\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\r\x12%\n\x05\x66iles\x18\x04 \x03(\x0b\x32\x16.prodsys.v1.OutputFile\"\xbe\x02\n\x13ProductionCompleted\x12\x15\n\rproduction_id\x18\x01 \x01(\t\x12*\n\x05state\x18\x02 \x01(\x0e\x32\x1b.prodsys.v1.ProductionState\x12%\n\x06\x63ounts\x18\x03 \x01(\x0b\x32\x15.prodsys.v1.JobCounts\x12\x10\n\x08\x61ttempts\x18\x04 \x01(\x04\x12\x0f\n\x07retries\x18\x05 \x01(\x04\x12\x13\n\x0b\x63pu_seconds\x18\x06 \x01(\x01\x12\x1d\n\x15\x63pu_measured_attempts\x18\x07 \x01(\x04\x12!\n\x19\x66irst_job_started_unix_ms\x18\x08 \x01(\x03\x12\x1e\n\x16last_job_ended_unix_ms\x18\t \x01(\x03\x12\x11\n\tfirst_run\x18\n \x01(\x04\x12\x10\n\x08last_run\x18\x0b \x01(\x04\"9\n\x10ProductionCancel\x12\x15\n\rproduction_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"b\n\x12InstallationHealth\x12\x14\n\x0cinstallation\x18\x01 \x01(\t\x12\x0f\n\x07healthy\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x15\n\rsince_unix_ms\x18\x04 \x01(\x03\"v\n\x12\x46orwardingProgress\x12\x15\n\rproduction_id\x18\x01 \x01(\t\x12\x35\n\x0c\x64\x65stinations\x18\x02 \x03(\x0b\x32\x1f.prodsys.v1.DestinationProgress\x12\x12\n\nat_unix_ms\x18\x03 \x01(\x03\"c\n\x13ProductionForwarded\x12\x15\n\rproduction_id\x18\x01 \x01(\t\x12\x35\n\x0c\x64\x65stinations\x18\x02 \x03(\x0b\x32\x1f.prodsys.v1.DestinationProgressb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17prodsys/v1/events.proto\x12\nprodsys.v1\x1a\x17prodsys/v1/common.proto\x1a\x18prodsys/v1/request.proto\"\xfb\x01\n\x0fRequestReceived\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07profile\x18\x02 \x01(\t\x12\n\n\x02vo\x18\x03 \x01(\t\x12\x17\n\x0fparameters_json\x18\x04 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x05 \x01(\t\x12\x11\n\tsubmitter\x18\x06 \x01(\t\x12\x16\n\x0e\x63orrelation_id\x18\x07 \x01(\t\x12\x0e\n\x06\x65xtend\x18\x08 \x01(\x08\x12\x16\n\x0ereuse_existing\x18\t \x01(\x08\x12\x10\n\x08priority\x18\n \x01(\x05\x12\x0f\n\x07\x66orward\x18\x0b \x03(\t\x12\x17\n\x0f\x66orward_replace\x18\x0c \x01(\x08\"\xf0\x02\n\x0fRequestAccepted\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rproduction_id\x18\x02 \x01(\t\x12\x0f\n\x07profile\x18\x03 \x01(\t\x12\n\n\x02vo\x18\x04 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x05 \x01(\t\x12\x17\n\x0fparameters_json\x18\x06 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x07 \x01(\t\x12\x19\n\x11run_number_offset\x18\x08 \x01(\x04\x12\x16\n\x0e\x63orrelation_id\x18\t \x01(\t\x12\x10\n\x08priority\x18\n \x01(\x05\x12\x0f\n\x07\x66orward\x18\x0b \x03(\t\x12\x11\n\tsubmitter\x18\x0c \x01(\t\x12\x16\n\x0eprofile_sha256\x18\r \x01(\t\x12\x0e\n\x06period\x18\x0e \x01(\t\x12\x10\n\x08pointing\x18\x0f \x01(\t\x12\x33\n\x0bproductions\x18\x10 \x03(\x0b\x32\x1e.prodsys.v1.PointingProduction\"\xd2\x01\n\x0fRequestRejected\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12.\n\nviolations\x18\x02 \x03(\x0b\x32\x1a.prodsys.v1.FieldViolation\x12\x1e\n\x16\x65xisting_production_id\x18\x03 \x01(\t\x12\x16\n\x0e\x63orrelation_id\x18\x04 \x01(\t\x12\x0e\n\x06period\x18\x05 \x01(\t\x12\x33\n\x0bproductions\x18\x06 \x03(\x0b\x32\x1e.prodsys.v1.PointingProduction\"\x81\x01\n\x14ProductionDispatched\x12\x15\n\rproduction_id\x18\x01 \x01(\t\x12\x11\n\tjob_total\x18\x02 \x01(\x04\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\x12.\n\x08\x65stimate\x18\x04 \x01(\x0b\x32\x1c.prodsys.v1.ResourceEstimate\"\x97\x01\n\rJobTransition\x12\x15\n\rproduction_id\x18\x01 \x01(\t\x12\x11\n\tjob_index\x18\x02 \x01(\x04\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\r\x12#\n\x05state\x18\x04 \x01(\x0e\x32\x14.prodsys.v1.JobState\x12\x12\n\nraw_status\x18\x05 \x01(\t\x12\x12\n\nat_unix_ms\x18\x06 \x01(\x03\"@\n\x0eJobStatusBatch\x12.\n\x0btransitions\x18\x01 \x03(\x0b\x32\x19.prodsys.v1.JobTransition\"m\n\tJobOutput\x12\x15\n\rproduction_id\x18\x01 \x01(\t\x12\x11\n\tjob_index\x18\x02 \x01(\x04\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\r\x12%\n\x05\x66iles\x18\x04 \x03(\x0b\x32\x16.prodsys.v1.OutputFile\"\xbe\x02\n\x13ProductionCompleted\x12\x15\n\rproduction_id\x18\x01 \x01(\t\x12*\n\x05state\x18\x02 \x01(\x0e\x32\x1b.prodsys.v1.ProductionState\x12%\n\x06\x63ounts\x18\x03 \x01(\x0b\x32\x15.prodsys.v1.JobCounts\x12\x10\n\x08\x61ttempts\x18\x04 \x01(\x04\x12\x0f\n\x07retries\x18\x05 \x01(\x04\x12\x13\n\x0b\x63pu_seconds\x18\x06 \x01(\x01\x12\x1d\n\x15\x63pu_measured_attempts\x18\x07 \x01(\x04\x12!\n\x19\x66irst_job_started_unix_ms\x18\x08 \x01(\x03\x12\x1e\n\x16last_job_ended_unix_ms\x18\t \x01(\x03\x12\x11\n\tfirst_run\x18\n \x01(\x04\x12\x10\n\x08last_run\x18\x0b \x01(\x04\"9\n\x10ProductionCancel\x12\x15\n\rproduction_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"b\n\x12InstallationHealth\x12\x14\n\x0cinstallation\x18\x01 \x01(\t\x12\x0f\n\x07healthy\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x15\n\rsince_unix_ms\x18\x04 \x01(\x03\"v\n\x12\x46orwardingProgress\x12\x15\n\rproduction_id\x18\x01 \x01(\t\x12\x35\n\x0c\x64\x65stinations\x18\x02 \x03(\x0b\x32\x1f.prodsys.v1.DestinationProgress\x12\x12\n\nat_unix_ms\x18\x03 \x01(\x03\"c\n\x13ProductionForwarded\x12\x15\n\rproduction_id\x18\x01 \x01(\t\x12\x35\n\x0c\x64\x65stinations\x18\x02 \x03(\x0b\x32\x1f.prodsys.v1.DestinationProgressb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,25 +36,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REQUESTRECEIVED']._serialized_start=91
   _globals['_REQUESTRECEIVED']._serialized_end=342
   _globals['_REQUESTACCEPTED']._serialized_start=345
-  _globals['_REQUESTACCEPTED']._serialized_end=626
-  _globals['_REQUESTREJECTED']._serialized_start=629
-  _globals['_REQUESTREJECTED']._serialized_end=770
-  _globals['_PRODUCTIONDISPATCHED']._serialized_start=773
-  _globals['_PRODUCTIONDISPATCHED']._serialized_end=902
-  _globals['_JOBTRANSITION']._serialized_start=905
-  _globals['_JOBTRANSITION']._serialized_end=1056
-  _globals['_JOBSTATUSBATCH']._serialized_start=1058
-  _globals['_JOBSTATUSBATCH']._serialized_end=1122
-  _globals['_JOBOUTPUT']._serialized_start=1124
-  _globals['_JOBOUTPUT']._serialized_end=1233
-  _globals['_PRODUCTIONCOMPLETED']._serialized_start=1236
-  _globals['_PRODUCTIONCOMPLETED']._serialized_end=1554
-  _globals['_PRODUCTIONCANCEL']._serialized_start=1556
-  _globals['_PRODUCTIONCANCEL']._serialized_end=1613
-  _globals['_INSTALLATIONHEALTH']._serialized_start=1615
-  _globals['_INSTALLATIONHEALTH']._serialized_end=1713
-  _globals['_FORWARDINGPROGRESS']._serialized_start=1715
-  _globals['_FORWARDINGPROGRESS']._serialized_end=1833
-  _globals['_PRODUCTIONFORWARDED']._serialized_start=1835
-  _globals['_PRODUCTIONFORWARDED']._serialized_end=1934
+  _globals['_REQUESTACCEPTED']._serialized_end=713
+  _globals['_REQUESTREJECTED']._serialized_start=716
+  _globals['_REQUESTREJECTED']._serialized_end=926
+  _globals['_PRODUCTIONDISPATCHED']._serialized_start=929
+  _globals['_PRODUCTIONDISPATCHED']._serialized_end=1058
+  _globals['_JOBTRANSITION']._serialized_start=1061
+  _globals['_JOBTRANSITION']._serialized_end=1212
+  _globals['_JOBSTATUSBATCH']._serialized_start=1214
+  _globals['_JOBSTATUSBATCH']._serialized_end=1278
+  _globals['_JOBOUTPUT']._serialized_start=1280
+  _globals['_JOBOUTPUT']._serialized_end=1389
+  _globals['_PRODUCTIONCOMPLETED']._serialized_start=1392
+  _globals['_PRODUCTIONCOMPLETED']._serialized_end=1710
+  _globals['_PRODUCTIONCANCEL']._serialized_start=1712
+  _globals['_PRODUCTIONCANCEL']._serialized_end=1769
+  _globals['_INSTALLATIONHEALTH']._serialized_start=1771
+  _globals['_INSTALLATIONHEALTH']._serialized_end=1869
+  _globals['_FORWARDINGPROGRESS']._serialized_start=1871
+  _globals['_FORWARDINGPROGRESS']._serialized_end=1989
+  _globals['_PRODUCTIONFORWARDED']._serialized_start=1991
+  _globals['_PRODUCTIONFORWARDED']._serialized_end=2090
 # @@protoc_insertion_point(module_scope)

@@ -65,6 +65,11 @@ class RequestServiceStub:
                 request_serializer=prodsys_dot_v1_dot_request__pb2.ListTemplatesRequest.SerializeToString,
                 response_deserializer=prodsys_dot_v1_dot_request__pb2.ListTemplatesResponse.FromString,
                 _registered_method=True)
+        self.ListPeriods = channel.unary_unary(
+                '/prodsys.v1.RequestService/ListPeriods',
+                request_serializer=prodsys_dot_v1_dot_request__pb2.ListPeriodsRequest.SerializeToString,
+                response_deserializer=prodsys_dot_v1_dot_request__pb2.ListPeriodsResponse.FromString,
+                _registered_method=True)
 
 
 class RequestServiceServicer:
@@ -118,6 +123,13 @@ class RequestServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListPeriods(self, request, context):
+        """The observation periods requests may name (`observation_period`).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RequestServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -150,6 +162,11 @@ def add_RequestServiceServicer_to_server(servicer, server):
                     servicer.ListTemplates,
                     request_deserializer=prodsys_dot_v1_dot_request__pb2.ListTemplatesRequest.FromString,
                     response_serializer=prodsys_dot_v1_dot_request__pb2.ListTemplatesResponse.SerializeToString,
+            ),
+            'ListPeriods': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListPeriods,
+                    request_deserializer=prodsys_dot_v1_dot_request__pb2.ListPeriodsRequest.FromString,
+                    response_serializer=prodsys_dot_v1_dot_request__pb2.ListPeriodsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -325,6 +342,33 @@ class RequestService:
             metadata,
             _registered_method=True)
 
+    @staticmethod
+    def ListPeriods(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/prodsys.v1.RequestService/ListPeriods',
+            prodsys_dot_v1_dot_request__pb2.ListPeriodsRequest.SerializeToString,
+            prodsys_dot_v1_dot_request__pb2.ListPeriodsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
 
 class CheckerServiceStub:
     """Internal: the checker evaluates a request for intake's ValidateRequest.
@@ -346,6 +390,11 @@ class CheckerServiceStub:
                 request_serializer=prodsys_dot_v1_dot_request__pb2.ListTemplatesRequest.SerializeToString,
                 response_deserializer=prodsys_dot_v1_dot_request__pb2.ListTemplatesResponse.FromString,
                 _registered_method=True)
+        self.ListPeriods = channel.unary_unary(
+                '/prodsys.v1.CheckerService/ListPeriods',
+                request_serializer=prodsys_dot_v1_dot_request__pb2.ListPeriodsRequest.SerializeToString,
+                response_deserializer=prodsys_dot_v1_dot_request__pb2.ListPeriodsResponse.FromString,
+                _registered_method=True)
 
 
 class CheckerServiceServicer:
@@ -365,6 +414,13 @@ class CheckerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListPeriods(self, request, context):
+        """The observation periods, for status's /api/periods.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CheckerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -377,6 +433,11 @@ def add_CheckerServiceServicer_to_server(servicer, server):
                     servicer.ListTemplates,
                     request_deserializer=prodsys_dot_v1_dot_request__pb2.ListTemplatesRequest.FromString,
                     response_serializer=prodsys_dot_v1_dot_request__pb2.ListTemplatesResponse.SerializeToString,
+            ),
+            'ListPeriods': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListPeriods,
+                    request_deserializer=prodsys_dot_v1_dot_request__pb2.ListPeriodsRequest.FromString,
+                    response_serializer=prodsys_dot_v1_dot_request__pb2.ListPeriodsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -434,6 +495,33 @@ class CheckerService:
             '/prodsys.v1.CheckerService/ListTemplates',
             prodsys_dot_v1_dot_request__pb2.ListTemplatesRequest.SerializeToString,
             prodsys_dot_v1_dot_request__pb2.ListTemplatesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListPeriods(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/prodsys.v1.CheckerService/ListPeriods',
+            prodsys_dot_v1_dot_request__pb2.ListPeriodsRequest.SerializeToString,
+            prodsys_dot_v1_dot_request__pb2.ListPeriodsResponse.FromString,
             options,
             channel_credentials,
             insecure,
