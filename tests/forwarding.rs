@@ -663,6 +663,7 @@ async fn without_destinations_a_production_is_finished_once_its_outputs_are_cata
                 done: 2,
                 ..Default::default()
             }),
+            ..Default::default()
         },
     )
     .await;
