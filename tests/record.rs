@@ -137,7 +137,7 @@ async fn a_finished_production_s_record_agrees_with_the_catalog_and_status_and_i
 
     // Who asked, for what.
     assert_eq!(record.request_id, answer.request_id);
-    assert_eq!(record.submitter, "example");
+    assert_eq!(record.submitter, "tests");
     assert_eq!(record.vo, "vo.cta.in2p3.fr");
     assert_eq!(record.profile, "cta-irf-mc");
     let profile_text =
@@ -282,7 +282,7 @@ async fn a_finished_production_s_record_agrees_with_the_catalog_and_status_and_i
     for expected in [
         format!("# Production {production_id}"),
         "**State:** COMPLETED".to_string(),
-        "| Submitter | `example` |".to_string(),
+        "| Submitter | `tests` |".to_string(),
         "| Runs | 1 – 4 |".to_string(),
         "| corsika | 7.7550 |".to_string(),
         "4 jobs: 4 done, 0 exhausted, 0 cancelled, 0 failed. 4 attempts (0 retries).".to_string(),

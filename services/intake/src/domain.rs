@@ -122,6 +122,12 @@ pub struct Proposal<'a> {
 /// Checks a submitted request against its profile and the API's rules;
 /// its parameters as JSON when it passes, every violation otherwise.
 pub fn check_proposal(profiles: &ProfileSet, p: &Proposal<'_>) -> Result<Value, Vec<Violation>> {
+    // Text that cannot be stored (NUL) is refused as such before anything
+    // reads it: a period or template looked up by it would only say unknown.
+    let mut unstorable = Vec::new();
+    if let Ok(raw) = serde_json::from_str::<Value>(p.parameters_json) {
+        check_storable("parameters", &raw, &mut unstorable);
+    }
     // A request naming an observation period leaves to the period what it
     // sets (site, layout, pointings...): it is checked once the period is
     // applied, and stored as given.
@@ -151,6 +157,10 @@ pub fn check_proposal(profiles: &ProfileSet, p: &Proposal<'_>) -> Result<Value, 
             "idempotency_key",
             "holds a control character (NUL, newline, …)",
         ));
+    }
+    if !unstorable.is_empty() {
+        violations.extend(unstorable);
+        return Err(violations);
     }
     if let Ok((_, parameters)) = &checked {
         check_storable("parameters", parameters, &mut violations);
