@@ -43,6 +43,7 @@ pub const MIGRATIONS: &[Migration] = prodsys_db::migrations![
     "0020_file_base_fingerprints.sql",
     "0050_id_sequences_by_prefix.sql",
     "0150_derived_templates.sql",
+    "0200_productions_per_pointing.sql",
 ];
 
 pub async fn start(
