@@ -454,6 +454,62 @@ fn job_output(dir: &Path, production_id: &str, job_index: u64) -> pb::JobOutput 
     }
 }
 
+/// Speaks for the checker and the dispatcher of a production of two jobs
+/// forwarded to `forward`, in the order that used to lose files: accepted,
+/// dispatched, the first job's outputs, then `production.completed` counting
+/// both jobs DONE (the second job's outputs come later, from the test).
+async fn two_jobs_completion_before_the_second_output(
+    app: &support::App,
+    written: &Path,
+    production_id: &str,
+    forward: &[&str],
+) {
+    publish_event(
+        &app.env,
+        "request.accepted",
+        &pb::RequestAccepted {
+            request_id: uuid::Uuid::now_v7().to_string(),
+            production_id: production_id.into(),
+            profile: "cta-irf-mc".into(),
+            vo: "vo.cta.in2p3.fr".into(),
+            backend: "local".into(),
+            forward: forward.iter().map(|d| d.to_string()).collect(),
+            ..Default::default()
+        },
+    )
+    .await;
+    publish_event(
+        &app.env,
+        "production.dispatched",
+        &pb::ProductionDispatched {
+            production_id: production_id.into(),
+            job_total: 2,
+            ..Default::default()
+        },
+    )
+    .await;
+    publish_event(
+        &app.env,
+        "job.output",
+        &job_output(written, production_id, 0),
+    )
+    .await;
+    publish_event(
+        &app.env,
+        "production.completed",
+        &pb::ProductionCompleted {
+            production_id: production_id.into(),
+            state: pb::ProductionState::Completed as i32,
+            counts: Some(pb::JobCounts {
+                done: 2,
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+    )
+    .await;
+}
+
 /// production.completed handled before the last job.output of its
 /// production (another consumer's batch, a redelivery): the catalog has
 /// every file it knows of forwarded, but the production is not reported
@@ -474,50 +530,7 @@ async fn a_completion_that_overtakes_the_last_outputs_waits_for_them() {
     // that used to lose files.
     let app = spawn_services(env, &[Service::Intake, Service::Status, Service::Catalog]).await;
     let production_id = "CTA-990001";
-    publish_event(
-        &app.env,
-        "request.accepted",
-        &pb::RequestAccepted {
-            request_id: uuid::Uuid::now_v7().to_string(),
-            production_id: production_id.into(),
-            profile: "cta-irf-mc".into(),
-            vo: "vo.cta.in2p3.fr".into(),
-            backend: "local".into(),
-            forward: vec!["disk".into()],
-            ..Default::default()
-        },
-    )
-    .await;
-    publish_event(
-        &app.env,
-        "production.dispatched",
-        &pb::ProductionDispatched {
-            production_id: production_id.into(),
-            job_total: 2,
-            ..Default::default()
-        },
-    )
-    .await;
-    publish_event(
-        &app.env,
-        "job.output",
-        &job_output(&written, production_id, 0),
-    )
-    .await;
-    publish_event(
-        &app.env,
-        "production.completed",
-        &pb::ProductionCompleted {
-            production_id: production_id.into(),
-            state: pb::ProductionState::Completed as i32,
-            counts: Some(pb::JobCounts {
-                done: 2,
-                ..Default::default()
-            }),
-            ..Default::default()
-        },
-    )
-    .await;
+    two_jobs_completion_before_the_second_output(&app, &written, production_id, &["disk"]).await;
 
     // The catalog took both, forwarded the first job's files, and swept
     // since (its progress is announced, nothing left to look at)...
@@ -624,49 +637,7 @@ async fn without_destinations_a_production_is_finished_once_its_outputs_are_cata
     let written = env.work_dir.join("written");
     let app = spawn_services(env, &[Service::Intake, Service::Status, Service::Catalog]).await;
     let production_id = "CTA-990002";
-    publish_event(
-        &app.env,
-        "request.accepted",
-        &pb::RequestAccepted {
-            request_id: uuid::Uuid::now_v7().to_string(),
-            production_id: production_id.into(),
-            profile: "cta-irf-mc".into(),
-            vo: "vo.cta.in2p3.fr".into(),
-            backend: "local".into(),
-            ..Default::default()
-        },
-    )
-    .await;
-    publish_event(
-        &app.env,
-        "production.dispatched",
-        &pb::ProductionDispatched {
-            production_id: production_id.into(),
-            job_total: 2,
-            ..Default::default()
-        },
-    )
-    .await;
-    publish_event(
-        &app.env,
-        "job.output",
-        &job_output(&written, production_id, 0),
-    )
-    .await;
-    publish_event(
-        &app.env,
-        "production.completed",
-        &pb::ProductionCompleted {
-            production_id: production_id.into(),
-            state: pb::ProductionState::Completed as i32,
-            counts: Some(pb::JobCounts {
-                done: 2,
-                ..Default::default()
-            }),
-            ..Default::default()
-        },
-    )
-    .await;
+    two_jobs_completion_before_the_second_output(&app, &written, production_id, &[]).await;
     // The catalog took both and looked at the production since...
     let db = app.env.db().await.unwrap();
     wait_for(

@@ -56,8 +56,9 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         for line in BufReader::new(stdout).lines() {
             let line = line?;
             println!("{line}");
-            if line.starts_with("fault: ") {
-                lines.push(line);
+            // Under --nocapture a test's line may follow its name on one line.
+            if let Some(at) = line.find("fault: ") {
+                lines.push(line[at..].to_string());
             } else if let Some(name) = line
                 .strip_prefix("test ")
                 .and_then(|l| l.strip_suffix(" ... FAILED"))

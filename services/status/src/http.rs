@@ -372,6 +372,18 @@ struct TemplatesQuery {
     name: String,
 }
 
+/// 503 with why: a service this page asks (the checker, the catalog) did
+/// not answer.
+fn unreachable(peer: &str, status: &tonic::Status) -> Response {
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        Json(serde_json::json!({
+            "error": format!("the {peer} cannot be reached: {}", status.message())
+        })),
+    )
+        .into_response()
+}
+
 /// The container templates, shipped and derived, as the checker (which
 /// records derivations) answers `ListTemplates`.
 async fn templates(State(api): State<StatusApi>, Query(q): Query<TemplatesQuery>) -> Response {
@@ -391,13 +403,7 @@ async fn templates(State(api): State<StatusApi>, Query(q): Query<TemplatesQuery>
         }))
         .into_response(),
         Err(status) if status.code() == tonic::Code::InvalidArgument => problem(status),
-        Err(status) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(serde_json::json!({
-                "error": format!("the checker cannot be reached: {}", status.message())
-            })),
-        )
-            .into_response(),
+        Err(status) => unreachable("checker", &status),
     }
 }
 
@@ -437,13 +443,7 @@ async fn record(
         )
             .into_response(),
         Err(status) if status.code() == tonic::Code::NotFound => problem(status),
-        Err(status) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(serde_json::json!({
-                "error": format!("the catalog cannot be reached: {}", status.message())
-            })),
-        )
-            .into_response(),
+        Err(status) => unreachable("catalog", &status),
     }
 }
 
@@ -506,12 +506,6 @@ async fn periods(State(api): State<StatusApi>, Query(q): Query<TemplatesQuery>) 
         }))
         .into_response(),
         Err(status) if status.code() == tonic::Code::InvalidArgument => problem(status),
-        Err(status) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(serde_json::json!({
-                "error": format!("the checker cannot be reached: {}", status.message())
-            })),
-        )
-            .into_response(),
+        Err(status) => unreachable("checker", &status),
     }
 }
