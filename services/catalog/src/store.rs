@@ -932,8 +932,7 @@ pub async fn production_record<C: prodsys_db::deadpool_postgres::GenericClient +
     let text = |i: usize| row.get::<_, Option<String>>(i).unwrap_or_default();
     let counts: prodsys_core::JobCounts = row
         .get::<_, Option<serde_json::Value>>(4)
-        .and_then(|v| serde_json::from_value::<CountsRow>(v).ok())
-        .map(Into::into)
+        .and_then(|v| serde_json::from_value(v).ok())
         .unwrap_or_default();
     let record_lfn: String = row.get(13);
     let dispatched_backend = text(26);
@@ -1023,35 +1022,6 @@ pub async fn production_record<C: prodsys_db::deadpool_postgres::GenericClient +
         parent_production_ids: Vec::new(),
         child_production_ids: Vec::new(),
     }))
-}
-
-/// Job counts as `productions.counts` holds them (core's JobCounts, serialised).
-#[derive(serde::Deserialize, Default)]
-#[serde(default)]
-struct CountsRow {
-    created: u64,
-    submitted: u64,
-    queued: u64,
-    running: u64,
-    done: u64,
-    failed: u64,
-    cancelled: u64,
-    exhausted: u64,
-}
-
-impl From<CountsRow> for prodsys_core::JobCounts {
-    fn from(c: CountsRow) -> Self {
-        Self {
-            created: c.created,
-            submitted: c.submitted,
-            queued: c.queued,
-            running: c.running,
-            done: c.done,
-            failed: c.failed,
-            cancelled: c.cancelled,
-            exhausted: c.exhausted,
-        }
-    }
 }
 
 /// Up to `limit` finished productions whose record is due as a file (ready,

@@ -195,7 +195,8 @@ impl JobState {
 
 /// A production's jobs counted by state (serialised with these field names:
 /// the status service's JSON shows them so).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct JobCounts {
     pub created: u64,
     pub submitted: u64,
