@@ -1968,10 +1968,13 @@ mod tests {
             root.join("deploy/local/images/km3net-toysim/templates.json.in"),
         )
         .unwrap();
+        // One directory per call: tests of one process share a digest.
+        static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let dir = std::env::temp_dir().join(format!(
-            "prodsys-templates-{}-{}",
+            "prodsys-templates-{}-{}-{}",
             std::process::id(),
-            &digest[..8]
+            &digest[..8],
+            CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         ));
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(
