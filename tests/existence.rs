@@ -491,6 +491,53 @@ async fn find_files_answers_typed_conditions_in_pages_and_as_a_stream() {
     sorted.dedup();
     assert_eq!(sorted, paged);
 
+    // Through classes (what files share): a production's NSB levels are
+    // two classes whose files interleave in LFN order, and pages of three
+    // still give them in order, each once.
+    let lfns = |files: Vec<pb::OutputFile>| files.into_iter().map(|f| f.lfn).collect::<Vec<_>>();
+    let by_production = lfns(
+        app.find_all(pb::FindFilesRequest {
+            production_id: first.clone(),
+            page_size: 3,
+            ..Default::default()
+        })
+        .await
+        .unwrap(),
+    );
+    assert_eq!(by_production.len(), 8);
+    assert!(
+        by_production.windows(2).all(|w| w[0] < w[1]),
+        "{by_production:?}"
+    );
+    let gammas_and_protons = pb::FindFilesRequest {
+        conditions: vec![condition("particle", Op::In, &["gamma", "proton"])],
+        page_size: 2,
+        ..Default::default()
+    };
+    assert_eq!(
+        lfns(app.find_all(gammas_and_protons.clone()).await.unwrap()),
+        paged
+    );
+    let mut stream = catalog
+        .stream_files(gammas_and_protons)
+        .await
+        .unwrap()
+        .into_inner();
+    let mut streamed_in_order = Vec::new();
+    while let Some(page) = stream.message().await.unwrap() {
+        streamed_in_order.extend(lfns(page.files));
+    }
+    assert_eq!(streamed_in_order, paged);
+    // A condition on what files share and one on each file's own run.
+    assert_eq!(
+        count(find(vec![
+            condition("particle", Op::Eq, &["gamma"]),
+            condition("run_number", Op::Ge, &["3"]),
+        ]))
+        .await,
+        5
+    );
+
     // The stream: the same files, a page per message.
     let mut stream = catalog
         .stream_files(pb::FindFilesRequest {

@@ -280,23 +280,36 @@ async fn write_chunk(db: &mut tokio_postgres::Client, c: Chunk, jobs: i64) -> an
     .await
     .context("the checker's productions")?;
     // Each job wrote one file per NSB level, run number = job index + 1,
-    // LFN and metadata as the profile's outputs template gives them.
+    // LFN and metadata as the profile's outputs template gives them; the
+    // files of a production's NSB level are one class, with its figures.
     let added: i64 = tx
         .query_one(
-            "WITH added AS (
-                 INSERT INTO catalog.files (lfn, production_id, job_index, attempt, size, adler32, url, metadata)
-                 SELECT f.dir || lpad((j / 1000)::text, 3, '0') || 'xxx/run' || lpad((j + 1)::text, 6, '0') || f.stem,
-                        f.production_id, j, 1,
-                        400000000 + (hashint8(f.n * 1000003 + j) & 65535) * 1000,
-                        lpad(to_hex(hashint8(f.n * 7919 + j) & 4294967295), 8, '0'),
-                        'root://eos.cta.example/eos/cta' || f.dir || 'run' || lpad((j + 1)::text, 6, '0') || f.stem,
-                        f.metadata || jsonb_build_object('run_number', j + 1)
+            "WITH generated AS MATERIALIZED (
+                 SELECT f.production_id, f.metadata, j,
+                        f.dir || lpad((j / 1000)::text, 3, '0') || 'xxx/run' || lpad((j + 1)::text, 6, '0') || f.stem AS lfn,
+                        400000000 + (hashint8(f.n * 1000003 + j) & 65535) * 1000 AS size,
+                        lpad(to_hex(hashint8(f.n * 7919 + j) & 4294967295), 8, '0') AS adler32,
+                        'root://eos.cta.example/eos/cta' || f.dir || 'run' || lpad((j + 1)::text, 6, '0') || f.stem AS url
                  FROM (SELECT production_id, dir, stem, metadata::jsonb AS metadata,
                               hashtext(production_id || stem)::bigint AS n
                        FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])
                             AS u (production_id, dir, stem, metadata)
                        OFFSET 0) AS f
-                 CROSS JOIN LATERAL generate_series(0::bigint, $5::bigint - 1) AS j
+                 CROSS JOIN LATERAL generate_series(0::bigint, $5::bigint - 1) AS j),
+             classes AS (
+                 INSERT INTO catalog.file_classes (production_id, metadata, file_count, total_bytes,
+                                                   max_run, first_lfns, min_lfn, max_lfn)
+                 SELECT production_id, metadata, count(*), sum(size), max(j) + 1,
+                        (array_agg(lfn ORDER BY lfn))[1:3], min(lfn), max(lfn)
+                 FROM generated GROUP BY production_id, metadata
+                 RETURNING class_id, production_id, metadata),
+             added AS (
+                 INSERT INTO catalog.files (lfn, production_id, job_index, attempt, size, adler32, url,
+                                            metadata, class_id, own)
+                 SELECT g.lfn, g.production_id, g.j, 1, g.size, g.adler32, g.url,
+                        g.metadata || jsonb_build_object('run_number', g.j + 1), c.class_id,
+                        jsonb_build_object('run_number', g.j + 1)
+                 FROM generated g JOIN classes c USING (production_id, metadata)
                  RETURNING production_id, size),
              totals AS (
                  INSERT INTO catalog.totals (production_id, file_count, total_bytes)
@@ -430,6 +443,7 @@ pub async fn fill(
     // visibility map, hint bits and statistics.
     for table in [
         "catalog.files",
+        "catalog.file_classes",
         "catalog.totals",
         "catalog.productions",
         "checker.productions",
@@ -441,7 +455,10 @@ pub async fn fill(
     }
     result.vacuum_seconds = vacuumed.elapsed().as_secs_f64();
     result.catalog_bytes = db
-        .query_one("SELECT pg_total_relation_size('catalog.files')", &[])
+        .query_one(
+            "SELECT pg_total_relation_size('catalog.files') + pg_total_relation_size('catalog.file_classes')",
+            &[],
+        )
         .await?
         .get(0);
     result.fill_seconds = started.elapsed().as_secs_f64();

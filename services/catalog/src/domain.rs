@@ -26,10 +26,22 @@ pub fn page_size(requested: u32, default: u32) -> u32 {
     }
 }
 
-/// The type of every metadata key the profiles declare.
-pub struct KeyTypes(pub BTreeMap<String, MetadataType>);
+/// The type of every metadata key the profiles declare, and the keys whose
+/// value is a file's own (the profiles' run keys): every other value a
+/// file carries it shares with the other files of its class.
+pub struct KeyTypes(pub BTreeMap<String, MetadataType>, pub BTreeSet<String>);
 
 impl KeyTypes {
+    /// Whether `key`'s value is a file's own rather than its class's.
+    pub fn per_file(&self, key: &str) -> bool {
+        self.1.contains(key)
+    }
+
+    /// Stored metadata as its class's part and the file's own part.
+    pub fn split(&self, metadata: Map<String, Value>) -> (Map<String, Value>, Map<String, Value>) {
+        metadata.into_iter().partition(|(k, _)| !self.per_file(k))
+    }
+
     /// `value` of `key` as its declared type; `Ok(None)` for a key no
     /// profile declares.
     fn typed(&self, key: &str, value: &str) -> Result<Option<Value>, String> {
@@ -94,6 +106,13 @@ impl KeyTypes {
     }
 }
 
+/// The run of a file from its own values: the highest integer among them
+/// (the profiles name one run key each; a file from elsewhere may carry
+/// several).
+pub fn run_of(own: &Map<String, Value>) -> Option<i64> {
+    own.values().filter_map(Value::as_i64).max()
+}
+
 /// Why a file from elsewhere cannot be registered, by field.
 pub fn check_file(index: usize, lfn: &str, adler32: &str, url: &str) -> Vec<Violation> {
     let field = |name: &str| format!("files[{index}].{name}");
@@ -126,11 +145,11 @@ pub fn path_key(key: &str) -> String {
 }
 
 /// The keys of an index definition of the form
-/// `… USING btree (((metadata -> 'a'::text)), ((metadata -> 'b'::text)), lfn)`
-/// (one key or more, then the LFN), if it is one.
+/// `… USING btree (((metadata -> 'a'::text)), ((metadata -> 'b'::text)), min_lfn)`
+/// (one key or more, then a class's first LFN), if it is one.
 pub fn ordered_key(indexdef: &str) -> Option<Vec<String>> {
     let columns = indexdef.split_once(" USING btree (")?.1.strip_suffix(')')?;
-    let keys = columns.strip_suffix(", lfn")?;
+    let keys = columns.strip_suffix(", min_lfn")?;
     keys.split(", ")
         .map(|column| {
             let key = column
@@ -169,11 +188,12 @@ pub struct FileFilter<'a> {
     pub conditions: Vec<Condition<'a>>,
 }
 
-/// A file query as SQL parameters: containment for equalities (the GIN
-/// index), a SQL/JSON path predicate for everything else, and the `=`
-/// conditions on the keys of an index of their values and the LFN
-/// (`ordered`: keys and values, in the index's order), which a page reads
-/// in LFN order.
+/// A file query as SQL parameters. On classes (what files share):
+/// containment for equalities (the GIN index), a SQL/JSON path predicate
+/// for everything else, and the `=` conditions on the keys of an index of
+/// their values and the first LFN (`ordered`: keys and values, in the
+/// index's order), which reads classes in LFN order. On each file's own
+/// values (its run): `file_equal` and `file_path` the same way.
 #[derive(Debug, Clone, PartialEq)]
 pub struct FileQuery {
     pub production_id: String,
@@ -181,6 +201,19 @@ pub struct FileQuery {
     pub path: Option<String>,
     pub lfn_prefix: String,
     pub ordered: Vec<(String, Value)>,
+    pub file_equal: Value,
+    pub file_path: Option<String>,
+}
+
+impl FileQuery {
+    /// Whether the query selects classes (a production or a condition on
+    /// what files share); otherwise it is answered from files by LFN.
+    pub fn selects_classes(&self) -> bool {
+        !self.production_id.is_empty()
+            || self.equal.as_object().is_some_and(|m| !m.is_empty())
+            || self.path.is_some()
+            || !self.ordered.is_empty()
+    }
 }
 
 /// Checks a file filter and turns it into a query, or every reason it
@@ -201,10 +234,15 @@ pub fn file_query(
 ) -> Result<FileQuery, Vec<Violation>> {
     let mut violations = Vec::new();
     let mut equal = Map::new();
+    let mut file_equal = Map::new();
     // Each term with the key and value of an `=` condition, if it is one.
     let mut terms_of: Vec<(String, Option<(&str, Value)>)> = Vec::new();
+    let mut file_terms: Vec<String> = Vec::new();
     for (key, value) in r.metadata {
         match types.condition_value(&format!("metadata.{key}"), key, value) {
+            Ok(v) if types.per_file(key) => {
+                file_equal.insert(key.clone(), v);
+            }
             Ok(v) => {
                 equal.insert(key.clone(), v);
             }
@@ -274,6 +312,10 @@ pub fn file_query(
         }
         if terms.len() == c.values.len() {
             let term = format!("({})", terms.join(" || "));
+            if types.per_file(c.key) {
+                file_terms.push(term);
+                continue;
+            }
             match typed {
                 Some(value) if operator == Operator::Eq => {
                     terms_of.push((term, Some((c.key, value))));
@@ -311,6 +353,8 @@ pub fn file_query(
         && equal.is_empty()
         && path.is_empty()
         && ordered.is_empty()
+        && file_equal.is_empty()
+        && file_terms.is_empty()
         && violations.is_empty()
     {
         violations.push(Violation::new(
@@ -327,6 +371,8 @@ pub fn file_query(
         path: (!path.is_empty()).then(|| path.join(" && ")),
         lfn_prefix: r.lfn_prefix.to_string(),
         ordered,
+        file_equal: Value::Object(file_equal),
+        file_path: (!file_terms.is_empty()).then(|| file_terms.join(" && ")),
     })
 }
 
@@ -370,6 +416,17 @@ pub fn existing_columns(
             q.if_present,
             &mut violations,
         );
+        for (field, map) in [("metadata", q.metadata), ("if_present", q.if_present)] {
+            for key in map.keys().filter(|k| types.per_file(k)) {
+                violations.push(Violation::new(
+                    format!("queries[{i}].{field}.{key}"),
+                    format!(
+                        "{key} is each file's own value (its run), not part of a simulation's \
+                         identity; FindFiles selects files by it"
+                    ),
+                ));
+            }
+        }
         let mut path = Vec::new();
         let mut keys: Vec<&str> = Vec::new();
         for (key, value) in &if_present {
@@ -538,13 +595,16 @@ mod tests {
     }
 
     fn types() -> KeyTypes {
-        KeyTypes(BTreeMap::from([
-            ("run_number".to_string(), MetadataType::Integer),
-            ("thetaP".to_string(), MetadataType::Float),
-            ("site".to_string(), MetadataType::String),
-            ("dataset".to_string(), MetadataType::String),
-            ("nsb".to_string(), MetadataType::Integer),
-        ]))
+        KeyTypes(
+            BTreeMap::from([
+                ("run_number".to_string(), MetadataType::Integer),
+                ("thetaP".to_string(), MetadataType::Float),
+                ("site".to_string(), MetadataType::String),
+                ("dataset".to_string(), MetadataType::String),
+                ("nsb".to_string(), MetadataType::Integer),
+            ]),
+            BTreeSet::from(["run_number".to_string()]),
+        )
     }
 
     fn map(pairs: &[(&str, &str)]) -> HashMap<String, String> {
@@ -621,10 +681,16 @@ mod tests {
         )
         .expect("a valid filter");
         assert_eq!(q.equal, serde_json::json!({"site": "Paranal"}));
+        // The run is each file's own: asked of files, the rest of classes.
+        assert_eq!(q.path.as_deref(), Some(r#"($."thetaP" < 30)"#));
         assert_eq!(
-            q.path.as_deref(),
-            Some(r#"($."run_number" == 1 || $."run_number" == 2) && ($."thetaP" < 30)"#)
+            q.file_path.as_deref(),
+            Some(r#"($."run_number" == 1 || $."run_number" == 2)"#)
         );
+        assert!(q.selects_classes());
+        let (class, own) = t.split(t.lenient(&map(&[("run_number", "7"), ("site", "x")])));
+        assert_eq!(Value::Object(class), serde_json::json!({"site": "x"}));
+        assert_eq!(Value::Object(own), serde_json::json!({"run_number": 7}));
 
         let empty = HashMap::new();
         let bad = file_query(
@@ -683,13 +749,13 @@ mod tests {
     fn ordered_keys_are_read_from_index_definitions() {
         assert_eq!(
             ordered_key(
-                "CREATE INDEX files_particle_lfn ON cat.files USING btree (((metadata -> 'particle'::text)), lfn)"
+                "CREATE INDEX file_classes_particle_lfn ON cat.file_classes USING btree (((metadata -> 'particle'::text)), min_lfn)"
             ),
             Some(vec!["particle".to_string()])
         );
         assert_eq!(
             ordered_key(
-                "CREATE INDEX files_particle_nsb_lfn ON cat.files USING btree (((metadata -> 'particle'::text)), ((metadata -> 'nsb'::text)), lfn)"
+                "CREATE INDEX file_classes_particle_nsb_lfn ON cat.file_classes USING btree (((metadata -> 'particle'::text)), ((metadata -> 'nsb'::text)), min_lfn)"
             ),
             Some(vec!["particle".to_string(), "nsb".to_string()])
         );
@@ -701,7 +767,13 @@ mod tests {
         );
         assert_eq!(
             ordered_key(
-                "CREATE INDEX files_production ON cat.files USING btree (production_id, lfn)"
+                "CREATE INDEX file_classes_production ON cat.file_classes USING btree (production_id, min_lfn)"
+            ),
+            None
+        );
+        assert_eq!(
+            ordered_key(
+                "CREATE INDEX files_particle_lfn ON cat.files USING btree (((metadata -> 'particle'::text)), lfn)"
             ),
             None
         );

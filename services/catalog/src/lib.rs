@@ -59,6 +59,7 @@ pub const MIGRATIONS: &[Migration] = prodsys_db::migrations![
     "0202_files_by_particle_and_nsb_in_lfn_order.sql",
     "0203_every_production_followed_to_its_end.sql",
     "0300_production_records.sql",
+    "0310_file_classes.sql",
 ];
 
 /// Consumers of the catalog's queue: registrations commute (running totals,
@@ -71,9 +72,12 @@ pub async fn start(
 ) -> anyhow::Result<Running> {
     let profiles = ProfileSet::load_dir(&settings.profiles_dir)
         .context("loading production profiles (for the types of metadata keys)")?;
-    let types = Arc::new(domain::KeyTypes(profiles.metadata_types().map_err(
-        |e| anyhow::anyhow!("profiles in {}: {e}", settings.profiles_dir.display()),
-    )?));
+    let types = Arc::new(domain::KeyTypes(
+        profiles
+            .metadata_types()
+            .map_err(|e| anyhow::anyhow!("profiles in {}: {e}", settings.profiles_dir.display()))?,
+        profiles.run_keys(),
+    ));
     let foundation = Foundation::start(
         settings,
         SERVICE,

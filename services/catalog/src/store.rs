@@ -393,9 +393,61 @@ pub struct Registered {
     pub forwarding: Vec<String>,
 }
 
+/// The class of each file (production and the metadata its files share),
+/// made where new: `classes[i]` is the ID of `(productions[i], metadata[i])`.
+/// Rows are taken in the order of the classes' key, so that concurrent
+/// registrations lock them alike.
+async fn classes_of(
+    tx: &Transaction<'_>,
+    productions: &[&str],
+    metadata: &[String],
+) -> anyhow::Result<Vec<i64>> {
+    let rows = tx
+        .query_cached(
+            "WITH wanted AS (
+                 SELECT p, m::jsonb AS m, n
+                 FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS w (p, m, n)),
+             classes AS (
+                 INSERT INTO file_classes (production_id, metadata)
+                 SELECT p, m FROM (SELECT DISTINCT p, m FROM wanted) AS d
+                 ORDER BY p, md5(m::text)
+                 ON CONFLICT (production_id, md5(metadata::text))
+                     DO UPDATE SET file_count = file_classes.file_count
+                 RETURNING class_id, production_id, metadata)
+             SELECT c.class_id FROM wanted w
+             JOIN classes c ON c.production_id = w.p AND c.metadata = w.m
+             ORDER BY w.n",
+            &[&productions, &metadata],
+        )
+        .await
+        .context("finding the files' classes")?;
+    anyhow::ensure!(
+        rows.len() == productions.len(),
+        "{} classes for {} files",
+        rows.len(),
+        productions.len()
+    );
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+/// What the files added to each class add to its running figures:
+/// `(SELECT lfn, size, class_id, run FROM …) AS a` joined in SQL.
+const CLASS_FIGURES: &str = "UPDATE file_classes c SET
+        file_count = c.file_count + a.n,
+        total_bytes = c.total_bytes + a.bytes,
+        max_run = greatest(c.max_run, a.max_run),
+        min_lfn = least(c.min_lfn, a.min_lfn),
+        max_lfn = greatest(c.max_lfn, a.max_lfn),
+        first_lfns = ARRAY(SELECT l FROM unnest(c.first_lfns || a.first_lfns) AS l ORDER BY l LIMIT 3)
+    FROM (SELECT class_id, count(*) AS n, sum(size) AS bytes, max(run) AS max_run,
+                 min(lfn) AS min_lfn, max(lfn) AS max_lfn,
+                 (array_agg(lfn ORDER BY lfn))[1:3] AS first_lfns
+          FROM added_runs GROUP BY class_id) AS a
+    WHERE c.class_id = a.class_id";
+
 /// Registers `files` (with the attempt that wrote them), their metadata
-/// typed as the profiles declare, and a pending replica of each new file on
-/// each destination its production goes to.
+/// typed as the profiles declare, each in its class, and a pending replica
+/// of each new file on each destination its production goes to.
 pub async fn register_files(
     tx: &Transaction<'_>,
     types: &KeyTypes,
@@ -420,20 +472,40 @@ pub async fn register_files(
     let urls: Vec<&str> = files.iter().map(|(_, f)| f.url.as_str()).collect();
     // As JSON text, cast by the server: one string per file instead of a
     // tree of values (a batch holds tens of thousands of files).
-    let metadata: Vec<String> = files
-        .iter()
-        .map(|(_, f)| serde_json::to_string(&types.lenient(&f.metadata)))
-        .collect::<Result<_, _>>()?;
+    let (mut metadata, mut shared, mut owns, mut runs) = (
+        Vec::with_capacity(files.len()),
+        Vec::with_capacity(files.len()),
+        Vec::with_capacity(files.len()),
+        Vec::with_capacity(files.len()),
+    );
+    for (_, f) in files {
+        let typed = types.lenient(&f.metadata);
+        metadata.push(serde_json::to_string(&typed)?);
+        let (class, own) = types.split(typed);
+        runs.push(domain::run_of(&own));
+        shared.push(serde_json::to_string(&class)?);
+        owns.push(serde_json::to_string(&own)?);
+    }
+    let classes = classes_of(tx, &productions, &shared).await?;
     let stmt = tx
-        .prepare_cached(
-            "WITH added AS (
-                 INSERT INTO files (lfn, production_id, job_index, attempt, size, adler32, url, metadata)
-                 SELECT lfn, production_id, job_index, attempt, size, adler32, url, metadata::jsonb
-                 FROM unnest($1::text[], $2::text[], $3::bigint[], $4::int[], $5::bigint[],
-                             $6::text[], $7::text[], $8::text[])
-                      AS f(lfn, production_id, job_index, attempt, size, adler32, url, metadata)
+        .prepare_cached(&format!(
+            "WITH input AS (
+                 SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::int[], $5::bigint[],
+                                      $6::text[], $7::text[], $8::text[], $9::bigint[], $10::text[],
+                                      $11::bigint[])
+                      AS f(lfn, production_id, job_index, attempt, size, adler32, url, metadata,
+                           class_id, own, run)),
+             added AS (
+                 INSERT INTO files (lfn, production_id, job_index, attempt, size, adler32, url, metadata,
+                                    class_id, own)
+                 SELECT lfn, production_id, job_index, attempt, size, adler32, url, metadata::jsonb,
+                        class_id, own::jsonb
+                 FROM input
                  ON CONFLICT (lfn) DO NOTHING
-                 RETURNING lfn, production_id, size),
+                 RETURNING lfn, production_id, size, class_id),
+             added_runs AS (
+                 SELECT a.lfn, a.size, a.class_id, i.run FROM added a JOIN input i USING (lfn)),
+             classed AS ({CLASS_FIGURES}),
              -- A pending replica on each destination its production goes to.
              forwarded AS (
                  INSERT INTO replicas (lfn, destination, production_id)
@@ -450,9 +522,9 @@ pub async fn register_files(
                      file_count = totals.file_count + EXCLUDED.file_count,
                      total_bytes = totals.total_bytes + EXCLUDED.total_bytes)
              SELECT (SELECT count(*) FROM added),
-                    (SELECT COALESCE(array_agg(DISTINCT production_id ORDER BY production_id), '{}')
-                     FROM forwarded)",
-        )
+                    (SELECT COALESCE(array_agg(DISTINCT production_id ORDER BY production_id), '{{}}')
+                     FROM forwarded)"
+        ))
         .await?;
     let row = tx
         .query_one(
@@ -466,6 +538,9 @@ pub async fn register_files(
                 &sums,
                 &urls,
                 &metadata,
+                &classes,
+                &owns,
+                &runs,
             ],
         )
         .await
@@ -626,76 +701,347 @@ pub async fn record_job_outputs(tx: &Transaction<'_>, jobs: &[(&str, i64)]) -> a
     Ok(())
 }
 
-/// The statement of `query`'s files after LFN `$4`, in LFN order, with
-/// their replicas, and its parameters after the first five (production,
-/// equalities, LFN prefix, after, limit): a page and a stream read the same.
-fn files_statement(query: &FileQuery, limit: bool) -> (String, Vec<String>) {
-    // Each file's replicas as one JSON array: [destination, state, url, reason, attempts].
-    let mut sql = "SELECT lfn, size, adler32, url, metadata, production_id, job_index,
-                          (SELECT COALESCE(jsonb_agg(jsonb_build_array(r.destination, r.state, r.url,
-                                                                       r.reason, r.attempts)
-                                                     ORDER BY r.destination), '[]')
-                           FROM replicas r WHERE r.lfn = files.lfn)
-                   FROM files
-                   WHERE ($1 = '' OR production_id = $1) AND metadata @> $2
-                     AND lfn >= $3 AND starts_with(lfn, $3) AND lfn > $4"
+/// A file row's replicas as one JSON array of `[destination, state, url,
+/// reason, attempts]`.
+const REPLICAS: &str = "(SELECT COALESCE(jsonb_agg(jsonb_build_array(r.destination, r.state, r.url,
+                                                                 r.reason, r.attempts)
+                                               ORDER BY r.destination), '[]')
+                     FROM replicas r WHERE r.lfn = f.lfn)";
+
+/// The conditions of `query` on each file's own values, numbered after
+/// `first - 1`, with their parameters.
+fn own_conditions(query: &FileQuery, first: usize, extra: &mut Vec<String>) -> String {
+    let mut sql = String::new();
+    if query.file_equal.as_object().is_some_and(|m| !m.is_empty()) {
+        extra.push(query.file_equal.to_string());
+        sql.push_str(&format!(
+            " AND f.own @> ${}::text::jsonb",
+            first + extra.len() - 1
+        ));
+    }
+    if let Some(path) = &query.file_path {
+        extra.push(path.clone());
+        sql.push_str(&format!(
+            " AND f.own @@ ${}::text::jsonpath",
+            first + extra.len() - 1
+        ));
+    }
+    sql
+}
+
+/// The statement of `query`'s classes whose files may follow LFN `$1` and
+/// begin with the prefix `$2`, in the order of their first LFN, and its
+/// parameters after those two. Each answers with its ID, first and last
+/// LFN, file count, metadata and production.
+fn classes_statement(query: &FileQuery) -> (String, Vec<String>) {
+    let mut sql = "SELECT class_id, min_lfn, max_lfn, file_count, metadata, production_id
+                   FROM file_classes
+                   WHERE max_lfn > $1 AND max_lfn >= $2"
         .to_string();
     let mut extra = Vec::new();
-    let first = if limit { 6 } else { 5 };
+    let param = |extra: &mut Vec<String>, value: String| {
+        extra.push(value);
+        2 + extra.len()
+    };
+    if !query.production_id.is_empty() {
+        let n = param(&mut extra, query.production_id.clone());
+        sql.push_str(&format!(" AND production_id = ${n}"));
+    }
+    if query.equal.as_object().is_some_and(|m| !m.is_empty()) {
+        let n = param(&mut extra, query.equal.to_string());
+        sql.push_str(&format!(" AND metadata @> ${n}::text::jsonb"));
+    }
     // One statement per shape: a path of `true` would lead the planner to a
     // scan of the whole index, so a query without a path has none.
     if let Some(path) = &query.path {
-        extra.push(path.clone());
-        sql.push_str(&format!(
-            " AND metadata @@ ${}::text::jsonpath",
-            first + extra.len() - 1
-        ));
+        let n = param(&mut extra, path.clone());
+        sql.push_str(&format!(" AND metadata @@ ${n}::text::jsonpath"));
     }
     for (key, value) in &query.ordered {
-        extra.push(value.to_string());
-        // As the index of the keys' values and the LFN is written
-        // (`ordered_keys`), so the planner can read it in LFN order.
+        // As the index of the keys' values and the first LFN is written
+        // (`ordered_keys`), so the planner reads it in LFN order.
+        let n = param(&mut extra, value.to_string());
         sql.push_str(&format!(
-            " AND (metadata -> {}) = ${}::text::jsonb",
-            sql_literal(key),
-            first + extra.len() - 1
+            " AND (metadata -> {}) = ${n}::text::jsonb",
+            sql_literal(key)
         ));
     }
-    sql.push_str(" ORDER BY lfn");
-    if limit {
-        sql.push_str(" LIMIT $5");
-    }
+    sql.push_str(" ORDER BY min_lfn");
     (sql, extra)
 }
 
-/// Files and their replicas as the API gives them, from rows of
-/// [`files_statement`].
-fn files_of(
-    rows: &[prodsys_db::deadpool_postgres::tokio_postgres::Row],
-) -> (Vec<pb::OutputFile>, Vec<pb::FileReplicas>) {
-    let replicas = rows
-        .iter()
-        .map(|row| pb::FileReplicas {
-            lfn: row.get(0),
-            replicas: replicas_of(row.get(7)),
-        })
-        .collect();
-    let files = rows
-        .iter()
-        .map(|row| pb::OutputFile {
-            lfn: row.get(0),
-            size: row.get::<_, i64>(1) as u64,
-            adler32: row.get(2),
-            url: row.get(3),
-            metadata: domain::as_text(row.get(4)),
-            production_id: row.get(5),
-            job_index: row.get::<_, i64>(6) as u64,
-        })
-        .collect();
-    (files, replicas)
+/// The statement of the files of the classes `$1` after LFN `$2` with the
+/// prefix `$3`, in LFN order, and its parameters after those three: read
+/// from the covering index of each class's files.
+fn class_files_statement(query: &FileQuery) -> (String, Vec<String>) {
+    let mut extra = Vec::new();
+    let own = own_conditions(query, 4, &mut extra);
+    let sql = format!(
+        "SELECT f.lfn, f.size, f.adler32, f.url, f.own, f.job_index, f.class_id, {REPLICAS}
+         FROM files f
+         WHERE f.class_id = ANY($1) AND f.lfn > $2 AND f.lfn >= $3 AND starts_with(f.lfn, $3){own}
+         ORDER BY f.lfn"
+    );
+    (sql, extra)
+}
+
+/// The statement of every file after LFN `$1` with the prefix `$2`, in LFN
+/// order (a query that names no class), and its parameters after those two.
+fn all_files_statement(query: &FileQuery) -> (String, Vec<String>) {
+    let mut extra = Vec::new();
+    let own = own_conditions(query, 3, &mut extra);
+    let sql = format!(
+        "SELECT f.lfn, f.size, f.adler32, f.url, f.own, f.job_index, f.class_id, {REPLICAS}
+         FROM files f
+         WHERE f.lfn > $1 AND f.lfn >= $2 AND starts_with(f.lfn, $2){own}
+         ORDER BY f.lfn"
+    );
+    (sql, extra)
 }
 
 type Param<'a> = &'a (dyn prodsys_db::deadpool_postgres::tokio_postgres::types::ToSql + Sync);
+type Row = prodsys_db::deadpool_postgres::tokio_postgres::Row;
+type Portal = prodsys_db::deadpool_postgres::tokio_postgres::Portal;
+
+/// What the files of a class share, as the API gives it.
+struct Shared {
+    production_id: String,
+    metadata: std::collections::HashMap<String, String>,
+}
+
+/// A class as a walk reads it.
+struct Class {
+    id: i64,
+    min_lfn: String,
+    max_lfn: String,
+    file_count: i64,
+}
+
+/// Classes read at first, then at a time: a first page needs a few dozen.
+const FIRST_CLASSES: i32 = 32;
+const MORE_CLASSES: i32 = 512;
+
+/// A walk over `query`'s files in LFN order, within one read-only snapshot.
+///
+/// A query that selects classes reads them in the order of their first
+/// LFN and takes them in batches: a batch ends where the next class begins
+/// after every file of the batch (their LFN ranges do not meet), so the
+/// files of a batch, sorted, all come before those of the next. A batch
+/// holds at least as many files as are still wanted, and its files are read
+/// from the covering index of each class's files (not from the table, where
+/// the files of one class lie among those of every production that was
+/// writing beside it). A query that selects no class reads files by LFN.
+struct Walk<'a> {
+    tx: &'a Transaction<'a>,
+    query: &'a FileQuery,
+    after: &'a str,
+    classes: Option<Portal>,
+    classes_read: usize,
+    classes_done: bool,
+    pending: std::collections::VecDeque<Class>,
+    shared: std::collections::HashMap<i64, Shared>,
+    files: Option<Portal>,
+    /// The walk over all files has begun (it is one portal).
+    all_started: bool,
+}
+
+impl<'a> Walk<'a> {
+    async fn start(
+        tx: &'a Transaction<'a>,
+        query: &'a FileQuery,
+        after: &'a str,
+    ) -> anyhow::Result<Walk<'a>> {
+        let classes = if query.selects_classes() {
+            let (sql, extra) = classes_statement(query);
+            let mut params: Vec<Param<'_>> = vec![&after, &query.lfn_prefix];
+            params.extend(extra.iter().map(|e| e as Param<'_>));
+            let statement = tx.prepare_cached(&sql).await?;
+            Some(tx.bind(&statement, &params).await?)
+        } else {
+            None
+        };
+        Ok(Walk {
+            tx,
+            query,
+            after,
+            classes,
+            classes_read: 0,
+            classes_done: false,
+            pending: Default::default(),
+            shared: Default::default(),
+            files: None,
+            all_started: false,
+        })
+    }
+
+    /// The next classes to read files of: at least `want` files' worth and
+    /// every class whose files interleave with theirs; none at the end.
+    async fn next_batch(&mut self, want: i64) -> anyhow::Result<Vec<i64>> {
+        let mut ids = Vec::new();
+        let (mut files, mut last) = (0i64, String::new());
+        loop {
+            if self.pending.is_empty() && !self.classes_done {
+                let Some(portal) = &self.classes else {
+                    break;
+                };
+                let n = if self.classes_read == 0 {
+                    FIRST_CLASSES
+                } else {
+                    MORE_CLASSES
+                };
+                let rows = self.tx.query_portal(portal, n).await?;
+                self.classes_done = rows.len() < n as usize;
+                self.classes_read += rows.len();
+                for row in rows {
+                    let id: i64 = row.get(0);
+                    self.shared.insert(
+                        id,
+                        Shared {
+                            production_id: row.get(5),
+                            metadata: domain::as_text(row.get(4)),
+                        },
+                    );
+                    self.pending.push_back(Class {
+                        id,
+                        min_lfn: row.get(1),
+                        max_lfn: row.get(2),
+                        file_count: row.get(3),
+                    });
+                }
+            }
+            let Some(next) = self.pending.front() else {
+                break;
+            };
+            if !ids.is_empty() && files >= want && next.min_lfn > last {
+                break;
+            }
+            let class = self.pending.pop_front().expect("a class is pending");
+            files += class.file_count;
+            if class.max_lfn > last {
+                last = class.max_lfn;
+            }
+            ids.push(class.id);
+        }
+        Ok(ids)
+    }
+
+    /// Up to `max` more files (fewer only at the end), as rows.
+    async fn rows(&mut self, max: usize) -> anyhow::Result<Vec<Row>> {
+        let mut out: Vec<Row> = Vec::new();
+        while out.len() < max {
+            let want = max - out.len();
+            if let Some(portal) = &self.files {
+                let rows = self.tx.query_portal(portal, want as i32).await?;
+                if rows.len() < want {
+                    self.files = None;
+                }
+                out.extend(rows);
+                continue;
+            }
+            if self.classes.is_some() {
+                let batch = self.next_batch(want as i64).await?;
+                if batch.is_empty() {
+                    break;
+                }
+                let (sql, extra) = class_files_statement(self.query);
+                let mut params: Vec<Param<'_>> = vec![&batch, &self.after, &self.query.lfn_prefix];
+                params.extend(extra.iter().map(|e| e as Param<'_>));
+                let statement = self.tx.prepare_cached(&sql).await?;
+                self.files = Some(self.tx.bind(&statement, &params).await?);
+            } else if !self.all_started {
+                self.all_started = true;
+                let (sql, extra) = all_files_statement(self.query);
+                let mut params: Vec<Param<'_>> = vec![&self.after, &self.query.lfn_prefix];
+                params.extend(extra.iter().map(|e| e as Param<'_>));
+                let statement = self.tx.prepare_cached(&sql).await?;
+                self.files = Some(self.tx.bind(&statement, &params).await?);
+            } else {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Files and their replicas as the API gives them, from [`Walk::rows`]:
+    /// each file's metadata is its class's and its own.
+    async fn files_of(
+        &mut self,
+        rows: &[Row],
+    ) -> anyhow::Result<(Vec<pb::OutputFile>, Vec<pb::FileReplicas>)> {
+        let mut unknown: Vec<i64> = rows
+            .iter()
+            .map(|row| row.get::<_, i64>(6))
+            .filter(|id| !self.shared.contains_key(id))
+            .collect();
+        unknown.sort_unstable();
+        unknown.dedup();
+        if !unknown.is_empty() {
+            // A walk by LFN keeps only the classes of the page at hand.
+            if self.classes.is_none() {
+                self.shared.clear();
+            }
+            for row in self
+                .tx
+                .query_cached(
+                    "SELECT class_id, production_id, metadata FROM file_classes
+                     WHERE class_id = ANY($1)",
+                    &[&unknown],
+                )
+                .await?
+            {
+                self.shared.insert(
+                    row.get(0),
+                    Shared {
+                        production_id: row.get(1),
+                        metadata: domain::as_text(row.get(2)),
+                    },
+                );
+            }
+        }
+        let replicas = rows
+            .iter()
+            .map(|row| pb::FileReplicas {
+                lfn: row.get(0),
+                replicas: replicas_of(row.get(7)),
+            })
+            .collect();
+        let files = rows
+            .iter()
+            .map(|row| {
+                let (metadata, production_id) = match self.shared.get(&row.get::<_, i64>(6)) {
+                    Some(shared) => (shared.metadata.clone(), shared.production_id.clone()),
+                    None => Default::default(),
+                };
+                let mut metadata = metadata;
+                metadata.extend(domain::as_text(row.get(4)));
+                pb::OutputFile {
+                    lfn: row.get(0),
+                    size: row.get::<_, i64>(1) as u64,
+                    adler32: row.get(2),
+                    url: row.get(3),
+                    metadata,
+                    production_id,
+                    job_index: row.get::<_, i64>(5) as u64,
+                }
+            })
+            .collect();
+        Ok((files, replicas))
+    }
+}
+
+/// A read-only transaction of one snapshot, for a walk.
+async fn snapshot(
+    client: &mut prodsys_db::deadpool_postgres::Object,
+) -> anyhow::Result<Transaction<'_>> {
+    Ok(client
+        .build_transaction()
+        .isolation_level(
+            prodsys_db::deadpool_postgres::tokio_postgres::IsolationLevel::RepeatableRead,
+        )
+        .read_only(true)
+        .start()
+        .await?)
+}
 
 /// Up to `page_size` files of `query` after LFN `after`, in LFN order, with
 /// their replicas, and whether more follow.
@@ -705,29 +1051,25 @@ pub async fn files_page(
     after: &str,
     page_size: u32,
 ) -> anyhow::Result<(Vec<pb::OutputFile>, Vec<pb::FileReplicas>, bool)> {
-    let limit = i64::from(page_size) + 1;
-    let client = db.client().await?;
-    let (sql, extra) = files_statement(query, true);
-    let mut params: Vec<Param<'_>> = vec![
-        &query.production_id,
-        &query.equal,
-        &query.lfn_prefix,
-        &after,
-        &limit,
-    ];
-    params.extend(extra.iter().map(|e| e as Param<'_>));
-    let mut rows = client.query_cached(&sql, &params).await?;
-    let more = rows.len() as i64 > i64::from(page_size);
-    rows.truncate(page_size as usize);
-    let (files, replicas) = files_of(&rows);
+    let mut client = db.client().await?;
+    let tx = snapshot(&mut client).await?;
+    let (files, replicas, more) = {
+        let mut walk = Walk::start(&tx, query, after).await?;
+        let mut rows = walk.rows(page_size as usize + 1).await?;
+        let more = rows.len() > page_size as usize;
+        rows.truncate(page_size as usize);
+        let (files, replicas) = walk.files_of(&rows).await?;
+        (files, replicas, more)
+    };
+    tx.commit().await?;
     Ok((files, replicas, more))
 }
 
 /// Every file of `query` after LFN `after`, in LFN order, handed to `send`
 /// in pages of `page_size` (with whether more follow) until it answers
-/// false. One statement and one snapshot serve the whole answer, read page
-/// by page from a portal: the files are searched for once, not again from
-/// each page's last LFN, and the answer is consistent however long it runs.
+/// false. One walk and one snapshot serve the whole answer: the files are
+/// searched for once, not again from each page's last LFN, and the answer
+/// is consistent however long it runs.
 pub async fn stream_files<F, Fut>(
     db: &Db,
     query: &FileQuery,
@@ -740,41 +1082,26 @@ where
     Fut: std::future::Future<Output = bool>,
 {
     let mut client = db.client().await?;
-    let tx = client
-        .build_transaction()
-        .isolation_level(
-            prodsys_db::deadpool_postgres::tokio_postgres::IsolationLevel::RepeatableRead,
-        )
-        .read_only(true)
-        .start()
-        .await?;
-    let (sql, extra) = files_statement(query, false);
-    let mut params: Vec<Param<'_>> = vec![
-        &query.production_id,
-        &query.equal,
-        &query.lfn_prefix,
-        &after,
-    ];
-    params.extend(extra.iter().map(|e| e as Param<'_>));
-    let statement = tx.prepare_cached(&sql).await?;
-    let portal = tx.bind(&statement, &params).await?;
-    // One row more than a page, kept for the next: whether more follow is
-    // known before a page goes out.
-    let mut held = tx.query_portal(&portal, page_size as i32).await?;
-    loop {
-        let next = if held.len() < page_size as usize {
-            Vec::new()
-        } else {
-            tx.query_portal(&portal, page_size as i32).await?
-        };
-        let more = !next.is_empty();
-        let (files, replicas) = files_of(&held);
-        if !send(files, replicas, more).await || !more {
-            break;
+    let tx = snapshot(&mut client).await?;
+    {
+        let mut walk = Walk::start(&tx, query, after).await?;
+        // A page is held until the next is read: whether more follow is
+        // known before a page goes out.
+        let mut held = walk.rows(page_size as usize).await?;
+        loop {
+            let next = if held.len() < page_size as usize {
+                Vec::new()
+            } else {
+                walk.rows(page_size as usize).await?
+            };
+            let more = !next.is_empty();
+            let (files, replicas) = walk.files_of(&held).await?;
+            if !send(files, replicas, more).await || !more {
+                break;
+            }
+            held = next;
         }
-        held = next;
     }
-    drop(portal);
     tx.commit().await?;
     Ok(())
 }
@@ -784,16 +1111,16 @@ fn sql_literal(text: &str) -> String {
     format!("'{}'", text.replace('\'', "''"))
 }
 
-/// The metadata keys of each index of their values and the LFN, as
-/// `((metadata -> 'a'), (metadata -> 'b'), lfn)` (a migration, or an
-/// operator, made it): a page with an `=` condition on each of its keys
-/// reads that index in LFN order.
+/// The metadata keys of each index of classes by their values and first
+/// LFN, as `((metadata -> 'a'), (metadata -> 'b'), min_lfn)` (a migration,
+/// or an operator, made it): a query with an `=` condition on each of its
+/// keys reads that index in LFN order.
 pub async fn ordered_keys(db: &Db) -> anyhow::Result<Vec<Vec<String>>> {
     let client = db.client().await?;
     let rows = client
         .query(
             "SELECT indexdef FROM pg_indexes
-             WHERE schemaname = current_schema() AND tablename = 'files'",
+             WHERE schemaname = current_schema() AND tablename = 'file_classes'",
             &[],
         )
         .await?;
@@ -822,17 +1149,20 @@ pub async fn existing(
                    FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[])
                         WITH ORDINALITY AS u (required, path, keys, if_present, ranges, run_key, n)) AS q
              CROSS JOIN LATERAL (
-                 SELECT count(*) FILTER (WHERE m),
-                        COALESCE(sum(size) FILTER (WHERE m), 0)::bigint,
+                 SELECT COALESCE(sum(file_count) FILTER (WHERE m), 0)::bigint,
+                        COALESCE(sum(total_bytes) FILTER (WHERE m), 0)::bigint,
                         COALESCE(array_agg(DISTINCT production_id) FILTER (WHERE m), '{}'),
                         COALESCE(array_agg(DISTINCT missing) FILTER (WHERE m AND missing <> ''), '{}'),
                         COALESCE(max(run) FILTER (WHERE m), 0)::bigint,
                         COALESCE(array_agg(DISTINCT production_id) FILTER (WHERE NOT m), '{}'),
                         COALESCE(array_agg(DISTINCT differ) FILTER (WHERE NOT m AND differ <> ''), '{}'),
-                        COALESCE((array_agg(lfn ORDER BY lfn) FILTER (WHERE m))[1:3], '{}')
-                 FROM (SELECT lfn, production_id, size, m,
-                              CASE WHEN m AND jsonb_typeof(metadata -> q.run_key) = 'number'
-                                   THEN (metadata ->> q.run_key)::numeric END AS run,
+                        -- The three first LFNs of the matching classes' first three.
+                        ARRAY(SELECT l FROM unnest(array_agg(first_lfns[1]) FILTER (WHERE m)
+                                                   || array_agg(first_lfns[2]) FILTER (WHERE m)
+                                                   || array_agg(first_lfns[3]) FILTER (WHERE m)) AS l
+                              WHERE l IS NOT NULL ORDER BY l LIMIT 3)
+                 FROM (SELECT production_id, file_count, total_bytes, first_lfns, m,
+                              CASE WHEN m AND q.run_key <> '' THEN max_run END AS run,
                               CASE WHEN m THEN array_to_string(ARRAY(
                                   SELECT k FROM jsonb_array_elements_text(q.keys) AS k
                                   WHERE NOT metadata ? k), ',') END AS missing,
@@ -846,11 +1176,11 @@ pub async fn existing(
                                     AND NOT ((metadata ->> (r ->> 'min_key'))::numeric < (r ->> 'max')::numeric
                                          AND (r ->> 'min')::numeric < (metadata ->> (r ->> 'max_key'))::numeric)
                                   ), ',') END AS differ
-                       FROM (SELECT lfn, production_id, size, metadata,
+                       FROM (SELECT production_id, file_count, total_bytes, first_lfns, max_run, metadata,
                                     COALESCE(metadata @@ q.path, false) AS m
-                             FROM (-- A CTA identity through the index of its keys (0201),
-                                   -- any other through the GIN index.
-                                   SELECT lfn, production_id, size, metadata FROM files
+                             FROM (-- A CTA identity through the index of its keys,
+                                   -- any other through the GIN index (both of classes).
+                                   SELECT * FROM file_classes
                                    WHERE q.required ?& ARRAY['MCCampaign', 'array_layout', 'particle',
                                                              'site', 'thetaP', 'phiP']
                                      AND metadata -> 'MCCampaign' = q.required -> 'MCCampaign'
@@ -860,13 +1190,14 @@ pub async fn existing(
                                      AND metadata -> 'thetaP' = q.required -> 'thetaP'
                                      AND metadata -> 'phiP' = q.required -> 'phiP'
                                      -- The function, not the operator: no GIN index scan
-                                     -- beside the btree's (it was 44 of 50 ms).
+                                     -- beside the btree's.
                                      AND jsonb_contains(metadata, q.required)
                                    UNION ALL
-                                   SELECT lfn, production_id, size, metadata FROM files
+                                   SELECT * FROM file_classes
                                    WHERE NOT q.required ?& ARRAY['MCCampaign', 'array_layout', 'particle',
                                                                  'site', 'thetaP', 'phiP']
-                                     AND metadata @> q.required) AS c) AS f) AS f) AS s
+                                     AND metadata @> q.required) AS c
+                             WHERE c.file_count > 0) AS c) AS c) AS s
              ORDER BY q.n",
             &[required, path, keys, if_present, ranges, run],
         )
@@ -1094,10 +1425,19 @@ pub async fn register_record_file(
     metadata: &serde_json::Value,
 ) -> anyhow::Result<()> {
     let size = file.size.min(i64::MAX as u64) as i64;
+    // Its own class: a record shares no run with the outputs.
+    let class = classes_of(tx, &[file.production_id.as_str()], &[metadata.to_string()]).await?[0];
     tx.execute_cached(
-        "INSERT INTO files (lfn, production_id, job_index, attempt, size, adler32, url, metadata)
-         VALUES ($1, $2, 0, 0, $3, $4, $5, $6)
-         ON CONFLICT (lfn) DO NOTHING",
+        &format!(
+            "WITH added AS (
+                 INSERT INTO files (lfn, production_id, job_index, attempt, size, adler32, url,
+                                    metadata, class_id)
+                 VALUES ($1, $2, 0, 0, $3, $4, $5, $6, $7)
+                 ON CONFLICT (lfn) DO NOTHING
+                 RETURNING lfn, size, class_id),
+             added_runs AS (SELECT lfn, size, class_id, NULL::bigint AS run FROM added)
+             {CLASS_FIGURES}"
+        ),
         &[
             &file.lfn,
             &file.production_id,
@@ -1105,6 +1445,7 @@ pub async fn register_record_file(
             &file.adler32,
             &file.url,
             metadata,
+            &class,
         ],
     )
     .await

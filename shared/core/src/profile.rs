@@ -1789,6 +1789,15 @@ impl Profile {
 }
 
 impl ProfileSet {
+    /// The run keys the profiles name (`catalog.run`): the metadata whose
+    /// value is each file's own; everything else a file carries it shares
+    /// with the other files of its production and identity.
+    pub fn run_keys(&self) -> std::collections::BTreeSet<String> {
+        self.iter()
+            .filter_map(|p| p.catalog().and_then(|c| c.run.clone()))
+            .collect()
+    }
+
     /// The type of every metadata key any profile declares; a key declared
     /// with two types is an error naming it.
     pub fn metadata_types(&self) -> Result<BTreeMap<String, MetadataType>, String> {
