@@ -622,3 +622,73 @@ async fn find_files_answers_typed_conditions_in_pages_and_as_a_stream() {
     assert_eq!(violated_fields(&status), ["conditions[0].values"]);
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn files_classed_before_their_run_key_was_known_are_moved_at_start() {
+    let app = spawn_app().await;
+    let legacy = |run: &str| {
+        registered(
+            &format!("/vo.cta.in2p3.fr/MC/LEGACY/proton/run{run}.simtel"),
+            "",
+            &[
+                ("site", "Paranal"),
+                ("particle", "proton"),
+                ("run_number", run),
+            ],
+        )
+    };
+    app.catalog
+        .clone()
+        .register_files(pb::RegisterFilesRequest {
+            files: vec![legacy("1"), legacy("2")],
+        })
+        .await
+        .unwrap();
+    // As a catalog kept them whose profiles did not call run_number a run
+    // key: each file a class of its own, its run among what it shares.
+    let db = app.env.db().await.unwrap();
+    db.batch_execute(
+        "WITH legacy AS (
+             INSERT INTO catalog.file_classes (production_id, metadata, file_count, total_bytes,
+                                               first_lfns, min_lfn, max_lfn)
+             SELECT production_id, metadata, 1, size, ARRAY[lfn], lfn, lfn FROM catalog.files
+             WHERE starts_with(lfn, '/vo.cta.in2p3.fr/MC/LEGACY/')
+             RETURNING class_id, min_lfn)
+         UPDATE catalog.files f SET class_id = l.class_id, own = '{}'
+         FROM legacy l WHERE f.lfn = l.min_lfn;
+         DELETE FROM catalog.file_classes c
+         WHERE NOT EXISTS (SELECT 1 FROM catalog.files f WHERE f.class_id = c.class_id);",
+    )
+    .await
+    .unwrap();
+    let run_one = || pb::FindFilesRequest {
+        conditions: vec![
+            condition("particle", Op::Eq, &["proton"]),
+            condition("run_number", Op::Eq, &["1"]),
+        ],
+        ..Default::default()
+    };
+    // The run is asked of each file's own values, where these lack it.
+    assert!(app.find_all(run_one()).await.unwrap().is_empty());
+
+    let app = app.restart().await;
+    let found = app.find_all(run_one()).await.unwrap();
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0].metadata["run_number"], "1");
+    assert_eq!(found[0].metadata["site"], "Paranal");
+    let classes: Vec<(i64, i64, Option<i64>)> = db
+        .query(
+            "SELECT c.file_count, c.total_bytes, c.max_run FROM catalog.file_classes c
+             WHERE c.class_id IN (SELECT class_id FROM catalog.files
+                                  WHERE starts_with(lfn, '/vo.cta.in2p3.fr/MC/LEGACY/'))",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    // One class again, with its figures.
+    assert_eq!(classes, [(2, 2000, Some(2))]);
+    app.stop().await;
+}

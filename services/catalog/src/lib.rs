@@ -120,6 +120,16 @@ pub async fn start(
         tracing::info!(records_dir = %settings.catalog.records_dir.display(), "writing production records");
         recorder.spawn(shutdown.clone());
     }
+    let moved = store::reclassify(&foundation.db, &types)
+        .await
+        .context("moving files to the classes the profiles' run keys give them")?;
+    if moved > 0 {
+        tracing::info!(
+            files = moved,
+            run_keys = ?types.1,
+            "files moved to the classes of the profiles' run keys"
+        );
+    }
     let ordered_keys = Arc::new(
         store::ordered_keys(&foundation.db)
             .await

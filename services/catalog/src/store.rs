@@ -1470,3 +1470,87 @@ pub async fn register_record_file(
     }
     Ok(())
 }
+
+/// Moves the files of classes that hold a value the profiles now call each
+/// file's own (a run key added since they were registered, or files from
+/// before classes whose profiles name another run key) into the classes
+/// they belong to, a hundred classes a transaction: until then a condition
+/// on that key, asked of each file's own values, would miss them. Returns
+/// how many files moved.
+pub async fn reclassify(db: &Db, types: &KeyTypes) -> anyhow::Result<u64> {
+    let keys: Vec<&str> = types.1.iter().map(String::as_str).collect();
+    let mut moved = 0u64;
+    if keys.is_empty() {
+        return Ok(moved);
+    }
+    loop {
+        let mut client = db.client().await?;
+        let tx = client.transaction().await?;
+        let stale: Vec<i64> = tx
+            .query(
+                "SELECT class_id FROM file_classes WHERE metadata ?| $1::text[]
+                 ORDER BY class_id LIMIT 100 FOR UPDATE SKIP LOCKED",
+                &[&keys],
+            )
+            .await?
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        if stale.is_empty() {
+            return Ok(moved);
+        }
+        let files = tx
+            .query(
+                "SELECT lfn, production_id, metadata FROM files WHERE class_id = ANY($1)
+                 ORDER BY lfn",
+                &[&stale],
+            )
+            .await?;
+        let (mut lfns, mut productions, mut shared, mut owns) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for row in &files {
+            let serde_json::Value::Object(metadata) = row.get::<_, serde_json::Value>(2) else {
+                continue;
+            };
+            let (class, own) = types.split(metadata);
+            lfns.push(row.get::<_, String>(0));
+            productions.push(row.get::<_, String>(1));
+            shared.push(serde_json::to_string(&class)?);
+            owns.push(serde_json::to_string(&own)?);
+        }
+        let production_refs: Vec<&str> = productions.iter().map(String::as_str).collect();
+        let classes = classes_of(&tx, &production_refs, &shared).await?;
+        tx.execute(
+            "UPDATE files f SET class_id = u.class_id, own = u.own::jsonb
+             FROM unnest($1::text[], $2::bigint[], $3::text[]) AS u (lfn, class_id, own)
+             WHERE f.lfn = u.lfn",
+            &[&lfns, &classes, &owns],
+        )
+        .await?;
+        // The figures of the classes the files went to, from all their files.
+        tx.execute(
+            "UPDATE file_classes c SET file_count = a.n, total_bytes = a.bytes, max_run = a.max_run,
+                    min_lfn = a.min_lfn, max_lfn = a.max_lfn, first_lfns = a.first_lfns
+             FROM (SELECT f.class_id, count(*) AS n, sum(f.size) AS bytes, max(r.run)::bigint AS max_run,
+                          min(f.lfn) AS min_lfn, max(f.lfn) AS max_lfn,
+                          (array_agg(f.lfn ORDER BY f.lfn))[1:3] AS first_lfns
+                   FROM files f
+                   LEFT JOIN LATERAL (SELECT max((e.value #>> '{}')::numeric) AS run
+                                      FROM jsonb_each(f.own) AS e
+                                      WHERE jsonb_typeof(e.value) = 'number') AS r ON true
+                   WHERE f.class_id = ANY($1)
+                   GROUP BY f.class_id) AS a
+             WHERE c.class_id = a.class_id",
+            &[&classes],
+        )
+        .await?;
+        tx.execute(
+            "DELETE FROM file_classes c WHERE c.class_id = ANY($1)
+               AND NOT EXISTS (SELECT 1 FROM files f WHERE f.class_id = c.class_id)",
+            &[&stale],
+        )
+        .await?;
+        tx.commit().await?;
+        moved += lfns.len() as u64;
+    }
+}
