@@ -570,6 +570,45 @@ async fn find_files_answers_typed_conditions_in_pages_and_as_a_stream() {
     }
     assert_eq!(streamed.len(), 5);
 
+    // More classes than one read of classes takes (32): forty files from
+    // elsewhere, each a class of its own (its own energy), LFNs in the
+    // reverse order of registration.
+    let many: Vec<pb::OutputFile> = (0..40)
+        .map(|i| {
+            registered(
+                &format!("/vo.cta.in2p3.fr/MC/MANY/helium/run{:03}.simtel", 99 - i),
+                "",
+                &[
+                    ("site", "Paranal"),
+                    ("particle", "helium"),
+                    ("energy_min", &format!("0.{}", i + 1)),
+                    ("run_number", &(99 - i).to_string()),
+                ],
+            )
+        })
+        .collect();
+    catalog
+        .register_files(pb::RegisterFilesRequest { files: many })
+        .await
+        .unwrap();
+    let heliums = pb::FindFilesRequest {
+        conditions: vec![condition("particle", Op::Eq, &["helium"])],
+        page_size: 7,
+        ..Default::default()
+    };
+    let paged_heliums = lfns(app.find_all(heliums.clone()).await.unwrap());
+    let mut expected: Vec<String> = (60..100)
+        .map(|run| format!("/vo.cta.in2p3.fr/MC/MANY/helium/run{run:03}.simtel"))
+        .collect();
+    expected.sort();
+    assert_eq!(paged_heliums, expected);
+    let mut stream = catalog.stream_files(heliums).await.unwrap().into_inner();
+    let mut streamed_heliums = Vec::new();
+    while let Some(page) = stream.message().await.unwrap() {
+        streamed_heliums.extend(lfns(page.files));
+    }
+    assert_eq!(streamed_heliums, expected);
+
     // An unknown key or a value of the wrong type is a field violation.
     let refused = |query: pb::FindFilesRequest| {
         let mut catalog = catalog.clone();

@@ -730,18 +730,21 @@ fn own_conditions(query: &FileQuery, first: usize, extra: &mut Vec<String>) -> S
 }
 
 /// The statement of `query`'s classes whose files may follow LFN `$1` and
-/// begin with the prefix `$2`, in the order of their first LFN, and its
-/// parameters after those two. Each answers with its ID, first and last
-/// LFN, file count, metadata and production.
+/// begin with the prefix `$2`, the first `$4` in the order of their first
+/// LFN after `$3`, and its parameters after those four. Each answers with
+/// its ID, first and last LFN, file count, metadata and production. (A
+/// limit, not a portal: planned for all of them, the classes of a
+/// particle and NSB level were read from a bitmap of thousands and sorted,
+/// 100 ms cold, where the index in first-LFN order gives the first few.)
 fn classes_statement(query: &FileQuery) -> (String, Vec<String>) {
     let mut sql = "SELECT class_id, min_lfn, max_lfn, file_count, metadata, production_id
                    FROM file_classes
-                   WHERE max_lfn > $1 AND max_lfn >= $2"
+                   WHERE max_lfn > $1 AND max_lfn >= $2 AND min_lfn > $3"
         .to_string();
     let mut extra = Vec::new();
     let param = |extra: &mut Vec<String>, value: String| {
         extra.push(value);
-        2 + extra.len()
+        4 + extra.len()
     };
     if !query.production_id.is_empty() {
         let n = param(&mut extra, query.production_id.clone());
@@ -766,7 +769,7 @@ fn classes_statement(query: &FileQuery) -> (String, Vec<String>) {
             sql_literal(key)
         ));
     }
-    sql.push_str(" ORDER BY min_lfn");
+    sql.push_str(" ORDER BY min_lfn LIMIT $4");
     (sql, extra)
 }
 
@@ -818,8 +821,8 @@ struct Class {
 }
 
 /// Classes read at first, then at a time: a first page needs a few dozen.
-const FIRST_CLASSES: i32 = 32;
-const MORE_CLASSES: i32 = 512;
+const FIRST_CLASSES: i64 = 32;
+const MORE_CLASSES: i64 = 512;
 
 /// A walk over `query`'s files in LFN order, within one read-only snapshot.
 ///
@@ -835,7 +838,11 @@ struct Walk<'a> {
     tx: &'a Transaction<'a>,
     query: &'a FileQuery,
     after: &'a str,
-    classes: Option<Portal>,
+    /// The statement of the query's classes and its parameters after the
+    /// first four, if it selects classes.
+    classes: Option<(String, Vec<String>)>,
+    /// The first LFN of the last class read.
+    last_class: String,
     classes_read: usize,
     classes_done: bool,
     pending: std::collections::VecDeque<Class>,
@@ -851,20 +858,13 @@ impl<'a> Walk<'a> {
         query: &'a FileQuery,
         after: &'a str,
     ) -> anyhow::Result<Walk<'a>> {
-        let classes = if query.selects_classes() {
-            let (sql, extra) = classes_statement(query);
-            let mut params: Vec<Param<'_>> = vec![&after, &query.lfn_prefix];
-            params.extend(extra.iter().map(|e| e as Param<'_>));
-            let statement = tx.prepare_cached(&sql).await?;
-            Some(tx.bind(&statement, &params).await?)
-        } else {
-            None
-        };
+        let classes = query.selects_classes().then(|| classes_statement(query));
         Ok(Walk {
             tx,
             query,
             after,
             classes,
+            last_class: String::new(),
             classes_read: 0,
             classes_done: false,
             pending: Default::default(),
@@ -881,17 +881,23 @@ impl<'a> Walk<'a> {
         let (mut files, mut last) = (0i64, String::new());
         loop {
             if self.pending.is_empty() && !self.classes_done {
-                let Some(portal) = &self.classes else {
+                let Some((sql, extra)) = &self.classes else {
                     break;
                 };
-                let n = if self.classes_read == 0 {
+                let n: i64 = if self.classes_read == 0 {
                     FIRST_CLASSES
                 } else {
                     MORE_CLASSES
                 };
-                let rows = self.tx.query_portal(portal, n).await?;
+                let mut params: Vec<Param<'_>> =
+                    vec![&self.after, &self.query.lfn_prefix, &self.last_class, &n];
+                params.extend(extra.iter().map(|e| e as Param<'_>));
+                let rows = self.tx.query_cached(sql, &params).await?;
                 self.classes_done = rows.len() < n as usize;
                 self.classes_read += rows.len();
+                if let Some(last) = rows.last() {
+                    self.last_class = last.get(1);
+                }
                 for row in rows {
                     let id: i64 = row.get(0);
                     self.shared.insert(
