@@ -50,8 +50,10 @@ CREATE INDEX files_class ON files (class_id, lfn) INCLUDE (size, adler32, url, j
 
 -- Classes as queries find them: by production, by their metadata (any
 -- containment), by a CTA simulation's identity (the existence check), and
--- by particle, and particle and NSB level, in LFN order (first pages).
+-- in LFN order (first pages): all of them, by particle, and by particle
+-- and NSB level.
 CREATE INDEX file_classes_production ON file_classes (production_id, min_lfn);
+CREATE INDEX file_classes_lfn ON file_classes (min_lfn);
 CREATE INDEX file_classes_metadata ON file_classes USING gin (metadata jsonb_path_ops);
 CREATE INDEX file_classes_cta_identity ON file_classes ((metadata -> 'MCCampaign'), (metadata -> 'array_layout'),
                                                        (metadata -> 'particle'), (metadata -> 'site'),

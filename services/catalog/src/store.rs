@@ -730,13 +730,14 @@ fn own_conditions(query: &FileQuery, first: usize, extra: &mut Vec<String>) -> S
 }
 
 /// The statement of `query`'s classes whose files may follow LFN `$1` and
-/// begin with the prefix `$2`, the first `$4` in the order of their first
-/// LFN after `$3`, and its parameters after those four. Each answers with
-/// its ID, first and last LFN, file count, metadata and production. (A
-/// limit, not a portal: planned for all of them, the classes of a
-/// particle and NSB level were read from a bitmap of thousands and sorted,
-/// 100 ms cold, where the index in first-LFN order gives the first few.)
-fn classes_statement(query: &FileQuery) -> (String, Vec<String>) {
+/// begin with the prefix `$2`, in the order of their first LFN after `$3`
+/// (`limited`: the first `$4` of them), and its parameters after those
+/// four. Each answers with its ID, first and last LFN, file count, metadata
+/// and production. A page reads a few classes at a time (planned for all of
+/// them, the classes of a particle and NSB level were read from a bitmap
+/// of thousands and sorted, 100 ms cold, where the index in first-LFN order
+/// gives the first few); a stream reads all of them once, from a portal.
+fn classes_statement(query: &FileQuery, limited: bool) -> (String, Vec<String>) {
     let mut sql = "SELECT class_id, min_lfn, max_lfn, file_count, metadata, production_id
                    FROM file_classes
                    WHERE max_lfn > $1 AND max_lfn >= $2 AND min_lfn > $3"
@@ -769,7 +770,12 @@ fn classes_statement(query: &FileQuery) -> (String, Vec<String>) {
             sql_literal(key)
         ));
     }
-    sql.push_str(" ORDER BY min_lfn LIMIT $4");
+    sql.push_str(if limited {
+        " ORDER BY min_lfn LIMIT $4"
+    } else {
+        // $4 unused: the same parameters either way.
+        " AND $4::bigint IS NULL ORDER BY min_lfn"
+    });
     (sql, extra)
 }
 
@@ -841,6 +847,8 @@ struct Walk<'a> {
     /// The statement of the query's classes and its parameters after the
     /// first four, if it selects classes.
     classes: Option<(String, Vec<String>)>,
+    /// A stream's classes: one portal over all of them.
+    class_portal: Option<Portal>,
     /// The first LFN of the last class read.
     last_class: String,
     classes_read: usize,
@@ -853,17 +861,33 @@ struct Walk<'a> {
 }
 
 impl<'a> Walk<'a> {
+    /// A walk for a page (`whole` false: classes a few at a time) or a
+    /// stream (every class once, from a portal).
     async fn start(
         tx: &'a Transaction<'a>,
         query: &'a FileQuery,
         after: &'a str,
+        whole: bool,
     ) -> anyhow::Result<Walk<'a>> {
-        let classes = query.selects_classes().then(|| classes_statement(query));
+        let classes = query
+            .selects_classes()
+            .then(|| classes_statement(query, !whole));
+        let class_portal = match &classes {
+            Some((sql, extra)) if whole => {
+                let none: Option<i64> = None;
+                let mut params: Vec<Param<'_>> = vec![&after, &query.lfn_prefix, &"", &none];
+                params.extend(extra.iter().map(|e| e as Param<'_>));
+                let statement = tx.prepare_cached(sql).await?;
+                Some(tx.bind(&statement, &params).await?)
+            }
+            _ => None,
+        };
         Ok(Walk {
             tx,
             query,
             after,
             classes,
+            class_portal,
             last_class: String::new(),
             classes_read: 0,
             classes_done: false,
@@ -889,10 +913,15 @@ impl<'a> Walk<'a> {
                 } else {
                     MORE_CLASSES
                 };
-                let mut params: Vec<Param<'_>> =
-                    vec![&self.after, &self.query.lfn_prefix, &self.last_class, &n];
-                params.extend(extra.iter().map(|e| e as Param<'_>));
-                let rows = self.tx.query_cached(sql, &params).await?;
+                let rows = match &self.class_portal {
+                    Some(portal) => self.tx.query_portal(portal, n as i32).await?,
+                    None => {
+                        let mut params: Vec<Param<'_>> =
+                            vec![&self.after, &self.query.lfn_prefix, &self.last_class, &n];
+                        params.extend(extra.iter().map(|e| e as Param<'_>));
+                        self.tx.query_cached(sql, &params).await?
+                    }
+                };
                 self.classes_done = rows.len() < n as usize;
                 self.classes_read += rows.len();
                 if let Some(last) = rows.last() {
@@ -1060,7 +1089,7 @@ pub async fn files_page(
     let mut client = db.client().await?;
     let tx = snapshot(&mut client).await?;
     let (files, replicas, more) = {
-        let mut walk = Walk::start(&tx, query, after).await?;
+        let mut walk = Walk::start(&tx, query, after, false).await?;
         let mut rows = walk.rows(page_size as usize + 1).await?;
         let more = rows.len() > page_size as usize;
         rows.truncate(page_size as usize);
@@ -1090,7 +1119,7 @@ where
     let mut client = db.client().await?;
     let tx = snapshot(&mut client).await?;
     {
-        let mut walk = Walk::start(&tx, query, after).await?;
+        let mut walk = Walk::start(&tx, query, after, true).await?;
         // A page is held until the next is read: whether more follow is
         // known before a page goes out.
         let mut held = walk.rows(page_size as usize).await?;
