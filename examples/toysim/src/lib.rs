@@ -8,6 +8,7 @@
 //!
 //! The crate is std-only on purpose: it must build in seconds.
 
+pub mod dl1;
 pub mod km3net;
 
 use std::collections::HashSet;

@@ -1,7 +1,8 @@
 //! `prodsys-toysim`: thin command-line wrapper around [`prodsys_toysim`].
 //!
 //! `prodsys-toysim km3net ...` writes a KM3NeT-like event file instead (see
-//! [`prodsys_toysim::km3net`]).
+//! [`prodsys_toysim::km3net`]); `prodsys-toysim dl1 ...` processes
+//! simulation files into DL1 files (see [`prodsys_toysim::dl1`]).
 //!
 //! Exit codes: 0 success, 1 I/O error, 2 bad arguments, 3 simulated failure (`--fail`).
 
@@ -12,6 +13,9 @@ fn main() -> ExitCode {
     let mut argv = std::env::args_os().skip(1).peekable();
     if argv.peek().is_some_and(|a| a == "km3net") {
         return km3net(argv.skip(1));
+    }
+    if argv.peek().is_some_and(|a| a == "dl1") {
+        return dl1(argv.skip(1));
     }
     let args = match prodsys_toysim::parse_args(std::env::args_os().skip(1)) {
         Ok(args) => args,
@@ -48,6 +52,28 @@ fn km3net(args: impl Iterator<Item = std::ffi::OsString>) -> ExitCode {
     let environment: Vec<(String, String)> = std::env::vars().collect();
     let mut out = std::io::stdout().lock();
     let result = km3net::simulate(&args, &environment, &mut out);
+    let _ = out.flush();
+    match result {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("{err}");
+            ExitCode::from(err.exit_code())
+        }
+    }
+}
+
+fn dl1(args: impl Iterator<Item = std::ffi::OsString>) -> ExitCode {
+    use prodsys_toysim::dl1;
+    let args = match dl1::parse_args(args) {
+        Ok(args) => args,
+        Err(err) => {
+            eprintln!("prodsys-toysim dl1: {err}");
+            eprintln!("{}", dl1::USAGE);
+            return ExitCode::from(prodsys_toysim::EXIT_BAD_ARGS);
+        }
+    };
+    let mut out = std::io::stdout().lock();
+    let result = dl1::process(&args, &mut out);
     let _ = out.flush();
     match result {
         Ok(_) => ExitCode::SUCCESS,

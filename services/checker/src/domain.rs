@@ -168,6 +168,9 @@ pub struct Known {
 /// batch or an earlier one.
 #[derive(Default)]
 pub struct Neighbourhood {
+    /// The productions chained candidates name as their input, by ID, with
+    /// their profile.
+    parents: HashMap<String, String>,
     by_fingerprint: HashMap<String, String>,
     by_base: HashMap<String, Vec<Known>>,
     /// By file-base fingerprint, with each one's base fingerprint.
@@ -175,6 +178,42 @@ pub struct Neighbourhood {
 }
 
 impl Neighbourhood {
+    /// A production a chained candidate names as its input, and its profile.
+    pub fn add_parent(&mut self, production_id: String, profile: String) {
+        self.parents.insert(production_id, profile);
+    }
+
+    /// Why a chained candidate cannot take its inputs from the production
+    /// its parameters name: none by that ID, or one of another profile.
+    fn parent_violation(
+        &self,
+        profile: &Profile,
+        parameters: &serde_json::Value,
+    ) -> Option<Violation> {
+        let inputs = profile.inputs()?;
+        let parent = inputs.parent(parameters)?;
+        let field = format!(
+            "parameters.{}",
+            inputs.production.as_deref().unwrap_or_default()
+        );
+        match (self.parents.get(&parent), &inputs.profile) {
+            (None, _) => Some(Violation::new(
+                field,
+                format!(
+                    "no production {parent} was accepted; a chained production takes the outputs of an accepted one"
+                ),
+            )),
+            (Some(of), Some(wanted)) if of != wanted => Some(Violation::new(
+                field,
+                format!(
+                    "{parent} is a production of profile {of}; profile {} takes the outputs of {wanted}",
+                    profile.name()
+                ),
+            )),
+            _ => None,
+        }
+    }
+
     pub fn add(&mut self, base: String, file_base: Option<String>, production: Known) {
         self.by_fingerprint.insert(
             production.fingerprint.clone(),
@@ -229,6 +268,8 @@ impl Neighbourhood {
 /// The fingerprints, base fingerprints and file-base fingerprints whose
 /// productions make the neighbourhood of `prepared`.
 pub struct Lookups {
+    /// Productions chained candidates name as their input.
+    pub parents: Vec<String>,
     pub fingerprints: Vec<String>,
     pub bases: Vec<String>,
     pub file_bases: Vec<String>,
@@ -237,6 +278,7 @@ pub struct Lookups {
 impl Lookups {
     pub fn of<'a, 'p: 'a>(prepared: impl IntoIterator<Item = &'a Prepared<'p>>) -> Self {
         let mut lookups = Lookups {
+            parents: Vec::new(),
             fingerprints: Vec::new(),
             bases: Vec::new(),
             file_bases: Vec::new(),
@@ -246,6 +288,9 @@ impl Lookups {
                 continue;
             };
             lookups.fingerprints.push(p.validation.fingerprint.clone());
+            lookups
+                .parents
+                .extend(profile.inputs().and_then(|i| i.parent(parameters)));
             lookups.bases.push(base.clone());
             lookups
                 .file_bases
@@ -442,6 +487,7 @@ impl Rules {
         let fingerprint = validation.fingerprint.clone();
         validation.parameters_json = parameters.to_string();
         let mut violations = std::mem::take(&mut validation.violations);
+        violations.extend(known.parent_violation(profile, &parameters));
         if let Some(existing) = known.existing(&fingerprint) {
             // Asked for, the existing production is the answer rather than a refusal.
             if !candidate.reuse_existing {
@@ -523,19 +569,25 @@ impl Rules {
             });
             validation.estimate = Some(profile.resource_estimate(plan));
             violations.extend(profile.check_job_count(plan, self.max_jobs));
-        } else {
+        } else if profile.inputs().is_none() {
             violations.push(Violation::new("parameters", "give no job plan"));
         }
         validation.violations = violations;
         validation.acceptable = validation.violations.is_empty();
-        let accepted = match (validation.acceptable, plan) {
-            (true, Some(plan)) => Some(Accepted {
+        // A chained production has no plan: its jobs follow its input files.
+        let last_run = match (&plan, profile.inputs()) {
+            (Some(plan), _) => Some((plan.run_number_offset + plan.job_count) as i64),
+            (None, Some(_)) => Some(run_number_offset),
+            (None, None) => None,
+        };
+        let accepted = match (validation.acceptable, last_run) {
+            (true, Some(last_run)) => Some(Accepted {
                 profile,
                 parameters,
                 base_fingerprint,
                 file_base,
                 run_number_offset,
-                last_run: (plan.run_number_offset + plan.job_count) as i64,
+                last_run,
             }),
             _ => None,
         };

@@ -65,6 +65,7 @@ fn apply(projection: &mut Projection, update: Update) -> Result<()> {
             m.production_id,
             m.job_total,
             m.estimate.as_ref().map(prost::Message::encode_to_vec),
+            m.waiting_for_input,
         ),
         Update::Health(m) => projection.health(InstallationHealth {
             installation: m.installation,

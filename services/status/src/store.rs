@@ -127,7 +127,8 @@ async fn upsert_productions(
              state      = CASE WHEN EXCLUDED.state_rank > p.state_rank
                                THEN EXCLUDED.state ELSE p.state END,
              state_rank = GREATEST(EXCLUDED.state_rank, p.state_rank),
-             job_total  = COALESCE(EXCLUDED.job_total, p.job_total),
+             -- A chained production's total grows as its inputs arrive; events may come out of order.
+             job_total  = GREATEST(EXCLUDED.job_total, p.job_total),
              request_id = COALESCE(EXCLUDED.request_id, p.request_id),
              profile    = CASE WHEN EXCLUDED.profile = '' THEN p.profile ELSE EXCLUDED.profile END,
              vo         = CASE WHEN EXCLUDED.vo = '' THEN p.vo ELSE EXCLUDED.vo END,

@@ -1,0 +1,263 @@
+//! Chained productions: a profile whose jobs take other productions' output
+//! files as their input. The profile's `inputs` section says where the files
+//! come from (the production a parameter names, or every production of a
+//! profile: a catalogue query), which of their files qualify (metadata
+//! conditions), and how they are grouped into jobs (`group_size` files per
+//! job, or one job per value of a metadata key). The rules here are pure:
+//! the dispatcher keeps which file went to which job.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::ProductionState;
+
+/// A profile's `inputs` section.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InputSpec {
+    /// A string parameter naming the production whose outputs are the
+    /// inputs (`input_production`).
+    #[serde(default)]
+    pub production: Option<String>,
+    /// The profile the parent productions are of. Without `production`,
+    /// every production of this profile the dispatcher knows when the
+    /// chained one is recorded is a parent (a catalogue query, narrowed by
+    /// `metadata`).
+    #[serde(default)]
+    pub profile: Option<String>,
+    /// Conditions on the input files' metadata: a file qualifies when each
+    /// key holds exactly this value. Values are templates over the
+    /// parameters (`{particle}`).
+    #[serde(default)]
+    pub metadata: BTreeMap<String, String>,
+    /// Input files per job; the last job of a production takes what is left
+    /// once every parent ended.
+    #[serde(default = "one")]
+    pub group_size: u64,
+    /// Instead of `group_size`: one job per value of this metadata key of
+    /// the input files (made once every parent ended; a file without the
+    /// key goes with the empty value).
+    #[serde(default)]
+    pub group_by: Option<String>,
+    /// Name of the file list written in each job's directory (one input a
+    /// line), which the command reaches as `{input_list}`.
+    #[serde(default = "default_list_file")]
+    pub list_file: String,
+}
+
+fn one() -> u64 {
+    1
+}
+
+fn default_list_file() -> String {
+    "inputs.txt".into()
+}
+
+/// Variables a chained profile's job templates may use: `{input_files}`
+/// (the inputs' paths, or URLs where they are not local files, separated by
+/// spaces; a command element that is exactly `{input_files}` becomes one
+/// argument per file), `{input_list}` (path of the list file) and
+/// `{input_count}`.
+pub const INPUT_VARIABLES: &[&str] = &["input_files", "input_list", "input_count"];
+
+/// One input file waiting for a job, as the dispatcher holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingInput {
+    pub lfn: String,
+    pub metadata: BTreeMap<String, String>,
+}
+
+impl InputSpec {
+    /// Why the section cannot be used, against the profile's parameter names.
+    pub fn check(&self, is_parameter: impl Fn(&str) -> bool) -> Result<(), String> {
+        if self.production.is_none() && self.profile.is_none() {
+            return Err("inputs needs `production` (a parameter naming the parent production) or `profile` (a catalogue query)".into());
+        }
+        if let Some(p) = &self.production
+            && !is_parameter(p)
+        {
+            return Err(format!("inputs.production {p:?} is not a parameter"));
+        }
+        if self.group_size == 0 {
+            return Err("inputs.group_size must be at least 1".into());
+        }
+        if self.group_by.is_some() && self.group_size != 1 {
+            return Err("inputs.group_by and inputs.group_size exclude each other".into());
+        }
+        if self.group_by.as_deref() == Some("") {
+            return Err("inputs.group_by is empty".into());
+        }
+        let name = &self.list_file;
+        if name.is_empty() || name.contains('/') || name == "." || name == ".." {
+            return Err(format!(
+                "inputs.list_file {name:?} must be a plain file name"
+            ));
+        }
+        Ok(())
+    }
+
+    /// The parent production a request names, if the section takes one.
+    pub fn parent(&self, parameters: &Value) -> Option<String> {
+        let key = self.production.as_ref()?;
+        parameters.get(key)?.as_str().map(str::to_string)
+    }
+
+    /// The metadata conditions of a production, rendered from its
+    /// parameters' template variables; a condition over a parameter the
+    /// request left out is dropped.
+    pub fn conditions(&self, vars: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+        self.metadata
+            .iter()
+            .filter_map(|(k, v)| Some((k.clone(), crate::profile::render_known(v, vars)?)))
+            .collect()
+    }
+
+    /// The jobs to make of `pending` (in arrival order), each as indexes into
+    /// it: full groups of `group_size`, and once every parent ended
+    /// (`parents_ended`) the rest as a last job; with `group_by`, nothing
+    /// until every parent ended, then one job per value, in value order.
+    pub fn group(&self, pending: &[PendingInput], parents_ended: bool) -> Vec<Vec<usize>> {
+        if let Some(key) = &self.group_by {
+            if !parents_ended {
+                return Vec::new();
+            }
+            let mut by_value: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+            for (i, input) in pending.iter().enumerate() {
+                let value = input.metadata.get(key).map_or("", String::as_str);
+                by_value.entry(value).or_default().push(i);
+            }
+            return by_value.into_values().collect();
+        }
+        let size = self.group_size.max(1) as usize;
+        let mut groups: Vec<Vec<usize>> = (0..pending.len())
+            .collect::<Vec<_>>()
+            .chunks(size)
+            .map(<[usize]>::to_vec)
+            .collect();
+        if !parents_ended && groups.last().is_some_and(|g| g.len() < size) {
+            groups.pop();
+        }
+        groups
+    }
+}
+
+/// Where a job finds an input: the path of a `file://` URL, any other URL
+/// (`root://`) as it is.
+pub fn input_location(url: &str) -> &str {
+    url.strip_prefix("file://").unwrap_or(url)
+}
+
+/// What a chained production says of its inputs once every parent ended:
+/// empty when every parent COMPLETED, else which did not and how it ended
+/// (`None`: never recorded).
+pub fn inputs_note(parents: &[(String, Option<ProductionState>)]) -> String {
+    let short: Vec<String> = parents
+        .iter()
+        .filter(|(_, state)| *state != Some(ProductionState::Completed))
+        .map(|(id, state)| match state {
+            Some(state) => format!("{id} ended {state}"),
+            None => format!("{id} is unknown"),
+        })
+        .collect();
+    if short.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "processed the outputs that exist: parent {}",
+            short.join(", parent ")
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(json: &str) -> InputSpec {
+        serde_json::from_str(json).unwrap()
+    }
+
+    fn inputs(values: &[&str]) -> Vec<PendingInput> {
+        values
+            .iter()
+            .enumerate()
+            .map(|(i, v)| PendingInput {
+                lfn: format!("/f{i}"),
+                metadata: BTreeMap::from([("run".to_string(), v.to_string())]),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn full_groups_go_at_once_and_the_rest_once_every_parent_ended() {
+        let s = spec(r#"{"production": "input_production", "group_size": 2}"#);
+        let five = inputs(&["1", "2", "3", "4", "5"]);
+        assert_eq!(s.group(&five, false), vec![vec![0, 1], vec![2, 3]]);
+        assert_eq!(s.group(&five, true), vec![vec![0, 1], vec![2, 3], vec![4]]);
+        assert!(s.group(&five[..1], false).is_empty());
+        assert!(s.group(&[], true).is_empty());
+        let single = spec(r#"{"production": "input_production"}"#);
+        assert_eq!(single.group(&five[..2], false), vec![vec![0], vec![1]]);
+    }
+
+    #[test]
+    fn grouping_by_a_key_waits_for_the_end_then_makes_one_job_per_value() {
+        let s = spec(r#"{"profile": "p", "group_by": "run"}"#);
+        let files = inputs(&["7", "3", "7", "3", "9"]);
+        assert!(s.group(&files, false).is_empty());
+        assert_eq!(s.group(&files, true), vec![vec![1, 3], vec![0, 2], vec![4]]);
+    }
+
+    #[test]
+    fn a_bad_section_is_refused_with_the_reason() {
+        let is_param = |p: &str| p == "input_production";
+        assert!(spec(r#"{}"#).check(is_param).is_err());
+        let unknown = spec(r#"{"production": "parent"}"#).check(is_param);
+        assert!(unknown.unwrap_err().contains("inputs.production"));
+        let both = spec(r#"{"profile": "p", "group_by": "run", "group_size": 3}"#);
+        assert!(both.check(is_param).unwrap_err().contains("exclude"));
+        let zero = spec(r#"{"profile": "p", "group_size": 0}"#);
+        assert!(zero.check(is_param).is_err());
+        let path = spec(r#"{"profile": "p", "list_file": "../x"}"#);
+        assert!(path.check(is_param).unwrap_err().contains("list_file"));
+        assert!(
+            spec(r#"{"production": "input_production"}"#)
+                .check(is_param)
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn conditions_render_from_the_parameters_and_the_parent_comes_from_its_parameter() {
+        let s = spec(
+            r#"{"production": "input_production", "metadata": {"data_level": "DL0", "particle": "{particle}", "site": "{site}"}}"#,
+        );
+        let vars = BTreeMap::from([("particle".to_string(), "gamma".to_string())]);
+        let c = s.conditions(&vars);
+        assert_eq!(c["data_level"], "DL0");
+        assert_eq!(c["particle"], "gamma");
+        assert!(!c.contains_key("site"));
+        let parameters = serde_json::json!({"input_production": "CTA-000007"});
+        assert_eq!(s.parent(&parameters).as_deref(), Some("CTA-000007"));
+        assert_eq!(input_location("file:///w/a.simtel"), "/w/a.simtel");
+        assert_eq!(input_location("root://se//a"), "root://se//a");
+    }
+
+    #[test]
+    fn a_note_names_each_parent_that_did_not_complete() {
+        use ProductionState::*;
+        let all = [("A-1".to_string(), Some(Completed))];
+        assert_eq!(inputs_note(&all), "");
+        let some = [
+            ("A-1".to_string(), Some(Completed)),
+            ("A-2".to_string(), Some(PartiallyCompleted)),
+            ("A-3".to_string(), None),
+        ];
+        let note = inputs_note(&some);
+        assert!(note.contains("A-2 ended PARTIALLY_COMPLETED"), "{note}");
+        assert!(note.contains("A-3 is unknown"), "{note}");
+        assert!(!note.contains("A-1"), "{note}");
+    }
+}
