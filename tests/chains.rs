@@ -215,6 +215,19 @@ async fn a_child_of_a_partial_parent_processes_what_exists_and_a_cancelled_paren
     let last = app.watch(&child).await.pop().unwrap();
     assert_eq!(last.state(), pb::ProductionState::Completed, "{last:?}");
     assert_eq!(last.job_total, 2, "four files, two per job: {last:?}");
+    // It says so, in status.
+    let shown = app
+        .production_when("the child's note", Duration::from_secs(30), &child, |p| {
+            !p.inputs_note.is_empty()
+        })
+        .await;
+    assert!(
+        shown
+            .inputs_note
+            .contains(&format!("{parent} ended PARTIALLY_COMPLETED")),
+        "{shown:?}"
+    );
+    assert_eq!(shown.inputs_used, 4);
     let db = app.env.db().await.unwrap();
     let (state, _, note) = dispatcher_row(&db, &child).await.unwrap();
     assert_eq!(state, "COMPLETED");
@@ -434,6 +447,8 @@ async fn each_input_is_used_once_across_a_killed_dispatcher_and_repeated_outputs
         )
         .await;
     assert_eq!(last.job_total, jobs / 2);
+    assert_eq!(last.inputs_used, jobs);
+    assert_eq!(last.inputs_note, "");
     drop(second);
     app.stop().await;
 }

@@ -942,8 +942,14 @@ fn progress_line(p: &pb::Production) -> String {
     } else {
         format!(" ({}, {})", p.period, p.pointing)
     };
+    // A chained production: the input files its jobs took, and its note.
+    let inputs = match (p.inputs_used, p.inputs_note.as_str()) {
+        (0, "") if p.state() != pb::ProductionState::WaitingForInput => String::new(),
+        (used, "") => format!(", input files used {used}"),
+        (used, note) => format!(", input files used {used} — {note}"),
+    };
     format!(
-        "{}{pointing} {:?} jobs {}: created {} submitted {} queued {} running {} done {} failed {} exhausted {} cancelled {}{forwarding}{finished}{held}",
+        "{}{pointing} {:?} jobs {}: created {} submitted {} queued {} running {} done {} failed {} exhausted {} cancelled {}{inputs}{forwarding}{finished}{held}",
         p.production_id,
         p.state(),
         p.job_total,

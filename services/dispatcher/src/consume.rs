@@ -245,23 +245,15 @@ impl Planner {
                 _ => None,
             });
         }
-        let side_ids: Vec<Uuid> = outputs
-            .iter()
-            .map(|(id, _)| *id)
-            .chain(ended.iter().map(|(id, _)| *id))
-            .collect();
-        let side_fresh = prodsys_db::claim(&tx, &side_ids).await?;
-        let mut taken = HashSet::new();
-        let outputs: Vec<pb::JobOutput> = outputs
-            .into_iter()
-            .filter(|(id, _)| side_fresh.contains(id) && taken.insert(*id))
-            .map(|(_, o)| o)
-            .collect();
-        let ended: Vec<String> = ended
-            .into_iter()
-            .filter(|(id, _)| side_fresh.contains(id) && taken.insert(*id))
-            .map(|(_, e)| e.production_id)
-            .collect();
+        // No inbox claim for these: taking them again changes nothing (every
+        // delivery, file and input is keyed), and a claim would cost a row
+        // per finished job of every production.
+        let outputs: Vec<pb::JobOutput> = match &self.sources {
+            // No chained profile is loaded: nobody takes files.
+            Some(sources) if sources.is_empty() => Vec::new(),
+            _ => outputs.into_iter().map(|(_, o)| o).collect(),
+        };
+        let ended: Vec<String> = ended.into_iter().map(|(_, e)| e.production_id).collect();
         let mut sources: Vec<String> = parents.iter().flatten().flatten().cloned().collect();
         sources.extend(outputs.iter().map(|o| o.production_id.clone()));
         store::lock_sources(&tx, &sources)

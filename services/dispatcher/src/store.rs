@@ -603,16 +603,20 @@ pub async fn record_deliveries(
 ) -> anyhow::Result<u64> {
     let (productions, indexes): (Vec<&str>, Vec<i64>) =
         jobs.iter().map(|(p, i)| (p.as_str(), *i)).unzip();
+    let sources: Option<Vec<&str>> = sources.map(|s| s.iter().map(String::as_str).collect());
     tx.execute_cached(
         "INSERT INTO delivered_jobs (production_id, job_index)
-         SELECT * FROM unnest($1::text[], $2::bigint[]) ON CONFLICT DO NOTHING",
-        &[&productions, &indexes],
+         SELECT j.production_id, j.job_index
+         FROM unnest($1::text[], $2::bigint[]) AS j(production_id, job_index)
+         JOIN productions p ON p.production_id = j.production_id
+         WHERE $3::text[] IS NULL OR p.profile = ANY($3)
+         ON CONFLICT DO NOTHING",
+        &[&productions, &indexes, &sources],
     )
     .await?;
     if files.lfns.is_empty() {
         return Ok(0);
     }
-    let sources: Option<Vec<&str>> = sources.map(|s| s.iter().map(String::as_str).collect());
     Ok(tx
         .execute_cached(
             "WITH f AS (SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::jsonb[])

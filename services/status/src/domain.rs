@@ -111,6 +111,9 @@ pub struct Projection {
     pub finals: FinalCounts,
     /// In the order they arrived (rare: one statement each).
     pub health: Vec<InstallationHealth>,
+    /// Chained productions: input files used (the most any event said),
+    /// and the note of the one that ended.
+    pub inputs: BTreeMap<String, (u64, Option<String>)>,
 }
 
 impl Projection {
@@ -163,6 +166,16 @@ impl Projection {
         }
     }
 
+    /// What a chained production's event says of its inputs: how many its
+    /// jobs took, and (when it ended) its note.
+    pub fn inputs(&mut self, production_id: String, used: u64, note: Option<String>) {
+        let entry = self.inputs.entry(production_id).or_default();
+        entry.0 = entry.0.max(used);
+        if note.is_some() {
+            entry.1 = note;
+        }
+    }
+
     pub fn completed(
         &mut self,
         production_id: String,
@@ -200,8 +213,10 @@ impl Projection {
     pub fn finish(self) -> Changes {
         let transitions: Vec<JobTransition> = self.latest.into_values().collect();
         let mut touched: BTreeSet<String> = self.productions.keys().cloned().collect();
+        touched.extend(self.inputs.keys().cloned());
         touched.extend(transitions.iter().map(|t| t.production_id.clone()));
         Changes {
+            inputs: self.inputs,
             productions: self.productions,
             finals: self.finals,
             health: self.health,
@@ -215,6 +230,8 @@ impl Projection {
 #[derive(Debug)]
 pub struct Changes {
     pub productions: BTreeMap<String, ProductionUpdate>,
+    /// Chained productions' inputs used, and note.
+    pub inputs: BTreeMap<String, (u64, Option<String>)>,
     pub finals: FinalCounts,
     pub health: Vec<InstallationHealth>,
     /// At most one per job.
@@ -242,6 +259,9 @@ pub struct Production {
     /// Empty unless its request named an observation period.
     pub period: String,
     pub pointing: String,
+    /// A chained production's input files used so far, and its note.
+    pub inputs_used: u64,
+    pub inputs_note: String,
 }
 
 /// A production's jobs by state: `counts` as stored (state name, jobs), and
