@@ -34,6 +34,20 @@ fn dl1_request(parent: &str) -> pb::SubmitRequestRequest {
     }
 }
 
+/// The shipped IRF example, merging the DL1 files of `parent`.
+fn irf_request(parent: &str) -> pb::SubmitRequestRequest {
+    let path = prodsys_testkit::repo_root().join("examples/cta-irf.json");
+    let mut file: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    file["parameters"]["input_production"] = parent.into();
+    pb::SubmitRequestRequest {
+        profile: file["profile"].as_str().unwrap().into(),
+        vo: file["vo"].as_str().unwrap().into(),
+        parameters_json: file["parameters"].to_string(),
+        ..cta_example()
+    }
+}
+
 /// A test-chain production (tests/profiles) over `parent`'s files, two per job.
 fn chain_request(parent: &str, seconds: f64, tag: &str) -> pb::SubmitRequestRequest {
     pb::SubmitRequestRequest {
@@ -162,12 +176,14 @@ fn prodsys_toysim_dl1_content(name: &str, bytes: &[u8]) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_dl1_production_processes_each_simulation_file_of_its_parent_once() {
+async fn a_cta_chain_processes_each_simulation_file_once_and_merges_every_dl1_file() {
     let app = spawn_app_with(|_| {}).await;
     let parent = app.accepted(cta_example()).await;
-    // Accepted while its parent runs (before any of its files may exist).
+    // The whole chain accepted while its first step runs (before any of
+    // its files may exist): DL1 processing, then the IRF of its DL1 files.
     let child = app.accepted(dl1_request(&parent)).await;
-    let snapshots = app.watch(&child).await;
+    let irf = app.accepted(irf_request(&child)).await;
+    let (snapshots, irf_snapshots) = tokio::join!(app.watch(&child), app.watch(&irf));
     let last = snapshots.last().unwrap();
     assert_eq!(last.state(), pb::ProductionState::Completed, "{last:?}");
     let parent_files = catalogued(&app, &parent, 8).await;
@@ -182,6 +198,27 @@ async fn a_dl1_production_processes_each_simulation_file_of_its_parent_once() {
     assert_eq!(jobs, (0..8).collect(), "one file per job: {inputs:?}");
     let (_, _, note) = dispatcher_row(&db, &child).await.unwrap();
     assert_eq!(note, "", "its parent completed");
+
+    // One IRF job merged every DL1 file, once all existed.
+    let snapshots = irf_snapshots;
+    assert!(
+        snapshots
+            .iter()
+            .any(|p| p.state() == pb::ProductionState::WaitingForInput),
+        "the IRF step waited for its input: {snapshots:?}"
+    );
+    let last = snapshots.last().unwrap();
+    assert_eq!(last.state(), pb::ProductionState::Completed, "{last:?}");
+    assert_eq!((last.job_total, last.inputs_used), (1, 8), "{last:?}");
+    let merged = catalogued(&app, &irf, 1).await;
+    let text = std::fs::read_to_string(local_path(&merged[0].url)).unwrap();
+    for dl1 in &child_files {
+        let name = dl1.lfn.rsplit('/').next().unwrap();
+        let line = format!("dl1 {name} size {} adler32 {} ", dl1.size, dl1.adler32);
+        assert!(text.contains(&line), "{line:?} in\n{text}");
+    }
+    assert!(text.contains("files 8\n"), "{text}");
+    assert_eq!(merged[0].metadata["data_level"], "IRF");
 
     // The same processing of the same inputs again is a duplicate.
     let again = app.submit(dl1_request(&parent)).await.unwrap();

@@ -2,7 +2,9 @@
 //!
 //! `prodsys-toysim km3net ...` writes a KM3NeT-like event file instead (see
 //! [`prodsys_toysim::km3net`]); `prodsys-toysim dl1 ...` processes
-//! simulation files into DL1 files (see [`prodsys_toysim::dl1`]).
+//! simulation files into DL1 files (see [`prodsys_toysim::dl1`]), and
+//! `prodsys-toysim irf ...` merges DL1 files into one IRF file (see
+//! [`prodsys_toysim::irf`]).
 //!
 //! Exit codes: 0 success, 1 I/O error, 2 bad arguments, 3 simulated failure (`--fail`).
 
@@ -16,6 +18,9 @@ fn main() -> ExitCode {
     }
     if argv.peek().is_some_and(|a| a == "dl1") {
         return dl1(argv.skip(1));
+    }
+    if argv.peek().is_some_and(|a| a == "irf") {
+        return irf(argv.skip(1));
     }
     let args = match prodsys_toysim::parse_args(std::env::args_os().skip(1)) {
         Ok(args) => args,
@@ -74,6 +79,28 @@ fn dl1(args: impl Iterator<Item = std::ffi::OsString>) -> ExitCode {
     };
     let mut out = std::io::stdout().lock();
     let result = dl1::process(&args, &mut out);
+    let _ = out.flush();
+    match result {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("{err}");
+            ExitCode::from(err.exit_code())
+        }
+    }
+}
+
+fn irf(args: impl Iterator<Item = std::ffi::OsString>) -> ExitCode {
+    use prodsys_toysim::irf;
+    let args = match irf::parse_args(args) {
+        Ok(args) => args,
+        Err(err) => {
+            eprintln!("prodsys-toysim irf: {err}");
+            eprintln!("{}", irf::USAGE);
+            return ExitCode::from(prodsys_toysim::EXIT_BAD_ARGS);
+        }
+    };
+    let mut out = std::io::stdout().lock();
+    let result = irf::merge(&args, &mut out);
     let _ = out.flush();
     match result {
         Ok(_) => ExitCode::SUCCESS,
