@@ -245,6 +245,76 @@ mod tests {
         assert_eq!(input_location("root://se//a"), "root://se//a");
     }
 
+    fn shipped(name: &str) -> (crate::ProfileSet, String) {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../profiles");
+        let text = std::fs::read_to_string(root.join(format!("{name}.json"))).unwrap();
+        (crate::ProfileSet::load_dir(&root).unwrap(), text)
+    }
+
+    #[test]
+    fn a_chained_job_gets_one_argument_per_input_and_its_list() {
+        let (set, _) = shipped("cta-dl1");
+        let p = set.get("cta-dl1").unwrap();
+        assert!(p.plan(&serde_json::json!({}), "f", 0).is_none());
+        let parameters = serde_json::json!({
+            "input_production": "CTA-000001", "image_cleaning": "mars",
+            "campaign": "PROD6", "software": {"ctapipe": "0.23.0"}
+        });
+        assert!(p.validate("vo.cta.in2p3.fr", &parameters).is_empty());
+        assert_eq!(
+            p.inputs().unwrap().parent(&parameters).as_deref(),
+            Some("CTA-000001")
+        );
+        assert_eq!(p.input_conditions(&parameters)["data_level"], "DL0");
+        let job = crate::profile::input_job("f", 0, 3, 2);
+        assert_eq!((job.index, job.run_number, job.units), (3, 4, 2));
+        let mut vars = p.job_variables(&parameters, "CTADL-000001", "vo", &job, 1, "/w/out");
+        vars.insert("input_files".into(), "/a.simtel /b.simtel".into());
+        vars.insert("input_list".into(), "/w/inputs.txt".into());
+        vars.insert("input_count".into(), "2".into());
+        let command = p.job_command(&parameters, &vars).unwrap();
+        assert_eq!(command.program, "prodsys-toysim");
+        assert_eq!(
+            &command.args[command.args.len() - 4..],
+            ["--input-list", "/w/inputs.txt", "/a.simtel", "/b.simtel"]
+        );
+        assert!(
+            command
+                .env
+                .contains(&("PRODSYS_INPUT_COUNT".into(), "2".into()))
+        );
+    }
+
+    #[test]
+    fn a_profile_splits_by_units_or_by_inputs_not_both_nor_neither() {
+        let (_, text) = shipped("cta-dl1");
+        let mut file: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let path = std::path::Path::new("cta-dl1.json");
+        file["split"] = serde_json::json!({"total": "campaign", "per_job": "campaign"});
+        let both = crate::Profile::from_json(path, &file.to_string()).unwrap_err();
+        assert!(both.to_string().contains("exclude each other"), "{both}");
+        let mut neither = file.clone();
+        neither.as_object_mut().unwrap().remove("split");
+        neither.as_object_mut().unwrap().remove("inputs");
+        let error = crate::Profile::from_json(path, &neither.to_string()).unwrap_err();
+        assert!(error.to_string().contains("split"), "{error}");
+        let mut unknown = neither.clone();
+        unknown["inputs"] =
+            serde_json::json!({"production": "input_production", "metadata": {"x": "{nope}"}});
+        let error = crate::Profile::from_json(path, &unknown.to_string()).unwrap_err();
+        assert!(error.to_string().contains("inputs.metadata"), "{error}");
+        // The IRF step makes one job of every file: grouped by production.
+        let (set, _) = shipped("cta-irf-mc");
+        assert!(
+            set.get("cta-irf")
+                .unwrap()
+                .inputs()
+                .unwrap()
+                .group_by
+                .is_some()
+        );
+    }
+
     #[test]
     fn a_note_names_each_parent_that_did_not_complete() {
         use ProductionState::*;
