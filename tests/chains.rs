@@ -226,14 +226,26 @@ async fn a_cta_chain_processes_each_simulation_file_once_and_merges_every_dl1_fi
     assert_eq!(refused.state(), pb::RequestState::Rejected, "{refused:?}");
     // A parent that does not exist, or is of another profile, is refused
     // naming the parameter.
-    for (named, reason) in [("CTA-999999", "no production CTA-999999")] {
-        let answer = app.submit(dl1_request(named)).await.unwrap();
+    // The IRF step cannot take simulation files: the chain does not connect.
+    for (request, reason) in [
+        (
+            dl1_request("CTA-999999"),
+            "no production CTA-999999".to_string(),
+        ),
+        (
+            irf_request(&parent),
+            format!(
+                "{parent} is a production of profile cta-irf-mc; profile cta-irf takes the outputs of cta-dl1"
+            ),
+        ),
+    ] {
+        let answer = app.submit(request).await.unwrap();
         let refused = app.decided(&answer.request_id).await;
         assert_eq!(refused.state(), pb::RequestState::Rejected, "{refused:?}");
         assert!(
-            refused.violations.iter().any(|v| v.field
-                == "parameters.input_production"
-                && v.description.contains(reason)),
+            refused.violations.iter().any(
+                |v| v.field == "parameters.input_production" && v.description.contains(&reason)
+            ),
             "{refused:?}"
         );
     }

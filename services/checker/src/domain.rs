@@ -169,8 +169,8 @@ pub struct Known {
 #[derive(Default)]
 pub struct Neighbourhood {
     /// The productions chained candidates name as their input, by ID, with
-    /// their profile.
-    parents: HashMap<String, String>,
+    /// their profile and parameters.
+    parents: HashMap<String, (String, serde_json::Value)>,
     by_fingerprint: HashMap<String, String>,
     by_base: HashMap<String, Vec<Known>>,
     /// By file-base fingerprint, with each one's base fingerprint.
@@ -178,39 +178,60 @@ pub struct Neighbourhood {
 }
 
 impl Neighbourhood {
-    /// A production a chained candidate names as its input, and its profile.
-    pub fn add_parent(&mut self, production_id: String, profile: String) {
-        self.parents.insert(production_id, profile);
+    /// A production a chained candidate names as its input, with its
+    /// profile and parameters.
+    pub fn add_parent(
+        &mut self,
+        production_id: String,
+        profile: String,
+        parameters: serde_json::Value,
+    ) {
+        self.parents.insert(production_id, (profile, parameters));
     }
 
     /// Why a chained candidate cannot take its inputs from the production
-    /// its parameters name: none by that ID, or one of another profile.
-    fn parent_violation(
+    /// its parameters name: none by that ID, or one whose files it would
+    /// not take (another profile, or metadata that does not match what it
+    /// selects: see [`prodsys_core::inputs::connection_violations`]).
+    fn parent_violations(
         &self,
+        profiles: &ProfileSet,
         profile: &Profile,
         parameters: &serde_json::Value,
-    ) -> Option<Violation> {
-        let inputs = profile.inputs()?;
-        let parent = inputs.parent(parameters)?;
+    ) -> Vec<Violation> {
+        let Some(inputs) = profile.inputs() else {
+            return Vec::new();
+        };
+        let Some(parent) = inputs.parent(parameters) else {
+            return Vec::new();
+        };
         let field = format!(
             "parameters.{}",
             inputs.production.as_deref().unwrap_or_default()
         );
-        match (self.parents.get(&parent), &inputs.profile) {
-            (None, _) => Some(Violation::new(
+        let Some((of, parent_parameters)) = self.parents.get(&parent) else {
+            return vec![Violation::new(
                 field,
                 format!(
                     "no production {parent} was accepted; a chained production takes the outputs of an accepted one"
                 ),
-            )),
-            (Some(of), Some(wanted)) if of != wanted => Some(Violation::new(
+            )];
+        };
+        match profiles.get(of) {
+            Some(parent_profile) => prodsys_core::inputs::connection_violations(
+                &field,
+                profile,
+                parameters,
+                &parent,
+                parent_profile,
+                parent_parameters,
+            ),
+            None => vec![Violation::new(
                 field,
                 format!(
-                    "{parent} is a production of profile {of}; profile {} takes the outputs of {wanted}",
-                    profile.name()
+                    "{parent} is a production of profile {of}, which this deployment no longer has"
                 ),
-            )),
-            _ => None,
+            )],
         }
     }
 
@@ -487,7 +508,7 @@ impl Rules {
         let fingerprint = validation.fingerprint.clone();
         validation.parameters_json = parameters.to_string();
         let mut violations = std::mem::take(&mut validation.violations);
-        violations.extend(known.parent_violation(profile, &parameters));
+        violations.extend(known.parent_violations(&self.profiles, profile, &parameters));
         if let Some(existing) = known.existing(&fingerprint) {
             // Asked for, the existing production is the answer rather than a refusal.
             if !candidate.reuse_existing {

@@ -61,12 +61,13 @@ pub async fn neighbourhood(
     if !lookups.parents.is_empty() {
         for row in tx
             .query_cached(
-                "SELECT production_id, profile FROM productions WHERE production_id = ANY($1)",
+                "SELECT production_id, profile, parameters FROM productions
+                 WHERE production_id = ANY($1)",
                 &[&lookups.parents],
             )
             .await?
         {
-            known.add_parent(row.get(0), row.get(1));
+            known.add_parent(row.get(0), row.get(1), row.get(2));
         }
     }
     for row in rows {

@@ -143,6 +143,80 @@ impl InputSpec {
     }
 }
 
+/// Why a production of `child` (with `child_parameters`) cannot take its
+/// inputs from one of `parent` (with `parent_parameters`), as DIRAC's
+/// ProdValidator checks production steps: the files must come from the
+/// profile it takes from, and carry every metadata key it selects or groups
+/// by, with the value it selects where the parent's parameters fix it.
+/// Each violation is on `field` (where the child names its parent) and
+/// names the keys.
+pub fn connection_violations(
+    field: &str,
+    child: &crate::Profile,
+    child_parameters: &Value,
+    parent_id: &str,
+    parent: &crate::Profile,
+    parent_parameters: &Value,
+) -> Vec<crate::Violation> {
+    let Some(inputs) = child.inputs() else {
+        return Vec::new();
+    };
+    let mut violations = Vec::new();
+    if let Some(wanted) = &inputs.profile
+        && wanted != parent.name()
+    {
+        violations.push(crate::Violation::new(
+            field,
+            format!(
+                "{parent_id} is a production of profile {}; profile {} takes the outputs of {wanted}",
+                parent.name(),
+                child.name()
+            ),
+        ));
+        return violations;
+    }
+    let carried = parent.output_metadata_of(parent_parameters);
+    let mut missing = Vec::new();
+    let mut differing = Vec::new();
+    for (key, wanted) in child.input_conditions(child_parameters) {
+        match carried.get(&key) {
+            None => missing.push(key),
+            Some(Some(value)) if *value != wanted => {
+                differing.push(format!("{key}={value} (it selects {key}={wanted})"))
+            }
+            Some(_) => {}
+        }
+    }
+    if let Some(key) = &inputs.group_by
+        && !carried.contains_key(key)
+    {
+        missing.push(key.clone());
+    }
+    if !missing.is_empty() {
+        violations.push(crate::Violation::new(
+            field,
+            format!(
+                "the files of {parent_id} (profile {}) carry no metadata key {}, which profile {} selects its inputs by",
+                parent.name(),
+                missing.join(", "),
+                child.name()
+            ),
+        ));
+    }
+    if !differing.is_empty() {
+        violations.push(crate::Violation::new(
+            field,
+            format!(
+                "the files of {parent_id} (profile {}) carry {}: none would be an input of profile {}",
+                parent.name(),
+                differing.join(", "),
+                child.name()
+            ),
+        ));
+    }
+    violations
+}
+
 /// Where a job finds an input: the path of a `file://` URL, any other URL
 /// (`root://`) as it is.
 pub fn input_location(url: &str) -> &str {
@@ -313,6 +387,53 @@ mod tests {
                 .group_by
                 .is_some()
         );
+    }
+
+    #[test]
+    fn steps_connect_when_the_parent_s_files_carry_what_the_child_selects() {
+        let (set, _) = shipped("cta-irf-mc");
+        let sim = set.get("cta-irf-mc").unwrap();
+        let dl1 = set.get("cta-dl1").unwrap();
+        let irf = set.get("cta-irf").unwrap();
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples");
+        let example = |name: &str| -> Value {
+            let text = std::fs::read_to_string(root.join(name)).unwrap();
+            serde_json::from_str::<Value>(&text).unwrap()["parameters"].clone()
+        };
+        let (sim_p, dl1_p, irf_p) = (
+            example("cta-irf-mc.json"),
+            example("cta-dl1.json"),
+            example("cta-irf.json"),
+        );
+        let f = "parameters.input_production";
+        assert!(connection_violations(f, dl1, &dl1_p, "CTA-1", sim, &sim_p).is_empty());
+        assert!(connection_violations(f, irf, &irf_p, "CTADL-1", dl1, &dl1_p).is_empty());
+        // The IRF step on simulation files: another profile.
+        let wrong = connection_violations(f, irf, &irf_p, "CTA-1", sim, &sim_p);
+        assert!(
+            wrong[0]
+                .description
+                .contains("takes the outputs of cta-dl1"),
+            "{wrong:?}"
+        );
+        // A DL1 step selecting a data level the simulation never writes,
+        // and a key it does not carry.
+        let mut text: Value = serde_json::from_str(&shipped("cta-dl1").1).unwrap();
+        text["inputs"]["metadata"] = serde_json::json!({"data_level": "DL2", "telescope": "LST"});
+        let picky =
+            crate::Profile::from_json(std::path::Path::new("p.json"), &text.to_string()).unwrap();
+        let v = connection_violations(f, &picky, &dl1_p, "CTA-1", sim, &sim_p);
+        assert_eq!(v.len(), 2, "{v:?}");
+        assert!(
+            v[0].description.contains("no metadata key telescope"),
+            "{v:?}"
+        );
+        assert!(
+            v[1].description
+                .contains("data_level=DL0 (it selects data_level=DL2)"),
+            "{v:?}"
+        );
+        assert!(v.iter().all(|v| v.field == f));
     }
 
     #[test]

@@ -935,6 +935,19 @@ impl Profile {
             .unwrap_or_default()
     }
 
+    /// The metadata every output file of a production with `parameters`
+    /// carries, by key: the value when the parameters alone fix it, `None`
+    /// when it differs per job or file (a run number, a per-file NSB level).
+    pub fn output_metadata_of(&self, parameters: &Value) -> BTreeMap<String, Option<String>> {
+        let vars = self.parameter_variables(parameters);
+        self.file
+            .outputs
+            .metadata
+            .iter()
+            .map(|(k, v)| (k.clone(), render_known(v, &vars)))
+            .collect()
+    }
+
     /// Template variables from the parameters and the derived values alone.
     fn parameter_variables(&self, parameters: &Value) -> BTreeMap<String, String> {
         let mut vars = BTreeMap::new();
