@@ -501,3 +501,97 @@ async fn each_input_is_used_once_across_a_killed_dispatcher_and_repeated_outputs
     drop(second);
     app.stop().await;
 }
+
+async fn prodctl(app: &App, args: &[&str]) -> (Option<i32>, String, String) {
+    let mut command = tokio::process::Command::new(support::built_binary("prodctl", "prodctl"));
+    for (flag, service) in [
+        ("--intake", Service::Intake),
+        ("--status", Service::Status),
+        ("--catalog", Service::Catalog),
+    ] {
+        command
+            .arg(flag)
+            .arg(format!("http://{}", app.stack.addr(service).unwrap()));
+    }
+    let output = command.args(args).output().await.unwrap();
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// The shipped CTA example followed by the DL1 and IRF steps, as one file.
+fn chain_file(dir: &Path, name: &str, steps: &[&str]) -> PathBuf {
+    let root = prodsys_testkit::repo_root().join("examples");
+    let read = |name: &str| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(root.join(name)).unwrap()).unwrap()
+    };
+    let mut request = read("cta-irf-mc.json");
+    request["chain"] = steps
+        .iter()
+        .map(|example| {
+            let mut step = read(example);
+            step["parameters"]["input_production"] = "{previous}".into();
+            serde_json::json!({"profile": step["profile"], "parameters": step["parameters"]})
+        })
+        .collect();
+    std::fs::create_dir_all(dir).unwrap();
+    let path = dir.join(name);
+    std::fs::write(&path, request.to_string()).unwrap();
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_whole_chain_is_checked_then_submitted_step_by_step() {
+    let app = spawn_app_with(|_| {}).await;
+    let dir = app.env.work_dir.join("chains");
+    // The IRF step straight after the simulation cannot connect: refused
+    // before anything is submitted, naming the step and why.
+    let broken = chain_file(&dir, "broken.json", &["cta-irf.json"]);
+    let (code, out, err) = prodctl(&app, &["submit", broken.to_str().unwrap()]).await;
+    assert_eq!(code, Some(2), "{out}{err}");
+    assert!(
+        out.contains("chain[0].parameters.input_production"),
+        "{out}"
+    );
+    assert!(out.contains("takes the outputs of cta-dl1"), "{out}");
+    assert_eq!(app.stored_requests().await, 0, "nothing submitted");
+    // SubmitRequest itself takes no chain.
+    let mut request = cta_example();
+    request.chain = vec![pb::ChainStep {
+        profile: "cta-dl1".into(),
+        parameters_json: "{}".into(),
+    }];
+    let refused = app.submit(request).await.unwrap_err();
+    assert_eq!(support::violated_fields(&refused), ["chain"]);
+
+    let whole = chain_file(&dir, "whole.json", &["cta-dl1.json", "cta-irf.json"]);
+    let (code, out, err) = prodctl(
+        &app,
+        &["-o", "json", "submit", whole.to_str().unwrap(), "--watch"],
+    )
+    .await;
+    assert_eq!(code, Some(0), "{out}{err}");
+    let steps: Vec<serde_json::Value> = out
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v.get("step").is_some())
+        .collect();
+    let ids: Vec<&str> = steps
+        .iter()
+        .map(|s| s["request"]["production_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 3, "{out}");
+    assert!(
+        ids[0].starts_with("CTA-") && ids[1].starts_with("CTADL-"),
+        "{ids:?}"
+    );
+    assert!(ids[2].starts_with("CTAIRF-"), "{ids:?}");
+    for (id, files) in ids.iter().zip([8, 8, 1]) {
+        let p = app.production(id).await.unwrap();
+        assert_eq!(p.state(), pb::ProductionState::Completed, "{p:?}");
+        catalogued(&app, id, files).await;
+    }
+    app.stop().await;
+}

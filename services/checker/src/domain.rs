@@ -1457,3 +1457,152 @@ mod tests {
         assert_eq!(whole.existing_production_id, "CTA-000001");
     }
 }
+
+/// The value of a chain step's input parameter that stands for the
+/// production of the step before it.
+pub const PREVIOUS: &str = "{previous}";
+
+/// Why the `chain` of steps cannot follow a request of `head` with
+/// `head_parameters` for `vo`, as DIRAC's ProdValidator checks production
+/// steps: each step's profile must take inputs, its parameters (with the
+/// step before standing in for its parent) must be valid, and its input
+/// query must match what the step before writes. Violations are on
+/// `chain[i]...`.
+pub fn chain_violations(
+    profiles: &ProfileSet,
+    vo: &str,
+    head: &Profile,
+    head_parameters: &serde_json::Value,
+    chain: &[(&str, &str)],
+) -> Vec<Violation> {
+    let mut violations = Vec::new();
+    let mut previous: Option<(&Profile, serde_json::Value, String)> =
+        Some((head, head_parameters.clone(), "the request".to_string()));
+    for (i, (name, parameters_json)) in chain.iter().enumerate() {
+        let at = |field: &str| format!("chain[{i}].{field}");
+        let Some(profile) = profiles.get(name) else {
+            violations.push(Violation::new(
+                at("profile"),
+                format!("unknown profile {name:?}"),
+            ));
+            previous = None;
+            continue;
+        };
+        let Some(inputs) = profile.inputs() else {
+            violations.push(Violation::new(
+                at("profile"),
+                format!("profile {name} takes no input files: every step after the request must"),
+            ));
+            previous = None;
+            continue;
+        };
+        let mut parameters: serde_json::Value = match serde_json::from_str(parameters_json) {
+            Ok(p) => p,
+            Err(e) => {
+                violations.push(Violation::new(
+                    at("parameters"),
+                    format!("is not JSON: {e}"),
+                ));
+                previous = None;
+                continue;
+            }
+        };
+        let key = inputs.production.clone().unwrap_or_default();
+        let step_name = format!("chain step {i} ({name})");
+        if let Some((parent, parent_parameters, parent_name)) = &previous {
+            if !key.is_empty() {
+                match parameters.get(&key).and_then(|v| v.as_str()) {
+                    None | Some(PREVIOUS) => {
+                        // The step before, as an ID of its profile would look.
+                        parameters[key.as_str()] = format!("{}-0", parent.id_prefix()).into();
+                    }
+                    Some(other) => violations.push(Violation::new(
+                        at(&format!("parameters.{key}")),
+                        format!("is {other:?}: a step takes the outputs of the step before it, written {PREVIOUS:?}"),
+                    )),
+                }
+            }
+            for v in profile.validate(vo, &parameters) {
+                violations.push(Violation::new(
+                    format!("chain[{i}].{}", v.field),
+                    v.description,
+                ));
+            }
+            violations.extend(prodsys_core::inputs::connection_violations(
+                &at(&format!("parameters.{key}")),
+                profile,
+                &parameters,
+                parent_name,
+                parent,
+                parent_parameters,
+            ));
+        }
+        previous = Some((profile, parameters, step_name));
+    }
+    violations
+}
+
+#[cfg(test)]
+mod chain_tests {
+    use super::*;
+
+    fn shipped() -> ProfileSet {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../profiles");
+        ProfileSet::load_dir(&root).unwrap()
+    }
+
+    fn example(name: &str) -> serde_json::Value {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples");
+        let text = std::fs::read_to_string(root.join(name)).unwrap();
+        serde_json::from_str::<serde_json::Value>(&text).unwrap()["parameters"].clone()
+    }
+
+    #[test]
+    fn a_chain_connects_when_each_step_takes_what_the_one_before_writes() {
+        let profiles = shipped();
+        let head = profiles.get("cta-irf-mc").unwrap();
+        let sim = example("cta-irf-mc.json");
+        let mut dl1 = example("cta-dl1.json");
+        dl1["input_production"] = PREVIOUS.into();
+        let mut irf = example("cta-irf.json");
+        irf["input_production"] = PREVIOUS.into();
+        let (dl1, irf) = (dl1.to_string(), irf.to_string());
+        let vo = "vo.cta.in2p3.fr";
+        let good = [("cta-dl1", dl1.as_str()), ("cta-irf", irf.as_str())];
+        assert!(chain_violations(&profiles, vo, head, &sim, &good).is_empty());
+        // The IRF step straight after the simulation: its steps cannot connect.
+        let skipped = [("cta-irf", irf.as_str())];
+        let v = chain_violations(&profiles, vo, head, &sim, &skipped);
+        assert_eq!(v.len(), 1, "{v:?}");
+        assert_eq!(v[0].field, "chain[0].parameters.input_production");
+        assert!(
+            v[0].description
+                .contains("profile cta-irf takes the outputs of cta-dl1"),
+            "{v:?}"
+        );
+        // A step that takes no inputs, an unknown one, bad parameters.
+        let sim_text = sim.to_string();
+        let bad = [
+            ("cta-irf-mc", sim_text.as_str()),
+            ("nope", "{}"),
+            ("cta-dl1", r#"{"input_production": "{previous}"}"#),
+        ];
+        let v = chain_violations(&profiles, vo, head, &sim, &bad);
+        let fields: Vec<&str> = v.iter().map(|v| v.field.as_str()).collect();
+        assert!(fields.contains(&"chain[0].profile"), "{v:?}");
+        assert!(fields.contains(&"chain[1].profile"), "{v:?}");
+        // After an unknown step there is nothing to connect to; its own
+        // parameters are still not checked against a parent.
+        assert!(!fields.iter().any(|f| f.starts_with("chain[2]")), "{v:?}");
+        let lone = [(
+            "cta-dl1",
+            r#"{"input_production": "{previous}", "campaign": "P"}"#,
+        )];
+        let v = chain_violations(&profiles, vo, head, &sim, &lone);
+        assert!(
+            v.iter()
+                .any(|v| v.field == "chain[0].parameters.image_cleaning"),
+            "{v:?}"
+        );
+    }
+}
