@@ -1570,6 +1570,28 @@ mod chain_tests {
         let vo = "vo.cta.in2p3.fr";
         let good = [("cta-dl1", dl1.as_str()), ("cta-irf", irf.as_str())];
         assert!(chain_violations(&profiles, vo, head, &sim, &good).is_empty());
+        // The shipped chain file connects.
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples");
+        let file: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(root.join("cta-chain.json")).unwrap())
+                .unwrap();
+        let shipped_steps: Vec<(String, String)> = file["chain"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| {
+                (
+                    s["profile"].as_str().unwrap().to_string(),
+                    s["parameters"].to_string(),
+                )
+            })
+            .collect();
+        let steps: Vec<(&str, &str)> = shipped_steps
+            .iter()
+            .map(|(p, j)| (p.as_str(), j.as_str()))
+            .collect();
+        let v = chain_violations(&profiles, vo, head, &file["parameters"], &steps);
+        assert!(v.is_empty(), "{v:?}");
         // The IRF step straight after the simulation: its steps cannot connect.
         let skipped = [("cta-irf", irf.as_str())];
         let v = chain_violations(&profiles, vo, head, &sim, &skipped);
