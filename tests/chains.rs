@@ -595,3 +595,53 @@ async fn a_whole_chain_is_checked_then_submitted_step_by_step() {
     }
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_km3net_reconstruction_processes_each_simulated_event_file_once() {
+    let app = spawn_app_with(|env| {
+        support::use_km3net_templates(env);
+        env.settings.dispatcher.max_concurrent_jobs = 4;
+    })
+    .await;
+    let sim = app.accepted(support::km3net_with(|_| {})).await;
+    let path = prodsys_testkit::repo_root().join("examples/km3net-reco.json");
+    let mut file: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    file["parameters"]["input_production"] = sim.as_str().into();
+    let reco = app
+        .accepted(pb::SubmitRequestRequest {
+            profile: "km3net-reco".into(),
+            vo: "km3net.org".into(),
+            parameters_json: file["parameters"].to_string(),
+            ..cta_example()
+        })
+        .await;
+    let last = app.watch(&reco).await.pop().unwrap();
+    assert_eq!(last.state(), pb::ProductionState::Completed, "{last:?}");
+    let sim_last = app.production(&sim).await.unwrap();
+    let sim_files = catalogued(&app, &sim, sim_last.counts.unwrap().done as usize).await;
+    assert_eq!(last.inputs_used, sim_files.len() as u64, "{last:?}");
+    let reco_files = catalogued(&app, &reco, sim_files.len()).await;
+    let by_name: BTreeMap<&str, &pb::OutputFile> = sim_files
+        .iter()
+        .map(|f| (f.lfn.rsplit('/').next().unwrap(), f))
+        .collect();
+    let mut used = BTreeSet::new();
+    for file in &reco_files {
+        let text = std::fs::read_to_string(local_path(&file.url)).unwrap();
+        assert!(text.starts_with("# prodsys-toysim reco\n"), "{text}");
+        let field = |key: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(&format!("{key} ")))
+                .unwrap()
+                .to_string()
+        };
+        let input = field("input");
+        let source = by_name[input.as_str()];
+        assert_eq!(field("adler32"), source.adler32);
+        assert_eq!(field("algorithm"), "jmuon");
+        assert!(used.insert(input));
+    }
+    assert_eq!(used.len(), sim_files.len());
+    app.stop().await;
+}

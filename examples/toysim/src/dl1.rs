@@ -10,6 +10,9 @@
 //! The inputs come from `--input-list FILE` (one path a line), from the
 //! arguments after the options, or both; given both, they must name the
 //! same files (the chained job gets its inputs both ways).
+//!
+//! `prodsys-toysim reco` is the same processing for KM3NeT's reconstruction
+//! of simulated events (`--algorithm jmuon|jshower`, `.reco` files).
 
 use std::ffi::OsString;
 use std::io::Write;
@@ -17,14 +20,42 @@ use std::path::{Path, PathBuf};
 
 use crate::{ArgError, SimError};
 
-pub const USAGE: &str = "usage: prodsys-toysim dl1 --output-dir DIR [--cleaning tailcuts|mars] [--input-list FILE] [INPUT...]";
+pub const USAGE: &str = "usage: prodsys-toysim dl1 --output-dir DIR [--cleaning tailcuts|mars] [--input-list FILE] [INPUT...]
+       prodsys-toysim reco --output-dir DIR [--algorithm jmuon|jshower] [--input-list FILE] [INPUT...]";
+
+/// Which step: CTA DL1 processing or KM3NeT reconstruction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    Dl1,
+    Reco,
+}
+
+impl Step {
+    /// The step's name: in the header and as the output's extension.
+    pub fn name(self) -> &'static str {
+        match self {
+            Step::Dl1 => "dl1",
+            Step::Reco => "reco",
+        }
+    }
+
+    /// The option choosing the method, its values and its default.
+    fn method(self) -> (&'static str, &'static [&'static str]) {
+        match self {
+            Step::Dl1 => ("--cleaning", &["tailcuts", "mars"]),
+            Step::Reco => ("--algorithm", &["jmuon", "jshower"]),
+        }
+    }
+}
 
 /// Bytes of input summarised per output line.
 const BLOCK: usize = 4096;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Args {
+    pub step: Step,
     pub output_dir: PathBuf,
+    /// The image cleaning (DL1) or reconstruction algorithm.
     pub cleaning: String,
     pub inputs: Vec<PathBuf>,
 }
@@ -34,8 +65,17 @@ where
     I: IntoIterator<Item = S>,
     S: Into<OsString>,
 {
+    parse_step_args(Step::Dl1, args)
+}
+
+pub fn parse_step_args<I, S>(step: Step, args: I) -> Result<Args, ArgError>
+where
+    I: IntoIterator<Item = S>,
+    S: Into<OsString>,
+{
+    let (method_flag, methods) = step.method();
     let mut output_dir = None;
-    let mut cleaning = "tailcuts".to_string();
+    let mut cleaning = methods[0].to_string();
     let mut list = None;
     let mut positional = Vec::new();
     let mut args = args.into_iter().map(Into::into);
@@ -49,13 +89,13 @@ where
         match text.as_str() {
             "--output-dir" => output_dir = Some(value("--output-dir")?),
             "--input-list" => list = Some(value("--input-list")?),
-            "--cleaning" => {
-                let v = value("--cleaning")?.to_string_lossy().into_owned();
-                if v != "tailcuts" && v != "mars" {
+            flag if flag == method_flag => {
+                let v = value(method_flag)?.to_string_lossy().into_owned();
+                if !methods.contains(&v.as_str()) {
                     return Err(ArgError::Invalid {
-                        arg: "--cleaning",
+                        arg: method_flag,
                         value: v,
-                        reason: "must be tailcuts or mars".into(),
+                        reason: format!("must be one of {}", methods.join(", ")),
                     });
                 }
                 cleaning = v;
@@ -92,6 +132,7 @@ where
         return Err(ArgError::Missing("an input file"));
     }
     Ok(Args {
+        step,
         output_dir,
         cleaning,
         inputs,
@@ -114,17 +155,32 @@ pub fn adler32(bytes: &[u8]) -> String {
 
 /// The DL1 file name of an input: its name with `.dl1` for its extension.
 pub fn output_name(input: &Path) -> String {
+    step_output_name(Step::Dl1, input)
+}
+
+/// The output file name of an input: its name with the step's extension.
+pub fn step_output_name(step: Step, input: &Path) -> String {
     let stem = input
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_else(|| "input".into());
-    format!("{stem}.dl1")
+    format!("{stem}.{}", step.name())
 }
 
 /// The DL1 content made of one input's bytes.
 pub fn dl1_content(input_name: &str, bytes: &[u8], cleaning: &str) -> String {
+    step_content(Step::Dl1, input_name, bytes, cleaning)
+}
+
+/// A step's content made of one input's bytes.
+pub fn step_content(step: Step, input_name: &str, bytes: &[u8], method: &str) -> String {
+    let label = match step {
+        Step::Dl1 => "cleaning",
+        Step::Reco => "algorithm",
+    };
     let mut text = format!(
-        "# prodsys-toysim dl1\ninput {input_name}\nsize {}\nadler32 {}\ncleaning {cleaning}\n",
+        "# prodsys-toysim {}\ninput {input_name}\nsize {}\nadler32 {}\n{label} {method}\n",
+        step.name(),
         bytes.len(),
         adler32(bytes)
     );
@@ -158,14 +214,19 @@ pub fn process(args: &Args, progress: &mut dyn Write) -> Result<Vec<PathBuf>, Si
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let path = args.output_dir.join(output_name(input));
-        std::fs::write(&path, dl1_content(&name, &bytes, &args.cleaning)).map_err(|e| {
-            SimError::Io {
-                path: path.clone(),
-                source: e,
-            }
+        let path = args.output_dir.join(step_output_name(args.step, input));
+        let content = step_content(args.step, &name, &bytes, &args.cleaning);
+        std::fs::write(&path, content).map_err(|e| SimError::Io {
+            path: path.clone(),
+            source: e,
         })?;
-        let _ = writeln!(progress, "dl1: {} -> {}", input.display(), path.display());
+        let _ = writeln!(
+            progress,
+            "{}: {} -> {}",
+            args.step.name(),
+            input.display(),
+            path.display()
+        );
         written.push(path);
     }
     Ok(written)
@@ -226,6 +287,27 @@ mod tests {
         assert!(parse_args(other).is_err());
         assert!(parse_args(["--output-dir", "/o"]).is_err());
         assert!(parse_args(["--output-dir", "/o", "--cleaning", "x", "/a"]).is_err());
+        let reco = parse_step_args(
+            Step::Reco,
+            ["--output-dir", "/o", "--algorithm", "jshower", "/a.evt"],
+        )
+        .unwrap();
+        assert_eq!((reco.step, reco.cleaning.as_str()), (Step::Reco, "jshower"));
+        assert!(
+            parse_step_args(
+                Step::Reco,
+                ["--output-dir", "/o", "--cleaning", "mars", "/a"]
+            )
+            .is_err()
+        );
+        assert_eq!(
+            step_output_name(Step::Reco, Path::new("/w/run1.evt")),
+            "run1.reco"
+        );
+        assert!(
+            step_content(Step::Reco, "run1.evt", &[9], "jmuon")
+                .starts_with("# prodsys-toysim reco\n")
+        );
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

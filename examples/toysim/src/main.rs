@@ -2,7 +2,8 @@
 //!
 //! `prodsys-toysim km3net ...` writes a KM3NeT-like event file instead (see
 //! [`prodsys_toysim::km3net`]); `prodsys-toysim dl1 ...` processes
-//! simulation files into DL1 files (see [`prodsys_toysim::dl1`]), and
+//! simulation files into DL1 files and `prodsys-toysim reco ...` KM3NeT
+//! event files into reconstructed ones (see [`prodsys_toysim::dl1`]), and
 //! `prodsys-toysim irf ...` merges DL1 files into one IRF file (see
 //! [`prodsys_toysim::irf`]).
 //!
@@ -17,7 +18,10 @@ fn main() -> ExitCode {
         return km3net(argv.skip(1));
     }
     if argv.peek().is_some_and(|a| a == "dl1") {
-        return dl1(argv.skip(1));
+        return dl1(prodsys_toysim::dl1::Step::Dl1, argv.skip(1));
+    }
+    if argv.peek().is_some_and(|a| a == "reco") {
+        return dl1(prodsys_toysim::dl1::Step::Reco, argv.skip(1));
     }
     if argv.peek().is_some_and(|a| a == "irf") {
         return irf(argv.skip(1));
@@ -67,12 +71,15 @@ fn km3net(args: impl Iterator<Item = std::ffi::OsString>) -> ExitCode {
     }
 }
 
-fn dl1(args: impl Iterator<Item = std::ffi::OsString>) -> ExitCode {
+fn dl1(
+    step: prodsys_toysim::dl1::Step,
+    args: impl Iterator<Item = std::ffi::OsString>,
+) -> ExitCode {
     use prodsys_toysim::dl1;
-    let args = match dl1::parse_args(args) {
+    let args = match dl1::parse_step_args(step, args) {
         Ok(args) => args,
         Err(err) => {
-            eprintln!("prodsys-toysim dl1: {err}");
+            eprintln!("prodsys-toysim {}: {err}", step.name());
             eprintln!("{}", dl1::USAGE);
             return ExitCode::from(prodsys_toysim::EXIT_BAD_ARGS);
         }

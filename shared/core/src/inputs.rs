@@ -437,6 +437,29 @@ mod tests {
     }
 
     #[test]
+    fn the_km3net_reconstruction_takes_the_simulation_of_its_detector() {
+        let (set, _) = shipped("km3net-reco");
+        let sim = set.get("km3net-container-sim").unwrap();
+        let reco = set.get("km3net-reco").unwrap();
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples");
+        let read = |name: &str| -> Value {
+            let text = std::fs::read_to_string(root.join(name)).unwrap();
+            serde_json::from_str::<Value>(&text).unwrap()["parameters"].clone()
+        };
+        let (sim_p, mut reco_p) = (read("km3net-container-sim.json"), read("km3net-reco.json"));
+        assert!(reco.validate("km3net.org", &reco_p).is_empty());
+        let f = "parameters.input_production";
+        assert!(connection_violations(f, reco, &reco_p, "KM-1", sim, &sim_p).is_empty());
+        reco_p["detector"] = "ARCA21".into();
+        let v = connection_violations(f, reco, &reco_p, "KM-1", sim, &sim_p);
+        assert!(
+            v[0].description
+                .contains("detector=ORCA10 (it selects detector=ARCA21)"),
+            "{v:?}"
+        );
+    }
+
+    #[test]
     fn a_note_names_each_parent_that_did_not_complete() {
         use ProductionState::*;
         let all = [("A-1".to_string(), Some(Completed))];
