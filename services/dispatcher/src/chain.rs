@@ -2,7 +2,8 @@
 //! jobs take other productions' output files. The dispatcher learns of
 //! those files from `job.output` (its own events, consumed like anyone's),
 //! offers each to every chained production linked to its producer (once per
-//! (child, LFN), in the consumer's transaction with its inbox claim), and
+//! (child, LFN): the key, not an inbox row, makes a repeated event change
+//! nothing), and
 //! makes jobs of them as they arrive, as the profile groups them. A chained
 //! production stays open until every parent ended and delivered the outputs
 //! of each of its DONE jobs; then the last, partial group becomes a job and
