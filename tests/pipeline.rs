@@ -775,6 +775,7 @@ async fn the_status_read_model_ignores_late_and_repeated_transitions() {
             job_total: 3,
             backend: "local".into(),
             estimate: None,
+            ..Default::default()
         },
     )
     .await;
@@ -861,6 +862,7 @@ async fn concurrent_projection_of_overlapping_transitions_converges() {
             job_total: jobs,
             backend: "local".into(),
             estimate: None,
+            ..Default::default()
         },
     )
     .await;

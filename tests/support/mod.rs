@@ -149,6 +149,7 @@ pub fn cta_example() -> pb::SubmitRequestRequest {
         priority: 0,
         forward: Vec::new(),
         forward_replace: false,
+        chain: Vec::new(),
     }
 }
 

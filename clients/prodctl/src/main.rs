@@ -274,6 +274,17 @@ struct RequestFile {
     #[serde(default)]
     forward_replace: bool,
     parameters: serde_json::Value,
+    /// Steps chained after this request, each taking the outputs of the
+    /// one before (its input parameter is "{previous}").
+    #[serde(default)]
+    chain: Vec<ChainStepFile>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ChainStepFile {
+    profile: String,
+    parameters: serde_json::Value,
 }
 
 impl RequestFile {
@@ -294,6 +305,14 @@ impl RequestFile {
             priority: r.priority,
             forward: r.forward,
             forward_replace: r.forward_replace,
+            chain: r
+                .chain
+                .into_iter()
+                .map(|s| pb::ChainStep {
+                    profile: s.profile,
+                    parameters_json: s.parameters.to_string(),
+                })
+                .collect(),
         })
     }
 }
@@ -349,7 +368,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 request.idempotency_key = key.clone();
             }
             request.extend |= extend;
-            submit(&cli, request, watch, Duration::from_secs(timeout)).await
+            if request.chain.is_empty() {
+                submit(&cli, request, watch, Duration::from_secs(timeout)).await
+            } else {
+                submit_chain(&cli, request, watch, Duration::from_secs(timeout)).await
+            }
         }
         Command::Watch {
             ref production_id,
@@ -878,6 +901,104 @@ async fn submit(
 }
 
 /// Exit 0 when the production COMPLETED, else the code for "ended otherwise".
+/// Submits a request and the chain of steps after it: the whole chain is
+/// validated first (nothing is submitted if a step cannot connect), then
+/// each step is submitted once the one before it is accepted, naming its
+/// production where the step says "{previous}"; with `watch`, every step is
+/// followed to its end.
+async fn submit_chain(
+    cli: &Cli,
+    mut request: pb::SubmitRequestRequest,
+    watch: bool,
+    timeout: Duration,
+) -> anyhow::Result<ExitCode> {
+    let mut intake =
+        pb::request_service_client::RequestServiceClient::new(connect(&cli.intake).await?);
+    let validation = intake
+        .validate_request(request.clone())
+        .await
+        .map_err(output::status)?
+        .into_inner();
+    if !validation.acceptable {
+        if output::json() {
+            output::print(&output::validation(&validation));
+        } else {
+            print_validation(&validation);
+        }
+        return Ok(ExitCode::from(output::INVALID));
+    }
+    let deadline = Instant::now() + timeout;
+    let steps = std::mem::take(&mut request.chain);
+    let mut previous = String::new();
+    let mut productions = Vec::new();
+    for (i, step) in std::iter::once(None)
+        .chain(steps.into_iter().map(Some))
+        .enumerate()
+    {
+        let mut this = request.clone();
+        if let Some(step) = step {
+            let mut parameters: serde_json::Value = serde_json::from_str(&step.parameters_json)?;
+            if let Some(fields) = parameters.as_object_mut() {
+                for value in fields.values_mut() {
+                    if value.as_str() == Some("{previous}") {
+                        *value = previous.clone().into();
+                    }
+                }
+            }
+            this.profile = step.profile;
+            this.parameters_json = parameters.to_string();
+            // A step's key is its own (a retried chain replays each step).
+            if !request.idempotency_key.is_empty() {
+                this.idempotency_key = format!("{}.step{i}", request.idempotency_key);
+            }
+        }
+        let answer = intake
+            .submit_request(this.clone())
+            .await
+            .map_err(output::status)?
+            .into_inner();
+        let decided = loop {
+            let r = intake
+                .get_request(pb::GetRequestRequest {
+                    request_id: answer.request_id.clone(),
+                })
+                .await
+                .map_err(output::status)?
+                .into_inner();
+            if r.state() != pb::RequestState::Received {
+                break r;
+            }
+            if Instant::now() > deadline {
+                bail!("request {} was not checked in time", answer.request_id);
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        if output::json() {
+            output::print(&serde_json::json!({"step": i, "profile": this.profile,
+                "request": output::request(&decided)}));
+        } else {
+            println!("step {i} ({})", this.profile);
+            print_request(&decided);
+        }
+        if decided.state() != pb::RequestState::Accepted {
+            return Ok(ExitCode::from(output::INVALID));
+        }
+        previous = decided.production_id.clone();
+        productions.push(previous.clone());
+    }
+    if !watch {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut last = pb::ProductionState::Completed;
+    for production_id in &productions {
+        let state = watch_production(cli, production_id, deadline).await?;
+        if state != pb::ProductionState::Completed {
+            last = state;
+        }
+    }
+    Ok(ended(last))
+}
+
 fn ended(state: pb::ProductionState) -> ExitCode {
     if state == pb::ProductionState::Completed {
         ExitCode::SUCCESS
@@ -942,8 +1063,14 @@ fn progress_line(p: &pb::Production) -> String {
     } else {
         format!(" ({}, {})", p.period, p.pointing)
     };
+    // A chained production: the input files its jobs took, and its note.
+    let inputs = match (p.inputs_used, p.inputs_note.as_str()) {
+        (0, "") if p.state() != pb::ProductionState::WaitingForInput => String::new(),
+        (used, "") => format!(", input files used {used}"),
+        (used, note) => format!(", input files used {used} — {note}"),
+    };
     format!(
-        "{}{pointing} {:?} jobs {}: created {} submitted {} queued {} running {} done {} failed {} exhausted {} cancelled {}{forwarding}{finished}{held}",
+        "{}{pointing} {:?} jobs {}: created {} submitted {} queued {} running {} done {} failed {} exhausted {} cancelled {}{inputs}{forwarding}{finished}{held}",
         p.production_id,
         p.state(),
         p.job_total,

@@ -283,6 +283,8 @@ pub fn production(p: &pb::Production) -> Value {
         "held_reason": p.held_reason,
         "period": p.period,
         "pointing": p.pointing,
+        "inputs_used": p.inputs_used,
+        "inputs_note": p.inputs_note,
     })
 }
 

@@ -8,6 +8,8 @@
 //!
 //! The crate is std-only on purpose: it must build in seconds.
 
+pub mod dl1;
+pub mod irf;
 pub mod km3net;
 
 use std::collections::HashSet;

@@ -89,6 +89,27 @@ impl CheckerApi {
         Ok(pb::ListTemplatesResponse { templates })
     }
 
+    /// Adds to `validation` why the chain after `r` cannot run.
+    fn check_chain(&self, r: &pb::SubmitRequestRequest, validation: &mut Validation) {
+        let head = self.rules.profiles.get(&r.profile);
+        let parameters = serde_json::from_str(&r.parameters_json);
+        let (Some(head), Ok(parameters)) = (head, parameters) else {
+            // The request itself is refused already.
+            return;
+        };
+        let steps: Vec<(&str, &str)> = r
+            .chain
+            .iter()
+            .map(|s| (s.profile.as_str(), s.parameters_json.as_str()))
+            .collect();
+        let found =
+            domain::chain_violations(&self.rules.profiles, &r.vo, head, &parameters, &steps);
+        if !found.is_empty() {
+            validation.violations.extend(found);
+            validation.acceptable = false;
+        }
+    }
+
     /// The verdict `r` would get now, nothing stored.
     async fn verdict(&self, r: &pb::SubmitRequestRequest) -> Result<Validation, CheckerError> {
         let candidate = Candidate {
@@ -136,7 +157,11 @@ impl CheckerApi {
             })
             .collect();
         if !expanded.has_period() {
-            return Ok(validations.pop().unwrap_or_default());
+            let mut validation = validations.pop().unwrap_or_default();
+            if !r.chain.is_empty() {
+                self.check_chain(r, &mut validation);
+            }
+            return Ok(validation);
         }
         if expanded.shares.is_empty() {
             let mut refused = validations.pop().unwrap_or_default();

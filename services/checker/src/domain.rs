@@ -168,6 +168,9 @@ pub struct Known {
 /// batch or an earlier one.
 #[derive(Default)]
 pub struct Neighbourhood {
+    /// The productions chained candidates name as their input, by ID, with
+    /// their profile and parameters.
+    parents: HashMap<String, (String, serde_json::Value)>,
     by_fingerprint: HashMap<String, String>,
     by_base: HashMap<String, Vec<Known>>,
     /// By file-base fingerprint, with each one's base fingerprint.
@@ -175,6 +178,63 @@ pub struct Neighbourhood {
 }
 
 impl Neighbourhood {
+    /// A production a chained candidate names as its input, with its
+    /// profile and parameters.
+    pub fn add_parent(
+        &mut self,
+        production_id: String,
+        profile: String,
+        parameters: serde_json::Value,
+    ) {
+        self.parents.insert(production_id, (profile, parameters));
+    }
+
+    /// Why a chained candidate cannot take its inputs from the production
+    /// its parameters name: none by that ID, or one whose files it would
+    /// not take (another profile, or metadata that does not match what it
+    /// selects: see [`prodsys_core::inputs::connection_violations`]).
+    fn parent_violations(
+        &self,
+        profiles: &ProfileSet,
+        profile: &Profile,
+        parameters: &serde_json::Value,
+    ) -> Vec<Violation> {
+        let Some(inputs) = profile.inputs() else {
+            return Vec::new();
+        };
+        let Some(parent) = inputs.parent(parameters) else {
+            return Vec::new();
+        };
+        let field = format!(
+            "parameters.{}",
+            inputs.production.as_deref().unwrap_or_default()
+        );
+        let Some((of, parent_parameters)) = self.parents.get(&parent) else {
+            return vec![Violation::new(
+                field,
+                format!(
+                    "no production {parent} was accepted; a chained production takes the outputs of an accepted one"
+                ),
+            )];
+        };
+        match profiles.get(of) {
+            Some(parent_profile) => prodsys_core::inputs::connection_violations(
+                &field,
+                profile,
+                parameters,
+                &parent,
+                parent_profile,
+                parent_parameters,
+            ),
+            None => vec![Violation::new(
+                field,
+                format!(
+                    "{parent} is a production of profile {of}, which this deployment no longer has"
+                ),
+            )],
+        }
+    }
+
     pub fn add(&mut self, base: String, file_base: Option<String>, production: Known) {
         self.by_fingerprint.insert(
             production.fingerprint.clone(),
@@ -229,6 +289,8 @@ impl Neighbourhood {
 /// The fingerprints, base fingerprints and file-base fingerprints whose
 /// productions make the neighbourhood of `prepared`.
 pub struct Lookups {
+    /// Productions chained candidates name as their input.
+    pub parents: Vec<String>,
     pub fingerprints: Vec<String>,
     pub bases: Vec<String>,
     pub file_bases: Vec<String>,
@@ -237,6 +299,7 @@ pub struct Lookups {
 impl Lookups {
     pub fn of<'a, 'p: 'a>(prepared: impl IntoIterator<Item = &'a Prepared<'p>>) -> Self {
         let mut lookups = Lookups {
+            parents: Vec::new(),
             fingerprints: Vec::new(),
             bases: Vec::new(),
             file_bases: Vec::new(),
@@ -246,6 +309,9 @@ impl Lookups {
                 continue;
             };
             lookups.fingerprints.push(p.validation.fingerprint.clone());
+            lookups
+                .parents
+                .extend(profile.inputs().and_then(|i| i.parent(parameters)));
             lookups.bases.push(base.clone());
             lookups
                 .file_bases
@@ -442,6 +508,7 @@ impl Rules {
         let fingerprint = validation.fingerprint.clone();
         validation.parameters_json = parameters.to_string();
         let mut violations = std::mem::take(&mut validation.violations);
+        violations.extend(known.parent_violations(&self.profiles, profile, &parameters));
         if let Some(existing) = known.existing(&fingerprint) {
             // Asked for, the existing production is the answer rather than a refusal.
             if !candidate.reuse_existing {
@@ -523,19 +590,25 @@ impl Rules {
             });
             validation.estimate = Some(profile.resource_estimate(plan));
             violations.extend(profile.check_job_count(plan, self.max_jobs));
-        } else {
+        } else if profile.inputs().is_none() {
             violations.push(Violation::new("parameters", "give no job plan"));
         }
         validation.violations = violations;
         validation.acceptable = validation.violations.is_empty();
-        let accepted = match (validation.acceptable, plan) {
-            (true, Some(plan)) => Some(Accepted {
+        // A chained production has no plan: its jobs follow its input files.
+        let last_run = match (&plan, profile.inputs()) {
+            (Some(plan), _) => Some((plan.run_number_offset + plan.job_count) as i64),
+            (None, Some(_)) => Some(run_number_offset),
+            (None, None) => None,
+        };
+        let accepted = match (validation.acceptable, last_run) {
+            (true, Some(last_run)) => Some(Accepted {
                 profile,
                 parameters,
                 base_fingerprint,
                 file_base,
                 run_number_offset,
-                last_run: (plan.run_number_offset + plan.job_count) as i64,
+                last_run,
             }),
             _ => None,
         };
@@ -1382,5 +1455,176 @@ mod tests {
             ]
         );
         assert_eq!(whole.existing_production_id, "CTA-000001");
+    }
+}
+
+/// The value of a chain step's input parameter that stands for the
+/// production of the step before it.
+pub const PREVIOUS: &str = "{previous}";
+
+/// Why the `chain` of steps cannot follow a request of `head` with
+/// `head_parameters` for `vo`, as DIRAC's ProdValidator checks production
+/// steps: each step's profile must take inputs, its parameters (with the
+/// step before standing in for its parent) must be valid, and its input
+/// query must match what the step before writes. Violations are on
+/// `chain[i]...`.
+pub fn chain_violations(
+    profiles: &ProfileSet,
+    vo: &str,
+    head: &Profile,
+    head_parameters: &serde_json::Value,
+    chain: &[(&str, &str)],
+) -> Vec<Violation> {
+    let mut violations = Vec::new();
+    let mut previous: Option<(&Profile, serde_json::Value, String)> =
+        Some((head, head_parameters.clone(), "the request".to_string()));
+    for (i, (name, parameters_json)) in chain.iter().enumerate() {
+        let at = |field: &str| format!("chain[{i}].{field}");
+        let Some(profile) = profiles.get(name) else {
+            violations.push(Violation::new(
+                at("profile"),
+                format!("unknown profile {name:?}"),
+            ));
+            previous = None;
+            continue;
+        };
+        let Some(inputs) = profile.inputs() else {
+            violations.push(Violation::new(
+                at("profile"),
+                format!("profile {name} takes no input files: every step after the request must"),
+            ));
+            previous = None;
+            continue;
+        };
+        let mut parameters: serde_json::Value = match serde_json::from_str(parameters_json) {
+            Ok(p) => p,
+            Err(e) => {
+                violations.push(Violation::new(
+                    at("parameters"),
+                    format!("is not JSON: {e}"),
+                ));
+                previous = None;
+                continue;
+            }
+        };
+        let key = inputs.production.clone().unwrap_or_default();
+        let step_name = format!("chain step {i} ({name})");
+        if let Some((parent, parent_parameters, parent_name)) = &previous {
+            if !key.is_empty() {
+                match parameters.get(&key).and_then(|v| v.as_str()) {
+                    None | Some(PREVIOUS) => {
+                        // The step before, as an ID of its profile would look.
+                        parameters[key.as_str()] = format!("{}-0", parent.id_prefix()).into();
+                    }
+                    Some(other) => violations.push(Violation::new(
+                        at(&format!("parameters.{key}")),
+                        format!("is {other:?}: a step takes the outputs of the step before it, written {PREVIOUS:?}"),
+                    )),
+                }
+            }
+            for v in profile.validate(vo, &parameters) {
+                violations.push(Violation::new(
+                    format!("chain[{i}].{}", v.field),
+                    v.description,
+                ));
+            }
+            violations.extend(prodsys_core::inputs::connection_violations(
+                &at(&format!("parameters.{key}")),
+                profile,
+                &parameters,
+                parent_name,
+                parent,
+                parent_parameters,
+            ));
+        }
+        previous = Some((profile, parameters, step_name));
+    }
+    violations
+}
+
+#[cfg(test)]
+mod chain_tests {
+    use super::*;
+
+    fn shipped() -> ProfileSet {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../profiles");
+        ProfileSet::load_dir(&root).unwrap()
+    }
+
+    fn example(name: &str) -> serde_json::Value {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples");
+        let text = std::fs::read_to_string(root.join(name)).unwrap();
+        serde_json::from_str::<serde_json::Value>(&text).unwrap()["parameters"].clone()
+    }
+
+    #[test]
+    fn a_chain_connects_when_each_step_takes_what_the_one_before_writes() {
+        let profiles = shipped();
+        let head = profiles.get("cta-irf-mc").unwrap();
+        let sim = example("cta-irf-mc.json");
+        let mut dl1 = example("cta-dl1.json");
+        dl1["input_production"] = PREVIOUS.into();
+        let mut irf = example("cta-irf.json");
+        irf["input_production"] = PREVIOUS.into();
+        let (dl1, irf) = (dl1.to_string(), irf.to_string());
+        let vo = "vo.cta.in2p3.fr";
+        let good = [("cta-dl1", dl1.as_str()), ("cta-irf", irf.as_str())];
+        assert!(chain_violations(&profiles, vo, head, &sim, &good).is_empty());
+        // The shipped chain file connects.
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples");
+        let file: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(root.join("cta-chain.json")).unwrap())
+                .unwrap();
+        let shipped_steps: Vec<(String, String)> = file["chain"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| {
+                (
+                    s["profile"].as_str().unwrap().to_string(),
+                    s["parameters"].to_string(),
+                )
+            })
+            .collect();
+        let steps: Vec<(&str, &str)> = shipped_steps
+            .iter()
+            .map(|(p, j)| (p.as_str(), j.as_str()))
+            .collect();
+        let v = chain_violations(&profiles, vo, head, &file["parameters"], &steps);
+        assert!(v.is_empty(), "{v:?}");
+        // The IRF step straight after the simulation: its steps cannot connect.
+        let skipped = [("cta-irf", irf.as_str())];
+        let v = chain_violations(&profiles, vo, head, &sim, &skipped);
+        assert_eq!(v.len(), 1, "{v:?}");
+        assert_eq!(v[0].field, "chain[0].parameters.input_production");
+        assert!(
+            v[0].description
+                .contains("profile cta-irf takes the outputs of cta-dl1"),
+            "{v:?}"
+        );
+        // A step that takes no inputs, an unknown one, bad parameters.
+        let sim_text = sim.to_string();
+        let bad = [
+            ("cta-irf-mc", sim_text.as_str()),
+            ("nope", "{}"),
+            ("cta-dl1", r#"{"input_production": "{previous}"}"#),
+        ];
+        let v = chain_violations(&profiles, vo, head, &sim, &bad);
+        let fields: Vec<&str> = v.iter().map(|v| v.field.as_str()).collect();
+        assert!(fields.contains(&"chain[0].profile"), "{v:?}");
+        assert!(fields.contains(&"chain[1].profile"), "{v:?}");
+        // After an unknown step there is nothing to connect to; its own
+        // parameters are still not checked against a parent.
+        assert!(!fields.iter().any(|f| f.starts_with("chain[2]")), "{v:?}");
+        let lone = [(
+            "cta-dl1",
+            r#"{"input_production": "{previous}", "campaign": "P"}"#,
+        )];
+        let v = chain_violations(&profiles, vo, head, &sim, &lone);
+        assert!(
+            v.iter()
+                .any(|v| v.field == "chain[0].parameters.image_cleaning"),
+            "{v:?}"
+        );
     }
 }

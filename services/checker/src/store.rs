@@ -58,6 +58,18 @@ pub async fn neighbourhood(
         )
         .await?;
     tx.batch_execute("RESET enable_seqscan").await?;
+    if !lookups.parents.is_empty() {
+        for row in tx
+            .query_cached(
+                "SELECT production_id, profile, parameters FROM productions
+                 WHERE production_id = ANY($1)",
+                &[&lookups.parents],
+            )
+            .await?
+        {
+            known.add_parent(row.get(0), row.get(1), row.get(2));
+        }
+    }
     for row in rows {
         if !seen.insert(row.get::<_, String>(0)) {
             continue;

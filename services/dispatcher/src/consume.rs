@@ -1,11 +1,16 @@
 //! The dispatcher's AMQP consumer: records accepted productions with their
 //! plan (planning the small ones at once) and takes cancels, remembering one
-//! whose production has not arrived yet.
+//! whose production has not arrived yet (a cancel also cancels the
+//! productions chained after it). It takes `job.output` and
+//! `production.completed` too: the files and ends that chained productions
+//! make their jobs of (see `chain`).
 
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use prodsys_core::events::{PRODUCTION_CANCEL, PRODUCTION_DISPATCHED};
+use prodsys_core::events::{
+    JOB_OUTPUT, PRODUCTION_CANCEL, PRODUCTION_COMPLETED, PRODUCTION_DISPATCHED,
+};
 use prodsys_core::{ProductionState, ProfileSet};
 use prodsys_db::Db;
 use prodsys_db::deadpool_postgres::Transaction;
@@ -15,6 +20,7 @@ use prodsys_server::{decode_event, outbox_event};
 use tokio::sync::Notify;
 use uuid::Uuid;
 
+use crate::chain;
 use crate::domain::{self, Prepared};
 use crate::error::{DispatcherError, Result};
 use crate::planning::JobRows;
@@ -33,6 +39,8 @@ pub(crate) struct Planner {
     pub inline_jobs: u64,
     /// The deployment's ceiling on one production's jobs.
     pub max_jobs: u64,
+    /// The profiles whose outputs chained productions may take (`None`: any).
+    pub sources: Option<Vec<String>>,
 }
 
 impl Planner {
@@ -58,8 +66,14 @@ impl Planner {
                 domain::event_time(event_id, chrono::Utc::now()),
             )
             .await?;
+        // Cancelling a production cancels the steps chained after it.
+        let chained = if running {
+            store::cancel_chained_after(tx, &cancel.production_id).await?
+        } else {
+            Vec::new()
+        };
         tracing::info!(production_id = %cancel.production_id, reason = %cancel.reason,
-            running, remembered, "cancel requested");
+            running, remembered, ?chained, "cancel requested");
         Ok(())
     }
 
@@ -68,9 +82,19 @@ impl Planner {
     /// fit together in `inline_jobs` are planned here whole; the others are
     /// left to the planning task (`planned_jobs` 0). A production whose
     /// cancel came first is recorded CANCELLING, with no jobs.
-    async fn plan(&self, tx: &Transaction<'_>, prepared: &[Prepared<'_>]) -> Result<()> {
+    ///
+    /// A chained production (`parents` holds its parents, by its place in
+    /// `prepared`) is linked to them and takes the files they delivered
+    /// already; it is returned to be advanced.
+    async fn plan(
+        &self,
+        tx: &Transaction<'_>,
+        prepared: &[Prepared<'_>],
+        parents: &[Option<Vec<String>>],
+    ) -> Result<Vec<String>> {
+        let mut chained = Vec::new();
         if prepared.is_empty() {
-            return Ok(());
+            return Ok(chained);
         }
         let ids: Vec<&str> = prepared
             .iter()
@@ -95,11 +119,21 @@ impl Planner {
         store::forget_cancels(tx, &done_with).await?;
         let mut jobs = JobRows::default();
         let mut events = Vec::new();
-        for (p, row) in prepared.iter().zip(&rows) {
+        for ((p, row), parents) in prepared.iter().zip(&rows).zip(parents) {
             let accepted = p.accepted;
             // Planned before (a replayed event under another ID): nothing to add.
             if !inserted.contains(&accepted.production_id) {
                 continue;
+            }
+            let waiting_for_input = parents.is_some();
+            if let Some(parents) = parents
+                && row.state == ProductionState::Running
+                && let Some(profile) = self.profiles.get(&accepted.profile)
+            {
+                chain::link(tx, profile, &accepted.production_id, &p.parameters, parents)
+                    .await
+                    .map_err(DispatcherError::Unexpected)?;
+                chained.push(accepted.production_id.clone());
             }
             for i in 0..row.planned_jobs {
                 jobs.push(&accepted.production_id, &p.plan.job(i));
@@ -109,6 +143,8 @@ impl Planner {
                 job_total: p.plan.job_count,
                 backend: accepted.backend.clone(),
                 estimate: Some(p.estimate),
+                waiting_for_input,
+                inputs_used: 0,
             };
             events.push(outbox_event(
                 PRODUCTION_DISPATCHED,
@@ -123,7 +159,7 @@ impl Planner {
         }
         jobs.flush(tx).await?;
         prodsys_db::enqueue(tx, &self.db.outbox_channel(), &events).await?;
-        Ok(())
+        Ok(chained)
     }
 
     async fn handle_batch(&self, batch: &[Incoming]) -> Result<Vec<Outcome>> {
@@ -131,7 +167,30 @@ impl Planner {
         // (slot in the batch, event ID, event) of each production to plan.
         let mut accepted = Vec::new();
         let mut cancels = Vec::new();
+        // (event ID, event) of finished jobs' outputs and ended productions.
+        let mut outputs = Vec::new();
+        let mut ended = Vec::new();
         for (slot, incoming) in batch.iter().enumerate() {
+            if incoming.routing_key == JOB_OUTPUT {
+                outcomes.push(match decode_event::<pb::JobOutput>(incoming) {
+                    Ok(decoded) => {
+                        outputs.push(decoded);
+                        Outcome::Ack
+                    }
+                    Err(reason) => Outcome::DeadLetter(reason),
+                });
+                continue;
+            }
+            if incoming.routing_key == PRODUCTION_COMPLETED {
+                outcomes.push(match decode_event::<pb::ProductionCompleted>(incoming) {
+                    Ok(decoded) => {
+                        ended.push(decoded);
+                        Outcome::Ack
+                    }
+                    Err(reason) => Outcome::DeadLetter(reason),
+                });
+                continue;
+            }
             if incoming.routing_key == PRODUCTION_CANCEL {
                 outcomes.push(match decode_event::<pb::ProductionCancel>(incoming) {
                     Ok(decoded) => {
@@ -173,14 +232,58 @@ impl Planner {
             .filter(|(_, id)| fresh.contains(*id) && seen.insert(**id))
             .map(|(p, _)| p)
             .collect();
-        self.plan(&tx, &prepared).await?;
+        // The parents of each chained production, and the producers of the
+        // files offered: their source locks are taken once, in order.
+        let mut parents = Vec::with_capacity(prepared.len());
+        for p in &prepared {
+            parents.push(match self.profiles.get(&p.accepted.profile) {
+                Some(profile) if profile.inputs().is_some() => Some(
+                    chain::parents_of(&tx, profile, &p.accepted.production_id, &p.parameters)
+                        .await
+                        .map_err(DispatcherError::Unexpected)?,
+                ),
+                _ => None,
+            });
+        }
+        // No inbox claim for these: taking them again changes nothing (every
+        // delivery, file and input is keyed), and a claim would cost a row
+        // per finished job of every production.
+        let outputs: Vec<pb::JobOutput> = match &self.sources {
+            // No chained profile is loaded: nobody takes files.
+            Some(sources) if sources.is_empty() => Vec::new(),
+            _ => outputs.into_iter().map(|(_, o)| o).collect(),
+        };
+        let ended: Vec<String> = ended.into_iter().map(|(_, e)| e.production_id).collect();
+        let mut sources: Vec<String> = parents.iter().flatten().flatten().cloned().collect();
+        sources.extend(outputs.iter().map(|o| o.production_id.clone()));
+        store::lock_sources(&tx, &sources)
+            .await
+            .map_err(DispatcherError::Unexpected)?;
+        let mut children = self.plan(&tx, &prepared, &parents).await?;
+        children.extend(
+            chain::take_outputs(&tx, &outputs, self.sources.as_deref())
+                .await
+                .map_err(DispatcherError::Unexpected)?,
+        );
+        children.extend(
+            chain::ended(&tx, &ended)
+                .await
+                .map_err(DispatcherError::Unexpected)?,
+        );
         // After the plans: a cancel in the same batch finds its production.
         for (id, cancel) in &cancels {
             if !prodsys_db::claim(&tx, &[*id]).await?.is_empty() {
                 self.cancel(&tx, *id, cancel).await?;
             }
         }
+        let (events, created) = chain::advance(&tx, &self.profiles, &children)
+            .await
+            .map_err(DispatcherError::Unexpected)?;
+        prodsys_db::enqueue(&tx, &self.db.outbox_channel(), &events).await?;
         tx.commit().await?;
+        if created > 0 {
+            tracing::debug!(created, "jobs made of arriving inputs");
+        }
         self.planning.notify_one();
         for wake in &self.wakes {
             wake.notify_one();

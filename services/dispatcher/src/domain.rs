@@ -59,10 +59,19 @@ impl JobRow {
 
 /// What the backend is given to run one attempt of `job`: the profile's
 /// command and environment rendered for it, in its directory under `work_dir`.
-pub fn job_spec(profile: &Profile, job: &JobRow, work_dir: &Path, deployment: &str) -> JobSpec {
+/// A chained production's job gets its `inputs` (URLs) as `{input_files}`
+/// (paths where they are local files), `{input_list}` (the list file the
+/// scheduler writes in its directory) and `{input_count}`.
+pub fn job_spec(
+    profile: &Profile,
+    job: &JobRow,
+    work_dir: &Path,
+    deployment: &str,
+    inputs: &[String],
+) -> JobSpec {
     let workdir = job.workdir_in(work_dir);
     let output_dir = workdir.join(&profile.outputs().dir);
-    let vars = profile.job_variables(
+    let mut vars = profile.job_variables(
         &job.parameters,
         &job.production_id,
         &job.vo,
@@ -70,6 +79,18 @@ pub fn job_spec(profile: &Profile, job: &JobRow, work_dir: &Path, deployment: &s
         job.attempt as u32,
         &output_dir.to_string_lossy(),
     );
+    if let Some(spec) = profile.inputs() {
+        let files: Vec<&str> = inputs
+            .iter()
+            .map(|u| prodsys_core::inputs::input_location(u))
+            .collect();
+        vars.insert("input_files".into(), files.join(" "));
+        vars.insert(
+            "input_list".into(),
+            workdir.join(&spec.list_file).to_string_lossy().into_owned(),
+        );
+        vars.insert("input_count".into(), inputs.len().to_string());
+    }
     let prodsys_core::profile::JobCommand { program, args, env } = profile
         .job_command(&job.parameters, &vars)
         .unwrap_or_else(|reason| {
@@ -249,13 +270,17 @@ pub fn prepare<'a>(
             found.join("; ")
         ));
     }
-    let plan = profile
-        .plan(
-            &parameters,
-            &accepted.fingerprint,
-            accepted.run_number_offset,
-        )
-        .ok_or("parameters give no job plan")?;
+    // A chained production starts with no job: they come with its inputs.
+    let plan = match profile.inputs() {
+        Some(_) => JobPlan::empty(&accepted.fingerprint, accepted.run_number_offset),
+        None => profile
+            .plan(
+                &parameters,
+                &accepted.fingerprint,
+                accepted.run_number_offset,
+            )
+            .ok_or("parameters give no job plan")?,
+    };
     // Refused at submit time; a request accepted before a lower limit was
     // set is not planned either.
     if let Some(violation) = profile.check_job_count(&plan, max_jobs) {

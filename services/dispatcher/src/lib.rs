@@ -7,9 +7,12 @@
 //! retries failed attempts up to the profile's limit, registers outputs, and
 //! closes the production by the stated rule (all done → COMPLETED, some →
 //! PARTIALLY_COMPLETED, none → FAILED). A cancel is remembered if its
-//! production has not arrived yet.
+//! production has not arrived yet. A chained production (its profile
+//! declares `inputs`) gets its jobs as its parents' output files arrive
+//! (see `chain`).
 
 pub mod backend;
+mod chain;
 mod consume;
 pub mod dirac;
 mod domain;
@@ -27,7 +30,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use prodsys_config::BackendSettings;
 use prodsys_core::ProfileSet;
-use prodsys_core::events::{PRODUCTION_CANCEL, REQUEST_ACCEPTED};
+use prodsys_core::events::{JOB_OUTPUT, PRODUCTION_CANCEL, PRODUCTION_COMPLETED, REQUEST_ACCEPTED};
 use prodsys_db::Migration;
 use prodsys_server::{Foundation, Running};
 use tokio::sync::Notify;
@@ -46,6 +49,7 @@ pub const MIGRATIONS: &[Migration] = prodsys_db::migrations![
     "0010_incremental_planning.sql",
     "0011_cancels_received_before_their_production.sql",
     "0012_job_accounting.sql",
+    "0400_chained_inputs.sql",
 ];
 
 pub async fn start(
@@ -59,7 +63,12 @@ pub async fn start(
         settings,
         SERVICE,
         MIGRATIONS,
-        &[REQUEST_ACCEPTED, PRODUCTION_CANCEL],
+        &[
+            REQUEST_ACCEPTED,
+            PRODUCTION_CANCEL,
+            JOB_OUTPUT,
+            PRODUCTION_COMPLETED,
+        ],
         &[],
         &shutdown,
     )
@@ -159,6 +168,7 @@ pub async fn start(
         }
         .run(shutdown.clone()),
     );
+    let sources = chain::source_profiles(&profiles);
     foundation.consume(
         settings,
         consume::Planner {
@@ -168,6 +178,7 @@ pub async fn start(
             planning,
             inline_jobs: chunk,
             max_jobs: settings.dispatcher.max_jobs_per_production,
+            sources,
         },
         &shutdown,
     );

@@ -70,6 +70,21 @@ impl PlanningTask {
                     )
                 }
             }
+            match self.advance_chained().await {
+                Ok(0) => {}
+                Ok(created) => {
+                    tracing::debug!(created, "made jobs of chained productions' inputs");
+                    for wake in &self.schedulers {
+                        wake.notify_one();
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(
+                        error = format!("{error:#}"),
+                        "advancing chained productions failed; retrying"
+                    )
+                }
+            }
             match self.plan_chunk().await {
                 Ok(Some(created)) => {
                     tracing::debug!(created, "planned a chunk of jobs");
@@ -93,6 +108,29 @@ impl PlanningTask {
                 _ = tokio::time::sleep(self.idle) => {}
             }
         }
+    }
+
+    /// Advances every chained production still taking inputs, each in its
+    /// own transaction: what the consumer does as files and ends arrive,
+    /// again, so nothing waits on a transaction that crossed another (a
+    /// parent's last job closing while its child was being advanced).
+    /// How many jobs it made.
+    async fn advance_chained(&self) -> anyhow::Result<u64> {
+        let client = self.db.client().await?;
+        let waiting = crate::store::waiting_for_input(&client).await?;
+        drop(client);
+        let mut created = 0;
+        for production_id in waiting {
+            let mut client = self.db.client().await?;
+            let tx = client.transaction().await?;
+            let (events, made) =
+                crate::chain::advance(&tx, &self.profiles, std::slice::from_ref(&production_id))
+                    .await?;
+            prodsys_db::enqueue(&tx, &self.db.outbox_channel(), &events).await?;
+            tx.commit().await?;
+            created += made;
+        }
+        Ok(created)
     }
 
     /// Forgets remembered cancels older than the time to live: their

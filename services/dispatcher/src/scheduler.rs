@@ -317,6 +317,7 @@ impl Scheduler {
         let mut submitted = Vec::with_capacity(jobs.len());
         let mut failure = None;
         let mut to_submit = Vec::with_capacity(jobs.len());
+        let inputs = self.inputs_of(&jobs).await?;
         for job in jobs {
             let Some(profile) = self.profiles.get(&job.profile) else {
                 failure = Some(anyhow::anyhow!(
@@ -325,7 +326,19 @@ impl Scheduler {
                 ));
                 continue;
             };
-            let spec = domain::job_spec(profile, &job, &self.work_dir, &self.deployment);
+            let job_inputs = inputs
+                .get(&(job.production_id.clone(), job.job_index))
+                .map(Vec::as_slice)
+                .unwrap_or_default();
+            let spec =
+                domain::job_spec(profile, &job, &self.work_dir, &self.deployment, job_inputs);
+            if let Some(spec_inputs) = profile.inputs()
+                && let Err(error) =
+                    write_input_list(&spec.workdir, &spec_inputs.list_file, job_inputs).await
+            {
+                failure = Some(error);
+                break;
+            }
             if self.lease.lost() {
                 // Another replica may hold the installation now: it submits.
                 failure = Some(anyhow::anyhow!("the installation's lease was lost"));
@@ -393,6 +406,27 @@ impl Scheduler {
             Some(error) => Err(error.context("submitting to the backend")),
             None => Ok(()),
         }
+    }
+
+    /// The input files of the chained productions' jobs among `jobs`.
+    async fn inputs_of(
+        &self,
+        jobs: &[JobRow],
+    ) -> anyhow::Result<HashMap<(String, i64), Vec<String>>> {
+        let chained: Vec<(&str, i64)> = jobs
+            .iter()
+            .filter(|j| {
+                self.profiles
+                    .get(&j.profile)
+                    .is_some_and(|p| p.inputs().is_some())
+            })
+            .map(|j| (j.production_id.as_str(), j.job_index))
+            .collect();
+        if chained.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let client = self.db.client().await?;
+        store::job_inputs(&client, &chained).await
     }
 
     /// Tells status (through the outbox) that this installation started
@@ -709,11 +743,14 @@ impl Changes {
 }
 
 /// The production's final state, if none of its jobs can still change (one
-/// still being planned has jobs to come).
-async fn close_if_finished(
+/// still being planned has jobs to come, a chained one inputs to take). Its
+/// row is held first: a transaction adding a chained production's jobs or
+/// completing its inputs commits before this looks.
+pub(crate) async fn close_if_finished(
     tx: &Transaction<'_>,
     production_id: &str,
 ) -> anyhow::Result<Option<OutboxEvent>> {
+    store::lock_production(tx, production_id).await?;
     if store::unfinished(tx, production_id).await? {
         return Ok(None);
     }
@@ -736,6 +773,7 @@ async fn close(
     };
     let counts = domain::final_counts(&states, job_total);
     let accounting = store::accounting(tx, production_id).await?;
+    let (inputs_note, inputs_used) = store::inputs_summary(tx, production_id).await?;
     tracing::info!(%production_id, %state, done = counts.done, attempts = accounting.attempts, "production finished");
     let at_ms = |at: Option<chrono::DateTime<chrono::Utc>>| at.map_or(0, |t| t.timestamp_millis());
     let event = pb::ProductionCompleted {
@@ -752,10 +790,33 @@ async fn close(
         last_job_ended_unix_ms: at_ms(accounting.last_ended),
         first_run: accounting.first_run,
         last_run: accounting.last_run,
+        inputs_note,
+        inputs_used,
     };
     Ok(Some(outbox_event(
         PRODUCTION_COMPLETED,
         production_id,
         &event,
     )))
+}
+
+/// Writes a chained job's input list (one input a line: a path, or a URL
+/// where it is not a local file) into its directory before it starts.
+async fn write_input_list(
+    workdir: &std::path::Path,
+    name: &str,
+    inputs: &[String],
+) -> anyhow::Result<()> {
+    tokio::fs::create_dir_all(workdir)
+        .await
+        .with_context(|| format!("creating {}", workdir.display()))?;
+    let mut text = String::new();
+    for url in inputs {
+        text.push_str(prodsys_core::inputs::input_location(url));
+        text.push('\n');
+    }
+    let path = workdir.join(name);
+    tokio::fs::write(&path, text)
+        .await
+        .with_context(|| format!("writing {}", path.display()))
 }

@@ -339,7 +339,7 @@ pub async fn unfinished(tx: &Transaction<'_>, production_id: &str) -> anyhow::Re
             "SELECT EXISTS (SELECT 1 FROM jobs WHERE production_id = $1
                             AND state IN ('CREATED', 'SUBMITTED', 'QUEUED', 'RUNNING', 'FAILED'))
                  OR EXISTS (SELECT 1 FROM productions WHERE production_id = $1
-                            AND planned_jobs < job_total)",
+                            AND (planned_jobs < job_total OR NOT inputs_complete))",
             &[&production_id],
         )
         .await?
@@ -560,4 +560,351 @@ pub async fn insert_productions(
         .iter()
         .map(|r| r.get(0))
         .collect())
+}
+
+// Chained productions (see `chain`).
+
+/// Serialises, per producing production, the transactions that offer its
+/// files to chained productions and those that link a chained production to
+/// it, so a file delivered while a child is being linked reaches it once,
+/// through one or the other. `ids` are locked in order (no deadlock).
+pub async fn lock_sources(tx: &Transaction<'_>, ids: &[String]) -> anyhow::Result<()> {
+    let mut sorted: Vec<&String> = ids.iter().collect();
+    sorted.sort();
+    sorted.dedup();
+    for id in sorted {
+        tx.execute_cached(
+            "SELECT pg_advisory_xact_lock(hashtextextended('prodsys.chain:' || $1, 0))",
+            &[id],
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// Output files of finished jobs, column by column.
+#[derive(Default)]
+pub struct DeliveredFiles {
+    pub productions: Vec<String>,
+    pub lfns: Vec<String>,
+    pub urls: Vec<String>,
+    pub metadata: Vec<serde_json::Value>,
+}
+
+/// Records the jobs whose outputs were delivered and their files (those of
+/// productions of the `sources` profiles, or of any with `None`), and
+/// offers each file to every chained production linked to its producer
+/// whose conditions it meets: once per (child, LFN), however often it comes.
+pub async fn record_deliveries(
+    tx: &Transaction<'_>,
+    jobs: &[(String, i64)],
+    files: &DeliveredFiles,
+    sources: Option<&[String]>,
+) -> anyhow::Result<u64> {
+    let (productions, indexes): (Vec<&str>, Vec<i64>) =
+        jobs.iter().map(|(p, i)| (p.as_str(), *i)).unzip();
+    let sources: Option<Vec<&str>> = sources.map(|s| s.iter().map(String::as_str).collect());
+    tx.execute_cached(
+        "INSERT INTO delivered_jobs (production_id, job_index)
+         SELECT j.production_id, j.job_index
+         FROM unnest($1::text[], $2::bigint[]) AS j(production_id, job_index)
+         JOIN productions p ON p.production_id = j.production_id
+         WHERE $3::text[] IS NULL OR p.profile = ANY($3)
+         ON CONFLICT DO NOTHING",
+        &[&productions, &indexes, &sources],
+    )
+    .await?;
+    if files.lfns.is_empty() {
+        return Ok(0);
+    }
+    Ok(tx
+        .execute_cached(
+            "WITH f AS (SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::jsonb[])
+                        AS f(production_id, lfn, url, metadata)),
+                  stored AS (
+                     INSERT INTO delivered_files (production_id, lfn, url, metadata)
+                     SELECT f.* FROM f JOIN productions p ON p.production_id = f.production_id
+                     WHERE $5::text[] IS NULL OR p.profile = ANY($5)
+                     ON CONFLICT DO NOTHING)
+             INSERT INTO chain_inputs (child, lfn, parent, url, metadata)
+             SELECT l.child, f.lfn, f.production_id, f.url, f.metadata
+             FROM f JOIN chain_links l ON l.parent = f.production_id
+             WHERE f.metadata @> l.conditions
+             ON CONFLICT (child, lfn) DO NOTHING",
+            &[
+                &files.productions,
+                &files.lfns,
+                &files.urls,
+                &files.metadata,
+                &sources,
+            ],
+        )
+        .await?)
+}
+
+/// The chained productions linked to any of `parents`, in ID order.
+pub async fn children_of(tx: &Transaction<'_>, parents: &[String]) -> anyhow::Result<Vec<String>> {
+    Ok(tx
+        .query_cached(
+            "SELECT DISTINCT child FROM chain_links WHERE parent = ANY($1) ORDER BY child",
+            &[&parents],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
+}
+
+/// Every production of `profile` but `except`: the parents of a chained
+/// production that queries by profile.
+pub async fn productions_of_profile(
+    tx: &Transaction<'_>,
+    profile: &str,
+    except: &str,
+) -> anyhow::Result<Vec<String>> {
+    Ok(tx
+        .query_cached(
+            "SELECT production_id FROM productions WHERE profile = $1 AND production_id <> $2
+             ORDER BY production_id",
+            &[&profile, &except],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
+}
+
+/// Links a chained production to its parents (with its conditions on their
+/// files), marks it waiting for input, and takes the qualifying files they
+/// delivered before it came; how many.
+pub async fn link_chained(
+    tx: &Transaction<'_>,
+    child: &str,
+    parents: &[String],
+    conditions: &serde_json::Value,
+) -> anyhow::Result<u64> {
+    tx.execute_cached(
+        "INSERT INTO chain_links (child, parent, conditions)
+         SELECT $1, unnest($2::text[]), $3 ON CONFLICT DO NOTHING",
+        &[&child, &parents, conditions],
+    )
+    .await?;
+    tx.execute_cached(
+        "UPDATE productions SET inputs_complete = false WHERE production_id = $1",
+        &[&child],
+    )
+    .await?;
+    Ok(tx
+        .execute_cached(
+            "INSERT INTO chain_inputs (child, lfn, parent, url, metadata)
+             SELECT $1, d.lfn, d.production_id, d.url, d.metadata FROM delivered_files d
+             WHERE d.production_id = ANY($2) AND d.metadata @> $3
+             ORDER BY d.seq
+             ON CONFLICT (child, lfn) DO NOTHING",
+            &[&child, &parents, conditions],
+        )
+        .await?)
+}
+
+/// A chained production still taking inputs, its row locked.
+pub struct Chained {
+    pub profile: String,
+    pub fingerprint: String,
+    pub run_number_offset: i64,
+    pub job_total: i64,
+    pub backend: String,
+}
+
+pub async fn lock_chained(tx: &Transaction<'_>, child: &str) -> anyhow::Result<Option<Chained>> {
+    Ok(tx
+        .query_opt_cached(
+            "SELECT profile, fingerprint, run_number_offset, job_total, backend
+             FROM productions WHERE production_id = $1 AND state = 'RUNNING' AND NOT inputs_complete
+             FOR UPDATE",
+            &[&child],
+        )
+        .await?
+        .map(|r| Chained {
+            profile: r.get(0),
+            fingerprint: r.get(1),
+            run_number_offset: r.get(2),
+            job_total: r.get(3),
+            backend: r.get(4),
+        }))
+}
+
+/// Each parent of a chained production: its state (`None`: not recorded
+/// here yet), and whether it ended and every one of its DONE jobs'
+/// outputs was delivered.
+pub async fn parents(
+    tx: &Transaction<'_>,
+    child: &str,
+) -> anyhow::Result<Vec<(String, Option<ProductionState>, bool)>> {
+    tx.query_cached(
+        "SELECT l.parent, p.state,
+                p.state IN ('COMPLETED', 'PARTIALLY_COMPLETED', 'FAILED', 'CANCELLED')
+                AND (SELECT count(*) FROM jobs j WHERE j.production_id = l.parent AND j.state = 'DONE')
+                    <= (SELECT count(*) FROM delivered_jobs d WHERE d.production_id = l.parent)
+         FROM chain_links l LEFT JOIN productions p ON p.production_id = l.parent
+         WHERE l.child = $1 ORDER BY l.parent",
+        &[&child],
+    )
+    .await?
+    .iter()
+    .map(|r| {
+        let state = r
+            .get::<_, Option<&str>>(1)
+            .map(str::parse::<ProductionState>)
+            .transpose()?;
+        Ok((r.get(0), state, r.get::<_, Option<bool>>(2).unwrap_or(false)))
+    })
+    .collect()
+}
+
+/// The input files of a chained production no job took yet, in arrival order.
+pub async fn waiting_inputs(
+    tx: &Transaction<'_>,
+    child: &str,
+) -> anyhow::Result<Vec<prodsys_core::inputs::PendingInput>> {
+    tx.query_cached(
+        "SELECT lfn, metadata FROM chain_inputs WHERE child = $1 AND job_index IS NULL
+         ORDER BY seq",
+        &[&child],
+    )
+    .await?
+    .iter()
+    .map(|r| {
+        Ok(prodsys_core::inputs::PendingInput {
+            lfn: r.get(0),
+            metadata: serde_json::from_value(r.get(1))?,
+        })
+    })
+    .collect()
+}
+
+/// Gives input files (`lfns`) to the jobs (`indexes`) that take them.
+pub async fn assign_inputs(
+    tx: &Transaction<'_>,
+    child: &str,
+    lfns: &[&str],
+    indexes: &[i64],
+) -> anyhow::Result<()> {
+    tx.execute_cached(
+        "UPDATE chain_inputs c SET job_index = u.job_index
+         FROM unnest($2::text[], $3::bigint[]) AS u(lfn, job_index)
+         WHERE c.child = $1 AND c.lfn = u.lfn AND c.job_index IS NULL",
+        &[&child, &lfns, &indexes],
+    )
+    .await?;
+    Ok(())
+}
+
+/// A chained production's new job total (all planned), and once every
+/// parent ended, its inputs complete with what it says of them.
+pub async fn update_chained(
+    tx: &Transaction<'_>,
+    child: &str,
+    job_total: i64,
+    complete: bool,
+    note: &str,
+) -> anyhow::Result<()> {
+    tx.execute_cached(
+        "UPDATE productions SET job_total = $2, planned_jobs = $2, inputs_complete = $3,
+                                inputs_note = $4, updated_at = now()
+         WHERE production_id = $1",
+        &[&child, &job_total, &complete, &note],
+    )
+    .await?;
+    Ok(())
+}
+
+/// What a production says of its inputs and how many its jobs took (empty
+/// and 0 for one that is not chained).
+pub async fn inputs_summary(
+    tx: &Transaction<'_>,
+    production_id: &str,
+) -> anyhow::Result<(String, u64)> {
+    let row = tx
+        .query_one_cached(
+            "SELECT (SELECT inputs_note FROM productions WHERE production_id = $1),
+                    (SELECT count(*) FROM chain_inputs WHERE child = $1 AND job_index IS NOT NULL)",
+            &[&production_id],
+        )
+        .await?;
+    Ok((
+        row.get::<_, Option<String>>(0).unwrap_or_default(),
+        row.get::<_, i64>(1) as u64,
+    ))
+}
+
+/// The input URLs of each of `jobs` (production, job index) that has any, in arrival order.
+pub async fn job_inputs<C: GenericClient + Sync>(
+    client: &C,
+    jobs: &[(&str, i64)],
+) -> anyhow::Result<HashMap<(String, i64), Vec<String>>> {
+    let (productions, indexes): (Vec<&str>, Vec<i64>) = jobs.iter().copied().unzip();
+    let mut inputs: HashMap<(String, i64), Vec<String>> = HashMap::new();
+    for row in client
+        .query_cached(
+            "SELECT c.child, c.job_index, c.url
+             FROM unnest($1::text[], $2::bigint[]) AS u(child, job_index)
+             JOIN chain_inputs c ON c.child = u.child AND c.job_index = u.job_index
+             ORDER BY c.child, c.job_index, c.seq",
+            &[&productions, &indexes],
+        )
+        .await?
+    {
+        inputs
+            .entry((row.get(0), row.get(1)))
+            .or_default()
+            .push(row.get(2));
+    }
+    Ok(inputs)
+}
+
+/// Chained productions still taking inputs.
+pub async fn waiting_for_input<C: GenericClient + Sync>(client: &C) -> anyhow::Result<Vec<String>> {
+    Ok(client
+        .query_cached(
+            "SELECT production_id FROM productions WHERE NOT inputs_complete AND state = 'RUNNING'
+             ORDER BY production_id",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
+}
+
+/// Marks CANCELLING every running production chained, directly or through
+/// others, after `parent`; their IDs.
+pub async fn cancel_chained_after(
+    tx: &Transaction<'_>,
+    parent: &str,
+) -> anyhow::Result<Vec<String>> {
+    Ok(tx
+        .query_cached(
+            "WITH RECURSIVE after(id) AS (
+                 SELECT child FROM chain_links WHERE parent = $1
+                 UNION SELECT l.child FROM chain_links l JOIN after a ON l.parent = a.id)
+             UPDATE productions SET state = 'CANCELLING', updated_at = now()
+             WHERE production_id IN (SELECT id FROM after) AND state = 'RUNNING'
+             RETURNING production_id",
+            &[&parent],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
+}
+
+/// Holds a production's row until the transaction ends: whoever closes it
+/// sees what a concurrent transaction that holds it committed.
+pub async fn lock_production(tx: &Transaction<'_>, production_id: &str) -> anyhow::Result<()> {
+    tx.execute_cached(
+        "SELECT 1 FROM productions WHERE production_id = $1 FOR UPDATE",
+        &[&production_id],
+    )
+    .await?;
+    Ok(())
 }

@@ -28,6 +28,12 @@ pub struct RequestApi {
 
 impl RequestApi {
     async fn submit(&self, request: pb::SubmitRequestRequest) -> Result<pb::SubmitRequestResponse> {
+        if !request.chain.is_empty() {
+            return Err(IntakeError::Invalid(vec![Violation::new(
+                "chain",
+                "a chain is checked whole by ValidateRequest and submitted step by step, each step naming the production before it (prodctl submit does both)",
+            )]));
+        }
         let parameters = domain::check_proposal(
             &self.profiles,
             &Proposal {

@@ -55,6 +55,8 @@ pub fn production(p: Production) -> pb::Production {
         finished: false,
         period: p.period,
         pointing: p.pointing,
+        inputs_used: p.inputs_used,
+        inputs_note: p.inputs_note,
     }
 }
 

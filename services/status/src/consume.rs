@@ -61,11 +61,17 @@ fn apply(projection: &mut Projection, update: Update) -> Result<()> {
                 m.backend,
             )
         }
-        Update::Dispatched(m) => projection.dispatched(
-            m.production_id,
-            m.job_total,
-            m.estimate.as_ref().map(prost::Message::encode_to_vec),
-        ),
+        Update::Dispatched(m) => {
+            if m.waiting_for_input || m.inputs_used > 0 {
+                projection.inputs(m.production_id.clone(), m.inputs_used, None);
+            }
+            projection.dispatched(
+                m.production_id,
+                m.job_total,
+                m.estimate.as_ref().map(prost::Message::encode_to_vec),
+                m.waiting_for_input,
+            )
+        }
         Update::Health(m) => projection.health(InstallationHealth {
             installation: m.installation,
             healthy: m.healthy,
@@ -76,6 +82,9 @@ fn apply(projection: &mut Projection, update: Update) -> Result<()> {
             let state = ProductionState::from_proto(m.state)
                 .context("production.completed without a state")?;
             let counts = m.counts.map(prodsys_core::JobCounts::from);
+            if m.inputs_used > 0 || !m.inputs_note.is_empty() {
+                projection.inputs(m.production_id.clone(), m.inputs_used, Some(m.inputs_note));
+            }
             projection.completed(m.production_id, state, counts.as_ref());
         }
         // Written by `forwarding` in the batch's transaction.

@@ -111,6 +111,9 @@ pub struct Projection {
     pub finals: FinalCounts,
     /// In the order they arrived (rare: one statement each).
     pub health: Vec<InstallationHealth>,
+    /// Chained productions: input files used (the most any event said),
+    /// and the note of the one that ended.
+    pub inputs: BTreeMap<String, (u64, Option<String>)>,
 }
 
 impl Projection {
@@ -141,12 +144,35 @@ impl Projection {
         p.pointing = Some(pointing);
     }
 
-    pub fn dispatched(&mut self, production_id: String, job_total: u64, estimate: Option<Vec<u8>>) {
+    /// A production's jobs planned: RUNNING, or WAITING_FOR_INPUT for a
+    /// chained production with no job yet. A chained production sends this
+    /// again each time its job total grows (the larger total is kept).
+    pub fn dispatched(
+        &mut self,
+        production_id: String,
+        job_total: u64,
+        estimate: Option<Vec<u8>>,
+        waiting_for_input: bool,
+    ) {
         let p = self.productions.entry(production_id).or_default();
-        p.advance(ProductionState::Running);
-        p.job_total = Some(job_total as i64);
+        p.advance(if waiting_for_input && job_total == 0 {
+            ProductionState::WaitingForInput
+        } else {
+            ProductionState::Running
+        });
+        p.job_total = Some(p.job_total.unwrap_or(0).max(job_total as i64));
         if estimate.is_some() {
             p.estimate = estimate;
+        }
+    }
+
+    /// What a chained production's event says of its inputs: how many its
+    /// jobs took, and (when it ended) its note.
+    pub fn inputs(&mut self, production_id: String, used: u64, note: Option<String>) {
+        let entry = self.inputs.entry(production_id).or_default();
+        entry.0 = entry.0.max(used);
+        if note.is_some() {
+            entry.1 = note;
         }
     }
 
@@ -187,8 +213,10 @@ impl Projection {
     pub fn finish(self) -> Changes {
         let transitions: Vec<JobTransition> = self.latest.into_values().collect();
         let mut touched: BTreeSet<String> = self.productions.keys().cloned().collect();
+        touched.extend(self.inputs.keys().cloned());
         touched.extend(transitions.iter().map(|t| t.production_id.clone()));
         Changes {
+            inputs: self.inputs,
             productions: self.productions,
             finals: self.finals,
             health: self.health,
@@ -202,6 +230,8 @@ impl Projection {
 #[derive(Debug)]
 pub struct Changes {
     pub productions: BTreeMap<String, ProductionUpdate>,
+    /// Chained productions' inputs used, and note.
+    pub inputs: BTreeMap<String, (u64, Option<String>)>,
     pub finals: FinalCounts,
     pub health: Vec<InstallationHealth>,
     /// At most one per job.
@@ -229,6 +259,9 @@ pub struct Production {
     /// Empty unless its request named an observation period.
     pub period: String,
     pub pointing: String,
+    /// A chained production's input files used so far, and its note.
+    pub inputs_used: u64,
+    pub inputs_note: String,
 }
 
 /// A production's jobs by state: `counts` as stored (state name, jobs), and
@@ -267,6 +300,7 @@ pub fn held_reason(
         Some(
             ProductionState::Accepted
                 | ProductionState::Dispatching
+                | ProductionState::WaitingForInput
                 | ProductionState::Running
                 | ProductionState::Cancelling
         )
@@ -324,7 +358,7 @@ mod tests {
             "vo.cta.in2p3.fr".into(),
             "local".into(),
         );
-        p.dispatched("CTA-000001".into(), 10, None);
+        p.dispatched("CTA-000001".into(), 10, None, false);
         let changes = p.finish();
         let u = &changes.productions["CTA-000001"];
         assert_eq!(u.state, Some(ProductionState::Completed));
@@ -334,10 +368,23 @@ mod tests {
     }
 
     #[test]
+    fn a_chained_production_waits_for_input_until_its_first_jobs_and_keeps_its_largest_total() {
+        let mut p = Projection::default();
+        p.dispatched("DL-1".into(), 0, None, true);
+        let u = &p.productions["DL-1"];
+        assert_eq!(u.state, Some(ProductionState::WaitingForInput));
+        p.dispatched("DL-1".into(), 4, None, false);
+        p.dispatched("DL-1".into(), 2, None, false);
+        let u = &p.productions["DL-1"];
+        assert_eq!(u.state, Some(ProductionState::Running));
+        assert_eq!(u.job_total, Some(4));
+    }
+
+    #[test]
     fn a_dispatch_without_an_estimate_keeps_an_earlier_one() {
         let mut p = Projection::default();
-        p.dispatched("P-1".into(), 3, Some(vec![1, 2]));
-        p.dispatched("P-1".into(), 3, None);
+        p.dispatched("P-1".into(), 3, Some(vec![1, 2]), false);
+        p.dispatched("P-1".into(), 3, None, false);
         assert_eq!(
             p.finish().productions["P-1"].estimate.as_deref(),
             Some(&[1u8, 2][..])

@@ -66,6 +66,10 @@ struct ProductionView {
     /// The observation period and pointing it simulates; empty without one.
     period: String,
     pointing: String,
+    /// A chained production's input files used so far, and what it says of
+    /// its inputs when a parent did not complete.
+    inputs_used: u64,
+    inputs_note: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -106,6 +110,8 @@ impl From<pb::Production> for ProductionView {
             finished: p.finished,
             period: p.period,
             pointing: p.pointing,
+            inputs_used: p.inputs_used,
+            inputs_note: p.inputs_note,
         }
     }
 }

@@ -47,6 +47,7 @@ pub const MIGRATIONS: &[Migration] = prodsys_db::migrations![
     "0100_forwarding_progress.sql",
     "0120_finished_once_catalogued.sql",
     "0200_observation_periods.sql",
+    "0400_chained_inputs.sql",
 ];
 
 pub async fn start(

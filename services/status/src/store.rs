@@ -36,6 +36,7 @@ pub async fn project(tx: &Transaction<'_>, changes: Changes) -> anyhow::Result<(
     // the second insert becomes that same guarded update (ON CONFLICT),
     // so a race costs no retry.
     upsert_productions(tx, changes.productions).await?;
+    write_inputs(tx, &changes.inputs).await?;
     write_final_counts(tx, &changes.finals).await?;
     if !changes.transitions.is_empty() {
         upsert_jobs(tx, &changes.transitions).await?;
@@ -47,6 +48,29 @@ pub async fn project(tx: &Transaction<'_>, changes: Changes) -> anyhow::Result<(
         )
         .await?;
     }
+    Ok(())
+}
+
+/// Chained productions' inputs used (never fewer than already known) and,
+/// for those that ended, their note.
+async fn write_inputs(
+    tx: &Transaction<'_>,
+    inputs: &std::collections::BTreeMap<String, (u64, Option<String>)>,
+) -> anyhow::Result<()> {
+    if inputs.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<&str> = inputs.keys().map(String::as_str).collect();
+    let used: Vec<i64> = inputs.values().map(|(u, _)| *u as i64).collect();
+    let notes: Vec<Option<&str>> = inputs.values().map(|(_, n)| n.as_deref()).collect();
+    tx.execute_cached(
+        "UPDATE productions p SET inputs_used = GREATEST(p.inputs_used, u.used),
+                                  inputs_note = COALESCE(u.note, p.inputs_note)
+         FROM unnest($1::text[], $2::bigint[], $3::text[]) AS u(id, used, note)
+         WHERE p.production_id = u.id",
+        &[&ids, &used, &notes],
+    )
+    .await?;
     Ok(())
 }
 
@@ -127,7 +151,8 @@ async fn upsert_productions(
              state      = CASE WHEN EXCLUDED.state_rank > p.state_rank
                                THEN EXCLUDED.state ELSE p.state END,
              state_rank = GREATEST(EXCLUDED.state_rank, p.state_rank),
-             job_total  = COALESCE(EXCLUDED.job_total, p.job_total),
+             -- A chained production's total grows as its inputs arrive; events may come out of order.
+             job_total  = GREATEST(EXCLUDED.job_total, p.job_total),
              request_id = COALESCE(EXCLUDED.request_id, p.request_id),
              profile    = CASE WHEN EXCLUDED.profile = '' THEN p.profile ELSE EXCLUDED.profile END,
              vo         = CASE WHEN EXCLUDED.vo = '' THEN p.vo ELSE EXCLUDED.vo END,
@@ -257,7 +282,7 @@ pub async fn production(db: &Db, production_id: &str) -> anyhow::Result<Option<P
         .query_opt_cached(
             "SELECT p.request_id, p.profile, p.vo, p.backend, p.state, COALESCE(p.job_total, 0),
                     p.updated_at, p.estimate, p.production_id, i.reason, i.since_ms,
-                    p.period, p.pointing
+                    p.period, p.pointing, NULL::text[], NULL::bigint[], p.inputs_used, p.inputs_note
              FROM productions p LEFT JOIN installations i ON i.name = p.backend AND NOT i.healthy
              WHERE p.production_id = $1",
             &[&production_id],
@@ -306,7 +331,7 @@ pub async fn list_productions(
         .query_cached(
             "SELECT p.request_id, p.profile, p.vo, p.backend, p.state, COALESCE(p.job_total, 0),
                     p.updated_at, p.estimate, p.production_id, i.reason, i.since_ms,
-                    p.period, p.pointing, c.states, c.ns
+                    p.period, p.pointing, c.states, c.ns, p.inputs_used, p.inputs_note
              FROM productions p LEFT JOIN installations i ON i.name = p.backend AND NOT i.healthy
              LEFT JOIN LATERAL (
                  SELECT array_agg(state) AS states, array_agg(n) AS ns FROM (
@@ -374,6 +399,8 @@ fn production_from_row<'a>(
         estimate: row.get(7),
         period: row.get(11),
         pointing: row.get(12),
+        inputs_used: row.get::<_, i64>(15) as u64,
+        inputs_note: row.get(16),
     }
 }
 

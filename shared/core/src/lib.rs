@@ -6,6 +6,7 @@
 pub mod checksum;
 pub mod container;
 pub mod events;
+pub mod inputs;
 pub mod period;
 pub mod profile;
 pub mod state;

@@ -15,6 +15,7 @@ use crate::Violation;
 use crate::container::{
     ContainerPolicy, Containers, RecordedTemplates, ResolvedTemplate, TEMPLATE_KEY, TemplateError,
 };
+use crate::inputs::{INPUT_VARIABLES, InputSpec};
 use crate::period::{Directions, Expansion, Period, PeriodError, PeriodSpec};
 
 #[derive(Debug, thiserror::Error)]
@@ -60,7 +61,13 @@ struct ProfileFile {
     /// which keys make a file's simulation identity.
     #[serde(default)]
     catalog: Option<CatalogSpec>,
-    split: Split,
+    /// How a production splits into jobs; a chained profile (`inputs`)
+    /// splits by its input files instead.
+    #[serde(default)]
+    split: Option<Split>,
+    /// The files a chained production's jobs take as input (see [`crate::inputs`]).
+    #[serde(default)]
+    inputs: Option<InputSpec>,
     resources: Resources,
     #[serde(default = "default_max_attempts")]
     max_attempts: u32,
@@ -265,6 +272,18 @@ pub struct PlanEstimate {
 }
 
 impl JobPlan {
+    /// The plan of a chained production when it is accepted: no job yet
+    /// (they are made as its input files arrive).
+    pub fn empty(fingerprint: &str, run_number_offset: u64) -> Self {
+        Self {
+            total_units: 0,
+            per_job: 1,
+            job_count: 0,
+            run_number_offset,
+            fingerprint: fingerprint.to_string(),
+        }
+    }
+
     pub fn job(&self, index: u64) -> PlannedJob {
         let start = index * self.per_job;
         let units = self.per_job.min(self.total_units - start);
@@ -279,6 +298,18 @@ impl JobPlan {
 
     pub fn jobs(&self) -> impl Iterator<Item = PlannedJob> + '_ {
         (0..self.job_count).map(|i| self.job(i))
+    }
+}
+
+/// Job `index` of a chained production: run numbers follow its offset as a
+/// split production's do; its units are its input files.
+pub fn input_job(fingerprint: &str, run_number_offset: u64, index: u64, files: u64) -> PlannedJob {
+    let run_number = run_number_offset + index + 1;
+    PlannedJob {
+        index,
+        run_number,
+        seed: seed_for(fingerprint, run_number),
+        units: files,
     }
 }
 
@@ -370,9 +401,24 @@ impl Profile {
                 )));
             }
         }
-        for key in [&file.split.total, &file.split.per_job] {
-            if !known(key) {
-                return Err(invalid(format!("split field {key:?} is not a parameter")));
+        match (&file.split, &file.inputs) {
+            (Some(split), None) => {
+                for key in [&split.total, &split.per_job] {
+                    if !known(key) {
+                        return Err(invalid(format!("split field {key:?} is not a parameter")));
+                    }
+                }
+            }
+            (None, Some(inputs)) => inputs.check(known).map_err(invalid)?,
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    "split and inputs exclude each other: a chained profile's jobs follow its input files".into(),
+                ));
+            }
+            (None, None) => {
+                return Err(invalid(
+                    "a profile needs split (units in jobs) or inputs (a chained production)".into(),
+                ));
             }
         }
         for rule in &file.rules {
@@ -428,6 +474,12 @@ impl Profile {
             .map(String::as_str)
             .chain(file.derived.keys().map(String::as_str))
             .chain(JOB_VARIABLES.iter().copied())
+            .chain(
+                INPUT_VARIABLES
+                    .iter()
+                    .copied()
+                    .filter(|_| file.inputs.is_some()),
+            )
             .collect();
         let output_vars: BTreeSet<&str> = job_vars
             .iter()
@@ -444,6 +496,12 @@ impl Profile {
             .iter()
             .flat_map(|c| c.per_file.keys().map(String::as_str))
             .collect();
+        if let Some(inputs) = &file.inputs {
+            for template in inputs.metadata.values() {
+                check_template(template, &parameter_vars)
+                    .map_err(|e| invalid(format!("inputs.metadata: {e}")))?;
+            }
+        }
         if let Some(catalog) = &file.catalog {
             check_catalog(catalog, &file.outputs, &properties, &parameter_vars)
                 .map_err(|e| invalid(format!("catalog: {e}")))?;
@@ -523,7 +581,16 @@ impl Profile {
         vars: &BTreeMap<String, String>,
     ) -> Result<JobCommand, String> {
         let job = &self.file.job;
-        let args: Vec<String> = job.command.iter().map(|t| render(t, vars)).collect();
+        let mut args: Vec<String> = Vec::with_capacity(job.command.len());
+        for t in &job.command {
+            // A chained job's inputs, one argument each.
+            match vars.get("input_files") {
+                Some(files) if t == "{input_files}" => {
+                    args.extend(files.split(' ').filter(|f| !f.is_empty()).map(String::from))
+                }
+                _ => args.push(render(t, vars)),
+            }
+        }
         // A variable over an optional parameter the request leaves out
         // (the observation period) is not set.
         let env: Vec<(String, String)> = job
@@ -660,6 +727,7 @@ impl Profile {
     /// profile's `max_jobs` and the deployment's `ceiling`, named on the
     /// split's total parameter.
     pub fn check_job_count(&self, plan: &JobPlan, ceiling: u64) -> Option<Violation> {
+        let split = self.file.split.as_ref()?;
         let (limit, whose) = if ceiling < self.file.max_jobs {
             (
                 ceiling,
@@ -670,7 +738,7 @@ impl Profile {
         };
         (plan.job_count > limit).then(|| {
             Violation::new(
-                format!("parameters.{}", self.file.split.total),
+                format!("parameters.{}", split.total),
                 format!(
                     "gives {} jobs, more than the {limit} {whose}",
                     plan.job_count
@@ -829,8 +897,9 @@ impl Profile {
         fingerprint: &str,
         run_number_offset: u64,
     ) -> Option<JobPlan> {
-        let total_units = parameters.get(&self.file.split.total)?.as_u64()?;
-        let per_job = parameters.get(&self.file.split.per_job)?.as_u64()?;
+        let split = self.file.split.as_ref()?;
+        let total_units = parameters.get(&split.total)?.as_u64()?;
+        let per_job = parameters.get(&split.per_job)?.as_u64()?;
         if total_units == 0 || per_job == 0 {
             return None;
         }
@@ -850,6 +919,33 @@ impl Profile {
             memory_mb: r.memory_mb,
             disk_mb: r.disk_mb_base + r.disk_mb_per_unit * units as f64,
         }
+    }
+
+    /// The input files of a chained profile's jobs: where they come from and
+    /// how they are grouped; `None` for a profile that splits by units.
+    pub fn inputs(&self) -> Option<&InputSpec> {
+        self.file.inputs.as_ref()
+    }
+
+    /// A chained production's metadata conditions on its input files,
+    /// rendered from its parameters.
+    pub fn input_conditions(&self, parameters: &Value) -> BTreeMap<String, String> {
+        self.inputs()
+            .map(|i| i.conditions(&self.parameter_variables(parameters)))
+            .unwrap_or_default()
+    }
+
+    /// The metadata every output file of a production with `parameters`
+    /// carries, by key: the value when the parameters alone fix it, `None`
+    /// when it differs per job or file (a run number, a per-file NSB level).
+    pub fn output_metadata_of(&self, parameters: &Value) -> BTreeMap<String, Option<String>> {
+        let vars = self.parameter_variables(parameters);
+        self.file
+            .outputs
+            .metadata
+            .iter()
+            .map(|(k, v)| (k.clone(), render_known(v, &vars)))
+            .collect()
     }
 
     /// Template variables from the parameters and the derived values alone.
@@ -1547,7 +1643,7 @@ pub struct MetadataRange {
 
 /// `template` rendered, or `None` when a placeholder has no value (an
 /// optional parameter left out).
-fn render_known(template: &str, vars: &BTreeMap<String, String>) -> Option<String> {
+pub(crate) fn render_known(template: &str, vars: &BTreeMap<String, String>) -> Option<String> {
     let mut rest = template;
     while let Some(start) = rest.find('{') {
         let end = rest[start..].find('}')?;

@@ -61,6 +61,7 @@ state_enum!(ProductionState, "production", {
     Failed => "FAILED",
     Cancelling => "CANCELLING",
     Cancelled => "CANCELLED",
+    WaitingForInput => "WAITING_FOR_INPUT",
 });
 
 state_enum!(JobState, "job", {
@@ -96,6 +97,11 @@ impl ProductionState {
             (Received, Validating | Accepted | Rejected) => true,
             (Validating, Accepted | Rejected) => true,
             (Accepted, Dispatching) => true,
+            // A chained production before its first input file arrived.
+            (Accepted | Dispatching, WaitingForInput) => true,
+            (WaitingForInput, Running) => true,
+            // Its parents ended with nothing for it.
+            (WaitingForInput, Completed | PartiallyCompleted | Failed) => true,
             (Dispatching, Running) => true,
             // A production whose every job finished before anyone saw it running.
             (Dispatching | Running, Completed | PartiallyCompleted | Failed) => true,
@@ -123,7 +129,8 @@ impl ProductionState {
             Received => 0,
             Validating => 1,
             Accepted | Rejected => 2,
-            Dispatching => 3,
+            // Never both: a chained production waits, others dispatch.
+            Dispatching | WaitingForInput => 3,
             Running => 4,
             Cancelling => 5,
             Completed | PartiallyCompleted | Failed | Cancelled => 6,
@@ -269,6 +276,18 @@ mod tests {
         for pair in path.windows(2) {
             assert!(pair[0].can_become(pair[1]), "{} -> {}", pair[0], pair[1]);
         }
+    }
+
+    #[test]
+    fn a_chained_production_waits_for_input_then_runs_or_ends_with_nothing() {
+        use ProductionState::*;
+        assert!(Accepted.can_become(WaitingForInput));
+        assert!(WaitingForInput.can_become(Running));
+        assert!(WaitingForInput.can_become(Failed));
+        assert!(WaitingForInput.can_become(Cancelling));
+        assert!(!Running.can_become(WaitingForInput));
+        assert!(WaitingForInput.rank() < Running.rank());
+        assert!(WaitingForInput.rank() > Accepted.rank());
     }
 
     #[test]

@@ -48,6 +48,7 @@ state_proto!(ProductionState, pb::ProductionState, {
     Failed,
     Cancelling,
     Cancelled,
+    WaitingForInput,
 });
 
 state_proto!(JobState, pb::JobState, {

@@ -25,57 +25,59 @@ _sym_db = _symbol_database.Default()
 from prodsys_client.v1 import common_pb2 as prodsys_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18prodsys/v1/request.proto\x12\nprodsys.v1\x1a\x17prodsys/v1/common.proto\"\xed\x01\n\x14SubmitRequestRequest\x12\x0f\n\x07profile\x18\x01 \x01(\t\x12\n\n\x02vo\x18\x02 \x01(\t\x12\x17\n\x0fparameters_json\x18\x03 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x04 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x05 \x01(\t\x12\x11\n\tsubmitter\x18\x06 \x01(\t\x12\x0e\n\x06\x65xtend\x18\x07 \x01(\x08\x12\x16\n\x0ereuse_existing\x18\x08 \x01(\x08\x12\x10\n\x08priority\x18\t \x01(\x05\x12\x0f\n\x07\x66orward\x18\n \x03(\t\x12\x17\n\x0f\x66orward_replace\x18\x0b \x01(\x08\"=\n\x15SubmitRequestResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08replayed\x18\x02 \x01(\x08\"\'\n\x11GetRequestRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\xd2\x02\n\x07Request\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\'\n\x05state\x18\x02 \x01(\x0e\x32\x18.prodsys.v1.RequestState\x12\x0f\n\x07profile\x18\x03 \x01(\t\x12\n\n\x02vo\x18\x04 \x01(\t\x12\x17\n\x0fparameters_json\x18\x05 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x06 \x01(\t\x12\x15\n\rproduction_id\x18\x07 \x01(\t\x12.\n\nviolations\x18\x08 \x03(\x0b\x32\x1a.prodsys.v1.FieldViolation\x12\x1e\n\x16\x65xisting_production_id\x18\t \x01(\t\x12\x17\n\x0f\x63reated_unix_ms\x18\n \x01(\x03\x12\x0e\n\x06period\x18\x0b \x01(\t\x12\x33\n\x0bproductions\x18\x0c \x03(\x0b\x32\x1e.prodsys.v1.PointingProduction\"\xfb\x02\n\nValidation\x12\x12\n\nacceptable\x18\x01 \x01(\x08\x12.\n\nviolations\x18\x02 \x03(\x0b\x32\x1a.prodsys.v1.FieldViolation\x12\x13\n\x0b\x66ingerprint\x18\x03 \x01(\t\x12\x1e\n\x16\x65xisting_production_id\x18\x04 \x01(\t\x12%\n\x08overlaps\x18\x05 \x03(\x0b\x32\x13.prodsys.v1.Overlap\x12!\n\x04plan\x18\x06 \x01(\x0b\x32\x13.prodsys.v1.JobPlan\x12.\n\x08\x65stimate\x18\x07 \x01(\x0b\x32\x1c.prodsys.v1.ResourceEstimate\x12\x14\n\x0c\x65xplanations\x18\x08 \x03(\t\x12\x17\n\x0fparameters_json\x18\t \x01(\t\x12\x0e\n\x06period\x18\n \x01(\t\x12\x10\n\x08pointing\x18\x0b \x01(\t\x12)\n\tpointings\x18\x0c \x03(\x0b\x32\x16.prodsys.v1.Validation\"5\n\x07Overlap\x12\x15\n\rproduction_id\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\"h\n\x07JobPlan\x12\x0c\n\x04jobs\x18\x01 \x01(\x04\x12\x15\n\runits_per_job\x18\x02 \x01(\x04\x12\x13\n\x0btotal_units\x18\x03 \x01(\x04\x12\x11\n\tfirst_run\x18\x04 \x01(\x04\x12\x10\n\x08last_run\x18\x05 \x01(\x04\"\x8b\x01\n\x10ResourceEstimate\x12\x1b\n\x13\x63pu_seconds_per_job\x18\x01 \x01(\x01\x12\x17\n\x0f\x63pu_hours_total\x18\x02 \x01(\x01\x12\x11\n\tmemory_mb\x18\x03 \x01(\x04\x12\x17\n\x0f\x64isk_mb_per_job\x18\x04 \x01(\x01\x12\x15\n\rdisk_gb_total\x18\x05 \x01(\x01\"\x15\n\x13ListProfilesRequest\"\x82\x01\n\x0bProfileInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x0b\n\x03vos\x18\x03 \x03(\t\x12\x11\n\tid_prefix\x18\x04 \x01(\t\x12\x1e\n\x16parameters_schema_json\x18\x05 \x01(\t\x12\x10\n\x08identity\x18\x06 \x03(\t\"A\n\x14ListProfilesResponse\x12)\n\x08profiles\x18\x01 \x03(\x0b\x32\x17.prodsys.v1.ProfileInfo\"@\n\x17\x43\x61ncelProductionRequest\x12\x15\n\rproduction_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\",\n\x18\x43\x61ncelProductionResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\"5\n\x14ListTemplatesRequest\x12\x0f\n\x07profile\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\"\xfa\x01\n\x0cTemplateInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07profile\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\r\n\x05image\x18\x04 \x01(\t\x12\x0e\n\x06\x64igest\x18\x05 \x01(\t\x12\x0f\n\x07runtime\x18\x06 \x01(\t\x12\x12\n\nentrypoint\x18\x07 \x03(\t\x12\x17\n\x0fparameters_json\x18\x08 \x01(\t\x12\x18\n\x10overridable_json\x18\t \x01(\t\x12\x14\n\x0c\x64\x65rived_from\x18\n \x01(\t\x12\x0f\n\x07version\x18\x0b \x01(\t\x12\x18\n\x10recorded_unix_ms\x18\x0c \x01(\x03\"D\n\x15ListTemplatesResponse\x12+\n\ttemplates\x18\x01 \x03(\x0b\x32\x18.prodsys.v1.TemplateInfo\"3\n\x12ListPeriodsRequest\x12\x0f\n\x07profile\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\"\xde\x01\n\nPeriodInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07profile\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x0c\n\x04site\x18\x04 \x01(\t\x12\x14\n\x0c\x61rray_layout\x18\x05 \x01(\t\x12\x12\n\nnsb_levels\x18\x06 \x03(\r\x12\x12\n\natmosphere\x18\x07 \x01(\t\x12\x12\n\nvalid_from\x18\x08 \x01(\t\x12\x13\n\x0bvalid_until\x18\t \x01(\t\x12\'\n\tpointings\x18\n \x03(\x0b\x32\x14.prodsys.v1.Pointing\"B\n\x08Pointing\x12\x12\n\nzenith_deg\x18\x01 \x01(\x01\x12\x13\n\x0b\x61zimuth_deg\x18\x02 \x01(\x01\x12\r\n\x05label\x18\x03 \x01(\t\">\n\x13ListPeriodsResponse\x12\'\n\x07periods\x18\x01 \x03(\x0b\x32\x16.prodsys.v1.PeriodInfo*\x81\x01\n\x0cRequestState\x12\x1d\n\x19REQUEST_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16REQUEST_STATE_RECEIVED\x10\x01\x12\x1a\n\x16REQUEST_STATE_ACCEPTED\x10\x02\x12\x1a\n\x16REQUEST_STATE_REJECTED\x10\x03\x32\xcd\x04\n\x0eRequestService\x12T\n\rSubmitRequest\x12 .prodsys.v1.SubmitRequestRequest\x1a!.prodsys.v1.SubmitRequestResponse\x12@\n\nGetRequest\x12\x1d.prodsys.v1.GetRequestRequest\x1a\x13.prodsys.v1.Request\x12K\n\x0fValidateRequest\x12 .prodsys.v1.SubmitRequestRequest\x1a\x16.prodsys.v1.Validation\x12]\n\x10\x43\x61ncelProduction\x12#.prodsys.v1.CancelProductionRequest\x1a$.prodsys.v1.CancelProductionResponse\x12Q\n\x0cListProfiles\x12\x1f.prodsys.v1.ListProfilesRequest\x1a .prodsys.v1.ListProfilesResponse\x12T\n\rListTemplates\x12 .prodsys.v1.ListTemplatesRequest\x1a!.prodsys.v1.ListTemplatesResponse\x12N\n\x0bListPeriods\x12\x1e.prodsys.v1.ListPeriodsRequest\x1a\x1f.prodsys.v1.ListPeriodsResponse2\xfc\x01\n\x0e\x43heckerService\x12\x44\n\x08\x45valuate\x12 .prodsys.v1.SubmitRequestRequest\x1a\x16.prodsys.v1.Validation\x12T\n\rListTemplates\x12 .prodsys.v1.ListTemplatesRequest\x1a!.prodsys.v1.ListTemplatesResponse\x12N\n\x0bListPeriods\x12\x1e.prodsys.v1.ListPeriodsRequest\x1a\x1f.prodsys.v1.ListPeriodsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18prodsys/v1/request.proto\x12\nprodsys.v1\x1a\x17prodsys/v1/common.proto\"\x93\x02\n\x14SubmitRequestRequest\x12\x0f\n\x07profile\x18\x01 \x01(\t\x12\n\n\x02vo\x18\x02 \x01(\t\x12\x17\n\x0fparameters_json\x18\x03 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x04 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x05 \x01(\t\x12\x11\n\tsubmitter\x18\x06 \x01(\t\x12\x0e\n\x06\x65xtend\x18\x07 \x01(\x08\x12\x16\n\x0ereuse_existing\x18\x08 \x01(\x08\x12\x10\n\x08priority\x18\t \x01(\x05\x12\x0f\n\x07\x66orward\x18\n \x03(\t\x12\x17\n\x0f\x66orward_replace\x18\x0b \x01(\x08\x12$\n\x05\x63hain\x18( \x03(\x0b\x32\x15.prodsys.v1.ChainStep\"5\n\tChainStep\x12\x0f\n\x07profile\x18\x01 \x01(\t\x12\x17\n\x0fparameters_json\x18\x02 \x01(\t\"=\n\x15SubmitRequestResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08replayed\x18\x02 \x01(\x08\"\'\n\x11GetRequestRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\xd2\x02\n\x07Request\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\'\n\x05state\x18\x02 \x01(\x0e\x32\x18.prodsys.v1.RequestState\x12\x0f\n\x07profile\x18\x03 \x01(\t\x12\n\n\x02vo\x18\x04 \x01(\t\x12\x17\n\x0fparameters_json\x18\x05 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x06 \x01(\t\x12\x15\n\rproduction_id\x18\x07 \x01(\t\x12.\n\nviolations\x18\x08 \x03(\x0b\x32\x1a.prodsys.v1.FieldViolation\x12\x1e\n\x16\x65xisting_production_id\x18\t \x01(\t\x12\x17\n\x0f\x63reated_unix_ms\x18\n \x01(\x03\x12\x0e\n\x06period\x18\x0b \x01(\t\x12\x33\n\x0bproductions\x18\x0c \x03(\x0b\x32\x1e.prodsys.v1.PointingProduction\"\xfb\x02\n\nValidation\x12\x12\n\nacceptable\x18\x01 \x01(\x08\x12.\n\nviolations\x18\x02 \x03(\x0b\x32\x1a.prodsys.v1.FieldViolation\x12\x13\n\x0b\x66ingerprint\x18\x03 \x01(\t\x12\x1e\n\x16\x65xisting_production_id\x18\x04 \x01(\t\x12%\n\x08overlaps\x18\x05 \x03(\x0b\x32\x13.prodsys.v1.Overlap\x12!\n\x04plan\x18\x06 \x01(\x0b\x32\x13.prodsys.v1.JobPlan\x12.\n\x08\x65stimate\x18\x07 \x01(\x0b\x32\x1c.prodsys.v1.ResourceEstimate\x12\x14\n\x0c\x65xplanations\x18\x08 \x03(\t\x12\x17\n\x0fparameters_json\x18\t \x01(\t\x12\x0e\n\x06period\x18\n \x01(\t\x12\x10\n\x08pointing\x18\x0b \x01(\t\x12)\n\tpointings\x18\x0c \x03(\x0b\x32\x16.prodsys.v1.Validation\"5\n\x07Overlap\x12\x15\n\rproduction_id\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\"h\n\x07JobPlan\x12\x0c\n\x04jobs\x18\x01 \x01(\x04\x12\x15\n\runits_per_job\x18\x02 \x01(\x04\x12\x13\n\x0btotal_units\x18\x03 \x01(\x04\x12\x11\n\tfirst_run\x18\x04 \x01(\x04\x12\x10\n\x08last_run\x18\x05 \x01(\x04\"\x8b\x01\n\x10ResourceEstimate\x12\x1b\n\x13\x63pu_seconds_per_job\x18\x01 \x01(\x01\x12\x17\n\x0f\x63pu_hours_total\x18\x02 \x01(\x01\x12\x11\n\tmemory_mb\x18\x03 \x01(\x04\x12\x17\n\x0f\x64isk_mb_per_job\x18\x04 \x01(\x01\x12\x15\n\rdisk_gb_total\x18\x05 \x01(\x01\"\x15\n\x13ListProfilesRequest\"\x82\x01\n\x0bProfileInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x0b\n\x03vos\x18\x03 \x03(\t\x12\x11\n\tid_prefix\x18\x04 \x01(\t\x12\x1e\n\x16parameters_schema_json\x18\x05 \x01(\t\x12\x10\n\x08identity\x18\x06 \x03(\t\"A\n\x14ListProfilesResponse\x12)\n\x08profiles\x18\x01 \x03(\x0b\x32\x17.prodsys.v1.ProfileInfo\"@\n\x17\x43\x61ncelProductionRequest\x12\x15\n\rproduction_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\",\n\x18\x43\x61ncelProductionResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\"5\n\x14ListTemplatesRequest\x12\x0f\n\x07profile\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\"\xfa\x01\n\x0cTemplateInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07profile\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\r\n\x05image\x18\x04 \x01(\t\x12\x0e\n\x06\x64igest\x18\x05 \x01(\t\x12\x0f\n\x07runtime\x18\x06 \x01(\t\x12\x12\n\nentrypoint\x18\x07 \x03(\t\x12\x17\n\x0fparameters_json\x18\x08 \x01(\t\x12\x18\n\x10overridable_json\x18\t \x01(\t\x12\x14\n\x0c\x64\x65rived_from\x18\n \x01(\t\x12\x0f\n\x07version\x18\x0b \x01(\t\x12\x18\n\x10recorded_unix_ms\x18\x0c \x01(\x03\"D\n\x15ListTemplatesResponse\x12+\n\ttemplates\x18\x01 \x03(\x0b\x32\x18.prodsys.v1.TemplateInfo\"3\n\x12ListPeriodsRequest\x12\x0f\n\x07profile\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\"\xde\x01\n\nPeriodInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07profile\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x0c\n\x04site\x18\x04 \x01(\t\x12\x14\n\x0c\x61rray_layout\x18\x05 \x01(\t\x12\x12\n\nnsb_levels\x18\x06 \x03(\r\x12\x12\n\natmosphere\x18\x07 \x01(\t\x12\x12\n\nvalid_from\x18\x08 \x01(\t\x12\x13\n\x0bvalid_until\x18\t \x01(\t\x12\'\n\tpointings\x18\n \x03(\x0b\x32\x14.prodsys.v1.Pointing\"B\n\x08Pointing\x12\x12\n\nzenith_deg\x18\x01 \x01(\x01\x12\x13\n\x0b\x61zimuth_deg\x18\x02 \x01(\x01\x12\r\n\x05label\x18\x03 \x01(\t\">\n\x13ListPeriodsResponse\x12\'\n\x07periods\x18\x01 \x03(\x0b\x32\x16.prodsys.v1.PeriodInfo*\x81\x01\n\x0cRequestState\x12\x1d\n\x19REQUEST_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16REQUEST_STATE_RECEIVED\x10\x01\x12\x1a\n\x16REQUEST_STATE_ACCEPTED\x10\x02\x12\x1a\n\x16REQUEST_STATE_REJECTED\x10\x03\x32\xcd\x04\n\x0eRequestService\x12T\n\rSubmitRequest\x12 .prodsys.v1.SubmitRequestRequest\x1a!.prodsys.v1.SubmitRequestResponse\x12@\n\nGetRequest\x12\x1d.prodsys.v1.GetRequestRequest\x1a\x13.prodsys.v1.Request\x12K\n\x0fValidateRequest\x12 .prodsys.v1.SubmitRequestRequest\x1a\x16.prodsys.v1.Validation\x12]\n\x10\x43\x61ncelProduction\x12#.prodsys.v1.CancelProductionRequest\x1a$.prodsys.v1.CancelProductionResponse\x12Q\n\x0cListProfiles\x12\x1f.prodsys.v1.ListProfilesRequest\x1a .prodsys.v1.ListProfilesResponse\x12T\n\rListTemplates\x12 .prodsys.v1.ListTemplatesRequest\x1a!.prodsys.v1.ListTemplatesResponse\x12N\n\x0bListPeriods\x12\x1e.prodsys.v1.ListPeriodsRequest\x1a\x1f.prodsys.v1.ListPeriodsResponse2\xfc\x01\n\x0e\x43heckerService\x12\x44\n\x08\x45valuate\x12 .prodsys.v1.SubmitRequestRequest\x1a\x16.prodsys.v1.Validation\x12T\n\rListTemplates\x12 .prodsys.v1.ListTemplatesRequest\x1a!.prodsys.v1.ListTemplatesResponse\x12N\n\x0bListPeriods\x12\x1e.prodsys.v1.ListPeriodsRequest\x1a\x1f.prodsys.v1.ListPeriodsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'prodsys_client.v1.request_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_REQUESTSTATE']._serialized_start=2559
-  _globals['_REQUESTSTATE']._serialized_end=2688
+  _globals['_REQUESTSTATE']._serialized_start=2652
+  _globals['_REQUESTSTATE']._serialized_end=2781
   _globals['_SUBMITREQUESTREQUEST']._serialized_start=66
-  _globals['_SUBMITREQUESTREQUEST']._serialized_end=303
-  _globals['_SUBMITREQUESTRESPONSE']._serialized_start=305
-  _globals['_SUBMITREQUESTRESPONSE']._serialized_end=366
-  _globals['_GETREQUESTREQUEST']._serialized_start=368
-  _globals['_GETREQUESTREQUEST']._serialized_end=407
-  _globals['_REQUEST']._serialized_start=410
-  _globals['_REQUEST']._serialized_end=748
-  _globals['_VALIDATION']._serialized_start=751
-  _globals['_VALIDATION']._serialized_end=1130
-  _globals['_OVERLAP']._serialized_start=1132
-  _globals['_OVERLAP']._serialized_end=1185
-  _globals['_JOBPLAN']._serialized_start=1187
-  _globals['_JOBPLAN']._serialized_end=1291
-  _globals['_RESOURCEESTIMATE']._serialized_start=1294
-  _globals['_RESOURCEESTIMATE']._serialized_end=1433
-  _globals['_LISTPROFILESREQUEST']._serialized_start=1435
-  _globals['_LISTPROFILESREQUEST']._serialized_end=1456
-  _globals['_PROFILEINFO']._serialized_start=1459
-  _globals['_PROFILEINFO']._serialized_end=1589
-  _globals['_LISTPROFILESRESPONSE']._serialized_start=1591
-  _globals['_LISTPROFILESRESPONSE']._serialized_end=1656
-  _globals['_CANCELPRODUCTIONREQUEST']._serialized_start=1658
-  _globals['_CANCELPRODUCTIONREQUEST']._serialized_end=1722
-  _globals['_CANCELPRODUCTIONRESPONSE']._serialized_start=1724
-  _globals['_CANCELPRODUCTIONRESPONSE']._serialized_end=1768
-  _globals['_LISTTEMPLATESREQUEST']._serialized_start=1770
-  _globals['_LISTTEMPLATESREQUEST']._serialized_end=1823
-  _globals['_TEMPLATEINFO']._serialized_start=1826
-  _globals['_TEMPLATEINFO']._serialized_end=2076
-  _globals['_LISTTEMPLATESRESPONSE']._serialized_start=2078
-  _globals['_LISTTEMPLATESRESPONSE']._serialized_end=2146
-  _globals['_LISTPERIODSREQUEST']._serialized_start=2148
-  _globals['_LISTPERIODSREQUEST']._serialized_end=2199
-  _globals['_PERIODINFO']._serialized_start=2202
-  _globals['_PERIODINFO']._serialized_end=2424
-  _globals['_POINTING']._serialized_start=2426
-  _globals['_POINTING']._serialized_end=2492
-  _globals['_LISTPERIODSRESPONSE']._serialized_start=2494
-  _globals['_LISTPERIODSRESPONSE']._serialized_end=2556
-  _globals['_REQUESTSERVICE']._serialized_start=2691
-  _globals['_REQUESTSERVICE']._serialized_end=3280
-  _globals['_CHECKERSERVICE']._serialized_start=3283
-  _globals['_CHECKERSERVICE']._serialized_end=3535
+  _globals['_SUBMITREQUESTREQUEST']._serialized_end=341
+  _globals['_CHAINSTEP']._serialized_start=343
+  _globals['_CHAINSTEP']._serialized_end=396
+  _globals['_SUBMITREQUESTRESPONSE']._serialized_start=398
+  _globals['_SUBMITREQUESTRESPONSE']._serialized_end=459
+  _globals['_GETREQUESTREQUEST']._serialized_start=461
+  _globals['_GETREQUESTREQUEST']._serialized_end=500
+  _globals['_REQUEST']._serialized_start=503
+  _globals['_REQUEST']._serialized_end=841
+  _globals['_VALIDATION']._serialized_start=844
+  _globals['_VALIDATION']._serialized_end=1223
+  _globals['_OVERLAP']._serialized_start=1225
+  _globals['_OVERLAP']._serialized_end=1278
+  _globals['_JOBPLAN']._serialized_start=1280
+  _globals['_JOBPLAN']._serialized_end=1384
+  _globals['_RESOURCEESTIMATE']._serialized_start=1387
+  _globals['_RESOURCEESTIMATE']._serialized_end=1526
+  _globals['_LISTPROFILESREQUEST']._serialized_start=1528
+  _globals['_LISTPROFILESREQUEST']._serialized_end=1549
+  _globals['_PROFILEINFO']._serialized_start=1552
+  _globals['_PROFILEINFO']._serialized_end=1682
+  _globals['_LISTPROFILESRESPONSE']._serialized_start=1684
+  _globals['_LISTPROFILESRESPONSE']._serialized_end=1749
+  _globals['_CANCELPRODUCTIONREQUEST']._serialized_start=1751
+  _globals['_CANCELPRODUCTIONREQUEST']._serialized_end=1815
+  _globals['_CANCELPRODUCTIONRESPONSE']._serialized_start=1817
+  _globals['_CANCELPRODUCTIONRESPONSE']._serialized_end=1861
+  _globals['_LISTTEMPLATESREQUEST']._serialized_start=1863
+  _globals['_LISTTEMPLATESREQUEST']._serialized_end=1916
+  _globals['_TEMPLATEINFO']._serialized_start=1919
+  _globals['_TEMPLATEINFO']._serialized_end=2169
+  _globals['_LISTTEMPLATESRESPONSE']._serialized_start=2171
+  _globals['_LISTTEMPLATESRESPONSE']._serialized_end=2239
+  _globals['_LISTPERIODSREQUEST']._serialized_start=2241
+  _globals['_LISTPERIODSREQUEST']._serialized_end=2292
+  _globals['_PERIODINFO']._serialized_start=2295
+  _globals['_PERIODINFO']._serialized_end=2517
+  _globals['_POINTING']._serialized_start=2519
+  _globals['_POINTING']._serialized_end=2585
+  _globals['_LISTPERIODSRESPONSE']._serialized_start=2587
+  _globals['_LISTPERIODSRESPONSE']._serialized_end=2649
+  _globals['_REQUESTSERVICE']._serialized_start=2784
+  _globals['_REQUESTSERVICE']._serialized_end=3373
+  _globals['_CHECKERSERVICE']._serialized_start=3376
+  _globals['_CHECKERSERVICE']._serialized_end=3628
 # @@protoc_insertion_point(module_scope)
