@@ -39,6 +39,7 @@ pub(crate) fn router(api: StatusApi) -> Router {
         .route("/templates", get(templates_page))
         .route("/api/templates", get(templates))
         .route("/api/periods", get(periods))
+        .merge(crate::rest::router())
         .with_state(api)
 }
 

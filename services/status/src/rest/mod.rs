@@ -1,0 +1,452 @@
+//! The HTTP/JSON API under `/api/v1`, for science platforms (ESAP) and plain
+//! HTTP clients: submit, validate and follow requests, list and cancel
+//! productions, query files, read records, profiles, templates and periods.
+//! Each operation is one gRPC call to the service that owns it (intake, the
+//! status read model, the catalog, the checker); its OpenAPI 3.1 document,
+//! generated from these handlers and types, is served at `/openapi.json`.
+//! Every failure is a problem document (RFC 9457) with the field violations
+//! the gRPC API gives.
+
+mod problem;
+mod views;
+
+use axum::Router;
+use axum::extract::{RawQuery, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Json, Response};
+use axum::routing::{get, post};
+use prodsys_core::ProductionState;
+use prodsys_proto as pb;
+use prodsys_proto::StateProto;
+use prodsys_proto::status_service_server::StatusService;
+use serde_json::{Map, Value};
+use utoipa::{IntoParams, OpenApi};
+
+use crate::api::StatusApi;
+pub use problem::{FieldViolation, Problem};
+use problem::{JsonBody, PathId, QueryParams};
+use views::*;
+
+type Answer<T> = Result<T, Problem>;
+
+pub(crate) fn router() -> Router<StatusApi> {
+    Router::new()
+        .route("/openapi.json", get(openapi))
+        .route("/api/v1/requests", post(submit))
+        .route("/api/v1/requests/validate", post(validate))
+        .route("/api/v1/requests/{request_id}", get(request))
+        .route("/api/v1/productions", get(productions))
+        .route("/api/v1/productions/{production_id}", get(production))
+        .route("/api/v1/productions/{production_id}/cancel", post(cancel))
+        .route("/api/v1/productions/{production_id}/record", get(record))
+        .route("/api/v1/files/search", post(files))
+        .route("/api/v1/profiles", get(profiles))
+        .route("/api/v1/templates", get(templates))
+        .route("/api/v1/periods", get(periods))
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "prodsys HTTP/JSON API",
+        description = "Submit and follow production requests, list and cancel productions, \
+            query the file catalog and read production records. Every failure is an RFC 9457 \
+            problem document (application/problem+json) with the field violations the gRPC API \
+            gives."
+    ),
+    paths(
+        submit, validate, request, productions, production, cancel, record, files, profiles,
+        templates, periods
+    ),
+    components(schemas(Problem, FieldViolation)),
+    tags(
+        (name = "requests", description = "Production requests (intake)"),
+        (name = "productions", description = "Productions (status read model, catalog records)"),
+        (name = "files", description = "The file catalog"),
+        (name = "configuration", description = "Profiles, container templates, observation periods"),
+    )
+)]
+pub struct ApiDoc;
+
+/// The OpenAPI document of `/api/v1`.
+async fn openapi() -> Response {
+    Json(ApiDoc::openapi()).into_response()
+}
+
+/// Submits a production request; the checker decides it asynchronously
+/// (follow it at `/api/v1/requests/{request_id}`).
+#[utoipa::path(
+    post, path = "/api/v1/requests", tag = "requests",
+    request_body(content = SubmitBody, content_type = "application/json"),
+    responses(
+        (status = 202, description = "Stored; decided asynchronously", body = Submitted,
+            headers(("Location" = String, description = "The request's URL"))),
+        (status = "default", description = "A problem", body = Problem,
+            content_type = "application/problem+json"),
+    )
+)]
+async fn submit(State(api): State<StatusApi>, JsonBody(body): JsonBody<SubmitBody>) -> Response {
+    let mut intake = api.intake.clone();
+    match intake.submit_request(pb::SubmitRequestRequest::from(body)).await {
+        Ok(answer) => {
+            let answer = answer.into_inner();
+            let location = format!("/api/v1/requests/{}", answer.request_id);
+            (
+                StatusCode::ACCEPTED,
+                [(header::LOCATION, location)],
+                Json(Submitted {
+                    request_id: answer.request_id,
+                    replayed: answer.replayed,
+                }),
+            )
+                .into_response()
+        }
+        Err(status) => Problem::from(status).into_response(),
+    }
+}
+
+/// A dry run: what the checker would decide now (violations, duplicates,
+/// overlaps, job plan, estimate). Nothing is stored.
+#[utoipa::path(
+    post, path = "/api/v1/requests/validate", tag = "requests",
+    request_body(content = SubmitBody, content_type = "application/json"),
+    responses(
+        (status = 200, description = "The verdict", body = Validation),
+        (status = "default", description = "A problem", body = Problem,
+            content_type = "application/problem+json"),
+    )
+)]
+async fn validate(
+    State(api): State<StatusApi>,
+    JsonBody(body): JsonBody<SubmitBody>,
+) -> Answer<Json<Validation>> {
+    let mut intake = api.intake.clone();
+    let answer = intake
+        .validate_request(pb::SubmitRequestRequest::from(body))
+        .await?;
+    Ok(Json(answer.into_inner().into()))
+}
+
+/// Where a request stands: received, accepted (with its production) or
+/// rejected (with its violations).
+#[utoipa::path(
+    get, path = "/api/v1/requests/{request_id}", tag = "requests",
+    params(("request_id" = String, Path, description = "As submit answered it")),
+    responses(
+        (status = 200, description = "The request", body = RequestView),
+        (status = "default", description = "A problem", body = Problem,
+            content_type = "application/problem+json"),
+    )
+)]
+async fn request(
+    State(api): State<StatusApi>,
+    PathId(request_id): PathId,
+) -> Answer<Json<RequestView>> {
+    let mut intake = api.intake.clone();
+    let answer = intake
+        .get_request(pb::GetRequestRequest { request_id })
+        .await?;
+    Ok(Json(answer.into_inner().into()))
+}
+
+/// Filters of `GET /api/v1/productions`, as `ListProductions` has them.
+#[derive(IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)]
+struct ProductionFilters {
+    /// Only this virtual organisation's.
+    vo: Option<String>,
+    /// Only this profile's.
+    profile: Option<String>,
+    /// Only productions in this state (`RUNNING`, `COMPLETED`, …).
+    state: Option<String>,
+    /// Only this request's productions.
+    request_id: Option<String>,
+    /// Productions per page (a default when 0).
+    page_size: Option<u32>,
+    /// The `next_page_token` of the page before.
+    page_token: Option<String>,
+}
+
+/// A page of productions, newest first, with filters.
+#[utoipa::path(
+    get, path = "/api/v1/productions", tag = "productions",
+    params(ProductionFilters),
+    responses(
+        (status = 200, description = "A page of productions", body = ProductionPage),
+        (status = "default", description = "A problem", body = Problem,
+            content_type = "application/problem+json"),
+    )
+)]
+async fn productions(
+    State(api): State<StatusApi>,
+    RawQuery(query): RawQuery,
+) -> Answer<Json<ProductionPage>> {
+    let mut q = QueryParams::parse(
+        query.as_deref(),
+        &["vo", "profile", "state", "request_id", "page_size", "page_token"],
+    );
+    let state = q.text("state");
+    let state = if state.is_empty() {
+        pb::ProductionState::Unspecified
+    } else {
+        match state.to_ascii_uppercase().parse::<ProductionState>() {
+            Ok(state) => state.to_proto(),
+            Err(error) => {
+                q.violation("state", error.to_string());
+                pb::ProductionState::Unspecified
+            }
+        }
+    };
+    let request = pb::ListProductionsRequest {
+        vo: q.text("vo"),
+        state: state as i32,
+        profile: q.text("profile"),
+        page_size: q.count("page_size"),
+        page_token: q.text("page_token"),
+        request_id: q.text("request_id"),
+    };
+    q.finish()?;
+    let answer = api
+        .list_productions(tonic::Request::new(request))
+        .await?
+        .into_inner();
+    Ok(Json(ProductionPage {
+        productions: answer.productions.into_iter().map(Into::into).collect(),
+        next_page_token: answer.next_page_token,
+    }))
+}
+
+/// A production: state, job counts, forwarding.
+#[utoipa::path(
+    get, path = "/api/v1/productions/{production_id}", tag = "productions",
+    params(("production_id" = String, Path)),
+    responses(
+        (status = 200, description = "The production", body = ProductionView),
+        (status = "default", description = "A problem", body = Problem,
+            content_type = "application/problem+json"),
+    )
+)]
+async fn production(
+    State(api): State<StatusApi>,
+    PathId(production_id): PathId,
+) -> Answer<Json<ProductionView>> {
+    let answer = api
+        .get_production(tonic::Request::new(pb::GetProductionRequest {
+            production_id,
+        }))
+        .await?;
+    Ok(Json(answer.into_inner().into()))
+}
+
+/// Stops a production: its queued and running jobs are killed, the rest
+/// never start, and it ends CANCELLED.
+#[utoipa::path(
+    post, path = "/api/v1/productions/{production_id}/cancel", tag = "productions",
+    params(("production_id" = String, Path)),
+    request_body(content = Option<CancelBody>, content_type = "application/json"),
+    responses(
+        (status = 202, description = "The cancellation is on its way", body = Cancelled),
+        (status = "default", description = "A problem", body = Problem,
+            content_type = "application/problem+json"),
+    )
+)]
+async fn cancel(
+    State(api): State<StatusApi>,
+    PathId(production_id): PathId,
+    JsonBody(body): JsonBody<CancelBody>,
+) -> Answer<(StatusCode, Json<Cancelled>)> {
+    let mut intake = api.intake.clone();
+    let answer = intake
+        .cancel_production(pb::CancelProductionRequest {
+            production_id,
+            reason: body.reason,
+        })
+        .await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(Cancelled {
+            accepted: answer.into_inner().accepted,
+        }),
+    ))
+}
+
+/// A finished production's record (who asked for what, how its jobs went,
+/// what it wrote), as the catalog keeps it; 404 until it is written.
+#[utoipa::path(
+    get, path = "/api/v1/productions/{production_id}/record", tag = "productions",
+    params(("production_id" = String, Path)),
+    responses(
+        (status = 200, description = "The record", body = Object),
+        (status = "default", description = "A problem", body = Problem,
+            content_type = "application/problem+json"),
+    )
+)]
+async fn record(
+    State(api): State<StatusApi>,
+    PathId(production_id): PathId,
+) -> Answer<Json<Map<String, Value>>> {
+    let mut catalog = api.catalog.clone();
+    let answer = catalog
+        .get_production_record(pb::GetProductionRecordRequest {
+            production_id,
+            format: pb::RecordFormat::Json as i32,
+        })
+        .await?;
+    Ok(Json(object(&answer.into_inner().rendered)))
+}
+
+/// A page of files (in LFN order) matching every condition, with their
+/// replicas: the conditions of gRPC `FindFiles`.
+#[utoipa::path(
+    post, path = "/api/v1/files/search", tag = "files",
+    request_body(content = FilesQuery, content_type = "application/json"),
+    responses(
+        (status = 200, description = "A page of files", body = FilePage),
+        (status = "default", description = "A problem", body = Problem,
+            content_type = "application/problem+json"),
+    )
+)]
+async fn files(
+    State(api): State<StatusApi>,
+    JsonBody(query): JsonBody<FilesQuery>,
+) -> Answer<Json<FilePage>> {
+    let mut catalog = api.catalog.clone();
+    let answer = catalog
+        .find_files(pb::FindFilesRequest::from(query))
+        .await?;
+    Ok(Json(answer.into_inner().into()))
+}
+
+/// The production profiles this deployment accepts.
+#[utoipa::path(
+    get, path = "/api/v1/profiles", tag = "configuration",
+    responses(
+        (status = 200, description = "The profiles", body = Profiles),
+        (status = "default", description = "A problem", body = Problem,
+            content_type = "application/problem+json"),
+    )
+)]
+async fn profiles(State(api): State<StatusApi>, RawQuery(query): RawQuery) -> Answer<Json<Profiles>> {
+    QueryParams::parse(query.as_deref(), &[]).finish()?;
+    let mut intake = api.intake.clone();
+    let answer = intake.list_profiles(pb::ListProfilesRequest {}).await?;
+    Ok(Json(Profiles {
+        profiles: answer
+            .into_inner()
+            .profiles
+            .into_iter()
+            .map(|p| Profile {
+                parameters_schema: object(&p.parameters_schema_json),
+                name: p.name,
+                description: p.description,
+                vos: p.vos,
+                id_prefix: p.id_prefix,
+                identity: p.identity,
+            })
+            .collect(),
+    }))
+}
+
+/// Filters of templates and periods.
+#[derive(IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)]
+struct ByProfile {
+    /// Only this profile's.
+    profile: Option<String>,
+    /// Only the one of this name.
+    name: Option<String>,
+}
+
+fn by_profile(query: Option<&str>) -> Answer<(String, String)> {
+    let mut q = QueryParams::parse(query, &["profile", "name"]);
+    let filters = (q.text("profile"), q.text("name"));
+    q.finish()?;
+    Ok(filters)
+}
+
+/// The container templates requests may name: shipped, and derived by
+/// earlier requests.
+#[utoipa::path(
+    get, path = "/api/v1/templates", tag = "configuration",
+    params(ByProfile),
+    responses(
+        (status = 200, description = "The templates", body = Templates),
+        (status = "default", description = "A problem", body = Problem,
+            content_type = "application/problem+json"),
+    )
+)]
+async fn templates(
+    State(api): State<StatusApi>,
+    RawQuery(query): RawQuery,
+) -> Answer<Json<Templates>> {
+    let (profile, name) = by_profile(query.as_deref())?;
+    let mut checker = api.checker.clone();
+    let answer = checker
+        .list_templates(pb::ListTemplatesRequest { profile, name })
+        .await?;
+    Ok(Json(Templates {
+        templates: answer
+            .into_inner()
+            .templates
+            .into_iter()
+            .map(Into::into)
+            .collect(),
+    }))
+}
+
+/// The observation periods requests may name.
+#[utoipa::path(
+    get, path = "/api/v1/periods", tag = "configuration",
+    params(ByProfile),
+    responses(
+        (status = 200, description = "The periods", body = Periods),
+        (status = "default", description = "A problem", body = Problem,
+            content_type = "application/problem+json"),
+    )
+)]
+async fn periods(State(api): State<StatusApi>, RawQuery(query): RawQuery) -> Answer<Json<Periods>> {
+    let (profile, name) = by_profile(query.as_deref())?;
+    let mut checker = api.checker.clone();
+    let answer = checker
+        .list_periods(pb::ListPeriodsRequest { profile, name })
+        .await?;
+    Ok(Json(Periods {
+        periods: answer
+            .into_inner()
+            .periods
+            .into_iter()
+            .map(Into::into)
+            .collect(),
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_document_is_openapi_3_1_with_every_operation() {
+        let doc = serde_json::to_value(ApiDoc::openapi()).unwrap();
+        assert!(doc["openapi"].as_str().unwrap().starts_with("3.1"));
+        let paths = doc["paths"].as_object().unwrap();
+        for path in [
+            "/api/v1/requests",
+            "/api/v1/requests/validate",
+            "/api/v1/requests/{request_id}",
+            "/api/v1/productions",
+            "/api/v1/productions/{production_id}",
+            "/api/v1/productions/{production_id}/cancel",
+            "/api/v1/productions/{production_id}/record",
+            "/api/v1/files/search",
+            "/api/v1/profiles",
+            "/api/v1/templates",
+            "/api/v1/periods",
+        ] {
+            assert!(paths.contains_key(path), "{path}");
+        }
+        let submit = &doc["components"]["schemas"]["SubmitBody"];
+        assert_eq!(submit["additionalProperties"], false, "{submit}");
+    }
+}
