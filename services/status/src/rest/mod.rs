@@ -87,7 +87,10 @@ async fn openapi() -> Response {
 )]
 async fn submit(State(api): State<StatusApi>, JsonBody(body): JsonBody<SubmitBody>) -> Response {
     let mut intake = api.intake.clone();
-    match intake.submit_request(pb::SubmitRequestRequest::from(body)).await {
+    match intake
+        .submit_request(pb::SubmitRequestRequest::from(body))
+        .await
+    {
         Ok(answer) => {
             let answer = answer.into_inner();
             let location = format!("/api/v1/requests/{}", answer.request_id);
@@ -184,7 +187,14 @@ async fn productions(
 ) -> Answer<Json<ProductionPage>> {
     let mut q = QueryParams::parse(
         query.as_deref(),
-        &["vo", "profile", "state", "request_id", "page_size", "page_token"],
+        &[
+            "vo",
+            "profile",
+            "state",
+            "request_id",
+            "page_size",
+            "page_token",
+        ],
     );
     let state = q.text("state");
     let state = if state.is_empty() {
@@ -311,6 +321,12 @@ async fn files(
     State(api): State<StatusApi>,
     JsonBody(query): JsonBody<FilesQuery>,
 ) -> Answer<Json<FilePage>> {
+    if query.page_size > problem::PAGE_SIZE_MAX {
+        return Err(Problem::field(
+            "page_size",
+            format!("must be at most {}", problem::PAGE_SIZE_MAX),
+        ));
+    }
     let mut catalog = api.catalog.clone();
     let answer = catalog
         .find_files(pb::FindFilesRequest::from(query))
@@ -327,7 +343,10 @@ async fn files(
             content_type = "application/problem+json"),
     )
 )]
-async fn profiles(State(api): State<StatusApi>, RawQuery(query): RawQuery) -> Answer<Json<Profiles>> {
+async fn profiles(
+    State(api): State<StatusApi>,
+    RawQuery(query): RawQuery,
+) -> Answer<Json<Profiles>> {
     QueryParams::parse(query.as_deref(), &[]).finish()?;
     let mut intake = api.intake.clone();
     let answer = intake.list_profiles(pb::ListProfilesRequest {}).await?;

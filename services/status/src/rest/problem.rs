@@ -18,6 +18,10 @@ use utoipa::ToSchema;
 /// The largest request body accepted (bytes).
 pub const BODY_LIMIT: usize = 1 << 20;
 
+/// The largest page size a query may ask for (as the document's int32
+/// says; every service then caps it at its own largest page).
+pub const PAGE_SIZE_MAX: u32 = i32::MAX as u32;
+
 pub const PROBLEM_JSON: &str = "application/problem+json";
 
 /// One field a request got wrong: the same pair the gRPC API gives in its
@@ -45,16 +49,16 @@ impl FieldViolation {
 pub struct Problem {
     /// `about:blank`: the status code and `code` say what kind of problem.
     #[serde(rename = "type")]
-    pub kind: String,
+    pub kind: &'static str,
     /// The status code's reason phrase.
-    pub title: String,
+    pub title: &'static str,
     /// The HTTP status code.
     pub status: u16,
     /// What went wrong, in words.
     pub detail: String,
     /// The gRPC code the call ended with (`INVALID_ARGUMENT`, `NOT_FOUND`,
     /// `UNAVAILABLE`, …), as gRPC clients see it.
-    pub code: String,
+    pub code: &'static str,
     /// The fields at fault; empty when the problem is not one of input.
     pub violations: Vec<FieldViolation>,
 }
@@ -62,11 +66,11 @@ pub struct Problem {
 impl Problem {
     pub fn new(status: StatusCode, code: tonic::Code, detail: impl Into<String>) -> Self {
         Self {
-            kind: "about:blank".into(),
-            title: status.canonical_reason().unwrap_or("Error").into(),
+            kind: "about:blank",
+            title: status.canonical_reason().unwrap_or("Error"),
             status: status.as_u16(),
             detail: detail.into(),
-            code: code_name(code).into(),
+            code: code_name(code),
             violations: Vec::new(),
         }
     }
@@ -77,7 +81,11 @@ impl Problem {
         let detail = summary(&violations);
         Self {
             violations,
-            ..Self::new(StatusCode::BAD_REQUEST, tonic::Code::InvalidArgument, detail)
+            ..Self::new(
+                StatusCode::BAD_REQUEST,
+                tonic::Code::InvalidArgument,
+                detail,
+            )
         }
     }
 
@@ -87,7 +95,7 @@ impl Problem {
 
     fn with_status(mut self, status: StatusCode) -> Self {
         self.status = status.as_u16();
-        self.title = status.canonical_reason().unwrap_or("Error").into();
+        self.title = status.canonical_reason().unwrap_or("Error");
         self
     }
 }
@@ -170,8 +178,7 @@ impl From<tonic::Status> for Problem {
 
 impl IntoResponse for Problem {
     fn into_response(self) -> Response {
-        let status =
-            StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let body = serde_json::to_vec(&self).unwrap_or_default();
         (status, [(header::CONTENT_TYPE, PROBLEM_JSON)], body).into_response()
     }
@@ -228,8 +235,11 @@ pub fn from_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Problem> {
     } else {
         bytes
     };
-    let value: serde_json::Value = serde_json::from_slice(bytes)
+    let mut value: serde_json::Value = serde_json::from_slice(bytes)
         .map_err(|e| Problem::field("body", format!("malformed JSON: {e}")))?;
+    if value.is_null() {
+        value = serde_json::Value::Object(serde_json::Map::new());
+    }
     if !value.is_object() {
         return Err(Problem::field("body", "must be a JSON object"));
     }
@@ -316,10 +326,18 @@ impl QueryParams {
                     name,
                     "must not contain a NUL character",
                 ));
-            } else if values.contains_key(&name) {
-                violations.push(FieldViolation::new(name, "is given more than once"));
             } else {
-                values.insert(name, value);
+                match values.entry(name) {
+                    std::collections::btree_map::Entry::Vacant(slot) => {
+                        slot.insert(value);
+                    }
+                    std::collections::btree_map::Entry::Occupied(slot) => {
+                        violations.push(FieldViolation::new(
+                            slot.key().clone(),
+                            "is given more than once",
+                        ));
+                    }
+                }
             }
         }
         Self { values, violations }
@@ -335,19 +353,23 @@ impl QueryParams {
         match self.values.remove(name) {
             None => 0,
             Some(v) if v.is_empty() => 0,
-            Some(v) => v.parse().unwrap_or_else(|_| {
-                self.violations.push(FieldViolation::new(
-                    name,
-                    format!("{v:?} is not an integer in 0..={}", u32::MAX),
-                ));
-                0
-            }),
+            Some(v) => match v.parse::<u32>() {
+                Ok(n) if n <= PAGE_SIZE_MAX => n,
+                _ => {
+                    self.violations.push(FieldViolation::new(
+                        name,
+                        format!("{v:?} is not an integer in 0..={PAGE_SIZE_MAX}"),
+                    ));
+                    0
+                }
+            },
         }
     }
 
     /// Adds a violation found while reading the parameters.
     pub fn violation(&mut self, field: &str, description: impl Into<String>) {
-        self.violations.push(FieldViolation::new(field, description));
+        self.violations
+            .push(FieldViolation::new(field, description));
     }
 
     /// Every violation found, as one problem.
@@ -418,8 +440,10 @@ mod tests {
             "conditions[0].operator"
         );
         assert_eq!(
-            fault("{\"name\": \"a\", \"conditions\": [{\"key\": \"k\", \"operator\": 1, \"x\": 1}]}")
-                .field,
+            fault(
+                "{\"name\": \"a\", \"conditions\": [{\"key\": \"k\", \"operator\": 1, \"x\": 1}]}"
+            )
+            .field,
             "conditions[0].x"
         );
         assert_eq!(
@@ -431,11 +455,18 @@ mod tests {
 
     #[test]
     fn query_parameters_are_checked_by_name() {
-        let mut q = QueryParams::parse(Some("vo=x&page_size=abc&bogus=1&vo=y"), &["vo", "page_size"]);
+        let mut q = QueryParams::parse(
+            Some("vo=x&page_size=abc&bogus=1&vo=y"),
+            &["vo", "page_size"],
+        );
         assert_eq!(q.text("vo"), "x");
         assert_eq!(q.count("page_size"), 0);
         let problem = q.finish().unwrap_err();
-        let fields: Vec<_> = problem.violations.iter().map(|v| v.field.as_str()).collect();
+        let fields: Vec<_> = problem
+            .violations
+            .iter()
+            .map(|v| v.field.as_str())
+            .collect();
         assert_eq!(fields, ["bogus", "vo", "page_size"]);
         assert_eq!(problem.status, 400);
     }
@@ -459,6 +490,9 @@ mod tests {
             Problem::from(tonic::Status::failed_precondition("ended")).status,
             409
         );
-        assert_eq!(Problem::from(tonic::Status::unavailable("down")).status, 503);
+        assert_eq!(
+            Problem::from(tonic::Status::unavailable("down")).status,
+            503
+        );
     }
 }
