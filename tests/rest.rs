@@ -319,6 +319,12 @@ async fn every_kind_of_bad_input_is_a_problem_naming_the_field() {
     assert_eq!(status, 422, "{p}");
     assert_eq!(p["code"], "INVALID_ARGUMENT");
     assert!(fields(&p).contains(&"profile".to_string()), "{p}");
+    let (status, p) = get(&format!("{api}/nothing/here")).await;
+    assert_eq!(
+        (status, p["code"].as_str()),
+        (404, Some("NOT_FOUND")),
+        "{p}"
+    );
     let (status, p) = get(&format!("{api}/requests/not-a-request")).await;
     assert!(status == 404 || status == 422, "{status} {p}");
     app.stop().await;
@@ -368,6 +374,9 @@ fn schemathesis() -> PathBuf {
 async fn schemathesis_finds_no_server_error_and_no_answer_off_the_document() {
     let app = spawn_app_with(use_test_profiles).await;
     let root = base(&app);
+    // A production for the document's links to lead to (get, record, cancel).
+    app.accepted(support::sleep_request(2, 30.0, -1, "schemathesis", "local"))
+        .await;
     let junit = app.env.work_dir.join("schemathesis.xml");
     let out = tokio::process::Command::new(schemathesis())
         .arg("run")
@@ -390,6 +399,7 @@ async fn schemathesis_finds_no_server_error_and_no_answer_off_the_document() {
         .await
         .expect("running schemathesis");
     let stdout = String::from_utf8_lossy(&out.stdout);
+    println!("{stdout}");
     assert!(
         out.status.success(),
         "schemathesis found problems:\n{stdout}\n{}",

@@ -14,7 +14,7 @@ use axum::Router;
 use axum::extract::{RawQuery, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Json, Response};
-use axum::routing::{get, post};
+use axum::routing::{any, get, post};
 use prodsys_core::ProductionState;
 use prodsys_proto as pb;
 use prodsys_proto::StateProto;
@@ -43,6 +43,16 @@ pub(crate) fn router() -> Router<StatusApi> {
         .route("/api/v1/profiles", get(profiles))
         .route("/api/v1/templates", get(templates))
         .route("/api/v1/periods", get(periods))
+        .route("/api/v1/{*rest}", any(no_such_operation))
+}
+
+/// Any other path under `/api/v1`: a problem, as every answer here.
+async fn no_such_operation(uri: axum::http::Uri) -> Problem {
+    Problem::new(
+        StatusCode::NOT_FOUND,
+        tonic::Code::NotFound,
+        format!("no operation at {}; see /openapi.json", uri.path()),
+    )
 }
 
 #[derive(OpenApi)]
@@ -70,7 +80,43 @@ pub struct ApiDoc;
 
 /// The OpenAPI document of `/api/v1`.
 async fn openapi() -> Response {
-    Json(ApiDoc::openapi()).into_response()
+    Json(document()).into_response()
+}
+
+/// The generated document, with its response links' fields named as
+/// OpenAPI names them (`operationId`, `requestBody`: utoipa 5 writes its
+/// Rust field names there).
+pub fn document() -> Value {
+    let mut doc = serde_json::to_value(ApiDoc::openapi()).unwrap_or_default();
+    let operations = doc
+        .get_mut("paths")
+        .and_then(Value::as_object_mut)
+        .into_iter()
+        .flat_map(|paths| paths.values_mut())
+        .filter_map(Value::as_object_mut)
+        .flat_map(|methods| methods.values_mut());
+    for operation in operations {
+        let links = operation
+            .get_mut("responses")
+            .and_then(Value::as_object_mut)
+            .into_iter()
+            .flat_map(|responses| responses.values_mut())
+            .filter_map(|response| response.get_mut("links").and_then(Value::as_object_mut))
+            .flat_map(|links| links.values_mut())
+            .filter_map(Value::as_object_mut);
+        for link in links {
+            for (from, to) in [
+                ("operation_id", "operationId"),
+                ("operation_ref", "operationRef"),
+                ("request_body", "requestBody"),
+            ] {
+                if let Some(value) = link.remove(from) {
+                    link.insert(to.into(), value);
+                }
+            }
+        }
+    }
+    doc
 }
 
 /// Submits a production request; the checker decides it asynchronously
@@ -80,7 +126,11 @@ async fn openapi() -> Response {
     request_body(content = SubmitBody, content_type = "application/json"),
     responses(
         (status = 202, description = "Stored; decided asynchronously", body = Submitted,
-            headers(("Location" = String, description = "The request's URL"))),
+            headers(("Location" = String, description = "The request's URL")),
+            links(("GetRequest" = (
+                operation_id = "request",
+                parameters(("request_id" = "$response.body#/request_id"))
+            )))),
         (status = "default", description = "A problem", body = Problem,
             content_type = "application/problem+json"),
     )
@@ -136,7 +186,11 @@ async fn validate(
     get, path = "/api/v1/requests/{request_id}", tag = "requests",
     params(("request_id" = String, Path, description = "As submit answered it")),
     responses(
-        (status = 200, description = "The request", body = RequestView),
+        (status = 200, description = "The request", body = RequestView,
+            links(("GetProduction" = (
+                operation_id = "production",
+                parameters(("production_id" = "$response.body#/production_id"))
+            )))),
         (status = "default", description = "A problem", body = Problem,
             content_type = "application/problem+json"),
     )
@@ -176,7 +230,21 @@ struct ProductionFilters {
     get, path = "/api/v1/productions", tag = "productions",
     params(ProductionFilters),
     responses(
-        (status = 200, description = "A page of productions", body = ProductionPage),
+        (status = 200, description = "A page of productions", body = ProductionPage,
+            links(
+                ("GetProduction" = (
+                    operation_id = "production",
+                    parameters(("production_id" = "$response.body#/productions/0/production_id"))
+                )),
+                ("GetRecord" = (
+                    operation_id = "record",
+                    parameters(("production_id" = "$response.body#/productions/0/production_id"))
+                )),
+                ("Cancel" = (
+                    operation_id = "cancel",
+                    parameters(("production_id" = "$response.body#/productions/0/production_id"))
+                )),
+            )),
         (status = "default", description = "A problem", body = Problem,
             content_type = "application/problem+json"),
     )
@@ -232,7 +300,11 @@ async fn productions(
     get, path = "/api/v1/productions/{production_id}", tag = "productions",
     params(("production_id" = String, Path)),
     responses(
-        (status = 200, description = "The production", body = ProductionView),
+        (status = 200, description = "The production", body = ProductionView,
+            links(("GetRequest" = (
+                operation_id = "request",
+                parameters(("request_id" = "$response.body#/request_id"))
+            )))),
         (status = "default", description = "A problem", body = Problem,
             content_type = "application/problem+json"),
     )
@@ -447,7 +519,7 @@ mod tests {
 
     #[test]
     fn the_document_is_openapi_3_1_with_every_operation() {
-        let doc = serde_json::to_value(ApiDoc::openapi()).unwrap();
+        let doc = document();
         assert!(doc["openapi"].as_str().unwrap().starts_with("3.1"));
         let paths = doc["paths"].as_object().unwrap();
         for path in [
@@ -465,6 +537,9 @@ mod tests {
         ] {
             assert!(paths.contains_key(path), "{path}");
         }
+        let link =
+            &doc["paths"]["/api/v1/requests"]["post"]["responses"]["202"]["links"]["GetRequest"];
+        assert_eq!(link["operationId"], "request", "{link}");
         let submit = &doc["components"]["schemas"]["SubmitBody"];
         assert_eq!(submit["additionalProperties"], false, "{submit}");
     }
