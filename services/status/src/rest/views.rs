@@ -31,6 +31,19 @@ fn violations(list: Vec<pb::FieldViolation>) -> Vec<FieldViolation> {
 /// A production request, as `SubmitRequest` and `ValidateRequest` take it.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({
+    "profile": "cta-irf-mc",
+    "vo": "vo.cta.in2p3.fr",
+    "submitter": "esap",
+    "parameters": {
+        "site": "LaPalma", "array_layout": "Prod6-Hyperarray", "particle": "gamma",
+        "zenith_deg": 20, "pointing": "North", "nsb_levels": [1, 5],
+        "energy_min_tev": 0.003, "energy_max_tev": 330, "spectral_index": -2.0,
+        "viewcone_deg": 0, "core_scatter_m": 1500, "n_showers": 4000,
+        "showers_per_job": 1000, "campaign": "PROD6",
+        "software": {"corsika": "7.7550", "sim_telarray": "2024-02-05"}
+    }
+}))]
 pub struct SubmitBody {
     /// Profile name, e.g. `cta-irf-mc` (see `GET /api/v1/profiles`).
     pub profile: String,
@@ -417,6 +430,13 @@ pub struct Condition {
 /// A `FindFiles` query: every condition must hold.
 #[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(default, deny_unknown_fields)]
+#[schema(example = json!({
+    "conditions": [
+        {"key": "nsb", "operator": "in", "values": ["1", "5"]},
+        {"key": "run_number", "operator": ">=", "values": ["2"]}
+    ],
+    "page_size": 100
+}))]
 pub struct FilesQuery {
     /// Only this production's files.
     pub production_id: String,
