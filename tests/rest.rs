@@ -319,6 +319,31 @@ async fn every_kind_of_bad_input_is_a_problem_naming_the_field() {
     assert_eq!(status, 422, "{p}");
     assert_eq!(p["code"], "INVALID_ARGUMENT");
     assert!(fields(&p).contains(&"profile".to_string()), "{p}");
+    // The older JSON routes read their queries and paths the same way.
+    let (status, p) = get(&format!("{root}/api/productions?page_size=ten")).await;
+    assert_eq!(
+        (status, fields(&p)),
+        (400, vec!["page_size".to_string()]),
+        "{p}"
+    );
+    let (status, p) = get(&format!("{root}/api/templates?profile=a%00b")).await;
+    assert_eq!(
+        (status, fields(&p)),
+        (400, vec!["profile".to_string()]),
+        "{p}"
+    );
+    let (status, p) = get(&format!("{root}/api/productions/P%001")).await;
+    assert_eq!(
+        (status, fields(&p)),
+        (400, vec!["production_id".to_string()]),
+        "{p}"
+    );
+    let (status, p) = get(&format!("{api}/productions/P%001")).await;
+    assert_eq!(
+        (status, fields(&p)),
+        (400, vec!["production_id".to_string()]),
+        "{p}"
+    );
     let (status, p) = get(&format!("{api}/nothing/here")).await;
     assert_eq!(
         (status, p["code"].as_str()),

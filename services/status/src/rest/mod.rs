@@ -23,7 +23,7 @@ use serde_json::{Map, Value};
 use utoipa::{IntoParams, OpenApi};
 
 use crate::api::StatusApi;
-pub use problem::{FieldViolation, Problem};
+pub use problem::{FieldViolation, Path, Problem, Query};
 use problem::{JsonBody, PathId, QueryParams};
 use views::*;
 

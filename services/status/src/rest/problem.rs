@@ -213,7 +213,7 @@ fn nul_in(value: &serde_json::Value, path: &str) -> Option<String> {
 
 /// The field a serde error names: its path, plus the name of an unknown or
 /// missing field (which serde reports at the enclosing object).
-fn field_of(path: &str, message: &str) -> String {
+fn field_of(path: &str, message: &str, whole: &str) -> String {
     let named = ["unknown field `", "missing field `"]
         .iter()
         .find_map(|prefix| message.strip_prefix(prefix))
@@ -222,7 +222,7 @@ fn field_of(path: &str, message: &str) -> String {
     match named {
         Some(name) if path.is_empty() => name.to_string(),
         Some(name) if !path.ends_with(name) => format!("{path}.{name}"),
-        _ if path.is_empty() => "body".to_string(),
+        _ if path.is_empty() => whole.to_string(),
         _ => path.to_string(),
     }
 }
@@ -248,8 +248,35 @@ pub fn from_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Problem> {
     }
     serde_path_to_error::deserialize(value).map_err(|e| {
         let message = e.inner().to_string();
-        Problem::field(field_of(&e.path().to_string(), &message), message)
+        Problem::field(field_of(&e.path().to_string(), &message, "body"), message)
     })
+}
+
+/// A query string read as `T` (`Query` of axum, with every fault a problem
+/// naming the parameter, and NUL characters refused).
+pub struct Query<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for Query<T> {
+    type Rejection = Problem;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Problem> {
+        let raw = parts.uri.query().unwrap_or_default().as_bytes();
+        for (name, value) in form_urlencoded::parse(raw) {
+            if name.contains('\0') || value.contains('\0') {
+                return Err(Problem::field(
+                    name.replace('\0', "\\0"),
+                    "must not contain a NUL character",
+                ));
+            }
+        }
+        let query = serde_urlencoded::Deserializer::new(form_urlencoded::parse(raw));
+        serde_path_to_error::deserialize(query)
+            .map(Query)
+            .map_err(|e| {
+                let message = e.inner().to_string();
+                Problem::field(field_of(&e.path().to_string(), &message, "query"), message)
+            })
+    }
 }
 
 /// A JSON request body of at most [`BODY_LIMIT`] bytes, read as `T`; an
@@ -382,21 +409,37 @@ impl QueryParams {
     }
 }
 
-/// A path parameter (an ID), which must be UTF-8 without NUL.
+/// Path parameters read as `T` (`Path` of axum), each UTF-8 without NUL;
+/// any fault is a problem naming the parameter.
+pub struct Path<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for Path<T> {
+    type Rejection = Problem;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Problem> {
+        let raw = axum::extract::RawPathParams::from_request_parts(parts, state)
+            .await
+            .map_err(|e| Problem::field("path", e.body_text()))?;
+        if let Some((name, _)) = raw.iter().find(|(_, value)| value.contains('\0')) {
+            return Err(Problem::field(name, "must not contain a NUL character"));
+        }
+        axum::extract::Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|axum::extract::Path(value)| Path(value))
+            .map_err(|e| Problem::field("path", e.body_text()))
+    }
+}
+
+/// The one path parameter of an operation (an ID), UTF-8 without NUL.
 pub struct PathId(pub String);
 
 impl<S: Send + Sync> FromRequestParts<S> for PathId {
     type Rejection = Problem;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Problem> {
-        let axum::extract::Path(id) =
-            axum::extract::Path::<String>::from_request_parts(parts, state)
-                .await
-                .map_err(|e| Problem::field("id", e.body_text()))?;
-        if id.contains('\0') {
-            return Err(Problem::field("id", "must not contain a NUL character"));
-        }
-        Ok(Self(id))
+        Path::<String>::from_request_parts(parts, state)
+            .await
+            .map(|Path(id)| Self(id))
     }
 }
 
