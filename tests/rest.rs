@@ -344,6 +344,18 @@ async fn every_kind_of_bad_input_is_a_problem_naming_the_field() {
         (400, vec!["production_id".to_string()]),
         "{p}"
     );
+    let response = reqwest::Client::new()
+        .delete(format!("{api}/profiles"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.headers()["allow"], "GET,HEAD");
+    let (status, p) = answer(response).await;
+    assert_eq!(
+        (status, p["code"].as_str()),
+        (405, Some("UNIMPLEMENTED")),
+        "{p}"
+    );
     let (status, p) = get(&format!("{api}/nothing/here")).await;
     assert_eq!(
         (status, p["code"].as_str()),

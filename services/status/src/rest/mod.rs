@@ -44,6 +44,17 @@ pub(crate) fn router() -> Router<StatusApi> {
         .route("/api/v1/templates", get(templates))
         .route("/api/v1/periods", get(periods))
         .route("/api/v1/{*rest}", any(no_such_operation))
+        .method_not_allowed_fallback(method_not_allowed)
+}
+
+/// A method an operation's path does not take: a problem too (axum adds
+/// the `Allow` header).
+async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> Problem {
+    Problem::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        tonic::Code::Unimplemented,
+        format!("{method} is not an operation of {}", uri.path()),
+    )
 }
 
 /// Any other path under `/api/v1`: a problem, as every answer here.
