@@ -199,6 +199,19 @@ async fn files_are_found_with_the_conditions_of_find_files() {
         dark.iter()
             .all(|f| f["production_id"] == production_id.as_str())
     );
+    // The same query as GET, its conditions in the query string.
+    let (status, by_get) = get(&format!(
+        "{api}/files?production_id={production_id}&condition=nsb%20in%201&condition=run_number%3E%3D1&page_size=1000"
+    ))
+    .await;
+    assert_eq!(status, 200, "{by_get}");
+    assert_eq!(by_get["files"].as_array().unwrap(), dark);
+    let (status, p) = get(&format!("{api}/files?condition=nsb&condition=nsb%3D1")).await;
+    assert_eq!(
+        (status, fields(&p)),
+        (400, vec!["condition[0]".to_string()]),
+        "{p}"
+    );
     // Paged: one file a page, following next_page_token.
     let (status, first) = post(
         &search,
@@ -453,6 +466,7 @@ async fn schemathesis_finds_no_server_error_and_no_answer_off_the_document() {
         "POST /api/v1/productions/{production_id}/cancel\"",
         "GET /api/v1/productions/{production_id}/record\"",
         "POST /api/v1/files/search\"",
+        "GET /api/v1/files\"",
         "GET /api/v1/profiles\"",
         "GET /api/v1/templates\"",
         "GET /api/v1/periods\"",

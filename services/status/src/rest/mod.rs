@@ -39,6 +39,7 @@ pub(crate) fn router() -> Router<StatusApi> {
         .route("/api/v1/productions/{production_id}", get(production))
         .route("/api/v1/productions/{production_id}/cancel", post(cancel))
         .route("/api/v1/productions/{production_id}/record", get(record))
+        .route("/api/v1/files", get(files_by_query))
         .route("/api/v1/files/search", post(files))
         .route("/api/v1/profiles", get(profiles))
         .route("/api/v1/templates", get(templates))
@@ -76,8 +77,8 @@ async fn no_such_operation(uri: axum::http::Uri) -> Problem {
             gives."
     ),
     paths(
-        submit, validate, request, productions, production, cancel, record, files, profiles,
-        templates, periods
+        submit, validate, request, productions, production, cancel, record, files,
+        files_by_query, profiles, templates, periods
     ),
     components(schemas(Problem, FieldViolation)),
     tags(
@@ -417,6 +418,113 @@ async fn files(
     Ok(Json(answer.into_inner().into()))
 }
 
+/// The query of `GET /api/v1/files`: `POST /api/v1/files/search` with its
+/// conditions written in the query string.
+#[derive(IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)]
+struct FileFilters {
+    /// Only this production's files.
+    production_id: Option<String>,
+    /// Only files of this dataset.
+    dataset: Option<String>,
+    /// Only files whose LFN starts with this.
+    lfn_prefix: Option<String>,
+    /// A condition on a metadata value, `<key><op><value>` with op `=`, `!=`,
+    /// `<`, `<=`, `>`, `>=`, or `<key> in <v1>,<v2>,…`; repeat for several
+    /// (all must hold).
+    condition: Option<Vec<String>>,
+    /// Files per page (the catalog's default when 0).
+    page_size: Option<u32>,
+    /// The `next_page_token` of the page before.
+    page_token: Option<String>,
+}
+
+/// `nsb in 1,5` or `run_number>=2` as a condition.
+fn condition(text: &str) -> Result<pb::MetadataCondition, String> {
+    use pb::ConditionOperator as Op;
+    let lower = text.to_ascii_lowercase();
+    let (key, operator, values) = if let Some(at) = lower.find(" in ") {
+        let values = text[at + 4..].split(',').map(|v| v.trim().to_string());
+        (&text[..at], Op::In, values.collect())
+    } else {
+        let (at, symbol, operator) = [
+            (">=", Op::Ge),
+            ("<=", Op::Le),
+            ("!=", Op::Ne),
+            ("=", Op::Eq),
+            ("<", Op::Lt),
+            (">", Op::Gt),
+        ]
+        .into_iter()
+        .find_map(|(symbol, op)| text.find(symbol).map(|at| (at, symbol, op)))
+        .ok_or_else(|| {
+            format!(
+                "{text:?}: write <key><op><value> (op =, !=, <, <=, >, >=) or <key> in <v1>,<v2>"
+            )
+        })?;
+        let value = text[at + symbol.len()..].trim().to_string();
+        (&text[..at], operator, vec![value])
+    };
+    let key = key.trim();
+    if key.is_empty() {
+        return Err(format!("{text:?}: names no metadata key"));
+    }
+    Ok(pb::MetadataCondition {
+        key: key.to_string(),
+        operator: operator as i32,
+        values,
+    })
+}
+
+/// A page of files (in LFN order) as `POST /api/v1/files/search` finds
+/// them, the conditions in the query string (`condition=nsb in 1,5`).
+#[utoipa::path(
+    get, path = "/api/v1/files", tag = "files",
+    params(FileFilters),
+    responses(
+        (status = 200, description = "A page of files", body = FilePage),
+        (status = "default", description = "A problem", body = Problem,
+            content_type = "application/problem+json"),
+    )
+)]
+async fn files_by_query(
+    State(api): State<StatusApi>,
+    RawQuery(query): RawQuery,
+) -> Answer<Json<FilePage>> {
+    let mut q = QueryParams::parse_with_lists(
+        query.as_deref(),
+        &[
+            "production_id",
+            "dataset",
+            "lfn_prefix",
+            "page_size",
+            "page_token",
+        ],
+        &["condition"],
+    );
+    let mut conditions = Vec::new();
+    for (i, text) in q.list("condition").into_iter().enumerate() {
+        match condition(&text) {
+            Ok(c) => conditions.push(c),
+            Err(why) => q.violation(&format!("condition[{i}]"), why),
+        }
+    }
+    let request = pb::FindFilesRequest {
+        production_id: q.text("production_id"),
+        metadata: Default::default(),
+        page_size: q.count("page_size"),
+        page_token: q.text("page_token"),
+        conditions,
+        lfn_prefix: q.text("lfn_prefix"),
+        dataset: q.text("dataset"),
+    };
+    q.finish()?;
+    let mut catalog = api.catalog.clone();
+    let answer = catalog.find_files(request).await?;
+    Ok(Json(answer.into_inner().into()))
+}
+
 /// The production profiles this deployment accepts.
 #[utoipa::path(
     get, path = "/api/v1/profiles", tag = "configuration",
@@ -529,6 +637,35 @@ mod tests {
     use super::*;
 
     #[test]
+    fn conditions_are_read_from_the_query_string() {
+        let c = condition("nsb in 1, 5").unwrap();
+        assert_eq!(
+            (c.key.as_str(), c.operator, c.values),
+            (
+                "nsb",
+                pb::ConditionOperator::In as i32,
+                vec!["1".to_string(), "5".to_string()]
+            )
+        );
+        let c = condition("run_number>=2").unwrap();
+        assert_eq!(
+            (c.key.as_str(), c.operator, c.values),
+            (
+                "run_number",
+                pb::ConditionOperator::Ge as i32,
+                vec!["2".to_string()]
+            )
+        );
+        let c = condition("particle != gamma").unwrap();
+        assert_eq!(
+            (c.key.as_str(), c.operator),
+            ("particle", pb::ConditionOperator::Ne as i32)
+        );
+        assert!(condition("nsb").is_err());
+        assert!(condition("=1").is_err());
+    }
+
+    #[test]
     fn the_document_is_openapi_3_1_with_every_operation() {
         let doc = document();
         assert!(doc["openapi"].as_str().unwrap().starts_with("3.1"));
@@ -542,6 +679,7 @@ mod tests {
             "/api/v1/productions/{production_id}/cancel",
             "/api/v1/productions/{production_id}/record",
             "/api/v1/files/search",
+            "/api/v1/files",
             "/api/v1/profiles",
             "/api/v1/templates",
             "/api/v1/periods",

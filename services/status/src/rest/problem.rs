@@ -332,18 +332,27 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
 /// violation naming the parameter.
 pub struct QueryParams {
     values: BTreeMap<String, String>,
+    /// Parameters that may be repeated, in the order given.
+    lists: BTreeMap<String, Vec<String>>,
     violations: Vec<FieldViolation>,
 }
 
 impl QueryParams {
     pub fn parse(query: Option<&str>, allowed: &[&str]) -> Self {
+        Self::parse_with_lists(query, allowed, &[])
+    }
+
+    /// As [`Self::parse`], with `repeatable` parameters that may be given
+    /// several times (read with [`Self::list`]).
+    pub fn parse_with_lists(query: Option<&str>, allowed: &[&str], repeatable: &[&str]) -> Self {
         let mut values = BTreeMap::new();
+        let mut lists: BTreeMap<String, Vec<String>> = BTreeMap::new();
         let mut violations = Vec::new();
         let pairs: Vec<(String, String)> =
             serde_urlencoded::from_str(query.unwrap_or_default()).unwrap_or_default();
         for (name, value) in pairs {
-            if !allowed.contains(&name.as_str()) {
-                let expected = allowed.join(", ");
+            if !allowed.contains(&name.as_str()) && !repeatable.contains(&name.as_str()) {
+                let expected = [allowed, repeatable].concat().join(", ");
                 violations.push(FieldViolation::new(
                     name.replace('\0', "\\0"),
                     format!("unknown parameter; expected one of: {expected}"),
@@ -353,6 +362,8 @@ impl QueryParams {
                     name,
                     "must not contain a NUL character",
                 ));
+            } else if repeatable.contains(&name.as_str()) {
+                lists.entry(name).or_default().push(value);
             } else {
                 match values.entry(name) {
                     std::collections::btree_map::Entry::Vacant(slot) => {
@@ -367,7 +378,16 @@ impl QueryParams {
                 }
             }
         }
-        Self { values, violations }
+        Self {
+            values,
+            lists,
+            violations,
+        }
+    }
+
+    /// A repeatable parameter's values; empty when absent.
+    pub fn list(&mut self, name: &str) -> Vec<String> {
+        self.lists.remove(name).unwrap_or_default()
     }
 
     /// A text parameter; empty when absent.
