@@ -25,9 +25,9 @@ impl Service {
     pub const ALL: [Service; 5] = [
         Service::Catalog,
         Service::Checker,
+        Service::Intake,
         Service::Status,
         Service::Dispatcher,
-        Service::Intake,
     ];
 
     pub fn name(self) -> &'static str {
@@ -125,6 +125,7 @@ pub async fn start(
                     settings.checker.catalog_url = url.clone();
                     settings.status.catalog_url = url;
                 }
+                "intake" => settings.status.intake_url = url,
                 _ => {}
             }
         }

@@ -26,6 +26,9 @@ pub struct StatusApi {
     pub checker: pb::checker_service_client::CheckerServiceClient<tonic::transport::Channel>,
     /// The catalog, which answers `GetProductionRecord` for the HTTP port.
     pub catalog: pb::catalog_service_client::CatalogServiceClient<tonic::transport::Channel>,
+    /// Intake, which answers submit, validate, cancel and profiles for the
+    /// HTTP/JSON API (`rest`).
+    pub intake: pb::request_service_client::RequestServiceClient<tonic::transport::Channel>,
 }
 
 /// How long a watch waits for a finished production's counts to settle.

@@ -8,7 +8,7 @@ use std::convert::Infallible;
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{Html, IntoResponse, Json, Response};
@@ -23,6 +23,8 @@ use tokio::sync::broadcast;
 use tonic::Request;
 
 use crate::api::StatusApi;
+// Faults of a query or path are problem documents naming the parameter.
+use crate::rest::{Path, Query};
 use crate::store;
 
 const DASHBOARD: &str = include_str!("dashboard.html");
@@ -39,6 +41,7 @@ pub(crate) fn router(api: StatusApi) -> Router {
         .route("/templates", get(templates_page))
         .route("/api/templates", get(templates))
         .route("/api/periods", get(periods))
+        .merge(crate::rest::router())
         .with_state(api)
 }
 

@@ -5,6 +5,7 @@
 //! (PostgreSQL NOTIFY carries the change, so any replica can serve a watcher).
 //!
 //! `api` answers gRPC, `http` serves the dashboard, JSON and `/metrics`,
+//! `rest` the HTTP/JSON API under `/api/v1` with its OpenAPI document,
 //! `consume` handles the broker's deliveries, `domain` decides, `store` holds
 //! every SQL statement, `error` maps failures onto gRPC codes and consumer
 //! outcomes once.
@@ -15,6 +16,7 @@ pub mod domain;
 pub mod error;
 pub mod forwarding;
 mod http;
+mod rest;
 pub mod store;
 
 use anyhow::Context;
@@ -97,11 +99,19 @@ pub async fn start(
         .connect_timeout(std::time::Duration::from_secs(5))
         .timeout(std::time::Duration::from_secs(30))
         .connect_lazy();
+    // And intake, for the HTTP/JSON API's submit, validate, cancel, profiles.
+    let intake = tonic::transport::Endpoint::from_shared(settings.status.intake_url.clone())
+        .context("status.intake_url")?
+        .connect_timeout(std::time::Duration::from_secs(5))
+        .timeout(std::time::Duration::from_secs(30))
+        .connect_lazy();
     let api = api::StatusApi {
         db: foundation.db.clone(),
         changes,
         checker: pb::checker_service_client::CheckerServiceClient::new(checker),
         catalog: pb::catalog_service_client::CatalogServiceClient::new(catalog)
+            .max_decoding_message_size(settings.grpc.max_message_bytes),
+        intake: pb::request_service_client::RequestServiceClient::new(intake)
             .max_decoding_message_size(settings.grpc.max_message_bytes),
     };
     let max = settings.grpc.max_message_bytes;

@@ -108,6 +108,9 @@ pub struct StatusSettings {
     /// Where the catalog answers `GetProductionRecord` (a production's record
     /// on the HTTP port).
     pub catalog_url: String,
+    /// Where intake answers submit, validate, cancel and profiles for the
+    /// HTTP/JSON API (`/api/v1`).
+    pub intake_url: String,
 }
 
 impl Default for StatusSettings {
@@ -116,6 +119,7 @@ impl Default for StatusSettings {
             port: 50052,
             checker_url: "http://127.0.0.1:50054".into(),
             catalog_url: "http://127.0.0.1:50053".into(),
+            intake_url: "http://127.0.0.1:50051".into(),
         }
     }
 }
