@@ -92,6 +92,8 @@ impl From<SubmitBody> for pb::SubmitRequestRequest {
             priority: b.priority,
             forward: b.forward,
             forward_replace: b.forward_replace,
+            // A whole chain is checked with ValidateRequest over gRPC.
+            chain: Vec::new(),
         }
     }
 }
