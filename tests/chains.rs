@@ -220,6 +220,41 @@ async fn a_cta_chain_processes_each_simulation_file_once_and_merges_every_dl1_fi
     assert!(text.contains("files 8\n"), "{text}");
     assert_eq!(merged[0].metadata["data_level"], "IRF");
 
+    // Each step's record names the steps on either side.
+    let record = |production_id: &str| {
+        let mut catalog = app.catalog.clone();
+        let production_id = production_id.to_string();
+        async move {
+            catalog
+                .get_production_record(pb::GetProductionRecordRequest {
+                    production_id,
+                    format: pb::RecordFormat::Json as i32,
+                })
+                .await
+                .unwrap()
+                .into_inner()
+        }
+    };
+    let (first, middle, last) = (
+        record(&parent).await,
+        record(&child).await,
+        record(&irf).await,
+    );
+    // A chained step's plan grew as its inputs arrived: the largest is kept.
+    assert_eq!((middle.job_total, last.job_total), (8, 1));
+    assert_eq!(
+        (first.parent_production_ids, first.child_production_ids),
+        (vec![], vec![child.clone()])
+    );
+    assert_eq!(
+        (middle.parent_production_ids, middle.child_production_ids),
+        (vec![parent.clone()], vec![irf.clone()])
+    );
+    assert_eq!(
+        (last.parent_production_ids, last.child_production_ids),
+        (vec![child.clone()], vec![])
+    );
+
     // The same processing of the same inputs again is a duplicate.
     let again = app.submit(dl1_request(&parent)).await.unwrap();
     let refused = app.decided(&again.request_id).await;

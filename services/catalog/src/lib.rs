@@ -60,6 +60,7 @@ pub const MIGRATIONS: &[Migration] = prodsys_db::migrations![
     "0203_every_production_followed_to_its_end.sql",
     "0300_production_records.sql",
     "0310_file_classes.sql",
+    "0400_production_links.sql",
 ];
 
 /// Consumers of the catalog's queue: registrations commute (running totals,

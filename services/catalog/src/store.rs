@@ -647,11 +647,25 @@ pub async fn record_accepted(
     )
     .await
     .context("keeping the accepted request")?;
+    // A parameter naming a production it knows: the production it takes
+    // its inputs from (a chained production's `input_production`).
+    tx.execute_cached(
+        "INSERT INTO production_links (parent_id, child_id)
+         SELECT DISTINCT e.value, $1 FROM jsonb_each_text($2::jsonb) AS e
+         JOIN accepted_requests p ON p.production_id = e.value
+         WHERE e.value <> $1
+         ON CONFLICT DO NOTHING",
+        &[&accepted.production_id, parameters],
+    )
+    .await
+    .context("linking the production to its parents")?;
     Ok(())
 }
 
 /// Keeps what a `production.dispatched` tells of its production (its plan's
-/// size, installation and resource estimate), once.
+/// size, installation and resource estimate). A chained production sends
+/// one each time its jobs grow with arriving inputs: the largest plan is
+/// kept, whatever order they come in.
 pub async fn record_dispatched(
     tx: &Transaction<'_>,
     dispatched: &pb::ProductionDispatched,
@@ -661,7 +675,14 @@ pub async fn record_dispatched(
         "INSERT INTO dispatches (production_id, job_total, backend, cpu_seconds_per_job,
                                  cpu_hours_total, memory_mb, disk_mb_per_job, disk_gb_total)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
-         ON CONFLICT (production_id) DO NOTHING",
+         ON CONFLICT (production_id) DO UPDATE SET
+             job_total = EXCLUDED.job_total,
+             cpu_seconds_per_job = EXCLUDED.cpu_seconds_per_job,
+             cpu_hours_total = EXCLUDED.cpu_hours_total,
+             memory_mb = EXCLUDED.memory_mb,
+             disk_mb_per_job = EXCLUDED.disk_mb_per_job,
+             disk_gb_total = EXCLUDED.disk_gb_total
+         WHERE EXCLUDED.job_total > dispatches.job_total",
         &[
             &dispatched.production_id,
             &(dispatched.job_total.min(i64::MAX as u64) as i64),
@@ -1314,6 +1335,28 @@ pub async fn production_record<C: prodsys_db::deadpool_postgres::GenericClient +
     let parameters: serde_json::Value = row
         .get::<_, Option<serde_json::Value>>(20)
         .unwrap_or(serde_json::Value::Null);
+    let link_rows = client
+        .query_cached(
+            "SELECT parent_id, true FROM production_links WHERE child_id = $1
+             UNION ALL
+             SELECT child_id, false FROM production_links WHERE parent_id = $1
+             ORDER BY 1",
+            &[&production_id],
+        )
+        .await
+        .context("reading the production's parents and children")?;
+    let links: (Vec<String>, Vec<String>) = (
+        link_rows
+            .iter()
+            .filter(|r| r.get::<_, bool>(1))
+            .map(|r| r.get(0))
+            .collect(),
+        link_rows
+            .iter()
+            .filter(|r| !r.get::<_, bool>(1))
+            .map(|r| r.get(0))
+            .collect(),
+    );
     let datasets = client
         .query_cached(
             "SELECT COALESCE(metadata ->> 'dataset', ''), count(*), COALESCE(sum(size), 0)::bigint
@@ -1385,8 +1428,8 @@ pub async fn production_record<C: prodsys_db::deadpool_postgres::GenericClient +
         estimate,
         datasets,
         replicas,
-        parent_production_ids: Vec::new(),
-        child_production_ids: Vec::new(),
+        parent_production_ids: links.0,
+        child_production_ids: links.1,
     }))
 }
 
