@@ -44,11 +44,15 @@ pub(crate) struct Scheduler {
     pub poll_interval: Duration,
     /// This replica's lease on the installation: rounds run only while it is held.
     pub lease: Arc<Lease>,
+    /// Groups of installations, for the jobs of productions that name one.
+    pub federation: Arc<crate::federation::Federation>,
 }
 
 /// The events one transaction will publish.
 #[derive(Default)]
 struct Changes {
+    /// The installation whose scheduler makes the changes.
+    installation: String,
     transitions: Vec<pb::JobTransition>,
     outputs: Vec<OutboxEvent>,
     touched: BTreeSet<String>,
@@ -64,7 +68,15 @@ impl Changes {
             state: state.to_proto() as i32,
             raw_status: raw.to_string(),
             at_unix_ms: chrono::Utc::now().timestamp_millis(),
+            installation: self.installation.clone(),
         });
+    }
+
+    /// A retry that waits to be placed again, anywhere in its group.
+    fn unplaced(&mut self) {
+        if let Some(last) = self.transitions.last_mut() {
+            last.installation.clear();
+        }
     }
 }
 
@@ -190,7 +202,18 @@ impl Scheduler {
                     .map_or(in_flight.len(), |ids| ids.len())
             };
             let free = self.backend.capacity().saturating_sub(in_flight);
-            let submitted = match self.submit_ready(free).await {
+            // An installation that cannot take work now (its probe fails)
+            // is given none; placement sends its group's jobs elsewhere.
+            let probed = if free > 0 {
+                self.backend.probe().await
+            } else {
+                Ok(())
+            };
+            let submitted = match probed {
+                Err(error) => Err(error.context("probing the installation")),
+                Ok(()) => self.submit_ready(free).await,
+            };
+            let submitted = match submitted {
                 Ok(n) => n,
                 Err(error) => {
                     last_error = format!("{error:#}");
@@ -286,17 +309,23 @@ impl Scheduler {
             }
             ready.extend(store::lock_ready_jobs(&tx, production_id, wanted).await?);
         }
+        if ready.len() < free {
+            let placed = self
+                .take_federated(&tx, free - ready.len(), ready.len())
+                .await?;
+            ready.extend(placed);
+        }
         if ready.is_empty() {
             return Ok(0);
         }
-        let mut changes = Changes::default();
+        let mut changes = self.changes();
         let mut jobs = Vec::with_capacity(ready.len());
         for job in ready {
             let workdir = job
                 .workdir_in(&self.work_dir)
                 .to_string_lossy()
                 .into_owned();
-            store::reserve(&tx, &job, &workdir).await?;
+            store::reserve(&tx, &job, &workdir, self.backend.name()).await?;
             changes.transition(&job, job.attempt, JobState::Submitted, "reserved");
             jobs.push(JobRow {
                 state: JobState::Submitted,
@@ -375,7 +404,7 @@ impl Scheduler {
             let mut client = self.db.client().await?;
             let tx = client.transaction().await?;
             self.lease.fence(&tx).await?;
-            let mut changes = Changes::default();
+            let mut changes = self.changes();
             for (job, status) in &submitted {
                 store::set_backend_id(&tx, job, &status.backend_job_id, &status.raw).await?;
                 // An attempt that ended already is collected when polled
@@ -411,6 +440,7 @@ impl Scheduler {
         };
         let mut client = self.db.client().await?;
         let tx = client.transaction().await?;
+        store::federation::record_health(&tx, &installation, healthy, &event.reason).await?;
         prodsys_db::enqueue(
             &tx,
             &self.db.outbox_channel(),
@@ -436,11 +466,12 @@ impl Scheduler {
     /// no message holds a transition per job.
     async fn cancel_requested(&self) -> anyhow::Result<()> {
         let client = self.db.client().await?;
-        let productions = store::cancelling_productions(&client, self.backend.name()).await?;
+        let mut productions = store::cancelling_productions(&client, self.backend.name()).await?;
+        productions.extend(self.federated_cancelling(&client).await?);
         if productions.is_empty() {
             return Ok(());
         }
-        let flying = store::flying_ids(&client, &productions).await?;
+        let flying = store::flying_ids(&client, &productions, self.backend.name()).await?;
         drop(client);
         if !flying.is_empty() {
             self.backend.cancel(&flying).await?;
@@ -453,7 +484,7 @@ impl Scheduler {
         if productions.is_empty() {
             return Ok(());
         }
-        let cancelled = store::cancel_jobs(&tx, &productions).await?;
+        let cancelled = store::cancel_jobs(&tx, &productions, self.backend.name()).await?;
         let killed: std::collections::HashSet<&str> = flying.iter().map(String::as_str).collect();
         let now = chrono::Utc::now().timestamp_millis();
         let mut transitions = Vec::with_capacity(cancelled.stopped.len());
@@ -466,6 +497,7 @@ impl Scheduler {
                 state: JobState::Cancelled.to_proto() as i32,
                 raw_status: "cancelled".into(),
                 at_unix_ms: now,
+                installation: self.backend.name().to_string(),
             });
             if let Some(id) = &job.backend_job_id
                 && !killed.contains(id.as_str())
@@ -484,6 +516,11 @@ impl Scheduler {
             })
             .collect();
         for production_id in &productions {
+            // A federated production's jobs on other installations are
+            // theirs to kill; the last one closes it.
+            if store::federation::in_flight_anywhere(&tx, production_id).await? {
+                continue;
+            }
             all.extend(
                 close(
                     &tx,
@@ -524,8 +561,8 @@ impl Scheduler {
         let mut client = self.db.client().await?;
         let tx = client.transaction().await?;
         self.lease.fence(&tx).await?;
-        let jobs = store::in_flight_jobs(&tx, &ids, true).await?;
-        let mut changes = Changes::default();
+        let jobs = store::in_flight_jobs(&tx, self.backend.name(), &ids, true).await?;
+        let mut changes = self.changes();
         for status in statuses {
             let Some(job) = jobs.get(&status.backend_job_id) else {
                 continue;
@@ -560,7 +597,7 @@ impl Scheduler {
             return Ok(scanned);
         }
         let client = self.db.client().await?;
-        let jobs = store::in_flight_jobs(&client, &ids, false).await?;
+        let jobs = store::in_flight_jobs(&client, self.backend.name(), &ids, false).await?;
         drop(client);
         for (backend_job_id, job) in jobs {
             let Some(profile) = self.profiles.get(&job.profile) else {
@@ -673,8 +710,26 @@ impl Scheduler {
         )
         .await?;
         changes.transition(job, attempt, next, &status.raw);
+        if next == JobState::Created
+            && crate::domain::placement::retry_installation(
+                self.backend.name(),
+                self.federation.settings.retry_elsewhere,
+            )
+            .is_none()
+        {
+            store::federation::unplace(tx, job).await?;
+            changes.unplaced();
+        }
         tracing::info!(job = %job.tag(&self.deployment), raw = %status.raw, next = %next, "job attempt failed");
         Ok(())
+    }
+
+    /// The events of this installation's changes.
+    fn changes(&self) -> Changes {
+        Changes {
+            installation: self.backend.name().to_string(),
+            ..Changes::default()
+        }
     }
 
     /// Closes the productions whose jobs all ended, then commits with every event.

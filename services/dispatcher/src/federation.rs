@@ -1,0 +1,178 @@
+//! A scheduler's part in federated placement: in its submission
+//! transaction, under the placement lock, it places the ready jobs of every
+//! production naming a group (or `any`) that includes its installation over
+//! the group's available installations ([`placement::place`]) and takes its
+//! own portion; the other installations take theirs in their own rounds. A
+//! job is thus bound to an installation only when it is reserved there, so
+//! an installation that fails or is no longer scheduled is simply given
+//! nothing more, and what waits goes elsewhere.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use prodsys_config::{FederationSettings, Settings};
+use prodsys_db::deadpool_postgres::{GenericClient, Transaction};
+
+use crate::domain::JobRow;
+use crate::domain::placement::{self, Demand, Site};
+use crate::scheduler::Scheduler;
+use crate::store::federation as store;
+
+/// What placement knows of the deployment: every installation's capacity,
+/// and the groups, shares and VOs.
+#[derive(Debug, Clone, Default)]
+pub struct Federation {
+    pub settings: FederationSettings,
+    /// Every installation by name, with its `max_in_flight`.
+    pub capacities: BTreeMap<String, u64>,
+}
+
+impl Federation {
+    pub fn from_settings(settings: &Settings) -> Self {
+        Self {
+            settings: settings.federation.clone(),
+            capacities: settings
+                .dispatcher
+                .installations()
+                .into_iter()
+                .map(|(name, i)| (name, i.max_in_flight() as u64))
+                .collect(),
+        }
+    }
+
+    fn names(&self) -> BTreeSet<String> {
+        self.capacities.keys().cloned().collect()
+    }
+
+    /// The backends (group names, `any`) that may place jobs on `installation`.
+    pub fn backends_including(&self, installation: &str) -> Vec<String> {
+        let mut backends: Vec<String> = self
+            .settings
+            .groups
+            .iter()
+            .filter(|(_, members)| members.iter().any(|m| m == installation))
+            .map(|(name, _)| name.clone())
+            .collect();
+        backends.push(prodsys_config::ANY.to_string());
+        backends
+    }
+
+    /// The installations a production naming `backend` for `vo` may run on.
+    pub fn members(&self, backend: &str, vo: &str) -> Vec<String> {
+        self.settings
+            .members(backend, vo, &self.names())
+            .unwrap_or_default()
+    }
+}
+
+impl Scheduler {
+    /// The CANCELLING productions naming a group (or `any`) that includes
+    /// this installation: it kills their jobs it holds.
+    pub(crate) async fn federated_cancelling<C: GenericClient + Sync>(
+        &self,
+        client: &C,
+    ) -> anyhow::Result<Vec<String>> {
+        let me = self.backend.name();
+        let backends = self.federation.backends_including(me);
+        Ok(
+            store::federated_productions(client, &backends, "CANCELLING")
+                .await?
+                .into_iter()
+                .filter(|p| {
+                    self.federation
+                        .members(&p.backend, &p.vo)
+                        .iter()
+                        .any(|m| m == me)
+                })
+                .map(|p| p.production_id)
+                .collect(),
+        )
+    }
+
+    /// Locks up to `free` ready jobs for this installation (which is about
+    /// to take `already` others): first retries placed on it, then its
+    /// portion of what federated productions have waiting. Nothing when no
+    /// such production includes it.
+    pub(crate) async fn take_federated(
+        &self,
+        tx: &Transaction<'_>,
+        free: usize,
+        already: usize,
+    ) -> anyhow::Result<Vec<JobRow>> {
+        let me = self.backend.name();
+        let mut taken = Vec::new();
+        for production_id in store::placed_on(tx, me).await? {
+            let wanted = free.saturating_sub(taken.len()) as i64;
+            if wanted == 0 {
+                return Ok(taken);
+            }
+            taken.extend(store::lock_jobs_for(tx, &production_id, me, true, wanted).await?);
+        }
+        let backends = self.federation.backends_including(me);
+        let productions = store::federated_productions(tx, &backends, "RUNNING").await?;
+        let productions: Vec<_> = productions
+            .into_iter()
+            .map(|p| {
+                let members = self.federation.members(&p.backend, &p.vo);
+                (p.production_id, members)
+            })
+            .filter(|(_, members)| members.iter().any(|m| m == me))
+            .collect();
+        if productions.is_empty() || taken.len() >= free {
+            return Ok(taken);
+        }
+        store::lock_placement(tx).await?;
+        let held = store::in_flight_per_installation(tx).await?;
+        let available = store::available(tx).await?;
+        let sites: BTreeMap<String, Site> = self
+            .federation
+            .capacities
+            .iter()
+            .map(|(name, capacity)| {
+                let site = Site {
+                    capacity: *capacity,
+                    in_flight: held.get(name).copied().unwrap_or(0)
+                        + if name == me {
+                            (already + taken.len()) as u64
+                        } else {
+                            0
+                        },
+                    share: self.federation.settings.share(name),
+                    available: available.contains(name),
+                };
+                (name.clone(), site)
+            })
+            .collect();
+        let mut demands = Vec::with_capacity(productions.len());
+        for (production_id, members) in productions {
+            let room: u64 = members
+                .iter()
+                .filter_map(|m| sites.get(m))
+                .map(|s| s.capacity.saturating_sub(s.in_flight))
+                .sum();
+            let ready = store::ready_unplaced(tx, &production_id, room as i64).await?;
+            if ready > 0 {
+                demands.push(Demand {
+                    production_id,
+                    members,
+                    ready,
+                });
+            }
+        }
+        let placed = placement::place(&sites, &demands);
+        for (production_id, n) in placement::taken_by(&placed, me) {
+            let wanted = (n as usize).min(free.saturating_sub(taken.len())) as i64;
+            if wanted == 0 {
+                break;
+            }
+            taken.extend(store::lock_jobs_for(tx, production_id, me, false, wanted).await?);
+        }
+        if !taken.is_empty() {
+            tracing::debug!(
+                installation = me,
+                jobs = taken.len(),
+                "placed federated jobs"
+            );
+        }
+        Ok(taken)
+    }
+}
