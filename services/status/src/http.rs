@@ -66,6 +66,14 @@ struct ProductionView {
     /// The observation period and pointing it simulates; empty without one.
     period: String,
     pointing: String,
+    /// Its jobs per WMS installation they were placed on.
+    installations: Vec<InstallationView>,
+}
+
+#[derive(Debug, Serialize)]
+struct InstallationView {
+    installation: String,
+    counts: prodsys_core::JobCounts,
 }
 
 #[derive(Debug, Serialize)]
@@ -106,6 +114,14 @@ impl From<pb::Production> for ProductionView {
             finished: p.finished,
             period: p.period,
             pointing: p.pointing,
+            installations: p
+                .installations
+                .into_iter()
+                .map(|i| InstallationView {
+                    installation: i.installation,
+                    counts: i.counts.unwrap_or_default().into(),
+                })
+                .collect(),
         }
     }
 }

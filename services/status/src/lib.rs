@@ -15,6 +15,7 @@ pub mod domain;
 pub mod error;
 pub mod forwarding;
 mod http;
+pub mod installations;
 pub mod store;
 
 use anyhow::Context;
@@ -47,6 +48,7 @@ pub const MIGRATIONS: &[Migration] = prodsys_db::migrations![
     "0100_forwarding_progress.sql",
     "0120_finished_once_catalogued.sql",
     "0200_observation_periods.sql",
+    "0500_jobs_per_installation.sql",
 ];
 
 pub async fn start(
