@@ -153,6 +153,31 @@ async fn a_group_splits_jobs_by_capacity_and_a_stopped_installation_s_jobs_finis
     assert_eq!(installations.len(), 2, "{view}");
     assert_eq!(installations[0]["installation"], LARGE);
     assert_eq!(installations[0]["counts"]["done"], large as u64);
+    // The production's record says where its jobs ran.
+    let record = wait_for(
+        "the production's record",
+        Duration::from_secs(30),
+        || async {
+            app.catalog
+                .clone()
+                .get_production_record(pb::GetProductionRecordRequest {
+                    production_id: split.clone(),
+                    ..Default::default()
+                })
+                .await
+                .ok()
+                .map(|r| r.into_inner())
+                .filter(|r| !r.installations.is_empty())
+        },
+    )
+    .await
+    .unwrap();
+    let recorded: BTreeMap<String, u64> = record
+        .installations
+        .iter()
+        .map(|i| (i.installation.clone(), i.counts.unwrap_or_default().done))
+        .collect();
+    assert_eq!(recorded, per, "{record:?}");
     // Every job ran once, where the dispatcher says it did.
     let runs_small = successful_attempts(&small_dir, &split);
     let runs_large = successful_attempts(&large_dir, &split);

@@ -8,6 +8,9 @@
 
 use std::collections::BTreeMap;
 
+use prodsys_core::JobState;
+use prodsys_proto as pb;
+
 /// An installation as placement sees it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Site {
@@ -87,6 +90,21 @@ pub fn taken_by<'a>(
         .iter()
         .filter(move |(_, name, _)| name == installation)
         .map(|(production, _, n)| (production.as_str(), *n))
+}
+
+/// A finished production's jobs per installation (installation, state,
+/// jobs; in installation order), as `production.completed` tells them.
+pub fn per_installation(rows: &[(String, JobState, u64)]) -> Vec<pb::InstallationJobs> {
+    let mut by: BTreeMap<&str, prodsys_core::JobCounts> = BTreeMap::new();
+    for (installation, state, n) in rows {
+        by.entry(installation).or_default().add(*state, *n);
+    }
+    by.into_iter()
+        .map(|(installation, counts)| pb::InstallationJobs {
+            installation: installation.to_string(),
+            counts: Some(counts.into()),
+        })
+        .collect()
 }
 
 /// The installation a failed attempt's retry is placed on: none (placed
@@ -183,6 +201,21 @@ mod tests {
         assert_eq!((of("HIGH", "a"), of("HIGH", "b")), (2, 1));
         // LOW gets what HIGH left: one slot of b, both of c; nothing of a.
         assert_eq!((of("LOW", "a"), of("LOW", "b"), of("LOW", "c")), (0, 1, 2));
+    }
+
+    #[test]
+    fn a_finished_production_s_jobs_are_told_per_installation() {
+        let rows = [
+            ("local-b".to_string(), JobState::Done, 6),
+            ("local-a".to_string(), JobState::Done, 3),
+            ("local-a".to_string(), JobState::Exhausted, 1),
+        ];
+        let by = per_installation(&rows);
+        assert_eq!(by.len(), 2);
+        assert_eq!(by[0].installation, "local-a");
+        let a = by[0].counts.unwrap();
+        assert_eq!((a.done, a.exhausted), (3, 1));
+        assert_eq!(by[1].counts.unwrap().done, 6);
     }
 
     #[test]

@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use prodsys_core::JobState;
 use prodsys_db::Cached;
 use prodsys_db::deadpool_postgres::{GenericClient, Transaction};
 
@@ -188,4 +189,29 @@ pub async fn in_flight_anywhere(tx: &Transaction<'_>, production_id: &str) -> an
         )
         .await?
         .get(0))
+}
+
+/// A production's jobs that were submitted at least once, per installation
+/// their last attempt was placed on and state.
+pub async fn jobs_per_installation(
+    tx: &Transaction<'_>,
+    production_id: &str,
+) -> anyhow::Result<Vec<(String, JobState, u64)>> {
+    tx.query_cached(
+        "SELECT COALESCE(j.installation, p.backend), j.state, count(*)
+         FROM jobs j JOIN productions p USING (production_id)
+         WHERE j.production_id = $1 AND j.attempts_submitted > 0
+         GROUP BY 1, 2 ORDER BY 1, 2",
+        &[&production_id],
+    )
+    .await?
+    .iter()
+    .map(|r| {
+        Ok((
+            r.get(0),
+            r.get::<_, &str>(1).parse()?,
+            r.get::<_, i64>(2).max(0) as u64,
+        ))
+    })
+    .collect()
 }
