@@ -406,9 +406,22 @@ impl Backend for LocalExecutor {
     fn find<'a>(&'a self, spec: &'a JobSpec) -> BoxFuture<'a, anyhow::Result<Option<String>>> {
         Box::pin(async move {
             let started = spec.workdir.join(supervisor::STARTED_FILE);
-            Ok(tokio::fs::try_exists(&started)
-                .await?
-                .then(|| spec.workdir.to_string_lossy().into_owned()))
+            match tokio::fs::metadata(&started).await {
+                Ok(_) => Ok(Some(spec.workdir.to_string_lossy().into_owned())),
+                // No such directory (or a file where one of its parents
+                // should be): the attempt never started here.
+                Err(error)
+                    if matches!(
+                        error.kind(),
+                        std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
+                    ) =>
+                {
+                    Ok(None)
+                }
+                Err(error) => {
+                    Err(error).with_context(|| format!("looking for {}", started.display()))
+                }
+            }
         })
     }
 

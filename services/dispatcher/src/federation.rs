@@ -12,6 +12,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use prodsys_config::{FederationSettings, Settings};
 use prodsys_db::deadpool_postgres::{GenericClient, Transaction};
 
+use prodsys_core::JobState;
+
 use crate::domain::JobRow;
 use crate::domain::placement::{self, Demand, Site};
 use crate::scheduler::Scheduler;
@@ -65,6 +67,56 @@ impl Federation {
 }
 
 impl Scheduler {
+    /// Of `jobs` (reserved here without a backend ID while the installation
+    /// fails), those of federated productions the backend says it never got
+    /// go back to wait (their next attempt, placed nowhere: another
+    /// installation takes them); the rest are returned. One whose fate the
+    /// backend cannot tell stays reserved here, so it never runs twice.
+    pub(crate) async fn release_unsubmitted(
+        &self,
+        jobs: Vec<JobRow>,
+    ) -> anyhow::Result<Vec<JobRow>> {
+        let me = self.backend.name();
+        let client = self.db.client().await?;
+        let federated = store::federated_of(&client, &jobs, me).await?;
+        drop(client);
+        let mut kept = Vec::with_capacity(jobs.len());
+        let mut released = Vec::new();
+        for job in jobs {
+            let profile = self.profiles.get(&job.profile);
+            let (Some(profile), true) = (profile, federated.contains(&job.production_id)) else {
+                kept.push(job);
+                continue;
+            };
+            let spec = crate::domain::job_spec(profile, &job, &self.work_dir, &self.deployment);
+            match self.backend.find(&spec).await {
+                Ok(None) => released.push(job),
+                _ => kept.push(job),
+            }
+        }
+        if released.is_empty() {
+            return Ok(kept);
+        }
+        let mut client = self.db.client().await?;
+        let tx = client.transaction().await?;
+        self.lease.fence(&tx).await?;
+        let mut changes = self.changes();
+        let raw = format!("not submitted: installation {me} is failing");
+        for job in &released {
+            store::release(&tx, job, &raw).await?;
+            changes.transition(job, job.attempt, JobState::Failed, &raw);
+            changes.transition(job, job.attempt + 1, JobState::Created, &raw);
+            changes.unplaced();
+        }
+        self.commit(tx, changes).await?;
+        tracing::info!(
+            installation = me,
+            jobs = released.len(),
+            "released jobs to the other installations of their groups"
+        );
+        Ok(kept)
+    }
+
     /// The CANCELLING productions naming a group (or `any`) that includes
     /// this installation: it kills their jobs it holds.
     pub(crate) async fn federated_cancelling<C: GenericClient + Sync>(

@@ -50,7 +50,7 @@ pub(crate) struct Scheduler {
 
 /// The events one transaction will publish.
 #[derive(Default)]
-struct Changes {
+pub(crate) struct Changes {
     /// The installation whose scheduler makes the changes.
     installation: String,
     transitions: Vec<pb::JobTransition>,
@@ -59,7 +59,7 @@ struct Changes {
 }
 
 impl Changes {
-    fn transition(&mut self, job: &JobRow, attempt: i32, state: JobState, raw: &str) {
+    pub(crate) fn transition(&mut self, job: &JobRow, attempt: i32, state: JobState, raw: &str) {
         self.touched.insert(job.production_id.clone());
         self.transitions.push(pb::JobTransition {
             production_id: job.production_id.clone(),
@@ -73,7 +73,7 @@ impl Changes {
     }
 
     /// A retry that waits to be placed again, anywhere in its group.
-    fn unplaced(&mut self) {
+    pub(crate) fn unplaced(&mut self) {
         if let Some(last) = self.transitions.last_mut() {
             last.installation.clear();
         }
@@ -156,7 +156,7 @@ impl Scheduler {
             let round_started = tokio::time::Instant::now();
             let mut backend_failed = false;
             let mut last_error = String::new();
-            if let Err(error) = self.reconcile().await {
+            if let Err(error) = self.reconcile(failing > 0).await {
                 last_error = format!("{error:#}");
                 backend_failed = true;
                 tracing::warn!(%backend, error = format!("{error:#}"), "reconciling reserved jobs failed");
@@ -173,9 +173,14 @@ impl Scheduler {
                     Vec::new()
                 }
             };
+            // Whether the backend answered a poll this round (then it needs no probe).
+            let mut answered = false;
             if !in_flight.is_empty() {
                 match self.backend.poll(&in_flight).await {
-                    Ok(statuses) => pending.extend(statuses),
+                    Ok(statuses) => {
+                        answered = true;
+                        pending.extend(statuses)
+                    }
                     Err(error) => {
                         last_error = format!("{error:#}");
                         backend_failed = true;
@@ -204,7 +209,7 @@ impl Scheduler {
             let free = self.backend.capacity().saturating_sub(in_flight);
             // An installation that cannot take work now (its probe fails)
             // is given none; placement sends its group's jobs elsewhere.
-            let probed = if free > 0 {
+            let probed = if free > 0 && !answered {
                 self.backend.probe().await
             } else {
                 Ok(())
@@ -276,10 +281,17 @@ impl Scheduler {
 
     /// Jobs reserved but without a backend ID: found on the backend by their
     /// tag, or submitted now if the backend never saw them.
-    async fn reconcile(&self) -> anyhow::Result<()> {
+    /// While the installation fails, a federated production's jobs the
+    /// backend never got are released to the other installations instead.
+    async fn reconcile(&self, failing: bool) -> anyhow::Result<()> {
         let client = self.db.client().await?;
         let jobs = store::reserved_without_id(&client, self.backend.name()).await?;
         drop(client);
+        let jobs = if failing && !jobs.is_empty() {
+            self.release_unsubmitted(jobs).await?
+        } else {
+            jobs
+        };
         if jobs.is_empty() {
             return Ok(());
         }
@@ -725,7 +737,7 @@ impl Scheduler {
     }
 
     /// The events of this installation's changes.
-    fn changes(&self) -> Changes {
+    pub(crate) fn changes(&self) -> Changes {
         Changes {
             installation: self.backend.name().to_string(),
             ..Changes::default()
@@ -733,7 +745,7 @@ impl Scheduler {
     }
 
     /// Closes the productions whose jobs all ended, then commits with every event.
-    async fn commit(&self, tx: Transaction<'_>, changes: Changes) -> anyhow::Result<()> {
+    pub(crate) async fn commit(&self, tx: Transaction<'_>, changes: Changes) -> anyhow::Result<()> {
         let touched: Vec<String> = changes.touched.iter().cloned().collect();
         let mut events = changes.into_events();
         for production_id in &touched {

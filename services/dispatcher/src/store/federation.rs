@@ -215,3 +215,36 @@ pub async fn jobs_per_installation(
     })
     .collect()
 }
+
+/// Which of `jobs`' productions name a group of installations or `any`
+/// (their backend is not `installation`).
+pub async fn federated_of<C: GenericClient + Sync>(
+    client: &C,
+    jobs: &[JobRow],
+    installation: &str,
+) -> anyhow::Result<BTreeSet<String>> {
+    let ids: Vec<&str> = jobs.iter().map(|j| j.production_id.as_str()).collect();
+    Ok(client
+        .query_cached(
+            "SELECT production_id FROM productions WHERE production_id = ANY($1) AND backend <> $2",
+            &[&ids, &installation],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
+}
+
+/// A job reserved here that the backend never got, back to wait as its
+/// next attempt, placed nowhere.
+pub async fn release(tx: &Transaction<'_>, job: &JobRow, raw: &str) -> anyhow::Result<()> {
+    tx.execute_cached(
+        "UPDATE jobs SET state = 'CREATED', attempt = attempt + 1, installation = NULL,
+                         backend_job_id = NULL, raw_status = $3, updated_at = now()
+         WHERE production_id = $1 AND job_index = $2 AND state = 'SUBMITTED'
+           AND backend_job_id IS NULL",
+        &[&job.production_id, &job.job_index, &raw],
+    )
+    .await?;
+    Ok(())
+}
