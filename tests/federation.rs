@@ -378,3 +378,50 @@ async fn an_installation_that_does_not_answer_is_given_nothing() {
     );
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn over_the_real_slurm_and_the_local_executor_jobs_split_by_capacity() {
+    const SLURM: &str = "slurm-test";
+    let app = spawn_app_with(|env| {
+        support::start_slurm();
+        two_installations(env);
+        env.settings.dispatcher.poll_interval_ms = 300;
+        env.settings.dispatcher.backends.insert(
+            SLURM.into(),
+            BackendSettings::Slurm {
+                partition: "debug".into(),
+                max_in_flight: 4,
+                sbatch_args: vec![],
+            },
+        );
+        env.settings
+            .federation
+            .groups
+            .insert("mixed".into(), vec![SLURM.into(), SMALL.into()]);
+    })
+    .await;
+    let production = app
+        .accepted(sleep_request(10, 2.0, -1, "mixed", "mixed"))
+        .await;
+    let last = app.watch(&production).await.pop().unwrap();
+    assert_eq!(last.state(), pb::ProductionState::Completed, "{last:?}");
+    let placed = placements(&app, &production).await;
+    let on = |name: &str| placed.values().filter(|(i, _, _)| i == name).count();
+    let (slurm, local) = (on(SLURM), on(SMALL));
+    assert_eq!(slurm + local, 10, "{placed:?}");
+    assert!(
+        local >= 1 && slurm > local,
+        "Slurm (4 at once) should take more than the local installation (1): {slurm} vs {local}"
+    );
+    // The Slurm ones ran on the cluster.
+    let on_cluster = support::slurm_jobs(&production);
+    assert_eq!(on_cluster.len(), slurm, "{on_cluster:?}");
+    let files = wait_for("10 files", Duration::from_secs(30), || async {
+        let files = app.files(&production).await;
+        (files.len() == 10).then_some(files)
+    })
+    .await
+    .unwrap();
+    assert_eq!(files.len(), 10);
+    app.stop().await;
+}
