@@ -414,7 +414,7 @@ async fn over_the_real_slurm_and_the_local_executor_jobs_split_by_capacity() {
         "Slurm (4 at once) should take more than the local installation (1): {slurm} vs {local}"
     );
     // The Slurm ones ran on the cluster.
-    let on_cluster = support::slurm_jobs(&production);
+    let on_cluster = support::slurm_jobs(&slurm_name(&app, &production).await);
     assert_eq!(on_cluster.len(), slurm, "{on_cluster:?}");
     let files = wait_for("10 files", Duration::from_secs(30), || async {
         let files = app.files(&production).await;
@@ -423,5 +423,177 @@ async fn over_the_real_slurm_and_the_local_executor_jobs_split_by_capacity() {
     .await
     .unwrap();
     assert_eq!(files.len(), 10);
+    app.stop().await;
+}
+
+/// The prefix of this deployment's Slurm job names for `production`
+/// (another test's production may have the same ID).
+async fn slurm_name(app: &App, production: &str) -> String {
+    let db = app.env.db().await.unwrap();
+    let tag: String = db
+        .query_one("SELECT tag FROM dispatcher.deployment", &[])
+        .await
+        .unwrap()
+        .get(0);
+    format!("{tag}.{production}.")
+}
+
+/// Slurm commands that run the real ones until `stopped` appears in their
+/// directory, then fail the way they do while slurmctld is down.
+fn slurm_shims(dir: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir).unwrap();
+    for command in ["sbatch", "squeue", "sacct", "sinfo", "scancel"] {
+        let path = dir.join(command);
+        std::fs::write(
+            &path,
+            format!(
+                "#!/bin/sh\nif [ -e '{}' ]; then\n  echo 'slurm_load_jobs error: Unable to contact slurm controller (connect failure)' >&2\n  exit 1\nfi\nexec /usr/bin/{command} \"$@\"\n",
+                dir.join("stopped").display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+}
+
+/// Attempt directories under `root` for `production` whose job wrote its
+/// output (a job killed in its sleep writes none), by job index.
+fn attempts_with_output(root: &Path, production: &str) -> BTreeMap<u64, usize> {
+    let mut found: BTreeMap<u64, usize> = BTreeMap::new();
+    let Ok(entries) = std::fs::read_dir(root.join(production)) else {
+        return found;
+    };
+    for entry in entries {
+        let dir = entry.unwrap().path();
+        let name = dir.file_name().unwrap().to_string_lossy().into_owned();
+        let index: u64 = name.split('.').next().unwrap().parse().unwrap();
+        let wrote = std::fs::read_dir(dir.join("output"))
+            .map(|files| files.count() > 0)
+            .unwrap_or(false);
+        if wrote {
+            *found.entry(index).or_default() += 1;
+        }
+    }
+    found
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_real_slurm_stopped_mid_run_has_its_jobs_finish_on_the_local_executor_once() {
+    const SLURM: &str = "slurm-test";
+    support::start_slurm();
+    prodsys_telemetry::init("warn");
+    let mut env = TestEnv::new().await.expect("test environment");
+    two_installations(&mut env);
+    env.settings.dispatcher.poll_interval_ms = 300;
+    env.settings.dispatcher.backends.insert(
+        SLURM.into(),
+        BackendSettings::Slurm {
+            partition: "debug".into(),
+            max_in_flight: 4,
+            sbatch_args: vec![],
+        },
+    );
+    env.settings
+        .federation
+        .groups
+        .insert("mixed".into(), vec![SLURM.into(), SMALL.into()]);
+    // A Slurm that does not answer for 2 s has its jobs given up.
+    env.settings.federation.abandon_after_s = 2;
+    // The dispatcher runs as a process of its own, whose Slurm commands
+    // stop answering when the test says so.
+    let shims = env.work_dir.join("slurm-shims");
+    slurm_shims(&shims);
+    std::fs::create_dir_all(&env.work_dir).unwrap();
+    let config = env.work_dir.join("dispatcher.toml");
+    std::fs::write(&config, toml::to_string(&env.settings).unwrap()).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap()
+        .port();
+    let log = std::fs::File::create(env.work_dir.join("dispatcher.log")).unwrap();
+    let path = format!(
+        "{}:{}",
+        shims.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let mut dispatcher = std::process::Command::new(support::built_binary("prodsys", "prodsys"))
+        .args(["serve", "dispatcher", "--config"])
+        .arg(&config)
+        .env("PRODSYS__DISPATCHER__PORT", port.to_string())
+        .env("PATH", path)
+        .env("RUST_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("starting prodsys serve dispatcher");
+    let app = support::spawn_services(
+        env,
+        &[
+            prodsys::Service::Catalog,
+            prodsys::Service::Checker,
+            prodsys::Service::Status,
+            prodsys::Service::Intake,
+        ],
+    )
+    .await;
+    let production = app
+        .accepted(sleep_request(10, 4.0, -1, "slurm-stops", "mixed"))
+        .await;
+    wait_for(
+        "four jobs running on Slurm",
+        Duration::from_secs(60),
+        || async {
+            let running = placements(&app, &production)
+                .await
+                .values()
+                .filter(|(i, _, s)| i == SLURM && s == "RUNNING")
+                .count();
+            (running == 4).then_some(())
+        },
+    )
+    .await
+    .unwrap();
+    // Slurm stops: its controller no longer answers and its jobs are lost.
+    std::fs::write(shims.join("stopped"), "").unwrap();
+    for (name, _) in support::slurm_jobs(&slurm_name(&app, &production).await) {
+        let _ = std::process::Command::new("/usr/bin/scancel")
+            .args(["-n", &name])
+            .status();
+    }
+    let last = app.watch(&production).await.pop().unwrap();
+    assert_eq!(last.state(), pb::ProductionState::Completed, "{last:?}");
+    assert_eq!(last.counts.unwrap().done, 10, "{last:?}");
+    let placed = placements(&app, &production).await;
+    let moved = placed
+        .values()
+        .filter(|(i, attempt, _)| i == SMALL && *attempt >= 2)
+        .count();
+    assert!(
+        moved >= 4,
+        "the jobs lost on Slurm finish locally: {placed:?}"
+    );
+    // None ran twice: one attempt with outputs per job, over both.
+    let on_slurm = attempts_with_output(&app.env.settings.dispatcher.work_dir, &production);
+    let local = attempts_with_output(&app.env.work_dir.join(SMALL), &production);
+    for index in 0..10u64 {
+        let n =
+            on_slurm.get(&index).copied().unwrap_or(0) + local.get(&index).copied().unwrap_or(0);
+        assert_eq!(n, 1, "job {index}: {on_slurm:?} {local:?}");
+    }
+    // What was given up on Slurm is remembered, to be cancelled once it answers.
+    let db = app.env.db().await.unwrap();
+    let abandoned: i64 = db
+        .query_one(
+            "SELECT count(*) FROM dispatcher.abandoned_attempts WHERE installation = $1",
+            &[&SLURM],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(abandoned >= 4, "{abandoned}");
+    let _ = dispatcher.kill();
+    let _ = dispatcher.wait();
     app.stop().await;
 }

@@ -18,3 +18,11 @@ CREATE TABLE installation_health (
 -- Retries that may not move wait on their installation: found by it.
 CREATE INDEX jobs_ready_placed ON jobs (installation)
 WHERE state = 'CREATED' AND installation IS NOT NULL;
+-- Attempts given up on an installation that failed too long (placed
+-- elsewhere since): cancelled there once it answers again, so none runs twice.
+CREATE TABLE abandoned_attempts (
+    installation   text NOT NULL,
+    backend_job_id text NOT NULL,
+    abandoned_at   timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (installation, backend_job_id)
+);

@@ -67,6 +67,54 @@ impl Federation {
 }
 
 impl Scheduler {
+    /// Gives up the federated jobs in flight here (the installation has
+    /// failed too long): each goes back to wait as its next attempt, placed
+    /// nowhere, and its attempt here is remembered, to be cancelled once
+    /// the installation answers again.
+    pub(crate) async fn abandon_in_flight(&self) -> anyhow::Result<()> {
+        let me = self.backend.name();
+        let mut client = self.db.client().await?;
+        let tx = client.transaction().await?;
+        self.lease.fence(&tx).await?;
+        let jobs = store::federated_in_flight(&tx, me).await?;
+        if jobs.is_empty() {
+            return Ok(());
+        }
+        let mut changes = self.changes();
+        let raw = format!("given up: installation {me} failing");
+        for (job, backend_job_id) in &jobs {
+            store::abandon(&tx, job, me, backend_job_id.as_deref(), &raw).await?;
+            changes.transition(job, job.attempt, JobState::Failed, &raw);
+            changes.transition(job, job.attempt + 1, JobState::Created, &raw);
+            changes.unplaced();
+        }
+        self.commit(tx, changes).await?;
+        tracing::warn!(
+            installation = me,
+            jobs = jobs.len(),
+            "gave up in-flight jobs of a failing installation; placing them elsewhere"
+        );
+        Ok(())
+    }
+
+    /// Cancels the attempts given up here while the installation failed.
+    pub(crate) async fn cancel_abandoned(&self) -> anyhow::Result<()> {
+        let me = self.backend.name();
+        let client = self.db.client().await?;
+        let ids = store::abandoned(&client, me).await?;
+        if ids.is_empty() {
+            return Ok(());
+        }
+        self.backend.cancel(&ids).await?;
+        store::forget_abandoned(&client, me, &ids).await?;
+        tracing::info!(
+            installation = me,
+            attempts = ids.len(),
+            "cancelled attempts given up while the installation failed"
+        );
+        Ok(())
+    }
+
     /// Of `jobs` (reserved here without a backend ID while the installation
     /// fails), those of federated productions the backend says it never got
     /// go back to wait (their next attempt, placed nowhere: another

@@ -152,6 +152,8 @@ impl Scheduler {
         // What status was last told about this installation: None until told
         // once (so a restart announces the installation healthy again).
         let mut announced: Option<bool> = None;
+        // Since when the installation fails (rounds in a row), if it does.
+        let mut failing_since: Option<tokio::time::Instant> = None;
         while !held.is_cancelled() {
             let round_started = tokio::time::Instant::now();
             let mut backend_failed = false;
@@ -232,6 +234,25 @@ impl Scheduler {
                 return;
             }
             let healthy = !backend_failed;
+            if healthy && announced == Some(false) {
+                // Back: what was given up here while it failed must not run.
+                if let Err(error) = self.cancel_abandoned().await {
+                    tracing::warn!(%backend, error = format!("{error:#}"), "cancelling given-up attempts failed");
+                }
+            }
+            failing_since = if healthy {
+                None
+            } else {
+                let since = *failing_since.get_or_insert_with(tokio::time::Instant::now);
+                let limit = self.federation.settings.abandon_after_s;
+                if limit > 0
+                    && since.elapsed() >= Duration::from_secs(limit)
+                    && let Err(error) = self.abandon_in_flight().await
+                {
+                    tracing::warn!(%backend, error = format!("{error:#}"), "giving up in-flight jobs failed");
+                }
+                Some(since)
+            };
             if announced != Some(healthy) {
                 match self.announce(healthy, &last_error).await {
                     Ok(()) => announced = Some(healthy),

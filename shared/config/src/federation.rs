@@ -25,6 +25,10 @@ pub struct FederationSettings {
     /// Whether a failed job's retry may be placed on another installation of
     /// its group (else it waits for the installation it failed on).
     pub retry_elsewhere: bool,
+    /// Seconds an installation may fail before its federated jobs in flight
+    /// are given up and placed elsewhere (they are cancelled there once it
+    /// answers again); 0 never gives them up.
+    pub abandon_after_s: u64,
 }
 
 impl Default for FederationSettings {
@@ -34,6 +38,7 @@ impl Default for FederationSettings {
             shares: BTreeMap::new(),
             vos: BTreeMap::new(),
             retry_elsewhere: true,
+            abandon_after_s: 600,
         }
     }
 }
@@ -147,7 +152,7 @@ mod tests {
             .into(),
             shares: [("slurm-desy".to_string(), 2.0)].into(),
             vos: [("dirac-cta".to_string(), vec!["cta".to_string()])].into(),
-            retry_elsewhere: true,
+            ..Default::default()
         }
     }
 

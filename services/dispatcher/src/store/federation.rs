@@ -248,3 +248,82 @@ pub async fn release(tx: &Transaction<'_>, job: &JobRow, raw: &str) -> anyhow::R
     .await?;
     Ok(())
 }
+
+/// The jobs in flight on `installation` of productions naming a group or
+/// `any`, with their backend IDs, locked.
+pub async fn federated_in_flight(
+    tx: &Transaction<'_>,
+    installation: &str,
+) -> anyhow::Result<Vec<(JobRow, Option<String>)>> {
+    tx.query_cached(
+        &format!(
+            "SELECT {JOB_COLUMNS}, j.backend_job_id FROM jobs j JOIN productions p USING (production_id)
+             WHERE j.installation = $1 AND p.backend <> $1
+               AND j.state IN ('SUBMITTED', 'QUEUED', 'RUNNING')
+             FOR UPDATE OF j"
+        ),
+        &[&installation],
+    )
+    .await?
+    .iter()
+    .map(|r| Ok((job_row(r)?, r.get(11))))
+    .collect()
+}
+
+/// Gives a job's attempt on `installation` up: the job waits again as its
+/// next attempt, placed nowhere; the attempt is remembered for cancelling.
+pub async fn abandon(
+    tx: &Transaction<'_>,
+    job: &JobRow,
+    installation: &str,
+    backend_job_id: Option<&str>,
+    raw: &str,
+) -> anyhow::Result<()> {
+    tx.execute_cached(
+        "UPDATE jobs SET state = 'CREATED', attempt = attempt + 1, installation = NULL,
+                         backend_job_id = NULL, raw_status = $3, updated_at = now()
+         WHERE production_id = $1 AND job_index = $2",
+        &[&job.production_id, &job.job_index, &raw],
+    )
+    .await?;
+    if let Some(id) = backend_job_id {
+        tx.execute_cached(
+            "INSERT INTO abandoned_attempts (installation, backend_job_id) VALUES ($1, $2)
+             ON CONFLICT DO NOTHING",
+            &[&installation, &id],
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// Backend IDs of the attempts given up on `installation`.
+pub async fn abandoned<C: GenericClient + Sync>(
+    client: &C,
+    installation: &str,
+) -> anyhow::Result<Vec<String>> {
+    Ok(client
+        .query_cached(
+            "SELECT backend_job_id FROM abandoned_attempts WHERE installation = $1",
+            &[&installation],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
+}
+
+/// Forgets given-up attempts once cancelled.
+pub async fn forget_abandoned<C: GenericClient + Sync>(
+    client: &C,
+    installation: &str,
+    ids: &[String],
+) -> anyhow::Result<()> {
+    client
+        .execute_cached(
+            "DELETE FROM abandoned_attempts WHERE installation = $1 AND backend_job_id = ANY($2)",
+            &[&installation, &ids],
+        )
+        .await?;
+    Ok(())
+}
