@@ -67,6 +67,36 @@ impl Federation {
 }
 
 impl Scheduler {
+    /// Closes the federated productions of this installation whose jobs all
+    /// ended. Their last jobs may end on two installations in transactions
+    /// that commit together, each seeing the other's job still running:
+    /// the next round of either, seeing both, closes it (without waiting on
+    /// the other's locks).
+    pub(crate) async fn close_federated(&self) -> anyhow::Result<()> {
+        let me = self.backend.name();
+        let client = self.db.client().await?;
+        let backends = self.federation.backends_including(me);
+        let productions = store::federated_productions(&client, &backends, "RUNNING").await?;
+        drop(client);
+        for p in productions {
+            if !self
+                .federation
+                .members(&p.backend, &p.vo)
+                .iter()
+                .any(|m| m == me)
+            {
+                continue;
+            }
+            let mut client = self.db.client().await?;
+            let tx = client.transaction().await?;
+            if let Some(event) = crate::scheduler::close_if_finished(&tx, &p.production_id).await? {
+                prodsys_db::enqueue(&tx, &self.db.outbox_channel(), &[event]).await?;
+            }
+            tx.commit().await?;
+        }
+        Ok(())
+    }
+
     /// Gives up the federated jobs in flight here (the installation has
     /// failed too long): each goes back to wait as its next attempt, placed
     /// nowhere, and its attempt here is remembered, to be cancelled once

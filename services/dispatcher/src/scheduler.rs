@@ -200,6 +200,9 @@ impl Scheduler {
                     ),
                 }
             }
+            if let Err(error) = self.close_federated().await {
+                tracing::warn!(%backend, error = format!("{error:#}"), "closing finished federated productions failed");
+            }
             // What just ended frees room: count again after applying it.
             let in_flight = if in_flight.is_empty() {
                 0
@@ -798,7 +801,7 @@ impl Changes {
 
 /// The production's final state, if none of its jobs can still change (one
 /// still being planned has jobs to come).
-async fn close_if_finished(
+pub(crate) async fn close_if_finished(
     tx: &Transaction<'_>,
     production_id: &str,
 ) -> anyhow::Result<Option<OutboxEvent>> {
