@@ -786,6 +786,7 @@ async fn the_status_read_model_ignores_late_and_repeated_transitions() {
         state: state as i32,
         raw_status: format!("{state:?}"),
         at_unix_ms: 0,
+        ..Default::default()
     };
     use pb::JobState::{Done, Failed, Running, Submitted};
     // In separate messages (separate batches or not): job 0 runs, then a late
@@ -881,6 +882,7 @@ async fn concurrent_projection_of_overlapping_transitions_converges() {
                     state: state as i32,
                     raw_status: format!("{state:?}"),
                     at_unix_ms: 0,
+                    ..Default::default()
                 })
                 .collect();
             messages.push(pb::JobStatusBatch { transitions });

@@ -1069,8 +1069,28 @@ fn progress_line(p: &pb::Production) -> String {
         (used, "") => format!(", input files used {used}"),
         (used, note) => format!(", input files used {used} — {note}"),
     };
+    // A group of installations (or `any`): where its jobs are.
+    let placed = match p.installations.as_slice() {
+        [] => String::new(),
+        [only] if only.installation == p.backend => String::new(),
+        all => {
+            let each: Vec<String> = all
+                .iter()
+                .map(|i| {
+                    let c = i.counts.unwrap_or_default();
+                    format!(
+                        "{} {} in flight {} done",
+                        i.installation,
+                        c.submitted + c.queued + c.running,
+                        c.done
+                    )
+                })
+                .collect();
+            format!(", on {}", each.join(", "))
+        }
+    };
     format!(
-        "{}{pointing} {:?} jobs {}: created {} submitted {} queued {} running {} done {} failed {} exhausted {} cancelled {}{inputs}{forwarding}{finished}{held}",
+        "{}{pointing} {:?} jobs {}: created {} submitted {} queued {} running {} done {} failed {} exhausted {} cancelled {}{inputs}{placed}{forwarding}{finished}{held}",
         p.production_id,
         p.state(),
         p.job_total,

@@ -279,6 +279,22 @@ pub fn production(p: &pb::Production) -> Value {
             "exhausted": c.exhausted,
         },
         "backend": p.backend,
+        "installations": p.installations.iter().map(|i| {
+            let c = i.counts.unwrap_or_default();
+            json!({
+                "installation": i.installation,
+                "counts": {
+                    "created": c.created,
+                    "submitted": c.submitted,
+                    "queued": c.queued,
+                    "running": c.running,
+                    "done": c.done,
+                    "failed": c.failed,
+                    "cancelled": c.cancelled,
+                    "exhausted": c.exhausted,
+                },
+            })
+        }).collect::<Vec<_>>(),
         "updated_unix_ms": p.updated_unix_ms,
         "held_reason": p.held_reason,
         "period": p.period,

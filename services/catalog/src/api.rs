@@ -148,7 +148,9 @@ impl CatalogApi {
                 ))
             })?;
         let format = pb::RecordFormat::try_from(request.format).unwrap_or_default();
-        Ok(record_proto(&record, format))
+        let mut answer = record_proto(&record, format);
+        crate::installations::attach(&client, &mut answer).await?;
+        Ok(answer)
     }
 }
 
@@ -226,6 +228,8 @@ fn record_proto(record: &domain::record::Record, format: pb::RecordFormat) -> pb
         child_production_ids: record.child_production_ids.clone(),
         record_lfn: record.record_lfn.clone(),
         rendered,
+        // Filled by `installations::attach`.
+        installations: Vec::new(),
     }
 }
 

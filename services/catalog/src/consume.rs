@@ -135,6 +135,7 @@ impl Registrar {
             // ended is its event's time (the same however often it comes).
             let completed_at = made_at(id).unwrap_or_else(chrono::Utc::now);
             store::record_completed(&tx, c, state, completed_at).await?;
+            crate::installations::record(&tx, c).await?;
             tracing::info!(production_id = %c.production_id, %state, "production record written");
             // Its forwarding may now be finished.
             changed.push(&c.production_id);

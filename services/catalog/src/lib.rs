@@ -27,6 +27,7 @@ pub mod destination;
 pub mod domain;
 pub mod error;
 pub mod forward;
+pub mod installations;
 pub mod recorder;
 pub mod rucio;
 pub mod store;
@@ -61,6 +62,7 @@ pub const MIGRATIONS: &[Migration] = prodsys_db::migrations![
     "0300_production_records.sql",
     "0310_file_classes.sql",
     "0400_production_links.sql",
+    "0500_jobs_per_installation.sql",
 ];
 
 /// Consumers of the catalog's queue: registrations commute (running totals,

@@ -331,6 +331,8 @@ pub struct Rules {
     pub profiles: Arc<ProfileSet>,
     /// The WMS installations a request may choose.
     pub installations: Vec<String>,
+    /// Groups of installations a request may choose instead (and `any`).
+    pub federation: prodsys_config::FederationSettings,
     /// The forwarding destinations a request may name (none: nothing is forwarded).
     pub destinations: Vec<String>,
     /// The deployment's ceiling on one production's jobs.
@@ -399,16 +401,17 @@ impl Rules {
         }
     }
 
+    /// An installation, a group of them or `any`, with at least one
+    /// installation serving the candidate's VO.
     fn check_installation(&self, candidate: &Candidate<'_>, validation: &mut Validation) {
-        if !self.installations.iter().any(|i| i == candidate.backend) {
-            validation.violations.push(Violation::new(
-                "backend",
-                format!(
-                    "unknown WMS installation {:?}; this deployment has {}",
-                    candidate.backend,
-                    self.installations.join(", ")
-                ),
-            ));
+        let installations = self.installations.iter().cloned().collect();
+        if let Err(reason) =
+            self.federation
+                .members(candidate.backend, candidate.vo, &installations)
+        {
+            validation
+                .violations
+                .push(Violation::new("backend", reason));
         }
     }
 
@@ -1001,6 +1004,15 @@ mod tests {
         Rules {
             profiles: Arc::new(profiles),
             installations: vec!["local".into(), "slurm-local".into()],
+            federation: prodsys_config::FederationSettings {
+                groups: [(
+                    "pair".to_string(),
+                    vec!["local".to_string(), "slurm-local".to_string()],
+                )]
+                .into(),
+                vos: [("slurm-local".to_string(), vec!["km3net".to_string()])].into(),
+                ..Default::default()
+            },
             destinations: Vec::new(),
             max_jobs: 1_000_000,
         }
@@ -1215,8 +1227,27 @@ mod tests {
         assert!(
             refused.violations[0]
                 .description
-                .contains("this deployment has local, slurm-local")
+                .contains("this deployment has local, slurm-local, pair, any")
         );
+    }
+
+    #[test]
+    fn a_group_or_any_is_accepted_while_one_of_its_installations_serves_the_vo() {
+        let rules = rules();
+        let p = parameters(4000, &[1]);
+        for backend in ["pair", "any"] {
+            let mut c = candidate("a", &p);
+            c.backend = backend;
+            let verdicts = decide(&rules, &[c], vec![None], &mut Neighbourhood::default());
+            accepted(&verdicts[0]);
+        }
+        // slurm-local serves km3net only: naming it from CTA is refused.
+        let mut c = candidate("a", &p);
+        c.backend = "slurm-local";
+        let verdicts = decide(&rules, &[c], vec![None], &mut Neighbourhood::default());
+        let refused = rejected(&verdicts[0]);
+        assert_eq!(refused.violations[0].field, "backend");
+        assert!(refused.violations[0].description.contains("serves VO"));
     }
 
     #[test]
@@ -1238,6 +1269,7 @@ mod tests {
         let rules = Rules {
             profiles: Arc::new(profiles),
             installations: vec!["local".into()],
+            federation: Default::default(),
             destinations: Vec::new(),
             max_jobs: 1_000_000,
         };

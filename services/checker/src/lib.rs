@@ -50,6 +50,7 @@ pub async fn start(
     settings: &prodsys_config::Settings,
     shutdown: CancellationToken,
 ) -> anyhow::Result<Running> {
+    settings.check_federation()?;
     let profiles = Arc::new(
         ProfileSet::load_dir(&settings.profiles_dir)
             .context("loading production profiles")?
@@ -78,6 +79,7 @@ pub async fn start(
     let rules = Arc::new(domain::Rules {
         profiles,
         installations: settings.dispatcher.installations().into_keys().collect(),
+        federation: settings.federation.clone(),
         destinations: settings.forwarding.destinations.keys().cloned().collect(),
         max_jobs: settings.dispatcher.max_jobs_per_production,
     });

@@ -101,12 +101,20 @@ pub trait Backend: Send + Sync + 'static {
     fn find<'a>(&'a self, spec: &'a JobSpec) -> BoxFuture<'a, anyhow::Result<Option<String>>>;
     /// Woken when something changed, so the scheduler need not wait a whole poll interval.
     fn changed(&self) -> Arc<Notify>;
+    /// Whether the installation can take work now, checked before each
+    /// round's submissions; one that cannot is announced failing and given
+    /// nothing. By default it can (a backend's own calls show it failing).
+    fn probe(&self) -> BoxFuture<'_, anyhow::Result<()>> {
+        Box::pin(async { Ok(()) })
+    }
 }
 
 /// Runs jobs as local processes, each under its supervisor.
 pub struct LocalExecutor {
     name: String,
     max_running: usize,
+    /// Root of the attempts' directories, probed before each round's submissions.
+    work_dir: Option<PathBuf>,
     tools_dir: Option<PathBuf>,
     /// Supervisors this process started and has not yet reaped, by attempt
     /// directory, with their pids (for a cancel before the pid file exists).
@@ -160,11 +168,19 @@ impl LocalExecutor {
         Self {
             name: name.to_string(),
             max_running: max_running.max(1),
+            work_dir: None,
             tools_dir,
             children: Arc::default(),
             adopted: Arc::default(),
             changed: Arc::new(Notify::new()),
         }
+    }
+
+    /// Probes `work_dir` before each round's submissions: an installation
+    /// whose disk is gone or read-only takes no work.
+    pub fn with_work_dir(mut self, work_dir: PathBuf) -> Self {
+        self.work_dir = Some(work_dir);
+        self
     }
 
     fn resolve(&self, program: &str) -> PathBuf {
@@ -390,13 +406,44 @@ impl Backend for LocalExecutor {
     fn find<'a>(&'a self, spec: &'a JobSpec) -> BoxFuture<'a, anyhow::Result<Option<String>>> {
         Box::pin(async move {
             let started = spec.workdir.join(supervisor::STARTED_FILE);
-            Ok(tokio::fs::try_exists(&started)
-                .await?
-                .then(|| spec.workdir.to_string_lossy().into_owned()))
+            match tokio::fs::metadata(&started).await {
+                Ok(_) => Ok(Some(spec.workdir.to_string_lossy().into_owned())),
+                // No such directory (or a file where one of its parents
+                // should be): the attempt never started here.
+                Err(error)
+                    if matches!(
+                        error.kind(),
+                        std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
+                    ) =>
+                {
+                    Ok(None)
+                }
+                Err(error) => {
+                    Err(error).with_context(|| format!("looking for {}", started.display()))
+                }
+            }
         })
     }
 
     fn changed(&self) -> Arc<Notify> {
         self.changed.clone()
+    }
+
+    fn probe(&self) -> BoxFuture<'_, anyhow::Result<()>> {
+        Box::pin(async move {
+            let Some(dir) = &self.work_dir else {
+                return Ok(());
+            };
+            let dir = dir.clone();
+            tokio::task::spawn_blocking(move || {
+                std::fs::create_dir_all(&dir)
+                    .with_context(|| format!("work directory {}", dir.display()))?;
+                let probe = dir.join(format!(".prodsys-probe-{}", std::process::id()));
+                std::fs::write(&probe, b"")
+                    .and_then(|()| std::fs::remove_file(&probe))
+                    .with_context(|| format!("writing in {}", dir.display()))
+            })
+            .await?
+        })
     }
 }

@@ -618,6 +618,18 @@ impl Backend for Dirac {
         })
     }
 
+    fn probe(&self) -> BoxFuture<'_, anyhow::Result<()>> {
+        Box::pin(async move {
+            // The search `find` makes, for a name no job has: answered only
+            // by a server that is up and takes the token.
+            self.search(
+                json!([{"parameter": "JobName", "operator": "eq", "value": "prodsys-probe"}]),
+            )
+            .await
+            .map(|_| ())
+        })
+    }
+
     fn changed(&self) -> Arc<Notify> {
         self.changed.clone()
     }

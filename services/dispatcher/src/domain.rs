@@ -4,6 +4,8 @@
 //! failed attempt becomes, which productions a batch plans at once, whether a
 //! remembered cancel applies, and a finished production's counts.
 
+pub mod placement;
+
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 

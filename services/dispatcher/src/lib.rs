@@ -17,6 +17,7 @@ mod consume;
 pub mod dirac;
 mod domain;
 pub mod error;
+mod federation;
 pub mod lease;
 mod outputs;
 mod planning;
@@ -50,12 +51,15 @@ pub const MIGRATIONS: &[Migration] = prodsys_db::migrations![
     "0011_cancels_received_before_their_production.sql",
     "0012_job_accounting.sql",
     "0400_chained_inputs.sql",
+    "0500_federated_placement.sql",
 ];
 
 pub async fn start(
     settings: &prodsys_config::Settings,
     shutdown: CancellationToken,
 ) -> anyhow::Result<Running> {
+    settings.check_federation()?;
+    let federation = Arc::new(federation::Federation::from_settings(settings));
     let profiles = Arc::new(
         ProfileSet::load_dir(&settings.profiles_dir).context("loading production profiles")?,
     );
@@ -96,12 +100,22 @@ pub async fn start(
     let mut schedulers = Vec::new();
     let poll_interval = std::time::Duration::from_millis(settings.dispatcher.poll_interval_ms);
     for (name, installation) in settings.dispatcher.installations() {
+        // A local installation may keep its attempts in a directory of its own.
+        let mut installation_work_dir = work_dir.clone();
         let backend: Arc<dyn backend::Backend> = match installation {
-            BackendSettings::Local { max_running } => Arc::new(backend::LocalExecutor::new(
-                &name,
+            BackendSettings::Local {
                 max_running,
-                tools_dir.clone(),
-            )),
+                work_dir: own,
+            } => {
+                if let Some(own) = own {
+                    installation_work_dir = std::path::absolute(&own)
+                        .with_context(|| format!("resolving the work directory of {name}"))?;
+                }
+                Arc::new(
+                    backend::LocalExecutor::new(&name, max_running, tools_dir.clone())
+                        .with_work_dir(installation_work_dir.clone()),
+                )
+            }
             BackendSettings::Slurm {
                 partition,
                 max_in_flight,
@@ -124,7 +138,7 @@ pub async fn start(
             db: foundation.db.clone(),
             profiles: profiles.clone(),
             backend,
-            work_dir: work_dir.clone(),
+            work_dir: installation_work_dir,
             deployment: deployment.clone(),
             wake,
             poll_interval,
@@ -134,6 +148,7 @@ pub async fn start(
                 &owner,
                 lease_ttl,
             )),
+            federation: federation.clone(),
         };
         schedulers.push(tokio::spawn(scheduler.run(shutdown.clone())));
     }

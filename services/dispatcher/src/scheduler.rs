@@ -44,18 +44,22 @@ pub(crate) struct Scheduler {
     pub poll_interval: Duration,
     /// This replica's lease on the installation: rounds run only while it is held.
     pub lease: Arc<Lease>,
+    /// Groups of installations, for the jobs of productions that name one.
+    pub federation: Arc<crate::federation::Federation>,
 }
 
 /// The events one transaction will publish.
 #[derive(Default)]
-struct Changes {
+pub(crate) struct Changes {
+    /// The installation whose scheduler makes the changes.
+    installation: String,
     transitions: Vec<pb::JobTransition>,
     outputs: Vec<OutboxEvent>,
     touched: BTreeSet<String>,
 }
 
 impl Changes {
-    fn transition(&mut self, job: &JobRow, attempt: i32, state: JobState, raw: &str) {
+    pub(crate) fn transition(&mut self, job: &JobRow, attempt: i32, state: JobState, raw: &str) {
         self.touched.insert(job.production_id.clone());
         self.transitions.push(pb::JobTransition {
             production_id: job.production_id.clone(),
@@ -64,7 +68,15 @@ impl Changes {
             state: state.to_proto() as i32,
             raw_status: raw.to_string(),
             at_unix_ms: chrono::Utc::now().timestamp_millis(),
+            installation: self.installation.clone(),
         });
+    }
+
+    /// A retry that waits to be placed again, anywhere in its group.
+    pub(crate) fn unplaced(&mut self) {
+        if let Some(last) = self.transitions.last_mut() {
+            last.installation.clear();
+        }
     }
 }
 
@@ -140,11 +152,13 @@ impl Scheduler {
         // What status was last told about this installation: None until told
         // once (so a restart announces the installation healthy again).
         let mut announced: Option<bool> = None;
+        // Since when the installation fails (rounds in a row), if it does.
+        let mut failing_since: Option<tokio::time::Instant> = None;
         while !held.is_cancelled() {
             let round_started = tokio::time::Instant::now();
             let mut backend_failed = false;
             let mut last_error = String::new();
-            if let Err(error) = self.reconcile().await {
+            if let Err(error) = self.reconcile(failing > 0).await {
                 last_error = format!("{error:#}");
                 backend_failed = true;
                 tracing::warn!(%backend, error = format!("{error:#}"), "reconciling reserved jobs failed");
@@ -161,9 +175,14 @@ impl Scheduler {
                     Vec::new()
                 }
             };
+            // Whether the backend answered a poll this round (then it needs no probe).
+            let mut answered = false;
             if !in_flight.is_empty() {
                 match self.backend.poll(&in_flight).await {
-                    Ok(statuses) => pending.extend(statuses),
+                    Ok(statuses) => {
+                        answered = true;
+                        pending.extend(statuses)
+                    }
                     Err(error) => {
                         last_error = format!("{error:#}");
                         backend_failed = true;
@@ -181,6 +200,9 @@ impl Scheduler {
                     ),
                 }
             }
+            if let Err(error) = self.close_federated().await {
+                tracing::warn!(%backend, error = format!("{error:#}"), "closing finished federated productions failed");
+            }
             // What just ended frees room: count again after applying it.
             let in_flight = if in_flight.is_empty() {
                 0
@@ -190,7 +212,18 @@ impl Scheduler {
                     .map_or(in_flight.len(), |ids| ids.len())
             };
             let free = self.backend.capacity().saturating_sub(in_flight);
-            let submitted = match self.submit_ready(free).await {
+            // An installation that cannot take work now (its probe fails)
+            // is given none; placement sends its group's jobs elsewhere.
+            let probed = if free > 0 && !answered {
+                self.backend.probe().await
+            } else {
+                Ok(())
+            };
+            let submitted = match probed {
+                Err(error) => Err(error.context("probing the installation")),
+                Ok(()) => self.submit_ready(free).await,
+            };
+            let submitted = match submitted {
                 Ok(n) => n,
                 Err(error) => {
                     last_error = format!("{error:#}");
@@ -204,6 +237,25 @@ impl Scheduler {
                 return;
             }
             let healthy = !backend_failed;
+            if healthy && announced == Some(false) {
+                // Back: what was given up here while it failed must not run.
+                if let Err(error) = self.cancel_abandoned().await {
+                    tracing::warn!(%backend, error = format!("{error:#}"), "cancelling given-up attempts failed");
+                }
+            }
+            failing_since = if healthy {
+                None
+            } else {
+                let since = *failing_since.get_or_insert_with(tokio::time::Instant::now);
+                let limit = self.federation.settings.abandon_after_s;
+                if limit > 0
+                    && since.elapsed() >= Duration::from_secs(limit)
+                    && let Err(error) = self.abandon_in_flight().await
+                {
+                    tracing::warn!(%backend, error = format!("{error:#}"), "giving up in-flight jobs failed");
+                }
+                Some(since)
+            };
             if announced != Some(healthy) {
                 match self.announce(healthy, &last_error).await {
                     Ok(()) => announced = Some(healthy),
@@ -253,10 +305,17 @@ impl Scheduler {
 
     /// Jobs reserved but without a backend ID: found on the backend by their
     /// tag, or submitted now if the backend never saw them.
-    async fn reconcile(&self) -> anyhow::Result<()> {
+    /// While the installation fails, a federated production's jobs the
+    /// backend never got are released to the other installations instead.
+    async fn reconcile(&self, failing: bool) -> anyhow::Result<()> {
         let client = self.db.client().await?;
         let jobs = store::reserved_without_id(&client, self.backend.name()).await?;
         drop(client);
+        let jobs = if failing && !jobs.is_empty() {
+            self.release_unsubmitted(jobs).await?
+        } else {
+            jobs
+        };
         if jobs.is_empty() {
             return Ok(());
         }
@@ -286,17 +345,23 @@ impl Scheduler {
             }
             ready.extend(store::lock_ready_jobs(&tx, production_id, wanted).await?);
         }
+        if ready.len() < free {
+            let placed = self
+                .take_federated(&tx, free - ready.len(), ready.len())
+                .await?;
+            ready.extend(placed);
+        }
         if ready.is_empty() {
             return Ok(0);
         }
-        let mut changes = Changes::default();
+        let mut changes = self.changes();
         let mut jobs = Vec::with_capacity(ready.len());
         for job in ready {
             let workdir = job
                 .workdir_in(&self.work_dir)
                 .to_string_lossy()
                 .into_owned();
-            store::reserve(&tx, &job, &workdir).await?;
+            store::reserve(&tx, &job, &workdir, self.backend.name()).await?;
             changes.transition(&job, job.attempt, JobState::Submitted, "reserved");
             jobs.push(JobRow {
                 state: JobState::Submitted,
@@ -388,7 +453,7 @@ impl Scheduler {
             let mut client = self.db.client().await?;
             let tx = client.transaction().await?;
             self.lease.fence(&tx).await?;
-            let mut changes = Changes::default();
+            let mut changes = self.changes();
             for (job, status) in &submitted {
                 store::set_backend_id(&tx, job, &status.backend_job_id, &status.raw).await?;
                 // An attempt that ended already is collected when polled
@@ -445,6 +510,7 @@ impl Scheduler {
         };
         let mut client = self.db.client().await?;
         let tx = client.transaction().await?;
+        store::federation::record_health(&tx, &installation, healthy, &event.reason).await?;
         prodsys_db::enqueue(
             &tx,
             &self.db.outbox_channel(),
@@ -470,11 +536,12 @@ impl Scheduler {
     /// no message holds a transition per job.
     async fn cancel_requested(&self) -> anyhow::Result<()> {
         let client = self.db.client().await?;
-        let productions = store::cancelling_productions(&client, self.backend.name()).await?;
+        let mut productions = store::cancelling_productions(&client, self.backend.name()).await?;
+        productions.extend(self.federated_cancelling(&client).await?);
         if productions.is_empty() {
             return Ok(());
         }
-        let flying = store::flying_ids(&client, &productions).await?;
+        let flying = store::flying_ids(&client, &productions, self.backend.name()).await?;
         drop(client);
         if !flying.is_empty() {
             self.backend.cancel(&flying).await?;
@@ -487,7 +554,7 @@ impl Scheduler {
         if productions.is_empty() {
             return Ok(());
         }
-        let cancelled = store::cancel_jobs(&tx, &productions).await?;
+        let cancelled = store::cancel_jobs(&tx, &productions, self.backend.name()).await?;
         let killed: std::collections::HashSet<&str> = flying.iter().map(String::as_str).collect();
         let now = chrono::Utc::now().timestamp_millis();
         let mut transitions = Vec::with_capacity(cancelled.stopped.len());
@@ -500,6 +567,7 @@ impl Scheduler {
                 state: JobState::Cancelled.to_proto() as i32,
                 raw_status: "cancelled".into(),
                 at_unix_ms: now,
+                installation: self.backend.name().to_string(),
             });
             if let Some(id) = &job.backend_job_id
                 && !killed.contains(id.as_str())
@@ -518,6 +586,11 @@ impl Scheduler {
             })
             .collect();
         for production_id in &productions {
+            // A federated production's jobs on other installations are
+            // theirs to kill; the last one closes it.
+            if store::federation::in_flight_anywhere(&tx, production_id).await? {
+                continue;
+            }
             all.extend(
                 close(
                     &tx,
@@ -558,8 +631,8 @@ impl Scheduler {
         let mut client = self.db.client().await?;
         let tx = client.transaction().await?;
         self.lease.fence(&tx).await?;
-        let jobs = store::in_flight_jobs(&tx, &ids, true).await?;
-        let mut changes = Changes::default();
+        let jobs = store::in_flight_jobs(&tx, self.backend.name(), &ids, true).await?;
+        let mut changes = self.changes();
         for status in statuses {
             let Some(job) = jobs.get(&status.backend_job_id) else {
                 continue;
@@ -594,7 +667,7 @@ impl Scheduler {
             return Ok(scanned);
         }
         let client = self.db.client().await?;
-        let jobs = store::in_flight_jobs(&client, &ids, false).await?;
+        let jobs = store::in_flight_jobs(&client, self.backend.name(), &ids, false).await?;
         drop(client);
         for (backend_job_id, job) in jobs {
             let Some(profile) = self.profiles.get(&job.profile) else {
@@ -707,12 +780,30 @@ impl Scheduler {
         )
         .await?;
         changes.transition(job, attempt, next, &status.raw);
+        if next == JobState::Created
+            && crate::domain::placement::retry_installation(
+                self.backend.name(),
+                self.federation.settings.retry_elsewhere,
+            )
+            .is_none()
+        {
+            store::federation::unplace(tx, job).await?;
+            changes.unplaced();
+        }
         tracing::info!(job = %job.tag(&self.deployment), raw = %status.raw, next = %next, "job attempt failed");
         Ok(())
     }
 
+    /// The events of this installation's changes.
+    pub(crate) fn changes(&self) -> Changes {
+        Changes {
+            installation: self.backend.name().to_string(),
+            ..Changes::default()
+        }
+    }
+
     /// Closes the productions whose jobs all ended, then commits with every event.
-    async fn commit(&self, tx: Transaction<'_>, changes: Changes) -> anyhow::Result<()> {
+    pub(crate) async fn commit(&self, tx: Transaction<'_>, changes: Changes) -> anyhow::Result<()> {
         let touched: Vec<String> = changes.touched.iter().cloned().collect();
         let mut events = changes.into_events();
         for production_id in &touched {
@@ -776,7 +867,9 @@ async fn close(
     let (inputs_note, inputs_used) = store::inputs_summary(tx, production_id).await?;
     tracing::info!(%production_id, %state, done = counts.done, attempts = accounting.attempts, "production finished");
     let at_ms = |at: Option<chrono::DateTime<chrono::Utc>>| at.map_or(0, |t| t.timestamp_millis());
+    let placed = store::federation::jobs_per_installation(tx, production_id).await?;
     let event = pb::ProductionCompleted {
+        installations: domain::placement::per_installation(&placed),
         production_id: production_id.to_string(),
         state: state.to_proto() as i32,
         counts: Some(counts),

@@ -355,6 +355,17 @@ impl Backend for Slurm {
         })
     }
 
+    fn probe(&self) -> BoxFuture<'_, anyhow::Result<()>> {
+        Box::pin(async move {
+            // Answered by slurmctld: fails while the controller is down.
+            let mut args = vec!["-h".to_string(), "-o".into(), "%a".into()];
+            if !self.partition.is_empty() {
+                args.extend(["-p".to_string(), self.partition.clone()]);
+            }
+            run("sinfo", &args).await.map(|_| ())
+        })
+    }
+
     fn changed(&self) -> Arc<Notify> {
         self.changed.clone()
     }

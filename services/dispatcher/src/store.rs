@@ -12,6 +12,8 @@ use prodsys_db::deadpool_postgres::{GenericClient, Transaction};
 
 use crate::domain::{JobRow, NewProduction};
 
+pub mod federation;
+
 /// Columns of a job with what its templates need, in [`job_row`]'s order.
 const JOB_COLUMNS: &str =
     "j.production_id, j.job_index, j.run_number, j.seed, j.units, j.attempt, j.state,
@@ -55,12 +57,13 @@ pub async fn in_flight<C: GenericClient + Sync>(
             // the tables are analysed, read every production of the
             // installation to hash them (3 ms a round with a few thousand).
             "WITH flying AS MATERIALIZED (
-                 SELECT production_id, backend_job_id FROM jobs
+                 SELECT production_id, backend_job_id, installation FROM jobs
                  WHERE state IN ('SUBMITTED', 'QUEUED', 'RUNNING') AND backend_job_id IS NOT NULL)
              SELECT f.backend_job_id FROM flying f
              CROSS JOIN LATERAL (
                  SELECT 1 FROM productions p
-                 WHERE p.production_id = f.production_id AND p.backend = $1 LIMIT 1) p
+                 WHERE p.production_id = f.production_id
+                   AND COALESCE(f.installation, p.backend) = $1 LIMIT 1) p
              LIMIT $2",
             &[&backend, &limit],
         )
@@ -83,7 +86,7 @@ pub async fn reserved_without_id<C: GenericClient + Sync>(
                  SELECT {JOB_COLUMNS} FROM reserved r
                  JOIN jobs j USING (production_id, job_index)
                  JOIN productions p ON p.production_id = j.production_id
-                 WHERE p.backend = $1
+                 WHERE COALESCE(j.installation, p.backend) = $1
                  ORDER BY j.production_id, j.job_index LIMIT 1000"
             ),
             &[&backend],
@@ -134,14 +137,20 @@ pub async fn lock_ready_jobs(
     .collect()
 }
 
-/// Reserves a job: SUBMITTED without a backend ID, in its attempt's directory.
-pub async fn reserve(tx: &Transaction<'_>, job: &JobRow, workdir: &str) -> anyhow::Result<()> {
+/// Reserves a job on `installation`: SUBMITTED without a backend ID, in its
+/// attempt's directory.
+pub async fn reserve(
+    tx: &Transaction<'_>,
+    job: &JobRow,
+    workdir: &str,
+    installation: &str,
+) -> anyhow::Result<()> {
     tx.execute_cached(
         "UPDATE jobs SET state = 'SUBMITTED', backend_job_id = NULL, workdir = $3,
                          raw_status = 'reserved', attempts_submitted = attempts_submitted + 1,
-                         updated_at = now()
+                         installation = $4, updated_at = now()
          WHERE production_id = $1 AND job_index = $2",
-        &[&job.production_id, &job.job_index, &workdir],
+        &[&job.production_id, &job.job_index, &workdir, &installation],
     )
     .await?;
     Ok(())
@@ -163,19 +172,22 @@ pub async fn set_backend_id(
     Ok(())
 }
 
-/// The in-flight jobs with these backend IDs, by backend ID; locked when `lock`.
+/// The in-flight jobs of `installation` with these backend IDs, by backend
+/// ID (two installations may give the same ID); locked when `lock`.
 pub async fn in_flight_jobs<C: GenericClient + Sync>(
     client: &C,
+    installation: &str,
     ids: &[&str],
     lock: bool,
 ) -> anyhow::Result<HashMap<String, JobRow>> {
     let sql = format!(
         "SELECT {JOB_COLUMNS}, j.backend_job_id FROM jobs j JOIN productions p USING (production_id)
-         WHERE j.backend_job_id = ANY($1) AND j.state IN ('SUBMITTED', 'QUEUED', 'RUNNING'){}",
+         WHERE j.backend_job_id = ANY($1) AND j.state IN ('SUBMITTED', 'QUEUED', 'RUNNING')
+           AND COALESCE(j.installation, p.backend) = $2{}",
         if lock { " FOR UPDATE OF j" } else { "" }
     );
     let mut jobs = HashMap::new();
-    for row in client.query_cached(&sql, &[&ids]).await? {
+    for row in client.query_cached(&sql, &[&ids, &installation]).await? {
         jobs.insert(row.get(11), job_row(&row)?);
     }
     Ok(jobs)
@@ -234,17 +246,18 @@ pub async fn cancelling_productions<C: GenericClient + Sync>(
         .collect())
 }
 
-/// Backend IDs of these productions' jobs in flight.
+/// Backend IDs of these productions' jobs in flight on `installation`.
 pub async fn flying_ids<C: GenericClient + Sync>(
     client: &C,
     productions: &[String],
+    installation: &str,
 ) -> anyhow::Result<Vec<String>> {
     Ok(client
         .query_cached(
-            "SELECT backend_job_id FROM jobs
-             WHERE production_id = ANY($1) AND state IN ('SUBMITTED', 'QUEUED', 'RUNNING')
-               AND backend_job_id IS NOT NULL",
-            &[&productions],
+            "SELECT j.backend_job_id FROM jobs j JOIN productions p USING (production_id)
+             WHERE j.production_id = ANY($1) AND j.state IN ('SUBMITTED', 'QUEUED', 'RUNNING')
+               AND j.backend_job_id IS NOT NULL AND COALESCE(j.installation, p.backend) = $2",
+            &[&productions, &installation],
         )
         .await?
         .iter()
@@ -289,18 +302,24 @@ pub struct Cancelled {
     pub retrying: u64,
 }
 
-/// Cancels every job of `productions` that has not ended, set-based.
+/// Cancels every job of `productions` that has not ended, set-based; of
+/// those in flight, only the ones on `installation` (a federated
+/// production's others are cancelled by their own installation's scheduler).
 pub async fn cancel_jobs(
     tx: &Transaction<'_>,
     productions: &[String],
+    installation: &str,
 ) -> anyhow::Result<Cancelled> {
     let stopped = tx
         .query_cached(
-            "UPDATE jobs SET state = 'CANCELLED', raw_status = 'cancelled', ended_at = now(),
-                             updated_at = now()
-             WHERE production_id = ANY($1) AND state IN ('SUBMITTED', 'QUEUED', 'RUNNING')
-             RETURNING production_id, job_index, attempt, backend_job_id",
-            &[&productions],
+            "UPDATE jobs j SET state = 'CANCELLED', raw_status = 'cancelled', ended_at = now(),
+                               updated_at = now()
+             FROM productions p
+             WHERE p.production_id = j.production_id
+               AND j.production_id = ANY($1) AND j.state IN ('SUBMITTED', 'QUEUED', 'RUNNING')
+               AND COALESCE(j.installation, p.backend) = $2
+             RETURNING j.production_id, j.job_index, j.attempt, j.backend_job_id",
+            &[&productions, &installation],
         )
         .await?
         .iter()

@@ -15,6 +15,7 @@ use tonic::{Request, Response, Status};
 use crate::domain::{self, Production};
 use crate::error::{Result, StatusError};
 use crate::forwarding;
+use crate::installations;
 use crate::store::{self, ListFilter};
 
 #[derive(Clone)]
@@ -60,6 +61,8 @@ pub fn production(p: Production) -> pb::Production {
         pointing: p.pointing,
         inputs_used: p.inputs_used,
         inputs_note: p.inputs_note,
+        // Filled by `installations::attach`.
+        installations: Vec::new(),
     }
 }
 
@@ -82,6 +85,7 @@ impl StatusApi {
         let mut snapshot = production(self.current(production_id).await?);
         let client = self.db.client().await?;
         forwarding::attach(&client, std::slice::from_mut(&mut snapshot)).await?;
+        installations::attach(&client, std::slice::from_mut(&mut snapshot)).await?;
         Ok(snapshot)
     }
 }
@@ -129,6 +133,9 @@ impl pb::status_service_server::StatusService for StatusApi {
             .map_err(StatusError::from)?;
         let mut productions: Vec<pb::Production> = page.into_iter().map(production).collect();
         forwarding::attach(&client, &mut productions)
+            .await
+            .map_err(StatusError::from)?;
+        installations::attach(&client, &mut productions)
             .await
             .map_err(StatusError::from)?;
         let next_page_token = if more {

@@ -97,6 +97,7 @@ fn apply(projection: &mut Projection, update: Update) -> Result<()> {
                     job_index: t.job_index,
                     attempt: t.attempt,
                     raw_status: t.raw_status,
+                    installation: t.installation,
                 });
             }
         }

@@ -32,6 +32,8 @@ pub struct JobTransition {
     /// not recorded.
     pub state: Option<JobState>,
     pub raw_status: String,
+    /// The WMS installation the attempt was placed on; empty while it waits.
+    pub installation: String,
 }
 
 impl JobTransition {
@@ -281,6 +283,23 @@ pub fn tally<'a>(job_total: u64, counts: impl IntoIterator<Item = (&'a str, i64)
     tally
 }
 
+/// A production's jobs per installation from its counters (installation,
+/// state name, jobs), in installation order; unknown states and emptied
+/// counters are left out.
+pub fn per_installation<'a>(
+    counters: impl IntoIterator<Item = (&'a str, &'a str, i64)>,
+) -> Vec<(String, JobCounts)> {
+    let mut by: BTreeMap<String, JobCounts> = BTreeMap::new();
+    for (installation, state, n) in counters {
+        if let (Ok(state), true) = (state.parse::<JobState>(), n > 0) {
+            by.entry(installation.to_string())
+                .or_default()
+                .add(state, n as u64);
+        }
+    }
+    by.into_iter().filter(|(_, c)| c.total() > 0).collect()
+}
+
 /// A failing installation, as the read model remembers it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Failing<'a> {
@@ -343,6 +362,7 @@ mod tests {
             attempt,
             state,
             raw_status: String::new(),
+            installation: String::new(),
         }
     }
 
@@ -485,5 +505,21 @@ mod tests {
         assert_eq!(page_size(0), DEFAULT_PAGE);
         assert_eq!(page_size(5), 5);
         assert_eq!(page_size(5000), MAX_PAGE);
+    }
+
+    #[test]
+    fn jobs_per_installation_come_from_the_counters_leaving_out_emptied_ones() {
+        let by = per_installation([
+            ("local-b", "DONE", 3),
+            ("local-a", "RUNNING", 1),
+            ("local-a", "DONE", 2),
+            ("local-b", "RUNNING", 0),
+            ("gone", "RUNNING", 0),
+            ("local-a", "NO_SUCH_STATE", 4),
+        ]);
+        let names: Vec<&str> = by.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["local-a", "local-b"]);
+        assert_eq!((by[0].1.done, by[0].1.running, by[0].1.total()), (2, 1, 3));
+        assert_eq!((by[1].1.done, by[1].1.total()), (3, 3));
     }
 }

@@ -73,6 +73,14 @@ struct ProductionView {
     /// its inputs when a parent did not complete.
     inputs_used: u64,
     inputs_note: String,
+    /// Its jobs per WMS installation they were placed on.
+    installations: Vec<InstallationView>,
+}
+
+#[derive(Debug, Serialize)]
+struct InstallationView {
+    installation: String,
+    counts: prodsys_core::JobCounts,
 }
 
 #[derive(Debug, Serialize)]
@@ -115,6 +123,14 @@ impl From<pb::Production> for ProductionView {
             pointing: p.pointing,
             inputs_used: p.inputs_used,
             inputs_note: p.inputs_note,
+            installations: p
+                .installations
+                .into_iter()
+                .map(|i| InstallationView {
+                    installation: i.installation,
+                    counts: i.counts.unwrap_or_default().into(),
+                })
+                .collect(),
         }
     }
 }

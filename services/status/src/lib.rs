@@ -16,6 +16,7 @@ pub mod domain;
 pub mod error;
 pub mod forwarding;
 mod http;
+pub mod installations;
 mod rest;
 pub mod store;
 
@@ -50,6 +51,7 @@ pub const MIGRATIONS: &[Migration] = prodsys_db::migrations![
     "0120_finished_once_catalogued.sql",
     "0200_observation_periods.sql",
     "0400_chained_inputs.sql",
+    "0500_jobs_per_installation.sql",
 ];
 
 pub async fn start(

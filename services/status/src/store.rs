@@ -196,26 +196,45 @@ async fn upsert_jobs(tx: &Transaction<'_>, transitions: &[JobTransition]) -> any
     }
     tx.execute_cached(
         "WITH u AS (
-             SELECT * FROM unnest($1::text[], $2::bigint[], $3::int[], $4::text[], $5::int[], $6::text[])
-                 AS u(production_id, job_index, attempt, state, state_rank, raw_status)),
+             SELECT * FROM unnest($1::text[], $2::bigint[], $3::int[], $4::text[], $5::int[], $6::text[],
+                                  $7::text[])
+                 AS u(production_id, job_index, attempt, state, state_rank, raw_status, installation)),
          updated AS (
              UPDATE jobs j SET prev_state = j.state, attempt = u.attempt, state = u.state,
-                               state_rank = u.state_rank, raw_status = u.raw_status, updated_at = now()
+                               state_rank = u.state_rank, raw_status = u.raw_status, updated_at = now(),
+                               prev_installation = j.installation, installation = u.installation
              FROM u
              WHERE j.production_id = u.production_id AND j.job_index = u.job_index
                AND (j.attempt, j.state_rank) < (u.attempt, u.state_rank)
-             RETURNING j.production_id, j.prev_state, j.state),
+             RETURNING j.production_id, j.prev_state, j.state, j.prev_installation, j.installation),
          inserted AS (
-             INSERT INTO jobs AS j (production_id, job_index, attempt, state, state_rank, raw_status)
-             SELECT u.production_id, u.job_index, u.attempt, u.state, u.state_rank, u.raw_status FROM u
+             INSERT INTO jobs AS j (production_id, job_index, attempt, state, state_rank, raw_status,
+                                    installation)
+             SELECT u.production_id, u.job_index, u.attempt, u.state, u.state_rank, u.raw_status,
+                    u.installation FROM u
              WHERE NOT EXISTS (SELECT 1 FROM jobs j
                                WHERE j.production_id = u.production_id AND j.job_index = u.job_index)
              ON CONFLICT (production_id, job_index) DO UPDATE
                  SET prev_state = j.state, attempt = EXCLUDED.attempt, state = EXCLUDED.state,
                      state_rank = EXCLUDED.state_rank, raw_status = EXCLUDED.raw_status,
-                     updated_at = now()
+                     updated_at = now(), prev_installation = j.installation,
+                     installation = EXCLUDED.installation
                  WHERE (j.attempt, j.state_rank) < (EXCLUDED.attempt, EXCLUDED.state_rank)
-             RETURNING j.production_id, j.prev_state, j.state),
+             RETURNING j.production_id, j.prev_state, j.state, j.prev_installation, j.installation),
+         -- The same moves, per installation (a job waiting to be placed is on none).
+         per_installation AS (
+             INSERT INTO installation_job_counts (production_id, installation, state, n)
+             SELECT production_id, installation, state, sum(d) FROM (
+                 SELECT production_id, installation, state, 1 AS d FROM updated
+                 UNION ALL SELECT production_id, prev_installation, prev_state, -1 FROM updated
+                 UNION ALL SELECT production_id, installation, state, 1 FROM inserted
+                 UNION ALL SELECT production_id, prev_installation, prev_state, -1 FROM inserted
+                     WHERE prev_state IS NOT NULL) moves
+             WHERE installation <> ''
+             GROUP BY production_id, installation, state HAVING sum(d) <> 0
+             ORDER BY production_id, installation, state
+             ON CONFLICT (production_id, installation, state)
+                 DO UPDATE SET n = installation_job_counts.n + EXCLUDED.n),
          deltas AS (
              SELECT production_id, state, 1 AS d FROM updated
              UNION ALL SELECT production_id, prev_state, -1 FROM updated
@@ -244,6 +263,7 @@ struct JobColumns<'a> {
     states: Vec<&'static str>,
     ranks: Vec<i32>,
     raws: Vec<&'a str>,
+    installations: Vec<&'a str>,
 }
 
 impl<'a> JobColumns<'a> {
@@ -257,13 +277,14 @@ impl<'a> JobColumns<'a> {
         self.states.push(state.as_str());
         self.ranks.push(i32::from(state.rank()));
         self.raws.push(t.raw_status.as_str());
+        self.installations.push(t.installation.as_str());
     }
 
     fn is_empty(&self) -> bool {
         self.indexes.is_empty()
     }
 
-    fn params(&self) -> [&(dyn prodsys_db::tokio_postgres::types::ToSql + Sync); 6] {
+    fn params(&self) -> [&(dyn prodsys_db::tokio_postgres::types::ToSql + Sync); 7] {
         [
             &self.productions,
             &self.indexes,
@@ -271,6 +292,7 @@ impl<'a> JobColumns<'a> {
             &self.states,
             &self.ranks,
             &self.raws,
+            &self.installations,
         ]
     }
 }

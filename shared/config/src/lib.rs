@@ -11,7 +11,9 @@ use std::path::{Path, PathBuf};
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize, Serializer};
 
+mod federation;
 mod rucio;
+pub use federation::{ANY, FederationSettings};
 pub use rucio::{RucioAuth, RucioRule, RucioSettings};
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -35,6 +37,9 @@ pub struct Settings {
     /// Where the catalog forwards outputs; nothing is forwarded when no
     /// destination is configured.
     pub forwarding: ForwardingSettings,
+    /// Groups of installations a request may name as its `backend`, and how
+    /// their jobs are placed.
+    pub federation: FederationSettings,
     /// How long a stopping service (SIGTERM, Ctrl-C) may take to finish
     /// what it holds and flush its outbox before the process exits.
     pub shutdown_grace_ms: u64,
@@ -200,6 +205,10 @@ pub enum BackendSettings {
     Local {
         #[serde(default = "default_local_slots")]
         max_running: usize,
+        /// Root of this installation's working directories (the
+        /// dispatcher's `work_dir` when not given).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        work_dir: Option<PathBuf>,
     },
     /// A Slurm cluster through its commands (sbatch, squeue, scancel).
     Slurm {
@@ -358,8 +367,28 @@ impl DispatcherSettings {
         let mut all = self.backends.clone();
         all.entry("local".into()).or_insert(BackendSettings::Local {
             max_running: self.max_concurrent_jobs,
+            work_dir: None,
         });
         all
+    }
+}
+
+impl BackendSettings {
+    /// Most jobs the installation holds at once (queued or running).
+    pub fn max_in_flight(&self) -> usize {
+        match self {
+            BackendSettings::Local { max_running, .. } => (*max_running).max(1),
+            BackendSettings::Slurm { max_in_flight, .. } => *max_in_flight,
+            BackendSettings::Dirac(dirac) => dirac.max_in_flight,
+        }
+    }
+}
+
+impl Settings {
+    /// Whether the federation settings fit the configured installations.
+    pub fn check_federation(&self) -> Result<(), ConfigError> {
+        let names = self.dispatcher.installations().into_keys().collect();
+        self.federation.check(&names).map_err(ConfigError)
     }
 }
 
@@ -378,6 +407,7 @@ impl Default for Settings {
             checker: CheckerSettings::default(),
             dispatcher: DispatcherSettings::default(),
             forwarding: ForwardingSettings::default(),
+            federation: FederationSettings::default(),
             shutdown_grace_ms: 10_000,
         }
     }
@@ -580,6 +610,41 @@ mod tests {
                 .contains("ftp")
         );
         assert!(Settings::default().forwarding.destinations.is_empty());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn groups_shares_and_vos_come_from_the_file() {
+        let dir = std::env::temp_dir().join(format!("prodsys-config-f-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("p.toml");
+        std::fs::write(
+            &path,
+            "[dispatcher.backends.local-b]\nkind = \"local\"\nmax_running = 3\nwork_dir = \"/tmp/b\"\n\
+             [federation]\nretry_elsewhere = false\n\
+             [federation.groups]\npair = [\"local\", \"local-b\"]\n\
+             [federation.shares]\nlocal-b = 2.5\n[federation.vos]\nlocal-b = [\"cta\"]\n",
+        )
+        .unwrap();
+        let s = Settings::load(Some(&path)).unwrap();
+        assert!(s.check_federation().is_ok());
+        assert_eq!(s.federation.groups["pair"], ["local", "local-b"]);
+        assert_eq!(s.federation.share("local-b"), 2.5);
+        assert!(!s.federation.retry_elsewhere);
+        assert_eq!(s.dispatcher.installations()["local-b"].max_in_flight(), 3);
+        assert!(Settings::default().federation.retry_elsewhere);
+        std::fs::write(
+            &path,
+            "[federation.groups]\npair = [\"local\", \"nowhere\"]\n",
+        )
+        .unwrap();
+        let s = Settings::load(Some(&path)).unwrap();
+        assert!(
+            s.check_federation()
+                .unwrap_err()
+                .to_string()
+                .contains("nowhere")
+        );
         std::fs::remove_dir_all(dir).unwrap();
     }
 

@@ -258,6 +258,9 @@ class Production:
     forwarding: dict[str, tuple[int, int]] = field(default_factory=dict)
     # Ended, every output catalogued, and on every destination it asked for.
     outputs_in_place: bool = False
+    # Its jobs per WMS installation they were placed on (several for a
+    # production naming a group of installations or ``any``).
+    installations: dict[str, JobCounts] = field(default_factory=dict)
 
     @property
     def finished(self) -> bool:
@@ -279,6 +282,7 @@ class Production:
             updated=_time(p.updated_unix_ms),
             forwarding={d.destination: (d.forwarded, d.total) for d in p.forwarding},
             outputs_in_place=p.finished,
+            installations={i.installation: JobCounts.from_pb(i.counts) for i in p.installations},
         )
 
 

@@ -26,7 +26,7 @@ from prodsys_client.v1 import common_pb2 as prodsys_dot_v1_dot_common__pb2
 from prodsys_client.v1 import request_pb2 as prodsys_dot_v1_dot_request__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17prodsys/v1/status.proto\x12\nprodsys.v1\x1a\x17prodsys/v1/common.proto\x1a\x18prodsys/v1/request.proto\"-\n\x14GetProductionRequest\x12\x15\n\rproduction_id\x18\x01 \x01(\t\"\xbc\x03\n\nProduction\x12\x15\n\rproduction_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x0f\n\x07profile\x18\x03 \x01(\t\x12\n\n\x02vo\x18\x04 \x01(\t\x12*\n\x05state\x18\x05 \x01(\x0e\x32\x1b.prodsys.v1.ProductionState\x12\x11\n\tjob_total\x18\x06 \x01(\x04\x12%\n\x06\x63ounts\x18\x07 \x01(\x0b\x32\x15.prodsys.v1.JobCounts\x12\x0f\n\x07\x62\x61\x63kend\x18\x08 \x01(\t\x12\x17\n\x0fupdated_unix_ms\x18\t \x01(\x03\x12.\n\x08\x65stimate\x18\n \x01(\x0b\x32\x1c.prodsys.v1.ResourceEstimate\x12\x13\n\x0bheld_reason\x18\x0b \x01(\t\x12\x33\n\nforwarding\x18\x0c \x03(\x0b\x32\x1f.prodsys.v1.DestinationProgress\x12\x10\n\x08\x66inished\x18\r \x01(\x08\x12\x0e\n\x06period\x18\x0e \x01(\t\x12\x10\n\x08pointing\x18\x0f \x01(\t\x12\x13\n\x0binputs_used\x18( \x01(\x04\x12\x13\n\x0binputs_note\x18) \x01(\t\"\x9c\x01\n\x16ListProductionsRequest\x12\n\n\x02vo\x18\x01 \x01(\t\x12*\n\x05state\x18\x02 \x01(\x0e\x32\x1b.prodsys.v1.ProductionState\x12\x0f\n\x07profile\x18\x03 \x01(\t\x12\x11\n\tpage_size\x18\x04 \x01(\r\x12\x12\n\npage_token\x18\x05 \x01(\t\x12\x12\n\nrequest_id\x18\x06 \x01(\t\"_\n\x17ListProductionsResponse\x12+\n\x0bproductions\x18\x01 \x03(\x0b\x32\x16.prodsys.v1.Production\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\x85\x02\n\rStatusService\x12I\n\rGetProduction\x12 .prodsys.v1.GetProductionRequest\x1a\x16.prodsys.v1.Production\x12Z\n\x0fListProductions\x12\".prodsys.v1.ListProductionsRequest\x1a#.prodsys.v1.ListProductionsResponse\x12M\n\x0fWatchProduction\x12 .prodsys.v1.GetProductionRequest\x1a\x16.prodsys.v1.Production0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17prodsys/v1/status.proto\x12\nprodsys.v1\x1a\x17prodsys/v1/common.proto\x1a\x18prodsys/v1/request.proto\"-\n\x14GetProductionRequest\x12\x15\n\rproduction_id\x18\x01 \x01(\t\"\xf1\x03\n\nProduction\x12\x15\n\rproduction_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x0f\n\x07profile\x18\x03 \x01(\t\x12\n\n\x02vo\x18\x04 \x01(\t\x12*\n\x05state\x18\x05 \x01(\x0e\x32\x1b.prodsys.v1.ProductionState\x12\x11\n\tjob_total\x18\x06 \x01(\x04\x12%\n\x06\x63ounts\x18\x07 \x01(\x0b\x32\x15.prodsys.v1.JobCounts\x12\x0f\n\x07\x62\x61\x63kend\x18\x08 \x01(\t\x12\x17\n\x0fupdated_unix_ms\x18\t \x01(\x03\x12.\n\x08\x65stimate\x18\n \x01(\x0b\x32\x1c.prodsys.v1.ResourceEstimate\x12\x13\n\x0bheld_reason\x18\x0b \x01(\t\x12\x33\n\nforwarding\x18\x0c \x03(\x0b\x32\x1f.prodsys.v1.DestinationProgress\x12\x10\n\x08\x66inished\x18\r \x01(\x08\x12\x0e\n\x06period\x18\x0e \x01(\t\x12\x10\n\x08pointing\x18\x0f \x01(\t\x12\x13\n\x0binputs_used\x18( \x01(\x04\x12\x13\n\x0binputs_note\x18) \x01(\t\x12\x33\n\rinstallations\x18< \x03(\x0b\x32\x1c.prodsys.v1.InstallationJobs\"\x9c\x01\n\x16ListProductionsRequest\x12\n\n\x02vo\x18\x01 \x01(\t\x12*\n\x05state\x18\x02 \x01(\x0e\x32\x1b.prodsys.v1.ProductionState\x12\x0f\n\x07profile\x18\x03 \x01(\t\x12\x11\n\tpage_size\x18\x04 \x01(\r\x12\x12\n\npage_token\x18\x05 \x01(\t\x12\x12\n\nrequest_id\x18\x06 \x01(\t\"_\n\x17ListProductionsResponse\x12+\n\x0bproductions\x18\x01 \x03(\x0b\x32\x16.prodsys.v1.Production\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\x85\x02\n\rStatusService\x12I\n\rGetProduction\x12 .prodsys.v1.GetProductionRequest\x1a\x16.prodsys.v1.Production\x12Z\n\x0fListProductions\x12\".prodsys.v1.ListProductionsRequest\x1a#.prodsys.v1.ListProductionsResponse\x12M\n\x0fWatchProduction\x12 .prodsys.v1.GetProductionRequest\x1a\x16.prodsys.v1.Production0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,11 +36,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETPRODUCTIONREQUEST']._serialized_start=90
   _globals['_GETPRODUCTIONREQUEST']._serialized_end=135
   _globals['_PRODUCTION']._serialized_start=138
-  _globals['_PRODUCTION']._serialized_end=582
-  _globals['_LISTPRODUCTIONSREQUEST']._serialized_start=585
-  _globals['_LISTPRODUCTIONSREQUEST']._serialized_end=741
-  _globals['_LISTPRODUCTIONSRESPONSE']._serialized_start=743
-  _globals['_LISTPRODUCTIONSRESPONSE']._serialized_end=838
-  _globals['_STATUSSERVICE']._serialized_start=841
-  _globals['_STATUSSERVICE']._serialized_end=1102
+  _globals['_PRODUCTION']._serialized_end=635
+  _globals['_LISTPRODUCTIONSREQUEST']._serialized_start=638
+  _globals['_LISTPRODUCTIONSREQUEST']._serialized_end=794
+  _globals['_LISTPRODUCTIONSRESPONSE']._serialized_start=796
+  _globals['_LISTPRODUCTIONSRESPONSE']._serialized_end=891
+  _globals['_STATUSSERVICE']._serialized_start=894
+  _globals['_STATUSSERVICE']._serialized_end=1155
 # @@protoc_insertion_point(module_scope)

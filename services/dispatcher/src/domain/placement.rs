@@ -1,0 +1,226 @@
+//! Placement of a federated production's jobs (one whose `backend` names a
+//! group of installations or `any`): over the installations that may take
+//! them, each job goes to an available installation with free room (its
+//! `max_in_flight` minus the jobs it holds), the one with the fewest jobs
+//! held per unit of its share; ties go to the first by name. A production
+//! is placed after those of higher priority, which already hold the room
+//! they were given.
+
+use std::collections::BTreeMap;
+
+use prodsys_core::JobState;
+use prodsys_proto as pb;
+
+/// An installation as placement sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Site {
+    /// Most jobs it may hold at once (queued or running).
+    pub capacity: u64,
+    /// Jobs it holds now (reserved, queued or running).
+    pub in_flight: u64,
+    /// Its weight among the installations of a group (positive).
+    pub share: f64,
+    /// Healthy, and scheduled by a dispatcher: a failing or unattended
+    /// installation is given nothing (it is drained).
+    pub available: bool,
+}
+
+impl Site {
+    fn free(&self) -> u64 {
+        if self.available {
+            self.capacity.saturating_sub(self.in_flight)
+        } else {
+            0
+        }
+    }
+}
+
+/// The ready jobs of one federated production, and where they may go.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Demand {
+    pub production_id: String,
+    /// The installations its group (or `any`) gives it, for its VO.
+    pub members: Vec<String>,
+    /// Jobs ready to run and on no installation yet.
+    pub ready: u64,
+}
+
+/// How many jobs of which production go to which installation, for
+/// `demands` in the order given (highest priority first). Installations not
+/// in `sites` take nothing.
+pub fn place(sites: &BTreeMap<String, Site>, demands: &[Demand]) -> Vec<(String, String, u64)> {
+    let mut load: BTreeMap<&str, Site> = sites
+        .iter()
+        .map(|(name, site)| (name.as_str(), site.clone()))
+        .collect();
+    let mut placed = Vec::new();
+    for demand in demands {
+        let mut given: BTreeMap<&str, u64> = BTreeMap::new();
+        for _ in 0..demand.ready {
+            let best = demand
+                .members
+                .iter()
+                .filter_map(|name| load.get_key_value(name.as_str()))
+                .filter(|(_, site)| site.free() > 0)
+                .map(|(name, site)| (*name, (site.in_flight + 1) as f64 / site.share))
+                .min_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(b.0)));
+            let Some((name, _)) = best else {
+                break;
+            };
+            if let Some(site) = load.get_mut(name) {
+                site.in_flight += 1;
+            }
+            *given.entry(name).or_default() += 1;
+        }
+        placed.extend(
+            given
+                .into_iter()
+                .map(|(name, n)| (demand.production_id.clone(), name.to_string(), n)),
+        );
+    }
+    placed
+}
+
+/// What `installation` takes of `placed`: per production, how many jobs.
+pub fn taken_by<'a>(
+    placed: &'a [(String, String, u64)],
+    installation: &'a str,
+) -> impl Iterator<Item = (&'a str, u64)> + 'a {
+    placed
+        .iter()
+        .filter(move |(_, name, _)| name == installation)
+        .map(|(production, _, n)| (production.as_str(), *n))
+}
+
+/// A finished production's jobs per installation (installation, state,
+/// jobs; in installation order), as `production.completed` tells them.
+pub fn per_installation(rows: &[(String, JobState, u64)]) -> Vec<pb::InstallationJobs> {
+    let mut by: BTreeMap<&str, prodsys_core::JobCounts> = BTreeMap::new();
+    for (installation, state, n) in rows {
+        by.entry(installation).or_default().add(*state, *n);
+    }
+    by.into_iter()
+        .map(|(installation, counts)| pb::InstallationJobs {
+            installation: installation.to_string(),
+            counts: Some(counts.into()),
+        })
+        .collect()
+}
+
+/// The installation a failed attempt's retry is placed on: none (placed
+/// again, anywhere in its group) when retries may move, else the one it failed on.
+pub fn retry_installation(failed_on: &str, retry_elsewhere: bool) -> Option<&str> {
+    (!retry_elsewhere).then_some(failed_on)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn site(capacity: u64, in_flight: u64, share: f64) -> Site {
+        Site {
+            capacity,
+            in_flight,
+            share,
+            available: true,
+        }
+    }
+
+    fn demand(production_id: &str, members: &[&str], ready: u64) -> Demand {
+        Demand {
+            production_id: production_id.into(),
+            members: members.iter().map(|m| m.to_string()).collect(),
+            ready,
+        }
+    }
+
+    fn count(placed: &[(String, String, u64)], installation: &str) -> u64 {
+        taken_by(placed, installation).map(|(_, n)| n).sum()
+    }
+
+    #[test]
+    fn jobs_beyond_the_free_room_wait_and_each_installation_fills_to_its_capacity() {
+        let sites = BTreeMap::from([("a".into(), site(1, 0, 1.0)), ("b".into(), site(3, 0, 1.0))]);
+        let placed = place(&sites, &[demand("P", &["a", "b"], 10)]);
+        assert_eq!(count(&placed, "a"), 1);
+        assert_eq!(count(&placed, "b"), 3);
+        // Jobs already held count against the room.
+        let sites = BTreeMap::from([("a".into(), site(1, 1, 1.0)), ("b".into(), site(3, 1, 1.0))]);
+        let placed = place(&sites, &[demand("P", &["a", "b"], 10)]);
+        assert_eq!(placed, vec![("P".to_string(), "b".to_string(), 2)]);
+    }
+
+    #[test]
+    fn with_room_everywhere_jobs_follow_the_shares() {
+        let sites = BTreeMap::from([
+            ("a".into(), site(100, 0, 1.0)),
+            ("b".into(), site(100, 0, 3.0)),
+        ]);
+        let placed = place(&sites, &[demand("P", &["a", "b"], 8)]);
+        assert_eq!((count(&placed, "a"), count(&placed, "b")), (2, 6));
+        // Equal shares: the less loaded installation first, then alternating.
+        let sites = BTreeMap::from([
+            ("a".into(), site(100, 4, 1.0)),
+            ("b".into(), site(100, 0, 1.0)),
+        ]);
+        let placed = place(&sites, &[demand("P", &["a", "b"], 6)]);
+        assert_eq!((count(&placed, "a"), count(&placed, "b")), (1, 5));
+    }
+
+    #[test]
+    fn an_unavailable_installation_is_drained_and_its_share_goes_elsewhere() {
+        let mut sites =
+            BTreeMap::from([("a".into(), site(2, 0, 1.0)), ("b".into(), site(5, 3, 1.0))]);
+        sites.get_mut("b").unwrap().available = false;
+        let placed = place(&sites, &[demand("P", &["a", "b"], 6)]);
+        assert_eq!(placed, vec![("P".to_string(), "a".to_string(), 2)]);
+        sites.get_mut("a").unwrap().available = false;
+        assert!(place(&sites, &[demand("P", &["a", "b"], 6)]).is_empty());
+    }
+
+    #[test]
+    fn productions_are_placed_in_order_over_their_own_members_only() {
+        let sites = BTreeMap::from([
+            ("a".into(), site(2, 0, 1.0)),
+            ("b".into(), site(2, 0, 1.0)),
+            ("c".into(), site(2, 0, 1.0)),
+        ]);
+        let placed = place(
+            &sites,
+            &[
+                demand("HIGH", &["a", "b"], 3),
+                demand("LOW", &["b", "c", "unknown"], 5),
+            ],
+        );
+        let of = |p: &str, i: &str| {
+            placed
+                .iter()
+                .find(|(pp, ii, _)| pp == p && ii == i)
+                .map_or(0, |(_, _, n)| *n)
+        };
+        assert_eq!((of("HIGH", "a"), of("HIGH", "b")), (2, 1));
+        // LOW gets what HIGH left: one slot of b, both of c; nothing of a.
+        assert_eq!((of("LOW", "a"), of("LOW", "b"), of("LOW", "c")), (0, 1, 2));
+    }
+
+    #[test]
+    fn a_finished_production_s_jobs_are_told_per_installation() {
+        let rows = [
+            ("local-b".to_string(), JobState::Done, 6),
+            ("local-a".to_string(), JobState::Done, 3),
+            ("local-a".to_string(), JobState::Exhausted, 1),
+        ];
+        let by = per_installation(&rows);
+        assert_eq!(by.len(), 2);
+        assert_eq!(by[0].installation, "local-a");
+        let a = by[0].counts.unwrap();
+        assert_eq!((a.done, a.exhausted), (3, 1));
+        assert_eq!(by[1].counts.unwrap().done, 6);
+    }
+
+    #[test]
+    fn a_retry_moves_only_when_retries_may_move() {
+        assert_eq!(retry_installation("a", true), None);
+        assert_eq!(retry_installation("a", false), Some("a"));
+    }
+}

@@ -1,0 +1,309 @@
+//! A scheduler's part in federated placement: in its submission
+//! transaction, under the placement lock, it places the ready jobs of every
+//! production naming a group (or `any`) that includes its installation over
+//! the group's available installations ([`placement::place`]) and takes its
+//! own portion; the other installations take theirs in their own rounds. A
+//! job is thus bound to an installation only when it is reserved there, so
+//! an installation that fails or is no longer scheduled is simply given
+//! nothing more, and what waits goes elsewhere.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use prodsys_config::{FederationSettings, Settings};
+use prodsys_db::deadpool_postgres::{GenericClient, Transaction};
+
+use prodsys_core::JobState;
+
+use crate::domain::JobRow;
+use crate::domain::placement::{self, Demand, Site};
+use crate::scheduler::Scheduler;
+use crate::store::federation as store;
+
+/// What placement knows of the deployment: every installation's capacity,
+/// and the groups, shares and VOs.
+#[derive(Debug, Clone, Default)]
+pub struct Federation {
+    pub settings: FederationSettings,
+    /// Every installation by name, with its `max_in_flight`.
+    pub capacities: BTreeMap<String, u64>,
+}
+
+impl Federation {
+    pub fn from_settings(settings: &Settings) -> Self {
+        Self {
+            settings: settings.federation.clone(),
+            capacities: settings
+                .dispatcher
+                .installations()
+                .into_iter()
+                .map(|(name, i)| (name, i.max_in_flight() as u64))
+                .collect(),
+        }
+    }
+
+    fn names(&self) -> BTreeSet<String> {
+        self.capacities.keys().cloned().collect()
+    }
+
+    /// The backends (group names, `any`) that may place jobs on `installation`.
+    pub fn backends_including(&self, installation: &str) -> Vec<String> {
+        let mut backends: Vec<String> = self
+            .settings
+            .groups
+            .iter()
+            .filter(|(_, members)| members.iter().any(|m| m == installation))
+            .map(|(name, _)| name.clone())
+            .collect();
+        backends.push(prodsys_config::ANY.to_string());
+        backends
+    }
+
+    /// The installations a production naming `backend` for `vo` may run on.
+    pub fn members(&self, backend: &str, vo: &str) -> Vec<String> {
+        self.settings
+            .members(backend, vo, &self.names())
+            .unwrap_or_default()
+    }
+}
+
+impl Scheduler {
+    /// Closes the federated productions of this installation whose jobs all
+    /// ended. Their last jobs may end on two installations in transactions
+    /// that commit together, each seeing the other's job still running:
+    /// the next round of either, seeing both, closes it (without waiting on
+    /// the other's locks).
+    pub(crate) async fn close_federated(&self) -> anyhow::Result<()> {
+        let me = self.backend.name();
+        let client = self.db.client().await?;
+        let backends = self.federation.backends_including(me);
+        let productions = store::federated_productions(&client, &backends, "RUNNING").await?;
+        drop(client);
+        for p in productions {
+            if !self
+                .federation
+                .members(&p.backend, &p.vo)
+                .iter()
+                .any(|m| m == me)
+            {
+                continue;
+            }
+            let mut client = self.db.client().await?;
+            let tx = client.transaction().await?;
+            if let Some(event) = crate::scheduler::close_if_finished(&tx, &p.production_id).await? {
+                prodsys_db::enqueue(&tx, &self.db.outbox_channel(), &[event]).await?;
+            }
+            tx.commit().await?;
+        }
+        Ok(())
+    }
+
+    /// Gives up the federated jobs in flight here (the installation has
+    /// failed too long): each goes back to wait as its next attempt, placed
+    /// nowhere, and its attempt here is remembered, to be cancelled once
+    /// the installation answers again.
+    pub(crate) async fn abandon_in_flight(&self) -> anyhow::Result<()> {
+        let me = self.backend.name();
+        let mut client = self.db.client().await?;
+        let tx = client.transaction().await?;
+        self.lease.fence(&tx).await?;
+        let jobs = store::federated_in_flight(&tx, me).await?;
+        if jobs.is_empty() {
+            return Ok(());
+        }
+        let mut changes = self.changes();
+        let raw = format!("given up: installation {me} failing");
+        for (job, backend_job_id) in &jobs {
+            store::abandon(&tx, job, me, backend_job_id.as_deref(), &raw).await?;
+            changes.transition(job, job.attempt, JobState::Failed, &raw);
+            changes.transition(job, job.attempt + 1, JobState::Created, &raw);
+            changes.unplaced();
+        }
+        self.commit(tx, changes).await?;
+        tracing::warn!(
+            installation = me,
+            jobs = jobs.len(),
+            "gave up in-flight jobs of a failing installation; placing them elsewhere"
+        );
+        Ok(())
+    }
+
+    /// Cancels the attempts given up here while the installation failed.
+    pub(crate) async fn cancel_abandoned(&self) -> anyhow::Result<()> {
+        let me = self.backend.name();
+        let client = self.db.client().await?;
+        let ids = store::abandoned(&client, me).await?;
+        if ids.is_empty() {
+            return Ok(());
+        }
+        self.backend.cancel(&ids).await?;
+        store::forget_abandoned(&client, me, &ids).await?;
+        tracing::info!(
+            installation = me,
+            attempts = ids.len(),
+            "cancelled attempts given up while the installation failed"
+        );
+        Ok(())
+    }
+
+    /// Of `jobs` (reserved here without a backend ID while the installation
+    /// fails), those of federated productions the backend says it never got
+    /// go back to wait (their next attempt, placed nowhere: another
+    /// installation takes them); the rest are returned. One whose fate the
+    /// backend cannot tell stays reserved here, so it never runs twice.
+    pub(crate) async fn release_unsubmitted(
+        &self,
+        jobs: Vec<JobRow>,
+    ) -> anyhow::Result<Vec<JobRow>> {
+        let me = self.backend.name();
+        let client = self.db.client().await?;
+        let federated = store::federated_of(&client, &jobs, me).await?;
+        drop(client);
+        let mut kept = Vec::with_capacity(jobs.len());
+        let mut released = Vec::new();
+        for job in jobs {
+            let profile = self.profiles.get(&job.profile);
+            let (Some(profile), true) = (profile, federated.contains(&job.production_id)) else {
+                kept.push(job);
+                continue;
+            };
+            let spec =
+                crate::domain::job_spec(profile, &job, &self.work_dir, &self.deployment, &[]);
+            match self.backend.find(&spec).await {
+                Ok(None) => released.push(job),
+                _ => kept.push(job),
+            }
+        }
+        if released.is_empty() {
+            return Ok(kept);
+        }
+        let mut client = self.db.client().await?;
+        let tx = client.transaction().await?;
+        self.lease.fence(&tx).await?;
+        let mut changes = self.changes();
+        let raw = format!("not submitted: installation {me} is failing");
+        for job in &released {
+            store::release(&tx, job, &raw).await?;
+            changes.transition(job, job.attempt, JobState::Failed, &raw);
+            changes.transition(job, job.attempt + 1, JobState::Created, &raw);
+            changes.unplaced();
+        }
+        self.commit(tx, changes).await?;
+        tracing::info!(
+            installation = me,
+            jobs = released.len(),
+            "released jobs to the other installations of their groups"
+        );
+        Ok(kept)
+    }
+
+    /// The CANCELLING productions naming a group (or `any`) that includes
+    /// this installation: it kills their jobs it holds.
+    pub(crate) async fn federated_cancelling<C: GenericClient + Sync>(
+        &self,
+        client: &C,
+    ) -> anyhow::Result<Vec<String>> {
+        let me = self.backend.name();
+        let backends = self.federation.backends_including(me);
+        Ok(
+            store::federated_productions(client, &backends, "CANCELLING")
+                .await?
+                .into_iter()
+                .filter(|p| {
+                    self.federation
+                        .members(&p.backend, &p.vo)
+                        .iter()
+                        .any(|m| m == me)
+                })
+                .map(|p| p.production_id)
+                .collect(),
+        )
+    }
+
+    /// Locks up to `free` ready jobs for this installation (which is about
+    /// to take `already` others): first retries placed on it, then its
+    /// portion of what federated productions have waiting. Nothing when no
+    /// such production includes it.
+    pub(crate) async fn take_federated(
+        &self,
+        tx: &Transaction<'_>,
+        free: usize,
+        already: usize,
+    ) -> anyhow::Result<Vec<JobRow>> {
+        let me = self.backend.name();
+        let mut taken = Vec::new();
+        for production_id in store::placed_on(tx, me).await? {
+            let wanted = free.saturating_sub(taken.len()) as i64;
+            if wanted == 0 {
+                return Ok(taken);
+            }
+            taken.extend(store::lock_jobs_for(tx, &production_id, me, true, wanted).await?);
+        }
+        let backends = self.federation.backends_including(me);
+        let productions = store::federated_productions(tx, &backends, "RUNNING").await?;
+        let productions: Vec<_> = productions
+            .into_iter()
+            .map(|p| {
+                let members = self.federation.members(&p.backend, &p.vo);
+                (p.production_id, members)
+            })
+            .filter(|(_, members)| members.iter().any(|m| m == me))
+            .collect();
+        if productions.is_empty() || taken.len() >= free {
+            return Ok(taken);
+        }
+        store::lock_placement(tx).await?;
+        let held = store::in_flight_per_installation(tx).await?;
+        let available = store::available(tx).await?;
+        let sites: BTreeMap<String, Site> = self
+            .federation
+            .capacities
+            .iter()
+            .map(|(name, capacity)| {
+                let site = Site {
+                    capacity: *capacity,
+                    in_flight: held.get(name).copied().unwrap_or(0)
+                        + if name == me {
+                            (already + taken.len()) as u64
+                        } else {
+                            0
+                        },
+                    share: self.federation.settings.share(name),
+                    available: available.contains(name),
+                };
+                (name.clone(), site)
+            })
+            .collect();
+        let mut demands = Vec::with_capacity(productions.len());
+        for (production_id, members) in productions {
+            let room: u64 = members
+                .iter()
+                .filter_map(|m| sites.get(m))
+                .map(|s| s.capacity.saturating_sub(s.in_flight))
+                .sum();
+            let ready = store::ready_unplaced(tx, &production_id, room as i64).await?;
+            if ready > 0 {
+                demands.push(Demand {
+                    production_id,
+                    members,
+                    ready,
+                });
+            }
+        }
+        let placed = placement::place(&sites, &demands);
+        for (production_id, n) in placement::taken_by(&placed, me) {
+            let wanted = (n as usize).min(free.saturating_sub(taken.len())) as i64;
+            if wanted == 0 {
+                break;
+            }
+            taken.extend(store::lock_jobs_for(tx, production_id, me, false, wanted).await?);
+        }
+        if !taken.is_empty() {
+            tracing::debug!(
+                installation = me,
+                jobs = taken.len(),
+                "placed federated jobs"
+            );
+        }
+        Ok(taken)
+    }
+}

@@ -1,0 +1,329 @@
+//! The statements of federated placement: productions that name a group of
+//! installations (or `any`), the room each installation has, its health,
+//! and the jobs placement hands to one installation.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use prodsys_core::JobState;
+use prodsys_db::Cached;
+use prodsys_db::deadpool_postgres::{GenericClient, Transaction};
+
+use super::{JOB_COLUMNS, job_row};
+use crate::domain::JobRow;
+
+/// The advisory lock under which one scheduler at a time places federated jobs.
+const PLACEMENT_LOCK: i64 = 0x7072_6f64_706c_6163;
+
+/// A production that names a group of installations or `any`.
+pub struct Federated {
+    pub production_id: String,
+    pub backend: String,
+    pub vo: String,
+}
+
+/// Waits for the placement lock, held until `tx` ends.
+pub async fn lock_placement(tx: &Transaction<'_>) -> anyhow::Result<()> {
+    tx.execute_cached("SELECT pg_advisory_xact_lock($1)", &[&PLACEMENT_LOCK])
+        .await?;
+    Ok(())
+}
+
+/// The productions in `state` whose backend is one of `backends` (group
+/// names and `any`), highest priority first, then the oldest.
+pub async fn federated_productions<C: GenericClient + Sync>(
+    client: &C,
+    backends: &[String],
+    state: &str,
+) -> anyhow::Result<Vec<Federated>> {
+    Ok(client
+        .query_cached(
+            "SELECT production_id, backend, vo FROM productions
+             WHERE backend = ANY($1) AND state = $2
+             ORDER BY priority DESC, created_at, production_id",
+            &[&backends, &state],
+        )
+        .await?
+        .iter()
+        .map(|r| Federated {
+            production_id: r.get(0),
+            backend: r.get(1),
+            vo: r.get(2),
+        })
+        .collect())
+}
+
+/// How many of a production's jobs are ready and placed nowhere, counting up to `cap`.
+pub async fn ready_unplaced(
+    tx: &Transaction<'_>,
+    production_id: &str,
+    cap: i64,
+) -> anyhow::Result<u64> {
+    let n: i64 = tx
+        .query_one_cached(
+            "SELECT count(*) FROM (SELECT 1 FROM jobs
+                                    WHERE production_id = $1 AND state = 'CREATED'
+                                      AND installation IS NULL LIMIT $2) ready",
+            &[&production_id, &cap],
+        )
+        .await?
+        .get(0);
+    Ok(n.max(0) as u64)
+}
+
+/// Jobs each installation holds (reserved, queued or running).
+pub async fn in_flight_per_installation(
+    tx: &Transaction<'_>,
+) -> anyhow::Result<BTreeMap<String, u64>> {
+    Ok(tx
+        .query_cached(
+            "SELECT COALESCE(j.installation, p.backend), count(*)
+             FROM jobs j JOIN productions p USING (production_id)
+             WHERE j.state IN ('SUBMITTED', 'QUEUED', 'RUNNING')
+             GROUP BY 1",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get::<_, i64>(1).max(0) as u64))
+        .collect())
+}
+
+/// The installations that may be given jobs: scheduled by a dispatcher
+/// (their lease is live) and not announced failing.
+pub async fn available(tx: &Transaction<'_>) -> anyhow::Result<BTreeSet<String>> {
+    Ok(tx
+        .query_cached(
+            "SELECT l.installation FROM installation_leases l
+             LEFT JOIN installation_health h USING (installation)
+             WHERE l.expires_at > now() AND COALESCE(h.healthy, true)",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
+}
+
+/// Up to `wanted` of a production's ready jobs for `installation`, by job
+/// index, locked: those placed on it already (`placed`), or those placed
+/// nowhere. Rows another scheduler holds are skipped.
+pub async fn lock_jobs_for(
+    tx: &Transaction<'_>,
+    production_id: &str,
+    installation: &str,
+    placed: bool,
+    wanted: i64,
+) -> anyhow::Result<Vec<JobRow>> {
+    let placement = if placed {
+        "j.installation = $3"
+    } else {
+        "j.installation IS NULL AND $3::text IS NOT NULL"
+    };
+    tx.query_cached(
+        &format!(
+            "SELECT {JOB_COLUMNS} FROM jobs j JOIN productions p USING (production_id)
+             WHERE j.production_id = $1 AND j.state = 'CREATED' AND {placement}
+             ORDER BY j.job_index LIMIT $2
+             FOR UPDATE OF j SKIP LOCKED"
+        ),
+        &[&production_id, &wanted, &installation],
+    )
+    .await?
+    .iter()
+    .map(job_row)
+    .collect()
+}
+
+/// Ready jobs placed on `installation`, of any production (retries that may not move).
+pub async fn placed_on<C: GenericClient + Sync>(
+    client: &C,
+    installation: &str,
+) -> anyhow::Result<Vec<String>> {
+    Ok(client
+        .query_cached(
+            "SELECT DISTINCT production_id FROM jobs
+             WHERE state = 'CREATED' AND installation = $1",
+            &[&installation],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
+}
+
+/// A job's retry placed nowhere again: any installation of its group may take it.
+pub async fn unplace(tx: &Transaction<'_>, job: &JobRow) -> anyhow::Result<()> {
+    tx.execute_cached(
+        "UPDATE jobs SET installation = NULL WHERE production_id = $1 AND job_index = $2",
+        &[&job.production_id, &job.job_index],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Records the health an installation's scheduler announces.
+pub async fn record_health(
+    tx: &Transaction<'_>,
+    installation: &str,
+    healthy: bool,
+    reason: &str,
+) -> anyhow::Result<()> {
+    tx.execute_cached(
+        "INSERT INTO installation_health (installation, healthy, reason, since)
+         VALUES ($1, $2, $3, now())
+         ON CONFLICT (installation) DO UPDATE
+         SET healthy = EXCLUDED.healthy, reason = EXCLUDED.reason, since = EXCLUDED.since",
+        &[&installation, &healthy, &reason],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Whether a production still has jobs in flight on some installation.
+pub async fn in_flight_anywhere(tx: &Transaction<'_>, production_id: &str) -> anyhow::Result<bool> {
+    Ok(tx
+        .query_one_cached(
+            "SELECT EXISTS (SELECT 1 FROM jobs WHERE production_id = $1
+                            AND state IN ('SUBMITTED', 'QUEUED', 'RUNNING'))",
+            &[&production_id],
+        )
+        .await?
+        .get(0))
+}
+
+/// A production's jobs that were submitted at least once, per installation
+/// their last attempt was placed on and state.
+pub async fn jobs_per_installation(
+    tx: &Transaction<'_>,
+    production_id: &str,
+) -> anyhow::Result<Vec<(String, JobState, u64)>> {
+    tx.query_cached(
+        "SELECT COALESCE(j.installation, p.backend), j.state, count(*)
+         FROM jobs j JOIN productions p USING (production_id)
+         WHERE j.production_id = $1 AND j.attempts_submitted > 0
+         GROUP BY 1, 2 ORDER BY 1, 2",
+        &[&production_id],
+    )
+    .await?
+    .iter()
+    .map(|r| {
+        Ok((
+            r.get(0),
+            r.get::<_, &str>(1).parse()?,
+            r.get::<_, i64>(2).max(0) as u64,
+        ))
+    })
+    .collect()
+}
+
+/// Which of `jobs`' productions name a group of installations or `any`
+/// (their backend is not `installation`).
+pub async fn federated_of<C: GenericClient + Sync>(
+    client: &C,
+    jobs: &[JobRow],
+    installation: &str,
+) -> anyhow::Result<BTreeSet<String>> {
+    let ids: Vec<&str> = jobs.iter().map(|j| j.production_id.as_str()).collect();
+    Ok(client
+        .query_cached(
+            "SELECT production_id FROM productions WHERE production_id = ANY($1) AND backend <> $2",
+            &[&ids, &installation],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
+}
+
+/// A job reserved here that the backend never got, back to wait as its
+/// next attempt, placed nowhere.
+pub async fn release(tx: &Transaction<'_>, job: &JobRow, raw: &str) -> anyhow::Result<()> {
+    tx.execute_cached(
+        "UPDATE jobs SET state = 'CREATED', attempt = attempt + 1, installation = NULL,
+                         backend_job_id = NULL, raw_status = $3, updated_at = now()
+         WHERE production_id = $1 AND job_index = $2 AND state = 'SUBMITTED'
+           AND backend_job_id IS NULL",
+        &[&job.production_id, &job.job_index, &raw],
+    )
+    .await?;
+    Ok(())
+}
+
+/// The jobs in flight on `installation` of productions naming a group or
+/// `any`, with their backend IDs, locked.
+pub async fn federated_in_flight(
+    tx: &Transaction<'_>,
+    installation: &str,
+) -> anyhow::Result<Vec<(JobRow, Option<String>)>> {
+    tx.query_cached(
+        &format!(
+            "SELECT {JOB_COLUMNS}, j.backend_job_id FROM jobs j JOIN productions p USING (production_id)
+             WHERE j.installation = $1 AND p.backend <> $1
+               AND j.state IN ('SUBMITTED', 'QUEUED', 'RUNNING')
+             FOR UPDATE OF j"
+        ),
+        &[&installation],
+    )
+    .await?
+    .iter()
+    .map(|r| Ok((job_row(r)?, r.get(11))))
+    .collect()
+}
+
+/// Gives a job's attempt on `installation` up: the job waits again as its
+/// next attempt, placed nowhere; the attempt is remembered for cancelling.
+pub async fn abandon(
+    tx: &Transaction<'_>,
+    job: &JobRow,
+    installation: &str,
+    backend_job_id: Option<&str>,
+    raw: &str,
+) -> anyhow::Result<()> {
+    tx.execute_cached(
+        "UPDATE jobs SET state = 'CREATED', attempt = attempt + 1, installation = NULL,
+                         backend_job_id = NULL, raw_status = $3, updated_at = now()
+         WHERE production_id = $1 AND job_index = $2",
+        &[&job.production_id, &job.job_index, &raw],
+    )
+    .await?;
+    if let Some(id) = backend_job_id {
+        tx.execute_cached(
+            "INSERT INTO abandoned_attempts (installation, backend_job_id) VALUES ($1, $2)
+             ON CONFLICT DO NOTHING",
+            &[&installation, &id],
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// Backend IDs of the attempts given up on `installation`.
+pub async fn abandoned<C: GenericClient + Sync>(
+    client: &C,
+    installation: &str,
+) -> anyhow::Result<Vec<String>> {
+    Ok(client
+        .query_cached(
+            "SELECT backend_job_id FROM abandoned_attempts WHERE installation = $1",
+            &[&installation],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
+}
+
+/// Forgets given-up attempts once cancelled.
+pub async fn forget_abandoned<C: GenericClient + Sync>(
+    client: &C,
+    installation: &str,
+    ids: &[String],
+) -> anyhow::Result<()> {
+    client
+        .execute_cached(
+            "DELETE FROM abandoned_attempts WHERE installation = $1 AND backend_job_id = ANY($2)",
+            &[&installation, &ids],
+        )
+        .await?;
+    Ok(())
+}
