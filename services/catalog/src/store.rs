@@ -1203,7 +1203,10 @@ pub async fn existing(
              FROM (SELECT n, required::jsonb AS required, path::jsonpath AS path, keys::jsonb AS keys,
                           if_present::jsonb AS if_present, ranges::jsonb AS ranges, run_key
                    FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[])
-                        WITH ORDINALITY AS u (required, path, keys, if_present, ranges, run_key, n)) AS q
+                        WITH ORDINALITY AS u (required, path, keys, if_present, ranges, run_key, n)
+                   -- Each identity's values cast once, not at each use for each class
+                   -- (pulled up, every reference parsed its text again: 0.7 ms an identity).
+                   OFFSET 0) AS q
              CROSS JOIN LATERAL (
                  SELECT COALESCE(sum(file_count) FILTER (WHERE m), 0)::bigint,
                         COALESCE(sum(total_bytes) FILTER (WHERE m), 0)::bigint,
