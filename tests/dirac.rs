@@ -217,6 +217,27 @@ async fn jobs_go_to_diracx_in_calls_of_twenty_and_prodsys_follows_the_site() {
     let mut ids: Vec<u64> = jobs.keys().copied().collect();
     ids.sort();
     let db = app.env.db().await.unwrap();
+    // The dispatcher records each DiracX job ID once DiracX has answered
+    // its call (the jobs may be listed there a moment before).
+    let ids_text: Vec<String> = jobs.keys().map(|id| id.to_string()).collect();
+    wait_for(
+        "every DiracX job recorded against its attempt",
+        Duration::from_secs(30),
+        || async {
+            let recorded: i64 = db
+                .query_one(
+                    "SELECT count(*) FROM dispatcher.jobs
+                     WHERE production_id = $1 AND backend_job_id = ANY($2)",
+                    &[&production, &ids_text],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            (recorded == 25).then_some(())
+        },
+    )
+    .await
+    .unwrap();
     // Every DiracX job is one attempt of one job, named by its tag.
     for (id, (name, _, _)) in &jobs {
         let row = db
