@@ -225,6 +225,13 @@ impl Scheduler {
             };
             let submitted = match submitted {
                 Ok(n) => n,
+                // Another installation's round (or a chained production's
+                // jobs) took the same rows in another order: the database's
+                // doing, not this installation's; the next round does it.
+                Err(error) if lost_a_race(&error) => {
+                    tracing::warn!(%backend, error = format!("{error:#}"), "submitting jobs met another transaction; retried next round");
+                    0
+                }
                 Err(error) => {
                     last_error = format!("{error:#}");
                     backend_failed = true;
@@ -912,4 +919,19 @@ async fn write_input_list(
     tokio::fs::write(&path, text)
         .await
         .with_context(|| format!("writing {}", path.display()))
+}
+
+/// Whether `error` is a deadlock or serialization failure of this round's
+/// transaction against another's (SQLSTATE 40P01, 40001).
+fn lost_a_race(error: &anyhow::Error) -> bool {
+    use prodsys_db::deadpool_postgres::tokio_postgres::error::SqlState;
+    error.chain().any(|cause| {
+        cause
+            .downcast_ref::<prodsys_db::deadpool_postgres::tokio_postgres::Error>()
+            .and_then(|e| e.code())
+            .is_some_and(|code| {
+                *code == SqlState::T_R_DEADLOCK_DETECTED
+                    || *code == SqlState::T_R_SERIALIZATION_FAILURE
+            })
+    })
 }
