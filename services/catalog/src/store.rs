@@ -849,6 +849,8 @@ struct Class {
 
 /// Classes read at first, then at a time: a first page needs a few dozen.
 const FIRST_CLASSES: i64 = 32;
+/// Most classes' shared metadata a walk keeps at once.
+const MAX_SHARED: usize = 4096;
 const MORE_CLASSES: i64 = 512;
 
 /// A walk over `query`'s files in LFN order, within one read-only snapshot.
@@ -922,6 +924,13 @@ impl<'a> Walk<'a> {
     /// The next classes to read files of: at least `want` files' worth and
     /// every class whose files interleave with theirs; none at the end.
     async fn next_batch(&mut self, want: i64) -> anyhow::Result<Vec<i64>> {
+        // A stream of many classes keeps only those still to come (a page
+        // held back from an earlier batch looks its classes up again).
+        if self.shared.len() > MAX_SHARED {
+            let pending: std::collections::HashSet<i64> =
+                self.pending.iter().map(|c| c.id).collect();
+            self.shared.retain(|id, _| pending.contains(id));
+        }
         let mut ids = Vec::new();
         let (mut files, mut last) = (0i64, String::new());
         loop {
