@@ -227,10 +227,12 @@ async fn a_failing_installation_holds_its_productions_and_says_why() {
         .await;
     let production = app
         .production_when(
-            "the production to show as held",
+            "the production to show as held once its jobs are planned",
             Duration::from_secs(30),
             &held,
-            |p| !p.held_reason.is_empty(),
+            // Held already while ACCEPTED (the installation's failure may be
+            // projected before the production's dispatch): wait for both.
+            |p| !p.held_reason.is_empty() && p.state() == pb::ProductionState::Running,
         )
         .await;
     assert_eq!(production.state(), pb::ProductionState::Running);

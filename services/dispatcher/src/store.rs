@@ -739,7 +739,7 @@ pub async fn lock_chained(tx: &Transaction<'_>, child: &str) -> anyhow::Result<O
         .query_opt_cached(
             "SELECT profile, fingerprint, run_number_offset, job_total, backend
              FROM productions WHERE production_id = $1 AND state = 'RUNNING' AND NOT inputs_complete
-             FOR UPDATE",
+             FOR NO KEY UPDATE",
             &[&child],
         )
         .await?
@@ -918,10 +918,14 @@ pub async fn cancel_chained_after(
 }
 
 /// Holds a production's row until the transaction ends: whoever closes it
-/// sees what a concurrent transaction that holds it committed.
+/// sees what a concurrent transaction that holds it committed. `NO KEY
+/// UPDATE`, not `UPDATE`: inserting a job takes a key-share lock on its
+/// production through the foreign key, and a full update lock would conflict
+/// with it (two installations' rounds closing the same federated production
+/// deadlocked that way).
 pub async fn lock_production(tx: &Transaction<'_>, production_id: &str) -> anyhow::Result<()> {
     tx.execute_cached(
-        "SELECT 1 FROM productions WHERE production_id = $1 FOR UPDATE",
+        "SELECT 1 FROM productions WHERE production_id = $1 FOR NO KEY UPDATE",
         &[&production_id],
     )
     .await?;
