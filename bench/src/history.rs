@@ -544,6 +544,8 @@ pub async fn stream(bench: &Bench) -> anyhow::Result<StreamResult> {
             condition("particle", Op::In, &["proton", "helium"]),
             condition("thetaP", Op::Le, &["40"]),
         ],
+        // As prodctl asks: what the files of a class share comes once.
+        metadata_by_class: true,
         ..Default::default()
     };
     let query = "--where site=LaPalma --where 'particle in proton,helium' --where 'thetaP<=40'";
