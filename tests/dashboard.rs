@@ -143,8 +143,18 @@ async fn the_dashboard_follows_a_production_live_in_a_browser() {
         .await
         .unwrap();
     assert_eq!(bad.status(), 400);
+    assert_eq!(
+        bad.headers()[reqwest::header::CONTENT_TYPE],
+        "application/problem+json"
+    );
     let body: Value = bad.json().await.unwrap();
-    assert!(body["error"].as_str().unwrap().contains("state"), "{body}");
+    assert_eq!(body["status"], 400, "{body}");
+    assert_eq!(body["code"], "INVALID_ARGUMENT", "{body}");
+    assert_eq!(body["violations"][0]["field"], "state", "{body}");
+    assert!(body["detail"].as_str().unwrap().contains("state"), "{body}");
+    let missing: Value = missing.json().await.unwrap();
+    assert_eq!(missing["status"], 404, "{missing}");
+    assert_eq!(missing["code"], "NOT_FOUND", "{missing}");
     // ... and as Prometheus metrics.
     let metrics = http
         .get(format!("{status}/metrics"))

@@ -24,7 +24,7 @@ use tonic::Request;
 
 use crate::api::StatusApi;
 // Faults of a query or path are problem documents naming the parameter.
-use crate::rest::{Path, Query};
+use crate::rest::{Path, Problem, Query};
 use crate::store;
 
 const DASHBOARD: &str = include_str!("dashboard.html");
@@ -155,13 +155,17 @@ struct ListQuery {
     request_id: String,
 }
 
+/// A failure as an RFC 9457 problem document, as `/api/v1` answers them
+/// (the gRPC code, and the field violations where there are any); input a
+/// service refused stays a 400 on these routes, as it always was.
 fn problem(status: tonic::Status) -> Response {
-    let code = match status.code() {
-        tonic::Code::NotFound => StatusCode::NOT_FOUND,
-        tonic::Code::InvalidArgument => StatusCode::BAD_REQUEST,
-        _ => StatusCode::INTERNAL_SERVER_ERROR,
-    };
-    (code, Json(serde_json::json!({ "error": status.message() }))).into_response()
+    let refused = status.code() == tonic::Code::InvalidArgument;
+    let problem = Problem::from(status);
+    if refused {
+        problem.with_status(StatusCode::BAD_REQUEST).into_response()
+    } else {
+        problem.into_response()
+    }
 }
 
 async fn list(State(api): State<StatusApi>, Query(q): Query<ListQuery>) -> Response {
@@ -170,9 +174,7 @@ async fn list(State(api): State<StatusApi>, Query(q): Query<ListQuery>) -> Respo
     } else {
         match q.state.to_ascii_uppercase().parse::<ProductionState>() {
             Ok(state) => state.to_proto(),
-            Err(error) => {
-                return problem(tonic::Status::invalid_argument(format!("state: {error}")));
-            }
+            Err(error) => return Problem::field("state", error.to_string()).into_response(),
         }
     };
     let request = pb::ListProductionsRequest {
@@ -397,16 +399,15 @@ struct TemplatesQuery {
     name: String,
 }
 
-/// 503 with why: a service this page asks (the checker, the catalog) did
-/// not answer.
+/// 503 with why, as a problem document: a service this page asks (the
+/// checker, the catalog) did not answer.
 fn unreachable(peer: &str, status: &tonic::Status) -> Response {
-    (
+    Problem::new(
         StatusCode::SERVICE_UNAVAILABLE,
-        Json(serde_json::json!({
-            "error": format!("the {peer} cannot be reached: {}", status.message())
-        })),
+        status.code(),
+        format!("the {peer} cannot be reached: {}", status.message()),
     )
-        .into_response()
+    .into_response()
 }
 
 /// The container templates, shipped and derived, as the checker (which
@@ -451,9 +452,11 @@ async fn record(
         "markdown" | "md" => (pb::RecordFormat::Markdown, "text/markdown; charset=utf-8"),
         "ro-crate" | "rocrate" => (pb::RecordFormat::RoCrate, "application/ld+json"),
         other => {
-            return problem(tonic::Status::invalid_argument(format!(
-                "format {other:?}: choose json, markdown or ro-crate"
-            )));
+            return Problem::field(
+                "format",
+                format!("{other:?} is not a format: choose json, markdown or ro-crate"),
+            )
+            .into_response();
         }
     };
     let mut catalog = api.catalog.clone();
