@@ -4,6 +4,7 @@
 use std::fmt;
 use std::str::FromStr;
 
+use anyhow::Context;
 use prodsys_config::Settings;
 use prodsys_server::Running;
 use tokio_util::sync::CancellationToken;
@@ -113,14 +114,14 @@ pub async fn start(
     let mut running: Vec<Running> = Vec::new();
     let mut settings = settings.clone();
     // Status starts before the dispatcher (it projects its events) but asks
-    // it for jobs and logs: a dispatcher started with it on port 0 gets its
-    // free port now, so status knows where it will listen.
+    // it for jobs and logs: a dispatcher started with it on port 0 has its
+    // port bound now (and served once it starts), so status knows where it
+    // will listen.
     if services.contains(&Service::Status) && services.contains(&Service::Dispatcher) {
         if settings.dispatcher.port == 0 {
-            let free = std::net::TcpListener::bind((settings.grpc.host.as_str(), 0))
-                .and_then(|listener| listener.local_addr())
-                .map_err(|e| anyhow::anyhow!("finding a free port for the dispatcher: {e}"))?;
-            settings.dispatcher.port = free.port();
+            let reserved = prodsys_server::reserve(&settings.grpc.host)
+                .context("reserving the dispatcher's port")?;
+            settings.dispatcher.port = reserved.port();
         }
         let host = match settings.grpc.host.as_str() {
             "0.0.0.0" | "" => "127.0.0.1".to_string(),
