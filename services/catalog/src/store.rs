@@ -1092,14 +1092,14 @@ impl<'a> Walk<'a> {
             for row in rows {
                 let class_id: i64 = row.get(6);
                 let shared = self.shared.get(&class_id);
-                if named.insert(class_id) {
-                    if let Some(shared) = shared {
-                        classes.push(pb::FileClass {
-                            class_id: class_id as u64,
-                            production_id: shared.production_id.clone(),
-                            metadata: shared.metadata.clone(),
-                        });
-                    }
+                if let Some(shared) = shared
+                    && named.insert(class_id)
+                {
+                    classes.push(pb::FileClass {
+                        class_id: class_id as u64,
+                        production_id: shared.production_id.clone(),
+                        metadata: shared.metadata.clone(),
+                    });
                 }
                 let lfn: String = row.get(0);
                 let on = replicas_of(
