@@ -509,6 +509,7 @@ async fn run(args: &Args) -> anyhow::Result<Results> {
             }
         }
         // Last: its jobs stay waiting behind the one local slot.
+        let mut tap = None;
         if wants(Scenario::Plan) && check(&mut results) {
             if let Err(e) = bench.quiesce(settle).await {
                 results.errors.push(format!("before plan: {e:#}"));
@@ -517,6 +518,10 @@ async fn run(args: &Args) -> anyhow::Result<Results> {
                 "prodsys: planning one production of {} jobs …",
                 stack_plan.plan_jobs
             );
+            match bench.tap().await {
+                Ok(t) => tap = Some(t),
+                Err(e) => results.errors.push(format!("tapping the events: {e:#}")),
+            }
             match bench.plan(&stack_plan).await {
                 Ok(r) => {
                     eprintln!(
@@ -544,8 +549,16 @@ async fn run(args: &Args) -> anyhow::Result<Results> {
                 planned.jobs
             );
             match bench.cancel(&planned).await {
-                Ok(r) => {
-                    eprintln!("  {:.1} s", r.seconds);
+                Ok(mut r) => {
+                    if let Some(tap) = tap.take() {
+                        r.messages = Some(tap.finish().await);
+                    }
+                    eprintln!(
+                        "  {:.1} s (planned in {:.1} s); largest message {} bytes",
+                        r.seconds,
+                        r.plan_seconds,
+                        r.messages.as_ref().map_or(0, |m| m.largest)
+                    );
                     if r.unfinished != 0 {
                         results.errors.push(format!(
                             "cancel: {} jobs of {} not CANCELLED in the dispatcher",
@@ -557,9 +570,23 @@ async fn run(args: &Args) -> anyhow::Result<Results> {
                 Err(e) => results.errors.push(format!("cancel: {e:#}")),
             }
         }
+        if let Some(tap) = tap {
+            tap.finish().await;
+        }
         check(&mut results);
         eprintln!("prodsys: stopping and cleaning up …");
         results.service_rss_peak = bench.stop().await;
+        // Each measurement starts the processes' high-water marks again, so
+        // the peak over the run is the largest of theirs and the last one.
+        let phase_peaks: Vec<(String, u64)> = results
+            .phases()
+            .iter()
+            .flat_map(|(_, load)| load.max_rss.iter().map(|(s, r)| (s.clone(), *r)))
+            .collect();
+        for (service, rss) in phase_peaks {
+            let peak = results.service_rss_peak.entry(service).or_default();
+            *peak = (*peak).max(rss);
+        }
     }
     if wants(Scenario::Containers) && scenario != Scenario::Raw {
         let plan = containers::ContainerPlan {

@@ -116,8 +116,12 @@ pub struct StackPlan {
 #[derive(Debug, Clone, Default)]
 pub struct PhaseLoad {
     pub cpu: sys::CpuUse,
-    /// Largest RSS seen of each service's process, by service.
+    /// Peak RSS of each service's process during the measurement, by
+    /// service: its VmHWM, reset at the start (`/proc/PID/clear_refs`), or
+    /// the largest 250 ms sample where the reset was refused (`hwm` false).
     pub max_rss: BTreeMap<String, u64>,
+    /// Whether `max_rss` holds each process's VmHWM over the measurement.
+    pub hwm: bool,
     /// Largest RSS seen of the bench's own process (its clients).
     pub bench_max_rss: u64,
     /// Most ready messages seen in each service's queue.
@@ -292,6 +296,11 @@ pub struct CancelResult {
     pub seconds: f64,
     /// Jobs of the production in the dispatcher not CANCELLED afterwards (must be 0).
     pub unfinished: i64,
+    /// How long the same run took to plan the production.
+    pub plan_seconds: f64,
+    /// Every message published to the topic exchanges while the production
+    /// was planned and cancelled (a copy on a queue of the bench's own).
+    pub messages: Option<amqp::TapResult>,
     pub load: PhaseLoad,
 }
 
@@ -550,6 +559,11 @@ impl Bench {
         peaks
     }
 
+    /// A copy of every event from now on, for the sizes of their bodies.
+    pub async fn tap(&self) -> anyhow::Result<amqp::Tap> {
+        amqp::Tap::start(&self.amqp, &self.env.prefix).await
+    }
+
     fn service_queues(&self) -> Vec<(String, String)> {
         prodsys_testkit::SERVICES
             .iter()
@@ -567,6 +581,8 @@ impl Bench {
         let pg_start = pg_backends(&self.db).await;
         let commits_start = xact_commits(&self.db).await;
         let pids = self.pids.clone();
+        // Each process's high-water mark starts again with the measurement.
+        let hwm = pids.iter().all(|(_, pid)| sys::reset_peak_rss(*pid));
         let meter = sys::CpuMeter::start_with(&pids);
         let started = Instant::now();
         let task = tokio::spawn(async move {
@@ -592,6 +608,15 @@ impl Bench {
                 }
             }
             rss(&mut load);
+            if hwm {
+                for (service, pid) in &pids {
+                    let peak = sys::pid_peak_rss_bytes(*pid);
+                    if peak > 0 {
+                        load.max_rss.insert(service.to_string(), peak);
+                    }
+                }
+                load.hwm = true;
+            }
             let _ = channel.close(200, "done".into()).await;
             load
         });
@@ -1056,6 +1081,8 @@ impl Bench {
             jobs: plan.jobs,
             seconds,
             unfinished,
+            plan_seconds: plan.seconds,
+            messages: None,
             load,
         })
     }
