@@ -20,6 +20,7 @@ mod amqp;
 mod containers;
 mod faults;
 mod history;
+mod productions;
 mod raw;
 mod report;
 mod services;
@@ -57,6 +58,13 @@ pub enum Scenario {
     Faults,
     /// Container jobs through prodsys beside `podman run` of the same command.
     Containers,
+    /// Whole productions of real toysim jobs on the local executor, submit →
+    /// every production COMPLETED and catalogued, beside a plain spawner of
+    /// the same commands.
+    Productions,
+    /// The whole productions again with two processes of every service:
+    /// the rate beside one of each, and work done twice counted.
+    Replicas,
 }
 
 #[derive(Debug, Parser)]
@@ -111,6 +119,15 @@ pub struct Args {
     /// Container jobs at once, in prodsys and in the raw run (default 2).
     #[arg(long)]
     pub container_concurrency: Option<usize>,
+    /// Productions of the productions scenario (default 1,000, smoke 4).
+    #[arg(long)]
+    pub productions: Option<u64>,
+    /// Jobs per production there (default 10).
+    #[arg(long)]
+    pub jobs_per_production: Option<u64>,
+    /// Jobs at once there, in the local executor and in the raw spawner (default 4).
+    #[arg(long)]
+    pub production_concurrency: Option<usize>,
     /// Internal: run this one service (the bench starts each service so).
     #[arg(long, hide = true, requires = "config")]
     pub serve: Option<String>,
@@ -172,6 +189,9 @@ pub struct Results {
     pub history_plan: Option<history::HistoryPlan>,
     pub history: Option<history::HistoryResult>,
     pub containers: Option<containers::ContainerResult>,
+    pub productions: Option<productions::ProductionsResult>,
+    /// The same productions with two processes of every service.
+    pub replicated: Option<productions::ProductionsResult>,
     pub errors: Vec<String>,
 }
 
@@ -381,7 +401,11 @@ async fn run(args: &Args) -> anyhow::Result<Results> {
 
     if !matches!(
         scenario,
-        Scenario::Raw | Scenario::Containers | Scenario::History
+        Scenario::Raw
+            | Scenario::Containers
+            | Scenario::History
+            | Scenario::Productions
+            | Scenario::Replicas
     ) {
         results.stack_plan = Some(stack_plan);
         eprintln!("prodsys: starting the five services, each in its own process …");
@@ -610,6 +634,62 @@ async fn run(args: &Args) -> anyhow::Result<Results> {
                 results.containers = Some(r);
             }
             Err(e) => results.errors.push(format!("containers: {e:#}")),
+        }
+    }
+    let productions_plan = productions::ProductionsPlan {
+        productions: args
+            .productions
+            .unwrap_or(if args.smoke { 4 } else { 1000 }),
+        jobs_per_production: args.jobs_per_production.unwrap_or(10),
+        concurrency: args.production_concurrency.unwrap_or(4),
+        replicas: 1,
+        raw: true,
+    };
+    if wants(Scenario::Productions) || (wants(Scenario::Replicas) && scenario == Scenario::Replicas)
+    {
+        let p = productions_plan;
+        eprintln!(
+            "productions: {} × {} toysim jobs, {} at once, through prodsys and a plain spawner …",
+            p.productions, p.jobs_per_production, p.concurrency
+        );
+        match productions::run(p).await {
+            Ok(r) => {
+                eprintln!(
+                    "  prodsys {:.1} s ({:.1} jobs/s), raw {:.1} s ({:.1} jobs/s): {:.2}×; {} of {} files verified",
+                    r.prodsys_seconds,
+                    r.prodsys_per_s(),
+                    r.raw_seconds,
+                    r.raw_per_s(),
+                    r.ratio(),
+                    r.files_verified,
+                    r.files
+                );
+                results.productions = Some(r);
+            }
+            Err(e) => results.errors.push(format!("productions: {e:#}")),
+        }
+    }
+    if wants(Scenario::Replicas) {
+        let p = productions::ProductionsPlan {
+            replicas: 2,
+            raw: false,
+            ..productions_plan
+        };
+        eprintln!(
+            "replicas: the same {} × {} jobs with two processes of every service …",
+            p.productions, p.jobs_per_production
+        );
+        match productions::run(p).await {
+            Ok(r) => {
+                eprintln!(
+                    "  {:.1} s ({:.1} jobs/s); {} things done twice",
+                    r.prodsys_seconds,
+                    r.prodsys_per_s(),
+                    r.duplicates.total()
+                );
+                results.replicated = Some(r);
+            }
+            Err(e) => results.errors.push(format!("replicas: {e:#}")),
         }
     }
     if wants(Scenario::History) {
