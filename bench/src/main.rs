@@ -26,6 +26,7 @@ mod report;
 mod services;
 mod stack;
 mod sys;
+mod watchers;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -45,6 +46,9 @@ pub enum Scenario {
     Latency,
     /// Job status transitions/s into the status service.
     Status,
+    /// The status measurement again with WatchProduction streams and
+    /// dashboard SSE clients following its production.
+    Watchers,
     /// Output files/s into the catalog.
     Catalog,
     /// One production of a million jobs planned and persisted, then cancelled.
@@ -119,6 +123,12 @@ pub struct Args {
     /// Container jobs at once, in prodsys and in the raw run (default 2).
     #[arg(long)]
     pub container_concurrency: Option<usize>,
+    /// WatchProduction streams of the watchers scenario (default 1,000, smoke too).
+    #[arg(long)]
+    pub watch_streams: Option<usize>,
+    /// Dashboard SSE clients there (default 100, smoke too).
+    #[arg(long)]
+    pub sse_clients: Option<usize>,
     /// Productions of the productions scenario (default 1,000, smoke 4).
     #[arg(long)]
     pub productions: Option<u64>,
@@ -183,6 +193,8 @@ pub struct Results {
     /// Short closed-loop runs at growing numbers of requests in flight.
     pub sweep: Vec<stack::SubmitResult>,
     pub status: Option<stack::StatusResult>,
+    /// The status measurement with watchers.
+    pub watched: Option<stack::StatusResult>,
     pub catalog: Option<stack::CatalogResult>,
     pub plan: Option<stack::PlanResult>,
     pub cancel: Option<stack::CancelResult>,
@@ -202,6 +214,7 @@ impl Results {
             ("latency", self.latency.as_ref().map(|r| &r.load)),
             ("submit", self.submit.as_ref().map(|r| &r.load)),
             ("status", self.status.as_ref().map(|r| &r.load)),
+            ("status, watched", self.watched.as_ref().map(|r| &r.load)),
             ("catalog", self.catalog.as_ref().map(|r| &r.load)),
             ("plan", self.plan.as_ref().map(|r| &r.load)),
             ("cancel", self.cancel.as_ref().map(|r| &r.load)),
@@ -304,6 +317,10 @@ fn plans(args: &Args) -> (raw::RawPlan, stack::StackPlan) {
         plan_jobs: args
             .plan_jobs
             .unwrap_or(if smoke { 20_000 } else { 1_000_000 }),
+        watchers: (
+            args.watch_streams.unwrap_or(1000),
+            args.sse_clients.unwrap_or(100),
+        ),
     };
     (raw, stack)
 }
@@ -508,7 +525,7 @@ async fn run(args: &Args) -> anyhow::Result<Results> {
                 "prodsys: {} job transitions into status …",
                 stack_plan.status_jobs * 3
             );
-            match bench.status(&stack_plan).await {
+            match bench.status(&stack_plan, None).await {
                 Ok(r) => {
                     eprintln!("  {:.0} transitions/s", r.transitions_per_s);
                     results.status = Some(r);
@@ -517,6 +534,41 @@ async fn run(args: &Args) -> anyhow::Result<Results> {
             }
             if let Err(e) = bench.quiesce(settle).await {
                 results.errors.push(format!("after status: {e:#}"));
+            }
+        }
+        if wants(Scenario::Watchers) && check(&mut results) {
+            let (grpc, sse) = stack_plan.watchers;
+            eprintln!(
+                "prodsys: the status measurement again, {grpc} WatchProduction streams and {sse} dashboard SSE clients following it …"
+            );
+            if results.status.is_none() {
+                // The same measurement without watchers, for the ratio.
+                match bench.status(&stack_plan, None).await {
+                    Ok(r) => results.status = Some(r),
+                    Err(e) => results.errors.push(format!("status: {e:#}")),
+                }
+                if let Err(e) = bench.quiesce(settle).await {
+                    results.errors.push(format!("after status: {e:#}"));
+                }
+            }
+            match bench.status(&stack_plan, Some((grpc, sse))).await {
+                Ok(r) => {
+                    if let Some(w) = &r.watchers {
+                        eprintln!(
+                            "  {:.0} transitions/s; lag p50 {:.0} ms, p99 {:.0} ms; {} of {} watchers saw every job DONE",
+                            r.transitions_per_s,
+                            w.lag_p50_ms,
+                            w.lag_p99_ms,
+                            w.complete,
+                            w.grpc + w.sse
+                        );
+                    }
+                    results.watched = Some(r);
+                }
+                Err(e) => results.errors.push(format!("watchers: {e:#}")),
+            }
+            if let Err(e) = bench.quiesce(settle).await {
+                results.errors.push(format!("after watchers: {e:#}"));
             }
         }
         if wants(Scenario::Catalog) && check(&mut results) {

@@ -262,6 +262,9 @@ fn rows(results: &Results) -> Vec<Row> {
             }),
         });
     }
+    if let Some(w) = &results.watched {
+        watched_row(results, w, &mut rows);
+    }
     if let Some(c) = &results.catalog {
         let (raw, ratios) = consumer_limits(results, c.per_message, c.files_per_s);
         rows.push(Row {
@@ -517,6 +520,60 @@ fn rows(results: &Results) -> Vec<Row> {
         });
     }
     rows
+}
+
+/// The status measurement with watchers, beside the same without them.
+fn watched_row(results: &Results, s: &crate::stack::StatusResult, rows: &mut Vec<Row>) {
+    let Some(w) = &s.watchers else { return };
+    let plain = results
+        .status
+        .as_ref()
+        .map_or(f64::NAN, |p| p.transitions_per_s);
+    let r = s.transitions_per_s / plain;
+    let ok = r >= 0.9 && w.lag_p99_ms <= 1000.0 && w.errors == 0 && w.complete == w.grpc + w.sse;
+    let full = w.grpc >= 1000 && w.sse >= 100;
+    rows.push(Row {
+        figure: format!(
+            "prodsys: job transitions into status ({} as above) with {} WatchProduction streams and {} dashboard SSE clients following the production; lag from a job.status message handed to the broker to a watcher seeing its effect",
+            thousands(s.transitions as f64),
+            thousands(w.grpc as f64),
+            w.sse
+        ),
+        measured: format!(
+            "{} transitions/s; lag p50 {}, p99 {} (WatchProduction {}, SSE {}), max {}; {} of {} watchers saw every job DONE; {} updates received; {} watch errors{}",
+            thousands(s.transitions_per_s),
+            ms(w.lag_p50_ms),
+            ms(w.lag_p99_ms),
+            ms(w.grpc_p99_ms),
+            ms(w.sse_p99_ms),
+            ms(w.lag_max_ms),
+            thousands(w.complete as f64),
+            thousands((w.grpc + w.sse) as f64),
+            thousands(w.updates as f64),
+            w.errors,
+            w.first_error
+                .as_ref()
+                .map_or(String::new(), |e| format!(" (first: {e})"))
+        ),
+        raw: format!(
+            "the same measurement without watchers, same run: {} transitions/s",
+            thousands(plain)
+        ),
+        ratio: ratio(s.transitions_per_s, plain),
+        target: "≥ 0.9 × without watchers, lag p99 ≤ 1 s, 1,000 streams and 100 SSE clients (issue 17)".into(),
+        verdict: if !plain.is_finite() {
+            "cannot tell: the measurement without watchers did not run".into()
+        } else if full {
+            smoke_mark(results, pass(ok))
+        } else {
+            format!(
+                "n/a: {} streams and {} SSE clients, the target is for 1,000 and 100 ({} at this size)",
+                w.grpc,
+                w.sse,
+                pass(ok)
+            )
+        },
+    });
 }
 
 /// The rows of the catalog with a history (issue 10): its first pages, its
@@ -931,6 +988,22 @@ pub fn findings(results: &Results) -> Vec<String> {
             depths(&c.load)
         ));
     }
+    if let (Some(plain), Some(watched)) = (&results.status, &results.watched)
+        && let Some(w) = &watched.watchers
+    {
+        let pg = |l: &PhaseLoad| l.pg_cpu.get("status").copied().unwrap_or(0.0);
+        out.push(format!(
+            "Watchers: with {} WatchProduction streams and {} SSE clients the status process used {:.2} cores (without: {:.2}) and the PostgreSQL backends serving status {:.2} (without: {:.2}); the watchers received {} updates in all ({:.1} each). Each open watch reads the production again on every change it is told of (`StatusApi::snapshot` per stream and per SSE client), so the reads grow with watchers × changes.",
+            thousands(w.grpc as f64),
+            w.sse,
+            watched.load.cpu.service("status"),
+            plain.load.cpu.service("status"),
+            pg(&watched.load),
+            pg(&plain.load),
+            thousands(w.updates as f64),
+            w.updates as f64 / (w.grpc + w.sse).max(1) as f64
+        ));
+    }
     if let Some(p) = &results.productions {
         let c = &p.prodsys_cpu;
         let each = |cores: f64| cores * p.prodsys_seconds * 1000.0 / p.jobs as f64;
@@ -1166,7 +1239,10 @@ pub fn markdown(results: &Results) -> String {
         );
         let _ = writeln!(
             out,
-            "- **Status**: a `production.dispatched` of {} jobs, then `job.status` events of {} transitions each (SUBMITTED, then RUNNING, then DONE for every job: {} transitions), published with confirms (≤ 64 outstanding) as prodsys publishes, CloudEvents headers as `envelope.rs` writes them; timed from the first publish until `GetProduction` counts every job DONE. **Catalog**: `job.output` events of {} files each (LFN, size, adler32, URL, ten metadata keys), {} files in all, timed until `catalog.files` holds every one.",
+            "- **Watchers**: the status measurement again on a production of its own, with {} `WatchProduction` streams ({} per HTTP/2 connection) and {} dashboard clients of `GET /api/events` (a `resync` answered with `GET /api/productions/{{id}}`, as the dashboard does) opened on it before the first publish; each watcher notes when it sees counts that hold the transitions of message k (and of all before it), and its lag for k is that moment less the moment k was handed to the broker. The ratio is to the same measurement without watchers in the same run.\n- **Status**: a `production.dispatched` of {} jobs, then `job.status` events of {} transitions each (SUBMITTED, then RUNNING, then DONE for every job: {} transitions), published with confirms (≤ 64 outstanding) as prodsys publishes, CloudEvents headers as `envelope.rs` writes them; timed from the first publish until `GetProduction` counts every job DONE. **Catalog**: `job.output` events of {} files each (LFN, size, adler32, URL, ten metadata keys), {} files in all, timed until `catalog.files` holds every one.",
+            thousands(p.watchers.0 as f64),
+            100,
+            p.watchers.1,
             thousands(p.status_jobs as f64),
             p.transitions_per_message,
             thousands(p.status_jobs as f64 * 3.0),

@@ -111,6 +111,8 @@ pub struct StackPlan {
     pub catalog_files: u64,
     pub files_per_message: u64,
     pub plan_jobs: u64,
+    /// WatchProduction streams and dashboard SSE clients of the watchers measurement.
+    pub watchers: (usize, usize),
 }
 
 #[derive(Debug, Clone, Default)]
@@ -251,6 +253,8 @@ pub struct StatusResult {
     pub publish_seconds: f64,
     pub seconds: f64,
     pub transitions_per_s: f64,
+    /// Watchers of the production during the measurement, if any.
+    pub watchers: Option<crate::watchers::WatcherStats>,
     pub load: PhaseLoad,
 }
 
@@ -313,6 +317,8 @@ pub struct Bench {
     intake: Vec<pb::request_service_client::RequestServiceClient<Channel>>,
     status: pb::status_service_client::StatusServiceClient<Channel>,
     pub(crate) catalog: pb::catalog_service_client::CatalogServiceClient<Channel>,
+    /// Where the status service answers gRPC and HTTP (the dashboard).
+    status_addr: std::net::SocketAddr,
     amqp: lapin::Connection,
     publish: lapin::Channel,
     /// The bench's own connection to the run's database.
@@ -380,7 +386,16 @@ impl Bench {
             .take(8)
             .collect();
         let pids = services.pids();
+        let status_addr = match services.addr(Service::Status) {
+            Ok(addr) => addr,
+            Err(error) => {
+                services.stop().await;
+                env.cleanup().await;
+                return Err(error);
+            }
+        };
         let mut bench = Self {
+            status_addr,
             env,
             services: Mutex::new(services),
             pids,
@@ -807,9 +822,17 @@ impl Bench {
     /// Job transitions into the status service: a production it knows (from a
     /// production.dispatched), then job.status batches moving every job
     /// SUBMITTED → RUNNING → DONE; timed until GetProduction counts all DONE.
-    pub async fn status(&self, plan: &StackPlan) -> anyhow::Result<StatusResult> {
+    pub async fn status(
+        &self,
+        plan: &StackPlan,
+        watchers: Option<(usize, usize)>,
+    ) -> anyhow::Result<StatusResult> {
         let exchange = format!("{}prodsys.events", self.env.prefix);
-        let production = format!("BENCH-S{}", self.tag);
+        let production = format!(
+            "BENCH-S{}-{}",
+            self.tag,
+            self.seq.fetch_add(1, Ordering::Relaxed)
+        );
         let dispatched = pb::ProductionDispatched {
             production_id: production.clone(),
             job_total: plan.status_jobs,
@@ -883,6 +906,24 @@ impl Bench {
             })
         };
         let count = chunks * 3;
+        let feed = crate::watchers::Feed::new(jobs, per);
+        let messages = {
+            let feed = feed.clone();
+            messages.inspect(move |_| feed.publishing())
+        };
+        let watching = match watchers {
+            Some((grpc, sse)) => Some(
+                crate::watchers::Watchers::start(
+                    self.status_addr,
+                    &production,
+                    feed.clone(),
+                    grpc,
+                    sse,
+                )
+                .await?,
+            ),
+            None => None,
+        };
         let sampler = self.sample().await?;
         let start = Instant::now();
         let published = self.publish_in_background(messages);
@@ -905,6 +946,10 @@ impl Bench {
         let seconds = start.elapsed().as_secs_f64();
         let publish_seconds = published.await.context("publisher task")??;
         let load = sampler.finish(&self.db).await;
+        let watchers = match watching {
+            Some(w) => Some(w.finish(Duration::from_secs(10)).await),
+            None => None,
+        };
         let transitions = plan.status_jobs * 3;
         Ok(StatusResult {
             jobs: plan.status_jobs,
@@ -914,6 +959,7 @@ impl Bench {
             publish_seconds,
             seconds,
             transitions_per_s: transitions as f64 / seconds,
+            watchers,
             load,
         })
     }
