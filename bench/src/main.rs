@@ -23,6 +23,7 @@ mod history;
 mod productions;
 mod raw;
 mod report;
+mod scale;
 mod services;
 mod stack;
 mod sys;

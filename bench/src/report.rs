@@ -1363,6 +1363,7 @@ pub fn markdown(results: &Results) -> String {
         }
         let _ = writeln!(out);
     }
+    let _ = write!(out, "{}", crate::scale::section(results));
     let _ = writeln!(out, "## What this run shows\n");
     let _ = writeln!(
         out,
