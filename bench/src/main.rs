@@ -124,10 +124,10 @@ pub struct Args {
     /// Container jobs at once, in prodsys and in the raw run (default 2).
     #[arg(long)]
     pub container_concurrency: Option<usize>,
-    /// WatchProduction streams of the watchers scenario (default 1,000, smoke too).
+    /// WatchProduction streams of the watchers scenario (default 1,000, smoke 100).
     #[arg(long)]
     pub watch_streams: Option<usize>,
-    /// Dashboard SSE clients there (default 100, smoke too).
+    /// Dashboard SSE clients there (default 100, smoke 10).
     #[arg(long)]
     pub sse_clients: Option<usize>,
     /// Productions of the productions scenario (default 1,000, smoke 4).
@@ -139,6 +139,9 @@ pub struct Args {
     /// Jobs at once there, in the local executor and in the raw spawner (default 4).
     #[arg(long)]
     pub production_concurrency: Option<usize>,
+    /// The dispatcher's poll interval there, ms (default: the tests' 200).
+    #[arg(long)]
+    pub poll_interval_ms: Option<u64>,
     /// Internal: run this one service (the bench starts each service so).
     #[arg(long, hide = true, requires = "config")]
     pub serve: Option<String>,
@@ -319,8 +322,8 @@ fn plans(args: &Args) -> (raw::RawPlan, stack::StackPlan) {
             .plan_jobs
             .unwrap_or(if smoke { 20_000 } else { 1_000_000 }),
         watchers: (
-            args.watch_streams.unwrap_or(1000),
-            args.sse_clients.unwrap_or(100),
+            args.watch_streams.unwrap_or(if smoke { 100 } else { 1000 }),
+            args.sse_clients.unwrap_or(if smoke { 10 } else { 100 }),
         ),
     };
     (raw, stack)
@@ -695,6 +698,7 @@ async fn run(args: &Args) -> anyhow::Result<Results> {
             .unwrap_or(if args.smoke { 4 } else { 1000 }),
         jobs_per_production: args.jobs_per_production.unwrap_or(10),
         concurrency: args.production_concurrency.unwrap_or(4),
+        poll_interval_ms: args.poll_interval_ms,
         replicas: 1,
         raw: true,
     };

@@ -35,6 +35,8 @@ pub struct ProductionsPlan {
     pub jobs_per_production: u64,
     /// Jobs at once: the local executor's slots, and the raw spawner's.
     pub concurrency: usize,
+    /// The dispatcher's poll interval (None: as `TestEnv` sets it).
+    pub poll_interval_ms: Option<u64>,
     /// Processes of every service (1, or 2 to show replicas share the work).
     pub replicas: usize,
     /// Whether the raw spawner runs the same commands afterwards.
@@ -159,6 +161,9 @@ async fn measure(plan: ProductionsPlan, env: &mut TestEnv) -> anyhow::Result<Pro
     let tools = toysim.parent().context("toysim's directory")?.to_path_buf();
     env.settings.dispatcher.tools_dir = tools.clone();
     env.settings.dispatcher.max_concurrent_jobs = plan.concurrency;
+    if let Some(ms) = plan.poll_interval_ms {
+        env.settings.dispatcher.poll_interval_ms = ms;
+    }
     let services =
         Services::start_replicated(&env.settings, &env.work_dir.join("services"), plan.replicas)
             .await?;
