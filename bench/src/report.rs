@@ -1008,7 +1008,7 @@ pub fn findings(results: &Results) -> Vec<String> {
         let c = &p.prodsys_cpu;
         let each = |cores: f64| cores * p.prodsys_seconds * 1000.0 / p.jobs as f64;
         out.push(format!(
-            "Whole productions: intake answered all {} SubmitRequests within {:.1} s; every production was finished {:.1} s after the first. CPU per job besides the job itself: the service processes {:.1} ms, PostgreSQL {:.1} ms, RabbitMQ {:.1} ms (the machine: {}; the jobs' own CPU shows as \"other\"); the plain spawner's machine: {}. The local executor looks at its jobs at most every {} ms: with {} slots and jobs shorter than that, it can start at most {:.0} jobs/s however fast the jobs are.",
+            "Whole productions: intake answered all {} SubmitRequests within {:.1} s; every production was finished {:.1} s after the first. CPU per job besides the job itself: the service processes {:.1} ms, PostgreSQL {:.1} ms, RabbitMQ {:.1} ms (the machine: {}; the jobs' own CPU shows as \"other\"); the plain spawner's machine: {}. The dispatcher's scheduler took a round at least every {} ms (its poll interval; `--poll-interval-ms` sets it) for {} local slots.",
             thousands(p.productions as f64),
             p.submit_seconds,
             p.prodsys_seconds,
@@ -1018,8 +1018,7 @@ pub fn findings(results: &Results) -> Vec<String> {
             c,
             p.raw_cpu,
             p.poll_interval_ms,
-            p.concurrency,
-            p.concurrency as f64 * 1000.0 / p.poll_interval_ms.max(1) as f64
+            p.concurrency
         ));
     }
     let mut busiest: Option<(&str, f64)> = None;
@@ -1268,7 +1267,7 @@ pub fn markdown(results: &Results) -> String {
     if let Some(p) = &results.productions {
         let _ = writeln!(
             out,
-            "- **Whole productions**: on a database and prefix of their own with the five services in their own processes, {} CTA requests (the shipped example, one shower per job, one NSB level: one file per job; an array layout of its own each, so none duplicates another) sent over gRPC {} at a time, {} jobs each, run by the real `prodsys-toysim` on the local executor with {} slots (dispatcher poll interval {} ms, as the tests set it), timed from the first SubmitRequest until every production is COMPLETED and finished (the catalog announced every output catalogued); then every catalogued file is read again and its size and adler32 compared with the catalog's. The raw limit: after the services stopped, the same commands (each job's command line and environment rendered from the profile with the parameters, run number and seed the dispatcher stored for it) run by a plain spawner in Rust, {} at once, each in a directory of its own.{}",
+            "- **Whole productions**: on a database and prefix of their own with the five services in their own processes, {} CTA requests (the shipped example, one shower per job, one NSB level: one file per job; an array layout of its own each, so none duplicates another) sent over gRPC {} at a time, {} jobs each, run by the real `prodsys-toysim` on the local executor with {} slots (dispatcher poll interval {} ms; the tests set 200), timed from the first SubmitRequest until every production is COMPLETED and finished (the catalog announced every output catalogued); then every catalogued file is read again and its size and adler32 compared with the catalog's. The raw limit: after the services stopped, the same commands (each job's command line and environment rendered from the profile with the parameters, run number and seed the dispatcher stored for it) run by a plain spawner in Rust, {} at once, each in a directory of its own.{}",
             thousands(p.productions as f64),
             16,
             p.jobs / p.productions.max(1),

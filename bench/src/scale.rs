@@ -129,7 +129,7 @@ pub fn section(results: &Results) -> String {
     let _ = writeln!(out, "## Scale-out\n");
     let _ = writeln!(
         out,
-        "Worked out from this run's measured rates and CPU per item (the service processes, this run's PostgreSQL and the broker; bench clients and the jobs themselves left out) for the loads below. The loads are inputs, not measurements; the peak is taken as {PEAK:.0} × a day's mean (a campaign's jobs start and end in bursts), and a job makes {TRANSITIONS_PER_JOB:.0} status transitions on a grid WMS. A stage's utilisation is its peak load over the rate this run measured it at on this machine ({} CPUs shared by everything); the first to reach 1 saturates first (the whole-job row is the local executor's rate, bounded by its poll interval, not a grid WMS's: shown, not ranked). Cores are the mean CPU the load costs, at this run's cost per item.\n",
+        "Worked out from this run's measured rates and CPU per item (the service processes, this run's PostgreSQL and the broker; bench clients and the jobs themselves left out) for the loads below. The loads are inputs, not measurements; the peak is taken as {PEAK:.0} × a day's mean (a campaign's jobs start and end in bursts), and a job makes {TRANSITIONS_PER_JOB:.0} status transitions on a grid WMS. A stage's utilisation is its peak load over the rate this run measured it at on this machine ({} CPUs shared by everything); the first to reach 1 saturates first (the whole-job row is the rate of the local executor on this machine, jobs and all, not a grid WMS's: shown, not ranked). Cores are the mean CPU the load costs, at this run's cost per item.\n",
         results.machine.cpus
     );
     for load in &LOADS {
@@ -160,9 +160,9 @@ pub fn section(results: &Results) -> String {
         for s in &stages {
             let utilisation = s.per_s * PEAK / s.measured;
             let mean_cores = s.per_s * s.cpu_s_per_item;
-            // The whole job's rate is the local executor's (its poll
-            // interval), not a grid WMS's: shown, not ranked; its CPU is
-            // the other stages' again.
+            // The whole job's rate is the local executor's on this
+            // machine, not a grid WMS's: shown, not ranked; its CPU is the
+            // other stages' again.
             if !s.name.starts_with("a whole job") {
                 cores += mean_cores;
                 if first.is_none_or(|(_, u)| utilisation > u) {
