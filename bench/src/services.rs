@@ -509,7 +509,13 @@ fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
 fn log_tail(path: &Path) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
-    let tail = lines[lines.len().saturating_sub(LOG_TAIL_LINES)..].join("\n");
+    // A process that failed printed its error before a backtrace that
+    // would fill the tail: from the error on, then.
+    let from = lines
+        .iter()
+        .rposition(|l| l.starts_with("Error: "))
+        .unwrap_or_else(|| lines.len().saturating_sub(LOG_TAIL_LINES));
+    let tail = lines[from..(from + LOG_TAIL_LINES).min(lines.len())].join("\n");
     if tail.is_empty() {
         "(empty)".into()
     } else {
