@@ -1433,6 +1433,48 @@ mod tests {
             }),
             ..Results::default()
         };
+        let mut results = results;
+        let whole = crate::productions::ProductionsResult {
+            productions: 1000,
+            jobs: 10_000,
+            concurrency: 4,
+            replicas: 1,
+            poll_interval_ms: 200,
+            prodsys_seconds: 500.0,
+            submit_seconds: 5.0,
+            files: 10_000,
+            files_verified: 10_000,
+            raw_seconds: 100.0,
+            ..Default::default()
+        };
+        results.replicated = Some(crate::productions::ProductionsResult {
+            replicas: 2,
+            prodsys_seconds: 490.0,
+            raw_seconds: f64::NAN,
+            ..whole.clone()
+        });
+        results.productions = Some(whole);
+        results.status = Some(crate::stack::StatusResult {
+            jobs: 200_000,
+            transitions: 600_000,
+            seconds: 4.0,
+            transitions_per_s: 150_000.0,
+            ..Default::default()
+        });
+        results.watched = Some(crate::stack::StatusResult {
+            jobs: 200_000,
+            transitions: 600_000,
+            seconds: 5.0,
+            transitions_per_s: 120_000.0,
+            watchers: Some(crate::watchers::WatcherStats {
+                grpc: 1000,
+                sse: 100,
+                complete: 1100,
+                lag_p99_ms: 500.0,
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
         let text = markdown(&results);
         let mut cells = None;
         for line in text.lines() {
@@ -1446,5 +1488,16 @@ mod tests {
         assert!(text.contains("RSS of the dispatcher service"));
         assert!(text.contains("dispatcher process peak RSS (VmHWM over the measurement) 30.0 MiB"));
         assert!(!text.contains("cannot tell"));
+        assert!(
+            text.contains("| 0.20× |"),
+            "whole productions against the spawner"
+        );
+        assert!(
+            text.contains("| 1.02× |"),
+            "two processes of each against one"
+        );
+        assert!(text.contains("| 0.80× |"), "watched status against plain");
+        assert!(text.contains("## Scale-out"));
+        assert!(text.contains("Saturates first"));
     }
 }

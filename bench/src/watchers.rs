@@ -362,3 +362,44 @@ async fn sse_client(
     }
     Ok(cursor.seen)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Thresholds count each phase's transitions, the last chunk of a phase short.
+    #[test]
+    fn thresholds_follow_the_publish_order() {
+        let feed = Feed::new(1_100, 500);
+        assert_eq!(feed.chunks, 3);
+        assert_eq!(feed.messages(), 9);
+        let t: Vec<u64> = (0..9).map(|k| feed.threshold(k)).collect();
+        assert_eq!(
+            t,
+            vec![500, 1_000, 1_100, 1_600, 2_100, 2_200, 2_700, 3_200, 3_300]
+        );
+    }
+
+    /// A watcher that sees counts holding several messages learns of each of
+    /// them then, once; its lags are measured from each message's publish.
+    #[test]
+    fn a_watcher_learns_of_every_message_once() {
+        let feed = Feed::new(1_000, 500);
+        for _ in 0..feed.messages() {
+            feed.publishing();
+        }
+        let mut cursor = Cursor::new(feed.clone());
+        cursor.observe(0, 0, 0);
+        assert!(cursor.seen.lags.is_empty());
+        // Every job SUBMITTED, half of them RUNNING: three messages applied.
+        cursor.observe(500, 500, 0);
+        assert_eq!(cursor.seen.lags.len(), 3);
+        cursor.observe(500, 500, 0);
+        assert_eq!(cursor.seen.lags.len(), 3);
+        assert!(!cursor.seen.complete);
+        cursor.observe(0, 0, 1_000);
+        assert_eq!(cursor.seen.lags.len(), 6);
+        assert!(cursor.seen.complete);
+        assert_eq!(cursor.seen.updates, 4);
+    }
+}
