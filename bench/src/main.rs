@@ -139,6 +139,11 @@ pub struct Args {
     /// Jobs at once there, in the local executor and in the raw spawner (default 4).
     #[arg(long)]
     pub production_concurrency: Option<usize>,
+    /// Forward the productions' outputs to a real XRootD server there
+    /// (tests/servers/xrootd, which installs it when missing), and copy the
+    /// raw run's outputs with xrdcp too.
+    #[arg(long)]
+    pub xrootd: bool,
     /// The dispatcher's poll interval there, ms (default: the tests' 200).
     #[arg(long)]
     pub poll_interval_ms: Option<u64>,
@@ -701,6 +706,7 @@ async fn run(args: &Args) -> anyhow::Result<Results> {
         poll_interval_ms: args.poll_interval_ms,
         replicas: 1,
         raw: true,
+        xrootd: args.xrootd,
     };
     if wants(Scenario::Productions) || (wants(Scenario::Replicas) && scenario == Scenario::Replicas)
     {

@@ -28,6 +28,8 @@ use crate::sys;
 
 /// Requests in flight while the productions are submitted.
 const SUBMIT_CONCURRENCY: usize = 16;
+/// The forwarding destination's name in the services' settings.
+const FORWARD_TO: &str = "bench-xrootd";
 
 #[derive(Debug, Clone, Copy)]
 pub struct ProductionsPlan {
@@ -41,6 +43,9 @@ pub struct ProductionsPlan {
     pub replicas: usize,
     /// Whether the raw spawner runs the same commands afterwards.
     pub raw: bool,
+    /// Forward every output to a real XRootD server (tests/servers/xrootd,
+    /// started for the run), and copy the raw run's with `xrdcp` too.
+    pub xrootd: bool,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -63,6 +68,10 @@ pub struct ProductionsResult {
     pub raw_seconds: f64,
     pub prodsys_cpu: sys::CpuUse,
     pub raw_cpu: sys::CpuUse,
+    /// With forwarding: the XRootD server, and the files found under the
+    /// production's base path on it afterwards.
+    pub xrootd: Option<String>,
+    pub forwarded: u64,
     /// Work done twice, counted in the databases.
     pub duplicates: Duplicates,
     /// Peak RSS (VmHWM) of each service process over the run.
@@ -148,16 +157,114 @@ async fn channel(addr: std::net::SocketAddr) -> anyhow::Result<Channel> {
         .await?)
 }
 
+/// The XRootD test server of the run: instance `name`, files under `base`.
+pub struct Xrootd {
+    name: String,
+    pub url: String,
+    base: String,
+}
+
+impl Xrootd {
+    /// Starts instance `name` with the repository's test-server script
+    /// (which installs xrootd-server and xrootd-client when missing).
+    fn start(name: &str) -> anyhow::Result<Self> {
+        let script = prodsys_testkit::repo_root().join("tests/servers/xrootd/start");
+        let out = std::process::Command::new(&script)
+            .arg(name)
+            .stdin(Stdio::null())
+            .output()
+            .with_context(|| format!("running {}", script.display()))?;
+        if !out.status.success() {
+            bail!(
+                "tests/servers/xrootd/start {name} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(Self {
+            name: name.to_string(),
+            url: String::from_utf8(out.stdout)?.trim().to_string(),
+            base: format!("/prodsys-bench/{}", uuid::Uuid::now_v7().simple()),
+        })
+    }
+
+    /// `root://host:port//base/sub`.
+    fn at(&self, sub: &str) -> String {
+        format!("{}/{}/{sub}", self.url, self.base)
+    }
+
+    /// Where the server keeps `base/sub` on this machine.
+    fn local(&self, sub: &str) -> PathBuf {
+        prodsys_testkit::repo_root()
+            .join(format!("var/servers/xrootd/{}/data", self.name))
+            .join(self.base.trim_start_matches('/'))
+            .join(sub)
+    }
+
+    /// Removes the run's files and stops the server.
+    fn stop(self) {
+        let _ = std::fs::remove_dir_all(self.local(""));
+        let script = prodsys_testkit::repo_root().join("tests/servers/xrootd/stop");
+        let _ = std::process::Command::new(script)
+            .arg(&self.name)
+            .stdin(Stdio::null())
+            .status();
+    }
+}
+
+/// Files below `dir`, counted.
+fn files_below(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .filter_map(Result::ok)
+        .map(|e| {
+            let path = e.path();
+            if path.is_dir() { files_below(&path) } else { 1 }
+        })
+        .sum()
+}
+
 pub async fn run(plan: ProductionsPlan) -> anyhow::Result<ProductionsResult> {
     let mut env = TestEnv::new().await?;
     sys::own_database(&env.database);
-    let result = measure(plan, &mut env).await;
+    let xrootd = if plan.xrootd {
+        // One instance for every bench run (the script reuses its port);
+        // each run's files under a base path of their own.
+        match tokio::task::spawn_blocking(|| Xrootd::start("bench")).await? {
+            Ok(x) => Some(x),
+            Err(e) => {
+                env.cleanup().await;
+                return Err(e);
+            }
+        }
+    } else {
+        None
+    };
+    let result = measure(plan, &mut env, xrootd.as_ref()).await;
     env.cleanup().await;
+    if let Some(x) = xrootd {
+        let _ = tokio::task::spawn_blocking(move || x.stop()).await;
+    }
     result
 }
 
-async fn measure(plan: ProductionsPlan, env: &mut TestEnv) -> anyhow::Result<ProductionsResult> {
+async fn measure(
+    plan: ProductionsPlan,
+    env: &mut TestEnv,
+    xrootd: Option<&Xrootd>,
+) -> anyhow::Result<ProductionsResult> {
     let toysim = toysim()?;
+    if let Some(x) = xrootd {
+        env.settings.forwarding.destinations.insert(
+            FORWARD_TO.into(),
+            prodsys_config::DestinationSettings::Xroot {
+                url: x.at("prodsys"),
+                xrdcp: "xrdcp".into(),
+                xrdfs: "xrdfs".into(),
+            },
+        );
+    }
     let tools = toysim.parent().context("toysim's directory")?.to_path_buf();
     env.settings.dispatcher.tools_dir = tools.clone();
     env.settings.dispatcher.max_concurrent_jobs = plan.concurrency;
@@ -168,9 +275,13 @@ async fn measure(plan: ProductionsPlan, env: &mut TestEnv) -> anyhow::Result<Pro
         Services::start_replicated(&env.settings, &env.work_dir.join("services"), plan.replicas)
             .await?;
     let mut services = services;
-    let outcome = through_prodsys(plan, env, &mut services).await;
+    let outcome = through_prodsys(plan, env, &mut services, xrootd.is_some()).await;
     let peaks = services.stop().await;
     let mut result = outcome?;
+    if let Some(x) = xrootd {
+        result.xrootd = Some(x.url.clone());
+        result.forwarded = files_below(&x.local("prodsys"));
+    }
     result.service_rss_peak = peaks;
     result.poll_interval_ms = env.settings.dispatcher.poll_interval_ms;
     if !plan.raw {
@@ -187,7 +298,8 @@ async fn measure(plan: ProductionsPlan, env: &mut TestEnv) -> anyhow::Result<Pro
         result.jobs
     );
     let meter = sys::CpuMeter::start();
-    result.raw_seconds = spawn_all(commands, plan.concurrency, &tools).await?;
+    let copy_to = xrootd.map(|x| x.at("raw"));
+    result.raw_seconds = spawn_all(commands, plan.concurrency, &tools, copy_to).await?;
     result.raw_cpu = meter.stop();
     Ok(result)
 }
@@ -196,6 +308,7 @@ async fn through_prodsys(
     plan: ProductionsPlan,
     env: &TestEnv,
     services: &mut Services,
+    forward: bool,
 ) -> anyhow::Result<ProductionsResult> {
     let mut intakes = Vec::new();
     for addr in services.addrs(Service::Intake) {
@@ -230,6 +343,11 @@ async fn through_prodsys(
                     parameters_json: parameters.to_string(),
                     backend: "local".into(),
                     submitter: "bench".into(),
+                    forward: if forward {
+                        vec![FORWARD_TO.into()]
+                    } else {
+                        Vec::new()
+                    },
                     ..Default::default()
                 })
                 .await;
@@ -423,6 +541,7 @@ async fn spawn_all(
     commands: Vec<RawCommand>,
     concurrency: usize,
     tools: &Path,
+    copy_to: Option<String>,
 ) -> anyhow::Result<f64> {
     let path = std::env::var_os("PATH").unwrap_or_default();
     let path = std::env::join_paths(
@@ -439,6 +558,7 @@ async fn spawn_all(
             tools.join(&command.program)
         };
         let path = path.clone();
+        let copy_to = copy_to.clone();
         runs.spawn(async move {
             let out = tokio::process::Command::new(&program)
                 .args(&command.args)
@@ -450,6 +570,12 @@ async fn spawn_all(
                 .stderr(Stdio::piped())
                 .output()
                 .await;
+            if let (Ok(done), Some(base)) = (&out, &copy_to)
+                && done.status.success()
+            {
+                // The job's outputs, each copied as the forwarder copies it.
+                copy_outputs(&command.workdir, base).await?;
+            }
             drop(permit);
             match out {
                 Ok(out) if out.status.success() => Ok(()),
@@ -467,4 +593,38 @@ async fn spawn_all(
         joined??;
     }
     Ok(began.elapsed().as_secs_f64())
+}
+
+/// `xrdcp -f` of every file below `workdir` to `base`/<its path below `workdir`>.
+async fn copy_outputs(workdir: &Path, base: &str) -> anyhow::Result<()> {
+    let mut stack = vec![workdir.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir)? {
+            let path = entry?.path();
+            if path.is_dir() {
+                stack.push(path);
+                continue;
+            }
+            // Below the raw run's directory: the production, the job, the file.
+            let root = workdir.ancestors().nth(2).unwrap_or(workdir);
+            let below = path.strip_prefix(root)?;
+            let target = format!("{base}/{}", below.display());
+            let out = tokio::process::Command::new("xrdcp")
+                .args(["-f", "-s"])
+                .arg(&path)
+                .arg(&target)
+                .stdin(Stdio::null())
+                .output()
+                .await
+                .context("running xrdcp")?;
+            if !out.status.success() {
+                bail!(
+                    "xrdcp to {target} exited {}: {}",
+                    out.status,
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+        }
+    }
+    Ok(())
 }

@@ -406,15 +406,24 @@ fn rows(results: &Results) -> Vec<Row> {
                 p.concurrency
             ),
             measured: format!(
-                "{:.1} s ({:.1} jobs/s); {} files catalogued, {} of them read again and found of the catalogued size and adler32",
+                "{:.1} s ({:.1} jobs/s); {} files catalogued, {} of them read again and found of the catalogued size and adler32{}",
                 p.prodsys_seconds,
                 p.prodsys_per_s(),
                 thousands(p.files as f64),
-                thousands(p.files_verified as f64)
+                thousands(p.files_verified as f64),
+                p.xrootd.as_ref().map_or(String::new(), |server| format!(
+                    "; {} files forwarded to XRootD ({server}) and verified there",
+                    thousands(p.forwarded as f64)
+                ))
             ),
             raw: format!(
-                "the same toysim commands by a plain spawner, {} at once: {:.1} s ({:.1} jobs/s)",
+                "the same toysim commands by a plain spawner, {} at once{}: {:.1} s ({:.1} jobs/s)",
                 p.concurrency,
+                if p.xrootd.is_some() {
+                    ", each job's outputs then copied with `xrdcp -f`"
+                } else {
+                    ""
+                },
                 p.raw_seconds,
                 p.raw_per_s()
             ),
@@ -427,7 +436,9 @@ fn rows(results: &Results) -> Vec<Row> {
                     thousands(p.productions as f64),
                     pass(p.ratio() >= 0.8)
                 )
-            } else if p.files_verified != p.files {
+            } else if p.files_verified != p.files
+                || (p.xrootd.is_some() && p.forwarded != p.files)
+            {
                 smoke_mark(results, "miss")
             } else {
                 smoke_mark(results, pass(p.ratio() >= 0.8))
@@ -1267,13 +1278,18 @@ pub fn markdown(results: &Results) -> String {
     if let Some(p) = &results.productions {
         let _ = writeln!(
             out,
-            "- **Whole productions**: on a database and prefix of their own with the five services in their own processes, {} CTA requests (the shipped example, one shower per job, one NSB level: one file per job; an array layout of its own each, so none duplicates another) sent over gRPC {} at a time, {} jobs each, run by the real `prodsys-toysim` on the local executor with {} slots (dispatcher poll interval {} ms; the tests set 200), timed from the first SubmitRequest until every production is COMPLETED and finished (the catalog announced every output catalogued); then every catalogued file is read again and its size and adler32 compared with the catalog's. The raw limit: after the services stopped, the same commands (each job's command line and environment rendered from the profile with the parameters, run number and seed the dispatcher stored for it) run by a plain spawner in Rust, {} at once, each in a directory of its own.{}",
+            "- **Whole productions**: on a database and prefix of their own with the five services in their own processes, {} CTA requests (the shipped example, one shower per job, one NSB level: one file per job; an array layout of its own each, so none duplicates another) sent over gRPC {} at a time, {} jobs each, run by the real `prodsys-toysim` on the local executor with {} slots (dispatcher poll interval {} ms; the tests set 200), timed from the first SubmitRequest until every production is COMPLETED and finished (the catalog announced every output catalogued); then every catalogued file is read again and its size and adler32 compared with the catalog's. The raw limit: after the services stopped, the same commands (each job's command line and environment rendered from the profile with the parameters, run number and seed the dispatcher stored for it) run by a plain spawner in Rust, {} at once, each in a directory of its own.{}{}",
             thousands(p.productions as f64),
             16,
             p.jobs / p.productions.max(1),
             p.concurrency,
             p.poll_interval_ms,
             p.concurrency,
+            if p.xrootd.is_some() {
+                " With `--xrootd` every request also names an XRootD destination (a real server started by `tests/servers/xrootd/start`): a production is finished once its outputs are there with the storage's own adler32 equal to the catalog's, and the raw spawner copies each job's outputs there with `xrdcp -f` in the job's slot."
+            } else {
+                ""
+            },
             if results.replicated.is_some() {
                 " **Replicas**: the same productions again on a fresh database and prefix with two processes of every service (ten processes, each on a port of its own, sharing the database, the queues and the dispatcher's work directory; requests alternate between the two intakes), and afterwards the databases counted for work done twice: productions per request beyond one (dispatcher), job attempts beyond the first (no job fails here, so any is a job run twice), outputs catalogued more than once for one job."
             } else {
