@@ -181,6 +181,10 @@ fn rows(results: &Results) -> Vec<Row> {
     }
     let commits = results.db.as_ref().map_or(f64::NAN, |d| d.single_per_s);
     let batch_rows = results.db.as_ref().map_or(f64::NAN, |d| d.batch_rows_per_s);
+    let broker = results
+        .broker
+        .as_ref()
+        .map_or(f64::NAN, |b| b.round_trip_per_s);
     if let Some(s) = &results.submit {
         let r = s.accepted_per_s / commits;
         let verdict = if s.seconds < 60.0 {
@@ -199,14 +203,16 @@ fn rows(results: &Results) -> Vec<Row> {
             ),
             measured: format!("{} req/s", thousands(s.accepted_per_s)),
             raw: format!(
-                "single-row commits {}/s; batched INSERT {} rows/s",
+                "single-row commits {}/s (the target's limit); batched INSERT {} rows/s; broker round trip {} msgs/s",
                 thousands(commits),
-                thousands(batch_rows)
+                thousands(batch_rows),
+                thousands(broker)
             ),
             ratio: format!(
-                "{} commits; {} batched rows",
+                "{} commits; {} batched rows; {} broker messages",
                 ratio(s.accepted_per_s, commits),
-                ratio(s.accepted_per_s, batch_rows)
+                ratio(s.accepted_per_s, batch_rows),
+                ratio(s.accepted_per_s, broker)
             ),
             target: format!("≥ {SUBMIT_PER_COMMIT} × single-row commit rate, 60 s (issue 17)"),
             verdict,
