@@ -13,7 +13,7 @@ use prodsys_proto as pb;
 use prodsys_testkit::wait_for;
 use serde_json::{Value, json};
 use support::browser::Browser;
-use support::{cta_example, spawn_app_with};
+use support::{cta_example, sleep_request, spawn_app_with};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_dashboard_follows_a_production_live_in_a_browser() {
@@ -143,8 +143,18 @@ async fn the_dashboard_follows_a_production_live_in_a_browser() {
         .await
         .unwrap();
     assert_eq!(bad.status(), 400);
+    assert_eq!(
+        bad.headers()[reqwest::header::CONTENT_TYPE],
+        "application/problem+json"
+    );
     let body: Value = bad.json().await.unwrap();
-    assert!(body["error"].as_str().unwrap().contains("state"), "{body}");
+    assert_eq!(body["status"], 400, "{body}");
+    assert_eq!(body["code"], "INVALID_ARGUMENT", "{body}");
+    assert_eq!(body["violations"][0]["field"], "state", "{body}");
+    assert!(body["detail"].as_str().unwrap().contains("state"), "{body}");
+    let missing: Value = missing.json().await.unwrap();
+    assert_eq!(missing["status"], 404, "{missing}");
+    assert_eq!(missing["code"], "NOT_FOUND", "{missing}");
     // ... and as Prometheus metrics.
     let metrics = http
         .get(format!("{status}/metrics"))
@@ -173,5 +183,375 @@ async fn the_dashboard_follows_a_production_live_in_a_browser() {
     ] {
         assert!(metrics.contains(line), "{line}: {metrics}");
     }
+    app.stop().await;
+}
+
+/// Waits for `script` (run in the page) to return `true`.
+async fn until(browser: &Browser, what: &str, seconds: u64, script: &str) {
+    wait_for(what, Duration::from_secs(seconds), || async {
+        (browser.eval(script).await == json!(true)).then_some(())
+    })
+    .await
+    .unwrap();
+}
+
+/// The text of the element `selector` matches, or null.
+async fn text(browser: &Browser, selector: &str) -> Value {
+    browser
+        .eval(&format!(
+            "const e = document.querySelector({selector:?}); return e ? e.textContent : null;"
+        ))
+        .await
+}
+
+/// A production's page in a real browser: its state and counts, its jobs a
+/// page at a time with their attempts, WMS status, exit code and log tail,
+/// its files and their replicas, its record with the productions it read
+/// from and those that read from it; the list's filters and search by ID;
+/// a cancel button that cancels; and a screenshot of a page.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_production_page_shows_its_jobs_files_and_record_and_cancels() {
+    let app = spawn_app_with(|env| {
+        support::use_test_profiles(env);
+        support::storage::disk(env);
+    })
+    .await;
+    let status = format!("http://{}", app.stack.addr(Service::Status).unwrap());
+    // Three jobs, the middle one failing on both its attempts; outputs to disk.
+    let partial = app
+        .accepted(pb::SubmitRequestRequest {
+            forward: vec!["disk".into()],
+            ..sleep_request(3, 0.2, 1, "dashboard-partial", "local")
+        })
+        .await;
+    app.production_when(
+        "the partial production finished",
+        Duration::from_secs(90),
+        &partial,
+        |p| p.finished,
+    )
+    .await;
+    // A chained production over its files (its record names its parent).
+    let child = app
+        .accepted(pb::SubmitRequestRequest {
+            profile: "test-chain".into(),
+            vo: "test".into(),
+            parameters_json: json!({
+                "input_production": partial, "seconds": 0, "tag": "dashboard-child"
+            })
+            .to_string(),
+            backend: "local".into(),
+            ..cta_example()
+        })
+        .await;
+    // And one that runs long, to cancel.
+    let long = app
+        .accepted(sleep_request(2, 120.0, -1, "dashboard-long", "local"))
+        .await;
+    app.production_when(
+        "the long production running",
+        Duration::from_secs(60),
+        &long,
+        |p| p.state() == pb::ProductionState::Running,
+    )
+    .await;
+
+    let browser = Browser::start().await;
+    // The list, filtered by state through its query string: only the running one.
+    browser.open(&format!("{status}/?state=RUNNING")).await;
+    until(
+        &browser,
+        "the running production listed",
+        30,
+        &format!("return document.getElementById('p-{long}') !== null"),
+    )
+    .await;
+    assert_eq!(
+        browser
+            .eval(&format!(
+                "return document.getElementById('p-{partial}') === null \
+                 && document.getElementById('filter-state').value === 'RUNNING'"
+            ))
+            .await,
+        json!(true),
+        "a production not RUNNING is filtered out"
+    );
+    // An installation no production ran on: none listed.
+    browser
+        .eval(
+            "document.getElementById('filter-state').value = ''; \
+             document.getElementById('filter-installation').value = 'nowhere'; \
+             return null;",
+        )
+        .await;
+    browser.click("#filters button[type=submit]").await;
+    until(
+        &browser,
+        "nothing on installation nowhere",
+        20,
+        "return document.querySelectorAll('#productions tr').length === 0 \
+         && !document.getElementById('empty').hidden \
+         && location.search === '?installation=nowhere'",
+    )
+    .await;
+    // By VO and installation (local): all three, each linking to its page.
+    browser
+        .open(&format!("{status}/?vo=test&installation=local"))
+        .await;
+    until(
+        &browser,
+        "the three productions of VO test on local",
+        30,
+        &format!(
+            "return ['{partial}', '{child}', '{long}'].every(id => \
+               document.querySelector(`#p-${{id}} a[href=\"productions/${{id}}\"]`) !== null)"
+        ),
+    )
+    .await;
+    // Part of an ID filters the list; a whole ID opens its page.
+    let digits = partial.trim_start_matches("TEST-");
+    browser
+        .eval(&format!(
+            "document.getElementById('search').value = '{digits}'; return null;"
+        ))
+        .await;
+    browser.click("#filters button[type=submit]").await;
+    until(
+        &browser,
+        "only the production whose ID contains the digits",
+        20,
+        &format!(
+            "return document.getElementById('p-{partial}') !== null \
+               && document.getElementById('p-{long}') === null"
+        ),
+    )
+    .await;
+    browser
+        .eval(&format!(
+            "document.getElementById('search').value = '{partial}'; return null;"
+        ))
+        .await;
+    browser.click("#filters button[type=submit]").await;
+    until(
+        &browser,
+        "the production's page opened by its ID",
+        20,
+        &format!("return location.pathname === '/productions/{partial}'"),
+    )
+    .await;
+
+    // Its page: state, counts, jobs with attempts, WMS status and exit codes.
+    until(
+        &browser,
+        "PARTIALLY_COMPLETED with its jobs",
+        30,
+        "return document.getElementById('state').textContent === 'PARTIALLY_COMPLETED' \
+           && document.querySelectorAll('#jobs tr').length === 3",
+    )
+    .await;
+    let counts = browser
+        .eval(
+            "const c = document.getElementById('counts'); \
+             return ['job_total', 'done', 'exhausted'].map(f => \
+               c.querySelector(`[data-field=\"${f}\"]`).textContent);",
+        )
+        .await;
+    assert_eq!(counts, json!(["3", "2", "1"]));
+    let job = |index: u64, field: &'static str| {
+        let browser = &browser;
+        async move {
+            browser
+                .field(&format!("j-{index}"), field)
+                .await
+                .unwrap_or_default()
+        }
+    };
+    assert_eq!(job(1, "state").await, "EXHAUSTED");
+    assert_eq!(job(1, "attempt").await, "2");
+    assert_eq!(job(1, "exit_code").await, "1");
+    assert_eq!(job(0, "state").await, "DONE");
+    assert_eq!(job(0, "exit_code").await, "0");
+    assert_eq!(job(0, "installation").await, "local (local)");
+    assert!(!job(0, "wms_status").await.is_empty(), "the WMS's own word");
+    assert!(!job(0, "backend_job_id").await.is_empty());
+    // The failing job's log: the end of its last attempt's stdout and stderr.
+    browser.click("#j-1 button.log").await;
+    until(
+        &browser,
+        "the failing job's log",
+        20,
+        "return document.querySelector('#log-1 pre[data-stream=stderr]') !== null",
+    )
+    .await;
+    assert_eq!(
+        text(&browser, "#log-1 pre[data-stream=stdout]").await,
+        json!("job 1 slept 0.2 s\n")
+    );
+    assert_eq!(
+        text(&browser, "#log-1 pre[data-stream=stderr]").await,
+        json!("job 1 fails on purpose\n")
+    );
+    // Its two files, each with its replica on the disk destination.
+    until(
+        &browser,
+        "two files with replicas",
+        30,
+        "return document.querySelectorAll('#files tr.file').length === 2 \
+           && document.querySelectorAll('#files .replica[data-destination=disk]').length === 2",
+    )
+    .await;
+    let replica = text(&browser, "#files .replica[data-destination=disk]").await;
+    assert!(replica.as_str().unwrap().starts_with("disk: "), "{replica}");
+    // Its record, naming the production that read its files.
+    until(
+        &browser,
+        "the record with its child production",
+        60,
+        &format!(
+            "return document.querySelector('#children a[data-production=\"{child}\"]') !== null"
+        ),
+    )
+    .await;
+    assert_eq!(text(&browser, "#parents").await, json!("none"));
+    assert_eq!(
+        text(&browser, "#record-fields [data-field=file_count]").await,
+        json!("2")
+    );
+    // The cancel button is gone from an ended production.
+    assert_eq!(
+        browser
+            .eval("return document.getElementById('cancel').hidden")
+            .await,
+        json!(true)
+    );
+    // A screenshot of the page from its top: a PNG with something in it.
+    browser
+        .command("window/rect", json!({ "width": 1280, "height": 1400 }))
+        .await;
+    browser.eval("window.scrollTo(0, 0); return null;").await;
+    let png = browser.screenshot().await;
+    assert!(png.starts_with(b"\x89PNG\r\n\x1a\n"), "not a PNG");
+    assert_eq!(&png[12..16], b"IHDR");
+    let width = u32::from_be_bytes(png[16..20].try_into().unwrap());
+    let height = u32::from_be_bytes(png[20..24].try_into().unwrap());
+    assert!(width > 100 && height > 100, "{width}x{height}");
+    assert!(
+        png.len() > 5_000,
+        "a page's screenshot of {} bytes",
+        png.len()
+    );
+    // Kept for a person to look at (target/tmp/).
+    std::fs::write(
+        std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard-production-page.png"),
+        &png,
+    )
+    .unwrap();
+
+    // The child's page names its parent, linked.
+    browser
+        .click(&format!("#children a[data-production=\"{child}\"]"))
+        .await;
+    until(
+        &browser,
+        "the child's page with its parent",
+        90,
+        &format!(
+            "return location.pathname === '/productions/{child}' \
+               && document.querySelector('#parents a[data-production=\"{partial}\"]') !== null"
+        ),
+    )
+    .await;
+
+    // Jobs a page at a time.
+    browser
+        .open(&format!("{status}/productions/{long}?jobs_page_size=1"))
+        .await;
+    until(
+        &browser,
+        "the first page of one job",
+        20,
+        "return document.querySelectorAll('#jobs tr').length === 1 \
+           && document.getElementById('j-0') !== null \
+           && !document.getElementById('jobs-next').disabled",
+    )
+    .await;
+    browser.click("#jobs-next").await;
+    until(
+        &browser,
+        "the second page",
+        20,
+        "return document.getElementById('j-1') !== null \
+           && document.getElementById('j-0') === null \
+           && document.getElementById('jobs-next').disabled",
+    )
+    .await;
+    // Cancel: the first click asks to confirm, the second cancels.
+    browser.click("#cancel").await;
+    assert_eq!(
+        browser
+            .eval("return document.getElementById('cancel').className")
+            .await,
+        json!("confirm")
+    );
+    browser.click("#cancel").await;
+    until(
+        &browser,
+        "CANCELLED on the page",
+        60,
+        "return document.getElementById('state').textContent === 'CANCELLED' \
+           && document.getElementById('cancel-result').textContent === 'cancel accepted'",
+    )
+    .await;
+    let cancelled = app.production(&long).await.unwrap();
+    assert_eq!(cancelled.state(), pb::ProductionState::Cancelled);
+    browser.close().await;
+
+    // The job API the page reads, and its problems.
+    let http = reqwest::Client::new();
+    let jobs: Value = http
+        .get(format!(
+            "{status}/api/productions/{partial}/jobs?page_size=2"
+        ))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(jobs["jobs"].as_array().unwrap().len(), 2, "{jobs}");
+    assert_eq!(jobs["jobs"][1]["attempts_submitted"], 2, "{jobs}");
+    assert_eq!(jobs["jobs"][1]["wms"], "local", "{jobs}");
+    assert_eq!(jobs["next_page_token"], "1", "{jobs}");
+    for (path, status_code, field) in [
+        (
+            format!("api/productions/{partial}/jobs/x/log"),
+            400,
+            "job_index",
+        ),
+        (
+            format!("api/productions/{partial}/jobs?page_token=z"),
+            400,
+            "page_token",
+        ),
+        (
+            format!("api/productions/{partial}/jobs?sort=up"),
+            400,
+            "sort",
+        ),
+    ] {
+        let answer = http.get(format!("{status}/{path}")).send().await.unwrap();
+        assert_eq!(answer.status(), status_code, "{path}");
+        let problem: Value = answer.json().await.unwrap();
+        assert_eq!(
+            problem["violations"][0]["field"], field,
+            "{path}: {problem}"
+        );
+    }
+    let absent = http
+        .get(format!("{status}/api/productions/{partial}/jobs/7/log"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(absent.status(), 404);
     app.stop().await;
 }

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use prodsys::Service;
 use prodsys_config::{BackendSettings, DiracSettings};
 use prodsys_proto as pb;
 use prodsys_testkit::{TestEnv, wait_for};
@@ -338,6 +339,49 @@ async fn jobs_go_to_diracx_in_calls_of_twenty_and_prodsys_follows_the_site() {
     }
     // 26 DIRAC jobs for 25 jobs and one retry: no attempt was submitted twice.
     assert_eq!(diracx.jobs(&prefix).await.len(), 26);
+    // The dashboard's production page shows DIRAC's Status and MinorStatus
+    // of each job apart, and says why it shows no log.
+    let status = format!("http://{}", app.stack.addr(Service::Status).unwrap());
+    let http = reqwest::Client::new();
+    let listed: serde_json::Value = http
+        .get(format!(
+            "{status}/api/productions/{production}/jobs?page_size=100"
+        ))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let listed = listed["jobs"].as_array().unwrap();
+    assert_eq!(listed.len(), 25);
+    for job in listed {
+        assert_eq!(job["wms"], "dirac", "{job}");
+        assert_eq!(job["installation"], DIRAC, "{job}");
+        assert_eq!(job["wms_status"], "Done", "{job}");
+        assert_eq!(job["wms_minor_status"], "Execution Complete", "{job}");
+    }
+    assert_eq!(listed[index as usize]["attempt"], 2);
+    assert_eq!(
+        listed[index as usize]["backend_job_id"],
+        retry.0.to_string()
+    );
+    let log: serde_json::Value = http
+        .get(format!("{status}/api/productions/{production}/jobs/0/log"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(log["available"], false, "{log}");
+    assert!(
+        log["unavailable_reason"]
+            .as_str()
+            .unwrap()
+            .contains("output sandbox"),
+        "{log}"
+    );
     app.stop().await;
     std::fs::remove_dir_all(dir).ok();
 }

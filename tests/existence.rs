@@ -22,6 +22,7 @@ fn metadata(pairs: &[(&str, &str)]) -> HashMap<String, String> {
 
 fn registered(lfn: &str, production_id: &str, pairs: &[(&str, &str)]) -> pb::OutputFile {
     pb::OutputFile {
+        class_id: 0,
         lfn: lfn.into(),
         size: 1000,
         adler32: "0a0b0c0d".into(),
@@ -571,8 +572,8 @@ async fn find_files_answers_typed_conditions_in_pages_and_as_a_stream() {
     assert_eq!(streamed.len(), 5);
 
     // More classes than one read of classes takes (32): forty files from
-    // elsewhere, each a class of its own (its own energy), LFNs in the
-    // reverse order of registration.
+    // elsewhere, of 36 energies (a class each), LFNs in the reverse order of
+    // registration.
     let many: Vec<pb::OutputFile> = (0..40)
         .map(|i| {
             registered(
@@ -602,12 +603,74 @@ async fn find_files_answers_typed_conditions_in_pages_and_as_a_stream() {
         .collect();
     expected.sort();
     assert_eq!(paged_heliums, expected);
-    let mut stream = catalog.stream_files(heliums).await.unwrap().into_inner();
+    let mut stream = catalog
+        .stream_files(heliums.clone())
+        .await
+        .unwrap()
+        .into_inner();
     let mut streamed_heliums = Vec::new();
     while let Some(page) = stream.message().await.unwrap() {
         streamed_heliums.extend(lfns(page.files));
     }
     assert_eq!(streamed_heliums, expected);
+
+    // Asked by class, each file carries only its own keys and names its
+    // class; each class comes once in a stream; together they are the
+    // whole metadata of the answer asked plainly.
+    let whole: HashMap<String, HashMap<String, String>> = app
+        .find_all(heliums.clone())
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|f| (f.lfn, f.metadata))
+        .collect();
+    let by_class = pb::FindFilesRequest {
+        metadata_by_class: true,
+        ..heliums.clone()
+    };
+    let mut stream = catalog
+        .stream_files(by_class.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    let (mut classes, mut sent_twice) = (HashMap::new(), Vec::new());
+    let mut merged = HashMap::new();
+    while let Some(page) = stream.message().await.unwrap() {
+        for class in page.classes {
+            if classes.insert(class.class_id, class.metadata).is_some() {
+                sent_twice.push(class.class_id);
+            }
+        }
+        assert!(page.replicas.is_empty(), "nothing was forwarded");
+        for f in page.files {
+            assert_eq!(
+                f.metadata.keys().collect::<Vec<_>>(),
+                ["run_number"],
+                "{f:?}"
+            );
+            let mut metadata = classes
+                .get(&f.class_id)
+                .cloned()
+                .unwrap_or_else(|| panic!("class {} named before it came", f.class_id));
+            metadata.extend(f.metadata);
+            merged.insert(f.lfn, metadata);
+        }
+    }
+    assert!(sent_twice.is_empty(), "{sent_twice:?}");
+    // A class per energy (0.1 and 0.10 are one number).
+    let energies: BTreeSet<String> = whole
+        .values()
+        .map(|m| m["energy_min"].parse::<f64>().unwrap().to_string())
+        .collect();
+    assert_eq!(classes.len(), energies.len());
+    assert!(classes.len() > 32, "{}", classes.len());
+    assert_eq!(merged, whole);
+    // A page names every class of its files.
+    let page = catalog.find_files(by_class).await.unwrap().into_inner();
+    assert_eq!(page.files.len(), 7);
+    let named: BTreeSet<u64> = page.classes.iter().map(|c| c.class_id).collect();
+    let used: BTreeSet<u64> = page.files.iter().map(|f| f.class_id).collect();
+    assert_eq!(named, used);
 
     // An unknown key or a value of the wrong type is a field violation.
     let refused = |query: pb::FindFilesRequest| {

@@ -54,6 +54,7 @@ fn registered_elsewhere() -> pb::OutputFile {
     .map(|(k, v)| (k.to_string(), v.to_string()))
     .collect();
     pb::OutputFile {
+        class_id: 0,
         lfn: lfn.into(),
         size: 1000,
         adler32: "0a0b0c0d".into(),

@@ -607,6 +607,7 @@ async fn outputs_registered_from_elsewhere_count_as_existing() {
     .map(|(k, v)| (k.to_string(), v.to_string()))
     .collect();
     let file = |n: u32| pb::OutputFile {
+        class_id: 0,
         lfn: format!(
             "/vo.cta.in2p3.fr/MC/PROD6/LaPalma/gamma/sim_telarray/2021/Data/000xxx/run{n}.simtel.zst"
         ),

@@ -201,3 +201,103 @@ async fn the_python_clients_stubs_are_generated_from_the_current_protos() {
         String::from_utf8_lossy(&output.stderr)
     );
 }
+
+/// examples/notebook.ipynb, executed by nbclient in a real Jupyter kernel
+/// (var/venv/notebook, which deploy/local/test makes) against a whole stack:
+/// it submits the CTA example, watches it to the end, plots its jobs'
+/// progress and a histogram of its files' sizes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_example_notebook_runs_against_a_live_stack() {
+    let root = prodsys_testkit::repo_root();
+    let venv_python = root.join("var/venv/notebook/bin/python");
+    assert!(
+        venv_python.exists(),
+        "{} is missing: deploy/local/test installs tests/notebook/requirements.txt there",
+        venv_python.display()
+    );
+    let app = spawn_app_with(|_| {}).await;
+    // The executed notebook is kept for a person to look at (target/tmp/).
+    let executed = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("notebook.ipynb");
+    let addr = |service| format!("http://{}", app.stack.addr(service).unwrap());
+    let mut command = tokio::process::Command::new(&venv_python);
+    command
+        .arg(root.join("tests/notebook/run.py"))
+        .arg(root.join("examples/notebook.ipynb"))
+        .arg(&executed)
+        .env("PYTHONPATH", root.join("clients/python/src"))
+        .env("PRODSYS_INTAKE_URL", addr(Service::Intake))
+        .env("PRODSYS_STATUS_URL", addr(Service::Status))
+        .env("PRODSYS_CATALOG_URL", addr(Service::Catalog))
+        .env("MPLBACKEND", "module://matplotlib_inline.backend_inline")
+        .kill_on_drop(true);
+    let output = tokio::time::timeout(Duration::from_secs(600), command.output())
+        .await
+        .expect("the notebook ran within 10 minutes")
+        .expect("the notebook's Python runs");
+    assert!(
+        output.status.success(),
+        "the notebook failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let notebook: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&executed).unwrap()).unwrap();
+    let outputs: Vec<&serde_json::Value> = notebook["cells"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["cell_type"] == "code")
+        .flat_map(|c| c["outputs"].as_array().unwrap())
+        .collect();
+    assert!(
+        outputs.iter().all(|o| o["output_type"] != "error"),
+        "{outputs:?}"
+    );
+    // Two figures, each a PNG with something in it.
+    let figures: Vec<Vec<u8>> = outputs
+        .iter()
+        .filter_map(|o| o["data"]["image/png"].as_str())
+        .map(|png| {
+            use base64::Engine as _;
+            base64::engine::general_purpose::STANDARD
+                .decode(png.replace('\n', ""))
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(figures.len(), 2, "the progress plot and the histogram");
+    for png in &figures {
+        assert!(png.starts_with(b"\x89PNG\r\n\x1a\n"));
+        assert!(png.len() > 5_000, "a figure of {} bytes", png.len());
+    }
+    // Its summary: the production it followed, as the services know it.
+    let summary: serde_json::Value = outputs
+        .iter()
+        .rev()
+        .filter(|o| o["name"] == "stdout")
+        .filter_map(|o| {
+            let text = match &o["text"] {
+                serde_json::Value::Array(lines) => {
+                    lines.iter().filter_map(|l| l.as_str()).collect::<String>()
+                }
+                text => text.as_str().unwrap_or_default().to_string(),
+            };
+            serde_json::from_str(text.trim()).ok()
+        })
+        .next()
+        .expect("the summary cell printed its JSON");
+    let production_id = summary["production_id"].as_str().unwrap();
+    assert_eq!(summary["state"], "COMPLETED", "{summary}");
+    assert_eq!(summary["jobs_done"], 4, "{summary}");
+    assert!(summary["snapshots"].as_u64().unwrap() >= 2, "{summary}");
+    let files = app.files(production_id).await;
+    assert_eq!(summary["files"], files.len() as u64, "{summary}");
+    assert_eq!(
+        summary["total_bytes"],
+        files.iter().map(|f| f.size).sum::<u64>(),
+        "{summary}"
+    );
+    assert_eq!(
+        app.production(production_id).await.unwrap().state(),
+        pb::ProductionState::Completed
+    );
+    app.stop().await;
+}

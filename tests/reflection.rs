@@ -28,7 +28,7 @@ async fn python_reflection_clients_list_every_servers_services() {
             Some("prodsys.v1.CatalogService/FindFiles"),
         ),
         (Service::Checker, Some("prodsys.v1.CheckerService/Evaluate")),
-        (Service::Dispatcher, None),
+        (Service::Dispatcher, Some("prodsys.v1.JobService/ListJobs")),
     ] {
         let addr = app.stack.addr(service).unwrap();
         let output = Command::new("python3")

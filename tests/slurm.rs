@@ -6,6 +6,7 @@ mod support;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use prodsys::Service;
 use prodsys_config::BackendSettings;
 use prodsys_proto as pb;
 use prodsys_testkit::{TestEnv, wait_for};
@@ -89,6 +90,51 @@ async fn the_cta_example_runs_on_slurm_and_failures_are_retried() {
     assert_eq!(row.get::<_, &str>(1), "EXHAUSTED");
     assert_eq!(row.get::<_, &str>(2), "FAILED");
     assert_eq!(row.get::<_, Option<i32>>(3), Some(1));
+    // The dashboard's production page shows Slurm's own state of each job
+    // and the end of its last attempt's logs, which Slurm wrote.
+    let status = format!("http://{}", app.stack.addr(Service::Status).unwrap());
+    let http = reqwest::Client::new();
+    let jobs: serde_json::Value = http
+        .get(format!("{status}/api/productions/{partial}/jobs"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let job = &jobs["jobs"][1];
+    assert_eq!(job["wms"], "slurm", "{jobs}");
+    assert_eq!(job["installation"], SLURM, "{jobs}");
+    assert_eq!(job["wms_status"], "FAILED", "{jobs}");
+    assert_eq!(job["exit_code"], 1, "{jobs}");
+    assert_eq!(job["attempt"], 2, "{jobs}");
+    assert!(
+        job["backend_job_id"]
+            .as_str()
+            .unwrap()
+            .chars()
+            .all(|c| c.is_ascii_digit()),
+        "{jobs}"
+    );
+    assert_eq!(jobs["jobs"][0]["wms_status"], "COMPLETED", "{jobs}");
+    let log: serde_json::Value = http
+        .get(format!("{status}/api/productions/{partial}/jobs/1/log"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(log["available"], true, "{log}");
+    assert_eq!(log["attempt"], 2, "{log}");
+    assert!(
+        log["stdout_tail"]
+            .as_str()
+            .unwrap()
+            .starts_with("job 1 slept"),
+        "{log}"
+    );
+    assert_eq!(log["stderr_tail"], "job 1 fails on purpose\n", "{log}");
     app.stop().await;
 }
 

@@ -65,9 +65,14 @@ pub struct FindResult {
     pub page_size: u32,
     /// Files on the first pages, all queries together.
     pub files: u64,
+    /// Pages asked `metadata_by_class` (what a class's files share once),
+    /// as prodctl asks.
     pub p50_ms: f64,
     pub p99_ms: f64,
     pub max_ms: f64,
+    /// The same pages with every file's whole metadata.
+    pub whole_p50_ms: f64,
+    pub whole_p99_ms: f64,
     /// An example of the queries, as `prodctl files` takes them.
     pub example: String,
 }
@@ -508,21 +513,33 @@ pub async fn find(bench: &Bench, plan: &HistoryPlan) -> anyhow::Result<FindResul
         catalog.find_files(find_query(i).0).await?;
     }
     let mut times = Vec::with_capacity(plan.find_queries);
+    let mut whole = Vec::with_capacity(plan.find_queries);
     let mut files = 0;
     let mut page_size = 0;
     for i in 0..plan.find_queries {
-        let (request, _) = find_query(i);
-        let start = Instant::now();
-        let page = catalog
-            .find_files(request)
-            .await
-            .context("FindFiles")?
-            .into_inner();
-        times.push(start.elapsed());
-        page_size = page_size.max(page.files.len() as u32);
-        files += page.files.len() as u64;
+        // Each query asked both ways, one after the other.
+        for by_class in [true, false] {
+            let request = pb::FindFilesRequest {
+                metadata_by_class: by_class,
+                ..find_query(i).0
+            };
+            let start = Instant::now();
+            let page = catalog
+                .find_files(request)
+                .await
+                .context("FindFiles")?
+                .into_inner();
+            if by_class {
+                times.push(start.elapsed());
+                page_size = page_size.max(page.files.len() as u32);
+                files += page.files.len() as u64;
+            } else {
+                whole.push(start.elapsed());
+            }
+        }
     }
     times.sort_unstable();
+    whole.sort_unstable();
     Ok(FindResult {
         queries: plan.find_queries,
         page_size,
@@ -530,6 +547,8 @@ pub async fn find(bench: &Bench, plan: &HistoryPlan) -> anyhow::Result<FindResul
         p50_ms: percentile_ms(&times, 0.5),
         p99_ms: percentile_ms(&times, 0.99),
         max_ms: percentile_ms(&times, 1.0),
+        whole_p50_ms: percentile_ms(&whole, 0.5),
+        whole_p99_ms: percentile_ms(&whole, 0.99),
         example: find_query(plan.find_queries / 2).1,
     })
 }
@@ -544,6 +563,8 @@ pub async fn stream(bench: &Bench) -> anyhow::Result<StreamResult> {
             condition("particle", Op::In, &["proton", "helium"]),
             condition("thetaP", Op::Le, &["40"]),
         ],
+        // As prodctl asks: what the files of a class share comes once.
+        metadata_by_class: true,
         ..Default::default()
     };
     let query = "--where site=LaPalma --where 'particle in proton,helium' --where 'thetaP<=40'";

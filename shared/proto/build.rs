@@ -7,8 +7,15 @@ use prost::Message;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../proto");
-    let files = ["common", "events", "request", "status", "catalog"]
-        .map(|name| format!("prodsys/v1/{name}.proto"));
+    let files = [
+        "common",
+        "events",
+        "request",
+        "status",
+        "catalog",
+        "dispatcher",
+    ]
+    .map(|name| format!("prodsys/v1/{name}.proto"));
     for file in &files {
         println!("cargo:rerun-if-changed={}", root.join(file).display());
     }

@@ -109,6 +109,49 @@ impl Browser {
         self.eval(&script).await.as_str().map(str::to_string)
     }
 
+    /// Clicks the first element matching the CSS `selector`, as a user
+    /// would (WebDriver's element click: scrolled into view, must be
+    /// visible and enabled).
+    pub async fn click(&self, selector: &str) {
+        let found = self
+            .command(
+                "element",
+                json!({ "using": "css selector", "value": selector }),
+            )
+            .await;
+        let element = found
+            .as_object()
+            .and_then(|o| o.values().next())
+            .and_then(Value::as_str)
+            .unwrap_or_else(|| panic!("no element {selector}: {found}"))
+            .to_string();
+        let clicked = self
+            .command(&format!("element/{element}/click"), json!({}))
+            .await;
+        assert!(clicked.is_null(), "clicking {selector}: {clicked}");
+    }
+
+    /// The page as a PNG, as WebDriver takes it (the viewport).
+    pub async fn screenshot(&self) -> Vec<u8> {
+        use base64::Engine as _;
+        let url = format!("{}/session/{}/screenshot", self.base, self.session);
+        let answer: Value = self
+            .http
+            .get(url)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let text = answer["value"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no screenshot: {answer}"));
+        base64::engine::general_purpose::STANDARD
+            .decode(text)
+            .expect("a screenshot is base64")
+    }
+
     pub async fn close(mut self) {
         let _ = self
             .http

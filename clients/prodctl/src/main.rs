@@ -1253,6 +1253,12 @@ async fn stream_files(
 ) -> anyhow::Result<usize> {
     let mut catalog =
         pb::catalog_service_client::CatalogServiceClient::new(connect(catalog_url).await?);
+    // What files share comes once per class (far less to decode for
+    // answers of millions of files); each file is made whole here.
+    let query = pb::FindFilesRequest {
+        metadata_by_class: true,
+        ..query
+    };
     let mut stream = catalog
         .stream_files(query)
         .await
@@ -1260,11 +1266,24 @@ async fn stream_files(
         .into_inner();
     let mut count = 0;
     let mut all = Vec::new();
-    while let Some(page) = stream.message().await.map_err(output::status)? {
-        // Replicas come beside the files, in the same order.
-        let mut replicas = page.replicas.iter().map(|r| r.replicas.as_slice());
+    let mut classes: std::collections::HashMap<u64, pb::FileClass> = Default::default();
+    while let Some(mut page) = stream.message().await.map_err(output::status)? {
+        classes.extend(page.classes.drain(..).map(|c| (c.class_id, c)));
+        // Only files with replicas are listed, by LFN.
+        let replicas: std::collections::HashMap<&str, &[pb::Replica]> = page
+            .replicas
+            .iter()
+            .map(|r| (r.lfn.as_str(), r.replicas.as_slice()))
+            .collect();
+        for f in &mut page.files {
+            if let Some(class) = classes.get(&f.class_id) {
+                for (k, v) in &class.metadata {
+                    f.metadata.entry(k.clone()).or_insert_with(|| v.clone());
+                }
+            }
+        }
         for f in &page.files {
-            let of_file = replicas.next().unwrap_or_default();
+            let of_file = replicas.get(f.lfn.as_str()).copied().unwrap_or_default();
             if output::json() {
                 let mut file = output::file(f);
                 if with_replicas {

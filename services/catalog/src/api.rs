@@ -79,18 +79,10 @@ impl CatalogApi {
         query: &FileQuery,
         after: &str,
         page_size: u32,
+        by_class: bool,
     ) -> Result<pb::FindFilesResponse> {
-        let (files, replicas, more) = store::files_page(&self.db, query, after, page_size).await?;
-        let next_page_token = if more {
-            files.last().map(|f| f.lfn.clone()).unwrap_or_default()
-        } else {
-            String::new()
-        };
-        Ok(pb::FindFilesResponse {
-            files,
-            next_page_token,
-            replicas,
-        })
+        let (files, more) = store::files_page(&self.db, query, after, page_size, by_class).await?;
+        Ok(response(files, more))
     }
 
     /// What the catalog holds for each identity, in the order asked.
@@ -237,6 +229,21 @@ type FileStream = std::pin::Pin<
     Box<dyn tokio_stream::Stream<Item = Result<pb::FindFilesResponse, Status>> + Send>,
 >;
 
+/// A page of files as the API answers it: the next page begins after its
+/// last file when more follow.
+fn response(files: store::Files, more: bool) -> pb::FindFilesResponse {
+    let next_page_token = match (more, files.files.last()) {
+        (true, Some(f)) => f.lfn.clone(),
+        _ => String::new(),
+    };
+    pb::FindFilesResponse {
+        files: files.files,
+        next_page_token,
+        replicas: files.replicas,
+        classes: files.classes,
+    }
+}
+
 #[tonic::async_trait]
 impl pb::catalog_service_server::CatalogService for CatalogApi {
     #[tracing::instrument(skip_all, fields(production_id = %request.get_ref().production_id))]
@@ -248,7 +255,8 @@ impl pb::catalog_service_server::CatalogService for CatalogApi {
         let query = self.file_query(&r)?;
         let page_size = domain::page_size(r.page_size, 1000);
         Ok(Response::new(
-            self.page(&query, &r.page_token, page_size).await?,
+            self.page(&query, &r.page_token, page_size, r.metadata_by_class)
+                .await?,
         ))
     }
 
@@ -270,16 +278,9 @@ impl pb::catalog_service_server::CatalogService for CatalogApi {
                 &query,
                 &r.page_token,
                 page_size,
-                |files, replicas, more| {
-                    let next_page_token = match (more, files.last()) {
-                        (true, Some(f)) => f.lfn.clone(),
-                        _ => String::new(),
-                    };
-                    let page = pb::FindFilesResponse {
-                        files,
-                        next_page_token,
-                        replicas,
-                    };
+                r.metadata_by_class,
+                |files, more| {
+                    let page = response(files, more);
                     let tx = tx.clone();
                     // A client that went away ends the stream.
                     async move { tx.send(Ok(page)).await.is_ok() }

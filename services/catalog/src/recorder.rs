@@ -96,6 +96,7 @@ impl Recorder {
                 .join(record::RO_CRATE_FILE);
             let (size, adler32) = write_file(&path, text.into_bytes()).await?;
             let file = pb::OutputFile {
+                class_id: 0,
                 lfn: lfn.clone(),
                 size,
                 adler32,

@@ -803,11 +803,15 @@ fn classes_statement(query: &FileQuery, limited: bool) -> (String, Vec<String>) 
 /// The statement of the files of the classes `$1` after LFN `$2` with the
 /// prefix `$3`, in LFN order, and its parameters after those three: read
 /// from the covering index of each class's files.
-fn class_files_statement(query: &FileQuery) -> (String, Vec<String>) {
+/// Without `replicated` (no production of the classes has a replica), the
+/// files' replicas are not looked up: a look-up per file was a third of a
+/// stream's time in the database.
+fn class_files_statement(query: &FileQuery, replicated: bool) -> (String, Vec<String>) {
     let mut extra = Vec::new();
     let own = own_conditions(query, 4, &mut extra);
+    let replicas = if replicated { REPLICAS } else { "NULL::jsonb" };
     let sql = format!(
-        "SELECT f.lfn, f.size, f.adler32, f.url, f.own, f.job_index, f.class_id, {REPLICAS}
+        "SELECT f.lfn, f.size, f.adler32, f.url, f.own, f.job_index, f.class_id, {replicas}
          FROM files f
          WHERE f.class_id = ANY($1) AND f.lfn > $2 AND f.lfn >= $3 AND starts_with(f.lfn, $3){own}
          ORDER BY f.lfn"
@@ -1008,7 +1012,22 @@ impl<'a> Walk<'a> {
                 if batch.is_empty() {
                     break;
                 }
-                let (sql, extra) = class_files_statement(self.query);
+                let mut productions: Vec<&str> = batch
+                    .iter()
+                    .filter_map(|id| self.shared.get(id))
+                    .map(|shared| shared.production_id.as_str())
+                    .collect();
+                productions.sort_unstable();
+                productions.dedup();
+                let replicated: bool = self
+                    .tx
+                    .query_one_cached(
+                        "SELECT EXISTS (SELECT 1 FROM replicas WHERE production_id = ANY($1))",
+                        &[&productions],
+                    )
+                    .await?
+                    .get(0);
+                let (sql, extra) = class_files_statement(self.query, replicated);
                 let mut params: Vec<Param<'_>> = vec![&batch, &self.after, &self.query.lfn_prefix];
                 params.extend(extra.iter().map(|e| e as Param<'_>));
                 let statement = self.tx.prepare_cached(&sql).await?;
@@ -1028,11 +1047,14 @@ impl<'a> Walk<'a> {
     }
 
     /// Files and their replicas as the API gives them, from [`Walk::rows`]:
-    /// each file's metadata is its class's and its own.
+    /// each file's metadata is its class's and its own, or (`by_class`: the
+    /// classes the answer has named so far) its own and its class's ID,
+    /// with the classes not yet named.
     async fn files_of(
         &mut self,
         rows: &[Row],
-    ) -> anyhow::Result<(Vec<pb::OutputFile>, Vec<pb::FileReplicas>)> {
+        by_class: Option<&mut std::collections::HashSet<i64>>,
+    ) -> anyhow::Result<Files> {
         let mut unknown: Vec<i64> = rows
             .iter()
             .map(|row| row.get::<_, i64>(6))
@@ -1063,11 +1085,58 @@ impl<'a> Walk<'a> {
                 );
             }
         }
+        if let Some(named) = by_class {
+            let mut classes = Vec::new();
+            let mut replicas = Vec::new();
+            let mut files = Vec::with_capacity(rows.len());
+            for row in rows {
+                let class_id: i64 = row.get(6);
+                let shared = self.shared.get(&class_id);
+                if named.insert(class_id) {
+                    if let Some(shared) = shared {
+                        classes.push(pb::FileClass {
+                            class_id: class_id as u64,
+                            production_id: shared.production_id.clone(),
+                            metadata: shared.metadata.clone(),
+                        });
+                    }
+                }
+                let lfn: String = row.get(0);
+                let on = replicas_of(
+                    row.get::<_, Option<serde_json::Value>>(7)
+                        .unwrap_or_default(),
+                );
+                if !on.is_empty() {
+                    replicas.push(pb::FileReplicas {
+                        lfn: lfn.clone(),
+                        replicas: on,
+                    });
+                }
+                files.push(pb::OutputFile {
+                    lfn,
+                    size: row.get::<_, i64>(1) as u64,
+                    adler32: row.get(2),
+                    url: row.get(3),
+                    metadata: domain::as_text(row.get(4)),
+                    production_id: shared.map(|s| s.production_id.clone()).unwrap_or_default(),
+                    job_index: row.get::<_, i64>(5) as u64,
+                    class_id: class_id as u64,
+                });
+            }
+            return Ok(Files {
+                files,
+                replicas,
+                classes,
+            });
+        }
         let replicas = rows
             .iter()
             .map(|row| pb::FileReplicas {
                 lfn: row.get(0),
-                replicas: replicas_of(row.get(7)),
+                replicas: replicas_of(
+                    row.get::<_, Option<serde_json::Value>>(7)
+                        .unwrap_or_default(),
+                ),
             })
             .collect();
         let files = rows
@@ -1087,11 +1156,25 @@ impl<'a> Walk<'a> {
                     metadata,
                     production_id,
                     job_index: row.get::<_, i64>(5) as u64,
+                    class_id: 0,
                 }
             })
             .collect();
-        Ok((files, replicas))
+        Ok(Files {
+            files,
+            replicas,
+            classes: Vec::new(),
+        })
     }
+}
+
+/// Files as an answer gives them: the files, their replicas, and the
+/// classes they name (when asked by class).
+#[derive(Debug, Default)]
+pub struct Files {
+    pub files: Vec<pb::OutputFile>,
+    pub replicas: Vec<pb::FileReplicas>,
+    pub classes: Vec<pb::FileClass>,
 }
 
 /// A read-only transaction of one snapshot, for a walk.
@@ -1109,25 +1192,27 @@ async fn snapshot(
 }
 
 /// Up to `page_size` files of `query` after LFN `after`, in LFN order, with
-/// their replicas, and whether more follow.
+/// their replicas (and classes, `by_class`), and whether more follow.
 pub async fn files_page(
     db: &Db,
     query: &FileQuery,
     after: &str,
     page_size: u32,
-) -> anyhow::Result<(Vec<pb::OutputFile>, Vec<pb::FileReplicas>, bool)> {
+    by_class: bool,
+) -> anyhow::Result<(Files, bool)> {
     let mut client = db.client().await?;
     let tx = snapshot(&mut client).await?;
-    let (files, replicas, more) = {
+    let (files, more) = {
         let mut walk = Walk::start(&tx, query, after, false).await?;
         let mut rows = walk.rows(page_size as usize + 1).await?;
         let more = rows.len() > page_size as usize;
         rows.truncate(page_size as usize);
-        let (files, replicas) = walk.files_of(&rows).await?;
-        (files, replicas, more)
+        let mut named = std::collections::HashSet::new();
+        let files = walk.files_of(&rows, by_class.then_some(&mut named)).await?;
+        (files, more)
     };
     tx.commit().await?;
-    Ok((files, replicas, more))
+    Ok((files, more))
 }
 
 /// Every file of `query` after LFN `after`, in LFN order, handed to `send`
@@ -1140,10 +1225,11 @@ pub async fn stream_files<F, Fut>(
     query: &FileQuery,
     after: &str,
     page_size: u32,
+    by_class: bool,
     mut send: F,
 ) -> anyhow::Result<()>
 where
-    F: FnMut(Vec<pb::OutputFile>, Vec<pb::FileReplicas>, bool) -> Fut,
+    F: FnMut(Files, bool) -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
     let mut client = db.client().await?;
@@ -1153,6 +1239,8 @@ where
         // A page is held until the next is read: whether more follow is
         // known before a page goes out.
         let mut held = walk.rows(page_size as usize).await?;
+        // The classes named so far: each is sent once in a stream.
+        let mut named = std::collections::HashSet::new();
         loop {
             let next = if held.len() < page_size as usize {
                 Vec::new()
@@ -1160,8 +1248,8 @@ where
                 walk.rows(page_size as usize).await?
             };
             let more = !next.is_empty();
-            let (files, replicas) = walk.files_of(&held).await?;
-            if !send(files, replicas, more).await || !more {
+            let files = walk.files_of(&held, by_class.then_some(&mut named)).await?;
+            if !send(files, more).await || !more {
                 break;
             }
             held = next;

@@ -140,6 +140,7 @@ pub fn describe_outputs(
     for file in scanned {
         vars.insert("file_name".into(), file.name.clone());
         files.push(pb::OutputFile {
+            class_id: 0,
             lfn: render(&profile.outputs().lfn, &vars),
             size: file.size,
             adler32: file.adler32.clone(),

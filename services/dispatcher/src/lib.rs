@@ -18,6 +18,7 @@ pub mod dirac;
 mod domain;
 pub mod error;
 mod federation;
+mod jobs_api;
 pub mod lease;
 mod outputs;
 mod planning;
@@ -33,6 +34,7 @@ use prodsys_config::BackendSettings;
 use prodsys_core::ProfileSet;
 use prodsys_core::events::{JOB_OUTPUT, PRODUCTION_CANCEL, PRODUCTION_COMPLETED, REQUEST_ACCEPTED};
 use prodsys_db::Migration;
+use prodsys_proto as pb;
 use prodsys_server::{Foundation, Running};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -198,6 +200,10 @@ pub async fn start(
         &shutdown,
     );
     let (routes, reporter) = prodsys_server::base_routes()?;
+    // A production's jobs and their logs, for the dashboard.
+    let routes = routes.add_service(pb::job_service_server::JobServiceServer::new(
+        jobs_api::JobsApi::new(foundation.db.clone(), settings),
+    ));
     let routes = prodsys_server::with_metrics(routes);
     foundation
         .serve_grpc(
@@ -205,7 +211,7 @@ pub async fn start(
             settings.dispatcher.port,
             routes,
             reporter,
-            &[],
+            &["prodsys.v1.JobService"],
             &served,
         )
         .await

@@ -4,6 +4,7 @@
 use std::fmt;
 use std::str::FromStr;
 
+use anyhow::Context;
 use prodsys_config::Settings;
 use prodsys_server::Running;
 use tokio_util::sync::CancellationToken;
@@ -112,6 +113,24 @@ pub async fn start(
 ) -> anyhow::Result<Stack> {
     let mut running: Vec<Running> = Vec::new();
     let mut settings = settings.clone();
+    // Status starts before the dispatcher (it projects its events) but asks
+    // it for jobs and logs: a dispatcher started with it on port 0 has its
+    // port bound now (and served once it starts), so status knows where it
+    // will listen.
+    if services.contains(&Service::Status) && services.contains(&Service::Dispatcher) {
+        if settings.dispatcher.port == 0 {
+            let reserved = prodsys_server::reserve(&settings.grpc.host)
+                .context("reserving the dispatcher's port")?;
+            settings.dispatcher.port = reserved.port();
+        }
+        let host = match settings.grpc.host.as_str() {
+            "0.0.0.0" | "" => "127.0.0.1".to_string(),
+            "::" => "[::1]".to_string(),
+            host if host.contains(':') => format!("[{host}]"),
+            host => host.to_string(),
+        };
+        settings.status.dispatcher_url = format!("http://{host}:{}", settings.dispatcher.port);
+    }
     for service in Service::ALL.into_iter().filter(|s| services.contains(s)) {
         // Services started together find each other where they really listen.
         for r in &running {

@@ -30,6 +30,9 @@ pub struct StatusApi {
     /// Intake, which answers submit, validate, cancel and profiles for the
     /// HTTP/JSON API (`rest`).
     pub intake: pb::request_service_client::RequestServiceClient<tonic::transport::Channel>,
+    /// The dispatcher, which answers `ListJobs` and `GetJobLog` for the
+    /// dashboard's production pages.
+    pub dispatcher: pb::job_service_client::JobServiceClient<tonic::transport::Channel>,
 }
 
 /// How long a watch waits for a finished production's counts to settle.

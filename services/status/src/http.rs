@@ -3,6 +3,10 @@
 //! (server-sent events), the same read model as JSON, Prometheus metrics
 //! (with files forwarded / catalogued per destination), and a finished
 //! production's record as the catalog answers it (JSON, Markdown, RO-Crate).
+//! Each production has a page (`/productions/{id}`): its jobs with their
+//! attempts, WMS status and log tails as the dispatcher's `JobService`
+//! answers them (proxied here), its files and record (from `/api/v1`), and
+//! a cancel button. Failures are RFC 9457 problem documents.
 
 use std::convert::Infallible;
 use std::time::Duration;
@@ -24,11 +28,12 @@ use tonic::Request;
 
 use crate::api::StatusApi;
 // Faults of a query or path are problem documents naming the parameter.
-use crate::rest::{Path, Query};
+use crate::rest::{Path, Problem, Query};
 use crate::store;
 
 const DASHBOARD: &str = include_str!("dashboard.html");
 const TEMPLATES: &str = include_str!("templates.html");
+const PRODUCTION: &str = include_str!("production.html");
 
 pub(crate) fn router(api: StatusApi) -> Router {
     Router::new()
@@ -36,6 +41,12 @@ pub(crate) fn router(api: StatusApi) -> Router {
         .route("/api/productions", get(list))
         .route("/api/productions/{production_id}", get(one))
         .route("/api/productions/{production_id}/record", get(record))
+        .route("/productions/{production_id}", get(production_page))
+        .route("/api/productions/{production_id}/jobs", get(jobs))
+        .route(
+            "/api/productions/{production_id}/jobs/{job_index}/log",
+            get(job_log),
+        )
         .route("/api/events", get(events))
         .route("/metrics", get(metrics))
         .route("/templates", get(templates_page))
@@ -155,13 +166,17 @@ struct ListQuery {
     request_id: String,
 }
 
+/// A failure as an RFC 9457 problem document, as `/api/v1` answers them
+/// (the gRPC code, and the field violations where there are any); input a
+/// service refused stays a 400 on these routes, as it always was.
 fn problem(status: tonic::Status) -> Response {
-    let code = match status.code() {
-        tonic::Code::NotFound => StatusCode::NOT_FOUND,
-        tonic::Code::InvalidArgument => StatusCode::BAD_REQUEST,
-        _ => StatusCode::INTERNAL_SERVER_ERROR,
-    };
-    (code, Json(serde_json::json!({ "error": status.message() }))).into_response()
+    let refused = status.code() == tonic::Code::InvalidArgument;
+    let problem = Problem::from(status);
+    if refused {
+        problem.with_status(StatusCode::BAD_REQUEST).into_response()
+    } else {
+        problem.into_response()
+    }
 }
 
 async fn list(State(api): State<StatusApi>, Query(q): Query<ListQuery>) -> Response {
@@ -170,9 +185,7 @@ async fn list(State(api): State<StatusApi>, Query(q): Query<ListQuery>) -> Respo
     } else {
         match q.state.to_ascii_uppercase().parse::<ProductionState>() {
             Ok(state) => state.to_proto(),
-            Err(error) => {
-                return problem(tonic::Status::invalid_argument(format!("state: {error}")));
-            }
+            Err(error) => return Problem::field("state", error.to_string()).into_response(),
         }
     };
     let request = pb::ListProductionsRequest {
@@ -397,16 +410,15 @@ struct TemplatesQuery {
     name: String,
 }
 
-/// 503 with why: a service this page asks (the checker, the catalog) did
-/// not answer.
+/// 503 with why, as a problem document: a service this page asks (the
+/// checker, the catalog, the dispatcher) did not answer.
 fn unreachable(peer: &str, status: &tonic::Status) -> Response {
-    (
+    Problem::new(
         StatusCode::SERVICE_UNAVAILABLE,
-        Json(serde_json::json!({
-            "error": format!("the {peer} cannot be reached: {}", status.message())
-        })),
+        status.code(),
+        format!("the {peer} cannot be reached: {}", status.message()),
     )
-        .into_response()
+    .into_response()
 }
 
 /// The container templates, shipped and derived, as the checker (which
@@ -451,9 +463,11 @@ async fn record(
         "markdown" | "md" => (pb::RecordFormat::Markdown, "text/markdown; charset=utf-8"),
         "ro-crate" | "rocrate" => (pb::RecordFormat::RoCrate, "application/ld+json"),
         other => {
-            return problem(tonic::Status::invalid_argument(format!(
-                "format {other:?}: choose json, markdown or ro-crate"
-            )));
+            return Problem::field(
+                "format",
+                format!("{other:?} is not a format: choose json, markdown or ro-crate"),
+            )
+            .into_response();
         }
     };
     let mut catalog = api.catalog.clone();
@@ -532,5 +546,152 @@ async fn periods(State(api): State<StatusApi>, Query(q): Query<TemplatesQuery>) 
         .into_response(),
         Err(status) if status.code() == tonic::Code::InvalidArgument => problem(status),
         Err(status) => unreachable("checker", &status),
+    }
+}
+
+/// A production's own page: its state and counts, jobs (paged) with their
+/// attempts, WMS status and logs, files and replicas, record, parent and
+/// child productions, and a cancel button. The page reads the routes below
+/// and `/api/v1` (files, record, cancel).
+async fn production_page() -> Html<&'static str> {
+    Html(PRODUCTION)
+}
+
+/// `GET /api/productions/{id}/jobs?page_size=&page_token=`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct JobsQuery {
+    page_size: u32,
+    page_token: String,
+}
+
+/// A job as the production page shows it.
+#[derive(Debug, Serialize)]
+struct JobView {
+    job_index: u64,
+    state: String,
+    attempt: u32,
+    attempts_submitted: u32,
+    installation: String,
+    /// `local`, `slurm`, `dirac`; empty while it waits to be placed.
+    wms: String,
+    backend_job_id: String,
+    /// DIRAC's Status, Slurm's job state, the local executor's word.
+    wms_status: String,
+    /// DIRAC's MinorStatus.
+    wms_minor_status: String,
+    exit_code: Option<i32>,
+    run_number: u64,
+    updated_unix_ms: i64,
+}
+
+impl From<pb::Job> for JobView {
+    fn from(j: pb::Job) -> Self {
+        let state = prodsys_core::JobState::from_proto(j.state)
+            .map_or("UNSPECIFIED", prodsys_core::JobState::as_str)
+            .to_string();
+        let wms = match pb::WmsKind::try_from(j.wms).unwrap_or(pb::WmsKind::Unspecified) {
+            pb::WmsKind::Local => "local",
+            pb::WmsKind::Slurm => "slurm",
+            pb::WmsKind::Dirac => "dirac",
+            pb::WmsKind::Unspecified => "",
+        };
+        Self {
+            job_index: j.job_index,
+            state,
+            attempt: j.attempt,
+            attempts_submitted: j.attempts_submitted,
+            installation: j.installation,
+            wms: wms.to_string(),
+            backend_job_id: j.backend_job_id,
+            wms_status: j.wms_status,
+            wms_minor_status: j.wms_minor_status,
+            exit_code: j.exit_code,
+            run_number: j.run_number,
+            updated_unix_ms: j.updated_unix_ms,
+        }
+    }
+}
+
+/// A page of a production's jobs, as the dispatcher answers `ListJobs`.
+async fn jobs(
+    State(api): State<StatusApi>,
+    Path(production_id): Path<String>,
+    Query(q): Query<JobsQuery>,
+) -> Response {
+    let mut dispatcher = api.dispatcher.clone();
+    let request = pb::ListJobsRequest {
+        production_id,
+        page_size: q.page_size,
+        page_token: q.page_token,
+    };
+    match dispatcher.list_jobs(request).await {
+        Ok(answer) => {
+            let answer = answer.into_inner();
+            Json(serde_json::json!({
+                "jobs": answer.jobs.into_iter().map(JobView::from).collect::<Vec<_>>(),
+                "next_page_token": answer.next_page_token,
+            }))
+            .into_response()
+        }
+        Err(status)
+            if matches!(
+                status.code(),
+                tonic::Code::InvalidArgument | tonic::Code::NotFound
+            ) =>
+        {
+            problem(status)
+        }
+        Err(status) => unreachable("dispatcher", &status),
+    }
+}
+
+/// `GET /api/productions/{id}/jobs/{index}/log?max_bytes=`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct LogQuery {
+    max_bytes: u32,
+}
+
+/// The tail of a job's current attempt's logs, as the dispatcher answers
+/// `GetJobLog` (`available: false` and why, where its executor keeps none).
+async fn job_log(
+    State(api): State<StatusApi>,
+    Path((production_id, job_index)): Path<(String, String)>,
+    Query(q): Query<LogQuery>,
+) -> Response {
+    let Ok(job_index) = job_index.parse::<u64>() else {
+        return Problem::field("job_index", format!("{job_index:?} is not a job index"))
+            .into_response();
+    };
+    let mut dispatcher = api.dispatcher.clone();
+    let request = pb::GetJobLogRequest {
+        production_id,
+        job_index,
+        max_bytes: q.max_bytes,
+    };
+    match dispatcher.get_job_log(request).await {
+        Ok(answer) => {
+            let log = answer.into_inner();
+            Json(serde_json::json!({
+                "attempt": log.attempt,
+                "available": log.available,
+                "unavailable_reason": log.unavailable_reason,
+                "stdout_tail": log.stdout_tail,
+                "stdout_truncated": log.stdout_truncated,
+                "stderr_tail": log.stderr_tail,
+                "stderr_truncated": log.stderr_truncated,
+            }))
+            .into_response()
+        }
+        Err(status)
+            if matches!(
+                status.code(),
+                tonic::Code::InvalidArgument | tonic::Code::NotFound
+            ) =>
+        {
+            problem(status)
+        }
+        Err(status) => unreachable("dispatcher", &status),
     }
 }

@@ -107,6 +107,13 @@ pub async fn start(
         .connect_timeout(std::time::Duration::from_secs(5))
         .timeout(std::time::Duration::from_secs(30))
         .connect_lazy();
+    // And the dispatcher, for a production's jobs and their logs.
+    let dispatcher =
+        tonic::transport::Endpoint::from_shared(settings.status.dispatcher_url.clone())
+            .context("status.dispatcher_url")?
+            .connect_timeout(std::time::Duration::from_secs(5))
+            .timeout(std::time::Duration::from_secs(10))
+            .connect_lazy();
     let api = api::StatusApi {
         db: foundation.db.clone(),
         changes,
@@ -114,6 +121,8 @@ pub async fn start(
         catalog: pb::catalog_service_client::CatalogServiceClient::new(catalog)
             .max_decoding_message_size(settings.grpc.max_message_bytes),
         intake: pb::request_service_client::RequestServiceClient::new(intake)
+            .max_decoding_message_size(settings.grpc.max_message_bytes),
+        dispatcher: pb::job_service_client::JobServiceClient::new(dispatcher)
             .max_decoding_message_size(settings.grpc.max_message_bytes),
     };
     let max = settings.grpc.max_message_bytes;

@@ -116,6 +116,9 @@ pub struct StatusSettings {
     /// Where intake answers submit, validate, cancel and profiles for the
     /// HTTP/JSON API (`/api/v1`).
     pub intake_url: String,
+    /// Where the dispatcher answers `ListJobs` and `GetJobLog` (the
+    /// dashboard's production page: its jobs, their WMS status and logs).
+    pub dispatcher_url: String,
 }
 
 impl Default for StatusSettings {
@@ -125,6 +128,7 @@ impl Default for StatusSettings {
             checker_url: "http://127.0.0.1:50054".into(),
             catalog_url: "http://127.0.0.1:50053".into(),
             intake_url: "http://127.0.0.1:50051".into(),
+            dispatcher_url: "http://127.0.0.1:50055".into(),
         }
     }
 }

@@ -96,11 +96,41 @@ pub fn runtime(services: usize) -> std::io::Result<tokio::runtime::Runtime> {
     builder.build()
 }
 
-/// A bound gRPC listener, its address known before serving (port 0 works).
+/// Listeners bound ahead of their server by [`reserve`], by address.
+static RESERVED: Mutex<Vec<std::net::TcpListener>> = Mutex::new(Vec::new());
+
+/// Binds a free port on `host` now, for a server of this process that
+/// starts later: [`bind`] on that port takes this very listener, so the
+/// port is known (to services started before it) and no other process can
+/// take it in between.
+pub fn reserve(host: &str) -> anyhow::Result<SocketAddr> {
+    let listener = std::net::TcpListener::bind((host, 0))
+        .with_context(|| format!("reserving a port on {host}"))?;
+    listener.set_nonblocking(true)?;
+    let addr = listener.local_addr()?;
+    RESERVED
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(listener);
+    Ok(addr)
+}
+
+/// A bound gRPC listener, its address known before serving (port 0 works;
+/// a port [`reserve`]d in this process is the listener reserved).
 pub async fn bind(host: &str, port: u16) -> anyhow::Result<(TcpListener, SocketAddr)> {
-    let listener = TcpListener::bind((host, port))
-        .await
-        .with_context(|| format!("binding gRPC on {host}:{port}"))?;
+    let reserved = {
+        let mut reserved = RESERVED.lock().unwrap_or_else(|e| e.into_inner());
+        let found = reserved
+            .iter()
+            .position(|l| port != 0 && l.local_addr().is_ok_and(|a| a.port() == port));
+        found.map(|i| reserved.swap_remove(i))
+    };
+    let listener = match reserved {
+        Some(listener) => TcpListener::from_std(listener)?,
+        None => TcpListener::bind((host, port))
+            .await
+            .with_context(|| format!("binding gRPC on {host}:{port}"))?,
+    };
     let addr = listener.local_addr()?;
     Ok((listener, addr))
 }
@@ -646,4 +676,24 @@ pub fn decode_event<M: prost::Message + Default>(
     let message = M::decode(incoming.body.as_slice())
         .map_err(|e| format!("{} payload does not decode: {e}", incoming.routing_key))?;
     Ok((id, message))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_reserved_port_is_bound_by_its_server_and_by_no_one_else() {
+        let reserved = reserve("127.0.0.1").unwrap();
+        // Taken meanwhile: another bind of the port fails.
+        assert!(std::net::TcpListener::bind(reserved).is_err());
+        let (listener, addr) = bind("127.0.0.1", reserved.port()).await.unwrap();
+        assert_eq!(addr, reserved);
+        let accepted = tokio::spawn(async move { listener.accept().await.map(|_| ()) });
+        tokio::net::TcpStream::connect(addr).await.unwrap();
+        accepted.await.unwrap().unwrap();
+        // Port 0 is still any free port.
+        let (_, other) = bind("127.0.0.1", 0).await.unwrap();
+        assert_ne!(other.port(), reserved.port());
+    }
 }

@@ -366,10 +366,15 @@ class Client:
         """``files`` as a generator over the catalog's stream (StreamFiles), for
         answers of millions of files: memory stays at one message's files."""
         message = self._find_files(production_id, metadata, page_size, where, prefix, dataset)
+        # What the files of a class share comes once; each file is made whole here.
+        message.metadata_by_class = True
+        classes: dict[int, dict[str, str]] = {}
         try:
             for page in self._catalog.StreamFiles(message, timeout=None):
+                for c in page.classes:
+                    classes[c.class_id] = dict(c.metadata)
                 for f in page.files:
-                    yield OutputFile.from_pb(f)
+                    yield OutputFile.from_pb(f, classes.get(f.class_id))
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
 

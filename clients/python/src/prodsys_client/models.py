@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Mapping
 
 from .errors import Violation
 from .v1 import catalog_pb2, common_pb2, request_pb2, status_pb2
@@ -300,8 +300,12 @@ class OutputFile:
     metadata: dict[str, str] = field(default_factory=dict)
 
     @classmethod
-    def from_pb(cls, f: common_pb2.OutputFile) -> OutputFile:
-        return cls(f.lfn, f.size, f.adler32, f.url, f.production_id, f.job_index, dict(f.metadata))
+    def from_pb(cls, f: common_pb2.OutputFile, shared: Mapping[str, str] | None = None) -> OutputFile:
+        """``shared``: what the file's class shares, when the answer was asked
+        by class (the file then carries only its own keys)."""
+        metadata = dict(shared or {})
+        metadata.update(f.metadata)
+        return cls(f.lfn, f.size, f.adler32, f.url, f.production_id, f.job_index, metadata)
 
 
 @dataclass(frozen=True)

@@ -511,6 +511,7 @@ async fn files_by_query(
         }
     }
     let request = pb::FindFilesRequest {
+        metadata_by_class: false,
         production_id: q.text("production_id"),
         metadata: Default::default(),
         page_size: q.count("page_size"),

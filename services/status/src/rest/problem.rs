@@ -93,7 +93,7 @@ impl Problem {
         Self::bad_input(vec![FieldViolation::new(field, description)])
     }
 
-    fn with_status(mut self, status: StatusCode) -> Self {
+    pub(crate) fn with_status(mut self, status: StatusCode) -> Self {
         self.status = status.as_u16();
         self.title = status.canonical_reason().unwrap_or("Error");
         self

@@ -458,6 +458,7 @@ pub struct FilesQuery {
 impl From<FilesQuery> for pb::FindFilesRequest {
     fn from(q: FilesQuery) -> Self {
         Self {
+            metadata_by_class: false,
             production_id: q.production_id,
             metadata: q.metadata.into_iter().collect(),
             page_size: q.page_size,

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17prodsys/v1/common.proto\x12\nprodsys.v1\"4\n\x0e\x46ieldViolation\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\"\x94\x01\n\tJobCounts\x12\x0f\n\x07\x63reated\x18\x01 \x01(\x04\x12\x11\n\tsubmitted\x18\x02 \x01(\x04\x12\x0e\n\x06queued\x18\x03 \x01(\x04\x12\x0f\n\x07running\x18\x04 \x01(\x04\x12\x0c\n\x04\x64one\x18\x05 \x01(\x04\x12\x0e\n\x06\x66\x61iled\x18\x06 \x01(\x04\x12\x11\n\tcancelled\x18\x07 \x01(\x04\x12\x11\n\texhausted\x18\x08 \x01(\x04\"\xd8\x01\n\nOutputFile\x12\x0b\n\x03lfn\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x0f\n\x07\x61\x64ler32\x18\x03 \x01(\t\x12\x0b\n\x03url\x18\x04 \x01(\t\x12\x36\n\x08metadata\x18\x05 \x03(\x0b\x32$.prodsys.v1.OutputFile.MetadataEntry\x12\x15\n\rproduction_id\x18\x06 \x01(\t\x12\x11\n\tjob_index\x18\x07 \x01(\x04\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"B\n\x0c\x46ileReplicas\x12\x0b\n\x03lfn\x18\x01 \x01(\t\x12%\n\x08replicas\x18\x02 \x03(\x0b\x32\x13.prodsys.v1.Replica\"v\n\x07Replica\x12\x13\n\x0b\x64\x65stination\x18\x01 \x01(\t\x12\'\n\x05state\x18\x02 \x01(\x0e\x32\x18.prodsys.v1.ReplicaState\x12\x0b\n\x03url\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x10\n\x08\x61ttempts\x18\x05 \x01(\r\"r\n\x13\x44\x65stinationProgress\x12\x13\n\x0b\x64\x65stination\x18\x01 \x01(\t\x12\x11\n\tforwarded\x18\x02 \x01(\x04\x12\r\n\x05total\x18\x03 \x01(\x04\x12\x0f\n\x07\x66\x61iling\x18\x04 \x01(\x04\x12\x13\n\x0bheld_reason\x18\x05 \x01(\t\"\xcb\x01\n\x12PointingProduction\x12\x10\n\x08pointing\x18\x01 \x01(\t\x12\x12\n\nzenith_deg\x18\x02 \x01(\x01\x12\x13\n\x0b\x61zimuth_deg\x18\x03 \x01(\x01\x12\x15\n\rproduction_id\x18\x04 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x05 \x01(\t\x12\x1e\n\x16\x65xisting_production_id\x18\x06 \x01(\t\x12.\n\nviolations\x18\x07 \x03(\x0b\x32\x1a.prodsys.v1.FieldViolation\"O\n\x10InstallationJobs\x12\x14\n\x0cinstallation\x18\x01 \x01(\t\x12%\n\x06\x63ounts\x18\x02 \x01(\x0b\x32\x15.prodsys.v1.JobCounts*\xc1\x03\n\x0fProductionState\x12 \n\x1cPRODUCTION_STATE_UNSPECIFIED\x10\x00\x12\x1d\n\x19PRODUCTION_STATE_RECEIVED\x10\x01\x12\x1f\n\x1bPRODUCTION_STATE_VALIDATING\x10\x02\x12\x1d\n\x19PRODUCTION_STATE_ACCEPTED\x10\x03\x12\x1d\n\x19PRODUCTION_STATE_REJECTED\x10\x04\x12 \n\x1cPRODUCTION_STATE_DISPATCHING\x10\x05\x12\x1c\n\x18PRODUCTION_STATE_RUNNING\x10\x06\x12\x1e\n\x1aPRODUCTION_STATE_COMPLETED\x10\x07\x12(\n$PRODUCTION_STATE_PARTIALLY_COMPLETED\x10\x08\x12\x1b\n\x17PRODUCTION_STATE_FAILED\x10\t\x12\x1f\n\x1bPRODUCTION_STATE_CANCELLING\x10\n\x12\x1e\n\x1aPRODUCTION_STATE_CANCELLED\x10\x0b\x12&\n\"PRODUCTION_STATE_WAITING_FOR_INPUT\x10\x0c*\xde\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11JOB_STATE_CREATED\x10\x01\x12\x17\n\x13JOB_STATE_SUBMITTED\x10\x02\x12\x14\n\x10JOB_STATE_QUEUED\x10\x03\x12\x15\n\x11JOB_STATE_RUNNING\x10\x04\x12\x12\n\x0eJOB_STATE_DONE\x10\x05\x12\x14\n\x10JOB_STATE_FAILED\x10\x06\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x07\x12\x17\n\x13JOB_STATE_EXHAUSTED\x10\x08*\xb7\x01\n\x0cReplicaState\x12\x1d\n\x19REPLICA_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15REPLICA_STATE_PENDING\x10\x01\x12\x19\n\x15REPLICA_STATE_COPYING\x10\x02\x12\x1a\n\x16REPLICA_STATE_VERIFIED\x10\x03\x12\x18\n\x14REPLICA_STATE_FAILED\x10\x04\x12\x1c\n\x18REPLICA_STATE_REGISTERED\x10\x05\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17prodsys/v1/common.proto\x12\nprodsys.v1\"4\n\x0e\x46ieldViolation\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\"\x94\x01\n\tJobCounts\x12\x0f\n\x07\x63reated\x18\x01 \x01(\x04\x12\x11\n\tsubmitted\x18\x02 \x01(\x04\x12\x0e\n\x06queued\x18\x03 \x01(\x04\x12\x0f\n\x07running\x18\x04 \x01(\x04\x12\x0c\n\x04\x64one\x18\x05 \x01(\x04\x12\x0e\n\x06\x66\x61iled\x18\x06 \x01(\x04\x12\x11\n\tcancelled\x18\x07 \x01(\x04\x12\x11\n\texhausted\x18\x08 \x01(\x04\"\xea\x01\n\nOutputFile\x12\x0b\n\x03lfn\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x0f\n\x07\x61\x64ler32\x18\x03 \x01(\t\x12\x0b\n\x03url\x18\x04 \x01(\t\x12\x36\n\x08metadata\x18\x05 \x03(\x0b\x32$.prodsys.v1.OutputFile.MetadataEntry\x12\x15\n\rproduction_id\x18\x06 \x01(\t\x12\x11\n\tjob_index\x18\x07 \x01(\x04\x12\x10\n\x08\x63lass_id\x18\x08 \x01(\x04\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"B\n\x0c\x46ileReplicas\x12\x0b\n\x03lfn\x18\x01 \x01(\t\x12%\n\x08replicas\x18\x02 \x03(\x0b\x32\x13.prodsys.v1.Replica\"v\n\x07Replica\x12\x13\n\x0b\x64\x65stination\x18\x01 \x01(\t\x12\'\n\x05state\x18\x02 \x01(\x0e\x32\x18.prodsys.v1.ReplicaState\x12\x0b\n\x03url\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x10\n\x08\x61ttempts\x18\x05 \x01(\r\"r\n\x13\x44\x65stinationProgress\x12\x13\n\x0b\x64\x65stination\x18\x01 \x01(\t\x12\x11\n\tforwarded\x18\x02 \x01(\x04\x12\r\n\x05total\x18\x03 \x01(\x04\x12\x0f\n\x07\x66\x61iling\x18\x04 \x01(\x04\x12\x13\n\x0bheld_reason\x18\x05 \x01(\t\"\xcb\x01\n\x12PointingProduction\x12\x10\n\x08pointing\x18\x01 \x01(\t\x12\x12\n\nzenith_deg\x18\x02 \x01(\x01\x12\x13\n\x0b\x61zimuth_deg\x18\x03 \x01(\x01\x12\x15\n\rproduction_id\x18\x04 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x05 \x01(\t\x12\x1e\n\x16\x65xisting_production_id\x18\x06 \x01(\t\x12.\n\nviolations\x18\x07 \x03(\x0b\x32\x1a.prodsys.v1.FieldViolation\"O\n\x10InstallationJobs\x12\x14\n\x0cinstallation\x18\x01 \x01(\t\x12%\n\x06\x63ounts\x18\x02 \x01(\x0b\x32\x15.prodsys.v1.JobCounts*\xc1\x03\n\x0fProductionState\x12 \n\x1cPRODUCTION_STATE_UNSPECIFIED\x10\x00\x12\x1d\n\x19PRODUCTION_STATE_RECEIVED\x10\x01\x12\x1f\n\x1bPRODUCTION_STATE_VALIDATING\x10\x02\x12\x1d\n\x19PRODUCTION_STATE_ACCEPTED\x10\x03\x12\x1d\n\x19PRODUCTION_STATE_REJECTED\x10\x04\x12 \n\x1cPRODUCTION_STATE_DISPATCHING\x10\x05\x12\x1c\n\x18PRODUCTION_STATE_RUNNING\x10\x06\x12\x1e\n\x1aPRODUCTION_STATE_COMPLETED\x10\x07\x12(\n$PRODUCTION_STATE_PARTIALLY_COMPLETED\x10\x08\x12\x1b\n\x17PRODUCTION_STATE_FAILED\x10\t\x12\x1f\n\x1bPRODUCTION_STATE_CANCELLING\x10\n\x12\x1e\n\x1aPRODUCTION_STATE_CANCELLED\x10\x0b\x12&\n\"PRODUCTION_STATE_WAITING_FOR_INPUT\x10\x0c*\xde\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11JOB_STATE_CREATED\x10\x01\x12\x17\n\x13JOB_STATE_SUBMITTED\x10\x02\x12\x14\n\x10JOB_STATE_QUEUED\x10\x03\x12\x15\n\x11JOB_STATE_RUNNING\x10\x04\x12\x12\n\x0eJOB_STATE_DONE\x10\x05\x12\x14\n\x10JOB_STATE_FAILED\x10\x06\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x07\x12\x17\n\x13JOB_STATE_EXHAUSTED\x10\x08*\xb7\x01\n\x0cReplicaState\x12\x1d\n\x19REPLICA_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15REPLICA_STATE_PENDING\x10\x01\x12\x19\n\x15REPLICA_STATE_COPYING\x10\x02\x12\x1a\n\x16REPLICA_STATE_VERIFIED\x10\x03\x12\x18\n\x14REPLICA_STATE_FAILED\x10\x04\x12\x1c\n\x18REPLICA_STATE_REGISTERED\x10\x05\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,28 +33,28 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_OUTPUTFILE_METADATAENTRY']._loaded_options = None
   _globals['_OUTPUTFILE_METADATAENTRY']._serialized_options = b'8\001'
-  _globals['_PRODUCTIONSTATE']._serialized_start=1055
-  _globals['_PRODUCTIONSTATE']._serialized_end=1504
-  _globals['_JOBSTATE']._serialized_start=1507
-  _globals['_JOBSTATE']._serialized_end=1729
-  _globals['_REPLICASTATE']._serialized_start=1732
-  _globals['_REPLICASTATE']._serialized_end=1915
+  _globals['_PRODUCTIONSTATE']._serialized_start=1073
+  _globals['_PRODUCTIONSTATE']._serialized_end=1522
+  _globals['_JOBSTATE']._serialized_start=1525
+  _globals['_JOBSTATE']._serialized_end=1747
+  _globals['_REPLICASTATE']._serialized_start=1750
+  _globals['_REPLICASTATE']._serialized_end=1933
   _globals['_FIELDVIOLATION']._serialized_start=39
   _globals['_FIELDVIOLATION']._serialized_end=91
   _globals['_JOBCOUNTS']._serialized_start=94
   _globals['_JOBCOUNTS']._serialized_end=242
   _globals['_OUTPUTFILE']._serialized_start=245
-  _globals['_OUTPUTFILE']._serialized_end=461
-  _globals['_OUTPUTFILE_METADATAENTRY']._serialized_start=414
-  _globals['_OUTPUTFILE_METADATAENTRY']._serialized_end=461
-  _globals['_FILEREPLICAS']._serialized_start=463
-  _globals['_FILEREPLICAS']._serialized_end=529
-  _globals['_REPLICA']._serialized_start=531
-  _globals['_REPLICA']._serialized_end=649
-  _globals['_DESTINATIONPROGRESS']._serialized_start=651
-  _globals['_DESTINATIONPROGRESS']._serialized_end=765
-  _globals['_POINTINGPRODUCTION']._serialized_start=768
-  _globals['_POINTINGPRODUCTION']._serialized_end=971
-  _globals['_INSTALLATIONJOBS']._serialized_start=973
-  _globals['_INSTALLATIONJOBS']._serialized_end=1052
+  _globals['_OUTPUTFILE']._serialized_end=479
+  _globals['_OUTPUTFILE_METADATAENTRY']._serialized_start=432
+  _globals['_OUTPUTFILE_METADATAENTRY']._serialized_end=479
+  _globals['_FILEREPLICAS']._serialized_start=481
+  _globals['_FILEREPLICAS']._serialized_end=547
+  _globals['_REPLICA']._serialized_start=549
+  _globals['_REPLICA']._serialized_end=667
+  _globals['_DESTINATIONPROGRESS']._serialized_start=669
+  _globals['_DESTINATIONPROGRESS']._serialized_end=783
+  _globals['_POINTINGPRODUCTION']._serialized_start=786
+  _globals['_POINTINGPRODUCTION']._serialized_end=989
+  _globals['_INSTALLATIONJOBS']._serialized_start=991
+  _globals['_INSTALLATIONJOBS']._serialized_end=1070
 # @@protoc_insertion_point(module_scope)
