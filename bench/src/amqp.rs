@@ -137,3 +137,106 @@ pub async fn depth(channel: &Channel, queue: &str) -> anyhow::Result<u32> {
         .await?;
     Ok(q.message_count())
 }
+
+/// What a [`Tap`] saw.
+#[derive(Debug, Clone, Default)]
+pub struct TapResult {
+    pub messages: u64,
+    pub bytes: u64,
+    /// The largest body seen, and its exchange and routing key.
+    pub largest: u64,
+    pub largest_key: String,
+}
+
+/// A copy of every message published to the prefix's topic exchanges
+/// (`prodsys.events` and `prodsys.ingest`): an exclusive queue of the
+/// bench's own bound with `#`, consumed without acks, keeping only the
+/// count and the sizes of the bodies.
+pub struct Tap {
+    stop: tokio_util::sync::CancellationToken,
+    task: tokio::task::JoinHandle<TapResult>,
+}
+
+impl Tap {
+    pub async fn start(connection: &Connection, prefix: &str) -> anyhow::Result<Self> {
+        use futures::StreamExt;
+        use lapin::options::{BasicConsumeOptions, BasicQosOptions, QueueBindOptions};
+        let channel = connection.create_channel().await?;
+        let queue = format!("{prefix}bench.tap.{}", uuid::Uuid::new_v4().simple());
+        channel
+            .queue_declare(
+                queue.as_str().into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        for exchange in ["prodsys.events", "prodsys.ingest"] {
+            channel
+                .queue_bind(
+                    queue.as_str().into(),
+                    format!("{prefix}{exchange}").as_str().into(),
+                    "#".into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+        }
+        channel.basic_qos(1000, BasicQosOptions::default()).await?;
+        let mut consumer = channel
+            .basic_consume(
+                queue.as_str().into(),
+                "bench-tap".into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        let stop = tokio_util::sync::CancellationToken::new();
+        let token = stop.clone();
+        let task = tokio::spawn(async move {
+            let mut seen = TapResult::default();
+            let mut drained = false;
+            loop {
+                let next = if drained {
+                    // Told to stop: what is already queued still counts.
+                    match tokio::time::timeout(Duration::from_millis(500), consumer.next()).await {
+                        Ok(next) => next,
+                        Err(_) => break,
+                    }
+                } else {
+                    tokio::select! {
+                        _ = token.cancelled() => { drained = true; continue; }
+                        next = consumer.next() => next,
+                    }
+                };
+                let Some(Ok(delivery)) = next else { break };
+                let size = delivery.data.len() as u64;
+                seen.messages += 1;
+                seen.bytes += size;
+                if size > seen.largest {
+                    seen.largest = size;
+                    seen.largest_key = format!(
+                        "{} {}",
+                        delivery.exchange.as_str(),
+                        delivery.routing_key.as_str()
+                    );
+                }
+            }
+            let _ = channel.close(200, "done".into()).await;
+            seen
+        });
+        Ok(Self { stop, task })
+    }
+
+    /// Stops after what is already queued has been read.
+    pub async fn finish(self) -> TapResult {
+        self.stop.cancel();
+        self.task.await.unwrap_or_default()
+    }
+}

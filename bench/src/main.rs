@@ -20,11 +20,14 @@ mod amqp;
 mod containers;
 mod faults;
 mod history;
+mod productions;
 mod raw;
 mod report;
+mod scale;
 mod services;
 mod stack;
 mod sys;
+mod watchers;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -44,6 +47,9 @@ pub enum Scenario {
     Latency,
     /// Job status transitions/s into the status service.
     Status,
+    /// The status measurement again with WatchProduction streams and
+    /// dashboard SSE clients following its production.
+    Watchers,
     /// Output files/s into the catalog.
     Catalog,
     /// One production of a million jobs planned and persisted, then cancelled.
@@ -57,6 +63,13 @@ pub enum Scenario {
     Faults,
     /// Container jobs through prodsys beside `podman run` of the same command.
     Containers,
+    /// Whole productions of real toysim jobs on the local executor, submit →
+    /// every production COMPLETED and catalogued, beside a plain spawner of
+    /// the same commands.
+    Productions,
+    /// The whole productions again with two processes of every service:
+    /// the rate beside one of each, and work done twice counted.
+    Replicas,
 }
 
 #[derive(Debug, Parser)]
@@ -111,6 +124,29 @@ pub struct Args {
     /// Container jobs at once, in prodsys and in the raw run (default 2).
     #[arg(long)]
     pub container_concurrency: Option<usize>,
+    /// WatchProduction streams of the watchers scenario (default 1,000, smoke 100).
+    #[arg(long)]
+    pub watch_streams: Option<usize>,
+    /// Dashboard SSE clients there (default 100, smoke 10).
+    #[arg(long)]
+    pub sse_clients: Option<usize>,
+    /// Productions of the productions scenario (default 1,000, smoke 4).
+    #[arg(long)]
+    pub productions: Option<u64>,
+    /// Jobs per production there (default 10).
+    #[arg(long)]
+    pub jobs_per_production: Option<u64>,
+    /// Jobs at once there, in the local executor and in the raw spawner (default 4).
+    #[arg(long)]
+    pub production_concurrency: Option<usize>,
+    /// Forward the productions' outputs to a real XRootD server there
+    /// (tests/servers/xrootd, which installs it when missing), and copy the
+    /// raw run's outputs with xrdcp too.
+    #[arg(long)]
+    pub xrootd: bool,
+    /// The dispatcher's poll interval there, ms (default: the tests' 200).
+    #[arg(long)]
+    pub poll_interval_ms: Option<u64>,
     /// Internal: run this one service (the bench starts each service so).
     #[arg(long, hide = true, requires = "config")]
     pub serve: Option<String>,
@@ -166,12 +202,17 @@ pub struct Results {
     /// Short closed-loop runs at growing numbers of requests in flight.
     pub sweep: Vec<stack::SubmitResult>,
     pub status: Option<stack::StatusResult>,
+    /// The status measurement with watchers.
+    pub watched: Option<stack::StatusResult>,
     pub catalog: Option<stack::CatalogResult>,
     pub plan: Option<stack::PlanResult>,
     pub cancel: Option<stack::CancelResult>,
     pub history_plan: Option<history::HistoryPlan>,
     pub history: Option<history::HistoryResult>,
     pub containers: Option<containers::ContainerResult>,
+    pub productions: Option<productions::ProductionsResult>,
+    /// The same productions with two processes of every service.
+    pub replicated: Option<productions::ProductionsResult>,
     pub errors: Vec<String>,
 }
 
@@ -182,6 +223,7 @@ impl Results {
             ("latency", self.latency.as_ref().map(|r| &r.load)),
             ("submit", self.submit.as_ref().map(|r| &r.load)),
             ("status", self.status.as_ref().map(|r| &r.load)),
+            ("status, watched", self.watched.as_ref().map(|r| &r.load)),
             ("catalog", self.catalog.as_ref().map(|r| &r.load)),
             ("plan", self.plan.as_ref().map(|r| &r.load)),
             ("cancel", self.cancel.as_ref().map(|r| &r.load)),
@@ -284,6 +326,10 @@ fn plans(args: &Args) -> (raw::RawPlan, stack::StackPlan) {
         plan_jobs: args
             .plan_jobs
             .unwrap_or(if smoke { 20_000 } else { 1_000_000 }),
+        watchers: (
+            args.watch_streams.unwrap_or(if smoke { 100 } else { 1000 }),
+            args.sse_clients.unwrap_or(if smoke { 10 } else { 100 }),
+        ),
     };
     (raw, stack)
 }
@@ -381,7 +427,11 @@ async fn run(args: &Args) -> anyhow::Result<Results> {
 
     if !matches!(
         scenario,
-        Scenario::Raw | Scenario::Containers | Scenario::History
+        Scenario::Raw
+            | Scenario::Containers
+            | Scenario::History
+            | Scenario::Productions
+            | Scenario::Replicas
     ) {
         results.stack_plan = Some(stack_plan);
         eprintln!("prodsys: starting the five services, each in its own process …");
@@ -484,7 +534,7 @@ async fn run(args: &Args) -> anyhow::Result<Results> {
                 "prodsys: {} job transitions into status …",
                 stack_plan.status_jobs * 3
             );
-            match bench.status(&stack_plan).await {
+            match bench.status(&stack_plan, None).await {
                 Ok(r) => {
                     eprintln!("  {:.0} transitions/s", r.transitions_per_s);
                     results.status = Some(r);
@@ -493,6 +543,41 @@ async fn run(args: &Args) -> anyhow::Result<Results> {
             }
             if let Err(e) = bench.quiesce(settle).await {
                 results.errors.push(format!("after status: {e:#}"));
+            }
+        }
+        if wants(Scenario::Watchers) && check(&mut results) {
+            let (grpc, sse) = stack_plan.watchers;
+            eprintln!(
+                "prodsys: the status measurement again, {grpc} WatchProduction streams and {sse} dashboard SSE clients following it …"
+            );
+            if results.status.is_none() {
+                // The same measurement without watchers, for the ratio.
+                match bench.status(&stack_plan, None).await {
+                    Ok(r) => results.status = Some(r),
+                    Err(e) => results.errors.push(format!("status: {e:#}")),
+                }
+                if let Err(e) = bench.quiesce(settle).await {
+                    results.errors.push(format!("after status: {e:#}"));
+                }
+            }
+            match bench.status(&stack_plan, Some((grpc, sse))).await {
+                Ok(r) => {
+                    if let Some(w) = &r.watchers {
+                        eprintln!(
+                            "  {:.0} transitions/s; lag p50 {:.0} ms, p99 {:.0} ms; {} of {} watchers saw every job DONE",
+                            r.transitions_per_s,
+                            w.lag_p50_ms,
+                            w.lag_p99_ms,
+                            w.complete,
+                            w.grpc + w.sse
+                        );
+                    }
+                    results.watched = Some(r);
+                }
+                Err(e) => results.errors.push(format!("watchers: {e:#}")),
+            }
+            if let Err(e) = bench.quiesce(settle).await {
+                results.errors.push(format!("after watchers: {e:#}"));
             }
         }
         if wants(Scenario::Catalog) && check(&mut results) {
@@ -509,6 +594,7 @@ async fn run(args: &Args) -> anyhow::Result<Results> {
             }
         }
         // Last: its jobs stay waiting behind the one local slot.
+        let mut tap = None;
         if wants(Scenario::Plan) && check(&mut results) {
             if let Err(e) = bench.quiesce(settle).await {
                 results.errors.push(format!("before plan: {e:#}"));
@@ -517,6 +603,10 @@ async fn run(args: &Args) -> anyhow::Result<Results> {
                 "prodsys: planning one production of {} jobs …",
                 stack_plan.plan_jobs
             );
+            match bench.tap().await {
+                Ok(t) => tap = Some(t),
+                Err(e) => results.errors.push(format!("tapping the events: {e:#}")),
+            }
             match bench.plan(&stack_plan).await {
                 Ok(r) => {
                     eprintln!(
@@ -544,8 +634,16 @@ async fn run(args: &Args) -> anyhow::Result<Results> {
                 planned.jobs
             );
             match bench.cancel(&planned).await {
-                Ok(r) => {
-                    eprintln!("  {:.1} s", r.seconds);
+                Ok(mut r) => {
+                    if let Some(tap) = tap.take() {
+                        r.messages = Some(tap.finish().await);
+                    }
+                    eprintln!(
+                        "  {:.1} s (planned in {:.1} s); largest message {} bytes",
+                        r.seconds,
+                        r.plan_seconds,
+                        r.messages.as_ref().map_or(0, |m| m.largest)
+                    );
                     if r.unfinished != 0 {
                         results.errors.push(format!(
                             "cancel: {} jobs of {} not CANCELLED in the dispatcher",
@@ -557,9 +655,23 @@ async fn run(args: &Args) -> anyhow::Result<Results> {
                 Err(e) => results.errors.push(format!("cancel: {e:#}")),
             }
         }
+        if let Some(tap) = tap {
+            tap.finish().await;
+        }
         check(&mut results);
         eprintln!("prodsys: stopping and cleaning up …");
         results.service_rss_peak = bench.stop().await;
+        // Each measurement starts the processes' high-water marks again, so
+        // the peak over the run is the largest of theirs and the last one.
+        let phase_peaks: Vec<(String, u64)> = results
+            .phases()
+            .iter()
+            .flat_map(|(_, load)| load.max_rss.iter().map(|(s, r)| (s.clone(), *r)))
+            .collect();
+        for (service, rss) in phase_peaks {
+            let peak = results.service_rss_peak.entry(service).or_default();
+            *peak = (*peak).max(rss);
+        }
     }
     if wants(Scenario::Containers) && scenario != Scenario::Raw {
         let plan = containers::ContainerPlan {
@@ -583,6 +695,64 @@ async fn run(args: &Args) -> anyhow::Result<Results> {
                 results.containers = Some(r);
             }
             Err(e) => results.errors.push(format!("containers: {e:#}")),
+        }
+    }
+    let productions_plan = productions::ProductionsPlan {
+        productions: args
+            .productions
+            .unwrap_or(if args.smoke { 4 } else { 1000 }),
+        jobs_per_production: args.jobs_per_production.unwrap_or(10),
+        concurrency: args.production_concurrency.unwrap_or(4),
+        poll_interval_ms: args.poll_interval_ms,
+        replicas: 1,
+        raw: true,
+        xrootd: args.xrootd,
+    };
+    if wants(Scenario::Productions) || (wants(Scenario::Replicas) && scenario == Scenario::Replicas)
+    {
+        let p = productions_plan;
+        eprintln!(
+            "productions: {} × {} toysim jobs, {} at once, through prodsys and a plain spawner …",
+            p.productions, p.jobs_per_production, p.concurrency
+        );
+        match productions::run(p).await {
+            Ok(r) => {
+                eprintln!(
+                    "  prodsys {:.1} s ({:.1} jobs/s), raw {:.1} s ({:.1} jobs/s): {:.2}×; {} of {} files verified",
+                    r.prodsys_seconds,
+                    r.prodsys_per_s(),
+                    r.raw_seconds,
+                    r.raw_per_s(),
+                    r.ratio(),
+                    r.files_verified,
+                    r.files
+                );
+                results.productions = Some(r);
+            }
+            Err(e) => results.errors.push(format!("productions: {e:#}")),
+        }
+    }
+    if wants(Scenario::Replicas) {
+        let p = productions::ProductionsPlan {
+            replicas: 2,
+            raw: false,
+            ..productions_plan
+        };
+        eprintln!(
+            "replicas: the same {} × {} jobs with two processes of every service …",
+            p.productions, p.jobs_per_production
+        );
+        match productions::run(p).await {
+            Ok(r) => {
+                eprintln!(
+                    "  {:.1} s ({:.1} jobs/s); {} things done twice",
+                    r.prodsys_seconds,
+                    r.prodsys_per_s(),
+                    r.duplicates.total()
+                );
+                results.replicated = Some(r);
+            }
+            Err(e) => results.errors.push(format!("replicas: {e:#}")),
         }
     }
     if wants(Scenario::History) {

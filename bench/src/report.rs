@@ -13,6 +13,15 @@ const MIB: u64 = 1024 * 1024;
 /// Targets of issue 5 for each service process.
 const IDLE_RSS_MIB: u64 = 50;
 const LOADED_RSS_MIB: u64 = 256;
+/// Targets of issue 17: each a ratio to a raw limit measured in the same run.
+const SUBMIT_PER_COMMIT: f64 = 0.25;
+const LATENCY_P99_PER_COMMIT_P99: f64 = 25.0;
+const STATUS_PER_BATCH_ROW: f64 = 1.5;
+const CATALOG_PER_BATCH_ROW: f64 = 0.5;
+const PLAN_PER_BATCH_ROW: f64 = 0.5;
+/// Two processes of each service against one: "does not fall", less the
+/// few percent two runs of the same thing differ by on this machine.
+const REPLICA_RATE_FLOOR: f64 = 0.95;
 
 /// 12345.6 → "12,346".
 pub fn thousands(value: f64) -> String {
@@ -76,27 +85,53 @@ fn pass(ok: bool) -> &'static str {
     if ok { "pass" } else { "miss" }
 }
 
-/// The binding raw limit of an event consumer: the broker's round trip times
-/// the items per message, or the database's batched insert rate, the lower.
-fn consumer_limit(results: &Results, per_message: u64) -> (f64, String) {
+/// The raw limits an event consumer depends on (the broker's round trip
+/// times the items per message, and the database's batched insert rate:
+/// each item is a row written in a statement of many), and its ratio to each.
+fn consumer_limits(results: &Results, per_message: u64, rate: f64) -> (String, String) {
     let broker = results
         .broker
         .as_ref()
         .map(|b| b.round_trip_per_s * per_message as f64);
     let db = results.db.as_ref().map(|d| d.batch_rows_per_s);
-    match (broker, db) {
-        (Some(b), Some(d)) => {
-            let text = format!(
-                "broker {} msgs/s × {per_message} = {}/s; batched insert {} rows/s",
-                thousands(b / per_message as f64),
-                thousands(b),
-                thousands(d)
-            );
-            (b.min(d), text)
-        }
-        (Some(b), None) => (b, format!("broker × {per_message} = {}/s", thousands(b))),
-        (None, Some(d)) => (d, format!("batched insert {} rows/s", thousands(d))),
-        (None, None) => (f64::NAN, "—".into()),
+    let mut raw = Vec::new();
+    let mut ratios = Vec::new();
+    if let Some(d) = db {
+        raw.push(format!(
+            "batched INSERT {} rows/s (bounds it)",
+            thousands(d)
+        ));
+        ratios.push(format!("{} batched rows", ratio(rate, d)));
+    }
+    if let Some(b) = broker {
+        raw.push(format!(
+            "broker {} msgs/s × {per_message} = {}/s",
+            thousands(b / per_message as f64),
+            thousands(b)
+        ));
+        ratios.push(format!("{} broker", ratio(rate, b)));
+    }
+    if raw.is_empty() {
+        return ("—".into(), "—".into());
+    }
+    (raw.join("; "), ratios.join("; "))
+}
+
+/// How a load's RSS figures were taken.
+fn rss_kind(load: &PhaseLoad) -> &'static str {
+    if load.hwm {
+        "peak RSS (VmHWM over the measurement)"
+    } else {
+        "largest RSS of 250 ms samples"
+    }
+}
+
+/// A verdict on a ratio: "n/a" (naming why) when the raw limit is missing.
+fn ratio_verdict(results: &Results, value: f64, ok: impl Fn(f64) -> bool) -> String {
+    if value.is_finite() {
+        smoke_mark(results, pass(ok(value)))
+    } else {
+        "cannot tell: no raw limit measured in this run".into()
     }
 }
 
@@ -145,17 +180,21 @@ fn rows(results: &Results) -> Vec<Row> {
         });
     }
     let commits = results.db.as_ref().map_or(f64::NAN, |d| d.single_per_s);
+    let batch_rows = results.db.as_ref().map_or(f64::NAN, |d| d.batch_rows_per_s);
+    let broker = results
+        .broker
+        .as_ref()
+        .map_or(f64::NAN, |b| b.round_trip_per_s);
     if let Some(s) = &results.submit {
         let r = s.accepted_per_s / commits;
         let verdict = if s.seconds < 60.0 {
             format!(
-                "n/a: {:.0} s run, the target is for 60 s ({} rate, {} ratio)",
+                "n/a: {:.0} s run, the target is for 60 s ({} at this length)",
                 s.seconds,
-                pass(s.accepted_per_s >= 1000.0),
-                pass(r >= 0.15)
+                pass(r >= SUBMIT_PER_COMMIT)
             )
         } else {
-            smoke_mark(results, pass(s.accepted_per_s >= 1000.0 && r >= 0.15))
+            ratio_verdict(results, r, |r| r >= SUBMIT_PER_COMMIT)
         };
         rows.push(Row {
             figure: format!(
@@ -163,22 +202,35 @@ fn rows(results: &Results) -> Vec<Row> {
                 s.seconds, s.clients
             ),
             measured: format!("{} req/s", thousands(s.accepted_per_s)),
-            raw: format!("single-row commits {}/s", thousands(commits)),
-            ratio: ratio(s.accepted_per_s, commits),
-            target: "≥ 1,000 req/s for 60 s and ≥ 0.15 × single-row commit rate".into(),
+            raw: format!(
+                "single-row commits {}/s (the target's limit); batched INSERT {} rows/s; broker round trip {} msgs/s",
+                thousands(commits),
+                thousands(batch_rows),
+                thousands(broker)
+            ),
+            ratio: format!(
+                "{} commits; {} batched rows; {} broker messages",
+                ratio(s.accepted_per_s, commits),
+                ratio(s.accepted_per_s, batch_rows),
+                ratio(s.accepted_per_s, broker)
+            ),
+            target: format!("≥ {SUBMIT_PER_COMMIT} × single-row commit rate, 60 s (issue 17)"),
             verdict,
         });
     }
     if let Some(l) = &results.latency {
         let raw_p99 = results.db.as_ref().map_or(f64::NAN, |d| d.single_p99_ms);
+        let r = l.p99_ms / raw_p99;
         let verdict = if l.offered_per_s < 200.0 {
             format!(
                 "n/a: offered {:.0} req/s, the target is at 200 ({} at this load)",
                 l.offered_per_s,
-                pass(l.p99_ms <= 100.0)
+                pass(r <= LATENCY_P99_PER_COMMIT_P99)
             )
+        } else if l.failed > 0 {
+            smoke_mark(results, "miss")
         } else {
-            smoke_mark(results, pass(l.p99_ms <= 100.0 && l.failed == 0))
+            ratio_verdict(results, r, |r| r <= LATENCY_P99_PER_COMMIT_P99)
         };
         rows.push(Row {
             figure: format!(
@@ -193,12 +245,14 @@ fn rows(results: &Results) -> Vec<Row> {
             ),
             raw: format!("single-row commit p99 {}", ms(raw_p99)),
             ratio: format!("p99 = {}", ratio(l.p99_ms, raw_p99)),
-            target: "p99 ≤ 100 ms at 200 req/s".into(),
+            target: format!(
+                "p99 ≤ {LATENCY_P99_PER_COMMIT_P99} × single-row commit p99 at 200 req/s (issue 17)"
+            ),
             verdict,
         });
     }
     if let Some(s) = &results.status {
-        let (limit, text) = consumer_limit(results, s.per_message);
+        let (raw, ratios) = consumer_limits(results, s.per_message, s.transitions_per_s);
         rows.push(Row {
             figure: format!(
                 "prodsys: job transitions into status ({} in batches of {})",
@@ -206,14 +260,19 @@ fn rows(results: &Results) -> Vec<Row> {
                 s.per_message
             ),
             measured: format!("{} transitions/s", thousands(s.transitions_per_s)),
-            raw: text,
-            ratio: ratio(s.transitions_per_s, limit),
-            target: "≥ 100,000 transitions/s".into(),
-            verdict: smoke_mark(results, pass(s.transitions_per_s >= 100_000.0)),
+            raw,
+            ratio: ratios,
+            target: format!("≥ {STATUS_PER_BATCH_ROW} × batched INSERT rows/s (issue 17)"),
+            verdict: ratio_verdict(results, s.transitions_per_s / batch_rows, |r| {
+                r >= STATUS_PER_BATCH_ROW
+            }),
         });
     }
+    if let Some(w) = &results.watched {
+        watched_row(results, w, &mut rows);
+    }
     if let Some(c) = &results.catalog {
-        let (limit, text) = consumer_limit(results, c.per_message);
+        let (raw, ratios) = consumer_limits(results, c.per_message, c.files_per_s);
         rows.push(Row {
             figure: format!(
                 "prodsys: files into the catalog ({} in job.output events of {})",
@@ -221,10 +280,12 @@ fn rows(results: &Results) -> Vec<Row> {
                 c.per_message
             ),
             measured: format!("{} files/s", thousands(c.files_per_s)),
-            raw: text,
-            ratio: ratio(c.files_per_s, limit),
-            target: "≥ 50,000 files/s".into(),
-            verdict: smoke_mark(results, pass(c.files_per_s >= 50_000.0)),
+            raw,
+            ratio: ratios,
+            target: format!("≥ {CATALOG_PER_BATCH_ROW} × batched INSERT rows/s (issue 17)"),
+            verdict: ratio_verdict(results, c.files_per_s / batch_rows, |r| {
+                r >= CATALOG_PER_BATCH_ROW
+            }),
         });
     }
     if let Some(p) = &results.plan {
@@ -236,52 +297,75 @@ fn rows(results: &Results) -> Vec<Row> {
                 thousands(p.jobs as f64)
             ),
             measured: format!(
-                "{:.1} s ({} jobs/s), dispatcher process RSS ≤ {}",
+                "{:.1} s ({} jobs/s), dispatcher process {} {}",
                 p.seconds,
                 thousands(p.jobs_per_s),
+                rss_kind(&p.load),
                 dispatcher.map_or("—".into(), |r| format!("{:.1} MiB", mib(r)))
             ),
             raw: format!("batched INSERT {} rows/s", thousands(batch)),
             ratio: ratio(p.jobs_per_s, batch),
-            target: "1,000,000 jobs in < 20 s, dispatcher RSS < 256 MiB".into(),
+            target: format!(
+                "≥ {PLAN_PER_BATCH_ROW} × batched INSERT rows/s (issue 17), dispatcher peak RSS ≤ 256 MiB, 1,000,000 jobs"
+            ),
             verdict: if p.jobs < 1_000_000 {
                 format!(
-                    "n/a: {} jobs, the target is for 1,000,000",
-                    thousands(p.jobs as f64)
+                    "n/a: {} jobs, the target is for 1,000,000 ({} at this size)",
+                    thousands(p.jobs as f64),
+                    pass(p.jobs_per_s / batch >= PLAN_PER_BATCH_ROW)
                 )
             } else {
                 match dispatcher {
-                    Some(rss) => smoke_mark(results, pass(p.seconds < 20.0 && rss < 256 * MIB)),
-                    None => "cannot tell: the dispatcher's RSS was not sampled".into(),
+                    Some(rss) => ratio_verdict(results, p.jobs_per_s / batch, |r| {
+                        r >= PLAN_PER_BATCH_ROW && rss <= 256 * MIB
+                    }),
+                    None => "cannot tell: the dispatcher's RSS was not read".into(),
                 }
             },
         });
     }
     if let Some(c) = &results.cancel {
-        let batch = results.db.as_ref().map_or(f64::NAN, |d| d.batch_rows_per_s);
         let per_s = c.jobs as f64 / c.seconds;
+        let half_plan = c.plan_seconds / 2.0;
+        let dispatcher = c.load.max_rss.get("dispatcher").copied();
+        let largest = c.messages.as_ref().map(|m| m.largest);
+        let ok = c.seconds <= half_plan
+            && c.unfinished == 0
+            && dispatcher.is_some_and(|r| r <= 256 * MIB)
+            && largest.is_some_and(|b| b <= 16 * MIB);
         rows.push(Row {
             figure: format!(
-                "prodsys: the production of {} jobs cancelled (CancelProduction sent → CANCELLED with every job cancelled)",
+                "prodsys: the production of {} jobs cancelled while queued (CancelProduction sent → status counts every job CANCELLED)",
                 thousands(c.jobs as f64)
             ),
             measured: format!(
-                "{:.1} s ({} jobs/s); {} jobs left not CANCELLED",
+                "{:.1} s ({} jobs/s); {} jobs left not CANCELLED; dispatcher process {} {}; largest AMQP message body while planning and cancelling {}",
                 c.seconds,
                 thousands(per_s),
-                c.unfinished
+                c.unfinished,
+                rss_kind(&c.load),
+                dispatcher.map_or("—".into(), |r| format!("{:.1} MiB", mib(r))),
+                c.messages.as_ref().map_or("— (not measured)".into(), |m| format!(
+                    "{} bytes ({}; {} messages, {:.1} MiB in all)",
+                    thousands(m.largest as f64),
+                    m.largest_key,
+                    thousands(m.messages as f64),
+                    mib(m.bytes)
+                ))
             ),
-            raw: format!("batched INSERT {} rows/s", thousands(batch)),
-            ratio: ratio(per_s, batch),
-            target: "a 1,000,000-job production cancelled set-based in seconds (issue 9)".into(),
+            raw: format!(
+                "half the time the same run took to plan it: {half_plan:.1} s"
+            ),
+            ratio: format!("{:.2}× the plan time", c.seconds / c.plan_seconds),
+            target: "every job CANCELLED within ½ × the plan time, dispatcher peak RSS ≤ 256 MiB, no message body over 16 MiB, 1,000,000 jobs (issue 17)".into(),
             verdict: if c.jobs < 1_000_000 {
                 format!(
-                    "n/a: {} jobs, the target is for 1,000,000",
-                    thousands(c.jobs as f64)
+                    "n/a: {} jobs, the target is for 1,000,000 ({} at this size)",
+                    thousands(c.jobs as f64),
+                    pass(ok)
                 )
             } else {
-                // "In seconds": under the 20 s a million jobs may take to plan.
-                smoke_mark(results, pass(c.seconds < 20.0 && c.unfinished == 0))
+                smoke_mark(results, pass(ok))
             },
         });
     }
@@ -319,6 +403,98 @@ fn rows(results: &Results) -> Vec<Row> {
             },
         });
     }
+    if let Some(p) = &results.productions {
+        rows.push(Row {
+            figure: format!(
+                "prodsys: {} productions × {} real toysim jobs on the local executor, {} at once, SubmitRequest → every production COMPLETED with every file scanned, checksummed and catalogued",
+                thousands(p.productions as f64),
+                p.jobs / p.productions.max(1),
+                p.concurrency
+            ),
+            measured: format!(
+                "{:.1} s ({:.1} jobs/s); {} files catalogued, {} of them read again and found of the catalogued size and adler32{}",
+                p.prodsys_seconds,
+                p.prodsys_per_s(),
+                thousands(p.files as f64),
+                thousands(p.files_verified as f64),
+                p.xrootd.as_ref().map_or(String::new(), |server| format!(
+                    "; {} files forwarded to XRootD ({server}) and verified there",
+                    thousands(p.forwarded as f64)
+                ))
+            ),
+            raw: format!(
+                "the same toysim commands by a plain spawner, {} at once{}: {:.1} s ({:.1} jobs/s)",
+                p.concurrency,
+                if p.xrootd.is_some() {
+                    ", each job's outputs then copied with `xrdcp -f`"
+                } else {
+                    ""
+                },
+                p.raw_seconds,
+                p.raw_per_s()
+            ),
+            ratio: format!("{:.2}×", p.ratio()),
+            target: "≥ 0.8 × the raw spawner's job rate, 1,000 productions × 10 jobs (issue 17)"
+                .into(),
+            verdict: if p.productions < 1000 {
+                format!(
+                    "n/a: {} productions, the target is for 1,000 ({} at this size)",
+                    thousands(p.productions as f64),
+                    pass(p.ratio() >= 0.8)
+                )
+            } else if p.files_verified != p.files
+                || (p.xrootd.is_some() && p.forwarded != p.files)
+            {
+                smoke_mark(results, "miss")
+            } else {
+                smoke_mark(results, pass(p.ratio() >= 0.8))
+            },
+        });
+    }
+    if let Some(r) = &results.replicated {
+        let single = results.productions.as_ref();
+        let ratio = single.map_or(f64::NAN, |s| r.prodsys_per_s() / s.prodsys_per_s());
+        let ok = ratio >= REPLICA_RATE_FLOOR && r.duplicates.total() == 0;
+        let d = &r.duplicates;
+        rows.push(Row {
+            figure: format!(
+                "prodsys: the same {} productions × {} jobs with {} processes of every service (each on its own port; one database, one broker, one work directory)",
+                thousands(r.productions as f64),
+                r.jobs / r.productions.max(1),
+                r.replicas
+            ),
+            measured: format!(
+                "{:.1} s ({:.1} jobs/s); done twice: {} (productions per request beyond one {}, extra job attempts {}, outputs catalogued twice for a job {}); {} of {} files verified",
+                r.prodsys_seconds,
+                r.prodsys_per_s(),
+                d.total(),
+                d.productions_per_request,
+                d.extra_attempts,
+                d.files_per_job,
+                thousands(r.files_verified as f64),
+                thousands(r.files as f64)
+            ),
+            raw: single.map_or("— (one process each did not run)".into(), |s| {
+                format!(
+                    "one process of each, same run: {:.1} jobs/s",
+                    s.prodsys_per_s()
+                )
+            }),
+            ratio: if ratio.is_finite() {
+                format!("{ratio:.2}×")
+            } else {
+                "—".into()
+            },
+            target: format!(
+                "rate does not fall (≥ {REPLICA_RATE_FLOOR} × one process each, the run-to-run noise allowed) and nothing is done twice (issue 17)"
+            ),
+            verdict: if ratio.is_finite() {
+                smoke_mark(results, pass(ok))
+            } else {
+                "cannot tell: no run with one process each".into()
+            },
+        });
+    }
     // Memory, per service: each runs in a process of its own.
     for service in ORDER.map(|s| s.name()) {
         let idle = results.service_rss_idle.get(service).copied();
@@ -333,7 +509,15 @@ fn rows(results: &Results) -> Vec<Row> {
             verdicts.push(format!("idle {}", pass(idle <= IDLE_RSS_MIB * MIB)));
         }
         if let Some((rss, phase)) = loaded {
-            measured.push(format!("under load {:.1} MiB (during {phase})", mib(rss)));
+            let kind = results
+                .phases()
+                .iter()
+                .find(|(p, _)| *p == phase)
+                .map_or("", |(_, l)| if l.hwm { "peak " } else { "sampled " });
+            measured.push(format!(
+                "under load {kind}{:.1} MiB (during {phase})",
+                mib(rss)
+            ));
             verdicts.push(format!(
                 "under load {}",
                 smoke_mark(results, pass(rss <= LOADED_RSS_MIB * MIB))
@@ -353,6 +537,60 @@ fn rows(results: &Results) -> Vec<Row> {
         });
     }
     rows
+}
+
+/// The status measurement with watchers, beside the same without them.
+fn watched_row(results: &Results, s: &crate::stack::StatusResult, rows: &mut Vec<Row>) {
+    let Some(w) = &s.watchers else { return };
+    let plain = results
+        .status
+        .as_ref()
+        .map_or(f64::NAN, |p| p.transitions_per_s);
+    let r = s.transitions_per_s / plain;
+    let ok = r >= 0.9 && w.lag_p99_ms <= 1000.0 && w.errors == 0 && w.complete == w.grpc + w.sse;
+    let full = w.grpc >= 1000 && w.sse >= 100;
+    rows.push(Row {
+        figure: format!(
+            "prodsys: job transitions into status ({} as above) with {} WatchProduction streams and {} dashboard SSE clients following the production; lag from a job.status message handed to the broker to a watcher seeing its effect",
+            thousands(s.transitions as f64),
+            thousands(w.grpc as f64),
+            w.sse
+        ),
+        measured: format!(
+            "{} transitions/s; lag p50 {}, p99 {} (WatchProduction {}, SSE {}), max {}; {} of {} watchers saw every job DONE; {} updates received; {} watch errors{}",
+            thousands(s.transitions_per_s),
+            ms(w.lag_p50_ms),
+            ms(w.lag_p99_ms),
+            ms(w.grpc_p99_ms),
+            ms(w.sse_p99_ms),
+            ms(w.lag_max_ms),
+            thousands(w.complete as f64),
+            thousands((w.grpc + w.sse) as f64),
+            thousands(w.updates as f64),
+            w.errors,
+            w.first_error
+                .as_ref()
+                .map_or(String::new(), |e| format!(" (first: {e})"))
+        ),
+        raw: format!(
+            "the same measurement without watchers, same run: {} transitions/s",
+            thousands(plain)
+        ),
+        ratio: ratio(s.transitions_per_s, plain),
+        target: "≥ 0.9 × without watchers, lag p99 ≤ 1 s, 1,000 streams and 100 SSE clients (issue 17)".into(),
+        verdict: if !plain.is_finite() {
+            "cannot tell: the measurement without watchers did not run".into()
+        } else if full {
+            smoke_mark(results, pass(ok))
+        } else {
+            format!(
+                "n/a: {} streams and {} SSE clients, the target is for 1,000 and 100 ({} at this size)",
+                w.grpc,
+                w.sse,
+                pass(ok)
+            )
+        },
+    });
 }
 
 /// The rows of the catalog with a history (issue 10): its first pages, its
@@ -578,37 +816,22 @@ fn cost(cpu: &sys::CpuUse, seconds: f64, items: f64, per: f64) -> String {
     )
 }
 
-/// The stages of the sustained submit run: its own, or (when it did not
-/// follow request.received) those of the short run at the same number of
-/// requests in flight, with a note saying so.
-fn submit_stages<'a>(
-    results: &'a Results,
-    s: &'a crate::stack::SubmitResult,
-) -> (&'a crate::stack::Stages, String) {
-    if s.stages.intake_p50_ms.is_finite() {
-        return (&s.stages, String::new());
-    }
-    match results.sweep.iter().find(|r| r.clients == s.clients) {
-        Some(r) => (
-            &r.stages,
-            format!(" (split in the short run at {} in flight)", r.clients),
-        ),
-        None => (&s.stages, String::new()),
-    }
-}
-
 /// One line of the table of submit runs by requests in flight.
 fn sweep_row(r: &crate::stack::SubmitResult) -> String {
     let accepted = r.accepted_in_window.max(1) as f64;
     let each = |cores: f64| cores * r.seconds * 1000.0 / accepted;
     let c = &r.load.cpu;
     format!(
-        "| {} | {:.0} | {} | {} | {} | {:.2} | {:.2} ms (services {:.2}, bench clients {:.2}, PostgreSQL {:.2}, RabbitMQ {:.2}) | {:.1} |",
+        "| {} | {:.0} | {} | {} | {} | {} / {} | {} / {} | {:.2} | {:.2} ms (services {:.2}, bench clients {:.2}, PostgreSQL {:.2}, RabbitMQ {:.2}) | {:.1} |",
         r.clients,
         r.seconds,
         thousands(r.accepted_per_s),
         ms(r.accept_p50_ms),
         ms(r.accept_p99_ms),
+        ms(r.stages.intake_p50_ms),
+        ms(r.stages.intake_p99_ms),
+        ms(r.stages.checker_p50_ms),
+        ms(r.stages.checker_p99_ms),
         c.machine,
         each(c.services_total() + c.bench + c.postgres + c.rabbitmq),
         each(c.services_total()),
@@ -694,11 +917,14 @@ pub fn findings(results: &Results) -> Vec<String> {
                 1.0
             ),
         );
-        let (stages, from) = submit_stages(results, s);
+        let split = if s.stages.intake_p50_ms.is_finite() {
+            stage_text(&s.stages)
+        } else {
+            "not split into stages: this run listened only for the verdicts, as a client does (each short run's split is in the table by requests in flight, beside the run it was measured in)".into()
+        };
         let _ = write!(
             line,
-            " Time to ACCEPTED{from}: {}. PostgreSQL CPU by the service it served (cores): {}. Transactions committed in the run's database: {} ({:.1} per accepted request).",
-            stage_text(stages),
+            " Time to ACCEPTED: {split}. PostgreSQL CPU by the service it served (cores): {}. Transactions committed in the run's database: {} ({:.1} per accepted request).",
             pg_split(&s.load),
             thousands(s.load.commits as f64),
             s.load.commits as f64 / s.accepted_in_window.max(1) as f64
@@ -713,12 +939,21 @@ pub fn findings(results: &Results) -> Vec<String> {
         }
         out.push(line);
     }
-    if let Some(s) = &results.submit {
-        let (stages, from) = submit_stages(results, s);
+    if let (Some(s), Some(d)) = (&results.submit, &results.db) {
+        let per_request = s.load.commits as f64 / s.accepted_in_window.max(1) as f64;
         out.push(format!(
-            "Submit, in short: the stage from request.received to request.accepted (the checker) took {:.0} % of the median time to ACCEPTED{from}, and {:.1} transactions committed per accepted request across the five services; the two cores were {:.0} % busy.",
-            100.0 * stages.checker_p50_ms / s.accept_p50_ms,
-            s.load.commits as f64 / s.accepted_in_window.max(1) as f64,
+            "Submit, which limit bounds which stage: intake group-commits concurrent SubmitRequests and the checker decides a delivery batch per transaction, so each request is a row in a shared transaction, not a commit of its own. Their transactions are bounded by the single-row commit rate ({} commits/s; at the {per_request:.1} transactions per accepted request of this run, across the five services, that is a ceiling of {} req/s, {} of it reached); their rows by the batched insert rate ({} rows/s, {} of it reached at one row per request). The lower of the two, the {}, is the one that binds at this batching ({} requests in flight make the groups). The cores were {:.0} % busy.",
+            thousands(d.single_per_s),
+            thousands(d.single_per_s / per_request),
+            ratio(s.accepted_per_s, d.single_per_s / per_request),
+            thousands(d.batch_rows_per_s),
+            ratio(s.accepted_per_s, d.batch_rows_per_s),
+            if d.single_per_s / per_request <= d.batch_rows_per_s {
+                "commit ceiling"
+            } else {
+                "batched-insert ceiling"
+            },
+            s.clients,
             100.0 * s.load.cpu.machine / cpus
         ));
     }
@@ -772,6 +1007,39 @@ pub fn findings(results: &Results) -> Vec<String> {
             depths(&c.load)
         ));
     }
+    if let (Some(plain), Some(watched)) = (&results.status, &results.watched)
+        && let Some(w) = &watched.watchers
+    {
+        let pg = |l: &PhaseLoad| l.pg_cpu.get("status").copied().unwrap_or(0.0);
+        out.push(format!(
+            "Watchers: with {} WatchProduction streams and {} SSE clients the status process used {:.2} cores (without: {:.2}) and the PostgreSQL backends serving status {:.2} (without: {:.2}); the watchers received {} updates in all ({:.1} each). Each open watch reads the production again on every change it is told of (`StatusApi::snapshot` per stream and per SSE client), so the reads grow with watchers × changes.",
+            thousands(w.grpc as f64),
+            w.sse,
+            watched.load.cpu.service("status"),
+            plain.load.cpu.service("status"),
+            pg(&watched.load),
+            pg(&plain.load),
+            thousands(w.updates as f64),
+            w.updates as f64 / (w.grpc + w.sse).max(1) as f64
+        ));
+    }
+    if let Some(p) = &results.productions {
+        let c = &p.prodsys_cpu;
+        let each = |cores: f64| cores * p.prodsys_seconds * 1000.0 / p.jobs as f64;
+        out.push(format!(
+            "Whole productions: intake answered all {} SubmitRequests within {:.1} s; every production was finished {:.1} s after the first. CPU per job besides the job itself: the service processes {:.1} ms, PostgreSQL {:.1} ms, RabbitMQ {:.1} ms (the machine: {}; the jobs' own CPU shows as \"other\"); the plain spawner's machine: {}. The dispatcher's scheduler took a round at least every {} ms (its poll interval; `--poll-interval-ms` sets it) for {} local slots.",
+            thousands(p.productions as f64),
+            p.submit_seconds,
+            p.prodsys_seconds,
+            each(c.services_total()),
+            each(c.postgres),
+            each(c.rabbitmq),
+            c,
+            p.raw_cpu,
+            p.poll_interval_ms,
+            p.concurrency
+        ));
+    }
     let mut busiest: Option<(&str, f64)> = None;
     let mut raw_other = Vec::new();
     if let Some(b) = &results.broker {
@@ -818,7 +1086,7 @@ pub fn findings(results: &Results) -> Vec<String> {
         if !loaded.is_empty() {
             let _ = write!(
                 line,
-                " Largest under load (samples every 250 ms): {}.",
+                " Largest under load (each measurement's VmHWM, reset at its start): {}.",
                 loaded.join(", ")
             );
         }
@@ -991,7 +1259,10 @@ pub fn markdown(results: &Results) -> String {
         );
         let _ = writeln!(
             out,
-            "- **Status**: a `production.dispatched` of {} jobs, then `job.status` events of {} transitions each (SUBMITTED, then RUNNING, then DONE for every job: {} transitions), published with confirms (≤ 64 outstanding) as prodsys publishes, CloudEvents headers as `envelope.rs` writes them; timed from the first publish until `GetProduction` counts every job DONE. **Catalog**: `job.output` events of {} files each (LFN, size, adler32, URL, ten metadata keys), {} files in all, timed until `catalog.files` holds every one.",
+            "- **Watchers**: the status measurement again on a production of its own, with {} `WatchProduction` streams ({} per HTTP/2 connection) and {} dashboard clients of `GET /api/events` (a `resync` answered with `GET /api/productions/{{id}}`, as the dashboard does) opened on it before the first publish; each watcher notes when it sees counts that hold the transitions of message k (and of all before it), and its lag for k is that moment less the moment k was handed to the broker: end to end, so it holds the status consumer's backlog too (the measurement publishes every message at once; the production's `updated_unix_ms` cannot time the watch path alone, as job transitions move its counts without touching it). The ratio is to the same measurement without watchers in the same run.\n- **Status**: a `production.dispatched` of {} jobs, then `job.status` events of {} transitions each (SUBMITTED, then RUNNING, then DONE for every job: {} transitions), published with confirms (≤ 64 outstanding) as prodsys publishes, CloudEvents headers as `envelope.rs` writes them; timed from the first publish until `GetProduction` counts every job DONE. **Catalog**: `job.output` events of {} files each (LFN, size, adler32, URL, ten metadata keys), {} files in all, timed until `catalog.files` holds every one.",
+            thousands(p.watchers.0 as f64),
+            100,
+            p.watchers.1,
             thousands(p.status_jobs as f64),
             p.transitions_per_message,
             thousands(p.status_jobs as f64 * 3.0),
@@ -1000,7 +1271,7 @@ pub fn markdown(results: &Results) -> String {
         );
         let _ = writeln!(
             out,
-            "- **RSS** is each service process's VmRSS: idle is 3 s after all five answered gRPC health; under load is the largest of samples every 250 ms during the measurements; the peak over the whole run is each process's VmHWM. **CPU** is per process (user + system time): each service's process, the bench's own (its clients), PostgreSQL's processes for this run, the broker's. Queue depths are ready messages in each service's queue, sampled with the same period.\n"
+            "- **RSS** is each service process's VmRSS: idle is 3 s after all five answered gRPC health; under load is each process's VmHWM over each measurement (the kernel's high-water mark, between samples too; reset at the measurement's start by writing 5 to `/proc/PID/clear_refs`, or the largest of samples every 250 ms where that is refused, as the figure then says); the peak over the whole run is the largest of those and the VmHWM read as the processes stop. Verdicts on memory read these peaks. **CPU** is per process (user + system time): each service's process, the bench's own (its clients), PostgreSQL's processes for this run, the broker's. Queue depths are ready messages in each service's queue, sampled with the same period.\n"
         );
     }
     if let Some(c) = &results.containers {
@@ -1012,6 +1283,28 @@ pub fn markdown(results: &Results) -> String {
             c.concurrency,
             thousands(c.jobs as f64),
             c.concurrency
+        );
+    }
+    if let Some(p) = &results.productions {
+        let _ = writeln!(
+            out,
+            "- **Whole productions**: on a database and prefix of their own with the five services in their own processes, {} CTA requests (the shipped example, one shower per job, one NSB level: one file per job; an array layout of its own each, so none duplicates another) sent over gRPC {} at a time, {} jobs each, run by the real `prodsys-toysim` on the local executor with {} slots (dispatcher poll interval {} ms; the tests set 200), timed from the first SubmitRequest until every production is COMPLETED and finished (the catalog announced every output catalogued); then every catalogued file is read again and its size and adler32 compared with the catalog's. The raw limit: after the services stopped, the same commands (each job's command line and environment rendered from the profile with the parameters, run number and seed the dispatcher stored for it) run by a plain spawner in Rust, {} at once, each in a directory of its own.{}{}",
+            thousands(p.productions as f64),
+            16,
+            p.jobs / p.productions.max(1),
+            p.concurrency,
+            p.poll_interval_ms,
+            p.concurrency,
+            if p.xrootd.is_some() {
+                " With `--xrootd` every request also names an XRootD destination (a real server started by `tests/servers/xrootd/start`): a production is finished once its outputs are there with the storage's own adler32 equal to the catalog's, and the raw spawner copies each job's outputs there with `xrdcp -f` in the job's slot."
+            } else {
+                ""
+            },
+            if results.replicated.is_some() {
+                " **Replicas**: the same productions again on a fresh database and prefix with two processes of every service (ten processes, each on a port of its own, sharing the database, the queues and the dispatcher's work directory; requests alternate between the two intakes), and afterwards the databases counted for work done twice: productions per request beyond one (dispatcher), job attempts beyond the first (no job fails here, so any is a job run twice), outputs catalogued more than once for one job."
+            } else {
+                ""
+            }
         );
     }
     if let (Some(p), Some(h)) = (&results.history_plan, &results.history) {
@@ -1044,13 +1337,13 @@ pub fn markdown(results: &Results) -> String {
         let _ = writeln!(out, "### Submit → ACCEPTED by requests in flight\n");
         let _ = writeln!(
             out,
-            "Short closed-loop runs before the sustained one. Each stage takes what waits for it in one transaction, so more requests in flight make larger batches: less CPU per request, more throughput, longer waits.\n"
+            "Short closed-loop runs before the sustained one, each split into stages by its own `request.received` events. Each stage takes what waits for it in one transaction, so more requests in flight make larger batches: less CPU per request, more throughput, longer waits.\n"
         );
         let _ = writeln!(
             out,
-            "| requests in flight | seconds | accepted/s | ACCEPTED p50 | ACCEPTED p99 | cores busy | CPU per accepted request | transactions per request |"
+            "| requests in flight | seconds | accepted/s | ACCEPTED p50 | ACCEPTED p99 | until request.received p50 / p99 (intake) | request.received → request.accepted p50 / p99 (checker) | cores busy | CPU per accepted request | transactions per request |"
         );
-        let _ = writeln!(out, "|---|---|---|---|---|---|---|---|");
+        let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|");
         for r in &results.sweep {
             let _ = writeln!(out, "{}", sweep_row(r));
         }
@@ -1095,6 +1388,7 @@ pub fn markdown(results: &Results) -> String {
         }
         let _ = writeln!(out);
     }
+    let _ = write!(out, "{}", crate::scale::section(results));
     let _ = writeln!(out, "## What this run shows\n");
     let _ = writeln!(
         out,
@@ -1134,7 +1428,10 @@ mod tests {
     /// Every row of every markdown table has as many cells as its header.
     #[test]
     fn markdown_tables_are_rectangular() {
-        let mut load = PhaseLoad::default();
+        let mut load = PhaseLoad {
+            hwm: true,
+            ..PhaseLoad::default()
+        };
         for service in ORDER {
             load.max_rss.insert(service.name().into(), 30 * MIB);
             load.cpu.services.push((service.name().into(), 0.1));
@@ -1146,6 +1443,12 @@ mod tests {
                 .collect(),
             rss_before_start: Some(10 * MIB),
             rss_idle: Some(20 * MIB),
+            db: Some(crate::raw::DbResult {
+                single_per_s: 10_000.0,
+                single_p99_ms: 2.0,
+                batch_rows_per_s: 150_000.0,
+                ..Default::default()
+            }),
             plan: Some(PlanResult {
                 production_id: "CTA-000001".into(),
                 jobs: 1_000_000,
@@ -1156,6 +1459,48 @@ mod tests {
             }),
             ..Results::default()
         };
+        let mut results = results;
+        let whole = crate::productions::ProductionsResult {
+            productions: 1000,
+            jobs: 10_000,
+            concurrency: 4,
+            replicas: 1,
+            poll_interval_ms: 200,
+            prodsys_seconds: 500.0,
+            submit_seconds: 5.0,
+            files: 10_000,
+            files_verified: 10_000,
+            raw_seconds: 100.0,
+            ..Default::default()
+        };
+        results.replicated = Some(crate::productions::ProductionsResult {
+            replicas: 2,
+            prodsys_seconds: 490.0,
+            raw_seconds: f64::NAN,
+            ..whole.clone()
+        });
+        results.productions = Some(whole);
+        results.status = Some(crate::stack::StatusResult {
+            jobs: 200_000,
+            transitions: 600_000,
+            seconds: 4.0,
+            transitions_per_s: 150_000.0,
+            ..Default::default()
+        });
+        results.watched = Some(crate::stack::StatusResult {
+            jobs: 200_000,
+            transitions: 600_000,
+            seconds: 5.0,
+            transitions_per_s: 120_000.0,
+            watchers: Some(crate::watchers::WatcherStats {
+                grpc: 1000,
+                sse: 100,
+                complete: 1100,
+                lag_p99_ms: 500.0,
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
         let text = markdown(&results);
         let mut cells = None;
         for line in text.lines() {
@@ -1167,7 +1512,18 @@ mod tests {
             assert_eq!(*cells.get_or_insert(n), n, "{line}");
         }
         assert!(text.contains("RSS of the dispatcher service"));
-        assert!(text.contains("dispatcher process RSS ≤ 30.0 MiB"));
+        assert!(text.contains("dispatcher process peak RSS (VmHWM over the measurement) 30.0 MiB"));
         assert!(!text.contains("cannot tell"));
+        assert!(
+            text.contains("| 0.20× |"),
+            "whole productions against the spawner"
+        );
+        assert!(
+            text.contains("| 1.02× |"),
+            "two processes of each against one"
+        );
+        assert!(text.contains("| 0.80× |"), "watched status against plain");
+        assert!(text.contains("## Scale-out"));
+        assert!(text.contains("Saturates first"));
     }
 }

@@ -98,6 +98,8 @@ async fn stop_when_told(shutdown: CancellationToken) {
 /// One service's process.
 struct Process {
     service: Service,
+    /// 0 for the first process of the service, 1 for the second, …
+    replica: usize,
     pid: u32,
     addr: SocketAddr,
     child: Child,
@@ -121,38 +123,62 @@ impl Services {
     /// process started is stopped and the error holds the end of the log of
     /// the one that failed.
     pub async fn start(settings: &Settings, dir: &Path) -> anyhow::Result<Self> {
+        Self::start_replicated(settings, dir, 1).await
+    }
+
+    /// [`Services::start`] with `replicas` processes of every service (each
+    /// on a port of its own, sharing the database, the queues and the
+    /// dispatcher's work directory, as replicas of a deployment do); intake
+    /// and checker call the first checker and catalog.
+    pub async fn start_replicated(
+        settings: &Settings,
+        dir: &Path,
+        replicas: usize,
+    ) -> anyhow::Result<Self> {
+        let replicas = replicas.max(1);
         let mut settings = settings.clone();
         let host = settings.grpc.host.clone();
-        let ports = free_ports(&host, 5)?;
-        settings.intake.port = ports[0];
-        settings.checker.port = ports[1];
-        settings.dispatcher.port = ports[2];
-        settings.status.port = ports[3];
-        settings.catalog.port = ports[4];
+        let ports = free_ports(&host, 5 * replicas)?;
         let ip = connect_ip(&host)?;
-        settings.intake.checker_url = format!("http://{}", SocketAddr::new(ip, ports[1]));
-        settings.checker.catalog_url = format!("http://{}", SocketAddr::new(ip, ports[4]));
-        std::fs::create_dir_all(dir)?;
-        let config = dir.join("settings.toml");
-        write_private(
-            &config,
-            &toml::to_string(&settings).context("writing the services' settings")?,
-        )?;
-        let port = |service: Service| match service {
-            Service::Intake => settings.intake.port,
-            Service::Checker => settings.checker.port,
-            Service::Dispatcher => settings.dispatcher.port,
-            Service::Status => settings.status.port,
-            Service::Catalog => settings.catalog.port,
+        // Ports by service, in Service::ALL order, replica after replica.
+        let port_of = |service: Service, replica: usize| {
+            let i = Service::ALL.iter().position(|s| *s == service).unwrap_or(0);
+            ports[replica * 5 + i]
         };
+        settings.intake.checker_url = format!(
+            "http://{}",
+            SocketAddr::new(ip, port_of(Service::Checker, 0))
+        );
+        settings.checker.catalog_url = format!(
+            "http://{}",
+            SocketAddr::new(ip, port_of(Service::Catalog, 0))
+        );
+        std::fs::create_dir_all(dir)?;
         let mut services = Self {
             processes: Vec::new(),
         };
-        for service in Service::ALL {
-            let addr = SocketAddr::new(ip, port(service));
-            if let Err(error) = services.spawn(service, addr, &config, dir).await {
-                services.stop().await;
-                return Err(error);
+        for replica in 0..replicas {
+            let mut own = settings.clone();
+            own.intake.port = port_of(Service::Intake, replica);
+            own.checker.port = port_of(Service::Checker, replica);
+            own.dispatcher.port = port_of(Service::Dispatcher, replica);
+            own.status.port = port_of(Service::Status, replica);
+            own.catalog.port = port_of(Service::Catalog, replica);
+            let config = if replica == 0 {
+                dir.join("settings.toml")
+            } else {
+                dir.join(format!("settings-{}.toml", replica + 1))
+            };
+            write_private(
+                &config,
+                &toml::to_string(&own).context("writing the services' settings")?,
+            )?;
+            for service in Service::ALL {
+                let addr = SocketAddr::new(ip, port_of(service, replica));
+                if let Err(error) = services.spawn(service, replica, addr, &config, dir).await {
+                    services.stop().await;
+                    return Err(error);
+                }
             }
         }
         Ok(services)
@@ -161,11 +187,16 @@ impl Services {
     async fn spawn(
         &mut self,
         service: Service,
+        replica: usize,
         addr: SocketAddr,
         config: &Path,
         dir: &Path,
     ) -> anyhow::Result<()> {
-        let log = dir.join(format!("{service}.log"));
+        let log = if replica == 0 {
+            dir.join(format!("{service}.log"))
+        } else {
+            dir.join(format!("{service}-{}.log", replica + 1))
+        };
         let out = std::fs::File::create(&log)?;
         let err = out.try_clone()?;
         let mut command = Command::new(std::env::current_exe()?);
@@ -192,6 +223,7 @@ impl Services {
         let pid = child.id().context("the new process has no pid")?;
         self.processes.push(Process {
             service,
+            replica,
             pid,
             addr,
             child,
@@ -232,13 +264,31 @@ impl Services {
             .with_context(|| format!("no {service} process"))
     }
 
-    /// Name and pid of each service's process, in pipeline order.
+    /// Where each process of `service` answers gRPC.
+    pub fn addrs(&self, service: Service) -> Vec<SocketAddr> {
+        self.processes
+            .iter()
+            .filter(|p| p.service == service)
+            .map(|p| p.addr)
+            .collect()
+    }
+
+    /// Name and pid of each service's process, in pipeline order; a second
+    /// replica is named `intake#2` and so on.
     pub fn pids(&self) -> Vec<(&'static str, u32)> {
         ORDER
             .iter()
-            .filter_map(|s| self.processes.iter().find(|p| p.service == *s))
-            .map(|p| (p.service.name(), p.pid))
+            .flat_map(|s| self.processes.iter().filter(move |p| p.service == *s))
+            .map(|p| (replica_name(p.service, p.replica), p.pid))
             .collect()
+    }
+
+    /// An error if a service process has exited.
+    pub fn ensure_running(&mut self) -> anyhow::Result<()> {
+        match self.first_exited() {
+            Some(service) => anyhow::bail!("the {service} process has exited"),
+            None => Ok(()),
+        }
     }
 
     /// The first service whose process has exited, if any.
@@ -285,7 +335,12 @@ impl Services {
             .processes
             .iter()
             .filter(|p| p.exited.is_none())
-            .map(|p| (p.service.name().to_string(), sys::pid_peak_rss_bytes(p.pid)))
+            .map(|p| {
+                (
+                    replica_name(p.service, p.replica).to_string(),
+                    sys::pid_peak_rss_bytes(p.pid),
+                )
+            })
             .filter(|(_, rss)| *rss > 0)
             .collect();
         for process in &mut self.processes {
@@ -345,6 +400,28 @@ impl Drop for Services {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+}
+
+/// `intake` for the first process of a service, `intake#2` for the second, …
+fn replica_name(service: Service, replica: usize) -> &'static str {
+    if replica == 0 {
+        service.name()
+    } else {
+        // A handful per run, named once each.
+        static NAMES: std::sync::Mutex<Vec<(Service, usize, &'static str)>> =
+            std::sync::Mutex::new(Vec::new());
+        let mut names = NAMES.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, _, name)) = names
+            .iter()
+            .find(|(s, r, _)| *s == service && *r == replica)
+        {
+            return name;
+        }
+        let name: &'static str =
+            Box::leak(format!("{}#{}", service.name(), replica + 1).into_boxed_str());
+        names.push((service, replica, name));
+        name
     }
 }
 
@@ -432,7 +509,13 @@ fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
 fn log_tail(path: &Path) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
-    let tail = lines[lines.len().saturating_sub(LOG_TAIL_LINES)..].join("\n");
+    // A process that failed printed its error before a backtrace that
+    // would fill the tail: from the error on, then.
+    let from = lines
+        .iter()
+        .rposition(|l| l.starts_with("Error: "))
+        .unwrap_or_else(|| lines.len().saturating_sub(LOG_TAIL_LINES));
+    let tail = lines[from..(from + LOG_TAIL_LINES).min(lines.len())].join("\n");
     if tail.is_empty() {
         "(empty)".into()
     } else {

@@ -111,13 +111,19 @@ pub struct StackPlan {
     pub catalog_files: u64,
     pub files_per_message: u64,
     pub plan_jobs: u64,
+    /// WatchProduction streams and dashboard SSE clients of the watchers measurement.
+    pub watchers: (usize, usize),
 }
 
 #[derive(Debug, Clone, Default)]
 pub struct PhaseLoad {
     pub cpu: sys::CpuUse,
-    /// Largest RSS seen of each service's process, by service.
+    /// Peak RSS of each service's process during the measurement, by
+    /// service: its VmHWM, reset at the start (`/proc/PID/clear_refs`), or
+    /// the largest 250 ms sample where the reset was refused (`hwm` false).
     pub max_rss: BTreeMap<String, u64>,
+    /// Whether `max_rss` holds each process's VmHWM over the measurement.
+    pub hwm: bool,
     /// Largest RSS seen of the bench's own process (its clients).
     pub bench_max_rss: u64,
     /// Most ready messages seen in each service's queue.
@@ -247,6 +253,8 @@ pub struct StatusResult {
     pub publish_seconds: f64,
     pub seconds: f64,
     pub transitions_per_s: f64,
+    /// Watchers of the production during the measurement, if any.
+    pub watchers: Option<crate::watchers::WatcherStats>,
     pub load: PhaseLoad,
 }
 
@@ -292,6 +300,11 @@ pub struct CancelResult {
     pub seconds: f64,
     /// Jobs of the production in the dispatcher not CANCELLED afterwards (must be 0).
     pub unfinished: i64,
+    /// How long the same run took to plan the production.
+    pub plan_seconds: f64,
+    /// Every message published to the topic exchanges while the production
+    /// was planned and cancelled (a copy on a queue of the bench's own).
+    pub messages: Option<amqp::TapResult>,
     pub load: PhaseLoad,
 }
 
@@ -304,6 +317,8 @@ pub struct Bench {
     intake: Vec<pb::request_service_client::RequestServiceClient<Channel>>,
     status: pb::status_service_client::StatusServiceClient<Channel>,
     pub(crate) catalog: pb::catalog_service_client::CatalogServiceClient<Channel>,
+    /// Where the status service answers gRPC and HTTP (the dashboard).
+    status_addr: std::net::SocketAddr,
     amqp: lapin::Connection,
     publish: lapin::Channel,
     /// The bench's own connection to the run's database.
@@ -371,7 +386,16 @@ impl Bench {
             .take(8)
             .collect();
         let pids = services.pids();
+        let status_addr = match services.addr(Service::Status) {
+            Ok(addr) => addr,
+            Err(error) => {
+                services.stop().await;
+                env.cleanup().await;
+                return Err(error);
+            }
+        };
         let mut bench = Self {
+            status_addr,
             env,
             services: Mutex::new(services),
             pids,
@@ -550,6 +574,11 @@ impl Bench {
         peaks
     }
 
+    /// A copy of every event from now on, for the sizes of their bodies.
+    pub async fn tap(&self) -> anyhow::Result<amqp::Tap> {
+        amqp::Tap::start(&self.amqp, &self.env.prefix).await
+    }
+
     fn service_queues(&self) -> Vec<(String, String)> {
         prodsys_testkit::SERVICES
             .iter()
@@ -567,6 +596,8 @@ impl Bench {
         let pg_start = pg_backends(&self.db).await;
         let commits_start = xact_commits(&self.db).await;
         let pids = self.pids.clone();
+        // Each process's high-water mark starts again with the measurement.
+        let hwm = pids.iter().all(|(_, pid)| sys::reset_peak_rss(*pid));
         let meter = sys::CpuMeter::start_with(&pids);
         let started = Instant::now();
         let task = tokio::spawn(async move {
@@ -592,6 +623,15 @@ impl Bench {
                 }
             }
             rss(&mut load);
+            if hwm {
+                for (service, pid) in &pids {
+                    let peak = sys::pid_peak_rss_bytes(*pid);
+                    if peak > 0 {
+                        load.max_rss.insert(service.to_string(), peak);
+                    }
+                }
+                load.hwm = true;
+            }
             let _ = channel.close(200, "done".into()).await;
             load
         });
@@ -782,9 +822,17 @@ impl Bench {
     /// Job transitions into the status service: a production it knows (from a
     /// production.dispatched), then job.status batches moving every job
     /// SUBMITTED → RUNNING → DONE; timed until GetProduction counts all DONE.
-    pub async fn status(&self, plan: &StackPlan) -> anyhow::Result<StatusResult> {
+    pub async fn status(
+        &self,
+        plan: &StackPlan,
+        watchers: Option<(usize, usize)>,
+    ) -> anyhow::Result<StatusResult> {
         let exchange = format!("{}prodsys.events", self.env.prefix);
-        let production = format!("BENCH-S{}", self.tag);
+        let production = format!(
+            "BENCH-S{}-{}",
+            self.tag,
+            self.seq.fetch_add(1, Ordering::Relaxed)
+        );
         let dispatched = pb::ProductionDispatched {
             production_id: production.clone(),
             job_total: plan.status_jobs,
@@ -858,6 +906,24 @@ impl Bench {
             })
         };
         let count = chunks * 3;
+        let feed = crate::watchers::Feed::new(jobs, per);
+        let messages = {
+            let feed = feed.clone();
+            messages.inspect(move |_| feed.publishing())
+        };
+        let watching = match watchers {
+            Some((grpc, sse)) => Some(
+                crate::watchers::Watchers::start(
+                    self.status_addr,
+                    &production,
+                    feed.clone(),
+                    grpc,
+                    sse,
+                )
+                .await?,
+            ),
+            None => None,
+        };
         let sampler = self.sample().await?;
         let start = Instant::now();
         let published = self.publish_in_background(messages);
@@ -880,6 +946,10 @@ impl Bench {
         let seconds = start.elapsed().as_secs_f64();
         let publish_seconds = published.await.context("publisher task")??;
         let load = sampler.finish(&self.db).await;
+        let watchers = match watching {
+            Some(w) => Some(w.finish(Duration::from_secs(10)).await),
+            None => None,
+        };
         let transitions = plan.status_jobs * 3;
         Ok(StatusResult {
             jobs: plan.status_jobs,
@@ -889,6 +959,7 @@ impl Bench {
             publish_seconds,
             seconds,
             transitions_per_s: transitions as f64 / seconds,
+            watchers,
             load,
         })
     }
@@ -1056,6 +1127,8 @@ impl Bench {
             jobs: plan.jobs,
             seconds,
             unfinished,
+            plan_seconds: plan.seconds,
+            messages: None,
             load,
         })
     }

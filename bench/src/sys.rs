@@ -25,6 +25,12 @@ pub fn pid_peak_rss_bytes(pid: u32) -> u64 {
     proc_status_kib(&format!("/proc/{pid}/status"), "VmHWM:") * 1024
 }
 
+/// Starts process `pid`'s VmHWM again from its current RSS (writes 5 to
+/// `/proc/PID/clear_refs`, which its owner may); whether it did.
+pub fn reset_peak_rss(pid: u32) -> bool {
+    std::fs::write(format!("/proc/{pid}/clear_refs"), "5").is_ok()
+}
+
 fn status_kib(field: &str) -> u64 {
     proc_status_kib("/proc/self/status", field)
 }
