@@ -80,12 +80,18 @@ impl CatalogApi {
         after: &str,
         page_size: u32,
     ) -> Result<pb::FindFilesResponse> {
-        let (files, replicas, more) = store::files_page(&self.db, query, after, page_size).await?;
+        let (mut files, mut replicas, more) =
+            store::files_page(&self.db, query, after, page_size).await?;
         let next_page_token = if more {
             files.last().map(|f| f.lfn.clone()).unwrap_or_default()
         } else {
             String::new()
         };
+        // The page is cut after the query (the token still follows the
+        // last file read): a page may be short, never another VO's.
+        if let Some(vos) = prodsys_auth::caller().visible_vos() {
+            visible_only(&self.db, &vos, &mut files, &mut replicas).await?;
+        }
         Ok(pb::FindFilesResponse {
             files,
             next_page_token,
@@ -142,6 +148,8 @@ impl CatalogApi {
         let client = self.db.client().await?;
         let record = store::production_record(&client, &production_id)
             .await?
+            // Another VO's record is as unknown as one not written.
+            .filter(|record| prodsys_auth::caller().may_see(&record.vo))
             .ok_or_else(|| {
                 CatalogError::NotFound(format!(
                     "no finished production {production_id} in the catalog"
@@ -152,6 +160,26 @@ impl CatalogApi {
         crate::installations::attach(&client, &mut answer).await?;
         Ok(answer)
     }
+}
+
+/// Keeps of `files` (and their `replicas`) those of productions of `vos`.
+async fn visible_only(
+    db: &Db,
+    vos: &[String],
+    files: &mut Vec<pb::OutputFile>,
+    replicas: &mut Vec<pb::FileReplicas>,
+) -> Result<()> {
+    if files.is_empty() {
+        return Ok(());
+    }
+    let mut productions: Vec<&str> = files.iter().map(|f| f.production_id.as_str()).collect();
+    productions.sort_unstable();
+    productions.dedup();
+    let visible = store::productions_of_vos(db, &productions, vos).await?;
+    files.retain(|f| visible.contains(&f.production_id));
+    let kept: std::collections::HashSet<&str> = files.iter().map(|f| f.lfn.as_str()).collect();
+    replicas.retain(|r| kept.contains(r.lfn.as_str()));
+    Ok(())
 }
 
 /// A record as the API answers it, rendered as `format` asks.
@@ -264,25 +292,37 @@ impl pb::catalog_service_server::CatalogService for CatalogApi {
         let page_size = domain::page_size(r.page_size, 5000);
         let (tx, rx) = tokio::sync::mpsc::channel(2);
         let db = self.db.clone();
+        let visible_vos = prodsys_auth::caller().visible_vos();
         tokio::spawn(async move {
             let sent = store::stream_files(
                 &db,
                 &query,
                 &r.page_token,
                 page_size,
-                |files, replicas, more| {
+                |mut files, mut replicas, more| {
                     let next_page_token = match (more, files.last()) {
                         (true, Some(f)) => f.lfn.clone(),
                         _ => String::new(),
                     };
-                    let page = pb::FindFilesResponse {
-                        files,
-                        next_page_token,
-                        replicas,
-                    };
                     let tx = tx.clone();
+                    let db = db.clone();
+                    let visible_vos = visible_vos.clone();
                     // A client that went away ends the stream.
-                    async move { tx.send(Ok(page)).await.is_ok() }
+                    async move {
+                        if let Some(vos) = visible_vos
+                            && let Err(error) =
+                                visible_only(&db, &vos, &mut files, &mut replicas).await
+                        {
+                            let _ = tx.send(Err(Status::from(error))).await;
+                            return false;
+                        }
+                        let page = pb::FindFilesResponse {
+                            files,
+                            next_page_token,
+                            replicas,
+                        };
+                        tx.send(Ok(page)).await.is_ok()
+                    }
                 },
             )
             .await;

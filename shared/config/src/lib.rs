@@ -11,8 +11,10 @@ use std::path::{Path, PathBuf};
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize, Serializer};
 
+mod auth;
 mod federation;
 mod rucio;
+pub use auth::{AuthSettings, IssuerSettings, TlsSettings};
 pub use federation::{ANY, FederationSettings};
 pub use rucio::{RucioAuth, RucioRule, RucioSettings};
 
@@ -40,6 +42,11 @@ pub struct Settings {
     /// Groups of installations a request may name as its `backend`, and how
     /// their jobs are placed.
     pub federation: FederationSettings,
+    /// Who may call: bearer tokens (the WLCG JWT profile) checked against
+    /// configured issuers, or the development mode without tokens (loopback only).
+    pub auth: AuthSettings,
+    /// TLS of every gRPC/HTTP port and of the clients between services.
+    pub tls: TlsSettings,
     /// How long a stopping service (SIGTERM, Ctrl-C) may take to finish
     /// what it holds and flush its outbox before the process exits.
     pub shutdown_grace_ms: u64,
@@ -408,6 +415,8 @@ impl Default for Settings {
             dispatcher: DispatcherSettings::default(),
             forwarding: ForwardingSettings::default(),
             federation: FederationSettings::default(),
+            auth: AuthSettings::default(),
+            tls: TlsSettings::default(),
             shutdown_grace_ms: 10_000,
         }
     }
