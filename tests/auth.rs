@@ -167,10 +167,15 @@ struct Secured {
 /// A stack with tokens on, trusting the provider and the test's own issuer;
 /// `/vo.cta.in2p3.fr/production` manages CTA's productions.
 async fn secured() -> Secured {
+    secured_with(|_| {}).await
+}
+
+async fn secured_with(adjust: impl FnOnce(&mut prodsys_testkit::TestEnv)) -> Secured {
     let provider = Provider::start().await;
     let own = OwnIssuer::start().await;
     let issuers = [provider.issuer.clone(), own.url.clone()];
     let app = spawn_app_with(|env| {
+        adjust(env);
         use_test_profiles(env);
         let auth = &mut env.settings.auth;
         auth.dev_mode = false;
@@ -432,6 +437,11 @@ async fn bad_tokens_are_refused_and_nothing_is_stored() {
         .await
         .expect("a good token's submission");
     assert_eq!(s.app.stored_requests().await, 1);
+    // The dashboard answers a token in the query (as a browser opens it),
+    // without the development mode's warning.
+    let page = s.get("", &format!("/?access_token={good}")).await;
+    assert_eq!(page.status().as_u16(), 200);
+    assert!(!page.text().await.unwrap().contains("id=\"dev-mode\""));
     // Health stays open to probes.
     assert_eq!(
         support::health(s.app.stack.addr(prodsys::Service::Intake).unwrap()).await,
@@ -820,4 +830,342 @@ async fn a_production_manager_cancels_others_productions_a_plain_user_cannot() {
     assert_eq!(answer.status().as_u16(), 202, "{:?}", answer.text().await);
     production_in(&alice, &second, &[pb::ProductionState::Cancelled]).await;
     s.app.stop().await;
+}
+
+#[tokio::test]
+async fn the_development_mode_takes_no_tokens_serves_loopback_only_and_says_so() {
+    let app = support::spawn_app().await;
+    // No token: the call passes, and the declared submitter counts.
+    let response = app.submit(support::cta_example()).await.unwrap();
+    let db = app.env.db().await.unwrap();
+    let submitter: String = db
+        .query_one(
+            "SELECT submitter FROM intake.requests WHERE request_id = $1::text::uuid",
+            &[&response.request_id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(submitter, "tests");
+    let url = format!(
+        "http://{}/",
+        app.stack.addr(prodsys::Service::Status).unwrap()
+    );
+    let page = reqwest::get(url).await.unwrap().text().await.unwrap();
+    assert!(
+        page.contains("id=\"dev-mode\""),
+        "the dashboard does not warn"
+    );
+    app.stop().await;
+
+    // Bound to every address, the development mode refuses to start.
+    let mut env = prodsys_testkit::TestEnv::new().await.unwrap();
+    env.settings.grpc.host = "0.0.0.0".into();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let refused = prodsys::start(&prodsys::Service::ALL, &env.settings, shutdown.clone())
+        .await
+        .map(|_| ())
+        .expect_err("the development mode served 0.0.0.0");
+    shutdown.cancel();
+    assert!(
+        format!("{refused:#}").contains("auth.dev_mode"),
+        "{refused:#}"
+    );
+    env.cleanup().await;
+}
+
+/// `${NAME:-default}` and `${NAME:?message}` of a compose value, as compose
+/// substitutes them with `vars`; `None` when a required one is missing.
+fn compose_substitute(value: &str, vars: &[(&str, &str)]) -> Option<String> {
+    let mut out = String::new();
+    let mut rest = value;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let end = rest[start..].find('}')? + start;
+        let inner = &rest[start + 2..end];
+        let (name, fallback) = match inner.find([':']) {
+            Some(i) => (&inner[..i], Some(&inner[i + 1..])),
+            None => (inner, None),
+        };
+        let given = vars.iter().find(|(n, _)| *n == name).map(|(_, v)| *v);
+        match (given, fallback) {
+            (Some(v), _) if !v.is_empty() => out.push_str(v),
+            (_, Some(f)) if f.starts_with('-') => out.push_str(&f[1..]),
+            (_, Some(f)) if f.starts_with('?') => return None,
+            _ => {}
+        }
+        rest = &rest[end + 1..];
+    }
+    out.push_str(rest);
+    Some(out)
+}
+
+#[test]
+fn the_compose_deployment_runs_with_tokens_on() {
+    let root = prodsys_testkit::repo_root();
+    let compose = root.join("deploy/docker-compose.yml");
+    // The YAML as compose reads it (PyYAML; the suite's Python has it).
+    let out = std::process::Command::new("python3")
+        .arg("-c")
+        .arg("import json, sys, yaml; d = yaml.safe_load(open(sys.argv[1])); print(json.dumps(d['x-prodsys']['environment']))")
+        .arg(&compose)
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let environment: std::collections::BTreeMap<String, String> =
+        serde_json::from_slice(&out.stdout).unwrap();
+    // The image's own environment (deploy/Dockerfile) binds every address.
+    let dockerfile = std::fs::read_to_string(root.join("deploy/Dockerfile")).unwrap();
+    assert!(dockerfile.contains("PRODSYS__GRPC__HOST=0.0.0.0"));
+    let vars = [
+        ("PRODSYS_TOKEN_ISSUER", "https://iam.example.org/"),
+        ("PRODSYS_INTERNAL_TOKEN", "a-shared-secret"),
+    ];
+    let load = |vars: &[(&str, &str)]| {
+        let mut env: std::collections::HashMap<String, String> = environment
+            .iter()
+            .map(|(k, v)| {
+                let v = compose_substitute(v, vars).unwrap_or_else(|| panic!("{k} is required"));
+                (k.clone(), v)
+            })
+            .collect();
+        env.insert("PRODSYS__GRPC__HOST".into(), "0.0.0.0".into());
+        prodsys_config::Settings::load_with_env(Some(&root.join("deploy/prodsys.toml")), Some(env))
+            .unwrap()
+    };
+    let settings = load(&vars);
+    assert!(!settings.auth.dev_mode, "compose runs with tokens on");
+    assert_eq!(settings.auth.issuers[0].url, "https://iam.example.org/");
+    assert_eq!(settings.auth.audience, "prodsys");
+    assert_eq!(
+        settings.auth.production_managers[CTA],
+        format!("/{CTA}/production")
+    );
+    let auth = prodsys_auth::Auth::from_settings(&settings).expect("the compose settings");
+    auth.check_bind("intake", "0.0.0.0:50051".parse().unwrap())
+        .expect("tokens on serve every address");
+    // Without the issuer or the internal token, compose refuses to start.
+    for missing in ["PRODSYS_TOKEN_ISSUER", "PRODSYS_INTERNAL_TOKEN"] {
+        let some: Vec<_> = vars
+            .iter()
+            .copied()
+            .filter(|(n, _)| *n != missing)
+            .collect();
+        assert!(
+            environment
+                .values()
+                .any(|v| compose_substitute(v, &some).is_none()),
+            "{missing} is not required"
+        );
+    }
+    // The same image without the auth settings would not start.
+    let mut plain = settings.clone();
+    plain.auth = prodsys_config::AuthSettings::default();
+    assert!(
+        prodsys_auth::Auth::from_settings(&plain)
+            .unwrap()
+            .check_bind("intake", "0.0.0.0:50051".parse().unwrap())
+            .is_err()
+    );
+}
+
+/// A CA and a certificate for 127.0.0.1 and localhost signed by it, as PEM
+/// files in `dir`: (ca, cert, key).
+fn certificates(dir: &std::path::Path, name: &str) -> [std::path::PathBuf; 3] {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, format!("prodsys test CA {name}"));
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let params =
+        rcgen::CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+            .unwrap();
+    let cert = params.signed_by(&key, &ca).unwrap();
+    let paths = [
+        dir.join(format!("{name}-ca.pem")),
+        dir.join(format!("{name}-cert.pem")),
+        dir.join(format!("{name}-key.pem")),
+    ];
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(&paths[0], ca.pem()).unwrap();
+    std::fs::write(&paths[1], cert.pem()).unwrap();
+    std::fs::write(&paths[2], key.serialize_pem()).unwrap();
+    paths
+}
+
+#[tokio::test]
+async fn every_port_speaks_tls_verified_against_the_configured_ca() {
+    let dir = std::env::temp_dir().join(format!("prodsys-tls-{}", uuid::Uuid::new_v4()));
+    let [ca, cert, key] = certificates(&dir, "good");
+    let [other_ca, _, _] = certificates(&dir, "other");
+    let s = secured_with(|env| {
+        env.settings.tls = prodsys_config::TlsSettings {
+            cert_file: Some(cert.clone()),
+            key_file: Some(key.clone()),
+            ca_file: Some(ca.clone()),
+        };
+    })
+    .await;
+    let token = s.provider.token("cta-alice", ALL, None).await;
+    let addr = |service| s.app.stack.addr(service).unwrap();
+    let intake_url = format!("https://{}", addr(prodsys::Service::Intake));
+    let status_url = format!("https://{}", addr(prodsys::Service::Status));
+    let catalog_url = format!("https://{}", addr(prodsys::Service::Catalog));
+
+    // gRPC over TLS, the server verified against the CA, with the token.
+    let channel = prodsys_auth::tls::endpoint(&intake_url, Some(&ca), "intake")
+        .unwrap()
+        .connect()
+        .await
+        .expect("a TLS connection verified against the CA");
+    let mut intake = pb::request_service_client::RequestServiceClient::with_interceptor(
+        channel,
+        Credentials::bearer(token.as_str()),
+    );
+    let profiles = intake
+        .list_profiles(pb::ListProfilesRequest {})
+        .await
+        .expect("ListProfiles over TLS")
+        .into_inner();
+    assert!(!profiles.profiles.is_empty());
+    // A client that does not trust the CA, or speaks plain text, gets nowhere.
+    let untrusted = prodsys_auth::tls::endpoint(&intake_url, Some(&other_ca), "intake")
+        .unwrap()
+        .connect()
+        .await;
+    assert!(untrusted.is_err(), "a server of another CA was trusted");
+    let plain = match Channel::from_shared(format!("http://{}", addr(prodsys::Service::Intake)))
+        .unwrap()
+        .connect()
+        .await
+    {
+        Ok(channel) => pb::request_service_client::RequestServiceClient::new(channel)
+            .list_profiles(pb::ListProfilesRequest {})
+            .await
+            .map(|_| ()),
+        Err(error) => Err(tonic::Status::unavailable(error.to_string())),
+    };
+    assert!(plain.is_err(), "plain text was answered on a TLS port");
+
+    // HTTP/1.1 over TLS on the status port too (ALPN offers it beside the
+    // HTTP/2 of gRPC above); the HTTP API's submit reaches intake over TLS
+    // with the caller's token.
+    let pem = std::fs::read(&ca).unwrap();
+    let http = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(&pem).unwrap())
+        .http1_only()
+        .build()
+        .unwrap();
+    let answer = http
+        .get(format!("{status_url}/api/v1/productions"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status().as_u16(), 200);
+    assert_eq!(answer.version(), reqwest::Version::HTTP_11);
+    let submitted = http
+        .post(format!("{status_url}/api/v1/requests"))
+        .bearer_auth(&token)
+        .json(&http_body(&cta_sleep(1, 0.0, "tls-http")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        submitted.status().as_u16(),
+        202,
+        "{:?}",
+        submitted.text().await
+    );
+
+    // prodctl: --ca-file and a token file; the checker reaches the catalog
+    // over TLS to decide, and status follows the production to its end.
+    let token_file = dir.join("token");
+    std::fs::write(&token_file, &token).unwrap();
+    let request_file = dir.join("request.json");
+    let request = cta_sleep(2, 0.0, "tls-prodctl");
+    std::fs::write(&request_file, http_body(&request).to_string()).unwrap();
+    let prodctl = support::built_binary("prodctl", "prodctl");
+    let run = |args: Vec<String>| {
+        let prodctl = prodctl.clone();
+        let (intake, status, catalog) =
+            (intake_url.clone(), status_url.clone(), catalog_url.clone());
+        let (ca, token_file) = (ca.clone(), token_file.clone());
+        async move {
+            tokio::process::Command::new(prodctl)
+                .args(args)
+                .env("PRODSYS_INTAKE_URL", intake)
+                .env("PRODSYS_STATUS_URL", status)
+                .env("PRODSYS_CATALOG_URL", catalog)
+                .env("PRODSYS_CA_FILE", ca)
+                .env("PRODSYS_TOKEN_FILE", token_file)
+                .env_remove("PRODSYS_TOKEN")
+                .output()
+                .await
+                .unwrap()
+        }
+    };
+    let out = tokio::time::timeout(
+        Duration::from_secs(120),
+        run(vec![
+            "submit".into(),
+            request_file.display().to_string(),
+            "--watch".into(),
+            "-o".into(),
+            "json".into(),
+        ]),
+    )
+    .await
+    .expect("prodctl submit --watch over TLS in time");
+    assert!(
+        out.status.success(),
+        "prodctl submit --watch over TLS: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("PRODUCTION_STATE_COMPLETED"));
+    // Without the CA prodctl does not trust the server.
+    let out = tokio::process::Command::new(&prodctl)
+        .args(["profiles"])
+        .env("PRODSYS_INTAKE_URL", &intake_url)
+        .env("PRODSYS_CA_FILE", &other_ca)
+        .env("PRODSYS_TOKEN_FILE", &token_file)
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success(), "prodctl trusted another CA");
+
+    // The Python client: https:// verified against ca_file, with the token.
+    let script = "import json, sys; sys.path.insert(0, sys.argv[1]); \
+        from prodsys_client import Client; \
+        c = Client(sys.argv[2], sys.argv[3], sys.argv[4], token=open(sys.argv[5]).read(), ca_file=sys.argv[6]); \
+        print(json.dumps({'productions': len(c.productions()), 'profiles': len(c.profiles())}))";
+    let root = prodsys_testkit::repo_root();
+    let out = tokio::process::Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(root.join("clients/python/src"))
+        .args([&intake_url, &status_url, &catalog_url])
+        .arg(&token_file)
+        .arg(&ca)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "the Python client over TLS: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let seen: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(seen["productions"], 2, "{seen}");
+    assert!(seen["profiles"].as_u64().unwrap() > 0);
+    s.app.stop().await;
+    let _ = std::fs::remove_dir_all(dir);
 }

@@ -474,11 +474,6 @@ impl Auth {
         {
             return Ok(Caller::internal());
         }
-        if need == Need::Internal {
-            return Err(Denial::Forbidden(
-                "only prodsys services may call this operation".into(),
-            ));
-        }
         let verifier = self
             .inner
             .verifier
@@ -496,6 +491,11 @@ impl Auth {
             token: Some(Arc::from(token)),
             managers: self.inner.managers.clone(),
         };
+        if need == Need::Internal {
+            return Err(Denial::Forbidden(
+                "only prodsys services may call this operation".into(),
+            ));
+        }
         if let Need::Scope(scope) = need
             && !caller.scopes.contains(scope)
         {
@@ -730,6 +730,7 @@ pub type Channel =
 #[cfg(test)]
 mod tests {
     use super::*;
+    use base64::Engine;
 
     #[test]
     fn scopes_follow_the_operation() {
@@ -781,6 +782,78 @@ mod tests {
             .body(())
             .unwrap();
         assert_eq!(take_token(&mut r).as_deref(), Some("t0k"));
+    }
+
+    #[test]
+    fn the_development_mode_serves_loopback_only() {
+        let dev = Auth::dev();
+        assert!(
+            dev.check_bind("intake", "127.0.0.1:50051".parse().unwrap())
+                .is_ok()
+        );
+        assert!(
+            dev.check_bind("intake", "[::1]:50051".parse().unwrap())
+                .is_ok()
+        );
+        let refused = dev
+            .check_bind("intake", "0.0.0.0:50051".parse().unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(refused.contains("auth.dev_mode"), "{refused}");
+        assert!(
+            dev.check_bind("status", "192.0.2.7:50052".parse().unwrap())
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn tokens_on_need_an_issuer_and_the_internal_token() {
+        let mut settings = prodsys_config::Settings::default();
+        settings.auth.dev_mode = false;
+        let e = Auth::from_settings(&settings).unwrap_err().to_string();
+        assert!(e.contains("auth.issuers"), "{e}");
+        settings.auth.issuers = vec![prodsys_config::IssuerSettings {
+            url: "https://iam.example.org".into(),
+        }];
+        let e = Auth::from_settings(&settings).unwrap_err().to_string();
+        assert!(e.contains("auth.internal_token"), "{e}");
+        settings.auth.internal_token = Some("s3cret".to_string().into());
+        let auth = Auth::from_settings(&settings).unwrap();
+        assert!(!auth.dev_mode());
+        assert!(
+            auth.check_bind("intake", "0.0.0.0:50051".parse().unwrap())
+                .is_ok()
+        );
+    }
+
+    #[tokio::test]
+    async fn the_internal_token_is_a_service_and_nothing_else_passes_unverified() {
+        let mut settings = prodsys_config::Settings::default();
+        settings.auth.dev_mode = false;
+        settings.auth.issuers = vec![prodsys_config::IssuerSettings {
+            url: "https://iam.example.org".into(),
+        }];
+        settings.auth.internal_token = Some("s3cret".to_string().into());
+        let auth = Auth::from_settings(&settings).unwrap();
+        let internal = auth.admit(Need::Internal, Some("s3cret")).await.unwrap();
+        assert!(!internal.is_restricted());
+        assert!(matches!(
+            auth.admit(Need::Internal, Some("s3cret!")).await,
+            Err(Denial::Unauthenticated(_))
+        ));
+        assert!(matches!(
+            auth.admit(Need::Scope(COMPUTE_READ), None).await,
+            Err(Denial::Unauthenticated(_))
+        ));
+        assert!(auth.admit(Need::Open, None).await.is_ok());
+        // An HMAC token is refused before any key is looked for.
+        let header = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .encode(br#"{"alg":"HS256","typ":"JWT"}"#);
+        let hs = format!("{header}.e30.c2ln");
+        match auth.admit(Need::Token, Some(&hs)).await {
+            Err(Denial::Unauthenticated(m)) => assert!(m.contains("HS256"), "{m}"),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -18,8 +18,10 @@ pub struct AuthSettings {
     /// `submitter` counts. Allowed only while every port is bound to a
     /// loopback address; the log and the dashboard say so.
     pub dev_mode: bool,
-    /// Issuers whose tokens are accepted (`[[auth.issuers]]`); their keys
-    /// come from OpenID Connect discovery.
+    /// Issuers whose tokens are accepted (`[[auth.issuers]]`, or URLs
+    /// separated by commas, as `PRODSYS__AUTH__ISSUERS` gives them); their
+    /// keys come from OpenID Connect discovery.
+    #[serde(deserialize_with = "issuers")]
     pub issuers: Vec<IssuerSettings>,
     /// The `aud` a token must carry (one of its audiences).
     pub audience: String,
@@ -31,7 +33,10 @@ pub struct AuthSettings {
     /// `wlcg.groups`, or DiracX's `dirac_group`.
     pub group_claim: String,
     /// Per VO, the group whose members may cancel any production of the VO
-    /// (`[auth.production_managers]`, `"vo.cta.in2p3.fr" = "/vo.cta.in2p3.fr/production"`).
+    /// (`[auth.production_managers]`, `"vo.cta.in2p3.fr" = "/vo.cta.in2p3.fr/production"`;
+    /// or `vo=group` pairs separated by commas, as `PRODSYS__AUTH__PRODUCTION_MANAGERS`
+    /// gives them, VO names holding dots).
+    #[serde(deserialize_with = "managers")]
     pub production_managers: BTreeMap<String, String>,
     /// Seconds of clock skew allowed on `exp` and `nbf`.
     pub leeway_s: u64,
@@ -58,6 +63,66 @@ pub struct IssuerSettings {
     /// The issuer URL, exactly as its tokens' `iss` has it;
     /// `<url>/.well-known/openid-configuration` names its keys.
     pub url: String,
+}
+
+/// Issuers as TOML tables, as URLs, or as one string of URLs separated by
+/// commas (from the environment).
+fn issuers<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<IssuerSettings>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum One {
+        Url(String),
+        Table(IssuerSettings),
+    }
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Many {
+        Text(String),
+        List(Vec<One>),
+    }
+    Ok(match Many::deserialize(d)? {
+        Many::Text(text) => text
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .map(|url| IssuerSettings { url: url.into() })
+            .collect(),
+        Many::List(items) => items
+            .into_iter()
+            .map(|one| match one {
+                One::Url(url) => IssuerSettings { url },
+                One::Table(table) => table,
+            })
+            .collect(),
+    })
+}
+
+/// Production-manager groups as a TOML table, or as one string of
+/// `vo=group` pairs separated by commas (from the environment).
+fn managers<'de, D: serde::Deserializer<'de>>(d: D) -> Result<BTreeMap<String, String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Managers {
+        Text(String),
+        Table(BTreeMap<String, String>),
+    }
+    match Managers::deserialize(d)? {
+        Managers::Table(table) => Ok(table),
+        Managers::Text(text) => text
+            .split(',')
+            .map(str::trim)
+            .filter(|pair| !pair.is_empty())
+            .map(|pair| {
+                pair.split_once('=')
+                    .map(|(vo, group)| (vo.trim().to_string(), group.trim().to_string()))
+                    .ok_or_else(|| {
+                        serde::de::Error::custom(format!(
+                            "auth.production_managers: {pair:?} is not vo=group"
+                        ))
+                    })
+            })
+            .collect(),
+    }
 }
 
 impl Default for AuthSettings {
