@@ -404,11 +404,25 @@ async fn bad_tokens_are_refused_and_nothing_is_stored() {
             .expect_err(&format!("{what} token: SubmitRequest was not refused"));
         assert_eq!(refused.code(), *code, "{what} token over gRPC: {refused:?}");
         let answer = s.post(token, "/api/v1/requests", http_body(&request)).await;
+        let challenge = answer
+            .headers()
+            .get("www-authenticate")
+            .map(|v| v.to_str().unwrap().to_string())
+            .unwrap_or_default();
         assert_eq!(
             answer.status().as_u16(),
             *http_status,
             "{what} token over HTTP: {:?}",
             answer.text().await
+        );
+        let expected = match (*what, *http_status) {
+            ("missing", _) => "Bearer realm=\"prodsys\"",
+            (_, 401) => "error=\"invalid_token\"",
+            _ => "error=\"insufficient_scope\"",
+        };
+        assert!(
+            challenge.contains(expected),
+            "{what}: WWW-Authenticate {challenge:?}"
         );
         if *code == tonic::Code::Unauthenticated {
             let listed = c

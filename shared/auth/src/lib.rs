@@ -253,6 +253,8 @@ pub fn need(method: &http::Method, path: &str) -> Need {
     Need::Scope(COMPUTE_READ)
 }
 
+const NO_TOKEN: &str = "a bearer token is required (authorization: Bearer <token>)";
+
 /// Why a call is refused before it reaches its handler.
 #[derive(Debug)]
 pub enum Denial {
@@ -312,11 +314,16 @@ impl Denial {
             .status(status)
             .header(http::header::CONTENT_TYPE, "application/problem+json");
         if let Some(error) = challenge {
-            let description = self.message().replace(['"', '\\'], "'");
-            response = response.header(
-                http::header::WWW_AUTHENTICATE,
-                format!("Bearer realm=\"prodsys\", error=\"{error}\", error_description=\"{description}\""),
-            );
+            // No error code when no token was sent (RFC 6750, 3.1).
+            let challenge = if self.message() == NO_TOKEN {
+                "Bearer realm=\"prodsys\"".to_string()
+            } else {
+                let description = self.message().replace(['"', '\\'], "'");
+                format!(
+                    "Bearer realm=\"prodsys\", error=\"{error}\", error_description=\"{description}\""
+                )
+            };
+            response = response.header(http::header::WWW_AUTHENTICATE, challenge);
         }
         response
             .body(tonic::body::Body::new(http_body_full(body.to_string())))
@@ -465,9 +472,7 @@ impl Auth {
             return Ok(Caller::internal());
         }
         let Some(token) = token else {
-            return Err(Denial::Unauthenticated(
-                "a bearer token is required (authorization: Bearer <token>)".into(),
-            ));
+            return Err(Denial::Unauthenticated(NO_TOKEN.into()));
         };
         if let Some(internal) = &self.inner.internal
             && constant_time_eq(internal.as_bytes(), token.as_bytes())
@@ -854,6 +859,35 @@ mod tests {
             Err(Denial::Unauthenticated(m)) => assert!(m.contains("HS256"), "{m}"),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn refusals_answer_grpc_and_http_each_in_its_terms() {
+        let challenge = |d: Denial| {
+            let r = d.response(false);
+            (
+                r.status().as_u16(),
+                r.headers()
+                    .get(http::header::WWW_AUTHENTICATE)
+                    .map(|v| v.to_str().unwrap().to_string())
+                    .unwrap_or_default(),
+            )
+        };
+        assert_eq!(
+            challenge(Denial::Unauthenticated(NO_TOKEN.into())),
+            (401, "Bearer realm=\"prodsys\"".to_string())
+        );
+        let (status, header) = challenge(Denial::Unauthenticated("expired \"exp\"".into()));
+        assert_eq!(status, 401);
+        assert!(header.contains("error=\"invalid_token\""), "{header}");
+        assert!(header.contains("expired 'exp'"), "{header}");
+        let (status, header) = challenge(Denial::Forbidden("no scope".into()));
+        assert_eq!(status, 403);
+        assert!(header.contains("insufficient_scope"), "{header}");
+        let grpc = Denial::Forbidden("no scope".into()).response(true);
+        assert_eq!(grpc.headers()["grpc-status"], "7");
+        let grpc = Denial::Unauthenticated(NO_TOKEN.into()).response(true);
+        assert_eq!(grpc.headers()["grpc-status"], "16");
     }
 
     #[test]

@@ -163,21 +163,21 @@ class _Bearer(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientIntercepto
 
 def _token(token: str | None, token_file: str | os.PathLike | None) -> str | None:
     """The bearer token: given, read from `token_file`, or from the
-    environment (``$PRODSYS_TOKEN``, ``$PRODSYS_TOKEN_FILE``, then WLCG
-    bearer token discovery's ``$BEARER_TOKEN`` and ``$BEARER_TOKEN_FILE``)."""
+    environment, as prodctl finds it: ``$PRODSYS_TOKEN``,
+    ``$PRODSYS_TOKEN_FILE``, then WLCG bearer token discovery's
+    ``$BEARER_TOKEN`` and ``$BEARER_TOKEN_FILE``."""
     if token:
         return token.strip()
-    for path in (
-        token_file,
-        None if token_file else os.environ.get("PRODSYS_TOKEN_FILE"),
+    if token_file:
+        return Path(token_file).read_text().strip()
+    for value, path in (
+        (os.environ.get("PRODSYS_TOKEN"), os.environ.get("PRODSYS_TOKEN_FILE")),
+        (os.environ.get("BEARER_TOKEN"), os.environ.get("BEARER_TOKEN_FILE")),
     ):
+        if value and value.strip():
+            return value.strip()
         if path:
             return Path(path).read_text().strip()
-    for name in ("PRODSYS_TOKEN", "BEARER_TOKEN"):
-        if os.environ.get(name, "").strip():
-            return os.environ[name].strip()
-    if os.environ.get("BEARER_TOKEN_FILE"):
-        return Path(os.environ["BEARER_TOKEN_FILE"]).read_text().strip()
     return None
 
 
