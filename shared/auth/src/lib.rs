@@ -74,7 +74,8 @@ enum Kind {
 }
 
 impl Caller {
-    fn unrestricted(kind: Kind) -> Self {
+    /// A caller of `kind` with no identity, VO, group or scope.
+    fn empty(kind: Kind) -> Self {
         Self {
             kind,
             subject: String::new(),
@@ -90,7 +91,7 @@ impl Caller {
 
     /// The caller of code not reached through a port.
     pub fn internal() -> Self {
-        Self::unrestricted(Kind::Internal)
+        Self::empty(Kind::Internal)
     }
 
     /// Whether the port runs in the development mode (no tokens).
@@ -466,10 +467,12 @@ impl Auth {
     /// Admits a call needing `need` with `token`, or says why not.
     pub async fn admit(&self, need: Need, token: Option<&str>) -> Result<Caller, Denial> {
         if self.inner.dev_mode {
-            return Ok(Caller::unrestricted(Kind::Dev));
+            return Ok(Caller::empty(Kind::Dev));
         }
         if need == Need::Open {
-            return Ok(Caller::internal());
+            // Health and the OpenAPI document read nothing of anyone's; a
+            // caller without a token sees no VO's data all the same.
+            return Ok(Caller::empty(Kind::User));
         }
         let Some(token) = token else {
             return Err(Denial::Unauthenticated(NO_TOKEN.into()));
@@ -850,7 +853,8 @@ mod tests {
             auth.admit(Need::Scope(COMPUTE_READ), None).await,
             Err(Denial::Unauthenticated(_))
         ));
-        assert!(auth.admit(Need::Open, None).await.is_ok());
+        let anonymous = auth.admit(Need::Open, None).await.unwrap();
+        assert!(anonymous.is_restricted() && !anonymous.may_see("vo.cta.in2p3.fr"));
         // An HMAC token is refused before any key is looked for.
         let header = base64::engine::general_purpose::URL_SAFE_NO_PAD
             .encode(br#"{"alg":"HS256","typ":"JWT"}"#);

@@ -71,6 +71,14 @@ impl Verifier {
                 http = http.add_root_certificate(cert);
             }
         }
+        for issuer in &settings.issuers {
+            if issuer.url.starts_with("http://") {
+                tracing::warn!(
+                    issuer = %issuer.url,
+                    "the token issuer's keys are fetched over plain HTTP; use https:// outside tests"
+                );
+            }
+        }
         let issuers = settings
             .issuers
             .iter()
