@@ -20,7 +20,6 @@ use indicatif::{ProgressBar, ProgressStyle};
 use output::Output;
 use prodsys_proto as pb;
 use serde::Deserialize;
-use tonic::transport::Channel;
 
 #[derive(Parser)]
 #[command(
@@ -68,6 +67,18 @@ struct Cli {
         global = true
     )]
     dispatcher: String,
+    /// Bearer token (a JWT of the WLCG profile) sent with every call; else
+    /// --token-file, then BEARER_TOKEN and BEARER_TOKEN_FILE (WLCG bearer
+    /// token discovery). None in the development mode.
+    #[arg(long, env = "PRODSYS_TOKEN", global = true, hide_env_values = true)]
+    token: Option<String>,
+    /// File holding the bearer token (read at each run: an oidc-agent or a
+    /// cron job may rewrite it).
+    #[arg(long, env = "PRODSYS_TOKEN_FILE", global = true)]
+    token_file: Option<std::path::PathBuf>,
+    /// PEM CA certificate(s) to verify https:// services against.
+    #[arg(long, env = "PRODSYS_CA_FILE", global = true)]
+    ca_file: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -332,26 +343,78 @@ async fn main() -> ExitCode {
         }
     };
     output::set(cli.output);
+    if let Err(error) = set_credentials(&cli) {
+        return output::report(&error);
+    }
     match run(cli).await {
         Ok(code) => code,
         Err(error) => output::report(&error),
     }
 }
 
-pub(crate) async fn connect(url: &str) -> anyhow::Result<Channel> {
-    Channel::from_shared(url.to_string())
+/// The bearer token and CA of every call, from the command line or the
+/// environment.
+struct ClientAuth {
+    token: Option<String>,
+    ca_file: Option<std::path::PathBuf>,
+}
+
+static CLIENT_AUTH: std::sync::OnceLock<ClientAuth> = std::sync::OnceLock::new();
+
+fn set_credentials(cli: &Cli) -> anyhow::Result<()> {
+    let read = |path: &std::path::Path, what: &str| -> anyhow::Result<String> {
+        let token = std::fs::read_to_string(path)
+            .with_context(|| format!("{what}: reading {}", path.display()))?;
+        let token = token.trim().to_string();
+        anyhow::ensure!(!token.is_empty(), "{what}: {} is empty", path.display());
+        Ok(token)
+    };
+    let token = match (&cli.token, &cli.token_file) {
+        (Some(token), _) => Some(token.trim().to_string()),
+        (None, Some(path)) => Some(read(path, "--token-file")?),
+        (None, None) => match (
+            std::env::var("BEARER_TOKEN")
+                .ok()
+                .filter(|t| !t.trim().is_empty()),
+            std::env::var_os("BEARER_TOKEN_FILE"),
+        ) {
+            (Some(token), _) => Some(token.trim().to_string()),
+            (None, Some(path)) => Some(read(std::path::Path::new(&path), "BEARER_TOKEN_FILE")?),
+            (None, None) => None,
+        },
+    };
+    let _ = CLIENT_AUTH.set(ClientAuth {
+        token,
+        ca_file: cli.ca_file.clone(),
+    });
+    Ok(())
+}
+
+pub(crate) async fn connect(url: &str) -> anyhow::Result<prodsys_auth::Channel> {
+    let auth = CLIENT_AUTH.get_or_init(|| ClientAuth {
+        token: None,
+        ca_file: None,
+    });
+    let channel = prodsys_auth::tls::endpoint(url, auth.ca_file.as_deref(), "--ca-file")
         .with_context(|| format!("invalid URL {url}"))?
         .connect_timeout(Duration::from_secs(5))
         .connect()
         .await
         .map_err(|error| {
-            output::Failure::new(
+            anyhow::Error::from(output::Failure::new(
                 output::UNAVAILABLE,
                 "UNAVAILABLE",
                 format!("cannot reach {url}: {error}"),
-            )
-            .into()
-        })
+            ))
+        })?;
+    let credentials = match &auth.token {
+        Some(token) => prodsys_auth::Credentials::bearer(token.as_str()),
+        None => prodsys_auth::Credentials::none(),
+    };
+    Ok(tonic::service::interceptor::InterceptedService::new(
+        channel,
+        credentials,
+    ))
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {

@@ -81,8 +81,15 @@ impl CatalogApi {
         page_size: u32,
         by_class: bool,
     ) -> Result<pb::FindFilesResponse> {
-        let (files, more) = store::files_page(&self.db, query, after, page_size, by_class).await?;
-        Ok(response(files, more))
+        let (mut files, more) =
+            store::files_page(&self.db, query, after, page_size, by_class).await?;
+        let token = next_page_token(&files, more);
+        // The page is cut after the query (the token still follows the
+        // last file read): a page may be short, never another VO's.
+        if let Some(vos) = prodsys_auth::caller().visible_vos() {
+            visible_only(&self.db, &vos, &mut files).await?;
+        }
+        Ok(response(files, token))
     }
 
     /// What the catalog holds for each identity, in the order asked.
@@ -134,6 +141,8 @@ impl CatalogApi {
         let client = self.db.client().await?;
         let record = store::production_record(&client, &production_id)
             .await?
+            // Another VO's record is as unknown as one not written.
+            .filter(|record| prodsys_auth::caller().may_see(&record.vo))
             .ok_or_else(|| {
                 CatalogError::NotFound(format!(
                     "no finished production {production_id} in the catalog"
@@ -144,6 +153,27 @@ impl CatalogApi {
         crate::installations::attach(&client, &mut answer).await?;
         Ok(answer)
     }
+}
+
+/// Keeps of `files` (and their `replicas`) those of productions of `vos`.
+async fn visible_only(db: &Db, vos: &[String], found: &mut store::Files) -> Result<()> {
+    if found.files.is_empty() {
+        return Ok(());
+    }
+    let mut productions: Vec<&str> = found
+        .files
+        .iter()
+        .map(|f| f.production_id.as_str())
+        .collect();
+    productions.sort_unstable();
+    productions.dedup();
+    let visible = store::productions_of_vos(db, &productions, vos).await?;
+    found.files.retain(|f| visible.contains(&f.production_id));
+    found.classes.retain(|c| visible.contains(&c.production_id));
+    let kept: std::collections::HashSet<&str> =
+        found.files.iter().map(|f| f.lfn.as_str()).collect();
+    found.replicas.retain(|r| kept.contains(r.lfn.as_str()));
+    Ok(())
 }
 
 /// A record as the API answers it, rendered as `format` asks.
@@ -229,13 +259,17 @@ type FileStream = std::pin::Pin<
     Box<dyn tokio_stream::Stream<Item = Result<pb::FindFilesResponse, Status>> + Send>,
 >;
 
-/// A page of files as the API answers it: the next page begins after its
-/// last file when more follow.
-fn response(files: store::Files, more: bool) -> pb::FindFilesResponse {
-    let next_page_token = match (more, files.files.last()) {
+/// Where the next page begins: after the last file read, when more follow
+/// (taken before a caller's view is cut from the page).
+fn next_page_token(files: &store::Files, more: bool) -> String {
+    match (more, files.files.last()) {
         (true, Some(f)) => f.lfn.clone(),
         _ => String::new(),
-    };
+    }
+}
+
+/// A page of files as the API answers it.
+fn response(files: store::Files, next_page_token: String) -> pb::FindFilesResponse {
     pb::FindFilesResponse {
         files: files.files,
         next_page_token,
@@ -272,6 +306,7 @@ impl pb::catalog_service_server::CatalogService for CatalogApi {
         let page_size = domain::page_size(r.page_size, 5000);
         let (tx, rx) = tokio::sync::mpsc::channel(2);
         let db = self.db.clone();
+        let visible_vos = prodsys_auth::caller().visible_vos();
         tokio::spawn(async move {
             let sent = store::stream_files(
                 &db,
@@ -279,11 +314,21 @@ impl pb::catalog_service_server::CatalogService for CatalogApi {
                 &r.page_token,
                 page_size,
                 r.metadata_by_class,
-                |files, more| {
-                    let page = response(files, more);
+                |mut files, more| {
+                    let token = next_page_token(&files, more);
                     let tx = tx.clone();
+                    let db = db.clone();
+                    let visible_vos = visible_vos.clone();
                     // A client that went away ends the stream.
-                    async move { tx.send(Ok(page)).await.is_ok() }
+                    async move {
+                        if let Some(vos) = visible_vos
+                            && let Err(error) = visible_only(&db, &vos, &mut files).await
+                        {
+                            let _ = tx.send(Err(Status::from(error))).await;
+                            return false;
+                        }
+                        tx.send(Ok(response(files, token))).await.is_ok()
+                    }
                 },
             )
             .await;

@@ -1379,6 +1379,24 @@ pub async fn existing(
 const RECORD_READY: &str = "(p.jobs_done IS NULL
       OR p.jobs_done <= (SELECT count(*) FROM job_outputs j WHERE j.production_id = p.production_id))";
 
+/// Of `productions`, those whose request was for one of `vos`.
+pub async fn productions_of_vos(
+    db: &Db,
+    productions: &[&str],
+    vos: &[String],
+) -> anyhow::Result<std::collections::HashSet<String>> {
+    let client = db.client().await?;
+    let rows = client
+        .query_cached(
+            "SELECT production_id FROM accepted_requests
+             WHERE production_id = ANY($1::text[]) AND vo = ANY($2::text[])",
+            &[&productions, &vos],
+        )
+        .await
+        .context("reading the VOs of productions")?;
+    Ok(rows.into_iter().map(|row| row.get(0)).collect())
+}
+
 /// The record of `production_id`, if it finished (and every file it
 /// reported is registered), with everything the catalog knows of it.
 pub async fn production_record<C: prodsys_db::deadpool_postgres::GenericClient + Sync>(

@@ -2,8 +2,8 @@
 //! a batch's requests would write.
 
 use anyhow::Context;
+use prodsys_auth::Channel;
 use prodsys_proto as pb;
-use tonic::transport::Channel;
 
 use crate::domain::{CatalogAnswer, Held, Prepared};
 

@@ -68,11 +68,12 @@ pub async fn start(
         &shutdown,
     )
     .await?;
-    let channel = tonic::transport::Endpoint::from_shared(settings.checker.catalog_url.clone())
-        .context("checker.catalog_url")?
-        .connect_timeout(std::time::Duration::from_secs(5))
-        .timeout(std::time::Duration::from_secs(10))
-        .connect_lazy();
+    let channel = foundation.channel(
+        &settings.checker.catalog_url,
+        "checker.catalog_url",
+        Some(std::time::Duration::from_secs(10)),
+        false,
+    )?;
     let catalog = catalog::Catalog {
         client: pb::catalog_service_client::CatalogServiceClient::new(channel),
     };

@@ -118,13 +118,16 @@ impl pb::job_service_server::JobService for JobsApi {
             n => n.min(MAX_PAGE),
         };
         let client = self.db.client().await.map_err(unexpected)?;
+        // Another VO's production is not found, as for every other reader.
+        let caller = prodsys_auth::caller();
         let backend: Option<String> = client
             .query_opt_cached(
-                "SELECT backend FROM productions WHERE production_id = $1",
+                "SELECT backend, vo FROM productions WHERE production_id = $1",
                 &[&r.production_id],
             )
             .await
             .map_err(unexpected)?
+            .filter(|row| caller.may_see(row.get(1)))
             .map(|row| row.get(0));
         let Some(backend) = backend else {
             return Err(ServiceError::NotFound(format!(
@@ -205,13 +208,14 @@ impl pb::job_service_server::JobService for JobsApi {
         let client = self.db.client().await.map_err(unexpected)?;
         let row = client
             .query_opt_cached(
-                "SELECT j.attempt, j.state, COALESCE(j.installation, p.backend), j.workdir
+                "SELECT j.attempt, j.state, COALESCE(j.installation, p.backend), j.workdir, p.vo
                  FROM jobs j JOIN productions p USING (production_id)
                  WHERE j.production_id = $1 AND j.job_index = $2",
                 &[&r.production_id, &index],
             )
             .await
             .map_err(unexpected)?
+            .filter(|row| prodsys_auth::caller().may_see(row.get(4)))
             .ok_or_else(|| {
                 Status::from(ServiceError::NotFound(format!(
                     "production {} has no job {}",

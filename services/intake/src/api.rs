@@ -23,11 +23,15 @@ pub struct RequestApi {
     pub db: Db,
     pub profiles: Arc<ProfileSet>,
     pub committer: Committer,
-    pub checker: pb::checker_service_client::CheckerServiceClient<tonic::transport::Channel>,
+    pub checker: pb::checker_service_client::CheckerServiceClient<prodsys_auth::Channel>,
 }
 
 impl RequestApi {
-    async fn submit(&self, request: pb::SubmitRequestRequest) -> Result<pb::SubmitRequestResponse> {
+    async fn submit(
+        &self,
+        request: pb::SubmitRequestRequest,
+        caller: &prodsys_auth::Caller,
+    ) -> Result<pb::SubmitRequestResponse> {
         if !request.chain.is_empty() {
             return Err(IntakeError::Invalid(vec![Violation::new(
                 "chain",
@@ -57,7 +61,9 @@ impl RequestApi {
             vo: request.vo,
             parameters,
             backend,
-            submitter: request.submitter,
+            // With tokens, the token says who submits, not the request.
+            submitter: caller.submitter(&request.submitter),
+            owner: caller.owner(),
             extend: request.extend,
             reuse_existing: request.reuse_existing,
             priority: request.priority,
@@ -132,8 +138,10 @@ impl RequestApi {
                 format!("is not a UUID: {e}"),
             )])
         })?;
+        // Another VO's request is as unknown as one that does not exist.
         let row = store::request(&self.db, id)
             .await?
+            .filter(|row| prodsys_auth::caller().may_see(&row.vo))
             .ok_or_else(|| IntakeError::NotFound(format!("no request {request_id}")))?;
         let period = self
             .profiles
@@ -186,6 +194,23 @@ impl RequestApi {
                 ),
             )]));
         }
+        let caller = prodsys_auth::caller();
+        if caller.is_restricted() {
+            // Only a production the caller's VOs can see, and then only its
+            // own unless the caller manages the VO's productions.
+            let (vo, owner) = store::production_owner(&self.db, &r.production_id)
+                .await?
+                .filter(|(vo, _)| caller.may_see(vo))
+                .ok_or_else(|| {
+                    IntakeError::NotFound(format!("no production {}", r.production_id))
+                })?;
+            if !caller.may_cancel(&vo, owner.as_deref()) {
+                return Err(IntakeError::Denied(format!(
+                    "production {} was requested by someone else; only its owner or a production manager of {vo} may cancel it",
+                    r.production_id
+                )));
+            }
+        }
         store::request_cancel(&self.db, &r.production_id, r.reason).await?;
         tracing::info!(production_id = %r.production_id, "cancellation requested");
         Ok(pb::CancelProductionResponse { accepted: true })
@@ -211,7 +236,11 @@ impl pb::request_service_server::RequestService for RequestApi {
         &self,
         request: Request<pb::SubmitRequestRequest>,
     ) -> Result<Response<pb::SubmitRequestResponse>, Status> {
-        Ok(Response::new(self.submit(request.into_inner()).await?))
+        let caller = prodsys_auth::caller();
+        caller.may_act_for("vo", &request.get_ref().vo)?;
+        Ok(Response::new(
+            self.submit(request.into_inner(), &caller).await?,
+        ))
     }
 
     #[tracing::instrument(skip_all, fields(profile = %request.get_ref().profile))]
@@ -219,6 +248,7 @@ impl pb::request_service_server::RequestService for RequestApi {
         &self,
         request: Request<pb::SubmitRequestRequest>,
     ) -> Result<Response<pb::Validation>, Status> {
+        prodsys_auth::caller().may_act_for("vo", &request.get_ref().vo)?;
         let mut checker = self.checker.clone();
         checker
             .evaluate(request.into_inner())

@@ -60,6 +60,7 @@ impl IntakeConsumer {
             parameters: &s.data.parameters,
             backend: domain::backend_or_default(&s.data.backend),
             submitter: &s.data.submitter,
+            owner: None,
             extend: s.data.extend,
             reuse_existing: s.data.reuse_existing,
             priority: s.data.priority,

@@ -203,6 +203,9 @@ pub struct Submission {
     /// Never empty: [`backend_or_default`] was applied.
     pub backend: String,
     pub submitter: String,
+    /// The token's issuer and subject (with tokens on): who may cancel
+    /// the request's productions besides the VO's production managers.
+    pub owner: Option<String>,
     pub extend: bool,
     pub reuse_existing: bool,
     pub priority: i32,
@@ -227,6 +230,7 @@ pub struct NewRequest<'a> {
     pub parameters: &'a Value,
     pub backend: &'a str,
     pub submitter: &'a str,
+    pub owner: Option<&'a str>,
     pub extend: bool,
     pub reuse_existing: bool,
     pub priority: i32,
@@ -249,6 +253,7 @@ impl<'a> NewRequest<'a> {
             parameters: &s.parameters,
             backend: &s.backend,
             submitter: &s.submitter,
+            owner: s.owner.as_deref(),
             extend: s.extend,
             reuse_existing: s.reuse_existing,
             priority: s.priority,
@@ -553,6 +558,7 @@ mod tests {
             parameters,
             backend: "local".into(),
             submitter: String::new(),
+            owner: None,
             extend: false,
             reuse_existing: false,
             priority: 0,

@@ -41,6 +41,7 @@ pub const MIGRATIONS: &[Migration] = prodsys_db::migrations![
     "0006_room_for_the_verdict.sql",
     "0100_forwarding_destinations.sql",
     "0200_pointing_productions.sql",
+    "0600_request_owners.sql",
 ];
 
 /// Most submissions in one group commit.
@@ -79,10 +80,12 @@ pub async fn start(
         },
         &shutdown,
     );
-    let checker = tonic::transport::Endpoint::from_shared(settings.intake.checker_url.clone())
-        .context("intake.checker_url")?
-        .connect_timeout(std::time::Duration::from_secs(5))
-        .connect_lazy();
+    let checker = foundation.channel(
+        &settings.intake.checker_url,
+        "intake.checker_url",
+        None,
+        false,
+    )?;
     let db = foundation.db.clone();
     let committer = GroupCommit::start(GROUP_MAX, GROUP_WRITERS, &shutdown, move |group| {
         let db = db.clone();

@@ -115,6 +115,7 @@ struct KeylessRequests<'a> {
     parameters: Vec<&'a serde_json::Value>,
     backends: Vec<&'a str>,
     submitters: Vec<&'a str>,
+    owners: Vec<Option<&'a str>>,
     extend: Vec<bool>,
     reuse_existing: Vec<bool>,
     priorities: Vec<i32>,
@@ -130,6 +131,7 @@ impl<'a> KeylessRequests<'a> {
         self.parameters.push(r.parameters);
         self.backends.push(r.backend);
         self.submitters.push(r.submitter);
+        self.owners.push(r.owner);
         self.extend.push(r.extend);
         self.reuse_existing.push(r.reuse_existing);
         self.priorities.push(r.priority);
@@ -146,11 +148,11 @@ impl<'a> KeylessRequests<'a> {
         tx.execute_cached(
             "INSERT INTO requests (request_id, profile, vo, parameters, backend, submitter,
                                    extend, reuse_existing, priority, forward, forward_replace,
-                                   state)
-             SELECT i, p, v, params, b, s, e, r, pr, f::text[], fr, 'RECEIVED'
+                                   state, owner)
+             SELECT i, p, v, params, b, s, e, r, pr, f::text[], fr, 'RECEIVED', o
              FROM unnest($1::uuid[], $2::text[], $3::text[], $4::jsonb[], $5::text[], $6::text[],
-                         $7::bool[], $8::bool[], $9::int4[], $10::text[], $11::bool[])
-                  AS u (i, p, v, params, b, s, e, r, pr, f, fr)",
+                         $7::bool[], $8::bool[], $9::int4[], $10::text[], $11::bool[], $12::text[])
+                  AS u (i, p, v, params, b, s, e, r, pr, f, fr, o)",
             &[
                 &self.ids,
                 &self.profiles,
@@ -163,6 +165,7 @@ impl<'a> KeylessRequests<'a> {
                 &self.priorities,
                 &self.forward,
                 &self.forward_replace,
+                &self.owners,
             ],
         )
         .await
@@ -178,8 +181,8 @@ pub async fn insert_request(tx: &Transaction<'_>, r: &NewRequest<'_>) -> anyhow:
         .query_opt_cached(
             "INSERT INTO requests (request_id, idempotency_key, profile, vo, parameters, backend, submitter,
                                    extend, correlation_id, reply_to, state, violations, reuse_existing,
-                                   priority, forward, forward_replace)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)
+                                   priority, forward, forward_replace, owner)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)
              ON CONFLICT (idempotency_key) DO NOTHING RETURNING request_id",
             &[
                 &r.request_id,
@@ -198,6 +201,7 @@ pub async fn insert_request(tx: &Transaction<'_>, r: &NewRequest<'_>) -> anyhow:
                 &r.priority,
                 &r.forward,
                 &r.forward_replace,
+                &r.owner,
             ],
         )
         .await
@@ -244,6 +248,26 @@ pub async fn request(db: &Db, id: Uuid) -> anyhow::Result<Option<RequestRow>> {
         created: row.get(8),
         productions: serde_json::from_value(row.get(9)).unwrap_or_default(),
     }))
+}
+
+/// The VO of the request that made `production_id` (its own, or one of a
+/// period's pointings) and the owner recorded with it, if intake knows it.
+pub async fn production_owner(
+    db: &Db,
+    production_id: &str,
+) -> anyhow::Result<Option<(String, Option<String>)>> {
+    let client = db.client().await?;
+    let row = client
+        .query_opt_cached(
+            "SELECT vo, owner FROM requests
+             WHERE production_id = $1
+                OR productions @> jsonb_build_array(jsonb_build_object('production_id', $1::text))
+             LIMIT 1",
+            &[&production_id],
+        )
+        .await
+        .context("reading the owner of the production")?;
+    Ok(row.map(|row| (row.get(0), row.get(1))))
 }
 
 /// Announces a cancellation of `production_id` through the outbox.

@@ -134,7 +134,12 @@ pub async fn start(
     for service in Service::ALL.into_iter().filter(|s| services.contains(s)) {
         // Services started together find each other where they really listen.
         for r in &running {
-            let url = format!("http://{}", r.addr);
+            let scheme = if settings.tls.enabled() {
+                "https"
+            } else {
+                "http"
+            };
+            let url = format!("{scheme}://{}", r.addr);
             match r.service {
                 "checker" => {
                     settings.intake.checker_url = url.clone();

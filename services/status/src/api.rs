@@ -24,15 +24,15 @@ pub struct StatusApi {
     /// Production IDs as their changes commit; empty when any may have changed.
     pub changes: broadcast::Sender<String>,
     /// The checker, which answers `ListTemplates` for the dashboard.
-    pub checker: pb::checker_service_client::CheckerServiceClient<tonic::transport::Channel>,
+    pub checker: pb::checker_service_client::CheckerServiceClient<prodsys_auth::Channel>,
     /// The catalog, which answers `GetProductionRecord` for the HTTP port.
-    pub catalog: pb::catalog_service_client::CatalogServiceClient<tonic::transport::Channel>,
+    pub catalog: pb::catalog_service_client::CatalogServiceClient<prodsys_auth::Channel>,
     /// Intake, which answers submit, validate, cancel and profiles for the
     /// HTTP/JSON API (`rest`).
-    pub intake: pb::request_service_client::RequestServiceClient<tonic::transport::Channel>,
+    pub intake: pb::request_service_client::RequestServiceClient<prodsys_auth::Channel>,
     /// The dispatcher, which answers `ListJobs` and `GetJobLog` for the
     /// dashboard's production pages.
-    pub dispatcher: pb::job_service_client::JobServiceClient<tonic::transport::Channel>,
+    pub dispatcher: pb::job_service_client::JobServiceClient<prodsys_auth::Channel>,
 }
 
 /// How long a watch waits for a finished production's counts to settle.
@@ -78,8 +78,10 @@ impl StatusApi {
                 "is required",
             )]));
         }
+        // Another VO's production is as unknown as one that does not exist.
         store::production(&self.db, production_id)
             .await?
+            .filter(|p| prodsys_auth::caller().may_see(&p.vo))
             .ok_or_else(|| StatusError::NotFound(format!("no production {production_id}")))
     }
 
@@ -128,6 +130,7 @@ impl pb::status_service_server::StatusService for StatusApi {
             after: &r.page_token,
             page_size: domain::page_size(r.page_size),
             request_id,
+            visible_vos: prodsys_auth::caller().visible_vos(),
         };
         // One connection for the page and its forwarding progress.
         let client = self.db.client().await.map_err(StatusError::from)?;
@@ -218,6 +221,7 @@ where
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     let (tx, rx) = tokio::sync::mpsc::channel(16);
-    tokio::spawn(body(tx));
+    // The stream keeps seeing as its caller.
+    prodsys_auth::spawn(body(tx));
     Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
 }

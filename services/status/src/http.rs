@@ -56,8 +56,20 @@ pub(crate) fn router(api: StatusApi) -> Router {
         .with_state(api)
 }
 
-async fn dashboard() -> Html<&'static str> {
-    Html(DASHBOARD)
+/// In the development mode, a page says so at its top.
+const DEV_MODE_BANNER: &str = "<div id=\"dev-mode\" role=\"alert\" style=\"background:#fff3cd;color:#7a4b00;border:1px solid #e0b84a;padding:.4rem .6rem;margin-bottom:.6rem;font-size:.9rem\"><strong>Development mode:</strong> no tokens are checked; anyone who reaches this port may submit, see and cancel anything. It is allowed only on loopback addresses.</div>";
+
+fn page(html: &'static str) -> Html<String> {
+    let banner = if prodsys_auth::caller().is_dev() {
+        DEV_MODE_BANNER
+    } else {
+        ""
+    };
+    Html(html.replacen("<!--DEV-MODE-->", banner, 1))
+}
+
+async fn dashboard() -> Html<String> {
+    page(DASHBOARD)
 }
 
 /// A production as the dashboard and JSON clients see it.
@@ -224,7 +236,8 @@ async fn events(
 ) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
     let mut changes = api.changes.subscribe();
     let (tx, rx) = tokio::sync::mpsc::channel::<Event>(64);
-    tokio::spawn(async move {
+    // As the caller: another VO's production is not found, so not sent.
+    prodsys_auth::spawn(async move {
         loop {
             let event = match changes.recv().await {
                 Ok(id) if id.is_empty() => Event::default().event("resync").data(""),
@@ -359,8 +372,8 @@ async fn render_metrics(api: &StatusApi) -> anyhow::Result<String> {
     Ok(out)
 }
 
-async fn templates_page() -> Html<&'static str> {
-    Html(TEMPLATES)
+async fn templates_page() -> Html<String> {
+    page(TEMPLATES)
 }
 
 /// A container template as the dashboard shows it: parameters and their

@@ -20,7 +20,6 @@ pub mod installations;
 mod rest;
 pub mod store;
 
-use anyhow::Context;
 use prodsys_core::events::{
     FORWARDING_PROGRESS, INSTALLATION_HEALTH, JOB_STATUS, PRODUCTION_COMPLETED,
     PRODUCTION_DISPATCHED, PRODUCTION_FORWARDED, REQUEST_ACCEPTED,
@@ -90,30 +89,35 @@ pub async fn start(
         shutdown.clone(),
     ));
     // Connected when first asked: the checker may start after status.
-    let checker = tonic::transport::Endpoint::from_shared(settings.status.checker_url.clone())
-        .context("status.checker_url")?
-        .connect_timeout(std::time::Duration::from_secs(5))
-        .timeout(std::time::Duration::from_secs(10))
-        .connect_lazy();
-    // Likewise the catalog, for production records.
-    let catalog = tonic::transport::Endpoint::from_shared(settings.status.catalog_url.clone())
-        .context("status.catalog_url")?
-        .connect_timeout(std::time::Duration::from_secs(5))
-        .timeout(std::time::Duration::from_secs(30))
-        .connect_lazy();
+    // Each call made for an HTTP caller carries the caller's token: the
+    // service asked decides what that caller may do and see.
+    let checker = foundation.channel(
+        &settings.status.checker_url,
+        "status.checker_url",
+        Some(std::time::Duration::from_secs(10)),
+        true,
+    )?;
+    // Likewise the catalog, for production records and files.
+    let catalog = foundation.channel(
+        &settings.status.catalog_url,
+        "status.catalog_url",
+        Some(std::time::Duration::from_secs(30)),
+        true,
+    )?;
     // And intake, for the HTTP/JSON API's submit, validate, cancel, profiles.
-    let intake = tonic::transport::Endpoint::from_shared(settings.status.intake_url.clone())
-        .context("status.intake_url")?
-        .connect_timeout(std::time::Duration::from_secs(5))
-        .timeout(std::time::Duration::from_secs(30))
-        .connect_lazy();
+    let intake = foundation.channel(
+        &settings.status.intake_url,
+        "status.intake_url",
+        Some(std::time::Duration::from_secs(30)),
+        true,
+    )?;
     // And the dispatcher, for a production's jobs and their logs.
-    let dispatcher =
-        tonic::transport::Endpoint::from_shared(settings.status.dispatcher_url.clone())
-            .context("status.dispatcher_url")?
-            .connect_timeout(std::time::Duration::from_secs(5))
-            .timeout(std::time::Duration::from_secs(10))
-            .connect_lazy();
+    let dispatcher = foundation.channel(
+        &settings.status.dispatcher_url,
+        "status.dispatcher_url",
+        Some(std::time::Duration::from_secs(10)),
+        true,
+    )?;
     let api = api::StatusApi {
         db: foundation.db.clone(),
         changes,

@@ -339,6 +339,8 @@ pub struct ListFilter<'a> {
     /// Only this request's productions.
     pub request_id: Option<uuid::Uuid>,
     pub page_size: u32,
+    /// Only productions of these VOs (the caller's); `None` for all.
+    pub visible_vos: Option<Vec<String>>,
 }
 
 /// One page of productions in ID order, with their job counts (one
@@ -366,6 +368,7 @@ pub async fn list_productions(
              WHERE ($1 = '' OR p.vo = $1) AND ($2::text IS NULL OR p.state = $2)
                AND ($3 = '' OR p.profile = $3) AND p.production_id > $4
                AND ($6::uuid IS NULL OR p.request_id = $6)
+               AND ($7::text[] IS NULL OR p.vo = ANY($7))
              ORDER BY p.production_id LIMIT $5",
             &[
                 &filter.vo,
@@ -374,6 +377,7 @@ pub async fn list_productions(
                 &filter.after,
                 &(page_size + 1),
                 &filter.request_id,
+                &filter.visible_vos,
             ],
         )
         .await?;

@@ -11,8 +11,10 @@ use std::path::{Path, PathBuf};
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize, Serializer};
 
+mod auth;
 mod federation;
 mod rucio;
+pub use auth::{AuthSettings, IssuerSettings, TlsSettings};
 pub use federation::{ANY, FederationSettings};
 pub use rucio::{RucioAuth, RucioRule, RucioSettings};
 
@@ -40,6 +42,11 @@ pub struct Settings {
     /// Groups of installations a request may name as its `backend`, and how
     /// their jobs are placed.
     pub federation: FederationSettings,
+    /// Who may call: bearer tokens (the WLCG JWT profile) checked against
+    /// configured issuers, or the development mode without tokens (loopback only).
+    pub auth: AuthSettings,
+    /// TLS of every gRPC/HTTP port and of the clients between services.
+    pub tls: TlsSettings,
     /// How long a stopping service (SIGTERM, Ctrl-C) may take to finish
     /// what it holds and flush its outbox before the process exits.
     pub shutdown_grace_ms: u64,
@@ -412,6 +419,8 @@ impl Default for Settings {
             dispatcher: DispatcherSettings::default(),
             forwarding: ForwardingSettings::default(),
             federation: FederationSettings::default(),
+            auth: AuthSettings::default(),
+            tls: TlsSettings::default(),
             shutdown_grace_ms: 10_000,
         }
     }
@@ -494,6 +503,15 @@ impl std::error::Error for ConfigError {}
 impl Settings {
     /// Defaults, then `file` if given, then `PRODSYS__*` environment variables.
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        Self::load_with_env(file, None)
+    }
+
+    /// As [`Settings::load`], with `environment` in place of the process's
+    /// environment when given (a deployment's variables, checked before it runs).
+    pub fn load_with_env(
+        file: Option<&Path>,
+        environment: Option<std::collections::HashMap<String, String>>,
+    ) -> Result<Self, ConfigError> {
         let mut builder = config::Config::builder();
         if let Some(path) = file {
             builder = builder.add_source(config::File::from(path).required(true));
@@ -503,7 +521,8 @@ impl Settings {
                 config::Environment::with_prefix("PRODSYS")
                     .prefix_separator("__")
                     .separator("__")
-                    .try_parsing(true),
+                    .try_parsing(true)
+                    .source(environment.map(|vars| vars.into_iter().collect())),
             )
             .build()
             .and_then(|c| c.try_deserialize())
@@ -648,6 +667,64 @@ mod tests {
                 .unwrap_err()
                 .to_string()
                 .contains("nowhere")
+        );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn auth_comes_from_the_file_in_tables_or_strings() {
+        let dir = std::env::temp_dir().join(format!("prodsys-config-a-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("p.toml");
+        assert!(Settings::default().auth.dev_mode);
+        std::fs::write(
+            &path,
+            "[auth]\ndev_mode = false\ninternal_token_file = \"/run/t\"\n\
+             [[auth.issuers]]\nurl = \"https://iam.example.org/\"\n\
+             [auth.production_managers]\n\"vo.cta.in2p3.fr\" = \"/vo.cta.in2p3.fr/production\"\n\
+             [tls]\ncert_file = \"c.pem\"\nkey_file = \"k.pem\"\n",
+        )
+        .unwrap();
+        let s = Settings::load(Some(&path)).unwrap();
+        assert!(!s.auth.dev_mode);
+        assert_eq!(s.auth.issuers[0].url, "https://iam.example.org/");
+        assert_eq!(
+            s.auth.production_managers["vo.cta.in2p3.fr"],
+            "/vo.cta.in2p3.fr/production"
+        );
+        assert!(s.auth.check().is_ok());
+        assert!(s.tls.enabled() && s.tls.check().is_ok());
+        // As the environment gives them: one string each.
+        std::fs::write(
+            &path,
+            "[auth]\ndev_mode = false\nissuers = \"https://a.example.org, https://b.example.org\"\n\
+             production_managers = \"vo.cta.in2p3.fr=/vo.cta.in2p3.fr/production,km3net.org=/km3net.org/prod\"\n",
+        )
+        .unwrap();
+        let s = Settings::load(Some(&path)).unwrap();
+        assert_eq!(s.auth.issuers.len(), 2);
+        assert_eq!(s.auth.issuers[1].url, "https://b.example.org");
+        assert_eq!(s.auth.production_managers["km3net.org"], "/km3net.org/prod");
+        // Tokens on without an issuer, or half a certificate, are refused by name.
+        std::fs::write(
+            &path,
+            "[auth]\ndev_mode = false\n[tls]\ncert_file = \"c.pem\"\n",
+        )
+        .unwrap();
+        let s = Settings::load(Some(&path)).unwrap();
+        assert!(
+            s.auth
+                .check()
+                .unwrap_err()
+                .to_string()
+                .contains("auth.issuers")
+        );
+        assert!(
+            s.tls
+                .check()
+                .unwrap_err()
+                .to_string()
+                .contains("tls.key_file")
         );
         std::fs::remove_dir_all(dir).unwrap();
     }

@@ -19,6 +19,9 @@ pub enum Failure {
     /// used for a different request).
     #[error("{0}")]
     Conflict(String),
+    /// The caller's token does not allow it (another user's production).
+    #[error("{0}")]
+    Denied(String),
     /// Undecodable or against the contract: can never succeed.
     #[error("{0}")]
     Permanent(String),
@@ -69,6 +72,7 @@ impl From<Failure> for tonic::Status {
             Failure::NotFound(what) => ServiceError::NotFound(what),
             Failure::Conflict(what) => ServiceError::Conflict(what),
             Failure::Permanent(reason) => return tonic::Status::invalid_argument(reason),
+            Failure::Denied(reason) => return tonic::Status::permission_denied(reason),
             // UNAVAILABLE, as the shared mapping answers every transient failure.
             Failure::Transient(error) => {
                 ServiceError::Unexpected(prodsys_messaging::Transient::wrap(error))
@@ -87,6 +91,7 @@ impl From<Failure> for HandlerError {
             other @ (Failure::Invalid(_)
             | Failure::NotFound(_)
             | Failure::Conflict(_)
+            | Failure::Denied(_)
             | Failure::Permanent(_)) => HandlerError::Permanent(other.to_string()),
         }
     }

@@ -192,14 +192,18 @@ pub fn with_reflection(routes: Routes, services: &[&str]) -> anyhow::Result<Rout
     Ok(routes.add_service(v1).add_service(v1alpha))
 }
 
-/// Serves `routes` on `listener` until `shutdown`.
+/// Serves `routes` on `listener` until `shutdown`, every call admitted by
+/// `auth` (bearer tokens, or the development mode), over TLS when `tls` is
+/// given.
 pub fn serve(
     listener: TcpListener,
     routes: Routes,
+    auth: prodsys_auth::Auth,
+    tls: Option<Arc<rustls::ServerConfig>>,
     shutdown: CancellationToken,
 ) -> JoinHandle<anyhow::Result<()>> {
     tokio::spawn(async move {
-        tonic::transport::Server::builder()
+        let router = tonic::transport::Server::builder()
             // HTTP/1.1 too: the status service's dashboard and /metrics are
             // read by browsers and scrapers on the same port.
             .accept_http1(true)
@@ -207,13 +211,27 @@ pub fn serve(
             .layer(tower::util::MapResponseLayer::new(
                 undecodable_is_invalid_argument,
             ))
-            .add_routes(routes)
-            .serve_with_incoming_shutdown(
-                TcpListenerStream::new(listener),
-                shutdown.cancelled_owned(),
-            )
-            .await
-            .context("gRPC server")
+            .layer(auth.layer())
+            .add_routes(routes);
+        match tls {
+            Some(config) => {
+                router
+                    .serve_with_incoming_shutdown(
+                        prodsys_auth::tls::incoming(listener, config),
+                        shutdown.cancelled_owned(),
+                    )
+                    .await
+            }
+            None => {
+                router
+                    .serve_with_incoming_shutdown(
+                        TcpListenerStream::new(listener),
+                        shutdown.cancelled_owned(),
+                    )
+                    .await
+            }
+        }
+        .context("gRPC server")
     })
 }
 
@@ -356,6 +374,11 @@ pub struct Foundation {
     served: CancellationToken,
     stopped: Arc<Mutex<Option<JoinHandle<()>>>>,
     consumer_settings: prodsys_messaging::consumer::ConsumerSettings,
+    /// Who may call the service's port (tokens, or the development mode).
+    pub auth: prodsys_auth::Auth,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    /// The CA and such of the clients to other services.
+    settings: Arc<prodsys_config::Settings>,
 }
 
 impl Foundation {
@@ -370,6 +393,10 @@ impl Foundation {
         ingest_bindings: &[&str],
         shutdown: &CancellationToken,
     ) -> anyhow::Result<Self> {
+        // Refused before anything starts: tokens on without what they need,
+        // or a certificate that cannot be read.
+        let auth = prodsys_auth::Auth::from_settings(settings)?;
+        let tls = prodsys_auth::tls::server_config(&settings.tls)?;
         let db = Db::new(
             settings.database.url(),
             service,
@@ -461,7 +488,29 @@ impl Foundation {
             served,
             stopped: Arc::new(Mutex::new(Some(stopped))),
             consumer_settings,
+            auth,
+            tls,
+            settings: Arc::new(settings.clone()),
         })
+    }
+
+    /// A lazily connected client channel to another service at `url`
+    /// (`what` names the setting, for errors), its calls carrying the
+    /// internal token, or with `for_caller` the token of the caller being
+    /// served when there is one.
+    pub fn channel(
+        &self,
+        url: &str,
+        what: &str,
+        timeout: Option<Duration>,
+        for_caller: bool,
+    ) -> anyhow::Result<prodsys_auth::Channel> {
+        let credentials = if for_caller {
+            self.auth.caller_credentials()
+        } else {
+            self.auth.internal_credentials()
+        };
+        prodsys_auth::tls::channel(url, &self.settings, what, timeout, credentials)
     }
 
     /// Consumes the service's queue with `handler` until `shutdown`.
@@ -512,6 +561,7 @@ impl Foundation {
     ) -> anyhow::Result<Running> {
         let routes = with_reflection(routes, services)?;
         let (listener, addr) = bind(host, port).await?;
+        self.auth.check_bind(self.service, addr)?;
         track_health(
             reporter,
             services,
@@ -520,14 +570,26 @@ impl Foundation {
             self.holding.clone(),
             shutdown.clone(),
         );
-        let server = serve(listener, routes, shutdown.clone());
+        let server = serve(
+            listener,
+            routes,
+            self.auth.clone(),
+            self.tls.clone(),
+            shutdown.clone(),
+        );
         let served = self.served.clone();
         let server = tokio::spawn(async move {
             let result = server.await.context("gRPC server task").and_then(|r| r);
             served.cancel();
             result
         });
-        tracing::info!(service = self.service, %addr, "serving gRPC");
+        tracing::info!(
+            service = self.service,
+            %addr,
+            tls = self.tls.is_some(),
+            tokens = !self.auth.dev_mode(),
+            "serving gRPC"
+        );
         let stopped = self
             .stopped
             .lock()

@@ -141,12 +141,60 @@ def request_message(request: RequestLike, **overrides: Any) -> request_pb2.Submi
     return request_pb2.SubmitRequestRequest(parameters_json=json.dumps(parameters), **fields)
 
 
-def _channel(address: str) -> grpc.Channel:
-    """A channel to `host:port`, `http://host:port` or (TLS) `https://host:port`."""
+class _Bearer(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+    """Adds ``authorization: Bearer <token>`` to every call (over plain
+    channels too: a development stack on loopback takes no token anyway,
+    and a deployment with tokens serves TLS)."""
+
+    def __init__(self, token: str):
+        self._metadata = ("authorization", f"Bearer {token}")
+
+    def _with_token(self, details):
+        metadata = list(details.metadata or []) + [self._metadata]
+        return details._replace(metadata=metadata)
+
+    def intercept_unary_unary(self, continuation, client_call_details, request):
+        return continuation(self._with_token(client_call_details), request)
+
+    def intercept_unary_stream(self, continuation, client_call_details, request):
+        return continuation(self._with_token(client_call_details), request)
+
+
+
+def _token(token: str | None, token_file: str | os.PathLike | None) -> str | None:
+    """The bearer token: given, read from `token_file`, or from the
+    environment, as prodctl finds it: ``$PRODSYS_TOKEN``,
+    ``$PRODSYS_TOKEN_FILE``, then WLCG bearer token discovery's
+    ``$BEARER_TOKEN`` and ``$BEARER_TOKEN_FILE``."""
+    if token:
+        return token.strip()
+    if token_file:
+        return Path(token_file).read_text().strip()
+    for value, path in (
+        (os.environ.get("PRODSYS_TOKEN"), os.environ.get("PRODSYS_TOKEN_FILE")),
+        (os.environ.get("BEARER_TOKEN"), os.environ.get("BEARER_TOKEN_FILE")),
+    ):
+        if value and value.strip():
+            return value.strip()
+        if path:
+            return Path(path).read_text().strip()
+    return None
+
+
+def _channel(
+    address: str, token: str | None = None, ca_file: str | os.PathLike | None = None
+) -> grpc.Channel:
+    """A channel to `host:port`, `http://host:port` or (TLS) `https://host:port`,
+    verified against `ca_file` (else the system's CAs), its calls carrying `token`."""
     if address.startswith("https://"):
         target = address.removeprefix("https://").rstrip("/")
-        return grpc.secure_channel(target, grpc.ssl_channel_credentials())
-    return grpc.insecure_channel(address.removeprefix("http://").rstrip("/"))
+        roots = Path(ca_file).read_bytes() if ca_file else None
+        channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(root_certificates=roots))
+    else:
+        channel = grpc.insecure_channel(address.removeprefix("http://").rstrip("/"))
+    if token:
+        channel = grpc.intercept_channel(channel, _Bearer(token))
+    return channel
 
 
 class Client:
@@ -156,7 +204,11 @@ class Client:
     Addresses are ``host:port`` (or ``http://``/``https://`` URLs); each
     defaults to ``$PRODSYS_INTAKE_URL``, ``$PRODSYS_STATUS_URL``,
     ``$PRODSYS_CATALOG_URL``, else the local stack's ports. `timeout` bounds
-    each call, in seconds. Failed calls raise ``ProdsysError`` or a subclass:
+    each call, in seconds. With tokens on, `token` (a bearer JWT; else
+    `token_file`, ``$PRODSYS_TOKEN``, ``$PRODSYS_TOKEN_FILE``, ``$BEARER_TOKEN``,
+    ``$BEARER_TOKEN_FILE``) rides on every call; ``https://`` addresses are
+    verified against `ca_file` (else ``$PRODSYS_CA_FILE``, else the system's
+    CAs). Failed calls raise ``ProdsysError`` or a subclass:
     ``InvalidRequest`` (with ``.violations``), ``NotFound``, ``Conflict``,
     ``Timeout``.
     """
@@ -168,13 +220,19 @@ class Client:
         catalog: str | None = None,
         *,
         timeout: float = 30.0,
+        token: str | None = None,
+        token_file: str | os.PathLike | None = None,
+        ca_file: str | os.PathLike | None = None,
     ):
         self.intake_address = intake or os.environ.get("PRODSYS_INTAKE_URL") or DEFAULT_INTAKE
         self.status_address = status or os.environ.get("PRODSYS_STATUS_URL") or DEFAULT_STATUS
         self.catalog_address = catalog or os.environ.get("PRODSYS_CATALOG_URL") or DEFAULT_CATALOG
         self.timeout = timeout
+        bearer = _token(token, token_file)
+        ca_file = ca_file or os.environ.get("PRODSYS_CA_FILE") or None
         self._channels = [
-            _channel(a) for a in (self.intake_address, self.status_address, self.catalog_address)
+            _channel(a, bearer, ca_file)
+            for a in (self.intake_address, self.status_address, self.catalog_address)
         ]
         self._intake = request_pb2_grpc.RequestServiceStub(self._channels[0])
         self._status = status_pb2_grpc.StatusServiceStub(self._channels[1])
