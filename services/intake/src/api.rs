@@ -211,6 +211,7 @@ impl pb::request_service_server::RequestService for RequestApi {
         &self,
         request: Request<pb::SubmitRequestRequest>,
     ) -> Result<Response<pb::SubmitRequestResponse>, Status> {
+        prodsys_server::input::checked(request.get_ref())?;
         Ok(Response::new(self.submit(request.into_inner()).await?))
     }
 
@@ -219,6 +220,7 @@ impl pb::request_service_server::RequestService for RequestApi {
         &self,
         request: Request<pb::SubmitRequestRequest>,
     ) -> Result<Response<pb::Validation>, Status> {
+        prodsys_server::input::checked(request.get_ref())?;
         let mut checker = self.checker.clone();
         checker
             .evaluate(request.into_inner())
@@ -230,6 +232,7 @@ impl pb::request_service_server::RequestService for RequestApi {
         &self,
         request: Request<pb::ListTemplatesRequest>,
     ) -> Result<Response<pb::ListTemplatesResponse>, Status> {
+        prodsys_server::input::checked(request.get_ref())?;
         // The checker records derived templates: it answers for both kinds.
         let mut checker = self.checker.clone();
         checker
@@ -243,6 +246,7 @@ impl pb::request_service_server::RequestService for RequestApi {
         &self,
         request: Request<pb::CancelProductionRequest>,
     ) -> Result<Response<pb::CancelProductionResponse>, Status> {
+        prodsys_server::input::checked(request.get_ref())?;
         Ok(Response::new(self.cancel(request.into_inner()).await?))
     }
 
@@ -250,6 +254,7 @@ impl pb::request_service_server::RequestService for RequestApi {
         &self,
         request: Request<pb::ListPeriodsRequest>,
     ) -> Result<Response<pb::ListPeriodsResponse>, Status> {
+        prodsys_server::input::checked(request.get_ref())?;
         let r = request.get_ref();
         Ok(Response::new(pb::convert::list_periods(
             &self.profiles,
@@ -260,8 +265,9 @@ impl pb::request_service_server::RequestService for RequestApi {
 
     async fn list_profiles(
         &self,
-        _request: Request<pb::ListProfilesRequest>,
+        request: Request<pb::ListProfilesRequest>,
     ) -> Result<Response<pb::ListProfilesResponse>, Status> {
+        prodsys_server::input::checked(request.get_ref())?;
         let profiles = self
             .profiles
             .iter()
@@ -282,6 +288,7 @@ impl pb::request_service_server::RequestService for RequestApi {
         &self,
         request: Request<pb::GetRequestRequest>,
     ) -> Result<Response<pb::Request>, Status> {
+        prodsys_server::input::checked(request.get_ref())?;
         Ok(Response::new(
             self.get(&request.get_ref().request_id).await?,
         ))

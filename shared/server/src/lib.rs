@@ -5,6 +5,7 @@
 
 pub mod batch;
 pub mod failure;
+pub mod input;
 
 pub use failure::Failure;
 use std::net::SocketAddr;
