@@ -211,3 +211,141 @@ async fn every_string_of_every_public_request_is_checked_before_the_database() {
     assert_eq!(app.stored_requests().await, 0);
     app.stop().await;
 }
+
+/// The shipped CTA example as the `data` of a submit CloudEvent.
+fn submit_event(id: &str) -> serde_json::Value {
+    let path = prodsys_testkit::repo_root().join("examples/cta-irf-mc.json");
+    let file: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    serde_json::json!({
+        "specversion": "1.0", "id": id, "source": "/tests/hardening",
+        "type": "org.prodsys.request.submit.v1",
+        "data": { "profile": file["profile"], "vo": file["vo"], "parameters": file["parameters"] },
+    })
+}
+
+/// Publishes `event` (structured mode) to the ingest exchange with `properties`.
+async fn publish_ingest(
+    channel: &lapin::Channel,
+    prefix: &str,
+    event: &serde_json::Value,
+    properties: lapin::BasicProperties,
+) {
+    channel.confirm_select(Default::default()).await.unwrap();
+    let confirm = channel
+        .basic_publish(
+            format!("{prefix}prodsys.ingest").as_str().into(),
+            "org.prodsys.request.submit.v1".into(),
+            lapin::options::BasicPublishOptions {
+                mandatory: true,
+                ..Default::default()
+            },
+            event.to_string().as_bytes(),
+            properties
+                .with_content_type("application/cloudevents+json".into())
+                .with_delivery_mode(2),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert!(
+        matches!(confirm, lapin::Confirmation::Ack(None)),
+        "{confirm:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_ingest_event_answered_into_a_queue_outside_the_pattern_is_dead_lettered() {
+    let app = spawn_app().await;
+    let (connection, channel) = app.env.amqp().await.unwrap();
+    // The checker's own queue: an answer there would be a forged event.
+    let target = format!("{}prodsys.checker", app.env.prefix);
+    publish_ingest(
+        &channel,
+        &app.env.prefix,
+        &submit_event("reply-elsewhere"),
+        lapin::BasicProperties::default().with_reply_to(target.as_str().into()),
+    )
+    .await;
+    let letters = app.dead_letters("intake", 1).await;
+    assert!(
+        letters[0].0.contains("reply_to") && letters[0].0.contains("amq.gen-*"),
+        "{}",
+        letters[0].0
+    );
+    assert_eq!(app.stored_requests().await, 0);
+    let _ = connection.close(200, "done".into()).await;
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_broker_user_mapped_to_vos_may_submit_only_for_them() {
+    let app = support::spawn_app_with(|env| {
+        let user = url_user(&prodsys_testkit::amqp_url());
+        env.settings
+            .intake
+            .broker_users
+            .insert(user, vec!["vo.km3net.eu".into()]);
+    })
+    .await;
+    let user = url_user(&prodsys_testkit::amqp_url());
+    let (connection, channel) = app.env.amqp().await.unwrap();
+    let answers = channel
+        .queue_declare(
+            "".into(),
+            lapin::options::QueueDeclareOptions {
+                exclusive: true,
+                ..Default::default()
+            },
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    let answers = answers.name().as_str().to_string();
+    assert!(answers.starts_with("amq.gen-"), "{answers}");
+    publish_ingest(
+        &channel,
+        &app.env.prefix,
+        &submit_event("cta-from-a-km3net-user"),
+        lapin::BasicProperties::default()
+            .with_reply_to(answers.as_str().into())
+            .with_user_id(user.as_str().into()),
+    )
+    .await;
+    let answer =
+        prodsys_testkit::wait_for("the answer", std::time::Duration::from_secs(20), || {
+            let channel = channel.clone();
+            let answers = answers.clone();
+            async move {
+                channel
+                    .basic_get(
+                        answers.as_str().into(),
+                        lapin::options::BasicGetOptions { no_ack: true },
+                    )
+                    .await
+                    .ok()
+                    .flatten()
+            }
+        })
+        .await
+        .unwrap();
+    let body: serde_json::Value = serde_json::from_slice(&answer.delivery.data).unwrap();
+    let data = body.get("data").unwrap_or(&body);
+    assert_eq!(data["outcome"], "rejected", "{body}");
+    assert_eq!(data["violations"][0]["field"], "vo", "{body}");
+    let reason = data["violations"][0]["description"].as_str().unwrap();
+    assert!(reason.contains("vo.km3net.eu"), "{reason}");
+    let _ = connection.close(200, "done".into()).await;
+    app.stop().await;
+}
+
+/// The user name of an AMQP URL (`guest` by default).
+fn url_user(url: &str) -> String {
+    url.split_once("://")
+        .and_then(|(_, rest)| rest.split_once('@'))
+        .and_then(|(credentials, _)| credentials.split(':').next())
+        .filter(|u| !u.is_empty())
+        .unwrap_or("guest")
+        .to_string()
+}

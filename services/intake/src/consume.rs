@@ -22,6 +22,7 @@ pub struct IntakeConsumer {
     pub db: Db,
     pub profiles: Arc<ProfileSet>,
     pub ingest_exchange: String,
+    pub policy: ingest::Policy,
 }
 
 enum Work {
@@ -35,7 +36,8 @@ impl IntakeConsumer {
     /// What a delivery asks for; `Err` is why it can never be handled.
     fn classify(&self, incoming: &Incoming) -> Result<Work, String> {
         if incoming.exchange == self.ingest_exchange {
-            return ingest::parse(incoming, &self.profiles).map(|s| Work::Submit(Box::new(s)));
+            return ingest::parse(incoming, &self.profiles, &self.policy)
+                .map(|s| Work::Submit(Box::new(s)));
         }
         match incoming.routing_key.as_str() {
             REQUEST_ACCEPTED => decode_event(incoming).map(|(id, m)| Work::Accepted(id, m)),

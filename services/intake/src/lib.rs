@@ -76,6 +76,7 @@ pub async fn start(
             db: foundation.db.clone(),
             profiles: profiles.clone(),
             ingest_exchange: foundation.names.ingest(),
+            policy: ingest::Policy::from_settings(&settings.intake),
         },
         &shutdown,
     );

@@ -92,6 +92,19 @@ pub struct IntakeSettings {
     pub port: u16,
     /// Where the checker answers `Evaluate` (for `ValidateRequest`).
     pub checker_url: String,
+    /// Queues an ingest event's `reply_to` may name (`*` matches any run
+    /// of characters). The default takes only the server-named queues a
+    /// publisher declares for itself; an event naming any other queue is
+    /// dead-lettered, so no publisher makes intake write into a queue of
+    /// prodsys or of anyone else.
+    pub reply_to_patterns: Vec<String>,
+    /// Broker users (the AMQP `user_id` property, which RabbitMQ checks
+    /// against the connection's user) and the VOs each may submit for by
+    /// event. Empty: any publisher may submit for any VO. Otherwise an
+    /// event from a user not listed, without `user_id`, or for a VO its
+    /// user may not use is refused with the reason (answered on
+    /// `reply_to`).
+    pub broker_users: BTreeMap<String, Vec<String>>,
 }
 
 impl Default for IntakeSettings {
@@ -99,6 +112,8 @@ impl Default for IntakeSettings {
         Self {
             port: 50051,
             checker_url: "http://127.0.0.1:50054".into(),
+            reply_to_patterns: vec!["amq.gen-*".into()],
+            broker_users: BTreeMap::new(),
         }
     }
 }
