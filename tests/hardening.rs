@@ -349,3 +349,64 @@ fn url_user(url: &str) -> String {
         .unwrap_or("guest")
         .to_string()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_dispatcher_takes_no_accepted_request_on_trust() {
+    use prost::Message;
+    let app = spawn_app().await;
+    let events = format!("{}prodsys.events", app.env.prefix);
+    let example = cta_example();
+    let forged = |production_id: &str, parameters_json: &str| pb::RequestAccepted {
+        request_id: uuid::Uuid::now_v7().to_string(),
+        production_id: production_id.into(),
+        profile: example.profile.clone(),
+        vo: example.vo.clone(),
+        fingerprint: "f".repeat(64),
+        parameters_json: parameters_json.into(),
+        backend: "local".into(),
+        ..Default::default()
+    };
+    // A production ID is a directory under the work directory.
+    let escape = forged("CTA-000001/../../../../tmp/owned", &example.parameters_json);
+    support::publish_raw(
+        &app.env,
+        &events,
+        "request.accepted",
+        "request.accepted",
+        &escape.encode_to_vec(),
+    )
+    .await;
+    let letters = app.dead_letters("dispatcher", 1).await;
+    assert!(
+        letters[0].0.contains("is not an ID of profile cta-irf-mc"),
+        "{}",
+        letters[0].0
+    );
+    // Parameters become a command line: checked against the profile again.
+    let mut parameters: serde_json::Value = serde_json::from_str(&example.parameters_json).unwrap();
+    parameters["particle"] = "gamma; rm -rf ~".into();
+    let injected = forged("CTA-000002", &parameters.to_string());
+    support::publish_raw(
+        &app.env,
+        &events,
+        "request.accepted",
+        "request.accepted",
+        &injected.encode_to_vec(),
+    )
+    .await;
+    let letters = app.dead_letters("dispatcher", 1).await;
+    assert!(
+        letters[0].0.contains("breaks its profile") && letters[0].0.contains("parameters.particle"),
+        "{}",
+        letters[0].0
+    );
+    let db = app.env.db().await.unwrap();
+    let planned: i64 = db
+        .query_one("SELECT count(*) FROM dispatcher.productions", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(planned, 0);
+    assert!(!std::path::Path::new("/tmp/owned").exists());
+    app.stop().await;
+}

@@ -463,6 +463,19 @@ impl Profile {
                 file.id_prefix
             )));
         }
+        // Outputs are collected from this directory: it must stay inside
+        // the job's working directory, whatever the job does.
+        let output_dir = std::path::Path::new(&file.outputs.dir);
+        if file.outputs.dir.is_empty()
+            || !output_dir
+                .components()
+                .all(|c| matches!(c, std::path::Component::Normal(_)))
+        {
+            return Err(invalid(format!(
+                "outputs.dir {:?} must be a relative path without \"..\" inside the job's directory",
+                file.outputs.dir
+            )));
+        }
         if file.max_attempts == 0 {
             return Err(invalid("max_attempts must be at least 1".into()));
         }
@@ -1936,6 +1949,21 @@ mod tests {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/cta-irf-mc.json");
         let request: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
         request["parameters"].clone()
+    }
+
+    #[test]
+    fn an_output_directory_outside_the_job_directory_is_refused_at_load() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../profiles/cta-irf-mc.json");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let mut file: Value = serde_json::from_str(&text).unwrap();
+        assert!(Profile::from_json(&path, &file.to_string()).is_ok());
+        for dir in ["../../etc", "/etc", "out/../..", ""] {
+            file["outputs"]["dir"] = json!(dir);
+            let error = Profile::from_json(&path, &file.to_string())
+                .err()
+                .unwrap_or_else(|| panic!("{dir:?} is refused"));
+            assert!(error.to_string().contains("outputs.dir"), "{error}");
+        }
     }
 
     #[test]
