@@ -410,3 +410,62 @@ async fn the_dispatcher_takes_no_accepted_request_on_trust() {
     assert!(!std::path::Path::new("/tmp/owned").exists());
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_request_over_its_vos_job_limit_is_refused_with_a_field_violation() {
+    let app = support::spawn_app_with(|env| {
+        support::use_test_profiles(env);
+        env.settings.intake.vo_limits.insert(
+            "test".into(),
+            prodsys_config::VoLimits {
+                max_jobs_in_flight: Some(10),
+                max_productions_waiting: Some(5),
+            },
+        );
+    })
+    .await;
+    // Over the limit on its own: nothing stored.
+    let status = app
+        .submit(support::sleep_request(11, 0.0, -1, "alone", "local"))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert_eq!(violated_fields(&status), ["vo"]);
+    assert!(
+        status.message().contains("limit of 10"),
+        "{}",
+        status.message()
+    );
+    assert_eq!(app.stored_requests().await, 0);
+
+    // Eight long jobs admitted; three more would pass the limit, two do not.
+    let long = app
+        .accepted(support::sleep_request(8, 600.0, -1, "long", "local"))
+        .await;
+    let status = app
+        .submit(support::sleep_request(3, 0.0, -1, "three", "local"))
+        .await
+        .unwrap_err();
+    assert_eq!(violated_fields(&status), ["vo"], "{status:?}");
+    assert!(
+        status.message().contains("8 jobs in flight"),
+        "{}",
+        status.message()
+    );
+    app.accepted(support::sleep_request(2, 0.0, -1, "two", "local"))
+        .await;
+    // Once the long production has ended (cancelled), its jobs count no more.
+    app.cancel(&long, "making room").await.unwrap();
+    prodsys_testkit::wait_for(
+        "room for three more jobs",
+        std::time::Duration::from_secs(60),
+        || async {
+            app.submit(support::sleep_request(3, 0.0, -1, "three", "local"))
+                .await
+                .ok()
+        },
+    )
+    .await
+    .unwrap();
+    app.stop().await;
+}

@@ -24,6 +24,8 @@ pub struct RequestApi {
     pub profiles: Arc<ProfileSet>,
     pub committer: Committer,
     pub checker: pb::checker_service_client::CheckerServiceClient<tonic::transport::Channel>,
+    /// Limits per VO (`intake.vo_limits`).
+    pub settings: Arc<prodsys_config::IntakeSettings>,
 }
 
 impl RequestApi {
@@ -50,6 +52,8 @@ impl RequestApi {
         .map_err(IntakeError::Invalid)?;
         self.check_template_known(&request.profile, &parameters)
             .await?;
+        self.check_vo_limits(&request.profile, &request.vo, &parameters)
+            .await?;
         let backend = domain::backend_or_default(&request.backend).to_string();
         let submission = Submission {
             idempotency_key: request.idempotency_key,
@@ -75,6 +79,45 @@ impl RequestApi {
             request_id: request_id.to_string(),
             replayed,
         })
+    }
+
+    /// Refuses a request its VO has no room for under `intake.vo_limits`;
+    /// nothing is read when no limit holds for the VO.
+    async fn check_vo_limits(
+        &self,
+        profile: &str,
+        vo: &str,
+        parameters: &serde_json::Value,
+    ) -> Result<()> {
+        let Some(limits) = self.settings.limits_of(vo) else {
+            return Ok(());
+        };
+        let jobs = self
+            .profiles
+            .get(profile)
+            .map_or(0, |p| domain::planned_jobs(p, parameters));
+        let splits: Vec<(String, String, String)> = self
+            .profiles
+            .iter()
+            .filter_map(|p| {
+                p.split()
+                    .map(|s| (p.name().to_string(), s.total.clone(), s.per_job.clone()))
+            })
+            .collect();
+        let load = store::vo_load(&self.db, vo, &splits).await?;
+        let over = domain::over_limits(vo, limits, load, jobs);
+        if over.is_empty() {
+            Ok(())
+        } else {
+            tracing::info!(
+                vo,
+                jobs,
+                load.jobs,
+                load.productions,
+                "refused over the VO's limits"
+            );
+            Err(IntakeError::Invalid(over))
+        }
     }
 
     /// A container template that is not shipped may be one an earlier

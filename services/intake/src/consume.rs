@@ -6,7 +6,9 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use prodsys_core::ProfileSet;
-use prodsys_core::events::{REQUEST_ACCEPTED, REQUEST_REJECTED, REQUEST_REUSED};
+use prodsys_core::events::{
+    PRODUCTION_COMPLETED, REQUEST_ACCEPTED, REQUEST_REJECTED, REQUEST_REUSED,
+};
 use prodsys_db::deadpool_postgres::Transaction;
 use prodsys_db::{Db, OutboxEvent};
 use prodsys_messaging::{BatchHandler, HandlerError, Incoming, Outcome};
@@ -30,6 +32,8 @@ enum Work {
     Reused(Uuid, pb::RequestAccepted),
     Rejected(Uuid, pb::RequestRejected),
     Submit(Box<ingest::Submission>),
+    /// A production ended: its request no longer counts against its VO.
+    Ended(String),
 }
 
 impl IntakeConsumer {
@@ -43,6 +47,8 @@ impl IntakeConsumer {
             REQUEST_ACCEPTED => decode_event(incoming).map(|(id, m)| Work::Accepted(id, m)),
             REQUEST_REUSED => decode_event(incoming).map(|(id, m)| Work::Reused(id, m)),
             REQUEST_REJECTED => decode_event(incoming).map(|(id, m)| Work::Rejected(id, m)),
+            PRODUCTION_COMPLETED => decode_event::<pb::ProductionCompleted>(incoming)
+                .map(|(_, m)| Work::Ended(m.production_id)),
             other => Err(format!("intake does not handle {other:?}")),
         }
     }
@@ -125,7 +131,7 @@ impl IntakeConsumer {
             .iter()
             .filter_map(|w| match w {
                 Work::Accepted(id, _) | Work::Reused(id, _) | Work::Rejected(id, _) => Some(*id),
-                Work::Submit(_) => None,
+                Work::Submit(_) | Work::Ended(_) => None,
             })
             .collect();
         // Taken once: the same event twice in one batch takes effect once.
@@ -177,6 +183,15 @@ impl IntakeConsumer {
                 _ => {}
             }
         }
+        // Marking an end twice changes nothing: no inbox row for these.
+        let ended: Vec<&str> = work
+            .iter()
+            .filter_map(|w| match w {
+                Work::Ended(id) => Some(id.as_str()),
+                _ => None,
+            })
+            .collect();
+        store::productions_ended(&tx, &ended).await?;
         for recorded in store::record_verdicts(&tx, &verdicts).await? {
             let Some(queue) = recorded.reply_to else {
                 continue;

@@ -105,6 +105,31 @@ pub struct IntakeSettings {
     /// user may not use is refused with the reason (answered on
     /// `reply_to`).
     pub broker_users: BTreeMap<String, Vec<String>>,
+    /// Admission limits per VO (`[intake.vo_limits."vo.cta.in2p3.fr"]`;
+    /// the entry `"*"` holds for every VO not named). A submission that
+    /// would pass one is refused with a field violation on `vo`.
+    pub vo_limits: BTreeMap<String, VoLimits>,
+}
+
+/// What one VO may have admitted and unfinished at once: its requests
+/// waiting for the checker or accepted with their production not yet
+/// ended (COMPLETED, FAILED, CANCELLED...).
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct VoLimits {
+    /// Most jobs (as the profiles split the requests) over those.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_jobs_in_flight: Option<u64>,
+    /// Most of those requests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_productions_waiting: Option<u64>,
+}
+
+impl IntakeSettings {
+    /// The limits that hold for `vo`, if any do.
+    pub fn limits_of(&self, vo: &str) -> Option<&VoLimits> {
+        self.vo_limits.get(vo).or_else(|| self.vo_limits.get("*"))
+    }
 }
 
 impl Default for IntakeSettings {
@@ -114,6 +139,7 @@ impl Default for IntakeSettings {
             checker_url: "http://127.0.0.1:50054".into(),
             reply_to_patterns: vec!["amq.gen-*".into()],
             broker_users: BTreeMap::new(),
+            vo_limits: BTreeMap::new(),
         }
     }
 }

@@ -768,6 +768,11 @@ impl Profile {
         &self.file.outputs
     }
 
+    /// How the production splits into jobs; `None` for a chained profile.
+    pub fn split(&self) -> Option<&Split> {
+        self.file.split.as_ref()
+    }
+
     /// Every reason `parameters` cannot be accepted by this profile for `vo`.
     pub fn validate(&self, vo: &str, parameters: &Value) -> Vec<Violation> {
         let mut violations = Vec::new();
