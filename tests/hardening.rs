@@ -469,3 +469,182 @@ async fn a_request_over_its_vos_job_limit_is_refused_with_a_field_violation() {
     .unwrap();
     app.stop().await;
 }
+
+/// `prodsys broker-users` (or `db-roles`) with `args`; panics unless it succeeds.
+fn prodsys_command(args: &[&str]) -> String {
+    let out = std::process::Command::new(support::built_binary("prodsys", "prodsys"))
+        .args(args)
+        .output()
+        .expect("running prodsys");
+    assert!(
+        out.status.success(),
+        "prodsys {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The test broker's URL as `user` (its password put in from a file later).
+fn amqp_url_as(user: &str) -> String {
+    let url = prodsys_testkit::amqp_url();
+    let (_, host) = url
+        .rsplit_once('@')
+        .expect("the test AMQP URL names a user");
+    format!("amqp://{user}@{host}")
+}
+
+/// Deletes the broker users of a test when dropped, whatever happened.
+struct BrokerUsersOf {
+    prefix: String,
+    user_prefix: String,
+    secrets: std::path::PathBuf,
+}
+
+impl Drop for BrokerUsersOf {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new(support::built_binary("prodsys", "prodsys"))
+            .args(["broker-users", "--delete", "--prefix", &self.prefix])
+            .args(["--user-prefix", &self.user_prefix, "--secrets-dir"])
+            .arg(&self.secrets)
+            .output();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn each_service_runs_as_its_own_broker_user_and_the_ingest_user_only_submits() {
+    let mut env = prodsys_testkit::TestEnv::new()
+        .await
+        .expect("test environment");
+    let user_prefix = format!(
+        "prodsys-test-{}-",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
+    let secrets = env.work_dir.join("secrets");
+    let users = BrokerUsersOf {
+        prefix: env.prefix.clone(),
+        user_prefix: user_prefix.clone(),
+        secrets: secrets.clone(),
+    };
+    let printed = prodsys_command(&[
+        "broker-users",
+        "--prefix",
+        &env.prefix,
+        "--user-prefix",
+        &user_prefix,
+        "--secrets-dir",
+        secrets.to_str().unwrap(),
+    ]);
+    let password = |role: &str| {
+        std::fs::read_to_string(secrets.join(format!("{user_prefix}{role}.password"))).unwrap()
+    };
+    assert!(
+        !printed.contains(&password("ingest")),
+        "a password was printed"
+    );
+    for service in ["intake", "checker", "dispatcher", "status", "catalog"] {
+        let user = format!("{user_prefix}{service}");
+        env.settings
+            .amqp
+            .service_urls
+            .insert(service.into(), amqp_url_as(&user).into());
+        env.settings
+            .amqp
+            .password_files
+            .insert(service.into(), secrets.join(format!("{user}.password")));
+    }
+    prodsys_telemetry::init("warn");
+    let app = support::spawn_services(env, &prodsys::Service::ALL).await;
+    // The whole pipeline works with each service's own permissions.
+    let production = app.accepted(cta_example()).await;
+    app.production_when(
+        "the production to complete",
+        std::time::Duration::from_secs(120),
+        &production,
+        |p| p.state() == pb::ProductionState::Completed,
+    )
+    .await;
+
+    let ingest_url = prodsys_config::with_password(
+        &amqp_url_as(&format!("{user_prefix}ingest")),
+        &password("ingest"),
+    )
+    .unwrap();
+    let connection = lapin::Connection::connect(&ingest_url, Default::default())
+        .await
+        .expect("the ingest user connects");
+    let channel = connection.create_channel().await.unwrap();
+    let answers = channel
+        .queue_declare(
+            "".into(),
+            lapin::options::QueueDeclareOptions {
+                exclusive: true,
+                ..Default::default()
+            },
+            Default::default(),
+        )
+        .await
+        .expect("the ingest user declares its reply queue");
+    let answers = answers.name().as_str().to_string();
+    let mut event = submit_event("from-the-ingest-user");
+    // Another simulation than the one above (40 degrees), so it is accepted.
+    event["data"]["parameters"]["zenith_deg"] = 40.into();
+    publish_ingest(
+        &channel,
+        &app.env.prefix,
+        &event,
+        lapin::BasicProperties::default().with_reply_to(answers.as_str().into()),
+    )
+    .await;
+    let answer =
+        prodsys_testkit::wait_for("the answer", std::time::Duration::from_secs(30), || {
+            let channel = channel.clone();
+            let answers = answers.clone();
+            async move {
+                channel
+                    .basic_get(
+                        answers.as_str().into(),
+                        lapin::options::BasicGetOptions { no_ack: true },
+                    )
+                    .await
+                    .ok()
+                    .flatten()
+            }
+        })
+        .await
+        .unwrap();
+    let body: serde_json::Value = serde_json::from_slice(&answer.delivery.data).unwrap();
+    assert_eq!(body["outcome"], "accepted", "{body}");
+
+    // Forging an event of prodsys itself is refused by the broker.
+    let forged = channel
+        .basic_publish(
+            format!("{}prodsys.events", app.env.prefix).as_str().into(),
+            "request.accepted".into(),
+            Default::default(),
+            b"forged",
+            Default::default(),
+        )
+        .await;
+    let refused = match forged {
+        Err(error) => format!("{error:?}"),
+        Ok(confirm) => format!("{:?}", confirm.await),
+    };
+    // The refusal closes the channel; a new one says why.
+    let retried = channel
+        .basic_publish(
+            format!("{}prodsys.events", app.env.prefix).as_str().into(),
+            "request.accepted".into(),
+            Default::default(),
+            b"forged",
+            Default::default(),
+        )
+        .await;
+    let refused = format!("{refused} {retried:?}");
+    assert!(
+        refused.contains("ACCESS_REFUSED") || refused.contains("403"),
+        "{refused}"
+    );
+    let _ = connection.close(200, "done".into()).await;
+    app.stop().await;
+    drop(users);
+}

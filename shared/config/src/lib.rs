@@ -50,6 +50,17 @@ pub struct Settings {
 pub struct DatabaseSettings {
     #[serde(serialize_with = "expose")]
     pub url: SecretString,
+    /// One role per service: a service named here connects with its own
+    /// URL (`prodsys db-roles` creates the roles); the others use `url`.
+    #[serde(
+        serialize_with = "expose_map",
+        skip_serializing_if = "BTreeMap::is_empty"
+    )]
+    pub service_urls: BTreeMap<String, SecretString>,
+    /// Files holding a service's password (`"*"`: every service's), put
+    /// into its URL at start; the password is never logged.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub password_files: BTreeMap<String, PathBuf>,
     pub pool_size: usize,
     /// How long an event's ID is kept in a service's inbox (to recognise a
     /// redelivery); older IDs are deleted in the background.
@@ -61,6 +72,19 @@ pub struct DatabaseSettings {
 pub struct AmqpSettings {
     #[serde(serialize_with = "expose")]
     pub url: SecretString,
+    /// One broker user per service: a service named here connects with its
+    /// own URL (`prodsys broker-users` creates the users with
+    /// least-privilege permissions); the others use `url`. `amqps://` URLs
+    /// connect over TLS (rustls, the broker verified against the web PKI roots).
+    #[serde(
+        serialize_with = "expose_map",
+        skip_serializing_if = "BTreeMap::is_empty"
+    )]
+    pub service_urls: BTreeMap<String, SecretString>,
+    /// Files holding a service's password (`"*"`: every service's), put
+    /// into its URL at start; the password is never logged.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub password_files: BTreeMap<String, PathBuf>,
     /// Prefix of every exchange and queue name, so several deployments (or
     /// tests) share one broker without meeting.
     pub prefix: String,
@@ -458,6 +482,8 @@ impl Default for DatabaseSettings {
     fn default() -> Self {
         Self {
             url: SecretString::from("postgres://postgres@127.0.0.1:5432/prodsys"),
+            service_urls: BTreeMap::new(),
+            password_files: BTreeMap::new(),
             pool_size: 16,
             inbox_retention_s: 7 * 24 * 3600,
         }
@@ -468,6 +494,8 @@ impl Default for AmqpSettings {
     fn default() -> Self {
         Self {
             url: SecretString::from("amqp://guest:guest@127.0.0.1:5672/%2f"),
+            service_urls: BTreeMap::new(),
+            password_files: BTreeMap::new(),
             prefix: String::new(),
             prefetch: 256,
             batch_size: 128,
@@ -509,12 +537,78 @@ impl DatabaseSettings {
     pub fn url(&self) -> &str {
         self.url.expose_secret()
     }
+
+    /// The URL `service` connects with: its own, or the shared one, with
+    /// the password of its password file when it has one.
+    pub fn url_for(&self, service: &str) -> Result<SecretString, ConfigError> {
+        credential_url(&self.url, &self.service_urls, &self.password_files, service)
+    }
 }
 
 impl AmqpSettings {
     pub fn url(&self) -> &str {
         self.url.expose_secret()
     }
+
+    /// The URL `service` connects with (see [`DatabaseSettings::url_for`]).
+    pub fn url_for(&self, service: &str) -> Result<SecretString, ConfigError> {
+        credential_url(&self.url, &self.service_urls, &self.password_files, service)
+    }
+}
+
+fn credential_url(
+    shared: &SecretString,
+    own: &BTreeMap<String, SecretString>,
+    password_files: &BTreeMap<String, PathBuf>,
+    service: &str,
+) -> Result<SecretString, ConfigError> {
+    let url = own.get(service).unwrap_or(shared);
+    let Some(file) = password_files
+        .get(service)
+        .or_else(|| password_files.get("*"))
+    else {
+        return Ok(url.clone());
+    };
+    let password = std::fs::read_to_string(file)
+        .map_err(|e| ConfigError(format!("password file {}: {e}", file.display())))?;
+    let password = password.trim_end_matches(['\n', '\r']);
+    with_password(url.expose_secret(), password)
+        .map(SecretString::from)
+        .ok_or_else(|| {
+            ConfigError(format!(
+                "the URL of {service} names no user to give a password"
+            ))
+        })
+}
+
+/// `url` (`scheme://user[:password]@host...`) with `password`, percent-encoded.
+pub fn with_password(url: &str, password: &str) -> Option<String> {
+    let (scheme, rest) = url.split_once("://")?;
+    let end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(end);
+    let (userinfo, host) = authority.rsplit_once('@')?;
+    let user = userinfo.split(':').next().filter(|u| !u.is_empty())?;
+    let mut encoded = String::new();
+    for b in password.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            encoded.push(b as char);
+        } else {
+            encoded.push_str(&format!("%{b:02X}"));
+        }
+    }
+    Some(format!("{scheme}://{user}:{encoded}@{host}{tail}"))
+}
+
+fn expose_map<S: Serializer>(
+    secrets: &BTreeMap<String, SecretString>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    use serde::ser::SerializeMap;
+    let mut map = serializer.serialize_map(Some(secrets.len()))?;
+    for (key, secret) in secrets {
+        map.serialize_entry(key, secret.expose_secret())?;
+    }
+    map.end()
 }
 
 #[derive(Debug)]

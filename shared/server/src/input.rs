@@ -13,8 +13,9 @@ use std::sync::OnceLock;
 use prodsys_core::Violation;
 use prost_reflect::{DescriptorPool, DynamicMessage, MapKey, Value};
 
-/// Longest JSON document a request may carry in a `*_json` field.
-pub const MAX_JSON_BYTES: usize = 1024 * 1024;
+/// A `*_json` document is bounded by the message size limit and by the
+/// domain, which names the field its parameters are (`parameters`).
+pub const MAX_JSON_BYTES: usize = usize::MAX;
 /// Longest free text (a cancel's `reason`).
 pub const MAX_TEXT_BYTES: usize = 4096;
 /// Longest name, ID, key, token, prefix or metadata value.
