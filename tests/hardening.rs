@@ -648,3 +648,130 @@ async fn each_service_runs_as_its_own_broker_user_and_the_ingest_user_only_submi
     app.stop().await;
     drop(users);
 }
+
+/// Drops the database roles of a test when dropped, whatever happened.
+struct DbRolesOf {
+    role_prefix: String,
+    secrets: std::path::PathBuf,
+    /// The test's database, where the roles own objects until it is dropped.
+    database_url: String,
+}
+
+impl Drop for DbRolesOf {
+    fn drop(&mut self) {
+        let admin = std::env::var("PRODSYS_TEST_DATABASE_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+        // In the test's database first (a failed test leaves it), then where
+        // it is gone already.
+        for url in [&self.database_url, &admin] {
+            let _ = std::process::Command::new(support::built_binary("prodsys", "prodsys"))
+                .args(["db-roles", "--delete", "--admin-url", url])
+                .args(["--role-prefix", &self.role_prefix, "--secrets-dir"])
+                .arg(&self.secrets)
+                .output();
+        }
+    }
+}
+
+/// `url` (`postgres://user@host/db`) as `user`.
+fn database_url_as(url: &str, user: &str) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap();
+    let host = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
+    format!("{scheme}://{user}@{host}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn each_service_owns_its_schema_under_its_own_role_and_reads_no_other() {
+    use secrecy::ExposeSecret;
+    let mut env = prodsys_testkit::TestEnv::new()
+        .await
+        .expect("test environment");
+    let role_prefix = format!(
+        "prodsys_t{}_",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
+    let secrets = env.work_dir.join("secrets");
+    let admin_url = env.settings.database.url.expose_secret().to_string();
+    let roles = DbRolesOf {
+        role_prefix: role_prefix.clone(),
+        secrets: secrets.clone(),
+        database_url: admin_url.clone(),
+    };
+    let printed = prodsys_command(&[
+        "db-roles",
+        "--admin-url",
+        &admin_url,
+        "--role-prefix",
+        &role_prefix,
+        "--secrets-dir",
+        secrets.to_str().unwrap(),
+    ]);
+    let password = |service: &str| {
+        std::fs::read_to_string(secrets.join(format!("{role_prefix}{service}.password"))).unwrap()
+    };
+    assert!(
+        !printed.contains(&password("intake")),
+        "a password was printed"
+    );
+    for service in ["intake", "checker", "dispatcher", "status", "catalog"] {
+        let role = format!("{role_prefix}{service}");
+        env.settings
+            .database
+            .service_urls
+            .insert(service.into(), database_url_as(&admin_url, &role).into());
+        env.settings
+            .database
+            .password_files
+            .insert(service.into(), secrets.join(format!("{role}.password")));
+    }
+    prodsys_telemetry::init("warn");
+    let app = support::spawn_services(env, &prodsys::Service::ALL).await;
+    let production = app.accepted(cta_example()).await;
+    app.production_when(
+        "the production to complete",
+        std::time::Duration::from_secs(120),
+        &production,
+        |p| p.state() == pb::ProductionState::Completed,
+    )
+    .await;
+    assert!(!app.files(&production).await.is_empty());
+
+    // The intake role reads its own tables and no other service's.
+    let intake_url = prodsys_config::with_password(
+        &database_url_as(&admin_url, &format!("{role_prefix}intake")),
+        &password("intake"),
+    )
+    .unwrap();
+    let (client, connection) =
+        prodsys_db::tokio_postgres::connect(&intake_url, prodsys_db::tokio_postgres::NoTls)
+            .await
+            .expect("the intake role logs in");
+    tokio::spawn(connection);
+    let own: i64 = client
+        .query_one("SELECT count(*) FROM intake.requests", &[])
+        .await
+        .expect("intake reads its own schema")
+        .get(0);
+    assert_eq!(own, 1);
+    for table in [
+        "catalog.files",
+        "dispatcher.jobs",
+        "checker.productions",
+        "status.productions",
+    ] {
+        let error = client
+            .query_one(&format!("SELECT count(*) FROM {table}"), &[])
+            .await
+            .expect_err(table);
+        let message = error
+            .as_db_error()
+            .map(|e| e.message().to_string())
+            .unwrap_or_default();
+        assert!(message.contains("permission denied"), "{table}: {error:?}");
+    }
+    // Nor may it make itself owner of another schema's objects or create one.
+    assert!(client.batch_execute("CREATE SCHEMA stolen").await.is_err());
+    drop(client);
+    app.stop().await;
+    drop(roles);
+}

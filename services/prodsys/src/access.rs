@@ -178,6 +178,105 @@ pub fn write_secret(path: &Path, secret: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What `prodsys db-roles` is asked: one PostgreSQL role per service, each
+/// owning its schema (and everything in it) and nothing else; no other
+/// role but the administrator's can read it.
+pub struct DbRoles {
+    /// A superuser's (or the database owner's) URL of the deployment's database.
+    pub admin_url: String,
+    /// Prepended to each service's name to make its role (`prodsys_intake`).
+    pub role_prefix: String,
+    /// Where each role's password file goes (`<role>.password`).
+    pub secrets_dir: PathBuf,
+    /// Services to create roles for; all when empty.
+    pub only: Vec<String>,
+    /// Drop the roles (and what they own in this database) instead.
+    pub delete: bool,
+}
+
+impl DbRoles {
+    pub async fn run(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.role_prefix
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'),
+            "--role-prefix may hold only lower-case letters, digits and _"
+        );
+        let services: Vec<Service> = Service::ALL
+            .into_iter()
+            .filter(|s| self.only.is_empty() || self.only.iter().any(|o| o == s.name()))
+            .collect();
+        if let Some(unknown) = self
+            .only
+            .iter()
+            .find(|o| !Service::ALL.iter().any(|s| s.name() == o.as_str()))
+        {
+            bail!("--only {unknown:?}: services are intake, checker, dispatcher, status, catalog");
+        }
+        let (client, connection) =
+            prodsys_db::tokio_postgres::connect(&self.admin_url, prodsys_db::tokio_postgres::NoTls)
+                .await
+                .context("connecting with the administrator's URL")?;
+        tokio::spawn(connection);
+        if !self.delete {
+            create_private_dir(&self.secrets_dir)?;
+        }
+        for service in services {
+            let schema = service.name();
+            let role = format!("{}{schema}", self.role_prefix);
+            if self.delete {
+                client
+                    .batch_execute(&format!(
+                        "DO $r$ BEGIN
+                             IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{role}') THEN
+                                 DROP OWNED BY {role}; DROP ROLE {role};
+                             END IF;
+                         END $r$;"
+                    ))
+                    .await
+                    .with_context(|| format!("dropping role {role}"))?;
+                let _ = std::fs::remove_file(password_file(&self.secrets_dir, &role));
+                println!("dropped database role {role}");
+                continue;
+            }
+            let password = random_password();
+            // The password is hexadecimal: nothing in it needs quoting.
+            client
+                .batch_execute(&format!(
+                    "DO $r$ BEGIN
+                         IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{role}') THEN
+                             ALTER ROLE {role} LOGIN PASSWORD '{password}';
+                         ELSE
+                             CREATE ROLE {role} LOGIN PASSWORD '{password}';
+                         END IF;
+                     END $r$;
+                     CREATE SCHEMA IF NOT EXISTS {schema};
+                     ALTER SCHEMA {schema} OWNER TO {role};
+                     REVOKE ALL ON SCHEMA {schema} FROM PUBLIC;
+                     DO $o$ DECLARE object record; BEGIN
+                         FOR object IN SELECT c.relname, c.relkind FROM pg_class c
+                                 JOIN pg_namespace n ON n.oid = c.relnamespace
+                                 WHERE n.nspname = '{schema}' AND c.relkind IN ('r', 'p', 'S', 'v', 'm')
+                         LOOP
+                             EXECUTE format('ALTER %s {schema}.%I OWNER TO {role}',
+                                 CASE object.relkind WHEN 'S' THEN 'SEQUENCE' WHEN 'v' THEN 'VIEW'
+                                      WHEN 'm' THEN 'MATERIALIZED VIEW' ELSE 'TABLE' END,
+                                 object.relname);
+                         END LOOP;
+                     END $o$;"
+                ))
+                .await
+                .with_context(|| format!("creating role {role} owning schema {schema}"))?;
+            write_secret(&password_file(&self.secrets_dir, &role), &password)?;
+            println!(
+                "database role {role} owns schema {schema} (password in {})",
+                password_file(&self.secrets_dir, &role).display()
+            );
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -51,6 +51,24 @@ enum Command {
         #[arg(long, default_value = "rabbitmqctl")]
         rabbitmqctl: String,
     },
+    /// Create (or drop) one PostgreSQL role per service, each owning only its
+    /// own schema (no other role can read it); passwords go to files.
+    DbRoles {
+        /// A superuser's URL of the deployment's database.
+        #[arg(long, env = "PRODSYS_DB_ADMIN_URL")]
+        admin_url: String,
+        #[arg(long, default_value = "prodsys_")]
+        role_prefix: String,
+        /// Directory of the password files (<role>.password, mode 600).
+        #[arg(long, default_value = "var/secrets")]
+        secrets_dir: PathBuf,
+        /// Only these services (comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
+        /// Drop the roles and what they own in this database instead.
+        #[arg(long)]
+        delete: bool,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -76,6 +94,25 @@ fn main() -> anyhow::Result<()> {
                 rabbitmqctl,
             }
             .run();
+        }
+        Command::DbRoles {
+            admin_url,
+            role_prefix,
+            secrets_dir,
+            only,
+            delete,
+        } => {
+            let roles = prodsys::access::DbRoles {
+                admin_url,
+                role_prefix,
+                secrets_dir,
+                only,
+                delete,
+            };
+            return tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+                .block_on(roles.run());
         }
     };
     let services: Vec<Service> = if service == "all" {
