@@ -2537,3 +2537,46 @@ mod tests {
         assert_eq!(km3net.file_base_fingerprint(&json!({})), None);
     }
 }
+
+#[cfg(test)]
+mod properties {
+    //! Profile files are data an operator (or a package) ships: whatever
+    //! their bytes, loading one answers a profile or an error, never a panic.
+    use super::*;
+    use proptest::prelude::*;
+
+    fn shipped(name: &str) -> String {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../profiles")
+            .join(format!("{name}.json"));
+        std::fs::read_to_string(path).unwrap()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(128))]
+
+        #[test]
+        fn any_text_as_a_profile_file(text in ".{0,256}") {
+            let _ = Profile::from_json(Path::new("p.json"), &text);
+        }
+
+        #[test]
+        fn a_profile_file_with_edits(
+            edits in prop::collection::vec((any::<usize>(), any::<char>(), any::<bool>()), 1..8),
+            which in 0usize..5,
+        ) {
+            let name = ["cta-irf-mc", "km3net-container-sim", "cta-dl1", "cta-irf", "km3net-reco"][which];
+            let mut text: Vec<char> = shipped(name).chars().collect();
+            for (at, c, insert) in edits {
+                let at = at % (text.len() + 1);
+                if insert || at == text.len() {
+                    text.insert(at, c);
+                } else {
+                    text[at] = c;
+                }
+            }
+            let text: String = text.into_iter().collect();
+            let _ = Profile::from_json(Path::new("p.json"), &text);
+        }
+    }
+}
