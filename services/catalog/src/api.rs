@@ -285,6 +285,7 @@ impl pb::catalog_service_server::CatalogService for CatalogApi {
         &self,
         request: Request<pb::FindFilesRequest>,
     ) -> Result<Response<pb::FindFilesResponse>, Status> {
+        prodsys_server::input::checked(request.get_ref())?;
         let r = request.into_inner();
         let query = self.file_query(&r)?;
         let page_size = domain::page_size(r.page_size, 1000);
@@ -301,6 +302,7 @@ impl pb::catalog_service_server::CatalogService for CatalogApi {
         &self,
         request: Request<pb::FindFilesRequest>,
     ) -> Result<Response<Self::StreamFilesStream>, Status> {
+        prodsys_server::input::checked(request.get_ref())?;
         let r = request.into_inner();
         let query = self.file_query(&r)?;
         let page_size = domain::page_size(r.page_size, 5000);
@@ -345,6 +347,7 @@ impl pb::catalog_service_server::CatalogService for CatalogApi {
         &self,
         request: Request<pb::FindExistingRequest>,
     ) -> Result<Response<pb::FindExistingResponse>, Status> {
+        prodsys_server::input::checked(request.get_ref())?;
         let r = request.into_inner();
         if r.metadata.is_empty() {
             return Err(CatalogError::Invalid(vec![Violation::new(
@@ -361,6 +364,7 @@ impl pb::catalog_service_server::CatalogService for CatalogApi {
         &self,
         request: Request<pb::FindExistingManyRequest>,
     ) -> Result<Response<pb::FindExistingManyResponse>, Status> {
+        prodsys_server::input::checked(request.get_ref())?;
         let queries = request.into_inner().queries;
         let violations = domain::check_existing_many(
             queries.iter().map(|q| q.metadata.is_empty()),
@@ -377,6 +381,7 @@ impl pb::catalog_service_server::CatalogService for CatalogApi {
         &self,
         request: Request<pb::RegisterFilesRequest>,
     ) -> Result<Response<pb::RegisterFilesResponse>, Status> {
+        prodsys_server::input::checked(request.get_ref())?;
         let registered = self.register(request.into_inner().files).await?;
         Ok(Response::new(pb::RegisterFilesResponse { registered }))
     }
@@ -385,6 +390,7 @@ impl pb::catalog_service_server::CatalogService for CatalogApi {
         &self,
         request: Request<pb::GetProductionRecordRequest>,
     ) -> Result<Response<pb::ProductionRecord>, Status> {
+        prodsys_server::input::checked(request.get_ref())?;
         Ok(Response::new(self.record(request.into_inner()).await?))
     }
 }

@@ -180,6 +180,7 @@ impl pb::checker_service_server::CheckerService for CheckerApi {
         &self,
         request: Request<pb::SubmitRequestRequest>,
     ) -> Result<Response<pb::Validation>, Status> {
+        prodsys_server::input::checked(request.get_ref())?;
         let verdict = self.verdict(request.get_ref()).await?;
         Ok(Response::new(validation(verdict)))
     }
@@ -188,6 +189,7 @@ impl pb::checker_service_server::CheckerService for CheckerApi {
         &self,
         request: Request<pb::ListPeriodsRequest>,
     ) -> Result<Response<pb::ListPeriodsResponse>, Status> {
+        prodsys_server::input::checked(request.get_ref())?;
         let r = request.get_ref();
         Ok(Response::new(pb::convert::list_periods(
             &self.rules.profiles,
@@ -200,6 +202,7 @@ impl pb::checker_service_server::CheckerService for CheckerApi {
         &self,
         request: Request<pb::ListTemplatesRequest>,
     ) -> Result<Response<pb::ListTemplatesResponse>, Status> {
+        prodsys_server::input::checked(request.get_ref())?;
         let r = request.get_ref();
         Ok(Response::new(self.templates(&r.profile, &r.name).await?))
     }

@@ -102,6 +102,7 @@ impl pb::job_service_server::JobService for JobsApi {
         &self,
         request: Request<pb::ListJobsRequest>,
     ) -> Result<Response<pb::ListJobsResponse>, Status> {
+        prodsys_server::input::checked(request.get_ref())?;
         let r = request.into_inner();
         required_id(&r.production_id)?;
         let after: i64 = if r.page_token.is_empty() {
@@ -197,6 +198,7 @@ impl pb::job_service_server::JobService for JobsApi {
         &self,
         request: Request<pb::GetJobLogRequest>,
     ) -> Result<Response<pb::JobLog>, Status> {
+        prodsys_server::input::checked(request.get_ref())?;
         let r = request.into_inner();
         required_id(&r.production_id)?;
         let index = i64::try_from(r.job_index)

@@ -18,6 +18,48 @@ pub struct Scanned {
 /// Suffixes of files still being written: never collected.
 const TEMPORARY_SUFFIXES: [&str; 2] = [".part", ".tmp"];
 
+/// Why `dir` may not be read as an attempt's outputs, if it may not: it
+/// must lie lexically under `root` (the work directory) with no `..`, and no
+/// directory from `root` down to it may be a symbolic link (a job could
+/// replace its output directory by a link to anywhere).
+pub fn outside(root: &Path, dir: &Path) -> Option<String> {
+    let Ok(relative) = dir.strip_prefix(root) else {
+        return Some(format!(
+            "output directory {} is not under the work directory {}",
+            dir.display(),
+            root.display()
+        ));
+    };
+    let mut at = root.to_path_buf();
+    for component in relative.components() {
+        let std::path::Component::Normal(name) = component else {
+            return Some(format!(
+                "output directory {} leaves the work directory",
+                dir.display()
+            ));
+        };
+        at.push(name);
+        match std::fs::symlink_metadata(&at) {
+            Ok(meta) if meta.file_type().is_symlink() => {
+                return Some(format!(
+                    "{} is a symbolic link; an attempt's directories must be real directories",
+                    at.display()
+                ));
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
+/// [`scan_outputs`] of `dir`, once [`outside`] finds it inside `root`.
+pub fn scan_outputs_under(root: &Path, dir: &Path) -> anyhow::Result<Result<Vec<Scanned>, String>> {
+    match outside(root, dir) {
+        Some(reason) => Ok(Err(reason)),
+        None => scan_outputs(dir),
+    }
+}
+
 /// Every complete regular file directly under `dir`, sorted, with size and
 /// adler32. `Ok(Err(reason))` when the attempt's outputs cannot be taken: a
 /// symbolic link (it could point anywhere) or a name that is not UTF-8 (no
@@ -66,6 +108,35 @@ pub fn scan_outputs(dir: &Path) -> anyhow::Result<Result<Vec<Scanned>, String>> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn outputs_are_read_only_inside_the_work_directory_and_through_no_link() {
+        let root = std::env::temp_dir().join(format!("prodsys-work-{}", uuid::Uuid::new_v4()));
+        let attempt = root.join("CTA-000001/000000.a1");
+        std::fs::create_dir_all(attempt.join("output")).unwrap();
+        std::fs::write(attempt.join("output/a.simtel"), "a").unwrap();
+        assert_eq!(outside(&root, &attempt.join("output")), None);
+        assert_eq!(
+            scan_outputs_under(&root, &attempt.join("output"))
+                .unwrap()
+                .unwrap()
+                .len(),
+            1
+        );
+        assert!(outside(&root, Path::new("/etc")).is_some());
+        assert!(outside(&root, &root.join("CTA-000001/../../etc")).is_some());
+        // The job replaced its output directory by a link to elsewhere.
+        let elsewhere = root.join("elsewhere");
+        std::fs::create_dir_all(&elsewhere).unwrap();
+        std::fs::write(elsewhere.join("secret"), "s").unwrap();
+        std::fs::remove_dir_all(attempt.join("output")).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, attempt.join("output")).unwrap();
+        let reason = scan_outputs_under(&root, &attempt.join("output"))
+            .unwrap()
+            .unwrap_err();
+        assert!(reason.contains("symbolic link"), "{reason}");
+        std::fs::remove_dir_all(&root).unwrap();
+    }
 
     #[test]
     fn only_complete_regular_files_with_utf8_names_are_collected() {

@@ -30,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 use crate::backend::{Backend, BackendStatus, JobSpec};
 use crate::domain::{self, JobRow};
 use crate::lease::Lease;
-use crate::outputs::{Scanned, scan_outputs};
+use crate::outputs::{Scanned, scan_outputs_under};
 use crate::store;
 
 pub(crate) struct Scheduler {
@@ -686,7 +686,12 @@ impl Scheduler {
                     .context("job has no working directory")?,
             );
             let output_dir = workdir.join(&profile.outputs().dir);
-            let outputs = tokio::task::spawn_blocking(move || scan_outputs(&output_dir)).await??;
+            // The row's directory is re-checked too: outputs are read only
+            // inside the work directory, through no symbolic link.
+            let root = self.work_dir.clone();
+            let outputs =
+                tokio::task::spawn_blocking(move || scan_outputs_under(&root, &output_dir))
+                    .await??;
             scanned.insert(backend_job_id, (job.attempt, outputs));
         }
         Ok(scanned)

@@ -24,6 +24,8 @@ pub struct RequestApi {
     pub profiles: Arc<ProfileSet>,
     pub committer: Committer,
     pub checker: pb::checker_service_client::CheckerServiceClient<prodsys_auth::Channel>,
+    /// Limits per VO (`intake.vo_limits`).
+    pub settings: Arc<prodsys_config::IntakeSettings>,
 }
 
 impl RequestApi {
@@ -54,6 +56,8 @@ impl RequestApi {
         .map_err(IntakeError::Invalid)?;
         self.check_template_known(&request.profile, &parameters)
             .await?;
+        self.check_vo_limits(&request.profile, &request.vo, &parameters)
+            .await?;
         let backend = domain::backend_or_default(&request.backend).to_string();
         let submission = Submission {
             idempotency_key: request.idempotency_key,
@@ -81,6 +85,45 @@ impl RequestApi {
             request_id: request_id.to_string(),
             replayed,
         })
+    }
+
+    /// Refuses a request its VO has no room for under `intake.vo_limits`;
+    /// nothing is read when no limit holds for the VO.
+    async fn check_vo_limits(
+        &self,
+        profile: &str,
+        vo: &str,
+        parameters: &serde_json::Value,
+    ) -> Result<()> {
+        let Some(limits) = self.settings.limits_of(vo) else {
+            return Ok(());
+        };
+        let jobs = self
+            .profiles
+            .get(profile)
+            .map_or(0, |p| domain::planned_jobs(p, parameters));
+        let splits: Vec<(String, String, String)> = self
+            .profiles
+            .iter()
+            .filter_map(|p| {
+                p.split()
+                    .map(|s| (p.name().to_string(), s.total.clone(), s.per_job.clone()))
+            })
+            .collect();
+        let load = store::vo_load(&self.db, vo, &splits).await?;
+        let over = domain::over_limits(vo, limits, load, jobs);
+        if over.is_empty() {
+            Ok(())
+        } else {
+            tracing::info!(
+                vo,
+                jobs,
+                load.jobs,
+                load.productions,
+                "refused over the VO's limits"
+            );
+            Err(IntakeError::Invalid(over))
+        }
     }
 
     /// A container template that is not shipped may be one an earlier
@@ -236,6 +279,7 @@ impl pb::request_service_server::RequestService for RequestApi {
         &self,
         request: Request<pb::SubmitRequestRequest>,
     ) -> Result<Response<pb::SubmitRequestResponse>, Status> {
+        prodsys_server::input::checked(request.get_ref())?;
         let caller = prodsys_auth::caller();
         caller.may_act_for("vo", &request.get_ref().vo)?;
         Ok(Response::new(
@@ -248,6 +292,7 @@ impl pb::request_service_server::RequestService for RequestApi {
         &self,
         request: Request<pb::SubmitRequestRequest>,
     ) -> Result<Response<pb::Validation>, Status> {
+        prodsys_server::input::checked(request.get_ref())?;
         prodsys_auth::caller().may_act_for("vo", &request.get_ref().vo)?;
         let mut checker = self.checker.clone();
         checker
@@ -260,6 +305,7 @@ impl pb::request_service_server::RequestService for RequestApi {
         &self,
         request: Request<pb::ListTemplatesRequest>,
     ) -> Result<Response<pb::ListTemplatesResponse>, Status> {
+        prodsys_server::input::checked(request.get_ref())?;
         // The checker records derived templates: it answers for both kinds.
         let mut checker = self.checker.clone();
         checker
@@ -273,6 +319,7 @@ impl pb::request_service_server::RequestService for RequestApi {
         &self,
         request: Request<pb::CancelProductionRequest>,
     ) -> Result<Response<pb::CancelProductionResponse>, Status> {
+        prodsys_server::input::checked(request.get_ref())?;
         Ok(Response::new(self.cancel(request.into_inner()).await?))
     }
 
@@ -280,6 +327,7 @@ impl pb::request_service_server::RequestService for RequestApi {
         &self,
         request: Request<pb::ListPeriodsRequest>,
     ) -> Result<Response<pb::ListPeriodsResponse>, Status> {
+        prodsys_server::input::checked(request.get_ref())?;
         let r = request.get_ref();
         Ok(Response::new(pb::convert::list_periods(
             &self.profiles,
@@ -290,8 +338,9 @@ impl pb::request_service_server::RequestService for RequestApi {
 
     async fn list_profiles(
         &self,
-        _request: Request<pb::ListProfilesRequest>,
+        request: Request<pb::ListProfilesRequest>,
     ) -> Result<Response<pb::ListProfilesResponse>, Status> {
+        prodsys_server::input::checked(request.get_ref())?;
         let profiles = self
             .profiles
             .iter()
@@ -312,6 +361,7 @@ impl pb::request_service_server::RequestService for RequestApi {
         &self,
         request: Request<pb::GetRequestRequest>,
     ) -> Result<Response<pb::Request>, Status> {
+        prodsys_server::input::checked(request.get_ref())?;
         Ok(Response::new(
             self.get(&request.get_ref().request_id).await?,
         ))

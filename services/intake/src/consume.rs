@@ -6,7 +6,9 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use prodsys_core::ProfileSet;
-use prodsys_core::events::{REQUEST_ACCEPTED, REQUEST_REJECTED, REQUEST_REUSED};
+use prodsys_core::events::{
+    PRODUCTION_COMPLETED, REQUEST_ACCEPTED, REQUEST_REJECTED, REQUEST_REUSED,
+};
 use prodsys_db::deadpool_postgres::Transaction;
 use prodsys_db::{Db, OutboxEvent};
 use prodsys_messaging::{BatchHandler, HandlerError, Incoming, Outcome};
@@ -22,6 +24,7 @@ pub struct IntakeConsumer {
     pub db: Db,
     pub profiles: Arc<ProfileSet>,
     pub ingest_exchange: String,
+    pub policy: ingest::Policy,
 }
 
 enum Work {
@@ -29,18 +32,23 @@ enum Work {
     Reused(Uuid, pb::RequestAccepted),
     Rejected(Uuid, pb::RequestRejected),
     Submit(Box<ingest::Submission>),
+    /// A production ended: its request no longer counts against its VO.
+    Ended(String),
 }
 
 impl IntakeConsumer {
     /// What a delivery asks for; `Err` is why it can never be handled.
     fn classify(&self, incoming: &Incoming) -> Result<Work, String> {
         if incoming.exchange == self.ingest_exchange {
-            return ingest::parse(incoming, &self.profiles).map(|s| Work::Submit(Box::new(s)));
+            return ingest::parse(incoming, &self.profiles, &self.policy)
+                .map(|s| Work::Submit(Box::new(s)));
         }
         match incoming.routing_key.as_str() {
             REQUEST_ACCEPTED => decode_event(incoming).map(|(id, m)| Work::Accepted(id, m)),
             REQUEST_REUSED => decode_event(incoming).map(|(id, m)| Work::Reused(id, m)),
             REQUEST_REJECTED => decode_event(incoming).map(|(id, m)| Work::Rejected(id, m)),
+            PRODUCTION_COMPLETED => decode_event::<pb::ProductionCompleted>(incoming)
+                .map(|(_, m)| Work::Ended(m.production_id)),
             other => Err(format!("intake does not handle {other:?}")),
         }
     }
@@ -124,7 +132,7 @@ impl IntakeConsumer {
             .iter()
             .filter_map(|w| match w {
                 Work::Accepted(id, _) | Work::Reused(id, _) | Work::Rejected(id, _) => Some(*id),
-                Work::Submit(_) => None,
+                Work::Submit(_) | Work::Ended(_) => None,
             })
             .collect();
         // Taken once: the same event twice in one batch takes effect once.
@@ -176,6 +184,15 @@ impl IntakeConsumer {
                 _ => {}
             }
         }
+        // Marking an end twice changes nothing: no inbox row for these.
+        let ended: Vec<&str> = work
+            .iter()
+            .filter_map(|w| match w {
+                Work::Ended(id) => Some(id.as_str()),
+                _ => None,
+            })
+            .collect();
+        store::productions_ended(&tx, &ended).await?;
         for recorded in store::record_verdicts(&tx, &verdicts).await? {
             let Some(queue) = recorded.reply_to else {
                 continue;

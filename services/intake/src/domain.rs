@@ -193,6 +193,55 @@ pub fn is_production_id(id: &str) -> bool {
     })
 }
 
+/// What a VO has admitted and not yet finished.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct VoLoad {
+    pub productions: u64,
+    pub jobs: u64,
+}
+
+/// The jobs a checked request plans, as its profile splits it (0 when it
+/// splits by inputs, or a period decides later).
+pub fn planned_jobs(profile: &prodsys_core::Profile, parameters: &Value) -> u64 {
+    profile
+        .plan(parameters, "", 0)
+        .map_or(0, |plan| plan.job_count)
+}
+
+/// Why `vo`, with `load` admitted already, may not take a request of
+/// `jobs` more jobs under `limits`.
+pub fn over_limits(
+    vo: &str,
+    limits: &prodsys_config::VoLimits,
+    load: VoLoad,
+    jobs: u64,
+) -> Vec<Violation> {
+    let mut found = Vec::new();
+    if let Some(max) = limits.max_productions_waiting
+        && load.productions >= max
+    {
+        found.push(Violation::new(
+            "vo",
+            format!(
+                "{vo} has {} productions waiting or in flight, its limit is {max}: wait for some to end",
+                load.productions
+            ),
+        ));
+    }
+    if let Some(max) = limits.max_jobs_in_flight
+        && load.jobs.saturating_add(jobs) > max
+    {
+        found.push(Violation::new(
+            "vo",
+            format!(
+                "{vo} has {} jobs in flight and this request plans {jobs} more, over its limit of {max}",
+                load.jobs
+            ),
+        ));
+    }
+    found
+}
+
 /// A checked SubmitRequest waiting for the next group commit.
 pub struct Submission {
     /// Empty when the caller gave none.
@@ -530,6 +579,28 @@ mod tests {
             fields(&proposal(&unknown).unwrap_err()),
             ["parameters.observation_period"]
         );
+    }
+
+    #[test]
+    fn a_vo_over_its_limits_is_refused_on_vo() {
+        let limits = prodsys_config::VoLimits {
+            max_jobs_in_flight: Some(100),
+            max_productions_waiting: Some(3),
+        };
+        let load = VoLoad {
+            productions: 2,
+            jobs: 60,
+        };
+        assert!(over_limits("cta", &limits, load, 40).is_empty());
+        let over = over_limits("cta", &limits, load, 41);
+        assert_eq!(fields(&over), ["vo"]);
+        assert!(over[0].description.contains("limit of 100"), "{over:?}");
+        let full = VoLoad {
+            productions: 3,
+            jobs: 0,
+        };
+        assert_eq!(fields(&over_limits("cta", &limits, full, 1)), ["vo"]);
+        assert!(over_limits("cta", &Default::default(), full, u64::MAX).is_empty());
     }
 
     #[test]

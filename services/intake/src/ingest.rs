@@ -10,6 +10,8 @@
 //! `reply_to` queue as JSON CloudEvents, and the usual `request.accepted` /
 //! `request.rejected` events carry the original event id as correlation.
 
+use std::collections::BTreeMap;
+
 use prodsys_core::{ProfileSet, Violation};
 use prodsys_messaging::Incoming;
 use prodsys_messaging::envelope::header_text;
@@ -65,13 +67,105 @@ impl Submission {
     }
 }
 
+/// What an ingest event may ask of intake besides a request: where its
+/// answer goes, and for which VOs its publisher may submit.
+#[derive(Debug, Clone, Default)]
+pub struct Policy {
+    /// Queues `reply_to` may name (`*`: any run of characters).
+    pub reply_to_patterns: Vec<String>,
+    /// Broker users and their VOs; empty: no publisher is restricted.
+    pub broker_users: BTreeMap<String, Vec<String>>,
+}
+
+impl Policy {
+    pub fn from_settings(settings: &prodsys_config::IntakeSettings) -> Self {
+        Self {
+            reply_to_patterns: settings.reply_to_patterns.clone(),
+            broker_users: settings.broker_users.clone(),
+        }
+    }
+
+    /// Why intake may not answer into `queue`, if it may not.
+    pub fn refuses_reply_to(&self, queue: &str) -> Option<String> {
+        if queue.len() > 255 || queue.chars().any(char::is_control) {
+            return Some(format!(
+                "reply_to {:?} is not a queue name",
+                queue.escape_debug().to_string()
+            ));
+        }
+        if self.reply_to_patterns.iter().any(|p| glob(p, queue)) {
+            return None;
+        }
+        Some(format!(
+            "reply_to {queue:?} matches none of the queues answers may go to ({}): declare a server-named queue for answers",
+            self.reply_to_patterns.join(", ")
+        ))
+    }
+
+    /// Why the event's publisher (`user_id`, checked by the broker) may
+    /// not submit for `vo`, if it may not.
+    pub fn refuses_vo(&self, user_id: Option<&str>, vo: &str) -> Option<Violation> {
+        if self.broker_users.is_empty() {
+            return None;
+        }
+        let Some(user) = user_id.filter(|u| !u.is_empty()) else {
+            return Some(Violation::new(
+                "vo",
+                "the event names no broker user (AMQP user_id), and only listed broker users may submit",
+            ));
+        };
+        match self.broker_users.get(user) {
+            None => Some(Violation::new(
+                "vo",
+                format!("broker user {user:?} may submit for no VO"),
+            )),
+            Some(vos) if !vos.iter().any(|v| v == vo) => Some(Violation::new(
+                "vo",
+                format!(
+                    "broker user {user:?} may not submit for {vo:?}; it may for: {}",
+                    vos.join(", ")
+                ),
+            )),
+            Some(_) => None,
+        }
+    }
+}
+
+/// Whether `text` matches `pattern`, where `*` matches any run of characters.
+pub fn glob(pattern: &str, text: &str) -> bool {
+    let mut parts = pattern.split('*');
+    let first = parts.next().unwrap_or_default();
+    let Some(mut rest) = text.strip_prefix(first) else {
+        return false;
+    };
+    let parts: Vec<&str> = parts.collect();
+    let Some((last, middle)) = parts.split_last() else {
+        return rest.is_empty();
+    };
+    for part in middle {
+        match rest.find(part) {
+            Some(at) => rest = &rest[at + part.len()..],
+            None => return false,
+        }
+    }
+    rest.len() >= last.len() && rest.ends_with(last)
+}
+
 /// Reads a submit event; `Err` is the dead-letter reason.
-pub fn parse(incoming: &Incoming, profiles: &ProfileSet) -> Result<Submission, String> {
+pub fn parse(
+    incoming: &Incoming,
+    profiles: &ProfileSet,
+    policy: &Policy,
+) -> Result<Submission, String> {
     if incoming.body.len() > MAX_EVENT_BYTES {
         return Err(format!(
             "event of {} bytes exceeds the limit of {MAX_EVENT_BYTES} bytes",
             incoming.body.len()
         ));
+    }
+    let reply_to = incoming.reply_to.clone().filter(|r| !r.is_empty());
+    if let Some(reason) = reply_to.as_deref().and_then(|q| policy.refuses_reply_to(q)) {
+        return Err(reason);
     }
     let text =
         std::str::from_utf8(&incoming.body).map_err(|e| format!("body is not UTF-8: {e}"))?;
@@ -187,10 +281,11 @@ pub fn parse(incoming: &Incoming, profiles: &ProfileSet) -> Result<Submission, S
     crate::domain::check_name("submitter", &data.submitter, &mut violations);
     crate::domain::check_priority(data.priority, &mut violations);
     crate::domain::check_forward(&data.forward, &mut violations);
+    violations.extend(policy.refuses_vo(incoming.user_id.as_deref(), &data.vo));
     Ok(Submission {
         event_id: id,
         source,
-        reply_to: incoming.reply_to.clone().filter(|r| !r.is_empty()),
+        reply_to,
         data,
         violations,
     })
@@ -209,6 +304,7 @@ mod tests {
             message_id: None,
             content_type: Some(CONTENT_TYPE_STRUCTURED.into()),
             reply_to: None,
+            user_id: None,
             headers: Default::default(),
             body: event.to_string().into_bytes(),
             event: Err("structured".into()),
@@ -226,6 +322,78 @@ mod tests {
         serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
     }
 
+    fn open() -> Policy {
+        Policy::from_settings(&prodsys_config::IntakeSettings::default())
+    }
+
+    #[test]
+    fn answers_go_only_to_server_named_queues_by_default() {
+        assert!(glob("amq.gen-*", "amq.gen-JzTY20BRgKO-HjmUJj0wLg"));
+        assert!(glob("*", ""));
+        assert!(glob("a*b*c", "a-b-b-c"));
+        assert!(glob("reply.*.esap", "reply.1.esap"));
+        assert!(!glob("amq.gen-*", "prodsys.checker"));
+        assert!(!glob("amq.gen-*", "xamq.gen-1"));
+        assert!(!glob("a*bc", "abcx"));
+        assert!(!glob("exact", "exact2"));
+        let policy = open();
+        assert_eq!(policy.refuses_reply_to("amq.gen-abc"), None);
+        let reason = policy.refuses_reply_to("t.prodsys.checker").unwrap();
+        assert!(
+            reason.contains("reply_to") && reason.contains("amq.gen-*"),
+            "{reason}"
+        );
+        assert!(policy.refuses_reply_to("amq.gen-\0").is_some());
+
+        let mut incoming = structured(event("e1", example()));
+        incoming.reply_to = Some("t.prodsys.checker".into());
+        let reason = parse(&incoming, &shipped(), &policy).unwrap_err();
+        assert!(reason.contains("reply_to"), "{reason}");
+        incoming.reply_to = Some("amq.gen-1".into());
+        assert!(parse(&incoming, &shipped(), &policy).is_ok());
+    }
+
+    #[test]
+    fn a_mapped_broker_user_submits_only_for_its_vos() {
+        let policy = Policy {
+            broker_users: [("esap".to_string(), vec!["vo.km3net.eu".to_string()])].into(),
+            ..open()
+        };
+        let mut incoming = structured(event("e1", example()));
+        let fields = |s: &Submission| -> Vec<String> {
+            s.violations.iter().map(|v| v.field.clone()).collect()
+        };
+        let anonymous = parse(&incoming, &shipped(), &policy).unwrap();
+        assert_eq!(fields(&anonymous), ["vo"]);
+        incoming.user_id = Some("esap".into());
+        let other_vo = parse(&incoming, &shipped(), &policy).unwrap();
+        assert_eq!(fields(&other_vo), ["vo"]);
+        assert!(other_vo.violations[0].description.contains("vo.km3net.eu"));
+        incoming.user_id = Some("stranger".into());
+        assert_eq!(
+            fields(&parse(&incoming, &shipped(), &policy).unwrap()),
+            ["vo"]
+        );
+        let allowed = Policy {
+            broker_users: [("esap".to_string(), vec!["vo.cta.in2p3.fr".to_string()])].into(),
+            ..open()
+        };
+        incoming.user_id = Some("esap".into());
+        assert!(
+            parse(&incoming, &shipped(), &allowed)
+                .unwrap()
+                .violations
+                .is_empty()
+        );
+        // Without a mapping nobody is restricted.
+        assert!(
+            parse(&incoming, &shipped(), &open())
+                .unwrap()
+                .violations
+                .is_empty()
+        );
+    }
+
     fn event(id: &str, data: Value) -> Value {
         serde_json::json!({
             "specversion": "1.0", "id": id, "source": "/esap", "type": SUBMIT_TYPE, "data": data,
@@ -235,18 +403,18 @@ mod tests {
     #[test]
     fn what_cannot_be_stored_is_refused_by_field() {
         let profiles = shipped();
-        let fine = parse(&structured(event("e1", example())), &profiles).unwrap();
+        let fine = parse(&structured(event("e1", example())), &profiles, &open()).unwrap();
         assert!(fine.violations.is_empty(), "{:?}", fine.violations);
 
         let mut data = example();
         data["parameters"]["observation_period"] = "a\0b".into();
         data["submitter"] = "me\0".into();
-        let reason = parse(&structured(event("e2", data)), &profiles).unwrap_err();
+        let reason = parse(&structured(event("e2", data)), &profiles, &open()).unwrap_err();
         assert!(reason.contains("parameters.observation_period"), "{reason}");
         assert!(reason.contains("submitter"), "{reason}");
         assert!(reason.contains("NUL"), "{reason}");
 
-        let reason = parse(&structured(event("e\0", example())), &profiles).unwrap_err();
+        let reason = parse(&structured(event("e\0", example())), &profiles, &open()).unwrap_err();
         assert!(reason.contains("control character"), "{reason}");
     }
 }

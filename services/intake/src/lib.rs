@@ -20,7 +20,9 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use prodsys_core::ProfileSet;
-use prodsys_core::events::{REQUEST_ACCEPTED, REQUEST_REJECTED, REQUEST_REUSED};
+use prodsys_core::events::{
+    PRODUCTION_COMPLETED, REQUEST_ACCEPTED, REQUEST_REJECTED, REQUEST_REUSED,
+};
 use prodsys_db::Migration;
 use prodsys_proto as pb;
 use prodsys_server::batch::GroupCommit;
@@ -42,6 +44,7 @@ pub const MIGRATIONS: &[Migration] = prodsys_db::migrations![
     "0100_forwarding_destinations.sql",
     "0200_pointing_productions.sql",
     "0600_request_owners.sql",
+    "0610_admission_per_vo.sql",
 ];
 
 /// Most submissions in one group commit.
@@ -66,7 +69,12 @@ pub async fn start(
         settings,
         SERVICE,
         MIGRATIONS,
-        &[REQUEST_ACCEPTED, REQUEST_REJECTED, REQUEST_REUSED],
+        &[
+            REQUEST_ACCEPTED,
+            REQUEST_REJECTED,
+            REQUEST_REUSED,
+            PRODUCTION_COMPLETED,
+        ],
         &["#"],
         &shutdown,
     )
@@ -77,6 +85,7 @@ pub async fn start(
             db: foundation.db.clone(),
             profiles: profiles.clone(),
             ingest_exchange: foundation.names.ingest(),
+            policy: ingest::Policy::from_settings(&settings.intake),
         },
         &shutdown,
     );
@@ -96,6 +105,7 @@ pub async fn start(
         committer,
         profiles,
         checker: pb::checker_service_client::CheckerServiceClient::new(checker),
+        settings: Arc::new(settings.intake.clone()),
     };
     let max = settings.grpc.max_message_bytes;
     let (routes, reporter) = prodsys_server::base_routes()?;

@@ -385,3 +385,58 @@ fn text_array(names: &[String]) -> String {
         .collect();
     format!("{{{}}}", quoted.join(","))
 }
+
+/// Marks the requests of productions that ended: they no longer count
+/// against their VO's limits.
+pub async fn productions_ended(
+    tx: &Transaction<'_>,
+    production_ids: &[&str],
+) -> anyhow::Result<()> {
+    if production_ids.is_empty() {
+        return Ok(());
+    }
+    tx.execute(
+        "UPDATE requests SET ended_at = now()
+         WHERE production_id = ANY($1) AND ended_at IS NULL",
+        &[&production_ids],
+    )
+    .await
+    .context("marking ended productions")?;
+    Ok(())
+}
+
+/// What a VO has admitted and not yet finished: requests, and their jobs
+/// as each profile splits them (`splits`: profile, total field, per-job field).
+pub async fn vo_load(
+    db: &Db,
+    vo: &str,
+    splits: &[(String, String, String)],
+) -> anyhow::Result<domain::VoLoad> {
+    let profiles: Vec<&str> = splits.iter().map(|s| s.0.as_str()).collect();
+    let totals: Vec<&str> = splits.iter().map(|s| s.1.as_str()).collect();
+    let per_job: Vec<&str> = splits.iter().map(|s| s.2.as_str()).collect();
+    let client = db.client().await?;
+    let row = client
+        .query_one(
+            "SELECT count(*),
+                    coalesce(sum(CASE
+                        WHEN jsonb_typeof(r.parameters -> s.total) = 'number'
+                         AND jsonb_typeof(r.parameters -> s.per_job) = 'number'
+                         AND (r.parameters ->> s.per_job)::numeric > 0
+                        THEN ceil((r.parameters ->> s.total)::numeric
+                                  / (r.parameters ->> s.per_job)::numeric)
+                        ELSE 0 END), 0)::bigint
+             FROM requests r
+             LEFT JOIN unnest($2::text[], $3::text[], $4::text[]) AS s(profile, total, per_job)
+                    ON s.profile = r.profile
+             WHERE r.vo = $1 AND r.ended_at IS NULL AND r.state IN ('RECEIVED', 'ACCEPTED')
+               AND coalesce(r.existing_production_id, '') = ''",
+            &[&vo, &profiles, &totals, &per_job],
+        )
+        .await
+        .context("reading the VO's admitted requests")?;
+    Ok(domain::VoLoad {
+        productions: row.get::<_, i64>(0) as u64,
+        jobs: row.get::<_, i64>(1) as u64,
+    })
+}

@@ -1,6 +1,7 @@
 //! Starting prodsys services by name, alone or all five in one process.
 //! Services started together still talk only over AMQP and gRPC.
 
+pub mod access;
 use std::fmt;
 use std::str::FromStr;
 

@@ -27,13 +27,94 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
+    /// Create (or delete) one RabbitMQ user per service with least-privilege
+    /// permissions, and an ingest user that can only publish requests to
+    /// prodsys.ingest (runs rabbitmqctl); passwords go to files, never to stdout.
+    BrokerUsers {
+        /// The deployment's exchange and queue prefix (amqp.prefix).
+        #[arg(long, env = "PRODSYS__AMQP__PREFIX", default_value = "")]
+        prefix: String,
+        /// Prepended to each role (intake, ..., ingest) to make the user name.
+        #[arg(long, default_value = "prodsys-")]
+        user_prefix: String,
+        #[arg(long, default_value = "/")]
+        vhost: String,
+        /// Directory of the password files (<user>.password, mode 600).
+        #[arg(long, default_value = "var/secrets")]
+        secrets_dir: PathBuf,
+        /// Only these roles (comma-separated: intake,checker,dispatcher,status,catalog,ingest).
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
+        /// Delete the users instead.
+        #[arg(long)]
+        delete: bool,
+        #[arg(long, default_value = "rabbitmqctl")]
+        rabbitmqctl: String,
+    },
+    /// Create (or drop) one PostgreSQL role per service, each owning only its
+    /// own schema (no other role can read it); passwords go to files.
+    DbRoles {
+        /// A superuser's URL of the deployment's database.
+        #[arg(long, env = "PRODSYS_DB_ADMIN_URL")]
+        admin_url: String,
+        #[arg(long, default_value = "prodsys_")]
+        role_prefix: String,
+        /// Directory of the password files (<role>.password, mode 600).
+        #[arg(long, default_value = "var/secrets")]
+        secrets_dir: PathBuf,
+        /// Only these services (comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
+        /// Drop the roles and what they own in this database instead.
+        #[arg(long)]
+        delete: bool,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
     prodsys_telemetry::init("info");
-    let Cli {
-        command: Command::Serve { service, config },
-    } = Cli::parse();
+    let (service, config) = match Cli::parse().command {
+        Command::Serve { service, config } => (service, config),
+        Command::BrokerUsers {
+            prefix,
+            user_prefix,
+            vhost,
+            secrets_dir,
+            only,
+            delete,
+            rabbitmqctl,
+        } => {
+            return prodsys::access::BrokerUsers {
+                prefix,
+                user_prefix,
+                vhost,
+                secrets_dir,
+                only,
+                delete,
+                rabbitmqctl,
+            }
+            .run();
+        }
+        Command::DbRoles {
+            admin_url,
+            role_prefix,
+            secrets_dir,
+            only,
+            delete,
+        } => {
+            let roles = prodsys::access::DbRoles {
+                admin_url,
+                role_prefix,
+                secrets_dir,
+                only,
+                delete,
+            };
+            return tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+                .block_on(roles.run());
+        }
+    };
     let services: Vec<Service> = if service == "all" {
         Service::ALL.to_vec()
     } else {

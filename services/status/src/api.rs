@@ -104,6 +104,7 @@ impl pb::status_service_server::StatusService for StatusApi {
         &self,
         request: Request<pb::GetProductionRequest>,
     ) -> Result<Response<pb::Production>, Status> {
+        prodsys_server::input::checked(request.get_ref())?;
         Ok(Response::new(
             self.snapshot(&request.get_ref().production_id).await?,
         ))
@@ -113,6 +114,7 @@ impl pb::status_service_server::StatusService for StatusApi {
         &self,
         request: Request<pb::ListProductionsRequest>,
     ) -> Result<Response<pb::ListProductionsResponse>, Status> {
+        prodsys_server::input::checked(request.get_ref())?;
         let r = request.into_inner();
         let request_id = match r.request_id.as_str() {
             "" => None,
@@ -164,6 +166,7 @@ impl pb::status_service_server::StatusService for StatusApi {
         &self,
         request: Request<pb::GetProductionRequest>,
     ) -> Result<Response<Self::WatchProductionStream>, Status> {
+        prodsys_server::input::checked(request.get_ref())?;
         let production_id = request.into_inner().production_id;
         // Subscribe before the first snapshot so no change falls between them.
         let mut changes = self.changes.subscribe();

@@ -57,6 +57,17 @@ pub struct Settings {
 pub struct DatabaseSettings {
     #[serde(serialize_with = "expose")]
     pub url: SecretString,
+    /// One role per service: a service named here connects with its own
+    /// URL (`prodsys db-roles` creates the roles); the others use `url`.
+    #[serde(
+        serialize_with = "expose_map",
+        skip_serializing_if = "BTreeMap::is_empty"
+    )]
+    pub service_urls: BTreeMap<String, SecretString>,
+    /// Files holding a service's password (`"*"`: every service's), put
+    /// into its URL at start; the password is never logged.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub password_files: BTreeMap<String, PathBuf>,
     pub pool_size: usize,
     /// How long an event's ID is kept in a service's inbox (to recognise a
     /// redelivery); older IDs are deleted in the background.
@@ -68,6 +79,19 @@ pub struct DatabaseSettings {
 pub struct AmqpSettings {
     #[serde(serialize_with = "expose")]
     pub url: SecretString,
+    /// One broker user per service: a service named here connects with its
+    /// own URL (`prodsys broker-users` creates the users with
+    /// least-privilege permissions); the others use `url`. `amqps://` URLs
+    /// connect over TLS (rustls, the broker verified against the web PKI roots).
+    #[serde(
+        serialize_with = "expose_map",
+        skip_serializing_if = "BTreeMap::is_empty"
+    )]
+    pub service_urls: BTreeMap<String, SecretString>,
+    /// Files holding a service's password (`"*"`: every service's), put
+    /// into its URL at start; the password is never logged.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub password_files: BTreeMap<String, PathBuf>,
     /// Prefix of every exchange and queue name, so several deployments (or
     /// tests) share one broker without meeting.
     pub prefix: String,
@@ -99,6 +123,44 @@ pub struct IntakeSettings {
     pub port: u16,
     /// Where the checker answers `Evaluate` (for `ValidateRequest`).
     pub checker_url: String,
+    /// Queues an ingest event's `reply_to` may name (`*` matches any run
+    /// of characters). The default takes only the server-named queues a
+    /// publisher declares for itself; an event naming any other queue is
+    /// dead-lettered, so no publisher makes intake write into a queue of
+    /// prodsys or of anyone else.
+    pub reply_to_patterns: Vec<String>,
+    /// Broker users (the AMQP `user_id` property, which RabbitMQ checks
+    /// against the connection's user) and the VOs each may submit for by
+    /// event. Empty: any publisher may submit for any VO. Otherwise an
+    /// event from a user not listed, without `user_id`, or for a VO its
+    /// user may not use is refused with the reason (answered on
+    /// `reply_to`).
+    pub broker_users: BTreeMap<String, Vec<String>>,
+    /// Admission limits per VO (`[intake.vo_limits."vo.cta.in2p3.fr"]`;
+    /// the entry `"*"` holds for every VO not named). A submission that
+    /// would pass one is refused with a field violation on `vo`.
+    pub vo_limits: BTreeMap<String, VoLimits>,
+}
+
+/// What one VO may have admitted and unfinished at once: its requests
+/// waiting for the checker or accepted with their production not yet
+/// ended (COMPLETED, FAILED, CANCELLED...).
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct VoLimits {
+    /// Most jobs (as the profiles split the requests) over those.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_jobs_in_flight: Option<u64>,
+    /// Most of those requests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_productions_waiting: Option<u64>,
+}
+
+impl IntakeSettings {
+    /// The limits that hold for `vo`, if any do.
+    pub fn limits_of(&self, vo: &str) -> Option<&VoLimits> {
+        self.vo_limits.get(vo).or_else(|| self.vo_limits.get("*"))
+    }
 }
 
 impl Default for IntakeSettings {
@@ -106,6 +168,9 @@ impl Default for IntakeSettings {
         Self {
             port: 50051,
             checker_url: "http://127.0.0.1:50054".into(),
+            reply_to_patterns: vec!["amq.gen-*".into()],
+            broker_users: BTreeMap::new(),
+            vo_limits: BTreeMap::new(),
         }
     }
 }
@@ -430,6 +495,8 @@ impl Default for DatabaseSettings {
     fn default() -> Self {
         Self {
             url: SecretString::from("postgres://postgres@127.0.0.1:5432/prodsys"),
+            service_urls: BTreeMap::new(),
+            password_files: BTreeMap::new(),
             pool_size: 16,
             inbox_retention_s: 7 * 24 * 3600,
         }
@@ -440,6 +507,8 @@ impl Default for AmqpSettings {
     fn default() -> Self {
         Self {
             url: SecretString::from("amqp://guest:guest@127.0.0.1:5672/%2f"),
+            service_urls: BTreeMap::new(),
+            password_files: BTreeMap::new(),
             prefix: String::new(),
             prefetch: 256,
             batch_size: 128,
@@ -481,12 +550,78 @@ impl DatabaseSettings {
     pub fn url(&self) -> &str {
         self.url.expose_secret()
     }
+
+    /// The URL `service` connects with: its own, or the shared one, with
+    /// the password of its password file when it has one.
+    pub fn url_for(&self, service: &str) -> Result<SecretString, ConfigError> {
+        credential_url(&self.url, &self.service_urls, &self.password_files, service)
+    }
 }
 
 impl AmqpSettings {
     pub fn url(&self) -> &str {
         self.url.expose_secret()
     }
+
+    /// The URL `service` connects with (see [`DatabaseSettings::url_for`]).
+    pub fn url_for(&self, service: &str) -> Result<SecretString, ConfigError> {
+        credential_url(&self.url, &self.service_urls, &self.password_files, service)
+    }
+}
+
+fn credential_url(
+    shared: &SecretString,
+    own: &BTreeMap<String, SecretString>,
+    password_files: &BTreeMap<String, PathBuf>,
+    service: &str,
+) -> Result<SecretString, ConfigError> {
+    let url = own.get(service).unwrap_or(shared);
+    let Some(file) = password_files
+        .get(service)
+        .or_else(|| password_files.get("*"))
+    else {
+        return Ok(url.clone());
+    };
+    let password = std::fs::read_to_string(file)
+        .map_err(|e| ConfigError(format!("password file {}: {e}", file.display())))?;
+    let password = password.trim_end_matches(['\n', '\r']);
+    with_password(url.expose_secret(), password)
+        .map(SecretString::from)
+        .ok_or_else(|| {
+            ConfigError(format!(
+                "the URL of {service} names no user to give a password"
+            ))
+        })
+}
+
+/// `url` (`scheme://user[:password]@host...`) with `password`, percent-encoded.
+pub fn with_password(url: &str, password: &str) -> Option<String> {
+    let (scheme, rest) = url.split_once("://")?;
+    let end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(end);
+    let (userinfo, host) = authority.rsplit_once('@')?;
+    let user = userinfo.split(':').next().filter(|u| !u.is_empty())?;
+    let mut encoded = String::new();
+    for b in password.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            encoded.push(b as char);
+        } else {
+            encoded.push_str(&format!("%{b:02X}"));
+        }
+    }
+    Some(format!("{scheme}://{user}:{encoded}@{host}{tail}"))
+}
+
+fn expose_map<S: Serializer>(
+    secrets: &BTreeMap<String, SecretString>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    use serde::ser::SerializeMap;
+    let mut map = serializer.serialize_map(Some(secrets.len()))?;
+    for (key, secret) in secrets {
+        map.serialize_entry(key, secret.expose_secret())?;
+    }
+    map.end()
 }
 
 #[derive(Debug)]

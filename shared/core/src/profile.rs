@@ -463,6 +463,19 @@ impl Profile {
                 file.id_prefix
             )));
         }
+        // Outputs are collected from this directory: it must stay inside
+        // the job's working directory, whatever the job does.
+        let output_dir = std::path::Path::new(&file.outputs.dir);
+        if file.outputs.dir.is_empty()
+            || !output_dir
+                .components()
+                .all(|c| matches!(c, std::path::Component::Normal(_)))
+        {
+            return Err(invalid(format!(
+                "outputs.dir {:?} must be a relative path without \"..\" inside the job's directory",
+                file.outputs.dir
+            )));
+        }
         if file.max_attempts == 0 {
             return Err(invalid("max_attempts must be at least 1".into()));
         }
@@ -753,6 +766,11 @@ impl Profile {
 
     pub fn outputs(&self) -> &OutputTemplate {
         &self.file.outputs
+    }
+
+    /// How the production splits into jobs; `None` for a chained profile.
+    pub fn split(&self) -> Option<&Split> {
+        self.file.split.as_ref()
     }
 
     /// Every reason `parameters` cannot be accepted by this profile for `vo`.
@@ -1939,6 +1957,21 @@ mod tests {
     }
 
     #[test]
+    fn an_output_directory_outside_the_job_directory_is_refused_at_load() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../profiles/cta-irf-mc.json");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let mut file: Value = serde_json::from_str(&text).unwrap();
+        assert!(Profile::from_json(&path, &file.to_string()).is_ok());
+        for dir in ["../../etc", "/etc", "out/../..", ""] {
+            file["outputs"]["dir"] = json!(dir);
+            let error = Profile::from_json(&path, &file.to_string())
+                .err()
+                .unwrap_or_else(|| panic!("{dir:?} is refused"));
+            assert!(error.to_string().contains("outputs.dir"), "{error}");
+        }
+    }
+
+    #[test]
     fn shipped_example_is_valid_for_its_profile() {
         let set = profiles();
         let p = set.get("cta-irf-mc").unwrap();
@@ -2502,5 +2535,48 @@ mod tests {
         );
         let km3net = set.get("km3net-container-sim").unwrap();
         assert_eq!(km3net.file_base_fingerprint(&json!({})), None);
+    }
+}
+
+#[cfg(test)]
+mod properties {
+    //! Profile files are data an operator (or a package) ships: whatever
+    //! their bytes, loading one answers a profile or an error, never a panic.
+    use super::*;
+    use proptest::prelude::*;
+
+    fn shipped(name: &str) -> String {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../profiles")
+            .join(format!("{name}.json"));
+        std::fs::read_to_string(path).unwrap()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(128))]
+
+        #[test]
+        fn any_text_as_a_profile_file(text in ".{0,256}") {
+            let _ = Profile::from_json(Path::new("p.json"), &text);
+        }
+
+        #[test]
+        fn a_profile_file_with_edits(
+            edits in prop::collection::vec((any::<usize>(), any::<char>(), any::<bool>()), 1..8),
+            which in 0usize..5,
+        ) {
+            let name = ["cta-irf-mc", "km3net-container-sim", "cta-dl1", "cta-irf", "km3net-reco"][which];
+            let mut text: Vec<char> = shipped(name).chars().collect();
+            for (at, c, insert) in edits {
+                let at = at % (text.len() + 1);
+                if insert || at == text.len() {
+                    text.insert(at, c);
+                } else {
+                    text[at] = c;
+                }
+            }
+            let text: String = text.into_iter().collect();
+            let _ = Profile::from_json(Path::new("p.json"), &text);
+        }
     }
 }

@@ -87,7 +87,13 @@ pub(crate) async fn run(
     }
     client
         .batch_execute(&format!(
-            "CREATE SCHEMA IF NOT EXISTS {schema};
+            "-- Created only when missing: a service's own role (prodsys db-roles)
+             -- owns its schema but may not create schemas in the database.
+             DO $schema$ BEGIN
+                 IF NOT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = '{schema}') THEN
+                     CREATE SCHEMA {schema};
+                 END IF;
+             END $schema$;
              CREATE TABLE IF NOT EXISTS {schema}._migrations (
                  version    integer PRIMARY KEY,
                  name       text NOT NULL,

@@ -51,6 +51,9 @@ pub struct Incoming {
     pub content_type: Option<String>,
     /// The caller's queue for an answer (AMQP `reply_to`).
     pub reply_to: Option<String>,
+    /// The publisher's broker user, when it said (AMQP `user_id`, which
+    /// RabbitMQ refuses unless it is the publishing connection's user).
+    pub user_id: Option<String>,
     pub headers: FieldTable,
     pub body: Vec<u8>,
     /// The CloudEvents attributes from the headers (binary mode), or why they are unusable.
@@ -90,6 +93,11 @@ impl Incoming {
             reply_to: delivery
                 .properties
                 .reply_to()
+                .as_ref()
+                .map(|s| s.as_str().to_string()),
+            user_id: delivery
+                .properties
+                .user_id()
                 .as_ref()
                 .map(|s| s.as_str().to_string()),
             headers,
@@ -752,6 +760,7 @@ mod tests {
             message_id: None,
             content_type: None,
             reply_to: None,
+            user_id: None,
             headers: FieldTable::default(),
             body: Vec::new(),
             event: Err("none".into()),

@@ -9,6 +9,7 @@
 //!   service's dead-letter queue with the reason in a header.
 //! - [`relay`] moves committed outbox rows to the broker.
 
+pub mod access;
 pub mod backoff;
 pub mod broker;
 pub mod consumer;

@@ -5,6 +5,7 @@
 
 pub mod batch;
 pub mod failure;
+pub mod input;
 
 pub use failure::Failure;
 use std::net::SocketAddr;
@@ -397,8 +398,17 @@ impl Foundation {
         // or a certificate that cannot be read.
         let auth = prodsys_auth::Auth::from_settings(settings)?;
         let tls = prodsys_auth::tls::server_config(&settings.tls)?;
+        // Its own role and broker user where configured; secrets stay wrapped.
+        let database_url = settings
+            .database
+            .url_for(service)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let amqp_url = settings
+            .amqp
+            .url_for(service)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
         let db = Db::new(
-            settings.database.url(),
+            secrecy::ExposeSecret::expose_secret(&database_url),
             service,
             settings.database.pool_size,
         )?;
@@ -415,7 +425,7 @@ impl Foundation {
         // relay still flushes after it; `stop_in_order` closes it last.
         let closing = CancellationToken::new();
         let broker = tokio::select! {
-            broker = Broker::start(settings.amqp.url(), topology, closing.clone()) => broker,
+            broker = Broker::start(secrecy::ExposeSecret::expose_secret(&amqp_url), topology, closing.clone()) => broker,
             _ = shutdown.cancelled() => Err(anyhow::anyhow!("shut down before the broker was reached")),
         };
         let broker = match broker {
