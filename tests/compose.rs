@@ -35,12 +35,30 @@ fn the_compose_file_is_valid_for_podman_compose() {
         "{} is missing: deploy/local/test installs tests/compose/requirements.txt there",
         compose.display()
     );
-    let output = Command::new(&compose)
-        .arg("-f")
-        .arg(root.join("deploy/docker-compose.yml"))
-        .args(["--profile", "demo", "config"])
-        .output()
-        .expect("podman-compose runs");
+    let config = |with_tokens: bool| {
+        let mut command = Command::new(&compose);
+        command
+            .arg("-f")
+            .arg(root.join("deploy/docker-compose.yml"))
+            .args(["--profile", "demo", "config"])
+            .env_remove("PRODSYS_TOKEN_ISSUER")
+            .env_remove("PRODSYS_INTERNAL_TOKEN");
+        if with_tokens {
+            command
+                .env("PRODSYS_TOKEN_ISSUER", "https://iam.example.org/")
+                .env("PRODSYS_INTERNAL_TOKEN", "a-secret-of-the-services");
+        }
+        command.output().expect("podman-compose runs")
+    };
+    // The stack runs with tokens on: without an issuer it does not start.
+    let refused = config(false);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("PRODSYS_TOKEN_ISSUER"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    let output = config(true);
     let text = String::from_utf8_lossy(&output.stdout);
     assert!(
         output.status.success(),
@@ -62,6 +80,8 @@ fn the_compose_file_is_valid_for_podman_compose() {
             "image: prodsys:latest",
             "PRODSYS__DATABASE__URL: postgres://postgres@postgres:5432/prodsys",
             "PRODSYS__STATUS__DISPATCHER_URL: http://dispatcher:50055",
+            "PRODSYS__AUTH__DEV_MODE: 'false'",
+            "PRODSYS__AUTH__ISSUERS: https://iam.example.org/",
             "condition: service_healthy",
         ] {
             assert!(
