@@ -313,23 +313,13 @@ async fn a_broker_user_mapped_to_vos_may_submit_only_for_them() {
             .with_user_id(user.as_str().into()),
     )
     .await;
-    let answer =
-        prodsys_testkit::wait_for("the answer", std::time::Duration::from_secs(20), || {
-            let channel = channel.clone();
-            let answers = answers.clone();
-            async move {
-                channel
-                    .basic_get(
-                        answers.as_str().into(),
-                        lapin::options::BasicGetOptions { no_ack: true },
-                    )
-                    .await
-                    .ok()
-                    .flatten()
-            }
-        })
-        .await
-        .unwrap();
+    let answer = support::next_message(
+        &channel,
+        &answers,
+        "the answer",
+        std::time::Duration::from_secs(20),
+    )
+    .await;
     let body: serde_json::Value = serde_json::from_slice(&answer.delivery.data).unwrap();
     let data = body.get("data").unwrap_or(&body);
     assert_eq!(data["outcome"], "rejected", "{body}");
@@ -595,23 +585,13 @@ async fn each_service_runs_as_its_own_broker_user_and_the_ingest_user_only_submi
         lapin::BasicProperties::default().with_reply_to(answers.as_str().into()),
     )
     .await;
-    let answer =
-        prodsys_testkit::wait_for("the answer", std::time::Duration::from_secs(30), || {
-            let channel = channel.clone();
-            let answers = answers.clone();
-            async move {
-                channel
-                    .basic_get(
-                        answers.as_str().into(),
-                        lapin::options::BasicGetOptions { no_ack: true },
-                    )
-                    .await
-                    .ok()
-                    .flatten()
-            }
-        })
-        .await
-        .unwrap();
+    let answer = support::next_message(
+        &channel,
+        &answers,
+        "the answer",
+        std::time::Duration::from_secs(30),
+    )
+    .await;
     let body: serde_json::Value = serde_json::from_slice(&answer.delivery.data).unwrap();
     assert_eq!(body["outcome"], "accepted", "{body}");
 

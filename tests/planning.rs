@@ -160,7 +160,7 @@ async fn a_production_cancelled_while_planning_stops_planning_and_ends_cancelled
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_cancel_that_arrives_before_its_production_is_applied_when_it_arrives() {
-    use lapin::options::{BasicGetOptions, BasicPublishOptions};
+    use lapin::options::BasicPublishOptions;
     use prodsys::Service;
     let app = spawn_app_with(|env| {
         use_test_profiles(env);
@@ -181,23 +181,13 @@ async fn a_cancel_that_arrives_before_its_production_is_applied_when_it_arrives(
     // while the cancel, asked for afterwards, reaches the dispatcher first.
     let (connection, channel) = app.env.amqp().await.unwrap();
     let queue = format!("{}prodsys.dispatcher", app.env.prefix);
-    let held = wait_for(
+    let held = support::next_message(
+        &channel,
+        &queue,
         "the request.accepted event",
         Duration::from_secs(30),
-        || {
-            let channel = channel.clone();
-            let queue = queue.clone();
-            async move {
-                channel
-                    .basic_get(queue.as_str().into(), BasicGetOptions { no_ack: true })
-                    .await
-                    .ok()
-                    .flatten()
-            }
-        },
     )
-    .await
-    .unwrap();
+    .await;
     assert_eq!(held.delivery.routing_key.as_str(), "request.accepted");
     assert!(
         app.cancel(&production, "wrong site")

@@ -319,22 +319,8 @@ impl App {
         let dlq = format!("{}prodsys.{service}.dlq", self.env.prefix);
         let mut letters = Vec::new();
         for _ in 0..n {
-            let letter = wait_for("a dead letter", Duration::from_secs(20), || {
-                let channel = channel.clone();
-                let dlq = dlq.clone();
-                async move {
-                    channel
-                        .basic_get(
-                            dlq.as_str().into(),
-                            lapin::options::BasicGetOptions { no_ack: true },
-                        )
-                        .await
-                        .ok()
-                        .flatten()
-                }
-            })
-            .await
-            .unwrap();
+            let letter =
+                next_message(&channel, &dlq, "a dead letter", Duration::from_secs(20)).await;
             let headers = letter
                 .delivery
                 .properties
@@ -662,4 +648,27 @@ pub fn slurm_jobs(part: &str) -> Vec<(String, String)> {
             (j["name"].as_str().unwrap().to_string(), state)
         })
         .collect()
+}
+
+/// The next message in `queue` (taken without an ack), waiting up to
+/// `timeout` for it.
+#[allow(dead_code)]
+pub async fn next_message(
+    channel: &lapin::Channel,
+    queue: &str,
+    what: &str,
+    timeout: Duration,
+) -> lapin::message::BasicGetMessage {
+    wait_for(what, timeout, || async {
+        channel
+            .basic_get(
+                queue.into(),
+                lapin::options::BasicGetOptions { no_ack: true },
+            )
+            .await
+            .ok()
+            .flatten()
+    })
+    .await
+    .unwrap()
 }

@@ -1085,86 +1085,60 @@ impl<'a> Walk<'a> {
                 );
             }
         }
-        if let Some(named) = by_class {
-            let mut classes = Vec::new();
-            let mut replicas = Vec::new();
-            let mut files = Vec::with_capacity(rows.len());
-            for row in rows {
-                let class_id: i64 = row.get(6);
-                let shared = self.shared.get(&class_id);
-                if let Some(shared) = shared
-                    && named.insert(class_id)
-                {
-                    classes.push(pb::FileClass {
-                        class_id: class_id as u64,
-                        production_id: shared.production_id.clone(),
-                        metadata: shared.metadata.clone(),
-                    });
+        let mut named = by_class;
+        let mut found = Files {
+            files: Vec::with_capacity(rows.len()),
+            ..Default::default()
+        };
+        for row in rows {
+            let class_id: i64 = row.get(6);
+            let shared = self.shared.get(&class_id);
+            let own = domain::as_text(row.get(4));
+            let lfn: String = row.get(0);
+            let on = replicas_of(
+                row.get::<_, Option<serde_json::Value>>(7)
+                    .unwrap_or_default(),
+            );
+            // By class: each class once, the file its own keys, replicas
+            // only where there are some. Else the file's whole metadata and
+            // a list of replicas per file.
+            let (metadata, class) = match named.as_deref_mut() {
+                Some(named) => {
+                    if let Some(shared) = shared
+                        && named.insert(class_id)
+                    {
+                        found.classes.push(pb::FileClass {
+                            class_id: class_id as u64,
+                            production_id: shared.production_id.clone(),
+                            metadata: shared.metadata.clone(),
+                        });
+                    }
+                    (own, class_id as u64)
                 }
-                let lfn: String = row.get(0);
-                let on = replicas_of(
-                    row.get::<_, Option<serde_json::Value>>(7)
-                        .unwrap_or_default(),
-                );
-                if !on.is_empty() {
-                    replicas.push(pb::FileReplicas {
-                        lfn: lfn.clone(),
-                        replicas: on,
-                    });
+                None => {
+                    let mut metadata = shared.map(|s| s.metadata.clone()).unwrap_or_default();
+                    metadata.extend(own);
+                    (metadata, 0)
                 }
-                files.push(pb::OutputFile {
-                    lfn,
-                    size: row.get::<_, i64>(1) as u64,
-                    adler32: row.get(2),
-                    url: row.get(3),
-                    metadata: domain::as_text(row.get(4)),
-                    production_id: shared.map(|s| s.production_id.clone()).unwrap_or_default(),
-                    job_index: row.get::<_, i64>(5) as u64,
-                    class_id: class_id as u64,
+            };
+            if named.is_none() || !on.is_empty() {
+                found.replicas.push(pb::FileReplicas {
+                    lfn: lfn.clone(),
+                    replicas: on,
                 });
             }
-            return Ok(Files {
-                files,
-                replicas,
-                classes,
+            found.files.push(pb::OutputFile {
+                lfn,
+                size: row.get::<_, i64>(1) as u64,
+                adler32: row.get(2),
+                url: row.get(3),
+                metadata,
+                production_id: shared.map(|s| s.production_id.clone()).unwrap_or_default(),
+                job_index: row.get::<_, i64>(5) as u64,
+                class_id: class,
             });
         }
-        let replicas = rows
-            .iter()
-            .map(|row| pb::FileReplicas {
-                lfn: row.get(0),
-                replicas: replicas_of(
-                    row.get::<_, Option<serde_json::Value>>(7)
-                        .unwrap_or_default(),
-                ),
-            })
-            .collect();
-        let files = rows
-            .iter()
-            .map(|row| {
-                let (metadata, production_id) = match self.shared.get(&row.get::<_, i64>(6)) {
-                    Some(shared) => (shared.metadata.clone(), shared.production_id.clone()),
-                    None => Default::default(),
-                };
-                let mut metadata = metadata;
-                metadata.extend(domain::as_text(row.get(4)));
-                pb::OutputFile {
-                    lfn: row.get(0),
-                    size: row.get::<_, i64>(1) as u64,
-                    adler32: row.get(2),
-                    url: row.get(3),
-                    metadata,
-                    production_id,
-                    job_index: row.get::<_, i64>(5) as u64,
-                    class_id: 0,
-                }
-            })
-            .collect();
-        Ok(Files {
-            files,
-            replicas,
-            classes: Vec::new(),
-        })
+        Ok(found)
     }
 }
 
