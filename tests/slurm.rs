@@ -68,6 +68,17 @@ async fn the_cta_example_runs_on_slurm_and_failures_are_retried() {
         );
         assert_eq!(row.get::<_, &str>(1), "COMPLETED");
     }
+    // Each job's batch script recorded the CPU time of its command in its
+    // working directory: every attempt's is known, without accounting.
+    let unmeasured: i64 = db
+        .query_one(
+            "SELECT count(*) FROM dispatcher.jobs WHERE production_id = $1 AND cpu_measured <> attempt",
+            &[&production],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(unmeasured, 0, "every Slurm attempt's CPU time is known");
 
     // Job 1 fails on Slurm too: retried once, then exhausted.
     let partial = app
@@ -81,7 +92,7 @@ async fn the_cta_example_runs_on_slurm_and_failures_are_retried() {
     );
     let row = db
         .query_one(
-            "SELECT attempt, state, raw_status, exit_code FROM dispatcher.jobs WHERE production_id = $1 AND job_index = 1",
+            "SELECT attempt, state, raw_status, exit_code, cpu_measured FROM dispatcher.jobs WHERE production_id = $1 AND job_index = 1",
             &[&partial],
         )
         .await
@@ -90,6 +101,8 @@ async fn the_cta_example_runs_on_slurm_and_failures_are_retried() {
     assert_eq!(row.get::<_, &str>(1), "EXHAUSTED");
     assert_eq!(row.get::<_, &str>(2), "FAILED");
     assert_eq!(row.get::<_, Option<i32>>(3), Some(1));
+    // Failed attempts' CPU time counts too.
+    assert_eq!(row.get::<_, i32>(4), 2);
     // The dashboard's production page shows Slurm's own state of each job
     // and the end of its last attempt's logs, which Slurm wrote.
     let status = format!("http://{}", app.stack.addr(Service::Status).unwrap());

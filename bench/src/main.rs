@@ -17,6 +17,7 @@
 #![allow(clippy::needless_update)]
 
 mod amqp;
+mod chain;
 mod containers;
 mod faults;
 mod history;
@@ -52,6 +53,9 @@ pub enum Scenario {
     Watchers,
     /// Output files/s into the catalog.
     Catalog,
+    /// A chained production fed by its parent's files: the lag from a
+    /// parent's outputs to the child's jobs, and the input bookkeeping's rate.
+    Chain,
     /// One production of a million jobs planned and persisted, then cancelled.
     Plan,
     /// A catalog of 10,000,000 files of 100,000 productions: FindFiles,
@@ -115,6 +119,9 @@ pub struct Args {
     /// Productions they belong to (default 100,000, smoke 200).
     #[arg(long)]
     pub history_productions: Option<u64>,
+    /// Files the parent of the chain scenario delivers at once (default 100,000, smoke 2,000).
+    #[arg(long)]
+    pub chain_files: Option<u64>,
     /// Jobs per production of the fault suite's large version (default 60, smoke 5).
     #[arg(long)]
     pub fault_jobs: Option<u64>,
@@ -205,6 +212,7 @@ pub struct Results {
     /// The status measurement with watchers.
     pub watched: Option<stack::StatusResult>,
     pub catalog: Option<stack::CatalogResult>,
+    pub chain: Option<chain::ChainResult>,
     pub plan: Option<stack::PlanResult>,
     pub cancel: Option<stack::CancelResult>,
     pub history_plan: Option<history::HistoryPlan>,
@@ -225,6 +233,7 @@ impl Results {
             ("status", self.status.as_ref().map(|r| &r.load)),
             ("status, watched", self.watched.as_ref().map(|r| &r.load)),
             ("catalog", self.catalog.as_ref().map(|r| &r.load)),
+            ("chain", self.chain.as_ref().map(|r| &r.load)),
             ("plan", self.plan.as_ref().map(|r| &r.load)),
             ("cancel", self.cancel.as_ref().map(|r| &r.load)),
             (
@@ -591,6 +600,36 @@ async fn run(args: &Args) -> anyhow::Result<Results> {
                     results.catalog = Some(r);
                 }
                 Err(e) => results.errors.push(format!("catalog: {e:#}")),
+            }
+        }
+        if wants(Scenario::Chain) && check(&mut results) {
+            if let Err(e) = bench.quiesce(settle).await {
+                results.errors.push(format!("before chain: {e:#}"));
+            }
+            let plan = chain::ChainPlan {
+                files: args
+                    .chain_files
+                    .unwrap_or(if args.smoke { 2_000 } else { 100_000 }),
+                files_per_event: 20,
+                paced_events: if args.smoke { 10 } else { 200 },
+                pace_ms: 50,
+            };
+            eprintln!(
+                "prodsys: a chained production fed {} files paced ({} every {} ms), then {} at once …",
+                plan.paced_events * plan.files_per_event,
+                plan.files_per_event,
+                plan.pace_ms,
+                plan.files
+            );
+            match bench.chain(&plan).await {
+                Ok(r) => {
+                    eprintln!(
+                        "  lag p50 {:.0} ms, p99 {:.0} ms; {:.0} files/s; {} jobs, {} inputs misused",
+                        r.lag_p50_ms, r.lag_p99_ms, r.files_per_s, r.jobs, r.misused
+                    );
+                    results.chain = Some(r);
+                }
+                Err(e) => results.errors.push(format!("chain: {e:#}")),
             }
         }
         // Last: its jobs stay waiting behind the one local slot.

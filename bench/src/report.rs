@@ -288,6 +288,41 @@ fn rows(results: &Results) -> Vec<Row> {
             }),
         });
     }
+    if let Some(c) = &results.chain {
+        let (raw, ratios) = consumer_limits(results, c.files_per_event, c.files_per_s);
+        let ok = c.lag_p99_ms <= 1000.0 && c.files_per_s >= 20_000.0 && c.misused == 0;
+        rows.push(Row {
+            figure: format!(
+                "prodsys: a chained production fed by its parent (job.output events of {} files): a job per input file; lag from an event handed to the broker to the child's jobs for it ({} events, one every {} ms), and {} more files at once",
+                c.files_per_event,
+                c.paced_events,
+                c.pace_ms,
+                thousands(c.files as f64)
+            ),
+            measured: format!(
+                "lag p50 {}, p99 {}, max {}; {} files/s ({} jobs made for {} inputs, {} inputs used twice or not at all)",
+                ms(c.lag_p50_ms),
+                ms(c.lag_p99_ms),
+                ms(c.lag_max_ms),
+                thousands(c.files_per_s),
+                thousands(c.jobs as f64),
+                thousands(c.files_all() as f64),
+                c.misused
+            ),
+            raw,
+            ratio: ratios,
+            target: "child's jobs within 1 s p99 of their inputs arriving, ≥ 20,000 files/s for a parent of 100,000 files, each input used once (issue 14)".into(),
+            verdict: if c.files < 100_000 {
+                format!(
+                    "n/a: {} files, the target is for 100,000 ({} at this size)",
+                    thousands(c.files as f64),
+                    pass(ok)
+                )
+            } else {
+                smoke_mark(results, pass(ok))
+            },
+        });
+    }
     if let Some(p) = &results.plan {
         let batch = results.db.as_ref().map_or(f64::NAN, |d| d.batch_rows_per_s);
         let dispatcher = p.load.max_rss.get("dispatcher").copied();
@@ -1272,6 +1307,16 @@ pub fn markdown(results: &Results) -> String {
         let _ = writeln!(
             out,
             "- **RSS** is each service process's VmRSS: idle is 3 s after all five answered gRPC health; under load is each process's VmHWM over each measurement (the kernel's high-water mark, between samples too; reset at the measurement's start by writing 5 to `/proc/PID/clear_refs`, or the largest of samples every 250 ms where that is refused, as the figure then says); the peak over the whole run is the largest of those and the VmHWM read as the processes stop. Verdicts on memory read these peaks. **CPU** is per process (user + system time): each service's process, the bench's own (its clients), PostgreSQL's processes for this run, the broker's. Queue depths are ready messages in each service's queue, sampled with the same period.\n"
+        );
+    }
+    if let Some(c) = &results.chain {
+        let _ = writeln!(
+            out,
+            "- **Chain**: on the same stack, a CTA simulation production (the shipped example, accepted, its one job holding the local slot) and a DL1 processing production chained after it (`examples/cta-dl1.json`, one job per simulation file); then the parent's `job.output` events as the dispatcher publishes them for DONE jobs ({} files each, each described as a CTA simulation job describes it). Paced: {} events, one every {} ms, each timed from the moment it was handed to the broker until the dispatcher's job total of the chained production (read every 5 ms) holds a job for each of its files and of every event before it. Then {} more files published at once, timed until the chained production has a job for every one. Afterwards every input must have been taken by exactly one job. The catalog registers the same files meanwhile, as it would.\n",
+            c.files_per_event,
+            c.paced_events,
+            c.pace_ms,
+            thousands(c.files as f64)
         );
     }
     if let Some(c) = &results.containers {

@@ -544,7 +544,12 @@ impl Bench {
     }
 
     /// An error if a service process has exited (every later wait would only time out).
-    fn ensure_services_run(&self) -> anyhow::Result<()> {
+    /// The bench's own connection to the broker.
+    pub(crate) fn amqp_connection(&self) -> &lapin::Connection {
+        &self.amqp
+    }
+
+    pub(crate) fn ensure_services_run(&self) -> anyhow::Result<()> {
         let exited = self.services.lock().ok().and_then(|mut s| s.first_exited());
         match exited {
             Some(service) => anyhow::bail!("the {service} process has exited"),
@@ -667,7 +672,7 @@ impl Bench {
         Ok(())
     }
 
-    fn client(&self) -> Submitter {
+    pub(crate) fn client(&self) -> Submitter {
         Submitter {
             intake: self.intake.clone(),
             verdicts: self.verdicts.clone(),
@@ -967,14 +972,13 @@ impl Bench {
     /// One production of `plan.plan_jobs` jobs: timed from its request.accepted
     /// until GetProduction shows its total and the dispatcher created every
     /// job (planning runs in chunks); RSS sampled throughout.
-    pub async fn plan(&self, plan: &StackPlan) -> anyhow::Result<PlanResult> {
-        let client = self.client();
-        let (n, mut request) = client.request();
-        let mut parameters: serde_json::Value = serde_json::from_str(&request.parameters_json)?;
-        parameters["n_showers"] = plan.plan_jobs.into();
-        parameters["showers_per_job"] = 1.into();
-        request.parameters_json = parameters.to_string();
-        let sampler = self.sample().await?;
+    /// Submits `request` (the `n`th of this run) and waits for its ACCEPTED:
+    /// its production ID (once intake recorded it) and when it was accepted.
+    pub(crate) async fn accepted_production(
+        &self,
+        n: u64,
+        request: pb::SubmitRequestRequest,
+    ) -> anyhow::Result<(String, Instant)> {
         let mut intake = self.intake[n as usize % self.intake.len()].clone();
         let request_id = tokio::time::timeout(CALL_TIMEOUT, intake.submit_request(request))
             .await
@@ -985,14 +989,14 @@ impl Bench {
             Ok(v) => v,
             Err(rx) => tokio::time::timeout(VERDICT_TIMEOUT, rx)
                 .await
-                .context("no verdict for the big request")?
+                .with_context(|| format!("no verdict for {request_id}"))?
                 .context("verdict channel")?,
         };
-        anyhow::ensure!(accepted.accepted, "the big request was rejected");
+        anyhow::ensure!(accepted.accepted, "request {request_id} was rejected");
         // The bench's queue may see request.accepted before intake records
         // the production ID from the same event.
         let deadline = Instant::now() + VERDICT_TIMEOUT;
-        let production_id = loop {
+        loop {
             let id = intake
                 .get_request(pb::GetRequestRequest {
                     request_id: request_id.clone(),
@@ -1002,14 +1006,25 @@ impl Bench {
                 .into_inner()
                 .production_id;
             if !id.is_empty() {
-                break id;
+                return Ok((id, accepted.at));
             }
             anyhow::ensure!(
                 Instant::now() < deadline,
                 "intake never recorded the production ID of {request_id}"
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
-        };
+        }
+    }
+
+    pub async fn plan(&self, plan: &StackPlan) -> anyhow::Result<PlanResult> {
+        let client = self.client();
+        let (n, mut request) = client.request();
+        let mut parameters: serde_json::Value = serde_json::from_str(&request.parameters_json)?;
+        parameters["n_showers"] = plan.plan_jobs.into();
+        parameters["showers_per_job"] = 1.into();
+        request.parameters_json = parameters.to_string();
+        let sampler = self.sample().await?;
+        let (production_id, accepted_at) = self.accepted_production(n, request).await?;
         let mut status = self.status.clone();
         let deadline = Instant::now() + Duration::from_secs(600);
         let planned_at = loop {
@@ -1053,7 +1068,7 @@ impl Bench {
             )
             .await?
             .get(0);
-        let seconds = planned_at.duration_since(accepted.at).as_secs_f64();
+        let seconds = planned_at.duration_since(accepted_at).as_secs_f64();
         Ok(PlanResult {
             production_id,
             jobs: plan.plan_jobs,
@@ -1204,7 +1219,7 @@ impl Bench {
         })
     }
 
-    fn publish_in_background(
+    pub(crate) fn publish_in_background(
         &self,
         messages: impl Iterator<Item = amqp::Message> + Send + 'static,
     ) -> tokio::task::JoinHandle<anyhow::Result<f64>> {
@@ -1227,7 +1242,7 @@ fn catalog_lfn(production: &str, n: u64) -> String {
 }
 
 /// File `n` of the catalog measurement, as a job of the CTA profile describes its outputs.
-fn catalog_file(production: &str, job_index: u64, n: u64) -> pb::OutputFile {
+pub(crate) fn catalog_file(production: &str, job_index: u64, n: u64) -> pb::OutputFile {
     let metadata: HashMap<String, String> = [
         ("array_layout", "Prod6-Hyperarray".to_string()),
         ("site", "LaPalma".into()),
@@ -1290,7 +1305,7 @@ struct Done {
 }
 
 #[derive(Clone)]
-struct Submitter {
+pub(crate) struct Submitter {
     intake: Vec<pb::request_service_client::RequestServiceClient<Channel>>,
     verdicts: Arc<Verdicts>,
     base: serde_json::Value,
@@ -1303,7 +1318,7 @@ struct Submitter {
 impl Submitter {
     /// A request no earlier one duplicates or overlaps: its own array layout
     /// (free text in the profile) and a fractional zenith angle in 0..70.
-    fn request(&self) -> (u64, pb::SubmitRequestRequest) {
+    pub(crate) fn request(&self) -> (u64, pb::SubmitRequestRequest) {
         let n = self.seq.fetch_add(1, Ordering::Relaxed);
         let parameters = match self.history {
             Some(productions) => crate::history::history_request(n, productions, &self.tag),

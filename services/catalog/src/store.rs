@@ -871,10 +871,14 @@ struct Walk<'a> {
     tx: &'a Transaction<'a>,
     query: &'a FileQuery,
     after: &'a str,
-    /// The statement of the query's classes and its parameters after the
-    /// first four, if it selects classes.
+    /// The statement of the query's classes (a few at a time, after the
+    /// last read) and its parameters after the first four, if it selects
+    /// classes.
     classes: Option<(String, Vec<String>)>,
-    /// A stream's classes: one portal over all of them.
+    /// A stream's statement of every class after the first few: one portal
+    /// over the rest, once the first page is on its way (its sort of every
+    /// matching class does not delay the first page).
+    rest: Option<String>,
     class_portal: Option<Portal>,
     /// The first LFN of the last class read.
     last_class: String,
@@ -898,23 +902,15 @@ impl<'a> Walk<'a> {
     ) -> anyhow::Result<Walk<'a>> {
         let classes = query
             .selects_classes()
-            .then(|| classes_statement(query, !whole));
-        let class_portal = match &classes {
-            Some((sql, extra)) if whole => {
-                let none: Option<i64> = None;
-                let mut params: Vec<Param<'_>> = vec![&after, &query.lfn_prefix, &"", &none];
-                params.extend(extra.iter().map(|e| e as Param<'_>));
-                let statement = tx.prepare_cached(sql).await?;
-                Some(tx.bind(&statement, &params).await?)
-            }
-            _ => None,
-        };
+            .then(|| classes_statement(query, true));
+        let rest = (whole && classes.is_some()).then(|| classes_statement(query, false).0);
         Ok(Walk {
             tx,
             query,
             after,
             classes,
-            class_portal,
+            rest,
+            class_portal: None,
             last_class: String::new(),
             classes_read: 0,
             classes_done: false,
@@ -947,6 +943,17 @@ impl<'a> Walk<'a> {
                 } else {
                     MORE_CLASSES
                 };
+                if self.classes_read > 0
+                    && self.class_portal.is_none()
+                    && let Some(rest) = &self.rest
+                {
+                    let none: Option<i64> = None;
+                    let mut params: Vec<Param<'_>> =
+                        vec![&self.after, &self.query.lfn_prefix, &self.last_class, &none];
+                    params.extend(extra.iter().map(|e| e as Param<'_>));
+                    let statement = self.tx.prepare_cached(rest).await?;
+                    self.class_portal = Some(self.tx.bind(&statement, &params).await?);
+                }
                 let rows = match &self.class_portal {
                     Some(portal) => self.tx.query_portal(portal, n as i32).await?,
                     None => {
@@ -1210,23 +1217,21 @@ where
     let tx = snapshot(&mut client).await?;
     {
         let mut walk = Walk::start(&tx, query, after, true).await?;
-        // A page is held until the next is read: whether more follow is
-        // known before a page goes out.
-        let mut held = walk.rows(page_size as usize).await?;
         // The classes named so far: each is sent once in a stream.
         let mut named = std::collections::HashSet::new();
-        loop {
-            let next = if held.len() < page_size as usize {
-                Vec::new()
-            } else {
-                walk.rows(page_size as usize).await?
-            };
-            let more = !next.is_empty();
-            let files = walk.files_of(&held, by_class.then_some(&mut named)).await?;
+        // Each page goes out as soon as it is read (a full page says more
+        // may follow: the last may then continue with nothing). An answer
+        // of no file is one empty message.
+        for first in std::iter::once(true).chain(std::iter::repeat(false)) {
+            let rows = walk.rows(page_size as usize).await?;
+            let more = rows.len() == page_size as usize;
+            if rows.is_empty() && !first {
+                break;
+            }
+            let files = walk.files_of(&rows, by_class.then_some(&mut named)).await?;
             if !send(files, more).await || !more {
                 break;
             }
-            held = next;
         }
     }
     tx.commit().await?;

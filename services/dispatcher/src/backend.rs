@@ -51,7 +51,8 @@ pub struct BackendStatus {
     pub exit_code: Option<i32>,
     /// CPU time (user + system) of an ended attempt, in milliseconds, where
     /// the WMS reports it: the local executor from its processes' rusage
-    /// (the supervisor's `times`); Slurm and DIRAC leave it unknown.
+    /// (the supervisor's `times`), Slurm from the same lines its batch
+    /// script writes; DIRAC leaves it unknown.
     pub cpu_ms: Option<u64>,
 }
 

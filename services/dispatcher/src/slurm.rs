@@ -2,7 +2,10 @@
 //! per attempt, named by the attempt's tag), `squeue --json` to follow jobs in
 //! bulk, `sacct` for jobs squeue has forgotten, `scancel` to kill. The job's
 //! working directory is on a filesystem the nodes share with the dispatcher,
-//! so outputs are collected the way the local executor's are.
+//! so outputs are collected the way the local executor's are, and the job's
+//! CPU time is what its batch script recorded there once the command ended
+//! (`prodsys.exit`, as the local executor's supervisor writes it: the
+//! shell's `times`), which needs no accounting database.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -15,6 +18,7 @@ use serde_json::Value;
 use tokio::sync::Notify;
 
 use crate::backend::{Backend, BackendStatus, BoxFuture, JobSpec};
+use crate::supervisor;
 
 pub struct Slurm {
     name: String,
@@ -91,6 +95,23 @@ fn exit_code(job: &Value) -> Option<i32> {
     }
 }
 
+/// The CPU time (ms) the batch script of a finished job recorded in its
+/// working directory; none for a job not finished or that recorded none (a
+/// job killed with its script, or one written before scripts recorded it).
+async fn cpu_recorded(status: &BackendStatus, workdir: &str) -> Option<u64> {
+    if !matches!(
+        status.state,
+        JobState::Done | JobState::Failed | JobState::Cancelled
+    ) || workdir.is_empty()
+    {
+        return None;
+    }
+    let path = std::path::Path::new(workdir).join(supervisor::EXIT_FILE);
+    let text = tokio::fs::read_to_string(path).await.ok()?;
+    let exit = supervisor::parse_exit(&text).ok()?;
+    Some(((exit.user_s + exit.sys_s) * 1000.0).round().max(0.0) as u64)
+}
+
 fn job_id(job: &Value) -> Option<String> {
     job.get("job_id")
         .and_then(Value::as_u64)
@@ -136,12 +157,19 @@ impl Slurm {
             quote(&spec.output_dir.to_string_lossy()),
             quote(&spec.workdir.to_string_lossy())
         ));
-        script.push_str("exec");
+        let mut command = String::new();
         for arg in std::iter::once(&spec.program).chain(&spec.args) {
-            script.push(' ');
-            script.push_str(&quote(arg));
+            command.push_str(&quote(arg));
+            command.push(' ');
         }
+        script.push_str(command.trim_end());
         script.push('\n');
+        // How it ended and the CPU time of its processes, in the working
+        // directory (written atomically), as the local supervisor records it.
+        script.push_str(&format!(
+            "rc=$?\n{{ echo \"exit $rc\"; times; }} > {exit}.tmp && mv -f {exit}.tmp {exit}\nexit $rc\n",
+            exit = supervisor::EXIT_FILE
+        ));
         script
     }
 
@@ -206,11 +234,11 @@ impl Slurm {
             "-X".to_string(),
             "-n".to_string(),
             "-o".to_string(),
-            "JobID,State,ExitCode".to_string(),
+            "JobID,State,ExitCode,WorkDir".to_string(),
             "-j".to_string(),
             ids.join(","),
         ];
-        let parse = |out: &str| -> Vec<BackendStatus> {
+        let parse = |out: &str| -> Vec<(BackendStatus, String)> {
             out.lines()
                 .filter_map(|line| {
                     let mut fields = line.split('|');
@@ -220,25 +248,35 @@ impl Slurm {
                     let exit = fields
                         .next()
                         .and_then(|e| e.split(':').next()?.parse().ok());
-                    ids.contains(&id).then(|| BackendStatus {
-                        cpu_ms: None,
-                        backend_job_id: id,
-                        state: map_state(&raw),
-                        raw,
-                        exit_code: exit,
+                    let workdir = fields.next().unwrap_or_default().to_string();
+                    ids.contains(&id).then(|| {
+                        let status = BackendStatus {
+                            cpu_ms: None,
+                            backend_job_id: id,
+                            state: map_state(&raw),
+                            raw,
+                            exit_code: exit,
+                        };
+                        (status, workdir)
                     })
                 })
                 .collect()
         };
         // Accounting first; where none runs, sacct answers from the job completion log (-c).
-        if let Ok(out) = run("sacct", &args).await {
-            let found = parse(&out);
-            if !found.is_empty() {
-                return Ok(found);
-            }
+        let mut found = match run("sacct", &args).await {
+            Ok(out) => parse(&out),
+            Err(_) => Vec::new(),
+        };
+        if found.is_empty() {
+            args.insert(0, "-c".to_string());
+            found = parse(&run("sacct", &args).await?);
         }
-        args.insert(0, "-c".to_string());
-        Ok(parse(&run("sacct", &args).await?))
+        let mut statuses = Vec::with_capacity(found.len());
+        for (mut status, workdir) in found {
+            status.cpu_ms = cpu_recorded(&status, &workdir).await;
+            statuses.push(status);
+        }
+        Ok(statuses)
     }
 }
 
@@ -310,13 +348,21 @@ impl Backend for Slurm {
                     .get(id)
                     .and_then(|job| Some((job_state(job)?, exit_code(job))))
                 {
-                    Some((raw, exit)) => statuses.push(BackendStatus {
-                        cpu_ms: None,
-                        backend_job_id: id.clone(),
-                        state: map_state(&raw),
-                        exit_code: exit,
-                        raw,
-                    }),
+                    Some((raw, exit)) => {
+                        let mut status = BackendStatus {
+                            cpu_ms: None,
+                            backend_job_id: id.clone(),
+                            state: map_state(&raw),
+                            exit_code: exit,
+                            raw,
+                        };
+                        let workdir = listed[id]
+                            .get("current_working_directory")
+                            .and_then(Value::as_str)
+                            .unwrap_or_default();
+                        status.cpu_ms = cpu_recorded(&status, workdir).await;
+                        statuses.push(status);
+                    }
                     None => forgotten.push(id.clone()),
                 }
             }
@@ -440,7 +486,7 @@ mod tests {
             "{script}"
         );
         assert!(
-            script.contains("exec 'prodsys-toysim' '--layout' 'it'\\''s'"),
+            script.contains("\n'prodsys-toysim' '--layout' 'it'\\''s'\nrc=$?\n"),
             "{script}"
         );
         assert!(script.contains("cd '/w/x' || exit 1"), "{script}");

@@ -99,6 +99,11 @@ pub struct AmqpSettings {
     pub prefetch: u16,
     /// Most deliveries handled in one database transaction.
     pub batch_size: usize,
+    /// Most message bytes in one batch: a batch closes at `batch_size`
+    /// deliveries or once its bodies reach this many bytes, whichever comes
+    /// first, so a batch of large messages (a `job.output` of hundreds of
+    /// files, tens of kilobytes each) stays a few megabytes once decoded.
+    pub batch_bytes: usize,
     /// Deliveries of one message before it is dead-lettered.
     pub delivery_limit: u32,
     pub confirm_timeout_ms: u64,
@@ -512,6 +517,7 @@ impl Default for AmqpSettings {
             prefix: String::new(),
             prefetch: 256,
             batch_size: 128,
+            batch_bytes: 1 << 20,
             delivery_limit: 5,
             confirm_timeout_ms: 10_000,
             hold_limit_ms: 300_000,

@@ -208,6 +208,9 @@ pub struct ConsumerSettings {
     pub queue: String,
     pub prefetch: u16,
     pub batch_size: usize,
+    /// A batch closes once its bodies reach this many bytes (or at
+    /// `batch_size` deliveries), whichever comes first.
+    pub batch_bytes: usize,
     pub confirm_timeout: Duration,
     /// Longest a batch is held through a transient failure before its
     /// messages are republished as fresh copies (keep it well under the
@@ -259,6 +262,7 @@ impl ConsumerSettings {
             queue,
             prefetch,
             batch_size,
+            batch_bytes: usize::MAX,
             confirm_timeout,
             hold_limit: Duration::from_secs(300),
             retry_start: Duration::from_millis(200),
@@ -384,10 +388,15 @@ pub async fn run_consumer<H: BatchHandler>(
                 }
             };
             let mut batch = vec![Incoming::from_delivery(first)];
-            // Take what has already arrived, without waiting for more.
-            while batch.len() < settings.batch_size {
+            let mut bytes = batch[0].body.len();
+            // Take what has already arrived, without waiting for more, up
+            // to the batch's count and bytes.
+            while batch.len() < settings.batch_size && bytes < settings.batch_bytes {
                 match consumer.next().now_or_never() {
-                    Some(Some(Ok(delivery))) => batch.push(Incoming::from_delivery(delivery)),
+                    Some(Some(Ok(delivery))) => {
+                        bytes += delivery.data.len();
+                        batch.push(Incoming::from_delivery(delivery));
+                    }
                     _ => break,
                 }
             }

@@ -476,6 +476,7 @@ impl Foundation {
             settings.amqp.batch_size,
             Duration::from_millis(settings.amqp.confirm_timeout_ms),
         );
+        consumer_settings.batch_bytes = settings.amqp.batch_bytes.max(1);
         consumer_settings.hold_limit = Duration::from_millis(settings.amqp.hold_limit_ms);
         consumer_settings.retry_max = Duration::from_millis(settings.amqp.hold_retry_max_ms);
         // What the queue is bound to: anything else put into it is dead-lettered unread.

@@ -339,7 +339,7 @@ class ProductionRecord:
     attempts: int = 0
     retries: int = 0
     # CPU seconds the WMS reported, over `cpu_measured_attempts` attempts
-    # (all attempts: known; none: unknown, as on Slurm and DIRAC for now).
+    # (all attempts: known; none: unknown, as on DIRAC for now).
     cpu_seconds_used: float = 0.0
     cpu_measured_attempts: int = 0
     estimate: ResourceEstimate | None = None

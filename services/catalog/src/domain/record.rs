@@ -97,7 +97,7 @@ pub enum CpuKnown {
     Known,
     /// For some attempts.
     Partly,
-    /// For none (Slurm and DIRAC, for now).
+    /// For none (DIRAC, for now).
     Unknown,
 }
 
