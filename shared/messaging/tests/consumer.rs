@@ -308,3 +308,91 @@ async fn a_batch_held_at_shutdown_goes_back_to_the_queue_unspent() {
     let _ = connection.close(200, "done".into()).await;
     env.cleanup().await;
 }
+
+/// Notes the size of every batch it is handed.
+struct Sizes(Arc<Mutex<Vec<(usize, usize)>>>);
+
+impl BatchHandler for Sizes {
+    async fn handle(&self, batch: &[Incoming]) -> anyhow::Result<Vec<Outcome>> {
+        let bytes = batch.iter().map(|i| i.body.len()).sum();
+        self.0.lock().unwrap().push((batch.len(), bytes));
+        Ok(vec![Outcome::Ack; batch.len()])
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_closes_at_its_byte_limit_as_at_its_count() {
+    let env = TestEnv::new().await.unwrap();
+    let names = Names::new(&env.prefix);
+    let topology = Topology {
+        names: names.clone(),
+        service: SERVICE.into(),
+        bindings: vec!["test.work".into()],
+        ingest_bindings: vec![],
+        delivery_limit: 5,
+    };
+    let shutdown = CancellationToken::new();
+    let broker = Broker::start(env.settings.amqp.url(), topology, shutdown.clone())
+        .await
+        .unwrap();
+    let (connection, channel) = env.amqp().await.unwrap();
+    channel.confirm_select(Default::default()).await.unwrap();
+    // Twelve large messages, then twenty small ones, all waiting before the
+    // consumer starts, so each batch could take sixteen.
+    let large = vec![b'x'; 300_000];
+    let mut bodies: Vec<Vec<u8>> = (0..12).map(|_| large.clone()).collect();
+    bodies.extend((0..20).map(|i| format!("small {i}").into_bytes()));
+    for body in &bodies {
+        channel
+            .basic_publish(
+                names.events().as_str().into(),
+                "test.work".into(),
+                BasicPublishOptions::default(),
+                body,
+                lapin::BasicProperties::default(),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    let sizes = Arc::new(Mutex::new(Vec::new()));
+    let mut settings = ConsumerSettings::new(names.queue(SERVICE), 64, 16, Duration::from_secs(5));
+    settings.batch_bytes = 1 << 20;
+    let consumer = tokio::spawn(prodsys_messaging::run_consumer(
+        broker.clone(),
+        settings,
+        Sizes(sizes.clone()),
+        Holding::new(),
+        shutdown.clone(),
+    ));
+    wait_for("every message handled", Duration::from_secs(20), || async {
+        let handled: usize = sizes.lock().unwrap().iter().map(|(n, _)| n).sum();
+        (handled == bodies.len()).then_some(())
+    })
+    .await
+    .unwrap();
+    let sizes = sizes.lock().unwrap().clone();
+    for (n, bytes) in &sizes {
+        assert!(*n <= 16, "at most sixteen deliveries a batch: {sizes:?}");
+        // A batch stops taking once it reached the limit: at most one
+        // message beyond it.
+        assert!(
+            *bytes < (1 << 20) + large.len(),
+            "a batch closes once its bodies reach 1 MiB: {sizes:?}"
+        );
+    }
+    // The large ones went four at a time at most (4 × 300 kB ≥ 1 MiB).
+    assert!(
+        sizes.iter().all(|(n, bytes)| *bytes < 1_000_000 || *n <= 4),
+        "{sizes:?}"
+    );
+    assert!(
+        sizes.len() >= 3,
+        "twelve large messages need three batches or more: {sizes:?}"
+    );
+    shutdown.cancel();
+    consumer.await.unwrap();
+    let _ = connection.close(200, "done".into()).await;
+    env.cleanup().await;
+}
