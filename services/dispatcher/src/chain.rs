@@ -3,8 +3,8 @@
 //! those files from `job.output` (its own events, consumed like anyone's),
 //! offers each to every chained production linked to its producer (once per
 //! (child, LFN): the key, not an inbox row, makes a repeated event change
-//! nothing), and
-//! makes jobs of them as they arrive, as the profile groups them. A chained
+//! nothing), and the planning task makes jobs of them as they arrive, as
+//! the profile groups them. A chained
 //! production stays open until every parent ended and delivered the outputs
 //! of each of its DONE jobs; then the last, partial group becomes a job and
 //! it closes like any production once its jobs ended.
@@ -39,16 +39,16 @@ pub fn source_profiles(profiles: &ProfileSet) -> Option<Vec<String>> {
     Some(sources)
 }
 
-/// Takes a batch's `job.output` events: records the deliveries, offers the
-/// files to the chained productions linked to their producers; the chained
-/// productions to advance.
+/// Takes a batch's `job.output` events: records the deliveries and offers
+/// the files to the chained productions linked to their producers (the
+/// planning task makes jobs of them); how many input files were offered.
 pub async fn take_outputs(
     tx: &Transaction<'_>,
     outputs: &[pb::JobOutput],
     sources: Option<&[String]>,
-) -> anyhow::Result<Vec<String>> {
+) -> anyhow::Result<u64> {
     if outputs.is_empty() {
-        return Ok(Vec::new());
+        return Ok(0);
     }
     let producers: Vec<String> = outputs
         .iter()
@@ -73,15 +73,10 @@ pub async fn take_outputs(
         }
     }
     let offered = store::record_deliveries(tx, &jobs, &files, sources).await?;
-    let children = store::children_of(tx, &producers).await?;
     if offered > 0 {
-        tracing::debug!(
-            offered,
-            ?children,
-            "input files offered to chained productions"
-        );
+        tracing::debug!(offered, "input files offered to chained productions");
     }
-    Ok(children)
+    Ok(offered)
 }
 
 /// The chained productions to advance when productions ended.
@@ -151,7 +146,12 @@ pub async fn advance(
         };
         let parents = store::parents(tx, child).await?;
         let all_ended = parents.iter().all(|(_, _, ended)| *ended);
-        let waiting = store::waiting_inputs(tx, child).await?;
+        // Grouped by a key, nothing becomes a job before every parent ended.
+        let waiting = if spec.group_by.is_some() && !all_ended {
+            Vec::new()
+        } else {
+            store::waiting_inputs(tx, child, spec.group_by.is_some()).await?
+        };
         let groups = spec.group(&waiting, all_ended);
         let mut jobs = JobRows::default();
         let mut lfns = Vec::new();

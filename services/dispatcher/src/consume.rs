@@ -260,11 +260,13 @@ impl Planner {
             .await
             .map_err(DispatcherError::Unexpected)?;
         let mut children = self.plan(&tx, &prepared, &parents).await?;
-        children.extend(
-            chain::take_outputs(&tx, &outputs, self.sources.as_deref())
-                .await
-                .map_err(DispatcherError::Unexpected)?,
-        );
+        // Files offered to chained productions become jobs in the planning
+        // task's transactions (woken below), not here: the next batch's
+        // files are taken while the jobs of this one's are made, instead of
+        // every batch waiting on the chained production's lock in turn.
+        chain::take_outputs(&tx, &outputs, self.sources.as_deref())
+            .await
+            .map_err(DispatcherError::Unexpected)?;
         children.extend(
             chain::ended(&tx, &ended)
                 .await

@@ -784,18 +784,24 @@ pub async fn parents(
 pub async fn waiting_inputs(
     tx: &Transaction<'_>,
     child: &str,
+    with_metadata: bool,
 ) -> anyhow::Result<Vec<prodsys_core::inputs::PendingInput>> {
+    // The metadata only where the profile groups by a key of it.
     tx.query_cached(
-        "SELECT lfn, metadata FROM chain_inputs WHERE child = $1 AND job_index IS NULL
-         ORDER BY seq",
-        &[&child],
+        "SELECT lfn, CASE WHEN $2 THEN metadata END FROM chain_inputs
+         WHERE child = $1 AND job_index IS NULL ORDER BY seq",
+        &[&child, &with_metadata],
     )
     .await?
     .iter()
     .map(|r| {
+        let metadata: Option<serde_json::Value> = r.get(1);
         Ok(prodsys_core::inputs::PendingInput {
             lfn: r.get(0),
-            metadata: serde_json::from_value(r.get(1))?,
+            metadata: match metadata {
+                Some(m) => serde_json::from_value(m)?,
+                None => Default::default(),
+            },
         })
     })
     .collect()
