@@ -66,24 +66,38 @@ async fn depth(channel: &lapin::Channel, queue: &str) -> u32 {
         .message_count()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn transient_failures_are_held_without_spending_the_delivery_limit() {
-    let env = TestEnv::new().await.unwrap();
+/// A broker for `service` (its queue bound to `binding`) on `env`'s prefix,
+/// and a confirming channel of the test's own to publish with.
+async fn broker_for(
+    env: &TestEnv,
+    service: &str,
+    binding: &str,
+    delivery_limit: u32,
+    shutdown: &CancellationToken,
+) -> (Names, Broker, lapin::Connection, lapin::Channel) {
     let names = Names::new(&env.prefix);
     let topology = Topology {
         names: names.clone(),
-        service: SERVICE.into(),
-        bindings: vec!["test.work".into()],
+        service: service.into(),
+        bindings: vec![binding.into()],
         ingest_bindings: vec![],
-        // Two deliveries: requeueing would dead-letter everything at once.
-        delivery_limit: 2,
+        delivery_limit,
     };
-    let shutdown = CancellationToken::new();
     let broker = Broker::start(env.settings.amqp.url(), topology, shutdown.clone())
         .await
         .unwrap();
     let (connection, channel) = env.amqp().await.unwrap();
     channel.confirm_select(Default::default()).await.unwrap();
+    (names, broker, connection, channel)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transient_failures_are_held_without_spending_the_delivery_limit() {
+    let env = TestEnv::new().await.unwrap();
+    let shutdown = CancellationToken::new();
+    // Two deliveries: requeueing would dead-letter everything at once.
+    let (names, broker, connection, channel) =
+        broker_for(&env, SERVICE, "test.work", 2, &shutdown).await;
     let mut bodies: Vec<String> = (0..10).map(|i| format!("work {i}")).collect();
     bodies.insert(4, "poison".into());
     bodies.insert(7, "bug".into());
@@ -209,21 +223,10 @@ impl BatchHandler for Down {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_held_at_shutdown_goes_back_to_the_queue_unspent() {
     let env = TestEnv::new().await.unwrap();
-    let names = Names::new(&env.prefix);
     let service = "heldtest";
-    let topology = Topology {
-        names: names.clone(),
-        service: service.into(),
-        bindings: vec!["test.held".into()],
-        ingest_bindings: vec![],
-        delivery_limit: 1,
-    };
     let closing = CancellationToken::new();
-    let broker = Broker::start(env.settings.amqp.url(), topology, closing.clone())
-        .await
-        .unwrap();
-    let (connection, channel) = env.amqp().await.unwrap();
-    channel.confirm_select(Default::default()).await.unwrap();
+    let (names, broker, connection, channel) =
+        broker_for(&env, service, "test.held", 1, &closing).await;
     for i in 0..5 {
         let body = format!("held {i}");
         channel
@@ -323,20 +326,9 @@ impl BatchHandler for Sizes {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_closes_at_its_byte_limit_as_at_its_count() {
     let env = TestEnv::new().await.unwrap();
-    let names = Names::new(&env.prefix);
-    let topology = Topology {
-        names: names.clone(),
-        service: SERVICE.into(),
-        bindings: vec!["test.work".into()],
-        ingest_bindings: vec![],
-        delivery_limit: 5,
-    };
     let shutdown = CancellationToken::new();
-    let broker = Broker::start(env.settings.amqp.url(), topology, shutdown.clone())
-        .await
-        .unwrap();
-    let (connection, channel) = env.amqp().await.unwrap();
-    channel.confirm_select(Default::default()).await.unwrap();
+    let (names, broker, connection, channel) =
+        broker_for(&env, SERVICE, "test.work", 5, &shutdown).await;
     // Twelve large messages, then twenty small ones, all waiting before the
     // consumer starts, so each batch could take sixteen.
     let large = vec![b'x'; 300_000];
