@@ -31,35 +31,9 @@ const SERVE_ENV: &str = "PRODSYS_TEST_SERVE_DISPATCHER";
 #[test]
 #[ignore = "a dispatcher process the adoption tests start themselves"]
 fn dispatcher_process() {
-    let Some(config) = std::env::var_os(SERVE_ENV) else {
-        return;
-    };
-    prodsys_telemetry::init("info,prodsys_dispatcher=debug");
-    let settings = prodsys_config::Settings::load(Some(Path::new(&config))).unwrap();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(async {
-        use tokio::signal::unix::{SignalKind, signal};
-        let shutdown = CancellationToken::new();
-        let stack = prodsys::start(&[Service::Dispatcher], &settings, shutdown.clone())
-            .await
-            .unwrap();
-        println!("dispatcher ready");
-        let parent = std::os::unix::process::parent_id();
-        let mut term = signal(SignalKind::terminate()).unwrap();
-        let mut tick = tokio::time::interval(Duration::from_millis(200));
-        loop {
-            tokio::select! {
-                _ = term.recv() => break,
-                _ = tick.tick() => if std::os::unix::process::parent_id() != parent { break },
-            }
-        }
-        shutdown.cancel();
-        stack.wait().await.unwrap();
-    });
+    if let Some(config) = std::env::var_os(SERVE_ENV) {
+        support::serve_dispatcher(&config, "info,prodsys_dispatcher=debug");
+    }
 }
 
 /// A dispatcher process.

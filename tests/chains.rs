@@ -18,7 +18,6 @@ use prodsys_proto as pb;
 use prodsys_testkit::{TestEnv, wait_for};
 use prost::Message;
 use support::{App, cta_example, sleep_request, spawn_app_with, spawn_services, use_test_profiles};
-use tokio_util::sync::CancellationToken;
 
 /// The shipped DL1 example, processing `parent`.
 fn dl1_request(parent: &str) -> pb::SubmitRequestRequest {
@@ -356,32 +355,9 @@ const SERVE_ENV: &str = "PRODSYS_TEST_CHAIN_DISPATCHER";
 #[test]
 #[ignore = "a dispatcher process the chain kill test starts itself"]
 fn dispatcher_process() {
-    let Some(config) = std::env::var_os(SERVE_ENV) else {
-        return;
-    };
-    prodsys_telemetry::init("info");
-    let settings = prodsys_config::Settings::load(Some(Path::new(&config))).unwrap();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(async {
-        let shutdown = CancellationToken::new();
-        let stack = prodsys::start(&[Service::Dispatcher], &settings, shutdown.clone())
-            .await
-            .unwrap();
-        println!("dispatcher ready");
-        let parent = std::os::unix::process::parent_id();
-        loop {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            if std::os::unix::process::parent_id() != parent {
-                break;
-            }
-        }
-        shutdown.cancel();
-        stack.wait().await.unwrap();
-    });
+    if let Some(config) = std::env::var_os(SERVE_ENV) {
+        support::serve_dispatcher(&config, "info");
+    }
 }
 
 /// A dispatcher in its own process, killed with SIGKILL.

@@ -672,3 +672,35 @@ pub async fn next_message(
     .await
     .unwrap()
 }
+
+/// The body of a test binary's `dispatcher_process` entry: serves a
+/// dispatcher with the settings file `config` until SIGTERM, or until the
+/// test process that started it is gone.
+pub fn serve_dispatcher(config: &std::ffi::OsStr, log_filter: &str) {
+    prodsys_telemetry::init(log_filter);
+    let settings = prodsys_config::Settings::load(Some(std::path::Path::new(config))).unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        use tokio::signal::unix::{SignalKind, signal};
+        let shutdown = CancellationToken::new();
+        let stack = prodsys::start(&[Service::Dispatcher], &settings, shutdown.clone())
+            .await
+            .unwrap();
+        println!("dispatcher ready");
+        let parent = std::os::unix::process::parent_id();
+        let mut term = signal(SignalKind::terminate()).unwrap();
+        let mut tick = tokio::time::interval(Duration::from_millis(200));
+        loop {
+            tokio::select! {
+                _ = term.recv() => break,
+                _ = tick.tick() => if std::os::unix::process::parent_id() != parent { break },
+            }
+        }
+        shutdown.cancel();
+        stack.wait().await.unwrap();
+    });
+}
