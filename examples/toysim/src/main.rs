@@ -13,104 +13,78 @@ use std::io::Write;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    use prodsys_toysim::{dl1, irf, km3net};
     let mut argv = std::env::args_os().skip(1).peekable();
-    if argv.peek().is_some_and(|a| a == "km3net") {
-        return km3net(argv.skip(1));
+    let step = argv
+        .peek()
+        .and_then(|a| a.to_str())
+        .unwrap_or_default()
+        .to_string();
+    match step.as_str() {
+        "km3net" => {
+            let environment: Vec<(String, String)> = std::env::vars().collect();
+            run(
+                "km3net",
+                km3net::USAGE,
+                km3net::parse_args(argv.skip(1)),
+                |args, out| km3net::simulate(args, &environment, out).map(drop),
+            )
+        }
+        "dl1" | "reco" => {
+            let step = if step == "dl1" {
+                dl1::Step::Dl1
+            } else {
+                dl1::Step::Reco
+            };
+            run(
+                step.name(),
+                dl1::USAGE,
+                dl1::parse_step_args(step, argv.skip(1)),
+                |args, out| dl1::process(args, out).map(drop),
+            )
+        }
+        "irf" => run(
+            "irf",
+            irf::USAGE,
+            irf::parse_args(argv.skip(1)),
+            |args, out| irf::merge(args, out).map(drop),
+        ),
+        _ => run(
+            "",
+            prodsys_toysim::USAGE,
+            prodsys_toysim::parse_args(argv),
+            |args, out| prodsys_toysim::simulate(args, out).map(drop),
+        ),
     }
-    if argv.peek().is_some_and(|a| a == "dl1") {
-        return dl1(prodsys_toysim::dl1::Step::Dl1, argv.skip(1));
-    }
-    if argv.peek().is_some_and(|a| a == "reco") {
-        return dl1(prodsys_toysim::dl1::Step::Reco, argv.skip(1));
-    }
-    if argv.peek().is_some_and(|a| a == "irf") {
-        return irf(argv.skip(1));
-    }
-    let args = match prodsys_toysim::parse_args(std::env::args_os().skip(1)) {
+}
+
+/// Runs one step of the tool: its arguments as parsed (or the usage and
+/// exit 2), then `work` with stdout for progress, exiting as its error says.
+fn run<A>(
+    step: &str,
+    usage: &str,
+    parsed: Result<A, impl std::fmt::Display>,
+    work: impl FnOnce(&A, &mut dyn Write) -> Result<(), prodsys_toysim::SimError>,
+) -> ExitCode {
+    let args = match parsed {
         Ok(args) => args,
         Err(err) => {
-            eprintln!("prodsys-toysim: {err}");
-            eprintln!("{}", prodsys_toysim::USAGE);
+            let name = if step.is_empty() {
+                "prodsys-toysim".to_string()
+            } else {
+                format!("prodsys-toysim {step}")
+            };
+            eprintln!("{name}: {err}");
+            eprintln!("{usage}");
             return ExitCode::from(prodsys_toysim::EXIT_BAD_ARGS);
         }
     };
-    let stdout = std::io::stdout();
-    let mut out = stdout.lock();
-    let result = prodsys_toysim::simulate(&args, &mut out);
+    let mut out = std::io::stdout().lock();
+    let result = work(&args, &mut out);
     // Progress output is informational only; a closed stdout must not turn a good run into a failure.
     let _ = out.flush();
     match result {
-        Ok(_) => ExitCode::SUCCESS,
-        Err(err) => {
-            eprintln!("{err}");
-            ExitCode::from(err.exit_code())
-        }
-    }
-}
-
-fn km3net(args: impl Iterator<Item = std::ffi::OsString>) -> ExitCode {
-    use prodsys_toysim::km3net;
-    let args = match km3net::parse_args(args) {
-        Ok(args) => args,
-        Err(err) => {
-            eprintln!("prodsys-toysim km3net: {err}");
-            eprintln!("{}", km3net::USAGE);
-            return ExitCode::from(prodsys_toysim::EXIT_BAD_ARGS);
-        }
-    };
-    let environment: Vec<(String, String)> = std::env::vars().collect();
-    let mut out = std::io::stdout().lock();
-    let result = km3net::simulate(&args, &environment, &mut out);
-    let _ = out.flush();
-    match result {
-        Ok(_) => ExitCode::SUCCESS,
-        Err(err) => {
-            eprintln!("{err}");
-            ExitCode::from(err.exit_code())
-        }
-    }
-}
-
-fn dl1(
-    step: prodsys_toysim::dl1::Step,
-    args: impl Iterator<Item = std::ffi::OsString>,
-) -> ExitCode {
-    use prodsys_toysim::dl1;
-    let args = match dl1::parse_step_args(step, args) {
-        Ok(args) => args,
-        Err(err) => {
-            eprintln!("prodsys-toysim {}: {err}", step.name());
-            eprintln!("{}", dl1::USAGE);
-            return ExitCode::from(prodsys_toysim::EXIT_BAD_ARGS);
-        }
-    };
-    let mut out = std::io::stdout().lock();
-    let result = dl1::process(&args, &mut out);
-    let _ = out.flush();
-    match result {
-        Ok(_) => ExitCode::SUCCESS,
-        Err(err) => {
-            eprintln!("{err}");
-            ExitCode::from(err.exit_code())
-        }
-    }
-}
-
-fn irf(args: impl Iterator<Item = std::ffi::OsString>) -> ExitCode {
-    use prodsys_toysim::irf;
-    let args = match irf::parse_args(args) {
-        Ok(args) => args,
-        Err(err) => {
-            eprintln!("prodsys-toysim irf: {err}");
-            eprintln!("{}", irf::USAGE);
-            return ExitCode::from(prodsys_toysim::EXIT_BAD_ARGS);
-        }
-    };
-    let mut out = std::io::stdout().lock();
-    let result = irf::merge(&args, &mut out);
-    let _ = out.flush();
-    match result {
-        Ok(_) => ExitCode::SUCCESS,
+        Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("{err}");
             ExitCode::from(err.exit_code())
