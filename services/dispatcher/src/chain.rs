@@ -174,7 +174,7 @@ pub async fn advance(
         let created = groups.len() as u64;
         created_all += created;
         jobs.flush(tx).await?;
-        store::assign_inputs(tx, child, &lfns, &indexes).await?;
+        let taken = store::assign_inputs(tx, child, &lfns, &indexes).await?;
         let note = if all_ended {
             let states: Vec<(String, Option<prodsys_core::ProductionState>)> = parents
                 .iter()
@@ -184,7 +184,7 @@ pub async fn advance(
         } else {
             String::new()
         };
-        store::update_chained(tx, child, job_total, all_ended, &note).await?;
+        store::update_chained(tx, child, job_total, all_ended, &note, taken).await?;
         if created > 0 || all_ended {
             let (_, used) = store::inputs_summary(tx, child).await?;
             tracing::info!(production_id = %child, created, job_total, inputs_used = used,

@@ -813,15 +813,18 @@ pub async fn assign_inputs(
     child: &str,
     lfns: &[&str],
     indexes: &[i64],
-) -> anyhow::Result<()> {
-    tx.execute_cached(
-        "UPDATE chain_inputs c SET job_index = u.job_index
-         FROM unnest($2::text[], $3::bigint[]) AS u(lfn, job_index)
-         WHERE c.child = $1 AND c.lfn = u.lfn AND c.job_index IS NULL",
-        &[&child, &lfns, &indexes],
-    )
-    .await?;
-    Ok(())
+) -> anyhow::Result<u64> {
+    if lfns.is_empty() {
+        return Ok(0);
+    }
+    Ok(tx
+        .execute_cached(
+            "UPDATE chain_inputs c SET job_index = u.job_index
+             FROM unnest($2::text[], $3::bigint[]) AS u(lfn, job_index)
+             WHERE c.child = $1 AND c.lfn = u.lfn AND c.job_index IS NULL",
+            &[&child, &lfns, &indexes],
+        )
+        .await?)
 }
 
 /// A chained production's new job total (all planned), and once every
@@ -832,12 +835,14 @@ pub async fn update_chained(
     job_total: i64,
     complete: bool,
     note: &str,
+    taken: u64,
 ) -> anyhow::Result<()> {
     tx.execute_cached(
         "UPDATE productions SET job_total = $2, planned_jobs = $2, inputs_complete = $3,
-                                inputs_note = $4, updated_at = now()
+                                inputs_note = $4, inputs_used = inputs_used + $5,
+                                updated_at = now()
          WHERE production_id = $1",
-        &[&child, &job_total, &complete, &note],
+        &[&child, &job_total, &complete, &note, &(taken as i64)],
     )
     .await?;
     Ok(())
@@ -852,13 +857,13 @@ pub async fn inputs_summary(
     let row = tx
         .query_one_cached(
             "SELECT (SELECT inputs_note FROM productions WHERE production_id = $1),
-                    (SELECT count(*) FROM chain_inputs WHERE child = $1 AND job_index IS NOT NULL)",
+                    (SELECT inputs_used FROM productions WHERE production_id = $1)",
             &[&production_id],
         )
         .await?;
     Ok((
         row.get::<_, Option<String>>(0).unwrap_or_default(),
-        row.get::<_, i64>(1) as u64,
+        row.get::<_, Option<i64>>(1).unwrap_or(0) as u64,
     ))
 }
 
