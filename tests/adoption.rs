@@ -633,6 +633,7 @@ async fn a_dispatcher_killed_while_slurm_jobs_run_is_replaced_and_nothing_runs_t
             partition: "debug".into(),
             max_in_flight: 4,
             sbatch_args: vec![],
+            shared_filesystem: true,
         },
     )]);
     let mut first = Dispatcher::start(&env, "slurm-dispatcher-1").await;

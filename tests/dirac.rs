@@ -2,6 +2,9 @@
 //! DiracX 0.7 from PyPI). No pilots run here, so the test plays the site: it
 //! moves the jobs prodsys submitted through DiracX's own status API, the way
 //! a pilot's job wrapper reports them, and checks that prodsys follows.
+//! On a remote site (no shared filesystem) the test is also the worker node:
+//! it runs each job's JDL, whose script uploads the outputs to a real XRootD
+//! server (tests/servers/xrootd), and prodsys catalogues them from there.
 
 mod support;
 
@@ -15,7 +18,11 @@ use prodsys_config::{BackendSettings, DiracSettings};
 use prodsys_proto as pb;
 use prodsys_testkit::{TestEnv, wait_for};
 use serde_json::{Value, json};
-use support::{App, sleep_request, spawn_app_with, use_test_profiles};
+use support::storage::{
+    base_path, files_of, forwarding_to, replica_in, server, storage_adler32, xroot_destination,
+    xrootd_data,
+};
+use support::{App, cta_example, sleep_request, spawn_app_with, use_test_profiles};
 
 const DIRAC: &str = "dirac-test";
 
@@ -76,6 +83,9 @@ fn on_dirac(env: &mut TestEnv, url: &str, token_command: &Path) {
             sites: vec![],
             output_se: None,
             jdl: BTreeMap::new(),
+            // A site that shares the work directory (the remote sites, whose
+            // jobs upload their outputs, are `on_remote_dirac`).
+            shared_filesystem: true,
         }),
     )]);
 }
@@ -550,6 +560,396 @@ async fn a_container_job_runs_from_its_jdl_on_a_worker_node() {
     let last = app.watch(&production).await.pop().unwrap();
     assert_eq!(last.state(), pb::ProductionState::Completed, "{last:?}");
     assert_eq!(last.counts.unwrap().done, 2);
+    app.stop().await;
+    std::fs::remove_dir_all(dir).ok();
+}
+
+/// XRootD instance of the remote-site tests: its `root://127.0.0.1:PORT`.
+fn xrootd() -> String {
+    server("xrootd", "dirac-remote")
+}
+
+/// The DIRAC installation as a site that shares nothing with the
+/// dispatcher, its productions' outputs going to destination `se` (XRootD
+/// under `base`); a chained test profile that reads its inputs with xrdcp.
+fn on_remote_dirac(env: &mut TestEnv, url: &str, token_command: &Path, xrootd: &str, base: &str) {
+    on_dirac(env, url, token_command);
+    if let Some(BackendSettings::Dirac(dirac)) = env.settings.dispatcher.backends.get_mut(DIRAC) {
+        dirac.shared_filesystem = false;
+    }
+    forwarding_to(env, "se", xroot_destination(xrootd, base));
+    // Each input fetched from the storage; each output names its input and
+    // holds its bytes, so checksums prove what flowed.
+    let profile = json!({
+        "name": "test-chain-xrootd",
+        "description": "Test jobs chained after a test-count production, reading their inputs from root:// URLs with xrdcp",
+        "id_prefix": "TCX",
+        "parameters": {
+            "type": "object",
+            "additionalProperties": false,
+            "required": ["input_production", "tag"],
+            "properties": {
+                "input_production": { "type": "string", "pattern": "^COUNT-[0-9]{1,18}$" },
+                "tag": { "type": "string" }
+            }
+        },
+        "identity": ["input_production", "tag"],
+        "inputs": {
+            "production": "input_production",
+            "profile": "test-count",
+            "group_size": 2,
+            "list_file": "inputs.lst"
+        },
+        "resources": { "cpu_seconds_per_unit": 1, "memory_mb": 100, "disk_mb_per_unit": 0 },
+        "max_attempts": 2,
+        "job": {
+            "command": [
+                "sh", "-c",
+                "mkdir -p {output_dir} && test {input_count} -eq $(wc -l < {input_list}) && for f in $(cat {input_list}); do n=$(basename $f .txt); xrdcp --nopbar --force $f $n.in && (echo from $n; cat $n.in) > {output_dir}/$n.chained; done"
+            ]
+        },
+        "outputs": {
+            "dir": "output",
+            "lfn": "/test/{production_id}/{file_name}",
+            "metadata": { "input_production": "{input_production}" }
+        }
+    });
+    std::fs::write(
+        env.settings.profiles_dir.join("test-chain-xrootd.json"),
+        serde_json::to_string_pretty(&profile).unwrap(),
+    )
+    .unwrap();
+}
+
+/// A test-count production (tests/profiles) of `jobs` jobs, each writing one
+/// file, on the DIRAC installation, forwarded to `forward`.
+fn count_request(jobs: u64, tag: &str, forward: &[&str]) -> pb::SubmitRequestRequest {
+    pb::SubmitRequestRequest {
+        profile: "test-count".into(),
+        vo: "test".into(),
+        parameters_json: json!({"jobs": jobs, "per_job": 1, "seconds": 0, "tag": tag}).to_string(),
+        backend: DIRAC.into(),
+        forward: forward.iter().map(|d| d.to_string()).collect(),
+        ..cta_example()
+    }
+}
+
+/// The worker node: runs job `id`'s JDL as a job wrapper does (`Executable
+/// Arguments` through a shell, in a directory of its own under `site`).
+fn run_on_worker_node(site: &Path, id: u64) -> String {
+    let jdl = stored_jdl(id);
+    let executable = jdl_attribute(&jdl, "Executable").unwrap();
+    let arguments = jdl_attribute(&jdl, "Arguments").unwrap();
+    let dir = site.join(format!("job-{id}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ran = Command::new("/bin/sh")
+        .arg("-c")
+        .arg(format!("{executable} {arguments}"))
+        .current_dir(&dir)
+        .output()
+        .unwrap();
+    assert!(ran.status.success(), "{jdl}\n{ran:?}");
+    std::fs::read_to_string(dir.join("prodsys-job.sh")).unwrap()
+}
+
+/// The DiracX jobs of `prefix` once there are `n`, by name.
+async fn named_jobs(diracx: &DiracX, prefix: &str, n: usize) -> BTreeMap<String, u64> {
+    wait_for(
+        &format!("{n} jobs in DiracX"),
+        Duration::from_secs(60),
+        || async {
+            let jobs = diracx.jobs(prefix).await;
+            (jobs.len() == n).then(|| {
+                jobs.into_iter()
+                    .map(|(id, (name, _, _))| (name, id))
+                    .collect()
+            })
+        },
+    )
+    .await
+    .unwrap()
+}
+
+/// Where XRootD instance `dirac-remote` keeps `lfn` of a destination under `base`.
+fn on_storage_disk(base: &str, lfn: &str) -> PathBuf {
+    xrootd_data("dirac-remote").join(format!("{}{lfn}", &base[1..]))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_remote_site_uploads_its_outputs_and_prodsys_catalogues_them_from_the_storage() {
+    let url = start_diracx();
+    let xrootd = xrootd();
+    let base = base_path();
+    let dir = std::env::temp_dir().join(format!("prodsys-dirac-remote-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (token_command, _) = counting_token_command(&dir);
+    let app =
+        spawn_app_with(|env| on_remote_dirac(env, &url, &token_command, &xrootd, &base)).await;
+    let diracx = DiracX::new(&url);
+
+    let production = app.accepted(count_request(3, "remote", &["se"])).await;
+    let prefix = job_prefix(&app, &production).await;
+    let first = named_jobs(&diracx, &prefix, 3).await;
+    let ids: Vec<u64> = first.values().copied().collect();
+    diracx.run(&ids).await;
+    let site = dir.join("site");
+    for id in &ids {
+        let script = run_on_worker_node(&site, *id);
+        assert!(
+            !script.contains(&*app.env.work_dir.to_string_lossy()),
+            "nothing of the dispatcher's filesystem: {script}"
+        );
+        assert!(
+            script.contains(&format!("{xrootd}/{base}/test/{production}")),
+            "{script}"
+        );
+    }
+    // What the site wrote is on the storage at each file's LFN (job i
+    // writes run i+1); one upload arrives corrupt, another never arrives.
+    let lfn = |run: u64| format!("/test/{production}/run{run}.txt");
+    let corrupt = on_storage_disk(&base, &lfn(1));
+    assert_eq!(std::fs::read_to_string(&corrupt).unwrap(), "run 1\n");
+    std::fs::write(&corrupt, "run 7\n").unwrap();
+    std::fs::remove_file(on_storage_disk(&base, &lfn(2))).unwrap();
+    diracx.report(&ids, "Done", "Execution Complete").await;
+
+    // Those two attempts failed and come back as second attempts; the third job is done.
+    let second = named_jobs(&diracx, &prefix, 5).await;
+    let retries: Vec<(&String, &u64)> = second.iter().filter(|(n, _)| n.ends_with(".a2")).collect();
+    assert_eq!(
+        retries
+            .iter()
+            .map(|(n, _)| n[prefix.len()..].to_string())
+            .collect::<Vec<_>>(),
+        ["000000.a2", "000001.a2"]
+    );
+    let retry_ids: Vec<u64> = retries.iter().map(|(_, id)| **id).collect();
+    diracx.run(&retry_ids).await;
+    for id in &retry_ids {
+        run_on_worker_node(&site, *id);
+    }
+    diracx
+        .report(&retry_ids, "Done", "Execution Complete")
+        .await;
+    let last = app.watch(&production).await.pop().unwrap();
+    assert_eq!(last.state(), pb::ProductionState::Completed, "{last:?}");
+    assert_eq!(last.counts.unwrap().done, 3);
+
+    // Every file catalogued at its place on the storage, with the adler32
+    // the storage reports; the copy there counts as forwarded, once verified.
+    let files = wait_for(
+        "every file verified on se",
+        Duration::from_secs(30),
+        || async {
+            let files = files_of(&app, &production).await;
+            (files.len() == 3
+                && files
+                    .iter()
+                    .all(|(_, r)| replica_in(r, "se", pb::ReplicaState::Verified).is_some()))
+            .then_some(files)
+        },
+    )
+    .await
+    .unwrap();
+    for (index, (file, replicas)) in files.iter().enumerate() {
+        let run = index + 1;
+        assert_eq!(file.lfn, lfn(run as u64), "{file:?}");
+        let path = format!("/{}{}", &base[1..], file.lfn);
+        assert_eq!(file.url, format!("{xrootd}/{path}"), "{file:?}");
+        let on_storage = storage_adler32(&xrootd, &path).expect("on the storage");
+        assert_eq!(file.adler32, on_storage, "{file:?}");
+        let expected = format!("run {run}\n");
+        assert_eq!(file.size, expected.len() as u64);
+        let (_, written) = prodsys_core::checksum::adler32_hex(expected.as_bytes()).unwrap();
+        assert_eq!(file.adler32, written, "{file:?}");
+        assert_eq!(replicas.len(), 1, "{replicas:?}");
+        assert_eq!(replicas[0].url, file.url, "{replicas:?}");
+    }
+    app.production_when("finished", Duration::from_secs(30), &production, |p| {
+        p.finished
+    })
+    .await;
+    app.stop().await;
+    std::fs::remove_dir_all(dir).ok();
+}
+
+/// A test-chain-xrootd production over `parent`'s files, on the DIRAC installation.
+fn chained_request(parent: &str, tag: &str) -> pb::SubmitRequestRequest {
+    pb::SubmitRequestRequest {
+        profile: "test-chain-xrootd".into(),
+        vo: "test".into(),
+        parameters_json: json!({"input_production": parent, "tag": tag}).to_string(),
+        backend: DIRAC.into(),
+        forward: vec!["se".into()],
+        ..cta_example()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_chained_job_at_a_remote_site_reads_its_inputs_from_the_storage() {
+    let url = start_diracx();
+    let xrootd = xrootd();
+    let base = base_path();
+    let dir = std::env::temp_dir().join(format!("prodsys-dirac-chain-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (token_command, _) = counting_token_command(&dir);
+    let app =
+        spawn_app_with(|env| on_remote_dirac(env, &url, &token_command, &xrootd, &base)).await;
+    let diracx = DiracX::new(&url);
+    let site = dir.join("site");
+
+    // The parent runs at the site too: its outputs are on the storage.
+    let parent = app
+        .accepted(count_request(2, "chain-parent", &["se"]))
+        .await;
+    let child = app.accepted(chained_request(&parent, "chain")).await;
+    let parent_jobs = named_jobs(&diracx, &job_prefix(&app, &parent).await, 2).await;
+    let ids: Vec<u64> = parent_jobs.values().copied().collect();
+    diracx.run(&ids).await;
+    for id in &ids {
+        run_on_worker_node(&site, *id);
+    }
+    diracx.report(&ids, "Done", "Execution Complete").await;
+    let last = app.watch(&parent).await.pop().unwrap();
+    assert_eq!(last.state(), pb::ProductionState::Completed, "{last:?}");
+    let inputs: Vec<String> = app
+        .files(&parent)
+        .await
+        .into_iter()
+        .map(|f| f.url)
+        .collect();
+    assert!(
+        inputs.iter().all(|u| u.starts_with("root://")),
+        "{inputs:?}"
+    );
+
+    // The child's one job (two inputs per job) gets them as root:// URLs in
+    // its input list, written by its script on the worker node.
+    let child_jobs = named_jobs(&diracx, &job_prefix(&app, &child).await, 1).await;
+    let id = *child_jobs.values().next().unwrap();
+    diracx.run(&[id]).await;
+    let script = run_on_worker_node(&site, id);
+    let mut listed: Vec<String> =
+        std::fs::read_to_string(site.join(format!("job-{id}/inputs.lst")))
+            .unwrap()
+            .lines()
+            .map(str::to_string)
+            .collect();
+    listed.sort();
+    let mut expected = inputs.clone();
+    expected.sort();
+    assert_eq!(listed, expected, "{script}");
+    diracx.report(&[id], "Done", "Execution Complete").await;
+    let last = app.watch(&child).await.pop().unwrap();
+    assert_eq!(last.state(), pb::ProductionState::Completed, "{last:?}");
+    let mut files = app.files(&child).await;
+    files.sort_by(|a, b| a.lfn.cmp(&b.lfn));
+    assert_eq!(files.len(), 2, "{files:?}");
+    for (index, file) in files.iter().enumerate() {
+        let run = index + 1;
+        // Made of the parent's file, as the storage holds it.
+        let bytes = std::fs::read(on_storage_disk(&base, &file.lfn)).unwrap();
+        assert_eq!(
+            String::from_utf8(bytes).unwrap(),
+            format!("from run{run}\nrun {run}\n")
+        );
+        let path = format!("/{}{}", &base[1..], file.lfn);
+        assert_eq!(file.url, format!("{xrootd}/{path}"));
+        assert_eq!(Some(file.adler32.clone()), storage_adler32(&xrootd, &path));
+    }
+    app.stop().await;
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_remote_site_is_given_no_job_whose_files_it_could_not_reach() {
+    let url = start_diracx();
+    let xrootd = xrootd();
+    let base = base_path();
+    let dir = std::env::temp_dir().join(format!("prodsys-dirac-refused-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (token_command, _) = counting_token_command(&dir);
+    let app = spawn_app_with(|env| {
+        on_remote_dirac(env, &url, &token_command, &xrootd, &base);
+        env.settings
+            .federation
+            .groups
+            .insert("remote-sites".into(), vec![DIRAC.into()]);
+    })
+    .await;
+    let diracx = DiracX::new(&url);
+    let db = app.env.db().await.unwrap();
+    let reasons = |production: String| {
+        let db = &db;
+        async move {
+            db.query(
+                "SELECT state, raw_status FROM dispatcher.jobs WHERE production_id = $1",
+                &[&production],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get::<_, String>(0), r.get::<_, String>(1)))
+            .collect::<Vec<_>>()
+        }
+    };
+
+    // Outputs forwarded nowhere: nothing a remote job could write to. The
+    // checker refuses that for the installation named; through a group the
+    // dispatcher refuses each attempt before submitting it.
+    let refused = app
+        .decided(
+            &app.submit(count_request(1, "nowhere", &[]))
+                .await
+                .unwrap()
+                .request_id,
+        )
+        .await;
+    assert_eq!(refused.state(), pb::RequestState::Rejected, "{refused:?}");
+    assert_eq!(refused.violations[0].field, "forward", "{refused:?}");
+    assert!(
+        refused.violations[0]
+            .description
+            .contains("does not share the dispatcher's work directory"),
+        "{refused:?}"
+    );
+    let mut grouped = count_request(1, "nowhere", &[]);
+    grouped.backend = "remote-sites".into();
+    let nowhere = app.accepted(grouped).await;
+    let last = app.watch(&nowhere).await.pop().unwrap();
+    assert_eq!(last.state(), pb::ProductionState::Failed, "{last:?}");
+    for (state, reason) in reasons(nowhere.clone()).await {
+        assert_eq!(state, "EXHAUSTED");
+        assert!(reason.contains("forwards its outputs nowhere"), "{reason}");
+    }
+    assert!(
+        diracx
+            .jobs(&job_prefix(&app, &nowhere).await)
+            .await
+            .is_empty()
+    );
+
+    // Inputs that are files on the dispatcher's host (the parent ran on the
+    // local executor): no site can read them.
+    let mut local = count_request(2, "local-parent", &[]);
+    local.backend = "local".into();
+    let parent = app.accepted(local).await;
+    let child = app.accepted(chained_request(&parent, "local-inputs")).await;
+    let last = app.watch(&child).await.pop().unwrap();
+    assert_eq!(last.state(), pb::ProductionState::Failed, "{last:?}");
+    for (state, reason) in reasons(child.clone()).await {
+        assert_eq!(state, "EXHAUSTED");
+        assert!(
+            reason.contains("is a file on the dispatcher's host"),
+            "{reason}"
+        );
+    }
+    assert!(
+        diracx
+            .jobs(&job_prefix(&app, &child).await)
+            .await
+            .is_empty()
+    );
     app.stop().await;
     std::fs::remove_dir_all(dir).ok();
 }

@@ -218,6 +218,7 @@ async fn a_failing_installation_holds_its_productions_and_says_why() {
                 sites: vec![],
                 output_se: None,
                 jdl: Default::default(),
+                shared_filesystem: true,
             }),
         );
     })

@@ -351,6 +351,7 @@ async fn an_installation_that_does_not_answer_is_given_nothing() {
                 sites: vec![],
                 output_se: None,
                 jdl: Default::default(),
+                shared_filesystem: false,
             }),
         );
         env.settings
@@ -392,6 +393,7 @@ async fn over_the_real_slurm_and_the_local_executor_jobs_split_by_capacity() {
                 partition: "debug".into(),
                 max_in_flight: 4,
                 sbatch_args: vec![],
+                shared_filesystem: true,
             },
         );
         env.settings
@@ -492,6 +494,7 @@ async fn the_real_slurm_stopped_mid_run_has_its_jobs_finish_on_the_local_executo
             partition: "debug".into(),
             max_in_flight: 4,
             sbatch_args: vec![],
+            shared_filesystem: true,
         },
     );
     env.settings

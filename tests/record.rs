@@ -315,3 +315,74 @@ async fn a_finished_production_s_record_agrees_with_the_catalog_and_status_and_i
     }
     app.stop().await;
 }
+
+/// A production is finished (`production.forwarded`, `finished` in status)
+/// only once its record is catalogued too, and then with the record's copy
+/// on its destination: here the recorder cannot write until the test lets
+/// it, so every output is catalogued and forwarded long before the record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_production_is_finished_only_once_its_record_is_catalogued_and_forwarded() {
+    let mut blocker = PathBuf::new();
+    let mut disk = PathBuf::new();
+    let app = spawn_app_with(|env| {
+        // A file where the records' directory should be: writing fails.
+        std::fs::create_dir_all(&env.work_dir).unwrap();
+        blocker = env.work_dir.join("blocked");
+        std::fs::write(&blocker, "not a directory").unwrap();
+        env.settings.catalog.records_dir = blocker.join("records");
+        disk = support::storage::disk(env);
+        support::storage::quick_retries(env);
+    })
+    .await;
+    let request = pb::SubmitRequestRequest {
+        forward: vec!["disk".into()],
+        ..cta_example()
+    };
+    let answer = app.submit(request).await.unwrap();
+    let production_id = app.decided(&answer.request_id).await.production_id;
+    let forwarded = app
+        .production_when(
+            "the outputs forwarded, the record not yet written",
+            Duration::from_secs(240),
+            &production_id,
+            |p| {
+                p.state() == pb::ProductionState::Completed
+                    && p.forwarding
+                        .first()
+                        .is_some_and(|d| d.total > 0 && d.forwarded == d.total)
+            },
+        )
+        .await;
+    assert!(!forwarded.finished, "{forwarded:?}");
+    // The example's four jobs write two files each.
+    let outputs = app.files(&production_id).await.len() as u64;
+    assert_eq!(outputs, 8);
+    assert_eq!(forwarded.forwarding[0].total, outputs, "{forwarded:?}");
+    // Several sweeps of the forwarder and the recorder later, still not finished.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let still = app.production(&production_id).await.unwrap();
+    assert!(!still.finished, "finished without its record: {still:?}");
+
+    // The recorder can write: the record is catalogued, forwarded, and only
+    // then is the production finished, with every file on the disk.
+    std::fs::remove_file(&blocker).unwrap();
+    let done = app
+        .production_when(
+            "the production finished",
+            Duration::from_secs(120),
+            &production_id,
+            |p| p.finished,
+        )
+        .await;
+    assert_eq!(done.forwarding[0].forwarded, outputs + 1, "{done:?}");
+    assert_eq!(done.forwarding[0].total, outputs + 1, "{done:?}");
+    let files = app.files(&production_id).await;
+    assert_eq!(files.len() as u64, outputs + 1);
+    let record = files
+        .iter()
+        .find(|f| f.lfn.ends_with("ro-crate-metadata.json"))
+        .expect("the record among the production's files");
+    let copy = disk.join(record.lfn.trim_start_matches('/'));
+    assert_eq!(adler32(&std::fs::read(copy).unwrap()), record.adler32);
+    app.stop().await;
+}

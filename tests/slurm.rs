@@ -26,6 +26,7 @@ fn on_slurm(env: &mut TestEnv) {
             partition: "debug".into(),
             max_in_flight: 3,
             sbatch_args: vec![],
+            shared_filesystem: true,
         },
     )]);
 }

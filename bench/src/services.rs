@@ -549,6 +549,7 @@ mod tests {
                 sites: vec![],
                 output_se: None,
                 jdl: [("Priority".to_string(), "5".to_string())].into(),
+                shared_filesystem: false,
             }),
         );
         let dir =

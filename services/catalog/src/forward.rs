@@ -8,10 +8,13 @@
 //! destination answered the catalogued adler32, `failed` with the reason and
 //! a backoff before the next try otherwise. A claim that runs out (its
 //! process died) is taken over; a retried copy first asks the destination
-//! whether the file is already there and correct. A sweep announces the
+//! whether the file is already there and correct. A file catalogued at its
+//! place on a destination (a remote job wrote it there) is only verified
+//! there. A sweep announces the
 //! progress of every production whose replicas changed
-//! (`forwarding.progress`) and, once its record exists and every file is
-//! verified everywhere, `production.forwarded` — once.
+//! (`forwarding.progress`) and, once its record exists (and, where records
+//! are written, is catalogued) and every file is verified everywhere,
+//! `production.forwarded` — once.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -44,6 +47,9 @@ pub struct Forwarder {
     settings: ForwardingSettings,
     /// This process's name on its claims.
     claimer: Uuid,
+    /// Whether production records are written (and catalogued): a
+    /// production is then finished only once its record is catalogued.
+    records: bool,
 }
 
 impl Forwarder {
@@ -77,7 +83,15 @@ impl Forwarder {
             registrars,
             settings: settings.clone(),
             claimer: Uuid::now_v7(),
+            records: false,
         })
+    }
+
+    /// A production is finished only once its record is catalogued too
+    /// (when this deployment writes records).
+    pub fn awaiting_records(mut self, records: bool) -> Self {
+        self.records = records;
+        self
     }
 
     /// Copies, records and announces until `shutdown`.
@@ -216,6 +230,23 @@ impl Forwarder {
             );
         };
         let url = destination.url_of(&claim.lfn);
+        if claim.source_url == url {
+            // A remote job wrote the file here itself (the dispatcher checked
+            // it against the job's manifest): this copy is the source, so it
+            // is only verified, never copied onto itself.
+            return match destination.checksum(&claim.lfn).await {
+                Ok(Some(sum)) if sum == claim.adler32 => CopyResult::Verified { url },
+                Ok(found) => self.failed(
+                    claim,
+                    format!(
+                        "the file is catalogued at its place on this destination, where its adler32 is {} and the catalog's {}",
+                        found.as_deref().unwrap_or("missing"),
+                        claim.adler32
+                    ),
+                ),
+                Err(e) => self.failed(claim, e.to_string()),
+            };
+        }
         if claim.attempts > 0 {
             match destination.checksum(&claim.lfn).await {
                 Ok(Some(sum)) if sum == claim.adler32 => return CopyResult::Verified { url },
@@ -333,7 +364,7 @@ impl Forwarder {
     async fn sweep_once(&self) -> anyhow::Result<usize> {
         let mut client = self.db.client().await?;
         let tx = client.transaction().await?;
-        let swept = store::sweep_forwarding(&tx, SWEEP_BATCH).await?;
+        let swept = store::sweep_forwarding(&tx, SWEEP_BATCH, self.records).await?;
         let at_unix_ms = chrono::Utc::now().timestamp_millis();
         let mut events = Vec::with_capacity(swept.len());
         for p in &swept {

@@ -118,7 +118,9 @@ pub async fn start(
     }
     // Without destinations it still announces productions whose outputs
     // are all catalogued.
-    forward::Forwarder::new(foundation.db.clone(), &settings.forwarding)?.spawn(shutdown.clone());
+    forward::Forwarder::new(foundation.db.clone(), &settings.forwarding)?
+        .awaiting_records(!settings.catalog.records_dir.as_os_str().is_empty())
+        .spawn(shutdown.clone());
     if let Some(recorder) = recorder::Recorder::new(foundation.db.clone(), &settings.catalog)? {
         tracing::info!(records_dir = %settings.catalog.records_dir.display(), "writing production records");
         recorder.spawn(shutdown.clone());

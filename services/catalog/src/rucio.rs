@@ -144,6 +144,16 @@ impl Registrar {
                     .checksum(&claim.lfn)
                     .await
                     .map_err(|e| self.failed_on_storage(e))?;
+                if there.as_deref() != Some(claim.adler32.as_str()) && claim.source_url == pfn {
+                    // Written there by a remote job: no other copy to put.
+                    return Err(RegisterError::Failed(format!(
+                        "{}: the file is catalogued at its place on {}, where its adler32 is {} and the catalog's {}",
+                        self.name,
+                        self.storage_name,
+                        there.as_deref().unwrap_or("missing"),
+                        claim.adler32
+                    )));
+                }
                 if there.as_deref() != Some(claim.adler32.as_str()) {
                     self.storage
                         .put(&claim.source_url, &claim.lfn, &claim.adler32)

@@ -321,20 +321,29 @@ pub struct Progress {
 /// Takes up to `limit` productions whose forwarding progress changed,
 /// reads their counts, closes those that finished, and returns what to
 /// announce, inside `tx` (the caller writes the events and commits).
-pub async fn sweep_forwarding(tx: &Transaction<'_>, limit: i64) -> anyhow::Result<Vec<Progress>> {
+///
+/// With `records` (this deployment writes production records), a production
+/// is finished only once its record is catalogued too, so the record is
+/// among the files forwarded before `production.forwarded` says so.
+pub async fn sweep_forwarding(
+    tx: &Transaction<'_>,
+    limit: i64,
+    records: bool,
+) -> anyhow::Result<Vec<Progress>> {
     let rows = tx
         .query_cached(
             // Ended, and every DONE job's outputs taken: production.completed
             // may have come before the last job.output.
             "SELECT f.production_id, f.destinations,
-                    COALESCE((SELECT p.jobs_done IS NULL
-                                     OR p.jobs_done <= (SELECT count(*) FROM job_outputs j
-                                                        WHERE j.production_id = f.production_id)
+                    COALESCE((SELECT (p.jobs_done IS NULL
+                                      OR p.jobs_done <= (SELECT count(*) FROM job_outputs j
+                                                         WHERE j.production_id = f.production_id))
+                                     AND (NOT $2 OR p.record_lfn IS NOT NULL)
                               FROM productions p WHERE p.production_id = f.production_id),
                              false)
              FROM forwarding f WHERE finished_at IS NULL AND progress_dirty
              ORDER BY production_id LIMIT $1 FOR UPDATE OF f SKIP LOCKED",
-            &[&limit],
+            &[&limit, &records],
         )
         .await
         .context("finding changed forwarding")?;
@@ -1641,8 +1650,9 @@ pub async fn register_record_file(
     .await?;
     if forwarded > 0 {
         wake_forwarders(tx).await?;
-        forwarding_changed(tx, &[file.production_id.as_str()]).await?;
     }
+    // A production is finished only with its record catalogued: look again.
+    forwarding_changed(tx, &[file.production_id.as_str()]).await?;
     Ok(())
 }
 

@@ -335,6 +335,10 @@ pub struct Rules {
     pub federation: prodsys_config::FederationSettings,
     /// The forwarding destinations a request may name (none: nothing is forwarded).
     pub destinations: Vec<String>,
+    /// The installations that do not share the dispatcher's work directory:
+    /// a request naming one must forward its outputs somewhere (its jobs
+    /// write them to the first destination).
+    pub remote_installations: Vec<String>,
     /// The deployment's ceiling on one production's jobs.
     pub max_jobs: u64,
 }
@@ -464,13 +468,32 @@ impl Rules {
                             };
                         }
                     };
-                if let Err(unknown) = profile.destinations(
+                match profile.destinations(
                     &parameters,
                     candidate.forward,
                     candidate.forward_replace,
                     &self.destinations,
                 ) {
-                    validation.violations.extend(unknown);
+                    Err(unknown) => validation.violations.extend(unknown),
+                    Ok(resolved) => {
+                        if resolved.is_empty()
+                            && self
+                                .remote_installations
+                                .iter()
+                                .any(|r| r == candidate.backend)
+                        {
+                            validation.violations.push(Violation::new(
+                                "forward",
+                                format!(
+                                    "installation {} does not share the dispatcher's work \
+                                     directory: its jobs write their outputs to the \
+                                     production's first forwarding destination, and this \
+                                     request forwards to none",
+                                    candidate.backend
+                                ),
+                            ));
+                        }
+                    }
                 }
                 validation.fingerprint = profile.fingerprint(&parameters);
                 let base = profile.base_fingerprint(&parameters);
@@ -1014,6 +1037,7 @@ mod tests {
                 ..Default::default()
             },
             destinations: Vec::new(),
+            remote_installations: Vec::new(),
             max_jobs: 1_000_000,
         }
     }
@@ -1232,6 +1256,32 @@ mod tests {
     }
 
     #[test]
+    fn an_installation_that_shares_no_filesystem_needs_a_destination() {
+        let mut rules = rules();
+        rules.installations.push("dirac-cta".into());
+        rules.remote_installations = vec!["dirac-cta".into()];
+        rules.destinations = vec!["eos".into()];
+        let p = parameters(4000, &[1]);
+        let mut c = candidate("a", &p);
+        c.backend = "dirac-cta";
+        let verdicts = decide(&rules, &[c], vec![None], &mut Neighbourhood::default());
+        let refused = rejected(&verdicts[0]);
+        assert_eq!(refused.violations[0].field, "forward");
+        assert!(
+            refused.violations[0]
+                .description
+                .contains("installation dirac-cta does not share the dispatcher's work directory"),
+            "{refused:?}"
+        );
+        let forward = ["eos".to_string()];
+        let mut c = candidate("b", &p);
+        c.backend = "dirac-cta";
+        c.forward = &forward;
+        let verdicts = decide(&rules, &[c], vec![None], &mut Neighbourhood::default());
+        accepted(&verdicts[0]);
+    }
+
+    #[test]
     fn a_group_or_any_is_accepted_while_one_of_its_installations_serves_the_vo() {
         let rules = rules();
         let p = parameters(4000, &[1]);
@@ -1271,6 +1321,7 @@ mod tests {
             installations: vec!["local".into()],
             federation: Default::default(),
             destinations: Vec::new(),
+            remote_installations: Vec::new(),
             max_jobs: 1_000_000,
         };
         let example: serde_json::Value = serde_json::from_str(

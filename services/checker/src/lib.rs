@@ -82,6 +82,13 @@ pub async fn start(
         installations: settings.dispatcher.installations().into_keys().collect(),
         federation: settings.federation.clone(),
         destinations: settings.forwarding.destinations.keys().cloned().collect(),
+        remote_installations: settings
+            .dispatcher
+            .installations()
+            .into_iter()
+            .filter(|(_, installation)| !installation.shares_filesystem())
+            .map(|(name, _)| name)
+            .collect(),
         max_jobs: settings.dispatcher.max_jobs_per_production,
     });
     foundation.consume(

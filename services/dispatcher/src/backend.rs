@@ -40,6 +40,12 @@ pub struct JobSpec {
     pub cpu_seconds: f64,
     pub memory_mb: u64,
     pub disk_mb: f64,
+    /// Set when the installation does not share the work directory: where
+    /// the job uploads its outputs and their manifest after its command.
+    pub remote: Option<crate::remote::RemoteOutputs>,
+    /// A chained job's input list (one input a line), which a remote job
+    /// writes into its own directory before its command starts.
+    pub input_list: Option<(PathBuf, String)>,
 }
 
 /// A job's state as the backend reports it, with the backend's own word kept.

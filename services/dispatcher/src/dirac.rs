@@ -5,9 +5,12 @@
 //! (DiracX 0.7 has no kill endpoint). The bearer token comes from
 //! configuration and is fetched again before its `exp` claim.
 //!
-//! Outputs: a DIRAC job uploads its output data to its `OutputSE` itself;
-//! the dispatcher collects files only from the attempt's working directory
-//! when the job's site shares it (a local DIRAC site), as the Slurm backend does.
+//! Outputs: a DIRAC site does not share the dispatcher's filesystem (unless
+//! configured with `shared_filesystem`), so each job's script uploads its
+//! outputs to its production's first forwarding destination after its
+//! command, where the scheduler checks and catalogues them (see `remote`).
+//! A site that shares the attempt's working directory has its files
+//! collected from there, as the Slurm backend's are.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -114,12 +117,13 @@ fn shell_quote(arg: &str) -> String {
 }
 
 /// `arg` quoted for the shell that runs a DIRAC job, with every occurrence of
-/// the dispatcher's `output_dir` replaced by the job's own `"$PWD"/output`.
-fn on_site(arg: &str, output_dir: &str) -> String {
-    if !arg.contains(output_dir) {
+/// `here` (a path on the dispatcher's host) replaced by `there` (a shell
+/// expression for the same place in the job's own directory).
+fn on_site(arg: &str, here: &str, there: &str) -> String {
+    if here.is_empty() || !arg.contains(here) {
         return shell_quote(arg);
     }
-    arg.split(output_dir)
+    arg.split(here)
         .map(|piece| {
             if piece.is_empty() {
                 String::new()
@@ -128,7 +132,7 @@ fn on_site(arg: &str, output_dir: &str) -> String {
             }
         })
         .collect::<Vec<_>>()
-        .join(r#""$PWD"/output"#)
+        .join(there)
 }
 
 /// An attribute name JDL accepts (letters, digits, underscore; a letter first).
@@ -226,20 +230,60 @@ impl Dirac {
         let output_dir = spec.output_dir.to_string_lossy();
         let words = || std::iter::once(&spec.program).chain(&spec.args);
         let names_output = !output_dir.is_empty() && words().any(|a| a.contains(&*output_dir));
+        // A job at a site that does not share the work directory: every path
+        // in the attempt's directory is one in the job's own, and its
+        // outputs are uploaded after its command.
+        let remote = spec.remote.as_ref();
         let as_script = names_output
+            || remote.is_some()
             || words().any(|a| a.contains(['"', '\\']))
             || env.iter().any(|(_, v)| v.contains(['"', '\\']));
         let mut sandbox = vec!["stdout.log", "stderr.log"];
         if as_script {
             let mut script = String::from("#!/bin/sh\nset -e\n");
-            if names_output {
-                script.push_str("mkdir -p output\n");
+            let workdir = format!("{}/", spec.workdir.to_string_lossy());
+            let on_site_output = match spec.output_dir.strip_prefix(&spec.workdir) {
+                Ok(relative) if remote.is_some() => {
+                    format!(r#""$PWD"/{}"#, shell_quote(&relative.to_string_lossy()))
+                }
+                _ => r#""$PWD"/output"#.to_string(),
+            };
+            if names_output || remote.is_some() {
+                script.push_str(&format!("mkdir -p {on_site_output}\n"));
             }
             for (key, value) in &env {
                 script.push_str(&format!("export {key}={}\n", shell_quote(value)));
             }
-            let command: Vec<String> = words().map(|a| on_site(a, &output_dir)).collect();
-            script.push_str(&format!("exec {}\n", command.join(" ")));
+            if let Some(remote) = remote {
+                script.push_str(&crate::remote::export_script(remote));
+            }
+            if let (Some(_), Some((list, text))) = (remote, &spec.input_list) {
+                let name = list
+                    .strip_prefix(&spec.workdir)
+                    .map(|p| p.to_string_lossy().into_owned())
+                    .unwrap_or_else(|_| "inputs.txt".into());
+                script.push_str(&format!(
+                    "cat > {} <<'PRODSYS_INPUTS'\n{text}PRODSYS_INPUTS\n",
+                    shell_quote(&name)
+                ));
+            }
+            let command: Vec<String> = match remote {
+                Some(_) => words()
+                    .map(|a| on_site(a, &workdir, r#""$PWD"/"#))
+                    .collect(),
+                None => words()
+                    .map(|a| on_site(a, &output_dir, r#""$PWD"/output"#))
+                    .collect(),
+            };
+            match remote {
+                // The command, then the upload of what it wrote.
+                Some(_) => {
+                    script.push_str(&format!("{}\n", command.join(" ")));
+                    script.push_str(&crate::remote::upload_script(&on_site_output));
+                    sandbox.push(crate::remote::MANIFEST_FILE);
+                }
+                None => script.push_str(&format!("exec {}\n", command.join(" "))),
+            }
             let encoded = base64::engine::general_purpose::STANDARD.encode(script);
             lines.push(("Executable".into(), jdl_string("/bin/sh")));
             lines.push((
@@ -651,6 +695,7 @@ mod tests {
             sites: vec!["LCG.CNAF.it".into()],
             output_se: Some("CNAF-Disk".into()),
             jdl: BTreeMap::from([("Priority".into(), "5".into())]),
+            shared_filesystem: false,
         }
     }
 
@@ -666,6 +711,8 @@ mod tests {
             cpu_seconds: 1000.0,
             memory_mb: 2048,
             disk_mb: 10.0,
+            remote: None,
+            input_list: None,
         }
     }
 
@@ -785,6 +832,59 @@ mod tests {
         assert!(site.join("output").is_dir());
         assert!(site.join("prodsys-job.sh").is_file());
         std::fs::remove_dir_all(site).ok();
+    }
+
+    #[test]
+    fn a_remote_job_writes_its_inputs_runs_and_uploads_its_outputs() {
+        let dirac = Dirac::new("dirac-cta", &settings()).unwrap();
+        let mut remote = spec();
+        remote.args = vec![
+            "--inputs".into(),
+            "/w/inputs.txt".into(),
+            "--out".into(),
+            "/w/output".into(),
+        ];
+        remote.remote = Some(crate::remote::RemoteOutputs {
+            output_url: "root://se:1094//data/cta/CTA-000001/Data".into(),
+            manifest_url: "root://se:1094//data/.prodsys/outputs/CTA-000001/t.txt".into(),
+        });
+        remote.input_list = Some((
+            PathBuf::from("/w/inputs.txt"),
+            "root://se:1094//data/a.simtel\nroot://se:1094//data/b.simtel\n".into(),
+        ));
+        let jdl = dirac.jdl(&remote);
+        assert!(jdl.contains(r#"Executable = "/bin/sh";"#), "{jdl}");
+        assert!(
+            jdl.contains(r#""prodsys-outputs.txt", "prodsys-job.sh"}"#),
+            "{jdl}"
+        );
+        let script = script_of(&jdl);
+        assert!(
+            script
+                .contains("export PRODSYS_OUTPUT_URL='root://se:1094//data/cta/CTA-000001/Data'\n"),
+            "{script}"
+        );
+        assert!(
+            script.contains(
+                "cat > inputs.txt <<'PRODSYS_INPUTS'\nroot://se:1094//data/a.simtel\nroot://se:1094//data/b.simtel\nPRODSYS_INPUTS\n"
+            ),
+            "{script}"
+        );
+        // Paths in the attempt's directory are the job's own; the command
+        // is not the script's last word: the upload follows it.
+        assert!(
+            script.contains(r#"prodsys-toysim --inputs "$PWD"/inputs.txt --out "$PWD"/output"#),
+            "{script}"
+        );
+        assert!(!script.contains("exec prodsys-toysim"), "{script}");
+        assert!(
+            script.contains(r#"for prodsys_file in "$PWD"/output/*; do"#),
+            "{script}"
+        );
+        assert!(
+            script.contains(r#"prodsys_put "$prodsys_manifest" "$PRODSYS_OUTPUT_MANIFEST_URL""#),
+            "{script}"
+        );
     }
 
     #[test]

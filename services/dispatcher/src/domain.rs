@@ -31,6 +31,8 @@ pub struct JobRow {
     pub profile: String,
     pub vo: String,
     pub parameters: serde_json::Value,
+    /// Its production's first forwarding destination, if any.
+    pub output_destination: Option<String>,
 }
 
 impl JobRow {
@@ -64,12 +66,18 @@ impl JobRow {
 /// A chained production's job gets its `inputs` (URLs) as `{input_files}`
 /// (paths where they are local files), `{input_list}` (the list file the
 /// scheduler writes in its directory) and `{input_count}`.
+///
+/// A job on an installation that does not share the work directory gets
+/// `remote`: `{output_url}` is then the directory of its outputs on its
+/// production's storage (else `file://` and its output directory), and its
+/// input list travels with it (`input_list`).
 pub fn job_spec(
     profile: &Profile,
     job: &JobRow,
     work_dir: &Path,
     deployment: &str,
     inputs: &[String],
+    remote: Option<crate::remote::RemoteOutputs>,
 ) -> JobSpec {
     let workdir = job.workdir_in(work_dir);
     let output_dir = workdir.join(&profile.outputs().dir);
@@ -81,17 +89,23 @@ pub fn job_spec(
         job.attempt as u32,
         &output_dir.to_string_lossy(),
     );
+    if let Some(remote) = &remote {
+        vars.insert("output_url".into(), remote.output_url.clone());
+    }
+    let mut input_list = None;
     if let Some(spec) = profile.inputs() {
         let files: Vec<&str> = inputs
             .iter()
             .map(|u| prodsys_core::inputs::input_location(u))
             .collect();
         vars.insert("input_files".into(), files.join(" "));
-        vars.insert(
-            "input_list".into(),
-            workdir.join(&spec.list_file).to_string_lossy().into_owned(),
-        );
+        let list = workdir.join(&spec.list_file);
+        vars.insert("input_list".into(), list.to_string_lossy().into_owned());
         vars.insert("input_count".into(), inputs.len().to_string());
+        if remote.is_some() {
+            let text: String = files.iter().map(|f| format!("{f}\n")).collect();
+            input_list = Some((list, text));
+        }
     }
     let prodsys_core::profile::JobCommand { program, args, env } = profile
         .job_command(&job.parameters, &vars)
@@ -117,6 +131,8 @@ pub fn job_spec(
         cpu_seconds: estimate.cpu_seconds,
         memory_mb: estimate.memory_mb,
         disk_mb: estimate.disk_mb,
+        remote,
+        input_list,
     }
 }
 
@@ -144,7 +160,7 @@ pub fn describe_outputs(
             lfn: render(&profile.outputs().lfn, &vars),
             size: file.size,
             adler32: file.adler32.clone(),
-            url: format!("file://{}", file.path.display()),
+            url: file.url.clone(),
             metadata: profile.output_metadata(&vars),
             production_id: job.production_id.clone(),
             job_index: job.job_index as u64,
@@ -356,6 +372,9 @@ pub struct NewProduction<'a> {
     /// Jobs created with the row (the rest are left to the planning task).
     pub planned_jobs: u64,
     pub accepted_at: chrono::DateTime<chrono::Utc>,
+    /// The first forwarding destination, where jobs on an installation that
+    /// does not share the work directory write their outputs.
+    pub output_destination: Option<&'a str>,
 }
 
 /// The rows of a batch of productions, recorded as [`recording`] says.
@@ -390,6 +409,7 @@ pub fn new_productions<'a>(
             state,
             planned_jobs,
             accepted_at: p.accepted_at,
+            output_destination: p.accepted.forward.first().map(String::as_str),
         })
         .collect()
 }

@@ -166,8 +166,9 @@ impl Scheduler {
                 kept.push(job);
                 continue;
             };
+            // Only its tag is asked for.
             let spec =
-                crate::domain::job_spec(profile, &job, &self.work_dir, &self.deployment, &[]);
+                crate::domain::job_spec(profile, &job, &self.work_dir, &self.deployment, &[], None);
             match self.backend.find(&spec).await {
                 Ok(None) => released.push(job),
                 _ => kept.push(job),

@@ -22,6 +22,7 @@ mod jobs_api;
 pub mod lease;
 mod outputs;
 mod planning;
+pub mod remote;
 mod scheduler;
 pub mod slurm;
 mod store;
@@ -55,6 +56,7 @@ pub const MIGRATIONS: &[Migration] = prodsys_db::migrations![
     "0400_chained_inputs.sql",
     "0500_federated_placement.sql",
     "0600_inputs_used_counted.sql",
+    "0700_output_destination.sql",
 ];
 
 pub async fn start(
@@ -102,7 +104,13 @@ pub async fn start(
     let mut wakes = Vec::new();
     let mut schedulers = Vec::new();
     let poll_interval = std::time::Duration::from_millis(settings.dispatcher.poll_interval_ms);
+    // The storages that jobs of installations not sharing the work directory write to.
+    let destinations = Arc::new(
+        remote::Destinations::from_settings(&settings.forwarding)
+            .context("reading the forwarding destinations")?,
+    );
     for (name, installation) in settings.dispatcher.installations() {
+        let remote = (!installation.shares_filesystem()).then(|| destinations.clone());
         // A local installation may keep its attempts in a directory of its own.
         let mut installation_work_dir = work_dir.clone();
         let backend: Arc<dyn backend::Backend> = match installation {
@@ -123,6 +131,7 @@ pub async fn start(
                 partition,
                 max_in_flight,
                 sbatch_args,
+                ..
             } => Arc::new(slurm::Slurm::new(
                 &name,
                 &partition,
@@ -152,6 +161,7 @@ pub async fn start(
                 lease_ttl,
             )),
             federation: federation.clone(),
+            remote,
         };
         schedulers.push(tokio::spawn(scheduler.run(shutdown.clone())));
     }

@@ -13,6 +13,9 @@ pub struct Scanned {
     pub name: String,
     pub size: u64,
     pub adler32: String,
+    /// Where it is: `file://` and its path, or its URL on the storage a
+    /// remote job wrote it to (see `remote`).
+    pub url: String,
 }
 
 /// Suffixes of files still being written: never collected.
@@ -96,6 +99,7 @@ pub fn scan_outputs(dir: &Path) -> anyhow::Result<Result<Vec<Scanned>, String>> 
             std::fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?;
         let (size, adler32) = prodsys_core::checksum::adler32_hex(std::io::BufReader::new(file))?;
         files.push(Scanned {
+            url: format!("file://{}", path.display()),
             path,
             name,
             size,

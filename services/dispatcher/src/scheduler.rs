@@ -46,6 +46,9 @@ pub(crate) struct Scheduler {
     pub lease: Arc<Lease>,
     /// Groups of installations, for the jobs of productions that name one.
     pub federation: Arc<crate::federation::Federation>,
+    /// Set when the installation does not share the work directory: the
+    /// storages its jobs upload their outputs to (see `remote`).
+    pub remote: Option<Arc<crate::remote::Destinations>>,
 }
 
 /// The events one transaction will publish.
@@ -389,6 +392,7 @@ impl Scheduler {
         let mut submitted = Vec::with_capacity(jobs.len());
         let mut failure = None;
         let mut to_submit = Vec::with_capacity(jobs.len());
+        let mut refused: Vec<(JobRow, String)> = Vec::new();
         let inputs = self.inputs_of(&jobs).await?;
         for job in jobs {
             let Some(profile) = self.profiles.get(&job.profile) else {
@@ -402,9 +406,29 @@ impl Scheduler {
                 .get(&(job.production_id.clone(), job.job_index))
                 .map(Vec::as_slice)
                 .unwrap_or_default();
-            let spec =
-                domain::job_spec(profile, &job, &self.work_dir, &self.deployment, job_inputs);
+            let tag = job.tag(&self.deployment);
+            let remote = match &self.remote {
+                None => None,
+                Some(destinations) => match self.refusal(destinations, profile, &job, job_inputs) {
+                    Ok(outputs) => Some(outputs),
+                    // Nothing a site could run: the attempt fails, saying why.
+                    Err(reason) => {
+                        tracing::warn!(job = %tag, %reason, "attempt refused before submission");
+                        refused.push((job, reason));
+                        continue;
+                    }
+                },
+            };
+            let spec = domain::job_spec(
+                profile,
+                &job,
+                &self.work_dir,
+                &self.deployment,
+                job_inputs,
+                remote,
+            );
             if let Some(spec_inputs) = profile.inputs()
+                && spec.remote.is_none()
                 && let Err(error) =
                     write_input_list(&spec.workdir, &spec_inputs.list_file, job_inputs).await
             {
@@ -456,11 +480,23 @@ impl Scheduler {
                 }
             }
         }
-        if !submitted.is_empty() {
+        if !submitted.is_empty() || !refused.is_empty() {
             let mut client = self.db.client().await?;
             let tx = client.transaction().await?;
             self.lease.fence(&tx).await?;
             let mut changes = self.changes();
+            for (job, reason) in &refused {
+                if let Some(profile) = self.profiles.get(&job.profile) {
+                    let status = BackendStatus {
+                        backend_job_id: String::new(),
+                        state: JobState::Failed,
+                        raw: reason.clone(),
+                        exit_code: None,
+                        cpu_ms: None,
+                    };
+                    self.fail(&tx, profile, job, &status, &mut changes).await?;
+                }
+            }
             for (job, status) in &submitted {
                 store::set_backend_id(&tx, job, &status.backend_job_id, &status.raw).await?;
                 // An attempt that ended already is collected when polled
@@ -478,6 +514,35 @@ impl Scheduler {
             Some(error) => Err(error.context("submitting to the backend")),
             None => Ok(()),
         }
+    }
+
+    /// Where a job of this installation, which does not share the work
+    /// directory, uploads its outputs; or why it cannot run there: its
+    /// production forwards nowhere, or an input is a file on the
+    /// dispatcher's host, which no site can read.
+    fn refusal(
+        &self,
+        destinations: &crate::remote::Destinations,
+        profile: &Profile,
+        job: &JobRow,
+        inputs: &[String],
+    ) -> Result<crate::remote::RemoteOutputs, String> {
+        let installation = self.backend.name();
+        if let Some(local) = inputs
+            .iter()
+            .map(|url| prodsys_core::inputs::input_location(url))
+            .find(|location| !location.contains("://"))
+        {
+            return Err(format!(
+                "input {local} is a file on the dispatcher's host, which a job on installation \
+                 {installation} cannot read (it does not share the work directory): only \
+                 inputs on a storage reach it, as a parent production's outputs are when its \
+                 jobs ran where the work directory is not shared"
+            ));
+        }
+        destinations
+            .outputs_of(profile, job, &job.tag(&self.deployment))
+            .map_err(|reason| format!("installation {installation}: {reason}"))
     }
 
     /// The input files of the chained productions' jobs among `jobs`.
@@ -680,6 +745,18 @@ impl Scheduler {
             let Some(profile) = self.profiles.get(&job.profile) else {
                 continue;
             };
+            if let Some(destinations) = &self.remote {
+                // Its outputs are on its production's storage, not here.
+                let tag = job.tag(&self.deployment);
+                match destinations.collect(profile, &job, &tag).await {
+                    Ok(outputs) => {
+                        scanned.insert(backend_job_id, (job.attempt, outputs));
+                    }
+                    Err(reason) => tracing::warn!(job = %tag, %reason,
+                        "the storage of a remote job's outputs cannot be asked; asking again at the next poll"),
+                }
+                continue;
+            }
             let workdir = PathBuf::from(
                 job.workdir
                     .as_deref()

@@ -5,7 +5,11 @@
 //! so outputs are collected the way the local executor's are, and the job's
 //! CPU time is what its batch script recorded there once the command ended
 //! (`prodsys.exit`, as the local executor's supervisor writes it: the
-//! shell's `times`), which needs no accounting database.
+//! shell's `times`), which needs no accounting database. An installation
+//! that does not share it (`shared_filesystem = false`) gets a batch script
+//! that makes the attempt's directory on the node, writes its input list
+//! there, runs the command and uploads the outputs to the production's
+//! storage (see `remote`); its logs stay on the node (`/tmp`).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -157,6 +161,15 @@ impl Slurm {
             quote(&spec.output_dir.to_string_lossy()),
             quote(&spec.workdir.to_string_lossy())
         ));
+        if let Some(remote) = &spec.remote {
+            script.push_str(&crate::remote::export_script(remote));
+            if let Some((list, text)) = &spec.input_list {
+                script.push_str(&format!(
+                    "cat > {} <<'PRODSYS_INPUTS'\n{text}PRODSYS_INPUTS\n",
+                    quote(&list.to_string_lossy())
+                ));
+            }
+        }
         let mut command = String::new();
         for arg in std::iter::once(&spec.program).chain(&spec.args) {
             command.push_str(&quote(arg));
@@ -167,9 +180,17 @@ impl Slurm {
         // How it ended and the CPU time of its processes, in the working
         // directory (written atomically), as the local supervisor records it.
         script.push_str(&format!(
-            "rc=$?\n{{ echo \"exit $rc\"; times; }} > {exit}.tmp && mv -f {exit}.tmp {exit}\nexit $rc\n",
+            "rc=$?\n{{ echo \"exit $rc\"; times; }} > {exit}.tmp && mv -f {exit}.tmp {exit}\n",
             exit = supervisor::EXIT_FILE
         ));
+        if spec.remote.is_some() {
+            // Once the command succeeded, the upload of what it wrote.
+            script.push_str("[ \"$rc\" -eq 0 ] || exit $rc\nset -e\n");
+            script.push_str(&crate::remote::upload_script(&quote(
+                &spec.output_dir.to_string_lossy(),
+            )));
+        }
+        script.push_str("exit $rc\n");
         script
     }
 
@@ -179,15 +200,23 @@ impl Slurm {
             .with_context(|| format!("creating {}", spec.workdir.display()))?;
         let script = spec.workdir.join("job.sh");
         tokio::fs::write(&script, self.script(spec)).await?;
-        let dir = spec.workdir.to_string_lossy();
+        // A node that does not share the work directory has no attempt
+        // directory until the script makes it: it starts, and logs, in /tmp.
+        let (dir, logs) = match spec.remote {
+            None => {
+                let dir = spec.workdir.to_string_lossy().into_owned();
+                (dir.clone(), format!("{dir}/"))
+            }
+            Some(_) => ("/tmp".to_string(), format!("/tmp/{}.", spec.tag)),
+        };
         // Twice the estimate, and never under ten minutes: an estimate is a guess.
         let minutes = ((spec.cpu_seconds * 2.0 / 60.0).ceil() as u64).max(10);
         let mut args = vec![
             "--parsable".to_string(),
             format!("--job-name={}", spec.tag),
             format!("--chdir={dir}"),
-            format!("--output={dir}/stdout.log"),
-            format!("--error={dir}/stderr.log"),
+            format!("--output={logs}stdout.log"),
+            format!("--error={logs}stderr.log"),
             format!("--time={minutes}"),
             format!("--mem={}M", spec.memory_mb.max(1)),
         ];
@@ -479,6 +508,8 @@ mod tests {
             cpu_seconds: 1.0,
             memory_mb: 1,
             disk_mb: 1.0,
+            remote: None,
+            input_list: None,
         };
         let script = slurm.script(&spec);
         assert!(
@@ -490,5 +521,51 @@ mod tests {
             "{script}"
         );
         assert!(script.contains("cd '/w/x' || exit 1"), "{script}");
+    }
+
+    #[test]
+    fn a_node_elsewhere_uploads_what_the_command_wrote() {
+        let slurm = Slurm::new("s", "", 1, vec![], None);
+        let spec = JobSpec {
+            tag: "d.CTA-000001.000001.a1".into(),
+            production_id: "CTA-000001".into(),
+            program: "prodsys-toysim".into(),
+            args: vec!["--out".into(), "/w/x/output".into()],
+            env: vec![],
+            workdir: PathBuf::from("/w/x"),
+            output_dir: PathBuf::from("/w/x/output"),
+            cpu_seconds: 1.0,
+            memory_mb: 1,
+            disk_mb: 1.0,
+            remote: Some(crate::remote::RemoteOutputs {
+                output_url: "root://se:1094//data/cta/CTA-000001".into(),
+                manifest_url: "root://se:1094//data/.prodsys/outputs/CTA-000001/t.txt".into(),
+            }),
+            input_list: Some((PathBuf::from("/w/x/inputs.txt"), "root://se//a\n".into())),
+        };
+        let script = slurm.script(&spec);
+        assert!(
+            script.contains("export PRODSYS_OUTPUT_URL='root://se:1094//data/cta/CTA-000001'"),
+            "{script}"
+        );
+        assert!(
+            script.contains(
+                "cat > '/w/x/inputs.txt' <<'PRODSYS_INPUTS'\nroot://se//a\nPRODSYS_INPUTS\n"
+            ),
+            "{script}"
+        );
+        assert!(
+            script.contains("\n'prodsys-toysim' '--out' '/w/x/output'\nrc=$?\n"),
+            "{script}"
+        );
+        // Uploaded only once the command succeeded.
+        assert!(
+            script.contains("[ \"$rc\" -eq 0 ] || exit $rc\nset -e\n"),
+            "{script}"
+        );
+        assert!(
+            script.contains("for prodsys_file in '/w/x/output'/*; do"),
+            "{script}"
+        );
     }
 }

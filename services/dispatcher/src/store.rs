@@ -17,7 +17,10 @@ pub mod federation;
 /// Columns of a job with what its templates need, in [`job_row`]'s order.
 const JOB_COLUMNS: &str =
     "j.production_id, j.job_index, j.run_number, j.seed, j.units, j.attempt, j.state,
-                           j.workdir, p.profile, p.vo, p.parameters";
+                           j.workdir, p.profile, p.vo, p.parameters, p.output_destination";
+
+/// How many [`JOB_COLUMNS`] there are: the index of a column selected after them.
+const JOB_COLUMN_COUNT: usize = 12;
 
 fn job_row(row: &prodsys_db::tokio_postgres::Row) -> anyhow::Result<JobRow> {
     Ok(JobRow {
@@ -32,6 +35,7 @@ fn job_row(row: &prodsys_db::tokio_postgres::Row) -> anyhow::Result<JobRow> {
         profile: row.get(8),
         vo: row.get(9),
         parameters: row.get(10),
+        output_destination: row.get(11),
     })
 }
 
@@ -188,7 +192,7 @@ pub async fn in_flight_jobs<C: GenericClient + Sync>(
     );
     let mut jobs = HashMap::new();
     for row in client.query_cached(&sql, &[&ids, &installation]).await? {
-        jobs.insert(row.get(11), job_row(&row)?);
+        jobs.insert(row.get(JOB_COLUMN_COUNT), job_row(&row)?);
     }
     Ok(jobs)
 }
@@ -535,7 +539,9 @@ pub async fn insert_productions(
     let mut states = Vec::with_capacity(n);
     let mut planned = Vec::with_capacity(n);
     let mut accepted_ats = Vec::with_capacity(n);
+    let mut destinations = Vec::with_capacity(n);
     for p in productions {
+        destinations.push(p.output_destination);
         ids.push(p.production_id);
         request_ids.push(p.request_id);
         profiles.push(p.profile);
@@ -554,10 +560,10 @@ pub async fn insert_productions(
         .query_cached(
             "INSERT INTO productions (production_id, request_id, profile, vo, parameters, fingerprint,
                                       backend, run_number_offset, job_total, priority, state, planned_jobs,
-                                      accepted_at)
+                                      accepted_at, output_destination)
              SELECT * FROM unnest($1::text[], $2::uuid[], $3::text[], $4::text[], $5::jsonb[],
                                   $6::text[], $7::text[], $8::bigint[], $9::bigint[], $10::int[],
-                                  $11::text[], $12::bigint[], $13::timestamptz[])
+                                  $11::text[], $12::bigint[], $13::timestamptz[], $14::text[])
              ON CONFLICT (production_id) DO NOTHING RETURNING production_id",
             &[
                 &ids,
@@ -573,6 +579,7 @@ pub async fn insert_productions(
                 &states,
                 &planned,
                 &accepted_ats,
+                &destinations,
             ],
         )
         .await?

@@ -302,6 +302,12 @@ pub enum BackendSettings {
         /// Extra sbatch arguments (account, QOS, …).
         #[serde(default)]
         sbatch_args: Vec<String>,
+        /// Whether the nodes share the dispatcher's work directory (the
+        /// default). A cluster elsewhere (`false`) runs each attempt in a
+        /// directory of its own and uploads its outputs to the production's
+        /// first forwarding destination, where they are checked and catalogued.
+        #[serde(default = "default_true")]
+        shared_filesystem: bool,
     },
     /// A DIRAC installation through the DiracX REST API.
     Dirac(DiracSettings),
@@ -347,6 +353,12 @@ pub struct DiracSettings {
     /// Extra JDL attributes, written as given (`Priority = "5"`, `Tags = "{\"GPU\"}"`).
     #[serde(default)]
     pub jdl: BTreeMap<String, String>,
+    /// Whether the sites' worker nodes share the dispatcher's work directory
+    /// (a DIRAC site on the dispatcher's own cluster). By default they do
+    /// not: each job uploads its outputs to its production's first
+    /// forwarding destination, where they are checked and catalogued.
+    #[serde(default)]
+    pub shared_filesystem: bool,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -407,6 +419,10 @@ pub enum DestinationSettings {
     Rucio(Box<RucioSettings>),
 }
 
+fn default_true() -> bool {
+    true
+}
+
 fn default_xrdcp() -> String {
     "xrdcp".into()
 }
@@ -461,6 +477,19 @@ impl BackendSettings {
             BackendSettings::Local { max_running, .. } => (*max_running).max(1),
             BackendSettings::Slurm { max_in_flight, .. } => *max_in_flight,
             BackendSettings::Dirac(dirac) => dirac.max_in_flight,
+        }
+    }
+
+    /// Whether the installation's jobs run where the dispatcher's work
+    /// directory is (their outputs are collected from there); if not, they
+    /// upload them to their production's first forwarding destination.
+    pub fn shares_filesystem(&self) -> bool {
+        match self {
+            BackendSettings::Local { .. } => true,
+            BackendSettings::Slurm {
+                shared_filesystem, ..
+            } => *shared_filesystem,
+            BackendSettings::Dirac(dirac) => dirac.shared_filesystem,
         }
     }
 }

@@ -209,6 +209,7 @@ pub const JOB_VARIABLES: &[&str] = &[
     "job_units",
     "attempt",
     "output_dir",
+    "output_url",
     "memory_mb",
 ];
 /// Variables the LFN and metadata templates may use besides the job variables.
@@ -1040,6 +1041,10 @@ impl Profile {
         vars.insert("job_units".into(), job.units.to_string());
         vars.insert("attempt".into(), attempt.to_string());
         vars.insert("output_dir".into(), output_dir.into());
+        // Where the outputs go: the directory itself, unless the job runs
+        // where that is not seen (the dispatcher then gives the URL on its
+        // production's storage).
+        vars.insert("output_url".into(), format!("file://{output_dir}"));
         vars.insert(
             "memory_mb".into(),
             self.file.resources.memory_mb.to_string(),

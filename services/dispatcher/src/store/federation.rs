@@ -8,7 +8,7 @@ use prodsys_core::JobState;
 use prodsys_db::Cached;
 use prodsys_db::deadpool_postgres::{GenericClient, Transaction};
 
-use super::{JOB_COLUMNS, job_row};
+use super::{JOB_COLUMN_COUNT, JOB_COLUMNS, job_row};
 use crate::domain::JobRow;
 
 /// The advisory lock under which one scheduler at a time places federated jobs.
@@ -266,7 +266,7 @@ pub async fn federated_in_flight(
     )
     .await?
     .iter()
-    .map(|r| Ok((job_row(r)?, r.get(11))))
+    .map(|r| Ok((job_row(r)?, r.get(JOB_COLUMN_COUNT))))
     .collect()
 }
 
