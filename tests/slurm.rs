@@ -234,3 +234,60 @@ async fn cancel_scancels_and_a_restart_never_submits_an_attempt_twice() {
     .unwrap();
     app.stop().await;
 }
+
+/// A cluster configured as not sharing the work directory: each batch
+/// script uploads what its command wrote to the production's first
+/// destination (a real XRootD), and prodsys catalogues the files from there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cluster_elsewhere_uploads_its_outputs_and_they_are_catalogued_from_the_storage() {
+    use support::storage::{
+        base_path, files_of, forwarding_to, replica_in, server, storage_adler32, xroot_destination,
+    };
+    let xrootd = server("xrootd", "slurm-remote");
+    let base = base_path();
+    let app = spawn_app_with(|env| {
+        on_slurm(env);
+        if let Some(BackendSettings::Slurm {
+            shared_filesystem, ..
+        }) = env.settings.dispatcher.backends.get_mut(SLURM)
+        {
+            *shared_filesystem = false;
+        }
+        forwarding_to(env, "se", xroot_destination(&xrootd, &base));
+    })
+    .await;
+    let production = app
+        .accepted(pb::SubmitRequestRequest {
+            backend: SLURM.into(),
+            forward: vec!["se".into()],
+            ..cta_example()
+        })
+        .await;
+    let last = app.watch(&production).await.pop().unwrap();
+    assert_eq!(last.state(), pb::ProductionState::Completed, "{last:?}");
+    let files = wait_for(
+        "8 files verified on se",
+        Duration::from_secs(60),
+        || async {
+            let files = files_of(&app, &production).await;
+            (files.len() == 8
+                && files
+                    .iter()
+                    .all(|(_, r)| replica_in(r, "se", pb::ReplicaState::Verified).is_some()))
+            .then_some(files)
+        },
+    )
+    .await
+    .unwrap();
+    for (file, replicas) in &files {
+        let path = format!("/{}{}", &base[1..], file.lfn);
+        assert_eq!(file.url, format!("{xrootd}/{path}"), "{file:?}");
+        assert_eq!(
+            Some(file.adler32.clone()),
+            storage_adler32(&xrootd, &path),
+            "{file:?}"
+        );
+        assert_eq!(replicas[0].url, file.url, "{replicas:?}");
+    }
+    app.stop().await;
+}
