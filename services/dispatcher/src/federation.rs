@@ -26,6 +26,9 @@ pub struct Federation {
     pub settings: FederationSettings,
     /// Every installation by name, with its `max_in_flight`.
     pub capacities: BTreeMap<String, u64>,
+    /// The installations that do not share the work directory: their jobs
+    /// need a destination to write their outputs to.
+    pub remote: BTreeSet<String>,
 }
 
 impl Federation {
@@ -37,6 +40,13 @@ impl Federation {
                 .installations()
                 .into_iter()
                 .map(|(name, i)| (name, i.max_in_flight() as u64))
+                .collect(),
+            remote: settings
+                .dispatcher
+                .installations()
+                .into_iter()
+                .filter(|(_, i)| !i.shares_filesystem())
+                .map(|(name, _)| name)
                 .collect(),
         }
     }
@@ -63,6 +73,23 @@ impl Federation {
         self.settings
             .members(backend, vo, &self.names())
             .unwrap_or_default()
+    }
+
+    /// The members a production's jobs are placed on: without a forwarding
+    /// destination (`forwards`), not the installations that do not share
+    /// the work directory, while another member does (else they stay, and
+    /// each attempt there is refused with the reason).
+    pub fn placeable(&self, backend: &str, vo: &str, forwards: bool) -> Vec<String> {
+        let members = self.members(backend, vo);
+        if forwards {
+            return members;
+        }
+        let sharing: Vec<String> = members
+            .iter()
+            .filter(|m| !self.remote.contains(*m))
+            .cloned()
+            .collect();
+        if sharing.is_empty() { members } else { sharing }
     }
 }
 
@@ -244,7 +271,9 @@ impl Scheduler {
         let productions: Vec<_> = productions
             .into_iter()
             .map(|p| {
-                let members = self.federation.members(&p.backend, &p.vo);
+                let members =
+                    self.federation
+                        .placeable(&p.backend, &p.vo, p.output_destination.is_some());
                 (p.production_id, members)
             })
             .filter(|(_, members)| members.iter().any(|m| m == me))
@@ -306,5 +335,38 @@ impl Scheduler {
             );
         }
         Ok(taken)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_production_forwarding_nowhere_is_placed_where_the_work_directory_is_shared() {
+        let mut settings = FederationSettings::default();
+        settings.groups.insert(
+            "grid".into(),
+            vec!["dirac".into(), "local".into(), "slurm".into()],
+        );
+        settings.groups.insert("sites".into(), vec!["dirac".into()]);
+        let federation = Federation {
+            settings,
+            capacities: [("dirac", 10), ("local", 2), ("slurm", 10)]
+                .into_iter()
+                .map(|(n, c)| (n.to_string(), c))
+                .collect(),
+            remote: ["dirac".to_string()].into(),
+        };
+        assert_eq!(
+            federation.placeable("grid", "cta", true),
+            ["dirac", "local", "slurm"]
+        );
+        assert_eq!(
+            federation.placeable("grid", "cta", false),
+            ["local", "slurm"]
+        );
+        // Nowhere else to go: there, each attempt is refused with the reason.
+        assert_eq!(federation.placeable("sites", "cta", false), ["dirac"]);
     }
 }

@@ -19,6 +19,8 @@ pub struct Federated {
     pub production_id: String,
     pub backend: String,
     pub vo: String,
+    /// Where its jobs on an installation not sharing the work directory write.
+    pub output_destination: Option<String>,
 }
 
 /// Waits for the placement lock, held until `tx` ends.
@@ -37,7 +39,7 @@ pub async fn federated_productions<C: GenericClient + Sync>(
 ) -> anyhow::Result<Vec<Federated>> {
     Ok(client
         .query_cached(
-            "SELECT production_id, backend, vo FROM productions
+            "SELECT production_id, backend, vo, output_destination FROM productions
              WHERE backend = ANY($1) AND state = $2
              ORDER BY priority DESC, created_at, production_id",
             &[&backends, &state],
@@ -48,6 +50,7 @@ pub async fn federated_productions<C: GenericClient + Sync>(
             production_id: r.get(0),
             backend: r.get(1),
             vo: r.get(2),
+            output_destination: r.get(3),
         })
         .collect())
 }
