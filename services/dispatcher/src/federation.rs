@@ -58,6 +58,16 @@ impl Federation {
         backends
     }
 
+    /// The installations a production naming a group (or `any`) for `vo`
+    /// may run on; none for one naming a single installation.
+    pub fn group_members(&self, backend: &str, vo: &str) -> Vec<String> {
+        if self.capacities.contains_key(backend) {
+            Vec::new()
+        } else {
+            self.members(backend, vo)
+        }
+    }
+
     /// The installations a production naming `backend` for `vo` may run on.
     pub fn members(&self, backend: &str, vo: &str) -> Vec<String> {
         self.settings

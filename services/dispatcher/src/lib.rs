@@ -196,6 +196,7 @@ pub async fn start(
             inline_jobs: chunk,
             max_jobs: settings.dispatcher.max_jobs_per_production,
             sources,
+            federation,
         },
         &shutdown,
     );
