@@ -54,6 +54,7 @@ pub const MIGRATIONS: &[Migration] = prodsys_db::migrations![
     "0012_job_accounting.sql",
     "0400_chained_inputs.sql",
     "0500_federated_placement.sql",
+    "0750_moves_cost_no_retry.sql",
 ];
 
 pub async fn start(

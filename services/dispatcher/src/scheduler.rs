@@ -780,7 +780,7 @@ impl Scheduler {
         changes: &mut Changes,
     ) -> anyhow::Result<()> {
         changes.transition(job, job.attempt, JobState::Failed, &status.raw);
-        let (next, attempt) = domain::after_failure(job.attempt, profile.max_attempts());
+        let (next, attempt) = domain::after_failure(job.attempt, job.moved, profile.max_attempts());
         store::set_job(
             tx,
             job,

@@ -17,7 +17,10 @@ pub mod federation;
 /// Columns of a job with what its templates need, in [`job_row`]'s order.
 const JOB_COLUMNS: &str =
     "j.production_id, j.job_index, j.run_number, j.seed, j.units, j.attempt, j.state,
-                           j.workdir, p.profile, p.vo, p.parameters";
+                           j.workdir, p.profile, p.vo, p.parameters, j.attempts_moved";
+
+/// The column after [`JOB_COLUMNS`] (a statement's extra column).
+const AFTER_JOB_COLUMNS: usize = 12;
 
 fn job_row(row: &prodsys_db::tokio_postgres::Row) -> anyhow::Result<JobRow> {
     Ok(JobRow {
@@ -32,6 +35,7 @@ fn job_row(row: &prodsys_db::tokio_postgres::Row) -> anyhow::Result<JobRow> {
         profile: row.get(8),
         vo: row.get(9),
         parameters: row.get(10),
+        moved: row.get(11),
     })
 }
 
@@ -188,7 +192,7 @@ pub async fn in_flight_jobs<C: GenericClient + Sync>(
     );
     let mut jobs = HashMap::new();
     for row in client.query_cached(&sql, &[&ids, &installation]).await? {
-        jobs.insert(row.get(11), job_row(&row)?);
+        jobs.insert(row.get(AFTER_JOB_COLUMNS), job_row(&row)?);
     }
     Ok(jobs)
 }

@@ -8,7 +8,7 @@ use prodsys_core::JobState;
 use prodsys_db::Cached;
 use prodsys_db::deadpool_postgres::{GenericClient, Transaction};
 
-use super::{JOB_COLUMNS, job_row};
+use super::{AFTER_JOB_COLUMNS, JOB_COLUMNS, job_row};
 use crate::domain::JobRow;
 
 /// The advisory lock under which one scheduler at a time places federated jobs.
@@ -236,10 +236,13 @@ pub async fn federated_of<C: GenericClient + Sync>(
 }
 
 /// A job reserved here that the backend never got, back to wait as its
-/// next attempt, placed nowhere.
+/// next attempt, placed nowhere. The attempt never started: it is not
+/// counted as submitted, and costs the job no retry.
 pub async fn release(tx: &Transaction<'_>, job: &JobRow, raw: &str) -> anyhow::Result<()> {
     tx.execute_cached(
         "UPDATE jobs SET state = 'CREATED', attempt = attempt + 1, installation = NULL,
+                         attempts_moved = attempts_moved + 1,
+                         attempts_submitted = GREATEST(attempts_submitted - 1, 0),
                          backend_job_id = NULL, raw_status = $3, updated_at = now()
          WHERE production_id = $1 AND job_index = $2 AND state = 'SUBMITTED'
            AND backend_job_id IS NULL",
@@ -266,12 +269,14 @@ pub async fn federated_in_flight(
     )
     .await?
     .iter()
-    .map(|r| Ok((job_row(r)?, r.get(11))))
+    .map(|r| Ok((job_row(r)?, r.get(AFTER_JOB_COLUMNS))))
     .collect()
 }
 
 /// Gives a job's attempt on `installation` up: the job waits again as its
 /// next attempt, placed nowhere; the attempt is remembered for cancelling.
+/// One that never left the queue there (SUBMITTED or QUEUED) costs the job
+/// no retry; one seen RUNNING does, as any attempt lost while running.
 pub async fn abandon(
     tx: &Transaction<'_>,
     job: &JobRow,
@@ -281,6 +286,8 @@ pub async fn abandon(
 ) -> anyhow::Result<()> {
     tx.execute_cached(
         "UPDATE jobs SET state = 'CREATED', attempt = attempt + 1, installation = NULL,
+                         attempts_moved = attempts_moved
+                             + (state IN ('SUBMITTED', 'QUEUED'))::int,
                          backend_job_id = NULL, raw_status = $3, updated_at = now()
          WHERE production_id = $1 AND job_index = $2",
         &[&job.production_id, &job.job_index, &raw],
