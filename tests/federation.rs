@@ -805,3 +805,116 @@ async fn a_group_is_held_only_while_all_its_installations_fail_and_moved_jobs_ke
     }
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn productions_sharing_installations_go_by_priority_and_equal_ones_take_turns() {
+    let app = spawn_app_with(two_installations).await;
+    // The group's four slots are taken ...
+    let blocker = app
+        .accepted(sleep_request(4, 6.0, -1, "blocker", GROUP))
+        .await;
+    let running = |production: String| {
+        let app = &app;
+        async move {
+            placements(app, &production)
+                .await
+                .values()
+                .filter(|(_, _, s)| s == "RUNNING")
+                .count()
+        }
+    };
+    wait_for(
+        "the blocker on every slot",
+        Duration::from_secs(30),
+        || async { (running(blocker.clone()).await == 4).then_some(()) },
+    )
+    .await
+    .unwrap();
+    // ... while an older production over the group, a plain one of the
+    // large installation of the same priority, and a newer urgent one wait.
+    let older = app
+        .accepted(sleep_request(8, 0.5, -1, "older", GROUP))
+        .await;
+    let plain = app
+        .accepted(sleep_request(8, 0.5, -1, "plain", LARGE))
+        .await;
+    let urgent = app
+        .accepted(pb::SubmitRequestRequest {
+            priority: 10,
+            ..sleep_request(4, 0.5, -1, "urgent", GROUP)
+        })
+        .await;
+    let ids = vec![older.clone(), plain.clone(), urgent.clone()];
+    let db = app.env.db().await.unwrap();
+    wait_for("all three planned", Duration::from_secs(30), || async {
+        let n: i64 = db
+            .query_one(
+                "SELECT count(*) FROM dispatcher.productions
+                 WHERE production_id = ANY($1) AND state = 'RUNNING'",
+                &[&ids],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        (n == 3).then_some(())
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        running(blocker.clone()).await,
+        4,
+        "the blocker ended before the others were planned: the test needs it longer"
+    );
+    for production in [&blocker, &older, &plain, &urgent] {
+        let last = app
+            .production_when(
+                "the production completed",
+                Duration::from_secs(90),
+                production,
+                |p| p.state() == pb::ProductionState::Completed,
+            )
+            .await;
+        assert_eq!(last.counts.unwrap().done, last.job_total, "{last:?}");
+    }
+    // The order the jobs started in.
+    let started: Vec<(String, chrono::DateTime<chrono::Utc>)> = db
+        .query(
+            "SELECT production_id, started_at FROM dispatcher.jobs
+             WHERE production_id = ANY($1) ORDER BY started_at, production_id, job_index",
+            &[&ids],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(started.len(), 20, "{started:?}");
+    // Every urgent job started before (or in the same round as) any other.
+    let last_urgent = started
+        .iter()
+        .filter(|(p, _)| *p == urgent)
+        .map(|(_, at)| *at)
+        .max()
+        .unwrap();
+    let first_other = started
+        .iter()
+        .filter(|(p, _)| *p != urgent)
+        .map(|(_, at)| *at)
+        .min()
+        .unwrap();
+    assert!(last_urgent <= first_other, "{started:?}");
+    // The two of equal priority took turns: neither waited for the other,
+    // whether it is older or plain on the installation they share.
+    let first_eight: Vec<&String> = started
+        .iter()
+        .filter(|(p, _)| *p != urgent)
+        .take(8)
+        .map(|(p, _)| p)
+        .collect();
+    let of = |p: &String| first_eight.iter().filter(|q| **q == p).count();
+    assert!(
+        of(&older) >= 3 && of(&plain) >= 3,
+        "the first eight of the two: {first_eight:?}"
+    );
+    app.stop().await;
+}

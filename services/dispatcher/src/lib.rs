@@ -55,6 +55,7 @@ pub const MIGRATIONS: &[Migration] = prodsys_db::migrations![
     "0400_chained_inputs.sql",
     "0500_federated_placement.sql",
     "0750_moves_cost_no_retry.sql",
+    "0751_jobs_in_flight_by_production.sql",
 ];
 
 pub async fn start(

@@ -52,22 +52,71 @@ pub async fn federated_productions<C: GenericClient + Sync>(
         .collect())
 }
 
-/// How many of a production's jobs are ready and placed nowhere, counting up to `cap`.
-pub async fn ready_unplaced(
+/// A RUNNING production an installation may take jobs of.
+pub struct Candidate {
+    pub production_id: String,
+    pub backend: String,
+    pub vo: String,
+    pub priority: i32,
+}
+
+/// The RUNNING productions whose backend is one of `backends` (an
+/// installation's name, the groups that include it, `any`), highest
+/// priority first, then the oldest.
+pub async fn candidates(
     tx: &Transaction<'_>,
-    production_id: &str,
-    cap: i64,
-) -> anyhow::Result<u64> {
-    let n: i64 = tx
-        .query_one_cached(
-            "SELECT count(*) FROM (SELECT 1 FROM jobs
-                                    WHERE production_id = $1 AND state = 'CREATED'
-                                      AND installation IS NULL LIMIT $2) ready",
-            &[&production_id, &cap],
+    backends: &[String],
+) -> anyhow::Result<Vec<Candidate>> {
+    Ok(tx
+        .query_cached(
+            "SELECT production_id, backend, vo, priority FROM productions
+             WHERE backend = ANY($1) AND state = 'RUNNING'
+             ORDER BY priority DESC, created_at, production_id",
+            &[&backends],
         )
         .await?
-        .get(0);
-    Ok(n.max(0) as u64)
+        .iter()
+        .map(|r| Candidate {
+            production_id: r.get(0),
+            backend: r.get(1),
+            vo: r.get(2),
+            priority: r.get(3),
+        })
+        .collect())
+}
+
+/// Per production of `ids`: its jobs ready and placed nowhere (counting up
+/// to `cap` each), and its jobs in flight on any installation. One
+/// statement, however many productions.
+pub async fn ready_and_in_flight(
+    tx: &Transaction<'_>,
+    ids: &[&str],
+    cap: i64,
+) -> anyhow::Result<BTreeMap<String, (u64, u64)>> {
+    Ok(tx
+        .query_cached(
+            "SELECT u.id,
+                    (SELECT count(*) FROM (SELECT 1 FROM jobs j
+                                           WHERE j.production_id = u.id AND j.state = 'CREATED'
+                                             AND j.installation IS NULL LIMIT $2) ready),
+                    (SELECT count(*) FROM jobs j
+                     WHERE j.production_id = u.id
+                       AND j.state IN ('SUBMITTED', 'QUEUED', 'RUNNING'))
+             FROM unnest($1::text[]) AS u(id)",
+            &[&ids, &cap],
+        )
+        .await?
+        .iter()
+        .map(|r| {
+            (
+                r.get(0),
+                (
+                    r.get::<_, i64>(1).max(0) as u64,
+                    r.get::<_, i64>(2).max(0) as u64,
+                ),
+            )
+        })
+        .collect())
 }
 
 /// Jobs each installation holds (reserved, queued or running).
