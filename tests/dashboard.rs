@@ -2,7 +2,9 @@
 //! chromedriver's W3C WebDriver API): it shows a production submitted after
 //! the page was opened and follows it live to COMPLETED, and its outputs
 //! to their destination (files forwarded / catalogued), without a reload;
-//! the JSON API and /metrics answer with the same read model.
+//! the JSON API and /metrics answer with the same read model. A period's
+//! production shows its period and pointing, and a group's its jobs per
+//! installation, in the list and on their pages.
 
 mod support;
 
@@ -553,5 +555,155 @@ async fn a_production_page_shows_its_jobs_files_and_record_and_cancels() {
         .await
         .unwrap();
     assert_eq!(absent.status(), 404);
+    app.stop().await;
+}
+
+/// A production of an observation period and one over a group of two
+/// installations: the list shows the period and pointing of the first and
+/// the jobs per installation of the second, and so do their pages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_period_s_pointing_and_a_group_s_jobs_per_installation_are_shown() {
+    let app = spawn_app_with(|env| {
+        support::use_test_profiles(env);
+        env.settings.dispatcher.poll_interval_ms = 200;
+        for (name, max_running) in [("local-small", 1), ("local-large", 3)] {
+            env.settings.dispatcher.backends.insert(
+                name.into(),
+                prodsys_config::BackendSettings::Local {
+                    max_running,
+                    work_dir: Some(env.work_dir.join(name)),
+                },
+            );
+        }
+        env.settings.federation.groups.insert(
+            "pair".into(),
+            vec!["local-small".into(), "local-large".into()],
+        );
+    })
+    .await;
+    let status = format!("http://{}", app.stack.addr(Service::Status).unwrap());
+    // One pointing of the shipped period example: one production of one job.
+    let example: Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            prodsys_testkit::repo_root().join("examples/cta-irf-mc-period.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let mut parameters = example["parameters"].clone();
+    parameters["n_showers"] = json!(1000);
+    parameters["zenith_deg"] = json!(20);
+    parameters["pointing"] = json!("North");
+    let period = app
+        .accepted(pb::SubmitRequestRequest {
+            profile: "cta-irf-mc".into(),
+            vo: "vo.cta.in2p3.fr".into(),
+            parameters_json: parameters.to_string(),
+            backend: "local".into(),
+            submitter: "tests".into(),
+            ..Default::default()
+        })
+        .await;
+    let group = app
+        .accepted(sleep_request(8, 0.5, -1, "dashboard-group", "pair"))
+        .await;
+    for production in [&period, &group] {
+        app.production_when(
+            "the production completed",
+            Duration::from_secs(90),
+            production,
+            |p| p.state() == pb::ProductionState::Completed,
+        )
+        .await;
+    }
+    let pointing = "lapalma-2026-winter, zenith 20 deg, azimuth 180 deg";
+    let browser = Browser::start().await;
+    browser.open(&format!("{status}/")).await;
+    until(
+        &browser,
+        "both productions listed",
+        30,
+        &format!(
+            "return document.getElementById('p-{period}') !== null \
+               && document.getElementById('p-{group}') !== null"
+        ),
+    )
+    .await;
+    assert_eq!(
+        browser
+            .field(&format!("p-{period}"), "period")
+            .await
+            .as_deref(),
+        Some(pointing)
+    );
+    assert_eq!(
+        browser.field(&format!("p-{group}"), "period").await,
+        None,
+        "a production of no period shows none"
+    );
+    // The group's row: its jobs on each installation, all done.
+    let lines = browser
+        .eval(&format!(
+            "return Array.from(document.querySelectorAll('#p-{group} .installation[data-installation]'))
+               .map(e => e.textContent);"
+        ))
+        .await;
+    let lines: Vec<&str> = lines
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l.as_str().unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    let done = |line: &str| -> u64 {
+        line.split(", ")
+            .find_map(|part| part.strip_suffix(" done"))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("{line}"))
+    };
+    assert!(
+        lines[0].starts_with("local-large: 0 in flight, "),
+        "{lines:?}"
+    );
+    assert!(
+        lines[1].starts_with("local-small: 0 in flight, "),
+        "{lines:?}"
+    );
+    assert_eq!(lines.iter().map(|l| done(l)).sum::<u64>(), 8, "{lines:?}");
+    assert!(lines.iter().all(|l| done(l) > 0), "{lines:?}");
+
+    // The period's page: its period and pointing; one installation, no split.
+    browser
+        .open(&format!("{status}/productions/{period}"))
+        .await;
+    until(
+        &browser,
+        "the period's page",
+        30,
+        "return document.getElementById('state').textContent === 'COMPLETED'",
+    )
+    .await;
+    assert_eq!(text(&browser, "#period").await, json!(pointing));
+    assert_eq!(text(&browser, "#installations").await, json!(""));
+    // The group's page: its jobs per installation.
+    browser.open(&format!("{status}/productions/{group}")).await;
+    until(
+        &browser,
+        "the group's page with its installations",
+        30,
+        "return document.querySelectorAll('#installations [data-installation]').length === 2",
+    )
+    .await;
+    let small = text(&browser, "#installations [data-installation=local-small]").await;
+    let large = text(&browser, "#installations [data-installation=local-large]").await;
+    let page_done = |v: &Value| done(v.as_str().unwrap().split(": ").nth(1).unwrap());
+    assert_eq!(page_done(&small) + page_done(&large), 8, "{small} {large}");
+    assert_eq!(
+        lines.iter().map(|l| done(l)).collect::<Vec<_>>(),
+        vec![page_done(&large), page_done(&small)],
+        "the list and the page agree"
+    );
+    assert_eq!(text(&browser, "#period").await, json!("—"));
+    browser.close().await;
     app.stop().await;
 }

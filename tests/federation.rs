@@ -178,6 +178,51 @@ async fn a_group_splits_jobs_by_capacity_and_a_stopped_installation_s_jobs_finis
         .map(|i| (i.installation.clone(), i.counts.unwrap_or_default().done))
         .collect();
     assert_eq!(recorded, per, "{record:?}");
+    // ... in each of its renderings too: JSON, and the RO-Crate's places of the run.
+    let rendered = |format: pb::RecordFormat| {
+        let mut catalog = app.catalog.clone();
+        let production_id = split.clone();
+        async move {
+            catalog
+                .get_production_record(pb::GetProductionRecordRequest {
+                    production_id,
+                    format: format as i32,
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .rendered
+        }
+    };
+    let as_json: serde_json::Value =
+        serde_json::from_str(&rendered(pb::RecordFormat::Json).await).unwrap();
+    let from_json: BTreeMap<String, u64> = as_json["installations"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{as_json}"))
+        .iter()
+        .map(|i| {
+            (
+                i["installation"].as_str().unwrap().to_string(),
+                i["counts"]["done"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(from_json, per, "{as_json}");
+    let ro_crate: serde_json::Value =
+        serde_json::from_str(&rendered(pb::RecordFormat::RoCrate).await).unwrap();
+    let graph = ro_crate["@graph"].as_array().unwrap();
+    let run = graph.iter().find(|e| e["@type"] == "CreateAction").unwrap();
+    let places: Vec<String> = run["location"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{run}"))
+        .iter()
+        .map(|l| {
+            let id = l["@id"].as_str().unwrap();
+            let place = graph.iter().find(|e| e["@id"] == id).unwrap();
+            place["name"].as_str().unwrap().to_string()
+        })
+        .collect();
+    assert_eq!(places, [LARGE, SMALL], "{run}");
     // Every job ran once, where the dispatcher says it did.
     let runs_small = successful_attempts(&small_dir, &split);
     let runs_large = successful_attempts(&large_dir, &split);
@@ -598,5 +643,281 @@ async fn the_real_slurm_stopped_mid_run_has_its_jobs_finish_on_the_local_executo
     assert!(abandoned >= 4, "{abandoned}");
     let _ = dispatcher.kill();
     let _ = dispatcher.wait();
+    app.stop().await;
+}
+
+/// Makes a local installation fail as a lost disk does: its work directory
+/// becomes a file.
+fn break_installation(dir: &Path) {
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::write(dir, "this installation is stopped\n").unwrap();
+}
+
+fn mend_installation(dir: &Path) {
+    if dir.is_file() {
+        std::fs::remove_file(dir).unwrap();
+    }
+    std::fs::create_dir_all(dir).unwrap();
+}
+
+/// Each job's (attempt, attempts moved, state), as the dispatcher recorded it.
+async fn attempts(app: &App, production: &str) -> BTreeMap<i64, (i32, i32, String)> {
+    let db = app.env.db().await.unwrap();
+    db.query(
+        "SELECT job_index, attempt, attempts_moved, state FROM dispatcher.jobs
+         WHERE production_id = $1",
+        &[&production],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| (r.get(0), (r.get(1), r.get(2), r.get(3))))
+    .collect()
+}
+
+/// Attempt directories under `root` for `production` that started (the
+/// supervisor wrote `prodsys.started`), by job index.
+fn started_attempts(root: &Path, production: &str) -> BTreeMap<u64, usize> {
+    let mut found: BTreeMap<u64, usize> = BTreeMap::new();
+    let Ok(entries) = std::fs::read_dir(root.join(production)) else {
+        return found;
+    };
+    for entry in entries {
+        let dir = entry.unwrap().path();
+        if dir.join("prodsys.started").exists() {
+            let name = dir.file_name().unwrap().to_string_lossy().into_owned();
+            let index: u64 = name.split('.').next().unwrap().parse().unwrap();
+            *found.entry(index).or_default() += 1;
+        }
+    }
+    found
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_group_is_held_only_while_all_its_installations_fail_and_moved_jobs_keep_their_retries() {
+    let app = spawn_app_with(two_installations).await;
+    let small_dir = app.env.work_dir.join(SMALL);
+    let large_dir = app.env.work_dir.join(LARGE);
+    let db = app.env.db().await.unwrap();
+    let unhealthy = |name: &'static str| {
+        let db = &db;
+        async move {
+            db.query_opt(
+                "SELECT healthy FROM dispatcher.installation_health WHERE installation = $1",
+                &[&name],
+            )
+            .await
+            .unwrap()
+            .is_some_and(|r| !r.get::<_, bool>(0))
+            .then_some(())
+        }
+    };
+    // 1. Every installation of the group fails.
+    break_installation(&small_dir);
+    break_installation(&large_dir);
+    for name in [SMALL, LARGE] {
+        wait_for("the installation failing", Duration::from_secs(30), || {
+            unhealthy(name)
+        })
+        .await
+        .unwrap();
+    }
+    // Job 0 always fails: the profile allows it 2 attempts that run.
+    let production = app.accepted(sleep_request(4, 1.0, 0, "held", GROUP)).await;
+    let held = app
+        .production_when(
+            "the production held",
+            Duration::from_secs(30),
+            &production,
+            |p| !p.held_reason.is_empty(),
+        )
+        .await;
+    assert!(
+        held.held_reason
+            .starts_with("held: every WMS installation of pair is failing (")
+            && held.held_reason.contains(SMALL)
+            && held.held_reason.contains(LARGE),
+        "{held:?}"
+    );
+    let http = app.stack.addr(prodsys::Service::Status).unwrap();
+    let view: serde_json::Value =
+        reqwest::get(format!("http://{http}/api/productions/{production}"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+    assert_eq!(view["held_reason"], held.held_reason.as_str(), "{view}");
+
+    // 2. The large installation answers its probe but cannot start a job of
+    // this production (a file where its directory goes): what it reserved
+    // it never got, and it is released for the others.
+    mend_installation(&large_dir);
+    std::fs::write(large_dir.join(&production), "no room here\n").unwrap();
+    wait_for(
+        "job 0 moved off the large installation",
+        Duration::from_secs(60),
+        || async {
+            let jobs = attempts(&app, &production).await;
+            jobs.get(&0)
+                .is_some_and(|(_, moved, _)| *moved >= 1)
+                .then_some(())
+        },
+    )
+    .await
+    .unwrap();
+
+    // 3. The small installation answers again: one member can take the
+    // jobs, so the production is not held while it runs.
+    mend_installation(&small_dir);
+    let running = app
+        .production_when(
+            "the production no longer held",
+            Duration::from_secs(60),
+            &production,
+            |p| p.held_reason.is_empty(),
+        )
+        .await;
+    assert_eq!(running.state(), pb::ProductionState::Running, "{running:?}");
+    std::fs::remove_file(large_dir.join(&production)).unwrap();
+    let last = app
+        .production_when(
+            "the production ended",
+            Duration::from_secs(120),
+            &production,
+            |p| p.state() == pb::ProductionState::PartiallyCompleted,
+        )
+        .await;
+    let counts = last.counts.unwrap();
+    assert_eq!((counts.done, counts.exhausted), (3, 1), "{last:?}");
+    // Job 0 ran twice, as the profile allows, however often it was moved
+    // before it started: the moves cost it no retry.
+    let jobs = attempts(&app, &production).await;
+    let (attempt, moved, state) = jobs[&0].clone();
+    assert_eq!(state, "EXHAUSTED", "{jobs:?}");
+    assert!(moved >= 1, "{jobs:?}");
+    assert_eq!(attempt - moved, 2, "{jobs:?}");
+    let on_small = started_attempts(&small_dir, &production);
+    let on_large = started_attempts(&large_dir, &production);
+    let runs = |index: u64| {
+        on_small.get(&index).copied().unwrap_or(0) + on_large.get(&index).copied().unwrap_or(0)
+    };
+    assert_eq!(runs(0), 2, "{on_small:?} {on_large:?}");
+    for index in 1..4u64 {
+        assert_eq!(runs(index), 1, "job {index}: {on_small:?} {on_large:?}");
+    }
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn productions_sharing_installations_go_by_priority_and_equal_ones_take_turns() {
+    let app = spawn_app_with(two_installations).await;
+    // The group's four slots are taken ...
+    let blocker = app
+        .accepted(sleep_request(4, 6.0, -1, "blocker", GROUP))
+        .await;
+    let running = |production: String| {
+        let app = &app;
+        async move {
+            placements(app, &production)
+                .await
+                .values()
+                .filter(|(_, _, s)| s == "RUNNING")
+                .count()
+        }
+    };
+    wait_for(
+        "the blocker on every slot",
+        Duration::from_secs(30),
+        || async { (running(blocker.clone()).await == 4).then_some(()) },
+    )
+    .await
+    .unwrap();
+    // ... while an older production over the group, a plain one of the
+    // large installation of the same priority, and a newer urgent one wait.
+    let older = app
+        .accepted(sleep_request(8, 0.5, -1, "older", GROUP))
+        .await;
+    let plain = app
+        .accepted(sleep_request(8, 0.5, -1, "plain", LARGE))
+        .await;
+    let urgent = app
+        .accepted(pb::SubmitRequestRequest {
+            priority: 10,
+            ..sleep_request(4, 0.5, -1, "urgent", GROUP)
+        })
+        .await;
+    let ids = vec![older.clone(), plain.clone(), urgent.clone()];
+    let db = app.env.db().await.unwrap();
+    wait_for("all three planned", Duration::from_secs(30), || async {
+        let n: i64 = db
+            .query_one(
+                "SELECT count(*) FROM dispatcher.productions
+                 WHERE production_id = ANY($1) AND state = 'RUNNING'",
+                &[&ids],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        (n == 3).then_some(())
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        running(blocker.clone()).await,
+        4,
+        "the blocker ended before the others were planned: the test needs it longer"
+    );
+    for production in [&blocker, &older, &plain, &urgent] {
+        let last = app
+            .production_when(
+                "the production completed",
+                Duration::from_secs(90),
+                production,
+                |p| p.state() == pb::ProductionState::Completed,
+            )
+            .await;
+        assert_eq!(last.counts.unwrap().done, last.job_total, "{last:?}");
+    }
+    // The order the jobs started in.
+    let started: Vec<(String, chrono::DateTime<chrono::Utc>)> = db
+        .query(
+            "SELECT production_id, started_at FROM dispatcher.jobs
+             WHERE production_id = ANY($1) ORDER BY started_at, production_id, job_index",
+            &[&ids],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(started.len(), 20, "{started:?}");
+    // Every urgent job started before (or in the same round as) any other.
+    let last_urgent = started
+        .iter()
+        .filter(|(p, _)| *p == urgent)
+        .map(|(_, at)| *at)
+        .max()
+        .unwrap();
+    let first_other = started
+        .iter()
+        .filter(|(p, _)| *p != urgent)
+        .map(|(_, at)| *at)
+        .min()
+        .unwrap();
+    assert!(last_urgent <= first_other, "{started:?}");
+    // The two of equal priority took turns: neither waited for the other,
+    // whether it is older or plain on the installation they share.
+    let first_eight: Vec<&String> = started
+        .iter()
+        .filter(|(p, _)| *p != urgent)
+        .take(8)
+        .map(|(p, _)| p)
+        .collect();
+    let of = |p: &String| first_eight.iter().filter(|q| **q == p).count();
+    assert!(
+        of(&older) >= 3 && of(&plain) >= 3,
+        "the first eight of the two: {first_eight:?}"
+    );
     app.stop().await;
 }

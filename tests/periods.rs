@@ -227,8 +227,44 @@ async fn a_period_is_listed_validated_and_refuses_what_contradicts_it_by_field()
     assert_eq!(fields, ["parameters.array_layout"]);
     let (fields, _) = refused(|p| p["nsb_levels"] = json!([1, 7])).await;
     assert_eq!(fields, ["parameters.nsb_levels"]);
+    // Nights outside the period's validity (2026-11-01 to 2027-04-30), or
+    // not dates at all.
+    let (fields, message) =
+        refused(|p| p["observation_dates"] = json!("2027-04-20/2027-05-03")).await;
+    assert_eq!(fields, ["parameters.observation_dates"]);
+    assert!(
+        message.contains(
+            "2027-05-03 is outside observation period lapalma-2026-winter, valid from 2026-11-01 to 2027-04-30"
+        ),
+        "{message}"
+    );
+    let (fields, message) = refused(|p| p["observation_dates"] = json!("2026-12-32")).await;
+    assert_eq!(fields, ["parameters.observation_dates"]);
+    assert!(message.contains("is not a date"), "{message}");
     // Nothing of these was stored.
     assert_eq!(app.stored_requests().await, 0);
+    // Dates without a period are refused too, by name.
+    let mut parameters: Value =
+        serde_json::from_str(&support::cta_example().parameters_json).unwrap();
+    parameters["observation_dates"] = json!("2026-12-01");
+    let status = app
+        .submit(pb::SubmitRequestRequest {
+            parameters_json: parameters.to_string(),
+            ..support::cta_example()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(violated_fields(&status), ["parameters.observation_dates"]);
+    // Nights of the period: accepted, and kept in the parameters.
+    let within = app
+        .validate(period_request(|p| {
+            p["observation_dates"] = json!("2026-12-20/2027-01-10");
+            p["zenith_deg"] = json!(20);
+        }))
+        .await;
+    assert!(within.acceptable, "{within:?}");
+    let parameters: Value = serde_json::from_str(&within.pointings[0].parameters_json).unwrap();
+    assert_eq!(parameters["observation_dates"], "2026-12-20/2027-01-10");
 
     // ValidateRequest: each pointing's parameters and verdict.
     let dry = app.validate(period_request(|_| {})).await;

@@ -153,6 +153,13 @@ async fn a_finished_production_s_record_agrees_with_the_catalog_and_status_and_i
     assert_eq!(record.software["corsika"], "7.7550");
     assert_eq!(record.software["sim_telarray"], "2024-02-05");
     assert_eq!(record.installation, "local");
+    // Where its jobs ran: all four on the one installation it named.
+    let ran: Vec<(String, u64)> = record
+        .installations
+        .iter()
+        .map(|i| (i.installation.clone(), i.counts.unwrap_or_default().done))
+        .collect();
+    assert_eq!(ran, [("local".to_string(), 4)], "{record:?}");
 
     // Its jobs, as status saw them.
     let counts = record.counts.unwrap();
@@ -232,6 +239,8 @@ async fn a_finished_production_s_record_agrees_with_the_catalog_and_status_and_i
     assert_eq!(json["counts"]["done"], 4);
     assert_eq!(json["attempts"], 4);
     assert_eq!(json["record_lfn"], record.record_lfn.as_str());
+    assert_eq!(json["installations"][0]["installation"], "local", "{json}");
+    assert_eq!(json["installations"][0]["counts"]["done"], 4, "{json}");
     let crate_text = http
         .get(format!("{url}?format=ro-crate"))
         .send()
@@ -286,6 +295,7 @@ async fn a_finished_production_s_record_agrees_with_the_catalog_and_status_and_i
         "| Runs | 1 – 4 |".to_string(),
         "| corsika | 7.7550 |".to_string(),
         "4 jobs: 4 done, 0 exhausted, 0 cancelled, 0 failed. 4 attempts (0 retries).".to_string(),
+        "| local | 4 | 4 | 0 | 0 | 0 |".to_string(),
         "8 files, ".to_string(),
         format!("({} bytes)", record.total_bytes),
         format!("catalogued as `{}`", record.record_lfn),

@@ -149,9 +149,7 @@ impl CatalogApi {
                 ))
             })?;
         let format = pb::RecordFormat::try_from(request.format).unwrap_or_default();
-        let mut answer = record_proto(&record, format);
-        crate::installations::attach(&client, &mut answer).await?;
-        Ok(answer)
+        Ok(record_proto(&record, format))
     }
 }
 
@@ -250,8 +248,7 @@ fn record_proto(record: &domain::record::Record, format: pb::RecordFormat) -> pb
         child_production_ids: record.child_production_ids.clone(),
         record_lfn: record.record_lfn.clone(),
         rendered,
-        // Filled by `installations::attach`.
-        installations: Vec::new(),
+        installations: crate::installations::to_proto(&record.installations),
     }
 }
 

@@ -1,12 +1,14 @@
 //! Where a finished production's jobs ran: the jobs per WMS installation
 //! that `production.completed` tells, kept beside the production's record
-//! and added to it when it is asked for.
+//! and read into it (its JSON, Markdown and RO-Crate, and the API's field).
 
 use anyhow::Context;
 use prodsys_core::JobCounts;
 use prodsys_db::Cached;
 use prodsys_db::deadpool_postgres::{GenericClient, Transaction};
 use prodsys_proto as pb;
+
+use crate::domain::record::Placement;
 
 /// Records the jobs per installation a `production.completed` tells (the
 /// same event again changes nothing).
@@ -41,16 +43,17 @@ pub async fn record(
     Ok(())
 }
 
-/// Fills `installations` of a production's record.
-pub async fn attach<C: GenericClient + Sync>(
+/// Where a production's jobs ran, as `production.completed` told it: per
+/// installation (in name order), its jobs by final state.
+pub async fn read<C: GenericClient + Sync>(
     client: &C,
-    record: &mut pb::ProductionRecord,
-) -> anyhow::Result<()> {
+    production_id: &str,
+) -> anyhow::Result<Vec<Placement>> {
     let rows = client
         .query_cached(
             "SELECT installation, state, n FROM record_installations
              WHERE production_id = $1 ORDER BY installation, state",
-            &[&record.production_id],
+            &[&production_id],
         )
         .await
         .context("reading jobs per installation")?;
@@ -62,12 +65,22 @@ pub async fn attach<C: GenericClient + Sync>(
                 .add(state, row.get::<_, i64>(2).max(0) as u64);
         }
     }
-    record.installations = by
+    Ok(by
         .into_iter()
-        .map(|(installation, counts)| pb::InstallationJobs {
+        .map(|(installation, counts)| Placement {
             installation,
-            counts: Some(counts.into()),
+            counts,
         })
-        .collect();
-    Ok(())
+        .collect())
+}
+
+/// A record's jobs per installation as the API answers them.
+pub fn to_proto(installations: &[Placement]) -> Vec<pb::InstallationJobs> {
+    installations
+        .iter()
+        .map(|p| pb::InstallationJobs {
+            installation: p.installation.clone(),
+            counts: Some(p.counts.into()),
+        })
+        .collect()
 }

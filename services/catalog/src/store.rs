@@ -1495,6 +1495,7 @@ pub async fn production_record<C: prodsys_db::deadpool_postgres::GenericClient +
             total: r.get::<_, i64>(3) as u64,
         })
         .collect();
+    let installations = crate::installations::read(client, production_id).await?;
     let job_total = row
         .get::<_, Option<i64>>(25)
         .map_or_else(|| counts.total(), |n| n.max(0) as u64);
@@ -1527,6 +1528,7 @@ pub async fn production_record<C: prodsys_db::deadpool_postgres::GenericClient +
         } else {
             dispatched_backend
         },
+        installations,
         destinations: row.get::<_, Option<Vec<String>>>(22).unwrap_or_default(),
         submitted_unix_ms: ms(23),
         accepted_unix_ms: ms(24),

@@ -235,6 +235,8 @@ pub fn dispatched(
             estimate: Some(estimate),
             waiting_for_input: job_total == 0,
             inputs_used,
+            // Told once, when the production was first dispatched.
+            installations: Vec::new(),
         },
     )
 }

@@ -41,6 +41,8 @@ pub(crate) struct Planner {
     pub max_jobs: u64,
     /// The profiles whose outputs chained productions may take (`None`: any).
     pub sources: Option<Vec<String>>,
+    /// Groups of installations: the members a federated production may use.
+    pub federation: Arc<crate::federation::Federation>,
 }
 
 impl Planner {
@@ -145,6 +147,9 @@ impl Planner {
                 estimate: Some(p.estimate),
                 waiting_for_input,
                 inputs_used: 0,
+                installations: self
+                    .federation
+                    .group_members(&accepted.backend, &accepted.vo),
             };
             events.push(outbox_event(
                 PRODUCTION_DISPATCHED,

@@ -33,6 +33,8 @@ pub struct JobRow {
     pub parameters: serde_json::Value,
     /// Its production's first forwarding destination, if any.
     pub output_destination: Option<String>,
+    /// Attempts moved off an installation before they started (costing no retry).
+    pub moved: i32,
 }
 
 impl JobRow {
@@ -170,9 +172,11 @@ pub fn describe_outputs(
 }
 
 /// What a failed attempt becomes, and under which attempt number: retried
-/// (CREATED, next attempt) while the profile allows, else EXHAUSTED.
-pub fn after_failure(attempt: i32, max_attempts: u32) -> (JobState, i32) {
-    if (attempt as u32) < max_attempts {
+/// (CREATED, next attempt) while the profile allows, else EXHAUSTED. The
+/// limit counts the attempts that ran: `moved` of them were moved off an
+/// installation before they started, and cost nothing.
+pub fn after_failure(attempt: i32, moved: i32, max_attempts: u32) -> (JobState, i32) {
+    if (attempt.saturating_sub(moved.max(0)).max(0) as u32) < max_attempts {
         (JobState::Created, attempt + 1)
     } else {
         (JobState::Exhausted, attempt)
@@ -491,10 +495,22 @@ mod tests {
 
     #[test]
     fn a_failed_attempt_is_retried_until_the_profile_s_limit_then_exhausted() {
-        assert_eq!(after_failure(1, 3), (JobState::Created, 2));
-        assert_eq!(after_failure(2, 3), (JobState::Created, 3));
-        assert_eq!(after_failure(3, 3), (JobState::Exhausted, 3));
-        assert_eq!(after_failure(1, 1), (JobState::Exhausted, 1));
+        assert_eq!(after_failure(1, 0, 3), (JobState::Created, 2));
+        assert_eq!(after_failure(2, 0, 3), (JobState::Created, 3));
+        assert_eq!(after_failure(3, 0, 3), (JobState::Exhausted, 3));
+        assert_eq!(after_failure(1, 0, 1), (JobState::Exhausted, 1));
+    }
+
+    #[test]
+    fn attempts_moved_before_they_started_cost_no_retry() {
+        // Attempt 3 is the job's second run: attempt 2 was released unstarted.
+        assert_eq!(after_failure(3, 1, 3), (JobState::Created, 4));
+        assert_eq!(after_failure(4, 1, 3), (JobState::Exhausted, 4));
+        // Moved once with one attempt allowed: its first run still may fail once only.
+        assert_eq!(after_failure(2, 1, 1), (JobState::Exhausted, 2));
+        // The same attempt without the move would have exhausted the job.
+        assert_eq!(after_failure(2, 1, 2), (JobState::Created, 3));
+        assert_eq!(after_failure(2, 0, 2), (JobState::Exhausted, 2));
     }
 
     #[test]

@@ -68,6 +68,16 @@ impl Federation {
         backends
     }
 
+    /// The installations a production naming a group (or `any`) for `vo`
+    /// may run on; none for one naming a single installation.
+    pub fn group_members(&self, backend: &str, vo: &str) -> Vec<String> {
+        if self.capacities.contains_key(backend) {
+            Vec::new()
+        } else {
+            self.members(backend, vo)
+        }
+    }
+
     /// The installations a production naming `backend` for `vo` may run on.
     pub fn members(&self, backend: &str, vo: &str) -> Vec<String> {
         self.settings
@@ -247,15 +257,16 @@ impl Scheduler {
         )
     }
 
-    /// Locks up to `free` ready jobs for this installation (which is about
-    /// to take `already` others): first retries placed on it, then its
-    /// portion of what federated productions have waiting. Nothing when no
-    /// such production includes it.
-    pub(crate) async fn take_federated(
+    /// Locks up to `free` ready jobs for this installation: first retries
+    /// placed on it (that may not move), then its portion of what its own
+    /// productions and the federated productions that include it have
+    /// waiting, by priority and, within a priority, by turns
+    /// ([`placement::place`]). Federated ones are placed under the placement
+    /// lock, over every installation of their groups.
+    pub(crate) async fn take_ready(
         &self,
         tx: &Transaction<'_>,
         free: usize,
-        already: usize,
     ) -> anyhow::Result<Vec<JobRow>> {
         let me = self.backend.name();
         let mut taken = Vec::new();
@@ -266,59 +277,84 @@ impl Scheduler {
             }
             taken.extend(store::lock_jobs_for(tx, &production_id, me, true, wanted).await?);
         }
-        let backends = self.federation.backends_including(me);
-        let productions = store::federated_productions(tx, &backends, "RUNNING").await?;
-        let productions: Vec<_> = productions
-            .into_iter()
-            .map(|p| {
-                let members =
-                    self.federation
-                        .placeable(&p.backend, &p.vo, p.output_destination.is_some());
-                (p.production_id, members)
-            })
-            .filter(|(_, members)| members.iter().any(|m| m == me))
-            .collect();
-        if productions.is_empty() || taken.len() >= free {
+        if taken.len() >= free {
             return Ok(taken);
         }
-        store::lock_placement(tx).await?;
-        let held = store::in_flight_per_installation(tx).await?;
-        let available = store::available(tx).await?;
-        let sites: BTreeMap<String, Site> = self
-            .federation
-            .capacities
-            .iter()
-            .map(|(name, capacity)| {
-                let site = Site {
-                    capacity: *capacity,
-                    in_flight: held.get(name).copied().unwrap_or(0)
-                        + if name == me {
-                            (already + taken.len()) as u64
-                        } else {
-                            0
-                        },
-                    share: self.federation.settings.share(name),
-                    available: available.contains(name),
+        let mut backends = self.federation.backends_including(me);
+        backends.push(me.to_string());
+        let productions: Vec<(store::Candidate, Vec<String>)> = store::candidates(tx, &backends)
+            .await?
+            .into_iter()
+            .filter_map(|p| {
+                let members = if p.backend == me {
+                    vec![me.to_string()]
+                } else {
+                    self.federation
+                        .placeable(&p.backend, &p.vo, p.output_destination.is_some())
                 };
-                (name.clone(), site)
+                members.iter().any(|m| m == me).then_some((p, members))
             })
             .collect();
-        let mut demands = Vec::with_capacity(productions.len());
-        for (production_id, members) in productions {
-            let room: u64 = members
+        if productions.is_empty() {
+            return Ok(taken);
+        }
+        // This installation's room as the backend counts it.
+        let mine = |in_flight: u64| Site {
+            capacity: in_flight + free as u64,
+            in_flight: in_flight + taken.len() as u64,
+            share: self.federation.settings.share(me),
+            available: true,
+        };
+        let federated = productions.iter().any(|(p, _)| p.backend != me);
+        let sites: BTreeMap<String, Site> = if federated {
+            store::lock_placement(tx).await?;
+            let held = store::in_flight_per_installation(tx).await?;
+            let available = store::available(tx).await?;
+            self.federation
+                .capacities
                 .iter()
-                .filter_map(|m| sites.get(m))
-                .map(|s| s.capacity.saturating_sub(s.in_flight))
-                .sum();
-            let ready = store::ready_unplaced(tx, &production_id, room as i64).await?;
-            if ready > 0 {
-                demands.push(Demand {
-                    production_id,
+                .map(|(name, capacity)| {
+                    let in_flight = held.get(name).copied().unwrap_or(0);
+                    let site = if name == me {
+                        mine(in_flight)
+                    } else {
+                        Site {
+                            capacity: *capacity,
+                            in_flight,
+                            share: self.federation.settings.share(name),
+                            available: available.contains(name),
+                        }
+                    };
+                    (name.clone(), site)
+                })
+                .collect()
+        } else {
+            BTreeMap::from([(me.to_string(), mine(0))])
+        };
+        // No production can be given more than all the room there is.
+        let room: u64 = sites
+            .values()
+            .filter(|s| s.available)
+            .map(|s| s.capacity.saturating_sub(s.in_flight))
+            .sum();
+        let ids: Vec<&str> = productions
+            .iter()
+            .map(|(p, _)| p.production_id.as_str())
+            .collect();
+        let counts = store::ready_and_in_flight(tx, &ids, room as i64).await?;
+        let demands: Vec<Demand> = productions
+            .into_iter()
+            .filter_map(|(p, members)| {
+                let (ready, in_flight) = counts.get(&p.production_id).copied()?;
+                (ready > 0).then_some(Demand {
+                    production_id: p.production_id,
                     members,
                     ready,
-                });
-            }
-        }
+                    priority: p.priority,
+                    in_flight,
+                })
+            })
+            .collect();
         let placed = placement::place(&sites, &demands);
         for (production_id, n) in placement::taken_by(&placed, me) {
             let wanted = (n as usize).min(free.saturating_sub(taken.len())) as i64;
@@ -328,11 +364,7 @@ impl Scheduler {
             taken.extend(store::lock_jobs_for(tx, production_id, me, false, wanted).await?);
         }
         if !taken.is_empty() {
-            tracing::debug!(
-                installation = me,
-                jobs = taken.len(),
-                "placed federated jobs"
-            );
+            tracing::debug!(installation = me, jobs = taken.len(), "placed ready jobs");
         }
         Ok(taken)
     }

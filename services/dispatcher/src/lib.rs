@@ -57,6 +57,8 @@ pub const MIGRATIONS: &[Migration] = prodsys_db::migrations![
     "0500_federated_placement.sql",
     "0600_inputs_used_counted.sql",
     "0700_output_destination.sql",
+    "0750_moves_cost_no_retry.sql",
+    "0751_jobs_in_flight_by_production.sql",
 ];
 
 pub async fn start(
@@ -207,6 +209,7 @@ pub async fn start(
             inline_jobs: chunk,
             max_jobs: settings.dispatcher.max_jobs_per_production,
             sources,
+            federation,
         },
         &shutdown,
     );

@@ -337,8 +337,8 @@ impl Scheduler {
         self.submit_reserved(jobs, true).await
     }
 
-    /// Reserves up to `free` ready jobs, highest priority first, then the
-    /// oldest production, then submits them.
+    /// Reserves up to `free` ready jobs (highest priority first; productions
+    /// of equal priority by turns, see `take_ready`), then submits them.
     async fn submit_ready(&self, free: usize) -> anyhow::Result<usize> {
         if free == 0 {
             return Ok(0);
@@ -346,21 +346,7 @@ impl Scheduler {
         let mut client = self.db.client().await?;
         let tx = client.transaction().await?;
         self.lease.fence(&tx).await?;
-        let productions = store::running_productions(&tx, self.backend.name()).await?;
-        let mut ready = Vec::new();
-        for production_id in &productions {
-            let wanted = (free - ready.len()) as i64;
-            if wanted == 0 {
-                break;
-            }
-            ready.extend(store::lock_ready_jobs(&tx, production_id, wanted).await?);
-        }
-        if ready.len() < free {
-            let placed = self
-                .take_federated(&tx, free - ready.len(), ready.len())
-                .await?;
-            ready.extend(placed);
-        }
+        let ready = self.take_ready(&tx, free).await?;
         if ready.is_empty() {
             return Ok(0);
         }
@@ -857,7 +843,7 @@ impl Scheduler {
         changes: &mut Changes,
     ) -> anyhow::Result<()> {
         changes.transition(job, job.attempt, JobState::Failed, &status.raw);
-        let (next, attempt) = domain::after_failure(job.attempt, profile.max_attempts());
+        let (next, attempt) = domain::after_failure(job.attempt, job.moved, profile.max_attempts());
         store::set_job(
             tx,
             job,

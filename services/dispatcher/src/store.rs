@@ -17,10 +17,11 @@ pub mod federation;
 /// Columns of a job with what its templates need, in [`job_row`]'s order.
 const JOB_COLUMNS: &str =
     "j.production_id, j.job_index, j.run_number, j.seed, j.units, j.attempt, j.state,
-                           j.workdir, p.profile, p.vo, p.parameters, p.output_destination";
+                           j.workdir, p.profile, p.vo, p.parameters, p.output_destination,
+                           j.attempts_moved";
 
 /// How many [`JOB_COLUMNS`] there are: the index of a column selected after them.
-const JOB_COLUMN_COUNT: usize = 12;
+const JOB_COLUMN_COUNT: usize = 13;
 
 fn job_row(row: &prodsys_db::tokio_postgres::Row) -> anyhow::Result<JobRow> {
     Ok(JobRow {
@@ -36,6 +37,7 @@ fn job_row(row: &prodsys_db::tokio_postgres::Row) -> anyhow::Result<JobRow> {
         vo: row.get(9),
         parameters: row.get(10),
         output_destination: row.get(11),
+        moved: row.get(12),
     })
 }
 
@@ -99,46 +101,6 @@ pub async fn reserved_without_id<C: GenericClient + Sync>(
         .iter()
         .map(job_row)
         .collect()
-}
-
-/// The installation's RUNNING productions, highest priority first, then the oldest.
-pub async fn running_productions(
-    tx: &Transaction<'_>,
-    backend: &str,
-) -> anyhow::Result<Vec<String>> {
-    Ok(tx
-        .query_cached(
-            "SELECT production_id FROM productions WHERE backend = $1 AND state = 'RUNNING'
-             ORDER BY priority DESC, created_at, production_id",
-            &[&backend],
-        )
-        .await?
-        .iter()
-        .map(|r| r.get(0))
-        .collect())
-}
-
-/// Up to `wanted` of a production's jobs ready to run, by job index, locked
-/// (through the partial index of ready jobs, so a million waiting jobs cost
-/// nothing here); rows another replica holds are skipped.
-pub async fn lock_ready_jobs(
-    tx: &Transaction<'_>,
-    production_id: &str,
-    wanted: i64,
-) -> anyhow::Result<Vec<JobRow>> {
-    tx.query_cached(
-        &format!(
-            "SELECT {JOB_COLUMNS} FROM jobs j JOIN productions p USING (production_id)
-             WHERE j.production_id = $1 AND j.state = 'CREATED'
-             ORDER BY j.job_index LIMIT $2
-             FOR UPDATE OF j SKIP LOCKED"
-        ),
-        &[&production_id, &wanted],
-    )
-    .await?
-    .iter()
-    .map(job_row)
-    .collect()
 }
 
 /// Reserves a job on `installation`: SUBMITTED without a backend ID, in its

@@ -62,6 +62,7 @@ fn apply(projection: &mut Projection, update: Update) -> Result<()> {
             )
         }
         Update::Dispatched(m) => {
+            projection.members(&m.production_id, m.installations);
             if m.waiting_for_input || m.inputs_used > 0 {
                 projection.inputs(m.production_id.clone(), m.inputs_used, None);
             }

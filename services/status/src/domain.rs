@@ -116,6 +116,8 @@ pub struct Projection {
     /// Chained productions: input files used (the most any event said),
     /// and the note of the one that ended.
     pub inputs: BTreeMap<String, (u64, Option<String>)>,
+    /// Federated productions' installations: (production, installation).
+    pub members: Vec<(String, String)>,
 }
 
 impl Projection {
@@ -144,6 +146,15 @@ impl Projection {
         let p = self.productions.entry(production_id).or_default();
         p.period = Some(period);
         p.pointing = Some(pointing);
+    }
+
+    /// The installations a production naming a group (or `any`) may run on.
+    pub fn members(&mut self, production_id: &str, installations: Vec<String>) {
+        self.members.extend(
+            installations
+                .into_iter()
+                .map(|i| (production_id.to_string(), i)),
+        );
     }
 
     /// A production's jobs planned: RUNNING, or WAITING_FOR_INPUT for a
@@ -219,6 +230,7 @@ impl Projection {
         touched.extend(transitions.iter().map(|t| t.production_id.clone()));
         Changes {
             inputs: self.inputs,
+            members: self.members,
             productions: self.productions,
             finals: self.finals,
             health: self.health,
@@ -234,6 +246,8 @@ pub struct Changes {
     pub productions: BTreeMap<String, ProductionUpdate>,
     /// Chained productions' inputs used, and note.
     pub inputs: BTreeMap<String, (u64, Option<String>)>,
+    /// Federated productions' installations: (production, installation).
+    pub members: Vec<(String, String)>,
     pub finals: FinalCounts,
     pub health: Vec<InstallationHealth>,
     /// At most one per job.
@@ -303,16 +317,25 @@ pub fn per_installation<'a>(
 /// A failing installation, as the read model remembers it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Failing<'a> {
+    pub installation: &'a str,
     pub reason: &'a str,
     pub since_unix_ms: i64,
 }
 
-/// Why a production's jobs are not moving: its installation is failing
-/// (empty when they are not held).
+fn since(unix_ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(unix_ms).map_or_else(String::new, |t| {
+        format!(" since {}", t.format("%Y-%m-%d %H:%M:%S UTC"))
+    })
+}
+
+/// Why a production's jobs are not moving (empty when they are not held):
+/// the installation it names is failing, or, for one naming a group of
+/// installations or `any` (`backend`), every installation it may run on
+/// is. `failing` holds the failing ones only when that is so.
 pub fn held_reason(
     state: Option<ProductionState>,
-    installation: &str,
-    failing: Option<Failing<'_>>,
+    backend: &str,
+    failing: &[Failing<'_>],
 ) -> String {
     let waiting = matches!(
         state,
@@ -324,23 +347,24 @@ pub fn held_reason(
                 | ProductionState::Cancelling
         )
     );
-    match (waiting, failing) {
-        (
-            true,
-            Some(Failing {
-                reason,
-                since_unix_ms,
-            }),
-        ) => {
-            let since = chrono::DateTime::from_timestamp_millis(since_unix_ms)
-                .map_or_else(String::new, |t| {
-                    format!(" since {}", t.format("%Y-%m-%d %H:%M:%S UTC"))
-                });
+    match failing {
+        _ if !waiting => String::new(),
+        [] => String::new(),
+        [one] if one.installation == backend => format!(
+            "held: WMS installation {backend} is failing{} ({}); its jobs wait until it answers",
+            since(one.since_unix_ms),
+            one.reason
+        ),
+        every => {
+            let each: Vec<String> = every
+                .iter()
+                .map(|f| format!("{}{}: {}", f.installation, since(f.since_unix_ms), f.reason))
+                .collect();
             format!(
-                "held: WMS installation {installation} is failing{since} ({reason}); its jobs wait until it answers"
+                "held: every WMS installation of {backend} is failing ({}); its jobs wait until one answers",
+                each.join("; ")
             )
         }
-        _ => String::new(),
     }
 }
 
@@ -464,26 +488,52 @@ mod tests {
 
     #[test]
     fn a_production_is_held_only_while_it_waits_on_a_failing_installation() {
-        let failing = || {
-            Some(Failing {
-                reason: "sbatch: connection refused",
-                since_unix_ms: 0,
-            })
-        };
-        let held = held_reason(Some(ProductionState::Running), "slurm-local", failing());
+        let failing = [Failing {
+            installation: "slurm-local",
+            reason: "sbatch: connection refused",
+            since_unix_ms: 0,
+        }];
+        let held = held_reason(Some(ProductionState::Running), "slurm-local", &failing);
         assert_eq!(
             held,
             "held: WMS installation slurm-local is failing since 1970-01-01 00:00:00 UTC \
              (sbatch: connection refused); its jobs wait until it answers"
         );
         assert_eq!(
-            held_reason(Some(ProductionState::Completed), "slurm-local", failing()),
+            held_reason(Some(ProductionState::Completed), "slurm-local", &failing),
             ""
         );
-        assert_eq!(held_reason(None, "slurm-local", failing()), "");
+        assert_eq!(held_reason(None, "slurm-local", &failing), "");
         assert_eq!(
-            held_reason(Some(ProductionState::Running), "slurm-local", None),
+            held_reason(Some(ProductionState::Running), "slurm-local", &[]),
             ""
+        );
+    }
+
+    #[test]
+    fn a_group_s_production_is_held_naming_each_of_its_failing_installations() {
+        let failing = [
+            Failing {
+                installation: "dirac-cta",
+                reason: "connection refused",
+                since_unix_ms: 0,
+            },
+            Failing {
+                installation: "slurm-local",
+                reason: "sinfo: timeout",
+                since_unix_ms: 60_000,
+            },
+        ];
+        assert_eq!(
+            held_reason(Some(ProductionState::Running), "cta-grid", &failing),
+            "held: every WMS installation of cta-grid is failing (dirac-cta since \
+             1970-01-01 00:00:00 UTC: connection refused; slurm-local since 1970-01-01 \
+             00:01:00 UTC: sinfo: timeout); its jobs wait until one answers"
+        );
+        // A group of one failing installation still names the group.
+        assert!(
+            held_reason(Some(ProductionState::Running), "any", &failing[..1])
+                .starts_with("held: every WMS installation of any is failing (dirac-cta")
         );
     }
 

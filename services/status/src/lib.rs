@@ -51,6 +51,7 @@ pub const MIGRATIONS: &[Migration] = prodsys_db::migrations![
     "0200_observation_periods.sql",
     "0400_chained_inputs.sql",
     "0500_jobs_per_installation.sql",
+    "0750_group_members.sql",
 ];
 
 pub async fn start(

@@ -36,6 +36,7 @@ pub async fn project(tx: &Transaction<'_>, changes: Changes) -> anyhow::Result<(
     // the second insert becomes that same guarded update (ON CONFLICT),
     // so a race costs no retry.
     upsert_productions(tx, changes.productions).await?;
+    write_members(tx, &changes.members).await?;
     write_inputs(tx, &changes.inputs).await?;
     write_final_counts(tx, &changes.finals).await?;
     if !changes.transitions.is_empty() {
@@ -48,6 +49,26 @@ pub async fn project(tx: &Transaction<'_>, changes: Changes) -> anyhow::Result<(
         )
         .await?;
     }
+    Ok(())
+}
+
+/// The installations federated productions may run on.
+async fn write_members(tx: &Transaction<'_>, members: &[(String, String)]) -> anyhow::Result<()> {
+    if members.is_empty() {
+        return Ok(());
+    }
+    let (ids, installations): (Vec<&str>, Vec<&str>) = members
+        .iter()
+        .map(|(p, i)| (p.as_str(), i.as_str()))
+        .unzip();
+    tx.execute_cached(
+        "INSERT INTO production_members (production_id, installation)
+         SELECT * FROM unnest($1::text[], $2::text[])
+         ON CONFLICT DO NOTHING",
+        &[&ids, &installations],
+    )
+    .await
+    .context("recording a federated production's installations")?;
     Ok(())
 }
 
@@ -303,9 +324,22 @@ pub async fn production(db: &Db, production_id: &str) -> anyhow::Result<Option<P
     let Some(row) = client
         .query_opt_cached(
             "SELECT p.request_id, p.profile, p.vo, p.backend, p.state, COALESCE(p.job_total, 0),
-                    p.updated_at, p.estimate, p.production_id, i.reason, i.since_ms,
-                    p.period, p.pointing, NULL::text[], NULL::bigint[], p.inputs_used, p.inputs_note
-             FROM productions p LEFT JOIN installations i ON i.name = p.backend AND NOT i.healthy
+                    p.updated_at, p.estimate, p.production_id, h.names, h.sinces,
+                    p.period, p.pointing, NULL::text[], NULL::bigint[], p.inputs_used, p.inputs_note,
+                    h.reasons
+             FROM productions p LEFT JOIN LATERAL (
+                 -- Held: its installation failing, or every one of its group's.
+                 SELECT array_agg(i.name ORDER BY i.name) AS names,
+                        array_agg(i.since_ms ORDER BY i.name) AS sinces,
+                        array_agg(i.reason ORDER BY i.name) AS reasons
+                 FROM installations i
+                 WHERE NOT i.healthy
+                   AND (i.name = p.backend
+                        OR i.name IN (SELECT m.installation FROM production_members m
+                                      WHERE m.production_id = p.production_id))
+                 HAVING count(*) >= GREATEST(1, (SELECT count(*) FROM production_members m
+                                                 WHERE m.production_id = p.production_id))
+             ) h ON true
              WHERE p.production_id = $1",
             &[&production_id],
         )
@@ -354,9 +388,22 @@ pub async fn list_productions(
     let rows = client
         .query_cached(
             "SELECT p.request_id, p.profile, p.vo, p.backend, p.state, COALESCE(p.job_total, 0),
-                    p.updated_at, p.estimate, p.production_id, i.reason, i.since_ms,
-                    p.period, p.pointing, c.states, c.ns, p.inputs_used, p.inputs_note
-             FROM productions p LEFT JOIN installations i ON i.name = p.backend AND NOT i.healthy
+                    p.updated_at, p.estimate, p.production_id, h.names, h.sinces,
+                    p.period, p.pointing, c.states, c.ns, p.inputs_used, p.inputs_note,
+                    h.reasons
+             FROM productions p LEFT JOIN LATERAL (
+                 -- Held: its installation failing, or every one of its group's.
+                 SELECT array_agg(i.name ORDER BY i.name) AS names,
+                        array_agg(i.since_ms ORDER BY i.name) AS sinces,
+                        array_agg(i.reason ORDER BY i.name) AS reasons
+                 FROM installations i
+                 WHERE NOT i.healthy
+                   AND (i.name = p.backend
+                        OR i.name IN (SELECT m.installation FROM production_members m
+                                      WHERE m.production_id = p.production_id))
+                 HAVING count(*) >= GREATEST(1, (SELECT count(*) FROM production_members m
+                                                 WHERE m.production_id = p.production_id))
+             ) h ON true
              LEFT JOIN LATERAL (
                  SELECT array_agg(state) AS states, array_agg(n) AS ns FROM (
                      SELECT state, n FROM final_counts f WHERE f.production_id = p.production_id
@@ -403,20 +450,26 @@ fn production_from_row<'a>(
     let job_total = row.get::<_, i64>(5) as u64;
     let state = row.get::<_, &str>(4).parse::<ProductionState>().ok();
     let backend: String = row.get(3);
-    let failing = match (row.get::<_, Option<&str>>(9), row.get::<_, Option<i64>>(10)) {
-        (Some(reason), Some(since_unix_ms)) => Some(Failing {
+    let names: Vec<&str> = row.get::<_, Option<_>>(9).unwrap_or_default();
+    let sinces: Vec<i64> = row.get::<_, Option<_>>(10).unwrap_or_default();
+    let reasons: Vec<&str> = row.get::<_, Option<_>>(17).unwrap_or_default();
+    let failing: Vec<Failing<'_>> = names
+        .into_iter()
+        .zip(sinces)
+        .zip(reasons)
+        .map(|((installation, since_unix_ms), reason)| Failing {
+            installation,
             reason,
             since_unix_ms,
-        }),
-        _ => None,
-    };
+        })
+        .collect();
     let updated: chrono::DateTime<chrono::Utc> = row.get(6);
     Production {
         production_id: production_id.to_string(),
         request_id: row.get(0),
         profile: row.get(1),
         vo: row.get(2),
-        held_reason: domain::held_reason(state, &backend, failing),
+        held_reason: domain::held_reason(state, &backend, &failing),
         backend,
         state,
         job_total,

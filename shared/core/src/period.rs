@@ -44,6 +44,35 @@ pub struct PeriodSpec {
     /// list must keep within the period's (a subset of its NSB levels).
     #[serde(default)]
     pub overridable: Vec<String>,
+    /// The string parameter naming the nights a production is for
+    /// (`observation_dates`): a date `YYYY-MM-DD` or a range
+    /// `YYYY-MM-DD/YYYY-MM-DD`, within the period's validity.
+    #[serde(default)]
+    pub dates: Option<String>,
+}
+
+/// The first and last night `text` names: `YYYY-MM-DD`, or a range
+/// `YYYY-MM-DD/YYYY-MM-DD` (ISO 8601) that does not end before it begins;
+/// or why it does not.
+pub fn parse_dates(text: &str) -> Result<(chrono::NaiveDate, chrono::NaiveDate), String> {
+    let date = |part: &str| {
+        chrono::NaiveDate::parse_from_str(part, "%Y-%m-%d")
+            .ok()
+            .filter(|_| part.len() == 10)
+    };
+    let (from, until) = match text.split_once('/') {
+        Some((from, until)) => (date(from), date(until)),
+        None => (date(text), date(text)),
+    };
+    match (from, until) {
+        (Some(from), Some(until)) if from <= until => Ok((from, until)),
+        (Some(from), Some(until)) => {
+            Err(format!("{text:?} ends ({until}) before it begins ({from})"))
+        }
+        _ => Err(format!(
+            "{text:?} is not a date or a range of dates (YYYY-MM-DD or YYYY-MM-DD/YYYY-MM-DD)"
+        )),
+    }
 }
 
 fn default_zenith() -> String {
@@ -383,6 +412,36 @@ pub fn expand(
             )),
         }
     }
+    // The nights it is for must be nights of the period.
+    if let Some(dates) = &spec.dates
+        && let Some(value) = object.get(dates)
+    {
+        let field = format!("parameters.{dates}");
+        let parsed = value
+            .as_str()
+            .ok_or_else(|| "must be a string (YYYY-MM-DD or YYYY-MM-DD/YYYY-MM-DD)".to_string())
+            .and_then(parse_dates);
+        match parsed {
+            Err(reason) => violations.push(Violation::new(&field, reason)),
+            Ok((from, until)) => {
+                let bounds = (
+                    parse_dates(&period.valid_from),
+                    parse_dates(&period.valid_until),
+                );
+                if let (Ok((valid_from, _)), Ok((valid_until, _))) = bounds
+                    && (from < valid_from || until > valid_until)
+                {
+                    let outside = if from < valid_from { from } else { until };
+                    violations.push(Violation::new(
+                        &field,
+                        format!(
+                            "{outside} is outside {of}, valid from {valid_from} to {valid_until}"
+                        ),
+                    ));
+                }
+            }
+        }
+    }
     // The pointings the request selects.
     let zenith_field = format!("parameters.{}", spec.zenith);
     let direction_field = format!("parameters.{}", directions.parameter);
@@ -529,6 +588,7 @@ mod tests {
             zenith: default_zenith(),
             azimuth: default_azimuth(),
             overridable: vec!["nsb_levels".into()],
+            dates: Some("observation_dates".into()),
         }
     }
 
@@ -694,6 +754,57 @@ mod tests {
     }
 
     #[test]
+    fn the_nights_a_request_is_for_must_be_within_the_period_s_validity() {
+        let asking = |dates: Value| {
+            json!({ "observation_period": "lapalma-winter", "observation_dates": dates,
+                    "zenith_deg": 20, "pointing": "North" })
+        };
+        // Within: a night, or a range of nights up to the last valid one.
+        for within in ["2026-11-01", "2026-12-01/2027-02-28"] {
+            let expanded = expand(&spec(), &winter(), &directions(), &asking(json!(within)));
+            assert!(expanded.is_ok(), "{within}: {expanded:?}");
+        }
+        let refused = |dates: Value| {
+            let violations = expand(&spec(), &winter(), &directions(), &asking(dates)).unwrap_err();
+            assert_eq!(fields(&violations), ["parameters.observation_dates"]);
+            violations[0].description.clone()
+        };
+        assert_eq!(
+            refused(json!("2026-10-31")),
+            "2026-10-31 is outside observation period lapalma-winter, valid from 2026-11-01 to 2027-02-28"
+        );
+        assert_eq!(
+            refused(json!("2027-02-01/2027-03-15")),
+            "2027-03-15 is outside observation period lapalma-winter, valid from 2026-11-01 to 2027-02-28"
+        );
+        assert_eq!(
+            refused(json!("2027-01-10/2027-01-02")),
+            "\"2027-01-10/2027-01-02\" ends (2027-01-02) before it begins (2027-01-10)"
+        );
+        for bad in ["2026-13-01", "01/12/2026", "2026-12-1", "2026-12-01/"] {
+            assert!(
+                refused(json!(bad)).contains("is not a date or a range of dates (YYYY-MM-DD"),
+                "{bad}"
+            );
+        }
+        assert!(refused(json!(20261201)).starts_with("must be a string"));
+        // A profile whose periods name no dates parameter checks none.
+        let no_dates = PeriodSpec {
+            dates: None,
+            ..spec()
+        };
+        assert!(
+            expand(
+                &no_dates,
+                &winter(),
+                &directions(),
+                &asking(json!("1999-01-01"))
+            )
+            .is_ok()
+        );
+    }
+
+    #[test]
     fn an_overridable_list_chooses_among_the_periods_values() {
         let dark = json!({ "observation_period": "lapalma-winter", "nsb_levels": [1], "zenith_deg": 20, "pointing": "North" });
         let expanded = expand(&spec(), &winter(), &directions(), &dark).unwrap();
@@ -817,6 +928,35 @@ mod tests {
         let mut with_atmosphere = parameters.clone();
         with_atmosphere["atmosphere"] = json!("LaPalma-winter-ATM62");
         assert_ne!(profile.fingerprint(&with_atmosphere), expected);
+    }
+
+    #[test]
+    fn dates_without_a_period_are_a_violation() {
+        let (set, root) = shipped();
+        let mut parameters = example(&root, "cta-irf-mc.json");
+        parameters["observation_dates"] = json!("2026-12-01");
+        let violations = set
+            .expand_request("cta-irf-mc", "vo.cta.in2p3.fr", &parameters.to_string())
+            .unwrap_err();
+        assert_eq!(fields(&violations), ["parameters.observation_dates"]);
+        assert!(
+            violations[0]
+                .description
+                .contains("parameters.observation_period"),
+            "{violations:?}"
+        );
+        // The shipped period example, for nights of its period and not.
+        let mut parameters = example(&root, "cta-irf-mc-period.json");
+        parameters["observation_dates"] = json!("2026-12-20/2027-01-10");
+        assert!(
+            set.expand_request("cta-irf-mc", "vo.cta.in2p3.fr", &parameters.to_string())
+                .is_ok()
+        );
+        parameters["observation_dates"] = json!("2027-05-01");
+        let violations = set
+            .expand_request("cta-irf-mc", "vo.cta.in2p3.fr", &parameters.to_string())
+            .unwrap_err();
+        assert_eq!(fields(&violations), ["parameters.observation_dates"]);
     }
 
     #[test]

@@ -367,7 +367,8 @@ impl Profile {
         if let Some(periods) = &file.periods {
             let needed = std::iter::once(periods.parameter.as_str())
                 .chain(crate::period::CONDITIONS.iter().copied())
-                .chain([periods.zenith.as_str()]);
+                .chain([periods.zenith.as_str()])
+                .chain(periods.dates.as_deref());
             if let Some(missing) = needed.into_iter().find(|k| !known(k)) {
                 return Err(invalid(format!("periods: {missing:?} is not a parameter")));
             }
@@ -790,6 +791,21 @@ impl Profile {
         if !parameters.is_object() {
             violations.push(Violation::new("parameters", "must be a JSON object"));
             return violations;
+        }
+        // Nights are nights of a period: without one they mean nothing.
+        if let Some(spec) = &self.file.periods
+            && let Some(dates) = &spec.dates
+            && parameters.get(dates).is_some()
+            && parameters.get(&spec.parameter).is_none()
+        {
+            violations.push(Violation::new(
+                format!("parameters.{dates}"),
+                format!(
+                    "dates are checked against an observation period's validity; \
+                     name one in parameters.{}",
+                    spec.parameter
+                ),
+            ));
         }
         for error in self.validator.iter_errors(parameters) {
             let pointer = error.instance_path().to_string();

@@ -47,6 +47,14 @@ pub struct Replicas {
     pub total: u64,
 }
 
+/// A finished production's jobs on one WMS installation (where their last
+/// attempt was placed), by final state.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Placement {
+    pub installation: String,
+    pub counts: JobCounts,
+}
+
 /// Everything the catalog knows of a finished production. Times are Unix
 /// milliseconds, 0 where unknown; text is empty where unknown (a production
 /// that ended before the catalog kept records has only its state, files,
@@ -63,7 +71,11 @@ pub struct Record {
     pub fingerprint: String,
     pub parameters: Value,
     pub software: BTreeMap<String, String>,
+    /// The installation (or group of them, or `any`) the request named.
     pub installation: String,
+    /// Where its jobs ran: per installation, its jobs by final state (a
+    /// production naming a group or `any` has several), in name order.
+    pub installations: Vec<Placement>,
     pub first_run: u64,
     pub last_run: u64,
     pub job_total: u64,
@@ -328,6 +340,26 @@ pub fn to_markdown(record: &Record) -> String {
         record.attempts,
         record.retries
     );
+    if !record.installations.is_empty() {
+        let _ = writeln!(md, "\n### Where the jobs ran\n");
+        let _ = writeln!(
+            md,
+            "| Installation | Jobs | Done | Exhausted | Cancelled | Failed |\n|---|---:|---:|---:|---:|---:|"
+        );
+        for p in &record.installations {
+            let c = &p.counts;
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {} | {} | {} |",
+                cell(&p.installation),
+                c.total(),
+                c.done,
+                c.exhausted,
+                c.cancelled,
+                c.failed
+            );
+        }
+    }
     let _ = writeln!(md, "\n### CPU time\n");
     let used = match record.cpu_known() {
         CpuKnown::Known => human_seconds(record.cpu_seconds_used),
@@ -615,7 +647,34 @@ pub fn to_ro_crate(record: &Record) -> String {
     if !record.request_id.is_empty() {
         action["identifier"] = json!(record.request_id);
     }
+    // Where the jobs ran: each WMS installation a place of the run.
+    let places: Vec<Value> = record
+        .installations
+        .iter()
+        .map(|p| {
+            let c = &p.counts;
+            json!({
+                "@id": urn("installation", &p.installation),
+                "@type": "Place",
+                "name": p.installation,
+                "description": format!(
+                    "WMS installation {}: {} jobs ran here ({} done, {} exhausted, {} cancelled, {} failed)",
+                    p.installation,
+                    c.total(),
+                    c.done,
+                    c.exhausted,
+                    c.cancelled,
+                    c.failed
+                ),
+            })
+        })
+        .collect();
+    if !places.is_empty() {
+        action["location"] =
+            one_or_many(places.iter().map(|p| json!({ "@id": p["@id"] })).collect());
+    }
     graph.push(action);
+    graph.extend(places);
     graph.push(json!({
         "@id": LICENSE_ID,
         "@type": "CreativeWork",
@@ -702,6 +761,13 @@ mod tests {
             software: software_versions(&parameters),
             parameters,
             installation: "local".into(),
+            installations: vec![Placement {
+                installation: "local".into(),
+                counts: JobCounts {
+                    done: 4,
+                    ..Default::default()
+                },
+            }],
             first_run: 1,
             last_run: 4,
             job_total: 4,
@@ -886,6 +952,81 @@ mod tests {
         assert!(md.contains("| Runs | none |"), "{md}");
         assert!(md.contains("| Estimated | unknown |"), "{md}");
         assert!(!knows_request(&bare) && knows_request(&example()));
+    }
+
+    #[test]
+    fn every_rendering_says_where_the_jobs_ran() {
+        let federated = Record {
+            installation: "cta-grid".into(),
+            installations: vec![
+                Placement {
+                    installation: "dirac-cta".into(),
+                    counts: JobCounts {
+                        done: 3,
+                        exhausted: 1,
+                        ..Default::default()
+                    },
+                },
+                Placement {
+                    installation: "slurm-local".into(),
+                    counts: JobCounts {
+                        done: 6,
+                        ..Default::default()
+                    },
+                },
+            ],
+            ..example()
+        };
+        let as_json: Value = serde_json::from_str(&to_json(&federated)).unwrap();
+        assert_eq!(as_json["installation"], "cta-grid");
+        assert_eq!(as_json["installations"][0]["installation"], "dirac-cta");
+        assert_eq!(as_json["installations"][0]["counts"]["exhausted"], 1);
+        assert_eq!(as_json["installations"][1]["counts"]["done"], 6);
+        let md = to_markdown(&federated);
+        assert!(md.contains("| dirac-cta | 4 | 3 | 1 | 0 | 0 |"), "{md}");
+        assert!(md.contains("| slurm-local | 6 | 6 | 0 | 0 | 0 |"), "{md}");
+        let crate_json: Value = serde_json::from_str(&to_ro_crate(&federated)).unwrap();
+        let graph = crate_json["@graph"].as_array().unwrap();
+        let run = graph.iter().find(|e| e["@type"] == "CreateAction").unwrap();
+        let places: Vec<&str> = run["location"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["@id"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            places,
+            [
+                "urn:prodsys:installation:dirac-cta",
+                "urn:prodsys:installation:slurm-local"
+            ]
+        );
+        let slurm = graph
+            .iter()
+            .find(|e| e["@id"] == places[1])
+            .unwrap_or_else(|| panic!("{crate_json}"));
+        assert_eq!(slurm["@type"], "Place");
+        assert!(
+            slurm["description"]
+                .as_str()
+                .unwrap()
+                .contains("6 jobs ran here (6 done"),
+            "{slurm}"
+        );
+        // A record that does not know where its jobs ran says nothing of it.
+        let unknown = Record {
+            installations: Vec::new(),
+            ..example()
+        };
+        assert!(!to_markdown(&unknown).contains("Where the jobs ran"));
+        let crate_json: Value = serde_json::from_str(&to_ro_crate(&unknown)).unwrap();
+        assert!(
+            crate_json["@graph"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|e| e.get("location").is_none())
+        );
     }
 
     #[test]

@@ -1,10 +1,16 @@
-//! Placement of a federated production's jobs (one whose `backend` names a
-//! group of installations or `any`): over the installations that may take
-//! them, each job goes to an available installation with free room (its
+//! Placement of ready jobs on installations: a federated production's (one
+//! whose `backend` names a group of installations or `any`) over the
+//! installations that may take them, a plain production's on its one. Each
+//! job goes to an available installation with free room (its
 //! `max_in_flight` minus the jobs it holds), the one with the fewest jobs
-//! held per unit of its share; ties go to the first by name. A production
-//! is placed after those of higher priority, which already hold the room
-//! they were given.
+//! held per unit of its share; ties go to the first by name.
+//!
+//! Productions sharing installations are served by priority: a level is
+//! placed after every higher one, which already holds the room it was
+//! given. Within a level the productions take turns: each next job goes to
+//! the production with the fewest jobs in flight (those it holds already
+//! and those just placed), the older first on a tie, so one of equal
+//! priority is never starved while another has jobs waiting.
 
 use std::collections::BTreeMap;
 
@@ -35,50 +41,91 @@ impl Site {
     }
 }
 
-/// The ready jobs of one federated production, and where they may go.
+/// The ready jobs of one production, and where they may go.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Demand {
     pub production_id: String,
-    /// The installations its group (or `any`) gives it, for its VO.
+    /// The installations its group (or `any`) gives it, for its VO; for a
+    /// plain production, its one installation.
     pub members: Vec<String>,
     /// Jobs ready to run and on no installation yet.
     pub ready: u64,
+    /// Its request's priority: higher levels are placed first.
+    pub priority: i32,
+    /// Its jobs in flight now, on any installation: within a level, the
+    /// production with the fewest takes the next job.
+    pub in_flight: u64,
 }
 
-/// How many jobs of which production go to which installation, for
-/// `demands` in the order given (highest priority first). Installations not
+/// The member of `members` the next job goes to: available, with room, the
+/// fewest jobs held per unit of share, the first by name on a tie.
+fn best_site<'a>(load: &BTreeMap<&'a str, Site>, members: &[String]) -> Option<&'a str> {
+    members
+        .iter()
+        .filter_map(|name| load.get_key_value(name.as_str()))
+        .filter(|(_, site)| site.free() > 0)
+        .map(|(name, site)| (*name, (site.in_flight + 1) as f64 / site.share))
+        .min_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(b.0)))
+        .map(|(name, _)| name)
+}
+
+/// How many jobs of which production go to which installation (production,
+/// installation, jobs; in the order of `demands`, then by installation).
+/// `demands` come highest priority first, then the oldest. Installations not
 /// in `sites` take nothing.
 pub fn place(sites: &BTreeMap<String, Site>, demands: &[Demand]) -> Vec<(String, String, u64)> {
     let mut load: BTreeMap<&str, Site> = sites
         .iter()
         .map(|(name, site)| (name.as_str(), site.clone()))
         .collect();
-    let mut placed = Vec::new();
-    for demand in demands {
-        let mut given: BTreeMap<&str, u64> = BTreeMap::new();
-        for _ in 0..demand.ready {
-            let best = demand
-                .members
+    let mut given: Vec<BTreeMap<&str, u64>> = vec![BTreeMap::new(); demands.len()];
+    let mut start = 0;
+    while start < demands.len() {
+        let priority = demands[start].priority;
+        let end = demands[start..]
+            .iter()
+            .position(|d| d.priority != priority)
+            .map_or(demands.len(), |n| start + n);
+        // This level's productions: (in flight with what they were given, left to place).
+        let mut turns: Vec<(u64, u64)> = demands[start..end]
+            .iter()
+            .map(|d| (d.in_flight, d.ready))
+            .collect();
+        loop {
+            // The production with the fewest in flight that can still place a job.
+            let next = turns
                 .iter()
-                .filter_map(|name| load.get_key_value(name.as_str()))
-                .filter(|(_, site)| site.free() > 0)
-                .map(|(name, site)| (*name, (site.in_flight + 1) as f64 / site.share))
-                .min_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(b.0)));
-            let Some((name, _)) = best else {
+                .enumerate()
+                .filter(|(_, (_, left))| *left > 0)
+                .min_by_key(|(i, (in_flight, _))| (*in_flight, *i))
+                .map(|(i, _)| i);
+            let Some(i) = next else {
                 break;
             };
-            if let Some(site) = load.get_mut(name) {
-                site.in_flight += 1;
+            match best_site(&load, &demands[start + i].members) {
+                Some(name) => {
+                    if let Some(site) = load.get_mut(name) {
+                        site.in_flight += 1;
+                    }
+                    *given[start + i].entry(name).or_default() += 1;
+                    turns[i].0 += 1;
+                    turns[i].1 -= 1;
+                }
+                // No room left on any of its installations: it is done here.
+                None => turns[i].1 = 0,
             }
-            *given.entry(name).or_default() += 1;
         }
-        placed.extend(
+        start = end;
+    }
+    demands
+        .iter()
+        .zip(given)
+        .flat_map(|(demand, given)| {
             given
                 .into_iter()
-                .map(|(name, n)| (demand.production_id.clone(), name.to_string(), n)),
-        );
-    }
-    placed
+                .map(|(name, n)| (demand.production_id.clone(), name.to_string(), n))
+        })
+        .collect()
 }
 
 /// What `installation` takes of `placed`: per production, how many jobs.
@@ -131,7 +178,17 @@ mod tests {
             production_id: production_id.into(),
             members: members.iter().map(|m| m.to_string()).collect(),
             ready,
+            priority: 0,
+            in_flight: 0,
         }
+    }
+
+    fn of(placed: &[(String, String, u64)], production: &str) -> u64 {
+        placed
+            .iter()
+            .filter(|(p, _, _)| p == production)
+            .map(|(_, _, n)| n)
+            .sum()
     }
 
     fn count(placed: &[(String, String, u64)], installation: &str) -> u64 {
@@ -188,7 +245,10 @@ mod tests {
         let placed = place(
             &sites,
             &[
-                demand("HIGH", &["a", "b"], 3),
+                Demand {
+                    priority: 5,
+                    ..demand("HIGH", &["a", "b"], 3)
+                },
                 demand("LOW", &["b", "c", "unknown"], 5),
             ],
         );
@@ -201,6 +261,79 @@ mod tests {
         assert_eq!((of("HIGH", "a"), of("HIGH", "b")), (2, 1));
         // LOW gets what HIGH left: one slot of b, both of c; nothing of a.
         assert_eq!((of("LOW", "a"), of("LOW", "b"), of("LOW", "c")), (0, 1, 2));
+    }
+
+    #[test]
+    fn a_higher_priority_takes_the_shared_room_first_whatever_its_age() {
+        let sites = BTreeMap::from([("a".into(), site(1, 0, 1.0)), ("b".into(), site(3, 0, 1.0))]);
+        // An older plain production of a, and a newer group's of the same
+        // priority: they share a's slot and b's room by turns.
+        let placed = place(
+            &sites,
+            &[demand("OLD", &["a"], 5), demand("NEW", &["a", "b"], 3)],
+        );
+        assert_eq!(
+            (of(&placed, "OLD"), of(&placed, "NEW")),
+            (1, 3),
+            "{placed:?}"
+        );
+        // The newer one urgent: it is placed first and takes a's slot too.
+        let placed = place(
+            &sites,
+            &[
+                Demand {
+                    priority: 10,
+                    ..demand("NEW", &["a", "b"], 3)
+                },
+                demand("OLD", &["a"], 5),
+            ],
+        );
+        assert_eq!(
+            (of(&placed, "NEW"), of(&placed, "OLD")),
+            (3, 0),
+            "{placed:?}"
+        );
+        assert_eq!(count(&placed, "a"), 1);
+    }
+
+    #[test]
+    fn equal_priorities_take_turns_by_jobs_in_flight() {
+        let sites = BTreeMap::from([("a".into(), site(1, 0, 1.0)), ("b".into(), site(3, 0, 1.0))]);
+        let placed = place(
+            &sites,
+            &[
+                demand("OLDER", &["a", "b"], 8),
+                demand("NEWER", &["a", "b"], 8),
+            ],
+        );
+        assert_eq!((of(&placed, "OLDER"), of(&placed, "NEWER")), (2, 2));
+        // One slot a round: the one with fewer in flight takes it, so the
+        // older does not keep it round after round.
+        let one = BTreeMap::from([("a".into(), site(2, 1, 1.0))]);
+        let placed = place(
+            &one,
+            &[
+                Demand {
+                    in_flight: 1,
+                    ..demand("OLDER", &["a"], 8)
+                },
+                demand("NEWER", &["a"], 8),
+            ],
+        );
+        assert_eq!(placed, vec![("NEWER".to_string(), "a".to_string(), 1)]);
+        // A tie goes to the older.
+        let placed = place(
+            &one,
+            &[demand("OLDER", &["a"], 8), demand("NEWER", &["a"], 8)],
+        );
+        assert_eq!(placed, vec![("OLDER".to_string(), "a".to_string(), 1)]);
+        // One whose installations are full does not stop the others' turns.
+        let sites = BTreeMap::from([("a".into(), site(1, 1, 1.0)), ("b".into(), site(4, 0, 1.0))]);
+        let placed = place(
+            &sites,
+            &[demand("ON-A", &["a"], 5), demand("ON-B", &["b"], 5)],
+        );
+        assert_eq!((of(&placed, "ON-A"), of(&placed, "ON-B")), (0, 4));
     }
 
     #[test]

@@ -19,8 +19,6 @@ pub struct Federated {
     pub production_id: String,
     pub backend: String,
     pub vo: String,
-    /// Where its jobs on an installation not sharing the work directory write.
-    pub output_destination: Option<String>,
 }
 
 /// Waits for the placement lock, held until `tx` ends.
@@ -39,7 +37,7 @@ pub async fn federated_productions<C: GenericClient + Sync>(
 ) -> anyhow::Result<Vec<Federated>> {
     Ok(client
         .query_cached(
-            "SELECT production_id, backend, vo, output_destination FROM productions
+            "SELECT production_id, backend, vo FROM productions
              WHERE backend = ANY($1) AND state = $2
              ORDER BY priority DESC, created_at, production_id",
             &[&backends, &state],
@@ -50,27 +48,78 @@ pub async fn federated_productions<C: GenericClient + Sync>(
             production_id: r.get(0),
             backend: r.get(1),
             vo: r.get(2),
-            output_destination: r.get(3),
         })
         .collect())
 }
 
-/// How many of a production's jobs are ready and placed nowhere, counting up to `cap`.
-pub async fn ready_unplaced(
+/// A RUNNING production an installation may take jobs of.
+pub struct Candidate {
+    pub production_id: String,
+    pub backend: String,
+    pub vo: String,
+    pub priority: i32,
+    /// Its first forwarding destination, if any.
+    pub output_destination: Option<String>,
+}
+
+/// The RUNNING productions whose backend is one of `backends` (an
+/// installation's name, the groups that include it, `any`), highest
+/// priority first, then the oldest.
+pub async fn candidates(
     tx: &Transaction<'_>,
-    production_id: &str,
-    cap: i64,
-) -> anyhow::Result<u64> {
-    let n: i64 = tx
-        .query_one_cached(
-            "SELECT count(*) FROM (SELECT 1 FROM jobs
-                                    WHERE production_id = $1 AND state = 'CREATED'
-                                      AND installation IS NULL LIMIT $2) ready",
-            &[&production_id, &cap],
+    backends: &[String],
+) -> anyhow::Result<Vec<Candidate>> {
+    Ok(tx
+        .query_cached(
+            "SELECT production_id, backend, vo, priority, output_destination FROM productions
+             WHERE backend = ANY($1) AND state = 'RUNNING'
+             ORDER BY priority DESC, created_at, production_id",
+            &[&backends],
         )
         .await?
-        .get(0);
-    Ok(n.max(0) as u64)
+        .iter()
+        .map(|r| Candidate {
+            production_id: r.get(0),
+            backend: r.get(1),
+            vo: r.get(2),
+            priority: r.get(3),
+            output_destination: r.get(4),
+        })
+        .collect())
+}
+
+/// Per production of `ids`: its jobs ready and placed nowhere (counting up
+/// to `cap` each), and its jobs in flight on any installation. One
+/// statement, however many productions.
+pub async fn ready_and_in_flight(
+    tx: &Transaction<'_>,
+    ids: &[&str],
+    cap: i64,
+) -> anyhow::Result<BTreeMap<String, (u64, u64)>> {
+    Ok(tx
+        .query_cached(
+            "SELECT u.id,
+                    (SELECT count(*) FROM (SELECT 1 FROM jobs j
+                                           WHERE j.production_id = u.id AND j.state = 'CREATED'
+                                             AND j.installation IS NULL LIMIT $2) ready),
+                    (SELECT count(*) FROM jobs j
+                     WHERE j.production_id = u.id
+                       AND j.state IN ('SUBMITTED', 'QUEUED', 'RUNNING'))
+             FROM unnest($1::text[]) AS u(id)",
+            &[&ids, &cap],
+        )
+        .await?
+        .iter()
+        .map(|r| {
+            (
+                r.get(0),
+                (
+                    r.get::<_, i64>(1).max(0) as u64,
+                    r.get::<_, i64>(2).max(0) as u64,
+                ),
+            )
+        })
+        .collect())
 }
 
 /// Jobs each installation holds (reserved, queued or running).
@@ -239,10 +288,13 @@ pub async fn federated_of<C: GenericClient + Sync>(
 }
 
 /// A job reserved here that the backend never got, back to wait as its
-/// next attempt, placed nowhere.
+/// next attempt, placed nowhere. The attempt never started: it is not
+/// counted as submitted, and costs the job no retry.
 pub async fn release(tx: &Transaction<'_>, job: &JobRow, raw: &str) -> anyhow::Result<()> {
     tx.execute_cached(
         "UPDATE jobs SET state = 'CREATED', attempt = attempt + 1, installation = NULL,
+                         attempts_moved = attempts_moved + 1,
+                         attempts_submitted = GREATEST(attempts_submitted - 1, 0),
                          backend_job_id = NULL, raw_status = $3, updated_at = now()
          WHERE production_id = $1 AND job_index = $2 AND state = 'SUBMITTED'
            AND backend_job_id IS NULL",
@@ -275,6 +327,8 @@ pub async fn federated_in_flight(
 
 /// Gives a job's attempt on `installation` up: the job waits again as its
 /// next attempt, placed nowhere; the attempt is remembered for cancelling.
+/// One that never left the queue there (SUBMITTED or QUEUED) costs the job
+/// no retry; one seen RUNNING does, as any attempt lost while running.
 pub async fn abandon(
     tx: &Transaction<'_>,
     job: &JobRow,
@@ -284,6 +338,8 @@ pub async fn abandon(
 ) -> anyhow::Result<()> {
     tx.execute_cached(
         "UPDATE jobs SET state = 'CREATED', attempt = attempt + 1, installation = NULL,
+                         attempts_moved = attempts_moved
+                             + (state IN ('SUBMITTED', 'QUEUED'))::int,
                          backend_job_id = NULL, raw_status = $3, updated_at = now()
          WHERE production_id = $1 AND job_index = $2",
         &[&job.production_id, &job.job_index, &raw],
