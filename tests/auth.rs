@@ -1058,6 +1058,104 @@ async fn ingest_events_are_admitted_by_their_token_or_a_broker_user_mapped_to_th
 }
 
 #[tokio::test]
+async fn a_duplicate_of_another_vos_production_is_said_to_exist_without_its_id() {
+    const KM3NET: &str = "km3net.org";
+    let s = secured().await;
+    let alice = s.user("cta-alice").await;
+    let carol = s.user("km3net-carol").await;
+    // test-sleep names no `vos`: both VOs may use it, and the same
+    // parameters are the same simulation whoever asks.
+    let (_, production_id) = accepted(&alice, cta_sleep(1, 0.0, "shared-identity")).await;
+    let for_km3net = pb::SubmitRequestRequest {
+        vo: KM3NET.into(),
+        ..cta_sleep(1, 0.0, "shared-identity")
+    };
+
+    // Alice, of the production's VO, is told which production it is.
+    let own = alice
+        .intake
+        .clone()
+        .validate_request(cta_sleep(1, 0.0, "shared-identity"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!own.acceptable);
+    assert_eq!(own.existing_production_id, production_id);
+
+    // Carol, of KM3NeT, is told it exists, and nothing that names it.
+    let validation = carol
+        .intake
+        .clone()
+        .validate_request(for_km3net.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!validation.acceptable, "{validation:?}");
+    assert_eq!(validation.existing_production_id, "");
+    let said = format!("{validation:?}");
+    assert!(!said.contains(&production_id), "{said}");
+    assert!(
+        validation.violations.iter().any(|v| v
+            .description
+            .contains("already exists as a production of another VO")),
+        "{said}"
+    );
+    // Submitted, it is refused the same way, in the stored verdict too.
+    let request_id = carol
+        .intake
+        .clone()
+        .submit_request(for_km3net.clone())
+        .await
+        .unwrap()
+        .into_inner()
+        .request_id;
+    let refused = decided(&carol, &request_id).await;
+    assert_eq!(refused.state(), pb::RequestState::Rejected, "{refused:?}");
+    assert_eq!(refused.existing_production_id, "");
+    let said = format!("{refused:?}");
+    assert!(!said.contains(&production_id), "{said}");
+    assert!(said.contains("another VO"), "{said}");
+    // Nor can another VO's production be the answer to a request asking for reuse.
+    let reuse = pb::SubmitRequestRequest {
+        reuse_existing: true,
+        idempotency_key: "reuse-across-vos".into(),
+        ..for_km3net.clone()
+    };
+    let validation = carol
+        .intake
+        .clone()
+        .validate_request(reuse.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!validation.acceptable, "{validation:?}");
+    assert!(!format!("{validation:?}").contains(&production_id));
+    let request_id = carol
+        .intake
+        .clone()
+        .submit_request(reuse)
+        .await
+        .unwrap()
+        .into_inner()
+        .request_id;
+    let refused = decided(&carol, &request_id).await;
+    assert_eq!(refused.state(), pb::RequestState::Rejected, "{refused:?}");
+    assert_eq!(refused.production_id, "");
+    assert!(
+        !format!("{refused:?}").contains(&production_id),
+        "{refused:?}"
+    );
+    assert!(
+        refused
+            .violations
+            .iter()
+            .any(|v| v.field == "reuse_existing"),
+        "{refused:?}"
+    );
+    s.app.stop().await;
+}
+
+#[tokio::test]
 async fn the_development_mode_takes_no_tokens_serves_loopback_only_and_says_so() {
     let app = support::spawn_app().await;
     // No token: the call passes, and the declared submitter counts.
