@@ -295,9 +295,16 @@ async fn accepted(user: &Clients, request: pb::SubmitRequestRequest) -> (String,
         .expect("the submission")
         .into_inner()
         .request_id;
-    let decided = wait_for("the checker's verdict", Duration::from_secs(30), || {
+    let decided = decided(user, &request_id).await;
+    assert_eq!(decided.state(), pb::RequestState::Accepted, "{decided:?}");
+    (request_id, decided.production_id)
+}
+
+/// The request once the checker has decided it, as `user` reads it.
+async fn decided(user: &Clients, request_id: &str) -> pb::Request {
+    wait_for("the checker's verdict", Duration::from_secs(30), || {
         let mut intake = user.intake.clone();
-        let request_id = request_id.clone();
+        let request_id = request_id.to_string();
         async move {
             let r = intake
                 .get_request(pb::GetRequestRequest { request_id })
@@ -308,9 +315,7 @@ async fn accepted(user: &Clients, request: pb::SubmitRequestRequest) -> (String,
         }
     })
     .await
-    .unwrap();
-    assert_eq!(decided.state(), pb::RequestState::Accepted, "{decided:?}");
-    (request_id, decided.production_id)
+    .unwrap()
 }
 
 async fn production_in(user: &Clients, production_id: &str, states: &[pb::ProductionState]) {
@@ -843,6 +848,310 @@ async fn a_production_manager_cancels_others_productions_a_plain_user_cannot() {
         .await;
     assert_eq!(answer.status().as_u16(), 202, "{:?}", answer.text().await);
     production_in(&alice, &second, &[pb::ProductionState::Cancelled]).await;
+    s.app.stop().await;
+}
+
+/// A submit CloudEvent (structured mode) of `request`.
+fn ingest_event(id: &str, request: &pb::SubmitRequestRequest) -> serde_json::Value {
+    serde_json::json!({
+        "specversion": "1.0", "id": id, "source": "/tests/auth/ingest",
+        "type": "org.prodsys.request.submit.v1",
+        "data": {
+            "profile": request.profile, "vo": request.vo,
+            "parameters": serde_json::from_str::<serde_json::Value>(&request.parameters_json).unwrap(),
+        },
+    })
+}
+
+/// The answer on `queue` to the event just published: its `data`.
+async fn ingest_answer(channel: &lapin::Channel, queue: &str) -> serde_json::Value {
+    let answer = support::next_message(channel, queue, "the answer", Duration::from_secs(30)).await;
+    let body: serde_json::Value = serde_json::from_slice(&answer.delivery.data).unwrap();
+    body.get("data").cloned().unwrap_or(body)
+}
+
+#[tokio::test]
+async fn ingest_events_are_admitted_by_their_token_or_a_broker_user_mapped_to_the_vo() {
+    const KM3NET: &str = "km3net.org";
+    // The test publishes as the broker user of the test URL (guest), mapped to KM3NeT only.
+    let user = prodsys_testkit::amqp_url()
+        .split_once("://")
+        .and_then(|(_, rest)| rest.split(['@', ':']).next().map(str::to_string))
+        .unwrap();
+    let mapped = user.clone();
+    let s = secured_with(move |env| {
+        env.settings
+            .intake
+            .broker_users
+            .insert(mapped, vec![KM3NET.into()]);
+    })
+    .await;
+    let (connection, channel) = s.app.env.amqp().await.unwrap();
+    let answers = channel
+        .queue_declare(
+            "".into(),
+            lapin::options::QueueDeclareOptions {
+                exclusive: true,
+                ..Default::default()
+            },
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    let answers = answers.name().as_str().to_string();
+    channel.confirm_select(Default::default()).await.unwrap();
+    let publish = |id: &str, request: pb::SubmitRequestRequest, authorization: Option<String>| {
+        let channel = channel.clone();
+        let (prefix, answers, user) = (s.app.env.prefix.clone(), answers.clone(), user.clone());
+        let event = ingest_event(id, &request);
+        async move {
+            let mut headers = lapin::types::FieldTable::default();
+            if let Some(value) = authorization {
+                headers.insert(
+                    "authorization".into(),
+                    lapin::types::AMQPValue::LongString(value.into_bytes().into()),
+                );
+            }
+            let confirm = channel
+                .basic_publish(
+                    format!("{prefix}prodsys.ingest").as_str().into(),
+                    "org.prodsys.request.submit.v1".into(),
+                    lapin::options::BasicPublishOptions {
+                        mandatory: true,
+                        ..Default::default()
+                    },
+                    event.to_string().as_bytes(),
+                    lapin::BasicProperties::default()
+                        .with_content_type("application/cloudevents+json".into())
+                        .with_delivery_mode(2)
+                        .with_reply_to(answers.as_str().into())
+                        .with_user_id(user.as_str().into())
+                        .with_headers(headers),
+                )
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+            assert!(
+                matches!(confirm, lapin::Confirmation::Ack(None)),
+                "{confirm:?}"
+            );
+        }
+    };
+    let alice = s.user("cta-alice").await;
+    let bob = s.user("cta-bob").await;
+
+    // Alice's token: the request is hers (her VO, her subject as owner).
+    publish(
+        "with-alice-token",
+        cta_sleep(1, 120.0, "ingest-token"),
+        Some(format!("Bearer {}", alice.token)),
+    )
+    .await;
+    let answer = ingest_answer(&channel, &answers).await;
+    assert_eq!(answer["outcome"], "accepted", "{answer}");
+    let production_id = answer["production_id"].as_str().unwrap().to_string();
+    production_in(
+        &alice,
+        &production_id,
+        &[pb::ProductionState::Running, pb::ProductionState::Accepted],
+    )
+    .await;
+    let refused = bob
+        .intake
+        .clone()
+        .cancel_production(pb::CancelProductionRequest {
+            production_id: production_id.clone(),
+            reason: "not mine".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    alice
+        .intake
+        .clone()
+        .cancel_production(pb::CancelProductionRequest {
+            production_id: production_id.clone(),
+            reason: "mine, submitted by event".into(),
+        })
+        .await
+        .expect("the owner of an event's request cancels it");
+    production_in(&alice, &production_id, &[pb::ProductionState::Cancelled]).await;
+
+    // No token: the broker user is mapped to KM3NeT, so KM3NeT it may, CTA not.
+    publish(
+        "no-token-km3net",
+        pb::SubmitRequestRequest {
+            vo: KM3NET.into(),
+            ..cta_sleep(1, 0.0, "ingest-mapped")
+        },
+        None,
+    )
+    .await;
+    let answer = ingest_answer(&channel, &answers).await;
+    assert_eq!(answer["outcome"], "accepted", "{answer}");
+    let stored = s.app.stored_requests().await;
+    assert_eq!(stored, 2);
+
+    // Refused, stored nowhere, dead-lettered and answered with the reason.
+    let own = &s.own;
+    let reader = s.provider.token("cta-reader", "compute.read", None).await;
+    let carol = s.provider.token("km3net-carol", ALL, None).await;
+    let expired = own.mint(OWN_KID, &own.key, |c| {
+        c["exp"] = (chrono::Utc::now().timestamp() - 3600).into();
+    });
+    let forged = own.mint(OWN_KID, &own.stray, |_| {});
+    let refusals: [(&str, Option<String>, &str, &str); 6] = [
+        ("no-token-cta", None, "authorization", "not mapped"),
+        (
+            "expired",
+            Some(format!("Bearer {expired}")),
+            "authorization",
+            "expired",
+        ),
+        (
+            "forged",
+            Some(format!("Bearer {forged}")),
+            "authorization",
+            "signature",
+        ),
+        (
+            "no-scope",
+            Some(format!("Bearer {reader}")),
+            "authorization",
+            "compute.create",
+        ),
+        ("other-vo", Some(format!("Bearer {carol}")), "vo", CTA),
+        (
+            "not-bearer",
+            Some(format!("Basic {}", alice.token)),
+            "authorization",
+            "Bearer",
+        ),
+    ];
+    for (id, authorization, field, says) in &refusals {
+        let (id, field, says) = (*id, *field, *says);
+        publish(id, cta_sleep(1, 0.0, id), authorization.clone()).await;
+        let answer = ingest_answer(&channel, &answers).await;
+        assert_eq!(answer["outcome"], "rejected", "{id}: {answer}");
+        assert_eq!(answer["correlation_id"], id, "{answer}");
+        assert_eq!(answer["request_id"], "", "{id}: {answer}");
+        assert_eq!(answer["violations"][0]["field"], field, "{id}: {answer}");
+        let reason = answer["violations"][0]["description"].as_str().unwrap();
+        assert!(reason.contains(says), "{id}: {reason}");
+    }
+    let letters = s.app.dead_letters("intake", refusals.len()).await;
+    for ((reason, headers), (id, _, field, _)) in letters.iter().zip(&refusals) {
+        assert!(reason.starts_with(&format!("{field}: ")), "{id}: {reason}");
+        // The token is not kept where operators read dead letters.
+        assert!(
+            !headers
+                .inner()
+                .keys()
+                .any(|k| k.as_str().eq_ignore_ascii_case("authorization")),
+            "{id}: {headers:?}"
+        );
+    }
+    assert_eq!(s.app.stored_requests().await, stored);
+    let _ = connection.close(200, "done".into()).await;
+    s.app.stop().await;
+}
+
+#[tokio::test]
+async fn a_duplicate_of_another_vos_production_is_said_to_exist_without_its_id() {
+    const KM3NET: &str = "km3net.org";
+    let s = secured().await;
+    let alice = s.user("cta-alice").await;
+    let carol = s.user("km3net-carol").await;
+    // test-sleep names no `vos`: both VOs may use it, and the same
+    // parameters are the same simulation whoever asks.
+    let (_, production_id) = accepted(&alice, cta_sleep(1, 0.0, "shared-identity")).await;
+    let for_km3net = pb::SubmitRequestRequest {
+        vo: KM3NET.into(),
+        ..cta_sleep(1, 0.0, "shared-identity")
+    };
+
+    // Alice, of the production's VO, is told which production it is.
+    let own = alice
+        .intake
+        .clone()
+        .validate_request(cta_sleep(1, 0.0, "shared-identity"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!own.acceptable);
+    assert_eq!(own.existing_production_id, production_id);
+
+    // Carol, of KM3NeT, is told it exists, and nothing that names it.
+    let validation = carol
+        .intake
+        .clone()
+        .validate_request(for_km3net.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!validation.acceptable, "{validation:?}");
+    assert_eq!(validation.existing_production_id, "");
+    let said = format!("{validation:?}");
+    assert!(!said.contains(&production_id), "{said}");
+    assert!(
+        validation.violations.iter().any(|v| v
+            .description
+            .contains("already exists as a production of another VO")),
+        "{said}"
+    );
+    // Submitted, it is refused the same way, in the stored verdict too.
+    let request_id = carol
+        .intake
+        .clone()
+        .submit_request(for_km3net.clone())
+        .await
+        .unwrap()
+        .into_inner()
+        .request_id;
+    let refused = decided(&carol, &request_id).await;
+    assert_eq!(refused.state(), pb::RequestState::Rejected, "{refused:?}");
+    assert_eq!(refused.existing_production_id, "");
+    let said = format!("{refused:?}");
+    assert!(!said.contains(&production_id), "{said}");
+    assert!(said.contains("another VO"), "{said}");
+    // Nor can another VO's production be the answer to a request asking for reuse.
+    let reuse = pb::SubmitRequestRequest {
+        reuse_existing: true,
+        idempotency_key: "reuse-across-vos".into(),
+        ..for_km3net.clone()
+    };
+    let validation = carol
+        .intake
+        .clone()
+        .validate_request(reuse.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!validation.acceptable, "{validation:?}");
+    assert!(!format!("{validation:?}").contains(&production_id));
+    let request_id = carol
+        .intake
+        .clone()
+        .submit_request(reuse)
+        .await
+        .unwrap()
+        .into_inner()
+        .request_id;
+    let refused = decided(&carol, &request_id).await;
+    assert_eq!(refused.state(), pb::RequestState::Rejected, "{refused:?}");
+    assert_eq!(refused.production_id, "");
+    assert!(
+        !format!("{refused:?}").contains(&production_id),
+        "{refused:?}"
+    );
+    assert!(
+        refused
+            .violations
+            .iter()
+            .any(|v| v.field == "reuse_existing"),
+        "{refused:?}"
+    );
     s.app.stop().await;
 }
 

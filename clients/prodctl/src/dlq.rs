@@ -43,6 +43,7 @@ pub enum Action {
 /// Runs `action` on the dead-letter queue of `service`.
 pub async fn run(
     amqp_url: &str,
+    tls: &lapin::tcp::OwnedTLSConfig,
     prefix: &str,
     service: &str,
     action: Action,
@@ -58,9 +59,11 @@ pub async fn run(
     let dlq = names.dead_letter_queue(service);
     let connection = tokio::time::timeout(
         Duration::from_secs(10),
-        Connection::connect(
+        Connection::connect_with_config(
             amqp_url,
             ConnectionProperties::default().with_connection_name("prodctl-dlq".into()),
+            tls.clone(),
+            lapin::runtime::default_runtime()?,
         ),
     )
     .await

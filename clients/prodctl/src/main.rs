@@ -213,6 +213,9 @@ enum Command {
             default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
         )]
         amqp_url: String,
+        /// A PEM CA an `amqps://` broker's certificate may chain to (`amqp.ca_file`).
+        #[arg(long, env = "PRODSYS__AMQP__CA_FILE")]
+        amqp_ca_file: Option<std::path::PathBuf>,
         /// The deployment's prefix of exchange and queue names (`amqp.prefix`).
         #[arg(long, env = "PRODSYS__AMQP__PREFIX", default_value = "")]
         prefix: String,
@@ -595,6 +598,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Health => health(&cli).await,
         Command::Dlq {
             ref amqp_url,
+            ref amqp_ca_file,
             ref prefix,
             limit,
             ref action,
@@ -622,7 +626,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     dlq::Action::Drop(selection(message_id.clone(), *all)?),
                 ),
             };
-            dlq::run(amqp_url, prefix, service, action, limit).await
+            let tls =
+                prodsys_messaging::broker::tls_from_files(amqp_ca_file.as_deref(), None, None)?;
+            prodsys_messaging::broker::check_tls_url(amqp_url, &tls, "--amqp-url")?;
+            dlq::run(amqp_url, &tls, prefix, service, action, limit).await
         }
         Command::Cancel {
             ref production_id,

@@ -2,7 +2,7 @@
 //! shipped and derived, `ListPeriods` the observation periods; `Evaluate` answers what a request's
 //! verdict would be, without storing anything (intake's `ValidateRequest`).
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
 use prodsys_db::Db;
@@ -15,12 +15,16 @@ use crate::catalog::Catalog;
 use crate::domain::{self, Candidate, Lookups, Rules, Validation};
 use crate::error::CheckerError;
 use crate::store;
+use crate::visibility;
 
 #[derive(Clone)]
 pub struct CheckerApi {
     pub db: Db,
     pub rules: Arc<Rules>,
     pub catalog: Catalog,
+    /// Tokens on: a verdict names only productions of the request's VO
+    /// (see [`crate::visibility`]).
+    pub isolate_vos: bool,
 }
 
 /// A verdict as the API shows it.
@@ -156,6 +160,19 @@ impl CheckerApi {
                     .validation
             })
             .collect();
+        if self.isolate_vos {
+            let prefixes = self.rules.id_prefixes();
+            let named: BTreeSet<String> = validations
+                .iter()
+                .flat_map(|v| visibility::named(v, &prefixes))
+                .collect();
+            let named_ids: Vec<String> = named.iter().cloned().collect();
+            let vos = store::production_vos(&tx, &named_ids).await?;
+            let hidden = visibility::hidden_from(&r.vo, &named, &vos);
+            for validation in &mut validations {
+                visibility::hide(validation, &hidden);
+            }
+        }
         if !expanded.has_period() {
             let mut validation = validations.pop().unwrap_or_default();
             if !r.chain.is_empty() {

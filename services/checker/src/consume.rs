@@ -1,7 +1,7 @@
 //! The checker's AMQP consumer: decides each `request.received` and
 //! announces `request.accepted`, `request.reused` or `request.rejected`.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -22,11 +22,15 @@ use crate::domain::{
 };
 use crate::error::Result;
 use crate::store::{self, NewProduction, NewProductions};
+use crate::visibility;
 
 pub struct Checker {
     pub db: Db,
     pub rules: Arc<Rules>,
     pub catalog: Catalog,
+    /// Tokens on: a verdict names only productions of the request's VO
+    /// (see [`crate::visibility`]).
+    pub isolate_vos: bool,
 }
 
 /// What a request event asks the checker to decide.
@@ -201,7 +205,10 @@ impl Checker {
         );
         // An ID is the profile's prefix and a number: one sequence per prefix.
         let mut next = store::take_numbers(tx, domain::numbers_wanted(&evaluations)).await?;
-        let verdicts = domain::verdicts(&share_ids, evaluations, &mut next);
+        let mut verdicts = domain::verdicts(&share_ids, evaluations, &mut next);
+        if self.isolate_vos {
+            verdicts = self.hide_other_vos(tx, &shares, verdicts).await?;
+        }
         let mut rows = NewProductions::default();
         let mut derived = Vec::new();
         let mut events = Vec::with_capacity(shares.len());
@@ -246,6 +253,43 @@ impl Checker {
         rows.insert(tx).await?;
         store::record_derivations(tx, &derived).await?;
         Ok(events)
+    }
+
+    /// The verdicts as the requests' VOs may read them: productions of other
+    /// VOs (those of this batch included) not named.
+    async fn hide_other_vos<'p>(
+        &self,
+        tx: &Transaction<'_>,
+        shares: &[(usize, &pb::RequestReceived, Option<Pointing>)],
+        verdicts: Vec<Verdict<'p>>,
+    ) -> Result<Vec<Verdict<'p>>> {
+        let prefixes = self.rules.id_prefixes();
+        let mut vos: HashMap<String, String> = HashMap::new();
+        let mut named = Vec::with_capacity(verdicts.len());
+        for ((_, request, _), verdict) in shares.iter().zip(&verdicts) {
+            if let Verdict::Accepted { production_id, .. } = verdict {
+                vos.insert(production_id.clone(), request.vo.clone());
+            }
+            named.push(visibility::named(verdict.validation(), &prefixes));
+        }
+        let unknown: Vec<String> = named
+            .iter()
+            .flatten()
+            .filter(|id| !vos.contains_key(*id))
+            .cloned()
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        vos.extend(store::production_vos(tx, &unknown).await?);
+        Ok(shares
+            .iter()
+            .zip(verdicts)
+            .zip(named)
+            .map(|(((_, request, _), verdict), named)| {
+                let hidden = visibility::hidden_from(&request.vo, &named, &vos);
+                visibility::hide_verdict(verdict, &hidden)
+            })
+            .collect())
     }
 
     /// The events of a request that named an observation period: one

@@ -344,6 +344,11 @@ pub struct Rules {
 }
 
 impl Rules {
+    /// The ID prefixes of the profiles (`CTA`, `KM3NET`, …).
+    pub fn id_prefixes(&self) -> Vec<&str> {
+        self.profiles.iter().map(|p| p.id_prefix()).collect()
+    }
+
     /// The productions `candidate` may become: one per pointing of the
     /// observation period it names (each with the period's conditions and
     /// its pointing), or itself, unchanged, when it names none.
@@ -704,6 +709,17 @@ pub enum Verdict<'p> {
         validation: Validation,
         accepted: Accepted<'p>,
     },
+}
+
+impl Verdict<'_> {
+    /// What the verdict says of the request.
+    pub fn validation(&self) -> &Validation {
+        match self {
+            Verdict::Reused { validation }
+            | Verdict::Rejected { validation }
+            | Verdict::Accepted { validation, .. } => validation,
+        }
+    }
 }
 
 /// The batch's verdicts, in order: `next` holds the first unused number of

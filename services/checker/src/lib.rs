@@ -21,6 +21,7 @@ pub mod consume;
 pub mod domain;
 pub mod error;
 pub mod store;
+pub mod visibility;
 
 use std::sync::Arc;
 
@@ -97,6 +98,7 @@ pub async fn start(
             db: foundation.db.clone(),
             rules: rules.clone(),
             catalog: catalog.clone(),
+            isolate_vos: !settings.auth.dev_mode,
         },
         &shutdown,
     );
@@ -104,6 +106,7 @@ pub async fn start(
         db: foundation.db.clone(),
         rules,
         catalog,
+        isolate_vos: !settings.auth.dev_mode,
     };
     let max = settings.grpc.max_message_bytes;
     let (routes, reporter) = prodsys_server::base_routes()?;

@@ -89,6 +89,24 @@ pub async fn neighbourhood(
     Ok(known)
 }
 
+/// The VO of each of `production_ids` this checker gave (the others are
+/// not in the answer).
+pub async fn production_vos(
+    tx: &Transaction<'_>,
+    production_ids: &[String],
+) -> anyhow::Result<HashMap<String, String>> {
+    if production_ids.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let rows = tx
+        .query_cached(
+            "SELECT production_id, vo FROM productions WHERE production_id = ANY($1)",
+            &[&production_ids],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
 /// Takes `wanted` numbers from each ID prefix's sequence; returns the first
 /// of each prefix's numbers.
 pub async fn take_numbers(

@@ -17,7 +17,7 @@ use prodsys_server::{decode_event, outbox_event};
 use uuid::Uuid;
 
 use crate::domain::{self, NewRequest, PointingOutcome, Verdicts};
-use crate::error::Result;
+use crate::error::{IntakeError, Result};
 use crate::{ingest, store};
 
 pub struct IntakeConsumer {
@@ -25,6 +25,15 @@ pub struct IntakeConsumer {
     pub profiles: Arc<ProfileSet>,
     pub ingest_exchange: String,
     pub policy: ingest::Policy,
+    /// Checks the tokens events carry, as the gRPC port checks calls'.
+    pub auth: prodsys_auth::Auth,
+}
+
+/// Why an event may not submit at all (tokens on): the field the refusal
+/// names (`authorization` or `vo`) and the reason.
+struct Refusal {
+    field: &'static str,
+    reason: String,
 }
 
 enum Work {
@@ -53,6 +62,93 @@ impl IntakeConsumer {
         }
     }
 
+    /// With tokens on, whether the event may submit: a valid token with
+    /// `compute.create` carrying the request's VO (whose subject becomes the
+    /// submitter and owner), or no token and a broker user mapped to the VO.
+    /// `Err` only when the token's issuer cannot be reached (transient).
+    async fn admit(&self, s: &mut ingest::Submission) -> Result<Option<Refusal>> {
+        if !self.policy.tokens {
+            return Ok(None);
+        }
+        let token = match &s.authorization {
+            ingest::Authorization::Bearer(token) => token.clone(),
+            ingest::Authorization::Malformed => {
+                return Ok(Some(Refusal {
+                    field: "authorization",
+                    reason: format!(
+                        "the `{}` header is not `Bearer <token>`",
+                        ingest::AUTHORIZATION_HEADER
+                    ),
+                }));
+            }
+            ingest::Authorization::None => {
+                return Ok(self
+                    .policy
+                    .refuses_without_token(s.user_id.as_deref(), &s.data.vo)
+                    .map(|reason| Refusal {
+                        field: "authorization",
+                        reason,
+                    }));
+            }
+        };
+        let caller = match self
+            .auth
+            .admit(
+                prodsys_auth::Need::Scope(prodsys_auth::COMPUTE_CREATE),
+                Some(token.as_str()),
+            )
+            .await
+        {
+            Ok(caller) => caller,
+            Err(prodsys_auth::Denial::Unavailable(reason)) => {
+                return Err(IntakeError::Transient(anyhow::anyhow!(
+                    "checking an event's token: {reason}"
+                )));
+            }
+            Err(
+                prodsys_auth::Denial::Unauthenticated(reason)
+                | prodsys_auth::Denial::Forbidden(reason),
+            ) => {
+                return Ok(Some(Refusal {
+                    field: "authorization",
+                    reason,
+                }));
+            }
+        };
+        if let Err(status) = caller.may_act_for("vo", &s.data.vo) {
+            let reason = status.message();
+            return Ok(Some(Refusal {
+                field: "vo",
+                reason: reason.strip_prefix("vo: ").unwrap_or(reason).to_string(),
+            }));
+        }
+        s.data.submitter = caller.submitter(&s.data.submitter);
+        s.owner = caller.owner();
+        Ok(None)
+    }
+
+    /// The answer on the event's `reply_to` to an event refused before it
+    /// became a request: no request ID, the event's ID as correlation.
+    fn refusal_reply(s: &ingest::Submission, refusal: &Refusal) -> Result<Option<OutboxEvent>> {
+        let Some(queue) = &s.reply_to else {
+            return Ok(None);
+        };
+        let violation = prodsys_core::Violation::new(refusal.field, refusal.reason.clone());
+        let mut body = domain::reply_body(
+            Uuid::nil(),
+            &s.event_id,
+            "rejected",
+            "",
+            "",
+            &[violation],
+            &serde_json::Value::Null,
+        );
+        body["request_id"] = "".into();
+        let mut reply = store::reply(queue, Uuid::nil(), body)?;
+        reply.subject = s.event_id.clone();
+        Ok(Some(reply))
+    }
+
     /// Stores a request published as an event; the events it owes.
     async fn submit(
         &self,
@@ -68,7 +164,7 @@ impl IntakeConsumer {
             parameters: &s.data.parameters,
             backend: domain::backend_or_default(&s.data.backend),
             submitter: &s.data.submitter,
-            owner: None,
+            owner: s.owner.as_deref(),
             extend: s.data.extend,
             reuse_existing: s.data.reuse_existing,
             priority: s.data.priority,
@@ -117,8 +213,25 @@ impl IntakeConsumer {
     async fn handle_batch(&self, batch: &[Incoming]) -> Result<Vec<Outcome>> {
         let mut outcomes = Vec::with_capacity(batch.len());
         let mut work = Vec::new();
+        // Answers to events refused before they became requests.
+        let mut refusals = Vec::new();
         for incoming in batch {
             match self.classify(incoming) {
+                Ok(Work::Submit(mut s)) => match self.admit(&mut s).await? {
+                    None => {
+                        work.push(Work::Submit(s));
+                        outcomes.push(Outcome::Ack);
+                    }
+                    Some(refusal) => {
+                        tracing::info!(event_id = %s.event_id, source = %s.source,
+                            field = refusal.field, reason = %refusal.reason, "event refused");
+                        refusals.extend(Self::refusal_reply(&s, &refusal)?);
+                        outcomes.push(Outcome::DeadLetter(format!(
+                            "{}: {}",
+                            refusal.field, refusal.reason
+                        )));
+                    }
+                },
                 Ok(w) => {
                     work.push(w);
                     outcomes.push(Outcome::Ack);
@@ -137,7 +250,7 @@ impl IntakeConsumer {
             .collect();
         // Taken once: the same event twice in one batch takes effect once.
         let mut fresh = prodsys_db::claim(&tx, &event_ids).await?;
-        let mut events = Vec::new();
+        let mut events = refusals;
         let mut verdicts = Verdicts::default();
         let request_id =
             |id: &str| -> Result<Uuid> { Ok(Uuid::parse_str(id).context("request_id")?) };

@@ -9,6 +9,13 @@
 //! wrong is stored as REJECTED and answered. Answers go to the event's AMQP
 //! `reply_to` queue as JSON CloudEvents, and the usual `request.accepted` /
 //! `request.rejected` events carry the original event id as correlation.
+//!
+//! With tokens on, an event is a caller like a gRPC call: its `authorization`
+//! application header (`Bearer <JWT>`) is checked as a call's token is (the
+//! scope `compute.create`, the VO among the token's, the submitter its
+//! subject), or, without a token, its broker user must be mapped to the
+//! request's VO (`intake.broker_users`). An event refused so is stored
+//! nowhere: it is dead-lettered with the reason, answered on `reply_to`.
 
 use std::collections::BTreeMap;
 
@@ -59,6 +66,58 @@ pub struct Submission {
     pub reply_to: Option<String>,
     /// What is wrong with the parameters, if anything.
     pub violations: Vec<Violation>,
+    /// The publisher's broker user (AMQP `user_id`), if it said.
+    pub user_id: Option<String>,
+    /// The event's `authorization` header.
+    pub authorization: Authorization,
+    /// Who owns the request (a token's issuer and subject), once admitted by a token.
+    pub owner: Option<String>,
+}
+
+/// What an event's `authorization` application header holds.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Authorization {
+    None,
+    Bearer(String),
+    /// Something that is not `Bearer <token>`.
+    Malformed,
+}
+
+impl std::fmt::Debug for Authorization {
+    // A token is a credential: never printed.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Authorization::None => "None",
+            Authorization::Bearer(_) => "Bearer(..)",
+            Authorization::Malformed => "Malformed",
+        })
+    }
+}
+
+/// The application header an event's bearer token travels in.
+pub const AUTHORIZATION_HEADER: &str = "authorization";
+
+/// The `authorization` header of `headers` (its name in any case).
+pub fn authorization(headers: &prodsys_messaging::lapin::types::FieldTable) -> Authorization {
+    let Some(value) = headers
+        .inner()
+        .iter()
+        .find(|(name, _)| name.as_str().eq_ignore_ascii_case(AUTHORIZATION_HEADER))
+        .map(|(_, value)| value)
+    else {
+        return Authorization::None;
+    };
+    let Some(text) = prodsys_messaging::envelope::value_text(value) else {
+        return Authorization::Malformed;
+    };
+    match text.trim().split_once(' ') {
+        Some((scheme, token))
+            if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() =>
+        {
+            Authorization::Bearer(token.trim().to_string())
+        }
+        _ => Authorization::Malformed,
+    }
 }
 
 impl Submission {
@@ -73,8 +132,12 @@ impl Submission {
 pub struct Policy {
     /// Queues `reply_to` may name (`*`: any run of characters).
     pub reply_to_patterns: Vec<String>,
-    /// Broker users and their VOs; empty: no publisher is restricted.
+    /// Broker users and their VOs; empty: no publisher is restricted
+    /// (unless tokens are on).
     pub broker_users: BTreeMap<String, Vec<String>>,
+    /// Tokens on (`auth.dev_mode = false`): an event needs a valid token or
+    /// a broker user mapped to its VO.
+    pub tokens: bool,
 }
 
 impl Policy {
@@ -82,7 +145,33 @@ impl Policy {
         Self {
             reply_to_patterns: settings.reply_to_patterns.clone(),
             broker_users: settings.broker_users.clone(),
+            tokens: false,
         }
+    }
+
+    /// With tokens on (`auth.dev_mode = false`) when `tokens`.
+    pub fn with_tokens(self, tokens: bool) -> Self {
+        Self { tokens, ..self }
+    }
+
+    /// With tokens on, why an event without a token may not submit for `vo`:
+    /// its broker user is not mapped to it.
+    pub fn refuses_without_token(&self, user_id: Option<&str>, vo: &str) -> Option<String> {
+        let user = user_id.filter(|u| !u.is_empty());
+        let mapped = user
+            .and_then(|u| self.broker_users.get(u))
+            .is_some_and(|vos| vos.iter().any(|v| v == vo));
+        if mapped {
+            return None;
+        }
+        Some(match user {
+            None => format!(
+                "the event carries no bearer token (application header `{AUTHORIZATION_HEADER}: Bearer <token>`) and names no broker user (AMQP user_id) mapped to VO {vo:?}"
+            ),
+            Some(user) => format!(
+                "the event carries no bearer token (application header `{AUTHORIZATION_HEADER}: Bearer <token>`), and its broker user {user:?} is not mapped to VO {vo:?} (intake.broker_users)"
+            ),
+        })
     }
 
     /// Why intake may not answer into `queue`, if it may not.
@@ -281,13 +370,20 @@ pub fn parse(
     crate::domain::check_name("submitter", &data.submitter, &mut violations);
     crate::domain::check_priority(data.priority, &mut violations);
     crate::domain::check_forward(&data.forward, &mut violations);
-    violations.extend(policy.refuses_vo(incoming.user_id.as_deref(), &data.vo));
+    // With tokens on, who may submit is decided by the token or the broker
+    // user's mapping when the event is admitted (see `IntakeConsumer`).
+    if !policy.tokens {
+        violations.extend(policy.refuses_vo(incoming.user_id.as_deref(), &data.vo));
+    }
     Ok(Submission {
         event_id: id,
         source,
         reply_to,
         data,
         violations,
+        user_id: incoming.user_id.clone(),
+        authorization: authorization(&incoming.headers),
+        owner: None,
     })
 }
 
@@ -392,6 +488,68 @@ mod tests {
                 .violations
                 .is_empty()
         );
+    }
+
+    #[test]
+    fn with_tokens_the_token_or_a_mapped_broker_user_decides_later() {
+        let policy = Policy {
+            broker_users: [("esap".to_string(), vec!["vo.cta.in2p3.fr".to_string()])].into(),
+            ..open()
+        }
+        .with_tokens(true);
+        let mut incoming = structured(event("e1", example()));
+        incoming.user_id = Some("stranger".into());
+        // No violation on vo at parsing: admission decides.
+        let parsed = parse(&incoming, &shipped(), &policy).unwrap();
+        assert!(parsed.violations.is_empty(), "{:?}", parsed.violations);
+        assert_eq!(parsed.authorization, Authorization::None);
+        let refusal = policy
+            .refuses_without_token(Some("stranger"), "vo.cta.in2p3.fr")
+            .unwrap();
+        assert!(
+            refusal.contains("stranger") && refusal.contains("bearer token"),
+            "{refusal}"
+        );
+        assert!(
+            policy
+                .refuses_without_token(None, "vo.cta.in2p3.fr")
+                .is_some()
+        );
+        assert!(
+            policy
+                .refuses_without_token(Some("esap"), "vo.km3net.eu")
+                .is_some()
+        );
+        assert_eq!(
+            policy.refuses_without_token(Some("esap"), "vo.cta.in2p3.fr"),
+            None
+        );
+        // Without any mapping, every event needs a token.
+        assert!(
+            open()
+                .with_tokens(true)
+                .refuses_without_token(Some("esap"), "vo.cta.in2p3.fr")
+                .is_some()
+        );
+
+        use prodsys_messaging::lapin::types::{AMQPValue, LongString};
+        let header = |value: &str| {
+            let mut headers = prodsys_messaging::lapin::types::FieldTable::default();
+            headers.insert(
+                "Authorization".into(),
+                AMQPValue::LongString(LongString::from(value.as_bytes().to_vec())),
+            );
+            authorization(&headers)
+        };
+        assert_eq!(
+            header("Bearer abc.def.ghi"),
+            Authorization::Bearer("abc.def.ghi".into())
+        );
+        assert_eq!(header("bearer  abc "), Authorization::Bearer("abc".into()));
+        assert_eq!(header("Basic dXNlcjpwdw=="), Authorization::Malformed);
+        assert_eq!(header("abc.def.ghi"), Authorization::Malformed);
+        assert_eq!(header("Bearer "), Authorization::Malformed);
+        assert_eq!(format!("{:?}", header("Bearer secret")), "Bearer(..)");
     }
 
     fn event(id: &str, data: Value) -> Value {

@@ -85,7 +85,9 @@ pub async fn start(
             db: foundation.db.clone(),
             profiles: profiles.clone(),
             ingest_exchange: foundation.names.ingest(),
-            policy: ingest::Policy::from_settings(&settings.intake),
+            policy: ingest::Policy::from_settings(&settings.intake)
+                .with_tokens(!foundation.auth.dev_mode()),
+            auth: foundation.auth.clone(),
         },
         &shutdown,
     );

@@ -213,11 +213,10 @@ impl DbRoles {
         {
             bail!("--only {unknown:?}: services are intake, checker, dispatcher, status, catalog");
         }
-        let (client, connection) =
-            prodsys_db::tokio_postgres::connect(&self.admin_url, prodsys_db::tokio_postgres::NoTls)
-                .await
-                .context("connecting with the administrator's URL")?;
-        tokio::spawn(connection);
+        // TLS as the URL's sslmode and sslrootcert say, as the services connect.
+        let client = prodsys_db::connect(&self.admin_url)
+            .await
+            .context("connecting with the administrator's URL")?;
         if !self.delete {
             create_private_dir(&self.secrets_dir)?;
         }

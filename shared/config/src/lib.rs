@@ -72,6 +72,20 @@ pub struct DatabaseSettings {
     /// How long an event's ID is kept in a service's inbox (to recognise a
     /// redelivery); older IDs are deleted in the background.
     pub inbox_retention_s: u64,
+    /// TLS to PostgreSQL, as libpq's parameters of the same names (which a
+    /// URL may also carry in its query; the URL's own win): `disable`,
+    /// `prefer`, `require`, `verify-ca` or `verify-full`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sslmode: Option<String>,
+    /// PEM CA certificate(s) the server's certificate must chain to
+    /// (`verify-ca`, `verify-full`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sslrootcert: Option<PathBuf>,
+    /// PEM client certificate and key, for a server that asks for one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sslcert: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sslkey: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -82,7 +96,8 @@ pub struct AmqpSettings {
     /// One broker user per service: a service named here connects with its
     /// own URL (`prodsys broker-users` creates the users with
     /// least-privilege permissions); the others use `url`. `amqps://` URLs
-    /// connect over TLS (rustls, the broker verified against the web PKI roots).
+    /// connect over TLS (rustls, the broker verified against the web PKI
+    /// roots and `ca_file`).
     #[serde(
         serialize_with = "expose_map",
         skip_serializing_if = "BTreeMap::is_empty"
@@ -113,6 +128,16 @@ pub struct AmqpSettings {
     pub hold_limit_ms: u64,
     /// Longest pause between two tries of a held batch (backoff with jitter).
     pub hold_retry_max_ms: u64,
+    /// PEM CA certificate(s) an `amqps://` broker's certificate may chain
+    /// to (a private CA), trusted besides the web PKI roots.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate (chain) and its key, presented to a broker
+    /// that asks for one (`ssl_options.verify = verify_peer`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cert_file: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -533,6 +558,10 @@ impl Default for DatabaseSettings {
             password_files: BTreeMap::new(),
             pool_size: 16,
             inbox_retention_s: 7 * 24 * 3600,
+            sslmode: None,
+            sslrootcert: None,
+            sslcert: None,
+            sslkey: None,
         }
     }
 }
@@ -551,6 +580,9 @@ impl Default for AmqpSettings {
             confirm_timeout_ms: 10_000,
             hold_limit_ms: 300_000,
             hold_retry_max_ms: 5_000,
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
         }
     }
 }
@@ -587,9 +619,18 @@ impl DatabaseSettings {
     }
 
     /// The URL `service` connects with: its own, or the shared one, with
-    /// the password of its password file when it has one.
+    /// the password of its password file when it has one, and the TLS
+    /// parameters of these settings it does not give itself.
     pub fn url_for(&self, service: &str) -> Result<SecretString, ConfigError> {
-        credential_url(&self.url, &self.service_urls, &self.password_files, service)
+        let url = credential_url(&self.url, &self.service_urls, &self.password_files, service)?;
+        let path = |p: &Option<PathBuf>| p.as_ref().map(|p| p.to_string_lossy().into_owned());
+        let tls = [
+            ("sslmode", self.sslmode.clone()),
+            ("sslrootcert", path(&self.sslrootcert)),
+            ("sslcert", path(&self.sslcert)),
+            ("sslkey", path(&self.sslkey)),
+        ];
+        with_parameters(url.expose_secret(), &tls).map(SecretString::from)
     }
 }
 
@@ -629,6 +670,57 @@ fn credential_url(
         })
 }
 
+/// `url` with each of `parameters` that is set and that it does not give
+/// itself: in its query (a `postgres://` URL), or as a word (a `key=value`
+/// connection string).
+fn with_parameters(
+    url: &str,
+    parameters: &[(&str, Option<String>)],
+) -> Result<String, ConfigError> {
+    let mut url = url.to_string();
+    let is_url = url.contains("://");
+    for (key, value) in parameters {
+        let Some(value) = value else { continue };
+        if is_url {
+            let query = url.split_once('?').map(|(_, q)| q).unwrap_or_default();
+            if query.split('&').any(|p| p.split('=').next() == Some(*key)) {
+                continue;
+            }
+            let separator = if url.contains('?') { '&' } else { '?' };
+            url = format!("{url}{separator}{key}={}", percent_encode(value, b"-._~/"));
+        } else {
+            if url
+                .split_whitespace()
+                .any(|w| w.split('=').next() == Some(*key))
+            {
+                continue;
+            }
+            if value
+                .chars()
+                .any(|c| c.is_whitespace() || c == '\'' || c == '\\')
+            {
+                return Err(ConfigError(format!(
+                    "database.{key}: {value:?} cannot be written into a connection string of words; give the database URL as postgres://…"
+                )));
+            }
+            url = format!("{url} {key}={value}");
+        }
+    }
+    Ok(url)
+}
+
+fn percent_encode(text: &str, keep: &[u8]) -> String {
+    let mut encoded = String::new();
+    for b in text.bytes() {
+        if b.is_ascii_alphanumeric() || keep.contains(&b) {
+            encoded.push(b as char);
+        } else {
+            encoded.push_str(&format!("%{b:02X}"));
+        }
+    }
+    encoded
+}
+
 /// `url` (`scheme://user[:password]@host...`) with `password`, percent-encoded.
 pub fn with_password(url: &str, password: &str) -> Option<String> {
     let (scheme, rest) = url.split_once("://")?;
@@ -636,14 +728,7 @@ pub fn with_password(url: &str, password: &str) -> Option<String> {
     let (authority, tail) = rest.split_at(end);
     let (userinfo, host) = authority.rsplit_once('@')?;
     let user = userinfo.split(':').next().filter(|u| !u.is_empty())?;
-    let mut encoded = String::new();
-    for b in password.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-            encoded.push(b as char);
-        } else {
-            encoded.push_str(&format!("%{b:02X}"));
-        }
-    }
+    let encoded = percent_encode(password, b"-._~");
     Some(format!("{scheme}://{user}:{encoded}@{host}{tail}"))
 }
 
@@ -903,5 +988,42 @@ mod tests {
     fn a_missing_file_is_an_error_naming_it() {
         let err = Settings::load(Some(Path::new("/nonexistent/prodsys.toml"))).unwrap_err();
         assert!(err.to_string().contains("prodsys.toml"), "{err}");
+    }
+
+    #[test]
+    fn the_database_tls_settings_join_every_url_that_does_not_say_its_own() {
+        let mut s = DatabaseSettings {
+            sslmode: Some("verify-full".into()),
+            sslrootcert: Some(PathBuf::from("/etc/prodsys/db ca.pem")),
+            ..DatabaseSettings::default()
+        };
+        s.url = SecretString::from("postgres://u@db/x");
+        s.service_urls.insert(
+            "catalog".into(),
+            SecretString::from("postgres://c@db/x?sslmode=require&application_name=c"),
+        );
+        assert_eq!(
+            s.url_for("intake").unwrap().expose_secret(),
+            "postgres://u@db/x?sslmode=verify-full&sslrootcert=/etc/prodsys/db%20ca.pem"
+        );
+        assert_eq!(
+            s.url_for("catalog").unwrap().expose_secret(),
+            "postgres://c@db/x?sslmode=require&application_name=c&sslrootcert=/etc/prodsys/db%20ca.pem"
+        );
+        s.url = SecretString::from("host=db user=u");
+        s.sslrootcert = Some(PathBuf::from("/etc/ca.pem"));
+        assert_eq!(
+            s.url_for("intake").unwrap().expose_secret(),
+            "host=db user=u sslmode=verify-full sslrootcert=/etc/ca.pem"
+        );
+        s.sslrootcert = Some(PathBuf::from("/etc/my ca.pem"));
+        let error = s.url_for("intake").unwrap_err().to_string();
+        assert!(error.contains("database.sslrootcert"), "{error}");
+        // Without TLS settings the URL is as given.
+        let plain = DatabaseSettings::default();
+        assert_eq!(
+            plain.url_for("intake").unwrap().expose_secret(),
+            plain.url()
+        );
     }
 }

@@ -2,7 +2,8 @@
 //! own schema, embedded migrations applied under an advisory lock (replicas may
 //! start together), the transactional outbox (an event row commits with the
 //! business row and a NOTIFY wakes the relay) and the inbox (an event's effect
-//! happens once, however often it is delivered).
+//! happens once, however often it is delivered). Connections use TLS as
+//! the URL's libpq parameters say ([`tls`]).
 
 use std::collections::HashSet;
 use std::str::FromStr;
@@ -13,21 +14,26 @@ use deadpool_postgres::Transaction;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use futures::StreamExt;
 use tokio::sync::mpsc;
-use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_postgres::AsyncMessage;
 use uuid::Uuid;
 
 pub use deadpool_postgres;
 pub use tokio_postgres;
 
 pub mod migrate;
+pub mod tls;
 pub use migrate::Migration;
+pub use tls::PgTls;
 
 /// A service's database: a pool whose `search_path` is the service's schema.
 #[derive(Clone)]
 pub struct Db {
     pool: Pool,
     schema: String,
+    /// What tokio-postgres reads of the URL (the TLS parameters taken off).
     url: String,
+    tls: PgTls,
+    ssl_mode: tokio_postgres::config::SslMode,
 }
 
 impl std::fmt::Debug for Db {
@@ -60,6 +66,28 @@ pub struct PendingEvent {
     pub created_at: chrono::DateTime<chrono::Utc>,
 }
 
+/// A connection string's tokio-postgres configuration and TLS connector.
+pub fn connection(url: &str) -> anyhow::Result<(tokio_postgres::Config, PgTls)> {
+    let (url, options) = tls::split_url(url)?;
+    let (ssl_mode, connector) = tls::connector(&options)?;
+    let mut config = tokio_postgres::Config::from_str(&url).context("invalid database URL")?;
+    config.ssl_mode(ssl_mode);
+    Ok((config, connector))
+}
+
+/// One connection (not pooled) with `url`, TLS as it says; its connection
+/// task runs in the background.
+pub async fn connect(url: &str) -> anyhow::Result<tokio_postgres::Client> {
+    let (config, tls) = connection(url)?;
+    let (client, connection) = config.connect(tls).await?;
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            tracing::debug!(%error, "database connection ended");
+        }
+    });
+    Ok(client)
+}
+
 fn config_for(url: &str, schema: &str) -> anyhow::Result<tokio_postgres::Config> {
     let mut config = tokio_postgres::Config::from_str(url).context("invalid database URL")?;
     // Statements are prepared once per connection (see `Cached`) but planned
@@ -84,9 +112,13 @@ impl Db {
             schema.chars().all(|c| c.is_ascii_lowercase() || c == '_') && !schema.is_empty(),
             "schema name {schema:?} must be lower-case letters and underscores"
         );
+        let (url, options) = tls::split_url(url)?;
+        let (ssl_mode, tls) = tls::connector(&options)?;
+        let mut config = config_for(&url, schema)?;
+        config.ssl_mode(ssl_mode);
         let manager = Manager::from_config(
-            config_for(url, schema)?,
-            NoTls,
+            config,
+            tls.clone(),
             ManagerConfig {
                 // A pooled connection the server has closed (restart, failover, admin kill)
                 // is found out at checkout, not by the request that uses it.
@@ -103,7 +135,9 @@ impl Db {
         Ok(Self {
             pool,
             schema: schema.to_string(),
-            url: url.to_string(),
+            url,
+            tls,
+            ssl_mode,
         })
     }
 
@@ -155,8 +189,10 @@ impl Db {
     /// notification arrives on `Listener::notifications`, which closes when
     /// the connection is lost.
     pub async fn listen(&self, channel: &str) -> anyhow::Result<Listener> {
-        let (client, mut connection) = config_for(&self.url, &self.schema)?
-            .connect(NoTls)
+        let mut config = config_for(&self.url, &self.schema)?;
+        config.ssl_mode(self.ssl_mode);
+        let (client, mut connection) = config
+            .connect(self.tls.clone())
             .await
             .context("opening the LISTEN connection")?;
         let (tx, rx) = mpsc::unbounded_channel();

@@ -3,13 +3,19 @@
 //! Everyone else asks for a fresh channel, waiting while the broker is away.
 //! lapin's own auto-recovery is deliberately not used: the supervisor knows
 //! the topology and the health flag, and consumers rebuild their own state.
+//! `amqps://` connections trust a private CA and present a client
+//! certificate as [`tls_config`] reads them from the settings.
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use futures::StreamExt;
+use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
 use lapin::{Channel, Connection, ConnectionProperties};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::sync::{Mutex, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -22,6 +28,7 @@ pub struct Broker {
 
 struct Inner {
     url: String,
+    tls: OwnedTLSConfig,
     topology: Topology,
     connection: Mutex<Option<Connection>>,
     connected: watch::Sender<bool>,
@@ -47,11 +54,22 @@ impl Broker {
         topology: Topology,
         shutdown: CancellationToken,
     ) -> anyhow::Result<Self> {
+        Self::start_with_tls(url, OwnedTLSConfig::default(), topology, shutdown).await
+    }
+
+    /// As [`Broker::start`], an `amqps://` broker trusted and answered as `tls` says.
+    pub async fn start_with_tls(
+        url: &str,
+        tls: OwnedTLSConfig,
+        topology: Topology,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<Self> {
         let (connected, _) = watch::channel(false);
         let (generation, _) = watch::channel(0);
         let broker = Broker {
             inner: Arc::new(Inner {
                 url: url.to_string(),
+                tls,
                 topology,
                 connection: Mutex::new(None),
                 connected,
@@ -178,7 +196,12 @@ impl Broker {
         let properties = ConnectionProperties::default().with_connection_name(name.into());
         let connection = tokio::time::timeout(
             Duration::from_secs(10),
-            Connection::connect(&self.inner.url, properties),
+            Connection::connect_with_config(
+                &self.inner.url,
+                properties,
+                self.inner.tls.clone(),
+                lapin::runtime::default_runtime()?,
+            ),
         )
         .await
         .context("connecting timed out")?
@@ -191,5 +214,126 @@ impl Broker {
             .context("declaring the topology")?;
         let _ = channel.close(200, "topology declared".into()).await;
         Ok(connection)
+    }
+}
+
+/// The TLS of `amqps://` connections the settings describe: `amqp.ca_file`
+/// (trusted besides the web PKI roots) and the client certificate
+/// `amqp.cert_file` with `amqp.key_file`. Each file is read and checked
+/// now, so a wrong one stops the service at start, named.
+pub fn tls_config(settings: &prodsys_config::AmqpSettings) -> anyhow::Result<OwnedTLSConfig> {
+    tls_from_files(
+        settings.ca_file.as_deref(),
+        settings.cert_file.as_deref(),
+        settings.key_file.as_deref(),
+    )
+}
+
+/// As [`tls_config`], from the files themselves.
+pub fn tls_from_files(
+    ca_file: Option<&Path>,
+    cert_file: Option<&Path>,
+    key_file: Option<&Path>,
+) -> anyhow::Result<OwnedTLSConfig> {
+    let mut tls = OwnedTLSConfig::default();
+    if let Some(ca_file) = ca_file {
+        let pem = read_pem(ca_file, "amqp.ca_file")?;
+        let certs = CertificateDer::pem_slice_iter(pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| anyhow::anyhow!("amqp.ca_file: {} is not PEM: {e}", ca_file.display()))?;
+        anyhow::ensure!(
+            !certs.is_empty(),
+            "amqp.ca_file: {} holds no certificate",
+            ca_file.display()
+        );
+        tls.cert_chain = Some(pem);
+    }
+    match (cert_file, key_file) {
+        (None, None) => {}
+        (Some(cert_file), Some(key_file)) => {
+            let pem = read_pem(cert_file, "amqp.cert_file")?;
+            let certs = CertificateDer::pem_slice_iter(pem.as_bytes())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| {
+                    anyhow::anyhow!("amqp.cert_file: {} is not PEM: {e}", cert_file.display())
+                })?;
+            anyhow::ensure!(
+                !certs.is_empty(),
+                "amqp.cert_file: {} holds no certificate",
+                cert_file.display()
+            );
+            let key = read_pem(key_file, "amqp.key_file")?;
+            PrivateKeyDer::from_pem_slice(key.as_bytes()).map_err(|e| {
+                anyhow::anyhow!(
+                    "amqp.key_file: {} holds no PEM private key: {e}",
+                    key_file.display()
+                )
+            })?;
+            tls.identity = Some(OwnedIdentity::PKCS8 {
+                pem: pem.into_bytes(),
+                key: key.into_bytes(),
+            });
+        }
+        (Some(_), None) => anyhow::bail!("amqp.key_file: amqp.cert_file is set but its key is not"),
+        (None, Some(_)) => {
+            anyhow::bail!("amqp.cert_file: amqp.key_file is set but its certificate is not")
+        }
+    }
+    Ok(tls)
+}
+
+fn read_pem(path: &Path, key: &str) -> anyhow::Result<String> {
+    std::fs::read_to_string(path).with_context(|| format!("{key}: reading {}", path.display()))
+}
+
+/// Refuses TLS settings for a broker URL that is not `amqps://`: they
+/// would be ignored, and the connection would be plain text.
+pub fn check_tls_url(url: &str, tls: &OwnedTLSConfig, what: &str) -> anyhow::Result<()> {
+    if (tls.cert_chain.is_some() || tls.identity.is_some()) && !url.starts_with("amqps://") {
+        anyhow::bail!(
+            "amqp.ca_file / amqp.cert_file are set, but {what} is not an amqps:// URL: the connection would not use TLS"
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn broker_tls_files_are_read_and_named_when_wrong() {
+        let dir = std::env::temp_dir().join(format!("prodsys-amqp-tls-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let none = tls_config(&prodsys_config::AmqpSettings::default()).unwrap();
+        assert_eq!(none, OwnedTLSConfig::default());
+        let not_pem = dir.join("ca.pem");
+        std::fs::write(&not_pem, "not a certificate").unwrap();
+        let settings = prodsys_config::AmqpSettings {
+            ca_file: Some(not_pem.clone()),
+            ..Default::default()
+        };
+        let error = tls_config(&settings).unwrap_err().to_string();
+        assert!(error.contains("amqp.ca_file"), "{error}");
+        let settings = prodsys_config::AmqpSettings {
+            cert_file: Some(not_pem),
+            ..Default::default()
+        };
+        let error = tls_config(&settings).unwrap_err().to_string();
+        assert!(error.contains("amqp.key_file"), "{error}");
+        let settings = prodsys_config::AmqpSettings {
+            ca_file: Some(dir.join("missing.pem")),
+            ..Default::default()
+        };
+        let error = tls_config(&settings).unwrap_err().to_string();
+        assert!(error.contains("missing.pem"), "{error}");
+        let tls = OwnedTLSConfig {
+            cert_chain: Some(String::new()),
+            identity: None,
+        };
+        assert!(check_tls_url("amqp://h/%2f", &tls, "amqp.url").is_err());
+        assert!(check_tls_url("amqps://h/%2f", &tls, "amqp.url").is_ok());
+        assert!(check_tls_url("amqp://h/%2f", &OwnedTLSConfig::default(), "amqp.url").is_ok());
+        std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -737,7 +737,11 @@ fn republished(queue: &str, incoming: &Incoming) -> Outgoing {
 
 fn dead_letter(broker: &Broker, service: &str, incoming: &Incoming, reason: &str) -> Outgoing {
     let text = |s: &str| AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()));
-    let mut headers = incoming.headers.clone();
+    // A bearer token (an ingest event's `authorization` header) is a
+    // credential: it is not kept where operators list and show messages.
+    let mut kept = incoming.headers.inner().clone();
+    kept.retain(|name, _| !name.as_str().eq_ignore_ascii_case("authorization"));
+    let mut headers = FieldTable::from(kept);
     headers.insert(DEAD_LETTER_REASON.into(), text(reason));
     headers.insert(ORIGINAL_ROUTING_KEY.into(), text(&incoming.routing_key));
     headers.insert(ORIGINAL_EXCHANGE.into(), text(&incoming.exchange));

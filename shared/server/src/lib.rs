@@ -407,6 +407,12 @@ impl Foundation {
             .amqp
             .url_for(service)
             .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let amqp_tls = prodsys_messaging::broker::tls_config(&settings.amqp)?;
+        prodsys_messaging::broker::check_tls_url(
+            secrecy::ExposeSecret::expose_secret(&amqp_url),
+            &amqp_tls,
+            &format!("the broker URL of {service}"),
+        )?;
         let db = Db::new(
             secrecy::ExposeSecret::expose_secret(&database_url),
             service,
@@ -425,7 +431,7 @@ impl Foundation {
         // relay still flushes after it; `stop_in_order` closes it last.
         let closing = CancellationToken::new();
         let broker = tokio::select! {
-            broker = Broker::start(secrecy::ExposeSecret::expose_secret(&amqp_url), topology, closing.clone()) => broker,
+            broker = Broker::start_with_tls(secrecy::ExposeSecret::expose_secret(&amqp_url), amqp_tls, topology, closing.clone()) => broker,
             _ = shutdown.cancelled() => Err(anyhow::anyhow!("shut down before the broker was reached")),
         };
         let broker = match broker {

@@ -1,0 +1,656 @@
+//! TLS between the services and their servers: PostgreSQL (`sslmode`,
+//! `sslrootcert`, a client certificate) and RabbitMQ (`amqps://` with a
+//! private CA and a client certificate).
+//!
+//! The machine's PostgreSQL and RabbitMQ are shared and not ours to
+//! reconfigure, so each test starts a private server of its own — a
+//! PostgreSQL cluster (`initdb`, `pg_ctl`) or a second RabbitMQ node (its
+//! own node name, data directory, distribution port and TLS listener) —
+//! under a temporary directory, with a CA and certificates the test makes
+//! with `rcgen`, and stops it by its process (group) at the end.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use prodsys_proto as pb;
+use prodsys_testkit::wait_for;
+use support::{sleep_request, spawn_app_with, use_test_profiles};
+
+/// A CA, and certificates it signed, as PEM files in a directory.
+struct Pki {
+    dir: PathBuf,
+    ca: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
+    ca_file: PathBuf,
+}
+
+impl Pki {
+    fn new(dir: &Path, name: &str) -> Self {
+        std::fs::create_dir_all(dir).unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, format!("prodsys test CA {name}"));
+        let ca = rcgen::CertifiedIssuer::self_signed(params, rcgen::KeyPair::generate().unwrap())
+            .unwrap();
+        let ca_file = dir.join(format!("{name}-ca.pem"));
+        std::fs::write(&ca_file, ca.pem()).unwrap();
+        Self {
+            dir: dir.to_path_buf(),
+            ca,
+            ca_file,
+        }
+    }
+
+    /// A certificate for `names` (host names and IP addresses) whose common
+    /// name is `common_name`: (cert, key) files.
+    fn issue(&self, file: &str, common_name: &str, names: &[&str]) -> (PathBuf, PathBuf) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params =
+            rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, common_name);
+        let cert = params.signed_by(&key, &self.ca).unwrap();
+        let paths = (
+            self.dir.join(format!("{file}-cert.pem")),
+            self.dir.join(format!("{file}-key.pem")),
+        );
+        std::fs::write(&paths.0, cert.pem()).unwrap();
+        std::fs::write(&paths.1, key.serialize_pem()).unwrap();
+        paths
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}
+
+fn run(command: &mut Command, what: &str) {
+    let out = command.output().unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert!(
+        out.status.success(),
+        "{what} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A private PostgreSQL cluster that speaks TLS only: `hostnossl` is
+/// rejected, `certuser` logs in by its client certificate, everyone else
+/// by password (SCRAM). Stopped when dropped.
+struct PrivatePostgres {
+    bin: PathBuf,
+    data: PathBuf,
+    port: u16,
+    password: String,
+    as_postgres: bool,
+}
+
+impl PrivatePostgres {
+    fn start(dir: &Path, pki: &Pki) -> Self {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .expect("PostgreSQL's programs under /usr/lib/postgresql")
+            .filter_map(|e| e.ok())
+            .map(|e| e.path().join("bin"))
+            .filter(|b| b.join("initdb").exists())
+            .max_by_key(|b| {
+                b.parent()
+                    .and_then(|v| v.file_name())
+                    .and_then(|v| v.to_str())
+                    .and_then(|v| v.parse::<u32>().ok())
+                    .unwrap_or(0)
+            })
+            .expect("an initdb under /usr/lib/postgresql/*/bin");
+        let (cert, key) = pki.issue("postgres", "127.0.0.1", &["127.0.0.1"]);
+        let password = uuid::Uuid::new_v4().simple().to_string();
+        let password_file = dir.join("password");
+        std::fs::write(&password_file, &password).unwrap();
+        let data = dir.join("data");
+        // initdb and the server refuse to run as root: as the postgres user then.
+        let as_postgres = is_root();
+        if as_postgres {
+            run(
+                Command::new("chown")
+                    .args(["-R", "postgres:postgres"])
+                    .arg(dir),
+                "chown",
+            );
+        }
+        let command = |program: &str| {
+            let mut command = if as_postgres {
+                let mut c = Command::new("runuser");
+                c.args(["-u", "postgres", "--"]).arg(bin.join(program));
+                c
+            } else {
+                Command::new(bin.join(program))
+            };
+            command.env("LC_ALL", "C.UTF-8");
+            command
+        };
+        run(
+            command("initdb")
+                .arg("-D")
+                .arg(&data)
+                .args(["-U", "postgres", "--auth=scram-sha-256", "-E", "UTF8"])
+                .arg(format!("--pwfile={}", password_file.display())),
+            "initdb",
+        );
+        let port = free_port();
+        let mut conf = std::fs::OpenOptions::new()
+            .append(true)
+            .open(data.join("postgresql.conf"))
+            .unwrap();
+        use std::io::Write;
+        write!(
+            conf,
+            "\nlisten_addresses = '127.0.0.1'\nport = {port}\nunix_socket_directories = '{dir}'\n\
+             max_connections = 100\nshared_buffers = 16MB\nfsync = off\n\
+             ssl = on\nssl_cert_file = '{cert}'\nssl_key_file = '{key}'\nssl_ca_file = '{ca}'\n",
+            dir = dir.display(),
+            cert = cert.display(),
+            key = key.display(),
+            ca = pki.ca_file.display(),
+        )
+        .unwrap();
+        std::fs::write(
+            data.join("pg_hba.conf"),
+            "hostnossl all all 0.0.0.0/0 reject\n\
+             hostssl all certuser 127.0.0.1/32 cert\n\
+             hostssl all all 127.0.0.1/32 scram-sha-256\n\
+             local all all scram-sha-256\n",
+        )
+        .unwrap();
+        if as_postgres {
+            run(
+                Command::new("chown")
+                    .args(["-R", "postgres:postgres"])
+                    .arg(dir),
+                "chown",
+            );
+        }
+        std::fs::set_permissions(
+            &key,
+            <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o600),
+        )
+        .unwrap();
+        run(
+            command("pg_ctl")
+                .arg("-D")
+                .arg(&data)
+                .arg("-l")
+                .arg(dir.join("log"))
+                .args(["-w", "-t", "60", "start"]),
+            "pg_ctl start",
+        );
+        Self {
+            bin,
+            data,
+            port,
+            password,
+            as_postgres,
+        }
+    }
+
+    /// The URL of `database` as `postgres`, with `query` (TLS parameters).
+    fn url(&self, host: &str, database: &str, query: &str) -> String {
+        format!(
+            "postgres://postgres:{}@{host}:{}/{database}?{query}",
+            self.password, self.port
+        )
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        let mut command = if self.as_postgres {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"])
+                .arg(self.bin.join("pg_ctl"));
+            c
+        } else {
+            Command::new(self.bin.join("pg_ctl"))
+        };
+        let _ = command
+            .arg("-D")
+            .arg(&self.data)
+            .args(["-m", "immediate", "-w", "stop"])
+            .output();
+    }
+}
+
+/// Whether a connection with `url` works, or the error in full.
+async fn connects(url: &str) -> Result<String, String> {
+    match prodsys_db::connect(url).await {
+        Ok(client) => client
+            .query_one("SELECT current_user::text", &[])
+            .await
+            .map(|row| row.get::<_, String>(0))
+            .map_err(|e| format!("{e:#}")),
+        Err(error) => Err(format!("{error:#}")),
+    }
+}
+
+#[tokio::test]
+async fn the_services_reach_postgresql_over_tls_verified_against_its_ca() {
+    let dir = std::env::temp_dir().join(format!("prodsys-pg-tls-{}", uuid::Uuid::new_v4()));
+    let pki = Pki::new(&dir, "db");
+    let stranger = Pki::new(&dir.join("stranger"), "stranger");
+    let (client_cert, client_key) = pki.issue("certuser", "certuser", &[]);
+    let pg = PrivatePostgres::start(&dir, &pki);
+    let ca = pki.ca_file.display().to_string();
+    let verify_full = format!("sslmode=verify-full&sslrootcert={ca}");
+
+    // verify-full: the chain and the name (the certificate is for 127.0.0.1).
+    assert_eq!(
+        connects(&pg.url("127.0.0.1", "postgres", &verify_full)).await,
+        Ok("postgres".into())
+    );
+    // The session's channel binding is offered and checked by the server's SCRAM.
+    assert_eq!(
+        connects(&pg.url(
+            "127.0.0.1",
+            "postgres",
+            &format!("{verify_full}&channel_binding=require")
+        ))
+        .await,
+        Ok("postgres".into())
+    );
+    // A server whose certificate another CA signed is refused...
+    let error = connects(&pg.url(
+        "127.0.0.1",
+        "postgres",
+        &format!(
+            "sslmode=verify-full&sslrootcert={}",
+            stranger.ca_file.display()
+        ),
+    ))
+    .await
+    .unwrap_err();
+    assert!(error.contains("certificate"), "{error}");
+    // ...and so is one whose certificate names another host, unless only
+    // the chain is asked for (verify-ca).
+    // (hostaddr: the name is checked, the address connected to.)
+    let error = connects(&pg.url(
+        "localhost",
+        "postgres",
+        &format!("hostaddr=127.0.0.1&{verify_full}"),
+    ))
+    .await
+    .unwrap_err();
+    assert!(error.contains("certificate"), "{error}");
+    assert_eq!(
+        connects(&pg.url(
+            "localhost",
+            "postgres",
+            &format!("hostaddr=127.0.0.1&sslmode=verify-ca&sslrootcert={ca}")
+        ))
+        .await,
+        Ok("postgres".into())
+    );
+    // require encrypts without checking; plain text is what the server refuses.
+    assert_eq!(
+        connects(&pg.url("127.0.0.1", "postgres", "sslmode=require")).await,
+        Ok("postgres".into())
+    );
+    assert!(
+        connects(&pg.url("127.0.0.1", "postgres", "sslmode=disable"))
+            .await
+            .is_err()
+    );
+    // A client certificate: certuser has no password, only its certificate.
+    let admin = prodsys_db::connect(&pg.url("127.0.0.1", "postgres", &verify_full))
+        .await
+        .unwrap();
+    admin
+        .batch_execute("CREATE ROLE certuser LOGIN")
+        .await
+        .unwrap();
+    admin
+        .batch_execute("CREATE DATABASE prodsys")
+        .await
+        .unwrap();
+    let as_certuser = |query: String| {
+        format!(
+            "postgres://certuser@127.0.0.1:{}/postgres?{verify_full}{query}",
+            pg.port
+        )
+    };
+    assert_eq!(
+        connects(&as_certuser(format!(
+            "&sslcert={}&sslkey={}",
+            client_cert.display(),
+            client_key.display()
+        )))
+        .await,
+        Ok("certuser".into())
+    );
+    assert!(connects(&as_certuser(String::new())).await.is_err());
+
+    // A whole stack on that database: verify-full from the settings' keys
+    // (the URL has none), a production run to its end.
+    let database_url = format!(
+        "postgres://postgres:{}@127.0.0.1:{}/prodsys",
+        pg.password, pg.port
+    );
+    let app = spawn_app_with(|env| {
+        use_test_profiles(env);
+        env.settings.database.url = database_url.clone().into();
+        env.settings.database.sslmode = Some("verify-full".into());
+        env.settings.database.sslrootcert = Some(pki.ca_file.clone());
+    })
+    .await;
+    let request_id = app
+        .intake
+        .clone()
+        .submit_request(sleep_request(2, 0.0, -1, "db-over-tls", "local"))
+        .await
+        .expect("a submission stored over TLS")
+        .into_inner()
+        .request_id;
+    let decided = support::decided(&app.intake, &request_id).await;
+    assert_eq!(decided.state(), pb::RequestState::Accepted, "{decided:?}");
+    app.production_when(
+        "the production over TLS to the database",
+        Duration::from_secs(60),
+        &decided.production_id,
+        |p| p.state() == pb::ProductionState::Completed,
+    )
+    .await;
+    // Every service's connections are TLS ones (plain text is refused anyway).
+    let rows = admin
+        .query(
+            "SELECT a.application_name, bool_and(s.ssl) FROM pg_stat_activity a
+             JOIN pg_stat_ssl s USING (pid)
+             WHERE a.application_name LIKE 'prodsys-%' GROUP BY 1 ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap();
+    let seen: Vec<(String, bool)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    assert_eq!(
+        seen.iter().map(|(a, _)| a.as_str()).collect::<Vec<_>>(),
+        [
+            "prodsys-catalog",
+            "prodsys-checker",
+            "prodsys-dispatcher",
+            "prodsys-intake",
+            "prodsys-status"
+        ],
+        "{seen:?}"
+    );
+    assert!(seen.iter().all(|(_, ssl)| *ssl), "{seen:?}");
+    app.stop().await;
+
+    // A service given a CA that did not sign the server's certificate does not start.
+    let mut env = prodsys_testkit::TestEnv::new().await.unwrap();
+    env.settings.database.url = database_url.clone().into();
+    env.settings.database.sslmode = Some("verify-full".into());
+    env.settings.database.sslrootcert = Some(stranger.ca_file.clone());
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let refused = tokio::time::timeout(
+        Duration::from_secs(60),
+        prodsys::start(
+            &[prodsys::Service::Catalog],
+            &env.settings,
+            shutdown.clone(),
+        ),
+    )
+    .await
+    .expect("a refusal in time");
+    let error = match refused {
+        Ok(_) => panic!("a service trusted another CA"),
+        Err(error) => format!("{error:#}"),
+    };
+    assert!(error.contains("certificate"), "{error}");
+    shutdown.cancel();
+    env.cleanup().await;
+    drop(pg);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A second RabbitMQ node (not the machine's): its own node name, data and
+/// log directories, distribution port, no plugins, and one listener, TLS,
+/// that asks every client for a certificate of the test's CA. Stopped with
+/// its process group when dropped.
+struct PrivateRabbit {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl PrivateRabbit {
+    fn start(dir: &Path, pki: &Pki) -> Self {
+        let (cert, key) = pki.issue("rabbit", "127.0.0.1", &["127.0.0.1"]);
+        let port = free_port();
+        let config = dir.join("rabbitmq.conf");
+        std::fs::write(
+            &config,
+            format!(
+                "listeners.tcp = none\nlisteners.ssl.default = 127.0.0.1:{port}\n\
+                 ssl_options.cacertfile = {ca}\nssl_options.certfile = {cert}\n\
+                 ssl_options.keyfile = {key}\nssl_options.verify = verify_peer\n\
+                 ssl_options.fail_if_no_peer_cert = true\n",
+                ca = pki.ca_file.display(),
+                cert = cert.display(),
+                key = key.display(),
+            ),
+        )
+        .unwrap();
+        std::fs::write(dir.join("enabled_plugins"), "[].\n").unwrap();
+        for sub in ["mnesia", "log"] {
+            std::fs::create_dir_all(dir.join(sub)).unwrap();
+        }
+        std::fs::write(dir.join("rabbitmq-env.conf"), "").unwrap();
+        let node = format!(
+            "prodsys-tls-{}@localhost",
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        );
+        let log = std::fs::File::create(dir.join("node.log")).unwrap();
+        let mut command = Command::new("/usr/lib/rabbitmq/bin/rabbitmq-server");
+        command
+            .env("RABBITMQ_NODENAME", &node)
+            .env("RABBITMQ_CONF_ENV_FILE", dir.join("rabbitmq-env.conf"))
+            .env("RABBITMQ_CONFIG_FILE", &config)
+            .env("RABBITMQ_ADVANCED_CONFIG_FILE", dir.join("advanced.config"))
+            .env("RABBITMQ_ENABLED_PLUGINS_FILE", dir.join("enabled_plugins"))
+            .env("RABBITMQ_MNESIA_BASE", dir.join("mnesia"))
+            .env("RABBITMQ_LOG_BASE", dir.join("log"))
+            .env("RABBITMQ_PID_FILE", dir.join("node.pid"))
+            .env("RABBITMQ_DIST_PORT", free_port().to_string())
+            .env("ERL_EPMD_ADDRESS", "127.0.0.1")
+            .env(
+                "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS",
+                "-kernel inet_dist_use_interface {127,0,0,1}",
+            )
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        std::os::unix::process::CommandExt::process_group(&mut command, 0);
+        let child = command.spawn().expect("starting a second RabbitMQ node");
+        Self { child, port }
+    }
+
+    fn url(&self) -> String {
+        format!("amqps://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+}
+
+impl Drop for PrivateRabbit {
+    fn drop(&mut self) {
+        // The script traps TERM and stops the Erlang VM it started; the whole
+        // group is killed after a grace period in case it did not.
+        let group = format!("-{}", self.child.id());
+        let _ = Command::new("kill").args(["-TERM", "--", &group]).status();
+        for _ in 0..100 {
+            if self.child.try_wait().ok().flatten().is_some() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = Command::new("kill")
+            .args(["-KILL", "--", &group])
+            .stderr(std::process::Stdio::null())
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+/// Opens (and closes) a connection to `url` with `tls`; the error in full otherwise.
+async fn amqp_connects(url: &str, tls: lapin::tcp::OwnedTLSConfig) -> Result<(), String> {
+    let connecting = lapin::Connection::connect_with_config(
+        url,
+        lapin::ConnectionProperties::default(),
+        tls,
+        lapin::runtime::default_runtime().unwrap(),
+    );
+    match tokio::time::timeout(Duration::from_secs(10), connecting).await {
+        Ok(Ok(connection)) => {
+            let _ = connection.close(200, "checked".into()).await;
+            Ok(())
+        }
+        Ok(Err(error)) => Err(format!("{error:#}")),
+        Err(_) => Err("timed out".into()),
+    }
+}
+
+#[tokio::test]
+async fn the_services_reach_rabbitmq_over_tls_with_a_private_ca_and_a_client_certificate() {
+    let dir = std::env::temp_dir().join(format!("prodsys-amqp-tls-{}", uuid::Uuid::new_v4()));
+    let pki = Pki::new(&dir, "broker");
+    let stranger = Pki::new(&dir.join("stranger"), "stranger");
+    let (client_cert, client_key) = pki.issue("client", "prodsys", &[]);
+    let rabbit = PrivateRabbit::start(&dir, &pki);
+    let tls = |ca: &Path, client: bool| {
+        let (cert, key) = (client_cert.as_path(), client_key.as_path());
+        prodsys_messaging::broker::tls_from_files(
+            Some(ca),
+            client.then_some(cert),
+            client.then_some(key),
+        )
+        .unwrap()
+    };
+    // The node is up once a TLS connection with the CA and a client certificate opens.
+    wait_for(
+        "the second RabbitMQ node's TLS listener",
+        Duration::from_secs(90),
+        || async {
+            amqp_connects(&rabbit.url(), tls(&pki.ca_file, true))
+                .await
+                .ok()
+        },
+    )
+    .await
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e}: {}",
+            std::fs::read_to_string(dir.join("node.log")).unwrap_or_default()
+        )
+    });
+    // Without the CA the broker's certificate is not trusted (it is in no
+    // web PKI root), nor with another CA; without a client certificate the
+    // broker refuses; plain AMQP gets no answer from a TLS listener.
+    let no_ca = amqp_connects(&rabbit.url(), Default::default()).await;
+    assert!(
+        no_ca.is_err(),
+        "a broker of a private CA was trusted without it"
+    );
+    assert!(
+        amqp_connects(&rabbit.url(), tls(&stranger.ca_file, true))
+            .await
+            .is_err(),
+        "a broker of another CA was trusted"
+    );
+    assert!(
+        amqp_connects(&rabbit.url(), tls(&pki.ca_file, false))
+            .await
+            .is_err(),
+        "the broker took a client without a certificate"
+    );
+    assert!(
+        amqp_connects(
+            &rabbit.url().replacen("amqps://", "amqp://", 1),
+            Default::default()
+        )
+        .await
+        .is_err()
+    );
+
+    // A whole stack over amqps://, from the settings' keys: a production to its end.
+    let url = rabbit.url();
+    let app = spawn_app_with(|env| {
+        use_test_profiles(env);
+        env.settings.amqp.url = url.clone().into();
+        env.settings.amqp.ca_file = Some(pki.ca_file.clone());
+        env.settings.amqp.cert_file = Some(client_cert.clone());
+        env.settings.amqp.key_file = Some(client_key.clone());
+    })
+    .await;
+    let request_id = app
+        .intake
+        .clone()
+        .submit_request(sleep_request(2, 0.0, -1, "broker-over-tls", "local"))
+        .await
+        .expect("a submission")
+        .into_inner()
+        .request_id;
+    let decided = support::decided(&app.intake, &request_id).await;
+    assert_eq!(decided.state(), pb::RequestState::Accepted, "{decided:?}");
+    app.production_when(
+        "the production over TLS to the broker",
+        Duration::from_secs(60),
+        &decided.production_id,
+        |p| p.state() == pb::ProductionState::Completed,
+    )
+    .await;
+    app.stop().await;
+
+    // TLS settings with a plain amqp:// URL, or a CA file that is no
+    // certificate, stop a service at start, named.
+    for (url, ca_file, named) in [
+        (
+            url.replacen("amqps://", "amqp://", 1),
+            pki.ca_file.clone(),
+            "amqps://",
+        ),
+        (url.clone(), client_key.clone(), "amqp.ca_file"),
+    ] {
+        let mut env = prodsys_testkit::TestEnv::new().await.unwrap();
+        env.settings.amqp.url = url.into();
+        env.settings.amqp.ca_file = Some(ca_file);
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let refused = tokio::time::timeout(
+            Duration::from_secs(30),
+            prodsys::start(
+                &[prodsys::Service::Catalog],
+                &env.settings,
+                shutdown.clone(),
+            ),
+        )
+        .await
+        .expect("a refusal in time");
+        let error = match refused {
+            Ok(_) => panic!("a service started"),
+            Err(error) => format!("{error:#}"),
+        };
+        assert!(error.contains(named), "{error}");
+        shutdown.cancel();
+        env.cleanup().await;
+    }
+    drop(rabbit);
+    let _ = std::fs::remove_dir_all(dir);
+}
