@@ -395,7 +395,7 @@ async fn the_km3net_example_runs_in_podman_on_slurm() {
         let script = std::fs::read_to_string(std::path::Path::new(&workdir).join("job.sh"))
             .expect("the batch script in the attempt's directory");
         assert!(
-            script.contains("exec 'podman' '--runtime' 'runc' 'run' '--rm' '--network' 'none'"),
+            script.contains("\n'podman' '--runtime' 'runc' 'run' '--rm' '--network' 'none'"),
             "{script}"
         );
         assert!(script.contains(&format!("'{image}'")), "{script}");

@@ -649,8 +649,20 @@ async fn the_real_slurm_stopped_mid_run_has_its_jobs_finish_on_the_local_executo
 /// Makes a local installation fail as a lost disk does: its work directory
 /// becomes a file.
 fn break_installation(dir: &Path) {
-    let _ = std::fs::remove_dir_all(dir);
-    std::fs::write(dir, "this installation is stopped\n").unwrap();
+    // A job still writing there, or a scheduler round starting an attempt,
+    // may put the directory back while it is removed: again until the file
+    // takes its place.
+    for _ in 0..100 {
+        let _ = std::fs::remove_dir_all(dir);
+        match std::fs::write(dir, "this installation is stopped\n") {
+            Ok(()) => return,
+            Err(error) if error.kind() == std::io::ErrorKind::IsADirectory => {
+                std::thread::sleep(std::time::Duration::from_millis(20))
+            }
+            Err(error) => panic!("breaking {}: {error}", dir.display()),
+        }
+    }
+    panic!("{} kept coming back as a directory", dir.display());
 }
 
 fn mend_installation(dir: &Path) {
