@@ -19,6 +19,24 @@ use prodsys_proto as pb;
 use prodsys_testkit::wait_for;
 use support::{sleep_request, spawn_app_with, use_test_profiles};
 
+/// A small production submitted to `app` is accepted and runs to COMPLETED.
+async fn runs_to_completion(app: &support::App, name: &str, what: &str) {
+    let request_id = app
+        .intake
+        .clone()
+        .submit_request(sleep_request(2, 0.0, -1, name, "local"))
+        .await
+        .unwrap_or_else(|e| panic!("submitting {name}: {e}"))
+        .into_inner()
+        .request_id;
+    let decided = support::decided(&app.intake, &request_id).await;
+    assert_eq!(decided.state(), pb::RequestState::Accepted, "{decided:?}");
+    app.production_when(what, Duration::from_secs(60), &decided.production_id, |p| {
+        p.state() == pb::ProductionState::Completed
+    })
+    .await;
+}
+
 /// A CA, and certificates it signed, as PEM files in a directory.
 struct Pki {
     dir: PathBuf,
@@ -355,21 +373,10 @@ async fn the_services_reach_postgresql_over_tls_verified_against_its_ca() {
         env.settings.database.sslrootcert = Some(pki.ca_file.clone());
     })
     .await;
-    let request_id = app
-        .intake
-        .clone()
-        .submit_request(sleep_request(2, 0.0, -1, "db-over-tls", "local"))
-        .await
-        .expect("a submission stored over TLS")
-        .into_inner()
-        .request_id;
-    let decided = support::decided(&app.intake, &request_id).await;
-    assert_eq!(decided.state(), pb::RequestState::Accepted, "{decided:?}");
-    app.production_when(
+    runs_to_completion(
+        &app,
+        "db-over-tls",
         "the production over TLS to the database",
-        Duration::from_secs(60),
-        &decided.production_id,
-        |p| p.state() == pb::ProductionState::Completed,
     )
     .await;
     // Every service's connections are TLS ones (plain text is refused anyway).
@@ -600,21 +607,10 @@ async fn the_services_reach_rabbitmq_over_tls_with_a_private_ca_and_a_client_cer
         env.settings.amqp.key_file = Some(client_key.clone());
     })
     .await;
-    let request_id = app
-        .intake
-        .clone()
-        .submit_request(sleep_request(2, 0.0, -1, "broker-over-tls", "local"))
-        .await
-        .expect("a submission")
-        .into_inner()
-        .request_id;
-    let decided = support::decided(&app.intake, &request_id).await;
-    assert_eq!(decided.state(), pb::RequestState::Accepted, "{decided:?}");
-    app.production_when(
+    runs_to_completion(
+        &app,
+        "broker-over-tls",
         "the production over TLS to the broker",
-        Duration::from_secs(60),
-        &decided.production_id,
-        |p| p.state() == pb::ProductionState::Completed,
     )
     .await;
     app.stop().await;
