@@ -670,6 +670,37 @@ async fn named_jobs(diracx: &DiracX, prefix: &str, n: usize) -> BTreeMap<String,
     .unwrap()
 }
 
+/// A DIRAC installation that does not share the work directory, its
+/// outputs going to an XRootD destination: the servers, a directory of the
+/// test's own (its token command and the site's), and the stack.
+struct RemoteSite {
+    xrootd: String,
+    base: String,
+    dir: PathBuf,
+    app: App,
+    diracx: DiracX,
+}
+
+impl RemoteSite {
+    async fn start(tag: &str) -> RemoteSite {
+        let url = start_diracx();
+        let xrootd = xrootd();
+        let base = base_path();
+        let dir = std::env::temp_dir().join(format!("prodsys-dirac-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (token_command, _) = counting_token_command(&dir);
+        let app =
+            spawn_app_with(|env| on_remote_dirac(env, &url, &token_command, &xrootd, &base)).await;
+        RemoteSite {
+            xrootd,
+            base,
+            dir,
+            app,
+            diracx: DiracX::new(&url),
+        }
+    }
+}
+
 /// Where XRootD instance `dirac-remote` keeps `lfn` of a destination under `base`.
 fn on_storage_disk(base: &str, lfn: &str) -> PathBuf {
     xrootd_data("dirac-remote").join(format!("{}{lfn}", &base[1..]))
@@ -677,15 +708,13 @@ fn on_storage_disk(base: &str, lfn: &str) -> PathBuf {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_remote_site_uploads_its_outputs_and_prodsys_catalogues_them_from_the_storage() {
-    let url = start_diracx();
-    let xrootd = xrootd();
-    let base = base_path();
-    let dir = std::env::temp_dir().join(format!("prodsys-dirac-remote-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let (token_command, _) = counting_token_command(&dir);
-    let app =
-        spawn_app_with(|env| on_remote_dirac(env, &url, &token_command, &xrootd, &base)).await;
-    let diracx = DiracX::new(&url);
+    let RemoteSite {
+        xrootd,
+        base,
+        dir,
+        app,
+        diracx,
+    } = RemoteSite::start("remote").await;
 
     let production = app.accepted(count_request(3, "remote", &["se"])).await;
     let prefix = job_prefix(&app, &production).await;
@@ -787,15 +816,13 @@ fn chained_request(parent: &str, tag: &str) -> pb::SubmitRequestRequest {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_chained_job_at_a_remote_site_reads_its_inputs_from_the_storage() {
-    let url = start_diracx();
-    let xrootd = xrootd();
-    let base = base_path();
-    let dir = std::env::temp_dir().join(format!("prodsys-dirac-chain-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let (token_command, _) = counting_token_command(&dir);
-    let app =
-        spawn_app_with(|env| on_remote_dirac(env, &url, &token_command, &xrootd, &base)).await;
-    let diracx = DiracX::new(&url);
+    let RemoteSite {
+        xrootd,
+        base,
+        dir,
+        app,
+        diracx,
+    } = RemoteSite::start("chain").await;
     let site = dir.join("site");
 
     // The parent runs at the site too: its outputs are on the storage.
