@@ -259,6 +259,35 @@ ensure_postgres() {
 # RabbitMQ
 # ---------------------------------------------------------------------------
 
+# restart_servers: stops the PostgreSQL cluster and the RabbitMQ node this
+# machine runs (killed when they do not stop within a minute), so that the
+# ensure_* functions start them as this run's own. CI asks for it
+# (PRODSYS_RESTART_SERVERS=1): servers left running by an earlier session on
+# the machine (the fault suite restarts both) can be stopped or frozen with
+# that session while the suite still uses them, which a test sees as a
+# broker or database that accepts connections and never answers.
+restart_servers() {
+    local ver
+    ver="$(_pg_version)"
+    if [[ -n "$ver" ]] && as_root pg_ctlcluster "$ver" main status >/dev/null 2>&1; then
+        log "stopping PostgreSQL $ver/main, to start it as this run's own"
+        if ! as_root timeout 60 pg_ctlcluster --skip-systemctl-redirect "$ver" main stop -m fast >/dev/null 2>&1; then
+            log "PostgreSQL did not stop within 60 s: killing it"
+            as_root pkill -KILL -u postgres -x postgres || true
+            sleep 2
+        fi
+    fi
+    if pgrep -f 'beam.smp.*rabbit' >/dev/null 2>&1; then
+        log "stopping RabbitMQ, to start it as this run's own"
+        if ! as_root timeout 60 rabbitmqctl -q stop >/dev/null 2>&1; then
+            log "RabbitMQ did not stop within 60 s: killing it"
+        fi
+        as_root pkill -KILL -f 'beam.smp.*rabbit' || true
+        local deadline=$((SECONDS + 30))
+        while port_open "$PRODSYS_AMQP_PORT" && ((SECONDS < deadline)); do sleep 1; done
+    fi
+}
+
 # ensure_rabbitmq: installed, running, AMQP port open.
 ensure_rabbitmq() {
     if ! command -v rabbitmqctl >/dev/null 2>&1 || ! command -v rabbitmq-server >/dev/null 2>&1; then

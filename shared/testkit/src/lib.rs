@@ -64,14 +64,30 @@ impl TestEnv {
         let database = format!("prodsys_test_{}", &tag[..16]);
         let prefix = format!("test.{}.", &tag[..12]);
         let admin = admin_url();
-        let (client, connection) = tokio_postgres::connect(&admin, NoTls)
-            .await
-            .context("connecting to PostgreSQL as admin")?;
-        tokio::spawn(connection);
-        client
-            .batch_execute(&format!("CREATE DATABASE {database}"))
-            .await
-            .context("creating the test database")?;
+        // Both servers answer in time, or the test fails now, saying which:
+        // a stuck server must cost a test a minute, not its whole time limit.
+        answers_in_time("the RabbitMQ broker", async {
+            let connection =
+                lapin::Connection::connect(&amqp_url(), lapin::ConnectionProperties::default())
+                    .await
+                    .context("connecting to the test broker")?;
+            let _ = connection.close(200, "reachable".into()).await;
+            Ok(())
+        })
+        .await?;
+        let client = answers_in_time("PostgreSQL", async {
+            let (client, connection) = tokio_postgres::connect(&admin, NoTls)
+                .await
+                .context("connecting to PostgreSQL as admin")?;
+            tokio::spawn(connection);
+            client
+                .batch_execute(&format!("CREATE DATABASE {database}"))
+                .await
+                .context("creating the test database")?;
+            Ok(client)
+        })
+        .await?;
+        drop(client);
         let mut url: tokio_postgres::Config = admin.parse()?;
         url.dbname(&database);
         let work_dir = std::env::temp_dir().join(format!("prodsys-test-{tag}"));
@@ -126,6 +142,15 @@ impl TestEnv {
 
     /// Drops the database, the queues and exchanges under the prefix, and the work directory.
     pub async fn cleanup(self) {
+        // Each server gets a bounded time: a test whose broker or database
+        // stopped answering ends with what it found, not hanging in cleanup.
+        let _ = tokio::time::timeout(CLEANUP_LIMIT, self.delete_topology()).await;
+        let _ = tokio::time::timeout(CLEANUP_LIMIT, self.drop_database()).await;
+        end_jobs(&self.work_dir);
+        let _ = std::fs::remove_dir_all(&self.work_dir);
+    }
+
+    async fn delete_topology(&self) {
         if let Ok((connection, channel)) = self.amqp().await {
             for service in SERVICES {
                 for queue in [
@@ -149,6 +174,9 @@ impl TestEnv {
             }
             let _ = connection.close(200, "test done".into()).await;
         }
+    }
+
+    async fn drop_database(&self) {
         if let Ok((client, connection)) = tokio_postgres::connect(&self.admin_url, NoTls).await {
             tokio::spawn(connection);
             let _ = client
@@ -158,8 +186,28 @@ impl TestEnv {
                 ))
                 .await;
         }
-        end_jobs(&self.work_dir);
-        let _ = std::fs::remove_dir_all(&self.work_dir);
+    }
+}
+
+/// How long each server gets to answer a test's set-up probe.
+const PROBE_LIMIT: Duration = Duration::from_secs(60);
+/// How long each server gets for a test's cleanup.
+const CLEANUP_LIMIT: Duration = Duration::from_secs(30);
+
+/// `work` on `server`, failed with the server named if it takes longer than
+/// [`PROBE_LIMIT`] (a server that accepts connections and never answers
+/// makes every client wait forever otherwise).
+async fn answers_in_time<T>(
+    server: &str,
+    work: impl Future<Output = anyhow::Result<T>>,
+) -> anyhow::Result<T> {
+    match tokio::time::timeout(PROBE_LIMIT, work).await {
+        Ok(result) => result,
+        Err(_) => anyhow::bail!(
+            "{server} did not answer within {} s: it accepts connections but is stuck \
+             (stopped, frozen or overloaded); the test cannot run",
+            PROBE_LIMIT.as_secs()
+        ),
     }
 }
 
