@@ -614,8 +614,8 @@ pub async fn record_deliveries(
                      SELECT f.* FROM f JOIN productions p ON p.production_id = f.production_id
                      WHERE $5::text[] IS NULL OR p.profile = ANY($5)
                      ON CONFLICT DO NOTHING)
-             INSERT INTO chain_inputs (child, lfn, parent, url, metadata)
-             SELECT l.child, f.lfn, f.production_id, f.url, f.metadata
+             INSERT INTO chain_inputs (child, lfn, parent)
+             SELECT l.child, f.lfn, f.production_id
              FROM f JOIN chain_links l ON l.parent = f.production_id
              WHERE f.metadata @> l.conditions
              ON CONFLICT (child, lfn) DO NOTHING",
@@ -684,8 +684,8 @@ pub async fn link_chained(
     .await?;
     Ok(tx
         .execute_cached(
-            "INSERT INTO chain_inputs (child, lfn, parent, url, metadata)
-             SELECT $1, d.lfn, d.production_id, d.url, d.metadata FROM delivered_files d
+            "INSERT INTO chain_inputs (child, lfn, parent)
+             SELECT $1, d.lfn, d.production_id FROM delivered_files d
              WHERE d.production_id = ANY($2) AND d.metadata @> $3
              ORDER BY d.seq
              ON CONFLICT (child, lfn) DO NOTHING",
@@ -755,25 +755,36 @@ pub async fn waiting_inputs(
     child: &str,
     with_metadata: bool,
 ) -> anyhow::Result<Vec<prodsys_core::inputs::PendingInput>> {
-    // The metadata only where the profile groups by a key of it.
-    tx.query_cached(
-        "SELECT lfn, CASE WHEN $2 THEN metadata END FROM chain_inputs
-         WHERE child = $1 AND job_index IS NULL ORDER BY seq",
-        &[&child, &with_metadata],
-    )
-    .await?
-    .iter()
-    .map(|r| {
-        let metadata: Option<serde_json::Value> = r.get(1);
-        Ok(prodsys_core::inputs::PendingInput {
-            lfn: r.get(0),
-            metadata: match metadata {
-                Some(m) => serde_json::from_value(m)?,
-                None => Default::default(),
-            },
+    // The metadata (from the delivered file) only where the profile groups
+    // by a key of it.
+    let rows = if with_metadata {
+        tx.query_cached(
+            "SELECT c.lfn, d.metadata FROM chain_inputs c
+             JOIN delivered_files d ON d.production_id = c.parent AND d.lfn = c.lfn
+             WHERE c.child = $1 AND c.job_index IS NULL ORDER BY c.seq",
+            &[&child],
+        )
+        .await?
+    } else {
+        tx.query_cached(
+            "SELECT lfn, NULL::jsonb FROM chain_inputs
+             WHERE child = $1 AND job_index IS NULL ORDER BY seq",
+            &[&child],
+        )
+        .await?
+    };
+    rows.iter()
+        .map(|r| {
+            let metadata: Option<serde_json::Value> = r.get(1);
+            Ok(prodsys_core::inputs::PendingInput {
+                lfn: r.get(0),
+                metadata: match metadata {
+                    Some(m) => serde_json::from_value(m)?,
+                    None => Default::default(),
+                },
+            })
         })
-    })
-    .collect()
+        .collect()
 }
 
 /// Gives input files (`lfns`) to the jobs (`indexes`) that take them.
@@ -845,9 +856,10 @@ pub async fn job_inputs<C: GenericClient + Sync>(
     let mut inputs: HashMap<(String, i64), Vec<String>> = HashMap::new();
     for row in client
         .query_cached(
-            "SELECT c.child, c.job_index, c.url
+            "SELECT c.child, c.job_index, d.url
              FROM unnest($1::text[], $2::bigint[]) AS u(child, job_index)
              JOIN chain_inputs c ON c.child = u.child AND c.job_index = u.job_index
+             JOIN delivered_files d ON d.production_id = c.parent AND d.lfn = c.lfn
              ORDER BY c.child, c.job_index, c.seq",
             &[&productions, &indexes],
         )
