@@ -655,6 +655,26 @@ async fn the_services_reach_rabbitmq_over_tls_with_a_private_ca_and_a_client_cer
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// The test-sleep profile, renamed, with a catalog identity: the checker
+/// then asks the catalog about every request before it decides.
+fn write_catalogued_profile(env: &prodsys_testkit::TestEnv) {
+    let source = prodsys_testkit::repo_root().join("tests/profiles/test-sleep.json");
+    let mut profile: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(source).unwrap()).unwrap();
+    profile["name"] = "test-catalogued".into();
+    profile["id_prefix"] = "CAT".into();
+    profile["outputs"]["metadata"]["tag"] = "{tag}".into();
+    profile["catalog"] = serde_json::json!({
+        "keys": { "run_number": "integer", "tag": "string" },
+        "required": ["tag"]
+    });
+    std::fs::write(
+        env.settings.profiles_dir.join("test-catalogued.json"),
+        profile.to_string(),
+    )
+    .unwrap();
+}
+
 /// A TLS client of `url` verified against `ca`, presenting `certificate`.
 async fn tls_channel(
     url: &str,
@@ -670,19 +690,21 @@ async fn tls_channel(
         .map_err(|e| format!("{e:?}"))
 }
 
-/// Whether intake at `url` answers ListProfiles to a client presenting
-/// `certificate` (the TLS handshake may complete on the client's side
-/// before the server refuses the certificate, so the call says).
-async fn intake_answers(
+/// Whether the service at `url` answers a health check to a client
+/// presenting `certificate` (the TLS handshake may complete on the client's
+/// side before the server refuses the certificate, so the call says).
+async fn answers(
     url: &str,
     ca: &Path,
     certificate: Option<&prodsys_auth::tls::ClientCertificate>,
-) -> Result<usize, String> {
+) -> Result<(), String> {
     let channel = tls_channel(url, ca, certificate).await?;
-    pb::request_service_client::RequestServiceClient::new(channel)
-        .list_profiles(pb::ListProfilesRequest {})
+    tonic_health::pb::health_client::HealthClient::new(channel)
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
         .await
-        .map(|r| r.into_inner().profiles.len())
+        .map(|_| ())
         .map_err(|e| e.to_string())
 }
 
@@ -723,6 +745,7 @@ async fn with_client_certificates_required_the_services_reach_each_other_and_str
         let settings = settings.clone();
         spawn_app_with(|env| {
             use_test_profiles(env);
+            write_catalogued_profile(env);
             env.settings.tls = settings;
         })
         .await
@@ -742,8 +765,10 @@ async fn with_client_certificates_required_the_services_reach_each_other_and_str
     )
     .unwrap();
 
-    // A production to its end: intake asks the checker, the checker the
-    // catalog, each presenting the services' certificate.
+    // Every call between the services presents the services' certificate
+    // (a refused one would stall or fail what follows): intake asks the
+    // checker to validate; the checker asks the catalog before it decides;
+    // status asks the checker, the catalog, intake and the dispatcher.
     let mut intake = pb::request_service_client::RequestServiceClient::new(
         tls_channel(&intake_url, &pki.ca_file, Some(&user))
             .await
@@ -754,8 +779,18 @@ async fn with_client_certificates_required_the_services_reach_each_other_and_str
             .await
             .unwrap(),
     );
+    let request = pb::SubmitRequestRequest {
+        profile: "test-catalogued".into(),
+        ..sleep_request(2, 0.0, -1, "mtls", "local")
+    };
+    let validation = intake
+        .validate_request(request.clone())
+        .await
+        .expect("intake validating through the checker")
+        .into_inner();
+    assert!(validation.acceptable, "{validation:?}");
     let request_id = intake
-        .submit_request(sleep_request(2, 0.0, -1, "mtls", "local"))
+        .submit_request(request)
         .await
         .expect("submitting with a client certificate")
         .into_inner()
@@ -782,8 +817,43 @@ async fn with_client_certificates_required_the_services_reach_each_other_and_str
     .await
     .unwrap();
 
-    // HTTP with the certificate: status asks the dispatcher for the jobs.
+    // HTTP with the certificate: status asks the dispatcher for the jobs,
+    // the catalog for the record, the checker for the templates, and intake
+    // to submit.
     let with_certificate = https_client(&pki.ca_file, Some((&user_cert, &user_key)));
+    for path in [
+        format!("/api/productions/{production_id}/record"),
+        "/api/templates".to_string(),
+    ] {
+        let answer = with_certificate
+            .get(format!("{status_url}{path}"))
+            .send()
+            .await
+            .expect("HTTP with a client certificate");
+        assert_eq!(
+            answer.status().as_u16(),
+            200,
+            "{path}: {:?}",
+            answer.text().await
+        );
+    }
+    let submitted = with_certificate
+        .post(format!("{status_url}/api/v1/requests"))
+        .json(&serde_json::json!({
+            "profile": "test-sleep",
+            "vo": "test",
+            "backend": "local",
+            "parameters": {"jobs": 1, "per_job": 1, "seconds": 0, "fail_job": -1, "tag": "mtls-http"},
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        submitted.status().as_u16(),
+        202,
+        "{:?}",
+        submitted.text().await
+    );
     let jobs = with_certificate
         .get(format!("{status_url}/api/productions/{production_id}/jobs"))
         .send()
@@ -795,24 +865,22 @@ async fn with_client_certificates_required_the_services_reach_each_other_and_str
 
     // No certificate, or one of another CA: refused on gRPC and on HTTP, on
     // every port.
-    for url in [&intake_url, &status_url, &catalog_url] {
-        let refused = intake_answers(url, &pki.ca_file, None).await;
+    for service in prodsys::Service::ALL {
+        let url = format!("https://{}", addr(service));
+        answers(&url, &pki.ca_file, Some(&user))
+            .await
+            .unwrap_or_else(|e| panic!("{service} with a certificate: {e}"));
+        let refused = answers(&url, &pki.ca_file, None).await;
         assert!(
             refused.is_err(),
-            "{url} answered gRPC without a certificate"
+            "{service} answered gRPC without a certificate"
         );
-        let refused = intake_answers(url, &pki.ca_file, Some(&other)).await;
+        let refused = answers(&url, &pki.ca_file, Some(&other)).await;
         assert!(
             refused.is_err(),
-            "{url} answered gRPC with another CA's certificate"
+            "{service} answered gRPC with another CA's certificate"
         );
     }
-    assert!(
-        intake_answers(&intake_url, &pki.ca_file, Some(&user))
-            .await
-            .unwrap()
-            > 0
-    );
     for client in [
         https_client(&pki.ca_file, None),
         https_client(&pki.ca_file, Some((&stranger_cert, &stranger_key))),
@@ -884,7 +952,8 @@ async fn with_client_certificates_required_the_services_reach_each_other_and_str
         String::from_utf8_lossy(&out.stderr)
     );
     let seen: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(seen["productions"], 1, "{seen}");
+    assert!(seen["productions"].as_u64().unwrap() >= 1, "{seen}");
+    assert!(seen["profiles"].as_u64().unwrap() > 0, "{seen}");
     app.stop().await;
 
     // A client CA, certificate or key that cannot be read stops a service
