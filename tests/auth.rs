@@ -1333,6 +1333,7 @@ async fn every_port_speaks_tls_verified_against_the_configured_ca() {
             cert_file: Some(cert.clone()),
             key_file: Some(key.clone()),
             ca_file: Some(ca.clone()),
+            ..Default::default()
         };
     })
     .await;

@@ -1,13 +1,17 @@
 //! TLS between the services and their servers: PostgreSQL (`sslmode`,
 //! `sslrootcert`, a client certificate) and RabbitMQ (`amqps://` with a
-//! private CA and a client certificate).
+//! private CA and a client certificate); and client certificates on the
+//! services' own ports (`tls.client_ca_file`), which the services present
+//! to each other and prodctl and the Python client present too.
 //!
 //! The machine's PostgreSQL and RabbitMQ are shared and not ours to
-//! reconfigure, so each test starts a private server of its own — a
+//! reconfigure, so each of their tests starts a private server of its own — a
 //! PostgreSQL cluster (`initdb`, `pg_ctl`) or a second RabbitMQ node (its
 //! own node name, data directory, distribution port and TLS listener) —
 //! under a temporary directory, with a CA and certificates the test makes
-//! with `rcgen`, and stops it by its process (group) at the end.
+//! with `rcgen`, and stops it by its process (group) at the end. The
+//! client-certificate test needs no server of its own: the stack's ports are
+//! the servers.
 
 mod support;
 
@@ -648,5 +652,376 @@ async fn the_services_reach_rabbitmq_over_tls_with_a_private_ca_and_a_client_cer
         env.cleanup().await;
     }
     drop(rabbit);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// The test-sleep profile, renamed, with a catalog identity: the checker
+/// then asks the catalog about every request before it decides.
+fn write_catalogued_profile(env: &prodsys_testkit::TestEnv) {
+    let source = prodsys_testkit::repo_root().join("tests/profiles/test-sleep.json");
+    let mut profile: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(source).unwrap()).unwrap();
+    profile["name"] = "test-catalogued".into();
+    profile["id_prefix"] = "CAT".into();
+    profile["outputs"]["metadata"]["tag"] = "{tag}".into();
+    profile["catalog"] = serde_json::json!({
+        "keys": { "run_number": "integer", "tag": "string" },
+        "required": ["tag"]
+    });
+    std::fs::write(
+        env.settings.profiles_dir.join("test-catalogued.json"),
+        profile.to_string(),
+    )
+    .unwrap();
+}
+
+/// A TLS client of `url` verified against `ca`, presenting `certificate`.
+async fn tls_channel(
+    url: &str,
+    ca: &Path,
+    certificate: Option<&prodsys_auth::tls::ClientCertificate>,
+) -> Result<tonic::transport::Channel, String> {
+    prodsys_auth::tls::client_endpoint(url, Some(ca), certificate, "test")
+        .unwrap()
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(10))
+        .connect()
+        .await
+        .map_err(|e| format!("{e:?}"))
+}
+
+/// Whether the service at `url` answers a health check to a client
+/// presenting `certificate` (the TLS handshake may complete on the client's
+/// side before the server refuses the certificate, so the call says).
+async fn answers(
+    url: &str,
+    ca: &Path,
+    certificate: Option<&prodsys_auth::tls::ClientCertificate>,
+) -> Result<(), String> {
+    let channel = tls_channel(url, ca, certificate).await?;
+    tonic_health::pb::health_client::HealthClient::new(channel)
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+/// An HTTP client trusting `ca`, presenting the certificate and key of
+/// `identity` when given.
+fn https_client(ca: &Path, identity: Option<(&Path, &Path)>) -> reqwest::Client {
+    let pem = std::fs::read(ca).unwrap();
+    let mut builder = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(&pem).unwrap())
+        .timeout(Duration::from_secs(10));
+    if let Some((cert, key)) = identity {
+        let mut pem = std::fs::read(cert).unwrap();
+        pem.extend(std::fs::read(key).unwrap());
+        builder = builder.identity(reqwest::Identity::from_pem(&pem).unwrap());
+    }
+    builder.build().unwrap()
+}
+
+#[tokio::test]
+async fn with_client_certificates_required_the_services_reach_each_other_and_strangers_are_refused()
+{
+    let dir = std::env::temp_dir().join(format!("prodsys-mtls-{}", uuid::Uuid::new_v4()));
+    let pki = Pki::new(&dir, "services");
+    let stranger = Pki::new(&dir.join("stranger"), "stranger");
+    // The services' own certificate, which they also present to each other
+    // (tls.client_cert_file unset), and a user's of the same CA.
+    let (cert, key) = pki.issue("server", "prodsys services", &["localhost", "127.0.0.1"]);
+    let (user_cert, user_key) = pki.issue("user", "a user", &[]);
+    let (stranger_cert, stranger_key) = stranger.issue("stranger", "a stranger", &[]);
+    let settings = prodsys_config::TlsSettings {
+        cert_file: Some(cert.clone()),
+        key_file: Some(key.clone()),
+        ca_file: Some(pki.ca_file.clone()),
+        client_ca_file: Some(pki.ca_file.clone()),
+        ..Default::default()
+    };
+    let app = {
+        let settings = settings.clone();
+        spawn_app_with(|env| {
+            use_test_profiles(env);
+            write_catalogued_profile(env);
+            env.settings.tls = settings;
+        })
+        .await
+    };
+    let addr = |service| app.stack.addr(service).unwrap();
+    let intake_url = format!("https://{}", addr(prodsys::Service::Intake));
+    let status_url = format!("https://{}", addr(prodsys::Service::Status));
+    let catalog_url = format!("https://{}", addr(prodsys::Service::Catalog));
+    let user =
+        prodsys_auth::tls::ClientCertificate::from_files(&user_cert, "cert", &user_key, "key")
+            .unwrap();
+    let other = prodsys_auth::tls::ClientCertificate::from_files(
+        &stranger_cert,
+        "cert",
+        &stranger_key,
+        "key",
+    )
+    .unwrap();
+
+    // Every call between the services presents the services' certificate
+    // (a refused one would stall or fail what follows): intake asks the
+    // checker to validate; the checker asks the catalog before it decides;
+    // status asks the checker, the catalog, intake and the dispatcher.
+    let mut intake = pb::request_service_client::RequestServiceClient::new(
+        tls_channel(&intake_url, &pki.ca_file, Some(&user))
+            .await
+            .expect("a TLS connection with a client certificate"),
+    );
+    let status = pb::status_service_client::StatusServiceClient::new(
+        tls_channel(&status_url, &pki.ca_file, Some(&user))
+            .await
+            .unwrap(),
+    );
+    let request = pb::SubmitRequestRequest {
+        profile: "test-catalogued".into(),
+        ..sleep_request(2, 0.0, -1, "mtls", "local")
+    };
+    let validation = intake
+        .validate_request(request.clone())
+        .await
+        .expect("intake validating through the checker")
+        .into_inner();
+    assert!(validation.acceptable, "{validation:?}");
+    let request_id = intake
+        .submit_request(request)
+        .await
+        .expect("submitting with a client certificate")
+        .into_inner()
+        .request_id;
+    let decided = support::decided(&intake, &request_id).await;
+    assert_eq!(decided.state(), pb::RequestState::Accepted, "{decided:?}");
+    let production_id = decided.production_id.clone();
+    wait_for(
+        "the production COMPLETED with client certificates required",
+        Duration::from_secs(60),
+        || {
+            let mut status = status.clone();
+            let production_id = production_id.clone();
+            async move {
+                let p = status
+                    .get_production(pb::GetProductionRequest { production_id })
+                    .await
+                    .ok()?
+                    .into_inner();
+                (p.state() == pb::ProductionState::Completed).then_some(())
+            }
+        },
+    )
+    .await
+    .unwrap();
+
+    // HTTP with the certificate: status asks the dispatcher for the jobs,
+    // the catalog for the record, the checker for the templates, and intake
+    // to submit.
+    let with_certificate = https_client(&pki.ca_file, Some((&user_cert, &user_key)));
+    for path in [
+        format!("/api/productions/{production_id}/record"),
+        "/api/templates".to_string(),
+    ] {
+        let answer = with_certificate
+            .get(format!("{status_url}{path}"))
+            .send()
+            .await
+            .expect("HTTP with a client certificate");
+        assert_eq!(
+            answer.status().as_u16(),
+            200,
+            "{path}: {:?}",
+            answer.text().await
+        );
+    }
+    let submitted = with_certificate
+        .post(format!("{status_url}/api/v1/requests"))
+        .json(&serde_json::json!({
+            "profile": "test-sleep",
+            "vo": "test",
+            "backend": "local",
+            "parameters": {"jobs": 1, "per_job": 1, "seconds": 0, "fail_job": -1, "tag": "mtls-http"},
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        submitted.status().as_u16(),
+        202,
+        "{:?}",
+        submitted.text().await
+    );
+    let jobs = with_certificate
+        .get(format!("{status_url}/api/productions/{production_id}/jobs"))
+        .send()
+        .await
+        .expect("HTTP with a client certificate");
+    assert_eq!(jobs.status().as_u16(), 200);
+    let jobs: serde_json::Value = jobs.json().await.unwrap();
+    assert_eq!(jobs["jobs"].as_array().map(Vec::len), Some(2), "{jobs}");
+
+    // No certificate, or one of another CA: refused on gRPC and on HTTP, on
+    // every port.
+    for service in prodsys::Service::ALL {
+        let url = format!("https://{}", addr(service));
+        answers(&url, &pki.ca_file, Some(&user))
+            .await
+            .unwrap_or_else(|e| panic!("{service} with a certificate: {e}"));
+        let refused = answers(&url, &pki.ca_file, None).await;
+        assert!(
+            refused.is_err(),
+            "{service} answered gRPC without a certificate"
+        );
+        let refused = answers(&url, &pki.ca_file, Some(&other)).await;
+        assert!(
+            refused.is_err(),
+            "{service} answered gRPC with another CA's certificate"
+        );
+    }
+    for client in [
+        https_client(&pki.ca_file, None),
+        https_client(&pki.ca_file, Some((&stranger_cert, &stranger_key))),
+    ] {
+        let refused = client
+            .get(format!("{status_url}/api/productions"))
+            .send()
+            .await;
+        assert!(refused.is_err(), "HTTP answered: {refused:?}");
+    }
+
+    // prodctl with --cert-file and --key-file (here from the environment),
+    // and refused without.
+    let prodctl = support::built_binary("prodctl", "prodctl");
+    let run = |certificate: Option<(&Path, &Path)>| {
+        let mut command = tokio::process::Command::new(&prodctl);
+        command
+            .args(["status", &production_id, "-o", "json"])
+            .env("PRODSYS_INTAKE_URL", &intake_url)
+            .env("PRODSYS_STATUS_URL", &status_url)
+            .env("PRODSYS_CATALOG_URL", &catalog_url)
+            .env("PRODSYS_CA_FILE", &pki.ca_file)
+            .env_remove("PRODSYS_CERT_FILE")
+            .env_remove("PRODSYS_KEY_FILE");
+        if let Some((cert, key)) = certificate {
+            command
+                .env("PRODSYS_CERT_FILE", cert)
+                .env("PRODSYS_KEY_FILE", key);
+        }
+        command.output()
+    };
+    let out = run(Some((&user_cert, &user_key))).await.unwrap();
+    assert!(
+        out.status.success(),
+        "prodctl with a client certificate: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("COMPLETED"));
+    let out = run(None).await.unwrap();
+    assert!(!out.status.success(), "prodctl without a certificate");
+    let out = run(Some((&stranger_cert, &stranger_key))).await.unwrap();
+    assert!(
+        !out.status.success(),
+        "prodctl with another CA's certificate"
+    );
+
+    // The Python client with cert_file and key_file.
+    let script = "import json, sys; sys.path.insert(0, sys.argv[1]); \
+        from prodsys_client import Client; \
+        c = Client(sys.argv[2], sys.argv[3], sys.argv[4], ca_file=sys.argv[5], \
+                   cert_file=sys.argv[6], key_file=sys.argv[7]); \
+        print(json.dumps({'productions': len(c.productions()), 'profiles': len(c.profiles())}))";
+    let root = prodsys_testkit::repo_root();
+    let out = tokio::process::Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(root.join("clients/python/src"))
+        .args([&intake_url, &status_url, &catalog_url])
+        .args([&pki.ca_file, &user_cert, &user_key])
+        .env_remove("PRODSYS_CERT_FILE")
+        .env_remove("PRODSYS_KEY_FILE")
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "the Python client with a client certificate: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let seen: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(seen["productions"].as_u64().unwrap() >= 1, "{seen}");
+    assert!(seen["profiles"].as_u64().unwrap() > 0, "{seen}");
+    app.stop().await;
+
+    // A client CA, certificate or key that cannot be read stops a service
+    // at start, the setting named.
+    let not_pem = dir.join("not.pem");
+    std::fs::write(&not_pem, "not a certificate").unwrap();
+    let missing = dir.join("missing.pem");
+    for (tls, named) in [
+        (
+            prodsys_config::TlsSettings {
+                client_ca_file: Some(missing.clone()),
+                ..settings.clone()
+            },
+            "tls.client_ca_file",
+        ),
+        (
+            prodsys_config::TlsSettings {
+                client_ca_file: Some(not_pem.clone()),
+                ..settings.clone()
+            },
+            "tls.client_ca_file",
+        ),
+        (
+            prodsys_config::TlsSettings {
+                client_cert_file: Some(missing.clone()),
+                client_key_file: Some(user_key.clone()),
+                ..settings.clone()
+            },
+            "tls.client_cert_file",
+        ),
+        (
+            prodsys_config::TlsSettings {
+                client_cert_file: Some(user_cert.clone()),
+                client_key_file: Some(not_pem.clone()),
+                ..settings.clone()
+            },
+            "tls.client_key_file",
+        ),
+        (
+            // A key that is not the certificate's.
+            prodsys_config::TlsSettings {
+                client_cert_file: Some(user_cert.clone()),
+                client_key_file: Some(stranger_key.clone()),
+                ..settings.clone()
+            },
+            "tls.client_cert_file and tls.client_key_file",
+        ),
+    ] {
+        let mut env = prodsys_testkit::TestEnv::new().await.unwrap();
+        env.settings.tls = tls;
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let refused = tokio::time::timeout(
+            Duration::from_secs(30),
+            prodsys::start(
+                &[prodsys::Service::Catalog],
+                &env.settings,
+                shutdown.clone(),
+            ),
+        )
+        .await
+        .expect("a refusal in time");
+        let error = match refused {
+            Ok(_) => panic!("a service started ({named})"),
+            Err(error) => format!("{error:#}"),
+        };
+        assert!(error.contains(named), "{named}: {error}");
+        shutdown.cancel();
+        env.cleanup().await;
+    }
     let _ = std::fs::remove_dir_all(dir);
 }

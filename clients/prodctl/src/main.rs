@@ -79,6 +79,13 @@ struct Cli {
     /// PEM CA certificate(s) to verify https:// services against.
     #[arg(long, env = "PRODSYS_CA_FILE", global = true)]
     ca_file: Option<std::path::PathBuf>,
+    /// PEM client certificate presented to https:// services that require
+    /// one (`tls.client_ca_file`); with --key-file.
+    #[arg(long, env = "PRODSYS_CERT_FILE", global = true, requires = "key_file")]
+    cert_file: Option<std::path::PathBuf>,
+    /// PEM private key of --cert-file.
+    #[arg(long, env = "PRODSYS_KEY_FILE", global = true, requires = "cert_file")]
+    key_file: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -355,11 +362,12 @@ async fn main() -> ExitCode {
     }
 }
 
-/// The bearer token and CA of every call, from the command line or the
-/// environment.
+/// The bearer token, CA and client certificate of every call, from the
+/// command line or the environment.
 struct ClientAuth {
     token: Option<String>,
     ca_file: Option<std::path::PathBuf>,
+    certificate: Option<prodsys_auth::tls::ClientCertificate>,
 }
 
 static CLIENT_AUTH: std::sync::OnceLock<ClientAuth> = std::sync::OnceLock::new();
@@ -386,9 +394,19 @@ fn set_credentials(cli: &Cli) -> anyhow::Result<()> {
             (None, None) => None,
         },
     };
+    let certificate = match (&cli.cert_file, &cli.key_file) {
+        (Some(cert), Some(key)) => Some(prodsys_auth::tls::ClientCertificate::from_files(
+            cert,
+            "--cert-file",
+            key,
+            "--key-file",
+        )?),
+        _ => None,
+    };
     let _ = CLIENT_AUTH.set(ClientAuth {
         token,
         ca_file: cli.ca_file.clone(),
+        certificate,
     });
     Ok(())
 }
@@ -397,19 +415,25 @@ pub(crate) async fn connect(url: &str) -> anyhow::Result<prodsys_auth::Channel> 
     let auth = CLIENT_AUTH.get_or_init(|| ClientAuth {
         token: None,
         ca_file: None,
+        certificate: None,
     });
-    let channel = prodsys_auth::tls::endpoint(url, auth.ca_file.as_deref(), "--ca-file")
-        .with_context(|| format!("invalid URL {url}"))?
-        .connect_timeout(Duration::from_secs(5))
-        .connect()
-        .await
-        .map_err(|error| {
-            anyhow::Error::from(output::Failure::new(
-                output::UNAVAILABLE,
-                "UNAVAILABLE",
-                format!("cannot reach {url}: {error}"),
-            ))
-        })?;
+    let channel = prodsys_auth::tls::client_endpoint(
+        url,
+        auth.ca_file.as_deref(),
+        auth.certificate.as_ref(),
+        "--ca-file",
+    )
+    .with_context(|| format!("invalid URL {url}"))?
+    .connect_timeout(Duration::from_secs(5))
+    .connect()
+    .await
+    .map_err(|error| {
+        anyhow::Error::from(output::Failure::new(
+            output::UNAVAILABLE,
+            "UNAVAILABLE",
+            format!("cannot reach {url}: {error}"),
+        ))
+    })?;
     let credentials = match &auth.token {
         Some(token) => prodsys_auth::Credentials::bearer(token.as_str()),
         None => prodsys_auth::Credentials::none(),

@@ -130,7 +130,12 @@ pub async fn start(
             host if host.contains(':') => format!("[{host}]"),
             host => host.to_string(),
         };
-        settings.status.dispatcher_url = format!("http://{host}:{}", settings.dispatcher.port);
+        let scheme = if settings.tls.enabled() {
+            "https"
+        } else {
+            "http"
+        };
+        settings.status.dispatcher_url = format!("{scheme}://{host}:{}", settings.dispatcher.port);
     }
     for service in Service::ALL.into_iter().filter(|s| services.contains(s)) {
         // Services started together find each other where they really listen.

@@ -2,8 +2,10 @@
 //!
 //! A port with `tls.cert_file` and `tls.key_file` speaks TLS only, offering
 //! both HTTP/2 (gRPC) and HTTP/1.1 (browsers, scrapers, curl) by ALPN, as
-//! the same port serves both in plain text. Clients of `https://` URLs
-//! verify the server against `tls.ca_file`.
+//! the same port serves both in plain text. With `tls.client_ca_file` it
+//! requires a client certificate of that CA too. Clients of `https://` URLs
+//! verify the server against `tls.ca_file` and present the client
+//! certificate of `tls.client_cert_file` (else `tls.cert_file`) when asked.
 
 use std::io;
 use std::path::Path;
@@ -22,7 +24,9 @@ use tokio_rustls::server::TlsStream;
 
 use crate::{Channel, Credentials};
 
-/// The server configuration of `settings`, or `None` without TLS.
+/// The server configuration of `settings`, or `None` without TLS. With
+/// `tls.client_ca_file`, every connection must present a client certificate
+/// that chains to it.
 pub fn server_config(
     settings: &prodsys_config::TlsSettings,
 ) -> anyhow::Result<Option<Arc<rustls::ServerConfig>>> {
@@ -33,16 +37,105 @@ pub fn server_config(
     let certs = read_certs(cert_file, "tls.cert_file")?;
     let key = PrivateKeyDer::from_pem_file(key_file)
         .with_context(|| format!("tls.key_file: no PEM private key in {}", key_file.display()))?;
-    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .context("TLS protocol versions")?
-    .with_no_client_auth()
-    .with_single_cert(certs, key)
-    .context("tls.cert_file and tls.key_file do not make a server identity")?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .context("TLS protocol versions")?;
+    let builder = match &settings.client_ca_file {
+        Some(client_ca_file) => {
+            builder.with_client_cert_verifier(client_verifier(client_ca_file, provider)?)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder
+        .with_single_cert(certs, key)
+        .context("tls.cert_file and tls.key_file do not make a server identity")?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Some(Arc::new(config)))
+}
+
+/// Accepts only clients whose certificate chains to the CA(s) of
+/// `client_ca_file`; a client without a certificate is refused.
+fn client_verifier(
+    client_ca_file: &Path,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+) -> anyhow::Result<Arc<dyn rustls::server::danger::ClientCertVerifier>> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in read_certs(client_ca_file, "tls.client_ca_file")? {
+        roots.add(cert).with_context(|| {
+            format!(
+                "tls.client_ca_file: {} holds a certificate that is not a CA",
+                client_ca_file.display()
+            )
+        })?;
+    }
+    rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+        .build()
+        .with_context(|| {
+            format!(
+                "tls.client_ca_file: {} does not make a client certificate verifier",
+                client_ca_file.display()
+            )
+        })
+}
+
+/// A client certificate chain and its key, read and checked (PEM, the key
+/// that of the certificate).
+#[derive(Clone)]
+pub struct ClientCertificate {
+    cert_pem: Vec<u8>,
+    key_pem: Vec<u8>,
+}
+
+impl std::fmt::Debug for ClientCertificate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The key stays out of logs.
+        f.debug_struct("ClientCertificate").finish_non_exhaustive()
+    }
+}
+
+impl ClientCertificate {
+    /// Reads `cert_file` and `key_file`; an error names `cert_setting` or
+    /// `key_setting` (the setting or flag that gave the file).
+    pub fn from_files(
+        cert_file: &Path,
+        cert_setting: &str,
+        key_file: &Path,
+        key_setting: &str,
+    ) -> anyhow::Result<Self> {
+        let certs = read_certs(cert_file, cert_setting)?;
+        let key = PrivateKeyDer::from_pem_file(key_file).with_context(|| {
+            format!(
+                "{key_setting}: no PEM private key in {}",
+                key_file.display()
+            )
+        })?;
+        rustls::sign::CertifiedKey::from_der(certs, key, &rustls::crypto::ring::default_provider())
+            .with_context(|| {
+                format!("{cert_setting} and {key_setting} do not make a client identity")
+            })?;
+        let read = |path: &Path, setting: &str| {
+            std::fs::read(path).with_context(|| format!("{setting}: reading {}", path.display()))
+        };
+        Ok(Self {
+            cert_pem: read(cert_file, cert_setting)?,
+            key_pem: read(key_file, key_setting)?,
+        })
+    }
+
+    /// The certificate the services present to each other (see
+    /// [`prodsys_config::TlsSettings::client_identity`]), or `None`.
+    pub fn from_settings(settings: &prodsys_config::TlsSettings) -> anyhow::Result<Option<Self>> {
+        settings.check()?;
+        settings
+            .client_identity()
+            .map(|id| Self::from_files(id.cert_file, id.cert_setting, id.key_file, id.key_setting))
+            .transpose()
+    }
+
+    fn identity(&self) -> tonic::transport::Identity {
+        tonic::transport::Identity::from_pem(&self.cert_pem, &self.key_pem)
+    }
 }
 
 fn read_certs(path: &Path, key: &str) -> anyhow::Result<Vec<CertificateDer<'static>>> {
@@ -154,6 +247,17 @@ pub fn endpoint(
     ca_file: Option<&Path>,
     what: &str,
 ) -> anyhow::Result<tonic::transport::Endpoint> {
+    client_endpoint(url, ca_file, None, what)
+}
+
+/// An endpoint of `url`: `https://` verified against `ca_file`, presenting
+/// `certificate` when the server asks for one.
+pub fn client_endpoint(
+    url: &str,
+    ca_file: Option<&Path>,
+    certificate: Option<&ClientCertificate>,
+    what: &str,
+) -> anyhow::Result<tonic::transport::Endpoint> {
     let endpoint = tonic::transport::Endpoint::from_shared(url.to_string())
         .with_context(|| format!("{what}: {url:?} is not a URL"))?;
     if !url.starts_with("https://") {
@@ -164,24 +268,28 @@ pub fn endpoint(
     })?;
     let pem = std::fs::read(ca_file)
         .with_context(|| format!("tls.ca_file: reading {}", ca_file.display()))?;
+    let mut config = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(pem));
+    if let Some(certificate) = certificate {
+        config = config.identity(certificate.identity());
+    }
     endpoint
-        .tls_config(
-            tonic::transport::ClientTlsConfig::new()
-                .ca_certificate(tonic::transport::Certificate::from_pem(pem)),
-        )
+        .tls_config(config)
         .with_context(|| format!("{what}: TLS configuration"))
 }
 
 /// A lazily connected channel to another service at `url` whose calls carry
-/// `credentials`.
+/// `credentials`, verifying an `https://` server against `tls.ca_file` and
+/// presenting `certificate` when asked for one.
 pub fn channel(
     url: &str,
     settings: &prodsys_config::Settings,
+    certificate: Option<&ClientCertificate>,
     what: &str,
     timeout: Option<Duration>,
     credentials: Credentials,
 ) -> anyhow::Result<Channel> {
-    let mut endpoint = endpoint(url, settings.tls.ca_file.as_deref(), what)?
+    let mut endpoint = client_endpoint(url, settings.tls.ca_file.as_deref(), certificate, what)?
         .connect_timeout(Duration::from_secs(5));
     if let Some(timeout) = timeout {
         endpoint = endpoint.timeout(timeout);

@@ -2,7 +2,7 @@
 //! the clients between services are secured.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use secrecy::SecretString;
 use serde::{Deserialize, Serialize};
@@ -193,6 +193,18 @@ pub struct TlsSettings {
     /// `https://` URLs of each other, and the token issuers).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ca_file: Option<PathBuf>,
+    /// PEM CA certificate(s) client certificates must chain to: with it,
+    /// every port requires a client certificate (mutual TLS), gRPC and HTTP
+    /// alike. Needs `cert_file`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_ca_file: Option<PathBuf>,
+    /// PEM certificate chain the service presents when it calls another
+    /// service over `https://` and is asked for one; default `cert_file`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_cert_file: Option<PathBuf>,
+    /// PEM private key of `client_cert_file`; default `key_file`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_key_file: Option<PathBuf>,
 }
 
 impl TlsSettings {
@@ -210,6 +222,61 @@ impl TlsSettings {
                 "tls.cert_file: tls.key_file is set but its certificate is not".into(),
             )),
             _ => Ok(()),
+        }?;
+        match (&self.client_cert_file, &self.client_key_file) {
+            (Some(_), None) => Err(ConfigError(
+                "tls.client_key_file: tls.client_cert_file is set but its key is not".into(),
+            )),
+            (None, Some(_)) => Err(ConfigError(
+                "tls.client_cert_file: tls.client_key_file is set but its certificate is not"
+                    .into(),
+            )),
+            _ => Ok(()),
+        }?;
+        if self.client_ca_file.is_some() && self.cert_file.is_none() {
+            return Err(ConfigError(
+                "tls.client_ca_file: client certificates need TLS, and tls.cert_file is not set"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether every port requires a client certificate.
+    pub fn client_certificates_required(&self) -> bool {
+        self.client_ca_file.is_some()
+    }
+
+    /// The certificate and key the service presents to the services it
+    /// calls: `client_cert_file` and `client_key_file`, else the server's
+    /// own `cert_file` and `key_file`.
+    pub fn client_identity(&self) -> Option<ClientIdentity<'_>> {
+        match (&self.client_cert_file, &self.client_key_file) {
+            (Some(cert), Some(key)) => Some(ClientIdentity {
+                cert_file: cert,
+                cert_setting: "tls.client_cert_file",
+                key_file: key,
+                key_setting: "tls.client_key_file",
+            }),
+            _ => match (&self.cert_file, &self.key_file) {
+                (Some(cert), Some(key)) => Some(ClientIdentity {
+                    cert_file: cert,
+                    cert_setting: "tls.cert_file",
+                    key_file: key,
+                    key_setting: "tls.key_file",
+                }),
+                _ => None,
+            },
         }
     }
+}
+
+/// A client certificate and its key, with the settings that named them
+/// (for errors).
+#[derive(Debug, Clone, Copy)]
+pub struct ClientIdentity<'a> {
+    pub cert_file: &'a Path,
+    pub cert_setting: &'static str,
+    pub key_file: &'a Path,
+    pub key_setting: &'static str,
 }

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize, Serializer};
 mod auth;
 mod federation;
 mod rucio;
-pub use auth::{AuthSettings, IssuerSettings, TlsSettings};
+pub use auth::{AuthSettings, ClientIdentity, IssuerSettings, TlsSettings};
 pub use federation::{ANY, FederationSettings};
 pub use rucio::{RucioAuth, RucioRule, RucioSettings};
 
@@ -981,6 +981,49 @@ mod tests {
                 .to_string()
                 .contains("tls.key_file")
         );
+        // Client certificates: required by a CA, presented from their own
+        // files or the server's; half a pair, or a CA without TLS, named.
+        std::fs::write(
+            &path,
+            "[tls]\ncert_file = \"c.pem\"\nkey_file = \"k.pem\"\nclient_ca_file = \"clients.pem\"\n",
+        )
+        .unwrap();
+        let s = Settings::load(Some(&path)).unwrap();
+        assert!(s.tls.check().is_ok() && s.tls.client_certificates_required());
+        let identity = s.tls.client_identity().unwrap();
+        assert_eq!(identity.cert_file, Path::new("c.pem"));
+        assert_eq!(identity.key_setting, "tls.key_file");
+        std::fs::write(
+            &path,
+            "[tls]\ncert_file = \"c.pem\"\nkey_file = \"k.pem\"\n\
+             client_cert_file = \"cc.pem\"\nclient_key_file = \"ck.pem\"\n",
+        )
+        .unwrap();
+        let s = Settings::load(Some(&path)).unwrap();
+        assert!(!s.tls.client_certificates_required());
+        let identity = s.tls.client_identity().unwrap();
+        assert_eq!(identity.key_file, Path::new("ck.pem"));
+        assert_eq!(identity.cert_setting, "tls.client_cert_file");
+        for (file, named) in [
+            (
+                "[tls]\nclient_ca_file = \"clients.pem\"\n",
+                "tls.client_ca_file",
+            ),
+            (
+                "[tls]\nclient_cert_file = \"cc.pem\"\n",
+                "tls.client_key_file",
+            ),
+            (
+                "[tls]\nclient_key_file = \"ck.pem\"\n",
+                "tls.client_cert_file",
+            ),
+        ] {
+            std::fs::write(&path, file).unwrap();
+            let s = Settings::load(Some(&path)).unwrap();
+            let error = s.tls.check().unwrap_err().to_string();
+            assert!(error.contains(named), "{file}: {error}");
+        }
+        assert!(Settings::default().tls.client_identity().is_none());
         std::fs::remove_dir_all(dir).unwrap();
     }
 

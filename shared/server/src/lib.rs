@@ -378,6 +378,8 @@ pub struct Foundation {
     /// Who may call the service's port (tokens, or the development mode).
     pub auth: prodsys_auth::Auth,
     tls: Option<Arc<rustls::ServerConfig>>,
+    /// The certificate presented to other services that ask for one.
+    client_certificate: Option<prodsys_auth::tls::ClientCertificate>,
     /// The CA and such of the clients to other services.
     settings: Arc<prodsys_config::Settings>,
 }
@@ -398,6 +400,8 @@ impl Foundation {
         // or a certificate that cannot be read.
         let auth = prodsys_auth::Auth::from_settings(settings)?;
         let tls = prodsys_auth::tls::server_config(&settings.tls)?;
+        let client_certificate =
+            prodsys_auth::tls::ClientCertificate::from_settings(&settings.tls)?;
         // Its own role and broker user where configured; secrets stay wrapped.
         let database_url = settings
             .database
@@ -507,12 +511,14 @@ impl Foundation {
             consumer_settings,
             auth,
             tls,
+            client_certificate,
             settings: Arc::new(settings.clone()),
         })
     }
 
     /// A lazily connected client channel to another service at `url`
-    /// (`what` names the setting, for errors), its calls carrying the
+    /// (`what` names the setting, for errors), presenting the service's
+    /// client certificate when asked for one, its calls carrying the
     /// internal token, or with `for_caller` the token of the caller being
     /// served when there is one.
     pub fn channel(
@@ -527,7 +533,14 @@ impl Foundation {
         } else {
             self.auth.internal_credentials()
         };
-        prodsys_auth::tls::channel(url, &self.settings, what, timeout, credentials)
+        prodsys_auth::tls::channel(
+            url,
+            &self.settings,
+            self.client_certificate.as_ref(),
+            what,
+            timeout,
+            credentials,
+        )
     }
 
     /// Consumes the service's queue with `handler` until `shutdown`.

@@ -182,14 +182,27 @@ def _token(token: str | None, token_file: str | os.PathLike | None) -> str | Non
 
 
 def _channel(
-    address: str, token: str | None = None, ca_file: str | os.PathLike | None = None
+    address: str,
+    token: str | None = None,
+    ca_file: str | os.PathLike | None = None,
+    cert_file: str | os.PathLike | None = None,
+    key_file: str | os.PathLike | None = None,
 ) -> grpc.Channel:
     """A channel to `host:port`, `http://host:port` or (TLS) `https://host:port`,
-    verified against `ca_file` (else the system's CAs), its calls carrying `token`."""
+    verified against `ca_file` (else the system's CAs), presenting the client
+    certificate `cert_file` with its key `key_file` when given, its calls
+    carrying `token`."""
     if address.startswith("https://"):
         target = address.removeprefix("https://").rstrip("/")
         roots = Path(ca_file).read_bytes() if ca_file else None
-        channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(root_certificates=roots))
+        chain = Path(cert_file).read_bytes() if cert_file else None
+        key = Path(key_file).read_bytes() if key_file else None
+        channel = grpc.secure_channel(
+            target,
+            grpc.ssl_channel_credentials(
+                root_certificates=roots, private_key=key, certificate_chain=chain
+            ),
+        )
     else:
         channel = grpc.insecure_channel(address.removeprefix("http://").rstrip("/"))
     if token:
@@ -208,7 +221,9 @@ class Client:
     `token_file`, ``$PRODSYS_TOKEN``, ``$PRODSYS_TOKEN_FILE``, ``$BEARER_TOKEN``,
     ``$BEARER_TOKEN_FILE``) rides on every call; ``https://`` addresses are
     verified against `ca_file` (else ``$PRODSYS_CA_FILE``, else the system's
-    CAs). Failed calls raise ``ProdsysError`` or a subclass:
+    CAs) and, where the services require client certificates, present
+    `cert_file` with its key `key_file` (else ``$PRODSYS_CERT_FILE`` and
+    ``$PRODSYS_KEY_FILE``). Failed calls raise ``ProdsysError`` or a subclass:
     ``InvalidRequest`` (with ``.violations``), ``NotFound``, ``Conflict``,
     ``Timeout``.
     """
@@ -223,6 +238,8 @@ class Client:
         token: str | None = None,
         token_file: str | os.PathLike | None = None,
         ca_file: str | os.PathLike | None = None,
+        cert_file: str | os.PathLike | None = None,
+        key_file: str | os.PathLike | None = None,
     ):
         self.intake_address = intake or os.environ.get("PRODSYS_INTAKE_URL") or DEFAULT_INTAKE
         self.status_address = status or os.environ.get("PRODSYS_STATUS_URL") or DEFAULT_STATUS
@@ -230,8 +247,12 @@ class Client:
         self.timeout = timeout
         bearer = _token(token, token_file)
         ca_file = ca_file or os.environ.get("PRODSYS_CA_FILE") or None
+        cert_file = cert_file or os.environ.get("PRODSYS_CERT_FILE") or None
+        key_file = key_file or os.environ.get("PRODSYS_KEY_FILE") or None
+        if bool(cert_file) != bool(key_file):
+            raise ValueError("cert_file and key_file: give both or neither")
         self._channels = [
-            _channel(a, bearer, ca_file)
+            _channel(a, bearer, ca_file, cert_file, key_file)
             for a in (self.intake_address, self.status_address, self.catalog_address)
         ]
         self._intake = request_pb2_grpc.RequestServiceStub(self._channels[0])
