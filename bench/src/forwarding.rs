@@ -205,7 +205,8 @@ pub fn accepted(exchange: &str, production: &str, destination: &str) -> amqp::Me
 
 /// Publishes `messages` on the run's broker with confirms.
 pub async fn publish(messages: Vec<amqp::Message>) -> anyhow::Result<()> {
-    let connection = amqp::connect(&prodsys_testkit::amqp_url(), "prodsys-bench-forwarding").await?;
+    let connection =
+        amqp::connect(&prodsys_testkit::amqp_url(), "prodsys-bench-forwarding").await?;
     let channel = amqp::confirm_channel(&connection).await?;
     amqp::publish_all(&channel, messages, 64).await?;
     let _ = connection.close(200, "done".into()).await;
@@ -286,7 +287,10 @@ async fn measure(
     env: &mut TestEnv,
     xrootd: &Xrootd,
 ) -> anyhow::Result<ForwardingResult> {
-    let production = format!("BENCH-F{}", &uuid::Uuid::now_v7().simple().to_string()[20..]);
+    let production = format!(
+        "BENCH-F{}",
+        &uuid::Uuid::now_v7().simple().to_string()[20..]
+    );
     let outputs_dir = env.work_dir.join("outputs");
     let (files, bytes) = (plan.files, plan.file_bytes);
     let files = {

@@ -331,12 +331,11 @@ async fn raw_register(
             .enumerate()
             .map(|(i, f)| {
                 let n = (b * plan.batch.max(1) + i) as u64;
-                let meta: serde_json::Map<String, Value> =
-                    crate::stack::catalog_file("raw", 0, n)
-                        .metadata
-                        .into_iter()
-                        .map(|(k, v)| (k, Value::String(v)))
-                        .collect();
+                let meta: serde_json::Map<String, Value> = crate::stack::catalog_file("raw", 0, n)
+                    .metadata
+                    .into_iter()
+                    .map(|(k, v)| (k, Value::String(v)))
+                    .collect();
                 json!({
                     "scope": scope,
                     "name": f.lfn,

@@ -176,14 +176,13 @@ impl Destination {
     /// cut short is never recorded (it has no matching adler32) and is
     /// overwritten when it is made again.
     pub async fn put_many(&self, copies: &[Transfer<'_>]) -> Vec<Result<(), CopyError>> {
-        let mut results: Vec<Option<Result<(), CopyError>>> =
-            copies.iter().map(|_| None).collect();
-        if let Self::Xroot(x) = self {
-            if let Err(e) = x.put_many(copies, &mut results).await {
-                let reason = e.to_string();
-                for r in results.iter_mut().filter(|r| r.is_none()) {
-                    *r = Some(Err(CopyError::Unavailable(reason.clone())));
-                }
+        let mut results: Vec<Option<Result<(), CopyError>>> = copies.iter().map(|_| None).collect();
+        if let Self::Xroot(x) = self
+            && let Err(e) = x.put_many(copies, &mut results).await
+        {
+            let reason = e.to_string();
+            for r in results.iter_mut().filter(|r| r.is_none()) {
+                *r = Some(Err(CopyError::Unavailable(reason.clone())));
             }
         }
         let mut out = Vec::with_capacity(copies.len());
@@ -362,10 +361,7 @@ impl Xroot {
             {
                 continue;
             }
-            by_dir
-                .entry(dir.to_string())
-                .or_default()
-                .push((i, source));
+            by_dir.entry(dir.to_string()).or_default().push((i, source));
         }
         if by_dir.is_empty() {
             return Ok(());

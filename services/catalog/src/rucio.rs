@@ -29,8 +29,10 @@ use crate::store::Claimed;
 
 /// Rucio takes at most this many DIDs per attachment.
 const MAX_ATTACH: usize = 1000;
-/// How long a batch waits for files claimed at about the same time.
+/// How long a batch waits for the next file claimed at about the same time,
+/// and for all of them.
 const LINGER: Duration = Duration::from_millis(20);
+const GATHER: Duration = Duration::from_secs(1);
 /// Batches whose calls are under way at once: the server works on one
 /// while the next is sent (a Rucio server runs several workers).
 const BATCHES_IN_FLIGHT: usize = 2;
@@ -250,11 +252,15 @@ impl Registering {
                 .acquire_owned()
                 .await
                 .expect("never closed");
+            // Open while files keep coming (each within LINGER of the one
+            // before, as a slot's files come from their checks on the
+            // storage), up to GATHER in all.
             let mut batch = vec![first];
-            let until = tokio::time::Instant::now() + LINGER;
+            let until = tokio::time::Instant::now() + GATHER;
             while batch.len() < batch_size {
-                match tokio::time::timeout_at(until, received.recv()).await {
-                    Ok(Some(next)) => batch.push(next),
+                let next = (tokio::time::Instant::now() + LINGER).min(until);
+                match tokio::time::timeout_at(next, received.recv()).await {
+                    Ok(Some(item)) => batch.push(item),
                     _ => break,
                 }
             }
