@@ -831,7 +831,7 @@ async fn run(args: &Args) -> anyhow::Result<Results> {
                 .unwrap_or(if args.smoke { 200 } else { 10_000 }),
             file_bytes: args.forward_bytes.unwrap_or(4096),
             raw_batch: args.forward_batch.unwrap_or(defaults.claim_batch),
-            // Two invocations of `--parallel 8 --cksum` at once ask the
+            // Two invocations of `--parallel --cksum` at once ask the
             // server more checksums at once than it computes: it has the
             // client wait 30 s.
             raw_concurrency: 1,
