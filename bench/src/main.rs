@@ -1,4 +1,4 @@
-//! `cargo run --release -p prodsys-bench -- [all|raw|submit|latency|status|catalog|plan|containers|history|faults] [--smoke] [--write]`
+//! `cargo run --release -p prodsys-bench -- [all|raw|submit|latency|status|catalog|plan|containers|productions|replicas|forwarding|rucio|history|faults] [--smoke] [--write]`
 //!
 //! Measures, in one run on this machine, the raw limits of RabbitMQ and
 //! PostgreSQL (same client libraries and message size as prodsys) and what
@@ -20,10 +20,12 @@ mod amqp;
 mod chain;
 mod containers;
 mod faults;
+mod forwarding;
 mod history;
 mod productions;
 mod raw;
 mod report;
+mod rucio;
 mod scale;
 mod services;
 mod stack;
@@ -74,6 +76,12 @@ pub enum Scenario {
     /// The whole productions again with two processes of every service:
     /// the rate beside one of each, and work done twice counted.
     Replicas,
+    /// Small catalogued files forwarded by the catalog to a real XRootD
+    /// server, beside `xrdcp` of the same files to it.
+    Forwarding,
+    /// Catalogued files registered in a real Rucio server by the catalog,
+    /// beside Rucio's bulk REST calls registering as many.
+    Rucio,
 }
 
 #[derive(Debug, Parser)]
@@ -154,6 +162,23 @@ pub struct Args {
     /// The dispatcher's poll interval there, ms (default: the tests' 200).
     #[arg(long)]
     pub poll_interval_ms: Option<u64>,
+    /// Files of the forwarding scenario (default 10,000, smoke 200).
+    #[arg(long)]
+    pub forward_files: Option<u64>,
+    /// Bytes of each of them (default 4,096).
+    #[arg(long)]
+    pub forward_bytes: Option<usize>,
+    /// The catalog's `forwarding.claim_batch` there, and the raw run's
+    /// files per `xrdcp` (default: the catalog's default).
+    #[arg(long)]
+    pub forward_batch: Option<usize>,
+    /// Replicas of the rucio scenario (default 10,000, smoke 200).
+    #[arg(long)]
+    pub rucio_files: Option<u64>,
+    /// Bulk calls at once in its raw registration (default 2: the test
+    /// server's gunicorn workers).
+    #[arg(long)]
+    pub rucio_raw_clients: Option<usize>,
     /// Internal: run this one service (the bench starts each service so).
     #[arg(long, hide = true, requires = "config")]
     pub serve: Option<String>,
@@ -221,6 +246,8 @@ pub struct Results {
     pub productions: Option<productions::ProductionsResult>,
     /// The same productions with two processes of every service.
     pub replicated: Option<productions::ProductionsResult>,
+    pub forwarding: Option<forwarding::ForwardingResult>,
+    pub rucio: Option<rucio::RucioResult>,
     pub errors: Vec<String>,
 }
 
@@ -441,6 +468,8 @@ async fn run(args: &Args) -> anyhow::Result<Results> {
             | Scenario::History
             | Scenario::Productions
             | Scenario::Replicas
+            | Scenario::Forwarding
+            | Scenario::Rucio
     ) {
         results.stack_plan = Some(stack_plan);
         eprintln!("prodsys: starting the five services, each in its own process …");
@@ -792,6 +821,71 @@ async fn run(args: &Args) -> anyhow::Result<Results> {
                 results.replicated = Some(r);
             }
             Err(e) => results.errors.push(format!("replicas: {e:#}")),
+        }
+    }
+    if wants(Scenario::Forwarding) {
+        let defaults = prodsys_config::ForwardingSettings::default();
+        let plan = forwarding::ForwardingPlan {
+            files: args
+                .forward_files
+                .unwrap_or(if args.smoke { 200 } else { 10_000 }),
+            file_bytes: args.forward_bytes.unwrap_or(4096),
+            raw_batch: args.forward_batch.unwrap_or(defaults.claim_batch),
+            // Two invocations of `--parallel --cksum` at once ask the
+            // server more checksums at once than it computes: it has the
+            // client wait 30 s.
+            raw_concurrency: 1,
+            raw_parallel: prodsys_catalog::destination::XRDCP_PARALLEL,
+        };
+        eprintln!(
+            "forwarding: {} files of {} bytes to XRootD by the catalog and by xrdcp …",
+            plan.files, plan.file_bytes
+        );
+        match forwarding::run(plan).await {
+            Ok(r) => {
+                eprintln!(
+                    "  xrdcp {:.1} s ({:.0} files/s), prodsys {:.1} s ({:.0} files/s): {:.2}×; {} verified, {} and {} on the storage",
+                    r.raw_seconds,
+                    r.raw_per_s(),
+                    r.prodsys_seconds,
+                    r.prodsys_per_s(),
+                    r.ratio(),
+                    r.verified,
+                    r.stored,
+                    r.raw_stored
+                );
+                results.forwarding = Some(r);
+            }
+            Err(e) => results.errors.push(format!("forwarding: {e:#}")),
+        }
+    }
+    if wants(Scenario::Rucio) {
+        let plan = rucio::RucioPlan {
+            files: args
+                .rucio_files
+                .unwrap_or(if args.smoke { 200 } else { 10_000 }),
+            batch: 500,
+            raw_clients: args.rucio_raw_clients.unwrap_or(2),
+        };
+        eprintln!(
+            "rucio: {} replicas registered by the catalog and by bulk REST calls …",
+            plan.files
+        );
+        match rucio::run(plan).await {
+            Ok(r) => {
+                eprintln!(
+                    "  bulk REST {:.1} s ({:.0} replicas/s), prodsys {:.1} s ({:.0} replicas/s): {:.2}×; Rucio lists {} and {}",
+                    r.raw_seconds,
+                    r.raw_per_s(),
+                    r.prodsys_seconds,
+                    r.prodsys_per_s(),
+                    r.ratio(),
+                    r.listed,
+                    r.raw_listed
+                );
+                results.rucio = Some(r);
+            }
+            Err(e) => results.errors.push(format!("rucio: {e:#}")),
         }
     }
     if wants(Scenario::History) {

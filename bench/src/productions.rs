@@ -167,7 +167,7 @@ pub struct Xrootd {
 impl Xrootd {
     /// Starts instance `name` with the repository's test-server script
     /// (which installs xrootd-server and xrootd-client when missing).
-    fn start(name: &str) -> anyhow::Result<Self> {
+    pub fn start(name: &str) -> anyhow::Result<Self> {
         let script = prodsys_testkit::repo_root().join("tests/servers/xrootd/start");
         let out = std::process::Command::new(&script)
             .arg(name)
@@ -188,20 +188,25 @@ impl Xrootd {
     }
 
     /// `root://host:port//base/sub`.
-    fn at(&self, sub: &str) -> String {
+    pub fn at(&self, sub: &str) -> String {
         format!("{}/{}/{sub}", self.url, self.base)
     }
 
     /// Where the server keeps `base/sub` on this machine.
-    fn local(&self, sub: &str) -> PathBuf {
+    pub fn local(&self, sub: &str) -> PathBuf {
         prodsys_testkit::repo_root()
             .join(format!("var/servers/xrootd/{}/data", self.name))
             .join(self.base.trim_start_matches('/'))
             .join(sub)
     }
 
+    /// The run's base path on the server (`/prodsys-bench/…`).
+    pub fn base_path(&self) -> &str {
+        &self.base
+    }
+
     /// Removes the run's files and stops the server.
-    fn stop(self) {
+    pub fn stop(self) {
         let _ = std::fs::remove_dir_all(self.local(""));
         let script = prodsys_testkit::repo_root().join("tests/servers/xrootd/stop");
         let _ = std::process::Command::new(script)
@@ -212,7 +217,7 @@ impl Xrootd {
 }
 
 /// Files below `dir`, counted.
-fn files_below(dir: &Path) -> u64 {
+pub fn files_below(dir: &Path) -> u64 {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return 0;
     };

@@ -530,6 +530,75 @@ fn rows(results: &Results) -> Vec<Row> {
             },
         });
     }
+    if let Some(f) = &results.forwarding {
+        let complete = f.verified == f.files && f.stored == f.files && f.raw_stored == f.files;
+        rows.push(Row {
+            figure: format!(
+                "prodsys: {} catalogued files of {} bytes forwarded by the catalog to a real XRootD server, the forwarding planned → every replica verified on the storage ({} copy slots, {} files a slot)",
+                thousands(f.files as f64),
+                thousands(f.file_bytes as f64),
+                f.max_concurrent_copies,
+                f.claim_batch
+            ),
+            measured: format!(
+                "{:.1} s ({} files/s); {} replicas verified, {} files on the storage",
+                f.prodsys_seconds,
+                thousands(f.prodsys_per_s()),
+                thousands(f.verified as f64),
+                thousands(f.stored as f64)
+            ),
+            raw: format!(
+                "`xrdcp --parallel {} --cksum adler32` of {} files of a directory an invocation, {} at once, same files, same server: {:.1} s ({} files/s)",
+                f.raw_parallel,
+                f.raw_batch,
+                f.raw_concurrency,
+                f.raw_seconds,
+                thousands(f.raw_per_s())
+            ),
+            ratio: format!("{:.2}×", f.ratio()),
+            target: "≥ 0.8 × raw xrdcp, 10,000 small files (issue 12)".into(),
+            verdict: if !complete {
+                smoke_mark(results, "miss")
+            } else if f.files < 10_000 {
+                format!(
+                    "n/a: {} files, the target is for 10,000 ({} at this size)",
+                    thousands(f.files as f64),
+                    pass(f.ratio() >= 0.8)
+                )
+            } else {
+                smoke_mark(results, pass(f.ratio() >= 0.8))
+            },
+        });
+    }
+    if let Some(r) = &results.rucio {
+        let complete = r.listed == r.files && r.raw_listed == r.files;
+        rows.push(Row {
+            figure: format!(
+                "prodsys: {} catalogued files registered by the catalog in a real Rucio server (replica with PFN, bytes, adler32 and metadata on an RSE, attached to the production's dataset), the forwarding planned → every replica registered",
+                thousands(r.files as f64)
+            ),
+            measured: format!(
+                "{:.1} s ({} replicas/s); Rucio lists {} files in the dataset",
+                r.prodsys_seconds,
+                thousands(r.prodsys_per_s()),
+                thousands(r.listed as f64)
+            ),
+            raw: format!(
+                "bulk REST on the same server and RSE: `POST /replicas` and `POST /dids/attachments` of {} replicas each, {} calls at once: {:.1} s ({} replicas/s)",
+                r.batch,
+                r.raw_clients,
+                r.raw_seconds,
+                thousands(r.raw_per_s())
+            ),
+            ratio: format!("{:.2}×", r.ratio()),
+            target: "≥ 0.9 × raw bulk REST registration (issue 12)".into(),
+            verdict: if !complete {
+                smoke_mark(results, "miss")
+            } else {
+                smoke_mark(results, pass(r.ratio() >= 0.9))
+            },
+        });
+    }
     // Memory, per service: each runs in a process of its own.
     for service in ORDER.map(|s| s.name()) {
         let idle = results.service_rss_idle.get(service).copied();
@@ -1350,6 +1419,27 @@ pub fn markdown(results: &Results) -> String {
             } else {
                 ""
             }
+        );
+    }
+    if let Some(f) = &results.forwarding {
+        let _ = writeln!(
+            out,
+            "- **Forwarding** (issue 12): on a database and prefix of their own, {} files of {} bytes written at their LFNs under a work directory, catalogued under one production by `job.output` events (200 files each, CTA metadata) before the production has any destination; then a `request.accepted` naming an `xroot` destination on a real XRootD server (`tests/servers/xrootd/start`, adler32 computed by the server) gives every file a due replica at once, timed from its publication until the catalog holds every replica `verified` (the storage answered the catalog's adler32). The raw limit, measured first with no prodsys process running: the same files copied to the same server with `xrdcp --force --parallel {} --cksum adler32` (without `--posc`, as the catalog's batches; more than one such invocation at once asks the server more checksums at once than it computes, and it has the clients wait 30 s) ({} files of one directory an invocation, {} invocations at once, directories made first in one `xrdfs` session; `--cksum adler32` has each file's adler32 computed here and compared with the one the storage answers) — the copy as the catalog makes it (`claim_batch` files of a directory an `xrdcp`, which has the storage's adler32 of each printed, one such invocation per destination at a time), less the catalog.",
+            thousands(f.files as f64),
+            thousands(f.file_bytes as f64),
+            f.raw_parallel,
+            f.raw_batch,
+            f.raw_concurrency
+        );
+    }
+    if let Some(r) = &results.rucio {
+        let _ = writeln!(
+            out,
+            "- **Rucio** (issue 12): a real Rucio server (`tests/servers/rucio/start`, PyPI rucio 41.5.1, gunicorn with two workers, on the test PostgreSQL) with a scope and a non-deterministic RSE of the run whose `file` protocol is a directory; {} files of 1 KiB written there at their LFNs and catalogued there under one production (the storage destination is that directory: the catalog reads each file's adler32 there and copies nothing, as for a remote job's outputs), then a `request.accepted` naming the `rucio` destination (batch {}, no rule), timed until the catalog holds every replica `registered` (bulk `POST /replicas` with PFN, bytes, adler32 and the catalog's metadata, the dataset made, `POST /dids/attachments`; before each batch the catalog asks `POST /dids/bulkmeta` for files Rucio already knows otherwise). The raw limit, measured first: as many replicas (the same files in a scope of their own, with the same metadata) registered with `POST /replicas` and `POST /dids/attachments` of {} each, {} calls at once, after the dataset is made.",
+            thousands(r.files as f64),
+            r.batch,
+            r.batch,
+            r.raw_clients
         );
     }
     if let (Some(p), Some(h)) = (&results.history_plan, &results.history) {

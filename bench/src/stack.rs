@@ -1232,7 +1232,7 @@ impl Bench {
     }
 }
 
-fn catalog_lfn(production: &str, n: u64) -> String {
+pub(crate) fn catalog_lfn(production: &str, n: u64) -> String {
     format!(
         "/vo.cta.in2p3.fr/MC/BENCH/LaPalma/gamma/sim_telarray/{production}/Data/{:03}xxx/run{:06}___cta-prod6-lapalma_nsb{}.simtel.zst",
         n / 1000,

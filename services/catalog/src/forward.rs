@@ -29,7 +29,7 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::destination::{CopyError, Destination};
+use crate::destination::{CopyError, Destination, Transfer};
 use crate::domain;
 use crate::rucio::{RegisterError, Registrar};
 use crate::store::{self, Claimed, CopyResult};
@@ -73,7 +73,13 @@ impl Forwarder {
             .map(|(name, rucio)| {
                 Ok((
                     name.clone(),
-                    Registrar::new(name, rucio, &destinations, db.clone())?,
+                    Registrar::new(
+                        name,
+                        rucio,
+                        &destinations,
+                        db.clone(),
+                        settings.max_concurrent_copies,
+                    )?,
                 ))
             })
             .collect::<anyhow::Result<_>>()?;
@@ -135,7 +141,7 @@ impl Forwarder {
                 _ = shutdown.cancelled() => break,
             };
             let free = slots.available_permits() + 1;
-            let limit = free.min(self.settings.claim_batch.max(1)) as i64;
+            let limit = (free * self.per_slot()) as i64;
             let claimed =
                 match store::claim_replicas(&self.db, self.claimer, limit, self.ttl()).await {
                     Ok(claimed) => {
@@ -178,21 +184,25 @@ impl Forwarder {
                 }
                 continue;
             }
-            let mut permits = vec![first];
-            for _ in 1..claimed.len() {
-                permits.push(
-                    slots
-                        .clone()
-                        .try_acquire_owned()
-                        .expect("claimed no more than the free slots"),
-                );
-            }
-            for (claim, permit) in claimed.into_iter().zip(permits) {
+            let mut first = Some(first);
+            for group in self.groups(claimed) {
+                // A slot per group: the first is held, the others free or
+                // freed soon (copies of another destination than the
+                // batches took more slots than the round counted on).
+                let permit = match first.take() {
+                    Some(permit) => permit,
+                    None => match slots.clone().try_acquire_owned() {
+                        Ok(permit) => permit,
+                        Err(_) => slots.clone().acquire_owned().await.expect("never closed"),
+                    },
+                };
                 let this = self.clone();
                 let results = results.clone();
                 tokio::spawn(async move {
-                    let result = this.copy_one(&claim).await;
-                    let _ = results.send((claim, result));
+                    let copied = this.copy_group(&group).await;
+                    for (claim, result) in group.into_iter().zip(copied) {
+                        let _ = results.send((claim, result));
+                    }
                     drop(permit);
                 });
             }
@@ -201,6 +211,134 @@ impl Forwarder {
         // Copies under way finish and are recorded (within the grace period);
         // what is cut off is taken over once its claim runs out.
         let _ = recorder.await;
+    }
+
+    /// Replicas one copy slot takes at once: `claim_batch` where copies go
+    /// in batches (an `xroot` destination, whose client commands each cost
+    /// a process and a login) or registrations gather into bulk calls (a
+    /// `rucio` destination), else one.
+    fn per_slot(&self) -> usize {
+        let batches = !self.registrars.is_empty()
+            || self
+                .destinations
+                .values()
+                .any(Destination::copies_in_batches);
+        if batches {
+            self.settings.claim_batch.max(1)
+        } else {
+            1
+        }
+    }
+
+    /// A round's claims as the slots take them: up to [`Forwarder::per_slot`]
+    /// replicas of one destination together where that destination batches
+    /// (in LFN order, so the files of one directory go in one copy), every
+    /// other replica alone.
+    fn groups(&self, claimed: Vec<Claimed>) -> Vec<Vec<Claimed>> {
+        let mut groups = Vec::new();
+        let mut batched: HashMap<String, Vec<Claimed>> = HashMap::new();
+        for claim in claimed {
+            let batches = self.registrars.contains_key(&claim.destination)
+                || self.destinations.get(&claim.destination).is_some_and(|d| {
+                    d.copies_in_batches() && d.url_of(&claim.lfn) != claim.source_url
+                });
+            if batches {
+                batched
+                    .entry(claim.destination.clone())
+                    .or_default()
+                    .push(claim);
+            } else {
+                groups.push(vec![claim]);
+            }
+        }
+        let per_slot = self.per_slot();
+        for (_, mut claims) in batched {
+            claims.sort_by(|a, b| a.lfn.cmp(&b.lfn));
+            let mut claims = claims.into_iter().peekable();
+            while claims.peek().is_some() {
+                groups.push(claims.by_ref().take(per_slot).collect());
+            }
+        }
+        groups
+    }
+
+    /// The copies of one slot, a result each in order: a batch to an
+    /// `xroot` destination in one go, registrations side by side (they meet
+    /// in the registrar's bulk calls), anything else alone.
+    async fn copy_group(self: &Arc<Self>, group: &[Claimed]) -> Vec<CopyResult> {
+        if let [claim] = group {
+            return vec![self.copy_one(claim).await];
+        }
+        let Some(first) = group.first() else {
+            return Vec::new();
+        };
+        if let Some(destination) = self.destinations.get(&first.destination) {
+            let transfers: Vec<Transfer> = group
+                .iter()
+                .map(|c| Transfer {
+                    source_url: &c.source_url,
+                    lfn: &c.lfn,
+                    adler32: &c.adler32,
+                    retried: c.attempts > 0,
+                })
+                .collect();
+            let copied = destination.put_many(&transfers).await;
+            return group
+                .iter()
+                .zip(copied)
+                .map(|(claim, copied)| self.copied(claim, destination, copied))
+                .collect();
+        }
+        let mut each = tokio::task::JoinSet::new();
+        for (i, claim) in group.iter().enumerate() {
+            let (this, claim) = (self.clone(), claim.clone());
+            each.spawn(async move { (i, this.copy_one(&claim).await) });
+        }
+        let mut results: Vec<Option<CopyResult>> = group.iter().map(|_| None).collect();
+        while let Some(joined) = each.join_next().await {
+            match joined {
+                Ok((i, result)) => results[i] = Some(result),
+                Err(error) => tracing::warn!(%error, "forwarding: a copy task failed"),
+            }
+        }
+        group
+            .iter()
+            .zip(results)
+            .map(|(claim, result)| {
+                result.unwrap_or_else(|| self.failed(claim, "the copy task failed".into()))
+            })
+            .collect()
+    }
+
+    /// The result of a copy to `destination` made by [`Destination::put`].
+    fn copied(
+        &self,
+        claim: &Claimed,
+        destination: &Destination,
+        copied: Result<(), CopyError>,
+    ) -> CopyResult {
+        match copied {
+            Ok(()) => {
+                tracing::debug!(lfn = %claim.lfn, destination = %claim.destination, "copy verified");
+                CopyResult::Verified {
+                    url: destination.url_of(&claim.lfn),
+                }
+            }
+            Err(e) => {
+                let level_reason = e.to_string();
+                match e {
+                    CopyError::Mismatch { .. } => {
+                        tracing::warn!(lfn = %claim.lfn, destination = %claim.destination,
+                            reason = %level_reason, "copy did not verify; copying again")
+                    }
+                    _ => {
+                        tracing::info!(lfn = %claim.lfn, destination = %claim.destination,
+                            reason = %level_reason, "copy failed")
+                    }
+                }
+                self.failed(claim, level_reason)
+            }
+        }
     }
 
     /// One copy: already there and correct (a resumed or retried copy), or
@@ -254,29 +392,10 @@ impl Forwarder {
                 Err(e) => return self.failed(claim, e.to_string()),
             }
         }
-        match destination
+        let copied = destination
             .put(&claim.source_url, &claim.lfn, &claim.adler32)
-            .await
-        {
-            Ok(()) => {
-                tracing::debug!(lfn = %claim.lfn, destination = %claim.destination, "copy verified");
-                CopyResult::Verified { url }
-            }
-            Err(e) => {
-                let level_reason = e.to_string();
-                match e {
-                    CopyError::Mismatch { .. } => {
-                        tracing::warn!(lfn = %claim.lfn, destination = %claim.destination,
-                            reason = %level_reason, "copy did not verify; copying again")
-                    }
-                    _ => {
-                        tracing::info!(lfn = %claim.lfn, destination = %claim.destination,
-                            reason = %level_reason, "copy failed")
-                    }
-                }
-                self.failed(claim, level_reason)
-            }
-        }
+            .await;
+        self.copied(claim, destination, copied)
     }
 
     fn failed(&self, claim: &Claimed, reason: String) -> CopyResult {

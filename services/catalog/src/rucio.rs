@@ -7,7 +7,7 @@
 //!
 //! Registrations are gathered into bulk calls: every file claimed at about
 //! the same time goes in one `POST /replicas` and one `POST
-//! /dids/attachments`. Every step is idempotent on the server (an existing
+//! /dids/attachments`, two batches under way at once. Every step is idempotent on the server (an existing
 //! replica is skipped, a dataset or rule that exists answers 409, an
 //! attachment that exists is ignored), so a batch that failed half-way, or
 //! a file registered again after a crash, is simply registered again.
@@ -22,15 +22,20 @@ use prodsys_db::{Cached, Db};
 use reqwest::{Method, StatusCode};
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::{Value, json};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use crate::destination::Destination;
 use crate::store::Claimed;
 
 /// Rucio takes at most this many DIDs per attachment.
 const MAX_ATTACH: usize = 1000;
-/// How long a batch waits for files claimed at about the same time.
+/// How long a batch waits for the next file claimed at about the same time,
+/// and for all of them.
 const LINGER: Duration = Duration::from_millis(20);
+const GATHER: Duration = Duration::from_secs(1);
+/// Batches whose calls are under way at once: the server works on one
+/// while the next is sent (a Rucio server runs several workers).
+const BATCHES_IN_FLIGHT: usize = 2;
 /// A userpass token lives an hour; ask for a new one well before.
 const USERPASS_TOKEN_AGE: Duration = Duration::from_secs(30 * 60);
 /// Metadata keys that describe the file itself in Rucio: never overwritten
@@ -59,6 +64,10 @@ pub struct Registrar {
     storage: Destination,
     db: Db,
     queue: mpsc::UnboundedSender<(Item, oneshot::Sender<Result<(), String>>)>,
+    /// Checks and copies on the storage at once (a copy slot carries many
+    /// registrations, so they meet in bulk calls; the storage's client
+    /// commands stay as many as a slot's copies would be).
+    storage_slots: Arc<Semaphore>,
 }
 
 /// A file on its way into Rucio.
@@ -72,12 +81,14 @@ struct Item {
 
 impl Registrar {
     /// Checks the settings (a clear error names the field) and starts the
-    /// registering task.
+    /// registering task; at most `storage_slots` files are checked or
+    /// copied on the storage at once.
     pub fn new(
         name: &str,
         settings: &RucioSettings,
         destinations: &HashMap<String, Destination>,
         db: Db,
+        storage_slots: usize,
     ) -> anyhow::Result<Arc<Self>> {
         let field = |f: &str| format!("forwarding.destinations.{name}.{f}");
         let storage = destinations
@@ -112,7 +123,7 @@ impl Registrar {
             client,
             settings: settings.clone(),
             db: db.clone(),
-            datasets: HashSet::new(),
+            datasets: Mutex::new(HashSet::new()),
         };
         tokio::spawn(registering.run(received));
         Ok(Arc::new(Self {
@@ -121,6 +132,7 @@ impl Registrar {
             storage,
             db,
             queue,
+            storage_slots: Arc::new(Semaphore::new(storage_slots.max(1))),
         }))
     }
 
@@ -128,6 +140,11 @@ impl Registrar {
     /// and registers it; the PFN on success.
     pub async fn forward(&self, claim: &Claimed) -> Result<String, RegisterError> {
         let pfn = self.storage.url_of(&claim.lfn);
+        let slot = self
+            .storage_slots
+            .acquire()
+            .await
+            .map_err(|e| RegisterError::Failed(e.to_string()))?;
         match self.storage_state(&claim.lfn).await? {
             // The production forwards to the storage itself: that copy is
             // the one registered, once it verified.
@@ -162,6 +179,7 @@ impl Registrar {
                 }
             }
         }
+        drop(slot);
         let (answer, registered) = oneshot::channel();
         let item = Item {
             lfn: claim.lfn.clone(),
@@ -215,34 +233,51 @@ struct Registering {
     settings: RucioSettings,
     db: Db,
     /// Datasets (and their rules) known to exist on the server.
-    datasets: HashSet<String>,
+    datasets: Mutex<HashSet<String>>,
 }
 
 impl Registering {
     async fn run(
-        mut self,
+        self,
         mut received: mpsc::UnboundedReceiver<(Item, oneshot::Sender<Result<(), String>>)>,
     ) {
-        let batch_size = self.settings.batch.max(1);
+        let this = Arc::new(self);
+        let batch_size = this.settings.batch.max(1);
+        let in_flight = Arc::new(Semaphore::new(BATCHES_IN_FLIGHT));
         while let Some(first) = received.recv().await {
+            // Files queue up while the calls in flight take their time: the
+            // next batch takes what waits, up to its size.
+            let permit = in_flight
+                .clone()
+                .acquire_owned()
+                .await
+                .expect("never closed");
+            // Open while files keep coming (each within LINGER of the one
+            // before, as a slot's files come from their checks on the
+            // storage), up to GATHER in all.
             let mut batch = vec![first];
-            let until = tokio::time::Instant::now() + LINGER;
+            let until = tokio::time::Instant::now() + GATHER;
             while batch.len() < batch_size {
-                match tokio::time::timeout_at(until, received.recv()).await {
-                    Ok(Some(next)) => batch.push(next),
+                let next = (tokio::time::Instant::now() + LINGER).min(until);
+                match tokio::time::timeout_at(next, received.recv()).await {
+                    Ok(Some(item)) => batch.push(item),
                     _ => break,
                 }
             }
-            let (items, answers): (Vec<Item>, Vec<_>) = batch.into_iter().unzip();
-            let outcomes = self.register(&items).await;
-            for (answer, outcome) in answers.into_iter().zip(outcomes) {
-                let _ = answer.send(outcome);
-            }
+            let this = this.clone();
+            tokio::spawn(async move {
+                let (items, answers): (Vec<Item>, Vec<_>) = batch.into_iter().unzip();
+                let outcomes = this.register(&items).await;
+                for (answer, outcome) in answers.into_iter().zip(outcomes) {
+                    let _ = answer.send(outcome);
+                }
+                drop(permit);
+            });
         }
     }
 
     /// Registers `items`; one outcome per item, in order.
-    async fn register(&mut self, items: &[Item]) -> Vec<Result<(), String>> {
+    async fn register(&self, items: &[Item]) -> Vec<Result<(), String>> {
         let metadata = match self.metadata(items).await {
             Ok(m) => m,
             Err(e) => return vec![Err(format!("{e:#}")); items.len()],
@@ -376,7 +411,7 @@ impl Registering {
     }
 
     async fn register_files(
-        &mut self,
+        &self,
         files: Vec<Value>,
         per_dataset: &BTreeMap<&str, Vec<&str>>,
     ) -> Result<(), String> {
@@ -390,7 +425,7 @@ impl Registering {
             )
             .await?;
         for dataset in per_dataset.keys() {
-            if self.datasets.contains(*dataset) {
+            if self.known(dataset) {
                 continue;
             }
             self.client
@@ -417,7 +452,10 @@ impl Registering {
                     )
                     .await?;
             }
-            self.datasets.insert(dataset.to_string());
+            self.datasets
+                .lock()
+                .expect("datasets lock")
+                .insert(dataset.to_string());
         }
         let mut attachments = Vec::new();
         for (dataset, lfns) in per_dataset {
@@ -443,11 +481,21 @@ impl Registering {
                 // The dataset may have been removed on the server since:
                 // make it again on the next try.
                 self.datasets
+                    .lock()
+                    .expect("datasets lock")
                     .remove(attachment["name"].as_str().unwrap_or_default());
                 return Err(reason);
             }
         }
         Ok(())
+    }
+
+    /// Whether `dataset` is known to exist on the server.
+    fn known(&self, dataset: &str) -> bool {
+        self.datasets
+            .lock()
+            .expect("datasets lock")
+            .contains(dataset)
     }
 
     /// The catalog metadata of `items`, by LFN.

@@ -392,9 +392,11 @@ pub struct ForwardingSettings {
     /// Named destinations (`[forwarding.destinations.<name>]`); a profile
     /// names its defaults, a request may add or replace them (`forward`).
     pub destinations: BTreeMap<String, DestinationSettings>,
-    /// Copies one catalog process makes at once (over every destination).
+    /// Copy slots of one catalog process (over every destination).
     pub max_concurrent_copies: usize,
-    /// Replicas a catalog process claims in one round.
+    /// Replicas one slot carries to an `xroot` destination (one `xrdcp` of
+    /// many files, verified in one `xrdfs` session) or into `rucio`
+    /// registrations; a round claims this many per free slot.
     pub claim_batch: usize,
     /// How long a claimed copy is its claimer's; after that another catalog
     /// process takes it over (the claimer died mid-copy).
@@ -411,7 +413,7 @@ impl Default for ForwardingSettings {
         Self {
             destinations: BTreeMap::new(),
             max_concurrent_copies: 8,
-            claim_batch: 64,
+            claim_batch: 500,
             claim_ttl_ms: 120_000,
             retry_min_ms: 1_000,
             retry_max_ms: 60_000,
