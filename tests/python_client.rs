@@ -287,7 +287,10 @@ async fn the_example_notebook_runs_against_a_live_stack() {
     let production_id = summary["production_id"].as_str().unwrap();
     assert_eq!(summary["state"], "COMPLETED", "{summary}");
     assert_eq!(summary["jobs_done"], 4, "{summary}");
-    assert!(summary["snapshots"].as_u64().unwrap() >= 2, "{summary}");
+    // At least the final state: a production that ended before the watch
+    // began is given once, as it ended (four toy jobs can take less time
+    // than a kernel takes to reach the watch cell).
+    assert!(summary["snapshots"].as_u64().unwrap() >= 1, "{summary}");
     let files = app.files(production_id).await;
     assert_eq!(summary["files"], files.len() as u64, "{summary}");
     assert_eq!(
