@@ -339,35 +339,70 @@ async fn through_prodsys(
     files: &[SmallFile],
     result: &mut ForwardingResult,
 ) -> anyhow::Result<()> {
+    let run = forward(env, services, production, files, FORWARD_TO, "verified").await?;
+    result.catalogue_seconds = run.catalogue_seconds;
+    result.prodsys_seconds = run.prodsys_seconds;
+    result.prodsys_cpu = run.prodsys_cpu;
+    result.verified = run.reached;
+    Ok(())
+}
+
+/// What [`forward`] measured.
+pub struct Forwarded {
+    /// Cataloguing the files (before the clock).
+    pub catalogue_seconds: f64,
+    /// From the forwarding planned until every replica was in its state.
+    pub prodsys_seconds: f64,
+    pub prodsys_cpu: sys::CpuUse,
+    /// Replicas in the state at the end.
+    pub reached: u64,
+}
+
+/// Catalogues `files` under `production` (as local files), then plans its
+/// forwarding to `destination` (a `request.accepted` naming it) and waits
+/// until every file's replica there is in `state`.
+pub async fn forward(
+    env: &TestEnv,
+    services: &mut Services,
+    production: &str,
+    files: &[SmallFile],
+    destination: &str,
+    state: &str,
+) -> anyhow::Result<Forwarded> {
     let db = env.db().await?;
-    result.catalogue_seconds = catalogue(env, &db, services, production, files, |f| {
+    let catalogue_seconds = catalogue(env, &db, services, production, files, |f| {
         format!("file://{}", f.path.display())
     })
     .await?;
     let exchange = format!("{}prodsys.events", env.prefix);
     let meter = sys::CpuMeter::start_with(&services.pids());
     let began = Instant::now();
-    publish(vec![accepted(&exchange, production, FORWARD_TO)]).await?;
+    publish(vec![accepted(&exchange, production, destination)]).await?;
+    let in_state = format!(
+        "SELECT count(*) FROM catalog.replicas WHERE production_id = $1 AND state = '{state}'"
+    );
     wait_count(
         &db,
         services,
-        "SELECT count(*) FROM catalog.replicas WHERE production_id = $1 AND state = 'verified'",
+        &in_state,
         production,
         files.len() as u64,
         Duration::from_secs(120 + files.len() as u64 / 5),
-        "replicas verified",
+        &format!("replicas {state}"),
     )
     .await?;
-    result.prodsys_seconds = began.elapsed().as_secs_f64();
-    result.prodsys_cpu = meter.stop();
-    result.verified = db
-        .query_one(
-            "SELECT count(*) FROM catalog.replicas WHERE production_id = $1 AND state = 'verified'",
-            &[&production],
-        )
+    let prodsys_seconds = began.elapsed().as_secs_f64();
+    let prodsys_cpu = meter.stop();
+    let reached = db
+        .query_one(&in_state, &[&production])
         .await?
         .get::<_, i64>(0) as u64;
-    Ok(())
+    Ok(Forwarded {
+        catalogue_seconds,
+        prodsys_seconds,
+        prodsys_cpu,
+        reached,
+    })
 }
 
 /// `xrdcp` of every file to `sub` on the server, keeping each file's path

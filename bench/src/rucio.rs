@@ -14,14 +14,14 @@
 //! reads each file's adler32 there (a local read of a small file) and
 //! copies nothing, so the figure is the registration's.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{Context, bail};
 use prodsys_config::{DestinationSettings, RucioAuth, RucioSettings};
 use prodsys_testkit::TestEnv;
 use serde_json::{Value, json};
 
-use crate::forwarding::{SmallFile, accepted, catalogue, publish, wait_count, write_files};
+use crate::forwarding::{SmallFile, forward, write_files};
 use crate::services::Services;
 use crate::sys;
 
@@ -281,27 +281,10 @@ async fn through_prodsys(
     files: &[SmallFile],
     result: &mut RucioResult,
 ) -> anyhow::Result<()> {
-    let db = env.db().await?;
-    result.catalogue_seconds = catalogue(env, &db, services, production, files, |f| {
-        format!("file://{}", f.path.display())
-    })
-    .await?;
-    let exchange = format!("{}prodsys.events", env.prefix);
-    let meter = sys::CpuMeter::start_with(&services.pids());
-    let began = Instant::now();
-    publish(vec![accepted(&exchange, production, REGISTER_IN)]).await?;
-    wait_count(
-        &db,
-        services,
-        "SELECT count(*) FROM catalog.replicas WHERE production_id = $1 AND state = 'registered'",
-        production,
-        files.len() as u64,
-        Duration::from_secs(120 + files.len() as u64 / 5),
-        "replicas registered",
-    )
-    .await?;
-    result.prodsys_seconds = began.elapsed().as_secs_f64();
-    result.prodsys_cpu = meter.stop();
+    let run = forward(env, services, production, files, REGISTER_IN, "registered").await?;
+    result.catalogue_seconds = run.catalogue_seconds;
+    result.prodsys_seconds = run.prodsys_seconds;
+    result.prodsys_cpu = run.prodsys_cpu;
     Ok(())
 }
 
