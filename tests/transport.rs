@@ -413,6 +413,14 @@ async fn the_services_reach_postgresql_over_tls_verified_against_its_ca() {
     env.settings.database.url = database_url.clone().into();
     env.settings.database.sslmode = Some("verify-full".into());
     env.settings.database.sslrootcert = Some(stranger.ca_file.clone());
+    refused_to_start(env, "certificate").await;
+    drop(pg);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Starts the catalog on `env`'s settings, which it must refuse: the error,
+/// within a minute, names `named`. Cleans `env` up.
+async fn refused_to_start(env: prodsys_testkit::TestEnv, named: &str) {
     let shutdown = tokio_util::sync::CancellationToken::new();
     let refused = tokio::time::timeout(
         Duration::from_secs(60),
@@ -425,14 +433,12 @@ async fn the_services_reach_postgresql_over_tls_verified_against_its_ca() {
     .await
     .expect("a refusal in time");
     let error = match refused {
-        Ok(_) => panic!("a service trusted another CA"),
+        Ok(_) => panic!("the catalog started where it should refuse ({named})"),
         Err(error) => format!("{error:#}"),
     };
-    assert!(error.contains("certificate"), "{error}");
+    assert!(error.contains(named), "{named}: {error}");
     shutdown.cancel();
     env.cleanup().await;
-    drop(pg);
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// A second RabbitMQ node (not the machine's): its own node name, data and
@@ -632,24 +638,7 @@ async fn the_services_reach_rabbitmq_over_tls_with_a_private_ca_and_a_client_cer
         let mut env = prodsys_testkit::TestEnv::new().await.unwrap();
         env.settings.amqp.url = url.into();
         env.settings.amqp.ca_file = Some(ca_file);
-        let shutdown = tokio_util::sync::CancellationToken::new();
-        let refused = tokio::time::timeout(
-            Duration::from_secs(30),
-            prodsys::start(
-                &[prodsys::Service::Catalog],
-                &env.settings,
-                shutdown.clone(),
-            ),
-        )
-        .await
-        .expect("a refusal in time");
-        let error = match refused {
-            Ok(_) => panic!("a service started"),
-            Err(error) => format!("{error:#}"),
-        };
-        assert!(error.contains(named), "{error}");
-        shutdown.cancel();
-        env.cleanup().await;
+        refused_to_start(env, named).await;
     }
     drop(rabbit);
     let _ = std::fs::remove_dir_all(dir);
@@ -1004,24 +993,7 @@ async fn with_client_certificates_required_the_services_reach_each_other_and_str
     ] {
         let mut env = prodsys_testkit::TestEnv::new().await.unwrap();
         env.settings.tls = tls;
-        let shutdown = tokio_util::sync::CancellationToken::new();
-        let refused = tokio::time::timeout(
-            Duration::from_secs(30),
-            prodsys::start(
-                &[prodsys::Service::Catalog],
-                &env.settings,
-                shutdown.clone(),
-            ),
-        )
-        .await
-        .expect("a refusal in time");
-        let error = match refused {
-            Ok(_) => panic!("a service started ({named})"),
-            Err(error) => format!("{error:#}"),
-        };
-        assert!(error.contains(named), "{named}: {error}");
-        shutdown.cancel();
-        env.cleanup().await;
+        refused_to_start(env, named).await;
     }
     let _ = std::fs::remove_dir_all(dir);
 }
