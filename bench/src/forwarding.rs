@@ -325,26 +325,23 @@ async fn measure(
     result.max_concurrent_copies = env.settings.forwarding.max_concurrent_copies;
     result.claim_batch = env.settings.forwarding.claim_batch;
     let mut services = Services::start(&env.settings, &env.work_dir.join("services")).await?;
-    let outcome = through_prodsys(env, &mut services, &production, &files, &mut result).await;
+    let outcome = forward(
+        env,
+        &mut services,
+        &production,
+        &files,
+        FORWARD_TO,
+        "verified",
+    )
+    .await;
     services.stop().await;
-    outcome?;
-    result.stored = crate::productions::files_below(&xrootd.local("prodsys"));
-    Ok(result)
-}
-
-async fn through_prodsys(
-    env: &TestEnv,
-    services: &mut Services,
-    production: &str,
-    files: &[SmallFile],
-    result: &mut ForwardingResult,
-) -> anyhow::Result<()> {
-    let run = forward(env, services, production, files, FORWARD_TO, "verified").await?;
-    result.catalogue_seconds = run.catalogue_seconds;
-    result.prodsys_seconds = run.prodsys_seconds;
+    let run = outcome?;
+    (result.catalogue_seconds, result.prodsys_seconds) =
+        (run.catalogue_seconds, run.prodsys_seconds);
     result.prodsys_cpu = run.prodsys_cpu;
     result.verified = run.reached;
-    Ok(())
+    result.stored = crate::productions::files_below(&xrootd.local("prodsys"));
+    Ok(result)
 }
 
 /// What [`forward`] measured.

@@ -265,27 +265,24 @@ async fn measure(plan: RucioPlan, env: &mut TestEnv, url: &str) -> anyhow::Resul
     result.max_concurrent_copies = f.max_concurrent_copies;
     result.claim_batch = f.claim_batch;
     let mut services = Services::start(&env.settings, &env.work_dir.join("services")).await?;
-    let outcome = through_prodsys(env, &mut services, &production, &files, &mut result).await;
+    let outcome = forward(
+        env,
+        &mut services,
+        &production,
+        &files,
+        REGISTER_IN,
+        "registered",
+    )
+    .await;
     services.stop().await;
-    outcome?;
+    let run = outcome?;
+    (result.catalogue_seconds, result.prodsys_seconds) =
+        (run.catalogue_seconds, run.prodsys_seconds);
+    result.prodsys_cpu = run.prodsys_cpu;
     result.listed = rucio
         .count(&format!("/dids/{scope}/{production}/files"))
         .await?;
     Ok(result)
-}
-
-async fn through_prodsys(
-    env: &TestEnv,
-    services: &mut Services,
-    production: &str,
-    files: &[SmallFile],
-    result: &mut RucioResult,
-) -> anyhow::Result<()> {
-    let run = forward(env, services, production, files, REGISTER_IN, "registered").await?;
-    result.catalogue_seconds = run.catalogue_seconds;
-    result.prodsys_seconds = run.prodsys_seconds;
-    result.prodsys_cpu = run.prodsys_cpu;
-    Ok(())
 }
 
 /// The same replicas registered with Rucio's bulk calls: the dataset made,
