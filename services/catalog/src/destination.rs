@@ -449,14 +449,7 @@ impl Xroot {
         args: &[&str],
         timeout: Duration,
     ) -> (String, Result<(), CopyError>) {
-        let mut command = Command::new(program);
-        client_environment(&mut command);
-        command
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
+        let mut command = client_command(program, args);
         let output = match tokio::time::timeout(timeout, command.output()).await {
             Err(_) => {
                 return (
@@ -556,14 +549,7 @@ impl Xroot {
         args: &[&str],
         timeout: Duration,
     ) -> Result<String, CopyError> {
-        let mut command = Command::new(program);
-        client_environment(&mut command);
-        command
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
+        let mut command = client_command(program, args);
         let output = tokio::time::timeout(timeout, command.output())
             .await
             .map_err(|_| {
@@ -580,6 +566,20 @@ impl Xroot {
 /// The forwarder retries with its own backoff: the client tries to
 /// connect once and gives up within seconds (its defaults keep trying for
 /// minutes), unless the deployment's environment says otherwise.
+/// `program` (an XRootD client) with `args`, its output captured, killed if
+/// dropped, in the client environment.
+fn client_command(program: &str, args: &[&str]) -> Command {
+    let mut command = Command::new(program);
+    client_environment(&mut command);
+    command
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    command
+}
+
 fn client_environment(command: &mut Command) {
     for (key, value) in [("XRD_CONNECTIONRETRY", "1"), ("XRD_CONNECTIONWINDOW", "10")] {
         if std::env::var_os(key).is_none() {
