@@ -79,20 +79,34 @@ async fn dispatcher_row(
     .map(|r| (r.get(0), r.get(1), r.get(2)))
 }
 
-/// Every input of `child`: LFN → the job that took it.
+/// Every input of `child`: LFN → the job that took it (`None`: waiting for
+/// one). An input taken by two jobs fails the test.
 async fn inputs_of(
     db: &prodsys_db::tokio_postgres::Client,
     child: &str,
 ) -> BTreeMap<String, Option<i64>> {
-    db.query(
-        "SELECT lfn, job_index FROM dispatcher.chain_inputs WHERE child = $1",
-        &[&child],
-    )
-    .await
-    .unwrap()
-    .iter()
-    .map(|r| (r.get(0), r.get(1)))
-    .collect()
+    let mut inputs = BTreeMap::new();
+    for row in db
+        .query(
+            "SELECT i.lfn, j.job_index FROM dispatcher.jobs j,
+                    jsonb_array_elements_text(j.inputs) AS i(lfn)
+             WHERE j.production_id = $1
+             UNION ALL
+             SELECT d.lfn, NULL FROM dispatcher.chain_links l
+             JOIN dispatcher.delivered_files d
+               ON d.production_id = l.parent AND d.seq > l.taken_seq
+             WHERE l.child = $1 AND d.metadata @> l.conditions",
+            &[&child],
+        )
+        .await
+        .unwrap()
+    {
+        let (lfn, job): (String, Option<i64>) = (row.get(0), row.get(1));
+        if let Some(before) = inputs.insert(lfn.clone(), job) {
+            panic!("{lfn} is an input of {before:?} and of {job:?}");
+        }
+    }
+    inputs
 }
 
 /// Waits for the catalog to hold `n` files of `production_id`.

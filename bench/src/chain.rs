@@ -247,12 +247,20 @@ impl Bench {
         let row = self
             .db
             .query_one(
-                "SELECT (SELECT count(*) FROM dispatcher.jobs WHERE production_id = $1),
-                        count(*) FILTER (WHERE job_index IS NOT NULL),
-                        count(*) FILTER (WHERE job_index IS NULL)
-                          + (count(*) FILTER (WHERE job_index IS NOT NULL)
-                             - count(DISTINCT job_index))
-                 FROM dispatcher.chain_inputs WHERE child = $1",
+                "WITH taken AS (
+                     SELECT i.lfn FROM dispatcher.jobs j,
+                            jsonb_array_elements_text(j.inputs) AS i(lfn)
+                     WHERE j.production_id = $1),
+                   delivered AS (
+                     SELECT d.lfn FROM dispatcher.chain_links l
+                     JOIN dispatcher.delivered_files d ON d.production_id = l.parent
+                     WHERE l.child = $1 AND d.metadata @> l.conditions)
+                 SELECT (SELECT count(*) FROM dispatcher.jobs WHERE production_id = $1),
+                        (SELECT count(*) FROM taken),
+                        -- taken twice, or delivered and never taken
+                        (SELECT count(*) - count(DISTINCT lfn) FROM taken)
+                          + (SELECT count(*) FROM delivered
+                             WHERE lfn NOT IN (SELECT lfn FROM taken))",
                 &[&child],
             )
             .await?;

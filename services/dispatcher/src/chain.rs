@@ -1,18 +1,20 @@
 //! Chained productions: productions whose profile declares `inputs`, whose
 //! jobs take other productions' output files. The dispatcher learns of
-//! those files from `job.output` (its own events, consumed like anyone's),
-//! offers each to every chained production linked to its producer (once per
-//! (child, LFN): the key, not an inbox row, makes a repeated event change
-//! nothing), and the planning task makes jobs of them as they arrive, as
-//! the profile groups them. A chained
-//! production stays open until every parent ended and delivered the outputs
-//! of each of its DONE jobs; then the last, partial group becomes a job and
-//! it closes like any production once its jobs ended.
+//! those files from `job.output` (its own events, consumed like anyone's)
+//! and stores each once (its producer and LFN are the key, so a repeated
+//! event changes nothing). A chained production takes its parents' files in
+//! arrival order, as the profile groups them, in the planning task's
+//! transactions: which files of a parent it took is a prefix of that
+//! parent's files, kept as the last one taken (its link's `taken_seq`), and
+//! each job names the files it took. A chained production stays open until
+//! every parent ended and delivered the outputs of each of its DONE jobs;
+//! then the last, partial group becomes a job and it closes like any
+//! production once its jobs ended.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use prodsys_core::events::PRODUCTION_DISPATCHED;
-use prodsys_core::inputs::inputs_note;
+use prodsys_core::inputs::{PendingInput, inputs_note};
 use prodsys_core::profile::input_job;
 use prodsys_core::{Profile, ProfileSet};
 use prodsys_db::OutboxEvent;
@@ -39,9 +41,9 @@ pub fn source_profiles(profiles: &ProfileSet) -> Option<Vec<String>> {
     Some(sources)
 }
 
-/// Takes a batch's `job.output` events: records the deliveries and offers
-/// the files to the chained productions linked to their producers (the
-/// planning task makes jobs of them); how many input files were offered.
+/// Takes a batch's `job.output` events: records the deliveries and their
+/// files, which the chained productions linked to their producers take (the
+/// planning task makes jobs of them); how many files were new.
 pub async fn take_outputs(
     tx: &Transaction<'_>,
     outputs: &[pb::JobOutput],
@@ -72,11 +74,11 @@ pub async fn take_outputs(
             )?);
         }
     }
-    let offered = store::record_deliveries(tx, &jobs, &files, sources).await?;
-    if offered > 0 {
-        tracing::debug!(offered, "input files offered to chained productions");
+    let stored = store::record_deliveries(tx, &jobs, &files, sources).await?;
+    if stored > 0 {
+        tracing::debug!(stored, "files delivered for chained productions");
     }
-    Ok(offered)
+    Ok(stored)
 }
 
 /// The chained productions to advance when productions ended.
@@ -104,8 +106,9 @@ pub async fn parents_of(
     })
 }
 
-/// Links a newly recorded chained production to its parents and takes the
-/// files they delivered already. The caller holds the parents' source locks.
+/// Links a newly recorded chained production to its parents; it takes the
+/// files they delivered already as it takes later ones. The caller holds the
+/// parents' source locks.
 pub async fn link(
     tx: &Transaction<'_>,
     profile: &Profile,
@@ -114,8 +117,8 @@ pub async fn link(
     parents: &[String],
 ) -> anyhow::Result<()> {
     let conditions = serde_json::to_value(profile.input_conditions(parameters))?;
-    let taken = store::link_chained(tx, production_id, parents, &conditions).await?;
-    tracing::info!(%production_id, ?parents, %conditions, already_delivered = taken,
+    let delivered = store::link_chained(tx, production_id, parents, &conditions).await?;
+    tracing::info!(%production_id, ?parents, %conditions, already_delivered = delivered,
         "chained production waits for input");
     Ok(())
 }
@@ -152,10 +155,13 @@ pub async fn advance(
         } else {
             store::waiting_inputs(tx, child, spec.group_by.is_some()).await?
         };
-        let groups = spec.group(&waiting, all_ended);
+        let pending: Vec<PendingInput> = waiting.iter().map(|w| w.input.clone()).collect();
+        let groups = spec.group(&pending, all_ended);
         let mut jobs = JobRows::default();
-        let mut lfns = Vec::new();
-        let mut indexes = Vec::new();
+        // The last file taken of each parent: groups are taken in arrival
+        // order, so what is taken of a parent is a prefix of its files.
+        let mut last: BTreeMap<&str, i64> = BTreeMap::new();
+        let mut taken = 0u64;
         let mut job_total = row.job_total;
         for group in &groups {
             let job = input_job(
@@ -164,17 +170,23 @@ pub async fn advance(
                 job_total as u64,
                 group.len() as u64,
             );
-            jobs.push(child, &job);
+            let lfns: Vec<&str> = group
+                .iter()
+                .map(|&i| waiting[i].input.lfn.as_str())
+                .collect();
+            jobs.push_taking(child, &job, &lfns);
             for &i in group {
-                lfns.push(waiting[i].lfn.as_str());
-                indexes.push(job_total);
+                let seq = last.entry(waiting[i].parent.as_str()).or_default();
+                *seq = (*seq).max(waiting[i].seq);
             }
+            taken += group.len() as u64;
             job_total += 1;
         }
         let created = groups.len() as u64;
         created_all += created;
         jobs.flush(tx).await?;
-        let taken = store::assign_inputs(tx, child, &lfns, &indexes).await?;
+        let (parents_taken, last_taken): (Vec<&str>, Vec<i64>) = last.into_iter().unzip();
+        store::mark_taken(tx, child, &parents_taken, &last_taken).await?;
         let note = if all_ended {
             let states: Vec<(String, Option<prodsys_core::ProductionState>)> = parents
                 .iter()

@@ -60,6 +60,7 @@ pub const MIGRATIONS: &[Migration] = prodsys_db::migrations![
     "0750_moves_cost_no_retry.sql",
     "0751_jobs_in_flight_by_production.sql",
     "0800_chain_inputs_name_their_files.sql",
+    "0900_inputs_taken_by_cursor.sql",
 ];
 
 pub async fn start(

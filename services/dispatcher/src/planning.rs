@@ -264,6 +264,8 @@ pub(crate) struct JobRows {
     run_numbers: Vec<i64>,
     seeds: Vec<i64>,
     units: Vec<i64>,
+    /// The LFNs a chained production's job takes (a JSON array).
+    inputs: Vec<Option<serde_json::Value>>,
 }
 
 impl JobRows {
@@ -277,6 +279,20 @@ impl JobRows {
         self.run_numbers.push(job.run_number as i64);
         self.seeds.push(job.seed as i64);
         self.units.push(job.units as i64);
+        self.inputs.push(None);
+    }
+
+    /// A chained production's job, with the input files it takes.
+    pub fn push_taking(
+        &mut self,
+        production_id: &str,
+        job: &prodsys_core::PlannedJob,
+        lfns: &[&str],
+    ) {
+        self.push(production_id, job);
+        if let Some(last) = self.inputs.last_mut() {
+            *last = Some(serde_json::Value::from(lfns.to_vec()));
+        }
     }
 
     pub async fn flush(&mut self, tx: &Transaction<'_>) -> anyhow::Result<()> {
@@ -284,14 +300,16 @@ impl JobRows {
             return Ok(());
         }
         tx.execute_cached(
-            "INSERT INTO jobs (production_id, job_index, run_number, seed, units)
-             SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[])",
+            "INSERT INTO jobs (production_id, job_index, run_number, seed, units, inputs)
+             SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[],
+                                  $6::jsonb[])",
             &[
                 &self.productions,
                 &self.indexes,
                 &self.run_numbers,
                 &self.seeds,
                 &self.units,
+                &self.inputs,
             ],
         )
         .await?;

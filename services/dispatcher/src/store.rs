@@ -580,9 +580,12 @@ pub struct DeliveredFiles {
 }
 
 /// Records the jobs whose outputs were delivered and their files (those of
-/// productions of the `sources` profiles, or of any with `None`), and
-/// offers each file to every chained production linked to its producer
-/// whose conditions it meets: once per (child, LFN), however often it comes.
+/// productions of the `sources` profiles, or of any with `None`); how many
+/// files were new. A file is stored once however often it comes, and the
+/// chained productions linked to its producer take it from here in arrival
+/// order (`waiting_inputs`). The caller holds the producers' source locks:
+/// a producer's files are stored one transaction at a time, so the files of
+/// it that are visible are always a prefix of its arrival order.
 pub async fn record_deliveries(
     tx: &Transaction<'_>,
     jobs: &[(String, i64)],
@@ -607,18 +610,14 @@ pub async fn record_deliveries(
     }
     Ok(tx
         .execute_cached(
-            "WITH f AS (SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::jsonb[])
-                        AS f(production_id, lfn, url, metadata)),
-                  stored AS (
-                     INSERT INTO delivered_files (production_id, lfn, url, metadata)
-                     SELECT f.* FROM f JOIN productions p ON p.production_id = f.production_id
-                     WHERE $5::text[] IS NULL OR p.profile = ANY($5)
-                     ON CONFLICT DO NOTHING)
-             INSERT INTO chain_inputs (child, lfn, parent)
-             SELECT l.child, f.lfn, f.production_id
-             FROM f JOIN chain_links l ON l.parent = f.production_id
-             WHERE f.metadata @> l.conditions
-             ON CONFLICT (child, lfn) DO NOTHING",
+            "INSERT INTO delivered_files (production_id, lfn, url, metadata)
+             SELECT f.production_id, f.lfn, f.url, f.metadata
+             FROM unnest($1::text[], $2::text[], $3::text[], $4::jsonb[])
+                 WITH ORDINALITY AS f(production_id, lfn, url, metadata, n)
+             JOIN productions p ON p.production_id = f.production_id
+             WHERE $5::text[] IS NULL OR p.profile = ANY($5)
+             ORDER BY f.n
+             ON CONFLICT DO NOTHING",
             &[
                 &files.productions,
                 &files.lfns,
@@ -663,8 +662,8 @@ pub async fn productions_of_profile(
 }
 
 /// Links a chained production to its parents (with its conditions on their
-/// files), marks it waiting for input, and takes the qualifying files they
-/// delivered before it came; how many.
+/// files) and marks it waiting for input; how many qualifying files they
+/// delivered before it came (it takes them as it takes later ones).
 pub async fn link_chained(
     tx: &Transaction<'_>,
     child: &str,
@@ -682,16 +681,14 @@ pub async fn link_chained(
         &[&child],
     )
     .await?;
-    Ok(tx
-        .execute_cached(
-            "INSERT INTO chain_inputs (child, lfn, parent)
-             SELECT $1, d.lfn, d.production_id FROM delivered_files d
-             WHERE d.production_id = ANY($2) AND d.metadata @> $3
-             ORDER BY d.seq
-             ON CONFLICT (child, lfn) DO NOTHING",
-            &[&child, &parents, conditions],
+    let row = tx
+        .query_one_cached(
+            "SELECT count(*) FROM delivered_files d
+             WHERE d.production_id = ANY($1) AND d.metadata @> $2",
+            &[&parents, conditions],
         )
-        .await?)
+        .await?;
+    Ok(row.get::<_, i64>(0) as u64)
 }
 
 /// A chained production still taking inputs, its row locked.
@@ -749,62 +746,72 @@ pub async fn parents(
     .collect()
 }
 
-/// The input files of a chained production no job took yet, in arrival order.
+/// An input file no job of a chained production took yet.
+pub struct Waiting {
+    pub input: prodsys_core::inputs::PendingInput,
+    /// The production that made it.
+    pub parent: String,
+    /// Its place in its parent's arrival order.
+    pub seq: i64,
+}
+
+/// The input files of a chained production no job took yet, in arrival
+/// order: the files each parent delivered after the last one taken from it
+/// that meet the link's conditions.
 pub async fn waiting_inputs(
     tx: &Transaction<'_>,
     child: &str,
     with_metadata: bool,
-) -> anyhow::Result<Vec<prodsys_core::inputs::PendingInput>> {
-    // The metadata (from the delivered file) only where the profile groups
-    // by a key of it.
-    let rows = if with_metadata {
-        tx.query_cached(
-            "SELECT c.lfn, d.metadata FROM chain_inputs c
-             JOIN delivered_files d ON d.production_id = c.parent AND d.lfn = c.lfn
-             WHERE c.child = $1 AND c.job_index IS NULL ORDER BY c.seq",
-            &[&child],
+) -> anyhow::Result<Vec<Waiting>> {
+    // The metadata only where the profile groups by a key of it.
+    let rows = tx
+        .query_cached(
+            "SELECT d.lfn, CASE WHEN $2 THEN d.metadata END, d.production_id, d.seq
+             FROM chain_links l
+             JOIN delivered_files d ON d.production_id = l.parent AND d.seq > l.taken_seq
+             WHERE l.child = $1 AND d.metadata @> l.conditions
+             ORDER BY d.seq",
+            &[&child, &with_metadata],
         )
-        .await?
-    } else {
-        tx.query_cached(
-            "SELECT lfn, NULL::jsonb FROM chain_inputs
-             WHERE child = $1 AND job_index IS NULL ORDER BY seq",
-            &[&child],
-        )
-        .await?
-    };
+        .await?;
     rows.iter()
         .map(|r| {
             let metadata: Option<serde_json::Value> = r.get(1);
-            Ok(prodsys_core::inputs::PendingInput {
-                lfn: r.get(0),
-                metadata: match metadata {
-                    Some(m) => serde_json::from_value(m)?,
-                    None => Default::default(),
+            Ok(Waiting {
+                input: prodsys_core::inputs::PendingInput {
+                    lfn: r.get(0),
+                    metadata: match metadata {
+                        Some(m) => serde_json::from_value(m)?,
+                        None => Default::default(),
+                    },
                 },
+                parent: r.get(2),
+                seq: r.get(3),
             })
         })
         .collect()
 }
 
-/// Gives input files (`lfns`) to the jobs (`indexes`) that take them.
-pub async fn assign_inputs(
+/// Marks taken, for each of `parents`, its files up to the matching `last`
+/// seq (what a chained production takes of a parent is a prefix of that
+/// parent's arrival order).
+pub async fn mark_taken(
     tx: &Transaction<'_>,
     child: &str,
-    lfns: &[&str],
-    indexes: &[i64],
-) -> anyhow::Result<u64> {
-    if lfns.is_empty() {
-        return Ok(0);
+    parents: &[&str],
+    last: &[i64],
+) -> anyhow::Result<()> {
+    if parents.is_empty() {
+        return Ok(());
     }
-    Ok(tx
-        .execute_cached(
-            "UPDATE chain_inputs c SET job_index = u.job_index
-             FROM unnest($2::text[], $3::bigint[]) AS u(lfn, job_index)
-             WHERE c.child = $1 AND c.lfn = u.lfn AND c.job_index IS NULL",
-            &[&child, &lfns, &indexes],
-        )
-        .await?)
+    tx.execute_cached(
+        "UPDATE chain_links l SET taken_seq = t.last
+         FROM unnest($2::text[], $3::bigint[]) AS t(parent, last)
+         WHERE l.child = $1 AND l.parent = t.parent AND l.taken_seq < t.last",
+        &[&child, &parents, &last],
+    )
+    .await?;
+    Ok(())
 }
 
 /// A chained production's new job total (all planned), and once every
@@ -856,11 +863,14 @@ pub async fn job_inputs<C: GenericClient + Sync>(
     let mut inputs: HashMap<(String, i64), Vec<String>> = HashMap::new();
     for row in client
         .query_cached(
-            "SELECT c.child, c.job_index, d.url
+            "SELECT j.production_id, j.job_index, d.url
              FROM unnest($1::text[], $2::bigint[]) AS u(child, job_index)
-             JOIN chain_inputs c ON c.child = u.child AND c.job_index = u.job_index
-             JOIN delivered_files d ON d.production_id = c.parent AND d.lfn = c.lfn
-             ORDER BY c.child, c.job_index, c.seq",
+             JOIN jobs j ON j.production_id = u.child AND j.job_index = u.job_index
+             CROSS JOIN LATERAL jsonb_array_elements_text(j.inputs) WITH ORDINALITY AS i(lfn, n)
+             JOIN chain_links l ON l.child = j.production_id
+             JOIN delivered_files d ON d.production_id = l.parent AND d.lfn = i.lfn
+             WHERE j.inputs IS NOT NULL
+             ORDER BY j.production_id, j.job_index, i.n",
             &[&productions, &indexes],
         )
         .await?
