@@ -6,11 +6,13 @@
 mod support;
 
 use std::collections::{BTreeSet, HashMap};
+use std::path::Path;
 use std::time::Duration;
 
 use prodsys_proto as pb;
+use prodsys_testkit::TestEnv;
 use serde_json::{Value, json};
-use support::{App, spawn_app, violated_fields};
+use support::{App, spawn_app, spawn_app_with, violated_fields};
 
 const PERIOD: &str = "lapalma-2026-winter";
 
@@ -65,6 +67,68 @@ fn registered_elsewhere() -> pb::OutputFile {
     }
 }
 
+/// Puts a `prodsys-toysim` ahead of the real one where the jobs find their
+/// programs: it writes the command line it was given (`job.args`, one
+/// argument a line) and its `PRODSYS_` environment (`job.env`) into the
+/// attempt's directory, then runs the real one with the same arguments.
+fn record_job_commands(env: &mut TestEnv) {
+    use std::os::unix::fs::PermissionsExt;
+    let real = env.settings.dispatcher.tools_dir.join("prodsys-toysim");
+    assert!(real.is_file(), "{} is not built", real.display());
+    let tools = env.work_dir.join("tools");
+    std::fs::create_dir_all(&tools).unwrap();
+    let wrapper = tools.join("prodsys-toysim");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nprintf '%s\\n' \"$@\" > job.args\nenv | grep '^PRODSYS_' | sort > job.env\nexec '{}' \"$@\"\n",
+            real.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    env.settings.dispatcher.tools_dir = tools;
+}
+
+/// What the job of an attempt directory was given: its arguments, the
+/// value after each `--option`, and its `PRODSYS_` environment.
+struct JobCommand {
+    args: Vec<String>,
+    options: HashMap<String, String>,
+    env: HashMap<String, String>,
+}
+
+fn job_command(attempt: &Path) -> JobCommand {
+    let read = |name: &str| {
+        std::fs::read_to_string(attempt.join(name))
+            .unwrap_or_else(|e| panic!("{}: {e}", attempt.join(name).display()))
+    };
+    let args: Vec<String> = read("job.args").lines().map(str::to_string).collect();
+    let options = args
+        .windows(2)
+        .filter(|w| w[0].starts_with("--"))
+        .map(|w| (w[0].clone(), w[1].clone()))
+        .collect();
+    let env = read("job.env")
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    JobCommand { args, options, env }
+}
+
+/// The attempt directories of a production's jobs (`<job>.a<attempt>`).
+fn attempt_dirs(app: &App, production_id: &str) -> Vec<std::path::PathBuf> {
+    let root = app.env.settings.dispatcher.work_dir.join(production_id);
+    let mut dirs: Vec<_> = std::fs::read_dir(&root)
+        .unwrap_or_else(|e| panic!("{}: {e}", root.display()))
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_dir())
+        .collect();
+    dirs.sort();
+    dirs
+}
+
 async fn request_productions(app: &App, request_id: &str) -> Vec<pb::Production> {
     app.status
         .clone()
@@ -81,7 +145,7 @@ async fn request_productions(app: &App, request_id: &str) -> Vec<pb::Production>
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_period_becomes_one_production_per_pointing_each_checked_for_existence() {
-    let app = spawn_app().await;
+    let app = spawn_app_with(record_job_commands).await;
     // One pointing of the period simulated already (by prodsys), another
     // catalogued from elsewhere.
     let one = app
@@ -182,6 +246,62 @@ async fn a_period_becomes_one_production_per_pointing_each_checked_for_existence
         }
         let nsb: BTreeSet<&str> = files.iter().map(|f| f.metadata["nsb"].as_str()).collect();
         assert_eq!(nsb, BTreeSet::from(["1", "5", "19"]));
+        // The job was given the pointing on its command line and the period
+        // in its environment, and simulated that pointing.
+        let attempts = attempt_dirs(&app, &p.production_id);
+        assert_eq!(attempts.len(), 1, "{attempts:?}");
+        let job = job_command(&attempts[0]);
+        let angle = |option: &str| -> f64 {
+            job.options[option]
+                .parse()
+                .unwrap_or_else(|e| panic!("{option}: {e}: {:?}", job.args))
+        };
+        assert_eq!(angle("--zenith"), p.zenith_deg, "{:?}", job.args);
+        assert_eq!(angle("--azimuth"), p.azimuth_deg, "{:?}", job.args);
+        assert_eq!(job.options["--site"], "LaPalma", "{:?}", job.args);
+        assert_eq!(job.options["--layout"], "Alpha", "{:?}", job.args);
+        assert_eq!(
+            job.env
+                .get("PRODSYS_OBSERVATION_PERIOD")
+                .map(String::as_str),
+            Some(PERIOD),
+            "{:?}",
+            job.env
+        );
+        assert_eq!(
+            job.env.get("PRODSYS_ATMOSPHERE").map(String::as_str),
+            Some("LaPalma-winter-ATM62"),
+            "{:?}",
+            job.env
+        );
+        assert_eq!(
+            job.env.get("PRODSYS_PRODUCTION_ID"),
+            Some(&p.production_id),
+            "{:?}",
+            job.env
+        );
+        let outputs: Vec<_> = std::fs::read_dir(attempts[0].join("output"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        assert_eq!(outputs.len(), 3, "{outputs:?}");
+        for output in &outputs {
+            let content = std::fs::read(output).unwrap();
+            let header = String::from_utf8_lossy(&content[..content.len().min(300)])
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .to_string();
+            let field = |name: &str| -> f64 {
+                header
+                    .split_whitespace()
+                    .find_map(|w| w.strip_prefix(&format!("{name}=")))
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or_else(|| panic!("{name} in {header:?}"))
+            };
+            assert_eq!(field("zenith"), p.zenith_deg, "{header}");
+            assert_eq!(field("azimuth"), p.azimuth_deg, "{header}");
+        }
     }
 
     // The same period again: every pointing exists now, so the request is
@@ -361,6 +481,92 @@ async fn a_period_is_listed_validated_and_refuses_what_contradicts_it_by_field()
     assert_eq!(periods[0]["atmosphere"], "LaPalma-winter-ATM62");
     assert_eq!(periods[0]["pointings"].as_array().unwrap().len(), 6);
     assert_eq!(periods[0]["valid_from"], "2026-11-01");
+
+    // The versioned HTTP API answers the same periods: every shipped one
+    // of the profile, and the one asked for by name in full.
+    let v1 = |query: &'static str| {
+        let status = status.clone();
+        async move {
+            let response = reqwest::get(format!("{status}/api/v1/periods{query}"))
+                .await
+                .unwrap();
+            let code = response.status().as_u16();
+            let content_type = response
+                .headers()
+                .get("content-type")
+                .map(|v| v.to_str().unwrap().to_string())
+                .unwrap_or_default();
+            (code, content_type, response.json::<Value>().await.unwrap())
+        }
+    };
+    let shipped: BTreeSet<String> = std::fs::read_dir(prodsys_testkit::repo_root().join("periods"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+        .map(|p| {
+            let period: toml::Value = toml::from_str(&std::fs::read_to_string(p).unwrap()).unwrap();
+            period["name"].as_str().unwrap().to_string()
+        })
+        .collect();
+    let (code, _, all) = v1("?profile=cta-irf-mc").await;
+    assert_eq!(code, 200, "{all}");
+    let names: BTreeSet<String> = all["periods"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{all}"))
+        .iter()
+        .map(|p| {
+            assert_eq!(p["profile"], "cta-irf-mc", "{p}");
+            p["name"].as_str().unwrap().to_string()
+        })
+        .collect();
+    assert_eq!(names, shipped, "{all}");
+    let (code, _, one) = v1("?name=lapalma-2026-winter").await;
+    assert_eq!(code, 200, "{one}");
+    let periods = one["periods"].as_array().unwrap_or_else(|| panic!("{one}"));
+    assert_eq!(periods.len(), 1, "{one}");
+    let period = &periods[0];
+    assert_eq!(period["name"], PERIOD);
+    assert_eq!(period["profile"], "cta-irf-mc");
+    assert_eq!(period["site"], "LaPalma");
+    assert_eq!(period["array_layout"], "Alpha");
+    assert_eq!(period["nsb_levels"], json!([1, 5, 19]));
+    assert_eq!(period["atmosphere"], "LaPalma-winter-ATM62");
+    assert_eq!(period["valid_from"], "2026-11-01");
+    assert_eq!(period["valid_until"], "2027-04-30");
+    assert!(
+        period["description"]
+            .as_str()
+            .is_some_and(|d| d.starts_with("CTA-North winter 2026/27")),
+        "{period}"
+    );
+    let pointings: BTreeSet<(i64, i64, String)> = period["pointings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|q| {
+            (
+                q["zenith_deg"].as_f64().unwrap() as i64,
+                q["azimuth_deg"].as_f64().unwrap() as i64,
+                q["label"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let expected: BTreeSet<(i64, i64, String)> = [20, 40, 60]
+        .into_iter()
+        .flat_map(|z| [180, 0].map(|a| (z, a, format!("zenith {z} deg, azimuth {a} deg"))))
+        .collect();
+    assert_eq!(pointings, expected, "{period}");
+    // Another profile's or an unknown name: no periods; a filter it does not
+    // know: a problem.
+    for query in ["?profile=km3net-reco", "?name=2019-never"] {
+        let (code, _, none) = v1(query).await;
+        assert_eq!(code, 200, "{query}: {none}");
+        assert_eq!(none["periods"], json!([]), "{query}: {none}");
+    }
+    let (code, content_type, problem) = v1("?colour=blue").await;
+    assert_eq!(code, 400, "{problem}");
+    assert_eq!(content_type, "application/problem+json", "{problem}");
+    assert_eq!(problem["status"], 400, "{problem}");
     app.stop().await;
 }
 
