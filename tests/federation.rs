@@ -933,3 +933,165 @@ async fn productions_sharing_installations_go_by_priority_and_equal_ones_take_tu
     );
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_room_on_both_installations_jobs_follow_the_configured_shares() {
+    const HEAVY: &str = "local-heavy";
+    const LIGHT: &str = "local-light";
+    let app = spawn_app_with(|env| {
+        use_test_profiles(env);
+        env.settings.dispatcher.poll_interval_ms = 200;
+        // Room for every job on either: only the shares tell them apart.
+        for name in [HEAVY, LIGHT] {
+            env.settings.dispatcher.backends.insert(
+                name.into(),
+                BackendSettings::Local {
+                    max_running: 8,
+                    work_dir: Some(env.work_dir.join(name)),
+                },
+            );
+        }
+        env.settings
+            .federation
+            .groups
+            .insert("weighted".into(), vec![HEAVY.into(), LIGHT.into()]);
+        env.settings.federation.shares.insert(HEAVY.into(), 3.0);
+    })
+    .await;
+    // Long enough for all eight to be in flight at once.
+    let production = app
+        .accepted(sleep_request(8, 4.0, -1, "shares", "weighted"))
+        .await;
+    let last = app.watch(&production).await.pop().unwrap();
+    assert_eq!(last.state(), pb::ProductionState::Completed, "{last:?}");
+    let placed = placements(&app, &production).await;
+    assert!(
+        placed.values().all(|(_, attempt, _)| *attempt == 1),
+        "a job moved or was retried: {placed:?}"
+    );
+    let on = |name: &str| placed.values().filter(|(i, _, _)| i == name).count();
+    // Three to one: 6 and 2 (with equal shares it would be 4 and 4).
+    assert_eq!((on(HEAVY), on(LIGHT)), (6, 2), "{placed:?}");
+    let ran = |name: &str| successful_attempts(&app.env.work_dir.join(name), &production).len();
+    assert_eq!((ran(HEAVY), ran(LIGHT)), (6, 2));
+    app.stop().await;
+}
+
+/// Where each attempt of the job that always fails started (installation,
+/// attempts) when the installation it failed on is, by share, not where a
+/// job placed afresh would go: the small one (share 2) is busy with another
+/// production's job when it is placed, and free again when it fails.
+async fn retries_of_a_failing_job(retry_elsewhere: bool) -> BTreeMap<String, usize> {
+    let app = spawn_app_with(|env| {
+        two_installations(env);
+        env.settings.federation.shares.insert(SMALL.into(), 2.0);
+        env.settings.federation.retry_elsewhere = retry_elsewhere;
+    })
+    .await;
+    let blocker = app
+        .accepted(sleep_request(1, 1.5, -1, "blocker", GROUP))
+        .await;
+    wait_for(
+        "the blocker running on the small installation",
+        Duration::from_secs(30),
+        || async {
+            placements(&app, &blocker)
+                .await
+                .values()
+                .any(|(i, _, s)| i == SMALL && s == "RUNNING")
+                .then_some(())
+        },
+    )
+    .await
+    .unwrap();
+    // Its only job fails after 4 s, each time.
+    let failing = app
+        .accepted(sleep_request(1, 4.0, 0, "failing", GROUP))
+        .await;
+    let last = app.watch(&failing).await.pop().unwrap();
+    assert_eq!(last.counts.unwrap().exhausted, 1, "{last:?}");
+    let placed = placements(&app, &failing).await;
+    let (installation, attempt, state) = placed[&0].clone();
+    assert_eq!((attempt, state.as_str()), (2, "EXHAUSTED"), "{placed:?}");
+    let mut started = BTreeMap::new();
+    for name in [SMALL, LARGE] {
+        let n = started_attempts(&app.env.work_dir.join(name), &failing)
+            .get(&0)
+            .copied()
+            .unwrap_or(0);
+        if n > 0 {
+            started.insert(name.to_string(), n);
+        }
+    }
+    // The last attempt is recorded where it started.
+    assert!(
+        started.contains_key(&installation),
+        "{placed:?} {started:?}"
+    );
+    app.stop().await;
+    started
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failed_job_s_retry_stays_on_its_installation_unless_retries_may_move() {
+    // Retries may not move: both attempts on the large installation it
+    // was placed on, though the small one is free and preferred by share.
+    assert_eq!(
+        retries_of_a_failing_job(false).await,
+        BTreeMap::from([(LARGE.to_string(), 2)])
+    );
+    // The same with retries that may move (the default): the retry is
+    // placed afresh and goes to the small one.
+    assert_eq!(
+        retries_of_a_failing_job(true).await,
+        BTreeMap::from([(LARGE.to_string(), 1), (SMALL.to_string(), 1)])
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn any_places_jobs_only_on_the_installations_serving_the_request_s_vo() {
+    let app = spawn_app_with(|env| {
+        two_installations(env);
+        // The small installation has the most room and the largest share,
+        // but serves only another VO; neither does the default one.
+        env.settings.dispatcher.backends.insert(
+            SMALL.into(),
+            BackendSettings::Local {
+                max_running: 6,
+                work_dir: Some(env.work_dir.join(SMALL)),
+            },
+        );
+        env.settings.federation.shares.insert(SMALL.into(), 10.0);
+        env.settings
+            .federation
+            .vos
+            .insert(SMALL.into(), vec!["other".into()]);
+        env.settings
+            .federation
+            .vos
+            .insert("local".into(), vec!["other".into()]);
+    })
+    .await;
+    // Naming the other VO's installation is a backend violation ...
+    let verdict = app.validate(sleep_request(2, 0.0, -1, "vo", SMALL)).await;
+    assert!(!verdict.acceptable, "{verdict:?}");
+    let violation = verdict
+        .violations
+        .iter()
+        .find(|v| v.field == "backend")
+        .unwrap_or_else(|| panic!("{verdict:?}"));
+    assert!(violation.description.contains("\"test\""), "{violation:?}");
+    // ... and `any` means the large installation only.
+    let production = app.accepted(sleep_request(6, 1.0, -1, "any", "any")).await;
+    let last = app.watch(&production).await.pop().unwrap();
+    assert_eq!(last.state(), pb::ProductionState::Completed, "{last:?}");
+    let placed = placements(&app, &production).await;
+    assert_eq!(placed.len(), 6, "{placed:?}");
+    assert!(placed.values().all(|(i, _, _)| i == LARGE), "{placed:?}");
+    assert!(successful_attempts(&app.env.work_dir.join(SMALL), &production).is_empty());
+    assert_eq!(
+        successful_attempts(&app.env.work_dir.join(LARGE), &production).len(),
+        6
+    );
+    app.stop().await;
+}
