@@ -289,6 +289,48 @@ async fn a_group_splits_jobs_by_capacity_and_a_stopped_installation_s_jobs_finis
     .unwrap();
     let runs: std::collections::BTreeSet<_> = files.iter().map(|f| f.lfn.clone()).collect();
     assert_eq!(runs.len(), 10);
+    // The record counts each job where its last attempt ran: the moved jobs
+    // on the small installation, beside those that ran there from the start.
+    // (The attempts killed on the large one are in its attempts and retries,
+    // not in its jobs per installation.)
+    let mut expected: BTreeMap<String, u64> = BTreeMap::new();
+    for (installation, _, _) in placed.values() {
+        *expected.entry(installation.clone()).or_default() += 1;
+    }
+    assert!(expected[SMALL] >= 3, "{expected:?}");
+    let record = wait_for(
+        "the stopped production's record",
+        Duration::from_secs(30),
+        || async {
+            app.catalog
+                .clone()
+                .get_production_record(pb::GetProductionRecordRequest {
+                    production_id: stopped.clone(),
+                    format: pb::RecordFormat::Json as i32,
+                })
+                .await
+                .ok()
+                .map(|r| r.into_inner())
+                .filter(|r| !r.installations.is_empty())
+        },
+    )
+    .await
+    .unwrap();
+    let recorded: BTreeMap<String, u64> = record
+        .installations
+        .iter()
+        .map(|i| (i.installation.clone(), i.counts.unwrap_or_default().done))
+        .collect();
+    assert_eq!(recorded, expected, "{record:?}");
+    assert!(record.retries >= 3, "{record:?}");
+    let as_json: serde_json::Value = serde_json::from_str(&record.rendered).unwrap();
+    let small_done = as_json["installations"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{as_json}"))
+        .iter()
+        .find(|i| i["installation"] == SMALL)
+        .map(|i| i["counts"]["done"].as_u64().unwrap());
+    assert_eq!(small_done, Some(expected[SMALL]), "{as_json}");
     // Status told the large installation failing.
     let db = app.env.db().await.unwrap();
     let healthy: bool = db
