@@ -178,6 +178,22 @@ async fn a_group_splits_jobs_by_capacity_and_a_stopped_installation_s_jobs_finis
         .map(|i| (i.installation.clone(), i.counts.unwrap_or_default().done))
         .collect();
     assert_eq!(recorded, per, "{record:?}");
+    // ... and which jobs ran where, as the dispatcher placed them.
+    let placed = placements(&app, &split).await;
+    for i in &record.installations {
+        let jobs: Vec<i64> = i
+            .jobs
+            .iter()
+            .flat_map(|r| r.first as i64..=r.last as i64)
+            .collect();
+        let there: Vec<i64> = placed
+            .iter()
+            .filter(|(_, (installation, _, _))| installation == &i.installation)
+            .map(|(job, _)| *job)
+            .collect();
+        assert_eq!(jobs, there, "{}: {record:?}", i.installation);
+        assert!(!i.jobs_truncated, "{record:?}");
+    }
     // ... in each of its renderings too: JSON, and the RO-Crate's places of the run.
     let rendered = |format: pb::RecordFormat| {
         let mut catalog = app.catalog.clone();

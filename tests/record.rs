@@ -356,15 +356,17 @@ async fn a_production_is_finished_only_once_its_record_is_catalogued_and_forward
             Duration::from_secs(240),
             &production_id,
             |p| {
+                // Every output: production.completed may come before the
+                // catalog took the last job's files (the total grows).
                 p.state() == pb::ProductionState::Completed
                     && p.forwarding
                         .first()
-                        .is_some_and(|d| d.total > 0 && d.forwarded == d.total)
+                        .is_some_and(|d| d.total == 8 && d.forwarded == d.total)
             },
         )
         .await;
     assert!(!forwarded.finished, "{forwarded:?}");
-    // The example's four jobs write two files each.
+    // The example's four jobs write two files each, all catalogued.
     let outputs = app.files(&production_id).await.len() as u64;
     assert_eq!(outputs, 8);
     assert_eq!(forwarded.forwarding[0].total, outputs, "{forwarded:?}");

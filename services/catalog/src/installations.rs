@@ -8,7 +8,7 @@ use prodsys_db::Cached;
 use prodsys_db::deadpool_postgres::{GenericClient, Transaction};
 use prodsys_proto as pb;
 
-use crate::domain::record::Placement;
+use crate::domain::record::{JobRange, Placement};
 
 /// Records the jobs per installation a `production.completed` tells (the
 /// same event again changes nothing).
@@ -29,6 +29,27 @@ pub async fn record(
             }
         }
     }
+    let ranges: Vec<(String, serde_json::Value, bool)> = completed
+        .installations
+        .iter()
+        .filter(|i| !i.jobs.is_empty())
+        .map(|i| {
+            let jobs: Vec<JobRange> = i
+                .jobs
+                .iter()
+                .map(|r| JobRange {
+                    first: r.first,
+                    last: r.last,
+                })
+                .collect();
+            Ok((
+                i.installation.clone(),
+                serde_json::to_value(jobs)?,
+                i.jobs_truncated,
+            ))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    crate::store::record_job_ranges(tx, &completed.production_id, &ranges).await?;
     if installations.is_empty() {
         return Ok(());
     }
@@ -57,6 +78,7 @@ pub async fn read<C: GenericClient + Sync>(
         )
         .await
         .context("reading jobs per installation")?;
+    let mut ranges = crate::store::job_ranges(client, production_id).await?;
     let mut by: std::collections::BTreeMap<String, JobCounts> = Default::default();
     for row in &rows {
         if let Ok(state) = row.get::<_, &str>(1).parse() {
@@ -67,9 +89,14 @@ pub async fn read<C: GenericClient + Sync>(
     }
     Ok(by
         .into_iter()
-        .map(|(installation, counts)| Placement {
-            installation,
-            counts,
+        .map(|(installation, counts)| {
+            let (jobs, jobs_truncated) = ranges.remove(&installation).unwrap_or_default();
+            Placement {
+                installation,
+                counts,
+                jobs,
+                jobs_truncated,
+            }
         })
         .collect())
 }
@@ -81,6 +108,15 @@ pub fn to_proto(installations: &[Placement]) -> Vec<pb::InstallationJobs> {
         .map(|p| pb::InstallationJobs {
             installation: p.installation.clone(),
             counts: Some(p.counts.into()),
+            jobs: p
+                .jobs
+                .iter()
+                .map(|r| pb::JobRange {
+                    first: r.first,
+                    last: r.last,
+                })
+                .collect(),
+            jobs_truncated: p.jobs_truncated,
         })
         .collect()
 }

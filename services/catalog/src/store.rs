@@ -1,7 +1,7 @@
 //! Every SQL statement of the catalog.
 
 use anyhow::Context;
-use prodsys_db::deadpool_postgres::Transaction;
+use prodsys_db::deadpool_postgres::{GenericClient, Transaction};
 use prodsys_db::{Cached, Db};
 use prodsys_proto as pb;
 
@@ -1366,6 +1366,57 @@ pub async fn existing(
 /// that it counts every file the production reported.
 const RECORD_READY: &str = "(p.jobs_done IS NULL
       OR p.jobs_done <= (SELECT count(*) FROM job_outputs j WHERE j.production_id = p.production_id))";
+
+/// Records which jobs of a finished production ran on each installation
+/// (installation, ranges, truncated), as `production.completed` tells them
+/// (the same event again changes nothing).
+pub async fn record_job_ranges(
+    tx: &Transaction<'_>,
+    production_id: &str,
+    ranges: &[(String, serde_json::Value, bool)],
+) -> anyhow::Result<()> {
+    if ranges.is_empty() {
+        return Ok(());
+    }
+    let installations: Vec<&str> = ranges.iter().map(|(i, _, _)| i.as_str()).collect();
+    let jobs: Vec<&serde_json::Value> = ranges.iter().map(|(_, j, _)| j).collect();
+    let truncated: Vec<bool> = ranges.iter().map(|(_, _, t)| *t).collect();
+    tx.execute_cached(
+        "INSERT INTO record_job_ranges (production_id, installation, jobs, jobs_truncated)
+         SELECT $1, * FROM unnest($2::text[], $3::jsonb[], $4::bool[])
+         ON CONFLICT (production_id, installation)
+         DO UPDATE SET jobs = EXCLUDED.jobs, jobs_truncated = EXCLUDED.jobs_truncated",
+        &[&production_id, &installations, &jobs, &truncated],
+    )
+    .await
+    .context("recording where each job ran")?;
+    Ok(())
+}
+
+/// Which jobs of a finished production ran on each installation:
+/// installation → (ranges, truncated).
+pub async fn job_ranges<C: GenericClient + Sync>(
+    client: &C,
+    production_id: &str,
+) -> anyhow::Result<std::collections::BTreeMap<String, (Vec<crate::domain::record::JobRange>, bool)>>
+{
+    let rows = client
+        .query_cached(
+            "SELECT installation, jobs, jobs_truncated FROM record_job_ranges
+             WHERE production_id = $1",
+            &[&production_id],
+        )
+        .await
+        .context("reading where each job ran")?;
+    rows.iter()
+        .map(|r| {
+            Ok((
+                r.get(0),
+                (serde_json::from_value(r.get(1))?, r.get::<_, bool>(2)),
+            ))
+        })
+        .collect()
+}
 
 /// Of `productions`, those whose request was for one of `vos`.
 pub async fn productions_of_vos(

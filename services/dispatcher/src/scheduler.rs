@@ -943,8 +943,14 @@ async fn close(
     tracing::info!(%production_id, %state, done = counts.done, attempts = accounting.attempts, "production finished");
     let at_ms = |at: Option<chrono::DateTime<chrono::Utc>>| at.map_or(0, |t| t.timestamp_millis());
     let placed = store::federation::jobs_per_installation(tx, production_id).await?;
+    let ranges = store::federation::job_ranges_per_installation(
+        tx,
+        production_id,
+        domain::placement::JOB_RANGES_KEPT as i64,
+    )
+    .await?;
     let event = pb::ProductionCompleted {
-        installations: domain::placement::per_installation(&placed),
+        installations: domain::placement::per_installation(&placed, &ranges),
         production_id: production_id.to_string(),
         state: state.to_proto() as i32,
         counts: Some(counts),

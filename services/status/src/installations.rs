@@ -40,6 +40,7 @@ pub async fn attach(
             .map(|(installation, counts)| pb::InstallationJobs {
                 installation,
                 counts: Some(counts.into()),
+                ..Default::default()
             })
             .collect();
     }

@@ -48,11 +48,41 @@ pub struct Replicas {
 }
 
 /// A finished production's jobs on one WMS installation (where their last
-/// attempt was placed), by final state.
+/// attempt was placed), by final state, and which jobs they were.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct Placement {
     pub installation: String,
     pub counts: JobCounts,
+    /// The jobs (indexes) that ran here, as ranges in job order.
+    pub jobs: Vec<JobRange>,
+    /// More ranges than kept: the rest are left out (`ListJobs` has them).
+    pub jobs_truncated: bool,
+}
+
+/// Jobs `first` to `last` of a production (indexes, both included).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct JobRange {
+    pub first: u64,
+    pub last: u64,
+}
+
+/// Ranges of jobs as people write them: `0–2, 5, 9–12` (`, …` when some
+/// were left out).
+pub fn job_ranges_text(ranges: &[JobRange], truncated: bool) -> String {
+    let mut parts: Vec<String> = ranges
+        .iter()
+        .map(|r| {
+            if r.first == r.last {
+                r.first.to_string()
+            } else {
+                format!("{}–{}", r.first, r.last)
+            }
+        })
+        .collect();
+    if truncated {
+        parts.push("…".to_string());
+    }
+    parts.join(", ")
 }
 
 /// Everything the catalog knows of a finished production. Times are Unix
@@ -344,19 +374,20 @@ pub fn to_markdown(record: &Record) -> String {
         let _ = writeln!(md, "\n### Where the jobs ran\n");
         let _ = writeln!(
             md,
-            "| Installation | Jobs | Done | Exhausted | Cancelled | Failed |\n|---|---:|---:|---:|---:|---:|"
+            "| Installation | Jobs | Done | Exhausted | Cancelled | Failed | Which jobs |\n|---|---:|---:|---:|---:|---:|---|"
         );
         for p in &record.installations {
             let c = &p.counts;
             let _ = writeln!(
                 md,
-                "| {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} |",
                 cell(&p.installation),
                 c.total(),
                 c.done,
                 c.exhausted,
                 c.cancelled,
-                c.failed
+                c.failed,
+                cell(&job_ranges_text(&p.jobs, p.jobs_truncated))
             );
         }
     }
@@ -658,13 +689,18 @@ pub fn to_ro_crate(record: &Record) -> String {
                 "@type": "Place",
                 "name": p.installation,
                 "description": format!(
-                    "WMS installation {}: {} jobs ran here ({} done, {} exhausted, {} cancelled, {} failed)",
+                    "WMS installation {}: {} jobs ran here ({} done, {} exhausted, {} cancelled, {} failed){}",
                     p.installation,
                     c.total(),
                     c.done,
                     c.exhausted,
                     c.cancelled,
-                    c.failed
+                    c.failed,
+                    if p.jobs.is_empty() {
+                        String::new()
+                    } else {
+                        format!("; jobs {}", job_ranges_text(&p.jobs, p.jobs_truncated))
+                    }
                 ),
             })
         })
@@ -767,6 +803,8 @@ mod tests {
                     done: 4,
                     ..Default::default()
                 },
+                jobs: vec![JobRange { first: 0, last: 3 }],
+                jobs_truncated: false,
             }],
             first_run: 1,
             last_run: 4,
@@ -966,6 +1004,11 @@ mod tests {
                         exhausted: 1,
                         ..Default::default()
                     },
+                    jobs: vec![
+                        JobRange { first: 0, last: 2 },
+                        JobRange { first: 9, last: 9 },
+                    ],
+                    jobs_truncated: false,
                 },
                 Placement {
                     installation: "slurm-local".into(),
@@ -973,6 +1016,8 @@ mod tests {
                         done: 6,
                         ..Default::default()
                     },
+                    jobs: vec![JobRange { first: 3, last: 8 }],
+                    jobs_truncated: true,
                 },
             ],
             ..example()
@@ -982,9 +1027,20 @@ mod tests {
         assert_eq!(as_json["installations"][0]["installation"], "dirac-cta");
         assert_eq!(as_json["installations"][0]["counts"]["exhausted"], 1);
         assert_eq!(as_json["installations"][1]["counts"]["done"], 6);
+        assert_eq!(
+            as_json["installations"][0]["jobs"],
+            json!([{"first": 0, "last": 2}, {"first": 9, "last": 9}])
+        );
+        assert_eq!(as_json["installations"][1]["jobs_truncated"], true);
         let md = to_markdown(&federated);
-        assert!(md.contains("| dirac-cta | 4 | 3 | 1 | 0 | 0 |"), "{md}");
-        assert!(md.contains("| slurm-local | 6 | 6 | 0 | 0 | 0 |"), "{md}");
+        assert!(
+            md.contains("| dirac-cta | 4 | 3 | 1 | 0 | 0 | 0–2, 9 |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| slurm-local | 6 | 6 | 0 | 0 | 0 | 3–8, … |"),
+            "{md}"
+        );
         let crate_json: Value = serde_json::from_str(&to_ro_crate(&federated)).unwrap();
         let graph = crate_json["@graph"].as_array().unwrap();
         let run = graph.iter().find(|e| e["@type"] == "CreateAction").unwrap();
@@ -1011,6 +1067,13 @@ mod tests {
                 .as_str()
                 .unwrap()
                 .contains("6 jobs ran here (6 done"),
+            "{slurm}"
+        );
+        assert!(
+            slurm["description"]
+                .as_str()
+                .unwrap()
+                .ends_with("; jobs 3–8, …"),
             "{slurm}"
         );
         // A record that does not know where its jobs ran says nothing of it.

@@ -139,18 +139,42 @@ pub fn taken_by<'a>(
         .map(|(production, _, n)| (production.as_str(), *n))
 }
 
+/// Ranges of job indexes kept per installation in `production.completed`.
+pub const JOB_RANGES_KEPT: usize = 1000;
+
 /// A finished production's jobs per installation (installation, state,
-/// jobs; in installation order), as `production.completed` tells them.
-pub fn per_installation(rows: &[(String, JobState, u64)]) -> Vec<pb::InstallationJobs> {
-    let mut by: BTreeMap<&str, prodsys_core::JobCounts> = BTreeMap::new();
+/// jobs; in installation order) with the ranges of jobs each ran
+/// (installation, first, last; at most [`JOB_RANGES_KEPT`] an installation,
+/// one more marking it truncated), as `production.completed` tells them.
+pub fn per_installation(
+    rows: &[(String, JobState, u64)],
+    ranges: &[(String, u64, u64)],
+) -> Vec<pb::InstallationJobs> {
+    let mut by: BTreeMap<&str, (prodsys_core::JobCounts, Vec<pb::JobRange>, bool)> =
+        BTreeMap::new();
     for (installation, state, n) in rows {
-        by.entry(installation).or_default().add(*state, *n);
+        by.entry(installation).or_default().0.add(*state, *n);
+    }
+    for (installation, first, last) in ranges {
+        let (_, kept, truncated) = by.entry(installation).or_default();
+        if kept.len() < JOB_RANGES_KEPT {
+            kept.push(pb::JobRange {
+                first: *first,
+                last: *last,
+            });
+        } else {
+            *truncated = true;
+        }
     }
     by.into_iter()
-        .map(|(installation, counts)| pb::InstallationJobs {
-            installation: installation.to_string(),
-            counts: Some(counts.into()),
-        })
+        .map(
+            |(installation, (counts, jobs, jobs_truncated))| pb::InstallationJobs {
+                installation: installation.to_string(),
+                counts: Some(counts.into()),
+                jobs,
+                jobs_truncated,
+            },
+        )
         .collect()
 }
 
@@ -343,12 +367,34 @@ mod tests {
             ("local-a".to_string(), JobState::Done, 3),
             ("local-a".to_string(), JobState::Exhausted, 1),
         ];
-        let by = per_installation(&rows);
+        let ranges = [
+            ("local-a".to_string(), 0, 2),
+            ("local-a".to_string(), 9, 9),
+            ("local-b".to_string(), 3, 8),
+        ];
+        let by = per_installation(&rows, &ranges);
         assert_eq!(by.len(), 2);
         assert_eq!(by[0].installation, "local-a");
         let a = by[0].counts.unwrap();
         assert_eq!((a.done, a.exhausted), (3, 1));
+        let spans = |i: &pb::InstallationJobs| -> Vec<(u64, u64)> {
+            i.jobs.iter().map(|r| (r.first, r.last)).collect()
+        };
+        assert_eq!(spans(&by[0]), [(0, 2), (9, 9)]);
+        assert!(!by[0].jobs_truncated);
         assert_eq!(by[1].counts.unwrap().done, 6);
+        assert_eq!(spans(&by[1]), [(3, 8)]);
+    }
+
+    #[test]
+    fn ranges_beyond_those_kept_mark_the_installation_truncated() {
+        let rows = [("a".to_string(), JobState::Done, 2002)];
+        let ranges: Vec<(String, u64, u64)> = (0..=JOB_RANGES_KEPT as u64)
+            .map(|i| ("a".to_string(), 2 * i, 2 * i))
+            .collect();
+        let by = per_installation(&rows, &ranges);
+        assert_eq!(by[0].jobs.len(), JOB_RANGES_KEPT);
+        assert!(by[0].jobs_truncated);
     }
 
     #[test]

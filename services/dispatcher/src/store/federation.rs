@@ -268,6 +268,42 @@ pub async fn jobs_per_installation(
     .collect()
 }
 
+/// The jobs of a finished production per installation their last attempt
+/// was placed on, as ranges of job indexes (installation, first, last; in
+/// installation and job order), at most `limit` + 1 ranges an installation
+/// (one more than kept says some were left out).
+pub async fn job_ranges_per_installation(
+    tx: &Transaction<'_>,
+    production_id: &str,
+    limit: i64,
+) -> anyhow::Result<Vec<(String, u64, u64)>> {
+    tx.query_cached(
+        "SELECT installation, first, last FROM (
+             SELECT installation, min(job_index) AS first, max(job_index) AS last,
+                    row_number() OVER (PARTITION BY installation ORDER BY min(job_index)) AS n
+             FROM (SELECT COALESCE(j.installation, p.backend) AS installation, j.job_index,
+                          j.job_index - row_number() OVER (
+                              PARTITION BY COALESCE(j.installation, p.backend)
+                              ORDER BY j.job_index) AS island
+                   FROM jobs j JOIN productions p USING (production_id)
+                   WHERE j.production_id = $1 AND j.attempts_submitted > 0) AS j
+             GROUP BY installation, island) AS r
+         WHERE n <= $2::bigint + 1
+         ORDER BY installation, first",
+        &[&production_id, &limit],
+    )
+    .await?
+    .iter()
+    .map(|r| {
+        Ok((
+            r.get(0),
+            r.get::<_, i64>(1).max(0) as u64,
+            r.get::<_, i64>(2).max(0) as u64,
+        ))
+    })
+    .collect()
+}
+
 /// Which of `jobs`' productions name a group of installations or `any`
 /// (their backend is not `installation`).
 pub async fn federated_of<C: GenericClient + Sync>(
