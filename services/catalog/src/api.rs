@@ -101,9 +101,30 @@ impl CatalogApi {
             return Ok(Vec::new());
         }
         let identities: Vec<Identity<'_>> = queries.iter().map(identity).collect();
-        let columns =
-            domain::existing_columns(&self.types, &identities).map_err(CatalogError::Invalid)?;
-        Ok(store::existing(&self.db, &columns).await?)
+        let typed =
+            domain::typed_identities(&self.types, &identities).map_err(CatalogError::Invalid)?;
+        let required: Vec<serde_json::Value> = typed
+            .iter()
+            .map(|t| serde_json::Value::Object(t.required.clone()))
+            .collect();
+        let candidates = store::existing_candidates(&self.db, &required).await?;
+        Ok(typed
+            .iter()
+            .zip(&candidates)
+            .map(|(identity, classes)| {
+                let e = domain::existence(identity, classes);
+                pb::FindExistingResponse {
+                    file_count: e.file_count,
+                    total_bytes: e.total_bytes,
+                    production_ids: e.production_ids,
+                    missing_keys: e.missing_keys,
+                    last_run: e.last_run,
+                    differing_production_ids: e.differing_production_ids,
+                    differing_keys: e.differing_keys,
+                    example_lfns: e.example_lfns,
+                }
+            })
+            .collect())
     }
 
     async fn register(&self, files: Vec<pb::OutputFile>) -> Result<u64> {

@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use prodsys_core::Violation;
-use prodsys_core::profile::{MetadataType, float_value};
+use prodsys_core::profile::MetadataType;
 use serde_json::{Map, Value};
 
 pub mod record;
@@ -392,19 +392,37 @@ pub struct Identity<'a> {
     pub run_key: &'a str,
 }
 
-/// Identities as the columns of the one existence statement: required
-/// metadata, path predicate, keys to report as missing, optional keys,
-/// ranges and run key, each as text, one row per identity.
-pub type ExistingColumns = [Vec<String>; 6];
+/// An identity as the existence check compares it: its values typed as
+/// the catalog stores them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TypedIdentity {
+    /// Keys every class of the identity holds with these values.
+    pub required: Map<String, Value>,
+    /// Keys a class may lack, but not hold with another value.
+    pub if_present: Map<String, Value>,
+    pub ranges: Vec<TypedRange>,
+    /// The profile's run key (empty: none), whose largest value is told.
+    pub run_key: String,
+}
 
-/// Checks the identities and turns them into [`ExistingColumns`], or every
-/// reason they cannot be answered, by field.
-pub fn existing_columns(
+/// A numeric range an identity covers: a class whose `[min_key, max_key]`
+/// overlaps `(min, max)` is the same simulation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TypedRange {
+    pub min_key: String,
+    pub max_key: String,
+    pub min: f64,
+    pub max: f64,
+}
+
+/// Checks the identities and types their values, or every reason they
+/// cannot be answered, by field.
+pub fn typed_identities(
     types: &KeyTypes,
     queries: &[Identity<'_>],
-) -> Result<ExistingColumns, Vec<Violation>> {
+) -> Result<Vec<TypedIdentity>, Vec<Violation>> {
     let mut violations = Vec::new();
-    let mut columns: ExistingColumns = Default::default();
+    let mut typed = Vec::with_capacity(queries.len());
     for (i, q) in queries.iter().enumerate() {
         let required = types.strict(
             &format!("queries[{i}].metadata"),
@@ -427,13 +445,6 @@ pub fn existing_columns(
                 ));
             }
         }
-        let mut path = Vec::new();
-        let mut keys: Vec<&str> = Vec::new();
-        for (key, value) in &if_present {
-            let k = path_key(key);
-            path.push(format!("(!(exists({k})) || {k} == {value})"));
-            keys.push(key);
-        }
         let mut ranges = Vec::new();
         for (j, r) in q.ranges.iter().enumerate() {
             if !(r.min.is_finite() && r.max.is_finite()) {
@@ -443,32 +454,171 @@ pub fn existing_columns(
                 ));
                 continue;
             }
-            let (lo, hi) = (path_key(r.min_key), path_key(r.max_key));
-            let (min, max) = (float_value(r.min), float_value(r.max));
-            path.push(format!(
-                "(!(exists({lo})) || !(exists({hi})) || ({lo} < {max} && {hi} > {min}))"
-            ));
-            keys.extend([r.min_key, r.max_key]);
-            ranges.push(serde_json::json!({
-                "min_key": r.min_key, "max_key": r.max_key, "min": min, "max": max,
-                "label": format!("{}..{}", r.min_key, r.max_key),
-            }));
+            ranges.push(TypedRange {
+                min_key: r.min_key.to_string(),
+                max_key: r.max_key.to_string(),
+                min: r.min,
+                max: r.max,
+            });
         }
-        if path.is_empty() {
-            path.push("true".into());
-        }
-        let [c_required, c_path, c_keys, c_if_present, c_ranges, c_run] = &mut columns;
-        c_required.push(Value::Object(required).to_string());
-        c_path.push(path.join(" && "));
-        c_keys.push(serde_json::to_string(&keys).unwrap_or_default());
-        c_if_present.push(Value::Object(if_present).to_string());
-        c_ranges.push(Value::Array(ranges).to_string());
-        c_run.push(q.run_key.to_string());
+        typed.push(TypedIdentity {
+            required,
+            if_present,
+            ranges,
+            run_key: q.run_key.to_string(),
+        });
     }
     if !violations.is_empty() {
         return Err(violations);
     }
-    Ok(columns)
+    Ok(typed)
+}
+
+/// A class of files that holds an identity's required metadata: what the
+/// existence check weighs.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CandidateClass {
+    pub production_id: String,
+    pub file_count: u64,
+    pub total_bytes: u64,
+    pub max_run: Option<i64>,
+    /// Its first LFNs (three at most, in LFN order).
+    pub first_lfns: Vec<String>,
+    pub metadata: Map<String, Value>,
+}
+
+/// What the catalog holds of one identity.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Existence {
+    /// Files and bytes of the classes that are the same simulation.
+    pub file_count: u64,
+    pub total_bytes: u64,
+    /// Their productions (in ID order).
+    pub production_ids: Vec<String>,
+    /// Keys the identity names that those classes lack (in name order).
+    pub missing_keys: Vec<String>,
+    /// The largest run of those classes (0: none, or no run key).
+    pub last_run: u64,
+    /// Productions of classes with the required metadata that differ in an
+    /// optional key or a range, and those keys (both in order).
+    pub differing_production_ids: Vec<String>,
+    pub differing_keys: Vec<String>,
+    /// The first three LFNs of the matching classes.
+    pub example_lfns: Vec<String>,
+}
+
+/// Two metadata values equal as the catalog compares them: numbers by
+/// value, text by text; `None` when their types differ (no answer).
+fn same_value(a: &Value, b: &Value) -> Option<bool> {
+    match (a, b) {
+        (Value::Number(x), Value::Number(y)) => Some(x.as_f64() == y.as_f64()),
+        (Value::String(x), Value::String(y)) => Some(x == y),
+        (Value::Bool(x), Value::Bool(y)) => Some(x == y),
+        _ => None,
+    }
+}
+
+/// Whether `class` is the same simulation as `identity` (it holds the
+/// required metadata already): each optional key absent or equal, each
+/// range absent or overlapping. A comparison of values of different types
+/// has no answer, and then the class is not the same.
+fn same_simulation(identity: &TypedIdentity, class: &Map<String, Value>) -> bool {
+    let optional = identity.if_present.iter().all(|(key, value)| {
+        class
+            .get(key)
+            .is_none_or(|held| same_value(held, value) == Some(true))
+    });
+    optional
+        && identity
+            .ranges
+            .iter()
+            .all(|r| match (class.get(&r.min_key), class.get(&r.max_key)) {
+                (Some(lo), Some(hi)) => match (lo.as_f64(), hi.as_f64()) {
+                    (Some(lo), Some(hi)) => lo < r.max && hi > r.min,
+                    _ => false,
+                },
+                _ => true,
+            })
+}
+
+/// The keys in which a class with the required metadata differs from the
+/// identity: optional keys it holds with another value, and ranges (named
+/// `min_key..max_key`) both of whose keys are numbers that do not overlap.
+fn differing_keys(identity: &TypedIdentity, class: &Map<String, Value>) -> Vec<String> {
+    let mut keys: Vec<String> = identity
+        .if_present
+        .iter()
+        .filter(|(key, value)| {
+            class
+                .get(*key)
+                .is_some_and(|held| same_value(held, value) != Some(true))
+        })
+        .map(|(key, _)| key.clone())
+        .collect();
+    for r in &identity.ranges {
+        let lo = class.get(&r.min_key).and_then(Value::as_f64);
+        let hi = class.get(&r.max_key).and_then(Value::as_f64);
+        if let (Some(lo), Some(hi)) = (lo, hi)
+            && !(lo < r.max && r.min < hi)
+        {
+            keys.push(format!("{}..{}", r.min_key, r.max_key));
+        }
+    }
+    keys
+}
+
+/// What the catalog holds of `identity`, from the classes holding its
+/// required metadata: those that are the same simulation counted (files,
+/// bytes, productions, largest run, first LFNs, the keys it names that they
+/// lack), the others named with the keys they differ in.
+pub fn existence(identity: &TypedIdentity, classes: &[CandidateClass]) -> Existence {
+    let mut same = Existence::default();
+    let mut productions = BTreeSet::new();
+    let mut missing = BTreeSet::new();
+    let mut differing = BTreeSet::new();
+    let mut differing_keys_all = BTreeSet::new();
+    let mut lfns = BTreeSet::new();
+    let mut last_run: Option<i64> = None;
+    let named: Vec<&str> = identity
+        .if_present
+        .keys()
+        .map(String::as_str)
+        .chain(
+            identity
+                .ranges
+                .iter()
+                .flat_map(|r| [r.min_key.as_str(), r.max_key.as_str()]),
+        )
+        .collect();
+    for class in classes.iter().filter(|c| c.file_count > 0) {
+        if same_simulation(identity, &class.metadata) {
+            same.file_count += class.file_count;
+            same.total_bytes += class.total_bytes;
+            productions.insert(class.production_id.clone());
+            missing.extend(
+                named
+                    .iter()
+                    .filter(|k| !class.metadata.contains_key(**k))
+                    .map(|k| k.to_string()),
+            );
+            if !identity.run_key.is_empty()
+                && let Some(run) = class.max_run
+            {
+                last_run = Some(last_run.map_or(run, |l| l.max(run)));
+            }
+            lfns.extend(class.first_lfns.iter().take(3).cloned());
+        } else {
+            differing.insert(class.production_id.clone());
+            differing_keys_all.extend(differing_keys(identity, &class.metadata));
+        }
+    }
+    same.production_ids = productions.into_iter().collect();
+    same.missing_keys = missing.into_iter().collect();
+    same.last_run = last_run.unwrap_or(0).max(0) as u64;
+    same.differing_production_ids = differing.into_iter().collect();
+    same.differing_keys = differing_keys_all.into_iter().collect();
+    same.example_lfns = lfns.into_iter().take(3).collect();
+    same
 }
 
 /// Why a FindExistingMany call cannot be answered: identities without
@@ -489,17 +639,6 @@ pub fn check_existing_many(
         ));
     }
     violations
-}
-
-/// Comma-separated key lists as one sorted list without duplicates.
-pub fn merge_key_lists(lists: Vec<String>) -> Vec<String> {
-    let set: BTreeSet<String> = lists
-        .iter()
-        .flat_map(|l| l.split(','))
-        .filter(|k| !k.is_empty())
-        .map(String::from)
-        .collect();
-    set.into_iter().collect()
 }
 
 /// Stored metadata as the API shows it: every value as text.
@@ -561,6 +700,7 @@ pub fn retry_wait(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn retries_wait_longer_each_time_up_to_the_cap() {
@@ -891,11 +1031,11 @@ mod tests {
     }
 
     #[test]
-    fn identities_become_columns_and_results_merge_keys() {
+    fn identities_are_typed_and_bounds_must_be_numbers() {
         let t = types();
         let metadata = map(&[("site", "Paranal")]);
         let if_present = map(&[("thetaP", "20")]);
-        let columns = existing_columns(
+        let typed = typed_identities(
             &t,
             &[Identity {
                 metadata: &metadata,
@@ -910,11 +1050,17 @@ mod tests {
             }],
         )
         .expect("valid identities");
-        assert_eq!(columns[0], [r#"{"site":"Paranal"}"#]);
-        assert!(columns[1][0].starts_with(r#"(!(exists($."thetaP")) || $."thetaP" == 20) && "#));
-        assert_eq!(columns[2], [r#"["thetaP","emin","emax"]"#]);
-        assert_eq!(columns[5], ["run_number"]);
-        let infinite = existing_columns(
+        assert_eq!(
+            Value::Object(typed[0].required.clone()),
+            json!({"site": "Paranal"})
+        );
+        assert_eq!(
+            Value::Object(typed[0].if_present.clone()),
+            json!({"thetaP": 20.0})
+        );
+        assert_eq!(typed[0].ranges[0].min_key, "emin");
+        assert_eq!(typed[0].run_key, "run_number");
+        let infinite = typed_identities(
             &t,
             &[Identity {
                 metadata: &metadata,
@@ -930,10 +1076,6 @@ mod tests {
         )
         .expect_err("NaN is no bound");
         assert_eq!(infinite[0].field, "queries[0].ranges[0]");
-        assert_eq!(
-            merge_key_lists(vec!["b,a".into(), "".into(), "a,c".into()]),
-            ["a", "b", "c"]
-        );
         let too_many = check_existing_many([false, true].into_iter(), MAX_EXISTING_QUERIES + 1);
         let fields: Vec<&str> = too_many.iter().map(|v| v.field.as_str()).collect();
         assert_eq!(fields, ["queries[1].metadata", "queries"]);
@@ -943,5 +1085,91 @@ mod tests {
             as_text(serde_json::json!({"n": 1.5, "s": "x"})),
             map(&[("n", "1.5"), ("s", "x")])
         );
+    }
+
+    fn class(
+        production: &str,
+        files: u64,
+        max_run: i64,
+        lfns: &[&str],
+        metadata: Value,
+    ) -> CandidateClass {
+        CandidateClass {
+            production_id: production.into(),
+            file_count: files,
+            total_bytes: files * 10,
+            max_run: Some(max_run),
+            first_lfns: lfns.iter().map(|l| l.to_string()).collect(),
+            metadata: match metadata {
+                Value::Object(map) => map,
+                _ => unreachable!(),
+            },
+        }
+    }
+
+    #[test]
+    fn the_same_simulation_is_counted_and_another_named_with_the_keys_it_differs_in() {
+        let identity = TypedIdentity {
+            required: Map::new(),
+            if_present: json!({"nsb": 5, "thetaP": 20.0})
+                .as_object()
+                .unwrap()
+                .clone(),
+            ranges: vec![TypedRange {
+                min_key: "emin".into(),
+                max_key: "emax".into(),
+                min: 1.0,
+                max: 10.0,
+            }],
+            run_key: "run_number".into(),
+        };
+        let classes = [
+            // The same: equal values (a number by value), an overlapping range.
+            class(
+                "P1",
+                100,
+                40,
+                &["/b3", "/b1", "/b2"],
+                json!({"nsb": 5, "thetaP": 20, "emin": 5.0, "emax": 50.0}),
+            ),
+            // The same, lacking the optional key and the range: said missing.
+            class("P2", 10, 7, &["/a1"], json!({"thetaP": 20.0})),
+            // Another NSB level: differs in nsb.
+            class(
+                "P3",
+                100,
+                90,
+                &["/c1"],
+                json!({"nsb": 19, "thetaP": 20.0, "emin": 5.0, "emax": 50.0}),
+            ),
+            // Another energy range: differs in emin..emax.
+            class(
+                "P4",
+                100,
+                90,
+                &["/d1"],
+                json!({"nsb": 5, "thetaP": 20.0, "emin": 10.0, "emax": 50.0}),
+            ),
+            // A value of another type has no answer: not the same, named.
+            class("P5", 100, 90, &["/e1"], json!({"nsb": "5", "thetaP": 20.0})),
+            // No files: not weighed at all.
+            class("P6", 0, 0, &[], json!({"nsb": 19})),
+        ];
+        let e = existence(&identity, &classes);
+        assert_eq!(e.file_count, 110);
+        assert_eq!(e.total_bytes, 1100);
+        assert_eq!(e.production_ids, ["P1", "P2"]);
+        assert_eq!(e.missing_keys, ["emax", "emin", "nsb"]);
+        assert_eq!(e.last_run, 40);
+        assert_eq!(e.example_lfns, ["/a1", "/b1", "/b2"]);
+        assert_eq!(e.differing_production_ids, ["P3", "P4", "P5"]);
+        assert_eq!(e.differing_keys, ["emin..emax", "nsb"]);
+        // Without a run key, no last run; nothing held, nothing said.
+        let no_run = TypedIdentity {
+            run_key: String::new(),
+            ..identity.clone()
+        };
+        assert_eq!(existence(&no_run, &classes[..2]).last_run, 0);
+        assert_eq!(existence(&identity, &[]), Existence::default());
     }
 }

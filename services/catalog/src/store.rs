@@ -5,7 +5,7 @@ use prodsys_db::deadpool_postgres::{GenericClient, Transaction};
 use prodsys_db::{Cached, Db};
 use prodsys_proto as pb;
 
-use crate::domain::{self, ExistingColumns, FileQuery, KeyTypes};
+use crate::domain::{self, FileQuery, KeyTypes};
 
 /// The replicas of a file as `files_page` aggregates them.
 fn replicas_of(json: serde_json::Value) -> Vec<pb::Replica> {
@@ -1274,91 +1274,65 @@ pub async fn ordered_keys(db: &Db) -> anyhow::Result<Vec<Vec<String>>> {
     Ok(keys)
 }
 
-/// What the catalog holds for each identity, in the order asked: one
-/// statement for all of them.
-pub async fn existing(
+/// The classes of files holding each identity's required metadata (by
+/// identity, in the order given): what the existence check weighs, in the
+/// catalog's own code (`domain::existence`).
+pub async fn existing_candidates(
     db: &Db,
-    columns: &ExistingColumns,
-) -> anyhow::Result<Vec<pb::FindExistingResponse>> {
+    required: &[serde_json::Value],
+) -> anyhow::Result<Vec<Vec<domain::CandidateClass>>> {
     let client = db.client().await?;
-    let [required, path, keys, if_present, ranges, run] = columns;
     let rows = client
         .query_cached(
-            "SELECT q.n, s.*
-             FROM (SELECT n, required::jsonb AS required, path::jsonpath AS path, keys::jsonb AS keys,
-                          if_present::jsonb AS if_present, ranges::jsonb AS ranges, run_key
-                   FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[])
-                        WITH ORDINALITY AS u (required, path, keys, if_present, ranges, run_key, n)
-                   -- Each identity's values cast once, not at each use for each class
-                   -- (pulled up, every reference parsed its text again: 0.7 ms an identity).
+            "SELECT q.n, c.production_id, c.file_count, c.total_bytes, c.max_run, c.first_lfns,
+                    c.metadata
+             FROM (SELECT n, required
+                   FROM unnest($1::jsonb[]) WITH ORDINALITY AS u (required, n)
+                   -- Each identity's values read once, not at each use for each class.
                    OFFSET 0) AS q
              CROSS JOIN LATERAL (
-                 SELECT COALESCE(sum(file_count) FILTER (WHERE m), 0)::bigint,
-                        COALESCE(sum(total_bytes) FILTER (WHERE m), 0)::bigint,
-                        COALESCE(array_agg(DISTINCT production_id) FILTER (WHERE m), '{}'),
-                        COALESCE(array_agg(DISTINCT missing) FILTER (WHERE m AND missing <> ''), '{}'),
-                        COALESCE(max(run) FILTER (WHERE m), 0)::bigint,
-                        COALESCE(array_agg(DISTINCT production_id) FILTER (WHERE NOT m), '{}'),
-                        COALESCE(array_agg(DISTINCT differ) FILTER (WHERE NOT m AND differ <> ''), '{}'),
-                        -- The three first LFNs of the matching classes' first three.
-                        ARRAY(SELECT l FROM unnest(array_agg(first_lfns[1]) FILTER (WHERE m)
-                                                   || array_agg(first_lfns[2]) FILTER (WHERE m)
-                                                   || array_agg(first_lfns[3]) FILTER (WHERE m)) AS l
-                              WHERE l IS NOT NULL ORDER BY l LIMIT 3)
-                 FROM (SELECT production_id, file_count, total_bytes, first_lfns, m,
-                              CASE WHEN m AND q.run_key <> '' THEN max_run END AS run,
-                              CASE WHEN m THEN array_to_string(ARRAY(
-                                  SELECT k FROM jsonb_array_elements_text(q.keys) AS k
-                                  WHERE NOT metadata ? k), ',') END AS missing,
-                              CASE WHEN NOT m THEN array_to_string(ARRAY(
-                                  SELECT e.key FROM jsonb_each(q.if_present) AS e
-                                  WHERE metadata -> e.key <> e.value
-                                  UNION ALL
-                                  SELECT r ->> 'label' FROM jsonb_array_elements(q.ranges) AS r
-                                  WHERE jsonb_typeof(metadata -> (r ->> 'min_key')) = 'number'
-                                    AND jsonb_typeof(metadata -> (r ->> 'max_key')) = 'number'
-                                    AND NOT ((metadata ->> (r ->> 'min_key'))::numeric < (r ->> 'max')::numeric
-                                         AND (r ->> 'min')::numeric < (metadata ->> (r ->> 'max_key'))::numeric)
-                                  ), ',') END AS differ
-                       FROM (SELECT production_id, file_count, total_bytes, first_lfns, max_run, metadata,
-                                    COALESCE(metadata @@ q.path, false) AS m
-                             FROM (-- A CTA identity through the index of its keys,
-                                   -- any other through the GIN index (both of classes).
-                                   SELECT * FROM file_classes
-                                   WHERE q.required ?& ARRAY['MCCampaign', 'array_layout', 'particle',
-                                                             'site', 'thetaP', 'phiP']
-                                     AND metadata -> 'MCCampaign' = q.required -> 'MCCampaign'
-                                     AND metadata -> 'array_layout' = q.required -> 'array_layout'
-                                     AND metadata -> 'particle' = q.required -> 'particle'
-                                     AND metadata -> 'site' = q.required -> 'site'
-                                     AND metadata -> 'thetaP' = q.required -> 'thetaP'
-                                     AND metadata -> 'phiP' = q.required -> 'phiP'
-                                     -- The function, not the operator: no GIN index scan
-                                     -- beside the btree's.
-                                     AND jsonb_contains(metadata, q.required)
-                                   UNION ALL
-                                   SELECT * FROM file_classes
-                                   WHERE NOT q.required ?& ARRAY['MCCampaign', 'array_layout', 'particle',
-                                                                 'site', 'thetaP', 'phiP']
-                                     AND metadata @> q.required) AS c
-                             WHERE c.file_count > 0) AS c) AS c) AS s
-             ORDER BY q.n",
-            &[required, path, keys, if_present, ranges, run],
+                 -- A CTA identity through the index of its keys, any other
+                 -- through the GIN index (both of classes).
+                 SELECT * FROM file_classes
+                 WHERE q.required ?& ARRAY['MCCampaign', 'array_layout', 'particle',
+                                           'site', 'thetaP', 'phiP']
+                   AND metadata -> 'MCCampaign' = q.required -> 'MCCampaign'
+                   AND metadata -> 'array_layout' = q.required -> 'array_layout'
+                   AND metadata -> 'particle' = q.required -> 'particle'
+                   AND metadata -> 'site' = q.required -> 'site'
+                   AND metadata -> 'thetaP' = q.required -> 'thetaP'
+                   AND metadata -> 'phiP' = q.required -> 'phiP'
+                   -- The function, not the operator: no GIN index scan
+                   -- beside the btree's.
+                   AND jsonb_contains(metadata, q.required)
+                 UNION ALL
+                 SELECT * FROM file_classes
+                 WHERE NOT q.required ?& ARRAY['MCCampaign', 'array_layout', 'particle',
+                                               'site', 'thetaP', 'phiP']
+                   AND metadata @> q.required) AS c
+             WHERE c.file_count > 0",
+            &[&required],
         )
         .await?;
-    Ok(rows
-        .iter()
-        .map(|row| pb::FindExistingResponse {
-            file_count: row.get::<_, i64>(1) as u64,
-            total_bytes: row.get::<_, i64>(2) as u64,
-            production_ids: row.get(3),
-            missing_keys: domain::merge_key_lists(row.get(4)),
-            last_run: row.get::<_, i64>(5).max(0) as u64,
-            differing_production_ids: row.get(6),
-            differing_keys: domain::merge_key_lists(row.get(7)),
-            example_lfns: row.get(8),
-        })
-        .collect())
+    let mut by: Vec<Vec<domain::CandidateClass>> = vec![Vec::new(); required.len()];
+    for row in &rows {
+        let n = row.get::<_, i64>(0) as usize;
+        let metadata = match row.get::<_, serde_json::Value>(6) {
+            serde_json::Value::Object(map) => map,
+            _ => Default::default(),
+        };
+        if let Some(classes) = by.get_mut(n.wrapping_sub(1)) {
+            classes.push(domain::CandidateClass {
+                production_id: row.get(1),
+                file_count: row.get::<_, i64>(2).max(0) as u64,
+                total_bytes: row.get::<_, i64>(3).max(0) as u64,
+                max_run: row.get(4),
+                first_lfns: row.get(5),
+                metadata,
+            });
+        }
+    }
+    Ok(by)
 }
 
 /// A finished production's record is there once every DONE job's outputs
