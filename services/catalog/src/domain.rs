@@ -1056,7 +1056,7 @@ mod tests {
         );
         assert_eq!(
             Value::Object(typed[0].if_present.clone()),
-            json!({"thetaP": 20.0})
+            json!({"thetaP": 20})
         );
         assert_eq!(typed[0].ranges[0].min_key, "emin");
         assert_eq!(typed[0].run_key, "run_number");
