@@ -9,11 +9,13 @@ use std::path::Path;
 
 use prodsys_config::BackendSettings;
 use prodsys_core::{JobState, Violation};
-use prodsys_db::{Cached, Db};
+use prodsys_db::Db;
 use prodsys_proto as pb;
 use prodsys_proto::StateProto;
 use prodsys_server::ServiceError;
 use tonic::{Request, Response, Status};
+
+use crate::store;
 
 const DEFAULT_PAGE: u32 = 100;
 const MAX_PAGE: u32 = 1000;
@@ -121,15 +123,11 @@ impl pb::job_service_server::JobService for JobsApi {
         let client = self.db.client().await.map_err(unexpected)?;
         // Another VO's production is not found, as for every other reader.
         let caller = prodsys_auth::caller();
-        let backend: Option<String> = client
-            .query_opt_cached(
-                "SELECT backend, vo FROM productions WHERE production_id = $1",
-                &[&r.production_id],
-            )
+        let backend: Option<String> = store::production_owner(&client, &r.production_id)
             .await
             .map_err(unexpected)?
-            .filter(|row| caller.may_see(row.get(1)))
-            .map(|row| row.get(0));
+            .filter(|owner| caller.may_see(&owner.vo))
+            .map(|owner| owner.backend);
         let Some(backend) = backend else {
             return Err(ServiceError::NotFound(format!(
                 "production {} has no jobs at the dispatcher (unknown, or not planned yet)",
@@ -137,29 +135,20 @@ impl pb::job_service_server::JobService for JobsApi {
             ))
             .into());
         };
-        let rows = client
-            .query_cached(
-                "SELECT job_index, state, attempt, attempts_submitted, installation,
-                        backend_job_id, raw_status, exit_code, run_number,
-                        (extract(epoch FROM updated_at) * 1000)::bigint
-                 FROM jobs WHERE production_id = $1 AND job_index > $2
-                 ORDER BY job_index LIMIT $3",
-                &[&r.production_id, &after, &(i64::from(page) + 1)],
-            )
+        let rows = store::jobs_page(&client, &r.production_id, after, i64::from(page) + 1)
             .await
             .map_err(unexpected)?;
         let more = rows.len() > page as usize;
         let mut jobs = Vec::with_capacity(rows.len().min(page as usize));
         for row in rows.into_iter().take(page as usize) {
-            let state: String = row.get(1);
-            let state = state
+            let state = row
+                .state
                 .parse::<JobState>()
                 .map(JobState::to_proto)
                 .unwrap_or(pb::JobState::Unspecified);
             // Jobs reserved before placement was recorded ran where their
             // production did; a job waiting to be placed has none.
-            let installation: Option<String> = row.get(4);
-            let installation = installation.unwrap_or_else(|| {
+            let installation = row.installation.unwrap_or_else(|| {
                 if state == pb::JobState::Created {
                     String::new()
                 } else {
@@ -167,21 +156,21 @@ impl pb::job_service_server::JobService for JobsApi {
                 }
             });
             let kind = self.kind(&installation);
-            let raw: Option<String> = row.get(6);
-            let (wms_status, wms_minor_status) = split_status(kind, raw.as_deref().unwrap_or(""));
+            let (wms_status, wms_minor_status) =
+                split_status(kind, row.raw_status.as_deref().unwrap_or(""));
             jobs.push(pb::Job {
-                job_index: row.get::<_, i64>(0) as u64,
+                job_index: row.job_index as u64,
                 state: state as i32,
-                attempt: row.get::<_, i32>(2).max(0) as u32,
-                attempts_submitted: row.get::<_, i32>(3).max(0) as u32,
+                attempt: row.attempt.max(0) as u32,
+                attempts_submitted: row.attempts_submitted.max(0) as u32,
                 installation,
                 wms: kind as i32,
-                backend_job_id: row.get::<_, Option<String>>(5).unwrap_or_default(),
+                backend_job_id: row.backend_job_id.unwrap_or_default(),
                 wms_status,
                 wms_minor_status,
-                exit_code: row.get(7),
-                run_number: row.get::<_, i64>(8).max(0) as u64,
-                updated_unix_ms: row.get(9),
+                exit_code: row.exit_code,
+                run_number: row.run_number.max(0) as u64,
+                updated_unix_ms: row.updated_unix_ms,
             });
         }
         let next_page_token = match (more, jobs.last()) {
@@ -208,25 +197,19 @@ impl pb::job_service_server::JobService for JobsApi {
             n => n.min(MAX_LOG_BYTES),
         };
         let client = self.db.client().await.map_err(unexpected)?;
-        let row = client
-            .query_opt_cached(
-                "SELECT j.attempt, j.state, COALESCE(j.installation, p.backend), j.workdir, p.vo
-                 FROM jobs j JOIN productions p USING (production_id)
-                 WHERE j.production_id = $1 AND j.job_index = $2",
-                &[&r.production_id, &index],
-            )
+        let place = store::job_place(&client, &r.production_id, index)
             .await
             .map_err(unexpected)?
-            .filter(|row| prodsys_auth::caller().may_see(row.get(4)))
+            .filter(|place| prodsys_auth::caller().may_see(&place.vo))
             .ok_or_else(|| {
                 Status::from(ServiceError::NotFound(format!(
                     "production {} has no job {}",
                     r.production_id, r.job_index
                 )))
             })?;
-        let attempt = row.get::<_, i32>(0).max(0) as u32;
-        let installation: String = row.get(2);
-        let workdir: Option<String> = row.get(3);
+        let attempt = place.attempt.max(0) as u32;
+        let installation = place.installation;
+        let workdir = place.workdir;
         let unavailable = |reason: String| pb::JobLog {
             attempt,
             available: false,
