@@ -1,7 +1,9 @@
-//! `JobService`: a production's jobs as the dispatcher runs them (state,
-//! attempts, installation, the WMS's own status and exit code) and the tail
-//! of a job's logs where its executor keeps them. What the dashboard's
-//! production page shows of each job; read-only.
+//! The dispatcher's gRPC `JobService`: a production's jobs as the
+//! dispatcher runs them (state, attempts, installation, the WMS's own status
+//! and exit code) and the tail of a job's logs where its executor keeps
+//! them. What the dashboard's production page shows of each job; read-only.
+//! Failures are the dispatcher's [`DispatcherError`], mapped onto gRPC codes
+//! once, as in every service.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Seek, SeekFrom};
@@ -12,9 +14,9 @@ use prodsys_core::{JobState, Violation};
 use prodsys_db::Db;
 use prodsys_proto as pb;
 use prodsys_proto::StateProto;
-use prodsys_server::ServiceError;
 use tonic::{Request, Response, Status};
 
+use crate::error::{DispatcherError, Result};
 use crate::store;
 
 const DEFAULT_PAGE: u32 = 100;
@@ -55,15 +57,11 @@ impl JobsApi {
     }
 }
 
-fn invalid(field: &str, description: impl Into<String>) -> Status {
-    ServiceError::Validation(vec![Violation::new(field, description)]).into()
+fn invalid(field: &str, description: impl Into<String>) -> DispatcherError {
+    DispatcherError::Invalid(vec![Violation::new(field, description)])
 }
 
-fn unexpected(error: impl Into<anyhow::Error>) -> Status {
-    ServiceError::Unexpected(error.into()).into()
-}
-
-fn required_id(production_id: &str) -> Result<(), Status> {
+fn required_id(production_id: &str) -> Result<()> {
     if production_id.is_empty() {
         return Err(invalid("production_id", "required"));
     }
@@ -98,14 +96,9 @@ fn tail(path: &Path, max: u64) -> std::io::Result<Option<(String, bool)>> {
     )))
 }
 
-#[tonic::async_trait]
-impl pb::job_service_server::JobService for JobsApi {
-    async fn list_jobs(
-        &self,
-        request: Request<pb::ListJobsRequest>,
-    ) -> Result<Response<pb::ListJobsResponse>, Status> {
-        prodsys_server::input::checked(request.get_ref())?;
-        let r = request.into_inner();
+impl JobsApi {
+    /// A page of a production's jobs.
+    async fn jobs(&self, r: pb::ListJobsRequest) -> Result<pb::ListJobsResponse> {
         required_id(&r.production_id)?;
         let after: i64 = if r.page_token.is_empty() {
             -1
@@ -120,24 +113,20 @@ impl pb::job_service_server::JobService for JobsApi {
             0 => DEFAULT_PAGE,
             n => n.min(MAX_PAGE),
         };
-        let client = self.db.client().await.map_err(unexpected)?;
+        let client = self.db.client().await?;
         // Another VO's production is not found, as for every other reader.
         let caller = prodsys_auth::caller();
         let backend: Option<String> = store::production_owner(&client, &r.production_id)
-            .await
-            .map_err(unexpected)?
+            .await?
             .filter(|owner| caller.may_see(&owner.vo))
             .map(|owner| owner.backend);
         let Some(backend) = backend else {
-            return Err(ServiceError::NotFound(format!(
+            return Err(DispatcherError::NotFound(format!(
                 "production {} has no jobs at the dispatcher (unknown, or not planned yet)",
                 r.production_id
-            ))
-            .into());
+            )));
         };
-        let rows = store::jobs_page(&client, &r.production_id, after, i64::from(page) + 1)
-            .await
-            .map_err(unexpected)?;
+        let rows = store::jobs_page(&client, &r.production_id, after, i64::from(page) + 1).await?;
         let more = rows.len() > page as usize;
         let mut jobs = Vec::with_capacity(rows.len().min(page as usize));
         for row in rows.into_iter().take(page as usize) {
@@ -177,18 +166,14 @@ impl pb::job_service_server::JobService for JobsApi {
             (true, Some(last)) => last.job_index.to_string(),
             _ => String::new(),
         };
-        Ok(Response::new(pb::ListJobsResponse {
+        Ok(pb::ListJobsResponse {
             jobs,
             next_page_token,
-        }))
+        })
     }
 
-    async fn get_job_log(
-        &self,
-        request: Request<pb::GetJobLogRequest>,
-    ) -> Result<Response<pb::JobLog>, Status> {
-        prodsys_server::input::checked(request.get_ref())?;
-        let r = request.into_inner();
+    /// The tail of a job's logs, or why there is none to show.
+    async fn log(&self, r: pb::GetJobLogRequest) -> Result<pb::JobLog> {
         required_id(&r.production_id)?;
         let index = i64::try_from(r.job_index)
             .map_err(|_| invalid("job_index", "larger than any job index"))?;
@@ -196,16 +181,15 @@ impl pb::job_service_server::JobService for JobsApi {
             0 => DEFAULT_LOG_BYTES,
             n => n.min(MAX_LOG_BYTES),
         };
-        let client = self.db.client().await.map_err(unexpected)?;
+        let client = self.db.client().await?;
         let place = store::job_place(&client, &r.production_id, index)
-            .await
-            .map_err(unexpected)?
+            .await?
             .filter(|place| prodsys_auth::caller().may_see(&place.vo))
             .ok_or_else(|| {
-                Status::from(ServiceError::NotFound(format!(
+                DispatcherError::NotFound(format!(
                     "production {} has no job {}",
                     r.production_id, r.job_index
-                )))
+                ))
             })?;
         let attempt = place.attempt.max(0) as u32;
         let installation = place.installation;
@@ -217,14 +201,12 @@ impl pb::job_service_server::JobService for JobsApi {
             ..Default::default()
         };
         if self.kind(&installation) == pb::WmsKind::Dirac {
-            return Ok(Response::new(unavailable(format!(
+            return Ok(unavailable(format!(
                 "installation {installation} is DIRAC: a job's output stays in its output sandbox"
-            ))));
+            )));
         }
         let Some(workdir) = workdir else {
-            return Ok(Response::new(unavailable(
-                "the job has not been submitted yet".into(),
-            )));
+            return Ok(unavailable("the job has not been submitted yet".into()));
         };
         let dir = std::path::PathBuf::from(workdir);
         let read = tokio::task::spawn_blocking(move || {
@@ -234,8 +216,8 @@ impl pb::job_service_server::JobService for JobsApi {
             ))
         })
         .await
-        .map_err(unexpected)?
-        .map_err(unexpected)?;
+        .map_err(|e| DispatcherError::Unexpected(e.into()))?
+        .map_err(|e| DispatcherError::Unexpected(e.into()))?;
         let log = match read {
             (None, None) => unavailable(format!(
                 "no log of attempt {attempt} on this dispatcher's host (not started yet, or \
@@ -255,7 +237,28 @@ impl pb::job_service_server::JobService for JobsApi {
                 }
             }
         };
-        Ok(Response::new(log))
+        Ok(log)
+    }
+}
+
+/// The handlers: check the request, answer it, map a failure onto its gRPC
+/// code once (`From<DispatcherError> for Status`).
+#[tonic::async_trait]
+impl pb::job_service_server::JobService for JobsApi {
+    async fn list_jobs(
+        &self,
+        request: Request<pb::ListJobsRequest>,
+    ) -> Result<Response<pb::ListJobsResponse>, Status> {
+        prodsys_server::input::checked(request.get_ref())?;
+        Ok(Response::new(self.jobs(request.into_inner()).await?))
+    }
+
+    async fn get_job_log(
+        &self,
+        request: Request<pb::GetJobLogRequest>,
+    ) -> Result<Response<pb::JobLog>, Status> {
+        prodsys_server::input::checked(request.get_ref())?;
+        Ok(Response::new(self.log(request.into_inner()).await?))
     }
 }
 
