@@ -635,6 +635,7 @@ pub async fn installation_counts<C: GenericClient + Sync>(
 }
 
 /// The read model's figures for `/metrics`.
+#[derive(Debug)]
 pub struct Figures {
     /// Productions per state name.
     pub productions: Vec<(String, i64)>,
@@ -650,6 +651,7 @@ pub struct Figures {
     pub destinations: Vec<DestinationFigures>,
 }
 
+#[derive(Debug)]
 pub struct DestinationFigures {
     pub destination: String,
     pub forwarded: i64,
