@@ -683,18 +683,37 @@ pub fn forwarding_lock_key(production_id: &str) -> i64 {
 }
 
 /// How long a replica waits after its `attempts`-th failed copy: the
-/// workspace's backoff (doubling from `min` up to `max`, with jitter).
+/// workspace's backoff (doubling from `min` up to `max`), placed in its step
+/// by `jitter`, a number in [0, 1] the caller draws (0: half the step, 1: all
+/// of it), so replicas that failed together do not retry together.
+pub fn retry_wait_jittered(
+    attempts: u32,
+    min: std::time::Duration,
+    max: std::time::Duration,
+    jitter: f64,
+) -> std::time::Duration {
+    let mut backoff = prodsys_messaging::Backoff::new(min, max);
+    let mut wait = backoff.next_wait_with(jitter);
+    for _ in 1..attempts.clamp(1, 32) {
+        wait = backoff.next_wait_with(jitter);
+    }
+    wait
+}
+
+/// [`retry_wait_jittered`] with a jitter drawn now
+/// ([`prodsys_messaging::backoff::unit_random`]): what the forwarder calls
+/// until it draws the jitter itself and passes it in.
 pub fn retry_wait(
     attempts: u32,
     min: std::time::Duration,
     max: std::time::Duration,
 ) -> std::time::Duration {
-    let mut backoff = prodsys_messaging::Backoff::new(min, max);
-    let mut wait = backoff.next_wait();
-    for _ in 1..attempts.clamp(1, 32) {
-        wait = backoff.next_wait();
-    }
-    wait
+    retry_wait_jittered(
+        attempts,
+        min,
+        max,
+        prodsys_messaging::backoff::unit_random(),
+    )
 }
 
 #[cfg(test)]
@@ -704,14 +723,21 @@ mod tests {
 
     #[test]
     fn retries_wait_longer_each_time_up_to_the_cap() {
-        let min = std::time::Duration::from_millis(100);
-        let max = std::time::Duration::from_millis(1600);
-        let first = retry_wait(1, min, max);
-        assert!(first >= min / 2 && first <= min, "{first:?}");
-        let fourth = retry_wait(4, min, max);
-        assert!(fourth >= min * 4 && fourth <= min * 8, "{fourth:?}");
-        let late = retry_wait(1000, min, max);
-        assert!(late >= max / 2 && late <= max, "{late:?}");
+        let ms = std::time::Duration::from_millis;
+        let (min, max) = (ms(100), ms(1600));
+        // The first step is `min`; the jitter places the wait in its upper half.
+        assert_eq!(retry_wait_jittered(0, min, max, 0.0), ms(50));
+        assert_eq!(retry_wait_jittered(1, min, max, 0.0), ms(50));
+        assert_eq!(retry_wait_jittered(1, min, max, 1.0), ms(100));
+        // The fourth doubles three times.
+        assert_eq!(retry_wait_jittered(4, min, max, 0.0), ms(400));
+        assert_eq!(retry_wait_jittered(4, min, max, 0.5), ms(600));
+        // Then the cap.
+        assert_eq!(retry_wait_jittered(6, min, max, 1.0), ms(1600));
+        assert_eq!(retry_wait_jittered(1000, min, max, 0.25), ms(1000));
+        // Drawn, the jitter stays within the step.
+        let drawn = retry_wait(4, min, max);
+        assert!(drawn >= ms(400) && drawn <= ms(800), "{drawn:?}");
     }
 
     #[test]

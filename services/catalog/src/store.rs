@@ -1766,3 +1766,55 @@ pub async fn reclassify(db: &Db, types: &KeyTypes) -> anyhow::Result<u64> {
         moved += lfns.len() as u64;
     }
 }
+
+/// A finished production's jobs in one final state on one installation.
+pub struct PlacedJobs<'a> {
+    pub installation: &'a str,
+    pub state: prodsys_core::JobState,
+    pub n: u64,
+}
+
+/// Records where a production's jobs ran (the same rows again change nothing).
+pub async fn record_installations(
+    tx: &Transaction<'_>,
+    production_id: &str,
+    placed: &[PlacedJobs<'_>],
+) -> anyhow::Result<()> {
+    if placed.is_empty() {
+        return Ok(());
+    }
+    let installations: Vec<&str> = placed.iter().map(|p| p.installation).collect();
+    let states: Vec<&str> = placed.iter().map(|p| p.state.as_str()).collect();
+    let counts: Vec<i64> = placed.iter().map(|p| p.n as i64).collect();
+    tx.execute_cached(
+        "INSERT INTO record_installations (production_id, installation, state, n)
+         SELECT $1, * FROM unnest($2::text[], $3::text[], $4::bigint[])
+         ON CONFLICT (production_id, installation, state) DO UPDATE SET n = EXCLUDED.n",
+        &[&production_id, &installations, &states, &counts],
+    )
+    .await
+    .context("recording jobs per installation")?;
+    Ok(())
+}
+
+/// Where a production's jobs ran: (installation, final state, jobs), by
+/// installation and state; rows of a state this version does not know are left out.
+pub async fn installations<C: GenericClient + Sync>(
+    client: &C,
+    production_id: &str,
+) -> anyhow::Result<Vec<(String, prodsys_core::JobState, u64)>> {
+    Ok(client
+        .query_cached(
+            "SELECT installation, state, n FROM record_installations
+             WHERE production_id = $1 ORDER BY installation, state",
+            &[&production_id],
+        )
+        .await
+        .context("reading jobs per installation")?
+        .iter()
+        .filter_map(|row| {
+            let state = row.get::<_, &str>(1).parse().ok()?;
+            Some((row.get(0), state, row.get::<_, i64>(2).max(0) as u64))
+        })
+        .collect())
+}

@@ -22,8 +22,7 @@ use prodsys_db::deadpool_postgres::Transaction;
 use prodsys_proto as pb;
 use prodsys_server::outbox_event;
 
-use crate::planning::JobRows;
-use crate::store;
+use crate::store::{self, JobRows};
 
 /// The producing profiles whose files a chained profile may take: `None`
 /// when some chained profile takes the named production's files whatever

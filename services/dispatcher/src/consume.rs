@@ -23,8 +23,7 @@ use uuid::Uuid;
 use crate::chain;
 use crate::domain::{self, Prepared};
 use crate::error::{DispatcherError, Result};
-use crate::planning::JobRows;
-use crate::store;
+use crate::store::{self, JobRows};
 
 /// Plans accepted productions into jobs.
 pub(crate) struct Planner {

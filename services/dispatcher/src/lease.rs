@@ -10,9 +10,11 @@
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use prodsys_db::Db;
 use prodsys_db::deadpool_postgres::Transaction;
-use prodsys_db::{Cached, Db};
 use tokio_util::sync::CancellationToken;
+
+use crate::store;
 
 /// Why a scheduler transaction was refused: the lease is no longer this replica's.
 #[derive(Debug)]
@@ -95,47 +97,26 @@ impl Lease {
     /// it). `Some(previous owner)` when it is ours now.
     pub async fn acquire(&self) -> anyhow::Result<Option<Option<String>>> {
         let client = self.db.client().await?;
-        let row = client
-            .query_opt_cached(
-                "WITH previous AS (SELECT owner FROM installation_leases WHERE installation = $1)
-                 INSERT INTO installation_leases AS l (installation, owner, expires_at)
-                 VALUES ($1, $2, now() + make_interval(secs => $3))
-                 ON CONFLICT (installation) DO UPDATE
-                     SET owner = EXCLUDED.owner, expires_at = EXCLUDED.expires_at, renewed_at = now(),
-                         acquired_at = CASE WHEN l.owner = EXCLUDED.owner THEN l.acquired_at ELSE now() END
-                     WHERE l.owner = EXCLUDED.owner OR l.expires_at < now()
-                 RETURNING (SELECT owner FROM previous)",
-                &[&self.installation, &self.owner, &self.ttl.as_secs_f64()],
-            )
-            .await?;
-        Ok(row.map(|r| r.get::<_, Option<String>>(0)))
+        store::acquire_lease(
+            &client,
+            &self.installation,
+            &self.owner,
+            self.ttl.as_secs_f64(),
+        )
+        .await
     }
 
     /// Gives the lease up (graceful shutdown), so a successor takes over at once.
     pub async fn release(&self) -> anyhow::Result<()> {
         self.held_token().cancel();
         let client = self.db.client().await?;
-        client
-            .execute_cached(
-                "DELETE FROM installation_leases WHERE installation = $1 AND owner = $2",
-                &[&self.installation, &self.owner],
-            )
-            .await?;
-        Ok(())
+        store::release_lease(&client, &self.installation, &self.owner).await
     }
 
     /// Fails with [`LeaseLost`] unless the lease is ours and unexpired; holds
     /// a share lock on it until `tx` ends, so nobody takes it meanwhile.
     pub async fn fence(&self, tx: &Transaction<'_>) -> anyhow::Result<()> {
-        let ours = tx
-            .query_opt_cached(
-                "SELECT 1 FROM installation_leases
-                 WHERE installation = $1 AND owner = $2 AND expires_at > now() FOR SHARE",
-                &[&self.installation, &self.owner],
-            )
-            .await?
-            .is_some();
-        if ours {
+        if store::hold_lease(tx, &self.installation, &self.owner).await? {
             return Ok(());
         }
         self.held_token().cancel();

@@ -11,6 +11,7 @@
 //! declares `inputs`) gets its jobs as its parents' output files arrive
 //! (see `chain`).
 
+mod api;
 pub mod backend;
 mod chain;
 mod consume;
@@ -18,7 +19,6 @@ pub mod dirac;
 mod domain;
 pub mod error;
 mod federation;
-mod jobs_api;
 pub mod lease;
 mod outputs;
 mod planning;
@@ -218,7 +218,7 @@ pub async fn start(
     let (routes, reporter) = prodsys_server::base_routes()?;
     // A production's jobs and their logs, for the dashboard.
     let routes = routes.add_service(pb::job_service_server::JobServiceServer::new(
-        jobs_api::JobsApi::new(foundation.db.clone(), settings),
+        api::JobsApi::new(foundation.db.clone(), settings),
     ));
     let routes = prodsys_server::with_metrics(routes);
     foundation

@@ -17,10 +17,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use prodsys_core::{ProductionState, ProfileSet};
-use prodsys_db::deadpool_postgres::{GenericClient, Transaction};
-use prodsys_db::{Cached, Db};
+use prodsys_db::Db;
+use prodsys_db::deadpool_postgres::GenericClient;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
+
+use crate::store::{self, JobRows};
 
 /// Productions looked at per planning transaction (a chunk may span several small ones).
 const PICK: i64 = 64;
@@ -117,7 +119,7 @@ impl PlanningTask {
     /// How many jobs it made.
     async fn advance_chained(&self) -> anyhow::Result<u64> {
         let client = self.db.client().await?;
-        let waiting = crate::store::waiting_for_input(&client).await?;
+        let waiting = store::waiting_for_input(&client).await?;
         drop(client);
         let mut created = 0;
         for production_id in waiting {
@@ -141,7 +143,7 @@ impl PlanningTask {
         let older_than = chrono::Utc::now()
             .checked_sub_signed(ttl)
             .unwrap_or(chrono::DateTime::<chrono::Utc>::MIN_UTC);
-        match crate::store::expire_pending_cancels(client, older_than).await {
+        match store::expire_pending_cancels(client, older_than).await {
             Ok(0) => {}
             Ok(dropped) => tracing::info!(
                 dropped,
@@ -162,38 +164,30 @@ impl PlanningTask {
     async fn plan_chunk(&self) -> anyhow::Result<Option<usize>> {
         let mut client = self.db.client().await?;
         let tx = client.transaction().await?;
-        let rows = tx
-            .query_cached(
-                "SELECT production_id, profile, parameters, fingerprint, run_number_offset,
-                        planned_jobs, job_total
-                 FROM productions WHERE planned_jobs < job_total AND state = 'RUNNING'
-                 ORDER BY priority DESC, job_total - planned_jobs, created_at, production_id
-                 LIMIT $1 FOR UPDATE SKIP LOCKED",
-                &[&PICK],
-            )
-            .await?;
+        let unplanned = store::lock_unplanned(&tx, PICK).await?;
         let mut budget = self.chunk.max(1);
         let mut jobs = JobRows::default();
         let mut ids = Vec::new();
         let mut planned = Vec::new();
-        for row in &rows {
+        for production in unplanned {
             if budget == 0 {
                 break;
             }
-            let production_id: String = row.get(0);
-            let profile_name: &str = row.get(1);
-            let Some(profile) = self.profiles.get(profile_name) else {
-                tracing::warn!(%production_id, profile = profile_name, "cannot plan: unknown profile");
+            let production_id = production.production_id;
+            let Some(profile) = self.profiles.get(&production.profile) else {
+                tracing::warn!(%production_id, profile = %production.profile, "cannot plan: unknown profile");
                 continue;
             };
-            let parameters: serde_json::Value = row.get(2);
-            let Some(plan) = profile.plan(&parameters, row.get(3), row.get::<_, i64>(4) as u64)
-            else {
+            let Some(plan) = profile.plan(
+                &production.parameters,
+                &production.fingerprint,
+                production.run_number_offset,
+            ) else {
                 tracing::warn!(%production_id, "cannot plan: the parameters give no job plan");
                 continue;
             };
-            let from = row.get::<_, i64>(5) as u64;
-            let total = (row.get::<_, i64>(6) as u64).min(plan.job_count);
+            let from = production.planned_jobs;
+            let total = production.job_total.min(plan.job_count);
             let to = total.min(from + budget);
             for index in from..to {
                 jobs.push(&production_id, &plan.job(index));
@@ -210,13 +204,7 @@ impl PlanningTask {
         }
         let created = jobs.len();
         jobs.flush(&tx).await?;
-        tx.execute_cached(
-            "UPDATE productions p SET planned_jobs = u.planned, updated_at = now()
-             FROM unnest($1::text[], $2::bigint[]) AS u(id, planned)
-             WHERE p.production_id = u.id",
-            &[&ids, &planned],
-        )
-        .await?;
+        store::set_planned(&tx, &ids, &planned).await?;
         tx.commit().await?;
         Ok(Some(created))
     }
@@ -233,87 +221,13 @@ pub(crate) async fn apply_pending_cancels<C: GenericClient + Sync>(
 ) -> anyhow::Result<u64> {
     let from = ProductionState::Running;
     let to = from.transition(ProductionState::Cancelling)?;
-    let rows = client
-        .query_cached(
-            "WITH found AS (
-                 DELETE FROM pending_cancels c USING productions p
-                 WHERE p.production_id = c.production_id
-                   AND ($1::text[] IS NULL OR c.production_id = ANY($1))
-                 RETURNING c.production_id, c.reason, c.requested_at >= p.accepted_at AS applies)
-             UPDATE productions p SET state = $2, updated_at = now()
-             FROM found WHERE p.production_id = found.production_id AND found.applies AND p.state = $3
-             RETURNING p.production_id, found.reason",
-            &[&only, &to.as_str(), &from.as_str()],
-        )
-        .await?;
-    for row in &rows {
+    let applied = store::apply_pending_cancels(client, only, from, to).await?;
+    for cancel in &applied {
         tracing::info!(
-            production_id = row.get::<_, &str>(0),
-            reason = row.get::<_, &str>(1),
+            production_id = cancel.production_id,
+            reason = cancel.reason,
             "cancel received before the production applied"
         );
     }
-    Ok(rows.len() as u64)
-}
-
-/// Job rows waiting for one insert, column by column.
-#[derive(Default)]
-pub(crate) struct JobRows {
-    productions: Vec<String>,
-    indexes: Vec<i64>,
-    run_numbers: Vec<i64>,
-    seeds: Vec<i64>,
-    units: Vec<i64>,
-    /// The LFNs a chained production's job takes (a JSON array).
-    inputs: Vec<Option<serde_json::Value>>,
-}
-
-impl JobRows {
-    pub fn len(&self) -> usize {
-        self.indexes.len()
-    }
-
-    pub fn push(&mut self, production_id: &str, job: &prodsys_core::PlannedJob) {
-        self.productions.push(production_id.to_string());
-        self.indexes.push(job.index as i64);
-        self.run_numbers.push(job.run_number as i64);
-        self.seeds.push(job.seed as i64);
-        self.units.push(job.units as i64);
-        self.inputs.push(None);
-    }
-
-    /// A chained production's job, with the input files it takes.
-    pub fn push_taking(
-        &mut self,
-        production_id: &str,
-        job: &prodsys_core::PlannedJob,
-        lfns: &[&str],
-    ) {
-        self.push(production_id, job);
-        if let Some(last) = self.inputs.last_mut() {
-            *last = Some(serde_json::Value::from(lfns.to_vec()));
-        }
-    }
-
-    pub async fn flush(&mut self, tx: &Transaction<'_>) -> anyhow::Result<()> {
-        if self.indexes.is_empty() {
-            return Ok(());
-        }
-        tx.execute_cached(
-            "INSERT INTO jobs (production_id, job_index, run_number, seed, units, inputs)
-             SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[],
-                                  $6::jsonb[])",
-            &[
-                &self.productions,
-                &self.indexes,
-                &self.run_numbers,
-                &self.seeds,
-                &self.units,
-                &self.inputs,
-            ],
-        )
-        .await?;
-        *self = JobRows::default();
-        Ok(())
-    }
+    Ok(applied.len() as u64)
 }

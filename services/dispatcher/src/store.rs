@@ -1,8 +1,8 @@
-//! Every SQL statement of the dispatcher's scheduler and consumer, typed in
-//! and out. (The installation lease keeps its three statements beside its
-//! fencing logic in `lease`, and incremental planning its chunk statements in
-//! `planning`.) Callers own the transactions: a function taking a
-//! [`Transaction`] runs inside one, a [`GenericClient`] may be either.
+//! Every SQL statement of the dispatcher, typed in and out: its scheduler,
+//! consumer, planning task, installation leases and `JobService` here, its
+//! federation's placement in [`federation`]. Callers own the transactions: a
+//! function taking a [`Transaction`] runs inside one, a [`GenericClient`]
+//! may be either.
 
 use std::collections::{HashMap, HashSet};
 
@@ -932,4 +932,327 @@ pub async fn lock_production(tx: &Transaction<'_>, production_id: &str) -> anyho
     )
     .await?;
     Ok(())
+}
+
+// Incremental planning (`planning`).
+
+/// A production still being planned, with its plan's inputs and how far
+/// planning got.
+pub struct Unplanned {
+    pub production_id: String,
+    pub profile: String,
+    pub parameters: serde_json::Value,
+    pub fingerprint: String,
+    pub run_number_offset: u64,
+    /// Jobs created so far.
+    pub planned_jobs: u64,
+    pub job_total: u64,
+}
+
+/// Up to `limit` RUNNING productions with jobs still to create (highest
+/// priority first, then the one with least left), each row held until the
+/// transaction ends; rows another transaction holds are skipped, so
+/// replicas never plan the same jobs twice.
+pub async fn lock_unplanned(tx: &Transaction<'_>, limit: i64) -> anyhow::Result<Vec<Unplanned>> {
+    Ok(tx
+        .query_cached(
+            "SELECT production_id, profile, parameters, fingerprint, run_number_offset,
+                    planned_jobs, job_total
+             FROM productions WHERE planned_jobs < job_total AND state = 'RUNNING'
+             ORDER BY priority DESC, job_total - planned_jobs, created_at, production_id
+             LIMIT $1 FOR UPDATE SKIP LOCKED",
+            &[&limit],
+        )
+        .await?
+        .iter()
+        .map(|row| Unplanned {
+            production_id: row.get(0),
+            profile: row.get(1),
+            parameters: row.get(2),
+            fingerprint: row.get(3),
+            run_number_offset: row.get::<_, i64>(4) as u64,
+            planned_jobs: row.get::<_, i64>(5) as u64,
+            job_total: row.get::<_, i64>(6) as u64,
+        })
+        .collect())
+}
+
+/// Records how many jobs of each production exist now (`ids[i]` has `planned[i]`).
+pub async fn set_planned(
+    tx: &Transaction<'_>,
+    ids: &[String],
+    planned: &[i64],
+) -> anyhow::Result<()> {
+    tx.execute_cached(
+        "UPDATE productions p SET planned_jobs = u.planned, updated_at = now()
+         FROM unnest($1::text[], $2::bigint[]) AS u(id, planned)
+         WHERE p.production_id = u.id",
+        &[&ids, &planned],
+    )
+    .await?;
+    Ok(())
+}
+
+/// A remembered cancel applied to its production.
+pub struct AppliedCancel {
+    pub production_id: String,
+    pub reason: String,
+}
+
+/// Applies the remembered cancels whose production now exists (all of them,
+/// or those of `only`): a production in state `from`, accepted before the
+/// cancel was asked for, moves to `to`; the remembered cancel is dropped
+/// whatever the production's state. The cancels applied.
+pub async fn apply_pending_cancels<C: GenericClient + Sync>(
+    client: &C,
+    only: Option<&[String]>,
+    from: ProductionState,
+    to: ProductionState,
+) -> anyhow::Result<Vec<AppliedCancel>> {
+    Ok(client
+        .query_cached(
+            "WITH found AS (
+                 DELETE FROM pending_cancels c USING productions p
+                 WHERE p.production_id = c.production_id
+                   AND ($1::text[] IS NULL OR c.production_id = ANY($1))
+                 RETURNING c.production_id, c.reason, c.requested_at >= p.accepted_at AS applies)
+             UPDATE productions p SET state = $2, updated_at = now()
+             FROM found WHERE p.production_id = found.production_id AND found.applies AND p.state = $3
+             RETURNING p.production_id, found.reason",
+            &[&only, &to.as_str(), &from.as_str()],
+        )
+        .await?
+        .iter()
+        .map(|row| AppliedCancel {
+            production_id: row.get(0),
+            reason: row.get(1),
+        })
+        .collect())
+}
+
+/// Job rows waiting for one insert, column by column.
+#[derive(Default)]
+pub struct JobRows {
+    productions: Vec<String>,
+    indexes: Vec<i64>,
+    run_numbers: Vec<i64>,
+    seeds: Vec<i64>,
+    units: Vec<i64>,
+    /// The LFNs a chained production's job takes (a JSON array).
+    inputs: Vec<Option<serde_json::Value>>,
+}
+
+impl JobRows {
+    pub fn len(&self) -> usize {
+        self.indexes.len()
+    }
+
+    pub fn push(&mut self, production_id: &str, job: &prodsys_core::PlannedJob) {
+        self.productions.push(production_id.to_string());
+        self.indexes.push(job.index as i64);
+        self.run_numbers.push(job.run_number as i64);
+        self.seeds.push(job.seed as i64);
+        self.units.push(job.units as i64);
+        self.inputs.push(None);
+    }
+
+    /// A chained production's job, with the input files it takes.
+    pub fn push_taking(
+        &mut self,
+        production_id: &str,
+        job: &prodsys_core::PlannedJob,
+        lfns: &[&str],
+    ) {
+        self.push(production_id, job);
+        if let Some(last) = self.inputs.last_mut() {
+            *last = Some(serde_json::Value::from(lfns.to_vec()));
+        }
+    }
+
+    /// Inserts the rows (one statement) and empties the buffer.
+    pub async fn flush(&mut self, tx: &Transaction<'_>) -> anyhow::Result<()> {
+        if self.indexes.is_empty() {
+            return Ok(());
+        }
+        tx.execute_cached(
+            "INSERT INTO jobs (production_id, job_index, run_number, seed, units, inputs)
+             SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[],
+                                  $6::jsonb[])",
+            &[
+                &self.productions,
+                &self.indexes,
+                &self.run_numbers,
+                &self.seeds,
+                &self.units,
+                &self.inputs,
+            ],
+        )
+        .await?;
+        *self = JobRows::default();
+        Ok(())
+    }
+}
+
+// Installation leases (`lease`).
+
+/// Takes the lease of `installation` for `owner` if it is free, expired, or
+/// already `owner`'s (then renews it), for `ttl_s` seconds by the database's
+/// clock. `Some(previous owner)` when it is `owner`'s now.
+pub async fn acquire_lease<C: GenericClient + Sync>(
+    client: &C,
+    installation: &str,
+    owner: &str,
+    ttl_s: f64,
+) -> anyhow::Result<Option<Option<String>>> {
+    let row = client
+        .query_opt_cached(
+            "WITH previous AS (SELECT owner FROM installation_leases WHERE installation = $1)
+             INSERT INTO installation_leases AS l (installation, owner, expires_at)
+             VALUES ($1, $2, now() + make_interval(secs => $3))
+             ON CONFLICT (installation) DO UPDATE
+                 SET owner = EXCLUDED.owner, expires_at = EXCLUDED.expires_at, renewed_at = now(),
+                     acquired_at = CASE WHEN l.owner = EXCLUDED.owner THEN l.acquired_at ELSE now() END
+                 WHERE l.owner = EXCLUDED.owner OR l.expires_at < now()
+             RETURNING (SELECT owner FROM previous)",
+            &[&installation, &owner, &ttl_s],
+        )
+        .await?;
+    Ok(row.map(|r| r.get::<_, Option<String>>(0)))
+}
+
+/// Gives up `owner`'s lease of `installation` (if it still holds it).
+pub async fn release_lease<C: GenericClient + Sync>(
+    client: &C,
+    installation: &str,
+    owner: &str,
+) -> anyhow::Result<()> {
+    client
+        .execute_cached(
+            "DELETE FROM installation_leases WHERE installation = $1 AND owner = $2",
+            &[&installation, &owner],
+        )
+        .await?;
+    Ok(())
+}
+
+/// Whether `owner` holds the unexpired lease of `installation`; if so, a
+/// share lock on it is held until `tx` ends, so nobody takes it meanwhile.
+pub async fn hold_lease(
+    tx: &Transaction<'_>,
+    installation: &str,
+    owner: &str,
+) -> anyhow::Result<bool> {
+    Ok(tx
+        .query_opt_cached(
+            "SELECT 1 FROM installation_leases
+             WHERE installation = $1 AND owner = $2 AND expires_at > now() FOR SHARE",
+            &[&installation, &owner],
+        )
+        .await?
+        .is_some())
+}
+
+// The `JobService` API (`api`).
+
+/// A production as the job API sees it: where it runs and whose it is.
+pub struct ProductionOwner {
+    pub backend: String,
+    pub vo: String,
+}
+
+/// The installation a production was placed on and its VO; `None` when the
+/// dispatcher does not know it.
+pub async fn production_owner<C: GenericClient + Sync>(
+    client: &C,
+    production_id: &str,
+) -> anyhow::Result<Option<ProductionOwner>> {
+    Ok(client
+        .query_opt_cached(
+            "SELECT backend, vo FROM productions WHERE production_id = $1",
+            &[&production_id],
+        )
+        .await?
+        .map(|row| ProductionOwner {
+            backend: row.get(0),
+            vo: row.get(1),
+        }))
+}
+
+/// A job as `ListJobs` shows it.
+pub struct ListedJob {
+    pub job_index: i64,
+    pub state: String,
+    pub attempt: i32,
+    pub attempts_submitted: i32,
+    /// `None` for a job not placed yet, or reserved before placement was recorded.
+    pub installation: Option<String>,
+    pub backend_job_id: Option<String>,
+    pub raw_status: Option<String>,
+    pub exit_code: Option<i32>,
+    pub run_number: i64,
+    pub updated_unix_ms: i64,
+}
+
+/// Up to `limit` jobs of a production with an index above `after`, in index order.
+pub async fn jobs_page<C: GenericClient + Sync>(
+    client: &C,
+    production_id: &str,
+    after: i64,
+    limit: i64,
+) -> anyhow::Result<Vec<ListedJob>> {
+    Ok(client
+        .query_cached(
+            "SELECT job_index, state, attempt, attempts_submitted, installation,
+                    backend_job_id, raw_status, exit_code, run_number,
+                    (extract(epoch FROM updated_at) * 1000)::bigint
+             FROM jobs WHERE production_id = $1 AND job_index > $2
+             ORDER BY job_index LIMIT $3",
+            &[&production_id, &after, &limit],
+        )
+        .await?
+        .iter()
+        .map(|row| ListedJob {
+            job_index: row.get(0),
+            state: row.get(1),
+            attempt: row.get(2),
+            attempts_submitted: row.get(3),
+            installation: row.get(4),
+            backend_job_id: row.get(5),
+            raw_status: row.get(6),
+            exit_code: row.get(7),
+            run_number: row.get(8),
+            updated_unix_ms: row.get(9),
+        })
+        .collect())
+}
+
+/// Where a job's latest attempt runs, as `GetJobLog` needs it.
+pub struct JobPlace {
+    pub attempt: i32,
+    /// Its installation, or its production's for a job reserved before
+    /// placement was recorded.
+    pub installation: String,
+    pub workdir: Option<String>,
+    pub vo: String,
+}
+
+pub async fn job_place<C: GenericClient + Sync>(
+    client: &C,
+    production_id: &str,
+    job_index: i64,
+) -> anyhow::Result<Option<JobPlace>> {
+    Ok(client
+        .query_opt_cached(
+            "SELECT j.attempt, COALESCE(j.installation, p.backend), j.workdir, p.vo
+             FROM jobs j JOIN productions p USING (production_id)
+             WHERE j.production_id = $1 AND j.job_index = $2",
+            &[&production_id, &job_index],
+        )
+        .await?
+        .map(|row| JobPlace {
+            attempt: row.get(0),
+            installation: row.get(1),
+            workdir: row.get(2),
+            vo: row.get(3),
+        }))
 }

@@ -290,86 +290,8 @@ async fn metrics(State(api): State<StatusApi>) -> Response {
     }
 }
 
-fn label(value: &str) -> String {
-    value
-        .replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
-}
-
-/// One figure of a forwarding destination.
-type DestinationFigure = fn(&store::DestinationFigures) -> i64;
-
 async fn render_metrics(api: &StatusApi) -> anyhow::Result<String> {
-    use std::fmt::Write as _;
-    let figures = store::figures(&api.db).await?;
-    let mut out = String::new();
-    out.push_str("# HELP prodsys_productions Productions in the status read model, by state.\n");
-    out.push_str("# TYPE prodsys_productions gauge\n");
-    for (state, n) in &figures.productions {
-        let _ = writeln!(out, "prodsys_productions{{state=\"{}\"}} {n}", label(state));
-    }
-    out.push_str("# HELP prodsys_jobs Jobs of all productions, by state (CREATED: not yet mentioned by any event).\n");
-    out.push_str("# TYPE prodsys_jobs gauge\n");
-    let mut created_seen = 0;
-    let mut lines = Vec::new();
-    for (state, n) in &figures.jobs {
-        if state == "CREATED" {
-            created_seen = *n;
-            continue;
-        }
-        lines.push(format!("prodsys_jobs{{state=\"{}\"}} {n}", label(state)));
-    }
-    let _ = writeln!(
-        out,
-        "prodsys_jobs{{state=\"CREATED\"}} {}",
-        created_seen + figures.unmentioned.max(0)
-    );
-    for line in lines {
-        let _ = writeln!(out, "{line}");
-    }
-    out.push_str(
-        "# HELP prodsys_installation_up 1 when the WMS installation answers, 0 while it fails.\n",
-    );
-    out.push_str("# TYPE prodsys_installation_up gauge\n");
-    for (name, healthy) in &figures.installations {
-        let _ = writeln!(
-            out,
-            "prodsys_installation_up{{installation=\"{}\"}} {}",
-            label(name),
-            u8::from(*healthy)
-        );
-    }
-    let gauges: [(&str, &str, DestinationFigure); 3] = [
-        (
-            "prodsys_forwarding_files",
-            "Files of the productions forwarded to a destination, catalogued so far.",
-            |d| d.total,
-        ),
-        (
-            "prodsys_forwarded_files",
-            "Of those, files verified on the destination (registered, on a Rucio destination).",
-            |d| d.forwarded,
-        ),
-        (
-            "prodsys_forwarding_failing_files",
-            "Of those, files whose last copy to the destination failed (retried with backoff).",
-            |d| d.failing,
-        ),
-    ];
-    for (name, help, figure) in gauges {
-        let _ = writeln!(out, "# HELP {name} {help}");
-        let _ = writeln!(out, "# TYPE {name} gauge");
-        for d in &figures.destinations {
-            let _ = writeln!(
-                out,
-                "{name}{{destination=\"{}\"}} {}",
-                label(&d.destination),
-                figure(d)
-            );
-        }
-    }
-    Ok(out)
+    Ok(crate::gauges::encode(store::figures(&api.db).await?))
 }
 
 async fn templates_page() -> Html<String> {

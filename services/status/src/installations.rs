@@ -3,11 +3,9 @@
 //! are on each, in which state, from counters kept with each job's latest
 //! transition.
 
-use anyhow::Context;
-use prodsys_db::Cached;
 use prodsys_proto as pb;
 
-use crate::domain;
+use crate::{domain, store};
 
 /// Fills `installations` of `productions` from the read model.
 pub async fn attach(
@@ -21,20 +19,12 @@ pub async fn attach(
         .iter()
         .map(|p| p.production_id.as_str())
         .collect();
-    let rows = client
-        .query_cached(
-            "SELECT production_id, installation, state, n FROM installation_job_counts
-             WHERE production_id = ANY($1) AND n > 0
-             ORDER BY production_id, installation, state",
-            &[&ids],
-        )
-        .await
-        .context("reading jobs per installation")?;
+    let rows = store::installation_counts(client, &ids).await?;
     for p in productions.iter_mut() {
         let mine = rows
             .iter()
-            .filter(|r| r.get::<_, &str>(0) == p.production_id)
-            .map(|r| (r.get::<_, &str>(1), r.get::<_, &str>(2), r.get::<_, i64>(3)));
+            .filter(|r| r.production_id == p.production_id)
+            .map(|r| (r.installation.as_str(), r.state.as_str(), r.n));
         p.installations = domain::per_installation(mine)
             .into_iter()
             .map(|(installation, counts)| pb::InstallationJobs {

@@ -15,6 +15,7 @@ pub mod consume;
 pub mod domain;
 pub mod error;
 pub mod forwarding;
+mod gauges;
 mod http;
 pub mod installations;
 mod rest;

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use prodsys_core::ProductionState;
-use prodsys_db::deadpool_postgres::Transaction;
+use prodsys_db::deadpool_postgres::{GenericClient, Transaction};
 use prodsys_db::tokio_postgres::Row;
 use prodsys_db::{Cached, Db};
 use tokio::sync::broadcast;
@@ -483,7 +483,159 @@ fn production_from_row<'a>(
     }
 }
 
+/// Records the destinations an accepted production asked for (the first
+/// time it is told).
+pub async fn plan_forwarding(
+    tx: &Transaction<'_>,
+    production_id: &str,
+    destinations: &[String],
+) -> anyhow::Result<()> {
+    tx.execute_cached(
+        "INSERT INTO forward_plans (production_id, destinations) VALUES ($1, $2)
+         ON CONFLICT (production_id) DO NOTHING",
+        &[&production_id, &destinations],
+    )
+    .await
+    .context("recording a forwarding plan")?;
+    Ok(())
+}
+
+/// How far forwarding to one destination got, as the catalog reports it.
+pub struct DestinationCounts<'a> {
+    pub destination: &'a str,
+    pub forwarded: u64,
+    pub total: u64,
+    pub failing: u64,
+    pub held_reason: &'a str,
+}
+
+/// Records a production's forwarding counts reported at `at_ms`; a report
+/// older than the one kept for a destination changes nothing there.
+pub async fn record_forwarding(
+    tx: &Transaction<'_>,
+    production_id: &str,
+    destinations: &[DestinationCounts<'_>],
+    at_ms: i64,
+) -> anyhow::Result<()> {
+    for d in destinations {
+        tx.execute_cached(
+            "INSERT INTO forwarding (production_id, destination, forwarded, total, failing,
+                                     held_reason, at_ms)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)
+             ON CONFLICT (production_id, destination) DO UPDATE SET
+                 forwarded = EXCLUDED.forwarded, total = EXCLUDED.total,
+                 failing = EXCLUDED.failing, held_reason = EXCLUDED.held_reason,
+                 at_ms = EXCLUDED.at_ms
+             WHERE forwarding.at_ms <= EXCLUDED.at_ms",
+            &[
+                &production_id,
+                &d.destination,
+                &(d.forwarded as i64),
+                &(d.total as i64),
+                &(d.failing as i64),
+                &d.held_reason,
+                &at_ms,
+            ],
+        )
+        .await
+        .context("recording forwarding progress")?;
+    }
+    Ok(())
+}
+
+/// Records that every output of a production is catalogued and on every destination.
+pub async fn record_forwarded(tx: &Transaction<'_>, production_id: &str) -> anyhow::Result<()> {
+    tx.execute_cached(
+        "INSERT INTO forwarded (production_id) VALUES ($1) ON CONFLICT DO NOTHING",
+        &[&production_id],
+    )
+    .await
+    .context("recording a forwarded production")?;
+    Ok(())
+}
+
+/// One destination of a production's forwarding, as the read model has it.
+pub struct ForwardingRow {
+    pub production_id: String,
+    /// `None` on the one row of a production without any destination.
+    pub destination: Option<String>,
+    pub forwarded: u64,
+    pub total: u64,
+    pub failing: u64,
+    pub held_reason: String,
+    /// Whether the production was announced forwarded (the same on each of its rows).
+    pub all_forwarded: bool,
+}
+
+/// The forwarding of these productions: a row per destination of each, in
+/// the order the production asked for them, or one without a destination
+/// for a production without any; in production ID order.
+pub async fn forwarding<C: GenericClient + Sync>(
+    client: &C,
+    production_ids: &[&str],
+) -> anyhow::Result<Vec<ForwardingRow>> {
+    Ok(client
+        .query_cached(
+            "SELECT i.id, u.d, COALESCE(f.forwarded, 0), COALESCE(f.total, 0),
+                    COALESCE(f.failing, 0), COALESCE(f.held_reason, ''),
+                    EXISTS (SELECT FROM forwarded x WHERE x.production_id = i.id)
+             FROM unnest($1::text[]) AS i (id)
+             LEFT JOIN forward_plans p ON p.production_id = i.id
+             LEFT JOIN LATERAL unnest(p.destinations) WITH ORDINALITY AS u (d, n) ON true
+             LEFT JOIN forwarding f ON f.production_id = i.id AND f.destination = u.d
+             ORDER BY i.id, u.n",
+            &[&production_ids],
+        )
+        .await
+        .context("reading forwarding progress")?
+        .iter()
+        .map(|r| ForwardingRow {
+            production_id: r.get(0),
+            destination: r.get(1),
+            forwarded: r.get::<_, i64>(2) as u64,
+            total: r.get::<_, i64>(3) as u64,
+            failing: r.get::<_, i64>(4) as u64,
+            held_reason: r.get(5),
+            all_forwarded: r.get(6),
+        })
+        .collect())
+}
+
+/// A production's jobs on one installation in one state.
+pub struct InstallationCount {
+    pub production_id: String,
+    pub installation: String,
+    pub state: String,
+    pub n: i64,
+}
+
+/// The jobs per installation and state of these productions (none where
+/// there are none), by production, installation and state.
+pub async fn installation_counts<C: GenericClient + Sync>(
+    client: &C,
+    production_ids: &[&str],
+) -> anyhow::Result<Vec<InstallationCount>> {
+    Ok(client
+        .query_cached(
+            "SELECT production_id, installation, state, n FROM installation_job_counts
+             WHERE production_id = ANY($1) AND n > 0
+             ORDER BY production_id, installation, state",
+            &[&production_ids],
+        )
+        .await
+        .context("reading jobs per installation")?
+        .iter()
+        .map(|r| InstallationCount {
+            production_id: r.get(0),
+            installation: r.get(1),
+            state: r.get(2),
+            n: r.get(3),
+        })
+        .collect())
+}
+
 /// The read model's figures for `/metrics`.
+#[derive(Debug)]
 pub struct Figures {
     /// Productions per state name.
     pub productions: Vec<(String, i64)>,
@@ -499,6 +651,7 @@ pub struct Figures {
     pub destinations: Vec<DestinationFigures>,
 }
 
+#[derive(Debug)]
 pub struct DestinationFigures {
     pub destination: String,
     pub forwarded: i64,

@@ -26,10 +26,17 @@ impl Backoff {
     /// The next wait: the current step with "equal jitter" (between half of
     /// it and all of it); the step then doubles, up to the cap.
     pub fn next_wait(&mut self) -> Duration {
+        self.next_wait_with(unit_random())
+    }
+
+    /// [`Backoff::next_wait`] with the jitter given: `unit`, in [0, 1],
+    /// places the wait between half the step (0) and all of it (1). For
+    /// callers that draw the randomness themselves (pure functions, tests).
+    pub fn next_wait_with(&mut self, unit: f64) -> Duration {
         let step = self.next;
         self.next = (self.next * 2).min(self.max);
         let half = step / 2;
-        half + half.mul_f64(unit_random())
+        half + half.mul_f64(unit.clamp(0.0, 1.0))
     }
 
     /// Back to the first step, after a success.
@@ -39,8 +46,9 @@ impl Backoff {
 }
 
 /// A number in [0, 1), from the standard library's randomly keyed hasher
-/// (good enough to spread retries; not for anything secret).
-fn unit_random() -> f64 {
+/// (good enough to spread retries; not for anything secret): the jitter
+/// [`Backoff::next_wait`] draws.
+pub fn unit_random() -> f64 {
     let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
     hasher.write_u64(
         std::time::SystemTime::now()
@@ -69,6 +77,15 @@ mod tests {
         }
         backoff.reset();
         assert!(backoff.next_wait() <= Duration::from_millis(100));
+    }
+
+    #[test]
+    fn a_given_jitter_places_the_wait_within_its_step() {
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_millis(400));
+        assert_eq!(backoff.next_wait_with(0.0), Duration::from_millis(50));
+        assert_eq!(backoff.next_wait_with(0.5), Duration::from_millis(150));
+        assert_eq!(backoff.next_wait_with(1.0), Duration::from_millis(400));
+        assert_eq!(backoff.next_wait_with(7.0), Duration::from_millis(400));
     }
 
     #[test]

@@ -1,7 +1,9 @@
-//! `JobService`: a production's jobs as the dispatcher runs them (state,
-//! attempts, installation, the WMS's own status and exit code) and the tail
-//! of a job's logs where its executor keeps them. What the dashboard's
-//! production page shows of each job; read-only.
+//! The dispatcher's gRPC `JobService`: a production's jobs as the
+//! dispatcher runs them (state, attempts, installation, the WMS's own status
+//! and exit code) and the tail of a job's logs where its executor keeps
+//! them. What the dashboard's production page shows of each job; read-only.
+//! Failures are the dispatcher's [`DispatcherError`], mapped onto gRPC codes
+//! once, as in every service.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Seek, SeekFrom};
@@ -9,11 +11,13 @@ use std::path::Path;
 
 use prodsys_config::BackendSettings;
 use prodsys_core::{JobState, Violation};
-use prodsys_db::{Cached, Db};
+use prodsys_db::Db;
 use prodsys_proto as pb;
 use prodsys_proto::StateProto;
-use prodsys_server::ServiceError;
 use tonic::{Request, Response, Status};
+
+use crate::error::{DispatcherError, Result};
+use crate::store;
 
 const DEFAULT_PAGE: u32 = 100;
 const MAX_PAGE: u32 = 1000;
@@ -53,15 +57,11 @@ impl JobsApi {
     }
 }
 
-fn invalid(field: &str, description: impl Into<String>) -> Status {
-    ServiceError::Validation(vec![Violation::new(field, description)]).into()
+fn invalid(field: &str, description: impl Into<String>) -> DispatcherError {
+    DispatcherError::Invalid(vec![Violation::new(field, description)])
 }
 
-fn unexpected(error: impl Into<anyhow::Error>) -> Status {
-    ServiceError::Unexpected(error.into()).into()
-}
-
-fn required_id(production_id: &str) -> Result<(), Status> {
+fn required_id(production_id: &str) -> Result<()> {
     if production_id.is_empty() {
         return Err(invalid("production_id", "required"));
     }
@@ -96,14 +96,9 @@ fn tail(path: &Path, max: u64) -> std::io::Result<Option<(String, bool)>> {
     )))
 }
 
-#[tonic::async_trait]
-impl pb::job_service_server::JobService for JobsApi {
-    async fn list_jobs(
-        &self,
-        request: Request<pb::ListJobsRequest>,
-    ) -> Result<Response<pb::ListJobsResponse>, Status> {
-        prodsys_server::input::checked(request.get_ref())?;
-        let r = request.into_inner();
+impl JobsApi {
+    /// A page of a production's jobs.
+    async fn jobs(&self, r: pb::ListJobsRequest) -> Result<pb::ListJobsResponse> {
         required_id(&r.production_id)?;
         let after: i64 = if r.page_token.is_empty() {
             -1
@@ -118,48 +113,31 @@ impl pb::job_service_server::JobService for JobsApi {
             0 => DEFAULT_PAGE,
             n => n.min(MAX_PAGE),
         };
-        let client = self.db.client().await.map_err(unexpected)?;
+        let client = self.db.client().await?;
         // Another VO's production is not found, as for every other reader.
         let caller = prodsys_auth::caller();
-        let backend: Option<String> = client
-            .query_opt_cached(
-                "SELECT backend, vo FROM productions WHERE production_id = $1",
-                &[&r.production_id],
-            )
-            .await
-            .map_err(unexpected)?
-            .filter(|row| caller.may_see(row.get(1)))
-            .map(|row| row.get(0));
+        let backend: Option<String> = store::production_owner(&client, &r.production_id)
+            .await?
+            .filter(|owner| caller.may_see(&owner.vo))
+            .map(|owner| owner.backend);
         let Some(backend) = backend else {
-            return Err(ServiceError::NotFound(format!(
+            return Err(DispatcherError::NotFound(format!(
                 "production {} has no jobs at the dispatcher (unknown, or not planned yet)",
                 r.production_id
-            ))
-            .into());
+            )));
         };
-        let rows = client
-            .query_cached(
-                "SELECT job_index, state, attempt, attempts_submitted, installation,
-                        backend_job_id, raw_status, exit_code, run_number,
-                        (extract(epoch FROM updated_at) * 1000)::bigint
-                 FROM jobs WHERE production_id = $1 AND job_index > $2
-                 ORDER BY job_index LIMIT $3",
-                &[&r.production_id, &after, &(i64::from(page) + 1)],
-            )
-            .await
-            .map_err(unexpected)?;
+        let rows = store::jobs_page(&client, &r.production_id, after, i64::from(page) + 1).await?;
         let more = rows.len() > page as usize;
         let mut jobs = Vec::with_capacity(rows.len().min(page as usize));
         for row in rows.into_iter().take(page as usize) {
-            let state: String = row.get(1);
-            let state = state
+            let state = row
+                .state
                 .parse::<JobState>()
                 .map(JobState::to_proto)
                 .unwrap_or(pb::JobState::Unspecified);
             // Jobs reserved before placement was recorded ran where their
             // production did; a job waiting to be placed has none.
-            let installation: Option<String> = row.get(4);
-            let installation = installation.unwrap_or_else(|| {
+            let installation = row.installation.unwrap_or_else(|| {
                 if state == pb::JobState::Created {
                     String::new()
                 } else {
@@ -167,39 +145,35 @@ impl pb::job_service_server::JobService for JobsApi {
                 }
             });
             let kind = self.kind(&installation);
-            let raw: Option<String> = row.get(6);
-            let (wms_status, wms_minor_status) = split_status(kind, raw.as_deref().unwrap_or(""));
+            let (wms_status, wms_minor_status) =
+                split_status(kind, row.raw_status.as_deref().unwrap_or(""));
             jobs.push(pb::Job {
-                job_index: row.get::<_, i64>(0) as u64,
+                job_index: row.job_index as u64,
                 state: state as i32,
-                attempt: row.get::<_, i32>(2).max(0) as u32,
-                attempts_submitted: row.get::<_, i32>(3).max(0) as u32,
+                attempt: row.attempt.max(0) as u32,
+                attempts_submitted: row.attempts_submitted.max(0) as u32,
                 installation,
                 wms: kind as i32,
-                backend_job_id: row.get::<_, Option<String>>(5).unwrap_or_default(),
+                backend_job_id: row.backend_job_id.unwrap_or_default(),
                 wms_status,
                 wms_minor_status,
-                exit_code: row.get(7),
-                run_number: row.get::<_, i64>(8).max(0) as u64,
-                updated_unix_ms: row.get(9),
+                exit_code: row.exit_code,
+                run_number: row.run_number.max(0) as u64,
+                updated_unix_ms: row.updated_unix_ms,
             });
         }
         let next_page_token = match (more, jobs.last()) {
             (true, Some(last)) => last.job_index.to_string(),
             _ => String::new(),
         };
-        Ok(Response::new(pb::ListJobsResponse {
+        Ok(pb::ListJobsResponse {
             jobs,
             next_page_token,
-        }))
+        })
     }
 
-    async fn get_job_log(
-        &self,
-        request: Request<pb::GetJobLogRequest>,
-    ) -> Result<Response<pb::JobLog>, Status> {
-        prodsys_server::input::checked(request.get_ref())?;
-        let r = request.into_inner();
+    /// The tail of a job's logs, or why there is none to show.
+    async fn log(&self, r: pb::GetJobLogRequest) -> Result<pb::JobLog> {
         required_id(&r.production_id)?;
         let index = i64::try_from(r.job_index)
             .map_err(|_| invalid("job_index", "larger than any job index"))?;
@@ -207,26 +181,19 @@ impl pb::job_service_server::JobService for JobsApi {
             0 => DEFAULT_LOG_BYTES,
             n => n.min(MAX_LOG_BYTES),
         };
-        let client = self.db.client().await.map_err(unexpected)?;
-        let row = client
-            .query_opt_cached(
-                "SELECT j.attempt, j.state, COALESCE(j.installation, p.backend), j.workdir, p.vo
-                 FROM jobs j JOIN productions p USING (production_id)
-                 WHERE j.production_id = $1 AND j.job_index = $2",
-                &[&r.production_id, &index],
-            )
-            .await
-            .map_err(unexpected)?
-            .filter(|row| prodsys_auth::caller().may_see(row.get(4)))
+        let client = self.db.client().await?;
+        let place = store::job_place(&client, &r.production_id, index)
+            .await?
+            .filter(|place| prodsys_auth::caller().may_see(&place.vo))
             .ok_or_else(|| {
-                Status::from(ServiceError::NotFound(format!(
+                DispatcherError::NotFound(format!(
                     "production {} has no job {}",
                     r.production_id, r.job_index
-                )))
+                ))
             })?;
-        let attempt = row.get::<_, i32>(0).max(0) as u32;
-        let installation: String = row.get(2);
-        let workdir: Option<String> = row.get(3);
+        let attempt = place.attempt.max(0) as u32;
+        let installation = place.installation;
+        let workdir = place.workdir;
         let unavailable = |reason: String| pb::JobLog {
             attempt,
             available: false,
@@ -234,14 +201,12 @@ impl pb::job_service_server::JobService for JobsApi {
             ..Default::default()
         };
         if self.kind(&installation) == pb::WmsKind::Dirac {
-            return Ok(Response::new(unavailable(format!(
+            return Ok(unavailable(format!(
                 "installation {installation} is DIRAC: a job's output stays in its output sandbox"
-            ))));
+            )));
         }
         let Some(workdir) = workdir else {
-            return Ok(Response::new(unavailable(
-                "the job has not been submitted yet".into(),
-            )));
+            return Ok(unavailable("the job has not been submitted yet".into()));
         };
         let dir = std::path::PathBuf::from(workdir);
         let read = tokio::task::spawn_blocking(move || {
@@ -251,8 +216,8 @@ impl pb::job_service_server::JobService for JobsApi {
             ))
         })
         .await
-        .map_err(unexpected)?
-        .map_err(unexpected)?;
+        .map_err(|e| DispatcherError::Unexpected(e.into()))?
+        .map_err(|e| DispatcherError::Unexpected(e.into()))?;
         let log = match read {
             (None, None) => unavailable(format!(
                 "no log of attempt {attempt} on this dispatcher's host (not started yet, or \
@@ -272,7 +237,28 @@ impl pb::job_service_server::JobService for JobsApi {
                 }
             }
         };
-        Ok(Response::new(log))
+        Ok(log)
+    }
+}
+
+/// The handlers: check the request, answer it, map a failure onto its gRPC
+/// code once (`From<DispatcherError> for Status`).
+#[tonic::async_trait]
+impl pb::job_service_server::JobService for JobsApi {
+    async fn list_jobs(
+        &self,
+        request: Request<pb::ListJobsRequest>,
+    ) -> Result<Response<pb::ListJobsResponse>, Status> {
+        prodsys_server::input::checked(request.get_ref())?;
+        Ok(Response::new(self.jobs(request.into_inner()).await?))
+    }
+
+    async fn get_job_log(
+        &self,
+        request: Request<pb::GetJobLogRequest>,
+    ) -> Result<Response<pb::JobLog>, Status> {
+        prodsys_server::input::checked(request.get_ref())?;
+        Ok(Response::new(self.log(request.into_inner()).await?))
     }
 }
 
