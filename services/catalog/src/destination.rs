@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use prodsys_config::DestinationSettings;
 use tokio::io::AsyncWriteExt;
@@ -368,11 +368,17 @@ impl Xroot {
         if by_dir.is_empty() {
             return Ok(());
         }
+        let began = Instant::now();
         let script: String = by_dir
             .keys()
             .map(|dir| format!("mkdir -p {dir}\n"))
             .collect();
         self.session(&script).await?;
+        tracing::debug!(
+            directories = by_dir.len(),
+            elapsed_ms = began.elapsed().as_millis() as u64,
+            "xroot: directories made"
+        );
         let mut failure = None;
         let mut verified = 0;
         for (dir, files) in &by_dir {
@@ -394,15 +400,23 @@ impl Xroot {
             // The time limit of one copy for each round of parallel transfers.
             let rounds = files.len().div_ceil(XRDCP_PARALLEL) as u32;
             let permits = files.len().min(XRDCP_PARALLEL) as u32;
+            let waited = Instant::now();
             let asking = self
                 .checksums
                 .acquire_many(permits)
                 .await
                 .map_err(|e| CopyError::Unavailable(e.to_string()))?;
+            let began = Instant::now();
             let (printed, outcome) = self
                 .run_printing(&self.xrdcp, &args, self.timeout * rounds)
                 .await;
             drop(asking);
+            tracing::debug!(
+                files = files.len(),
+                waited_ms = (began - waited).as_millis() as u64,
+                elapsed_ms = began.elapsed().as_millis() as u64,
+                "xroot: batch copied"
+            );
             if let Err(e) = outcome {
                 failure = Some(e);
             }

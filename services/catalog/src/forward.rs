@@ -142,10 +142,18 @@ impl Forwarder {
             };
             let free = slots.available_permits() + 1;
             let limit = (free * self.per_slot()) as i64;
+            let began = std::time::Instant::now();
             let claimed =
                 match store::claim_replicas(&self.db, self.claimer, limit, self.ttl()).await {
                     Ok(claimed) => {
                         backoff.reset();
+                        if !claimed.is_empty() {
+                            tracing::debug!(
+                                claimed = claimed.len(),
+                                elapsed_ms = began.elapsed().as_millis() as u64,
+                                "forwarding: claimed"
+                            );
+                        }
                         claimed
                     }
                     Err(error) => {
@@ -422,9 +430,15 @@ impl Forwarder {
                 }
             }
             loop {
+                let began = std::time::Instant::now();
                 match store::record_copies(&self.db, self.claimer, &batch).await {
                     Ok(recorded) => {
                         backoff.reset();
+                        tracing::debug!(
+                            recorded,
+                            elapsed_ms = began.elapsed().as_millis() as u64,
+                            "forwarding: results recorded"
+                        );
                         if (recorded as usize) < batch.len() {
                             tracing::info!(
                                 lost = batch.len() - recorded as usize,
