@@ -3,10 +3,10 @@
 //! kind (a Rucio registration step, say) is another variant and its arm in
 //! each method.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use prodsys_config::DestinationSettings;
@@ -70,6 +70,9 @@ pub struct Xroot {
     /// this destination): a server computes a few at a time and tells a
     /// client beyond that to wait — 30 s on XRootD 5.5 with its defaults.
     checksums: Arc<Semaphore>,
+    /// Directories this process made (or found) on the storage (shared by
+    /// the clones of this destination): a batch makes only the others.
+    made: Arc<Mutex<HashSet<String>>>,
 }
 
 impl Destination {
@@ -99,6 +102,7 @@ impl Destination {
                     xrdfs: xrdfs.clone(),
                     timeout,
                     checksums: Arc::new(Semaphore::new(XRDCP_PARALLEL)),
+                    made: Arc::new(Mutex::new(HashSet::new())),
                 }))
             }
             DestinationSettings::Rucio(_) => anyhow::bail!(
@@ -173,7 +177,9 @@ impl Destination {
     /// did not verify so (or cannot be copied so) is copied alone with
     /// [`Destination::put`], which removes a bad copy. A retried file found
     /// there with the catalog's adler32 (asked in one `xrdfs` session) is
-    /// not copied again. The batch goes without `--posc`: on the storage
+    /// not copied again. The target directories are made in one `xrdfs`
+    /// session before the copies, each once in this process (a copy that
+    /// fails has its directory made again). The batch goes without `--posc`: on the storage
     /// it made each small file's copy several times slower, and a copy
     /// cut short is never recorded (it has no matching adler32) and is
     /// overwritten when it is made again.
@@ -368,17 +374,29 @@ impl Xroot {
         if by_dir.is_empty() {
             return Ok(());
         }
-        let began = Instant::now();
-        let script: String = by_dir
-            .keys()
-            .map(|dir| format!("mkdir -p {dir}\n"))
-            .collect();
-        self.session(&script).await?;
-        tracing::debug!(
-            directories = by_dir.len(),
-            elapsed_ms = began.elapsed().as_millis() as u64,
-            "xroot: directories made"
-        );
+        // The directories not made yet, in one session (a directory made
+        // by an earlier batch is not asked for again).
+        let new_dirs: Vec<&String> = {
+            let made = self.made.lock().expect("directories lock");
+            by_dir.keys().filter(|dir| !made.contains(*dir)).collect()
+        };
+        if !new_dirs.is_empty() {
+            let began = Instant::now();
+            let script: String = new_dirs
+                .iter()
+                .map(|dir| format!("mkdir -p {dir}\n"))
+                .collect();
+            self.session(&script).await?;
+            self.made
+                .lock()
+                .expect("directories lock")
+                .extend(new_dirs.iter().map(|dir| dir.to_string()));
+            tracing::debug!(
+                directories = new_dirs.len(),
+                elapsed_ms = began.elapsed().as_millis() as u64,
+                "xroot: directories made"
+            );
+        }
         let mut failure = None;
         let mut verified = 0;
         for (dir, files) in &by_dir {
@@ -418,6 +436,9 @@ impl Xroot {
                 "xroot: batch copied"
             );
             if let Err(e) = outcome {
+                // The directory may be gone from the storage: made again
+                // by the next try.
+                self.made.lock().expect("directories lock").remove(dir);
                 failure = Some(e);
             }
             let sums = printed_checksums(&printed);
