@@ -140,8 +140,14 @@ impl Forwarder {
                 permit = slots.clone().acquire_owned() => permit.expect("never closed"),
                 _ = shutdown.cancelled() => break,
             };
-            let free = slots.available_permits() + 1;
-            let limit = (free * self.per_slot()) as i64;
+            // Replicas copied one by one are claimed for every free slot at
+            // once; batches one slot's at a time, so the first copy starts
+            // after a small claim and the next claims are made while copies
+            // run.
+            let limit = match self.per_slot() {
+                1 => slots.available_permits() + 1,
+                per_slot => per_slot,
+            } as i64;
             let began = std::time::Instant::now();
             let claimed =
                 match store::claim_replicas(&self.db, self.claimer, limit, self.ttl()).await {
