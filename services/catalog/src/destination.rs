@@ -3,11 +3,11 @@
 //! kind (a Rucio registration step, say) is another variant and its arm in
 //! each method.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use prodsys_config::DestinationSettings;
 use tokio::io::AsyncWriteExt;
@@ -70,6 +70,9 @@ pub struct Xroot {
     /// this destination): a server computes a few at a time and tells a
     /// client beyond that to wait — 30 s on XRootD 5.5 with its defaults.
     checksums: Arc<Semaphore>,
+    /// Directories this process made (or found) on the storage (shared by
+    /// the clones of this destination): a batch makes only the others.
+    made: Arc<Mutex<HashSet<String>>>,
 }
 
 impl Destination {
@@ -99,6 +102,7 @@ impl Destination {
                     xrdfs: xrdfs.clone(),
                     timeout,
                     checksums: Arc::new(Semaphore::new(XRDCP_PARALLEL)),
+                    made: Arc::new(Mutex::new(HashSet::new())),
                 }))
             }
             DestinationSettings::Rucio(_) => anyhow::bail!(
@@ -173,7 +177,9 @@ impl Destination {
     /// did not verify so (or cannot be copied so) is copied alone with
     /// [`Destination::put`], which removes a bad copy. A retried file found
     /// there with the catalog's adler32 (asked in one `xrdfs` session) is
-    /// not copied again. The batch goes without `--posc`: on the storage
+    /// not copied again. The target directories are made in one `xrdfs`
+    /// session before the copies, each once in this process (a copy that
+    /// fails has its directory made again). The batch goes without `--posc`: on the storage
     /// it made each small file's copy several times slower, and a copy
     /// cut short is never recorded (it has no matching adler32) and is
     /// overwritten when it is made again.
@@ -368,11 +374,29 @@ impl Xroot {
         if by_dir.is_empty() {
             return Ok(());
         }
-        let script: String = by_dir
-            .keys()
-            .map(|dir| format!("mkdir -p {dir}\n"))
-            .collect();
-        self.session(&script).await?;
+        // The directories not made yet, in one session (a directory made
+        // by an earlier batch is not asked for again).
+        let new_dirs: Vec<&String> = {
+            let made = self.made.lock().expect("directories lock");
+            by_dir.keys().filter(|dir| !made.contains(*dir)).collect()
+        };
+        if !new_dirs.is_empty() {
+            let began = Instant::now();
+            let script: String = new_dirs
+                .iter()
+                .map(|dir| format!("mkdir -p {dir}\n"))
+                .collect();
+            self.session(&script).await?;
+            self.made
+                .lock()
+                .expect("directories lock")
+                .extend(new_dirs.iter().map(|dir| dir.to_string()));
+            tracing::debug!(
+                directories = new_dirs.len(),
+                elapsed_ms = began.elapsed().as_millis() as u64,
+                "xroot: directories made"
+            );
+        }
         let mut failure = None;
         let mut verified = 0;
         for (dir, files) in &by_dir {
@@ -394,16 +418,27 @@ impl Xroot {
             // The time limit of one copy for each round of parallel transfers.
             let rounds = files.len().div_ceil(XRDCP_PARALLEL) as u32;
             let permits = files.len().min(XRDCP_PARALLEL) as u32;
+            let waited = Instant::now();
             let asking = self
                 .checksums
                 .acquire_many(permits)
                 .await
                 .map_err(|e| CopyError::Unavailable(e.to_string()))?;
+            let began = Instant::now();
             let (printed, outcome) = self
                 .run_printing(&self.xrdcp, &args, self.timeout * rounds)
                 .await;
             drop(asking);
+            tracing::debug!(
+                files = files.len(),
+                waited_ms = (began - waited).as_millis() as u64,
+                elapsed_ms = began.elapsed().as_millis() as u64,
+                "xroot: batch copied"
+            );
             if let Err(e) = outcome {
+                // The directory may be gone from the storage: made again
+                // by the next try.
+                self.made.lock().expect("directories lock").remove(dir);
                 failure = Some(e);
             }
             let sums = printed_checksums(&printed);

@@ -140,12 +140,26 @@ impl Forwarder {
                 permit = slots.clone().acquire_owned() => permit.expect("never closed"),
                 _ = shutdown.cancelled() => break,
             };
-            let free = slots.available_permits() + 1;
-            let limit = (free * self.per_slot()) as i64;
+            // Replicas copied one by one are claimed for every free slot at
+            // once; batches one slot's at a time, so the first copy starts
+            // after a small claim and the next claims are made while copies
+            // run.
+            let limit = match self.per_slot() {
+                1 => slots.available_permits() + 1,
+                per_slot => per_slot,
+            } as i64;
+            let began = std::time::Instant::now();
             let claimed =
                 match store::claim_replicas(&self.db, self.claimer, limit, self.ttl()).await {
                     Ok(claimed) => {
                         backoff.reset();
+                        if !claimed.is_empty() {
+                            tracing::debug!(
+                                claimed = claimed.len(),
+                                elapsed_ms = began.elapsed().as_millis() as u64,
+                                "forwarding: claimed"
+                            );
+                        }
                         claimed
                     }
                     Err(error) => {
@@ -422,9 +436,15 @@ impl Forwarder {
                 }
             }
             loop {
+                let began = std::time::Instant::now();
                 match store::record_copies(&self.db, self.claimer, &batch).await {
                     Ok(recorded) => {
                         backoff.reset();
+                        tracing::debug!(
+                            recorded,
+                            elapsed_ms = began.elapsed().as_millis() as u64,
+                            "forwarding: results recorded"
+                        );
                         if (recorded as usize) < batch.len() {
                             tracing::info!(
                                 lost = batch.len() - recorded as usize,

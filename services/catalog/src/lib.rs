@@ -63,6 +63,7 @@ pub const MIGRATIONS: &[Migration] = prodsys_db::migrations![
     "0310_file_classes.sql",
     "0400_production_links.sql",
     "0500_jobs_per_installation.sql",
+    "0510_replicas_due_in_lfn_order.sql",
     "0520_where_each_job_ran.sql",
 ];
 

@@ -6,11 +6,16 @@
 //! is configured.
 //!
 //! Registrations are gathered into bulk calls: every file claimed at about
-//! the same time goes in one `POST /replicas` and one `POST
-//! /dids/attachments`, two batches under way at once. Every step is idempotent on the server (an existing
-//! replica is skipped, a dataset or rule that exists answers 409, an
-//! attachment that exists is ignored), so a batch that failed half-way, or
-//! a file registered again after a crash, is simply registered again.
+//! the same time goes in one `POST /dids/attachments` naming the RSE, which
+//! adds the files, their replicas and their attachment to the dataset in
+//! one transaction (Rucio's own way of registering replicas with their
+//! dataset), two batches under way at once. Rucio refuses such a call when
+//! it knows one of the files with other bytes: only then are the batch's
+//! files looked up, the conflicts reported and the others registered.
+//! Every step is idempotent on the server (an existing replica is skipped,
+//! a dataset or rule that exists answers 409, an attachment that exists is
+//! ignored), so a batch that failed half-way, or a file registered again
+//! after a crash, is simply registered again.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -285,82 +290,149 @@ impl Registering {
         let empty = serde_json::Map::new();
         // A file whose dataset name cannot be made fails alone.
         let mut outcomes: Vec<Result<(), String>> = Vec::with_capacity(items.len());
-        let mut datasets: Vec<Option<String>> = Vec::with_capacity(items.len());
-        for item in items {
+        let mut per_dataset: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+        for (i, item) in items.iter().enumerate() {
             let meta = metadata.get(&item.lfn).unwrap_or(&empty);
             match dataset_name(&self.settings.dataset, &item.production_id, meta) {
                 Ok(name) => {
-                    datasets.push(Some(name));
+                    per_dataset.entry(name).or_default().push(i);
                     outcomes.push(Ok(()));
                 }
                 Err(reason) => {
-                    datasets.push(None);
                     outcomes.push(Err(format!("dataset name of {}: {reason}", item.lfn)));
                 }
             }
         }
-        // A file Rucio already knows with another checksum or size is a
-        // conflict: reported, never registered over.
-        let known: Vec<&Item> = items
-            .iter()
-            .zip(&datasets)
-            .filter(|(_, d)| d.is_some())
-            .map(|(item, _)| item)
-            .collect();
-        match self.conflicts(&known).await {
-            Ok(conflicts) => {
-                for ((item, dataset), outcome) in items
-                    .iter()
-                    .zip(datasets.iter_mut())
-                    .zip(outcomes.iter_mut())
-                {
-                    if let Some(reason) = conflicts.get(&item.lfn) {
-                        *dataset = None;
-                        *outcome = Err(reason.clone());
+        for (dataset, files) in &per_dataset {
+            // A dataset new to this process is made first and its rule
+            // once files are in it (a rule naming an RSE Rucio does not
+            // know fails, and the files' own call names the RSE then).
+            let known = self.known(dataset);
+            if !known && let Err(reason) = self.make_dataset(dataset).await {
+                for &i in files {
+                    outcomes[i] = Err(reason.clone());
+                }
+                continue;
+            }
+            for chunk in files.chunks(MAX_ATTACH) {
+                let batch: Vec<&Item> = chunk.iter().map(|&i| &items[i]).collect();
+                let failed = self.attach(dataset, &batch, &metadata).await;
+                for &i in chunk {
+                    if let Some(reason) = failed.get(&items[i].lfn) {
+                        outcomes[i] = Err(reason.clone());
                     }
                 }
             }
-            Err(reason) => {
-                for outcome in outcomes.iter_mut().filter(|o| o.is_ok()) {
-                    *outcome = Err(reason.clone());
+            if known || files.iter().all(|&i| outcomes[i].is_err()) {
+                continue;
+            }
+            match self.make_rule(dataset).await {
+                Ok(()) => {
+                    self.datasets
+                        .lock()
+                        .expect("datasets lock")
+                        .insert(dataset.clone());
                 }
-                return outcomes;
-            }
-        }
-        let files: Vec<Value> = items
-            .iter()
-            .zip(&datasets)
-            .filter(|(_, d)| d.is_some())
-            .map(|(item, _)| {
-                json!({
-                    "scope": self.settings.scope,
-                    "name": item.lfn,
-                    "bytes": item.size,
-                    "adler32": item.adler32,
-                    "pfn": item.pfn,
-                    "meta": rucio_metadata(metadata.get(&item.lfn).unwrap_or(&empty)),
-                })
-            })
-            .collect();
-        if files.is_empty() {
-            return outcomes;
-        }
-        let mut per_dataset: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
-        for (item, dataset) in items.iter().zip(&datasets) {
-            if let Some(dataset) = dataset {
-                per_dataset.entry(dataset).or_default().push(&item.lfn);
-            }
-        }
-        if let Err(reason) = self.register_files(files, &per_dataset).await {
-            for outcome in outcomes.iter_mut().filter(|o| o.is_ok()) {
-                *outcome = Err(reason.clone());
+                Err(reason) => {
+                    for &i in files {
+                        if outcomes[i].is_ok() {
+                            outcomes[i] = Err(reason.clone());
+                        }
+                    }
+                }
             }
         }
         outcomes
     }
 
+    /// Registers the replicas of `items` on the RSE and attaches them to
+    /// `dataset`, in one call: `POST /dids/attachments` naming the RSE adds
+    /// each new file (bytes, adler32, metadata) and its replica (PFN) and
+    /// attaches it, in one transaction, and refuses the whole call with
+    /// `FileConsistencyMismatch` when it knows one of the files with
+    /// other bytes or another adler32. An existing replica is skipped and
+    /// an existing attachment ignored, so registering again changes
+    /// nothing. Only a refused batch is checked file by file (`POST
+    /// /dids/bulkmeta`): each conflict fails with its reason, never
+    /// registered over, and the others are registered. The files that
+    /// failed, and why.
+    async fn attach(
+        &self,
+        dataset: &str,
+        items: &[&Item],
+        metadata: &HashMap<String, serde_json::Map<String, Value>>,
+    ) -> HashMap<String, String> {
+        let scope = &self.settings.scope;
+        let empty = serde_json::Map::new();
+        let mut failed = HashMap::new();
+        let mut items = items.to_vec();
+        let mut checked = false;
+        while !items.is_empty() {
+            let dids: Vec<Value> = items
+                .iter()
+                .map(|item| {
+                    json!({
+                        "scope": scope,
+                        "name": item.lfn,
+                        "bytes": item.size,
+                        "adler32": item.adler32,
+                        "pfn": item.pfn,
+                        "meta": rucio_metadata(metadata.get(&item.lfn).unwrap_or(&empty)),
+                    })
+                })
+                .collect();
+            let attachment = json!({
+                "scope": scope,
+                "name": dataset,
+                "rse": self.settings.rse,
+                "dids": dids,
+            });
+            let refused = match self
+                .client
+                .answer(
+                    Method::POST,
+                    "/dids/attachments",
+                    Some(json!({ "attachments": [attachment], "ignore_duplicate": true })),
+                    &[],
+                )
+                .await
+            {
+                Ok(_) => break,
+                Err(refused) => refused,
+            };
+            let reason = if refused.class == "FileConsistencyMismatch" && !checked {
+                checked = true;
+                match self.conflicts(&items).await {
+                    Ok(conflicts) if !conflicts.is_empty() => {
+                        items.retain(|item| match conflicts.get(&item.lfn) {
+                            Some(conflict) => {
+                                failed.insert(item.lfn.clone(), conflict.clone());
+                                false
+                            }
+                            None => true,
+                        });
+                        continue;
+                    }
+                    // Gone again since: tried again later.
+                    Ok(_) => refused.reason,
+                    Err(reason) => reason,
+                }
+            } else {
+                // The dataset may have been removed on the server since:
+                // make it again on the next try.
+                self.datasets.lock().expect("datasets lock").remove(dataset);
+                refused.reason
+            };
+            for item in items {
+                failed.insert(item.lfn.clone(), reason.clone());
+            }
+            break;
+        }
+        failed
+    }
+
     /// The files of `items` Rucio knows with another adler32 or size, and
-    /// why each is a conflict.
+    /// why each is a conflict (asked only of a batch Rucio refused so).
     async fn conflicts(&self, items: &[&Item]) -> Result<HashMap<String, String>, String> {
         let scope = &self.settings.scope;
         let mut conflicts = HashMap::new();
@@ -410,87 +482,44 @@ impl Registering {
         Ok(conflicts)
     }
 
-    async fn register_files(
-        &self,
-        files: Vec<Value>,
-        per_dataset: &BTreeMap<&str, Vec<&str>>,
-    ) -> Result<(), String> {
-        let scope = self.settings.scope.clone();
+    /// Makes `dataset` on the server (an existing one is fine).
+    async fn make_dataset(&self, dataset: &str) -> Result<(), String> {
+        let scope = &self.settings.scope;
         self.client
             .call(
                 Method::POST,
-                "/replicas",
-                Some(json!({ "rse": self.settings.rse, "files": files })),
-                &[],
+                &format!("/dids/{scope}/{dataset}"),
+                Some(json!({ "type": "DATASET" })),
+                &["DataIdentifierAlreadyExists"],
             )
-            .await?;
-        for dataset in per_dataset.keys() {
-            if self.known(dataset) {
-                continue;
-            }
-            self.client
-                .call(
-                    Method::POST,
-                    &format!("/dids/{scope}/{dataset}"),
-                    Some(json!({ "type": "DATASET" })),
-                    &["DataIdentifierAlreadyExists"],
-                )
-                .await?;
-            if let Some(rule) = &self.settings.rule {
-                self.client
-                    .call(
-                        Method::POST,
-                        "/rules/",
-                        Some(json!({
-                            "dids": [{ "scope": scope, "name": dataset }],
-                            "account": self.settings.account,
-                            "copies": rule.copies,
-                            "rse_expression": rule.rse_expression,
-                            "lifetime": rule.lifetime_s,
-                        })),
-                        &["DuplicateRule"],
-                    )
-                    .await?;
-            }
-            self.datasets
-                .lock()
-                .expect("datasets lock")
-                .insert(dataset.to_string());
-        }
-        let mut attachments = Vec::new();
-        for (dataset, lfns) in per_dataset {
-            for chunk in lfns.chunks(MAX_ATTACH) {
-                attachments.push(json!({
-                    "scope": scope,
-                    "name": dataset,
-                    "dids": chunk.iter().map(|lfn| json!({ "scope": scope, "name": lfn })).collect::<Vec<_>>(),
-                }));
-            }
-        }
-        for attachment in attachments {
-            let result = self
-                .client
-                .call(
-                    Method::POST,
-                    "/dids/attachments",
-                    Some(json!({ "attachments": [attachment], "ignore_duplicate": true })),
-                    &[],
-                )
-                .await;
-            if let Err(reason) = result {
-                // The dataset may have been removed on the server since:
-                // make it again on the next try.
-                self.datasets
-                    .lock()
-                    .expect("datasets lock")
-                    .remove(attachment["name"].as_str().unwrap_or_default());
-                return Err(reason);
-            }
-        }
-        Ok(())
+            .await
+            .map(|_| ())
     }
 
-    /// Whether `dataset` is known to exist on the server.
+    /// Puts `dataset` under the configured replication rule, if any (an
+    /// existing one is fine).
+    async fn make_rule(&self, dataset: &str) -> Result<(), String> {
+        let Some(rule) = &self.settings.rule else {
+            return Ok(());
+        };
+        self.client
+            .call(
+                Method::POST,
+                "/rules/",
+                Some(json!({
+                    "dids": [{ "scope": self.settings.scope, "name": dataset }],
+                    "account": self.settings.account,
+                    "copies": rule.copies,
+                    "rse_expression": rule.rse_expression,
+                    "lifetime": rule.lifetime_s,
+                })),
+                &["DuplicateRule"],
+            )
+            .await
+            .map(|_| ())
+    }
+
+    /// Whether `dataset` (and its rule) is known to exist on the server.
     fn known(&self, dataset: &str) -> bool {
         self.datasets
             .lock()
@@ -652,9 +681,22 @@ impl Client {
         body: Option<Value>,
         fine_conflicts: &[&str],
     ) -> Result<String, String> {
+        self.answer(method, path, body, fine_conflicts)
+            .await
+            .map_err(|refused| refused.reason)
+    }
+
+    /// [`Client::call`], a failure with Rucio's exception class.
+    async fn answer(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+        fine_conflicts: &[&str],
+    ) -> Result<String, Refused> {
         let mut renewed = false;
         loop {
-            let token = self.token(renewed).await?;
+            let token = self.token(renewed).await.map_err(Refused::unclassed)?;
             let mut request = self
                 .http
                 .request(method.clone(), format!("{}{path}", self.base))
@@ -666,7 +708,10 @@ impl Client {
             if let Some(body) = &body {
                 request = request.json(body);
             }
-            let response = request.send().await.map_err(|e| self.unreachable(e))?;
+            let response = request
+                .send()
+                .await
+                .map_err(|e| Refused::unclassed(self.unreachable(e)))?;
             let status = response.status();
             let text = response.text().await.unwrap_or_default();
             if status.is_success() {
@@ -680,10 +725,11 @@ impl Client {
                 renewed = true;
                 continue;
             }
-            return Err(format!(
+            let reason = format!(
                 "rucio {}: {method} {path} answered {status}: {class}: {message}",
                 self.destination
-            ));
+            );
+            return Err(Refused { class, reason });
         }
     }
 
@@ -763,6 +809,22 @@ impl Client {
         };
         *self.token.lock().expect("token lock") = Some((token.clone(), Instant::now()));
         Ok(token)
+    }
+}
+
+/// A call that failed: Rucio's exception class (empty when the server
+/// did not answer with one) and the reason to report.
+struct Refused {
+    class: String,
+    reason: String,
+}
+
+impl Refused {
+    fn unclassed(reason: String) -> Self {
+        Self {
+            class: String::new(),
+            reason,
+        }
     }
 }
 

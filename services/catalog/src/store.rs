@@ -146,7 +146,8 @@ pub struct Claimed {
 
 /// Claims up to `limit` due replicas for `claimer` until `ttl` from now;
 /// other catalog processes skip them (and take them over only when the
-/// claim runs out unrenewed).
+/// claim runs out unrenewed). Replicas due at the same time (a plan's) come
+/// in LFN order, so a claim holds the files of a directory together.
 pub async fn claim_replicas(
     db: &Db,
     claimer: uuid::Uuid,
@@ -161,7 +162,7 @@ pub async fn claim_replicas(
             "WITH due AS (
                  SELECT lfn, destination FROM replicas
                  WHERE state NOT IN ('verified', 'registered') AND next_try_at <= now()
-                 ORDER BY next_try_at LIMIT $1 FOR UPDATE SKIP LOCKED)
+                 ORDER BY next_try_at, lfn LIMIT $1 FOR UPDATE SKIP LOCKED)
              UPDATE replicas r SET state = 'copying', claimed_by = $2,
                     next_try_at = now() + $3 * interval '1 millisecond', updated_at = now()
              FROM due, files f
