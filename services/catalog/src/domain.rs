@@ -700,22 +700,6 @@ pub fn retry_wait_jittered(
     wait
 }
 
-/// [`retry_wait_jittered`] with a jitter drawn now
-/// ([`prodsys_messaging::backoff::unit_random`]): what the forwarder calls
-/// until it draws the jitter itself and passes it in.
-pub fn retry_wait(
-    attempts: u32,
-    min: std::time::Duration,
-    max: std::time::Duration,
-) -> std::time::Duration {
-    retry_wait_jittered(
-        attempts,
-        min,
-        max,
-        prodsys_messaging::backoff::unit_random(),
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -736,7 +720,7 @@ mod tests {
         assert_eq!(retry_wait_jittered(6, min, max, 1.0), ms(1600));
         assert_eq!(retry_wait_jittered(1000, min, max, 0.25), ms(1000));
         // Drawn, the jitter stays within the step.
-        let drawn = retry_wait(4, min, max);
+        let drawn = retry_wait_jittered(4, min, max, prodsys_messaging::backoff::unit_random());
         assert!(drawn >= ms(400) && drawn <= ms(800), "{drawn:?}");
     }
 

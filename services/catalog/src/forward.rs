@@ -415,10 +415,12 @@ impl Forwarder {
     fn failed(&self, claim: &Claimed, reason: String) -> CopyResult {
         CopyResult::Failed {
             reason,
-            retry_in: domain::retry_wait(
+            // The jitter is drawn here, so the decision stays a pure function.
+            retry_in: domain::retry_wait_jittered(
                 claim.attempts + 1,
                 Duration::from_millis(self.settings.retry_min_ms),
                 Duration::from_millis(self.settings.retry_max_ms),
+                prodsys_messaging::backoff::unit_random(),
             ),
         }
     }

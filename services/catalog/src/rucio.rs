@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use prodsys_config::{RucioAuth, RucioSettings};
-use prodsys_db::{Cached, Db};
+use prodsys_db::Db;
 use reqwest::{Method, StatusCode};
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::{Value, json};
@@ -216,18 +216,8 @@ impl Registrar {
     /// The state of the file's replica on the storage destination when its
     /// production forwards there too.
     async fn storage_state(&self, lfn: &str) -> Result<Option<String>, RegisterError> {
-        let read = async {
-            let client = self.db.client().await?;
-            let row = client
-                .query_opt_cached(
-                    "SELECT state FROM replicas WHERE lfn = $1 AND destination = $2",
-                    &[&lfn, &self.storage_name],
-                )
-                .await
-                .context("reading the replica on the storage")?;
-            anyhow::Ok(row.map(|r| r.get::<_, String>(0)))
-        };
-        read.await
+        crate::store::replica_state(&self.db, lfn, &self.storage_name)
+            .await
             .map_err(|e| RegisterError::Failed(format!("{e:#}")))
     }
 }
@@ -533,24 +523,7 @@ impl Registering {
         items: &[Item],
     ) -> anyhow::Result<HashMap<String, serde_json::Map<String, Value>>> {
         let lfns: Vec<&str> = items.iter().map(|i| i.lfn.as_str()).collect();
-        let client = self.db.client().await?;
-        let rows = client
-            .query_cached(
-                "SELECT lfn, metadata FROM files WHERE lfn = ANY($1)",
-                &[&lfns],
-            )
-            .await
-            .context("reading the files' metadata")?;
-        Ok(rows
-            .iter()
-            .map(|row| {
-                let meta = match row.get::<_, Value>(1) {
-                    Value::Object(m) => m,
-                    _ => serde_json::Map::new(),
-                };
-                (row.get(0), meta)
-            })
-            .collect())
+        crate::store::files_metadata(&self.db, &lfns).await
     }
 }
 

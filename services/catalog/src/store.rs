@@ -1393,6 +1393,48 @@ pub async fn job_ranges<C: GenericClient + Sync>(
         .collect()
 }
 
+/// The state of `lfn`'s replica on `destination`, if it has one.
+pub async fn replica_state(
+    db: &Db,
+    lfn: &str,
+    destination: &str,
+) -> anyhow::Result<Option<String>> {
+    let client = db.client().await?;
+    let row = client
+        .query_opt_cached(
+            "SELECT state FROM replicas WHERE lfn = $1 AND destination = $2",
+            &[&lfn, &destination],
+        )
+        .await
+        .context("reading the replica on the storage")?;
+    Ok(row.map(|r| r.get::<_, String>(0)))
+}
+
+/// The catalog metadata of the files `lfns`, by LFN.
+pub async fn files_metadata(
+    db: &Db,
+    lfns: &[&str],
+) -> anyhow::Result<std::collections::HashMap<String, serde_json::Map<String, serde_json::Value>>> {
+    let client = db.client().await?;
+    let rows = client
+        .query_cached(
+            "SELECT lfn, metadata FROM files WHERE lfn = ANY($1)",
+            &[&lfns],
+        )
+        .await
+        .context("reading the files' metadata")?;
+    Ok(rows
+        .iter()
+        .map(|row| {
+            let meta = match row.get::<_, serde_json::Value>(1) {
+                serde_json::Value::Object(m) => m,
+                _ => serde_json::Map::new(),
+            };
+            (row.get(0), meta)
+        })
+        .collect())
+}
+
 /// Of `productions`, those whose request was for one of `vos`.
 pub async fn productions_of_vos(
     db: &Db,

@@ -6,18 +6,11 @@ use std::path::{Path, PathBuf};
 
 /// Files outside a store that may hold SQL, each with why. A file listed
 /// here must still hold SQL: once it does not, its line goes.
-const ALLOWED: &[(&str, &str)] = &[
-    (
-        "services/catalog/src/rucio.rs",
-        "its two reads (a replica's state, files' metadata) move to the catalog's store with \
-         the change of the Rucio client under way",
-    ),
-    (
-        "services/prodsys/src/access.rs",
-        "`prodsys access` creates and drops the services' database roles as the administrator: \
+const ALLOWED: &[(&str, &str)] = &[(
+    "services/prodsys/src/access.rs",
+    "`prodsys access` creates and drops the services' database roles as the administrator: \
          DDL outside any service's schema",
-    ),
-];
+)];
 
 /// Calls of a PostgreSQL client (`tokio_postgres`, `deadpool_postgres`, the
 /// statement cache of `prodsys_db::Cached`).
