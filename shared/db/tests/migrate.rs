@@ -1,6 +1,7 @@
 //! The migration runner against real PostgreSQL: a fresh database gets every
-//! migration, a database migrated before there were checksums upgrades in
-//! place, and a changed applied file stops the service before anything runs.
+//! migration, replicas starting together apply each once, a database
+//! migrated before there were checksums upgrades in place, and a changed
+//! applied file stops the service before anything runs.
 
 use prodsys_db::tokio_postgres::{self, NoTls};
 use prodsys_db::{Db, Migration};
@@ -131,6 +132,31 @@ async fn a_fresh_database_gets_every_migration_with_its_checksum() {
     // A second start applies nothing and accepts what it finds.
     db(&env).migrate(&[THINGS, COLOURS]).await.unwrap();
     assert_eq!(applied(&env).await, rows);
+    env.cleanup().await;
+}
+
+/// A migration that takes a while and cannot run twice (a second
+/// `CREATE TABLE` fails): replicas starting together must apply it once.
+const SLOW_THINGS: Migration = Migration {
+    file: "0001_things.sql",
+    sql: "CREATE TABLE things (id integer PRIMARY KEY); SELECT pg_sleep(0.5);",
+};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replicas_starting_together_apply_each_migration_once() {
+    let env = TestEnv::new().await.unwrap();
+    let replicas: Vec<_> = (0..4)
+        .map(|_| {
+            let db = db(&env);
+            tokio::spawn(async move { db.migrate(&[SLOW_THINGS, COLOURS]).await })
+        })
+        .collect();
+    for replica in replicas {
+        replica.await.unwrap().expect("every replica starts");
+    }
+    let rows = applied(&env).await;
+    assert_eq!(rows.iter().map(|r| r.0).collect::<Vec<_>>(), [0, 1, 20, 30]);
+    assert_eq!(columns(&env, "things").await, ["id", "colour"]);
     env.cleanup().await;
 }
 
