@@ -52,6 +52,42 @@ async fn placements(app: &App, production: &str) -> BTreeMap<i64, (String, i32, 
     .collect()
 }
 
+/// A finished production's record (rendered as `format`) once it says
+/// where its jobs ran.
+async fn placed_record(
+    app: &App,
+    production: &str,
+    format: pb::RecordFormat,
+) -> pb::ProductionRecord {
+    wait_for(
+        &format!("the record of {production}"),
+        Duration::from_secs(30),
+        || async {
+            app.catalog
+                .clone()
+                .get_production_record(pb::GetProductionRecordRequest {
+                    production_id: production.to_string(),
+                    format: format as i32,
+                })
+                .await
+                .ok()
+                .map(|r| r.into_inner())
+                .filter(|r| !r.installations.is_empty())
+        },
+    )
+    .await
+    .unwrap()
+}
+
+/// A record's DONE jobs per installation.
+fn done_per_installation(record: &pb::ProductionRecord) -> BTreeMap<String, u64> {
+    record
+        .installations
+        .iter()
+        .map(|i| (i.installation.clone(), i.counts.unwrap_or_default().done))
+        .collect()
+}
+
 /// Attempt directories under `root` for `production` whose job exited 0, by job index.
 fn successful_attempts(root: &Path, production: &str) -> BTreeMap<u64, Vec<PathBuf>> {
     let mut found: BTreeMap<u64, Vec<PathBuf>> = BTreeMap::new();
@@ -154,30 +190,8 @@ async fn a_group_splits_jobs_by_capacity_and_a_stopped_installation_s_jobs_finis
     assert_eq!(installations[0]["installation"], LARGE);
     assert_eq!(installations[0]["counts"]["done"], large as u64);
     // The production's record says where its jobs ran.
-    let record = wait_for(
-        "the production's record",
-        Duration::from_secs(30),
-        || async {
-            app.catalog
-                .clone()
-                .get_production_record(pb::GetProductionRecordRequest {
-                    production_id: split.clone(),
-                    ..Default::default()
-                })
-                .await
-                .ok()
-                .map(|r| r.into_inner())
-                .filter(|r| !r.installations.is_empty())
-        },
-    )
-    .await
-    .unwrap();
-    let recorded: BTreeMap<String, u64> = record
-        .installations
-        .iter()
-        .map(|i| (i.installation.clone(), i.counts.unwrap_or_default().done))
-        .collect();
-    assert_eq!(recorded, per, "{record:?}");
+    let record = placed_record(&app, &split, pb::RecordFormat::Unspecified).await;
+    assert_eq!(done_per_installation(&record), per, "{record:?}");
     // ... and which jobs ran where, as the dispatcher placed them.
     let placed = placements(&app, &split).await;
     for i in &record.installations {
@@ -314,30 +328,8 @@ async fn a_group_splits_jobs_by_capacity_and_a_stopped_installation_s_jobs_finis
         *expected.entry(installation.clone()).or_default() += 1;
     }
     assert!(expected[SMALL] >= 3, "{expected:?}");
-    let record = wait_for(
-        "the stopped production's record",
-        Duration::from_secs(30),
-        || async {
-            app.catalog
-                .clone()
-                .get_production_record(pb::GetProductionRecordRequest {
-                    production_id: stopped.clone(),
-                    format: pb::RecordFormat::Json as i32,
-                })
-                .await
-                .ok()
-                .map(|r| r.into_inner())
-                .filter(|r| !r.installations.is_empty())
-        },
-    )
-    .await
-    .unwrap();
-    let recorded: BTreeMap<String, u64> = record
-        .installations
-        .iter()
-        .map(|i| (i.installation.clone(), i.counts.unwrap_or_default().done))
-        .collect();
-    assert_eq!(recorded, expected, "{record:?}");
+    let record = placed_record(&app, &stopped, pb::RecordFormat::Json).await;
+    assert_eq!(done_per_installation(&record), expected, "{record:?}");
     assert!(record.retries >= 3, "{record:?}");
     let as_json: serde_json::Value = serde_json::from_str(&record.rendered).unwrap();
     let small_done = as_json["installations"]
