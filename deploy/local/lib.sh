@@ -452,7 +452,7 @@ broker_watchdog() {
         log "the broker accepts connections but answers no AMQP handshake: restarting it with a fresh state"
         as_root pkill -KILL -f 'beam.smp.*rabbit' || true
         sleep 2
-        [[ -d $mnesia ]] && as_root mv "$mnesia" "$mnesia.stuck.$(date +%s)"
+        [[ -d $mnesia ]] && { as_root mv "$mnesia" "$mnesia.stuck.$(date +%s)" || true; }
         as_root rabbitmq-server -detached >>"$PRODSYS_LOG_DIR/rabbitmq-start.log" 2>&1 || true
         local deadline=$((SECONDS + 60))
         until as_root timeout 20 rabbitmqctl -q await_startup >/dev/null 2>&1 || ((SECONDS >= deadline)); do
