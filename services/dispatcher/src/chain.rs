@@ -14,7 +14,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use prodsys_core::events::PRODUCTION_DISPATCHED;
-use prodsys_core::inputs::{PendingInput, inputs_note};
+use prodsys_core::inputs::inputs_note;
 use prodsys_core::profile::input_job;
 use prodsys_core::{Profile, ProfileSet};
 use prodsys_db::OutboxEvent;
@@ -150,12 +150,11 @@ pub async fn advance(
         let all_ended = parents.iter().all(|(_, _, ended)| *ended);
         // Grouped by a key, nothing becomes a job before every parent ended.
         let waiting = if spec.group_by.is_some() && !all_ended {
-            Vec::new()
+            store::Waiting::default()
         } else {
             store::waiting_inputs(tx, child, spec.group_by.is_some()).await?
         };
-        let pending: Vec<PendingInput> = waiting.iter().map(|w| w.input.clone()).collect();
-        let groups = spec.group(&pending, all_ended);
+        let groups = spec.group(&waiting.inputs, all_ended);
         let mut jobs = JobRows::default();
         // The last file taken of each parent: groups are taken in arrival
         // order, so what is taken of a parent is a prefix of its files.
@@ -171,12 +170,13 @@ pub async fn advance(
             );
             let lfns: Vec<&str> = group
                 .iter()
-                .map(|&i| waiting[i].input.lfn.as_str())
+                .map(|&i| waiting.inputs[i].lfn.as_str())
                 .collect();
             jobs.push_taking(child, &job, &lfns);
             for &i in group {
-                let seq = last.entry(waiting[i].parent.as_str()).or_default();
-                *seq = (*seq).max(waiting[i].seq);
+                let (parent, seq) = &waiting.origins[i];
+                let last_seq = last.entry(parent.as_str()).or_default();
+                *last_seq = (*last_seq).max(*seq);
             }
             taken += group.len() as u64;
             job_total += 1;

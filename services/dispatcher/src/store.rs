@@ -746,13 +746,13 @@ pub async fn parents(
     .collect()
 }
 
-/// An input file no job of a chained production took yet.
+/// The input files no job of a chained production took yet, in arrival
+/// order: each file (as grouping reads it) and, at the same index, where it
+/// came from (its parent and its place in that parent's arrival order).
+#[derive(Default)]
 pub struct Waiting {
-    pub input: prodsys_core::inputs::PendingInput,
-    /// The production that made it.
-    pub parent: String,
-    /// Its place in its parent's arrival order.
-    pub seq: i64,
+    pub inputs: Vec<prodsys_core::inputs::PendingInput>,
+    pub origins: Vec<(String, i64)>,
 }
 
 /// The input files of a chained production no job took yet, in arrival
@@ -762,7 +762,7 @@ pub async fn waiting_inputs(
     tx: &Transaction<'_>,
     child: &str,
     with_metadata: bool,
-) -> anyhow::Result<Vec<Waiting>> {
+) -> anyhow::Result<Waiting> {
     // The metadata only where the profile groups by a key of it.
     let rows = tx
         .query_cached(
@@ -774,22 +774,22 @@ pub async fn waiting_inputs(
             &[&child, &with_metadata],
         )
         .await?;
-    rows.iter()
-        .map(|r| {
-            let metadata: Option<serde_json::Value> = r.get(1);
-            Ok(Waiting {
-                input: prodsys_core::inputs::PendingInput {
-                    lfn: r.get(0),
-                    metadata: match metadata {
-                        Some(m) => serde_json::from_value(m)?,
-                        None => Default::default(),
-                    },
-                },
-                parent: r.get(2),
-                seq: r.get(3),
-            })
-        })
-        .collect()
+    let mut waiting = Waiting {
+        inputs: Vec::with_capacity(rows.len()),
+        origins: Vec::with_capacity(rows.len()),
+    };
+    for r in &rows {
+        let metadata: Option<serde_json::Value> = r.get(1);
+        waiting.inputs.push(prodsys_core::inputs::PendingInput {
+            lfn: r.get(0),
+            metadata: match metadata {
+                Some(m) => serde_json::from_value(m)?,
+                None => Default::default(),
+            },
+        });
+        waiting.origins.push((r.get(2), r.get(3)));
+    }
+    Ok(waiting)
 }
 
 /// Marks taken, for each of `parents`, its files up to the matching `last`
