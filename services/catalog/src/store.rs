@@ -144,6 +144,20 @@ pub struct Claimed {
     pub attempts: u32,
 }
 
+/// Commits `tx` without waiting for its WAL to reach the disk
+/// (`synchronous_commit = off` for this transaction only). For claims and
+/// recorded copies only: one lost in a crash of the database is claimed, or
+/// copied and verified, again (a copy is idempotent and only recorded once it
+/// verifies), and whatever announces them (the sweep, its events in the
+/// outbox) commits synchronously, which flushes every earlier commit's WAL
+/// first. A forwarder's commits otherwise wait on the flush of a WAL that
+/// shares the disk with the files landing on a local storage.
+async fn unflushed(tx: &Transaction<'_>) -> anyhow::Result<()> {
+    tx.batch_execute("SET LOCAL synchronous_commit = off")
+        .await
+        .context("setting synchronous_commit")
+}
+
 /// Claims up to `limit` due replicas for `claimer` until `ttl` from now;
 /// other catalog processes skip them (and take them over only when the
 /// claim runs out unrenewed). Replicas due at the same time (a plan's) come
@@ -156,6 +170,7 @@ pub async fn claim_replicas(
 ) -> anyhow::Result<Vec<Claimed>> {
     let mut client = db.client().await?;
     let tx = client.transaction().await?;
+    unflushed(&tx).await?;
     let ttl_ms = ttl.as_millis() as f64;
     let rows = tx
         .query_cached(
@@ -276,6 +291,7 @@ pub async fn record_copies(
     }
     let mut client = db.client().await?;
     let tx = client.transaction().await?;
+    unflushed(&tx).await?;
     let rows = tx
         .query_cached(
             "UPDATE replicas r SET state = v.state, url = v.url, reason = v.reason,

@@ -61,6 +61,7 @@ pub const MIGRATIONS: &[Migration] = prodsys_db::migrations![
     "0751_jobs_in_flight_by_production.sql",
     "0800_chain_inputs_name_their_files.sql",
     "0900_inputs_taken_by_cursor.sql",
+    "0910_no_index_of_unfinished_jobs.sql",
 ];
 
 pub async fn start(

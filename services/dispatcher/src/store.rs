@@ -305,7 +305,7 @@ pub async fn cancel_jobs(
     let retrying = tx
         .execute_cached(
             "UPDATE jobs SET state = 'CANCELLED', raw_status = 'cancelled', updated_at = now()
-             WHERE production_id = ANY($1) AND state IN ('CREATED', 'FAILED')",
+             WHERE production_id = ANY($1) AND state = 'CREATED'",
             &[&productions],
         )
         .await?;
@@ -317,12 +317,14 @@ pub async fn cancel_jobs(
 }
 
 /// Whether a production has jobs that can still change, or jobs still to be
-/// planned (through the partial index of unfinished jobs: cheap however large).
+/// planned (through the partial indexes of ready and in-flight jobs: cheap
+/// however large).
 pub async fn unfinished(tx: &Transaction<'_>, production_id: &str) -> anyhow::Result<bool> {
     Ok(tx
         .query_one_cached(
-            "SELECT EXISTS (SELECT 1 FROM jobs WHERE production_id = $1
-                            AND state IN ('CREATED', 'SUBMITTED', 'QUEUED', 'RUNNING', 'FAILED'))
+            "SELECT EXISTS (SELECT 1 FROM jobs WHERE production_id = $1 AND state = 'CREATED')
+                 OR EXISTS (SELECT 1 FROM jobs WHERE production_id = $1
+                            AND state IN ('SUBMITTED', 'QUEUED', 'RUNNING'))
                  OR EXISTS (SELECT 1 FROM productions WHERE production_id = $1
                             AND (planned_jobs < job_total OR NOT inputs_complete))",
             &[&production_id],

@@ -18,7 +18,6 @@ use prodsys_db::Db;
 use prodsys_messaging::{Broker, Holding};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
 use tonic_health::ServingStatus;
@@ -224,9 +223,13 @@ pub fn serve(
                     .await
             }
             None => {
+                // Without TCP_NODELAY an answer written in more than one
+                // piece (headers, a small body, trailers) waits for the
+                // client's delayed ACK: about 40 ms a call.
                 router
                     .serve_with_incoming_shutdown(
-                        TcpListenerStream::new(listener),
+                        tonic::transport::server::TcpIncoming::from(listener)
+                            .with_nodelay(Some(true)),
                         shutdown.cancelled_owned(),
                     )
                     .await
