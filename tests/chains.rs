@@ -2,7 +2,8 @@
 //! another production's output files as its jobs' inputs. It is accepted
 //! before they exist, waits (WAITING_FOR_INPUT), gets jobs as the files
 //! arrive, uses each file exactly once (also when the dispatcher is killed
-//! while files arrive, and when `job.output` events come again), ends once
+//! while files arrive, when `job.output` events come again, and when two
+//! dispatcher replicas advance it at the same time), ends once
 //! its parent ended and every file is used, and its outputs are made of its
 //! parent's (checked by their content).
 
@@ -364,10 +365,10 @@ async fn a_child_of_a_partial_parent_processes_what_exists_and_a_cancelled_paren
 /// Set to a settings file: `dispatcher_process` serves a dispatcher with it.
 const SERVE_ENV: &str = "PRODSYS_TEST_CHAIN_DISPATCHER";
 
-/// Not a test: the entry of the dispatcher processes the kill test starts
-/// (this binary run again with `--exact dispatcher_process --ignored`).
+/// Not a test: the entry of the dispatcher processes the kill and replica
+/// tests start (this binary run again with `--exact dispatcher_process --ignored`).
 #[test]
-#[ignore = "a dispatcher process the chain kill test starts itself"]
+#[ignore = "a dispatcher process the chain tests start themselves"]
 fn dispatcher_process() {
     if let Some(config) = std::env::var_os(SERVE_ENV) {
         support::serve_dispatcher(&config, "info");
@@ -382,6 +383,11 @@ struct Dispatcher {
 
 impl Dispatcher {
     async fn start(env: &TestEnv, name: &str) -> Dispatcher {
+        Dispatcher::start_with(env, name, &[]).await
+    }
+
+    /// One started with `vars` in its environment besides.
+    async fn start_with(env: &TestEnv, name: &str, vars: &[(&str, &str)]) -> Dispatcher {
         let config = env.work_dir.join(format!("{name}.toml"));
         std::fs::create_dir_all(&env.work_dir).unwrap();
         std::fs::write(&config, toml::to_string(&env.settings).unwrap()).unwrap();
@@ -391,6 +397,7 @@ impl Dispatcher {
             .args(["--exact", "dispatcher_process", "--ignored", "--nocapture"])
             .env(SERVE_ENV, &config)
             .env("NO_COLOR", "1")
+            .envs(vars.iter().copied())
             .stdin(Stdio::null())
             .stdout(out.try_clone().unwrap())
             .stderr(out)
@@ -524,6 +531,169 @@ async fn each_input_is_used_once_across_a_killed_dispatcher_and_repeated_outputs
     assert_eq!(last.inputs_used, jobs);
     assert_eq!(last.inputs_note, "");
     drop(second);
+    app.stop().await;
+}
+
+/// The jobs of `child` a dispatcher says it made (its `chained production
+/// took inputs` lines, JSON): each run of job indexes one transaction made.
+fn jobs_made(log: &Path, child: &str) -> Vec<std::ops::Range<i64>> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|line| {
+            line["message"] == "chained production took inputs" && line["production_id"] == child
+        })
+        .filter_map(|line| {
+            let (created, total) = (line["created"].as_i64()?, line["job_total"].as_i64()?);
+            (created > 0).then(|| total - created..total)
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_dispatcher_replicas_advancing_one_child_together_use_each_input_once() {
+    let mut env = TestEnv::new().await.expect("test environment");
+    use_test_profiles(&mut env);
+    env.settings.dispatcher.max_concurrent_jobs = 32;
+    let app = spawn_services(
+        env,
+        &[
+            Service::Intake,
+            Service::Checker,
+            Service::Status,
+            Service::Catalog,
+        ],
+    )
+    .await;
+    // Two replicas from the start, consuming the same queues: each takes
+    // some of the parent's `job.output` events and advances the child.
+    let json = [("PRODSYS_LOG_FORMAT", "json")];
+    let mut replicas = [
+        Dispatcher::start_with(&app.env, "replica-a", &json).await,
+        Dispatcher::start_with(&app.env, "replica-b", &json).await,
+    ];
+    // One file per parent job, each in its own `job.output`, many at a time.
+    let files = 300u64;
+    let parent = app
+        .accepted(sleep_request(files, 0.0, -1, "replicas-parent", "local"))
+        .await;
+    let child = app.accepted(chain_request(&parent, 0.0, "replicas")).await;
+    let db = app.env.db().await.unwrap();
+    let ended = wait_for("the child to end", Duration::from_secs(90), || async {
+        dispatcher_row(&db, &child)
+            .await
+            .filter(|(state, _, _)| state != "RUNNING")
+    })
+    .await;
+    let logs = || {
+        replicas
+            .iter()
+            .map(|r| std::fs::read_to_string(&r.log).unwrap_or_default())
+            .collect::<Vec<_>>()
+            .join("\n----\n")
+    };
+    let (state, job_total, note) = ended.unwrap_or_else(|error| panic!("{error}; {}", logs()));
+    assert_eq!((state.as_str(), note.as_str()), ("COMPLETED", ""));
+
+    // The parent's files, as the catalog has them and as the dispatcher
+    // recorded their delivery.
+    let parent_files: BTreeSet<String> = catalogued(&app, &parent, files as usize)
+        .await
+        .into_iter()
+        .map(|f| f.lfn)
+        .collect();
+    let delivered: BTreeSet<String> = db
+        .query(
+            "SELECT lfn FROM dispatcher.delivered_files WHERE production_id = $1",
+            &[&parent],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(delivered, parent_files);
+    // Each is an input of exactly one job of the child (`inputs_of` fails
+    // on one taken twice), none is left out, and every job took two.
+    let inputs = inputs_of(&db, &child).await;
+    assert_eq!(
+        inputs.keys().cloned().collect::<BTreeSet<_>>(),
+        parent_files,
+        "the child's inputs are its parent's files"
+    );
+    let mut per_job: BTreeMap<i64, usize> = BTreeMap::new();
+    for job in inputs.values() {
+        *per_job
+            .entry(job.expect("every input in a job"))
+            .or_default() += 1;
+    }
+    assert!(per_job.values().all(|&n| n == 2), "{per_job:?}");
+    assert_eq!(per_job.len() as i64, job_total);
+    assert_eq!(job_total, files as i64 / 2);
+
+    // Both replicas made jobs of the child, in turns: what each says it
+    // made, put together, is every job once.
+    let made: Vec<Vec<std::ops::Range<i64>>> =
+        replicas.iter().map(|r| jobs_made(&r.log, &child)).collect();
+    assert!(
+        made.iter().all(|m| !m.is_empty()),
+        "both replicas made jobs of the child: {made:?}"
+    );
+    let mut turns: Vec<(i64, i64, usize)> = made
+        .iter()
+        .enumerate()
+        .flat_map(|(replica, ranges)| ranges.iter().map(move |r| (r.start, r.end, replica)))
+        .collect();
+    turns.sort();
+    let mut next = 0;
+    for (start, end, _) in &turns {
+        assert_eq!(*start, next, "each job made once: {turns:?}");
+        next = *end;
+    }
+    assert_eq!(next, job_total, "{turns:?}");
+    // Not one replica's takes after the other's: they alternate.
+    let changes = turns.windows(2).filter(|w| w[0].2 != w[1].2).count();
+    assert!(changes >= 2, "{changes} changes of replica: {turns:?}");
+    eprintln!(
+        "{} takes, {changes} changes of replica: {turns:?}",
+        turns.len()
+    );
+
+    // The child's outputs are its inputs, each copied once.
+    let outputs: BTreeSet<String> = catalogued(&app, &child, files as usize)
+        .await
+        .into_iter()
+        .map(|f| {
+            f.lfn
+                .rsplit('/')
+                .next()
+                .unwrap()
+                .replace(".chained", ".txt")
+        })
+        .collect();
+    let names: BTreeSet<String> = parent_files
+        .iter()
+        .map(|lfn| lfn.rsplit('/').next().unwrap().to_string())
+        .collect();
+    assert_eq!(outputs, names);
+    let last = app
+        .production_when(
+            "the child completed in status",
+            Duration::from_secs(30),
+            &child,
+            |p| p.state() == pb::ProductionState::Completed,
+        )
+        .await;
+    assert_eq!((last.job_total, last.inputs_used), (files / 2, files));
+    assert_eq!(
+        support::dlq_depth(&app.env, "dispatcher").await,
+        0,
+        "nothing dead-lettered"
+    );
+    for replica in &mut replicas {
+        replica.kill().await;
+    }
     app.stop().await;
 }
 
