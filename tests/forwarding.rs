@@ -6,7 +6,9 @@
 //! `prodctl get` downloads and resumes, an outage of the storage holds and
 //! then recovers by itself, a copy that does not verify is made again, and
 //! a production whose `production.completed` overtakes its last
-//! `job.output` finishes forwarding only once those outputs are there too.
+//! `job.output` finishes forwarding only once those outputs are there too,
+//! and a remote job's outputs, catalogued on the XRootD server, are copied
+//! from there to a posix destination.
 
 mod support;
 
@@ -20,8 +22,8 @@ use prodsys_proto as pb;
 use prodsys_testkit::{TestEnv, wait_for};
 use support::storage::{
     adler32_of, base_path, files_below, files_of, forwarded_to, forwarding_to, publish_event,
-    replica_in, server, stop_server, storage_adler32, with_replicas, xroot_destination,
-    xrootd_data,
+    replica_in, server, stop_server, storage_adler32, stored_adler32, with_replicas,
+    xroot_destination, xrootd_data,
 };
 use support::{built_binary, cta_example, spawn_app_with, spawn_services, violated_fields};
 
@@ -303,11 +305,7 @@ async fn a_posix_copy_that_does_not_verify_is_removed_and_made_again() {
     let mut disk = PathBuf::new();
     let app = spawn_app_with(|env| {
         disk = env.work_dir.join("disk");
-        forwarding_to(
-            env,
-            "disk",
-            DestinationSettings::Posix { path: disk.clone() },
-        );
+        forwarding_to(env, "disk", DestinationSettings::posix(disk.clone()));
     })
     .await;
     let production_id = app.accepted(forwarded_to(&["disk"])).await;
@@ -521,11 +519,7 @@ async fn a_completion_that_overtakes_the_last_outputs_waits_for_them() {
     let mut env = TestEnv::new().await.expect("test environment");
     let disk = env.work_dir.join("disk");
     let written = env.work_dir.join("written");
-    forwarding_to(
-        &mut env,
-        "disk",
-        DestinationSettings::Posix { path: disk.clone() },
-    );
+    forwarding_to(&mut env, "disk", DestinationSettings::posix(disk.clone()));
     // No checker, no dispatcher: the test speaks for them, in the order
     // that used to lose files.
     let app = spawn_services(env, &[Service::Intake, Service::Status, Service::Catalog]).await;
@@ -688,5 +682,187 @@ async fn without_destinations_a_production_is_finished_once_its_outputs_are_cata
     assert!(done.forwarding.is_empty(), "{done:?}");
     // Every file findable the moment it is finished.
     assert_eq!(app.files(production_id).await.len(), 4);
+    app.stop().await;
+}
+
+/// A remote job's outputs lie where it wrote them, on its production's
+/// first destination (XRootD here), and are catalogued there with their
+/// `root://` URLs: a posix destination the production also asked for is
+/// filled from the storage (`xrdcp`), and both replicas end verified.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_posix_destination_is_filled_from_outputs_catalogued_on_xrootd() {
+    prodsys_telemetry::init("warn");
+    let server = xrootd("forwarding");
+    let base = base_path();
+    let mut env = TestEnv::new().await.expect("test environment");
+    let disk = env.work_dir.join("disk");
+    forwarding_to(&mut env, "se", xroot_destination(&server, &base));
+    forwarding_to(&mut env, "disk", DestinationSettings::posix(disk.clone()));
+    // No checker, no dispatcher: the test speaks for them and for the job.
+    let app = spawn_services(env, &[Service::Intake, Service::Status, Service::Catalog]).await;
+    let production_id = "CTA-990003";
+
+    // The job, at a site that does not share the filesystem, uploads its
+    // outputs to the first destination at their LFNs; nothing is left on
+    // this machine but the storage's copies.
+    let site = app.env.work_dir.join("site");
+    std::fs::create_dir_all(&site).unwrap();
+    let mut written = Vec::new();
+    let files: Vec<pb::OutputFile> = (0..2)
+        .map(|n| {
+            let bytes = format!("remote output {n} of {production_id}\n").repeat(1000 * (n + 1));
+            let lfn = format!("/vo.cta.in2p3.fr/MC/remote/{production_id}/out{n}.dat");
+            let url = format!("{server}/{base}{lfn}");
+            let local = site.join(format!("out{n}.dat"));
+            std::fs::write(&local, &bytes).unwrap();
+            let upload = std::process::Command::new("xrdcp")
+                .args(["--nopbar", "--path"])
+                .arg(&local)
+                .arg(&url)
+                .output()
+                .expect("running xrdcp");
+            assert!(
+                upload.status.success(),
+                "{}",
+                String::from_utf8_lossy(&upload.stderr)
+            );
+            let adler32 = adler32_of(&local);
+            std::fs::remove_file(&local).unwrap();
+            written.push((lfn.clone(), bytes.clone().into_bytes()));
+            pb::OutputFile {
+                lfn,
+                size: bytes.len() as u64,
+                adler32,
+                url,
+                production_id: production_id.into(),
+                ..Default::default()
+            }
+        })
+        .collect();
+    for (lfn, bytes) in &written {
+        assert_eq!(
+            stored_adler32("forwarding", &format!("{base}{lfn}")),
+            Some(
+                prodsys_core::checksum::adler32_hex(bytes.as_slice())
+                    .unwrap()
+                    .1
+            )
+        );
+    }
+
+    publish_event(
+        &app.env,
+        "request.accepted",
+        &pb::RequestAccepted {
+            request_id: uuid::Uuid::now_v7().to_string(),
+            production_id: production_id.into(),
+            profile: "cta-irf-mc".into(),
+            vo: "vo.cta.in2p3.fr".into(),
+            backend: "local".into(),
+            forward: vec!["se".into(), "disk".into()],
+            ..Default::default()
+        },
+    )
+    .await;
+    publish_event(
+        &app.env,
+        "production.dispatched",
+        &pb::ProductionDispatched {
+            production_id: production_id.into(),
+            job_total: 1,
+            ..Default::default()
+        },
+    )
+    .await;
+    publish_event(
+        &app.env,
+        "job.output",
+        &pb::JobOutput {
+            production_id: production_id.into(),
+            job_index: 0,
+            attempt: 1,
+            files: files.clone(),
+        },
+    )
+    .await;
+    publish_event(
+        &app.env,
+        "production.completed",
+        &pb::ProductionCompleted {
+            production_id: production_id.into(),
+            state: pb::ProductionState::Completed as i32,
+            counts: Some(pb::JobCounts {
+                done: 1,
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+    )
+    .await;
+
+    // Both destinations hold every file, verified.
+    let remote_files = || {
+        with_replicas(
+            &app,
+            pb::FindFilesRequest {
+                lfn_prefix: format!("/vo.cta.in2p3.fr/MC/remote/{production_id}/"),
+                ..Default::default()
+            },
+        )
+    };
+    let found = match wait_for(
+        "every file verified on se and on disk",
+        Duration::from_secs(60),
+        || async {
+            let found = remote_files().await;
+            (found.len() == 2
+                && found
+                    .iter()
+                    .all(|(_, r)| verified(r, "se").is_some() && verified(r, "disk").is_some()))
+            .then_some(found)
+        },
+    )
+    .await
+    {
+        Ok(found) => found,
+        Err(e) => panic!("{e}: {:#?}", remote_files().await),
+    };
+    for ((file, replicas), (lfn, bytes)) in found.iter().zip(&written) {
+        assert_eq!(&file.lfn, lfn);
+        // The storage's copy is the source: verified where it lies.
+        let se = verified(replicas, "se").unwrap();
+        assert_eq!(se.url, format!("{server}/{base}{lfn}"), "{replicas:?}");
+        assert_eq!(se.url, file.url);
+        // The posix copy came from there, whole, with the catalog's adler32.
+        let landed = disk.join(lfn.trim_start_matches('/'));
+        let on_disk = verified(replicas, "disk").unwrap();
+        assert_eq!(on_disk.url, format!("file://{}", landed.display()));
+        assert_eq!(adler32_of(&landed), file.adler32);
+        assert_eq!(&std::fs::read(&landed).unwrap(), bytes, "{lfn}");
+    }
+    let done = app
+        .production_when(
+            "the production finished",
+            Duration::from_secs(30),
+            production_id,
+            |p| p.finished,
+        )
+        .await;
+    let mut progress: Vec<_> = done
+        .forwarding
+        .iter()
+        .map(|d| (d.destination.as_str(), d.forwarded == d.total, d.failing))
+        .collect();
+    progress.sort();
+    assert_eq!(progress, [("disk", true, 0), ("se", true, 0)], "{done:?}");
+    // Nothing else on the disk (no temporary left beside a file).
+    let landed = files_below(&disk.join(format!("vo.cta.in2p3.fr/MC/remote/{production_id}")));
+    assert_eq!(
+        landed,
+        ["/out0.dat", "/out1.dat"]
+            .into_iter()
+            .map(String::from)
+            .collect::<BTreeSet<_>>()
+    );
     app.stop().await;
 }

@@ -239,10 +239,8 @@ async fn measure(plan: RucioPlan, env: &mut TestEnv, url: &str) -> anyhow::Resul
         .await?;
 
     let f = &mut env.settings.forwarding;
-    f.destinations.insert(
-        STORAGE.into(),
-        DestinationSettings::Posix { path: disk.clone() },
-    );
+    f.destinations
+        .insert(STORAGE.into(), DestinationSettings::posix(disk.clone()));
     f.destinations.insert(
         REGISTER_IN.into(),
         DestinationSettings::Rucio(Box::new(RucioSettings {

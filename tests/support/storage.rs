@@ -201,9 +201,9 @@ pub async fn publish_event(env: &TestEnv, short_type: &str, message: &impl prost
 /// storage element; where it is.
 pub fn disk(env: &mut TestEnv) -> PathBuf {
     let path = env.work_dir.join("disk");
-    env.settings.forwarding.destinations.insert(
-        "disk".into(),
-        DestinationSettings::Posix { path: path.clone() },
-    );
+    env.settings
+        .forwarding
+        .destinations
+        .insert("disk".into(), DestinationSettings::posix(path.clone()));
     path
 }

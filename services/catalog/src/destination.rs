@@ -55,6 +55,9 @@ pub enum Destination {
 #[derive(Debug, Clone)]
 pub struct Posix {
     root: PathBuf,
+    /// The XRootD client that downloads a `root://` source.
+    xrdcp: String,
+    timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -82,14 +85,18 @@ impl Destination {
         timeout: Duration,
     ) -> anyhow::Result<Self> {
         match settings {
-            DestinationSettings::Posix { path } => {
+            DestinationSettings::Posix { path, xrdcp } => {
                 if !path.is_absolute() {
                     anyhow::bail!(
                         "forwarding.destinations.{name}.path: {} is not an absolute path",
                         path.display()
                     );
                 }
-                Ok(Self::Posix(Posix { root: path.clone() }))
+                Ok(Self::Posix(Posix {
+                    root: path.clone(),
+                    xrdcp: xrdcp.clone(),
+                    timeout,
+                }))
             }
             DestinationSettings::Xroot { url, xrdcp, xrdfs } => {
                 let (server, base) = split_root_url(url).map_err(|reason| {
@@ -128,18 +135,22 @@ impl Destination {
     }
 
     /// Copies `source_url` to `lfn` here and verifies that what landed has
-    /// `adler32`; a copy that does not is removed again.
+    /// `adler32`; a copy that does not is removed again. A posix destination
+    /// copies a local file itself and downloads a `root://` one with `xrdcp`
+    /// (a remote job's output, written to its production's first
+    /// destination).
     pub async fn put(&self, source_url: &str, lfn: &str, adler32: &str) -> Result<(), CopyError> {
         let source = local_path(source_url);
         match self {
-            Self::Posix(p) => {
-                let source = source.ok_or_else(|| {
-                    CopyError::Source(format!(
-                        "a posix destination copies local files; the source is {source_url}"
-                    ))
-                })?;
-                p.put(&source, lfn).await?;
-            }
+            Self::Posix(p) => match source {
+                Some(source) => p.put(&source, lfn).await?,
+                None if is_xroot_url(source_url) => p.download(source_url, lfn).await?,
+                None => {
+                    return Err(CopyError::Source(format!(
+                        "a posix destination copies local files and root:// URLs; the source is {source_url}"
+                    )));
+                }
+            },
             Self::Xroot(x) => {
                 // xrdcp reads local paths and root:// URLs alike.
                 let source = source
@@ -227,6 +238,14 @@ pub fn local_path(url: &str) -> Option<PathBuf> {
     url.starts_with('/').then(|| PathBuf::from(url))
 }
 
+/// Whether `url` names a file on XRootD (`root://`, `xroot://`, or their
+/// TLS forms), which `xrdcp` reads.
+pub fn is_xroot_url(url: &str) -> bool {
+    ["root://", "xroot://", "roots://", "xroots://"]
+        .iter()
+        .any(|scheme| url.starts_with(scheme))
+}
+
 /// `root://host:port//base` → (`root://host:port`, `/base`).
 pub fn split_root_url(url: &str) -> Result<(String, String), String> {
     let rest = url
@@ -271,28 +290,14 @@ impl Posix {
         let target = self.path_of(lfn);
         let source = source.to_path_buf();
         tokio::task::spawn_blocking(move || {
-            let dir = target
-                .parent()
-                .ok_or_else(|| CopyError::Unavailable("an LFN with no directory".into()))?;
-            std::fs::create_dir_all(dir)
-                .map_err(|e| CopyError::Unavailable(format!("creating {}: {e}", dir.display())))?;
+            let temporary = temporary_beside(&target)?;
             let mut input = std::fs::File::open(&source).map_err(|e| {
                 CopyError::Source(format!("opening the source {}: {e}", source.display()))
             })?;
-            let temporary = dir.join(format!(
-                ".{}.{}.part",
-                target
-                    .file_name()
-                    .map(|n| n.to_string_lossy())
-                    .unwrap_or_default(),
-                uuid::Uuid::now_v7()
-            ));
             let mut copy = || -> std::io::Result<()> {
                 let mut output = std::fs::File::create(&temporary)?;
                 std::io::copy(&mut input, &mut output)?;
-                output.sync_all()?;
-                std::fs::rename(&temporary, &target)?;
-                std::fs::File::open(dir)?.sync_all()
+                into_place(&temporary, &target)
             };
             copy().map_err(|e| {
                 let _ = std::fs::remove_file(&temporary);
@@ -301,6 +306,113 @@ impl Posix {
         })
         .await
         .map_err(|e| CopyError::Unavailable(e.to_string()))?
+    }
+
+    /// [`Posix::put`] of a file on XRootD (`source_url`): `xrdcp` downloads
+    /// it into the temporary name beside the target (within the copy time
+    /// limit), which is then fsynced and renamed into place like a local
+    /// copy. A source that cannot be read (unreachable, gone) is a
+    /// [`CopyError::Source`]; a target that cannot be written, the client
+    /// that cannot be run or does not finish, [`CopyError::Unavailable`].
+    async fn download(&self, source_url: &str, lfn: &str) -> Result<(), CopyError> {
+        let target = self.path_of(lfn);
+        let temporary = {
+            let target = target.clone();
+            tokio::task::spawn_blocking(move || temporary_beside(&target))
+                .await
+                .map_err(|e| CopyError::Unavailable(e.to_string()))??
+        };
+        let into = temporary.display().to_string();
+        // --force: a temporary name is never there already, but xrdcp
+        // refuses to write over any file without it.
+        let downloaded = run_client(
+            &self.xrdcp,
+            &["--force", "--nopbar", source_url, &into],
+            self.timeout,
+        )
+        .await
+        .map_err(|e| match e {
+            CopyError::Unavailable(reason) => match xrdcp_side(&reason) {
+                Some(XrdcpSide::Source) => {
+                    CopyError::Source(format!("reading the source {source_url}: {reason}"))
+                }
+                Some(XrdcpSide::Destination) => {
+                    CopyError::Unavailable(format!("writing {into}: {reason}"))
+                }
+                None => {
+                    CopyError::Unavailable(format!("downloading {source_url} to {into}: {reason}"))
+                }
+            },
+            other => other,
+        });
+        let placed = match downloaded {
+            Ok(_) => {
+                let (temporary, target) = (temporary.clone(), target.clone());
+                tokio::task::spawn_blocking(move || {
+                    into_place(&temporary, &target).map_err(|e| {
+                        CopyError::Unavailable(format!("copying to {}: {e}", target.display()))
+                    })
+                })
+                .await
+                .map_err(|e| CopyError::Unavailable(e.to_string()))
+                .and_then(|placed| placed)
+            }
+            Err(e) => Err(e),
+        };
+        if placed.is_err() {
+            let _ = tokio::fs::remove_file(&temporary).await;
+        }
+        placed
+    }
+}
+
+/// A new temporary name beside `target` (a hidden `.part` file), its
+/// directory made.
+fn temporary_beside(target: &Path) -> Result<PathBuf, CopyError> {
+    let dir = target
+        .parent()
+        .ok_or_else(|| CopyError::Unavailable("an LFN with no directory".into()))?;
+    std::fs::create_dir_all(dir)
+        .map_err(|e| CopyError::Unavailable(format!("creating {}: {e}", dir.display())))?;
+    Ok(dir.join(format!(
+        ".{}.{}.part",
+        target
+            .file_name()
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_default(),
+        uuid::Uuid::now_v7()
+    )))
+}
+
+/// Fsyncs the copy at `temporary`, renames it to `target` and fsyncs their
+/// directory.
+fn into_place(temporary: &Path, target: &Path) -> std::io::Result<()> {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(temporary)?
+        .sync_all()?;
+    std::fs::rename(temporary, target)?;
+    let dir = target.parent().unwrap_or(Path::new("/"));
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// Which end of a copy `xrdcp` blamed for failing: it ends its error with
+/// `(source)` or `(destination)` (`[FATAL] Connection error:  (source)`,
+/// `[ERROR] Local error: permission denied:  (destination)`).
+#[derive(Debug, PartialEq, Eq)]
+enum XrdcpSide {
+    Source,
+    Destination,
+}
+
+fn xrdcp_side(reason: &str) -> Option<XrdcpSide> {
+    let reason = reason.trim_end();
+    if reason.ends_with("(source)") {
+        Some(XrdcpSide::Source)
+    } else if reason.ends_with("(destination)") {
+        Some(XrdcpSide::Destination)
+    } else {
+        None
     }
 }
 
@@ -584,18 +696,24 @@ impl Xroot {
         args: &[&str],
         timeout: Duration,
     ) -> Result<String, CopyError> {
-        let mut command = client_command(program, args);
-        let output = tokio::time::timeout(timeout, command.output())
-            .await
-            .map_err(|_| {
-                CopyError::Unavailable(format!(
-                    "{program} did not finish within {} s",
-                    timeout.as_secs()
-                ))
-            })?
-            .map_err(|e| CopyError::Unavailable(format!("running {program}: {e}")))?;
-        finished(program, output)
+        run_client(program, args, timeout).await
     }
+}
+
+/// Runs an XRootD client command within `timeout`: its stdout, or the
+/// reason it failed (the last line of its stderr).
+async fn run_client(program: &str, args: &[&str], timeout: Duration) -> Result<String, CopyError> {
+    let mut command = client_command(program, args);
+    let output = tokio::time::timeout(timeout, command.output())
+        .await
+        .map_err(|_| {
+            CopyError::Unavailable(format!(
+                "{program} did not finish within {} s",
+                timeout.as_secs()
+            ))
+        })?
+        .map_err(|e| CopyError::Unavailable(format!("running {program}: {e}")))?;
+    finished(program, output)
 }
 
 /// The forwarder retries with its own backoff: the client tries to
@@ -754,9 +872,7 @@ mod tests {
         );
         let p = Destination::from_settings(
             "p",
-            &DestinationSettings::Posix {
-                path: "/mnt/tmp".into(),
-            },
+            &DestinationSettings::posix("/mnt/tmp"),
             Duration::from_secs(1),
         )
         .unwrap();
@@ -764,9 +880,7 @@ mod tests {
         assert!(
             Destination::from_settings(
                 "rel",
-                &DestinationSettings::Posix {
-                    path: "relative".into()
-                },
+                &DestinationSettings::posix("relative"),
                 Duration::from_secs(1)
             )
             .unwrap_err()
@@ -783,6 +897,8 @@ mod tests {
         std::fs::write(&source, b"Wikipedia").unwrap();
         let p = Destination::Posix(Posix {
             root: dir.join("store"),
+            xrdcp: "xrdcp".into(),
+            timeout: Duration::from_secs(10),
         });
         assert_eq!(p.checksum("/vo/a.dat").await.unwrap(), None);
         let url = format!("file://{}", source.display());
@@ -799,6 +915,122 @@ mod tests {
         let err = p.put(&url, "/vo/b.dat", "00000001").await.unwrap_err();
         assert!(matches!(err, CopyError::Mismatch { .. }), "{err}");
         assert!(!dir.join("store/vo/b.dat").exists());
+        // No temporary file is left behind.
+        let left: Vec<_> = std::fs::read_dir(dir.join("store/vo"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, ["a.dat"]);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn xrdcp_names_the_end_of_a_copy_that_failed() {
+        let failed = |line: &str| format!("xrdcp exit status: 54: {line}");
+        assert_eq!(
+            xrdcp_side(&failed("[FATAL] Connection error:  (source)")),
+            Some(XrdcpSide::Source)
+        );
+        assert_eq!(
+            xrdcp_side(&failed(
+                "[ERROR] Server responded with an error: [3011] Unable to open /d/x; no such file or directory  (source)"
+            )),
+            Some(XrdcpSide::Source)
+        );
+        assert_eq!(
+            xrdcp_side(&failed(
+                "[ERROR] Local error: permission denied:  (destination)"
+            )),
+            Some(XrdcpSide::Destination)
+        );
+        assert_eq!(xrdcp_side(&failed("no message")), None);
+        assert!(is_xroot_url("root://h:1094//a/b"));
+        assert!(is_xroot_url("xroot://h:1094//a/b"));
+        assert!(!is_xroot_url("https://h/a/b"));
+        assert!(!is_xroot_url("file:///a/b"));
+    }
+
+    /// A stand-in for `xrdcp` (`--force --nopbar SOURCE TARGET`): copies
+    /// `root://fake/<path>` from `<path>`, failing as xrdcp does when the
+    /// source is missing or the target cannot be written (here: a target
+    /// named `unwritable`).
+    fn fake_xrdcp(dir: &Path) -> String {
+        let script = dir.join("xrdcp");
+        std::fs::write(
+            &script,
+            "#!/bin/sh\n\
+             [ \"$1 $2\" = \"--force --nopbar\" ] || { echo \"unexpected arguments: $*\" >&2; exit 50; }\n\
+             path=\"${3#root://fake/}\"\n\
+             [ -f \"$path\" ] || { echo \"[ERROR] Server responded with an error: [3011] Unable to open $path; no such file or directory  (source)\" >&2; exit 54; }\n\
+             case \"$4\" in *unwritable*) echo '[ERROR] Local error: permission denied:  (destination)' >&2; exit 54;; esac\n\
+             cp \"$path\" \"$4\"\n",
+        )
+        .unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        script.display().to_string()
+    }
+
+    #[tokio::test]
+    async fn a_posix_destination_downloads_a_root_source_with_xrdcp() {
+        let dir = std::env::temp_dir().join(format!("prodsys-posix-root-{}", uuid::Uuid::now_v7()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let source = dir.join("source.dat");
+        std::fs::write(&source, b"Wikipedia").unwrap();
+        let p = Destination::from_settings(
+            "p",
+            &DestinationSettings::Posix {
+                path: dir.join("store"),
+                xrdcp: fake_xrdcp(&dir),
+            },
+            Duration::from_secs(10),
+        )
+        .unwrap();
+        let url = format!("root://fake/{}", source.display());
+        p.put(&url, "/vo/a.dat", "11e60398").await.unwrap();
+        assert_eq!(
+            std::fs::read(dir.join("store/vo/a.dat")).unwrap(),
+            b"Wikipedia"
+        );
+        // What landed is verified against the catalog's adler32.
+        let err = p.put(&url, "/vo/b.dat", "00000001").await.unwrap_err();
+        assert!(matches!(err, CopyError::Mismatch { .. }), "{err}");
+        assert!(!dir.join("store/vo/b.dat").exists());
+        // A source that is not there: the source is named as what failed.
+        let missing = format!("root://fake/{}", dir.join("missing.dat").display());
+        let err = p.put(&missing, "/vo/c.dat", "11e60398").await.unwrap_err();
+        assert!(matches!(err, CopyError::Source(_)), "{err}");
+        assert!(
+            err.to_string()
+                .starts_with(&format!("reading the source {missing}: ")),
+            "{err}"
+        );
+        // A target that cannot be written (the fake refuses one named so):
+        // the destination is.
+        let err = p
+            .put(&url, "/vo/unwritable.dat", "11e60398")
+            .await
+            .unwrap_err();
+        assert!(matches!(err, CopyError::Unavailable(_)), "{err}");
+        assert!(err.to_string().starts_with("writing "), "{err}");
+        assert!(err.to_string().contains("(destination)"), "{err}");
+        // A client that cannot be run, and a URL neither local nor XRootD.
+        let absent = Destination::from_settings(
+            "absent",
+            &DestinationSettings::Posix {
+                path: dir.join("store"),
+                xrdcp: dir.join("no-xrdcp").display().to_string(),
+            },
+            Duration::from_secs(10),
+        )
+        .unwrap();
+        let err = absent.put(&url, "/vo/f.dat", "11e60398").await.unwrap_err();
+        assert!(err.to_string().contains("running "), "{err}");
+        let err = p
+            .put("https://example.org/a.dat", "/vo/g.dat", "11e60398")
+            .await
+            .unwrap_err();
+        assert!(matches!(err, CopyError::Source(_)), "{err}");
         // No temporary file is left behind.
         let left: Vec<_> = std::fs::read_dir(dir.join("store/vo"))
             .unwrap()

@@ -427,8 +427,16 @@ impl Default for ForwardingSettings {
 #[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
 pub enum DestinationSettings {
     /// A mounted filesystem: files are copied under `path` at their LFN,
-    /// fsynced, and the adler32 of what landed is compared.
-    Posix { path: PathBuf },
+    /// fsynced, and the adler32 of what landed is compared. A file whose
+    /// source is on XRootD (`root://`, as a remote job's outputs are on its
+    /// production's first destination) is downloaded with `xrdcp`.
+    Posix {
+        path: PathBuf,
+        /// The XRootD client command that reads `root://` sources (found on
+        /// PATH by default).
+        #[serde(default = "default_xrdcp")]
+        xrdcp: String,
+    },
     /// An XRootD storage element (`root://host:port//path`): files are copied
     /// with `xrdcp` and the storage's own adler32 (`xrdfs … query checksum`)
     /// is compared.
@@ -444,6 +452,17 @@ pub enum DestinationSettings {
     /// is registered there as a replica on an RSE and attached to its
     /// production's dataset.
     Rucio(Box<RucioSettings>),
+}
+
+impl DestinationSettings {
+    /// A `posix` destination at `path`, reading `root://` sources with the
+    /// `xrdcp` found on PATH.
+    pub fn posix(path: impl Into<PathBuf>) -> Self {
+        Self::Posix {
+            path: path.into(),
+            xrdcp: default_xrdcp(),
+        }
+    }
 }
 
 fn default_true() -> bool {
@@ -881,6 +900,18 @@ mod tests {
         );
         assert!(
             matches!(&s.forwarding.destinations["eos"], DestinationSettings::Xroot { url, xrdcp, .. } if url.starts_with("root://") && xrdcp == "xrdcp")
+        );
+        assert!(
+            matches!(&s.forwarding.destinations["tmp-disk"], DestinationSettings::Posix { path, xrdcp } if path.as_os_str() == "/data/tmp" && xrdcp == "xrdcp")
+        );
+        std::fs::write(
+            &path,
+            "[forwarding.destinations.tmp-disk]\nkind = \"posix\"\npath = \"/data/tmp\"\nxrdcp = \"/opt/xrootd/bin/xrdcp\"\n",
+        )
+        .unwrap();
+        let s = Settings::load(Some(&path)).unwrap();
+        assert!(
+            matches!(&s.forwarding.destinations["tmp-disk"], DestinationSettings::Posix { xrdcp, .. } if xrdcp == "/opt/xrootd/bin/xrdcp")
         );
         std::fs::write(&path, "[forwarding.destinations.x]\nkind = \"ftp\"\n").unwrap();
         assert!(
