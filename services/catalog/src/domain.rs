@@ -484,6 +484,7 @@ pub struct CandidateClass {
     pub max_run: Option<i64>,
     /// Its first LFNs (three at most, in LFN order).
     pub first_lfns: Vec<String>,
+    /// Its metadata beyond the identity's required pairs (which it holds).
     pub metadata: Map<String, Value>,
 }
 
