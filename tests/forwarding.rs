@@ -452,15 +452,16 @@ fn job_output(dir: &Path, production_id: &str, job_index: u64) -> pb::JobOutput 
     }
 }
 
-/// Speaks for the checker and the dispatcher of a production of two jobs
-/// forwarded to `forward`, in the order that used to lose files: accepted,
-/// dispatched, the first job's outputs, then `production.completed` counting
-/// both jobs DONE (the second job's outputs come later, from the test).
-async fn two_jobs_completion_before_the_second_output(
+/// Speaks for the checker and the dispatcher of a production of
+/// `job_total` jobs forwarded to `forward`: accepted, dispatched, `outputs`
+/// (each job's `job.output`), then `production.completed` counting every job
+/// DONE (outputs left out come later, from the test).
+async fn speak_for_a_production(
     app: &support::App,
-    written: &Path,
     production_id: &str,
     forward: &[&str],
+    job_total: u64,
+    outputs: Vec<pb::JobOutput>,
 ) {
     publish_event(
         &app.env,
@@ -481,17 +482,14 @@ async fn two_jobs_completion_before_the_second_output(
         "production.dispatched",
         &pb::ProductionDispatched {
             production_id: production_id.into(),
-            job_total: 2,
+            job_total,
             ..Default::default()
         },
     )
     .await;
-    publish_event(
-        &app.env,
-        "job.output",
-        &job_output(written, production_id, 0),
-    )
-    .await;
+    for output in &outputs {
+        publish_event(&app.env, "job.output", output).await;
+    }
     publish_event(
         &app.env,
         "production.completed",
@@ -499,11 +497,31 @@ async fn two_jobs_completion_before_the_second_output(
             production_id: production_id.into(),
             state: pb::ProductionState::Completed as i32,
             counts: Some(pb::JobCounts {
-                done: 2,
+                done: job_total,
                 ..Default::default()
             }),
             ..Default::default()
         },
+    )
+    .await;
+}
+
+/// A production of two jobs forwarded to `forward`, in the order that used
+/// to lose files: accepted, dispatched, the first job's outputs, then
+/// `production.completed` counting both jobs DONE (the second job's outputs
+/// come later, from the test).
+async fn two_jobs_completion_before_the_second_output(
+    app: &support::App,
+    written: &Path,
+    production_id: &str,
+    forward: &[&str],
+) {
+    speak_for_a_production(
+        app,
+        production_id,
+        forward,
+        2,
+        vec![job_output(written, production_id, 0)],
     )
     .await;
 }
@@ -750,53 +768,17 @@ async fn a_posix_destination_is_filled_from_outputs_catalogued_on_xrootd() {
         );
     }
 
-    publish_event(
-        &app.env,
-        "request.accepted",
-        &pb::RequestAccepted {
-            request_id: uuid::Uuid::now_v7().to_string(),
-            production_id: production_id.into(),
-            profile: "cta-irf-mc".into(),
-            vo: "vo.cta.in2p3.fr".into(),
-            backend: "local".into(),
-            forward: vec!["se".into(), "disk".into()],
-            ..Default::default()
-        },
-    )
-    .await;
-    publish_event(
-        &app.env,
-        "production.dispatched",
-        &pb::ProductionDispatched {
-            production_id: production_id.into(),
-            job_total: 1,
-            ..Default::default()
-        },
-    )
-    .await;
-    publish_event(
-        &app.env,
-        "job.output",
-        &pb::JobOutput {
+    speak_for_a_production(
+        &app,
+        production_id,
+        &["se", "disk"],
+        1,
+        vec![pb::JobOutput {
             production_id: production_id.into(),
             job_index: 0,
             attempt: 1,
             files: files.clone(),
-        },
-    )
-    .await;
-    publish_event(
-        &app.env,
-        "production.completed",
-        &pb::ProductionCompleted {
-            production_id: production_id.into(),
-            state: pb::ProductionState::Completed as i32,
-            counts: Some(pb::JobCounts {
-                done: 1,
-                ..Default::default()
-            }),
-            ..Default::default()
-        },
+        }],
     )
     .await;
 
