@@ -64,6 +64,9 @@ pub struct ForwardingResult {
     pub max_concurrent_copies: usize,
     pub claim_batch: usize,
     pub raw_seconds: f64,
+    /// The raw copies again, into another directory of the same server,
+    /// once prodsys's run is over: what its state then allows.
+    pub raw_after_seconds: f64,
     pub raw_batch: usize,
     pub raw_concurrency: usize,
     pub raw_parallel: usize,
@@ -336,6 +339,7 @@ async fn measure(
     .await;
     services.stop().await;
     let run = outcome?;
+    result.raw_after_seconds = raw_xrdcp(&files, xrootd, "raw-after", plan).await?;
     (result.catalogue_seconds, result.prodsys_seconds) =
         (run.catalogue_seconds, run.prodsys_seconds);
     result.prodsys_cpu = run.prodsys_cpu;

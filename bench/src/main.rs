@@ -844,9 +844,10 @@ async fn run(args: &Args) -> anyhow::Result<Results> {
         match forwarding::run(plan).await {
             Ok(r) => {
                 eprintln!(
-                    "  xrdcp {:.1} s ({:.0} files/s), prodsys {:.1} s ({:.0} files/s): {:.2}×; {} verified, {} and {} on the storage",
+                    "  xrdcp {:.1} s ({:.0} files/s; after prodsys {:.1} s), prodsys {:.1} s ({:.0} files/s): {:.2}×; {} verified, {} and {} on the storage",
                     r.raw_seconds,
                     r.raw_per_s(),
+                    r.raw_after_seconds,
                     r.prodsys_seconds,
                     r.prodsys_per_s(),
                     r.ratio(),
