@@ -425,14 +425,10 @@ impl Dispatcher {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn each_input_is_used_once_across_a_killed_dispatcher_and_repeated_outputs() {
-    let mut env = TestEnv::new().await.expect("test environment");
-    use_test_profiles(&mut env);
-    env.settings.dispatcher.max_concurrent_jobs = 3;
-    env.settings.dispatcher.lease_ttl_ms = 1500;
-    env.settings.dispatcher.poll_interval_ms = 200;
-    let app = spawn_services(
+/// Every service but the dispatcher, in this process: the tests start
+/// dispatchers of their own in processes they can kill.
+async fn without_dispatcher(env: TestEnv) -> App {
+    spawn_services(
         env,
         &[
             Service::Intake,
@@ -441,7 +437,17 @@ async fn each_input_is_used_once_across_a_killed_dispatcher_and_repeated_outputs
             Service::Catalog,
         ],
     )
-    .await;
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn each_input_is_used_once_across_a_killed_dispatcher_and_repeated_outputs() {
+    let mut env = TestEnv::new().await.expect("test environment");
+    use_test_profiles(&mut env);
+    env.settings.dispatcher.max_concurrent_jobs = 3;
+    env.settings.dispatcher.lease_ttl_ms = 1500;
+    env.settings.dispatcher.poll_interval_ms = 200;
+    let app = without_dispatcher(env).await;
     let mut first = Dispatcher::start(&app.env, "first").await;
     let jobs = 12u64;
     let parent = app
@@ -556,16 +562,7 @@ async fn two_dispatcher_replicas_advancing_one_child_together_use_each_input_onc
     let mut env = TestEnv::new().await.expect("test environment");
     use_test_profiles(&mut env);
     env.settings.dispatcher.max_concurrent_jobs = 32;
-    let app = spawn_services(
-        env,
-        &[
-            Service::Intake,
-            Service::Checker,
-            Service::Status,
-            Service::Catalog,
-        ],
-    )
-    .await;
+    let app = without_dispatcher(env).await;
     // Two replicas from the start, consuming the same queues: each takes
     // some of the parent's `job.output` events and advances the child.
     let json = [("PRODSYS_LOG_FORMAT", "json")];
