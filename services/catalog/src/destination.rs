@@ -596,24 +596,9 @@ impl Xroot {
         args: &[&str],
         timeout: Duration,
     ) -> (String, Result<(), CopyError>) {
-        let mut command = client_command(program, args);
-        let output = match tokio::time::timeout(timeout, command.output()).await {
-            Err(_) => {
-                return (
-                    String::new(),
-                    Err(CopyError::Unavailable(format!(
-                        "{program} did not finish within {} s",
-                        timeout.as_secs()
-                    ))),
-                );
-            }
-            Ok(Err(e)) => {
-                return (
-                    String::new(),
-                    Err(CopyError::Unavailable(format!("running {program}: {e}"))),
-                );
-            }
-            Ok(Ok(output)) => output,
+        let output = match client_output(program, args, timeout).await {
+            Ok(output) => output,
+            Err(e) => return (String::new(), Err(e)),
         };
         let printed = format!(
             "{}\n{}",
@@ -686,25 +671,19 @@ impl Xroot {
     /// Runs an XRootD client command with the time limit; its stdout, or
     /// the reason it failed (its stderr).
     async fn run(&self, program: &str, args: &[&str]) -> Result<String, CopyError> {
-        self.run_for(program, args, self.timeout).await
-    }
-
-    /// [`Xroot::run`] with the time limit `timeout`.
-    async fn run_for(
-        &self,
-        program: &str,
-        args: &[&str],
-        timeout: Duration,
-    ) -> Result<String, CopyError> {
-        run_client(program, args, timeout).await
+        run_client(program, args, self.timeout).await
     }
 }
 
-/// Runs an XRootD client command within `timeout`: its stdout, or the
-/// reason it failed (the last line of its stderr).
-async fn run_client(program: &str, args: &[&str], timeout: Duration) -> Result<String, CopyError> {
+/// What an XRootD client command wrote and how it exited, if it could be
+/// run and finished within `timeout`.
+async fn client_output(
+    program: &str,
+    args: &[&str],
+    timeout: Duration,
+) -> Result<std::process::Output, CopyError> {
     let mut command = client_command(program, args);
-    let output = tokio::time::timeout(timeout, command.output())
+    tokio::time::timeout(timeout, command.output())
         .await
         .map_err(|_| {
             CopyError::Unavailable(format!(
@@ -712,7 +691,13 @@ async fn run_client(program: &str, args: &[&str], timeout: Duration) -> Result<S
                 timeout.as_secs()
             ))
         })?
-        .map_err(|e| CopyError::Unavailable(format!("running {program}: {e}")))?;
+        .map_err(|e| CopyError::Unavailable(format!("running {program}: {e}")))
+}
+
+/// Runs an XRootD client command within `timeout`: its stdout, or the
+/// reason it failed (the last line of its stderr).
+async fn run_client(program: &str, args: &[&str], timeout: Duration) -> Result<String, CopyError> {
+    let output = client_output(program, args, timeout).await?;
     finished(program, output)
 }
 
