@@ -116,7 +116,9 @@ fn the_forwarding_demo_adds_the_local_xrootd_and_forwards_the_cta_example_there(
         .remove("local-xrootd")
         .expect("the demo's destination");
     match destination {
-        prodsys_config::DestinationSettings::Xroot { url, xrdcp, xrdfs } => {
+        prodsys_config::DestinationSettings::Xroot {
+            url, xrdcp, xrdfs, ..
+        } => {
             assert_eq!(url, "root://127.0.0.1:31094//prodsys-demo");
             assert_eq!((xrdcp.as_str(), xrdfs.as_str()), ("xrdcp", "xrdfs"));
         }

@@ -181,6 +181,7 @@ fn rucio_destinations(
             url: format!("{xrootd}/{base}"),
             xrdcp: "xrdcp".into(),
             xrdfs: "xrdfs".into(),
+            parallel: prodsys_config::DEFAULT_XROOT_PARALLEL,
         },
     );
     d.insert(
@@ -768,6 +769,7 @@ async fn a_catalog_killed_mid_forwarding_resumes_with_nothing_twice_and_nothing_
             url: format!("{xrootd}/{base}/plain"),
             xrdcp: "xrdcp".into(),
             xrdfs: "xrdfs".into(),
+            parallel: prodsys_config::DEFAULT_XROOT_PARALLEL,
         },
     );
     // Few copies at once: the kill lands mid-run.

@@ -172,6 +172,11 @@ pub struct Args {
     /// files per `xrdcp` (default: the catalog's default).
     #[arg(long)]
     pub forward_batch: Option<usize>,
+    /// Transfers at once to the XRootD server, by the catalog (the
+    /// destination's `parallel`) and by the raw `xrdcp --parallel` (default
+    /// 16; the test server computes 32 checksums at once).
+    #[arg(long)]
+    pub forward_parallel: Option<usize>,
     /// Replicas of the rucio scenario (default 10,000, smoke 200).
     #[arg(long)]
     pub rucio_files: Option<u64>,
@@ -236,6 +241,10 @@ pub struct Results {
     pub status: Option<stack::StatusResult>,
     /// The status measurement with watchers.
     pub watched: Option<stack::StatusResult>,
+    /// The watched measurement with its messages paced, for the lag.
+    pub watched_paced: Option<stack::StatusResult>,
+    /// The status measurement once more without watchers, after them.
+    pub status_again: Option<stack::StatusResult>,
     pub catalog: Option<stack::CatalogResult>,
     pub chain: Option<chain::ChainResult>,
     pub plan: Option<stack::PlanResult>,
@@ -572,7 +581,7 @@ async fn run(args: &Args) -> anyhow::Result<Results> {
                 "prodsys: {} job transitions into status …",
                 stack_plan.status_jobs * 3
             );
-            match bench.status(&stack_plan, None).await {
+            match bench.status(&stack_plan, None, None).await {
                 Ok(r) => {
                     eprintln!("  {:.0} transitions/s", r.transitions_per_s);
                     results.status = Some(r);
@@ -590,7 +599,7 @@ async fn run(args: &Args) -> anyhow::Result<Results> {
             );
             if results.status.is_none() {
                 // The same measurement without watchers, for the ratio.
-                match bench.status(&stack_plan, None).await {
+                match bench.status(&stack_plan, None, None).await {
                     Ok(r) => results.status = Some(r),
                     Err(e) => results.errors.push(format!("status: {e:#}")),
                 }
@@ -598,7 +607,7 @@ async fn run(args: &Args) -> anyhow::Result<Results> {
                     results.errors.push(format!("after status: {e:#}"));
                 }
             }
-            match bench.status(&stack_plan, Some((grpc, sse))).await {
+            match bench.status(&stack_plan, Some((grpc, sse)), None).await {
                 Ok(r) => {
                     if let Some(w) = &r.watchers {
                         eprintln!(
@@ -616,6 +625,49 @@ async fn run(args: &Args) -> anyhow::Result<Results> {
             }
             if let Err(e) = bench.quiesce(settle).await {
                 results.errors.push(format!("after watchers: {e:#}"));
+            }
+            // And again without: each measurement on the same database runs
+            // slower than the one before it (more rows), so the ratio is
+            // taken against the mean of the one before and the one after.
+            match bench.status(&stack_plan, None, None).await {
+                Ok(r) => results.status_again = Some(r),
+                Err(e) => results.errors.push(format!("status again: {e:#}")),
+            }
+            if let Err(e) = bench.quiesce(settle).await {
+                results.errors.push(format!("after status again: {e:#}"));
+            }
+            // The lag above is mostly the queue: every message is published
+            // within a fraction of a second and waits its turn. The lag from
+            // event to watcher is measured at a load the service keeps up
+            // with: half the rate it absorbed without watchers.
+            let plain: Vec<f64> = [&results.status, &results.status_again]
+                .into_iter()
+                .flatten()
+                .map(|r| r.transitions_per_s)
+                .collect();
+            if !plain.is_empty() {
+                let pace = plain.iter().sum::<f64>() / plain.len() as f64 / 2.0;
+                eprintln!(
+                    "prodsys: the watched status measurement paced at {pace:.0} transitions/s …"
+                );
+                match bench
+                    .status(&stack_plan, Some((grpc, sse)), Some(pace))
+                    .await
+                {
+                    Ok(r) => {
+                        if let Some(w) = &r.watchers {
+                            eprintln!(
+                                "  lag p50 {:.0} ms, p99 {:.0} ms",
+                                w.lag_p50_ms, w.lag_p99_ms
+                            );
+                        }
+                        results.watched_paced = Some(r);
+                    }
+                    Err(e) => results.errors.push(format!("watchers, paced: {e:#}")),
+                }
+                if let Err(e) = bench.quiesce(settle).await {
+                    results.errors.push(format!("after watchers, paced: {e:#}"));
+                }
             }
         }
         if wants(Scenario::Catalog) && check(&mut results) {
@@ -831,11 +883,10 @@ async fn run(args: &Args) -> anyhow::Result<Results> {
                 .unwrap_or(if args.smoke { 200 } else { 10_000 }),
             file_bytes: args.forward_bytes.unwrap_or(4096),
             raw_batch: args.forward_batch.unwrap_or(defaults.claim_batch),
-            // Two invocations of `--parallel --cksum` at once ask the
-            // server more checksums at once than it computes: it has the
-            // client wait 30 s.
+            // One invocation at a time, as many transfers in it as the
+            // catalog has at once to the destination.
             raw_concurrency: 1,
-            raw_parallel: prodsys_catalog::destination::XRDCP_PARALLEL,
+            raw_parallel: args.forward_parallel.unwrap_or(16),
         };
         eprintln!(
             "forwarding: {} files of {} bytes to XRootD by the catalog and by xrdcp …",

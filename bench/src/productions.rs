@@ -267,6 +267,7 @@ async fn measure(
                 url: x.at("prodsys"),
                 xrdcp: "xrdcp".into(),
                 xrdfs: "xrdfs".into(),
+                parallel: prodsys_config::DEFAULT_XROOT_PARALLEL,
             },
         );
     }

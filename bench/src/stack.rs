@@ -253,6 +253,9 @@ pub struct StatusResult {
     pub publish_seconds: f64,
     pub seconds: f64,
     pub transitions_per_s: f64,
+    /// Transitions/s offered when the messages were paced (else as fast as
+    /// the broker confirms them).
+    pub offered_per_s: Option<f64>,
     /// Watchers of the production during the measurement, if any.
     pub watchers: Option<crate::watchers::WatcherStats>,
     pub load: PhaseLoad,
@@ -831,6 +834,7 @@ impl Bench {
         &self,
         plan: &StackPlan,
         watchers: Option<(usize, usize)>,
+        pace: Option<f64>,
     ) -> anyhow::Result<StatusResult> {
         let exchange = format!("{}prodsys.events", self.env.prefix);
         let production = format!(
@@ -929,9 +933,16 @@ impl Bench {
             ),
             None => None,
         };
+        let reads_before = match watchers {
+            Some(_) => crate::watchers::snapshot_reads(self.status_addr).await,
+            None => 0.0,
+        };
         let sampler = self.sample().await?;
         let start = Instant::now();
-        let published = self.publish_in_background(messages);
+        let published = match pace {
+            Some(transitions_per_s) => self.publish_paced(messages, transitions_per_s / per as f64),
+            None => self.publish_in_background(messages),
+        };
         let deadline = start + Duration::from_secs(600);
         loop {
             let p = tokio::time::timeout(CALL_TIMEOUT, status.get_production(request.clone()))
@@ -951,8 +962,13 @@ impl Bench {
         let seconds = start.elapsed().as_secs_f64();
         let publish_seconds = published.await.context("publisher task")??;
         let load = sampler.finish(&self.db).await;
+        let reads = crate::watchers::snapshot_reads(self.status_addr).await - reads_before;
         let watchers = match watching {
-            Some(w) => Some(w.finish(Duration::from_secs(10)).await),
+            Some(w) => {
+                let mut stats = w.finish(Duration::from_secs(10)).await;
+                stats.snapshot_reads = reads;
+                Some(stats)
+            }
             None => None,
         };
         let transitions = plan.status_jobs * 3;
@@ -964,6 +980,7 @@ impl Bench {
             publish_seconds,
             seconds,
             transitions_per_s: transitions as f64 / seconds,
+            offered_per_s: pace,
             watchers,
             load,
         })
@@ -1216,6 +1233,31 @@ impl Bench {
             seconds,
             files_per_s: plan.catalog_files as f64 / seconds,
             load,
+        })
+    }
+
+    /// Publishes `messages` evenly at `per_second`, each confirmed before
+    /// the next is taken (the iterator is advanced only when one is due, so
+    /// it sees when each was published).
+    pub(crate) fn publish_paced(
+        &self,
+        mut messages: impl Iterator<Item = amqp::Message> + Send + 'static,
+        per_second: f64,
+    ) -> tokio::task::JoinHandle<anyhow::Result<f64>> {
+        let channel = self.publish.clone();
+        tokio::spawn(async move {
+            let start = Instant::now();
+            let mut sent = 0u64;
+            loop {
+                let due = start + Duration::from_secs_f64(sent as f64 / per_second);
+                tokio::time::sleep_until(due.into()).await;
+                let Some(message) = messages.next() else {
+                    break;
+                };
+                amqp::publish_all(&channel, [message], 1).await?;
+                sent += 1;
+            }
+            Ok(start.elapsed().as_secs_f64())
         })
     }
 

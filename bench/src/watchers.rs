@@ -133,6 +133,9 @@ pub struct WatcherStats {
     /// The same split by kind of watcher.
     pub grpc_p99_ms: f64,
     pub sse_p99_ms: f64,
+    /// Snapshots the status service read for them during the measurement
+    /// (`prodsys_status_snapshot_reads_total`, every reader).
+    pub snapshot_reads: f64,
     /// Failures opening or reading a watch.
     pub errors: u64,
     pub first_error: Option<String>,
@@ -361,6 +364,19 @@ async fn sse_client(
         }
     }
     Ok(cursor.seen)
+}
+
+/// The status service's snapshot reads so far, every reader's
+/// (`prodsys_status_snapshot_reads_total` at `/metrics`); 0 when unreadable.
+pub async fn snapshot_reads(addr: SocketAddr) -> f64 {
+    let text = match reqwest::get(format!("http://{addr}/metrics")).await {
+        Ok(response) => response.text().await.unwrap_or_default(),
+        Err(_) => return 0.0,
+    };
+    text.lines()
+        .filter(|l| l.starts_with("prodsys_status_snapshot_reads_total"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 #[cfg(test)]

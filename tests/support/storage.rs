@@ -122,6 +122,7 @@ pub fn xroot_destination(server: &str, base: &str) -> DestinationSettings {
         url: format!("{server}/{base}"),
         xrdcp: "xrdcp".into(),
         xrdfs: "xrdfs".into(),
+        parallel: prodsys_config::DEFAULT_XROOT_PARALLEL,
     }
 }
 

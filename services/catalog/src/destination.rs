@@ -15,10 +15,11 @@ use tokio::process::Command;
 use tokio::sync::Semaphore;
 
 /// Transfers at once within one `xrdcp` of many files (`--parallel`), and
-/// checksums asked of one `xroot` destination at once: XRootD 5.5 with its
-/// defaults had clients asking 8 at once wait 30 s, again and again (10,000
+/// checksums asked of one `xroot` destination at once, unless its
+/// `parallel` says otherwise: XRootD 5.5 with its defaults (`xrootd.chksum
+/// max 4`) had clients asking 8 at once wait 30 s, again and again (10,000
 /// small files: 4 at once 6.7 s, 8 at once 542 s).
-pub const XRDCP_PARALLEL: usize = 4;
+pub const XRDCP_PARALLEL: usize = prodsys_config::DEFAULT_XROOT_PARALLEL;
 
 /// One file of a batch copied to a destination at once ([`Destination::put_many`]).
 #[derive(Debug, Clone, Copy)]
@@ -69,6 +70,8 @@ pub struct Xroot {
     xrdcp: String,
     xrdfs: String,
     timeout: Duration,
+    /// Transfers within one `xrdcp` (`--parallel`), and the permits below.
+    parallel: usize,
     /// Checksums the storage is asked for at once (shared by the clones of
     /// this destination): a server computes a few at a time and tells a
     /// client beyond that to wait — 30 s on XRootD 5.5 with its defaults.
@@ -98,17 +101,26 @@ impl Destination {
                     timeout,
                 }))
             }
-            DestinationSettings::Xroot { url, xrdcp, xrdfs } => {
+            DestinationSettings::Xroot {
+                url,
+                xrdcp,
+                xrdfs,
+                parallel,
+            } => {
                 let (server, base) = split_root_url(url).map_err(|reason| {
                     anyhow::anyhow!("forwarding.destinations.{name}.url: {reason}")
                 })?;
+                if *parallel == 0 {
+                    anyhow::bail!("forwarding.destinations.{name}.parallel: must be at least 1");
+                }
                 Ok(Self::Xroot(Xroot {
                     server,
                     base,
                     xrdcp: xrdcp.clone(),
                     xrdfs: xrdfs.clone(),
                     timeout,
-                    checksums: Arc::new(Semaphore::new(XRDCP_PARALLEL)),
+                    parallel: *parallel,
+                    checksums: Arc::new(Semaphore::new(*parallel)),
                     made: Arc::new(Mutex::new(HashSet::new())),
                 }))
             }
@@ -515,7 +527,7 @@ impl Xroot {
             // Each file's adler32 as the storage computes it once the file
             // landed (`--cksum adler32:print` asks the server, file by file,
             // in the same process), held against the catalog's here.
-            let parallel = XRDCP_PARALLEL.to_string();
+            let parallel = self.parallel.to_string();
             let target = format!("{}/{dir}/", self.server);
             let mut args = vec![
                 "--force",
@@ -528,8 +540,8 @@ impl Xroot {
             args.extend(files.iter().map(|(_, source)| source.as_str()));
             args.push(&target);
             // The time limit of one copy for each round of parallel transfers.
-            let rounds = files.len().div_ceil(XRDCP_PARALLEL) as u32;
-            let permits = files.len().min(XRDCP_PARALLEL) as u32;
+            let rounds = files.len().div_ceil(self.parallel) as u32;
+            let permits = files.len().min(self.parallel) as u32;
             let waited = Instant::now();
             let asking = self
                 .checksums
@@ -847,6 +859,7 @@ mod tests {
                 url: "root://127.0.0.1:1094//store".into(),
                 xrdcp: "xrdcp".into(),
                 xrdfs: "xrdfs".into(),
+                parallel: XRDCP_PARALLEL,
             },
             Duration::from_secs(1),
         )

@@ -294,15 +294,30 @@ pub async fn record_copies(
     unflushed(&tx).await?;
     let rows = tx
         .query_cached(
-            "UPDATE replicas r SET state = v.state, url = v.url, reason = v.reason,
-                    attempts = r.attempts + (v.state <> 'pending')::int, claimed_by = NULL,
+            // Each result's replica is found by its key, one index probe
+            // each, and locked while the claim is still this process's. The
+            // plain join let the planner trust statistics taken before
+            // anything was claimed (`claimed_by` all NULL): it expected one
+            // claimed row and compared every claimed replica with every
+            // result, 2 million comparisons and 0.6 s for a batch of 500
+            // with 4,000 claimed.
+            "WITH v AS (
+                 SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
+                                      $6::float8[])
+                     AS v (lfn, destination, state, url, reason, retry_ms)),
+             mine AS (
+                 SELECT r.at, v.* FROM v CROSS JOIN LATERAL (
+                     SELECT r.ctid AS at FROM replicas r
+                     WHERE r.lfn = v.lfn AND r.destination = v.destination
+                       AND r.state = 'copying' AND r.claimed_by = $7
+                     FOR UPDATE) r)
+             UPDATE replicas r SET state = m.state, url = m.url, reason = m.reason,
+                    attempts = r.attempts + (m.state <> 'pending')::int, claimed_by = NULL,
                     updated_at = now(),
-                    next_try_at = now() + v.retry_ms * interval '1 millisecond',
-                    verified_at = CASE WHEN v.state IN ('verified', 'registered') THEN now() END
-             FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::float8[])
-                  AS v (lfn, destination, state, url, reason, retry_ms)
-             WHERE r.lfn = v.lfn AND r.destination = v.destination
-               AND r.state = 'copying' AND r.claimed_by = $7
+                    next_try_at = now() + m.retry_ms * interval '1 millisecond',
+                    verified_at = CASE WHEN m.state IN ('verified', 'registered') THEN now() END
+             FROM mine m
+             WHERE r.ctid = m.at
              RETURNING r.production_id",
             &[
                 &lfns,

@@ -190,7 +190,9 @@ impl Destinations {
 fn storage_of(name: &str, destination: &DestinationSettings) -> anyhow::Result<Option<Storage>> {
     Ok(match destination {
         DestinationSettings::Posix { path, .. } => Some(Storage::Posix { root: path.clone() }),
-        DestinationSettings::Xroot { url, xrdcp, xrdfs } => {
+        DestinationSettings::Xroot {
+            url, xrdcp, xrdfs, ..
+        } => {
             let (server, base) = split_root_url(url).map_err(|reason| {
                 anyhow::anyhow!("forwarding.destinations.{name}.url: {reason}")
             })?;

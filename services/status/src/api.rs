@@ -2,6 +2,7 @@
 //! page of productions, and a stream of snapshots as a production changes.
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::Stream;
@@ -9,11 +10,11 @@ use prodsys_core::{ProductionState, Violation};
 use prodsys_db::Db;
 use prodsys_proto as pb;
 use prodsys_proto::StateProto;
-use tokio::sync::broadcast;
 use tonic::{Request, Response, Status};
 
 use crate::domain::{self, Production};
 use crate::error::{Result, StatusError};
+use crate::follow::Snapshots;
 use crate::forwarding;
 use crate::installations;
 use crate::store::{self, ListFilter};
@@ -21,8 +22,8 @@ use crate::store::{self, ListFilter};
 #[derive(Clone)]
 pub struct StatusApi {
     pub db: Db,
-    /// Production IDs as their changes commit; empty when any may have changed.
-    pub changes: broadcast::Sender<String>,
+    /// The shared readers of changed productions, for the streams that follow them.
+    pub snapshots: Snapshots,
     /// The checker, which answers `ListTemplates` for the dashboard.
     pub checker: pb::checker_service_client::CheckerServiceClient<prodsys_auth::Channel>,
     /// The catalog, which answers `GetProductionRecord` for the HTTP port.
@@ -87,12 +88,26 @@ impl StatusApi {
 
     /// The production's snapshot as the API shows it, with its forwarding.
     pub async fn snapshot(&self, production_id: &str) -> Result<pb::Production> {
-        let mut snapshot = production(self.current(production_id).await?);
-        let client = self.db.client().await?;
-        forwarding::attach(&client, std::slice::from_mut(&mut snapshot)).await?;
-        installations::attach(&client, std::slice::from_mut(&mut snapshot)).await?;
-        Ok(snapshot)
+        completed(&self.db, self.current(production_id).await?).await
     }
+}
+
+/// A production's snapshot as the service sees it (every VO's): for the
+/// shared readers, whose followers checked that they may see it.
+pub async fn snapshot(db: &Db, production_id: &str) -> Result<pb::Production> {
+    let found = store::production(db, production_id)
+        .await?
+        .ok_or_else(|| StatusError::NotFound(format!("no production {production_id}")))?;
+    completed(db, found).await
+}
+
+/// The read model's production with its forwarding and installations.
+async fn completed(db: &Db, found: Production) -> Result<pb::Production> {
+    let mut snapshot = production(found);
+    let client = db.client().await?;
+    forwarding::attach(&client, std::slice::from_mut(&mut snapshot)).await?;
+    installations::attach(&client, std::slice::from_mut(&mut snapshot)).await?;
+    Ok(snapshot)
 }
 
 type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::Production, Status>> + Send>>;
@@ -168,10 +183,11 @@ impl pb::status_service_server::StatusService for StatusApi {
     ) -> Result<Response<Self::WatchProductionStream>, Status> {
         prodsys_server::input::checked(request.get_ref())?;
         let production_id = request.into_inner().production_id;
-        // Subscribe before the first snapshot so no change falls between them.
-        let mut changes = self.changes.subscribe();
+        // Follow before the first snapshot so no change falls between them.
+        // The first is read as the caller (another VO's production is not
+        // found); the rest come from the production's one shared reader.
+        let mut latest = self.snapshots.follow(&production_id);
         let first = self.snapshot(&production_id).await?;
-        let api = self.clone();
         let stream = async_stream(move |tx| async move {
             let mut last = first;
             if tx.send(Ok(last.clone())).await.is_err() {
@@ -190,26 +206,31 @@ impl pb::status_service_server::StatusService for StatusApi {
                         return;
                     }
                 }
-                let changed = tokio::time::timeout(Duration::from_secs(5), changes.recv()).await;
-                match changed {
-                    // An empty id means "anything may have changed".
-                    Ok(Ok(id)) if !id.is_empty() && id != production_id => continue,
-                    Ok(Err(broadcast::error::RecvError::Closed)) => return,
-                    _ => {}
+                match tokio::time::timeout(Duration::from_secs(5), latest.changed()).await {
+                    // Its reader is gone: the service is stopping.
+                    Ok(Err(_)) => return,
+                    // Look at the settling again.
+                    Err(_) => continue,
+                    Ok(Ok(())) => {}
                 }
-                match api.snapshot(&production_id).await {
-                    Ok(snapshot) => {
-                        if snapshot != last {
-                            last = snapshot;
-                            if tx.send(Ok(last.clone())).await.is_err() {
-                                return;
-                            }
+                let read = latest.borrow_and_update().clone();
+                match read {
+                    // A read that began before this stream's first snapshot
+                    // may end after it: never go back.
+                    Some(Ok(snapshot))
+                        if *snapshot != last
+                            && snapshot.updated_unix_ms >= last.updated_unix_ms =>
+                    {
+                        last = Arc::unwrap_or_clone(snapshot);
+                        if tx.send(Ok(last.clone())).await.is_err() {
+                            return;
                         }
                     }
-                    Err(error) => {
-                        let _ = tx.send(Err(error.into())).await;
+                    Some(Err(status)) => {
+                        let _ = tx.send(Err(status)).await;
                         return;
                     }
+                    _ => {}
                 }
             }
         });

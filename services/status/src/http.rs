@@ -9,6 +9,7 @@
 //! a cancel button. Failures are RFC 9457 problem documents.
 
 use std::convert::Infallible;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
@@ -27,6 +28,7 @@ use tokio::sync::broadcast;
 use tonic::Request;
 
 use crate::api::StatusApi;
+use crate::follow::Change;
 // Faults of a query or path are problem documents naming the parameter.
 use crate::rest::{Path, Problem, Query};
 use crate::store;
@@ -234,26 +236,24 @@ async fn one(State(api): State<StatusApi>, Path(production_id): Path<String>) ->
 async fn events(
     State(api): State<StatusApi>,
 ) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
-    let mut changes = api.changes.subscribe();
+    let mut changes = api.snapshots.every();
     let (tx, rx) = tokio::sync::mpsc::channel::<Event>(64);
-    // As the caller: another VO's production is not found, so not sent.
-    prodsys_auth::spawn(async move {
+    let caller = prodsys_auth::caller();
+    tokio::spawn(async move {
         loop {
             let event = match changes.recv().await {
-                Ok(id) if id.is_empty() => Event::default().event("resync").data(""),
-                Ok(id) => match api.snapshot(&id).await {
-                    Ok(p) => match Event::default()
-                        .event("production")
-                        .json_data(ProductionView::from(p))
-                    {
-                        Ok(event) => event,
-                        Err(_) => continue,
-                    },
-                    Err(_) => continue,
-                },
-                Err(broadcast::error::RecvError::Lagged(_)) => {
+                Ok(Change::Resync) | Err(broadcast::error::RecvError::Lagged(_)) => {
                     Event::default().event("resync").data("")
                 }
+                // Another VO's production is not sent.
+                Ok(Change::Production(p)) if !caller.may_see(&p.vo) => continue,
+                Ok(Change::Production(p)) => match Event::default()
+                    .event("production")
+                    .json_data(ProductionView::from(Arc::unwrap_or_clone(p)))
+                {
+                    Ok(event) => event,
+                    Err(_) => continue,
+                },
                 Err(broadcast::error::RecvError::Closed) => return,
             };
             if tx.send(event).await.is_err() {
@@ -270,6 +270,7 @@ async fn events(
 async fn metrics(State(api): State<StatusApi>) -> Response {
     match render_metrics(&api).await {
         Ok(mut text) => {
+            let _ = api.snapshots.encode_figures(&mut text);
             let process = prodsys_telemetry::metrics::metrics();
             let _ = process.encode_families(&mut text);
             let _ = prodsys_telemetry::metrics::finish(&mut text);

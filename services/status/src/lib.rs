@@ -14,6 +14,7 @@ pub mod api;
 pub mod consume;
 pub mod domain;
 pub mod error;
+mod follow;
 pub mod forwarding;
 mod gauges;
 mod http;
@@ -120,9 +121,10 @@ pub async fn start(
         Some(std::time::Duration::from_secs(10)),
         true,
     )?;
+    let snapshots = follow::Snapshots::start(foundation.db.clone(), &changes, shutdown.clone());
     let api = api::StatusApi {
         db: foundation.db.clone(),
-        changes,
+        snapshots,
         checker: pb::checker_service_client::CheckerServiceClient::new(checker),
         catalog: pb::catalog_service_client::CatalogServiceClient::new(catalog)
             .max_decoding_message_size(settings.grpc.max_message_bytes),

@@ -447,6 +447,13 @@ pub enum DestinationSettings {
         xrdcp: String,
         #[serde(default = "default_xrdfs")]
         xrdfs: String,
+        /// Transfers, and checksums asked of the storage, at once (the
+        /// `--parallel` of each `xrdcp`, shared by every copy to this
+        /// destination). An XRootD server computes `xrootd.chksum max` (4
+        /// unless configured) checksums at once and has a client that asks
+        /// more wait 30 s: keep this at most that.
+        #[serde(default = "default_xroot_parallel")]
+        parallel: usize,
     },
     /// A Rucio server: each file, once copied to the `storage` destination,
     /// is registered there as a replica on an RSE and attached to its
@@ -475,6 +482,13 @@ fn default_xrdcp() -> String {
 
 fn default_xrdfs() -> String {
     "xrdfs".into()
+}
+
+/// XRootD's own `xrootd.chksum max` default.
+pub const DEFAULT_XROOT_PARALLEL: usize = 4;
+
+fn default_xroot_parallel() -> usize {
+    DEFAULT_XROOT_PARALLEL
 }
 
 /// A secret as its plain text, for a settings file written on purpose.
@@ -899,7 +913,7 @@ mod tests {
             ["eos", "tmp-disk"]
         );
         assert!(
-            matches!(&s.forwarding.destinations["eos"], DestinationSettings::Xroot { url, xrdcp, .. } if url.starts_with("root://") && xrdcp == "xrdcp")
+            matches!(&s.forwarding.destinations["eos"], DestinationSettings::Xroot { url, xrdcp, parallel, .. } if url.starts_with("root://") && xrdcp == "xrdcp" && *parallel == DEFAULT_XROOT_PARALLEL)
         );
         assert!(
             matches!(&s.forwarding.destinations["tmp-disk"], DestinationSettings::Posix { path, xrdcp } if path.as_os_str() == "/data/tmp" && xrdcp == "xrdcp")
@@ -912,6 +926,15 @@ mod tests {
         let s = Settings::load(Some(&path)).unwrap();
         assert!(
             matches!(&s.forwarding.destinations["tmp-disk"], DestinationSettings::Posix { xrdcp, .. } if xrdcp == "/opt/xrootd/bin/xrdcp")
+        );
+        std::fs::write(
+            &path,
+            "[forwarding.destinations.eos]\nkind = \"xroot\"\nurl = \"root://eos.example.org:1094//eos/cta\"\nparallel = 16\n",
+        )
+        .unwrap();
+        let s = Settings::load(Some(&path)).unwrap();
+        assert!(
+            matches!(&s.forwarding.destinations["eos"], DestinationSettings::Xroot { parallel, .. } if *parallel == 16)
         );
         std::fs::write(&path, "[forwarding.destinations.x]\nkind = \"ftp\"\n").unwrap();
         assert!(

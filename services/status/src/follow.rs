@@ -1,0 +1,297 @@
+//! One reader per production, however many follow it.
+//!
+//! A `WatchProduction` stream or a dashboard's event stream wants a fresh
+//! snapshot each time a production changes. Read once per follower, a
+//! thousand followers turn one committed change into a thousand reads of
+//! the same rows, and the reads crowd out the projection that makes the
+//! changes. Here each followed production has one reader task: a change
+//! marks it stale, the task reads the snapshot once (changes that arrive
+//! while it reads are folded into the next read) and hands the result to
+//! every follower through a `watch` channel. The dashboards' stream of every
+//! production's changes has one reader likewise, sharing its snapshots
+//! through a broadcast channel; each follower sees only its VO's.
+//!
+//! Readers read as the service (every VO): followers check visibility once,
+//! with their first snapshot, which they read as their caller.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use prodsys_db::Db;
+use prodsys_proto as pb;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tokio::sync::{Notify, broadcast, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::error::Failure;
+
+/// What a production's reader last read: a snapshot, or why there is none
+/// (the production is not, or no longer, there). A failure that may pass
+/// (PostgreSQL unreachable) is not handed on: the reader tries again.
+pub type Latest = Option<Result<Arc<pb::Production>, tonic::Status>>;
+
+/// How often a followed production is read again with no change announced
+/// (a change missed while the service was not listening still shows).
+const REREAD: Duration = Duration::from_secs(5);
+
+/// How long a reader waits before it reads again after a failure that may pass.
+const RETRY: Duration = Duration::from_secs(1);
+
+/// What the stream of every production's changes carries.
+#[derive(Clone, Debug)]
+pub enum Change {
+    /// A production's snapshot after a change.
+    Production(Arc<pb::Production>),
+    /// Changes may have been missed: followers read their list again.
+    Resync,
+}
+
+struct Followed {
+    latest: watch::Sender<Latest>,
+    stale: Arc<Notify>,
+}
+
+struct Inner {
+    db: Db,
+    figures: Figures,
+    followed: Mutex<HashMap<String, Followed>>,
+    /// Productions changed since the every-production reader last read.
+    pending: Mutex<Pending>,
+    pending_stale: Notify,
+    every: broadcast::Sender<Change>,
+}
+
+#[derive(Default)]
+struct Pending {
+    ids: HashSet<String>,
+    resync: bool,
+}
+
+/// What the readers did, for `/metrics`.
+#[derive(Default)]
+struct Figures {
+    /// Snapshot reads by reader: `production` (one production's followers),
+    /// `events` (the stream of every production's changes).
+    reads: Family<ReaderLabel, Counter>,
+    followed: Gauge,
+    followers: Gauge,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReaderLabel {
+    reader: &'static str,
+}
+
+/// The status service's shared readers of production snapshots.
+#[derive(Clone)]
+pub struct Snapshots {
+    inner: Arc<Inner>,
+}
+
+impl Snapshots {
+    /// Starts routing `changes` (production IDs as they commit; an empty ID
+    /// when any may have changed) to the readers until `shutdown`.
+    pub fn start(db: Db, changes: &broadcast::Sender<String>, shutdown: CancellationToken) -> Self {
+        let (every, _) = broadcast::channel(4096);
+        let snapshots = Self {
+            inner: Arc::new(Inner {
+                db,
+                figures: Figures::default(),
+                followed: Mutex::new(HashMap::new()),
+                pending: Mutex::new(Pending::default()),
+                pending_stale: Notify::new(),
+                every,
+            }),
+        };
+        let mut rx = changes.subscribe();
+        let router = snapshots.clone();
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            loop {
+                let change = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    change = rx.recv() => change,
+                };
+                match change {
+                    Ok(id) if !id.is_empty() => router.changed(id),
+                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => router.all_changed(),
+                    Err(broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
+        tokio::spawn(snapshots.clone().read_every(shutdown));
+        snapshots
+    }
+
+    fn count_read(&self, reader: &'static str) {
+        self.inner
+            .figures
+            .reads
+            .get_or_create(&ReaderLabel { reader })
+            .inc();
+    }
+
+    fn changed(&self, id: String) {
+        if let Some(followed) = self.inner.followed.lock().expect("followed").get(&id) {
+            followed.stale.notify_one();
+        }
+        if self.inner.every.receiver_count() > 0 {
+            self.inner.pending.lock().expect("pending").ids.insert(id);
+            self.inner.pending_stale.notify_one();
+        }
+    }
+
+    fn all_changed(&self) {
+        for followed in self.inner.followed.lock().expect("followed").values() {
+            followed.stale.notify_one();
+        }
+        if self.inner.every.receiver_count() > 0 {
+            self.inner.pending.lock().expect("pending").resync = true;
+            self.inner.pending_stale.notify_one();
+        }
+    }
+
+    /// Follows one production: the receiver is marked changed each time its
+    /// reader reads a different snapshot after a change committed. The
+    /// caller reads its own first snapshot after this call: any change
+    /// committed after that read is announced after it, so is read again here.
+    pub fn follow(&self, production_id: &str) -> watch::Receiver<Latest> {
+        let mut followed = self.inner.followed.lock().expect("followed");
+        if let Some(f) = followed.get(production_id) {
+            let mut rx = f.latest.subscribe();
+            // What it holds was read before this follower came.
+            rx.mark_unchanged();
+            return rx;
+        }
+        let (latest, rx) = watch::channel(None);
+        let stale = Arc::new(Notify::new());
+        followed.insert(
+            production_id.to_string(),
+            Followed {
+                latest: latest.clone(),
+                stale: stale.clone(),
+            },
+        );
+        tokio::spawn(
+            self.clone()
+                .read_one(production_id.to_string(), latest, stale),
+        );
+        rx
+    }
+
+    /// The readers' figures: snapshot reads by reader, productions followed
+    /// and their followers.
+    pub fn encode_figures(&self, out: &mut String) -> std::fmt::Result {
+        let figures = &self.inner.figures;
+        let (followed, followers) = {
+            let map = self.inner.followed.lock().expect("followed");
+            let followers: usize = map.values().map(|f| f.latest.receiver_count()).sum();
+            (map.len(), followers + self.inner.every.receiver_count())
+        };
+        figures.followed.set(followed as i64);
+        figures.followers.set(followers as i64);
+        let mut registry = Registry::default();
+        registry.register(
+            "prodsys_status_snapshot_reads",
+            "Snapshots read for the streams that follow productions, by reader (one per followed production, one for the dashboards' stream of every change) however many follow.",
+            figures.reads.clone(),
+        );
+        registry.register(
+            "prodsys_status_followed_productions",
+            "Productions with a WatchProduction stream open.",
+            figures.followed.clone(),
+        );
+        registry.register(
+            "prodsys_status_followers",
+            "WatchProduction streams and dashboard event streams open.",
+            figures.followers.clone(),
+        );
+        prodsys_telemetry::metrics::encode_families(out, &registry)
+    }
+
+    /// Every production's changes, each read once however many follow.
+    pub fn every(&self) -> broadcast::Receiver<Change> {
+        self.inner.every.subscribe()
+    }
+
+    /// The one reader of a followed production; ends when nobody follows.
+    async fn read_one(self, id: String, latest: watch::Sender<Latest>, stale: Arc<Notify>) {
+        loop {
+            tokio::select! {
+                _ = stale.notified() => {}
+                _ = tokio::time::sleep(REREAD) => {}
+                _ = latest.closed() => {
+                    let mut followed = self.inner.followed.lock().expect("followed");
+                    // A follower may have come since: then go on reading.
+                    if latest.receiver_count() == 0 {
+                        followed.remove(&id);
+                        return;
+                    }
+                    continue;
+                }
+            }
+            self.count_read("production");
+            let read = match crate::api::snapshot(&self.inner.db, &id).await {
+                Ok(snapshot) => Ok(Arc::new(snapshot)),
+                Err(error @ (Failure::Transient(_) | Failure::Unexpected(_))) => {
+                    tracing::warn!(
+                        production_id = %id,
+                        error = %error,
+                        "cannot read a followed production; reading again"
+                    );
+                    tokio::time::sleep(RETRY).await;
+                    stale.notify_one();
+                    continue;
+                }
+                Err(error) => Err(tonic::Status::from(error)),
+            };
+            latest.send_if_modified(|held| {
+                let same = match (&*held, &read) {
+                    (Some(Ok(a)), Ok(b)) => a == b,
+                    (Some(Err(a)), Err(b)) => a.code() == b.code() && a.message() == b.message(),
+                    _ => false,
+                };
+                if !same {
+                    *held = Some(read);
+                }
+                !same
+            });
+        }
+    }
+
+    /// The one reader of every production's changes while anyone follows them.
+    async fn read_every(self, shutdown: CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = self.inner.pending_stale.notified() => {}
+            }
+            let Pending { ids, resync } =
+                std::mem::take(&mut *self.inner.pending.lock().expect("pending"));
+            if resync {
+                let _ = self.inner.every.send(Change::Resync);
+            }
+            for id in ids {
+                if self.inner.every.receiver_count() == 0 {
+                    break;
+                }
+                self.count_read("events");
+                match crate::api::snapshot(&self.inner.db, &id).await {
+                    Ok(p) => {
+                        let _ = self.inner.every.send(Change::Production(Arc::new(p)));
+                    }
+                    Err(error) => tracing::debug!(
+                        production_id = %id,
+                        error = %error,
+                        "cannot read a changed production for the event stream"
+                    ),
+                }
+            }
+        }
+    }
+}
