@@ -45,6 +45,10 @@ pub struct ForwardingPlan {
     pub raw_batch: usize,
     pub raw_concurrency: usize,
     pub raw_parallel: usize,
+    /// prodsys runs, each of its own production's files, each followed by
+    /// a raw run (and one raw run before the first): the figures compared
+    /// are the medians, the machine's drift falling on both.
+    pub rounds: usize,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -63,9 +67,11 @@ pub struct ForwardingResult {
     pub max_concurrent_copies: usize,
     pub claim_batch: usize,
     pub raw_seconds: f64,
-    /// The raw copies again, into another directory of the same server,
-    /// once prodsys's run is over: what its state then allows.
-    pub raw_after_seconds: f64,
+    /// Every run's seconds, in the order they ran: raw before the services
+    /// started, then after each prodsys run (the services idle); prodsys,
+    /// one per round. `prodsys_seconds` and `raw_seconds` are their medians.
+    pub raw_runs: Vec<f64>,
+    pub prodsys_runs: Vec<f64>,
     pub raw_batch: usize,
     pub raw_concurrency: usize,
     pub raw_parallel: usize,
@@ -81,9 +87,23 @@ impl ForwardingResult {
     pub fn raw_per_s(&self) -> f64 {
         self.files as f64 / self.raw_seconds
     }
-    /// prodsys's rate over raw xrdcp's.
+    /// prodsys's rate over raw xrdcp's, each round against the raw runs
+    /// just before and just after it (their mean): what drifts over the
+    /// scenario (the machine, the server's state) falls on both sides.
+    pub fn round_ratios(&self) -> Vec<f64> {
+        self.prodsys_runs
+            .iter()
+            .enumerate()
+            .filter_map(|(i, prodsys)| {
+                let raw = (self.raw_runs.get(i)? + self.raw_runs.get(i + 1)?) / 2.0;
+                Some(raw / prodsys)
+            })
+            .collect()
+    }
+
+    /// The median of the rounds' ratios.
     pub fn ratio(&self) -> f64 {
-        self.raw_seconds / self.prodsys_seconds
+        median(&self.round_ratios())
     }
 }
 
@@ -293,16 +313,23 @@ async fn measure(
     env: &mut TestEnv,
     xrootd: &Xrootd,
 ) -> anyhow::Result<ForwardingResult> {
-    let production = format!(
-        "BENCH-F{}",
-        &uuid::Uuid::now_v7().simple().to_string()[20..]
-    );
+    let tag = uuid::Uuid::now_v7().simple().to_string()[20..].to_string();
     let outputs_dir = env.work_dir.join("outputs");
-    let (files, bytes) = (plan.files, plan.file_bytes);
-    let files = {
-        let (dir, production) = (outputs_dir.clone(), production.clone());
-        tokio::task::spawn_blocking(move || write_files(&dir, &production, files, bytes)).await??
-    };
+    let rounds = plan.rounds.max(1);
+    // One production of `plan.files` files a round.
+    let mut sets = Vec::with_capacity(rounds);
+    for round in 0..rounds {
+        let production = format!("BENCH-F{tag}-{round}");
+        let (dir, name, files, bytes) = (
+            outputs_dir.clone(),
+            production.clone(),
+            plan.files,
+            plan.file_bytes,
+        );
+        let files =
+            tokio::task::spawn_blocking(move || write_files(&dir, &name, files, bytes)).await??;
+        sets.push((production, files));
+    }
     let mut result = ForwardingResult {
         files: plan.files,
         file_bytes: plan.file_bytes,
@@ -310,14 +337,18 @@ async fn measure(
         raw_batch: plan.raw_batch,
         raw_concurrency: plan.raw_concurrency,
         raw_parallel: plan.raw_parallel,
+        verified: u64::MAX,
+        raw_stored: u64::MAX,
         ..Default::default()
     };
 
     // The raw limit first, nothing of prodsys running.
     let meter = sys::CpuMeter::start();
-    result.raw_seconds = raw_xrdcp(&files, xrootd, "raw", plan).await?;
+    result
+        .raw_runs
+        .push(raw_xrdcp(&sets[0].1, xrootd, "raw-0", plan).await?);
     result.raw_cpu = meter.stop();
-    result.raw_stored = crate::productions::files_below(&xrootd.local("raw"));
+    result.raw_stored = crate::productions::files_below(&xrootd.local("raw-0"));
 
     env.settings.forwarding.destinations.insert(
         FORWARD_TO.into(),
@@ -332,24 +363,53 @@ async fn measure(
     result.max_concurrent_copies = env.settings.forwarding.max_concurrent_copies;
     result.claim_batch = env.settings.forwarding.claim_batch;
     let mut services = Services::start(&env.settings, &env.work_dir.join("services")).await?;
-    let outcome = forward(
-        env,
-        &mut services,
-        &production,
-        &files,
-        FORWARD_TO,
-        "verified",
-    )
+    let outcome = async {
+        for (round, (production, files)) in sets.iter().enumerate() {
+            let run = forward(
+                env,
+                &mut services,
+                production,
+                files,
+                FORWARD_TO,
+                "verified",
+            )
+            .await?;
+            result.catalogue_seconds += run.catalogue_seconds;
+            result.prodsys_runs.push(run.prodsys_seconds);
+            if round == 0 {
+                result.prodsys_cpu = run.prodsys_cpu;
+            }
+            result.verified = result.verified.min(run.reached);
+            // The same copies without prodsys (its services idle).
+            let sub = format!("raw-{}", round + 1);
+            result
+                .raw_runs
+                .push(raw_xrdcp(files, xrootd, &sub, plan).await?);
+            result.raw_stored = result
+                .raw_stored
+                .min(crate::productions::files_below(&xrootd.local(&sub)));
+        }
+        anyhow::Ok(())
+    }
     .await;
     services.stop().await;
-    let run = outcome?;
-    result.raw_after_seconds = raw_xrdcp(&files, xrootd, "raw-after", plan).await?;
-    (result.catalogue_seconds, result.prodsys_seconds) =
-        (run.catalogue_seconds, run.prodsys_seconds);
-    result.prodsys_cpu = run.prodsys_cpu;
-    result.verified = run.reached;
-    result.stored = crate::productions::files_below(&xrootd.local("prodsys"));
+    outcome?;
+    result.prodsys_seconds = median(&result.prodsys_runs);
+    result.raw_seconds = median(&result.raw_runs);
+    // Every round's files below the one destination directory.
+    result.stored = crate::productions::files_below(&xrootd.local("prodsys")) / rounds as u64;
     Ok(result)
+}
+
+/// The middle of `runs` (the mean of the middle two of an even count).
+fn median(runs: &[f64]) -> f64 {
+    let mut sorted = runs.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    match sorted.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => sorted[n / 2],
+        n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
+    }
 }
 
 /// What [`forward`] measured.

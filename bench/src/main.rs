@@ -887,6 +887,7 @@ async fn run(args: &Args) -> anyhow::Result<Results> {
             // catalog has at once to the destination.
             raw_concurrency: 1,
             raw_parallel: args.forward_parallel.unwrap_or(16),
+            rounds: if args.smoke { 1 } else { 3 },
         };
         eprintln!(
             "forwarding: {} files of {} bytes to XRootD by the catalog and by xrdcp …",
@@ -895,12 +896,13 @@ async fn run(args: &Args) -> anyhow::Result<Results> {
         match forwarding::run(plan).await {
             Ok(r) => {
                 eprintln!(
-                    "  xrdcp {:.1} s ({:.0} files/s; after prodsys {:.1} s), prodsys {:.1} s ({:.0} files/s): {:.2}×; {} verified, {} and {} on the storage",
+                    "  xrdcp {:.1} s ({:.0} files/s; runs {:.1?} s), prodsys {:.1} s ({:.0} files/s; runs {:.1?} s): {:.2}×; {} verified, {} and {} on the storage",
                     r.raw_seconds,
                     r.raw_per_s(),
-                    r.raw_after_seconds,
+                    r.raw_runs,
                     r.prodsys_seconds,
                     r.prodsys_per_s(),
+                    r.prodsys_runs,
                     r.ratio(),
                     r.verified,
                     r.stored,
