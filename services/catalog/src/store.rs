@@ -317,7 +317,9 @@ pub async fn record_copies(
                     next_try_at = now() + m.retry_ms * interval '1 millisecond',
                     verified_at = CASE WHEN m.state IN ('verified', 'registered') THEN now() END
              FROM mine m
-             WHERE r.ctid = m.at
+             -- The rows fetched by their addresses (a TID scan), not by
+             -- hashing the table against them.
+             WHERE r.ctid = ANY (ARRAY(SELECT at FROM mine)) AND r.ctid = m.at
              RETURNING r.production_id",
             &[
                 &lfns,

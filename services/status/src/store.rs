@@ -220,13 +220,26 @@ async fn upsert_jobs(tx: &Transaction<'_>, transitions: &[JobTransition]) -> any
              SELECT * FROM unnest($1::text[], $2::bigint[], $3::int[], $4::text[], $5::int[], $6::text[],
                                   $7::text[])
                  AS u(production_id, job_index, attempt, state, state_rank, raw_status, installation)),
+         -- Each known job's row found by its key (one index probe a
+         -- transition, in key order so concurrent batches lock alike) and
+         -- locked: a join left to the planner hashed the whole table on
+         -- every batch once it outgrew its statistics (600,000 rows read
+         -- for a batch of 25,000), each batch slower as the table grew.
+         known AS (
+             SELECT k.at, u.* FROM (SELECT * FROM u ORDER BY production_id, job_index) u
+             CROSS JOIN LATERAL (
+                 SELECT j.ctid AS at FROM jobs j
+                 WHERE j.production_id = u.production_id AND j.job_index = u.job_index
+                   AND (j.attempt, j.state_rank) < (u.attempt, u.state_rank)
+                 FOR UPDATE) k),
          updated AS (
-             UPDATE jobs j SET prev_state = j.state, attempt = u.attempt, state = u.state,
-                               state_rank = u.state_rank, raw_status = u.raw_status, updated_at = now(),
-                               prev_installation = j.installation, installation = u.installation
-             FROM u
-             WHERE j.production_id = u.production_id AND j.job_index = u.job_index
-               AND (j.attempt, j.state_rank) < (u.attempt, u.state_rank)
+             UPDATE jobs j SET prev_state = j.state, attempt = k.attempt, state = k.state,
+                               state_rank = k.state_rank, raw_status = k.raw_status, updated_at = now(),
+                               prev_installation = j.installation, installation = k.installation
+             FROM known k
+             -- The rows fetched by their addresses (a TID scan), not by
+             -- hashing the table against them.
+             WHERE j.ctid = ANY (ARRAY(SELECT at FROM known)) AND j.ctid = k.at
              RETURNING j.production_id, j.prev_state, j.state, j.prev_installation, j.installation),
          inserted AS (
              INSERT INTO jobs AS j (production_id, job_index, attempt, state, state_rank, raw_status,
