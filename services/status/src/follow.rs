@@ -39,6 +39,12 @@ pub type Latest = Option<Result<Arc<pb::Production>, tonic::Status>>;
 /// (a change missed while the service was not listening still shows).
 const REREAD: Duration = Duration::from_secs(5);
 
+/// The least time between two reads of one followed production (and
+/// between two rounds of the dashboards' reader): at most five snapshots a
+/// second reach a follower however fast the production changes, and a
+/// flood of changes costs the followers (and their connections) no more.
+const MIN_READ_GAP: Duration = Duration::from_millis(200);
+
 /// How long a reader waits before it reads again after a failure that may pass.
 const RETRY: Duration = Duration::from_secs(1);
 
@@ -221,6 +227,8 @@ impl Snapshots {
 
     /// The one reader of a followed production; ends when nobody follows.
     async fn read_one(self, id: String, latest: watch::Sender<Latest>, stale: Arc<Notify>) {
+        let now = tokio::time::Instant::now();
+        let mut last_read = now.checked_sub(MIN_READ_GAP).unwrap_or(now);
         loop {
             tokio::select! {
                 _ = stale.notified() => {}
@@ -235,6 +243,13 @@ impl Snapshots {
                     continue;
                 }
             }
+            // At most one read per MIN_READ_GAP: what changes meanwhile is
+            // in the next one.
+            tokio::select! {
+                _ = tokio::time::sleep_until(last_read + MIN_READ_GAP) => {}
+                _ = latest.closed() => continue,
+            }
+            last_read = tokio::time::Instant::now();
             self.count_read("production");
             let read = match crate::api::snapshot(&self.inner.db, &id).await {
                 Ok(snapshot) => Ok(Arc::new(snapshot)),
@@ -266,11 +281,18 @@ impl Snapshots {
 
     /// The one reader of every production's changes while anyone follows them.
     async fn read_every(self, shutdown: CancellationToken) {
+        let now = tokio::time::Instant::now();
+        let mut last_read = now.checked_sub(MIN_READ_GAP).unwrap_or(now);
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = self.inner.pending_stale.notified() => {}
             }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep_until(last_read + MIN_READ_GAP) => {}
+            }
+            last_read = tokio::time::Instant::now();
             let Pending { ids, resync } =
                 std::mem::take(&mut *self.inner.pending.lock().expect("pending"));
             if resync {
