@@ -683,15 +683,9 @@ fn watched_row(results: &Results, s: &crate::stack::StatusResult, rows: &mut Vec
             w.sse
         ),
         measured: format!(
-            "{} transitions/s; lag p50 {}, p99 {} (WatchProduction {}, SSE {}), max {}; {} of {} watchers saw every job DONE; {} updates received; {} watch errors{}",
+            "{} transitions/s; {}; {} updates received; {} watch errors{}",
             thousands(s.transitions_per_s),
-            ms(w.lag_p50_ms),
-            ms(w.lag_p99_ms),
-            ms(w.grpc_p99_ms),
-            ms(w.sse_p99_ms),
-            ms(w.lag_max_ms),
-            thousands(w.complete as f64),
-            thousands((w.grpc + w.sse) as f64),
+            watcher_lags(w),
             thousands(w.updates as f64),
             w.errors,
             w.first_error
@@ -736,14 +730,8 @@ fn watched_row(results: &Results, s: &crate::stack::StatusResult, rows: &mut Vec
                 thousands(p.offered_per_s.unwrap_or(f64::NAN))
             ),
             measured: format!(
-                "lag p50 {}, p99 {} (WatchProduction {}, SSE {}), max {}; {} of {} watchers saw every job DONE; {} updates; {} snapshot reads; {} watch errors",
-                ms(pw.lag_p50_ms),
-                ms(pw.lag_p99_ms),
-                ms(pw.grpc_p99_ms),
-                ms(pw.sse_p99_ms),
-                ms(pw.lag_max_ms),
-                thousands(pw.complete as f64),
-                thousands((pw.grpc + pw.sse) as f64),
+                "{}; {} updates; {} snapshot reads; {} watch errors",
+                watcher_lags(pw),
                 thousands(pw.updates as f64),
                 thousands(pw.snapshot_reads),
                 pw.errors
@@ -767,6 +755,20 @@ fn watched_row(results: &Results, s: &crate::stack::StatusResult, rows: &mut Vec
             },
         });
     }
+}
+
+/// The watchers' lags and how many saw the end, as both watched rows say it.
+fn watcher_lags(w: &crate::watchers::WatcherStats) -> String {
+    format!(
+        "lag p50 {}, p99 {} (WatchProduction {}, SSE {}), max {}; {} of {} watchers saw every job DONE",
+        ms(w.lag_p50_ms),
+        ms(w.lag_p99_ms),
+        ms(w.grpc_p99_ms),
+        ms(w.sse_p99_ms),
+        ms(w.lag_max_ms),
+        thousands(w.complete as f64),
+        thousands((w.grpc + w.sse) as f64)
+    )
 }
 
 /// Seconds of runs in order: "6.1, 5.9 and 6.4 s".
