@@ -186,8 +186,9 @@ impl pb::status_service_server::StatusService for StatusApi {
         // Follow before the first snapshot so no change falls between them.
         // The first is read as the caller (another VO's production is not
         // found); the rest come from the production's one shared reader.
-        let mut latest = self.snapshots.follow(&production_id);
+        let mut follower = self.snapshots.follow(&production_id);
         let first = self.snapshot(&production_id).await?;
+        follower.read_from_now();
         let stream = async_stream(move |tx| async move {
             let mut last = first;
             if tx.send(Ok(last.clone())).await.is_err() {
@@ -206,31 +207,22 @@ impl pb::status_service_server::StatusService for StatusApi {
                         return;
                     }
                 }
-                match tokio::time::timeout(Duration::from_secs(5), latest.changed()).await {
+                match tokio::time::timeout(Duration::from_secs(5), follower.next()).await {
                     // Its reader is gone: the service is stopping.
                     Ok(Err(_)) => return,
                     // Look at the settling again.
-                    Err(_) => continue,
-                    Ok(Ok(())) => {}
-                }
-                let read = latest.borrow_and_update().clone();
-                match read {
-                    // A read that began before this stream's first snapshot
-                    // may end after it: never go back.
-                    Some(Ok(snapshot))
-                        if *snapshot != last
-                            && snapshot.updated_unix_ms >= last.updated_unix_ms =>
-                    {
+                    Err(_) => {}
+                    Ok(Ok(Ok(snapshot))) if *snapshot != last => {
                         last = Arc::unwrap_or_clone(snapshot);
                         if tx.send(Ok(last.clone())).await.is_err() {
                             return;
                         }
                     }
-                    Some(Err(status)) => {
+                    Ok(Ok(Ok(_))) => {}
+                    Ok(Ok(Err(status))) => {
                         let _ = tx.send(Err(status)).await;
                         return;
                     }
-                    _ => {}
                 }
             }
         });

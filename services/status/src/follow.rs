@@ -15,6 +15,7 @@
 //! with their first snapshot, which they read as their caller.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -31,9 +32,52 @@ use tokio_util::sync::CancellationToken;
 use crate::error::Failure;
 
 /// What a production's reader last read: a snapshot, or why there is none
-/// (the production is not, or no longer, there). A failure that may pass
+/// (the production is not, or no longer, there), and which of its reads it
+/// was (they are numbered as they start). A failure that may pass
 /// (PostgreSQL unreachable) is not handed on: the reader tries again.
-pub type Latest = Option<Result<Arc<pb::Production>, tonic::Status>>;
+#[derive(Debug, Clone)]
+pub struct Read {
+    pub started: u64,
+    pub result: Result<Arc<pb::Production>, tonic::Status>,
+}
+
+pub type Latest = Option<Read>;
+
+/// One follower of a production: its reader's reads, from the first that
+/// began after the follower's own first snapshot ([`Follower::read_from_now`]).
+pub struct Follower {
+    latest: watch::Receiver<Latest>,
+    reads: Arc<AtomicU64>,
+    stale: Arc<Notify>,
+    after: u64,
+}
+
+impl Follower {
+    /// Called once the follower holds its own first snapshot: reads that
+    /// began before now may be older than it and are not handed on; one
+    /// read begins after now (changes committed while the follower read
+    /// its first snapshot are in it).
+    pub fn read_from_now(&mut self) {
+        self.after = self.reads.load(Ordering::SeqCst);
+        self.latest.mark_unchanged();
+        self.stale.notify_one();
+    }
+
+    /// The next read that began after [`Follower::read_from_now`] and read
+    /// something other than the one before; `Err` once the reader is gone.
+    pub async fn next(
+        &mut self,
+    ) -> Result<Result<Arc<pb::Production>, tonic::Status>, watch::error::RecvError> {
+        loop {
+            self.latest.changed().await?;
+            if let Some(read) = self.latest.borrow_and_update().clone()
+                && read.started > self.after
+            {
+                return Ok(read.result);
+            }
+        }
+    }
+}
 
 /// How often a followed production is read again with no change announced
 /// (a change missed while the service was not listening still shows).
@@ -60,6 +104,8 @@ pub enum Change {
 struct Followed {
     latest: watch::Sender<Latest>,
     stale: Arc<Notify>,
+    /// Reads begun so far.
+    reads: Arc<AtomicU64>,
 }
 
 struct Inner {
@@ -162,32 +208,35 @@ impl Snapshots {
         }
     }
 
-    /// Follows one production: the receiver is marked changed each time its
-    /// reader reads a different snapshot after a change committed. The
-    /// caller reads its own first snapshot after this call: any change
-    /// committed after that read is announced after it, so is read again here.
-    pub fn follow(&self, production_id: &str) -> watch::Receiver<Latest> {
+    /// Follows one production: each read of its shared reader that found it
+    /// changed, from the first that began after the caller's own first
+    /// snapshot (the caller reads that after this call, then says so with
+    /// [`Follower::read_from_now`]).
+    pub fn follow(&self, production_id: &str) -> Follower {
         let mut followed = self.inner.followed.lock().expect("followed");
-        if let Some(f) = followed.get(production_id) {
-            let mut rx = f.latest.subscribe();
-            // What it holds was read before this follower came.
-            rx.mark_unchanged();
-            return rx;
+        let f = followed
+            .entry(production_id.to_string())
+            .or_insert_with(|| {
+                let (latest, _) = watch::channel(None);
+                let f = Followed {
+                    latest,
+                    stale: Arc::new(Notify::new()),
+                    reads: Arc::default(),
+                };
+                tokio::spawn(self.clone().read_one(
+                    production_id.to_string(),
+                    f.latest.clone(),
+                    f.stale.clone(),
+                    f.reads.clone(),
+                ));
+                f
+            });
+        Follower {
+            latest: f.latest.subscribe(),
+            reads: f.reads.clone(),
+            stale: f.stale.clone(),
+            after: u64::MAX,
         }
-        let (latest, rx) = watch::channel(None);
-        let stale = Arc::new(Notify::new());
-        followed.insert(
-            production_id.to_string(),
-            Followed {
-                latest: latest.clone(),
-                stale: stale.clone(),
-            },
-        );
-        tokio::spawn(
-            self.clone()
-                .read_one(production_id.to_string(), latest, stale),
-        );
-        rx
     }
 
     /// The readers' figures: snapshot reads by reader, productions followed
@@ -226,7 +275,13 @@ impl Snapshots {
     }
 
     /// The one reader of a followed production; ends when nobody follows.
-    async fn read_one(self, id: String, latest: watch::Sender<Latest>, stale: Arc<Notify>) {
+    async fn read_one(
+        self,
+        id: String,
+        latest: watch::Sender<Latest>,
+        stale: Arc<Notify>,
+        reads: Arc<AtomicU64>,
+    ) {
         let now = tokio::time::Instant::now();
         let mut last_read = now.checked_sub(MIN_READ_GAP).unwrap_or(now);
         loop {
@@ -251,7 +306,8 @@ impl Snapshots {
             }
             last_read = tokio::time::Instant::now();
             self.count_read("production");
-            let read = match crate::api::snapshot(&self.inner.db, &id).await {
+            let started = reads.fetch_add(1, Ordering::SeqCst) + 1;
+            let result = match crate::api::snapshot(&self.inner.db, &id).await {
                 Ok(snapshot) => Ok(Arc::new(snapshot)),
                 Err(error @ (Failure::Transient(_) | Failure::Unexpected(_))) => {
                     tracing::warn!(
@@ -266,13 +322,13 @@ impl Snapshots {
                 Err(error) => Err(tonic::Status::from(error)),
             };
             latest.send_if_modified(|held| {
-                let same = match (&*held, &read) {
+                let same = match (held.as_ref().map(|h| &h.result), &result) {
                     (Some(Ok(a)), Ok(b)) => a == b,
                     (Some(Err(a)), Err(b)) => a.code() == b.code() && a.message() == b.message(),
                     _ => false,
                 };
                 if !same {
-                    *held = Some(read);
+                    *held = Some(Read { started, result });
                 }
                 !same
             });
