@@ -437,9 +437,12 @@ amqp_answers() {
 # The Debian RabbitMQ of these machines has been seen, deep into a run of the
 # suite, to keep accepting TCP connections while answering no AMQP handshake,
 # and to stay so across restarts until its state directory was removed; every
-# test after that fails in its set-up. Twice in a row without an answer, the
-# watchdog moves the broker's state aside and starts it afresh, saying so in
-# the run's log; the tests it cut short are retried once (nextest --retries).
+# test after that fails in its set-up. Three times in a row without an answer
+# (15 s apart, 10 s each: a broker slow under load is not stuck), the watchdog
+# moves the broker's state aside and starts it afresh, saying so in the run's
+# log; tests setting up meanwhile wait for it (a refused connection is tried
+# again for two minutes), and the tests it cut short are retried once
+# (nextest --retries).
 broker_watchdog() {
     local misses=0 mnesia=/var/lib/rabbitmq/mnesia
     while sleep 15; do
@@ -448,7 +451,7 @@ broker_watchdog() {
             continue
         fi
         misses=$((misses + 1))
-        ((misses < 2)) && continue
+        ((misses < 3)) && continue
         log "the broker accepts connections but answers no AMQP handshake: restarting it with a fresh state"
         as_root pkill -KILL -f 'beam.smp.*rabbit' || true
         sleep 2

@@ -66,7 +66,7 @@ impl TestEnv {
         let admin = admin_url();
         // Both servers answer in time, or the test fails now, saying which:
         // a stuck server must cost a test a minute, not its whole time limit.
-        answers_in_time("the RabbitMQ broker", async {
+        until_up("the RabbitMQ broker", || async {
             let connection =
                 lapin::Connection::connect(&amqp_url(), lapin::ConnectionProperties::default())
                     .await
@@ -75,7 +75,7 @@ impl TestEnv {
             Ok(())
         })
         .await?;
-        let client = answers_in_time("PostgreSQL", async {
+        let client = until_up("PostgreSQL", || async {
             let (client, connection) = tokio_postgres::connect(&admin, NoTls)
                 .await
                 .context("connecting to PostgreSQL as admin")?;
@@ -193,6 +193,44 @@ impl TestEnv {
 const PROBE_LIMIT: Duration = Duration::from_secs(60);
 /// How long each server gets for a test's cleanup.
 const CLEANUP_LIMIT: Duration = Duration::from_secs(30);
+
+/// How long a server that refuses connections is waited for: it may be
+/// restarting (the test command restarts a broker that stopped answering).
+const RESTART_LIMIT: Duration = Duration::from_secs(120);
+
+/// `attempt` on `server` (each within [`PROBE_LIMIT`]), made again every
+/// second while the server refuses connections, for up to [`RESTART_LIMIT`].
+async fn until_up<T, F, Fut>(server: &str, mut attempt: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = anyhow::Result<T>>,
+{
+    let start = Instant::now();
+    loop {
+        match answers_in_time(server, attempt()).await {
+            Err(error) if refused(&error) && start.elapsed() < RESTART_LIMIT => {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(error) if refused(&error) => {
+                return Err(error.context(format!(
+                    "{server} refused connections for {} s",
+                    RESTART_LIMIT.as_secs()
+                )));
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Whether `error` is a refused connection (nothing listens on the port).
+fn refused(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused)
+            || cause.to_string().contains("Connection refused")
+    })
+}
 
 /// `work` on `server`, failed with the server named if it takes longer than
 /// [`PROBE_LIMIT`] (a server that accepts connections and never answers
