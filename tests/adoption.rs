@@ -476,6 +476,66 @@ async fn two_dispatcher_replicas_share_the_work_and_one_takes_over_when_the_othe
     app.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn attempts_queued_by_a_killed_dispatcher_are_started_by_the_next_once_each() {
+    let mut env = environment(2).await;
+    env.settings.dispatcher.max_queued_jobs = 4;
+    let _jobs = KillJobsOnDrop(env.settings.dispatcher.work_dir.clone());
+    let mut first = Dispatcher::start(&env, "dispatcher-1").await;
+    let app = spawn_services(
+        env,
+        &[
+            Service::Status,
+            Service::Catalog,
+            Service::Checker,
+            Service::Intake,
+        ],
+    )
+    .await;
+    let db = app.env.db().await.unwrap();
+    let work = app.env.settings.dispatcher.work_dir.clone();
+    // 9 jobs of 0, 2 and 4 s on 2 slots and a queue of 4.
+    let productions = submit_all(&app, vec![count_request(9, 2, "queued-kill")]).await;
+    wait_for(
+        "jobs waiting in the executor's queue",
+        Duration::from_secs(60),
+        || async {
+            let states = job_states(&db).await;
+            (states.get("QUEUED").copied().unwrap_or(0) >= 2).then_some(())
+        },
+    )
+    .await
+    .unwrap();
+    first.kill().await;
+    let queued_at_kill: Vec<PathBuf> = std::fs::read_dir(work.join(&productions[0]))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|d| d.join("prodsys.queued").exists() && !d.join("prodsys.started").exists())
+        .collect();
+    assert!(
+        !queued_at_kill.is_empty(),
+        "attempts still waiting at the kill"
+    );
+    let second = Dispatcher::start(&app.env, "dispatcher-2").await;
+    all_completed(&db, &productions, Duration::from_secs(120)).await;
+    assert_each_job_ran_once(&app, &productions, 9).await;
+    // What waited was started by the successor, in the attempt it was queued
+    // as (not given up and retried), and ran to its end.
+    for dir in &queued_at_kill {
+        let exit = std::fs::read_to_string(dir.join("prodsys.exit")).unwrap();
+        assert!(exit.starts_with("exit 0\n"), "{}: {exit}", dir.display());
+    }
+    let attempts: i64 = db
+        .query_one("SELECT max(attempt)::bigint FROM dispatcher.jobs", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(attempts, 1, "no attempt was lost to the kill");
+    second.stop().await;
+    drop(db);
+    app.stop().await;
+}
+
 /// The lease itself, against PostgreSQL: one holder at a time, taken over
 /// only once expired, and a holder that lost it changes nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -571,6 +571,7 @@ async fn a_period_s_pointing_and_a_group_s_jobs_per_installation_are_shown() {
                 name.into(),
                 prodsys_config::BackendSettings::Local {
                     max_running,
+                    max_queued: 0,
                     work_dir: Some(env.work_dir.join(name)),
                 },
             );

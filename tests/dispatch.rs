@@ -257,3 +257,91 @@ async fn a_failing_installation_holds_its_productions_and_says_why() {
     assert!(answer.accepted);
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn queued_jobs_wait_their_turn_start_when_a_slot_frees_and_a_cancel_ends_them_unstarted() {
+    let app = spawn_app_with(|env| {
+        use_test_profiles(env);
+        env.settings.dispatcher.max_concurrent_jobs = 1;
+        env.settings.dispatcher.max_queued_jobs = 2;
+    })
+    .await;
+    // Four jobs of 1.5 s on one slot with two places in the queue: one
+    // runs, two wait at the executor (QUEUED), one waits for room (CREATED).
+    let production = app.accepted(sleep_request(4, 1.5, -1, "queue", "")).await;
+    let waiting = app
+        .production_when(
+            "one running and two queued",
+            Duration::from_secs(30),
+            &production,
+            |p| {
+                let c = p.counts.unwrap_or_default();
+                c.running == 1 && c.queued == 2
+            },
+        )
+        .await
+        .counts
+        .unwrap_or_default();
+    assert_eq!(waiting.created, 1, "{waiting:?}");
+    let snapshots = app.watch(&production).await;
+    let last = snapshots.last().unwrap();
+    assert_eq!(last.state(), pb::ProductionState::Completed, "{last:?}");
+    for s in &snapshots {
+        assert!(s.counts.unwrap_or_default().running <= 1, "{s:?}");
+    }
+    // One slot: no two attempts ran at once; the queued ones waited in
+    // their directories.
+    let work = app.env.settings.dispatcher.work_dir.join(&production);
+    let mut spans = Vec::new();
+    for entry in std::fs::read_dir(&work).unwrap() {
+        let dir = entry.unwrap().path();
+        let started = std::fs::metadata(dir.join("prodsys.started"))
+            .unwrap()
+            .modified()
+            .unwrap();
+        let ended = std::fs::metadata(dir.join("prodsys.exit"))
+            .unwrap()
+            .modified()
+            .unwrap();
+        spans.push((started, ended, dir.join("prodsys.queued").exists()));
+    }
+    spans.sort();
+    assert_eq!(spans.len(), 4, "{spans:?}");
+    assert!(spans.iter().filter(|s| s.2).count() >= 2, "{spans:?}");
+    for pair in spans.windows(2) {
+        assert!(pair[1].0 >= pair[0].1, "two at once on one slot: {spans:?}");
+    }
+
+    // A cancel ends the queued attempts without starting them.
+    let cancelled = app
+        .accepted(sleep_request(3, 60.0, -1, "queue-cancel", ""))
+        .await;
+    app.production_when(
+        "one running and two queued",
+        Duration::from_secs(30),
+        &cancelled,
+        |p| {
+            let c = p.counts.unwrap_or_default();
+            c.running == 1 && c.queued == 2
+        },
+    )
+    .await;
+    assert!(app.cancel(&cancelled, "queued").await.unwrap().accepted);
+    let last = app.watch(&cancelled).await.pop().unwrap();
+    assert_eq!(last.state(), pb::ProductionState::Cancelled, "{last:?}");
+    assert_eq!(last.counts.unwrap().cancelled, 3);
+    let work = app.env.settings.dispatcher.work_dir.join(&cancelled);
+    let mut unstarted = 0;
+    for entry in std::fs::read_dir(&work).unwrap() {
+        let dir = entry.unwrap().path();
+        if dir.join("prodsys.queued").exists() {
+            // Claimed by the cancel, so nobody starts it: no supervisor ever ran.
+            assert!(!dir.join("prodsys.pid").exists(), "{}", dir.display());
+            let exit = std::fs::read_to_string(dir.join("prodsys.exit")).unwrap();
+            assert!(exit.starts_with("exit 143"), "{exit}");
+            unstarted += 1;
+        }
+    }
+    assert_eq!(unstarted, 2);
+    app.stop().await;
+}

@@ -27,6 +27,7 @@ fn two_installations(env: &mut TestEnv) {
             name.into(),
             BackendSettings::Local {
                 max_running,
+                max_queued: 0,
                 work_dir: Some(env.work_dir.join(name)),
             },
         );
@@ -997,6 +998,7 @@ async fn with_room_on_both_installations_jobs_follow_the_configured_shares() {
                 name.into(),
                 BackendSettings::Local {
                     max_running: 8,
+                    max_queued: 0,
                     work_dir: Some(env.work_dir.join(name)),
                 },
             );
@@ -1108,6 +1110,7 @@ async fn any_places_jobs_only_on_the_installations_serving_the_request_s_vo() {
             SMALL.into(),
             BackendSettings::Local {
                 max_running: 6,
+                max_queued: 0,
                 work_dir: Some(env.work_dir.join(SMALL)),
             },
         );

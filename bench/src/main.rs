@@ -154,6 +154,10 @@ pub struct Args {
     /// Jobs at once there, in the local executor and in the raw spawner (default 4).
     #[arg(long)]
     pub production_concurrency: Option<usize>,
+    /// Jobs the local executor holds there waiting for a slot, each started
+    /// the moment one frees (`max_queued_jobs`; default 64).
+    #[arg(long)]
+    pub production_queue: Option<usize>,
     /// Forward the productions' outputs to a real XRootD server there
     /// (tests/servers/xrootd, which installs it when missing), and copy the
     /// raw run's outputs with xrdcp too.
@@ -823,6 +827,7 @@ async fn run(args: &Args) -> anyhow::Result<Results> {
             .unwrap_or(if args.smoke { 4 } else { 1000 }),
         jobs_per_production: args.jobs_per_production.unwrap_or(10),
         concurrency: args.production_concurrency.unwrap_or(4),
+        queued: args.production_queue.unwrap_or(64),
         poll_interval_ms: args.poll_interval_ms,
         replicas: 1,
         raw: true,

@@ -37,6 +37,8 @@ pub struct ProductionsPlan {
     pub jobs_per_production: u64,
     /// Jobs at once: the local executor's slots, and the raw spawner's.
     pub concurrency: usize,
+    /// Jobs the local executor holds beyond those, waiting for a slot.
+    pub queued: usize,
     /// The dispatcher's poll interval (None: as `TestEnv` sets it).
     pub poll_interval_ms: Option<u64>,
     /// Processes of every service (1, or 2 to show replicas share the work).
@@ -53,6 +55,7 @@ pub struct ProductionsResult {
     pub productions: u64,
     pub jobs: u64,
     pub concurrency: usize,
+    pub queued: usize,
     pub replicas: usize,
     /// The dispatcher's poll interval (the longest wait between two looks at the jobs).
     pub poll_interval_ms: u64,
@@ -274,6 +277,7 @@ async fn measure(
     let tools = toysim.parent().context("toysim's directory")?.to_path_buf();
     env.settings.dispatcher.tools_dir = tools.clone();
     env.settings.dispatcher.max_concurrent_jobs = plan.concurrency;
+    env.settings.dispatcher.max_queued_jobs = plan.queued;
     if let Some(ms) = plan.poll_interval_ms {
         env.settings.dispatcher.poll_interval_ms = ms;
     }
@@ -410,6 +414,7 @@ async fn through_prodsys(
         productions: plan.productions,
         jobs,
         concurrency: plan.concurrency,
+        queued: plan.queued,
         replicas: plan.replicas,
         prodsys_seconds,
         submit_seconds,

@@ -1487,11 +1487,12 @@ pub fn markdown(results: &Results) -> String {
     if let Some(p) = &results.productions {
         let _ = writeln!(
             out,
-            "- **Whole productions**: on a database and prefix of their own with the five services in their own processes, {} CTA requests (the shipped example, one shower per job, one NSB level: one file per job; an array layout of its own each, so none duplicates another) sent over gRPC {} at a time, {} jobs each, run by the real `prodsys-toysim` on the local executor with {} slots (dispatcher poll interval {} ms; the tests set 200), timed from the first SubmitRequest until every production is COMPLETED and finished (the catalog announced every output catalogued); then every catalogued file is read again and its size and adler32 compared with the catalog's. The raw limit: after the services stopped, the same commands (each job's command line and environment rendered from the profile with the parameters, run number and seed the dispatcher stored for it) run by a plain spawner in Rust, {} at once, each in a directory of its own.{}{}",
+            "- **Whole productions**: on a database and prefix of their own with the five services in their own processes, {} CTA requests (the shipped example, one shower per job, one NSB level: one file per job; an array layout of its own each, so none duplicates another) sent over gRPC {} at a time, {} jobs each, run by the real `prodsys-toysim` on the local executor with {} slots and a queue of {} (`max_queued_jobs`: jobs waiting for a slot, each started the moment one frees, as a batch system's queue; dispatcher poll interval {} ms; the tests set 200), timed from the first SubmitRequest until every production is COMPLETED and finished (the catalog announced every output catalogued); then every catalogued file is read again and its size and adler32 compared with the catalog's. The raw limit: after the services stopped, the same commands (each job's command line and environment rendered from the profile with the parameters, run number and seed the dispatcher stored for it) run by a plain spawner in Rust, {} at once, each in a directory of its own.{}{}",
             thousands(p.productions as f64),
             16,
             p.jobs / p.productions.max(1),
             p.concurrency,
+            p.queued,
             p.poll_interval_ms,
             p.concurrency,
             if p.xrootd.is_some() {

@@ -9,7 +9,7 @@
 //! dispatcher (after a restart, or another replica on the same work
 //! directory) finds how it is from its files and never starts it again.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -114,22 +114,84 @@ pub trait Backend: Send + Sync + 'static {
     fn probe(&self) -> BoxFuture<'_, anyhow::Result<()>> {
         Box::pin(async { Ok(()) })
     }
+    /// This process no longer schedules the installation (its lease is lost
+    /// or given up): what it holds back for later is left to the next holder.
+    fn stand_down(&self) {}
 }
 
-/// Runs jobs as local processes, each under its supervisor.
+/// Runs jobs as local processes, each under its supervisor, at most
+/// `max_running` at once. Like a batch system it may also hold up to
+/// `max_queued` attempts waiting for a slot, started the moment one frees
+/// (not at the scheduler's next round), in the order they came. A waiting
+/// attempt is written to its directory (`prodsys.queued`), so a dispatcher
+/// that restarts, or a replica that takes the installation over, finds it and
+/// starts it; `prodsys.started` still lets it start only once.
 pub struct LocalExecutor {
+    inner: Arc<Local>,
+}
+
+struct Local {
     name: String,
     max_running: usize,
+    max_queued: usize,
     /// Root of the attempts' directories, probed before each round's submissions.
     work_dir: Option<PathBuf>,
     tools_dir: Option<PathBuf>,
-    /// Supervisors this process started and has not yet reaped, by attempt
-    /// directory, with their pids (for a cancel before the pid file exists).
-    children: Arc<Mutex<HashMap<String, u32>>>,
-    /// Attempts this process found running that it did not start, told once as RUNNING.
-    adopted: Arc<Mutex<HashSet<String>>>,
+    state: Mutex<State>,
     changed: Arc<Notify>,
 }
+
+#[derive(Default)]
+struct State {
+    /// Supervisors this process started and has not yet reaped, by attempt
+    /// directory, with their pids (for a cancel before the pid file exists).
+    children: HashMap<String, u32>,
+    /// Attempts this process found running that it did not start, told once as RUNNING.
+    adopted: HashSet<String>,
+    /// Attempts waiting for a slot, in order, and their IDs.
+    waiting: VecDeque<Start>,
+    waiting_ids: HashSet<String>,
+    /// Attempts taken from the queue whose supervisor is being started.
+    starting: usize,
+    /// Attempts started from the queue, not yet told as RUNNING.
+    untold: HashSet<String>,
+}
+
+impl State {
+    fn running(&self) -> usize {
+        self.children.len() + self.adopted.len() + self.starting
+    }
+}
+
+/// What starting an attempt takes; kept in `prodsys.queued` while it waits.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct Start {
+    tag: String,
+    program: String,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+    workdir: PathBuf,
+}
+
+impl Start {
+    fn of(spec: &JobSpec) -> Self {
+        Self {
+            tag: spec.tag.clone(),
+            program: spec.program.clone(),
+            args: spec.args.clone(),
+            env: spec.env.clone(),
+            workdir: spec.workdir.clone(),
+        }
+    }
+
+    fn id(&self) -> String {
+        self.workdir.to_string_lossy().into_owned()
+    }
+}
+
+/// An attempt waiting for a slot: what starts it (written before the
+/// submission is answered, readable only by the dispatcher's user).
+pub const QUEUED_FILE: &str = "prodsys.queued";
 
 fn lock<T>(mutex: &Mutex<T>) -> anyhow::Result<MutexGuard<'_, T>> {
     mutex
@@ -173,23 +235,38 @@ fn failed(id: &str, raw: String) -> BackendStatus {
 impl LocalExecutor {
     pub fn new(name: &str, max_running: usize, tools_dir: Option<PathBuf>) -> Self {
         Self {
-            name: name.to_string(),
-            max_running: max_running.max(1),
-            work_dir: None,
-            tools_dir,
-            children: Arc::default(),
-            adopted: Arc::default(),
-            changed: Arc::new(Notify::new()),
+            inner: Arc::new(Local {
+                name: name.to_string(),
+                max_running: max_running.max(1),
+                max_queued: 0,
+                work_dir: None,
+                tools_dir,
+                state: Mutex::default(),
+                changed: Arc::new(Notify::new()),
+            }),
         }
     }
 
     /// Probes `work_dir` before each round's submissions: an installation
     /// whose disk is gone or read-only takes no work.
     pub fn with_work_dir(mut self, work_dir: PathBuf) -> Self {
-        self.work_dir = Some(work_dir);
+        Arc::get_mut(&mut self.inner)
+            .expect("configured before use")
+            .work_dir = Some(work_dir);
         self
     }
 
+    /// Holds up to `max_queued` attempts beyond the running ones, each started
+    /// the moment a slot frees.
+    pub fn with_queue(mut self, max_queued: usize) -> Self {
+        Arc::get_mut(&mut self.inner)
+            .expect("configured before use")
+            .max_queued = max_queued;
+        self
+    }
+}
+
+impl Local {
     fn resolve(&self, program: &str) -> PathBuf {
         match &self.tools_dir {
             Some(dir) if !program.contains('/') && dir.join(program).is_file() => dir.join(program),
@@ -197,11 +274,85 @@ impl LocalExecutor {
         }
     }
 
-    async fn start(&self, spec: &JobSpec) -> anyhow::Result<BackendStatus> {
-        let id = spec.workdir.to_string_lossy().into_owned();
+    /// Submits one attempt: started now if a slot is free and nothing waits,
+    /// queued otherwise.
+    async fn submit(self: &Arc<Self>, spec: &JobSpec) -> anyhow::Result<BackendStatus> {
         tokio::fs::create_dir_all(&spec.output_dir)
             .await
             .with_context(|| format!("creating {}", spec.output_dir.display()))?;
+        let start = Start::of(spec);
+        let now = {
+            let mut state = lock(&self.state)?;
+            let room = state.waiting.is_empty() && state.running() < self.max_running;
+            if room {
+                state.starting += 1;
+            }
+            room
+        };
+        if now {
+            let result = self.start(&start).await;
+            lock(&self.state)?.starting -= 1;
+            return result;
+        }
+        let id = start.id();
+        write_queued(&start).await?;
+        {
+            let mut state = lock(&self.state)?;
+            if state.waiting_ids.insert(id.clone()) {
+                state.waiting.push_back(start);
+            }
+        }
+        // A slot may have freed meanwhile.
+        self.pump();
+        Ok(BackendStatus {
+            cpu_ms: None,
+            backend_job_id: id,
+            state: JobState::Queued,
+            raw: "queued: waiting for a free slot".into(),
+            exit_code: None,
+        })
+    }
+
+    /// Starts waiting attempts while slots are free (in a task of its own).
+    fn pump(self: &Arc<Self>) {
+        let next = {
+            let Ok(mut state) = lock(&self.state) else {
+                return;
+            };
+            if state.running() >= self.max_running {
+                return;
+            }
+            let Some(start) = state.waiting.pop_front() else {
+                return;
+            };
+            state.waiting_ids.remove(&start.id());
+            state.starting += 1;
+            start
+        };
+        let local = self.clone();
+        tokio::spawn(async move {
+            let id = next.id();
+            let result = local.start(&next).await;
+            if let Ok(mut state) = lock(&local.state) {
+                state.starting -= 1;
+                if matches!(&result, Ok(status) if status.state == JobState::Running) {
+                    state.untold.insert(id.clone());
+                }
+            }
+            if let Err(error) = result {
+                // An attempt that cannot start fails, saying why; it is not left waiting.
+                tracing::warn!(job = %next.tag, error = format!("{error:#}"), "a queued attempt could not start");
+                let message = format!("cannot start: {error:#}");
+                let _ = std::fs::write(next.workdir.join("stderr.log"), &message);
+                let _ = write_exit(&next.workdir, 126);
+            }
+            local.changed.notify_one();
+            local.pump();
+        });
+    }
+
+    async fn start(self: &Arc<Self>, spec: &Start) -> anyhow::Result<BackendStatus> {
+        let id = spec.id();
         // At most one start per attempt directory, whoever tries.
         match std::fs::OpenOptions::new()
             .write(true)
@@ -263,17 +414,20 @@ impl LocalExecutor {
                 return Ok(failed(&id, message));
             }
         };
-        lock(&self.children)?.insert(id.clone(), child.id().unwrap_or_default());
-        let children = self.children.clone();
-        let changed = self.changed.clone();
+        lock(&self.state)?
+            .children
+            .insert(id.clone(), child.id().unwrap_or_default());
+        let local = self.clone();
         let key = id.clone();
-        // Reaps the supervisor; its files say how the job ended.
+        // Reaps the supervisor (its files say how the job ended) and starts
+        // what waits for the slot it frees.
         tokio::spawn(async move {
             let _ = child.wait().await;
-            if let Ok(mut map) = children.lock() {
-                map.remove(&key);
+            if let Ok(mut state) = local.state.lock() {
+                state.children.remove(&key);
             }
-            changed.notify_one();
+            local.pump();
+            local.changed.notify_one();
         });
         Ok(BackendStatus {
             cpu_ms: None,
@@ -283,60 +437,147 @@ impl LocalExecutor {
             exit_code: None,
         })
     }
-}
 
-/// The change, if any, an attempt directory shows for the job `id`.
-fn look(
-    children: &Mutex<HashMap<String, u32>>,
-    adopted: &Mutex<HashSet<String>>,
-    id: &str,
-    now: SystemTime,
-) -> anyhow::Result<Option<BackendStatus>> {
-    let dir = Path::new(id);
-    if !dir.is_absolute() {
-        // An ID of a version that kept jobs only in memory.
-        return Ok(Some(failed(
-            id,
-            "lost: the dispatcher restarted while the job ran".into(),
-        )));
-    }
-    let ours = lock(children)?.contains_key(id);
-    let change = match supervisor::observe(dir, now) {
-        Observed::Ended(exit) => {
-            tracing::debug!(
-                job = id,
-                status = exit.status,
-                user_s = exit.user_s,
-                sys_s = exit.sys_s,
-                "attempt ended"
-            );
-            Some(ended(id, &exit))
+    /// The change, if any, an attempt directory shows for the job `id`.
+    fn look(&self, id: &str, now: SystemTime) -> anyhow::Result<Option<BackendStatus>> {
+        let dir = Path::new(id);
+        if !dir.is_absolute() {
+            // An ID of a version that kept jobs only in memory.
+            return Ok(Some(failed(
+                id,
+                "lost: the dispatcher restarted while the job ran".into(),
+            )));
         }
-        Observed::Unreadable(error) => Some(failed(
-            id,
-            format!("the job's exit file cannot be read: {error}"),
-        )),
-        // Started by this process and not reaped yet: its waiter wakes us.
-        _ if ours => None,
-        Observed::Running(_) => {
-            return Ok(lock(adopted)?
-                .insert(id.to_string())
-                .then(|| BackendStatus {
+        let ours = lock(&self.state)?.children.contains_key(id);
+        let change = match supervisor::observe(dir, now) {
+            Observed::Ended(exit) => {
+                tracing::debug!(
+                    job = id,
+                    status = exit.status,
+                    user_s = exit.user_s,
+                    sys_s = exit.sys_s,
+                    "attempt ended"
+                );
+                Some(ended(id, &exit))
+            }
+            Observed::Unreadable(error) => Some(failed(
+                id,
+                format!("the job's exit file cannot be read: {error}"),
+            )),
+            // Started by this process from its queue: told once as RUNNING.
+            _ if ours && lock(&self.state)?.untold.remove(id) => {
+                return Ok(Some(BackendStatus {
                     cpu_ms: None,
                     backend_job_id: id.to_string(),
                     state: JobState::Running,
-                    raw: "running (adopted)".into(),
+                    raw: "process started (a slot freed)".into(),
                     exit_code: None,
                 }));
+            }
+            // Started by this process and not reaped yet: its waiter wakes us.
+            _ if ours => None,
+            Observed::Running(_) => {
+                return Ok(lock(&self.state)?.adopted.insert(id.to_string()).then(|| {
+                    BackendStatus {
+                        cpu_ms: None,
+                        backend_job_id: id.to_string(),
+                        state: JobState::Running,
+                        raw: "running (adopted)".into(),
+                        exit_code: None,
+                    }
+                }));
+            }
+            Observed::Starting => None,
+            Observed::Gone => Some(failed(id, "lost: the job's supervisor is gone".into())),
+            Observed::Unknown => {
+                if lock(&self.state)?.waiting_ids.contains(id) {
+                    return Ok(None);
+                }
+                match read_queued(dir) {
+                    // Queued by a dispatcher before this one: waits here now.
+                    Ok(Some(start)) => {
+                        let mut state = lock(&self.state)?;
+                        if state.waiting_ids.insert(id.to_string()) {
+                            tracing::info!(job = %start.tag, "queued attempt adopted");
+                            state.waiting.push_back(start);
+                        }
+                        return Ok(None);
+                    }
+                    Ok(None) => Some(failed(id, "lost: the job never started".into())),
+                    Err(error) => Some(failed(
+                        id,
+                        format!("lost: its queue entry cannot be read: {error:#}"),
+                    )),
+                }
+            }
+        };
+        if change.is_some() {
+            let mut state = lock(&self.state)?;
+            state.adopted.remove(id);
+            state.untold.remove(id);
         }
-        Observed::Starting => None,
-        Observed::Gone => Some(failed(id, "lost: the job's supervisor is gone".into())),
-        Observed::Unknown => Some(failed(id, "lost: the job never started".into())),
-    };
-    if change.is_some() {
-        lock(adopted)?.remove(id);
+        Ok(change)
     }
-    Ok(change)
+
+    /// Ends an attempt that waits for a slot, before it starts (claiming its
+    /// start, so no dispatcher starts it after): true if it was one.
+    fn cancel_waiting(&self, id: &str) -> anyhow::Result<bool> {
+        {
+            let mut state = lock(&self.state)?;
+            if state.waiting_ids.remove(id) {
+                state.waiting.retain(|start| start.id() != id);
+            }
+        }
+        let dir = Path::new(id);
+        if !dir.join(QUEUED_FILE).exists() {
+            return Ok(false);
+        }
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(dir.join(supervisor::STARTED_FILE))
+        {
+            Ok(_) => {
+                std::fs::write(dir.join("stderr.log"), "cancelled before it started\n")?;
+                write_exit(dir, 143)?;
+                Ok(true)
+            }
+            Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+            // Its directory is gone: nothing to start, nothing to kill.
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(true),
+            Err(error) => Err(error).with_context(|| format!("cancelling {id}")),
+        }
+    }
+}
+
+async fn write_queued(start: &Start) -> anyhow::Result<()> {
+    let path = start.workdir.join(QUEUED_FILE);
+    let tmp = start.workdir.join(format!("{QUEUED_FILE}.tmp"));
+    let body = serde_json::to_vec(start)?;
+    let written = tmp.clone();
+    tokio::task::spawn_blocking(move || {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&written)?;
+        file.write_all(&body)?;
+        std::fs::rename(&written, &path)
+    })
+    .await?
+    .with_context(|| format!("queueing {}", tmp.display()))
+}
+
+/// The queue entry of an attempt directory, if it has one.
+fn read_queued(dir: &Path) -> anyhow::Result<Option<Start>> {
+    match std::fs::read(dir.join(QUEUED_FILE)) {
+        Ok(body) => Ok(Some(serde_json::from_slice(&body)?)),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(error) => Err(error.into()),
+    }
 }
 
 /// Records an end for an attempt whose supervisor could not start.
@@ -349,15 +590,15 @@ fn write_exit(dir: &Path, status: i32) -> anyhow::Result<()> {
 
 impl Backend for LocalExecutor {
     fn name(&self) -> &str {
-        &self.name
+        &self.inner.name
     }
 
     fn capacity(&self) -> usize {
-        self.max_running
+        self.inner.max_running + self.inner.max_queued
     }
 
     fn submit<'a>(&'a self, spec: &'a JobSpec) -> BoxFuture<'a, anyhow::Result<BackendStatus>> {
-        Box::pin(self.start(spec))
+        Box::pin(self.inner.submit(spec))
     }
 
     fn poll<'a>(
@@ -366,19 +607,22 @@ impl Backend for LocalExecutor {
     ) -> BoxFuture<'a, anyhow::Result<Vec<BackendStatus>>> {
         Box::pin(async move {
             let now = SystemTime::now();
-            let (children, adopted) = (self.children.clone(), self.adopted.clone());
+            let local = self.inner.clone();
             let ids = in_flight.to_vec();
             // File reads, many of them: off the async workers.
-            tokio::task::spawn_blocking(move || {
+            let changes = tokio::task::spawn_blocking(move || {
                 let mut changes = Vec::new();
                 for id in &ids {
-                    if let Some(status) = look(&children, &adopted, id, now)? {
+                    if let Some(status) = local.look(id, now)? {
                         changes.push(status);
                     }
                 }
-                Ok(changes)
+                anyhow::Ok(changes)
             })
-            .await?
+            .await??;
+            // Queued attempts adopted from an earlier dispatcher start as slots allow.
+            self.inner.pump();
+            Ok(changes)
         })
     }
 
@@ -386,7 +630,14 @@ impl Backend for LocalExecutor {
         Box::pin(async move {
             let mut pids = Vec::with_capacity(ids.len());
             for id in ids {
-                let own = lock(&self.children)?.get(id).copied().filter(|p| *p != 0);
+                if self.inner.cancel_waiting(id)? {
+                    continue;
+                }
+                let own = lock(&self.inner.state)?
+                    .children
+                    .get(id)
+                    .copied()
+                    .filter(|p| *p != 0);
                 let pid =
                     own.or_else(
                         || match supervisor::observe(Path::new(id), SystemTime::now()) {
@@ -412,6 +663,13 @@ impl Backend for LocalExecutor {
 
     fn find<'a>(&'a self, spec: &'a JobSpec) -> BoxFuture<'a, anyhow::Result<Option<String>>> {
         Box::pin(async move {
+            // Started, or waiting in a queue (this dispatcher's or an earlier one's).
+            if tokio::fs::try_exists(spec.workdir.join(QUEUED_FILE))
+                .await
+                .unwrap_or(false)
+            {
+                return Ok(Some(spec.workdir.to_string_lossy().into_owned()));
+            }
             let started = spec.workdir.join(supervisor::STARTED_FILE);
             match tokio::fs::metadata(&started).await {
                 Ok(_) => Ok(Some(spec.workdir.to_string_lossy().into_owned())),
@@ -433,12 +691,20 @@ impl Backend for LocalExecutor {
     }
 
     fn changed(&self) -> Arc<Notify> {
-        self.changed.clone()
+        self.inner.changed.clone()
+    }
+
+    fn stand_down(&self) {
+        // Whoever schedules the installation next adopts them from their files.
+        if let Ok(mut state) = lock(&self.inner.state) {
+            state.waiting.clear();
+            state.waiting_ids.clear();
+        }
     }
 
     fn probe(&self) -> BoxFuture<'_, anyhow::Result<()>> {
         Box::pin(async move {
-            let Some(dir) = &self.work_dir else {
+            let Some(dir) = &self.inner.work_dir else {
                 return Ok(());
             };
             let dir = dir.clone();

@@ -121,6 +121,7 @@ pub async fn start(
         let backend: Arc<dyn backend::Backend> = match installation {
             BackendSettings::Local {
                 max_running,
+                max_queued,
                 work_dir: own,
             } => {
                 if let Some(own) = own {
@@ -129,7 +130,8 @@ pub async fn start(
                 }
                 Arc::new(
                     backend::LocalExecutor::new(&name, max_running, tools_dir.clone())
-                        .with_work_dir(installation_work_dir.clone()),
+                        .with_work_dir(installation_work_dir.clone())
+                        .with_queue(max_queued),
                 )
             }
             BackendSettings::Slurm {

@@ -113,6 +113,7 @@ impl Scheduler {
                     let heartbeat = self.lease.heartbeat(held.clone(), taken_at);
                     tokio::join!(heartbeat, async {
                         self.rounds(&held).await;
+                        self.backend.stand_down();
                         held.cancel();
                     });
                     continue;

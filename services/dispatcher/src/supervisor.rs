@@ -31,12 +31,18 @@ pub const START_GRACE: Duration = Duration::from_secs(10);
 /// `sh -c SCRIPT prodsys-supervisor PROGRAM ARGS...`, run in the attempt's
 /// directory. Signals (a cancel's SIGTERM to the process group) reach the job;
 /// the supervisor only notes them and stays to record how the job ended.
+/// Shell builtins only, so that the job's command is the one program started
+/// besides the shell (a `cat` and two `mv`s cost more CPU than a short job);
+/// its files are written in place: the pid file in one write, which a reader
+/// that finds it empty takes for a supervisor still starting, and the exit
+/// file, which counts only once the supervisor that writes it has ended.
 pub const SCRIPT: &str = r#"trap 'signalled=1' TERM INT HUP
 prodsys_pid() { s=${1##*) }; set -- $s; echo "$$ ${20}"; }
-prodsys_pid "$(cat /proc/$$/stat)" > prodsys.pid.tmp && mv -f prodsys.pid.tmp prodsys.pid || exit 125
+read -r prodsys_stat < /proc/$$/stat || exit 125
+prodsys_pid "$prodsys_stat" > prodsys.pid || exit 125
 "$@"
 rc=$?
-{ echo "exit $rc"; times; } > prodsys.exit.tmp && mv -f prodsys.exit.tmp prodsys.exit
+{ echo "exit $rc"; times; } > prodsys.exit
 "#;
 
 /// How an attempt's job ended, as its supervisor recorded it.
@@ -139,12 +145,22 @@ pub fn observe(dir: &Path, now: SystemTime) -> Observed {
         Ok(exit) => Observed::Ended(exit),
         Err(error) => Observed::Unreadable(error),
     };
+    let read_pid = || {
+        std::fs::read_to_string(dir.join(PID_FILE))
+            .ok()
+            .and_then(|text| parse_pid(&text))
+    };
     if let Some(exit) = read_exit(dir) {
+        // Its supervisor writes the file, then ends: while it lives the file
+        // may be incomplete. (The pid file was written before the job ran.)
+        if let Some((pid, start)) = read_pid()
+            && alive(pid, start)
+        {
+            return Observed::Running(pid);
+        }
         return ended(exit);
     }
-    let pid = std::fs::read_to_string(dir.join(PID_FILE))
-        .ok()
-        .and_then(|text| parse_pid(&text));
+    let pid = read_pid();
     if let Some((pid, start)) = pid
         && alive(pid, start)
     {
@@ -231,7 +247,11 @@ mod tests {
             parse_stat(&std::fs::read_to_string(format!("/proc/{me}/stat")).unwrap()).unwrap();
         std::fs::write(dir.join(PID_FILE), format!("{me} {start}\n")).unwrap();
         assert_eq!(observe(&dir, now), Observed::Running(me));
+        // An exit file while its supervisor lives is still being written.
+        std::fs::write(dir.join(EXIT_FILE), "exit 2\n").unwrap();
+        assert_eq!(observe(&dir, now), Observed::Running(me));
         std::fs::write(dir.join(EXIT_FILE), "exit 2\n0m0s 0m0s\n0m1.5s 0m0s\n").unwrap();
+        std::fs::write(dir.join(PID_FILE), format!("{me} {}\n", start + 1)).unwrap();
         let Observed::Ended(exit) = observe(&dir, now) else {
             panic!("ended")
         };

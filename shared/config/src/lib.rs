@@ -283,6 +283,9 @@ pub struct DispatcherSettings {
     pub tools_dir: PathBuf,
     /// Jobs the local executor runs at once.
     pub max_concurrent_jobs: usize,
+    /// Jobs the built-in local executor holds beyond those, waiting for a
+    /// slot, each started the moment one frees (see `BackendSettings::Local`).
+    pub max_queued_jobs: usize,
     /// Longest wait between two polls of a backend.
     pub poll_interval_ms: u64,
     /// Time to live of a dispatcher replica's lease on an installation: it
@@ -311,6 +314,13 @@ pub enum BackendSettings {
     Local {
         #[serde(default = "default_local_slots")]
         max_running: usize,
+        /// Attempts held beyond the running ones, waiting for a slot, like a
+        /// batch system's queue: each starts the moment a slot frees instead
+        /// of at the scheduler's next round (worth it for jobs of seconds or
+        /// less; a queued attempt has its place, so a production of higher
+        /// priority arriving later starts after it). 0: none wait here.
+        #[serde(default)]
+        max_queued: usize,
         /// Root of this installation's working directories (the
         /// dispatcher's `work_dir` when not given).
         #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -524,6 +534,7 @@ impl DispatcherSettings {
         let mut all = self.backends.clone();
         all.entry("local".into()).or_insert(BackendSettings::Local {
             max_running: self.max_concurrent_jobs,
+            max_queued: self.max_queued_jobs,
             work_dir: None,
         });
         all
@@ -534,7 +545,11 @@ impl BackendSettings {
     /// Most jobs the installation holds at once (queued or running).
     pub fn max_in_flight(&self) -> usize {
         match self {
-            BackendSettings::Local { max_running, .. } => (*max_running).max(1),
+            BackendSettings::Local {
+                max_running,
+                max_queued,
+                ..
+            } => (*max_running).max(1) + max_queued,
             BackendSettings::Slurm { max_in_flight, .. } => *max_in_flight,
             BackendSettings::Dirac(dirac) => dirac.max_in_flight,
         }
@@ -638,6 +653,7 @@ impl Default for DispatcherSettings {
             work_dir: PathBuf::from("var/work"),
             tools_dir: PathBuf::new(),
             max_concurrent_jobs: 2,
+            max_queued_jobs: 0,
             poll_interval_ms: 1000,
             lease_ttl_ms: 10_000,
             max_jobs_per_production: 1_000_000,
