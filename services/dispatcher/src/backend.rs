@@ -277,10 +277,56 @@ impl Local {
     /// Submits one attempt: started now if a slot is free and nothing waits,
     /// queued otherwise.
     async fn submit(self: &Arc<Self>, spec: &JobSpec) -> anyhow::Result<BackendStatus> {
-        tokio::fs::create_dir_all(&spec.output_dir)
-            .await
-            .with_context(|| format!("creating {}", spec.output_dir.display()))?;
-        let start = Start::of(spec);
+        let (start, output_dir) = (Start::of(spec), spec.output_dir.clone());
+        let queue = self.max_queued > 0;
+        let prepared = start.clone();
+        tokio::task::spawn_blocking(move || prepare(&prepared, &output_dir, queue)).await??;
+        self.place(start).await
+    }
+
+    /// Submits attempts in order, their directories and queue entries made in
+    /// one blocking task.
+    async fn submit_many(
+        self: &Arc<Self>,
+        specs: &[JobSpec],
+    ) -> Vec<anyhow::Result<BackendStatus>> {
+        let work: Vec<(Start, PathBuf)> = specs
+            .iter()
+            .map(|spec| (Start::of(spec), spec.output_dir.clone()))
+            .collect();
+        let queue = self.max_queued > 0;
+        let prepared = tokio::task::spawn_blocking(move || {
+            work.into_iter()
+                .map(|(start, output_dir)| prepare(&start, &output_dir, queue).map(|()| start))
+                .collect::<Vec<_>>()
+        })
+        .await;
+        let prepared = match prepared {
+            Ok(prepared) => prepared,
+            Err(error) => {
+                return specs
+                    .iter()
+                    .map(|_| {
+                        Err(anyhow::anyhow!(
+                            "preparing the attempts' directories: {error}"
+                        ))
+                    })
+                    .collect();
+            }
+        };
+        let mut results = Vec::with_capacity(prepared.len());
+        for start in prepared {
+            results.push(match start {
+                Ok(start) => self.place(start).await,
+                Err(error) => Err(error),
+            });
+        }
+        results
+    }
+
+    /// Starts a prepared attempt now if a slot is free and nothing waits;
+    /// queues it otherwise.
+    async fn place(self: &Arc<Self>, start: Start) -> anyhow::Result<BackendStatus> {
         let now = {
             let mut state = lock(&self.state)?;
             let room = state.waiting.is_empty() && state.running() < self.max_running;
@@ -295,7 +341,6 @@ impl Local {
             return result;
         }
         let id = start.id();
-        write_queued(&start).await?;
         {
             let mut state = lock(&self.state)?;
             if state.waiting_ids.insert(id.clone()) {
@@ -550,25 +595,30 @@ impl Local {
     }
 }
 
-async fn write_queued(start: &Start) -> anyhow::Result<()> {
+/// Makes an attempt's output directory (a container job binds it, and a
+/// bind needs an existing directory) and, where attempts may wait, its
+/// queue entry: written before the submission is answered, so whoever
+/// schedules the installation next can start it.
+fn prepare(start: &Start, output_dir: &Path, queue: bool) -> anyhow::Result<()> {
+    std::fs::create_dir_all(output_dir)
+        .with_context(|| format!("creating {}", output_dir.display()))?;
+    if !queue {
+        return Ok(());
+    }
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
     let path = start.workdir.join(QUEUED_FILE);
     let tmp = start.workdir.join(format!("{QUEUED_FILE}.tmp"));
     let body = serde_json::to_vec(start)?;
-    let written = tmp.clone();
-    tokio::task::spawn_blocking(move || {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&written)?;
-        file.write_all(&body)?;
-        std::fs::rename(&written, &path)
-    })
-    .await?
-    .with_context(|| format!("queueing {}", tmp.display()))
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("queueing {}", tmp.display()))?;
+    file.write_all(&body)?;
+    std::fs::rename(&tmp, &path).with_context(|| format!("queueing {}", path.display()))
 }
 
 /// The queue entry of an attempt directory, if it has one.
@@ -599,6 +649,13 @@ impl Backend for LocalExecutor {
 
     fn submit<'a>(&'a self, spec: &'a JobSpec) -> BoxFuture<'a, anyhow::Result<BackendStatus>> {
         Box::pin(self.inner.submit(spec))
+    }
+
+    fn submit_many<'a>(
+        &'a self,
+        specs: &'a [JobSpec],
+    ) -> BoxFuture<'a, Vec<anyhow::Result<BackendStatus>>> {
+        Box::pin(self.inner.submit_many(specs))
     }
 
     fn poll<'a>(

@@ -356,13 +356,18 @@ impl Scheduler {
             })
             .collect();
         let placed = placement::place(&sites, &demands);
+        // What placement gave this installation, within its room, locked in one statement.
+        let mut room_left = free.saturating_sub(taken.len());
+        let mut wanted = Vec::new();
         for (production_id, n) in placement::taken_by(&placed, me) {
-            let wanted = (n as usize).min(free.saturating_sub(taken.len())) as i64;
-            if wanted == 0 {
+            let n = (n as usize).min(room_left);
+            if n == 0 {
                 break;
             }
-            taken.extend(store::lock_jobs_for(tx, production_id, me, false, wanted).await?);
+            room_left -= n;
+            wanted.push((production_id, n as i64));
         }
+        taken.extend(store::lock_unplaced_jobs(tx, &wanted).await?);
         if !taken.is_empty() {
             tracing::debug!(installation = me, jobs = taken.len(), "placed ready jobs");
         }

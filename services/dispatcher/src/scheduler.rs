@@ -59,6 +59,8 @@ pub(crate) struct Changes {
     transitions: Vec<pb::JobTransition>,
     outputs: Vec<OutboxEvent>,
     touched: BTreeSet<String>,
+    /// Job rows to update, written in one statement when the changes commit.
+    updates: Vec<store::JobUpdate>,
 }
 
 impl Changes {
@@ -75,11 +77,61 @@ impl Changes {
         });
     }
 
+    /// The job's row is to say `state` in `attempt` (written at commit).
+    pub(crate) fn set_job(
+        &mut self,
+        job: &JobRow,
+        state: JobState,
+        attempt: i32,
+        status: &BackendStatus,
+    ) {
+        self.updates.push(store::JobUpdate {
+            production_id: job.production_id.clone(),
+            job_index: job.job_index,
+            state,
+            attempt,
+            raw: status.raw.clone(),
+            exit_code: status.exit_code,
+            cpu_ms: status.cpu_ms,
+        });
+    }
+
     /// A retry that waits to be placed again, anywhere in its group.
     pub(crate) fn unplaced(&mut self) {
         if let Some(last) = self.transitions.last_mut() {
             last.installation.clear();
         }
+    }
+}
+
+/// The time each step of a round took, for the round's debug line.
+struct Steps {
+    last: std::time::Instant,
+    taken: Vec<(&'static str, Duration)>,
+}
+
+impl Steps {
+    fn new() -> Self {
+        Self {
+            last: std::time::Instant::now(),
+            taken: Vec::new(),
+        }
+    }
+
+    fn mark(&mut self, step: &'static str) {
+        let now = std::time::Instant::now();
+        self.taken.push((step, now - self.last));
+        self.last = now;
+    }
+}
+
+impl std::fmt::Display for Steps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, (step, took)) in self.taken.iter().enumerate() {
+            let sep = if i == 0 { "" } else { ", " };
+            write!(f, "{sep}{step} {:.1} ms", took.as_secs_f64() * 1000.0)?;
+        }
+        Ok(())
     }
 }
 
@@ -160,6 +212,8 @@ impl Scheduler {
         let mut failing_since: Option<tokio::time::Instant> = None;
         while !held.is_cancelled() {
             let round_started = tokio::time::Instant::now();
+            // How long each step of the round took (logged at debug level).
+            let mut steps = Steps::new();
             let mut backend_failed = false;
             let mut last_error = String::new();
             if let Err(error) = self.reconcile(failing > 0).await {
@@ -172,6 +226,7 @@ impl Scheduler {
                 backend_failed = true;
                 tracing::warn!(%backend, error = format!("{error:#}"), "cancelling failed; retrying");
             }
+            steps.mark("reconcile and cancel");
             let in_flight = match self.in_flight().await {
                 Ok(ids) => ids,
                 Err(error) => {
@@ -179,6 +234,7 @@ impl Scheduler {
                     Vec::new()
                 }
             };
+            steps.mark("in flight");
             // Whether the backend answered a poll this round (then it needs no probe).
             let mut answered = false;
             if !in_flight.is_empty() {
@@ -194,6 +250,8 @@ impl Scheduler {
                     }
                 }
             }
+            steps.mark("poll");
+            let followed = pending.len();
             if !pending.is_empty() {
                 match self.follow(&pending).await {
                     Ok(()) => pending.clear(),
@@ -204,6 +262,7 @@ impl Scheduler {
                     ),
                 }
             }
+            steps.mark("follow");
             if let Err(error) = self.close_federated().await {
                 tracing::warn!(%backend, error = format!("{error:#}"), "closing finished federated productions failed");
             }
@@ -216,6 +275,7 @@ impl Scheduler {
                     .map_or(in_flight.len(), |ids| ids.len())
             };
             let free = self.backend.capacity().saturating_sub(in_flight);
+            steps.mark("close and count");
             // An installation that cannot take work now (its probe fails)
             // is given none; placement sends its group's jobs elsewhere.
             let probed = if free > 0 && !answered {
@@ -243,6 +303,8 @@ impl Scheduler {
                     0
                 }
             };
+            steps.mark("submit");
+            tracing::debug!(%backend, followed, submitted, free, steps = %steps, "round");
             if held.is_cancelled() {
                 // The lease was lost in the round: what failed is not the installation's fault.
                 return;
@@ -344,6 +406,7 @@ impl Scheduler {
         if free == 0 {
             return Ok(0);
         }
+        let mut steps = Steps::new();
         let mut client = self.db.client().await?;
         let tx = client.transaction().await?;
         self.lease.fence(&tx).await?;
@@ -351,14 +414,19 @@ impl Scheduler {
         if ready.is_empty() {
             return Ok(0);
         }
+        steps.mark("take");
         let mut changes = self.changes();
+        let reserved: Vec<(&JobRow, String)> = ready
+            .iter()
+            .map(|job| {
+                let workdir = job.workdir_in(&self.work_dir);
+                (job, workdir.to_string_lossy().into_owned())
+            })
+            .collect();
+        store::reserve(&tx, &reserved, self.backend.name()).await?;
+        let workdirs: Vec<String> = reserved.into_iter().map(|(_, w)| w).collect();
         let mut jobs = Vec::with_capacity(ready.len());
-        for job in ready {
-            let workdir = job
-                .workdir_in(&self.work_dir)
-                .to_string_lossy()
-                .into_owned();
-            store::reserve(&tx, &job, &workdir, self.backend.name()).await?;
+        for (job, workdir) in ready.into_iter().zip(workdirs) {
             changes.transition(&job, job.attempt, JobState::Submitted, "reserved");
             jobs.push(JobRow {
                 state: JobState::Submitted,
@@ -367,8 +435,11 @@ impl Scheduler {
             });
         }
         self.commit(tx, changes).await?;
+        steps.mark("reserve");
         let count = jobs.len();
         self.submit_reserved(jobs, false).await?;
+        steps.mark("submit");
+        tracing::debug!(backend = self.backend.name(), jobs = count, steps = %steps, "submitted");
         Ok(count)
     }
 
@@ -380,6 +451,7 @@ impl Scheduler {
         let mut failure = None;
         let mut to_submit = Vec::with_capacity(jobs.len());
         let mut refused: Vec<(JobRow, String)> = Vec::new();
+        let mut steps = Steps::new();
         let inputs = self.inputs_of(&jobs).await?;
         for job in jobs {
             let Some(profile) = self.profiles.get(&job.profile) else {
@@ -453,6 +525,7 @@ impl Scheduler {
             to_submit.push((job, spec));
         }
         let specs: Vec<JobSpec> = to_submit.iter().map(|(_, spec)| spec.clone()).collect();
+        steps.mark("specs");
         let results = if specs.is_empty() {
             Vec::new()
         } else {
@@ -467,6 +540,7 @@ impl Scheduler {
                 }
             }
         }
+        steps.mark("backend");
         if !submitted.is_empty() || !refused.is_empty() {
             let mut client = self.db.client().await?;
             let tx = client.transaction().await?;
@@ -484,8 +558,12 @@ impl Scheduler {
                     self.fail(&tx, profile, job, &status, &mut changes).await?;
                 }
             }
+            let ids: Vec<(&JobRow, &str, &str)> = submitted
+                .iter()
+                .map(|(job, status)| (job, status.backend_job_id.as_str(), status.raw.as_str()))
+                .collect();
+            store::set_backend_ids(&tx, &ids).await?;
             for (job, status) in &submitted {
-                store::set_backend_id(&tx, job, &status.backend_job_id, &status.raw).await?;
                 // An attempt that ended already is collected when polled
                 // (its outputs are scanned outside any transaction).
                 if let Some(profile) = self.profiles.get(&job.profile)
@@ -497,6 +575,8 @@ impl Scheduler {
             }
             self.commit(tx, changes).await?;
         }
+        steps.mark("commit");
+        tracing::debug!(backend = self.backend.name(), jobs = submitted.len(), steps = %steps, "submitted reserved jobs");
         match failure {
             Some(error) => Err(error.context("submitting to the backend")),
             None => Ok(()),
@@ -796,16 +876,7 @@ impl Scheduler {
                     }
                     Some(Ok(scanned)) => domain::describe_outputs(profile, job, scanned),
                 };
-                store::set_job(
-                    tx,
-                    job,
-                    JobState::Done,
-                    job.attempt,
-                    &status.raw,
-                    status.exit_code,
-                    status.cpu_ms,
-                )
-                .await?;
+                changes.set_job(job, JobState::Done, job.attempt, status);
                 changes.transition(job, job.attempt, JobState::Done, &status.raw);
                 let output = pb::JobOutput {
                     production_id: job.production_id.clone(),
@@ -818,16 +889,7 @@ impl Scheduler {
                     .push(outbox_event(JOB_OUTPUT, &job.production_id, &output));
             }
             other => {
-                store::set_job(
-                    tx,
-                    job,
-                    other,
-                    job.attempt,
-                    &status.raw,
-                    status.exit_code,
-                    status.cpu_ms,
-                )
-                .await?;
+                changes.set_job(job, other, job.attempt, status);
                 changes.transition(job, job.attempt, other, &status.raw);
             }
         }
@@ -845,16 +907,7 @@ impl Scheduler {
     ) -> anyhow::Result<()> {
         changes.transition(job, job.attempt, JobState::Failed, &status.raw);
         let (next, attempt) = domain::after_failure(job.attempt, job.moved, profile.max_attempts());
-        store::set_job(
-            tx,
-            job,
-            next,
-            attempt,
-            &status.raw,
-            status.exit_code,
-            status.cpu_ms,
-        )
-        .await?;
+        changes.set_job(job, next, attempt, status);
         changes.transition(job, attempt, next, &status.raw);
         if next == JobState::Created
             && crate::domain::placement::retry_installation(
@@ -880,11 +933,18 @@ impl Scheduler {
 
     /// Closes the productions whose jobs all ended, then commits with every event.
     pub(crate) async fn commit(&self, tx: Transaction<'_>, changes: Changes) -> anyhow::Result<()> {
+        store::set_jobs(&tx, &changes.updates).await?;
         let touched: Vec<String> = changes.touched.iter().cloned().collect();
         let mut events = changes.into_events();
-        for production_id in &touched {
-            if let Some(event) = close_if_finished(&tx, production_id).await? {
-                events.push(event);
+        // The touched productions held (in order), and those none of whose
+        // jobs can still change closed, in a few statements however many.
+        let ids: Vec<&str> = touched.iter().map(String::as_str).collect();
+        if !ids.is_empty() {
+            store::lock_productions(&tx, &ids).await?;
+            for production_id in store::finished_of(&tx, &ids).await? {
+                if let Some(event) = close(&tx, &production_id, domain::outcome, "RUNNING").await? {
+                    events.push(event);
+                }
             }
         }
         prodsys_db::enqueue(&tx, &self.db.outbox_channel(), &events).await?;

@@ -103,36 +103,52 @@ pub async fn reserved_without_id<C: GenericClient + Sync>(
         .collect()
 }
 
-/// Reserves a job on `installation`: SUBMITTED without a backend ID, in its
-/// attempt's directory.
+/// Reserves jobs on `installation`: SUBMITTED without a backend ID, each in
+/// its attempt's directory (`(job, workdir)`), in one statement.
 pub async fn reserve(
     tx: &Transaction<'_>,
-    job: &JobRow,
-    workdir: &str,
+    jobs: &[(&JobRow, String)],
     installation: &str,
 ) -> anyhow::Result<()> {
+    if jobs.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<&str> = jobs.iter().map(|(j, _)| j.production_id.as_str()).collect();
+    let indexes: Vec<i64> = jobs.iter().map(|(j, _)| j.job_index).collect();
+    let workdirs: Vec<&str> = jobs.iter().map(|(_, w)| w.as_str()).collect();
     tx.execute_cached(
-        "UPDATE jobs SET state = 'SUBMITTED', backend_job_id = NULL, workdir = $3,
-                         raw_status = 'reserved', attempts_submitted = attempts_submitted + 1,
-                         installation = $4, updated_at = now()
-         WHERE production_id = $1 AND job_index = $2",
-        &[&job.production_id, &job.job_index, &workdir, &installation],
+        "UPDATE jobs j SET state = 'SUBMITTED', backend_job_id = NULL, workdir = u.workdir,
+                           raw_status = 'reserved', attempts_submitted = attempts_submitted + 1,
+                           installation = $4, updated_at = now()
+         FROM unnest($1::text[], $2::bigint[], $3::text[]) AS u(production_id, job_index, workdir)
+         WHERE j.production_id = u.production_id AND j.job_index = u.job_index",
+        &[&ids, &indexes, &workdirs, &installation],
     )
     .await?;
     Ok(())
 }
 
-/// Records the backend's ID of a reserved job.
-pub async fn set_backend_id(
+/// Records the backend's IDs of reserved jobs (`(job, id, raw)`), in one statement.
+pub async fn set_backend_ids(
     tx: &Transaction<'_>,
-    job: &JobRow,
-    backend_job_id: &str,
-    raw: &str,
+    jobs: &[(&JobRow, &str, &str)],
 ) -> anyhow::Result<()> {
+    if jobs.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<&str> = jobs
+        .iter()
+        .map(|(j, _, _)| j.production_id.as_str())
+        .collect();
+    let indexes: Vec<i64> = jobs.iter().map(|(j, _, _)| j.job_index).collect();
+    let backend_ids: Vec<&str> = jobs.iter().map(|(_, id, _)| *id).collect();
+    let raws: Vec<&str> = jobs.iter().map(|(_, _, raw)| *raw).collect();
     tx.execute_cached(
-        "UPDATE jobs SET backend_job_id = $3, raw_status = $4, updated_at = now()
-         WHERE production_id = $1 AND job_index = $2",
-        &[&job.production_id, &job.job_index, &backend_job_id, &raw],
+        "UPDATE jobs j SET backend_job_id = u.backend_job_id, raw_status = u.raw, updated_at = now()
+         FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[])
+              AS u(production_id, job_index, backend_job_id, raw)
+         WHERE j.production_id = u.production_id AND j.job_index = u.job_index",
+        &[&ids, &indexes, &backend_ids, &raws],
     )
     .await?;
     Ok(())
@@ -159,37 +175,83 @@ pub async fn in_flight_jobs<C: GenericClient + Sync>(
     Ok(jobs)
 }
 
-/// Sets a job's state and attempt, with the backend's word and exit code,
-/// and accounts for an ended attempt's CPU time where the WMS reported it
-/// (`cpu_ms`). The job started once it left the queue; it ended once final.
-pub async fn set_job(
-    tx: &Transaction<'_>,
-    job: &JobRow,
-    state: JobState,
-    attempt: i32,
-    raw: &str,
-    exit_code: Option<i32>,
-    cpu_ms: Option<u64>,
-) -> anyhow::Result<()> {
-    let cpu_ms = cpu_ms.map(|ms| ms.min(i64::MAX as u64) as i64);
+/// A job's new state and attempt, with the backend's word and exit code,
+/// and an ended attempt's CPU time where the WMS reported it.
+#[derive(Debug, Clone)]
+pub struct JobUpdate {
+    pub production_id: String,
+    pub job_index: i64,
+    pub state: JobState,
+    pub attempt: i32,
+    pub raw: String,
+    pub exit_code: Option<i32>,
+    pub cpu_ms: Option<u64>,
+}
+
+/// Applies `updates` in one statement, in their order: a job updated twice
+/// ends as its last update says, with the CPU time of both counted. The job
+/// started once it left the queue; it ended once final.
+pub async fn set_jobs(tx: &Transaction<'_>, updates: &[JobUpdate]) -> anyhow::Result<()> {
+    if updates.is_empty() {
+        return Ok(());
+    }
+    // The last update of each job, with every update's CPU time added up.
+    let mut last: HashMap<(&str, i64), (usize, i64, i32)> = HashMap::new();
+    for (at, u) in updates.iter().enumerate() {
+        let cpu = u.cpu_ms.map(|ms| ms.min(i64::MAX as u64) as i64);
+        let entry = last
+            .entry((u.production_id.as_str(), u.job_index))
+            .or_insert((at, 0, 0));
+        entry.0 = at;
+        if let Some(cpu) = cpu {
+            entry.1 = entry.1.saturating_add(cpu);
+            entry.2 += 1;
+        }
+    }
+    let mut kept: Vec<(usize, i64, i32)> = last.into_values().collect();
+    kept.sort_by_key(|(at, _, _)| {
+        let u = &updates[*at];
+        (u.production_id.as_str(), u.job_index)
+    });
+    let n = kept.len();
+    let (mut ids, mut indexes, mut states, mut attempts) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    let (mut raws, mut exits, mut cpus, mut measured) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    for (at, cpu, counted) in kept {
+        let u = &updates[at];
+        ids.push(u.production_id.as_str());
+        indexes.push(u.job_index);
+        states.push(u.state.as_str());
+        attempts.push(u.attempt);
+        raws.push(u.raw.as_str());
+        exits.push(u.exit_code);
+        cpus.push(cpu);
+        measured.push(counted);
+    }
     tx.execute_cached(
-        "UPDATE jobs SET state = $3, attempt = $4, raw_status = $5, exit_code = $6,
-                         cpu_ms = cpu_ms + COALESCE($7::bigint, 0),
-                         cpu_measured = cpu_measured + ($7::bigint IS NOT NULL)::int,
-                         started_at = CASE WHEN $3 IN ('SUBMITTED', 'QUEUED') THEN started_at
-                                           ELSE COALESCE(started_at, now()) END,
-                         ended_at = CASE WHEN $3 IN ('DONE', 'EXHAUSTED', 'CANCELLED') THEN now()
-                                         ELSE ended_at END,
-                         updated_at = now()
-         WHERE production_id = $1 AND job_index = $2",
+        "UPDATE jobs j SET state = u.state, attempt = u.attempt, raw_status = u.raw,
+                           exit_code = u.exit_code, cpu_ms = j.cpu_ms + u.cpu_ms,
+                           cpu_measured = j.cpu_measured + u.measured,
+                           started_at = CASE WHEN u.state IN ('SUBMITTED', 'QUEUED') THEN j.started_at
+                                             ELSE COALESCE(j.started_at, now()) END,
+                           ended_at = CASE WHEN u.state IN ('DONE', 'EXHAUSTED', 'CANCELLED') THEN now()
+                                           ELSE j.ended_at END,
+                           updated_at = now()
+         FROM unnest($1::text[], $2::bigint[], $3::text[], $4::int[], $5::text[], $6::int[],
+                     $7::bigint[], $8::int[])
+              AS u(production_id, job_index, state, attempt, raw, exit_code, cpu_ms, measured)
+         WHERE j.production_id = u.production_id AND j.job_index = u.job_index",
         &[
-            &job.production_id,
-            &job.job_index,
-            &state.as_str(),
-            &attempt,
-            &raw,
-            &exit_code,
-            &cpu_ms,
+            &ids, &indexes, &states, &attempts, &raws, &exits, &cpus, &measured,
         ],
     )
     .await?;
@@ -331,6 +393,26 @@ pub async fn unfinished(tx: &Transaction<'_>, production_id: &str) -> anyhow::Re
         )
         .await?
         .get(0))
+}
+
+/// Of `ids`, the productions none of whose jobs can still change (as
+/// [`unfinished`] says of one), in one statement.
+pub async fn finished_of(tx: &Transaction<'_>, ids: &[&str]) -> anyhow::Result<Vec<String>> {
+    Ok(tx
+        .query_cached(
+            "SELECT u.id FROM unnest($1::text[]) AS u(id)
+             WHERE NOT EXISTS (SELECT 1 FROM jobs WHERE production_id = u.id AND state = 'CREATED')
+               AND NOT EXISTS (SELECT 1 FROM jobs WHERE production_id = u.id
+                               AND state IN ('SUBMITTED', 'QUEUED', 'RUNNING'))
+               AND NOT EXISTS (SELECT 1 FROM productions WHERE production_id = u.id
+                               AND (planned_jobs < job_total OR NOT inputs_complete))
+             ORDER BY u.id",
+            &[&ids],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
 }
 
 /// A production's job rows per state.
@@ -559,16 +641,19 @@ pub async fn insert_productions(
 /// it, so a file delivered while a child is being linked reaches it once,
 /// through one or the other. `ids` are locked in order (no deadlock).
 pub async fn lock_sources(tx: &Transaction<'_>, ids: &[String]) -> anyhow::Result<()> {
-    let mut sorted: Vec<&String> = ids.iter().collect();
+    let mut sorted: Vec<&str> = ids.iter().map(String::as_str).collect();
     sorted.sort();
     sorted.dedup();
-    for id in sorted {
-        tx.execute_cached(
-            "SELECT pg_advisory_xact_lock(hashtextextended('prodsys.chain:' || $1, 0))",
-            &[id],
-        )
-        .await?;
+    if sorted.is_empty() {
+        return Ok(());
     }
+    // One statement, the locks taken row by row in the order of the IDs.
+    tx.query_one_cached(
+        "SELECT count(pg_advisory_xact_lock(hashtextextended('prodsys.chain:' || id, 0)))
+         FROM (SELECT id FROM unnest($1::text[]) WITH ORDINALITY AS u(id, n) ORDER BY n) ordered",
+        &[&sorted],
+    )
+    .await?;
     Ok(())
 }
 
@@ -931,6 +1016,18 @@ pub async fn lock_production(tx: &Transaction<'_>, production_id: &str) -> anyho
     tx.execute_cached(
         "SELECT 1 FROM productions WHERE production_id = $1 FOR NO KEY UPDATE",
         &[&production_id],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Holds the rows of these productions, in the order of their IDs (so two
+/// transactions never wait on each other in a circle).
+pub async fn lock_productions(tx: &Transaction<'_>, ids: &[&str]) -> anyhow::Result<()> {
+    tx.execute_cached(
+        "SELECT 1 FROM productions WHERE production_id = ANY($1)
+         ORDER BY production_id FOR NO KEY UPDATE",
+        &[&ids],
     )
     .await?;
     Ok(())

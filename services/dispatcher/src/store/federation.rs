@@ -186,6 +186,37 @@ pub async fn lock_jobs_for(
     .collect()
 }
 
+/// Of each production of `wanted` (in order, with how many), up to that many
+/// ready jobs placed nowhere, by job index, locked, in one statement. Rows
+/// another scheduler holds are skipped.
+pub async fn lock_unplaced_jobs(
+    tx: &Transaction<'_>,
+    wanted: &[(&str, i64)],
+) -> anyhow::Result<Vec<JobRow>> {
+    if wanted.is_empty() {
+        return Ok(Vec::new());
+    }
+    let (ids, counts): (Vec<&str>, Vec<i64>) = wanted.iter().copied().unzip();
+    tx.query_cached(
+        &format!(
+            "SELECT {JOB_COLUMNS}
+             FROM unnest($1::text[], $2::bigint[]) WITH ORDINALITY AS w(id, wanted, n)
+             CROSS JOIN LATERAL (
+                 SELECT * FROM jobs r
+                 WHERE r.production_id = w.id AND r.state = 'CREATED' AND r.installation IS NULL
+                 ORDER BY r.job_index LIMIT w.wanted
+                 FOR UPDATE SKIP LOCKED) j
+             JOIN productions p ON p.production_id = j.production_id
+             ORDER BY w.n, j.job_index"
+        ),
+        &[&ids, &counts],
+    )
+    .await?
+    .iter()
+    .map(job_row)
+    .collect()
+}
+
 /// Ready jobs placed on `installation`, of any production (retries that may not move).
 pub async fn placed_on<C: GenericClient + Sync>(
     client: &C,
