@@ -115,15 +115,20 @@ impl Registrar {
             .map(String::as_str)
             .chain(taken.iter().map(|(p, _)| *p))
             .collect();
-        for (id, a) in &accepted {
-            // Parameters a publisher left out (or mangled) are kept as none.
-            let parameters = serde_json::from_str(&a.parameters_json)
-                .unwrap_or_else(|_| serde_json::Value::Object(Default::default()));
-            let submitted_at = Uuid::parse_str(&a.request_id)
-                .ok()
-                .and_then(|r| made_at(&r));
-            store::record_accepted(&tx, a, &parameters, submitted_at, made_at(id)).await?;
-        }
+        let kept: Vec<store::Accepted<'_>> = accepted
+            .iter()
+            .map(|(id, a)| store::Accepted {
+                accepted: a,
+                // Parameters a publisher left out (or mangled) are kept as none.
+                parameters: serde_json::from_str(&a.parameters_json)
+                    .unwrap_or_else(|_| serde_json::Value::Object(Default::default())),
+                submitted_at: Uuid::parse_str(&a.request_id)
+                    .ok()
+                    .and_then(|r| made_at(&r)),
+                accepted_at: made_at(id),
+            })
+            .collect();
+        store::record_accepted(&tx, &kept).await?;
         for d in &dispatched {
             store::record_dispatched(&tx, d).await?;
         }

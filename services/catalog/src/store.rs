@@ -657,51 +657,98 @@ pub async fn record_completed(
     Ok(())
 }
 
-/// Keeps what a `request.accepted` tells of its production, for the record
-/// (once per production); `submitted_at` and `accepted_at` from the request's
-/// and the event's UUIDv7s.
-pub async fn record_accepted(
-    tx: &Transaction<'_>,
-    accepted: &pb::RequestAccepted,
-    parameters: &serde_json::Value,
-    submitted_at: Option<chrono::DateTime<chrono::Utc>>,
-    accepted_at: Option<chrono::DateTime<chrono::Utc>>,
-) -> anyhow::Result<()> {
+/// What a `request.accepted` tells of its production, for the record.
+pub struct Accepted<'a> {
+    pub accepted: &'a pb::RequestAccepted,
+    pub parameters: serde_json::Value,
+    pub submitted_at: Option<chrono::DateTime<chrono::Utc>>,
+    pub accepted_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+/// Keeps what each `request.accepted` tells of its production, for the
+/// record (once per production; `submitted_at` and `accepted_at` from the
+/// request's and the event's UUIDv7s), and links it to every production it
+/// names: a batch in two statements, however many it holds.
+pub async fn record_accepted(tx: &Transaction<'_>, batch: &[Accepted<'_>]) -> anyhow::Result<()> {
+    if batch.is_empty() {
+        return Ok(());
+    }
+    let column = |f: fn(&pb::RequestAccepted) -> &str| -> Vec<&str> {
+        batch.iter().map(|a| f(a.accepted)).collect()
+    };
+    let parameters: Vec<&serde_json::Value> = batch.iter().map(|a| &a.parameters).collect();
+    // Each row's destinations as one JSON array (unnest cannot take arrays
+    // of different lengths).
+    let destinations: Vec<serde_json::Value> = batch
+        .iter()
+        .map(|a| serde_json::Value::from(a.accepted.forward.clone()))
+        .collect();
+    let submitted: Vec<Option<chrono::DateTime<chrono::Utc>>> =
+        batch.iter().map(|a| a.submitted_at).collect();
+    let accepted_at: Vec<Option<chrono::DateTime<chrono::Utc>>> =
+        batch.iter().map(|a| a.accepted_at).collect();
     tx.execute_cached(
         "INSERT INTO accepted_requests (production_id, request_id, submitter, vo, profile,
                                         profile_sha256, fingerprint, parameters, backend,
                                         destinations, submitted_at, accepted_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
+         SELECT a.production_id, a.request_id, a.submitter, a.vo, a.profile, a.profile_sha256,
+                a.fingerprint, a.parameters, a.backend,
+                ARRAY(SELECT jsonb_array_elements_text(a.destinations)), a.submitted_at,
+                a.accepted_at
+         FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+                     $7::text[], $8::jsonb[], $9::text[], $10::jsonb[], $11::timestamptz[],
+                     $12::timestamptz[])
+             AS a(production_id, request_id, submitter, vo, profile, profile_sha256, fingerprint,
+                  parameters, backend, destinations, submitted_at, accepted_at)
          ON CONFLICT (production_id) DO NOTHING",
         &[
-            &accepted.production_id,
-            &accepted.request_id,
-            &accepted.submitter,
-            &accepted.vo,
-            &accepted.profile,
-            &accepted.profile_sha256,
-            &accepted.fingerprint,
-            parameters,
-            &accepted.backend,
-            &accepted.forward,
-            &submitted_at,
+            &column(|a| &a.production_id),
+            &column(|a| &a.request_id),
+            &column(|a| &a.submitter),
+            &column(|a| &a.vo),
+            &column(|a| &a.profile),
+            &column(|a| &a.profile_sha256),
+            &column(|a| &a.fingerprint),
+            &parameters,
+            &column(|a| &a.backend),
+            &destinations,
+            &submitted,
             &accepted_at,
         ],
     )
     .await
-    .context("keeping the accepted request")?;
+    .context("keeping the accepted requests")?;
     // A parameter naming a production it knows: the production it takes
-    // its inputs from (a chained production's `input_production`).
+    // its inputs from (a chained production's `input_production`). Only a
+    // string can name one (an ID is its profile's prefix and a number); each
+    // is looked up by the key, so the statement costs the same however many
+    // productions are known.
+    let mut children = Vec::new();
+    let mut values = Vec::new();
+    for a in batch {
+        let Some(parameters) = a.parameters.as_object() else {
+            continue;
+        };
+        for value in parameters.values().filter_map(serde_json::Value::as_str) {
+            if value != a.accepted.production_id {
+                children.push(a.accepted.production_id.as_str());
+                values.push(value);
+            }
+        }
+    }
+    if values.is_empty() {
+        return Ok(());
+    }
     tx.execute_cached(
         "INSERT INTO production_links (parent_id, child_id)
-         SELECT DISTINCT e.value, $1 FROM jsonb_each_text($2::jsonb) AS e
-         JOIN accepted_requests p ON p.production_id = e.value
-         WHERE e.value <> $1
+         SELECT DISTINCT p.production_id, v.child
+         FROM unnest($1::text[], $2::text[]) AS v(child, value)
+         JOIN accepted_requests p ON p.production_id = v.value
          ON CONFLICT DO NOTHING",
-        &[&accepted.production_id, parameters],
+        &[&children, &values],
     )
     .await
-    .context("linking the production to its parents")?;
+    .context("linking the productions to their parents")?;
     Ok(())
 }
 
