@@ -84,3 +84,68 @@ async fn services_survive_losing_their_database_connections() {
     drop(admin);
     app.stop().await;
 }
+
+/// A production's end and its last job's outputs recorded by two catalog
+/// transactions at once (two consumers, or one consumer's batches taken
+/// side by side), with the progress sweep running between their commits:
+/// the outputs' transaction finds no forwarding row to mark (the end, which
+/// makes it, has not committed), and the sweep must not judge the
+/// production from what it sees before the outputs commit, or nothing ever
+/// marks it again and it is never announced forwarded.
+#[tokio::test]
+async fn a_production_ending_beside_its_last_outputs_is_still_announced_forwarded() {
+    use prodsys_catalog::store;
+    let env = prodsys_testkit::TestEnv::new().await.unwrap();
+    let db = prodsys_db::Db::new(env.settings.database.url(), "catalog", 4).unwrap();
+    db.migrate(prodsys_catalog::MIGRATIONS).await.unwrap();
+    let production = "CTA-000001";
+    let completed = pb::ProductionCompleted {
+        production_id: production.into(),
+        state: pb::ProductionState::Completed as i32,
+        counts: Some(pb::JobCounts {
+            done: 1,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let (mut a, mut b) = (db.client().await.unwrap(), db.client().await.unwrap());
+    // The end, as the consumer records it.
+    let ending = a.transaction().await.unwrap();
+    store::lock_forwarding(&ending, &[production], &[])
+        .await
+        .unwrap();
+    store::record_completed(&ending, &completed, "COMPLETED", chrono::Utc::now())
+        .await
+        .unwrap();
+    store::forwarding_changed(&ending, &[production])
+        .await
+        .unwrap();
+    // The last job's outputs, beside it: no row to mark yet.
+    let outputs = b.transaction().await.unwrap();
+    store::lock_forwarding(&outputs, &[production], &[])
+        .await
+        .unwrap();
+    store::record_job_outputs(&outputs, &[(production, 0)])
+        .await
+        .unwrap();
+    store::forwarding_changed(&outputs, &[production])
+        .await
+        .unwrap();
+    ending.commit().await.unwrap();
+    let sweep = || async {
+        let mut client = db.client().await.unwrap();
+        let tx = client.transaction().await.unwrap();
+        let swept = store::sweep_forwarding(&tx, 100, false).await.unwrap();
+        tx.commit().await.unwrap();
+        swept
+            .into_iter()
+            .map(|p| (p.production_id, p.finished))
+            .collect::<Vec<_>>()
+    };
+    // Judged now, it would look unfinished (its outputs are not committed).
+    let between = sweep().await;
+    assert!(between.iter().all(|(_, finished)| !finished), "{between:?}");
+    outputs.commit().await.unwrap();
+    assert_eq!(sweep().await, vec![(production.to_string(), true)]);
+    assert_eq!(sweep().await, vec![], "announced once");
+}

@@ -92,11 +92,14 @@ impl Registrar {
                 plans.push(a);
             }
         }
-        // The forwarding locks first, all at once and in order.
+        // The forwarding locks first, all at once and in order: shared for
+        // every production whose files, outputs taken or end this batch
+        // records (the sweep judges none of them until this commits).
         let registering: Vec<&str> = files
             .iter()
             .map(|(_, f)| f.production_id.as_str())
             .chain(jobs.iter().map(|(p, _)| p.as_str()))
+            .chain(completed.iter().map(|(_, c)| c.production_id.as_str()))
             .collect();
         let planning: Vec<&str> = plans.iter().map(|a| a.production_id.as_str()).collect();
         store::lock_forwarding(&tx, &registering, &planning).await?;

@@ -364,28 +364,79 @@ pub async fn sweep_forwarding(
     limit: i64,
     records: bool,
 ) -> anyhow::Result<Vec<Progress>> {
-    let rows = tx
+    let dirty = tx
         .query_cached(
-            // Ended, and every DONE job's outputs taken: production.completed
-            // may have come before the last job.output.
-            "SELECT f.production_id, f.destinations,
-                    COALESCE((SELECT (p.jobs_done IS NULL
-                                      OR p.jobs_done <= (SELECT count(*) FROM job_outputs j
-                                                         WHERE j.production_id = f.production_id))
-                                     AND (NOT $2 OR p.record_lfn IS NOT NULL)
-                              FROM productions p WHERE p.production_id = f.production_id),
-                             false)
-             FROM forwarding f WHERE finished_at IS NULL AND progress_dirty
-             ORDER BY production_id LIMIT $1 FOR UPDATE OF f SKIP LOCKED",
-            &[&limit, &records],
+            "SELECT production_id, destinations FROM forwarding
+             WHERE finished_at IS NULL AND progress_dirty
+             ORDER BY production_id LIMIT $1 FOR UPDATE SKIP LOCKED",
+            &[&limit],
         )
         .await
         .context("finding changed forwarding")?;
+    // A production is judged only while no transaction registers its files
+    // or records its end (they hold its forwarding lock shared until they
+    // commit), and from what had committed once the lock was taken: a
+    // registration running beside the sweep may not have found the row to
+    // mark (its production.completed, which makes the row, committing
+    // meanwhile), so its outputs must be seen here or the row left dirty for
+    // the next sweep. One that cannot be locked now stays dirty.
+    let (ids, keys): (Vec<String>, Vec<i64>) = dirty
+        .iter()
+        .map(|r| {
+            let id: String = r.get(0);
+            let key = domain::forwarding_lock_key(&id);
+            (id, key)
+        })
+        .unzip();
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let held: std::collections::HashSet<String> = tx
+        .query_cached(
+            "SELECT id FROM unnest($1::text[], $2::bigint[]) AS u(id, k)
+             WHERE pg_try_advisory_xact_lock(k)",
+            &[&ids, &keys],
+        )
+        .await
+        .context("taking forwarding locks")?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let judged: Vec<&str> = ids
+        .iter()
+        .map(String::as_str)
+        .filter(|id| held.contains(*id))
+        .collect();
+    // Ended, and every DONE job's outputs taken: production.completed may
+    // have come before the last job.output. A statement of its own, so its
+    // snapshot follows the locks.
+    let taken: std::collections::HashMap<String, bool> = tx
+        .query_cached(
+            "SELECT u.id,
+                    COALESCE((SELECT (p.jobs_done IS NULL
+                                      OR p.jobs_done <= (SELECT count(*) FROM job_outputs j
+                                                         WHERE j.production_id = u.id))
+                                     AND (NOT $2 OR p.record_lfn IS NOT NULL)
+                              FROM productions p WHERE p.production_id = u.id),
+                             false)
+             FROM unnest($1::text[]) AS u(id)",
+            &[&judged, &records],
+        )
+        .await
+        .context("finding changed forwarding")?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let rows: Vec<(String, Vec<String>, bool)> = dirty
+        .iter()
+        .filter_map(|r| {
+            let production_id: String = r.get(0);
+            let all_taken = *taken.get(&production_id)?;
+            Some((production_id, r.get(1), all_taken))
+        })
+        .collect();
     let mut out = Vec::with_capacity(rows.len());
-    for row in rows {
-        let production_id: String = row.get(0);
-        let destinations: Vec<String> = row.get(1);
-        let all_taken: bool = row.get(2);
+    for (production_id, destinations, all_taken) in rows {
         let counts = tx
             .query_cached(
                 "SELECT d, count(r.lfn), count(r.lfn) FILTER (WHERE r.state IN ('verified', 'registered')),
