@@ -376,11 +376,14 @@ async fn through_prodsys(
     loop {
         let row = db
             .query_one(
-                "SELECT count(*) FILTER (WHERE state = 'COMPLETED'),
-                        count(*) FILTER (WHERE state IN ('FAILED', 'PARTIALLY_COMPLETED', 'CANCELLED', 'REJECTED')),
-                        count(*) FILTER (WHERE state = 'COMPLETED'
-                            AND EXISTS (SELECT FROM status.forwarded f WHERE f.production_id = p.production_id))
-                 FROM status.productions p",
+                // Three scans of small tables (a probe of each production
+                // against `forwarded` cost 3.5 ms a poll at 1,000 productions,
+                // PostgreSQL CPU counted as the run's).
+                "SELECT (SELECT count(*) FROM status.productions WHERE state = 'COMPLETED'),
+                        (SELECT count(*) FROM status.productions
+                         WHERE state IN ('FAILED', 'PARTIALLY_COMPLETED', 'CANCELLED', 'REJECTED')),
+                        (SELECT count(*) FROM status.forwarded f
+                         JOIN status.productions p USING (production_id) WHERE p.state = 'COMPLETED')",
                 &[],
             )
             .await?;
