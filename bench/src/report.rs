@@ -1229,6 +1229,19 @@ pub fn findings(results: &Results) -> Vec<String> {
             p.concurrency
         ));
     }
+    let mut stolen: Option<(&str, f64)> = None;
+    for (phase, steal) in results.phases().into_iter().map(|(p, l)| (p, l.cpu.steal)) {
+        if stolen.is_none_or(|(_, s)| steal > s) {
+            stolen = Some((phase, steal));
+        }
+    }
+    if let Some((phase, steal)) = stolen
+        && steal >= 0.05
+    {
+        out.push(format!(
+            "The hypervisor ran other guests on this machine's CPUs for up to {steal:.2} cores while it wanted them (CPU steal, during {phase}; counted in the machine's busy cores, not in \"other\"): every process measured then had that much less CPU, the raw limits' runs as well when they were taken alike (their own steal is in their CPU lines)."
+        ));
+    }
     let mut busiest: Option<(&str, f64)> = None;
     let mut raw_other = Vec::new();
     if let Some(b) = &results.broker {
@@ -1460,7 +1473,7 @@ pub fn markdown(results: &Results) -> String {
         );
         let _ = writeln!(
             out,
-            "- **RSS** is each service process's VmRSS: idle is 3 s after all five answered gRPC health; under load is each process's VmHWM over each measurement (the kernel's high-water mark, between samples too; reset at the measurement's start by writing 5 to `/proc/PID/clear_refs`, or the largest of samples every 250 ms where that is refused, as the figure then says); the peak over the whole run is the largest of those and the VmHWM read as the processes stop. Verdicts on memory read these peaks. **CPU** is per process (user + system time): each service's process, the bench's own (its clients), PostgreSQL's processes for this run, the broker's. Queue depths are ready messages in each service's queue, sampled with the same period.\n"
+            "- **RSS** is each service process's VmRSS: idle is 3 s after all five answered gRPC health; under load is each process's VmHWM over each measurement (the kernel's high-water mark, between samples too; reset at the measurement's start by writing 5 to `/proc/PID/clear_refs`, or the largest of samples every 250 ms where that is refused, as the figure then says); the peak over the whole run is the largest of those and the VmHWM read as the processes stop. Verdicts on memory read these peaks. **CPU** is per process (user + system time): each service's process, the bench's own (its clients), PostgreSQL's processes for this run, the broker's; the machine's busy cores hold the hypervisor's steal (time its CPUs ran other guests while this one wanted them), shown beside \"other\" where there was any. Queue depths are ready messages in each service's queue, sampled with the same period.\n"
         );
     }
     if let Some(c) = &results.chain {
@@ -1597,14 +1610,14 @@ pub fn markdown(results: &Results) -> String {
                 .collect();
             let _ = writeln!(
                 out,
-                "| {phase} | {:.2} | {} | {:.2} | {:.2} | {} | {:.2} | {:.2} | {} | {} |",
+                "| {phase} | {:.2} | {} | {:.2} | {:.2} | {} | {:.2} | {} | {} | {} |",
                 c.machine,
                 per_service.join(" | "),
                 c.bench,
                 c.postgres,
                 pg_split(load),
                 c.rabbitmq,
-                c.other,
+                other_and_steal(c),
                 depths(load),
                 largest_rss(load)
             );
@@ -1641,6 +1654,16 @@ fn command_line(results: &Results) -> String {
             args.join(" ")
         }
     )
+}
+
+/// The "other" column: other work's cores, and the hypervisor's steal
+/// beside it where there was any.
+fn other_and_steal(c: &crate::sys::CpuUse) -> String {
+    if c.steal >= 0.01 {
+        format!("{:.2} (steal {:.2})", c.other, c.steal)
+    } else {
+        format!("{:.2}", c.other)
+    }
 }
 
 #[cfg(test)]

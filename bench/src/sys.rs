@@ -152,6 +152,9 @@ fn postgres_is_ours(pid: &str) -> bool {
 pub struct CpuTicks {
     pub machine_busy: u64,
     pub machine_total: u64,
+    /// Ticks the hypervisor ran other guests while this one wanted the CPU
+    /// (`steal` in /proc/stat; counted in `machine_busy`).
+    pub machine_steal: u64,
     pub this_process: u64,
     pub postgres: std::collections::HashMap<u32, u64>,
     pub rabbitmq: std::collections::HashMap<u32, u64>,
@@ -192,6 +195,7 @@ pub fn cpu_ticks() -> CpuTicks {
         let idle = fields.get(3).copied().unwrap_or(0) + fields.get(4).copied().unwrap_or(0);
         ticks.machine_total = total;
         ticks.machine_busy = total.saturating_sub(idle);
+        ticks.machine_steal = fields.get(7).copied().unwrap_or(0);
     }
     if let Ok(stat) = std::fs::read_to_string("/proc/self/stat")
         && let Some((_, t)) = process_ticks(&stat)
@@ -235,6 +239,10 @@ pub struct CpuUse {
     pub postgres: f64,
     pub rabbitmq: f64,
     pub other: f64,
+    /// CPU the hypervisor gave other guests while this machine's wanted it
+    /// (part of `machine`, not of `other`): on a shared host, the CPU every
+    /// measured thing did not get.
+    pub steal: f64,
 }
 
 impl CpuUse {
@@ -294,10 +302,14 @@ impl CpuMeter {
         let machine_cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
         let total_ticks = end.machine_total.saturating_sub(self.start.machine_total) as f64;
         let busy_ticks = end.machine_busy.saturating_sub(self.start.machine_busy) as f64;
-        let machine = if total_ticks > 0.0 {
-            busy_ticks / total_ticks * machine_cpus
+        let steal_ticks = end.machine_steal.saturating_sub(self.start.machine_steal) as f64;
+        let (machine, steal) = if total_ticks > 0.0 {
+            (
+                busy_ticks / total_ticks * machine_cpus,
+                steal_ticks / total_ticks * machine_cpus,
+            )
         } else {
-            0.0
+            (0.0, 0.0)
         };
         let bench = cores(self.start.this_process, end.this_process);
         let postgres = used(&self.start.postgres, &end.postgres) as f64 / hz / wall;
@@ -309,7 +321,8 @@ impl CpuMeter {
             services,
             postgres,
             rabbitmq,
-            other: (machine - bench - services_total - postgres - rabbitmq).max(0.0),
+            other: (machine - steal - bench - services_total - postgres - rabbitmq).max(0.0),
+            steal,
         }
     }
 }
@@ -329,7 +342,11 @@ impl std::fmt::Display for CpuUse {
             f,
             ", PostgreSQL for this run {:.2}, RabbitMQ {:.2}, other {:.2}",
             self.postgres, self.rabbitmq, self.other
-        )
+        )?;
+        if self.steal >= 0.01 {
+            write!(f, ", taken by the hypervisor (steal) {:.2}", self.steal)?;
+        }
+        Ok(())
     }
 }
 

@@ -362,6 +362,12 @@ pub async fn spawn_services(env: TestEnv, services: &[Service]) -> App {
 
 /// A stack of only `services`, on `env`; clients for intake, status and catalog.
 async fn start_services(env: TestEnv, services: &[Service]) -> App {
+    // The shipped profiles run prodsys-toysim from the build's directory: a
+    // run of this package alone (`-p prodsys-tests`) does not build it, and
+    // every job would end "exited 127".
+    if !prodsys_testkit::bin_dir().join("prodsys-toysim").exists() {
+        built_binary("prodsys-toysim", "prodsys-toysim");
+    }
     let shutdown = CancellationToken::new();
     let stack = prodsys::start(services, &env.settings, shutdown.clone())
         .await
