@@ -149,3 +149,98 @@ async fn a_production_ending_beside_its_last_outputs_is_still_announced_forwarde
     assert_eq!(sweep().await, vec![(production.to_string(), true)]);
     assert_eq!(sweep().await, vec![], "announced once");
 }
+
+/// A copy's result recorded while the same claim is being renewed (the
+/// forwarder renews its claims every third of their time to live, in a
+/// transaction of its own): the result waits for the renewal's lock and is
+/// then recorded. Were it dropped, the replica would stay `copying` under a
+/// claim its own process keeps renewing, and never be copied again.
+#[tokio::test]
+async fn a_copy_recorded_while_its_claim_is_renewed_is_recorded() {
+    use prodsys_catalog::store;
+    let env = prodsys_testkit::TestEnv::new().await.unwrap();
+    let db = prodsys_db::Db::new(env.settings.database.url(), "catalog", 4).unwrap();
+    db.migrate(prodsys_catalog::MIGRATIONS).await.unwrap();
+    let production = "CTA-000001";
+    let lfn = "/vo.cta.in2p3.fr/MC/renewed/CTA-000001/f0.dat";
+    {
+        let mut client = db.client().await.unwrap();
+        let tx = client.transaction().await.unwrap();
+        store::lock_forwarding(&tx, &[production], &[production])
+            .await
+            .unwrap();
+        store::plan_forwarding(&tx, production, &["storage".to_string()])
+            .await
+            .unwrap();
+        let types = prodsys_catalog::domain::KeyTypes(Default::default(), Default::default());
+        let file = pb::OutputFile {
+            lfn: lfn.into(),
+            size: 4,
+            adler32: "03d8018b".into(),
+            url: "file:///nowhere/f0.dat".into(),
+            production_id: production.into(),
+            job_index: 0,
+            ..Default::default()
+        };
+        store::register_files(&tx, &types, &[(1, file)])
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+    }
+    let claimer = uuid::Uuid::new_v4();
+    let claimed = store::claim_replicas(&db, claimer, 10, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 1, "{claimed:?}");
+
+    // A renewal of the claim, holding the replica's row until it commits.
+    let mut renewer = db.client().await.unwrap();
+    let renewal = renewer.transaction().await.unwrap();
+    let renewed = renewal
+        .execute(
+            "UPDATE replicas SET next_try_at = now() + interval '1 minute'
+             WHERE claimed_by = $1 AND state = 'copying'",
+            &[&claimer],
+        )
+        .await
+        .unwrap();
+    assert_eq!(renewed, 1);
+    // The result, recorded meanwhile: it waits for the renewal's lock.
+    let recording = tokio::spawn({
+        let db = db.clone();
+        let result = (
+            claimed[0].clone(),
+            store::CopyResult::Verified {
+                url: "root://storage//f0.dat".into(),
+            },
+        );
+        async move { store::record_copies(&db, claimer, &[result]).await }
+    });
+    let watcher = env.db().await.unwrap();
+    prodsys_testkit::wait_for(
+        "the recording to wait for the renewal's lock",
+        Duration::from_secs(30),
+        || async {
+            let waiting: i64 = watcher
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity
+                     WHERE wait_event_type = 'Lock' AND datname = current_database()",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            (waiting > 0).then_some(())
+        },
+    )
+    .await
+    .unwrap();
+    renewal.commit().await.unwrap();
+    assert_eq!(recording.await.unwrap().unwrap(), 1, "the result recorded");
+    let state: String = watcher
+        .query_one("SELECT state FROM catalog.replicas WHERE lfn = $1", &[&lfn])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(state, "verified");
+}

@@ -158,6 +158,18 @@ async fn unflushed(tx: &Transaction<'_>) -> anyhow::Result<()> {
         .context("setting synchronous_commit")
 }
 
+/// Plans the transaction's next statements with nested loops over indexes
+/// only: rows a batch names are found by their keys, however stale the
+/// statistics (reset with `RESET` once those statements ran).
+async fn by_key(tx: &Transaction<'_>) -> anyhow::Result<()> {
+    tx.batch_execute(
+        "SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off;
+         SET LOCAL enable_seqscan = off",
+    )
+    .await
+    .context("planning by key")
+}
+
 /// Claims up to `limit` due replicas for `claimer` until `ttl` from now;
 /// other catalog processes skip them (and take them over only when the
 /// claim runs out unrenewed). Replicas due at the same time (a plan's) come
@@ -292,34 +304,33 @@ pub async fn record_copies(
     let mut client = db.client().await?;
     let tx = client.transaction().await?;
     unflushed(&tx).await?;
+    by_key(&tx).await?;
     let rows = tx
         .query_cached(
             // Each result's replica is found by its key, one index probe
-            // each, and locked while the claim is still this process's. The
-            // plain join let the planner trust statistics taken before
-            // anything was claimed (`claimed_by` all NULL): it expected one
+            // each (joins other than nested loops are off for this
+            // statement: the planner trusted statistics taken before
+            // anything was claimed, `claimed_by` all NULL, expected one
             // claimed row and compared every claimed replica with every
             // result, 2 million comparisons and 0.6 s for a batch of 500
-            // with 4,000 claimed.
+            // with 4,000 claimed), and updated while the claim is still this
+            // process's. Updated through the join, not by a row address
+            // found first: a claim renewed between the statement's snapshot
+            // and its lock made a new row version the address no longer
+            // named, and the result was dropped while the renewals kept the
+            // claim alive forever.
             "WITH v AS (
                  SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
                                       $6::float8[])
-                     AS v (lfn, destination, state, url, reason, retry_ms)),
-             mine AS (
-                 SELECT r.at, v.* FROM v CROSS JOIN LATERAL (
-                     SELECT r.ctid AS at FROM replicas r
-                     WHERE r.lfn = v.lfn AND r.destination = v.destination
-                       AND r.state = 'copying' AND r.claimed_by = $7
-                     FOR UPDATE) r)
+                     AS v (lfn, destination, state, url, reason, retry_ms))
              UPDATE replicas r SET state = m.state, url = m.url, reason = m.reason,
                     attempts = r.attempts + (m.state <> 'pending')::int, claimed_by = NULL,
                     updated_at = now(),
                     next_try_at = now() + m.retry_ms * interval '1 millisecond',
                     verified_at = CASE WHEN m.state IN ('verified', 'registered') THEN now() END
-             FROM mine m
-             -- The rows fetched by their addresses (a TID scan), not by
-             -- hashing the table against them.
-             WHERE r.ctid = ANY (ARRAY(SELECT at FROM mine)) AND r.ctid = m.at
+             FROM v m
+             WHERE r.lfn = m.lfn AND r.destination = m.destination
+               AND r.state = 'copying' AND r.claimed_by = $7
              RETURNING r.production_id",
             &[
                 &lfns,
@@ -333,6 +344,8 @@ pub async fn record_copies(
         )
         .await
         .context("recording copies")?;
+    tx.batch_execute("RESET enable_hashjoin; RESET enable_mergejoin; RESET enable_seqscan")
+        .await?;
     let mut productions: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
     productions.sort();
     productions.dedup();

@@ -215,6 +215,11 @@ async fn upsert_jobs(tx: &Transaction<'_>, transitions: &[JobTransition]) -> any
     if columns.is_empty() {
         return Ok(());
     }
+    tx.batch_execute(
+        "SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off;
+         SET LOCAL enable_seqscan = off",
+    )
+    .await?;
     tx.execute_cached(
         "WITH u AS (
              SELECT * FROM unnest($1::text[], $2::bigint[], $3::int[], $4::text[], $5::int[], $6::text[],
@@ -237,9 +242,12 @@ async fn upsert_jobs(tx: &Transaction<'_>, transitions: &[JobTransition]) -> any
                                state_rank = k.state_rank, raw_status = k.raw_status, updated_at = now(),
                                prev_installation = j.installation, installation = k.installation
              FROM known k
-             -- The rows fetched by their addresses (a TID scan), not by
-             -- hashing the table against them.
-             WHERE j.ctid = ANY (ARRAY(SELECT at FROM known)) AND j.ctid = k.at
+             -- Each row fetched again by its key (joins other than nested
+             -- loops are off for this statement), not by the address
+             -- `known` found: a row another batch updated between this
+             -- statement's snapshot and its lock is a new version that
+             -- address does not name, and its transition was dropped.
+             WHERE j.production_id = k.production_id AND j.job_index = k.job_index
              RETURNING j.production_id, j.prev_state, j.state, j.prev_installation, j.installation),
          inserted AS (
              INSERT INTO jobs AS j (production_id, job_index, attempt, state, state_rank, raw_status,
@@ -284,6 +292,8 @@ async fn upsert_jobs(tx: &Transaction<'_>, transitions: &[JobTransition]) -> any
     )
     .await
     .context("recording job transitions")?;
+    tx.batch_execute("RESET enable_hashjoin; RESET enable_mergejoin; RESET enable_seqscan")
+        .await?;
     Ok(())
 }
 
