@@ -810,6 +810,19 @@ async fn with_client_certificates_required_the_services_reach_each_other_and_str
     // the catalog for the record, the checker for the templates, and intake
     // to submit.
     let with_certificate = https_client(&pki.ca_file, Some((&user_cert, &user_key)));
+    // The catalog takes production.completed on its own queue: the record
+    // may come a moment after status says COMPLETED.
+    let record_url = format!("{status_url}/api/productions/{production_id}/record");
+    wait_for(
+        "the production's record in the catalog",
+        Duration::from_secs(30),
+        || async {
+            let answer = with_certificate.get(&record_url).send().await.ok()?;
+            (answer.status().as_u16() != 404).then_some(())
+        },
+    )
+    .await
+    .unwrap();
     for path in [
         format!("/api/productions/{production_id}/record"),
         "/api/templates".to_string(),
