@@ -158,18 +158,6 @@ async fn unflushed(tx: &Transaction<'_>) -> anyhow::Result<()> {
         .context("setting synchronous_commit")
 }
 
-/// Plans the transaction's next statements with nested loops over indexes
-/// only: rows a batch names are found by their keys, however stale the
-/// statistics (reset with `RESET` once those statements ran).
-async fn by_key(tx: &Transaction<'_>) -> anyhow::Result<()> {
-    tx.batch_execute(
-        "SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off;
-         SET LOCAL enable_seqscan = off",
-    )
-    .await
-    .context("planning by key")
-}
-
 /// Claims up to `limit` due replicas for `claimer` until `ttl` from now;
 /// other catalog processes skip them (and take them over only when the
 /// claim runs out unrenewed). Replicas due at the same time (a plan's) come
@@ -304,7 +292,7 @@ pub async fn record_copies(
     let mut client = db.client().await?;
     let tx = client.transaction().await?;
     unflushed(&tx).await?;
-    by_key(&tx).await?;
+    prodsys_db::plan_by_key(&tx).await?;
     let rows = tx
         .query_cached(
             // Each result's replica is found by its key, one index probe
@@ -344,8 +332,7 @@ pub async fn record_copies(
         )
         .await
         .context("recording copies")?;
-    tx.batch_execute("RESET enable_hashjoin; RESET enable_mergejoin; RESET enable_seqscan")
-        .await?;
+    prodsys_db::plan_freely(&tx).await?;
     let mut productions: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
     productions.sort();
     productions.dedup();

@@ -215,11 +215,7 @@ async fn upsert_jobs(tx: &Transaction<'_>, transitions: &[JobTransition]) -> any
     if columns.is_empty() {
         return Ok(());
     }
-    tx.batch_execute(
-        "SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off;
-         SET LOCAL enable_seqscan = off",
-    )
-    .await?;
+    prodsys_db::plan_by_key(tx).await?;
     tx.execute_cached(
         "WITH u AS (
              SELECT * FROM unnest($1::text[], $2::bigint[], $3::int[], $4::text[], $5::int[], $6::text[],
@@ -292,8 +288,7 @@ async fn upsert_jobs(tx: &Transaction<'_>, transitions: &[JobTransition]) -> any
     )
     .await
     .context("recording job transitions")?;
-    tx.batch_execute("RESET enable_hashjoin; RESET enable_mergejoin; RESET enable_seqscan")
-        .await?;
+    prodsys_db::plan_freely(tx).await?;
     Ok(())
 }
 

@@ -289,6 +289,30 @@ pub async fn claim(tx: &Transaction<'_>, event_ids: &[Uuid]) -> anyhow::Result<H
     Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
+/// Plans the transaction's next statements with nested loops over indexes
+/// only, until [`plan_freely`]: for statements that find the rows a batch
+/// names by their keys, whatever the statistics say (taken before the rows
+/// that matter existed, they lead the planner to hash a whole table against
+/// a batch). A row such a statement updates through its join is rechecked
+/// by PostgreSQL when another transaction changed it meanwhile, which a row
+/// address found first is not.
+pub async fn plan_by_key(tx: &Transaction<'_>) -> anyhow::Result<()> {
+    tx.batch_execute(
+        "SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off;
+         SET LOCAL enable_seqscan = off",
+    )
+    .await
+    .context("planning by key")
+}
+
+/// Plans the transaction's next statements as the server is configured
+/// again, after [`plan_by_key`].
+pub async fn plan_freely(tx: &Transaction<'_>) -> anyhow::Result<()> {
+    tx.batch_execute("RESET enable_hashjoin; RESET enable_mergejoin; RESET enable_seqscan")
+        .await
+        .context("planning freely")
+}
+
 /// Deletes inbox rows older than `retention`, `batch` rows per statement
 /// (each its own short transaction, so pruning never holds many locks);
 /// returns how many went. A redelivery older than `retention` would then
