@@ -85,6 +85,15 @@ async fn services_survive_losing_their_database_connections() {
     app.stop().await;
 }
 
+/// A fresh test database with the catalog's schema, for tests that drive
+/// the catalog's store calls themselves.
+async fn catalog_schema() -> (prodsys_testkit::TestEnv, prodsys_db::Db) {
+    let env = prodsys_testkit::TestEnv::new().await.unwrap();
+    let db = prodsys_db::Db::new(env.settings.database.url(), "catalog", 4).unwrap();
+    db.migrate(prodsys_catalog::MIGRATIONS).await.unwrap();
+    (env, db)
+}
+
 /// A production's end and its last job's outputs recorded by two catalog
 /// transactions at once (two consumers, or one consumer's batches taken
 /// side by side), with the progress sweep running between their commits:
@@ -95,9 +104,7 @@ async fn services_survive_losing_their_database_connections() {
 #[tokio::test]
 async fn a_production_ending_beside_its_last_outputs_is_still_announced_forwarded() {
     use prodsys_catalog::store;
-    let env = prodsys_testkit::TestEnv::new().await.unwrap();
-    let db = prodsys_db::Db::new(env.settings.database.url(), "catalog", 4).unwrap();
-    db.migrate(prodsys_catalog::MIGRATIONS).await.unwrap();
+    let (_env, db) = catalog_schema().await;
     let production = "CTA-000001";
     let completed = pb::ProductionCompleted {
         production_id: production.into(),
@@ -158,9 +165,7 @@ async fn a_production_ending_beside_its_last_outputs_is_still_announced_forwarde
 #[tokio::test]
 async fn a_copy_recorded_while_its_claim_is_renewed_is_recorded() {
     use prodsys_catalog::store;
-    let env = prodsys_testkit::TestEnv::new().await.unwrap();
-    let db = prodsys_db::Db::new(env.settings.database.url(), "catalog", 4).unwrap();
-    db.migrate(prodsys_catalog::MIGRATIONS).await.unwrap();
+    let (env, db) = catalog_schema().await;
     let production = "CTA-000001";
     let lfn = "/vo.cta.in2p3.fr/MC/renewed/CTA-000001/f0.dat";
     {

@@ -423,7 +423,7 @@ pub async fn sweep_forwarding(
             &[&judged, &records],
         )
         .await
-        .context("finding changed forwarding")?
+        .context("judging changed forwarding")?
         .iter()
         .map(|r| (r.get(0), r.get(1)))
         .collect();

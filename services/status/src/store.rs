@@ -227,9 +227,9 @@ async fn upsert_jobs(tx: &Transaction<'_>, transitions: &[JobTransition]) -> any
          -- every batch once it outgrew its statistics (600,000 rows read
          -- for a batch of 25,000), each batch slower as the table grew.
          known AS (
-             SELECT k.at, u.* FROM (SELECT * FROM u ORDER BY production_id, job_index) u
+             SELECT u.* FROM (SELECT * FROM u ORDER BY production_id, job_index) u
              CROSS JOIN LATERAL (
-                 SELECT j.ctid AS at FROM jobs j
+                 SELECT FROM jobs j
                  WHERE j.production_id = u.production_id AND j.job_index = u.job_index
                    AND (j.attempt, j.state_rank) < (u.attempt, u.state_rank)
                  FOR UPDATE) k),
