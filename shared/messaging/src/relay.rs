@@ -40,12 +40,19 @@ pub async fn run_relay(
                 ),
             }
         }
-        // Drain everything committed so far.
+        // Drain everything committed so far. A batch short of BATCH took
+        // every row there was: what commits after it notifies again, so no
+        // empty look (a transaction of its own) follows it.
         let mut failed = false;
         loop {
             match publish_batch(&db, &publisher, &names, &source).await {
                 Ok(0) => break,
-                Ok(n) => tracing::debug!(events = n, "outbox batch published"),
+                Ok(n) => {
+                    tracing::debug!(events = n, "outbox batch published");
+                    if (n as i64) < BATCH && listener.is_some() {
+                        break;
+                    }
+                }
                 Err(error) => {
                     tracing::warn!(error = format!("{error:#}"), "outbox relay failed");
                     failed = true;

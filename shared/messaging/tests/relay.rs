@@ -163,3 +163,132 @@ async fn rolled_back_events_never_leave_and_committed_ones_leave_exactly_once() 
     drop(client);
     env.cleanup().await;
 }
+
+/// Commits that land while the relay publishes: single events committed
+/// back to back, then a transaction of more rows than one batch. Every event
+/// leaves once, in commit order, each promptly (its NOTIFY wakes the relay;
+/// none waits for the relay's five-second safety net).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_committed_while_the_relay_publishes_leave_promptly_in_order() {
+    let env = TestEnv::new().await.unwrap();
+    let settings = &env.settings;
+    let db = Db::new(settings.database.url(), SERVICE, 4).unwrap();
+    db.migrate(&[]).await.unwrap();
+    let names = Names::new(&env.prefix);
+    let topology = Topology {
+        names: names.clone(),
+        service: SERVICE.into(),
+        bindings: vec!["test.stream".into()],
+        ingest_bindings: vec![],
+        delivery_limit: 3,
+    };
+    let shutdown = CancellationToken::new();
+    let broker = Broker::start(settings.amqp.url(), topology, shutdown.clone())
+        .await
+        .unwrap();
+    let publisher = Publisher::new(broker.clone(), Duration::from_secs(5));
+    tokio::spawn(prodsys_messaging::relay::run_relay(
+        db.clone(),
+        publisher,
+        names.clone(),
+        "/tests/relay".into(),
+        shutdown.clone(),
+    ));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let event = || OutboxEvent {
+        event_id: Uuid::now_v7(),
+        event_type: "test.stream".into(),
+        subject: "CTA-000008".into(),
+        payload: vec![4],
+        reply_to: None,
+        content_type: "application/protobuf".into(),
+    };
+    let mut sent = Vec::new();
+    let mut client = db.client().await.unwrap();
+    // One event a transaction, the relay publishing while they commit.
+    for _ in 0..60 {
+        let one = event();
+        sent.push(one.event_id);
+        let tx = client.transaction().await.unwrap();
+        prodsys_db::enqueue(&tx, &db.outbox_channel(), std::slice::from_ref(&one))
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+    }
+    // Last, more than two of the relay's batches in one transaction: one
+    // NOTIFY for all of them, so the relay must go on while its batches are full.
+    let big: Vec<OutboxEvent> = (0..1_200).map(|_| event()).collect();
+    sent.extend(big.iter().map(|e| e.event_id));
+    let tx = client.transaction().await.unwrap();
+    prodsys_db::enqueue(&tx, &db.outbox_channel(), &big)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let last_commit = Instant::now();
+
+    let (connection, channel) = env.amqp().await.unwrap();
+    let queue = names.queue(SERVICE);
+    let mut received = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while received.len() < sent.len() && Instant::now() < deadline {
+        match channel
+            .basic_get(queue.as_str().into(), BasicGetOptions { no_ack: true })
+            .await
+            .unwrap()
+        {
+            Some(message) => received.push(
+                message
+                    .delivery
+                    .properties
+                    .message_id()
+                    .as_ref()
+                    .map(|m| m.as_str().to_string())
+                    .unwrap_or_default(),
+            ),
+            None => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+    let took = last_commit.elapsed();
+    let expected: Vec<String> = sent.iter().map(|id| id.to_string()).collect();
+    assert_eq!(
+        received.len(),
+        expected.len(),
+        "events published of {} committed",
+        expected.len()
+    );
+    assert!(received == expected, "events left out of commit order");
+    assert!(
+        took < Duration::from_millis(4_500),
+        "the last events waited for the relay's safety net, not its NOTIFY: {took:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        channel
+            .basic_get(queue.as_str().into(), BasicGetOptions { no_ack: true })
+            .await
+            .unwrap()
+            .is_none(),
+        "an event was published twice"
+    );
+    let left: i64 = client
+        .query_one("SELECT count(*) FROM outbox", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0, "a confirmed event stays in the outbox");
+
+    shutdown.cancel();
+    for name in [
+        queue.clone(),
+        names.dead_letter_queue(SERVICE),
+        names.unroutable(),
+    ] {
+        let _ = channel
+            .queue_delete(name.as_str().into(), QueueDeleteOptions::default())
+            .await;
+    }
+    let _ = connection.close(200, "done".into()).await;
+    drop(client);
+    env.cleanup().await;
+}
