@@ -249,3 +249,73 @@ async fn a_copy_recorded_while_its_claim_is_renewed_is_recorded() {
         .get(0);
     assert_eq!(state, "verified");
 }
+
+/// Two status consumers projecting the same job at once, the newer
+/// transition first: the older one, its statement begun while the newer
+/// one's transaction holds the job's row, waits for it, is checked again
+/// against the row's new version, and changes nothing. Were the order
+/// checked only on what the older statement's snapshot saw (SUBMITTED), the
+/// job would move back to RUNNING and be counted twice.
+#[tokio::test]
+async fn an_older_transition_waiting_for_a_newer_ones_row_changes_nothing() {
+    use prodsys_core::JobState;
+    use prodsys_status::domain::{JobTransition, Projection};
+    use prodsys_status::store;
+    let env = prodsys_testkit::TestEnv::new().await.unwrap();
+    let db = prodsys_db::Db::new(env.settings.database.url(), "status", 4).unwrap();
+    db.migrate(prodsys_status::MIGRATIONS).await.unwrap();
+    let production = "CTA-000001";
+    let batch = |dispatched: bool, state: JobState| {
+        let mut projection = Projection::default();
+        if dispatched {
+            projection.dispatched(production.into(), 1, None, false);
+        }
+        projection.job(JobTransition {
+            production_id: production.into(),
+            job_index: 0,
+            attempt: 1,
+            state: Some(state),
+            raw_status: format!("{state:?}"),
+            installation: "local".into(),
+        });
+        projection.finish()
+    };
+    {
+        let mut client = db.client().await.unwrap();
+        let tx = client.transaction().await.unwrap();
+        store::project(&tx, batch(true, JobState::Submitted))
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+    }
+    let mut newer_client = db.client().await.unwrap();
+    let newer = newer_client.transaction().await.unwrap();
+    store::project(&newer, batch(false, JobState::Done))
+        .await
+        .unwrap();
+    let older_db = db.clone();
+    let older = tokio::spawn(async move {
+        let mut client = older_db.client().await.unwrap();
+        let tx = client.transaction().await.unwrap();
+        store::project(&tx, batch(false, JobState::Running))
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !older.is_finished(),
+        "the older transition did not wait for the job's row"
+    );
+    newer.commit().await.unwrap();
+    older.await.unwrap();
+    let read = store::production(&db, production).await.unwrap().unwrap();
+    assert_eq!(
+        (read.counts.submitted, read.counts.running, read.counts.done),
+        (0, 0, 1),
+        "{:?}",
+        read.counts
+    );
+    drop(newer_client);
+    env.cleanup().await;
+}

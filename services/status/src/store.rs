@@ -221,29 +221,23 @@ async fn upsert_jobs(tx: &Transaction<'_>, transitions: &[JobTransition]) -> any
              SELECT * FROM unnest($1::text[], $2::bigint[], $3::int[], $4::text[], $5::int[], $6::text[],
                                   $7::text[])
                  AS u(production_id, job_index, attempt, state, state_rank, raw_status, installation)),
-         -- Each known job's row found by its key (one index probe a
-         -- transition, in key order so concurrent batches lock alike) and
-         -- locked: a join left to the planner hashed the whole table on
-         -- every batch once it outgrew its statistics (600,000 rows read
-         -- for a batch of 25,000), each batch slower as the table grew.
-         known AS (
-             SELECT u.* FROM (SELECT * FROM u ORDER BY production_id, job_index) u
-             CROSS JOIN LATERAL (
-                 SELECT FROM jobs j
-                 WHERE j.production_id = u.production_id AND j.job_index = u.job_index
-                   AND (j.attempt, j.state_rank) < (u.attempt, u.state_rank)
-                 FOR UPDATE) k),
+         -- Each known job's row found by its key and updated, only by a
+         -- newer transition: one index probe a transition, in key order so
+         -- concurrent batches lock alike (joins other than nested loops over
+         -- indexes are off for this statement; left to the planner, a join
+         -- hashed the whole table on every batch once it outgrew its
+         -- statistics). A row another batch updated after this statement's
+         -- snapshot is waited for and the whole condition checked again on
+         -- its new version, so an older transition never overwrites a newer
+         -- one. (The row used to be locked first by a separate probe: that
+         -- wrote each row twice, the lock and then the update.)
          updated AS (
              UPDATE jobs j SET prev_state = j.state, attempt = k.attempt, state = k.state,
                                state_rank = k.state_rank, raw_status = k.raw_status, updated_at = now(),
                                prev_installation = j.installation, installation = k.installation
-             FROM known k
-             -- Each row fetched again by its key (joins other than nested
-             -- loops are off for this statement), not by the address
-             -- `known` found: a row another batch updated between this
-             -- statement's snapshot and its lock is a new version that
-             -- address does not name, and its transition was dropped.
+             FROM (SELECT * FROM u ORDER BY production_id, job_index) k
              WHERE j.production_id = k.production_id AND j.job_index = k.job_index
+               AND (j.attempt, j.state_rank) < (k.attempt, k.state_rank)
              RETURNING j.production_id, j.prev_state, j.state, j.prev_installation, j.installation),
          inserted AS (
              INSERT INTO jobs AS j (production_id, job_index, attempt, state, state_rank, raw_status,
