@@ -14,34 +14,73 @@ use uuid::Uuid;
 
 const SERVICE: &str = "relaytest";
 
+/// A relay on a fresh test database and prefix, its service queue bound to
+/// `bindings`, asleep on LISTEN after draining its empty outbox.
+struct Relay {
+    env: TestEnv,
+    db: Db,
+    names: Names,
+    shutdown: CancellationToken,
+}
+
+impl Relay {
+    async fn start(bindings: &[&str]) -> Self {
+        let env = TestEnv::new().await.unwrap();
+        let settings = &env.settings;
+        let db = Db::new(settings.database.url(), SERVICE, 4).unwrap();
+        db.migrate(&[]).await.unwrap();
+        let names = Names::new(&env.prefix);
+        let topology = Topology {
+            names: names.clone(),
+            service: SERVICE.into(),
+            bindings: bindings.iter().map(|b| b.to_string()).collect(),
+            ingest_bindings: vec![],
+            delivery_limit: 3,
+        };
+        let shutdown = CancellationToken::new();
+        let broker = Broker::start(settings.amqp.url(), topology, shutdown.clone())
+            .await
+            .unwrap();
+        let publisher = Publisher::new(broker.clone(), Duration::from_secs(5));
+        tokio::spawn(prodsys_messaging::relay::run_relay(
+            db.clone(),
+            publisher,
+            names.clone(),
+            "/tests/relay".into(),
+            shutdown.clone(),
+        ));
+        // Let the relay drain its (empty) outbox and go to sleep on LISTEN.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        Self {
+            env,
+            db,
+            names,
+            shutdown,
+        }
+    }
+
+    /// Stops the relay and removes its queues and database.
+    async fn stop(self, connection: lapin::Connection, channel: lapin::Channel) {
+        self.shutdown.cancel();
+        for name in [
+            self.names.queue(SERVICE),
+            self.names.dead_letter_queue(SERVICE),
+            self.names.unroutable(),
+        ] {
+            let _ = channel
+                .queue_delete(name.as_str().into(), QueueDeleteOptions::default())
+                .await;
+        }
+        let _ = connection.close(200, "done".into()).await;
+        drop(self.db);
+        self.env.cleanup().await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rolled_back_events_never_leave_and_committed_ones_leave_exactly_once() {
-    let env = TestEnv::new().await.unwrap();
-    let settings = &env.settings;
-    let db = Db::new(settings.database.url(), SERVICE, 4).unwrap();
-    db.migrate(&[]).await.unwrap();
-    let names = Names::new(&env.prefix);
-    let topology = Topology {
-        names: names.clone(),
-        service: SERVICE.into(),
-        bindings: vec!["test.committed".into(), "test.rolled_back".into()],
-        ingest_bindings: vec![],
-        delivery_limit: 3,
-    };
-    let shutdown = CancellationToken::new();
-    let broker = Broker::start(settings.amqp.url(), topology, shutdown.clone())
-        .await
-        .unwrap();
-    let publisher = Publisher::new(broker.clone(), Duration::from_secs(5));
-    tokio::spawn(prodsys_messaging::relay::run_relay(
-        db.clone(),
-        publisher,
-        names.clone(),
-        "/tests/relay".into(),
-        shutdown.clone(),
-    ));
-    // Let the relay drain its (empty) outbox and go to sleep on LISTEN.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let relay = Relay::start(&["test.committed", "test.rolled_back"]).await;
+    let (db, names) = (relay.db.clone(), relay.names.clone());
 
     let event = |kind: &str| OutboxEvent {
         event_id: Uuid::now_v7(),
@@ -80,7 +119,7 @@ async fn rolled_back_events_never_leave_and_committed_ones_leave_exactly_once() 
         tx.commit().await.unwrap();
     }
 
-    let (connection, channel) = env.amqp().await.unwrap();
+    let (connection, channel) = relay.env.amqp().await.unwrap();
     let queue = names.queue(SERVICE);
     let get = || {
         let channel = channel.clone();
@@ -149,19 +188,8 @@ async fn rolled_back_events_never_leave_and_committed_ones_leave_exactly_once() 
         .get(0);
     assert_eq!(left, 0, "a confirmed event stays in the outbox");
 
-    shutdown.cancel();
-    for name in [
-        queue.clone(),
-        names.dead_letter_queue(SERVICE),
-        names.unroutable(),
-    ] {
-        let _ = channel
-            .queue_delete(name.as_str().into(), QueueDeleteOptions::default())
-            .await;
-    }
-    let _ = connection.close(200, "done".into()).await;
     drop(client);
-    env.cleanup().await;
+    relay.stop(connection, channel).await;
 }
 
 /// Commits that land while the relay publishes: single events committed
@@ -170,31 +198,8 @@ async fn rolled_back_events_never_leave_and_committed_ones_leave_exactly_once() 
 /// none waits for the relay's five-second safety net).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_committed_while_the_relay_publishes_leave_promptly_in_order() {
-    let env = TestEnv::new().await.unwrap();
-    let settings = &env.settings;
-    let db = Db::new(settings.database.url(), SERVICE, 4).unwrap();
-    db.migrate(&[]).await.unwrap();
-    let names = Names::new(&env.prefix);
-    let topology = Topology {
-        names: names.clone(),
-        service: SERVICE.into(),
-        bindings: vec!["test.stream".into()],
-        ingest_bindings: vec![],
-        delivery_limit: 3,
-    };
-    let shutdown = CancellationToken::new();
-    let broker = Broker::start(settings.amqp.url(), topology, shutdown.clone())
-        .await
-        .unwrap();
-    let publisher = Publisher::new(broker.clone(), Duration::from_secs(5));
-    tokio::spawn(prodsys_messaging::relay::run_relay(
-        db.clone(),
-        publisher,
-        names.clone(),
-        "/tests/relay".into(),
-        shutdown.clone(),
-    ));
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let relay = Relay::start(&["test.stream"]).await;
+    let (db, names) = (relay.db.clone(), relay.names.clone());
 
     let event = || OutboxEvent {
         event_id: Uuid::now_v7(),
@@ -227,7 +232,7 @@ async fn events_committed_while_the_relay_publishes_leave_promptly_in_order() {
     tx.commit().await.unwrap();
     let last_commit = Instant::now();
 
-    let (connection, channel) = env.amqp().await.unwrap();
+    let (connection, channel) = relay.env.amqp().await.unwrap();
     let queue = names.queue(SERVICE);
     let mut received = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -278,17 +283,6 @@ async fn events_committed_while_the_relay_publishes_leave_promptly_in_order() {
         .get(0);
     assert_eq!(left, 0, "a confirmed event stays in the outbox");
 
-    shutdown.cancel();
-    for name in [
-        queue.clone(),
-        names.dead_letter_queue(SERVICE),
-        names.unroutable(),
-    ] {
-        let _ = channel
-            .queue_delete(name.as_str().into(), QueueDeleteOptions::default())
-            .await;
-    }
-    let _ = connection.close(200, "done".into()).await;
     drop(client);
-    env.cleanup().await;
+    relay.stop(connection, channel).await;
 }
