@@ -59,6 +59,16 @@ impl Relay {
         }
     }
 
+    /// Rows left in the outbox.
+    async fn outbox_rows(&self) -> i64 {
+        let client = self.db.client().await.unwrap();
+        client
+            .query_one("SELECT count(*) FROM outbox", &[])
+            .await
+            .unwrap()
+            .get(0)
+    }
+
     /// Stops the relay and removes its queues and database.
     async fn stop(self, connection: lapin::Connection, channel: lapin::Channel) {
         self.shutdown.cancel();
@@ -181,12 +191,11 @@ async fn rolled_back_events_never_leave_and_committed_ones_leave_exactly_once() 
             .map(|m| m.as_str().to_string()),
         Some(unroutable.event_id.to_string())
     );
-    let left: i64 = client
-        .query_one("SELECT count(*) FROM outbox", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(left, 0, "a confirmed event stays in the outbox");
+    assert_eq!(
+        relay.outbox_rows().await,
+        0,
+        "a confirmed event stays in the outbox"
+    );
 
     drop(client);
     relay.stop(connection, channel).await;
@@ -276,12 +285,11 @@ async fn events_committed_while_the_relay_publishes_leave_promptly_in_order() {
             .is_none(),
         "an event was published twice"
     );
-    let left: i64 = client
-        .query_one("SELECT count(*) FROM outbox", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(left, 0, "a confirmed event stays in the outbox");
+    assert_eq!(
+        relay.outbox_rows().await,
+        0,
+        "a confirmed event stays in the outbox"
+    );
 
     drop(client);
     relay.stop(connection, channel).await;
