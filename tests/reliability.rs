@@ -280,28 +280,20 @@ async fn an_older_transition_waiting_for_a_newer_ones_row_changes_nothing() {
         });
         projection.finish()
     };
-    {
+    // A batch projected in a transaction of its own, as a consumer does.
+    async fn project_alone(db: prodsys_db::Db, changes: prodsys_status::domain::Changes) {
         let mut client = db.client().await.unwrap();
         let tx = client.transaction().await.unwrap();
-        store::project(&tx, batch(true, JobState::Submitted))
-            .await
-            .unwrap();
+        prodsys_status::store::project(&tx, changes).await.unwrap();
         tx.commit().await.unwrap();
     }
+    project_alone(db.clone(), batch(true, JobState::Submitted)).await;
     let mut newer_client = db.client().await.unwrap();
     let newer = newer_client.transaction().await.unwrap();
     store::project(&newer, batch(false, JobState::Done))
         .await
         .unwrap();
-    let older_db = db.clone();
-    let older = tokio::spawn(async move {
-        let mut client = older_db.client().await.unwrap();
-        let tx = client.transaction().await.unwrap();
-        store::project(&tx, batch(false, JobState::Running))
-            .await
-            .unwrap();
-        tx.commit().await.unwrap();
-    });
+    let older = tokio::spawn(project_alone(db.clone(), batch(false, JobState::Running)));
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(
         !older.is_finished(),
