@@ -3,8 +3,9 @@
 
 mod support;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use prodsys::Service;
 use prodsys_proto as pb;
 use prodsys_testkit::wait_for;
 use support::{cta_example, sleep_request, spawn_app_with, use_test_profiles};
@@ -344,5 +345,94 @@ async fn queued_jobs_wait_their_turn_start_when_a_slot_frees_and_a_cancel_ends_t
         }
     }
     assert_eq!(unstarted, 2);
+    app.stop().await;
+}
+
+/// Rounds the dispatcher's schedulers have run, from its `/metrics`.
+async fn scheduler_rounds(addr: std::net::SocketAddr) -> u64 {
+    let text = reqwest::get(format!("http://{addr}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .filter(|l| l.starts_with("prodsys_dispatcher_scheduler_rounds_total{"))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_full_installation_is_not_looked_at_for_every_arriving_production_and_a_cancel_still_acts_at_once()
+ {
+    let poll = Duration::from_secs(3);
+    let app = spawn_app_with(|env| {
+        use_test_profiles(env);
+        env.settings.dispatcher.max_concurrent_jobs = 1;
+        env.settings.dispatcher.max_queued_jobs = 0;
+        env.settings.dispatcher.poll_interval_ms = poll.as_millis() as u64;
+    })
+    .await;
+    let holder = app
+        .accepted(sleep_request(1, 120.0, -1, "holder", ""))
+        .await;
+    app.production_when("its job running", Duration::from_secs(30), &holder, |p| {
+        p.counts.unwrap_or_default().running == 1
+    })
+    .await;
+    let dispatcher = app.stack.addr(Service::Dispatcher).unwrap();
+    let before = scheduler_rounds(dispatcher).await;
+    assert!(before > 0, "the scheduler counts its rounds");
+    // Twenty productions arrive, each later than the shortest gap between
+    // two rounds (50 ms): each used to cost a round of the full installation.
+    let started = Instant::now();
+    let mut waiting = Vec::new();
+    for i in 0..20 {
+        waiting.push(
+            app.accepted(sleep_request(1, 0.0, -1, &format!("waiting-{i}"), ""))
+                .await,
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let rounds = scheduler_rounds(dispatcher).await - before;
+    let elapsed = started.elapsed();
+    // One a poll interval, and the one running when they began.
+    let allowed = (elapsed.as_secs_f64() / poll.as_secs_f64()).ceil() as u64 + 1;
+    assert!(
+        rounds <= allowed,
+        "{rounds} rounds in {elapsed:?} for 20 productions arriving at a full installation (at most {allowed})"
+    );
+    for id in &waiting {
+        let p = app.production(id).await.unwrap();
+        assert_eq!(p.counts.unwrap_or_default().running, 0, "{p:?}");
+    }
+    // A cancel does not wait for the poll interval, and the slot it frees is
+    // taken as soon as the killed job ends, each waiting job's end making
+    // room for the next.
+    let cancelled_at = Instant::now();
+    assert!(app.cancel(&holder, "make room").await.unwrap().accepted);
+    let last = app
+        .production_when(
+            "the holder cancelled",
+            Duration::from_secs(30),
+            &holder,
+            |p| p.state() == pb::ProductionState::Cancelled,
+        )
+        .await;
+    assert_eq!(last.counts.unwrap_or_default().cancelled, 1, "{last:?}");
+    assert!(
+        cancelled_at.elapsed() < poll,
+        "the cancel took {:?}, a poll interval or more",
+        cancelled_at.elapsed()
+    );
+    for id in &waiting {
+        let last = app.watch(id).await.pop().unwrap();
+        assert_eq!(last.state(), pb::ProductionState::Completed, "{last:?}");
+    }
+    assert!(
+        cancelled_at.elapsed() < poll * 5,
+        "20 waiting jobs of no time took {:?} after the slot freed",
+        cancelled_at.elapsed()
+    );
     app.stop().await;
 }

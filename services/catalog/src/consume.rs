@@ -132,9 +132,7 @@ impl Registrar {
             })
             .collect();
         store::record_accepted(&tx, &kept).await?;
-        for d in &dispatched {
-            store::record_dispatched(&tx, d).await?;
-        }
+        store::record_dispatched(&tx, &dispatched).await?;
         for (id, c) in &completed {
             let state =
                 ProductionState::from_proto(c.state).map_or("UNKNOWN", ProductionState::as_str);

@@ -771,9 +771,10 @@ pub async fn record_accepted(tx: &Transaction<'_>, batch: &[Accepted<'_>]) -> an
     .context("keeping the accepted requests")?;
     // A parameter naming a production it knows: the production it takes
     // its inputs from (a chained production's `input_production`). Only a
-    // string can name one (an ID is its profile's prefix and a number); each
-    // is looked up by the key, so the statement costs the same however many
-    // productions are known.
+    // string of an ID's shape can name one (its profile's prefix and a
+    // number; no statement for a batch without any); each is looked up by
+    // the key, so the statement costs the same however many productions are
+    // known.
     let mut children = Vec::new();
     let mut values = Vec::new();
     for a in batch {
@@ -781,7 +782,7 @@ pub async fn record_accepted(tx: &Transaction<'_>, batch: &[Accepted<'_>]) -> an
             continue;
         };
         for value in parameters.values().filter_map(serde_json::Value::as_str) {
-            if value != a.accepted.production_id {
+            if value != a.accepted.production_id && prodsys_core::is_production_id(value) {
                 children.push(a.accepted.production_id.as_str());
                 values.push(value);
             }
@@ -803,19 +804,47 @@ pub async fn record_accepted(tx: &Transaction<'_>, batch: &[Accepted<'_>]) -> an
     Ok(())
 }
 
-/// Keeps what a `production.dispatched` tells of its production (its plan's
-/// size, installation and resource estimate). A chained production sends
-/// one each time its jobs grow with arriving inputs: the largest plan is
-/// kept, whatever order they come in.
+/// Keeps what each `production.dispatched` tells of its production (its
+/// plan's size, installation and resource estimate), a batch in one
+/// statement. A chained production sends one each time its jobs grow with
+/// arriving inputs: the largest plan is kept, whatever order they come in
+/// (within the batch too).
 pub async fn record_dispatched(
     tx: &Transaction<'_>,
-    dispatched: &pb::ProductionDispatched,
+    dispatched: &[pb::ProductionDispatched],
 ) -> anyhow::Result<()> {
-    let e = dispatched.estimate;
+    // One row a production (a statement may not update a row twice): its largest plan.
+    let mut largest: std::collections::BTreeMap<&str, &pb::ProductionDispatched> =
+        std::collections::BTreeMap::new();
+    for d in dispatched {
+        let kept = largest.entry(d.production_id.as_str()).or_insert(d);
+        if d.job_total > kept.job_total {
+            *kept = d;
+        }
+    }
+    if largest.is_empty() {
+        return Ok(());
+    }
+    let rows: Vec<&pb::ProductionDispatched> = largest.into_values().collect();
+    let ids: Vec<&str> = rows.iter().map(|d| d.production_id.as_str()).collect();
+    let totals: Vec<i64> = rows
+        .iter()
+        .map(|d| d.job_total.min(i64::MAX as u64) as i64)
+        .collect();
+    let backends: Vec<&str> = rows.iter().map(|d| d.backend.as_str()).collect();
+    let estimate = |f: fn(&pb::ResourceEstimate) -> f64| -> Vec<Option<f64>> {
+        rows.iter().map(|d| d.estimate.as_ref().map(f)).collect()
+    };
+    let memory: Vec<Option<i64>> = rows
+        .iter()
+        .map(|d| d.estimate.map(|e| e.memory_mb.min(i64::MAX as u64) as i64))
+        .collect();
     tx.execute_cached(
         "INSERT INTO dispatches (production_id, job_total, backend, cpu_seconds_per_job,
                                  cpu_hours_total, memory_mb, disk_mb_per_job, disk_gb_total)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+         SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::float8[], $5::float8[],
+                              $6::bigint[], $7::float8[], $8::float8[])
+         ORDER BY 1
          ON CONFLICT (production_id) DO UPDATE SET
              job_total = EXCLUDED.job_total,
              cpu_seconds_per_job = EXCLUDED.cpu_seconds_per_job,
@@ -825,18 +854,18 @@ pub async fn record_dispatched(
              disk_gb_total = EXCLUDED.disk_gb_total
          WHERE EXCLUDED.job_total > dispatches.job_total",
         &[
-            &dispatched.production_id,
-            &(dispatched.job_total.min(i64::MAX as u64) as i64),
-            &dispatched.backend,
-            &e.map(|e| e.cpu_seconds_per_job),
-            &e.map(|e| e.cpu_hours_total),
-            &e.map(|e| e.memory_mb.min(i64::MAX as u64) as i64),
-            &e.map(|e| e.disk_mb_per_job),
-            &e.map(|e| e.disk_gb_total),
+            &ids,
+            &totals,
+            &backends,
+            &estimate(|e| e.cpu_seconds_per_job),
+            &estimate(|e| e.cpu_hours_total),
+            &memory,
+            &estimate(|e| e.disk_mb_per_job),
+            &estimate(|e| e.disk_gb_total),
         ],
     )
     .await
-    .context("keeping the dispatched plan")?;
+    .context("keeping the dispatched plans")?;
     Ok(())
 }
 

@@ -30,7 +30,7 @@ pub(crate) struct Planner {
     pub db: Db,
     pub profiles: Arc<ProfileSet>,
     /// One per installation's scheduler.
-    pub wakes: Vec<Arc<Notify>>,
+    pub wakes: Vec<Arc<crate::scheduler::Wake>>,
     /// The planning task's.
     pub planning: Arc<Notify>,
     /// Most jobs one batch plans in the consumer's own transaction; larger
@@ -86,16 +86,18 @@ impl Planner {
     ///
     /// A chained production (`parents` holds its parents, by its place in
     /// `prepared`) is linked to them and takes the files they delivered
-    /// already; it is returned to be advanced.
+    /// already; it is returned to be advanced, with whether any production
+    /// recorded has jobs left for the planning task.
     async fn plan(
         &self,
         tx: &Transaction<'_>,
         prepared: &[Prepared<'_>],
         parents: &[Option<Vec<String>>],
-    ) -> Result<Vec<String>> {
+    ) -> Result<(Vec<String>, bool)> {
         let mut chained = Vec::new();
+        let mut left_to_plan = false;
         if prepared.is_empty() {
-            return Ok(chained);
+            return Ok((chained, left_to_plan));
         }
         let ids: Vec<&str> = prepared
             .iter()
@@ -139,6 +141,7 @@ impl Planner {
             for i in 0..row.planned_jobs {
                 jobs.push(&accepted.production_id, &p.plan.job(i));
             }
+            left_to_plan |= row.planned_jobs < row.job_total;
             let event = pb::ProductionDispatched {
                 production_id: accepted.production_id.clone(),
                 job_total: p.plan.job_count,
@@ -163,7 +166,7 @@ impl Planner {
         }
         jobs.flush(tx).await?;
         prodsys_db::enqueue(tx, &self.db.outbox_channel(), &events).await?;
-        Ok(chained)
+        Ok((chained, left_to_plan))
     }
 
     async fn handle_batch(&self, batch: &[Incoming]) -> Result<Vec<Outcome>> {
@@ -263,7 +266,7 @@ impl Planner {
         store::lock_sources(&tx, &sources)
             .await
             .map_err(DispatcherError::Unexpected)?;
-        let mut children = self.plan(&tx, &prepared, &parents).await?;
+        let (mut children, left_to_plan) = self.plan(&tx, &prepared, &parents).await?;
         // Files offered to chained productions become jobs in the planning
         // task's transactions (woken below), not here: the next batch's
         // files are taken while the jobs of this one's are made, instead of
@@ -290,9 +293,23 @@ impl Planner {
         if created > 0 {
             tracing::debug!(created, "jobs made of arriving inputs");
         }
-        self.planning.notify_one();
+        // The planning task is rung only for work of its own: jobs of a
+        // production too large for this transaction, files offered to
+        // chained productions or their parents' ends, and cancels (one
+        // remembered here may have crossed its production's arrival); its
+        // own sweep finds anything else within its idle wait.
+        if left_to_plan || !outputs.is_empty() || !ended.is_empty() || !cancels.is_empty() {
+            self.planning.notify_one();
+        }
+        // The schedulers: at once for a cancel, a chained production's new
+        // inputs or a parent's end; for new jobs only while they have room.
+        let urgent = !cancels.is_empty() || !outputs.is_empty() || !ended.is_empty();
         for wake in &self.wakes {
-            wake.notify_one();
+            if urgent {
+                wake.now();
+            } else if created > 0 || !prepared.is_empty() {
+                wake.ready();
+            }
         }
         Ok(outcomes)
     }

@@ -151,7 +151,7 @@ pub async fn start(
                     .with_context(|| format!("setting up installation {name}"))?,
             ),
         };
-        let wake = Arc::new(Notify::new());
+        let wake = Arc::new(scheduler::Wake::default());
         wakes.push(wake.clone());
         let scheduler = scheduler::Scheduler {
             db: foundation.db.clone(),

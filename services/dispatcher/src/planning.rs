@@ -35,7 +35,7 @@ pub(crate) struct PlanningTask {
     /// Rung by the consumer when a production waits to be planned.
     pub wake: Arc<Notify>,
     /// The schedulers, rung when jobs were created.
-    pub schedulers: Vec<Arc<Notify>>,
+    pub schedulers: Vec<Arc<crate::scheduler::Wake>>,
     /// Longest wait between two looks for work (another replica's productions).
     pub idle: Duration,
     /// How long a cancel whose production has not come is remembered.
@@ -77,7 +77,7 @@ impl PlanningTask {
                 Ok(created) => {
                     tracing::debug!(created, "made jobs of chained productions' inputs");
                     for wake in &self.schedulers {
-                        wake.notify_one();
+                        wake.ready();
                     }
                 }
                 Err(error) => {
@@ -91,7 +91,7 @@ impl PlanningTask {
                 Ok(Some(created)) => {
                     tracing::debug!(created, "planned a chunk of jobs");
                     for wake in &self.schedulers {
-                        wake.notify_one();
+                        wake.ready();
                     }
                     tokio::task::yield_now().await;
                     continue;

@@ -40,7 +40,7 @@ pub(crate) struct Scheduler {
     pub work_dir: PathBuf,
     /// Prefix of every backend job name, unique to this deployment.
     pub deployment: String,
-    pub wake: Arc<Notify>,
+    pub wake: Arc<Wake>,
     pub poll_interval: Duration,
     /// This replica's lease on the installation: rounds run only while it is held.
     pub lease: Arc<Lease>,
@@ -49,6 +49,29 @@ pub(crate) struct Scheduler {
     /// Set when the installation does not share the work directory: the
     /// storages its jobs upload their outputs to (see `remote`).
     pub remote: Option<Arc<crate::remote::Destinations>>,
+}
+
+/// What rings a scheduler before its poll interval is up.
+#[derive(Default)]
+pub(crate) struct Wake {
+    /// Jobs became ready: worth a round only while the installation has
+    /// room, so a full installation is not looked at again for every
+    /// production that arrives (it is when one of its jobs ends, or its
+    /// poll interval is up).
+    ready: Notify,
+    /// Something a round acts on whatever the room: a cancel, a chained
+    /// production's inputs or end.
+    now: Notify,
+}
+
+impl Wake {
+    pub(crate) fn ready(&self) {
+        self.ready.notify_one();
+    }
+
+    pub(crate) fn now(&self) {
+        self.now.notify_one();
+    }
 }
 
 /// The events one transaction will publish.
@@ -212,6 +235,7 @@ impl Scheduler {
         let mut failing_since: Option<tokio::time::Instant> = None;
         while !held.is_cancelled() {
             let round_started = tokio::time::Instant::now();
+            prodsys_telemetry::metrics::metrics().scheduler_round(&backend);
             // How long each step of the round took (logged at debug level).
             let mut steps = Steps::new();
             let mut backend_failed = false;
@@ -354,9 +378,13 @@ impl Scheduler {
             if submitted > 0 && submitted < free {
                 continue;
             }
+            // No room: jobs made ready meanwhile wait for a job to end (or
+            // the poll interval), not a round each.
+            let full = free == 0;
             tokio::select! {
                 _ = held.cancelled() => break,
-                _ = self.wake.notified() => {}
+                _ = self.wake.now.notified() => {}
+                _ = self.wake.ready.notified(), if !full => {}
                 _ = changed.notified() => {}
                 _ = tokio::time::sleep(self.poll_interval) => {}
             }

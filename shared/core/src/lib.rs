@@ -13,6 +13,6 @@ pub mod state;
 pub mod violation;
 
 pub use period::{Period, Pointing};
-pub use profile::{JobPlan, PlanEstimate, PlannedJob, Profile, ProfileSet};
+pub use profile::{JobPlan, PlanEstimate, PlannedJob, Profile, ProfileSet, is_production_id};
 pub use state::{JobCounts, JobState, ProductionState};
 pub use violation::Violation;

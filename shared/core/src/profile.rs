@@ -1961,6 +1961,18 @@ impl ProfileSet {
     }
 }
 
+/// Whether `id` has the shape the checker gives production IDs: a
+/// profile's prefix (upper-case letters, as profiles must have), a dash and
+/// a number (six digits or more when given, at most 18).
+pub fn is_production_id(id: &str) -> bool {
+    id.split_once('-').is_some_and(|(prefix, number)| {
+        !prefix.is_empty()
+            && prefix.bytes().all(|b| b.is_ascii_uppercase())
+            && (1..=18).contains(&number.len())
+            && number.bytes().all(|b| b.is_ascii_digit())
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1969,6 +1981,28 @@ mod tests {
     fn profiles() -> ProfileSet {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../profiles");
         ProfileSet::load_dir(&dir).expect("shipped profiles load")
+    }
+
+    #[test]
+    fn production_ids_have_a_prefix_a_dash_and_a_number() {
+        for id in ["CTA-000042", "KM-1234567", "A-1"] {
+            assert!(is_production_id(id), "{id}");
+        }
+        for not in [
+            "",
+            "CTA",
+            "CTA-",
+            "-000042",
+            "cta-000042",
+            "CTA-00004x",
+            "CTA_000042",
+            "CTA-0000000000000000001",
+            "alpha",
+            "LaPalma",
+            "CTA-000042-1",
+        ] {
+            assert!(!is_production_id(not), "{not}");
+        }
     }
 
     fn cta_example() -> Value {

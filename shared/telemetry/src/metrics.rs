@@ -32,6 +32,11 @@ pub struct OutcomeLabels {
     pub outcome: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct InstallationLabel {
+    pub installation: String,
+}
+
 /// Every figure of the process.
 pub struct Metrics {
     registry: Registry,
@@ -44,6 +49,7 @@ pub struct Metrics {
     published: Family<ServiceLabel, Counter>,
     relay_latency: Family<ServiceLabel, Histogram>,
     outbox_depth: Family<ServiceLabel, Gauge>,
+    scheduler_rounds: Family<InstallationLabel, Counter>,
 }
 
 fn batch_buckets() -> Histogram {
@@ -119,6 +125,12 @@ impl Metrics {
             "Events committed in the service's outbox and not yet confirmed by the broker, sampled every few seconds",
             outbox_depth.clone(),
         );
+        let scheduler_rounds = Family::<InstallationLabel, Counter>::default();
+        registry.register(
+            "prodsys_dispatcher_scheduler_rounds",
+            "Rounds (in-flight poll, cancels, submission) the dispatcher's scheduler of an installation ran",
+            scheduler_rounds.clone(),
+        );
         Self {
             registry,
             deliveries,
@@ -130,6 +142,7 @@ impl Metrics {
             published,
             relay_latency,
             outbox_depth,
+            scheduler_rounds,
         }
     }
 
@@ -192,6 +205,15 @@ impl Metrics {
         self.outbox_depth
             .get_or_create(&Self::service(service))
             .set(depth);
+    }
+
+    /// The scheduler of `installation` ran a round.
+    pub fn scheduler_round(&self, installation: &str) {
+        self.scheduler_rounds
+            .get_or_create(&InstallationLabel {
+                installation: installation.to_string(),
+            })
+            .inc();
     }
 
     /// The process's figures, without the end-of-exposition marker, so a
