@@ -89,6 +89,10 @@ pub struct Duplicates {
     pub extra_attempts: i64,
     /// Outputs catalogued more than once for one job.
     pub files_per_job: i64,
+    /// For the first few jobs run more than once: which, and how each
+    /// earlier attempt ended by its directory's exit record (what made the
+    /// dispatcher try again).
+    pub retried: Vec<String>,
 }
 
 impl Duplicates {
@@ -412,7 +416,7 @@ async fn through_prodsys(
         files == jobs,
         "{files} files catalogued for {jobs} jobs of one file each"
     );
-    let duplicates = duplicates(&db).await?;
+    let duplicates = duplicates(&db, &env.settings.dispatcher.work_dir).await?;
     Ok(ProductionsResult {
         productions: plan.productions,
         jobs,
@@ -463,8 +467,12 @@ async fn verify_files(db: &tokio_postgres::Client) -> anyhow::Result<(u64, u64)>
     Ok((files, checked))
 }
 
-/// Work done twice, as the databases record it.
-pub async fn duplicates(db: &tokio_postgres::Client) -> anyhow::Result<Duplicates> {
+/// Work done twice, as the databases record it; for a job run more than
+/// once, how its earlier attempts ended, from their directories under `work_dir`.
+pub async fn duplicates(
+    db: &tokio_postgres::Client,
+    work_dir: &Path,
+) -> anyhow::Result<Duplicates> {
     let one = |sql: &'static str| async move {
         db.query_one(sql, &[])
             .await
@@ -480,6 +488,34 @@ pub async fn duplicates(db: &tokio_postgres::Client) -> anyhow::Result<Duplicate
         files_per_job: one("SELECT coalesce(sum(n - 1), 0)::bigint FROM
                (SELECT count(*) AS n FROM catalog.files GROUP BY production_id, job_index) t")
         .await?,
+        retried: db
+            .query(
+                "SELECT production_id, job_index, attempt, raw_status FROM dispatcher.jobs
+                 WHERE attempt > 1 ORDER BY production_id, job_index LIMIT 5",
+                &[],
+            )
+            .await
+            .context("reading the jobs run more than once")?
+            .iter()
+            .map(|row| {
+                let (production, job, attempt): (String, i64, i32) =
+                    (row.get(0), row.get(1), row.get(2));
+                let earlier: Vec<String> = (1..attempt)
+                    .map(|a| {
+                        let dir = work_dir.join(&production).join(format!("{job:06}.a{a}"));
+                        let exit = std::fs::read_to_string(dir.join("prodsys.exit"))
+                            .map(|e| e.trim().to_string())
+                            .unwrap_or_else(|_| "no exit record".into());
+                        format!("attempt {a}: {exit}")
+                    })
+                    .collect();
+                format!(
+                    "{production} job {job} (attempt {attempt} {}; {})",
+                    row.get::<_, String>(3),
+                    earlier.join(", ")
+                )
+            })
+            .collect(),
     })
 }
 

@@ -499,12 +499,17 @@ fn rows(results: &Results) -> Vec<Row> {
                 r.replicas
             ),
             measured: format!(
-                "{:.1} s ({:.1} jobs/s); done twice: {} (productions per request beyond one {}, extra job attempts {}, outputs catalogued twice for a job {}); {} of {} files verified",
+                "{:.1} s ({:.1} jobs/s); done twice: {} (productions per request beyond one {}, extra job attempts {}{}, outputs catalogued twice for a job {}); {} of {} files verified",
                 r.prodsys_seconds,
                 r.prodsys_per_s(),
                 d.total(),
                 d.productions_per_request,
                 d.extra_attempts,
+                if d.retried.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", d.retried.join("; "))
+                },
                 d.files_per_job,
                 thousands(r.files_verified as f64),
                 thousands(r.files as f64)
