@@ -293,17 +293,17 @@ impl Planner {
         if created > 0 {
             tracing::debug!(created, "jobs made of arriving inputs");
         }
-        // The planning task is rung only for work of its own: jobs of a
-        // production too large for this transaction, files offered to
-        // chained productions or their parents' ends, and cancels (one
-        // remembered here may have crossed its production's arrival); its
-        // own sweep finds anything else within its idle wait.
-        if left_to_plan || !outputs.is_empty() || !ended.is_empty() || !cancels.is_empty() {
+        // A cancel (one remembered here may have crossed its production's
+        // arrival), files offered to chained productions, or a parent's end.
+        let urgent = !cancels.is_empty() || !outputs.is_empty() || !ended.is_empty();
+        // The planning task is rung only for work of its own: those, and
+        // the jobs of a production too large for this transaction; its own
+        // sweep finds anything else within its idle wait.
+        if left_to_plan || urgent {
             self.planning.notify_one();
         }
-        // The schedulers: at once for a cancel, a chained production's new
-        // inputs or a parent's end; for new jobs only while they have room.
-        let urgent = !cancels.is_empty() || !outputs.is_empty() || !ended.is_empty();
+        // The schedulers: at once for the urgent; for new jobs only while
+        // they have room.
         for wake in &self.wakes {
             if urgent {
                 wake.now();

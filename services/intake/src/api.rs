@@ -228,7 +228,7 @@ impl RequestApi {
     }
 
     async fn cancel(&self, r: pb::CancelProductionRequest) -> Result<pb::CancelProductionResponse> {
-        if !domain::is_production_id(&r.production_id) {
+        if !prodsys_core::is_production_id(&r.production_id) {
             return Err(IntakeError::Invalid(vec![Violation::new(
                 "production_id",
                 format!(

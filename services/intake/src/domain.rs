@@ -183,16 +183,6 @@ fn names_period(profiles: &ProfileSet, p: &Proposal<'_>) -> bool {
     serde_json::from_str::<Value>(p.parameters_json).is_ok_and(|v| profile.names_period(&v))
 }
 
-/// Whether `id` looks like a production ID (like CTA-000042).
-pub fn is_production_id(id: &str) -> bool {
-    id.split_once('-').is_some_and(|(prefix, number)| {
-        !prefix.is_empty()
-            && prefix.chars().all(|c| c.is_ascii_uppercase())
-            && number.len() >= 6
-            && number.chars().all(|c| c.is_ascii_digit())
-    })
-}
-
 /// What a VO has admitted and not yet finished.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct VoLoad {
@@ -604,21 +594,9 @@ mod tests {
     }
 
     #[test]
-    fn backend_defaults_and_production_ids() {
+    fn backend_defaults() {
         assert_eq!(backend_or_default(""), "local");
         assert_eq!(backend_or_default("slurm"), "slurm");
-        assert!(is_production_id("CTA-000042"));
-        assert!(is_production_id("LST-1234567"));
-        for bad in [
-            "cta-000042",
-            "CTA-42",
-            "-000042",
-            "CTA000042",
-            "CTA-00004x",
-            "",
-        ] {
-            assert!(!is_production_id(bad), "{bad}");
-        }
     }
 
     fn submission(profile: &str, parameters: Value) -> Submission {
