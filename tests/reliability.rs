@@ -250,6 +250,170 @@ async fn a_copy_recorded_while_its_claim_is_renewed_is_recorded() {
     assert_eq!(state, "verified");
 }
 
+/// Recording a batch of copies while thousands of replicas are claimed, with
+/// the statistics of a table where nothing was claimed yet (as after a
+/// production's forwarding was planned): each result's replica is found by
+/// its key. A plan that starts from the claimed replicas (expected one row,
+/// found thousands) and compares each with every result took seconds a
+/// batch and made the first rounds of a forwarding several times slower than
+/// the copies themselves.
+#[tokio::test]
+async fn copies_are_recorded_by_key_however_many_replicas_are_claimed() {
+    use prodsys_catalog::store;
+    let (env, db) = catalog_schema().await;
+    let production = "CTA-000001";
+    const FILES: usize = 4_000;
+    {
+        let mut client = db.client().await.unwrap();
+        let tx = client.transaction().await.unwrap();
+        store::lock_forwarding(&tx, &[production], &[production])
+            .await
+            .unwrap();
+        store::plan_forwarding(&tx, production, &["storage".to_string()])
+            .await
+            .unwrap();
+        let types = prodsys_catalog::domain::KeyTypes(Default::default(), Default::default());
+        let files: Vec<(u32, pb::OutputFile)> = (0..FILES)
+            .map(|i| {
+                (
+                    1,
+                    pb::OutputFile {
+                        lfn: format!("/vo.cta.in2p3.fr/MC/claimed/CTA-000001/f{i:05}.dat"),
+                        size: 4,
+                        adler32: "03d8018b".into(),
+                        url: format!("file:///nowhere/f{i:05}.dat"),
+                        production_id: production.into(),
+                        job_index: i as u64,
+                        ..Default::default()
+                    },
+                )
+            })
+            .collect();
+        store::register_files(&tx, &types, &files).await.unwrap();
+        tx.commit().await.unwrap();
+    }
+    // The statistics of the moment nothing was claimed.
+    let admin = env.db().await.unwrap();
+    admin
+        .batch_execute("ANALYZE catalog.replicas")
+        .await
+        .unwrap();
+    let claimer = uuid::Uuid::new_v4();
+    let claimed = store::claim_replicas(&db, claimer, FILES as i64, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), FILES);
+
+    // The statement as `record_copies` runs it, for a batch of 500.
+    let batch = &claimed[..500];
+    let lfns: Vec<&str> = batch.iter().map(|c| c.lfn.as_str()).collect();
+    let destinations: Vec<&str> = batch.iter().map(|c| c.destination.as_str()).collect();
+    let states = vec!["verified"; batch.len()];
+    let urls: Vec<String> = batch
+        .iter()
+        .map(|c| format!("root://storage/{}", c.lfn))
+        .collect();
+    let reasons = vec![""; batch.len()];
+    let retry_ms = vec![0f64; batch.len()];
+    let claimers = vec![claimer; batch.len()];
+    let mut client = db.client().await.unwrap();
+    let tx = client.transaction().await.unwrap();
+    prodsys_db::plan_by_key(&tx).await.unwrap();
+    let plan: Vec<String> = tx
+        .query(
+            &format!("EXPLAIN (ANALYZE, COSTS OFF) {}", store::RECORD_COPIES),
+            &[
+                &lfns,
+                &destinations,
+                &states,
+                &urls,
+                &reasons,
+                &retry_ms,
+                &claimers,
+            ],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    tx.rollback().await.unwrap();
+    let plan = plan.join("\n");
+    assert!(
+        plan.contains("Index Scan using replicas_pkey on replicas"),
+        "each replica found by its key:\n{plan}"
+    );
+    assert!(
+        !plan.contains("Rows Removed by Join Filter"),
+        "no result compared with replicas other than its own:\n{plan}"
+    );
+
+    // And through the store: every result of the batch recorded, the other
+    // claims left as they were.
+    let results: Vec<_> = batch
+        .iter()
+        .map(|c| {
+            (
+                c.clone(),
+                store::CopyResult::Verified {
+                    url: format!("root://storage/{}", c.lfn),
+                },
+            )
+        })
+        .collect();
+    assert_eq!(
+        store::record_copies(&db, claimer, &results).await.unwrap(),
+        500
+    );
+    let counts: Vec<(String, i64)> = admin
+        .query(
+            "SELECT state, count(*) FROM catalog.replicas GROUP BY state ORDER BY state",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(
+        counts,
+        vec![
+            ("copying".to_string(), (FILES - 500) as i64),
+            ("verified".to_string(), 500)
+        ]
+    );
+    // A result under a claim another process holds now is not recorded.
+    let other = uuid::Uuid::new_v4();
+    let stale = (
+        claimed[600].clone(),
+        store::CopyResult::Verified {
+            url: "root://storage/stale".into(),
+        },
+    );
+    admin
+        .execute(
+            "UPDATE catalog.replicas SET claimed_by = $1 WHERE lfn = $2",
+            &[&other, &claimed[600].lfn],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        store::record_copies(&db, claimer, &[stale]).await.unwrap(),
+        0
+    );
+    // And a claim is only ever held while copying.
+    let refused = admin
+        .execute(
+            "UPDATE catalog.replicas SET state = 'failed' WHERE lfn = $1",
+            &[&claimed[600].lfn],
+        )
+        .await;
+    assert!(
+        refused.is_err(),
+        "a claimed replica left copying with its claim"
+    );
+}
+
 /// Two status consumers projecting the same job at once, the newer
 /// transition first: the older one, its statement begun while the newer
 /// one's transaction holds the job's row, waits for it, is checked again

@@ -31,12 +31,16 @@ pub struct ContainerPlan {
     pub jobs: u64,
     /// Jobs at once: the local executor's slots, and the raw run's.
     pub concurrency: usize,
+    /// Jobs the local executor holds waiting for a slot (`max_queued_jobs`),
+    /// each started the moment one frees, as the raw run starts its next.
+    pub queued: usize,
 }
 
 #[derive(Debug, Clone)]
 pub struct ContainerResult {
     pub jobs: u64,
     pub concurrency: usize,
+    pub queued: usize,
     pub image: String,
     /// `podman run` of the same command, `jobs` times.
     pub raw_seconds: f64,
@@ -315,6 +319,7 @@ async fn measure(plan: ContainerPlan, env: &mut TestEnv) -> anyhow::Result<Conta
         ContainerPlan {
             jobs: 1,
             concurrency: 1,
+            queued: 0,
         },
         &image,
         &templates,
@@ -327,6 +332,7 @@ async fn measure(plan: ContainerPlan, env: &mut TestEnv) -> anyhow::Result<Conta
 
     env.settings.templates_dir = templates;
     env.settings.dispatcher.max_concurrent_jobs = plan.concurrency;
+    env.settings.dispatcher.max_queued_jobs = plan.queued;
     let services = Services::start(&env.settings, &env.work_dir.join("services")).await?;
     let measured = through_prodsys(&services, &parameters, plan.jobs).await;
     services.stop().await;
@@ -341,6 +347,7 @@ async fn measure(plan: ContainerPlan, env: &mut TestEnv) -> anyhow::Result<Conta
     Ok(ContainerResult {
         jobs: plan.jobs,
         concurrency: plan.concurrency,
+        queued: plan.queued,
         image,
         raw_seconds,
         prodsys_seconds,

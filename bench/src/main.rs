@@ -139,6 +139,10 @@ pub struct Args {
     /// Container jobs at once, in prodsys and in the raw run (default 2).
     #[arg(long)]
     pub container_concurrency: Option<usize>,
+    /// Container jobs the local executor holds there waiting for a slot,
+    /// each started the moment one frees (`max_queued_jobs`; default 4).
+    #[arg(long)]
+    pub container_queue: Option<usize>,
     /// WatchProduction streams of the watchers scenario (default 1,000, smoke 100).
     #[arg(long)]
     pub watch_streams: Option<usize>,
@@ -803,10 +807,11 @@ async fn run(args: &Args) -> anyhow::Result<Results> {
                 .container_jobs
                 .unwrap_or(if args.smoke { 4 } else { 1000 }),
             concurrency: args.container_concurrency.unwrap_or(2),
+            queued: args.container_queue.unwrap_or(4),
         };
         eprintln!(
-            "containers: {} jobs, {} at once, through prodsys and with podman run …",
-            plan.jobs, plan.concurrency
+            "containers: {} jobs, {} at once ({} queued), through prodsys and with podman run …",
+            plan.jobs, plan.concurrency, plan.queued
         );
         match containers::run(plan).await {
             Ok(r) => {

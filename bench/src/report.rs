@@ -1494,10 +1494,11 @@ pub fn markdown(results: &Results) -> String {
     if let Some(c) = &results.containers {
         let _ = writeln!(
             out,
-            "- **Containers**: the KM3NeT example's image (`{}`, built here by `deploy/local/build-images`) run by podman (runc): {} jobs of one event each, on a database and prefix of their own with the five services in their own processes and {} local slots, timed from SubmitRequest to COMPLETED (checks, planning, each job's supervisor, collecting and checksumming its file); beside it, after one warm-up run, `podman run` of the same command line (the profile's runtime line, the template's image and entrypoint, the job's arguments) {} times, {} at once, on the same machine in the same run.",
+            "- **Containers**: the KM3NeT example's image (`{}`, built here by `deploy/local/build-images`) run by podman (runc): {} jobs of one event each, on a database and prefix of their own with the five services in their own processes and {} local slots with a queue of {} (`max_queued_jobs`: jobs waiting for a slot, each started the moment one frees, as the raw run starts its next; the dispatcher's poll interval is the tests' 200 ms), timed from SubmitRequest to COMPLETED (checks, planning, each job's supervisor, collecting and checksumming its file); beside it, after one warm-up run, `podman run` of the same command line (the profile's runtime line, the template's image and entrypoint, the job's arguments) {} times, {} at once, on the same machine in the same run.",
             c.image,
             thousands(c.jobs as f64),
             c.concurrency,
+            c.queued,
             thousands(c.jobs as f64),
             c.concurrency
         );

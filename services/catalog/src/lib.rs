@@ -65,6 +65,7 @@ pub const MIGRATIONS: &[Migration] = prodsys_db::migrations![
     "0500_jobs_per_installation.sql",
     "0510_replicas_due_in_lfn_order.sql",
     "0520_where_each_job_ran.sql",
+    "0530_claims_only_while_copying.sql",
 ];
 
 /// Consumers of the catalog's queue: registrations commute (running totals,

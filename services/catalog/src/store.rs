@@ -213,7 +213,7 @@ pub async fn renew_claims(
     client
         .execute_cached(
             "UPDATE replicas SET next_try_at = now() + $2 * interval '1 millisecond'
-             WHERE claimed_by = $1 AND state = 'copying'",
+             WHERE claimed_by = $1",
             &[&claimer, &ttl_ms],
         )
         .await
@@ -241,6 +241,39 @@ pub enum CopyResult {
         retry_in: std::time::Duration,
     },
 }
+
+/// The statement [`record_copies`] runs (public so that its plan can be
+/// checked). Each result's replica is found by its key, one index probe
+/// each, and updated while the claim is still this process's (joins other
+/// than nested loops are off for it). The claim is checked against each
+/// result's own claimer, a join condition, not a condition on `replicas`
+/// alone: the statistics are taken before anything is claimed (`claimed_by`
+/// all NULL, no row `copying`), so a condition on the table alone is
+/// expected to match one row, and the planner scanned every claimed replica
+/// (its index on `state`) and compared each with every result: 2 million
+/// comparisons and 2 s for a batch of 500 with 4,000 claimed. The claimer
+/// is compared with `IS NOT DISTINCT FROM` (the same here: a result's
+/// claimer is never NULL), which no index serves, so the replica is probed
+/// by its key and not through the index of claims (`replicas_claimed`, for
+/// renewals), which the same statistics make look as selective. `claimed_by`
+/// is set only while the replica is `copying` (a constraint), so the claim
+/// check is the state check too. Updated through the join, not by a row
+/// address found first: a claim renewed between the statement's snapshot
+/// and its lock made a new row version the address no longer named, and
+/// the result was dropped while the renewals kept the claim alive forever.
+pub const RECORD_COPIES: &str = "WITH v AS (
+         SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
+                              $6::float8[], $7::uuid[])
+             AS v (lfn, destination, state, url, reason, retry_ms, claimer))
+     UPDATE replicas r SET state = m.state, url = m.url, reason = m.reason,
+            attempts = r.attempts + (m.state <> 'pending')::int, claimed_by = NULL,
+            updated_at = now(),
+            next_try_at = now() + m.retry_ms * interval '1 millisecond',
+            verified_at = CASE WHEN m.state IN ('verified', 'registered') THEN now() END
+     FROM v m
+     WHERE r.lfn = m.lfn AND r.destination = m.destination
+       AND r.claimed_by IS NOT DISTINCT FROM m.claimer
+     RETURNING r.production_id";
 
 /// Records the copies `claimer` made, each only if its claim is still
 /// `claimer`'s (a copy another process took over is that one's to record);
@@ -293,33 +326,10 @@ pub async fn record_copies(
     let tx = client.transaction().await?;
     unflushed(&tx).await?;
     prodsys_db::plan_by_key(&tx).await?;
+    let claimers = vec![claimer; results.len()];
     let rows = tx
         .query_cached(
-            // Each result's replica is found by its key, one index probe
-            // each (joins other than nested loops are off for this
-            // statement: the planner trusted statistics taken before
-            // anything was claimed, `claimed_by` all NULL, expected one
-            // claimed row and compared every claimed replica with every
-            // result, 2 million comparisons and 0.6 s for a batch of 500
-            // with 4,000 claimed), and updated while the claim is still this
-            // process's. Updated through the join, not by a row address
-            // found first: a claim renewed between the statement's snapshot
-            // and its lock made a new row version the address no longer
-            // named, and the result was dropped while the renewals kept the
-            // claim alive forever.
-            "WITH v AS (
-                 SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
-                                      $6::float8[])
-                     AS v (lfn, destination, state, url, reason, retry_ms))
-             UPDATE replicas r SET state = m.state, url = m.url, reason = m.reason,
-                    attempts = r.attempts + (m.state <> 'pending')::int, claimed_by = NULL,
-                    updated_at = now(),
-                    next_try_at = now() + m.retry_ms * interval '1 millisecond',
-                    verified_at = CASE WHEN m.state IN ('verified', 'registered') THEN now() END
-             FROM v m
-             WHERE r.lfn = m.lfn AND r.destination = m.destination
-               AND r.state = 'copying' AND r.claimed_by = $7
-             RETURNING r.production_id",
+            RECORD_COPIES,
             &[
                 &lfns,
                 &destinations,
@@ -327,7 +337,7 @@ pub async fn record_copies(
                 &urls,
                 &reasons,
                 &retry_ms,
-                &claimer,
+                &claimers,
             ],
         )
         .await
