@@ -500,38 +500,92 @@ pub struct Registered {
 /// The class of each file (production and the metadata its files share),
 /// made where new: `classes[i]` is the ID of `(productions[i], metadata[i])`.
 /// Rows are taken in the order of the classes' key, so that concurrent
-/// registrations lock them alike.
+/// registrations lock them alike. The server sees each distinct pair once
+/// (a batch of thousands of files holds a few classes): parsing and
+/// comparing every file's metadata there cost as much as registering the
+/// files; pairs of different text that are the same JSON meet there.
 async fn classes_of(
     tx: &Transaction<'_>,
     productions: &[&str],
     metadata: &[String],
 ) -> anyhow::Result<Vec<i64>> {
-    let rows = tx
+    let mut seen: std::collections::HashMap<(&str, &str), usize> = std::collections::HashMap::new();
+    let (mut pairs_p, mut pairs_m) = (Vec::new(), Vec::new());
+    let slots: Vec<usize> = productions
+        .iter()
+        .zip(metadata)
+        .map(|(p, m)| {
+            *seen.entry((*p, m.as_str())).or_insert_with(|| {
+                pairs_p.push(*p);
+                pairs_m.push(m.as_str());
+                pairs_p.len() - 1
+            })
+        })
+        .collect();
+    // Classes known already are read without a lock: an upsert locks the
+    // class until the registration commits, and two consumers registering
+    // files of one production took turns for the whole of their
+    // transactions instead of only for the class's figures.
+    let mut ids: Vec<Option<i64>> = vec![None; pairs_p.len()];
+    for row in tx
         .query_cached(
-            "WITH wanted AS (
-                 SELECT p, m::jsonb AS m, n
-                 FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS w (p, m, n)),
-             classes AS (
-                 INSERT INTO file_classes (production_id, metadata)
-                 SELECT p, m FROM (SELECT DISTINCT p, m FROM wanted) AS d
-                 ORDER BY p, md5(m::text)
-                 ON CONFLICT (production_id, md5(metadata::text))
-                     DO UPDATE SET file_count = file_classes.file_count
-                 RETURNING class_id, production_id, metadata)
-             SELECT c.class_id FROM wanted w
-             JOIN classes c ON c.production_id = w.p AND c.metadata = w.m
-             ORDER BY w.n",
-            &[&productions, &metadata],
+            "SELECT w.n, c.class_id
+             FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS w (p, m, n)
+             JOIN file_classes c ON c.production_id = w.p
+                  AND md5(c.metadata::text) = md5(w.m::jsonb::text) AND c.metadata = w.m::jsonb",
+            &[&pairs_p, &pairs_m],
         )
         .await
-        .context("finding the files' classes")?;
-    anyhow::ensure!(
-        rows.len() == productions.len(),
-        "{} classes for {} files",
-        rows.len(),
-        productions.len()
-    );
-    Ok(rows.iter().map(|r| r.get(0)).collect())
+        .context("finding the files' classes")?
+    {
+        let n: i64 = row.get(0);
+        ids[(n - 1) as usize] = Some(row.get(1));
+    }
+    let (mut new_p, mut new_m, mut new_at) = (Vec::new(), Vec::new(), Vec::new());
+    for (i, id) in ids.iter().enumerate() {
+        if id.is_none() {
+            new_p.push(pairs_p[i]);
+            new_m.push(pairs_m[i]);
+            new_at.push(i);
+        }
+    }
+    if !new_at.is_empty() {
+        // New classes: made, or taken as another registration made them
+        // meanwhile (the upsert waits for it and returns its row).
+        let rows = tx
+            .query_cached(
+                "WITH wanted AS (
+                     SELECT p, m::jsonb AS m, n
+                     FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS w (p, m, n)),
+                 classes AS (
+                     INSERT INTO file_classes (production_id, metadata)
+                     SELECT p, m FROM (SELECT DISTINCT p, m FROM wanted) AS d
+                     ORDER BY p, md5(m::text)
+                     ON CONFLICT (production_id, md5(metadata::text))
+                         DO UPDATE SET file_count = file_classes.file_count
+                     RETURNING class_id, production_id, metadata)
+                 SELECT c.class_id FROM wanted w
+                 JOIN classes c ON c.production_id = w.p AND c.metadata = w.m
+                 ORDER BY w.n",
+                &[&new_p, &new_m],
+            )
+            .await
+            .context("making the files' classes")?;
+        anyhow::ensure!(
+            rows.len() == new_at.len(),
+            "{} classes made for {} new classes of files",
+            rows.len(),
+            new_at.len()
+        );
+        for (row, i) in rows.iter().zip(new_at) {
+            ids[i] = Some(row.get(0));
+        }
+    }
+    let ids: Vec<i64> = ids
+        .into_iter()
+        .collect::<Option<_>>()
+        .context("a class neither found nor made")?;
+    Ok(slots.into_iter().map(|i| ids[i]).collect())
 }
 
 /// What the files added to each class add to its running figures:

@@ -58,9 +58,20 @@ pub async fn take_outputs(
         .into_iter()
         .collect();
     store::lock_sources(tx, &producers).await?;
+    // Only the files of productions a chained production may take are kept:
+    // outputs of another profile's productions, or of productions this
+    // dispatcher does not hold (another deployment's, an external
+    // publisher's), are not even encoded.
+    let takers = store::taking_producers(tx, &producers, sources).await?;
+    if takers.is_empty() {
+        return Ok(0);
+    }
     let mut files = store::DeliveredFiles::default();
     let mut jobs = Vec::with_capacity(outputs.len());
-    for output in outputs {
+    for output in outputs
+        .iter()
+        .filter(|o| takers.binary_search(&o.production_id).is_ok())
+    {
         jobs.push((output.production_id.clone(), output.job_index as i64));
         for file in &output.files {
             files.productions.push(output.production_id.clone());

@@ -657,6 +657,29 @@ pub async fn lock_sources(tx: &Transaction<'_>, ids: &[String]) -> anyhow::Resul
     Ok(())
 }
 
+/// Which of `producers` (sorted) are productions whose files a chained
+/// production may take: held here, and of one of the `sources` profiles
+/// (any profile when `None`); sorted.
+pub async fn taking_producers(
+    tx: &Transaction<'_>,
+    producers: &[String],
+    sources: Option<&[String]>,
+) -> anyhow::Result<Vec<String>> {
+    let sources: Option<Vec<&str>> = sources.map(|s| s.iter().map(String::as_str).collect());
+    let mut takers: Vec<String> = tx
+        .query_cached(
+            "SELECT production_id FROM productions
+             WHERE production_id = ANY($1) AND ($2::text[] IS NULL OR profile = ANY($2))",
+            &[&producers, &sources],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    takers.sort();
+    Ok(takers)
+}
+
 /// Output files of finished jobs, column by column.
 #[derive(Default)]
 pub struct DeliveredFiles {
