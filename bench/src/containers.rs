@@ -48,6 +48,9 @@ pub struct ContainerResult {
     pub prodsys_seconds: f64,
     /// Files prodsys catalogued (one per job).
     pub files: u64,
+    /// The machine's CPU over the `podman run` runs, and over prodsys's.
+    pub raw_cpu: sys::CpuUse,
+    pub prodsys_cpu: sys::CpuUse,
 }
 
 impl ContainerResult {
@@ -327,14 +330,18 @@ async fn measure(plan: ContainerPlan, env: &mut TestEnv) -> anyhow::Result<Conta
         &raw_dir.join("warm"),
     )
     .await?;
+    let meter = sys::CpuMeter::start();
     let raw_seconds = raw_run(plan, &image, &templates, &parameters, &raw_dir).await?;
+    let raw_cpu = meter.stop();
     std::fs::remove_dir_all(&raw_dir).ok();
 
     env.settings.templates_dir = templates;
     env.settings.dispatcher.max_concurrent_jobs = plan.concurrency;
     env.settings.dispatcher.max_queued_jobs = plan.queued;
     let services = Services::start(&env.settings, &env.work_dir.join("services")).await?;
+    let meter = sys::CpuMeter::start_with(&services.pids());
     let measured = through_prodsys(&services, &parameters, plan.jobs).await;
+    let prodsys_cpu = meter.stop();
     services.stop().await;
     let (prodsys_seconds, files) = measured?;
     if files != plan.jobs {
@@ -352,5 +359,7 @@ async fn measure(plan: ContainerPlan, env: &mut TestEnv) -> anyhow::Result<Conta
         raw_seconds,
         prodsys_seconds,
         files,
+        raw_cpu,
+        prodsys_cpu,
     })
 }

@@ -1217,6 +1217,22 @@ pub fn findings(results: &Results) -> Vec<String> {
             thousands(w.snapshot_reads)
         ));
     }
+    if let Some(c) = &results.containers {
+        let each = |cores: f64, seconds: f64| cores * seconds * 1000.0 / c.jobs as f64;
+        let (p, r) = (&c.prodsys_cpu, &c.raw_cpu);
+        out.push(format!(
+            "Containers: CPU per job through prodsys: the service processes {:.1} ms, PostgreSQL {:.1} ms, RabbitMQ {:.1} ms, the rest of the machine (podman, the containers, each job's supervisor) {:.1} ms, {:.1} ms in all (the machine: {}); by `podman run` alone: the rest of the machine {:.1} ms, {:.1} ms in all (the machine: {}).",
+            each(p.services_total(), c.prodsys_seconds),
+            each(p.postgres, c.prodsys_seconds),
+            each(p.rabbitmq, c.prodsys_seconds),
+            each(p.other, c.prodsys_seconds),
+            each(p.machine - p.steal, c.prodsys_seconds),
+            p,
+            each(r.other + r.bench, c.raw_seconds),
+            each(r.machine - r.steal, c.raw_seconds),
+            r
+        ));
+    }
     if let Some(p) = &results.productions {
         let c = &p.prodsys_cpu;
         let each = |cores: f64| cores * p.prodsys_seconds * 1000.0 / p.jobs as f64;
@@ -1232,6 +1248,33 @@ pub fn findings(results: &Results) -> Vec<String> {
             p.raw_cpu,
             p.poll_interval_ms,
             p.concurrency
+        ));
+    }
+    if let (Some(one), Some(two)) = (&results.productions, &results.replicated) {
+        let per_job = |r: &crate::productions::ProductionsResult, cores: f64| {
+            cores * r.prodsys_seconds * 1000.0 / r.jobs as f64
+        };
+        let by_service = |r: &crate::productions::ProductionsResult| {
+            r.prodsys_cpu
+                .services
+                .iter()
+                .map(|(s, c)| format!("{s} {:.2}", per_job(r, *c)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        out.push(format!(
+            "Replicas: CPU per job with two processes of every service: the service processes {:.2} ms ({}), PostgreSQL {:.2} ms, RabbitMQ {:.2} ms, the jobs and the rest {:.2} ms (the machine: {}); with one of each: {:.2} ms ({}), PostgreSQL {:.2} ms, RabbitMQ {:.2} ms, the jobs and the rest {:.2} ms.",
+            per_job(two, two.prodsys_cpu.services_total()),
+            by_service(two),
+            per_job(two, two.prodsys_cpu.postgres),
+            per_job(two, two.prodsys_cpu.rabbitmq),
+            per_job(two, two.prodsys_cpu.other),
+            two.prodsys_cpu,
+            per_job(one, one.prodsys_cpu.services_total()),
+            by_service(one),
+            per_job(one, one.prodsys_cpu.postgres),
+            per_job(one, one.prodsys_cpu.rabbitmq),
+            per_job(one, one.prodsys_cpu.other),
         ));
     }
     let mut stolen: Option<(&str, f64)> = None;
