@@ -141,6 +141,11 @@ fn read_exit(dir: &Path) -> Option<Result<Exit, String>> {
 
 /// Reads an attempt directory: ended, still running, or gone.
 pub fn observe(dir: &Path, now: SystemTime) -> Observed {
+    observe_with(dir, now, alive)
+}
+
+/// [`observe`], with the check of whether a process still runs given.
+fn observe_with(dir: &Path, now: SystemTime, alive: impl Fn(u32, u64) -> bool) -> Observed {
     let ended = |exit: Result<Exit, String>| match exit {
         Ok(exit) => Observed::Ended(exit),
         Err(error) => Observed::Unreadable(error),
@@ -150,7 +155,7 @@ pub fn observe(dir: &Path, now: SystemTime) -> Observed {
             .ok()
             .and_then(|text| parse_pid(&text))
     };
-    if let Some(exit) = read_exit(dir) {
+    if read_exit(dir).is_some() {
         // Its supervisor writes the file, then ends: while it lives the file
         // may be incomplete. (The pid file was written before the job ran.)
         if let Some((pid, start)) = read_pid()
@@ -158,7 +163,13 @@ pub fn observe(dir: &Path, now: SystemTime) -> Observed {
         {
             return Observed::Running(pid);
         }
-        return ended(exit);
+        // Ended, so the file is whole now: read again, not the read above,
+        // which may have caught it half written (an empty file taken for an
+        // unreadable one failed a job that had succeeded, and ran it again).
+        return read_exit(dir).map_or_else(
+            || Observed::Unreadable("the exit file vanished".into()),
+            ended,
+        );
     }
     let pid = read_pid();
     if let Some((pid, start)) = pid
@@ -166,9 +177,10 @@ pub fn observe(dir: &Path, now: SystemTime) -> Observed {
     {
         return Observed::Running(pid);
     }
-    // It may have ended between the two reads.
-    if let Some(exit) = read_exit(dir) {
-        return ended(exit);
+    // It may have ended between the two reads (or be writing its exit file
+    // now, its pid file read before it was written): read as above.
+    if read_exit(dir).is_some() {
+        return observe_with(dir, now, alive);
     }
     let Ok(started) = std::fs::metadata(dir.join(STARTED_FILE)) else {
         return Observed::Unknown;
@@ -188,6 +200,31 @@ pub fn observe(dir: &Path, now: SystemTime) -> Observed {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_exit_file_caught_half_written_is_read_again_once_its_supervisor_ended() {
+        let dir = std::env::temp_dir().join(format!("prodsys-observe-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(STARTED_FILE), "").unwrap();
+        std::fs::write(dir.join(PID_FILE), "4242 65470\n").unwrap();
+        // The supervisor has opened its exit file and not written it yet.
+        std::fs::write(dir.join(EXIT_FILE), "").unwrap();
+        // It finishes the file and ends between the first read and the
+        // check of whether it still runs.
+        let observed = observe_with(&dir, SystemTime::now(), |_, _| {
+            std::fs::write(
+                dir.join(EXIT_FILE),
+                "exit 0\n0m0.000000s 0m0.000000s\n0m0.010000s 0m0.000000s\n",
+            )
+            .unwrap();
+            false
+        });
+        std::fs::remove_dir_all(&dir).unwrap();
+        match observed {
+            Observed::Ended(exit) => assert_eq!(exit.status, 0),
+            other => panic!("a job that ended with 0 taken for {other:?}"),
+        }
+    }
 
     #[test]
     fn exit_files_of_dash_and_bash_read() {
