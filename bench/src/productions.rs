@@ -504,7 +504,12 @@ pub async fn duplicates(
                     .map(|a| {
                         let dir = work_dir.join(&production).join(format!("{job:06}.a{a}"));
                         let exit = std::fs::read_to_string(dir.join("prodsys.exit"))
-                            .map(|e| e.trim().to_string())
+                            .map(|e| {
+                                e.lines()
+                                    .next()
+                                    .unwrap_or("an empty exit record")
+                                    .to_string()
+                            })
                             .unwrap_or_else(|_| "no exit record".into());
                         format!("attempt {a}: {exit}")
                     })
