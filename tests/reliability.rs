@@ -94,6 +94,28 @@ async fn catalog_schema() -> (prodsys_testkit::TestEnv, prodsys_db::Db) {
     (env, db)
 }
 
+/// Plans `production`'s forwarding to one destination and catalogues
+/// `files` of it, as the catalog's consumer does: each file gets a replica
+/// due at once.
+async fn catalogued_for_forwarding(
+    db: &prodsys_db::Db,
+    production: &str,
+    files: &[(u32, pb::OutputFile)],
+) {
+    use prodsys_catalog::store;
+    let mut client = db.client().await.unwrap();
+    let tx = client.transaction().await.unwrap();
+    store::lock_forwarding(&tx, &[production], &[production])
+        .await
+        .unwrap();
+    store::plan_forwarding(&tx, production, &["storage".to_string()])
+        .await
+        .unwrap();
+    let types = prodsys_catalog::domain::KeyTypes(Default::default(), Default::default());
+    store::register_files(&tx, &types, files).await.unwrap();
+    tx.commit().await.unwrap();
+}
+
 /// A production's end and its last job's outputs recorded by two catalog
 /// transactions at once (two consumers, or one consumer's batches taken
 /// side by side), with the progress sweep running between their commits:
@@ -168,30 +190,16 @@ async fn a_copy_recorded_while_its_claim_is_renewed_is_recorded() {
     let (env, db) = catalog_schema().await;
     let production = "CTA-000001";
     let lfn = "/vo.cta.in2p3.fr/MC/renewed/CTA-000001/f0.dat";
-    {
-        let mut client = db.client().await.unwrap();
-        let tx = client.transaction().await.unwrap();
-        store::lock_forwarding(&tx, &[production], &[production])
-            .await
-            .unwrap();
-        store::plan_forwarding(&tx, production, &["storage".to_string()])
-            .await
-            .unwrap();
-        let types = prodsys_catalog::domain::KeyTypes(Default::default(), Default::default());
-        let file = pb::OutputFile {
-            lfn: lfn.into(),
-            size: 4,
-            adler32: "03d8018b".into(),
-            url: "file:///nowhere/f0.dat".into(),
-            production_id: production.into(),
-            job_index: 0,
-            ..Default::default()
-        };
-        store::register_files(&tx, &types, &[(1, file)])
-            .await
-            .unwrap();
-        tx.commit().await.unwrap();
-    }
+    let file = pb::OutputFile {
+        lfn: lfn.into(),
+        size: 4,
+        adler32: "03d8018b".into(),
+        url: "file:///nowhere/f0.dat".into(),
+        production_id: production.into(),
+        job_index: 0,
+        ..Default::default()
+    };
+    catalogued_for_forwarding(&db, production, &[(1, file)]).await;
     let claimer = uuid::Uuid::new_v4();
     let claimed = store::claim_replicas(&db, claimer, 10, Duration::from_secs(60))
         .await
@@ -263,35 +271,23 @@ async fn copies_are_recorded_by_key_however_many_replicas_are_claimed() {
     let (env, db) = catalog_schema().await;
     let production = "CTA-000001";
     const FILES: usize = 4_000;
-    {
-        let mut client = db.client().await.unwrap();
-        let tx = client.transaction().await.unwrap();
-        store::lock_forwarding(&tx, &[production], &[production])
-            .await
-            .unwrap();
-        store::plan_forwarding(&tx, production, &["storage".to_string()])
-            .await
-            .unwrap();
-        let types = prodsys_catalog::domain::KeyTypes(Default::default(), Default::default());
-        let files: Vec<(u32, pb::OutputFile)> = (0..FILES)
-            .map(|i| {
-                (
-                    1,
-                    pb::OutputFile {
-                        lfn: format!("/vo.cta.in2p3.fr/MC/claimed/CTA-000001/f{i:05}.dat"),
-                        size: 4,
-                        adler32: "03d8018b".into(),
-                        url: format!("file:///nowhere/f{i:05}.dat"),
-                        production_id: production.into(),
-                        job_index: i as u64,
-                        ..Default::default()
-                    },
-                )
-            })
-            .collect();
-        store::register_files(&tx, &types, &files).await.unwrap();
-        tx.commit().await.unwrap();
-    }
+    let files: Vec<(u32, pb::OutputFile)> = (0..FILES)
+        .map(|i| {
+            (
+                1,
+                pb::OutputFile {
+                    lfn: format!("/vo.cta.in2p3.fr/MC/claimed/CTA-000001/f{i:05}.dat"),
+                    size: 4,
+                    adler32: "03d8018b".into(),
+                    url: format!("file:///nowhere/f{i:05}.dat"),
+                    production_id: production.into(),
+                    job_index: i as u64,
+                    ..Default::default()
+                },
+            )
+        })
+        .collect();
+    catalogued_for_forwarding(&db, production, &files).await;
     // The statistics of the moment nothing was claimed.
     let admin = env.db().await.unwrap();
     admin
