@@ -84,7 +84,7 @@ pub async fn take_outputs(
             )?);
         }
     }
-    let stored = store::record_deliveries(tx, &jobs, &files, sources).await?;
+    let stored = store::record_deliveries(tx, &jobs, &files).await?;
     if stored > 0 {
         tracing::debug!(stored, "files delivered for chained productions");
     }

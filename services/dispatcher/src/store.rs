@@ -689,9 +689,9 @@ pub struct DeliveredFiles {
     pub metadata: Vec<serde_json::Value>,
 }
 
-/// Records the jobs whose outputs were delivered and their files (those of
-/// productions of the `sources` profiles, or of any with `None`); how many
-/// files were new. A file is stored once however often it comes, and the
+/// Records the jobs whose outputs were delivered and their files, all of
+/// productions a chained production may take ([`taking_producers`]); how
+/// many files were new. A file is stored once however often it comes, and the
 /// chained productions linked to its producer take it from here in arrival
 /// order (`waiting_inputs`). The caller holds the producers' source locks:
 /// a producer's files are stored one transaction at a time, so the files of
@@ -700,19 +700,14 @@ pub async fn record_deliveries(
     tx: &Transaction<'_>,
     jobs: &[(String, i64)],
     files: &DeliveredFiles,
-    sources: Option<&[String]>,
 ) -> anyhow::Result<u64> {
     let (productions, indexes): (Vec<&str>, Vec<i64>) =
         jobs.iter().map(|(p, i)| (p.as_str(), *i)).unzip();
-    let sources: Option<Vec<&str>> = sources.map(|s| s.iter().map(String::as_str).collect());
     tx.execute_cached(
         "INSERT INTO delivered_jobs (production_id, job_index)
-         SELECT j.production_id, j.job_index
-         FROM unnest($1::text[], $2::bigint[]) AS j(production_id, job_index)
-         JOIN productions p ON p.production_id = j.production_id
-         WHERE $3::text[] IS NULL OR p.profile = ANY($3)
+         SELECT * FROM unnest($1::text[], $2::bigint[])
          ON CONFLICT DO NOTHING",
-        &[&productions, &indexes, &sources],
+        &[&productions, &indexes],
     )
     .await?;
     if files.lfns.is_empty() {
@@ -724,8 +719,6 @@ pub async fn record_deliveries(
              SELECT f.production_id, f.lfn, f.url, f.metadata
              FROM unnest($1::text[], $2::text[], $3::text[], $4::jsonb[])
                  WITH ORDINALITY AS f(production_id, lfn, url, metadata, n)
-             JOIN productions p ON p.production_id = f.production_id
-             WHERE $5::text[] IS NULL OR p.profile = ANY($5)
              ORDER BY f.n
              ON CONFLICT DO NOTHING",
             &[
@@ -733,7 +726,6 @@ pub async fn record_deliveries(
                 &files.lfns,
                 &files.urls,
                 &files.metadata,
-                &sources,
             ],
         )
         .await?)
