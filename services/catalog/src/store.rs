@@ -522,69 +522,36 @@ async fn classes_of(
             })
         })
         .collect();
-    // Classes known already are read without a lock: an upsert locks the
-    // class until the registration commits, and two consumers registering
-    // files of one production took turns for the whole of their
-    // transactions instead of only for the class's figures.
-    let mut ids: Vec<Option<i64>> = vec![None; pairs_p.len()];
-    for row in tx
+    // Every class of the batch is upserted, known ones too: the upsert locks
+    // them in the order of their key, before the registration updates their
+    // figures, so two consumers sharing classes never lock them in opposite
+    // orders (a deadlock).
+    let rows = tx
         .query_cached(
-            "SELECT w.n, c.class_id
-             FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS w (p, m, n)
-             JOIN file_classes c ON c.production_id = w.p
-                  AND md5(c.metadata::text) = md5(w.m::jsonb::text) AND c.metadata = w.m::jsonb",
+            "WITH wanted AS (
+                 SELECT p, m::jsonb AS m, n
+                 FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS w (p, m, n)),
+             classes AS (
+                 INSERT INTO file_classes (production_id, metadata)
+                 SELECT p, m FROM (SELECT DISTINCT p, m FROM wanted) AS d
+                 ORDER BY p, md5(m::text)
+                 ON CONFLICT (production_id, md5(metadata::text))
+                     DO UPDATE SET file_count = file_classes.file_count
+                 RETURNING class_id, production_id, metadata)
+             SELECT c.class_id FROM wanted w
+             JOIN classes c ON c.production_id = w.p AND c.metadata = w.m
+             ORDER BY w.n",
             &[&pairs_p, &pairs_m],
         )
         .await
-        .context("finding the files' classes")?
-    {
-        let n: i64 = row.get(0);
-        ids[(n - 1) as usize] = Some(row.get(1));
-    }
-    let (mut new_p, mut new_m, mut new_at) = (Vec::new(), Vec::new(), Vec::new());
-    for (i, id) in ids.iter().enumerate() {
-        if id.is_none() {
-            new_p.push(pairs_p[i]);
-            new_m.push(pairs_m[i]);
-            new_at.push(i);
-        }
-    }
-    if !new_at.is_empty() {
-        // New classes: made, or taken as another registration made them
-        // meanwhile (the upsert waits for it and returns its row).
-        let rows = tx
-            .query_cached(
-                "WITH wanted AS (
-                     SELECT p, m::jsonb AS m, n
-                     FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS w (p, m, n)),
-                 classes AS (
-                     INSERT INTO file_classes (production_id, metadata)
-                     SELECT p, m FROM (SELECT DISTINCT p, m FROM wanted) AS d
-                     ORDER BY p, md5(m::text)
-                     ON CONFLICT (production_id, md5(metadata::text))
-                         DO UPDATE SET file_count = file_classes.file_count
-                     RETURNING class_id, production_id, metadata)
-                 SELECT c.class_id FROM wanted w
-                 JOIN classes c ON c.production_id = w.p AND c.metadata = w.m
-                 ORDER BY w.n",
-                &[&new_p, &new_m],
-            )
-            .await
-            .context("making the files' classes")?;
-        anyhow::ensure!(
-            rows.len() == new_at.len(),
-            "{} classes made for {} new classes of files",
-            rows.len(),
-            new_at.len()
-        );
-        for (row, i) in rows.iter().zip(new_at) {
-            ids[i] = Some(row.get(0));
-        }
-    }
-    let ids: Vec<i64> = ids
-        .into_iter()
-        .collect::<Option<_>>()
-        .context("a class neither found nor made")?;
+        .context("finding the files' classes")?;
+    anyhow::ensure!(
+        rows.len() == pairs_p.len(),
+        "{} classes for {} distinct classes of files",
+        rows.len(),
+        pairs_p.len()
+    );
+    let ids: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
     Ok(slots.into_iter().map(|i| ids[i]).collect())
 }
 
