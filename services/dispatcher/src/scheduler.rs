@@ -161,6 +161,10 @@ impl std::fmt::Display for Steps {
 /// The shortest time between the starts of two rounds of one scheduler.
 const MIN_ROUND_GAP: Duration = Duration::from_millis(50);
 
+/// Longest time between two looks for jobs reserved without a backend ID
+/// while no round gave a reason to look (see `rounds`).
+const RECONCILE_EVERY: Duration = Duration::from_secs(30);
+
 /// Transitions per `job.status` event of a cancel (about 60 bytes each).
 const CANCEL_TRANSITIONS_PER_EVENT: usize = 10_000;
 
@@ -233,6 +237,14 @@ impl Scheduler {
         let mut announced: Option<bool> = None;
         // Since when the installation fails (rounds in a row), if it does.
         let mut failing_since: Option<tokio::time::Instant> = None;
+        // Whether jobs may be reserved here without a backend ID: on taking
+        // the lease (a predecessor's submission a crash cut short) and after
+        // a round whose submitting or reconciling failed. A round that
+        // submitted every job it reserved left none, so the next one does
+        // not look (one statement less a round), and at least every
+        // RECONCILE_EVERY a round looks anyway.
+        let mut reconcile_due = true;
+        let mut reconciled_at = tokio::time::Instant::now();
         while !held.is_cancelled() {
             let round_started = tokio::time::Instant::now();
             prodsys_telemetry::metrics::metrics().scheduler_round(&backend);
@@ -240,10 +252,16 @@ impl Scheduler {
             let mut steps = Steps::new();
             let mut backend_failed = false;
             let mut last_error = String::new();
-            if let Err(error) = self.reconcile(failing > 0).await {
-                last_error = format!("{error:#}");
-                backend_failed = true;
-                tracing::warn!(%backend, error = format!("{error:#}"), "reconciling reserved jobs failed");
+            if reconcile_due || failing > 0 || reconciled_at.elapsed() >= RECONCILE_EVERY {
+                reconciled_at = tokio::time::Instant::now();
+                match self.reconcile(failing > 0).await {
+                    Ok(()) => reconcile_due = false,
+                    Err(error) => {
+                        last_error = format!("{error:#}");
+                        backend_failed = true;
+                        tracing::warn!(%backend, error = format!("{error:#}"), "reconciling reserved jobs failed");
+                    }
+                }
             }
             if let Err(error) = self.cancel_requested().await {
                 last_error = format!("{error:#}");
@@ -290,9 +308,12 @@ impl Scheduler {
             if let Err(error) = self.close_federated().await {
                 tracing::warn!(%backend, error = format!("{error:#}"), "closing finished federated productions failed");
             }
-            // What just ended frees room: count again after applying it.
+            // What just ended frees room: count again after applying it
+            // (nothing applied, nothing freed).
             let in_flight = if in_flight.is_empty() {
                 0
+            } else if followed == 0 {
+                in_flight.len()
             } else {
                 self.in_flight()
                     .await
@@ -318,9 +339,11 @@ impl Scheduler {
                 // doing, not this installation's; the next round does it.
                 Err(error) if lost_a_race(&error) => {
                     tracing::warn!(%backend, error = format!("{error:#}"), "submitting jobs met another transaction; retried next round");
+                    reconcile_due = true;
                     0
                 }
                 Err(error) => {
+                    reconcile_due = true;
                     last_error = format!("{error:#}");
                     backend_failed = true;
                     tracing::warn!(%backend, error = format!("{error:#}"), "submitting jobs failed");
@@ -961,18 +984,31 @@ impl Scheduler {
 
     /// Closes the productions whose jobs all ended, then commits with every event.
     pub(crate) async fn commit(&self, tx: Transaction<'_>, changes: Changes) -> anyhow::Result<()> {
-        store::set_jobs(&tx, &changes.updates).await?;
         let touched: Vec<String> = changes.touched.iter().cloned().collect();
-        let mut events = changes.into_events();
-        // The touched productions held (in order), and those none of whose
-        // jobs can still change closed, in a few statements however many.
         let ids: Vec<&str> = touched.iter().map(String::as_str).collect();
-        if !ids.is_empty() {
+        // The jobs' rows and the touched productions' rows are found by their
+        // keys: planned once per connection (a round's commit of a few jobs
+        // spent longer planning these three statements than running them).
+        let by_key = !changes.updates.is_empty() || !ids.is_empty();
+        if by_key {
+            prodsys_db::plan_by_key(&tx).await?;
+        }
+        store::set_jobs(&tx, &changes.updates).await?;
+        // The touched productions held (in order), and those none of whose
+        // jobs can still change, in a few statements however many.
+        let finished = if ids.is_empty() {
+            Vec::new()
+        } else {
             store::lock_productions(&tx, &ids).await?;
-            for production_id in store::finished_of(&tx, &ids).await? {
-                if let Some(event) = close(&tx, &production_id, domain::outcome, "RUNNING").await? {
-                    events.push(event);
-                }
+            store::finished_of(&tx, &ids).await?
+        };
+        if by_key {
+            prodsys_db::plan_freely(&tx).await?;
+        }
+        let mut events = changes.into_events();
+        for production_id in finished {
+            if let Some(event) = close(&tx, &production_id, domain::outcome, "RUNNING").await? {
+                events.push(event);
             }
         }
         prodsys_db::enqueue(&tx, &self.db.outbox_channel(), &events).await?;

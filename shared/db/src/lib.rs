@@ -296,10 +296,16 @@ pub async fn claim(tx: &Transaction<'_>, event_ids: &[Uuid]) -> anyhow::Result<H
 /// a batch). A row such a statement updates through its join is rechecked
 /// by PostgreSQL when another transaction changed it meanwhile, which a row
 /// address found first is not.
+///
+/// Such a plan depends neither on the batch nor on the statistics, so it is
+/// made once per connection and statement (a generic plan) instead of on
+/// every execution as elsewhere (`plan_cache_mode=force_custom_plan`): the
+/// status service's upsert spent 0.5 ms planning a batch of a few jobs
+/// beside 0.3 ms executing it.
 pub async fn plan_by_key(tx: &Transaction<'_>) -> anyhow::Result<()> {
     tx.batch_execute(
         "SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off;
-         SET LOCAL enable_seqscan = off",
+         SET LOCAL enable_seqscan = off; SET LOCAL plan_cache_mode = force_generic_plan",
     )
     .await
     .context("planning by key")
@@ -308,9 +314,12 @@ pub async fn plan_by_key(tx: &Transaction<'_>) -> anyhow::Result<()> {
 /// Plans the transaction's next statements as the server is configured
 /// again, after [`plan_by_key`].
 pub async fn plan_freely(tx: &Transaction<'_>) -> anyhow::Result<()> {
-    tx.batch_execute("RESET enable_hashjoin; RESET enable_mergejoin; RESET enable_seqscan")
-        .await
-        .context("planning freely")
+    tx.batch_execute(
+        "RESET enable_hashjoin; RESET enable_mergejoin; RESET enable_seqscan;
+         RESET plan_cache_mode",
+    )
+    .await
+    .context("planning freely")
 }
 
 /// Deletes inbox rows older than `retention`, `batch` rows per statement
