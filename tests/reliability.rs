@@ -471,3 +471,54 @@ async fn an_older_transition_waiting_for_a_newer_ones_row_changes_nothing() {
     drop(newer_client);
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn statements_planned_by_key_keep_one_plan_and_the_others_are_planned_each_time() {
+    use prodsys_db::Cached;
+    let env = prodsys_testkit::TestEnv::new().await.unwrap();
+    let db = prodsys_db::Db::new(env.settings.database.url(), "status", 2).unwrap();
+    db.migrate(prodsys_status::MIGRATIONS).await.unwrap();
+    // A key-shaped statement, as the status service's upsert is: rows of a
+    // batch found by their keys.
+    const BY_KEY: &str = "SELECT count(*) FROM unnest($1::text[], $2::bigint[]) AS u(p, i)
+                          JOIN jobs j ON j.production_id = u.p AND j.job_index = u.i";
+    let mut client = db.client().await.unwrap();
+    let ids = vec!["CTA-000001"; 3];
+    let indexes: Vec<i64> = vec![0, 1, 2];
+    {
+        let tx = client.transaction().await.unwrap();
+        prodsys_db::plan_by_key(&tx).await.unwrap();
+        for _ in 0..6 {
+            tx.query_cached(BY_KEY, &[&ids, &indexes]).await.unwrap();
+        }
+        prodsys_db::plan_freely(&tx).await.unwrap();
+        tx.commit().await.unwrap();
+    }
+    assert_eq!(
+        plans(&client, BY_KEY).await,
+        (6, 0),
+        "six executions by key reuse one generic plan, none planned again"
+    );
+    // Everywhere else each execution is planned for its values.
+    for _ in 0..3 {
+        client
+            .query_cached(BY_KEY, &[&ids, &indexes])
+            .await
+            .unwrap();
+    }
+    assert_eq!(plans(&client, BY_KEY).await, (6, 3));
+}
+
+/// How often the connection's prepared `statement` ran on its generic plan
+/// and how often it was planned for its values.
+async fn plans(client: &prodsys_db::deadpool_postgres::Object, statement: &str) -> (i64, i64) {
+    let row = client
+        .query_one(
+            "SELECT generic_plans, custom_plans FROM pg_prepared_statements
+             WHERE statement = $1",
+            &[&statement],
+        )
+        .await
+        .unwrap();
+    (row.get(0), row.get(1))
+}
