@@ -988,23 +988,25 @@ impl Scheduler {
         let ids: Vec<&str> = touched.iter().map(String::as_str).collect();
         // The jobs' rows and the touched productions' rows are found by their
         // keys: planned once per connection (a round's commit of a few jobs
-        // spent longer planning these three statements than running them).
-        let by_key = !changes.updates.is_empty() || !ids.is_empty();
-        if by_key {
+        // spent longer planning these statements than running them). Not
+        // the check of which productions finished: its generic plan, nested
+        // loops over the jobs' indexes, ran 2.6 times longer than the plans
+        // made for each batch (their planning included).
+        if !changes.updates.is_empty() || !ids.is_empty() {
             prodsys_db::plan_by_key(&tx).await?;
+            store::set_jobs(&tx, &changes.updates).await?;
+            // The touched productions held, in order.
+            if !ids.is_empty() {
+                store::lock_productions(&tx, &ids).await?;
+            }
+            prodsys_db::plan_freely(&tx).await?;
         }
-        store::set_jobs(&tx, &changes.updates).await?;
-        // The touched productions held (in order), and those none of whose
-        // jobs can still change, in a few statements however many.
+        // Those none of whose jobs can still change, in one statement however many.
         let finished = if ids.is_empty() {
             Vec::new()
         } else {
-            store::lock_productions(&tx, &ids).await?;
             store::finished_of(&tx, &ids).await?
         };
-        if by_key {
-            prodsys_db::plan_freely(&tx).await?;
-        }
         let mut events = changes.into_events();
         for production_id in finished {
             if let Some(event) = close(&tx, &production_id, domain::outcome, "RUNNING").await? {
