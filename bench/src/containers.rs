@@ -307,7 +307,7 @@ pub async fn run(plan: ContainerPlan) -> anyhow::Result<ContainerResult> {
     let mut env = TestEnv::new().await?;
     sys::own_database(&env.database);
     let result = measure(plan, &mut env).await;
-    env.cleanup().await;
+    sys::cleanup(env).await;
     result
 }
 
@@ -333,7 +333,7 @@ async fn measure(plan: ContainerPlan, env: &mut TestEnv) -> anyhow::Result<Conta
     let meter = sys::CpuMeter::start();
     let raw_seconds = raw_run(plan, &image, &templates, &parameters, &raw_dir).await?;
     let raw_cpu = meter.stop();
-    std::fs::remove_dir_all(&raw_dir).ok();
+    sys::set_aside(&raw_dir);
 
     env.settings.templates_dir = templates;
     env.settings.dispatcher.max_concurrent_jobs = plan.concurrency;

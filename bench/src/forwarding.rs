@@ -297,13 +297,13 @@ pub async fn run(plan: ForwardingPlan) -> anyhow::Result<ForwardingResult> {
     let xrootd = match tokio::task::spawn_blocking(|| Xrootd::start("bench-forwarding")).await? {
         Ok(x) => x,
         Err(e) => {
-            env.cleanup().await;
+            sys::cleanup(env).await;
             return Err(e);
         }
     };
     let mut env = env;
     let result = measure(plan, &mut env, &xrootd).await;
-    env.cleanup().await;
+    sys::cleanup(env).await;
     let _ = tokio::task::spawn_blocking(move || xrootd.stop()).await;
     result
 }

@@ -399,7 +399,10 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    let results = runtime.block_on(run(&args))?;
+    let results = runtime.block_on(run(&args));
+    // Every figure is taken: the measurements' files go now.
+    sys::remove_set_aside();
+    let results = results?;
     let table = report::text(&results);
     println!("\n{table}");
     let write = args.write || (!args.smoke && args.scenario == Scenario::All);
@@ -468,7 +471,7 @@ async fn run(args: &Args) -> anyhow::Result<Results> {
         }
         Err(e) => results.errors.push(format!("raw PostgreSQL: {e:#}")),
     }
-    raw_env.cleanup().await;
+    sys::cleanup(raw_env).await;
     // The raw runs leave WAL behind them (a million batched rows); a
     // checkpoint now writes it out before prodsys is measured, instead of
     // during its first measurement.

@@ -214,7 +214,7 @@ impl Xrootd {
 
     /// Removes the run's files and stops the server.
     pub fn stop(self) {
-        let _ = std::fs::remove_dir_all(self.local(""));
+        sys::set_aside(&self.local(""));
         let script = prodsys_testkit::repo_root().join("tests/servers/xrootd/stop");
         let _ = std::process::Command::new(script)
             .arg(&self.name)
@@ -246,7 +246,7 @@ pub async fn run(plan: ProductionsPlan) -> anyhow::Result<ProductionsResult> {
         match tokio::task::spawn_blocking(|| Xrootd::start("bench")).await? {
             Ok(x) => Some(x),
             Err(e) => {
-                env.cleanup().await;
+                sys::cleanup(env).await;
                 return Err(e);
             }
         }
@@ -254,7 +254,7 @@ pub async fn run(plan: ProductionsPlan) -> anyhow::Result<ProductionsResult> {
         None
     };
     let result = measure(plan, &mut env, xrootd.as_ref()).await;
-    env.cleanup().await;
+    sys::cleanup(env).await;
     if let Some(x) = xrootd {
         let _ = tokio::task::spawn_blocking(move || x.stop()).await;
     }

@@ -171,7 +171,7 @@ pub async fn run(plan: RucioPlan) -> anyhow::Result<RucioResult> {
     let mut env = TestEnv::new().await?;
     sys::own_database(&env.database);
     let result = measure(plan, &mut env, &url).await;
-    env.cleanup().await;
+    sys::cleanup(env).await;
     result
 }
 

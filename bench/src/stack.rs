@@ -357,7 +357,7 @@ impl Bench {
         let services = match Self::launch(&mut env).await {
             Ok(services) => services,
             Err(error) => {
-                env.cleanup().await;
+                sys::cleanup(env).await;
                 return Err(error.context("starting the prodsys services"));
             }
         };
@@ -376,7 +376,7 @@ impl Bench {
             Ok(parts) => parts,
             Err(error) => {
                 services.stop().await;
-                env.cleanup().await;
+                sys::cleanup(env).await;
                 return Err(error);
             }
         };
@@ -393,7 +393,7 @@ impl Bench {
             Ok(addr) => addr,
             Err(error) => {
                 services.stop().await;
-                env.cleanup().await;
+                sys::cleanup(env).await;
                 return Err(error);
             }
         };
@@ -575,9 +575,9 @@ impl Bench {
         if std::env::var_os("PRODSYS_BENCH_KEEP_DATABASE").is_some_and(|v| v == "1") {
             eprintln!("kept database {}", self.env.database);
             prodsys_testkit::end_jobs(&self.env.work_dir);
-            let _ = std::fs::remove_dir_all(&self.env.work_dir);
+            sys::set_aside(&self.env.work_dir);
         } else {
-            self.env.cleanup().await;
+            sys::cleanup(self.env).await;
         }
         peaks
     }

@@ -355,3 +355,59 @@ pub fn pid_ticks(pid: i32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     process_ticks(&stat).map(|(_, t)| t)
 }
+
+/// Work directories of measurements already taken, kept until the run ends.
+/// Removing a scenario's tens of thousands of files right before the next one
+/// would slow that one's every new file: ext4 passes over inodes freed in the
+/// last minutes when it allocates one (`recently_deleted`), so the next
+/// measurement's directories and files (its dispatcher's attempt directories,
+/// the raw runs' outputs) would cost many times what they cost on a quiet
+/// filesystem. Each is renamed beside itself (no inode is freed) and removed
+/// by `remove_set_aside` once every figure is taken.
+static SET_ASIDE: std::sync::Mutex<Vec<std::path::PathBuf>> = std::sync::Mutex::new(Vec::new());
+static SET_ASIDE_COUNT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Moves `dir` out of the way, beside itself, to be removed when the run
+/// ends; removes it at once if it cannot be renamed.
+pub fn set_aside(dir: &std::path::Path) {
+    if !dir.exists() {
+        return;
+    }
+    let Some(parent) = dir.parent() else {
+        let _ = std::fs::remove_dir_all(dir);
+        return;
+    };
+    let trash = parent.join(format!("prodsys-bench-set-aside-{}", std::process::id()));
+    let n = SET_ASIDE_COUNT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let moved = std::fs::create_dir_all(&trash).is_ok()
+        && std::fs::rename(dir, trash.join(n.to_string())).is_ok();
+    match SET_ASIDE.lock() {
+        Ok(mut list) if moved => {
+            if !list.contains(&trash) {
+                list.push(trash);
+            }
+        }
+        _ => {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// Removes what `set_aside` kept (after the last measurement).
+pub fn remove_set_aside() {
+    let dirs: Vec<std::path::PathBuf> = match SET_ASIDE.lock() {
+        Ok(mut list) => list.drain(..).collect(),
+        Err(_) => return,
+    };
+    for dir in dirs {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+/// `TestEnv::cleanup`, its work directory set aside (`set_aside`) instead of
+/// removed: jobs still running are ended, the database and queues dropped.
+pub async fn cleanup(env: prodsys_testkit::TestEnv) {
+    prodsys_testkit::end_jobs(&env.work_dir);
+    set_aside(&env.work_dir);
+    env.cleanup().await;
+}
