@@ -19,6 +19,10 @@ use crate::domain::placement::{self, Demand, Site};
 use crate::scheduler::Scheduler;
 use crate::store::federation as store;
 
+/// Fewest productions whose ready jobs are counted in one statement while
+/// looking for the ones placement can give a job to.
+const READY_PROBES_AT_ONCE: usize = 32;
+
 /// What placement knows of the deployment: every installation's capacity,
 /// and the groups, shares and VOs.
 #[derive(Debug, Clone, Default)]
@@ -257,6 +261,52 @@ impl Scheduler {
         )
     }
 
+    /// For productions of this installation alone: ready and in-flight
+    /// counts of only those productions placement can give a job to, not of
+    /// every RUNNING one (two index probes each, a round's largest cost with
+    /// a thousand productions running). Every production placement gives a
+    /// job to is among the first `room` with jobs ready in
+    /// [`placement::turn_order`]. Those are found by counting every
+    /// production's jobs in flight (one statement through their index), then
+    /// the ready jobs of a few productions at a time in that order, until
+    /// `room` of them have some.
+    async fn ready_of_the_first(
+        &self,
+        tx: &Transaction<'_>,
+        productions: &[(store::Candidate, Vec<String>)],
+        room: u64,
+    ) -> anyhow::Result<BTreeMap<String, (u64, u64)>> {
+        let ids: Vec<&str> = productions
+            .iter()
+            .map(|(p, _)| p.production_id.as_str())
+            .collect();
+        let in_flight = store::in_flight_of(tx, &ids).await?;
+        let flying = |id: &str| in_flight.get(id).copied().unwrap_or(0);
+        let keys: Vec<(i32, u64)> = productions
+            .iter()
+            .map(|(p, _)| (p.priority, flying(&p.production_id)))
+            .collect();
+        let order = placement::turn_order(&keys);
+        let wanted = room as usize;
+        let mut counts = BTreeMap::new();
+        let mut with_ready = 0;
+        let mut next = 0;
+        while with_ready < wanted && next < order.len() {
+            let chunk: Vec<&str> = order[next..]
+                .iter()
+                .take((wanted - with_ready).max(READY_PROBES_AT_ONCE))
+                .map(|&i| productions[i].0.production_id.as_str())
+                .collect();
+            next += chunk.len();
+            for (id, ready) in store::ready_of(tx, &chunk, room as i64).await? {
+                with_ready += usize::from(ready > 0);
+                let flying = flying(&id);
+                counts.insert(id, (ready, flying));
+            }
+        }
+        Ok(counts)
+    }
+
     /// Locks up to `free` ready jobs for this installation: first retries
     /// placed on it (that may not move), then its portion of what its own
     /// productions and the federated productions that include it have
@@ -341,7 +391,11 @@ impl Scheduler {
             .iter()
             .map(|(p, _)| p.production_id.as_str())
             .collect();
-        let counts = store::ready_and_in_flight(tx, &ids, room as i64).await?;
+        let counts = if federated {
+            store::ready_and_in_flight(tx, &ids, room as i64).await?
+        } else {
+            self.ready_of_the_first(tx, &productions, room).await?
+        };
         let demands: Vec<Demand> = productions
             .into_iter()
             .filter_map(|(p, members)| {

@@ -122,6 +122,47 @@ pub async fn ready_and_in_flight(
         .collect())
 }
 
+/// Per production of `ids` with any: its jobs in flight on any
+/// installation (one statement through the index of jobs in flight).
+pub async fn in_flight_of(
+    tx: &Transaction<'_>,
+    ids: &[&str],
+) -> anyhow::Result<BTreeMap<String, u64>> {
+    Ok(tx
+        .query_cached(
+            "SELECT production_id, count(*) FROM jobs
+             WHERE production_id = ANY($1) AND state IN ('SUBMITTED', 'QUEUED', 'RUNNING')
+             GROUP BY production_id",
+            &[&ids],
+        )
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get::<_, i64>(1).max(0) as u64))
+        .collect())
+}
+
+/// Per production of `ids`: its jobs ready and placed nowhere, counting up
+/// to `cap` each.
+pub async fn ready_of(
+    tx: &Transaction<'_>,
+    ids: &[&str],
+    cap: i64,
+) -> anyhow::Result<BTreeMap<String, u64>> {
+    Ok(tx
+        .query_cached(
+            "SELECT u.id,
+                    (SELECT count(*) FROM (SELECT 1 FROM jobs j
+                                           WHERE j.production_id = u.id AND j.state = 'CREATED'
+                                             AND j.installation IS NULL LIMIT $2) ready)
+             FROM unnest($1::text[]) AS u(id)",
+            &[&ids, &cap],
+        )
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get::<_, i64>(1).max(0) as u64))
+        .collect())
+}
+
 /// Jobs each installation holds (reserved, queued or running).
 pub async fn in_flight_per_installation(
     tx: &Transaction<'_>,
