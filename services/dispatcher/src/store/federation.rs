@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use prodsys_core::JobState;
 use prodsys_db::Cached;
+use prodsys_db::deadpool_postgres::tokio_postgres::Row;
 use prodsys_db::deadpool_postgres::{GenericClient, Transaction};
 
 use super::{JOB_COLUMN_COUNT, JOB_COLUMNS, job_row};
@@ -122,6 +123,13 @@ pub async fn ready_and_in_flight(
         .collect())
 }
 
+/// Rows of a name and a count, as a map (a negative count as none).
+fn counts(rows: &[Row]) -> BTreeMap<String, u64> {
+    rows.iter()
+        .map(|r| (r.get(0), r.get::<_, i64>(1).max(0) as u64))
+        .collect()
+}
+
 /// Per production of `ids` with any: its jobs in flight on any
 /// installation (one statement through the index of jobs in flight).
 pub async fn in_flight_of(
@@ -135,10 +143,8 @@ pub async fn in_flight_of(
              GROUP BY production_id",
             &[&ids],
         )
-        .await?
-        .iter()
-        .map(|r| (r.get(0), r.get::<_, i64>(1).max(0) as u64))
-        .collect())
+        .await
+        .map(|rows| counts(&rows))?)
 }
 
 /// Per production of `ids`: its jobs ready and placed nowhere, counting up
@@ -157,10 +163,8 @@ pub async fn ready_of(
              FROM unnest($1::text[]) AS u(id)",
             &[&ids, &cap],
         )
-        .await?
-        .iter()
-        .map(|r| (r.get(0), r.get::<_, i64>(1).max(0) as u64))
-        .collect())
+        .await
+        .map(|rows| counts(&rows))?)
 }
 
 /// Jobs each installation holds (reserved, queued or running).
@@ -175,10 +179,8 @@ pub async fn in_flight_per_installation(
              GROUP BY 1",
             &[],
         )
-        .await?
-        .iter()
-        .map(|r| (r.get(0), r.get::<_, i64>(1).max(0) as u64))
-        .collect())
+        .await
+        .map(|rows| counts(&rows))?)
 }
 
 /// The installations that may be given jobs: scheduled by a dispatcher
