@@ -262,7 +262,11 @@ async fn assert_each_job_ran_once(app: &App, productions: &[String], jobs: u64) 
         // between committing an attempt as submitted and starting it leaves
         // an attempt that never started: the one that takes over finds
         // nothing under its tag and submits the next attempt, which is the
-        // one that runs (runs.log above: once).
+        // one that runs (runs.log above: once). Killed between marking an
+        // attempt started and spawning its supervisor, it leaves the mark
+        // without a supervisor: the one that takes over waits START_GRACE for
+        // its pid file and then takes it for lost. An earlier attempt's
+        // supervisor never ran, so it never wrote its pid file.
         for (index, attempt) in &final_attempt {
             let ran = format!("{index:06}.a{attempt}");
             assert!(dirs.contains(&ran), "{production}: {ran} in {dirs:?}");
@@ -276,8 +280,8 @@ async fn assert_each_job_ran_once(app: &App, productions: &[String], jobs: u64) 
                     assert!(exit.starts_with("exit 0\n"), "{production}/{dir}: {exit}");
                 } else {
                     assert!(
-                        !path.join("prodsys.started").exists(),
-                        "{production}/{dir}: an earlier attempt that started"
+                        !path.join("prodsys.pid").exists(),
+                        "{production}/{dir}: an earlier attempt whose supervisor ran"
                     );
                 }
             }
