@@ -261,9 +261,9 @@ impl Scheduler {
         )
     }
 
-    /// For productions of this installation alone: ready and in-flight
-    /// counts of only those productions placement can give a job to, not of
-    /// every RUNNING one (two index probes each, a round's largest cost with
+    /// For productions of this installation alone (`ids` theirs, in the
+    /// same order): ready and in-flight counts of only those productions
+    /// placement can give a job to, not of every RUNNING one (two index probes each, a round's largest cost with
     /// a thousand productions running). Every production placement gives a
     /// job to is among the first `room` with jobs ready in
     /// [`placement::turn_order`]. Those are found by counting every
@@ -274,13 +274,10 @@ impl Scheduler {
         &self,
         tx: &Transaction<'_>,
         productions: &[(store::Candidate, Vec<String>)],
+        ids: &[&str],
         room: u64,
     ) -> anyhow::Result<BTreeMap<String, (u64, u64)>> {
-        let ids: Vec<&str> = productions
-            .iter()
-            .map(|(p, _)| p.production_id.as_str())
-            .collect();
-        let in_flight = store::in_flight_of(tx, &ids).await?;
+        let in_flight = store::in_flight_of(tx, ids).await?;
         let flying = |id: &str| in_flight.get(id).copied().unwrap_or(0);
         let keys: Vec<(i32, u64)> = productions
             .iter()
@@ -295,7 +292,7 @@ impl Scheduler {
             let chunk: Vec<&str> = order[next..]
                 .iter()
                 .take((wanted - with_ready).max(READY_PROBES_AT_ONCE))
-                .map(|&i| productions[i].0.production_id.as_str())
+                .map(|&i| ids[i])
                 .collect();
             next += chunk.len();
             for (id, ready) in store::ready_of(tx, &chunk, room as i64).await? {
@@ -394,7 +391,8 @@ impl Scheduler {
         let counts = if federated {
             store::ready_and_in_flight(tx, &ids, room as i64).await?
         } else {
-            self.ready_of_the_first(tx, &productions, room).await?
+            self.ready_of_the_first(tx, &productions, &ids, room)
+                .await?
         };
         let demands: Vec<Demand> = productions
             .into_iter()

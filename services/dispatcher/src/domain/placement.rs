@@ -237,7 +237,7 @@ mod tests {
             let sites =
                 BTreeMap::from([("local".to_string(), site(capacity, next(capacity + 1), 1.0))]);
             let room = sites["local"].free();
-            let demands: Vec<Demand> = (0..1 + next(60))
+            let mut demands: Vec<Demand> = (0..1 + next(60))
                 .map(|i| Demand {
                     production_id: format!("P-{i:03}"),
                     members: vec!["local".into()],
@@ -247,7 +247,6 @@ mod tests {
                 })
                 .collect();
             // `place` takes them highest priority first, then the oldest.
-            let mut demands = demands;
             demands.sort_by_key(|d| std::cmp::Reverse(d.priority));
             let keys: Vec<(i32, u64)> = demands.iter().map(|d| (d.priority, d.in_flight)).collect();
             let mut seen = std::collections::BTreeSet::new();
