@@ -473,6 +473,65 @@ async fn an_older_transition_waiting_for_a_newer_ones_row_changes_nothing() {
 }
 
 #[tokio::test]
+async fn outbox_rows_a_relay_took_come_back_unless_it_commits_and_go_in_order() {
+    let env = prodsys_testkit::TestEnv::new().await.unwrap();
+    let db = prodsys_db::Db::new(env.settings.database.url(), "intake", 2).unwrap();
+    db.migrate(prodsys::Service::Intake.migrations())
+        .await
+        .unwrap();
+    let mut client = db.client().await.unwrap();
+    let events: Vec<prodsys_db::OutboxEvent> = (0..5)
+        .map(|i| prodsys_db::OutboxEvent {
+            event_id: uuid::Uuid::new_v4(),
+            event_type: "request.received".into(),
+            subject: format!("S{i}"),
+            payload: vec![i],
+            reply_to: None,
+            content_type: "application/protobuf".into(),
+        })
+        .collect();
+    // Two transactions, so the rows' order is the order they committed in.
+    for part in [&events[..3], &events[3..]] {
+        let tx = client.transaction().await.unwrap();
+        prodsys_db::enqueue(&tx, &db.outbox_channel(), part)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+    }
+    let subjects = |rows: &[prodsys_db::PendingEvent]| -> Vec<String> {
+        rows.iter().map(|r| r.event.subject.clone()).collect()
+    };
+    let all: Vec<String> = (0..5).map(|i| format!("S{i}")).collect();
+    // Taken by a relay whose publishing failed: rolled back, all there again.
+    {
+        let tx = client.transaction().await.unwrap();
+        let taken = prodsys_db::take_pending(&tx, 3).await.unwrap();
+        assert_eq!(subjects(&taken), all[..3], "the oldest first, in order");
+        tx.rollback().await.unwrap();
+    }
+    // Two relays at once take different rows.
+    let mut other = db.client().await.unwrap();
+    let tx = client.transaction().await.unwrap();
+    let first = prodsys_db::take_pending(&tx, 2).await.unwrap();
+    let other_tx = other.transaction().await.unwrap();
+    let second = prodsys_db::take_pending(&other_tx, 10).await.unwrap();
+    assert_eq!(subjects(&first), all[..2]);
+    assert_eq!(
+        subjects(&second),
+        all[2..],
+        "rows another relay holds are skipped"
+    );
+    other_tx.commit().await.unwrap();
+    tx.commit().await.unwrap();
+    let left: i64 = client
+        .query_one("SELECT count(*) FROM outbox", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0, "committed, every row taken is gone");
+}
+
+#[tokio::test]
 async fn statements_planned_by_key_keep_one_plan_and_the_others_are_planned_each_time() {
     use prodsys_db::Cached;
     let env = prodsys_testkit::TestEnv::new().await.unwrap();
@@ -507,6 +566,49 @@ async fn statements_planned_by_key_keep_one_plan_and_the_others_are_planned_each
             .unwrap();
     }
     assert_eq!(plans(&client, BY_KEY).await, (6, 3));
+    // Rows inserted from unnested parameters (the inbox, as every consumer
+    // writes it) keep one plan as well; the statements after them in the
+    // same transaction are planned for their values again.
+    {
+        let tx = client.transaction().await.unwrap();
+        for _ in 0..4 {
+            let ids = vec![uuid::Uuid::new_v4(), uuid::Uuid::new_v4()];
+            let claimed = prodsys_db::claim(&tx, &ids).await.unwrap();
+            assert_eq!(claimed.len(), 2, "new event IDs are claimed");
+            let again = prodsys_db::claim(&tx, &ids).await.unwrap();
+            assert!(
+                again.is_empty(),
+                "an event ID claimed before is not claimed again"
+            );
+            tx.query_cached(BY_KEY, &[&ids_again(&ids), &indexes[..2].to_vec()])
+                .await
+                .unwrap();
+        }
+        tx.commit().await.unwrap();
+    }
+    let inbox = client
+        .query_one(
+            "SELECT generic_plans, custom_plans FROM pg_prepared_statements
+             WHERE statement LIKE 'INSERT INTO inbox%'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (inbox.get::<_, i64>(0), inbox.get::<_, i64>(1)),
+        (8, 0),
+        "eight inbox inserts on one generic plan, none planned again"
+    );
+    assert_eq!(
+        plans(&client, BY_KEY).await,
+        (6, 7),
+        "the statement after each inbox insert planned for its values"
+    );
+}
+
+/// As many production IDs as `ids`.
+fn ids_again(ids: &[uuid::Uuid]) -> Vec<&'static str> {
+    vec!["CTA-000001"; ids.len()]
 }
 
 /// How often the connection's prepared `statement` ran on its generic plan

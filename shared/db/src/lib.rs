@@ -256,14 +256,9 @@ pub async fn enqueue(
     let payloads: Vec<&[u8]> = events.iter().map(|e| e.payload.as_slice()).collect();
     let replies: Vec<Option<&str>> = events.iter().map(|e| e.reply_to.as_deref()).collect();
     let content_types: Vec<&str> = events.iter().map(|e| e.content_type.as_str()).collect();
-    let insert = tx
-        .prepare_cached(
-            "INSERT INTO outbox (event_id, event_type, subject, payload, reply_to, content_type)
-             SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::bytea[], $5::text[], $6::text[])",
-        )
-        .await?;
-    tx.execute(
-        &insert,
+    tx.execute_planned_once(
+        "INSERT INTO outbox (event_id, event_type, subject, payload, reply_to, content_type)
+         SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::bytea[], $5::text[], $6::text[])",
         &[&ids, &types, &subjects, &payloads, &replies, &content_types],
     )
     .await
@@ -276,14 +271,12 @@ pub async fn enqueue(
 /// Records `event_ids` as handled inside the caller's transaction and returns
 /// the ones seen for the first time: only those may take effect.
 pub async fn claim(tx: &Transaction<'_>, event_ids: &[Uuid]) -> anyhow::Result<HashSet<Uuid>> {
-    let stmt = tx
-        .prepare_cached(
+    let rows = tx
+        .query_planned_once(
             "INSERT INTO inbox (event_id) SELECT unnest($1::uuid[])
              ON CONFLICT DO NOTHING RETURNING event_id",
+            &[&event_ids],
         )
-        .await?;
-    let rows = tx
-        .query(&stmt, &[&event_ids])
         .await
         .context("writing the inbox")?;
     Ok(rows.iter().map(|r| r.get(0)).collect())
@@ -350,17 +343,36 @@ pub async fn prune_inbox(db: &Db, retention: Duration, batch: i64) -> anyhow::Re
     }
 }
 
-/// Locks and returns up to `limit` unsent outbox rows, oldest first; rows
-/// another relay holds are skipped.
-pub async fn pending(tx: &Transaction<'_>, limit: i64) -> anyhow::Result<Vec<PendingEvent>> {
+/// Takes up to `limit` unsent outbox rows, oldest first, deleting them in
+/// the caller's transaction (rows another relay holds are skipped): the
+/// caller publishes them and commits only once the broker confirmed them,
+/// or rolls back and they are there again. One statement instead of a read
+/// and a delete. The transaction commits without waiting for its WAL to
+/// reach the disk (`synchronous_commit = off`): a server crash in the
+/// moment after can only bring back rows already published, which are then
+/// published again and dropped by the consumers' inboxes as duplicates.
+pub async fn take_pending(tx: &Transaction<'_>, limit: i64) -> anyhow::Result<Vec<PendingEvent>> {
     let stmt = tx
         .prepare_cached(
-            "SELECT id, event_id, event_type, subject, payload, created_at, reply_to, content_type FROM outbox
-             ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+            "DELETE FROM outbox WHERE id IN (
+                 SELECT id FROM outbox ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED)
+             RETURNING id, event_id, event_type, subject, payload, created_at, reply_to, content_type",
         )
         .await?;
-    let rows = tx.query(&stmt, &[&limit]).await?;
-    Ok(rows
+    // One round trip for both.
+    let ((), rows) = futures::try_join!(
+        async {
+            tx.batch_execute("SET LOCAL synchronous_commit = off")
+                .await
+                .context("relaxing the relay's commit")
+        },
+        async {
+            tx.query(&stmt, &[&limit])
+                .await
+                .context("taking outbox rows")
+        },
+    )?;
+    let mut events: Vec<PendingEvent> = rows
         .iter()
         .map(|r| PendingEvent {
             id: r.get(0),
@@ -374,16 +386,10 @@ pub async fn pending(tx: &Transaction<'_>, limit: i64) -> anyhow::Result<Vec<Pen
             },
             created_at: r.get(5),
         })
-        .collect())
-}
-
-/// Removes rows the broker has confirmed.
-pub async fn mark_sent(tx: &Transaction<'_>, ids: &[i64]) -> anyhow::Result<()> {
-    let stmt = tx
-        .prepare_cached("DELETE FROM outbox WHERE id = ANY($1)")
-        .await?;
-    tx.execute(&stmt, &[&ids]).await?;
-    Ok(())
+        .collect();
+    // RETURNING keeps no order: published in the order committed.
+    events.sort_unstable_by_key(|e| e.id);
+    Ok(events)
 }
 
 /// Statements through the connection's statement cache: parsed and planned
@@ -443,3 +449,63 @@ pub trait Cached: deadpool_postgres::GenericClient {
 }
 
 impl<C: deadpool_postgres::GenericClient> Cached for C {}
+
+/// Statements that insert rows unnested from their parameters (conflicts
+/// found by a unique key), run on a plan made once per connection and
+/// statement instead of one made for each execution
+/// (`plan_cache_mode=force_custom_plan`, see [`config_for`]): such a plan
+/// has no choice to make, neither the batch nor the statistics can change
+/// it, and planning was most of what these statements cost (an inbox
+/// insert 50 µs planning beside 100 µs executing; the status service's
+/// production upsert 100 µs). The setting is changed around the statement
+/// in the same round trip as the statement itself, and put back after it,
+/// so not for use between [`plan_by_key`] and [`plan_freely`].
+pub trait PlannedOnce {
+    fn query_planned_once<'a>(
+        &'a self,
+        sql: &'a str,
+        params: &'a [&'a (dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> impl std::future::Future<Output = Result<Vec<tokio_postgres::Row>, tokio_postgres::Error>>
+    + Send
+    + 'a;
+
+    fn execute_planned_once<'a>(
+        &'a self,
+        sql: &'a str,
+        params: &'a [&'a (dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> impl std::future::Future<Output = Result<u64, tokio_postgres::Error>> + Send + 'a;
+}
+
+const PLAN_ONCE: &str = "SET LOCAL plan_cache_mode = force_generic_plan";
+const PLAN_EACH_TIME: &str = "SET LOCAL plan_cache_mode = force_custom_plan";
+
+impl PlannedOnce for Transaction<'_> {
+    async fn query_planned_once<'a>(
+        &'a self,
+        sql: &'a str,
+        params: &'a [&'a (dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
+        let statement = self.prepare_cached(sql).await?;
+        // Joined, the three are sent together and answered in order.
+        let ((), rows, ()) = futures::try_join!(
+            self.batch_execute(PLAN_ONCE),
+            self.query(&statement, params),
+            self.batch_execute(PLAN_EACH_TIME),
+        )?;
+        Ok(rows)
+    }
+
+    async fn execute_planned_once<'a>(
+        &'a self,
+        sql: &'a str,
+        params: &'a [&'a (dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<u64, tokio_postgres::Error> {
+        let statement = self.prepare_cached(sql).await?;
+        let ((), n, ()) = futures::try_join!(
+            self.batch_execute(PLAN_ONCE),
+            self.execute(&statement, params),
+            self.batch_execute(PLAN_EACH_TIME),
+        )?;
+        Ok(n)
+    }
+}

@@ -1,5 +1,5 @@
-//! The outbox relay: publishes committed outbox rows in order and deletes
-//! them only after the broker confirmed them. Woken by LISTEN/NOTIFY when a
+//! The outbox relay: publishes committed outbox rows in order; their
+//! deletion commits only after the broker confirmed them. Woken by LISTEN/NOTIFY when a
 //! transaction commits an event; a slow timer is only the safety net for a
 //! lost LISTEN connection. Several replicas may run: rows are locked with
 //! SKIP LOCKED, so each is published by one relay.
@@ -116,7 +116,9 @@ pub async fn publish_batch(
 ) -> anyhow::Result<usize> {
     let mut client = db.client().await?;
     let tx = client.transaction().await?;
-    let rows = prodsys_db::pending(&tx, BATCH).await?;
+    // Taken (deleted) in this transaction, which commits once the broker
+    // confirmed them all; on any failure it rolls back and they stay.
+    let rows = prodsys_db::take_pending(&tx, BATCH).await?;
     if rows.is_empty() {
         return Ok(0);
     }
@@ -157,8 +159,6 @@ pub async fn publish_batch(
         })
         .collect();
     publisher.publish(&messages).await?;
-    let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
-    prodsys_db::mark_sent(&tx, &ids).await?;
     tx.commit().await?;
     let confirmed = chrono::Utc::now();
     prodsys_telemetry::metrics::metrics().relayed(
