@@ -507,8 +507,23 @@ async fn outbox_rows_a_relay_took_come_back_unless_it_commits_and_go_in_order() 
         let tx = client.transaction().await.unwrap();
         let taken = prodsys_db::take_pending(&tx, 3).await.unwrap();
         assert_eq!(subjects(&taken), all[..3], "the oldest first, in order");
+        let commit: String = tx
+            .query_one("SHOW synchronous_commit", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(
+            commit, "off",
+            "the relay's commit does not wait for the disk"
+        );
         tx.rollback().await.unwrap();
     }
+    let commit: String = client
+        .query_one("SHOW synchronous_commit", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(commit, "on", "only the relay's own transaction");
     // Two relays at once take different rows.
     let mut other = db.client().await.unwrap();
     let tx = client.transaction().await.unwrap();
@@ -566,49 +581,6 @@ async fn statements_planned_by_key_keep_one_plan_and_the_others_are_planned_each
             .unwrap();
     }
     assert_eq!(plans(&client, BY_KEY).await, (6, 3));
-    // Rows inserted from unnested parameters (the inbox, as every consumer
-    // writes it) keep one plan as well; the statements after them in the
-    // same transaction are planned for their values again.
-    {
-        let tx = client.transaction().await.unwrap();
-        for _ in 0..4 {
-            let ids = vec![uuid::Uuid::new_v4(), uuid::Uuid::new_v4()];
-            let claimed = prodsys_db::claim(&tx, &ids).await.unwrap();
-            assert_eq!(claimed.len(), 2, "new event IDs are claimed");
-            let again = prodsys_db::claim(&tx, &ids).await.unwrap();
-            assert!(
-                again.is_empty(),
-                "an event ID claimed before is not claimed again"
-            );
-            tx.query_cached(BY_KEY, &[&ids_again(&ids), &indexes[..2].to_vec()])
-                .await
-                .unwrap();
-        }
-        tx.commit().await.unwrap();
-    }
-    let inbox = client
-        .query_one(
-            "SELECT generic_plans, custom_plans FROM pg_prepared_statements
-             WHERE statement LIKE 'INSERT INTO inbox%'",
-            &[],
-        )
-        .await
-        .unwrap();
-    assert_eq!(
-        (inbox.get::<_, i64>(0), inbox.get::<_, i64>(1)),
-        (8, 0),
-        "eight inbox inserts on one generic plan, none planned again"
-    );
-    assert_eq!(
-        plans(&client, BY_KEY).await,
-        (6, 7),
-        "the statement after each inbox insert planned for its values"
-    );
-}
-
-/// As many production IDs as `ids`.
-fn ids_again(ids: &[uuid::Uuid]) -> Vec<&'static str> {
-    vec!["CTA-000001"; ids.len()]
 }
 
 /// How often the connection's prepared `statement` ran on its generic plan

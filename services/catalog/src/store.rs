@@ -2,7 +2,7 @@
 
 use anyhow::Context;
 use prodsys_db::deadpool_postgres::{GenericClient, Transaction};
-use prodsys_db::{Cached, Db, PlannedOnce};
+use prodsys_db::{Cached, Db};
 use prodsys_proto as pb;
 
 use crate::domain::{self, FileQuery, KeyTypes};
@@ -769,7 +769,7 @@ pub async fn record_accepted(tx: &Transaction<'_>, batch: &[Accepted<'_>]) -> an
         batch.iter().map(|a| a.submitted_at).collect();
     let accepted_at: Vec<Option<chrono::DateTime<chrono::Utc>>> =
         batch.iter().map(|a| a.accepted_at).collect();
-    tx.execute_planned_once(
+    tx.execute_cached(
         "INSERT INTO accepted_requests (production_id, request_id, submitter, vo, profile,
                                         profile_sha256, fingerprint, parameters, backend,
                                         destinations, submitted_at, accepted_at)
@@ -870,7 +870,7 @@ pub async fn record_dispatched(
         .iter()
         .map(|d| d.estimate.map(|e| e.memory_mb.min(i64::MAX as u64) as i64))
         .collect();
-    tx.execute_planned_once(
+    tx.execute_cached(
         "INSERT INTO dispatches (production_id, job_total, backend, cpu_seconds_per_job,
                                  cpu_hours_total, memory_mb, disk_mb_per_job, disk_gb_total)
          SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::float8[], $5::float8[],

@@ -3,8 +3,8 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use anyhow::Context;
+use prodsys_db::Cached;
 use prodsys_db::deadpool_postgres::Transaction;
-use prodsys_db::{Cached, PlannedOnce};
 use uuid::Uuid;
 
 use prodsys_core::container::ResolvedTemplate;
@@ -184,7 +184,7 @@ impl NewProductions {
         if self.ids.is_empty() {
             return Ok(());
         }
-        tx.execute_planned_once(
+        tx.execute_cached(
             "INSERT INTO productions
                  (production_id, fingerprint, request_id, profile, vo, parameters, backend,
                   run_number_offset, base_fingerprint, last_run, file_base)

@@ -7,8 +7,8 @@
 use std::collections::{HashMap, HashSet};
 
 use prodsys_core::{JobState, ProductionState};
+use prodsys_db::Cached;
 use prodsys_db::deadpool_postgres::{GenericClient, Transaction};
-use prodsys_db::{Cached, PlannedOnce};
 
 use crate::domain::{JobRow, NewProduction};
 
@@ -603,7 +603,7 @@ pub async fn insert_productions(
         accepted_ats.push(p.accepted_at);
     }
     Ok(tx
-        .query_planned_once(
+        .query_cached(
             "INSERT INTO productions (production_id, request_id, profile, vo, parameters, fingerprint,
                                       backend, run_number_offset, job_total, priority, state, planned_jobs,
                                       accepted_at, output_destination)
@@ -1188,7 +1188,7 @@ impl JobRows {
         if self.indexes.is_empty() {
             return Ok(());
         }
-        tx.execute_planned_once(
+        tx.execute_cached(
             "INSERT INTO jobs (production_id, job_index, run_number, seed, units, inputs)
              SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[],
                                   $6::jsonb[])",

@@ -4,7 +4,7 @@ use anyhow::Context;
 use prodsys_core::Violation;
 use prodsys_core::events::{PRODUCTION_CANCEL, REQUEST_RECEIVED};
 use prodsys_db::deadpool_postgres::Transaction;
-use prodsys_db::{Cached, Db, OutboxEvent, PlannedOnce};
+use prodsys_db::{Cached, Db, OutboxEvent};
 use prodsys_proto as pb;
 use prodsys_server::outbox_event;
 use uuid::Uuid;
@@ -145,7 +145,7 @@ impl<'a> KeylessRequests<'a> {
         if self.ids.is_empty() {
             return Ok(());
         }
-        tx.execute_planned_once(
+        tx.execute_cached(
             "INSERT INTO requests (request_id, profile, vo, parameters, backend, submitter,
                                    extend, reuse_existing, priority, forward, forward_replace,
                                    state, owner)

@@ -7,7 +7,7 @@ use anyhow::Context;
 use prodsys_core::ProductionState;
 use prodsys_db::deadpool_postgres::{GenericClient, Transaction};
 use prodsys_db::tokio_postgres::Row;
-use prodsys_db::{Cached, Db, PlannedOnce};
+use prodsys_db::{Cached, Db};
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
@@ -158,7 +158,7 @@ async fn upsert_productions(
         periods.push(u.period);
         pointings.push(u.pointing);
     }
-    tx.execute_planned_once(
+    tx.execute_cached(
         "INSERT INTO productions AS p (production_id, state, state_rank, job_total, request_id,
                                        profile, vo, backend, estimate, period, pointing)
          SELECT u.id, u.state, u.rank, u.total, u.request_id,

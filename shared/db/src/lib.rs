@@ -256,9 +256,14 @@ pub async fn enqueue(
     let payloads: Vec<&[u8]> = events.iter().map(|e| e.payload.as_slice()).collect();
     let replies: Vec<Option<&str>> = events.iter().map(|e| e.reply_to.as_deref()).collect();
     let content_types: Vec<&str> = events.iter().map(|e| e.content_type.as_str()).collect();
-    tx.execute_planned_once(
-        "INSERT INTO outbox (event_id, event_type, subject, payload, reply_to, content_type)
-         SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::bytea[], $5::text[], $6::text[])",
+    let insert = tx
+        .prepare_cached(
+            "INSERT INTO outbox (event_id, event_type, subject, payload, reply_to, content_type)
+             SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::bytea[], $5::text[], $6::text[])",
+        )
+        .await?;
+    tx.execute(
+        &insert,
         &[&ids, &types, &subjects, &payloads, &replies, &content_types],
     )
     .await
@@ -271,12 +276,14 @@ pub async fn enqueue(
 /// Records `event_ids` as handled inside the caller's transaction and returns
 /// the ones seen for the first time: only those may take effect.
 pub async fn claim(tx: &Transaction<'_>, event_ids: &[Uuid]) -> anyhow::Result<HashSet<Uuid>> {
-    let rows = tx
-        .query_planned_once(
+    let stmt = tx
+        .prepare_cached(
             "INSERT INTO inbox (event_id) SELECT unnest($1::uuid[])
              ON CONFLICT DO NOTHING RETURNING event_id",
-            &[&event_ids],
         )
+        .await?;
+    let rows = tx
+        .query(&stmt, &[&event_ids])
         .await
         .context("writing the inbox")?;
     Ok(rows.iter().map(|r| r.get(0)).collect())
@@ -449,63 +456,3 @@ pub trait Cached: deadpool_postgres::GenericClient {
 }
 
 impl<C: deadpool_postgres::GenericClient> Cached for C {}
-
-/// Statements that insert rows unnested from their parameters (conflicts
-/// found by a unique key), run on a plan made once per connection and
-/// statement instead of one made for each execution
-/// (`plan_cache_mode=force_custom_plan`, see [`config_for`]): such a plan
-/// has no choice to make, neither the batch nor the statistics can change
-/// it, and planning was most of what these statements cost (an inbox
-/// insert 50 µs planning beside 100 µs executing; the status service's
-/// production upsert 100 µs). The setting is changed around the statement
-/// in the same round trip as the statement itself, and put back after it,
-/// so not for use between [`plan_by_key`] and [`plan_freely`].
-pub trait PlannedOnce {
-    fn query_planned_once<'a>(
-        &'a self,
-        sql: &'a str,
-        params: &'a [&'a (dyn tokio_postgres::types::ToSql + Sync)],
-    ) -> impl std::future::Future<Output = Result<Vec<tokio_postgres::Row>, tokio_postgres::Error>>
-    + Send
-    + 'a;
-
-    fn execute_planned_once<'a>(
-        &'a self,
-        sql: &'a str,
-        params: &'a [&'a (dyn tokio_postgres::types::ToSql + Sync)],
-    ) -> impl std::future::Future<Output = Result<u64, tokio_postgres::Error>> + Send + 'a;
-}
-
-const PLAN_ONCE: &str = "SET LOCAL plan_cache_mode = force_generic_plan";
-const PLAN_EACH_TIME: &str = "SET LOCAL plan_cache_mode = force_custom_plan";
-
-impl PlannedOnce for Transaction<'_> {
-    async fn query_planned_once<'a>(
-        &'a self,
-        sql: &'a str,
-        params: &'a [&'a (dyn tokio_postgres::types::ToSql + Sync)],
-    ) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
-        let statement = self.prepare_cached(sql).await?;
-        // Joined, the three are sent together and answered in order.
-        let ((), rows, ()) = futures::try_join!(
-            self.batch_execute(PLAN_ONCE),
-            self.query(&statement, params),
-            self.batch_execute(PLAN_EACH_TIME),
-        )?;
-        Ok(rows)
-    }
-
-    async fn execute_planned_once<'a>(
-        &'a self,
-        sql: &'a str,
-        params: &'a [&'a (dyn tokio_postgres::types::ToSql + Sync)],
-    ) -> Result<u64, tokio_postgres::Error> {
-        let statement = self.prepare_cached(sql).await?;
-        let ((), n, ()) = futures::try_join!(
-            self.batch_execute(PLAN_ONCE),
-            self.execute(&statement, params),
-            self.batch_execute(PLAN_EACH_TIME),
-        )?;
-        Ok(n)
-    }
-}
