@@ -263,13 +263,13 @@ impl Scheduler {
 
     /// For productions of this installation alone (`ids` theirs, in the
     /// same order): ready and in-flight counts of only those productions
-    /// placement can give a job to, not of every RUNNING one (two index probes each, a round's largest cost with
-    /// a thousand productions running). Every production placement gives a
-    /// job to is among the first `room` with jobs ready in
-    /// [`placement::turn_order`]. Those are found by counting every
-    /// production's jobs in flight (one statement through their index), then
-    /// the ready jobs of a few productions at a time in that order, until
-    /// `room` of them have some.
+    /// placement can give a job to, not of every RUNNING one (two index
+    /// probes each, a round's largest cost with a thousand productions
+    /// running). Every production placement gives a job to is among the
+    /// first `room` with jobs ready in [`placement::turn_order`]. Those are
+    /// found by counting every production's jobs in flight (one statement
+    /// through their index), then the ready jobs of a few productions at a
+    /// time in that order, until `room` of them have some.
     async fn ready_of_the_first(
         &self,
         tx: &Transaction<'_>,
