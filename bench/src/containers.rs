@@ -34,6 +34,8 @@ pub struct ContainerPlan {
     /// Jobs the local executor holds waiting for a slot (`max_queued_jobs`),
     /// each started the moment one frees, as the raw run starts its next.
     pub queued: usize,
+    /// The dispatcher's poll interval (ms; None: the tests' 200).
+    pub poll_interval_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -323,6 +325,7 @@ async fn measure(plan: ContainerPlan, env: &mut TestEnv) -> anyhow::Result<Conta
             jobs: 1,
             concurrency: 1,
             queued: 0,
+            poll_interval_ms: None,
         },
         &image,
         &templates,
@@ -338,6 +341,9 @@ async fn measure(plan: ContainerPlan, env: &mut TestEnv) -> anyhow::Result<Conta
     env.settings.templates_dir = templates;
     env.settings.dispatcher.max_concurrent_jobs = plan.concurrency;
     env.settings.dispatcher.max_queued_jobs = plan.queued;
+    if let Some(ms) = plan.poll_interval_ms {
+        env.settings.dispatcher.poll_interval_ms = ms;
+    }
     let services = Services::start(&env.settings, &env.work_dir.join("services")).await?;
     let meter = sys::CpuMeter::start_with(&services.pids());
     let measured = through_prodsys(&services, &parameters, plan.jobs).await;

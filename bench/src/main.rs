@@ -811,6 +811,7 @@ async fn run(args: &Args) -> anyhow::Result<Results> {
                 .unwrap_or(if args.smoke { 4 } else { 1000 }),
             concurrency: args.container_concurrency.unwrap_or(2),
             queued: args.container_queue.unwrap_or(4),
+            poll_interval_ms: args.poll_interval_ms,
         };
         eprintln!(
             "containers: {} jobs, {} at once ({} queued), through prodsys and with podman run …",

@@ -390,8 +390,11 @@ impl Local {
                 let message = format!("cannot start: {error:#}");
                 let _ = std::fs::write(next.workdir.join("stderr.log"), &message);
                 let _ = write_exit(&next.workdir, 126);
+                local.changed.notify_one();
             }
-            local.changed.notify_one();
+            // A start alone rings no round: the attempt is told RUNNING by
+            // the next one (a job's end or the poll interval), so a queue
+            // that refills slots costs a round per job, not two.
             local.pump();
         });
     }
