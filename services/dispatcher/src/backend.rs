@@ -358,6 +358,16 @@ impl Local {
         })
     }
 
+    /// Whether the scheduler should take a round now that an attempt ended:
+    /// when at most half the queue still waits (a slot would soon have
+    /// nothing to start; with no queue, always). With more waiting, the
+    /// slots stay busy, and the next round (its poll interval, or the end
+    /// that leaves the queue half empty) reports every end since and refills
+    /// the queue in one go, instead of a round for each job that ends.
+    fn running_low(&self) -> bool {
+        lock(&self.state).map_or(true, |state| state.waiting.len() * 2 <= self.max_queued)
+    }
+
     /// Starts waiting attempts while slots are free (in a task of its own).
     fn pump(self: &Arc<Self>) {
         let next = {
@@ -475,7 +485,9 @@ impl Local {
                 state.children.remove(&key);
             }
             local.pump();
-            local.changed.notify_one();
+            if local.running_low() {
+                local.changed.notify_one();
+            }
         });
         Ok(BackendStatus {
             cpu_ms: None,
@@ -778,5 +790,73 @@ impl Backend for LocalExecutor {
             })
             .await?
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn spec(root: &Path, n: usize) -> JobSpec {
+        let workdir = root.join(format!("job{n}"));
+        std::fs::create_dir_all(&workdir).unwrap();
+        JobSpec {
+            tag: format!("TEST-000001.{n:06}.a1"),
+            production_id: "TEST-000001".into(),
+            program: "sleep".into(),
+            args: vec!["0.2".into()],
+            env: Vec::new(),
+            output_dir: workdir.join("out"),
+            workdir,
+            cpu_seconds: 1.0,
+            memory_mb: 64,
+            disk_mb: 1.0,
+            remote: None,
+            input_list: None,
+        }
+    }
+
+    fn ended(root: &Path, jobs: usize) -> usize {
+        (0..jobs)
+            .filter(|n| {
+                root.join(format!("job{n}"))
+                    .join(supervisor::EXIT_FILE)
+                    .exists()
+            })
+            .count()
+    }
+
+    /// A slot refilled from the queue rings no round by starting; an end
+    /// rings one only once at most half the queue still waits, so a full
+    /// queue costs a round for every few jobs, not two for each.
+    #[tokio::test]
+    async fn ends_ring_the_scheduler_only_once_the_queue_runs_low() {
+        let root = std::env::temp_dir().join(format!("prodsys-local-{}", uuid::Uuid::new_v4()));
+        let executor = LocalExecutor::new("local", 1, None).with_queue(4);
+        let changed = executor.changed();
+        let jobs = 5;
+        for n in 0..jobs {
+            executor.submit(&spec(&root, n)).await.unwrap();
+        }
+        // One runs, four wait: the first end leaves three (more than half)
+        // waiting, the second two.
+        tokio::time::timeout(Duration::from_secs(30), changed.notified())
+            .await
+            .expect("an end rang the scheduler once the queue ran low");
+        let seen = ended(&root, jobs);
+        assert!(
+            seen >= 2,
+            "rung with {seen} attempt(s) ended, before the queue ran low"
+        );
+        // With nothing left waiting, every end rings.
+        tokio::time::timeout(Duration::from_secs(30), async {
+            while ended(&root, jobs) < jobs {
+                changed.notified().await;
+            }
+        })
+        .await
+        .expect("the last ends rang too");
+        std::fs::remove_dir_all(&root).unwrap();
     }
 }
