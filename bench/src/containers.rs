@@ -264,26 +264,31 @@ async fn through_prodsys(
             _ => tokio::time::sleep(Duration::from_millis(50)).await,
         }
     };
+    // Followed as a client would: one WatchProduction stream, a snapshot
+    // each time the production changes (polling GetProduction ten times a
+    // second cost the status service and PostgreSQL CPU the run counted).
+    let mut stream = status
+        .watch_production(pb::GetProductionRequest {
+            production_id: production.clone(),
+        })
+        .await
+        .context("WatchProduction")?
+        .into_inner();
     loop {
-        let answer = status
-            .get_production(pb::GetProductionRequest {
-                production_id: production.clone(),
-            })
-            .await;
-        if let Ok(p) = answer {
-            let p = p.into_inner();
-            match p.state() {
-                pb::ProductionState::Completed => break,
-                pb::ProductionState::Failed
-                | pb::ProductionState::PartiallyCompleted
-                | pb::ProductionState::Cancelled => bail!("the production ended {:?}", p.state()),
-                _ => {}
-            }
+        let next = tokio::time::timeout_at(deadline.into(), stream.message())
+            .await
+            .map_err(|_| anyhow::anyhow!("the production did not complete in time"))?
+            .context("reading WatchProduction")?;
+        let Some(p) = next else {
+            bail!("the WatchProduction stream ended before the production completed");
+        };
+        match p.state() {
+            pb::ProductionState::Completed => break,
+            pb::ProductionState::Failed
+            | pb::ProductionState::PartiallyCompleted
+            | pb::ProductionState::Cancelled => bail!("the production ended {:?}", p.state()),
+            _ => {}
         }
-        if Instant::now() > deadline {
-            bail!("the production did not complete in time");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let seconds = began.elapsed().as_secs_f64();
     // The record is there once every output is catalogued.
