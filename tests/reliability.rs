@@ -493,9 +493,7 @@ async fn outbox_rows_a_relay_took_come_back_unless_it_commits_and_go_in_order() 
     // Two transactions, so the rows' order is the order they committed in.
     for part in [&events[..3], &events[3..]] {
         let tx = client.transaction().await.unwrap();
-        prodsys_db::enqueue(&tx, &db.outbox_channel(), part)
-            .await
-            .unwrap();
+        prodsys_db::enqueue(&tx, &db, part).await.unwrap();
         tx.commit().await.unwrap();
     }
     let subjects = |rows: &[prodsys_db::PendingEvent]| -> Vec<String> {

@@ -538,7 +538,7 @@ impl Forwarder {
                 ));
             }
         }
-        prodsys_db::enqueue(&tx, &self.db.outbox_channel(), &events).await?;
+        prodsys_db::enqueue(&tx, &self.db, &events).await?;
         tx.commit().await?;
         Ok(swept.len())
     }

@@ -157,7 +157,7 @@ impl Checker {
             })
             .collect();
         let events = self.decide(&tx, pending, &expanded).await?;
-        prodsys_db::enqueue(&tx, &self.db.outbox_channel(), &events).await?;
+        prodsys_db::enqueue(&tx, &self.db, &events).await?;
         tx.commit().await?;
         Ok(outcomes)
     }

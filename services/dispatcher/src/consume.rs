@@ -165,7 +165,7 @@ impl Planner {
                 "production recorded");
         }
         jobs.flush(tx).await?;
-        prodsys_db::enqueue(tx, &self.db.outbox_channel(), &events).await?;
+        prodsys_db::enqueue(tx, &self.db, &events).await?;
         Ok((chained, left_to_plan))
     }
 
@@ -288,7 +288,7 @@ impl Planner {
         let (events, created) = chain::advance(&tx, &self.profiles, &children)
             .await
             .map_err(DispatcherError::Unexpected)?;
-        prodsys_db::enqueue(&tx, &self.db.outbox_channel(), &events).await?;
+        prodsys_db::enqueue(&tx, &self.db, &events).await?;
         tx.commit().await?;
         if created > 0 {
             tracing::debug!(created, "jobs made of arriving inputs");

@@ -131,7 +131,7 @@ impl Scheduler {
             let mut client = self.db.client().await?;
             let tx = client.transaction().await?;
             if let Some(event) = crate::scheduler::close_if_finished(&tx, &p.production_id).await? {
-                prodsys_db::enqueue(&tx, &self.db.outbox_channel(), &[event]).await?;
+                prodsys_db::enqueue(&tx, &self.db, &[event]).await?;
             }
             tx.commit().await?;
         }

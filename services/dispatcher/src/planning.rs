@@ -128,7 +128,7 @@ impl PlanningTask {
             let (events, made) =
                 crate::chain::advance(&tx, &self.profiles, std::slice::from_ref(&production_id))
                     .await?;
-            prodsys_db::enqueue(&tx, &self.db.outbox_channel(), &events).await?;
+            prodsys_db::enqueue(&tx, &self.db, &events).await?;
             tx.commit().await?;
             created += made;
         }

@@ -703,7 +703,7 @@ impl Scheduler {
         store::federation::record_health(&tx, &installation, healthy, &event.reason).await?;
         prodsys_db::enqueue(
             &tx,
-            &self.db.outbox_channel(),
+            &self.db,
             &[outbox_event(INSTALLATION_HEALTH, &installation, &event)],
         )
         .await?;
@@ -798,7 +798,7 @@ impl Scheduler {
             retrying = cancelled.retrying,
             "productions cancelled"
         );
-        prodsys_db::enqueue(&tx, &self.db.outbox_channel(), &all).await?;
+        prodsys_db::enqueue(&tx, &self.db, &all).await?;
         tx.commit().await?;
         // Submitted after the first look (another replica's round): killed now.
         if !late.is_empty()
@@ -1013,7 +1013,7 @@ impl Scheduler {
                 events.push(event);
             }
         }
-        prodsys_db::enqueue(&tx, &self.db.outbox_channel(), &events).await?;
+        prodsys_db::enqueue(&tx, &self.db, &events).await?;
         tx.commit().await?;
         Ok(())
     }

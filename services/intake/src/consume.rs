@@ -324,7 +324,7 @@ impl IntakeConsumer {
             );
             events.push(store::reply(&queue, recorded.request_id, body)?);
         }
-        prodsys_db::enqueue(&tx, &self.db.outbox_channel(), &events).await?;
+        prodsys_db::enqueue(&tx, &self.db, &events).await?;
         tx.commit().await.map_err(anyhow::Error::from)?;
         Ok(outcomes)
     }

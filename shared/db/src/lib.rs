@@ -34,6 +34,8 @@ pub struct Db {
     url: String,
     tls: PgTls,
     ssl_mode: tokio_postgres::config::SslMode,
+    /// What this pool's outbox writes put in their NOTIFY (see [`Db::notifier`]).
+    notifier: std::sync::Arc<str>,
 }
 
 impl std::fmt::Debug for Db {
@@ -138,7 +140,17 @@ impl Db {
             url,
             tls,
             ssl_mode,
+            notifier: Uuid::new_v4().simple().to_string().into(),
         })
+    }
+
+    /// The payload of the NOTIFY that this pool's outbox writes send on
+    /// commit (one per pool, so one per replica of a service): its relay
+    /// looks at the outbox when its own commits notify, and leaves what
+    /// another replica committed to that replica's relay, instead of every
+    /// replica's relay taking a transaction to find the rows gone.
+    pub fn notifier(&self) -> &str {
+        &self.notifier
     }
 
     pub fn pool(&self) -> &Pool {
@@ -240,13 +252,9 @@ fn advisory_key(schema: &str) -> i64 {
     hash as i64
 }
 
-/// Adds `events` to the outbox inside the caller's transaction, and wakes the
-/// relay when (and only if) that transaction commits.
-pub async fn enqueue(
-    tx: &Transaction<'_>,
-    channel: &str,
-    events: &[OutboxEvent],
-) -> anyhow::Result<()> {
+/// Adds `events` to the outbox inside the caller's transaction, and wakes
+/// `db`'s relay when (and only if) that transaction commits.
+pub async fn enqueue(tx: &Transaction<'_>, db: &Db, events: &[OutboxEvent]) -> anyhow::Result<()> {
     if events.is_empty() {
         return Ok(());
     }
@@ -268,8 +276,11 @@ pub async fn enqueue(
     )
     .await
     .context("writing the outbox")?;
-    tx.execute_cached("SELECT pg_notify($1, '')", &[&channel])
-        .await?;
+    tx.execute_cached(
+        "SELECT pg_notify($1, $2)",
+        &[&db.outbox_channel(), &db.notifier()],
+    )
+    .await?;
     Ok(())
 }
 

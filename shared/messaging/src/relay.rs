@@ -1,8 +1,9 @@
 //! The outbox relay: publishes committed outbox rows in order; their
 //! deletion commits only after the broker confirmed them. Woken by LISTEN/NOTIFY when a
-//! transaction commits an event; a slow timer is only the safety net for a
-//! lost LISTEN connection. Several replicas may run: rows are locked with
-//! SKIP LOCKED, so each is published by one relay.
+//! transaction of its own replica commits an event; a slow timer is the
+//! safety net for a lost LISTEN connection and for what a replica that died
+//! left behind. Several replicas may run: rows are locked with SKIP LOCKED,
+//! so each is published by one relay.
 
 use std::time::Duration;
 
@@ -66,27 +67,43 @@ pub async fn run_relay(
             backoff.reset();
             SAFETY_NET
         };
-        let notified = async {
-            match listener.as_mut() {
-                Some(l) => l.notifications.recv().await.is_some(),
-                None => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            alive = notified => {
-                if alive {
+        // Waits for a commit of this replica (or of a writer that sends no
+        // mark), the connection's loss or the wait's end. Another replica's
+        // commits are that replica's relay's to publish: looking for them
+        // would cost a transaction that finds them taken. Rows a replica
+        // left when it died are found by the next look, at the latest the
+        // safety net's, however often the others notify.
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let notified = async {
+                match listener.as_mut() {
+                    Some(l) => l.notifications.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                payload = notified => {
+                    let Some(payload) = payload else {
+                        listener = None;
+                        break;
+                    };
+                    let mut ours = wakes(&payload, db.notifier());
                     if let Some(l) = listener.as_mut() {
-                        while l.notifications.try_recv().is_ok() {}
+                        while let Ok(payload) = l.notifications.try_recv() {
+                            ours |= wakes(&payload, db.notifier());
+                        }
+                    }
+                    if !ours {
+                        continue;
                     }
                     if failed {
-                        tokio::time::sleep(wait).await;
+                        tokio::time::sleep_until(deadline).await;
                     }
-                } else {
-                    listener = None;
+                    break;
                 }
+                _ = tokio::time::sleep_until(deadline) => break,
             }
-            _ = tokio::time::sleep(wait) => {}
         }
     }
     // Stopping: what the service committed until now still goes out.
@@ -105,6 +122,13 @@ pub async fn run_relay(
         }
     }
     tracing::info!(events = sent, "outbox relay flushed and stopped");
+}
+
+/// Whether a NOTIFY on the outbox channel calls for a look: one sent by this
+/// replica's own commits (`own`, [`Db::notifier`]), or one without a mark
+/// (a writer that is not a prodsys service, or an older one).
+pub fn wakes(payload: &str, own: &str) -> bool {
+    payload.is_empty() || payload == own
 }
 
 /// Publishes one batch of pending rows; returns how many were sent.

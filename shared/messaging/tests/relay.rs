@@ -107,25 +107,17 @@ async fn rolled_back_events_never_leave_and_committed_ones_leave_exactly_once() 
     let mut client = db.client().await.unwrap();
     {
         let tx = client.transaction().await.unwrap();
-        prodsys_db::enqueue(
-            &tx,
-            &db.outbox_channel(),
-            std::slice::from_ref(&rolled_back),
-        )
-        .await
-        .unwrap();
+        prodsys_db::enqueue(&tx, &db, std::slice::from_ref(&rolled_back))
+            .await
+            .unwrap();
         tx.rollback().await.unwrap();
     }
     let committed_at = Instant::now();
     {
         let tx = client.transaction().await.unwrap();
-        prodsys_db::enqueue(
-            &tx,
-            &db.outbox_channel(),
-            &[unroutable.clone(), committed.clone()],
-        )
-        .await
-        .unwrap();
+        prodsys_db::enqueue(&tx, &db, &[unroutable.clone(), committed.clone()])
+            .await
+            .unwrap();
         tx.commit().await.unwrap();
     }
 
@@ -225,7 +217,7 @@ async fn events_committed_while_the_relay_publishes_leave_promptly_in_order() {
         let one = event();
         sent.push(one.event_id);
         let tx = client.transaction().await.unwrap();
-        prodsys_db::enqueue(&tx, &db.outbox_channel(), std::slice::from_ref(&one))
+        prodsys_db::enqueue(&tx, &db, std::slice::from_ref(&one))
             .await
             .unwrap();
         tx.commit().await.unwrap();
@@ -235,9 +227,7 @@ async fn events_committed_while_the_relay_publishes_leave_promptly_in_order() {
     let big: Vec<OutboxEvent> = (0..1_200).map(|_| event()).collect();
     sent.extend(big.iter().map(|e| e.event_id));
     let tx = client.transaction().await.unwrap();
-    prodsys_db::enqueue(&tx, &db.outbox_channel(), &big)
-        .await
-        .unwrap();
+    prodsys_db::enqueue(&tx, &db, &big).await.unwrap();
     tx.commit().await.unwrap();
     let last_commit = Instant::now();
 
@@ -292,5 +282,101 @@ async fn events_committed_while_the_relay_publishes_leave_promptly_in_order() {
     );
 
     drop(client);
+    relay.stop(connection, channel).await;
+}
+
+/// Two replicas of a service share its outbox. A relay looks when its own
+/// replica's commits notify, and leaves another replica's commits to that
+/// replica's relay (which would otherwise take a transaction to find them
+/// taken). When that relay is gone, what its replica committed still
+/// leaves, by the safety net's look, however often that replica notifies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_publishes_its_own_replicas_commits_at_once_and_another_replicas_by_its_safety_net()
+{
+    let relay = Relay::start(&["test.own", "test.other"]).await;
+    // The other replica: a pool of its own on the same schema, whose relay
+    // is not running.
+    let other = Db::new(relay.env.settings.database.url(), SERVICE, 2).unwrap();
+    assert_ne!(other.notifier(), relay.db.notifier());
+    let event = |kind: &str| OutboxEvent {
+        event_id: Uuid::now_v7(),
+        event_type: kind.into(),
+        subject: "CTA-000008".into(),
+        payload: vec![4, 5, 6],
+        reply_to: None,
+        content_type: "application/protobuf".into(),
+    };
+    let commit = |db: Db, kind: &'static str| {
+        let one = event(kind);
+        async move {
+            let mut client = db.client().await.unwrap();
+            let tx = client.transaction().await.unwrap();
+            prodsys_db::enqueue(&tx, &db, std::slice::from_ref(&one))
+                .await
+                .unwrap();
+            tx.commit().await.unwrap();
+            one.event_id
+        }
+    };
+    let (connection, channel) = relay.env.amqp().await.unwrap();
+    let queue = relay.names.queue(SERVICE);
+    let get = || {
+        let channel = channel.clone();
+        let queue = queue.clone();
+        async move {
+            channel
+                .basic_get(queue.as_str().into(), BasicGetOptions { no_ack: true })
+                .await
+                .unwrap()
+                .and_then(|m| m.delivery.properties.message_id().clone())
+                .map(|id| id.as_str().to_string())
+        }
+    };
+
+    // The other replica commits every 200 ms: each commit notifies, none
+    // wakes this relay.
+    let committed = Instant::now();
+    let mut others = Vec::new();
+    let mut published = Vec::new();
+    while committed.elapsed() < Duration::from_secs(8) {
+        others.push(commit(other.clone(), "test.other").await.to_string());
+        while let Some(id) = get().await {
+            published.push((id, committed.elapsed()));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let first = published.first().map(|(id, at)| (id.clone(), *at));
+    let Some((first_id, first_at)) = first else {
+        panic!("nothing published in 8 s: the safety net did not look");
+    };
+    assert!(
+        first_at >= Duration::from_secs(1),
+        "another replica's commit woke this relay: {first_id} published after {first_at:?}"
+    );
+    assert!(
+        others.contains(&first_id),
+        "{first_id} is not one of the other replica's events"
+    );
+
+    // This replica's own commit leaves at once.
+    let own_at = Instant::now();
+    let own = commit(relay.db.clone(), "test.own").await.to_string();
+    let seen = wait_for("this replica's event", Duration::from_secs(10), || async {
+        let mut found = None;
+        while let Some(id) = get().await {
+            if id == own {
+                found = Some(());
+            }
+        }
+        found
+    })
+    .await;
+    assert!(seen.is_some(), "this replica's event was not published");
+    assert!(
+        own_at.elapsed() < Duration::from_millis(2500),
+        "the relay was not woken by its own replica's NOTIFY: {:?}",
+        own_at.elapsed()
+    );
+    drop(other);
     relay.stop(connection, channel).await;
 }
