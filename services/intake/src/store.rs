@@ -82,7 +82,7 @@ pub async fn store_submissions(db: &Db, submissions: &[Submission]) -> anyhow::R
             replayed: false,
         }));
     }
-    prodsys_db::enqueue(&tx, &db, &events).await?;
+    prodsys_db::enqueue(&tx, db, &events).await?;
     tx.commit().await.context("commit")?;
     Ok(answers
         .into_iter()
@@ -280,7 +280,7 @@ pub async fn request_cancel(db: &Db, production_id: &str, reason: String) -> Res
     let tx = client.transaction().await.map_err(anyhow::Error::from)?;
     prodsys_db::enqueue(
         &tx,
-        &db,
+        db,
         &[outbox_event(PRODUCTION_CANCEL, production_id, &event)],
     )
     .await?;
