@@ -127,7 +127,7 @@ pub async fn run_relay(
 /// Whether a NOTIFY on the outbox channel calls for a look: one sent by this
 /// replica's own commits (`own`, [`Db::notifier`]), or one without a mark
 /// (a writer that is not a prodsys service, or an older one).
-pub fn wakes(payload: &str, own: &str) -> bool {
+fn wakes(payload: &str, own: &str) -> bool {
     payload.is_empty() || payload == own
 }
 

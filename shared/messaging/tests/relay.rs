@@ -4,6 +4,7 @@
 
 use std::time::{Duration, Instant};
 
+use lapin::message::BasicGetMessage;
 use lapin::options::{BasicGetOptions, QueueDeleteOptions};
 use prodsys_db::{Db, OutboxEvent};
 use prodsys_messaging::envelope::header_text;
@@ -87,19 +88,32 @@ impl Relay {
     }
 }
 
+/// An event of `kind` about `subject`, as a service writes it to its outbox.
+fn event(kind: &str, subject: &str, payload: &[u8]) -> OutboxEvent {
+    OutboxEvent {
+        event_id: Uuid::now_v7(),
+        event_type: kind.into(),
+        subject: subject.into(),
+        payload: payload.to_vec(),
+        reply_to: None,
+        content_type: "application/protobuf".into(),
+    }
+}
+
+/// The next message of `queue`, if there is one, taken without an ack.
+async fn take(channel: &lapin::Channel, queue: &str) -> Option<BasicGetMessage> {
+    channel
+        .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rolled_back_events_never_leave_and_committed_ones_leave_exactly_once() {
     let relay = Relay::start(&["test.committed", "test.rolled_back"]).await;
     let (db, names) = (relay.db.clone(), relay.names.clone());
 
-    let event = |kind: &str| OutboxEvent {
-        event_id: Uuid::now_v7(),
-        event_type: kind.into(),
-        subject: "CTA-000007".into(),
-        payload: vec![1, 2, 3],
-        reply_to: None,
-        content_type: "application/protobuf".into(),
-    };
+    let event = |kind: &str| event(kind, "CTA-000007", &[1, 2, 3]);
     let rolled_back = event("test.rolled_back");
     let committed = event("test.committed");
     // Nobody is bound for this one: it must not block those behind it.
@@ -123,16 +137,7 @@ async fn rolled_back_events_never_leave_and_committed_ones_leave_exactly_once() 
 
     let (connection, channel) = relay.env.amqp().await.unwrap();
     let queue = names.queue(SERVICE);
-    let get = || {
-        let channel = channel.clone();
-        let queue = queue.clone();
-        async move {
-            channel
-                .basic_get(queue.as_str().into(), BasicGetOptions { no_ack: true })
-                .await
-                .unwrap()
-        }
-    };
+    let get = || take(&channel, queue.as_str());
     let first = wait_for("the committed event", Duration::from_secs(10), get)
         .await
         .unwrap();
@@ -167,13 +172,8 @@ async fn rolled_back_events_never_leave_and_committed_ones_leave_exactly_once() 
     // Nothing else arrives: neither the rolled-back event nor a second copy.
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert!(get().await.is_none(), "an extra message was published");
-    let kept = channel
-        .basic_get(
-            names.unroutable().as_str().into(),
-            BasicGetOptions { no_ack: true },
-        )
+    let kept = take(&channel, names.unroutable().as_str())
         .await
-        .unwrap()
         .expect("the unroutable event is kept for an operator");
     assert_eq!(
         kept.delivery
@@ -202,14 +202,7 @@ async fn events_committed_while_the_relay_publishes_leave_promptly_in_order() {
     let relay = Relay::start(&["test.stream"]).await;
     let (db, names) = (relay.db.clone(), relay.names.clone());
 
-    let event = || OutboxEvent {
-        event_id: Uuid::now_v7(),
-        event_type: "test.stream".into(),
-        subject: "CTA-000008".into(),
-        payload: vec![4],
-        reply_to: None,
-        content_type: "application/protobuf".into(),
-    };
+    let event = || event("test.stream", "CTA-000008", &[4]);
     let mut sent = Vec::new();
     let mut client = db.client().await.unwrap();
     // One event a transaction, the relay publishing while they commit.
@@ -236,11 +229,7 @@ async fn events_committed_while_the_relay_publishes_leave_promptly_in_order() {
     let mut received = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(30);
     while received.len() < sent.len() && Instant::now() < deadline {
-        match channel
-            .basic_get(queue.as_str().into(), BasicGetOptions { no_ack: true })
-            .await
-            .unwrap()
-        {
+        match take(&channel, queue.as_str()).await {
             Some(message) => received.push(
                 message
                     .delivery
@@ -268,11 +257,7 @@ async fn events_committed_while_the_relay_publishes_leave_promptly_in_order() {
     );
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(
-        channel
-            .basic_get(queue.as_str().into(), BasicGetOptions { no_ack: true })
-            .await
-            .unwrap()
-            .is_none(),
+        take(&channel, queue.as_str()).await.is_none(),
         "an event was published twice"
     );
     assert_eq!(
@@ -298,16 +283,8 @@ async fn a_relay_publishes_its_own_replicas_commits_at_once_and_another_replicas
     // is not running.
     let other = Db::new(relay.env.settings.database.url(), SERVICE, 2).unwrap();
     assert_ne!(other.notifier(), relay.db.notifier());
-    let event = |kind: &str| OutboxEvent {
-        event_id: Uuid::now_v7(),
-        event_type: kind.into(),
-        subject: "CTA-000008".into(),
-        payload: vec![4, 5, 6],
-        reply_to: None,
-        content_type: "application/protobuf".into(),
-    };
     let commit = |db: Db, kind: &'static str| {
-        let one = event(kind);
+        let one = event(kind, "CTA-000008", &[4, 5, 6]);
         async move {
             let mut client = db.client().await.unwrap();
             let tx = client.transaction().await.unwrap();
@@ -320,17 +297,11 @@ async fn a_relay_publishes_its_own_replicas_commits_at_once_and_another_replicas
     };
     let (connection, channel) = relay.env.amqp().await.unwrap();
     let queue = relay.names.queue(SERVICE);
-    let get = || {
-        let channel = channel.clone();
-        let queue = queue.clone();
-        async move {
-            channel
-                .basic_get(queue.as_str().into(), BasicGetOptions { no_ack: true })
-                .await
-                .unwrap()
-                .and_then(|m| m.delivery.properties.message_id().clone())
-                .map(|id| id.as_str().to_string())
-        }
+    let get = || async {
+        take(&channel, queue.as_str())
+            .await
+            .and_then(|m| m.delivery.properties.message_id().clone())
+            .map(|id| id.as_str().to_string())
     };
 
     // The other replica commits every 200 ms: each commit notifies, none
